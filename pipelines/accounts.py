@@ -1,0 +1,156 @@
+"""Accounts: CSV import (all rows or none), single adds and look-ups."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, fields
+from datetime import date, datetime, timezone
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from pipelines.catalog import Catalog, CatalogError
+from pipelines.catalog.models import Account, BillingCycle, Plan
+from pipelines.storage import UnsafeKeyError, check_account_id
+
+REQUIRED_COLUMNS = ("account_id", "name", "email", "country", "plan", "started_at", "tax_rate", "tax_exempt", "last_login_at")
+_TRUE = {"true", "1", "yes", "y", "t"}
+_FALSE = {"false", "0", "no", "n", "f", ""}
+
+
+class AccountImportError(ValueError):
+    """Rows that cannot be imported, each with its line number; nothing was written."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class UnknownAccountError(CatalogError):
+    def __init__(self, account_id: str) -> None:
+        super().__init__(f"unknown account {account_id!r}: add it with 'pointflow accounts add' or 'pointflow accounts import'")
+        self.account_id = account_id
+
+
+@dataclass(frozen=True)
+class AccountRecord:
+    account_id: str
+    name: str
+    email: str
+    country: str
+    plan: str
+    started_at: date
+    tax_rate: Decimal = Decimal("0")
+    tax_exempt: bool = False
+    last_login_at: datetime | None = None
+    billing_cycle: str = BillingCycle.MONTHLY.value
+
+
+def parse_utc_datetime(text: str) -> datetime:
+    """ISO 8601 in; timezone-aware UTC out. A value without offset is taken as UTC."""
+    value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def make_record(row: dict[str, str]) -> AccountRecord:
+    """Check one row; raises ValueError with a reason a person can act on."""
+    account_id = (row.get("account_id") or "").strip()
+    try:
+        check_account_id(account_id)
+    except UnsafeKeyError as error:
+        raise ValueError(str(error)) from None
+    name = (row.get("name") or "").strip()
+    if not name:
+        raise ValueError("name is empty")
+    email = (row.get("email") or "").strip()
+    if "@" not in email or " " in email:
+        raise ValueError(f"email {email!r} is not an address")
+    country = (row.get("country") or "").strip().upper()
+    if len(country) != 2 or not country.isalpha():
+        raise ValueError(f"country {country!r} is not a two-letter ISO code")
+    plan = (row.get("plan") or "").strip()
+    if plan not in {p.value for p in Plan}:
+        raise ValueError(f"plan {plan!r} is not one of {', '.join(p.value for p in Plan)}")
+    try:
+        started_at = date.fromisoformat((row.get("started_at") or "").strip())
+    except ValueError:
+        raise ValueError(f"started_at {row.get('started_at')!r} is not an ISO date (YYYY-MM-DD)") from None
+    raw_rate = (row.get("tax_rate") or "0").strip() or "0"
+    try:
+        tax_rate = Decimal(raw_rate)
+    except InvalidOperation:
+        raise ValueError(f"tax_rate {raw_rate!r} is not a decimal number") from None
+    if not (Decimal("0") <= tax_rate < Decimal("1")):
+        raise ValueError(f"tax_rate {raw_rate} must be a fraction between 0 and 1 (e.g. 0.19)")
+    raw_exempt = (row.get("tax_exempt") or "").strip().lower()
+    if raw_exempt not in _TRUE | _FALSE:
+        raise ValueError(f"tax_exempt {raw_exempt!r} is not true or false")
+    raw_login = (row.get("last_login_at") or "").strip()
+    try:
+        last_login_at = parse_utc_datetime(raw_login) if raw_login else None
+    except ValueError:
+        raise ValueError(f"last_login_at {raw_login!r} is not an ISO datetime") from None
+    cycle = (row.get("billing_cycle") or BillingCycle.MONTHLY.value).strip() or BillingCycle.MONTHLY.value
+    if cycle not in {c.value for c in BillingCycle}:
+        raise ValueError(f"billing_cycle {cycle!r} is not one of {', '.join(c.value for c in BillingCycle)}")
+    return AccountRecord(account_id, name, email, country, plan, started_at, tax_rate, raw_exempt in _TRUE, last_login_at, cycle)
+
+
+def read_accounts_csv(path: Path) -> list[AccountRecord]:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise AccountImportError([f"{path}: missing column(s) {', '.join(missing)}"])
+        records: list[AccountRecord] = []
+        problems: list[str] = []
+        seen: dict[str, int] = {}
+        for row in reader:
+            line = reader.line_num
+            try:
+                record = make_record(row)
+            except ValueError as error:
+                problems.append(f"line {line}: {error}")
+                continue
+            if record.account_id in seen:
+                problems.append(f"line {line}: account {record.account_id} already given on line {seen[record.account_id]}")
+                continue
+            seen[record.account_id] = line
+            records.append(record)
+    if problems:
+        raise AccountImportError(problems)
+    return records
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    created: int
+    updated: int
+
+
+def upsert_accounts(catalog: Catalog, records: list[AccountRecord]) -> UpsertResult:
+    """Insert or update all records in one transaction. The latest known login is kept."""
+    created = updated = 0
+    with catalog.session() as session:
+        for record in records:
+            account = session.get(Account, record.account_id)
+            values = {f.name: getattr(record, f.name) for f in fields(record)}
+            if account is None:
+                session.add(Account(**values))
+                created += 1
+                continue
+            login = values.pop("last_login_at")
+            for name, value in values.items():
+                setattr(account, name, value)
+            if login is not None and (account.last_login_at is None or login > account.last_login_at):
+                account.last_login_at = login
+            updated += 1
+    return UpsertResult(created, updated)
+
+
+def get_account(catalog: Catalog, account_id: str) -> Account:
+    with catalog.session() as session:
+        account = session.get(Account, account_id)
+        if account is None:
+            raise UnknownAccountError(account_id)
+        session.expunge(account)
+        return account

@@ -1,0 +1,150 @@
+"""Catalog tables: accounts, stored files, jobs and usage events."""
+
+from __future__ import annotations
+
+import enum
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Date, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from pipelines.catalog.types import ExactDecimal, UTCDateTime
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Plan(str, enum.Enum):
+    FREE = "free"
+    TRIAL = "trial"
+    PROFESSIONAL = "professional"
+    PROFESSIONAL_SHARING = "professional_sharing"
+    API = "api"
+
+
+class BillingCycle(str, enum.Enum):
+    MONTHLY = "monthly"
+    QUARTERLY = "quarterly"
+    YEARLY = "yearly"
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    account_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    email: Mapped[str] = mapped_column(String(320))
+    country: Mapped[str] = mapped_column(String(2))
+    plan: Mapped[str] = mapped_column(String(32))
+    billing_cycle: Mapped[str] = mapped_column(String(16), default=BillingCycle.MONTHLY.value)
+    started_at: Mapped[date] = mapped_column(Date)
+    tax_rate: Mapped[Decimal] = mapped_column(ExactDecimal, default=Decimal("0"))
+    tax_exempt: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    files: Mapped[list[StoredFile]] = relationship(back_populates="account")
+
+
+class FileState(str, enum.Enum):
+    STORED = "stored"
+    VALIDATED = "validated"
+    QUARANTINED = "quarantined"
+
+
+class StoredFile(Base):
+    __tablename__ = "files"
+    # The same bytes uploaded twice by one account are one file: ingest retries converge on it.
+    __table_args__ = (UniqueConstraint("account_id", "sha256", name="uq_files_account_sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id"), index=True)
+    key: Mapped[str] = mapped_column(String(1024), unique=True)
+    original_name: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    point_count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    min_x: Mapped[float | None] = mapped_column(Float, nullable=True)
+    min_y: Mapped[float | None] = mapped_column(Float, nullable=True)
+    min_z: Mapped[float | None] = mapped_column(Float, nullable=True)
+    max_x: Mapped[float | None] = mapped_column(Float, nullable=True)
+    max_y: Mapped[float | None] = mapped_column(Float, nullable=True)
+    max_z: Mapped[float | None] = mapped_column(Float, nullable=True)
+    crs: Mapped[str | None] = mapped_column(Text, nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default=FileState.STORED.value)
+    report_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    account: Mapped[Account] = relationship(back_populates="files")
+
+
+class JobState(str, enum.Enum):
+    RECEIVED = "received"
+    VALIDATED = "validated"
+    QUARANTINED = "quarantined"
+    CLASSIFYING = "classifying"
+    CLASSIFIED = "classified"
+    EXPORTED = "exported"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+TERMINAL_JOB_STATES = frozenset({JobState.QUARANTINED, JobState.EXPORTED, JobState.FAILED, JobState.ABORTED})
+
+# A retried task re-enters the state it was in (for example classifying -> classifying), so
+# self-transitions of non-terminal states are allowed; everything else not listed is a bug.
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.RECEIVED: frozenset({JobState.VALIDATED, JobState.QUARANTINED, JobState.FAILED, JobState.ABORTED}),
+    JobState.VALIDATED: frozenset({JobState.CLASSIFYING, JobState.FAILED, JobState.ABORTED}),
+    JobState.CLASSIFYING: frozenset({JobState.CLASSIFIED, JobState.FAILED, JobState.ABORTED}),
+    JobState.CLASSIFIED: frozenset({JobState.EXPORTED, JobState.FAILED, JobState.ABORTED}),
+    JobState.EXPORTED: frozenset(),
+    JobState.QUARANTINED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.ABORTED: frozenset(),
+}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    job_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id"), index=True)
+    file_id: Mapped[int | None] = mapped_column(ForeignKey("files.id"), nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.RECEIVED.value)
+    classifier: Mapped[str] = mapped_column(String(128))
+    classifier_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    classifier_params: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    points_processed: Mapped[int] = mapped_column(BigInteger, default=0)
+    classified_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    export_prefix: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class UsageEvent(Base):
+    """Billing evidence. Never holds point data; kept after the data itself is deleted."""
+
+    __tablename__ = "usage_events"
+
+    event_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    points: Mapped[int] = mapped_column(BigInteger, default=0)
+    status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    classifier: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    classifier_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    filename: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,45 @@
+"""The `pointflow` command. Each command group lives in its own module with a `register` function."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from pipelines import __version__
+from pipelines.cli.common import CommandError, run_handler
+
+COMMAND_MODULES = (
+    "pipelines.cli.classify",
+    "pipelines.cli.accounts",
+    "pipelines.cli.files",
+    "pipelines.cli.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pointflow",
+        description=(
+            "Classify LAS/LAZ point clouds and run the service around it: accounts, ingest, usage, billing. "
+            "Settings come from POINTFLOW_* environment variables (see README); with none set, everything "
+            "runs locally under ~/.pointflow."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"pointflow {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_handler(args)
+
+
+__all__ = ["CommandError", "build_parser", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""The exception types that mean "the input or the setup is wrong", as opposed to a bug."""
+
+from pipelines.catalog import CatalogError
+from pipelines.settings import SettingsError
+from pipelines.storage import StorageError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    CatalogError,
+    SettingsError,
+    StorageError,
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+)

@@ -1,0 +1,90 @@
+"""One settings object, read from ``POINTFLOW_*`` environment variables and passed down."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message names the variable."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not value >= 0:
+        raise SettingsError(f"{name} must not be negative, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    database_url: str
+    storage_url: str
+    dask_address: str | None
+    smtp_url: str | None
+    mail_from: str
+    tile_size: float
+    tile_buffer: float
+    workers: int
+    max_file_bytes: int
+    max_points: int
+    pricebook_path: Path | None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        home = Path(env.get("POINTFLOW_HOME") or Path.home() / ".pointflow").expanduser().resolve()
+        pricebook = env.get("POINTFLOW_PRICEBOOK")
+        return cls(
+            home=home,
+            database_url=env.get("POINTFLOW_DATABASE_URL") or f"sqlite:///{home / 'catalog.db'}",
+            storage_url=env.get("POINTFLOW_STORAGE_URL") or (home / "objects").as_uri(),
+            dask_address=env.get("POINTFLOW_DASK_ADDRESS") or None,
+            smtp_url=env.get("POINTFLOW_SMTP_URL") or None,
+            mail_from=env.get("POINTFLOW_MAIL_FROM") or "pointflow <noreply@pointflow.invalid>",
+            tile_size=_float(env, "POINTFLOW_TILE_SIZE", 200.0),
+            tile_buffer=_float(env, "POINTFLOW_TILE_BUFFER", 30.0),
+            workers=_int(env, "POINTFLOW_WORKERS", os.cpu_count() or 1),
+            max_file_bytes=_int(env, "POINTFLOW_MAX_FILE_BYTES", 4 * 1024**3),
+            max_points=_int(env, "POINTFLOW_MAX_POINTS", 1_000_000_000),
+            pricebook_path=Path(pricebook).expanduser() if pricebook else None,
+        )
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.home / "outbox"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Local working copies of objects; safe to delete at any time."""
+        return self.home / "scratch"
+
+    def with_overrides(self, **changes: object) -> Settings:
+        return replace(self, **changes)

@@ -1,0 +1,338 @@
+"""Object storage: one interface, a local-folder backend and an S3 backend (boto3).
+
+Keys are built only by `AccountArea`, which checks account ids and file names, so nothing a
+customer names can escape its account's prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlparse
+
+ACCOUNT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+AREAS = ("raw", "quarantine", "classified", "exports", "reports", "models", "tmp")
+
+
+class StorageError(RuntimeError):
+    """An object operation failed; the message says which key and why."""
+
+
+class UnsafeKeyError(StorageError, ValueError):
+    """A key or name that could reach outside its account (traversal, absolute path, ...)."""
+
+
+def check_account_id(account_id: str) -> str:
+    if not isinstance(account_id, str) or not ACCOUNT_ID_RE.fullmatch(account_id):
+        raise UnsafeKeyError(
+            f"invalid account id {account_id!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
+        )
+    return account_id
+
+
+def safe_name(name: str) -> str:
+    """The last path component of `name` with anything outside [A-Za-z0-9._-] replaced by '_'."""
+    base = PurePosixPath(str(name).replace("\\", "/")).name
+    cleaned = _UNSAFE_NAME_CHARS.sub("_", base).strip("._") or ""
+    if not cleaned:
+        raise UnsafeKeyError(f"file name {name!r} has no usable characters")
+    return cleaned[:200]
+
+
+def check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        raise UnsafeKeyError(f"unsafe object key {key!r}")
+    return key
+
+
+@dataclass(frozen=True)
+class AccountArea:
+    """The per-account key layout: accounts/<id>/<area>/..."""
+
+    account_id: str
+
+    def __post_init__(self) -> None:
+        check_account_id(self.account_id)
+
+    @property
+    def prefix(self) -> str:
+        return f"accounts/{self.account_id}/"
+
+    def key(self, area: str, *parts: str) -> str:
+        if area not in AREAS:
+            raise UnsafeKeyError(f"unknown area {area!r}")
+        return check_key(self.prefix + "/".join([area, *(safe_name(p) for p in parts)]))
+
+    def owns(self, key: str) -> bool:
+        return check_key(key).startswith(self.prefix)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class ObjectStore(ABC):
+    """The operations the pipeline needs; both backends pass tests/test_storage.py."""
+
+    url: str
+
+    @abstractmethod
+    def put_file(self, key: str, path: Path) -> None: ...
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def get_file(self, key: str, path: Path) -> None: ...
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, key: str) -> int: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete the object (every version, where the backend keeps versions); absent is fine."""
+
+    @abstractmethod
+    def copy(self, source: str, destination: str) -> None: ...
+
+    @abstractmethod
+    def link(self, key: str, expires_in: timedelta) -> str:
+        """A URL a customer can fetch the object with until it expires."""
+
+    def move(self, source: str, destination: str) -> None:
+        self.copy(source, destination)
+        self.delete(source)
+
+    def sha256(self, key: str) -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "object"
+            self.get_file(key, local)
+            return file_sha256(local)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class LocalStore(ObjectStore):
+    """Objects as files under one folder; writes are atomic (temp file + rename)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / check_key(key)).resolve()
+        if self.root not in path.parents:
+            raise UnsafeKeyError(f"key {key!r} resolves outside the store")
+        return path
+
+    def _write_atomic(self, key: str, writer) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                writer(handle)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, key: str, path: Path) -> None:
+        with open(path, "rb") as source:
+            self._write_atomic(key, lambda handle: shutil.copyfileobj(source, handle, 1 << 20))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._write_atomic(key, lambda handle: handle.write(data))
+
+    def get_file(self, key: str, path: Path) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise StorageError(f"no object {key!r} in {self.url}")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, path)
+
+    def get_bytes(self, key: str) -> bytes:
+        source = self._path(key)
+        if not source.is_file():
+            raise StorageError(f"no object {key!r} in {self.url}")
+        return source.read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        source = self._path(key)
+        if not source.is_file():
+            raise StorageError(f"no object {key!r} in {self.url}")
+        return source.stat().st_size
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self._path(folder) if folder else self.root
+        if not base.is_dir():
+            return
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.startswith(".part-"):
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield ObjectInfo(key, path.stat().st_size)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # Remove emptied folders so a deleted account leaves no trace in the tree.
+        parent = path.parent
+        while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+
+    def copy(self, source: str, destination: str) -> None:
+        src = self._path(source)
+        if not src.is_file():
+            raise StorageError(f"no object {source!r} in {self.url}")
+        self.put_file(destination, src)
+
+    def link(self, key: str, expires_in: timedelta) -> str:
+        path = self._path(key)
+        if not path.is_file():
+            raise StorageError(f"no object {key!r} in {self.url}")
+        return path.as_uri()
+
+    def local_path(self, key: str) -> Path:
+        """Direct read access for the local backend, avoiding a copy of large inputs."""
+        return self._path(key)
+
+
+class S3Store(ObjectStore):
+    """Objects in an S3 bucket under an optional prefix; AWS_ENDPOINT_URL selects MinIO and others."""
+
+    def __init__(self, bucket: str, prefix: str = "", client=None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.url = f"s3://{bucket}/{self.prefix}"
+        self.client = client or boto3.client(
+            "s3",
+            endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+            config=Config(retries={"max_attempts": 8, "mode": "standard"}, signature_version="s3v4"),
+        )
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def put_file(self, key: str, path: Path) -> None:
+        # S3 PUT is atomic: readers see the whole object or none.
+        self._call(key, self.client.upload_file, str(path), self.bucket, self._key(key))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call(key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def get_file(self, key: str, path: Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._call(key, self.client.download_file, self.bucket, self._key(key), str(path))
+
+    def get_bytes(self, key: str) -> bytes:
+        response = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        return response["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"cannot check {key!r} in {self.url}: {error}") from error
+
+    def size(self, key: str) -> int:
+        response = self._call(key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+        return int(response["ContentLength"])
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+            for item in page.get("Contents", []):
+                yield ObjectInfo(item["Key"][len(self.prefix):], int(item["Size"]))
+
+    def delete(self, key: str) -> None:
+        full = self._key(key)
+        paginator = self.client.get_paginator("list_object_versions")
+        versions = []
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            for item in page.get("Versions", []) + page.get("DeleteMarkers", []):
+                if item["Key"] == full:
+                    versions.append({"Key": full, "VersionId": item["VersionId"]})
+        if not versions:
+            self._call(key, self.client.delete_object, Bucket=self.bucket, Key=full)
+        for start in range(0, len(versions), 1000):
+            self._call(key, self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": versions[start:start + 1000]})
+
+    def copy(self, source: str, destination: str) -> None:
+        self._call(
+            source,
+            self.client.copy,
+            {"Bucket": self.bucket, "Key": self._key(source)},
+            self.bucket,
+            self._key(destination),
+        )
+
+    def link(self, key: str, expires_in: timedelta) -> str:
+        if not self.exists(key):
+            raise StorageError(f"no object {key!r} in {self.url}")
+        seconds = int(expires_in.total_seconds())
+        # SigV4 presigned URLs cannot outlive 7 days.
+        seconds = max(1, min(seconds, 7 * 24 * 3600))
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=seconds
+        )
+
+    def _call(self, key: str, function, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return function(*args, **kwargs)
+        except (BotoCoreError, ClientError) as error:
+            raise StorageError(f"{function.__name__} {key!r} in {self.url} failed: {error}") from error
+
+
+def open_store(url: str) -> ObjectStore:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return LocalStore(Path(unquote(parsed.path)))
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"storage URL {url!r} names no bucket: use s3://bucket[/prefix]")
+        return S3Store(parsed.netloc, parsed.path)
+    raise StorageError(f"unsupported storage URL {url!r}: use file:///folder or s3://bucket[/prefix]")
