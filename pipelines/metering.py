@@ -63,7 +63,7 @@ def record_usage(catalog: Catalog, records: Iterable[UsageRecord]) -> RecordResu
     with catalog.session() as session:
         statement = _insert_ignoring_duplicates(session.bind.dialect.name)
         for row in rows:
-            new += session.execute(statement, row).rowcount
+            new += session.connection().execute(statement, row).rowcount
         for row in rows:
             if row["kind"] == "login":
                 session.execute(

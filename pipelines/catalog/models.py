@@ -119,6 +119,7 @@ class Job(Base):
     job_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id"), index=True)
     file_id: Mapped[int | None] = mapped_column(ForeignKey("files.id"), nullable=True)
+    source: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), default=JobState.RECEIVED.value)
     classifier: Mapped[str] = mapped_column(String(128))
     classifier_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
@@ -126,6 +127,9 @@ class Job(Base):
     points_processed: Mapped[int] = mapped_column(BigInteger, default=0)
     classified_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     export_prefix: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    report_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    # Classification figures and validation warnings, as the manifest reports them.
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

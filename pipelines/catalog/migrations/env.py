@@ -2,6 +2,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 from pipelines.catalog.models import Base
+import pipelines.billing.models  # noqa: F401
 
 config = context.config
 

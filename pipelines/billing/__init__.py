@@ -1,0 +1,1 @@
+"""Billing: the price book, monthly invoicing, payments, outages, credit notes and usage limits."""

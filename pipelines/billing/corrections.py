@@ -1,0 +1,252 @@
+"""After an invoice is issued: disputes, credit notes that reference it (it is never edited), and the
+per-account terms the next invoices use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from fractions import Fraction
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from pipelines.accounts import UnknownAccountError
+from pipelines.billing.invoicing import BillingError, InvoiceView, invoice_view
+from pipelines.billing.models import BillingTerms, CreditNote, Dispute, Invoice, Payment
+from pipelines.billing.money import format_money, round_half_up
+from pipelines.billing.pricebook import PriceBook
+from pipelines.catalog import Catalog
+from pipelines.catalog.models import Account
+
+# Concurrent credit notes of one month can pick the same next number; the loser retries.
+_NUMBERING_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class CreditNoteView:
+    credit_note_number: str
+    invoice_number: str
+    account_id: str
+    issued_on: date
+    amount: Decimal
+    tax: Decimal
+    total: Decimal
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "credit_note_number": self.credit_note_number,
+            "invoice_number": self.invoice_number,
+            "account_id": self.account_id,
+            "issued_on": self.issued_on.isoformat(),
+            "amount": format_money(self.amount),
+            "tax": format_money(self.tax),
+            "total": format_money(self.total),
+            "reason": self.reason,
+        }
+
+
+def _credit_view(note: CreditNote) -> CreditNoteView:
+    return CreditNoteView(note.credit_note_number, note.invoice_number, note.account_id, note.issued_on,
+                          note.amount, note.tax, note.total, note.reason)  # fmt: skip
+
+
+def issue_credit_note(
+    catalog: Catalog, pricebook: PriceBook, invoice_number: str, amount: Decimal, reason: str, issued_on: date | None = None
+) -> tuple[CreditNoteView, bool]:
+    """Credit `amount` (net of tax) against an issued invoice; returns the note and whether it is new.
+
+    Tax is credited at the invoice's rate, never more than the invoice's tax; the credits on one
+    invoice never exceed what it charged. The same (invoice, amount, reason) again returns the
+    note already issued.
+    """
+    reason = reason.strip()
+    if not reason:
+        raise BillingError("a credit note needs a reason")
+    if amount <= 0 or amount != amount.quantize(Decimal("0.01")):
+        raise BillingError(f"credit amount {amount} must be positive with at most two decimals")
+    amount = amount.quantize(Decimal("0.01"))
+    issued_on = issued_on or datetime.now(timezone.utc).date()
+    for _ in range(_NUMBERING_ATTEMPTS):
+        try:
+            with catalog.session() as session:
+                invoice = session.get(Invoice, invoice_number)
+                if invoice is None:
+                    raise BillingError(f"unknown invoice {invoice_number!r}")
+                replay = session.scalar(
+                    select(CreditNote).where(CreditNote.invoice_number == invoice_number)
+                    .where(CreditNote.amount == amount).where(CreditNote.reason == reason)
+                )  # fmt: skip
+                if replay is not None:
+                    return _credit_view(replay), False
+                if issued_on < invoice.issue_date:
+                    raise BillingError(f"a credit note cannot predate invoice {invoice_number} ({invoice.issue_date})")
+                earlier = list(session.scalars(select(CreditNote).where(CreditNote.invoice_number == invoice_number)))
+                # What the invoice charged, before it consumed earlier credit.
+                creditable = invoice.subtotal + invoice.credit_applied - sum((n.amount for n in earlier), Decimal("0"))
+                if amount > creditable:
+                    raise BillingError(f"invoice {invoice_number} has {format_money(creditable)} left to credit, not {format_money(amount)}")
+                tax_left = invoice.tax - sum((n.tax for n in earlier), Decimal("0"))
+                tax = min(tax_left, round_half_up(Fraction(amount) * Fraction(invoice.tax_rate)))
+                month = f"{issued_on:%Y-%m}"
+                prefix = f"{pricebook.invoice_prefix}-CN-{month}-"
+                count = session.scalar(select(func.count()).select_from(CreditNote).where(CreditNote.credit_note_number.like(f"{prefix}%")))
+                note = CreditNote(
+                    credit_note_number=f"{prefix}{count + 1:04d}", invoice_number=invoice_number,
+                    account_id=invoice.account_id, issued_on=issued_on, amount=amount, tax=tax, total=amount + tax,
+                    reason=reason,
+                )  # fmt: skip
+                session.add(note)
+                session.flush()
+                return _credit_view(note), True
+        except IntegrityError:
+            continue
+    raise BillingError(f"could not number a credit note for {invoice_number}: too many concurrent requests, try again")
+
+
+@dataclass(frozen=True)
+class DisputeView:
+    invoice_number: str
+    opened_at: datetime
+    reason: str
+    billing_error: bool
+    deadline: date
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "invoice_number": self.invoice_number,
+            "opened_at": self.opened_at.isoformat(),
+            "reason": self.reason,
+            "billing_error": self.billing_error,
+            "deadline": self.deadline.isoformat(),
+        }
+
+
+def dispute_deadline(pricebook: PriceBook, issue_date: date, billing_error: bool) -> date:
+    """Last day (UTC) a dispute is accepted: 7 days after issue, 60 for billing errors (defaults)."""
+    days = pricebook.billing_error_dispute_window_days if billing_error else pricebook.dispute_window_days
+    return issue_date + timedelta(days=days)
+
+
+def open_dispute(
+    catalog: Catalog, pricebook: PriceBook, invoice_number: str, reason: str, billing_error: bool = False,
+    at: datetime | None = None,
+) -> tuple[DisputeView, bool]:  # fmt: skip
+    """Record a customer's dispute if it is within its window; the same reason again is a replay."""
+    reason = reason.strip()
+    if not reason:
+        raise BillingError("a dispute needs a reason")
+    at = at or datetime.now(timezone.utc)
+    with catalog.session() as session:
+        invoice = session.get(Invoice, invoice_number)
+        if invoice is None:
+            raise BillingError(f"unknown invoice {invoice_number!r}")
+        existing = session.scalar(select(Dispute).where(Dispute.invoice_number == invoice_number).where(Dispute.reason == reason))
+        if existing is not None:
+            deadline = dispute_deadline(pricebook, invoice.issue_date, existing.billing_error)
+            return DisputeView(invoice_number, existing.opened_at, existing.reason, existing.billing_error, deadline), False
+        deadline = dispute_deadline(pricebook, invoice.issue_date, billing_error)
+        if at.astimezone(timezone.utc).date() > deadline:
+            kind = "billing errors" if billing_error else "disputes"
+            raise BillingError(f"invoice {invoice_number} was issued on {invoice.issue_date}: {kind} were accepted until {deadline}")
+        session.add(Dispute(invoice_number=invoice_number, opened_at=at, reason=reason, billing_error=billing_error))
+    return DisputeView(invoice_number, at, reason, billing_error, deadline), True
+
+
+@dataclass(frozen=True)
+class InvoiceStatement:
+    """An invoice with what happened to it since: payments, credit notes, disputes."""
+
+    invoice: InvoiceView
+    payments: Decimal
+    credit_notes: tuple[CreditNoteView, ...]
+    disputes: tuple[DisputeView, ...]
+
+    @property
+    def open_amount(self) -> Decimal:
+        return self.invoice.total - self.payments - sum((n.total for n in self.credit_notes), Decimal("0"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.invoice.to_dict(),
+            "paid": format_money(self.payments),
+            "credit_notes": [n.to_dict() for n in self.credit_notes],
+            "disputes": [d.to_dict() for d in self.disputes],
+            "open_amount": format_money(self.open_amount),
+        }
+
+
+def invoice_statement(catalog: Catalog, pricebook: PriceBook, invoice_number: str) -> InvoiceStatement:
+    with catalog.session() as session:
+        invoice = session.get(Invoice, invoice_number)
+        if invoice is None:
+            raise BillingError(f"unknown invoice {invoice_number!r}")
+        paid = sum(session.scalars(select(Payment.amount).where(Payment.invoice_number == invoice_number)), Decimal("0.00"))
+        notes = session.scalars(select(CreditNote).where(CreditNote.invoice_number == invoice_number).order_by(CreditNote.credit_note_number))
+        disputes = session.scalars(select(Dispute).where(Dispute.invoice_number == invoice_number).order_by(Dispute.id))
+        return InvoiceStatement(
+            invoice_view(invoice),
+            paid,
+            tuple(_credit_view(n) for n in notes),
+            tuple(
+                DisputeView(d.invoice_number, d.opened_at, d.reason, d.billing_error,
+                            dispute_deadline(pricebook, invoice.issue_date, d.billing_error))  # fmt: skip
+                for d in disputes
+            ),
+        )
+
+
+def list_invoices(catalog: Catalog, period: str | None = None, account_id: str | None = None) -> list[InvoiceView]:
+    with catalog.session() as session:
+        query = select(Invoice).order_by(Invoice.period, Invoice.sequence)
+        if period is not None:
+            query = query.where(Invoice.period == period)
+        if account_id is not None:
+            query = query.where(Invoice.account_id == account_id)
+        return [invoice_view(invoice) for invoice in session.scalars(query)]
+
+
+@dataclass(frozen=True)
+class TermsUpdate:
+    """Changes to an account's billing terms; None leaves a field as it is."""
+
+    seats: int | None = None
+    extra_storage_gb: int | None = None
+    monthly_fee: Decimal | None = None
+    price_per_million_points: Decimal | None = None
+    monthly_points_cap: int | None = None
+    ended_on: date | None = None
+
+
+def set_billing_terms(catalog: Catalog, account_id: str, update: TermsUpdate) -> dict[str, Any]:
+    """Create or change an account's terms; they apply to invoices not yet issued."""
+    for name in ("seats", "extra_storage_gb", "monthly_points_cap"):
+        value = getattr(update, name)
+        if value is not None and value < 0:
+            raise BillingError(f"{name} must not be negative")
+    for name in ("monthly_fee", "price_per_million_points"):
+        value = getattr(update, name)
+        if value is not None and (not value.is_finite() or value < 0):
+            raise BillingError(f"{name} must be a decimal >= 0")
+    with catalog.session() as session:
+        if session.get(Account, account_id) is None:
+            raise UnknownAccountError(account_id)
+        terms = session.get(BillingTerms, account_id)
+        if terms is None:
+            terms = BillingTerms(account_id=account_id, seats=0, extra_storage_gb=0)
+            session.add(terms)
+        for name, value in vars(update).items():
+            if value is not None:
+                setattr(terms, name, value)
+        session.flush()
+        return {
+            "account_id": account_id,
+            "seats": terms.seats,
+            "extra_storage_gb": terms.extra_storage_gb,
+            "monthly_fee": None if terms.monthly_fee is None else str(terms.monthly_fee),
+            "price_per_million_points": None if terms.price_per_million_points is None else str(terms.price_per_million_points),
+            "monthly_points_cap": terms.monthly_points_cap,
+            "ended_on": None if terms.ended_on is None else terms.ended_on.isoformat(),
+        }

@@ -1,0 +1,140 @@
+"""Billing tables: per-account terms, monthly runs, invoices and their lines, payments, outages,
+credit notes and disputes. Money and rates are `ExactDecimal`; instants are `UTCDateTime`.
+
+Issued invoices are never updated: corrections are credit notes that reference them.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+
+from sqlalchemy import BigInteger, Boolean, Date, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from pipelines.catalog.models import Base, utcnow
+from pipelines.catalog.types import ExactDecimal, UTCDateTime
+
+
+class BillingTerms(Base):
+    """Per-account extras agreed beyond the plan: seats, extra storage, custom prices, contract end."""
+
+    __tablename__ = "billing_terms"
+
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id"), primary_key=True)
+    seats: Mapped[int] = mapped_column(Integer, default=0)
+    extra_storage_gb: Mapped[int] = mapped_column(Integer, default=0)
+    monthly_fee: Mapped[Decimal | None] = mapped_column(ExactDecimal, nullable=True)
+    price_per_million_points: Mapped[Decimal | None] = mapped_column(ExactDecimal, nullable=True)
+    monthly_points_cap: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Last day of service (inclusive); the subscription is prorated up to it.
+    ended_on: Mapped[date | None] = mapped_column(Date, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class BillingRun(Base):
+    """One row per invoiced month. Its primary key is the lock that makes concurrent runs of the
+    same month create one set of invoices: the second insert waits for the first, then fails."""
+
+    __tablename__ = "billing_runs"
+
+    period: Mapped[str] = mapped_column(String(7), primary_key=True)
+    pricebook_sha256: Mapped[str] = mapped_column(String(64))
+    invoice_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Invoice(Base):
+    __tablename__ = "invoices"
+    __table_args__ = (
+        UniqueConstraint("account_id", "period", name="uq_invoices_account_period"),
+        UniqueConstraint("period", "sequence", name="uq_invoices_period_sequence"),
+    )
+
+    invoice_number: Mapped[str] = mapped_column(String(40), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id"), index=True)
+    period: Mapped[str] = mapped_column(ForeignKey("billing_runs.period"), index=True)
+    sequence: Mapped[int] = mapped_column(Integer)
+    currency: Mapped[str] = mapped_column(String(3))
+    issue_date: Mapped[date] = mapped_column(Date)
+    due_date: Mapped[date] = mapped_column(Date)
+    # The rate actually applied: 0 for a tax-exempt account. Credit notes reuse it.
+    tax_rate: Mapped[Decimal] = mapped_column(ExactDecimal)
+    subtotal: Mapped[Decimal] = mapped_column(ExactDecimal)
+    taxable_subtotal: Mapped[Decimal] = mapped_column(ExactDecimal)
+    tax: Mapped[Decimal] = mapped_column(ExactDecimal)
+    total: Mapped[Decimal] = mapped_column(ExactDecimal)
+    # Earlier credit consumed by this invoice (its "credit" line, as a positive amount).
+    credit_applied: Mapped[Decimal] = mapped_column(ExactDecimal)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    lines: Mapped[list[InvoiceLine]] = relationship(order_by="InvoiceLine.position", lazy="selectin")
+
+
+class InvoiceLine(Base):
+    __tablename__ = "invoice_lines"
+
+    invoice_number: Mapped[str] = mapped_column(ForeignKey("invoices.invoice_number"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    description: Mapped[str] = mapped_column(String(300))
+    quantity: Mapped[Decimal] = mapped_column(ExactDecimal)
+    unit_price: Mapped[Decimal] = mapped_column(ExactDecimal)
+    amount: Mapped[Decimal] = mapped_column(ExactDecimal)
+    taxable: Mapped[bool] = mapped_column(Boolean)
+
+
+class Payment(Base):
+    __tablename__ = "payments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # The file's payment_id, or account|invoice|amount|paid_at: re-importing a file adds nothing.
+    payment_key: Mapped[str] = mapped_column(String(300), unique=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id"), index=True)
+    invoice_number: Mapped[str | None] = mapped_column(ForeignKey("invoices.invoice_number"), nullable=True)
+    amount: Mapped[Decimal] = mapped_column(ExactDecimal)
+    paid_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Outage(Base):
+    """A service-wide outage. Scheduled maintenance announced early enough is kept but not counted."""
+
+    __tablename__ = "outages"
+    __table_args__ = (UniqueConstraint("started_at", "ended_at", name="uq_outages_interval"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    scheduled: Mapped[bool] = mapped_column(Boolean, default=False)
+    announced_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class CreditNote(Base):
+    __tablename__ = "credit_notes"
+    # The same credit (invoice, amount, reason) given twice is one credit note: replays are safe.
+    __table_args__ = (UniqueConstraint("invoice_number", "amount", "reason", name="uq_credit_notes_replay"),)
+
+    credit_note_number: Mapped[str] = mapped_column(String(40), primary_key=True)
+    invoice_number: Mapped[str] = mapped_column(ForeignKey("invoices.invoice_number"), index=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id"), index=True)
+    issued_on: Mapped[date] = mapped_column(Date)
+    amount: Mapped[Decimal] = mapped_column(ExactDecimal)
+    tax: Mapped[Decimal] = mapped_column(ExactDecimal)
+    total: Mapped[Decimal] = mapped_column(ExactDecimal)
+    reason: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Dispute(Base):
+    __tablename__ = "disputes"
+    __table_args__ = (UniqueConstraint("invoice_number", "reason", name="uq_disputes_replay"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    invoice_number: Mapped[str] = mapped_column(ForeignKey("invoices.invoice_number"), index=True)
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    reason: Mapped[str] = mapped_column(String(500))
+    billing_error: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+

@@ -1,0 +1,355 @@
+"""`pointflow usage|payments|outages|invoices|billing ...`: metering imports and monthly invoicing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import date
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from pipelines.accounts import get_account, parse_utc_datetime
+from pipelines.billing.corrections import (
+    TermsUpdate,
+    invoice_statement,
+    issue_credit_note,
+    list_invoices,
+    open_dispute,
+    set_billing_terms,
+)
+from pipelines.billing.documents import invoice_html, invoice_lines_csv
+from pipelines.billing.imports import (
+    import_outages,
+    import_payments,
+    import_usage,
+    read_outages_csv,
+    read_payments_csv,
+    read_usage_jsonl,
+)
+from pipelines.billing.invoicing import run_billing
+from pipelines.billing.money import format_money
+from pipelines.billing.periods import Period
+from pipelines.billing.pricebook import PriceBook, load_pricebook
+from pipelines.billing.usage import monthly_points_cap, points_used_in_month
+from pipelines.cli.common import open_catalog, print_json, settings_from_env
+from pipelines.settings import Settings
+
+PRICEBOOK_HELP = "price book YAML (default: $POINTFLOW_PRICEBOOK, else the one shipped with pointflow)"
+
+
+def _pricebook(args: argparse.Namespace, settings: Settings) -> PriceBook:
+    return load_pricebook(getattr(args, "pricebook", None) or settings.pricebook_path)
+
+
+def _decimal(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a decimal number") from None
+    if not value.is_finite():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _period(text: str) -> Period:
+    try:
+        return Period.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date (YYYY-MM-DD)") from None
+
+
+def _instant(text: str):
+    try:
+        return parse_utc_datetime(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO datetime") from None
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    _register_usage(commands)
+    _register_imports(commands)
+    _register_invoices(commands)
+    _register_billing(commands)
+
+
+def _register_usage(commands: argparse._SubParsersAction) -> None:
+    usage = commands.add_parser("usage", help="import and inspect metered usage")
+    sub = usage.add_subparsers(dest="usage_command", metavar="ACTION", required=True)
+    importer = sub.add_parser(
+        "import",
+        help="record usage events from a JSONL file",
+        description=(
+            "Record usage events, one JSON object per line: "
+            '{"event_id", "account_id", "occurred_at", "kind": "classification", "points", '
+            '"status": "succeeded"|"failed"|"aborted", "classifier", "filename"} or '
+            '{"event_id", "account_id", "occurred_at", "kind": "login"} '
+            "(optional: classifier_version, job_id). occurred_at is ISO 8601; without an offset it is UTC. "
+            "Idempotent by event_id: known events are counted, not recorded again. Every line is checked "
+            "first; if any is bad (or names an unknown account) nothing is recorded. Failed jobs are kept "
+            "as evidence but not billed; aborted jobs are billed for the points they processed."
+        ),
+    )
+    importer.add_argument("file", type=Path, help="JSONL file")
+    importer.add_argument("--json", action="store_true", help="print the counts as JSON")
+    importer.set_defaults(handler=_usage_import)
+
+    points = sub.add_parser(
+        "points",
+        help="billable points an account used in a month, and its cap",
+        description="Billable points (succeeded and aborted jobs) of one account in a calendar month (UTC), with its monthly cap.",
+    )
+    points.add_argument("account_id")
+    points.add_argument("--month", type=_period, required=True, help="YYYY-MM")
+    points.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
+    points.set_defaults(handler=_usage_points)
+
+
+def _register_imports(commands: argparse._SubParsersAction) -> None:
+    payments = commands.add_parser("payments", help="record payments received")
+    sub = payments.add_subparsers(dest="payments_command", metavar="ACTION", required=True)
+    importer = sub.add_parser(
+        "import",
+        help="record payments from a CSV file",
+        description=(
+            "Record payments from CSV with columns account_id,invoice_number,amount,paid_at (optional: "
+            "payment_id). amount is a decimal with at most two decimals; invoice_number may be empty for a "
+            "payment on account; paid_at is ISO 8601 (UTC without an offset). A row is known by its "
+            "payment_id, else by all four values: importing a file again records nothing new. Payments "
+            "beyond what is owed are credited on the next invoice."
+        ),
+    )
+    importer.add_argument("file", type=Path, help="CSV file")
+    importer.add_argument("--json", action="store_true", help="print the counts as JSON")
+    importer.set_defaults(handler=_payments_import)
+
+    outages = commands.add_parser("outages", help="record service outages (availability credits)")
+    sub = outages.add_subparsers(dest="outages_command", metavar="ACTION", required=True)
+    importer = sub.add_parser(
+        "import",
+        help="record outages from a CSV file",
+        description=(
+            "Record service-wide outages from CSV with columns started_at,ended_at,scheduled (optional: "
+            "announced_at). scheduled=true marks maintenance; it does not count against availability if it "
+            "was announced at least the price book's maintenance_notice_hours (default 24) ahead: with "
+            "announced_at given that is checked, without it scheduled=true asserts it. An outage is known by "
+            "its start and end: importing a file again records nothing new."
+        ),
+    )
+    importer.add_argument("file", type=Path, help="CSV file")
+    importer.add_argument("--json", action="store_true", help="print the counts as JSON")
+    importer.set_defaults(handler=_outages_import)
+
+
+def _register_invoices(commands: argparse._SubParsersAction) -> None:
+    invoices = commands.add_parser("invoices", help="list, show, dispute and credit issued invoices")
+    sub = invoices.add_subparsers(dest="invoices_command", metavar="ACTION", required=True)
+
+    listing = sub.add_parser("list", help="list issued invoices", description="List issued invoices, oldest first.")
+    listing.add_argument("--period", type=_period, help="only this month (YYYY-MM)")
+    listing.add_argument("--account", help="only this account")
+    listing.add_argument("--json", action="store_true", help="print the invoices as a JSON array")
+    listing.set_defaults(handler=_invoices_list)
+
+    show = sub.add_parser(
+        "show",
+        help="one invoice with its payments, credit notes and disputes",
+        description="Show one invoice: as JSON with payments, credit notes, disputes and the open amount; as the CSV of its lines; or as the HTML page sent to the customer.",
+    )
+    show.add_argument("invoice_number")
+    show.add_argument("--format", choices=("json", "csv", "html"), default="json")
+    show.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
+    show.set_defaults(handler=_invoices_show)
+
+    credit = sub.add_parser(
+        "credit",
+        help="issue a credit note against an invoice",
+        description=(
+            "Issue a credit note referencing an issued invoice (which itself is never changed). --amount is "
+            "net of tax; tax is credited at the invoice's rate, never more than the invoice's tax, and all "
+            "credits on an invoice never exceed what it charged. The credit reduces what the account owes; "
+            "anything already paid is carried to the next invoice. Repeating the same invoice, amount and "
+            "reason returns the existing credit note. Numbers: PREFIX-CN-YYYY-MM-NNNN by month of issue."
+        ),
+    )
+    credit.add_argument("invoice_number")
+    credit.add_argument("--amount", type=_decimal, required=True, help="net amount, e.g. 19.80")
+    credit.add_argument("--reason", required=True, help="why, as the customer will read it")
+    credit.add_argument("--issued-on", type=_day, help="date of the credit note (default: today, UTC)")
+    credit.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
+    credit.add_argument("--json", action="store_true", help="print the credit note as JSON")
+    credit.set_defaults(handler=_invoices_credit)
+
+    dispute = sub.add_parser(
+        "dispute",
+        help="record a customer's dispute of an invoice",
+        description=(
+            "Record a dispute. Accepted until dispute_window_days (default 7) after the invoice date, or "
+            "billing_error_dispute_window_days (default 60) with --billing-error; later ones are refused. "
+            "A dispute is resolved with 'pointflow invoices credit'."
+        ),
+    )
+    dispute.add_argument("invoice_number")
+    dispute.add_argument("--reason", required=True)
+    dispute.add_argument("--billing-error", action="store_true", help="the dispute is about a billing error")
+    dispute.add_argument("--at", type=_instant, help="when the customer raised it (default: now)")
+    dispute.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
+    dispute.add_argument("--json", action="store_true")
+    dispute.set_defaults(handler=_invoices_dispute)
+
+
+def _register_billing(commands: argparse._SubParsersAction) -> None:
+    billing = commands.add_parser("billing", help="monthly invoicing and per-account billing terms")
+    sub = billing.add_subparsers(dest="billing_command", metavar="ACTION", required=True)
+    run = sub.add_parser(
+        "run",
+        help="invoice a month (once; a re-run returns the same invoices)",
+        description=(
+            "Invoice every account for a calendar month: subscription (daily proration, start day counted; "
+            "quarterly/yearly in full in the month their cycle starts), data-sharing discount, seats and extra "
+            "storage, usage of succeeded and aborted jobs priced as on the day it happened, availability "
+            "credit, finance charge on overdue balances, tax on the taxable subtotal, and credit carried "
+            "forward. Invoices are dated the 1st of the next month and numbered PREFIX-YYYY-MM-NNNN in "
+            "account order. An account with nothing to charge gets no invoice. The month is invoiced once: a "
+            "re-run (or a concurrent run) prints the stored invoices and creates nothing."
+        ),
+    )
+    run.add_argument("--period", type=_period, required=True, help="the month, YYYY-MM; it must have ended")
+    run.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
+    run.add_argument("--json", action="store_true", help="print the invoices as a JSON array")
+    run.set_defaults(handler=_billing_run)
+
+    terms = sub.add_parser(
+        "terms",
+        help="set an account's seats, extra storage, agreed prices or contract end",
+        description="Create or change an account's billing terms; options not given stay as they are. They apply to months not yet invoiced.",
+    )
+    terms.add_argument("account_id")
+    terms.add_argument("--seats", type=int, help="user IDs in the account, billed per seat and month")
+    terms.add_argument("--extra-storage-gb", type=int, help="storage bought beyond the plan's limit, billed per GB-month")
+    terms.add_argument("--monthly-fee", type=_decimal, help="agreed subscription fee per month instead of the plan's")
+    terms.add_argument("--price-per-million-points", type=_decimal, help="agreed usage price instead of the plan's")
+    terms.add_argument("--monthly-points-cap", type=int, help="agreed monthly points cap instead of the plan's")
+    terms.add_argument("--ended-on", type=_day, help="last day of service (inclusive); the last month is prorated")
+    terms.set_defaults(handler=_billing_terms)
+
+
+# --- handlers ------------------------------------------------------------------------------------
+
+
+def _print_import(args: argparse.Namespace, what: str, result) -> int:
+    if args.json:
+        print_json({"new": result.new, "known": result.known, "closed_periods": list(result.closed_periods)})
+    else:
+        print(result.summary(what))
+    return 0
+
+
+def _usage_import(args: argparse.Namespace) -> int:
+    records = read_usage_jsonl(args.file)
+    result = import_usage(open_catalog(settings_from_env()), records, str(args.file))
+    return _print_import(args, "usage events", result)
+
+
+def _usage_points(args: argparse.Namespace) -> int:
+    settings = settings_from_env()
+    catalog = open_catalog(settings)
+    used = points_used_in_month(catalog, args.account_id, args.month.label)
+    cap = monthly_points_cap(catalog, _pricebook(args, settings), args.account_id, args.month.first_day)
+    print_json({"account_id": args.account_id, "month": args.month.label, "points_used": used, "monthly_points_cap": cap})
+    return 0
+
+
+def _payments_import(args: argparse.Namespace) -> int:
+    records = read_payments_csv(args.file)
+    result = import_payments(open_catalog(settings_from_env()), records, str(args.file))
+    return _print_import(args, "payments", result)
+
+
+def _outages_import(args: argparse.Namespace) -> int:
+    records = read_outages_csv(args.file)
+    result = import_outages(open_catalog(settings_from_env()), records)
+    return _print_import(args, "outages", result)
+
+
+def _invoices_list(args: argparse.Namespace) -> int:
+    invoices = list_invoices(open_catalog(settings_from_env()), args.period.label if args.period else None, args.account)
+    if args.json:
+        print_json([invoice.to_dict() for invoice in invoices])
+        return 0
+    for invoice in invoices:
+        print(f"{invoice.invoice_number}  {invoice.account_id}  {invoice.period}  {invoice.currency} {format_money(invoice.total)}")
+    print(f"{len(invoices)} invoice(s)")
+    return 0
+
+
+def _invoices_show(args: argparse.Namespace) -> int:
+    settings = settings_from_env()
+    catalog = open_catalog(settings)
+    pricebook = _pricebook(args, settings)
+    statement = invoice_statement(catalog, pricebook, args.invoice_number)
+    if args.format == "csv":
+        sys.stdout.write(invoice_lines_csv(statement.invoice))
+    elif args.format == "html":
+        account = get_account(catalog, statement.invoice.account_id)
+        sys.stdout.write(invoice_html(statement.invoice, account.name, pricebook))
+    else:
+        print_json(statement.to_dict())
+    return 0
+
+
+def _invoices_credit(args: argparse.Namespace) -> int:
+    settings = settings_from_env()
+    note, created = issue_credit_note(
+        open_catalog(settings), _pricebook(args, settings), args.invoice_number, args.amount, args.reason, args.issued_on
+    )
+    if args.json:
+        print_json({**note.to_dict(), "created": created})
+    else:
+        state = "issued" if created else "already issued"
+        print(f"credit note {note.credit_note_number} {state} for invoice {note.invoice_number}: {format_money(note.total)} incl. tax")
+    return 0
+
+
+def _invoices_dispute(args: argparse.Namespace) -> int:
+    settings = settings_from_env()
+    dispute, created = open_dispute(
+        open_catalog(settings), _pricebook(args, settings), args.invoice_number, args.reason, args.billing_error, args.at
+    )
+    if args.json:
+        print_json({**dispute.to_dict(), "created": created})
+    else:
+        print(f"dispute of {dispute.invoice_number} {'recorded' if created else 'already recorded'} (window until {dispute.deadline})")
+    return 0
+
+
+def _billing_run(args: argparse.Namespace) -> int:
+    settings = settings_from_env()
+    result = run_billing(open_catalog(settings), args.period, _pricebook(args, settings))
+    if args.json:
+        print_json([invoice.to_dict() for invoice in result.invoices])
+        return 0
+    for invoice in result.invoices:
+        print(f"{invoice.invoice_number}  {invoice.account_id}  {invoice.currency} {format_money(invoice.total)}")
+    state = "created" if result.created else "already invoiced, nothing created"
+    print(f"{result.period}: {len(result.invoices)} invoice(s), {state}")
+    return 0
+
+
+def _billing_terms(args: argparse.Namespace) -> int:
+    update = TermsUpdate(
+        seats=args.seats,
+        extra_storage_gb=args.extra_storage_gb,
+        monthly_fee=args.monthly_fee,
+        price_per_million_points=args.price_per_million_points,
+        monthly_points_cap=args.monthly_points_cap,
+        ended_on=args.ended_on,
+    )
+    print_json(set_billing_terms(open_catalog(settings_from_env()), args.account_id, update))
+    return 0

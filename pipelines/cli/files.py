@@ -1,0 +1,73 @@
+"""`pointflow ingest` and `pointflow files list`"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipelines.cli.common import print_json, settings_from_env
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    ingest = commands.add_parser(
+        "ingest",
+        help="store a file for an account (and optionally run the pipeline)",
+        description=(
+            "Copy FILE into the account's raw area of the object store, checksum it and register it in "
+            "the catalog. The same bytes ingested twice are stored once. Nothing else happens unless "
+            "--run is given: then validation, classification, export and metering run in this process, "
+            "exactly as the pointflow_classify DAG runs them."
+        ),
+    )
+    ingest.add_argument("file", type=Path, help="LAS/LAZ file")
+    ingest.add_argument("--account", required=True, metavar="ID", help="the owning account (must exist)")
+    ingest.add_argument("--run", action="store_true", help="also validate, classify, export and meter it now")
+    ingest.add_argument("--classifier", default="standard", help="with --run: standard or ground")
+    ingest.add_argument("--json", action="store_true", help="print the stored file (or the finished job) as JSON")
+    ingest.set_defaults(handler=_ingest)
+
+    files = commands.add_parser("files", help="list an account's stored files")
+    sub = files.add_subparsers(dest="files_command", metavar="ACTION", required=True)
+    listing = sub.add_parser("list", help="list stored files", description="List the account's files: key, size, sha256, points, state.")
+    listing.add_argument("--account", required=True, metavar="ID")
+    listing.add_argument("--json", action="store_true", help="print a JSON array ([] when there are none)")
+    listing.set_defaults(handler=_list)
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from pipelines.ingest import ingest_file
+    from pipelines.jobs import Runtime, run_job
+
+    if not args.file.is_file():
+        raise FileNotFoundError(f"no such file: {args.file}")
+    runtime = Runtime.from_settings(settings_from_env())
+    if args.run:
+        job = run_job(runtime, args.account, str(args.file.resolve()), classifier=args.classifier)
+        if args.json:
+            print_json(job)
+        else:
+            print(f"job {job['job_id']}: {job['state']}" + (f" ({job['error']})" if job["error"] else ""))
+            if job["export_prefix"]:
+                print(f"export: {runtime.store.url.rstrip('/')}/{job['export_prefix']}")
+        return 0 if job["state"] == "exported" else 1
+    stored = ingest_file(runtime.catalog, runtime.store, args.account, args.file)
+    if args.json:
+        print_json(stored.to_public())
+    else:
+        print(f"{'stored' if stored.created else 'already stored'}: {stored.key} ({stored.size:,} bytes, sha256 {stored.sha256[:12]}…)")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from pipelines.ingest import list_files
+    from pipelines.jobs import Runtime
+
+    files = list_files(Runtime.from_settings(settings_from_env()).catalog, args.account)
+    if args.json:
+        print_json([f.to_public() for f in files])
+        return 0
+    if not files:
+        print(f"account {args.account} has no stored files")
+    for f in files:
+        print(f"{f.state:12} {f.size:>12,} B {f.points or 0:>12,} pts  {f.key}")
+    return 0

@@ -1,0 +1,56 @@
+"""The demo: a synthetic scene classified by the real DAG on embedded defaults."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from pipelines.accounts import AccountRecord, upsert_accounts
+from pipelines.airflow_local import load_dag, prepare_airflow
+from pipelines.jobs import Runtime, job_id_for, job_view
+from pipelines.scene import make_scene, write_scene
+from pipelines.settings import Settings
+
+DEMO_ACCOUNT = AccountRecord(
+    account_id="demo", name="Demo Surveying Ltd", email="ops@demo.example", country="DE", plan="professional", started_at=date(2026, 1, 1)
+)
+DAG_ID = "pointflow_classify"
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    job: dict
+    input_path: Path
+    export_url: str | None
+    manifest_url: str | None
+    log_path: Path
+
+
+def run_demo(settings: Settings, classifier: str = "standard", input_path: Path | None = None) -> DemoResult:
+    log_path = settings.logs_dir / "demo.log"
+    prepare_airflow(settings, log_path)
+    runtime = Runtime.from_settings(settings)
+    upsert_accounts(runtime.catalog, [DEMO_ACCOUNT])
+    if input_path is None:
+        input_path = write_scene(make_scene(), settings.home / "demo" / "demo-scene.laz")
+
+    dag = load_dag(DAG_ID)
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        run = dag.test(run_conf={"account_id": DEMO_ACCOUNT.account_id, "source": str(Path(input_path).resolve()), "classifier": classifier})
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    job = job_view(runtime, job_id_for(DAG_ID, run.run_id))
+    base = runtime.store.url.rstrip("/")
+    export_url = manifest_url = None
+    if job["export_prefix"]:
+        output = job["classified_key"].rsplit("/", 1)[-1]
+        export_url = f"{base}/{job['export_prefix']}{output}"
+        manifest_url = f"{base}/{job['export_prefix']}manifest.json"
+    return DemoResult(job, Path(input_path), export_url, manifest_url, log_path)

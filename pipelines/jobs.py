@@ -1,0 +1,299 @@
+"""A classification job from start to finish: each step is one Airflow task, safe to retry.
+
+Every step reads the job's state first and skips work already done, so a retried task never
+writes an output twice or meters a job twice; the catalog enforces the state machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from pipelines.accounts import get_account
+from pipelines.catalog import Catalog, CatalogError
+from pipelines.catalog.models import JOB_TRANSITIONS, FileState, Job, JobState, StoredFile, utcnow
+from pipelines.classify import classify_file
+from pipelines.export import Artifact, build_manifest, export_prefix, publish, read_manifest
+from pipelines.ingest import ingest_file, local_copy, readable_path
+from pipelines.metering import UsageRecord, record_usage
+from pipelines.notify import DeliveryError, send_email
+from pipelines.settings import Settings
+from pipelines.storage import AccountArea, ObjectStore, open_store, safe_name
+from pipelines.validate import validate_file
+
+log = logging.getLogger(__name__)
+REPORT_LINK_LIFETIME = timedelta(days=7)
+
+
+class IllegalTransition(CatalogError):
+    pass
+
+
+class ValidationFailed(Exception):
+    """The input was quarantined; nothing downstream may run."""
+
+    def __init__(self, job_id: str, reason: str, report_key: str | None) -> None:
+        super().__init__(f"job {job_id}: input refused: {reason}")
+        self.reason = reason
+        self.report_key = report_key
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What every step needs, built once from the settings."""
+
+    settings: Settings
+    catalog: Catalog
+    store: ObjectStore
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Runtime:
+        catalog = Catalog(settings.database_url)
+        catalog.migrate()
+        return cls(settings, catalog, open_store(settings.storage_url))
+
+
+def job_id_for(dag_id: str, run_id: str) -> str:
+    """Stable across task retries, unique per DAG run, and safe in object keys."""
+    return "job-" + uuid.uuid5(uuid.NAMESPACE_URL, f"pointflow:{dag_id}:{run_id}").hex[:20]
+
+
+def _set_state(job: Job, state: JobState) -> None:
+    current = JobState(job.state)
+    if state != current and state not in JOB_TRANSITIONS[current]:
+        raise IllegalTransition(f"job {job.job_id}: cannot go from {current.value} to {state.value}")
+    job.state = state.value
+    if state in (JobState.EXPORTED, JobState.QUARANTINED, JobState.FAILED, JobState.ABORTED) and job.finished_at is None:
+        job.finished_at = utcnow()
+
+
+def _job(session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise CatalogError(f"unknown job {job_id!r}")
+    return job
+
+
+def job_view(runtime: Runtime, job_id: str) -> dict[str, Any]:
+    with runtime.catalog.session() as session:
+        job = _job(session, job_id)
+        return {c.name: getattr(job, c.name) for c in Job.__table__.columns}
+
+
+def create_job(runtime: Runtime, job_id: str, account_id: str, source: str, classifier: str) -> dict[str, Any]:
+    get_account(runtime.catalog, account_id)
+    with runtime.catalog.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            session.add(Job(job_id=job_id, account_id=account_id, source=source, classifier=classifier))
+        elif job.account_id != account_id or job.source != source:
+            raise CatalogError(f"job {job_id} exists for another account or source")
+    return job_view(runtime, job_id)
+
+
+def ingest_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
+    job = job_view(runtime, job_id)
+    if job["file_id"] is None:
+        with local_copy(job["source"], runtime.settings.scratch_dir) as path:
+            stored = ingest_file(runtime.catalog, runtime.store, job["account_id"], path)
+        with runtime.catalog.session() as session:
+            _job(session, job_id).file_id = stored.id
+    return job_view(runtime, job_id)
+
+
+def _file(session, job: Job) -> StoredFile:
+    if job.file_id is None:
+        raise CatalogError(f"job {job.job_id} has no ingested file yet")
+    return session.get(StoredFile, job.file_id)
+
+
+def validate_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
+    """Validate once; a refused file goes to quarantine with its report and the account is told."""
+    with runtime.catalog.session() as session:
+        job = _job(session, job_id)
+        state = JobState(job.state)
+        stored = _file(session, job)
+        file_key, file_name, file_state, account_id = stored.key, stored.original_name, stored.state, job.account_id
+    if state == JobState.QUARANTINED:
+        raise ValidationFailed(job_id, job.error or "input refused", job.report_key)
+    if state != JobState.RECEIVED:
+        return job_view(runtime, job_id)
+
+    area = AccountArea(account_id)
+    if file_state == FileState.QUARANTINED.value:
+        with runtime.catalog.session() as session:
+            previous = _file(session, _job(session, job_id))
+            reason = f"this file was refused before (report {previous.report_key})"
+            job = _job(session, job_id)
+            job.error, job.report_key = reason, previous.report_key
+            _set_state(job, JobState.QUARANTINED)
+        raise ValidationFailed(job_id, reason, previous.report_key)
+
+    with readable_path(runtime.store, file_key, runtime.settings.scratch_dir) as path:
+        report = validate_file(path, display_name=file_name)
+    report_key = area.key("reports", f"{job_id}-validation.json")
+    runtime.store.put_bytes(report_key, report.to_json())
+    runtime.store.put_bytes(area.key("reports", f"{job_id}-validation.html"), report.to_html())
+    log.info("validation report for %s: %s (%s)", file_name, report_key, report.reason)
+
+    if report.ok:
+        with runtime.catalog.session() as session:
+            job = _job(session, job_id)
+            job.report_key = report_key
+            job.summary = {"validation": {"mode": report.mode, "points_checked": report.points_checked, "warnings": [w.explain for w in report.warnings], "report_key": report_key}}
+            _file(session, job).state = FileState.VALIDATED.value
+            _set_state(job, JobState.VALIDATED)
+        return job_view(runtime, job_id)
+
+    quarantine_key = area.key("quarantine", f"{job_id}-{file_name}")
+    runtime.store.move(file_key, quarantine_key)
+    runtime.store.put_bytes(area.key("quarantine", f"{job_id}-{file_name}.report.html"), report.to_html())
+    with runtime.catalog.session() as session:
+        job = _job(session, job_id)
+        stored = _file(session, job)
+        stored.key, stored.state, stored.report_key = quarantine_key, FileState.QUARANTINED.value, report_key
+        job.error, job.report_key = report.reason, report_key
+        _set_state(job, JobState.QUARANTINED)
+    _notify_quarantine(runtime, account_id, file_name, report.reason, report_key)
+    raise ValidationFailed(job_id, report.reason, report_key)
+
+
+def _notify_quarantine(runtime: Runtime, account_id: str, file_name: str, reason: str, report_key: str) -> None:
+    account = get_account(runtime.catalog, account_id)
+    html_key = report_key.replace(".json", ".html")
+    body = (
+        f"Hello {account.name},\n\nwe could not process {file_name}: {reason}.\n\n"
+        f"The file is kept in quarantine and nothing was charged. The full report:\n"
+        f"{runtime.store.link(html_key, REPORT_LINK_LIFETIME)}\n\n"
+        "What to do: re-export the file from your processing software (LAS 1.0-1.4 or LAZ, point formats 0-10) "
+        "and upload it again.\n\n-- pointflow\n"
+    )
+    try:
+        send_email(runtime.settings, account.email, f"pointflow: {file_name} could not be processed", body)
+    except DeliveryError as error:
+        # The quarantine stands either way; a missed notice must not turn into a lost file.
+        log.warning("quarantine notice for %s not sent: %s", account_id, error)
+
+
+def classify_step(runtime: Runtime, job_id: str, workers: int | None = None, client: Any = None) -> dict[str, Any]:
+    with runtime.catalog.session() as session:
+        job = _job(session, job_id)
+        if JobState(job.state) in (JobState.CLASSIFIED, JobState.EXPORTED) and job.classified_key and runtime.store.exists(job.classified_key):
+            return job_view(runtime, job_id)
+        _set_state(job, JobState.CLASSIFYING)
+        stored = _file(session, job)
+        file_key, name, account_id, classifier = stored.key, stored.original_name, job.account_id, job.classifier
+
+    work = runtime.settings.scratch_dir / job_id
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        output = work / (Path(name).stem + ".laz")
+        with readable_path(runtime.store, file_key, runtime.settings.scratch_dir) as path:
+            result = classify_file(path, output, runtime.settings, classifier=classifier, workers=workers, client=client)
+        classified_key = AccountArea(account_id).key("classified", job_id, output.name)
+        runtime.store.put_file(classified_key, output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    with runtime.catalog.session() as session:
+        job = _job(session, job_id)
+        job.classified_key = classified_key
+        job.points_processed = result.output_points
+        job.classifier_version = result.classifier_version
+        job.classifier_params = result.classifier_params
+        job.summary = {**(job.summary or {}), **{
+            "input_points": result.input_points,
+            "output_points": result.output_points,
+            "class_counts": {str(k): v for k, v in result.class_counts.items()},
+            "classifier": result.classifier,
+            "classifier_version": result.classifier_version,
+            "classifier_params": result.classifier_params,
+            "tiles": result.tiles,
+            "tile_size": result.tile_size,
+            "tile_buffer": result.tile_buffer,
+            "workers": result.workers,
+            "timings": result.timings,
+        }}
+        _set_state(job, JobState.CLASSIFIED)
+    return job_view(runtime, job_id)
+
+
+def export_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
+    job = job_view(runtime, job_id)
+    prefix = export_prefix(job["account_id"], job_id)
+    if job["state"] == JobState.EXPORTED.value and read_manifest(runtime.store, prefix) is not None:
+        return job
+    if job["state"] != JobState.CLASSIFIED.value:
+        raise IllegalTransition(f"job {job_id} is {job['state']}, not classified: nothing to export")
+    with runtime.catalog.session() as session:
+        stored = _file(session, _job(session, job_id))
+        input_file = {"key": stored.key, "name": stored.original_name, "sha256": stored.sha256, "size": stored.size, "points": stored.point_count, "crs": stored.crs}
+    output_name = job["classified_key"].rsplit("/", 1)[-1]
+    with readable_path(runtime.store, job["classified_key"], runtime.settings.scratch_dir) as path:
+        published = publish(
+            runtime.store,
+            prefix,
+            [Artifact(safe_name(output_name), path, "application/vnd.laszip")],
+            lambda artifacts: build_manifest(job, input_file, artifacts, job["summary"]),
+        )
+    with runtime.catalog.session() as session:
+        record = _job(session, job_id)
+        record.export_prefix = prefix
+        _set_state(record, JobState.EXPORTED)
+    log.info("export published: %s", published.manifest_key)
+    return job_view(runtime, job_id)
+
+
+def finish_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
+    """Close the job and meter it exactly once, whatever happened upstream."""
+    with runtime.catalog.session() as session:
+        job = _job(session, job_id)
+        state = JobState(job.state)
+        if state not in (JobState.EXPORTED, JobState.QUARANTINED, JobState.FAILED, JobState.ABORTED):
+            job.error = job.error or f"pipeline stopped while {state.value}"
+            _set_state(job, JobState.FAILED)
+        stored = session.get(StoredFile, job.file_id) if job.file_id else None
+        status = "succeeded" if job.state == JobState.EXPORTED.value else "aborted" if job.state == JobState.ABORTED.value else "failed"
+        event = UsageRecord(
+            event_id=f"{job_id}:classification",
+            account_id=job.account_id,
+            kind="classification",
+            occurred_at=job.finished_at,
+            points=job.points_processed,
+            status=status,
+            classifier=job.classifier,
+            classifier_version=job.classifier_version,
+            filename=stored.original_name if stored else None,
+            job_id=job_id,
+        )
+    record_usage(runtime.catalog, [event])
+    return job_view(runtime, job_id)
+
+
+def run_job(runtime: Runtime, account_id: str, source: str, classifier: str = "standard", job_id: str | None = None, workers: int | None = None) -> dict[str, Any]:
+    """All steps in this process, as the DAG runs them; used by the CLI and tests."""
+    job_id = job_id or "job-" + uuid.uuid4().hex[:20]
+    create_job(runtime, job_id, account_id, source, classifier)
+    try:
+        ingest_step(runtime, job_id)
+        validate_step(runtime, job_id)
+        classify_step(runtime, job_id, workers=workers)
+        export_step(runtime, job_id)
+    except ValidationFailed:
+        pass
+    finally:
+        final = finish_step(runtime, job_id)
+    return final
+
+
+def jobs_for_account(runtime: Runtime, account_id: str) -> list[dict[str, Any]]:
+    with runtime.catalog.session() as session:
+        rows = session.scalars(select(Job).where(Job.account_id == account_id).order_by(Job.created_at))
+        return [{c.name: getattr(j, c.name) for c in Job.__table__.columns} for j in rows]

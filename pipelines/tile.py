@@ -1,0 +1,77 @@
+"""Square tiles with a buffer ring: which tile owns a point, and which tiles see it as context."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+NEIGHBOUR_OFFSETS = tuple((di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1) if (di, dj) != (0, 0))
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tiles of `size` metres from (origin_x, origin_y); size <= 0 in `covering` means one tile."""
+
+    origin_x: float
+    origin_y: float
+    size: float
+    nx: int
+    ny: int
+    buffer: float
+
+    @classmethod
+    def covering(cls, mins: tuple[float, ...], maxs: tuple[float, ...], size: float, buffer: float) -> TileGrid:
+        width, height = max(maxs[0] - mins[0], 0.0), max(maxs[1] - mins[1], 0.0)
+        if size <= 0:
+            size = max(width, height, 1.0) * (1 + 1e-9) + 1.0
+        if buffer < 0:
+            raise ValueError(f"tile buffer must not be negative, got {buffer}")
+        if buffer >= size:
+            raise ValueError(f"tile buffer ({buffer} m) must be smaller than the tile size ({size} m)")
+        nx = max(1, math.floor(width / size) + 1)
+        ny = max(1, math.floor(height / size) + 1)
+        return cls(float(mins[0]), float(mins[1]), float(size), nx, ny, float(buffer))
+
+    @property
+    def count(self) -> int:
+        return self.nx * self.ny
+
+    def _cells(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Points a hair outside the header bounds (rounding) are clamped into the edge tiles.
+        i = np.clip(np.floor((x - self.origin_x) / self.size).astype(np.int64), 0, self.nx - 1)
+        j = np.clip(np.floor((y - self.origin_y) / self.size).astype(np.int64), 0, self.ny - 1)
+        return i, j
+
+    def owner(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The one tile that writes each point."""
+        i, j = self._cells(x, y)
+        return j * self.nx + i
+
+    def context(self, x: np.ndarray, y: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(point indices, tile ids) for each neighbour tile whose buffer ring holds those points."""
+        if self.buffer == 0 or self.count == 1:
+            return
+        i, j = self._cells(x, y)
+        local_x = x - (self.origin_x + i * self.size)
+        local_y = y - (self.origin_y + j * self.size)
+        near = {
+            -1: (local_x < self.buffer, local_y < self.buffer),
+            1: (local_x >= self.size - self.buffer, local_y >= self.size - self.buffer),
+        }
+        for di, dj in NEIGHBOUR_OFFSETS:
+            mask = np.ones(x.shape, dtype=bool)
+            if di:
+                mask &= near[di][0] & (i + di >= 0) & (i + di < self.nx)
+            if dj:
+                mask &= near[dj][1] & (j + dj >= 0) & (j + dj < self.ny)
+            index = np.flatnonzero(mask)
+            if index.size:
+                yield index, (j[index] + dj) * self.nx + (i[index] + di)
+
+    def bounds(self, tile_id: int) -> tuple[float, float, float, float]:
+        i, j = tile_id % self.nx, tile_id // self.nx
+        x0, y0 = self.origin_x + i * self.size, self.origin_y + j * self.size
+        return x0, y0, x0 + self.size, y0 + self.size
