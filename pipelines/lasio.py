@@ -91,9 +91,11 @@ def read_sample(path: Path, windows: int, window_points: int) -> laspy.ScaleAwar
     """Contiguous windows spread evenly through the file: seekable in LAZ, unlike a random sample."""
     with laspy.open(path, laz_backend=laspy.LazBackend.LazrsParallel) as reader:
         total = reader.header.point_count
-        starts = np.linspace(0, max(total - window_points, 0), windows).astype(np.int64)
+        if total <= windows * window_points:
+            return reader.read_points(total)
+        # One window at the start of each of `windows` equal strides: disjoint, whole file covered.
         parts = []
-        for start in np.unique(starts):
+        for start in np.arange(windows) * (total // windows):
             reader.seek(int(start))
             parts.append(reader.read_points(window_points).array)
         return laspy.ScaleAwarePointRecord(

@@ -1,0 +1,137 @@
+"""Shared fixtures: an isolated POINTFLOW_HOME, real S3 (moto server) and PostgreSQL on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from pipelines.accounts import AccountRecord, upsert_accounts
+from pipelines.jobs import Runtime
+from pipelines.scene import make_scene, write_scene
+from pipelines.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+POSTGRES_ADMIN_URL = os.environ.get("POINTFLOW_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+POINTFLOW_VARIABLES = [name for name in os.environ if name.startswith("POINTFLOW_")]
+
+
+def shared_file(relative: str) -> Path:
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"real data {relative} not found in {SHARED_DATA}")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh POINTFLOW_HOME with embedded defaults; other POINTFLOW_* variables are cleared."""
+    for name in POINTFLOW_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "home"
+    monkeypatch.setenv("POINTFLOW_HOME", str(path))
+    monkeypatch.setenv("POINTFLOW_WORKERS", "2")
+    return path
+
+
+@pytest.fixture
+def settings(home: Path) -> Settings:
+    return Settings.from_env()
+
+
+@pytest.fixture
+def runtime(settings: Settings) -> Runtime:
+    runtime = Runtime.from_settings(settings)
+    yield runtime
+    runtime.catalog.dispose()
+
+
+def make_account(account_id: str = "acme", plan: str = "professional", email: str | None = None) -> AccountRecord:
+    return AccountRecord(account_id, f"{account_id} GmbH", email or f"ops@{account_id}.example", "DE", plan, date(2026, 1, 1))
+
+
+@pytest.fixture
+def account(runtime: Runtime) -> str:
+    upsert_accounts(runtime.catalog, [make_account()])
+    return "acme"
+
+
+@pytest.fixture(scope="session")
+def scene_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small labelled synthetic scene (classes written) as LAZ."""
+    return write_scene(make_scene(size=120, density=6, buildings=3, trees=25, seed=7), tmp_path_factory.mktemp("scene") / "scene.laz", with_labels=True)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 endpoint on loopback (moto in server mode)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    bucket = f"pf-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return bucket
+
+
+def _postgres_reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A new, empty PostgreSQL database, dropped afterwards; skips where no server is reachable."""
+    if not _postgres_reachable():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    from sqlalchemy import create_engine, text
+
+    name = f"pointflow_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as error:  # noqa: BLE001 - any refusal means "no usable server here"
+        admin.dispose()
+        pytest.skip(f"cannot create a PostgreSQL test database: {error}")
+    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, home: Path) -> str:
+    """Run a catalog test on both databases."""
+    if request.param == "sqlite":
+        return f"sqlite:///{home / 'catalog.db'}"
+    return request.getfixturevalue("postgres_url")

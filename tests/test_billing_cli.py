@@ -1,0 +1,170 @@
+"""The billing commands end to end through `pipelines.cli.main`, with exact output.
+
+The scenario in tests/data/billing, checked by hand:
+September (invoiced 2026-10-01, due 2026-10-31)
+  acme  professional from Sep 15: 99 x 16/30 = 52.80, tax 19 % 10.03 -> 62.83
+  geo   sharing, tax exempt: 99.00 - 20 % 19.80 = 79.20, no tax -> 79.20
+  lidar api: 120,000,000 succeeded + 3,456,789 aborted (the failed 50 M not billed; the Oct 1
+        00:00 job not in September) = 123.456789 M x 0.50 = 61.73, tax 20 % 12.35 -> 74.08
+  hobby free: nothing to charge, no invoice
+October (invoiced 2026-11-01): 6 h unscheduled outage (maintenance announced 5 days ahead does
+not count): availability 99.194 %, 0.3065 % short of 99.5 %
+  acme  99.00, availability credit 0.30, tax 18.75 -> 117.45 (September paid on time)
+  geo   99.00 - 19.80, credit 0.24 on 79.20, September unpaid: late fee 1.5 % of 79.20 = 1.19 -> 80.15
+  lidar 10 M x 0.50 = 5.00, tax 1.00; paid 100.00 for 74.08: 25.92 credit, 6.00 used -> 0.00
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+
+try:
+    from test_billing_support import catalog, cli_env, database_url, postgres_schema_url
+except ImportError:  # tests/ imported as a package
+    from tests.test_billing_support import catalog, cli_env, database_url, postgres_schema_url
+
+__all__ = ["catalog", "cli_env", "database_url", "postgres_schema_url"]  # fixtures used here
+
+DATA = Path(__file__).parent / "data" / "billing"
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def expected(name: str):
+    return json.loads((DATA / name).read_text())
+
+
+def test_month_by_month_from_the_files(cli_env, capsys):
+    assert cli(capsys, "accounts", "import", str(DATA / "accounts.csv")) == "accounts: 4 created, 0 updated\n"
+    assert cli(capsys, "usage", "import", str(DATA / "usage.jsonl")) == "usage events: 6 new, 0 already known\n"
+    assert cli(capsys, "usage", "import", str(DATA / "usage.jsonl")) == "usage events: 0 new, 6 already known\n"
+
+    september = json.loads(cli(capsys, "billing", "run", "--period", "2026-09", "--json"))
+    assert september == expected("expected-2026-09.json")
+    assert september[0]["lines"][0] == {
+        "kind": "subscription", "description": "Professional plan, 2026-09, 16 of 30 days from 2026-09-15",
+        "quantity": "0.5333", "unit_price": "99.00", "amount": "52.80", "taxable": True,
+    }  # fmt: skip
+    assert [(i["invoice_number"], i["subtotal"], i["tax"], i["total"]) for i in september] == [
+        ("PF-2026-09-0001", "52.80", "10.03", "62.83"),
+        ("PF-2026-09-0002", "79.20", "0.00", "79.20"),
+        ("PF-2026-09-0003", "61.73", "12.35", "74.08"),
+    ]
+
+    assert cli(capsys, "payments", "import", str(DATA / "payments.csv")) == "payments: 2 new, 0 already known\n"
+    assert cli(capsys, "payments", "import", str(DATA / "payments.csv")) == "payments: 0 new, 2 already known\n"
+    assert cli(capsys, "outages", "import", str(DATA / "outages.csv")) == "outages: 2 new, 0 already known\n"
+    assert cli(capsys, "outages", "import", str(DATA / "outages.csv")) == "outages: 0 new, 2 already known\n"
+
+    october = json.loads(cli(capsys, "billing", "run", "--period", "2026-10", "--json"))
+    assert october == expected("expected-2026-10.json")
+    assert [(i["account_id"], i["total"]) for i in october] == [("acme", "117.45"), ("geo", "80.15"), ("lidar", "0.00")]
+    assert {line["kind"]: line["amount"] for line in october[1]["lines"]} == {
+        "subscription": "99.00", "discount": "-19.80", "availability_credit": "-0.24", "late_fee": "1.19",
+    }  # fmt: skip
+
+    # A re-run prints the same invoices and says it created nothing.
+    assert json.loads(cli(capsys, "billing", "run", "--period", "2026-10", "--json")) == october
+    assert cli(capsys, "billing", "run", "--period", "2026-10") == (
+        "PF-2026-10-0001  acme  EUR 117.45\nPF-2026-10-0002  geo  EUR 80.15\nPF-2026-10-0003  lidar  EUR 0.00\n"
+        "2026-10: 3 invoice(s), already invoiced, nothing created\n"
+    )
+
+
+def test_credit_dispute_show_and_list(cli_env, capsys):
+    cli(capsys, "accounts", "import", str(DATA / "accounts.csv"))
+    cli(capsys, "usage", "import", str(DATA / "usage.jsonl"))
+    cli(capsys, "billing", "run", "--period", "2026-09")
+    note = json.loads(cli(capsys, "invoices", "credit", "PF-2026-09-0001", "--amount", "2.80", "--reason", "onboarding days",
+                          "--issued-on", "2026-10-03", "--json"))  # fmt: skip
+    assert note == {
+        "credit_note_number": "PF-CN-2026-10-0001", "invoice_number": "PF-2026-09-0001", "account_id": "acme",
+        "issued_on": "2026-10-03", "amount": "2.80", "tax": "0.53", "total": "3.33", "reason": "onboarding days",
+        "created": True,
+    }  # fmt: skip
+    again = cli(capsys, "invoices", "credit", "PF-2026-09-0001", "--amount", "2.80", "--reason", "onboarding days", "--issued-on", "2026-10-03")
+    assert again == "credit note PF-CN-2026-10-0001 already issued for invoice PF-2026-09-0001: 3.33 incl. tax\n"
+
+    shown = json.loads(cli(capsys, "invoices", "show", "PF-2026-09-0001"))
+    assert (shown["total"], shown["paid"], shown["open_amount"]) == ("62.83", "0.00", "59.50")
+    assert [n["credit_note_number"] for n in shown["credit_notes"]] == ["PF-CN-2026-10-0001"]
+
+    assert main(["invoices", "dispute", "PF-2026-09-0002", "--reason", "seats", "--at", "2026-10-09T00:00:00Z"]) == 2
+    assert "disputes were accepted until 2026-10-08" in capsys.readouterr().err
+    assert cli(capsys, "invoices", "dispute", "PF-2026-09-0002", "--reason", "wrong discount", "--billing-error", "--at", "2026-11-20T00:00:00Z") == (
+        "dispute of PF-2026-09-0002 recorded (window until 2026-11-30)\n"
+    )
+
+    csv_text = cli(capsys, "invoices", "show", "PF-2026-09-0003", "--format", "csv")
+    assert csv_text.splitlines() == [
+        "invoice_number,kind,description,quantity,unit_price,amount,taxable",
+        'PF-2026-09-0003,usage,"Classification, 123,456,789 points, 2026-09-01 to 2026-09-30, per million points",123.456789,0.50,61.73,True',
+    ]
+    html = cli(capsys, "invoices", "show", "PF-2026-09-0003", "--format", "html")
+    assert "Lidar API SAS" in html and "<td class=n>74.08</td>" in html and "within 7 days" in html
+
+    assert cli(capsys, "invoices", "list", "--account", "geo") == "PF-2026-09-0002  geo  2026-09  EUR 79.20\n1 invoice(s)\n"
+
+
+def test_terms_and_points(cli_env, capsys):
+    cli(capsys, "accounts", "import", str(DATA / "accounts.csv"))
+    cli(capsys, "usage", "import", str(DATA / "usage.jsonl"))
+    terms = json.loads(cli(capsys, "billing", "terms", "acme", "--seats", "4", "--extra-storage-gb", "10"))
+    assert (terms["seats"], terms["extra_storage_gb"], terms["ended_on"]) == (4, 10, None)
+    points = json.loads(cli(capsys, "usage", "points", "lidar", "--month", "2026-09"))
+    assert points == {"account_id": "lidar", "month": "2026-09", "points_used": 123_456_789, "monthly_points_cap": 500_000_000}
+    october = json.loads(cli(capsys, "billing", "run", "--period", "2026-10", "--json"))
+    assert {line["kind"]: line["amount"] for line in october[0]["lines"]} == {
+        "subscription": "99.00", "seats": "40.00", "extra_storage": "490.00",
+    }  # fmt: skip
+
+
+def test_pricebook_option_and_setting(cli_env, capsys, tmp_path, monkeypatch):
+    cli(capsys, "accounts", "import", str(DATA / "accounts.csv"))
+    book = tmp_path / "book.yaml"
+    book.write_text('currency: CHF\ninvoice_prefix: ZZ\npayment_terms_days: 10\nlate_fee_monthly_rate: "0.01"\n'
+                    'plans:\n  professional: {monthly_fee: "30.00"}\n  professional_sharing: {monthly_fee: "30.00"}\n'
+                    '  api: {price_per_million_points: "1.00"}\n  free: {}\n')  # fmt: skip
+    monkeypatch.setenv("POINTFLOW_PRICEBOOK", str(book))
+    invoices = json.loads(cli(capsys, "billing", "run", "--period", "2026-10", "--json"))
+    assert [(i["invoice_number"], i["currency"], i["due_date"], i["total"]) for i in invoices] == [
+        ("ZZ-2026-10-0001", "CHF", "2026-11-11", "35.70"),
+        ("ZZ-2026-10-0002", "CHF", "2026-11-11", "30.00"),
+    ]
+    assert main(["billing", "run", "--period", "2026-11", "--pricebook", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml does not exist" in capsys.readouterr().err
+
+
+def test_bad_input_is_one_clear_line_and_writes_nothing(cli_env, capsys, tmp_path):
+    cli(capsys, "accounts", "import", str(DATA / "accounts.csv"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"event_id": "ok", "account_id": "lidar", "occurred_at": "2026-10-01T00:00:00Z", "kind": "classification", "points": 5, "status": "succeeded"}\n'
+        '{"event_id": "x", "account_id": "lidar", "occurred_at": "2026-10-01T00:00:00Z", "kind": "classification", "points": 1.5, "status": "succeeded"}\n'
+        "not json\n"
+    )
+    assert main(["usage", "import", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pointflow: error: ") and "line 2: points 1.5 is not a whole number" in err and "line 3: not JSON" in err
+    assert json.loads(cli(capsys, "usage", "points", "lidar", "--month", "2026-10"))["points_used"] == 0
+    with pytest.raises(SystemExit):
+        main(["billing", "run", "--period", "2026-13"])
+    assert "YYYY-MM" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["usage", "import"], ["payments", "import"], ["outages", "import"], ["invoices", "credit"], ["billing", "run"]])
+def test_every_command_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert len(capsys.readouterr().out) > 300

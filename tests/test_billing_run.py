@@ -1,0 +1,326 @@
+"""Monthly runs against the catalog (SQLite, and PostgreSQL when reachable): what gets billed,
+numbering, idempotency, concurrency, balances across months, credit notes and disputes."""
+
+from __future__ import annotations
+
+import threading
+from datetime import date
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import func, select
+
+from pipelines.billing.corrections import TermsUpdate, invoice_statement, issue_credit_note, open_dispute, set_billing_terms
+from pipelines.billing.imports import OutageRecord, PaymentRecord, import_outages, import_payments, import_usage
+from pipelines.billing.invoicing import BillingError, run_billing
+from pipelines.billing.models import BillingRun, Invoice, InvoiceLine
+from pipelines.billing.usage import PointsCapExceededError, check_points_admission, points_used_in_month, usage_daily
+from pipelines.catalog import Catalog
+
+try:
+    from test_billing_support import add_account, catalog, database_url, job, make_pricebook, postgres_schema_url, utc
+except ImportError:  # tests/ imported as a package
+    from tests.test_billing_support import add_account, catalog, database_url, job, make_pricebook, postgres_schema_url, utc
+
+__all__ = ["catalog", "database_url", "postgres_schema_url"]  # fixtures used here
+
+D = Decimal
+BOOK = make_pricebook()
+# Every month these tests invoice has ended by then (runs of unfinished months are refused).
+NOW = utc("2027-06-01T00:00Z")
+
+
+def run(catalog: Catalog, period: str, book=BOOK):
+    return run_billing(catalog, period, book, now=NOW)
+
+
+def usage(catalog: Catalog, *records) -> None:
+    import_usage(catalog, list(enumerate(records, start=1)))
+
+
+def pay(catalog: Catalog, account_id: str, invoice_number: str | None, amount: str, when: str) -> None:
+    import_payments(catalog, [(1, PaymentRecord(account_id, invoice_number, D(amount), utc(when)))])
+
+
+def totals(result) -> dict[str, tuple[str, str]]:
+    return {i.account_id: (i.invoice_number, str(i.total)) for i in result.invoices}
+
+
+def lines_of(result, account_id: str) -> list[tuple[str, str]]:
+    invoice = next(i for i in result.invoices if i.account_id == account_id)
+    return [(line.kind, str(line.amount)) for line in invoice.lines]
+
+
+def test_failed_jobs_are_not_billed_and_aborted_jobs_are(catalog):
+    add_account(catalog, "api1", plan="api")
+    usage(
+        catalog,
+        job("ok", "api1", "2026-10-05T10:00Z", 4_000_000),
+        job("aborted", "api1", "2026-10-06T10:00Z", 2_000_000, status="aborted"),
+        job("failed", "api1", "2026-10-07T10:00Z", 90_000_000, status="failed"),
+    )
+    result = run(catalog, "2026-10")
+    assert lines_of(result, "api1") == [("usage", "3.00")]  # 6 M points x 0.50
+    assert result.invoices[0].lines[0].quantity == D("6")
+
+
+def test_events_are_assigned_to_months_by_their_utc_timestamp(catalog):
+    add_account(catalog, "api1", plan="api")
+    usage(
+        catalog,
+        job("before", "api1", "2026-09-30T23:59:59.999999Z", 1_000_000),
+        job("first-instant", "api1", "2026-10-01T00:00:00Z", 2_000_000),
+        job("last-instant", "api1", "2026-10-31T23:59:59.999999Z", 4_000_000),
+        job("local-time", "api1", "2026-11-01T00:30:00+01:00", 8_000_000),  # = Oct 31 23:30 UTC
+        job("after", "api1", "2026-11-01T00:00:00Z", 16_000_000),
+    )
+    october = run(catalog, "2026-10")
+    assert october.invoices[0].lines[0].quantity == D("14")
+    assert run(catalog, "2026-11").invoices[0].lines[0].quantity == D("16")
+    assert run(catalog, "2026-09").invoices[0].lines[0].quantity == D("1")
+
+
+def test_invoice_numbers_are_gap_free_in_account_order_and_zero_periods_get_none(catalog):
+    for account_id, plan in (("a-free", "free"), ("b-pro", "professional"), ("c-trial", "trial"), ("d-api", "api"), ("e-pro", "professional")):
+        add_account(catalog, account_id, plan=plan)
+    add_account(catalog, "f-later", started_at="2026-11-02")  # not yet a customer in October
+    result = run(catalog, "2026-10")
+    assert totals(result) == {"b-pro": ("PF-2026-10-0001", "117.81"), "e-pro": ("PF-2026-10-0002", "117.81")}
+    invoice = result.invoices[0]
+    assert (invoice.issue_date, invoice.due_date, invoice.currency, invoice.period) == (date(2026, 11, 1), date(2026, 12, 1), "EUR", "2026-10")
+
+
+def test_rerun_returns_the_same_invoices_and_creates_nothing(catalog):
+    add_account(catalog, "pro")
+    add_account(catalog, "api1", plan="api")
+    usage(catalog, job("e1", "api1", "2026-10-05T10:00Z", 123_456_789))
+    first = run(catalog, "2026-10")
+    # Data arriving after the run does not change an issued month.
+    add_account(catalog, "late-pro")
+    usage(catalog, job("e2", "api1", "2026-10-06T10:00Z", 1_000_000))
+    again = run(catalog, "2026-10", make_pricebook('\n  professional: {monthly_fee: "1.00"}\n'))
+    assert first.created and not again.created
+    assert [i.to_dict() for i in again.invoices] == [i.to_dict() for i in first.invoices]
+    with catalog.session() as session:
+        assert session.scalar(select(func.count()).select_from(Invoice)) == 2
+        assert session.scalar(select(func.count()).select_from(InvoiceLine)) == 2
+        assert session.scalar(select(func.count()).select_from(BillingRun)) == 1
+
+
+def test_a_month_that_has_not_ended_is_refused(catalog):
+    with pytest.raises(BillingError, match="has not ended"):
+        run(catalog, "2099-01")
+    with pytest.raises(BillingError, match="has not ended"):
+        run_billing(catalog, "2026-10", BOOK, now=utc("2026-10-31T23:59:59Z"))
+    assert run_billing(catalog, "2026-10", BOOK, now=utc("2026-11-01T00:00:00Z")).created
+
+
+def test_two_runs_at_the_same_time_create_one_set_of_invoices(catalog, database_url):
+    for n in range(30):
+        add_account(catalog, f"acct{n:02d}")
+    results = []
+    errors = []
+    barrier = threading.Barrier(2)
+
+    def race() -> None:
+        own = Catalog(database_url)  # each run its own engine, as two processes would
+        try:
+            barrier.wait()
+            results.append(run(own, "2026-10"))
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+        finally:
+            own.dispose()
+
+    threads = [threading.Thread(target=race) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sorted(r.created for r in results) == [False, True]
+    assert [i.to_dict() for i in results[0].invoices] == [i.to_dict() for i in results[1].invoices]
+    with catalog.session() as session:
+        assert session.scalar(select(func.count()).select_from(Invoice)) == 30
+
+
+def test_usage_price_follows_effective_dates_in_the_run(catalog):
+    book = make_pricebook("\n  api:\n    price_per_million_points: \"0.50\"\n    changes: [{effective_from: 2026-10-16, price_per_million_points: \"0.60\"}]\n")
+    add_account(catalog, "api1", plan="api")
+    usage(catalog, job("old", "api1", "2026-10-15T23:59:59Z", 10_000_000), job("new", "api1", "2026-10-16T00:00:00Z", 10_000_000))
+    assert lines_of(run(catalog, "2026-10", book), "api1") == [("usage", "5.00"), ("usage", "6.00")]
+
+
+def test_overdue_balance_gets_a_late_fee_on_the_next_invoice(catalog):
+    add_account(catalog, "late")
+    add_account(catalog, "punctual")
+    add_account(catalog, "partial")
+    september = run(catalog, "2026-09")  # issued Oct 1, due Oct 31
+    numbers = {i.account_id: i.invoice_number for i in september.invoices}
+    pay(catalog, "punctual", numbers["punctual"], "117.81", "2026-10-31T23:00Z")
+    pay(catalog, "partial", numbers["partial"], "17.81", "2026-10-20T09:00Z")
+    october = run(catalog, "2026-10")
+    assert lines_of(october, "late") == [("subscription", "99.00"), ("late_fee", "1.77")]  # 1.5 % of 117.81
+    assert lines_of(october, "partial") == [("subscription", "99.00"), ("late_fee", "1.50")]  # 1.5 % of 100.00
+    assert lines_of(october, "punctual") == [("subscription", "99.00")]
+    late = next(i for i in october.invoices if i.account_id == "late")
+    assert (late.tax, late.total) == (D("18.81"), D("119.58"))  # the finance charge is not taxed
+
+
+def test_invoice_not_yet_due_gets_no_late_fee(catalog):
+    add_account(catalog, "acme")
+    run(catalog, "2026-10")  # issued Nov 1, due Dec 1
+    november = run(catalog, "2026-11")  # issued Dec 1: not overdue yet
+    assert lines_of(november, "acme") == [("subscription", "99.00")]
+
+
+def test_payment_after_the_invoice_date_counts_only_for_later_invoices(catalog):
+    add_account(catalog, "acme")
+    september = run(catalog, "2026-09")
+    pay(catalog, "acme", september.invoices[0].invoice_number, "117.81", "2026-11-01T00:00Z")  # too late for Nov 1
+    assert lines_of(run(catalog, "2026-10"), "acme")[-1] == ("late_fee", "1.77")
+
+
+def test_overpayment_is_credited_on_the_next_invoice_and_the_rest_carried(catalog):
+    add_account(catalog, "acme")
+    september = run(catalog, "2026-09")
+    pay(catalog, "acme", september.invoices[0].invoice_number, "300.00", "2026-10-10T12:00Z")  # 182.19 too much
+    october = run(catalog, "2026-10")
+    assert lines_of(october, "acme") == [("subscription", "99.00"), ("credit", "-117.81")]
+    assert (october.invoices[0].tax, october.invoices[0].total) == (D("18.81"), D("0.00"))
+    november = run(catalog, "2026-11")
+    assert lines_of(november, "acme") == [("subscription", "99.00"), ("credit", "-64.38")]
+    assert november.invoices[0].total == D("53.43")
+
+
+def test_payment_without_invoice_is_credit_on_account(catalog):
+    add_account(catalog, "acme")
+    pay(catalog, "acme", None, "17.81", "2026-10-02T00:00Z")
+    assert run(catalog, "2026-10").invoices[0].total == D("100.00")
+
+
+def test_availability_credit_from_outages_excludes_announced_maintenance(catalog):
+    add_account(catalog, "acme")
+    import_outages(
+        catalog,
+        [
+            (1, OutageRecord(utc("2026-10-05T00:00Z"), utc("2026-10-06T00:00Z"), scheduled=False)),
+            # Announced 48 h ahead: maintenance, not outage.
+            (2, OutageRecord(utc("2026-10-10T00:00Z"), utc("2026-10-12T00:00Z"), True, utc("2026-10-08T00:00Z"))),
+        ],
+    )
+    october = run(catalog, "2026-10")
+    assert lines_of(october, "acme") == [("subscription", "99.00"), ("availability_credit", "-2.70")]
+
+
+def test_maintenance_announced_too_late_counts_as_outage(catalog):
+    add_account(catalog, "acme")
+    import_outages(catalog, [(1, OutageRecord(utc("2026-10-05T00:00Z"), utc("2026-10-06T00:00Z"), True, utc("2026-10-04T00:00:01Z")))])
+    assert lines_of(run(catalog, "2026-10"), "acme")[-1] == ("availability_credit", "-2.70")
+
+
+def test_credit_note_references_the_invoice_which_stays_unchanged(catalog):
+    add_account(catalog, "acme")
+    october = run(catalog, "2026-10")
+    number = october.invoices[0].invoice_number
+    note, created = issue_credit_note(catalog, BOOK, number, D("10.00"), "wrong storage tier", date(2026, 11, 3))
+    assert created and note.to_dict() == {
+        "credit_note_number": "PF-CN-2026-11-0001", "invoice_number": number, "account_id": "acme",
+        "issued_on": "2026-11-03", "amount": "10.00", "tax": "1.90", "total": "11.90", "reason": "wrong storage tier",
+    }  # fmt: skip
+    again, created_again = issue_credit_note(catalog, BOOK, number, D("10"), "wrong storage tier", date(2026, 11, 4))
+    assert again == note and not created_again
+    second, _ = issue_credit_note(catalog, BOOK, number, D("5.00"), "goodwill", date(2026, 11, 5))
+    assert second.credit_note_number == "PF-CN-2026-11-0002"
+    statement = invoice_statement(catalog, BOOK, number)
+    assert statement.invoice == october.invoices[0]  # never edited
+    assert statement.open_amount == D("117.81") - D("11.90") - D("5.95")
+    assert run(catalog, "2026-10").invoices == october.invoices
+
+
+def test_credit_notes_never_exceed_the_invoice(catalog):
+    add_account(catalog, "acme")
+    number = run(catalog, "2026-10").invoices[0].invoice_number
+    issue_credit_note(catalog, BOOK, number, D("90.00"), "outage", date(2026, 11, 3))
+    with pytest.raises(BillingError, match="9.00 left to credit"):
+        issue_credit_note(catalog, BOOK, number, D("9.01"), "more", date(2026, 11, 3))
+    last, _ = issue_credit_note(catalog, BOOK, number, D("9.00"), "rest", date(2026, 11, 3))
+    assert last.tax == D("1.71")  # total credited tax 17.10 + 1.71 = the invoice's 18.81
+    with pytest.raises(BillingError, match="unknown invoice"):
+        issue_credit_note(catalog, BOOK, "PF-1999-01-0001", D("1.00"), "x")
+    with pytest.raises(BillingError, match="predate"):
+        issue_credit_note(catalog, BOOK, number, D("1.00"), "early", date(2026, 10, 31))
+
+
+def test_credit_note_on_a_paid_invoice_is_carried_to_the_next_invoice(catalog):
+    add_account(catalog, "acme")
+    number = run(catalog, "2026-09").invoices[0].invoice_number
+    pay(catalog, "acme", number, "117.81", "2026-10-02T00:00Z")
+    issue_credit_note(catalog, BOOK, number, D("10.00"), "billing error", date(2026, 10, 5))
+    assert lines_of(run(catalog, "2026-10"), "acme") == [("subscription", "99.00"), ("credit", "-11.90")]
+
+
+def test_disputes_are_accepted_within_their_windows(catalog):
+    add_account(catalog, "acme")
+    number = run(catalog, "2026-10").invoices[0].invoice_number  # issued 2026-11-01
+    dispute, created = open_dispute(catalog, BOOK, number, "seats", at=utc("2026-11-08T23:59:59Z"))
+    assert created and dispute.deadline == date(2026, 11, 8)
+    with pytest.raises(BillingError, match="until 2026-11-08"):
+        open_dispute(catalog, BOOK, number, "too late", at=utc("2026-11-09T00:00:00Z"))
+    assert open_dispute(catalog, BOOK, number, "wrong rate", billing_error=True, at=utc("2026-12-31T12:00Z"))[1]
+    with pytest.raises(BillingError, match="until 2026-12-31"):
+        open_dispute(catalog, BOOK, number, "wrong tax", billing_error=True, at=utc("2027-01-01T00:00Z"))
+    assert not open_dispute(catalog, BOOK, number, "seats", at=utc("2026-12-01T00:00Z"))[1]  # replay
+
+
+def test_seats_extra_storage_and_contract_end_come_from_billing_terms(catalog):
+    add_account(catalog, "acme")
+    terms = set_billing_terms(catalog, "acme", TermsUpdate(seats=3, extra_storage_gb=2, ended_on=date(2026, 10, 15)))
+    assert terms["seats"] == 3 and terms["ended_on"] == "2026-10-15"
+    october = run(catalog, "2026-10")
+    # 15 of 31 days: 99 -> 47.90, 3 seats x 10 -> 14.52, 2 GB x 49 -> 47.42
+    assert lines_of(october, "acme") == [("subscription", "47.90"), ("seats", "14.52"), ("extra_storage", "47.42")]
+    assert run(catalog, "2026-11").invoices == []
+
+
+def test_points_used_in_month_counts_billable_points_by_utc_month(catalog):
+    add_account(catalog, "api1", plan="api")
+    usage(
+        catalog,
+        job("a", "api1", "2026-10-01T00:00Z", 100),
+        job("b", "api1", "2026-10-31T23:59:59Z", 20, status="aborted"),
+        job("c", "api1", "2026-10-15T00:00Z", 5000, status="failed"),
+        job("d", "api1", "2026-11-01T00:00Z", 3),
+    )
+    assert points_used_in_month(catalog, "api1", "2026-10") == 120
+    assert points_used_in_month(catalog, "api1", date(2026, 11, 20)) == 3
+    assert points_used_in_month(catalog, "nobody", "2026-10") == 0
+
+
+def test_monthly_points_cap_refuses_jobs_at_admission(catalog):
+    book = make_pricebook("\n  api: {price_per_million_points: \"0.50\", monthly_points_cap: 1000}\n")
+    add_account(catalog, "api1", plan="api")
+    usage(catalog, job("a", "api1", "2026-10-02T00:00Z", 900))
+    check_points_admission(catalog, book, "api1", 100, utc("2026-10-20T00:00Z"))
+    with pytest.raises(PointsCapExceededError, match="900 of its 1,000 points"):
+        check_points_admission(catalog, book, "api1", 101, utc("2026-10-20T00:00Z"))
+    check_points_admission(catalog, book, "api1", 1000, utc("2026-11-01T00:00Z"))  # a new month
+    set_billing_terms(catalog, "api1", TermsUpdate(monthly_points_cap=5000))  # agreed otherwise
+    check_points_admission(catalog, book, "api1", 4100, utc("2026-10-20T00:00Z"))
+
+
+def test_usage_daily_aggregates_per_account_and_utc_day(catalog):
+    add_account(catalog, "api1", plan="api")
+    usage(
+        catalog,
+        job("a", "api1", "2026-10-01T00:00Z", 100),
+        job("b", "api1", "2026-10-01T23:59:59Z", 20, status="aborted"),
+        job("c", "api1", "2026-10-01T12:00Z", 5, status="failed"),
+        job("d", "api1", "2026-10-02T00:00Z", 3),
+        job("e", "api1", "2026-10-03T00:00Z", 7),
+    )
+    days = usage_daily(catalog, date(2026, 10, 1), date(2026, 10, 2))
+    assert [(d.day, d.jobs, d.billable_points, d.failed_points) for d in days] == [
+        (date(2026, 10, 1), 3, 120, 5),
+        (date(2026, 10, 2), 1, 3, 0),
+    ]

@@ -1,0 +1,162 @@
+"""Shared fixtures and builders for the billing tests (this module holds no tests itself).
+
+`catalog` is a freshly migrated catalog on SQLite and, when 127.0.0.1:5432 answers, on
+PostgreSQL too (a schema of its own, emptied between tests, dropped at the end).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from pipelines.billing.pricebook import PriceBook, parse_pricebook
+from pipelines.catalog import Catalog
+from pipelines.catalog.models import Account
+from pipelines.metering import UsageRecord
+
+# psycopg2 named explicitly: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3.
+PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+BASE_PRICEBOOK = """
+currency: EUR
+invoice_prefix: PF
+payment_terms_days: 30
+late_fee_monthly_rate: "0.015"
+availability_target_percent: "99.5"
+maintenance_notice_hours: 24
+dispute_window_days: 7
+billing_error_dispute_window_days: 60
+plans:
+  free: {monthly_fee: "0.00", max_files: 3, max_stored_points: 45000000, downloads: false}
+  trial: {monthly_fee: "0.00", trial_days: 14}
+  professional: {monthly_fee: "99.00", seat_fee: "10.00", extra_storage_fee_per_gb: "49.00", storage_limit_gb: 100}
+  professional_sharing: {monthly_fee: "99.00", discount: "0.20"}
+  api: {monthly_fee: "0.00", price_per_million_points: "0.50", monthly_points_cap: 500000000, result_retention_days: 10}
+"""
+
+
+def make_pricebook(extra: str = "", base: str = BASE_PRICEBOOK) -> PriceBook:
+    """The test price book, optionally with YAML appended (later keys win in a mapping)."""
+    return parse_pricebook(base + extra, "test price book")
+
+
+def utc(text: str) -> datetime:
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def add_account(
+    catalog: Catalog, account_id: str, plan: str = "professional", started_at: str = "2026-01-01",
+    tax_rate: str = "0.19", tax_exempt: bool = False, billing_cycle: str = "monthly", country: str = "DE",
+) -> None:  # fmt: skip
+    with catalog.session() as session:
+        session.add(
+            Account(
+                account_id=account_id, name=f"{account_id} Ltd", email=f"billing@{account_id}.example", country=country,
+                plan=plan, billing_cycle=billing_cycle, started_at=date.fromisoformat(started_at),
+                tax_rate=Decimal(tax_rate), tax_exempt=tax_exempt,
+            )  # fmt: skip
+        )
+
+
+def job(event_id: str, account_id: str, when: str, points: int, status: str = "succeeded") -> UsageRecord:
+    return UsageRecord(event_id, account_id, "classification", utc(when), points, status, "grid", "1.0", f"{event_id}.laz")
+
+
+def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.getbasetemp() / "billing-template.db"
+    if not path.exists():
+        catalog = Catalog(f"sqlite:///{path}")
+        catalog.migrate()
+        catalog.dispose()
+    return path
+
+
+def postgres_reachable() -> bool:
+    try:
+        engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 2})
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres_schema_url() -> Iterator[str]:
+    """A migrated schema of this test session's own; tables are emptied by `catalog` per test."""
+    if not postgres_reachable():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    schema = f"pf_billing_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
+    catalog = Catalog(url)
+    catalog.migrate()
+    catalog.dispose()
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def _empty_postgres(url: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        tables = connection.execute(
+            text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename <> 'alembic_version'")
+        ).scalars()
+        names = ", ".join(f'"{name}"' for name in tables)
+        if names:
+            connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    if request.param == "sqlite":
+        path = tmp_path / "catalog.db"
+        shutil.copy(_sqlite_template(tmp_path_factory), path)
+        return f"sqlite:///{path}"
+    url = request.getfixturevalue("postgres_schema_url")
+    _empty_postgres(url)
+    return url
+
+
+@pytest.fixture
+def catalog(database_url: str) -> Iterator[Catalog]:
+    catalog = Catalog(database_url)
+    catalog.migrate()
+    yield catalog
+    catalog.dispose()
+
+
+@pytest.fixture
+def sqlite_catalog(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Catalog]:
+    """SQLite only, for tests that exercise rules rather than the database."""
+    path = tmp_path / "catalog.db"
+    shutil.copy(_sqlite_template(tmp_path_factory), path)
+    catalog = Catalog(f"sqlite:///{path}")
+    yield catalog
+    catalog.dispose()
+
+
+@pytest.fixture
+def cli_env(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Environment for `pipelines.cli.main`: the test database and a private POINTFLOW_HOME."""
+    monkeypatch.setenv("POINTFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("POINTFLOW_DATABASE_URL", database_url)
+    monkeypatch.delenv("POINTFLOW_PRICEBOOK", raising=False)
+    return database_url

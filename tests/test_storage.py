@@ -1,0 +1,131 @@
+"""One contract, two backends: the local folder and S3 (a real endpoint on loopback)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import boto3
+import pytest
+import requests
+
+from pipelines.storage import AccountArea, LocalStore, S3Store, StorageError, UnsafeKeyError, open_store, safe_name
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "local":
+        return LocalStore(tmp_path / "objects")
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_store(f"s3://{bucket}/some/prefix")
+
+
+def test_put_get_roundtrip(store, tmp_path: Path) -> None:
+    source = tmp_path / "in.bin"
+    source.write_bytes(b"\x00\x01" * 1000)
+    store.put_file("accounts/a/raw/in.bin", source)
+    store.put_bytes("accounts/a/reports/r.json", b"{}")
+    assert store.exists("accounts/a/raw/in.bin")
+    assert store.size("accounts/a/raw/in.bin") == 2000
+    assert store.get_bytes("accounts/a/reports/r.json") == b"{}"
+    target = tmp_path / "out" / "copy.bin"
+    store.get_file("accounts/a/raw/in.bin", target)
+    assert target.read_bytes() == source.read_bytes()
+    assert store.sha256("accounts/a/raw/in.bin") == __import__("hashlib").sha256(source.read_bytes()).hexdigest()
+
+
+def test_list_is_prefix_scoped(store) -> None:
+    for key in ["accounts/a/raw/1.las", "accounts/a/raw/2.las", "accounts/ab/raw/3.las", "accounts/b/raw/4.las"]:
+        store.put_bytes(key, b"x")
+    assert sorted(o.key for o in store.list("accounts/a/")) == ["accounts/a/raw/1.las", "accounts/a/raw/2.las"]
+    assert sorted(o.key for o in store.list("accounts/a")) == ["accounts/a/raw/1.las", "accounts/a/raw/2.las", "accounts/ab/raw/3.las"]
+    assert list(store.list("accounts/none/")) == []
+
+
+def test_copy_move_delete(store) -> None:
+    store.put_bytes("accounts/a/raw/f.las", b"data")
+    store.copy("accounts/a/raw/f.las", "accounts/a/tmp/f.las")
+    store.move("accounts/a/tmp/f.las", "accounts/a/quarantine/f.las")
+    assert not store.exists("accounts/a/tmp/f.las")
+    assert store.get_bytes("accounts/a/quarantine/f.las") == b"data"
+    store.delete("accounts/a/quarantine/f.las")
+    store.delete("accounts/a/quarantine/f.las")  # absent is fine
+    assert not store.exists("accounts/a/quarantine/f.las")
+    assert [o.key for o in store.list("accounts/a/")] == ["accounts/a/raw/f.las"]
+
+
+def test_missing_object_is_a_clear_error(store, tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="accounts/a/raw/none.las"):
+        store.get_bytes("accounts/a/raw/none.las")
+    with pytest.raises(StorageError):
+        store.get_file("accounts/a/raw/none.las", tmp_path / "x")
+    with pytest.raises(StorageError):
+        store.link("accounts/a/raw/none.las", timedelta(days=1))
+
+
+def test_link_fetches_the_object(store) -> None:
+    store.put_bytes("accounts/a/exports/j/out.laz", b"payload")
+    link = store.link("accounts/a/exports/j/out.laz", timedelta(hours=1))
+    if link.startswith("file://"):
+        assert Path(link[len("file://"):]).read_bytes() == b"payload"
+    else:
+        assert requests.get(link, timeout=10).content == b"payload"
+
+
+@pytest.mark.parametrize("key", ["../x", "accounts/a/../b/raw/x", "/etc/passwd", "accounts//x", "accounts\\a", ""])
+def test_unsafe_keys_are_refused(store, key: str) -> None:
+    with pytest.raises(UnsafeKeyError):
+        store.put_bytes(key, b"x")
+
+
+def test_account_area_keeps_names_inside_the_account() -> None:
+    area = AccountArea("acme")
+    assert area.key("raw", "../../x.las") == "accounts/acme/raw/x.las"
+    assert area.key("raw", "..\\..\\evil name.las") == "accounts/acme/raw/evil_name.las"
+    assert area.key("exports", "job-1", "out.laz") == "accounts/acme/exports/job-1/out.laz"
+    for bad in ["../other", "a/b", "", ".hidden", "x" * 65]:
+        with pytest.raises(UnsafeKeyError):
+            AccountArea(bad)
+    with pytest.raises(UnsafeKeyError):
+        area.key("elsewhere", "x")
+    with pytest.raises(UnsafeKeyError):
+        safe_name("..")
+    assert not area.owns("accounts/acme2/raw/x.las")
+
+
+def test_s3_delete_removes_every_version(s3_bucket: str, s3_endpoint: str) -> None:
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
+    store = S3Store(s3_bucket)
+    for payload in (b"v1", b"v2", b"v3"):
+        store.put_bytes("accounts/a/raw/f.las", payload)
+    store.delete("accounts/a/raw/f.las")
+    left = client.list_object_versions(Bucket=s3_bucket, Prefix="accounts/a/")
+    assert left.get("Versions", []) == [] and left.get("DeleteMarkers", []) == []
+
+
+def test_s3_prefix_isolates_stores(s3_bucket: str) -> None:
+    one, two = S3Store(s3_bucket, "one"), S3Store(s3_bucket, "two")
+    one.put_bytes("accounts/a/raw/f.las", b"1")
+    assert not two.exists("accounts/a/raw/f.las")
+    assert [o.key for o in one.list("accounts/")] == ["accounts/a/raw/f.las"]
+
+
+def test_unreachable_s3_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    store = S3Store("nowhere")
+    with pytest.raises(StorageError, match="nowhere"):
+        store.put_bytes("accounts/a/raw/x", b"x")
+
+
+def test_open_store_rejects_unknown_schemes() -> None:
+    with pytest.raises(StorageError, match="unsupported"):
+        open_store("ftp://host/x")
+    with pytest.raises(StorageError, match="no bucket"):
+        open_store("s3:///x")

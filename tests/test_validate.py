@@ -1,0 +1,105 @@
+"""Validation suites against real files and real-world kinds of broken ones."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import laspy
+import pytest
+
+from pipelines.validate import SUITES_DIR, validate_file
+from tests.conftest import shared_file
+from tests.lasfiles import MAX_X, OFFSETS, LEGACY_POINT_COUNT, patch, truncated, write_points
+
+
+def test_suites_are_files_great_expectations_accepts() -> None:
+    names = sorted(p.stem for p in SUITES_DIR.glob("*.json"))
+    assert names == ["las_header", "las_points"]
+    for path in SUITES_DIR.glob("*.json"):
+        suite = json.loads(path.read_text())
+        assert all(e["meta"]["severity"] in ("error", "warning") and e["meta"]["explain"] for e in suite["expectations"])
+
+
+@pytest.mark.parametrize("name", ["isprs/samp11.las", "lidr_topography.laz"])
+def test_real_files_pass(name: str) -> None:
+    report = validate_file(shared_file(name))
+    assert report.ok, report.reason
+    assert report.mode == "full" and report.points_checked == report.header["point_count"]
+
+
+def test_missing_crs_is_only_a_warning() -> None:
+    report = validate_file(shared_file("isprs/samp11.las"))
+    assert report.ok
+    assert any("coordinate reference system" in w.explain for w in report.warnings)
+
+
+def test_text_file_named_las_is_refused_by_content(tmp_path: Path) -> None:
+    path = tmp_path / "notes.las"
+    path.write_text("x,y,z\n1,2,3\n")
+    report = validate_file(path)
+    assert not report.ok and report.mode == "none"
+    assert "not a LAS/LAZ file" in report.reason
+
+
+def test_truncated_laz_is_refused(tmp_path: Path) -> None:
+    source = shared_file("lidr_megaplot.laz")
+    path = tmp_path / "cut.laz"
+    path.write_bytes(source.read_bytes())
+    report = validate_file(truncated(path, 0.4))
+    assert not report.ok
+    assert "corrupt or truncated" in report.reason
+
+
+def test_wrong_point_count_is_refused(tmp_path: Path) -> None:
+    path = patch(write_points(tmp_path / "count.las", n=1000), LEGACY_POINT_COUNT, "I", 1500)
+    report = validate_file(path)
+    assert not report.ok
+    assert "point count" in report.reason or "truncated" in report.reason
+
+
+def test_nan_coordinates_are_refused(tmp_path: Path) -> None:
+    path = patch(write_points(tmp_path / "nan.las"), OFFSETS, "d", math.nan)
+    report = validate_file(path)
+    assert not report.ok
+    assert "not a finite number" in report.reason or "NaN" in report.reason
+
+
+def test_points_outside_header_bounds_are_refused(tmp_path: Path) -> None:
+    path = patch(write_points(tmp_path / "bounds.las"), MAX_X, "d", 500020.0)
+    report = validate_file(path)
+    assert not report.ok
+    assert "outside the header's x bounds" in report.reason
+
+
+def test_zero_points_are_refused(tmp_path: Path) -> None:
+    path = write_points(tmp_path / "empty.las", n=0)
+    report = validate_file(path)
+    assert not report.ok
+    assert "zero points" in report.reason
+
+
+def test_return_number_above_number_of_returns_is_refused(tmp_path: Path) -> None:
+    path = write_points(tmp_path / "returns.las")
+    data = laspy.read(path)
+    data.return_number[:10] = 3
+    data.write(path)
+    report = validate_file(path)
+    assert not report.ok and "return number" in report.reason
+
+
+def test_large_files_are_checked_on_a_sample(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipelines.validate as validate
+
+    monkeypatch.setattr(validate, "FULL_READ_MAX_POINTS", 10_000)
+    monkeypatch.setattr(validate, "SAMPLE_WINDOW_POINTS", 2_000)
+    report = validate_file(shared_file("ign_st_barth_100m.laz"))
+    assert report.ok, report.reason
+    assert report.mode == "sample" and 0 < report.points_checked < report.header["point_count"]
+
+
+def test_report_renders_for_people(tmp_path: Path) -> None:
+    path = patch(write_points(tmp_path / "bounds.las"), MAX_X, "d", 500020.0)
+    html = validate_file(path).to_html().decode()
+    assert "refused (quarantined)" in html and "What to do" in html
