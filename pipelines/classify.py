@@ -114,18 +114,22 @@ def classify_tile(task: TileTask) -> TileResult:
 
 @contextlib.contextmanager
 def dask_client(settings: Settings, workers: int | None = None) -> Iterator[Any]:
-    """A client on POINTFLOW_DASK_ADDRESS, or on a LocalCluster of `workers` processes."""
-    from distributed import Client, LocalCluster
+    """A client on POINTFLOW_DASK_ADDRESS, or on a local cluster of `workers` processes.
+
+    The local cluster starts its scheduler and workers with `python -m dask`, not with
+    multiprocessing: spawned children re-import the parent's __main__, and inside an Airflow task
+    that is the `airflow` script, which refuses to start without its database.
+    """
+    from distributed import Client
+    from distributed.deploy.subprocess import SubprocessCluster
 
     if settings.dask_address:
         with Client(settings.dask_address, timeout="30s") as client:
             yield client
         return
-    n = workers or settings.workers
-    with LocalCluster(
-        n_workers=n,
+    with SubprocessCluster(
+        n_workers=workers or settings.workers,
         threads_per_worker=1,
-        processes=True,
         dashboard_address=":0",
         silence_logs=logging.ERROR,
     ) as cluster, Client(cluster) as client:

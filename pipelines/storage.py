@@ -42,7 +42,8 @@ def check_account_id(account_id: str) -> str:
 def safe_name(name: str) -> str:
     """The last path component of `name` with anything outside [A-Za-z0-9._-] replaced by '_'."""
     base = PurePosixPath(str(name).replace("\\", "/")).name
-    cleaned = _UNSAFE_NAME_CHARS.sub("_", base).strip("._") or ""
+    # Runs of dots are folded too: harmless inside a segment, but they alarm every reader of a key.
+    cleaned = re.sub(r"\.{2,}", ".", _UNSAFE_NAME_CHARS.sub("_", base)).strip("._")
     if not cleaned:
         raise UnsafeKeyError(f"file name {name!r} has no usable characters")
     return cleaned[:200]

@@ -22,11 +22,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main
-
-try:
-    from test_billing_support import catalog, cli_env, database_url, postgres_schema_url
-except ImportError:  # tests/ imported as a package
-    from tests.test_billing_support import catalog, cli_env, database_url, postgres_schema_url
+from tests.test_billing_support import catalog, cli_env, database_url, postgres_schema_url
 
 __all__ = ["catalog", "cli_env", "database_url", "postgres_schema_url"]  # fixtures used here
 

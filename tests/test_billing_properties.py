@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from datetime import date, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -20,11 +20,7 @@ from pipelines.billing.imports import import_usage  # noqa: E402
 from pipelines.billing.invoicing import AccountFacts, Ledger, UsageSlice, draft_invoice, prorate, run_billing  # noqa: E402
 from pipelines.billing.periods import Period  # noqa: E402
 from pipelines.catalog import Catalog  # noqa: E402
-
-try:
-    from test_billing_support import add_account, job, make_pricebook, utc
-except ImportError:  # tests/ imported as a package
-    from tests.test_billing_support import add_account, job, make_pricebook, utc
+from tests.test_billing_support import add_account, job, make_pricebook, utc  # noqa: E402
 
 BOOK = make_pricebook(
     '\n  professional: {monthly_fee: "99.00", seat_fee: "10.00", extra_storage_fee_per_gb: "49.00"}'
@@ -132,7 +128,3 @@ def test_importing_in_any_order_or_twice_gives_the_same_invoices(template, gener
             results.append([i.to_dict() for i in run_billing(catalog, "2026-10", BOOK, now=utc("2027-01-01T00:00Z")).invoices])
             catalog.dispose()
     assert results[0] == results[1]
-
-
-def test_date_strategy_sanity():
-    assert Period(2026, 10).first_day == date(2026, 10, 1)

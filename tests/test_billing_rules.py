@@ -12,11 +12,7 @@ from pipelines.billing.invoicing import AccountFacts, Ledger, UsageSlice, availa
 from pipelines.billing.money import format_rate, round_half_up
 from pipelines.billing.periods import Period, add_months
 from pipelines.billing.pricebook import PriceBookError, load_pricebook, parse_pricebook, plan_limits
-
-try:
-    from test_billing_support import make_pricebook, utc
-except ImportError:  # tests/ imported as a package
-    from tests.test_billing_support import make_pricebook, utc
+from tests.test_billing_support import make_pricebook, utc
 
 OCTOBER = Period(2026, 10)
 FULL = Fraction(100)
@@ -28,8 +24,8 @@ def facts(plan: str = "professional", started_at: date = date(2026, 1, 1), **ext
     return AccountFacts("acme", plan=plan, started_at=started_at, **values)
 
 
-def draft(account: AccountFacts, period: Period = OCTOBER, usage=(), availability=FULL, ledger=Ledger(), pricebook=None):
-    return draft_invoice(pricebook or make_pricebook(), period, account, list(usage), availability, ledger)
+def draft(account: AccountFacts, period: Period = OCTOBER, usage=(), availability=FULL, ledger=None, pricebook=None):
+    return draft_invoice(pricebook or make_pricebook(), period, account, list(usage), availability, ledger or Ledger())
 
 
 def amounts(result) -> dict[str, str]:

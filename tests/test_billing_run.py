@@ -16,11 +16,7 @@ from pipelines.billing.invoicing import BillingError, run_billing
 from pipelines.billing.models import BillingRun, Invoice, InvoiceLine
 from pipelines.billing.usage import PointsCapExceededError, check_points_admission, points_used_in_month, usage_daily
 from pipelines.catalog import Catalog
-
-try:
-    from test_billing_support import add_account, catalog, database_url, job, make_pricebook, postgres_schema_url, utc
-except ImportError:  # tests/ imported as a package
-    from tests.test_billing_support import add_account, catalog, database_url, job, make_pricebook, postgres_schema_url, utc
+from tests.test_billing_support import add_account, catalog, database_url, job, make_pricebook, postgres_schema_url, utc
 
 __all__ = ["catalog", "database_url", "postgres_schema_url"]  # fixtures used here
 
@@ -165,6 +161,16 @@ def test_overdue_balance_gets_a_late_fee_on_the_next_invoice(catalog):
     assert lines_of(october, "punctual") == [("subscription", "99.00")]
     late = next(i for i in october.invoices if i.account_id == "late")
     assert (late.tax, late.total) == (D("18.81"), D("119.58"))  # the finance charge is not taxed
+
+
+def test_a_credit_invoice_lowers_the_overdue_balance_at_once(catalog):
+    book = make_pricebook("payment_terms_days: 40\n")
+    add_account(catalog, "q", billing_cycle="quarterly", started_at="2026-07-01")
+    assert run(catalog, "2026-07", book).invoices[0].total == D("353.43")  # 3 x 99 + 19 %, due Sep 10
+    import_outages(catalog, [(1, OutageRecord(utc("2026-08-05T00:00Z"), utc("2026-08-06T00:00Z"), scheduled=False))])
+    assert run(catalog, "2026-08", book).invoices[0].total == D("-3.21")  # availability credit 2.70 + tax; due Oct 11
+    # On Oct 1 the July invoice is overdue and the August credit, not yet "due", already counts: 1.5 % of 350.22.
+    assert lines_of(run(catalog, "2026-09", book), "q") == [("late_fee", "5.25")]
 
 
 def test_invoice_not_yet_due_gets_no_late_fee(catalog):
@@ -324,3 +330,20 @@ def test_usage_daily_aggregates_per_account_and_utc_day(catalog):
         (date(2026, 10, 1), 3, 120, 5),
         (date(2026, 10, 2), 1, 3, 0),
     ]
+
+
+def test_billing_migration_downgrades_and_upgrades(catalog, database_url):
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from pipelines.catalog.db import alembic_config
+
+    with catalog.engine.begin() as connection:
+        config = alembic_config(database_url)
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0001")
+        assert not inspect(connection).has_table("invoices")
+        command.upgrade(config, "head")
+        assert {"invoices", "invoice_lines", "payments", "outages", "credit_notes", "disputes", "billing_runs", "billing_terms"} <= set(
+            inspect(connection).get_table_names()
+        )

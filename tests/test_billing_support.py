@@ -22,8 +22,8 @@ from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account
 from pipelines.metering import UsageRecord
 
-# psycopg2 named explicitly: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3.
-PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+# Same variable as tests/conftest.py. psycopg2 is named: SQLAlchemy 2.1 maps postgresql:// to psycopg 3.
+PG_ADMIN_URL = os.environ.get("POINTFLOW_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
 BASE_PRICEBOOK = """
 currency: EUR
@@ -100,7 +100,7 @@ def postgres_schema_url() -> Iterator[str]:
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
+    url = f"{PG_ADMIN_URL}{'&' if '?' in PG_ADMIN_URL else '?'}options=-csearch_path%3D{schema}"
     catalog = Catalog(url)
     catalog.migrate()
     catalog.dispose()

@@ -139,3 +139,10 @@ def test_job_state_machine_has_one_way_to_finish() -> None:
     assert JobState.EXPORTED in JOB_TRANSITIONS[JobState.CLASSIFIED]
     assert JobState.EXPORTED not in JOB_TRANSITIONS[JobState.VALIDATED]
     assert JobState.CLASSIFYING not in JOB_TRANSITIONS[JobState.RECEIVED]
+
+
+def test_plain_postgresql_urls_use_the_shipped_driver(postgres_url: str) -> None:
+    catalog = Catalog(postgres_url.replace("postgresql+psycopg2://", "postgresql://"))
+    catalog.migrate()
+    assert catalog.engine.dialect.driver == "psycopg2"
+    catalog.dispose()

@@ -24,11 +24,7 @@ from pipelines.billing.imports import (
 from pipelines.billing.invoicing import run_billing
 from pipelines.billing.models import Outage, Payment
 from pipelines.catalog.models import UsageEvent
-
-try:
-    from test_billing_support import add_account, catalog, database_url, job, make_pricebook, postgres_schema_url, utc
-except ImportError:  # tests/ imported as a package
-    from tests.test_billing_support import add_account, catalog, database_url, job, make_pricebook, postgres_schema_url, utc
+from tests.test_billing_support import add_account, catalog, database_url, job, make_pricebook, postgres_schema_url, utc
 
 __all__ = ["catalog", "database_url", "postgres_schema_url"]  # fixtures used here
 

@@ -250,7 +250,7 @@ def import_payments(catalog: Catalog, records: Sequence[tuple[int, PaymentRecord
         owners: dict[str, str] = {}
         for start in range(0, len(numbers), _CHUNK):
             chunk = numbers[start : start + _CHUNK]
-            owners.update(session.execute(select(Invoice.invoice_number, Invoice.account_id).where(Invoice.invoice_number.in_(chunk))).tuples())
+            owners.update(session.execute(select(Invoice.invoice_number, Invoice.account_id).where(Invoice.invoice_number.in_(chunk))).tuples().all())
         problems = []
         for number, record in records:
             if record.account_id not in accounts:

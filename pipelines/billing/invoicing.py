@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
+from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import insert, select
@@ -51,7 +52,8 @@ class Line:
         return {
             "kind": self.kind,
             "description": self.description,
-            "quantity": format_quantity(self.quantity),
+            # A late fee's quantity is the overdue balance: money, shown as money.
+            "quantity": format_money(self.quantity) if self.kind == "late_fee" else format_quantity(self.quantity),
             "unit_price": format_rate(self.unit_price),
             "amount": format_money(self.amount),
             "taxable": self.taxable,
@@ -150,7 +152,7 @@ class BillingRunResult:
     period: str
     # False when the month had already been invoiced: `invoices` are the stored ones, unchanged.
     created: bool
-    invoices: list[InvoiceView] = field(default_factory=list)
+    invoices: list[InvoiceView]
 
 
 # --- the rules, for one account and one month ---------------------------------------------------
@@ -429,7 +431,7 @@ def _usage_slices(
     bounds = [period.first_day, *changes, period.next().first_day]
     return [
         (start, end - timedelta(days=1), billable_points_by_account(session, start_of(start), start_of(end)))
-        for start, end in zip(bounds, bounds[1:])
+        for start, end in pairwise(bounds)
     ]
 
 
@@ -459,7 +461,8 @@ def _ledgers(session: Session, issue_date: date) -> dict[str, Ledger]:
         # Credit consumed by an invoice was already counted when it arose: count the charges only.
         charges = total + credit_applied
         balance[account_id] += charges
-        if due_date >= issue_date:
+        # A credit (negative invoice) lowers the balance at once; only charges wait for a due date.
+        if due_date >= issue_date and charges > 0:
             not_yet_due[account_id] += charges
     for account_id, amount in session.execute(
         select(Payment.account_id, Payment.amount).where(Payment.paid_at < start_of(issue_date))

@@ -18,6 +18,14 @@ class CatalogError(RuntimeError):
     """A catalog operation was refused (unknown account, illegal state change, ...)."""
 
 
+def normalise_url(url: str) -> str:
+    """`postgresql://` means the psycopg2 driver we ship (SQLAlchemy 2.1 would pick psycopg 3)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
 def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -48,6 +56,7 @@ class Catalog:
     """Owns the engine; every unit of work runs in `session()` and commits or rolls back whole."""
 
     def __init__(self, url: str) -> None:
+        url = normalise_url(url)
         self.url = url
         self.engine = _make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)

@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "pipelines.cli.accounts",
     "pipelines.cli.files",
     "pipelines.cli.demo",
+    "pipelines.cli.airflow",
     "pipelines.cli.billing",
 )
 

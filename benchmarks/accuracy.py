@@ -1,0 +1,276 @@
+"""Accuracy and speed of the built-in classifiers on real labelled LiDAR, next to CSF.
+
+Run from the repository root:  python -m benchmarks.accuracy [--data DIR] [--no-csf]
+
+Data: ../shared/data (see its README).  ISPRS filter-test samples (Sithole and Vosselman 2004),
+IGN LiDAR HD (Saint-Barthelemy), lidR example data.  CSF is the cloth simulation filter
+(Zhang et al. 2016, PyPI cloth-simulation-filter) with its out-of-the-box parameters, once with
+its default bSloopSmooth=True and once with bSloopSmooth=False.
+
+Timings are classification only (no file I/O), time.perf_counter, best of 3 runs for pointflow and
+a single run for CSF (it is much slower and deterministic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import laspy
+import numpy as np
+
+from pipelines.classifiers import PointBlock, get_classifier
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ISPRS = ("samp11", "samp21", "samp31", "samp51", "samp61")
+GROUND_CLASS = 2
+VEGETATION = (3, 4, 5)
+
+
+@dataclass(frozen=True)
+class Labelled:
+    name: str
+    block: PointBlock
+    labels: np.ndarray
+
+
+def load(path: Path) -> Labelled:
+    las = laspy.read(path)
+    block = PointBlock(
+        x=np.asarray(las.x, dtype=np.float64),
+        y=np.asarray(las.y, dtype=np.float64),
+        z=np.asarray(las.z, dtype=np.float64),
+        intensity=np.asarray(las.intensity),
+        return_number=np.asarray(las.return_number, dtype=np.uint8),
+        number_of_returns=np.asarray(las.number_of_returns, dtype=np.uint8),
+    )
+    return Labelled(path.stem, block, np.asarray(las.classification, dtype=np.uint8))
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Silence C++ progress output written straight to file descriptor 1 (CSF)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def csf_ground(slope_smooth: bool) -> Callable[[PointBlock], np.ndarray]:
+    import CSF
+
+    def classify(block: PointBlock) -> np.ndarray:
+        # Local coordinates: CSF works in float and would lose precision on UTM values.
+        xyz = np.column_stack([block.x - block.x.min(), block.y - block.y.min(), block.z])
+        csf = CSF.CSF()
+        csf.params.bSloopSmooth = slope_smooth
+        csf.setPointCloud(xyz)
+        ground, off_ground = CSF.VecInt(), CSF.VecInt()
+        with quiet_stdout():
+            csf.do_filtering(ground, off_ground, False)
+        out = np.ones(len(block), dtype=np.uint8)
+        out[np.asarray(ground, dtype=np.intp)] = GROUND_CLASS
+        return out
+
+    return classify
+
+
+def timed(classify: Callable[[PointBlock], np.ndarray], block: PointBlock,
+          repeats: int) -> tuple[np.ndarray, float]:
+    """Classes and best wall time (s) over `repeats` runs."""
+    best = np.inf
+    result = np.empty(0, dtype=np.uint8)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = classify(block)
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+@dataclass(frozen=True)
+class GroundScore:
+    total: float
+    type1: float
+    type2: float
+    kappa: float
+    f1: float
+
+
+def ground_score(is_ground_ref: np.ndarray, is_ground: np.ndarray) -> GroundScore:
+    """ISPRS measures (Sithole and Vosselman 2004) plus F1 of the ground class."""
+    ref, pred = is_ground_ref, is_ground
+    n = ref.size
+    a = np.count_nonzero(ref & pred)  # ground kept
+    b = np.count_nonzero(ref & ~pred)  # ground rejected (type I)
+    c = np.count_nonzero(~ref & pred)  # object accepted (type II)
+    d = n - a - b - c
+    observed = (a + d) / n
+    expected = ((a + b) * (a + c) + (c + d) * (b + d)) / n**2
+    kappa = (observed - expected) / (1 - expected) if expected < 1 else 1.0
+    return GroundScore(
+        total=(b + c) / n,
+        type1=b / max(a + b, 1),
+        type2=c / max(c + d, 1),
+        kappa=kappa,
+        f1=2 * a / max(2 * a + b + c, 1),
+    )
+
+
+def subset(block: PointBlock, index: np.ndarray) -> PointBlock:
+    def take(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[index]
+
+    return PointBlock(block.x[index], block.y[index], block.z[index], take(block.intensity),
+                      take(block.return_number), take(block.number_of_returns))
+
+
+def classify_tiled(classify: Callable[[PointBlock], np.ndarray], block: PointBlock,
+                   tile: float, buffer: float) -> np.ndarray:
+    """What the tiled runner does: tiles on a grid of `tile` metres, each classified with a
+    `buffer` ring of context, only its core points kept."""
+    out = np.zeros(len(block), dtype=np.uint8)
+    col, row = np.floor(block.x / tile), np.floor(block.y / tile)
+    for c in np.unique(col):
+        for r in np.unique(row):
+            core = (col == c) & (row == r)
+            if not core.any():
+                continue
+            x0, y0 = c * tile, r * tile
+            near = np.flatnonzero((block.x >= x0 - buffer) & (block.x < x0 + tile + buffer)
+                                  & (block.y >= y0 - buffer) & (block.y < y0 + tile + buffer))
+            classes = classify(subset(block, near))
+            inner = core[near]
+            out[near[inner]] = classes[inner]
+    return out
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(  # noqa: E731
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:.2f}"
+
+
+def scored_mask(item: Labelled) -> np.ndarray:
+    """Points with trustworthy labels (see the data README)."""
+    if item.name.startswith("ign"):
+        return item.labels != 1
+    if item.name == "lidr_topography":
+        return item.labels != 9
+    return np.ones(item.labels.size, dtype=bool)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--no-csf", action="store_true", help="skip the CSF comparison")
+    args = parser.parse_args(argv)
+
+    isprs = [load(args.data / "isprs" / f"{s}.las") for s in ISPRS]
+    others = [load(args.data / f) for f in
+              ("lidr_megaplot.laz", "lidr_topography.laz", "ign_st_barth_100m.laz")]
+    ground = get_classifier("ground")
+    standard = get_classifier("standard")
+    methods: list[tuple[str, Callable[[PointBlock], np.ndarray], int]] = [
+        ("pointflow ground", ground.classify, 3),
+        ("pointflow standard", standard.classify, 3),
+    ]
+    if not args.no_csf:
+        methods += [("CSF default", csf_ground(True), 1),
+                    ("CSF bSloopSmooth=False", csf_ground(False), 1)]
+
+    results: dict[tuple[str, str], tuple[np.ndarray, float]] = {}
+    for item in isprs + others:
+        for method, classify, repeats in methods:
+            results[item.name, method] = timed(classify, item.block, repeats)
+
+    print("Ground filtering (ASPRS 2 vs rest); TE total error, I ground rejected, II object "
+          "accepted, in %; speed = classification only")
+    rows: list[list[str]] = []
+    means: dict[str, list[GroundScore]] = {m: [] for m, _, _ in methods}
+    for item in isprs + others:
+        keep = scored_mask(item)
+        for method, _, _ in methods:
+            classes, seconds = results[item.name, method]
+            s = ground_score(item.labels[keep] == GROUND_CLASS, classes[keep] == GROUND_CLASS)
+            if item in isprs:
+                means[method].append(s)
+            rows.append([item.name, method, str(int(keep.sum())), pct(s.total), pct(s.type1),
+                         pct(s.type2), f"{s.kappa:.3f}", f"{s.f1:.3f}",
+                         f"{len(item.block) / seconds / 1e6:.2f}"])
+    for method, scores in means.items():
+        rows.append(["ISPRS mean", method, "", pct(np.mean([s.total for s in scores])),
+                     pct(np.mean([s.type1 for s in scores])),
+                     pct(np.mean([s.type2 for s in scores])),
+                     f"{np.mean([s.kappa for s in scores]):.3f}",
+                     f"{np.mean([s.f1 for s in scores]):.3f}", ""])
+    print(table(["file", "method", "points", "TE", "I", "II", "kappa", "F1 gnd", "Mpt/s"], rows))
+    print("Scored points: IGN without its class 1, topography without water (9).")
+
+    topo = next(o for o in others if o.name == "lidr_topography")
+    water = topo.labels == 9
+    print(f"\nlidr_topography water (class 9, {int(water.sum())} points) labelled ground: " + ", ".join(
+        f"{m} {pct(np.mean(results[topo.name, m][0][water] == GROUND_CLASS))} %"
+        for m, _, _ in methods))
+
+    ign = next(o for o in others if o.name.startswith("ign"))
+    classes, seconds = results[ign.name, "pointflow standard"]
+    keep = ign.labels != 1
+    ours = np.where(np.isin(classes, VEGETATION), 5, classes)[keep]
+    ref = ign.labels[keep]
+    print(f"\nIGN {ign.name} with 'standard' (vegetation = our 3/4/5 against their 5; their "
+          f"class 1 left out, {int(keep.sum())} points scored)")
+    rows = []
+    for label, code, target in (("ground 2", 2, 0.95), ("vegetation 3/4/5", 5, 0.90),
+                                ("building 6", 6, 0.90), ("low noise 7", 7, None)):
+        tp = np.count_nonzero((ours == code) & (ref == code))
+        npred, nref = np.count_nonzero(ours == code), np.count_nonzero(ref == code)
+        precision, recall = tp / max(npred, 1), tp / max(nref, 1)
+        f1 = 2 * tp / max(npred + nref, 1)
+        rows.append([label, str(nref), str(npred), f"{precision:.3f}", f"{recall:.3f}",
+                     f"{f1:.3f}", "" if target is None else f">= {target:.2f}"])
+    print(table(["class", "reference", "predicted", "precision", "recall", "F1", "target"], rows))
+    counts = np.bincount(classes, minlength=19)
+    print("predicted classes (all points): " + ", ".join(
+        f"{c}: {counts[c]}" for c in np.flatnonzero(counts)))
+
+    print("\nTiled vs untiled agreement (% of points with the same class); tiles of 100 m "
+          "(40 m for the 100 m IGN block) to stress the edges")
+    buffers = (10.0, 20.0, 30.0)
+    rows = []
+    for item in (isprs[0], isprs[4], *others):
+        tile = 40.0 if item.name.startswith("ign") else 100.0
+        for name, classifier in (("ground", ground), ("standard", standard)):
+            whole = results[item.name, f"pointflow {name}"][0]
+            rows.append([item.name, name, *(
+                f"{100 * np.mean(classify_tiled(classifier.classify, item.block, tile, b) == whole):.3f}"
+                for b in buffers)])
+    print(table(["file", "classifier", *(f"buffer {b:.0f} m" for b in buffers)], rows))
+
+    print("\nSpeed on the dense IGN block (classification only, one core)")
+    rows = []
+    for method, _, _ in methods:
+        seconds = results[ign.name, method][1]
+        rows.append([method, f"{len(ign.block) / seconds / 1e6:.2f}",
+                     f"{seconds / len(ign.block) * 1e6:.3f}"])
+    print(table(["method", "Mpt/s", "us/pt"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

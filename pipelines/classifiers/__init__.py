@@ -1,0 +1,54 @@
+"""Point-cloud classifiers: pure functions of a block of points, no I/O.
+
+`get_classifier(name, params)` builds a built-in classifier; every classifier follows the
+`Classifier` protocol and returns one ASPRS class code (uint8) per point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from .base import Classifier, PointBlock
+from .ground import GroundClassifier, GroundParams
+from .standard import StandardClassifier, StandardParams
+
+__all__ = [
+    "BUILTIN_CLASSIFIERS",
+    "Classifier",
+    "GroundParams",
+    "PointBlock",
+    "StandardParams",
+    "get_classifier",
+]
+
+BUILTIN_CLASSIFIERS: tuple[str, ...] = ("standard", "ground")
+
+
+def _build_params(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """Instantiate a params dataclass from a mapping, recursing into nested dataclasses."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"unknown parameter '{prefix}{key}' for {cls.__name__}; "
+                             f"choose among {', '.join(fields)}")
+        nested = fields[key].default_factory  # type: ignore[misc]
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(nested):
+            value = _build_params(nested, value, f"{prefix}{key}.")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def get_classifier(name: str, params: Mapping[str, Any] | None = None) -> Classifier:
+    """A built-in classifier by name, with `params` overriding its defaults.
+
+    Raises ValueError for an unknown name or parameter key.
+    """
+    values = params or {}
+    if name == "ground":
+        return GroundClassifier(_build_params(GroundParams, values))
+    if name == "standard":
+        return StandardClassifier(_build_params(StandardParams, values))
+    raise ValueError(f"unknown classifier '{name}'; choose one of {', '.join(BUILTIN_CLASSIFIERS)}")

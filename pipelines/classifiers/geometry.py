@@ -1,0 +1,111 @@
+"""Local covariance geometry on a grid: the neighbourhood of a point is the block of
+`window` x `window` cells around its cell (2D, unbounded in z), which is cheap to aggregate with
+np.bincount + separable box filters instead of k-nearest-neighbour queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .grid import Grid
+
+
+def window_sums(grid: Grid, flat: np.ndarray, weights: list[np.ndarray | None],
+                window: int = 3) -> list[np.ndarray]:
+    """Per-cell sums of each weight (None: count) over the window x window cell neighbourhood,
+    flattened like `flat`."""
+    size = grid.nx * grid.ny
+    stack = np.empty((len(weights), grid.ny, grid.nx))
+    for layer, w in zip(stack, weights):
+        layer.ravel()[:] = np.bincount(flat, w, minlength=size)
+    return list(box_sum(stack, window).reshape(len(weights), size))
+
+
+def box_sum(stack: np.ndarray, window: int) -> np.ndarray:
+    """Sum over window x window cells (zero outside) of each layer of a (k, ny, nx) stack."""
+    if window == 3:
+        # Shift-and-add beats a generic filter for the common 3x3 case.
+        padded = np.pad(stack, ((0, 0), (1, 1), (1, 1)))
+        rows = padded[:, :-2] + padded[:, 1:-1] + padded[:, 2:]
+        return rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]
+    return ndimage.uniform_filter(stack, size=(1, window, window), mode="constant") * window**2
+
+
+def symmetric_eigen(xx: np.ndarray, xy: np.ndarray, xz: np.ndarray, yy: np.ndarray,
+                    yz: np.ndarray, zz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (3, n), ascending, and the unit eigenvector of the smallest one (3, n) of
+    symmetric 3x3 matrices, in closed form (trigonometric method); ~20x faster than a batched
+    np.linalg.eigh.  Isotropic or empty matrices get the normal (0, 0, 1)."""
+    q = (xx + yy + zz) / 3.0
+    p1 = xy * xy + xz * xz + yz * yz
+    p2 = (xx - q) ** 2 + (yy - q) ** 2 + (zz - q) ** 2 + 2.0 * p1
+    p = np.sqrt(p2 / 6.0)
+    safe = np.where(p > 0, p, 1.0)
+    b00, b11, b22 = (xx - q) / safe, (yy - q) / safe, (zz - q) / safe
+    b01, b02, b12 = xy / safe, xz / safe, yz / safe
+    det = (b00 * (b11 * b22 - b12 * b12) - b01 * (b01 * b22 - b12 * b02)
+           + b02 * (b01 * b12 - b11 * b02))
+    phi = np.arccos(np.clip(det / 2.0, -1.0, 1.0)) / 3.0
+    largest = q + 2.0 * p * np.cos(phi)
+    smallest = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)
+    middle = 3.0 * q - largest - smallest
+    values = np.stack([smallest, middle, largest])
+
+    # Eigenvector of the smallest eigenvalue: cross product of two rows of (A - l I); take the
+    # pair with the largest cross product for numerical stability.
+    a00, a11, a22 = xx - smallest, yy - smallest, zz - smallest
+    crosses = (
+        (xy * yz - xz * a11, xz * xy - a00 * yz, a00 * a11 - xy * xy),  # row0 x row1
+        (xy * a22 - xz * yz, xz * xz - a00 * a22, a00 * yz - xy * xz),  # row0 x row2
+        (a11 * a22 - yz * yz, yz * xz - xy * a22, xy * yz - a11 * xz),  # row1 x row2
+    )
+    norms = np.stack([cx * cx + cy * cy + cz * cz for cx, cy, cz in crosses])
+    pick = np.argmax(norms, axis=0)
+    normal = np.stack([np.choose(pick, [c[k] for c in crosses]) for k in range(3)])
+    length = np.sqrt(np.take_along_axis(norms, pick[None], axis=0)[0])
+    degenerate = length <= 1e-12 * np.maximum(np.abs(values).max(axis=0), 1e-300) ** 2
+    normal /= np.where(degenerate, 1.0, length)
+    normal[:, degenerate] = np.array([[0.0], [0.0], [1.0]])
+    return values, normal
+
+
+@dataclass(frozen=True)
+class LocalPlanes:
+    """Covariance of the points in each cell's neighbourhood, for cells with enough points.
+
+    Arrays are indexed by cell (flattened grid); cells with fewer than `min_points` neighbours
+    have count < min_points and NaN eigenvalues.
+    """
+
+    count: np.ndarray  # points in the neighbourhood
+    mean: np.ndarray  # (3, cells) centroid, local coordinates
+    eigenvalues: np.ndarray  # (3, cells) ascending variances
+    normal: np.ndarray  # (3, cells) unit normal of the best-fit plane
+
+
+def local_planes(grid: Grid, flat: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray,
+                 window: int = 3, min_points: int = 3) -> LocalPlanes:
+    """Neighbourhood covariance per occupied cell.  x, y, z should be local (small) coordinates
+    so the raw second moments keep their precision."""
+    n, sx, sy, sz, sxx, sxy, sxz, syy, syz, szz = window_sums(
+        grid, flat, [None, x, y, z, x * x, x * y, x * z, y * y, y * z, z * z], window)
+    # Only cells holding points need a plane: nothing else is ever looked up.
+    occupied = np.zeros(n.size, dtype=bool)
+    occupied[flat] = True
+    cells = np.flatnonzero(occupied & (n >= min_points))
+    cnt = n[cells]
+    mx, my, mz = sx[cells] / cnt, sy[cells] / cnt, sz[cells] / cnt
+    values, normals = symmetric_eigen(
+        sxx[cells] / cnt - mx * mx, sxy[cells] / cnt - mx * my, sxz[cells] / cnt - mx * mz,
+        syy[cells] / cnt - my * my, syz[cells] / cnt - my * mz, szz[cells] / cnt - mz * mz)
+    size = grid.nx * grid.ny
+    mean = np.zeros((3, size))
+    mean[:, cells] = np.stack([mx, my, mz])
+    eigenvalues = np.full((3, size), np.nan)
+    eigenvalues[:, cells] = np.maximum(values, 0.0)
+    normal = np.zeros((3, size))
+    normal[2] = 1.0
+    normal[:, cells] = normals
+    return LocalPlanes(n, mean, eigenvalues, normal)

@@ -1,0 +1,147 @@
+"""Raster helpers shared by the classifiers.
+
+Grids are aligned to absolute multiples of the cell size so that a tile (with its buffer) and an
+untiled run build identical cells wherever they overlap; this is what lets tiled results agree
+with untiled ones away from the buffer edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A regular raster; cell (row i, col j) covers [x0 + j*cell, x0 + (j+1)*cell) and same in y."""
+
+    x0: float
+    y0: float
+    cell: float
+    nx: int
+    ny: int
+
+    @classmethod
+    def covering(cls, x: np.ndarray, y: np.ndarray, cell: float) -> Grid:
+        x0 = np.floor(x.min() / cell) * cell
+        y0 = np.floor(y.min() / cell) * cell
+        nx = int((x.max() - x0) // cell) + 1
+        ny = int((y.max() - y0) // cell) + 1
+        return cls(float(x0), float(y0), float(cell), nx, ny)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.ny, self.nx)
+
+    def cols_rows(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Truncation is floor here: points are never left of x0 by more than rounding error.
+        col = ((x - self.x0) * (1.0 / self.cell)).astype(np.intp)
+        row = ((y - self.y0) * (1.0 / self.cell)).astype(np.intp)
+        # Rounding at the far edge can land exactly on nx/ny.
+        np.minimum(col, self.nx - 1, out=col)
+        np.minimum(row, self.ny - 1, out=row)
+        return col, row
+
+    def flat_index(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        col, row = self.cols_rows(x, y)
+        return row * self.nx + col
+
+    def cell_min(self, flat: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Lowest z per cell; NaN where a cell holds no point."""
+        out = np.full(self.nx * self.ny, np.inf)
+        np.minimum.at(out, flat, z)
+        out[np.isinf(out)] = np.nan
+        return out.reshape(self.shape)
+
+    def cell_max(self, flat: np.ndarray, z: np.ndarray) -> np.ndarray:
+        out = np.full(self.nx * self.ny, -np.inf)
+        np.maximum.at(out, flat, z)
+        out[np.isinf(out)] = np.nan
+        return out.reshape(self.shape)
+
+    def counts(self, flat: np.ndarray) -> np.ndarray:
+        return np.bincount(flat, minlength=self.nx * self.ny).reshape(self.shape)
+
+    def sample(self, raster: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Bilinear interpolation of a cell-centred raster at points (edges clamp)."""
+        # One cell of edge padding keeps every 2x2 stencil inside without clipping indices.
+        flat = np.pad(raster, 1, mode="edge").ravel()
+        width = self.nx + 2
+        u = (x - self.x0) * (1.0 / self.cell) + 0.5
+        v = (y - self.y0) * (1.0 / self.cell) + 0.5
+        c0 = u.astype(np.intp)
+        r0 = v.astype(np.intp)
+        fu = u - c0
+        fv = v - r0
+        i = r0 * width + c0
+        a = flat[i]
+        b = flat[i + 1]
+        top = a + (b - a) * fu
+        a = flat[i + width]
+        b = flat[i + width + 1]
+        bottom = a + (b - a) * fu
+        return top + (bottom - top) * fv
+
+
+def fill_holes(raster: np.ndarray) -> np.ndarray:
+    """Fill NaN cells: nearest valid value, then smoothed over a window about twice the distance
+    to the nearest valid cell (box filters of growing size), so large gaps under buildings or
+    water get a smooth surface and small gaps keep local detail.
+
+    Every step is a shift-invariant raster filter, so a tile and an untiled run fill the same
+    hole the same way (a multigrid fill would depend on the raster origin).
+    """
+    valid = np.isfinite(raster)
+    if valid.all():
+        return raster.copy()
+    if not valid.any():
+        return np.zeros_like(raster)
+    distance, nearest = ndimage.distance_transform_edt(~valid, return_indices=True)
+    filled = raster[tuple(nearest)]
+    out = filled.copy()
+    todo = ~valid
+    size = 3
+    largest = 2 * max(raster.shape) + 1
+    while todo.any():
+        take = todo & (2.0 * distance <= size) if size < largest else todo
+        if take.any():
+            out[take] = ndimage.uniform_filter(filled, size, mode="nearest")[take]
+            todo &= ~take
+        size = 2 * size - 1
+    return out
+
+
+def slope_magnitude(surface: np.ndarray, cell: float) -> np.ndarray:
+    """|grad z| (rise over run) of a raster; 0 for rasters too small for a gradient."""
+    if min(surface.shape) < 2:
+        return np.zeros_like(surface)
+    gy, gx = np.gradient(surface, cell)
+    return np.hypot(gx, gy)
+
+
+def opening(raster: np.ndarray, radius: int) -> np.ndarray:
+    """Grey opening with a square window of half-width `radius` (separable, O(cells))."""
+    size = 2 * radius + 1
+    return ndimage.maximum_filter(ndimage.minimum_filter(raster, size=size, mode="nearest"),
+                                  size=size, mode="nearest")
+
+
+def close_and_fill(mask: np.ndarray) -> np.ndarray:
+    """Morphological closing with a 3x3 cross, then fill enclosed holes.
+
+    Holes are the background components that do not touch the raster border; labelling them is
+    much cheaper than scipy's iterative binary_fill_holes.
+    """
+    padded = np.pad(mask, 2).astype(np.uint8)
+    cross = ndimage.generate_binary_structure(2, 1)
+    closed = ndimage.minimum_filter(ndimage.maximum_filter(padded, footprint=cross),
+                                    footprint=cross)
+    closed = closed[2:-2, 2:-2].astype(bool) | mask
+    background, count = ndimage.label(~closed)
+    touching = np.zeros(count + 1, dtype=bool)
+    for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
+        touching[edge] = True
+    touching[0] = True
+    return closed | ~touching[background]

@@ -1,0 +1,221 @@
+"""Multi-class rule-based classifier: ground, vegetation by height, buildings, noise.
+
+Ground and the bare-earth surface come from the SMRF-style filter in `ground.py`.  Every other
+point gets its height above that surface (bilinear), then:
+
+* low noise (7): further below the bare earth than the ground tolerance;
+* high noise (18): well above ground and alone in its 3x3x3 voxel neighbourhood;
+* building (6): part of a roof segment (see `building_mask`): locally planar, impenetrable to
+  the laser (few multi-returns, few ground returns underneath), large and high enough;
+* vegetation 3 / 4 / 5 by height: below `low_vegetation_max`, below `medium_vegetation_max`,
+  above (ASPRS-style bands; IGN uses 0.5 / 1.5 m, others 0.5 / 2 m).
+
+Water (9) is not produced: without a calibrated intensity or a water mask, flat surfaces with
+few returns are not reliably told from dark roofs or smooth ground in general data (the lidR
+topography lake comes out as ground), so water surfaces stay ground.
+
+Blocks are expected to be tile-sized (up to a few km across): rasters cover the block extent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from .base import (
+    BUILDING,
+    GROUND,
+    HIGH_NOISE,
+    HIGH_VEGETATION,
+    LOW_NOISE,
+    LOW_VEGETATION,
+    MEDIUM_VEGETATION,
+    PointBlock,
+)
+from .ground import GroundModel, GroundParams, ground_model
+from .geometry import local_planes, window_sums
+from .grid import Grid, close_and_fill
+
+
+@dataclass(frozen=True)
+class StandardParams:
+    """Parameters of the standard classifier (heights in metres, areas in square metres).
+
+    ground: parameters of the bare-earth filter.
+    low_vegetation_max / medium_vegetation_max: height bands of classes 3 / 4; above is 5.
+    building_min_height: roof planes are fitted to points at least this high above ground.
+    plane_tolerance: RMS residual of a roof neighbourhood plane, and half the largest distance of
+        an on-plane point from it.
+    min_planar_fraction: share of on-plane points needed within vote_radius of a roof point.
+    vote_radius: radius (m) of the neighbourhood for the roof votes and return statistics.
+    max_multi_return_fraction: a roof neighbourhood has at most this share of multi-return points
+        (the laser penetrates canopy, not roofs); ignored without return numbers.
+    max_ground_fraction: a roof neighbourhood has at most this share of ground returns (nothing
+        is seen through a roof, ground is seen through trees).
+    building_min_area: smaller segments are left to vegetation.
+    building_min_mean_height: lower segments (hedges, shrubs, cars) are left to vegetation.
+    building_edge_margin: raised points this close to a roof segment (eaves, walls) are building.
+    neighbourhood_points: expected number of points in the 3x3-cell neighbourhood of the plane
+        fit; sets the feature cell from the point density (power of two, clamped to
+        [min_feature_cell, max_feature_cell]).
+    noise_min_height: only points this high above ground can be high noise.
+    noise_voxel: smallest voxel edge for the isolation test of high noise (the edge is at least
+        3 point spacings).
+    noise_max_neighbours: a point with at most this many other points in its 3x3x3 voxel
+        neighbourhood is isolated.
+    noise_max_height: heights are capped here for the voxel grid (bounds its memory).
+    """
+
+    ground: GroundParams = field(default_factory=GroundParams)
+    low_vegetation_max: float = 0.5
+    medium_vegetation_max: float = 2.0
+    building_min_height: float = 2.0
+    plane_tolerance: float = 0.1
+    building_min_area: float = 10.0
+    building_min_mean_height: float = 2.5
+    building_edge_margin: float = 1.0
+    max_multi_return_fraction: float = 0.3
+    max_ground_fraction: float = 0.2
+    min_planar_fraction: float = 0.35
+    vote_radius: float = 1.0
+    neighbourhood_points: float = 9.0
+    min_feature_cell: float = 0.25
+    max_feature_cell: float = 4.0
+    noise_min_height: float = 5.0
+    noise_voxel: float = 3.0
+    noise_max_neighbours: int = 1
+    noise_max_height: float = 300.0
+
+
+def feature_cell(model: GroundModel, params: StandardParams) -> float:
+    """Cell whose 3x3 neighbourhood holds about `neighbourhood_points` points, power of two."""
+    cell = 2.0 ** np.round(np.log2(model.spacing * np.sqrt(params.neighbourhood_points / 9.0)))
+    return float(np.clip(cell, params.min_feature_cell, params.max_feature_cell))
+
+
+def building_mask(block: PointBlock, model: GroundModel, params: StandardParams) -> np.ndarray:
+    """Points of buildings, found as roof segments.
+
+    1. Points at least `building_min_height` above ground are fitted with a plane per 3x3-cell
+       neighbourhood; a point is on-plane when the fit is good (residual below
+       `plane_tolerance`, not a line) and the point is within 2 tolerances of it.
+    2. A cell is roof-like when, within `vote_radius`, enough raised points are on-plane, few
+       are multi-return and few ground returns lie underneath.  Votes over an area beat
+       per-point tests: tree crowns are planar only by accident, roofs almost everywhere.
+    3. Roof-like cells holding a single-return or on-plane point are closed and hole-filled
+       (chimneys, skylights, rough patches), then segments smaller than `building_min_area` or
+       lower on average than `building_min_mean_height` (hedges, shrubs, cars) are dropped.
+    4. Every raised point in a segment or within `building_edge_margin` of it (eaves, gutters,
+       walls) is building.
+    """
+    result = np.zeros(len(block), dtype=bool)
+    raised = np.flatnonzero(~model.is_ground & (model.height >= params.low_vegetation_max))
+    if raised.size < 3:
+        return result
+    grid = Grid.covering(block.x, block.y, feature_cell(model, params))
+    flat_raised = grid.flat_index(block.x[raised], block.y[raised])
+    high = np.flatnonzero(model.height[raised] >= params.building_min_height)
+    flat = flat_raised[high]
+    # Local coordinates keep the second moments accurate for large UTM values.
+    x = block.x[raised[high]] - grid.x0
+    y = block.y[raised[high]] - grid.y0
+    z = model.height[raised[high]]
+    # Four points: three always fit a plane exactly.
+    planes = local_planes(grid, flat, x, y, z, min_points=4)
+    # A plane has one small and two large spreads; a wire or a trunk has two small ones.
+    planar_cell = ((planes.eigenvalues[0] < params.plane_tolerance**2)
+                   & (planes.eigenvalues[1] > (0.25 * grid.cell) ** 2))
+    normal, mean = planes.normal[:, flat], planes.mean[:, flat]
+    distance = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1])
+                      + normal[2] * (z - mean[2]))
+    on_plane = planar_cell[flat] & (distance <= 2.0 * params.plane_tolerance)
+
+    window = 2 * max(1, int(round(params.vote_radius / grid.cell))) + 1
+    votes, voters = window_sums(grid, flat, [on_plane.astype(np.float64), None], window)
+    if block.number_of_returns is not None:
+        multi = (block.number_of_returns[raised] > 1).astype(np.float64)
+    else:
+        multi = np.zeros(raised.size)
+    n_multi, n_raised = window_sums(grid, flat_raised, [multi, None], window)
+    ground = np.flatnonzero(model.is_ground)
+    (n_ground,) = window_sums(grid, grid.flat_index(block.x[ground], block.y[ground]), [None],
+                              window)
+    roof = ((votes >= params.min_planar_fraction * np.maximum(voters, 1))
+            & (n_multi <= params.max_multi_return_fraction * n_raised)
+            & (n_ground <= params.max_ground_fraction * (n_ground + n_raised)))
+    candidate = roof[flat_raised] & (multi == 0)
+    candidate[high[on_plane]] |= roof[flat[on_plane]]
+
+    mask = np.zeros(grid.shape, dtype=bool)
+    mask.ravel()[flat_raised[candidate]] = True
+    mask = close_and_fill(mask)
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    segment = labels.ravel()[flat_raised]
+    area = np.bincount(labels.ravel(), minlength=count + 1) * grid.cell**2
+    mean_height = (np.bincount(segment, model.height[raised], minlength=count + 1)
+                   / np.maximum(np.bincount(segment, minlength=count + 1), 1))
+    keep = (area >= params.building_min_area) & (mean_height >= params.building_min_mean_height)
+    keep[0] = False
+    buildings = keep[labels]
+    margin = int(round(params.building_edge_margin / grid.cell))
+    if margin > 0:
+        buildings = ndimage.maximum_filter(buildings, size=2 * margin + 1, mode="constant")
+    result[raised[buildings.ravel()[flat_raised]]] = True
+    return result
+
+
+def isolated_high(block: PointBlock, model: GroundModel, params: StandardParams) -> np.ndarray:
+    """Points high above ground with almost no neighbour in the surrounding 3x3x3 voxels."""
+    result = np.zeros(len(block), dtype=bool)
+    h = model.height
+    if not (h >= params.noise_min_height).any():
+        return result
+    # Sparse data needs larger voxels to count the same neighbours.
+    v = max(params.noise_voxel, 3.0 * model.spacing)
+    # Every point that can fall in the 3x3x3 voxels around a candidate counts as a neighbour.
+    low = params.noise_min_height - 2 * v
+    near = np.flatnonzero(h >= low)
+    # Voxels aligned to absolute multiples of v so tiles and untiled runs share them; heights
+    # are capped so one absurd outlier cannot blow up the dense voxel array (anything that high
+    # sits alone in the top layer and is isolated anyway).
+    i = np.floor(block.x[near] / v)
+    j = np.floor(block.y[near] / v)
+    i = (i - i.min()).astype(np.intp) + 1
+    j = (j - j.min()).astype(np.intp) + 1
+    k = ((np.minimum(h[near], params.noise_max_height) - low) / v).astype(np.intp) + 1
+    shape = (int(i.max()) + 2, int(j.max()) + 2, int(k.max()) + 2)
+    voxel = (i * shape[1] + j) * shape[2] + k
+    counts = np.bincount(voxel, minlength=shape[0] * shape[1] * shape[2]).astype(np.float32)
+    neighbours = ndimage.uniform_filter(counts.reshape(shape), size=3, mode="constant") * 27
+    isolated = np.rint(neighbours.ravel()[voxel]) - 1 <= params.noise_max_neighbours
+    result[near[isolated & (h[near] >= params.noise_min_height)]] = True
+    return result
+
+
+class StandardClassifier:
+    """Ground 2, vegetation 3/4/5, building 6, low noise 7, high noise 18."""
+
+    name = "standard"
+    version = "1.0.0"
+
+    def __init__(self, params: StandardParams | None = None) -> None:
+        self._params = params or StandardParams()
+        self.params = dataclasses.asdict(self._params)
+
+    def classify(self, block: PointBlock) -> np.ndarray:
+        p = self._params
+        out = np.full(len(block), HIGH_VEGETATION, dtype=np.uint8)
+        if len(block) == 0:
+            return out
+        model = ground_model(block, p.ground)
+        h = model.height
+        out[h < p.medium_vegetation_max] = MEDIUM_VEGETATION
+        out[h < p.low_vegetation_max] = LOW_VEGETATION
+        out[building_mask(block, model, p)] = BUILDING
+        out[isolated_high(block, model, p)] = HIGH_NOISE
+        out[model.is_ground] = GROUND
+        out[model.below] = LOW_NOISE
+        return out

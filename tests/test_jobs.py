@@ -1,0 +1,143 @@
+"""The job steps as the DAG runs them, in-process: local store and S3, good and bad input, retries."""
+
+from __future__ import annotations
+
+import json
+from email import message_from_bytes, policy
+from pathlib import Path
+
+import laspy
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from pipelines.accounts import UnknownAccountError
+from pipelines.catalog.models import UsageEvent
+from pipelines.jobs import Runtime, ValidationFailed, classify_step, create_job, export_step, finish_step, ingest_step, job_view, run_job, validate_step
+from pipelines.notify import outbox_messages
+from pipelines.storage import file_sha256
+from tests.conftest import shared_file
+
+
+def usage_events(runtime: Runtime, account_id: str) -> list[UsageEvent]:
+    with runtime.catalog.session() as session:
+        return list(session.scalars(select(UsageEvent).where(UsageEvent.account_id == account_id)))
+
+
+def objects(runtime: Runtime, prefix: str) -> list[str]:
+    return sorted(o.key for o in runtime.store.list(prefix))
+
+
+def check_exported(runtime: Runtime, job: dict, source: Path, tmp_path: Path) -> dict:
+    assert job["state"] == "exported", job["error"]
+    manifest = json.loads(runtime.store.get_bytes(job["export_prefix"] + "manifest.json"))
+    assert manifest["input"]["sha256"] == file_sha256(source)
+    artifact = manifest["artifacts"][0]
+    local = tmp_path / "download.laz"
+    runtime.store.get_file(artifact["key"], local)
+    assert file_sha256(local) == artifact["sha256"]
+    data = laspy.read(local)
+    assert len(data) == manifest["points"]["input"] == manifest["points"]["output"]
+    counts = {str(c): int(n) for c, n in zip(*np.unique(data.classification, return_counts=True))}
+    assert counts == manifest["class_counts"]
+    assert manifest["classifier"]["name"] == "standard" and manifest["classifier"]["version"]
+    assert set(manifest["timings_s"]) == {"scan_s", "classify_s", "write_s"}
+    return manifest
+
+
+def test_job_runs_end_to_end_and_meters_once(runtime: Runtime, account: str, scene_path: Path, tmp_path: Path) -> None:
+    job = run_job(runtime, account, str(scene_path), workers=2)
+    manifest = check_exported(runtime, job, scene_path, tmp_path)
+    labels = laspy.read(scene_path).classification
+    assert abs(manifest["class_counts"].get("2", 0) - int(np.sum(labels == 2))) < 0.05 * len(labels)
+    events = usage_events(runtime, account)
+    assert [(e.status, e.points, e.filename) for e in events] == [("succeeded", len(labels), "scene.laz")]
+
+
+def test_retried_steps_do_not_redo_work_or_double_bill(runtime: Runtime, account: str, scene_path: Path, tmp_path: Path) -> None:
+    job = run_job(runtime, account, str(scene_path), job_id="job-retry", workers=2)
+    before = {o.key: runtime.store.sha256(o.key) for o in runtime.store.list(f"accounts/{account}/")}
+    ingest_step(runtime, "job-retry")
+    validate_step(runtime, "job-retry")
+    classify_step(runtime, "job-retry")
+    export_step(runtime, "job-retry")
+    finish_step(runtime, "job-retry")
+    finish_step(runtime, "job-retry")
+    after = {o.key: runtime.store.sha256(o.key) for o in runtime.store.list(f"accounts/{account}/")}
+    assert before == after
+    assert job_view(runtime, "job-retry")["state"] == "exported"
+    assert len(usage_events(runtime, account)) == 1
+    assert job["finished_at"] == job_view(runtime, "job-retry")["finished_at"]
+
+
+def test_classification_interrupted_midway_is_redone_cleanly(runtime: Runtime, account: str, scene_path: Path, tmp_path: Path) -> None:
+    create_job(runtime, "job-crash", account, str(scene_path), "standard")
+    ingest_step(runtime, "job-crash")
+    validate_step(runtime, "job-crash")
+    with runtime.catalog.session() as session:
+        from pipelines.catalog.models import Job
+
+        session.get(Job, "job-crash").state = "classifying"  # as left by a worker that died
+    classify_step(runtime, "job-crash", workers=1)
+    export_step(runtime, "job-crash")
+    job = finish_step(runtime, "job-crash")
+    check_exported(runtime, job, scene_path, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["truncated_laz", "text_as_las"])
+def test_bad_input_is_quarantined_with_report_and_notice(runtime: Runtime, account: str, tmp_path: Path, kind: str) -> None:
+    if kind == "truncated_laz":
+        source = tmp_path / "survey.laz"
+        source.write_bytes(shared_file("lidr_megaplot.laz").read_bytes()[:150_000])
+        expected = "corrupt or truncated"
+    else:
+        source = tmp_path / "survey.las"
+        source.write_text("x y z\n1 2 3\n")
+        expected = "not a LAS/LAZ file"
+    job = run_job(runtime, account, str(source))
+    assert job["state"] == "quarantined" and expected in job["error"]
+    assert objects(runtime, f"accounts/{account}/raw/") == []
+    quarantined = objects(runtime, f"accounts/{account}/quarantine/")
+    assert any(k.endswith("survey" + source.suffix) for k in quarantined) and any(k.endswith(".report.html") for k in quarantined)
+    assert objects(runtime, f"accounts/{account}/exports/") == []
+    assert objects(runtime, f"accounts/{account}/classified/") == []
+    report = json.loads(runtime.store.get_bytes(job["report_key"]))
+    assert report["ok"] is False and expected in report["reason"]
+    [mail] = outbox_messages(runtime.settings)
+    message = message_from_bytes(mail.read_bytes(), policy=policy.default)
+    body = message.get_content()
+    assert message["To"] == "ops@acme.example" and expected in body and "What to do" in body
+    assert [(e.status, e.points) for e in usage_events(runtime, account)] == [("failed", 0)]
+    with pytest.raises(ValidationFailed):
+        validate_step(runtime, job["job_id"])
+
+
+def test_the_same_bad_file_again_is_refused_without_rework(runtime: Runtime, account: str, tmp_path: Path) -> None:
+    source = tmp_path / "bad.las"
+    source.write_text("nope")
+    first = run_job(runtime, account, str(source))
+    second = run_job(runtime, account, str(source))
+    assert first["state"] == second["state"] == "quarantined"
+    assert "refused before" in second["error"]
+
+
+def test_unknown_account_is_a_clear_error(runtime: Runtime, scene_path: Path) -> None:
+    with pytest.raises(UnknownAccountError, match="nobody"):
+        run_job(runtime, "nobody", str(scene_path))
+
+
+def test_job_on_s3_storage(home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, scene_path: Path, tmp_path: Path) -> None:
+    from pipelines.accounts import upsert_accounts
+    from pipelines.settings import Settings
+    from tests.conftest import make_account
+
+    monkeypatch.setenv("POINTFLOW_STORAGE_URL", f"s3://{s3_bucket}/service")
+    runtime = Runtime.from_settings(Settings.from_env())
+    upsert_accounts(runtime.catalog, [make_account()])
+    job = run_job(runtime, "acme", str(scene_path), workers=2)
+    check_exported(runtime, job, scene_path, tmp_path)
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert all(k.startswith("service/accounts/acme/") for k in keys)
+    assert any(k.endswith("manifest.json") for k in keys)
