@@ -10,6 +10,8 @@ from email.utils import make_msgid
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from pipelines.catalog import Catalog
+from pipelines.catalog.models import SentMessage as SentMessageRecord
 from pipelines.settings import Settings
 
 
@@ -62,6 +64,22 @@ def send_email(settings: Settings, to: str, subject: str, body: str) -> SentMess
         # The URL may hold a password: name only host and port.
         raise DeliveryError(f"mail to {to} via {host}:{port} failed: {error}") from error
     return SentMessage(message_id, to, subject, f"{url.scheme}://{host}:{port}")
+
+
+def send_once(settings: Settings, catalog: Catalog, key: str, account_id: str, kind: str, to: str, subject: str, body: str) -> SentMessage:
+    """Send unless a message with this idempotency key was already sent; record it after sending.
+
+    A refused delivery raises DeliveryError and records nothing, so the next run tries again.
+    A crash between sending and recording can send one duplicate; never zero messages.
+    """
+    with catalog.session() as session:
+        known = session.get(SentMessageRecord, key)
+        if known is not None:
+            return SentMessage(known.message_id, known.recipient, known.subject, "already sent")
+    sent = send_email(settings, to, subject, body)
+    with catalog.session() as session:
+        session.add(SentMessageRecord(key=key, account_id=account_id, kind=kind, recipient=to, subject=subject, message_id=sent.message_id))
+    return sent
 
 
 def outbox_messages(settings: Settings) -> list[Path]:

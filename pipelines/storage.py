@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlparse
 
 ACCOUNT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-AREAS = ("raw", "quarantine", "classified", "exports", "reports", "models", "tmp")
+AREAS = ("raw", "quarantine", "classified", "exports", "reports", "invoices", "models", "tmp")
 
 
 class StorageError(RuntimeError):

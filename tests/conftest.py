@@ -135,3 +135,40 @@ def database_url(request: pytest.FixtureRequest, home: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{home / 'catalog.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+class SmtpSink:
+    """A real SMTP server on loopback that keeps what it receives, or refuses everything."""
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.messages: list[bytes] = []
+        self.refusing = False
+        self.port = free_port()
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        if self.refusing:
+            return "451 4.3.0 mailbox temporarily unavailable"
+        self.messages.append(envelope.content)
+        return "250 OK"
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    def parsed(self) -> list:
+        from email import message_from_bytes, policy
+
+        return [message_from_bytes(m, policy=policy.default) for m in self.messages]
+
+
+@pytest.fixture
+def smtp_sink(monkeypatch: pytest.MonkeyPatch) -> Iterator[SmtpSink]:
+    """POINTFLOW_SMTP_URL pointed at a live SMTP server on loopback."""
+    sink = SmtpSink()
+    sink.controller.start()
+    monkeypatch.setenv("POINTFLOW_SMTP_URL", sink.url)
+    yield sink
+    sink.controller.stop()

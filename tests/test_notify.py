@@ -1,0 +1,46 @@
+"""E-mail through a real SMTP server on loopback, the outbox in embedded mode, and send-once."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.jobs import Runtime
+from pipelines.notify import DeliveryError, outbox_messages, send_email, send_once
+from pipelines.settings import Settings
+
+
+def test_outbox_is_the_embedded_default(settings: Settings) -> None:
+    sent = send_email(settings, "a@x.example", "hello", "body text")
+    [path] = outbox_messages(settings)
+    assert str(path) == sent.location and b"body text" in path.read_bytes()
+
+
+def test_smtp_delivery_and_refusal(home, smtp_sink) -> None:
+    settings = Settings.from_env()
+    sent = send_email(settings, "a@x.example", "subject line", "hello over smtp")
+    [message] = smtp_sink.parsed()
+    assert message["Subject"] == "subject line" and message["Message-ID"] == sent.message_id
+    smtp_sink.refusing = True
+    with pytest.raises(DeliveryError, match="127.0.0.1"):
+        send_email(settings, "a@x.example", "again", "x")
+
+
+def test_send_once_sends_once_and_retries_after_a_refusal(home, smtp_sink) -> None:
+    runtime = Runtime.from_settings(Settings.from_env())
+    smtp_sink.refusing = True
+    with pytest.raises(DeliveryError):
+        send_once(runtime.settings, runtime.catalog, "invoice:PF-1", "acme", "invoice", "a@x.example", "Invoice PF-1", "x")
+    assert smtp_sink.messages == []
+    smtp_sink.refusing = False
+    first = send_once(runtime.settings, runtime.catalog, "invoice:PF-1", "acme", "invoice", "a@x.example", "Invoice PF-1", "x")
+    second = send_once(runtime.settings, runtime.catalog, "invoice:PF-1", "acme", "invoice", "a@x.example", "Invoice PF-1", "x")
+    assert len(smtp_sink.messages) == 1 and first.message_id == second.message_id
+
+
+def test_credentials_never_appear_in_errors(home, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("POINTFLOW_SMTP_URL", f"smtp://mailer:s3cret-pass@127.0.0.1:{free_port()}")
+    with pytest.raises(DeliveryError) as error:
+        send_email(Settings.from_env(), "a@x.example", "s", "b")
+    assert "s3cret" not in str(error.value) and "mailer" not in str(error.value)
