@@ -1,7 +1,8 @@
-"""Classify one customer file: ingest -> validate -> classify (tiled, on Dask) -> export -> meter.
+"""Classify one customer file: ingest -> validate -> classify (tiled, on Dask) -> export -> deliver, meter.
 
 Trigger with conf {"account_id": "...", "source": "/path/or/s3://bucket/key.laz"}. Every task
 derives the job id from the run, so retries resume the same job instead of starting another.
+The logic lives in pipelines.jobs; each task runs one of its steps.
 """
 
 from __future__ import annotations
@@ -11,19 +12,23 @@ from datetime import timedelta
 from airflow.sdk import Param, TriggerRule, dag, task
 
 
-def _job():
-    """The runtime and this run's job id (creating the job record the first time)."""
+def _run(step: str, **options) -> dict:
+    """Run pipelines.jobs.<step> for this run's job; a refused input fails at once, without retries."""
     from airflow.sdk import get_current_context
+    from airflow.sdk.exceptions import AirflowFailException
 
-    from pipelines.jobs import Runtime, create_job, job_id_for
+    from pipelines import jobs
     from pipelines.settings import Settings
 
     context = get_current_context()
     params = context["params"]
-    runtime = Runtime.from_settings(Settings.from_env())
-    job_id = job_id_for(context["dag"].dag_id, context["run_id"])
-    create_job(runtime, job_id, params["account_id"], params["source"], params["classifier"])
-    return runtime, job_id
+    runtime = jobs.Runtime.from_settings(Settings.from_env())
+    job_id = jobs.job_id_for(context["dag"].dag_id, context["run_id"])
+    jobs.create_job(runtime, job_id, params["account_id"], params["source"], params["classifier"])
+    try:
+        return getattr(jobs, step)(runtime, job_id, **options)
+    except (jobs.AdmissionRefusedJob, jobs.ValidationFailed) as refused:
+        raise AirflowFailException(str(refused)) from None
 
 
 @dag(
@@ -36,51 +41,43 @@ def _job():
         "account_id": Param("demo", type="string", description="account that owns the file"),
         "source": Param("", type="string", description="local path, file:// or s3:// URI of a LAS/LAZ file"),
         "classifier": Param("standard", type="string", description="standard, ground, or a trained model id"),
+        "export_format": Param("laz", enum=["laz", "las"], description="format of the classified points"),
     },
     doc_md=__doc__,
 )
 def pointflow_classify():
     @task
     def ingest() -> None:
-        from pipelines.jobs import ingest_step
-
-        ingest_step(*_job())
+        _run("ingest_step")
 
     @task
     def validate() -> None:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from pipelines.jobs import ValidationFailed, validate_step
-
-        try:
-            validate_step(*_job())
-        except ValidationFailed as refused:
-            # Retrying cannot fix the file: fail now, with the reason, and let meter close the job.
-            raise AirflowFailException(f"{refused} (report: {refused.report_key})") from None
+        _run("validate_step")
 
     @task
     def classify() -> None:
-        from pipelines.jobs import classify_step
-
-        classify_step(*_job())
+        _run("classify_step")
 
     @task
-    def export() -> None:
-        from pipelines.jobs import export_step
+    def export(params: dict | None = None) -> None:
+        _run("export_step", export_format=params["export_format"])
 
-        export_step(*_job())
+    @task
+    def deliver() -> None:
+        _run("deliver_step")
 
     @task(trigger_rule=TriggerRule.ALL_DONE, retries=3)
     def meter() -> None:
+        """Close the job and meter it once, whatever happened upstream; fail the run if it did not export."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from pipelines.jobs import finish_step
-
-        job = finish_step(*_job())
+        job = _run("finish_step")
         if job["state"] != "exported":
             raise AirflowFailException(f"job {job['job_id']} ended {job['state']}: {job['error']}")
 
-    ingest() >> validate() >> classify() >> export() >> meter()
+    exported = ingest() >> validate() >> classify() >> export()
+    exported >> deliver()
+    exported >> meter()
 
 
 classify_dag = pointflow_classify()

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from pipelines.accounts import AccountRecord, upsert_accounts
 from pipelines.airflow_local import load_dag, prepare_airflow
+from pipelines.export import MANIFEST_NAME, read_manifest
 from pipelines.jobs import Runtime, job_id_for, job_view
+from pipelines.notify import outbox_messages
 from pipelines.scene import make_scene, write_scene
 from pipelines.settings import Settings
 
@@ -25,6 +27,8 @@ class DemoResult:
     input_path: Path
     export_url: str | None
     manifest_url: str | None
+    preview_url: str | None
+    email_path: Path | None
     log_path: Path
 
 
@@ -48,9 +52,11 @@ def run_demo(settings: Settings, classifier: str = "standard", input_path: Path 
         handler.close()
     job = job_view(runtime, job_id_for(DAG_ID, run.run_id))
     base = runtime.store.url.rstrip("/")
-    export_url = manifest_url = None
-    if job["export_prefix"]:
-        output = job["classified_key"].rsplit("/", 1)[-1]
-        export_url = f"{base}/{job['export_prefix']}{output}"
-        manifest_url = f"{base}/{job['export_prefix']}manifest.json"
-    return DemoResult(job, Path(input_path), export_url, manifest_url, log_path)
+    export_url = manifest_url = preview_url = None
+    manifest = read_manifest(runtime.store, job["export_prefix"]) if job["export_prefix"] else None
+    if manifest:
+        urls = {a["kind"]: f"{base}/{a['key']}" for a in manifest["artifacts"]}
+        export_url, preview_url = urls["points"], urls["preview"]
+        manifest_url = f"{base}/{job['export_prefix']}{MANIFEST_NAME}"
+    messages = outbox_messages(settings)
+    return DemoResult(job, Path(input_path), export_url, manifest_url, preview_url, messages[-1] if messages else None, log_path)

@@ -1,24 +1,36 @@
-"""Export: publish a job's artifacts under its export prefix, manifest last.
+"""Export: build the artifacts customers get, publish them atomically, hand out links.
 
-The manifest is the commit point: an export without `manifest.json` is incomplete and is never
-shown to a customer; publishing again overwrites the same keys with the same bytes.
+Artifacts are uploaded under the account's tmp area first, then copied to the export prefix,
+and the manifest is written last. An export is visible (listed, linkable) only once its
+manifest exists, so a crash mid-publish shows nothing; publishing again writes the same bytes.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import laspy
+
 from pipelines import __version__
+from pipelines.lasio import CHUNK_POINTS
+from pipelines.preview import ASPRS_CLASS_NAMES, class_summary, render_class_map, summary_csv, summary_json
 from pipelines.storage import AccountArea, ObjectStore, file_sha256
 
 MANIFEST_NAME = "manifest.json"
-ASPRS_CLASS_NAMES = {
-    0: "never classified", 1: "unclassified", 2: "ground", 3: "low vegetation", 4: "medium vegetation",
-    5: "high vegetation", 6: "building", 7: "low noise", 9: "water", 17: "bridge deck", 18: "high noise",
-}
+EXPORT_FORMATS = ("laz", "las")
+POINT_MEDIA_TYPES = {"laz": "application/vnd.laszip", "las": "application/vnd.las"}
+
+
+class DownloadRefused(PermissionError):
+    """The account's plan does not allow downloading this artifact."""
+
+
+class ExportNotReady(LookupError):
+    """No manifest: the export is not published (yet)."""
 
 
 @dataclass(frozen=True)
@@ -26,17 +38,42 @@ class Artifact:
     name: str
     local_path: Path
     media_type: str
-
-
-@dataclass(frozen=True)
-class PublishedExport:
-    prefix: str
-    manifest_key: str
-    manifest: dict[str, Any]
+    kind: str  # "points", "summary", "preview", "report"
 
 
 def export_prefix(account_id: str, job_id: str) -> str:
     return AccountArea(account_id).key("exports", job_id) + "/"
+
+
+def _staging_prefix(account_id: str, job_id: str) -> str:
+    return AccountArea(account_id).key("tmp", "exports", job_id) + "/"
+
+
+def write_points_as(source: Path, target: Path) -> Path:
+    """Re-encode a classified LAZ as LAS (or LAZ) by target suffix, chunk by chunk."""
+    with laspy.open(source) as reader, laspy.open(target, mode="w", header=reader.header, do_compress=target.suffix.lower() == ".laz") as writer:
+        for chunk in reader.chunk_iterator(CHUNK_POINTS):
+            writer.write_points(chunk)
+    return target
+
+
+def build_artifacts(classified: Path, workdir: Path, stem: str, export_format: str, class_counts: dict[int, int], report_html: bytes | None, title: str) -> list[Artifact]:
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"export format {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    points = classified if export_format == "laz" else write_points_as(classified, workdir / f"{stem}.las")
+    rows = class_summary(class_counts)
+    (workdir / "classes.csv").write_bytes(summary_csv(rows))
+    (workdir / "classes.json").write_bytes(summary_json(rows))
+    artifacts = [
+        Artifact(f"{stem}.{export_format}", points, POINT_MEDIA_TYPES[export_format], "points"),
+        Artifact("classes.csv", workdir / "classes.csv", "text/csv", "summary"),
+        Artifact("classes.json", workdir / "classes.json", "application/json", "summary"),
+        Artifact("preview.png", render_class_map(classified, workdir / "preview.png", title), "image/png", "preview"),
+    ]
+    if report_html is not None:
+        (workdir / "validation.html").write_bytes(report_html)
+        artifacts.append(Artifact("validation.html", workdir / "validation.html", "text/html", "report"))
+    return artifacts
 
 
 def build_manifest(job: dict[str, Any], input_file: dict[str, Any], artifacts: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
@@ -48,11 +85,7 @@ def build_manifest(job: dict[str, Any], input_file: dict[str, Any], artifacts: l
         "account_id": job["account_id"],
         "producer": f"pointflow {__version__}",
         "input": input_file,
-        "classifier": {
-            "name": summary["classifier"],
-            "version": summary["classifier_version"],
-            "params": summary["classifier_params"],
-        },
+        "classifier": {"name": summary["classifier"], "version": summary["classifier_version"], "params": summary["classifier_params"]},
         "points": {"input": summary["input_points"], "output": summary["output_points"]},
         "class_counts": counts,
         "class_names": {k: ASPRS_CLASS_NAMES.get(int(k), "other") for k in counts},
@@ -63,27 +96,76 @@ def build_manifest(job: dict[str, Any], input_file: dict[str, Any], artifacts: l
     }
 
 
-def publish(store: ObjectStore, prefix: str, artifacts: list[Artifact], manifest_for) -> PublishedExport:
-    """Upload artifacts, then the manifest built from their checksums (`manifest_for(list)`)."""
+def publish(store: ObjectStore, account_id: str, job_id: str, artifacts: list[Artifact], manifest_for) -> dict[str, Any]:
+    """Stage, copy into place, write the manifest (`manifest_for(described artifacts)`) last."""
+    staging, prefix = _staging_prefix(account_id, job_id), export_prefix(account_id, job_id)
     described = []
     for artifact in artifacts:
-        key = prefix + artifact.name
-        store.put_file(key, artifact.local_path)
+        store.put_file(staging + artifact.name, artifact.local_path)
         described.append(
             {
                 "name": artifact.name,
-                "key": key,
+                "key": prefix + artifact.name,
+                "kind": artifact.kind,
                 "media_type": artifact.media_type,
                 "size": artifact.local_path.stat().st_size,
                 "sha256": file_sha256(artifact.local_path),
             }
         )
+    for artifact in artifacts:
+        store.copy(staging + artifact.name, prefix + artifact.name)
     manifest = manifest_for(described)
-    manifest_key = prefix + MANIFEST_NAME
-    store.put_bytes(manifest_key, json.dumps(manifest, indent=2, sort_keys=True).encode())
-    return PublishedExport(prefix, manifest_key, manifest)
+    store.put_bytes(prefix + MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    for artifact in artifacts:
+        store.delete(staging + artifact.name)
+    return manifest
 
 
 def read_manifest(store: ObjectStore, prefix: str) -> dict[str, Any] | None:
     key = prefix + MANIFEST_NAME
     return json.loads(store.get_bytes(key)) if store.exists(key) else None
+
+
+def published_exports(store: ObjectStore, account_id: str) -> list[dict[str, Any]]:
+    """Manifests of the account's complete exports; half-published ones are not there."""
+    area = AccountArea(account_id)
+    prefix = area.key("exports", "x")[: -len("x")]
+    return [json.loads(store.get_bytes(o.key)) for o in store.list(prefix) if o.key.endswith("/" + MANIFEST_NAME)]
+
+
+@dataclass(frozen=True)
+class DownloadLink:
+    name: str
+    kind: str
+    url: str
+    expires_in: timedelta
+
+
+def download_links(store: ObjectStore, account_id: str, job_id: str, downloads_allowed: bool, expires_in: timedelta) -> list[DownloadLink]:
+    """Links for a published export; point files only where the plan allows downloads."""
+    manifest = read_manifest(store, export_prefix(account_id, job_id))
+    if manifest is None:
+        raise ExportNotReady(f"export of job {job_id} is not published")
+    return [
+        DownloadLink(a["name"], a["kind"], store.link(a["key"], expires_in), expires_in)
+        for a in manifest["artifacts"]
+        if downloads_allowed or a["kind"] != "points"
+    ]
+
+
+def artifact_link(store: ObjectStore, account_id: str, key: str, downloads_allowed: bool, expires_in: timedelta) -> str:
+    """A link to one published artifact of this account, refusing what the plan forbids."""
+    area = AccountArea(account_id)
+    if not area.owns(key) or "/exports/" not in key:
+        raise DownloadRefused(f"{key} is not an export of account {account_id}")
+    job_prefix = key.rsplit("/", 1)[0] + "/"
+    manifest = read_manifest(store, job_prefix)
+    if manifest is None:
+        raise ExportNotReady(f"{key} is not part of a published export")
+    artifact = next((a for a in manifest["artifacts"] if a["key"] == key), None)
+    if artifact is None:
+        raise DownloadRefused(f"{key} is not listed in its export's manifest")
+    if artifact["kind"] == "points" and not downloads_allowed:
+        raise DownloadRefused("point files cannot be downloaded on the free plan: view the report and preview, or upgrade to download")
+    return store.link(key, expires_in)
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +13,7 @@ from urllib.parse import unquote, urlparse
 from sqlalchemy import select
 
 from pipelines.accounts import get_account
+from pipelines.admission import Candidate
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import FileState, StoredFile
 from pipelines.lasio import NotPointCloudError, read_info
@@ -57,8 +58,18 @@ def local_copy(source: str, scratch: Path) -> Iterator[Path]:
         yield local
 
 
-def ingest_file(catalog: Catalog, store: ObjectStore, account_id: str, path: Path, name: str | None = None) -> StoredFileInfo:
-    """Store `path` for the account; the same bytes ingested twice give the same record."""
+def ingest_file(
+    catalog: Catalog,
+    store: ObjectStore,
+    account_id: str,
+    path: Path,
+    name: str | None = None,
+    admit: Callable[[Candidate], None] | None = None,
+) -> StoredFileInfo:
+    """Store `path` for the account; the same bytes ingested twice give the same record.
+
+    `admit` sees each new file before it is stored and raises to refuse it.
+    """
     get_account(catalog, account_id)
     area = AccountArea(account_id)
     name = safe_name(name or path.name)
@@ -76,6 +87,8 @@ def ingest_file(catalog: Catalog, store: ObjectStore, account_id: str, path: Pat
             if not store.exists(existing.key) and existing.state != FileState.QUARANTINED.value:
                 store.put_file(existing.key, path)
             return _info(existing, created=False)
+    if admit is not None:
+        admit(Candidate(size=size, points=points or 0))
     key = area.key("raw", f"{digest[:12]}-{name}")
     store.put_file(key, path)
     with catalog.session() as session:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,23 +18,35 @@ from typing import Any
 from sqlalchemy import select
 
 from pipelines.accounts import get_account
+from pipelines.admission import AdmissionRefused, Candidate, check_admission
 from pipelines.catalog import Catalog, CatalogError
 from pipelines.catalog.models import JOB_TRANSITIONS, FileState, Job, JobState, StoredFile, utcnow
 from pipelines.classify import classify_file
-from pipelines.export import Artifact, build_manifest, export_prefix, publish, read_manifest
+from pipelines.billing.pricebook import load_pricebook, plan_limits
+from pipelines.export import MANIFEST_NAME, build_artifacts, build_manifest, download_links, export_prefix, publish, read_manifest
+from pipelines.preview import class_summary
 from pipelines.ingest import ingest_file, local_copy, readable_path
+from pipelines.lifecycle.operations import ensure_active
 from pipelines.metering import UsageRecord, record_usage
-from pipelines.notify import DeliveryError, send_email
+from pipelines.notify import DeliveryError, send_email, send_once
 from pipelines.settings import Settings
 from pipelines.storage import AccountArea, ObjectStore, open_store, safe_name
 from pipelines.validate import validate_file
 
 log = logging.getLogger(__name__)
 REPORT_LINK_LIFETIME = timedelta(days=7)
+DEFAULT_LINK_LIFETIME = timedelta(days=7)
 
 
 class IllegalTransition(CatalogError):
     pass
+
+
+class AdmissionRefusedJob(Exception):
+    """The account's limits refused the file before anything was stored; nothing is charged."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job {job_id}: {reason}")
 
 
 class ValidationFailed(Exception):
@@ -92,6 +105,7 @@ def create_job(runtime: Runtime, job_id: str, account_id: str, source: str, clas
     with runtime.catalog.session() as session:
         job = session.get(Job, job_id)
         if job is None:
+            ensure_active(runtime.catalog, account_id)
             session.add(Job(job_id=job_id, account_id=account_id, source=source, classifier=classifier))
         elif job.account_id != account_id or job.source != source:
             raise CatalogError(f"job {job_id} exists for another account or source")
@@ -99,10 +113,26 @@ def create_job(runtime: Runtime, job_id: str, account_id: str, source: str, clas
 
 
 def ingest_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
+    """Store the source for the account, if the account's limits admit it; a refusal ends the job."""
     job = job_view(runtime, job_id)
+    if job["state"] == JobState.FAILED.value:
+        raise AdmissionRefusedJob(job_id, job["error"])
     if job["file_id"] is None:
-        with local_copy(job["source"], runtime.settings.scratch_dir) as path:
-            stored = ingest_file(runtime.catalog, runtime.store, job["account_id"], path)
+        account_id = job["account_id"]
+        at = job["created_at"]
+
+        def admit(candidate: Candidate) -> None:
+            check_admission(runtime.settings, runtime.catalog, account_id, candidate, at)
+
+        try:
+            with local_copy(job["source"], runtime.settings.scratch_dir) as path:
+                stored = ingest_file(runtime.catalog, runtime.store, account_id, path, admit=admit)
+        except AdmissionRefused as refused:
+            with runtime.catalog.session() as session:
+                record = _job(session, job_id)
+                record.error = str(refused)
+                _set_state(record, JobState.FAILED)
+            raise AdmissionRefusedJob(job_id, str(refused)) from None
         with runtime.catalog.session() as session:
             _job(session, job_id).file_id = stored.id
     return job_view(runtime, job_id)
@@ -225,7 +255,8 @@ def classify_step(runtime: Runtime, job_id: str, workers: int | None = None, cli
     return job_view(runtime, job_id)
 
 
-def export_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
+def export_step(runtime: Runtime, job_id: str, export_format: str = "laz") -> dict[str, Any]:
+    """Publish the classified points, class summaries, preview and report; manifest last."""
     job = job_view(runtime, job_id)
     prefix = export_prefix(job["account_id"], job_id)
     if job["state"] == JobState.EXPORTED.value and read_manifest(runtime.store, prefix) is not None:
@@ -235,20 +266,48 @@ def export_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
     with runtime.catalog.session() as session:
         stored = _file(session, _job(session, job_id))
         input_file = {"key": stored.key, "name": stored.original_name, "sha256": stored.sha256, "size": stored.size, "points": stored.point_count, "crs": stored.crs}
-    output_name = job["classified_key"].rsplit("/", 1)[-1]
-    with readable_path(runtime.store, job["classified_key"], runtime.settings.scratch_dir) as path:
-        published = publish(
-            runtime.store,
-            prefix,
-            [Artifact(safe_name(output_name), path, "application/vnd.laszip")],
-            lambda artifacts: build_manifest(job, input_file, artifacts, job["summary"]),
-        )
+    stem = Path(safe_name(input_file["name"])).stem
+    report_key = job["report_key"].replace(".json", ".html") if job["report_key"] else None
+    report_html = runtime.store.get_bytes(report_key) if report_key and runtime.store.exists(report_key) else None
+    counts = {int(k): v for k, v in job["summary"]["class_counts"].items()}
+    runtime.settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    with readable_path(runtime.store, job["classified_key"], runtime.settings.scratch_dir) as path, tempfile.TemporaryDirectory(dir=runtime.settings.scratch_dir) as work:
+        artifacts = build_artifacts(path, Path(work), stem, export_format, counts, report_html, f"{input_file['name']}: classes")
+        publish(runtime.store, job["account_id"], job_id, artifacts, lambda described: build_manifest(job, input_file, described, job["summary"]))
     with runtime.catalog.session() as session:
         record = _job(session, job_id)
         record.export_prefix = prefix
         _set_state(record, JobState.EXPORTED)
-    log.info("export published: %s", published.manifest_key)
+    log.info("export published: %s", runtime.store.link(prefix + MANIFEST_NAME, REPORT_LINK_LIFETIME))
     return job_view(runtime, job_id)
+
+
+def delivery_terms(runtime: Runtime, account_id: str) -> tuple[bool, timedelta]:
+    """Whether the plan allows downloading point files, and how long links stay valid."""
+    ensure_active(runtime.catalog, account_id)
+    account = get_account(runtime.catalog, account_id)
+    limits = plan_limits(load_pricebook(runtime.settings.pricebook_path), account.plan, utcnow().date())
+    retention = timedelta(days=limits.result_retention_days) if limits.result_retention_days else DEFAULT_LINK_LIFETIME
+    return limits.downloads, retention
+
+
+def deliver_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
+    """Tell the customer the export is ready: links, class summary, classifier version. Sent once."""
+    job = job_view(runtime, job_id)
+    account = get_account(runtime.catalog, job["account_id"])
+    downloads, lifetime = delivery_terms(runtime, account.account_id)
+    links = download_links(runtime.store, account.account_id, job_id, downloads, lifetime)
+    summary = job["summary"]
+    classes = "\n".join(f"  {row['class']:>3} {row['name']:<18} {row['points']:>12,}  {row['percent']:6.2f} %" for row in class_summary({int(k): v for k, v in summary["class_counts"].items()}))
+    listing = "\n".join(f"  {link.name}: {link.url}" for link in links)
+    note = "" if downloads else "\nYour plan shows results without point downloads; upgrade to download the classified points.\n"
+    body = (
+        f"Hello {account.name},\n\nyour classification of {job['classified_key'].rsplit('/', 1)[-1]} is ready "
+        f"({summary['output_points']:,} points, classifier {summary['classifier']} {summary['classifier_version']}).\n\n"
+        f"Classes:\n{classes}\n\nDownloads (valid for {lifetime.days} days):\n{listing}\n{note}\n-- pointflow\n"
+    )
+    send_once(runtime.settings, runtime.catalog, f"export:{job_id}", account.account_id, "export_ready", account.email, "pointflow: your classified point cloud is ready", body)
+    return job
 
 
 def finish_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
@@ -277,7 +336,15 @@ def finish_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
     return job_view(runtime, job_id)
 
 
-def run_job(runtime: Runtime, account_id: str, source: str, classifier: str = "standard", job_id: str | None = None, workers: int | None = None) -> dict[str, Any]:
+def run_job(
+    runtime: Runtime,
+    account_id: str,
+    source: str,
+    classifier: str = "standard",
+    job_id: str | None = None,
+    workers: int | None = None,
+    export_format: str = "laz",
+) -> dict[str, Any]:
     """All steps in this process, as the DAG runs them; used by the CLI and tests."""
     job_id = job_id or "job-" + uuid.uuid4().hex[:20]
     create_job(runtime, job_id, account_id, source, classifier)
@@ -285,8 +352,9 @@ def run_job(runtime: Runtime, account_id: str, source: str, classifier: str = "s
         ingest_step(runtime, job_id)
         validate_step(runtime, job_id)
         classify_step(runtime, job_id, workers=workers)
-        export_step(runtime, job_id)
-    except ValidationFailed:
+        export_step(runtime, job_id, export_format)
+        deliver_step(runtime, job_id)
+    except (AdmissionRefusedJob, ValidationFailed):
         pass
     finally:
         final = finish_step(runtime, job_id)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import date
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.accounts import AccountRecord, upsert_accounts
+from pipelines.airflow_local import DAGS_FOLDER, PLUGINS_FOLDER
 from pipelines.jobs import Runtime
 from pipelines.scene import make_scene, write_scene
 from pipelines.settings import Settings
@@ -73,6 +76,21 @@ def account(runtime: Runtime) -> str:
 def scene_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small labelled synthetic scene (classes written) as LAZ."""
     return write_scene(make_scene(size=120, density=6, buildings=3, trees=25, seed=7), tmp_path_factory.mktemp("scene") / "scene.laz", with_labels=True)
+
+
+@pytest.fixture(scope="session")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Airflow's own metadata DB for the test session (Airflow reads these variables at import)."""
+    home = tmp_path_factory.mktemp("airflow")
+    os.environ.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(DAGS_FOLDER),
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(PLUGINS_FOLDER),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__LOGGING__BASE_LOG_FOLDER=str(home / "logs"),
+    )
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=os.environ.copy())
+    return home
 
 
 @pytest.fixture(scope="session")
@@ -172,3 +190,19 @@ def smtp_sink(monkeypatch: pytest.MonkeyPatch) -> Iterator[SmtpSink]:
     monkeypatch.setenv("POINTFLOW_SMTP_URL", sink.url)
     yield sink
     sink.controller.stop()
+
+
+@pytest.fixture
+def load_test_dag(airflow_home: Path):
+    """Load a DAG of dags/ with retry delays removed: tests exercise retries, not the waiting."""
+    from datetime import timedelta
+
+    from pipelines.airflow_local import load_dag
+
+    def load(dag_id: str):
+        dag = load_dag(dag_id)
+        for task in dag.tasks:
+            task.retry_delay = timedelta(0)
+        return dag
+
+    return load

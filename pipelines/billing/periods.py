@@ -72,3 +72,16 @@ def add_months(day: date, months: int) -> date:
 def months_between(earlier: date, later: date) -> int:
     """Whole calendar months from `earlier`'s month to `later`'s month."""
     return (later.year - earlier.year) * 12 + later.month - earlier.month
+
+
+def period_for(logical_date: datetime) -> str:
+    """The month ("YYYY-MM") a monthly billing run invoices: the calendar month, in UTC, before
+    the month of its logical date.
+
+    billing_monthly runs on a cron *trigger* timetable, whose logical date is the moment it fires
+    (02:00 UTC on the 1st), so this is the month that has just ended.
+    """
+    if logical_date.utcoffset() is None:
+        raise ValueError(f"logical date {logical_date.isoformat()} has no time zone: pass an aware datetime")
+    day = logical_date.astimezone(timezone.utc).date()
+    return Period.of(add_months(day.replace(day=1), -1)).label

@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "pipelines.cli.demo",
     "pipelines.cli.airflow",
     "pipelines.cli.billing",
+    "pipelines.cli.lifecycle",
 )
 
 

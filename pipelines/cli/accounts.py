@@ -39,6 +39,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--tax-exempt", action="store_true", help="the account holds a valid tax exemption")
     add.add_argument("--billing-cycle", default=BillingCycle.MONTHLY.value, choices=[c.value for c in BillingCycle])
     add.set_defaults(handler=_add)
+    _register_lifecycle(sub)
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -65,4 +66,151 @@ def _add(args: argparse.Namespace) -> int:
     )
     result = upsert_accounts(open_catalog(settings_from_env()), [record])
     print(f"account {record.account_id} {'created' if result.created else 'updated'}")
+    return 0
+
+
+def _register_lifecycle(sub: argparse._SubParsersAction) -> None:
+    hold = sub.add_parser(
+        "hold",
+        help="put an account on legal hold (nothing of it is deleted)",
+        description=(
+            "Put the account on legal hold: no rule and no request deletes any of its data while the hold "
+            "lasts; the lifecycle run reports such deletions as blocked. Notices, closure and the data "
+            "lock still happen. Release with 'pointflow accounts unhold'."
+        ),
+    )
+    hold.add_argument("account_id", metavar="ACCOUNT")
+    hold.add_argument("--reason", required=True, metavar="TEXT", help="why, e.g. the case or request reference (kept with the hold)")
+    hold.set_defaults(handler=_hold)
+
+    unhold = sub.add_parser(
+        "unhold",
+        help="release an account's legal hold",
+        description="Release every active legal hold of the account. Deletions that fell due meanwhile happen on the next lifecycle run.",
+    )
+    unhold.add_argument("account_id", metavar="ACCOUNT")
+    unhold.set_defaults(handler=_unhold)
+
+    terminate = sub.add_parser(
+        "terminate",
+        help="end an account's contract (data locked, then deleted after the grace period)",
+        description=(
+            "End the account's contract. Access continues until --effective (default: the end of the "
+            "paid term: the next 1st of the month for monthly billing, the next cycle anniversary for "
+            "quarterly/yearly). From then on the data is locked; it is deleted after the plan's grace "
+            "period (lifecycle policy), counted from the e-mail that announces it. Billing ends on the "
+            "day before --effective. A terminated account cannot be terminated again."
+        ),
+    )
+    terminate.add_argument("account_id", metavar="ACCOUNT")
+    terminate.add_argument("--effective", type=date.fromisoformat, default=None, metavar="DATE",
+                           help="ISO date access ends, at 00:00 UTC (default: end of the paid term)")  # fmt: skip
+    terminate.add_argument("--reason", default="customer", choices=["customer", "non_payment"], help="who ended it (default: customer)")
+    terminate.set_defaults(handler=_terminate)
+
+    export = sub.add_parser(
+        "export-all",
+        help="bundle all of an account's data into one zip with a download link",
+        description=(
+            "Pack every object of the account (inputs, results, exports, reports, models) into one zip "
+            "with a MANIFEST.json, store it in the account's exports area (exports/all-data/) and print "
+            "a download link (valid for the policy's export_link_days; at most 7 days on S3). Works "
+            "while the account is locked: the grace period is the customer's retrieval window."
+        ),
+    )
+    export.add_argument("account_id", metavar="ACCOUNT")
+    export.add_argument("--policy", type=Path, default=None, metavar="FILE", help="lifecycle policy YAML (default: $POINTFLOW_LIFECYCLE_POLICY or the shipped one)")
+    export.add_argument("--json", action="store_true", help="print the bundle (key, link, objects, bytes) as JSON")
+    export.set_defaults(handler=_export_all)
+
+    delete = sub.add_parser(
+        "delete",
+        help="delete all of an account's data now, on the customer's request",
+        description=(
+            "Delete every object of the account (every version on a versioned bucket) and its local "
+            "caches, now. Usage events, invoices and the account record are kept (billing records). "
+            "Without --confirm, only lists what would be deleted. Refused while the account is on legal "
+            "hold. Writes an audit entry ('pointflow lifecycle audit'); fails loudly if anything remains."
+        ),
+    )
+    delete.add_argument("account_id", metavar="ACCOUNT")
+    delete.add_argument("--confirm", action="store_true", help="really delete (without it: list only)")
+    delete.add_argument("--json", action="store_true", help="print the objects and the result as JSON")
+    delete.set_defaults(handler=_delete)
+
+
+def _hold(args: argparse.Namespace) -> int:
+    from pipelines.lifecycle import place_hold
+
+    hold = place_hold(open_catalog(settings_from_env()), args.account_id, args.reason)
+    print(f"account {hold.account_id} on legal hold #{hold.hold_id} since {hold.placed_at.isoformat()}: {hold.reason}")
+    return 0
+
+
+def _unhold(args: argparse.Namespace) -> int:
+    from pipelines.lifecycle import release_holds
+
+    for hold in release_holds(open_catalog(settings_from_env()), args.account_id):
+        print(f"account {hold.account_id}: legal hold #{hold.hold_id} released ({hold.reason})")
+    return 0
+
+
+def _terminate(args: argparse.Namespace) -> int:
+    from pipelines.lifecycle import terminate_account
+
+    view = terminate_account(open_catalog(settings_from_env()), args.account_id, args.reason, args.effective)
+    print(f"account {view.account_id} terminated ({view.reason}): last day of service {view.last_day_of_service}, "
+          f"data locked from {view.effective_at.isoformat()}")  # fmt: skip
+    return 0
+
+
+def _export_all(args: argparse.Namespace) -> int:
+    from pipelines.cli.common import print_json
+    from pipelines.jobs import Runtime
+    from pipelines.lifecycle import export_all, load_policy, load_policy_from_env
+
+    policy = load_policy(args.policy) if args.policy else load_policy_from_env()
+    bundle = export_all(Runtime.from_settings(settings_from_env()), args.account_id, policy)
+    if args.json:
+        print_json({"account_id": bundle.account_id, "key": bundle.key, "link": bundle.link,
+                    "link_expires_at": bundle.link_expires_at.isoformat(), "objects": bundle.objects, "bytes": bundle.bytes})  # fmt: skip
+    else:
+        print(f"bundle: {bundle.key} ({bundle.objects} object(s), {bundle.bytes:,} bytes)")
+        print(f"link:   {bundle.link}")
+        print(f"valid until {bundle.link_expires_at.isoformat()}")
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    import sys
+
+    from pipelines.cli.common import print_json
+    from pipelines.jobs import Runtime
+    from pipelines.lifecycle import LifecycleError, delete_account_data
+    from pipelines.lifecycle.deletion import DeletionIncomplete
+    from pipelines.lifecycle.operations import deletion_plan
+
+    runtime = Runtime.from_settings(settings_from_env())
+    if not args.confirm:
+        plan = deletion_plan(runtime, args.account_id)
+        if args.json:
+            print_json({"account_id": args.account_id, "deleted": False, **plan.summary()})
+        else:
+            for item in plan.objects:
+                print(f"{item.key}  {item.bytes:,} bytes  {item.versions} version(s)")
+            for local in plan.local_paths:
+                print(f"{local.path}  {local.bytes:,} bytes (local cache)")
+            print(f"would delete {len(plan.objects)} object(s), {plan.bytes:,} bytes; nothing deleted")
+        raise LifecycleError(f"deleting account {args.account_id}'s data cannot be undone: add --confirm to do it")
+    try:
+        audit = delete_account_data(runtime, args.account_id)
+    except DeletionIncomplete as error:
+        print(f"pointflow: error: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print_json({"account_id": args.account_id, "deleted": True, "audit_id": audit.id, "objects": audit.object_count,
+                    "versions": audit.version_count, "bytes": audit.bytes, "keys": audit.objects, "local_paths": audit.local_paths})  # fmt: skip
+    else:
+        print(f"account {args.account_id}: deleted {audit.object_count} object(s) ({audit.version_count} version(s)), "
+              f"{audit.bytes:,} bytes; audit entry #{audit.id}")  # fmt: skip
     return 0

@@ -38,5 +38,8 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"classes:  {counts}")
         print(f"export:   {result.export_url}")
         print(f"manifest: {result.manifest_url}")
+        print(f"preview:  {result.preview_url}")
+    if result.email_path:
+        print(f"email:    {result.email_path}")
     print(f"log:      {result.log_path}")
     return 0 if job["state"] == "exported" else 1

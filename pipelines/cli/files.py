@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from datetime import datetime, timezone
 from pathlib import Path
 
 from pipelines.cli.common import print_json, settings_from_env
@@ -23,6 +24,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     ingest.add_argument("--account", required=True, metavar="ID", help="the owning account (must exist)")
     ingest.add_argument("--run", action="store_true", help="also validate, classify, export and meter it now")
     ingest.add_argument("--classifier", default="standard", help="with --run: standard or ground")
+    ingest.add_argument("--format", dest="export_format", default="laz", choices=["laz", "las"], help="with --run: format of the exported points (default laz)")
     ingest.add_argument("--json", action="store_true", help="print the stored file (or the finished job) as JSON")
     ingest.set_defaults(handler=_ingest)
 
@@ -35,6 +37,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    from pipelines.admission import check_admission
     from pipelines.ingest import ingest_file
     from pipelines.jobs import Runtime, run_job
 
@@ -42,7 +45,7 @@ def _ingest(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no such file: {args.file}")
     runtime = Runtime.from_settings(settings_from_env())
     if args.run:
-        job = run_job(runtime, args.account, str(args.file.resolve()), classifier=args.classifier)
+        job = run_job(runtime, args.account, str(args.file.resolve()), classifier=args.classifier, export_format=args.export_format)
         if args.json:
             print_json(job)
         else:
@@ -50,7 +53,14 @@ def _ingest(args: argparse.Namespace) -> int:
             if job["export_prefix"]:
                 print(f"export: {runtime.store.url.rstrip('/')}/{job['export_prefix']}")
         return 0 if job["state"] == "exported" else 1
-    stored = ingest_file(runtime.catalog, runtime.store, args.account, args.file)
+    at = datetime.now(timezone.utc)
+    stored = ingest_file(
+        runtime.catalog,
+        runtime.store,
+        args.account,
+        args.file,
+        admit=lambda candidate: check_admission(runtime.settings, runtime.catalog, args.account, candidate, at),
+    )
     if args.json:
         print_json(stored.to_public())
     else:

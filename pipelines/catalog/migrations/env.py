@@ -3,6 +3,7 @@ from sqlalchemy import create_engine
 
 from pipelines.catalog.models import Base
 import pipelines.billing.models  # noqa: F401
+import pipelines.lifecycle.models  # noqa: F401
 
 config = context.config
 

@@ -1,0 +1,46 @@
+"""Apply the data-lifecycle rules every night at 03:00 UTC, as of the run's logical date.
+
+Runs exactly what `pointflow lifecycle run --as-of <logical date>` runs: notices, closure, trial
+end, data lock, grace-period deletion, API result retention, overdue notices. Re-running a night
+does nothing new; a deletion that leaves objects behind fails the task.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from airflow.sdk import CronTriggerTimetable, dag, task
+
+
+@dag(
+    dag_id="lifecycle_nightly",
+    # A trigger timetable: the logical date is the firing time (03:00 UTC), which is the moment
+    # the rules are applied at, whatever [scheduler] create_cron_data_intervals says.
+    schedule=CronTriggerTimetable("0 3 * * *", timezone="UTC"),
+    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    catchup=False,
+    max_active_runs=1,  # two runs at once would race for the same notices and deletions
+    tags=["pointflow"],
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},
+    doc_md=__doc__,
+)
+def lifecycle_nightly():
+    @task
+    def apply_rules() -> list[dict]:
+        from airflow.sdk import get_current_context
+
+        from pipelines.jobs import Runtime
+        from pipelines.lifecycle import run_lifecycle
+        from pipelines.settings import Settings
+
+        context = get_current_context()
+        # A manual run may have no logical date: it then means "now", as the CLI does.
+        moment = context.get("logical_date") or context["dag_run"].run_after
+        as_of = datetime.fromisoformat(moment.isoformat()).astimezone(timezone.utc)
+        actions = run_lifecycle(Runtime.from_settings(Settings.from_env()), as_of)
+        return [a.to_dict() for a in actions]
+
+    apply_rules()
+
+
+lifecycle_dag = lifecycle_nightly()

@@ -1,0 +1,45 @@
+"""Data lifecycle: inactivity notices, terminations, locks, grace-period deletion, API result
+retention, trial ends, overdue notices; legal holds, export of all data, deletion on request.
+
+- `policy`: the per-plan periods (YAML, `pipelines/data/lifecycle.yaml` by default)
+- `rules`: `run_lifecycle(runtime, as_of, dry_run) -> list[Action]`, what the nightly DAG runs
+- `operations`: holds, termination, export-all, delete-on-request, `is_locked`
+- `deletion`: inventory (every version), audit entry, delete, list again
+- `notices`: the e-mails and their delivery records
+- `models`: the catalog tables
+"""
+
+from pipelines.lifecycle.operations import (
+    LifecycleError,
+    delete_account_data,
+    export_all,
+    is_locked,
+    place_hold,
+    release_holds,
+    terminate_account,
+)
+from pipelines.lifecycle.policy import (
+    LifecyclePolicy,
+    PolicyError,
+    load_policy,
+    load_policy_from_env,
+)
+from pipelines.lifecycle.rules import ACTIONS, Action, LifecycleRunError, run_lifecycle
+
+__all__ = [
+    "ACTIONS",
+    "Action",
+    "LifecycleError",
+    "LifecyclePolicy",
+    "LifecycleRunError",
+    "PolicyError",
+    "delete_account_data",
+    "export_all",
+    "is_locked",
+    "load_policy",
+    "load_policy_from_env",
+    "place_hold",
+    "release_holds",
+    "run_lifecycle",
+    "terminate_account",
+]

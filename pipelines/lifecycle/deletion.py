@@ -1,0 +1,176 @@
+"""Safe deletion: inventory first (every version), audit entry before the first delete, then
+delete, then list again and fail loudly if anything of the inventory is still there.
+
+The same `inventory` feeds `--dry-run`, so a dry run lists exactly what a real run deletes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select, update
+
+from pipelines.catalog import Catalog
+from pipelines.catalog.models import Job, StoredFile, utcnow
+from pipelines.lifecycle.models import DeletionAudit
+from pipelines.storage import AccountArea, ObjectStore, S3Store
+
+
+class DeletionIncomplete(RuntimeError):
+    """Objects survived a deletion; the audit entry is marked failed and lists them."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    bytes: int  # all versions together
+    versions: int  # versions and delete markers; 1 where the store keeps no versions
+
+
+@dataclass(frozen=True)
+class LocalPath:
+    path: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class DeletionPlan:
+    """What one deletion removes. `prefixes` must be empty afterwards, except under `kept`
+    (billing records); `keys` must be gone."""
+
+    prefixes: tuple[str, ...]
+    keys: tuple[str, ...]
+    kept: tuple[str, ...]
+    objects: tuple[StoredObject, ...]
+    local_paths: tuple[LocalPath, ...]
+
+    def covers(self, key: str) -> bool:
+        """False for keys under a kept prefix."""
+        return not any(key.startswith(k) for k in self.kept)
+
+    @property
+    def bytes(self) -> int:
+        return sum(o.bytes for o in self.objects) + sum(p.bytes for p in self.local_paths)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "objects": len(self.objects),
+            "versions": sum(o.versions for o in self.objects),
+            "bytes": self.bytes,
+            "keys": [{"key": o.key, "bytes": o.bytes, "versions": o.versions} for o in self.objects],
+            "local_paths": [{"path": p.path, "bytes": p.bytes} for p in self.local_paths],
+        }
+
+
+def inventory(store: ObjectStore, prefix: str) -> list[StoredObject]:
+    """Every key under `prefix`, counting every version where the bucket keeps versions.
+
+    `ObjectStore.list` shows current objects only; on S3 a key whose current version is a delete
+    marker still holds old versions, so S3 is asked for versions directly.
+    """
+    if isinstance(store, S3Store):
+        sizes: dict[str, int] = defaultdict(int)
+        counts: dict[str, int] = defaultdict(int)
+        paginator = store.client.get_paginator("list_object_versions")
+        for page in paginator.paginate(Bucket=store.bucket, Prefix=store.prefix + prefix):
+            for item in page.get("Versions", []):
+                key = item["Key"][len(store.prefix):]
+                sizes[key] += int(item["Size"])
+                counts[key] += 1
+            for item in page.get("DeleteMarkers", []):
+                key = item["Key"][len(store.prefix):]
+                sizes[key] += 0
+                counts[key] += 1
+        return [StoredObject(key, sizes[key], counts[key]) for key in sorted(sizes)]
+    return [StoredObject(o.key, o.size, 1) for o in store.list(prefix)]
+
+
+def local_inventory(paths: list[Path]) -> list[LocalPath]:
+    found = []
+    for path in sorted(paths):
+        if path.is_dir():
+            found.append(LocalPath(str(path), sum(p.stat().st_size for p in path.rglob("*") if p.is_file())))
+        elif path.is_file():
+            found.append(LocalPath(str(path), path.stat().st_size))
+    return found
+
+
+def plan_deletion(store: ObjectStore, prefixes: list[str], keys: list[str], local_paths: list[Path], kept: tuple[str, ...] = ()) -> DeletionPlan:
+    objects: dict[str, StoredObject] = {}
+    for prefix in prefixes:
+        for item in inventory(store, prefix):
+            if not any(item.key.startswith(k) for k in kept):
+                objects[item.key] = item
+    for key in keys:
+        for item in inventory(store, key):
+            # A key is also a prefix of longer keys: keep only the key itself.
+            if item.key == key:
+                objects[key] = item
+    return DeletionPlan(tuple(prefixes), tuple(keys), kept, tuple(objects[k] for k in sorted(objects)), tuple(local_inventory(local_paths)))
+
+
+def account_deletion_plan(catalog: Catalog, store: ObjectStore, scratch: Path, account_id: str) -> DeletionPlan:
+    """Everything of the account: its whole prefix (raw, exports, reports, models, ...) and the
+    scratch folders of its jobs, except its invoice documents: billing records are kept, like
+    the usage events and invoices in the catalog."""
+    with catalog.session() as session:
+        job_ids = list(session.scalars(select(Job.job_id).where(Job.account_id == account_id)))
+    prefix = AccountArea(account_id).prefix
+    return plan_deletion(store, [prefix], [], [scratch / job_id for job_id in job_ids], kept=(prefix + "invoices/",))
+
+
+def forget_account_objects(catalog: Catalog, account_id: str) -> None:
+    """The catalog stops pointing at deleted objects; job rows and usage stay (billing evidence)."""
+    with catalog.session() as session:
+        session.execute(update(Job).where(Job.account_id == account_id).values(file_id=None, classified_key=None, export_prefix=None, report_key=None))
+        session.execute(delete(StoredFile).where(StoredFile.account_id == account_id))
+
+
+def execute_deletion(catalog: Catalog, store: ObjectStore, plan: DeletionPlan, account_id: str, rule: str, subject: str, as_of: datetime) -> DeletionAudit:
+    """Delete what the plan lists; the audit entry exists before the first object goes."""
+    summary = plan.summary()
+    with catalog.session() as session:
+        audit = DeletionAudit(
+            account_id=account_id, rule=rule, subject=subject, as_of=as_of, status="started",
+            object_count=summary["objects"], version_count=summary["versions"], bytes=plan.bytes,
+            objects=summary["keys"], local_paths=summary["local_paths"],
+        )  # fmt: skip
+        session.add(audit)
+        session.flush()
+        audit_id = audit.id
+    try:
+        for item in plan.objects:
+            store.delete(item.key)  # every version, on a versioned bucket
+        for local in plan.local_paths:
+            path = Path(local.path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        remaining = _remaining(store, plan)
+        if remaining:
+            raise DeletionIncomplete(f"deletion {audit_id} for account {account_id} ({rule}): still present after deleting: {', '.join(remaining[:20])}")
+    except Exception as error:
+        with catalog.session() as session:
+            failed = session.get(DeletionAudit, audit_id)
+            failed.status, failed.error, failed.finished_at = "failed", str(error), utcnow()
+        raise
+    with catalog.session() as session:
+        done = session.get(DeletionAudit, audit_id)
+        done.status, done.finished_at = "completed", utcnow()
+        session.flush()
+        session.expunge(done)
+        return done
+
+
+def _remaining(store: ObjectStore, plan: DeletionPlan) -> list[str]:
+    """List again: every prefix must be empty, every planned key gone, every local path gone."""
+    left = [o.key for prefix in plan.prefixes for o in inventory(store, prefix) if plan.covers(o.key)]
+    left += [o.key for key in plan.keys for o in inventory(store, key) if o.key == key]
+    left += [p.path for p in plan.local_paths if Path(p.path).exists()]
+    return sorted(set(left))

@@ -1,0 +1,228 @@
+"""What an operator does for one account: legal holds, termination, export of all data, deletion
+on the customer's request, and the lock check the serving code calls."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from pipelines.accounts import get_account
+from pipelines.billing.corrections import TermsUpdate, set_billing_terms
+from pipelines.billing.periods import Period, add_months, start_of
+from pipelines.catalog import Catalog, CatalogError
+from pipelines.catalog.models import Account, BillingCycle
+from pipelines.lifecycle.deletion import (
+    DeletionPlan,
+    account_deletion_plan,
+    execute_deletion,
+    forget_account_objects,
+)
+from pipelines.lifecycle.models import DeletionAudit, LegalHold, Termination
+from pipelines.lifecycle.policy import LifecyclePolicy
+from pipelines.storage import AccountArea
+
+if TYPE_CHECKING:
+    from pipelines.jobs import Runtime
+
+TERMINATION_REASONS = ("customer", "non_payment")
+BUNDLE_FOLDER = "all-data"  # exports/all-data/: earlier bundles, never packed into a new one
+
+
+class LifecycleError(CatalogError):
+    """An operator request that cannot be done as asked; the message says why and what to do."""
+
+
+def _now(now: datetime | None) -> datetime:
+    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+
+
+def is_locked(catalog: Catalog, account_id: str, at: datetime | None = None) -> bool:
+    """True once the account's contract has ended: its data may no longer be served.
+
+    Call it before serving or accepting data (ingest, new jobs, download links). The lock holds
+    from the termination's effective moment, even before the nightly run has recorded it.
+    Exporting all data for the customer during the grace period stays allowed.
+    """
+    with catalog.session() as session:
+        termination = session.get(Termination, account_id)
+    return termination is not None and (termination.locked_at is not None or termination.effective_at <= _now(at))
+
+
+class AccountLocked(LifecycleError):
+    """The account's contract has ended: no uploads, no new jobs, no download links."""
+
+
+def ensure_active(catalog: Catalog, account_id: str, at: datetime | None = None) -> None:
+    if is_locked(catalog, account_id, at):
+        raise AccountLocked(
+            f"account {account_id} is closed: its data is locked until deletion; "
+            "'pointflow accounts export-all' still returns it to the customer"
+        )
+
+
+@dataclass(frozen=True)
+class HoldView:
+    account_id: str
+    hold_id: int
+    reason: str
+    placed_at: datetime
+    released_at: datetime | None
+
+
+def _hold_view(hold: LegalHold) -> HoldView:
+    return HoldView(hold.account_id, hold.id, hold.reason, hold.placed_at, hold.released_at)
+
+
+def place_hold(catalog: Catalog, account_id: str, reason: str, now: datetime | None = None) -> HoldView:
+    """Put the account on legal hold; an identical active hold is returned, not duplicated."""
+    get_account(catalog, account_id)
+    if not reason.strip():
+        raise LifecycleError("a legal hold needs a reason (--reason), e.g. the case reference")
+    with catalog.session() as session:
+        hold = session.scalars(
+            select(LegalHold).where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None), LegalHold.reason == reason.strip())
+        ).first()
+        if hold is None:
+            hold = LegalHold(account_id=account_id, reason=reason.strip(), placed_at=_now(now))
+            session.add(hold)
+            session.flush()
+        return _hold_view(hold)
+
+
+def release_holds(catalog: Catalog, account_id: str, now: datetime | None = None) -> list[HoldView]:
+    """Release every active hold of the account; deletions that were due run on the next run."""
+    get_account(catalog, account_id)
+    with catalog.session() as session:
+        holds = list(session.scalars(select(LegalHold).where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None))))
+        if not holds:
+            raise LifecycleError(f"account {account_id} is not on legal hold")
+        for hold in holds:
+            hold.released_at = _now(now)
+        session.flush()
+        return [_hold_view(h) for h in holds]
+
+
+def active_hold(catalog: Catalog, account_id: str) -> HoldView | None:
+    with catalog.session() as session:
+        hold = session.scalars(select(LegalHold).where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None)).order_by(LegalHold.id)).first()
+        return None if hold is None else _hold_view(hold)
+
+
+def paid_term_end(account: Account, on: date) -> date:
+    """The first day after the paid term that contains `on`: monthly terms are calendar months,
+    quarterly and yearly terms run from the start date's anniversaries (as invoicing bills them)."""
+    if account.billing_cycle == BillingCycle.MONTHLY.value:
+        return Period.of(on).next().first_day
+    step = 3 if account.billing_cycle == BillingCycle.QUARTERLY.value else 12
+    cycles = 1
+    while add_months(account.started_at, cycles * step) <= on:
+        cycles += 1
+    return add_months(account.started_at, cycles * step)
+
+
+@dataclass(frozen=True)
+class TerminationView:
+    account_id: str
+    reason: str
+    effective_at: datetime
+    last_day_of_service: date
+
+
+def terminate_account(catalog: Catalog, account_id: str, reason: str = "customer", effective: date | None = None, now: datetime | None = None) -> TerminationView:
+    """End the contract: access continues until `effective` (default: the end of the paid term),
+    then the data is locked and, after the plan's grace period, deleted by the lifecycle run."""
+    if reason not in TERMINATION_REASONS:
+        raise LifecycleError(f"reason {reason!r} is not one of {', '.join(TERMINATION_REASONS)}")
+    account = get_account(catalog, account_id)
+    now = _now(now)
+    effective = effective or paid_term_end(account, now.date())
+    with catalog.session() as session:
+        known = session.get(Termination, account_id)
+        if known is not None:
+            raise LifecycleError(f"account {account_id} is already terminated ({known.reason}, effective {known.effective_at.isoformat()})")
+        session.add(Termination(account_id=account_id, reason=reason, effective_at=start_of(effective), requested_at=now))
+    last_day = effective - timedelta(days=1)
+    # Billing stops with the service: the subscription is prorated up to the last day.
+    set_billing_terms(catalog, account_id, TermsUpdate(ended_on=last_day))
+    return TerminationView(account_id, reason, start_of(effective), last_day)
+
+
+@dataclass(frozen=True)
+class ExportBundle:
+    account_id: str
+    key: str
+    link: str
+    link_expires_at: datetime
+    objects: int
+    bytes: int
+
+
+def export_all(runtime: Runtime, account_id: str, policy: LifecyclePolicy, now: datetime | None = None) -> ExportBundle:
+    """Pack every current object of the account into one zip in its exports area; return a link.
+
+    Allowed while the account is locked: the grace period is the customer's retrieval window.
+    """
+    account = get_account(runtime.catalog, account_id)
+    with runtime.catalog.session() as session:
+        termination = session.get(Termination, account_id)
+    if termination is not None and termination.deleted_at is not None:
+        raise LifecycleError(f"the data of account {account_id} was deleted on {termination.deleted_at.isoformat()}; nothing to export")
+    now = _now(now)
+    area = AccountArea(account_id)
+    skip = area.key("exports", BUNDLE_FOLDER) + "/"
+    objects = [o for o in runtime.store.list(area.prefix) if not o.key.startswith(skip)]
+    key = area.key("exports", BUNDLE_FOLDER, f"{account_id}-{now:%Y%m%dT%H%M%SZ}.zip")
+    runtime.settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"export-{account_id}-", dir=runtime.settings.scratch_dir))
+    try:
+        bundle = work / "bundle.zip"
+        with zipfile.ZipFile(bundle, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+            for item in objects:
+                # One object on disk at a time: memory and scratch space stay bounded.
+                local = work / "object"
+                runtime.store.get_file(item.key, local)
+                archive.write(local, item.key[len(area.prefix):])
+                local.unlink()
+            archive.writestr("MANIFEST.json", json.dumps({
+                "account_id": account_id, "created_at": now.isoformat(),
+                "objects": [{"path": o.key[len(area.prefix):], "bytes": o.size} for o in objects],
+            }, indent=2))  # fmt: skip
+        runtime.store.put_file(key, bundle)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lifetime = timedelta(days=policy.for_plan(account.plan).export_link_days)
+    return ExportBundle(account_id, key, runtime.store.link(key, lifetime), now + lifetime, len(objects), sum(o.size for o in objects))
+
+
+def deletion_plan(runtime: Runtime, account_id: str) -> DeletionPlan:
+    get_account(runtime.catalog, account_id)
+    return account_deletion_plan(runtime.catalog, runtime.store, runtime.settings.scratch_dir, account_id)
+
+
+def delete_account_data(runtime: Runtime, account_id: str, now: datetime | None = None) -> DeletionAudit:
+    """Delete all of the account's data now, on the customer's request; refused under legal hold."""
+    hold = active_hold(runtime.catalog, account_id)
+    if hold is not None:
+        raise LifecycleError(f"account {account_id} is on legal hold since {hold.placed_at.isoformat()} ({hold.reason}): nothing may be deleted")
+    plan = deletion_plan(runtime, account_id)
+    audit = execute_deletion(runtime.catalog, runtime.store, plan, account_id, "customer_request", "account", _now(now))
+    forget_account_objects(runtime.catalog, account_id)
+    return audit
+
+
+def deletion_audit(catalog: Catalog, account_id: str | None = None) -> list[DeletionAudit]:
+    with catalog.session() as session:
+        query = select(DeletionAudit).order_by(DeletionAudit.id)
+        if account_id is not None:
+            query = query.where(DeletionAudit.account_id == account_id)
+        rows = list(session.scalars(query))
+        session.expunge_all()
+        return rows

@@ -1,0 +1,395 @@
+"""The lifecycle rules, applied as of one moment: `run_lifecycle(runtime, as_of, dry_run)`.
+
+Every rule reads its state from the catalog and records what it did, once per (account, action,
+subject), so successive runs with increasing `as_of` walk the timeline and a repeated run adds
+nothing. Clocks that depend on an e-mail start when the e-mail was really delivered.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from pipelines.billing.overdue import OverdueBalance, overdue_balances
+from pipelines.billing.periods import start_of
+from pipelines.billing.pricebook import PriceBook, load_pricebook, plan_limits
+from pipelines.catalog.models import Account, Job, Plan, StoredFile, UsageEvent
+from pipelines.lifecycle import notices
+from pipelines.lifecycle.deletion import (
+    DeletionIncomplete,
+    DeletionPlan,
+    account_deletion_plan,
+    execute_deletion,
+    forget_account_objects,
+    plan_deletion,
+)
+from pipelines.lifecycle.models import (
+    LegalHold,
+    LifecycleAction,
+    LifecycleNotice,
+    Termination,
+)
+from pipelines.lifecycle.policy import LifecyclePolicy, PlanPolicy, load_policy_from_env
+from pipelines.storage import AccountArea
+
+if TYPE_CHECKING:
+    from pipelines.jobs import Runtime
+
+log = logging.getLogger(__name__)
+
+ACTIONS = (
+    "inactivity_notice", "inactivity_reminder", "closure_averted", "terminated", "data_locked",
+    "data_deleted", "api_results_deleted", "trial_ended", "overdue_notice",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Action:
+    """One thing a run did (or, in a dry run, would do)."""
+
+    account_id: str
+    action: str
+    effective_at: datetime
+    detail: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"account_id": self.account_id, "action": self.action, "effective_at": iso(self.effective_at), "detail": self.detail}
+
+
+class LifecycleRunError(RuntimeError):
+    """Some accounts could not be processed; the others were. `actions` holds what was done."""
+
+    def __init__(self, actions: list[Action], failures: list[str]) -> None:
+        super().__init__("lifecycle run incomplete: " + "; ".join(failures))
+        self.actions = actions
+        self.failures = failures
+
+
+def iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(timezone.utc).isoformat()
+
+
+def add_months(moment: datetime, months: int) -> datetime:
+    """Same day and time `months` later, clamped to the month's end (31 Jan + 1 = 28/29 Feb)."""
+    index = moment.year * 12 + moment.month - 1 + months
+    year, month = divmod(index, 12)
+    return moment.replace(year=year, month=month + 1, day=min(moment.day, calendar.monthrange(year, month + 1)[1]))
+
+
+def run_lifecycle(
+    runtime: Runtime,
+    as_of: datetime | None = None,
+    dry_run: bool = False,
+    policy: LifecyclePolicy | None = None,
+    pricebook: PriceBook | None = None,
+) -> list[Action]:
+    """Apply every rule to every account as of `as_of` (default: now); returns the actions.
+
+    A failure on one account (a deletion that left objects behind) does not stop the others;
+    it is raised at the end as LifecycleRunError, carrying the actions that were taken.
+    """
+    as_of = as_of or datetime.now(timezone.utc)
+    if as_of.tzinfo is None:
+        raise ValueError(f"as_of {as_of.isoformat()} must carry a time zone (UTC)")
+    as_of = as_of.astimezone(timezone.utc)
+    context = _Context(
+        runtime=runtime,
+        as_of=as_of,
+        dry_run=dry_run,
+        policy=policy or load_policy_from_env(),
+        pricebook=pricebook or load_pricebook(runtime.settings.pricebook_path),
+        overdue=overdue_balances(runtime.catalog, as_of),
+    )
+    with runtime.catalog.session() as session:
+        account_ids = list(session.scalars(select(Account.account_id).order_by(Account.account_id)))
+    actions: list[Action] = []
+    failures: list[str] = []
+    for account_id in account_ids:
+        account_run = _AccountRun(context, account_id)
+        try:
+            account_run.run()
+        except DeletionIncomplete as error:
+            log.error("%s", error)
+            failures.append(str(error))
+        actions.extend(account_run.actions)
+    if failures:
+        raise LifecycleRunError(actions, failures)
+    return actions
+
+
+@dataclass(frozen=True)
+class _Context:
+    runtime: Runtime
+    as_of: datetime
+    dry_run: bool
+    policy: LifecyclePolicy
+    pricebook: PriceBook
+    overdue: dict[str, OverdueBalance]
+
+
+class _AccountRun:
+    """The rules for one account. In a dry run, state changes stay in memory and nothing is sent."""
+
+    def __init__(self, context: _Context, account_id: str) -> None:
+        self.context = context
+        self.as_of = context.as_of
+        self.dry_run = context.dry_run
+        self.actions: list[Action] = []
+        catalog = context.runtime.catalog
+        with catalog.session() as session:
+            self.account = session.get(Account, account_id)
+            latest_event = session.scalar(
+                select(func.max(UsageEvent.occurred_at)).where(UsageEvent.account_id == account_id, UsageEvent.kind == "login")
+            )
+            self.termination = session.get(Termination, account_id)
+            self.hold = session.scalars(
+                select(LegalHold).where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None)).order_by(LegalHold.id)
+            ).first()
+            self.notices = {n.key: n for n in session.scalars(select(LifecycleNotice).where(LifecycleNotice.account_id == account_id))}
+            self.done = set(session.execute(select(LifecycleAction.action, LifecycleAction.subject).where(LifecycleAction.account_id == account_id)).all())
+            session.expunge_all()
+        # Logins come from account imports (last_login_at) and from login usage events: the latest counts.
+        logins = [t for t in (self.account.last_login_at, latest_event) if t is not None]
+        self.last_login = max(logins) if logins else None
+        self.plan_policy: PlanPolicy = context.policy.for_plan(self.account.plan)
+
+    def run(self) -> None:
+        if self.termination is None:
+            self._trial()
+        if self.termination is None:
+            self._inactivity()
+        if self.termination is not None and self.as_of >= self.termination.effective_at:
+            self._terminated()
+        deleted = self.termination is not None and self.termination.deleted_at is not None
+        if self.account.plan == Plan.API.value and not deleted:
+            self._api_results()
+        if self.termination is None or self.as_of < self.termination.effective_at:
+            self._overdue()
+
+    # -- recording -------------------------------------------------------------------------
+
+    def _emit(self, action: str, subject: str, effective_at: datetime, detail: dict[str, Any]) -> None:
+        """Record and report the action once; a concurrent run that recorded it first reports it."""
+        if (action, subject) in self.done:
+            return
+        self.done.add((action, subject))
+        if not self.dry_run:
+            try:
+                with self.context.runtime.catalog.session() as session:
+                    session.add(LifecycleAction(account_id=self.account.account_id, action=action, subject=subject,
+                                                effective_at=effective_at, as_of=self.as_of, detail=detail))  # fmt: skip
+            except IntegrityError:
+                return
+        self.actions.append(Action(self.account.account_id, action, effective_at, detail))
+
+    def _notify(self, draft: notices.Draft, detail: dict[str, Any]) -> LifecycleNotice | None:
+        known = self.notices.get(draft.key)
+        if known is not None:
+            return known
+        if self.dry_run:
+            notice = LifecycleNotice(key=draft.key, kind=draft.kind, sent_at=self.as_of, message_id=None, detail=detail)
+        else:
+            runtime = self.context.runtime
+            notice = notices.deliver(runtime.settings, runtime.catalog, self.account, draft, self.as_of, detail)
+        if notice is not None:
+            self.notices[draft.key] = notice
+        return notice
+
+    def _save_termination(self) -> None:
+        if not self.dry_run:
+            with self.context.runtime.catalog.session() as session:
+                session.merge(self.termination)
+
+    # -- rules -----------------------------------------------------------------------------
+
+    def _trial(self) -> None:
+        if self.account.plan != Plan.TRIAL.value:
+            return
+        started = self.account.started_at
+        days = self.context.pricebook.terms(Plan.TRIAL.value, started).trial_days
+        if days is None:
+            return
+        ends_at = start_of(started) + timedelta(days=days)
+        if self.as_of < ends_at:
+            return
+        self._emit("trial_ended", "trial", ends_at, {"started_on": started.isoformat(), "trial_days": days})
+        self._terminate("trial_ended", ends_at)
+
+    def _terminate(self, reason: str, effective_at: datetime) -> None:
+        self.termination = Termination(account_id=self.account.account_id, reason=reason, effective_at=effective_at, requested_at=self.as_of)
+        self._save_termination()
+
+    def _inactivity(self) -> None:
+        policy = self.plan_policy
+        months = policy.inactivity_notice_after_months
+        # An account that never logged in has been inactive since its contract started.
+        reference = self.last_login or start_of(self.account.started_at)
+        cycle = iso(reference)
+        self._averted(cycle, reference)
+        if months is None or self.as_of < add_months(reference, months):
+            return
+        notice_draft_key = f"lifecycle:inactivity_notice:{self.account.account_id}:{cycle}"
+        notice = self.notices.get(notice_draft_key)
+        grace = policy.grace_months
+        if notice is None:
+            closure_at = add_months(self.as_of, policy.closure_after_notice_months)
+            deletion_at = add_months(closure_at, grace)
+            detail = {"cycle": cycle, "last_login_at": iso(self.last_login), "closure_at": iso(closure_at), "deletion_at": iso(deletion_at)}
+            notice = self._notify(notices.inactivity_notice(self.account, cycle, reference, months, closure_at, deletion_at), detail)
+            if notice is not None:
+                self._emit("inactivity_notice", cycle, self.as_of, {**detail, "message_id": notice.message_id})
+            return
+        # The closure clock runs from the notice's real delivery, and the last reminder must have
+        # been delivered (and its days given) before the account closes.
+        closure_at = add_months(notice.sent_at, policy.closure_after_notice_months)
+        final_days = min(policy.reminder_days_before_closure)
+        final = self.notices.get(self._reminder_key(cycle, final_days))
+        if final is not None:
+            closure = max(closure_at, final.sent_at + timedelta(days=final_days))
+            if self.as_of >= closure:
+                self._terminate("inactivity", closure)
+                return
+        due = [d for d in policy.reminder_days_before_closure if self.as_of >= closure_at - timedelta(days=d)]
+        if not due or self._reminder_key(cycle, min(due)) in self.notices:
+            return
+        days = min(due)
+        # Reminders whose day passed unsent (outage, missed runs) are superseded by the nearest one.
+        closure = max(closure_at, self.as_of + timedelta(days=final_days))
+        deletion_at = add_months(closure, grace)
+        detail = {"cycle": cycle, "days_before_closure": days, "closure_at": iso(closure), "deletion_at": iso(deletion_at)}
+        reminder = self._notify(notices.inactivity_reminder(self.account, cycle, days, closure, deletion_at), detail)
+        if reminder is not None:
+            self._emit("inactivity_reminder", f"{cycle}:{days}", self.as_of, {**detail, "message_id": reminder.message_id})
+
+    def _reminder_key(self, cycle: str, days: int) -> str:
+        return f"lifecycle:inactivity_reminder:{self.account.account_id}:{cycle}:{days}"
+
+    def _averted(self, cycle: str, login: datetime) -> None:
+        """A login after a notice (any notice of an older cycle) averts that cycle's closure."""
+        prefix = f"lifecycle:inactivity_notice:{self.account.account_id}:"
+        for key, notice in sorted(self.notices.items()):
+            if notice.kind == "inactivity_notice" and key.startswith(prefix) and key[len(prefix):] != cycle:
+                old_cycle = key[len(prefix):]
+                self._emit("closure_averted", old_cycle, login, {"cycle": old_cycle, "notice_sent_at": iso(notice.sent_at), "login_at": iso(login)})
+
+    def _terminated(self) -> None:
+        termination = self.termination
+        policy = self.plan_policy
+        self._emit("terminated", "termination", termination.effective_at, {"reason": termination.reason})
+        newly_locked = termination.locked_at is None
+        if newly_locked:
+            termination.locked_at = self.as_of
+            self._save_termination()
+        if termination.announced_at is None:
+            deletion_at = add_months(self.as_of, policy.grace_months)
+            detail = {"reason": termination.reason, "deletion_at": iso(deletion_at)}
+            notice = self._notify(notices.data_locked(self.account, termination.reason, termination.effective_at, deletion_at), detail)
+            if notice is not None:
+                # The grace period runs from the announcement: nobody loses data to a failed e-mail.
+                termination.announced_at = notice.sent_at
+                termination.deletion_due_at = add_months(notice.sent_at, policy.grace_months)
+                self._save_termination()
+            # The lock is reported when it happens; an announcement that failed then is reported
+            # again once it goes out, because only then does the deletion date exist.
+            if newly_locked or notice is not None:
+                self._emit("data_locked", "lock" if newly_locked else "announcement", termination.effective_at, {
+                    "reason": termination.reason,
+                    "locked_at": iso(termination.locked_at),
+                    "deletion_at": iso(termination.deletion_due_at),
+                    "notice": {"status": "sent", "message_id": notice.message_id} if notice else {"status": "not delivered, retried next run"},
+                })  # fmt: skip
+        if termination.deletion_due_at is None or self.as_of < termination.deletion_due_at or termination.deleted_at is not None:
+            return
+        if self._blocked("data_deleted", "account", termination.deletion_due_at):
+            return
+        runtime = self.context.runtime
+        plan = account_deletion_plan(runtime.catalog, runtime.store, runtime.settings.scratch_dir, self.account.account_id)
+        detail = self._delete(plan, f"termination:{termination.reason}", "account", termination.deletion_due_at)
+        if not self.dry_run:
+            forget_account_objects(runtime.catalog, self.account.account_id)
+            termination.deleted_at = self.as_of
+            self._save_termination()
+        self._emit("data_deleted", "account", self.as_of, detail)
+
+    def _blocked(self, action: str, subject: str, due_at: datetime) -> bool:
+        """A legal hold stops every deletion; reported once per hold and subject."""
+        if self.hold is None:
+            return False
+        self._emit(action, f"blocked:hold-{self.hold.id}:{subject}", self.as_of, {
+            "status": "blocked", "reason": f"legal hold: {self.hold.reason}", "hold_placed_at": iso(self.hold.placed_at), "due_at": iso(due_at),
+        })  # fmt: skip
+        return True
+
+    def _delete(self, plan: DeletionPlan, rule: str, subject: str, due_at: datetime) -> dict[str, Any]:
+        detail = {"status": "dry_run" if self.dry_run else "deleted", "rule": rule, "due_at": iso(due_at), **plan.summary()}
+        if not self.dry_run:
+            runtime = self.context.runtime
+            audit = execute_deletion(runtime.catalog, runtime.store, plan, self.account.account_id, rule, subject, self.as_of)
+            detail["audit_id"] = audit.id
+        return detail
+
+    def _api_results(self) -> None:
+        account_id = self.account.account_id
+        with self.context.runtime.catalog.session() as session:
+            jobs = list(session.scalars(select(Job).where(Job.account_id == account_id).order_by(Job.finished_at, Job.job_id)))
+            files = {f.id: f for f in session.scalars(select(StoredFile).where(StoredFile.account_id == account_id))}
+            session.expunge_all()
+
+        def due_at(job: Job) -> datetime | None:
+            if job.finished_at is None:
+                return None
+            days = plan_limits(self.context.pricebook, Plan.API.value, job.finished_at.date()).result_retention_days
+            return None if days is None else job.finished_at + timedelta(days=days)
+
+        area = AccountArea(account_id)
+        scratch = self.context.runtime.settings.scratch_dir
+        for job in jobs:
+            due = due_at(job)
+            if due is None or self.as_of < due or ("api_results_deleted", job.job_id) in self.done:
+                continue
+            if self._blocked("api_results_deleted", job.job_id, due):
+                continue
+            # Everything the job wrote: output, export (and its staging folder), reports, quarantine.
+            prefixes = [area.key("classified", job.job_id) + "/", area.key("exports", job.job_id) + "/",
+                        area.key("tmp", "exports", job.job_id) + "/", area.key("reports", job.job_id) + "-",
+                        area.key("quarantine", job.job_id) + "-"]  # fmt: skip
+            keys = []
+            stored = files.get(job.file_id) if job.file_id is not None else None
+            # The same bytes uploaded twice are one file: it goes only when every job using it is due.
+            sharers = [j for j in jobs if j.file_id == job.file_id]
+            input_due = stored is not None and all((d := due_at(j)) is not None and self.as_of >= d for j in sharers)
+            if input_due:
+                keys.append(stored.key)
+            plan = plan_deletion(self.context.runtime.store, prefixes, keys, [scratch / job.job_id])
+            detail = {"job_id": job.job_id, "finished_at": iso(job.finished_at), **self._delete(plan, "api_results", job.job_id, due)}
+            if not self.dry_run:
+                with self.context.runtime.catalog.session() as session:
+                    session.execute(update(Job).where(Job.job_id == job.job_id).values(classified_key=None, export_prefix=None, report_key=None))
+                    if input_due:
+                        session.execute(update(Job).where(Job.file_id == stored.id).values(file_id=None))
+                        session.execute(delete(StoredFile).where(StoredFile.id == stored.id))
+            self._emit("api_results_deleted", job.job_id, self.as_of, detail)
+
+    def _overdue(self) -> None:
+        balance = self.context.overdue.get(self.account.account_id)
+        if balance is None:
+            return
+        policy = self.plan_policy
+        stop_at = start_of(balance.oldest_due_date) + timedelta(days=policy.overdue_service_stop_days)
+        notice_days = timedelta(days=policy.overdue_notice_days)
+        if self.as_of < stop_at - notice_days:
+            return
+        # A late run never gives less warning than the policy promises.
+        stop_at = max(stop_at, self.as_of + notice_days)
+        due = balance.oldest_due_date.isoformat()
+        currency = self.context.pricebook.currency
+        detail = {"amount": str(balance.amount), "currency": currency, "oldest_due_date": due, "service_stops_at": iso(stop_at)}
+        notice = self._notify(notices.overdue_notice(self.account, balance.amount, currency, due, stop_at), detail)
+        if notice is not None:
+            self._emit("overdue_notice", due, self.as_of, {**notice.detail, "message_id": notice.message_id})

@@ -1,0 +1,162 @@
+"""Delivery: the artifacts, atomic publishing under a crash, links, their expiry, the free-plan ban, the e-mail."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from email import message_from_bytes, policy
+from pathlib import Path
+
+import laspy
+import pytest
+import requests
+
+from pipelines.accounts import upsert_accounts
+from pipelines.export import DownloadRefused, ExportNotReady, artifact_link, download_links, published_exports, read_manifest
+from pipelines.jobs import Runtime, classify_step, create_job, deliver_step, export_step, ingest_step, job_view, validate_step
+from pipelines.notify import outbox_messages
+from pipelines.settings import Settings
+from pipelines.storage import file_sha256
+from tests.conftest import make_account
+
+
+def classified_job(runtime: Runtime, account_id: str, source: Path, job_id: str = "job-x") -> str:
+    create_job(runtime, job_id, account_id, str(source), "standard")
+    ingest_step(runtime, job_id)
+    validate_step(runtime, job_id)
+    classify_step(runtime, job_id, workers=1)
+    return job_id
+
+
+@pytest.fixture
+def pro(runtime: Runtime) -> str:
+    upsert_accounts(runtime.catalog, [make_account("pro", plan="professional")])
+    return "pro"
+
+
+def test_export_holds_points_summaries_preview_and_report(runtime: Runtime, pro: str, scene_path: Path, tmp_path: Path) -> None:
+    job_id = classified_job(runtime, pro, scene_path)
+    export_step(runtime, job_id)
+    manifest = read_manifest(runtime.store, job_view(runtime, job_id)["export_prefix"])
+    kinds = {a["name"]: a["kind"] for a in manifest["artifacts"]}
+    assert kinds == {"scene.laz": "points", "classes.csv": "summary", "classes.json": "summary", "preview.png": "preview", "validation.html": "report"}
+    for artifact in manifest["artifacts"]:
+        local = tmp_path / artifact["name"]
+        runtime.store.get_file(artifact["key"], local)
+        assert file_sha256(local) == artifact["sha256"] and local.stat().st_size == artifact["size"]
+    assert (tmp_path / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((tmp_path / "classes.json").read_text())
+    assert sum(r["points"] for r in rows) == len(laspy.read(tmp_path / "scene.laz")) == manifest["points"]["output"]
+    assert (tmp_path / "classes.csv").read_text().splitlines()[0] == "class,name,points,percent"
+    assert list(runtime.store.list(f"accounts/{pro}/tmp/")) == []
+
+
+def test_las_export_format(runtime: Runtime, pro: str, scene_path: Path, tmp_path: Path) -> None:
+    job_id = classified_job(runtime, pro, scene_path)
+    export_step(runtime, job_id, export_format="las")
+    manifest = read_manifest(runtime.store, job_view(runtime, job_id)["export_prefix"])
+    [points] = [a for a in manifest["artifacts"] if a["kind"] == "points"]
+    assert points["name"] == "scene.las"
+    runtime.store.get_file(points["key"], tmp_path / "scene.las")
+    data = laspy.read(tmp_path / "scene.las")
+    assert not data.header.are_points_compressed and len(data) == manifest["points"]["output"]
+
+
+def test_crash_between_artifacts_leaves_nothing_visible_and_a_rerun_completes(runtime: Runtime, pro: str, scene_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    job_id = classified_job(runtime, pro, scene_path)
+    store_type = type(runtime.store)
+    real_copy = store_type.copy
+    copies: list[str] = []
+
+    def crash_on_third_copy(store, source, destination):
+        copies.append(destination)
+        if len(copies) == 3:
+            raise OSError("worker killed")
+        return real_copy(store, source, destination)
+
+    monkeypatch.setattr(store_type, "copy", crash_on_third_copy)
+    with pytest.raises(OSError, match="worker killed"):
+        export_step(runtime, job_id)
+    assert job_view(runtime, job_id)["state"] == "classified"
+    assert published_exports(runtime.store, pro) == []
+    with pytest.raises(ExportNotReady):
+        download_links(runtime.store, pro, job_id, True, timedelta(hours=1))
+    with pytest.raises(ExportNotReady):
+        artifact_link(runtime.store, pro, copies[0], True, timedelta(hours=1))
+
+    monkeypatch.setattr(store_type, "copy", real_copy)
+    export_step(runtime, job_id)
+    [manifest] = published_exports(runtime.store, pro)
+    first = {a["name"]: a["sha256"] for a in manifest["artifacts"]}
+    with runtime.catalog.session() as session:
+        from pipelines.catalog.models import Job
+
+        session.get(Job, job_id).state = "classified"  # run the export task once more
+    export_step(runtime, job_id)
+    [again] = published_exports(runtime.store, pro)
+    assert {a["name"]: a["sha256"] for a in again["artifacts"]} == first
+
+
+def test_free_plan_gets_report_and_preview_but_no_point_files(runtime: Runtime, scene_path: Path) -> None:
+    upsert_accounts(runtime.catalog, [make_account("gratis", plan="free")])
+    job_id = classified_job(runtime, "gratis", scene_path)
+    export_step(runtime, job_id)
+    deliver_step(runtime, job_id)
+    links = download_links(runtime.store, "gratis", job_id, downloads_allowed=False, expires_in=timedelta(days=1))
+    assert {link.kind for link in links} == {"summary", "preview", "report"}
+    manifest = read_manifest(runtime.store, job_view(runtime, job_id)["export_prefix"])
+    [points] = [a for a in manifest["artifacts"] if a["kind"] == "points"]
+    with pytest.raises(DownloadRefused, match="free plan"):
+        artifact_link(runtime.store, "gratis", points["key"], downloads_allowed=False, expires_in=timedelta(days=1))
+    [mail] = outbox_messages(runtime.settings)
+    body = message_from_bytes(mail.read_bytes(), policy=policy.default).get_content()
+    assert "preview.png" in body and "scene.laz" not in body.split("Downloads")[1] and "upgrade" in body
+
+
+def test_ready_email_has_links_classes_and_classifier_version(runtime: Runtime, pro: str, scene_path: Path) -> None:
+    job_id = classified_job(runtime, pro, scene_path)
+    export_step(runtime, job_id)
+    deliver_step(runtime, job_id)
+    deliver_step(runtime, job_id)  # a retry sends nothing more
+    [mail] = outbox_messages(runtime.settings)
+    message = message_from_bytes(mail.read_bytes(), policy=policy.default)
+    body = message.get_content()
+    summary = job_view(runtime, job_id)["summary"]
+    assert message["To"] == "ops@pro.example"
+    assert f"{summary['classifier']} {summary['classifier_version']}" in body
+    assert "ground" in body and "scene.laz: file://" in body and "preview.png" in body
+
+
+def test_one_account_cannot_link_another_accounts_export(runtime: Runtime, pro: str, scene_path: Path) -> None:
+    upsert_accounts(runtime.catalog, [make_account("other")])
+    job_id = classified_job(runtime, pro, scene_path)
+    export_step(runtime, job_id)
+    key = read_manifest(runtime.store, job_view(runtime, job_id)["export_prefix"])["artifacts"][0]["key"]
+    with pytest.raises(DownloadRefused, match="not an export of account other"):
+        artifact_link(runtime.store, "other", key, True, timedelta(hours=1))
+    with pytest.raises(ExportNotReady):
+        download_links(runtime.store, "other", job_id, True, timedelta(hours=1))
+
+
+def test_presigned_links_carry_the_plan_lifetime(home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, scene_path: Path) -> None:
+    """The moto server does not enforce expiry (AWS and MinIO do), so check what the links sign."""
+    from urllib.parse import parse_qs, urlparse
+
+    from pipelines.jobs import delivery_terms
+
+    monkeypatch.setenv("POINTFLOW_STORAGE_URL", f"s3://{s3_bucket}")
+    runtime = Runtime.from_settings(Settings.from_env())
+    upsert_accounts(runtime.catalog, [make_account("pro", plan="professional"), make_account("api1", plan="api")])
+    assert delivery_terms(runtime, "api1") == (True, timedelta(days=10))
+    assert delivery_terms(runtime, "pro") == (True, timedelta(days=7))
+    job_id = classified_job(runtime, "pro", scene_path)
+    export_step(runtime, job_id)
+
+    def signed_seconds(expires_in: timedelta) -> int:
+        [link] = [link for link in download_links(runtime.store, "pro", job_id, True, expires_in) if link.kind == "preview"]
+        assert requests.get(link.url, timeout=10).status_code == 200
+        return int(parse_qs(urlparse(link.url).query)["X-Amz-Expires"][0])
+
+    assert signed_seconds(timedelta(hours=2)) == 7200
+    # SigV4 links cannot outlive 7 days, so a 10-day retention is served as 7-day links.
+    assert signed_seconds(timedelta(days=10)) == 7 * 24 * 3600

@@ -1,0 +1,175 @@
+"""Lifecycle operations from the command line (terminate, export-all, delete, audit), the policy
+file, loud failure when a deletion leaves objects behind, and the nightly DAG run once."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import replace
+from datetime import date, datetime, timezone
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+from sqlalchemy import select
+
+from pipelines.accounts import get_account, upsert_accounts
+from pipelines.billing.models import BillingTerms
+from pipelines.catalog.models import Account
+from pipelines.cli import main
+from pipelines.jobs import Runtime
+from pipelines.lifecycle import PolicyError, is_locked, load_policy, load_policy_from_env
+from pipelines.lifecycle.models import DeletionAudit, LifecycleAction
+from pipelines.lifecycle.operations import paid_term_end
+from pipelines.settings import Settings
+from tests.conftest import make_account
+
+UTC = timezone.utc
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str, code: int = 0) -> str:
+    result = main(list(argv))
+    captured = capsys.readouterr()
+    assert result == code, captured.err
+    return captured.out if code == 0 else captured.err
+
+
+def seed(runtime: Runtime, account_id: str) -> dict[str, bytes]:
+    objects = {
+        f"accounts/{account_id}/raw/abc-scan.laz": b"L" * 300,
+        f"accounts/{account_id}/exports/job-1/scan.laz": b"E" * 200,
+        f"accounts/{account_id}/exports/job-1/manifest.json": b'{"ok": true}',
+        f"accounts/{account_id}/models/custom.json": b"{}",
+    }
+    for key, data in objects.items():
+        runtime.store.put_bytes(key, data)
+    return objects
+
+
+def test_export_all_bundles_every_object_with_a_link(runtime: Runtime, capsys) -> None:
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    objects = seed(runtime, "acme")
+    first = json.loads(cli(capsys, "accounts", "export-all", "acme", "--json"))
+    assert (first["objects"], first["bytes"]) == (4, sum(len(d) for d in objects.values()))
+    assert first["key"].startswith("accounts/acme/exports/all-data/acme-") and first["key"].endswith(".zip")
+    archive = zipfile.ZipFile(io.BytesIO(Path(unquote(urlparse(first["link"]).path)).read_bytes()))
+    for key, data in objects.items():
+        assert archive.read(key.removeprefix("accounts/acme/")) == data
+    manifest = json.loads(archive.read("MANIFEST.json"))
+    assert len(manifest["objects"]) == 4
+    # A later bundle does not pack the earlier one.
+    runtime.store.put_bytes("accounts/acme/raw/def-more.laz", b"M")
+    second = json.loads(cli(capsys, "accounts", "export-all", "acme", "--json"))
+    assert second["objects"] == 5
+
+
+def test_export_all_on_s3_gives_a_presigned_link(home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from urllib.request import urlopen
+
+    monkeypatch.setenv("POINTFLOW_STORAGE_URL", f"s3://{s3_bucket}")
+    runtime = Runtime.from_settings(Settings.from_env())
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    objects = seed(runtime, "acme")
+    bundle = json.loads(cli(capsys, "accounts", "export-all", "acme", "--json"))
+    archive = zipfile.ZipFile(io.BytesIO(urlopen(bundle["link"]).read()))
+    assert sorted(archive.namelist()) == sorted([k.removeprefix("accounts/acme/") for k in objects] + ["MANIFEST.json"])
+
+
+def test_delete_lists_without_confirm_and_deletes_with_it(runtime: Runtime, capsys) -> None:
+    upsert_accounts(runtime.catalog, [make_account("acme"), make_account("other")])
+    objects = seed(runtime, "acme")
+    seed(runtime, "other")
+    err = cli(capsys, "accounts", "delete", "acme", code=2)
+    assert "add --confirm" in err
+    assert all(runtime.store.exists(k) for k in objects)
+    listing = cli(capsys, "accounts", "delete", "acme", "--confirm", "--json")
+    result = json.loads(listing)
+    assert result["deleted"] is True and sorted(k["key"] for k in result["keys"]) == sorted(objects)
+    assert list(runtime.store.list("accounts/acme/")) == [] and len(list(runtime.store.list("accounts/other/"))) == 4
+    audit = json.loads(cli(capsys, "lifecycle", "audit", "--account", "acme", "--json"))
+    assert [(a["rule"], a["status"], a["objects"], a["bytes"]) for a in audit] == [("customer_request", "completed", 4, sum(len(d) for d in objects.values()))]
+    assert get_account(runtime.catalog, "acme").email == "ops@acme.example"  # the account (billing record) stays
+
+
+def test_a_deletion_that_leaves_objects_behind_fails_loudly(runtime: Runtime, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    seed(runtime, "acme")
+    real_delete = type(runtime.store).delete
+
+    def delete_but_one(store, key):
+        if not key.endswith("manifest.json"):
+            real_delete(store, key)
+
+    monkeypatch.setattr(type(runtime.store), "delete", delete_but_one)
+    err = cli(capsys, "accounts", "delete", "acme", "--confirm", code=1)
+    assert "still present" in err and "accounts/acme/exports/job-1/manifest.json" in err
+    with runtime.catalog.session() as session:
+        [audit] = session.scalars(select(DeletionAudit))
+        assert audit.status == "failed" and "manifest.json" in audit.error
+
+    # In a lifecycle run the other accounts are still processed, then the run fails.
+    cli(capsys, "accounts", "terminate", "acme", "--effective", "2027-01-01")
+    cli(capsys, "lifecycle", "run", "--as-of", "2027-01-01T03:00:00Z")
+    err = cli(capsys, "lifecycle", "run", "--as-of", "2027-02-01T03:00:00Z", code=1)
+    assert "lifecycle run incomplete" in err and "manifest.json" in err
+
+
+def test_terminate_defaults_to_the_end_of_the_paid_term_and_stops_billing(runtime: Runtime, capsys) -> None:
+    upsert_accounts(runtime.catalog, [make_account("monthly"), replace(make_account("yearly"), billing_cycle="yearly", started_at=date(2026, 3, 15))])
+    with runtime.catalog.session() as session:
+        monthly, yearly = session.get(Account, "monthly"), session.get(Account, "yearly")
+        assert paid_term_end(monthly, date(2026, 11, 22)) == date(2026, 12, 1)
+        assert paid_term_end(yearly, date(2026, 11, 22)) == date(2027, 3, 15)
+        assert paid_term_end(yearly, date(2027, 3, 15)) == date(2028, 3, 15)
+    out = cli(capsys, "accounts", "terminate", "monthly", "--effective", "2027-02-01", "--reason", "non_payment")
+    assert "last day of service 2027-01-31" in out
+    with runtime.catalog.session() as session:
+        assert session.get(BillingTerms, "monthly").ended_on == date(2027, 1, 31)
+    assert not is_locked(runtime.catalog, "monthly", datetime(2027, 1, 31, 23, 59, tzinfo=UTC))
+    assert is_locked(runtime.catalog, "monthly", datetime(2027, 2, 1, tzinfo=UTC))
+    assert "already terminated" in cli(capsys, "accounts", "terminate", "monthly", code=2)
+    assert "unknown account" in cli(capsys, "accounts", "terminate", "ghost", code=2)
+
+
+def test_policy_file_per_plan_and_from_the_environment(tmp_path: Path, runtime: Runtime, smtp_sink, capsys, monkeypatch) -> None:
+    default = load_policy()
+    assert default.for_plan("free").inactivity_notice_after_months == 12
+    assert default.for_plan("professional").inactivity_notice_after_months is None
+    assert default.for_plan("trial").grace_months == 1 and default.for_plan("free").reminder_days_before_closure == (30, 7)
+    custom = tmp_path / "policy.yaml"
+    custom.write_text("defaults:\n  grace_months: 2\nplans:\n  free:\n    inactivity_notice_after_months: 6\n    reminder_days_before_closure: [14]\n")
+    monkeypatch.setenv("POINTFLOW_LIFECYCLE_POLICY", str(custom))
+    policy = load_policy_from_env()
+    assert (policy.for_plan("free").inactivity_notice_after_months, policy.for_plan("free").grace_months) == (6, 2)
+    upsert_accounts(runtime.catalog, [replace(make_account("short", "free"), last_login_at=datetime(2026, 1, 1, tzinfo=UTC))])
+    [notice] = json.loads(cli(capsys, "lifecycle", "run", "--as-of", "2026-07-01T00:00:00Z", "--json"))
+    assert notice["detail"]["deletion_at"] == "2026-11-01T00:00:00+00:00"  # closure + 2 months of grace
+    for text, message in [
+        ("defaults:\n  grace_days: 3\n", "unknown field"),
+        ("defaults:\n  reminder_days_before_closure: []\n", "non-empty list"),
+        ("plans:\n  free:\n    inactivity_notice_after_months: 12\n    reminder_days_before_closure: [90]\n", "reminders must come after the notice"),
+        ("defaults:\n  grace_months: -1\n", "whole number"),
+    ]:
+        custom.write_text(text)
+        with pytest.raises(PolicyError, match=message):
+            load_policy(custom)
+    assert "does not exist" in cli(capsys, "lifecycle", "run", "--policy", str(tmp_path / "missing.yaml"), code=2)
+
+
+def test_nightly_dag_applies_the_rules_as_of_its_logical_date(airflow_home: Path, runtime: Runtime, smtp_sink) -> None:
+    from pipelines.airflow_local import load_dag
+
+    dag = load_dag("lifecycle_nightly")
+    assert [t.task_id for t in dag.tasks] == ["apply_rules"]
+    upsert_accounts(runtime.catalog, [replace(make_account("sleepy", "free"), last_login_at=datetime(2026, 1, 10, 9, tzinfo=UTC))])
+    logical = datetime(2027, 1, 11, 3, tzinfo=UTC)
+    dag_run = dag.test(logical_date=logical)
+    assert str(dag_run.state) == "success"
+    with runtime.catalog.session() as session:
+        [action] = session.scalars(select(LifecycleAction))
+        assert (action.action, action.as_of, action.effective_at) == ("inactivity_notice", logical, logical)
+    assert len(smtp_sink.messages) == 1
+    # The same night again: nothing new.
+    dag.test(logical_date=logical)
+    assert len(smtp_sink.messages) == 1
