@@ -7,8 +7,11 @@ IGN LiDAR HD (Saint-Barthelemy), lidR example data.  CSF is the cloth simulation
 (Zhang et al. 2016, PyPI cloth-simulation-filter) with its out-of-the-box parameters, once with
 its default bSloopSmooth=True and once with bSloopSmooth=False.
 
-Timings are classification only (no file I/O), time.perf_counter, best of 3 runs for pointflow and
-a single run for CSF (it is much slower and deterministic).
+Timings are classification only (no file I/O), time.perf_counter, one core (CSF's OpenMP is
+limited to one thread), best of 3 runs for pointflow and a single run for CSF (it is slower on
+most files and deterministic).  The tiling table replays what the
+tiled runner does (tiles with a buffer ring, core points kept) and compares with untiled runs.
+The trained section fits the per-account model on the IGN block and scores held-out 10 m tiles.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import laspy
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from pipelines.classifiers import PointBlock, get_classifier
 
@@ -77,7 +81,8 @@ def csf_ground(slope_smooth: bool) -> Callable[[PointBlock], np.ndarray]:
         csf.params.bSloopSmooth = slope_smooth
         csf.setPointCloud(xyz)
         ground, off_ground = CSF.VecInt(), CSF.VecInt()
-        with quiet_stdout():
+        # CSF runs OpenMP threads; one thread keeps the speed comparison per core.
+        with quiet_stdout(), threadpool_limits(limits=1, user_api="openmp"):
             csf.do_filtering(ground, off_ground, False)
         out = np.ones(len(block), dtype=np.uint8)
         out[np.asarray(ground, dtype=np.intp)] = GROUND_CLASS
@@ -158,7 +163,8 @@ def classify_tiled(classify: Callable[[PointBlock], np.ndarray], block: PointBlo
 def table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(  # noqa: E731
-        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        c.ljust(w) if i == 0 else c.rjust(w)
+        for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -175,100 +181,147 @@ def scored_mask(item: Labelled) -> np.ndarray:
     return np.ones(item.labels.size, dtype=bool)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--no-csf", action="store_true", help="skip the CSF comparison")
-    args = parser.parse_args(argv)
+def class_rows(reference: np.ndarray, predicted: np.ndarray,
+               classes: list[tuple[str, int, float | None]]) -> list[list[str]]:
+    rows = []
+    for label, code, target in classes:
+        tp = np.count_nonzero((predicted == code) & (reference == code))
+        n_pred, n_ref = np.count_nonzero(predicted == code), np.count_nonzero(reference == code)
+        rows.append([label, str(n_ref), str(n_pred), f"{tp / max(n_pred, 1):.3f}",
+                     f"{tp / max(n_ref, 1):.3f}", f"{2 * tp / max(n_pred + n_ref, 1):.3f}",
+                     "" if target is None else f">= {target:.2f}"])
+    return rows
 
-    isprs = [load(args.data / "isprs" / f"{s}.las") for s in ISPRS]
-    others = [load(args.data / f) for f in
-              ("lidr_megaplot.laz", "lidr_topography.laz", "ign_st_barth_100m.laz")]
-    ground = get_classifier("ground")
-    standard = get_classifier("standard")
-    methods: list[tuple[str, Callable[[PointBlock], np.ndarray], int]] = [
-        ("pointflow ground", ground.classify, 3),
-        ("pointflow standard", standard.classify, 3),
-    ]
-    if not args.no_csf:
-        methods += [("CSF default", csf_ground(True), 1),
-                    ("CSF bSloopSmooth=False", csf_ground(False), 1)]
 
-    results: dict[tuple[str, str], tuple[np.ndarray, float]] = {}
-    for item in isprs + others:
-        for method, classify, repeats in methods:
-            results[item.name, method] = timed(classify, item.block, repeats)
+CLASS_HEADERS = ["class", "reference", "predicted", "precision", "recall", "F1", "target"]
+IGN_CLASSES: list[tuple[str, int, float | None]] = [
+    ("ground 2", 2, 0.95), ("vegetation 3/4/5", 5, 0.90), ("building 6", 6, 0.90),
+    ("low noise 7", 7, None)]
 
+Results = dict[tuple[str, str], tuple[np.ndarray, float]]
+
+
+def report_ground(items: list[Labelled], methods: list[str], results: Results) -> None:
     print("Ground filtering (ASPRS 2 vs rest); TE total error, I ground rejected, II object "
           "accepted, in %; speed = classification only")
     rows: list[list[str]] = []
-    means: dict[str, list[GroundScore]] = {m: [] for m, _, _ in methods}
-    for item in isprs + others:
+    means: dict[str, list[GroundScore]] = {m: [] for m in methods}
+    for item in items:
         keep = scored_mask(item)
-        for method, _, _ in methods:
+        for method in methods:
             classes, seconds = results[item.name, method]
             s = ground_score(item.labels[keep] == GROUND_CLASS, classes[keep] == GROUND_CLASS)
-            if item in isprs:
+            if item.name in ISPRS:
                 means[method].append(s)
             rows.append([item.name, method, str(int(keep.sum())), pct(s.total), pct(s.type1),
                          pct(s.type2), f"{s.kappa:.3f}", f"{s.f1:.3f}",
                          f"{len(item.block) / seconds / 1e6:.2f}"])
     for method, scores in means.items():
-        rows.append(["ISPRS mean", method, "", pct(np.mean([s.total for s in scores])),
-                     pct(np.mean([s.type1 for s in scores])),
-                     pct(np.mean([s.type2 for s in scores])),
-                     f"{np.mean([s.kappa for s in scores]):.3f}",
-                     f"{np.mean([s.f1 for s in scores]):.3f}", ""])
+        rows.append(["ISPRS mean", method, "", *(
+            pct(np.mean([getattr(s, a) for s in scores])) for a in ("total", "type1", "type2")),
+            f"{np.mean([s.kappa for s in scores]):.3f}",
+            f"{np.mean([s.f1 for s in scores]):.3f}", ""])
     print(table(["file", "method", "points", "TE", "I", "II", "kappa", "F1 gnd", "Mpt/s"], rows))
     print("Scored points: IGN without its class 1, topography without water (9).")
 
-    topo = next(o for o in others if o.name == "lidr_topography")
+    topo = next(i for i in items if i.name == "lidr_topography")
     water = topo.labels == 9
-    print(f"\nlidr_topography water (class 9, {int(water.sum())} points) labelled ground: " + ", ".join(
-        f"{m} {pct(np.mean(results[topo.name, m][0][water] == GROUND_CLASS))} %"
-        for m, _, _ in methods))
+    shares = ", ".join(f"{m} {pct(np.mean(results[topo.name, m][0][water] == GROUND_CLASS))} %"
+                       for m in methods)
+    print(f"\nlidr_topography water (class 9, {int(water.sum())} points) called ground: {shares}")
 
-    ign = next(o for o in others if o.name.startswith("ign"))
-    classes, seconds = results[ign.name, "pointflow standard"]
+
+def report_ign(ign: Labelled, results: Results) -> None:
+    classes = results[ign.name, "pointflow standard"][0]
     keep = ign.labels != 1
     ours = np.where(np.isin(classes, VEGETATION), 5, classes)[keep]
-    ref = ign.labels[keep]
     print(f"\nIGN {ign.name} with 'standard' (vegetation = our 3/4/5 against their 5; their "
           f"class 1 left out, {int(keep.sum())} points scored)")
-    rows = []
-    for label, code, target in (("ground 2", 2, 0.95), ("vegetation 3/4/5", 5, 0.90),
-                                ("building 6", 6, 0.90), ("low noise 7", 7, None)):
-        tp = np.count_nonzero((ours == code) & (ref == code))
-        npred, nref = np.count_nonzero(ours == code), np.count_nonzero(ref == code)
-        precision, recall = tp / max(npred, 1), tp / max(nref, 1)
-        f1 = 2 * tp / max(npred + nref, 1)
-        rows.append([label, str(nref), str(npred), f"{precision:.3f}", f"{recall:.3f}",
-                     f"{f1:.3f}", "" if target is None else f">= {target:.2f}"])
-    print(table(["class", "reference", "predicted", "precision", "recall", "F1", "target"], rows))
+    print(table(CLASS_HEADERS, class_rows(ign.labels[keep], ours, IGN_CLASSES)))
     counts = np.bincount(classes, minlength=19)
     print("predicted classes (all points): " + ", ".join(
         f"{c}: {counts[c]}" for c in np.flatnonzero(counts)))
 
+
+def report_tiling(items: list[Labelled], results: Results) -> None:
     print("\nTiled vs untiled agreement (% of points with the same class); tiles of 100 m "
           "(40 m for the 100 m IGN block) to stress the edges")
     buffers = (10.0, 20.0, 30.0)
     rows = []
-    for item in (isprs[0], isprs[4], *others):
+    for item in items:
         tile = 40.0 if item.name.startswith("ign") else 100.0
-        for name, classifier in (("ground", ground), ("standard", standard)):
+        for name in ("ground", "standard"):
+            classify = get_classifier(name).classify
             whole = results[item.name, f"pointflow {name}"][0]
-            rows.append([item.name, name, *(
-                f"{100 * np.mean(classify_tiled(classifier.classify, item.block, tile, b) == whole):.3f}"
-                for b in buffers)])
+            agreement = [np.mean(classify_tiled(classify, item.block, tile, b) == whole)
+                         for b in buffers]
+            rows.append([item.name, name, *(f"{100 * a:.3f}" for a in agreement)])
     print(table(["file", "classifier", *(f"buffer {b:.0f} m" for b in buffers)], rows))
 
+
+def report_trained(ign: Labelled, results: Results) -> None:
+    """Per-account model on the only multi-class file: held-out tiles, next to 'standard'."""
+    from pipelines.classifiers.trained import TrainedClassifier, holdout_mask, train
+
+    model = train([ign.block], [ign.labels], seed=0, ignore_classes=[1])
+    classifier = TrainedClassifier(model, name="ign-demo", version="1")
+    predicted, seconds = timed(classifier.classify, ign.block, 1)
+    # The same tiles train() held out (same seed, same draw order).
+    held = holdout_mask(ign.block, model.params["holdout"], np.random.default_rng(0))
+    scored = held & (ign.labels != 1)
+    standard = results[ign.name, "pointflow standard"][0]
+    standard = np.where(np.isin(standard, VEGETATION), 5, standard)
+    print(f"\nTrained (HistGradientBoosting on {len(model.feature_names)} features, "
+          f"{model.n_train} training points) on IGN, scored on the {int(scored.sum())} points of "
+          f"held-out 10 m tiles; 'standard' on the same points below it")
+    rows = class_rows(ign.labels[scored], predicted[scored], IGN_CLASSES[:3])
+    rows += [[f"{r[0]} (standard)", *r[1:]]
+             for r in class_rows(ign.labels[scored], standard[scored], IGN_CLASSES[:3])]
+    print(table(CLASS_HEADERS[:-1], [r[:-1] for r in rows]))
+    print(f"trained prediction incl. features: {len(ign.block) / seconds / 1e6:.3f} Mpt/s")
+
+
+def report_speed(ign: Labelled, methods: list[str], results: Results) -> None:
     print("\nSpeed on the dense IGN block (classification only, one core)")
     rows = []
-    for method, _, _ in methods:
+    for method in methods:
         seconds = results[ign.name, method][1]
         rows.append([method, f"{len(ign.block) / seconds / 1e6:.2f}",
                      f"{seconds / len(ign.block) * 1e6:.3f}"])
     print(table(["method", "Mpt/s", "us/pt"], rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--no-csf", action="store_true", help="skip the CSF comparison")
+    parser.add_argument("--no-trained", action="store_true", help="skip the trained model")
+    args = parser.parse_args(argv)
+
+    isprs = [load(args.data / "isprs" / f"{s}.las") for s in ISPRS]
+    others = [load(args.data / f) for f in
+              ("lidr_megaplot.laz", "lidr_topography.laz", "ign_st_barth_100m.laz")]
+    ign = others[-1]
+    methods: list[tuple[str, Callable[[PointBlock], np.ndarray], int]] = [
+        ("pointflow ground", get_classifier("ground").classify, 3),
+        ("pointflow standard", get_classifier("standard").classify, 3),
+    ]
+    if not args.no_csf:
+        methods += [("CSF default", csf_ground(True), 1),
+                    ("CSF bSloopSmooth=False", csf_ground(False), 1)]
+    names = [m for m, _, _ in methods]
+
+    results: Results = {}
+    for item in isprs + others:
+        for method, classify, repeats in methods:
+            results[item.name, method] = timed(classify, item.block, repeats)
+
+    report_ground(isprs + others, names, results)
+    report_ign(ign, results)
+    report_tiling([isprs[0], isprs[4], *others], results)
+    if not args.no_trained:
+        report_trained(ign, results)
+    report_speed(ign, names, results)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Classifier tests on real labelled LiDAR (../shared/data) plus synthetic degenerate blocks."""
+"""Classifier tests on real labelled LiDAR (../shared/data) plus synthetic degenerate blocks:
+built-in classifiers, and the trainable per-account core."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import pytest
 
 from pipelines.classifiers import (
     BUILTIN_CLASSIFIERS,
+    Classifier,
     PointBlock,
     get_classifier,
 )
+from pipelines.classifiers.features import FEATURE_NAMES, point_features
+from pipelines.classifiers.trained import TrainedClassifier, TrainedModel, train
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ASPRS_OUTPUTS = {1, 2, 3, 4, 5, 6, 7, 9, 18}
@@ -242,3 +246,102 @@ def test_unknown_classifier_is_rejected() -> None:
 def test_unknown_parameter_is_rejected(name: str, params: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
         get_classifier(name, params)
+
+
+# --- trainable per-account classifier (features.py, trained.py) ---------------------------------
+
+@pytest.fixture(scope="module")
+def model(ign: tuple[PointBlock, np.ndarray]) -> TrainedModel:
+    block, labels = ign
+    return train([block], [labels], seed=0, ignore_classes=[1], max_points=15_000, max_iter=8)
+
+
+def test_features_shape_and_values(ign: tuple[PointBlock, np.ndarray]) -> None:
+    block, labels = ign
+    features = point_features(block)
+    assert features.shape == (len(block), len(FEATURE_NAMES))
+    assert features.dtype == np.float32
+    assert np.isfinite(features).all()
+    height = features[:, FEATURE_NAMES.index("height")]
+    # Roofs and trees stand above ground; ground sits on the bare earth.
+    assert np.median(height[labels == 2]) < 0.2
+    assert np.median(height[labels == 6]) > 2.0
+    planarity = features[:, FEATURE_NAMES.index("planarity_2")]
+    assert np.median(planarity[labels == 6]) > np.median(planarity[labels == 5])
+
+
+def test_features_do_not_depend_on_large_coordinate_offsets(
+        ign: tuple[PointBlock, np.ndarray]) -> None:
+    block, _ = ign
+    # Multiples of 1024 m keep every power-of-two grid aligned the same way.
+    moved = PointBlock(block.x + 512 * 1024.0, block.y + 4864 * 1024.0, block.z,
+                       block.intensity, block.return_number, block.number_of_returns)
+    np.testing.assert_allclose(point_features(moved), point_features(block), atol=1e-3)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5])
+def test_features_on_tiny_blocks(n: int) -> None:
+    block = PointBlock(np.full(n, 3.0), np.full(n, 4.0), np.arange(n, dtype=np.float64))
+    features = point_features(block)
+    assert features.shape == (n, len(FEATURE_NAMES))
+    assert np.isfinite(features).all()
+
+
+def test_training_reports_holdout_metrics(model: TrainedModel) -> None:
+    assert 1 not in model.classes
+    assert {2, 5, 6} <= set(model.classes)
+    assert model.n_train > 0 and model.n_holdout > 0
+    for scores in model.metrics.values():
+        assert set(scores) == {"precision", "recall", "f1", "support"}
+        assert all(0.0 <= scores[k] <= 1.0 for k in ("precision", "recall", "f1"))
+    assert model.metrics[2]["f1"] > 0.9
+    assert model.metrics[6]["f1"] > 0.6
+
+
+def test_training_is_deterministic(ign: tuple[PointBlock, np.ndarray],
+                                   model: TrainedModel) -> None:
+    block, labels = ign
+    again = train([block], [labels], seed=0, ignore_classes=[1], max_points=15_000, max_iter=8)
+    np.testing.assert_array_equal(again.predict(block), model.predict(block))
+    assert again.metrics == model.metrics
+
+
+def test_round_trip_and_signature(ign: tuple[PointBlock, np.ndarray],
+                                  model: TrainedModel) -> None:
+    block, _ = ign
+    expected = model.predict(block)
+    plain = TrainedModel.from_bytes(model.to_bytes())
+    np.testing.assert_array_equal(plain.predict(block), expected)
+    signed = model.to_bytes(key=b"secret")
+    np.testing.assert_array_equal(TrainedModel.from_bytes(signed, key=b"secret").predict(block),
+                                  expected)
+    with pytest.raises(ValueError, match="signature"):
+        TrainedModel.from_bytes(signed, key=b"other")
+    tampered = bytearray(signed)
+    tampered[-10] ^= 0xFF
+    with pytest.raises(ValueError, match="signature"):
+        TrainedModel.from_bytes(bytes(tampered), key=b"secret")
+    with pytest.raises(ValueError, match="not a pointflow"):
+        TrainedModel.from_bytes(b"garbage")
+
+
+def test_trained_classifier_protocol(ign: tuple[PointBlock, np.ndarray],
+                                     model: TrainedModel) -> None:
+    block, labels = ign
+    classifier = TrainedClassifier(model, name="acme-2024", version="3")
+    assert isinstance(classifier, Classifier)
+    assert (classifier.name, classifier.version) == ("acme-2024", "3")
+    classes = classifier.classify(block)
+    assert classes.dtype == np.uint8 and classes.shape == (len(block),)
+    scored = labels != 1
+    assert np.mean(classes[scored] == labels[scored]) > 0.8
+    empty = PointBlock(np.empty(0), np.empty(0), np.empty(0))
+    assert classifier.classify(empty).shape == (0,)
+
+
+def test_train_rejects_bad_input(ign: tuple[PointBlock, np.ndarray]) -> None:
+    block, labels = ign
+    with pytest.raises(ValueError):
+        train([block], [labels[:-1]])
+    with pytest.raises(ValueError):
+        train([], [])

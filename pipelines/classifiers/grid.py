@@ -15,33 +15,47 @@ from scipy import ndimage
 
 @dataclass(frozen=True)
 class Grid:
-    """A regular raster; cell (row i, col j) covers [x0 + j*cell, x0 + (j+1)*cell) and same in y."""
+    """A regular raster of square cells; column j covers [(i0 + j) * cell, (i0 + j + 1) * cell)
+    in x, row i likewise in y from j0.
 
-    x0: float
-    y0: float
+    A point's cell is floor(x / cell) - i0, which depends on the point alone: with power-of-two
+    cells the division is exact, so points on cell borders (LAS coordinates are multiples of
+    0.01 m) land in the same cell whatever the block they come in.
+    """
+
+    i0: int
+    j0: int
     cell: float
     nx: int
     ny: int
 
     @classmethod
     def covering(cls, x: np.ndarray, y: np.ndarray, cell: float) -> Grid:
-        x0 = np.floor(x.min() / cell) * cell
-        y0 = np.floor(y.min() / cell) * cell
-        nx = int((x.max() - x0) // cell) + 1
-        ny = int((y.max() - y0) // cell) + 1
-        return cls(float(x0), float(y0), float(cell), nx, ny)
+        # Same arithmetic as cols_rows (multiply by the inverse), so no point falls outside.
+        inverse = 1.0 / cell
+        i0 = int(np.floor(x.min() * inverse))
+        j0 = int(np.floor(y.min() * inverse))
+        nx = int(np.floor(x.max() * inverse)) - i0 + 1
+        ny = int(np.floor(y.max() * inverse)) - j0 + 1
+        return cls(i0, j0, float(cell), nx, ny)
+
+    @property
+    def x0(self) -> float:
+        return self.i0 * self.cell
+
+    @property
+    def y0(self) -> float:
+        return self.j0 * self.cell
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.ny, self.nx)
 
     def cols_rows(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # Truncation is floor here: points are never left of x0 by more than rounding error.
-        col = ((x - self.x0) * (1.0 / self.cell)).astype(np.intp)
-        row = ((y - self.y0) * (1.0 / self.cell)).astype(np.intp)
-        # Rounding at the far edge can land exactly on nx/ny.
-        np.minimum(col, self.nx - 1, out=col)
-        np.minimum(row, self.ny - 1, out=row)
+        inverse = 1.0 / self.cell
+        # x * inverse - i0 >= 0 for every point of the block, so truncation is floor.
+        col = (x * inverse - self.i0).astype(np.intp)
+        row = (y * inverse - self.j0).astype(np.intp)
         return col, row
 
     def flat_index(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -56,21 +70,19 @@ class Grid:
         return out.reshape(self.shape)
 
     def cell_max(self, flat: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Highest z per cell; NaN where a cell holds no point."""
         out = np.full(self.nx * self.ny, -np.inf)
         np.maximum.at(out, flat, z)
         out[np.isinf(out)] = np.nan
         return out.reshape(self.shape)
-
-    def counts(self, flat: np.ndarray) -> np.ndarray:
-        return np.bincount(flat, minlength=self.nx * self.ny).reshape(self.shape)
 
     def sample(self, raster: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Bilinear interpolation of a cell-centred raster at points (edges clamp)."""
         # One cell of edge padding keeps every 2x2 stencil inside without clipping indices.
         flat = np.pad(raster, 1, mode="edge").ravel()
         width = self.nx + 2
-        u = (x - self.x0) * (1.0 / self.cell) + 0.5
-        v = (y - self.y0) * (1.0 / self.cell) + 0.5
+        u = x * (1.0 / self.cell) - (self.i0 - 0.5)
+        v = y * (1.0 / self.cell) - (self.j0 - 0.5)
         c0 = u.astype(np.intp)
         r0 = v.astype(np.intp)
         fu = u - c0

@@ -2,15 +2,20 @@
 
 Steps, all on rasters except the first and last:
 
-1. Minimum-elevation raster at a cell size derived from the point density.
+1. Minimum-elevation raster of the last returns (earlier returns of a pulse cannot be ground)
+   at a cell size derived from the point density: SMRF's 1 m, 2 m for sparse data.
 2. Low-outlier removal: a cell whose minimum lies far below the 3rd-lowest cell of its 5x5
    neighbourhood is an isolated pit (multipath, birds under the sensor...) and is dropped, so it
    cannot drag the terrain down.
-3. Gaps are inpainted (pull-push) and a progressive morphological opening with growing square
-   windows flags cells that rise above the opened surface by more than slope * window radius.
+3. Gaps are inpainted and a progressive morphological opening with growing square windows flags
+   cells that rise above the opened surface by more than slope * window radius.
 4. The unflagged minimum cells are inpainted again into a provisional bare-earth surface.
-5. A point is ground when it lies within elevation_threshold + elevation_scaler * local slope of
-   that surface (bilinear), above or below.
+5. A point is ground when it is a last return and lies within
+   elevation_threshold + elevation_scaler * local slope of that surface (bilinear), above or
+   below.  Points further below are low noise for the standard classifier.
+
+Every raster operation is shift-invariant and grids are aligned to absolute coordinates, so a tile
+processed with a buffer ring gives the same answer as an untiled run away from the buffer edge.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy import ndimage
 
 from .base import GROUND, UNCLASSIFIED, PointBlock
 from .grid import Grid, fill_holes, opening, slope_magnitude
@@ -30,8 +34,8 @@ from .grid import Grid, fill_holes, opening, slope_magnitude
 class GroundParams:
     """Parameters of the ground filter; the defaults are meant for all airborne data.
 
-    cell_size: raster cell in metres; 0 means derive it from the point density (the mean point
-        spacing rounded to a power of two, clamped to [min_cell, max_cell]).
+    cell_size: raster cell in metres; 0 means derive it from the point density: the mean point
+        spacing rounded to a power of two, clamped to [min_cell, max_cell].
     max_window: largest opening window radius in metres; must exceed half the width of the
         largest building so its roof is removed.
     slope: terrain slope (rise over run) tolerated by the opening before a cell counts as object.
@@ -51,7 +55,6 @@ class GroundParams:
     low_outlier_threshold: float = 1.0
 
 
-
 @dataclass(frozen=True)
 class GroundModel:
     """Result of the ground filter: per-point ground flag plus the bare-earth surface."""
@@ -67,13 +70,13 @@ class GroundModel:
 
 
 def point_spacing(x: np.ndarray, y: np.ndarray) -> float:
-    """Mean point spacing (m) estimated from the median count of occupied 10 m cells.
+    """Mean point spacing (m) estimated from the median count of occupied 8 m cells.
 
     The median ignores the partly covered cells at block edges and gaps such as water.
     """
-    coarse = Grid.covering(x, y, 10.0)
+    coarse = Grid.covering(x, y, 8.0)
     counts = np.bincount(coarse.flat_index(x, y))
-    density = float(np.median(counts[counts > 0])) / 100.0
+    density = float(np.median(counts[counts > 0])) / 64.0
     return 1.0 / np.sqrt(density)
 
 
@@ -131,6 +134,8 @@ def ground_model(block: PointBlock, params: GroundParams) -> GroundModel:
     grid = Grid.covering(x, y, cell)
     flat = grid.flat_index(x, y)
     last = last_returns(block)
+    if last is not None and not last.any():
+        last = None  # broken return numbering: better use every point than none
     if last is None:
         zmin = grid.cell_min(flat, z)
     else:

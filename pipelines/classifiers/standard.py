@@ -35,9 +35,9 @@ from .base import (
     MEDIUM_VEGETATION,
     PointBlock,
 )
-from .ground import GroundModel, GroundParams, ground_model
-from .geometry import local_planes, window_sums
+from .geometry import local_planes, window_counts
 from .grid import Grid, close_and_fill
+from .ground import GroundModel, GroundParams, ground_model
 
 
 @dataclass(frozen=True)
@@ -134,19 +134,22 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
     on_plane = planar_cell[flat] & (distance <= 2.0 * params.plane_tolerance)
 
     window = 2 * max(1, int(round(params.vote_radius / grid.cell))) + 1
-    votes, voters = window_sums(grid, flat, [on_plane.astype(np.float64), None], window)
     if block.number_of_returns is not None:
-        multi = (block.number_of_returns[raised] > 1).astype(np.float64)
+        multi = block.number_of_returns[raised] > 1
     else:
-        multi = np.zeros(raised.size)
-    n_multi, n_raised = window_sums(grid, flat_raised, [multi, None], window)
+        multi = np.zeros(raised.size, dtype=bool)
     ground = np.flatnonzero(model.is_ground)
-    (n_ground,) = window_sums(grid, grid.flat_index(block.x[ground], block.y[ground]), [None],
-                              window)
+    votes, voters, n_multi, n_raised, n_ground = window_counts(grid, [
+        (flat, on_plane.astype(np.float32)),
+        (flat, None),
+        (flat_raised, multi.astype(np.float32)),
+        (flat_raised, None),
+        (grid.flat_index(block.x[ground], block.y[ground]), None),
+    ], window)
     roof = ((votes >= params.min_planar_fraction * np.maximum(voters, 1))
             & (n_multi <= params.max_multi_return_fraction * n_raised)
             & (n_ground <= params.max_ground_fraction * (n_ground + n_raised)))
-    candidate = roof[flat_raised] & (multi == 0)
+    candidate = roof[flat_raised] & ~multi
     candidate[high[on_plane]] |= roof[flat[on_plane]]
 
     mask = np.zeros(grid.shape, dtype=bool)

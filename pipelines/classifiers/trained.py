@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
+from threadpoolctl import threadpool_limits
 
 from .base import PointBlock
 from .features import FEATURE_NAMES, point_features
@@ -43,7 +44,11 @@ class TrainedModel:
     def predict(self, block: PointBlock) -> np.ndarray:
         if len(block) == 0:
             return np.empty(0, dtype=np.uint8)
-        return self.estimator.predict(point_features(block)).astype(np.uint8)
+        features = point_features(block)
+        # One thread: the runner parallelises over processes, one per core; OpenMP threads on
+        # top of that oversubscribe the cores and slow everything down several times.
+        with threadpool_limits(limits=1, user_api="openmp"):
+            return self.estimator.predict(features).astype(np.uint8)
 
     def to_bytes(self, key: bytes | None = None) -> bytes:
         payload = pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
@@ -95,8 +100,8 @@ def holdout_mask(block: PointBlock, fraction: float, rng: np.random.Generator) -
 
 def train(blocks: Sequence[PointBlock], labels: Sequence[np.ndarray], seed: int = 0, *,
           ignore_classes: Collection[int] = (), holdout: float = 0.2,
-          max_points: int = 200_000, max_iter: int = 50,
-          learning_rate: float = 0.2) -> TrainedModel:
+          max_points: int = 200_000, max_iter: int = 20,
+          learning_rate: float = 0.3) -> TrainedModel:
     """Fit a classifier to labelled blocks and score it on held-out tiles.
 
     ignore_classes: reference classes left out of training and scoring (e.g. "unclassified").
@@ -110,7 +115,7 @@ def train(blocks: Sequence[PointBlock], labels: Sequence[np.ndarray], seed: int 
         raise ValueError("need the same, non-zero number of blocks and label arrays")
     rng = np.random.default_rng(seed)
     features, targets, held = [], [], []
-    for block, label in zip(blocks, labels):
+    for block, label in zip(blocks, labels, strict=True):
         if len(label) != len(block):
             raise ValueError("labels must have one entry per point")
         keep = ~np.isin(label, list(ignore_classes))
