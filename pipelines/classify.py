@@ -24,7 +24,8 @@ from typing import Any
 import laspy
 import numpy as np
 
-from pipelines.classifiers import PointBlock, get_classifier
+from pipelines.classifiers import Classifier, PointBlock, get_classifier
+from pipelines.classifiers.trained import TrainedClassifier, TrainedModel
 from pipelines.lasio import CHUNK_POINTS, NotPointCloudError, iter_chunks, read_info
 from pipelines.settings import Settings
 from pipelines.tile import TileGrid
@@ -46,6 +47,9 @@ class TileTask:
     offsets: tuple[float, float, float]
     classifier: str
     params: dict[str, Any]
+    # A customer's trained model travels with its tiles; built-in classifiers are built by name.
+    model: bytes | None = None
+    model_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ def classify_tile(task: TileTask) -> TileResult:
     context = _load(task.context_path, task.point_format)
     raw = np.concatenate([core, context]) if len(context) else core
     records = laspy.ScaleAwarePointRecord(raw, task.point_format, np.array(task.scales), np.array(task.offsets))
-    classifier = get_classifier(task.classifier, task.params)
+    classifier = _worker_classifier(task)
     classes = np.asarray(classifier.classify(_block(records)), dtype=np.uint8)[: len(core)]
     output = laspy.PackedPointRecord(core.copy(), task.point_format)
     output.classification = classes
@@ -110,6 +114,33 @@ def classify_tile(task: TileTask) -> TileResult:
         {int(c): int(n) for c, n in enumerate(counts) if n},
         time.perf_counter() - started,
     )
+
+
+def _worker_classifier(task: TileTask) -> Classifier:
+    if task.model is None:
+        return get_classifier(task.classifier, task.params)
+    # The client checked the model's signature before sending it.
+    return TrainedClassifier(TrainedModel.from_bytes(task.model), task.classifier, task.model_version)
+
+
+# Measured on the 10 M point benchmark: Dask's sampling profiler and its MALLOC_TRIM_THRESHOLD_
+# of 64 KiB (every large numpy array freshly mmapped and zeroed) slow tile work by about a quarter.
+LOCAL_WORKER_ENVIRONMENT = {
+    "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
+    "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+}
+
+
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """Variables the local cluster's subprocesses inherit; the user's own values win."""
+    added = {k: v for k, v in variables.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 @contextlib.contextmanager
@@ -127,7 +158,7 @@ def dask_client(settings: Settings, workers: int | None = None) -> Iterator[Any]
         with Client(settings.dask_address, timeout="30s") as client:
             yield client
         return
-    with SubprocessCluster(
+    with _environment(LOCAL_WORKER_ENVIRONMENT), SubprocessCluster(
         n_workers=workers or settings.workers,
         threads_per_worker=1,
         dashboard_address=":0",
@@ -145,30 +176,39 @@ def _scan(input_path: Path, grid: TileGrid, tiles_dir: Path, progress: Progress 
         x, y = np.asarray(chunk.x), np.asarray(chunk.y)
         owner = grid.owner(x, y)
         _append_grouped(raw, owner, tiles_dir, "core")
-        owners.update(np.unique(owner).tolist())
-        for index, tile_ids in grid.context(x, y):
-            _append_grouped(raw[index], tile_ids, tiles_dir, "context")
+        owners.update(np.flatnonzero(np.bincount(owner)).tolist())
+        context = list(grid.context(x, y))
+        if context:
+            # One grouped write for all neighbours: one sort and one append per tile, not eight.
+            index = np.concatenate([i for i, _ in context])
+            tile_ids = np.concatenate([t for _, t in context])
+            _append_grouped(raw, tile_ids, tiles_dir, "context", index)
         done += len(raw)
         if progress:
             progress("scan", done, total)
     return owners
 
 
-def _append_grouped(raw: np.ndarray, tile_ids: np.ndarray, tiles_dir: Path, kind: str) -> None:
-    order = np.argsort(tile_ids, kind="stable")
+def _append_grouped(raw: np.ndarray, tile_ids: np.ndarray, tiles_dir: Path, kind: str, index: np.ndarray | None = None) -> None:
+    """Append raw[index] (all of raw by default) to each tile's file, grouped by tile id."""
+    # Tile ids fit in 16 bits for any sane grid, and numpy sorts uint16 stably by radix in O(n).
+    keys = tile_ids.astype(np.uint16) if tile_ids.max(initial=0) < 2**16 else tile_ids
+    order = np.argsort(keys, kind="stable")
     sorted_ids = tile_ids[order]
     starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
     ends = np.r_[starts[1:], len(sorted_ids)]
+    # Records as opaque bytes: gathering them is a memcpy, many times faster than field by field.
+    grouped = np.take(raw.view(np.dtype((np.void, raw.dtype.itemsize))), order if index is None else index[order])
     for start, end in zip(starts, ends):
         with open(tiles_dir / f"{sorted_ids[start]}.{kind}", "ab") as handle:
-            raw[order[start:end]].tofile(handle)
+            grouped[start:end].tofile(handle)
 
 
 def classify_file(
     input_path: Path,
     output_path: Path,
     settings: Settings,
-    classifier: str = "standard",
+    classifier: str | TrainedClassifier = "standard",
     params: dict[str, Any] | None = None,
     tile_size: float | None = None,
     buffer: float | None = None,
@@ -176,7 +216,10 @@ def classify_file(
     progress: Progress | None = None,
     client: Any = None,
 ) -> ClassifyResult:
-    """Classify `input_path` into `output_path` (.las or .laz); every input point is written once."""
+    """Classify `input_path` into `output_path` (.las or .laz); every input point is written once.
+
+    `classifier` is a built-in name or an account's TrainedClassifier (see pipelines.training).
+    """
     input_path, output_path = Path(input_path), Path(output_path)
     suffix = output_path.suffix.lower()
     if suffix not in (".las", ".laz"):
@@ -186,7 +229,8 @@ def classify_file(
     info = read_info(input_path)
     if info.point_count == 0:
         raise NotPointCloudError(f"{input_path.name} holds no points")
-    model = get_classifier(classifier, params)
+    model = classifier if isinstance(classifier, TrainedClassifier) else get_classifier(classifier, params)
+    model_bytes = model.model.to_bytes() if isinstance(model, TrainedClassifier) else None
     tile_size = settings.tile_size if tile_size is None else tile_size
     buffer = settings.tile_buffer if buffer is None else buffer
     grid = TileGrid.covering(info.mins, info.maxs, tile_size, buffer)
@@ -217,6 +261,8 @@ def classify_file(
                 offsets=tuple(header.offsets),
                 classifier=model.name,
                 params=model.params,
+                model=model_bytes,
+                model_version=model.version,
             )
             for t in owners
         ]

@@ -31,6 +31,7 @@ from pipelines.metering import UsageRecord, record_usage
 from pipelines.notify import DeliveryError, send_email, send_once
 from pipelines.settings import Settings
 from pipelines.storage import AccountArea, ObjectStore, open_store, safe_name
+from pipelines.training import resolve_classifier
 from pipelines.validate import validate_file
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ def create_job(runtime: Runtime, job_id: str, account_id: str, source: str, clas
         job = session.get(Job, job_id)
         if job is None:
             ensure_active(runtime.catalog, account_id)
+            resolve_classifier(runtime, account_id, classifier)
             session.add(Job(job_id=job_id, account_id=account_id, source=source, classifier=classifier))
         elif job.account_id != account_id or job.source != source:
             raise CatalogError(f"job {job_id} exists for another account or source")
@@ -226,7 +228,8 @@ def classify_step(runtime: Runtime, job_id: str, workers: int | None = None, cli
     try:
         output = work / (Path(name).stem + ".laz")
         with readable_path(runtime.store, file_key, runtime.settings.scratch_dir) as path:
-            result = classify_file(path, output, runtime.settings, classifier=classifier, workers=workers, client=client)
+            model = resolve_classifier(runtime, account_id, classifier)
+            result = classify_file(path, output, runtime.settings, classifier=model, workers=workers, client=client)
         classified_key = AccountArea(account_id).key("classified", job_id, output.name)
         runtime.store.put_file(classified_key, output)
     finally:

@@ -52,6 +52,7 @@ class Settings:
     max_file_bytes: int
     max_points: int
     pricebook_path: Path | None
+    model_key: str | None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -66,11 +67,12 @@ class Settings:
             smtp_url=env.get("POINTFLOW_SMTP_URL") or None,
             mail_from=env.get("POINTFLOW_MAIL_FROM") or "pointflow <noreply@pointflow.invalid>",
             tile_size=_float(env, "POINTFLOW_TILE_SIZE", 200.0),
-            tile_buffer=_float(env, "POINTFLOW_TILE_BUFFER", 30.0),
+            tile_buffer=_float(env, "POINTFLOW_TILE_BUFFER", 20.0),
             workers=_int(env, "POINTFLOW_WORKERS", os.cpu_count() or 1),
             max_file_bytes=_int(env, "POINTFLOW_MAX_FILE_BYTES", 4 * 1024**3),
             max_points=_int(env, "POINTFLOW_MAX_POINTS", 1_000_000_000),
             pricebook_path=Path(pricebook).expanduser() if pricebook else None,
+            model_key=env.get("POINTFLOW_MODEL_KEY") or None,
         )
 
     @property

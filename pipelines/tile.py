@@ -57,16 +57,11 @@ class TileGrid:
         i, j = self._cells(x, y)
         local_x = x - (self.origin_x + i * self.size)
         local_y = y - (self.origin_y + j * self.size)
-        near = {
-            -1: (local_x < self.buffer, local_y < self.buffer),
-            1: (local_x >= self.size - self.buffer, local_y >= self.size - self.buffer),
-        }
+        # Near the low or high edge along each axis, and a neighbour exists on that side.
+        along_x = {-1: (local_x < self.buffer) & (i > 0), 1: (local_x >= self.size - self.buffer) & (i < self.nx - 1)}
+        along_y = {-1: (local_y < self.buffer) & (j > 0), 1: (local_y >= self.size - self.buffer) & (j < self.ny - 1)}
         for di, dj in NEIGHBOUR_OFFSETS:
-            mask = np.ones(x.shape, dtype=bool)
-            if di:
-                mask &= near[di][0] & (i + di >= 0) & (i + di < self.nx)
-            if dj:
-                mask &= near[dj][1] & (j + dj >= 0) & (j + dj < self.ny)
+            mask = along_x[di] & along_y[dj] if di and dj else along_x[di] if di else along_y[dj]
             index = np.flatnonzero(mask)
             if index.size:
                 yield index, (j[index] + dj) * self.nx + (i[index] + di)

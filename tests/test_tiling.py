@@ -124,3 +124,33 @@ def test_truncated_input_fails_cleanly_without_output(tmp_path: Path, settings, 
         classify_file(source, output, settings, client=client)
     assert not output.exists()
     assert not any(settings.scratch_dir.iterdir())
+
+
+@pytest.mark.parametrize("case", ["empty", "single_point", "identical_points", "zero_area_line", "extreme_coordinates"])
+def test_degenerate_inputs_are_classified_or_refused_clearly(tmp_path: Path, settings, client, case: str) -> None:
+    source = tmp_path / f"{case}.las"
+    header = laspy.LasHeader(point_format=1, version="1.2")
+    header.scales = np.array([0.01, 0.01, 0.01])
+    n = {"empty": 0, "single_point": 1}.get(case, 500)
+    rng = np.random.default_rng(3)
+    x, y, z = np.full(n, 1000.0), np.full(n, 2000.0), np.full(n, 50.0)
+    if case == "zero_area_line":
+        x = 1000.0 + np.linspace(0, 100, n)
+    if case == "extreme_coordinates":
+        header.offsets = np.array([9.9e6, 9.9e6, 0.0])
+        x, y, z = 9.9e6 + rng.uniform(0, 40, n), 9.9e6 + rng.uniform(0, 40, n), 8000 + rng.normal(0, 0.1, n)
+    else:
+        header.offsets = np.array([1000.0, 2000.0, 0.0])
+    data = laspy.LasData(header)
+    data.x, data.y, data.z = x, y, z
+    data.write(source)
+    output = tmp_path / "out.laz"
+    if case == "empty":
+        with pytest.raises(NotPointCloudError, match="holds no points"):
+            classify_file(source, output, settings, client=client)
+        assert not output.exists()
+        return
+    result = classify_file(source, output, settings, client=client)
+    classes = laspy.read(output).classification
+    assert len(classes) == n == result.output_points
+    assert set(np.unique(classes)) <= {1, 2, 3, 4, 5, 6, 7, 9, 18}

@@ -166,3 +166,19 @@ class SentMessage(Base):
     subject: Mapped[str] = mapped_column(Text)
     message_id: Mapped[str] = mapped_column(String(255))
     sent_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TrainedModelRecord(Base):
+    """A customer's trained classifier; its bytes and evaluation live in the account's models area."""
+
+    __tablename__ = "trained_models"
+    __table_args__ = (UniqueConstraint("account_id", "version", name="uq_trained_models_account_version"),)
+
+    model_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64))
+    evaluation: Mapped[dict[str, Any]] = mapped_column(JSON)
+    training_files: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -12,6 +13,7 @@ from pipelines.cli.common import CommandError, run_handler
 
 COMMAND_MODULES = (
     "pipelines.cli.classify",
+    "pipelines.cli.models",
     "pipelines.cli.accounts",
     "pipelines.cli.files",
     "pipelines.cli.demo",
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Our own progress notes (report locations, the Dask dashboard link) go to stderr; libraries stay quiet.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("pipelines").setLevel(logging.INFO)
     return run_handler(args)
 
 

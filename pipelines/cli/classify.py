@@ -22,7 +22,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("input", type=Path, help="LAS/LAZ file to classify")
     parser.add_argument("output", type=Path, help="file to write: .laz or .las")
-    parser.add_argument("--classifier", default="standard", help="standard (all classes, default) or ground (2 vs 1)")
+    parser.add_argument("--classifier", default="standard", help="standard (all classes, default), ground (2 vs 1), or a trained model id (needs --account)")
+    parser.add_argument("--account", default=None, metavar="ID", help="the account whose data this is: required to apply its trained models")
     parser.add_argument("--tile-size", type=float, default=None, metavar="M", help="tile edge in metres; 0 = one tile (default: POINTFLOW_TILE_SIZE or 200)")
     parser.add_argument("--buffer", type=float, default=None, metavar="M", help="context ring around each tile in metres (default: POINTFLOW_TILE_BUFFER or 30)")
     parser.add_argument("--workers", type=int, default=None, metavar="N", help="Dask worker processes for the local cluster (default: POINTFLOW_WORKERS or the number of cores)")
@@ -31,18 +32,26 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _classify(args: argparse.Namespace) -> int:
+    from pipelines.classifiers import BUILTIN_CLASSIFIERS
     from pipelines.classify import classify_file
 
     if not args.input.is_file():
         raise FileNotFoundError(f"no such file: {args.input}")
     if args.workers is not None and args.workers < 1:
         raise ValueError("--workers must be at least 1")
+    settings = settings_from_env()
+    classifier = args.classifier
+    if classifier not in BUILTIN_CLASSIFIERS:
+        from pipelines.jobs import Runtime
+        from pipelines.training import resolve_classifier
+
+        classifier = resolve_classifier(Runtime.from_settings(settings), args.account, classifier)
     with ProgressBars() as progress:
         result = classify_file(
             args.input,
             args.output,
-            settings_from_env(),
-            classifier=args.classifier,
+            settings,
+            classifier=classifier,
             tile_size=args.tile_size,
             buffer=args.buffer,
             workers=args.workers,

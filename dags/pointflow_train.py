@@ -1,0 +1,39 @@
+"""Train a customer's own classifier from labelled LAS/LAZ files.
+
+Trigger with conf {"account_id": "...", "sources": ["/path/a.laz", "s3://bucket/b.laz"]}. The model
+is stored in the account's models area with its held-out evaluation, and can then be given as
+`classifier` to pointflow_classify runs of the same account only.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import Param, dag, task
+
+
+@dag(
+    dag_id="pointflow_train",
+    schedule=None,
+    catchup=False,
+    tags=["pointflow"],
+    params={
+        "account_id": Param("demo", type="string", description="account that owns the labels and the model"),
+        "sources": Param([], type="array", description="labelled LAS/LAZ files: local paths, file:// or s3:// URIs"),
+        "ignore_classes": Param([0, 1], type="array", description="classes left out of training and scoring"),
+    },
+    doc_md=__doc__,
+)
+def pointflow_train():
+    @task
+    def train(params: dict | None = None) -> dict:
+        from pipelines.jobs import Runtime
+        from pipelines.settings import Settings
+        from pipelines.training import train_from_sources
+
+        runtime = Runtime.from_settings(Settings.from_env())
+        model = train_from_sources(runtime, params["account_id"], params["sources"], params["ignore_classes"])
+        return {"model_id": model.model_id, "version": model.version, "evaluation": model.evaluation["per_class"]}
+
+    train()
+
+
+train_dag = pointflow_train()

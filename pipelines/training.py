@@ -1,0 +1,164 @@
+"""Customer-trained classifiers: train from labelled LAS/LAZ, store in the account's area, apply
+only to that account's data.
+
+Models are pickled scikit-learn estimators; unpickling runs code, so every stored model carries
+an HMAC-SHA256 made with POINTFLOW_MODEL_KEY (or a key generated once in POINTFLOW_HOME) and is
+refused if the bytes were changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import uuid
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import laspy
+import numpy as np
+from sqlalchemy import func, select
+
+from pipelines.accounts import get_account
+from pipelines.catalog import CatalogError
+from pipelines.catalog.models import TrainedModelRecord
+from pipelines.classifiers import BUILTIN_CLASSIFIERS, PointBlock
+from pipelines.classifiers.trained import TrainedClassifier, TrainedModel, train
+from pipelines.ingest import local_copy
+from pipelines.lasio import read_info
+from pipelines.lifecycle.operations import ensure_active
+from pipelines.settings import Settings
+from pipelines.storage import AccountArea, file_sha256
+
+MODEL_SUFFIX = ".pfmodel"
+
+
+class ModelNotFound(CatalogError):
+    """No such model for this account; another account's model is reported the same way."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    account_id: str
+    version: int
+    key: str
+    sha256: str
+    evaluation: dict[str, Any]
+    training_files: list[dict[str, Any]]
+    created_at: datetime
+
+    def to_public(self) -> dict[str, Any]:
+        return {**asdict(self), "created_at": self.created_at.isoformat()}
+
+
+def signing_key(settings: Settings) -> bytes:
+    if settings.model_key:
+        return settings.model_key.encode()
+    path = settings.home / "model-signing.key"
+    if not path.exists():
+        settings.home.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
+
+
+def read_labelled(path: Path) -> tuple[PointBlock, np.ndarray]:
+    """Points and their reference classes; the content must really be LAS/LAZ."""
+    read_info(path)
+    data = laspy.read(path)
+    if len(data) == 0:
+        raise ValueError(f"{path.name} holds no points to learn from")
+    block = PointBlock(
+        x=np.asarray(data.x, dtype=np.float64),
+        y=np.asarray(data.y, dtype=np.float64),
+        z=np.asarray(data.z, dtype=np.float64),
+        intensity=np.asarray(data.intensity),
+        return_number=np.asarray(data.return_number, dtype=np.uint8),
+        number_of_returns=np.asarray(data.number_of_returns, dtype=np.uint8),
+    )
+    return block, np.asarray(data.classification, dtype=np.uint8)
+
+
+def _info(row: TrainedModelRecord) -> ModelInfo:
+    return ModelInfo(row.model_id, row.account_id, row.version, row.key, row.sha256, row.evaluation, row.training_files, row.created_at)
+
+
+def train_model(runtime, account_id: str, paths: Sequence[Path], ignore_classes: Sequence[int] = (0, 1), seed: int = 0) -> ModelInfo:
+    """Train on the labelled files, evaluate on held-out tiles, store the model for the account."""
+    get_account(runtime.catalog, account_id)
+    ensure_active(runtime.catalog, account_id)
+    if not paths:
+        raise ValueError("give at least one labelled LAS/LAZ file")
+    blocks, labels, described = [], [], []
+    for path in paths:
+        block, label = read_labelled(Path(path))
+        blocks.append(block)
+        labels.append(label)
+        classes = {int(c): int(n) for c, n in zip(*np.unique(label, return_counts=True))}
+        described.append({"name": Path(path).name, "sha256": file_sha256(Path(path)), "points": len(block), "classes": classes})
+    learned = set().union(*(set(d["classes"]) for d in described)) - set(ignore_classes)
+    if len(learned) < 2:
+        raise ValueError(f"the labels hold {len(learned)} class(es) besides the ignored ones {sorted(ignore_classes)}: a classifier needs at least two")
+    model = train(blocks, labels, seed=seed, ignore_classes=ignore_classes)
+    evaluation = {
+        "held_out_points": model.n_holdout,
+        "training_points": model.n_train,
+        "per_class": {str(c): m for c, m in sorted(model.metrics.items())},
+        "params": model.params,
+    }
+    area = AccountArea(account_id)
+    model_id = "model-" + uuid.uuid4().hex[:12]
+    payload = model.to_bytes(key=signing_key(runtime.settings))
+    key = area.key("models", model_id + MODEL_SUFFIX)
+    runtime.store.put_bytes(key, payload)
+    runtime.store.put_bytes(area.key("models", model_id + ".evaluation.json"), json.dumps(evaluation, indent=2).encode())
+    with runtime.catalog.session() as session:
+        version = (session.scalar(select(func.max(TrainedModelRecord.version)).where(TrainedModelRecord.account_id == account_id)) or 0) + 1
+        row = TrainedModelRecord(
+            model_id=model_id, account_id=account_id, version=version, key=key,
+            sha256=hashlib.sha256(payload).hexdigest(), evaluation=evaluation, training_files=described,
+        )
+        session.add(row)
+        session.flush()
+        return _info(row)
+
+
+def list_models(runtime, account_id: str) -> list[ModelInfo]:
+    get_account(runtime.catalog, account_id)
+    with runtime.catalog.session() as session:
+        rows = session.scalars(select(TrainedModelRecord).where(TrainedModelRecord.account_id == account_id).order_by(TrainedModelRecord.version))
+        return [_info(r) for r in rows]
+
+
+def resolve_classifier(runtime, account_id: str | None, name: str) -> str | TrainedClassifier:
+    """A built-in name as is, or the account's own trained model; never another account's."""
+    if name in BUILTIN_CLASSIFIERS:
+        return name
+    if not name.startswith("model-"):
+        raise ValueError(f"unknown classifier {name!r}; choose one of {', '.join(BUILTIN_CLASSIFIERS)} or a model id of your account")
+    if account_id is None:
+        raise ValueError(f"{name} is a trained model: say whose data this is with --account")
+    with runtime.catalog.session() as session:
+        row = session.get(TrainedModelRecord, name)
+        info = _info(row) if row is not None and row.account_id == account_id else None
+    if info is None:
+        raise ModelNotFound(f"no model {name!r} for account {account_id}: list its models with 'pointflow models list --account {account_id}'")
+    payload = runtime.store.get_bytes(info.key)
+    if hashlib.sha256(payload).hexdigest() != info.sha256:
+        raise ModelNotFound(f"model {name} was altered in storage; retrain it")
+    model = TrainedModel.from_bytes(payload, key=signing_key(runtime.settings))
+    return TrainedClassifier(model, name=info.model_id, version=str(info.version))
+
+
+def train_from_sources(runtime, account_id: str, sources: Sequence[str], ignore_classes: Sequence[int] = (0, 1)) -> ModelInfo:
+    """`train_model` on sources given as local paths, file:// or s3:// URIs (the training DAG's input)."""
+    with ExitStack() as stack:
+        paths = [stack.enter_context(local_copy(source, runtime.settings.scratch_dir)) for source in sources]
+        return train_model(runtime, account_id, paths, ignore_classes=ignore_classes)
