@@ -30,6 +30,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from pipelines.classifiers import PointBlock, get_classifier
+from pipelines.lasio import point_block
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ISPRS = ("samp11", "samp21", "samp31", "samp51", "samp61")
@@ -46,15 +47,7 @@ class Labelled:
 
 def load(path: Path) -> Labelled:
     las = laspy.read(path)
-    block = PointBlock(
-        x=np.asarray(las.x, dtype=np.float64),
-        y=np.asarray(las.y, dtype=np.float64),
-        z=np.asarray(las.z, dtype=np.float64),
-        intensity=np.asarray(las.intensity),
-        return_number=np.asarray(las.return_number, dtype=np.uint8),
-        number_of_returns=np.asarray(las.number_of_returns, dtype=np.uint8),
-    )
-    return Labelled(path.stem, block, np.asarray(las.classification, dtype=np.uint8))
+    return Labelled(path.stem, point_block(las), np.asarray(las.classification, dtype=np.uint8))
 
 
 @contextlib.contextmanager

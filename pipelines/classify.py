@@ -24,9 +24,9 @@ from typing import Any
 import laspy
 import numpy as np
 
-from pipelines.classifiers import Classifier, PointBlock, get_classifier
+from pipelines.classifiers import Classifier, get_classifier
 from pipelines.classifiers.trained import TrainedClassifier, TrainedModel
-from pipelines.lasio import CHUNK_POINTS, NotPointCloudError, iter_chunks, read_info
+from pipelines.lasio import CHUNK_POINTS, NotPointCloudError, iter_chunks, point_block, read_info
 from pipelines.settings import Settings
 from pipelines.tile import TileGrid
 
@@ -77,17 +77,6 @@ class ClassifyResult:
     dashboard: str | None = None
 
 
-def _block(records: laspy.ScaleAwarePointRecord) -> PointBlock:
-    return PointBlock(
-        x=np.asarray(records.x, dtype=np.float64),
-        y=np.asarray(records.y, dtype=np.float64),
-        z=np.asarray(records.z, dtype=np.float64),
-        intensity=np.asarray(records.intensity),
-        return_number=np.asarray(records.return_number, dtype=np.uint8),
-        number_of_returns=np.asarray(records.number_of_returns, dtype=np.uint8),
-    )
-
-
 def _load(path: Path, point_format: laspy.PointFormat) -> np.ndarray:
     if not path.exists():
         return np.zeros(0, dtype=point_format.dtype())
@@ -102,7 +91,7 @@ def classify_tile(task: TileTask) -> TileResult:
     raw = np.concatenate([core, context]) if len(context) else core
     records = laspy.ScaleAwarePointRecord(raw, task.point_format, np.array(task.scales), np.array(task.offsets))
     classifier = _worker_classifier(task)
-    classes = np.asarray(classifier.classify(_block(records)), dtype=np.uint8)[: len(core)]
+    classes = np.asarray(classifier.classify(point_block(records)), dtype=np.uint8)[: len(core)]
     output = laspy.PackedPointRecord(core.copy(), task.point_format)
     output.classification = classes
     output.array.tofile(task.output_path)

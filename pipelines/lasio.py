@@ -9,6 +9,8 @@ from pathlib import Path
 import laspy
 import numpy as np
 
+from pipelines.classifiers.base import PointBlock
+
 LAS_SIGNATURE = b"LASF"
 CHUNK_POINTS = 1_000_000
 
@@ -79,6 +81,18 @@ def read_info(path: Path) -> LasInfo:
         raise
     except Exception as error:
         raise NotPointCloudError(f"{path.name} has a LAS signature but an unreadable header: {error}") from None
+
+
+def point_block(points) -> PointBlock:
+    """The classifier's view of laspy points (a LasData or a ScaleAwarePointRecord)."""
+    return PointBlock(
+        x=np.asarray(points.x, dtype=np.float64),
+        y=np.asarray(points.y, dtype=np.float64),
+        z=np.asarray(points.z, dtype=np.float64),
+        intensity=np.asarray(points.intensity),
+        return_number=np.asarray(points.return_number, dtype=np.uint8),
+        number_of_returns=np.asarray(points.number_of_returns, dtype=np.uint8),
+    )
 
 
 def iter_chunks(path: Path, chunk_points: int = CHUNK_POINTS) -> Iterator[laspy.ScaleAwarePointRecord]:

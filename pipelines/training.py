@@ -30,7 +30,7 @@ from pipelines.catalog.models import TrainedModelRecord
 from pipelines.classifiers import BUILTIN_CLASSIFIERS, PointBlock
 from pipelines.classifiers.trained import TrainedClassifier, TrainedModel, train
 from pipelines.ingest import local_copy
-from pipelines.lasio import read_info
+from pipelines.lasio import point_block, read_info
 from pipelines.lifecycle.operations import ensure_active
 from pipelines.settings import Settings
 from pipelines.storage import AccountArea, file_sha256
@@ -75,15 +75,7 @@ def read_labelled(path: Path) -> tuple[PointBlock, np.ndarray]:
     data = laspy.read(path)
     if len(data) == 0:
         raise ValueError(f"{path.name} holds no points to learn from")
-    block = PointBlock(
-        x=np.asarray(data.x, dtype=np.float64),
-        y=np.asarray(data.y, dtype=np.float64),
-        z=np.asarray(data.z, dtype=np.float64),
-        intensity=np.asarray(data.intensity),
-        return_number=np.asarray(data.return_number, dtype=np.uint8),
-        number_of_returns=np.asarray(data.number_of_returns, dtype=np.uint8),
-    )
-    return block, np.asarray(data.classification, dtype=np.uint8)
+    return point_block(data), np.asarray(data.classification, dtype=np.uint8)
 
 
 def _info(row: TrainedModelRecord) -> ModelInfo:
