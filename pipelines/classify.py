@@ -112,12 +112,8 @@ def _worker_classifier(task: TileTask) -> Classifier:
     return TrainedClassifier(TrainedModel.from_bytes(task.model), task.classifier, task.model_version)
 
 
-# Measured on the 10 M point benchmark: Dask's sampling profiler and its MALLOC_TRIM_THRESHOLD_
-# of 64 KiB (every large numpy array freshly mmapped and zeroed) slow tile work by about a quarter.
-LOCAL_WORKER_ENVIRONMENT = {
-    "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
-    "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
-}
+# Read by the local cluster's subprocesses (see the file for why).
+LOCAL_DASK_CONFIG = Path(__file__).with_name("data") / "dask-local.yaml"
 
 
 @contextlib.contextmanager
@@ -147,7 +143,7 @@ def dask_client(settings: Settings, workers: int | None = None) -> Iterator[Any]
         with Client(settings.dask_address, timeout="30s") as client:
             yield client
         return
-    with _environment(LOCAL_WORKER_ENVIRONMENT), SubprocessCluster(
+    with _environment({"DASK_CONFIG": str(LOCAL_DASK_CONFIG)}), SubprocessCluster(
         n_workers=workers or settings.workers,
         threads_per_worker=1,
         dashboard_address=":0",
