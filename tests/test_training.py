@@ -109,3 +109,14 @@ def test_train_cli_and_training_dag(accounts: Runtime, halves, load_test_dag, ca
     run = dag.test(run_conf={"account_id": "owner", "sources": [str(halves[1])], "ignore_classes": [0, 1]})
     assert str(run.state) == "success"
     assert [m.version for m in list_models(accounts, "owner")] == [1, 2]
+
+
+def test_deleting_the_account_deletes_its_models(accounts: Runtime, halves) -> None:
+    from pipelines.lifecycle.operations import delete_account_data
+
+    model = train_model(accounts, "owner", [halves[0]])
+    delete_account_data(accounts, "owner")
+    assert list(accounts.store.list("accounts/owner/models/")) == []
+    assert list_models(accounts, "owner") == []
+    with pytest.raises(ModelNotFound):
+        resolve_classifier(accounts, "owner", model.model_id)

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 
 from pipelines.catalog import Catalog
-from pipelines.catalog.models import Job, StoredFile, utcnow
+from pipelines.catalog.models import Job, StoredFile, TrainedModelRecord, utcnow
 from pipelines.lifecycle.models import DeletionAudit
 from pipelines.storage import AccountArea, ObjectStore, S3Store
 
@@ -129,6 +129,7 @@ def forget_account_objects(catalog: Catalog, account_id: str) -> None:
     with catalog.session() as session:
         session.execute(update(Job).where(Job.account_id == account_id).values(file_id=None, classified_key=None, export_prefix=None, report_key=None))
         session.execute(delete(StoredFile).where(StoredFile.account_id == account_id))
+        session.execute(delete(TrainedModelRecord).where(TrainedModelRecord.account_id == account_id))
 
 
 def execute_deletion(catalog: Catalog, store: ObjectStore, plan: DeletionPlan, account_id: str, rule: str, subject: str, as_of: datetime) -> DeletionAudit:
