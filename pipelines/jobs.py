@@ -172,8 +172,9 @@ def validate_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
         report = validate_file(path, display_name=file_name)
     report_key = area.key("reports", f"{job_id}-validation.json")
     runtime.store.put_bytes(report_key, report.to_json())
-    runtime.store.put_bytes(area.key("reports", f"{job_id}-validation.html"), report.to_html())
-    log.info("validation report for %s: %s (%s)", file_name, report_key, report.reason)
+    html_key = area.key("reports", f"{job_id}-validation.html")
+    runtime.store.put_bytes(html_key, report.to_html())
+    log.info("validation of %s: %s; report: %s", file_name, report.reason, runtime.store.link(html_key, REPORT_LINK_LIFETIME))
 
     if report.ok:
         with runtime.catalog.session() as session:

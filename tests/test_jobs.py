@@ -141,3 +141,14 @@ def test_job_on_s3_storage(home: Path, s3_bucket: str, monkeypatch: pytest.Monke
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
     assert all(k.startswith("service/accounts/acme/") for k in keys)
     assert any(k.endswith("manifest.json") for k in keys)
+
+
+def test_the_validation_log_line_links_to_the_report(runtime: Runtime, account: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    source = tmp_path / "notes.las"
+    source.write_text("not a point cloud")
+    with caplog.at_level("INFO", logger="pipelines.jobs"):
+        job = run_job(runtime, account, str(source))
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation of notes.las")]
+    link = line.split("report: ", 1)[1]
+    assert link.startswith("file://") and link.endswith(job["report_key"].replace(".json", ".html"))
+    assert Path(link[len("file://"):]).read_text().count("refused (quarantined)") == 1
