@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
 
 from pipelines.catalog import Catalog
+from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import Account, UsageEvent
 
 KINDS = ("classification", "login")
@@ -49,30 +50,45 @@ class RecordResult:
     known: int
 
 
-def _insert_ignoring_duplicates(dialect_name: str):
-    dialect = postgresql if dialect_name == "postgresql" else sqlite
-    return dialect.insert(UsageEvent).on_conflict_do_nothing(index_elements=["event_id"])
+_CHUNK = 500
 
 
-def record_usage(catalog: Catalog, records: Iterable[UsageRecord]) -> RecordResult:
-    """Insert events whose event_id is new; a replay of a known id is counted as known, not billed."""
-    rows = [asdict(r) for r in records]
-    if not rows:
-        return RecordResult(0, 0)
-    new = 0
+def write_usage(session: Session, records: Sequence[UsageRecord]) -> list[UsageRecord]:
+    """Insert the events whose event_id is new (the first occurrence wins) and move logins'
+    accounts forward; returns the new events. Runs inside the caller's transaction."""
+    unique: dict[str, UsageRecord] = {}
+    for record in records:
+        unique.setdefault(record.event_id, record)
+    ids = list(unique)
+    existing: set[str] = set()
+    for start in range(0, len(ids), _CHUNK):
+        existing.update(session.scalars(select(UsageEvent.event_id).where(UsageEvent.event_id.in_(ids[start : start + _CHUNK]))))
+    fresh = [record for event_id, record in unique.items() if event_id not in existing]
+    # A concurrent writer may insert the same id between the check and here: skip, never bill twice.
+    statement = insert_ignoring_duplicates(session, UsageEvent, ["event_id"])
+    rows = [asdict(record) for record in fresh]
+    for start in range(0, len(rows), _CHUNK):
+        session.execute(statement, rows[start : start + _CHUNK])
+    last_login: dict[str, datetime] = {}
+    for record in fresh:
+        if record.kind == "login" and (record.account_id not in last_login or record.occurred_at > last_login[record.account_id]):
+            last_login[record.account_id] = record.occurred_at
+    for account_id, when in last_login.items():
+        session.execute(
+            update(Account)
+            .where(Account.account_id == account_id)
+            .where(Account.last_login_at.is_(None) | (Account.last_login_at < when))
+            .values(last_login_at=when)
+        )
+    return fresh
+
+
+def record_usage(catalog: Catalog, records: Sequence[UsageRecord]) -> RecordResult:
+    """Record events once per event_id; a replay of a known id is counted as known, not billed."""
+    records = list(records)
     with catalog.session() as session:
-        statement = _insert_ignoring_duplicates(session.bind.dialect.name)
-        for row in rows:
-            new += session.connection().execute(statement, row).rowcount
-        for row in rows:
-            if row["kind"] == "login":
-                session.execute(
-                    update(Account)
-                    .where(Account.account_id == row["account_id"])
-                    .where((Account.last_login_at.is_(None)) | (Account.last_login_at < row["occurred_at"]))
-                    .values(last_login_at=row["occurred_at"])
-                )
-    return RecordResult(new, len(rows) - new)
+        fresh = write_usage(session, records)
+    return RecordResult(len(fresh), len(records) - len(fresh))
 
 
 def usage_for_job(catalog: Catalog, job_id: str) -> list[UsageEvent]:

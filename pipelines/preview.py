@@ -80,7 +80,6 @@ def render_class_map(path: Path, output: Path, title: str) -> Path:
         classes[close] = classes[nearest[close]]
         filled |= close
     present = sorted(int(c) for c in np.unique(classes[filled]))
-    palette = {c: i for i, c in enumerate(present)}
     image = np.full(nx * ny, np.nan)
     lookup = np.zeros(256)
     lookup[present] = np.arange(len(present))

@@ -13,18 +13,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipelines.accounts import parse_utc_datetime
 from pipelines.billing.models import BillingRun, Invoice, Outage, Payment
 from pipelines.billing.periods import Period
 from pipelines.catalog import Catalog
-from pipelines.catalog.models import Account, UsageEvent
-from pipelines.metering import UsageRecord
+from pipelines.catalog.db import insert_ignoring_duplicates
+from pipelines.catalog.models import Account
+from pipelines.metering import UsageRecord, write_usage
 
 # Rows per statement: well under SQLite's bound-parameter limit, large enough to be bulk.
 _CHUNK = 500
@@ -56,11 +55,6 @@ class ImportResult:
                 "invoice (correct with a credit note or bill them separately)"
             )
         return text
-
-
-def _insert_ignoring_duplicates(session: Session, model: type, key: list[str]):
-    dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
-    return dialect.insert(model).on_conflict_do_nothing(index_elements=key)
 
 
 def _closed_periods(session: Session, instants: Iterable[datetime]) -> tuple[str, ...]:
@@ -141,42 +135,9 @@ def import_usage(catalog: Catalog, records: Sequence[tuple[int, UsageRecord]], s
         if unknown:
             raise ImportFileError(source, unknown)
 
-        # The first occurrence of an id wins, within the file as across imports.
-        unique: dict[str, UsageRecord] = {}
-        for _, record in records:
-            unique.setdefault(record.event_id, record)
-        ids = list(unique)
-        existing: set[str] = set()
-        for start in range(0, len(ids), _CHUNK):
-            existing.update(session.scalars(select(UsageEvent.event_id).where(UsageEvent.event_id.in_(ids[start : start + _CHUNK]))))
-        fresh = [record for event_id, record in unique.items() if event_id not in existing]
-        statement = _insert_ignoring_duplicates(session, UsageEvent, ["event_id"])
-        rows = [_usage_row(record) for record in fresh]
-        for start in range(0, len(rows), _CHUNK):
-            session.execute(statement, rows[start : start + _CHUNK])
-
-        last_login: dict[str, datetime] = {}
-        for record in fresh:
-            if record.kind == "login" and (record.account_id not in last_login or record.occurred_at > last_login[record.account_id]):
-                last_login[record.account_id] = record.occurred_at
-        for account_id, when in last_login.items():
-            session.execute(
-                update(Account)
-                .where(Account.account_id == account_id)
-                .where(Account.last_login_at.is_(None) | (Account.last_login_at < when))
-                .values(last_login_at=when)
-            )
+        fresh = write_usage(session, [record for _, record in records])
         closed = _closed_periods(session, (r.occurred_at for r in fresh if r.kind == "classification"))
     return ImportResult(len(fresh), len(records) - len(fresh), closed)
-
-
-def _usage_row(record: UsageRecord) -> dict[str, Any]:
-    return {
-        "event_id": record.event_id, "account_id": record.account_id, "kind": record.kind,
-        "occurred_at": record.occurred_at, "points": record.points, "status": record.status,
-        "classifier": record.classifier, "classifier_version": record.classifier_version,
-        "filename": record.filename, "job_id": record.job_id,
-    }  # fmt: skip
 
 
 # --- payments -----------------------------------------------------------------------------------
@@ -271,7 +232,7 @@ def import_payments(catalog: Catalog, records: Sequence[tuple[int, PaymentRecord
             for key, r in unique.items()
             if key not in existing
         ]
-        statement = _insert_ignoring_duplicates(session, Payment, ["payment_key"])
+        statement = insert_ignoring_duplicates(session, Payment, ["payment_key"])
         for start in range(0, len(rows), _CHUNK):
             session.execute(statement, rows[start : start + _CHUNK])
         closed = _closed_periods(session, (row["paid_at"] for row in rows))
@@ -342,7 +303,7 @@ def import_outages(catalog: Catalog, records: Sequence[tuple[int, OutageRecord]]
             for key, r in unique.items()
             if key not in existing
         ]
-        statement = _insert_ignoring_duplicates(session, Outage, ["started_at", "ended_at"])
+        statement = insert_ignoring_duplicates(session, Outage, ["started_at", "ended_at"])
         for start in range(0, len(rows), _CHUNK):
             session.execute(statement, rows[start : start + _CHUNK])
         closed = _closed_periods(session, (row["started_at"] for row in rows))

@@ -9,9 +9,16 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def insert_ignoring_duplicates(session: Session, model: type, key: list[str]):
+    """INSERT that skips rows whose `key` columns already exist (SQLite and PostgreSQL)."""
+    dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
+    return dialect.insert(model).on_conflict_do_nothing(index_elements=key)
 
 
 class CatalogError(RuntimeError):
