@@ -28,7 +28,7 @@ from pipelines.preview import class_summary
 from pipelines.ingest import ingest_file, local_copy, readable_path
 from pipelines.lifecycle.operations import ensure_active
 from pipelines.metering import UsageRecord, record_usage
-from pipelines.notify import DeliveryError, send_email, send_once
+from pipelines.notify import DeliveryError, send_once
 from pipelines.settings import Settings
 from pipelines.storage import AccountArea, ObjectStore, open_store, safe_name
 from pipelines.training import resolve_classifier
@@ -154,6 +154,8 @@ def validate_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
         stored = _file(session, job)
         file_key, file_name, file_state, account_id = stored.key, stored.original_name, stored.state, job.account_id
     if state == JobState.QUARANTINED:
+        # A rerun of the task retries a notice the mail server refused the first time.
+        _notify_quarantine(runtime, job_id, account_id, file_name, job.error or "input refused", job.report_key)
         raise ValidationFailed(job_id, job.error or "input refused", job.report_key)
     if state != JobState.RECEIVED:
         return job_view(runtime, job_id)
@@ -166,6 +168,7 @@ def validate_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
             job = _job(session, job_id)
             job.error, job.report_key = reason, previous.report_key
             _set_state(job, JobState.QUARANTINED)
+        _notify_quarantine(runtime, job_id, account_id, file_name, reason, previous.report_key)
         raise ValidationFailed(job_id, reason, previous.report_key)
 
     with readable_path(runtime.store, file_key, runtime.settings.scratch_dir) as path:
@@ -194,11 +197,12 @@ def validate_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
         stored.key, stored.state, stored.report_key = quarantine_key, FileState.QUARANTINED.value, report_key
         job.error, job.report_key = report.reason, report_key
         _set_state(job, JobState.QUARANTINED)
-    _notify_quarantine(runtime, account_id, file_name, report.reason, report_key)
+    _notify_quarantine(runtime, job_id, account_id, file_name, report.reason, report_key)
     raise ValidationFailed(job_id, report.reason, report_key)
 
 
-def _notify_quarantine(runtime: Runtime, account_id: str, file_name: str, reason: str, report_key: str) -> None:
+def _notify_quarantine(runtime: Runtime, job_id: str, account_id: str, file_name: str, reason: str, report_key: str) -> None:
+    """Tell the customer once per job; a refused delivery is logged and retried when the step reruns."""
     account = get_account(runtime.catalog, account_id)
     html_key = report_key.replace(".json", ".html")
     body = (
@@ -209,7 +213,7 @@ def _notify_quarantine(runtime: Runtime, account_id: str, file_name: str, reason
         "and upload it again.\n\n-- pointflow\n"
     )
     try:
-        send_email(runtime.settings, account.email, f"pointflow: {file_name} could not be processed", body)
+        send_once(runtime.settings, runtime.catalog, f"quarantine:{job_id}", account_id, "quarantine", account.email, f"pointflow: {file_name} could not be processed", body)
     except DeliveryError as error:
         # The quarantine stands either way; a missed notice must not turn into a lost file.
         log.warning("quarantine notice for %s not sent: %s", account_id, error)

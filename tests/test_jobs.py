@@ -110,6 +110,7 @@ def test_bad_input_is_quarantined_with_report_and_notice(runtime: Runtime, accou
     assert [(e.status, e.points) for e in usage_events(runtime, account)] == [("failed", 0)]
     with pytest.raises(ValidationFailed):
         validate_step(runtime, job["job_id"])
+    assert len(outbox_messages(runtime.settings)) == 1
 
 
 def test_the_same_bad_file_again_is_refused_without_rework(runtime: Runtime, account: str, tmp_path: Path) -> None:
@@ -152,3 +153,23 @@ def test_the_validation_log_line_links_to_the_report(runtime: Runtime, account: 
     link = line.split("report: ", 1)[1]
     assert link.startswith("file://") and link.endswith(job["report_key"].replace(".json", ".html"))
     assert Path(link[len("file://"):]).read_text().count("refused (quarantined)") == 1
+
+
+def test_a_refused_quarantine_notice_is_sent_when_the_step_reruns(home: Path, smtp_sink, tmp_path: Path) -> None:
+    from pipelines.accounts import upsert_accounts
+    from pipelines.settings import Settings
+    from tests.conftest import make_account
+
+    runtime = Runtime.from_settings(Settings.from_env())
+    upsert_accounts(runtime.catalog, [make_account()])
+    source = tmp_path / "bad.las"
+    source.write_text("not a point cloud")
+    smtp_sink.refusing = True
+    job = run_job(runtime, "acme", str(source))
+    assert job["state"] == "quarantined" and smtp_sink.messages == []
+    smtp_sink.refusing = False
+    for _ in range(2):
+        with pytest.raises(ValidationFailed):
+            validate_step(runtime, job["job_id"])
+    [message] = smtp_sink.parsed()
+    assert message["To"] == "ops@acme.example" and "not a LAS/LAZ file" in message.get_content()
