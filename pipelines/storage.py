@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlparse
 
 ACCOUNT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+S3_MAX_ATTEMPTS = 9
 AREAS = ("raw", "quarantine", "classified", "exports", "reports", "invoices", "models", "tmp")
 
 
@@ -242,10 +243,17 @@ class S3Store(ObjectStore):
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = f"s3://{bucket}/{self.prefix}"
+        # Retries with exponential backoff and jitter ride out short outages (about 6 s on
+        # average with 9 attempts); longer ones are the task retries' job. AWS_MAX_ATTEMPTS
+        # and AWS_RETRY_MODE still win, as boto3 users expect. A 10 s connect timeout stops a
+        # black-holed endpoint from hanging each attempt for botocore's default minute.
+        retries = {"mode": os.environ.get("AWS_RETRY_MODE") or "standard"}
+        if not os.environ.get("AWS_MAX_ATTEMPTS"):
+            retries["total_max_attempts"] = S3_MAX_ATTEMPTS
         self.client = client or boto3.client(
             "s3",
             endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
-            config=Config(retries={"max_attempts": 8, "mode": "standard"}, signature_version="s3v4"),
+            config=Config(retries=retries, connect_timeout=10, read_timeout=60, signature_version="s3v4"),
         )
 
     def _key(self, key: str) -> str:
@@ -270,20 +278,21 @@ class S3Store(ObjectStore):
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            self._call(key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
             return True
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        except StorageError as error:
+            cause = error.__cause__
+            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
-            raise StorageError(f"cannot check {key!r} in {self.url}: {error}") from error
+            raise
 
     def size(self, key: str) -> int:
         response = self._call(key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
         return int(response["ContentLength"])
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+        pages = iter(self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + prefix))
+        while (page := self._call(prefix, next, pages, None)) is not None:
             for item in page.get("Contents", []):
                 yield ObjectInfo(item["Key"][len(self.prefix):], int(item["Size"]))
 
@@ -320,11 +329,21 @@ class S3Store(ObjectStore):
         )
 
     def _call(self, key: str, function, *args, **kwargs):
-        from botocore.exceptions import BotoCoreError, ClientError
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
 
         try:
             return function(*args, **kwargs)
-        except (BotoCoreError, ClientError) as error:
+        except (BotoConnectionError, HTTPClientError) as error:
+            attempts = self.client.meta.config.retries.get("total_max_attempts", "several")
+            endpoint = self.client.meta.endpoint_url
+            raise StorageError(
+                f"{function.__name__} {key!r} in {self.url} failed after {attempts} attempts: the S3 endpoint "
+                f"{endpoint} did not answer ({error}). Check that it is up and reachable (AWS_ENDPOINT_URL), "
+                "then retry the task."
+            ) from error
+        except (BotoCoreError, ClientError, Boto3Error) as error:
             raise StorageError(f"{function.__name__} {key!r} in {self.url} failed: {error}") from error
 
 
