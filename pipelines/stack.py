@@ -1,0 +1,435 @@
+"""The multi-service deployment without Docker: every service a separate process on loopback.
+
+The same shape as docker/compose.yaml: Airflow's api-server, scheduler, dag-processor and triggerer
+(LocalExecutor) on PostgreSQL, the pointflow catalog on PostgreSQL, and a Dask scheduler with its
+own worker processes that the classification tasks send their tiles to. Objects go to a local folder
+unless POINTFLOW_STORAGE_URL says otherwise; mail to the outbox unless POINTFLOW_SMTP_URL is set.
+Used by `pointflow stack up`, the load benchmark and the multi-service test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+
+from pipelines.airflow_local import DAGS_FOLDER, PLUGINS_FOLDER
+from pipelines.catalog.db import Catalog, normalise_url
+from pipelines.classify import LOCAL_DASK_CONFIG
+
+
+class StackError(RuntimeError):
+    """A service of the stack did not come up; the message names it and its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """Where the stack lives and what it connects to.
+
+    ``postgres`` is a server URL (no database): the stack uses two databases on it, ``<name>_airflow``
+    for Airflow's metadata and ``<name>_catalog`` for pointflow's, and creates them when missing.
+    """
+
+    base: Path
+    postgres: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    name: str = "pointflow_stack"
+    api_port: int = 8080
+    dask_port: int = 8786
+    dask_workers: int = 2
+    parallelism: int = 16
+    max_active_runs: int = 16
+    admin_user: str = "admin"
+    admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def database_url(self, purpose: str) -> str:
+        parts = urlsplit(self.postgres)
+        return urlunsplit(parts._replace(path=f"/{self.name}_{purpose}"))
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def dask_address(self) -> str:
+        return f"tcp://127.0.0.1:{self.dask_port}"
+
+    @property
+    def pointflow_home(self) -> Path:
+        return self.base / "pointflow"
+
+    @property
+    def logs(self) -> Path:
+        return self.base / "logs"
+
+
+def ensure_database(server_url: str, database_url: str) -> None:
+    """Create the database of ``database_url`` on the server when it does not exist yet."""
+    import psycopg2
+    from psycopg2 import sql
+
+    database = urlsplit(database_url).path.lstrip("/")
+    connection = psycopg2.connect(normalise_url(server_url).replace("postgresql+psycopg2", "postgresql"))
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+            if cursor.fetchone() is None:
+                cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    finally:
+        connection.close()
+
+
+def stack_environment(plan: StackPlan) -> dict[str, str]:
+    """Environment shared by every process of the stack (Airflow, Dask, the tasks): this process's,
+    with the stack's own services wired in; POINTFLOW_STORAGE_URL, SMTP and the like pass through."""
+    airflow_home = plan.base / "airflow"
+    passwords = airflow_home / "passwords.json"
+    environment = {
+        **os.environ,
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS_FOLDER),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": str(plan.parallelism),
+        "AIRFLOW__CORE__MAX_ACTIVE_RUNS_PER_DAG": str(plan.max_active_runs),
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{plan.api_url}/execution/",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{plan.admin_user}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": normalise_url(plan.database_url("airflow")),
+        "AIRFLOW__API__BASE_URL": plan.api_url,
+        "AIRFLOW__API__PORT": str(plan.api_port),
+        "AIRFLOW__API_AUTH__JWT_SECRET": _secret(airflow_home / "jwt_secret"),
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(plan.logs / "airflow"),
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        "POINTFLOW_HOME": str(plan.pointflow_home),
+        "POINTFLOW_DATABASE_URL": plan.database_url("catalog"),
+        "POINTFLOW_DASK_ADDRESS": plan.dask_address,
+        "DASK_CONFIG": str(LOCAL_DASK_CONFIG),
+        # Airflow's components start more `airflow` processes: they must find this environment's.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    environment.update(plan.extra_env)
+    return environment
+
+
+def _secret(path: Path) -> str:
+    """A secret kept in a file the stack owns, so a restarted stack keeps its sessions valid."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    log: Path
+    process: subprocess.Popen | None = None
+
+    def start(self, environment: dict[str, str]) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            # Own process group: stopping the service also stops what it started (task processes, nannies).
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, grace: float = 20.0) -> None:
+        if not self.running():
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def kill(self) -> None:
+        """Kill at once, as a crashed machine would."""
+        if self.running():
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+class LocalStack:
+    """Start with ``with LocalStack(plan) as stack:``; everything stops on exit, logs stay in plan.logs."""
+
+    def __init__(self, plan: StackPlan, log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> None:
+        self.plan = plan
+        self.say = log
+        self.environment = stack_environment(plan)
+        self.services: list[Service] = []
+
+    def __enter__(self) -> LocalStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 240.0) -> None:
+        plan = self.plan
+        self._write_passwords()
+        for purpose in ("airflow", "catalog"):
+            ensure_database(plan.postgres, plan.database_url(purpose))
+        self.say("migrating Airflow's and pointflow's databases")
+        self._run_once("airflow-db-migrate", [sys.executable, "-m", "airflow", "db", "migrate"])
+        catalog = Catalog(plan.database_url("catalog"))
+        catalog.migrate()
+        catalog.dispose()
+
+        python = sys.executable
+        self._start("dask-scheduler", [python, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(plan.dask_port), "--dashboard-address", ":0"])
+        self._wait("dask-scheduler", lambda: _port_open(plan.dask_port), timeout)
+        for number in range(1, plan.dask_workers + 1):
+            self._start(
+                f"dask-worker-{number}",
+                [python, "-m", "distributed.cli.dask_worker", plan.dask_address, "--nthreads", "1", "--name", f"worker-{number}", "--no-dashboard", "--local-directory", str(plan.base / "dask")],
+            )
+        self._wait(f"{plan.dask_workers} Dask workers", lambda: self.dask_worker_count() >= plan.dask_workers, timeout)
+
+        self._start("api-server", [python, "-m", "airflow", "api-server", "--port", str(plan.api_port), "--host", "127.0.0.1"])
+        self._wait("api-server", lambda: _get_ok(f"{plan.api_url}/api/v2/monitor/health"), timeout)
+        for component in ("scheduler", "dag-processor", "triggerer"):
+            self._start(component, [python, "-m", "airflow", component])
+        self._wait("scheduler, dag-processor and triggerer", self._components_healthy, timeout)
+        self.say(f"stack up: Airflow {plan.api_url} (user {plan.admin_user}), Dask {plan.dask_address}, logs {plan.logs}")
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+    def service(self, name: str) -> Service:
+        return next(s for s in self.services if s.name == name)
+
+    def client(self) -> AirflowClient:
+        return AirflowClient(self.plan.api_url, self.plan.admin_user, self.plan.admin_password)
+
+    def dask_worker_count(self) -> int:
+        from distributed import Client
+
+        try:
+            with Client(self.plan.dask_address, timeout="5s") as client:
+                return len(client.scheduler_info()["workers"])
+        except OSError:
+            return 0
+
+    def _components_healthy(self) -> bool:
+        try:
+            health = requests.get(f"{self.plan.api_url}/api/v2/monitor/health", timeout=5).json()
+        except (requests.RequestException, ValueError):
+            return False
+        return all(health.get(part, {}).get("status") == "healthy" for part in ("metadatabase", "scheduler", "dag_processor", "triggerer"))
+
+    def _write_passwords(self) -> None:
+        path = Path(self.environment["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({self.plan.admin_user: self.plan.admin_password}))
+        path.chmod(0o600)
+
+    def _run_once(self, name: str, argv: list[str]) -> None:
+        log = self.plan.logs / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            completed = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=self.environment)
+        if completed.returncode != 0:
+            raise StackError(f"{name} failed (exit {completed.returncode}); see {log}")
+
+    def _start(self, name: str, argv: list[str]) -> None:
+        service = Service(name, argv, self.plan.logs / f"{name}.log")
+        service.start(self.environment)
+        self.services.append(service)
+
+    def _wait(self, what: str, ready: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            dead = [s for s in self.services if not s.running()]
+            if dead:
+                raise StackError(f"{dead[0].name} exited (code {dead[0].process.returncode}); see {dead[0].log}")
+            if time.monotonic() > deadline:
+                raise StackError(f"{what} not ready after {timeout:.0f} s; see the logs in {self.plan.logs}")
+            time.sleep(1)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _get_ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).ok
+    except requests.RequestException:
+        return False
+
+
+class AirflowClient:
+    """Airflow's public REST API (v2) with a token from the simple auth manager."""
+
+    def __init__(self, base_url: str, username: str, password: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.http = requests.Session()
+        response = self.http.post(f"{self.base_url}/auth/token", json={"username": username, "password": password}, timeout=30)
+        if response.status_code != 201:
+            raise StackError(f"Airflow refused the login for {username!r} (HTTP {response.status_code})")
+        self.http.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
+
+    def _call(self, method: str, path: str, **kwargs) -> Any:
+        response = self.http.request(method, f"{self.base_url}/api/v2{path}", timeout=60, **kwargs)
+        if not response.ok:
+            raise StackError(f"{method} {path}: HTTP {response.status_code} {response.text[:300]}")
+        return response.json()
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 180.0) -> None:
+        """Wait until the dag-processor has parsed the DAG, then make sure it is not paused."""
+        deadline = time.monotonic() + timeout
+        while True:
+            response = self.http.get(f"{self.base_url}/api/v2/dags/{dag_id}", timeout=30)
+            if response.ok:
+                break
+            if time.monotonic() > deadline:
+                raise StackError(f"DAG {dag_id} not parsed after {timeout:.0f} s (HTTP {response.status_code})")
+            time.sleep(2)
+        self._call("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
+
+    def trigger(self, dag_id: str, run_id: str, conf: dict[str, Any]) -> str:
+        body = {"dag_run_id": run_id, "logical_date": None, "conf": conf}
+        return self._call("POST", f"/dags/{dag_id}/dagRuns", json=body)["dag_run_id"]
+
+    def run(self, dag_id: str, run_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        return self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+
+    def wait_for_runs(self, dag_id: str, run_ids: list[str], timeout: float, on_finished: Callable[[dict], None] = lambda run: None) -> dict[str, dict[str, Any]]:
+        """Poll until every run has finished (success or failed); returns each run's final record."""
+        finished: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        while len(finished) < len(run_ids):
+            for run_id in run_ids:
+                if run_id in finished:
+                    continue
+                run = self.run(dag_id, run_id)
+                if run["state"] in ("success", "failed"):
+                    finished[run_id] = run
+                    on_finished(run)
+            if len(finished) < len(run_ids):
+                if time.monotonic() > deadline:
+                    raise StackError(f"{len(run_ids) - len(finished)} of {len(run_ids)} runs unfinished after {timeout:.0f} s")
+                time.sleep(2)
+        return finished
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What a batch of classification runs did, read back from Airflow and the catalog."""
+
+    runs: dict[str, dict[str, Any]]  # run id -> Airflow's final run record
+    wall_seconds: float
+    points: int
+    usage_events: dict[str, int]  # job id -> classification usage events recorded for it
+    exports: dict[str, int]  # job id -> manifests published for it
+
+    @property
+    def succeeded(self) -> list[str]:
+        return [run_id for run_id, run in self.runs.items() if run["state"] == "success"]
+
+    @property
+    def run_seconds(self) -> dict[str, float]:
+        return {run_id: _seconds(run["start_date"], run["end_date"]) for run_id, run in self.runs.items()}
+
+    @property
+    def lost_usage(self) -> list[str]:
+        return [job for job, count in self.usage_events.items() if count == 0]
+
+    @property
+    def duplicated_usage(self) -> list[str]:
+        return [job for job, count in self.usage_events.items() if count > 1]
+
+
+def _seconds(start: str, end: str) -> float:
+    from datetime import datetime
+
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def run_batch(
+    stack: LocalStack,
+    account_id: str,
+    sources: list[Path],
+    timeout: float,
+    prefix: str = "batch",
+    on_finished: Callable[[dict], None] = lambda run: None,
+) -> BatchReport:
+    """Trigger one pointflow_classify run per source, all at once, wait for all, then audit
+    Airflow's outcome against the catalog: one usage event and one export per job."""
+    from sqlalchemy import func, select
+
+    from pipelines.catalog.models import Job, UsageEvent
+    from pipelines.export import MANIFEST_NAME
+    from pipelines.jobs import Runtime, job_id_for
+    from pipelines.lasio import read_info
+    from pipelines.settings import Settings
+
+    dag_id = "pointflow_classify"
+    client = stack.client()
+    client.wait_for_dag(dag_id)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    started = time.monotonic()
+    run_ids = [
+        client.trigger(dag_id, f"{prefix}-{stamp}-{number:03d}", {"account_id": account_id, "source": str(source.resolve())})
+        for number, source in enumerate(sources)
+    ]
+    runs = client.wait_for_runs(dag_id, run_ids, timeout, on_finished)
+    wall = time.monotonic() - started
+
+    runtime = Runtime.from_settings(Settings.from_env(stack.environment))
+    job_ids = [job_id_for(dag_id, run_id) for run_id in run_ids]
+    try:
+        with runtime.catalog.session() as session:
+            counted = dict(
+                session.execute(
+                    select(UsageEvent.job_id, func.count())
+                    .where(UsageEvent.job_id.in_(job_ids), UsageEvent.kind == "classification")
+                    .group_by(UsageEvent.job_id)
+                ).all()
+            )
+            prefixes = dict(session.execute(select(Job.job_id, Job.export_prefix).where(Job.job_id.in_(job_ids))).all())
+    finally:
+        runtime.catalog.dispose()
+    exports = {
+        job: sum(1 for info in runtime.store.list(prefixes[job]) if info.key.endswith(MANIFEST_NAME)) if prefixes.get(job) else 0
+        for job in job_ids
+    }
+    points = sum(read_info(source).point_count for source in sources)
+    return BatchReport(runs, wall, points, {job: counted.get(job, 0) for job in job_ids}, exports)
