@@ -1,9 +1,9 @@
-# The front door: `make demo`, `make test`, `make airflow`, `make bench`.
+# The front door: `make demo`, `make test`, `make airflow`, `make bench`, `make stack`, `make load`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test airflow bench clean
+.PHONY: install demo test airflow bench stack load clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ airflow: install
 
 bench: install
 	$(BIN)/python -m benchmarks
+
+stack: install
+	$(BIN)/pointflow stack up
+
+load: install
+	$(BIN)/python -m benchmarks.load
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -2,12 +2,14 @@
 
 from pipelines.catalog import CatalogError
 from pipelines.settings import SettingsError
+from pipelines.stack import StackError
 from pipelines.storage import StorageError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CatalogError,
     SettingsError,
     StorageError,
+    StackError,
     ValueError,
     FileNotFoundError,
     PermissionError,

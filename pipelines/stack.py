@@ -17,7 +17,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ class StackPlan:
     parallelism: int = 16
     max_active_runs: int = 16
     admin_user: str = "admin"
-    admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    admin_password: str | None = None  # None: keep the one from an earlier start, or make one
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def database_url(self, purpose: str) -> str:
@@ -81,21 +82,44 @@ class StackPlan:
         return self.base / "logs"
 
 
-def ensure_database(server_url: str, database_url: str) -> None:
-    """Create the database of ``database_url`` on the server when it does not exist yet."""
+@contextmanager
+def _server_cursor(server_url: str) -> Iterator[Any]:
+    """A cursor outside any transaction, as CREATE and DROP DATABASE need."""
     import psycopg2
-    from psycopg2 import sql
 
-    database = urlsplit(database_url).path.lstrip("/")
-    connection = psycopg2.connect(normalise_url(server_url).replace("postgresql+psycopg2", "postgresql"))
+    connection = psycopg2.connect(urlunsplit(urlsplit(server_url)._replace(scheme="postgresql")))
     connection.autocommit = True
     try:
         with connection.cursor() as cursor:
+            yield cursor
+    finally:
+        connection.close()
+
+
+def _database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+def ensure_databases(plan: StackPlan) -> None:
+    """Create the stack's two databases when they do not exist yet."""
+    from psycopg2 import sql
+
+    with _server_cursor(plan.postgres) as cursor:
+        for purpose in ("airflow", "catalog"):
+            database = _database_name(plan.database_url(purpose))
             cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
             if cursor.fetchone() is None:
                 cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-    finally:
-        connection.close()
+
+
+def drop_databases(plan: StackPlan) -> None:
+    """Remove the stack's two databases (scratch stacks: tests, the load benchmark)."""
+    from psycopg2 import sql
+
+    with _server_cursor(plan.postgres) as cursor:
+        for purpose in ("airflow", "catalog"):
+            database = _database_name(plan.database_url(purpose))
+            cursor.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
 
 
 def stack_environment(plan: StackPlan) -> dict[str, str]:
@@ -182,6 +206,8 @@ class LocalStack:
         self.plan = plan
         self.say = log
         self.environment = stack_environment(plan)
+        self.passwords_file = Path(self.environment["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
+        self.password = plan.admin_password or self._kept_password() or secrets.token_urlsafe(12)
         self.services: list[Service] = []
 
     def __enter__(self) -> LocalStack:
@@ -198,8 +224,7 @@ class LocalStack:
     def start(self, timeout: float = 240.0) -> None:
         plan = self.plan
         self._write_passwords()
-        for purpose in ("airflow", "catalog"):
-            ensure_database(plan.postgres, plan.database_url(purpose))
+        ensure_databases(plan)
         self.say("migrating Airflow's and pointflow's databases")
         self._run_once("airflow-db-migrate", [sys.executable, "-m", "airflow", "db", "migrate"])
         catalog = Catalog(plan.database_url("catalog"))
@@ -221,7 +246,7 @@ class LocalStack:
         for component in ("scheduler", "dag-processor", "triggerer"):
             self._start(component, [python, "-m", "airflow", component])
         self._wait("scheduler, dag-processor and triggerer", self._components_healthy, timeout)
-        self.say(f"stack up: Airflow {plan.api_url} (user {plan.admin_user}), Dask {plan.dask_address}, logs {plan.logs}")
+        self.say(f"stack up: Airflow {plan.api_url} (user {plan.admin_user}, password in {self.passwords_file}), Dask {plan.dask_address}, logs {plan.logs}")
 
     def stop(self) -> None:
         for service in reversed(self.services):
@@ -231,7 +256,7 @@ class LocalStack:
         return next(s for s in self.services if s.name == name)
 
     def client(self) -> AirflowClient:
-        return AirflowClient(self.plan.api_url, self.plan.admin_user, self.plan.admin_password)
+        return AirflowClient(self.plan.api_url, self.plan.admin_user, self.password)
 
     def dask_worker_count(self) -> int:
         from distributed import Client
@@ -249,11 +274,15 @@ class LocalStack:
             return False
         return all(health.get(part, {}).get("status") == "healthy" for part in ("metadatabase", "scheduler", "dag_processor", "triggerer"))
 
+    def _kept_password(self) -> str | None:
+        if not self.passwords_file.exists():
+            return None
+        return json.loads(self.passwords_file.read_text()).get(self.plan.admin_user)
+
     def _write_passwords(self) -> None:
-        path = Path(self.environment["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({self.plan.admin_user: self.plan.admin_password}))
-        path.chmod(0o600)
+        self.passwords_file.parent.mkdir(parents=True, exist_ok=True)
+        self.passwords_file.write_text(json.dumps({self.plan.admin_user: self.password}))
+        self.passwords_file.chmod(0o600)
 
     def _run_once(self, name: str, argv: list[str]) -> None:
         log = self.plan.logs / f"{name}.log"

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 from distributed import Client
-from sqlalchemy import create_engine, text
 
 from pipelines.accounts import upsert_accounts
 from pipelines.catalog import Catalog
 from pipelines.scene import make_scene, write_scene
-from pipelines.stack import LocalStack, StackPlan, free_port, run_batch
+from pipelines.stack import LocalStack, StackPlan, drop_databases, free_port, run_batch
 from tests.conftest import POSTGRES_ADMIN_URL, _postgres_reachable, make_account
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -36,11 +35,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         with LocalStack(plan) as running:
             yield running
     finally:
-        admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            for purpose in ("airflow", "catalog"):
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{plan.name}_{purpose}" WITH (FORCE)'))
-        admin.dispose()
+        drop_databases(plan)
 
 
 def _executed_per_worker(stack: LocalStack) -> dict[str, int]:

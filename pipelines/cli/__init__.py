@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "pipelines.cli.airflow",
     "pipelines.cli.billing",
     "pipelines.cli.lifecycle",
+    "pipelines.cli.stack",
 )
 
 

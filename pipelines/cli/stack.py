@@ -1,0 +1,51 @@
+"""`pointflow stack up`: every service of the deployment as its own process on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+
+from pipelines.cli.common import settings_from_env
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "stack",
+        help="run the multi-service deployment without Docker (Airflow on PostgreSQL, Dask workers)",
+        description=(
+            "Start the services of docker/compose.yaml as separate processes on loopback: Airflow's api-server, "
+            "scheduler, dag-processor and triggerer with the LocalExecutor on PostgreSQL, pointflow's catalog on "
+            "the same server, and a Dask scheduler with its workers, which the classification tasks send their "
+            "tiles to. Objects and mail follow POINTFLOW_STORAGE_URL and POINTFLOW_SMTP_URL (default: a folder "
+            "and an outbox under the stack's folder). Stops everything on Ctrl-C; logs stay in <dir>/logs."
+        ),
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    up = actions.add_parser("up", help="start the stack and keep it running until Ctrl-C")
+    up.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres", help="PostgreSQL server; the stack creates <name>_airflow and <name>_catalog on it (default: %(default)s)")
+    up.add_argument("--name", default="pointflow_stack", help="prefix of the two databases (default: %(default)s)")
+    up.add_argument("--dir", type=Path, default=None, help="folder for homes and logs (default: POINTFLOW_HOME/stack)")
+    up.add_argument("--port", type=int, default=8080, help="Airflow api-server port (default: %(default)s)")
+    up.add_argument("--dask-port", type=int, default=8786, help="Dask scheduler port (default: %(default)s)")
+    up.add_argument("--workers", type=int, default=2, help="Dask worker processes (default: %(default)s)")
+    up.set_defaults(handler=_up)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from pipelines.stack import LocalStack, StackPlan
+
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    base = args.dir or settings_from_env().home / "stack"
+    plan = StackPlan(base=base.resolve(), postgres=args.postgres, name=args.name, api_port=args.port, dask_port=args.dask_port, dask_workers=args.workers)
+    # Ctrl-C and `kill` both stop the services in order instead of orphaning them.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with LocalStack(plan):
+        print(f"Airflow UI:  {plan.api_url}  (user {plan.admin_user}; password in {base / 'airflow' / 'passwords.json'})")
+        print(f"Dask:        {plan.dask_address}")
+        print(f"pointflow:   POINTFLOW_HOME={plan.pointflow_home} POINTFLOW_DATABASE_URL={plan.database_url('catalog')}")
+        print(f"logs:        {plan.logs}")
+        print("Ctrl-C stops the stack.")
+        signal.pause()
+    return 0
