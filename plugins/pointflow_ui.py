@@ -1,0 +1,180 @@
+"""The pointflow page in the Airflow UI: accounts, recent jobs, usage, invoices, lifecycle queue.
+
+A FastAPI app mounted by the api-server under /pointflow, shown in the Airflow navigation as an
+external view (an iframe on the same origin, so the browser sends Airflow's `_token` cookie).
+
+Airflow does not protect plugin apps: every route here depends on `operator`, which resolves the
+user with the dependency Airflow's own routes use (`GetUserDep`: an `Authorization: Bearer` JWT,
+else the `_token` cookie, validated by the configured auth manager) and then asks the auth
+manager whether that user may read the custom view "pointflow" (`is_authorized_custom_view`).
+With the simple auth manager every role may; with FAB or Keycloak grant read on "pointflow".
+A missing or expired token gets 401, or, for a browser asking for a page, a redirect to
+Airflow's login that comes back here.
+
+Objects are served only through `pipelines.dashboard`, which builds each key from the named
+account's own job or invoice and refuses keys outside that account's area.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures inside create_app,
+# whose annotations name types imported there, so they must be evaluated where they are written.
+import threading
+from pathlib import Path
+
+from airflow.plugins_manager import AirflowPlugin
+
+URL_PREFIX = "/pointflow"
+RESOURCE_NAME = "pointflow"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+# The page needs no script and loads nothing from elsewhere; only Airflow's own UI may frame it.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; frame-ancestors 'self'; base-uri 'none'; form-action 'none'",
+    "X-Frame-Options": "SAMEORIGIN",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+class _LazyApp:
+    """The ASGI app, built on its first request.
+
+    Every Airflow task process loads the plugins (for their macros); building the FastAPI app
+    at import would make each task import FastAPI and Airflow's API modules, about 2 s, for a
+    page only the api-server serves.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._app = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self._app is None:
+            with self._lock:
+                if self._app is None:
+                    self._app = create_app()
+        await self._app(scope, receive, send)
+
+
+class _RuntimeHolder:
+    """The pointflow runtime of this server process, opened on first use: a catalog that is down
+    must not stop the api-server from starting, only this page from rendering."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runtime = None
+
+    def get(self):
+        from pipelines.jobs import Runtime
+        from pipelines.settings import Settings
+
+        with self._lock:
+            if self._runtime is None:
+                self._runtime = Runtime.from_settings(Settings.from_env())
+            return self._runtime
+
+
+def create_app():
+    from typing import Annotated
+    from urllib.parse import urlencode
+
+    from fastapi import Depends, FastAPI, HTTPException, Request, status
+    from fastapi.exception_handlers import http_exception_handler
+    from fastapi.responses import HTMLResponse, RedirectResponse, Response
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+    from markupsafe import Markup
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from airflow.api_fastapi.app import API_ROOT_PATH, get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
+    from airflow.api_fastapi.core_api.security import GetUserDep
+    from pipelines.dashboard import DataLocked, NotServed, build_dashboard, invoice_document, job_preview, usage_chart_svg
+
+    def operator(user: GetUserDep) -> BaseUser:
+        """The signed-in Airflow user, if the auth manager lets them read the pointflow view."""
+        if not get_auth_manager().is_authorized_custom_view(method="GET", resource_name=RESOURCE_NAME, user=user):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"your Airflow role has no read access to the {RESOURCE_NAME} view")
+        return user
+
+    Operator = Annotated[BaseUser, Depends(operator)]
+    holder = _RuntimeHolder()
+    app = FastAPI(title="pointflow", docs_url=None, redoc_url=None, openapi_url=None)
+    templates = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
+    templates.filters.update(points=lambda n: f"{int(n):,}", when=_when, detail=_detail)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def login_redirect(request: Request, error: StarletteHTTPException):
+        # A person opening the page is sent to Airflow's login and back; API clients get the 401.
+        if error.status_code == status.HTTP_401_UNAUTHORIZED and request.method == "GET" and "text/html" in request.headers.get("accept", ""):
+            back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"{API_ROOT_PATH}api/v2/auth/login?{urlencode({'next': back})}", status.HTTP_303_SEE_OTHER)
+        return await http_exception_handler(request, error)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page(user: Operator) -> HTMLResponse:
+        dashboard = build_dashboard(holder.get())
+        html = templates.get_template("pointflow_dashboard.html").render(
+            d=dashboard, chart=Markup(usage_chart_svg(dashboard)), user=user.get_name(), prefix=URL_PREFIX
+        )
+        return HTMLResponse(html)
+
+    @app.get("/accounts/{account_id}/jobs/{job_id}/preview.png")
+    def preview(account_id: str, job_id: str, _user: Operator) -> Response:
+        try:
+            return Response(job_preview(holder.get(), account_id, job_id), media_type="image/png")
+        except NotServed as missing:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(missing)) from None
+        except DataLocked as locked:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, str(locked)) from None
+
+    @app.get("/accounts/{account_id}/invoices/{invoice_number}.{fmt}")
+    def invoice(account_id: str, invoice_number: str, fmt: str, _user: Operator) -> Response:
+        try:
+            body, media_type = invoice_document(holder.get(), account_id, invoice_number, fmt)
+        except NotServed as missing:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(missing)) from None
+        disposition = "inline" if fmt == "html" else "attachment"
+        return Response(body, media_type=media_type, headers={"Content-Disposition": f'{disposition}; filename="{invoice_number}.{fmt}"'})
+
+    return app
+
+
+def _when(moment) -> str:
+    """A UTC instant (or its ISO text) as the page shows it; a dash for none."""
+    if moment is None:
+        return "–"
+    if isinstance(moment, str):
+        from datetime import datetime
+
+        moment = datetime.fromisoformat(moment)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _detail(value) -> str:
+    """A value of a lifecycle action's detail: instants read like the rest of the page."""
+    if isinstance(value, str) and "T" in value:
+        try:
+            return _when(value)
+        except ValueError:
+            return value
+    return str(value)
+
+
+class PointflowPlugin(AirflowPlugin):
+    name = "pointflow"
+    fastapi_apps = [{"app": _LazyApp(), "url_prefix": URL_PREFIX, "name": "pointflow"}]
+    external_views = [
+        {
+            "name": "pointflow",
+            "href": URL_PREFIX + "/",
+            # Shown inside the Airflow UI at /plugin/pointflow, as a top-level navigation entry.
+            "url_route": "pointflow",
+            "destination": "nav",
+            "nav_top_level": True,
+        }
+    ]

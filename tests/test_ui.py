@@ -1,0 +1,374 @@
+"""The pointflow page in the Airflow UI, against a real `airflow api-server` and real data.
+
+One module-wide setup: a POINTFLOW_HOME seeded by the real pipeline (a classified job on the
+synthetic scene, imported usage, a billing run with its documents, a lifecycle run that sends
+notices and locks a trial, a legal hold), and an api-server with the simple auth manager and a
+known password. The HTTP tests check that every plugin route enforces Airflow's authentication
+and that one account's URL never reaches another account's objects; the browser test logs in
+through Airflow's login page with Debian's chromium and saves a screenshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import requests
+from sqlalchemy import select
+
+from pipelines.accounts import AccountRecord, upsert_accounts
+from pipelines.billing.delivery import MonthlyBilling, email_invoices, publish_documents
+from pipelines.billing.invoicing import run_billing
+from pipelines.billing.periods import Period, add_months
+from pipelines.catalog.models import SentMessage
+from pipelines.jobs import Runtime, run_job
+from pipelines.lifecycle import place_hold, run_lifecycle, terminate_account
+from pipelines.lifecycle.models import LifecycleAction
+from pipelines.metering import UsageRecord, record_usage
+from pipelines.settings import Settings
+from tests.conftest import REPO, free_port
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+UTC = timezone.utc
+
+
+@dataclass(frozen=True)
+class Seeded:
+    job_id: str
+    locked_job_id: str  # a job of the account whose contract ended
+    classes: list[str]  # class names of the job's summary
+    invoices: dict[str, str]  # account id -> its invoice number for last month (free plans get none)
+    months: list[str]  # the months with usage, oldest first
+    hold_reason: str
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    password: str
+    log: Path
+
+
+def seed(runtime: Runtime, scene: Path) -> Seeded:
+    now = datetime.now(UTC)
+    this_month = Period.of(now.date())
+    last_month = Period.of(add_months(this_month.first_day, -1))
+    month_before = Period.of(add_months(this_month.first_day, -2))
+    upsert_accounts(runtime.catalog, [
+        AccountRecord("acme", "Acme Surveying GmbH", "ops@acme.example", "DE", "professional", date(2026, 1, 1),
+                      last_login_at=now - timedelta(days=2)),
+        # Free, and no login for 14 months: the lifecycle run sends its inactivity notice.
+        AccountRecord("northwind", "Northwind Mapping", "it@northwind.example", "GB", "free", (now - timedelta(days=800)).date(),
+                      last_login_at=now - timedelta(days=430)),
+        # Ended its contract on the 1st: closed, data locked, deletion due after the grace period (on hold).
+        AccountRecord("tidewater", "Tidewater Drones", "hello@tidewater.example", "NL", "professional", (now - timedelta(days=200)).date(),
+                      last_login_at=now - timedelta(days=30)),
+    ])  # fmt: skip
+    record_usage(runtime.catalog, [
+        UsageRecord("seed-acme-1", "acme", "classification", month_before.start + timedelta(days=3), 3_400_000, "succeeded", "standard", "1"),
+        UsageRecord("seed-acme-2", "acme", "classification", last_month.start + timedelta(days=9), 5_250_000, "succeeded", "standard", "1"),
+        UsageRecord("seed-north-1", "northwind", "classification", last_month.start + timedelta(days=4), 1_200_000, "succeeded", "csf", "1"),
+        UsageRecord("seed-north-2", "northwind", "classification", last_month.start + timedelta(days=5), 800_000, "failed", "csf", "1"),
+    ])  # fmt: skip
+    job = run_job(runtime, "acme", str(scene), classifier="standard", job_id="job-ui-acme-1", workers=1)
+    assert job["state"] == "exported", job["error"]
+    # Classified before its contract ended: afterwards its results are locked, not served.
+    locked_job = run_job(runtime, "tidewater", str(scene), classifier="standard", job_id="job-ui-tidewater-1", workers=1)
+    assert locked_job["state"] == "exported", locked_job["error"]
+
+    billing = MonthlyBilling.open(runtime.settings, last_month.label)
+    try:
+        invoices = run_billing(billing.catalog, last_month, billing.pricebook).invoices
+        publish_documents(billing)
+        email_invoices(billing)
+    finally:
+        billing.catalog.dispose()
+
+    terminate_account(runtime.catalog, "tidewater", "customer", effective=this_month.first_day)
+    actions = {(a.account_id, a.action) for a in run_lifecycle(runtime, now)}
+    assert {("northwind", "inactivity_notice"), ("tidewater", "terminated"), ("tidewater", "data_locked")} <= actions, actions
+    reason = "case 2026-117: records requested by the aviation authority"
+    place_hold(runtime.catalog, "tidewater", reason)
+    # Inactive for 13 months, added after the nightly run: its notice is due at the next one.
+    upsert_accounts(runtime.catalog, [AccountRecord("oldfield", "Oldfield Archaeology", "dig@oldfield.example", "IE", "free",
+                                                    (now - timedelta(days=900)).date(), last_login_at=now - timedelta(days=400))])  # fmt: skip
+    names = [row["name"] for row in _classes(job)]
+    return Seeded(job["job_id"], locked_job["job_id"], names, {i.account_id: i.invoice_number for i in invoices},
+                  [month_before.label, last_month.label, this_month.label], reason)  # fmt: skip
+
+
+def _classes(job: dict) -> list[dict]:
+    from pipelines.preview import class_summary
+
+    return class_summary({int(k): v for k, v in job["summary"]["class_counts"].items()})
+
+
+@pytest.fixture(scope="module")
+def pointflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The POINTFLOW_* environment of the server, with nothing inherited from the developer's."""
+    home = tmp_path_factory.mktemp("ui-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")}
+    env.update(POINTFLOW_HOME=str(home), POINTFLOW_WORKERS="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def seeded(pointflow_env: dict[str, str], scene_path: Path) -> Seeded:
+    runtime = Runtime.from_settings(Settings.from_env(pointflow_env))
+    try:
+        return seed(runtime, scene_path)
+    finally:
+        runtime.catalog.dispose()
+
+
+@pytest.fixture(scope="module")
+def server(airflow_home: Path, pointflow_env: dict[str, str], seeded: Seeded, tmp_path_factory: pytest.TempPathFactory) -> Server:
+    """`airflow api-server` on a free loopback port, simple auth manager, user admin with a known password."""
+    work = tmp_path_factory.mktemp("api-server")
+    password = secrets.token_urlsafe(12)
+    passwords = work / "passwords.json"
+    passwords.write_text(json.dumps({"admin": password}))
+    port = free_port()
+    # Only this server's Airflow settings: none inherited from the developer's shell or other tests.
+    env = {
+        **{k: v for k, v in pointflow_env.items() if not k.startswith("AIRFLOW")},
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+        "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+    }
+    log = work / "api-server.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            stdout=output, stderr=subprocess.STDOUT, env=env, cwd=work,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"airflow api-server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(f"{url}/api/v2/monitor/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"airflow api-server did not answer within 90 s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield Server(url, password, log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def token(server: Server) -> str:
+    response = requests.post(f"{server.url}/auth/token", json={"username": "admin", "password": server.password}, timeout=10)
+    assert response.status_code == 201, response.text
+    return response.json()["access_token"]
+
+
+def plugin_urls(seeded: Seeded) -> list[str]:
+    return [
+        "/pointflow/",
+        f"/pointflow/accounts/acme/jobs/{seeded.job_id}/preview.png",
+        f"/pointflow/accounts/acme/invoices/{seeded.invoices['acme']}.html",
+    ]
+
+
+def test_plugin_routes_refuse_requests_without_a_valid_token(server: Server, seeded: Seeded) -> None:
+    for path in plugin_urls(seeded):
+        response = requests.get(server.url + path, allow_redirects=False, timeout=10)
+        assert response.status_code == 401, (path, response.status_code, response.text[:200])
+        assert b"PNG" not in response.content[:8] and b"Invoice" not in response.content
+    # A forged token (signed with another secret) is refused as well, by cookie and by header.
+    import jwt
+
+    forged = jwt.encode({"sub": "admin", "role": "ADMIN", "exp": int(time.time()) + 600}, "not-the-secret", algorithm="HS512")
+    for kwargs in ({"headers": {"Authorization": f"Bearer {forged}"}}, {"cookies": {"_token": forged}}):
+        response = requests.get(f"{server.url}/pointflow/", allow_redirects=False, timeout=10, **kwargs)
+        assert response.status_code in (401, 403), response.status_code
+        assert "Acme Surveying" not in response.text
+
+
+def test_a_browser_without_a_session_is_sent_to_airflows_login(server: Server) -> None:
+    response = requests.get(f"{server.url}/pointflow/", headers={"Accept": "text/html"}, allow_redirects=False, timeout=10)
+    assert response.status_code == 303
+    assert response.headers["location"].startswith("/api/v2/auth/login?next=")
+    # Airflow's own login redirect accepts our "next" (same site) and leads to its login page.
+    followed = requests.get(server.url + response.headers["location"], allow_redirects=False, timeout=10)
+    assert followed.status_code == 307 and "/auth/login" in followed.headers["location"]
+
+
+def test_plugin_routes_serve_an_authenticated_user(server: Server, seeded: Seeded, token: str) -> None:
+    bearer = {"Authorization": f"Bearer {token}"}
+    page = requests.get(f"{server.url}/pointflow/", headers=bearer, timeout=60)
+    assert page.status_code == 200, page.text[:500]
+    for expected in ("Acme Surveying GmbH", "Northwind Mapping", "Tidewater Drones", seeded.job_id, seeded.invoices["acme"], seeded.hold_reason):
+        assert expected in page.text, expected
+    assert "frame-ancestors 'self'" in page.headers["content-security-policy"]
+
+    preview = requests.get(f"{server.url}/pointflow/accounts/acme/jobs/{seeded.job_id}/preview.png", headers=bearer, timeout=10)
+    assert preview.status_code == 200 and preview.headers["content-type"] == "image/png"
+    assert preview.content.startswith(b"\x89PNG\r\n\x1a\n")
+
+    document = requests.get(f"{server.url}/pointflow/accounts/acme/invoices/{seeded.invoices['acme']}.html", headers=bearer, timeout=10)
+    assert document.status_code == 200 and f"Invoice {seeded.invoices['acme']}" in document.text
+    lines = requests.get(f"{server.url}/pointflow/accounts/acme/invoices/{seeded.invoices['acme']}.csv", headers=bearer, timeout=10)
+    assert lines.status_code == 200 and lines.text.startswith("invoice_number,kind,")
+    # The session cookie the UI holds works the same as the header.
+    assert requests.get(f"{server.url}/pointflow/", cookies={"_token": token}, timeout=60).status_code == 200
+
+
+def test_results_of_a_closed_account_are_not_served(server: Server, seeded: Seeded, token: str) -> None:
+    bearer = {"Authorization": f"Bearer {token}"}
+    response = requests.get(f"{server.url}/pointflow/accounts/tidewater/jobs/{seeded.locked_job_id}/preview.png", headers=bearer, timeout=10)
+    assert response.status_code == 403 and "closed" in response.json()["detail"]
+    assert "Results locked" in requests.get(f"{server.url}/pointflow/", headers=bearer, timeout=60).text
+
+
+def test_the_lifecycle_queue_is_a_dry_run(server: Server, seeded: Seeded, token: str, pointflow_env: dict[str, str]) -> None:
+    """The page lists the notice due for oldfield, and showing it sends and records nothing."""
+    page = requests.get(f"{server.url}/pointflow/", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    due = page.text.split('class="due-now"', 1)[1].split("</table>", 1)[0]
+    assert "oldfield" in due and "inactivity notice" in due
+    runtime = Runtime.from_settings(Settings.from_env(pointflow_env))
+    try:
+        with runtime.catalog.session() as session:
+            assert session.scalars(select(LifecycleAction).where(LifecycleAction.account_id == "oldfield")).all() == []
+            assert session.scalars(select(SentMessage).where(SentMessage.account_id == "oldfield")).all() == []
+    finally:
+        runtime.catalog.dispose()
+    assert not any(b"dig@oldfield.example" in path.read_bytes() for path in runtime.settings.outbox_dir.glob("*.eml"))
+
+
+def test_one_accounts_url_never_reaches_another_accounts_objects(server: Server, seeded: Seeded, token: str) -> None:
+    bearer = {"Authorization": f"Bearer {token}"}
+    refused = [
+        # acme's job and invoice asked for under northwind's and tidewater's names
+        f"/pointflow/accounts/northwind/jobs/{seeded.job_id}/preview.png",
+        f"/pointflow/accounts/northwind/invoices/{seeded.invoices['acme']}.html",
+        f"/pointflow/accounts/tidewater/invoices/{seeded.invoices['acme']}.json",
+        f"/pointflow/accounts/acme/invoices/{seeded.invoices['tidewater']}.csv",
+        # keys smuggled into the names
+        "/pointflow/accounts/..%2Facme/invoices/" + seeded.invoices["acme"] + ".html",
+        f"/pointflow/accounts/acme/jobs/..%2F..%2Fnorthwind%2Fexports%2F{seeded.job_id}/preview.png",
+        f"/pointflow/accounts/acme/invoices/..%2F..%2Ftidewater%2Finvoices%2F{seeded.invoices['tidewater']}.html",
+        f"/pointflow/accounts/acme/invoices/{seeded.invoices['acme']}.pdf",
+    ]
+    for path in refused:
+        response = requests.get(server.url + path, headers=bearer, timeout=10)
+        assert response.status_code in (400, 404), (path, response.status_code)
+        assert not response.content.startswith(b"\x89PNG") and "<h1>Invoice" not in response.text
+    # The same objects under their own account's name are served: the refusals are about ownership.
+    own = requests.get(f"{server.url}/pointflow/accounts/tidewater/invoices/{seeded.invoices['tidewater']}.html", headers=bearer, timeout=10)
+    assert own.status_code == 200
+
+
+def test_no_credentials_in_the_server_log(server: Server, seeded: Seeded, token: str) -> None:
+    requests.get(f"{server.url}/pointflow/", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    text = server.log.read_text(errors="replace")
+    assert server.password not in text
+    assert token not in text
+
+
+def test_page_in_a_real_browser(server: Server, seeded: Seeded) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"no chromium at {CHROMIUM} (Debian package 'chromium'): the browser test needs it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "pointflow-ui.png"
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            # Airflow's own login page, reached by opening the plugin view inside the Airflow UI.
+            page.goto(f"{server.url}/plugin/pointflow")
+            page.wait_for_url(re.compile(r"/auth/login"), timeout=30_000)
+            page.get_by_label(re.compile("username", re.I)).fill("admin")
+            page.get_by_label(re.compile("password", re.I)).fill(server.password)
+            page.get_by_role("button", name=re.compile("sign in|log ?in", re.I)).click()
+            page.wait_for_url(re.compile(r"/plugin/pointflow"), timeout=30_000)
+
+            # The Airflow UI frames the page; the frame carries Airflow's session cookie.
+            frame = page.frame_locator("iframe")
+            sync_api.expect(frame.locator("h1")).to_contain_text("pointflow", timeout=60_000)
+            sync_api.expect(frame.locator("#account-acme")).to_contain_text("Acme Surveying GmbH")
+            page.screenshot(path=str(ARTIFACTS / "pointflow-ui-in-airflow.png"))
+
+            # The page itself, full length, for the checks and the screenshot.
+            page.goto(f"{server.url}/pointflow/")
+            check_page(page, seeded, sync_api.expect)
+            page.screenshot(path=str(screenshot), full_page=True)
+
+            # The invoice document link opens the invoice the billing run published.
+            link = page.locator(f"#invoice-{seeded.invoices['acme']} a.document", has_text="HTML")
+            with page.context.expect_page() as opened:
+                link.click()
+            document = opened.value
+            document.wait_for_load_state()
+            sync_api.expect(document.locator("h1")).to_have_text(f"Invoice {seeded.invoices['acme']}")
+        finally:
+            browser.close()
+    print(f"\nscreenshot: {screenshot}")
+    assert screenshot.stat().st_size > 10_000
+
+
+def check_page(page, seeded: Seeded, expect) -> None:
+    accounts = page.locator("#accounts")
+    expect(accounts.locator("#account-acme")).to_contain_text("professional")
+    expect(accounts.locator("#account-northwind")).to_contain_text("inactivity notice sent")
+    expect(accounts.locator("#account-tidewater")).to_contain_text("closed (customer), data locked")
+    expect(accounts.locator("#account-tidewater")).to_contain_text("legal hold")
+
+    expect(page.locator(f"#job-{seeded.locked_job_id}")).to_contain_text("Results locked")
+    assert page.locator(f"#job-{seeded.locked_job_id} img").count() == 0
+    job = page.locator(f"#job-{seeded.job_id}")
+    expect(job).to_contain_text("exported")
+    for name in seeded.classes:
+        expect(job.locator("table.classes")).to_contain_text(name)
+    image = job.locator("img.preview")
+    expect(image).to_be_visible()
+    assert image.evaluate("img => img.complete && img.naturalWidth") > 0, "the preview image did not load"
+
+    chart = page.locator("#usage svg")
+    expect(chart).to_be_visible()
+    for month in seeded.months[:2]:
+        assert chart.locator(f"[id='usage-acme-{month}']").count() == 1, f"no bar for acme in {month}"
+    assert chart.locator(f"[id='usage-northwind-{seeded.months[1]}']").count() == 1
+
+    invoices = page.locator("#invoices")
+    for number in seeded.invoices.values():
+        expect(invoices).to_contain_text(number)
+
+    lifecycle = page.locator("#lifecycle")
+    expect(lifecycle.locator("table.due-now")).to_contain_text("oldfield")
+    expect(lifecycle.locator("table.notices")).to_contain_text("inactivity notice")
+    expect(lifecycle.locator("table.notices")).to_contain_text("data locked")
+    expect(lifecycle.locator("table.scheduled")).to_contain_text("blocked by legal hold")
+    expect(lifecycle.locator("table.scheduled")).to_contain_text("closure")
+    expect(lifecycle.locator("table.holds")).to_contain_text(seeded.hold_reason)
