@@ -1,0 +1,283 @@
+"""Proof under faults: a Dask worker killed mid-classification, the S3 endpoint down, the catalog's
+PostgreSQL server restarted, the mail server down. Each fault is real (a SIGKILLed process, a
+closed port, a restarted server); each test checks that the job ends with one export and one
+usage event, or fails cleanly and finishes when rerun as an Airflow retry would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from sqlalchemy import select
+
+from pipelines.accounts import upsert_accounts
+from pipelines.catalog.models import SentMessage, UsageEvent
+from pipelines.classify import classify_file
+from pipelines.export import ExportNotReady, artifact_link, download_links, published_exports
+from pipelines.jobs import Runtime, classify_step, create_job, deliver_step, export_step, finish_step, ingest_step, job_id_for, job_view, run_job, validate_step
+from pipelines.settings import Settings
+from pipelines.storage import S3Store, StorageError
+from tests.conftest import make_account, shared_file
+from tests.faults import DaskProcesses, PrivatePostgres, TcpOutage
+
+IGN = "ign_st_barth_100m.laz"
+# 12.5 m tiles cut a 50 m quarter of the IGN tile into 16 Dask tasks, so a kill lands mid-run.
+TILING = {"POINTFLOW_TILE_SIZE": "12.5", "POINTFLOW_TILE_BUFFER": "2.5"}
+TILES = 16
+
+
+def usage(runtime: Runtime) -> list[tuple[str, str, int]]:
+    with runtime.catalog.session() as session:
+        return [(e.job_id, e.status, e.points) for e in session.scalars(select(UsageEvent))]
+
+
+def manifests(store, account_id: str) -> list[str]:
+    return [o.key for o in store.list(f"accounts/{account_id}/exports/") if o.key.endswith("/manifest.json")]
+
+
+# --- Dask: a worker killed mid-classification -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ign_quarter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The south-west 50 m x 50 m of the IGN tile (real points, a quarter of the work)."""
+    import laspy
+
+    data = laspy.read(shared_file(IGN))
+    keep = (data.x < data.header.mins[0] + 50) & (data.y < data.header.mins[1] + 50)
+    quarter = laspy.LasData(data.header)
+    quarter.points = data.points[keep]
+    path = tmp_path_factory.mktemp("ign") / "st_barth_sw.laz"
+    quarter.write(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ign_reference(ign_quarter: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+    """Class counts of the quarter classified without any fault, with the same tiling."""
+    home = tmp_path_factory.mktemp("reference")
+    settings = Settings.from_env({"POINTFLOW_HOME": str(home), "POINTFLOW_WORKERS": "2", **TILING})
+    result = classify_file(ign_quarter, home / "out.laz", settings)
+    assert result.tiles == TILES
+    return {str(k): v for k, v in result.class_counts.items()}
+
+
+@pytest.fixture
+def tiled(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in TILING.items():
+        monkeypatch.setenv(name, value)
+
+
+class WorkerKiller(threading.Thread):
+    """Watches the scheduler; once `after` tiles are done, SIGKILLs a worker that is running one."""
+
+    def __init__(self, cluster: DaskProcesses, after: int = 3) -> None:
+        super().__init__(daemon=True)
+        self.cluster, self.after = cluster, after
+        self.killed: dict | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        from distributed import Client
+
+        def tiles_done(dask_scheduler) -> int:
+            return sum(1 for ts in dask_scheduler.tasks.values() if "classify_tile" in str(ts.key) and ts.state == "memory")
+
+        with Client(self.cluster.address, timeout="30s") as client:
+            pids = client.run(os.getpid)
+            while not self.stop.is_set():
+                done = client.run_on_scheduler(tiles_done)
+                busy = {address: keys for address, keys in client.processing().items() if any("classify_tile" in str(k) for k in keys)}
+                if done >= self.after and busy:
+                    address, keys = next(iter(busy.items()))
+                    os.kill(pids[address], signal.SIGKILL)
+                    self.killed = {"address": address, "pid": pids[address], "tiles_done": done, "running": len(keys)}
+                    return
+                time.sleep(0.02)
+
+
+@pytest.fixture
+def dask_processes(request: pytest.FixtureRequest):
+    scheduler_env = getattr(request, "param", None)
+    cluster = DaskProcesses(workers=2, scheduler_env=scheduler_env)
+    from distributed import Client
+
+    with Client(cluster.address, timeout="30s") as client:
+        client.wait_for_workers(2, timeout=60)
+    yield cluster
+    cluster.close()
+
+
+def killed_process(cluster: DaskProcesses, pid: int) -> int | None:
+    [process] = [p for p in cluster.workers if p.pid == pid]
+    return process.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_a_killed_dask_worker_costs_one_retried_tile_not_the_job(
+    tiled, dask_processes: DaskProcesses, ign_quarter: Path, ign_reference: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POINTFLOW_DASK_ADDRESS", dask_processes.address)
+    runtime = Runtime.from_settings(Settings.from_env())
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    killer = WorkerKiller(dask_processes)
+    killer.start()
+    try:
+        job = run_job(runtime, "acme", str(ign_quarter))
+    finally:
+        killer.stop.set()
+        killer.join()
+
+    assert killer.killed is not None, "no worker was killed: the run ended before the fault"
+    assert killed_process(dask_processes, killer.killed["pid"]) == -signal.SIGKILL
+    assert job["state"] == "exported", job["error"]
+    assert job["summary"]["tiles"] == TILES and killer.killed["tiles_done"] < TILES
+    # The scheduler moved the killed worker's tiles to the survivor; the result is the same.
+    assert job["summary"]["class_counts"] == ign_reference
+    assert job["points_processed"] == sum(ign_reference.values())
+    [manifest_key] = manifests(runtime.store, "acme")
+    assert json.loads(runtime.store.get_bytes(manifest_key))["class_counts"] == ign_reference
+    assert usage(runtime) == [(job["job_id"], "succeeded", job["points_processed"])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dask_processes", [{"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}], indirect=True)
+def test_a_tile_dask_gives_up_on_fails_the_task_and_the_airflow_retry_finishes(
+    tiled, dask_processes: DaskProcesses, ign_quarter: Path, ign_reference: dict, load_test_dag, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no failures allowed per task, the kill is a KilledWorker error for the classify task."""
+    monkeypatch.setenv("POINTFLOW_DASK_ADDRESS", dask_processes.address)
+    runtime = Runtime.from_settings(Settings.from_env())
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    dag = load_test_dag("pointflow_classify")
+    killer = WorkerKiller(dask_processes)
+    killer.start()
+    try:
+        dag_run = dag.test(run_conf={"account_id": "acme", "source": str(ign_quarter), "classifier": "standard"})
+    finally:
+        killer.stop.set()
+        killer.join()
+
+    assert killer.killed is not None
+    assert killed_process(dask_processes, killer.killed["pid"]) == -signal.SIGKILL
+    tries = {ti.task_id: (str(ti.state), ti.try_number) for ti in dag_run.get_task_instances()}
+    assert str(dag_run.state) == "success", tries
+    assert tries["classify"] == ("success", 2) and tries["export"] == ("success", 1)
+    job = job_view(runtime, job_id_for("pointflow_classify", dag_run.run_id))
+    assert job["state"] == "exported" and job["summary"]["class_counts"] == ign_reference
+    assert len(manifests(runtime.store, "acme")) == 1
+    assert usage(runtime) == [(job["job_id"], "succeeded", sum(ign_reference.values()))]
+
+
+# --- S3: the endpoint goes down ----------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_outage(home: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch):
+    """The pipeline's S3 endpoint is a forwarder to the moto server that a test can take down."""
+    import boto3
+
+    real = urlparse(s3_endpoint)
+    outage = TcpOutage(real.hostname, real.port)
+    outage.up()
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", outage.url)
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    bucket = f"pf-outage-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    direct = boto3.client("s3", endpoint_url=s3_endpoint)
+    direct.create_bucket(Bucket=bucket)
+    monkeypatch.setenv("POINTFLOW_STORAGE_URL", f"s3://{bucket}")
+    # What the customer would see, looked at past the outage.
+    outage.observer = S3Store(bucket, client=direct)
+    yield outage
+    outage.down()
+
+
+class Attempts:
+    """Every HTTP attempt botocore makes on a client: (monotonic time, operation)."""
+
+    def __init__(self, client) -> None:
+        self.log: list[tuple[float, str]] = []
+        client.meta.events.register("before-send.s3.*", self._record)
+
+    def _record(self, event_name: str, **_) -> None:
+        self.log.append((time.monotonic(), event_name.rsplit(".", 1)[-1]))
+
+    def since(self, moment: float) -> list[tuple[float, str]]:
+        return [a for a in self.log if a[0] >= moment]
+
+
+def test_a_short_s3_outage_is_ridden_out_by_backoff(s3_outage: TcpOutage, tmp_path: Path) -> None:
+    store = S3Store(urlparse(os.environ["POINTFLOW_STORAGE_URL"]).netloc)
+    attempts = Attempts(store.client)
+    s3_outage.down()
+    threading.Timer(0.2, s3_outage.up).start()
+    started = time.monotonic()
+    store.put_bytes("accounts/acme/reports/r.json", b"{}")
+    tries = attempts.since(started)
+    assert len(tries) >= 2 and tries[-1][0] - started >= 0.2
+    assert s3_outage.observer.get_bytes("accounts/acme/reports/r.json") == b"{}"
+
+
+def test_s3_down_mid_publish_fails_clearly_shows_nothing_and_the_rerun_publishes_once(s3_outage: TcpOutage, scene_path: Path) -> None:
+    runtime = Runtime.from_settings(Settings.from_env())
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    job_id = "job-s3-outage"
+    create_job(runtime, job_id, "acme", str(scene_path), "standard")
+    for step in (ingest_step, validate_step, classify_step):
+        step(runtime, job_id)
+
+    attempts = Attempts(runtime.store.client)
+    copies: list[float] = []
+
+    def down_at_second_copy(**_) -> None:
+        copies.append(time.monotonic())
+        if len(copies) == 2:
+            s3_outage.down()
+
+    # Artifacts are staged, then copied into the export prefix: the endpoint dies between copies.
+    runtime.store.client.meta.events.register("before-call.s3.CopyObject", down_at_second_copy)
+    with pytest.raises(StorageError) as failure:
+        export_step(runtime, job_id)
+    failed_at = time.monotonic()
+    message = str(failure.value)
+    assert s3_outage.url in message and "Check that it is up" in message and "after 9 attempts" in message
+    retried = attempts.since(copies[1])
+    assert len(retried) == 9 and {operation for _, operation in retried} == {"CopyObject"}
+    delays = [round(b[0] - a[0], 3) for a, b in zip(retried, retried[1:])]
+    # Standard-mode backoff: attempt i waits rand * 50 ms * 2**i, so at most 12.75 s in all.
+    assert failed_at - copies[1] < 12.75 + 5, delays
+
+    # Nothing is visible: no manifest, no listing, no link, even for the artifact already copied.
+    assert job_view(runtime, job_id)["state"] == "classified"
+    observer = s3_outage.observer
+    assert manifests(observer, "acme") == [] and published_exports(observer, "acme") == []
+    with pytest.raises(ExportNotReady):
+        download_links(observer, "acme", job_id, True, timedelta(hours=1))
+    [copied] = [o.key for o in observer.list(f"accounts/acme/exports/{job_id}/")]
+    with pytest.raises(ExportNotReady):
+        artifact_link(observer, "acme", copied, True, timedelta(hours=1))
+    assert usage(runtime) == []
+
+    # S3 is back: the retried task publishes once; metering twice bills once.
+    s3_outage.up()
+    export_step(runtime, job_id)
+    deliver_step(runtime, job_id)
+    finish_step(runtime, job_id)
+    finish_step(runtime, job_id)
+    job = job_view(runtime, job_id)
+    assert job["state"] == "exported"
+    [manifest_key] = manifests(observer, "acme")
+    manifest = json.loads(observer.get_bytes(manifest_key))
+    assert all(observer.sha256(a["key"]) == a["sha256"] for a in manifest["artifacts"])
+    assert list(observer.list("accounts/acme/tmp/")) == []
+    assert usage(runtime) == [(job_id, "succeeded", job["points_processed"])]
