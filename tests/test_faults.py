@@ -281,3 +281,109 @@ def test_s3_down_mid_publish_fails_clearly_shows_nothing_and_the_rerun_publishes
     assert all(observer.sha256(a["key"]) == a["sha256"] for a in manifest["artifacts"])
     assert list(observer.list("accounts/acme/tmp/")) == []
     assert usage(runtime) == [(job_id, "succeeded", job["points_processed"])]
+
+
+# --- PostgreSQL: the catalog's server restarts mid-run -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def private_postgres():
+    """A PostgreSQL server of this module's own, so it can be stopped and restarted."""
+    reason = PrivatePostgres.available()
+    if reason:
+        pytest.skip(f"cannot run a private PostgreSQL server: {reason}")
+    server = PrivatePostgres()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def catalog_on_private_postgres(private_postgres: PrivatePostgres, home: Path, monkeypatch: pytest.MonkeyPatch) -> Runtime:
+    from sqlalchemy import create_engine, text
+
+    name = f"pointflow_{time.monotonic_ns() % 10**12}"
+    admin = create_engine(private_postgres.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    monkeypatch.setenv("POINTFLOW_DATABASE_URL", private_postgres.url.rsplit("/", 1)[0] + "/" + name)
+    runtime = Runtime.from_settings(Settings.from_env())
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    yield runtime
+    runtime.catalog.dispose()
+
+
+def server_started_at(runtime: Runtime):
+    from sqlalchemy import text
+
+    with runtime.catalog.engine.connect() as connection:
+        return connection.execute(text("SELECT pg_postmaster_start_time()")).scalar_one()
+
+
+@pytest.mark.postgres
+def test_a_database_restart_between_tasks_is_invisible_to_the_run(catalog_on_private_postgres: Runtime, private_postgres: PrivatePostgres, scene_path: Path) -> None:
+    runtime = catalog_on_private_postgres
+    create_job(runtime, "job-db-restart", "acme", str(scene_path), "standard")
+    ingest_step(runtime, "job-db-restart")
+    validate_step(runtime, "job-db-restart")
+    before = server_started_at(runtime)
+    pooled = runtime.catalog.engine.pool.checkedin()
+    private_postgres.stop()
+    private_postgres.start()
+    # Every pooled connection died with the old server; pre-ping replaces them on checkout.
+    assert pooled >= 1
+    classify_step(runtime, "job-db-restart", workers=1)
+    export_step(runtime, "job-db-restart")
+    job = finish_step(runtime, "job-db-restart")
+    assert server_started_at(runtime) > before
+    assert job["state"] == "exported"
+    assert len(manifests(runtime.store, "acme")) == 1
+    assert usage(runtime) == [("job-db-restart", "succeeded", job["points_processed"])]
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_the_database_down_while_classifying_fails_the_step_cleanly_and_the_retry_finishes(
+    catalog_on_private_postgres: Runtime, private_postgres: PrivatePostgres, tiled, ign_quarter: Path
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    runtime = catalog_on_private_postgres
+    job_id = "job-db-down"
+    create_job(runtime, job_id, "acme", str(ign_quarter), "standard")
+    ingest_step(runtime, job_id)
+    validate_step(runtime, job_id)
+    scratch = runtime.settings.scratch_dir
+    stopped = threading.Event()
+
+    def stop_once_classifying() -> None:
+        # The tile folder appears once the step has recorded `classifying` and the scan has begun.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(scratch.glob("classify-*")):
+            time.sleep(0.01)
+        private_postgres.stop()
+        stopped.set()
+
+    watcher = threading.Thread(target=stop_once_classifying, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(OperationalError, match="Connection refused|could not connect|server closed"):
+            classify_step(runtime, job_id, workers=2)
+    finally:
+        watcher.join()
+        private_postgres.start()
+    assert stopped.is_set()
+    # The failed step recorded nothing past `classifying`; its scratch space is gone.
+    job = job_view(runtime, job_id)
+    assert job["state"] == "classifying" and job["classified_key"] is None
+    assert list(scratch.glob("classify-*")) == [] and not (scratch / job_id).exists()
+    assert usage(runtime) == []
+
+    # The Airflow retry of classify, then the rest of the run.
+    classify_step(runtime, job_id, workers=2)
+    export_step(runtime, job_id)
+    job = finish_step(runtime, job_id)
+    assert job["state"] == "exported"
+    assert len(manifests(runtime.store, "acme")) == 1
+    assert usage(runtime) == [(job_id, "succeeded", job["points_processed"])]
