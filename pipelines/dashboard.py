@@ -27,7 +27,12 @@ from pipelines.billing.usage import usage_daily
 from pipelines.catalog.models import Account, Job, JobState
 from pipelines.export import export_prefix, read_manifest
 from pipelines.jobs import Runtime
-from pipelines.lifecycle.models import LegalHold, LifecycleAction, LifecycleNotice, Termination
+from pipelines.lifecycle.models import (
+    LegalHold,
+    LifecycleAction,
+    LifecycleNotice,
+    Termination,
+)
 from pipelines.lifecycle.operations import HoldView, is_locked
 from pipelines.lifecycle.rules import Action, LifecycleRunError, run_lifecycle
 from pipelines.preview import CLASS_COLOURS, class_summary

@@ -77,6 +77,9 @@ def create_app():
     from typing import Annotated
     from urllib.parse import urlencode
 
+    from airflow.api_fastapi.app import API_ROOT_PATH, get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
+    from airflow.api_fastapi.core_api.security import GetUserDep
     from fastapi import Depends, FastAPI, HTTPException, Request, status
     from fastapi.exception_handlers import http_exception_handler
     from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -84,10 +87,14 @@ def create_app():
     from markupsafe import Markup
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from airflow.api_fastapi.app import API_ROOT_PATH, get_auth_manager
-    from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
-    from airflow.api_fastapi.core_api.security import GetUserDep
-    from pipelines.dashboard import DataLocked, NotServed, build_dashboard, invoice_document, job_preview, usage_chart_svg
+    from pipelines.dashboard import (
+        DataLocked,
+        NotServed,
+        build_dashboard,
+        invoice_document,
+        job_preview,
+        usage_chart_svg,
+    )
 
     def operator(user: GetUserDep) -> BaseUser:
         """The signed-in Airflow user, if the auth manager lets them read the pointflow view."""

@@ -306,12 +306,13 @@ def test_page_in_a_real_browser(server: Server, seeded: Seeded) -> None:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
-            # Airflow's own login page, reached by opening the plugin view inside the Airflow UI.
-            page.goto(f"{server.url}/plugin/pointflow")
+            # Airflow's own login page, then the "pointflow" entry of the Airflow navigation.
+            page.goto(f"{server.url}/")
             page.wait_for_url(re.compile(r"/auth/login"), timeout=30_000)
-            page.get_by_label(re.compile("username", re.I)).fill("admin")
-            page.get_by_label(re.compile("password", re.I)).fill(server.password)
-            page.get_by_role("button", name=re.compile("sign in|log ?in", re.I)).click()
+            page.get_by_label(re.compile("username", re.IGNORECASE)).fill("admin")
+            page.get_by_label(re.compile("password", re.IGNORECASE)).fill(server.password)
+            page.get_by_role("button", name=re.compile("sign in|log ?in", re.IGNORECASE)).click()
+            page.get_by_role("link", name="pointflow").click()
             page.wait_for_url(re.compile(r"/plugin/pointflow"), timeout=30_000)
 
             # The Airflow UI frames the page; the frame carries Airflow's session cookie.
