@@ -157,8 +157,15 @@ class LocalStore(ObjectStore):
 
     def _write_atomic(self, key: str, writer) -> None:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+        for attempt in range(5):
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+                break
+            except FileNotFoundError:
+                # Another process's delete pruned a folder on our path while we made it.
+                if attempt == 4:
+                    raise
         try:
             with os.fdopen(fd, "wb") as handle:
                 writer(handle)
@@ -201,19 +208,27 @@ class LocalStore(ObjectStore):
         base = self._path(folder) if folder else self.root
         if not base.is_dir():
             return
-        for path in sorted(base.rglob("*")):
-            if path.is_file() and not path.name.startswith(".part-"):
-                key = path.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
+        # os.walk skips folders that vanish under it: other tasks delete while we list.
+        paths = sorted(Path(folder, name) for folder, _, names in os.walk(base) for name in names if not name.startswith(".part-"))
+        for path in paths:
+            key = path.relative_to(self.root).as_posix()
+            if key.startswith(prefix):
+                try:
                     yield ObjectInfo(key, path.stat().st_size)
+                except FileNotFoundError:
+                    continue
 
     def delete(self, key: str) -> None:
         path = self._path(key)
         path.unlink(missing_ok=True)
         # Remove emptied folders so a deleted account leaves no trace in the tree.
         parent = path.parent
-        while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError:
+                # Not empty, or already pruned by a concurrent delete: either way, done here.
+                break
             parent = parent.parent
 
     def copy(self, source: str, destination: str) -> None:

@@ -129,3 +129,28 @@ def test_open_store_rejects_unknown_schemes() -> None:
         open_store("ftp://host/x")
     with pytest.raises(StorageError, match="no bucket"):
         open_store("s3:///x")
+
+
+def test_local_store_survives_concurrent_writes_and_deletes_in_one_folder(tmp_path: Path) -> None:
+    """Parallel tasks publish and clean up in shared folders: a delete pruning an emptied folder
+    must not break a writer or another delete in it (found by the load benchmark)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(4) as pool:
+        results = list(pool.map(_churn, [(tmp_path, worker) for worker in range(4)]))
+    assert results == [200] * 4
+    assert not (tmp_path / "accounts").exists()
+
+
+def _churn(args: tuple[Path, int]) -> int:
+    root, worker = args
+    store = LocalStore(root)
+    done = 0
+    for round_ in range(200):
+        key = f"accounts/acme/tmp/exports/job-{worker}-{round_}/points.laz"
+        store.put_bytes(key, b"x" * 10)
+        assert store.get_bytes(key) == b"x" * 10
+        list(store.list("accounts/acme/tmp/"))
+        store.delete(key)
+        done += 1
+    return done
