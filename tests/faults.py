@@ -199,3 +199,12 @@ def _user_exists(name: str) -> bool:
         return True
     except KeyError:
         return False
+
+
+def smtp_back_up(sink) -> None:
+    """Start the SMTP sink again on its port after `sink.controller.stop()` (a stopped aiosmtpd
+    controller cannot be restarted: its event loop is closed)."""
+    from aiosmtpd.controller import Controller
+
+    sink.controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
+    sink.controller.start()

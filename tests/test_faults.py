@@ -26,7 +26,7 @@ from pipelines.jobs import Runtime, classify_step, create_job, deliver_step, exp
 from pipelines.settings import Settings
 from pipelines.storage import S3Store, StorageError
 from tests.conftest import make_account, shared_file
-from tests.faults import DaskProcesses, PrivatePostgres, TcpOutage
+from tests.faults import DaskProcesses, PrivatePostgres, TcpOutage, smtp_back_up
 
 IGN = "ign_st_barth_100m.laz"
 # 12.5 m tiles cut a 50 m quarter of the IGN tile into 16 Dask tasks, so a kill lands mid-run.
@@ -387,3 +387,63 @@ def test_the_database_down_while_classifying_fails_the_step_cleanly_and_the_retr
     assert job["state"] == "exported"
     assert len(manifests(runtime.store, "acme")) == 1
     assert usage(runtime) == [(job_id, "succeeded", job["points_processed"])]
+
+
+# --- SMTP: the mail server is down -------------------------------------------------------------
+# tests/test_lifecycle.py::test_an_smtp_outage_delays_the_timeline_and_skips_no_notice walks the
+# lifecycle clock through refused deliveries with the CLI; here the server is gone entirely
+# (connection refused), for the nightly DAG and for a job's ready notice.
+
+
+def test_smtp_down_for_a_night_the_nightly_dag_sends_the_notice_the_next_night(airflow_home: Path, smtp_sink, runtime: Runtime) -> None:
+    from dataclasses import replace
+    from datetime import datetime, timezone
+
+    from pipelines.airflow_local import load_dag
+    from pipelines.lifecycle.models import LifecycleDeliveryFailure, LifecycleNotice
+
+    dag = load_dag("lifecycle_nightly")
+    upsert_accounts(runtime.catalog, [replace(make_account("sleepy", "free"), last_login_at=datetime(2026, 1, 10, 9, tzinfo=timezone.utc))])
+    smtp_sink.controller.stop()
+    first = dag.test(logical_date=datetime(2027, 1, 11, 3, tzinfo=timezone.utc))
+    # A mail server outage is not the rules' failure: the night completes and says what is owed.
+    assert str(first.state) == "success"
+    with runtime.catalog.session() as session:
+        [failure] = session.scalars(select(LifecycleDeliveryFailure))
+        assert failure.kind == "inactivity_notice" and f"127.0.0.1:{smtp_sink.port}" in failure.error
+        assert session.scalars(select(LifecycleNotice)).all() == [] and session.scalars(select(SentMessage)).all() == []
+
+    smtp_back_up(smtp_sink)
+    second = dag.test(logical_date=datetime(2027, 1, 12, 3, tzinfo=timezone.utc))
+    assert str(second.state) == "success"
+    [message] = smtp_sink.parsed()
+    assert message["To"] == "ops@sleepy.example"
+    with runtime.catalog.session() as session:
+        [notice] = session.scalars(select(LifecycleNotice))
+        # The closure clock starts from the night the notice really went out.
+        assert notice.sent_at == datetime(2027, 1, 12, 3, tzinfo=timezone.utc)
+    dag.test(logical_date=datetime(2027, 1, 12, 3, tzinfo=timezone.utc))
+    assert len(smtp_sink.messages) == 1
+
+
+def test_smtp_down_the_ready_notice_fails_alone_and_is_sent_once_when_delivery_reruns(smtp_sink, runtime: Runtime, account: str, scene_path: Path) -> None:
+    from pipelines.notify import DeliveryError
+
+    assert runtime.settings.smtp_url == smtp_sink.url
+    job_id = "job-smtp-down"
+    create_job(runtime, job_id, account, str(scene_path), "standard")
+    for step in (ingest_step, validate_step, classify_step, export_step):
+        step(runtime, job_id)
+    smtp_sink.controller.stop()
+    with pytest.raises(DeliveryError, match=f"127.0.0.1:{smtp_sink.port}"):
+        deliver_step(runtime, job_id)
+    # The meter task runs after export, whatever deliver does: exported, billed once.
+    assert finish_step(runtime, job_id)["state"] == "exported"
+    assert usage(runtime) == [(job_id, "succeeded", job_view(runtime, job_id)["points_processed"])]
+
+    smtp_back_up(smtp_sink)
+    deliver_step(runtime, job_id)
+    deliver_step(runtime, job_id)
+    [message] = smtp_sink.parsed()
+    assert message["Subject"] == "pointflow: your classified point cloud is ready"
+    assert len(usage(runtime)) == 1
