@@ -15,13 +15,16 @@ import hmac
 import pickle
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.ensemble import HistGradientBoostingClassifier
 from threadpoolctl import threadpool_limits
 
 from .base import PointBlock
 from .features import FEATURE_NAMES, point_features
+
+if TYPE_CHECKING:
+    from sklearn.ensemble import HistGradientBoostingClassifier
 
 FORMAT = b"pointflow-trained-v1\n"
 FEATURES_VERSION = "1"
@@ -128,6 +131,9 @@ def train(blocks: Sequence[PointBlock], labels: Sequence[np.ndarray], seed: int 
         raise ValueError("no training points left after the hold-out split")
     if train_index.size > max_points:
         train_index = np.sort(rng.choice(train_index, max_points, replace=False))
+    # Imported here: every classification task imports this module, few of them train (saves ~1 s a task).
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
     estimator = HistGradientBoostingClassifier(max_iter=max_iter, learning_rate=learning_rate,
                                                early_stopping=False, random_state=seed)
     estimator.fit(x[train_index], y[train_index])
