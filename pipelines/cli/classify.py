@@ -25,7 +25,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--classifier", default="standard", help="standard (all classes, default), ground (2 vs 1), or a trained model id (needs --account)")
     parser.add_argument("--account", default=None, metavar="ID", help="the account whose data this is: required to apply its trained models")
     parser.add_argument("--tile-size", type=float, default=None, metavar="M", help="tile edge in metres; 0 = one tile (default: POINTFLOW_TILE_SIZE or 200)")
-    parser.add_argument("--buffer", type=float, default=None, metavar="M", help="context ring around each tile in metres (default: POINTFLOW_TILE_BUFFER or 30)")
+    parser.add_argument("--buffer", type=float, default=None, metavar="M", help="context ring around each tile in metres (default: POINTFLOW_TILE_BUFFER or 20)")
     parser.add_argument("--workers", type=int, default=None, metavar="N", help="Dask worker processes for the local cluster (default: POINTFLOW_WORKERS or the number of cores)")
     parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
     parser.set_defaults(handler=_classify)
