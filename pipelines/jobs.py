@@ -364,6 +364,9 @@ def run_job(
         deliver_step(runtime, job_id)
     except (AdmissionRefusedJob, ValidationFailed):
         pass
+    except DeliveryError as error:
+        # The export is published and metered either way; only the e-mail is missing.
+        log.warning("job %s is exported, but the ready e-mail was not sent: %s; check POINTFLOW_SMTP_URL", job_id, error)
     finally:
         final = finish_step(runtime, job_id)
     return final

@@ -447,3 +447,15 @@ def test_smtp_down_the_ready_notice_fails_alone_and_is_sent_once_when_delivery_r
     [message] = smtp_sink.parsed()
     assert message["Subject"] == "pointflow: your classified point cloud is ready"
     assert len(usage(runtime)) == 1
+
+
+def test_smtp_down_the_cli_run_still_exports_and_says_the_e_mail_is_missing(smtp_sink, runtime: Runtime, account: str, scene_path: Path, capsys, caplog) -> None:
+    from pipelines.cli import main
+
+    smtp_sink.controller.stop()
+    assert main(["ingest", str(scene_path), "--account", account, "--run"]) == 0
+    assert ": exported" in capsys.readouterr().out
+    assert "the ready e-mail was not sent" in caplog.text and "Connection refused" in caplog.text
+    [(job_id, status, _)] = usage(runtime)
+    assert status == "succeeded" and job_view(runtime, job_id)["state"] == "exported"
+    smtp_back_up(smtp_sink)
