@@ -71,7 +71,7 @@ class Runtime:
     def from_settings(cls, settings: Settings) -> Runtime:
         catalog = Catalog(settings.database_url)
         catalog.migrate()
-        return cls(settings, catalog, open_store(settings.storage_url))
+        return cls(settings, catalog, open_store(settings.storage_url, settings.link_endpoint))
 
 
 def job_id_for(dag_id: str, run_id: str) -> str:

@@ -38,6 +38,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _endpoint(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name) or None
+    if raw is not None and not raw.startswith(("http://", "https://")):
+        raise SettingsError(f"{name}={raw!r} is not an address: use http(s)://host[:port]")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -53,6 +60,7 @@ class Settings:
     max_points: int
     pricebook_path: Path | None
     model_key: str | None
+    link_endpoint: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -73,6 +81,7 @@ class Settings:
             max_points=_int(env, "POINTFLOW_MAX_POINTS", 1_000_000_000),
             pricebook_path=Path(pricebook).expanduser() if pricebook else None,
             model_key=env.get("POINTFLOW_MODEL_KEY") or None,
+            link_endpoint=_endpoint(env, "POINTFLOW_LINK_ENDPOINT"),
         )
 
     @property

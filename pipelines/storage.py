@@ -251,7 +251,7 @@ class LocalStore(ObjectStore):
 class S3Store(ObjectStore):
     """Objects in an S3 bucket under an optional prefix; AWS_ENDPOINT_URL selects MinIO and others."""
 
-    def __init__(self, bucket: str, prefix: str = "", client=None) -> None:
+    def __init__(self, bucket: str, prefix: str = "", client=None, link_endpoint: str | None = None) -> None:
         import boto3
         from botocore.config import Config
 
@@ -265,11 +265,12 @@ class S3Store(ObjectStore):
         retries = {"mode": os.environ.get("AWS_RETRY_MODE") or "standard"}
         if not os.environ.get("AWS_MAX_ATTEMPTS"):
             retries["total_max_attempts"] = S3_MAX_ATTEMPTS
-        self.client = client or boto3.client(
-            "s3",
-            endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
-            config=Config(retries=retries, connect_timeout=10, read_timeout=60, signature_version="s3v4"),
-        )
+        config = Config(retries=retries, connect_timeout=10, read_timeout=60, signature_version="s3v4")
+        self.client = client or boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, config=config)
+        # Customers may reach the store under another name than we do (a compose network's
+        # http://minio:9000 vs its public address): the host is part of the signature, so links
+        # are signed by a client that uses the public endpoint. Signing is offline: no requests.
+        self.link_client = boto3.client("s3", endpoint_url=link_endpoint, config=config) if link_endpoint else self.client
 
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
@@ -339,7 +340,7 @@ class S3Store(ObjectStore):
         seconds = int(expires_in.total_seconds())
         # SigV4 presigned URLs cannot outlive 7 days.
         seconds = max(1, min(seconds, 7 * 24 * 3600))
-        return self.client.generate_presigned_url(
+        return self.link_client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=seconds
         )
 
@@ -362,12 +363,13 @@ class S3Store(ObjectStore):
             raise StorageError(f"{function.__name__} {key!r} in {self.url} failed: {error}") from error
 
 
-def open_store(url: str) -> ObjectStore:
+def open_store(url: str, link_endpoint: str | None = None) -> ObjectStore:
+    """The store behind a storage URL; ``link_endpoint`` is the S3 address customers' links use."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return LocalStore(Path(unquote(parsed.path)))
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StorageError(f"storage URL {url!r} names no bucket: use s3://bucket[/prefix]")
-        return S3Store(parsed.netloc, parsed.path)
+        return S3Store(parsed.netloc, parsed.path, link_endpoint=link_endpoint)
     raise StorageError(f"unsupported storage URL {url!r}: use file:///folder or s3://bucket[/prefix]")

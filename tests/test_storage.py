@@ -72,6 +72,26 @@ def test_link_fetches_the_object(store) -> None:
         assert requests.get(link, timeout=10).content == b"payload"
 
 
+def test_links_use_the_public_endpoint(s3_bucket: str, s3_endpoint: str) -> None:
+    """Inside compose the store is http://minio:9000; customers need links to its public name.
+    (moto does not check signatures; that SigV4 signs the host is why the link client is separate.)"""
+    public = s3_endpoint.replace("127.0.0.1", "localhost")
+    assert public != s3_endpoint
+    store = open_store(f"s3://{s3_bucket}/pf", link_endpoint=public)
+    store.put_bytes("accounts/a/exports/j/out.laz", b"payload")
+    link = store.link("accounts/a/exports/j/out.laz", timedelta(hours=1))
+    assert link.startswith(public + "/")
+    assert requests.get(link, timeout=10).content == b"payload"
+
+
+def test_link_endpoint_setting_must_be_an_address() -> None:
+    from pipelines.settings import Settings, SettingsError
+
+    assert Settings.from_env({"POINTFLOW_LINK_ENDPOINT": "https://files.example.com"}).link_endpoint == "https://files.example.com"
+    with pytest.raises(SettingsError, match="POINTFLOW_LINK_ENDPOINT"):
+        Settings.from_env({"POINTFLOW_LINK_ENDPOINT": "files.example.com"})
+
+
 @pytest.mark.parametrize("key", ["../x", "accounts/a/../b/raw/x", "/etc/passwd", "accounts//x", "accounts\\a", ""])
 def test_unsafe_keys_are_refused(store, key: str) -> None:
     with pytest.raises(UnsafeKeyError):

@@ -59,7 +59,7 @@ class MonthlyBilling:
     def open(cls, settings: Settings, period: str) -> MonthlyBilling:
         catalog = Catalog(settings.database_url)
         catalog.migrate()
-        store = open_store(settings.storage_url)
+        store = open_store(settings.storage_url, settings.link_endpoint)
         return cls(settings, catalog, store, load_pricebook(settings.pricebook_path), Period.parse(period))
 
 
