@@ -38,6 +38,11 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name)
+    return Path(raw).expanduser() if raw else None
+
+
 def _endpoint(env: Mapping[str, str], name: str) -> str | None:
     raw = env.get(name) or None
     if raw is not None and not raw.startswith(("http://", "https://")):
@@ -61,12 +66,12 @@ class Settings:
     pricebook_path: Path | None
     model_key: str | None
     link_endpoint: str | None = None
+    lifecycle_policy_path: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         home = Path(env.get("POINTFLOW_HOME") or Path.home() / ".pointflow").expanduser().resolve()
-        pricebook = env.get("POINTFLOW_PRICEBOOK")
         return cls(
             home=home,
             database_url=env.get("POINTFLOW_DATABASE_URL") or f"sqlite:///{home / 'catalog.db'}",
@@ -79,9 +84,10 @@ class Settings:
             workers=_int(env, "POINTFLOW_WORKERS", os.cpu_count() or 1),
             max_file_bytes=_int(env, "POINTFLOW_MAX_FILE_BYTES", 4 * 1024**3),
             max_points=_int(env, "POINTFLOW_MAX_POINTS", 1_000_000_000),
-            pricebook_path=Path(pricebook).expanduser() if pricebook else None,
+            pricebook_path=_path(env, "POINTFLOW_PRICEBOOK"),
             model_key=env.get("POINTFLOW_MODEL_KEY") or None,
             link_endpoint=_endpoint(env, "POINTFLOW_LINK_ENDPOINT"),
+            lifecycle_policy_path=_path(env, "POINTFLOW_LIFECYCLE_POLICY"),
         )
 
     @property

@@ -31,7 +31,6 @@ import jsonschema
 import pytest
 import yaml
 
-from pipelines.lifecycle.policy import load_policy_from_env
 from pipelines.settings import Settings
 from tests.conftest import REPO, free_port
 
@@ -304,10 +303,9 @@ class RecordingEnv(dict):
 
 @pytest.fixture(scope="module")
 def pointflow_variables() -> set[str]:
-    """Every POINTFLOW_* variable pointflow reads: Settings.from_env and the lifecycle policy."""
+    """Every POINTFLOW_* variable pointflow reads: all through Settings.from_env."""
     recording = RecordingEnv()
     Settings.from_env(recording)
-    load_policy_from_env(recording)
     assert len(recording.asked) >= 13
     return recording.asked
 

@@ -19,7 +19,7 @@ from pipelines.billing.models import BillingTerms
 from pipelines.catalog.models import Account
 from pipelines.cli import main
 from pipelines.jobs import Runtime
-from pipelines.lifecycle import PolicyError, is_locked, load_policy, load_policy_from_env
+from pipelines.lifecycle import PolicyError, is_locked, load_policy
 from pipelines.lifecycle.models import DeletionAudit, LifecycleAction
 from pipelines.lifecycle.operations import paid_term_end
 from pipelines.settings import Settings
@@ -140,7 +140,7 @@ def test_policy_file_per_plan_and_from_the_environment(tmp_path: Path, runtime: 
     custom = tmp_path / "policy.yaml"
     custom.write_text("defaults:\n  grace_months: 2\nplans:\n  free:\n    inactivity_notice_after_months: 6\n    reminder_days_before_closure: [14]\n")
     monkeypatch.setenv("POINTFLOW_LIFECYCLE_POLICY", str(custom))
-    policy = load_policy_from_env()
+    policy = load_policy(Settings.from_env().lifecycle_policy_path)
     assert (policy.for_plan("free").inactivity_notice_after_months, policy.for_plan("free").grace_months) == (6, 2)
     upsert_accounts(runtime.catalog, [replace(make_account("short", "free"), last_login_at=datetime(2026, 1, 1, tzinfo=UTC))])
     [notice] = json.loads(cli(capsys, "lifecycle", "run", "--as-of", "2026-07-01T00:00:00Z", "--json"))

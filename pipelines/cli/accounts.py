@@ -167,10 +167,11 @@ def _terminate(args: argparse.Namespace) -> int:
 def _export_all(args: argparse.Namespace) -> int:
     from pipelines.cli.common import print_json
     from pipelines.jobs import Runtime
-    from pipelines.lifecycle import export_all, load_policy, load_policy_from_env
+    from pipelines.lifecycle import export_all, load_policy
 
-    policy = load_policy(args.policy) if args.policy else load_policy_from_env()
-    bundle = export_all(Runtime.from_settings(settings_from_env()), args.account_id, policy)
+    settings = settings_from_env()
+    policy = load_policy(args.policy or settings.lifecycle_policy_path)
+    bundle = export_all(Runtime.from_settings(settings), args.account_id, policy)
     if args.json:
         print_json({"account_id": bundle.account_id, "key": bundle.key, "link": bundle.link,
                     "link_expires_at": bundle.link_expires_at.isoformat(), "objects": bundle.objects, "bytes": bundle.bytes})  # fmt: skip

@@ -60,12 +60,12 @@ def _run(args: argparse.Namespace) -> int:
     from pipelines.lifecycle import (
         LifecycleRunError,
         load_policy,
-        load_policy_from_env,
         run_lifecycle,
     )
 
-    policy = load_policy(args.policy) if args.policy else load_policy_from_env()
-    runtime = Runtime.from_settings(settings_from_env())
+    settings = settings_from_env()
+    policy = load_policy(args.policy or settings.lifecycle_policy_path)
+    runtime = Runtime.from_settings(settings)
     failed: LifecycleRunError | None = None
     try:
         actions = run_lifecycle(runtime, args.as_of, dry_run=args.dry_run, policy=policy)

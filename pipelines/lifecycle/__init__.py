@@ -22,7 +22,6 @@ from pipelines.lifecycle.policy import (
     LifecyclePolicy,
     PolicyError,
     load_policy,
-    load_policy_from_env,
 )
 from pipelines.lifecycle.rules import ACTIONS, Action, LifecycleRunError, run_lifecycle
 
@@ -37,7 +36,6 @@ __all__ = [
     "export_all",
     "is_locked",
     "load_policy",
-    "load_policy_from_env",
     "place_hold",
     "release_holds",
     "run_lifecycle",

@@ -6,7 +6,6 @@ No period is a constant in code: a change of terms is a reviewed edit of the pol
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from importlib import resources
@@ -15,7 +14,6 @@ from typing import Any
 
 import yaml
 
-POLICY_VARIABLE = "POINTFLOW_LIFECYCLE_POLICY"
 
 
 class PolicyError(ValueError):
@@ -59,13 +57,6 @@ def load_policy(path: Path | None = None) -> LifecyclePolicy:
     except FileNotFoundError:
         raise PolicyError(f"lifecycle policy {path} does not exist") from None
     return parse_policy(text, str(path))
-
-
-def load_policy_from_env(env: Mapping[str, str] | None = None) -> LifecyclePolicy:
-    """The policy named by POINTFLOW_LIFECYCLE_POLICY, else the default."""
-    env = os.environ if env is None else env
-    path = env.get(POLICY_VARIABLE)
-    return load_policy(Path(path).expanduser() if path else None)
 
 
 def parse_policy(text: str, source: str) -> LifecyclePolicy:

@@ -35,7 +35,7 @@ from pipelines.lifecycle.models import (
     LifecycleNotice,
     Termination,
 )
-from pipelines.lifecycle.policy import LifecyclePolicy, PlanPolicy, load_policy_from_env
+from pipelines.lifecycle.policy import LifecyclePolicy, PlanPolicy, load_policy
 from pipelines.storage import AccountArea
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ def run_lifecycle(
         runtime=runtime,
         as_of=as_of,
         dry_run=dry_run,
-        policy=policy or load_policy_from_env(),
+        policy=policy or load_policy(runtime.settings.lifecycle_policy_path),
         pricebook=pricebook or load_pricebook(runtime.settings.pricebook_path),
         overdue=overdue_balances(runtime.catalog, as_of),
     )
