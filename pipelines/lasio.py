@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,6 +14,10 @@ from pipelines.classifiers.base import PointBlock
 
 LAS_SIGNATURE = b"LASF"
 CHUNK_POINTS = 1_000_000
+# Header size, offset to point data and number of VLRs, at byte 94 of every LAS 1.0-1.4 header.
+_VLR_LAYOUT = struct.Struct("<HII")
+_VLR_LAYOUT_OFFSET = 94
+VLR_HEADER_BYTES = 54
 
 
 class NotPointCloudError(ValueError):
@@ -56,9 +61,18 @@ def read_info(path: Path) -> LasInfo:
     """Header facts of a LAS/LAZ file; raises NotPointCloudError for anything else."""
     path = Path(path)
     with open(path, "rb") as handle:
-        signature = handle.read(4)
-    if signature != LAS_SIGNATURE:
+        head = handle.read(_VLR_LAYOUT_OFFSET + _VLR_LAYOUT.size)
+    if head[:4] != LAS_SIGNATURE:
         raise NotPointCloudError(f"{path.name} is not a LAS/LAZ file (no 'LASF' signature)")
+    if len(head) == _VLR_LAYOUT_OFFSET + _VLR_LAYOUT.size:
+        header_size, offset_to_points, vlr_count = _VLR_LAYOUT.unpack_from(head, _VLR_LAYOUT_OFFSET)
+        room = max(offset_to_points - header_size, 0)
+        # laspy reads every declared VLR, even past the end of the file: 4 billion of them hang it.
+        if vlr_count * VLR_HEADER_BYTES > room:
+            raise NotPointCloudError(
+                f"{path.name} has a LAS signature but an unreadable header: it declares {vlr_count:,} variable-length "
+                f"records, and only {room:,} bytes lie between the header and the point data"
+            )
     try:
         with laspy.open(path) as reader:
             header = reader.header
