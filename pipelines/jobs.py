@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from sqlalchemy import select
 
@@ -30,7 +31,7 @@ from pipelines.lifecycle.operations import ensure_active
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.notify import DeliveryError, send_once
 from pipelines.settings import Settings
-from pipelines.storage import AccountArea, ObjectStore, open_store, safe_name
+from pipelines.storage import AccountArea, LocalStore, ObjectStore, S3Store, open_store, safe_name
 from pipelines.training import resolve_classifier
 from pipelines.validate import validate_file
 
@@ -48,6 +49,10 @@ class AdmissionRefusedJob(Exception):
 
     def __init__(self, job_id: str, reason: str) -> None:
         super().__init__(f"job {job_id}: {reason}")
+
+
+class ForeignSource(PermissionError):
+    """The source names an object of the service's own store that the account does not own."""
 
 
 class ValidationFailed(Exception):
@@ -127,9 +132,10 @@ def ingest_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
             check_admission(runtime.settings, runtime.catalog, account_id, candidate, at)
 
         try:
+            check_source_owner(runtime.store, account_id, job["source"])
             with local_copy(job["source"], runtime.settings.scratch_dir) as path:
                 stored = ingest_file(runtime.catalog, runtime.store, account_id, path, admit=admit)
-        except AdmissionRefused as refused:
+        except (AdmissionRefused, ForeignSource) as refused:
             with runtime.catalog.session() as session:
                 record = _job(session, job_id)
                 record.error = str(refused)
@@ -138,6 +144,21 @@ def ingest_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
         with runtime.catalog.session() as session:
             _job(session, job_id).file_id = stored.id
     return job_view(runtime, job_id)
+
+
+def check_source_owner(store: ObjectStore, account_id: str, source: str) -> None:
+    """A source inside the service's own object store must lie in the account's own area."""
+    parsed = urlparse(source)
+    key = None
+    if isinstance(store, LocalStore) and parsed.scheme in ("", "file"):
+        path = Path(unquote(parsed.path) if parsed.scheme == "file" else source).expanduser().resolve()
+        if store.root == path or store.root in path.parents:
+            key = path.relative_to(store.root).as_posix()
+    elif isinstance(store, S3Store) and parsed.scheme == "s3" and parsed.netloc == store.bucket:
+        full = parsed.path.lstrip("/")
+        key = full[len(store.prefix):] if full.startswith(store.prefix) else ""
+    if key is not None and not key.startswith(AccountArea(account_id).prefix):
+        raise ForeignSource(f"the source {source} lies in the service's storage outside account {account_id}'s area: give the customer's own file")
 
 
 def _file(session, job: Job) -> StoredFile:

@@ -39,11 +39,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 def _ingest(args: argparse.Namespace) -> int:
     from pipelines.admission import check_admission
     from pipelines.ingest import ingest_file
-    from pipelines.jobs import Runtime, run_job
+    from pipelines.jobs import Runtime, check_source_owner, run_job
 
     if not args.file.is_file():
         raise FileNotFoundError(f"no such file: {args.file}")
     runtime = Runtime.from_settings(settings_from_env())
+    check_source_owner(runtime.store, args.account, str(args.file))
     if args.run:
         job = run_job(runtime, args.account, str(args.file.resolve()), classifier=args.classifier, export_format=args.export_format)
         if args.json:
