@@ -50,10 +50,18 @@ def safe_name(name: str) -> str:
     return cleaned[:200]
 
 
+MAX_KEY_BYTES = 1024  # S3's limit; local folders get the same one so both backends agree
+
+
 def check_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
         raise UnsafeKeyError(f"unsafe object key {key!r}")
+    # Control characters (NUL, CR/LF) end up in paths, headers and logs; nothing we build has them.
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        raise UnsafeKeyError(f"unsafe object key {key!r}: control characters are not allowed")
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise UnsafeKeyError(f"object key too long ({len(key.encode())} bytes, at most {MAX_KEY_BYTES}): {key[:80]!r}...")
     return key
 
 
