@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=50, help="classification runs triggered at once (default: %(default)s)")
     parser.add_argument("--size", type=float, default=80.0, help="side of each synthetic scene in metres; 80 m is about 50,000 points (default: %(default)s)")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres", help="PostgreSQL server for Airflow and the catalog (default: %(default)s)")
-    parser.add_argument("--parallelism", type=int, default=16, help="Airflow's core.parallelism: task processes at once (default: %(default)s)")
+    parser.add_argument("--parallelism", type=int, default=None, help="Airflow's core.parallelism: task processes at once (default: twice the CPU cores)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for all runs (default: %(default)s)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder and the two databases for inspection")
     return parser.parse_args(argv)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         name=f"pf_load_{uuid.uuid4().hex[:8]}",
         api_port=free_port(),
         dask_port=free_port(),
-        parallelism=args.parallelism,
+        **({"parallelism": args.parallelism} if args.parallelism else {}),
         max_active_runs=args.runs,
     )
     sources = [write_scene(make_scene(size=args.size, seed=seed), base / "inputs" / f"scene-{seed:03d}.laz") for seed in range(args.runs)]

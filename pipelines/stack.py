@@ -32,7 +32,11 @@ from pipelines.classify import LOCAL_DASK_CONFIG
 
 
 class StackError(RuntimeError):
-    """A service of the stack did not come up; the message names it and its log."""
+    """A service of the stack did not come up, or refused a request; the message says which."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status of a refused API request
 
 
 def free_port() -> int:
@@ -55,7 +59,9 @@ class StackPlan:
     api_port: int = 8080
     dask_port: int = 8786
     dask_workers: int = 2
-    parallelism: int = 16
+    # Task processes at once. Each is CPU-bound (imports, validation, tile I/O): far more than the
+    # cores starves the scheduler and api-server, and Airflow then resets "orphaned" tasks.
+    parallelism: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1))
     max_active_runs: int = 16
     admin_user: str = "admin"
     admin_password: str | None = None  # None: keep the one from an earlier start, or make one
@@ -146,6 +152,8 @@ def stack_environment(plan: StackPlan) -> dict[str, str]:
         "AIRFLOW__API_AUTH__JWT_SECRET": _secret(airflow_home / "jwt_secret"),
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(plan.logs / "airflow"),
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        # One machine runs everything: a scheduler slowed by a burst of tasks is not a dead one.
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "120",
         "POINTFLOW_HOME": str(plan.pointflow_home),
         "POINTFLOW_DATABASE_URL": plan.database_url("catalog"),
         "POINTFLOW_DASK_ADDRESS": plan.dask_address,
@@ -332,11 +340,23 @@ class AirflowClient:
             raise StackError(f"Airflow refused the login for {username!r} (HTTP {response.status_code})")
         self.http.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
 
-    def _call(self, method: str, path: str, **kwargs) -> Any:
-        response = self.http.request(method, f"{self.base_url}/api/v2{path}", timeout=60, **kwargs)
-        if not response.ok:
-            raise StackError(f"{method} {path}: HTTP {response.status_code} {response.text[:300]}")
-        return response.json()
+    def _call(self, method: str, path: str, attempts: int = 5, **kwargs) -> Any:
+        """One API call; a busy server's 5xx or timeout is retried with backoff. Safe for POST too:
+        the only POST names its run id, so a retry of one that did arrive gets 409 (see trigger)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self.http.request(method, f"{self.base_url}/api/v2{path}", timeout=60, **kwargs)
+            except (requests.ConnectionError, requests.Timeout) as error:
+                failure = f"{type(error).__name__}"
+            else:
+                if response.status_code < 500:
+                    if not response.ok:
+                        raise StackError(f"{method} {path}: HTTP {response.status_code} {response.text[:300]}", response.status_code)
+                    return response.json()
+                failure = f"HTTP {response.status_code} {response.text[:300]}"
+            if attempt < attempts:
+                time.sleep(2**attempt)
+        raise StackError(f"{method} {path}: {failure} after {attempts} attempts")
 
     def wait_for_dag(self, dag_id: str, timeout: float = 180.0) -> None:
         """Wait until the dag-processor has parsed the DAG, then make sure it is not paused."""
@@ -352,31 +372,40 @@ class AirflowClient:
 
     def trigger(self, dag_id: str, run_id: str, conf: dict[str, Any]) -> str:
         body = {"dag_run_id": run_id, "logical_date": None, "conf": conf}
-        return self._call("POST", f"/dags/{dag_id}/dagRuns", json=body)["dag_run_id"]
-
-    def run(self, dag_id: str, run_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
+        try:
+            return self._call("POST", f"/dags/{dag_id}/dagRuns", json=body)["dag_run_id"]
+        except StackError as error:
+            if error.status == 409:  # an earlier attempt of ours arrived after all
+                return run_id
+            raise
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         return self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
 
+    def finished_runs(self, dag_id: str) -> dict[str, dict[str, Any]]:
+        """Every finished (success or failed) run of the DAG, by run id, a page at a time."""
+        finished: dict[str, dict[str, Any]] = {}
+        while True:
+            page = self._call("GET", f"/dags/{dag_id}/dagRuns", params={"state": ["success", "failed"], "limit": 100, "offset": len(finished), "order_by": "id"})
+            finished.update((run["dag_run_id"], run) for run in page["dag_runs"])
+            if not page["dag_runs"] or len(finished) >= page["total_entries"]:
+                return finished
+
     def wait_for_runs(self, dag_id: str, run_ids: list[str], timeout: float, on_finished: Callable[[dict], None] = lambda run: None) -> dict[str, dict[str, Any]]:
         """Poll until every run has finished (success or failed); returns each run's final record."""
         finished: dict[str, dict[str, Any]] = {}
+        wanted = set(run_ids)
         deadline = time.monotonic() + timeout
-        while len(finished) < len(run_ids):
-            for run_id in run_ids:
-                if run_id in finished:
-                    continue
-                run = self.run(dag_id, run_id)
-                if run["state"] in ("success", "failed"):
+        while True:
+            for run_id, run in self.finished_runs(dag_id).items():
+                if run_id in wanted and run_id not in finished:
                     finished[run_id] = run
                     on_finished(run)
-            if len(finished) < len(run_ids):
-                if time.monotonic() > deadline:
-                    raise StackError(f"{len(run_ids) - len(finished)} of {len(run_ids)} runs unfinished after {timeout:.0f} s")
-                time.sleep(2)
-        return finished
+            if len(finished) == len(wanted):
+                return finished
+            if time.monotonic() > deadline:
+                raise StackError(f"{len(wanted) - len(finished)} of {len(wanted)} runs unfinished after {timeout:.0f} s")
+            time.sleep(5)
 
 
 @dataclass(frozen=True)
