@@ -252,3 +252,61 @@ def test_markup_in_the_header_is_escaped_in_the_report(runtime: Runtime, account
     page = runtime.store.get_bytes(job["report_key"].replace(".json", ".html")).decode()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<script>" not in page and "<img" not in page
+
+
+# --- no credentials in logs or task output -------------------------------------------------------
+
+SECRETS = {"aws": "aws-Secret-7f3k2", "smtp": "smtp-Secret-9q8w", "postgres": "pg-Secret-4m5n"}
+
+
+@pytest.fixture
+def smtp_with_login(monkeypatch: pytest.MonkeyPatch):
+    """The SMTP sink, requiring a login (over plain SMTP: loopback only)."""
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    from tests.conftest import SmtpSink
+
+    def authenticate(server, session, envelope, mechanism, data) -> AuthResult:
+        return AuthResult(success=isinstance(data, LoginPassword) and data.login == b"mailer" and data.password == SECRETS["smtp"].encode())
+
+    sink = SmtpSink()
+    sink.controller = Controller(sink, hostname="127.0.0.1", port=sink.port, authenticator=authenticate, auth_require_tls=False)
+    sink.controller.start()
+    monkeypatch.setenv("POINTFLOW_SMTP_URL", f"smtp://mailer:{SECRETS['smtp']}@127.0.0.1:{sink.port}")
+    yield sink
+    sink.controller.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_no_credential_reaches_logs_reports_mail_or_task_output(
+    load_test_dag, airflow_home: Path, home: Path, s3_bucket: str, postgres_url: str, smtp_with_login, monkeypatch: pytest.MonkeyPatch,
+    scene_path: Path, tmp_path: Path, capfd: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRETS["aws"])
+    monkeypatch.setenv("POINTFLOW_STORAGE_URL", f"s3://{s3_bucket}")
+    # Trust authentication on the test server ignores the password, but it is in every URL we pass.
+    monkeypatch.setenv("POINTFLOW_DATABASE_URL", make_url(postgres_url).set(password=SECRETS["postgres"]).render_as_string(hide_password=False))
+    runtime = Runtime.from_settings(Settings.from_env())
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    dag = load_test_dag("pointflow_classify")
+    good = dag.test(run_conf={"account_id": "acme", "source": str(scene_path), "classifier": "standard"})
+    assert str(good.state) == "success"
+    bad = tmp_path / "notes.las"
+    bad.write_text("not a point cloud")
+    assert str(dag.test(run_conf={"account_id": "acme", "source": str(bad), "classifier": "standard"}).state) == "failed"
+    [ready, quarantine] = smtp_with_login.parsed()
+    assert "ready" in ready["Subject"] and "could not be processed" in quarantine["Subject"]
+
+    captured = capfd.readouterr()
+    texts = {"stdout": captured.out, "stderr": captured.err, "log records": caplog.text}
+    texts |= {str(p): p.read_text(errors="replace") for root in (airflow_home / "logs", home) if root.exists() for p in root.rglob("*") if p.is_file() and p.suffix not in (".db", ".laz", ".png")}
+    texts |= {f"s3://{o.key}": runtime.store.get_bytes(o.key).decode(errors="replace") for o in runtime.store.list("accounts/") if not o.key.endswith((".laz", ".png"))}
+    texts |= {f"mail {m['Subject']}": m.as_string() for m in (ready, quarantine)}
+    # The task output really is in there: the steps' own log lines and the run's links.
+    assert any("validation of scene.laz" in t for t in texts.values()) and any("export published" in t for t in texts.values())
+    leaks = [(where, name) for where, text in texts.items() for name, secret in SECRETS.items() if secret in text]
+    assert leaks == []
