@@ -11,7 +11,8 @@ import os
 import signal
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, timedelta
+from itertools import pairwise
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,8 +22,25 @@ from sqlalchemy import select
 from pipelines.accounts import upsert_accounts
 from pipelines.catalog.models import SentMessage, UsageEvent
 from pipelines.classify import classify_file
-from pipelines.export import ExportNotReady, artifact_link, download_links, published_exports
-from pipelines.jobs import Runtime, classify_step, create_job, deliver_step, export_step, finish_step, ingest_step, job_id_for, job_view, run_job, validate_step
+from pipelines.export import (
+    ExportNotReady,
+    artifact_link,
+    download_links,
+    published_exports,
+)
+from pipelines.jobs import (
+    Runtime,
+    classify_step,
+    create_job,
+    deliver_step,
+    export_step,
+    finish_step,
+    ingest_step,
+    job_id_for,
+    job_view,
+    run_job,
+    validate_step,
+)
 from pipelines.settings import Settings
 from pipelines.storage import S3Store, StorageError
 from tests.conftest import make_account, shared_file
@@ -253,7 +271,7 @@ def test_s3_down_mid_publish_fails_clearly_shows_nothing_and_the_rerun_publishes
     assert s3_outage.url in message and "Check that it is up" in message and "after 9 attempts" in message
     retried = attempts.since(copies[1])
     assert len(retried) == 9 and {operation for _, operation in retried} == {"CopyObject"}
-    delays = [round(b[0] - a[0], 3) for a, b in zip(retried, retried[1:])]
+    delays = [round(b[0] - a[0], 3) for a, b in pairwise(retried)]
     # Standard-mode backoff: attempt i waits rand * 50 ms * 2**i, so at most 12.75 s in all.
     assert failed_at - copies[1] < 12.75 + 5, delays
 
@@ -397,15 +415,15 @@ def test_the_database_down_while_classifying_fails_the_step_cleanly_and_the_retr
 
 def test_smtp_down_for_a_night_the_nightly_dag_sends_the_notice_the_next_night(airflow_home: Path, smtp_sink, runtime: Runtime) -> None:
     from dataclasses import replace
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from pipelines.airflow_local import load_dag
     from pipelines.lifecycle.models import LifecycleDeliveryFailure, LifecycleNotice
 
     dag = load_dag("lifecycle_nightly")
-    upsert_accounts(runtime.catalog, [replace(make_account("sleepy", "free"), last_login_at=datetime(2026, 1, 10, 9, tzinfo=timezone.utc))])
+    upsert_accounts(runtime.catalog, [replace(make_account("sleepy", "free"), last_login_at=datetime(2026, 1, 10, 9, tzinfo=UTC))])
     smtp_sink.controller.stop()
-    first = dag.test(logical_date=datetime(2027, 1, 11, 3, tzinfo=timezone.utc))
+    first = dag.test(logical_date=datetime(2027, 1, 11, 3, tzinfo=UTC))
     # A mail server outage is not the rules' failure: the night completes and says what is owed.
     assert str(first.state) == "success"
     with runtime.catalog.session() as session:
@@ -414,15 +432,15 @@ def test_smtp_down_for_a_night_the_nightly_dag_sends_the_notice_the_next_night(a
         assert session.scalars(select(LifecycleNotice)).all() == [] and session.scalars(select(SentMessage)).all() == []
 
     smtp_back_up(smtp_sink)
-    second = dag.test(logical_date=datetime(2027, 1, 12, 3, tzinfo=timezone.utc))
+    second = dag.test(logical_date=datetime(2027, 1, 12, 3, tzinfo=UTC))
     assert str(second.state) == "success"
     [message] = smtp_sink.parsed()
     assert message["To"] == "ops@sleepy.example"
     with runtime.catalog.session() as session:
         [notice] = session.scalars(select(LifecycleNotice))
         # The closure clock starts from the night the notice really went out.
-        assert notice.sent_at == datetime(2027, 1, 12, 3, tzinfo=timezone.utc)
-    dag.test(logical_date=datetime(2027, 1, 12, 3, tzinfo=timezone.utc))
+        assert notice.sent_at == datetime(2027, 1, 12, 3, tzinfo=UTC)
+    dag.test(logical_date=datetime(2027, 1, 12, 3, tzinfo=UTC))
     assert len(smtp_sink.messages) == 1
 
 

@@ -8,7 +8,6 @@ SMTP errors (test_notify).
 
 from __future__ import annotations
 
-import html
 import json
 import re
 from datetime import timedelta
@@ -23,8 +22,14 @@ from pipelines.accounts import upsert_accounts
 from pipelines.catalog.models import UsageEvent
 from pipelines.cli import main
 from pipelines.export import DownloadRefused, ExportNotReady, artifact_link
-from pipelines.jobs import Runtime, create_job, ingest_step, job_view, run_job, validate_step
-from pipelines.jobs import AdmissionRefusedJob
+from pipelines.jobs import (
+    AdmissionRefusedJob,
+    Runtime,
+    create_job,
+    ingest_step,
+    run_job,
+    validate_step,
+)
 from pipelines.settings import Settings
 from pipelines.storage import AccountArea, UnsafeKeyError, check_key, safe_name
 from pipelines.validate import validate_file
