@@ -51,12 +51,11 @@ def run_demo(settings: Settings, classifier: str = "standard", input_path: Path 
         root.removeHandler(handler)
         handler.close()
     job = job_view(runtime, job_id_for(DAG_ID, run.run_id))
-    base = runtime.store.url.rstrip("/")
     export_url = manifest_url = preview_url = None
     manifest = read_manifest(runtime.store, job["export_prefix"]) if job["export_prefix"] else None
     if manifest:
-        urls = {a["kind"]: f"{base}/{a['key']}" for a in manifest["artifacts"]}
+        urls = {a["kind"]: runtime.store.location(a["key"]) for a in manifest["artifacts"]}
         export_url, preview_url = urls["points"], urls["preview"]
-        manifest_url = f"{base}/{job['export_prefix']}{MANIFEST_NAME}"
+        manifest_url = runtime.store.location(job["export_prefix"] + MANIFEST_NAME)
     messages = outbox_messages(settings)
     return DemoResult(job, Path(input_path), export_url, manifest_url, preview_url, messages[-1] if messages else None, log_path)

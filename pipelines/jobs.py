@@ -198,7 +198,8 @@ def validate_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
     runtime.store.put_bytes(report_key, report.to_json())
     html_key = area.key("reports", f"{job_id}-validation.html")
     runtime.store.put_bytes(html_key, report.to_html())
-    log.info("validation of %s: %s; report: %s", file_name, report.reason, runtime.store.link(html_key, REPORT_LINK_LIFETIME))
+    # Locations, never presigned links: whoever reads task logs must not be able to fetch customer files.
+    log.info("validation of %s: %s; report: %s", file_name, report.reason, runtime.store.location(html_key))
 
     if report.ok:
         with runtime.catalog.session() as session:
@@ -307,7 +308,7 @@ def export_step(runtime: Runtime, job_id: str, export_format: str = "laz") -> di
         record = _job(session, job_id)
         record.export_prefix = prefix
         _set_state(record, JobState.EXPORTED)
-    log.info("export published: %s", runtime.store.link(prefix + MANIFEST_NAME, REPORT_LINK_LIFETIME))
+    log.info("export published: %s", runtime.store.location(prefix + MANIFEST_NAME))
     return job_view(runtime, job_id)
 
 

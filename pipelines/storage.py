@@ -130,6 +130,12 @@ class ObjectStore(ABC):
     def link(self, key: str, expires_in: timedelta) -> str:
         """A URL a customer can fetch the object with until it expires."""
 
+    def location(self, key: str) -> str:
+        """Where an object (or a prefix ending in /) is, for logs and the console: no signature,
+        so unlike a link it opens nothing by itself."""
+        check_key(key.rstrip("/"))
+        return f"{self.url.rstrip('/')}/{key}"
+
     def move(self, source: str, destination: str) -> None:
         self.copy(source, destination)
         self.delete(source)

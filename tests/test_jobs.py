@@ -144,7 +144,7 @@ def test_job_on_s3_storage(home: Path, s3_bucket: str, monkeypatch: pytest.Monke
     assert any(k.endswith("manifest.json") for k in keys)
 
 
-def test_the_validation_log_line_links_to_the_report(runtime: Runtime, account: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_validation_log_line_says_where_the_report_is(runtime: Runtime, account: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     source = tmp_path / "notes.las"
     source.write_text("not a point cloud")
     with caplog.at_level("INFO", logger="pipelines.jobs"):

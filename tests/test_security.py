@@ -311,7 +311,11 @@ def test_no_credential_reaches_logs_reports_mail_or_task_output(
     texts |= {str(p): p.read_text(errors="replace") for root in (airflow_home / "logs", home) if root.exists() for p in root.rglob("*") if p.is_file() and p.suffix not in (".db", ".laz", ".png")}
     texts |= {f"s3://{o.key}": runtime.store.get_bytes(o.key).decode(errors="replace") for o in runtime.store.list("accounts/") if not o.key.endswith((".laz", ".png"))}
     texts |= {f"mail {m['Subject']}": m.as_string() for m in (ready, quarantine)}
-    # The task output really is in there: the steps' own log lines and the run's links.
+    # The task output really is in there: the steps' own log lines.
     assert any("validation of scene.laz" in t for t in texts.values()) and any("export published" in t for t in texts.values())
     leaks = [(where, name) for where, text in texts.items() for name, secret in SECRETS.items() if secret in text]
     assert leaks == []
+    # A presigned link is a bearer credential for a customer's file: e-mails carry them, logs must not.
+    logs = {where: text for where, text in texts.items() if not where.startswith(("mail", "s3://"))}
+    assert [where for where, text in logs.items() if "X-Amz-Signature" in text] == []
+    assert any("X-Amz-Signature" in m.as_string() for m in (ready, quarantine))

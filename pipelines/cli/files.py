@@ -52,7 +52,7 @@ def _ingest(args: argparse.Namespace) -> int:
         else:
             print(f"job {job['job_id']}: {job['state']}" + (f" ({job['error']})" if job["error"] else ""))
             if job["export_prefix"]:
-                print(f"export: {runtime.store.url.rstrip('/')}/{job['export_prefix']}")
+                print(f"export: {runtime.store.location(job['export_prefix'])}")
         return 0 if job["state"] == "exported" else 1
     at = datetime.now(timezone.utc)
     stored = ingest_file(
