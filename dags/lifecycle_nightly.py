@@ -2,7 +2,8 @@
 
 Runs exactly what `pointflow lifecycle run --as-of <logical date>` runs: notices, closure, trial
 end, data lock, grace-period deletion, API result retention, overdue notices. Re-running a night
-does nothing new; a deletion that leaves objects behind fails the task.
+does nothing new; a deletion that leaves objects behind fails the task. Beside it, ready e-mails
+that classification runs could not send (mail server down) are sent, once.
 """
 
 from __future__ import annotations
@@ -10,6 +11,15 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from airflow.sdk import CronTriggerTimetable, dag, task
+
+
+def _as_of() -> datetime:
+    """The run's logical date in UTC; a manual run may have none: it then means "now", as the CLI does."""
+    from airflow.sdk import get_current_context
+
+    context = get_current_context()
+    moment = context.get("logical_date") or context["dag_run"].run_after
+    return datetime.fromisoformat(moment.isoformat()).astimezone(timezone.utc)
 
 
 @dag(
@@ -27,20 +37,24 @@ from airflow.sdk import CronTriggerTimetable, dag, task
 def lifecycle_nightly():
     @task
     def apply_rules() -> list[dict]:
-        from airflow.sdk import get_current_context
-
         from pipelines.jobs import Runtime
         from pipelines.lifecycle import run_lifecycle
         from pipelines.settings import Settings
 
-        context = get_current_context()
-        # A manual run may have no logical date: it then means "now", as the CLI does.
-        moment = context.get("logical_date") or context["dag_run"].run_after
-        as_of = datetime.fromisoformat(moment.isoformat()).astimezone(timezone.utc)
-        actions = run_lifecycle(Runtime.from_settings(Settings.from_env()), as_of)
+        actions = run_lifecycle(Runtime.from_settings(Settings.from_env()), _as_of())
         return [a.to_dict() for a in actions]
 
+    @task
+    def deliver_unsent() -> dict:
+        """Ready e-mails the classification runs could not send (mail server down) go out now."""
+        from pipelines.jobs import Runtime, deliver_unsent
+        from pipelines.settings import Settings
+
+        report = deliver_unsent(Runtime.from_settings(Settings.from_env()), _as_of())
+        return {"sent": report.sent, "failed": report.failed, "skipped_locked": report.skipped_locked}
+
     apply_rules()
+    deliver_unsent()
 
 
 lifecycle_dag = lifecycle_nightly()

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -21,13 +21,13 @@ from sqlalchemy import select
 from pipelines.accounts import get_account
 from pipelines.admission import AdmissionRefused, Candidate, check_admission
 from pipelines.catalog import Catalog, CatalogError
-from pipelines.catalog.models import JOB_TRANSITIONS, FileState, Job, JobState, StoredFile, utcnow
+from pipelines.catalog.models import JOB_TRANSITIONS, FileState, Job, JobState, SentMessage, StoredFile, utcnow
 from pipelines.classify import classify_file
 from pipelines.billing.pricebook import load_pricebook, plan_limits
 from pipelines.export import MANIFEST_NAME, build_artifacts, build_manifest, download_links, export_prefix, publish, read_manifest
 from pipelines.preview import class_summary
 from pipelines.ingest import ingest_file, local_copy, readable_path
-from pipelines.lifecycle.operations import ensure_active
+from pipelines.lifecycle.operations import ensure_active, is_locked
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.notify import DeliveryError, send_once
 from pipelines.settings import Settings
@@ -392,6 +392,49 @@ def run_job(
     finally:
         final = finish_step(runtime, job_id)
     return final
+
+
+# A ready e-mail the pipeline could not send is retried by the nightly sweep: only for jobs whose run
+# has settled (the deliver task and its retries are over, so the two never race), and only while
+# the customer can still use the news.
+UNSENT_SETTLE_TIME = timedelta(minutes=30)
+UNSENT_RETRY_WINDOW = timedelta(days=14)
+
+
+@dataclass(frozen=True)
+class UnsentReport:
+    sent: list[str]  # job ids whose ready e-mail went out now
+    failed: dict[str, str]  # job id -> why it still could not be sent
+    skipped_locked: list[str]  # the account's data is locked: no links to send
+
+
+def deliver_unsent(runtime: Runtime, as_of: datetime) -> UnsentReport:
+    """Send the ready e-mails that the pipeline could not (mail server down past the task's retries)."""
+    with runtime.catalog.session() as session:
+        pending = list(
+            session.execute(
+                select(Job.job_id, Job.account_id)
+                .where(Job.state == JobState.EXPORTED.value)
+                .where(Job.finished_at.is_not(None), Job.finished_at <= as_of - UNSENT_SETTLE_TIME, Job.finished_at > as_of - UNSENT_RETRY_WINDOW)
+                .where(~select(SentMessage.key).where(SentMessage.key == "export:" + Job.job_id).exists())
+                .order_by(Job.finished_at)
+            ).all()
+        )
+    sent: list[str] = []
+    failed: dict[str, str] = {}
+    locked: list[str] = []
+    for job_id, account_id in pending:
+        if is_locked(runtime.catalog, account_id, as_of):
+            locked.append(job_id)
+            continue
+        try:
+            deliver_step(runtime, job_id)
+            sent.append(job_id)
+        except DeliveryError as error:
+            failed[job_id] = str(error)
+    if failed:
+        log.warning("%d ready e-mail(s) still not sent (next try tomorrow); check POINTFLOW_SMTP_URL: %s", len(failed), next(iter(failed.values())))
+    return UnsentReport(sent, failed, locked)
 
 
 def jobs_for_account(runtime: Runtime, account_id: str) -> list[dict[str, Any]]:

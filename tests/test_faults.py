@@ -467,6 +467,38 @@ def test_smtp_down_the_ready_notice_fails_alone_and_is_sent_once_when_delivery_r
     assert len(usage(runtime)) == 1
 
 
+def test_smtp_down_past_the_task_retries_the_nightly_dag_sends_the_ready_notice_once(airflow_home: Path, smtp_sink, runtime: Runtime, account: str, scene_path: Path) -> None:
+    from pipelines.airflow_local import load_dag
+    from pipelines.jobs import UNSENT_SETTLE_TIME, deliver_unsent
+    from pipelines.notify import DeliveryError
+
+    job_id = "job-smtp-night"
+    create_job(runtime, job_id, account, str(scene_path), "standard")
+    for step in (ingest_step, validate_step, classify_step, export_step):
+        step(runtime, job_id)
+    smtp_sink.controller.stop()
+    with pytest.raises(DeliveryError):
+        deliver_step(runtime, job_id)
+    exported_at = finish_step(runtime, job_id)["finished_at"]
+    dag = load_dag("lifecycle_nightly")
+
+    # Still down at night: the night succeeds, nothing counts as sent.
+    first = dag.test(logical_date=exported_at + timedelta(hours=3))
+    assert str(first.state) == "success"
+    smtp_back_up(smtp_sink)
+    # While the run may still be retrying its deliver task, the sweep leaves the job alone.
+    assert deliver_unsent(runtime, exported_at + UNSENT_SETTLE_TIME / 2).sent == []
+    assert smtp_sink.messages == []
+
+    second = dag.test(logical_date=exported_at + timedelta(days=1, hours=3))
+    assert str(second.state) == "success"
+    [message] = smtp_sink.parsed()
+    assert message["Subject"] == "pointflow: your classified point cloud is ready" and message["To"] == "ops@acme.example"
+    dag.test(logical_date=exported_at + timedelta(days=2, hours=3))
+    assert len(smtp_sink.messages) == 1
+    assert len(usage(runtime)) == 1
+
+
 def test_smtp_down_the_cli_run_still_exports_and_says_the_e_mail_is_missing(smtp_sink, runtime: Runtime, account: str, scene_path: Path, capsys, caplog) -> None:
     from pipelines.cli import main
 
