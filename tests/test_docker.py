@@ -402,6 +402,30 @@ def _installed_airflow() -> str:
     return version("apache-airflow")
 
 
+def _constraints() -> dict[str, str]:
+    lines = (REPO / "docker" / "constraints.txt").read_text().splitlines()
+    return dict(line.split("==", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_constraints_pin_every_runtime_dependency_within_pyproject_ranges() -> None:
+    """The image installs exactly docker/constraints.txt: it must cover what pyproject asks for,
+    at versions pyproject allows (a stale file after a dependency change fails here)."""
+    from packaging.requirements import Requirement
+
+    sys.path.insert(0, str(REPO / "docker"))
+    try:
+        from constraints import canonical
+    finally:
+        sys.path.pop(0)
+    pins = _constraints()
+    for line in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        requirement = Requirement(line)
+        name = canonical(requirement.name)
+        assert name in pins, f"{name} is not in docker/constraints.txt: run .venv/bin/python docker/constraints.py"
+        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {requirement}"
+    assert not {"pytest", "moto", "playwright"} & set(pins), "test tools do not belong in the image"
+
+
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
     if hadolint is None:
@@ -419,16 +443,15 @@ def test_dockerfile_builds_on_the_tested_airflow_with_its_constraints(instructio
     assert airflow == _installed_airflow(), "the image should ship the Airflow version the tests ran on"
     assert tuple(int(p) for p in python.split(".")) >= (3, 11)
 
-    args = dict(c.value[0].split("=", 1) for c in instructions if c.cmd == "ARG" and "=" in c.value[0])
-    constraints = args.get("AIRFLOW_CONSTRAINTS")
-    assert constraints == f"https://raw.githubusercontent.com/apache/airflow/constraints-{airflow}/constraints-{python}.txt"
+    pins = _constraints()
+    assert pins["apache-airflow"] == airflow, "docker/constraints.txt must pin the base image's Airflow"
 
     installs = [c for c in instructions if c.cmd == "RUN" and "pip install" in " ".join(c.value)]
     assert installs, "the project is never installed"
     for command in installs:
         line = " ".join(command.value)
         assert "--no-cache-dir" in line, line
-        assert '--constraint "${AIRFLOW_CONSTRAINTS}"' in line, line
+        assert "--constraint docker/constraints.txt" in line, line
         assert f'"apache-airflow=={airflow}"' in line, "pin Airflow in every install so pip cannot move it"
 
 
