@@ -60,8 +60,16 @@ def test_runs_through_airflow_on_postgres_and_dask_workers(stack: LocalStack, tm
     assert len(after) == 2
     # Tiles went to the stack's own Dask workers, not to a cluster started inside the task.
     assert sum(after.values()) > sum(before.values())
-    task_states = {ti["task_id"]: ti["state"] for ti in stack.client().task_instances("pointflow_classify", report.succeeded[0])}
+    client = stack.client()
+    task_states = {ti["task_id"]: ti["state"] for ti in client.task_instances("pointflow_classify", report.succeeded[0])}
     assert task_states == dict.fromkeys(["ingest", "validate", "classify", "export", "deliver", "meter"], "success")
+
+    # The api-server serves the pointflow page from the same PostgreSQL catalog the tasks wrote.
+    job_id = next(iter(report.usage_events))
+    page = client.http.get(f"{stack.plan.api_url}/pointflow/", timeout=60)
+    assert page.status_code == 200 and job_id in page.text
+    preview = client.http.get(f"{stack.plan.api_url}/pointflow/accounts/acme/jobs/{job_id}/preview.png", timeout=30)
+    assert preview.status_code == 200 and preview.content.startswith(b"\x89PNG")
 
 
 def test_stack_refuses_a_wrong_password(stack: LocalStack) -> None:
