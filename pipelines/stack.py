@@ -254,7 +254,7 @@ class LocalStack:
         for component in ("scheduler", "dag-processor", "triggerer"):
             self._start(component, [python, "-m", "airflow", component])
         self._wait("scheduler, dag-processor and triggerer", self._components_healthy, timeout)
-        self.say(f"stack up: Airflow {plan.api_url} (user {plan.admin_user}, password in {self.passwords_file}), Dask {plan.dask_address}, logs {plan.logs}")
+        self.say(f"stack up: Airflow {plan.api_url}, Dask {plan.dask_address}, logs in {plan.logs}")
 
     def stop(self) -> None:
         for service in reversed(self.services):

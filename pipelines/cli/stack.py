@@ -39,10 +39,12 @@ def _up(args: argparse.Namespace) -> int:
         raise ValueError("--workers must be at least 1")
     base = args.dir or settings_from_env().home / "stack"
     plan = StackPlan(base=base.resolve(), postgres=args.postgres, name=args.name, api_port=args.port, dask_port=args.dask_port, dask_workers=args.workers)
-    # Ctrl-C and `kill` both stop the services in order instead of orphaning them.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    with LocalStack(plan):
-        print(f"Airflow UI:  {plan.api_url}  (user {plan.admin_user}; password in {base / 'airflow' / 'passwords.json'})")
+    # Ctrl-C and `kill` both stop the services in order instead of orphaning them (also when a
+    # shell started us in the background, with SIGINT ignored).
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.default_int_handler)
+    with LocalStack(plan) as stack:
+        print(f"Airflow UI:  {plan.api_url}  (user {plan.admin_user}; password in {stack.passwords_file})")
         print(f"Dask:        {plan.dask_address}")
         print(f"pointflow:   POINTFLOW_HOME={plan.pointflow_home} POINTFLOW_DATABASE_URL={plan.database_url('catalog')}")
         print(f"logs:        {plan.logs}")
