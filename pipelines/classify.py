@@ -2,10 +2,12 @@
 
 1. scan: stream the input in chunks; append each point's raw record to its owner tile's file
    and to the context file of every neighbour whose buffer ring it falls in.
-2. classify: one Dask task per tile reads core + context, classifies, keeps only core points.
-3. write: concatenate the classified tiles into the output, written to a temporary name and
-   renamed at the end, so a failure never leaves a partial file.
-Memory is bounded by the chunk and tile sizes, not by the file size.
+2. classify: one Dask task per tile carries its core + context records (by value: workers need no
+   shared filesystem, and a task whose worker dies can be rerun elsewhere) and returns one class
+   code per core point. A bounded number of tiles is in flight at once.
+3. write: read each tile's core records again, set their classes, and append them to the output,
+   written to a temporary name and renamed at the end, so a failure never leaves a partial file.
+Memory is bounded by the chunk and tile sizes and the number of tiles in flight, not by the file size.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +42,8 @@ Progress = Callable[[str, int, int], None]
 @dataclass(frozen=True)
 class TileTask:
     tile_id: int
-    core_path: Path
-    context_path: Path
-    output_path: Path
+    core: bytes  # the tile's own points, as raw point records
+    context: bytes  # points of the buffer ring around it, for context only
     point_format: laspy.PointFormat
     scales: tuple[float, float, float]
     offsets: tuple[float, float, float]
@@ -55,7 +57,7 @@ class TileTask:
 @dataclass(frozen=True)
 class TileResult:
     tile_id: int
-    points: int
+    classes: bytes  # one class code per core point, in the core's order
     context_points: int
     class_counts: dict[int, int]
     seconds: float
@@ -77,28 +79,24 @@ class ClassifyResult:
     dashboard: str | None = None
 
 
-def _load(path: Path, point_format: laspy.PointFormat) -> np.ndarray:
-    if not path.exists():
-        return np.zeros(0, dtype=point_format.dtype())
-    return np.fromfile(path, dtype=point_format.dtype())
+def _records(path: Path) -> bytes:
+    return path.read_bytes() if path.exists() else b""
 
 
 def classify_tile(task: TileTask) -> TileResult:
-    """Runs on a Dask worker: classify core + context, write the core points with their classes."""
+    """Runs on a Dask worker: classify core + context, return the core points' classes."""
     started = time.perf_counter()
-    core = _load(task.core_path, task.point_format)
-    context = _load(task.context_path, task.point_format)
+    dtype = task.point_format.dtype()
+    core = np.frombuffer(task.core, dtype=dtype)
+    context = np.frombuffer(task.context, dtype=dtype)
     raw = np.concatenate([core, context]) if len(context) else core
     records = laspy.ScaleAwarePointRecord(raw, task.point_format, np.array(task.scales), np.array(task.offsets))
     classifier = _worker_classifier(task)
     classes = np.asarray(classifier.classify(point_block(records)), dtype=np.uint8)[: len(core)]
-    output = laspy.PackedPointRecord(core.copy(), task.point_format)
-    output.classification = classes
-    output.array.tofile(task.output_path)
     counts = np.bincount(classes, minlength=1)
     return TileResult(
         task.tile_id,
-        len(core),
+        classes.tobytes(),
         len(context),
         {int(c): int(n) for c, n in enumerate(counts) if n},
         time.perf_counter() - started,
@@ -235,12 +233,11 @@ def classify_file(
             raise NotPointCloudError(f"{input_path.name}: point data cannot be read ({error})") from None
         timings["scan_s"] = time.perf_counter() - started
 
-        tasks = [
-            TileTask(
+        def tile_task(t: int) -> TileTask:
+            return TileTask(
                 tile_id=t,
-                core_path=tiles_dir / f"{t}.core",
-                context_path=tiles_dir / f"{t}.context",
-                output_path=tiles_dir / f"{t}.out",
+                core=_records(tiles_dir / f"{t}.core"),
+                context=_records(tiles_dir / f"{t}.context"),
                 point_format=header.point_format,
                 scales=tuple(header.scales),
                 offsets=tuple(header.offsets),
@@ -249,25 +246,24 @@ def classify_file(
                 model=model_bytes,
                 model_version=model.version,
             )
-            for t in owners
-        ]
+
         started = time.perf_counter()
         with (contextlib.nullcontext(client) if client is not None else dask_client(settings, workers)) as active:
             dashboard = getattr(active, "dashboard_link", None)
-            if dashboard and len(tasks) > 1:
+            if dashboard and len(owners) > 1:
                 log.info("Dask dashboard: %s", dashboard)
-            results = _run_tiles(active, tasks, progress)
             n_workers = len(active.scheduler_info(n_workers=-1).get("workers", {})) or 1
+            results = _run_tiles(active, owners, tile_task, n_workers, progress)
         timings["classify_s"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        written = _write(header, tasks, output_path, progress)
+        written = _write(header, tiles_dir, results, output_path, progress)
         timings["write_s"] = time.perf_counter() - started
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     counts: dict[int, int] = {}
-    for result in results:
+    for result in results.values():
         for cls, n in result.class_counts.items():
             counts[cls] = counts.get(cls, 0) + n
     if written != info.point_count:
@@ -280,7 +276,7 @@ def classify_file(
         classifier=model.name,
         classifier_version=model.version,
         classifier_params=model.params,
-        tiles=len(tasks),
+        tiles=len(owners),
         tile_size=grid.size,
         tile_buffer=grid.buffer,
         workers=n_workers,
@@ -289,33 +285,54 @@ def classify_file(
     )
 
 
-def _run_tiles(client: Any, tasks: list[TileTask], progress: Progress | None) -> list[TileResult]:
+
+
+def _run_tiles(client: Any, owners: list[int], tile_task: Callable[[int], TileTask], n_workers: int, progress: Progress | None) -> dict[int, TileResult]:
+    import dask
     from distributed import as_completed
 
-    # Tile ids are unique per run, and pure=False stops Dask from reusing an earlier result.
-    futures = client.map(classify_tile, tasks, pure=False, retries=2)
-    results = []
-    for future in as_completed(futures):
-        results.append(future.result())
-        if progress:
-            progress("classify", len(results), len(tasks))
+    pending = iter(owners)
+    # One tile per worker and one more queued: every worker stays busy while a finished tile's
+    # successor is sent, and the scheduler holds only that many tiles' points at a time.
+    window = n_workers + 1
+
+    def submit(tile_id: int):
+        # A fresh key: the same tile in a later run must be classified again, not reused.
+        return client.submit(classify_tile, tile_task(tile_id), retries=2, key=f"classify_tile-{uuid.uuid4().hex}")
+
+    # A tile's points travel inside its task on purpose (see the module docstring); Dask's
+    # warning about large graphs assumes data that could be loaded on the workers instead.
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1GiB"}):
+        running = as_completed([submit(t) for _, t in zip(range(window), pending)])
+        results: dict[int, TileResult] = {}
+        for future in running:
+            result = future.result()
+            results[result.tile_id] = result
+            future.release()
+            following = next(pending, None)
+            if following is not None:
+                running.add(submit(following))
+            if progress:
+                progress("classify", len(results), len(owners))
     return results
 
 
-def _write(header: laspy.LasHeader, tasks: list[TileTask], output_path: Path, progress: Progress | None) -> int:
+def _write(header: laspy.LasHeader, tiles_dir: Path, results: dict[int, TileResult], output_path: Path, progress: Progress | None) -> int:
     compress = output_path.suffix.lower() == ".laz"
     output_path.parent.mkdir(parents=True, exist_ok=True)
     partial = output_path.with_name(f".{output_path.name}.partial")
     written = 0
     try:
         with laspy.open(partial, mode="w", header=header, do_compress=compress, laz_backend=laspy.LazBackend.LazrsParallel if compress else None) as writer:
-            for done, task in enumerate(tasks, 1):
-                raw = np.fromfile(task.output_path, dtype=task.point_format.dtype())
-                writer.write_points(laspy.PackedPointRecord(raw, task.point_format))
-                written += len(raw)
-                task.output_path.unlink()
+            for done, tile_id in enumerate(sorted(results), 1):
+                core = tiles_dir / f"{tile_id}.core"
+                records = laspy.PackedPointRecord(np.fromfile(core, dtype=header.point_format.dtype()), header.point_format)
+                records.classification = np.frombuffer(results[tile_id].classes, dtype=np.uint8)
+                writer.write_points(records)
+                written += len(records)
+                core.unlink()
                 if progress:
-                    progress("write", done, len(tasks))
+                    progress("write", done, len(results))
         os.replace(partial, output_path)
     except BaseException:
         partial.unlink(missing_ok=True)

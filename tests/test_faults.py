@@ -107,7 +107,9 @@ class WorkerKiller(threading.Thread):
         from distributed import Client
 
         def tiles_done(dask_scheduler) -> int:
-            return sum(1 for ts in dask_scheduler.tasks.values() if "classify_tile" in str(ts.key) and ts.state == "memory")
+            # The client releases each finished tile at once: count those forgotten too.
+            prefix = dask_scheduler.task_prefixes.get("classify_tile")
+            return prefix.state_counts["memory"] + prefix.state_counts["forgotten"] if prefix else 0
 
         with Client(self.cluster.address, timeout="30s") as client:
             pids = client.run(os.getpid)
