@@ -37,8 +37,12 @@ fi
 
 if docker compose version >/dev/null 2>&1; then
     compose=(docker compose)
-else
+elif command -v docker-compose >/dev/null 2>&1; then
     compose=(docker-compose)
+else
+    echo "docker/up.sh: needs Docker Compose v2 ('docker compose' or 'docker-compose'): install Docker Engine" \
+        "with its compose plugin. Without Docker, 'make stack' runs the same services as local processes." >&2
+    exit 2
 fi
 "${compose[@]}" -f "${here}/compose.yaml" up -d --build --wait "$@"
 echo "Airflow: http://localhost:8080 (user admin, password: AIRFLOW_ADMIN_PASSWORD in ${env_file})"
