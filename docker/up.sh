@@ -35,6 +35,11 @@ if [[ "${1:-}" == "--env-only" ]]; then
     exit 0
 fi
 
+if ! docker info >/dev/null 2>&1; then
+    echo "docker/up.sh: no Docker engine answers ('docker info' failed): start Docker, or check that you" \
+        "may use it. Without Docker, 'make stack' runs the same services as local processes." >&2
+    exit 2
+fi
 if docker compose version >/dev/null 2>&1; then
     compose=(docker compose)
 elif command -v docker-compose >/dev/null 2>&1; then
