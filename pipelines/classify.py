@@ -285,8 +285,6 @@ def classify_file(
     )
 
 
-
-
 def _run_tiles(client: Any, owners: list[int], tile_task: Callable[[int], TileTask], n_workers: int, progress: Progress | None) -> dict[int, TileResult]:
     import dask
     from distributed import as_completed

@@ -200,12 +200,6 @@ class Service:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
-    def kill(self) -> None:
-        """Kill at once, as a crashed machine would."""
-        if self.running():
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
 
 class LocalStack:
     """Start with ``with LocalStack(plan) as stack:``; everything stops on exit, logs stay in plan.logs."""
@@ -259,9 +253,6 @@ class LocalStack:
     def stop(self) -> None:
         for service in reversed(self.services):
             service.stop()
-
-    def service(self, name: str) -> Service:
-        return next(s for s in self.services if s.name == name)
 
     def client(self) -> AirflowClient:
         return AirflowClient(self.plan.api_url, self.plan.admin_user, self.password)
