@@ -18,6 +18,7 @@ from pipelines.airflow_local import DAGS_FOLDER, PLUGINS_FOLDER
 from pipelines.jobs import Runtime
 from pipelines.scene import make_scene, write_scene
 from pipelines.settings import Settings
+from pipelines.stack import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -33,10 +34,17 @@ def shared_file(relative: str) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def stop_processes(processes: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM every process still running, then SIGKILL each one that outlives `grace` seconds."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture

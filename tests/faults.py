@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_processes
 
 
 class TcpOutage:
@@ -131,14 +130,7 @@ class DaskProcesses:
         return subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_" + args[0], *args[1:]], stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def close(self) -> None:
-        for process in [*self.workers, self.scheduler]:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes([*self.workers, self.scheduler], grace=3)
         shutil.rmtree(self.logs, ignore_errors=True)
 
 

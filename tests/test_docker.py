@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from pipelines.settings import Settings
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, stop_processes
 
 DOCKER = REPO / "docker"
 COMPOSE_FILE = DOCKER / "compose.yaml"
@@ -602,14 +602,7 @@ def _wait_healthy(test: list[str], timeout: float) -> subprocess.CompletedProces
 def processes() -> Iterator[list[subprocess.Popen]]:
     started: list[subprocess.Popen] = []
     yield started
-    for process in reversed(started):
-        process.terminate()
-    for process in started:
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_processes(started[::-1], grace=20)
 
 
 def test_dask_services_start_as_composed_and_pass_their_health_checks(compose: dict, tmp_path: Path, processes: list) -> None:

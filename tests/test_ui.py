@@ -35,7 +35,7 @@ from pipelines.lifecycle import place_hold, run_lifecycle, terminate_account
 from pipelines.lifecycle.models import LifecycleAction
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.settings import Settings
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, stop_processes
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"
@@ -177,12 +177,7 @@ def server(airflow_home: Path, pointflow_env: dict[str, str], seeded: Seeded, tm
             time.sleep(0.5)
         yield Server(url, password, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_processes([process], grace=20)
 
 
 @pytest.fixture(scope="module")
