@@ -446,19 +446,25 @@ def test_smtp_down_for_a_night_the_nightly_dag_sends_the_notice_the_next_night(a
     assert len(smtp_sink.messages) == 1
 
 
-def test_smtp_down_the_ready_notice_fails_alone_and_is_sent_once_when_delivery_reruns(smtp_sink, runtime: Runtime, account: str, scene_path: Path) -> None:
+def export_with_the_mail_server_down(runtime: Runtime, smtp_sink, account: str, source: Path, job_id: str) -> dict:
+    """Run a job to its export, stop the mail server, fail the deliver step, then meter: the job as
+    the meter task leaves it."""
     from pipelines.notify import DeliveryError
 
     assert runtime.settings.smtp_url == smtp_sink.url
-    job_id = "job-smtp-down"
-    create_job(runtime, job_id, account, str(scene_path), "standard")
+    create_job(runtime, job_id, account, str(source), "standard")
     for step in (ingest_step, validate_step, classify_step, export_step):
         step(runtime, job_id)
     smtp_sink.controller.stop()
     with pytest.raises(DeliveryError, match=f"127.0.0.1:{smtp_sink.port}"):
         deliver_step(runtime, job_id)
+    return finish_step(runtime, job_id)
+
+
+def test_smtp_down_the_ready_notice_fails_alone_and_is_sent_once_when_delivery_reruns(smtp_sink, runtime: Runtime, account: str, scene_path: Path) -> None:
+    job_id = "job-smtp-down"
     # The meter task runs after export, whatever deliver does: exported, billed once.
-    assert finish_step(runtime, job_id)["state"] == "exported"
+    assert export_with_the_mail_server_down(runtime, smtp_sink, account, scene_path, job_id)["state"] == "exported"
     assert usage(runtime) == [(job_id, "succeeded", job_view(runtime, job_id)["points_processed"])]
 
     smtp_back_up(smtp_sink)
@@ -472,16 +478,8 @@ def test_smtp_down_the_ready_notice_fails_alone_and_is_sent_once_when_delivery_r
 def test_smtp_down_past_the_task_retries_the_nightly_dag_sends_the_ready_notice_once(airflow_home: Path, smtp_sink, runtime: Runtime, account: str, scene_path: Path) -> None:
     from pipelines.airflow_local import load_dag
     from pipelines.jobs import UNSENT_SETTLE_TIME, deliver_unsent
-    from pipelines.notify import DeliveryError
 
-    job_id = "job-smtp-night"
-    create_job(runtime, job_id, account, str(scene_path), "standard")
-    for step in (ingest_step, validate_step, classify_step, export_step):
-        step(runtime, job_id)
-    smtp_sink.controller.stop()
-    with pytest.raises(DeliveryError):
-        deliver_step(runtime, job_id)
-    exported_at = finish_step(runtime, job_id)["finished_at"]
+    exported_at = export_with_the_mail_server_down(runtime, smtp_sink, account, scene_path, "job-smtp-night")["finished_at"]
     dag = load_dag("lifecycle_nightly")
 
     # Still down at night: the night succeeds, nothing counts as sent.
