@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 from sqlalchemy import select
 
@@ -31,7 +30,7 @@ from pipelines.lifecycle.operations import ensure_active, is_locked
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.notify import DeliveryError, send_once
 from pipelines.settings import Settings
-from pipelines.storage import AccountArea, LocalStore, ObjectStore, S3Store, open_store, safe_name
+from pipelines.storage import AccountArea, ObjectStore, open_store, safe_name
 from pipelines.training import resolve_classifier
 from pipelines.validate import validate_file
 
@@ -148,15 +147,7 @@ def ingest_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
 
 def check_source_owner(store: ObjectStore, account_id: str, source: str) -> None:
     """A source inside the service's own object store must lie in the account's own area."""
-    parsed = urlparse(source)
-    key = None
-    if isinstance(store, LocalStore) and parsed.scheme in ("", "file"):
-        path = Path(unquote(parsed.path) if parsed.scheme == "file" else source).expanduser().resolve()
-        if store.root == path or store.root in path.parents:
-            key = path.relative_to(store.root).as_posix()
-    elif isinstance(store, S3Store) and parsed.scheme == "s3" and parsed.netloc == store.bucket:
-        full = parsed.path.lstrip("/")
-        key = full[len(store.prefix):] if full.startswith(store.prefix) else ""
+    key = store.key_of(source)
     if key is not None and not key.startswith(AccountArea(account_id).prefix):
         raise ForeignSource(f"the source {source} lies in the service's storage outside account {account_id}'s area: give the customer's own file")
 

@@ -130,6 +130,11 @@ class ObjectStore(ABC):
     def link(self, key: str, expires_in: timedelta) -> str:
         """A URL a customer can fetch the object with until it expires."""
 
+    @abstractmethod
+    def key_of(self, source: str) -> str | None:
+        """The key a source path or URL names inside this store, or None for a source elsewhere:
+        what keeps one account from naming another account's objects as its input."""
+
     def location(self, key: str) -> str:
         """Where an object (or a prefix ending in /) is, for logs and the console: no signature,
         so unlike a link it opens nothing by itself."""
@@ -257,6 +262,15 @@ class LocalStore(ObjectStore):
             raise StorageError(f"no object {key!r} in {self.url}")
         return path.as_uri()
 
+    def key_of(self, source: str) -> str | None:
+        parsed = urlparse(source)
+        if parsed.scheme not in ("", "file"):
+            return None
+        path = Path(unquote(parsed.path) if parsed.scheme == "file" else source).expanduser().resolve()
+        if path == self.root or self.root in path.parents:
+            return path.relative_to(self.root).as_posix()
+        return None
+
     def local_path(self, key: str) -> Path:
         """Direct read access for the local backend, avoiding a copy of large inputs."""
         return self._path(key)
@@ -357,6 +371,14 @@ class S3Store(ObjectStore):
         return self.link_client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=seconds
         )
+
+    def key_of(self, source: str) -> str | None:
+        parsed = urlparse(source)
+        if parsed.scheme != "s3" or parsed.netloc != self.bucket:
+            return None
+        full = parsed.path.lstrip("/")
+        # Elsewhere in our bucket is not the customer's either: "" belongs to no account.
+        return full[len(self.prefix):] if full.startswith(self.prefix) else ""
 
     def _call(self, key: str, function, *args, **kwargs):
         from boto3.exceptions import Boto3Error
