@@ -43,6 +43,8 @@ class AccountRecord:
     tax_exempt: bool = False
     last_login_at: datetime | None = None
     billing_cycle: str = BillingCycle.MONTHLY.value
+    # When a changed plan or cycle takes effect (default: today, UTC); earlier days keep the old one.
+    plan_effective: date | None = None
 
 
 def parse_utc_datetime(text: str) -> datetime:
@@ -92,7 +94,13 @@ def make_record(row: dict[str, str]) -> AccountRecord:
     cycle = (row.get("billing_cycle") or BillingCycle.MONTHLY.value).strip() or BillingCycle.MONTHLY.value
     if cycle not in {c.value for c in BillingCycle}:
         raise ValueError(f"billing_cycle {cycle!r} is not one of {', '.join(c.value for c in BillingCycle)}")
-    return AccountRecord(account_id, name, email, country, plan, started_at, tax_rate, raw_exempt in _TRUE, last_login_at, cycle)
+    raw_effective = (row.get("plan_effective") or "").strip()
+    try:
+        plan_effective = date.fromisoformat(raw_effective) if raw_effective else None
+    except ValueError:
+        raise ValueError(f"plan_effective {raw_effective!r} is not an ISO date (YYYY-MM-DD)") from None
+    return AccountRecord(account_id, name, email, country, plan, started_at, tax_rate, raw_exempt in _TRUE, last_login_at, cycle,
+                         plan_effective)  # fmt: skip
 
 
 def read_accounts_csv(path: Path) -> list[AccountRecord]:
@@ -127,20 +135,28 @@ class UpsertResult:
     updated: int
 
 
-def upsert_accounts(catalog: Catalog, records: list[AccountRecord]) -> UpsertResult:
-    """Insert or update all records in one transaction. The latest known login is kept."""
+def upsert_accounts(catalog: Catalog, records: list[AccountRecord], today: date | None = None) -> UpsertResult:
+    """Insert or update all records in one transaction. The latest known login is kept. A plan or
+    billing cycle that differs is recorded as a dated change (from `plan_effective`, else today)."""
+    # Billing builds on accounts; imported here, where both are loaded.
+    from pipelines.billing.history import record_plan_change
+
+    today = today or datetime.now(timezone.utc).date()
     created = updated = 0
     with catalog.session() as session:
         for record in records:
             account = session.get(Account, record.account_id)
             values = {f.name: getattr(record, f.name) for f in fields(record)}
+            effective = values.pop("plan_effective") or today
             if account is None:
                 session.add(Account(**values))
                 created += 1
                 continue
             login = values.pop("last_login_at")
+            plan, cycle = values.pop("plan"), values.pop("billing_cycle")
             for name, value in values.items():
                 setattr(account, name, value)
+            record_plan_change(catalog, None, record.account_id, plan, effective, cycle, session=session)
             if login is not None and (account.last_login_at is None or login > account.last_login_at):
                 account.last_login_at = login
             updated += 1

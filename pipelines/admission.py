@@ -10,9 +10,9 @@ from datetime import datetime
 
 from sqlalchemy import func, select
 
-from pipelines.accounts import get_account
-from pipelines.billing.pricebook import load_pricebook, plan_limits
-from pipelines.billing.usage import monthly_points_cap, points_used_in_month
+from pipelines.billing.history import account_limits
+from pipelines.billing.pricebook import load_pricebook
+from pipelines.billing.usage import points_used_in_month
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import FileState, StoredFile
 from pipelines.lifecycle.operations import ensure_active
@@ -56,24 +56,24 @@ def check_admission(settings: Settings, catalog: Catalog, account_id: str, candi
         raise AdmissionRefused("maximum points per file", candidate.points, settings.max_points, "points", "Split the survey into smaller files (POINTFLOW_MAX_POINTS).")
 
     ensure_active(catalog, account_id, at)
-    account = get_account(catalog, account_id)
     pricebook = load_pricebook(settings.pricebook_path)
-    limits = plan_limits(pricebook, account.plan, at.date())
+    # The plan in force on the day: a downgrade's lower limits apply from its date.
+    plan, limits = account_limits(catalog, pricebook, account_id, at.date())
     files, points, size = _stored(catalog, account_id)
     if limits.max_files is not None and files + 1 > limits.max_files:
-        raise AdmissionRefused(f"{account.plan} plan's stored files", files + 1, limits.max_files, "files", "Delete a stored file or upgrade your plan.")
+        raise AdmissionRefused(f"{plan} plan's stored files", files + 1, limits.max_files, "files", "Delete a stored file or upgrade your plan.")
     if limits.max_stored_points is not None and points + candidate.points > limits.max_stored_points:
-        raise AdmissionRefused(f"{account.plan} plan's stored points", points + candidate.points, limits.max_stored_points, "points", "Delete stored files or upgrade your plan.")
+        raise AdmissionRefused(f"{plan} plan's stored points", points + candidate.points, limits.max_stored_points, "points", "Delete stored files or upgrade your plan.")
     if limits.storage_limit_gb is not None:
         maximum = limits.storage_limit_gb * GB
         if size + candidate.size > maximum:
-            raise AdmissionRefused(f"{account.plan} plan's storage", size + candidate.size, maximum, "bytes", "Delete stored files or buy extra storage.")
+            raise AdmissionRefused(f"{plan} plan's storage", size + candidate.size, maximum, "bytes", "Delete stored files or buy extra storage.")
         month_start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         uploaded = _stored(catalog, account_id, since=month_start)[2]
         if uploaded + candidate.size > maximum:
-            raise AdmissionRefused(f"{account.plan} plan's monthly upload", uploaded + candidate.size, maximum, "bytes", "The upload allowance renews on the 1st (UTC).")
-    cap = monthly_points_cap(catalog, pricebook, account_id, at.date())
+            raise AdmissionRefused(f"{plan} plan's monthly upload", uploaded + candidate.size, maximum, "bytes", "The upload allowance renews on the 1st (UTC).")
+    cap = limits.monthly_points_cap
     if cap is not None:
         used = points_used_in_month(catalog, account_id, at.date())
         if used + candidate.points > cap:
-            raise AdmissionRefused(f"{account.plan} plan's monthly points", used + candidate.points, cap, "points", "The cap renews on the 1st (UTC); ask us to raise it if you need more.")
+            raise AdmissionRefused(f"{plan} plan's monthly points", used + candidate.points, cap, "points", "The cap renews on the 1st (UTC); ask us to raise it if you need more.")

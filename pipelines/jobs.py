@@ -19,16 +19,17 @@ from sqlalchemy import select
 
 from pipelines.accounts import get_account
 from pipelines.admission import AdmissionRefused, Candidate, check_admission
+from pipelines.billing.history import account_limits
+from pipelines.billing.pricebook import load_pricebook
 from pipelines.catalog import Catalog, CatalogError
 from pipelines.catalog.models import JOB_TRANSITIONS, FileState, Job, JobState, SentMessage, StoredFile, utcnow
 from pipelines.classify import classify_file
-from pipelines.billing.pricebook import load_pricebook, plan_limits
 from pipelines.export import MANIFEST_NAME, build_artifacts, build_manifest, download_links, export_prefix, publish, read_manifest
-from pipelines.preview import class_summary
 from pipelines.ingest import ingest_file, local_copy, readable_path
 from pipelines.lifecycle.operations import ensure_active, is_locked
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.notify import DeliveryError, send_once
+from pipelines.preview import class_summary
 from pipelines.settings import Settings
 from pipelines.storage import AccountArea, ObjectStore, open_store, safe_name
 from pipelines.training import resolve_classifier
@@ -306,8 +307,7 @@ def export_step(runtime: Runtime, job_id: str, export_format: str = "laz") -> di
 def delivery_terms(runtime: Runtime, account_id: str) -> tuple[bool, timedelta]:
     """Whether the plan allows downloading point files, and how long links stay valid."""
     ensure_active(runtime.catalog, account_id)
-    account = get_account(runtime.catalog, account_id)
-    limits = plan_limits(load_pricebook(runtime.settings.pricebook_path), account.plan, utcnow().date())
+    limits = account_limits(runtime.catalog, load_pricebook(runtime.settings.pricebook_path), account_id, utcnow().date())[1]
     retention = timedelta(days=limits.result_retention_days) if limits.result_retention_days else DEFAULT_LINK_LIFETIME
     return limits.downloads, retention
 

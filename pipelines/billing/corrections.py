@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from pipelines.accounts import UnknownAccountError
+from pipelines.billing.history import DATED_TERMS, account_history, record_term_change
 from pipelines.billing.invoicing import BillingError, InvoiceView, invoice_view
 from pipelines.billing.models import BillingTerms, CreditNote, Dispute, Invoice, Payment
 from pipelines.billing.money import format_money, round_half_up
@@ -210,7 +211,11 @@ def list_invoices(catalog: Catalog, period: str | None = None, account_id: str |
 
 @dataclass(frozen=True)
 class TermsUpdate:
-    """Changes to an account's billing terms; None leaves a field as it is."""
+    """Changes to an account's billing terms; None leaves a field as it is.
+
+    Everything but `ended_on` is dated: in force from `effective_on` (default: the first month not
+    invoiced yet), so a month is charged by the days each value was agreed.
+    """
 
     seats: int | None = None
     extra_storage_gb: int | None = None
@@ -218,10 +223,15 @@ class TermsUpdate:
     price_per_million_points: Decimal | None = None
     monthly_points_cap: int | None = None
     ended_on: date | None = None
+    tax_rate: Decimal | None = None
+    tax_exempt: bool | None = None
+    exempt_until: date | None = None
+    effective_on: date | None = None
 
 
 def set_billing_terms(catalog: Catalog, account_id: str, update: TermsUpdate) -> dict[str, Any]:
-    """Create or change an account's terms; they apply to invoices not yet issued."""
+    """Record a dated change of an account's terms (and/or its contract end); returns the terms as
+    they stand after every recorded change, and the date this change applies from."""
     for name in ("seats", "extra_storage_gb", "monthly_points_cap"):
         value = getattr(update, name)
         if value is not None and value < 0:
@@ -230,16 +240,28 @@ def set_billing_terms(catalog: Catalog, account_id: str, update: TermsUpdate) ->
         value = getattr(update, name)
         if value is not None and (not value.is_finite() or value < 0):
             raise BillingError(f"{name} must be a decimal >= 0")
+    if update.tax_rate is not None and not (update.tax_rate.is_finite() and Decimal("0") <= update.tax_rate < 1):
+        raise BillingError(f"tax_rate {update.tax_rate} must be a fraction between 0 and 1 (e.g. 0.19)")
     with catalog.session() as session:
-        if session.get(Account, account_id) is None:
+        account = session.get(Account, account_id)
+        if account is None:
             raise UnknownAccountError(account_id)
         terms = session.get(BillingTerms, account_id)
         if terms is None:
             terms = BillingTerms(account_id=account_id, seats=0, extra_storage_gb=0)
             session.add(terms)
-        for name, value in vars(update).items():
-            if value is not None:
-                setattr(terms, name, value)
+        dated = {name: getattr(update, name) for name in DATED_TERMS if getattr(update, name) is not None}
+        effective_on = None
+        history = account_history(session, account)
+        if dated:
+            effective_on, history = record_term_change(session, account, dated, update.effective_on)
+        if update.ended_on is not None:
+            terms.ended_on = update.ended_on
+        latest = history.on(date.max)
+        # The snapshot `billing terms` prints: every recorded change applied, whatever its date.
+        terms.seats, terms.extra_storage_gb = latest.seats, latest.extra_storage_gb
+        terms.monthly_fee, terms.price_per_million_points = latest.monthly_fee, latest.price_per_million_points
+        terms.monthly_points_cap = latest.monthly_points_cap
         session.flush()
         return {
             "account_id": account_id,
@@ -249,4 +271,8 @@ def set_billing_terms(catalog: Catalog, account_id: str, update: TermsUpdate) ->
             "price_per_million_points": None if terms.price_per_million_points is None else str(terms.price_per_million_points),
             "monthly_points_cap": terms.monthly_points_cap,
             "ended_on": None if terms.ended_on is None else terms.ended_on.isoformat(),
+            "tax_rate": str(latest.tax_rate),
+            "tax_exempt": latest.tax_exempt,
+            "exempt_until": None if latest.exempt_until is None else latest.exempt_until.isoformat(),
+            "effective_on": None if effective_on is None else effective_on.isoformat(),
         }

@@ -21,10 +21,12 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from pipelines.billing.history import histories
 from pipelines.billing.models import BillingRun, BillingTerms, CreditNote, Invoice, InvoiceLine, Outage, Payment
 from pipelines.billing.money import format_money, format_quantity, format_rate, round_half_up
 from pipelines.billing.periods import Period, add_months, months_between, start_of
-from pipelines.billing.pricebook import PriceBook
+from pipelines.billing.pricebook import PlanTerms, PriceBook
+from pipelines.billing.terms import Agreed, History, Parties, PlanStep, TaxRegime, TermStep
 from pipelines.billing.usage import billable_points_by_account
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account, BillingCycle
@@ -47,6 +49,9 @@ class Line:
     amount: Decimal
     # Late fees and carried-forward credit are not supplies: tax is computed without them.
     taxable: bool
+    # The VAT of this line: rate applied and EN 16931 category (None: the invoice's rate applies).
+    tax_rate: Decimal | None = None
+    tax_category: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,7 +67,8 @@ class Line:
 
 @dataclass(frozen=True)
 class AccountFacts:
-    """What an invoice depends on about the account and its agreed extras."""
+    """What an invoice depends on about the account: its terms when it started (or, for accounts
+    without dated changes, throughout) and its dated plan and term changes."""
 
     account_id: str
     country: str
@@ -76,6 +82,17 @@ class AccountFacts:
     custom_monthly_fee: Decimal | None = None
     custom_price_per_million_points: Decimal | None = None
     ended_on: date | None = None
+    vat_id: str | None = None
+    plan_steps: tuple[PlanStep, ...] = ()
+    term_steps: tuple[TermStep, ...] = ()
+
+    def history(self) -> History:
+        base = Agreed(
+            plan=self.plan, billing_cycle=self.billing_cycle, plan_since=self.started_at, seats=self.seats,
+            extra_storage_gb=self.extra_storage_gb, monthly_fee=self.custom_monthly_fee,
+            price_per_million_points=self.custom_price_per_million_points, tax_rate=self.tax_rate, tax_exempt=self.tax_exempt,
+        )  # fmt: skip
+        return History(base, self.plan_steps, self.term_steps)
 
 
 @dataclass(frozen=True)
@@ -178,6 +195,50 @@ def availability_percent(outages: Sequence[tuple[datetime, datetime]], period: P
     return 100 * (month_minutes - outage_minutes) / month_minutes
 
 
+def tax_by_rate(lines: Sequence[Line]) -> dict[Decimal, tuple[Decimal, Decimal]]:
+    """Per VAT rate: the taxable base and its tax, rounded half-up once per rate."""
+    bases: dict[Decimal, Decimal] = defaultdict(lambda: ZERO)
+    for line in lines:
+        if line.taxable:
+            bases[line.tax_rate or Decimal("0")] += line.amount
+    return {rate: (base, round_half_up(Fraction(base) * Fraction(rate))) for rate, base in bases.items()}
+
+
+@dataclass
+class _Month:
+    """One account's month being drafted: where its terms change, and the lines so far."""
+
+    pricebook: PriceBook
+    period: Period
+    account: AccountFacts
+    history: History
+    parties: Parties
+    first: date
+    last: date
+    lines: list[Line]
+    # The month's net subscription fee per VAT regime, which an availability credit refers to.
+    month_fees: dict[TaxRegime, Decimal]
+
+    @property
+    def active(self) -> bool:
+        return self.first <= self.last
+
+    def regime(self, day: date) -> TaxRegime:
+        return self.parties.regime(self.history.on(day), day)
+
+    def add(self, kind: str, description: str, quantity: Decimal, unit_price: Decimal, amount: Decimal, regime: TaxRegime) -> None:
+        self.lines.append(Line(kind, description, quantity, unit_price, amount, True, regime.rate, regime.category))
+
+    def days_note(self, start: date, end: date, with_start: bool) -> str:
+        """Nothing for the whole month; else how many days, and which."""
+        days = (end - start).days + 1
+        if days == self.period.days:
+            return ""
+        if start == self.first and end == self.last:
+            return f", {days} of {self.period.days} days" + (f" from {start.isoformat()}" if with_start else "")
+        return f", {days} of {self.period.days} days, {start.isoformat()} to {end.isoformat()}"
+
+
 def draft_invoice(
     pricebook: PriceBook,
     period: Period,
@@ -187,21 +248,25 @@ def draft_invoice(
     ledger: Ledger,
 ) -> Draft | None:
     """The invoice of `account` for `period`, or None when there is nothing to charge or credit."""
-    lines: list[Line] = []
-    first = max(account.started_at, period.first_day)
-    last = min(account.ended_on or period.last_day, period.last_day)
-    active_days = (last - first).days + 1 if first <= last else 0
+    history = account.history()
+    month = _Month(
+        pricebook, period, account, history, Parties(pricebook.seller_country, account.country, account.vat_id),
+        first=max(account.started_at, period.first_day), last=min(account.ended_on or period.last_day, period.last_day),
+        lines=[], month_fees=defaultdict(lambda: ZERO),
+    )  # fmt: skip
+    if month.active:
+        _subscription_lines(month)
+        _prepaid_refunds(month)
+        _recurring_extras(month)
+    _usage_lines(month, usage)
+    _availability_credit(month, availability)
+    _late_fee(pricebook, account, ledger, month.lines)
+    lines = month.lines
 
-    month_fee = _subscription_lines(pricebook, period, account, first, active_days, lines)
-    if active_days:
-        _recurring_extras(pricebook, period, account, first, active_days, lines)
-    _usage_lines(pricebook, account, usage, lines)
-    _availability_credit(pricebook, period, availability, month_fee, lines)
-    _late_fee(pricebook, account, ledger, lines)
-
-    tax_rate = Decimal("0") if account.tax_exempt else account.tax_rate
+    closing_day = month.last if month.active else period.last_day
+    tax_rate = month.regime(closing_day).rate
     taxable_subtotal = sum((line.amount for line in lines if line.taxable), ZERO)
-    tax = round_half_up(Fraction(taxable_subtotal) * Fraction(tax_rate))
+    tax = sum((tax for _, tax in tax_by_rate(lines).values()), ZERO)
     gross = sum((line.amount for line in lines), ZERO) + tax
     credit_applied = min(ledger.credit, gross) if gross > 0 else ZERO
     if credit_applied > 0:
@@ -219,105 +284,167 @@ def _plan_name(plan: str) -> str:
     return plan.replace("_", " ").capitalize()
 
 
-def _subscription_lines(
-    pricebook: PriceBook, period: Period, account: AccountFacts, first: date, active_days: int, lines: list[Line]
-) -> Decimal:
-    """Add the subscription (and discount) lines; return the month's net fee for availability credit."""
-    if not active_days:
-        return ZERO
-    months = CYCLE_MONTHS[account.billing_cycle]
-    share = Fraction(active_days, period.days)
-    if months == 1:
-        # The cycle is the calendar month, so its price is the one in force on its first active day.
-        terms = pricebook.terms(account.plan, first)
-        fee = account.custom_monthly_fee if account.custom_monthly_fee is not None else terms.monthly_fee
-        amount = prorate(fee, active_days, period.days)
-        if amount:
-            days = "" if active_days == period.days else f", {active_days} of {period.days} days from {first.isoformat()}"
-            lines.append(Line("subscription", f"{_plan_name(account.plan)} plan, {period}{days}",
-                              round_half_up(share, 4), fee, amount, taxable=True))  # fmt: skip
-            _discount_line(terms.discount, amount, lines)
-        return amount - round_half_up(Fraction(amount) * Fraction(terms.discount))
+def _merged(pieces: list[tuple[date, date, Agreed]], key) -> list[tuple[date, date, Agreed]]:
+    """Adjacent pieces that agree on `key` joined into one."""
+    merged: list[tuple[date, date, Agreed]] = []
+    for start, end, agreed in pieces:
+        if merged and key(merged[-1][0], merged[-1][2]) == key(start, agreed):
+            merged[-1] = (merged[-1][0], end, merged[-1][2])
+        else:
+            merged.append((start, end, agreed))
+    return merged
 
-    # Quarterly and yearly cycles run from the start date's anniversaries and are invoiced in full,
-    # in advance, on the invoice of the month the cycle starts in, at the price in force that day.
-    elapsed = months_between(account.started_at, period.first_day)
-    cycle_start = add_months(account.started_at, (elapsed // months) * months)
-    terms = pricebook.terms(account.plan, cycle_start)
-    fee = account.custom_monthly_fee if account.custom_monthly_fee is not None else terms.monthly_fee
-    if elapsed % months == 0 and (account.ended_on is None or account.ended_on >= cycle_start):
-        amount = round_half_up(Fraction(fee) * months)
+
+def _cycle_start(anchor: date, months: int, month: Period) -> date:
+    """Start of the anchor's cycle that is running in (or starts in) `month`."""
+    elapsed = months_between(anchor, month.first_day)
+    return add_months(anchor, (elapsed // months) * months)
+
+
+def _subscription_lines(month: _Month) -> None:
+    """Per plan period in the month: the subscription (and discount) lines; also each piece's net
+    fee for the month, for the availability credit."""
+    period = month.period
+    pieces = _merged(
+        month.history.pieces(month.first, month.last),
+        lambda start, a: (a.plan, a.billing_cycle, a.plan_since, a.monthly_fee, month.regime(start)),
+    )
+    for start, end, agreed in pieces:
+        days = (end - start).days + 1
+        share = Fraction(days, period.days)
+        regime = month.regime(start)
+        months = CYCLE_MONTHS[agreed.billing_cycle]
+        if months == 1:
+            # The cycle is the calendar month (or the part of it on this plan), so its price is
+            # the one in force on its first day.
+            terms = month.pricebook.terms(agreed.plan, max(month.first, agreed.plan_since))
+            fee = agreed.monthly_fee if agreed.monthly_fee is not None else terms.monthly_fee
+            amount = prorate(fee, days, period.days)
+            if amount:
+                month.add("subscription", f"{_plan_name(agreed.plan)} plan, {period}{month.days_note(start, end, True)}",
+                          round_half_up(share, 4), fee, amount, regime)  # fmt: skip
+                _discount_line(month, terms.discount, amount, regime)
+            month.month_fees[regime] += amount - round_half_up(Fraction(amount) * Fraction(terms.discount))
+            continue
+
+        # Quarterly and yearly cycles run from the plan period's start (the account's start or
+        # the plan change) and are invoiced in full, in advance, on the invoice of the month the
+        # cycle starts in, at the price in force that day.
+        cycle_start = _cycle_start(agreed.plan_since, months, period)
+        fee, terms = _cycle_fee(month.pricebook, agreed.plan, agreed.monthly_fee, cycle_start)
+        if months_between(agreed.plan_since, period.first_day) % months == 0 and start <= cycle_start <= end:
+            amount = round_half_up(Fraction(fee) * months)
+            cycle_end = add_months(cycle_start, months) - timedelta(days=1)
+            if amount:
+                month.add("subscription", f"{_plan_name(agreed.plan)} plan, {agreed.billing_cycle} "
+                          f"{cycle_start.isoformat()} to {cycle_end.isoformat()}, in advance", Decimal(months), fee, amount,
+                          month.regime(cycle_start))  # fmt: skip
+                _discount_line(month, terms.discount, amount, month.regime(cycle_start))
+        # The month's share of the cycle's fee, which an availability credit refers to.
+        month.month_fees[regime] += round_half_up(Fraction(fee) * (1 - Fraction(terms.discount)) * share)
+
+
+def _cycle_fee(pricebook: PriceBook, plan: str, custom: Decimal | None, cycle_start: date) -> tuple[Decimal, PlanTerms]:
+    """A prepaid cycle's monthly fee: agreed, else the plan's on the day the cycle starts."""
+    terms = pricebook.terms(plan, cycle_start)
+    return (custom if custom is not None else terms.monthly_fee), terms
+
+
+def _prepaid_refunds(month: _Month) -> None:
+    """A plan change inside a prepaid quarterly or yearly cycle: the unused days are refunded only
+    where the price book says so (refund_unused_prepaid)."""
+    if not month.pricebook.refund_unused_prepaid:
+        return
+    for step in month.history.plan_steps:
+        change = step.effective_on
+        if not (month.first < change <= month.last) or change <= month.account.started_at:
+            continue
+        before = month.history.on(change - timedelta(days=1))
+        months = CYCLE_MONTHS[before.billing_cycle]
+        if months == 1:
+            continue
+        cycle_start = _cycle_start(before.plan_since, months, Period.of(change - timedelta(days=1)))
+        if cycle_start >= change:
+            cycle_start = add_months(cycle_start, -months)
         cycle_end = add_months(cycle_start, months) - timedelta(days=1)
-        if amount:
-            lines.append(Line("subscription", f"{_plan_name(account.plan)} plan, {account.billing_cycle} "
-                              f"{cycle_start.isoformat()} to {cycle_end.isoformat()}, in advance",
-                              Decimal(months), fee, amount, taxable=True))  # fmt: skip
-            _discount_line(terms.discount, amount, lines)
-    # The month's share of the cycle's fee, which an availability credit refers to.
-    return round_half_up(Fraction(fee) * (1 - Fraction(terms.discount)) * share)
+        if change > cycle_end or cycle_start < before.plan_since:
+            continue
+        fee, terms = _cycle_fee(month.pricebook, before.plan, month.history.on(cycle_start).monthly_fee, cycle_start)
+        charged = round_half_up(Fraction(fee) * months)
+        net = charged - round_half_up(Fraction(charged) * Fraction(terms.discount))
+        unused = (cycle_end - change).days + 1
+        cycle_days = (cycle_end - cycle_start).days + 1
+        refund = round_half_up(Fraction(net) * unused / cycle_days)
+        if refund:
+            month.add("prepaid_refund", f"Refund of the unused {_plan_name(before.plan).lower()} plan {before.billing_cycle} "
+                      f"{cycle_start.isoformat()} to {cycle_end.isoformat()}: {unused} of {cycle_days} days from {change.isoformat()}",
+                      round_half_up(Fraction(unused, cycle_days), 4), -net, -refund, month.regime(cycle_start))  # fmt: skip
 
 
-def _discount_line(discount: Decimal, amount: Decimal, lines: list[Line]) -> None:
+def _discount_line(month: _Month, discount: Decimal, amount: Decimal, regime: TaxRegime) -> None:
     if discount and amount:
-        lines.append(Line("discount", f"Data-sharing discount {format_quantity(discount * 100)} %",
-                          discount, -amount, -round_half_up(Fraction(amount) * Fraction(discount)), taxable=True))  # fmt: skip
+        month.add("discount", f"Data-sharing discount {format_quantity(discount * 100)} %", discount, -amount,
+                  -round_half_up(Fraction(amount) * Fraction(discount)), regime)  # fmt: skip
 
 
-def _recurring_extras(
-    pricebook: PriceBook, period: Period, account: AccountFacts, first: date, active_days: int, lines: list[Line]
-) -> None:
-    """Seats and extra storage: monthly, prorated by active days like a monthly subscription."""
-    terms = pricebook.terms(account.plan, first)
-    share = Fraction(active_days, period.days)
+def _recurring_extras(month: _Month) -> None:
+    """Seats and extra storage: monthly, charged by the days each count was agreed."""
+    period = month.period
     extras = (
-        ("seats", account.seats, terms.seat_fee, f"User seats ({account.seats}), {period}"),
-        ("extra_storage", account.extra_storage_gb, terms.extra_storage_fee_per_gb,
-         f"Extra storage {account.extra_storage_gb} GB, {period}"),
+        ("seats", lambda a: a.seats, lambda t: t.seat_fee, lambda n: f"User seats ({n}), {period}"),
+        ("extra_storage", lambda a: a.extra_storage_gb, lambda t: t.extra_storage_fee_per_gb, lambda n: f"Extra storage {n} GB, {period}"),
     )  # fmt: skip
-    for kind, count, price, description in extras:
-        if count and price:
-            if active_days != period.days:
-                description += f", {active_days} of {period.days} days"
-            amount = round_half_up(Fraction(price) * count * share)
-            lines.append(Line(kind, description, round_half_up(count * share, 4), price, amount, taxable=True))
+    for kind, count_of, price_of, describe in extras:
+
+        def price(agreed: Agreed) -> Decimal:
+            return price_of(month.pricebook.terms(agreed.plan, max(month.first, agreed.plan_since)))
+
+        pieces = _merged(month.history.pieces(month.first, month.last),
+                         lambda start, a: (count_of(a), price(a), month.regime(start)))  # fmt: skip
+        for start, end, agreed in pieces:
+            count, unit = count_of(agreed), price(agreed)
+            if count and unit:
+                share = Fraction((end - start).days + 1, period.days)
+                month.add(kind, describe(count) + month.days_note(start, end, False), round_half_up(count * share, 4), unit,
+                          round_half_up(Fraction(unit) * count * share), month.regime(start))  # fmt: skip
 
 
-def _usage_lines(pricebook: PriceBook, account: AccountFacts, usage: Sequence[UsageSlice], lines: list[Line]) -> None:
-    """One line per price in force during the month; each slice is priced at its own date's price."""
-    priced: list[tuple[Decimal, UsageSlice]] = []
+def _usage_lines(month: _Month, usage: Sequence[UsageSlice]) -> None:
+    """One line per price (and VAT) in force during the month; each slice priced at its own date."""
+    priced: list[tuple[Decimal, TaxRegime, UsageSlice]] = []
     for piece in usage:
-        price = account.custom_price_per_million_points
+        agreed = month.history.on(piece.first_day)
+        price = agreed.price_per_million_points
         if price is None:
-            price = pricebook.terms(account.plan, piece.first_day).price_per_million_points
+            price = month.pricebook.terms(agreed.plan, piece.first_day).price_per_million_points
         if price is None or not piece.points:
             continue
-        if priced and priced[-1][0] == price and priced[-1][1].last_day + timedelta(days=1) == piece.first_day:
-            previous = priced[-1][1]
-            piece = UsageSlice(previous.first_day, piece.last_day, previous.points + piece.points)
-            priced[-1] = (price, piece)
+        regime = month.regime(piece.first_day)
+        if priced and priced[-1][:2] == (price, regime) and priced[-1][2].last_day + timedelta(days=1) == piece.first_day:
+            previous = priced[-1][2]
+            priced[-1] = (price, regime, UsageSlice(previous.first_day, piece.last_day, previous.points + piece.points))
         else:
-            priced.append((price, piece))
-    for price, piece in priced:
+            priced.append((price, regime, piece))
+    for price, regime, piece in priced:
         millions = Decimal(piece.points).scaleb(-6)
-        lines.append(
-            Line("usage", f"Classification, {piece.points:,} points, {piece.first_day.isoformat()} to "
-                 f"{piece.last_day.isoformat()}, per million points", millions, price,
-                 round_half_up(Fraction(millions) * Fraction(price)), taxable=True)  # fmt: skip
-        )
+        month.add("usage", f"Classification, {piece.points:,} points, {piece.first_day.isoformat()} to "
+                  f"{piece.last_day.isoformat()}, per million points", millions, price,
+                  round_half_up(Fraction(millions) * Fraction(price)), regime)  # fmt: skip
 
 
-def _availability_credit(pricebook: PriceBook, period: Period, availability: Fraction, month_fee: Decimal, lines: list[Line]) -> None:
-    target = Fraction(pricebook.availability_target_percent)
-    if availability >= target or month_fee <= 0:
+def _availability_credit(month: _Month, availability: Fraction) -> None:
+    target = Fraction(month.pricebook.availability_target_percent)
+    if availability >= target:
         return
     shortfall = (target - availability) / 100
-    # Credited pro rata to the shortfall, never more than the month's fee.
-    credit = min(month_fee, round_half_up(Fraction(month_fee) * shortfall))
-    lines.append(
-        Line("availability_credit", f"Availability credit: {round_half_up(availability, 3)} % in {period}, "
-             f"target {pricebook.availability_target_percent} %", round_half_up(shortfall, 6), -month_fee, -credit,
-             taxable=True)  # fmt: skip
-    )
+    for regime, fee in month.month_fees.items():
+        if fee <= 0:
+            continue
+        # Credited pro rata to the shortfall, never more than the month's fee.
+        credit = min(fee, round_half_up(Fraction(fee) * shortfall))
+        month.add("availability_credit", f"Availability credit: {round_half_up(availability, 3)} % in {month.period}, "
+                  f"target {month.pricebook.availability_target_percent} %", round_half_up(shortfall, 6), -fee, -credit,
+                  regime)  # fmt: skip
 
 
 def _late_fee(pricebook: PriceBook, account: AccountFacts, ledger: Ledger, lines: list[Line]) -> None:
@@ -368,7 +495,7 @@ def run_billing(catalog: Catalog, period: Period | str, pricebook: PriceBook, no
 
 def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> int:
     accounts = _accounts(session, period)
-    usage = _usage_slices(session, pricebook, period, {a.plan for a in accounts})
+    usage = _usage_slices(session, pricebook, period, accounts)
     availability = _availability(session, pricebook, period)
     issue_date = issue_date_of(period)
     ledgers = _ledgers(session, issue_date)
@@ -391,7 +518,8 @@ def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> 
         })  # fmt: skip
         line_rows.extend(
             {"invoice_number": number, "position": position, "kind": line.kind, "description": line.description,
-             "quantity": line.quantity, "unit_price": line.unit_price, "amount": line.amount, "taxable": line.taxable}
+             "quantity": line.quantity, "unit_price": line.unit_price, "amount": line.amount, "taxable": line.taxable,
+             "tax_rate": line.tax_rate, "tax_category": line.tax_category}
             for position, line in enumerate(draft.lines, start=1)
         )  # fmt: skip
     if invoice_rows:
@@ -402,33 +530,33 @@ def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> 
 
 def _accounts(session: Session, period: Period) -> list[AccountFacts]:
     rows = session.execute(
-        select(Account, BillingTerms)
+        select(Account, BillingTerms.ended_on)
         .outerjoin(BillingTerms, BillingTerms.account_id == Account.account_id)
         .where(Account.started_at <= period.last_day)
         .order_by(Account.account_id)
-    )
+    ).all()
+    found = histories(session, [account for account, _ in rows])
     facts = []
-    for account, terms in rows:
-        extras: dict[str, Any] = {}
-        if terms is not None:
-            extras = {
-                "seats": terms.seats, "extra_storage_gb": terms.extra_storage_gb,
-                "custom_monthly_fee": terms.monthly_fee, "custom_price_per_million_points": terms.price_per_million_points,
-                "ended_on": terms.ended_on,
-            }  # fmt: skip
-        if extras.get("ended_on") is not None and extras["ended_on"] < account.started_at:
+    for account, ended_on in rows:
+        if ended_on is not None and ended_on < account.started_at:
             continue
-        facts.append(AccountFacts(account.account_id, account.country, account.plan, account.billing_cycle,
-                                  account.started_at, account.tax_rate, account.tax_exempt, **extras))  # fmt: skip
+        history = found[account.account_id]
+        facts.append(AccountFacts(account.account_id, account.country, history.plan, history.billing_cycle, account.started_at,
+                                  account.tax_rate, account.tax_exempt, ended_on=ended_on, plan_steps=history.plan_steps,
+                                  term_steps=history.term_steps))  # fmt: skip
     return facts
 
 
-def _usage_slices(
-    session: Session, pricebook: PriceBook, period: Period, plans: set[str]
-) -> list[tuple[date, date, dict[str, int]]]:
-    """Billable points per account between the month's price-change dates, one query per slice."""
-    changes = sorted({d for plan in plans for d in pricebook.change_dates(plan, period.first_day, period.next().first_day)})
-    bounds = [period.first_day, *changes, period.next().first_day]
+def _usage_slices(session: Session, pricebook: PriceBook, period: Period, accounts: Sequence[AccountFacts]) -> list[tuple[date, date, dict[str, int]]]:
+    """Billable points per account between the days on which a price, a plan or a term changes,
+    one query per slice (at most one per day of the month)."""
+    next_month = period.next().first_day
+    plans = {a.plan for a in accounts} | {step.plan for a in accounts for step in a.plan_steps}
+    changes = {d for plan in plans for d in pricebook.change_dates(plan, period.first_day, next_month)}
+    for account in accounts:
+        if account.plan_steps or account.term_steps:
+            changes.update(account.history().boundaries(period.first_day, period.last_day))
+    bounds = [period.first_day, *sorted(changes), next_month]
     return [
         (start, end - timedelta(days=1), billable_points_by_account(session, start_of(start), start_of(end)))
         for start, end in pairwise(bounds)
@@ -493,7 +621,8 @@ def invoice_view(invoice: Invoice) -> InvoiceView:
         issue_date=invoice.issue_date,
         due_date=invoice.due_date,
         tax_rate=invoice.tax_rate,
-        lines=tuple(Line(l.kind, l.description, l.quantity, l.unit_price, l.amount, l.taxable) for l in invoice.lines),
+        lines=tuple(Line(l.kind, l.description, l.quantity, l.unit_price, l.amount, l.taxable, l.tax_rate, l.tax_category)
+                    for l in invoice.lines),
         subtotal=invoice.subtotal,
         tax=invoice.tax,
         total=invoice.total,

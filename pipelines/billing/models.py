@@ -1,7 +1,10 @@
-"""Billing tables: per-account terms, monthly runs, invoices and their lines, payments, outages,
-credit notes and disputes. Money and rates are `ExactDecimal`; instants are `UTCDateTime`.
+"""Billing tables: per-account terms and their dated history, plan changes, monthly runs, invoices
+and their lines, payments, outages, credit notes and disputes. Money and rates are `ExactDecimal`;
+instants are `UTCDateTime`.
 
-Issued invoices are never updated: corrections are credit notes that reference them.
+Issued invoices are never updated: corrections are credit notes that reference them. Plan and term
+changes are only ever added: what was known when a month was invoiced can always be told apart
+from what was learnt later.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pipelines.catalog.types import ExactDecimal, UTCDateTime
 
 
 class BillingTerms(Base):
-    """Per-account extras agreed beyond the plan: seats, extra storage, custom prices, contract end."""
+    """Per-account extras agreed beyond the plan, as they stand after every recorded change (what
+    `billing terms` prints), and the contract end. Invoicing reads the dated `TermChange` rows."""
 
     __tablename__ = "billing_terms"
 
@@ -30,6 +34,45 @@ class BillingTerms(Base):
     # Last day of service (inclusive); the subscription is prorated up to it.
     ended_on: Mapped[date | None] = mapped_column(Date, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class PlanChange(Base):
+    """A dated change of an account's plan (and billing cycle). `accounts.plan` holds the plan of the
+    latest change; `previous_*` hold what was in force before it, so the plan on any day is known
+    even for accounts whose first plan was never recorded here."""
+
+    __tablename__ = "plan_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id"), index=True)
+    # First day on the new plan (00:00 UTC): the change day belongs to the new plan.
+    effective_on: Mapped[date] = mapped_column(Date)
+    plan: Mapped[str] = mapped_column(String(32))
+    billing_cycle: Mapped[str] = mapped_column(String(16))
+    previous_plan: Mapped[str] = mapped_column(String(32))
+    previous_billing_cycle: Mapped[str] = mapped_column(String(16))
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TermChange(Base):
+    """A dated change of an account's agreed terms; fields left NULL keep their earlier value.
+    effective_on NULL: in force since the account started."""
+
+    __tablename__ = "term_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id"), index=True)
+    effective_on: Mapped[date | None] = mapped_column(Date, nullable=True)
+    seats: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    extra_storage_gb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    monthly_fee: Mapped[Decimal | None] = mapped_column(ExactDecimal, nullable=True)
+    price_per_million_points: Mapped[Decimal | None] = mapped_column(ExactDecimal, nullable=True)
+    monthly_points_cap: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    tax_rate: Mapped[Decimal | None] = mapped_column(ExactDecimal, nullable=True)
+    tax_exempt: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    # Last day the exemption is valid (inclusive); from the next day the rate applies.
+    exempt_until: Mapped[date | None] = mapped_column(Date, nullable=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class BillingRun(Base):
@@ -82,6 +125,10 @@ class InvoiceLine(Base):
     unit_price: Mapped[Decimal] = mapped_column(ExactDecimal)
     amount: Mapped[Decimal] = mapped_column(ExactDecimal)
     taxable: Mapped[bool] = mapped_column(Boolean)
+    # The line's own VAT: rate applied (0 when exempt) and EN 16931 category (S, Z, E, AE, O).
+    # NULL on lines issued before rates could change within a month: the invoice's rate applies.
+    tax_rate: Mapped[Decimal | None] = mapped_column(ExactDecimal, nullable=True)
+    tax_category: Mapped[str | None] = mapped_column(String(2), nullable=True)
 
 
 class Payment(Base):

@@ -61,6 +61,31 @@ _PLAN_FIELDS = _MONEY_FIELDS | _INT_FIELDS | _BOOL_FIELDS
 
 
 @dataclass(frozen=True)
+class Seller:
+    """Who issues the invoices, as an invoice must name them (EU VAT Directive, Art. 226)."""
+
+    name: str
+    street: str
+    postcode: str
+    city: str
+    country: str
+    vat_id: str
+    email: str | None = None
+    registration: str | None = None  # e.g. the commercial register entry
+    bank: str | None = None
+    iban: str | None = None
+    bic: str | None = None
+
+    @property
+    def address_lines(self) -> tuple[str, ...]:
+        return (self.street, f"{self.postcode} {self.city}".strip(), self.country)
+
+
+_SELLER_REQUIRED = ("name", "street", "postcode", "city", "country", "vat_id")
+_SELLER_OPTIONAL = ("email", "registration", "bank", "iban", "bic")
+
+
+@dataclass(frozen=True)
 class PriceBook:
     currency: str
     invoice_prefix: str
@@ -75,6 +100,14 @@ class PriceBook:
     plans: Mapping[str, tuple[PlanTerms, ...]]
     source: str
     sha256: str
+    # Whether a plan change inside a prepaid quarterly/yearly cycle refunds its unused days.
+    refund_unused_prepaid: bool = False
+    # None until the operator names itself: documents then say they are not valid tax invoices.
+    seller: Seller | None = None
+
+    @property
+    def seller_country(self) -> str | None:
+        return self.seller.country if self.seller else None
 
     def terms(self, plan: str, on: date) -> PlanTerms:
         """The plan's values in force on `on` (never a later version: no retroactive prices)."""
@@ -142,7 +175,7 @@ def parse_pricebook(text: str, source: str) -> PriceBook:
     known = {
         "currency", "invoice_prefix", "payment_terms_days", "late_fee_monthly_rate", "late_fee_legal_max_monthly_rate",
         "availability_target_percent", "maintenance_notice_hours", "dispute_window_days",
-        "billing_error_dispute_window_days", "plans",
+        "billing_error_dispute_window_days", "plans", "refund_unused_prepaid", "seller",
     }  # fmt: skip
     unknown = sorted(set(data) - known)
     if unknown:
@@ -160,7 +193,25 @@ def parse_pricebook(text: str, source: str) -> PriceBook:
         plans={str(name): _plan_versions(reader, str(name), spec) for name, spec in plans_data.items()},
         source=source,
         sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        refund_unused_prepaid=reader.boolean(data, "refund_unused_prepaid", False),
+        seller=_seller(reader, data.get("seller")),
     )
+
+
+def _seller(reader: _Reader, spec: Any) -> Seller | None:
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise PriceBookError(f"{reader.source}: seller must be a mapping ({', '.join(_SELLER_REQUIRED)}, ...)")
+    unknown = sorted(set(spec) - set(_SELLER_REQUIRED) - set(_SELLER_OPTIONAL))
+    if unknown:
+        raise PriceBookError(f"{reader.source}: seller: unknown field(s) {', '.join(unknown)}")
+    values = {key: reader.text(spec, key, where=f"seller.{key}") for key in _SELLER_REQUIRED}
+    values |= {key: reader.text(spec, key, where=f"seller.{key}") for key in _SELLER_OPTIONAL if spec.get(key) is not None}
+    country = values["country"].upper()
+    if len(country) != 2 or not country.isalpha():
+        raise PriceBookError(f"{reader.source}: seller.country: {values['country']!r} is not a two-letter ISO code")
+    return Seller(**{**values, "country": country, "vat_id": values["vat_id"].replace(" ", "").upper()})
 
 
 def _plan_versions(reader: _Reader, name: str, spec: Any) -> tuple[PlanTerms, ...]:
@@ -195,11 +246,19 @@ class _Reader:
     def fail(self, where: str, message: str) -> PriceBookError:
         return PriceBookError(f"{self.source}: {where}: {message}")
 
-    def text(self, data: Mapping[str, Any], key: str, default: str | None = None) -> str:
+    def text(self, data: Mapping[str, Any], key: str, default: str | None = None, where: str | None = None) -> str:
         value = data.get(key, default)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # a postcode written without quotes
         if not isinstance(value, str) or not value.strip():
-            raise self.fail(key, "must be a non-empty text")
+            raise self.fail(where or key, "must be a non-empty text")
         return value.strip()
+
+    def boolean(self, data: Mapping[str, Any], key: str, default: bool) -> bool:
+        value = data.get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(key, "must be true or false")
+        return value
 
     def integer(self, data: Mapping[str, Any], key: str, default: int | None = None, where: str | None = None) -> int:
         value = data.get(key, default)

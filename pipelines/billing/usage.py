@@ -10,11 +10,11 @@ from sqlalchemy import Date, cast, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from pipelines.billing.models import BillingTerms
+from pipelines.billing.history import account_limits
 from pipelines.billing.periods import Period, start_of
-from pipelines.billing.pricebook import PriceBook, plan_limits
+from pipelines.billing.pricebook import PriceBook
 from pipelines.catalog import Catalog, CatalogError
-from pipelines.catalog.models import Account, UsageEvent
+from pipelines.catalog.models import UsageEvent
 
 # A failed job's points are not billed; an aborted job's points were processed and are billed.
 BILLABLE_STATUSES = ("succeeded", "aborted")
@@ -58,15 +58,8 @@ def points_used_in_month(catalog: Catalog, account_id: str, month: date | str) -
 
 
 def monthly_points_cap(catalog: Catalog, pricebook: PriceBook, account_id: str, on: date) -> int | None:
-    """The account's cap on `on`: an agreed cap in its billing terms, else its plan's; None = no cap."""
-    with catalog.session() as session:
-        account = session.get(Account, account_id)
-        if account is None:
-            raise CatalogError(f"unknown account {account_id!r}")
-        terms = session.get(BillingTerms, account_id)
-        agreed = terms.monthly_points_cap if terms is not None else None
-        plan = account.plan
-    return agreed if agreed is not None else plan_limits(pricebook, plan, on).monthly_points_cap
+    """The account's cap on `on`: a cap agreed in its terms then, else its plan's then; None = no cap."""
+    return account_limits(catalog, pricebook, account_id, on)[1].monthly_points_cap
 
 
 def check_points_admission(catalog: Catalog, pricebook: PriceBook, account_id: str, points: int, at: datetime) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 from pipelines.accounts import make_record, read_accounts_csv, upsert_accounts
@@ -20,9 +20,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="upsert accounts from a CSV file",
         description=(
             "Insert or update accounts from CSV with columns account_id,name,email,country,plan,started_at,"
-            "tax_rate,tax_exempt,last_login_at (optional: billing_cycle = monthly|quarterly|yearly). "
-            "All rows are checked first; if any is bad, each bad row is reported with its line number and "
-            "nothing is imported."
+            "tax_rate,tax_exempt,last_login_at (optional: billing_cycle = monthly|quarterly|yearly; "
+            "plan_effective = the ISO date a changed plan or cycle takes effect, default today UTC). "
+            "An account whose plan or cycle differs gets a dated plan change, as with 'accounts change-plan': "
+            "the months before keep the old plan. All rows are checked first; if any is bad, each bad row is "
+            "reported with its line number and nothing is imported."
         ),
     )
     importer.add_argument("file", type=Path, help="CSV file")
@@ -38,7 +40,32 @@ def register(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--tax-rate", default="0", help="VAT rate as a fraction, e.g. 0.19 (default 0)")
     add.add_argument("--tax-exempt", action="store_true", help="the account holds a valid tax exemption")
     add.add_argument("--billing-cycle", default=BillingCycle.MONTHLY.value, choices=[c.value for c in BillingCycle])
+    add.add_argument("--plan-effective", type=date.fromisoformat, default=None, metavar="DATE",
+                     help="for an existing account whose plan or cycle changes: the ISO date it takes effect (default: today, UTC)")  # fmt: skip
     add.set_defaults(handler=_add)
+
+    change = sub.add_parser(
+        "change-plan",
+        help="record a dated plan change (upgrade, downgrade, trial conversion)",
+        description=(
+            "Record that the account moves to PLAN from --effective (00:00 UTC; the change day belongs to "
+            "the new plan). Monthly invoices charge each plan for its own days; a quarterly or yearly plan "
+            "starts a new cycle on that day, invoiced in full in that month; the unused part of a prepaid "
+            "cycle is refunded only if the price book says refund_unused_prepaid: true. The new plan's "
+            "limits (storage, files, points) apply to uploads from that day. A date in a month that is "
+            "already invoiced is refused (issued invoices are never edited: use 'pointflow invoices credit'). "
+            "PLAN may be any plan of the price book."
+        ),
+    )
+    change.add_argument("account_id", metavar="ACCOUNT")
+    change.add_argument("--plan", required=True, help="the new plan, as named in the price book")
+    change.add_argument("--effective", required=True, type=date.fromisoformat, metavar="DATE", help="ISO date of the first day on the new plan")
+    change.add_argument("--billing-cycle", choices=[c.value for c in BillingCycle], default=None,
+                        help="the new billing cycle (default: keep the current one)")  # fmt: skip
+    change.add_argument("--pricebook", type=Path, default=None, metavar="FILE",
+                        help="price book YAML (default: $POINTFLOW_PRICEBOOK, else the one shipped with pointflow)")  # fmt: skip
+    change.add_argument("--json", action="store_true", help="print the change as JSON")
+    change.set_defaults(handler=_change_plan)
     _register_lifecycle(sub)
 
 
@@ -62,10 +89,31 @@ def _add(args: argparse.Namespace) -> int:
             "tax_exempt": "true" if args.tax_exempt else "false",
             "last_login_at": "",
             "billing_cycle": args.billing_cycle,
+            "plan_effective": args.plan_effective.isoformat() if args.plan_effective else "",
         }
     )
     result = upsert_accounts(open_catalog(settings_from_env()), [record])
     print(f"account {record.account_id} {'created' if result.created else 'updated'}")
+    return 0
+
+
+def _change_plan(args: argparse.Namespace) -> int:
+    from pipelines.billing.history import record_plan_change
+    from pipelines.billing.pricebook import load_pricebook
+    from pipelines.cli.common import print_json
+
+    settings = settings_from_env()
+    pricebook = load_pricebook(args.pricebook or settings.pricebook_path)
+    change = record_plan_change(open_catalog(settings), pricebook, args.account_id, args.plan, args.effective, args.billing_cycle)
+    if args.json:
+        print_json(change.to_dict())
+    elif change.recorded:
+        print(f"account {change.account_id}: {change.previous_plan} ({change.previous_billing_cycle}) until "
+              f"{(change.effective_on - timedelta(days=1)).isoformat()}, "
+              f"{change.plan} ({change.billing_cycle}) from {change.effective_on.isoformat()}")  # fmt: skip
+    else:
+        print(f"account {change.account_id} is already on {change.plan} ({change.billing_cycle}) on "
+              f"{change.effective_on.isoformat()}: nothing recorded")  # fmt: skip
     return 0
 
 

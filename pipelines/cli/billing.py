@@ -227,8 +227,14 @@ def _register_billing(commands: argparse._SubParsersAction) -> None:
 
     terms = sub.add_parser(
         "terms",
-        help="set an account's seats, extra storage, agreed prices or contract end",
-        description="Create or change an account's billing terms; options not given stay as they are. They apply to months not yet invoiced.",
+        help="set an account's seats, extra storage, agreed prices, VAT or contract end, from a date",
+        description=(
+            "Record a dated change of an account's billing terms; options not given stay as they are. The "
+            "change is in force from --effective (00:00 UTC), by default from the first month not invoiced "
+            "yet; a month is charged by the days each value was in force. A date in a month already invoiced "
+            "is refused (issued invoices are never edited: use 'pointflow invoices credit'). --ended-on is "
+            "the contract end, not dated. Prints the terms after every recorded change."
+        ),
     )
     terms.add_argument("account_id")
     terms.add_argument("--seats", type=int, help="user IDs in the account, billed per seat and month")
@@ -237,6 +243,13 @@ def _register_billing(commands: argparse._SubParsersAction) -> None:
     terms.add_argument("--price-per-million-points", type=_decimal, help="agreed usage price instead of the plan's")
     terms.add_argument("--monthly-points-cap", type=int, help="agreed monthly points cap instead of the plan's")
     terms.add_argument("--ended-on", type=_day, help="last day of service (inclusive); the last month is prorated")
+    terms.add_argument("--tax-rate", type=_decimal, help="VAT rate as a fraction, e.g. 0.19, from --effective")
+    exempt = terms.add_mutually_exclusive_group()
+    exempt.add_argument("--tax-exempt", dest="tax_exempt", action="store_const", const=True, default=None,
+                        help="the account holds a VAT exemption from --effective (reverse charge for an EU business with a VAT ID)")  # fmt: skip
+    exempt.add_argument("--no-tax-exempt", dest="tax_exempt", action="store_const", const=False, help="the exemption ends: VAT from --effective")
+    terms.add_argument("--exempt-until", type=_day, help="last day the exemption is valid (implies --tax-exempt); VAT from the day after")
+    terms.add_argument("--effective", type=_day, help="first day the change is in force (default: the first month not invoiced yet)")
     terms.set_defaults(handler=_billing_terms)
 
 
@@ -350,6 +363,10 @@ def _billing_terms(args: argparse.Namespace) -> int:
         price_per_million_points=args.price_per_million_points,
         monthly_points_cap=args.monthly_points_cap,
         ended_on=args.ended_on,
+        tax_rate=args.tax_rate,
+        tax_exempt=args.tax_exempt,
+        exempt_until=args.exempt_until,
+        effective_on=args.effective,
     )
     print_json(set_billing_terms(open_catalog(settings_from_env()), args.account_id, update))
     return 0

@@ -1,0 +1,201 @@
+"""Dated plan and term changes in the catalog: recording them, and reading what an account had
+agreed on a day (for invoicing, and for admission, which applies a plan's limits from its date).
+
+Changes are only ever added. A change dated in a month that is already invoiced is refused: an
+issued invoice is never edited, and the correction belongs on a credit note.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from datetime import date, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from pipelines.accounts import UnknownAccountError
+from pipelines.billing.models import BillingRun, PlanChange, TermChange
+from pipelines.billing.periods import Period
+from pipelines.billing.pricebook import PlanLimits, PriceBook, plan_limits
+from pipelines.billing.terms import Agreed, History, PlanStep, TermStep, ordered_plan_steps, ordered_term_steps
+from pipelines.catalog import Catalog
+from pipelines.catalog.models import Account, BillingCycle
+
+
+class ChangeRefused(ValueError):
+    """A plan or term change that cannot be recorded as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class PlanChangeView:
+    account_id: str
+    effective_on: date
+    plan: str
+    billing_cycle: str
+    previous_plan: str
+    previous_billing_cycle: str
+    # False when the account was already on this plan and cycle from that day: nothing recorded.
+    recorded: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "effective_on": self.effective_on.isoformat()}
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def last_invoiced_period(session: Session) -> Period | None:
+    label = session.scalar(select(func.max(BillingRun.period)))
+    return None if label is None else Period.parse(label)
+
+
+def first_open_day(session: Session) -> date | None:
+    """The first day of the first month after the latest invoiced one; None if none is invoiced."""
+    last = last_invoiced_period(session)
+    return None if last is None else last.next().first_day
+
+
+def _plan_steps(session: Session, account_ids: Iterable[str] | None) -> dict[str, list[PlanChange]]:
+    query = select(PlanChange)
+    if account_ids is not None:
+        query = query.where(PlanChange.account_id.in_(list(account_ids)))
+    found: dict[str, list[PlanChange]] = defaultdict(list)
+    for change in session.scalars(query.order_by(PlanChange.effective_on, PlanChange.id)):
+        found[change.account_id].append(change)
+    return found
+
+
+def _term_steps(session: Session, account_ids: Iterable[str] | None) -> dict[str, list[tuple[int, TermStep]]]:
+    query = select(TermChange)
+    if account_ids is not None:
+        query = query.where(TermChange.account_id.in_(list(account_ids)))
+    found: dict[str, list[tuple[int, TermStep]]] = defaultdict(list)
+    names = [f.name for f in fields(TermStep)]
+    for change in session.scalars(query):
+        found[change.account_id].append((change.id, TermStep(**{name: getattr(change, name) for name in names})))
+    return found
+
+
+@dataclass(frozen=True)
+class AccountHistory:
+    """An account's first plan and cycle, and its dated plan and term changes."""
+
+    plan: str
+    billing_cycle: str
+    plan_steps: tuple[PlanStep, ...]
+    term_steps: tuple[TermStep, ...]
+
+
+def histories(session: Session, accounts: Iterable[Account]) -> dict[str, AccountHistory]:
+    """Every given account's history, in two queries."""
+    accounts = list(accounts)
+    ids = None if len(accounts) > 500 else [a.account_id for a in accounts]
+    plans, terms = _plan_steps(session, ids), _term_steps(session, ids)
+    result = {}
+    for account in accounts:
+        changes = plans.get(account.account_id, [])
+        # Before its first recorded change the account was on that change's previous plan.
+        first = changes[0] if changes else None
+        plan, cycle = (first.previous_plan, first.previous_billing_cycle) if first else (account.plan, account.billing_cycle)
+        steps = ordered_plan_steps((c.id, PlanStep(c.effective_on, c.plan, c.billing_cycle)) for c in changes)
+        result[account.account_id] = AccountHistory(plan, cycle, steps, ordered_term_steps(terms.get(account.account_id, [])))
+    return result
+
+
+def account_history(session: Session, account: Account) -> History:
+    found = histories(session, [account])[account.account_id]
+    base = Agreed(plan=found.plan, billing_cycle=found.billing_cycle, plan_since=account.started_at,
+                  tax_rate=account.tax_rate, tax_exempt=account.tax_exempt)  # fmt: skip
+    return History(base, found.plan_steps, found.term_steps)
+
+
+def agreed_on(catalog: Catalog, account_id: str, day: date) -> Agreed:
+    """What the account had agreed on `day`: plan, cycle, seats, storage, prices, cap, VAT."""
+    with catalog.session() as session:
+        account = session.get(Account, account_id)
+        if account is None:
+            raise UnknownAccountError(account_id)
+        return account_history(session, account).on(day)
+
+
+def account_limits(catalog: Catalog, pricebook: PriceBook, account_id: str, day: date) -> tuple[str, PlanLimits]:
+    """The plan in force on `day` and the limits admission enforces then (an agreed points cap
+    replaces the plan's)."""
+    agreed = agreed_on(catalog, account_id, day)
+    limits = plan_limits(pricebook, agreed.plan, day)
+    if agreed.monthly_points_cap is not None:
+        limits = PlanLimits(**{**{f.name: getattr(limits, f.name) for f in fields(limits)}, "monthly_points_cap": agreed.monthly_points_cap})
+    return agreed.plan, limits
+
+
+# --- recording ------------------------------------------------------------------------------------
+
+
+def _refuse_if_invoiced(session: Session, effective_on: date, what: str) -> None:
+    last = last_invoiced_period(session)
+    if last is not None and effective_on <= last.last_day:
+        raise ChangeRefused(
+            f"{what} from {effective_on.isoformat()} reaches into {last}, which is invoiced, and an issued invoice is never edited: date it "
+            f"{last.next().first_day.isoformat()} or later, and correct the invoiced months with 'pointflow invoices credit'"
+        )
+
+
+def record_plan_change(
+    catalog: Catalog, pricebook: PriceBook | None, account_id: str, plan: str, effective_on: date, billing_cycle: str | None = None,
+    session: Session | None = None,
+) -> PlanChangeView:  # fmt: skip
+    """Record that the account is on `plan` from `effective_on` (00:00 UTC; that day is the new
+    plan's). The cycle stays as it is unless given. Recording the plan already in force from that
+    day records nothing. With a price book, a plan it does not list is refused."""
+    if pricebook is not None:
+        pricebook.terms(plan, effective_on)
+    if billing_cycle is not None and billing_cycle not in {c.value for c in BillingCycle}:
+        raise ChangeRefused(f"billing cycle {billing_cycle!r} is not one of {', '.join(c.value for c in BillingCycle)}")
+    if session is None:
+        with catalog.session() as own:
+            return record_plan_change(catalog, pricebook, account_id, plan, effective_on, billing_cycle, own)
+    account = session.get(Account, account_id)
+    if account is None:
+        raise UnknownAccountError(account_id)
+    history = account_history(session, account)
+    then = history.on(effective_on)
+    cycle = billing_cycle or then.billing_cycle
+    if (then.plan, then.billing_cycle) == (plan, cycle):
+        return PlanChangeView(account_id, effective_on, plan, cycle, then.plan, then.billing_cycle, recorded=False)
+    what = f"plan {plan} ({cycle}) for account {account_id}"
+    if effective_on <= account.started_at and not history.plan_steps:
+        # Nothing else was ever agreed: the account simply starts on this plan.
+        _refuse_if_invoiced(session, account.started_at, what)
+        account.plan, account.billing_cycle = plan, cycle
+        return PlanChangeView(account_id, effective_on, plan, cycle, then.plan, then.billing_cycle, recorded=True)
+    _refuse_if_invoiced(session, effective_on, what)
+    previous = history.on(effective_on - timedelta(days=1))
+    session.add(PlanChange(account_id=account_id, effective_on=effective_on, plan=plan, billing_cycle=cycle,
+                           previous_plan=previous.plan, previous_billing_cycle=previous.billing_cycle))  # fmt: skip
+    session.flush()
+    # accounts.plan is the plan of the latest change, whatever its date.
+    latest = account_history(session, account).on(date.max)
+    account.plan, account.billing_cycle = latest.plan, latest.billing_cycle
+    return PlanChangeView(account_id, effective_on, plan, cycle, previous.plan, previous.billing_cycle, recorded=True)
+
+
+DATED_TERMS = ("seats", "extra_storage_gb", "monthly_fee", "price_per_million_points", "monthly_points_cap", "tax_rate", "tax_exempt", "exempt_until")
+
+
+def record_term_change(session: Session, account: Account, values: dict[str, Any], effective_on: date | None) -> tuple[date | None, History]:
+    """Record a dated change of agreed terms. Without a date it applies from the first month not
+    invoiced yet (since the start when none is). Returns the date used and the new history."""
+    if "exempt_until" in values and "tax_exempt" not in values:
+        values = {**values, "tax_exempt": True}
+    if values.get("tax_exempt") is False and values.get("exempt_until") is not None:
+        raise ChangeRefused("an exemption's valid-until date needs the exemption: drop --exempt-until or the --no-tax-exempt")
+    if effective_on is None:
+        effective_on = first_open_day(session)
+    else:
+        _refuse_if_invoiced(session, max(effective_on, account.started_at), f"the terms of account {account.account_id}")
+    session.add(TermChange(account_id=account.account_id, effective_on=effective_on, **values))
+    session.flush()
+    return effective_on, account_history(session, account)

@@ -1,0 +1,242 @@
+"""Dated plan changes and dated terms: each plan, seat count, price and VAT rate is charged for the
+days it was in force, limits follow the plan of the day, and invoiced months are never rewritten."""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from pipelines.accounts import AccountRecord, upsert_accounts
+from pipelines.admission import AdmissionRefused, Candidate, check_admission
+from pipelines.billing.corrections import TermsUpdate, set_billing_terms
+from pipelines.billing.history import ChangeRefused, agreed_on, record_plan_change
+from pipelines.billing.imports import import_usage
+from pipelines.billing.invoicing import run_billing, tax_by_rate
+from pipelines.billing.usage import PointsCapExceededError, check_points_admission
+from pipelines.catalog import Catalog
+from pipelines.cli import main
+from pipelines.jobs import Runtime
+from tests.conftest import make_account
+from tests.test_admission import store_files
+from tests.test_billing_support import add_account, catalog, cli_env, database_url, job, make_pricebook, postgres_schema_url, utc
+
+__all__ = ["catalog", "cli_env", "database_url", "postgres_schema_url"]  # fixtures used here
+
+D = Decimal
+NOW = utc("2027-06-01T00:00Z")
+# The issue's figures: professional at 109.00, and a dearer plan to upgrade to.
+BOOK = make_pricebook(
+    '\n  professional: {monthly_fee: "109.00", seat_fee: "10.00", extra_storage_fee_per_gb: "49.00", storage_limit_gb: 100}'
+    '\n  business: {monthly_fee: "199.00", seat_fee: "12.00", storage_limit_gb: 500}\n'
+)
+
+
+def run(catalog: Catalog, period: str, book=BOOK):
+    return run_billing(catalog, period, book, now=NOW)
+
+
+def lines_of(result, account_id: str) -> list[tuple[str, str]]:
+    invoice = next(i for i in result.invoices if i.account_id == account_id)
+    return [(line.kind, str(line.amount)) for line in invoice.lines]
+
+
+def invoice_of(result, account_id: str):
+    return next(i for i in result.invoices if i.account_id == account_id)
+
+
+# --- plan changes -------------------------------------------------------------------------------
+
+
+def test_trial_converted_on_the_4th_pays_the_days_from_the_4th(catalog):
+    add_account(catalog, "t", plan="trial", started_at="2026-09-20")
+    change = record_plan_change(catalog, BOOK, "t", "professional", date(2026, 10, 4))
+    assert (change.previous_plan, change.plan, change.recorded) == ("trial", "professional", True)
+    assert run(catalog, "2026-09").invoices == []  # the trial costs nothing
+    october = invoice_of(run(catalog, "2026-10"), "t")
+    assert [(l.kind, l.description, str(l.amount)) for l in october.lines] == [
+        ("subscription", "Professional plan, 2026-10, 28 of 31 days, 2026-10-04 to 2026-10-31", "98.45"),  # 109 x 28/31
+    ]
+    assert (october.subtotal, october.tax) == (D("98.45"), D("18.71"))
+    assert lines_of(run(catalog, "2026-11"), "t") == [("subscription", "109.00")]
+
+
+def test_an_upgrade_on_the_16th_charges_each_plan_for_its_days(catalog):
+    add_account(catalog, "u", started_at="2026-01-01")
+    record_plan_change(catalog, BOOK, "u", "business", date(2026, 10, 16))
+    october = invoice_of(run(catalog, "2026-10"), "u")
+    assert [(l.description, str(l.unit_price), str(l.amount)) for l in october.lines] == [
+        ("Professional plan, 2026-10, 15 of 31 days, 2026-10-01 to 2026-10-15", "109.00", "52.74"),  # 109 x 15/31
+        ("Business plan, 2026-10, 16 of 31 days, 2026-10-16 to 2026-10-31", "199.00", "102.71"),  # 199 x 16/31
+    ]
+    assert october.tax == D("29.54")  # 19 % of 155.45
+
+
+def test_seats_follow_the_plan_price_of_each_day(catalog):
+    add_account(catalog, "s")
+    set_billing_terms(catalog, "s", TermsUpdate(seats=2))
+    record_plan_change(catalog, BOOK, "s", "business", date(2026, 10, 16))
+    assert lines_of(run(catalog, "2026-10"), "s") == [
+        ("subscription", "52.74"), ("subscription", "102.71"),
+        ("seats", "9.68"),  # 2 x 10.00 x 15/31
+        ("seats", "12.39"),  # 2 x 12.00 x 16/31
+    ]  # fmt: skip
+
+
+def test_a_downgrade_lowers_the_limits_from_its_date(runtime: Runtime):
+    upsert_accounts(runtime.catalog, [make_account("d", plan="professional")])
+    record_plan_change(runtime.catalog, None, "d", "free", date(2026, 10, 16))
+    store_files(runtime, "d", *[(100, 10)] * 3)
+    day_before, change_day = datetime(2026, 10, 15, 23, 59, tzinfo=timezone.utc), datetime(2026, 10, 16, tzinfo=timezone.utc)
+    check_admission(runtime.settings, runtime.catalog, "d", Candidate(1000, 1000), day_before)  # professional: no file limit
+    with pytest.raises(AdmissionRefused, match=r"free plan's stored files limit: 4 files"):
+        check_admission(runtime.settings, runtime.catalog, "d", Candidate(1000, 1000), change_day)
+
+
+def test_a_quarterly_plan_changed_mid_cycle_refunds_only_if_the_price_book_says_so(catalog):
+    add_account(catalog, "q", billing_cycle="quarterly", started_at="2026-08-01")
+    record_plan_change(catalog, BOOK, "q", "business", date(2026, 9, 16), "monthly")
+    assert lines_of(run(catalog, "2026-08"), "q") == [("subscription", "327.00")]  # Aug 1 to Oct 31, in advance
+    assert lines_of(run(catalog, "2026-09"), "q") == [("subscription", "99.50")]  # business 199 x 15/30, nothing back
+
+
+def test_the_unused_prepaid_cycle_is_refunded_where_the_price_book_says_so(catalog):
+    book = make_pricebook("refund_unused_prepaid: true\n", base=BOOK_TEXT)
+    add_account(catalog, "q", billing_cycle="quarterly", started_at="2026-08-01")
+    record_plan_change(catalog, book, "q", "business", date(2026, 9, 16), "monthly")
+    run(catalog, "2026-08", book)
+    september = invoice_of(run(catalog, "2026-09", book), "q")
+    refund = next(l for l in september.lines if l.kind == "prepaid_refund")
+    # 46 of the 92 days of Aug 1 to Oct 31 were not used: 327.00 x 46/92.
+    assert (refund.amount, refund.description) == (
+        D("-163.50"), "Refund of the unused professional plan quarterly 2026-08-01 to 2026-10-31: 46 of 92 days from 2026-09-16"
+    )
+
+
+def test_a_change_to_a_yearly_cycle_starts_a_cycle_on_its_date(catalog):
+    add_account(catalog, "y")
+    record_plan_change(catalog, BOOK, "y", "professional", date(2026, 10, 10), "yearly")
+    assert lines_of(run(catalog, "2026-10"), "y") == [("subscription", "31.65"), ("subscription", "1308.00")]
+    assert run(catalog, "2026-11").invoices == []
+
+
+def test_a_change_dated_in_an_invoiced_month_is_refused_and_nothing_is_edited(catalog):
+    add_account(catalog, "late")
+    issued = run(catalog, "2026-10").invoices
+    with pytest.raises(ChangeRefused, match=r"reaches into 2026-10, which is invoiced.*2026-11-01 or later"):
+        record_plan_change(catalog, BOOK, "late", "business", date(2026, 10, 20))
+    with pytest.raises(ChangeRefused, match="2026-10, which is invoiced"):
+        set_billing_terms(catalog, "late", TermsUpdate(seats=4, effective_on=date(2026, 10, 1)))
+    assert run(catalog, "2026-10").invoices == issued
+    # Without a date, terms apply from the first month not invoiced yet.
+    assert set_billing_terms(catalog, "late", TermsUpdate(seats=4))["effective_on"] == "2026-11-01"
+    assert lines_of(run(catalog, "2026-11"), "late") == [("subscription", "109.00"), ("seats", "40.00")]
+
+
+def test_recording_the_plan_in_force_records_nothing(catalog):
+    add_account(catalog, "same")
+    assert not record_plan_change(catalog, BOOK, "same", "professional", date(2026, 10, 1)).recorded
+    with pytest.raises(Exception, match="'gold' is not in the price book"):
+        record_plan_change(catalog, BOOK, "same", "gold", date(2026, 10, 1))
+
+
+def test_import_records_a_change_only_when_the_plan_differs(catalog):
+    record = AccountRecord("imp", "Imp Ltd", "a@imp.example", "DE", "trial", date(2026, 9, 20), D("0.19"))
+    upsert_accounts(catalog, [record])
+    upsert_accounts(catalog, [record], today=date(2026, 10, 2))
+    assert agreed_on(catalog, "imp", date(2026, 12, 1)).plan == "trial"
+    converted = AccountRecord(**{**record.__dict__, "plan": "professional", "plan_effective": date(2026, 10, 4)})
+    upsert_accounts(catalog, [converted], today=date(2026, 10, 5))
+    assert [agreed_on(catalog, "imp", date(2026, 10, d)).plan for d in (3, 4)] == ["trial", "professional"]
+    assert lines_of(run(catalog, "2026-10"), "imp") == [("subscription", "98.45")]
+
+
+# --- dated terms ----------------------------------------------------------------------------------
+
+
+def test_seats_and_storage_are_charged_by_the_days_they_were_agreed(catalog):
+    add_account(catalog, "t")
+    set_billing_terms(catalog, "t", TermsUpdate(seats=2))
+    set_billing_terms(catalog, "t", TermsUpdate(seats=5, extra_storage_gb=1, effective_on=date(2026, 10, 11)))
+    october = invoice_of(run(catalog, "2026-10"), "t")
+    assert [(l.kind, l.description, str(l.amount)) for l in october.lines] == [
+        ("subscription", "Professional plan, 2026-10", "109.00"),
+        ("seats", "User seats (2), 2026-10, 10 of 31 days, 2026-10-01 to 2026-10-10", "6.45"),
+        ("seats", "User seats (5), 2026-10, 21 of 31 days, 2026-10-11 to 2026-10-31", "33.87"),
+        ("extra_storage", "Extra storage 1 GB, 2026-10, 21 of 31 days, 2026-10-11 to 2026-10-31", "33.19"),
+    ]
+
+
+def test_agreed_prices_and_points_cap_apply_from_their_date(catalog):
+    add_account(catalog, "api1", plan="api")
+    set_billing_terms(catalog, "api1", TermsUpdate(price_per_million_points=D("0.40"), monthly_points_cap=1000,
+                                                   effective_on=date(2026, 10, 16)))  # fmt: skip
+    import_usage(catalog, [(1, job("a", "api1", "2026-10-15T23:00Z", 10_000_000)), (2, job("b", "api1", "2026-10-16T01:00Z", 10_000_000))])
+    assert lines_of(run(catalog, "2026-10"), "api1") == [("usage", "5.00"), ("usage", "4.00")]
+    # Before the 16th the plan's cap of 500 M applied; from the 16th the agreed 1,000.
+    check_points_admission(catalog, BOOK, "api1", 1_000_000, utc("2026-10-15T12:00Z"))
+    with pytest.raises(PointsCapExceededError, match="20,000,000 of its 1,000 points"):
+        check_points_admission(catalog, BOOK, "api1", 1, utc("2026-10-20T00:00Z"))
+
+
+def test_a_vat_rate_change_mid_month_gives_a_line_and_a_tax_per_rate(catalog):
+    add_account(catalog, "vat", tax_rate="0.19")
+    set_billing_terms(catalog, "vat", TermsUpdate(tax_rate=D("0.16"), effective_on=date(2026, 10, 16)))
+    october = invoice_of(run(catalog, "2026-10"), "vat")
+    assert [(str(l.amount), str(l.tax_rate)) for l in october.lines] == [("52.74", "0.19"), ("56.26", "0.16")]
+    assert tax_by_rate(october.lines) == {D("0.19"): (D("52.74"), D("10.02")), D("0.16"): (D("56.26"), D("9.00"))}
+    assert (october.tax, october.total, october.tax_rate) == (D("19.02"), D("128.02"), D("0.16"))
+
+
+def test_an_exemption_ends_on_its_valid_until_date(catalog):
+    add_account(catalog, "ex", tax_rate="0.19")
+    set_billing_terms(catalog, "ex", TermsUpdate(tax_exempt=True, exempt_until=date(2026, 10, 20)))
+    october = invoice_of(run(catalog, "2026-10"), "ex")
+    assert [(str(l.amount), str(l.tax_rate), l.tax_category) for l in october.lines] == [("70.32", "0", "E"), ("38.68", "0.19", "S")]
+    assert october.tax == D("7.35")  # 19 % of the 11 days after the exemption
+
+
+# --- the commands ---------------------------------------------------------------------------------
+
+
+def cli(capsys, *argv: str) -> str:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+BOOK_TEXT = """
+currency: EUR
+invoice_prefix: PF
+payment_terms_days: 30
+late_fee_monthly_rate: "0.015"
+plans:
+  free: {monthly_fee: "0.00", max_files: 3}
+  trial: {monthly_fee: "0.00", trial_days: 14}
+  professional: {monthly_fee: "109.00", seat_fee: "10.00", storage_limit_gb: 100}
+  professional_sharing: {monthly_fee: "99.00", discount: "0.20"}
+  api: {price_per_million_points: "0.50"}
+  business: {monthly_fee: "199.00", seat_fee: "12.00", storage_limit_gb: 500}
+"""
+
+
+def test_change_plan_from_the_command_line(cli_env, capsys, tmp_path: Path, monkeypatch):
+    book = tmp_path / "book.yaml"
+    book.write_text(BOOK_TEXT)
+    monkeypatch.setenv("POINTFLOW_PRICEBOOK", str(book))
+    cli(capsys, "accounts", "add", "conv", "--name", "Conv", "--email", "a@conv.example", "--country", "DE", "--plan", "trial",
+        "--started-at", "2026-09-20", "--tax-rate", "0.19")  # fmt: skip
+    assert cli(capsys, "accounts", "change-plan", "conv", "--plan", "professional", "--effective", "2026-10-04") == (
+        "account conv: trial (monthly) until 2026-10-03, professional (monthly) from 2026-10-04\n"
+    )
+    assert "nothing recorded" in cli(capsys, "accounts", "change-plan", "conv", "--plan", "professional", "--effective", "2026-10-10")
+    [october] = json.loads(cli(capsys, "billing", "run", "--period", "2026-10", "--json"))
+    assert (october["subtotal"], october["lines"][0]["amount"]) == ("98.45", "98.45")
+    assert main(["accounts", "change-plan", "conv", "--plan", "business", "--effective", "2026-10-20"]) == 2
+    assert "which is invoiced" in capsys.readouterr().err
+    terms = json.loads(cli(capsys, "billing", "terms", "conv", "--seats", "3", "--exempt-until", "2026-12-31", "--effective", "2026-11-15"))
+    assert (terms["seats"], terms["tax_exempt"], terms["exempt_until"], terms["effective_on"]) == (3, True, "2026-12-31", "2026-11-15")
