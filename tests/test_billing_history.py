@@ -14,7 +14,7 @@ from pipelines.accounts import AccountRecord, upsert_accounts
 from pipelines.admission import AdmissionRefused, Candidate, check_admission
 from pipelines.billing.corrections import TermsUpdate, set_billing_terms
 from pipelines.billing.history import ChangeRefused, agreed_on, record_plan_change
-from pipelines.billing.imports import import_usage
+from pipelines.billing.imports import PaymentRecord, import_payments, import_usage
 from pipelines.billing.invoicing import run_billing, tax_by_rate
 from pipelines.billing.usage import PointsCapExceededError, check_points_admission
 from pipelines.catalog import Catalog
@@ -240,3 +240,45 @@ def test_change_plan_from_the_command_line(cli_env, capsys, tmp_path: Path, monk
     assert "which is invoiced" in capsys.readouterr().err
     terms = json.loads(cli(capsys, "billing", "terms", "conv", "--seats", "3", "--exempt-until", "2026-12-31", "--effective", "2026-11-15"))
     assert (terms["seats"], terms["tax_exempt"], terms["exempt_until"], terms["effective_on"]) == (3, True, "2026-12-31", "2026-11-15")
+
+
+# --- usage received late --------------------------------------------------------------------------
+
+
+def test_late_usage_is_billed_once_on_the_next_invoice_at_the_price_of_its_day(catalog):
+    book = make_pricebook('\n  api:\n    price_per_million_points: "0.50"\n    changes: [{effective_from: 2026-10-01, price_per_million_points: "0.60"}]\n')
+    add_account(catalog, "api1", plan="api", tax_rate="0.20")
+    import_usage(catalog, [(1, job("sep-on-time", "api1", "2026-09-10T10:00Z", 2_000_000))])
+    september = run(catalog, "2026-09", book)
+    assert lines_of(september, "api1") == [("usage", "1.00")]
+    import_payments(catalog, [(1, PaymentRecord("api1", september.invoices[0].invoice_number, D("1.20"), utc("2026-10-05T00:00Z")))])
+
+    result = import_usage(catalog, [(1, job("sep-late", "api1", "2026-09-29T10:00Z", 10_000_000)),
+                                    (2, job("oct", "api1", "2026-10-02T10:00Z", 1_000_000))])  # fmt: skip
+    assert "2026-09 already invoiced, its new usage is billed on the next invoice" in result.summary("usage events")
+    october = invoice_of(run(catalog, "2026-10", book), "api1")
+    assert [(l.kind, l.description, str(l.unit_price), str(l.amount)) for l in october.lines] == [
+        ("usage", "Classification, 1,000,000 points, 2026-10-01 to 2026-10-31, per million points", "0.60", "0.60"),
+        ("late_usage", "Usage of 2026-09 received late: Classification, 10,000,000 points, 2026-09-01 to 2026-09-30, "
+         "per million points", "0.50", "5.00"),
+    ]  # fmt: skip
+    assert (october.tax, october.total) == (D("1.12"), D("6.72"))
+    # Once: re-running either month changes nothing, and November does not bill it again.
+    assert run(catalog, "2026-09", book).invoices == september.invoices
+    assert invoice_of(run(catalog, "2026-10", book), "api1") == october
+    assert run(catalog, "2026-11", book).invoices == []
+
+
+def test_late_usage_of_a_month_not_invoiced_waits_for_its_own_month(catalog):
+    add_account(catalog, "api1", plan="api")
+    import_usage(catalog, [(1, job("sep", "api1", "2026-09-10T10:00Z", 2_000_000)), (2, job("oct", "api1", "2026-10-10T10:00Z", 4_000_000))])
+    assert lines_of(run(catalog, "2026-10"), "api1") == [("usage", "2.00")]  # September was never invoiced
+    assert lines_of(run(catalog, "2026-09"), "api1") == [("usage", "1.00")]
+
+
+def test_late_usage_on_an_invoice_that_has_nothing_else(catalog):
+    add_account(catalog, "gone", plan="api")
+    set_billing_terms(catalog, "gone", TermsUpdate(ended_on=date(2026, 9, 30)))
+    run(catalog, "2026-09")
+    import_usage(catalog, [(1, job("last-job", "gone", "2026-09-30T22:00Z", 3_000_000))])
+    assert lines_of(run(catalog, "2026-10"), "gone") == [("late_usage", "1.50")]

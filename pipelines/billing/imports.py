@@ -46,14 +46,13 @@ class ImportResult:
     known: int
     # Months already invoiced that new rows fall in: those rows will not be billed by a re-run.
     closed_periods: tuple[str, ...] = field(default_factory=tuple)
+    # What becomes of such rows.
+    closed_note: str = "the new rows in it are on no invoice (correct with a credit note)"
 
     def summary(self, what: str) -> str:
         text = f"{what}: {self.new} new, {self.known} already known"
         if self.closed_periods:
-            text += (
-                f"; warning: {', '.join(self.closed_periods)} already invoiced, the new rows in it are not on any "
-                "invoice (correct with a credit note or bill them separately)"
-            )
+            text += f"; note: {', '.join(self.closed_periods)} already invoiced, {self.closed_note}"
         return text
 
 
@@ -137,7 +136,8 @@ def import_usage(catalog: Catalog, records: Sequence[tuple[int, UsageRecord]], s
 
         fresh = write_usage(session, [record for _, record in records])
         closed = _closed_periods(session, (r.occurred_at for r in fresh if r.kind == "classification"))
-    return ImportResult(len(fresh), len(records) - len(fresh), closed)
+    return ImportResult(len(fresh), len(records) - len(fresh), closed,
+                        "its new usage is billed on the next invoice, as usage received late")  # fmt: skip
 
 
 # --- payments -----------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def import_payments(catalog: Catalog, records: Sequence[tuple[int, PaymentRecord
         for start in range(0, len(rows), _CHUNK):
             session.execute(statement, rows[start : start + _CHUNK])
         closed = _closed_periods(session, (row["paid_at"] for row in rows))
-    return ImportResult(len(rows), len(records) - len(rows), closed)
+    return ImportResult(len(rows), len(records) - len(rows), closed, "they count on the next invoice's balance")
 
 
 # --- outages ------------------------------------------------------------------------------------

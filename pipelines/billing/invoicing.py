@@ -27,7 +27,7 @@ from pipelines.billing.money import format_money, format_quantity, format_rate, 
 from pipelines.billing.periods import Period, add_months, months_between, start_of
 from pipelines.billing.pricebook import PlanTerms, PriceBook
 from pipelines.billing.terms import Agreed, History, Parties, PlanStep, TaxRegime, TermStep
-from pipelines.billing.usage import billable_points_by_account
+from pipelines.billing.usage import billable_points_by_account, claim_usage, late_points_by_account_day
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account, BillingCycle
 
@@ -246,8 +246,10 @@ def draft_invoice(
     usage: Sequence[UsageSlice],
     availability: Fraction,
     ledger: Ledger,
+    late_usage: Sequence[UsageSlice] = (),
 ) -> Draft | None:
-    """The invoice of `account` for `period`, or None when there is nothing to charge or credit."""
+    """The invoice of `account` for `period`, or None when there is nothing to charge or credit.
+    `late_usage`: slices of earlier, already invoiced months whose events arrived since."""
     history = account.history()
     month = _Month(
         pricebook, period, account, history, Parties(pricebook.seller_country, account.country, account.vat_id),
@@ -259,6 +261,7 @@ def draft_invoice(
         _prepaid_refunds(month)
         _recurring_extras(month)
     _usage_lines(month, usage)
+    _usage_lines(month, late_usage, late=True)
     _availability_credit(month, availability)
     _late_fee(pricebook, account, ledger, month.lines)
     lines = month.lines
@@ -409,8 +412,10 @@ def _recurring_extras(month: _Month) -> None:
                           round_half_up(Fraction(unit) * count * share), month.regime(start))  # fmt: skip
 
 
-def _usage_lines(month: _Month, usage: Sequence[UsageSlice]) -> None:
-    """One line per price (and VAT) in force during the month; each slice priced at its own date."""
+def _usage_lines(month: _Month, usage: Sequence[UsageSlice], late: bool = False) -> None:
+    """One line per price (and VAT) in force during the month; each slice priced at its own date,
+    with the plan, agreed price and price book version of that date. Late usage gets lines of its
+    own, one month at a time, dated with the month it happened in."""
     priced: list[tuple[Decimal, TaxRegime, UsageSlice]] = []
     for piece in usage:
         agreed = month.history.on(piece.first_day)
@@ -420,14 +425,17 @@ def _usage_lines(month: _Month, usage: Sequence[UsageSlice]) -> None:
         if price is None or not piece.points:
             continue
         regime = month.regime(piece.first_day)
-        if priced and priced[-1][:2] == (price, regime) and priced[-1][2].last_day + timedelta(days=1) == piece.first_day:
+        previous = priced[-1][2] if priced else None
+        if (previous and priced[-1][:2] == (price, regime) and previous.last_day + timedelta(days=1) == piece.first_day
+                and Period.of(previous.last_day) == Period.of(piece.first_day)):  # fmt: skip
             previous = priced[-1][2]
             priced[-1] = (price, regime, UsageSlice(previous.first_day, piece.last_day, previous.points + piece.points))
         else:
             priced.append((price, regime, piece))
     for price, regime, piece in priced:
         millions = Decimal(piece.points).scaleb(-6)
-        month.add("usage", f"Classification, {piece.points:,} points, {piece.first_day.isoformat()} to "
+        kind, received = ("late_usage", f"Usage of {Period.of(piece.first_day)} received late: ") if late else ("usage", "")
+        month.add(kind, f"{received}Classification, {piece.points:,} points, {piece.first_day.isoformat()} to "
                   f"{piece.last_day.isoformat()}, per million points", millions, price,
                   round_half_up(Fraction(millions) * Fraction(price)), regime)  # fmt: skip
 
@@ -494,8 +502,11 @@ def run_billing(catalog: Catalog, period: Period | str, pricebook: PriceBook, no
 
 
 def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> int:
+    invoiced = [Period.parse(label) for label in session.scalars(select(BillingRun.period).where(BillingRun.period < period.label))]
+    claim_usage(session, period, invoiced)
     accounts = _accounts(session, period)
     usage = _usage_slices(session, pricebook, period, accounts)
+    late = _late_usage(pricebook, late_points_by_account_day(session, period), {a.account_id: a for a in accounts})
     availability = _availability(session, pricebook, period)
     issue_date = issue_date_of(period)
     ledgers = _ledgers(session, issue_date)
@@ -505,7 +516,8 @@ def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> 
     line_rows: list[dict[str, Any]] = []
     for account in accounts:  # ordered by account id: numbers follow that order, without gaps
         slices = [UsageSlice(first, last, points.get(account.account_id, 0)) for first, last, points in usage]
-        draft = draft_invoice(pricebook, period, account, slices, availability, ledgers.get(account.account_id, Ledger()))
+        draft = draft_invoice(pricebook, period, account, slices, availability, ledgers.get(account.account_id, Ledger()),
+                              late.get(account.account_id, ()))  # fmt: skip
         if draft is None:
             continue
         sequence = len(invoice_rows) + 1
@@ -547,20 +559,39 @@ def _accounts(session: Session, period: Period) -> list[AccountFacts]:
     return facts
 
 
-def _usage_slices(session: Session, pricebook: PriceBook, period: Period, accounts: Sequence[AccountFacts]) -> list[tuple[date, date, dict[str, int]]]:
-    """Billable points per account between the days on which a price, a plan or a term changes,
-    one query per slice (at most one per day of the month)."""
+def _slice_bounds(pricebook: PriceBook, period: Period, accounts: Sequence[AccountFacts]) -> list[date]:
+    """The month cut on every day a price, a plan or a term of one of `accounts` changes."""
     next_month = period.next().first_day
     plans = {a.plan for a in accounts} | {step.plan for a in accounts for step in a.plan_steps}
     changes = {d for plan in plans for d in pricebook.change_dates(plan, period.first_day, next_month)}
     for account in accounts:
         if account.plan_steps or account.term_steps:
             changes.update(account.history().boundaries(period.first_day, period.last_day))
-    bounds = [period.first_day, *sorted(changes), next_month]
+    return [period.first_day, *sorted(changes), next_month]
+
+
+def _usage_slices(session: Session, pricebook: PriceBook, period: Period, accounts: Sequence[AccountFacts]) -> list[tuple[date, date, dict[str, int]]]:
+    """Billable points per account that this run bills for its month, between the days on which a
+    price, a plan or a term changes: one query per slice (at most one per day of the month)."""
     return [
-        (start, end - timedelta(days=1), billable_points_by_account(session, start_of(start), start_of(end)))
-        for start, end in pairwise(bounds)
+        (start, end - timedelta(days=1), billable_points_by_account(session, start_of(start), start_of(end), period.label))
+        for start, end in pairwise(_slice_bounds(pricebook, period, accounts))
     ]
+
+
+def _late_usage(pricebook: PriceBook, points: dict[str, dict[date, int]], accounts: dict[str, AccountFacts]) -> dict[str, list[UsageSlice]]:
+    """Per account, the late points cut like their own month's usage would have been."""
+    late: dict[str, list[UsageSlice]] = {}
+    for account_id, days in points.items():
+        account = accounts.get(account_id)
+        if account is None:
+            continue
+        for month in sorted({Period.of(day) for day in days}):
+            for start, end in pairwise(_slice_bounds(pricebook, month, [account])):
+                total = sum(n for day, n in days.items() if start <= day < end)
+                if total:
+                    late.setdefault(account_id, []).append(UsageSlice(start, end - timedelta(days=1), total))
+    return late
 
 
 def _availability(session: Session, pricebook: PriceBook, period: Period) -> Fraction:

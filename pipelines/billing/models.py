@@ -87,6 +87,16 @@ class BillingRun(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class UsageBilling(Base):
+    """Which month's run billed a usage event: its own month's, or, for an event that arrived after
+    its month was invoiced, the next run's (as usage received late). An event is billed once."""
+
+    __tablename__ = "usage_billing"
+
+    event_id: Mapped[str] = mapped_column(ForeignKey("usage_events.event_id"), primary_key=True)
+    period: Mapped[str] = mapped_column(ForeignKey("billing_runs.period"), index=True)
+
+
 class Invoice(Base):
     __tablename__ = "invoices"
     __table_args__ = (

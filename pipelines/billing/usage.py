@@ -3,14 +3,16 @@ account has used against its monthly cap, and points per account and day for the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
-from sqlalchemy import Date, cast, func, select
+from sqlalchemy import Date, and_, cast, func, insert, literal, or_, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from pipelines.billing.history import account_limits
+from pipelines.billing.models import UsageBilling
 from pipelines.billing.periods import Period, start_of
 from pipelines.billing.pricebook import PriceBook
 from pipelines.catalog import Catalog, CatalogError
@@ -25,9 +27,10 @@ class PointsCapExceededError(CatalogError):
     """A job would take an account past its monthly points cap; it is refused at admission."""
 
 
-def billable_points_by_account(session: Session, start: datetime, end: datetime) -> dict[str, int]:
-    """Billable points per account for events with start <= occurred_at < end (UTC)."""
-    rows = session.execute(
+def billable_points_by_account(session: Session, start: datetime, end: datetime, billed_in: str | None = None) -> dict[str, int]:
+    """Billable points per account for events with start <= occurred_at < end (UTC); with
+    `billed_in`, only the events that month's run bills."""
+    query = (
         select(UsageEvent.account_id, func.sum(UsageEvent.points))
         .where(UsageEvent.kind == CLASSIFICATION)
         .where(UsageEvent.status.in_(BILLABLE_STATUSES))
@@ -35,7 +38,51 @@ def billable_points_by_account(session: Session, start: datetime, end: datetime)
         .where(UsageEvent.occurred_at < end)
         .group_by(UsageEvent.account_id)
     )
-    return {account_id: int(points or 0) for account_id, points in rows}
+    if billed_in is not None:
+        query = query.join(UsageBilling, UsageBilling.event_id == UsageEvent.event_id).where(UsageBilling.period == billed_in)
+    return {account_id: int(points or 0) for account_id, points in session.execute(query)}
+
+
+def claim_usage(session: Session, period: Period, invoiced: Iterable[Period]) -> None:
+    """Mark as billed by `period`'s run every billable event not billed yet that happened in it or,
+    late, in a month already `invoiced`. The run then bills exactly the marked events: an event
+    imported while it runs is either marked and billed, or left for the next run."""
+    ranges = _merge((month.start, month.end) for month in sorted({*invoiced, period}))
+    unbilled = ~select(UsageBilling.event_id).where(UsageBilling.event_id == UsageEvent.event_id).exists()
+    events = (
+        select(UsageEvent.event_id, literal(period.label))
+        .where(UsageEvent.kind == CLASSIFICATION)
+        .where(UsageEvent.status.in_(BILLABLE_STATUSES))
+        .where(or_(*(and_(UsageEvent.occurred_at >= start, UsageEvent.occurred_at < end) for start, end in ranges)))
+        .where(unbilled)
+    )
+    session.execute(insert(UsageBilling).from_select(["event_id", "period"], events))
+
+
+def _merge(ranges: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    merged: list[tuple[datetime, datetime]] = []
+    for start, end in ranges:
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def late_points_by_account_day(session: Session, period: Period) -> dict[str, dict[date, int]]:
+    """Points that `period`'s run bills late (events of earlier months), per account and UTC day."""
+    day = _utc_day(session).label("day")
+    rows = session.execute(
+        select(UsageEvent.account_id, day, func.sum(UsageEvent.points))
+        .join(UsageBilling, UsageBilling.event_id == UsageEvent.event_id)
+        .where(UsageBilling.period == period.label)
+        .where(UsageEvent.occurred_at < period.start)
+        .group_by(UsageEvent.account_id, day)
+    )
+    found: dict[str, dict[date, int]] = {}
+    for account_id, value, points in rows:
+        found.setdefault(account_id, {})[value if isinstance(value, date) else date.fromisoformat(value)] = int(points or 0)
+    return found
 
 
 def _month(month: date | str) -> Period:
