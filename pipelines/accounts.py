@@ -43,7 +43,13 @@ class AccountRecord:
     tax_exempt: bool = False
     last_login_at: datetime | None = None
     billing_cycle: str = BillingCycle.MONTHLY.value
-    # When a changed plan or cycle takes effect (default: today, UTC); earlier days keep the old one.
+
+
+@dataclass(frozen=True)
+class AccountRow(AccountRecord):
+    """An account as a CSV row or `accounts add` gives it: also when a changed plan takes effect."""
+
+    # Default: today, UTC; the days before keep the old plan.
     plan_effective: date | None = None
 
 
@@ -53,7 +59,7 @@ def parse_utc_datetime(text: str) -> datetime:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
-def make_record(row: dict[str, str]) -> AccountRecord:
+def make_record(row: dict[str, str]) -> AccountRow:
     """Check one row; raises ValueError with a reason a person can act on."""
     account_id = (row.get("account_id") or "").strip()
     try:
@@ -99,17 +105,17 @@ def make_record(row: dict[str, str]) -> AccountRecord:
         plan_effective = date.fromisoformat(raw_effective) if raw_effective else None
     except ValueError:
         raise ValueError(f"plan_effective {raw_effective!r} is not an ISO date (YYYY-MM-DD)") from None
-    return AccountRecord(account_id, name, email, country, plan, started_at, tax_rate, raw_exempt in _TRUE, last_login_at, cycle,
-                         plan_effective)  # fmt: skip
+    return AccountRow(account_id, name, email, country, plan, started_at, tax_rate, raw_exempt in _TRUE, last_login_at, cycle,
+                      plan_effective)  # fmt: skip
 
 
-def read_accounts_csv(path: Path) -> list[AccountRecord]:
+def read_accounts_csv(path: Path) -> list[AccountRow]:
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise AccountImportError([f"{path}: missing column(s) {', '.join(missing)}"])
-        records: list[AccountRecord] = []
+        records: list[AccountRow] = []
         problems: list[str] = []
         seen: dict[str, int] = {}
         for row in reader:
@@ -146,8 +152,8 @@ def upsert_accounts(catalog: Catalog, records: list[AccountRecord], today: date 
     with catalog.session() as session:
         for record in records:
             account = session.get(Account, record.account_id)
-            values = {f.name: getattr(record, f.name) for f in fields(record)}
-            effective = values.pop("plan_effective") or today
+            values = {f.name: getattr(record, f.name) for f in fields(AccountRecord)}
+            effective = (record.plan_effective if isinstance(record, AccountRow) else None) or today
             if account is None:
                 session.add(Account(**values))
                 created += 1

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.accounts import AccountRecord, upsert_accounts
+from pipelines.accounts import AccountRecord, AccountRow, upsert_accounts
 from pipelines.admission import AdmissionRefused, Candidate, check_admission
 from pipelines.billing.corrections import TermsUpdate, set_billing_terms
 from pipelines.billing.history import ChangeRefused, agreed_on, record_plan_change
@@ -148,7 +148,7 @@ def test_import_records_a_change_only_when_the_plan_differs(catalog):
     upsert_accounts(catalog, [record])
     upsert_accounts(catalog, [record], today=date(2026, 10, 2))
     assert agreed_on(catalog, "imp", date(2026, 12, 1)).plan == "trial"
-    converted = AccountRecord(**{**record.__dict__, "plan": "professional", "plan_effective": date(2026, 10, 4)})
+    converted = AccountRow(**{**record.__dict__, "plan": "professional", "plan_effective": date(2026, 10, 4)})
     upsert_accounts(catalog, [converted], today=date(2026, 10, 5))
     assert [agreed_on(catalog, "imp", date(2026, 10, d)).plan for d in (3, 4)] == ["trial", "professional"]
     assert lines_of(run(catalog, "2026-10"), "imp") == [("subscription", "98.45")]
