@@ -13,6 +13,7 @@ from pipelines.catalog.models import Account, BillingCycle, Plan
 from pipelines.storage import UnsafeKeyError, check_account_id
 
 REQUIRED_COLUMNS = ("account_id", "name", "email", "country", "plan", "started_at", "tax_rate", "tax_exempt", "last_login_at")
+OPTIONAL_BUYER_FIELDS = ("street", "postcode", "city", "vat_id")
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f", ""}
 
@@ -43,6 +44,10 @@ class AccountRecord:
     tax_exempt: bool = False
     last_login_at: datetime | None = None
     billing_cycle: str = BillingCycle.MONTHLY.value
+    street: str | None = None
+    postcode: str | None = None
+    city: str | None = None
+    vat_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,8 +110,15 @@ def make_record(row: dict[str, str]) -> AccountRow:
         plan_effective = date.fromisoformat(raw_effective) if raw_effective else None
     except ValueError:
         raise ValueError(f"plan_effective {raw_effective!r} is not an ISO date (YYYY-MM-DD)") from None
+    address = {field: (row.get(field) or "").strip() or None for field in ("street", "postcode", "city")}
+    for field, limit in (("street", 200), ("postcode", 20), ("city", 100)):
+        if address[field] and len(address[field]) > limit:
+            raise ValueError(f"{field} is longer than {limit} characters")
+    vat_id = (row.get("vat_id") or "").replace(" ", "").upper() or None
+    if vat_id and not (4 <= len(vat_id) <= 20 and vat_id[:2].isalpha() and vat_id.isalnum()):
+        raise ValueError(f"vat_id {vat_id!r} is not a VAT ID: a country prefix and up to 18 letters or digits, e.g. DE123456789")
     return AccountRow(account_id, name, email, country, plan, started_at, tax_rate, raw_exempt in _TRUE, last_login_at, cycle,
-                      plan_effective)  # fmt: skip
+                      vat_id=vat_id, plan_effective=plan_effective, **address)  # fmt: skip
 
 
 def read_accounts_csv(path: Path) -> list[AccountRow]:
@@ -161,7 +173,9 @@ def upsert_accounts(catalog: Catalog, records: list[AccountRecord], today: date 
             login = values.pop("last_login_at")
             plan, cycle = values.pop("plan"), values.pop("billing_cycle")
             for name, value in values.items():
-                setattr(account, name, value)
+                # A file without the optional address columns leaves the address as it was.
+                if value is not None or name not in OPTIONAL_BUYER_FIELDS:
+                    setattr(account, name, value)
             record_plan_change(catalog, None, record.account_id, plan, effective, cycle, session=session)
             if login is not None and (account.last_login_at is None or login > account.last_login_at):
                 account.last_login_at = login

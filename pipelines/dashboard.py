@@ -38,7 +38,8 @@ from pipelines.lifecycle.rules import Action, LifecycleRunError, run_lifecycle
 from pipelines.preview import CLASS_COLOURS, class_summary
 from pipelines.storage import AccountArea, UnsafeKeyError, check_account_id
 
-DOCUMENT_MEDIA_TYPES = {"html": "text/html; charset=utf-8", "csv": "text/csv; charset=utf-8", "json": "application/json"}
+DOCUMENT_MEDIA_TYPES = {"html": "text/html; charset=utf-8", "csv": "text/csv; charset=utf-8", "json": "application/json",
+                        "pdf": "application/pdf", "xml": "application/xml"}  # fmt: skip
 # Stacked bars, one colour per account, in a fixed order so a month's stack reads the same way.
 # matplotlib's rcParams are process-wide and the web server renders charts from several threads.
 _CHART_LOCK = threading.Lock()
@@ -354,7 +355,7 @@ def job_preview(runtime: Runtime, account_id: str, job_id: str) -> bytes:
 
 
 def invoice_document(runtime: Runtime, account_id: str, invoice_number: str, fmt: str) -> tuple[bytes, str]:
-    """One published document (html, csv, json) of the account's own invoice, and its media type."""
+    """One published document (html, csv, json; pdf and xml e-invoice) of the account's own invoice, and its media type."""
     _check_account(account_id)
     if fmt not in DOCUMENT_FORMATS:
         raise NotServed(f"invoice documents are {', '.join(DOCUMENT_FORMATS)}, not {fmt!r}")

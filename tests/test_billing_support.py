@@ -43,6 +43,22 @@ plans:
 """
 
 
+SELLER = """
+seller:
+  name: pointflow GmbH
+  street: Punktwolkenweg 1
+  postcode: "10115"
+  city: Berlin
+  country: DE
+  vat_id: DE123456789
+  email: billing@pointflow.example
+  registration: Amtsgericht Berlin-Charlottenburg HRB 123456
+  bank: Example Bank
+  iban: DE02120300000000202051
+  bic: BYLADEM1001
+"""
+
+
 def make_pricebook(extra: str = "", base: str = BASE_PRICEBOOK) -> PriceBook:
     """The test price book, optionally with YAML appended (later keys win in a mapping)."""
     return parse_pricebook(base + extra, "test price book")
@@ -135,12 +151,38 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path, tmp_path_factor
     return url
 
 
+def check_einvoices(catalog: Catalog) -> int:
+    """Every invoice and credit note in the catalog, as an EN 16931 e-invoice of the test seller:
+    its CII XML must validate against the official Factur-X schema. Returns how many were checked."""
+    from facturx import xml_check_xsd
+    from sqlalchemy import select
+
+    from pipelines.billing.delivery import buyer_of, credit_note_of, document_of
+    from pipelines.billing.documents import cii_xml
+    from pipelines.billing.invoicing import invoice_view
+    from pipelines.billing.models import CreditNote, Invoice
+
+    book = make_pricebook(SELLER)
+    with catalog.session() as session:
+        invoices = [(invoice_view(i), buyer_of(session.get(Account, i.account_id))) for i in session.scalars(select(Invoice))]
+        notes = list(session.scalars(select(CreditNote.credit_note_number)))
+    documents = [document_of(catalog, book, invoice, buyer) for invoice, buyer in invoices]
+    documents += [credit_note_of(catalog, book, number) for number in notes]
+    for document in documents:
+        xml_check_xsd(cii_xml(document), flavor="factur-x", level="en16931")
+    return len(documents)
+
+
 @pytest.fixture
 def catalog(database_url: str) -> Iterator[Catalog]:
+    """A migrated catalog; afterwards, every invoice a test left must make a valid e-invoice."""
     catalog = Catalog(database_url)
     catalog.migrate()
     yield catalog
-    catalog.dispose()
+    try:
+        check_einvoices(catalog)
+    finally:
+        catalog.dispose()
 
 
 @pytest.fixture

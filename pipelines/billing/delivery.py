@@ -12,17 +12,31 @@ import csv
 import io
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 
 from sqlalchemy import select
 
-from pipelines.billing.documents import invoice_html, invoice_json, invoice_lines_csv
-from pipelines.billing.invoicing import BillingError, InvoiceView, load_invoices
-from pipelines.billing.models import Invoice
+from pipelines.billing.documents import (
+    Buyer,
+    DocumentView,
+    check_facturx,
+    cii_xml,
+    credit_note_document,
+    document_html,
+    facturx_pdf,
+    invoice_document,
+    invoice_json,
+    invoice_lines_csv,
+)
+from pipelines.billing.invoicing import BillingError, InvoiceView, invoice_view, load_invoices
+from pipelines.billing.models import CreditNote, Invoice
 from pipelines.billing.money import format_money
 from pipelines.billing.periods import Period
 from pipelines.billing.pricebook import PriceBook, load_pricebook
+from pipelines.billing.terms import Parties
 from pipelines.billing.usage import usage_daily
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account, SentMessage
@@ -31,8 +45,12 @@ from pipelines.settings import Settings
 from pipelines.storage import AccountArea, ObjectStore, check_key, open_store
 
 log = logging.getLogger(__name__)
+ZERO = Decimal("0.00")
 
-DOCUMENT_FORMATS = ("json", "csv", "html")
+# Always published; the e-invoice formats only when the price book names the seller.
+BASIC_FORMATS = ("json", "csv", "html")
+EINVOICE_FORMATS = ("pdf", "xml")
+DOCUMENT_FORMATS = BASIC_FORMATS + EINVOICE_FORMATS
 # S3 presigned URLs (SigV4) cannot outlive 7 days; the e-mail says until when its links work.
 LINK_LIFETIME = timedelta(days=7)
 USAGE_DAILY_PREFIX = "service/usage_daily/"
@@ -64,12 +82,6 @@ class MonthlyBilling:
 
 
 @dataclass(frozen=True)
-class Customer:
-    name: str
-    email: str
-
-
-@dataclass(frozen=True)
 class PublishResult:
     written: int
     # Documents an earlier run wrote: an issued invoice's documents are never rewritten.
@@ -83,9 +95,13 @@ class EmailResult:
 
 
 def document_keys(invoice: InvoiceView) -> dict[str, str]:
-    """accounts/<id>/invoices/<number>.json|.csv|.html"""
+    """accounts/<id>/invoices/<number>.json|.csv|.html|.pdf|.xml"""
     area = AccountArea(invoice.account_id)
     return {fmt: area.key("invoices", f"{invoice.invoice_number}.{fmt}") for fmt in DOCUMENT_FORMATS}
+
+
+def published_formats(pricebook: PriceBook) -> tuple[str, ...]:
+    return DOCUMENT_FORMATS if pricebook.seller else BASIC_FORMATS
 
 
 def usage_daily_keys(period: Period) -> dict[str, str]:
@@ -100,70 +116,108 @@ def month_invoices(catalog: Catalog, period: Period) -> list[InvoiceView]:
     return invoices
 
 
-def _customers(catalog: Catalog, period: Period) -> dict[str, Customer]:
-    """Name and address of every account invoiced for the month, in one query."""
+def _buyers(catalog: Catalog, period: Period) -> dict[str, Buyer]:
+    """Name, address and VAT ID of every account invoiced for the month, in one query."""
     with catalog.session() as session:
-        rows = session.execute(
-            select(Account.account_id, Account.name, Account.email)
-            .join(Invoice, Invoice.account_id == Account.account_id)
-            .where(Invoice.period == period.label)
-        )
-        return {account_id: Customer(name, email) for account_id, name, email in rows}
+        accounts = session.scalars(select(Account).join(Invoice, Invoice.account_id == Account.account_id).where(Invoice.period == period.label))
+        return {account.account_id: buyer_of(account) for account in accounts}
+
+
+def buyer_of(account: Account) -> Buyer:
+    return Buyer(account.account_id, account.name, account.country, account.email, account.street, account.postcode, account.city,
+                 account.vat_id)  # fmt: skip
+
+
+def exempt_category(pricebook: PriceBook, buyer: Buyer) -> str:
+    return Parties(pricebook.seller_country, buyer.country, buyer.vat_id).exempt_category()
+
+
+def document_of(catalog: Catalog, pricebook: PriceBook, invoice: InvoiceView, buyer: Buyer, paid: Decimal = ZERO) -> DocumentView:
+    with catalog.session() as session:
+        remaining = session.scalar(select(Invoice.credit_remaining).where(Invoice.invoice_number == invoice.invoice_number))
+    return invoice_document(invoice, buyer, pricebook, remaining, paid, exempt_category(pricebook, buyer))
 
 
 def publish_documents(billing: MonthlyBilling) -> PublishResult:
-    """Write each invoice's JSON, CSV of lines and HTML page, unless an earlier run already did.
+    """Write each invoice's JSON, CSV of lines and HTML page, and, when the price book names the
+    seller, its PDF (Factur-X: the page with the EN 16931 XML inside) and the XML alone, unless an
+    earlier run already did.
 
     The documents are what was issued: a later run must not re-render them with a renamed
     account or another price book's wording. Each write is atomic, so an object that exists
     is complete.
     """
-    customers = _customers(billing.catalog, billing.period)
+    buyers = _buyers(billing.catalog, billing.period)
+    formats = published_formats(billing.pricebook)
     written = kept = 0
     for invoice in month_invoices(billing.catalog, billing.period):
-        for fmt, key in document_keys(invoice).items():
-            if billing.store.exists(key):
-                kept += 1
-                continue
-            billing.store.put_bytes(key, _render(fmt, invoice, customers[invoice.account_id], billing.pricebook).encode("utf-8"))
+        keys = {fmt: key for fmt, key in document_keys(invoice).items() if fmt in formats}
+        missing = [fmt for fmt, key in keys.items() if not billing.store.exists(key)]
+        kept += len(keys) - len(missing)
+        if not missing:
+            continue
+        rendered = render_documents(document_of(billing.catalog, billing.pricebook, invoice, buyers[invoice.account_id]), invoice, missing)
+        for fmt in missing:
+            billing.store.put_bytes(keys[fmt], rendered[fmt])
             written += 1
     log.info("%s: %d invoice document(s) written, %d already published", billing.period, written, kept)
     return PublishResult(written, kept)
 
 
-def _render(fmt: str, invoice: InvoiceView, customer: Customer, pricebook: PriceBook) -> str:
-    if fmt == "json":
-        return invoice_json(invoice)
-    if fmt == "csv":
-        return invoice_lines_csv(invoice)
-    return invoice_html(invoice, customer.name, pricebook)
+def render_documents(document: DocumentView, invoice: InvoiceView | None, formats: Iterable[str]) -> dict[str, bytes]:
+    """The asked formats of one document; the PDF carries the same XML that is published beside it."""
+    formats = list(formats)
+    rendered: dict[str, bytes] = {}
+    if invoice is not None and "json" in formats:
+        rendered["json"] = invoice_json(invoice).encode("utf-8")
+    if invoice is not None and "csv" in formats:
+        rendered["csv"] = invoice_lines_csv(invoice).encode("utf-8")
+    if "html" in formats:
+        rendered["html"] = document_html(document).encode("utf-8")
+    if "pdf" in formats:
+        rendered["pdf"] = facturx_pdf(document)
+    if "xml" in formats:
+        rendered["xml"] = check_facturx(rendered["pdf"]) if "pdf" in rendered else cii_xml(document)
+    return rendered
 
 
-def invoice_email(invoice: InvoiceView, customer: Customer, links: dict[str, str], links_expire: datetime) -> tuple[str, str]:
-    """Subject and plain-text body: the lines and totals, and links to the three documents."""
-    currency, total = invoice.currency, format_money(invoice.total)
-    lines = "\n".join(f"  {format_money(line.amount):>12}  {line.description}" for line in invoice.lines)
+def invoice_email(document: DocumentView, links: dict[str, str], links_expire: datetime) -> tuple[str, str]:
+    """Subject and plain-text body: the lines, VAT per rate, total, credit applied, amount due, and
+    links to the published documents."""
+    currency = document.currency
+    lines = "\n".join(f"  {format_money(line.amount):>12}  {line.description}" for line in document.lines)
+    vat = "\n".join(f"  {format_money(group.tax):>12}  Tax: {group.label} on {format_money(group.base)}" for group in document.vat)
+    credit = ""
+    if document.credit_applied:
+        credit = f"  {format_money(-document.credit_applied):>12}  Credit applied (earlier overpayments and credit notes)\n"
+    due = document.amount_due
     payment = "Nothing is due on this invoice."
-    if invoice.total > 0:
-        payment = f"Please pay {currency} {total} by {invoice.due_date.isoformat()}."
-    body = f"""Hello {customer.name},
+    if due > 0:
+        payment = f"Please pay {currency} {format_money(due)} by {document.due_date.isoformat()}."
+        if document.seller and document.seller.iban:
+            payment += f" Bank transfer to IBAN {document.seller.iban}" + (f" (BIC {document.seller.bic})" if document.seller.bic else "") + ","
+        payment += f" quoting {document.number}."
+    notes = "".join(f"\n{note}\n" for note in document.notes)
+    names = {"html": "Invoice:", "pdf": "PDF e-invoice (Factur-X):", "xml": "E-invoice XML (EN 16931):", "csv": "Lines (CSV):", "json": "Data (JSON):"}
+    listing = "\n".join(f"  {names[fmt]:<26}{links[fmt]}" for fmt in ("html", "pdf", "xml", "csv", "json") if fmt in links)
+    seller = document.seller.name if document.seller else "pointflow"
+    body = f"""Hello {document.buyer.name},
 
-your pointflow invoice {invoice.invoice_number} for {invoice.period} (issued {invoice.issue_date.isoformat()}):
+your {seller} invoice {document.number} for {document.supply_first:%Y-%m} (issued {document.issue_date.isoformat()}):
 
 {lines}
 
-  {format_money(invoice.subtotal):>12}  Subtotal
-  {format_money(invoice.tax):>12}  Tax
-  {total:>12}  Total {currency}
-
+  {format_money(document.net_total):>12}  Subtotal
+{vat}
+  {format_money(document.gross_total):>12}  Total {currency}
+{credit}  {format_money(due):>12}  Amount due {currency}
+{notes}
 {payment}
 
 The invoice and its lines (links valid until {links_expire:%Y-%m-%d %H:%M} UTC):
-  Invoice:      {links["html"]}
-  Lines (CSV):  {links["csv"]}
-  Data (JSON):  {links["json"]}
+{listing}
 """
-    return f"Invoice {invoice.invoice_number} for {invoice.period}: {currency} {total}", body
+    return f"Invoice {document.number} for {document.supply_first:%Y-%m}: {currency} {format_money(due)}", body
 
 
 def _already_mailed(catalog: Catalog, keys: list[str]) -> set[str]:
@@ -181,7 +235,8 @@ def email_invoices(billing: MonthlyBilling, link_lifetime: timedelta = LINK_LIFE
     refused ones, and running this again sends only those.
     """
     invoices = month_invoices(billing.catalog, billing.period)
-    customers = _customers(billing.catalog, billing.period)
+    buyers = _buyers(billing.catalog, billing.period)
+    formats = published_formats(billing.pricebook)
     mailed = _already_mailed(billing.catalog, [f"invoice:{invoice.invoice_number}" for invoice in invoices])
     sent: list[str] = []
     already: list[str] = []
@@ -192,11 +247,12 @@ def email_invoices(billing: MonthlyBilling, link_lifetime: timedelta = LINK_LIFE
             # Skipped before signing links: a re-run of a month does no work per invoice.
             already.append(invoice.invoice_number)
             continue
-        customer = customers[invoice.account_id]
-        links = {fmt: billing.store.link(k, link_lifetime) for fmt, k in document_keys(invoice).items()}
-        subject, body = invoice_email(invoice, customer, links, datetime.now(timezone.utc) + link_lifetime)
+        buyer = buyers[invoice.account_id]
+        links = {fmt: billing.store.link(k, link_lifetime) for fmt, k in document_keys(invoice).items() if fmt in formats}
+        document = document_of(billing.catalog, billing.pricebook, invoice, buyer)
+        subject, body = invoice_email(document, links, datetime.now(timezone.utc) + link_lifetime)
         try:
-            send_once(billing.settings, billing.catalog, key, invoice.account_id, "invoice", customer.email, subject, body)
+            send_once(billing.settings, billing.catalog, key, invoice.account_id, "invoice", buyer.email, subject, body)
         except DeliveryError as error:
             refused.append(f"{invoice.invoice_number}: {error}")
             continue
@@ -229,4 +285,31 @@ def publish_usage_daily(billing: MonthlyBilling) -> dict[str, str]:
     writer.writerows(rows)
     billing.store.put_bytes(keys["csv"], buffer.getvalue().encode("utf-8"))
     log.info("%s: usage per day, %d row(s), written to %s", billing.period, len(rows), keys["json"])
+    return keys
+
+
+def credit_note_keys(account_id: str, number: str, pricebook: PriceBook) -> dict[str, str]:
+    """accounts/<id>/invoices/<credit note number>.html (and .pdf, .xml with a seller)"""
+    area = AccountArea(account_id)
+    return {fmt: area.key("invoices", f"{number}.{fmt}") for fmt in ("html", *(EINVOICE_FORMATS if pricebook.seller else ()))}
+
+
+def credit_note_of(catalog: Catalog, pricebook: PriceBook, number: str) -> DocumentView:
+    """The document of an issued credit note, with the invoice it corrects."""
+    with catalog.session() as session:
+        note = session.get(CreditNote, number)
+        if note is None:
+            raise BillingError(f"unknown credit note {number!r}")
+        invoice = invoice_view(session.get(Invoice, note.invoice_number))
+        buyer = buyer_of(session.get(Account, note.account_id))
+    return credit_note_document(note, invoice, buyer, pricebook, exempt_category(pricebook, buyer))
+
+
+def publish_credit_note(catalog: Catalog, store: ObjectStore, pricebook: PriceBook, number: str) -> dict[str, str]:
+    """Write a credit note's page (and e-invoice) into its account's invoices area, once."""
+    document = credit_note_of(catalog, pricebook, number)
+    keys = credit_note_keys(document.buyer.account_id, number, pricebook)
+    missing = [fmt for fmt, key in keys.items() if not store.exists(key)]
+    for fmt, body in render_documents(document, None, missing).items():
+        store.put_bytes(keys[fmt], body)
     return keys

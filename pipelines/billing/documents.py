@@ -1,18 +1,174 @@
-"""What an invoice looks like outside the database: JSON, a CSV of its lines, an HTML page a
-customer reads. The monthly DAG writes all three into the account's area and mails the page."""
+"""What an invoice or credit note looks like outside the database: JSON, a CSV of its lines, the
+page a customer reads (HTML, from a Jinja2 template), the same page as PDF (weasyprint), and the
+EN 16931 e-invoice: CII XML (drafthorse) embedded in a Factur-X PDF/A-3 (factur-x).
+
+The documents show what an accounts department books: seller and buyer with addresses and VAT IDs,
+invoice and supply dates, the lines with their VAT, one VAT line per rate, the exemption or
+reverse-charge wording where it applies, the taxed total, and only *after* it the credit applied,
+payments received and the amount due. An e-invoice needs the seller's identity: without `seller:`
+in the price book, none is made, and the page says it is not a valid VAT invoice.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from html import escape
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from functools import cache
+from typing import Any
 
-from pipelines.billing.invoicing import InvoiceView
-from pipelines.billing.money import format_money
-from pipelines.billing.pricebook import PriceBook
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+from pipelines.billing.invoicing import InvoiceView, Line
+from pipelines.billing.money import format_money, format_quantity, round_half_up
+from pipelines.billing.periods import Period
+from pipelines.billing.pricebook import PriceBook, Seller
+from pipelines.billing.terms import EXEMPT, OUTSIDE_SCOPE, REVERSE_CHARGE, STANDARD, ZERO_RATED
 
 LINE_COLUMNS = ("kind", "description", "quantity", "unit_price", "amount", "taxable")
+ZERO = Decimal("0.00")
+# Wording printed with a zero VAT, and the EN 16931 exemption reason codes (VATEX) that go with it.
+VAT_NOTES = {
+    REVERSE_CHARGE: ("Reverse charge: VAT to be accounted for by the recipient (Art. 196 Council Directive 2006/112/EC).", "VATEX-EU-AE"),
+    EXEMPT: ("Exempt from VAT under the exemption the customer holds.", None),
+    OUTSIDE_SCOPE: ("Not subject to VAT in the EU: the customer is established outside the EU (Art. 44 Directive 2006/112/EC).", "VATEX-EU-O"),
+    ZERO_RATED: ("VAT at 0 %.", None),
+}
+FINANCE_CHARGE_NOTE = "Finance charge on an overdue balance: interest, not a supply; no VAT."
+
+
+@dataclass(frozen=True)
+class Buyer:
+    account_id: str
+    name: str
+    country: str
+    email: str
+    street: str | None = None
+    postcode: str | None = None
+    city: str | None = None
+    vat_id: str | None = None
+
+    @property
+    def address_lines(self) -> tuple[str, ...]:
+        town = " ".join(part for part in (self.postcode, self.city) if part)
+        return tuple(part for part in (self.street, town, self.country) if part)
+
+
+@dataclass(frozen=True)
+class VatGroup:
+    category: str
+    rate: Decimal
+    base: Decimal
+    tax: Decimal
+
+    @property
+    def percent(self) -> str:
+        return format_quantity(self.rate * 100)
+
+    @property
+    def label(self) -> str:
+        if self.category == STANDARD:
+            return f"VAT {self.percent} %"
+        if self.category == "FC":
+            return "Finance charge, no VAT"
+        return {REVERSE_CHARGE: "VAT 0 %, reverse charge", EXEMPT: "VAT 0 %, exempt", OUTSIDE_SCOPE: "VAT 0 %, not subject"}.get(
+            self.category, "VAT 0 %"
+        )
+
+
+@dataclass(frozen=True)
+class DocumentView:
+    """Everything an invoice or credit note document shows, computed once for every format."""
+
+    kind: str  # "invoice" or "credit_note"
+    number: str
+    issue_date: date
+    due_date: date | None
+    supply_first: date
+    supply_last: date
+    currency: str
+    seller: Seller | None
+    buyer: Buyer
+    lines: tuple[Line, ...]  # supplies, late fees and credits given; never the credit carried forward
+    vat: tuple[VatGroup, ...]
+    net_total: Decimal
+    tax_total: Decimal
+    gross_total: Decimal
+    credit_applied: Decimal = ZERO
+    credit_remaining: Decimal | None = None
+    paid: Decimal = ZERO
+    refers_to: str | None = None
+    late_fee_rate: Decimal = Decimal("0")
+    dispute_days: int = 7
+    billing_error_days: int = 60
+
+    @property
+    def title(self) -> str:
+        return "Invoice" if self.kind == "invoice" else "Credit note"
+
+    @property
+    def amount_due(self) -> Decimal:
+        return self.gross_total - self.credit_applied - self.paid
+
+    @property
+    def notes(self) -> list[str]:
+        categories = {group.category for group in self.vat}
+        return [VAT_NOTES[c][0] for c in (REVERSE_CHARGE, EXEMPT, OUTSIDE_SCOPE) if c in categories] + (
+            [FINANCE_CHARGE_NOTE] if "FC" in categories else []
+        )
+
+
+def vat_groups(lines: tuple[Line, ...], invoice_rate: Decimal, fallback_category: str) -> tuple[VatGroup, ...]:
+    """One group per VAT category and rate, tax rounded half-up once per group (as the run did)."""
+    bases: dict[tuple[str, Decimal], Decimal] = defaultdict(lambda: ZERO)
+    for line in lines:
+        if not line.taxable:
+            bases["FC", Decimal("0")] += line.amount
+            continue
+        rate = line.tax_rate if line.tax_rate is not None else invoice_rate
+        bases[line.tax_category or (STANDARD if rate else fallback_category), rate] += line.amount
+    return tuple(
+        VatGroup(category, rate, base, round_half_up(base * rate) if category == STANDARD else ZERO)
+        for (category, rate), base in sorted(bases.items(), key=lambda item: (item[0][0] == "FC", -item[0][1], item[0][0]))
+    )
+
+
+def invoice_document(
+    invoice: InvoiceView, buyer: Buyer, pricebook: PriceBook, credit_remaining: Decimal | None = None,
+    paid: Decimal = ZERO, exempt_category: str = EXEMPT,
+) -> DocumentView:  # fmt: skip
+    lines = tuple(line for line in invoice.lines if line.kind != "credit")
+    credit_applied = -sum((line.amount for line in invoice.lines if line.kind == "credit"), ZERO)
+    vat = vat_groups(lines, invoice.tax_rate, exempt_category)
+    net = sum((line.amount for line in lines), ZERO)
+    tax = sum((group.tax for group in vat), ZERO)
+    period = Period.parse(invoice.period)
+    return DocumentView(
+        "invoice", invoice.invoice_number, invoice.issue_date, invoice.due_date, period.first_day, period.last_day,
+        invoice.currency, pricebook.seller, buyer, lines, vat, net, tax, net + tax, credit_applied, credit_remaining, paid,
+        late_fee_rate=pricebook.late_fee_rate(buyer.country), dispute_days=pricebook.dispute_window_days,
+        billing_error_days=pricebook.billing_error_dispute_window_days,
+    )  # fmt: skip
+
+
+def credit_note_document(note: Any, invoice: InvoiceView, buyer: Buyer, pricebook: PriceBook, exempt_category: str = EXEMPT) -> DocumentView:
+    """A credit note: one line crediting `note.amount` of the invoice, at the invoice's rate."""
+    category = STANDARD if invoice.tax_rate else exempt_category
+    line = Line("credit_note", f"Credit on invoice {invoice.invoice_number}: {note.reason}", Decimal(1), note.amount, note.amount,
+                True, invoice.tax_rate, category)  # fmt: skip
+    group = VatGroup(category, invoice.tax_rate, note.amount, note.tax)
+    period = Period.parse(invoice.period)
+    return DocumentView(
+        "credit_note", note.credit_note_number, note.issued_on, None, period.first_day, period.last_day, invoice.currency,
+        pricebook.seller, buyer, (line,), (group,), note.amount, note.tax, note.total, refers_to=invoice.invoice_number,
+    )  # fmt: skip
+
+
+# --- the formats --------------------------------------------------------------------------------
 
 
 def invoice_json(invoice: InvoiceView) -> str:
@@ -28,43 +184,207 @@ def invoice_lines_csv(invoice: InvoiceView) -> str:
     return buffer.getvalue()
 
 
-def invoice_html(invoice: InvoiceView, customer_name: str, pricebook: PriceBook, seller: str = "pointflow") -> str:
-    """A self-contained page (no external assets) with the lines and totals."""
-    data = invoice.to_dict()
-    rows = "\n".join(
-        f"<tr><td>{escape(line['description'])}</td><td class=n>{escape(line['quantity'])}</td>"
-        f"<td class=n>{escape(line['unit_price'])}</td><td class=n>{escape(line['amount'])}</td></tr>"
-        for line in data["lines"]
-    )
-    currency = escape(invoice.currency)
-    tax_label = f"Tax ({escape(data['tax_rate'])})" if invoice.tax_rate else "Tax (exempt or 0 %)"
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Invoice {escape(invoice.invoice_number)}</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; width: 100%; }}
-th, td {{ border-bottom: 1px solid #ccc; padding: .4em; text-align: left; }}
-.n {{ text-align: right; white-space: nowrap; }}
-tfoot td {{ font-weight: bold; border: none; }}
-</style></head>
-<body>
-<h1>Invoice {escape(invoice.invoice_number)}</h1>
-<p>{escape(seller)} &mdash; to {escape(customer_name)} (account {escape(invoice.account_id)})</p>
-<p>Period {escape(invoice.period)} &middot; issued {invoice.issue_date.isoformat()} &middot;
-payment due {invoice.due_date.isoformat()} &middot; amounts in {currency}, fees exclusive of tax</p>
-<table>
-<thead><tr><th>Description</th><th class=n>Quantity</th><th class=n>Unit price</th><th class=n>Amount</th></tr></thead>
-<tbody>
-{rows}
-</tbody>
-<tfoot>
-<tr><td colspan=3 class=n>Subtotal</td><td class=n>{format_money(invoice.subtotal)}</td></tr>
-<tr><td colspan=3 class=n>{tax_label}</td><td class=n>{format_money(invoice.tax)}</td></tr>
-<tr><td colspan=3 class=n>Total {currency}</td><td class=n>{format_money(invoice.total)}</td></tr>
-</tfoot>
-</table>
-<p>Questions about this invoice? Reply within {pricebook.dispute_window_days} days
-({pricebook.billing_error_dispute_window_days} days for billing errors); corrections are
-issued as credit notes referencing this invoice.</p>
-</body></html>
-"""
+@cache
+def _templates() -> Environment:
+    return Environment(loader=PackageLoader("pipelines.billing", "templates"), autoescape=select_autoescape(default=True),
+                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
+
+
+def _line_row(line: Line) -> dict[str, str]:
+    data = line.to_dict()
+    if not line.taxable:
+        vat = "none"
+    elif line.tax_category in (None, STANDARD) and line.tax_rate:
+        vat = f"{format_quantity(line.tax_rate * 100)} %"
+    else:
+        vat = "0 %"
+    return {"description": data["description"], "quantity": data["quantity"], "unit_price": data["unit_price"], "amount": data["amount"], "vat": vat}
+
+
+def document_html(document: DocumentView) -> str:
+    """A self-contained page (no external assets), also the source of the PDF."""
+    money = {name: format_money(getattr(document, name)) for name in ("net_total", "gross_total", "credit_applied", "paid", "amount_due")}
+    context = {
+        "title": document.title, "number": document.number, "kind": document.kind, "refers_to": document.refers_to,
+        "issue_date": document.issue_date.isoformat(), "due_date": document.due_date.isoformat() if document.due_date else None,
+        "supply_first": document.supply_first.isoformat(), "supply_last": document.supply_last.isoformat(),
+        "currency": document.currency, "seller": document.seller, "buyer": document.buyer,
+        "lines": [_line_row(line) for line in document.lines],
+        "vat": [{"label": g.label, "base": format_money(g.base), "tax": format_money(g.tax)} for g in document.vat],
+        "credit_remaining": None if document.credit_remaining is None else format_money(document.credit_remaining),
+        "amount_due_positive": document.amount_due > 0, "notes": document.notes,
+        "late_fee_percent": format_quantity(document.late_fee_rate * 100), "dispute_days": document.dispute_days,
+        "billing_error_days": document.billing_error_days, **money,
+    }  # fmt: skip
+    return _templates().get_template("invoice.html.j2").render(d=context)
+
+
+def document_pdf(document: DocumentView) -> bytes:
+    """The page as a PDF/A-3b (fonts embedded), ready to carry the e-invoice XML."""
+    from weasyprint import HTML
+
+    return HTML(string=document_html(document)).write_pdf(pdf_variant="pdf/a-3b", uncompressed_pdf=False)
+
+
+def invoice_html(invoice: InvoiceView, buyer: Buyer, pricebook: PriceBook, credit_remaining: Decimal | None = None, paid: Decimal = ZERO) -> str:
+    return document_html(invoice_document(invoice, buyer, pricebook, credit_remaining, paid))
+
+
+# --- the e-invoice (EN 16931, Factur-X) ---------------------------------------------------------
+
+FACTURX_LEVEL = "en16931"
+GUIDELINE = "urn:cen.eu:en16931:2017"
+UNIT_CODES = {"usage": "C62", "late_usage": "C62", "seats": "C62", "extra_storage": "C62"}  # C62 = one (unit)
+
+
+class EInvoiceUnavailable(ValueError):
+    """No e-invoice can be made: the seller's identity is missing from the price book."""
+
+
+def cii_xml(document: DocumentView) -> bytes:
+    """The EN 16931 CII XML of an invoice (type 380) or credit note (381), checked against the
+    Factur-X EN 16931 schema before it is returned."""
+    from drafthorse.models.accounting import ApplicableTradeTax
+    from drafthorse.models.document import Document
+    from drafthorse.models.note import IncludedNote
+    from drafthorse.models.party import TaxRegistration
+    from drafthorse.models.payment import PaymentTerms
+    from drafthorse.models.tradelines import LineItem
+
+    seller = document.seller
+    if seller is None:
+        raise EInvoiceUnavailable("no e-invoice without the seller's name, address and VAT ID: add seller: to the price book")
+    doc = Document()
+    doc.context.guideline_parameter.id = GUIDELINE
+    doc.header.id = document.number
+    doc.header.type_code = "380" if document.kind == "invoice" else "381"
+    doc.header.issue_date_time = document.issue_date
+    for note in document.notes:
+        doc.header.notes.add(IncludedNote(content=note))
+
+    agreement = doc.trade.agreement
+    agreement.buyer_reference = document.buyer.account_id
+    agreement.seller.name = seller.name
+    agreement.seller.address.line_one = seller.street
+    agreement.seller.address.postcode = seller.postcode
+    agreement.seller.address.city_name = seller.city
+    agreement.seller.address.country_id = seller.country
+    agreement.seller.tax_registrations.add(TaxRegistration(id=("VA", seller.vat_id)))
+    if seller.email:
+        agreement.seller.electronic_address.uri_ID = ("EM", seller.email)
+    buyer = document.buyer
+    agreement.buyer.name = buyer.name
+    agreement.buyer.id = buyer.account_id
+    if buyer.street:
+        agreement.buyer.address.line_one = buyer.street
+    if buyer.postcode:
+        agreement.buyer.address.postcode = buyer.postcode
+    if buyer.city:
+        agreement.buyer.address.city_name = buyer.city
+    agreement.buyer.address.country_id = buyer.country
+    if buyer.vat_id:
+        agreement.buyer.tax_registrations.add(TaxRegistration(id=("VA", buyer.vat_id)))
+    if document.refers_to:
+        agreement.buyer_order.issuer_assigned_id = document.refers_to
+
+    doc.trade.delivery.event.occurrence = document.supply_last
+    settlement = doc.trade.settlement
+    settlement.currency_code = document.currency
+    settlement.period.start = document.supply_first
+    settlement.period.end = document.supply_last
+    if seller.iban and document.kind == "invoice":
+        from drafthorse.models.payment import PaymentMeans
+
+        means = PaymentMeans()
+        means.type_code = "58"  # SEPA credit transfer
+        means.payee_account.iban = seller.iban
+        settlement.payment_means.add(means)
+    if document.due_date:
+        terms = PaymentTerms()
+        terms.description = f"Due {document.due_date.isoformat()}"
+        terms.due = document.due_date
+        settlement.terms.add(terms)
+
+    for position, line in enumerate(document.lines, start=1):
+        item = LineItem()
+        item.document.line_id = str(position)
+        item.product.name = line.description
+        quantity = line.quantity if line.kind not in ("late_fee", "credit_note") else Decimal(1)
+        unit_price = line.unit_price if line.kind not in ("late_fee", "credit_note") else line.amount
+        if quantity == 0:
+            quantity, unit_price = Decimal(1), line.amount
+        # EN 16931 prices are never negative: a credit is a negative quantity at a positive price.
+        if unit_price < 0:
+            quantity, unit_price = -quantity, -unit_price
+        item.agreement.net.amount = unit_price
+        item.delivery.billed_quantity = (quantity, UNIT_CODES.get(line.kind, "C62"))
+        group = _group_of(line, document.vat)
+        item.settlement.trade_tax.type_code = "VAT"
+        item.settlement.trade_tax.category_code = _cii_category(group)
+        item.settlement.trade_tax.rate_applicable_percent = group.rate * 100
+        item.settlement.monetary_summation.total_amount = line.amount
+        doc.trade.items.add(item)
+
+    for group in document.vat:
+        tax = ApplicableTradeTax()
+        tax.calculated_amount = group.tax
+        tax.basis_amount = group.base
+        tax.type_code = "VAT"
+        tax.category_code = _cii_category(group)
+        tax.rate_applicable_percent = group.rate * 100
+        if group.category != STANDARD:
+            text, code = VAT_NOTES.get(group.category, (FINANCE_CHARGE_NOTE, None))
+            tax.exemption_reason = text
+            if code:
+                tax.exemption_reason_code = code
+        settlement.trade_tax.add(tax)
+
+    totals = settlement.monetary_summation
+    totals.line_total = document.net_total
+    totals.charge_total = ZERO
+    totals.allowance_total = ZERO
+    totals.tax_basis_total = document.net_total
+    totals.tax_total = (document.tax_total, document.currency)
+    totals.grand_total = document.gross_total
+    totals.prepaid_total = document.credit_applied + document.paid
+    totals.due_amount = document.amount_due
+    return doc.serialize(schema="FACTUR-X_EN16931")
+
+
+def _group_of(line: Line, groups: tuple[VatGroup, ...]) -> VatGroup:
+    if not line.taxable:
+        return next(g for g in groups if g.category == "FC")
+    return next(g for g in groups if g.rate == (line.tax_rate if line.tax_rate is not None else g.rate) and
+                (line.tax_category is None or g.category == line.tax_category))  # fmt: skip
+
+
+def _cii_category(group: VatGroup) -> str:
+    # A finance charge is no supply; EN 16931 has no category of its own for it, and "exempt" is the
+    # one that may stand beside standard-rated lines on the same invoice.
+    return EXEMPT if group.category == "FC" else group.category
+
+
+def facturx_pdf(document: DocumentView) -> bytes:
+    """The PDF/A-3 page with its CII XML embedded as factur-x.xml: one file for people and for
+    accounting software."""
+    from facturx import generate_from_binary
+
+    xml = cii_xml(document)
+    metadata = {
+        "author": document.seller.name if document.seller else "pointflow",
+        "keywords": "Factur-X, e-invoice",
+        "title": f"{document.title} {document.number}",
+        "subject": f"{document.title} {document.number} of {document.seller.name if document.seller else 'pointflow'}",
+    }
+    return generate_from_binary(document_pdf(document), xml, flavor="factur-x", level=FACTURX_LEVEL, check_xsd=True,
+                                pdf_metadata=metadata, lang="en-GB")  # fmt: skip
+
+
+def check_facturx(pdf: bytes) -> bytes:
+    """The CII XML embedded in a Factur-X PDF, after checking it against the official EN 16931
+    schema (raises if it does not validate)."""
+    from facturx import get_xml_from_pdf, xml_check_xsd
+
+    _, xml = get_xml_from_pdf(pdf, check_xsd=False)
+    xml_check_xsd(xml, flavor="factur-x", level=FACTURX_LEVEL)
+    return xml

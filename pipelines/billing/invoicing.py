@@ -132,6 +132,8 @@ class Draft:
     tax: Decimal
     total: Decimal
     credit_applied: Decimal
+    # Credit (overpayments, credit notes) still available for later invoices.
+    credit_remaining: Decimal = ZERO
 
 
 @dataclass(frozen=True)
@@ -280,7 +282,7 @@ def draft_invoice(
     if not any(line.amount for line in lines):
         return None
     subtotal = sum((line.amount for line in lines), ZERO)
-    return Draft(tuple(lines), tax_rate, subtotal, taxable_subtotal, tax, subtotal + tax, credit_applied)
+    return Draft(tuple(lines), tax_rate, subtotal, taxable_subtotal, tax, subtotal + tax, credit_applied, ledger.credit - credit_applied)
 
 
 def _plan_name(plan: str) -> str:
@@ -526,7 +528,7 @@ def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> 
             "invoice_number": number, "account_id": account.account_id, "period": period.label, "sequence": sequence,
             "currency": pricebook.currency, "issue_date": issue_date, "due_date": due_date, "tax_rate": draft.tax_rate,
             "subtotal": draft.subtotal, "taxable_subtotal": draft.taxable_subtotal, "tax": draft.tax,
-            "total": draft.total, "credit_applied": draft.credit_applied,
+            "total": draft.total, "credit_applied": draft.credit_applied, "credit_remaining": draft.credit_remaining,
         })  # fmt: skip
         line_rows.extend(
             {"invoice_number": number, "position": position, "kind": line.kind, "description": line.description,
@@ -554,7 +556,7 @@ def _accounts(session: Session, period: Period) -> list[AccountFacts]:
             continue
         history = found[account.account_id]
         facts.append(AccountFacts(account.account_id, account.country, history.plan, history.billing_cycle, account.started_at,
-                                  account.tax_rate, account.tax_exempt, ended_on=ended_on, plan_steps=history.plan_steps,
+                                  account.tax_rate, account.tax_exempt, ended_on=ended_on, vat_id=account.vat_id, plan_steps=history.plan_steps,
                                   term_steps=history.term_steps))  # fmt: skip
     return facts
 

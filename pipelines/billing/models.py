@@ -119,6 +119,8 @@ class Invoice(Base):
     total: Mapped[Decimal] = mapped_column(ExactDecimal)
     # Earlier credit consumed by this invoice (its "credit" line, as a positive amount).
     credit_applied: Mapped[Decimal] = mapped_column(ExactDecimal)
+    # Credit still available for later invoices after this one (NULL on invoices issued before it was kept).
+    credit_remaining: Mapped[Decimal | None] = mapped_column(ExactDecimal, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     lines: Mapped[list[InvoiceLine]] = relationship(order_by="InvoiceLine.position", lazy="selectin")

@@ -94,12 +94,13 @@ class Parties:
         """A B2B service to a business registered for VAT in another member state is taxed where
         the customer is, by the customer (Art. 196 VAT Directive): reverse charge. To a customer
         outside the EU it is outside the scope of EU VAT. Any other exemption is an exemption."""
-        buyer_in_eu = self.buyer_country.upper() in EU_COUNTRIES
-        seller_in_eu = self.seller_country is None or self.seller_country.upper() in EU_COUNTRIES
-        if self.buyer_vat_id and buyer_in_eu and seller_in_eu and self.buyer_country.upper() != (self.seller_country or "").upper():
-            return REVERSE_CHARGE
-        if seller_in_eu and self.seller_country is not None and not buyer_in_eu:
+        if self.seller_country is None or self.seller_country.upper() not in EU_COUNTRIES:
+            return EXEMPT  # where the seller is decides; unknown, it is a plain exemption
+        buyer_country = self.buyer_country.upper()
+        if buyer_country not in EU_COUNTRIES:
             return OUTSIDE_SCOPE
+        if self.buyer_vat_id and buyer_country != self.seller_country.upper():
+            return REVERSE_CHARGE
         return EXEMPT
 
 

@@ -48,6 +48,11 @@ class Account(Base):
     tax_rate: Mapped[Decimal] = mapped_column(ExactDecimal, default=Decimal("0"))
     tax_exempt: Mapped[bool] = mapped_column(Boolean, default=False)
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The buyer on invoices (optional): postal address and VAT ID.
+    street: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    postcode: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    city: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    vat_id: Mapped[str | None] = mapped_column(String(20), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

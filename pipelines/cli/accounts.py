@@ -21,7 +21,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         description=(
             "Insert or update accounts from CSV with columns account_id,name,email,country,plan,started_at,"
             "tax_rate,tax_exempt,last_login_at (optional: billing_cycle = monthly|quarterly|yearly; "
-            "plan_effective = the ISO date a changed plan or cycle takes effect, default today UTC). "
+            "plan_effective = the ISO date a changed plan or cycle takes effect, default today UTC; street, "
+            "postcode, city, vat_id = the buyer's address and VAT ID printed on invoices). "
             "An account whose plan or cycle differs gets a dated plan change, as with 'accounts change-plan': "
             "the months before keep the old plan. All rows are checked first; if any is bad, each bad row is "
             "reported with its line number and nothing is imported."
@@ -42,6 +43,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--billing-cycle", default=BillingCycle.MONTHLY.value, choices=[c.value for c in BillingCycle])
     add.add_argument("--plan-effective", type=date.fromisoformat, default=None, metavar="DATE",
                      help="for an existing account whose plan or cycle changes: the ISO date it takes effect (default: today, UTC)")  # fmt: skip
+    add.add_argument("--street", help="street and number, as invoices print them")
+    add.add_argument("--postcode")
+    add.add_argument("--city")
+    add.add_argument("--vat-id", help="the customer's VAT ID, e.g. FR40303265045 (with --tax-exempt, an EU business abroad gets reverse charge)")
     add.set_defaults(handler=_add)
 
     change = sub.add_parser(
@@ -90,6 +95,10 @@ def _add(args: argparse.Namespace) -> int:
             "last_login_at": "",
             "billing_cycle": args.billing_cycle,
             "plan_effective": args.plan_effective.isoformat() if args.plan_effective else "",
+            "street": args.street or "",
+            "postcode": args.postcode or "",
+            "city": args.city or "",
+            "vat_id": args.vat_id or "",
         }
     )
     result = upsert_accounts(open_catalog(settings_from_env()), [record])

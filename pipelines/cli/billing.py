@@ -17,7 +17,7 @@ from pipelines.billing.corrections import (
     open_dispute,
     set_billing_terms,
 )
-from pipelines.billing.documents import invoice_html, invoice_lines_csv
+from pipelines.billing.delivery import buyer_of, credit_note_of, document_of, publish_credit_note, render_documents
 from pipelines.billing.imports import (
     import_outages,
     import_payments,
@@ -31,8 +31,9 @@ from pipelines.billing.money import format_money
 from pipelines.billing.periods import Period
 from pipelines.billing.pricebook import PriceBook, load_pricebook
 from pipelines.billing.usage import monthly_points_cap, points_used_in_month
-from pipelines.cli.common import open_catalog, print_json, settings_from_env
+from pipelines.cli.common import CommandError, open_catalog, print_json, settings_from_env
 from pipelines.settings import Settings
+from pipelines.storage import open_store
 
 PRICEBOOK_HELP = "price book YAML (default: $POINTFLOW_PRICEBOOK, else the one shipped with pointflow)"
 
@@ -160,10 +161,17 @@ def _register_invoices(commands: argparse._SubParsersAction) -> None:
     show = sub.add_parser(
         "show",
         help="one invoice with its payments, credit notes and disputes",
-        description="Show one invoice: as JSON with payments, credit notes, disputes and the open amount; as the CSV of its lines; or as the HTML page sent to the customer.",
+        description=(
+            "Show one invoice: as JSON with payments, credit notes, disputes and the open amount; as the CSV of its "
+            "lines; as the page sent to the customer (HTML); or as its e-invoice (Factur-X PDF, or the CII XML). The "
+            "page and e-invoice are rendered now, with the payments received so far; the ones sent are in the "
+            "account's invoices area."
+        ),
     )
-    show.add_argument("invoice_number")
-    show.add_argument("--format", choices=("json", "csv", "html"), default="json")
+    show.add_argument("invoice_number", help="an invoice number, or a credit note's (html, pdf, xml)")
+    show.add_argument("--format", choices=("json", "csv", "html", "pdf", "xml"), default="json",
+                      help="pdf: the Factur-X PDF (the page with its EN 16931 XML inside); xml: that XML. Both need seller: in the price book")  # fmt: skip
+    show.add_argument("--output", type=Path, metavar="FILE", help="write the document to FILE instead of standard output")
     show.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
     show.set_defaults(handler=_invoices_show)
 
@@ -175,7 +183,9 @@ def _register_invoices(commands: argparse._SubParsersAction) -> None:
             "net of tax; tax is credited at the invoice's rate, never more than the invoice's tax, and all "
             "credits on an invoice never exceed what it charged. The credit reduces what the account owes; "
             "anything already paid is carried to the next invoice. Repeating the same invoice, amount and "
-            "reason returns the existing credit note. Numbers: PREFIX-CN-YYYY-MM-NNNN by month of issue."
+            "reason returns the existing credit note. Numbers: PREFIX-CN-YYYY-MM-NNNN by month of issue. Its page "
+            "(and, with seller: in the price book, its Factur-X PDF and XML, type 381) is written to the account's "
+            "invoices area: accounts/<id>/invoices/<number>.html|.pdf|.xml."
         ),
     )
     credit.add_argument("invoice_number")
@@ -306,14 +316,25 @@ def _invoices_show(args: argparse.Namespace) -> int:
     settings = settings_from_env()
     catalog = open_catalog(settings)
     pricebook = _pricebook(args, settings)
+    if args.format in ("html", "pdf", "xml") and args.invoice_number.startswith(f"{pricebook.invoice_prefix}-CN-"):
+        return _write(args, render_documents(credit_note_of(catalog, pricebook, args.invoice_number), None, [args.format])[args.format])
     statement = invoice_statement(catalog, pricebook, args.invoice_number)
-    if args.format == "csv":
-        sys.stdout.write(invoice_lines_csv(statement.invoice))
-    elif args.format == "html":
-        account = get_account(catalog, statement.invoice.account_id)
-        sys.stdout.write(invoice_html(statement.invoice, account.name, pricebook))
-    else:
+    if args.format == "json":
         print_json(statement.to_dict())
+        return 0
+    buyer = buyer_of(get_account(catalog, statement.invoice.account_id))
+    document = document_of(catalog, pricebook, statement.invoice, buyer, statement.payments)
+    return _write(args, render_documents(document, statement.invoice, [args.format])[args.format])
+
+
+def _write(args: argparse.Namespace, body: bytes) -> int:
+    if args.output:
+        args.output.write_bytes(body)
+        print(f"{args.invoice_number}: {args.format} written to {args.output} ({len(body):,} bytes)")
+    elif args.format == "pdf":
+        raise CommandError("a PDF is not for the terminal: add --output FILE.pdf")
+    else:
+        sys.stdout.write(body.decode("utf-8"))
     return 0
 
 
@@ -322,6 +343,8 @@ def _invoices_credit(args: argparse.Namespace) -> int:
     note, created = issue_credit_note(
         open_catalog(settings), _pricebook(args, settings), args.invoice_number, args.amount, args.reason, args.issued_on
     )
+    catalog, pricebook = open_catalog(settings), _pricebook(args, settings)
+    publish_credit_note(catalog, open_store(settings.storage_url, settings.link_endpoint), pricebook, note.credit_note_number)
     if args.json:
         print_json({**note.to_dict(), "created": created})
     else:

@@ -1,0 +1,198 @@
+"""Invoice documents an accounts department can book: seller and buyer, VAT per rate, exemption and
+reverse-charge wording, credit applied after the taxed total; and the EN 16931 e-invoice as a
+Factur-X PDF whose XML validates against the official schema."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from lxml import etree
+from pypdf import PdfReader
+
+from pipelines.accounts import read_accounts_csv, upsert_accounts
+from pipelines.billing.corrections import TermsUpdate, issue_credit_note, set_billing_terms
+from pipelines.billing.delivery import MonthlyBilling, buyer_of, document_of, email_invoices, publish_credit_note, publish_documents
+from pipelines.billing.documents import EInvoiceUnavailable, check_facturx, cii_xml, document_html
+from pipelines.billing.imports import import_outages, import_payments, import_usage, read_outages_csv, read_payments_csv, read_usage_jsonl
+from pipelines.billing.invoicing import run_billing
+from pipelines.billing.periods import Period
+from pipelines.catalog import Catalog
+from pipelines.catalog.models import Account
+from pipelines.settings import Settings
+from pipelines.storage import open_store
+from tests.test_billing_support import BASE_PRICEBOOK, SELLER, add_account, catalog, check_einvoices, database_url, make_pricebook, postgres_schema_url, utc
+
+__all__ = ["catalog", "database_url", "postgres_schema_url"]  # fixtures used here
+
+DATA = Path(__file__).parent / "data" / "billing"
+BOOK = make_pricebook(SELLER)
+NOW = utc("2027-06-01T00:00Z")
+CII = {"rsm": "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100",
+       "ram": "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100"}  # fmt: skip
+
+
+def scenario(catalog: Catalog) -> None:
+    """tests/data/billing: September and October 2026 invoiced, September's payments between."""
+    upsert_accounts(catalog, read_accounts_csv(DATA / "accounts.csv"))
+    import_usage(catalog, read_usage_jsonl(DATA / "usage.jsonl"))
+    run_billing(catalog, "2026-09", BOOK, now=NOW)
+    import_payments(catalog, read_payments_csv(DATA / "payments.csv"))
+    import_outages(catalog, read_outages_csv(DATA / "outages.csv"))
+    run_billing(catalog, "2026-10", BOOK, now=NOW)
+
+
+def billing(catalog: Catalog, tmp_path: Path, period: str, book=BOOK) -> MonthlyBilling:
+    settings = Settings.from_env({"POINTFLOW_HOME": str(tmp_path / "home")})
+    return MonthlyBilling(settings, catalog, open_store((tmp_path / "objects").as_uri()), book, Period.parse(period))
+
+
+def xpath(xml: bytes, path: str) -> list[str]:
+    return [str(value) for value in etree.fromstring(xml).xpath(path, namespaces=CII)]
+
+
+def test_every_invoice_is_published_as_a_factur_x_pdf_whose_xml_validates(catalog, tmp_path):
+    scenario(catalog)
+    for period in ("2026-09", "2026-10"):
+        month = billing(catalog, tmp_path, period)
+        assert publish_documents(month).written == 5 * 3
+        assert publish_documents(month).written == 0  # issued documents are never rewritten
+    store = month.store
+    pdfs = sorted(info.key for info in store.list("accounts/") if info.key.endswith(".pdf"))
+    assert len(pdfs) == 6
+    for key in pdfs:
+        pdf = store.get_bytes(key)
+        reader = PdfReader(io.BytesIO(pdf))
+        xmp = reader.trailer["/Root"]["/Metadata"].get_object().get_data()
+        # PDF/A-3b with the Factur-X EN 16931 profile, declared in its XMP; the XML attached as factur-x.xml.
+        assert b"pdfaid:part>3<" in xmp and b"pdfaid:conformance>B<" in xmp and b"fx:ConformanceLevel>EN 16931<" in xmp
+        assert list(reader.attachments) == ["factur-x.xml"] and "/AF" in reader.trailer["/Root"]
+        xml = check_facturx(pdf)  # raises unless the XML validates against the Factur-X EN 16931 XSD
+        assert xml == store.get_bytes(key.replace(".pdf", ".xml"))
+        assert xpath(xml, "//rsm:ExchangedDocument/ram:ID/text()") == [Path(key).stem]
+    assert check_einvoices(catalog) == 6
+
+
+def test_the_page_shows_seller_buyer_vat_per_rate_and_credit_after_the_total(catalog, tmp_path):
+    scenario(catalog)
+    month = billing(catalog, tmp_path, "2026-10")
+    publish_documents(month)
+    html = month.store.get_bytes("accounts/lidar/invoices/PF-2026-10-0003.html").decode()
+    for text in ("pointflow GmbH", "Punktwolkenweg 1", "10115 Berlin", "VAT ID DE123456789",  # seller
+                 "Lidar API SAS", "12 rue des Capteurs", "69002 Lyon", "VAT ID FR40303265045",  # buyer
+                 "<th>Invoice date</th><td>2026-11-01</td>", "<td>2026-10-01 to 2026-10-31</td>"):  # fmt: skip
+        assert text in html, text
+    # Net 5.00, VAT 20 % 1.00, total 6.00; only then the 6.00 of the 25.92 credit, 19.92 left; nothing due.
+    rows = [row for row in html.split("<tr") if "class=n>" in row and "<td colspan=4" in row]
+    figures = [(row.split("class=n>")[1].split("<")[0], row.split("class=n>")[-1].split("<")[0]) for row in rows]
+    assert figures == [
+        ("Subtotal", "5.00"), ("VAT 20 % on 5.00", "1.00"), ("Total EUR", "6.00"),
+        ("Credit applied (earlier overpayments and credit notes); 19.92 remains for later invoices", "-6.00"),
+        ("Payments received", "0.00"), ("Amount due EUR", "0.00"),
+    ]  # fmt: skip
+    assert "Nothing is due on this invoice." in html
+    xml = month.store.get_bytes("accounts/lidar/invoices/PF-2026-10-0003.xml")
+    assert xpath(xml, "//ram:SpecifiedTradeSettlementHeaderMonetarySummation/*/text()") == ["5.00", "0.00", "0.00", "5.00", "1.00", "6.00", "6.00", "0.00"]
+
+
+def test_a_tax_exempt_eu_business_abroad_gets_the_reverse_charge_note(catalog, tmp_path):
+    scenario(catalog)
+    month = billing(catalog, tmp_path, "2026-09")
+    publish_documents(month)
+    html = month.store.get_bytes("accounts/geo/invoices/PF-2026-09-0002.html").decode()
+    assert "Reverse charge: VAT to be accounted for by the recipient (Art. 196 Council Directive 2006/112/EC)." in html
+    assert "VAT 0 %, reverse charge on 79.20" in html and "VAT ID NL004495445B01" in html
+    xml = month.store.get_bytes("accounts/geo/invoices/PF-2026-09-0002.xml")
+    assert set(xpath(xml, "//ram:CategoryCode/text()")) == {"AE"}
+    assert xpath(xml, "//ram:ApplicableTradeTax/ram:ExemptionReasonCode/text()") == ["VATEX-EU-AE"]
+    # The invoice says what was issued: a later change of the customer's VAT ID does not rewrite it.
+    with catalog.session() as session:
+        session.get(Account, "geo").vat_id = None
+    geo = next(i for i in month_invoices(catalog, "2026-09") if i.account_id == "geo")
+    assert "Reverse charge" in document_html(document_of(catalog, BOOK, geo, buyer_of(_account(catalog, "geo"))))
+
+
+def test_an_exemption_at_home_is_a_plain_exemption(catalog, tmp_path):
+    add_account(catalog, "charity", tax_exempt=True)  # in Germany, like the seller
+    run_billing(catalog, "2026-10", BOOK, now=NOW)
+    month = billing(catalog, tmp_path, "2026-10")
+    publish_documents(month)
+    html = month.store.get_bytes("accounts/charity/invoices/PF-2026-10-0001.html").decode()
+    assert "Exempt from VAT under the exemption the customer holds." in html and "Reverse charge" not in html
+    xml = month.store.get_bytes("accounts/charity/invoices/PF-2026-10-0001.xml")
+    assert set(xpath(xml, "//ram:CategoryCode/text()")) == {"E"}
+
+
+def month_invoices(catalog: Catalog, period: str):
+    from pipelines.billing.invoicing import load_invoices
+
+    return load_invoices(catalog, Period.parse(period))
+
+
+def test_vat_rates_changing_mid_month_get_a_vat_line_each(catalog, tmp_path):
+    add_account(catalog, "vat", tax_rate="0.19")
+    set_billing_terms(catalog, "vat", TermsUpdate(tax_rate=Decimal("0.16"), effective_on=date(2026, 10, 16)))
+    run_billing(catalog, "2026-10", BOOK, now=NOW)
+    month = billing(catalog, tmp_path, "2026-10")
+    publish_documents(month)
+    html = month.store.get_bytes("accounts/vat/invoices/PF-2026-10-0001.html").decode()
+    assert "VAT 19 % on 47.90</td><td class=n>9.10" in html and "VAT 16 % on 51.10</td><td class=n>8.18" in html
+    xml = month.store.get_bytes("accounts/vat/invoices/PF-2026-10-0001.xml")
+    assert xpath(xml, "//ram:ApplicableHeaderTradeSettlement/ram:ApplicableTradeTax/ram:RateApplicablePercent/text()") == ["19.00", "16.00"]
+
+
+def test_the_email_links_the_e_invoice(catalog, tmp_path, smtp_sink, monkeypatch):
+    monkeypatch.setenv("POINTFLOW_SMTP_URL", smtp_sink.url)
+    scenario(catalog)
+    month = billing(catalog, tmp_path, "2026-09")
+    month = MonthlyBilling(Settings.from_env({"POINTFLOW_HOME": str(tmp_path / "home"), "POINTFLOW_SMTP_URL": smtp_sink.url}),
+                           catalog, month.store, BOOK, month.period)  # fmt: skip
+    publish_documents(month)
+    email_invoices(month)
+    body = smtp_sink.parsed()[0].get_content()
+    assert "PDF e-invoice (Factur-X):" in body and ".pdf" in body and "E-invoice XML (EN 16931):" in body
+    assert "Please pay EUR 62.83 by 2026-10-31. Bank transfer to IBAN DE02120300000000202051 (BIC BYLADEM1001), quoting PF-2026-09-0001." in body
+
+
+def test_credit_notes_are_e_invoices_too(catalog, tmp_path):
+    scenario(catalog)
+    note, _ = issue_credit_note(catalog, BOOK, "PF-2026-09-0001", Decimal("2.80"), "onboarding days", date(2026, 10, 3))
+    store = open_store((tmp_path / "objects").as_uri())
+    keys = publish_credit_note(catalog, store, BOOK, note.credit_note_number)
+    assert set(keys) == {"html", "pdf", "xml"}
+    xml = check_facturx(store.get_bytes(keys["pdf"]))
+    assert xpath(xml, "//rsm:ExchangedDocument/ram:TypeCode/text()") == ["381"]
+    assert xpath(xml, "//ram:DuePayableAmount/text()") == ["3.33"]
+    assert "Corrects invoice PF-2026-09-0001" in store.get_bytes(keys["html"]).decode()
+
+
+def test_without_a_seller_the_page_says_it_is_no_vat_invoice_and_no_e_invoice_is_made(catalog, tmp_path):
+    scenario(catalog)
+    month = billing(catalog, tmp_path, "2026-09", make_pricebook())
+    assert publish_documents(month).written == 3 * 3
+    html = month.store.get_bytes("accounts/acme/invoices/PF-2026-09-0001.html").decode()
+    assert "not a valid VAT invoice" in html
+    invoice = month_invoices(catalog, "2026-09")[0]
+    with pytest.raises(EInvoiceUnavailable, match="seller"):
+        cii_xml(document_of(catalog, make_pricebook(), invoice, buyer_of(_account(catalog, "acme"))))
+
+
+def _account(catalog: Catalog, account_id: str) -> Account:
+    with catalog.session() as session:
+        account = session.get(Account, account_id)
+        session.expunge(account)
+        return account
+
+
+def test_the_seller_block_is_checked():
+    from pipelines.billing.pricebook import PriceBookError
+
+    with pytest.raises(PriceBookError, match="seller.vat_id: must be a non-empty text"):
+        make_pricebook("seller: {name: x, street: y, postcode: '1', city: z, country: DE}\n", base=BASE_PRICEBOOK)
+    with pytest.raises(PriceBookError, match="seller.country: 'Germany' is not a two-letter ISO code"):
+        make_pricebook("seller: {name: x, street: y, postcode: '1', city: z, country: Germany, vat_id: DE1}\n")
+    assert json.dumps(BOOK.seller.address_lines) == '["Punktwolkenweg 1", "10115 Berlin", "DE"]'
