@@ -1,4 +1,5 @@
-"""End-to-end speed and peak memory: LAZ in -> classified LAZ out, with 1 and 2 Dask workers, next to CSF.
+"""End-to-end speed and peak memory: LAZ in -> classified LAZ out, with 1 and 2 Dask workers, next to CSF;
+then the COPC export of the classified file, read back and checked with laspy's COPC reader.
 
 Run from the repository root:  python -m benchmarks.speed [--points N] [--workers 1,2] [--no-csf]
 
@@ -9,6 +10,12 @@ cluster and writes; the cluster's start-up is reported separately. Peak memory i
 of resident memory of this process and all its children (scheduler, nannies, workers), sampled
 every 0.1 s. CSF (cloth-simulation-filter, defaults) runs on the same file with the same laspy
 reading and writing, in one process: it has no tiling of its own.
+
+The COPC export (pipelines.copc.write_copc, in this process) is timed from the classified LAZ to
+the .copc.laz. The check that follows streams both files: every point present once with its
+class (an order-free fingerprint of each point's coordinates, class and GPS time), and laspy's
+CopcReader answering a level query per level and a bounds query over the middle of the data with
+exactly the points (and classes) the classified file has there.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import numpy as np
 import psutil
 
 from pipelines.classify import classify_file, dask_client
+from pipelines.copc import CopcSummary, write_copc
+from pipelines.lasio import iter_chunks
 from pipelines.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +153,64 @@ def run_csf(source: Path, memory: PeakMemory) -> Run:
     return Run("CSF (ground only), 1 process", len(data), finished - started, 0.0, memory.peak)
 
 
+def run_copc(classified: Path, memory: PeakMemory) -> Run:
+    target = classified.with_name(classified.stem + ".copc.laz")
+    with memory.watch():
+        started = time.perf_counter()
+        summary = write_copc(classified, target, OUT / "scratch")
+        finished = time.perf_counter()
+    print(f"  COPC: {summary.nodes} nodes, points per level {summary.points_per_level}, {target.stat().st_size / 2**20:.0f} MiB "
+          f"(the LAZ: {classified.stat().st_size / 2**20:.0f} MiB)", flush=True)
+    print(f"  COPC read back: {check_copc(classified, target, summary)}", flush=True)
+    return Run("COPC export of the result", summary.points, finished - started, 0.0, memory.peak)
+
+
+def _fingerprint(points) -> tuple[int, np.ndarray]:
+    """An order-free digest of the points (coordinates, class, GPS time) and their class counts."""
+    words = [np.asarray(points[name]).astype(np.uint64) for name in ("X", "Y", "Z", "classification")]
+    words.append(np.asarray(points.gps_time).view(np.uint64))
+    mixed = np.zeros(len(points), dtype=np.uint64)
+    for word, prime in zip(words, (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD)):
+        mixed = (mixed ^ word) * np.uint64(prime)
+        mixed ^= mixed >> np.uint64(29)
+    return int(mixed.sum(dtype=np.uint64)), np.bincount(np.asarray(points.classification), minlength=256)
+
+
+def _digest(path: Path, inside=None) -> tuple[int, np.ndarray]:
+    total, classes = 0, np.zeros(256, dtype=np.int64)
+    for chunk in iter_chunks(path):
+        if inside is not None:
+            chunk = chunk[inside(chunk)]
+        digest, counts = _fingerprint(chunk)
+        total, classes = (total + digest) % 2**64, classes + counts
+    return total, classes
+
+
+def check_copc(classified: Path, copc: Path, summary: CopcSummary) -> str:
+    with laspy.open(classified) as reader:
+        header = reader.header
+    if _digest(classified)[0] != _digest(copc)[0]:
+        raise SystemExit("COPC check failed: the points differ from the classified file's")
+    with laspy.CopcReader.open(copc) as reader:
+        levels = {level: len(reader.query(level=level)) for level in range(summary.depth + 1)}
+        if levels != summary.points_per_level or sum(levels.values()) != header.point_count:
+            raise SystemExit(f"COPC check failed: level queries found {levels}, the writer placed {summary.points_per_level}")
+        # The middle fifth of the data in x and y, faces a quarter unit outside the coordinate grid.
+        span = header.maxs - header.mins
+        low = header.offsets + (np.round((header.mins + 0.4 * span - header.offsets) / header.scales) - 0.25) * header.scales
+        high = header.offsets + (np.round((header.mins + 0.6 * span - header.offsets) / header.scales) + 0.25) * header.scales
+        found = reader.query(bounds=laspy.copc.Bounds(low[:2], high[:2]))
+
+    def inside(chunk):
+        return (chunk.x >= low[0]) & (chunk.x <= high[0]) & (chunk.y >= low[1]) & (chunk.y <= high[1])
+
+    expected = _digest(classified, inside)
+    if _fingerprint(found)[0] != expected[0] or not np.array_equal(_fingerprint(found)[1], expected[1]):
+        raise SystemExit("COPC check failed: the bounds query does not return the classified file's points in that box")
+    return (f"all {header.point_count:,} points once with their classes; level queries {levels}; "
+            f"bounds query over the middle: {len(found):,} points, all of them and only them")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, default=10_000_000, help="minimum points in the input (default 10,000,000)")
@@ -155,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_env()
     memory = PeakMemory()
     print(f"input: {source} ({laspy.open(source).header.point_count:,} points, {source.stat().st_size / 2**20:.0f} MiB)", flush=True)
-    runs = [run_pointflow(source, int(n), settings, memory) for n in args.workers.split(",")]
+    workers = [int(n) for n in args.workers.split(",")]
+    runs = [run_pointflow(source, n, settings, memory) for n in workers]
+    runs.append(run_copc(OUT / f"classified_{workers[0]}w.laz", memory))
     if not args.no_csf:
         runs.append(run_csf(source, memory))
     print()

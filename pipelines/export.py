@@ -16,13 +16,15 @@ from typing import Any
 import laspy
 
 from pipelines import __version__
+from pipelines.copc import COPC_SUFFIX, write_copc
 from pipelines.lasio import CHUNK_POINTS
 from pipelines.preview import ASPRS_CLASS_NAMES, class_summary, render_class_map, summary_csv, summary_json
 from pipelines.storage import AccountArea, ObjectStore, file_sha256
 
 MANIFEST_NAME = "manifest.json"
-EXPORT_FORMATS = ("laz", "las")
-POINT_MEDIA_TYPES = {"laz": "application/vnd.laszip", "las": "application/vnd.las"}
+EXPORT_FORMATS = ("laz", "las", "copc")
+POINT_MEDIA_TYPES = {"laz": "application/vnd.laszip", "las": "application/vnd.las", "copc": "application/vnd.laszip+copc"}
+POINT_SUFFIXES = {"laz": ".laz", "las": ".las", "copc": COPC_SUFFIX}
 
 
 class DownloadRefused(PermissionError):
@@ -60,12 +62,19 @@ def write_points_as(source: Path, target: Path) -> Path:
 def build_artifacts(classified: Path, workdir: Path, stem: str, export_format: str, class_counts: dict[int, int], report_html: bytes | None, title: str) -> list[Artifact]:
     if export_format not in EXPORT_FORMATS:
         raise ValueError(f"export format {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    points = classified if export_format == "laz" else write_points_as(classified, workdir / f"{stem}.las")
+    name = stem + POINT_SUFFIXES[export_format]
+    if export_format == "laz":
+        points = classified
+    elif export_format == "copc":
+        points = workdir / name
+        write_copc(classified, points, workdir)
+    else:
+        points = write_points_as(classified, workdir / name)
     rows = class_summary(class_counts)
     (workdir / "classes.csv").write_bytes(summary_csv(rows))
     (workdir / "classes.json").write_bytes(summary_json(rows))
     artifacts = [
-        Artifact(f"{stem}.{export_format}", points, POINT_MEDIA_TYPES[export_format], "points"),
+        Artifact(name, points, POINT_MEDIA_TYPES[export_format], "points"),
         Artifact("classes.csv", workdir / "classes.csv", "text/csv", "summary"),
         Artifact("classes.json", workdir / "classes.json", "application/json", "summary"),
         Artifact("preview.png", render_class_map(classified, workdir / "preview.png", title), "image/png", "preview"),

@@ -115,6 +115,21 @@ def iter_chunks(path: Path, chunk_points: int = CHUNK_POINTS) -> Iterator[laspy.
         yield from reader.chunk_iterator(chunk_points)
 
 
+def append_grouped(raw: np.ndarray, group_ids: np.ndarray, folder: Path, kind: str, index: np.ndarray | None = None) -> None:
+    """Append raw[index] (all of raw by default) to the file `<group id>.<kind>` of each group in `folder`."""
+    # Group ids (tiles, octree bins) mostly fit in 16 bits, and numpy sorts uint16 stably by radix in O(n).
+    keys = group_ids.astype(np.uint16) if group_ids.max(initial=0) < 2**16 else group_ids
+    order = np.argsort(keys, kind="stable")
+    sorted_ids = group_ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    ends = np.r_[starts[1:], len(sorted_ids)]
+    # Records as opaque bytes: gathering them is a memcpy, many times faster than field by field.
+    grouped = np.take(raw.view(np.dtype((np.void, raw.dtype.itemsize))), order if index is None else index[order])
+    for start, end in zip(starts, ends):
+        with open(folder / f"{sorted_ids[start]}.{kind}", "ab") as handle:
+            grouped[start:end].tofile(handle)
+
+
 def read_sample(path: Path, windows: int, window_points: int) -> laspy.ScaleAwarePointRecord:
     """Contiguous windows spread evenly through the file: seekable in LAZ, unlike a random sample."""
     with laspy.open(path, laz_backend=laspy.LazBackend.LazrsParallel) as reader:

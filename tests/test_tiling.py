@@ -112,7 +112,7 @@ def test_text_input_is_refused_and_nothing_is_written(tmp_path: Path, settings) 
 
 
 def test_bad_output_name_is_refused(tmp_path: Path, settings) -> None:
-    with pytest.raises(ValueError, match=".las or .laz"):
+    with pytest.raises(ValueError, match=r"\.las, \.laz or \.copc\.laz"):
         classify_file(shared_file("isprs/samp11.las"), tmp_path / "out.txt", settings)
 
 

@@ -16,12 +16,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         description=(
             "Read INPUT (LAS or LAZ, recognised by content), classify every point into ASPRS classes "
             "(2 ground, 3/4/5 low/medium/high vegetation, 6 building, 7/18 noise, 9 water, 1 other) in "
-            "parallel tiles on Dask, and write OUTPUT (.laz compressed, .las plain). Every input point is "
-            "written exactly once; the order may differ. Nothing is written if anything fails."
+            "parallel tiles on Dask, and write OUTPUT: .laz compressed, .las plain, or .copc.laz, a cloud-optimized "
+            "point cloud (COPC 1.0) that web viewers, QGIS and PDAL stream by region and level of detail. Every "
+            "input point is written exactly once; the order may differ. Nothing is written if anything fails."
         ),
     )
     parser.add_argument("input", type=Path, help="LAS/LAZ file to classify")
-    parser.add_argument("output", type=Path, help="file to write: .laz or .las")
+    parser.add_argument("output", type=Path, help="file to write: .laz, .las or .copc.laz")
     parser.add_argument("--classifier", default="standard", help="standard (all classes, default), ground (2 vs 1), or a trained model id (needs --account)")
     parser.add_argument("--account", default=None, metavar="ID", help="the account whose data this is: required to apply its trained models")
     parser.add_argument("--tile-size", type=float, default=None, metavar="M", help="tile edge in metres; 0 = one tile (default: POINTFLOW_TILE_SIZE or 200)")

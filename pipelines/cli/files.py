@@ -24,7 +24,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     ingest.add_argument("--account", required=True, metavar="ID", help="the owning account (must exist)")
     ingest.add_argument("--run", action="store_true", help="also validate, classify, export and meter it now")
     ingest.add_argument("--classifier", default="standard", help="with --run: standard or ground")
-    ingest.add_argument("--format", dest="export_format", default="laz", choices=["laz", "las"], help="with --run: format of the exported points (default laz)")
+    ingest.add_argument("--format", dest="export_format", default="laz", choices=["laz", "las", "copc"], help="with --run: format of the exported points: laz (default), las, or copc (cloud-optimized LAZ)")
     ingest.add_argument("--json", action="store_true", help="print the stored file (or the finished job) as JSON")
     ingest.set_defaults(handler=_ingest)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-_UNITS = {"scan": ("reading", "pts"), "classify": ("classifying", "tile"), "write": ("writing", "tile")}
+_UNITS = {"scan": ("reading", "pts"), "classify": ("classifying", "tile"), "write": ("writing", "tile"),
+          "copc-scan": ("reading for COPC", "pts"), "copc": ("writing COPC", "pts")}
 
 
 class ProgressBars:
