@@ -25,9 +25,9 @@ from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account
 from pipelines.settings import Settings
 from pipelines.storage import open_store
-from tests.test_billing_support import BASE_PRICEBOOK, SELLER, add_account, catalog, check_einvoices, database_url, make_pricebook, postgres_schema_url, utc
+from tests.test_billing_support import BASE_PRICEBOOK, SELLER, add_account, catalog, check_einvoices, cli_env, database_url, make_pricebook, postgres_schema_url, utc
 
-__all__ = ["catalog", "database_url", "postgres_schema_url"]  # fixtures used here
+__all__ = ["catalog", "cli_env", "database_url", "postgres_schema_url"]  # fixtures used here
 
 DATA = Path(__file__).parent / "data" / "billing"
 BOOK = make_pricebook(SELLER)
@@ -196,3 +196,25 @@ def test_the_seller_block_is_checked():
     with pytest.raises(PriceBookError, match="seller.country: 'Germany' is not a two-letter ISO code"):
         make_pricebook("seller: {name: x, street: y, postcode: '1', city: z, country: Germany, vat_id: DE1}\n")
     assert json.dumps(BOOK.seller.address_lines) == '["Punktwolkenweg 1", "10115 Berlin", "DE"]'
+
+
+def test_the_documents_from_the_command_line(cli_env, capsys, tmp_path, monkeypatch):
+    from pipelines.cli import main
+
+    book = tmp_path / "book.yaml"
+    book.write_text(BASE_PRICEBOOK + SELLER)
+    monkeypatch.setenv("POINTFLOW_PRICEBOOK", str(book))
+    for argv in (["accounts", "import", str(DATA / "accounts.csv")], ["usage", "import", str(DATA / "usage.jsonl")],
+                 ["billing", "run", "--period", "2026-09"],
+                 ["invoices", "credit", "PF-2026-09-0001", "--amount", "2.80", "--reason", "onboarding", "--issued-on", "2026-10-03"]):  # fmt: skip
+        assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["invoices", "show", "PF-2026-09-0001", "--format", "pdf"]) == 2
+    assert "add --output FILE.pdf" in capsys.readouterr().err
+    assert main(["invoices", "show", "PF-2026-09-0001", "--format", "pdf", "--output", str(tmp_path / "i.pdf")]) == 0
+    assert "PF-2026-09-0001: pdf written to" in capsys.readouterr().out
+    assert xpath(check_facturx((tmp_path / "i.pdf").read_bytes()), "//ram:GrandTotalAmount/text()") == ["62.83"]
+    assert main(["invoices", "show", "PF-CN-2026-10-0001", "--format", "xml"]) == 0
+    assert xpath(capsys.readouterr().out.encode(), "//ram:TypeCode/text()")[0] == "381"
+    published = tmp_path / "home" / "objects" / "accounts" / "acme" / "invoices"
+    assert sorted(p.name for p in published.iterdir()) == ["PF-CN-2026-10-0001.html", "PF-CN-2026-10-0001.pdf", "PF-CN-2026-10-0001.xml"]

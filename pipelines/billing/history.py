@@ -195,7 +195,7 @@ def record_term_change(session: Session, account: Account, values: dict[str, Any
     if effective_on is None:
         effective_on = first_open_day(session)
     else:
-        _refuse_if_invoiced(session, max(effective_on, account.started_at), f"the terms of account {account.account_id}")
+        _refuse_if_invoiced(session, max(effective_on, account.started_at), f"a change of the terms of account {account.account_id}")
     session.add(TermChange(account_id=account.account_id, effective_on=effective_on, **values))
     session.flush()
     return effective_on, account_history(session, account)

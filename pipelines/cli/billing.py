@@ -26,12 +26,12 @@ from pipelines.billing.imports import (
     read_payments_csv,
     read_usage_jsonl,
 )
-from pipelines.billing.invoicing import run_billing
+from pipelines.billing.invoicing import BillingError, run_billing
 from pipelines.billing.money import format_money
 from pipelines.billing.periods import Period
 from pipelines.billing.pricebook import PriceBook, load_pricebook
 from pipelines.billing.usage import monthly_points_cap, points_used_in_month
-from pipelines.cli.common import CommandError, open_catalog, print_json, settings_from_env
+from pipelines.cli.common import open_catalog, print_json, settings_from_env
 from pipelines.settings import Settings
 from pipelines.storage import open_store
 
@@ -332,7 +332,7 @@ def _write(args: argparse.Namespace, body: bytes) -> int:
         args.output.write_bytes(body)
         print(f"{args.invoice_number}: {args.format} written to {args.output} ({len(body):,} bytes)")
     elif args.format == "pdf":
-        raise CommandError("a PDF is not for the terminal: add --output FILE.pdf")
+        raise BillingError("a PDF is not for the terminal: add --output FILE.pdf")
     else:
         sys.stdout.write(body.decode("utf-8"))
     return 0
