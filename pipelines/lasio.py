@@ -1,8 +1,12 @@
-"""Reading LAS/LAZ: content sniffing, header facts, chunked and sampled point access."""
+"""Reading LAS/LAZ through the gate (`pipelines.gate`): header facts, chunked and sampled point access.
+
+Every reader here refuses what the gate refuses, with NotPointCloudError, and turns decoder
+failures into the same error, so callers handle one exception type for "this file is bad".
+"""
 
 from __future__ import annotations
 
-import struct
+import contextlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,17 +15,9 @@ import laspy
 import numpy as np
 
 from pipelines.classifiers.base import PointBlock
+from pipelines.gate import NotPointCloudError, check_header, check_structure, count_problem, is_decoder_panic, point_problems
 
-LAS_SIGNATURE = b"LASF"
 CHUNK_POINTS = 1_000_000
-# Header size, offset to point data and number of VLRs, at byte 94 of every LAS 1.0-1.4 header.
-_VLR_LAYOUT = struct.Struct("<HII")
-_VLR_LAYOUT_OFFSET = 94
-VLR_HEADER_BYTES = 54
-
-
-class NotPointCloudError(ValueError):
-    """The content is not LAS/LAZ, or its header cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -58,43 +54,46 @@ def _crs_text(header: laspy.LasHeader) -> str | None:
 
 
 def read_info(path: Path) -> LasInfo:
-    """Header facts of a LAS/LAZ file; raises NotPointCloudError for anything else."""
+    """Header facts of a LAS/LAZ file that passed the gate; raises NotPointCloudError for anything else."""
     path = Path(path)
-    with open(path, "rb") as handle:
-        head = handle.read(_VLR_LAYOUT_OFFSET + _VLR_LAYOUT.size)
-    if head[:4] != LAS_SIGNATURE:
-        raise NotPointCloudError(f"{path.name} is not a LAS/LAZ file (no 'LASF' signature)")
-    if len(head) == _VLR_LAYOUT_OFFSET + _VLR_LAYOUT.size:
-        header_size, offset_to_points, vlr_count = _VLR_LAYOUT.unpack_from(head, _VLR_LAYOUT_OFFSET)
-        room = max(offset_to_points - header_size, 0)
-        # laspy reads every declared VLR, even past the end of the file: 4 billion of them hang it.
-        if vlr_count * VLR_HEADER_BYTES > room:
-            raise NotPointCloudError(
-                f"{path.name} has a LAS signature but an unreadable header: it declares {vlr_count:,} variable-length "
-                f"records, and only {room:,} bytes lie between the header and the point data"
-            )
+    check_structure(path)
+    with decoding(f"{path.name} has a LAS signature but an unreadable header", "header"), laspy.open(path) as reader:
+        header = reader.header
+        info = LasInfo(
+            version=f"{header.version.major}.{header.version.minor}",
+            point_format=header.point_format.id,
+            point_count=int(header.point_count),
+            compressed=header.are_points_compressed,
+            scales=tuple(float(v) for v in header.scales),
+            offsets=tuple(float(v) for v in header.offsets),
+            mins=tuple(float(v) for v in header.mins),
+            maxs=tuple(float(v) for v in header.maxs),
+            crs=_crs_text(header),
+            extra_dimensions=tuple(header.point_format.extra_dimension_names),
+            point_record_length=header.point_format.size,
+            offset_to_points=int(header.offset_to_point_data),
+            file_size=path.stat().st_size,
+        )
+    check_header(path.name, info.scales, info.offsets, info.mins, info.maxs)
+    return info
+
+
+@contextlib.contextmanager
+def decoding(refusal: str, check: str = "points_readable") -> Iterator[None]:
+    """Any failure of laspy or the LAZ decoder inside becomes NotPointCloudError("<refusal>: <cause>")."""
     try:
-        with laspy.open(path) as reader:
-            header = reader.header
-            return LasInfo(
-                version=f"{header.version.major}.{header.version.minor}",
-                point_format=header.point_format.id,
-                point_count=int(header.point_count),
-                compressed=header.are_points_compressed,
-                scales=tuple(float(v) for v in header.scales),
-                offsets=tuple(float(v) for v in header.offsets),
-                mins=tuple(float(v) for v in header.mins),
-                maxs=tuple(float(v) for v in header.maxs),
-                crs=_crs_text(header),
-                extra_dimensions=tuple(header.point_format.extra_dimension_names),
-                point_record_length=header.point_format.size,
-                offset_to_points=int(header.offset_to_point_data),
-                file_size=path.stat().st_size,
-            )
+        yield
     except NotPointCloudError:
         raise
-    except Exception as error:
-        raise NotPointCloudError(f"{path.name} has a LAS signature but an unreadable header: {error}") from None
+    except BaseException as error:
+        if not (isinstance(error, Exception) or is_decoder_panic(error)):
+            raise
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise NotPointCloudError(f"{refusal}: {cause}", check) from None
+
+
+def unreadable_points(path: Path) -> str:
+    return f"{Path(path).name}: the point data cannot be read, the file is corrupt or truncated"
 
 
 def point_block(points) -> PointBlock:
@@ -111,7 +110,7 @@ def point_block(points) -> PointBlock:
 
 def iter_chunks(path: Path, chunk_points: int = CHUNK_POINTS) -> Iterator[laspy.ScaleAwarePointRecord]:
     """Points in file order, `chunk_points` at a time, so memory stays bounded whatever the file size."""
-    with laspy.open(path, laz_backend=laspy.LazBackend.LazrsParallel) as reader:
+    with decoding(unreadable_points(path)), laspy.open(path, laz_backend=laspy.LazBackend.LazrsParallel) as reader:
         yield from reader.chunk_iterator(chunk_points)
 
 
@@ -130,9 +129,24 @@ def append_grouped(raw: np.ndarray, group_ids: np.ndarray, folder: Path, kind: s
             grouped[start:end].tofile(handle)
 
 
+def iter_checked(path: Path, info: LasInfo, chunk_points: int = CHUNK_POINTS) -> Iterator[laspy.ScaleAwarePointRecord]:
+    """`iter_chunks` through the gate's point checks: NotPointCloudError at the first bad chunk,
+    or at the end when the points are not as many as the header says."""
+    name, read = Path(path).name, 0
+    for chunk in iter_chunks(path, chunk_points):
+        problems = point_problems(chunk, info.scales, info.offsets, info.mins, info.maxs)
+        if problems:
+            raise NotPointCloudError(f"{name}: {problems[0].explain} ({problems[0].detail})", problems[0].check)
+        read += len(chunk)
+        yield chunk
+    problem = count_problem(read, info.point_count)
+    if problem is not None:
+        raise NotPointCloudError(f"{name}: {problem.explain} ({problem.detail})", problem.check)
+
+
 def read_sample(path: Path, windows: int, window_points: int) -> laspy.ScaleAwarePointRecord:
     """Contiguous windows spread evenly through the file: seekable in LAZ, unlike a random sample."""
-    with laspy.open(path, laz_backend=laspy.LazBackend.LazrsParallel) as reader:
+    with decoding(unreadable_points(path)), laspy.open(path, laz_backend=laspy.LazBackend.LazrsParallel) as reader:
         total = reader.header.point_count
         if total <= windows * window_points:
             return reader.read_points(total)

@@ -1,7 +1,10 @@
-"""Validation of LAS/LAZ content with Great Expectations suites kept as files in `expectations/`.
+"""Validation of LAS/LAZ content: the gate's refusals and Great Expectations' warnings, in one report.
 
 A file is read whole when small and as evenly spread windows when large; the report says which.
-Findings of severity "error" quarantine the file; "warning" findings travel on into the manifest.
+Errors, which quarantine the file, are the gate's (`pipelines.gate`: structure, header values,
+unreadable or inconsistent points), the same checks `pointflow classify` and training apply.
+Warnings come from the Great Expectations suites kept as files in `expectations/` and travel on
+into the manifest.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -18,7 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.lasio import LasInfo, NotPointCloudError, read_info, read_sample
+from pipelines.gate import NotPointCloudError, count_problem, point_problems
+from pipelines.lasio import LasInfo, decoding, read_info, read_sample, unreadable_points
 
 log = logging.getLogger(__name__)
 
@@ -138,94 +141,48 @@ def _validator() -> _Validator:
     return _Validator()
 
 
-def _header_frame(info: LasInfo, points_readable: bool, count_consistent: bool, point_mins, point_maxs) -> pd.DataFrame:
-    mins, maxs = np.array(info.mins), np.array(info.maxs)
-    ordered = bool(np.all(np.isfinite(mins)) and np.all(np.isfinite(maxs)) and np.all(maxs >= mins))
+def _header_frame(info: LasInfo, point_mins, point_maxs) -> pd.DataFrame:
     tolerance = np.array(info.scales) + 1e-9
-    tight = point_mins is None or bool(np.all(np.abs(point_mins - mins) <= 1.0 + tolerance) and np.all(np.abs(point_maxs - maxs) <= 1.0 + tolerance))
-    return pd.DataFrame(
-        [
-            {
-                "version": info.version,
-                "point_format": info.point_format,
-                "point_count": info.point_count,
-                "points_readable": points_readable,
-                "point_count_consistent": count_consistent,
-                "min_scale": float(min(info.scales)) if all(math.isfinite(s) for s in info.scales) else -1.0,
-                "offsets_finite": all(math.isfinite(o) for o in info.offsets),
-                "bounds_ordered": ordered,
-                "extent_area": float((maxs[0] - mins[0]) * (maxs[1] - mins[1])) if ordered else 0.0,
-                "bounds_tight": tight,
-                "crs_present": info.crs is not None,
-            }
-        ]
-    )
+    tight = point_mins is None or bool(np.all(np.abs(point_mins - info.mins) <= 1.0 + tolerance) and np.all(np.abs(point_maxs - info.maxs) <= 1.0 + tolerance))
+    return pd.DataFrame([{"bounds_tight": tight, "crs_present": info.crs is not None}])
 
 
 def _read_points(path: Path, info: LasInfo):
-    """Points to check, how they were chosen, and whether the count matched; raises on unreadable data."""
+    """Points to check and how they were chosen; raises NotPointCloudError on unreadable data."""
     import laspy
 
     if info.point_count <= FULL_READ_MAX_POINTS:
-        with laspy.open(path, laz_backend=laspy.LazBackend.LazrsParallel) as reader:
-            points = reader.read_points(info.point_count)
-        return points, "full", len(points) == info.point_count
-    if not info.compressed:
-        expected = info.offset_to_points + info.point_count * info.point_record_length
-        consistent = info.file_size >= expected
-    else:
-        consistent = True
-    return read_sample(path, SAMPLE_WINDOWS, SAMPLE_WINDOW_POINTS), "sample", consistent
+        with decoding(unreadable_points(path)), laspy.open(path, laz_backend=laspy.LazBackend.LazrsParallel) as reader:
+            return reader.read_points(info.point_count), "full"
+    return read_sample(path, SAMPLE_WINDOWS, SAMPLE_WINDOW_POINTS), "sample"
+
+
+def _refused(error: NotPointCloudError, path: Path, name: str) -> Finding:
+    return Finding("gate", error.check, "error", str(error).replace(path.name, name), "checked by content, not by file name")
 
 
 def validate_file(path: Path, display_name: str | None = None) -> ValidationReport:
-    """Run both suites on a local file and return the report (nothing is moved here)."""
+    """Run the gate and both suites on a local file and return the report (nothing is moved here)."""
     path = Path(path)
     name = display_name or path.name
     try:
         info = read_info(path)
     except NotPointCloudError as error:
-        finding = Finding("content", "las_signature_and_header", "error", str(error).replace(path.name, name), "checked by content, not by file name")
-        return ValidationReport(name, False, "none", 0, None, errors=[finding])
-
+        return ValidationReport(name, False, "none", 0, None, errors=[_refused(error, path, name)])
     try:
-        if info.point_count == 0:
-            raise ValueError("no points")
-        points, mode, consistent = _read_points(path, info)
-        readable = True
-    except Exception as error:  # noqa: BLE001 - any decoder failure means the same thing to the customer
-        log.info("point data of %s unreadable: %s", name, error)
-        points, mode, consistent, readable = None, "none", info.point_count == 0, info.point_count == 0
+        points, mode = _read_points(path, info)
+    except NotPointCloudError as error:
+        return ValidationReport(name, False, "none", 0, info.to_dict(), errors=[_refused(error, path, name)])
 
-    frame = None
+    problems = point_problems(points, info.scales, info.offsets, info.mins, info.maxs)
     point_mins = point_maxs = None
-    if points is not None and len(points):
-        frame = pd.DataFrame(
-            {
-                "x": np.asarray(points.x, dtype=np.float64),
-                "y": np.asarray(points.y, dtype=np.float64),
-                "z": np.asarray(points.z, dtype=np.float64),
-                "return_number": np.asarray(points.return_number, dtype=np.int16),
-                "number_of_returns": np.asarray(points.number_of_returns, dtype=np.int16),
-                "classification": np.asarray(points.classification, dtype=np.int16),
-                "intensity": np.asarray(points.intensity, dtype=np.int32),
-            }
-        )
-        if mode == "full":
-            point_mins = frame[["x", "y", "z"]].min().to_numpy()
-            point_maxs = frame[["x", "y", "z"]].max().to_numpy()
-
+    if mode == "full":
+        problems += [p for p in [count_problem(len(points), info.point_count)] if p is not None]
+        xyz = np.stack([np.asarray(points.x), np.asarray(points.y), np.asarray(points.z)])
+        point_mins, point_maxs = xyz.min(axis=1), xyz.max(axis=1)
+    errors = [Finding("gate", p.check, "error", p.explain, p.detail) for p in problems]
+    frame = pd.DataFrame({"classification": np.asarray(points.classification, dtype=np.int16), "intensity": np.asarray(points.intensity, dtype=np.int32)})
     validator = _validator()
-    findings = validator.run("las_header", _header_frame(info, readable, consistent, point_mins, point_maxs))
-    if frame is not None:
-        tolerance = [s / 2 + 1e-9 for s in info.scales]
-        parameters = {
-            "min_x": info.mins[0] - tolerance[0], "max_x": info.maxs[0] + tolerance[0],
-            "min_y": info.mins[1] - tolerance[1], "max_y": info.maxs[1] + tolerance[1],
-            "min_z": info.mins[2] - tolerance[2], "max_z": info.maxs[2] + tolerance[2],
-            "valid_classes": VALID_CLASSES,
-        }
-        findings += validator.run("las_points", frame, parameters)
-    errors = [f for f in findings if f.severity == "error"]
-    warnings = [f for f in findings if f.severity != "error"]
-    return ValidationReport(name, not errors, mode, 0 if frame is None else len(frame), info.to_dict(), errors, warnings)
+    warnings = validator.run("las_header", _header_frame(info, point_mins, point_maxs))
+    warnings += validator.run("las_points", frame, {"valid_classes": VALID_CLASSES})
+    return ValidationReport(name, not errors, mode, len(points), info.to_dict(), errors, warnings)
