@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         **({"parallelism": args.parallelism} if args.parallelism else {}),
         max_active_runs=args.runs,
     )
-    sources = [write_scene(make_scene(size=args.size, seed=seed), base / "inputs" / f"scene-{seed:03d}.laz") for seed in range(args.runs)]
+    sources = [write_scene(make_scene(size=args.size, seed=seed), plan.incoming / f"scene-{seed:03d}.laz") for seed in range(args.runs)]
     print(f"stack in {base}; {args.runs} scenes of {args.size:.0f} m written", file=sys.stderr)
     try:
         with LocalStack(plan) as stack:

@@ -3,7 +3,8 @@
 Runs exactly what `pointflow lifecycle run --as-of <logical date>` runs: notices, closure, trial
 end, data lock, grace-period deletion, API result retention, overdue notices. Re-running a night
 does nothing new; a deletion that leaves objects behind fails the task. Beside it, ready e-mails
-that classification runs could not send (mail server down) are sent, once.
+that classification runs could not send (mail server down) are sent, once, and jobs whose run was
+killed or lost are closed as failed (`pointflow jobs close-stale`).
 """
 
 from __future__ import annotations
@@ -53,8 +54,17 @@ def lifecycle_nightly():
         report = deliver_unsent(Runtime.from_settings(Settings.from_env()), _as_of())
         return {"sent": report.sent, "failed": report.failed, "skipped_locked": report.skipped_locked}
 
+    @task
+    def close_stale_jobs() -> list[str]:
+        """Jobs without progress for POINTFLOW_STALE_JOB_HOURS are closed as failed, metered once, billed nothing."""
+        from pipelines.jobs import Runtime, close_stale_jobs
+        from pipelines.settings import Settings
+
+        return [job["job_id"] for job in close_stale_jobs(Runtime.from_settings(Settings.from_env()), _as_of())]
+
     apply_rules()
     deliver_unsent()
+    close_stale_jobs()
 
 
 lifecycle_dag = lifecycle_nightly()

@@ -26,7 +26,7 @@ def _run(step: str, **options) -> dict:
     job_id = jobs.job_id_for(context["dag"].dag_id, context["run_id"])
     jobs.create_job(runtime, job_id, params["account_id"], params["source"], params["classifier"])
     try:
-        return getattr(jobs, step)(runtime, job_id, **options)
+        return jobs.run_step(runtime, job_id, step, **options)
     except (jobs.AdmissionRefusedJob, jobs.ValidationFailed) as refused:
         raise AirflowFailException(str(refused)) from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from pipelines.accounts import AccountRecord, upsert_accounts
 from pipelines.airflow_local import load_dag, prepare_airflow
 from pipelines.export import MANIFEST_NAME, read_manifest
-from pipelines.jobs import Runtime, job_id_for, job_view
+from pipelines.jobs import Runtime, job_id_for, job_view, upload
 from pipelines.notify import outbox_messages
 from pipelines.scene import make_scene, write_scene
 from pipelines.settings import Settings
@@ -24,7 +25,7 @@ DAG_ID = "pointflow_classify"
 @dataclass(frozen=True)
 class DemoResult:
     job: dict
-    input_path: Path
+    input_location: str  # the input as stored in the demo account's raw area
     export_url: str | None
     manifest_url: str | None
     preview_url: str | None
@@ -35,10 +36,14 @@ class DemoResult:
 def run_demo(settings: Settings, classifier: str = "standard", input_path: Path | None = None) -> DemoResult:
     log_path = settings.logs_dir / "demo.log"
     prepare_airflow(settings, log_path)
-    runtime = Runtime.from_settings(settings)
-    upsert_accounts(runtime.catalog, [DEMO_ACCOUNT])
-    if input_path is None:
-        input_path = write_scene(make_scene(), settings.home / "demo" / "demo-scene.laz")
+    # Uploaded first, as a customer would: the run reads it from the account's own area (the
+    # service's own folder, POINTFLOW_HOME, is never a source, so the scene is made outside it).
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(input_path) if input_path is not None else write_scene(make_scene(), Path(folder) / "demo-scene.laz")
+        runtime = Runtime.from_settings(settings.allowing(source))
+        upsert_accounts(runtime.catalog, [DEMO_ACCOUNT])
+        stored = upload(runtime, DEMO_ACCOUNT.account_id, source)
+    input_location = runtime.store.location(stored.key)
 
     dag = load_dag(DAG_ID)
     handler = logging.FileHandler(log_path)
@@ -46,7 +51,7 @@ def run_demo(settings: Settings, classifier: str = "standard", input_path: Path 
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        run = dag.test(run_conf={"account_id": DEMO_ACCOUNT.account_id, "source": str(Path(input_path).resolve()), "classifier": classifier})
+        run = dag.test(run_conf={"account_id": DEMO_ACCOUNT.account_id, "source": input_location, "classifier": classifier})
     finally:
         root.removeHandler(handler)
         handler.close()
@@ -58,4 +63,4 @@ def run_demo(settings: Settings, classifier: str = "standard", input_path: Path 
         export_url, preview_url = urls["points"], urls["preview"]
         manifest_url = runtime.store.location(job["export_prefix"] + MANIFEST_NAME)
     messages = outbox_messages(settings)
-    return DemoResult(job, Path(input_path), export_url, manifest_url, preview_url, messages[-1] if messages else None, log_path)
+    return DemoResult(job, input_location, export_url, manifest_url, preview_url, messages[-1] if messages else None, log_path)

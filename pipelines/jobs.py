@@ -7,8 +7,6 @@ writes an output twice or meters a job twice; the catalog enforces the state mac
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,18 +20,21 @@ from pipelines.admission import AdmissionRefused, Candidate, check_admission
 from pipelines.billing.history import account_limits
 from pipelines.billing.pricebook import load_pricebook
 from pipelines.catalog import Catalog, CatalogError
-from pipelines.catalog.models import JOB_TRANSITIONS, FileState, Job, JobState, SentMessage, StoredFile, utcnow
+from pipelines.catalog.models import JOB_TRANSITIONS, TERMINAL_JOB_STATES, FileState, Job, JobState, SentMessage, StoredFile, utcnow
 from pipelines.classify import classify_file
+from pipelines.errors import USER_ERRORS
 from pipelines.export import MANIFEST_NAME, build_artifacts, build_manifest, download_links, export_prefix, publish, read_manifest
-from pipelines.ingest import ingest_file, local_copy, readable_path
+from pipelines.gate import NotPointCloudError
+from pipelines.ingest import ForeignSource, StoredFileInfo, check_source, ingest_file, local_copy, readable_path
 from pipelines.lifecycle.operations import ensure_active, is_locked
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.notify import DeliveryError, send_once
 from pipelines.preview import class_summary
 from pipelines.settings import Settings
+from pipelines.scratch import work_dir
 from pipelines.storage import AccountArea, ObjectStore, open_store, safe_name
 from pipelines.training import resolve_classifier
-from pipelines.validate import validate_file
+from pipelines.validate import Finding, ValidationReport, validate_file
 
 log = logging.getLogger(__name__)
 REPORT_LINK_LIFETIME = timedelta(days=7)
@@ -49,10 +50,6 @@ class AdmissionRefusedJob(Exception):
 
     def __init__(self, job_id: str, reason: str) -> None:
         super().__init__(f"job {job_id}: {reason}")
-
-
-class ForeignSource(PermissionError):
-    """The source names an object of the service's own store that the account does not own."""
 
 
 class ValidationFailed(Exception):
@@ -119,6 +116,14 @@ def create_job(runtime: Runtime, job_id: str, account_id: str, source: str, clas
     return job_view(runtime, job_id)
 
 
+def upload(runtime: Runtime, account_id: str, path: Path) -> StoredFileInfo:
+    """Store a local file in the account's raw area, as a customer's upload: the same source
+    checks and admission limits as a job's ingest step."""
+    check_source(runtime.settings, runtime.store, account_id, str(path))
+    at = utcnow()
+    return ingest_file(runtime.catalog, runtime.store, account_id, Path(path), admit=lambda candidate: check_admission(runtime.settings, runtime.catalog, account_id, candidate, at))
+
+
 def ingest_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
     """Store the source for the account, if the account's limits admit it; a refusal ends the job."""
     job = job_view(runtime, job_id)
@@ -132,8 +137,8 @@ def ingest_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
             check_admission(runtime.settings, runtime.catalog, account_id, candidate, at)
 
         try:
-            check_source_owner(runtime.store, account_id, job["source"])
-            with local_copy(job["source"], runtime.settings.scratch_dir) as path:
+            check_source(runtime.settings, runtime.store, account_id, job["source"])
+            with local_copy(job["source"], runtime.settings.scratch_dir, account_id) as path:
                 stored = ingest_file(runtime.catalog, runtime.store, account_id, path, admit=admit)
         except (AdmissionRefused, ForeignSource) as refused:
             with runtime.catalog.session() as session:
@@ -144,13 +149,6 @@ def ingest_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
         with runtime.catalog.session() as session:
             _job(session, job_id).file_id = stored.id
     return job_view(runtime, job_id)
-
-
-def check_source_owner(store: ObjectStore, account_id: str, source: str) -> None:
-    """A source inside the service's own object store must lie in the account's own area."""
-    key = store.key_of(source)
-    if key is not None and not key.startswith(AccountArea(account_id).prefix):
-        raise ForeignSource(f"the source {source} lies in the service's storage outside account {account_id}'s area: give the customer's own file")
 
 
 def _file(session, job: Job) -> StoredFile:
@@ -202,6 +200,12 @@ def validate_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
             _set_state(job, JobState.VALIDATED)
         return job_view(runtime, job_id)
 
+    _quarantine(runtime, job_id, account_id, file_key, file_name, report, report_key)
+
+
+def _quarantine(runtime: Runtime, job_id: str, account_id: str, file_key: str, file_name: str, report: ValidationReport, report_key: str) -> None:
+    """Move a refused file to quarantine with its report, close the job, tell the customer."""
+    area = AccountArea(account_id)
     quarantine_key = area.key("quarantine", f"{job_id}-{file_name}")
     runtime.store.move(file_key, quarantine_key)
     runtime.store.put_bytes(area.key("quarantine", f"{job_id}-{file_name}.report.html"), report.to_html())
@@ -234,6 +238,8 @@ def _notify_quarantine(runtime: Runtime, job_id: str, account_id: str, file_name
 
 
 def classify_step(runtime: Runtime, job_id: str, workers: int | None = None, client: Any = None) -> dict[str, Any]:
+    """Classify the validated file; points the sample-based validation could not see are checked
+    here, and a file found bad now is quarantined like one refused by validation."""
     with runtime.catalog.session() as session:
         job = _job(session, job_id)
         if JobState(job.state) in (JobState.CLASSIFIED, JobState.EXPORTED) and job.classified_key and runtime.store.exists(job.classified_key):
@@ -242,17 +248,25 @@ def classify_step(runtime: Runtime, job_id: str, workers: int | None = None, cli
         stored = _file(session, job)
         file_key, name, account_id, classifier = stored.key, stored.original_name, job.account_id, job.classifier
 
-    work = runtime.settings.scratch_dir / job_id
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    refused: NotPointCloudError | None = None
+    with work_dir(runtime.settings.scratch_dir, "job", account_id, job_id) as work:
         output = work / (Path(name).stem + ".laz")
         with readable_path(runtime.store, file_key, runtime.settings.scratch_dir) as path:
             model = resolve_classifier(runtime, account_id, classifier)
-            result = classify_file(path, output, runtime.settings, classifier=model, workers=workers, client=client)
-        classified_key = AccountArea(account_id).key("classified", job_id, output.name)
-        runtime.store.put_file(classified_key, output)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            try:
+                result = classify_file(path, output, runtime.settings, classifier=model, workers=workers, client=client, account_id=account_id, job_id=job_id)
+            except NotPointCloudError as error:
+                refused = NotPointCloudError(str(error).replace(path.name, name), error.check)
+        if refused is None:
+            classified_key = AccountArea(account_id).key("classified", job_id, output.name)
+            runtime.store.put_file(classified_key, output)
+    if refused is not None:
+        finding = Finding("gate", refused.check, "error", str(refused), "found while classifying every point")
+        report = ValidationReport(name, False, "full", 0, None, errors=[finding])
+        report_key = AccountArea(account_id).key("reports", f"{job_id}-classification.json")
+        runtime.store.put_bytes(report_key, report.to_json())
+        runtime.store.put_bytes(report_key.replace(".json", ".html"), report.to_html())
+        _quarantine(runtime, job_id, account_id, file_key, name, report, report_key)
 
     with runtime.catalog.session() as session:
         job = _job(session, job_id)
@@ -270,6 +284,7 @@ def classify_step(runtime: Runtime, job_id: str, workers: int | None = None, cli
             "tiles": result.tiles,
             "tile_size": result.tile_size,
             "tile_buffer": result.tile_buffer,
+            "sparse_points": result.sparse_points,
             "workers": result.workers,
             "timings": result.timings,
         }}
@@ -292,9 +307,9 @@ def export_step(runtime: Runtime, job_id: str, export_format: str = "laz") -> di
     report_key = job["report_key"].replace(".json", ".html") if job["report_key"] else None
     report_html = runtime.store.get_bytes(report_key) if report_key and runtime.store.exists(report_key) else None
     counts = {int(k): v for k, v in job["summary"]["class_counts"].items()}
-    runtime.settings.scratch_dir.mkdir(parents=True, exist_ok=True)
-    with readable_path(runtime.store, job["classified_key"], runtime.settings.scratch_dir) as path, tempfile.TemporaryDirectory(dir=runtime.settings.scratch_dir) as work:
-        artifacts = build_artifacts(path, Path(work), stem, export_format, counts, report_html, f"{input_file['name']}: classes")
+    scratch = runtime.settings.scratch_dir
+    with readable_path(runtime.store, job["classified_key"], scratch) as path, work_dir(scratch, "export", job["account_id"], job_id) as work:
+        artifacts = build_artifacts(path, work, stem, export_format, counts, report_html, f"{input_file['name']}: classes")
         publish(runtime.store, job["account_id"], job_id, artifacts, lambda described: build_manifest(job, input_file, described, job["summary"]))
     with runtime.catalog.session() as session:
         record = _job(session, job_id)
@@ -357,6 +372,27 @@ def finish_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
     return job_view(runtime, job_id)
 
 
+def cause(error: BaseException) -> str:
+    """One line for the job's record: what went wrong, without a traceback."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if isinstance(error, USER_ERRORS) else f"{type(error).__name__}: {text}".rstrip(": ")
+
+
+def run_step(runtime: Runtime, job_id: str, step: str, **options: Any) -> dict[str, Any]:
+    """Run one step (a function of this module) for the job; a failure's cause is recorded on the
+    job before it propagates, so `pointflow jobs show` and the meter step can tell it."""
+    try:
+        return globals()[step](runtime, job_id, **options)
+    except (AdmissionRefusedJob, ValidationFailed):
+        raise  # the step recorded why
+    except Exception as error:
+        with runtime.catalog.session() as session:
+            job = _job(session, job_id)
+            if JobState(job.state) not in TERMINAL_JOB_STATES:
+                job.error = f"{step.removesuffix('_step')}: {cause(error)}"
+        raise
+
+
 def run_job(
     runtime: Runtime,
     account_id: str,
@@ -370,11 +406,11 @@ def run_job(
     job_id = job_id or "job-" + uuid.uuid4().hex[:20]
     create_job(runtime, job_id, account_id, source, classifier)
     try:
-        ingest_step(runtime, job_id)
-        validate_step(runtime, job_id)
-        classify_step(runtime, job_id, workers=workers)
-        export_step(runtime, job_id, export_format)
-        deliver_step(runtime, job_id)
+        run_step(runtime, job_id, "ingest_step")
+        run_step(runtime, job_id, "validate_step")
+        run_step(runtime, job_id, "classify_step", workers=workers)
+        run_step(runtime, job_id, "export_step", export_format=export_format)
+        run_step(runtime, job_id, "deliver_step")
     except (AdmissionRefusedJob, ValidationFailed):
         pass
     except DeliveryError as error:
@@ -383,6 +419,29 @@ def run_job(
     finally:
         final = finish_step(runtime, job_id)
     return final
+
+
+def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> list[dict[str, Any]]:
+    """Close as failed every job that made no progress for POINTFLOW_STALE_JOB_HOURS: its run was
+    killed or lost (a CLI process killed, a DAG run deleted). Each is metered once as failed, so
+    nothing is billed; the customer is not mailed, since nothing in the input was theirs to fix
+    (a bad input is refused, and told, when it is found)."""
+    as_of = as_of or utcnow()
+    timeout = timedelta(hours=runtime.settings.stale_job_hours)
+    open_states = [s.value for s in JobState if s not in TERMINAL_JOB_STATES]
+    with runtime.catalog.session() as session:
+        stale = list(session.scalars(select(Job.job_id).where(Job.state.in_(open_states), Job.updated_at < as_of - timeout).order_by(Job.created_at)))
+    closed = []
+    for job_id in stale:
+        with runtime.catalog.session() as session:
+            job = _job(session, job_id)
+            if JobState(job.state) in TERMINAL_JOB_STATES:
+                continue  # finished meanwhile
+            last = f" (last error: {job.error})" if job.error else ""
+            job.error = f"no progress since {job.updated_at:%Y-%m-%d %H:%M} UTC while {job.state}{last}: closed after {runtime.settings.stale_job_hours} h, nothing billed"
+            _set_state(job, JobState.FAILED)
+        closed.append(finish_step(runtime, job_id))
+    return closed
 
 
 # A ready e-mail the pipeline could not send is retried by the nightly sweep: only for jobs whose run

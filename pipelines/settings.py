@@ -43,6 +43,15 @@ def _path(env: Mapping[str, str], name: str) -> Path | None:
     return Path(raw).expanduser() if raw else None
 
 
+def _paths(env: Mapping[str, str], name: str) -> tuple[Path, ...]:
+    raw = env.get(name) or ""
+    paths = tuple(Path(part).expanduser() for part in raw.split(os.pathsep) if part)
+    relative = [str(p) for p in paths if not p.is_absolute()]
+    if relative:
+        raise SettingsError(f"{name} must list absolute folders separated by '{os.pathsep}'; {', '.join(relative)} is relative")
+    return tuple(p.resolve() for p in paths)
+
+
 def _endpoint(env: Mapping[str, str], name: str) -> str | None:
     raw = env.get(name) or None
     if raw is not None and not raw.startswith(("http://", "https://")):
@@ -67,6 +76,9 @@ class Settings:
     model_key: str | None
     link_endpoint: str | None = None
     lifecycle_policy_path: Path | None = None
+    # Local folders (or single files) that job and training sources may be read from.
+    input_dirs: tuple[Path, ...] = ()
+    stale_job_hours: int = 24
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -88,6 +100,8 @@ class Settings:
             model_key=env.get("POINTFLOW_MODEL_KEY") or None,
             link_endpoint=_endpoint(env, "POINTFLOW_LINK_ENDPOINT"),
             lifecycle_policy_path=_path(env, "POINTFLOW_LIFECYCLE_POLICY"),
+            input_dirs=_paths(env, "POINTFLOW_INPUT_DIRS"),
+            stale_job_hours=_int(env, "POINTFLOW_STALE_JOB_HOURS", 24),
         )
 
     @property
@@ -105,3 +119,7 @@ class Settings:
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)
+
+    def allowing(self, *paths: Path) -> Settings:
+        """These settings, with `paths` (the files a command was given by name) allowed as sources."""
+        return replace(self, input_dirs=self.input_dirs + tuple(Path(p).expanduser().resolve() for p in paths))

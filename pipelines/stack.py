@@ -87,6 +87,11 @@ class StackPlan:
     def logs(self) -> Path:
         return self.base / "logs"
 
+    @property
+    def incoming(self) -> Path:
+        """Where sources given to the DAGs by path are read from, unless POINTFLOW_INPUT_DIRS says otherwise."""
+        return self.base / "incoming"
+
 
 @contextmanager
 def _server_cursor(server_url: str) -> Iterator[Any]:
@@ -157,6 +162,7 @@ def stack_environment(plan: StackPlan) -> dict[str, str]:
         "POINTFLOW_HOME": str(plan.pointflow_home),
         "POINTFLOW_DATABASE_URL": plan.database_url("catalog"),
         "POINTFLOW_DASK_ADDRESS": plan.dask_address,
+        "POINTFLOW_INPUT_DIRS": os.environ.get("POINTFLOW_INPUT_DIRS") or str(plan.incoming),
         "DASK_CONFIG": str(LOCAL_DASK_CONFIG),
         # Airflow's components start more `airflow` processes: they must find this environment's.
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),

@@ -29,8 +29,8 @@ from pipelines.catalog import CatalogError
 from pipelines.catalog.models import TrainedModelRecord
 from pipelines.classifiers import BUILTIN_CLASSIFIERS, PointBlock
 from pipelines.classifiers.trained import TrainedClassifier, TrainedModel, train
-from pipelines.ingest import local_copy
-from pipelines.lasio import point_block, read_info
+from pipelines.ingest import check_source, local_copy
+from pipelines.lasio import iter_checked, point_block, read_info
 from pipelines.lifecycle.operations import ensure_active
 from pipelines.settings import Settings
 from pipelines.storage import AccountArea, file_sha256
@@ -70,11 +70,9 @@ def signing_key(settings: Settings) -> bytes:
 
 
 def read_labelled(path: Path) -> tuple[PointBlock, np.ndarray]:
-    """Points and their reference classes; the content must really be LAS/LAZ."""
-    read_info(path)
-    data = laspy.read(path)
-    if len(data) == 0:
-        raise ValueError(f"{path.name} holds no points to learn from")
+    """Points and their reference classes, read through the same gate as any input."""
+    chunks = list(iter_checked(path, read_info(path)))
+    data = laspy.ScaleAwarePointRecord(np.concatenate([c.array for c in chunks]), chunks[0].point_format, chunks[0].scales, chunks[0].offsets)
     return point_block(data), np.asarray(data.classification, dtype=np.uint8)
 
 
@@ -150,7 +148,10 @@ def resolve_classifier(runtime, account_id: str | None, name: str) -> str | Trai
 
 
 def train_from_sources(runtime, account_id: str, sources: Sequence[str], ignore_classes: Sequence[int] = (0, 1)) -> ModelInfo:
-    """`train_model` on sources given as local paths, file:// or s3:// URIs (the training DAG's input)."""
+    """`train_model` on sources given as local paths, file:// or s3:// URIs (the CLI's files, the
+    training DAG's input), each of which the account may read as a job's input (`check_source`)."""
+    for source in sources:
+        check_source(runtime.settings, runtime.store, account_id, source)
     with ExitStack() as stack:
-        paths = [stack.enter_context(local_copy(source, runtime.settings.scratch_dir)) for source in sources]
+        paths = [stack.enter_context(local_copy(source, runtime.settings.scratch_dir, account_id)) for source in sources]
         return train_model(runtime, account_id, paths, ignore_classes=ignore_classes)

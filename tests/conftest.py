@@ -48,13 +48,18 @@ def stop_processes(processes: list[subprocess.Popen], grace: float) -> None:
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh POINTFLOW_HOME with embedded defaults; other POINTFLOW_* variables are cleared."""
+def home(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh POINTFLOW_HOME with embedded defaults; other POINTFLOW_* variables are cleared.
+
+    Sources may come from the tests' temporary folders and the shared real data, as an operator
+    would allow an incoming folder (POINTFLOW_INPUT_DIRS); the home itself never is one.
+    """
     for name in POINTFLOW_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     path = tmp_path / "home"
     monkeypatch.setenv("POINTFLOW_HOME", str(path))
     monkeypatch.setenv("POINTFLOW_WORKERS", "2")
+    monkeypatch.setenv("POINTFLOW_INPUT_DIRS", os.pathsep.join([str(tmp_path_factory.getbasetemp()), str(SHARED_DATA)]))
     return path
 
 

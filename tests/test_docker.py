@@ -545,13 +545,14 @@ def test_init_script_prepares_airflow_the_catalog_and_the_login(tmp_path: Path) 
         AIRFLOW_ADMIN_PASSWORD="from-docker-env",
         POINTFLOW_HOME=str(home),
         POINTFLOW_DATABASE_URL=f"sqlite:///{tmp_path / 'catalog.db'}",
+        POINTFLOW_INPUT_DIRS=f"{tmp_path / 'incoming'}:{tmp_path / 'more incoming'}",
     )
     run = subprocess.run(["bash", str(DOCKER / "init.sh")], capture_output=True, text=True, env=variables, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "from-docker-env" not in run.stdout + run.stderr, "the password must not reach the log"
     assert stat.S_IMODE(passwords.stat().st_mode) == 0o600
-    for folder in ("scratch", "logs", "incoming"):
-        assert (home / folder).is_dir()
+    for folder in (home / "scratch", home / "logs", tmp_path / "incoming", tmp_path / "more incoming"):
+        assert folder.is_dir()
 
     from pipelines.catalog import Catalog
 

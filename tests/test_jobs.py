@@ -173,3 +173,88 @@ def test_a_refused_quarantine_notice_is_sent_when_the_step_reruns(home: Path, sm
             validate_step(runtime, job["job_id"])
     [message] = smtp_sink.parsed()
     assert message["To"] == "ops@acme.example" and "not a LAS/LAZ file" in message.get_content()
+
+
+@pytest.fixture
+def catalog_runtime(home: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) -> Runtime:
+    """A runtime whose catalog is SQLite or PostgreSQL, with the account acme."""
+    from pipelines.accounts import upsert_accounts
+    from pipelines.settings import Settings
+    from tests.conftest import make_account
+
+    monkeypatch.setenv("POINTFLOW_DATABASE_URL", database_url)
+    runtime = Runtime.from_settings(Settings.from_env())
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    yield runtime
+    runtime.catalog.dispose()
+
+
+def test_a_failed_step_records_its_cause_and_jobs_show_prints_it(catalog_runtime: Runtime, scene_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines import jobs
+    from pipelines.cli import main
+
+    runtime = catalog_runtime
+    create_job(runtime, "job-cause", "acme", str(scene_path), "standard")
+    jobs.run_step(runtime, "job-cause", "ingest_step")
+    jobs.run_step(runtime, "job-cause", "validate_step")
+
+    def broken(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(jobs, "classify_file", broken)
+    with pytest.raises(OSError):
+        jobs.run_step(runtime, "job-cause", "classify_step")
+    job = finish_step(runtime, "job-cause")
+    assert job["state"] == "failed" and job["error"] == "classify: OSError: No space left on device"
+    assert main(["jobs", "show", "job-cause"]) == 0
+    assert "cause:      classify: OSError: No space left on device" in capsys.readouterr().out
+    assert main(["jobs", "list", "--account", "acme"]) == 0
+    assert "job-cause" in capsys.readouterr().out
+
+
+def test_stale_jobs_are_closed_once_as_failed_and_billed_nothing(catalog_runtime: Runtime, scene_path: Path) -> None:
+    from datetime import timedelta
+
+    from pipelines.catalog.models import utcnow
+    from pipelines.jobs import close_stale_jobs
+
+    runtime = catalog_runtime
+    create_job(runtime, "job-stale", "acme", str(scene_path), "standard")
+    ingest_step(runtime, "job-stale")
+    create_job(runtime, "job-fresh", "acme", str(scene_path), "standard")
+    hours = runtime.settings.stale_job_hours
+    # Not yet stale: nothing happens.
+    assert close_stale_jobs(runtime, utcnow() + timedelta(hours=hours - 1)) == []
+    closed = close_stale_jobs(runtime, utcnow() + timedelta(hours=hours, minutes=5))
+    assert sorted(j["job_id"] for j in closed) == ["job-fresh", "job-stale"]
+    assert all(j["state"] == "failed" and "no progress since" in j["error"] and "nothing billed" in j["error"] for j in closed)
+    assert sorted((e.job_id, e.status, e.points) for e in usage_events(runtime, "acme")) == [("job-fresh", "failed", 0), ("job-stale", "failed", 0)]
+    # A second run, or the meter task of a DAG run coming back late, adds nothing.
+    assert close_stale_jobs(runtime, utcnow() + timedelta(days=10)) == []
+    finish_step(runtime, "job-stale")
+    assert len(usage_events(runtime, "acme")) == 2
+    assert outbox_messages(runtime.settings) == []
+
+
+def test_points_the_validation_sample_missed_quarantine_the_file_while_classifying(runtime: Runtime, account: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation reads 20 windows of a large file; a bad point outside them is found by the scan."""
+    import pipelines.validate as validate
+    from tests.lasfiles import write_points
+
+    source = write_points(tmp_path / "late-bad-point.las", n=5000)
+    data = laspy.read(source)
+    data.return_number[4990:] = 7  # past every sampled window
+    data.number_of_returns[4990:] = 2
+    data.write(source)
+    monkeypatch.setattr(validate, "FULL_READ_MAX_POINTS", 1000)
+    monkeypatch.setattr(validate, "SAMPLE_WINDOWS", 2)
+    monkeypatch.setattr(validate, "SAMPLE_WINDOW_POINTS", 100)
+    job = run_job(runtime, account, str(source), job_id="job-late")
+    assert job["state"] == "quarantined" and "return number" in job["error"]
+    assert objects(runtime, f"accounts/{account}/raw/") == [] and objects(runtime, f"accounts/{account}/exports/") == []
+    assert any(k.endswith("late-bad-point.las") for k in objects(runtime, f"accounts/{account}/quarantine/"))
+    report = json.loads(runtime.store.get_bytes(job["report_key"]))
+    assert report["ok"] is False and "return number" in report["reason"]
+    [mail] = outbox_messages(runtime.settings)
+    assert "return number" in message_from_bytes(mail.read_bytes(), policy=policy.default).get_content()
+    assert [(e.status, e.points) for e in usage_events(runtime, account)] == [("failed", 0)]

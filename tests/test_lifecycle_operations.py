@@ -161,7 +161,7 @@ def test_nightly_dag_applies_the_rules_as_of_its_logical_date(airflow_home: Path
     from pipelines.airflow_local import load_dag
 
     dag = load_dag("lifecycle_nightly")
-    assert [t.task_id for t in dag.tasks] == ["apply_rules", "deliver_unsent"]
+    assert [t.task_id for t in dag.tasks] == ["apply_rules", "deliver_unsent", "close_stale_jobs"]
     upsert_accounts(runtime.catalog, [replace(make_account("sleepy", "free"), last_login_at=datetime(2026, 1, 10, 9, tzinfo=UTC))])
     logical = datetime(2027, 1, 11, 3, tzinfo=UTC)
     dag_run = dag.test(logical_date=logical)

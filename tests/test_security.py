@@ -91,6 +91,58 @@ def test_another_accounts_stored_object_cannot_be_a_job_source(two_accounts, cap
     assert {(a, s, p) for a, s, p in usage(runtime) if a == "mallory"} <= {("mallory", "failed", 0)}
 
 
+def test_training_sources_pass_the_same_ownership_check(two_accounts, capsys: pytest.CaptureFixture) -> None:
+    from pipelines.ingest import ForeignSource
+    from pipelines.training import train_from_sources
+
+    runtime, job = two_accounts
+    classified = runtime.store.local_path(job["classified_key"])
+    assert main(["train", str(classified), "--account", "mallory"]) == 2
+    assert "outside account mallory's area" in capsys.readouterr().err
+    # The training DAG's sources, as a path and as a URI.
+    for source in (str(classified), classified.as_uri()):
+        with pytest.raises(ForeignSource, match="outside account mallory's area"):
+            train_from_sources(runtime, "mallory", [source])
+    assert cli_json(capsys, "models", "list", "--account", "mallory") == []
+
+
+def test_the_service_home_is_never_a_source_not_even_under_another_name(two_accounts, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runtime, _ = two_accounts
+    catalog = runtime.settings.home / "catalog.db"
+    hard_link, symbolic = tmp_path / "survey.las", tmp_path / "survey-link.las"
+    hard_link.hardlink_to(catalog)
+    symbolic.symlink_to(catalog)
+    acme_mail = next((runtime.settings.home / "outbox").glob("*.eml"))  # acme's "results ready" e-mail
+    for source in (catalog, hard_link, symbolic, acme_mail):
+        assert main(["ingest", str(source), "--account", "mallory"]) == 2
+        assert "POINTFLOW_HOME" in capsys.readouterr().err
+        assert main(["ingest", str(source), "--account", "mallory", "--run"]) == 2
+        capsys.readouterr()
+    assert list(runtime.store.list("accounts/mallory/")) == []
+    bundle = cli_json(capsys, "accounts", "export-all", "mallory")
+    assert bundle["objects"] == 0
+    assert main(["classify", str(symbolic), str(tmp_path / "out.laz")]) == 2
+    assert "POINTFLOW_HOME" in capsys.readouterr().err
+
+
+def test_a_dag_source_outside_the_allowed_input_folders_fails_the_job(runtime: Runtime, account: str, scene_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    allowed = tmp_path / "incoming"
+    allowed.mkdir()
+    inside = allowed / "scene.laz"
+    inside.write_bytes(scene_path.read_bytes())
+    confined = Runtime(runtime.settings.with_overrides(input_dirs=(allowed,)), runtime.catalog, runtime.store)
+    create_job(confined, "job-outside", account, str(scene_path), "standard")
+    with pytest.raises(AdmissionRefusedJob, match="not inside an allowed input folder"):
+        ingest_step(confined, "job-outside")
+    create_job(confined, "job-inside", account, str(inside), "standard")
+    assert ingest_step(confined, "job-inside")["file_id"] is not None
+    # With none configured, local paths are refused altogether; the error says what to set.
+    nothing = Runtime(runtime.settings.with_overrides(input_dirs=()), runtime.catalog, runtime.store)
+    create_job(nothing, "job-none", account, str(inside), "standard")
+    with pytest.raises(AdmissionRefusedJob, match=r"POINTFLOW_INPUT_DIRS: none set"):
+        ingest_step(nothing, "job-none")
+
+
 def test_another_accounts_s3_object_cannot_be_a_job_source(home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, scene_path: Path) -> None:
     monkeypatch.setenv("POINTFLOW_STORAGE_URL", f"s3://{s3_bucket}/svc")
     runtime = Runtime.from_settings(Settings.from_env())

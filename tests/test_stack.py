@@ -47,7 +47,7 @@ def test_runs_through_airflow_on_postgres_and_dask_workers(stack: LocalStack, tm
     catalog = Catalog(stack.plan.database_url("catalog"))
     upsert_accounts(catalog, [make_account("acme")])
     catalog.dispose()
-    sources = [write_scene(make_scene(size=120.0, seed=seed), tmp_path / f"scene-{seed}.laz") for seed in (1, 2)]
+    sources = [write_scene(make_scene(size=120.0, seed=seed), stack.plan.incoming / f"scene-{seed}.laz") for seed in (1, 2)]
     before = _executed_per_worker(stack)
 
     report = run_batch(stack, "acme", sources, timeout=600, prefix="stack-test")

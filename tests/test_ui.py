@@ -120,7 +120,8 @@ def pointflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The POINTFLOW_* environment of the server, with nothing inherited from the developer's."""
     home = tmp_path_factory.mktemp("ui-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")}
-    env.update(POINTFLOW_HOME=str(home), POINTFLOW_WORKERS="1")
+    # The seeded jobs read their scene from the tests' temporary folders, an allowed input folder.
+    env.update(POINTFLOW_HOME=str(home), POINTFLOW_WORKERS="1", POINTFLOW_INPUT_DIRS=str(tmp_path_factory.getbasetemp()))
     return env
 
 

@@ -15,8 +15,9 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 
-def insert_ignoring_duplicates(session: Session, model: type, key: list[str]):
-    """INSERT that skips rows whose `key` columns already exist (SQLite and PostgreSQL)."""
+def insert_ignoring_duplicates(session: Session, model: type, key: list[str] | None = None):
+    """INSERT that skips rows whose `key` columns already exist, or (no key) that collide with
+    any unique constraint (SQLite and PostgreSQL)."""
     dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
     return dialect.insert(model).on_conflict_do_nothing(index_elements=key)
 

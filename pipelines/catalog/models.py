@@ -109,7 +109,9 @@ TERMINAL_JOB_STATES = frozenset({JobState.QUARANTINED, JobState.EXPORTED, JobSta
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.RECEIVED: frozenset({JobState.VALIDATED, JobState.QUARANTINED, JobState.FAILED, JobState.ABORTED}),
     JobState.VALIDATED: frozenset({JobState.CLASSIFYING, JobState.FAILED, JobState.ABORTED}),
-    JobState.CLASSIFYING: frozenset({JobState.CLASSIFIED, JobState.FAILED, JobState.ABORTED}),
+    # Points the validation's sample did not cover are checked while classifying: a bad file is
+    # still quarantined then.
+    JobState.CLASSIFYING: frozenset({JobState.CLASSIFIED, JobState.QUARANTINED, JobState.FAILED, JobState.ABORTED}),
     JobState.CLASSIFIED: frozenset({JobState.EXPORTED, JobState.FAILED, JobState.ABORTED}),
     JobState.EXPORTED: frozenset(),
     JobState.QUARANTINED: frozenset(),

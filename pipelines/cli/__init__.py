@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -16,6 +17,7 @@ COMMAND_MODULES = (
     "pipelines.cli.models",
     "pipelines.cli.accounts",
     "pipelines.cli.files",
+    "pipelines.cli.jobs",
     "pipelines.cli.demo",
     "pipelines.cli.airflow",
     "pipelines.cli.billing",
@@ -42,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Our own progress notes (report locations, the Dask dashboard link) go to stderr; libraries stay quiet.
+    # Our own progress notes (report locations, the Dask dashboard link) go to stderr; libraries stay
+    # quiet, Dask included (its cluster's start-up notes), also in the local cluster's processes.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("pipelines").setLevel(logging.INFO)
     return run_handler(args)

@@ -34,13 +34,17 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _classify(args: argparse.Namespace) -> int:
     from pipelines.classifiers import BUILTIN_CLASSIFIERS
-    from pipelines.classify import classify_file
+    from pipelines.classify import MIN_TILE_POINTS, classify_file
+    from pipelines.ingest import check_source
+    from pipelines.storage import open_store
 
     if not args.input.is_file():
         raise FileNotFoundError(f"no such file: {args.input}")
     if args.workers is not None and args.workers < 1:
         raise ValueError("--workers must be at least 1")
-    settings = settings_from_env()
+    settings = settings_from_env().allowing(args.input)
+    # Never the service's own files, nor an account's stored objects unless --account owns them.
+    check_source(settings, open_store(settings.storage_url), args.account, str(args.input))
     classifier = args.classifier
     if classifier not in BUILTIN_CLASSIFIERS:
         from pipelines.jobs import Runtime
@@ -65,5 +69,7 @@ def _classify(args: argparse.Namespace) -> int:
     seconds = sum(result.timings.values())
     print(f"wrote {args.output} ({result.output_points:,} points, classifier {result.classifier} {result.classifier_version})")
     print(f"classes: {counts}")
+    if result.sparse_points:
+        print(f"{result.sparse_points:,} point(s) in tiles with fewer than {MIN_TILE_POINTS} points around them: too sparse to model, written as class 1")
     print(f"{result.tiles} tile(s) on {result.workers} worker(s) in {seconds:.1f} s ({result.output_points / max(seconds, 1e-9) / 1e6:.2f} M points/s)")
     return 0

@@ -31,7 +31,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"pointflow demo in {settings.home} (set POINTFLOW_HOME to use another folder)")
     result = run_demo(settings, classifier=args.classifier, input_path=args.input)
     job = result.job
-    print(f"input:    {result.input_path}")
+    print(f"input:    {result.input_location}")
     print(f"job:      {job['job_id']} -> {job['state']}" + (f" ({job['error']})" if job["error"] else ""))
     if result.export_url:
         counts = ", ".join(f"{k}: {v:,}" for k, v in job["summary"]["class_counts"].items())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from datetime import datetime, timezone
 from pathlib import Path
 
 from pipelines.cli.common import print_json, settings_from_env
@@ -37,14 +36,14 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from pipelines.admission import check_admission
-    from pipelines.ingest import ingest_file
-    from pipelines.jobs import Runtime, check_source_owner, run_job
+    from pipelines.ingest import check_source
+    from pipelines.jobs import Runtime, run_job, upload
 
     if not args.file.is_file():
         raise FileNotFoundError(f"no such file: {args.file}")
-    runtime = Runtime.from_settings(settings_from_env())
-    check_source_owner(runtime.store, args.account, str(args.file))
+    # The file named here is an allowed source, wherever it is, except among the service's own files.
+    runtime = Runtime.from_settings(settings_from_env().allowing(args.file))
+    check_source(runtime.settings, runtime.store, args.account, str(args.file))
     if args.run:
         job = run_job(runtime, args.account, str(args.file.resolve()), classifier=args.classifier, export_format=args.export_format)
         if args.json:
@@ -54,14 +53,7 @@ def _ingest(args: argparse.Namespace) -> int:
             if job["export_prefix"]:
                 print(f"export: {runtime.store.location(job['export_prefix'])}")
         return 0 if job["state"] == "exported" else 1
-    at = datetime.now(timezone.utc)
-    stored = ingest_file(
-        runtime.catalog,
-        runtime.store,
-        args.account,
-        args.file,
-        admit=lambda candidate: check_admission(runtime.settings, runtime.catalog, args.account, candidate, at),
-    )
+    stored = upload(runtime, args.account, args.file)
     if args.json:
         print_json(stored.to_public())
     else:

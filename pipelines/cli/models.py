@@ -45,14 +45,14 @@ def _scores(model) -> str:
 
 def _train(args: argparse.Namespace) -> int:
     from pipelines.jobs import Runtime
-    from pipelines.training import train_model
+    from pipelines.training import train_from_sources
 
     for path in args.files:
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
-    runtime = Runtime.from_settings(settings_from_env())
+    runtime = Runtime.from_settings(settings_from_env().allowing(*args.files))
     ignore = tuple(args.ignore_class) if args.ignore_class else (0, 1)
-    model = train_model(runtime, args.account, args.files, ignore_classes=ignore)
+    model = train_from_sources(runtime, args.account, [str(path) for path in args.files], ignore_classes=ignore)
     if args.json:
         print_json(model.to_public())
         return 0

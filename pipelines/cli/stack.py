@@ -47,6 +47,7 @@ def _up(args: argparse.Namespace) -> int:
         print(f"Airflow UI:  {plan.api_url}  (user {plan.admin_user}; password in {stack.passwords_file})")
         print(f"Dask:        {plan.dask_address}")
         print(f"pointflow:   POINTFLOW_HOME={plan.pointflow_home} POINTFLOW_DATABASE_URL={plan.database_url('catalog')}")
+        print(f"inputs:      {stack.environment['POINTFLOW_INPUT_DIRS']}  (local sources for the DAGs)")
         print(f"logs:        {plan.logs}")
         print("Ctrl-C stops the stack.")
         signal.pause()

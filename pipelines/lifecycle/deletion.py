@@ -13,11 +13,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, update
 
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Job, StoredFile, TrainedModelRecord, utcnow
 from pipelines.lifecycle.models import DeletionAudit
+from pipelines.scratch import account_folders
 from pipelines.storage import AccountArea, ObjectStore, S3Store
 
 
@@ -114,14 +115,12 @@ def plan_deletion(store: ObjectStore, prefixes: list[str], keys: list[str], loca
     return DeletionPlan(tuple(prefixes), tuple(keys), kept, tuple(objects[k] for k in sorted(objects)), tuple(local_inventory(local_paths)))
 
 
-def account_deletion_plan(catalog: Catalog, store: ObjectStore, scratch: Path, account_id: str) -> DeletionPlan:
-    """Everything of the account: its whole prefix (raw, exports, reports, models, ...) and the
-    scratch folders of its jobs, except its invoice documents: billing records are kept, like
-    the usage events and invoices in the catalog."""
-    with catalog.session() as session:
-        job_ids = list(session.scalars(select(Job.job_id).where(Job.account_id == account_id)))
+def account_deletion_plan(store: ObjectStore, scratch: Path, account_id: str) -> DeletionPlan:
+    """Everything of the account: its whole prefix (raw, exports, reports, models, ...) and every
+    scratch folder holding its points (a running job's, or one a killed run left), except its
+    invoice documents: billing records are kept, like the usage events and invoices in the catalog."""
     prefix = AccountArea(account_id).prefix
-    return plan_deletion(store, [prefix], [], [scratch / job_id for job_id in job_ids], kept=(prefix + "invoices/",))
+    return plan_deletion(store, [prefix], [], account_folders(scratch, account_id), kept=(prefix + "invoices/",))
 
 
 def forget_account_objects(catalog: Catalog, account_id: str) -> None:

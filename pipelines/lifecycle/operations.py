@@ -204,7 +204,7 @@ def export_all(runtime: Runtime, account_id: str, policy: LifecyclePolicy, now: 
 
 def deletion_plan(runtime: Runtime, account_id: str) -> DeletionPlan:
     get_account(runtime.catalog, account_id)
-    return account_deletion_plan(runtime.catalog, runtime.store, runtime.settings.scratch_dir, account_id)
+    return account_deletion_plan(runtime.store, runtime.settings.scratch_dir, account_id)
 
 
 def delete_account_data(runtime: Runtime, account_id: str, now: datetime | None = None) -> DeletionAudit:

@@ -36,6 +36,7 @@ from pipelines.lifecycle.models import (
     Termination,
 )
 from pipelines.lifecycle.policy import LifecyclePolicy, PlanPolicy, load_policy
+from pipelines.scratch import job_folders
 from pipelines.storage import AccountArea
 
 if TYPE_CHECKING:
@@ -309,7 +310,7 @@ class _AccountRun:
         if self._blocked("data_deleted", "account", termination.deletion_due_at):
             return
         runtime = self.context.runtime
-        plan = account_deletion_plan(runtime.catalog, runtime.store, runtime.settings.scratch_dir, self.account.account_id)
+        plan = account_deletion_plan(runtime.store, runtime.settings.scratch_dir, self.account.account_id)
         detail = self._delete(plan, f"termination:{termination.reason}", "account", termination.deletion_due_at)
         if not self.dry_run:
             forget_account_objects(runtime.catalog, self.account.account_id)
@@ -366,7 +367,7 @@ class _AccountRun:
             input_due = stored is not None and all((d := due_at(j)) is not None and self.as_of >= d for j in sharers)
             if input_due:
                 keys.append(stored.key)
-            plan = plan_deletion(self.context.runtime.store, prefixes, keys, [scratch / job.job_id])
+            plan = plan_deletion(self.context.runtime.store, prefixes, keys, job_folders(scratch, job.job_id))
             detail = {"job_id": job.job_id, "finished_at": iso(job.finished_at), **self._delete(plan, "api_results", job.job_id, due)}
             if not self.dry_run:
                 with self.context.runtime.catalog.session() as session:

@@ -1,0 +1,105 @@
+"""`pointflow jobs list|show|close-stale`"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipelines.cli.common import print_json, settings_from_env
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    jobs = commands.add_parser("jobs", help="classification jobs: their state and why one failed")
+    sub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+
+    listing = sub.add_parser("list", help="list an account's jobs", description="List the account's jobs, oldest first: id, state, points, and the cause of a failure.")
+    listing.add_argument("--account", required=True, metavar="ID")
+    listing.add_argument("--json", action="store_true", help="print a JSON array ([] when there are none)")
+    listing.set_defaults(handler=_list)
+
+    show = sub.add_parser(
+        "show",
+        help="show one job, with the cause of a failure",
+        description=(
+            "Show one job: account, source, state, classifier, points, times, the validation report and the "
+            "export, and for a job that did not export, what stopped it (a refused input, a failed step, or "
+            "a run that was killed and closed as stale)."
+        ),
+    )
+    show.add_argument("job_id", metavar="JOB")
+    show.add_argument("--json", action="store_true", help="print the job as JSON")
+    show.set_defaults(handler=_show)
+
+    stale = sub.add_parser(
+        "close-stale",
+        help="close jobs whose run was killed or lost",
+        description=(
+            "Close as failed every job that made no progress for POINTFLOW_STALE_JOB_HOURS (default 24): its "
+            "process was killed or its DAG run lost. Each is metered once as failed, so nothing is billed. "
+            "The nightly lifecycle DAG does this too."
+        ),
+    )
+    stale.add_argument("--json", action="store_true", help="print the closed jobs as JSON")
+    stale.set_defaults(handler=_close_stale)
+
+
+def _runtime():
+    from pipelines.jobs import Runtime
+
+    return Runtime.from_settings(settings_from_env())
+
+
+def _line(job: dict) -> str:
+    reason = f"  {job['error']}" if job["error"] and job["state"] != "exported" else ""
+    return f"{job['job_id']}  {job['account_id']}  {job['state']:<12} {job['points_processed']:>12,} pts  {job['created_at']:%Y-%m-%d %H:%M}{reason}"
+
+
+def _list(args: argparse.Namespace) -> int:
+    from pipelines.accounts import get_account
+    from pipelines.jobs import jobs_for_account
+
+    runtime = _runtime()
+    get_account(runtime.catalog, args.account)
+    jobs = jobs_for_account(runtime, args.account)
+    if args.json:
+        print_json(jobs)
+        return 0
+    if not jobs:
+        print(f"account {args.account} has no jobs")
+    for job in jobs:
+        print(_line(job))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from pipelines.jobs import job_view
+
+    runtime = _runtime()
+    job = job_view(runtime, args.job_id)
+    if args.json:
+        print_json(job)
+        return 0
+    rows = {
+        "job": job["job_id"], "account": job["account_id"], "source": job["source"], "state": job["state"],
+        "classifier": " ".join(str(v) for v in (job["classifier"], job["classifier_version"]) if v),
+        "points": f"{job['points_processed']:,}", "created": job["created_at"].isoformat(),
+        "finished": job["finished_at"].isoformat() if job["finished_at"] else "-",
+        "report": runtime.store.location(job["report_key"]) if job["report_key"] else "-",
+        "export": runtime.store.location(job["export_prefix"]) if job["export_prefix"] else "-",
+        "cause" if job["state"] != "exported" else "note": job["error"] or "-",
+    }  # fmt: skip
+    for name, value in rows.items():
+        print(f"{name + ':':<12}{value}")
+    return 0
+
+
+def _close_stale(args: argparse.Namespace) -> int:
+    from pipelines.jobs import close_stale_jobs
+
+    closed = close_stale_jobs(_runtime())
+    if args.json:
+        print_json(closed)
+        return 0
+    for job in closed:
+        print(_line(job))
+    print(f"{len(closed)} stale job(s) closed")
+    return 0

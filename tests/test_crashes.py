@@ -1,0 +1,118 @@
+"""Crash safety: a `pointflow` process SIGKILLed mid-classification leaves no processes behind (its
+local Dask cluster ends with it), its scratch folder is swept by the next run and found by account
+deletion, and its job is closed as failed, billed nothing, with the cause recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipelines.accounts import upsert_accounts
+from pipelines.catalog.models import utcnow
+from pipelines.cli import main
+from pipelines.jobs import Runtime, close_stale_jobs, job_view, jobs_for_account
+from pipelines.metering import usage_for_job
+from pipelines.scratch import account_folders, folders
+from pipelines.settings import Settings
+from tests.conftest import make_account, shared_file
+
+pytestmark = pytest.mark.slow
+
+# Small tiles: the IGN tile becomes a few hundred Dask tasks, so a kill lands mid-classification.
+TILING = {"POINTFLOW_TILE_SIZE": "12.5", "POINTFLOW_TILE_BUFFER": "2.5"}
+
+
+def start(home: Path, *args: str) -> subprocess.Popen:
+    """The installed console script, as a user (or an Airflow task) runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")} | {"POINTFLOW_HOME": str(home), "POINTFLOW_WORKERS": "2", **TILING}
+    return subprocess.Popen([str(Path(sys.executable).with_name("pointflow")), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    living = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                living.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return living
+
+
+def kill_mid_classification(process: subprocess.Popen, scratch: Path) -> list[psutil.Process]:
+    """SIGKILL the command once its cluster (scheduler, two nannies, two workers) is up and tiles
+    are on disk; returns the processes it had started."""
+    command = psutil.Process(process.pid)
+    family: list[psutil.Process] = []
+
+    def classifying() -> bool:
+        nonlocal family
+        assert process.poll() is None, process.communicate()
+        family = command.children(recursive=True)
+        return len(family) >= 5 and any(scratch.glob("classify-*/core-*"))
+
+    wait_for(classifying, 180, "the classification to be under way")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return family
+
+
+def test_a_killed_classify_takes_its_cluster_with_it_and_the_next_run_sweeps_its_scratch(home: Path, tmp_path: Path) -> None:
+    scratch = home / "scratch"
+    family = kill_mid_classification(start(home, "classify", str(shared_file("ign_st_barth_100m.laz")), str(tmp_path / "out.laz")), scratch)
+
+    wait_for(lambda: not alive(family), 20, f"the orphaned cluster processes to end: {alive(family)}")
+    assert not (tmp_path / "out.laz").exists()
+    [left] = folders(scratch)  # the killed run's tiles: locked by nobody now
+    assert any(left.path.glob("core-*"))
+
+    nxt = start(home, "classify", str(shared_file("isprs/samp21.las")), str(tmp_path / "next.laz"))
+    out, err = nxt.communicate(timeout=300)
+    assert nxt.returncode == 0, err
+    assert folders(scratch) == [] and not left.path.exists()
+
+
+def test_a_killed_ingest_run_is_closed_as_failed_and_deleting_the_account_finds_its_points(home: Path, capsys: pytest.CaptureFixture) -> None:
+    runtime = Runtime.from_settings(Settings.from_env())
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    scratch = runtime.settings.scratch_dir
+    family = kill_mid_classification(start(home, "ingest", str(shared_file("ign_st_barth_100m.laz")), "--account", "acme", "--run"), scratch)
+    wait_for(lambda: not alive(family), 20, "the orphaned cluster processes to end")
+
+    [job] = jobs_for_account(runtime, "acme")
+    assert job["state"] == "classifying"
+    # The killed run's tiles and working copy are the account's points: deletion finds and removes them.
+    left = set(account_folders(scratch, "acme"))
+    assert left
+    assert main(["accounts", "delete", "acme", "--confirm", "--json"]) == 0
+    deleted = json.loads(capsys.readouterr().out)
+    assert {Path(p["path"]) for p in deleted["local_paths"]} >= left
+    assert account_folders(scratch, "acme") == []
+
+    # A day later the nightly run closes the job: failed, the cause on record, nothing billed.
+    [closed] = close_stale_jobs(runtime, utcnow() + timedelta(hours=runtime.settings.stale_job_hours, minutes=1))
+    assert closed["job_id"] == job["job_id"] and closed["state"] == "failed"
+    assert "no progress" in closed["error"] and "classifying" in closed["error"]
+    assert [(e.status, e.points) for e in usage_for_job(runtime.catalog, job["job_id"])] == [("failed", 0)]
+    assert close_stale_jobs(runtime, utcnow() + timedelta(days=30)) == []
+    assert main(["jobs", "show", job["job_id"]]) == 0
+    assert "no progress" in capsys.readouterr().out
+    assert job_view(runtime, job["job_id"])["finished_at"] is not None
