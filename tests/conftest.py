@@ -47,6 +47,24 @@ def stop_processes(processes: list[subprocess.Popen], grace: float) -> None:
             process.wait()
 
 
+def abandoned_work_dir(scratch: Path, kind: str, account_id: str | None = None, job_id: str | None = None, files: dict[str, bytes] | None = None) -> Path:
+    """A scratch work folder as a killed process leaves it: made by pipelines.scratch.work_dir in a
+    child process that dies inside the block (its lock is released, the folder stays)."""
+    code = (
+        "import json, os, sys; from pathlib import Path; from pipelines.scratch import work_dir\n"
+        "scratch, kind, account, job, files = sys.argv[1:]\n"
+        "with work_dir(Path(scratch), kind, account or None, job or None) as folder:\n"
+        "    [(folder / name).write_bytes(bytes.fromhex(data)) for name, data in json.loads(files).items()]\n"
+        "    print(folder, flush=True); os._exit(9)\n"
+    )
+    import json
+
+    run = subprocess.run([sys.executable, "-c", code, str(scratch), kind, account_id or "", job_id or "", json.dumps({k: v.hex() for k, v in (files or {}).items()})],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 9, run.stderr
+    return Path(run.stdout.strip())
+
+
 @pytest.fixture
 def home(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh POINTFLOW_HOME with embedded defaults; other POINTFLOW_* variables are cleared.

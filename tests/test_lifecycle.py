@@ -19,7 +19,7 @@ from pipelines.lifecycle import is_locked
 from pipelines.lifecycle.models import DeletionAudit, LifecycleDeliveryFailure, Termination
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.settings import Settings
-from tests.conftest import make_account
+from tests.conftest import abandoned_work_dir, make_account
 
 UTC = timezone.utc
 
@@ -62,9 +62,10 @@ def all_versions(runtime: Runtime, prefix: str) -> list[tuple[str, int]]:
     return sorted(found)
 
 
-def seed_account_data(runtime: Runtime, account_id: str) -> None:
+def seed_account_data(runtime: Runtime, account_id: str) -> Path:
     """Objects in every area, an overwritten object (two versions), a deleted one (old version
-    behind a delete marker), a job with a scratch folder, and billing evidence that must stay."""
+    behind a delete marker), a job with a scratch folder (returned) that a killed run left, and
+    billing evidence that must stay."""
     store = runtime.store
     prefix = f"accounts/{account_id}/"
     store.put_bytes(prefix + "raw/abc-scan.laz", b"L" * 1000)
@@ -79,11 +80,10 @@ def seed_account_data(runtime: Runtime, account_id: str) -> None:
     with runtime.catalog.session() as session:
         session.add(Job(job_id=f"{account_id}-job-1", account_id=account_id, source="s3://x/scan.laz", classifier="standard",
                         state=JobState.EXPORTED.value, finished_at=at("2026-01-05T00:00:00")))  # fmt: skip
-    scratch = runtime.settings.scratch_dir / f"{account_id}-job-1"
-    scratch.mkdir(parents=True)
-    (scratch / "partial.laz").write_bytes(b"S" * 40)
+    scratch = abandoned_work_dir(runtime.settings.scratch_dir, "job", account_id, f"{account_id}-job-1", {"partial.laz": b"S" * 40})
     record_usage(runtime.catalog, [UsageRecord(f"{account_id}-job-1:classification", account_id, "classification", at("2026-01-05T00:00:00"),
                                                points=1000, status="succeeded", classifier="standard", filename="scan.laz")])  # fmt: skip
+    return scratch
 
 
 def sent(smtp_sink) -> list:
@@ -93,7 +93,7 @@ def sent(smtp_sink) -> list:
 def test_free_account_walks_notice_reminders_closure_lock_and_deletion(versioned_s3: Runtime, smtp_sink, capsys) -> None:
     runtime = versioned_s3
     upsert_accounts(runtime.catalog, [free_account("sleepy", "2026-01-10T09:00:00"), replace(make_account("busy", "professional"))])
-    seed_account_data(runtime, "sleepy")
+    scratch = seed_account_data(runtime, "sleepy")
     runtime.store.put_bytes("accounts/busy/raw/keep.laz", b"K" * 10)
     runtime.store.put_bytes("accounts/sleepy2/raw/not-sleepy.laz", b"N" * 10)  # same prefix letters, other account
 
@@ -151,7 +151,6 @@ def test_free_account_walks_notice_reminders_closure_lock_and_deletion(versioned
     assert [k["key"] for k in dry["detail"]["keys"]] == expected_keys
     # 6 keys: raw has two versions, tmp/gone.bin an old version behind a delete marker.
     assert (dry["detail"]["objects"], dry["detail"]["versions"], len(before)) == (6, 8, 8)
-    scratch = runtime.settings.scratch_dir / "sleepy-job-1"
     assert dry["detail"]["local_paths"] == [{"path": str(scratch), "bytes": 40}]
     assert dry["detail"]["bytes"] == sum(size for _, size in before) + 40
 

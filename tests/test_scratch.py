@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from pipelines.scratch import account_folders, folders, job_folders, sweep, work_dir
+from tests.conftest import abandoned_work_dir
 
 
 def test_a_folder_in_use_is_never_swept_and_is_removed_after_use(tmp_path: Path) -> None:
@@ -19,11 +18,7 @@ def test_a_folder_in_use_is_never_swept_and_is_removed_after_use(tmp_path: Path)
 
 
 def test_a_dead_processs_folder_is_swept_by_the_next_work_dir(tmp_path: Path) -> None:
-    # A process that made a folder and was killed before it could remove it.
-    code = ("import os, sys; from pathlib import Path; from pipelines.scratch import work_dir\n"
-            "with work_dir(Path(sys.argv[1]), 'classify', 'acme') as f:\n"
-            "    (f / 'core-0').write_bytes(b'points'); os._exit(9)")  # fmt: skip
-    assert subprocess.run([sys.executable, "-c", code, str(tmp_path)]).returncode == 9
+    abandoned_work_dir(tmp_path, "classify", "acme", files={"core-0": b"points"})
     [left] = folders(tmp_path)
     assert left.account_id == "acme" and (left.path / "core-0").exists()
     assert account_folders(tmp_path, "acme") == [left.path]
