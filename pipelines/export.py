@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import laspy
 from pipelines import __version__
 from pipelines.copc import COPC_SUFFIX, write_copc
 from pipelines.lasio import CHUNK_POINTS
+from pipelines.links import LinkClaim, LinkSigner
 from pipelines.preview import ASPRS_CLASS_NAMES, class_summary, render_class_map, summary_csv, summary_json
 from pipelines.storage import AccountArea, ObjectStore, file_sha256
 
@@ -147,23 +148,23 @@ class DownloadLink:
     name: str
     kind: str
     url: str
-    expires_in: timedelta
+    expires_at: datetime
 
 
-def download_links(store: ObjectStore, account_id: str, job_id: str, downloads_allowed: bool, expires_in: timedelta) -> list[DownloadLink]:
-    """Links for a published export; point files only where the plan allows downloads."""
+def download_links(store: ObjectStore, signer: LinkSigner, account_id: str, job_id: str, downloads_allowed: bool, expires_at: datetime) -> list[DownloadLink]:
+    """Signed links (pipelines.links) for a published export; point files only where the plan allows downloads."""
     manifest = read_manifest(store, export_prefix(account_id, job_id))
     if manifest is None:
         raise ExportNotReady(f"export of job {job_id} is not published")
     return [
-        DownloadLink(a["name"], a["kind"], store.link(a["key"], expires_in), expires_in)
+        DownloadLink(a["name"], a["kind"], signer.url(LinkClaim(account_id, a["key"], expires_at)), expires_at)
         for a in manifest["artifacts"]
         if downloads_allowed or a["kind"] != "points"
     ]
 
 
-def artifact_link(store: ObjectStore, account_id: str, key: str, downloads_allowed: bool, expires_in: timedelta) -> str:
-    """A link to one published artifact of this account, refusing what the plan forbids."""
+def published_artifact(store: ObjectStore, account_id: str, key: str) -> dict[str, Any]:
+    """The manifest entry of one published artifact of this account."""
     area = AccountArea(account_id)
     if not area.owns(key) or "/exports/" not in key:
         raise DownloadRefused(f"{key} is not an export of account {account_id}")
@@ -174,7 +175,15 @@ def artifact_link(store: ObjectStore, account_id: str, key: str, downloads_allow
     artifact = next((a for a in manifest["artifacts"] if a["key"] == key), None)
     if artifact is None:
         raise DownloadRefused(f"{key} is not listed in its export's manifest")
+    return artifact
+
+
+def check_plan_allows(artifact: dict[str, Any], downloads_allowed: bool) -> None:
     if artifact["kind"] == "points" and not downloads_allowed:
         raise DownloadRefused("point files cannot be downloaded on the free plan: view the report and preview, or upgrade to download")
-    return store.link(key, expires_in)
 
+
+def artifact_link(store: ObjectStore, signer: LinkSigner, account_id: str, key: str, downloads_allowed: bool, expires_at: datetime) -> str:
+    """A signed link to one published artifact of this account, refusing what the plan forbids."""
+    check_plan_allows(published_artifact(store, account_id, key), downloads_allowed)
+    return signer.url(LinkClaim(account_id, key, expires_at))

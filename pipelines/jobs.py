@@ -27,6 +27,7 @@ from pipelines.export import MANIFEST_NAME, build_artifacts, build_manifest, dow
 from pipelines.gate import NotPointCloudError
 from pipelines.ingest import ForeignSource, StoredFileInfo, check_source, ingest_file, local_copy, readable_path
 from pipelines.lifecycle.operations import ensure_active, is_locked
+from pipelines.links import LinkSigner
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.notify import DeliveryError, send_once
 from pipelines.preview import class_summary
@@ -319,28 +320,39 @@ def export_step(runtime: Runtime, job_id: str, export_format: str = "laz") -> di
     return job_view(runtime, job_id)
 
 
-def delivery_terms(runtime: Runtime, account_id: str) -> tuple[bool, timedelta]:
-    """Whether the plan allows downloading point files, and how long links stay valid."""
-    ensure_active(runtime.catalog, account_id)
-    limits = account_limits(runtime.catalog, load_pricebook(runtime.settings.pricebook_path), account_id, utcnow().date())[1]
-    retention = timedelta(days=limits.result_retention_days) if limits.result_retention_days else DEFAULT_LINK_LIFETIME
-    return limits.downloads, retention
+@dataclass(frozen=True)
+class DeliveryTerms:
+    downloads: bool  # the plan allows downloading point files
+    retention: timedelta | None  # results are deleted this long after the job (None: kept)
+
+    def links_expire(self, finished_at: datetime, now: datetime) -> datetime:
+        """Links last as long as the results where the plan deletes them, else DEFAULT_LINK_LIFETIME."""
+        return finished_at + self.retention if self.retention else now + DEFAULT_LINK_LIFETIME
+
+
+def delivery_terms(runtime: Runtime, account_id: str, at: datetime | None = None) -> DeliveryTerms:
+    """What the account's plan allows for its results at `at` (now by default); refused once it is locked."""
+    at = at or utcnow()
+    ensure_active(runtime.catalog, account_id, at)
+    limits = account_limits(runtime.catalog, load_pricebook(runtime.settings.pricebook_path), account_id, at.date())[1]
+    return DeliveryTerms(limits.downloads, timedelta(days=limits.result_retention_days) if limits.result_retention_days else None)
 
 
 def deliver_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
     """Tell the customer the export is ready: links, class summary, classifier version. Sent once."""
     job = job_view(runtime, job_id)
     account = get_account(runtime.catalog, job["account_id"])
-    downloads, lifetime = delivery_terms(runtime, account.account_id)
-    links = download_links(runtime.store, account.account_id, job_id, downloads, lifetime)
+    terms = delivery_terms(runtime, account.account_id)
+    expires_at = terms.links_expire(job["finished_at"], utcnow())
+    links = download_links(runtime.store, LinkSigner.from_settings(runtime.settings), account.account_id, job_id, terms.downloads, expires_at)
     summary = job["summary"]
     classes = "\n".join(f"  {row['class']:>3} {row['name']:<18} {row['points']:>12,}  {row['percent']:6.2f} %" for row in class_summary({int(k): v for k, v in summary["class_counts"].items()}))
     listing = "\n".join(f"  {link.name}: {link.url}" for link in links)
-    note = "" if downloads else "\nYour plan shows results without point downloads; upgrade to download the classified points.\n"
+    note = "" if terms.downloads else "\nYour plan shows results without point downloads; upgrade to download the classified points.\n"
     body = (
         f"Hello {account.name},\n\nyour classification of {job['classified_key'].rsplit('/', 1)[-1]} is ready "
         f"({summary['output_points']:,} points, classifier {summary['classifier']} {summary['classifier_version']}).\n\n"
-        f"Classes:\n{classes}\n\nDownloads (valid for {lifetime.days} days):\n{listing}\n{note}\n-- pointflow\n"
+        f"Classes:\n{classes}\n\nDownloads (valid until {expires_at:%Y-%m-%d %H:%M} UTC):\n{listing}\n{note}\n-- pointflow\n"
     )
     send_once(runtime.settings, runtime.catalog, f"export:{job_id}", account.account_id, "export_ready", account.email, "pointflow: your classified point cloud is ready", body)
     return job

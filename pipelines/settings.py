@@ -8,6 +8,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 
+# Airflow's api-server on its default port: where the pointflow plugin serves download links.
+DEFAULT_PUBLIC_URL = "http://localhost:8080"
+
+
 class SettingsError(ValueError):
     """A setting has a value we cannot use; the message names the variable."""
 
@@ -79,6 +83,9 @@ class Settings:
     # Local folders (or single files) that job and training sources may be read from.
     input_dirs: tuple[Path, ...] = ()
     stale_job_hours: int = 24
+    # Customers' download links: where they reach the api-server, and the key that signs them.
+    public_url: str = DEFAULT_PUBLIC_URL
+    link_secret: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -102,6 +109,8 @@ class Settings:
             lifecycle_policy_path=_path(env, "POINTFLOW_LIFECYCLE_POLICY"),
             input_dirs=_paths(env, "POINTFLOW_INPUT_DIRS"),
             stale_job_hours=_int(env, "POINTFLOW_STALE_JOB_HOURS", 24),
+            public_url=_endpoint(env, "POINTFLOW_PUBLIC_URL") or DEFAULT_PUBLIC_URL,
+            link_secret=env.get("POINTFLOW_LINK_SECRET") or None,
         )
 
     @property

@@ -29,6 +29,7 @@ import requests
 from pipelines.airflow_local import DAGS_FOLDER, PLUGINS_FOLDER
 from pipelines.catalog.db import Catalog, normalise_url
 from pipelines.classify import LOCAL_DASK_CONFIG
+from pipelines.keys import kept_secret
 
 
 class StackError(RuntimeError):
@@ -154,7 +155,7 @@ def stack_environment(plan: StackPlan) -> dict[str, str]:
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": normalise_url(plan.database_url("airflow")),
         "AIRFLOW__API__BASE_URL": plan.api_url,
         "AIRFLOW__API__PORT": str(plan.api_port),
-        "AIRFLOW__API_AUTH__JWT_SECRET": _secret(airflow_home / "jwt_secret"),
+        "AIRFLOW__API_AUTH__JWT_SECRET": kept_secret(airflow_home / "jwt_secret"),
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(plan.logs / "airflow"),
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
         # One machine runs everything: a scheduler slowed by a burst of tasks is not a dead one.
@@ -163,21 +164,14 @@ def stack_environment(plan: StackPlan) -> dict[str, str]:
         "POINTFLOW_DATABASE_URL": plan.database_url("catalog"),
         "POINTFLOW_DASK_ADDRESS": plan.dask_address,
         "POINTFLOW_INPUT_DIRS": os.environ.get("POINTFLOW_INPUT_DIRS") or str(plan.incoming),
+        # Customers' download links point at this api-server's plugin endpoint.
+        "POINTFLOW_PUBLIC_URL": plan.api_url,
         "DASK_CONFIG": str(LOCAL_DASK_CONFIG),
         # Airflow's components start more `airflow` processes: they must find this environment's.
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
     environment.update(plan.extra_env)
     return environment
-
-
-def _secret(path: Path) -> str:
-    """A secret kept in a file the stack owns, so a restarted stack keeps its sessions valid."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.write_text(secrets.token_urlsafe(32))
-        path.chmod(0o600)
-    return path.read_text().strip()
 
 
 @dataclass

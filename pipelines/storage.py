@@ -131,6 +131,15 @@ class ObjectStore(ABC):
         """A URL a customer can fetch the object with until it expires."""
 
     @abstractmethod
+    def direct_link(self, key: str, expires_in: timedelta) -> str | None:
+        """A URL a browser can fetch the object from by itself (a presigned one), or None where
+        the store has none (a local folder): then pointflow streams the object."""
+
+    @abstractmethod
+    def read_chunks(self, key: str, size: int = 1 << 20) -> Iterator[bytes]:
+        """The object's bytes, `size` at a time (not read before the first is asked for)."""
+
+    @abstractmethod
     def key_of(self, source: str) -> str | None:
         """The key a source path or URL names inside this store, or None for a source elsewhere:
         what keeps one account from naming another account's objects as its input."""
@@ -262,6 +271,16 @@ class LocalStore(ObjectStore):
             raise StorageError(f"no object {key!r} in {self.url}")
         return path.as_uri()
 
+    def direct_link(self, key: str, expires_in: timedelta) -> str | None:
+        return None
+
+    def read_chunks(self, key: str, size: int = 1 << 20) -> Iterator[bytes]:
+        source = self._path(key)
+        if not source.is_file():
+            raise StorageError(f"no object {key!r} in {self.url}")
+        with open(source, "rb") as handle:
+            yield from iter(lambda: handle.read(size), b"")
+
     def key_of(self, source: str) -> str | None:
         parsed = urlparse(source)
         if parsed.scheme not in ("", "file"):
@@ -361,6 +380,13 @@ class S3Store(ObjectStore):
             self.bucket,
             self._key(destination),
         )
+
+    def direct_link(self, key: str, expires_in: timedelta) -> str | None:
+        return self.link(key, expires_in)
+
+    def read_chunks(self, key: str, size: int = 1 << 20) -> Iterator[bytes]:
+        response = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        yield from response["Body"].iter_chunks(size)
 
     def link(self, key: str, expires_in: timedelta) -> str:
         if not self.exists(key):

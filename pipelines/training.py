@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 import uuid
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -30,6 +28,7 @@ from pipelines.catalog.models import TrainedModelRecord
 from pipelines.classifiers import BUILTIN_CLASSIFIERS, PointBlock
 from pipelines.classifiers.trained import TrainedClassifier, TrainedModel, train
 from pipelines.ingest import check_source, local_copy
+from pipelines.keys import kept_secret
 from pipelines.lasio import iter_checked, point_block, read_info
 from pipelines.lifecycle.operations import ensure_active
 from pipelines.settings import Settings
@@ -58,15 +57,7 @@ class ModelInfo:
 
 
 def signing_key(settings: Settings) -> bytes:
-    if settings.model_key:
-        return settings.model_key.encode()
-    path = settings.home / "model-signing.key"
-    if not path.exists():
-        settings.home.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(secrets.token_hex(32))
-    return path.read_text().strip().encode()
+    return (settings.model_key or kept_secret(settings.home / "model-signing.key")).encode()
 
 
 def read_labelled(path: Path) -> tuple[PointBlock, np.ndarray]:

@@ -13,6 +13,11 @@ Airflow's login that comes back here.
 
 Objects are served only through `pipelines.dashboard`, which builds each key from the named
 account's own job or invoice and refuses keys outside that account's area.
+
+One route needs no Airflow user: /pointflow/download/<token>, the customers' download links.
+The token is the credential: `pipelines.links.open_download` checks its signature and expiry and
+that the account, the export and the plan still allow the download, then it redirects to a
+presigned URL of minutes (S3) or streams the file. It opens nothing else.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures inside create_app,
@@ -82,11 +87,12 @@ def create_app():
     from airflow.api_fastapi.core_api.security import GetUserDep
     from fastapi import Depends, FastAPI, HTTPException, Request, status
     from fastapi.exception_handlers import http_exception_handler
-    from fastapi.responses import HTMLResponse, RedirectResponse, Response
+    from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
     from jinja2 import Environment, FileSystemLoader, select_autoescape
     from markupsafe import Markup
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from pipelines.links import DOWNLOAD_PATH, LinkRefused, open_download
     from pipelines.dashboard import (
         DataLocked,
         NotServed,
@@ -147,6 +153,20 @@ def create_app():
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(missing)) from None
         disposition = "inline" if fmt == "html" else "attachment"
         return Response(body, media_type=media_type, headers={"Content-Disposition": f'{disposition}; filename="{invoice_number}.{fmt}"'})
+
+    @app.get(DOWNLOAD_PATH.removeprefix(URL_PREFIX) + "{token}")
+    def download(token: str) -> Response:
+        """A customer's download link: the token alone authorises this one file (no Airflow login)."""
+        from datetime import datetime, timezone
+
+        try:
+            found = open_download(holder.get(), token, datetime.now(timezone.utc))
+        except LinkRefused as refused:
+            return PlainTextResponse(f"{refused}\n", status_code=refused.status)
+        if found.url is not None:
+            return RedirectResponse(found.url, status.HTTP_303_SEE_OTHER)
+        headers = {"Content-Disposition": f'attachment; filename="{found.name}"', "Content-Length": str(found.size)}
+        return StreamingResponse(found.chunks, media_type=found.media_type, headers=headers)
 
     return app
 

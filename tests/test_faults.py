@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 from urllib.parse import urlparse
@@ -41,6 +41,7 @@ from pipelines.jobs import (
     run_job,
     validate_step,
 )
+from pipelines.links import LinkSigner
 from pipelines.settings import Settings
 from pipelines.storage import S3Store, StorageError
 from tests.conftest import make_account, shared_file
@@ -282,10 +283,10 @@ def test_s3_down_mid_publish_fails_clearly_shows_nothing_and_the_rerun_publishes
     observer = s3_outage.observer
     assert manifests(observer, "acme") == [] and published_exports(observer, "acme") == []
     with pytest.raises(ExportNotReady):
-        download_links(observer, "acme", job_id, True, timedelta(hours=1))
+        download_links(observer, LinkSigner.from_settings(runtime.settings), "acme", job_id, True, datetime.now(UTC) + timedelta(hours=1))
     [copied] = [o.key for o in observer.list(f"accounts/acme/exports/{job_id}/")]
     with pytest.raises(ExportNotReady):
-        artifact_link(observer, "acme", copied, True, timedelta(hours=1))
+        artifact_link(observer, LinkSigner.from_settings(runtime.settings), "acme", copied, True, datetime.now(UTC) + timedelta(hours=1))
     assert usage(runtime) == []
 
     # S3 is back: the retried task publishes once; metering twice bills once.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import laspy
@@ -30,6 +30,7 @@ from pipelines.jobs import (
     run_job,
     validate_step,
 )
+from pipelines.links import LinkSigner
 from pipelines.settings import Settings
 from pipelines.storage import AccountArea, UnsafeKeyError, check_key, safe_name
 from pipelines.validate import validate_file
@@ -162,7 +163,8 @@ def test_another_accounts_s3_object_cannot_be_a_job_source(home: Path, s3_bucket
 def test_export_links_refuse_keys_dressed_up_as_the_callers(two_accounts) -> None:
     runtime, job = two_accounts
     artifact = f"{job['export_prefix']}scene.laz"
-    assert artifact_link(runtime.store, "acme", artifact, True, timedelta(hours=1))
+    signer, soon = LinkSigner.from_settings(runtime.settings), datetime.now(timezone.utc) + timedelta(hours=1)
+    assert artifact_link(runtime.store, signer, "acme", artifact, True, soon)
     for key in (
         artifact,
         artifact.replace("accounts/acme/", "accounts/mallory/../acme/"),
@@ -171,7 +173,7 @@ def test_export_links_refuse_keys_dressed_up_as_the_callers(two_accounts) -> Non
         "/" + artifact,
     ):
         with pytest.raises((DownloadRefused, ExportNotReady, UnsafeKeyError)):
-            artifact_link(runtime.store, "mallory", key, True, timedelta(hours=1))
+            artifact_link(runtime.store, signer, "mallory", key, True, soon)
 
 
 def test_a_presigned_link_signs_the_key(home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ through Airflow's login page with Debian's chromium and saves a screenshot.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,9 +31,11 @@ from pipelines.billing.delivery import MonthlyBilling, email_invoices, publish_d
 from pipelines.billing.invoicing import run_billing
 from pipelines.billing.periods import Period, add_months
 from pipelines.catalog.models import SentMessage
+from pipelines.export import export_prefix, read_manifest
 from pipelines.jobs import Runtime, run_job
 from pipelines.lifecycle import place_hold, run_lifecycle, terminate_account
 from pipelines.lifecycle.models import LifecycleAction
+from pipelines.links import DOWNLOAD_PATH, LinkClaim, LinkSigner
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.settings import Settings
 from tests.conftest import REPO, free_port, stop_processes
@@ -285,11 +288,54 @@ def test_one_accounts_url_never_reaches_another_accounts_objects(server: Server,
     assert own.status_code == 200
 
 
-def test_no_credentials_in_the_server_log(server: Server, seeded: Seeded, token: str) -> None:
+def published(pointflow_env: dict[str, str], account_id: str, job_id: str, kind: str) -> tuple[LinkSigner, dict]:
+    """The server's own link signer (same POINTFLOW_HOME, so the same secret) and one artifact of a job."""
+    runtime = Runtime.from_settings(Settings.from_env(pointflow_env))
+    try:
+        manifest = read_manifest(runtime.store, export_prefix(account_id, job_id))
+    finally:
+        runtime.catalog.dispose()
+    return LinkSigner.from_settings(runtime.settings), next(a for a in manifest["artifacts"] if a["kind"] == kind)
+
+
+def test_a_download_link_needs_no_airflow_login_and_opens_only_its_file(server: Server, seeded: Seeded, pointflow_env: dict[str, str]) -> None:
+    signer, points = published(pointflow_env, "acme", seeded.job_id, "points")
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    token = signer.token(LinkClaim("acme", points["key"], soon))
+    response = requests.get(f"{server.url}{DOWNLOAD_PATH}{token}", allow_redirects=False, timeout=30)
+    assert response.status_code == 200, response.text
+    assert hashlib.sha256(response.content).hexdigest() == points["sha256"]
+    assert response.headers["content-disposition"] == f'attachment; filename="{points["name"]}"'
+
+    _, locked = published(pointflow_env, "tidewater", seeded.locked_job_id, "preview")
+    refused = {
+        "tampered": (token[:10] + ("A" if token[10] != "A" else "B") + token[11:], 403),
+        "expired": (signer.token(LinkClaim("acme", points["key"], datetime.now(UTC) - timedelta(seconds=1))), 410),
+        "another account's object": (signer.token(LinkClaim("northwind", points["key"], soon)), 403),
+        "a closed account's": (signer.token(LinkClaim("tidewater", locked["key"], soon)), 403),
+        "not an export": (signer.token(LinkClaim("acme", "accounts/acme/reports/x.html", soon)), 403),
+    }
+    for what, (bad, status) in refused.items():
+        response = requests.get(f"{server.url}{DOWNLOAD_PATH}{bad}", allow_redirects=False, timeout=30)
+        assert response.status_code == status, (what, response.status_code, response.text)
+        assert response.content.rstrip() and not response.content.startswith(b"LASF")
+    # The token opens that file and nothing else: not the page, as a header or a cookie.
+    for kwargs in ({"headers": {"Authorization": f"Bearer {token}"}}, {"cookies": {"_token": token}}, {}):
+        page = requests.get(f"{server.url}/pointflow/", allow_redirects=False, timeout=30, **kwargs)
+        assert page.status_code in (401, 403) and "Acme Surveying" not in page.text
+    assert requests.get(f"{server.url}{DOWNLOAD_PATH}", allow_redirects=False, timeout=30).status_code in (401, 404)
+
+
+def test_no_credentials_in_the_server_log(server: Server, seeded: Seeded, token: str, pointflow_env: dict[str, str]) -> None:
     requests.get(f"{server.url}/pointflow/", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    # A download link is a credential for a customer's file too.
+    signer, preview = published(pointflow_env, "acme", seeded.job_id, "preview")
+    link = signer.token(LinkClaim("acme", preview["key"], datetime.now(UTC) + timedelta(hours=1)))
+    assert requests.get(f"{server.url}{DOWNLOAD_PATH}{link}", timeout=30).status_code == 200
     text = server.log.read_text(errors="replace")
     assert server.password not in text
     assert token not in text
+    assert link.split(".")[1] not in text, "the server log holds a download link's signature"
 
 
 def test_page_in_a_real_browser(server: Server, seeded: Seeded) -> None:

@@ -56,6 +56,13 @@ def is_locked(catalog: Catalog, account_id: str, at: datetime | None = None) -> 
     return termination is not None and (termination.locked_at is not None or termination.effective_at <= _now(at))
 
 
+def data_deleted(catalog: Catalog, account_id: str) -> bool:
+    """True once the account's data has been deleted (after its contract ended)."""
+    with catalog.session() as session:
+        termination = session.get(Termination, account_id)
+    return termination is not None and termination.deleted_at is not None
+
+
 class AccountLocked(LifecycleError):
     """The account's contract has ended: no uploads, no new jobs, no download links."""
 
