@@ -282,3 +282,24 @@ def test_late_usage_on_an_invoice_that_has_nothing_else(catalog):
     run(catalog, "2026-09")
     import_usage(catalog, [(1, job("last-job", "gone", "2026-09-30T22:00Z", 3_000_000))])
     assert lines_of(run(catalog, "2026-10"), "gone") == [("late_usage", "1.50")]
+
+
+def test_events_recorded_long_before_the_run_need_no_mark_and_are_billed_once(catalog):
+    from sqlalchemy import func, select, update
+
+    from pipelines.billing.models import UsageBilling
+    from pipelines.catalog.models import UsageEvent
+
+    add_account(catalog, "api1", plan="api")
+    import_usage(catalog, [(1, job("early", "api1", "2026-09-03T10:00Z", 2_000_000)), (2, job("recent", "api1", "2026-09-29T10:00Z", 4_000_000))])
+    with catalog.session() as session:  # imported during September, weeks before the run
+        session.execute(update(UsageEvent).where(UsageEvent.event_id == "early").values(recorded_at=utc("2026-09-03T10:05Z")))
+    assert lines_of(run(catalog, "2026-09"), "api1") == [("usage", "3.00")]
+    with catalog.session() as session:
+        # Only the event recorded within a day of the run is marked; the other was certainly seen.
+        assert session.scalars(select(UsageBilling.event_id)).all() == ["recent"]
+    import_usage(catalog, [(1, job("late", "api1", "2026-09-30T10:00Z", 8_000_000))])
+    assert [line for line in lines_of(run(catalog, "2026-10"), "api1") if "usage" in line[0]] == [("late_usage", "4.00")]
+    assert not [line for line in lines_of(run(catalog, "2026-11"), "api1") if "usage" in line[0]]
+    with catalog.session() as session:
+        assert session.scalar(select(func.count()).select_from(UsageBilling)) == 2

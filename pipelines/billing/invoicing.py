@@ -27,7 +27,7 @@ from pipelines.billing.money import format_money, format_quantity, format_rate, 
 from pipelines.billing.periods import Period, add_months, months_between, start_of
 from pipelines.billing.pricebook import PlanTerms, PriceBook
 from pipelines.billing.terms import Agreed, History, Parties, PlanStep, TaxRegime, TermStep
-from pipelines.billing.usage import billable_points_by_account, claim_usage, late_points_by_account_day
+from pipelines.billing.usage import Claim, billable_points_by_account, claim_usage, late_points_by_account_day
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account, BillingCycle
 
@@ -504,10 +504,12 @@ def run_billing(catalog: Catalog, period: Period | str, pricebook: PriceBook, no
 
 
 def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> int:
-    invoiced = [Period.parse(label) for label in session.scalars(select(BillingRun.period).where(BillingRun.period < period.label))]
-    claim_usage(session, period, invoiced)
+    runs = session.execute(select(BillingRun.period, BillingRun.created_at).where(BillingRun.period != period.label)).all()
+    started = session.get(BillingRun, period.label).created_at
+    claim = claim_usage(session, period, started, max((created for _, created in runs), default=None),
+                        [Period.parse(label) for label, _ in runs if label < period.label])  # fmt: skip
     accounts = _accounts(session, period)
-    usage = _usage_slices(session, pricebook, period, accounts)
+    usage = _usage_slices(session, pricebook, period, accounts, claim)
     late = _late_usage(pricebook, late_points_by_account_day(session, period), {a.account_id: a for a in accounts})
     availability = _availability(session, pricebook, period)
     issue_date = issue_date_of(period)
@@ -572,11 +574,13 @@ def _slice_bounds(pricebook: PriceBook, period: Period, accounts: Sequence[Accou
     return [period.first_day, *sorted(changes), next_month]
 
 
-def _usage_slices(session: Session, pricebook: PriceBook, period: Period, accounts: Sequence[AccountFacts]) -> list[tuple[date, date, dict[str, int]]]:
+def _usage_slices(
+    session: Session, pricebook: PriceBook, period: Period, accounts: Sequence[AccountFacts], claim: Claim
+) -> list[tuple[date, date, dict[str, int]]]:
     """Billable points per account that this run bills for its month, between the days on which a
     price, a plan or a term changes: one query per slice (at most one per day of the month)."""
     return [
-        (start, end - timedelta(days=1), billable_points_by_account(session, start_of(start), start_of(end), period.label))
+        (start, end - timedelta(days=1), billable_points_by_account(session, start_of(start), start_of(end), claim))
         for start, end in pairwise(_slice_bounds(pricebook, period, accounts))
     ]
 

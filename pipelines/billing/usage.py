@@ -27,9 +27,23 @@ class PointsCapExceededError(CatalogError):
     """A job would take an account past its monthly points cap; it is refused at admission."""
 
 
-def billable_points_by_account(session: Session, start: datetime, end: datetime, billed_in: str | None = None) -> dict[str, int]:
-    """Billable points per account for events with start <= occurred_at < end (UTC); with
-    `billed_in`, only the events that month's run bills."""
+# A usage import commits within this long of stamping its events' recorded_at, so an event
+# recorded earlier than this before a run started is visible to that run.
+COMMIT_MARGIN = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a month's run bills: every event of its month it can see, its own `period`'s marks
+    settling the events recorded since `cutoff` (its start less COMMIT_MARGIN)."""
+
+    period: str
+    cutoff: datetime
+
+
+def billable_points_by_account(session: Session, start: datetime, end: datetime, claim: Claim | None = None) -> dict[str, int]:
+    """Billable points per account for events with start <= occurred_at < end (UTC); with a
+    `claim`, only the events that month's run bills."""
     query = (
         select(UsageEvent.account_id, func.sum(UsageEvent.points))
         .where(UsageEvent.kind == CLASSIFICATION)
@@ -38,25 +52,45 @@ def billable_points_by_account(session: Session, start: datetime, end: datetime,
         .where(UsageEvent.occurred_at < end)
         .group_by(UsageEvent.account_id)
     )
-    if billed_in is not None:
-        query = query.join(UsageBilling, UsageBilling.event_id == UsageEvent.event_id).where(UsageBilling.period == billed_in)
+    if claim is not None:
+        marked = select(UsageBilling.event_id).where(UsageBilling.period == claim.period)
+        query = query.where(or_(UsageEvent.recorded_at < claim.cutoff, UsageEvent.event_id.in_(marked)))
     return {account_id: int(points or 0) for account_id, points in session.execute(query)}
 
 
-def claim_usage(session: Session, period: Period, invoiced: Iterable[Period]) -> None:
-    """Mark as billed by `period`'s run every billable event not billed yet that happened in it or,
-    late, in a month already `invoiced`. The run then bills exactly the marked events: an event
-    imported while it runs is either marked and billed, or left for the next run."""
-    ranges = _merge((month.start, month.end) for month in sorted({*invoiced, period}))
-    unbilled = ~select(UsageBilling.event_id).where(UsageBilling.event_id == UsageEvent.event_id).exists()
-    events = (
+def claim_usage(session: Session, period: Period, started: datetime, previous_start: datetime | None, invoiced: Iterable[Period]) -> Claim:
+    """Mark the events `period`'s run bills, where marks are needed, before it sums them.
+
+    Events of the month recorded in the last COMMIT_MARGIN before the run are marked: an import
+    committing while the run reads could otherwise leave them half seen. Events of an invoiced
+    month that no run has billed yet (late usage) can only have been committed after the previous
+    run looked, so they are searched among the events recorded since then and marked too. Events
+    recorded earlier were seen by their month's run, and need no mark: a month of usage costs a
+    run marks for a day's worth of events, not for every event."""
+    claim = Claim(period.label, started - COMMIT_MARGIN)
+    on_time = (
         select(UsageEvent.event_id, literal(period.label))
         .where(UsageEvent.kind == CLASSIFICATION)
         .where(UsageEvent.status.in_(BILLABLE_STATUSES))
+        .where(UsageEvent.occurred_at >= period.start)
+        .where(UsageEvent.occurred_at < period.end)
+        .where(UsageEvent.recorded_at >= claim.cutoff)
+    )
+    session.execute(insert(UsageBilling).from_select(["event_id", "period"], on_time))
+    ranges = _merge((month.start, month.end) for month in sorted(invoiced))
+    if previous_start is None or not ranges:
+        return claim
+    unbilled = ~select(UsageBilling.event_id).where(UsageBilling.event_id == UsageEvent.event_id).exists()
+    late = (
+        select(UsageEvent.event_id, literal(period.label))
+        .where(UsageEvent.kind == CLASSIFICATION)
+        .where(UsageEvent.status.in_(BILLABLE_STATUSES))
+        .where(UsageEvent.recorded_at >= previous_start - COMMIT_MARGIN)
         .where(or_(*(and_(UsageEvent.occurred_at >= start, UsageEvent.occurred_at < end) for start, end in ranges)))
         .where(unbilled)
     )
-    session.execute(insert(UsageBilling).from_select(["event_id", "period"], events))
+    session.execute(insert(UsageBilling).from_select(["event_id", "period"], late))
+    return claim
 
 
 def _merge(ranges: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
