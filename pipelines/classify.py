@@ -43,6 +43,7 @@ from pipelines.orphans import OWNER_VARIABLE
 from pipelines.scratch import work_dir
 from pipelines.settings import Settings
 from pipelines.tile import TileGrid
+from pipelines.units import METRES, CoordinateUnits, coordinate_units
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +95,18 @@ class ClassifyResult:
     classifier_version: str
     classifier_params: dict[str, Any]
     tiles: int
-    tile_size: float
-    tile_buffer: float
+    tile_size: float  # metres
+    tile_buffer: float  # metres
     workers: int
+    units: CoordinateUnits
     timings: dict[str, float] = field(default_factory=dict)
     dashboard: str | None = None
     sparse_points: int = 0  # in tiles too sparse to model: written as class 1
 
 
-def tile_fields(points) -> np.ndarray:
-    """The classifier's inputs of laspy points, packed as TILE_FIELDS records."""
-    block = point_block(points)
+def tile_fields(points, units: CoordinateUnits = METRES) -> np.ndarray:
+    """The classifier's inputs of laspy points, in metres, packed as TILE_FIELDS records."""
+    block = point_block(points, units)
     fields = np.empty(len(block), dtype=TILE_FIELDS)
     for name in TILE_FIELDS.names:
         fields[name] = getattr(block, name)
@@ -228,12 +230,12 @@ class TileFiles:
         return self._maps[key]
 
 
-def _scan(input_path: Path, info, grid: TileGrid, tiles: TileFiles, progress: Progress | None) -> None:
+def _scan(input_path: Path, info, units: CoordinateUnits, grid: TileGrid, tiles: TileFiles, progress: Progress | None) -> None:
     """Partition the input into tiles: every point once as core of its tile, and as context of
     every neighbour whose buffer ring it falls in."""
     done = 0
     for chunk in iter_checked(input_path, info, CHUNK_POINTS):
-        fields = tile_fields(chunk)
+        fields = tile_fields(chunk, units)
         x, y = fields["x"], fields["y"]
         tiles.append("core", chunk.array, grid.owner(x, y))
         context = list(grid.context(x, y))
@@ -291,7 +293,15 @@ def classify_file(
     model_bytes = model.model.to_bytes() if isinstance(model, TrainedClassifier) else None
     tile_size = settings.tile_size if tile_size is None else tile_size
     buffer = settings.tile_buffer if buffer is None else buffer
-    grid = TileGrid.covering(info.mins, info.maxs, tile_size, buffer)
+    with laspy.open(input_path) as reader:
+        header = reader.header
+    try:
+        units = coordinate_units(header)
+    except ValueError as error:
+        raise NotPointCloudError(f"{input_path.name}: {error}") from None
+    # Tiles are laid out in metres, like everything the classifiers see.
+    grid = TileGrid.covering(tuple(v * units.horizontal for v in info.mins), tuple(v * units.horizontal for v in info.maxs),
+                             tile_size, buffer)
     timings: dict[str, float] = {}
 
     with work_dir(settings.scratch_dir, "classify", account_id, job_id) as work:
@@ -299,14 +309,14 @@ def classify_file(
         with laspy.open(input_path) as reader:
             header = writable_header(reader.header)
         tiles = TileFiles(work, header.point_format.dtype())
-        _scan(input_path, info, grid, tiles, progress)
+        _scan(input_path, info, units, grid, tiles, progress)
         owned, context = tiles.counts("core"), tiles.counts("context")
         sparse = {t for t in owned if owned[t] + context.get(t, 0) < MIN_TILE_POINTS}
         timings["scan_s"] = time.perf_counter() - started
 
         def tile_task(t: int) -> TileTask:
             core = laspy.ScaleAwarePointRecord(tiles.read("core", t), header.point_format, header.scales, header.offsets)
-            return TileTask(t, tile_fields(core).tobytes(), tiles.read("context", t).tobytes())
+            return TileTask(t, tile_fields(core, units).tobytes(), tiles.read("context", t).tobytes())
 
         def batch(tile_ids: list[int]) -> TileBatch:
             return TileBatch(tuple(tile_task(t) for t in tile_ids), model.name, model.params, model_bytes, model.version)
@@ -347,6 +357,7 @@ def classify_file(
         tile_size=grid.size,
         tile_buffer=grid.buffer,
         workers=n_workers,
+        units=units,
         timings={k: round(v, 3) for k, v in timings.items()},
         dashboard=dashboard,
         sparse_points=sum(owned[t] for t in sparse),

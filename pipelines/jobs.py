@@ -287,6 +287,7 @@ def classify_step(runtime: Runtime, job_id: str, workers: int | None = None, cli
             "tile_buffer": result.tile_buffer,
             "sparse_points": result.sparse_points,
             "workers": result.workers,
+            "units": result.units.to_dict(),
             "timings": result.timings,
         }}
         _set_state(job, JobState.CLASSIFIED)

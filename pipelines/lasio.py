@@ -16,6 +16,7 @@ import numpy as np
 
 from pipelines.classifiers.base import PointBlock
 from pipelines.gate import NotPointCloudError, check_header, check_structure, count_problem, is_decoder_panic, point_problems
+from pipelines.units import METRES, CoordinateUnits
 
 CHUNK_POINTS = 1_000_000
 
@@ -96,12 +97,12 @@ def unreadable_points(path: Path) -> str:
     return f"{Path(path).name}: the point data cannot be read, the file is corrupt or truncated"
 
 
-def point_block(points) -> PointBlock:
-    """The classifier's view of laspy points (a LasData or a ScaleAwarePointRecord)."""
+def point_block(points, units: CoordinateUnits = METRES) -> PointBlock:
+    """The classifier's view of laspy points (a LasData or a ScaleAwarePointRecord), in metres."""
     return PointBlock(
-        x=np.asarray(points.x, dtype=np.float64),
-        y=np.asarray(points.y, dtype=np.float64),
-        z=np.asarray(points.z, dtype=np.float64),
+        x=np.asarray(points.x, dtype=np.float64) * units.horizontal,
+        y=np.asarray(points.y, dtype=np.float64) * units.horizontal,
+        z=np.asarray(points.z, dtype=np.float64) * units.vertical,
         intensity=np.asarray(points.intensity),
         return_number=np.asarray(points.return_number, dtype=np.uint8),
         number_of_returns=np.asarray(points.number_of_returns, dtype=np.uint8),

@@ -33,6 +33,7 @@ from pipelines.lasio import iter_checked, point_block, read_info
 from pipelines.lifecycle.operations import ensure_active
 from pipelines.settings import Settings
 from pipelines.storage import AccountArea, file_sha256
+from pipelines.units import coordinate_units
 
 MODEL_SUFFIX = ".pfmodel"
 
@@ -62,9 +63,15 @@ def signing_key(settings: Settings) -> bytes:
 
 def read_labelled(path: Path) -> tuple[PointBlock, np.ndarray]:
     """Points and their reference classes, read through the same gate as any input."""
-    chunks = list(iter_checked(path, read_info(path)))
+    info = read_info(path)
+    with laspy.open(path) as reader:
+        try:
+            units = coordinate_units(reader.header)
+        except ValueError as error:
+            raise ValueError(f"{path.name}: {error}") from None
+    chunks = list(iter_checked(path, info))
     data = laspy.ScaleAwarePointRecord(np.concatenate([c.array for c in chunks]), chunks[0].point_format, chunks[0].scales, chunks[0].offsets)
-    return point_block(data), np.asarray(data.classification, dtype=np.uint8)
+    return point_block(data, units), np.asarray(data.classification, dtype=np.uint8)
 
 
 def _info(row: TrainedModelRecord) -> ModelInfo:

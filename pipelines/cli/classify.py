@@ -63,12 +63,13 @@ def _classify(args: argparse.Namespace) -> int:
             progress=progress,
         )
     if args.json:
-        print_json(vars(result))
+        print_json({**vars(result), "units": result.units.to_dict()})
         return 0
     counts = ", ".join(f"{cls}: {n:,}" for cls, n in result.class_counts.items())
     seconds = sum(result.timings.values())
     print(f"wrote {args.output} ({result.output_points:,} points, classifier {result.classifier} {result.classifier_version})")
     print(f"classes: {counts}")
+    print(f"coordinates: {result.units.describe()}")
     if result.sparse_points:
         print(f"{result.sparse_points:,} point(s) in tiles with fewer than {MIN_TILE_POINTS} points around them: too sparse to model, written as class 1")
     print(f"{result.tiles} tile(s) on {result.workers} worker(s) in {seconds:.1f} s ({result.output_points / max(seconds, 1e-9) / 1e6:.2f} M points/s)")

@@ -1,0 +1,123 @@
+"""Coordinate units from the file's CRS: every metre-based parameter works in feet too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import laspy
+import numpy as np
+import pyproj
+import pytest
+
+from pipelines.classify import classify_file
+from pipelines.lasio import point_block
+from pipelines.settings import Settings
+from pipelines.units import coordinate_units
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+US_FOOT = 1200.0 / 3937.0
+FOOT = 0.3048
+
+
+def need(relative: str) -> Path:
+    path = DATA / relative
+    if not path.exists():
+        pytest.skip(f"test data {path} not available")
+    return path
+
+
+def header_units(path: Path):
+    with laspy.open(path) as reader:
+        return coordinate_units(reader.header)
+
+
+def test_us_survey_feet_from_geotiff_keys() -> None:
+    units = header_units(need("corpus/USGS_NM_4_6_crop_ftUS.las"))
+    assert units.name == units.vertical_name == "US survey foot"
+    assert units.horizontal == pytest.approx(US_FOOT) and units.vertical == pytest.approx(US_FOOT)
+    assert not units.assumed
+
+
+def test_metres_from_wkt() -> None:
+    units = header_units(need("corpus/IGN_crop1_rural.laz"))
+    assert units.is_metric and not units.assumed
+    assert units.describe() == "metre (from the file's CRS)"
+
+
+def test_no_crs_is_taken_as_metres_and_says_so() -> None:
+    units = header_units(need("isprs/samp11.las"))
+    assert units.is_metric and units.assumed
+    assert "assumed" in units.describe()
+
+
+def test_compound_crs_with_metric_heights() -> None:
+    header = laspy.LasHeader(point_format=6, version="1.4")
+    header.add_crs(pyproj.CRS("EPSG:2263+5703"))  # NY Long Island (ftUS) + NAVD88 height (m)
+    units = coordinate_units(header)
+    assert units.horizontal == pytest.approx(US_FOOT) and units.vertical == 1.0
+    assert units.vertical_name == "metre"
+
+
+def test_geographic_coordinates_are_refused() -> None:
+    header = laspy.LasHeader(point_format=6, version="1.4")
+    header.add_crs(pyproj.CRS.from_epsg(4326))
+    with pytest.raises(ValueError, match="geographic"):
+        coordinate_units(header)
+
+
+def write_in_feet(source: Path, target: Path, crs: pyproj.CRS, foot: float) -> None:
+    """The same points with coordinates in feet and a CRS that says so."""
+    las = laspy.read(source)
+    header = laspy.LasHeader(point_format=las.header.point_format.id, version="1.4")
+    header.scales = np.array([0.01, 0.01, 0.01])
+    header.offsets = np.floor(las.header.mins / foot)
+    header.add_crs(crs)
+    out = laspy.LasData(header)
+    out.points = laspy.ScaleAwarePointRecord.zeros(len(las.points), header=header)
+    for name in ("intensity", "return_number", "number_of_returns", "classification"):
+        out[name] = las[name]
+    out.x, out.y, out.z = las.x / foot, las.y / foot, las.z / foot
+    out.write(target)
+
+
+@pytest.mark.slow
+def test_a_file_in_feet_is_classified_as_the_same_file_in_metres(tmp_path: Path) -> None:
+    source = need("corpus/IGN_montpellier_6tiles.laz")
+    feet = tmp_path / "feet.las"
+    write_in_feet(source, feet, pyproj.CRS("EPSG:2263+6360"), US_FOOT)  # ftUS, heights in ftUS
+    settings = Settings.from_env({"POINTFLOW_HOME": str(tmp_path / "home"), "POINTFLOW_WORKERS": "1"})
+    metric = classify_file(source, tmp_path / "metres.laz", settings, tile_size=60.0)
+    imperial = classify_file(feet, tmp_path / "feet.laz", settings, tile_size=60.0)
+    assert imperial.units.name == "US survey foot" and metric.units.is_metric
+    # Tiles are laid out in metres whatever the unit: the same grid, the same buffer.
+    assert imperial.tiles == metric.tiles and imperial.tile_buffer == pytest.approx(metric.tile_buffer)
+
+    def classes(path: Path) -> dict[tuple[int, int], int]:
+        las = laspy.read(path)
+        block = point_block(las, coordinate_units(las.header))
+        # Match points by their position in centimetres (both files keep 1 cm or better).
+        keys = zip(np.round(block.x * 100).astype(np.int64), np.round(block.y * 100).astype(np.int64))
+        return dict(zip(keys, np.asarray(las.classification).tolist()))
+
+    ours, reference = classes(tmp_path / "feet.laz"), classes(tmp_path / "metres.laz")
+    same = [ours[key] == cls for key, cls in reference.items() if key in ours]
+    assert len(same) > 0.95 * len(reference)
+    # Feet rounding moves points by up to 1.5 mm: a handful of borderline points may flip.
+    assert np.mean(same) > 0.995
+
+
+@pytest.mark.slow
+def test_classify_command_says_which_unit_it_assumed(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")}
+    env |= {"POINTFLOW_HOME": str(tmp_path / "home"), "POINTFLOW_WORKERS": "1"}
+    script = Path(sys.executable).with_name("pointflow")
+    outputs = {}
+    for name, relative in (("feet", "corpus/USGS_NM_4_6_crop_ftUS.las"), ("none", "isprs/samp21.las")):
+        run = subprocess.run([str(script), "classify", str(need(relative)), str(tmp_path / f"{name}.laz")],
+                             capture_output=True, text=True, env=env, timeout=300, check=True)
+        outputs[name] = run.stdout
+    assert "coordinates: US survey foot (from the file's CRS)" in outputs["feet"]
+    assert "coordinates: metres (assumed: the file states no CRS)" in outputs["none"]
