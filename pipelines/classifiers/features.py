@@ -11,12 +11,14 @@ Per scale (eigenvalues l1 >= l2 >= l3 of the covariance):
   highest point of the neighbourhood, points per square metre, and the shares of multi-return
   points and of ground-filter points in the neighbourhood (a laser sees through canopy, not
   through roofs).
-Per point: height above the bare earth (SMRF-style filter), the ground filter's verdict, the
-standard classifier's building verdict, return number, number of returns, last-return flag and
+Per point: height above the ground filter's morphological surface, the ground filter's verdict,
+the standard classifier's building verdict, return number, number of returns, last-return flag and
 intensity (0 when the block has none).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 from scipy import ndimage
@@ -48,7 +50,10 @@ def point_features(block: PointBlock) -> np.ndarray:
     if n == 0:
         return out
     params = StandardParams()
+    # Heights from the morphological surface: it stays below low scrub, where the refined surface
+    # may ride on it, and the model learns better from them (measured on the IGN block).
     model = ground_model(block, params.ground)
+    model = dataclasses.replace(model, height=model.provisional_height)
     out[:, 0] = model.height
     out[:, 1] = model.is_ground
     # The rule-based roof detector as one input: the model learns where to overrule it.

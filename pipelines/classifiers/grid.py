@@ -134,10 +134,21 @@ def slope_magnitude(surface: np.ndarray, cell: float) -> np.ndarray:
 
 
 def opening(raster: np.ndarray, radius: int) -> np.ndarray:
-    """Grey opening with a square window of half-width `radius` (separable, O(cells))."""
+    """Grey opening with a square window of half-width `radius` (separable, O(cells)).
+
+    The erosion sees only the raster; the dilation sees the eroded surface continued beyond the
+    edge by point reflection.  Erosion has already removed what is narrower than the window, so
+    the continuation is terrain: a slope rising to the edge is kept instead of being cut off
+    (edge replication would flatten it), while a roof at the edge still comes out.
+    """
     size = 2 * radius + 1
-    return ndimage.maximum_filter(ndimage.minimum_filter(raster, size=size, mode="nearest"),
-                                  size=size, mode="nearest")
+    eroded = ndimage.minimum_filter(raster, size=size, mode="nearest")
+    if min(raster.shape) < 2:
+        return ndimage.maximum_filter(eroded, size=size, mode="nearest")
+    pad = min(radius, min(raster.shape) - 1)
+    continued = np.pad(eroded, pad, mode="reflect", reflect_type="odd")
+    dilated = ndimage.maximum_filter(continued, size=size, mode="nearest")
+    return dilated[pad:pad + raster.shape[0], pad:pad + raster.shape[1]]
 
 
 def close_and_fill(mask: np.ndarray) -> np.ndarray:

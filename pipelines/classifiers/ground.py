@@ -1,21 +1,28 @@
-"""Bare-earth filter in the SMRF family (Pingel, Clarke and McBride 2013).
-
-Steps, all on rasters except the first and last:
+"""Bare-earth filter: a morphological first guess (SMRF family, Pingel, Clarke and McBride 2013)
+refined by a robust local surface fit.
 
 1. Minimum-elevation raster of the last returns (earlier returns of a pulse cannot be ground)
-   at a cell size derived from the point density: SMRF's 1 m, 2 m for sparse data.
+   at a cell size derived from the point density: 1 m, 2 m for sparse data.
 2. Low-outlier removal: a cell whose minimum lies far below the 3rd-lowest cell of its 5x5
-   neighbourhood is an isolated pit (multipath, birds under the sensor...) and is dropped, so it
-   cannot drag the terrain down.
+   neighbourhood is an isolated pit (multipath, birds under the sensor...) and is dropped.
 3. Gaps are inpainted and a progressive morphological opening with growing square windows flags
-   cells that rise above the opened surface by more than slope * window radius.
-4. The unflagged minimum cells are inpainted again into a provisional bare-earth surface.
-5. A point is ground when it is a last return and lies within
-   elevation_threshold + elevation_scaler * local slope of that surface (bilinear), above or
-   below.  Points further below are low noise for the standard classifier.
+   cells that rise above the opened surface by more than slope * window radius.  Beyond the
+   raster's edge the eroded surface is continued by point reflection, so terrain that rises
+   towards the edge of a file is not cut off as if it were an object.
+4. The unflagged minimum cells are inpainted into a provisional bare-earth surface; points within
+   elevation_threshold + elevation_scaler * slope of it (bilinear) are the first ground guess.
+5. Refinement: around every cell a plane is fitted to the first-guess ground points of its 3x3
+   neighbourhood, as a correction to the provisional surface, by iteratively reweighted least
+   squares with asymmetric weights (points above the plane count less each round: terrain is
+   the lower envelope, low vegetation and cars sit on top of it).  A point is ground when it is
+   a last return and lies at most ground_above above the refined surface (a tolerance that grows
+   with the point spacing, since sparser data interpolate the terrain less precisely, and with
+   slope), and not further below than the first guess's tolerance.  Points further below are
+   low noise for the standard classifier.
 
 Every raster operation is shift-invariant and grids are aligned to absolute coordinates, so a tile
 processed with a buffer ring gives the same answer as an untiled run away from the buffer edge.
+Coordinates are metres (see pipelines.units).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .base import GROUND, UNCLASSIFIED, PointBlock
+from .geometry import window_sums
 from .grid import Grid, fill_holes, opening, slope_magnitude
 
 
@@ -39,10 +47,16 @@ class GroundParams:
     max_window: largest opening window radius in metres; must exceed half the width of the
         largest building so its roof is removed.
     slope: terrain slope (rise over run) tolerated by the opening before a cell counts as object.
-    elevation_threshold: metres a point may deviate from the bare-earth surface on flat terrain.
+    elevation_threshold: metres a point may deviate from the provisional surface on flat terrain
+        to be a first-guess ground point, and lie below the refined surface as ground.
     elevation_scaler: extra tolerance per unit of local surface slope (steep terrain is
         interpolated less precisely).
     low_outlier_threshold: metres below its neighbourhood that makes a cell minimum an outlier.
+    fit_iterations: rounds of the reweighted surface fit.
+    fit_softness: metres above the fitted plane at which a point's weight falls to 1/e.
+    ground_above: metres a ground point may lie above the refined surface on flat terrain ...
+    ground_above_per_spacing: ... plus this much per metre of point spacing ...
+    ground_above_per_slope: ... plus this much per unit of slope.
     """
 
     cell_size: float = 0.0
@@ -53,20 +67,36 @@ class GroundParams:
     elevation_threshold: float = 0.5
     elevation_scaler: float = 1.25
     low_outlier_threshold: float = 1.0
+    fit_iterations: int = 4
+    fit_softness: float = 0.15
+    ground_above: float = 0.1
+    ground_above_per_spacing: float = 0.1
+    ground_above_per_slope: float = 0.5
 
 
 @dataclass(frozen=True)
 class GroundModel:
-    """Result of the ground filter: per-point ground flag plus the bare-earth surface."""
+    """Result of the ground filter, per point."""
 
     spacing: float  # estimated mean point spacing (m)
-    grid: Grid
-    surface: np.ndarray  # bare-earth elevation per cell (cell-centred), complete
-    slope: np.ndarray  # |grad| of the surface per cell
-    flat: np.ndarray  # cell index per point
-    height: np.ndarray  # height above the bare-earth surface per point (negative below)
-    is_ground: np.ndarray  # bool per point
-    below: np.ndarray  # bool per point: further below the surface than the tolerance
+    height: np.ndarray  # height above the refined bare-earth surface (negative below)
+    is_ground: np.ndarray  # bool
+    below: np.ndarray  # bool: further below the surface than the tolerance (low noise)
+    provisional_height: np.ndarray  # above the morphological surface, which stays below low scrub
+
+
+@dataclass(frozen=True)
+class SurfaceFit:
+    """What the decision rule needs, per point: the refinement's residual and the local slope
+    (apart from the rule, so the benchmark can tune the rule without refitting), and the
+    morphological first guess that supported the refinement."""
+
+    spacing: float
+    last: np.ndarray | None  # last-return flag, None without return numbers
+    residual: np.ndarray  # height above the refined surface
+    slope: np.ndarray
+    first_guess: np.ndarray  # bool
+    provisional: np.ndarray  # height above the provisional (morphological) surface
 
 
 def point_spacing(x: np.ndarray, y: np.ndarray) -> float:
@@ -117,25 +147,61 @@ def progressive_opening(surface: np.ndarray, cell: float, params: GroundParams) 
 
 
 def last_returns(block: PointBlock) -> np.ndarray | None:
-    """Points that are the last return of their pulse, or None without return numbers.
+    """Points that are the last return of their pulse, or None without usable return numbers.
 
     The laser went on past any earlier return, so only last returns can be ground.
     """
     if block.return_number is None or block.number_of_returns is None:
         return None
-    return block.return_number >= block.number_of_returns
+    last = block.return_number >= block.number_of_returns
+    # Broken return numbering: better use every point than none.
+    return last if last.any() else None
 
 
-def ground_model(block: PointBlock, params: GroundParams) -> GroundModel:
-    """Run the filter on a non-empty block."""
+def refine(block: PointBlock, grid: Grid, flat: np.ndarray, height: np.ndarray,
+           support: np.ndarray, params: GroundParams) -> np.ndarray:
+    """Height of every point above the refined surface: the provisional one plus a plane fitted,
+    per cell, to the supporting points of its 3x3-cell neighbourhood (see the module docstring).
+    Cells without support keep the provisional surface."""
+    index = np.flatnonzero(support)
+    if index.size == 0:
+        return height
+    # Local coordinates keep the second moments accurate for large projected values.
+    x = block.x - grid.x0
+    y = block.y - grid.y0
+    cells, xs, ys, hs = flat[index], x[index], y[index], height[index]
+    weight = np.ones(index.size)
+    # A weak pull of the slopes towards zero keeps the fit defined where the support is a line.
+    damping = 1e-2 * grid.cell**2
+    for _ in range(params.fit_iterations):
+        n, sx, sy, sh, sxx, sxy, syy, sxh, syh = window_sums(
+            grid, cells, [weight, weight * xs, weight * ys, weight * hs, weight * xs * xs,
+                          weight * xs * ys, weight * ys * ys, weight * xs * hs, weight * ys * hs])
+        count = np.maximum(n, 1e-12)
+        mx, my, mh = sx / count, sy / count, sh / count
+        cxx = sxx / count - mx * mx + damping
+        cyy = syy / count - my * my + damping
+        cxy = sxy / count - mx * my
+        cxh = sxh / count - mx * mh
+        cyh = syh / count - my * mh
+        det = cxx * cyy - cxy * cxy
+        gx = (cxh * cyy - cyh * cxy) / det
+        gy = (cyh * cxx - cxh * cxy) / det
+        above = hs - (mh[cells] + gx[cells] * (xs - mx[cells]) + gy[cells] * (ys - my[cells]))
+        weight = np.exp(-np.square(np.maximum(above, 0.0) / params.fit_softness))
+    fitted = n[flat] > 1e-9
+    correction = mh[flat] + gx[flat] * (x - mx[flat]) + gy[flat] * (y - my[flat])
+    return np.where(fitted, height - correction, height)
+
+
+def fit_surface(block: PointBlock, params: GroundParams) -> SurfaceFit:
+    """Steps 1-5 of the module docstring up to the decision, on a non-empty block."""
     x, y, z = block.x, block.y, block.z
     spacing = point_spacing(x, y)
     cell = choose_cell(spacing, params)
     grid = Grid.covering(x, y, cell)
     flat = grid.flat_index(x, y)
     last = last_returns(block)
-    if last is not None and not last.any():
-        last = None  # broken return numbering: better use every point than none
     if last is None:
         zmin = grid.cell_min(flat, z)
     else:
@@ -143,21 +209,39 @@ def ground_model(block: PointBlock, params: GroundParams) -> GroundModel:
     zmin = remove_low_outliers(zmin, params.low_outlier_threshold)
     is_object = progressive_opening(fill_holes(zmin), cell, params)
     surface = fill_holes(np.where(is_object, np.nan, zmin))
-    slope = slope_magnitude(surface, cell)
+    slope = slope_magnitude(surface, cell).ravel()[flat]
 
-    dz = z - grid.sample(surface, x, y)
-    tolerance = params.elevation_threshold + params.elevation_scaler * slope.ravel()[flat]
-    is_ground = np.abs(dz) <= tolerance
+    height = z - grid.sample(surface, x, y)
+    first_guess = np.abs(height) <= params.elevation_threshold + params.elevation_scaler * slope
     if last is not None:
-        is_ground &= last
-    return GroundModel(spacing, grid, surface, slope, flat, dz, is_ground, dz < -tolerance)
+        first_guess &= last
+    residual = refine(block, grid, flat, height, first_guess, params)
+    return SurfaceFit(spacing, last, residual, slope, first_guess, height)
+
+
+def decide(fit: SurfaceFit, params: GroundParams) -> tuple[np.ndarray, np.ndarray]:
+    """(is_ground, below) per point from a surface fit."""
+    above = (params.ground_above + params.ground_above_per_spacing * fit.spacing
+             + params.ground_above_per_slope * fit.slope)
+    below = params.elevation_threshold + params.elevation_scaler * fit.slope
+    is_ground = (fit.residual <= above) & (fit.residual >= -below)
+    if fit.last is not None:
+        is_ground &= fit.last
+    return is_ground, fit.residual < -below
+
+
+def ground_model(block: PointBlock, params: GroundParams) -> GroundModel:
+    """Run the filter on a non-empty block."""
+    fit = fit_surface(block, params)
+    is_ground, below = decide(fit, params)
+    return GroundModel(fit.spacing, fit.residual, is_ground, below, fit.provisional)
 
 
 class GroundClassifier:
     """ASPRS 2 (ground) versus 1 (everything else)."""
 
     name = "ground"
-    version = "1.0.0"
+    version = "2.0.0"
 
     def __init__(self, params: GroundParams | None = None) -> None:
         self._params = params or GroundParams()

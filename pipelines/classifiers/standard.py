@@ -58,6 +58,8 @@ class StandardParams:
     building_min_area: smaller segments are left to vegetation.
     building_min_mean_height: lower segments (hedges, shrubs, cars) are left to vegetation.
     building_edge_margin: raised points this close to a roof segment (eaves, walls) are building.
+    roof_growth: raised points up to this far beyond a roof segment that lie on its plane (within
+        roof_growth_tolerance) are building.
     neighbourhood_points: expected number of points in the 3x3-cell neighbourhood of the plane
         fit; sets the feature cell from the point density (power of two, clamped to
         [min_feature_cell, max_feature_cell]).
@@ -88,6 +90,8 @@ class StandardParams:
     noise_voxel: float = 3.0
     noise_max_neighbours: int = 1
     noise_max_height: float = 300.0
+    roof_growth: float = 2.0
+    roof_growth_tolerance: float = 0.3
 
 
 def feature_cell(model: GroundModel, params: StandardParams) -> float:
@@ -167,7 +171,28 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
     if margin > 0:
         buildings = ndimage.maximum_filter(buildings, size=2 * margin + 1, mode="constant")
     result[raised[buildings.ravel()[flat_raised]]] = True
+    result[raised[high[roof_extension(grid, planes, planar_cell & keep[labels].ravel(), flat, x, y, z,
+                                      params)]]] = True
     return result
+
+
+def roof_extension(grid: Grid, planes, roof_cells: np.ndarray, flat: np.ndarray, x: np.ndarray,
+                   y: np.ndarray, z: np.ndarray, params: StandardParams) -> np.ndarray:
+    """Points up to `roof_growth` metres beyond a roof that lie on its plane, extended.
+
+    Near eaves and ridges the roof votes fail (the laser footprint splits between roof and
+    ground, so edge returns are multi-returns with ground below), but the points still lie on the
+    roof's plane; tree crowns next to a house do not, except by accident.
+    """
+    if not roof_cells.any():
+        return np.zeros(flat.size, dtype=bool)
+    distance, (rows, cols) = ndimage.distance_transform_edt(~roof_cells.reshape(grid.shape), return_indices=True)
+    reach = params.roof_growth / grid.cell
+    near = distance.ravel()[flat] <= reach
+    nearest = (rows.ravel() * grid.nx + cols.ravel())[flat]
+    normal, mean = planes.normal[:, nearest], planes.mean[:, nearest]
+    offset = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1]) + normal[2] * (z - mean[2]))
+    return near & (offset <= params.roof_growth_tolerance)
 
 
 def isolated_high(block: PointBlock, model: GroundModel, params: StandardParams) -> np.ndarray:

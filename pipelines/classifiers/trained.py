@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
 FORMAT = b"pointflow-trained-v1\n"
-FEATURES_VERSION = "1"
+FEATURES_VERSION = "2"
 HOLDOUT_TILE = 10.0  # metres; held-out points are whole tiles, not neighbours of training points
 
 ClassMetrics = dict[int, dict[str, float]]
