@@ -404,3 +404,18 @@ def test_refinement_rejects_low_vegetation_the_first_guess_accepts() -> None:
     ground = labels == 2
     assert np.mean(refined[low_vegetation]) < 0.5 * np.mean(first_guess[low_vegetation])
     assert np.mean(refined[ground]) > 0.97
+
+
+def test_walls_and_lower_roofs_beside_a_roof_are_building() -> None:
+    """AHN3 labels facades and lower roof parts building; they fail the roof votes (multi-returns,
+    ground in view) but lie flat beside a roof. Trees beside the houses of Grenoble do not."""
+    amsterdam, labels = load("corpus/AHN3_amsterdam_2386_9702.laz")
+    classes = get_classifier("standard").classify(amsterdam)
+    without = get_classifier("standard", {"wall_reach": 0.0}).classify(amsterdam)
+    assert f1(labels == 6, classes == 6) > 0.93
+    assert f1(labels == 6, classes == 6) > f1(labels == 6, without == 6) + 0.05
+
+    grenoble, labels = load("corpus/IGN_bat_grenoble.laz")
+    classes = get_classifier("standard").classify(grenoble)
+    called_building = classes == 6
+    assert np.mean(labels[called_building] == 6) > 0.85  # precision: trees stay vegetation

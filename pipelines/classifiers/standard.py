@@ -60,6 +60,7 @@ class StandardParams:
     building_edge_margin: raised points this close to a roof segment (eaves, walls) are building.
     roof_growth: raised points up to this far beyond a roof segment that lie on its plane (within
         roof_growth_tolerance) are building.
+    wall_reach, wall_max_scatter: see `walls_and_eaves`.
     neighbourhood_points: expected number of points in the 3x3-cell neighbourhood of the plane
         fit; sets the feature cell from the point density (power of two, clamped to
         [min_feature_cell, max_feature_cell]).
@@ -92,6 +93,8 @@ class StandardParams:
     noise_max_height: float = 300.0
     roof_growth: float = 2.0
     roof_growth_tolerance: float = 0.3
+    wall_reach: float = 1.5
+    wall_max_scatter: float = 0.005
 
 
 def feature_cell(model: GroundModel, params: StandardParams) -> float:
@@ -113,7 +116,8 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
        (chimneys, skylights, rough patches), then segments smaller than `building_min_area` or
        lower on average than `building_min_mean_height` (hedges, shrubs, cars) are dropped.
     4. Every raised point in a segment or within `building_edge_margin` of it (eaves, gutters,
-       walls) is building.
+       walls) is building, and so are the points beyond that lie on a roof's plane extended
+       (`roof_extension`) or on walls and lower roofs beside it (`walls_and_eaves`).
     """
     result = np.zeros(len(block), dtype=bool)
     raised = np.flatnonzero(~model.is_ground & (model.height >= params.low_vegetation_max))
@@ -173,7 +177,37 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
     result[raised[buildings.ravel()[flat_raised]]] = True
     result[raised[high[roof_extension(grid, planes, planar_cell & keep[labels].ravel(), flat, x, y, z,
                                       params)]]] = True
+    result[raised[walls_and_eaves(block, model, grid, raised, flat_raised, result[raised], params)]] = True
     return result
+
+
+def walls_and_eaves(block: PointBlock, model: GroundModel, grid: Grid, raised: np.ndarray,
+                    flat_raised: np.ndarray, building: np.ndarray, params: StandardParams) -> np.ndarray:
+    """Raised points up to `wall_reach` from a building point, no higher than the roof beside
+    them, whose neighbourhood is flat in one direction (a wall, a lower roof, a gutter): by
+    scattering, the smallest over the largest spread of the neighbourhood, at most
+    `wall_max_scatter`.  Tree crowns beside a house scatter in every direction.
+
+    Facades and edges fail the roof votes (the laser footprint splits there, so their returns
+    are multi-returns with ground in view), yet producers label them building.
+    """
+    if not building.any():
+        return np.zeros(raised.size, dtype=bool)
+    x = block.x[raised] - grid.x0
+    y = block.y[raised] - grid.y0
+    z = model.height[raised]
+    planes = local_planes(grid, flat_raised, x, y, z, min_points=4)
+    small, _, large = planes.eigenvalues
+    flat_scatter = np.nan_to_num(small / np.maximum(large, 1e-12), nan=1.0) <= params.wall_max_scatter
+    occupied = np.zeros(grid.nx * grid.ny, dtype=bool)
+    occupied[flat_raised[building]] = True
+    distance = ndimage.distance_transform_edt(~occupied.reshape(grid.shape)).ravel() * grid.cell
+    roof = np.full(grid.nx * grid.ny, -np.inf)
+    np.maximum.at(roof, flat_raised[building], z[building])
+    reach = int(np.ceil(params.wall_reach / grid.cell))
+    roof_beside = ndimage.maximum_filter(roof.reshape(grid.shape), size=2 * reach + 1).ravel()
+    return (~building & (distance[flat_raised] <= params.wall_reach) & flat_scatter[flat_raised]
+            & (z <= roof_beside[flat_raised] + params.plane_tolerance))
 
 
 def roof_extension(grid: Grid, planes, roof_cells: np.ndarray, flat: np.ndarray, x: np.ndarray,
