@@ -67,7 +67,8 @@ class GroundParams:
     elevation_threshold: float = 0.5
     elevation_scaler: float = 1.25
     low_outlier_threshold: float = 1.0
-    fit_iterations: int = 4
+    fit_iterations: int = 3
+    fit_points_per_cell: float = 12.0
     fit_softness: float = 0.15
     ground_above: float = 0.1
     ground_above_per_spacing: float = 0.1
@@ -158,25 +159,38 @@ def last_returns(block: PointBlock) -> np.ndarray | None:
     return last if last.any() else None
 
 
+def thinned(block: PointBlock, cell: float, spacing: float, per_cell: float) -> np.ndarray | bool:
+    """About `per_cell` points of every cell of dense data (True: all points of sparse data).
+
+    A point is kept by a hash of its own position, so a tile and an untiled run keep the same
+    points whatever the order or extent of the block."""
+    step = int((cell / spacing) ** 2 // per_cell)
+    if step <= 1:
+        return True
+    key = (np.floor(block.x * 1000.0).astype(np.int64) * 73856093) ^ (np.floor(block.y * 1000.0).astype(np.int64) * 19349663)
+    return (key % step) == 0
+
+
 def refine(block: PointBlock, grid: Grid, flat: np.ndarray, height: np.ndarray,
-           support: np.ndarray, params: GroundParams) -> np.ndarray:
+           support: np.ndarray, spacing: float, params: GroundParams) -> np.ndarray:
     """Height of every point above the refined surface: the provisional one plus a plane fitted,
     per cell, to the supporting points of its 3x3-cell neighbourhood (see the module docstring).
     Cells without support keep the provisional surface."""
-    index = np.flatnonzero(support)
+    index = np.flatnonzero(support & thinned(block, grid.cell, spacing, params.fit_points_per_cell))
     if index.size == 0:
         return height
     # Local coordinates keep the second moments accurate for large projected values.
     x = block.x - grid.x0
     y = block.y - grid.y0
     cells, xs, ys, hs = flat[index], x[index], y[index], height[index]
+    xx, xy, yy, xh, yh = xs * xs, xs * ys, ys * ys, xs * hs, ys * hs
     weight = np.ones(index.size)
     # A weak pull of the slopes towards zero keeps the fit defined where the support is a line.
     damping = 1e-2 * grid.cell**2
     for _ in range(params.fit_iterations):
         n, sx, sy, sh, sxx, sxy, syy, sxh, syh = window_sums(
-            grid, cells, [weight, weight * xs, weight * ys, weight * hs, weight * xs * xs,
-                          weight * xs * ys, weight * ys * ys, weight * xs * hs, weight * ys * hs])
+            grid, cells, [weight, weight * xs, weight * ys, weight * hs, weight * xx, weight * xy,
+                          weight * yy, weight * xh, weight * yh])
         count = np.maximum(n, 1e-12)
         mx, my, mh = sx / count, sy / count, sh / count
         cxx = sxx / count - mx * mx + damping
@@ -187,10 +201,12 @@ def refine(block: PointBlock, grid: Grid, flat: np.ndarray, height: np.ndarray,
         det = cxx * cyy - cxy * cxy
         gx = (cxh * cyy - cyh * cxy) / det
         gy = (cyh * cxx - cxh * cxy) / det
-        above = hs - (mh[cells] + gx[cells] * (xs - mx[cells]) + gy[cells] * (ys - my[cells]))
-        weight = np.exp(-np.square(np.maximum(above, 0.0) / params.fit_softness))
+        # The plane of each cell as intercept + gx * x + gy * y: three lookups per point.
+        intercept = mh - gx * mx - gy * my
+        above = hs - (intercept[cells] + gx[cells] * xs + gy[cells] * ys)
+        weight = np.exp(-np.square(np.maximum(above, 0.0) * (1.0 / params.fit_softness)))
     fitted = n[flat] > 1e-9
-    correction = mh[flat] + gx[flat] * (x - mx[flat]) + gy[flat] * (y - my[flat])
+    correction = intercept[flat] + gx[flat] * x + gy[flat] * y
     return np.where(fitted, height - correction, height)
 
 
@@ -215,7 +231,7 @@ def fit_surface(block: PointBlock, params: GroundParams) -> SurfaceFit:
     first_guess = np.abs(height) <= params.elevation_threshold + params.elevation_scaler * slope
     if last is not None:
         first_guess &= last
-    residual = refine(block, grid, flat, height, first_guess, params)
+    residual = refine(block, grid, flat, height, first_guess, spacing, params)
     return SurfaceFit(spacing, last, residual, slope, first_guess, height)
 
 

@@ -35,7 +35,7 @@ from .base import (
     MEDIUM_VEGETATION,
     PointBlock,
 )
-from .geometry import local_planes, window_counts
+from .geometry import LocalPlanes, local_planes, window_counts
 from .grid import Grid, close_and_fill
 from .ground import GroundModel, GroundParams, ground_model
 
@@ -177,15 +177,15 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
     result[raised[buildings.ravel()[flat_raised]]] = True
     result[raised[high[roof_extension(grid, planes, planar_cell & keep[labels].ravel(), flat, x, y, z,
                                       params)]]] = True
-    result[raised[walls_and_eaves(block, model, grid, raised, flat_raised, result[raised], params)]] = True
+    result[raised[walls_and_eaves(model, grid, planes, raised, flat_raised, result[raised], params)]] = True
     return result
 
 
-def walls_and_eaves(block: PointBlock, model: GroundModel, grid: Grid, raised: np.ndarray,
+def walls_and_eaves(model: GroundModel, grid: Grid, planes: LocalPlanes, raised: np.ndarray,
                     flat_raised: np.ndarray, building: np.ndarray, params: StandardParams) -> np.ndarray:
     """Raised points up to `wall_reach` from a building point, no higher than the roof beside
     them, whose neighbourhood is flat in one direction (a wall, a lower roof, a gutter): by
-    scattering, the smallest over the largest spread of the neighbourhood, at most
+    scattering, the smallest over the largest spread of the neighbourhood's raised points, at most
     `wall_max_scatter`.  Tree crowns beside a house scatter in every direction.
 
     Facades and edges fail the roof votes (the laser footprint splits there, so their returns
@@ -193,10 +193,7 @@ def walls_and_eaves(block: PointBlock, model: GroundModel, grid: Grid, raised: n
     """
     if not building.any():
         return np.zeros(raised.size, dtype=bool)
-    x = block.x[raised] - grid.x0
-    y = block.y[raised] - grid.y0
     z = model.height[raised]
-    planes = local_planes(grid, flat_raised, x, y, z, min_points=4)
     small, _, large = planes.eigenvalues
     flat_scatter = np.nan_to_num(small / np.maximum(large, 1e-12), nan=1.0) <= params.wall_max_scatter
     occupied = np.zeros(grid.nx * grid.ny, dtype=bool)
