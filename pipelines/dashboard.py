@@ -25,7 +25,7 @@ from pipelines.billing.models import Invoice
 from pipelines.billing.periods import Period, add_months
 from pipelines.billing.usage import usage_daily
 from pipelines.catalog.models import Account, Job, JobState
-from pipelines.export import export_prefix, read_manifest
+from pipelines.export import SAMPLE_NAME, export_prefix, read_manifest
 from pipelines.jobs import Runtime
 from pipelines.lifecycle.models import (
     LegalHold,
@@ -35,9 +35,10 @@ from pipelines.lifecycle.models import (
 )
 from pipelines.lifecycle.operations import HoldView, is_locked
 from pipelines.lifecycle.rules import Action, LifecycleRunError, run_lifecycle
-from pipelines.preview import CLASS_COLOURS, class_summary
+from pipelines.preview import class_summary, colour_of
 from pipelines.storage import AccountArea, UnsafeKeyError, check_account_id
 
+PREVIEW_MEDIA_TYPES = {"preview.png": "image/png", SAMPLE_NAME: "application/x-ply"}
 DOCUMENT_MEDIA_TYPES = {"html": "text/html; charset=utf-8", "csv": "text/csv; charset=utf-8", "json": "application/json",
                         "pdf": "application/pdf", "xml": "application/xml"}  # fmt: skip
 # Stacked bars, one colour per account, in a fixed order so a month's stack reads the same way.
@@ -83,6 +84,7 @@ class JobRow:
     classes: tuple[dict[str, Any], ...]  # class_summary rows plus each class's map colour
     locked: bool  # the account's contract ended: its results are no longer served
     has_preview: bool
+    has_sample: bool  # the export holds the thinned 3D sample (exports before it do not)
 
 
 @dataclass(frozen=True)
@@ -214,13 +216,15 @@ def recent_jobs(runtime: Runtime, limit: int, as_of: datetime) -> list[JobRow]:
     rows = []
     for job in jobs:
         counts = {int(k): int(v) for k, v in ((job.summary or {}).get("class_counts") or {}).items()}
-        classes = tuple({**row, "colour": CLASS_COLOURS.get(row["class"], "#000000")} for row in class_summary(counts)) if counts else ()
+        classes = tuple({**row, "colour": colour_of(row["class"])} for row in class_summary(counts)) if counts else ()
         if job.account_id not in locked:
             locked[job.account_id] = is_locked(runtime.catalog, job.account_id, as_of)
         has_preview = job.state == JobState.EXPORTED.value and job.export_prefix is not None and not locked[job.account_id]
+        manifest = read_manifest(runtime.store, export_prefix(job.account_id, job.job_id)) if has_preview else None
+        has_sample = any(a.get("name") == SAMPLE_NAME for a in (manifest or {}).get("artifacts", []))
         rows.append(JobRow(
             job.job_id, job.account_id, job.state, job.classifier, job.classifier_version, job.points_processed,
-            job.created_at, job.finished_at, job.error, classes, locked[job.account_id], has_preview,
+            job.created_at, job.finished_at, job.error, classes, locked[job.account_id], has_preview, has_sample,
         ))  # fmt: skip
     return rows
 
@@ -335,9 +339,11 @@ def _instant(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(timezone.utc)
 
 
-def job_preview(runtime: Runtime, account_id: str, job_id: str) -> bytes:
-    """The class-map PNG of the account's own published export of `job_id`."""
+def job_preview(runtime: Runtime, account_id: str, job_id: str, name: str) -> tuple[bytes, str]:
+    """A preview (the class map, or the 3D sample) of the account's own published export of `job_id`, and its media type."""
     _check_account(account_id)
+    if name not in PREVIEW_MEDIA_TYPES:
+        raise NotServed(f"a job's previews are {', '.join(PREVIEW_MEDIA_TYPES)}, not {name!r}")
     with runtime.catalog.session() as session:
         job = session.get(Job, job_id)
         owner = None if job is None else job.account_id
@@ -347,11 +353,11 @@ def job_preview(runtime: Runtime, account_id: str, job_id: str) -> bytes:
         raise DataLocked(f"account {account_id} is closed: its results are no longer served")
     prefix = export_prefix(account_id, job_id)
     manifest = read_manifest(runtime.store, prefix)
-    key = next((a["key"] for a in (manifest or {}).get("artifacts", []) if a.get("kind") == "preview"), None)
+    key = next((a["key"] for a in (manifest or {}).get("artifacts", []) if a.get("name") == name), None)
     # The manifest is data: a key it names is served only if it lies in this job's own export.
     if key is None or not AccountArea(account_id).owns(key) or not key.startswith(prefix):
-        raise NotServed(f"job {job_id} of account {account_id} has no published preview")
-    return runtime.store.get_bytes(key)
+        raise NotServed(f"job {job_id} of account {account_id} has no published {name}")
+    return runtime.store.get_bytes(key), PREVIEW_MEDIA_TYPES[name]
 
 
 def invoice_document(runtime: Runtime, account_id: str, invoice_number: str, fmt: str) -> tuple[bytes, str]:

@@ -8,8 +8,10 @@ manifest exists, so a crash mid-publish shows nothing; publishing again writes t
 from __future__ import annotations
 
 import json
+import platform
 from dataclasses import dataclass
 from datetime import datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,17 @@ from pipelines import __version__
 from pipelines.copc import COPC_SUFFIX, write_copc
 from pipelines.lasio import CHUNK_POINTS
 from pipelines.links import LinkClaim, LinkSigner
-from pipelines.preview import ASPRS_CLASS_NAMES, class_summary, render_class_map, summary_csv, summary_json
+from pipelines.preview import ASPRS_CLASS_NAMES, CoordinateFrame, class_summary, render_preview, summary_csv, summary_json, write_sample_ply
 from pipelines.storage import AccountArea, ObjectStore, file_sha256
 
 MANIFEST_NAME = "manifest.json"
 EXPORT_FORMATS = ("laz", "las", "copc")
 POINT_MEDIA_TYPES = {"laz": "application/vnd.laszip", "las": "application/vnd.las", "copc": "application/vnd.laszip+copc"}
 POINT_SUFFIXES = {"laz": ".laz", "las": ".las", "copc": COPC_SUFFIX}
+SAMPLE_NAME = "preview-3d.ply"
+# Kinds the plan must allow downloading: the points, and the 3D sample, which is points too
+# (all of them, for a file under its size).
+DOWNLOAD_KINDS = ("points", "sample")
 
 
 class DownloadRefused(PermissionError):
@@ -41,7 +47,7 @@ class Artifact:
     name: str
     local_path: Path
     media_type: str
-    kind: str  # "points", "summary", "preview", "report"
+    kind: str  # "points", "summary", "preview", "sample", "report"
 
 
 def export_prefix(account_id: str, job_id: str) -> str:
@@ -78,7 +84,8 @@ def build_artifacts(classified: Path, workdir: Path, stem: str, export_format: s
         Artifact(name, points, POINT_MEDIA_TYPES[export_format], "points"),
         Artifact("classes.csv", workdir / "classes.csv", "text/csv", "summary"),
         Artifact("classes.json", workdir / "classes.json", "application/json", "summary"),
-        Artifact("preview.png", render_class_map(classified, workdir / "preview.png", title), "image/png", "preview"),
+        Artifact("preview.png", render_preview(classified, workdir / "preview.png", title), "image/png", "preview"),
+        Artifact(SAMPLE_NAME, write_sample_ply(classified, workdir / SAMPLE_NAME), "application/x-ply", "sample"),
     ]
     if report_html is not None:
         (workdir / "validation.html").write_bytes(report_html)
@@ -86,15 +93,24 @@ def build_artifacts(classified: Path, workdir: Path, stem: str, export_format: s
     return artifacts
 
 
-def build_manifest(job: dict[str, Any], input_file: dict[str, Any], artifacts: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+def software_versions() -> dict[str, str]:
+    """What produced an export, down to the libraries that read, classify and write the points."""
+    return {"pointflow": __version__, "python": platform.python_version(), **{name: metadata.version(name) for name in ("laspy", "lazrs", "numpy", "scipy", "scikit-learn")}}
+
+
+def build_manifest(job: dict[str, Any], input_file: dict[str, Any], artifacts: list[dict[str, Any]], summary: dict[str, Any], coordinates: CoordinateFrame, created_at: datetime) -> dict[str, Any]:
     """Everything needed to trace a result: what came in, what went out, and what classified it."""
     counts = {str(k): v for k, v in sorted(summary["class_counts"].items(), key=lambda kv: int(kv[0]))}
     return {
-        "manifest_version": 1,
+        "manifest_version": 2,
+        "created_at": created_at.isoformat(),
         "job_id": job["job_id"],
         "account_id": job["account_id"],
         "producer": f"pointflow {__version__}",
+        "software": software_versions(),
         "input": input_file,
+        # The CRS and the unit of x, y and z (pipelines.units), as the file states them.
+        "coordinates": coordinates.to_dict(),
         "classifier": {"name": summary["classifier"], "version": summary["classifier_version"], "params": summary["classifier_params"]},
         "points": {"input": summary["input_points"], "output": summary["output_points"]},
         "class_counts": counts,
@@ -159,7 +175,7 @@ def download_links(store: ObjectStore, signer: LinkSigner, account_id: str, job_
     return [
         DownloadLink(a["name"], a["kind"], signer.url(LinkClaim(account_id, a["key"], expires_at)), expires_at)
         for a in manifest["artifacts"]
-        if downloads_allowed or a["kind"] != "points"
+        if downloads_allowed or a["kind"] not in DOWNLOAD_KINDS
     ]
 
 
@@ -179,7 +195,7 @@ def published_artifact(store: ObjectStore, account_id: str, key: str) -> dict[st
 
 
 def check_plan_allows(artifact: dict[str, Any], downloads_allowed: bool) -> None:
-    if artifact["kind"] == "points" and not downloads_allowed:
+    if artifact["kind"] in DOWNLOAD_KINDS and not downloads_allowed:
         raise DownloadRefused("point files cannot be downloaded on the free plan: view the report and preview, or upgrade to download")
 
 

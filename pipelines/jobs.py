@@ -30,7 +30,7 @@ from pipelines.lifecycle.operations import ensure_active, is_locked
 from pipelines.links import LinkSigner
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.notify import DeliveryError, send_once
-from pipelines.preview import class_summary
+from pipelines.preview import class_summary, file_frame
 from pipelines.settings import Settings
 from pipelines.scratch import work_dir
 from pipelines.storage import AccountArea, ObjectStore, open_store, safe_name
@@ -312,7 +312,8 @@ def export_step(runtime: Runtime, job_id: str, export_format: str = "laz") -> di
     scratch = runtime.settings.scratch_dir
     with readable_path(runtime.store, job["classified_key"], scratch) as path, work_dir(scratch, "export", job["account_id"], job_id) as work:
         artifacts = build_artifacts(path, work, stem, export_format, counts, report_html, f"{input_file['name']}: classes")
-        publish(runtime.store, job["account_id"], job_id, artifacts, lambda described: build_manifest(job, input_file, described, job["summary"]))
+        coordinates = file_frame(path)
+        publish(runtime.store, job["account_id"], job_id, artifacts, lambda described: build_manifest(job, input_file, described, job["summary"], coordinates, utcnow()))
     with runtime.catalog.session() as session:
         record = _job(session, job_id)
         record.export_prefix = prefix

@@ -22,6 +22,9 @@ presigned URL of minutes (S3) or streams the file. It opens nothing else.
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures inside create_app,
 # whose annotations name types imported there, so they must be evaluated where they are written.
+import base64
+import hashlib
+import json
 import threading
 from pathlib import Path
 
@@ -30,9 +33,18 @@ from airflow.plugins_manager import AirflowPlugin
 URL_PREFIX = "/pointflow"
 RESOURCE_NAME = "pointflow"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-# The page needs no script and loads nothing from elsewhere; only Airflow's own UI may frame it.
+# The 3D view's script and the three.js build it uses (vendored from npm: static/vendor/three).
+STATIC = Path(__file__).resolve().parent / "static"
+STATIC_MEDIA_TYPES = {".js": "text/javascript; charset=utf-8", ".md": "text/plain; charset=utf-8", "": "text/plain; charset=utf-8"}
+IMPORT_MAP = json.dumps({"imports": {"three": f"{URL_PREFIX}/static/vendor/three/three.module.js", "three/addons/": f"{URL_PREFIX}/static/vendor/three/addons/"}})
+_IMPORT_MAP_HASH = base64.b64encode(hashlib.sha256(IMPORT_MAP.encode()).digest()).decode()
+# Scripts only from here (and the one inline import map, by its hash), nothing from elsewhere;
+# only Airflow's own UI may frame the page.
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; frame-ancestors 'self'; base-uri 'none'; form-action 'none'",
+    "Content-Security-Policy": (
+        f"default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'self' 'sha256-{_IMPORT_MAP_HASH}'; "
+        "connect-src 'self'; frame-ancestors 'self'; base-uri 'none'; form-action 'none'"
+    ),
     "X-Frame-Options": "SAMEORIGIN",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
@@ -92,7 +104,6 @@ def create_app():
     from markupsafe import Markup
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from pipelines.links import DOWNLOAD_PATH, LinkRefused, open_download
     from pipelines.dashboard import (
         DataLocked,
         NotServed,
@@ -101,6 +112,7 @@ def create_app():
         job_preview,
         usage_chart_svg,
     )
+    from pipelines.links import DOWNLOAD_PATH, LinkRefused, open_download
 
     def operator(user: GetUserDep) -> BaseUser:
         """The signed-in Airflow user, if the auth manager lets them read the pointflow view."""
@@ -132,14 +144,15 @@ def create_app():
     def page(user: Operator) -> HTMLResponse:
         dashboard = build_dashboard(holder.get())
         html = templates.get_template("pointflow_dashboard.html").render(
-            d=dashboard, chart=Markup(usage_chart_svg(dashboard)), user=user.get_name(), prefix=URL_PREFIX
+            d=dashboard, chart=Markup(usage_chart_svg(dashboard)), user=user.get_name(), prefix=URL_PREFIX, import_map=Markup(IMPORT_MAP)
         )
         return HTMLResponse(html)
 
-    @app.get("/accounts/{account_id}/jobs/{job_id}/preview.png")
-    def preview(account_id: str, job_id: str, _user: Operator) -> Response:
+    @app.get("/accounts/{account_id}/jobs/{job_id}/{name}")
+    def preview(account_id: str, job_id: str, name: str, _user: Operator) -> Response:
         try:
-            return Response(job_preview(holder.get(), account_id, job_id), media_type="image/png")
+            body, media_type = job_preview(holder.get(), account_id, job_id, name)
+            return Response(body, media_type=media_type)
         except NotServed as missing:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(missing)) from None
         except DataLocked as locked:
@@ -153,6 +166,16 @@ def create_app():
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(missing)) from None
         disposition = "inline" if fmt == "html" else "attachment"
         return Response(body, media_type=media_type, headers={"Content-Disposition": f'{disposition}; filename="{invoice_number}.{fmt}"'})
+
+    # Every file under static/, by its path there: nothing else on disk can be named.
+    static_files = {path.relative_to(STATIC).as_posix(): path for path in STATIC.rglob("*") if path.is_file()}
+
+    @app.get("/static/{name:path}")
+    def static(name: str, _user: Operator) -> Response:
+        path = static_files.get(name)
+        if path is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no static file {name!r}")
+        return Response(path.read_bytes(), media_type=STATIC_MEDIA_TYPES.get(path.suffix, STATIC_MEDIA_TYPES[""]))
 
     @app.get(DOWNLOAD_PATH.removeprefix(URL_PREFIX) + "{token}")
     def download(token: str) -> Response:

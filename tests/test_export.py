@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timedelta, timezone
 from email import message_from_bytes, policy
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import laspy
 import pytest
 
+from pipelines import __version__
 from pipelines.accounts import upsert_accounts
 from pipelines.export import DownloadRefused, ExportNotReady, artifact_link, download_links, published_exports, read_manifest
 from pipelines.jobs import Runtime, classify_step, create_job, deliver_step, export_step, ingest_step, job_view, validate_step
@@ -45,7 +47,7 @@ def test_export_holds_points_summaries_preview_and_report(runtime: Runtime, pro:
     export_step(runtime, job_id)
     manifest = read_manifest(runtime.store, job_view(runtime, job_id)["export_prefix"])
     kinds = {a["name"]: a["kind"] for a in manifest["artifacts"]}
-    assert kinds == {"scene.laz": "points", "classes.csv": "summary", "classes.json": "summary", "preview.png": "preview", "validation.html": "report"}
+    assert kinds == {"scene.laz": "points", "classes.csv": "summary", "classes.json": "summary", "preview.png": "preview", "preview-3d.ply": "sample", "validation.html": "report"}
     for artifact in manifest["artifacts"]:
         local = tmp_path / artifact["name"]
         runtime.store.get_file(artifact["key"], local)
@@ -53,8 +55,27 @@ def test_export_holds_points_summaries_preview_and_report(runtime: Runtime, pro:
     assert (tmp_path / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads((tmp_path / "classes.json").read_text())
     assert sum(r["points"] for r in rows) == len(laspy.read(tmp_path / "scene.laz")) == manifest["points"]["output"]
-    assert (tmp_path / "classes.csv").read_text().splitlines()[0] == "class,name,points,percent"
+    lines = (tmp_path / "classes.csv").read_text().splitlines()
+    assert lines[0] == "class,name,points,percent"
+    # One precision for every share: three decimals, whatever the value.
+    assert all(re.fullmatch(r"\d+\.\d{3}", line.rsplit(",", 1)[1]) for line in lines[1:]), lines
     assert list(runtime.store.list(f"accounts/{pro}/tmp/")) == []
+
+
+def test_the_manifest_says_when_what_and_in_which_units(runtime: Runtime, pro: str, scene_path: Path) -> None:
+    before = datetime.now(timezone.utc)
+    job_id = classified_job(runtime, pro, scene_path)
+    export_step(runtime, job_id)
+    manifest = read_manifest(runtime.store, job_view(runtime, job_id)["export_prefix"])
+    created = datetime.fromisoformat(manifest["created_at"])
+    assert created.utcoffset() == timedelta(0) and before <= created <= datetime.now(timezone.utc)
+    assert manifest["input"]["sha256"] == file_sha256(scene_path)
+    assert manifest["classifier"]["name"] == "standard" and manifest["classifier"]["version"]
+    # The scene is in UTM 32N: metres (heights too, as pipelines.units takes them without a vertical CRS).
+    assert manifest["coordinates"] == {"crs": "WGS 84 / UTM zone 32N", "epsg": 32632, "horizontal": "metre", "vertical": "metre",
+                                       "metres_per_unit": [1.0, 1.0], "assumed": False, "axes": ["Easting", "Northing"]}
+    assert manifest["software"]["pointflow"] == __version__ and manifest["software"]["laspy"] == laspy.__version__
+    assert {"python", "lazrs", "numpy", "scipy", "scikit-learn"} <= set(manifest["software"])
 
 
 def test_las_export_format(runtime: Runtime, pro: str, scene_path: Path, tmp_path: Path) -> None:
@@ -111,12 +132,15 @@ def test_free_plan_gets_report_and_preview_but_no_point_files(runtime: Runtime, 
     links = download_links(runtime.store, signer(runtime), "gratis", job_id, downloads_allowed=False, expires_at=SOON)
     assert {link.kind for link in links} == {"summary", "preview", "report"}
     manifest = read_manifest(runtime.store, job_view(runtime, job_id)["export_prefix"])
-    [points] = [a for a in manifest["artifacts"] if a["kind"] == "points"]
-    with pytest.raises(DownloadRefused, match="free plan"):
-        artifact_link(runtime.store, signer(runtime), "gratis", points["key"], downloads_allowed=False, expires_at=SOON)
+    # The 3D sample is points too (all of them, for a file this small): not for the free plan either.
+    for kind in ("points", "sample"):
+        [artifact] = [a for a in manifest["artifacts"] if a["kind"] == kind]
+        with pytest.raises(DownloadRefused, match="free plan"):
+            artifact_link(runtime.store, signer(runtime), "gratis", artifact["key"], downloads_allowed=False, expires_at=SOON)
     [mail] = outbox_messages(runtime.settings)
     body = message_from_bytes(mail.read_bytes(), policy=policy.default).get_content()
-    assert "preview.png" in body and "scene.laz" not in body.split("Downloads")[1] and "upgrade" in body
+    downloads = body.split("Downloads")[1]
+    assert "preview.png" in body and "scene.laz" not in downloads and "preview-3d.ply" not in downloads and "upgrade" in body
 
 
 def test_ready_email_has_links_classes_and_classifier_version(runtime: Runtime, pro: str, scene_path: Path) -> None:

@@ -42,7 +42,8 @@ from tests.conftest import REPO, free_port, stop_processes
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+# WebGL (the 3D view) without a GPU: Chromium's software renderer, allowed for this trusted page.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 UTC = timezone.utc
 
@@ -195,7 +196,10 @@ def plugin_urls(seeded: Seeded) -> list[str]:
     return [
         "/pointflow/",
         f"/pointflow/accounts/acme/jobs/{seeded.job_id}/preview.png",
+        f"/pointflow/accounts/acme/jobs/{seeded.job_id}/preview-3d.ply",
         f"/pointflow/accounts/acme/invoices/{seeded.invoices['acme']}.html",
+        "/pointflow/static/pointflow-3d.js",
+        "/pointflow/static/vendor/three/three.module.js",
     ]
 
 
@@ -234,6 +238,13 @@ def test_plugin_routes_serve_an_authenticated_user(server: Server, seeded: Seede
     preview = requests.get(f"{server.url}/pointflow/accounts/acme/jobs/{seeded.job_id}/preview.png", headers=bearer, timeout=10)
     assert preview.status_code == 200 and preview.headers["content-type"] == "image/png"
     assert preview.content.startswith(b"\x89PNG\r\n\x1a\n")
+    sample = requests.get(f"{server.url}/pointflow/accounts/acme/jobs/{seeded.job_id}/preview-3d.ply", headers=bearer, timeout=10)
+    assert sample.status_code == 200 and sample.content.startswith(b"ply\nformat binary_little_endian 1.0\n")
+    script = requests.get(f"{server.url}/pointflow/static/vendor/three/three.module.js", headers=bearer, timeout=10)
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    # The page allows scripts from this server only, and the one inline import map by its hash.
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self' 'sha256-" in policy and "unsafe-inline" not in policy.split("script-src", 1)[1].split(";")[0]
 
     document = requests.get(f"{server.url}/pointflow/accounts/acme/invoices/{seeded.invoices['acme']}.html", headers=bearer, timeout=10)
     assert document.status_code == 200 and f"Invoice {seeded.invoices['acme']}" in document.text
@@ -278,11 +289,19 @@ def test_one_accounts_url_never_reaches_another_accounts_objects(server: Server,
         f"/pointflow/accounts/acme/jobs/..%2F..%2Fnorthwind%2Fexports%2F{seeded.job_id}/preview.png",
         f"/pointflow/accounts/acme/invoices/..%2F..%2Ftidewater%2Finvoices%2F{seeded.invoices['tidewater']}.html",
         f"/pointflow/accounts/acme/invoices/{seeded.invoices['acme']}.pdf",
+        f"/pointflow/accounts/northwind/jobs/{seeded.job_id}/preview-3d.ply",
+        # only the previews of a job, not its other files, and only files under static/
+        f"/pointflow/accounts/acme/jobs/{seeded.job_id}/manifest.json",
+        f"/pointflow/accounts/acme/jobs/{seeded.job_id}/scene.laz",
+        "/pointflow/static/..%2Fpointflow_ui.py",
+        "/pointflow/static/../templates/pointflow_dashboard.html",
+        "/pointflow/static/%2Fetc%2Fpasswd",
     ]
     for path in refused:
         response = requests.get(server.url + path, headers=bearer, timeout=10)
         assert response.status_code in (400, 404), (path, response.status_code)
-        assert not response.content.startswith(b"\x89PNG") and "<h1>Invoice" not in response.text
+        assert not response.content.startswith((b"\x89PNG", b"ply", b"LASF")) and b'"artifacts"' not in response.content
+        assert "<h1>Invoice" not in response.text and "import " not in response.text
     # The same objects under their own account's name are served: the refusals are about ownership.
     own = requests.get(f"{server.url}/pointflow/accounts/tidewater/invoices/{seeded.invoices['tidewater']}.html", headers=bearer, timeout=10)
     assert own.status_code == 200
@@ -367,6 +386,7 @@ def test_page_in_a_real_browser(server: Server, seeded: Seeded) -> None:
             page.goto(f"{server.url}/pointflow/")
             check_page(page, seeded, sync_api.expect)
             page.screenshot(path=str(screenshot), full_page=True)
+            check_3d_view(page, seeded, sync_api.expect, ARTIFACTS / "pointflow-3d.png")
 
             # The invoice document link opens the invoice the billing run published.
             link = page.locator(f"#invoice-{seeded.invoices['acme']} a.document", has_text="HTML")
@@ -379,6 +399,35 @@ def test_page_in_a_real_browser(server: Server, seeded: Seeded) -> None:
             browser.close()
     print(f"\nscreenshot: {screenshot}")
     assert screenshot.stat().st_size > 10_000
+
+
+def test_the_vendored_viewer_is_three_js_as_published() -> None:
+    """static/vendor/three holds files copied unchanged from the npm package (see its README)."""
+    vendor = REPO / "plugins" / "static" / "vendor" / "three"
+    for line in (vendor / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split()
+        assert hashlib.sha256((vendor / name).read_bytes()).hexdigest() == digest, name
+    assert "MIT License" in (vendor / "LICENSE").read_text()
+
+
+def check_3d_view(page, seeded: Seeded, expect, screenshot: Path) -> None:
+    """The job's "3D view" button draws its thinned sample in the class colours of the map."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.preview import CLASS_COLOURS
+
+    page.locator(f"#job-{seeded.job_id} button.view3d").click()
+    viewer = page.locator("#viewer")
+    expect(viewer).to_have_attribute("data-state", "ready", timeout=60_000)
+    expect(page.locator("#viewer-caption")).to_contain_text(seeded.job_id)
+    assert int(viewer.get_attribute("data-points")) > 10_000
+    page.locator("#view3d").screenshot(path=str(screenshot))
+    pixels = np.asarray(Image.open(screenshot).convert("RGB")).reshape(-1, 3).astype(int)
+    for name, cls in (("ground", 2), ("building", 6), ("high vegetation", 5)):
+        colour = np.array([int(CLASS_COLOURS[cls][i : i + 2], 16) for i in (1, 3, 5)])
+        drawn = int((np.abs(pixels - colour).sum(axis=1) < 30).sum())
+        assert drawn > 500, f"the 3D view shows {drawn} pixels of {name}'s colour"
 
 
 def check_page(page, seeded: Seeded, expect) -> None:

@@ -1,0 +1,91 @@
+"""Previews a person can read: units from the CRS, the class map with a profile, the 3D sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import laspy
+import numpy as np
+import pyproj
+import pytest
+from PIL import Image
+
+from pipelines.preview import CLASS_COLOURS, PROFILE_POINTS, Profile, coordinate_frame, file_frame, render_preview, summary_csv, write_sample_ply
+from tests.conftest import shared_file
+from tests.lasfiles import write_points
+
+
+def test_axes_name_the_crs_and_its_units_feet_included() -> None:
+    feet = file_frame(shared_file("corpus/USGS_NM_4_6_crop_ftUS.las"))
+    # The CRS says US survey feet for x and y; the GeoTIFF vertical units key says it for z.
+    assert (feet.epsg, feet.units.name, feet.units.vertical_name) == (2903, "US survey foot", "US survey foot")
+    assert feet.label(0) == "Easting [ftUS]" and feet.label(2) == "Elevation [ftUS]"
+    metres = file_frame(shared_file("corpus/IGN_bat_grenoble.laz"))
+    assert (metres.epsg, metres.units.name) == (2154, "metre") and metres.label(1) == "Northing [m]"
+    assert metres.describe().startswith("RGF93") and "(EPSG:2154)" in metres.describe()
+    none = file_frame(shared_file("ign_st_barth_100m.laz"))
+    # pipelines.units takes a file without a CRS as metres; the axes say it is an assumption.
+    assert none.crs is None and none.label(0) == "x [m, assumed]" and none.describe().startswith("no CRS in the file")
+    assert none.to_dict()["assumed"] is True
+
+
+def test_compound_and_geographic_crs() -> None:
+    header = laspy.LasHeader(point_format=6, version="1.4")
+    header.add_crs(pyproj.CRS("EPSG:2154+5720"))
+    compound = coordinate_frame(header)
+    assert (compound.units.name, compound.units.vertical_name, compound.axes) == ("metre", "metre", ("Easting", "Northing"))
+    header = laspy.LasHeader(point_format=6, version="1.4")
+    header.add_crs(pyproj.CRS.from_epsg(4326))
+    geographic = coordinate_frame(header)
+    # Latitude comes first in the CRS; the map's x is the longitude.
+    assert geographic.units is None and geographic.label(0) == "Geodetic longitude [°]"
+
+
+def test_the_profile_runs_along_the_longer_side_through_a_thin_band() -> None:
+    profile = Profile.through(np.array([0.0, 0.0]), np.array([300.0, 100.0]), 10_000_000)
+    assert profile.along == 0 and profile.centre == 50.0
+    assert 2 * profile.half_width == pytest.approx(100 * PROFILE_POINTS / 10_000_000)
+    small = Profile.through(np.array([0.0, 0.0]), np.array([50.0, 200.0]), 1000)
+    assert small.along == 1 and 2 * small.half_width == pytest.approx(50 / 25)
+
+
+@pytest.mark.parametrize("name", ["corpus/USGS_NM_4_6_crop_ftUS.las", "ign_st_barth_100m.laz"])
+def test_preview_shows_the_map_the_profile_and_every_class(name: str, tmp_path: Path) -> None:
+    source = shared_file(name)
+    output = render_preview(source, tmp_path / "preview.png", f"{name}: classes")
+    image = np.asarray(Image.open(output).convert("RGB")).reshape(-1, 3).astype(int)
+    for cls in np.unique(laspy.read(source).classification):
+        colour = np.array([int(CLASS_COLOURS[int(cls)][i : i + 2], 16) for i in (1, 3, 5)])
+        # Every class has at least its legend swatch.
+        assert (np.abs(image - colour).sum(axis=1) < 12).sum() >= 50, cls
+    assert output.read_bytes() == render_preview(source, tmp_path / "again.png", f"{name}: classes").read_bytes()
+
+
+def test_the_class_table_has_one_precision() -> None:
+    text = summary_csv([{"class": 2, "name": "ground", "points": 5, "percent": 12.3}, {"class": 6, "name": "building", "points": 1, "percent": 0.0}]).decode()
+    assert text.splitlines()[1:] == ["2,ground,5,12.300", "6,building,1,0.000"]
+
+
+def read_ply(path: Path) -> tuple[list[str], np.ndarray]:
+    data = path.read_bytes()
+    head, body = data.split(b"end_header\n", 1)
+    lines = head.decode().splitlines()
+    dtype = [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1"), ("class", "u1")]
+    return lines, np.frombuffer(body, dtype=dtype)
+
+
+def test_the_3d_sample_is_a_thinned_ply_in_class_colours(tmp_path: Path) -> None:
+    source = shared_file("ign_st_barth_100m.laz")
+    original = laspy.read(source)
+    lines, vertices = read_ply(write_sample_ply(source, tmp_path / "sample.ply", points=20_000))
+    assert lines[:2] == ["ply", "format binary_little_endian 1.0"]
+    assert f"element vertex {len(vertices)}" in lines and 18_000 < len(vertices) < 22_000
+    origin = np.array([float(v) for v in next(line for line in lines if line.startswith("comment origin")).split()[2:5]])
+    xyz = np.stack([vertices["x"], vertices["y"], vertices["z"]], axis=1) + origin
+    assert (xyz >= original.header.mins - 0.01).all() and (xyz <= original.header.maxs + 0.01).all()
+    assert set(np.unique(vertices["class"])) <= set(np.unique(original.classification))
+    ground = vertices[vertices["class"] == 2]
+    assert {tuple(c) for c in np.stack([ground["red"], ground["green"], ground["blue"]], axis=1).tolist()} == {(0xA1, 0x88, 0x7F)}
+    # A file smaller than the sample is sampled whole.
+    small = write_points(tmp_path / "small.las", n=3000)
+    assert len(read_ply(write_sample_ply(small, tmp_path / "small.ply"))[1]) == 3000
