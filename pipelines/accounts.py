@@ -8,6 +8,7 @@ from datetime import date, datetime, timezone
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from pipelines.addresses import check_address
 from pipelines.catalog import Catalog, CatalogError
 from pipelines.catalog.models import Account, BillingCycle, Plan
 from pipelines.storage import UnsafeKeyError, check_account_id
@@ -74,9 +75,7 @@ def make_record(row: dict[str, str]) -> AccountRow:
     name = (row.get("name") or "").strip()
     if not name:
         raise ValueError("name is empty")
-    email = (row.get("email") or "").strip()
-    if "@" not in email or " " in email:
-        raise ValueError(f"email {email!r} is not an address")
+    email = check_address((row.get("email") or "").strip())
     country = (row.get("country") or "").strip().upper()
     if len(country) != 2 or not country.isalpha():
         raise ValueError(f"country {country!r} is not a two-letter ISO code")

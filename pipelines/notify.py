@@ -5,18 +5,37 @@ from __future__ import annotations
 import smtplib
 import ssl
 from dataclasses import dataclass
+from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from sqlalchemy import delete, update
+
+from pipelines.addresses import InvalidAddress, check_address
 from pipelines.catalog import Catalog
+from pipelines.catalog.db import insert_ignoring_duplicates
+from pipelines.catalog.models import MessageClaim, utcnow
 from pipelines.catalog.models import SentMessage as SentMessageRecord
 from pipelines.settings import Settings
+
+# A claim older than this belongs to a sender that died (a send takes seconds, SMTP's own timeout
+# is 30 s): the next run takes it over and sends, with the claim's Message-ID.
+CLAIM_LEASE = timedelta(minutes=15)
 
 
 class DeliveryError(RuntimeError):
     """The mail server refused or could not be reached; the message was not sent."""
+
+
+class DeliveryInProgress(DeliveryError):
+    """Another process claimed this message a moment ago and is sending it."""
+
+
+class UndeliverableAddress(DeliveryError):
+    """The recipient is not one plain address (stored before addresses were checked): nothing was
+    sent, and every sender treats it like any refused delivery: reported, the others go on."""
 
 
 @dataclass(frozen=True)
@@ -27,18 +46,23 @@ class SentMessage:
     location: str  # the outbox file, or the SMTP server it went to (no credentials)
 
 
-def _message(settings: Settings, to: str, subject: str, body: str) -> EmailMessage:
+def _message(settings: Settings, to: str, subject: str, body: str, message_id: str | None) -> EmailMessage:
+    try:
+        check_address(to)
+    except InvalidAddress as error:
+        raise UndeliverableAddress(f"{error}; correct the account's address ('pointflow accounts add ID … --email …')") from None
     message = EmailMessage()
     message["From"] = settings.mail_from
     message["To"] = to
     message["Subject"] = subject
-    message["Message-ID"] = make_msgid(domain="pointflow.invalid")
+    message["Message-ID"] = message_id or make_msgid(domain="pointflow.invalid")
     message.set_content(body)
     return message
 
 
-def send_email(settings: Settings, to: str, subject: str, body: str) -> SentMessage:
-    message = _message(settings, to, subject, body)
+def send_email(settings: Settings, to: str, subject: str, body: str, message_id: str | None = None) -> SentMessage:
+    """Send one message; `to` must be one plain address (UndeliverableAddress otherwise, before anything is sent)."""
+    message = _message(settings, to, subject, body, message_id)
     message_id = message["Message-ID"]
     if not settings.smtp_url:
         settings.outbox_dir.mkdir(parents=True, exist_ok=True)
@@ -67,22 +91,69 @@ def send_email(settings: Settings, to: str, subject: str, body: str) -> SentMess
 
 
 def send_once(settings: Settings, catalog: Catalog, key: str, account_id: str, kind: str, to: str, subject: str, body: str) -> SentMessage:
-    """Send unless a message with this idempotency key was already sent; record it after sending.
+    """Send unless a message with this idempotency key was already sent: claim it (one claim per
+    key, whoever inserts it first), send, then record it as sent in the same transaction that drops
+    the claim. Concurrent senders of one key send one message; the others raise DeliveryInProgress.
 
-    A refused delivery raises DeliveryError and records nothing, so the next run tries again.
-    A crash between sending and recording can send one duplicate; never zero messages.
+    A refused delivery drops the claim and raises DeliveryError, so the next run tries again. A
+    sender that dies after claiming leaves a claim that the next run takes over once CLAIM_LEASE has
+    passed: it sends with the claim's Message-ID, so should the dead sender have got its message
+    out just before dying, the two are the same message to the customer's mail program.
     """
-    with catalog.session() as session:
-        known = session.get(SentMessageRecord, key)
-        if known is not None:
+    for _ in range(3):
+        with catalog.session() as session:
+            known = session.get(SentMessageRecord, key)
+            if known is not None:
+                return SentMessage(known.message_id, known.recipient, known.subject, "already sent")
+        message_id = _claim(catalog, key, account_id)
+        if message_id is None:
+            continue
+        with catalog.session() as session:
+            known = session.get(SentMessageRecord, key)
+            if known is None:
+                break
+            # Sent by another process between our look and our claim.
+            session.execute(delete(MessageClaim).where(MessageClaim.key == key, MessageClaim.message_id == message_id))
             return SentMessage(known.message_id, known.recipient, known.subject, "already sent")
-    sent = send_email(settings, to, subject, body)
+    else:
+        raise DeliveryInProgress(f"message {key} is being sent by another process")
+    try:
+        sent = send_email(settings, to, subject, body, message_id)
+    except BaseException:
+        with catalog.session() as session:
+            session.execute(delete(MessageClaim).where(MessageClaim.key == key, MessageClaim.message_id == message_id))
+        raise
     with catalog.session() as session:
         session.add(SentMessageRecord(key=key, account_id=account_id, kind=kind, recipient=to, subject=subject, message_id=sent.message_id))
+        session.execute(delete(MessageClaim).where(MessageClaim.key == key))
     return sent
+
+
+def _claim(catalog: Catalog, key: str, account_id: str) -> str | None:
+    """The Message-ID to send with, once this process holds the claim on `key`; None when the
+    claim vanished meanwhile (sent or released: look again). Raises DeliveryInProgress while another
+    process's claim is younger than CLAIM_LEASE."""
+    now = utcnow()
+    message_id = make_msgid(domain="pointflow.invalid")
+    # Writes first, reads after: concurrent claimers queue on the insert, not on a stale read.
+    with catalog.session() as session:
+        claim = insert_ignoring_duplicates(session, MessageClaim, ["key"]).values(key=key, account_id=account_id, message_id=message_id, claimed_at=now)
+        if session.execute(claim).rowcount == 1:
+            return message_id
+    with catalog.session() as session:
+        stale = (
+            update(MessageClaim)
+            .where(MessageClaim.key == key, MessageClaim.claimed_at < now - CLAIM_LEASE)
+            .values(claimed_at=now)
+            .returning(MessageClaim.message_id)
+        )
+        taken = session.execute(stale).scalar_one_or_none()
+        if taken is not None:
+            return taken
+        if session.get(MessageClaim, key) is None:
+            return None
+    raise DeliveryInProgress(f"message {key} was claimed by another process less than {CLAIM_LEASE} ago and is being sent")
 
 
 def outbox_messages(settings: Settings) -> list[Path]:
     return sorted(settings.outbox_dir.glob("*.eml"), key=lambda p: p.stat().st_mtime) if settings.outbox_dir.exists() else []
-
-

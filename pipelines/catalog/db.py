@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -24,6 +28,25 @@ def insert_ignoring_duplicates(session: Session, model: type, key: list[str] | N
 
 class CatalogError(RuntimeError):
     """A catalog operation was refused (unknown account, illegal state change, ...)."""
+
+
+class CatalogUnavailable(CatalogError):
+    """The catalog database cannot be reached or refused us; the message names where (host,
+    port, database or SQLite file), never the user or password."""
+
+
+def where(url: str) -> str:
+    """The catalog's database as messages may name it: no user, no password."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return parsed.database or ":memory:"
+    return f"{parsed.host or 'localhost'}:{parsed.port or 5432}/{parsed.database or ''}"
+
+
+def database_failure(url: str, error: DBAPIError) -> CatalogUnavailable:
+    """One line for a database error: the driver's first line, without SQL or parameters."""
+    cause = str(error.orig).strip().splitlines()[0] if str(error.orig).strip() else type(error.orig).__name__
+    return CatalogUnavailable(f"the catalog database at {where(url)} failed: {cause}. Check POINTFLOW_DATABASE_URL and that the database server is up")
 
 
 def normalise_url(url: str) -> str:
@@ -70,11 +93,44 @@ class Catalog:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
-        """Bring the schema to the newest revision; cheap when it already is."""
-        with self.engine.begin() as connection:
-            config = alembic_config(self.url)
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+        """Bring the schema to the newest revision; cheap when it already is. Processes that start
+        together on a new catalog take turns, so only the first creates the tables."""
+        try:
+            with self.lock("migrate"), self.engine.begin() as connection:
+                config = alembic_config(self.url)
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+        except DBAPIError as error:
+            raise database_failure(self.url, error) from None
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold the exclusive lock `name` while the block runs, against every process on every
+        machine using this catalog: a PostgreSQL advisory lock, or a file lock beside an SQLite
+        database. A process that dies drops its locks (its session ends, its file closes)."""
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                connection.commit()
+                try:
+                    yield
+                finally:
+                    try:
+                        connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                        connection.commit()
+                    except DBAPIError:
+                        pass  # the connection is gone, and its session's locks with it
+            return
+        database = self.engine.url.database
+        if self.engine.dialect.name != "sqlite" or not database or database == ":memory:":
+            yield
+            return
+        folder = Path(database).with_name(Path(database).name + ".locks")
+        folder.mkdir(exist_ok=True)
+        with open(folder / f"{key & (2**64 - 1):016x}", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     def is_migrated(self) -> bool:
         return inspect(self.engine).has_table("alembic_version")

@@ -176,6 +176,18 @@ class SentMessage(Base):
     sent_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class MessageClaim(Base):
+    """A message one process is sending right now: claimed before sending, dropped when it is
+    recorded in sent_messages (or refused). One row per key, so two senders cannot both send."""
+
+    __tablename__ = "message_claims"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64))
+    message_id: Mapped[str] = mapped_column(String(255))  # a resend after a crash reuses it
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class TrainedModelRecord(Base):
     """A customer's trained classifier; its bytes and evaluation live in the account's models area."""
 

@@ -34,7 +34,8 @@ def register(commands: argparse._SubParsersAction) -> None:
             "catalog, so runs with increasing --as-of walk the timeline, and running the same moment "
             "again does nothing new. An account on legal hold is never deleted (reported as blocked). "
             "Notices are e-mailed; a refused e-mail is recorded and retried next run, and the clocks "
-            "that depend on it wait. Exit code 1 if a deletion left objects behind."
+            "that depend on it wait. Exit code 1 if an account could not be done (a deletion left objects behind, "
+            "an unexpected error): it is named, and the other accounts are done all the same."
         ),
     )
     run.add_argument("--as-of", type=_moment, default=None, metavar="ISO_DATETIME",

@@ -8,6 +8,7 @@ nothing. Clocks that depend on an e-mail start when the e-mail was really delive
 from __future__ import annotations
 
 import calendar
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -92,8 +93,10 @@ def run_lifecycle(
 ) -> list[Action]:
     """Apply every rule to every account as of `as_of` (default: now); returns the actions.
 
-    A failure on one account (a deletion that left objects behind) does not stop the others;
-    it is raised at the end as LifecycleRunError, carrying the actions that were taken.
+    Runs at the same moment take turns per account (a catalog lock), so each notice, closure and
+    deletion happens once. A failure on one account (a deletion that left objects behind, an
+    address no mail can go to) does not stop the others; it is raised at the end as
+    LifecycleRunError, carrying the actions that were taken.
     """
     as_of = as_of or datetime.now(timezone.utc)
     if as_of.tzinfo is None:
@@ -112,13 +115,17 @@ def run_lifecycle(
     actions: list[Action] = []
     failures: list[str] = []
     for account_id in account_ids:
-        account_run = _AccountRun(context, account_id)
+        account_run = None
         try:
-            account_run.run()
-        except DeletionIncomplete as error:
-            log.error("%s", error)
-            failures.append(str(error))
-        actions.extend(account_run.actions)
+            # A dry run changes nothing: it need not wait for a real run's deletions.
+            with contextlib.nullcontext() if dry_run else runtime.catalog.lock(f"lifecycle:{account_id}"):
+                account_run = _AccountRun(context, account_id)
+                account_run.run()
+        except Exception as error:  # noqa: BLE001 - reported at the end; the other accounts go on
+            log.error("lifecycle of account %s: %s", account_id, error)
+            failures.append(str(error) if isinstance(error, DeletionIncomplete) else f"account {account_id}: {error}")
+        if account_run is not None:
+            actions.extend(account_run.actions)
     if failures:
         raise LifecycleRunError(actions, failures)
     return actions
