@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from pipelines.addresses import InvalidAddress, check_mailbox
 
 
 # Airflow's api-server on its default port: where the pointflow plugin serves download links.
@@ -56,6 +60,42 @@ def _paths(env: Mapping[str, str], name: str) -> tuple[Path, ...]:
     return tuple(p.resolve() for p in paths)
 
 
+def url_problem(url: str) -> str | None:
+    """What makes `url` ambiguous to parse, without quoting it (it may hold a password)."""
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        return "contains spaces or control characters"
+    scheme, separator, rest = url.partition("://")
+    if not separator or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        return "is not a URL (scheme://...)"
+    if scheme.lower().startswith("sqlite"):
+        return None
+    authority = re.match(r"[^/?#]*", rest).group(0)
+    if authority.count("@") > 1 or "@" in rest[len(authority):]:
+        return "has a '/', '?', '#' or '@' in its user name or password: percent-encode them (%2F %3F %23 %40)"
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        port = -1
+    if port == -1 or not urlsplit(url).hostname:
+        return "has no host, or a port that is not a number (percent-encode ':' in a password as %3A)"
+    return None
+
+
+def _url(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    raw = env.get(name) or default
+    problem = None if raw is None else url_problem(raw)
+    if problem:
+        raise SettingsError(f"{name} {problem}")
+    return raw
+
+
+def _mailbox(env: Mapping[str, str], name: str, default: str) -> str:
+    try:
+        return check_mailbox(env.get(name) or default)
+    except InvalidAddress as error:
+        raise SettingsError(f"{name}: {error}") from None
+
+
 def _endpoint(env: Mapping[str, str], name: str) -> str | None:
     raw = env.get(name) or None
     if raw is not None and not raw.startswith(("http://", "https://")):
@@ -93,11 +133,11 @@ class Settings:
         home = Path(env.get("POINTFLOW_HOME") or Path.home() / ".pointflow").expanduser().resolve()
         return cls(
             home=home,
-            database_url=env.get("POINTFLOW_DATABASE_URL") or f"sqlite:///{home / 'catalog.db'}",
+            database_url=_url(env, "POINTFLOW_DATABASE_URL", f"sqlite:///{home / 'catalog.db'}"),
             storage_url=env.get("POINTFLOW_STORAGE_URL") or (home / "objects").as_uri(),
             dask_address=env.get("POINTFLOW_DASK_ADDRESS") or None,
-            smtp_url=env.get("POINTFLOW_SMTP_URL") or None,
-            mail_from=env.get("POINTFLOW_MAIL_FROM") or "pointflow <noreply@pointflow.invalid>",
+            smtp_url=_url(env, "POINTFLOW_SMTP_URL"),
+            mail_from=_mailbox(env, "POINTFLOW_MAIL_FROM", "pointflow <noreply@pointflow.invalid>"),
             tile_size=_float(env, "POINTFLOW_TILE_SIZE", 200.0),
             tile_buffer=_float(env, "POINTFLOW_TILE_BUFFER", 20.0),
             workers=_int(env, "POINTFLOW_WORKERS", os.cpu_count() or 1),

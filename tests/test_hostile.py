@@ -123,3 +123,18 @@ def test_each_file_is_refused_in_one_line_or_classified_completely(hostile: dict
     # The job refuses it, says why, keeps the file in quarantine, tells the customer, bills nothing.
     assert ingest["code"] == 1 and job["state"] == "quarantined" and job["error"], job
     assert ingest["exports"] == [] and ingest["usage"] == [["failed", 0]] and ingest["mails"] == 1
+
+
+def test_a_decoder_panic_is_refused_like_any_decode_error(tmp_path: Path) -> None:
+    """The gate refuses this file before decoding; decoded anyway, lazrs panics (a BaseException)."""
+    import laspy
+
+    from pipelines.gate import NotPointCloudError
+    from pipelines.lasio import decoding
+    from tests.hostile import chunk_size
+
+    path = chunk_size(tmp_path / "chunk-size-1.laz", 1)
+    with pytest.raises(NotPointCloudError, match="cannot be read"), decoding("chunk-size-1.laz: the point data cannot be read"):
+        with laspy.open(path, laz_backend=laspy.LazBackend.LazrsParallel) as reader:
+            for _ in reader.chunk_iterator(1000):
+                pass

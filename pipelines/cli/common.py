@@ -32,12 +32,18 @@ def print_json(value: Any) -> None:
 
 def run_handler(args: argparse.Namespace) -> int:
     """Run the chosen command; expected failures become `pointflow: error: ...` without a traceback."""
+    from sqlalchemy.exc import DBAPIError
+
+    from pipelines.catalog.db import database_failure
     from pipelines.errors import USER_ERRORS
 
     try:
         return int(args.handler(args) or 0)
     except USER_ERRORS as error:
         print(f"pointflow: error: {error}", file=sys.stderr)
+        return 2
+    except DBAPIError as error:
+        print(f"pointflow: error: {database_failure(settings_from_env().database_url, error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pointflow: interrupted", file=sys.stderr)
