@@ -419,3 +419,20 @@ def test_walls_and_lower_roofs_beside_a_roof_are_building() -> None:
     classes = get_classifier("standard").classify(grenoble)
     called_building = classes == 6
     assert np.mean(labels[called_building] == 6) > 0.85  # precision: trees stay vegetation
+
+
+@pytest.mark.parametrize(("size", "empty"), [(5, 0.0), (5, 0.6), (11, 0.95)])
+def test_low_outliers_are_cells_far_below_their_third_lowest_neighbour(size: int, empty: float) -> None:
+    from pipelines.classifiers.ground import remove_low_outliers
+
+    rng = np.random.default_rng(size)
+    zmin = rng.normal(0.0, 1.0, (40, 33))
+    zmin[rng.random(zmin.shape) < empty] = np.nan
+    half = size // 2
+    padded = np.pad(np.nan_to_num(zmin, nan=np.inf), half, constant_values=np.inf)
+    expected = zmin.copy()
+    for row, col in zip(*np.nonzero(np.isfinite(zmin)), strict=True):
+        third = np.sort(padded[row:row + size, col:col + size], axis=None)[2]
+        if np.isfinite(third) and zmin[row, col] < third - 1.0:
+            expected[row, col] = np.nan
+    np.testing.assert_array_equal(remove_low_outliers(zmin, 1.0, size), expected)

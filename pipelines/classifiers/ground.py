@@ -2,17 +2,19 @@
 refined by a robust local surface fit.
 
 1. Minimum-elevation raster of the last returns (earlier returns of a pulse cannot be ground)
-   at a cell size derived from the point density: 1 m, 2 m for sparse data.
-2. Low-outlier removal: a cell whose minimum lies far below the 3rd-lowest cell of its 5x5
-   neighbourhood is an isolated pit (multipath, birds under the sensor...) and is dropped.
+   with 1 m cells, as SMRF: with coarser cells for sparse data, the band that the opening cuts
+   off a narrow ridge (a dike, a road embankment) widens with the cell.
+2. Low-outlier removal: a cell whose minimum lies far below the 3rd-lowest cell of its
+   neighbourhood (5x5 points, at least 5x5 cells) is an isolated pit (multipath, birds under the
+   sensor...) and is dropped.
 3. Gaps are inpainted and a progressive morphological opening with growing square windows flags
    cells that rise above the opened surface by more than slope * window radius.  Beyond the
    raster's edge the eroded surface is continued by point reflection, so terrain that rises
    towards the edge of a file is not cut off as if it were an object.
 4. The unflagged minimum cells are inpainted into a provisional bare-earth surface; points within
    elevation_threshold + elevation_scaler * slope of it (bilinear) are the first ground guess.
-5. Refinement: around every cell a plane is fitted to the first-guess ground points of its 3x3
-   neighbourhood, as a correction to the provisional surface, by iteratively reweighted least
+5. Refinement: around every cell a plane is fitted to the first-guess ground points of its
+   neighbourhood (3x3 points, at least 3x3 cells), as a correction to the provisional surface, by iteratively reweighted least
    squares with asymmetric weights (points above the plane count less each round: terrain is
    the lower envelope, low vegetation and cars sit on top of it).  A point is ground when it is
    a last return and lies at most ground_above above the refined surface (a tolerance that grows
@@ -31,7 +33,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .base import GROUND, UNCLASSIFIED, PointBlock
 from .geometry import window_sums
@@ -42,8 +43,8 @@ from .grid import Grid, fill_holes, opening, slope_magnitude
 class GroundParams:
     """Parameters of the ground filter; the defaults are meant for all airborne data.
 
-    cell_size: raster cell in metres; 0 means derive it from the point density: the mean point
-        spacing rounded to a power of two, clamped to [min_cell, max_cell].
+    cell_size: raster cell in metres (SMRF's 1 m); neighbourhoods that must hold a few points
+        (outlier test, surface fit) grow with the point spacing instead.
     max_window: largest opening window radius in metres; must exceed half the width of the
         largest building so its roof is removed.
     slope: terrain slope (rise over run) tolerated by the opening before a cell counts as object.
@@ -59,9 +60,7 @@ class GroundParams:
     ground_above_per_slope: ... plus this much per unit of slope.
     """
 
-    cell_size: float = 0.0
-    min_cell: float = 1.0
-    max_cell: float = 2.0
+    cell_size: float = 1.0
     max_window: float = 18.0
     slope: float = 0.15
     elevation_threshold: float = 0.5
@@ -111,28 +110,36 @@ def point_spacing(x: np.ndarray, y: np.ndarray) -> float:
     return 1.0 / np.sqrt(density)
 
 
-def choose_cell(spacing: float, params: GroundParams) -> float:
-    if params.cell_size > 0:
-        return params.cell_size
-    # Powers of two keep neighbouring tiles with slightly different density on the same grid.
-    cell = 2.0 ** np.round(np.log2(spacing))
-    return float(np.clip(cell, params.min_cell, params.max_cell))
+def neighbourhood(spacing: float, cell: float, points: float) -> int:
+    """Cells across a square neighbourhood holding about `points` x `points` points (odd, at
+    least 2 * points - 1 cells: dense data keep the cell's own resolution)."""
+    return 2 * int(round((points - 1) / 2 * max(1.0, spacing / cell))) + 1
 
 
-def remove_low_outliers(zmin: np.ndarray, threshold: float) -> np.ndarray:
-    """NaN out cells far below the 3rd-lowest value of their 5x5 neighbourhood."""
+def remove_low_outliers(zmin: np.ndarray, threshold: float, size: int = 5) -> np.ndarray:
+    """NaN out cells far below the 3rd-lowest value of their size x size neighbourhood."""
     # Empty cells and the outside of the raster count as +inf: edge replication would copy the
     # outlier itself into its own neighbourhood.
-    padded = np.pad(np.where(np.isfinite(zmin), zmin, np.inf), 2, constant_values=np.inf)
-    reference = np.empty_like(zmin)
-    rows = 256  # bounds the 25x temporary of the sliding window
-    for start in range(0, zmin.shape[0], rows):
-        window = sliding_window_view(padded[start:start + rows + 4], (5, 5))
-        block = window.reshape(window.shape[0], window.shape[1], 25)
+    half = size // 2
+    padded = np.pad(np.where(np.isfinite(zmin), zmin, np.inf), half, constant_values=np.inf)
+    width = padded.shape[1]
+    offsets = (np.arange(size)[:, None] * width + np.arange(size)[None, :]).ravel()
+    # Only occupied cells need a reference: in sparse data most cells are empty.
+    cells = np.flatnonzero(np.isfinite(zmin))
+    rows, cols = np.divmod(cells, zmin.shape[1])
+    corner = rows * width + cols  # the window's first cell in the padded raster
+    values = padded.ravel()
+    reference = np.empty(cells.size)
+    step = max(1, 2**20 // size**2)  # bounds the size**2-fold temporary
+    for start in range(0, cells.size, step):
+        window = values[corner[start:start + step, None] + offsets[None, :]]
         # np.partition is several times faster than ndimage.rank_filter here.
-        reference[start:start + rows] = np.partition(block, 2, axis=-1)[..., 2]
-    outlier = np.isfinite(reference) & (zmin < reference - threshold)
-    return np.where(outlier, np.nan, zmin)
+        reference[start:start + step] = np.partition(window, 2, axis=-1)[:, 2]
+    # Fewer than three occupied cells around: nothing to compare with.
+    outlier = np.isfinite(reference) & (zmin.ravel()[cells] < reference - threshold)
+    out = zmin.copy()
+    out.ravel()[cells[outlier]] = np.nan
+    return out
 
 
 def progressive_opening(surface: np.ndarray, cell: float, params: GroundParams) -> np.ndarray:
@@ -174,8 +181,8 @@ def thinned(block: PointBlock, cell: float, spacing: float, per_cell: float) -> 
 def refine(block: PointBlock, grid: Grid, flat: np.ndarray, height: np.ndarray,
            support: np.ndarray, spacing: float, params: GroundParams) -> np.ndarray:
     """Height of every point above the refined surface: the provisional one plus a plane fitted,
-    per cell, to the supporting points of its 3x3-cell neighbourhood (see the module docstring).
-    Cells without support keep the provisional surface."""
+    per cell, to the supporting points of its neighbourhood of about 3x3 points, at least 3x3
+    cells (see the module docstring).  Cells without support keep the provisional surface."""
     index = np.flatnonzero(support & thinned(block, grid.cell, spacing, params.fit_points_per_cell))
     if index.size == 0:
         return height
@@ -185,12 +192,13 @@ def refine(block: PointBlock, grid: Grid, flat: np.ndarray, height: np.ndarray,
     cells, xs, ys, hs = flat[index], x[index], y[index], height[index]
     xx, xy, yy, xh, yh = xs * xs, xs * ys, ys * ys, xs * hs, ys * hs
     weight = np.ones(index.size)
+    window = neighbourhood(spacing, grid.cell, 3)
     # A weak pull of the slopes towards zero keeps the fit defined where the support is a line.
     damping = 1e-2 * grid.cell**2
     for _ in range(params.fit_iterations):
         n, sx, sy, sh, sxx, sxy, syy, sxh, syh = window_sums(
             grid, cells, [weight, weight * xs, weight * ys, weight * hs, weight * xx, weight * xy,
-                          weight * yy, weight * xh, weight * yh])
+                          weight * yy, weight * xh, weight * yh], window)
         count = np.maximum(n, 1e-12)
         mx, my, mh = sx / count, sy / count, sh / count
         cxx = sxx / count - mx * mx + damping
@@ -214,7 +222,7 @@ def fit_surface(block: PointBlock, params: GroundParams) -> SurfaceFit:
     """Steps 1-5 of the module docstring up to the decision, on a non-empty block."""
     x, y, z = block.x, block.y, block.z
     spacing = point_spacing(x, y)
-    cell = choose_cell(spacing, params)
+    cell = params.cell_size
     grid = Grid.covering(x, y, cell)
     flat = grid.flat_index(x, y)
     last = last_returns(block)
@@ -222,7 +230,9 @@ def fit_surface(block: PointBlock, params: GroundParams) -> SurfaceFit:
         zmin = grid.cell_min(flat, z)
     else:
         zmin = grid.cell_min(flat[last], z[last])
-    zmin = remove_low_outliers(zmin, params.low_outlier_threshold)
+    # A 5x5-point neighbourhood: in sparse data a 5x5-cell one holds too few cells for its
+    # 3rd-lowest to stand for the terrain, and sound ground on slopes was taken for pits.
+    zmin = remove_low_outliers(zmin, params.low_outlier_threshold, neighbourhood(spacing, cell, 5))
     is_object = progressive_opening(fill_holes(zmin), cell, params)
     surface = fill_holes(np.where(is_object, np.nan, zmin))
     slope = slope_magnitude(surface, cell).ravel()[flat]
