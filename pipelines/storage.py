@@ -185,14 +185,16 @@ class LocalStore(ObjectStore):
 
     def _write_atomic(self, key: str, writer) -> None:
         target = self._path(key)
-        for attempt in range(5):
+        # Another process's delete may prune a folder on our path between mkdir and mkstemp. Each
+        # such failure means that delete made progress, so retrying cannot livelock; the bound is
+        # only for a folder that keeps vanishing for some other reason.
+        for attempt in range(1000):
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
                 break
             except FileNotFoundError:
-                # Another process's delete pruned a folder on our path while we made it.
-                if attempt == 4:
+                if attempt == 999:
                     raise
         try:
             with os.fdopen(fd, "wb") as handle:
