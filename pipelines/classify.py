@@ -41,7 +41,7 @@ from pipelines.copc import COPC_SUFFIX, write_copc
 from pipelines.lasio import CHUNK_POINTS, group_runs, iter_checked, point_block, read_info
 from pipelines.orphans import OWNER_VARIABLE
 from pipelines.scratch import work_dir
-from pipelines.settings import Settings
+from pipelines.settings import ClusterStartError, Settings
 from pipelines.tile import TileGrid
 from pipelines.units import METRES, CoordinateUnits, coordinate_units
 
@@ -180,13 +180,34 @@ def dask_client(settings: Settings, workers: int | None = None) -> Iterator[Any]
             yield client
         return
     # The cluster's processes end when this one does (pipelines/orphans.py, loaded by the config).
+    wanted = workers or settings.workers
     with _environment({"DASK_CONFIG": str(LOCAL_DASK_CONFIG)}, {OWNER_VARIABLE: str(os.getpid())}), SubprocessCluster(
-        n_workers=workers or settings.workers,
+        n_workers=wanted,
         threads_per_worker=1,
         dashboard_address=":0",
         silence_logs=logging.ERROR,
     ) as cluster, Client(cluster) as client:
+        # The cluster returns once its scheduler is up, before its workers have registered: counted
+        # then, 2 workers were reported (and the in-flight window sized) as 1.
+        wait_for_workers(client, wanted, WORKER_START_SECONDS, "the local Dask cluster")
         yield client
+
+
+# How long a local cluster's workers may take to start: a few seconds, longer on a loaded machine.
+WORKER_START_SECONDS = 120.0
+
+
+def wait_for_workers(client: Any, wanted: int, timeout: float, where: str) -> int:
+    """Block until `wanted` workers are registered with the client's scheduler; their number."""
+    try:
+        client.wait_for_workers(wanted, timeout=timeout)
+    except TimeoutError:
+        started = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+        raise ClusterStartError(
+            f"{where} has {started} of the {wanted} worker(s) asked for after {timeout:.0f} s: the machine may be short of "
+            f"memory or processes; ask for fewer (--workers, POINTFLOW_WORKERS) or retry"
+        ) from None
+    return len(client.scheduler_info(n_workers=-1).get("workers", {}))
 
 
 class TileFiles:
@@ -330,7 +351,9 @@ def classify_file(
                 dashboard = getattr(active, "dashboard_link", None)
                 if dashboard and len(modelled) > 1:
                     log.info("Dask dashboard: %s", dashboard)
-                n_workers = len(active.scheduler_info(n_workers=-1).get("workers", {})) or 1
+                # Every worker of a local cluster has registered (dask_client waits for them); a
+                # remote scheduler's workers come and go, so take the count at hand, at least one.
+                n_workers = wait_for_workers(active, 1, WORKER_START_SECONDS, "the Dask scheduler")
                 results |= _run_tiles(active, _batches(modelled, context), batch, n_workers, len(owned), progress)
         timings["classify_s"] = time.perf_counter() - started
 

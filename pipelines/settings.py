@@ -20,6 +20,11 @@ class SettingsError(ValueError):
     """A setting has a value we cannot use; the message names the variable."""
 
 
+class ClusterStartError(RuntimeError):
+    """The Dask cluster these settings name (a local one of POINTFLOW_WORKERS, or POINTFLOW_DASK_ADDRESS's)
+    did not bring up the workers asked for in time."""
+
+
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if raw in (None, ""):

@@ -50,6 +50,8 @@ def test_classify_real_file_writes_ground_as_class_2(home: Path, tmp_path: Path)
     result = pointflow("classify", str(source), str(output), home=home)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout
+    # The cluster's workers are counted once they have all registered, not while they start.
+    assert "on 2 worker(s)" in result.stdout, result.stdout
     classes = laspy.read(output).classification
     truth = laspy.read(source).classification
     assert len(classes) == len(truth)

@@ -8,8 +8,9 @@ import laspy
 import numpy as np
 import pytest
 
-from pipelines.classify import classify_file
+from pipelines.classify import classify_file, wait_for_workers
 from pipelines.gate import NotPointCloudError
+from pipelines.settings import ClusterStartError
 from pipelines.tile import TileGrid
 from tests.conftest import shared_file
 from tests.lasfiles import write_points
@@ -41,6 +42,12 @@ def test_each_point_has_one_owner_and_context_is_exactly_the_buffer_ring() -> No
         expected = set(np.flatnonzero((np.maximum(dx, dy) <= 7) & (owner != t)).tolist())
         # Points exactly on the ring's outer edge may fall either way by rounding.
         assert len(expected ^ seen[t]) <= 2, t
+
+
+def test_workers_are_counted_once_registered_and_missing_ones_are_a_clear_error(client) -> None:
+    assert wait_for_workers(client, 2, 30, "the test cluster") == 2
+    with pytest.raises(ClusterStartError, match=r"the test cluster has 2 of the 3 worker\(s\) asked for after 1 s"):
+        wait_for_workers(client, 3, 1, "the test cluster")
 
 
 def test_grid_edge_cases() -> None:
