@@ -164,3 +164,33 @@ def test_every_command_explains_itself(command, capsys):
         main([*command, "--help"])
     assert exit_info.value.code == 0
     assert len(capsys.readouterr().out) > 300
+
+
+def test_output_cut_short_by_its_reader_is_no_error(cli_env, capsys):
+    """`pointflow billing run --json | head`: the reader leaving is its choice; no traceback."""
+    import subprocess
+    import sys
+
+    cli(capsys, "accounts", "import", str(DATA / "accounts.csv"))
+    cli(capsys, "usage", "import", str(DATA / "usage.jsonl"))
+    command = [sys.executable, "-c", "import sys; from pipelines.cli import main; sys.exit(main())"]
+    for args in (["billing", "run", "--period", "2026-09", "--json"], ["invoices", "list"]):
+        child = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        child.stdout.close()  # the reader is gone before the first line is written
+        stderr = child.stderr.read()
+        child.stderr.close()
+        assert (child.wait(timeout=120), stderr) == (141, b"")  # 128 + SIGPIPE, as the shell reports a reader gone
+    assert cli(capsys, "invoices", "list", "--period", "2026-09").endswith("3 invoice(s)\n")  # the run itself completed
+
+
+def test_a_command_error_is_one_line(capsys):
+    import argparse
+
+    from pipelines.cli import CommandError
+    from pipelines.cli.common import run_handler
+
+    def handler(_args):
+        raise CommandError("what went wrong, and what to do")
+
+    assert run_handler(argparse.Namespace(handler=handler)) == 2
+    assert capsys.readouterr().err == "pointflow: error: what went wrong, and what to do\n"

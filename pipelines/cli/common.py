@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from typing import Any
 
@@ -39,7 +41,7 @@ def run_handler(args: argparse.Namespace) -> int:
 
     try:
         return int(args.handler(args) or 0)
-    except USER_ERRORS as error:
+    except (CommandError, *USER_ERRORS) as error:
         print(f"pointflow: error: {error}", file=sys.stderr)
         return 2
     except DBAPIError as error:
@@ -48,3 +50,15 @@ def run_handler(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("pointflow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """The reader of our output left (`pointflow ... | head`): that is its choice, not an error to
+    report. What is still buffered for stdout is dropped, so the interpreter's own flush at exit
+    does not fail again, and the exit code is the shell's for a process ended by SIGPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
