@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from pipelines.accounts import upsert_accounts
 from pipelines.admission import GB, AdmissionRefused, Candidate, check_admission
+from pipelines.billing.corrections import TermsUpdate, set_billing_terms
 from pipelines.catalog.models import StoredFile
 from pipelines.jobs import Runtime, run_job
 from pipelines.metering import UsageRecord, record_usage
@@ -79,6 +80,21 @@ def test_professional_storage_limit(runtime: Runtime, admit, extra: int, allowed
     else:
         with pytest.raises(AdmissionRefused, match=r"professional plan's storage limit"):
             admit("p", size=GB + extra)
+
+
+def test_extra_storage_bought_as_a_dated_term_raises_the_storage_limit_from_its_date(runtime: Runtime) -> None:
+    upsert_accounts(runtime.catalog, [make_account("x", plan="professional")])
+    set_billing_terms(runtime.catalog, "x", TermsUpdate(extra_storage_gb=50, effective_on=date(2026, 10, 16)))
+    store_files(runtime, "x", (120 * GB, 1000), created=AT.replace(month=8))
+    store_files(runtime, "x", (26 * GB, 1000), created=AT.replace(day=16))
+    day_before, change_day = datetime(2026, 10, 15, 23, 59, tzinfo=timezone.utc), datetime(2026, 10, 16, 13, tzinfo=timezone.utc)
+    # The day before, the plan's 100 GB is the limit.
+    with pytest.raises(AdmissionRefused, match=r"storage limit: 146,000,000,001 bytes with this file, the limit is 100,000,000,000 bytes"):
+        check_admission(runtime.settings, runtime.catalog, "x", Candidate(1, 10), day_before)
+    # From the term's date: 100 + 50 GB.
+    check_admission(runtime.settings, runtime.catalog, "x", Candidate(4 * GB, 10), change_day)
+    with pytest.raises(AdmissionRefused, match=r"storage limit: 150,000,000,001 bytes with this file, the limit is 150,000,000,000 bytes"):
+        check_admission(runtime.settings, runtime.catalog, "x", Candidate(4 * GB + 1, 10), change_day)
 
 
 @pytest.mark.parametrize("extra,allowed", [(-1, True), (0, True), (1, False)])

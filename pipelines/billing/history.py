@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import date, timedelta
 from typing import Any
 
@@ -122,12 +122,15 @@ def agreed_on(catalog: Catalog, account_id: str, day: date) -> Agreed:
 
 
 def account_limits(catalog: Catalog, pricebook: PriceBook, account_id: str, day: date) -> tuple[str, PlanLimits]:
-    """The plan in force on `day` and the limits admission enforces then (an agreed points cap
-    replaces the plan's)."""
+    """The plan in force on `day` and the limits admission enforces then: an agreed points cap
+    replaces the plan's, and extra storage bought then raises the plan's storage limit (which is
+    also the monthly upload limit) by as many GB."""
     agreed = agreed_on(catalog, account_id, day)
     limits = plan_limits(pricebook, agreed.plan, day)
     if agreed.monthly_points_cap is not None:
-        limits = PlanLimits(**{**{f.name: getattr(limits, f.name) for f in fields(limits)}, "monthly_points_cap": agreed.monthly_points_cap})
+        limits = replace(limits, monthly_points_cap=agreed.monthly_points_cap)
+    if limits.storage_limit_gb is not None and agreed.extra_storage_gb:
+        limits = replace(limits, storage_limit_gb=limits.storage_limit_gb + agreed.extra_storage_gb)
     return agreed.plan, limits
 
 
