@@ -218,3 +218,30 @@ def test_the_documents_from_the_command_line(cli_env, capsys, tmp_path, monkeypa
     assert xpath(capsys.readouterr().out.encode(), "//ram:TypeCode/text()")[0] == "381"
     published = tmp_path / "home" / "objects" / "accounts" / "acme" / "invoices"
     assert sorted(p.name for p in published.iterdir()) == ["PF-CN-2026-10-0001.html", "PF-CN-2026-10-0001.pdf", "PF-CN-2026-10-0001.xml"]
+
+
+def test_a_month_whose_credits_outweigh_its_charges_is_a_credit_note(catalog, tmp_path):
+    from datetime import datetime, timezone
+
+    from pipelines.billing.delivery import invoice_email
+    from pipelines.billing.history import record_plan_change
+
+    book = make_pricebook(SELLER + "refund_unused_prepaid: true\n")
+    add_account(catalog, "q", billing_cycle="quarterly", started_at="2026-08-01")
+    record_plan_change(catalog, book, "q", "free", date(2026, 9, 16), "monthly")
+    run_billing(catalog, "2026-08", book, now=NOW)
+    [september] = run_billing(catalog, "2026-09", book, now=NOW).invoices
+    # 46 of the 92 prepaid days unused: 297.00 x 46/92 refunded, with its VAT.
+    assert (september.subtotal, september.tax, september.total) == (Decimal("-148.50"), Decimal("-28.22"), Decimal("-176.72"))
+    month = billing(catalog, tmp_path, "2026-09", book)
+    publish_documents(month)
+    html = month.store.get_bytes("accounts/q/invoices/PF-2026-09-0001.html").decode()
+    assert "<h1>Credit note PF-2026-09-0001</h1>" in html and "Please pay" not in html and "Payment due" not in html
+    assert "VAT 19 % on 148.50</td><td class=n>28.22" in html and "Total EUR</td><td class=n>176.72" in html
+    xml = check_facturx(month.store.get_bytes("accounts/q/invoices/PF-2026-09-0001.pdf"))
+    assert xpath(xml, "//rsm:ExchangedDocument/ram:TypeCode/text()") == ["381"]
+    assert xpath(xml, "//ram:GrandTotalAmount/text()") == ["176.72"] and xpath(xml, "//ram:LineTotalAmount/text()") == ["148.50", "148.50"]
+    document = document_of(catalog, book, september, buyer_of(_account(catalog, "q")))
+    subject, body = invoice_email(document, {}, datetime(2026, 10, 8, tzinfo=timezone.utc))
+    assert subject == "Credit note PF-2026-09-0001 for 2026-09: EUR 176.72"
+    assert "Nothing is due: this credit of EUR 176.72 is deducted from your next invoice." in body and "Please pay" not in body

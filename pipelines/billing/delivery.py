@@ -192,7 +192,12 @@ def invoice_email(document: DocumentView, links: dict[str, str], links_expire: d
         credit = f"  {format_money(-document.credit_applied):>12}  Credit applied (earlier overpayments and credit notes)\n"
     due = document.amount_due
     payment = "Nothing is due on this invoice."
-    if due > 0:
+    due_label = "Amount due"
+    if document.kind == "credit_note":
+        # A month whose credits outweigh its charges: the ledger deducts it from the next invoice.
+        payment = f"Nothing is due: this credit of {currency} {format_money(due)} is deducted from your next invoice."
+        due_label = "Credited"
+    elif due > 0:
         payment = f"Please pay {currency} {format_money(due)} by {document.due_date.isoformat()}."
         if document.seller and document.seller.iban:
             payment += f" Bank transfer to IBAN {document.seller.iban}" + (f" (BIC {document.seller.bic})" if document.seller.bic else "") + ","
@@ -203,21 +208,21 @@ def invoice_email(document: DocumentView, links: dict[str, str], links_expire: d
     seller = document.seller.name if document.seller else "pointflow"
     body = f"""Hello {document.buyer.name},
 
-your {seller} invoice {document.number} for {document.supply_first:%Y-%m} (issued {document.issue_date.isoformat()}):
+your {seller} {document.title.lower()} {document.number} for {document.supply_first:%Y-%m} (issued {document.issue_date.isoformat()}):
 
 {lines}
 
   {format_money(document.net_total):>12}  Subtotal
 {vat}
   {format_money(document.gross_total):>12}  Total {currency}
-{credit}  {format_money(due):>12}  Amount due {currency}
+{credit}  {format_money(due):>12}  {due_label} {currency}
 {notes}
 {payment}
 
 The invoice and its lines (links valid until {links_expire:%Y-%m-%d %H:%M} UTC):
 {listing}
 """
-    return f"Invoice {document.number} for {document.supply_first:%Y-%m}: {currency} {format_money(due)}", body
+    return f"{document.title} {document.number} for {document.supply_first:%Y-%m}: {currency} {format_money(due)}", body
 
 
 def _already_mailed(catalog: Catalog, keys: list[str]) -> set[str]:

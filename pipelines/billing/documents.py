@@ -15,7 +15,7 @@ import csv
 import io
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from decimal import Decimal
 from functools import cache
@@ -141,9 +141,15 @@ def invoice_document(
     invoice: InvoiceView, buyer: Buyer, pricebook: PriceBook, credit_remaining: Decimal | None = None,
     paid: Decimal = ZERO, exempt_category: str = EXEMPT,
 ) -> DocumentView:  # fmt: skip
+    """An invoice's document. A month whose credits (availability, refunds, corrections of earlier
+    months) outweigh its charges has a negative total: that is no invoice but a credit note (EN 16931
+    type 381, amounts credited shown positive, nothing to pay, nothing carried forward consumed);
+    the run's ledger credits it on the next invoice."""
     lines = tuple(line for line in invoice.lines if line.kind != "credit")
     credit_applied = -sum((line.amount for line in invoice.lines if line.kind == "credit"), ZERO)
     vat = vat_groups(lines, invoice.tax_rate, exempt_category)
+    if sum((line.amount for line in lines), ZERO) + sum((group.tax for group in vat), ZERO) < 0:
+        return _credit_document(invoice, buyer, pricebook, lines, exempt_category)
     net = sum((line.amount for line in lines), ZERO)
     tax = sum((group.tax for group in vat), ZERO)
     period = Period.parse(invoice.period)
@@ -152,6 +158,21 @@ def invoice_document(
         invoice.currency, pricebook.seller, buyer, lines, vat, net, tax, net + tax, credit_applied, credit_remaining, paid,
         late_fee_rate=pricebook.late_fee_rate(buyer.country), dispute_days=pricebook.dispute_window_days,
         billing_error_days=pricebook.billing_error_dispute_window_days,
+    )  # fmt: skip
+
+
+def _credit_document(invoice: InvoiceView, buyer: Buyer, pricebook: PriceBook, lines: tuple[Line, ...], exempt_category: str) -> DocumentView:
+    """A month's negative invoice as the credit note it is: every line with its sign turned, so
+    what is credited reads positive and a charge on it reads negative."""
+    lines = tuple(replace(line, quantity=-line.quantity, amount=-line.amount) for line in lines)
+    vat = vat_groups(lines, invoice.tax_rate, exempt_category)
+    net = sum((line.amount for line in lines), ZERO)
+    tax = sum((group.tax for group in vat), ZERO)
+    period = Period.parse(invoice.period)
+    return DocumentView(
+        "credit_note", invoice.invoice_number, invoice.issue_date, None, period.first_day, period.last_day, invoice.currency,
+        pricebook.seller, buyer, lines, vat, net, tax, net + tax,
+        dispute_days=pricebook.dispute_window_days, billing_error_days=pricebook.billing_error_dispute_window_days,
     )  # fmt: skip
 
 
