@@ -10,29 +10,34 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.accounts import AccountRecord, AccountRow, upsert_accounts
+from pipelines.accounts import AccountRecord, AccountRow, get_account, upsert_accounts
 from pipelines.admission import AdmissionRefused, Candidate, check_admission
 from pipelines.billing.corrections import TermsUpdate, set_billing_terms
 from pipelines.billing.history import ChangeRefused, agreed_on, record_plan_change
 from pipelines.billing.imports import PaymentRecord, import_payments, import_usage
+from pipelines.billing.delivery import buyer_of, document_of
+from pipelines.billing.documents import cii_xml, document_html
 from pipelines.billing.invoicing import run_billing, tax_by_rate
 from pipelines.billing.usage import PointsCapExceededError, check_points_admission
 from pipelines.catalog import Catalog
+from pipelines.catalog.models import Account
 from pipelines.cli import main
 from pipelines.jobs import Runtime
 from tests.conftest import make_account
 from tests.test_admission import store_files
-from tests.test_billing_support import add_account, catalog, cli_env, database_url, job, make_pricebook, postgres_schema_url, utc
+from tests.test_billing_support import SELLER, add_account, catalog, cli_env, database_url, job, make_pricebook, postgres_schema_url, utc
 
 __all__ = ["catalog", "cli_env", "database_url", "postgres_schema_url"]  # fixtures used here
 
 D = Decimal
 NOW = utc("2027-06-01T00:00Z")
 # The figures: professional at 109.00, and a dearer plan to upgrade to.
-BOOK = make_pricebook(
+PLANS = (
     '\n  professional: {monthly_fee: "109.00", seat_fee: "10.00", extra_storage_fee_per_gb: "49.00", storage_limit_gb: 100}'
     '\n  business: {monthly_fee: "199.00", seat_fee: "12.00", storage_limit_gb: 500}\n'
 )
+BOOK = make_pricebook(PLANS)
+SELLER_BOOK = make_pricebook(PLANS + SELLER)  # the same prices, with the seller an e-invoice names
 
 
 def run(catalog: Catalog, period: str, book=BOOK):
@@ -123,17 +128,130 @@ def test_a_change_to_a_yearly_cycle_starts_a_cycle_on_its_date(catalog):
     assert run(catalog, "2026-11").invoices == []
 
 
-def test_a_change_dated_in_an_invoiced_month_is_refused_and_nothing_is_edited(catalog):
-    add_account(catalog, "late")
-    issued = run(catalog, "2026-10").invoices
-    with pytest.raises(ChangeRefused, match=r"reaches into 2026-10, which is invoiced.*2026-11-01 or later"):
-        record_plan_change(catalog, BOOK, "late", "business", date(2026, 10, 20))
-    with pytest.raises(ChangeRefused, match="2026-10, which is invoiced"):
-        set_billing_terms(catalog, "late", TermsUpdate(seats=4, effective_on=date(2026, 10, 1)))
-    assert run(catalog, "2026-10").invoices == issued
-    # Without a date, terms apply from the first month not invoiced yet.
-    assert set_billing_terms(catalog, "late", TermsUpdate(seats=4))["effective_on"] == "2026-11-01"
-    assert lines_of(run(catalog, "2026-11"), "late") == [("subscription", "109.00"), ("seats", "40.00")]
+# --- changes dated in an invoiced month: corrected on the next invoice ---------------------------
+
+
+def described(invoice) -> list[tuple[str, str, str]]:
+    return [(l.kind, l.description, str(l.amount)) for l in invoice.lines]
+
+
+def test_a_trial_converted_in_an_invoiced_month_is_charged_on_the_next_invoice(catalog):
+    add_account(catalog, "t", plan="trial", started_at="2026-09-20")
+    assert run(catalog, "2026-09").invoices == run(catalog, "2026-10").invoices == []  # the trial costs nothing
+    # Told on 2026-11-03 that the customer converted on 2026-10-04: October is invoiced already.
+    assert record_plan_change(catalog, BOOK, "t", "professional", date(2026, 10, 4)).recorded
+    assert run(catalog, "2026-10").invoices == []  # an issued month is never rewritten
+    november = invoice_of(run(catalog, "2026-11"), "t")
+    assert described(november) == [
+        ("subscription", "Professional plan, 2026-11", "109.00"),
+        ("correction", "Correction of 2026-10: Professional plan, 2026-10, 28 of 31 days, 2026-10-04 to 2026-10-31", "98.45"),
+    ]
+    assert (november.subtotal, november.tax) == (D("207.45"), D("39.42"))
+    # Once: a re-run changes nothing, and December does not correct October again.
+    assert invoice_of(run(catalog, "2026-11"), "t") == november
+    assert lines_of(run(catalog, "2026-12"), "t") == [("subscription", "109.00"), ("late_fee", "3.70")]  # November unpaid
+
+
+def test_an_upgrade_recorded_after_its_month_was_invoiced_charges_the_difference_for_its_days(catalog):
+    add_account(catalog, "u", started_at="2026-01-01")
+    october = invoice_of(run(catalog, "2026-10"), "u")
+    record_plan_change(catalog, BOOK, "u", "business", date(2026, 10, 16))
+    assert invoice_of(run(catalog, "2026-10"), "u") == october
+    november = invoice_of(run(catalog, "2026-11"), "u")
+    assert [(l.description, str(l.quantity), str(l.unit_price), str(l.amount)) for l in november.lines] == [
+        ("Business plan, 2026-11", "1.0000", "199.00", "199.00"),
+        ("Correction of 2026-10: Business plan, 2026-10, 16 of 31 days, 2026-10-16 to 2026-10-31", "0.5161", "199.00", "102.71"),
+        ("Correction of 2026-10, credit for: Professional plan, 2026-10, 16 of 31 days, 2026-10-16 to 2026-10-31",
+         "-0.5161", "109.00", "-56.26"),
+    ]  # fmt: skip
+    # October as invoiced and corrected comes to what it would have been with the change known in time.
+    assert october.subtotal + sum(l.amount for l in november.lines[1:]) == D("52.74") + D("102.71")
+
+
+def test_a_change_reaching_into_two_invoiced_months_corrects_each_once(catalog):
+    add_account(catalog, "s", started_at="2026-01-01")
+    run(catalog, "2026-09")
+    run(catalog, "2026-10")
+    set_billing_terms(catalog, "s", TermsUpdate(seats=4, effective_on=date(2026, 9, 21)))
+    november = invoice_of(run(catalog, "2026-11"), "s")
+    assert [line for line in described(november) if line[0] != "late_fee"] == [  # September is overdue
+        ("subscription", "Professional plan, 2026-11", "109.00"),
+        ("seats", "User seats (4), 2026-11", "40.00"),
+        ("correction", "Correction of 2026-09: User seats (4), 2026-09, 10 of 30 days, 2026-09-21 to 2026-09-30", "13.33"),
+        ("correction", "Correction of 2026-10: User seats (4), 2026-10", "40.00"),
+    ]
+    with catalog.session() as session:
+        from sqlalchemy import select
+
+        from pipelines.billing.models import ChangeBilling
+
+        assert session.execute(select(ChangeBilling.kind, ChangeBilling.period)).tuples().all() == [("terms", "2026-11")]
+    assert [line for line in lines_of(run(catalog, "2026-12"), "s") if line[0] != "late_fee"] == [("subscription", "109.00"), ("seats", "40.00")]
+
+
+def test_an_agreed_price_dated_back_reprices_the_usage_already_billed(catalog):
+    add_account(catalog, "api1", plan="api", tax_rate="0.20")
+    import_usage(catalog, [(1, job("a", "api1", "2026-10-05T10:00Z", 40_000_000)), (2, job("b", "api1", "2026-10-20T10:00Z", 60_000_000))])
+    assert lines_of(run(catalog, "2026-10"), "api1") == [("usage", "50.00")]
+    set_billing_terms(catalog, "api1", TermsUpdate(price_per_million_points=D("0.40"), effective_on=date(2026, 10, 16)))
+    # Usage of October that arrives now is billed late at the new price, and is not repriced twice.
+    import_usage(catalog, [(1, job("c", "api1", "2026-10-30T10:00Z", 10_000_000))])
+    november = invoice_of(run(catalog, "2026-11"), "api1")
+    assert described(november) == [
+        ("late_usage", "Usage of 2026-10 received late: Classification, 10,000,000 points, 2026-10-16 to 2026-10-31, per million points", "4.00"),
+        ("correction", "Correction of 2026-10: Classification, 60,000,000 points, 2026-10-16 to 2026-10-31, per million points", "24.00"),
+        ("correction", "Correction of 2026-10, credit for: Classification, 60,000,000 points, 2026-10-16 to 2026-10-31, "
+         "per million points", "-30.00"),
+    ]  # fmt: skip
+    assert (november.subtotal, november.tax, november.total) == (D("-2.00"), D("-0.40"), D("-2.40"))
+
+
+def test_an_exemption_dated_back_credits_the_vat_charged_and_a_negative_month_is_a_credit_note(catalog):
+    add_account(catalog, "nl", tax_rate="0.19", country="NL")
+    with catalog.session() as session:
+        session.get(Account, "nl").vat_id = "NL123456789B01"
+    october = invoice_of(run(catalog, "2026-10", SELLER_BOOK), "nl")
+    set_billing_terms(catalog, "nl", TermsUpdate(tax_exempt=True, effective_on=date(2026, 10, 1)))
+    record_plan_change(catalog, SELLER_BOOK, "nl", "free", date(2026, 11, 1))
+    november = invoice_of(run(catalog, "2026-11", SELLER_BOOK), "nl")
+    assert [(l.description, str(l.amount), str(l.tax_rate), l.tax_category) for l in november.lines] == [
+        ("Correction of 2026-10: Professional plan, 2026-10", "109.00", "0", "AE"),
+        ("Correction of 2026-10, credit for: Professional plan, 2026-10", "-109.00", "0.19", "S"),
+    ]
+    assert (november.subtotal, november.tax, november.total) == (D("0.00"), -october.tax, -october.tax)
+    # The month's total is a credit: its document is a credit note (EN 16931 type 381), amounts positive.
+    document = document_of(catalog, SELLER_BOOK, november, buyer_of(get_account(catalog, "nl")))
+    xml = cii_xml(document)
+    assert (document.kind, document.gross_total, document.amount_due, document.due_date) == ("credit_note", october.tax, october.tax, None)
+    assert b"<ram:TypeCode>381</ram:TypeCode>" in xml and f"<ram:GrandTotalAmount>{october.tax}</ram:GrandTotalAmount>".encode() in xml
+    assert "Reverse charge" in document_html(document) and "Credit note" in document_html(document)
+    # The ledger carries it: October paid, nothing charged in December, the credit waits for a later invoice.
+    import_payments(catalog, [(1, PaymentRecord("nl", october.invoice_number, october.total, utc("2026-11-15T00:00Z")))])
+    assert run(catalog, "2026-12", SELLER_BOOK).invoices == []
+
+
+def test_the_migration_marks_the_changes_invoiced_before_it_as_taken_into_account(catalog, database_url):
+    from alembic import command
+    from sqlalchemy import select
+
+    from pipelines.billing.models import ChangeBilling
+    from pipelines.catalog.db import alembic_config
+
+    add_account(catalog, "m")
+    set_billing_terms(catalog, "m", TermsUpdate(seats=1))  # nothing invoiced yet: since the start
+    record_plan_change(catalog, BOOK, "m", "business", date(2026, 10, 16))
+    record_plan_change(catalog, BOOK, "m", "professional", date(2026, 12, 1))
+    october = invoice_of(run(catalog, "2026-10"), "m")
+    with catalog.engine.begin() as connection:  # as a catalog invoiced before the table existed
+        config = alembic_config(database_url)
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0010")
+        command.upgrade(config, "head")
+    with catalog.session() as session:
+        marks = session.execute(select(ChangeBilling.kind, ChangeBilling.period).order_by(ChangeBilling.kind)).tuples().all()
+    assert marks == [("plan", "2026-10"), ("terms", "2026-10")]  # December's change waits for its month
+    assert invoice_of(run(catalog, "2026-10"), "m") == october
+    assert "correction" not in {kind for kind, _ in lines_of(run(catalog, "2026-11"), "m")}
 
 
 def test_recording_the_plan_in_force_records_nothing(catalog):
@@ -236,10 +354,18 @@ def test_change_plan_from_the_command_line(cli_env, capsys, tmp_path: Path, monk
     assert "nothing recorded" in cli(capsys, "accounts", "change-plan", "conv", "--plan", "professional", "--effective", "2026-10-10")
     [october] = json.loads(cli(capsys, "billing", "run", "--period", "2026-10", "--json"))
     assert (october["subtotal"], october["lines"][0]["amount"]) == ("98.45", "98.45")
-    assert main(["accounts", "change-plan", "conv", "--plan", "business", "--effective", "2026-10-20"]) == 2
-    assert "which is invoiced" in capsys.readouterr().err
+    # October is invoiced: the change is recorded, and November's invoice corrects October.
+    assert cli(capsys, "accounts", "change-plan", "conv", "--plan", "business", "--effective", "2026-10-20") == (
+        "account conv: professional (monthly) until 2026-10-19, business (monthly) from 2026-10-20\n"
+        "2026-10 is invoiced already: the next monthly run corrects it on its invoice\n"
+    )
+    assert cli(capsys, "billing", "run", "--period", "2026-10") == "PF-2026-10-0001  conv  EUR 117.16\n2026-10: 1 invoice(s), already invoiced, nothing created\n"
+    change = json.loads(cli(capsys, "accounts", "change-plan", "conv", "--plan", "professional", "--effective", "2026-10-25", "--json"))
+    assert (change["previous_plan"], change["corrects"]) == ("business", ["2026-10"])
     terms = json.loads(cli(capsys, "billing", "terms", "conv", "--seats", "3", "--exempt-until", "2026-12-31", "--effective", "2026-11-15"))
     assert (terms["seats"], terms["tax_exempt"], terms["exempt_until"], terms["effective_on"]) == (3, True, "2026-12-31", "2026-11-15")
+    assert terms["corrects"] == []
+    assert json.loads(cli(capsys, "billing", "terms", "conv", "--seats", "2", "--effective", "2026-10-01"))["corrects"] == ["2026-10"]
 
 
 # --- usage received late --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from pipelines.accounts import UnknownAccountError
-from pipelines.billing.history import DATED_TERMS, account_history, record_term_change
+from pipelines.billing.history import DATED_TERMS, account_history, invoiced_since, record_term_change
 from pipelines.billing.invoicing import BillingError, InvoiceView, invoice_view
 from pipelines.billing.models import BillingTerms, CreditNote, Dispute, Invoice, Payment
 from pipelines.billing.money import format_money, round_half_up
@@ -275,4 +275,6 @@ def set_billing_terms(catalog: Catalog, account_id: str, update: TermsUpdate) ->
             "tax_exempt": latest.tax_exempt,
             "exempt_until": None if latest.exempt_until is None else latest.exempt_until.isoformat(),
             "effective_on": None if effective_on is None else effective_on.isoformat(),
+            # Invoiced months this change reaches into: the next monthly run corrects them.
+            "corrects": [] if effective_on is None else list(invoiced_since(session, max(effective_on, account.started_at))),
         }

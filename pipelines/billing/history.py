@@ -1,14 +1,15 @@
 """Dated plan and term changes in the catalog: recording them, and reading what an account had
 agreed on a day (for invoicing, and for admission, which applies a plan's limits from its date).
 
-Changes are only ever added. A change dated in a month that is already invoiced is refused: an
-issued invoice is never edited, and the correction belongs on a credit note.
+Changes are only ever added. A change dated in a month that is already invoiced is recorded like
+any other: an issued invoice is never edited, so the next monthly run corrects the invoiced months
+on its invoice (`change_billing` records which run took each change into account).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import date, timedelta
 from typing import Any
@@ -39,9 +40,19 @@ class PlanChangeView:
     previous_billing_cycle: str
     # False when the account was already on this plan and cycle from that day: nothing recorded.
     recorded: bool
+    # The invoiced months the change reaches into, which the next monthly run corrects.
+    corrects: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "effective_on": self.effective_on.isoformat()}
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "effective_on": self.effective_on.isoformat(),
+                "corrects": list(self.corrects)}  # fmt: skip
+
+
+def correction_note(months: Sequence[str]) -> str:
+    """What the commands say about a change dated in invoiced months."""
+    if len(months) == 1:
+        return f"{months[0]} is invoiced already: the next monthly run corrects it on its invoice"
+    return f"{months[0]} to {months[-1]} are invoiced already: the next monthly run corrects them on its invoice"
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -50,6 +61,11 @@ class PlanChangeView:
 def last_invoiced_period(session: Session) -> Period | None:
     label = session.scalar(select(func.max(BillingRun.period)))
     return None if label is None else Period.parse(label)
+
+
+def invoiced_since(session: Session, day: date) -> tuple[str, ...]:
+    """The invoiced months from the month of `day` on, oldest first."""
+    return tuple(session.scalars(select(BillingRun.period).where(BillingRun.period >= Period.of(day).label).order_by(BillingRun.period)))
 
 
 def first_open_day(session: Session) -> date | None:
@@ -81,12 +97,15 @@ def _term_steps(session: Session, account_ids: Iterable[str] | None) -> dict[str
 
 @dataclass(frozen=True)
 class AccountHistory:
-    """An account's first plan and cycle, and its dated plan and term changes."""
+    """An account's first plan and cycle, and its dated plan and term changes (with the ids of
+    their rows, in the same order)."""
 
     plan: str
     billing_cycle: str
     plan_steps: tuple[PlanStep, ...]
     term_steps: tuple[TermStep, ...]
+    plan_ids: tuple[int, ...] = ()
+    term_ids: tuple[int, ...] = ()
 
 
 def histories(session: Session, accounts: Iterable[Account]) -> dict[str, AccountHistory]:
@@ -100,9 +119,14 @@ def histories(session: Session, accounts: Iterable[Account]) -> dict[str, Accoun
         # Before its first recorded change the account was on that change's previous plan.
         first = changes[0] if changes else None
         plan, cycle = (first.previous_plan, first.previous_billing_cycle) if first else (account.plan, account.billing_cycle)
-        steps = ordered_plan_steps((c.id, PlanStep(c.effective_on, c.plan, c.billing_cycle)) for c in changes)
-        result[account.account_id] = AccountHistory(plan, cycle, steps, ordered_term_steps(terms.get(account.account_id, [])))
+        plan_ids, steps = _unzip(ordered_plan_steps((c.id, PlanStep(c.effective_on, c.plan, c.billing_cycle)) for c in changes))
+        term_ids, term_steps = _unzip(ordered_term_steps(terms.get(account.account_id, [])))
+        result[account.account_id] = AccountHistory(plan, cycle, steps, term_steps, plan_ids, term_ids)
     return result
+
+
+def _unzip(pairs: tuple[tuple[int, Any], ...]) -> tuple[tuple[int, ...], tuple[Any, ...]]:
+    return tuple(i for i, _ in pairs), tuple(step for _, step in pairs)
 
 
 def account_history(session: Session, account: Account) -> History:
@@ -137,22 +161,14 @@ def account_limits(catalog: Catalog, pricebook: PriceBook, account_id: str, day:
 # --- recording ------------------------------------------------------------------------------------
 
 
-def _refuse_if_invoiced(session: Session, effective_on: date, what: str) -> None:
-    last = last_invoiced_period(session)
-    if last is not None and effective_on <= last.last_day:
-        raise ChangeRefused(
-            f"{what} from {effective_on.isoformat()} reaches into {last}, which is invoiced, and an issued invoice is never edited: date it "
-            f"{last.next().first_day.isoformat()} or later, and correct the invoiced months with 'pointflow invoices credit'"
-        )
-
-
 def record_plan_change(
     catalog: Catalog, pricebook: PriceBook | None, account_id: str, plan: str, effective_on: date, billing_cycle: str | None = None,
     session: Session | None = None,
 ) -> PlanChangeView:  # fmt: skip
     """Record that the account is on `plan` from `effective_on` (00:00 UTC; that day is the new
     plan's). The cycle stays as it is unless given. Recording the plan already in force from that
-    day records nothing. With a price book, a plan it does not list is refused."""
+    day records nothing. With a price book, a plan it does not list is refused. A date in a month
+    already invoiced is recorded too: the next monthly run corrects the invoiced months."""
     if pricebook is not None:
         pricebook.terms(plan, effective_on)
     if billing_cycle is not None and billing_cycle not in {c.value for c in BillingCycle}:
@@ -168,13 +184,11 @@ def record_plan_change(
     cycle = billing_cycle or then.billing_cycle
     if (then.plan, then.billing_cycle) == (plan, cycle):
         return PlanChangeView(account_id, effective_on, plan, cycle, then.plan, then.billing_cycle, recorded=False)
-    what = f"plan {plan} ({cycle}) for account {account_id}"
-    if effective_on <= account.started_at and not history.plan_steps:
-        # Nothing else was ever agreed: the account simply starts on this plan.
-        _refuse_if_invoiced(session, account.started_at, what)
+    last = last_invoiced_period(session)
+    if effective_on <= account.started_at and not history.plan_steps and (last is None or last.last_day < account.started_at):
+        # Nothing else was ever agreed nor invoiced: the account simply starts on this plan.
         account.plan, account.billing_cycle = plan, cycle
         return PlanChangeView(account_id, effective_on, plan, cycle, then.plan, then.billing_cycle, recorded=True)
-    _refuse_if_invoiced(session, effective_on, what)
     previous = history.on(effective_on - timedelta(days=1))
     session.add(PlanChange(account_id=account_id, effective_on=effective_on, plan=plan, billing_cycle=cycle,
                            previous_plan=previous.plan, previous_billing_cycle=previous.billing_cycle))  # fmt: skip
@@ -182,7 +196,8 @@ def record_plan_change(
     # accounts.plan is the plan of the latest change, whatever its date.
     latest = account_history(session, account).on(date.max)
     account.plan, account.billing_cycle = latest.plan, latest.billing_cycle
-    return PlanChangeView(account_id, effective_on, plan, cycle, previous.plan, previous.billing_cycle, recorded=True)
+    return PlanChangeView(account_id, effective_on, plan, cycle, previous.plan, previous.billing_cycle, recorded=True,
+                          corrects=invoiced_since(session, max(effective_on, account.started_at)))  # fmt: skip
 
 
 DATED_TERMS = ("seats", "extra_storage_gb", "monthly_fee", "price_per_million_points", "monthly_points_cap", "tax_rate", "tax_exempt", "exempt_until")
@@ -190,15 +205,14 @@ DATED_TERMS = ("seats", "extra_storage_gb", "monthly_fee", "price_per_million_po
 
 def record_term_change(session: Session, account: Account, values: dict[str, Any], effective_on: date | None) -> tuple[date | None, History]:
     """Record a dated change of agreed terms. Without a date it applies from the first month not
-    invoiced yet (since the start when none is). Returns the date used and the new history."""
+    invoiced yet (since the start when none is); a date in an invoiced month is corrected by the
+    next monthly run. Returns the date used and the new history."""
     if "exempt_until" in values and "tax_exempt" not in values:
         values = {**values, "tax_exempt": True}
     if values.get("tax_exempt") is False and values.get("exempt_until") is not None:
         raise ChangeRefused("an exemption's valid-until date needs the exemption: drop --exempt-until or the --no-tax-exempt")
     if effective_on is None:
         effective_on = first_open_day(session)
-    else:
-        _refuse_if_invoiced(session, max(effective_on, account.started_at), f"a change of the terms of account {account.account_id}")
     session.add(TermChange(account_id=account.account_id, effective_on=effective_on, **values))
     session.flush()
     return effective_on, account_history(session, account)

@@ -9,8 +9,8 @@ another, returns the invoices that exist and creates nothing.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
@@ -22,12 +22,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pipelines.billing.history import histories
-from pipelines.billing.models import BillingRun, BillingTerms, CreditNote, Invoice, InvoiceLine, Outage, Payment
+from pipelines.billing.models import BillingRun, BillingTerms, ChangeBilling, CreditNote, Invoice, InvoiceLine, Outage, Payment
 from pipelines.billing.money import format_money, format_quantity, format_rate, round_half_up
 from pipelines.billing.periods import Period, add_months, months_between, start_of
 from pipelines.billing.pricebook import PlanTerms, PriceBook
 from pipelines.billing.terms import Agreed, History, Parties, PlanStep, TaxRegime, TermStep
-from pipelines.billing.usage import Claim, billable_points_by_account, claim_usage, late_points_by_account_day
+from pipelines.billing.usage import Claim, billable_points_by_account, billed_points_by_day, claim_usage, late_points_by_account_day
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account, BillingCycle
 
@@ -85,6 +85,9 @@ class AccountFacts:
     vat_id: str | None = None
     plan_steps: tuple[PlanStep, ...] = ()
     term_steps: tuple[TermStep, ...] = ()
+    # The catalog ids of the steps, in the same order (to tell which ones a run takes into account).
+    plan_ids: tuple[int, ...] = ()
+    term_ids: tuple[int, ...] = ()
 
     def history(self) -> History:
         base = Agreed(
@@ -220,10 +223,17 @@ class _Month:
     lines: list[Line]
     # The month's net subscription fee per VAT regime, which an availability credit refers to.
     month_fees: dict[TaxRegime, Decimal]
+    # The first active day of the whole month, whose prices a monthly subscription pays, when
+    # only a part of the month [first, last] is drafted (a correction of some of its days).
+    price_from: date | None = None
 
     @property
     def active(self) -> bool:
         return self.first <= self.last
+
+    @property
+    def priced_from(self) -> date:
+        return self.price_from or self.first
 
     def regime(self, day: date) -> TaxRegime:
         return self.parties.regime(self.history.on(day), day)
@@ -236,7 +246,7 @@ class _Month:
         days = (end - start).days + 1
         if days == self.period.days:
             return ""
-        if start == self.first and end == self.last:
+        if start == self.first and end == self.last and self.price_from is None:
             return f", {days} of {self.period.days} days" + (f" from {start.isoformat()}" if with_start else "")
         return f", {days} of {self.period.days} days, {start.isoformat()} to {end.isoformat()}"
 
@@ -249,9 +259,12 @@ def draft_invoice(
     availability: Fraction,
     ledger: Ledger,
     late_usage: Sequence[UsageSlice] = (),
+    corrections: Sequence[Line] = (),
 ) -> Draft | None:
     """The invoice of `account` for `period`, or None when there is nothing to charge or credit.
-    `late_usage`: slices of earlier, already invoiced months whose events arrived since."""
+    `late_usage`: slices of earlier, already invoiced months whose events arrived since;
+    `corrections`: lines correcting invoiced months for changes recorded after they were invoiced
+    (see `correction_lines`)."""
     history = account.history()
     month = _Month(
         pricebook, period, account, history, Parties(pricebook.seller_country, account.country, account.vat_id),
@@ -264,6 +277,7 @@ def draft_invoice(
         _recurring_extras(month)
     _usage_lines(month, usage)
     _usage_lines(month, late_usage, late=True)
+    month.lines.extend(corrections)
     _availability_credit(month, availability)
     _late_fee(pricebook, account, ledger, month.lines)
     lines = month.lines
@@ -322,7 +336,7 @@ def _subscription_lines(month: _Month) -> None:
         if months == 1:
             # The cycle is the calendar month (or the part of it on this plan), so its price is
             # the one in force on its first day.
-            terms = month.pricebook.terms(agreed.plan, max(month.first, agreed.plan_since))
+            terms = month.pricebook.terms(agreed.plan, max(month.priced_from, agreed.plan_since))
             fee = agreed.monthly_fee if agreed.monthly_fee is not None else terms.monthly_fee
             amount = prorate(fee, days, period.days)
             if amount:
@@ -402,7 +416,7 @@ def _recurring_extras(month: _Month) -> None:
     for kind, count_of, price_of, describe in extras:
 
         def price(agreed: Agreed) -> Decimal:
-            return price_of(month.pricebook.terms(agreed.plan, max(month.first, agreed.plan_since)))
+            return price_of(month.pricebook.terms(agreed.plan, max(month.priced_from, agreed.plan_since)))
 
         pieces = _merged(month.history.pieces(month.first, month.last),
                          lambda start, a: (count_of(a), price(a), month.regime(start)))  # fmt: skip
@@ -469,6 +483,88 @@ def _late_fee(pricebook: PriceBook, account: AccountFacts, ledger: Ledger, lines
     )
 
 
+# --- corrections of invoiced months ---------------------------------------------------------------
+
+
+def _differing_ranges(before: History, after: History, first: date, last: date) -> list[tuple[date, date]]:
+    """The days in [first, last] on which `after` has other terms in force than `before`, joined
+    into ranges."""
+    starts = sorted({first, *before.boundaries(first, last), *after.boundaries(first, last)})
+    ends = [day - timedelta(days=1) for day in starts[1:]] + [last]
+    ranges: list[tuple[date, date]] = []
+    for start, end in zip(starts, ends, strict=True):
+        if before.on(start) == after.on(start):
+            continue
+        if ranges and ranges[-1][1] + timedelta(days=1) == start:
+            ranges[-1] = (ranges[-1][0], end)
+        else:
+            ranges.append((start, end))
+    return ranges
+
+
+def _usage_in(pricebook: PriceBook, histories: Sequence[History], start: date, end: date, usage_days: Mapping[date, int]) -> list[UsageSlice]:
+    """The points of [start, end] cut wherever a price, plan or term of either history changes,
+    so that each slice has one price under each."""
+    after_end = end + timedelta(days=1)
+    plans = {h.base.plan for h in histories} | {step.plan for h in histories for step in h.plan_steps}
+    cuts = {start, after_end} | {d for plan in plans for d in pricebook.change_dates(plan, start, after_end)}
+    cuts |= {d for h in histories for d in h.boundaries(start, end)}
+    slices = []
+    for first, stop in pairwise(sorted(cuts)):
+        points = sum(n for day, n in usage_days.items() if first <= day < stop)
+        if points:
+            slices.append(UsageSlice(first, stop - timedelta(days=1), points))
+    return slices
+
+
+def correction_lines(
+    pricebook: PriceBook, period: Period, account: AccountFacts, before: History, usage_days: Mapping[date, int],
+    availability: Fraction,
+) -> list[Line]:  # fmt: skip
+    """The correction of `period`, already invoiced, for plan or term changes recorded after that:
+    for the days on which the account's history now differs from `before` (what its invoice, and
+    any earlier correction, took into account), the lines those days get now are charged and the
+    lines they got then are credited, each priced as of its days (plan, agreed price, price book
+    version and VAT of the day). Lines alike on both sides cancel out. `usage_days`: the points
+    of the month already billed, per day; `availability`: the month's."""
+    after = account.history()
+    parties = Parties(pricebook.seller_country, account.country, account.vat_id)
+    first = max(account.started_at, period.first_day)
+    last = min(account.ended_on or period.last_day, period.last_day)
+    sides: dict[bool, list[Line]] = {False: [], True: []}  # credit? -> lines
+
+    def month(history: History, start: date, end: date, price_from: date | None) -> _Month:
+        return _Month(pricebook, period, account, history, parties, start, end, [], defaultdict(lambda: ZERO), price_from)
+
+    for credit, history in ((False, after), (True, before)):
+        # A refund of a prepaid cycle belongs to the plan change's day, whatever range it is in.
+        whole = month(history, first, last, None)
+        if whole.active:
+            _prepaid_refunds(whole)
+        sides[credit].extend(whole.lines)
+    for start, end in _differing_ranges(before, after, period.first_day, period.last_day):
+        for credit, history in ((False, after), (True, before)):
+            part = month(history, max(start, first), min(end, last), first)
+            if part.active:
+                _subscription_lines(part)
+                _recurring_extras(part)
+            _usage_lines(part, _usage_in(pricebook, (before, after), start, end, usage_days))
+            _availability_credit(part, availability)
+            sides[credit].extend(part.lines)
+    for line in list(sides[True]):
+        if line in sides[False]:
+            sides[False].remove(line)
+            sides[True].remove(line)
+    return [_correction(line, period, credit) for credit in (False, True) for line in sides[credit]]
+
+
+def _correction(line: Line, period: Period, credit: bool) -> Line:
+    if not credit:
+        return replace(line, kind="correction", description=f"Correction of {period}: {line.description}")
+    return replace(line, kind="correction", description=f"Correction of {period}, credit for: {line.description}",
+                   quantity=-line.quantity, amount=-line.amount)  # fmt: skip
+
+
 # --- the month's run, against the catalog --------------------------------------------------------
 
 
@@ -511,6 +607,7 @@ def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> 
     accounts = _accounts(session, period)
     usage = _usage_slices(session, pricebook, period, accounts, claim)
     late = _late_usage(pricebook, late_points_by_account_day(session, period), {a.account_id: a for a in accounts})
+    corrections = _corrections(session, pricebook, period, accounts, [Period.parse(label) for label, _ in runs if label < period.label])
     availability = _availability(session, pricebook, period)
     issue_date = issue_date_of(period)
     ledgers = _ledgers(session, issue_date)
@@ -521,7 +618,7 @@ def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> 
     for account in accounts:  # ordered by account id: numbers follow that order, without gaps
         slices = [UsageSlice(first, last, points.get(account.account_id, 0)) for first, last, points in usage]
         draft = draft_invoice(pricebook, period, account, slices, availability, ledgers.get(account.account_id, Ledger()),
-                              late.get(account.account_id, ()))  # fmt: skip
+                              late.get(account.account_id, ()), corrections.get(account.account_id, ()))  # fmt: skip
         if draft is None:
             continue
         sequence = len(invoice_rows) + 1
@@ -559,8 +656,39 @@ def _accounts(session: Session, period: Period) -> list[AccountFacts]:
         history = found[account.account_id]
         facts.append(AccountFacts(account.account_id, account.country, history.plan, history.billing_cycle, account.started_at,
                                   account.tax_rate, account.tax_exempt, ended_on=ended_on, vat_id=account.vat_id, plan_steps=history.plan_steps,
-                                  term_steps=history.term_steps))  # fmt: skip
+                                  term_steps=history.term_steps, plan_ids=history.plan_ids, term_ids=history.term_ids))  # fmt: skip
     return facts
+
+
+def _corrections(session: Session, pricebook: PriceBook, period: Period, accounts: Sequence[AccountFacts],
+                 invoiced: Sequence[Period]) -> dict[str, list[Line]]:  # fmt: skip
+    """Take every plan and term change in force by the end of `period` into account, once: mark
+    the ones no run has taken into account yet, and for those dated before `period` (recorded after
+    the months they reach into were invoiced) return the lines correcting those invoiced months."""
+    marked = set(session.execute(select(ChangeBilling.kind, ChangeBilling.change_id)).tuples())
+    marks: list[dict[str, Any]] = []
+    found: dict[str, list[Line]] = {}
+    for account in accounts:
+        new_plans = [(i, s) for i, s in zip(account.plan_ids, account.plan_steps, strict=True)
+                     if ("plan", i) not in marked and s.effective_on <= period.last_day]  # fmt: skip
+        new_terms = [(i, s) for i, s in zip(account.term_ids, account.term_steps, strict=True)
+                     if ("terms", i) not in marked and (s.effective_on is None or s.effective_on <= period.last_day)]  # fmt: skip
+        marks += [{"kind": "plan", "change_id": i, "period": period.label} for i, _ in new_plans]
+        marks += [{"kind": "terms", "change_id": i, "period": period.label} for i, _ in new_terms]
+        dates = [s.effective_on for _, s in new_plans] + [s.effective_on or account.started_at for _, s in new_terms]
+        earliest = min((d for d in dates if d < period.first_day), default=None)
+        if earliest is None:
+            continue
+        before = account.history().without([s for _, s in new_plans], [s for _, s in new_terms])
+        for month in invoiced:
+            if month.last_day < earliest:
+                continue
+            lines = correction_lines(pricebook, month, account, before, billed_points_by_day(session, account.account_id, month, period),
+                                     _availability(session, pricebook, month))  # fmt: skip
+            found.setdefault(account.account_id, []).extend(lines)
+    if marks:
+        session.execute(insert(ChangeBilling), marks)
+    return found
 
 
 def _slice_bounds(pricebook: PriceBook, period: Period, accounts: Sequence[AccountFacts]) -> list[date]:

@@ -97,6 +97,20 @@ class UsageBilling(Base):
     period: Mapped[str] = mapped_column(ForeignKey("billing_runs.period"), index=True)
 
 
+class ChangeBilling(Base):
+    """Which month's run first took a dated plan or term change into account: the run of the month
+    it takes effect in when it was recorded in time, else the next run after it was recorded, which
+    corrects the months already invoiced (an issued invoice is never edited). A change is taken
+    into account once."""
+
+    __tablename__ = "change_billing"
+
+    # "plan" (plan_changes.id) or "terms" (term_changes.id).
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    change_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    period: Mapped[str] = mapped_column(ForeignKey("billing_runs.period"), index=True)
+
+
 class Invoice(Base):
     __tablename__ = "invoices"
     __table_args__ = (

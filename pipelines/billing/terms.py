@@ -122,6 +122,15 @@ class History:
                 agreed = _apply(agreed, step)
         return agreed
 
+    def without(self, plan_steps: Iterable[PlanStep], term_steps: Iterable[TermStep]) -> History:
+        """This history less the given steps (each given step removes one equal step)."""
+        plans, terms = list(self.plan_steps), list(self.term_steps)
+        for step in plan_steps:
+            plans.remove(step)
+        for step in term_steps:
+            terms.remove(step)
+        return History(self.base, tuple(plans), tuple(terms))
+
     def boundaries(self, first: date, last: date) -> list[date]:
         """Days in (first, last] on which something in force may change."""
         days = {s.effective_on for s in self.plan_steps} | {s.effective_on for s in self.term_steps if s.effective_on}
@@ -148,10 +157,11 @@ def _apply(agreed: Agreed, step: TermStep) -> Agreed:
     return replace(agreed, **changes)
 
 
-def ordered_plan_steps(steps: Iterable[tuple[int, PlanStep]]) -> tuple[PlanStep, ...]:
-    """By effective date; of two changes on the same day, the one recorded later wins."""
-    return tuple(step for _, step in sorted(steps, key=lambda item: (item[1].effective_on, item[0])))
+def ordered_plan_steps(steps: Iterable[tuple[int, PlanStep]]) -> tuple[tuple[int, PlanStep], ...]:
+    """(id, step) by effective date; of two changes on the same day, the one recorded later (higher
+    id) comes later and so wins."""
+    return tuple(sorted(steps, key=lambda item: (item[1].effective_on, item[0])))
 
 
-def ordered_term_steps(steps: Iterable[tuple[int, TermStep]]) -> tuple[TermStep, ...]:
-    return tuple(step for _, step in sorted(steps, key=lambda item: (item[1].effective_on or date.min, item[0])))
+def ordered_term_steps(steps: Iterable[tuple[int, TermStep]]) -> tuple[tuple[int, TermStep], ...]:
+    return tuple(sorted(steps, key=lambda item: (item[1].effective_on or date.min, item[0])))

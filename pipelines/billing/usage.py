@@ -119,6 +119,24 @@ def late_points_by_account_day(session: Session, period: Period) -> dict[str, di
     return found
 
 
+def billed_points_by_day(session: Session, account_id: str, month: Period, excluding: Period) -> dict[date, int]:
+    """Billable points of the account per UTC day of `month` that runs before `excluding`'s have
+    billed: the month's events but those `excluding`'s run bills as usage received late."""
+    day = _utc_day(session).label("day")
+    billed_late = select(UsageBilling.event_id).where(UsageBilling.period == excluding.label)
+    rows = session.execute(
+        select(day, func.sum(UsageEvent.points))
+        .where(UsageEvent.account_id == account_id)
+        .where(UsageEvent.kind == CLASSIFICATION)
+        .where(UsageEvent.status.in_(BILLABLE_STATUSES))
+        .where(UsageEvent.occurred_at >= month.start)
+        .where(UsageEvent.occurred_at < month.end)
+        .where(UsageEvent.event_id.not_in(billed_late))
+        .group_by(day)
+    )
+    return {value if isinstance(value, date) else date.fromisoformat(value): int(points or 0) for value, points in rows}
+
+
 def _month(month: date | str) -> Period:
     return Period.parse(month) if isinstance(month, str) else Period.of(month)
 

@@ -58,8 +58,9 @@ def register(commands: argparse._SubParsersAction) -> None:
             "starts a new cycle on that day, invoiced in full in that month; the unused part of a prepaid "
             "cycle is refunded only if the price book says refund_unused_prepaid: true. The new plan's "
             "limits (storage, files, points) apply to uploads from that day. A date in a month that is "
-            "already invoiced is refused (issued invoices are never edited: use 'pointflow invoices credit'). "
-            "PLAN may be any plan of the price book."
+            "already invoiced is recorded too: issued invoices are never edited, so the next monthly run "
+            "corrects the invoiced months on its invoice (lines 'Correction of YYYY-MM: ...', charging the new "
+            "terms and crediting the old ones for the days concerned). PLAN may be any plan of the price book."
         ),
     )
     change.add_argument("account_id", metavar="ACCOUNT")
@@ -107,7 +108,7 @@ def _add(args: argparse.Namespace) -> int:
 
 
 def _change_plan(args: argparse.Namespace) -> int:
-    from pipelines.billing.history import record_plan_change
+    from pipelines.billing.history import correction_note, record_plan_change
     from pipelines.billing.pricebook import load_pricebook
     from pipelines.cli.common import print_json
 
@@ -120,6 +121,8 @@ def _change_plan(args: argparse.Namespace) -> int:
         print(f"account {change.account_id}: {change.previous_plan} ({change.previous_billing_cycle}) until "
               f"{(change.effective_on - timedelta(days=1)).isoformat()}, "
               f"{change.plan} ({change.billing_cycle}) from {change.effective_on.isoformat()}")  # fmt: skip
+        if change.corrects:
+            print(correction_note(change.corrects))
     else:
         print(f"account {change.account_id} is already on {change.plan} ({change.billing_cycle}) on "
               f"{change.effective_on.isoformat()}: nothing recorded")  # fmt: skip

@@ -242,8 +242,9 @@ def _register_billing(commands: argparse._SubParsersAction) -> None:
             "Record a dated change of an account's billing terms; options not given stay as they are. The "
             "change is in force from --effective (00:00 UTC), by default from the first month not invoiced "
             "yet; a month is charged by the days each value was in force. A date in a month already invoiced "
-            "is refused (issued invoices are never edited: use 'pointflow invoices credit'). --ended-on is "
-            "the contract end, not dated. Prints the terms after every recorded change."
+            "is recorded too: issued invoices are never edited, so the next monthly run corrects those months "
+            "on its invoice ('corrects' lists them). --ended-on is the contract end, not dated. Prints the terms "
+            "after every recorded change."
         ),
     )
     terms.add_argument("account_id")
