@@ -38,6 +38,7 @@ from pipelines.classifiers import Classifier, PointBlock, get_classifier
 from pipelines.classifiers.base import UNCLASSIFIED
 from pipelines.classifiers.trained import TrainedClassifier, TrainedModel
 from pipelines.copc import COPC_SUFFIX, write_copc
+from pipelines.gate import NotPointCloudError
 from pipelines.lasio import CHUNK_POINTS, group_runs, iter_checked, point_block, read_info
 from pipelines.orphans import OWNER_VARIABLE
 from pipelines.scratch import work_dir

@@ -121,3 +121,27 @@ def test_classify_command_says_which_unit_it_assumed(tmp_path: Path) -> None:
         outputs[name] = run.stdout
     assert "coordinates: US survey foot (from the file's CRS)" in outputs["feet"]
     assert "coordinates: metres (assumed: the file states no CRS)" in outputs["none"]
+
+
+def test_classify_refuses_geographic_coordinates_in_one_line(tmp_path: Path) -> None:
+    las = laspy.read(need("isprs/samp21.las"))
+    header = laspy.LasHeader(point_format=las.header.point_format.id, version="1.4")
+    header.scales = np.array([1e-7, 1e-7, 0.01])
+    header.offsets = np.array([9.0, 48.0, 0.0])
+    header.add_crs(pyproj.CRS.from_epsg(4326))
+    out = laspy.LasData(header)
+    out.points = laspy.ScaleAwarePointRecord.zeros(len(las.points), header=header)
+    # The sample's metres as a small patch of degrees near Stuttgart.
+    out.x = 9.0 + (np.asarray(las.x) - las.header.mins[0]) * 1e-5
+    out.y = 48.0 + (np.asarray(las.y) - las.header.mins[1]) * 1e-5
+    out.z = las.z
+    source = tmp_path / "degrees.las"
+    out.write(source)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")}
+    env |= {"POINTFLOW_HOME": str(tmp_path / "home"), "POINTFLOW_WORKERS": "1"}
+    run = subprocess.run([str(Path(sys.executable).with_name("pointflow")), "classify", str(source), str(tmp_path / "out.laz")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert "geographic" in run.stderr and "reproject" in run.stderr
+    assert not (tmp_path / "out.laz").exists()
