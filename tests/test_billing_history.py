@@ -168,6 +168,13 @@ def test_an_upgrade_recorded_after_its_month_was_invoiced_charges_the_difference
     assert october.subtotal + sum(l.amount for l in november.lines[1:]) == D("52.74") + D("102.71")
 
 
+def test_a_month_invoiced_before_the_account_was_added_is_not_corrected(catalog):
+    run(catalog, "2026-10")
+    add_account(catalog, "new", started_at="2026-01-01")  # added after October's run: October billed it nothing
+    record_plan_change(catalog, BOOK, "new", "business", date(2026, 10, 16))
+    assert lines_of(run(catalog, "2026-11"), "new") == [("subscription", "199.00")]
+
+
 def test_a_change_reaching_into_two_invoiced_months_corrects_each_once(catalog):
     add_account(catalog, "s", started_at="2026-01-01")
     run(catalog, "2026-09")

@@ -88,6 +88,8 @@ class AccountFacts:
     # The catalog ids of the steps, in the same order (to tell which ones a run takes into account).
     plan_ids: tuple[int, ...] = ()
     term_ids: tuple[int, ...] = ()
+    # When the account was added to the catalog: a month invoiced before that never billed it.
+    created_at: datetime | None = None
 
     def history(self) -> History:
         base = Agreed(
@@ -607,7 +609,7 @@ def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> 
     accounts = _accounts(session, period)
     usage = _usage_slices(session, pricebook, period, accounts, claim)
     late = _late_usage(pricebook, late_points_by_account_day(session, period), {a.account_id: a for a in accounts})
-    corrections = _corrections(session, pricebook, period, accounts, [Period.parse(label) for label, _ in runs if label < period.label])
+    corrections = _corrections(session, pricebook, period, accounts, [(Period.parse(label), at) for label, at in runs if label < period.label])
     availability = _availability(session, pricebook, period)
     issue_date = issue_date_of(period)
     ledgers = _ledgers(session, issue_date)
@@ -656,15 +658,17 @@ def _accounts(session: Session, period: Period) -> list[AccountFacts]:
         history = found[account.account_id]
         facts.append(AccountFacts(account.account_id, account.country, history.plan, history.billing_cycle, account.started_at,
                                   account.tax_rate, account.tax_exempt, ended_on=ended_on, vat_id=account.vat_id, plan_steps=history.plan_steps,
-                                  term_steps=history.term_steps, plan_ids=history.plan_ids, term_ids=history.term_ids))  # fmt: skip
+                                  term_steps=history.term_steps, plan_ids=history.plan_ids, term_ids=history.term_ids,
+                                  created_at=account.created_at))  # fmt: skip
     return facts
 
 
 def _corrections(session: Session, pricebook: PriceBook, period: Period, accounts: Sequence[AccountFacts],
-                 invoiced: Sequence[Period]) -> dict[str, list[Line]]:  # fmt: skip
+                 invoiced: Sequence[tuple[Period, datetime]]) -> dict[str, list[Line]]:  # fmt: skip
     """Take every plan and term change in force by the end of `period` into account, once: mark
     the ones no run has taken into account yet, and for those dated before `period` (recorded after
-    the months they reach into were invoiced) return the lines correcting those invoiced months."""
+    the months they reach into were invoiced) return the lines correcting those invoiced months.
+    `invoiced`: the earlier invoiced months with the time their run started."""
     marked = set(session.execute(select(ChangeBilling.kind, ChangeBilling.change_id)).tuples())
     marks: list[dict[str, Any]] = []
     found: dict[str, list[Line]] = {}
@@ -680,8 +684,9 @@ def _corrections(session: Session, pricebook: PriceBook, period: Period, account
         if earliest is None:
             continue
         before = account.history().without([s for _, s in new_plans], [s for _, s in new_terms])
-        for month in invoiced:
-            if month.last_day < earliest:
+        for month, run_started in sorted(invoiced):
+            # A month invoiced before the account was added billed it nothing, so has nothing to correct.
+            if month.last_day < earliest or (account.created_at is not None and account.created_at >= run_started):
                 continue
             lines = correction_lines(pricebook, month, account, before, billed_points_by_day(session, account.account_id, month, period),
                                      _availability(session, pricebook, month))  # fmt: skip
