@@ -54,7 +54,7 @@ def _local_path(source: str) -> Path | None:
 def check_source(settings: Settings, store: ObjectStore, account_id: str | None, source: str) -> None:
     """Whether `account_id`'s input may be read from `source`; raises ForeignSource if not.
 
-    Inside the service's object store only the account's own area is its input. A local path is
+    Inside the service's object store only the account's own area and drop zone are its input. A local path is
     never inside POINTFLOW_HOME (the catalog, every account's objects, scratch, the model key) nor a
     hard link on its disk (one of those files under another name), and must lie inside an allowed
     input folder: POINTFLOW_INPUT_DIRS, plus the files a command was given by name
@@ -62,7 +62,8 @@ def check_source(settings: Settings, store: ObjectStore, account_id: str | None,
     """
     key = store.key_of(source)
     if key is not None:
-        if account_id is None or not key.startswith(AccountArea(account_id).prefix):
+        area = AccountArea(account_id) if account_id is not None else None
+        if area is None or not key.startswith((area.prefix, area.incoming_prefix)):
             owner = f"account {account_id}'s area" if account_id else "any account's area (no account given)"
             raise ForeignSource(f"the source {source} lies in the service's storage outside {owner}: give the customer's own file")
         return

@@ -142,11 +142,33 @@ def ingest_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
             with local_copy(job["source"], runtime.settings.scratch_dir, account_id) as path:
                 stored = ingest_file(runtime.catalog, runtime.store, account_id, path, admit=admit)
         except (AdmissionRefused, ForeignSource) as refused:
-            with runtime.catalog.session() as session:
-                record = _job(session, job_id)
-                record.error = str(refused)
-                _set_state(record, JobState.FAILED)
-            raise AdmissionRefusedJob(job_id, str(refused)) from None
+            refuse_job(runtime, job_id, str(refused))
+        with runtime.catalog.session() as session:
+            _job(session, job_id).file_id = stored.id
+    return job_view(runtime, job_id)
+
+
+def refuse_job(runtime: Runtime, job_id: str, reason: str) -> None:
+    """End a job whose input was refused before it was stored; raises AdmissionRefusedJob."""
+    with runtime.catalog.session() as session:
+        record = _job(session, job_id)
+        record.error = reason
+        _set_state(record, JobState.FAILED)
+    raise AdmissionRefusedJob(job_id, reason) from None
+
+
+def attach_file(runtime: Runtime, job_id: str, path: Path, name: str) -> dict[str, Any]:
+    """Store a local file as the job's input, within the account's limits at the job's creation:
+    what the ingest step does with a source it has fetched (the drop zone fetches its own)."""
+    job = job_view(runtime, job_id)
+    if job["state"] == JobState.FAILED.value:
+        raise AdmissionRefusedJob(job_id, job["error"])
+    if job["file_id"] is None:
+        account_id, at = job["account_id"], job["created_at"]
+        try:
+            stored = ingest_file(runtime.catalog, runtime.store, account_id, path, name=name, admit=lambda candidate: check_admission(runtime.settings, runtime.catalog, account_id, candidate, at))
+        except AdmissionRefused as refused:
+            refuse_job(runtime, job_id, str(refused))
         with runtime.catalog.session() as session:
             _job(session, job_id).file_id = stored.id
     return job_view(runtime, job_id)
@@ -419,6 +441,12 @@ def run_job(
     """All steps in this process, as the DAG runs them; used by the CLI and tests."""
     job_id = job_id or "job-" + uuid.uuid4().hex[:20]
     create_job(runtime, job_id, account_id, source, classifier)
+    return run_steps(runtime, job_id, workers, export_format)
+
+
+def run_steps(runtime: Runtime, job_id: str, workers: int | None = None, export_format: str = "laz") -> dict[str, Any]:
+    """Every step of a created job in this process, metered once at the end; the ingest step is
+    a no-op for a job whose file is already stored (a drop-zone job)."""
     try:
         run_step(runtime, job_id, "ingest_step")
         run_step(runtime, job_id, "validate_step")

@@ -14,13 +14,14 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 ACCOUNT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 S3_MAX_ATTEMPTS = 9
+INCOMING_PREFIX = "incoming/"
 AREAS = ("raw", "quarantine", "classified", "exports", "reports", "invoices", "models", "tmp")
 
 
@@ -78,6 +79,12 @@ class AccountArea:
     def prefix(self) -> str:
         return f"accounts/{self.account_id}/"
 
+    @property
+    def incoming_prefix(self) -> str:
+        """The account's drop zone: what lands here is classified (pipelines.intake). Outside
+        accounts/ so that a customer's credentials can be limited to it (docs/bucket-policies.md)."""
+        return f"{INCOMING_PREFIX}{self.account_id}/"
+
     def key(self, area: str, *parts: str) -> str:
         if area not in AREAS:
             raise UnsafeKeyError(f"unknown area {area!r}")
@@ -91,6 +98,10 @@ class AccountArea:
 class ObjectInfo:
     key: str
     size: int
+    # What tells one upload under a key from the next (S3: the ETag and time; a local file: its
+    # change time in ns and size), and when it was last written: the drop zone's "file version".
+    version: str = ""
+    modified: datetime | None = None
 
 
 class ObjectStore(ABC):
@@ -150,6 +161,10 @@ class ObjectStore(ABC):
         check_key(key.rstrip("/"))
         return f"{self.url.rstrip('/')}/{key}"
 
+    def info(self, key: str) -> ObjectInfo | None:
+        """The object's size and version now, or None when there is none."""
+        return next((o for o in self.list(key) if o.key == key), None)
+
     def move(self, source: str, destination: str) -> None:
         self.copy(source, destination)
         self.delete(source)
@@ -167,6 +182,12 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _local_version(facts: os.stat_result) -> str:
+    # A copy onto an existing name keeps its inode but changes mtime and usually size; a rename
+    # onto it brings another inode: any of the three differing is another upload.
+    return f"{facts.st_ino}-{facts.st_mtime_ns}-{facts.st_size}"
 
 
 class LocalStore(ObjectStore):
@@ -244,9 +265,10 @@ class LocalStore(ObjectStore):
             key = path.relative_to(self.root).as_posix()
             if key.startswith(prefix):
                 try:
-                    yield ObjectInfo(key, path.stat().st_size)
+                    facts = path.stat()
                 except FileNotFoundError:
                     continue
+                yield ObjectInfo(key, facts.st_size, _local_version(facts), datetime.fromtimestamp(facts.st_mtime, timezone.utc))
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -359,7 +381,8 @@ class S3Store(ObjectStore):
         pages = iter(self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + prefix))
         while (page := self._call(prefix, next, pages, None)) is not None:
             for item in page.get("Contents", []):
-                yield ObjectInfo(item["Key"][len(self.prefix):], int(item["Size"]))
+                modified, etag = item["LastModified"], item["ETag"].strip('"')
+                yield ObjectInfo(item["Key"][len(self.prefix):], int(item["Size"]), f"{etag}@{modified.isoformat()}", modified)
 
     def delete(self, key: str) -> None:
         full = self._key(key)

@@ -72,6 +72,33 @@ def test_runs_through_airflow_on_postgres_and_dask_workers(stack: LocalStack, tm
     assert preview.status_code == 200 and preview.content.startswith(b"\x89PNG")
 
 
+def test_a_file_put_in_the_drop_zone_is_exported_without_a_trigger(stack: LocalStack, tmp_path: Path) -> None:
+    import shutil
+    import time
+
+    from sqlalchemy import select
+
+    from pipelines.catalog.models import Job
+
+    catalog = Catalog(stack.plan.database_url("catalog"))
+    upsert_accounts(catalog, [make_account("dropper")])
+    scene = write_scene(make_scene(size=100.0, seed=11), tmp_path / "survey.laz")
+    zone = stack.plan.pointflow_home / "objects" / "incoming" / "dropper"
+    zone.mkdir(parents=True, exist_ok=True)
+    # As a customer's upload tool does: copy under a temporary dot-name, then rename.
+    shutil.copyfile(scene, zone / ".survey.laz.part")
+    (zone / ".survey.laz.part").rename(zone / "survey.laz")
+    deadline = time.monotonic() + 420
+    state = None
+    while time.monotonic() < deadline and state != "exported":
+        time.sleep(5)
+        with catalog.session() as session:
+            state = session.scalar(select(Job.state).where(Job.account_id == "dropper"))
+    catalog.dispose()
+    assert state == "exported", f"the dropped file's job is {state}; logs in {stack.plan.logs}"
+    assert not zone.exists() or list(zone.iterdir()) == []  # an emptied folder is pruned
+
+
 def test_stack_refuses_a_wrong_password(stack: LocalStack) -> None:
     from pipelines.stack import AirflowClient, StackError
 

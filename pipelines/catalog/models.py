@@ -202,3 +202,24 @@ class TrainedModelRecord(Base):
     evaluation: Mapped[dict[str, Any]] = mapped_column(JSON)
     training_files: Mapped[list[Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class IntakeClaim(Base):
+    """One version of one object found in a drop zone (pipelines.intake): the first sweep to
+    insert it owns it, so overlapping sweeps and retried sensing tasks start one job per version."""
+
+    __tablename__ = "intake_claims"
+    __table_args__ = (UniqueConstraint("source_key", "version", name="uq_intake_claims_source_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    source_key: Mapped[str] = mapped_column(String(1024))
+    version: Mapped[str] = mapped_column(String(255))
+    account_id: Mapped[str] = mapped_column(String(64), index=True)
+    job_id: Mapped[str] = mapped_column(String(128))
+    # claimed (a sweep is registering it), registered (its job holds the file), refused (kept in
+    # the drop zone, the customer told why)
+    state: Mapped[str] = mapped_column(String(16), default="claimed")
+    owner: Mapped[str] = mapped_column(String(255))  # the sweep working on it: a DAG run, a CLI process
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

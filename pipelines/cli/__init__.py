@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "pipelines.cli.models",
     "pipelines.cli.accounts",
     "pipelines.cli.files",
+    "pipelines.cli.intake",
     "pipelines.cli.jobs",
     "pipelines.cli.demo",
     "pipelines.cli.airflow",

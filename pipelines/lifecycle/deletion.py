@@ -116,11 +116,12 @@ def plan_deletion(store: ObjectStore, prefixes: list[str], keys: list[str], loca
 
 
 def account_deletion_plan(store: ObjectStore, scratch: Path, account_id: str) -> DeletionPlan:
-    """Everything of the account: its whole prefix (raw, exports, reports, models, ...) and every
-    scratch folder holding its points (a running job's, or one a killed run left), except its
-    invoice documents: billing records are kept, like the usage events and invoices in the catalog."""
-    prefix = AccountArea(account_id).prefix
-    return plan_deletion(store, [prefix], [], account_folders(scratch, account_id), kept=(prefix + "invoices/",))
+    """Everything of the account: its whole prefix (raw, exports, reports, models, ...), its drop
+    zone (files refused there stay until then) and every scratch folder holding its points (a
+    running job's, or one a killed run left), except its invoice documents: billing records are
+    kept, like the usage events and invoices in the catalog."""
+    area = AccountArea(account_id)
+    return plan_deletion(store, [area.prefix, area.incoming_prefix], [], account_folders(scratch, account_id), kept=(area.prefix + "invoices/",))
 
 
 def forget_account_objects(catalog: Catalog, account_id: str) -> None:

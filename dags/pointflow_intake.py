@@ -1,0 +1,100 @@
+"""The drop zone: every minute, each new file in incoming/<account>/ becomes one classification job.
+
+`sweep` registers a job per new complete file version (what `pointflow intake run` does; see
+pipelines.intake), then each job runs as its own mapped group of the classification steps, retried
+and metered like a `pointflow_classify` run. A sensing DAG rather than an asset watcher: Airflow's
+watchers need an event trigger (a message queue; nothing watches an S3 prefix or a folder), events
+arriving together can start one run for several files, and an event lost while the triggerer is down
+is a file never classified. A sweep re-reads the drop zones, the source of truth, every minute, and
+the catalog's claims make overlapping runs and retried sweeps register each file version once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from airflow.sdk import TriggerRule, dag, task, task_group
+
+
+def _runtime():
+    from pipelines.jobs import Runtime
+    from pipelines.settings import Settings
+
+    return Runtime.from_settings(Settings.from_env())
+
+
+def _step(job_id: str, step: str) -> dict:
+    """Run pipelines.jobs.<step> for a drop-zone job; a refused input fails at once, without retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipelines import jobs
+
+    try:
+        return jobs.run_step(_runtime(), job_id, step)
+    except (jobs.AdmissionRefusedJob, jobs.ValidationFailed) as refused:
+        raise AirflowFailException(str(refused)) from None
+
+
+@dag(
+    dag_id="pointflow_intake",
+    schedule=timedelta(minutes=1),
+    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    catchup=False,
+    # A long classification must not hold back files dropped meanwhile; the claims keep
+    # overlapping runs from registering a file twice.
+    max_active_runs=4,
+    is_paused_upon_creation=False,
+    tags=["pointflow"],
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=20)},
+    doc_md=__doc__,
+)
+def pointflow_intake():
+    @task
+    def sweep() -> list[str]:
+        """Register the new files' jobs; a retry (same run) hands on the jobs it registered before."""
+        from airflow.sdk import get_current_context
+
+        from pipelines.intake import IntakeError, sweep
+
+        context = get_current_context()
+        result = sweep(_runtime(), owner=f"{context['dag'].dag_id}:{context['run_id']}")
+        if result.errors:
+            # The registered jobs run once the retry (same owner) hands them on with the rest.
+            raise IntakeError(f"{len(result.errors)} file(s) not registered: " + "; ".join(f"{k}: {v}" for k, v in result.errors.items()))
+        return result.job_ids
+
+    @task_group
+    def classify_file(job_id: str):
+        @task
+        def validate(job_id: str) -> None:
+            _step(job_id, "validate_step")
+
+        @task
+        def classify(job_id: str) -> None:
+            _step(job_id, "classify_step")
+
+        @task
+        def export(job_id: str) -> None:
+            _step(job_id, "export_step")
+
+        @task
+        def deliver(job_id: str) -> None:
+            _step(job_id, "deliver_step")
+
+        @task(trigger_rule=TriggerRule.ALL_DONE, retries=3)
+        def meter(job_id: str) -> None:
+            """Close the job and meter it once, whatever happened upstream."""
+            from airflow.sdk.exceptions import AirflowFailException
+
+            job = _step(job_id, "finish_step")
+            if job["state"] != "exported":
+                raise AirflowFailException(f"job {job['job_id']} ended {job['state']}: {job['error']}")
+
+        exported = validate(job_id) >> classify(job_id) >> export(job_id)
+        exported >> deliver(job_id)
+        exported >> meter(job_id)
+
+    classify_file.expand(job_id=sweep())
+
+
+intake_dag = pointflow_intake()
