@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import urlparse
@@ -29,6 +30,7 @@ from pipelines.catalog.models import Account, SentMessage
 from pipelines.cli import main
 from pipelines.settings import Settings
 from pipelines.storage import ObjectStore, open_store
+from tests.test_billing_support import check_einvoices
 
 DATA = Path(__file__).parent / "data" / "billing"
 POINTFLOW = str(Path(sys.executable).with_name("pointflow"))
@@ -46,10 +48,17 @@ def billing_dag(load_test_dag):
 
 
 @pytest.fixture
-def scenario(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The accounts and the usage of tests/data/billing in this test's POINTFLOW_HOME."""
+def scenario(home: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[None]:
+    """The accounts and the usage of tests/data/billing in this test's POINTFLOW_HOME; afterwards,
+    every invoice the runs left must make a valid e-invoice, as in the other billing tests."""
     cli(capsys, "accounts", "import", str(DATA / "accounts.csv"))
     cli(capsys, "usage", "import", str(DATA / "usage.jsonl"))
+    yield
+    own = catalog()
+    try:
+        check_einvoices(own)
+    finally:
+        own.dispose()
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

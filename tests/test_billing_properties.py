@@ -20,7 +20,7 @@ from pipelines.billing.imports import import_usage  # noqa: E402
 from pipelines.billing.invoicing import AccountFacts, Ledger, UsageSlice, draft_invoice, prorate, run_billing  # noqa: E402
 from pipelines.billing.periods import Period  # noqa: E402
 from pipelines.catalog import Catalog  # noqa: E402
-from tests.test_billing_support import add_account, job, make_pricebook, utc  # noqa: E402
+from tests.test_billing_support import add_account, check_einvoices, job, make_pricebook, utc  # noqa: E402
 
 BOOK = make_pricebook(
     '\n  professional: {monthly_fee: "99.00", seat_fee: "10.00", extra_storage_fee_per_gb: "49.00"}'
@@ -128,3 +128,15 @@ def test_importing_in_any_order_or_twice_gives_the_same_invoices(template, gener
             results.append([i.to_dict() for i in run_billing(catalog, "2026-10", BOOK, now=utc("2027-01-01T00:00Z")).invoices])
             catalog.dispose()
     assert results[0] == results[1]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events)
+def test_every_generated_invoice_is_a_valid_e_invoice(template, generated):
+    records = [job(f"e{n}", account, when.isoformat() + "Z", points, status) for n, (account, when, points, status) in enumerate(generated)]
+    with tempfile.TemporaryDirectory() as directory:
+        catalog = _fresh_catalog(template, Path(directory))
+        import_usage(catalog, list(enumerate(records, start=1)))
+        invoices = run_billing(catalog, "2026-10", BOOK, now=utc("2027-01-01T00:00Z")).invoices
+        assert check_einvoices(catalog) == len(invoices)  # each CII XML validates against the Factur-X EN 16931 schema
+        catalog.dispose()

@@ -196,9 +196,15 @@ def sqlite_catalog(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture
-def cli_env(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Environment for `pipelines.cli.main`: the test database and a private POINTFLOW_HOME."""
+def cli_env(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Environment for `pipelines.cli.main`: the test database and a private POINTFLOW_HOME.
+    Afterwards, like `catalog`, every invoice the commands left must make a valid e-invoice."""
     monkeypatch.setenv("POINTFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("POINTFLOW_DATABASE_URL", database_url)
     monkeypatch.delenv("POINTFLOW_PRICEBOOK", raising=False)
-    return database_url
+    yield database_url
+    catalog = Catalog(database_url)
+    try:
+        check_einvoices(catalog)
+    finally:
+        catalog.dispose()
