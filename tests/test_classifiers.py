@@ -421,18 +421,64 @@ def test_walls_and_lower_roofs_beside_a_roof_are_building() -> None:
     assert np.mean(labels[called_building] == 6) > 0.85  # precision: trees stay vegetation
 
 
-@pytest.mark.parametrize(("size", "empty"), [(5, 0.0), (5, 0.6), (11, 0.95)])
-def test_low_outliers_are_cells_far_below_their_third_lowest_neighbour(size: int, empty: float) -> None:
+def _reference_brute_force(zmin: np.ndarray, row: int, col: int, size: int) -> list[float]:
+    """The two references of a cell: the 3rd-lowest of its size x size window, and the 2nd-lowest
+    of the minima of the eight blocks around the block centred on it (outside: +inf)."""
+    block = 2 * (size // 4) + 1
+    half = size // 2 + 2 * block
+    padded = np.pad(np.nan_to_num(zmin, nan=np.inf), half, constant_values=np.inf)
+    r, c = row + half, col + half
+    window = padded[r - size // 2:r + size // 2 + 1, c - size // 2:c + size // 2 + 1]
+    minima = [padded[r + dr * block - block // 2:r + dr * block + block // 2 + 1,
+                     c + dc * block - block // 2:c + dc * block + block // 2 + 1].min()
+              for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc]
+    return [float(np.sort(window, axis=None)[2]), float(np.sort(minima)[1])]
+
+
+@pytest.mark.parametrize(("size", "empty", "rounds"), [(5, 0.0, 1), (5, 0.6, 3), (11, 0.95, 3)])
+def test_low_outliers_are_cells_far_below_their_neighbourhood(size: int, empty: float, rounds: int) -> None:
+    """Below the 3rd-lowest of the window, or the 2nd-lowest minimum of the ring of blocks
+    around the cell's own block, round after round on what the previous rounds left."""
     from pipelines.classifiers.ground import remove_low_outliers
 
     rng = np.random.default_rng(size)
     zmin = rng.normal(0.0, 1.0, (40, 33))
     zmin[rng.random(zmin.shape) < empty] = np.nan
-    half = size // 2
-    padded = np.pad(np.nan_to_num(zmin, nan=np.inf), half, constant_values=np.inf)
+    # Pits in clusters of two to four cells, which hide each other from the window's test.
+    for row, col in rng.integers(3, 30, (6, 2)):
+        zmin[row:row + 2, col:col + rng.integers(1, 3)] = -6.0
     expected = zmin.copy()
-    for row, col in zip(*np.nonzero(np.isfinite(zmin)), strict=True):
-        third = np.sort(padded[row:row + size, col:col + size], axis=None)[2]
-        if np.isfinite(third) and zmin[row, col] < third - 1.0:
+    for _ in range(rounds):
+        found = [(row, col) for row, col in zip(*np.nonzero(np.isfinite(expected)), strict=True)
+                 if any(np.isfinite(reference) and expected[row, col] < reference - 1.0
+                        for reference in _reference_brute_force(expected, row, col, size))]
+        for row, col in found:
             expected[row, col] = np.nan
-    np.testing.assert_array_equal(remove_low_outliers(zmin, 1.0, size), expected)
+    np.testing.assert_array_equal(remove_low_outliers(zmin, 1.0, size, rounds), expected)
+
+
+@pytest.mark.parametrize(("share", "cluster"), [(0.005, 1), (0.005, 4), (0.002, 10)])
+def test_frequent_and_clustered_low_noise_leaves_the_ground_as_it_was(ign: tuple[PointBlock, np.ndarray],
+                                                                      share: float, cluster: int) -> None:
+    """Low points 2-20 m down, scattered or in clusters of a few points (a pulse's multipath):
+    left in, each pit drags the opened terrain down over the whole window (the IGN crop with 10-point
+    clusters went from 0.8 % to 14.5 % total error)."""
+    block, labels = ign
+    rng = np.random.default_rng(cluster)
+    seeds = rng.integers(0, len(block), int(len(block) * share / cluster))
+    index = np.repeat(seeds, cluster)
+    noisy = PointBlock(
+        np.concatenate([block.x, block.x[index] + rng.normal(0.0, 0.3, index.size)]),
+        np.concatenate([block.y, block.y[index] + rng.normal(0.0, 0.3, index.size)]),
+        np.concatenate([block.z, block.z[index] - np.repeat(rng.uniform(2.0, 20.0, seeds.size), cluster)]),
+        return_number=np.concatenate([block.return_number, np.ones(index.size, np.uint8)]),
+        number_of_returns=np.concatenate([block.number_of_returns, np.ones(index.size, np.uint8)]),
+    )
+    ground = get_classifier("ground")
+    scored = labels != 1
+    clean = np.mean((ground.classify(block)[scored] == 2) != (labels[scored] == 2))
+    classes = ground.classify(noisy)
+    with_noise = np.mean((classes[:len(block)][scored] == 2) != (labels[scored] == 2))
+    assert with_noise < clean + 0.005
+    # A point 2 m below a steep slope can lie on the terrain further down: allow a few.
+    assert np.mean(classes[len(block):] == 2) < 0.1

@@ -5,8 +5,9 @@ refined by a robust local surface fit.
    with 1 m cells, as SMRF: with coarser cells for sparse data, the band that the opening cuts
    off a narrow ridge (a dike, a road embankment) widens with the cell.
 2. Low-outlier removal: a cell whose minimum lies far below the 3rd-lowest cell of its
-   neighbourhood (5x5 points, at least 5x5 cells) is an isolated pit (multipath, birds under the
-   sensor...) and is dropped.
+   neighbourhood (5x5 points, at least 5x5 cells), or of a wider ring around it, is a pit
+   (multipath, birds under the sensor...) and is dropped; repeated a few rounds, since where low
+   noise is frequent a pit's neighbourhood holds other pits that hide it until they are gone.
 3. Gaps are inpainted and a progressive morphological opening with growing square windows flags
    cells that rise above the opened surface by more than slope * window radius.  Beyond the
    raster's edge the eroded surface is continued by point reflection, so terrain that rises
@@ -33,6 +34,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from .base import GROUND, UNCLASSIFIED, PointBlock
 from .geometry import window_sums
@@ -53,6 +55,7 @@ class GroundParams:
     elevation_scaler: extra tolerance per unit of local surface slope (steep terrain is
         interpolated less precisely).
     low_outlier_threshold: metres below its neighbourhood that makes a cell minimum an outlier.
+    low_outlier_rounds: at most this many rounds of the outlier test.
     fit_iterations: rounds of the reweighted surface fit.
     fit_softness: metres above the fitted plane at which a point's weight falls to 1/e.
     ground_above: metres a ground point may lie above the refined surface on flat terrain ...
@@ -66,6 +69,7 @@ class GroundParams:
     elevation_threshold: float = 0.5
     elevation_scaler: float = 1.25
     low_outlier_threshold: float = 1.0
+    low_outlier_rounds: int = 5
     fit_iterations: int = 3
     fit_points_per_cell: float = 12.0
     fit_softness: float = 0.15
@@ -116,16 +120,47 @@ def neighbourhood(spacing: float, cell: float, points: float) -> int:
     return 2 * int(round((points - 1) / 2 * max(1.0, spacing / cell))) + 1
 
 
-def remove_low_outliers(zmin: np.ndarray, threshold: float, size: int = 5) -> np.ndarray:
-    """NaN out cells far below the 3rd-lowest value of their size x size neighbourhood."""
+def remove_low_outliers(zmin: np.ndarray, threshold: float, size: int = 5, rounds: int = 1) -> np.ndarray:
+    """NaN out cells far below their neighbourhood, for up to `rounds` rounds (each compares with
+    what the previous ones left).
+
+    A cell is an outlier when it lies more than `threshold` below the 3rd-lowest value of its
+    size x size neighbourhood, or below the 2nd-lowest of the minima of the eight blocks around
+    the block centred on it (`_ring_of_blocks`, blocks about half as wide): low points often come in clusters (a pulse's
+    multipath, several pulses through one window pane) that fill a few adjacent cells and hide
+    each other from the first test.  Left in, the opening spreads each pit over the whole window
+    and drags the terrain down wherever such clusters are closer than its largest window.
+    """
+    out = zmin.copy()
+    cells = np.flatnonzero(np.isfinite(out))
+    block = 2 * (size // 4) + 1
+    reach = max(size // 2, block + block // 2)
+    for _ in range(rounds):
+        values = out.ravel()[cells]
+        # Where fewer cells hold points than a test needs (inf), there is nothing to compare with.
+        outlier = np.zeros(cells.size, dtype=bool)
+        for reference in (_third_lowest(out, cells, size), _ring_of_blocks(out, cells, block)):
+            outlier |= np.isfinite(reference) & (values < reference - threshold)
+        if not outlier.any():
+            break
+        removed = np.zeros(out.size, dtype=bool)
+        removed[cells[outlier]] = True
+        out.ravel()[removed] = np.nan
+        # Only cells that saw a removed one can change their verdict in the next round.
+        near = ndimage.maximum_filter(removed.reshape(out.shape), size=2 * reach + 1, mode="constant").ravel()
+        cells = np.flatnonzero(near & np.isfinite(out.ravel()))
+    return out
+
+
+def _third_lowest(zmin: np.ndarray, cells: np.ndarray, size: int) -> np.ndarray:
+    """Per cell of `cells`, the 3rd-lowest value of its size x size window (inf where fewer than
+    three cells hold points)."""
     # Empty cells and the outside of the raster count as +inf: edge replication would copy the
     # outlier itself into its own neighbourhood.
     half = size // 2
     padded = np.pad(np.where(np.isfinite(zmin), zmin, np.inf), half, constant_values=np.inf)
     width = padded.shape[1]
     offsets = (np.arange(size)[:, None] * width + np.arange(size)[None, :]).ravel()
-    # Only occupied cells need a reference: in sparse data most cells are empty.
-    cells = np.flatnonzero(np.isfinite(zmin))
     rows, cols = np.divmod(cells, zmin.shape[1])
     corner = rows * width + cols  # the window's first cell in the padded raster
     values = padded.ravel()
@@ -135,11 +170,23 @@ def remove_low_outliers(zmin: np.ndarray, threshold: float, size: int = 5) -> np
         window = values[corner[start:start + step, None] + offsets[None, :]]
         # np.partition is several times faster than ndimage.rank_filter here.
         reference[start:start + step] = np.partition(window, 2, axis=-1)[:, 2]
-    # Fewer than three occupied cells around: nothing to compare with.
-    outlier = np.isfinite(reference) & (zmin.ravel()[cells] < reference - threshold)
-    out = zmin.copy()
-    out.ravel()[cells[outlier]] = np.nan
-    return out
+    return reference
+
+
+def _ring_of_blocks(zmin: np.ndarray, cells: np.ndarray, block: int) -> np.ndarray:
+    """Per cell of `cells`, the 2nd-lowest of the minima of the eight block x block blocks around
+    the block centred on it: a cluster of pits within that centre block is compared with the
+    terrain around it, whatever fills the centre.  The 2nd-lowest, since a street or a ditch
+    through the cell may show in only two of the eight blocks."""
+    # Padded before filtering: a block centred outside the raster still holds the cells inside.
+    padded = ndimage.minimum_filter(np.pad(np.where(np.isfinite(zmin), zmin, np.inf), block, constant_values=np.inf),
+                                    size=block, mode="constant", cval=np.inf)
+    width = padded.shape[1]
+    rows, cols = np.divmod(cells, zmin.shape[1])
+    centre = (rows + block) * width + cols + block
+    around = [dr * block * width + dc * block for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc]
+    ring = padded.ravel()[centre[:, None] + np.array(around)[None, :]]
+    return np.partition(ring, 1, axis=-1)[:, 1]
 
 
 def progressive_opening(surface: np.ndarray, cell: float, params: GroundParams) -> np.ndarray:
@@ -232,7 +279,8 @@ def fit_surface(block: PointBlock, params: GroundParams) -> SurfaceFit:
         zmin = grid.cell_min(flat[last], z[last])
     # A 5x5-point neighbourhood: in sparse data a 5x5-cell one holds too few cells for its
     # 3rd-lowest to stand for the terrain, and sound ground on slopes was taken for pits.
-    zmin = remove_low_outliers(zmin, params.low_outlier_threshold, neighbourhood(spacing, cell, 5))
+    zmin = remove_low_outliers(zmin, params.low_outlier_threshold, neighbourhood(spacing, cell, 5),
+                               params.low_outlier_rounds)
     is_object = progressive_opening(fill_holes(zmin), cell, params)
     surface = fill_holes(np.where(is_object, np.nan, zmin))
     slope = slope_magnitude(surface, cell).ravel()[flat]
@@ -267,7 +315,7 @@ class GroundClassifier:
     """ASPRS 2 (ground) versus 1 (everything else)."""
 
     name = "ground"
-    version = "2.0.0"
+    version = "2.1.0"
 
     def __init__(self, params: GroundParams | None = None) -> None:
         self._params = params or GroundParams()
