@@ -1,8 +1,10 @@
 """Train a customer's own classifier from labelled LAS/LAZ files.
 
 Trigger with conf {"account_id": "...", "sources": ["/path/a.laz", "s3://bucket/b.laz"]}. The model
-is stored in the account's models area with its held-out evaluation, and can then be given as
-`classifier` to pointflow_classify runs of the same account only.
+is scored against the standard classifier on held-out blocks of the labels and, if it beats it, stored
+in the account's models area with its evaluation and can then be given as `classifier` to
+pointflow_classify runs of the same account only. If it does not, the run still succeeds: its result
+says `"offered": false` with both sets of figures, and nothing is stored.
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ def pointflow_train():
     def train(params: dict | None = None) -> dict:
         from pipelines.jobs import Runtime
         from pipelines.settings import Settings
-        from pipelines.training import train_from_sources
+        from pipelines.training import NotBetterThanStandard, train_from_sources
 
         runtime = Runtime.from_settings(Settings.from_env())
-        model = train_from_sources(runtime, params["account_id"], params["sources"], params["ignore_classes"])
-        return {"model_id": model.model_id, "version": model.version, "evaluation": model.evaluation["per_class"]}
+        try:
+            model = train_from_sources(runtime, params["account_id"], params["sources"], params["ignore_classes"])
+        except NotBetterThanStandard as refused:
+            print(refused)
+            return {"offered": False, "evaluation": refused.evaluation}
+        return {"offered": True, "model_id": model.model_id, "version": model.version, "evaluation": model.evaluation}
 
     train()
 

@@ -1,9 +1,11 @@
 """Customer-trained classifiers: train from labelled LAS/LAZ, store in the account's area, apply
-only to that account's data.
+only to that account's data; and shared models, built only from the labels of accounts whose plan
+lets their data train them.
 
-Models are pickled scikit-learn estimators; unpickling runs code, so every stored model carries
-an HMAC-SHA256 made with POINTFLOW_MODEL_KEY (or a key generated once in POINTFLOW_HOME) and is
-refused if the bytes were changed.
+A model is stored (offered) only when it beats the standard classifier on the customer's held-out
+labels; otherwise training raises `NotBetterThanStandard` with both sets of figures. Every stored
+model carries an HMAC-SHA256 made with POINTFLOW_MODEL_KEY (or a key generated once in
+POINTFLOW_HOME) and is refused if the bytes were changed.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from sqlalchemy import func, select
 
 from pipelines.accounts import get_account
 from pipelines.catalog import CatalogError
-from pipelines.catalog.models import TrainedModelRecord
+from pipelines.catalog.models import Plan, TrainedModelRecord, utcnow
 from pipelines.classifiers import BUILTIN_CLASSIFIERS, PointBlock
 from pipelines.classifiers.trained import TrainedClassifier, TrainedModel, train
 from pipelines.ingest import check_source, local_copy
@@ -40,6 +42,23 @@ MODEL_SUFFIX = ".pfmodel"
 
 class ModelNotFound(CatalogError):
     """No such model for this account; another account's model is reported the same way."""
+
+
+class NotBetterThanStandard(ValueError):
+    """The trained model does not beat the standard classifier on the held-out labels: nothing is
+    stored, and `evaluation` holds both models' figures for the customer."""
+
+    def __init__(self, evaluation: dict[str, Any]) -> None:
+        self.evaluation = evaluation
+        super().__init__(
+            f"the trained model is not better than standard on your held-out labels (macro F1 "
+            f"{evaluation['macro_f1']:.3f} against standard's {evaluation['standard_macro_f1']:.3f} on "
+            f"{evaluation['held_out_points']:,} points): no model is offered; keep using standard, or "
+            f"label more or other data")
+
+
+class SharingRefused(ValueError):
+    """An account whose plan does not let its data train the shared models."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +98,8 @@ def _info(row: TrainedModelRecord) -> ModelInfo:
 
 
 def train_model(runtime, account_id: str, paths: Sequence[Path], ignore_classes: Sequence[int] = (0, 1), seed: int = 0) -> ModelInfo:
-    """Train on the labelled files, evaluate on held-out tiles, store the model for the account."""
+    """Train on the labelled files, score it and standard on held-out blocks, and store the model
+    for the account if it beats standard (else `NotBetterThanStandard`)."""
     get_account(runtime.catalog, account_id)
     ensure_active(runtime.catalog, account_id)
     if not paths:
@@ -98,9 +118,11 @@ def train_model(runtime, account_id: str, paths: Sequence[Path], ignore_classes:
     evaluation = {
         "held_out_points": model.n_holdout,
         "training_points": model.n_train,
-        "per_class": {str(c): m for c, m in sorted(model.metrics.items())},
+        **model.evaluation,
         "params": model.params,
     }
+    if not model.better_than_standard:
+        raise NotBetterThanStandard(evaluation)
     area = AccountArea(account_id)
     model_id = "model-" + uuid.uuid4().hex[:12]
     payload = model.to_bytes(key=signing_key(runtime.settings))
@@ -153,3 +175,61 @@ def train_from_sources(runtime, account_id: str, sources: Sequence[str], ignore_
     with ExitStack() as stack:
         paths = [stack.enter_context(local_copy(source, runtime.settings.scratch_dir, account_id)) for source in sources]
         return train_model(runtime, account_id, paths, ignore_classes=ignore_classes)
+
+
+SHARED_MODELS = "service/models/"
+
+
+def sharing_refusals(runtime, account_ids: Sequence[str], day: date | None = None) -> list[str]:
+    """The accounts (of `account_ids`) whose labels may not train shared models on `day`: only a
+    `professional_sharing` plan in force that day consents to it, and a locked account's data is
+    served to nobody."""
+    from pipelines.billing.history import agreed_on
+    from pipelines.lifecycle import is_locked
+
+    day = day or utcnow().date()
+    refused = []
+    for account_id in account_ids:
+        get_account(runtime.catalog, account_id)
+        if agreed_on(runtime.catalog, account_id, day).plan != Plan.PROFESSIONAL_SHARING.value or is_locked(runtime.catalog, account_id):
+            refused.append(account_id)
+    return refused
+
+
+def build_shared_model(runtime, contributions: Mapping[str, Sequence[str]], ignore_classes: Sequence[int] = (0, 1)) -> dict[str, Any]:
+    """Train a candidate for the shared standard models from several accounts' labelled files.
+
+    Every contributing account must be on `professional_sharing` today (the plan whose customers
+    consent to it): one that is not makes the whole build refused before any file is read, so no
+    other customer's labels ever reach a shared model. The model and a record of who contributed
+    what (files by sha256) are stored under service/models/, apart from every account's area.
+    """
+    if not contributions or not any(contributions.values()):
+        raise ValueError("give at least one labelled file of a contributing account")
+    refused = sharing_refusals(runtime, list(contributions))
+    if refused:
+        raise SharingRefused(
+            f"account(s) {', '.join(refused)} may not contribute to shared models: only accounts on the "
+            f"{Plan.PROFESSIONAL_SHARING.value} plan consent to it; nothing was built")
+    for account_id, sources in contributions.items():
+        for source in sources:
+            check_source(runtime.settings, runtime.store, account_id, source)
+    blocks, labels, contributed = [], [], []
+    with ExitStack() as stack:
+        for account_id, sources in contributions.items():
+            for source in sources:
+                path = stack.enter_context(local_copy(source, runtime.settings.scratch_dir, account_id))
+                block, label = read_labelled(path)
+                blocks.append(block)
+                labels.append(label)
+                contributed.append({"account_id": account_id, "name": Path(source).name, "sha256": file_sha256(path), "points": len(block)})
+        model = train(blocks, labels, ignore_classes=ignore_classes)
+    model_id = "shared-" + uuid.uuid4().hex[:12]
+    record = {
+        "model_id": model_id, "key": SHARED_MODELS + model_id + MODEL_SUFFIX, "created_at": utcnow().isoformat(),
+        "contributions": contributed,
+        "evaluation": {"held_out_points": model.n_holdout, "training_points": model.n_train, **model.evaluation, "params": model.params},
+    }
+    runtime.store.put_bytes(record["key"], model.to_bytes(key=signing_key(runtime.settings)))
+    runtime.store.put_bytes(SHARED_MODELS + model_id + ".json", json.dumps(record, indent=2).encode())
+    return record

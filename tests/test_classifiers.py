@@ -253,7 +253,7 @@ def test_unknown_parameter_is_rejected(name: str, params: dict, key: str) -> Non
 @pytest.fixture(scope="module")
 def model(ign: tuple[PointBlock, np.ndarray]) -> TrainedModel:
     block, labels = ign
-    return train([block], [labels], seed=0, ignore_classes=[1], max_points=15_000, max_iter=8)
+    return train([block], [labels], seed=0, ignore_classes=[1], max_points=15_000, rounds=8)
 
 
 def test_features_shape_and_values(ign: tuple[PointBlock, np.ndarray]) -> None:
@@ -301,7 +301,7 @@ def test_training_reports_holdout_metrics(model: TrainedModel) -> None:
 def test_training_is_deterministic(ign: tuple[PointBlock, np.ndarray],
                                    model: TrainedModel) -> None:
     block, labels = ign
-    again = train([block], [labels], seed=0, ignore_classes=[1], max_points=15_000, max_iter=8)
+    again = train([block], [labels], seed=0, ignore_classes=[1], max_points=15_000, rounds=8)
     np.testing.assert_array_equal(again.predict(block), model.predict(block))
     assert again.metrics == model.metrics
 

@@ -11,9 +11,18 @@ Per scale (eigenvalues l1 >= l2 >= l3 of the covariance):
   highest point of the neighbourhood, points per square metre, and the shares of multi-return
   points and of ground-filter points in the neighbourhood (a laser sees through canopy, not
   through roofs).
-Per point: height above the ground filter's morphological surface, the ground filter's verdict,
-the standard classifier's building verdict, return number, number of returns, last-return flag and
-intensity (0 when the block has none).
+Per point: height above the refined bare-earth surface (the standard classifier's) and above the
+morphological surface, the ground filter's ground and low-noise verdicts, the standard classifier's
+class (a custom model starts from what standard knows and learns where the customer's labels differ),
+return number, number of returns, last-return flag and intensity (0 when the block has none).
+Context of the standard classes: the shares of points the standard classifier calls building and
+vegetation in the 3x3 cells of 1, 2, 4 and 8 m around the point, and the distance to the nearest
+building point. Walls, eaves and trees leaning over roofs are where standard errs, and a point's
+surroundings tell them apart where its own shape does not (IGN Saint-Barthelemy, one half learnt and
+the other scored: macro F1 0.937 without them, 0.951 with them; standard 0.950).
+
+One ground model serves the standard classes and every feature: it is most of the cost, and
+computing it once keeps a custom model's prediction close to the standard classifier's speed.
 """
 
 from __future__ import annotations
@@ -23,19 +32,27 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from .base import PointBlock
+from .base import BUILDING, HIGH_VEGETATION, LOW_VEGETATION, PointBlock
 from .geometry import local_planes, window_sums
 from .grid import Grid
 from .ground import GroundModel, ground_model
-from .standard import StandardParams, building_mask
+from .standard import StandardParams, standard_classes
 
 SCALES: tuple[int, ...] = (1, 2, 4)
 _PER_SCALE = ("linearity", "planarity", "scattering", "verticality", "plane_distance",
               "above_min", "below_max", "density", "multi_return_share", "ground_share")
-_PER_POINT = ("height", "ground_filter", "rule_building", "return_number", "number_of_returns",
-              "last_return", "intensity")
+_PER_POINT = ("height", "surface_height", "ground_filter", "low_noise", "standard_class",
+              "return_number", "number_of_returns", "last_return", "intensity")
+CONTEXT_CELLS: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # metres
+_CONTEXT = tuple(f"{name}_share_{cell:g}m" for cell in CONTEXT_CELLS for name in ("building", "vegetation")) + (
+    "building_distance",)
+# Far enough for any eave or wall, and within the tile buffer (20 m by default), so that a tile
+# sees every building that decides a distance and tiled runs agree with untiled ones.
+BUILDING_DISTANCE_MAX = 15.0
 FEATURE_NAMES: tuple[str, ...] = _PER_POINT + tuple(
-    f"{name}_{scale}" for scale in SCALES for name in _PER_SCALE)
+    f"{name}_{scale}" for scale in SCALES for name in _PER_SCALE) + _CONTEXT
+# Columns holding codes, not quantities: split by value, never by order.
+CATEGORICAL: tuple[int, ...] = (FEATURE_NAMES.index("standard_class"),)
 
 
 def base_cell(model: GroundModel) -> float:
@@ -50,31 +67,58 @@ def point_features(block: PointBlock) -> np.ndarray:
     if n == 0:
         return out
     params = StandardParams()
-    # Heights from the morphological surface: it stays below low scrub, where the refined surface
-    # may ride on it, and the model learns better from them (measured on the IGN block).
     model = ground_model(block, params.ground)
-    model = dataclasses.replace(model, height=model.provisional_height)
     out[:, 0] = model.height
-    out[:, 1] = model.is_ground
-    # The rule-based roof detector as one input: the model learns where to overrule it.
-    out[:, 2] = building_mask(block, model, params)
+    out[:, 1] = model.provisional_height
+    out[:, 2] = model.is_ground
+    out[:, 3] = model.below
+    standard = standard_classes(block, model, params)
+    out[:, 4] = standard
     if block.return_number is not None and block.number_of_returns is not None:
-        out[:, 3] = block.return_number
-        out[:, 4] = block.number_of_returns
-        out[:, 5] = block.return_number >= block.number_of_returns
+        out[:, 5] = block.return_number
+        out[:, 6] = block.number_of_returns
+        out[:, 7] = block.return_number >= block.number_of_returns
     else:
-        out[:, 3:6] = 1.0
+        out[:, 5:8] = 1.0
     if block.intensity is not None:
-        out[:, 6] = block.intensity
+        out[:, 8] = block.intensity
+    # Neighbourhood shapes from heights above the morphological surface: it stays below low
+    # scrub, where the refined surface may ride on it (measured on the IGN block).
+    model = dataclasses.replace(model, height=model.provisional_height)
     base = base_cell(model)
     column = len(_PER_POINT)
     for scale in SCALES:
-        out[:, column:column + len(_PER_SCALE)] = _scale_features(block, model, base * scale)
+        _scale_features(block, model, base * scale, out[:, column:column + len(_PER_SCALE)])
         column += len(_PER_SCALE)
+    out[:, column:] = _context_features(block, standard)
     return out
 
 
-def _scale_features(block: PointBlock, model: GroundModel, cell: float) -> np.ndarray:
+def _context_features(block: PointBlock, standard: np.ndarray) -> np.ndarray:
+    building = standard == BUILDING
+    vegetation = (standard >= LOW_VEGETATION) & (standard <= HIGH_VEGETATION)
+    columns = []
+    for cell in CONTEXT_CELLS:
+        grid = Grid.covering(block.x, block.y, cell)
+        flat = grid.flat_index(block.x, block.y)
+        count, n_building, n_vegetation = window_sums(grid, flat, [None, building.astype(np.float64),
+                                                                   vegetation.astype(np.float64)])
+        count = np.maximum(count[flat], 1.0)
+        columns += [n_building[flat] / count, n_vegetation[flat] / count]
+    grid = Grid.covering(block.x, block.y, CONTEXT_CELLS[0])
+    flat = grid.flat_index(block.x, block.y)
+    if building.any():
+        free = np.ones(grid.nx * grid.ny, dtype=bool)
+        free[flat[building]] = False
+        distance = ndimage.distance_transform_edt(free.reshape(grid.shape)).ravel()[flat] * grid.cell
+        columns.append(np.minimum(distance, BUILDING_DISTANCE_MAX))
+    else:
+        columns.append(np.full(len(block), BUILDING_DISTANCE_MAX))
+    return np.stack(columns, axis=1)
+
+
+def _scale_features(block: PointBlock, model: GroundModel, cell: float, out: np.ndarray) -> None:
+    """Write the `_PER_SCALE` columns of one scale into `out` (a column slice of the matrix)."""
     grid = Grid.covering(block.x, block.y, cell)
     flat = grid.flat_index(block.x, block.y)
     # Local coordinates keep second moments precise; heights make z independent of elevation.
@@ -85,28 +129,29 @@ def _scale_features(block: PointBlock, model: GroundModel, cell: float) -> np.nd
     multi = (np.zeros(len(block)) if block.number_of_returns is None
              else (block.number_of_returns > 1).astype(np.float64))
     n_multi, n_ground = window_sums(grid, flat, [multi, model.is_ground.astype(np.float64)])
-    count = np.maximum(planes.count[flat], 1.0)
-    small, middle, large = (planes.eigenvalues[i, flat] for i in range(3))
+    # Whatever depends on the cell alone is computed per cell and gathered once per point: cells
+    # are fewer than points, and one gather into the float32 matrix is the cheapest write.
+    small, middle, large = planes.eigenvalues
     valid = np.isfinite(large) & (large > 0)
     safe = np.where(valid, large, 1.0)
+    count = np.maximum(planes.count, 1.0)
+    per_cell = np.stack([
+        np.where(valid, (large - middle) / safe, 0.0),
+        np.where(valid, (middle - small) / safe, 0.0),
+        np.where(valid, small / safe, 0.0),
+        np.where(valid, 1.0 - np.abs(planes.normal[2]), 0.0),
+        planes.count / (9.0 * cell * cell),
+        n_multi / count,
+        n_ground / count,
+    ], axis=1).astype(np.float32)
+    out[:, [0, 1, 2, 3, 7, 8, 9]] = per_cell[flat]
     normal, mean = planes.normal[:, flat], planes.mean[:, flat]
     distance = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1])
                       + normal[2] * (z - mean[2]))
+    out[:, 4] = np.where(valid[flat], distance, 0.0)
     low = grid.cell_min(flat, z)
     low[np.isnan(low)] = np.inf  # empty cells must not win the neighbourhood minimum
     high = grid.cell_max(flat, z)
     high[np.isnan(high)] = -np.inf
-    lowest = ndimage.minimum_filter(low, size=3, mode="nearest").ravel()[flat]
-    highest = ndimage.maximum_filter(high, size=3, mode="nearest").ravel()[flat]
-    return np.stack([
-        np.where(valid, (large - middle) / safe, 0.0),
-        np.where(valid, (middle - small) / safe, 0.0),
-        np.where(valid, small / safe, 0.0),
-        np.where(valid, 1.0 - np.abs(normal[2]), 0.0),
-        np.where(valid, distance, 0.0),
-        z - lowest,
-        highest - z,
-        planes.count[flat] / (9.0 * cell * cell),
-        n_multi[flat] / count,
-        n_ground[flat] / count,
-    ], axis=1)
+    out[:, 5] = z - ndimage.minimum_filter(low, size=3, mode="nearest").ravel()[flat]
+    out[:, 6] = ndimage.maximum_filter(high, size=3, mode="nearest").ravel()[flat] - z

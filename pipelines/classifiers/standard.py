@@ -265,16 +265,20 @@ class StandardClassifier:
         self.params = dataclasses.asdict(self._params)
 
     def classify(self, block: PointBlock) -> np.ndarray:
-        p = self._params
-        out = np.full(len(block), HIGH_VEGETATION, dtype=np.uint8)
         if len(block) == 0:
-            return out
-        model = ground_model(block, p.ground)
-        h = model.height
-        out[h < p.medium_vegetation_max] = MEDIUM_VEGETATION
-        out[h < p.low_vegetation_max] = LOW_VEGETATION
-        out[building_mask(block, model, p)] = BUILDING
-        out[isolated_high(block, model, p)] = HIGH_NOISE
-        out[model.is_ground] = GROUND
-        out[model.below] = LOW_NOISE
-        return out
+            return np.full(0, HIGH_VEGETATION, dtype=np.uint8)
+        return standard_classes(block, ground_model(block, self._params.ground), self._params)
+
+
+def standard_classes(block: PointBlock, model: GroundModel, params: StandardParams) -> np.ndarray:
+    """The standard classifier's classes given the block's ground model (which custom models
+    compute once and share with their own features)."""
+    out = np.full(len(block), HIGH_VEGETATION, dtype=np.uint8)
+    h = model.height
+    out[h < params.medium_vegetation_max] = MEDIUM_VEGETATION
+    out[h < params.low_vegetation_max] = LOW_VEGETATION
+    out[building_mask(block, model, params)] = BUILDING
+    out[isolated_high(block, model, params)] = HIGH_NOISE
+    out[model.is_ground] = GROUND
+    out[model.below] = LOW_NOISE
+    return out

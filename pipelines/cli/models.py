@@ -1,11 +1,11 @@
-"""`pointflow train` and `pointflow models list`"""
+"""`pointflow train`, `pointflow models list` and `pointflow models build-shared`"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from pipelines.cli.common import print_json, settings_from_env
+from pipelines.cli.common import CommandError, print_json, settings_from_env
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -13,12 +13,15 @@ def register(commands: argparse._SubParsersAction) -> None:
         "train",
         help="train a custom classifier for an account from labelled LAS/LAZ",
         description=(
-            "Learn a per-account classifier from LAS/LAZ files whose classification field holds the "
-            "customer's labels (per-point features at several neighbourhood scales: planarity, linearity, "
-            "scattering, verticality, height above ground, returns, intensity; gradient-boosted trees). "
-            "20 %% of 10 m tiles are held out and scored per class (precision, recall, F1). The model is "
-            "stored in the account's area with a version and its evaluation, and can only be applied to "
-            "that account's data: 'pointflow classify IN OUT --classifier MODEL_ID --account ID'."
+            "Learn a per-account classifier, in the customer's own class codes, from LAS/LAZ files whose "
+            "classification field holds the customer's labels (LightGBM on what the standard classifier "
+            "knows: height above its ground model, its own classes and their surroundings, planarity and "
+            "other shapes at several neighbourhood scales, returns, intensity). 25 %% of the 20 m blocks "
+            "are held out and scored per class (precision, recall, F1) for the model and for standard on "
+            "the same points. The model is stored in the account's area with a version and its evaluation "
+            "only if its macro F1 beats standard's (otherwise the figures are printed, nothing is stored and "
+            "the exit code is 1), and can only be applied to that account's data: "
+            "'pointflow classify IN OUT --classifier MODEL_ID --account ID'."
         ),
     )
     train.add_argument("files", nargs="+", type=Path, metavar="LABELLED", help="labelled LAS/LAZ files")
@@ -34,31 +37,60 @@ def register(commands: argparse._SubParsersAction) -> None:
     listing.add_argument("--account", required=True, metavar="ID")
     listing.add_argument("--json", action="store_true", help="print a JSON array ([] when there are none)")
     listing.set_defaults(handler=_list)
+    shared = sub.add_parser(
+        "build-shared", help="train a candidate shared model from consenting accounts' labels",
+        description=(
+            "Train a model for the shared standard classifiers from labelled files of several accounts. "
+            "Every account must be on the professional_sharing plan (the customers who consent to it): "
+            "one that is not refuses the whole build, before any file is read. The model and the list of "
+            "contributions are stored under service/models/."
+        ),
+    )
+    shared.add_argument("--from", dest="contributions", action="append", required=True, metavar="ACCOUNT=FILE",
+                        help="a labelled LAS/LAZ file and the account it belongs to (repeatable)")
+    shared.add_argument("--ignore-class", type=int, action="append", default=None, metavar="N",
+                        help="class left out of training and scoring (repeatable; default 0 and 1)")
+    shared.add_argument("--json", action="store_true", help="print the stored record as JSON")
+    shared.set_defaults(handler=_build_shared)
 
 
-def _scores(model) -> str:
-    lines = [f"  {'class':>5} {'precision':>9} {'recall':>7} {'F1':>6} {'points':>8}"]
-    for cls, m in model.evaluation["per_class"].items():
-        lines.append(f"  {cls:>5} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>6.3f} {int(m['support']):>8,}")
+def _scores(evaluation: dict) -> str:
+    lines = [f"  {'class':>5} {'points':>8}   {'F1':>6} {'precision':>9} {'recall':>7}   {'standard F1':>11}"]
+    theirs = evaluation.get("standard_per_class", {})
+    for cls, m in evaluation["per_class"].items():
+        if not m["support"]:
+            continue
+        lines.append(f"  {cls:>5} {int(m['support']):>8,}   {m['f1']:>6.3f} {m['precision']:>9.3f} {m['recall']:>7.3f}   "
+                     f"{theirs.get(cls, {}).get('f1', 0.0):>11.3f}")
+    lines.append(f"  macro F1: {evaluation['macro_f1']:.3f}, standard's {evaluation['standard_macro_f1']:.3f}")
     return "\n".join(lines)
 
 
 def _train(args: argparse.Namespace) -> int:
     from pipelines.jobs import Runtime
-    from pipelines.training import train_from_sources
+    from pipelines.training import NotBetterThanStandard, train_from_sources
 
     for path in args.files:
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
     runtime = Runtime.from_settings(settings_from_env().allowing(*args.files))
     ignore = tuple(args.ignore_class) if args.ignore_class else (0, 1)
-    model = train_from_sources(runtime, args.account, [str(path) for path in args.files], ignore_classes=ignore)
+    try:
+        model = train_from_sources(runtime, args.account, [str(path) for path in args.files], ignore_classes=ignore)
+    except NotBetterThanStandard as refused:
+        if args.json:
+            print_json({"offered": False, "account_id": args.account, "evaluation": refused.evaluation})
+        else:
+            print(f"held-out evaluation on {refused.evaluation['held_out_points']:,} points:")
+            print(_scores(refused.evaluation))
+            print(f"not better than standard: no model stored for account {args.account}; keep using standard")
+        return 1
     if args.json:
         print_json(model.to_public())
         return 0
     print(f"model {model.model_id} (version {model.version}) for account {model.account_id}, stored at {model.key}")
     print(f"held-out evaluation on {model.evaluation['held_out_points']:,} points:")
-    print(_scores(model))
+    print(_scores(model.evaluation))
     print(f"use it: pointflow classify IN.laz OUT.laz --classifier {model.model_id} --account {model.account_id}")
     return 0
 
@@ -76,4 +108,28 @@ def _list(args: argparse.Namespace) -> int:
     for m in models:
         f1 = ", ".join(f"{c}: {s['f1']:.3f}" for c, s in m.evaluation["per_class"].items())
         print(f"{m.model_id}  v{m.version}  {m.created_at:%Y-%m-%d %H:%M}  F1 {f1}")
+    return 0
+
+
+def _build_shared(args: argparse.Namespace) -> int:
+    from pipelines.jobs import Runtime
+    from pipelines.training import build_shared_model
+
+    contributions: dict[str, list[str]] = {}
+    for item in args.contributions:
+        account, sep, path = item.partition("=")
+        if not sep or not account or not path:
+            raise CommandError(f"--from {item!r}: give ACCOUNT=FILE")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        contributions.setdefault(account, []).append(path)
+    runtime = Runtime.from_settings(settings_from_env().allowing(*(Path(p) for ps in contributions.values() for p in ps)))
+    ignore = tuple(args.ignore_class) if args.ignore_class else (0, 1)
+    record = build_shared_model(runtime, contributions, ignore_classes=ignore)
+    if args.json:
+        print_json(record)
+        return 0
+    accounts = sorted({c["account_id"] for c in record["contributions"]})
+    print(f"shared model {record['model_id']} from {len(record['contributions'])} file(s) of {', '.join(accounts)}, stored at {record['key']}")
+    print(_scores(record["evaluation"]))
     return 0
