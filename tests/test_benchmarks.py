@@ -44,3 +44,20 @@ def test_each_source_counts_once_whatever_its_number_of_files() -> None:
     assert int(np.argmin(errors)) == 1
     # Held out B, only A decides.
     assert int(np.argmin(source_error(items, table, ["A"]))) == 0
+
+
+def test_low_noise_is_appended_below_the_points_it_copies_and_left_out_of_the_score() -> None:
+    from benchmarks.low_noise import Noise, total_error, with_low_noise
+
+    if not (DEFAULT_DATA / "isprs/samp21.las").exists():
+        pytest.skip("shared data not available")
+    item = load(DEFAULT_DATA, "isprs/samp21.las", "ISPRS")
+    noisy = with_low_noise(item.block, Noise(0.005, 4))
+    added = len(noisy) - len(item.block)
+    assert added == 4 * int(len(item.block) * 0.005 / 4)
+    np.testing.assert_array_equal(noisy.z[:len(item.block)], item.block.z)
+    # Every added point lies 2-20 m below some point of the scene.
+    assert noisy.z[len(item.block):].max() < item.block.z.max() - 2.0
+    assert noisy.return_number[len(item.block):].tolist() == [1] * added
+    perfect = np.where(item.labels == 2, 2, 1).astype(np.uint8)
+    assert total_error(item, np.concatenate([perfect, np.full(added, 2, np.uint8)])) == 0.0
