@@ -40,6 +40,9 @@ def _billing():
     # Missed months are invoiced one at a time, oldest first: a month's late fees and carried
     # credit depend on the invoices of the months before it (hence also depends_on_past below).
     catchup=True,
+    # Paused on creation, unlike the other service DAGs: unpaused, it invoices every month since
+    # start_date at once, which only the operator can say is wanted (README, Quick start).
+    is_paused_upon_creation=True,
     max_active_runs=1,
     tags=["pointflow", "billing"],
     # Retries are for the mail server and the object store coming back.

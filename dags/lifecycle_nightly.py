@@ -30,6 +30,8 @@ def _as_of() -> datetime:
     schedule=CronTriggerTimetable("0 3 * * *", timezone="UTC"),
     start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
     catchup=False,
+    # Notices, locks and deletions are due every night from the first one on.
+    is_paused_upon_creation=False,
     max_active_runs=1,  # two runs at once would race for the same notices and deletions
     tags=["pointflow"],
     default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},

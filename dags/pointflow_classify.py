@@ -35,6 +35,8 @@ def _run(step: str, **options) -> dict:
     dag_id="pointflow_classify",
     schedule=None,
     catchup=False,
+    # Triggered runs start at once on a fresh deployment (a paused DAG queues them for good).
+    is_paused_upon_creation=False,
     tags=["pointflow"],
     default_args={"retries": 2, "retry_delay": timedelta(seconds=20)},
     params={

@@ -16,6 +16,8 @@ from airflow.sdk import Param, dag, task
     dag_id="pointflow_train",
     schedule=None,
     catchup=False,
+    # Triggered runs start at once on a fresh deployment (a paused DAG queues them for good).
+    is_paused_upon_creation=False,
     tags=["pointflow"],
     params={
         "account_id": Param("demo", type="string", description="account that owns the labels and the model"),

@@ -12,6 +12,7 @@ from pipelines.accounts import AccountRecord, upsert_accounts
 from pipelines.airflow_local import load_dag, prepare_airflow
 from pipelines.export import MANIFEST_NAME, read_manifest
 from pipelines.jobs import Runtime, job_id_for, job_view, upload
+from pipelines.logfile import output_to
 from pipelines.notify import outbox_messages
 from pipelines.scene import make_scene, write_scene
 from pipelines.settings import Settings
@@ -33,7 +34,8 @@ class DemoResult:
     log_path: Path
 
 
-def run_demo(settings: Settings, classifier: str = "standard", input_path: Path | None = None) -> DemoResult:
+def run_demo(settings: Settings, classifier: str = "standard", input_path: Path | None = None, verbose: bool = False) -> DemoResult:
+    """Run the demo; Airflow's own output goes to the log file unless `verbose`."""
     log_path = settings.logs_dir / "demo.log"
     prepare_airflow(settings, log_path)
     # Uploaded first, as a customer would: the run reads it from the account's own area (the
@@ -51,7 +53,8 @@ def run_demo(settings: Settings, classifier: str = "standard", input_path: Path 
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        run = dag.test(run_conf={"account_id": DEMO_ACCOUNT.account_id, "source": input_location, "classifier": classifier})
+        with output_to(log_path, enabled=not verbose):
+            run = dag.test(run_conf={"account_id": DEMO_ACCOUNT.account_id, "source": input_location, "classifier": classifier})
     finally:
         root.removeHandler(handler)
         handler.close()

@@ -52,6 +52,9 @@ def test_classify_real_file_writes_ground_as_class_2(home: Path, tmp_path: Path)
     assert "wrote" in result.stdout
     # The cluster's workers are counted once they have all registered, not while they start.
     assert "on 2 worker(s)" in result.stdout, result.stdout
+    # Quiet by default: the local cluster's start-up and Dask's notes go to the log file only.
+    assert "dask spec" not in result.stderr and "distributed." not in result.stderr, result.stderr
+    assert (home / "logs" / "pointflow.log").exists()
     classes = laspy.read(output).classification
     truth = laspy.read(source).classification
     assert len(classes) == len(truth)

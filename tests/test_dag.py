@@ -98,3 +98,11 @@ def test_export_crash_between_artifacts_and_manifest_is_retried_once(dag, runtim
     assert ti.try_number == 2
     assert export.read_manifest(runtime.store, job["export_prefix"]) is not None
     assert len(usage(runtime)) == 1
+
+
+def test_service_dags_are_active_on_deployment(load_test_dag) -> None:
+    """A trigger from the README runs at once (a paused DAG queues it for good); only the monthly
+    billing waits for the operator, since unpausing it invoices every month since its start."""
+    for dag_id in ("pointflow_classify", "pointflow_intake", "pointflow_train", "lifecycle_nightly"):
+        assert load_test_dag(dag_id).is_paused_upon_creation is False, dag_id
+    assert load_test_dag("billing_monthly").is_paused_upon_creation is True

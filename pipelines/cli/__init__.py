@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from pipelines import __version__
+from pipelines import __version__, logfile
 from pipelines.cli.common import CommandError, run_handler
 
 COMMAND_MODULES = (
@@ -37,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"pointflow {__version__}")
+    parser.add_argument("--verbose", action="store_true", help="show library and Airflow logging here too (by default it goes to $POINTFLOW_HOME/logs/pointflow.log)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(commands)
@@ -45,12 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Our own progress notes (report locations, the Dask dashboard link) go to stderr; libraries stay
-    # quiet, Dask included (its cluster's start-up notes), also in the local cluster's processes.
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("pipelines").setLevel(logging.INFO)
+    # Our own progress notes (report locations, the Dask dashboard link) go to stderr; libraries'
+    # logging to the log file, Dask's included (its cluster's start-up notes, also in the local
+    # cluster's processes, which log to their own stderr).
+    if not args.verbose:
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    logfile.configure(_log_path(), args.verbose)
     return run_handler(args)
+
+
+def _log_path():
+    """Where library logging goes; none when the settings are wrong (the command then says so)."""
+    from pipelines.settings import Settings, SettingsError
+
+    try:
+        return Settings.from_env().logs_dir / "pointflow.log"
+    except SettingsError:
+        return None
 
 
 __all__ = ["CommandError", "build_parser", "main"]

@@ -29,7 +29,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     settings = settings_from_env()
     print(f"pointflow demo in {settings.home} (set POINTFLOW_HOME to use another folder)")
-    result = run_demo(settings, classifier=args.classifier, input_path=args.input)
+    print(f"running the pointflow_classify DAG with dag.test(); Airflow's log: {settings.logs_dir / 'demo.log'}", flush=True)
+    result = run_demo(settings, classifier=args.classifier, input_path=args.input, verbose=args.verbose)
     job = result.job
     print(f"input:    {result.input_location}")
     print(f"job:      {job['job_id']} -> {job['state']}" + (f" ({job['error']})" if job["error"] else ""))

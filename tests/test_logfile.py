@@ -1,0 +1,44 @@
+"""Quiet by default: libraries log to the file, pointflow's own notes reach the terminal."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines import logfile
+
+
+def test_libraries_go_to_the_file_and_our_notes_to_the_terminal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    log_path = tmp_path / "logs" / "pointflow.log"
+    try:
+        logfile.configure(log_path, verbose=False)
+        logging.getLogger("distributed.deploy.subprocess").info("python -m dask spec --spec {}")
+        logging.getLogger("pipelines.jobs").info("validation report: somewhere")
+        logging.getLogger("airflow.task").error("a library's error")
+        terminal = capsys.readouterr().err
+        assert "dask spec" not in terminal
+        assert "validation report: somewhere" in terminal and "a library's error" in terminal
+        assert "dask spec" in log_path.read_text() and "validation report" in log_path.read_text()
+        logfile.configure(log_path, verbose=True)  # replaces its handlers: each line once
+        logging.getLogger("distributed.deploy.subprocess").info("now shown")
+        assert capsys.readouterr().err.count("now shown") == 1
+    finally:
+        logfile.configure(None, verbose=True)
+        for handler in list(logfile._installed):
+            logging.getLogger().removeHandler(handler)
+        logfile._installed.clear()
+
+
+def test_output_to_takes_child_processes_output_too(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    log_path = tmp_path / "demo.log"
+    with logfile.output_to(log_path):
+        print("from this process")
+        subprocess.run([sys.executable, "-c", "import sys; print('from a child'); print('child err', file=sys.stderr)"], check=True)
+    print("after")
+    captured = capfd.readouterr()
+    assert captured.out == "after\n" and captured.err == ""
+    assert log_path.read_text().split() == ["from", "this", "process", "from", "a", "child", "child", "err"]
