@@ -111,10 +111,13 @@ def ingest_file(
     path: Path,
     name: str | None = None,
     admit: Callable[[Candidate], None] | None = None,
+    point_clouds_only: bool = False,
 ) -> StoredFileInfo:
     """Store `path` for the account; the same bytes ingested twice give the same record.
 
-    `admit` sees each new file before it is stored and raises to refuse it.
+    `admit` sees each new file before it is stored and raises to refuse it. With
+    `point_clouds_only`, what the gate refuses raises NotPointCloudError before anything is stored;
+    otherwise it is stored for a job's validation to quarantine, with a report the customer can read.
     """
     get_account(catalog, account_id)
     area = AccountArea(account_id)
@@ -125,7 +128,8 @@ def ingest_file(
         info = read_info(path)
         points = info.point_count
     except NotPointCloudError:
-        # Stored anyway: validation quarantines it with a report the customer can read.
+        if point_clouds_only:
+            raise
         info, points = None, None
     existing = _stored(catalog, account_id, digest)
     if existing is not None:

@@ -119,10 +119,16 @@ def create_job(runtime: Runtime, job_id: str, account_id: str, source: str, clas
 
 def upload(runtime: Runtime, account_id: str, path: Path) -> StoredFileInfo:
     """Store a local file in the account's raw area, as a customer's upload: the same source
-    checks and admission limits as a job's ingest step."""
+    checks and admission limits as a job's ingest step. What is not LAS/LAZ is refused (the reason
+    a job's validation would give), not stored: with no job, no report would ever tell the customer,
+    and the file would count against the plan."""
     check_source(runtime.settings, runtime.store, account_id, str(path))
     at = utcnow()
-    return ingest_file(runtime.catalog, runtime.store, account_id, Path(path), admit=lambda candidate: check_admission(runtime.settings, runtime.catalog, account_id, candidate, at))
+
+    def admit(candidate: Candidate) -> None:
+        check_admission(runtime.settings, runtime.catalog, account_id, candidate, at)
+
+    return ingest_file(runtime.catalog, runtime.store, account_id, Path(path), admit=admit, point_clouds_only=True)
 
 
 def ingest_step(runtime: Runtime, job_id: str) -> dict[str, Any]:

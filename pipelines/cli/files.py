@@ -33,6 +33,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     listing.add_argument("--account", required=True, metavar="ID")
     listing.add_argument("--json", action="store_true", help="print a JSON array ([] when there are none)")
     listing.set_defaults(handler=_list)
+    remove = sub.add_parser(
+        "delete",
+        help="delete one stored file",
+        description=(
+            "Delete one of the account's stored input files (KEY as 'files list' shows it), every version of its "
+            "object, so that it no longer counts against the plan's stored files and points. The deletion is "
+            "audited ('pointflow lifecycle audit'); it is refused while the account is on legal hold or a job "
+            "still works on the file. The file's jobs, their results and its usage records stay."
+        ),
+    )
+    remove.add_argument("key", metavar="KEY")
+    remove.add_argument("--account", required=True, metavar="ID")
+    remove.add_argument("--json", action="store_true", help="print the audit entry as JSON")
+    remove.set_defaults(handler=_delete)
 
 
 def _ingest(args: argparse.Namespace) -> int:
@@ -73,4 +87,16 @@ def _list(args: argparse.Namespace) -> int:
         print(f"account {args.account} has no stored files")
     for f in files:
         print(f"{f.state:12} {f.size:>12,} B {f.points or 0:>12,} pts  {f.key}")
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from pipelines.jobs import Runtime
+    from pipelines.lifecycle.operations import delete_stored_file
+
+    audit = delete_stored_file(Runtime.from_settings(settings_from_env()), args.account, args.key)
+    if args.json:
+        print_json({"audit_id": audit.id, "account_id": audit.account_id, "subject": audit.subject, "objects": audit.object_count, "versions": audit.version_count, "bytes": audit.bytes, "status": audit.status})
+    else:
+        print(f"deleted {args.key} ({audit.version_count} version(s), {audit.bytes:,} bytes); audit #{audit.id}")
     return 0

@@ -12,18 +12,19 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 
 from pipelines.accounts import get_account
 from pipelines.billing.corrections import TermsUpdate, set_billing_terms
 from pipelines.billing.periods import Period, add_months, start_of
 from pipelines.catalog import Catalog, CatalogError
-from pipelines.catalog.models import Account, BillingCycle
+from pipelines.catalog.models import TERMINAL_JOB_STATES, Account, BillingCycle, Job, JobState, StoredFile
 from pipelines.lifecycle.deletion import (
     DeletionPlan,
     account_deletion_plan,
     execute_deletion,
     forget_account_objects,
+    plan_deletion,
 )
 from pipelines.lifecycle.models import DeletionAudit, LegalHold, Termination
 from pipelines.lifecycle.policy import LifecyclePolicy
@@ -222,6 +223,33 @@ def delete_account_data(runtime: Runtime, account_id: str, now: datetime | None 
     plan = deletion_plan(runtime, account_id)
     audit = execute_deletion(runtime.catalog, runtime.store, plan, account_id, "customer_request", "account", _now(now))
     forget_account_objects(runtime.catalog, account_id)
+    return audit
+
+
+def delete_stored_file(runtime: Runtime, account_id: str, key: str, now: datetime | None = None) -> DeletionAudit:
+    """Delete one stored input file on the customer's request (every version of its object), so it
+    no longer counts against the plan; audited like any deletion and refused under legal hold or
+    while a job still reads it. Its jobs, their results and its usage stay."""
+    get_account(runtime.catalog, account_id)
+    hold = active_hold(runtime.catalog, account_id)
+    if hold is not None:
+        raise LifecycleError(f"account {account_id} is on legal hold since {hold.placed_at.isoformat()} ({hold.reason}): nothing may be deleted")
+    with runtime.catalog.session() as session:
+        stored = session.scalars(select(StoredFile).where(StoredFile.account_id == account_id, StoredFile.key == key)).first()
+        if stored is None:
+            raise LifecycleError(f"account {account_id} has no stored file {key!r}: see 'pointflow files list --account {account_id}'")
+        open_states = [s.value for s in JobState if s not in TERMINAL_JOB_STATES]
+        busy = session.scalars(select(Job.job_id).where(Job.file_id == stored.id, Job.state.in_(open_states))).first()
+        if busy is not None:
+            raise LifecycleError(f"job {busy} is still working on {key}: delete the file once it has finished")
+        file_id = stored.id
+    # A quarantined file keeps its refusal report beside it: it goes with the file.
+    report = key + ".report.html"
+    plan = plan_deletion(runtime.store, [], [key, report] if runtime.store.exists(report) else [key], [])
+    audit = execute_deletion(runtime.catalog, runtime.store, plan, account_id, "customer_request", f"file {key}"[:255], _now(now))
+    with runtime.catalog.session() as session:
+        session.execute(update(Job).where(Job.file_id == file_id).values(file_id=None))
+        session.execute(delete(StoredFile).where(StoredFile.id == file_id))
     return audit
 
 
