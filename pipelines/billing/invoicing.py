@@ -504,13 +504,13 @@ def _differing_ranges(before: History, after: History, first: date, last: date) 
     return ranges
 
 
-def _usage_in(pricebook: PriceBook, histories: Sequence[History], start: date, end: date, usage_days: Mapping[date, int]) -> list[UsageSlice]:
+def _usage_in(pricebook: PriceBook, both: Sequence[History], start: date, end: date, usage_days: Mapping[date, int]) -> list[UsageSlice]:
     """The points of [start, end] cut wherever a price, plan or term of either history changes,
     so that each slice has one price under each."""
     after_end = end + timedelta(days=1)
-    plans = {h.base.plan for h in histories} | {step.plan for h in histories for step in h.plan_steps}
+    plans = {h.base.plan for h in both} | {step.plan for h in both for step in h.plan_steps}
     cuts = {start, after_end} | {d for plan in plans for d in pricebook.change_dates(plan, start, after_end)}
-    cuts |= {d for h in histories for d in h.boundaries(start, end)}
+    cuts |= {d for h in both for d in h.boundaries(start, end)}
     slices = []
     for first, stop in pairwise(sorted(cuts)):
         points = sum(n for day, n in usage_days.items() if first <= day < stop)
