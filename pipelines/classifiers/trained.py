@@ -199,7 +199,7 @@ def evaluate(reference: np.ndarray, custom: np.ndarray, standard: np.ndarray) ->
 def train(blocks: Sequence[PointBlock], labels: Sequence[np.ndarray], seed: int = 0, *,
           ignore_classes: Collection[int] = (), holdout: float = 0.25,
           max_points: int = 300_000, rounds: int = 40, learning_rate: float = 0.15,
-          leaves: int = 31, min_leaf: int = 100, balance: float = 0.5, prior: float = 3.0) -> TrainedModel:
+          leaves: int = 31, min_leaf: int = 100, balance: float = 0.25, prior: float = 3.0) -> TrainedModel:
     """Fit a classifier to labelled blocks and score it, and standard, on held-out blocks.
 
     ignore_classes: reference classes left out of training and scoring (e.g. "unclassified").
@@ -219,7 +219,9 @@ def train(blocks: Sequence[PointBlock], labels: Sequence[np.ndarray], seed: int 
         `python -m benchmarks.custom`).
     balance: points of a class weigh (its share of the training points) ** -balance: macro F1
         counts every class alike, and a rare class (trees in a street scene, water) would otherwise
-        hardly move the trees.
+        hardly move the trees; full weights (1) make the common classes' borders sloppy
+        (Saint-Barthelemy, other half: 0.9532 with none, 0.9526 with 0.25, 0.9493 with 0.5;
+        Amsterdam 2386: 0.935, 0.967, 0.961).
     """
     if len(blocks) != len(labels) or not blocks:
         raise ValueError("need the same, non-zero number of blocks and label arrays")
