@@ -6,7 +6,7 @@ Starts the stack of `pointflow stack up` in a scratch folder with fresh database
 server (Airflow's api-server, scheduler, dag-processor and triggerer; a Dask scheduler and two
 workers), writes --runs small synthetic scenes, triggers one pointflow_classify run per scene through
 Airflow's REST API in one burst, and waits for all of them. Prints throughput, the median and the
-slowest run, and the usage audit: every run must have exactly one usage event and one export in the
+slowest run, each task's median time, and the usage audit: every run must have exactly one usage event and one export in the
 catalog, none lost, none duplicated. Exits 1 when a run failed or the audit does not balance.
 """
 
@@ -50,6 +50,7 @@ def print_report(report: BatchReport) -> None:
     print(f"wall time:   {report.wall_seconds:.1f} s from the first trigger to the last run finished")
     print(f"throughput:  {runs / report.wall_seconds * 60:.1f} runs/min, {report.points / report.wall_seconds:,.0f} points/s ({report.points:,} points)")
     print(f"run time:    median {statistics.median(durations.values()):.1f} s, slowest {durations[slowest]:.1f} s ({slowest})")
+    print("task medians: " + ", ".join(f"{task} {seconds:.1f} s" for task, seconds in report.task_medians.items()))
     events = sum(report.usage_events.values())
     print(f"usage:       {events} classification events for {runs} runs; lost {len(report.lost_usage)}, duplicated {len(report.duplicated_usage)}")
     print(f"exports:     {sum(1 for n in report.exports.values() if n == 1)} runs with exactly one export")

@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -408,6 +409,12 @@ class BatchReport:
     points: int
     usage_events: dict[str, int]  # job id -> classification usage events recorded for it
     exports: dict[str, int]  # job id -> manifests published for it
+    task_seconds: dict[str, list[float]]  # task id -> how long each run's instance of it took
+
+    @property
+    def task_medians(self) -> dict[str, float]:
+        """Median seconds per task, in the DAG's order."""
+        return {task: statistics.median(seconds) for task, seconds in self.task_seconds.items() if seconds}
 
     @property
     def succeeded(self) -> list[str]:
@@ -461,6 +468,11 @@ def run_batch(
     ]
     runs = client.wait_for_runs(dag_id, run_ids, timeout, on_finished)
     wall = time.monotonic() - started
+    task_seconds: dict[str, list[float]] = {}
+    for run_id in run_ids:
+        for instance in client.task_instances(dag_id, run_id):
+            if instance.get("duration") is not None:
+                task_seconds.setdefault(instance["task_id"], []).append(float(instance["duration"]))
 
     runtime = Runtime.from_settings(Settings.from_env(stack.environment))
     job_ids = [job_id_for(dag_id, run_id) for run_id in run_ids]
@@ -481,4 +493,4 @@ def run_batch(
         for job in job_ids
     }
     points = sum(read_info(source).point_count for source in sources)
-    return BatchReport(runs, wall, points, {job: counted.get(job, 0) for job in job_ids}, exports)
+    return BatchReport(runs, wall, points, {job: counted.get(job, 0) for job in job_ids}, exports, task_seconds)
