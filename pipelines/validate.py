@@ -141,6 +141,49 @@ def _validator() -> _Validator:
     return _Validator()
 
 
+def _in_set(values: np.ndarray, kwargs: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    unexpected = values[~np.isin(values, np.asarray(list(kwargs["value_set"])))]
+    return len(unexpected) == 0, {"element_count": len(values), "unexpected_count": len(unexpected), "partial_unexpected_list": unexpected[:20].tolist()}
+
+
+def _max_between(values: np.ndarray, kwargs: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    observed = values.max().item() if len(values) else None
+    low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    ok = observed is not None and (low is None or observed >= low) and (high is None or observed <= high)
+    return ok, {"observed_value": observed}
+
+
+# The expectation types our suites use, evaluated with numpy on the column: Great Expectations
+# adds nothing to a set membership or a maximum, and setting it up costs seconds of every
+# validate task (a new process each). A suite with any other type goes to Great Expectations;
+# tests/test_validate.py checks both give the same findings.
+NUMPY_EXPECTATIONS = {"expect_column_values_to_be_in_set": _in_set, "expect_column_max_to_be_between": _max_between}
+
+
+def _resolve(kwargs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+    resolved = {k: parameters[v["$PARAMETER"]] if isinstance(v, dict) and "$PARAMETER" in v else v for k, v in kwargs.items()}
+    # Bounds as Great Expectations keeps them (floats), so a finding's check reads the same either way.
+    return {k: float(v) if k in ("min_value", "max_value") and v is not None else v for k, v in resolved.items()}
+
+
+def run_suite(suite_name: str, frame: pd.DataFrame, parameters: dict[str, Any] | None = None) -> list[Finding]:
+    """The suite's failed expectations as findings: in numpy where every type is one of
+    NUMPY_EXPECTATIONS, else through Great Expectations."""
+    definition = _suite_definition(suite_name)
+    if any(e["type"] not in NUMPY_EXPECTATIONS for e in definition["expectations"]):
+        return _validator().run(suite_name, frame, parameters)
+    findings = []
+    for expectation in definition["expectations"]:
+        kwargs = _resolve(expectation["kwargs"], parameters or {})
+        ok, result = NUMPY_EXPECTATIONS[expectation["type"]](frame[kwargs["column"]].to_numpy(), kwargs)
+        if ok:
+            continue
+        meta = expectation.get("meta", {})
+        shown = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "value_set")
+        findings.append(Finding(suite_name, f"{expectation['type']}({shown})", meta.get("severity", "error"), meta.get("explain", expectation["type"]), _describe(result)))
+    return findings
+
+
 def _header_frame(info: LasInfo, point_mins, point_maxs) -> pd.DataFrame:
     tolerance = np.array(info.scales) + 1e-9
     tight = point_mins is None or bool(np.all(np.abs(point_mins - info.mins) <= 1.0 + tolerance) and np.all(np.abs(point_maxs - info.maxs) <= 1.0 + tolerance))
@@ -182,7 +225,6 @@ def validate_file(path: Path, display_name: str | None = None) -> ValidationRepo
         point_mins, point_maxs = xyz.min(axis=1), xyz.max(axis=1)
     errors = [Finding("gate", p.check, "error", p.explain, p.detail) for p in problems]
     frame = pd.DataFrame({"classification": np.asarray(points.classification, dtype=np.int16), "intensity": np.asarray(points.intensity, dtype=np.int32)})
-    validator = _validator()
-    warnings = validator.run("las_header", _header_frame(info, point_mins, point_maxs))
-    warnings += validator.run("las_points", frame, {"valid_classes": VALID_CLASSES})
+    warnings = run_suite("las_header", _header_frame(info, point_mins, point_maxs))
+    warnings += run_suite("las_points", frame, {"valid_classes": VALID_CLASSES})
     return ValidationReport(name, not errors, mode, len(points), info.to_dict(), errors, warnings)

@@ -9,7 +9,7 @@ from pathlib import Path
 import laspy
 import pytest
 
-from pipelines.validate import SUITES_DIR, validate_file
+from pipelines.validate import SUITES_DIR, VALID_CLASSES, validate_file
 from tests.conftest import shared_file
 from tests.lasfiles import MAX_X, OFFSETS, LEGACY_POINT_COUNT, patch, truncated, write_points
 
@@ -103,3 +103,22 @@ def test_report_renders_for_people(tmp_path: Path) -> None:
     path = patch(write_points(tmp_path / "bounds.las"), MAX_X, "d", 500020.0)
     html = validate_file(path).to_html().decode()
     assert "refused (quarantined)" in html and "What to do" in html
+
+
+@pytest.mark.parametrize(
+    "suite, frame, parameters",
+    [
+        ("las_header", {"bounds_tight": [True], "crs_present": [True]}, None),
+        ("las_header", {"bounds_tight": [False], "crs_present": [False]}, None),
+        ("las_points", {"classification": [2, 6, 9, 40, 64, 40], "intensity": [0, 0, 0, 0, 0, 0]}, {"valid_classes": VALID_CLASSES}),
+        ("las_points", {"classification": [2, 2], "intensity": [0, 12]}, {"valid_classes": VALID_CLASSES}),
+    ],
+)
+def test_numpy_checks_find_what_great_expectations_finds(suite: str, frame: dict, parameters: dict | None) -> None:
+    """The suites run in numpy (no Great Expectations set-up per task); same findings as GE's."""
+    import pandas as pd
+
+    from pipelines.validate import _validator, run_suite
+
+    data = pd.DataFrame(frame)
+    assert run_suite(suite, data, parameters) == _validator().run(suite, data, parameters)

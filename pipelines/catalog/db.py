@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 from alembic import command
@@ -83,6 +84,14 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+@cache
+def _head_revision() -> str | None:
+    """The newest revision among this release's migrations."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
 class Catalog:
     """Owns the engine; every unit of work runs in `session()` and commits or rolls back whole."""
 
@@ -93,9 +102,12 @@ class Catalog:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
-        """Bring the schema to the newest revision; cheap when it already is. Processes that start
-        together on a new catalog take turns, so only the first creates the tables."""
+        """Bring the schema to the newest revision. Processes that start together on a new catalog
+        take turns, so only the first creates the tables; one that finds the newest revision in
+        place takes no lock and runs no Alembic (every Airflow task opens the catalog)."""
         try:
+            if self._revision() == _head_revision():
+                return
             with self.lock("migrate"), self.engine.begin() as connection:
                 config = alembic_config(self.url)
                 config.attributes["connection"] = connection
@@ -131,6 +143,13 @@ class Catalog:
         with open(folder / f"{key & (2**64 - 1):016x}", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             yield
+
+    def _revision(self) -> str | None:
+        """The schema's revision now, or None before the first migration."""
+        if not self.is_migrated():
+            return None
+        with self.engine.connect() as connection:
+            return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
     def is_migrated(self) -> bool:
         return inspect(self.engine).has_table("alembic_version")
