@@ -39,7 +39,7 @@ from pipelines.classifiers.base import UNCLASSIFIED
 from pipelines.classifiers.trained import TrainedClassifier, TrainedModel
 from pipelines.copc import COPC_SUFFIX, write_copc
 from pipelines.gate import NotPointCloudError
-from pipelines.lasio import CHUNK_POINTS, group_runs, iter_checked, point_block, read_info
+from pipelines.lasio import CHUNK_POINTS, group_runs, iter_checked, read_info
 from pipelines.orphans import OWNER_VARIABLE
 from pipelines.scratch import work_dir
 from pipelines.settings import ClusterStartError, Settings
@@ -52,11 +52,17 @@ Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): stage is "scan", "classify" or "write"."""
 
 
-# What a tile task carries per point: the classifier's inputs, not the whole record (whose extra
-# bytes may be hundreds per point).
-TILE_FIELDS = np.dtype([("x", "<f8"), ("y", "<f8"), ("z", "<f8"), ("intensity", "<u2"), ("return_number", "u1"), ("number_of_returns", "u1")])
+# What a tile task carries per point: the classifier's inputs as the file stores them (integer
+# coordinates), not the whole record (whose extra bytes may be hundreds per point), nor metres:
+# 16 bytes instead of 28 to copy, send through the scheduler and receive. Workers scale them to
+# metres exactly as laspy does (`Scaling`), so the classifier sees the very same numbers.
+TILE_FIELDS = np.dtype([("X", "<i4"), ("Y", "<i4"), ("Z", "<i4"), ("intensity", "<u2"), ("return_number", "u1"), ("number_of_returns", "u1")])
 TASK_POINTS = 2_000
 MIN_TILE_POINTS = 10
+# From this many points on, the local cluster starts while the file is scanned: its processes'
+# start-up (seconds of imports) then overlaps the scan. Below, a file may need no cluster at all
+# (every tile too sparse to model), and its scan is shorter than a cluster's start anyway.
+EARLY_CLUSTER_POINTS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -67,10 +73,36 @@ class TileTask:
 
 
 @dataclass(frozen=True)
+class Scaling:
+    """TILE_FIELDS' integers to the classifier's metres: laspy's X * scale + offset (see
+    laspy.point.dims.ScaledArrayView), times the unit's metres, as `lasio.point_block` computes them."""
+
+    scales: tuple[float, float, float]
+    offsets: tuple[float, float, float]
+    horizontal: float = 1.0
+    vertical: float = 1.0
+
+    def axis(self, fields: np.ndarray, k: int) -> np.ndarray:
+        unit = self.vertical if k == 2 else self.horizontal
+        return (fields["XYZ"[k]] * np.float64(self.scales[k]) + np.float64(self.offsets[k])) * unit
+
+    def block(self, fields: np.ndarray) -> PointBlock:
+        return PointBlock(
+            x=self.axis(fields, 0),
+            y=self.axis(fields, 1),
+            z=self.axis(fields, 2),
+            intensity=np.ascontiguousarray(fields["intensity"]),
+            return_number=np.ascontiguousarray(fields["return_number"]),
+            number_of_returns=np.ascontiguousarray(fields["number_of_returns"]),
+        )
+
+
+@dataclass(frozen=True)
 class TileBatch:
     """One Dask task: one tile, or several small ones, and the classifier to apply to each."""
 
     tiles: tuple[TileTask, ...]
+    scaling: Scaling
     classifier: str
     params: dict[str, Any]
     # A customer's trained model travels with its tiles; built-in classifiers are built by name.
@@ -105,17 +137,16 @@ class ClassifyResult:
     sparse_points: int = 0  # in tiles too sparse to model: written as class 1
 
 
-def tile_fields(points, units: CoordinateUnits = METRES) -> np.ndarray:
-    """The classifier's inputs of laspy points, in metres, packed as TILE_FIELDS records."""
-    block = point_block(points, units)
-    fields = np.empty(len(block), dtype=TILE_FIELDS)
+def tile_fields(points) -> np.ndarray:
+    """The classifier's inputs of laspy points (a record of the file's point format), packed as TILE_FIELDS records."""
+    fields = np.empty(len(points), dtype=TILE_FIELDS)
     for name in TILE_FIELDS.names:
-        fields[name] = getattr(block, name)
+        fields[name] = np.asarray(points[name])
     return fields
 
 
-def _block(fields: np.ndarray) -> PointBlock:
-    return PointBlock(**{name: np.ascontiguousarray(fields[name]) for name in TILE_FIELDS.names})
+def scaling_of(header: laspy.LasHeader, units: CoordinateUnits = METRES) -> Scaling:
+    return Scaling(tuple(float(v) for v in header.scales), tuple(float(v) for v in header.offsets), units.horizontal, units.vertical)
 
 
 def _counted(tile_id: int, classes: np.ndarray, context_points: int, seconds: float) -> TileResult:
@@ -123,20 +154,20 @@ def _counted(tile_id: int, classes: np.ndarray, context_points: int, seconds: fl
     return TileResult(tile_id, classes.tobytes(), context_points, {int(c): int(n) for c, n in enumerate(counts) if n}, seconds)
 
 
-def classify_tile(task: TileTask, classifier: Classifier) -> TileResult:
+def classify_tile(task: TileTask, classifier: Classifier, scaling: Scaling) -> TileResult:
     """Classify core + context, return the core points' classes."""
     started = time.perf_counter()
     core = np.frombuffer(task.core, dtype=TILE_FIELDS)
     context = np.frombuffer(task.context, dtype=TILE_FIELDS)
     fields = np.concatenate([core, context]) if len(context) else core
-    classes = np.asarray(classifier.classify(_block(fields)), dtype=np.uint8)[: len(core)]
+    classes = np.asarray(classifier.classify(scaling.block(fields)), dtype=np.uint8)[: len(core)]
     return _counted(task.tile_id, classes, len(context), time.perf_counter() - started)
 
 
 def classify_batch(batch: TileBatch) -> list[TileResult]:
     """Runs on a Dask worker: every tile of the batch, each on its own (as if alone in a task)."""
     classifier = _worker_classifier(batch)
-    return [classify_tile(task, classifier) for task in batch.tiles]
+    return [classify_tile(task, classifier, batch.scaling) for task in batch.tiles]
 
 
 def _worker_classifier(batch: TileBatch) -> Classifier:
@@ -166,28 +197,37 @@ def _environment(defaults: dict[str, str], fixed: dict[str, str]) -> Iterator[No
 
 
 @contextlib.contextmanager
-def dask_client(settings: Settings, workers: int | None = None) -> Iterator[Any]:
-    """A client on POINTFLOW_DASK_ADDRESS, or on a local cluster of `workers` processes.
+def local_cluster(settings: Settings, workers: int | None = None) -> Iterator[Any]:
+    """A local cluster of `workers` processes (POINTFLOW_WORKERS by default), one thread each.
 
-    The local cluster starts its scheduler and workers with `python -m dask`, not with
-    multiprocessing: spawned children re-import the parent's __main__, and inside an Airflow task
-    that is the `airflow` script, which refuses to start without its database.
+    It starts its scheduler and workers with `python -m dask`, not with multiprocessing: spawned
+    children re-import the parent's __main__, and inside an Airflow task that is the `airflow`
+    script, which refuses to start without its database.
     """
-    from distributed import Client
     from distributed.deploy.subprocess import SubprocessCluster
+
+    # The cluster's processes end when this one does (pipelines/orphans.py, loaded by the config).
+    with _environment({"DASK_CONFIG": str(LOCAL_DASK_CONFIG)}, {OWNER_VARIABLE: str(os.getpid())}), SubprocessCluster(
+        n_workers=workers or settings.workers,
+        threads_per_worker=1,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    ) as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def dask_client(settings: Settings, workers: int | None = None, cluster: Any = None) -> Iterator[Any]:
+    """A client on POINTFLOW_DASK_ADDRESS, or on a local cluster of `workers` processes: `cluster`
+    when it is already started (`local_cluster`), else one started here."""
+    from distributed import Client
 
     if settings.dask_address:
         with Client(settings.dask_address, timeout="30s") as client:
             yield client
         return
-    # The cluster's processes end when this one does (pipelines/orphans.py, loaded by the config).
     wanted = workers or settings.workers
-    with _environment({"DASK_CONFIG": str(LOCAL_DASK_CONFIG)}, {OWNER_VARIABLE: str(os.getpid())}), SubprocessCluster(
-        n_workers=wanted,
-        threads_per_worker=1,
-        dashboard_address=":0",
-        silence_logs=logging.ERROR,
-    ) as cluster, Client(cluster) as client:
+    with (contextlib.nullcontext(cluster) if cluster is not None else local_cluster(settings, workers)) as running, Client(running) as client:
         # The cluster returns once its scheduler is up, before its workers have registered: counted
         # then, 2 workers were reported (and the in-flight window sized) as 1.
         wait_for_workers(client, wanted, WORKER_START_SECONDS, "the local Dask cluster")
@@ -252,13 +292,13 @@ class TileFiles:
         return self._maps[key]
 
 
-def _scan(input_path: Path, info, units: CoordinateUnits, grid: TileGrid, tiles: TileFiles, progress: Progress | None) -> None:
+def _scan(input_path: Path, info, scaling: Scaling, grid: TileGrid, tiles: TileFiles, progress: Progress | None) -> None:
     """Partition the input into tiles: every point once as core of its tile, and as context of
     every neighbour whose buffer ring it falls in."""
     done = 0
     for chunk in iter_checked(input_path, info, CHUNK_POINTS):
-        fields = tile_fields(chunk, units)
-        x, y = fields["x"], fields["y"]
+        fields = tile_fields(chunk)
+        x, y = scaling.axis(fields, 0), scaling.axis(fields, 1)
         tiles.append("core", chunk.array, grid.owner(x, y))
         context = list(grid.context(x, y))
         if context:
@@ -324,42 +364,60 @@ def classify_file(
     # Tiles are laid out in metres, like everything the classifiers see.
     grid = TileGrid.covering(tuple(v * units.horizontal for v in info.mins), tuple(v * units.horizontal for v in info.maxs),
                              tile_size, buffer)
+    scaling = scaling_of(header, units)
     timings: dict[str, float] = {}
 
+    early = client is None and not settings.dask_address and info.point_count >= EARLY_CLUSTER_POINTS
+    results: dict[int, TileResult] = {}
+    dashboard, n_workers = None, 0
     with work_dir(settings.scratch_dir, "classify", account_id, job_id) as work:
-        started = time.perf_counter()
         with laspy.open(input_path) as reader:
             header = writable_header(reader.header)
         tiles = TileFiles(work, header.point_format.dtype())
-        _scan(input_path, info, units, grid, tiles, progress)
-        owned, context = tiles.counts("core"), tiles.counts("context")
-        sparse = {t for t in owned if owned[t] + context.get(t, 0) < MIN_TILE_POINTS}
-        timings["scan_s"] = time.perf_counter() - started
+        # The output is written while tiles are classified and renamed into place only once the
+        # cluster is closed and every point written: a failure on the way never leaves it behind.
+        with _TileWriter(header, tiles, work / "classified.laz" if copc else output_path, progress) as writer:
+            with contextlib.ExitStack() as clients:
+                started = time.perf_counter()
+                # A large file's local cluster is started first: this returns once its scheduler is
+                # up and its worker processes are launched, and they start (seconds of imports)
+                # while the file is scanned. (Started from a thread instead, a 50 M point run once
+                # never got its workers.)
+                early_cluster = clients.enter_context(local_cluster(settings, workers)) if early else None
+                _scan(input_path, info, scaling, grid, tiles, progress)
+                owned, context = tiles.counts("core"), tiles.counts("context")
+                sparse = {t for t in owned if owned[t] + context.get(t, 0) < MIN_TILE_POINTS}
+                timings["scan_s"] = time.perf_counter() - started
 
-        def tile_task(t: int) -> TileTask:
-            core = laspy.ScaleAwarePointRecord(tiles.read("core", t), header.point_format, header.scales, header.offsets)
-            return TileTask(t, tile_fields(core, units).tobytes(), tiles.read("context", t).tobytes())
+                def tile_task(t: int) -> TileTask:
+                    core = laspy.PackedPointRecord(tiles.read("core", t), header.point_format)
+                    return TileTask(t, tile_fields(core).tobytes(), tiles.read("context", t).tobytes())
 
-        def batch(tile_ids: list[int]) -> TileBatch:
-            return TileBatch(tuple(tile_task(t) for t in tile_ids), model.name, model.params, model_bytes, model.version)
+                def batch(tile_ids: list[int]) -> TileBatch:
+                    return TileBatch(tuple(tile_task(t) for t in tile_ids), scaling, model.name, model.params, model_bytes, model.version)
 
-        started = time.perf_counter()
-        modelled = {t: n for t, n in owned.items() if t not in sparse}
-        results = {t: _counted(t, np.full(owned[t], UNCLASSIFIED, dtype=np.uint8), context.get(t, 0), 0.0) for t in sparse}
-        dashboard, n_workers = None, 0
-        if modelled:
-            with (contextlib.nullcontext(client) if client is not None else dask_client(settings, workers)) as active:
-                dashboard = getattr(active, "dashboard_link", None)
-                if dashboard and len(modelled) > 1:
-                    log.info("Dask dashboard: %s", dashboard)
-                # Every worker of a local cluster has registered (dask_client waits for them); a
-                # remote scheduler's workers come and go, so take the count at hand, at least one.
-                n_workers = wait_for_workers(active, 1, WORKER_START_SECONDS, "the Dask scheduler")
-                results |= _run_tiles(active, _batches(modelled, context), batch, n_workers, len(owned), progress)
-        timings["classify_s"] = time.perf_counter() - started
-
-        started = time.perf_counter()
-        written = _write(header, tiles, results, work / "classified.laz" if copc else output_path, progress)
+                modelled = {t: n for t, n in owned.items() if t not in sparse}
+                results = {t: _counted(t, np.full(owned[t], UNCLASSIFIED, dtype=np.uint8), context.get(t, 0), 0.0) for t in sparse}
+                # Tiles are written in id order as their classes come in, while the next ones are classified.
+                writer.plan(sorted(owned))
+                writer.ready(results)
+                if modelled:
+                    # classify_s: from here, the cluster's start included (what is left of it after the scan).
+                    started = time.perf_counter()
+                    active = client if client is not None else clients.enter_context(
+                        dask_client(settings, workers, early_cluster))
+                    dashboard = getattr(active, "dashboard_link", None)
+                    if dashboard and len(modelled) > 1:
+                        log.info("Dask dashboard: %s", dashboard)
+                    # Every worker of a local cluster has registered (dask_client waits for them); a
+                    # remote scheduler's workers come and go, so take the count at hand, at least one.
+                    n_workers = wait_for_workers(active, 1, WORKER_START_SECONDS, "the Dask scheduler")
+                    for finished in _run_tiles(active, _batches(modelled, context), batch, n_workers, len(owned), progress):
+                        results |= finished
+                        writer.ready(finished)
+                    timings["classify_s"] = time.perf_counter() - started
+                started = time.perf_counter()
+        written = writer.written
         timings["write_s"] = time.perf_counter() - started
         if copc:
             started = time.perf_counter()
@@ -389,7 +447,8 @@ def classify_file(
 
 
 def _run_tiles(client: Any, batches: list[list[int]], make_batch: Callable[[list[int]], TileBatch], n_workers: int, total_tiles: int,
-               progress: Progress | None) -> dict[int, TileResult]:  # fmt: skip
+               progress: Progress | None) -> Iterator[dict[int, TileResult]]:  # fmt: skip
+    """Each finished task's results, as they come in."""
     import dask
     from distributed import as_completed
 
@@ -404,19 +463,20 @@ def _run_tiles(client: Any, batches: list[list[int]], make_batch: Callable[[list
 
     # A tile's points travel inside its task on purpose (see the module docstring); Dask's
     # warning about large graphs assumes data that could be loaded on the workers instead.
-    results: dict[int, TileResult] = {}
+    done = 0
     with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1GiB"}):
         running = as_completed([submit(b) for _, b in zip(range(window), pending)])
         for future in running:
-            for result in future.result():
-                results[result.tile_id] = result
+            finished = {result.tile_id: result for result in future.result()}
             future.release()
             following = next(pending, None)
             if following is not None:
+                # Sent before the caller writes what came in, so the workers are not kept waiting.
                 running.add(submit(following))
+            done += len(finished)
             if progress:
-                progress("classify", len(results), total_tiles)
-    return results
+                progress("classify", done, total_tiles)
+            yield finished
 
 
 # The oldest LAS version laspy writes that holds each point format (it writes neither 1.0 nor COPC).
@@ -440,37 +500,70 @@ def writable_header(header: laspy.LasHeader) -> laspy.LasHeader:
     return out
 
 
-def _write(header: laspy.LasHeader, tiles: TileFiles, results: dict[int, TileResult], output_path: Path, progress: Progress | None) -> int:
-    compress = output_path.suffix.lower() == ".laz"
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = output_path.with_name(f".{output_path.name}.partial")
-    written = 0
-    pending: list[tuple[np.ndarray, bytes]] = []
-    try:
-        with laspy.open(partial, mode="w", header=header, do_compress=compress, laz_backend=laspy.LazBackend.LazrsParallel if compress else None) as writer:
+class _TileWriter:
+    """The output, written tile by tile in id order (the order of the file's tiles, whatever order
+    their classes come in) to a temporary name, renamed at the end: a failure never leaves a partial file."""
 
-            def flush() -> None:
-                # Many small tiles go out in one call: the writer's cost is per call, not per point.
-                records = laspy.PackedPointRecord(np.concatenate([raw for raw, _ in pending]), header.point_format)
-                records.classification = np.frombuffer(b"".join(classes for _, classes in pending), dtype=np.uint8)
-                writer.write_points(records)
-                pending.clear()
+    def __init__(self, header: laspy.LasHeader, tiles: TileFiles, output_path: Path, progress: Progress | None) -> None:
+        self.header, self.tiles, self.output_path, self.progress = header, tiles, output_path, progress
+        self.order: list[int] = []
+        self.writer: Any = None
+        self.partial = output_path.with_name(f".{output_path.name}.partial")
+        self.classes: dict[int, bytes] = {}
+        self.next = 0  # position in `order` of the next tile to write
+        self.pending: list[tuple[np.ndarray, bytes]] = []
+        self.buffered = 0
+        self.written = 0
 
-            buffered = 0
-            for done, tile_id in enumerate(sorted(results), 1):
-                raw = tiles.read("core", tile_id)
-                pending.append((raw, results[tile_id].classes))
-                buffered += len(raw)
-                written += len(raw)
-                if buffered >= CHUNK_POINTS:
-                    flush()
-                    buffered = 0
-                if progress:
-                    progress("write", done, len(results))
-            if pending:
-                flush()
-        os.replace(partial, output_path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return written
+    def __enter__(self) -> _TileWriter:
+        return self
+
+    def plan(self, order: list[int]) -> None:
+        """The tiles to write, in the order to write them: the output is created now, once the input is known good."""
+        self.order = order
+        compress = self.output_path.suffix.lower() == ".laz"
+        self.output_path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = laspy.open(self.partial, mode="w", header=self.header, do_compress=compress,
+                                 laz_backend=laspy.LazBackend.LazrsParallel if compress else None)
+
+    def ready(self, results: dict[int, TileResult]) -> None:
+        """Take these tiles' classes; write every tile whose predecessors are all written."""
+        self.classes.update((t, r.classes) for t, r in results.items())
+        while self.next < len(self.order) and self.order[self.next] in self.classes:
+            tile_id = self.order[self.next]
+            raw = self.tiles.read("core", tile_id)
+            self.pending.append((raw, self.classes.pop(tile_id)))
+            self.buffered += len(raw)
+            self.written += len(raw)
+            self.next += 1
+            if self.buffered >= CHUNK_POINTS:
+                self._flush()
+            if self.progress:
+                self.progress("write", self.next, len(self.order))
+
+    def _flush(self) -> None:
+        # Many small tiles go out in one call: the writer's cost is per call, not per point.
+        if not self.pending:
+            return
+        records = laspy.PackedPointRecord(np.concatenate([raw for raw, _ in self.pending]), self.header.point_format)
+        records.classification = np.frombuffer(b"".join(classes for _, classes in self.pending), dtype=np.uint8)
+        self.writer.write_points(records)
+        self.pending.clear()
+        self.buffered = 0
+
+    def __exit__(self, kind, error, trace) -> None:
+        if self.writer is None:
+            return
+        try:
+            if kind is None:
+                if self.next != len(self.order):
+                    raise RuntimeError(f"{len(self.order) - self.next} tile(s) were never classified")
+                self._flush()
+            self.writer.close()
+            if kind is None:
+                os.replace(self.partial, self.output_path)
+        except BaseException:
+            self.partial.unlink(missing_ok=True)
+            raise
+        if kind is not None:
+            self.partial.unlink(missing_ok=True)

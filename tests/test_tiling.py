@@ -8,6 +8,7 @@ import laspy
 import numpy as np
 import pytest
 
+from pipelines import classify
 from pipelines.classify import classify_file, wait_for_workers
 from pipelines.gate import NotPointCloudError
 from pipelines.settings import ClusterStartError
@@ -130,6 +131,25 @@ def test_truncated_input_fails_cleanly_without_output(tmp_path: Path, settings, 
     with pytest.raises(NotPointCloudError, match="corrupt or truncated"):
         classify_file(source, output, settings, client=client)
     assert not output.exists()
+    assert list(settings.scratch_dir.glob("*")) == []
+
+
+def test_a_cluster_started_while_scanning_gives_the_same_file_and_a_failed_scan_leaves_nothing(
+        tmp_path: Path, settings, client, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = shared_file("isprs/samp11.las")
+    reference, early = tmp_path / "reference.las", tmp_path / "early.las"
+    classify_file(source, reference, settings, tile_size=40, buffer=15, client=client)
+    # Large files start their local cluster during the scan: make this small one do so.
+    monkeypatch.setattr(classify, "EARLY_CLUSTER_POINTS", 0)
+    result = classify_file(source, early, settings, tile_size=40, buffer=15, workers=2)
+    assert result.workers == 2 and result.timings["scan_s"] > 0
+    assert laspy.read(early).points.array.tobytes() == laspy.read(reference).points.array.tobytes()
+
+    cut, output = tmp_path / "cut.laz", tmp_path / "out" / "out.laz"
+    cut.write_bytes(shared_file("lidr_megaplot.laz").read_bytes()[:200_000])
+    with pytest.raises(NotPointCloudError, match="corrupt or truncated"):
+        classify_file(cut, output, settings, workers=1)
+    assert not output.parent.exists()
     assert list(settings.scratch_dir.glob("*")) == []
 
 
