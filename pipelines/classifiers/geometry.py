@@ -39,14 +39,17 @@ def window_counts(grid: Grid, layers: list[tuple[np.ndarray, np.ndarray | None]]
 def box_sum(stack: np.ndarray, window: int) -> np.ndarray:
     """Sum over window x window cells (zero outside) of each layer of a (k, ny, nx) stack."""
     if window == 3:
-        # Shift-and-add, one layer at a time to keep temporaries small.
+        # Shift-and-add, one layer at a time to keep temporaries small, each sum written where it
+        # goes (no copies: this pass is memory-bound). The additions and their order are those of
+        # rows = l[i] + l[i-1] + l[i+1], then rows[j] + rows[j-1] + rows[j+1]: the same bits.
         out = np.empty_like(stack)
+        rows = np.empty_like(stack[0])
         for layer, summed in zip(stack, out, strict=True):
-            rows = layer.copy()
-            rows[1:] += layer[:-1]
+            rows[0] = layer[0]
+            np.add(layer[1:], layer[:-1], out=rows[1:])
             rows[:-1] += layer[1:]
-            summed[:] = rows
-            summed[:, 1:] += rows[:, :-1]
+            summed[:, 0] = rows[:, 0]
+            np.add(rows[:, 1:], rows[:, :-1], out=summed[:, 1:])
             summed[:, :-1] += rows[:, 1:]
         return out
     summed = ndimage.uniform_filter(stack, size=(1, window, window), mode="constant")
