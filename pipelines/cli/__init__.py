@@ -26,7 +26,14 @@ COMMAND_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+# `pointflow classify …` builds a parser of that one command, so it imports only what classifying
+# needs: the other commands' modules import the catalog, billing and Airflow helpers, a second or
+# more of a classification's start.
+SINGLE_COMMANDS = {"classify": "pipelines.cli.classify"}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or only `command`'s when it is one of SINGLE_COMMANDS."""
     parser = argparse.ArgumentParser(
         prog="pointflow",
         description=(
@@ -38,13 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pointflow {__version__}")
     parser.add_argument("--verbose", action="store_true", help="show library and Airflow logging here too (by default it goes to $POINTFLOW_HOME/logs/pointflow.log)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    for name in [SINGLE_COMMANDS[command]] if command in SINGLE_COMMANDS else COMMAND_MODULES:
         importlib.import_module(name).register(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     # Our own progress notes (report locations, the Dask dashboard link) go to stderr; libraries'
     # logging to the log file, Dask's included (its cluster's start-up notes, also in the local
     # cluster's processes, which log to their own stderr).

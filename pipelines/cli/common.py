@@ -7,10 +7,12 @@ import json
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipelines.catalog import Catalog
 from pipelines.settings import Settings
+
+if TYPE_CHECKING:
+    from pipelines.catalog import Catalog
 
 
 class CommandError(Exception):
@@ -22,6 +24,8 @@ def settings_from_env() -> Settings:
 
 
 def open_catalog(settings: Settings) -> Catalog:
+    from pipelines.catalog import Catalog
+
     catalog = Catalog(settings.database_url)
     catalog.migrate()
     return catalog
@@ -34,24 +38,28 @@ def print_json(value: Any) -> None:
 
 def run_handler(args: argparse.Namespace) -> int:
     """Run the chosen command; expected failures become `pointflow: error: ...` without a traceback."""
-    from sqlalchemy.exc import DBAPIError
-
-    from pipelines.catalog.db import database_failure
-    from pipelines.errors import USER_ERRORS
-
     try:
         return int(args.handler(args) or 0)
-    except (CommandError, *USER_ERRORS) as error:
-        print(f"pointflow: error: {error}", file=sys.stderr)
-        return 2
-    except DBAPIError as error:
-        print(f"pointflow: error: {database_failure(settings_from_env().database_url, error)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("pointflow: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return _reader_gone()
+    except Exception as error:
+        # What tells the expected failures apart is imported only when one happens: the catalog,
+        # the stack and the stores are seconds of imports that `pointflow classify` never needs.
+        from sqlalchemy.exc import DBAPIError
+
+        from pipelines.catalog.db import database_failure
+        from pipelines.errors import USER_ERRORS
+
+        if isinstance(error, (CommandError, *USER_ERRORS)):
+            print(f"pointflow: error: {error}", file=sys.stderr)
+            return 2
+        if isinstance(error, DBAPIError):
+            print(f"pointflow: error: {database_failure(settings_from_env().database_url, error)}", file=sys.stderr)
+            return 2
+        if isinstance(error, BrokenPipeError):
+            return _reader_gone()
+        raise
 
 
 def _reader_gone() -> int:
