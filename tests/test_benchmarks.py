@@ -61,3 +61,17 @@ def test_low_noise_is_appended_below_the_points_it_copies_and_left_out_of_the_sc
     assert noisy.return_number[len(item.block):].tolist() == [1] * added
     perfect = np.where(item.labels == 2, 2, 1).astype(np.uint8)
     assert total_error(item, np.concatenate([perfect, np.full(added, 2, np.uint8)])) == 0.0
+
+
+def test_custom_benchmark_cuts_where_every_class_is_on_both_sides() -> None:
+    """A class found only in the west is not split away by a west/east cut: the cut runs along y."""
+    from benchmarks.custom import halves
+    from pipelines.classifiers import PointBlock
+
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 100, 4000), rng.uniform(0, 100, 4000)
+    labels = np.where(x < 30, 6, 2).astype(np.uint8)
+    lower = halves(PointBlock(x, y, np.zeros_like(x)), labels, np.ones(x.size, dtype=bool))
+    for code in (2, 6):
+        assert np.count_nonzero(lower & (labels == code)) and np.count_nonzero(~lower & (labels == code))
+    np.testing.assert_array_equal(lower, y < np.median(y))
