@@ -1,15 +1,21 @@
-"""End-to-end speed and peak memory: LAZ in -> classified LAZ out, with 1 and 2 Dask workers, next to CSF;
-then the COPC export of the classified file, read back and checked with laspy's COPC reader.
+"""End-to-end speed and peak memory: `pointflow classify BIG.laz OUT.laz` as a user runs it, next to
+CSF on the same file; a scaling table (1 M, 10 M, 50 M points); then the COPC export of the
+classified file, read back and checked with laspy's COPC reader.
 
-Run from the repository root:  python -m benchmarks.speed [--points N] [--workers 1,2] [--no-csf]
+Run from the repository root:
+    python -m benchmarks.speed [--points N] [--workers 2] [--scaling 1,10,50] [--no-csf] [--no-copc]
 
 The input is built once (cached in benchmarks/out/) by laying copies of the IGN Saint-Barthelemy
-sample side by side with offsets until it holds at least N points (default 10 million). Times are
-wall clock for pointflow.classify.classify_file, which reads, tiles, classifies on a local Dask
-cluster and writes; the cluster's start-up is reported separately. Peak memory is the largest sum
-of resident memory of this process and all its children (scheduler, nannies, workers), sampled
-every 0.1 s. CSF (cloth-simulation-filter, defaults) runs on the same file with the same laspy
-reading and writing, in one process: it has no tiling of its own.
+sample side by side with offsets until it holds at least N points (default 10 million). pointflow
+runs as the installed `pointflow classify` command in a fresh process with its default settings
+(standard classifier, a local Dask cluster of --workers processes), timed from the command's start
+to its end: process start, imports, cluster start, scan, classification and writing all count.
+Peak memory is the largest sum of resident memory of this process tree (the command, its Dask
+scheduler, nannies and workers), sampled every 0.1 s; CPU seconds are per process of the tree (the
+last sample of each), so a loaded machine shows in wall time but much less in CPU time. Where the
+seconds go comes from the command's --json timings. CSF (cloth-simulation-filter, defaults) runs on
+the same file with laspy reading and writing, in one process (it has no tiling of its own), in a
+fresh process too, so both pay their own imports.
 
 The COPC export (pipelines.copc.write_copc, in this process) is timed from the classified LAZ to
 the .copc.laz. The check that follows streams both files: every point present once with its
@@ -21,22 +27,23 @@ exactly the points (and classes) the classified file has there.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import laspy
 import numpy as np
 import psutil
 
-from pipelines.classify import classify_file, dask_client
 from pipelines.copc import CopcSummary, write_copc
 from pipelines.lasio import iter_chunks
-from pipelines.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -44,29 +51,66 @@ OUT = ROOT / "benchmarks" / "out"
 
 
 class PeakMemory:
-    """Largest resident memory of this process tree seen while the block runs."""
+    """Largest resident memory of a process tree seen while the block runs (this process's, or the
+    one of the process given to `watch`), and the CPU seconds each process in it used meanwhile, by
+    role: the command (or this process), the Dask scheduler, nannies and workers."""
 
     def __init__(self) -> None:
         self.peak = 0
+        self.cpu: dict[int, tuple[str, float]] = {}
+        self._roles: dict[int, str] = {}
+        self._before: dict[int, float] = {}
         self._stop = threading.Event()
 
-    def _sample(self) -> None:
-        me = psutil.Process()
+    def _role(self, process: psutil.Process, root: psutil.Process) -> str:
+        if process.pid not in self._roles:
+            command = " ".join(process.cmdline())
+            self._roles[process.pid] = (
+                "scheduler" if "distributed.Scheduler" in command
+                else "nannies" if "distributed.Nanny" in command
+                else "workers" if self._roles.get(process.ppid()) == "nannies"
+                else "command" if process.pid == root.pid
+                else "other"
+            )
+        return self._roles[process.pid]
+
+    @staticmethod
+    def _seconds(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    def _sample(self, root: psutil.Process) -> None:
         while not self._stop.is_set():
             total = 0
-            for process in [me, *me.children(recursive=True)]:
+            try:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                tree = []
+            for process in tree:
                 try:
                     total += process.memory_info().rss
+                    seconds = self._seconds(process) - self._before.get(process.pid, 0.0)
+                    self.cpu[process.pid] = (self._role(process, root), seconds)
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
             self._stop.wait(0.1)
 
+    def cpu_by_role(self) -> dict[str, float]:
+        roles: dict[str, float] = {}
+        for role, seconds in self.cpu.values():
+            roles[role] = roles.get(role, 0.0) + seconds
+        return roles
+
     @contextmanager
-    def watch(self):
+    def watch(self, pid: int | None = None):
+        root = psutil.Process(pid)
         self.peak = 0
+        self.cpu, self._roles = {}, {}
+        # This process has run before the block: count only what it uses in it.
+        self._before = {} if pid is not None else {root.pid: self._seconds(root)}
         self._stop.clear()
-        thread = threading.Thread(target=self._sample, daemon=True)
+        thread = threading.Thread(target=self._sample, args=(root,), daemon=True)
         thread.start()
         try:
             yield self
@@ -107,50 +151,65 @@ class Run:
     name: str
     points: int
     seconds: float
-    startup_seconds: float
     peak_bytes: int
+    cpu: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.points / self.seconds / 1e6
 
     def row(self) -> str:
-        rate = self.points / self.seconds / 1e6
-        return f"{self.name:<28} {self.points:>12,} {self.seconds:>9.1f} {rate:>9.2f} {self.startup_seconds:>9.1f} {self.peak_bytes / 2**30:>9.2f}"
+        return f"{self.name:<34} {self.points:>12,} {self.seconds:>9.1f} {self.rate:>9.2f} {sum(self.cpu.values()):>9.1f} {self.peak_bytes / 2**30:>9.2f}"
 
 
-def run_pointflow(source: Path, workers: int, settings: Settings, memory: PeakMemory) -> Run:
+def _fresh_process(command: list[str], memory: PeakMemory, cwd: Path | None = None) -> tuple[float, str]:
+    """Run `command` (its output captured), watching its process tree; wall seconds and its stdout."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    with memory.watch(process.pid):
+        stdout, stderr = process.communicate()
+        seconds = time.perf_counter() - started
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
+    return seconds, stdout
+
+
+def run_pointflow(source: Path, workers: int, memory: PeakMemory) -> Run:
+    """`pointflow classify` as a user runs it, with --json for where the time went."""
     output = OUT / f"classified_{workers}w.laz"
-    with memory.watch():
-        started = time.perf_counter()
-        with dask_client(settings, workers) as client:
-            ready = time.perf_counter()
-            result = classify_file(source, output, settings, client=client)
-            finished = time.perf_counter()
-    print(f"  {workers} worker(s): {result.tiles} tiles, timings {result.timings}", flush=True)
-    return Run(f"pointflow standard, {workers} worker(s)", result.output_points, finished - ready, ready - started, memory.peak)
+    command = [str(Path(sys.executable).with_name("pointflow")), "classify", str(source), str(output), "--workers", str(workers), "--json"]
+    seconds, stdout = _fresh_process(command, memory)
+    result = json.loads(stdout)
+    timings = {"start, imports, settings": seconds - sum(result["timings"].values()), **result["timings"]}
+    return Run(f"pointflow classify, {result['workers']} worker(s)", result["output_points"], seconds, memory.peak, memory.cpu_by_role(), timings)
+
+
+CSF_SCRIPT = """
+import os, sys
+import CSF, laspy, numpy as np
+data = laspy.read(sys.argv[1])
+cloth = CSF.CSF()
+cloth.setPointCloud(np.vstack([data.x, data.y, data.z]).T)
+ground, other = CSF.VecInt(), CSF.VecInt()
+devnull, saved = os.open(os.devnull, os.O_WRONLY), os.dup(1)
+os.dup2(devnull, 1)  # CSF prints its progress straight to stdout
+try:
+    cloth.do_filtering(ground, other)
+finally:
+    os.dup2(saved, 1)
+classes = np.ones(len(data), dtype=np.uint8)
+classes[np.asarray(ground, dtype=np.int64)] = 2
+data.classification = classes
+data.write(sys.argv[2])
+print(len(data))
+"""
 
 
 def run_csf(source: Path, memory: PeakMemory) -> Run:
-    import CSF
-
-    output = OUT / "classified_csf.laz"
-    with memory.watch():
-        started = time.perf_counter()
-        data = laspy.read(source)
-        cloth = CSF.CSF()
-        cloth.setPointCloud(np.vstack([data.x, data.y, data.z]).T)
-        ground, other = CSF.VecInt(), CSF.VecInt()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        saved = os.dup(1)
-        os.dup2(devnull, 1)  # CSF prints its progress straight to stdout
-        try:
-            cloth.do_filtering(ground, other)
-        finally:
-            os.dup2(saved, 1)
-            os.close(devnull)
-        classes = np.ones(len(data), dtype=np.uint8)
-        classes[np.asarray(ground, dtype=np.int64)] = 2
-        data.classification = classes
-        data.write(output)
-        finished = time.perf_counter()
-    return Run("CSF (ground only), 1 process", len(data), finished - started, 0.0, memory.peak)
+    # CSF writes its cloth to the working directory: it runs in OUT.
+    seconds, stdout = _fresh_process([sys.executable, "-c", CSF_SCRIPT, str(source), str(OUT / "classified_csf.laz")], memory, cwd=OUT)
+    return Run("CSF (ground only), 1 process", int(stdout.split()[-1]), seconds, memory.peak, memory.cpu_by_role())
 
 
 def run_copc(classified: Path, memory: PeakMemory) -> Run:
@@ -159,10 +218,11 @@ def run_copc(classified: Path, memory: PeakMemory) -> Run:
         started = time.perf_counter()
         summary = write_copc(classified, target, OUT / "scratch")
         finished = time.perf_counter()
+        cpu = memory.cpu_by_role()
     print(f"  COPC: {summary.nodes} nodes, points per level {summary.points_per_level}, {target.stat().st_size / 2**20:.0f} MiB "
           f"(the LAZ: {classified.stat().st_size / 2**20:.0f} MiB)", flush=True)
     print(f"  COPC read back: {check_copc(classified, target, summary)}", flush=True)
-    return Run("COPC export of the result", summary.points, finished - started, 0.0, memory.peak)
+    return Run("COPC export of the result", summary.points, finished - started, memory.peak, cpu)
 
 
 def _fingerprint(points) -> tuple[int, np.ndarray]:
@@ -211,26 +271,49 @@ def check_copc(classified: Path, copc: Path, summary: CopcSummary) -> str:
             f"bounds query over the middle: {len(found):,} points, all of them and only them")
 
 
+def profile(run: Run) -> str:
+    """Where the command's seconds went (its --json timings) and whose CPU seconds they were."""
+    stages = ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s" for name, seconds in run.timings.items())
+    cpu = ", ".join(f"{role} {seconds:.1f} s" for role, seconds in sorted(run.cpu.items(), key=lambda item: -item[1]) if seconds >= 0.05)
+    return f"  {run.name}: wall {run.seconds:.1f} s = {stages}\n  CPU {sum(run.cpu.values()):.1f} s: {cpu}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, default=10_000_000, help="minimum points in the input (default 10,000,000)")
-    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts (default 1,2)")
+    parser.add_argument("--workers", type=int, default=2, help="Dask workers of the command's local cluster (default 2)")
+    parser.add_argument("--scaling", default="1,10,50", help="millions of points for the scaling table, comma-separated ('' for none; default 1,10,50)")
     parser.add_argument("--no-csf", action="store_true", help="skip CSF")
+    parser.add_argument("--no-copc", action="store_true", help="skip the COPC export")
     args = parser.parse_args(argv)
 
     source = build_input(args.points)
-    settings = Settings.from_env()
     memory = PeakMemory()
-    print(f"input: {source} ({laspy.open(source).header.point_count:,} points, {source.stat().st_size / 2**20:.0f} MiB)", flush=True)
-    workers = [int(n) for n in args.workers.split(",")]
-    runs = [run_pointflow(source, n, settings, memory) for n in workers]
-    runs.append(run_copc(OUT / f"classified_{workers[0]}w.laz", memory))
+    print(f"input: {source} ({laspy.open(source).header.point_count:,} points, {source.stat().st_size / 2**20:.0f} MiB); "
+          f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} cores", flush=True)
+    ours = run_pointflow(source, args.workers, memory)
+    print(profile(ours), flush=True)
+    runs = [ours]
     if not args.no_csf:
         runs.append(run_csf(source, memory))
+    if not args.no_copc:
+        runs.append(run_copc(OUT / f"classified_{args.workers}w.laz", memory))
     print()
-    print(f"{'end to end (LAZ -> LAZ)':<28} {'points':>12} {'seconds':>9} {'Mpts/s':>9} {'startup s':>9} {'peak GiB':>9}")
+    print(f"{'end to end (LAZ -> LAZ)':<34} {'points':>12} {'seconds':>9} {'Mpts/s':>9} {'CPU s':>9} {'peak GiB':>9}")
     for run in runs:
         print(run.row())
+    if not args.no_csf:
+        print(f"pointflow / CSF: {runs[1].seconds / ours.seconds:.2f}x as fast (same file, same session)")
+
+    sizes = [float(v) for v in args.scaling.split(",") if v.strip()]
+    if sizes:
+        print(f"\nscaling, pointflow classify with {args.workers} worker(s) (time linear in points, memory flat):")
+        print(f"{'points':>12} {'seconds':>9} {'Mpts/s':>9} {'CPU s':>9} {'peak GiB':>9}")
+        for millions in sizes:
+            scaled = source if int(millions * 1e6) == args.points else build_input(int(millions * 1e6))
+            run = ours if scaled == source else run_pointflow(scaled, args.workers, memory)
+            print(f"{run.points:>12,} {run.seconds:>9.1f} {run.rate:>9.2f} {sum(run.cpu.values()):>9.1f} {run.peak_bytes / 2**30:>9.2f}", flush=True)
+    print(f"load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":
