@@ -95,7 +95,7 @@ def build_artifacts(classified: Path, workdir: Path, stem: str, export_format: s
 
 def software_versions() -> dict[str, str]:
     """What produced an export, down to the libraries that read, classify and write the points."""
-    return {"pointflow": __version__, "python": platform.python_version(), **{name: metadata.version(name) for name in ("laspy", "lazrs", "numpy", "scipy", "scikit-learn")}}
+    return {"pointflow": __version__, "python": platform.python_version(), **{name: metadata.version(name) for name in ("laspy", "lazrs", "numpy", "scipy", "lightgbm")}}
 
 
 def build_manifest(job: dict[str, Any], input_file: dict[str, Any], artifacts: list[dict[str, Any]], summary: dict[str, Any], coordinates: CoordinateFrame, created_at: datetime) -> dict[str, Any]:

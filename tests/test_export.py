@@ -75,7 +75,7 @@ def test_the_manifest_says_when_what_and_in_which_units(runtime: Runtime, pro: s
     assert manifest["coordinates"] == {"crs": "WGS 84 / UTM zone 32N", "epsg": 32632, "horizontal": "metre", "vertical": "metre",
                                        "metres_per_unit": [1.0, 1.0], "assumed": False, "axes": ["Easting", "Northing"]}
     assert manifest["software"]["pointflow"] == __version__ and manifest["software"]["laspy"] == laspy.__version__
-    assert {"python", "lazrs", "numpy", "scipy", "scikit-learn"} <= set(manifest["software"])
+    assert {"python", "lazrs", "numpy", "scipy", "lightgbm"} <= set(manifest["software"])
 
 
 def test_las_export_format(runtime: Runtime, pro: str, scene_path: Path, tmp_path: Path) -> None:
