@@ -75,3 +75,12 @@ def test_custom_benchmark_cuts_where_every_class_is_on_both_sides() -> None:
     for code in (2, 6):
         assert np.count_nonzero(lower & (labels == code)) and np.count_nonzero(~lower & (labels == code))
     np.testing.assert_array_equal(lower, y < np.median(y))
+
+
+def test_billing_benchmark_runs_small_and_a_rerun_creates_nothing(capsys: pytest.CaptureFixture) -> None:
+    from benchmarks.billing import main
+
+    assert main(["--accounts", "30", "--events", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "loaded 30 accounts and 300 events" in out
+    assert "nothing created" in out
