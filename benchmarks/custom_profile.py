@@ -1,0 +1,90 @@
+"""Where a custom model's prediction time goes, per point, against `standard`.
+
+Run from the repository root:  python -m benchmarks.custom_profile [--scenes NAME,...] [--repeats N]
+
+For each scene, a model is trained on one half as in `benchmarks.custom`, and then the parts of
+`TrainedModel.predict` on the other half are timed separately: the ground model and standard's classes
+(which `point_features` shares with `standard`), each neighbourhood scale of the features, the
+context of standard's classes, and the trees (LightGBM, one thread, raw scores, as `predict_features`
+calls it), plus the trees with LightGBM's default threads. Figures are CPU seconds of this process
+(user + sys), the least of `--repeats` runs, in microseconds per point and as a multiple of the
+whole `standard` classifier on the same points: the machine is shared, so wall time says little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from benchmarks.custom import cpu_seconds, halves, scored, subset
+from benchmarks.labelled import DEFAULT_DATA, load
+from pipelines.classifiers import features
+from pipelines.classifiers.ground import ground_model
+from pipelines.classifiers.standard import StandardClassifier, StandardParams, standard_classes
+from pipelines.classifiers.trained import train
+
+SCENES: tuple[str, ...] = ("ign_st_barth_100m.laz", "corpus/IGN_montpellier_6tiles.laz")
+
+
+def least_cpu(run: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = cpu_seconds()
+        run()
+        best = min(best, cpu_seconds() - started)
+    return best
+
+
+def profile(relative: str, repeats: int) -> list[tuple[str, float]]:
+    scene = load(DEFAULT_DATA, relative, "")
+    block, labels = scene.block, scene.labels
+    keep = scored(scene.name, labels)
+    lower = halves(block, labels, keep)
+    learn, test = subset(block, lower), subset(block, ~lower)
+    model = train([learn], [np.where(keep[lower], labels[lower], 0)], ignore_classes=(0,))
+    params = StandardParams()
+    ground = ground_model(test, params.ground)
+    standard = standard_classes(test, ground, params)
+    matrix = features.point_features(test)
+    # As `point_features` does: shapes from heights above the morphological surface.
+    shapes = dataclasses.replace(ground, height=ground.provisional_height)
+    base = features.base_cell(shapes)
+    scratch = np.zeros((len(test), len(features._PER_SCALE)), dtype=np.float32)
+    parts = [
+        ("standard, whole", lambda: StandardClassifier(params).classify(test)),
+        ("custom, whole (predict)", lambda: model.predict(test)),
+        ("  ground model", lambda: ground_model(test, params.ground)),
+        ("  standard's classes", lambda: standard_classes(test, ground, params)),
+        ("  features, whole", lambda: features.point_features(test)),
+        *[(f"    scale {scale} ({base * scale:g} m cells)",
+           lambda scale=scale: features._scale_features(test, shapes, base * scale, scratch))
+          for scale in features.SCALES],
+        ("    context of standard's classes", lambda: features._context_features(test, standard)),
+        (f"  trees ({model.booster.num_trees()}), 1 thread", lambda: model.predict_features(matrix)),
+        ("  trees, LightGBM's default threads",
+         lambda: model.booster.predict(matrix, raw_score=True)),
+    ]
+    print(f"{scene.name}: {len(test):,} points classified, classes {list(model.classes)}, "
+          f"base cell {base:g} m")
+    rows = [(name, least_cpu(run, repeats)) for name, run in parts]
+    reference = rows[0][1]
+    for name, seconds in rows:
+        print(f"  {name:38s} {seconds:7.3f} s cpu  {seconds / len(test) * 1e6:6.2f} us/point  "
+              f"{seconds / reference:5.2f} x standard")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenes", default=None, help="comma-separated scene files under the data folder")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each part; the least CPU time counts")
+    args = parser.parse_args(argv)
+    for relative in args.scenes.split(",") if args.scenes else SCENES:
+        profile(relative, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
