@@ -44,6 +44,16 @@ def pointflow(*args: str, home: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=300)
 
 
+def test_classify_of_a_file_too_sparse_to_model_says_no_cluster_was_needed(home: Path, tmp_path: Path) -> None:
+    from tests.hostile import sparse
+
+    source = sparse(tmp_path / "sparse.las", 200, 400_000.0)
+    result = pointflow("classify", str(source), str(tmp_path / "out.laz"), home=home)
+    assert result.returncode == 0, result.stderr
+    assert "200 point(s) in tiles with fewer than" in result.stdout, result.stdout
+    assert "without a cluster (nothing to model)" in result.stdout, result.stdout
+
+
 def test_classify_real_file_writes_ground_as_class_2(home: Path, tmp_path: Path) -> None:
     source = shared_file("isprs/samp11.las")
     output = tmp_path / "out.laz"

@@ -72,5 +72,7 @@ def _classify(args: argparse.Namespace) -> int:
     print(f"coordinates: {result.units.describe()}")
     if result.sparse_points:
         print(f"{result.sparse_points:,} point(s) in tiles with fewer than {MIN_TILE_POINTS} points around them: too sparse to model, written as class 1")
-    print(f"{result.tiles} tile(s) on {result.workers} worker(s) in {seconds:.1f} s ({result.output_points / max(seconds, 1e-9) / 1e6:.2f} M points/s)")
+    # Every tile too sparse to model: no cluster was started, so there are no workers to name.
+    where = f"on {result.workers} worker(s)" if result.workers else "without a cluster (nothing to model)"
+    print(f"{result.tiles} tile(s) {where} in {seconds:.1f} s ({result.output_points / max(seconds, 1e-9) / 1e6:.2f} M points/s)")
     return 0
