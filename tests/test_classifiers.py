@@ -463,17 +463,10 @@ def test_frequent_and_clustered_low_noise_leaves_the_ground_as_it_was(ign: tuple
     """Low points 2-20 m down, scattered or in clusters of a few points (a pulse's multipath):
     left in, each pit drags the opened terrain down over the whole window (the IGN crop with 10-point
     clusters went from 0.8 % to 14.5 % total error)."""
+    from benchmarks.low_noise import Noise, with_low_noise
+
     block, labels = ign
-    rng = np.random.default_rng(cluster)
-    seeds = rng.integers(0, len(block), int(len(block) * share / cluster))
-    index = np.repeat(seeds, cluster)
-    noisy = PointBlock(
-        np.concatenate([block.x, block.x[index] + rng.normal(0.0, 0.3, index.size)]),
-        np.concatenate([block.y, block.y[index] + rng.normal(0.0, 0.3, index.size)]),
-        np.concatenate([block.z, block.z[index] - np.repeat(rng.uniform(2.0, 20.0, seeds.size), cluster)]),
-        return_number=np.concatenate([block.return_number, np.ones(index.size, np.uint8)]),
-        number_of_returns=np.concatenate([block.number_of_returns, np.ones(index.size, np.uint8)]),
-    )
+    noisy = with_low_noise(block, Noise(share, cluster))
     ground = get_classifier("ground")
     scored = labels != 1
     clean = np.mean((ground.classify(block)[scored] == 2) != (labels[scored] == 2))
