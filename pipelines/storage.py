@@ -206,15 +206,16 @@ class LocalStore(ObjectStore):
 
     def _write_atomic(self, key: str, writer) -> None:
         target = self._path(key)
-        # Another process's delete may prune a folder on our path between mkdir and mkstemp. Each
-        # such failure means that delete made progress, so retrying cannot livelock; the bound is
-        # only for a folder that keeps vanishing for some other reason.
+        # Another process's delete may prune a folder on our path between mkdir and mkstemp, or
+        # inside mkdir itself (it finds the folder, then pathlib's is_dir() check no longer does
+        # and raises FileExistsError). Each such failure means that delete made progress, so
+        # retrying cannot livelock; the bound is only for a folder that keeps vanishing.
         for attempt in range(1000):
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
                 break
-            except FileNotFoundError:
+            except (FileNotFoundError, FileExistsError):
                 if attempt == 999:
                     raise
         try:
