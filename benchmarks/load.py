@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from pipelines.accounts import AccountRecord, upsert_accounts
 from pipelines.catalog import Catalog
-from pipelines.scene import make_scene, write_scene
-from pipelines.stack import BatchReport, LocalStack, StackPlan, drop_databases, free_port, run_batch
+from pointflow_dev.scene import make_scene, write_scene
+from pointflow_dev.stack import BatchReport, LocalStack, StackPlan, drop_databases, free_port, run_batch
 
 ACCOUNT = AccountRecord("loadtest", "Load Test Surveying", "ops@loadtest.example", "DE", "professional", date(2026, 1, 1))
 

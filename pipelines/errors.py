@@ -2,15 +2,19 @@
 
 from pipelines.catalog import CatalogError
 from pipelines.settings import ClusterStartError, SettingsError
-from pipelines.stack import StackError
 from pipelines.storage import StorageError
+
+
+class UserError(Exception):
+    """Wrong input or setup that the user can fix; commands print the message, not a traceback."""
+
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CatalogError,
     SettingsError,
     ClusterStartError,
     StorageError,
-    StackError,
+    UserError,
     ValueError,
     FileNotFoundError,
     PermissionError,

@@ -16,9 +16,9 @@ import pytest
 from pipelines.accounts import AccountRecord, upsert_accounts
 from pipelines.airflow_local import DAGS_FOLDER, PLUGINS_FOLDER
 from pipelines.jobs import Runtime
-from pipelines.scene import make_scene, write_scene
+from pointflow_dev.scene import make_scene, write_scene
 from pipelines.settings import Settings
-from pipelines.stack import free_port
+from pointflow_dev.stack import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

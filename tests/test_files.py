@@ -12,7 +12,7 @@ from pipelines.accounts import upsert_accounts
 from pipelines.cli import main
 from pipelines.jobs import Runtime
 from pipelines.lifecycle.operations import deletion_audit, place_hold, release_holds
-from pipelines.scene import make_scene, write_scene
+from pointflow_dev.scene import make_scene, write_scene
 from tests.conftest import make_account
 
 

@@ -21,7 +21,7 @@ from pipelines.intake import SETTLE, sweep
 from pipelines.jobs import Runtime
 from pipelines.lifecycle.operations import terminate_account
 from pipelines.notify import outbox_messages
-from pipelines.scene import make_scene, write_scene
+from pointflow_dev.scene import make_scene, write_scene
 from pipelines.settings import Settings
 from pipelines.storage import LocalStore
 from tests.conftest import make_account

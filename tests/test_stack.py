@@ -12,8 +12,8 @@ from distributed import Client
 
 from pipelines.accounts import upsert_accounts
 from pipelines.catalog import Catalog
-from pipelines.scene import make_scene, write_scene
-from pipelines.stack import LocalStack, StackPlan, drop_databases, free_port, run_batch
+from pointflow_dev.scene import make_scene, write_scene
+from pointflow_dev.stack import LocalStack, StackPlan, drop_databases, free_port, run_batch
 from tests.conftest import POSTGRES_ADMIN_URL, _postgres_reachable, make_account
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -100,7 +100,7 @@ def test_a_file_put_in_the_drop_zone_is_exported_without_a_trigger(stack: LocalS
 
 
 def test_stack_refuses_a_wrong_password(stack: LocalStack) -> None:
-    from pipelines.stack import AirflowClient, StackError
+    from pointflow_dev.stack import AirflowClient, StackError
 
     with pytest.raises(StackError, match="refused the login"):
         AirflowClient(stack.plan.api_url, stack.plan.admin_user, "not-the-password")

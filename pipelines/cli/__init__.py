@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -18,12 +19,13 @@ COMMAND_MODULES = (
     "pipelines.cli.files",
     "pipelines.cli.intake",
     "pipelines.cli.jobs",
-    "pipelines.cli.demo",
     "pipelines.cli.airflow",
     "pipelines.cli.billing",
     "pipelines.cli.lifecycle",
-    "pipelines.cli.stack",
 )
+# Developer tooling (the demo, the local multi-service stack) is a package of its own that a
+# deployed service does not ship; its commands appear where it is installed.
+DEV_COMMAND_MODULES = ("pointflow_dev.cli_demo", "pointflow_dev.cli_stack")
 
 
 # `pointflow classify …` builds a parser of that one command, so it imports only what classifying
@@ -45,9 +47,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pointflow {__version__}")
     parser.add_argument("--verbose", action="store_true", help="show library and Airflow logging here too (by default it goes to $POINTFLOW_HOME/logs/pointflow.log)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in [SINGLE_COMMANDS[command]] if command in SINGLE_COMMANDS else COMMAND_MODULES:
+    for name in [SINGLE_COMMANDS[command]] if command in SINGLE_COMMANDS else COMMAND_MODULES + _dev_commands():
         importlib.import_module(name).register(commands)
     return parser
+
+
+def _dev_commands() -> tuple[str, ...]:
+    return DEV_COMMAND_MODULES if importlib.util.find_spec("pointflow_dev") else ()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

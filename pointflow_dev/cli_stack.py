@@ -33,7 +33,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from pipelines.stack import LocalStack, StackPlan
+    from pointflow_dev.stack import LocalStack, StackPlan
 
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")

@@ -30,10 +30,11 @@ import requests
 from pipelines.airflow_local import DAGS_FOLDER, PLUGINS_FOLDER
 from pipelines.catalog.db import Catalog, normalise_url
 from pipelines.classify import LOCAL_DASK_CONFIG
+from pipelines.errors import UserError
 from pipelines.keys import kept_secret
 
 
-class StackError(RuntimeError):
+class StackError(UserError):
     """A service of the stack did not come up, or refused a request; the message says which."""
 
     def __init__(self, message: str, status: int | None = None) -> None:

@@ -25,7 +25,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pipelines.demo import run_demo
+    from pointflow_dev.demo import run_demo
 
     settings = settings_from_env()
     print(f"pointflow demo in {settings.home} (set POINTFLOW_HOME to use another folder)")

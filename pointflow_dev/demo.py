@@ -14,7 +14,7 @@ from pipelines.export import MANIFEST_NAME, read_manifest
 from pipelines.jobs import Runtime, job_id_for, job_view, upload
 from pipelines.logfile import output_to
 from pipelines.notify import outbox_messages
-from pipelines.scene import make_scene, write_scene
+from pointflow_dev.scene import make_scene, write_scene
 from pipelines.settings import Settings
 
 DEMO_ACCOUNT = AccountRecord(
