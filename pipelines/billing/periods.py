@@ -6,6 +6,7 @@ import calendar
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
+from typing import TypeVar
 
 _PERIOD_RE = re.compile(r"^(\d{4})-(\d{2})$")
 
@@ -62,11 +63,15 @@ def start_of(day: date) -> datetime:
     return datetime.combine(day, time(0), tzinfo=timezone.utc)
 
 
-def add_months(day: date, months: int) -> date:
-    """Same day `months` later, clamped to the month's end (Jan 31 + 1 month = Feb 28/29)."""
+_Day = TypeVar("_Day", bound=date)
+
+
+def add_months(day: _Day, months: int) -> _Day:
+    """Same day (and time, for a datetime) `months` later, clamped to the month's end (Jan 31 + 1
+    month = Feb 28/29): billing cycles and the lifecycle's clocks count months alike."""
     index = day.year * 12 + day.month - 1 + months
     year, month = divmod(index, 12)
-    return date(year, month + 1, min(day.day, calendar.monthrange(year, month + 1)[1]))
+    return day.replace(year=year, month=month + 1, day=min(day.day, calendar.monthrange(year, month + 1)[1]))
 
 
 def months_between(earlier: date, later: date) -> int:

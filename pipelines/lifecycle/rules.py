@@ -7,7 +7,6 @@ nothing. Clocks that depend on an e-mail start when the e-mail was really delive
 
 from __future__ import annotations
 
-import calendar
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from pipelines.billing.overdue import OverdueBalance, overdue_balances
-from pipelines.billing.periods import start_of
+from pipelines.billing.periods import add_months, start_of
 from pipelines.billing.pricebook import PriceBook, load_pricebook, plan_limits
 from pipelines.catalog.models import Account, Job, Plan, StoredFile, UsageEvent
 from pipelines.lifecycle import notices
@@ -75,13 +74,6 @@ class LifecycleRunError(RuntimeError):
 
 def iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.astimezone(timezone.utc).isoformat()
-
-
-def add_months(moment: datetime, months: int) -> datetime:
-    """Same day and time `months` later, clamped to the month's end (31 Jan + 1 = 28/29 Feb)."""
-    index = moment.year * 12 + moment.month - 1 + months
-    year, month = divmod(index, 12)
-    return moment.replace(year=year, month=month + 1, day=min(moment.day, calendar.monthrange(year, month + 1)[1]))
 
 
 def run_lifecycle(
