@@ -33,7 +33,7 @@ from pipelines.lifecycle.models import (
     LifecycleNotice,
     Termination,
 )
-from pipelines.lifecycle.operations import HoldView, is_locked
+from pipelines.lifecycle.operations import HoldView, ensure_active, is_locked
 from pipelines.lifecycle.rules import Action, LifecycleRunError, run_lifecycle
 from pipelines.preview import class_summary, colour_of
 from pipelines.storage import AccountArea, UnsafeKeyError, check_account_id
@@ -49,10 +49,6 @@ ACCOUNT_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c56
 
 class NotServed(LookupError):
     """No such object for this account (or not one the page may serve); the message says which."""
-
-
-class DataLocked(PermissionError):
-    """The account's contract has ended: its point data is no longer served."""
 
 
 @dataclass(frozen=True)
@@ -349,8 +345,7 @@ def job_preview(runtime: Runtime, account_id: str, job_id: str, name: str) -> tu
         owner = None if job is None else job.account_id
     if owner != account_id:
         raise NotServed(f"account {account_id} has no job {job_id!r}")
-    if is_locked(runtime.catalog, account_id):
-        raise DataLocked(f"account {account_id} is closed: its results are no longer served")
+    ensure_active(runtime.catalog, account_id)
     prefix = export_prefix(account_id, job_id)
     manifest = read_manifest(runtime.store, prefix)
     key = next((a["key"] for a in (manifest or {}).get("artifacts", []) if a.get("name") == name), None)

@@ -105,13 +105,13 @@ def create_app():
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from pipelines.dashboard import (
-        DataLocked,
         NotServed,
         build_dashboard,
         invoice_document,
         job_preview,
         usage_chart_svg,
     )
+    from pipelines.lifecycle.operations import AccountLocked
     from pipelines.links import DOWNLOAD_PATH, LinkRefused, open_download
 
     def operator(user: GetUserDep) -> BaseUser:
@@ -155,7 +155,7 @@ def create_app():
             return Response(body, media_type=media_type)
         except NotServed as missing:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(missing)) from None
-        except DataLocked as locked:
+        except AccountLocked as locked:
             raise HTTPException(status.HTTP_403_FORBIDDEN, str(locked)) from None
 
     @app.get("/accounts/{account_id}/invoices/{invoice_number}.{fmt}")
