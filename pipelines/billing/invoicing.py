@@ -22,7 +22,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pipelines.billing.history import histories
-from pipelines.billing.models import BillingRun, BillingTerms, ChangeBilling, CreditNote, Invoice, InvoiceLine, Outage, Payment
+from pipelines.billing.ledger import Ledger, before_invoice
+from pipelines.billing.models import BillingRun, BillingTerms, ChangeBilling, Invoice, InvoiceLine, Outage
 from pipelines.billing.money import format_money, format_quantity, format_rate, round_half_up
 from pipelines.billing.periods import Period, add_months, months_between, start_of
 from pipelines.billing.pricebook import PlanTerms, PriceBook
@@ -107,25 +108,6 @@ class UsageSlice:
     first_day: date
     last_day: date
     points: int
-
-
-@dataclass(frozen=True)
-class Ledger:
-    """The account's position at the invoice date, before this invoice."""
-
-    # Charges (invoice totals before consumed credit) less payments and credit notes; < 0 is credit.
-    balance: Decimal = ZERO
-    # The part of the charges whose due date has not passed yet.
-    not_yet_due: Decimal = ZERO
-
-    @property
-    def overdue(self) -> Decimal:
-        # Payments settle the oldest charges first, so what is unpaid is the newest charges.
-        return max(ZERO, self.balance - self.not_yet_due)
-
-    @property
-    def credit(self) -> Decimal:
-        return max(ZERO, -self.balance)
 
 
 @dataclass(frozen=True)
@@ -612,7 +594,7 @@ def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> 
     corrections = _corrections(session, pricebook, period, accounts, [(Period.parse(label), at) for label, at in runs if label < period.label])
     availability = _availability(session, pricebook, period)
     issue_date = issue_date_of(period)
-    ledgers = _ledgers(session, issue_date)
+    ledgers = before_invoice(session, issue_date)
     due_date = issue_date + timedelta(days=pricebook.payment_terms_days)
 
     invoice_rows: list[dict[str, Any]] = []
@@ -747,30 +729,6 @@ def _availability(session: Session, pricebook: PriceBook, period: Period) -> Fra
         if not (scheduled and (announced is None or announced <= start - notice))
     ]
     return availability_percent(counted, period)
-
-
-def _ledgers(session: Session, issue_date: date) -> dict[str, Ledger]:
-    """Every account's balance at `issue_date` from earlier invoices, payments and credit notes."""
-    balance: dict[str, Decimal] = defaultdict(lambda: ZERO)
-    not_yet_due: dict[str, Decimal] = defaultdict(lambda: ZERO)
-    for account_id, total, credit_applied, due_date in session.execute(
-        select(Invoice.account_id, Invoice.total, Invoice.credit_applied, Invoice.due_date).where(Invoice.issue_date < issue_date)
-    ):
-        # Credit consumed by an invoice was already counted when it arose: count the charges only.
-        charges = total + credit_applied
-        balance[account_id] += charges
-        # A credit (negative invoice) lowers the balance at once; only charges wait for a due date.
-        if due_date >= issue_date and charges > 0:
-            not_yet_due[account_id] += charges
-    for account_id, amount in session.execute(
-        select(Payment.account_id, Payment.amount).where(Payment.paid_at < start_of(issue_date))
-    ):
-        balance[account_id] -= amount
-    for account_id, total in session.execute(
-        select(CreditNote.account_id, CreditNote.total).where(CreditNote.issued_on < issue_date)
-    ):
-        balance[account_id] -= total
-    return {account_id: Ledger(value, not_yet_due[account_id]) for account_id, value in balance.items()}
 
 
 def load_invoices(catalog: Catalog, period: Period) -> list[InvoiceView] | None:

@@ -1,0 +1,98 @@
+"""The account ledger: what each account was charged (invoices, by due date) and what settled it
+(payments, credit notes, negative invoices). Invoicing reads it as it stood before an invoice (the
+balance carried forward, the late fee's overdue part); the overdue notice as it stands at a moment.
+
+Payments and credits settle the oldest charges first, so what is still open is the newest charges;
+a charge is overdue the day after its due date.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from pipelines.billing.models import CreditNote, Invoice, Payment
+from pipelines.billing.periods import start_of
+
+ZERO = Decimal("0.00")
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """The account's position at the invoice date, before this invoice."""
+
+    # Charges (invoice totals before consumed credit) less payments and credit notes; < 0 is credit.
+    balance: Decimal = ZERO
+    # The part of the charges whose due date has not passed yet.
+    not_yet_due: Decimal = ZERO
+
+    @property
+    def overdue(self) -> Decimal:
+        # Payments settle the oldest charges first, so what is unpaid is the newest charges.
+        return max(ZERO, self.balance - self.not_yet_due)
+
+    @property
+    def credit(self) -> Decimal:
+        return max(ZERO, -self.balance)
+
+
+@dataclass
+class Entries:
+    """One account's charges, oldest due date first, and the sum of what settled them."""
+
+    charges: list[tuple[date, Decimal]] = field(default_factory=list)
+    settled: Decimal = ZERO
+
+    def position(self, day: date) -> Ledger:
+        """The balance, and the part of it not yet due on `day`."""
+        charged = sum((amount for _, amount in self.charges), ZERO)
+        return Ledger(charged - self.settled, sum((amount for due, amount in self.charges if due >= day), ZERO))
+
+    def overdue(self, day: date) -> tuple[Decimal, date | None]:
+        """The unpaid charges due before `day`, and the oldest of their due dates (None: nothing overdue)."""
+        pool, overdue, oldest = self.settled, ZERO, None
+        for due_date, amount in self.charges:
+            paid = min(pool, amount)
+            pool -= paid
+            if amount > paid and due_date < day:
+                overdue += amount - paid
+                oldest = due_date if oldest is None else oldest
+        return overdue, oldest
+
+
+def before_invoice(session: Session, issue_date: date) -> dict[str, Ledger]:
+    """Every account's position at `issue_date` from what was issued and paid before that day."""
+    entries = _entries(session, Invoice.issue_date < issue_date, Payment.paid_at < start_of(issue_date), CreditNote.issued_on < issue_date)
+    return {account_id: account.position(issue_date) for account_id, account in entries.items()}
+
+
+def known_at(session: Session, at: datetime) -> dict[str, Entries]:
+    """Every account's entries from what was issued and paid by `at`."""
+    today = at.date()
+    return _entries(session, Invoice.issue_date <= today, Payment.paid_at <= at, CreditNote.issued_on <= today)
+
+
+def _entries(session: Session, invoiced, paid, credited) -> dict[str, Entries]:
+    books: dict[str, Entries] = defaultdict(Entries)
+    for account_id, total, credit_applied, due_date in session.execute(
+        select(Invoice.account_id, Invoice.total, Invoice.credit_applied, Invoice.due_date)
+        .where(invoiced)
+        .order_by(Invoice.due_date, Invoice.invoice_number)
+    ):
+        # Credit consumed by an invoice was already counted when it arose: count the charges only.
+        charges = total + credit_applied
+        # A credit (negative invoice) settles at once; only charges wait for a due date.
+        if charges > 0:
+            books[account_id].charges.append((due_date, charges))
+        else:
+            books[account_id].settled -= charges
+    for account_id, amount in session.execute(select(Payment.account_id, Payment.amount).where(paid)):
+        books[account_id].settled += amount
+    for account_id, total in session.execute(select(CreditNote.account_id, CreditNote.total).where(credited)):
+        books[account_id].settled += total
+    return dict(books)
