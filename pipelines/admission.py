@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from pipelines.billing.history import account_limits
 from pipelines.billing.pricebook import load_pricebook
-from pipelines.billing.usage import points_used_in_month
+from pipelines.billing.usage import points_over_cap
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import FileState, StoredFile
 from pipelines.lifecycle.operations import ensure_active
@@ -73,7 +73,6 @@ def check_admission(settings: Settings, catalog: Catalog, account_id: str, candi
         if uploaded + candidate.size > maximum:
             raise AdmissionRefused(f"{plan} plan's monthly upload", uploaded + candidate.size, maximum, "bytes", "The upload allowance renews on the 1st (UTC).")
     cap = limits.monthly_points_cap
-    if cap is not None:
-        used = points_used_in_month(catalog, account_id, at.date())
-        if used + candidate.points > cap:
-            raise AdmissionRefused(f"{plan} plan's monthly points", used + candidate.points, cap, "points", "The cap renews on the 1st (UTC); ask us to raise it if you need more.")
+    used = points_over_cap(catalog, account_id, cap, candidate.points, at)
+    if used is not None:
+        raise AdmissionRefused(f"{plan} plan's monthly points", used + candidate.points, cap, "points", "The cap renews on the 1st (UTC); ask us to raise it if you need more.")

@@ -161,13 +161,20 @@ def monthly_points_cap(catalog: Catalog, pricebook: PriceBook, account_id: str, 
     return account_limits(catalog, pricebook, account_id, on)[1].monthly_points_cap
 
 
+def points_over_cap(catalog: Catalog, account_id: str, cap: int | None, points: int, at: datetime) -> int | None:
+    """The points the account used in `at`'s month (UTC) when a job of `points` would take it past
+    `cap`; None when it stays within (or there is no cap)."""
+    if cap is None:
+        return None
+    used = points_used_in_month(catalog, account_id, at.date())
+    return used if used + points > cap else None
+
+
 def check_points_admission(catalog: Catalog, pricebook: PriceBook, account_id: str, points: int, at: datetime) -> None:
     """Raise PointsCapExceededError if a job of `points` at `at` would exceed the month's cap."""
     cap = monthly_points_cap(catalog, pricebook, account_id, at.date())
-    if cap is None:
-        return
-    used = points_used_in_month(catalog, account_id, at.date())
-    if used + points > cap:
+    used = points_over_cap(catalog, account_id, cap, points, at)
+    if used is not None:
         raise PointsCapExceededError(
             f"job refused: account {account_id} has used {used:,} of its {cap:,} points for {Period.of(at.date())}; "
             f"this job needs {points:,} more. The cap resets on the 1st (UTC); ask us to raise it if you need more."
