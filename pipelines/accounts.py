@@ -11,6 +11,7 @@ from pathlib import Path
 from pipelines.addresses import check_address
 from pipelines.catalog import Catalog, CatalogError
 from pipelines.catalog.models import Account, BillingCycle, Plan
+from pipelines.errors import UserError
 from pipelines.storage import UnsafeKeyError, check_account_id
 
 REQUIRED_COLUMNS = ("account_id", "name", "email", "country", "plan", "started_at", "tax_rate", "tax_exempt", "last_login_at")
@@ -19,7 +20,7 @@ _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f", ""}
 
 
-class AccountImportError(ValueError):
+class AccountImportError(UserError, ValueError):
     """Rows that cannot be imported, each with its line number; nothing was written."""
 
     def __init__(self, problems: list[str]) -> None:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import re
 from email.utils import formataddr, parseaddr
 
+from pipelines.errors import UserError
+
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+")
 MAX_LENGTH = 254
 
 
-class InvalidAddress(ValueError):
+class InvalidAddress(UserError, ValueError):
     """Not one plain e-mail address; the message quotes it escaped, on one line."""
 
 

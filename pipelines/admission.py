@@ -15,6 +15,7 @@ from pipelines.billing.pricebook import load_pricebook
 from pipelines.billing.usage import points_over_cap
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import FileState, StoredFile
+from pipelines.errors import UserError
 from pipelines.lifecycle.operations import ensure_active
 from pipelines.settings import Settings
 
@@ -23,7 +24,7 @@ GB = 1_000_000_000
 COUNTED_STATES = (FileState.STORED.value, FileState.VALIDATED.value, FileState.QUARANTINED.value)
 
 
-class AdmissionRefused(ValueError):
+class AdmissionRefused(UserError, ValueError):
     def __init__(self, limit: str, current: int, maximum: int, unit: str, advice: str) -> None:
         self.limit, self.current, self.maximum = limit, current, maximum
         super().__init__(f"refused by the {limit} limit: {current:,} {unit} with this file, the limit is {maximum:,} {unit}. {advice}")

@@ -25,6 +25,7 @@ from pipelines.billing.models import Invoice
 from pipelines.billing.periods import Period, add_months
 from pipelines.billing.usage import usage_daily
 from pipelines.catalog.models import Account, Job, JobState
+from pipelines.errors import PointflowError
 from pipelines.export import SAMPLE_NAME, export_prefix, read_manifest
 from pipelines.jobs import Runtime
 from pipelines.lifecycle.models import (
@@ -47,7 +48,7 @@ _CHART_LOCK = threading.Lock()
 ACCOUNT_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
-class NotServed(LookupError):
+class NotServed(PointflowError, LookupError):
     """No such object for this account (or not one the page may serve); the message says which."""
 
 

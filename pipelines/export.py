@@ -19,9 +19,18 @@ import laspy
 
 from pipelines import __version__
 from pipelines.copc import COPC_SUFFIX, write_copc
+from pipelines.errors import PointflowError, UserError
 from pipelines.lasio import CHUNK_POINTS
 from pipelines.links import LinkClaim, LinkSigner
-from pipelines.preview import ASPRS_CLASS_NAMES, CoordinateFrame, class_summary, render_preview, summary_csv, summary_json, write_sample_ply
+from pipelines.preview import (
+    ASPRS_CLASS_NAMES,
+    CoordinateFrame,
+    class_summary,
+    render_preview,
+    summary_csv,
+    summary_json,
+    write_sample_ply,
+)
 from pipelines.storage import AccountArea, ObjectStore, file_sha256
 
 MANIFEST_NAME = "manifest.json"
@@ -34,11 +43,11 @@ SAMPLE_NAME = "preview-3d.ply"
 DOWNLOAD_KINDS = ("points", "sample")
 
 
-class DownloadRefused(PermissionError):
+class DownloadRefused(UserError, PermissionError):
     """The account's plan does not allow downloading this artifact."""
 
 
-class ExportNotReady(LookupError):
+class ExportNotReady(PointflowError, LookupError):
     """No manifest: the export is not published (yet)."""
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.errors import UserError
+
 MAX_RECORDS = 10_000
 MAX_EXTRA_BYTES = 256
 MIN_SCALE, MAX_SCALE = 1e-9, 1.0
@@ -48,7 +50,7 @@ _EVLR = struct.Struct("<2x16sHQ32x")
 _LASZIP = struct.Struct("<HHBBHIIqqH")
 
 
-class NotPointCloudError(ValueError):
+class NotPointCloudError(UserError, ValueError):
     """The content is not a LAS/LAZ file we can read; `check` names the rule that refused it."""
 
     def __init__(self, message: str, check: str = "content") -> None:

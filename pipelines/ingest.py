@@ -16,6 +16,7 @@ from pipelines.admission import Candidate
 from pipelines.catalog import Catalog, CatalogError
 from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import FileState, StoredFile
+from pipelines.errors import UserError
 from pipelines.gate import NotPointCloudError
 from pipelines.lasio import read_info
 from pipelines.scratch import work_dir
@@ -23,7 +24,7 @@ from pipelines.settings import Settings
 from pipelines.storage import AccountArea, LocalStore, ObjectStore, S3Store, file_sha256, safe_name
 
 
-class ForeignSource(PermissionError):
+class ForeignSource(UserError, PermissionError):
     """A source the account may not have read: another account's objects, the service's own
     files, or a local path outside the allowed input folders."""
 

@@ -28,6 +28,7 @@ from pipelines.accounts import get_account
 from pipelines.catalog import CatalogError
 from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import IntakeClaim, utcnow
+from pipelines.errors import PointflowError
 from pipelines.jobs import AdmissionRefusedJob, Runtime, attach_file, create_job, finish_step, job_view
 from pipelines.lifecycle.operations import AccountLocked
 from pipelines.notify import DeliveryError, send_once
@@ -65,7 +66,7 @@ class SweepResult:
     errors: dict[str, str]  # key -> why it could not be registered now (the next sweep tries again)
 
 
-class IntakeError(RuntimeError):
+class IntakeError(PointflowError, RuntimeError):
     """Some objects could not be registered (storage or catalog unavailable); retry the sweep."""
 
 

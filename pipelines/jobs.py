@@ -20,10 +20,27 @@ from pipelines.admission import AdmissionRefused, Candidate, check_admission
 from pipelines.billing.history import account_limits
 from pipelines.billing.pricebook import load_pricebook
 from pipelines.catalog import Catalog, CatalogError
-from pipelines.catalog.models import JOB_TRANSITIONS, TERMINAL_JOB_STATES, FileState, Job, JobState, SentMessage, StoredFile, utcnow
+from pipelines.catalog.models import (
+    JOB_TRANSITIONS,
+    TERMINAL_JOB_STATES,
+    FileState,
+    Job,
+    JobState,
+    SentMessage,
+    StoredFile,
+    utcnow,
+)
 from pipelines.classify import classify_file
-from pipelines.errors import USER_ERRORS
-from pipelines.export import MANIFEST_NAME, build_artifacts, build_manifest, download_links, export_prefix, publish, read_manifest
+from pipelines.errors import USER_ERRORS, PointflowError
+from pipelines.export import (
+    MANIFEST_NAME,
+    build_artifacts,
+    build_manifest,
+    download_links,
+    export_prefix,
+    publish,
+    read_manifest,
+)
 from pipelines.gate import NotPointCloudError
 from pipelines.ingest import ForeignSource, StoredFileInfo, check_source, ingest_file, local_copy, readable_path
 from pipelines.lifecycle.operations import ensure_active, is_locked
@@ -31,8 +48,8 @@ from pipelines.links import LinkSigner
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.notify import DeliveryError, send_once
 from pipelines.preview import class_summary, file_frame
-from pipelines.settings import Settings
 from pipelines.scratch import work_dir
+from pipelines.settings import Settings
 from pipelines.storage import AccountArea, ObjectStore, open_store, safe_name
 from pipelines.training import resolve_classifier
 from pipelines.validate import Finding, ValidationReport, validate_file
@@ -46,14 +63,14 @@ class IllegalTransition(CatalogError):
     pass
 
 
-class AdmissionRefusedJob(Exception):
+class AdmissionRefusedJob(PointflowError):
     """The account's limits refused the file before anything was stored; nothing is charged."""
 
     def __init__(self, job_id: str, reason: str) -> None:
         super().__init__(f"job {job_id}: {reason}")
 
 
-class ValidationFailed(Exception):
+class ValidationFailed(PointflowError):
     """The input was quarantined; nothing downstream may run."""
 
     def __init__(self, job_id: str, reason: str, report_key: str | None) -> None:

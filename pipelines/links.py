@@ -23,6 +23,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 from pipelines.accounts import UnknownAccountError
+from pipelines.errors import UserError
 from pipelines.keys import kept_secret
 from pipelines.settings import Settings
 from pipelines.storage import UnsafeKeyError
@@ -37,7 +38,7 @@ PRESIGNED_LIFETIME = timedelta(minutes=5)
 _CONTEXT = b"pointflow download link v1\n"
 
 
-class LinkRefused(PermissionError):
+class LinkRefused(UserError, PermissionError):
     """The link does not (or no longer) open its object; `status` is the HTTP status to answer."""
 
     def __init__(self, status: int, reason: str) -> None:

@@ -18,6 +18,7 @@ from pipelines.catalog import Catalog
 from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import MessageClaim, utcnow
 from pipelines.catalog.models import SentMessage as SentMessageRecord
+from pipelines.errors import PointflowError
 from pipelines.settings import Settings
 
 # A claim older than this belongs to a sender that died (a send takes seconds, SMTP's own timeout
@@ -25,7 +26,7 @@ from pipelines.settings import Settings
 CLAIM_LEASE = timedelta(minutes=15)
 
 
-class DeliveryError(RuntimeError):
+class DeliveryError(PointflowError, RuntimeError):
     """The mail server refused or could not be reached; the message was not sent."""
 
 

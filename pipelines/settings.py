@@ -10,17 +10,17 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pipelines.addresses import InvalidAddress, check_mailbox
-
+from pipelines.errors import UserError
 
 # Airflow's api-server on its default port: where the pointflow plugin serves download links.
 DEFAULT_PUBLIC_URL = "http://localhost:8080"
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """A setting has a value we cannot use; the message names the variable."""
 
 
-class ClusterStartError(RuntimeError):
+class ClusterStartError(UserError, RuntimeError):
     """The Dask cluster these settings name (a local one of POINTFLOW_WORKERS, or POINTFLOW_DASK_ADDRESS's)
     did not bring up the workers asked for in time."""
 

@@ -18,6 +18,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
+from pipelines.errors import UserError
+
 ACCOUNT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 S3_MAX_ATTEMPTS = 9
@@ -25,7 +27,7 @@ INCOMING_PREFIX = "incoming/"
 AREAS = ("raw", "quarantine", "classified", "exports", "reports", "invoices", "models", "tmp")
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """An object operation failed; the message says which key and why."""
 
 

@@ -29,6 +29,7 @@ from pipelines.catalog import CatalogError
 from pipelines.catalog.models import Plan, TrainedModelRecord, utcnow
 from pipelines.classifiers import BUILTIN_CLASSIFIERS, PointBlock
 from pipelines.classifiers.trained import TrainedClassifier, TrainedModel, train
+from pipelines.errors import UserError
 from pipelines.ingest import check_source, local_copy
 from pipelines.keys import kept_secret
 from pipelines.lasio import iter_checked, point_block, read_info
@@ -44,7 +45,7 @@ class ModelNotFound(CatalogError):
     """No such model for this account; another account's model is reported the same way."""
 
 
-class NotBetterThanStandard(ValueError):
+class NotBetterThanStandard(UserError, ValueError):
     """The trained model does not beat the standard classifier on the held-out labels: nothing is
     stored, and `evaluation` holds both models' figures for the customer."""
 
@@ -57,7 +58,7 @@ class NotBetterThanStandard(ValueError):
             f"label more or other data")
 
 
-class SharingRefused(ValueError):
+class SharingRefused(UserError, ValueError):
     """An account whose plan does not let its data train the shared models."""
 
 

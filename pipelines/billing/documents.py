@@ -28,6 +28,7 @@ from pipelines.billing.money import format_money, format_quantity, round_half_up
 from pipelines.billing.periods import Period
 from pipelines.billing.pricebook import PriceBook, Seller
 from pipelines.billing.terms import EXEMPT, OUTSIDE_SCOPE, REVERSE_CHARGE, STANDARD, ZERO_RATED
+from pipelines.errors import UserError
 
 LINE_COLUMNS = ("kind", "description", "quantity", "unit_price", "amount", "taxable")
 ZERO = Decimal("0.00")
@@ -258,7 +259,7 @@ GUIDELINE = "urn:cen.eu:en16931:2017"
 UNIT_CODES = {"usage": "C62", "late_usage": "C62", "seats": "C62", "extra_storage": "C62"}  # C62 = one (unit)
 
 
-class EInvoiceUnavailable(ValueError):
+class EInvoiceUnavailable(UserError, ValueError):
     """No e-invoice can be made: the seller's identity is missing from the price book."""
 
 

@@ -24,9 +24,10 @@ from pipelines.billing.pricebook import PlanLimits, PriceBook, plan_limits
 from pipelines.billing.terms import Agreed, History, PlanStep, TermStep, ordered_plan_steps, ordered_term_steps
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account, BillingCycle
+from pipelines.errors import UserError
 
 
-class ChangeRefused(ValueError):
+class ChangeRefused(UserError, ValueError):
     """A plan or term change that cannot be recorded as asked; the message says what to do."""
 
 

@@ -23,6 +23,7 @@ from pipelines.billing.periods import Period
 from pipelines.catalog import Catalog
 from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import Account
+from pipelines.errors import UserError
 from pipelines.metering import UsageRecord, write_usage
 
 # Rows per statement: well under SQLite's bound-parameter limit, large enough to be bulk.
@@ -31,7 +32,7 @@ _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f", ""}
 
 
-class ImportFileError(ValueError):
+class ImportFileError(UserError, ValueError):
     """Lines that cannot be imported, each with its number; nothing was written."""
 
     def __init__(self, path: Path | str, problems: list[str]) -> None:

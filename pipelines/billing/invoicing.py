@@ -28,16 +28,23 @@ from pipelines.billing.money import format_money, format_quantity, format_rate, 
 from pipelines.billing.periods import Period, add_months, months_between, start_of
 from pipelines.billing.pricebook import PlanTerms, PriceBook
 from pipelines.billing.terms import Agreed, History, Parties, PlanStep, TaxRegime, TermStep
-from pipelines.billing.usage import Claim, billable_points_by_account, billed_points_by_day, claim_usage, late_points_by_account_day
+from pipelines.billing.usage import (
+    Claim,
+    billable_points_by_account,
+    billed_points_by_day,
+    claim_usage,
+    late_points_by_account_day,
+)
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account, BillingCycle
+from pipelines.errors import UserError
 
 ZERO = Decimal("0.00")
 CYCLE_MONTHS = {BillingCycle.MONTHLY.value: 1, BillingCycle.QUARTERLY.value: 3, BillingCycle.YEARLY.value: 12}
 MINUTES_PER_DAY = 24 * 60
 
 
-class BillingError(ValueError):
+class BillingError(UserError, ValueError):
     """A billing request that cannot be carried out as asked (month not over, unknown invoice, ...)."""
 
 

@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from pipelines.errors import UserError
 
-class PriceBookError(ValueError):
+
+class PriceBookError(UserError, ValueError):
     """The price book cannot be used; the message names the file and the field."""
 
 

@@ -16,6 +16,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipelines.errors import UserError
+
 if TYPE_CHECKING:
     from alembic.config import Config
 
@@ -29,7 +31,7 @@ def insert_ignoring_duplicates(session: Session, model: type, key: list[str] | N
     return dialect.insert(model).on_conflict_do_nothing(index_elements=key)
 
 
-class CatalogError(RuntimeError):
+class CatalogError(UserError, RuntimeError):
     """A catalog operation was refused (unknown account, illegal state change, ...)."""
 
 

@@ -9,13 +9,14 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
+from pipelines.errors import UserError
 from pipelines.settings import Settings
 
 if TYPE_CHECKING:
     from pipelines.catalog import Catalog
 
 
-class CommandError(Exception):
+class CommandError(UserError):
     """An error the user can act on; printed as one line, exit code 2."""
 
 

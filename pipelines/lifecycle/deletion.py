@@ -17,12 +17,13 @@ from sqlalchemy import delete, update
 
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Job, StoredFile, TrainedModelRecord, utcnow
+from pipelines.errors import PointflowError
 from pipelines.lifecycle.models import DeletionAudit
 from pipelines.scratch import account_folders
 from pipelines.storage import AccountArea, ObjectStore, S3Store
 
 
-class DeletionIncomplete(RuntimeError):
+class DeletionIncomplete(PointflowError, RuntimeError):
     """Objects survived a deletion; the audit entry is marked failed and lists them."""
 
 

@@ -14,9 +14,10 @@ from typing import Any
 
 import yaml
 
+from pipelines.errors import UserError
 
 
-class PolicyError(ValueError):
+class PolicyError(UserError, ValueError):
     """The policy file cannot be used; the message names the file and the field."""
 
 

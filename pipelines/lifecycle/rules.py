@@ -20,6 +20,7 @@ from pipelines.billing.overdue import OverdueBalance, overdue_balances
 from pipelines.billing.periods import add_months, start_of
 from pipelines.billing.pricebook import PriceBook, load_pricebook, plan_limits
 from pipelines.catalog.models import Account, Job, Plan, StoredFile, UsageEvent
+from pipelines.errors import PointflowError
 from pipelines.lifecycle import notices
 from pipelines.lifecycle.deletion import (
     DeletionIncomplete,
@@ -63,7 +64,7 @@ class Action:
         return {"account_id": self.account_id, "action": self.action, "effective_at": iso(self.effective_at), "detail": self.detail}
 
 
-class LifecycleRunError(RuntimeError):
+class LifecycleRunError(PointflowError, RuntimeError):
     """Some accounts could not be processed; the others were. `actions` holds what was done."""
 
     def __init__(self, actions: list[Action], failures: list[str]) -> None:
