@@ -6,6 +6,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import sys
+
+import pytest
 
 import pipelines
 from pipelines.errors import USER_ERRORS, PointflowError, UserError
@@ -40,3 +43,15 @@ def test_user_errors_are_marked_and_bugs_are_not() -> None:
     assert not issubclass(DeliveryError, UserError)
     assert not isinstance(KeyError("bug"), USER_ERRORS)
     assert not isinstance(TypeError("bug"), USER_ERRORS)
+
+
+def test_a_missing_extra_says_which_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.catalog import Catalog, CatalogError
+    from pipelines.classifiers import trained
+
+    monkeypatch.setitem(sys.modules, "lightgbm", None)
+    with pytest.raises(UserError, match=r"pointflow\[training\]"):
+        trained._lightgbm()
+    monkeypatch.setitem(sys.modules, "psycopg2", None)
+    with pytest.raises(CatalogError, match=r"pointflow\[postgres\]"):
+        Catalog("postgresql://postgres@127.0.0.1:5432/test")

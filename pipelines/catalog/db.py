@@ -78,7 +78,10 @@ def _make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except ModuleNotFoundError as error:
+        raise CatalogError(f"{make_url(url).get_backend_name()} needs the {error.name} driver: pip install 'pointflow[postgres]'") from error
 
 
 def alembic_config(url: str) -> Config:

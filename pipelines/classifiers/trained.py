@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipelines.errors import UserError
+
 from .base import PointBlock
 from .features import CATEGORICAL, FEATURE_NAMES, point_features
 
@@ -43,6 +45,16 @@ HOLDOUT_BLOCK = 20.0  # metres; held-out points are whole blocks, not neighbours
 STANDARD_COLUMN = FEATURE_NAMES.index("standard_class")
 
 ClassMetrics = dict[int, dict[str, float]]
+
+
+def _lightgbm():
+    """LightGBM, imported when a custom model is loaded or trained: every classification task
+    imports this module, few use a custom model; it is the `training` extra."""
+    try:
+        import lightgbm
+    except ModuleNotFoundError as error:
+        raise UserError("custom classifiers need LightGBM: pip install 'pointflow[training]'") from error
+    return lightgbm
 
 
 @dataclass
@@ -119,9 +131,7 @@ class TrainedModel:
         header = json.loads(header_line)
         if tuple(header["feature_names"]) != FEATURE_NAMES or header["features_version"] != FEATURES_VERSION:
             raise ValueError("model was trained on other features; retrain it")
-        import lightgbm
-
-        return cls(booster=lightgbm.Booster(model_str=model_text.decode()),
+        return cls(booster=_lightgbm().Booster(model_str=model_text.decode()),
                    classes=tuple(header["classes"]), feature_names=FEATURE_NAMES,
                    features_version=FEATURES_VERSION, evaluation=header["evaluation"],
                    n_train=header["n_train"], n_holdout=header["n_holdout"], params=header["params"],
@@ -252,8 +262,7 @@ def train(blocks: Sequence[PointBlock], labels: Sequence[np.ndarray], seed: int 
               "balance": balance}
     share = np.bincount(encode[y[train_index]], minlength=classes.size) / train_index.size
     weight = (share ** -balance)[encode[y[train_index]]]
-    # Imported here: every classification task imports this module, few of them train.
-    import lightgbm
+    lightgbm = _lightgbm()
 
     standard_train = x[train_index, STANDARD_COLUMN].astype(np.uint8)
     table = standard_translation(standard_train, y[train_index])
