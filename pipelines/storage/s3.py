@@ -1,0 +1,142 @@
+"""The S3 backend (boto3): AWS, MinIO and other S3-compatible stores."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pipelines.storage.base import S3_MAX_ATTEMPTS, ObjectInfo, ObjectStore, StorageError, check_key
+
+
+class S3Store(ObjectStore):
+    """Objects in an S3 bucket under an optional prefix; AWS_ENDPOINT_URL selects MinIO and others."""
+
+    def __init__(self, bucket: str, prefix: str = "", client=None, link_endpoint: str | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.url = f"s3://{bucket}/{self.prefix}"
+        # Retries with exponential backoff and jitter ride out short outages (about 6 s on
+        # average with 9 attempts); longer ones are the task retries' job. AWS_MAX_ATTEMPTS
+        # and AWS_RETRY_MODE still win, as boto3 users expect. A 10 s connect timeout stops a
+        # black-holed endpoint from hanging each attempt for botocore's default minute.
+        retries = {"mode": os.environ.get("AWS_RETRY_MODE") or "standard"}
+        if not os.environ.get("AWS_MAX_ATTEMPTS"):
+            retries["total_max_attempts"] = S3_MAX_ATTEMPTS
+        config = Config(retries=retries, connect_timeout=10, read_timeout=60, signature_version="s3v4")
+        self.client = client or boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, config=config)
+        # Customers may reach the store under another name than we do (a compose network's
+        # http://minio:9000 vs its public address): the host is part of the signature, so links
+        # are signed by a client that uses the public endpoint. Signing is offline: no requests.
+        self.link_client = boto3.client("s3", endpoint_url=link_endpoint, config=config) if link_endpoint else self.client
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def put_file(self, key: str, path: Path) -> None:
+        # S3 PUT is atomic: readers see the whole object or none.
+        self._call(key, self.client.upload_file, str(path), self.bucket, self._key(key))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call(key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def get_file(self, key: str, path: Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._call(key, self.client.download_file, self.bucket, self._key(key), str(path))
+
+    def get_bytes(self, key: str) -> bytes:
+        response = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        return response["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._call(key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+            return True
+        except StorageError as error:
+            cause = error.__cause__
+            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def size(self, key: str) -> int:
+        response = self._call(key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+        return int(response["ContentLength"])
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        pages = iter(self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + prefix))
+        while (page := self._call(prefix, next, pages, None)) is not None:
+            for item in page.get("Contents", []):
+                modified, etag = item["LastModified"], item["ETag"].strip('"')
+                yield ObjectInfo(item["Key"][len(self.prefix):], int(item["Size"]), f"{etag}@{modified.isoformat()}", modified)
+
+    def delete(self, key: str) -> None:
+        full = self._key(key)
+        paginator = self.client.get_paginator("list_object_versions")
+        versions = []
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            for item in page.get("Versions", []) + page.get("DeleteMarkers", []):
+                if item["Key"] == full:
+                    versions.append({"Key": full, "VersionId": item["VersionId"]})
+        if not versions:
+            self._call(key, self.client.delete_object, Bucket=self.bucket, Key=full)
+        for start in range(0, len(versions), 1000):
+            self._call(key, self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": versions[start:start + 1000]})
+
+    def copy(self, source: str, destination: str) -> None:
+        self._call(
+            source,
+            self.client.copy,
+            {"Bucket": self.bucket, "Key": self._key(source)},
+            self.bucket,
+            self._key(destination),
+        )
+
+    def direct_link(self, key: str, expires_in: timedelta) -> str | None:
+        return self.link(key, expires_in)
+
+    def read_chunks(self, key: str, size: int = 1 << 20) -> Iterator[bytes]:
+        response = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        yield from response["Body"].iter_chunks(size)
+
+    def link(self, key: str, expires_in: timedelta) -> str:
+        if not self.exists(key):
+            raise StorageError(f"no object {key!r} in {self.url}")
+        seconds = int(expires_in.total_seconds())
+        # SigV4 presigned URLs cannot outlive 7 days.
+        seconds = max(1, min(seconds, 7 * 24 * 3600))
+        return self.link_client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=seconds
+        )
+
+    def key_of(self, source: str) -> str | None:
+        parsed = urlparse(source)
+        if parsed.scheme != "s3" or parsed.netloc != self.bucket:
+            return None
+        full = parsed.path.lstrip("/")
+        # Elsewhere in our bucket is not the customer's either: "" belongs to no account.
+        return full[len(self.prefix):] if full.startswith(self.prefix) else ""
+
+    def _call(self, key: str, function, *args, **kwargs):
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+
+        try:
+            return function(*args, **kwargs)
+        except (BotoConnectionError, HTTPClientError) as error:
+            attempts = self.client.meta.config.retries.get("total_max_attempts", "several")
+            endpoint = self.client.meta.endpoint_url
+            raise StorageError(
+                f"{function.__name__} {key!r} in {self.url} failed after {attempts} attempts: the S3 endpoint "
+                f"{endpoint} did not answer ({error}). Check that it is up and reachable (AWS_ENDPOINT_URL), "
+                "then retry the task."
+            ) from error
+        except (BotoCoreError, ClientError, Boto3Error) as error:
+            raise StorageError(f"{function.__name__} {key!r} in {self.url} failed: {error}") from error
