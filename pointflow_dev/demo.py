@@ -14,8 +14,8 @@ from pipelines.export import MANIFEST_NAME, read_manifest
 from pipelines.jobs import Runtime, job_id_for, job_view, upload
 from pipelines.logfile import output_to
 from pipelines.notify import outbox_messages
-from pointflow_dev.scene import make_scene, write_scene
 from pipelines.settings import Settings
+from pointflow_dev.scene import make_scene, write_scene
 
 DEMO_ACCOUNT = AccountRecord(
     account_id="demo", name="Demo Surveying Ltd", email="ops@demo.example", country="DE", plan="professional", started_at=date(2026, 1, 1)
