@@ -28,6 +28,7 @@ from pipelines.accounts import get_account
 from pipelines.catalog import CatalogError
 from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import IntakeClaim, utcnow
+from pipelines.customer_text import render_mail
 from pipelines.errors import PointflowError
 from pipelines.jobs import AdmissionRefusedJob, Runtime, attach_file, create_job, finish_step, job_view
 from pipelines.lifecycle.operations import AccountLocked
@@ -180,13 +181,9 @@ def _refuse(runtime: Runtime, info: ObjectInfo, account_id: str, name: str, job_
     log.warning("drop-zone file %s refused: %s", info.key, reason)
     if notify:
         account = get_account(runtime.catalog, account_id)
-        body = (
-            f"Hello {account.name},\n\nwe could not accept {name} from your upload folder {INCOMING_PREFIX}{account_id}/: {reason}\n\n"
-            "Nothing was stored for processing and nothing was charged. The file stays in the upload folder; "
-            "upload it again once this is resolved and it will be processed.\n\n-- pointflow\n"
-        )
+        mail = render_mail("mail/intake_refused.txt.j2", name=account.name, file_name=name, upload_folder=f"{INCOMING_PREFIX}{account_id}/", reason=reason)
         try:
-            send_once(runtime.settings, runtime.catalog, f"intake-refused:{job_id}", account_id, "intake_refused", account.email, f"pointflow: {name} was not accepted", body)
+            send_once(runtime.settings, runtime.catalog, f"intake-refused:{job_id}", account_id, "intake_refused", account.email, mail.subject, mail.body)
         except DeliveryError as error:
             # The refusal stands; the customer still sees the file unprocessed in the upload folder.
             log.warning("refusal notice for %s not sent: %s", info.key, error)

@@ -9,7 +9,6 @@ into the manifest.
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipelines.customer_text import render_page
 from pipelines.gate import NotPointCloudError, count_problem, point_problems
 from pipelines.lasio import LasInfo, decoding, read_info, read_sample, unreadable_points
 
@@ -65,24 +65,7 @@ class ValidationReport:
         return json.dumps(self.to_dict(), indent=2, default=str).encode()
 
     def to_html(self) -> bytes:
-        rows = "".join(
-            f"<tr class='{f.severity}'><td>{f.severity}</td><td>{html.escape(f.explain)}</td>"
-            f"<td><code>{html.escape(f.check)}</code></td><td>{html.escape(f.detail)}</td></tr>"
-            for f in self.errors + self.warnings
-        ) or "<tr><td colspan='4'>All checks passed.</td></tr>"
-        header = "".join(
-            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))[:300]}</td></tr>" for k, v in (self.header or {}).items()
-        )
-        verdict = "accepted" if self.ok else "refused (quarantined)"
-        what = {"full": "every point", "sample": f"a sample of {self.points_checked:,} points in evenly spread windows", "none": "no points"}[self.mode]
-        return f"""<!doctype html><html><head><meta charset="utf-8"><title>Validation of {html.escape(self.file_name)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px;text-align:left}}
-table{{border-collapse:collapse}}.error td{{background:#fdd}}.warning td{{background:#ffd}}</style></head><body>
-<h1>{html.escape(self.file_name)}: {verdict}</h1><p>{html.escape(self.reason)}</p><p>Checked: {what}.</p>
-<h2>Findings</h2><table><tr><th>severity</th><th>what</th><th>check</th><th>detail</th></tr>{rows}</table>
-<h2>Header</h2><table>{header}</table>
-<p>What to do: fix the file at its source (re-export it from your processing software) and upload it again.</p>
-</body></html>""".encode()
+        return render_page("validation_report.html.j2", report=self).encode()
 
 
 @cache

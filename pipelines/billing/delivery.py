@@ -33,13 +33,13 @@ from pipelines.billing.documents import (
 )
 from pipelines.billing.invoicing import BillingError, InvoiceView, invoice_view, load_invoices
 from pipelines.billing.models import CreditNote, Invoice
-from pipelines.billing.money import format_money
 from pipelines.billing.periods import Period
 from pipelines.billing.pricebook import PriceBook, load_pricebook
 from pipelines.billing.terms import Parties
 from pipelines.billing.usage import usage_daily
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account, SentMessage
+from pipelines.customer_text import render_mail
 from pipelines.notify import DeliveryError, send_once
 from pipelines.settings import Settings
 from pipelines.storage import AccountArea, ObjectStore, check_key, open_store
@@ -184,45 +184,8 @@ def render_documents(document: DocumentView, invoice: InvoiceView | None, format
 def invoice_email(document: DocumentView, links: dict[str, str], links_expire: datetime) -> tuple[str, str]:
     """Subject and plain-text body: the lines, VAT per rate, total, credit applied, amount due, and
     links to the published documents."""
-    currency = document.currency
-    lines = "\n".join(f"  {format_money(line.amount):>12}  {line.description}" for line in document.lines)
-    vat = "\n".join(f"  {format_money(group.tax):>12}  Tax: {group.label} on {format_money(group.base)}" for group in document.vat)
-    credit = ""
-    if document.credit_applied:
-        credit = f"  {format_money(-document.credit_applied):>12}  Credit applied (earlier overpayments and credit notes)\n"
-    due = document.amount_due
-    payment = "Nothing is due on this invoice."
-    due_label = "Amount due"
-    if document.kind == "credit_note":
-        # A month whose credits outweigh its charges: the ledger deducts it from the next invoice.
-        payment = f"Nothing is due: this credit of {currency} {format_money(due)} is deducted from your next invoice."
-        due_label = "Credited"
-    elif due > 0:
-        payment = f"Please pay {currency} {format_money(due)} by {document.due_date.isoformat()}."
-        if document.seller and document.seller.iban:
-            payment += f" Bank transfer to IBAN {document.seller.iban}" + (f" (BIC {document.seller.bic})" if document.seller.bic else "") + ","
-        payment += f" quoting {document.number}."
-    notes = "".join(f"\n{note}\n" for note in document.notes)
-    names = {"html": "Invoice:", "pdf": "PDF e-invoice (Factur-X):", "xml": "E-invoice XML (EN 16931):", "csv": "Lines (CSV):", "json": "Data (JSON):"}
-    listing = "\n".join(f"  {names[fmt]:<26}{links[fmt]}" for fmt in ("html", "pdf", "xml", "csv", "json") if fmt in links)
-    seller = document.seller.name if document.seller else "pointflow"
-    body = f"""Hello {document.buyer.name},
-
-your {seller} {document.title.lower()} {document.number} for {document.supply_first:%Y-%m} (issued {document.issue_date.isoformat()}):
-
-{lines}
-
-  {format_money(document.net_total):>12}  Subtotal
-{vat}
-  {format_money(document.gross_total):>12}  Total {currency}
-{credit}  {format_money(due):>12}  {due_label} {currency}
-{notes}
-{payment}
-
-The invoice and its lines (links valid until {links_expire:%Y-%m-%d %H:%M} UTC):
-{listing}
-"""
-    return f"{document.title} {document.number} for {document.supply_first:%Y-%m}: {currency} {format_money(due)}", body
+    mail = render_mail("mail/invoice.txt.j2", d=document, links=links, links_expire=links_expire)
+    return mail.subject, mail.body
 
 
 def _already_mailed(catalog: Catalog, keys: list[str]) -> set[str]:

@@ -18,16 +18,14 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from datetime import date
 from decimal import Decimal
-from functools import cache
 from typing import Any
-
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from pipelines.billing.invoicing import InvoiceView, Line
 from pipelines.billing.money import format_money, format_quantity, round_half_up
 from pipelines.billing.periods import Period
 from pipelines.billing.pricebook import PriceBook, Seller
 from pipelines.billing.terms import EXEMPT, OUTSIDE_SCOPE, REVERSE_CHARGE, STANDARD, ZERO_RATED
+from pipelines.customer_text import render_page
 from pipelines.errors import UserError
 
 LINE_COLUMNS = ("kind", "description", "quantity", "unit_price", "amount", "taxable")
@@ -206,12 +204,6 @@ def invoice_lines_csv(invoice: InvoiceView) -> str:
     return buffer.getvalue()
 
 
-@cache
-def _templates() -> Environment:
-    return Environment(loader=PackageLoader("pipelines.billing", "templates"), autoescape=select_autoescape(default=True),
-                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
-
-
 def _line_row(line: Line) -> dict[str, str]:
     data = line.to_dict()
     if not line.taxable:
@@ -238,7 +230,7 @@ def document_html(document: DocumentView) -> str:
         "late_fee_percent": format_quantity(document.late_fee_rate * 100), "dispute_days": document.dispute_days,
         "billing_error_days": document.billing_error_days, **money,
     }  # fmt: skip
-    return _templates().get_template("invoice.html.j2").render(d=context)
+    return render_page("invoice.html.j2", d=context)
 
 
 def document_pdf(document: DocumentView) -> bytes:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account
+from pipelines.customer_text import render_mail
 from pipelines.lifecycle.models import LifecycleDeliveryFailure, LifecycleNotice
 from pipelines.notify import DeliveryError, send_once
 from pipelines.settings import Settings
@@ -29,75 +30,58 @@ class Draft:
     body: str
 
 
-def when(moment: datetime) -> str:
-    return moment.strftime("%d %B %Y, %H:%M UTC")
-
-
 def inactivity_notice(account: Account, cycle: str, last_login: datetime, months: int, closure_at: datetime, deletion_at: datetime) -> Draft:
-    return Draft(
+    return _draft(
+        "mail/inactivity_notice.txt.j2",
         "inactivity_notice",
         f"lifecycle:inactivity_notice:{account.account_id}:{cycle}",
-        f"pointflow: your free account {account.account_id} will close on {closure_at:%d %B %Y} unless you log in",
-        f"Hello {account.name},\n\n"
-        f"nobody has logged in to your pointflow account {account.account_id} since {when(last_login)}. "
-        f"Free accounts without a login for {months} months are closed.\n\n"
-        f"Closure: {when(closure_at)}. From then on your data is no longer accessible.\n"
-        f"Deletion: {when(deletion_at)}. Your files, results and reports are then deleted for good.\n\n"
-        f"To keep your account, just log in before {when(closure_at)}. Nothing else is needed.\n"
-        "To get a copy of all your data first, ask pointflow support for an export: you will receive "
-        "a download link.\n\n-- pointflow\n",
+        account,
+        last_login=last_login,
+        months=months,
+        closure_at=closure_at,
+        deletion_at=deletion_at,
     )
 
 
 def inactivity_reminder(account: Account, cycle: str, days: int, closure_at: datetime, deletion_at: datetime) -> Draft:
-    return Draft(
+    return _draft(
+        "mail/inactivity_reminder.txt.j2",
         "inactivity_reminder",
         f"lifecycle:inactivity_reminder:{account.account_id}:{cycle}:{days}",
-        f"pointflow reminder: your free account {account.account_id} closes on {closure_at:%d %B %Y}",
-        f"Hello {account.name},\n\n"
-        f"this is a reminder: your pointflow account {account.account_id} has had no login for a long "
-        "time and will close unless you log in.\n\n"
-        f"Closure: {when(closure_at)}. From then on your data is no longer accessible.\n"
-        f"Deletion: {when(deletion_at)}.\n\n"
-        f"To keep your account, log in before {when(closure_at)}.\n"
-        "To get a copy of all your data, ask pointflow support for an export.\n\n-- pointflow\n",
+        account,
+        closure_at=closure_at,
+        deletion_at=deletion_at,
     )
 
 
-REASONS = {
-    "inactivity": "the account was closed after a long time without a login",
-    "trial_ended": "your trial ended",
-    "customer": "you ended the contract",
-    "non_payment": "the contract was ended for non-payment",
-}
-
-
 def data_locked(account: Account, reason: str, effective_at: datetime, deletion_at: datetime) -> Draft:
-    return Draft(
+    return _draft(
+        "mail/data_locked.txt.j2",
         "data_locked",
         f"lifecycle:data_locked:{account.account_id}",
-        f"pointflow: the data of account {account.account_id} will be deleted on {deletion_at:%d %B %Y}",
-        f"Hello {account.name},\n\n"
-        f"your pointflow contract for account {account.account_id} ended on {when(effective_at)} "
-        f"({REASONS.get(reason, reason)}). Your data is no longer accessible.\n\n"
-        f"Deletion: {when(deletion_at)}. Then every file, result, export and report of the account is "
-        "deleted, in every copy we control. Invoices and usage records are kept, as the law requires.\n\n"
-        f"Until then you can get all your data back: ask pointflow support for an export before "
-        f"{when(deletion_at)}; you will receive a download link.\n\n-- pointflow\n",
+        account,
+        reason=reason,
+        effective_at=effective_at,
+        deletion_at=deletion_at,
     )
 
 
 def overdue_notice(account: Account, amount: Decimal, currency: str, due_date: str, stop_at: datetime) -> Draft:
-    return Draft(
+    return _draft(
+        "mail/overdue_notice.txt.j2",
         "overdue_notice",
         f"lifecycle:overdue_notice:{account.account_id}:{due_date}",
-        f"pointflow: payment overdue, services for {account.account_id} stop on {stop_at:%d %B %Y}",
-        f"Hello {account.name},\n\n"
-        f"{currency} {amount} of your pointflow invoices is overdue (oldest due date {due_date}).\n\n"
-        f"Services stop: {when(stop_at)}.\n\n"
-        f"To avoid this, pay the overdue amount before {when(stop_at)}. If you have already paid, "
-        "send the payment reference to pointflow support and we will check.\n\n-- pointflow\n",
+        account,
+        amount=amount,
+        currency=currency,
+        due_date=due_date,
+        stop_at=stop_at,
     )
+
+
+def _draft(template: str, kind: str, key: str, account: Account, **values: Any) -> Draft:
+    mail = render_mail(template, name=account.name, account_id=account.account_id, **values)
+    return Draft(kind, key, mail.subject, mail.body)
 
 
 def deliver(settings: Settings, catalog: Catalog, account: Account, draft: Draft, as_of: datetime, detail: dict[str, Any]) -> LifecycleNotice | None:
