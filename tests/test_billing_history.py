@@ -13,11 +13,12 @@ import pytest
 from pipelines.accounts import AccountRecord, AccountRow, get_account, upsert_accounts
 from pipelines.admission import AdmissionRefused, Candidate, check_admission
 from pipelines.billing.corrections import TermsUpdate, set_billing_terms
-from pipelines.billing.history import ChangeRefused, agreed_on, record_plan_change
-from pipelines.billing.imports import PaymentRecord, import_payments, import_usage
 from pipelines.billing.delivery import buyer_of, document_of
 from pipelines.billing.documents import cii_xml, document_html
-from pipelines.billing.invoicing import run_billing, tax_by_rate
+from pipelines.billing.history import agreed_on, record_plan_change
+from pipelines.billing.imports import PaymentRecord, import_payments, import_usage
+from pipelines.billing.invoicing import run_billing
+from pipelines.billing.lines import tax_by_rate
 from pipelines.billing.usage import PointsCapExceededError, check_points_admission
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account
@@ -25,7 +26,17 @@ from pipelines.cli import main
 from pipelines.jobs import Runtime
 from tests.conftest import make_account
 from tests.test_admission import store_files
-from tests.test_billing_support import SELLER, add_account, catalog, cli_env, database_url, job, make_pricebook, postgres_schema_url, utc
+from tests.test_billing_support import (
+    SELLER,
+    add_account,
+    catalog,
+    cli_env,
+    database_url,
+    job,
+    make_pricebook,
+    postgres_schema_url,
+    utc,
+)
 
 __all__ = ["catalog", "cli_env", "database_url", "postgres_schema_url"]  # fixtures used here
 

@@ -16,8 +16,11 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from pipelines.billing.drafting import draft_invoice  # noqa: E402
 from pipelines.billing.imports import import_usage  # noqa: E402
-from pipelines.billing.invoicing import AccountFacts, Ledger, UsageSlice, draft_invoice, prorate, run_billing  # noqa: E402
+from pipelines.billing.invoicing import run_billing  # noqa: E402
+from pipelines.billing.ledger import Ledger  # noqa: E402
+from pipelines.billing.lines import AccountFacts, UsageSlice, prorate  # noqa: E402
 from pipelines.billing.periods import Period  # noqa: E402
 from pipelines.catalog import Catalog  # noqa: E402
 from tests.test_billing_support import add_account, check_einvoices, job, make_pricebook, utc  # noqa: E402

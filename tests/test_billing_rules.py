@@ -8,7 +8,9 @@ from fractions import Fraction
 
 import pytest
 
-from pipelines.billing.invoicing import AccountFacts, Ledger, UsageSlice, availability_percent, draft_invoice, prorate
+from pipelines.billing.drafting import draft_invoice
+from pipelines.billing.ledger import Ledger
+from pipelines.billing.lines import AccountFacts, UsageSlice, availability_percent, prorate
 from pipelines.billing.money import format_rate, round_half_up
 from pipelines.billing.periods import Period, add_months
 from pipelines.billing.pricebook import PriceBookError, load_pricebook, parse_pricebook, plan_limits

@@ -14,7 +14,8 @@ from sqlalchemy.exc import IntegrityError
 
 from pipelines.accounts import UnknownAccountError
 from pipelines.billing.history import DATED_TERMS, account_history, invoiced_since, record_term_change
-from pipelines.billing.invoicing import BillingError, InvoiceView, invoice_view
+from pipelines.billing.invoicing import BillingError, invoice_view
+from pipelines.billing.lines import InvoiceView
 from pipelines.billing.models import BillingTerms, CreditNote, Dispute, Invoice, Payment
 from pipelines.billing.money import format_money, round_half_up
 from pipelines.billing.pricebook import PriceBook

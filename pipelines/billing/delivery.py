@@ -31,7 +31,8 @@ from pipelines.billing.documents import (
     invoice_json,
     invoice_lines_csv,
 )
-from pipelines.billing.invoicing import BillingError, InvoiceView, invoice_view, load_invoices
+from pipelines.billing.invoicing import BillingError, invoice_view, load_invoices
+from pipelines.billing.lines import InvoiceView
 from pipelines.billing.models import CreditNote, Invoice
 from pipelines.billing.periods import Period
 from pipelines.billing.pricebook import PriceBook, load_pricebook

@@ -20,7 +20,7 @@ from datetime import date
 from decimal import Decimal
 from typing import Any
 
-from pipelines.billing.invoicing import InvoiceView, Line
+from pipelines.billing.lines import InvoiceView, Line
 from pipelines.billing.money import format_money, format_quantity, round_half_up
 from pipelines.billing.periods import Period
 from pipelines.billing.pricebook import PriceBook, Seller
