@@ -18,7 +18,7 @@ import pytest
 
 from pipelines.billing.delivery import invoice_email
 from pipelines.billing.documents import Buyer, DocumentView, VatGroup, document_html
-from pipelines.billing.invoicing import Line
+from pipelines.billing.lines import Line
 from pipelines.billing.pricebook import Seller
 from pipelines.catalog.models import Account
 from pipelines.customer_text import Mail, render_mail
