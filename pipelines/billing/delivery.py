@@ -43,7 +43,7 @@ from pipelines.catalog.models import Account, SentMessage
 from pipelines.customer_text import render_mail
 from pipelines.notify import DeliveryError, send_once
 from pipelines.settings import Settings
-from pipelines.storage import AccountArea, ObjectStore, check_key, open_store
+from pipelines.storage import LINK_LIFETIME, AccountArea, ObjectStore, check_key, open_store
 
 log = logging.getLogger(__name__)
 ZERO = Decimal("0.00")
@@ -52,8 +52,6 @@ ZERO = Decimal("0.00")
 BASIC_FORMATS = ("json", "csv", "html")
 EINVOICE_FORMATS = ("pdf", "xml")
 DOCUMENT_FORMATS = BASIC_FORMATS + EINVOICE_FORMATS
-# S3 presigned URLs (SigV4) cannot outlive 7 days; the e-mail says until when its links work.
-LINK_LIFETIME = timedelta(days=7)
 USAGE_DAILY_PREFIX = "service/usage_daily/"
 USAGE_DAILY_COLUMNS = ("account_id", "day", "jobs", "billable_points", "failed_points")
 # Bounds the IN (...) list of one query, well under every database's parameter limit.

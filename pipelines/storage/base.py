@@ -49,6 +49,9 @@ def safe_name(name: str) -> str:
 
 
 MAX_KEY_BYTES = 1024  # S3's limit; local folders get the same one so both backends agree
+# S3 presigned URLs (SigV4) cannot outlive 7 days: no link lasts longer, and a link the customer is
+# mailed (a report, an invoice's documents, results the plan keeps) lasts that long.
+LINK_LIFETIME = timedelta(days=7)
 
 
 def check_key(key: str) -> str:

@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipelines.storage.base import S3_MAX_ATTEMPTS, ObjectInfo, ObjectStore, StorageError, check_key
+from pipelines.storage.base import LINK_LIFETIME, S3_MAX_ATTEMPTS, ObjectInfo, ObjectStore, StorageError, check_key
 
 
 class S3Store(ObjectStore):
@@ -108,9 +108,7 @@ class S3Store(ObjectStore):
     def link(self, key: str, expires_in: timedelta) -> str:
         if not self.exists(key):
             raise StorageError(f"no object {key!r} in {self.url}")
-        seconds = int(expires_in.total_seconds())
-        # SigV4 presigned URLs cannot outlive 7 days.
-        seconds = max(1, min(seconds, 7 * 24 * 3600))
+        seconds = max(1, min(int(expires_in.total_seconds()), int(LINK_LIFETIME.total_seconds())))
         return self.link_client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=seconds
         )
