@@ -475,3 +475,44 @@ def test_frequent_and_clustered_low_noise_leaves_the_ground_as_it_was(ign: tuple
     assert with_noise < clean + 0.005
     # A point 2 m below a steep slope can lie on the terrain further down: allow a few.
     assert np.mean(classes[len(block):] == 2) < 0.1
+
+
+def test_tree_crowns_above_the_eaves_are_not_building() -> None:
+    """Grenoble's trees overhang the roofs: the crown points within the edge margin of a roof but
+    more than 2 m above it are vegetation, the eaves and walls below stay building."""
+    grenoble, labels = load("corpus/IGN_bat_grenoble.laz")
+    classes = get_classifier("standard").classify(grenoble)
+    whole_margin = get_classifier("standard", {"margin_above_roof": 1000.0}).classify(grenoble)
+    dropped = (whole_margin == 6) & (classes != 6)
+    assert np.count_nonzero(dropped) > 500
+    assert np.mean(labels[dropped] == 5) > 0.95
+    assert f1(labels == 6, classes == 6) > f1(labels == 6, whole_margin == 6) + 0.01
+
+
+def test_planar_roof_smaller_than_the_area_floor_is_building() -> None:
+    """A Grenoble annex whose roof passes the votes on only 6.7 m^2 (below the 10 m^2 floor that
+    keeps crowns out) is building: nearly all its points lie on a plane."""
+    block, labels = load("corpus/IGN_bat_grenoble.laz")
+    keep = np.flatnonzero((block.x < block.x.min() + 25) & (block.y < block.y.min() + 20))
+    block, labels = subset(block, keep), labels[keep]
+    annex = ((block.x < block.x.min() + 9) & (block.y < block.y.min() + 3.5) & (labels == 6))
+    classes = get_classifier("standard").classify(block)
+    area_floor_only = get_classifier("standard", {"planar_min_area": 10.0}).classify(block)
+    assert np.count_nonzero(annex) > 300
+    assert np.mean(classes[annex] == 6) > 0.8
+    assert np.mean(area_floor_only[annex] == 6) < 0.2
+
+
+def test_low_planar_shed_is_building() -> None:
+    """The 2.3 m shed of the IGN flat-field strip is lower on average than the 2.5 m that keeps
+    hedges out, but planar: building.  Its crop holds nothing else called building."""
+    block, labels = load("corpus/IGN_flatfield_strip.laz")
+    shed = labels == 6
+    cx, cy = block.x[shed].mean(), block.y[shed].mean()
+    keep = np.flatnonzero((np.abs(block.x - cx) < 25) & (np.abs(block.y - cy) < 25))
+    block, labels = subset(block, keep), labels[keep]
+    classes = get_classifier("standard").classify(block)
+    height_floor_only = get_classifier("standard", {"planar_min_mean_height": 2.5}).classify(block)
+    assert f1(labels == 6, classes == 6) > 0.7
+    assert np.mean(labels[classes == 6] == 6) > 0.85
+    assert not np.any(height_floor_only == 6)

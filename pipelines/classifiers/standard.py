@@ -55,9 +55,18 @@ class StandardParams:
         (the laser penetrates canopy, not roofs); ignored without return numbers.
     max_ground_fraction: a roof neighbourhood has at most this share of ground returns (nothing
         is seen through a roof, ground is seen through trees).
-    building_min_area: smaller segments are left to vegetation.
-    building_min_mean_height: lower segments (hedges, shrubs, cars) are left to vegetation.
-    building_edge_margin: raised points this close to a roof segment (eaves, walls) are building.
+    building_min_area: smaller segments are left to vegetation, unless planar (below).
+    building_min_mean_height: lower segments (hedges, shrubs, cars) are left to vegetation, unless
+        planar (below).
+    planar_segment_fraction: a segment is planar when at least this share of its points at least
+        `building_min_height` high lie on a local plane (roofs almost all; crowns and hedge tops,
+        which pass the votes only in patches, rarely).
+    planar_min_area / planar_min_mean_height: a planar segment needs only this area (when as high
+        as `building_min_mean_height`) or only this mean height (when as large as
+        `building_min_area`): small annexes and low sheds.
+    building_edge_margin: raised points this close to a roof segment (eaves, walls) are building,
+        unless more than `margin_above_roof` above the highest roof point within that distance
+        (a tree crown overhanging the eaves).
     roof_growth: raised points up to this far beyond a roof segment that lie on its plane (within
         roof_growth_tolerance) are building.
     wall_reach, wall_max_scatter: see `walls_and_eaves`.
@@ -79,7 +88,11 @@ class StandardParams:
     plane_tolerance: float = 0.1
     building_min_area: float = 10.0
     building_min_mean_height: float = 2.5
+    planar_segment_fraction: float = 0.8
+    planar_min_area: float = 5.0
+    planar_min_mean_height: float = 2.0
     building_edge_margin: float = 1.0
+    margin_above_roof: float = 2.0
     max_multi_return_fraction: float = 0.3
     max_ground_fraction: float = 0.2
     min_planar_fraction: float = 0.35
@@ -114,10 +127,12 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
        per-point tests: tree crowns are planar only by accident, roofs almost everywhere.
     3. Roof-like cells holding a single-return or on-plane point are closed and hole-filled
        (chimneys, skylights, rough patches), then segments smaller than `building_min_area` or
-       lower on average than `building_min_mean_height` (hedges, shrubs, cars) are dropped.
+       lower on average than `building_min_mean_height` (hedges, shrubs, cars) are dropped, unless
+       planar (`kept_segments`).
     4. Every raised point in a segment or within `building_edge_margin` of it (eaves, gutters,
-       walls) is building, and so are the points beyond that lie on a roof's plane extended
-       (`roof_extension`) or on walls and lower roofs beside it (`walls_and_eaves`).
+       walls) is building, except margin points high above the roof beside them, and so are the
+       points beyond that lie on a roof's plane extended (`roof_extension`) or on walls and lower
+       roofs beside it (`walls_and_eaves`).
     """
     result = np.zeros(len(block), dtype=bool)
     raised = np.flatnonzero(~model.is_ground & (model.height >= params.low_vegetation_max))
@@ -165,20 +180,52 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
     mask = close_and_fill(mask)
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     segment = labels.ravel()[flat_raised]
-    area = np.bincount(labels.ravel(), minlength=count + 1) * grid.cell**2
-    mean_height = (np.bincount(segment, model.height[raised], minlength=count + 1)
-                   / np.maximum(np.bincount(segment, minlength=count + 1), 1))
-    keep = (area >= params.building_min_area) & (mean_height >= params.building_min_mean_height)
-    keep[0] = False
+    keep = kept_segments(labels, count, segment, model.height[raised], segment[high][on_plane],
+                         segment[high], grid.cell, params)
     buildings = keep[labels]
+    in_segment = buildings.ravel()[flat_raised]
     margin = int(round(params.building_edge_margin / grid.cell))
     if margin > 0:
         buildings = ndimage.maximum_filter(buildings, size=2 * margin + 1, mode="constant")
-    result[raised[buildings.ravel()[flat_raised]]] = True
+        # The highest roof point within the margin of each cell: eaves and walls are no higher.
+        z_raised = model.height[raised]
+        top = np.full(grid.nx * grid.ny, -np.inf)
+        np.maximum.at(top, flat_raised[in_segment], z_raised[in_segment])
+        top = ndimage.maximum_filter(top.reshape(grid.shape), size=2 * margin + 1, mode="constant",
+                                      cval=-np.inf).ravel()
+        in_margin = buildings.ravel()[flat_raised] & (in_segment
+                                                       | (z_raised <= top[flat_raised] + params.margin_above_roof))
+    else:
+        in_margin = in_segment
+    result[raised[in_margin]] = True
     result[raised[high[roof_extension(grid, planes, planar_cell & keep[labels].ravel(), flat, x, y, z,
                                       params)]]] = True
     result[raised[walls_and_eaves(model, grid, planes, raised, flat_raised, result[raised], params)]] = True
     return result
+
+
+def kept_segments(labels: np.ndarray, count: int, segment: np.ndarray, height: np.ndarray,
+                  on_plane_segment: np.ndarray, high_segment: np.ndarray, cell: float,
+                  params: StandardParams) -> np.ndarray:
+    """Per segment label (0 = none): whether it is a building.
+
+    Large and high enough, or planar and either a little smaller or a little lower: the roof of
+    an annex too small for the area test, a shed too low for the height test.  A segment's
+    `segment` entries are those of its raised points, `high_segment` those of its points high
+    enough for the plane fit, `on_plane_segment` those of its on-plane points.
+    """
+    area = np.bincount(labels.ravel(), minlength=count + 1) * cell**2
+    mean_height = (np.bincount(segment, height, minlength=count + 1)
+                   / np.maximum(np.bincount(segment, minlength=count + 1), 1))
+    n_high = np.bincount(high_segment, minlength=count + 1)
+    planar = (np.bincount(on_plane_segment, minlength=count + 1)
+              >= params.planar_segment_fraction * np.maximum(n_high, 1))
+    large, high = area >= params.building_min_area, mean_height >= params.building_min_mean_height
+    keep = ((large & high)
+            | (planar & high & (area >= params.planar_min_area))
+            | (planar & large & (mean_height >= params.planar_min_mean_height)))
+    keep[0] = False
+    return keep
 
 
 def walls_and_eaves(model: GroundModel, grid: Grid, planes: LocalPlanes, raised: np.ndarray,
@@ -258,7 +305,7 @@ class StandardClassifier:
     """Ground 2, vegetation 3/4/5, building 6, low noise 7, high noise 18."""
 
     name = "standard"
-    version = "2.1.0"
+    version = "2.2.0"
 
     def __init__(self, params: StandardParams | None = None) -> None:
         self._params = params or StandardParams()
