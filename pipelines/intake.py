@@ -30,11 +30,19 @@ from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import IntakeClaim, utcnow
 from pipelines.customer_text import render_mail
 from pipelines.errors import PointflowError
-from pipelines.jobs import AdmissionRefusedJob, Runtime, attach_file, create_job, finish_step, job_view
+from pipelines.jobs import AdmissionRefusedJob, Runtime, attach_file, create_job, finish_step, job_view, refuse_job
 from pipelines.lifecycle.operations import AccountLocked
 from pipelines.notify import DeliveryError, send_once
 from pipelines.scratch import work_dir
-from pipelines.storage import INCOMING_PREFIX, LocalStore, ObjectInfo, UnsafeKeyError, check_account_id, safe_name
+from pipelines.storage import (
+    INCOMING_PREFIX,
+    LocalStore,
+    ObjectInfo,
+    StaleObject,
+    UnsafeKeyError,
+    check_account_id,
+    safe_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +61,7 @@ class Outcome:
     key: str
     account_id: str
     job_id: str | None
-    outcome: str  # registered | refused
+    outcome: str  # registered | refused | superseded
     reason: str | None = None
 
     def to_public(self) -> dict[str, Any]:
@@ -151,12 +159,13 @@ def _register(runtime: Runtime, info: ObjectInfo, account_id: str, name: str, jo
         return _refuse(runtime, info, account_id, name, job_id, str(error))
     try:
         with work_dir(runtime.settings.scratch_dir, "intake", account_id, job_id) as work:
-            if isinstance(store, LocalStore):
-                path = store.local_path(info.key)
-            else:
-                path = work / name
-                store.get_file(info.key, path)
+            # A copy of the listed version: read in place, a file replaced meanwhile would be
+            # registered under the old version's claim, and the new version again by the next sweep.
+            path = work / name
+            store.get_file(info.key, path, version=info.version)
             attach_file(runtime, job_id, path, name)
+    except StaleObject as stale:
+        return _supersede(runtime, info, account_id, job_id, str(stale))
     except AdmissionRefusedJob:
         finish_step(runtime, job_id)  # metered once as failed, nothing billed, as for any refused job
         return _refuse(runtime, info, account_id, name, job_id, job_view(runtime, job_id)["error"])
@@ -165,6 +174,19 @@ def _register(runtime: Runtime, info: ObjectInfo, account_id: str, name: str, jo
     _remove(runtime, info)
     log.info("drop-zone file %s registered as %s", info.key, job_id)
     return Outcome(info.key, account_id, job_id, "registered")
+
+
+def _supersede(runtime: Runtime, info: ObjectInfo, account_id: str, job_id: str, reason: str) -> Outcome:
+    """The customer replaced the file while it was being registered: this version's job ends,
+    metered as failed and billed nothing, and the next sweep takes the new version; no notice."""
+    with runtime.catalog.session() as session:
+        session.execute(update(IntakeClaim).where(IntakeClaim.job_id == job_id).values(state="superseded", reason=reason))
+    try:
+        refuse_job(runtime, job_id, f"the upload was replaced by a newer one while it was registered ({reason})")
+    except AdmissionRefusedJob:
+        finish_step(runtime, job_id)
+    log.info("drop-zone file %s superseded: %s", info.key, reason)
+    return Outcome(info.key, account_id, job_id, "superseded", reason)
 
 
 def _remove(runtime: Runtime, info: ObjectInfo) -> None:

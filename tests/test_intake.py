@@ -97,6 +97,32 @@ def test_each_dropped_file_is_one_job_under_overlapping_sweeps(store_runtime: Ru
     assert again.outcomes == [] and again.job_ids == [] and again.errors == {}
 
 
+def test_a_file_replaced_while_it_is_registered_is_taken_once_in_its_new_version(store_runtime: Runtime, scenes: list[Path]) -> None:
+    from pipelines.catalog.models import StoredFile, utcnow
+    from pipelines.intake import _claim, _register
+    from pipelines.storage import file_sha256
+
+    runtime = store_runtime
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    drop(runtime, "incoming/acme/north.laz", scenes[0])
+    listed = next(runtime.store.list("incoming/"))
+    drop(runtime, "incoming/acme/north.laz", scenes[1])  # uploaded again after the sweep listed it
+    outcome = _register(runtime, listed, "acme", "north.laz", _claim(runtime, listed, "acme", "run-1", utcnow()))
+    assert outcome.outcome == "superseded"
+    with runtime.catalog.session() as session:
+        assert session.scalars(select(Job.state)).all() == ["failed"]
+        assert session.scalars(select(UsageEvent.status)).all() == ["failed"]  # metered once, billed nothing
+        assert session.scalars(select(StoredFile)).all() == []
+
+    later = sweep(runtime, owner="run-2")
+    assert [o.outcome for o in later.outcomes] == ["registered"]
+    with runtime.catalog.session() as session:
+        assert session.scalars(select(StoredFile.sha256)).all() == [file_sha256(scenes[1])]
+    assert list(runtime.store.list("incoming/")) == []
+    assert sweep(runtime, owner="run-3").outcomes == []
+    assert outbox_messages(runtime.settings) == []  # the customer replaced the file: nothing to tell
+
+
 def test_a_sweep_that_died_is_resumed_by_its_retry_at_once_and_by_others_after_the_lease(runtime: Runtime, scenes: list[Path]) -> None:
     from datetime import timedelta
 

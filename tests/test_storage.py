@@ -9,7 +9,7 @@ import boto3
 import pytest
 import requests
 
-from pipelines.storage import AccountArea, LocalStore, S3Store, StorageError, UnsafeKeyError, open_store, safe_name
+from pipelines.storage import AccountArea, LocalStore, S3Store, StaleObject, StorageError, UnsafeKeyError, open_store, safe_name
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -32,6 +32,20 @@ def test_put_get_roundtrip(store, tmp_path: Path) -> None:
     store.get_file("accounts/a/raw/in.bin", target)
     assert target.read_bytes() == source.read_bytes()
     assert store.sha256("accounts/a/raw/in.bin") == __import__("hashlib").sha256(source.read_bytes()).hexdigest()
+
+
+def test_a_versioned_get_returns_that_version_or_refuses(store, tmp_path: Path) -> None:
+    """The drop zone fetches the version it listed: a file uploaded again since is not taken for it."""
+    store.put_bytes("incoming/a/f.laz", b"first upload")
+    listed = store.info("incoming/a/f.laz")
+    store.get_file("incoming/a/f.laz", tmp_path / "same.laz", version=listed.version)
+    assert (tmp_path / "same.laz").read_bytes() == b"first upload"
+    store.put_bytes("incoming/a/f.laz", b"second upload, longer")
+    with pytest.raises(StaleObject, match="replaced"):
+        store.get_file("incoming/a/f.laz", tmp_path / "stale.laz", version=listed.version)
+    current = store.info("incoming/a/f.laz")
+    store.get_file("incoming/a/f.laz", tmp_path / "new.laz", version=current.version)
+    assert (tmp_path / "new.laz").read_bytes() == b"second upload, longer"
 
 
 def test_list_is_prefix_scoped(store) -> None:

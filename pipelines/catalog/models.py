@@ -216,8 +216,9 @@ class IntakeClaim(Base):
     version: Mapped[str] = mapped_column(String(255))
     account_id: Mapped[str] = mapped_column(String(64), index=True)
     job_id: Mapped[str] = mapped_column(String(128))
-    # claimed (a sweep is registering it), registered (its job holds the file), refused (kept in
-    # the drop zone, the customer told why)
+    # claimed (a sweep is registering it), registered (its job holds the file), superseded (replaced
+    # while it was registered: the new version is claimed anew), refused (kept in the drop zone,
+    # the customer told why)
     state: Mapped[str] = mapped_column(String(16), default="claimed")
     owner: Mapped[str] = mapped_column(String(255))  # the sweep working on it: a DAG run, a CLI process
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -26,6 +26,10 @@ class StorageError(UserError, RuntimeError):
     """An object operation failed; the message says which key and why."""
 
 
+class StaleObject(StorageError):
+    """The object is no longer the version that was asked for: it was replaced meanwhile."""
+
+
 class UnsafeKeyError(StorageError, ValueError):
     """A key or name that could reach outside its account (traversal, absolute path, ...)."""
 
@@ -116,7 +120,9 @@ class ObjectStore(ABC):
     def put_bytes(self, key: str, data: bytes) -> None: ...
 
     @abstractmethod
-    def get_file(self, key: str, path: Path) -> None: ...
+    def get_file(self, key: str, path: Path, version: str | None = None) -> None:
+        """Copy the object to a local file; with `version` (an ObjectInfo's), that version's bytes
+        or StaleObject: a drop-zone file replaced after it was listed is not taken for the old one."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...

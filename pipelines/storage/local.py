@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pipelines.storage.base import ObjectInfo, ObjectStore, StorageError, UnsafeKeyError, check_key
+from pipelines.storage.base import ObjectInfo, ObjectStore, StaleObject, StorageError, UnsafeKeyError, check_key
 
 
 def _local_version(facts: os.stat_result) -> str:
@@ -62,12 +62,21 @@ class LocalStore(ObjectStore):
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write_atomic(key, lambda handle: handle.write(data))
 
-    def get_file(self, key: str, path: Path) -> None:
+    def get_file(self, key: str, path: Path, version: str | None = None) -> None:
         source = self._path(key)
         if not source.is_file():
             raise StorageError(f"no object {key!r} in {self.url}")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, path)
+        with open(source, "rb") as handle, open(path, "wb") as copy:
+            # A file renamed over the key leaves our open handle on the old one; one written in
+            # place changes its mtime: checked before and after, the copy is that version whole.
+            self._check_version(key, handle, version)
+            shutil.copyfileobj(handle, copy, 1 << 20)
+            self._check_version(key, handle, version)
+
+    def _check_version(self, key: str, handle, version: str | None) -> None:
+        if version is not None and _local_version(os.fstat(handle.fileno())) != version:
+            raise StaleObject(f"{key!r} in {self.url} was replaced after it was listed")
 
     def get_bytes(self, key: str) -> bytes:
         source = self._path(key)

@@ -8,7 +8,15 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipelines.storage.base import LINK_LIFETIME, S3_MAX_ATTEMPTS, ObjectInfo, ObjectStore, StorageError, check_key
+from pipelines.storage.base import (
+    LINK_LIFETIME,
+    S3_MAX_ATTEMPTS,
+    ObjectInfo,
+    ObjectStore,
+    StaleObject,
+    StorageError,
+    check_key,
+)
 
 
 class S3Store(ObjectStore):
@@ -45,23 +53,34 @@ class S3Store(ObjectStore):
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call(key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
 
-    def get_file(self, key: str, path: Path) -> None:
+    def get_file(self, key: str, path: Path, version: str | None = None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._call(key, self.client.download_file, self.bucket, self._key(key), str(path))
+        if version is None:
+            self._call(key, self.client.download_file, self.bucket, self._key(key), str(path))
+            return
+        # The ETag part of our version; S3 answers 412 when the object's is another (a new upload).
+        etag = version.split("@", 1)[0]
+        try:
+            response = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key), IfMatch=f'"{etag}"')
+        except StorageError as error:
+            if _error_code(error) in ("PreconditionFailed", "412"):
+                raise StaleObject(f"{key!r} in {self.url} was replaced after it was listed") from error
+            raise
+        with open(path, "wb") as copy:
+            for chunk in response["Body"].iter_chunks(1 << 20):
+                copy.write(chunk)
 
     def get_bytes(self, key: str) -> bytes:
         response = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
         return response["Body"].read()
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
 
         try:
             self._call(key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
             return True
         except StorageError as error:
-            cause = error.__cause__
-            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _error_code(error) in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise
 
@@ -138,3 +157,11 @@ class S3Store(ObjectStore):
             ) from error
         except (BotoCoreError, ClientError, Boto3Error) as error:
             raise StorageError(f"{function.__name__} {key!r} in {self.url} failed: {error}") from error
+
+
+def _error_code(error: StorageError) -> str | None:
+    """S3's error code behind a StorageError, if S3 answered at all."""
+    from botocore.exceptions import ClientError
+
+    cause = error.__cause__
+    return cause.response.get("Error", {}).get("Code") if isinstance(cause, ClientError) else None
