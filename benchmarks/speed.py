@@ -68,7 +68,7 @@ class PeakMemory:
             self._roles[process.pid] = (
                 "scheduler" if "distributed.Scheduler" in command
                 else "nannies" if "distributed.Nanny" in command
-                else "workers" if self._roles.get(process.ppid()) == "nannies"
+                else "workers" if self._roles.get(process.ppid()) == "nannies" or "distributed.Worker" in command
                 else "command" if process.pid == root.pid
                 else "other"
             )

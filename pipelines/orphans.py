@@ -1,11 +1,12 @@
 """Dask preload for the local cluster (see `pipelines/data/dask-local.yaml`): a scheduler, nanny
 or worker whose owner or parent process dies ends itself.
 
-The local cluster's processes are children of the process that classifies (`pointflow classify`,
-an Airflow task); when that process is killed outright (SIGKILL, the OOM killer) nobody closes the
-cluster, and its scheduler, nannies and workers would live on under init. Each one watches the
-owner (OWNER_VARIABLE, set by `pipelines.classify.dask_client`) and its own parent: a worker's
-parent is its nanny. A process that starts after its owner died ends at once.
+The local cluster's workers are children of the process that classifies (`pointflow classify`,
+an Airflow task), whose scheduler runs inside it; when that process is killed outright (SIGKILL,
+the OOM killer) nobody closes the cluster, and its workers would live on under init. Each one
+watches the owner (OWNER_VARIABLE, set by `pipelines.classify.local_cluster`) and its own parent
+(the owner itself, or a nanny where a cluster has them). A process that starts after its owner
+died ends at once.
 """
 
 from __future__ import annotations

@@ -60,8 +60,8 @@ def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
 
 
 def kill_mid_classification(process: subprocess.Popen, scratch: Path) -> list[psutil.Process]:
-    """SIGKILL the command once its cluster (scheduler, two nannies, two workers) is up and tiles
-    are on disk; returns the processes it had started."""
+    """SIGKILL the command once its cluster's two workers (the scheduler runs inside the command)
+    are up and tiles are on disk; returns the processes it had started."""
     command = psutil.Process(process.pid)
     family: list[psutil.Process] = []
 
@@ -69,7 +69,7 @@ def kill_mid_classification(process: subprocess.Popen, scratch: Path) -> list[ps
         nonlocal family
         assert process.poll() is None, process.communicate()
         family = command.children(recursive=True)
-        return len(family) >= 5 and any(scratch.glob("classify-*/core-*"))
+        return len(family) >= 2 and any(scratch.glob("classify-*/core-*"))
 
     wait_for(classifying, 180, "the classification to be under way")
     process.send_signal(signal.SIGKILL)

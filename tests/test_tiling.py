@@ -183,3 +183,47 @@ def test_degenerate_inputs_are_classified_or_refused_clearly(tmp_path: Path, set
     classes = laspy.read(output).classification
     assert len(classes) == n == result.output_points
     assert set(np.unique(classes)) <= {1, 2, 3, 4, 5, 6, 7, 9, 18}
+
+
+def _workers_started_since(before: set[int]) -> list:
+    import psutil
+
+    # The run's local cluster: this process's children that are workers ("dask worker [address]")
+    # and were not there before the run (the module's LocalCluster has its own).
+    return [p for p in psutil.Process().children() if p.pid not in before and "dask worker" in " ".join(p.cmdline())]
+
+
+def test_the_local_cluster_reruns_a_killed_workers_tiles_and_fails_clearly_when_none_is_left(
+        tmp_path: Path, settings, client, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The local cluster's workers have no nanny to restart them: a dead one's tiles go to the other,
+    # and a run with no worker left fails (after NO_WORKERS_TIMEOUT) instead of waiting for ever.
+    source = shared_file("isprs/samp11.las")
+    reference, survived, failed = tmp_path / "reference.las", tmp_path / "survived.las", tmp_path / "failed.las"
+    classify_file(source, reference, settings, tile_size=10, buffer=3, client=client)
+
+    def killing(count: int):
+        import psutil
+
+        killed: list[int] = []
+        before = {p.pid for p in psutil.Process().children()}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage == "classify" and not killed:
+                workers = _workers_started_since(before)
+                assert len(workers) == 2
+                for worker in workers[:count]:
+                    worker.kill()
+                    killed.append(worker.pid)
+        return progress, killed
+
+    progress, killed = killing(1)
+    result = classify_file(source, survived, settings, tile_size=10, buffer=3, workers=2, progress=progress)
+    assert len(killed) == 1 and result.output_points == laspy.open(source).header.point_count
+    assert laspy.read(survived).points.array.tobytes() == laspy.read(reference).points.array.tobytes()
+
+    monkeypatch.setattr(classify, "NO_WORKERS_TIMEOUT", "1s")
+    progress, killed = killing(2)
+    with pytest.raises(ClusterStartError, match="every worker of the Dask cluster is gone .* within 1s: nothing was written"):
+        classify_file(source, failed, settings, tile_size=10, buffer=3, workers=2, progress=progress)
+    assert len(killed) == 2 and not failed.exists()
+    assert list(settings.scratch_dir.glob("*")) == []
