@@ -31,6 +31,7 @@ from pipelines.catalog.models import (
     utcnow,
 )
 from pipelines.classify import classify_file
+from pipelines.customer_text import render_mail
 from pipelines.errors import USER_ERRORS, PointflowError
 from pipelines.export import (
     MANIFEST_NAME,
@@ -50,13 +51,11 @@ from pipelines.notify import DeliveryError, send_once
 from pipelines.preview import class_summary, file_frame
 from pipelines.scratch import work_dir
 from pipelines.settings import Settings
-from pipelines.storage import AccountArea, ObjectStore, open_store, safe_name
+from pipelines.storage import LINK_LIFETIME, AccountArea, ObjectStore, open_store, safe_name
 from pipelines.training import resolve_classifier
 from pipelines.validate import Finding, ValidationReport, validate_file
 
 log = logging.getLogger(__name__)
-REPORT_LINK_LIFETIME = timedelta(days=7)
-DEFAULT_LINK_LIFETIME = timedelta(days=7)
 
 
 class IllegalTransition(CatalogError):
@@ -269,15 +268,10 @@ def _notify_quarantine(runtime: Runtime, job_id: str, account_id: str, file_name
     """Tell the customer once per job; a refused delivery is logged and retried when the step reruns."""
     account = get_account(runtime.catalog, account_id)
     html_key = report_key.replace(".json", ".html")
-    body = (
-        f"Hello {account.name},\n\nwe could not process {file_name}: {reason}.\n\n"
-        f"The file is kept in quarantine and nothing was charged. The full report:\n"
-        f"{runtime.store.link(html_key, REPORT_LINK_LIFETIME)}\n\n"
-        "What to do: re-export the file from your processing software (LAS 1.0-1.4 or LAZ, point formats 0-10) "
-        "and upload it again.\n\n-- pointflow\n"
-    )
+    report_link = runtime.store.link(html_key, LINK_LIFETIME)
+    mail = render_mail("mail/quarantine.txt.j2", name=account.name, file_name=file_name, reason=reason, report_link=report_link)
     try:
-        send_once(runtime.settings, runtime.catalog, f"quarantine:{job_id}", account_id, "quarantine", account.email, f"pointflow: {file_name} could not be processed", body)
+        send_once(runtime.settings, runtime.catalog, f"quarantine:{job_id}", account_id, "quarantine", account.email, mail.subject, mail.body)
     except DeliveryError as error:
         # The quarantine stands either way; a missed notice must not turn into a lost file.
         log.warning("quarantine notice for %s not sent: %s", account_id, error)
@@ -373,8 +367,8 @@ class DeliveryTerms:
     retention: timedelta | None  # results are deleted this long after the job (None: kept)
 
     def links_expire(self, finished_at: datetime, now: datetime) -> datetime:
-        """Links last as long as the results where the plan deletes them, else DEFAULT_LINK_LIFETIME."""
-        return finished_at + self.retention if self.retention else now + DEFAULT_LINK_LIFETIME
+        """Links last as long as the results where the plan deletes them, else LINK_LIFETIME."""
+        return finished_at + self.retention if self.retention else now + LINK_LIFETIME
 
 
 def delivery_terms(runtime: Runtime, account_id: str, at: datetime | None = None) -> DeliveryTerms:
@@ -393,15 +387,17 @@ def deliver_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
     expires_at = terms.links_expire(job["finished_at"], utcnow())
     links = download_links(runtime.store, LinkSigner.from_settings(runtime.settings), account.account_id, job_id, terms.downloads, expires_at)
     summary = job["summary"]
-    classes = "\n".join(f"  {row['class']:>3} {row['name']:<18} {row['points']:>12,}  {row['percent']:6.2f} %" for row in class_summary({int(k): v for k, v in summary["class_counts"].items()}))
-    listing = "\n".join(f"  {link.name}: {link.url}" for link in links)
-    note = "" if terms.downloads else "\nYour plan shows results without point downloads; upgrade to download the classified points.\n"
-    body = (
-        f"Hello {account.name},\n\nyour classification of {job['classified_key'].rsplit('/', 1)[-1]} is ready "
-        f"({summary['output_points']:,} points, classifier {summary['classifier']} {summary['classifier_version']}).\n\n"
-        f"Classes:\n{classes}\n\nDownloads (valid until {expires_at:%Y-%m-%d %H:%M} UTC):\n{listing}\n{note}\n-- pointflow\n"
+    mail = render_mail(
+        "mail/export_ready.txt.j2",
+        name=account.name,
+        file_name=job["classified_key"].rsplit("/", 1)[-1],
+        summary=summary,
+        classes=class_summary({int(k): v for k, v in summary["class_counts"].items()}),
+        links=links,
+        downloads=terms.downloads,
+        expires_at=expires_at,
     )
-    send_once(runtime.settings, runtime.catalog, f"export:{job_id}", account.account_id, "export_ready", account.email, "pointflow: your classified point cloud is ready", body)
+    send_once(runtime.settings, runtime.catalog, f"export:{job_id}", account.account_id, "export_ready", account.email, mail.subject, mail.body)
     return job
 
 

@@ -22,8 +22,10 @@ from pipelines.billing.lines import Line
 from pipelines.billing.pricebook import Seller
 from pipelines.catalog.models import Account
 from pipelines.customer_text import Mail, render_mail
+from pipelines.export import DownloadLink
 from pipelines.lifecycle import notices
 from pipelines.notify import send_email
+from pipelines.preview import class_summary
 from pipelines.settings import Settings
 from pipelines.storage import INCOMING_PREFIX
 from pipelines.validate import Finding, ValidationReport
@@ -72,6 +74,14 @@ MAILS: dict[str, Callable[[str], Mail]] = {
     "mail/intake_refused.txt.j2": lambda v: render_mail(
         "mail/intake_refused.txt.j2", name=v, file_name=v, upload_folder=f"{INCOMING_PREFIX}acme/", reason=v
     ),
+    "mail/quarantine.txt.j2": lambda v: render_mail(
+        "mail/quarantine.txt.j2", name=v, file_name=v, reason=v, report_link="https://pointflow.example/report.html"
+    ),
+    "mail/export_ready.txt.j2": lambda v: render_mail(
+        "mail/export_ready.txt.j2", name=v, file_name=v, classes=class_summary({2: 297_211, 6: 22_665}),
+        summary={"output_points": 319_876, "classifier": v, "classifier_version": v},
+        links=[DownloadLink(v, "points", "https://pointflow.example/d/1", WHEN)], downloads=False, expires_at=WHEN,
+    ),  # fmt: skip
 }
 # Rendered only through the templates that extend or import them.
 PARTS = {"mail/letter.txt.j2", "mail/file_refused.txt.j2", "mail/dates.txt.j2"}
