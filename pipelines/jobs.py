@@ -103,7 +103,7 @@ def _set_state(job: Job, state: JobState) -> None:
     if state != current and state not in JOB_TRANSITIONS[current]:
         raise IllegalTransition(f"job {job.job_id}: cannot go from {current.value} to {state.value}")
     job.state = state.value
-    if state in (JobState.EXPORTED, JobState.QUARANTINED, JobState.FAILED, JobState.ABORTED) and job.finished_at is None:
+    if state in TERMINAL_JOB_STATES and job.finished_at is None:
         job.finished_at = utcnow()
 
 
@@ -406,7 +406,7 @@ def finish_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
     with runtime.catalog.session() as session:
         job = _job(session, job_id)
         state = JobState(job.state)
-        if state not in (JobState.EXPORTED, JobState.QUARANTINED, JobState.FAILED, JobState.ABORTED):
+        if state not in TERMINAL_JOB_STATES:
             job.error = job.error or f"pipeline stopped while {state.value}"
             _set_state(job, JobState.FAILED)
         stored = session.get(StoredFile, job.file_id) if job.file_id else None
