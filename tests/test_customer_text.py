@@ -10,7 +10,7 @@ import fnmatch
 import re
 import tomllib
 from collections.abc import Callable
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -40,17 +40,33 @@ HOSTILE = [
     "Ünïcødé 漢字 🙂 \u2028next\u0085line",
     "L" * 5000,
 ]
-WHEN = datetime(2027, 3, 11, 3, 0, tzinfo=timezone.utc)
+WHEN = datetime(2027, 3, 11, 3, 0, tzinfo=UTC)
 
 
 def document(value: str, kind: str = "invoice") -> DocumentView:
-    seller = Seller(value, value, value, value, "FR", value, email=value, registration=value, bank=value, iban=value, bic=value)
+    seller = Seller(
+        value, value, value, value, "FR", value, email=value, registration=value, bank=value, iban=value, bic=value
+    )
     buyer = Buyer("acme", value, "FR", "ops@acme.example", value, value, value, value)
     lines = (Line("usage", value, Decimal(3), Decimal("10.00"), Decimal("30.00"), True),)
     vat = (VatGroup("S", Decimal("0.2"), Decimal("30.00"), Decimal("6.00")),)
-    return DocumentView(kind, "PF-2026-09-0001", date(2026, 10, 1), date(2026, 10, 31) if kind == "invoice" else None,
-                        date(2026, 9, 1), date(2026, 9, 30), "EUR", seller, buyer, lines, vat, Decimal("30.00"), Decimal("6.00"),
-                        Decimal("36.00"), refers_to=value)  # fmt: skip
+    return DocumentView(
+        kind,
+        "PF-2026-09-0001",
+        date(2026, 10, 1),
+        date(2026, 10, 31) if kind == "invoice" else None,
+        date(2026, 9, 1),
+        date(2026, 9, 30),
+        "EUR",
+        seller,
+        buyer,
+        lines,
+        vat,
+        Decimal("30.00"),
+        Decimal("6.00"),
+        Decimal("36.00"),
+        refers_to=value,
+    )
 
 
 def account(value: str) -> Account:
@@ -60,13 +76,25 @@ def account(value: str) -> Account:
 # Each page or e-mail template, rendered by the code that uses it (or, where that code needs a
 # running service, with exactly the values that code passes).
 PAGES: dict[str, Callable[[str], str]] = {
-    "validation_report.html.j2": lambda v: ValidationReport(
-        v, False, "sample", 1234, {"crs": v, v: 1}, [Finding("gate", v, "error", v, v)], [Finding("las_points", v, "warning", v, v)]
-    ).to_html().decode(),
+    "validation_report.html.j2": lambda v: (
+        ValidationReport(
+            v,
+            False,
+            "sample",
+            1234,
+            {"crs": v, v: 1},
+            [Finding("gate", v, "error", v, v)],
+            [Finding("las_points", v, "warning", v, v)],
+        )
+        .to_html()
+        .decode()
+    ),
     "invoice.html.j2": lambda v: document_html(document(v)),
 }
 MAILS: dict[str, Callable[[str], Mail]] = {
-    "mail/invoice.txt.j2": lambda v: Mail(*invoice_email(document(v), {"html": "https://pointflow.example/i.html", "pdf": v}, WHEN)),
+    "mail/invoice.txt.j2": lambda v: Mail(
+        *invoice_email(document(v), {"html": "https://pointflow.example/i.html", "pdf": v}, WHEN)
+    ),
     "mail/inactivity_notice.txt.j2": lambda v: _draft(notices.inactivity_notice(account(v), v, WHEN, 12, WHEN, WHEN)),
     "mail/inactivity_reminder.txt.j2": lambda v: _draft(notices.inactivity_reminder(account(v), v, 7, WHEN, WHEN)),
     "mail/data_locked.txt.j2": lambda v: _draft(notices.data_locked(account(v), v, WHEN, WHEN)),
@@ -78,10 +106,15 @@ MAILS: dict[str, Callable[[str], Mail]] = {
         "mail/quarantine.txt.j2", name=v, file_name=v, reason=v, report_link="https://pointflow.example/report.html"
     ),
     "mail/export_ready.txt.j2": lambda v: render_mail(
-        "mail/export_ready.txt.j2", name=v, file_name=v, classes=class_summary({2: 297_211, 6: 22_665}),
+        "mail/export_ready.txt.j2",
+        name=v,
+        file_name=v,
+        classes=class_summary({2: 297_211, 6: 22_665}),
         summary={"output_points": 319_876, "classifier": v, "classifier_version": v},
-        links=[DownloadLink(v, "points", "https://pointflow.example/d/1", WHEN)], downloads=False, expires_at=WHEN,
-    ),  # fmt: skip
+        links=[DownloadLink(v, "points", "https://pointflow.example/d/1", WHEN)],
+        downloads=False,
+        expires_at=WHEN,
+    ),
 }
 # Rendered only through the templates that extend or import them.
 PARTS = {"mail/letter.txt.j2", "mail/file_refused.txt.j2", "mail/dates.txt.j2"}
@@ -105,7 +138,10 @@ def test_pages_escape_hostile_values(name: str, value: str) -> None:
     page = PAGES[name](value)
     assert SCRIPT not in page and "<img" not in page and "\"'>" not in page
     if value.startswith(SCRIPT):
-        assert "&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt;&#34;&#39;&gt;&lt;img src=x onerror=alert(1)&gt;" in page
+        assert (
+            "&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt;&#34;&#39;&gt;&lt;img src=x onerror=alert(1)&gt;"
+            in page
+        )
     elif value.startswith("Acme"):
         assert "Acme &amp; Sons\r\nBcc: victim@evil.example" in page
     else:
@@ -116,14 +152,21 @@ def test_pages_escape_hostile_values(name: str, value: str) -> None:
 @pytest.mark.parametrize("name", sorted(MAILS))
 def test_mails_keep_hostile_values_as_text_and_add_no_header(name: str, value: str, settings: Settings) -> None:
     mail = MAILS[name](value)
-    assert mail.subject and mail.subject.splitlines() == [mail.subject] and "\r" not in mail.subject and "\n" not in mail.subject
+    assert (
+        mail.subject
+        and mail.subject.splitlines() == [mail.subject]
+        and "\r" not in mail.subject
+        and "\n" not in mail.subject
+    )
     # Plain text: nothing escaped, nothing lost.
     assert "&lt;" not in mail.body and "&amp;" not in mail.body
     assert value in mail.body or value in mail.subject, "the value is in the mail as given"
     assert mail.body.endswith("\n")
     sent = send_email(settings, "ops@acme.example", mail.subject, mail.body)
     message = email.message_from_bytes(Path(sent.location).read_bytes(), policy=email.policy.default)
-    assert sorted(message.keys()) == sorted(["From", "To", "Subject", "Message-ID", "Content-Type", "Content-Transfer-Encoding", "MIME-Version"])
+    assert sorted(message.keys()) == sorted(
+        ["From", "To", "Subject", "Message-ID", "Content-Type", "Content-Transfer-Encoding", "MIME-Version"]
+    )
     # The subject comes back as sent, but for how a long header is folded and unfolded.
     assert message["To"] == "ops@acme.example" and message["Subject"].split() == mail.subject.split()
     assert message.get_content() == mail.body.replace("\r\n", "\n").replace("\r", "\n")
@@ -138,5 +181,7 @@ def test_every_template_is_named_by_the_code_and_ships_with_the_package() -> Non
     assert named | included == template_names(), "a template nothing renders"
     assert PARTS == included
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pipelines"]
-    unshipped = [name for name in template_names() if not any(fnmatch.fnmatch(f"templates/{name}", p) for p in patterns)]
+    unshipped = [
+        name for name in template_names() if not any(fnmatch.fnmatch(f"templates/{name}", p) for p in patterns)
+    ]
     assert not unshipped, f"not in pyproject's package-data: {unshipped}"

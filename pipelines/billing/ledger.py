@@ -67,7 +67,12 @@ class Entries:
 
 def before_invoice(session: Session, issue_date: date) -> dict[str, Ledger]:
     """Every account's position at `issue_date` from what was issued and paid before that day."""
-    entries = _entries(session, Invoice.issue_date < issue_date, Payment.paid_at < start_of(issue_date), CreditNote.issued_on < issue_date)
+    entries = _entries(
+        session,
+        Invoice.issue_date < issue_date,
+        Payment.paid_at < start_of(issue_date),
+        CreditNote.issued_on < issue_date,
+    )
     return {account_id: account.position(issue_date) for account_id, account in entries.items()}
 
 
