@@ -90,7 +90,3 @@ def record_usage(catalog: Catalog, records: Sequence[UsageRecord]) -> RecordResu
         fresh = write_usage(session, records)
     return RecordResult(len(fresh), len(records) - len(fresh))
 
-
-def usage_for_job(catalog: Catalog, job_id: str) -> list[UsageEvent]:
-    with catalog.session() as session:
-        return list(session.scalars(select(UsageEvent).where(UsageEvent.job_id == job_id)))

@@ -171,9 +171,6 @@ class Settings:
         """Local working copies of objects; safe to delete at any time."""
         return self.home / "scratch"
 
-    def with_overrides(self, **changes: object) -> Settings:
-        return replace(self, **changes)
-
     def allowing(self, *paths: Path) -> Settings:
         """These settings, with `paths` (the files a command was given by name) allowed as sources."""
         return replace(self, input_dirs=self.input_dirs + tuple(Path(p).expanduser().resolve() for p in paths))

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from sqlalchemy import select
 
 from pipelines.accounts import upsert_accounts
-from pipelines.catalog.models import utcnow
+from pipelines.catalog.models import UsageEvent, utcnow
 from pipelines.cli import main
 from pipelines.jobs import Runtime, close_stale_jobs, job_view, jobs_for_account
-from pipelines.metering import usage_for_job
 from pipelines.scratch import account_folders, folders
 from pipelines.settings import Settings
 from tests.conftest import make_account, shared_file
@@ -117,7 +117,9 @@ def test_a_killed_ingest_run_is_closed_as_failed_and_deleting_the_account_finds_
     [closed] = close_stale_jobs(runtime, utcnow() + timedelta(hours=runtime.settings.stale_job_hours, minutes=1))
     assert closed["job_id"] == job["job_id"] and closed["state"] == "failed"
     assert "no progress" in closed["error"] and "classifying" in closed["error"]
-    assert [(e.status, e.points) for e in usage_for_job(runtime.catalog, job["job_id"])] == [("failed", 0)]
+    with runtime.catalog.session() as session:
+        events = session.scalars(select(UsageEvent).where(UsageEvent.job_id == job["job_id"])).all()
+        assert [(e.status, e.points) for e in events] == [("failed", 0)]
     assert close_stale_jobs(runtime, utcnow() + timedelta(days=30)) == []
     assert main(["jobs", "show", job["job_id"]]) == 0
     assert "no progress" in capsys.readouterr().out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -131,14 +132,14 @@ def test_a_dag_source_outside_the_allowed_input_folders_fails_the_job(runtime: R
     allowed.mkdir()
     inside = allowed / "scene.laz"
     inside.write_bytes(scene_path.read_bytes())
-    confined = Runtime(runtime.settings.with_overrides(input_dirs=(allowed,)), runtime.catalog, runtime.store)
+    confined = Runtime(replace(runtime.settings, input_dirs=(allowed,)), runtime.catalog, runtime.store)
     create_job(confined, "job-outside", account, str(scene_path), "standard")
     with pytest.raises(AdmissionRefusedJob, match="not inside an allowed input folder"):
         ingest_step(confined, "job-outside")
     create_job(confined, "job-inside", account, str(inside), "standard")
     assert ingest_step(confined, "job-inside")["file_id"] is not None
     # With none configured, local paths are refused altogether; the error says what to set.
-    nothing = Runtime(runtime.settings.with_overrides(input_dirs=()), runtime.catalog, runtime.store)
+    nothing = Runtime(replace(runtime.settings, input_dirs=()), runtime.catalog, runtime.store)
     create_job(nothing, "job-none", account, str(inside), "standard")
     with pytest.raises(AdmissionRefusedJob, match=r"POINTFLOW_INPUT_DIRS: none set"):
         ingest_step(nothing, "job-none")
