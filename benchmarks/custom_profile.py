@@ -6,7 +6,8 @@ For each scene, a model is trained on one half as in `benchmarks.custom`, and th
 `TrainedModel.predict` on the other half are timed separately: the ground model and standard's classes
 (which `point_features` shares with `standard`), each neighbourhood scale of the features, the
 context of standard's classes, and the trees (LightGBM, one thread, raw scores, as `predict_features`
-calls it), plus the trees with LightGBM's default threads. Figures are CPU seconds of this process
+calls it: with the model's early decisions), plus every point walking every tree, with one thread
+and with LightGBM's default threads. Figures are CPU seconds of this process
 (user + sys), the least of `--repeats` runs, in microseconds per point and as a multiple of the
 whole `standard` classifier on the same points: the machine is shared, so wall time says little.
 """
@@ -53,6 +54,8 @@ def profile(relative: str, repeats: int) -> list[tuple[str, float]]:
     shapes = dataclasses.replace(ground, height=ground.provisional_height)
     base = features.base_cell(shapes)
     scratch = np.zeros((len(test), len(features._PER_SCALE)), dtype=np.float32)
+    every_tree = dataclasses.replace(model, cascade=[])
+    stages = ", ".join(f"{r} rounds, > {m:.2f}" for r, m in model.cascade) or "none"
     parts = [
         ("standard, whole", lambda: StandardClassifier(params).classify(test)),
         ("custom, whole (predict)", lambda: model.predict(test)),
@@ -63,8 +66,9 @@ def profile(relative: str, repeats: int) -> list[tuple[str, float]]:
            lambda scale=scale: features._scale_features(test, shapes, base * scale, scratch))
           for scale in features.SCALES],
         ("    context of standard's classes", lambda: features._context_features(test, standard)),
-        (f"  trees ({model.booster.num_trees()}), 1 thread", lambda: model.predict_features(matrix)),
-        ("  trees, LightGBM's default threads",
+        (f"  trees, early decisions {stages}", lambda: model.predict_features(matrix)),
+        (f"  trees, every point all {model.booster.num_trees()}", lambda: every_tree.predict_features(matrix)),
+        ("  trees, all, LightGBM's default threads",
          lambda: model.booster.predict(matrix, raw_score=True)),
     ]
     print(f"{scene.name}: {len(test):,} points classified, classes {list(model.classes)}, "
@@ -72,7 +76,7 @@ def profile(relative: str, repeats: int) -> list[tuple[str, float]]:
     rows = [(name, least_cpu(run, repeats)) for name, run in parts]
     reference = rows[0][1]
     for name, seconds in rows:
-        print(f"  {name:38s} {seconds:7.3f} s cpu  {seconds / len(test) * 1e6:6.2f} us/point  "
+        print(f"  {name:44s} {seconds:7.3f} s cpu  {seconds / len(test) * 1e6:6.2f} us/point  "
               f"{seconds / reference:5.2f} x standard")
     return rows
 

@@ -3,7 +3,9 @@ built-in classifiers, and the trainable per-account core."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,14 @@ from pipelines.classifiers import (
     get_classifier,
 )
 from pipelines.classifiers.features import FEATURE_NAMES, point_features
-from pipelines.classifiers.trained import TrainedClassifier, TrainedModel, train
+from pipelines.classifiers.trained import (
+    FORMAT,
+    STANDARD_COLUMN,
+    TrainedClassifier,
+    TrainedModel,
+    choose_cascade,
+    train,
+)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ASPRS_OUTPUTS = {1, 2, 3, 4, 5, 6, 7, 9, 18}
@@ -323,6 +332,38 @@ def test_round_trip_and_signature(ign: tuple[PointBlock, np.ndarray],
         TrainedModel.from_bytes(bytes(tampered), key=b"secret")
     with pytest.raises(ValueError, match="not a pointflow"):
         TrainedModel.from_bytes(b"garbage")
+
+
+def test_the_cascade_changes_no_prediction_on_the_points_it_was_chosen_on(
+        ign: tuple[PointBlock, np.ndarray], model: TrainedModel) -> None:
+    block, _ = ign
+    features = point_features(block)
+    stages = choose_cascade(model.booster, features, model.head_start(features[:, STANDARD_COLUMN]))
+    (rounds, margin), = stages
+    assert 0 < rounds < model.booster.current_iteration()
+    every_tree = dataclasses.replace(model, cascade=[]).predict_features(features)
+    early = dataclasses.replace(model, cascade=stages)
+    np.testing.assert_array_equal(early.predict_features(features), every_tree)
+    # A smaller margin decides points the remaining trees would have changed (else the margin
+    # chosen was not the least that changes nothing).
+    looser = dataclasses.replace(model, cascade=[(rounds, margin * 0.5)])
+    assert (looser.predict_features(features) != every_tree).any()
+
+
+def test_the_cascade_is_kept_in_the_signed_file_and_older_files_walk_every_tree(
+        ign: tuple[PointBlock, np.ndarray], model: TrainedModel) -> None:
+    block, _ = ign
+    assert model.cascade, "training chooses early decisions on its held-out blocks"
+    assert TrainedModel.from_bytes(model.to_bytes(key=b"k"), key=b"k").cascade == model.cascade
+    # A file written before the cascade existed: its header has no "cascade".
+    data = dataclasses.replace(model, cascade=[]).to_bytes()
+    header, _, text = zlib.decompress(data[len(FORMAT) + 1:]).partition(b"\n")
+    older = json.loads(header)
+    del older["cascade"]
+    payload = zlib.compress(json.dumps(older).encode() + b"\n" + text)
+    loaded = TrainedModel.from_bytes(FORMAT + b"\x00" + payload)
+    assert loaded.cascade == []
+    np.testing.assert_array_equal(loaded.predict(block), dataclasses.replace(model, cascade=[]).predict(block))
 
 
 def test_trained_classifier_protocol(ign: tuple[PointBlock, np.ndarray],

@@ -72,6 +72,10 @@ class TrainedModel:
     # object the training part lacks keeps standard's (translated) class instead of a guess.
     translation: dict[int, int] = field(default_factory=dict)
     prior: float = 0.0
+    # Early decisions (see `choose_cascade`): stages (rounds, margin); after a stage's first `rounds`
+    # boosting rounds, a point whose best class leads the next by more than `margin` keeps it, and
+    # only the others walk on. Empty: every point walks every tree (models saved before it existed).
+    cascade: list[tuple[int, float]] = field(default_factory=list)
 
     def head_start(self, standard: np.ndarray) -> np.ndarray:
         """Raw scores (points, classes) before the first tree: `prior` for the customer class that
@@ -96,12 +100,35 @@ class TrainedModel:
         return self.predict_features(point_features(block))
 
     def predict_features(self, features: np.ndarray) -> np.ndarray:
+        return np.asarray(self.classes, dtype=np.uint8)[np.argmax(self.scores(features), axis=1)]
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """Raw scores (points, classes), head start included; with a cascade, a point decided
+        early has the scores of the rounds it walked (the same argmax, by how it was chosen)."""
         # One thread: the runner parallelises over processes, one per core; OpenMP threads on top
-        # oversubscribe the cores. (LightGBM's early stopping of prediction cannot see the head
-        # start, so it is not used.)
-        scores = self.booster.predict(features, raw_score=True, num_threads=1)
-        scores += self.head_start(features[:, STANDARD_COLUMN])
-        return np.asarray(self.classes, dtype=np.uint8)[np.argmax(scores, axis=1)]
+        # oversubscribe the cores. (LightGBM's own early stopping of prediction cannot see the head
+        # start, so the cascade does it here.)
+        scores = self.head_start(features[:, STANDARD_COLUMN])
+        walking, done = None, 0  # None: every point, without copying the matrix
+        for rounds, margin in self.cascade:
+            part = features if walking is None else features[walking]
+            step = self.booster.predict(part, raw_score=True, num_threads=1, start_iteration=done,
+                                        num_iteration=rounds - done)
+            done = rounds
+            if walking is None:
+                scores += step
+                walking = np.flatnonzero(lead(scores) <= margin)
+            else:
+                scores[walking] += step
+                walking = walking[lead(scores[walking]) <= margin]
+            if walking.size == 0:
+                return scores
+        if walking is None:
+            scores += self.booster.predict(features, raw_score=True, num_threads=1, start_iteration=done)
+        else:
+            scores[walking] += self.booster.predict(features[walking], raw_score=True, num_threads=1,
+                                                    start_iteration=done)
+        return scores
 
     def to_bytes(self, key: bytes | None = None) -> bytes:
         header = {
@@ -109,6 +136,7 @@ class TrainedModel:
             "features_version": self.features_version, "evaluation": self.evaluation,
             "n_train": self.n_train, "n_holdout": self.n_holdout, "params": self.params,
             "translation": {str(k): v for k, v in self.translation.items()}, "prior": self.prior,
+            "cascade": [list(stage) for stage in self.cascade],
         }
         payload = zlib.compress(json.dumps(header).encode() + b"\n" + self.booster.model_to_string().encode(), 6)
         tag = hmac.new(key, payload, hashlib.sha256).digest() if key else b""
@@ -135,7 +163,42 @@ class TrainedModel:
                    classes=tuple(header["classes"]), feature_names=FEATURE_NAMES,
                    features_version=FEATURES_VERSION, evaluation=header["evaluation"],
                    n_train=header["n_train"], n_holdout=header["n_holdout"], params=header["params"],
-                   translation={int(k): v for k, v in header["translation"].items()}, prior=header["prior"])
+                   translation={int(k): v for k, v in header["translation"].items()}, prior=header["prior"],
+                   cascade=[(int(r), float(m)) for r, m in header.get("cascade", [])])
+
+
+def lead(scores: np.ndarray) -> np.ndarray:
+    """How far each point's best score is ahead of its second best."""
+    top2 = np.partition(scores, -2, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def choose_cascade(booster: lightgbm.Booster, features: np.ndarray, start: np.ndarray) -> list[tuple[int, float]]:
+    """An early decision that leaves the fewest trees to walk and changes no prediction on
+    `features`, the training part's held-out points (the data a model is later applied to plays no
+    part in the choice).
+
+    After k rounds, the margin is the largest lead any of these points has while the full model
+    picks another class for it, so the points leading by more are decided right; the k taken has the
+    fewest rounds walked per point, k + (share still walking) x (rounds - k). One stage: on half of
+    the held-out points, a cascade chosen on the other half changed 1 of 8,478 points of
+    Saint-Barthelemy (5 of 31,868 of Montpellier), where stages chosen the same way after every
+    decision changed 12 (17): the later stages' margins come from the few points still walking.
+    """
+    total = booster.current_iteration()
+    full = np.argmax(start + booster.predict(features, raw_score=True, num_threads=1), axis=1)
+    best, best_cost = None, 0.9 * total  # a cascade that saves less is not worth its passes
+    partial = start.copy()
+    for rounds in range(1, total):
+        partial += booster.predict(features, raw_score=True, num_threads=1, start_iteration=rounds - 1,
+                                   num_iteration=1)
+        ahead = lead(partial)
+        wrong = np.argmax(partial, axis=1) != full
+        margin = float(ahead[wrong].max()) if wrong.any() else 0.0
+        cost = rounds + np.count_nonzero(ahead <= margin) / len(ahead) * (total - rounds)
+        if cost < best_cost:
+            best, best_cost = (rounds, margin), cost
+    return [best] if best else []
 
 
 def per_class_metrics(reference: np.ndarray, predicted: np.ndarray) -> ClassMetrics:
@@ -282,6 +345,8 @@ def train(blocks: Sequence[PointBlock], labels: Sequence[np.ndarray], seed: int 
         num_boost_round=rounds,
     )
     held_index = np.flatnonzero(is_held)
+    model.cascade = choose_cascade(model.booster, x[held_index], model.head_start(x[held_index, STANDARD_COLUMN]))
+    model.params["cascade"] = [list(stage) for stage in model.cascade]
     standard = translate(x[held_index, STANDARD_COLUMN], table)
     model.evaluation = {**evaluate(y[held_index], model.predict_features(x[held_index]), standard),
                         "standard_translation": {str(k): v for k, v in model.translation.items()}}
