@@ -148,12 +148,23 @@ def _scale_features(block: PointBlock, model: GroundModel, cell: float, out: np.
         planes.count / (9.0 * cell * cell),
         n_multi / count,
         n_ground / count,
-    ], axis=1).astype(np.float32)
-    out[:, [0, 1, 2, 3, 7, 8, 9]] = per_cell[flat]
-    normal, mean = planes.normal[:, flat], planes.mean[:, flat]
-    distance = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1])
-                      + normal[2] * (z - mean[2]))
-    out[:, 4] = np.where(valid[flat], distance, 0.0)
+    ]).astype(np.float32)
+    # One gather per column straight into the matrix's contiguous column, and the plane distance
+    # summed in place in the same order as written out: the same values without (points, 7) and
+    # (3, points) temporaries.
+    for row, column in enumerate((0, 1, 2, 3, 7, 8, 9)):
+        np.take(per_cell[row], flat, out=out[:, column])
+    distance = np.empty(len(flat))
+    term = np.empty(len(flat))
+    for axis, (coordinate, normal) in enumerate(zip((x, y, z), planes.normal, strict=True)):
+        target = distance if axis == 0 else term
+        np.subtract(coordinate, planes.mean[axis].take(flat), out=target)
+        target *= normal.take(flat)
+        if axis:
+            distance += term
+    np.abs(distance, out=distance)
+    distance[~valid.take(flat)] = 0.0
+    out[:, 4] = distance
     low = grid.cell_min(flat, z)
     low[np.isnan(low)] = np.inf  # empty cells must not win the neighbourhood minimum
     high = grid.cell_max(flat, z)
