@@ -179,7 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|")
     for f in rows:
         classes = ", ".join(str(c) for c, m in f["custom"].items() if m["support"] > 0)
-        print(f"| {f['name']} | {f['scored']:,} | {classes} | **{f['custom_macro']:.3f}** | {f['standard_macro']:.3f} | "
+        mine, theirs = f"{f['custom_macro']:.3f}", f"{f['standard_macro']:.3f}"
+        if f["custom_macro"] > f["standard_macro"]:
+            mine = f"**{mine}**"
+        else:
+            theirs = f"**{theirs}**"
+        print(f"| {f['name']} | {f['scored']:,} | {classes} | {mine} | {theirs} | "
               f"{f['custom_speed']:.2f} / {f['standard_speed']:.2f} M points/s | {f['ratio']:.1f}x |")
     wins = sum(f["custom_macro"] > f["standard_macro"] for f in rows)
     print(f"custom better than standard on {wins} of {len(rows)} scenes")
