@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(scene_figures(relative))
         print_scene(rows[-1])
     print()
-    print(f"| scene | scored points | classes | macro F1 custom | macro F1 standard | custom / standard speed | CPU per point, custom / standard |")
+    print("| scene | scored points | classes | macro F1 custom | macro F1 standard | custom / standard speed | CPU per point, custom / standard |")
     print("|---|---|---|---|---|---|---|")
     for f in rows:
         classes = ", ".join(str(c) for c, m in f["custom"].items() if m["support"] > 0)
