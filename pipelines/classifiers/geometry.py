@@ -125,11 +125,13 @@ def local_planes(grid: Grid, flat: np.ndarray, x: np.ndarray, y: np.ndarray, z: 
         sxx[cells] / cnt - mx * mx, sxy[cells] / cnt - mx * my, sxz[cells] / cnt - mx * mz,
         syy[cells] / cnt - my * my, syz[cells] / cnt - my * mz, szz[cells] / cnt - mz * mz)
     size = grid.nx * grid.ny
+    # Filled row by row: a[:, cells] = ... scatters through a strided 2-D index, several times slower.
     mean = np.zeros((3, size))
-    mean[:, cells] = np.stack([mx, my, mz])
     eigenvalues = np.full((3, size), np.nan)
-    eigenvalues[:, cells] = np.maximum(values, 0.0)
     normal = np.zeros((3, size))
     normal[2] = 1.0
-    normal[:, cells] = normals
+    for k, row in enumerate((mx, my, mz)):
+        mean[k, cells] = row
+        eigenvalues[k, cells] = np.maximum(values[k], 0.0)
+        normal[k, cells] = normals[k]
     return LocalPlanes(n, mean, eigenvalues, normal)

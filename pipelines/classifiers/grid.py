@@ -88,11 +88,12 @@ class Grid:
         fu = u - c0
         fv = v - r0
         i = r0 * width + c0
+        # The stencil's other corners are read through shifted views: no i + 1, i + width arrays.
         a = flat[i]
-        b = flat[i + 1]
+        b = flat[1:][i]
         top = a + (b - a) * fu
-        a = flat[i + width]
-        b = flat[i + width + 1]
+        a = flat[width:][i]
+        b = flat[width + 1:][i]
         bottom = a + (b - a) * fu
         return top + (bottom - top) * fv
 

@@ -238,14 +238,16 @@ def refine(block: PointBlock, grid: Grid, flat: np.ndarray, height: np.ndarray,
     y = block.y - grid.y0
     cells, xs, ys, hs = flat[index], x[index], y[index], height[index]
     xx, xy, yy, xh, yh = xs * xs, xs * ys, ys * ys, xs * hs, ys * hs
-    weight = np.ones(index.size)
+    weight = None
     window = neighbourhood(spacing, grid.cell, 3)
     # A weak pull of the slopes towards zero keeps the fit defined where the support is a line.
     damping = 1e-2 * grid.cell**2
     for _ in range(params.fit_iterations):
-        n, sx, sy, sh, sxx, sxy, syy, sxh, syh = window_sums(
-            grid, cells, [weight, weight * xs, weight * ys, weight * hs, weight * xx, weight * xy,
-                          weight * yy, weight * xh, weight * yh], window)
+        # The first round weighs every point 1: the plain sums are the same numbers, without nine products.
+        weighted = ([None, xs, ys, hs, xx, xy, yy, xh, yh] if weight is None else
+                    [weight, weight * xs, weight * ys, weight * hs, weight * xx, weight * xy, weight * yy, weight * xh,
+                     weight * yh])
+        n, sx, sy, sh, sxx, sxy, syy, sxh, syh = window_sums(grid, cells, weighted, window)
         count = np.maximum(n, 1e-12)
         mx, my, mh = sx / count, sy / count, sh / count
         cxx = sxx / count - mx * mx + damping

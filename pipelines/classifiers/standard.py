@@ -151,7 +151,8 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
     # A plane has one small and two large spreads; a wire or a trunk has two small ones.
     planar_cell = ((planes.eigenvalues[0] < params.plane_tolerance**2)
                    & (planes.eigenvalues[1] > (0.25 * grid.cell) ** 2))
-    normal, mean = planes.normal[:, flat], planes.mean[:, flat]
+    # np.take along the cells: a[:, flat] is several times slower and gives strided rows.
+    normal, mean = np.take(planes.normal, flat, axis=1), np.take(planes.mean, flat, axis=1)
     distance = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1])
                       + normal[2] * (z - mean[2]))
     on_plane = planar_cell[flat] & (distance <= 2.0 * params.plane_tolerance)
@@ -268,7 +269,7 @@ def roof_extension(grid: Grid, planes, roof_cells: np.ndarray, flat: np.ndarray,
     reach = params.roof_growth / grid.cell
     near = distance.ravel()[flat] <= reach
     nearest = (rows.ravel() * grid.nx + cols.ravel())[flat]
-    normal, mean = planes.normal[:, nearest], planes.mean[:, nearest]
+    normal, mean = np.take(planes.normal, nearest, axis=1), np.take(planes.mean, nearest, axis=1)
     offset = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1]) + normal[2] * (z - mean[2]))
     return near & (offset <= params.roof_growth_tolerance)
 
