@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from benchmarks.building import choose
 from benchmarks.labelled import DEFAULT_DATA, Labelled, load
 from benchmarks.smrf import smrf
 from benchmarks.tuning import source_error
@@ -44,6 +45,20 @@ def test_each_source_counts_once_whatever_its_number_of_files() -> None:
     assert int(np.argmin(errors)) == 1
     # Held out B, only A decides.
     assert int(np.argmin(source_error(items, table, ["A"]))) == 0
+
+
+def test_building_choice_refuses_a_candidate_that_costs_one_file_more_than_the_limit() -> None:
+    sources = ["A", "A", "B"]
+    # Building F1; column 0 is the reference (new rules off). Column 1 has the best mean but costs
+    # the second file of A 0.006; column 2 costs it 0.004 and gains less.
+    table = np.array([[0.80, 0.95, 0.85],
+                      [0.92, 0.914, 0.916],
+                      [0.90, 0.93, 0.91]])
+    assert choose(table, sources, {"A", "B"}, reference=0) == 2
+    # B alone has no such file: the best mean wins.
+    assert choose(table, sources, {"B"}, reference=0) == 1
+    # Nothing eligible but the reference: keep it.
+    assert choose(table[:, [0, 1]], sources, {"A"}, reference=0) == 0
 
 
 def test_low_noise_is_appended_below_the_points_it_copies_and_left_out_of_the_score() -> None:

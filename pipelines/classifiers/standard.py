@@ -194,6 +194,8 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
         np.maximum.at(top, flat_raised[in_segment], z_raised[in_segment])
         top = ndimage.maximum_filter(top.reshape(grid.shape), size=2 * margin + 1, mode="constant",
                                       cval=-np.inf).ravel()
+        # Beside hole-filled segment cells only (no roof point within the margin): no cut.
+        top[np.isneginf(top)] = np.inf
         in_margin = buildings.ravel()[flat_raised] & (in_segment
                                                        | (z_raised <= top[flat_raised] + params.margin_above_roof))
     else:
