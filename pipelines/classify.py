@@ -68,8 +68,11 @@ EARLY_CLUSTER_POINTS = 1_000_000
 @dataclass(frozen=True)
 class TileTask:
     tile_id: int
-    core: bytes  # the tile's own points, TILE_FIELDS records
-    context: bytes  # points of the buffer ring around it, for context only
+    # TILE_FIELDS records, as arrays rather than bytes: pickle protocol 5 (Dask's) sends an array's
+    # memory as a frame of its own, while bytes are copied into the pickle stream, and out of it,
+    # at every hop (client, scheduler, worker): 31 ms per 1.43 M point tile each way.
+    core: np.ndarray  # the tile's own points
+    context: np.ndarray  # points of the buffer ring around it, for context only
 
 
 @dataclass(frozen=True)
@@ -157,8 +160,7 @@ def _counted(tile_id: int, classes: np.ndarray, context_points: int, seconds: fl
 def classify_tile(task: TileTask, classifier: Classifier, scaling: Scaling) -> TileResult:
     """Classify core + context, return the core points' classes."""
     started = time.perf_counter()
-    core = np.frombuffer(task.core, dtype=TILE_FIELDS)
-    context = np.frombuffer(task.context, dtype=TILE_FIELDS)
+    core, context = task.core, task.context
     fields = np.concatenate([core, context]) if len(context) else core
     classes = np.asarray(classifier.classify(scaling.block(fields)), dtype=np.uint8)[: len(core)]
     return _counted(task.tile_id, classes, len(context), time.perf_counter() - started)
@@ -442,7 +444,7 @@ def classify_file(
 
                 def tile_task(t: int) -> TileTask:
                     core = laspy.PackedPointRecord(tiles.read("core", t), header.point_format)
-                    return TileTask(t, tile_fields(core).tobytes(), tiles.read("context", t).tobytes())
+                    return TileTask(t, tile_fields(core), tiles.read("context", t))
 
                 def batch(tile_ids: list[int]) -> TileBatch:
                     return TileBatch(tuple(tile_task(t) for t in tile_ids), scaling, model.name, model.params, model_bytes, model.version)
