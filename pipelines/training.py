@@ -28,7 +28,7 @@ from pipelines.accounts import get_account
 from pipelines.catalog import CatalogError
 from pipelines.catalog.models import Plan, TrainedModelRecord, utcnow
 from pipelines.classifiers import BUILTIN_CLASSIFIERS, PointBlock
-from pipelines.classifiers.trained import TrainedClassifier, TrainedModel, train
+from pipelines.classifiers.trained import UNKNOWN_STANDARD, TrainedClassifier, TrainedModel, train
 from pipelines.errors import UserError
 from pipelines.ingest import check_source, local_copy
 from pipelines.keys import kept_secret
@@ -73,8 +73,14 @@ class ModelInfo:
     training_files: list[dict[str, Any]]
     created_at: datetime
 
+    @property
+    def standard_version(self) -> str:
+        """The standard classifier's version the model was judged against ("unknown" for models
+        stored before it was recorded)."""
+        return str(self.evaluation.get("standard_version", UNKNOWN_STANDARD))
+
     def to_public(self) -> dict[str, Any]:
-        return {**asdict(self), "created_at": self.created_at.isoformat()}
+        return {**asdict(self), "created_at": self.created_at.isoformat(), "standard_version": self.standard_version}
 
 
 def signing_key(settings: Settings) -> bytes:

@@ -18,6 +18,7 @@ from pipelines.classifiers import (
     get_classifier,
 )
 from pipelines.classifiers.features import FEATURE_NAMES, point_features
+from pipelines.classifiers.standard import StandardClassifier
 from pipelines.classifiers.trained import (
     FORMAT,
     STANDARD_COLUMN,
@@ -557,3 +558,25 @@ def test_low_planar_shed_is_building() -> None:
     assert f1(labels == 6, classes == 6) > 0.7
     assert np.mean(labels[classes == 6] == 6) > 0.85
     assert not np.any(height_floor_only == 6)
+
+
+def test_the_standard_version_is_kept_in_the_signed_file_and_another_one_still_predicts(
+        ign: tuple[PointBlock, np.ndarray], model: TrainedModel) -> None:
+    block, _ = ign
+    assert model.standard_version == StandardClassifier.version
+    assert model.evaluation["standard_version"] == StandardClassifier.version
+    loaded = TrainedModel.from_bytes(model.to_bytes(key=b"k"), key=b"k")
+    assert loaded.standard_version == StandardClassifier.version
+    assert TrainedClassifier(loaded, name="m", version="1").params["standard_version"] == StandardClassifier.version
+    expected = model.predict(block)
+    # Trained against another release of standard: it still loads and predicts the same way.
+    other = TrainedModel.from_bytes(dataclasses.replace(model, standard_version="1.0.0").to_bytes(key=b"k"), key=b"k")
+    assert other.standard_version == "1.0.0"
+    np.testing.assert_array_equal(other.predict(block), expected)
+    # A file written before the version was recorded: its header has no "standard_version".
+    header, _, text = zlib.decompress(model.to_bytes()[len(FORMAT) + 1:]).partition(b"\n")
+    older = json.loads(header)
+    del older["standard_version"]
+    loaded = TrainedModel.from_bytes(FORMAT + b"\x00" + zlib.compress(json.dumps(older).encode() + b"\n" + text))
+    assert loaded.standard_version == "unknown"
+    np.testing.assert_array_equal(loaded.predict(block), expected)

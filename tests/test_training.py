@@ -226,3 +226,22 @@ def test_a_shared_model_takes_only_consenting_accounts_labels(accounts: Runtime,
     # A shared model is no account's model: nobody can name it as theirs.
     with pytest.raises(ValueError, match="unknown classifier"):
         resolve_classifier(accounts, "sharer", record["model_id"])
+
+
+def test_models_list_says_which_standard_a_model_was_judged_against(
+        accounts: Runtime, halves, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pipelines.catalog.models import TrainedModelRecord
+
+    model = train_model(accounts, "owner", [halves[0]])
+    assert model.standard_version == StandardClassifier.version
+    assert main(["models", "list", "--account", "owner"]) == 0
+    assert f"{model.model_id}  v1" in (out := capsys.readouterr().out) and f"standard {StandardClassifier.version}  F1" in out
+    assert main(["models", "list", "--account", "owner", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["standard_version"] == StandardClassifier.version
+    # A model stored before the version was recorded says so, and still classifies.
+    with accounts.catalog.session() as session:
+        row = session.get(TrainedModelRecord, model.model_id)
+        row.evaluation = {k: v for k, v in row.evaluation.items() if k != "standard_version"}
+    assert main(["models", "list", "--account", "owner"]) == 0
+    assert "standard unknown  F1" in capsys.readouterr().out
+    assert main(["classify", str(halves[1]), str(tmp_path / "o.laz"), "--classifier", model.model_id, "--account", "owner"]) == 0

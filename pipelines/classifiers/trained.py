@@ -34,6 +34,7 @@ from pipelines.errors import UserError
 
 from .base import PointBlock
 from .features import CATEGORICAL, FEATURE_NAMES, point_features
+from .standard import StandardClassifier
 
 if TYPE_CHECKING:
     import lightgbm
@@ -43,6 +44,7 @@ _OLD_FORMATS = (b"pointflow-trained-v1\n",)
 FEATURES_VERSION = "3"
 HOLDOUT_BLOCK = 20.0  # metres; held-out points are whole blocks, not neighbours of training points
 STANDARD_COLUMN = FEATURE_NAMES.index("standard_class")
+UNKNOWN_STANDARD = "unknown"
 
 ClassMetrics = dict[int, dict[str, float]]
 
@@ -76,6 +78,11 @@ class TrainedModel:
     # boosting rounds, a point whose best class leads the next by more than `margin` keeps it, and
     # only the others walk on. Empty: every point walks every tree (models saved before it existed).
     cascade: list[tuple[int, float]] = field(default_factory=list)
+    # The standard classifier's version the model was trained and judged against: its classes are
+    # features, and "better than standard" was measured against that version. Another version still
+    # feeds the model (its classes mean the same), but the verdict may no longer hold: retrain to
+    # re-check. "unknown": saved before this was recorded.
+    standard_version: str = UNKNOWN_STANDARD
 
     def head_start(self, standard: np.ndarray) -> np.ndarray:
         """Raw scores (points, classes) before the first tree: `prior` for the customer class that
@@ -136,7 +143,7 @@ class TrainedModel:
             "features_version": self.features_version, "evaluation": self.evaluation,
             "n_train": self.n_train, "n_holdout": self.n_holdout, "params": self.params,
             "translation": {str(k): v for k, v in self.translation.items()}, "prior": self.prior,
-            "cascade": [list(stage) for stage in self.cascade],
+            "cascade": [list(stage) for stage in self.cascade], "standard_version": self.standard_version,
         }
         payload = zlib.compress(json.dumps(header).encode() + b"\n" + self.booster.model_to_string().encode(), 6)
         tag = hmac.new(key, payload, hashlib.sha256).digest() if key else b""
@@ -164,7 +171,8 @@ class TrainedModel:
                    features_version=FEATURES_VERSION, evaluation=header["evaluation"],
                    n_train=header["n_train"], n_holdout=header["n_holdout"], params=header["params"],
                    translation={int(k): v for k, v in header["translation"].items()}, prior=header["prior"],
-                   cascade=[(int(r), float(m)) for r, m in header.get("cascade", [])])
+                   cascade=[(int(r), float(m)) for r, m in header.get("cascade", [])],
+                   standard_version=str(header.get("standard_version", UNKNOWN_STANDARD)))
 
 
 def lead(scores: np.ndarray) -> np.ndarray:
@@ -335,7 +343,8 @@ def train(blocks: Sequence[PointBlock], labels: Sequence[np.ndarray], seed: int 
                          features_version=FEATURES_VERSION, evaluation={}, n_train=int(train_index.size),
                          n_holdout=int(np.count_nonzero(is_held)),
                          params={**params, "prior": prior, "library": f"lightgbm {lightgbm.__version__}"},
-                         translation={int(k): table[int(k)] for k in np.unique(standard_train)}, prior=prior)
+                         translation={int(k): table[int(k)] for k in np.unique(standard_train)}, prior=prior,
+                         standard_version=StandardClassifier.version)
     model.booster = lightgbm.train(
         {"objective": "multiclass", "num_class": int(classes.size), "learning_rate": learning_rate,
          "num_leaves": leaves, "min_data_in_leaf": min_leaf, "num_threads": 1, "seed": seed,
@@ -351,7 +360,8 @@ def train(blocks: Sequence[PointBlock], labels: Sequence[np.ndarray], seed: int 
     model.params["cascade"] = [list(stage) for stage in model.cascade]
     standard = translate(x[held_index, STANDARD_COLUMN], table)
     model.evaluation = {**evaluate(y[held_index], model.predict_features(x[held_index]), standard),
-                        "standard_translation": {str(k): v for k, v in model.translation.items()}}
+                        "standard_translation": {str(k): v for k, v in model.translation.items()},
+                        "standard_version": model.standard_version}
     return model
 
 
@@ -363,7 +373,7 @@ class TrainedClassifier:
         self.name = name
         self.version = version
         self.params = {**model.params, "classes": list(model.classes),
-                       "features_version": model.features_version}
+                       "features_version": model.features_version, "standard_version": model.standard_version}
 
     def classify(self, block: PointBlock) -> np.ndarray:
         return self.model.predict(block)

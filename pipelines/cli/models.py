@@ -33,7 +33,11 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     models = commands.add_parser("models", help="list an account's trained classifiers")
     sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    listing = sub.add_parser("list", help="list trained models", description="List the account's trained models: id, version, evaluation.")
+    listing = sub.add_parser("list", help="list trained models", description=(
+        "List the account's trained models: id, version, date, the standard classifier's version it was "
+        "trained and judged against ('unknown' for models stored before it was recorded; after standard "
+        "changes the model still classifies, but its 'better than standard' verdict was against that "
+        "version: retrain to re-check), held-out F1 per class."))
     listing.add_argument("--account", required=True, metavar="ID")
     listing.add_argument("--json", action="store_true", help="print a JSON array ([] when there are none)")
     listing.set_defaults(handler=_list)
@@ -89,6 +93,7 @@ def _train(args: argparse.Namespace) -> int:
         print_json(model.to_public())
         return 0
     print(f"model {model.model_id} (version {model.version}) for account {model.account_id}, stored at {model.key}")
+    print(f"judged against standard {model.standard_version}")
     print(f"held-out evaluation on {model.evaluation['held_out_points']:,} points:")
     print(_scores(model.evaluation))
     print(f"use it: pointflow classify IN.laz OUT.laz --classifier {model.model_id} --account {model.account_id}")
@@ -107,7 +112,7 @@ def _list(args: argparse.Namespace) -> int:
         print(f"account {args.account} has no trained models")
     for m in models:
         f1 = ", ".join(f"{c}: {s['f1']:.3f}" for c, s in m.evaluation["per_class"].items())
-        print(f"{m.model_id}  v{m.version}  {m.created_at:%Y-%m-%d %H:%M}  F1 {f1}")
+        print(f"{m.model_id}  v{m.version}  {m.created_at:%Y-%m-%d %H:%M}  standard {m.standard_version}  F1 {f1}")
     return 0
 
 
