@@ -53,7 +53,7 @@ def profile(relative: str, repeats: int) -> list[tuple[str, float]]:
     # As `point_features` does: shapes from heights above the morphological surface.
     shapes = dataclasses.replace(ground, height=ground.provisional_height)
     base = features.base_cell(shapes)
-    scratch = np.zeros((len(test), len(features._PER_SCALE)), dtype=np.float32)
+    scratch = np.zeros((len(test), max(len(features.scale_names(s)) for s in features.SCALES)), dtype=np.float32)
     every_tree = dataclasses.replace(model, cascade=[])
     stages = ", ".join(f"{r} rounds, > {m:.2f}" for r, m in model.cascade) or "none"
     parts = [
@@ -63,7 +63,8 @@ def profile(relative: str, repeats: int) -> list[tuple[str, float]]:
         ("  standard's classes", lambda: standard_classes(test, ground, params)),
         ("  features, whole", lambda: features.point_features(test)),
         *[(f"    scale {scale} ({base * scale:g} m cells)",
-           lambda scale=scale: features._scale_features(test, shapes, base * scale, scratch))
+           lambda scale=scale: features._scale_features(test, shapes, base * scale, scratch,
+                                                         scale in features.SHAPE_SCALES))
           for scale in features.SCALES],
         ("    context of standard's classes", lambda: features._context_features(test, standard)),
         (f"  trees, early decisions {stages}", lambda: model.predict_features(matrix)),

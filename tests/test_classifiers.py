@@ -276,7 +276,7 @@ def test_features_shape_and_values(ign: tuple[PointBlock, np.ndarray]) -> None:
     # Roofs and trees stand above ground; ground sits on the bare earth.
     assert np.median(height[labels == 2]) < 0.2
     assert np.median(height[labels == 6]) > 2.0
-    planarity = features[:, FEATURE_NAMES.index("planarity_2")]
+    planarity = features[:, FEATURE_NAMES.index("planarity_4")]
     assert np.median(planarity[labels == 6]) > np.median(planarity[labels == 5])
 
 
@@ -580,3 +580,10 @@ def test_the_standard_version_is_kept_in_the_signed_file_and_another_one_still_p
     loaded = TrainedModel.from_bytes(FORMAT + b"\x00" + zlib.compress(json.dumps(older).encode() + b"\n" + text))
     assert loaded.standard_version == "unknown"
     np.testing.assert_array_equal(loaded.predict(block), expected)
+
+
+def test_a_model_of_other_features_is_refused_with_retrain(model: TrainedModel) -> None:
+    with pytest.raises(ValueError, match="retrain it"):
+        TrainedModel.from_bytes(dataclasses.replace(model, features_version="3").to_bytes())
+    with pytest.raises(ValueError, match="retrain it"):
+        TrainedModel.from_bytes(dataclasses.replace(model, feature_names=model.feature_names[:-1]).to_bytes())

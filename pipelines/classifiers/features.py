@@ -1,16 +1,26 @@
 """Per-point features for trained classifiers.
 
-Geometry comes from neighbourhood covariances at several scales; a neighbourhood is the 3x3-cell
-block around a point's cell, with cells of `base`, 2 x `base` and 4 x `base` metres (`base` from
-the point density, as for the standard classifier).  Grids are aligned to absolute coordinates so
-features, and therefore predictions, do not depend on how a file is tiled.
+Neighbourhood features come at several scales; a neighbourhood is the 3x3-cell block around a
+point's cell, with cells of `base`, 2 x `base` and 4 x `base` metres (`base` from the point density,
+as for the standard classifier).  Grids are aligned to absolute coordinates so features, and
+therefore predictions, do not depend on how a file is tiled.
 
-Per scale (eigenvalues l1 >= l2 >= l3 of the covariance):
-  linearity (l1 - l2) / l1, planarity (l2 - l3) / l1, scattering l3 / l1, verticality 1 - |n_z|,
-  residual distance of the point to the fitted plane, point height above the lowest and below the
-  highest point of the neighbourhood, points per square metre, and the shares of multi-return
-  points and of ground-filter points in the neighbourhood (a laser sees through canopy, not
-  through roofs).
+Per scale, from per-cell sums and extremes: point height above the lowest and below the highest
+point of the neighbourhood, points per square metre, and the shares of multi-return points and of
+ground-filter points in the neighbourhood (a laser sees through canopy, not through roofs).
+At the coarsest scale only (`SHAPE_SCALES`), the shape of the neighbourhood from its covariance
+(eigenvalues l1 >= l2 >= l3): linearity (l1 - l2) / l1, planarity (l2 - l3) / l1, scattering l3 / l1,
+verticality 1 - |n_z| and the point's distance to the fitted plane. The covariance and its
+eigenvalues per cell were most of the features' cost (at the finest scale almost every point has a
+cell of its own), and the models hardly used them: LightGBM's split gain of the ten models of
+`python -m benchmarks.custom` (features version 3, shapes at every scale; mean share of a model's
+total gain) gave each of the 15 shape
+columns 0.3 % to 1.0 % of the total, all 15 together 9 %, while the height above the lowest point at
+the finest scale alone took 15 % and the multi-return and ground shares 0.5 % to 4.6 % each; of the
+three scales, the coarsest was the most used (3.3 % against 3.1 % and 2.3 %) and the cheapest. Shapes
+at that scale only took Saint-Barthelemy's features from 1.49 to 1.01 us per point (standard's whole
+run 0.56 to 0.61; `python -m benchmarks.custom_profile`).
+
 Per point: height above the refined bare-earth surface (the standard classifier's) and above the
 morphological surface, the ground filter's ground and low-noise verdicts, the standard classifier's
 class (a custom model starts from what standard knows and learns where the customer's labels differ),
@@ -40,8 +50,11 @@ from .ground import GroundModel, ground_model
 from .standard import StandardParams, standard_classes
 
 SCALES: tuple[int, ...] = (1, 2, 4)
-_PER_SCALE = ("linearity", "planarity", "scattering", "verticality", "plane_distance",
-              "above_min", "below_max", "density", "multi_return_share", "ground_share")
+# Shapes (a covariance and its eigenvalues per cell: most of a scale's cost) only at the coarsest
+# scale, the cheapest and the one the models used most. See the module docstring.
+SHAPE_SCALES: tuple[int, ...] = (4,)
+_RASTER = ("above_min", "below_max", "density", "multi_return_share", "ground_share")
+_SHAPE = ("linearity", "planarity", "scattering", "verticality", "plane_distance")
 _PER_POINT = ("height", "surface_height", "ground_filter", "low_noise", "standard_class",
               "return_number", "number_of_returns", "last_return", "intensity")
 CONTEXT_CELLS: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # metres
@@ -50,8 +63,14 @@ _CONTEXT = tuple(f"{name}_share_{cell:g}m" for cell in CONTEXT_CELLS for name in
 # Far enough for any eave or wall, and within the tile buffer (20 m by default), so that a tile
 # sees every building that decides a distance and tiled runs agree with untiled ones.
 BUILDING_DISTANCE_MAX = 15.0
+
+
+def scale_names(scale: int) -> tuple[str, ...]:
+    return _RASTER + (_SHAPE if scale in SHAPE_SCALES else ())
+
+
 FEATURE_NAMES: tuple[str, ...] = _PER_POINT + tuple(
-    f"{name}_{scale}" for scale in SCALES for name in _PER_SCALE) + _CONTEXT
+    f"{name}_{scale}" for scale in SCALES for name in scale_names(scale)) + _CONTEXT
 # Columns holding codes, not quantities: split by value, never by order.
 CATEGORICAL: tuple[int, ...] = (FEATURE_NAMES.index("standard_class"),)
 
@@ -93,8 +112,9 @@ def point_features(block: PointBlock) -> np.ndarray:
     base = base_cell(model)
     column = len(_PER_POINT)
     for scale in SCALES:
-        _scale_features(block, model, base * scale, out[:, column:column + len(_PER_SCALE)])
-        column += len(_PER_SCALE)
+        width = len(scale_names(scale))
+        _scale_features(block, model, base * scale, out[:, column:column + width], scale in SHAPE_SCALES)
+        column += width
     out[:, column:] = _context_features(block, standard)
     return np.ascontiguousarray(out)
 
@@ -122,38 +142,44 @@ def _context_features(block: PointBlock, standard: np.ndarray) -> np.ndarray:
     return np.stack(columns, axis=1)
 
 
-def _scale_features(block: PointBlock, model: GroundModel, cell: float, out: np.ndarray) -> None:
-    """Write the `_PER_SCALE` columns of one scale into `out` (a column slice of the matrix)."""
+def _scale_features(block: PointBlock, model: GroundModel, cell: float, out: np.ndarray, shapes: bool) -> None:
+    """Write one scale's columns (`scale_names`: the rasters, and the shapes when `shapes`) into
+    `out` (a column slice of the matrix)."""
     grid = Grid.covering(block.x, block.y, cell)
     flat = grid.flat_index(block.x, block.y)
+    z = model.height
+    multi = (np.zeros(len(block)) if block.number_of_returns is None
+             else (block.number_of_returns > 1).astype(np.float64))
+    n, n_multi, n_ground = window_sums(grid, flat, [None, multi, model.is_ground.astype(np.float64)])
+    count = np.maximum(n, 1.0)
+    low = grid.cell_min(flat, z)
+    low[np.isnan(low)] = np.inf  # empty cells must not win the neighbourhood minimum
+    high = grid.cell_max(flat, z)
+    high[np.isnan(high)] = -np.inf
+    out[:, 0] = z - ndimage.minimum_filter(low, size=3, mode="nearest").ravel()[flat]
+    out[:, 1] = ndimage.maximum_filter(high, size=3, mode="nearest").ravel()[flat] - z
+    # Whatever depends on the cell alone is computed per cell and gathered once per point: cells
+    # are fewer than points, and one gather into the float32 matrix is the cheapest write.
+    for column, per_cell in ((2, n / (9.0 * cell * cell)), (3, n_multi / count), (4, n_ground / count)):
+        np.take(per_cell.astype(np.float32), flat, out=out[:, column])
+    if not shapes:
+        return
     # Local coordinates keep second moments precise; heights make z independent of elevation.
     x = block.x - grid.x0
     y = block.y - grid.y0
-    z = model.height
     planes = local_planes(grid, flat, x, y, z, min_points=3)
-    multi = (np.zeros(len(block)) if block.number_of_returns is None
-             else (block.number_of_returns > 1).astype(np.float64))
-    n_multi, n_ground = window_sums(grid, flat, [multi, model.is_ground.astype(np.float64)])
-    # Whatever depends on the cell alone is computed per cell and gathered once per point: cells
-    # are fewer than points, and one gather into the float32 matrix is the cheapest write.
     small, middle, large = planes.eigenvalues
     valid = np.isfinite(large) & (large > 0)
     safe = np.where(valid, large, 1.0)
-    count = np.maximum(planes.count, 1.0)
     per_cell = np.stack([
         np.where(valid, (large - middle) / safe, 0.0),
         np.where(valid, (middle - small) / safe, 0.0),
         np.where(valid, small / safe, 0.0),
         np.where(valid, 1.0 - np.abs(planes.normal[2]), 0.0),
-        planes.count / (9.0 * cell * cell),
-        n_multi / count,
-        n_ground / count,
     ]).astype(np.float32)
-    # One gather per column straight into the matrix's contiguous column, and the plane distance
-    # summed in place in the same order as written out: the same values without (points, 7) and
-    # (3, points) temporaries.
-    for row, column in enumerate((0, 1, 2, 3, 7, 8, 9)):
-        np.take(per_cell[row], flat, out=out[:, column])
+    for row in range(4):
+        np.take(per_cell[row], flat, out=out[:, 5 + row])
+    # The plane distance summed in place, without (3, points) temporaries.
     distance = np.empty(len(flat))
     term = np.empty(len(flat))
     for axis, (coordinate, normal) in enumerate(zip((x, y, z), planes.normal, strict=True)):
@@ -164,10 +190,4 @@ def _scale_features(block: PointBlock, model: GroundModel, cell: float, out: np.
             distance += term
     np.abs(distance, out=distance)
     distance[~valid.take(flat)] = 0.0
-    out[:, 4] = distance
-    low = grid.cell_min(flat, z)
-    low[np.isnan(low)] = np.inf  # empty cells must not win the neighbourhood minimum
-    high = grid.cell_max(flat, z)
-    high[np.isnan(high)] = -np.inf
-    out[:, 5] = z - ndimage.minimum_filter(low, size=3, mode="nearest").ravel()[flat]
-    out[:, 6] = ndimage.maximum_filter(high, size=3, mode="nearest").ravel()[flat] - z
+    out[:, 9] = distance

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 FORMAT = b"pointflow-trained-v2\n"
 _OLD_FORMATS = (b"pointflow-trained-v1\n",)
-FEATURES_VERSION = "3"
+FEATURES_VERSION = "4"
 HOLDOUT_BLOCK = 20.0  # metres; held-out points are whole blocks, not neighbours of training points
 STANDARD_COLUMN = FEATURE_NAMES.index("standard_class")
 UNKNOWN_STANDARD = "unknown"
