@@ -40,7 +40,7 @@ def _as_of() -> datetime:
 def lifecycle_nightly():
     @task
     def apply_rules() -> list[dict]:
-        from pipelines.jobs import Runtime
+        from pipelines.runtime import Runtime
         from pipelines.lifecycle import run_lifecycle
         from pipelines.settings import Settings
 
@@ -50,7 +50,8 @@ def lifecycle_nightly():
     @task
     def deliver_unsent() -> dict:
         """Ready e-mails the classification runs could not send (mail server down) go out now."""
-        from pipelines.jobs import Runtime, deliver_unsent
+        from pipelines.jobs import deliver_unsent
+        from pipelines.runtime import Runtime
         from pipelines.settings import Settings
 
         report = deliver_unsent(Runtime.from_settings(Settings.from_env()), _as_of())
@@ -59,7 +60,8 @@ def lifecycle_nightly():
     @task
     def close_stale_jobs() -> list[str]:
         """Jobs without progress for POINTFLOW_STALE_JOB_HOURS are closed as failed, metered once, billed nothing."""
-        from pipelines.jobs import Runtime, close_stale_jobs
+        from pipelines.jobs import close_stale_jobs
+        from pipelines.runtime import Runtime
         from pipelines.settings import Settings
 
         return [job["job_id"] for job in close_stale_jobs(Runtime.from_settings(Settings.from_env()), _as_of())]

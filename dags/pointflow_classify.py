@@ -18,11 +18,12 @@ def _run(step: str, **options) -> dict:
     from airflow.sdk.exceptions import AirflowFailException
 
     from pipelines import jobs
+    from pipelines.runtime import Runtime
     from pipelines.settings import Settings
 
     context = get_current_context()
     params = context["params"]
-    runtime = jobs.Runtime.from_settings(Settings.from_env())
+    runtime = Runtime.from_settings(Settings.from_env())
     job_id = jobs.job_id_for(context["dag"].dag_id, context["run_id"])
     jobs.create_job(runtime, job_id, params["account_id"], params["source"], params["classifier"])
     try:

@@ -17,7 +17,7 @@ from airflow.sdk import TriggerRule, dag, task, task_group
 
 
 def _runtime():
-    from pipelines.jobs import Runtime
+    from pipelines.runtime import Runtime
     from pipelines.settings import Settings
 
     return Runtime.from_settings(Settings.from_env())

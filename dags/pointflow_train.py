@@ -29,7 +29,7 @@ from airflow.sdk import Param, dag, task
 def pointflow_train():
     @task
     def train(params: dict | None = None) -> dict:
-        from pipelines.jobs import Runtime
+        from pipelines.runtime import Runtime
         from pipelines.settings import Settings
         from pipelines.training import NotBetterThanStandard, train_from_sources
 

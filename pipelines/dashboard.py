@@ -27,7 +27,7 @@ from pipelines.billing.usage import usage_daily
 from pipelines.catalog.models import Account, Job, JobState
 from pipelines.errors import PointflowError
 from pipelines.export import SAMPLE_NAME, export_prefix, read_manifest
-from pipelines.jobs import Runtime
+from pipelines.runtime import Runtime
 from pipelines.lifecycle.models import (
     LegalHold,
     LifecycleAction,

@@ -30,7 +30,8 @@ from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import IntakeClaim, utcnow
 from pipelines.customer_text import render_mail
 from pipelines.errors import PointflowError
-from pipelines.jobs import AdmissionRefusedJob, Runtime, attach_file, create_job, finish_step, job_view, refuse_job
+from pipelines.jobs import AdmissionRefusedJob, attach_file, create_job, finish_step, job_view, refuse_job
+from pipelines.runtime import Runtime
 from pipelines.lifecycle.operations import AccountLocked
 from pipelines.notify import DeliveryError, send_once
 from pipelines.scratch import work_dir

@@ -19,7 +19,7 @@ from pipelines.accounts import get_account
 from pipelines.admission import AdmissionRefused, Candidate, check_admission
 from pipelines.billing.history import account_limits
 from pipelines.billing.pricebook import load_pricebook
-from pipelines.catalog import Catalog, CatalogError
+from pipelines.catalog import CatalogError
 from pipelines.catalog.models import (
     JOB_TRANSITIONS,
     TERMINAL_JOB_STATES,
@@ -49,9 +49,9 @@ from pipelines.links import LinkSigner
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.notify import DeliveryError, send_once
 from pipelines.preview import class_summary, file_frame
+from pipelines.runtime import Runtime
 from pipelines.scratch import work_dir
-from pipelines.settings import Settings
-from pipelines.storage import LINK_LIFETIME, AccountArea, ObjectStore, open_store, safe_name
+from pipelines.storage import LINK_LIFETIME, AccountArea, safe_name
 from pipelines.training import resolve_classifier
 from pipelines.validate import Finding, ValidationReport, validate_file
 
@@ -76,21 +76,6 @@ class ValidationFailed(PointflowError):
         super().__init__(f"job {job_id}: input refused: {reason}")
         self.reason = reason
         self.report_key = report_key
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """What every step needs, built once from the settings."""
-
-    settings: Settings
-    catalog: Catalog
-    store: ObjectStore
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Runtime:
-        catalog = Catalog(settings.database_url)
-        catalog.migrate()
-        return cls(settings, catalog, open_store(settings.storage_url, settings.link_endpoint))
 
 
 def job_id_for(dag_id: str, run_id: str) -> str:

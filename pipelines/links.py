@@ -29,7 +29,7 @@ from pipelines.settings import Settings
 from pipelines.storage import UnsafeKeyError
 
 if TYPE_CHECKING:
-    from pipelines.jobs import Runtime
+    from pipelines.runtime import Runtime
 
 DOWNLOAD_PATH = "/pointflow/download/"
 # A fresh presigned URL is used at once by the browser that asked: minutes are plenty, and a

@@ -81,7 +81,7 @@ class _RuntimeHolder:
         self._runtime = None
 
     def get(self):
-        from pipelines.jobs import Runtime
+        from pipelines.runtime import Runtime
         from pipelines.settings import Settings
 
         with self._lock:

@@ -67,7 +67,8 @@ def run_batch(
 
     from pipelines.catalog.models import Job, UsageEvent
     from pipelines.export import MANIFEST_NAME
-    from pipelines.jobs import Runtime, job_id_for
+    from pipelines.jobs import job_id_for
+    from pipelines.runtime import Runtime
     from pipelines.lasio import read_info
     from pipelines.settings import Settings
 

@@ -15,7 +15,7 @@ import pytest
 
 from pipelines.accounts import AccountRecord, upsert_accounts
 from pipelines.airflow_local import DAGS_FOLDER, PLUGINS_FOLDER
-from pipelines.jobs import Runtime
+from pipelines.runtime import Runtime
 from pointflow_dev.scene import make_scene, write_scene
 from pipelines.settings import Settings
 from pointflow_dev.stack import free_port

@@ -65,7 +65,7 @@ def run_case(name: str, path: Path, outputs: Path) -> dict:
     from sqlalchemy import select
 
     from pipelines.catalog.models import Job, UsageEvent
-    from pipelines.jobs import Runtime
+    from pipelines.runtime import Runtime
     from pipelines.notify import outbox_messages
     from pipelines.scratch import folders
     from pipelines.settings import Settings

@@ -11,7 +11,8 @@ from pipelines.accounts import upsert_accounts
 from pipelines.admission import GB, AdmissionRefused, Candidate, check_admission
 from pipelines.billing.corrections import TermsUpdate, set_billing_terms
 from pipelines.catalog.models import StoredFile
-from pipelines.jobs import Runtime, run_job
+from pipelines.jobs import run_job
+from pipelines.runtime import Runtime
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.settings import Settings
 from tests.conftest import make_account

@@ -23,7 +23,7 @@ from pipelines.billing.usage import PointsCapExceededError, check_points_admissi
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account
 from pipelines.cli import main
-from pipelines.jobs import Runtime
+from pipelines.runtime import Runtime
 from tests.conftest import make_account
 from tests.test_admission import store_files
 from tests.test_billing_support import (

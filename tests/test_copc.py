@@ -13,7 +13,8 @@ from pipelines import copc
 from pipelines.classify import classify_file
 from pipelines.copc import GRID, write_copc
 from pipelines.export import POINT_MEDIA_TYPES
-from pipelines.jobs import Runtime, export_step, job_view
+from pipelines.jobs import export_step, job_view
+from pipelines.runtime import Runtime
 from pipelines.export import read_manifest
 from pipelines.settings import Settings
 from tests.conftest import shared_file

@@ -11,7 +11,8 @@ from sqlalchemy import select
 from pipelines.accounts import upsert_accounts
 from pipelines.airflow_local import DAGS_FOLDER
 from pipelines.catalog.models import UsageEvent
-from pipelines.jobs import Runtime, job_id_for, job_view
+from pipelines.jobs import job_id_for, job_view
+from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from tests.conftest import make_account
 

@@ -14,7 +14,8 @@ import pytest
 from pipelines import __version__
 from pipelines.accounts import upsert_accounts
 from pipelines.export import DownloadRefused, ExportNotReady, artifact_link, download_links, published_exports, read_manifest
-from pipelines.jobs import Runtime, classify_step, create_job, deliver_step, export_step, ingest_step, job_view, validate_step
+from pipelines.jobs import classify_step, create_job, deliver_step, export_step, ingest_step, job_view, validate_step
+from pipelines.runtime import Runtime
 from pipelines.notify import outbox_messages
 from pipelines.settings import Settings
 from pipelines.storage import file_sha256

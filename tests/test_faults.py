@@ -29,7 +29,6 @@ from pipelines.export import (
     published_exports,
 )
 from pipelines.jobs import (
-    Runtime,
     classify_step,
     create_job,
     deliver_step,
@@ -42,6 +41,7 @@ from pipelines.jobs import (
     validate_step,
 )
 from pipelines.links import LinkSigner
+from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from pipelines.storage import S3Store, StorageError
 from tests.conftest import make_account, shared_file

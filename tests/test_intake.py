@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from pipelines.accounts import upsert_accounts
 from pipelines.catalog.models import IntakeClaim, Job, UsageEvent
 from pipelines.intake import SETTLE, sweep
-from pipelines.jobs import Runtime
+from pipelines.runtime import Runtime
 from pipelines.lifecycle.operations import terminate_account
 from pipelines.notify import outbox_messages
 from pointflow_dev.scene import make_scene, write_scene

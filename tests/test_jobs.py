@@ -13,7 +13,8 @@ from sqlalchemy import select
 
 from pipelines.accounts import UnknownAccountError
 from pipelines.catalog.models import UsageEvent
-from pipelines.jobs import Runtime, ValidationFailed, classify_step, create_job, export_step, finish_step, ingest_step, job_view, run_job, validate_step
+from pipelines.jobs import ValidationFailed, classify_step, create_job, export_step, finish_step, ingest_step, job_view, run_job, validate_step
+from pipelines.runtime import Runtime
 from pipelines.notify import outbox_messages
 from pipelines.storage import file_sha256
 from tests.conftest import shared_file

@@ -14,7 +14,7 @@ from pipelines.accounts import upsert_accounts
 from pipelines.billing.models import Invoice
 from pipelines.catalog.models import Job, JobState, SentMessage, StoredFile, UsageEvent
 from pipelines.cli import main
-from pipelines.jobs import Runtime
+from pipelines.runtime import Runtime
 from pipelines.lifecycle import is_locked
 from pipelines.lifecycle.models import DeletionAudit, LifecycleDeliveryFailure, Termination
 from pipelines.metering import UsageRecord, record_usage

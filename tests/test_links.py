@@ -19,7 +19,8 @@ import requests
 
 from pipelines.accounts import upsert_accounts
 from pipelines.export import read_manifest
-from pipelines.jobs import Runtime, deliver_step, export_step, job_view
+from pipelines.jobs import deliver_step, export_step, job_view
+from pipelines.runtime import Runtime
 from pipelines.lifecycle import delete_account_data, run_lifecycle, terminate_account
 from pipelines.links import DOWNLOAD_PATH, PRESIGNED_LIFETIME, LinkClaim, LinkRefused, LinkSigner, open_download
 from pipelines.notify import outbox_messages

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.jobs import Runtime
+from pipelines.runtime import Runtime
 from pipelines.notify import DeliveryError, outbox_messages, send_email, send_once
 from pipelines.settings import Settings
 

@@ -192,7 +192,7 @@ def test_a_bad_stored_address_is_reported_and_the_others_are_mailed(environment:
 
 
 def test_an_account_whose_rules_fail_is_named_and_the_others_are_done(home: Path, database_url: str, smtp_sink, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines.jobs import Runtime
+    from pipelines.runtime import Runtime
     from pipelines.lifecycle import LifecycleRunError, run_lifecycle
     from pipelines.lifecycle import notices
 

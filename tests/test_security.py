@@ -25,13 +25,13 @@ from pipelines.cli import main
 from pipelines.export import DownloadRefused, ExportNotReady, artifact_link
 from pipelines.jobs import (
     AdmissionRefusedJob,
-    Runtime,
     create_job,
     ingest_step,
     run_job,
     validate_step,
 )
 from pipelines.links import LinkSigner
+from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from pipelines.storage import AccountArea, UnsafeKeyError, check_key, safe_name
 from pipelines.validate import validate_file

@@ -32,7 +32,8 @@ from pipelines.billing.invoicing import run_billing
 from pipelines.billing.periods import Period, add_months
 from pipelines.catalog.models import SentMessage
 from pipelines.export import export_prefix, read_manifest
-from pipelines.jobs import Runtime, run_job
+from pipelines.jobs import run_job
+from pipelines.runtime import Runtime
 from pipelines.lifecycle import place_hold, run_lifecycle, terminate_account
 from pipelines.lifecycle.models import LifecycleAction
 from pipelines.links import DOWNLOAD_PATH, LinkClaim, LinkSigner

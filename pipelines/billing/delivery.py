@@ -43,7 +43,8 @@ from pipelines.catalog.models import Account, SentMessage
 from pipelines.customer_text import render_mail
 from pipelines.notify import DeliveryError, send_once
 from pipelines.settings import Settings
-from pipelines.storage import LINK_LIFETIME, AccountArea, ObjectStore, check_key, open_store
+from pipelines.runtime import Runtime
+from pipelines.storage import LINK_LIFETIME, AccountArea, ObjectStore, check_key
 
 log = logging.getLogger(__name__)
 ZERO = Decimal("0.00")
@@ -74,10 +75,8 @@ class MonthlyBilling:
 
     @classmethod
     def open(cls, settings: Settings, period: str) -> MonthlyBilling:
-        catalog = Catalog(settings.database_url)
-        catalog.migrate()
-        store = open_store(settings.storage_url, settings.link_endpoint)
-        return cls(settings, catalog, store, load_pricebook(settings.pricebook_path), Period.parse(period))
+        runtime = Runtime.from_settings(settings)
+        return cls(settings, runtime.catalog, runtime.store, load_pricebook(settings.pricebook_path), Period.parse(period))
 
 
 @dataclass(frozen=True)

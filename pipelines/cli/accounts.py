@@ -226,7 +226,7 @@ def _terminate(args: argparse.Namespace) -> int:
 
 def _export_all(args: argparse.Namespace) -> int:
     from pipelines.cli.common import print_json
-    from pipelines.jobs import Runtime
+    from pipelines.runtime import Runtime
     from pipelines.lifecycle import export_all, load_policy
 
     settings = settings_from_env()
@@ -246,7 +246,7 @@ def _delete(args: argparse.Namespace) -> int:
     import sys
 
     from pipelines.cli.common import print_json
-    from pipelines.jobs import Runtime
+    from pipelines.runtime import Runtime
     from pipelines.lifecycle import LifecycleError, delete_account_data
     from pipelines.lifecycle.deletion import DeletionIncomplete
     from pipelines.lifecycle.operations import deletion_plan

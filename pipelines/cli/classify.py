@@ -47,7 +47,7 @@ def _classify(args: argparse.Namespace) -> int:
     check_source(settings, open_store(settings.storage_url), args.account, str(args.input))
     classifier = args.classifier
     if classifier not in BUILTIN_CLASSIFIERS:
-        from pipelines.jobs import Runtime
+        from pipelines.runtime import Runtime
         from pipelines.training import resolve_classifier
 
         classifier = resolve_classifier(Runtime.from_settings(settings), args.account, classifier)

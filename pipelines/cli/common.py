@@ -25,11 +25,10 @@ def settings_from_env() -> Settings:
 
 
 def open_catalog(settings: Settings) -> Catalog:
-    from pipelines.catalog import Catalog
+    # Imported here: the catalog is seconds of imports that `pointflow classify` never needs.
+    from pipelines.runtime import open_catalog
 
-    catalog = Catalog(settings.database_url)
-    catalog.migrate()
-    return catalog
+    return open_catalog(settings)
 
 
 def print_json(value: Any) -> None:

@@ -51,7 +51,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _ingest(args: argparse.Namespace) -> int:
     from pipelines.ingest import check_source
-    from pipelines.jobs import Runtime, run_job, upload
+    from pipelines.jobs import run_job, upload
+    from pipelines.runtime import Runtime
 
     if not args.file.is_file():
         raise FileNotFoundError(f"no such file: {args.file}")
@@ -77,7 +78,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from pipelines.ingest import list_files
-    from pipelines.jobs import Runtime
+    from pipelines.runtime import Runtime
 
     files = list_files(Runtime.from_settings(settings_from_env()).catalog, args.account)
     if args.json:
@@ -91,7 +92,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    from pipelines.jobs import Runtime
+    from pipelines.runtime import Runtime
     from pipelines.lifecycle.operations import delete_stored_file
 
     audit = delete_stored_file(Runtime.from_settings(settings_from_env()), args.account, args.key)

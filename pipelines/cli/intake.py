@@ -41,7 +41,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from pipelines.intake import sweep
-    from pipelines.jobs import Runtime, run_steps
+    from pipelines.jobs import run_steps
+    from pipelines.runtime import Runtime
 
     runtime = Runtime.from_settings(settings_from_env())
     # Unique per process: a CLI sweep resumes nobody else's claims before their lease ends.

@@ -43,7 +43,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _runtime():
-    from pipelines.jobs import Runtime
+    from pipelines.runtime import Runtime
 
     return Runtime.from_settings(settings_from_env())
 

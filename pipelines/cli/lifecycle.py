@@ -57,7 +57,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipelines.jobs import Runtime
+    from pipelines.runtime import Runtime
     from pipelines.lifecycle import (
         LifecycleRunError,
         load_policy,

@@ -71,7 +71,7 @@ def _scores(evaluation: dict) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipelines.jobs import Runtime
+    from pipelines.runtime import Runtime
     from pipelines.training import NotBetterThanStandard, train_from_sources
 
     for path in args.files:
@@ -101,7 +101,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from pipelines.jobs import Runtime
+    from pipelines.runtime import Runtime
     from pipelines.training import list_models
 
     models = list_models(Runtime.from_settings(settings_from_env()), args.account)
@@ -117,7 +117,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _build_shared(args: argparse.Namespace) -> int:
-    from pipelines.jobs import Runtime
+    from pipelines.runtime import Runtime
     from pipelines.training import build_shared_model
 
     contributions: dict[str, list[str]] = {}

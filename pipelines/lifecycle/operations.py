@@ -31,7 +31,7 @@ from pipelines.lifecycle.policy import LifecyclePolicy
 from pipelines.storage import AccountArea
 
 if TYPE_CHECKING:
-    from pipelines.jobs import Runtime
+    from pipelines.runtime import Runtime
 
 TERMINATION_REASONS = ("customer", "non_payment")
 BUNDLE_FOLDER = "all-data"  # exports/all-data/: earlier bundles, never packed into a new one

@@ -41,7 +41,7 @@ from pipelines.scratch import job_folders
 from pipelines.storage import AccountArea
 
 if TYPE_CHECKING:
-    from pipelines.jobs import Runtime
+    from pipelines.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
