@@ -33,11 +33,6 @@ PY
 
 airflow db migrate
 
-python - <<'PY'
-from pipelines.catalog import Catalog
-from pipelines.settings import Settings
-
-Catalog(Settings.from_env().database_url).migrate()
-PY
+pointflow db upgrade
 
 echo "pointflow init: Airflow database, pointflow catalog and admin password are ready"

@@ -33,6 +33,25 @@ def test_migrations_match_the_models(catalog: Catalog) -> None:
     assert differences == []
 
 
+def test_head_revision_is_alembics_head() -> None:
+    """The revision every task checks the catalog against is the one Alembic upgrades to."""
+    from alembic.script import ScriptDirectory
+
+    from pipelines.catalog.db import alembic_config, head_revision
+
+    assert head_revision() == ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def test_db_upgrade_migrates_the_configured_catalog(home: Path) -> None:
+    from pipelines.cli import main
+    from pipelines.catalog.db import head_revision
+
+    assert main(["db", "upgrade"]) == 0
+    catalog = Catalog(f"sqlite:///{home / 'catalog.db'}")
+    assert catalog._revision() == head_revision()
+    assert main(["db", "upgrade"]) == 0  # a second upgrade finds the newest schema and does nothing
+
+
 def test_migrate_twice_is_harmless(catalog: Catalog) -> None:
     catalog.migrate()
     assert catalog.is_migrated()

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "pipelines.cli.files",
     "pipelines.cli.intake",
     "pipelines.cli.jobs",
+    "pipelines.cli.db",
     "pipelines.cli.airflow",
     "pipelines.cli.billing",
     "pipelines.cli.lifecycle",
