@@ -40,8 +40,8 @@ def _as_of() -> datetime:
 def lifecycle_nightly():
     @task
     def apply_rules() -> list[dict]:
-        from pipelines.runtime import Runtime
         from pipelines.lifecycle import run_lifecycle
+        from pipelines.runtime import Runtime
         from pipelines.settings import Settings
 
         actions = run_lifecycle(Runtime.from_settings(Settings.from_env()), _as_of())
@@ -50,7 +50,7 @@ def lifecycle_nightly():
     @task
     def deliver_unsent() -> dict:
         """Ready e-mails the classification runs could not send (mail server down) go out now."""
-        from pipelines.jobs import deliver_unsent
+        from pipelines.lifecycle.sweeps import deliver_unsent
         from pipelines.runtime import Runtime
         from pipelines.settings import Settings
 
@@ -60,7 +60,7 @@ def lifecycle_nightly():
     @task
     def close_stale_jobs() -> list[str]:
         """Jobs without progress for POINTFLOW_STALE_JOB_HOURS are closed as failed, metered once, billed nothing."""
-        from pipelines.jobs import close_stale_jobs
+        from pipelines.lifecycle.sweeps import close_stale_jobs
         from pipelines.runtime import Runtime
         from pipelines.settings import Settings
 

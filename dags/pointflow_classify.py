@@ -1,8 +1,8 @@
 """Classify one customer file: ingest -> validate -> classify (tiled, on Dask) -> export -> deliver, meter.
 
 Trigger with conf {"account_id": "...", "source": "/path/or/s3://bucket/key.laz"}. Every task
-derives the job id from the run, so retries resume the same job instead of starting another.
-The logic lives in pipelines.jobs; each task runs one of its steps.
+derives the job id from the run, so retries resume the same job instead of starting another; the
+ingest task creates the job. Each task runs one step of pipelines/steps/ and imports only it.
 """
 
 from __future__ import annotations
@@ -12,23 +12,26 @@ from datetime import timedelta
 from airflow.sdk import Param, TriggerRule, dag, task
 
 
-def _run(step: str, **options) -> dict:
-    """Run pipelines.jobs.<step> for this run's job; a refused input fails at once, without retries."""
+def _run(step, register: dict | None = None, **options) -> dict:
+    """Run one step for this run's job; a refused input fails at once, without retries. The first
+    task passes the run's params as `register`: the job is created once, by it (a retry finds it)."""
     from airflow.sdk import get_current_context
     from airflow.sdk.exceptions import AirflowFailException
 
-    from pipelines import jobs
     from pipelines.runtime import Runtime
     from pipelines.settings import Settings
+    from pipelines.steps.record import AdmissionRefusedJob, ValidationFailed, job_id_for, run_step
 
     context = get_current_context()
-    params = context["params"]
     runtime = Runtime.from_settings(Settings.from_env())
-    job_id = jobs.job_id_for(context["dag"].dag_id, context["run_id"])
-    jobs.create_job(runtime, job_id, params["account_id"], params["source"], params["classifier"])
+    job_id = job_id_for(context["dag"].dag_id, context["run_id"])
+    if register is not None:
+        from pipelines.steps.ingest import create_job
+
+        create_job(runtime, job_id, register["account_id"], register["source"], register["classifier"])
     try:
-        return jobs.run_step(runtime, job_id, step, **options)
-    except (jobs.AdmissionRefusedJob, jobs.ValidationFailed) as refused:
+        return run_step(runtime, job_id, step, **options)
+    except (AdmissionRefusedJob, ValidationFailed) as refused:
         raise AirflowFailException(str(refused)) from None
 
 
@@ -50,31 +53,43 @@ def _run(step: str, **options) -> dict:
 )
 def pointflow_classify():
     @task
-    def ingest() -> None:
-        _run("ingest_step")
+    def ingest(params: dict | None = None) -> None:
+        from pipelines.steps.ingest import ingest_step
+
+        _run(ingest_step, register=params)
 
     @task
     def validate() -> None:
-        _run("validate_step")
+        from pipelines.steps.validate import validate_step
+
+        _run(validate_step)
 
     @task
     def classify() -> None:
-        _run("classify_step")
+        from pipelines.steps.classify import classify_step
+
+        _run(classify_step)
 
     @task
     def export(params: dict | None = None) -> None:
-        _run("export_step", export_format=params["export_format"])
+        from pipelines.steps.export import export_step
+
+        _run(export_step, export_format=params["export_format"])
 
     @task
     def deliver() -> None:
-        _run("deliver_step")
+        from pipelines.steps.deliver import deliver_step
+
+        _run(deliver_step)
 
     @task(trigger_rule=TriggerRule.ALL_DONE, retries=3)
     def meter() -> None:
         """Close the job and meter it once, whatever happened upstream; fail the run if it did not export."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        job = _run("finish_step")
+        from pipelines.steps.meter import meter_step
+
+        job = _run(meter_step)
         if job["state"] != "exported":
             raise AirflowFailException(f"job {job['job_id']} ended {job['state']}: {job['error']}")
 

@@ -23,15 +23,15 @@ def _runtime():
     return Runtime.from_settings(Settings.from_env())
 
 
-def _step(job_id: str, step: str) -> dict:
-    """Run pipelines.jobs.<step> for a drop-zone job; a refused input fails at once, without retries."""
+def _step(job_id: str, step) -> dict:
+    """Run one step for a drop-zone job; a refused input fails at once, without retries."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from pipelines import jobs
+    from pipelines.steps.record import AdmissionRefusedJob, ValidationFailed, run_step
 
     try:
-        return jobs.run_step(_runtime(), job_id, step)
-    except (jobs.AdmissionRefusedJob, jobs.ValidationFailed) as refused:
+        return run_step(_runtime(), job_id, step)
+    except (AdmissionRefusedJob, ValidationFailed) as refused:
         raise AirflowFailException(str(refused)) from None
 
 
@@ -67,26 +67,36 @@ def pointflow_intake():
     def classify_file(job_id: str):
         @task
         def validate(job_id: str) -> None:
-            _step(job_id, "validate_step")
+            from pipelines.steps.validate import validate_step
+
+            _step(job_id, validate_step)
 
         @task
         def classify(job_id: str) -> None:
-            _step(job_id, "classify_step")
+            from pipelines.steps.classify import classify_step
+
+            _step(job_id, classify_step)
 
         @task
         def export(job_id: str) -> None:
-            _step(job_id, "export_step")
+            from pipelines.steps.export import export_step
+
+            _step(job_id, export_step)
 
         @task
         def deliver(job_id: str) -> None:
-            _step(job_id, "deliver_step")
+            from pipelines.steps.deliver import deliver_step
+
+            _step(job_id, deliver_step)
 
         @task(trigger_rule=TriggerRule.ALL_DONE, retries=3)
         def meter(job_id: str) -> None:
             """Close the job and meter it once, whatever happened upstream."""
             from airflow.sdk.exceptions import AirflowFailException
 
-            job = _step(job_id, "finish_step")
+            from pipelines.steps.meter import meter_step
+
+            job = _step(job_id, meter_step)
             if job["state"] != "exported":
                 raise AirflowFailException(f"job {job['job_id']} ended {job['state']}: {job['error']}")
 

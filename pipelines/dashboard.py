@@ -27,7 +27,6 @@ from pipelines.billing.usage import usage_daily
 from pipelines.catalog.models import Account, Job, JobState
 from pipelines.errors import PointflowError
 from pipelines.export import SAMPLE_NAME, export_prefix, read_manifest
-from pipelines.runtime import Runtime
 from pipelines.lifecycle.models import (
     LegalHold,
     LifecycleAction,
@@ -37,6 +36,7 @@ from pipelines.lifecycle.models import (
 from pipelines.lifecycle.operations import HoldView, ensure_active, is_locked
 from pipelines.lifecycle.rules import Action, LifecycleRunError, run_lifecycle
 from pipelines.preview import class_summary, colour_of
+from pipelines.runtime import Runtime
 from pipelines.storage import AccountArea, UnsafeKeyError, check_account_id
 
 PREVIEW_MEDIA_TYPES = {"preview.png": "image/png", SAMPLE_NAME: "application/x-ply"}

@@ -30,11 +30,13 @@ from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import IntakeClaim, utcnow
 from pipelines.customer_text import render_mail
 from pipelines.errors import PointflowError
-from pipelines.jobs import AdmissionRefusedJob, attach_file, create_job, finish_step, job_view, refuse_job
-from pipelines.runtime import Runtime
 from pipelines.lifecycle.operations import AccountLocked
 from pipelines.notify import DeliveryError, send_once
+from pipelines.runtime import Runtime
 from pipelines.scratch import work_dir
+from pipelines.steps.ingest import attach_file, create_job
+from pipelines.steps.meter import meter_step
+from pipelines.steps.record import AdmissionRefusedJob, job_view, refuse_job
 from pipelines.storage import (
     INCOMING_PREFIX,
     LocalStore,
@@ -168,7 +170,7 @@ def _register(runtime: Runtime, info: ObjectInfo, account_id: str, name: str, jo
     except StaleObject as stale:
         return _supersede(runtime, info, account_id, job_id, str(stale))
     except AdmissionRefusedJob:
-        finish_step(runtime, job_id)  # metered once as failed, nothing billed, as for any refused job
+        meter_step(runtime, job_id)  # metered once as failed, nothing billed, as for any refused job
         return _refuse(runtime, info, account_id, name, job_id, job_view(runtime, job_id)["error"])
     with runtime.catalog.session() as session:
         session.execute(update(IntakeClaim).where(IntakeClaim.job_id == job_id).values(state="registered"))
@@ -185,7 +187,7 @@ def _supersede(runtime: Runtime, info: ObjectInfo, account_id: str, job_id: str,
     try:
         refuse_job(runtime, job_id, f"the upload was replaced by a newer one while it was registered ({reason})")
     except AdmissionRefusedJob:
-        finish_step(runtime, job_id)
+        meter_step(runtime, job_id)
     log.info("drop-zone file %s superseded: %s", info.key, reason)
     return Outcome(info.key, account_id, job_id, "superseded", reason)
 

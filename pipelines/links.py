@@ -111,8 +111,8 @@ class Download:
 def open_download(runtime: Runtime, token: str, now: datetime) -> Download:
     """Check a link's token and everything it depends on, as of `now`; LinkRefused if it must not open."""
     from pipelines.export import DownloadRefused, ExportNotReady, check_plan_allows, published_artifact
-    from pipelines.jobs import delivery_terms
     from pipelines.lifecycle.operations import AccountLocked, data_deleted
+    from pipelines.steps.deliver import delivery_terms
 
     claim = LinkSigner.from_settings(runtime.settings).verify(token, now)
     if data_deleted(runtime.catalog, claim.account_id):

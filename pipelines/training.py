@@ -30,11 +30,11 @@ from pipelines.catalog.models import Plan, TrainedModelRecord, utcnow
 from pipelines.classifiers import BUILTIN_CLASSIFIERS, PointBlock
 from pipelines.classifiers.trained import UNKNOWN_STANDARD, TrainedClassifier, TrainedModel, train
 from pipelines.errors import UserError
-from pipelines.ingest import check_source, local_copy
 from pipelines.keys import kept_secret
 from pipelines.lasio import iter_checked, point_block, read_info
 from pipelines.lifecycle.operations import ensure_active
 from pipelines.settings import Settings
+from pipelines.sources import check_source, local_copy
 from pipelines.storage import AccountArea, file_sha256
 from pipelines.units import coordinate_units
 

@@ -67,10 +67,10 @@ def run_batch(
 
     from pipelines.catalog.models import Job, UsageEvent
     from pipelines.export import MANIFEST_NAME
-    from pipelines.jobs import job_id_for
-    from pipelines.runtime import Runtime
     from pipelines.lasio import read_info
+    from pipelines.runtime import Runtime
     from pipelines.settings import Settings
+    from pipelines.steps.record import job_id_for
 
     dag_id = "pointflow_classify"
     client = stack.client()

@@ -11,11 +11,12 @@ from pathlib import Path
 from pipelines.accounts import AccountRecord, upsert_accounts
 from pipelines.airflow_local import load_dag, prepare_airflow
 from pipelines.export import MANIFEST_NAME, read_manifest
-from pipelines.jobs import job_id_for, job_view, upload
-from pipelines.runtime import Runtime
 from pipelines.logfile import output_to
 from pipelines.notify import outbox_messages
+from pipelines.runtime import Runtime
 from pipelines.settings import Settings
+from pipelines.steps.ingest import upload
+from pipelines.steps.record import job_id_for, job_view
 from pointflow_dev.scene import make_scene, write_scene
 
 DEMO_ACCOUNT = AccountRecord(

@@ -16,8 +16,8 @@ import pytest
 from pipelines.accounts import AccountRecord, upsert_accounts
 from pipelines.airflow_local import DAGS_FOLDER, PLUGINS_FOLDER
 from pipelines.runtime import Runtime
-from pointflow_dev.scene import make_scene, write_scene
 from pipelines.settings import Settings
+from pointflow_dev.scene import make_scene, write_scene
 from pointflow_dev.stack import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -65,8 +65,8 @@ def run_case(name: str, path: Path, outputs: Path) -> dict:
     from sqlalchemy import select
 
     from pipelines.catalog.models import Job, UsageEvent
-    from pipelines.runtime import Runtime
     from pipelines.notify import outbox_messages
+    from pipelines.runtime import Runtime
     from pipelines.scratch import folders
     from pipelines.settings import Settings
 

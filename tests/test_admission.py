@@ -12,8 +12,8 @@ from pipelines.admission import GB, AdmissionRefused, Candidate, check_admission
 from pipelines.billing.corrections import TermsUpdate, set_billing_terms
 from pipelines.catalog.models import StoredFile
 from pipelines.jobs import run_job
-from pipelines.runtime import Runtime
 from pipelines.metering import UsageRecord, record_usage
+from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from tests.conftest import make_account
 
@@ -139,8 +139,8 @@ def test_a_refused_job_stores_nothing_and_costs_nothing(runtime: Runtime, scene_
 def test_a_closed_account_can_neither_upload_nor_start_jobs_nor_get_links(runtime: Runtime, scene_path: Path) -> None:
     from datetime import date
 
-    from pipelines.jobs import delivery_terms
     from pipelines.lifecycle.operations import AccountLocked, terminate_account
+    from pipelines.steps.deliver import delivery_terms
 
     upsert_accounts(runtime.catalog, [make_account("gone", plan="professional")])
     terminate_account(runtime.catalog, "gone", effective=date(2026, 1, 31))

@@ -43,8 +43,8 @@ def test_head_revision_is_alembics_head() -> None:
 
 
 def test_db_upgrade_migrates_the_configured_catalog(home: Path) -> None:
-    from pipelines.cli import main
     from pipelines.catalog.db import head_revision
+    from pipelines.cli import main
 
     assert main(["db", "upgrade"]) == 0
     catalog = Catalog(f"sqlite:///{home / 'catalog.db'}")

@@ -12,13 +12,13 @@ import pytest
 from pipelines import copc
 from pipelines.classify import classify_file
 from pipelines.copc import GRID, write_copc
-from pipelines.export import POINT_MEDIA_TYPES
-from pipelines.jobs import export_step, job_view
+from pipelines.export import POINT_MEDIA_TYPES, read_manifest
 from pipelines.runtime import Runtime
-from pipelines.export import read_manifest
 from pipelines.settings import Settings
+from pipelines.steps.export import export_step
+from pipelines.steps.record import job_view
 from tests.conftest import shared_file
-from tests.lasfiles import patch, write_points, MAX_X
+from tests.lasfiles import MAX_X, patch, write_points
 from tests.test_export import classified_job
 
 FIELDS = ["X", "Y", "Z", "intensity", "classification", "gps_time", "return_number", "number_of_returns"]

@@ -21,10 +21,11 @@ from sqlalchemy import select
 from pipelines.accounts import upsert_accounts
 from pipelines.catalog.models import UsageEvent, utcnow
 from pipelines.cli import main
-from pipelines.jobs import close_stale_jobs, job_view, jobs_for_account
+from pipelines.lifecycle.sweeps import close_stale_jobs
 from pipelines.runtime import Runtime
 from pipelines.scratch import account_folders, folders
 from pipelines.settings import Settings
+from pipelines.steps.record import job_view, jobs_for_account
 from tests.conftest import make_account, shared_file
 
 pytestmark = pytest.mark.slow

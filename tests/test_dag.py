@@ -11,9 +11,9 @@ from sqlalchemy import select
 from pipelines.accounts import upsert_accounts
 from pipelines.airflow_local import DAGS_FOLDER
 from pipelines.catalog.models import UsageEvent
-from pipelines.jobs import job_id_for, job_view
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
+from pipelines.steps.record import job_id_for, job_view
 from tests.conftest import make_account
 
 DAG_ID = "pointflow_classify"

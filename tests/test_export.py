@@ -14,12 +14,17 @@ import pytest
 from pipelines import __version__
 from pipelines.accounts import upsert_accounts
 from pipelines.export import DownloadRefused, ExportNotReady, artifact_link, download_links, published_exports, read_manifest
-from pipelines.jobs import classify_step, create_job, deliver_step, export_step, ingest_step, job_view, validate_step
-from pipelines.runtime import Runtime
-from pipelines.notify import outbox_messages
-from pipelines.settings import Settings
-from pipelines.storage import file_sha256
 from pipelines.links import LinkSigner
+from pipelines.notify import outbox_messages
+from pipelines.runtime import Runtime
+from pipelines.settings import Settings
+from pipelines.steps.classify import classify_step
+from pipelines.steps.deliver import deliver_step
+from pipelines.steps.export import export_step
+from pipelines.steps.ingest import create_job, ingest_step
+from pipelines.steps.record import job_view
+from pipelines.steps.validate import validate_step
+from pipelines.storage import file_sha256
 from tests.conftest import make_account
 
 SOON = datetime.now(timezone.utc) + timedelta(hours=1)

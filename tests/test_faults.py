@@ -28,21 +28,17 @@ from pipelines.export import (
     download_links,
     published_exports,
 )
-from pipelines.jobs import (
-    classify_step,
-    create_job,
-    deliver_step,
-    export_step,
-    finish_step,
-    ingest_step,
-    job_id_for,
-    job_view,
-    run_job,
-    validate_step,
-)
+from pipelines.jobs import run_job
 from pipelines.links import LinkSigner
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
+from pipelines.steps.classify import classify_step
+from pipelines.steps.deliver import deliver_step
+from pipelines.steps.export import export_step
+from pipelines.steps.ingest import create_job, ingest_step
+from pipelines.steps.meter import meter_step
+from pipelines.steps.record import job_id_for, job_view
+from pipelines.steps.validate import validate_step
 from pipelines.storage import S3Store, StorageError
 from tests.conftest import make_account, shared_file
 from tests.faults import DaskProcesses, PrivatePostgres, TcpOutage, smtp_back_up
@@ -293,8 +289,8 @@ def test_s3_down_mid_publish_fails_clearly_shows_nothing_and_the_rerun_publishes
     s3_outage.up()
     export_step(runtime, job_id)
     deliver_step(runtime, job_id)
-    finish_step(runtime, job_id)
-    finish_step(runtime, job_id)
+    meter_step(runtime, job_id)
+    meter_step(runtime, job_id)
     job = job_view(runtime, job_id)
     assert job["state"] == "exported"
     [manifest_key] = manifests(observer, "acme")
@@ -356,7 +352,7 @@ def test_a_database_restart_between_tasks_is_invisible_to_the_run(catalog_on_pri
     assert pooled >= 1
     classify_step(runtime, "job-db-restart", workers=1)
     export_step(runtime, "job-db-restart")
-    job = finish_step(runtime, "job-db-restart")
+    job = meter_step(runtime, "job-db-restart")
     assert server_started_at(runtime) > before
     assert job["state"] == "exported"
     assert len(manifests(runtime.store, "acme")) == 1
@@ -404,7 +400,7 @@ def test_the_database_down_while_classifying_fails_the_step_cleanly_and_the_retr
     # The Airflow retry of classify, then the rest of the run.
     classify_step(runtime, job_id, workers=2)
     export_step(runtime, job_id)
-    job = finish_step(runtime, job_id)
+    job = meter_step(runtime, job_id)
     assert job["state"] == "exported"
     assert len(manifests(runtime.store, "acme")) == 1
     assert usage(runtime) == [(job_id, "succeeded", job["points_processed"])]
@@ -459,7 +455,7 @@ def export_with_the_mail_server_down(runtime: Runtime, smtp_sink, account: str, 
     smtp_sink.controller.stop()
     with pytest.raises(DeliveryError, match=f"127.0.0.1:{smtp_sink.port}"):
         deliver_step(runtime, job_id)
-    return finish_step(runtime, job_id)
+    return meter_step(runtime, job_id)
 
 
 def test_smtp_down_the_ready_notice_fails_alone_and_is_sent_once_when_delivery_reruns(smtp_sink, runtime: Runtime, account: str, scene_path: Path) -> None:
@@ -478,7 +474,7 @@ def test_smtp_down_the_ready_notice_fails_alone_and_is_sent_once_when_delivery_r
 
 def test_smtp_down_past_the_task_retries_the_nightly_dag_sends_the_ready_notice_once(airflow_home: Path, smtp_sink, runtime: Runtime, account: str, scene_path: Path) -> None:
     from pipelines.airflow_local import load_dag
-    from pipelines.jobs import UNSENT_SETTLE_TIME, deliver_unsent
+    from pipelines.lifecycle.sweeps import UNSENT_SETTLE_TIME, deliver_unsent
 
     exported_at = export_with_the_mail_server_down(runtime, smtp_sink, account, scene_path, "job-smtp-night")["finished_at"]
     dag = load_dag("lifecycle_nightly")

@@ -10,8 +10,8 @@ import pytest
 
 from pipelines.accounts import upsert_accounts
 from pipelines.cli import main
-from pipelines.runtime import Runtime
 from pipelines.lifecycle.operations import deletion_audit, place_hold, release_holds
+from pipelines.runtime import Runtime
 from pointflow_dev.scene import make_scene, write_scene
 from tests.conftest import make_account
 

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
-from email import message_from_bytes, policy
 import os
 import subprocess
 import sys
 import time
 from datetime import date
+from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
@@ -18,12 +18,12 @@ from sqlalchemy import func, select
 from pipelines.accounts import upsert_accounts
 from pipelines.catalog.models import IntakeClaim, Job, UsageEvent
 from pipelines.intake import SETTLE, sweep
-from pipelines.runtime import Runtime
 from pipelines.lifecycle.operations import terminate_account
 from pipelines.notify import outbox_messages
-from pointflow_dev.scene import make_scene, write_scene
+from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from pipelines.storage import LocalStore
+from pointflow_dev.scene import make_scene, write_scene
 from tests.conftest import make_account
 
 DAG_ID = "pointflow_intake"

@@ -13,9 +13,15 @@ from sqlalchemy import select
 
 from pipelines.accounts import UnknownAccountError
 from pipelines.catalog.models import UsageEvent
-from pipelines.jobs import ValidationFailed, classify_step, create_job, export_step, finish_step, ingest_step, job_view, run_job, validate_step
-from pipelines.runtime import Runtime
+from pipelines.jobs import run_job
 from pipelines.notify import outbox_messages
+from pipelines.runtime import Runtime
+from pipelines.steps.classify import classify_step
+from pipelines.steps.export import export_step
+from pipelines.steps.ingest import create_job, ingest_step
+from pipelines.steps.meter import meter_step
+from pipelines.steps.record import ValidationFailed, job_view
+from pipelines.steps.validate import validate_step
 from pipelines.storage import file_sha256
 from tests.conftest import shared_file
 
@@ -62,8 +68,8 @@ def test_retried_steps_do_not_redo_work_or_double_bill(runtime: Runtime, account
     validate_step(runtime, "job-retry")
     classify_step(runtime, "job-retry")
     export_step(runtime, "job-retry")
-    finish_step(runtime, "job-retry")
-    finish_step(runtime, "job-retry")
+    meter_step(runtime, "job-retry")
+    meter_step(runtime, "job-retry")
     after = {o.key: runtime.store.sha256(o.key) for o in runtime.store.list(f"accounts/{account}/")}
     assert before == after
     assert job_view(runtime, "job-retry")["state"] == "exported"
@@ -81,7 +87,7 @@ def test_classification_interrupted_midway_is_redone_cleanly(runtime: Runtime, a
         session.get(Job, "job-crash").state = "classifying"  # as left by a worker that died
     classify_step(runtime, "job-crash", workers=1)
     export_step(runtime, "job-crash")
-    job = finish_step(runtime, "job-crash")
+    job = meter_step(runtime, "job-crash")
     check_exported(runtime, job, scene_path, tmp_path)
 
 
@@ -148,7 +154,7 @@ def test_job_on_s3_storage(home: Path, s3_bucket: str, monkeypatch: pytest.Monke
 def test_the_validation_log_line_says_where_the_report_is(runtime: Runtime, account: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     source = tmp_path / "notes.las"
     source.write_text("not a point cloud")
-    with caplog.at_level("INFO", logger="pipelines.jobs"):
+    with caplog.at_level("INFO", logger="pipelines.steps.validate"):
         job = run_job(runtime, account, str(source))
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation of notes.las")]
     link = line.split("report: ", 1)[1]
@@ -191,21 +197,22 @@ def catalog_runtime(home: Path, database_url: str, monkeypatch: pytest.MonkeyPat
 
 
 def test_a_failed_step_records_its_cause_and_jobs_show_prints_it(catalog_runtime: Runtime, scene_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines import jobs
     from pipelines.cli import main
+    from pipelines.steps import classify
+    from pipelines.steps.record import run_step
 
     runtime = catalog_runtime
     create_job(runtime, "job-cause", "acme", str(scene_path), "standard")
-    jobs.run_step(runtime, "job-cause", "ingest_step")
-    jobs.run_step(runtime, "job-cause", "validate_step")
+    run_step(runtime, "job-cause", ingest_step)
+    run_step(runtime, "job-cause", validate_step)
 
     def broken(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(jobs, "classify_file", broken)
+    monkeypatch.setattr(classify, "classify_file", broken)
     with pytest.raises(OSError):
-        jobs.run_step(runtime, "job-cause", "classify_step")
-    job = finish_step(runtime, "job-cause")
+        run_step(runtime, "job-cause", classify_step)
+    job = meter_step(runtime, "job-cause")
     assert job["state"] == "failed" and job["error"] == "classify: OSError: No space left on device"
     assert main(["jobs", "show", "job-cause"]) == 0
     assert "cause:      classify: OSError: No space left on device" in capsys.readouterr().out
@@ -217,7 +224,7 @@ def test_stale_jobs_are_closed_once_as_failed_and_billed_nothing(catalog_runtime
     from datetime import timedelta
 
     from pipelines.catalog.models import utcnow
-    from pipelines.jobs import close_stale_jobs
+    from pipelines.lifecycle.sweeps import close_stale_jobs
 
     runtime = catalog_runtime
     create_job(runtime, "job-stale", "acme", str(scene_path), "standard")
@@ -232,7 +239,7 @@ def test_stale_jobs_are_closed_once_as_failed_and_billed_nothing(catalog_runtime
     assert sorted((e.job_id, e.status, e.points) for e in usage_events(runtime, "acme")) == [("job-fresh", "failed", 0), ("job-stale", "failed", 0)]
     # A second run, or the meter task of a DAG run coming back late, adds nothing.
     assert close_stale_jobs(runtime, utcnow() + timedelta(days=10)) == []
-    finish_step(runtime, "job-stale")
+    meter_step(runtime, "job-stale")
     assert len(usage_events(runtime, "acme")) == 2
     assert outbox_messages(runtime.settings) == []
 

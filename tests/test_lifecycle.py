@@ -14,10 +14,10 @@ from pipelines.accounts import upsert_accounts
 from pipelines.billing.models import Invoice
 from pipelines.catalog.models import Job, JobState, SentMessage, StoredFile, UsageEvent
 from pipelines.cli import main
-from pipelines.runtime import Runtime
 from pipelines.lifecycle import is_locked
 from pipelines.lifecycle.models import DeletionAudit, LifecycleDeliveryFailure, Termination
 from pipelines.metering import UsageRecord, record_usage
+from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from tests.conftest import abandoned_work_dir, make_account
 

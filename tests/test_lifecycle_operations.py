@@ -18,10 +18,10 @@ from pipelines.accounts import get_account, upsert_accounts
 from pipelines.billing.models import BillingTerms
 from pipelines.catalog.models import Account
 from pipelines.cli import main
-from pipelines.runtime import Runtime
 from pipelines.lifecycle import PolicyError, is_locked, load_policy
 from pipelines.lifecycle.models import DeletionAudit, LifecycleAction
 from pipelines.lifecycle.operations import paid_term_end
+from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from tests.conftest import make_account
 

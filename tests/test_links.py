@@ -19,12 +19,14 @@ import requests
 
 from pipelines.accounts import upsert_accounts
 from pipelines.export import read_manifest
-from pipelines.jobs import deliver_step, export_step, job_view
-from pipelines.runtime import Runtime
 from pipelines.lifecycle import delete_account_data, run_lifecycle, terminate_account
 from pipelines.links import DOWNLOAD_PATH, PRESIGNED_LIFETIME, LinkClaim, LinkRefused, LinkSigner, open_download
 from pipelines.notify import outbox_messages
+from pipelines.runtime import Runtime
 from pipelines.settings import Settings
+from pipelines.steps.deliver import deliver_step
+from pipelines.steps.export import export_step
+from pipelines.steps.record import job_view
 from pipelines.storage import file_sha256
 from tests.conftest import make_account
 from tests.test_export import classified_job

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.runtime import Runtime
 from pipelines.notify import DeliveryError, outbox_messages, send_email, send_once
+from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 
 

@@ -192,9 +192,8 @@ def test_a_bad_stored_address_is_reported_and_the_others_are_mailed(environment:
 
 
 def test_an_account_whose_rules_fail_is_named_and_the_others_are_done(home: Path, database_url: str, smtp_sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.lifecycle import LifecycleRunError, notices, run_lifecycle
     from pipelines.runtime import Runtime
-    from pipelines.lifecycle import LifecycleRunError, run_lifecycle
-    from pipelines.lifecycle import notices
 
     monkeypatch.setenv("POINTFLOW_DATABASE_URL", database_url)
     accounts(database_url, "sleepy0", "sleepy1", plan="free")

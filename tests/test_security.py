@@ -23,16 +23,13 @@ from pipelines.accounts import upsert_accounts
 from pipelines.catalog.models import UsageEvent
 from pipelines.cli import main
 from pipelines.export import DownloadRefused, ExportNotReady, artifact_link
-from pipelines.jobs import (
-    AdmissionRefusedJob,
-    create_job,
-    ingest_step,
-    run_job,
-    validate_step,
-)
+from pipelines.jobs import run_job
 from pipelines.links import LinkSigner
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
+from pipelines.steps.ingest import create_job, ingest_step
+from pipelines.steps.record import AdmissionRefusedJob
+from pipelines.steps.validate import validate_step
 from pipelines.storage import AccountArea, UnsafeKeyError, check_key, safe_name
 from pipelines.validate import validate_file
 from tests.conftest import make_account
@@ -94,7 +91,7 @@ def test_another_accounts_stored_object_cannot_be_a_job_source(two_accounts, cap
 
 
 def test_training_sources_pass_the_same_ownership_check(two_accounts, capsys: pytest.CaptureFixture) -> None:
-    from pipelines.ingest import ForeignSource
+    from pipelines.sources import ForeignSource
     from pipelines.training import train_from_sources
 
     runtime, job = two_accounts

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from pipelines.accounts import upsert_accounts
+from pipelines.classifiers.standard import StandardClassifier
+from pipelines.classifiers.trained import FORMAT, TrainedModel
 from pipelines.classify import classify_file
 from pipelines.cli import main
 from pipelines.jobs import run_job
 from pipelines.runtime import Runtime
-from pipelines.classifiers.standard import StandardClassifier
-from pipelines.classifiers.trained import FORMAT, TrainedModel
 from pipelines.training import (
     SHARED_MODELS,
     ModelNotFound,

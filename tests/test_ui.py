@@ -33,11 +33,11 @@ from pipelines.billing.periods import Period, add_months
 from pipelines.catalog.models import SentMessage
 from pipelines.export import export_prefix, read_manifest
 from pipelines.jobs import run_job
-from pipelines.runtime import Runtime
 from pipelines.lifecycle import place_hold, run_lifecycle, terminate_account
 from pipelines.lifecycle.models import LifecycleAction
 from pipelines.links import DOWNLOAD_PATH, LinkClaim, LinkSigner
 from pipelines.metering import UsageRecord, record_usage
+from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from tests.conftest import REPO, free_port, stop_processes
 

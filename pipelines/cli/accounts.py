@@ -226,8 +226,8 @@ def _terminate(args: argparse.Namespace) -> int:
 
 def _export_all(args: argparse.Namespace) -> int:
     from pipelines.cli.common import print_json
-    from pipelines.runtime import Runtime
     from pipelines.lifecycle import export_all, load_policy
+    from pipelines.runtime import Runtime
 
     settings = settings_from_env()
     policy = load_policy(args.policy or settings.lifecycle_policy_path)
@@ -246,10 +246,10 @@ def _delete(args: argparse.Namespace) -> int:
     import sys
 
     from pipelines.cli.common import print_json
-    from pipelines.runtime import Runtime
     from pipelines.lifecycle import LifecycleError, delete_account_data
     from pipelines.lifecycle.deletion import DeletionIncomplete
     from pipelines.lifecycle.operations import deletion_plan
+    from pipelines.runtime import Runtime
 
     runtime = Runtime.from_settings(settings_from_env())
     if not args.confirm:

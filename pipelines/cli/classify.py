@@ -35,7 +35,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def _classify(args: argparse.Namespace) -> int:
     from pipelines.classifiers import BUILTIN_CLASSIFIERS
     from pipelines.classify import MIN_TILE_POINTS, classify_file
-    from pipelines.ingest import check_source
+    from pipelines.sources import check_source
     from pipelines.storage import open_store
 
     if not args.input.is_file():

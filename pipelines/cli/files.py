@@ -50,9 +50,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from pipelines.ingest import check_source
-    from pipelines.jobs import run_job, upload
+    from pipelines.jobs import run_job
     from pipelines.runtime import Runtime
+    from pipelines.sources import check_source
+    from pipelines.steps.ingest import upload
 
     if not args.file.is_file():
         raise FileNotFoundError(f"no such file: {args.file}")
@@ -92,8 +93,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    from pipelines.runtime import Runtime
     from pipelines.lifecycle.operations import delete_stored_file
+    from pipelines.runtime import Runtime
 
     audit = delete_stored_file(Runtime.from_settings(settings_from_env()), args.account, args.key)
     if args.json:

@@ -55,7 +55,7 @@ def _line(job: dict) -> str:
 
 def _list(args: argparse.Namespace) -> int:
     from pipelines.accounts import get_account
-    from pipelines.jobs import jobs_for_account
+    from pipelines.steps.record import jobs_for_account
 
     runtime = _runtime()
     get_account(runtime.catalog, args.account)
@@ -71,7 +71,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from pipelines.jobs import job_view
+    from pipelines.steps.record import job_view
 
     runtime = _runtime()
     job = job_view(runtime, args.job_id)
@@ -93,7 +93,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _close_stale(args: argparse.Namespace) -> int:
-    from pipelines.jobs import close_stale_jobs
+    from pipelines.lifecycle.sweeps import close_stale_jobs
 
     closed = close_stale_jobs(_runtime())
     if args.json:

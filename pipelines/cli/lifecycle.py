@@ -57,12 +57,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipelines.runtime import Runtime
     from pipelines.lifecycle import (
         LifecycleRunError,
         load_policy,
         run_lifecycle,
     )
+    from pipelines.runtime import Runtime
 
     settings = settings_from_env()
     policy = load_policy(args.policy or settings.lifecycle_policy_path)

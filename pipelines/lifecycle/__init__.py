@@ -6,6 +6,7 @@ retention, trial ends, overdue notices; legal holds, export of all data, deletio
 - `operations`: holds, termination, export-all, delete-on-request, `is_locked`
 - `deletion`: inventory (every version), audit entry, delete, list again
 - `notices`: the e-mails and their delivery records
+- `sweeps`: jobs whose run was killed or lost are closed; ready e-mails the runs could not send go out
 - `models`: the catalog tables
 """
 

@@ -1,0 +1,94 @@
+"""Where a job's input may come from: which sources an account may read (`check_source`), and
+a local path for a source or a stored object (`local_copy`, `readable_path`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from pipelines.errors import UserError
+from pipelines.scratch import work_dir
+from pipelines.settings import Settings
+from pipelines.storage import AccountArea, LocalStore, ObjectStore, S3Store, safe_name
+
+
+class ForeignSource(UserError, PermissionError):
+    """A source the account may not have read: another account's objects, the service's own
+    files, or a local path outside the allowed input folders."""
+
+
+def _local_path(source: str) -> Path | None:
+    parsed = urlparse(source)
+    if parsed.scheme in ("", "file"):
+        return Path(unquote(parsed.path) if parsed.scheme == "file" else source).expanduser()
+    return None
+
+
+def check_source(settings: Settings, store: ObjectStore, account_id: str | None, source: str) -> None:
+    """Whether `account_id`'s input may be read from `source`; raises ForeignSource if not.
+
+    Inside the service's object store only the account's own area and drop zone are its input. A local path is
+    never inside POINTFLOW_HOME (the catalog, every account's objects, scratch, the model key) nor a
+    hard link on its disk (one of those files under another name), and must lie inside an allowed
+    input folder: POINTFLOW_INPUT_DIRS, plus the files a command was given by name
+    (`Settings.allowing`). Other URLs (s3:// outside the store) are read with the service's credentials.
+    """
+    key = store.key_of(source)
+    if key is not None:
+        area = AccountArea(account_id) if account_id is not None else None
+        if area is None or not key.startswith((area.prefix, area.incoming_prefix)):
+            owner = f"account {account_id}'s area" if account_id else "any account's area (no account given)"
+            raise ForeignSource(f"the source {source} lies in the service's storage outside {owner}: give the customer's own file")
+        return
+    path = _local_path(source)
+    if path is None:
+        return
+    resolved = path.resolve()
+    home = settings.home.resolve()
+    if resolved == home or home in resolved.parents:
+        raise ForeignSource(f"the source {source} lies inside POINTFLOW_HOME ({home}), the service's own files: give the customer's own file")
+    if resolved.exists():
+        facts = resolved.stat()
+        if facts.st_nlink > 1 and home.exists() and facts.st_dev == home.stat().st_dev:
+            raise ForeignSource(f"the source {source} is a hard link on the disk of POINTFLOW_HOME and may be one of the service's own files: give a copy")
+    if not any(resolved == allowed or allowed in resolved.parents for allowed in settings.input_dirs):
+        folders = ", ".join(str(p) for p in settings.input_dirs) or "none set"
+        raise ForeignSource(f"the source {source} is not inside an allowed input folder (POINTFLOW_INPUT_DIRS: {folders}): "
+                            "move it into one, or add its folder to POINTFLOW_INPUT_DIRS")  # fmt: skip
+
+
+@contextmanager
+def local_copy(source: str, scratch: Path, account_id: str | None = None) -> Iterator[Path]:
+    """A local path for a source given as a path, file:// URI or s3://bucket/key URI; a download
+    is kept in a scratch folder marked as `account_id`'s."""
+    path = _local_path(source)
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        yield path.resolve()
+        return
+    parsed = urlparse(source)
+    if parsed.scheme != "s3":
+        raise ValueError(f"unsupported source {source!r}: give a local path, file:// or s3:// URI")
+    store = S3Store(parsed.netloc)
+    with work_dir(scratch, "source", account_id) as tmp:
+        local = tmp / safe_name(parsed.path)
+        store.get_file(parsed.path.lstrip("/"), local)
+        yield local
+
+
+@contextmanager
+def readable_path(store: ObjectStore, key: str, scratch: Path) -> Iterator[Path]:
+    """The object as a local file: the store's own file when local, else a download into a
+    scratch folder marked as the account's whose key it is."""
+    if isinstance(store, LocalStore):
+        yield store.local_path(key)
+        return
+    parts = key.split("/")
+    account_id = parts[1] if len(parts) > 2 and parts[0] == "accounts" else None
+    with work_dir(scratch, "object", account_id) as tmp:
+        local = tmp / key.rsplit("/", 1)[-1]
+        store.get_file(key, local)
+        yield local

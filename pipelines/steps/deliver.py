@@ -1,0 +1,61 @@
+"""The deliver step: the e-mail that says the export is ready, on the terms of the account's plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pipelines.accounts import get_account
+from pipelines.billing.history import account_limits
+from pipelines.billing.pricebook import load_pricebook
+from pipelines.catalog.models import utcnow
+from pipelines.customer_text import render_mail
+from pipelines.export import download_links
+from pipelines.lifecycle.operations import ensure_active
+from pipelines.links import LinkSigner
+from pipelines.notify import send_once
+from pipelines.preview import class_summary
+from pipelines.runtime import Runtime
+from pipelines.steps.record import job_view
+from pipelines.storage import LINK_LIFETIME
+
+
+@dataclass(frozen=True)
+class DeliveryTerms:
+    downloads: bool  # the plan allows downloading point files
+    retention: timedelta | None  # results are deleted this long after the job (None: kept)
+
+    def links_expire(self, finished_at: datetime, now: datetime) -> datetime:
+        """Links last as long as the results where the plan deletes them, else LINK_LIFETIME."""
+        return finished_at + self.retention if self.retention else now + LINK_LIFETIME
+
+
+def delivery_terms(runtime: Runtime, account_id: str, at: datetime | None = None) -> DeliveryTerms:
+    """What the account's plan allows for its results at `at` (now by default); refused once it is locked."""
+    at = at or utcnow()
+    ensure_active(runtime.catalog, account_id, at)
+    limits = account_limits(runtime.catalog, load_pricebook(runtime.settings.pricebook_path), account_id, at.date())[1]
+    return DeliveryTerms(limits.downloads, timedelta(days=limits.result_retention_days) if limits.result_retention_days else None)
+
+
+def deliver_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
+    """Tell the customer the export is ready: links, class summary, classifier version. Sent once."""
+    job = job_view(runtime, job_id)
+    account = get_account(runtime.catalog, job["account_id"])
+    terms = delivery_terms(runtime, account.account_id)
+    expires_at = terms.links_expire(job["finished_at"], utcnow())
+    links = download_links(runtime.store, LinkSigner.from_settings(runtime.settings), account.account_id, job_id, terms.downloads, expires_at)
+    summary = job["summary"]
+    mail = render_mail(
+        "mail/export_ready.txt.j2",
+        name=account.name,
+        file_name=job["classified_key"].rsplit("/", 1)[-1],
+        summary=summary,
+        classes=class_summary({int(k): v for k, v in summary["class_counts"].items()}),
+        links=links,
+        downloads=terms.downloads,
+        expires_at=expires_at,
+    )
+    send_once(runtime.settings, runtime.catalog, f"export:{job_id}", account.account_id, "export_ready", account.email, mail.subject, mail.body)
+    return job

@@ -1,0 +1,86 @@
+"""Where a job begins: its record (`create_job`), then the ingest step, which stores its source in
+the account's raw area if the account's limits admit it (a drop-zone job attaches the file it fetched;
+a plain upload stores one with no job)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipelines.accounts import get_account
+from pipelines.admission import AdmissionRefused, Candidate, check_admission
+from pipelines.catalog import CatalogError
+from pipelines.catalog.models import Job, JobState, utcnow
+from pipelines.ingest import StoredFileInfo, ingest_file
+from pipelines.lifecycle.operations import ensure_active
+from pipelines.runtime import Runtime
+from pipelines.sources import ForeignSource, check_source, local_copy
+from pipelines.steps.record import AdmissionRefusedJob, job_row, job_view, refuse_job
+from pipelines.training import resolve_classifier
+
+
+def create_job(runtime: Runtime, job_id: str, account_id: str, source: str, classifier: str) -> dict[str, Any]:
+    get_account(runtime.catalog, account_id)
+    with runtime.catalog.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            ensure_active(runtime.catalog, account_id)
+            resolve_classifier(runtime, account_id, classifier)
+            session.add(Job(job_id=job_id, account_id=account_id, source=source, classifier=classifier))
+        elif job.account_id != account_id or job.source != source:
+            raise CatalogError(f"job {job_id} exists for another account or source")
+    return job_view(runtime, job_id)
+
+
+def upload(runtime: Runtime, account_id: str, path: Path) -> StoredFileInfo:
+    """Store a local file in the account's raw area, as a customer's upload: the same source
+    checks and admission limits as a job's ingest step. What is not LAS/LAZ is refused (the reason
+    a job's validation would give), not stored: with no job, no report would ever tell the customer,
+    and the file would count against the plan."""
+    check_source(runtime.settings, runtime.store, account_id, str(path))
+    at = utcnow()
+
+    def admit(candidate: Candidate) -> None:
+        check_admission(runtime.settings, runtime.catalog, account_id, candidate, at)
+
+    return ingest_file(runtime.catalog, runtime.store, account_id, Path(path), admit=admit, point_clouds_only=True)
+
+
+def ingest_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
+    """Store the source for the account, if the account's limits admit it; a refusal ends the job."""
+    job = job_view(runtime, job_id)
+    if job["state"] == JobState.FAILED.value:
+        raise AdmissionRefusedJob(job_id, job["error"])
+    if job["file_id"] is None:
+        account_id = job["account_id"]
+        at = job["created_at"]
+
+        def admit(candidate: Candidate) -> None:
+            check_admission(runtime.settings, runtime.catalog, account_id, candidate, at)
+
+        try:
+            check_source(runtime.settings, runtime.store, account_id, job["source"])
+            with local_copy(job["source"], runtime.settings.scratch_dir, account_id) as path:
+                stored = ingest_file(runtime.catalog, runtime.store, account_id, path, admit=admit)
+        except (AdmissionRefused, ForeignSource) as refused:
+            refuse_job(runtime, job_id, str(refused))
+        with runtime.catalog.session() as session:
+            job_row(session, job_id).file_id = stored.id
+    return job_view(runtime, job_id)
+
+
+def attach_file(runtime: Runtime, job_id: str, path: Path, name: str) -> dict[str, Any]:
+    """Store a local file as the job's input, within the account's limits at the job's creation:
+    what the ingest step does with a source it has fetched (the drop zone fetches its own)."""
+    job = job_view(runtime, job_id)
+    if job["state"] == JobState.FAILED.value:
+        raise AdmissionRefusedJob(job_id, job["error"])
+    if job["file_id"] is None:
+        account_id, at = job["account_id"], job["created_at"]
+        try:
+            stored = ingest_file(runtime.catalog, runtime.store, account_id, path, name=name, admit=lambda candidate: check_admission(runtime.settings, runtime.catalog, account_id, candidate, at))
+        except AdmissionRefused as refused:
+            refuse_job(runtime, job_id, str(refused))
+        with runtime.catalog.session() as session:
+            job_row(session, job_id).file_id = stored.id
+    return job_view(runtime, job_id)

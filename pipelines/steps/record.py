@@ -1,0 +1,107 @@
+"""The job record and its state machine, the refusals that end a job, and running one step of it.
+
+Every step reads the job's state first and skips work already done, so a retried task never
+writes an output twice or meters a job twice; the catalog enforces the state machine.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select
+
+from pipelines.catalog import CatalogError
+from pipelines.catalog.models import JOB_TRANSITIONS, TERMINAL_JOB_STATES, Job, JobState, StoredFile, utcnow
+from pipelines.errors import USER_ERRORS, PointflowError
+from pipelines.runtime import Runtime
+
+
+class IllegalTransition(CatalogError):
+    pass
+
+
+class AdmissionRefusedJob(PointflowError):
+    """The account's limits refused the file before anything was stored; nothing is charged."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job {job_id}: {reason}")
+
+
+class ValidationFailed(PointflowError):
+    """The input was quarantined; nothing downstream may run."""
+
+    def __init__(self, job_id: str, reason: str, report_key: str | None) -> None:
+        super().__init__(f"job {job_id}: input refused: {reason}")
+        self.reason = reason
+        self.report_key = report_key
+
+
+def job_id_for(dag_id: str, run_id: str) -> str:
+    """Stable across task retries, unique per DAG run, and safe in object keys."""
+    return "job-" + uuid.uuid5(uuid.NAMESPACE_URL, f"pointflow:{dag_id}:{run_id}").hex[:20]
+
+
+def set_state(job: Job, state: JobState) -> None:
+    current = JobState(job.state)
+    if state != current and state not in JOB_TRANSITIONS[current]:
+        raise IllegalTransition(f"job {job.job_id}: cannot go from {current.value} to {state.value}")
+    job.state = state.value
+    if state in TERMINAL_JOB_STATES and job.finished_at is None:
+        job.finished_at = utcnow()
+
+
+def job_row(session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise CatalogError(f"unknown job {job_id!r}")
+    return job
+
+
+def stored_file(session, job: Job) -> StoredFile:
+    if job.file_id is None:
+        raise CatalogError(f"job {job.job_id} has no ingested file yet")
+    return session.get(StoredFile, job.file_id)
+
+
+def job_view(runtime: Runtime, job_id: str) -> dict[str, Any]:
+    with runtime.catalog.session() as session:
+        job = job_row(session, job_id)
+        return {c.name: getattr(job, c.name) for c in Job.__table__.columns}
+
+
+def refuse_job(runtime: Runtime, job_id: str, reason: str) -> None:
+    """End a job whose input was refused before it was stored; raises AdmissionRefusedJob."""
+    with runtime.catalog.session() as session:
+        record = job_row(session, job_id)
+        record.error = reason
+        set_state(record, JobState.FAILED)
+    raise AdmissionRefusedJob(job_id, reason) from None
+
+
+def cause(error: BaseException) -> str:
+    """One line for the job's record: what went wrong, without a traceback."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if isinstance(error, USER_ERRORS) else f"{type(error).__name__}: {text}".rstrip(": ")
+
+
+def run_step(runtime: Runtime, job_id: str, step: Callable[..., dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """Run one step for the job; a failure's cause is recorded on the job before it propagates,
+    so `pointflow jobs show` and the meter step can tell it."""
+    try:
+        return step(runtime, job_id, **options)
+    except (AdmissionRefusedJob, ValidationFailed):
+        raise  # the step recorded why
+    except Exception as error:
+        with runtime.catalog.session() as session:
+            job = job_row(session, job_id)
+            if JobState(job.state) not in TERMINAL_JOB_STATES:
+                job.error = f"{step.__name__.removesuffix('_step')}: {cause(error)}"
+        raise
+
+
+def jobs_for_account(runtime: Runtime, account_id: str) -> list[dict[str, Any]]:
+    with runtime.catalog.session() as session:
+        rows = session.scalars(select(Job).where(Job.account_id == account_id).order_by(Job.created_at))
+        return [{c.name: getattr(j, c.name) for c in Job.__table__.columns} for j in rows]
