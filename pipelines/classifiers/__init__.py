@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from .base import Classifier, PointBlock
-from .ground import GroundClassifier, GroundParams
-from .standard import StandardClassifier, StandardParams
 
 __all__ = [
     "BUILTIN_CLASSIFIERS",
@@ -22,6 +20,21 @@ __all__ = [
     "StandardParams",
     "get_classifier",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The algorithms (SciPy's ndimage among them) are imported when a classifier is built, not by
+    # every module that reads points (`lasio` needs PointBlock): an Airflow task that only ingests,
+    # validates or exports a file does not pay for them.
+    if name == "GroundParams":
+        from .ground import GroundParams
+
+        return GroundParams
+    if name == "StandardParams":
+        from .standard import StandardParams
+
+        return StandardParams
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 BUILTIN_CLASSIFIERS: tuple[str, ...] = ("standard", "ground")
 
@@ -48,7 +61,11 @@ def get_classifier(name: str, params: Mapping[str, Any] | None = None) -> Classi
     """
     values = params or {}
     if name == "ground":
+        from .ground import GroundClassifier, GroundParams
+
         return GroundClassifier(_build_params(GroundParams, values))
     if name == "standard":
+        from .standard import StandardClassifier, StandardParams
+
         return StandardClassifier(_build_params(StandardParams, values))
     raise ValueError(f"unknown classifier '{name}'; choose one of {', '.join(BUILTIN_CLASSIFIERS)}")
