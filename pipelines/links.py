@@ -6,8 +6,9 @@ the object and the expiry, signed with HMAC-SHA256 under POINTFLOW_LINK_SECRET (
 in POINTFLOW_HOME). The endpoint (plugins/pointflow_ui.py, no Airflow login) checks the token and
 then, every time, everything a link depends on: the account is not locked and its data not
 deleted, the object is still part of a published export of that account, the plan allows
-downloading it. Then it redirects to a fresh presigned URL that lives minutes (S3), or streams the
-object (local store). Deleting the data or locking the account thus revokes every link at once.
+downloading it (`pipelines.downloads.open_download`). Then it redirects to a fresh presigned URL
+that lives minutes (S3), or streams the object (local store). Deleting the data or locking the
+account thus revokes every link at once.
 """
 
 from __future__ import annotations
@@ -17,19 +18,12 @@ import binascii
 import hashlib
 import hmac
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
 
-from pipelines.accounts import UnknownAccountError
 from pipelines.errors import UserError
 from pipelines.keys import kept_secret
 from pipelines.settings import Settings
-from pipelines.storage import UnsafeKeyError
-
-if TYPE_CHECKING:
-    from pipelines.runtime import Runtime
 
 DOWNLOAD_PATH = "/pointflow/download/"
 # A fresh presigned URL is used at once by the browser that asked: minutes are plenty, and a
@@ -95,47 +89,3 @@ class LinkSigner:
         if now >= claim.expires_at:
             raise LinkRefused(410, f"this download link expired on {claim.expires_at:%Y-%m-%d %H:%M} UTC")
         return claim
-
-
-@dataclass(frozen=True)
-class Download:
-    """What the endpoint answers: a redirect to `url`, or the object streamed with its name and type."""
-
-    name: str
-    media_type: str
-    size: int
-    url: str | None
-    chunks: Iterator[bytes] | None
-
-
-def open_download(runtime: Runtime, token: str, now: datetime) -> Download:
-    """Check a link's token and everything it depends on, as of `now`; LinkRefused if it must not open."""
-    from pipelines.export import DownloadRefused, ExportNotReady, check_plan_allows, published_artifact
-    from pipelines.lifecycle.operations import AccountLocked, data_deleted
-    from pipelines.steps.deliver import delivery_terms
-
-    claim = LinkSigner.from_settings(runtime.settings).verify(token, now)
-    if data_deleted(runtime.catalog, claim.account_id):
-        raise LinkRefused(410, "the data behind this link has been deleted")
-    try:
-        artifact = published_artifact(runtime.store, claim.account_id, claim.key)
-    except (DownloadRefused, UnsafeKeyError) as refused:
-        raise LinkRefused(403, str(refused)) from None
-    except ExportNotReady:
-        raise LinkRefused(410, "the file behind this link has been deleted") from None
-    if not runtime.store.exists(claim.key):
-        raise LinkRefused(410, "the file behind this link has been deleted")
-    try:
-        check_plan_allows(artifact, delivery_terms(runtime, claim.account_id, now).downloads)
-    except AccountLocked:
-        raise LinkRefused(403, "the account's contract has ended: its results are no longer served") from None
-    except (DownloadRefused, UnknownAccountError) as refused:
-        raise LinkRefused(403, str(refused)) from None
-    direct = runtime.store.direct_link(claim.key, PRESIGNED_LIFETIME)
-    return Download(
-        name=artifact["name"],
-        media_type=artifact["media_type"],
-        size=runtime.store.size(claim.key),
-        url=direct,
-        chunks=None if direct else runtime.store.read_chunks(claim.key),
-    )

@@ -15,7 +15,7 @@ Objects are served only through `pipelines.dashboard`, which builds each key fro
 account's own job or invoice and refuses keys outside that account's area.
 
 One route needs no Airflow user: /pointflow/download/<token>, the customers' download links.
-The token is the credential: `pipelines.links.open_download` checks its signature and expiry and
+The token is the credential: `pipelines.downloads.open_download` checks its signature and expiry and
 that the account, the export and the plan still allow the download, then it redirects to a
 presigned URL of minutes (S3) or streams the file. It opens nothing else.
 """
@@ -111,8 +111,9 @@ def create_app():
         job_preview,
         usage_chart_svg,
     )
+    from pipelines.downloads import open_download
     from pipelines.lifecycle.operations import AccountLocked
-    from pipelines.links import DOWNLOAD_PATH, LinkRefused, open_download
+    from pipelines.links import DOWNLOAD_PATH, LinkRefused
 
     def operator(user: GetUserDep) -> BaseUser:
         """The signed-in Airflow user, if the auth manager lets them read the pointflow view."""

@@ -18,9 +18,10 @@ import pytest
 import requests
 
 from pipelines.accounts import upsert_accounts
+from pipelines.downloads import open_download
 from pipelines.export import read_manifest
 from pipelines.lifecycle import delete_account_data, run_lifecycle, terminate_account
-from pipelines.links import DOWNLOAD_PATH, PRESIGNED_LIFETIME, LinkClaim, LinkRefused, LinkSigner, open_download
+from pipelines.links import DOWNLOAD_PATH, PRESIGNED_LIFETIME, LinkClaim, LinkRefused, LinkSigner
 from pipelines.notify import outbox_messages
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
