@@ -64,7 +64,7 @@ def lifecycle_nightly():
         from pipelines.runtime import Runtime
         from pipelines.settings import Settings
 
-        return [job["job_id"] for job in close_stale_jobs(Runtime.from_settings(Settings.from_env()), _as_of())]
+        return [job.job_id for job in close_stale_jobs(Runtime.from_settings(Settings.from_env()), _as_of())]
 
     apply_rules()
     deliver_unsent()

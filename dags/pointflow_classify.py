@@ -90,8 +90,8 @@ def pointflow_classify():
         from pipelines.steps.meter import meter_step
 
         job = _run(meter_step)
-        if job["state"] != "exported":
-            raise AirflowFailException(f"job {job['job_id']} ended {job['state']}: {job['error']}")
+        if job.state != "exported":
+            raise AirflowFailException(f"job {job.job_id} ended {job.state}: {job.error}")
 
     exported = ingest() >> validate() >> classify() >> export()
     exported >> deliver()

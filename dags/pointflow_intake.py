@@ -97,8 +97,8 @@ def pointflow_intake():
             from pipelines.steps.meter import meter_step
 
             job = _step(job_id, meter_step)
-            if job["state"] != "exported":
-                raise AirflowFailException(f"job {job['job_id']} ended {job['state']}: {job['error']}")
+            if job.state != "exported":
+                raise AirflowFailException(f"job {job.job_id} ended {job.state}: {job.error}")
 
         exported = validate(job_id) >> classify(job_id) >> export(job_id)
         exported >> deliver(job_id)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import laspy
 
@@ -32,6 +32,9 @@ from pipelines.preview import (
     write_sample_ply,
 )
 from pipelines.storage import AccountArea, ObjectStore, file_sha256
+
+if TYPE_CHECKING:
+    from pipelines.steps.record import JobRecord
 
 MANIFEST_NAME = "manifest.json"
 EXPORT_FORMATS = ("laz", "las", "copc")
@@ -107,14 +110,14 @@ def software_versions() -> dict[str, str]:
     return {"pointflow": __version__, "python": platform.python_version(), **{name: metadata.version(name) for name in ("laspy", "lazrs", "numpy", "scipy", "lightgbm")}}
 
 
-def build_manifest(job: dict[str, Any], input_file: dict[str, Any], artifacts: list[dict[str, Any]], summary: dict[str, Any], coordinates: CoordinateFrame, created_at: datetime) -> dict[str, Any]:
+def build_manifest(job: JobRecord, input_file: dict[str, Any], artifacts: list[dict[str, Any]], summary: dict[str, Any], coordinates: CoordinateFrame, created_at: datetime) -> dict[str, Any]:
     """Everything needed to trace a result: what came in, what went out, and what classified it."""
     counts = {str(k): v for k, v in sorted(summary["class_counts"].items(), key=lambda kv: int(kv[0]))}
     return {
         "manifest_version": 2,
         "created_at": created_at.isoformat(),
-        "job_id": job["job_id"],
-        "account_id": job["account_id"],
+        "job_id": job.job_id,
+        "account_id": job.account_id,
         "producer": f"pointflow {__version__}",
         "software": software_versions(),
         "input": input_file,

@@ -171,7 +171,7 @@ def _register(runtime: Runtime, info: ObjectInfo, account_id: str, name: str, jo
         return _supersede(runtime, info, account_id, job_id, str(stale))
     except AdmissionRefusedJob:
         meter_step(runtime, job_id)  # metered once as failed, nothing billed, as for any refused job
-        return _refuse(runtime, info, account_id, name, job_id, job_view(runtime, job_id)["error"])
+        return _refuse(runtime, info, account_id, name, job_id, job_view(runtime, job_id).error)
     with runtime.catalog.session() as session:
         session.execute(update(IntakeClaim).where(IntakeClaim.job_id == job_id).values(state="registered"))
     _remove(runtime, info)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
 
 from pipelines.notify import DeliveryError
 from pipelines.runtime import Runtime
@@ -15,7 +14,7 @@ from pipelines.steps.deliver import deliver_step
 from pipelines.steps.export import export_step
 from pipelines.steps.ingest import create_job, ingest_step
 from pipelines.steps.meter import meter_step
-from pipelines.steps.record import AdmissionRefusedJob, ValidationFailed, run_step
+from pipelines.steps.record import AdmissionRefusedJob, JobRecord, ValidationFailed, run_step
 from pipelines.steps.validate import validate_step
 
 log = logging.getLogger(__name__)
@@ -29,14 +28,14 @@ def run_job(
     job_id: str | None = None,
     workers: int | None = None,
     export_format: str = "laz",
-) -> dict[str, Any]:
+) -> JobRecord:
     """All steps in this process, as the DAG runs them; used by the CLI and tests."""
     job_id = job_id or "job-" + uuid.uuid4().hex[:20]
     create_job(runtime, job_id, account_id, source, classifier)
     return run_steps(runtime, job_id, workers, export_format)
 
 
-def run_steps(runtime: Runtime, job_id: str, workers: int | None = None, export_format: str = "laz") -> dict[str, Any]:
+def run_steps(runtime: Runtime, job_id: str, workers: int | None = None, export_format: str = "laz") -> JobRecord:
     """Every step of a created job in this process, metered once at the end; the ingest step is
     a no-op for a job whose file is already stored (a drop-zone job)."""
     try:

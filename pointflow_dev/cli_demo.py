@@ -33,9 +33,9 @@ def _demo(args: argparse.Namespace) -> int:
     result = run_demo(settings, classifier=args.classifier, input_path=args.input, verbose=args.verbose)
     job = result.job
     print(f"input:    {result.input_location}")
-    print(f"job:      {job['job_id']} -> {job['state']}" + (f" ({job['error']})" if job["error"] else ""))
+    print(f"job:      {job.job_id} -> {job.state}" + (f" ({job.error})" if job.error else ""))
     if result.export_url:
-        counts = ", ".join(f"{k}: {v:,}" for k, v in job["summary"]["class_counts"].items())
+        counts = ", ".join(f"{k}: {v:,}" for k, v in job.class_counts.items())
         print(f"classes:  {counts}")
         print(f"export:   {result.export_url}")
         print(f"manifest: {result.manifest_url}")
@@ -43,4 +43,4 @@ def _demo(args: argparse.Namespace) -> int:
     if result.email_path:
         print(f"email:    {result.email_path}")
     print(f"log:      {result.log_path}")
-    return 0 if job["state"] == "exported" else 1
+    return 0 if job.state == "exported" else 1

@@ -62,10 +62,10 @@ def run_demo(settings: Settings, classifier: str = "standard", input_path: Path 
         handler.close()
     job = job_view(runtime, job_id_for(DAG_ID, run.run_id))
     export_url = manifest_url = preview_url = None
-    manifest = read_manifest(runtime.store, job["export_prefix"]) if job["export_prefix"] else None
+    manifest = read_manifest(runtime.store, job.export_prefix) if job.export_prefix else None
     if manifest:
         urls = {a["kind"]: runtime.store.location(a["key"]) for a in manifest["artifacts"]}
         export_url, preview_url = urls["points"], urls["preview"]
-        manifest_url = runtime.store.location(job["export_prefix"] + MANIFEST_NAME)
+        manifest_url = runtime.store.location(job.export_prefix + MANIFEST_NAME)
     messages = outbox_messages(settings)
     return DemoResult(job, input_location, export_url, manifest_url, preview_url, messages[-1] if messages else None, log_path)

@@ -126,7 +126,7 @@ def test_a_refused_job_stores_nothing_and_costs_nothing(runtime: Runtime, scene_
     upsert_accounts(runtime.catalog, [make_account("f", plan="free")])
     store_files(runtime, "f", (100, 10), (100, 10), (100, 10))
     job = run_job(runtime, "f", str(scene_path))
-    assert job["state"] == "failed" and "stored files limit" in job["error"]
+    assert job.state == "failed" and "stored files limit" in job.error
     assert list(runtime.store.list("accounts/f/")) == []
     from sqlalchemy import select
 

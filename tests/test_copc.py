@@ -187,7 +187,7 @@ def test_copc_export_format(runtime: Runtime, scene_path: Path, tmp_path: Path) 
     upsert_accounts(runtime.catalog, [make_account("pro")])
     job_id = classified_job(runtime, "pro", scene_path)
     export_step(runtime, job_id, export_format="copc")
-    manifest = read_manifest(runtime.store, job_view(runtime, job_id)["export_prefix"])
+    manifest = read_manifest(runtime.store, job_view(runtime, job_id).export_prefix)
     [points] = [a for a in manifest["artifacts"] if a["kind"] == "points"]
     assert points["name"] == "scene.copc.laz" and points["media_type"] == POINT_MEDIA_TYPES["copc"]
     runtime.store.get_file(points["key"], tmp_path / "scene.copc.laz")

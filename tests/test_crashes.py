@@ -106,7 +106,7 @@ def test_a_killed_ingest_run_is_closed_as_failed_and_deleting_the_account_finds_
     wait_for(lambda: not alive(family), 20, "the orphaned cluster processes to end")
 
     [job] = jobs_for_account(runtime, "acme")
-    assert job["state"] == "classifying"
+    assert job.state == "classifying"
     # The killed run's tiles and working copy are the account's points: deletion finds and removes them.
     left = set(account_folders(scratch, "acme"))
     assert left
@@ -117,12 +117,12 @@ def test_a_killed_ingest_run_is_closed_as_failed_and_deleting_the_account_finds_
 
     # A day later the nightly run closes the job: failed, the cause on record, nothing billed.
     [closed] = close_stale_jobs(runtime, utcnow() + timedelta(hours=runtime.settings.stale_job_hours, minutes=1))
-    assert closed["job_id"] == job["job_id"] and closed["state"] == "failed"
-    assert "no progress" in closed["error"] and "classifying" in closed["error"]
+    assert closed.job_id == job.job_id and closed.state == "failed"
+    assert "no progress" in closed.error and "classifying" in closed.error
     with runtime.catalog.session() as session:
-        events = session.scalars(select(UsageEvent).where(UsageEvent.job_id == job["job_id"])).all()
+        events = session.scalars(select(UsageEvent).where(UsageEvent.job_id == job.job_id)).all()
         assert [(e.status, e.points) for e in events] == [("failed", 0)]
     assert close_stale_jobs(runtime, utcnow() + timedelta(days=30)) == []
-    assert main(["jobs", "show", job["job_id"]]) == 0
+    assert main(["jobs", "show", job.job_id]) == 0
     assert "no progress" in capsys.readouterr().out
-    assert job_view(runtime, job["job_id"])["finished_at"] is not None
+    assert job_view(runtime, job.job_id).finished_at is not None

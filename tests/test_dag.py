@@ -50,8 +50,8 @@ def test_dag_classifies_a_scene_end_to_end(dag, runtime: Runtime, scene_path: Pa
     upsert_accounts(runtime.catalog, [make_account("acme")])
     dag_run, job, runtime = run(dag, "acme", scene_path)
     assert str(dag_run.state) == "success", task_states(dag_run)
-    assert job["state"] == "exported"
-    manifest = json.loads(runtime.store.get_bytes(job["export_prefix"] + "manifest.json"))
+    assert job.state == "exported"
+    manifest = json.loads(runtime.store.get_bytes(job.export_prefix + "manifest.json"))
     assert manifest["points"]["output"] == manifest["points"]["input"] > 0
     assert usage(runtime) == [("succeeded", manifest["points"]["output"])]
 
@@ -62,7 +62,7 @@ def test_dag_on_s3(dag, home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPa
     upsert_accounts(runtime.catalog, [make_account("acme")])
     dag_run, job, runtime = run(dag, "acme", scene_path)
     assert str(dag_run.state) == "success", task_states(dag_run)
-    assert runtime.store.exists(job["export_prefix"] + "manifest.json")
+    assert runtime.store.exists(job.export_prefix + "manifest.json")
     assert runtime.store.url.startswith("s3://")
 
 
@@ -74,7 +74,7 @@ def test_corrupt_file_fails_the_run_at_validation(dag, runtime: Runtime, tmp_pat
     states = task_states(dag_run)
     assert str(dag_run.state) == "failed"
     assert states["validate"] == "failed" and states["classify"] == "upstream_failed" and states["export"] == "upstream_failed"
-    assert job["state"] == "quarantined" and "not a LAS/LAZ file" in job["error"]
+    assert job.state == "quarantined" and "not a LAS/LAZ file" in job.error
     assert list(runtime.store.list("accounts/acme/exports/")) == []
     assert usage(runtime) == [("failed", 0)]
 
@@ -97,7 +97,7 @@ def test_export_crash_between_artifacts_and_manifest_is_retried_once(dag, runtim
     assert crashes and str(dag_run.state) == "success", task_states(dag_run)
     [ti] = [ti for ti in dag_run.get_task_instances() if ti.task_id == "export"]
     assert ti.try_number == 2
-    assert export.read_manifest(runtime.store, job["export_prefix"]) is not None
+    assert export.read_manifest(runtime.store, job.export_prefix) is not None
     assert len(usage(runtime)) == 1
 
 

@@ -51,7 +51,7 @@ def pro(runtime: Runtime) -> str:
 def test_export_holds_points_summaries_preview_and_report(runtime: Runtime, pro: str, scene_path: Path, tmp_path: Path) -> None:
     job_id = classified_job(runtime, pro, scene_path)
     export_step(runtime, job_id)
-    manifest = read_manifest(runtime.store, job_view(runtime, job_id)["export_prefix"])
+    manifest = read_manifest(runtime.store, job_view(runtime, job_id).export_prefix)
     kinds = {a["name"]: a["kind"] for a in manifest["artifacts"]}
     assert kinds == {"scene.laz": "points", "classes.csv": "summary", "classes.json": "summary", "preview.png": "preview", "preview-3d.ply": "sample", "validation.html": "report"}
     for artifact in manifest["artifacts"]:
@@ -72,7 +72,7 @@ def test_the_manifest_says_when_what_and_in_which_units(runtime: Runtime, pro: s
     before = datetime.now(timezone.utc)
     job_id = classified_job(runtime, pro, scene_path)
     export_step(runtime, job_id)
-    manifest = read_manifest(runtime.store, job_view(runtime, job_id)["export_prefix"])
+    manifest = read_manifest(runtime.store, job_view(runtime, job_id).export_prefix)
     created = datetime.fromisoformat(manifest["created_at"])
     assert created.utcoffset() == timedelta(0) and before <= created <= datetime.now(timezone.utc)
     assert manifest["input"]["sha256"] == file_sha256(scene_path)
@@ -87,7 +87,7 @@ def test_the_manifest_says_when_what_and_in_which_units(runtime: Runtime, pro: s
 def test_las_export_format(runtime: Runtime, pro: str, scene_path: Path, tmp_path: Path) -> None:
     job_id = classified_job(runtime, pro, scene_path)
     export_step(runtime, job_id, export_format="las")
-    manifest = read_manifest(runtime.store, job_view(runtime, job_id)["export_prefix"])
+    manifest = read_manifest(runtime.store, job_view(runtime, job_id).export_prefix)
     [points] = [a for a in manifest["artifacts"] if a["kind"] == "points"]
     assert points["name"] == "scene.las"
     runtime.store.get_file(points["key"], tmp_path / "scene.las")
@@ -110,7 +110,7 @@ def test_crash_between_artifacts_leaves_nothing_visible_and_a_rerun_completes(ru
     monkeypatch.setattr(store_type, "copy", crash_on_third_copy)
     with pytest.raises(OSError, match="worker killed"):
         export_step(runtime, job_id)
-    assert job_view(runtime, job_id)["state"] == "classified"
+    assert job_view(runtime, job_id).state == "classified"
     assert published_exports(runtime.store, pro) == []
     with pytest.raises(ExportNotReady):
         download_links(runtime.store, signer(runtime), pro, job_id, True, SOON)
@@ -137,7 +137,7 @@ def test_free_plan_gets_report_and_preview_but_no_point_files(runtime: Runtime, 
     deliver_step(runtime, job_id)
     links = download_links(runtime.store, signer(runtime), "gratis", job_id, downloads_allowed=False, expires_at=SOON)
     assert {link.kind for link in links} == {"summary", "preview", "report"}
-    manifest = read_manifest(runtime.store, job_view(runtime, job_id)["export_prefix"])
+    manifest = read_manifest(runtime.store, job_view(runtime, job_id).export_prefix)
     # The 3D sample is points too (all of them, for a file this small): not for the free plan either.
     for kind in ("points", "sample"):
         [artifact] = [a for a in manifest["artifacts"] if a["kind"] == kind]
@@ -157,7 +157,7 @@ def test_ready_email_has_links_classes_and_classifier_version(runtime: Runtime, 
     [mail] = outbox_messages(runtime.settings)
     message = message_from_bytes(mail.read_bytes(), policy=policy.default)
     body = message.get_content()
-    summary = job_view(runtime, job_id)["summary"]
+    summary = job_view(runtime, job_id).summary
     assert message["To"] == "ops@pro.example"
     assert f"{summary['classifier']} {summary['classifier_version']}" in body
     assert "ground" in body and "scene.laz: http://localhost:8080/pointflow/download/" in body and "preview.png" in body
@@ -167,7 +167,7 @@ def test_one_account_cannot_link_another_accounts_export(runtime: Runtime, pro: 
     upsert_accounts(runtime.catalog, [make_account("other")])
     job_id = classified_job(runtime, pro, scene_path)
     export_step(runtime, job_id)
-    key = read_manifest(runtime.store, job_view(runtime, job_id)["export_prefix"])["artifacts"][0]["key"]
+    key = read_manifest(runtime.store, job_view(runtime, job_id).export_prefix)["artifacts"][0]["key"]
     with pytest.raises(DownloadRefused, match="not an export of account other"):
         artifact_link(runtime.store, signer(runtime), "other", key, True, SOON)
     with pytest.raises(ExportNotReady):

@@ -155,14 +155,14 @@ def test_a_killed_dask_worker_costs_one_retried_tile_not_the_job(
 
     assert killer.killed is not None, "no worker was killed: the run ended before the fault"
     assert killed_process(dask_processes, killer.killed["pid"]) == -signal.SIGKILL
-    assert job["state"] == "exported", job["error"]
-    assert job["summary"]["tiles"] == TILES and killer.killed["tiles_done"] < TILES
+    assert job.state == "exported", job.error
+    assert job.summary["tiles"] == TILES and killer.killed["tiles_done"] < TILES
     # The scheduler moved the killed worker's tiles to the survivor; the result is the same.
-    assert job["summary"]["class_counts"] == ign_reference
-    assert job["points_processed"] == sum(ign_reference.values())
+    assert job.summary["class_counts"] == ign_reference
+    assert job.points_processed == sum(ign_reference.values())
     [manifest_key] = manifests(runtime.store, "acme")
     assert json.loads(runtime.store.get_bytes(manifest_key))["class_counts"] == ign_reference
-    assert usage(runtime) == [(job["job_id"], "succeeded", job["points_processed"])]
+    assert usage(runtime) == [(job.job_id, "succeeded", job.points_processed)]
 
 
 @pytest.mark.slow
@@ -189,9 +189,9 @@ def test_a_tile_dask_gives_up_on_fails_the_task_and_the_airflow_retry_finishes(
     assert str(dag_run.state) == "success", tries
     assert tries["classify"] == ("success", 2) and tries["export"] == ("success", 1)
     job = job_view(runtime, job_id_for("pointflow_classify", dag_run.run_id))
-    assert job["state"] == "exported" and job["summary"]["class_counts"] == ign_reference
+    assert job.state == "exported" and job.summary["class_counts"] == ign_reference
     assert len(manifests(runtime.store, "acme")) == 1
-    assert usage(runtime) == [(job["job_id"], "succeeded", sum(ign_reference.values()))]
+    assert usage(runtime) == [(job.job_id, "succeeded", sum(ign_reference.values()))]
 
 
 # --- S3: the endpoint goes down ----------------------------------------------------------------
@@ -275,7 +275,7 @@ def test_s3_down_mid_publish_fails_clearly_shows_nothing_and_the_rerun_publishes
     assert failed_at - copies[1] < 12.75 + 5, delays
 
     # Nothing is visible: no manifest, no listing, no link, even for the artifact already copied.
-    assert job_view(runtime, job_id)["state"] == "classified"
+    assert job_view(runtime, job_id).state == "classified"
     observer = s3_outage.observer
     assert manifests(observer, "acme") == [] and published_exports(observer, "acme") == []
     with pytest.raises(ExportNotReady):
@@ -292,12 +292,12 @@ def test_s3_down_mid_publish_fails_clearly_shows_nothing_and_the_rerun_publishes
     meter_step(runtime, job_id)
     meter_step(runtime, job_id)
     job = job_view(runtime, job_id)
-    assert job["state"] == "exported"
+    assert job.state == "exported"
     [manifest_key] = manifests(observer, "acme")
     manifest = json.loads(observer.get_bytes(manifest_key))
     assert all(observer.sha256(a["key"]) == a["sha256"] for a in manifest["artifacts"])
     assert list(observer.list("accounts/acme/tmp/")) == []
-    assert usage(runtime) == [(job_id, "succeeded", job["points_processed"])]
+    assert usage(runtime) == [(job_id, "succeeded", job.points_processed)]
 
 
 # --- PostgreSQL: the catalog's server restarts mid-run -------------------------------------------
@@ -354,9 +354,9 @@ def test_a_database_restart_between_tasks_is_invisible_to_the_run(catalog_on_pri
     export_step(runtime, "job-db-restart")
     job = meter_step(runtime, "job-db-restart")
     assert server_started_at(runtime) > before
-    assert job["state"] == "exported"
+    assert job.state == "exported"
     assert len(manifests(runtime.store, "acme")) == 1
-    assert usage(runtime) == [("job-db-restart", "succeeded", job["points_processed"])]
+    assert usage(runtime) == [("job-db-restart", "succeeded", job.points_processed)]
 
 
 @pytest.mark.postgres
@@ -393,7 +393,7 @@ def test_the_database_down_while_classifying_fails_the_step_cleanly_and_the_retr
     assert stopped.is_set()
     # The failed step recorded nothing past `classifying`; its scratch space is gone.
     job = job_view(runtime, job_id)
-    assert job["state"] == "classifying" and job["classified_key"] is None
+    assert job.state == "classifying" and job.classified_key is None
     assert list(scratch.glob("classify-*")) == [] and not (scratch / job_id).exists()
     assert usage(runtime) == []
 
@@ -401,9 +401,9 @@ def test_the_database_down_while_classifying_fails_the_step_cleanly_and_the_retr
     classify_step(runtime, job_id, workers=2)
     export_step(runtime, job_id)
     job = meter_step(runtime, job_id)
-    assert job["state"] == "exported"
+    assert job.state == "exported"
     assert len(manifests(runtime.store, "acme")) == 1
-    assert usage(runtime) == [(job_id, "succeeded", job["points_processed"])]
+    assert usage(runtime) == [(job_id, "succeeded", job.points_processed)]
 
 
 # --- SMTP: the mail server is down -------------------------------------------------------------
@@ -461,8 +461,8 @@ def export_with_the_mail_server_down(runtime: Runtime, smtp_sink, account: str, 
 def test_smtp_down_the_ready_notice_fails_alone_and_is_sent_once_when_delivery_reruns(smtp_sink, runtime: Runtime, account: str, scene_path: Path) -> None:
     job_id = "job-smtp-down"
     # The meter task runs after export, whatever deliver does: exported, billed once.
-    assert export_with_the_mail_server_down(runtime, smtp_sink, account, scene_path, job_id)["state"] == "exported"
-    assert usage(runtime) == [(job_id, "succeeded", job_view(runtime, job_id)["points_processed"])]
+    assert export_with_the_mail_server_down(runtime, smtp_sink, account, scene_path, job_id).state == "exported"
+    assert usage(runtime) == [(job_id, "succeeded", job_view(runtime, job_id).points_processed)]
 
     smtp_back_up(smtp_sink)
     deliver_step(runtime, job_id)
@@ -476,7 +476,7 @@ def test_smtp_down_past_the_task_retries_the_nightly_dag_sends_the_ready_notice_
     from pipelines.airflow_local import load_dag
     from pipelines.lifecycle.sweeps import UNSENT_SETTLE_TIME, deliver_unsent
 
-    exported_at = export_with_the_mail_server_down(runtime, smtp_sink, account, scene_path, "job-smtp-night")["finished_at"]
+    exported_at = export_with_the_mail_server_down(runtime, smtp_sink, account, scene_path, "job-smtp-night").finished_at
     dag = load_dag("lifecycle_nightly")
 
     # Still down at night: the night succeeds, nothing counts as sent.
@@ -504,5 +504,5 @@ def test_smtp_down_the_cli_run_still_exports_and_says_the_e_mail_is_missing(smtp
     assert ": exported" in capsys.readouterr().out
     assert "the ready e-mail was not sent" in caplog.text and "Connection refused" in caplog.text
     [(job_id, status, _)] = usage(runtime)
-    assert status == "succeeded" and job_view(runtime, job_id)["state"] == "exported"
+    assert status == "succeeded" and job_view(runtime, job_id).state == "exported"
     smtp_back_up(smtp_sink)

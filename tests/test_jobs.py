@@ -36,8 +36,8 @@ def objects(runtime: Runtime, prefix: str) -> list[str]:
 
 
 def check_exported(runtime: Runtime, job: dict, source: Path, tmp_path: Path) -> dict:
-    assert job["state"] == "exported", job["error"]
-    manifest = json.loads(runtime.store.get_bytes(job["export_prefix"] + "manifest.json"))
+    assert job.state == "exported", job.error
+    manifest = json.loads(runtime.store.get_bytes(job.export_prefix + "manifest.json"))
     assert manifest["input"]["sha256"] == file_sha256(source)
     artifact = manifest["artifacts"][0]
     local = tmp_path / "download.laz"
@@ -72,9 +72,9 @@ def test_retried_steps_do_not_redo_work_or_double_bill(runtime: Runtime, account
     meter_step(runtime, "job-retry")
     after = {o.key: runtime.store.sha256(o.key) for o in runtime.store.list(f"accounts/{account}/")}
     assert before == after
-    assert job_view(runtime, "job-retry")["state"] == "exported"
+    assert job_view(runtime, "job-retry").state == "exported"
     assert len(usage_events(runtime, account)) == 1
-    assert job["finished_at"] == job_view(runtime, "job-retry")["finished_at"]
+    assert job.finished_at == job_view(runtime, "job-retry").finished_at
 
 
 def test_classification_interrupted_midway_is_redone_cleanly(runtime: Runtime, account: str, scene_path: Path, tmp_path: Path) -> None:
@@ -102,13 +102,13 @@ def test_bad_input_is_quarantined_with_report_and_notice(runtime: Runtime, accou
         source.write_text("x y z\n1 2 3\n")
         expected = "not a LAS/LAZ file"
     job = run_job(runtime, account, str(source))
-    assert job["state"] == "quarantined" and expected in job["error"]
+    assert job.state == "quarantined" and expected in job.error
     assert objects(runtime, f"accounts/{account}/raw/") == []
     quarantined = objects(runtime, f"accounts/{account}/quarantine/")
     assert any(k.endswith("survey" + source.suffix) for k in quarantined) and any(k.endswith(".report.html") for k in quarantined)
     assert objects(runtime, f"accounts/{account}/exports/") == []
     assert objects(runtime, f"accounts/{account}/classified/") == []
-    report = json.loads(runtime.store.get_bytes(job["report_key"]))
+    report = json.loads(runtime.store.get_bytes(job.report_key))
     assert report["ok"] is False and expected in report["reason"]
     [mail] = outbox_messages(runtime.settings)
     message = message_from_bytes(mail.read_bytes(), policy=policy.default)
@@ -116,7 +116,7 @@ def test_bad_input_is_quarantined_with_report_and_notice(runtime: Runtime, accou
     assert message["To"] == "ops@acme.example" and expected in body and "What to do" in body
     assert [(e.status, e.points) for e in usage_events(runtime, account)] == [("failed", 0)]
     with pytest.raises(ValidationFailed):
-        validate_step(runtime, job["job_id"])
+        validate_step(runtime, job.job_id)
     assert len(outbox_messages(runtime.settings)) == 1
 
 
@@ -125,8 +125,8 @@ def test_the_same_bad_file_again_is_refused_without_rework(runtime: Runtime, acc
     source.write_text("nope")
     first = run_job(runtime, account, str(source))
     second = run_job(runtime, account, str(source))
-    assert first["state"] == second["state"] == "quarantined"
-    assert "refused before" in second["error"]
+    assert first.state == second.state == "quarantined"
+    assert "refused before" in second.error
 
 
 def test_unknown_account_is_a_clear_error(runtime: Runtime, scene_path: Path) -> None:
@@ -158,7 +158,7 @@ def test_the_validation_log_line_says_where_the_report_is(runtime: Runtime, acco
         job = run_job(runtime, account, str(source))
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation of notes.las")]
     link = line.split("report: ", 1)[1]
-    assert link.startswith("file://") and link.endswith(job["report_key"].replace(".json", ".html"))
+    assert link.startswith("file://") and link.endswith(job.report_key.replace(".json", ".html"))
     assert Path(link[len("file://"):]).read_text().count("refused (quarantined)") == 1
 
 
@@ -173,11 +173,11 @@ def test_a_refused_quarantine_notice_is_sent_when_the_step_reruns(home: Path, sm
     source.write_text("not a point cloud")
     smtp_sink.refusing = True
     job = run_job(runtime, "acme", str(source))
-    assert job["state"] == "quarantined" and smtp_sink.messages == []
+    assert job.state == "quarantined" and smtp_sink.messages == []
     smtp_sink.refusing = False
     for _ in range(2):
         with pytest.raises(ValidationFailed):
-            validate_step(runtime, job["job_id"])
+            validate_step(runtime, job.job_id)
     [message] = smtp_sink.parsed()
     assert message["To"] == "ops@acme.example" and "not a LAS/LAZ file" in message.get_content()
 
@@ -194,6 +194,16 @@ def catalog_runtime(home: Path, database_url: str, monkeypatch: pytest.MonkeyPat
     upsert_accounts(runtime.catalog, [make_account("acme")])
     yield runtime
     runtime.catalog.dispose()
+
+
+def test_the_job_record_has_every_catalog_column_in_order() -> None:
+    """`jobs show --json` prints the record: one key per column of the jobs table, as before it was typed."""
+    from dataclasses import fields
+
+    from pipelines.catalog.models import Job
+    from pipelines.steps.record import JobRecord
+
+    assert [field.name for field in fields(JobRecord)] == [column.name for column in Job.__table__.columns]
 
 
 def test_a_failed_step_records_its_cause_and_jobs_show_prints_it(catalog_runtime: Runtime, scene_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,7 +223,7 @@ def test_a_failed_step_records_its_cause_and_jobs_show_prints_it(catalog_runtime
     with pytest.raises(OSError):
         run_step(runtime, "job-cause", classify_step)
     job = meter_step(runtime, "job-cause")
-    assert job["state"] == "failed" and job["error"] == "classify: OSError: No space left on device"
+    assert job.state == "failed" and job.error == "classify: OSError: No space left on device"
     assert main(["jobs", "show", "job-cause"]) == 0
     assert "cause:      classify: OSError: No space left on device" in capsys.readouterr().out
     assert main(["jobs", "list", "--account", "acme"]) == 0
@@ -234,8 +244,8 @@ def test_stale_jobs_are_closed_once_as_failed_and_billed_nothing(catalog_runtime
     # Not yet stale: nothing happens.
     assert close_stale_jobs(runtime, utcnow() + timedelta(hours=hours - 1)) == []
     closed = close_stale_jobs(runtime, utcnow() + timedelta(hours=hours, minutes=5))
-    assert sorted(j["job_id"] for j in closed) == ["job-fresh", "job-stale"]
-    assert all(j["state"] == "failed" and "no progress since" in j["error"] and "nothing billed" in j["error"] for j in closed)
+    assert sorted(j.job_id for j in closed) == ["job-fresh", "job-stale"]
+    assert all(j.state == "failed" and "no progress since" in j.error and "nothing billed" in j.error for j in closed)
     assert sorted((e.job_id, e.status, e.points) for e in usage_events(runtime, "acme")) == [("job-fresh", "failed", 0), ("job-stale", "failed", 0)]
     # A second run, or the meter task of a DAG run coming back late, adds nothing.
     assert close_stale_jobs(runtime, utcnow() + timedelta(days=10)) == []
@@ -258,10 +268,10 @@ def test_points_the_validation_sample_missed_quarantine_the_file_while_classifyi
     monkeypatch.setattr(validate, "SAMPLE_WINDOWS", 2)
     monkeypatch.setattr(validate, "SAMPLE_WINDOW_POINTS", 100)
     job = run_job(runtime, account, str(source), job_id="job-late")
-    assert job["state"] == "quarantined" and "return number" in job["error"]
+    assert job.state == "quarantined" and "return number" in job.error
     assert objects(runtime, f"accounts/{account}/raw/") == [] and objects(runtime, f"accounts/{account}/exports/") == []
     assert any(k.endswith("late-bad-point.las") for k in objects(runtime, f"accounts/{account}/quarantine/"))
-    report = json.loads(runtime.store.get_bytes(job["report_key"]))
+    report = json.loads(runtime.store.get_bytes(job.report_key))
     assert report["ok"] is False and "return number" in report["reason"]
     [mail] = outbox_messages(runtime.settings)
     assert "return number" in message_from_bytes(mail.read_bytes(), policy=policy.default).get_content()

@@ -42,7 +42,7 @@ def exported(runtime: Runtime, account_id: str, scene_path: Path, job_id: str = 
 
 
 def artifact(runtime: Runtime, job: dict, kind: str) -> dict:
-    manifest = read_manifest(runtime.store, job["export_prefix"])
+    manifest = read_manifest(runtime.store, job.export_prefix)
     return next(a for a in manifest["artifacts"] if a["kind"] == kind)
 
 
@@ -77,11 +77,11 @@ def test_an_api_link_works_past_day_7_until_day_10_and_is_refused_after(home: Pa
     runtime = Runtime.from_settings(Settings.from_env())
     upsert_accounts(runtime.catalog, [make_account("api1", plan="api")])
     job = exported(runtime, "api1", scene_path)
-    deliver_step(runtime, job["job_id"])
+    deliver_step(runtime, job.job_id)
     points = artifact(runtime, job, "points")
     # The link the customer was mailed, for the classified points.
     token = token_of(mailed_links(runtime)[points["name"]])
-    finished = job["finished_at"]
+    finished = job.finished_at
 
     for day in (timedelta(days=7, hours=1), timedelta(days=9, hours=23, minutes=59)):
         found = open_download(runtime, token, finished + day)
@@ -102,7 +102,7 @@ def test_an_api_link_works_past_day_7_until_day_10_and_is_refused_after(home: Pa
 def test_a_professional_link_lasts_7_days_and_streams_from_the_local_store(runtime: Runtime, scene_path: Path) -> None:
     upsert_accounts(runtime.catalog, [make_account("pro")])
     job = exported(runtime, "pro", scene_path)
-    deliver_step(runtime, job["job_id"])
+    deliver_step(runtime, job.job_id)
     preview = artifact(runtime, job, "preview")
     url = mailed_links(runtime)["preview.png"]
     assert url.startswith("http://localhost:8080/pointflow/download/")
@@ -139,12 +139,12 @@ def test_a_token_never_opens_another_accounts_object_or_anything_outside_exports
     preview = artifact(runtime, job, "preview")
     now = datetime.now(UTC)
     signer = LinkSigner.from_settings(runtime.settings)
-    stored = job_view(runtime, job["job_id"])
+    stored = job_view(runtime, job.job_id)
     for account_id, key in (
         ("mallory", preview["key"]),  # acme's file under mallory's name
         ("mallory", preview["key"].replace("accounts/acme/", "accounts/mallory/../acme/")),
-        ("acme", stored["classified_key"]),  # acme's own, but not a published export
-        ("acme", stored["report_key"]),
+        ("acme", stored.classified_key),  # acme's own, but not a published export
+        ("acme", stored.report_key),
         ("acme", "accounts/acme/exports/job-links/manifest.json"),
         ("nobody", "accounts/nobody/exports/x/preview.png"),
     ):

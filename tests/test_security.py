@@ -54,7 +54,7 @@ def two_accounts(runtime: Runtime, scene_path: Path) -> tuple[Runtime, dict]:
     """acme with an exported job; mallory with nothing of its own yet."""
     upsert_accounts(runtime.catalog, [make_account("acme"), make_account("mallory")])
     job = run_job(runtime, "acme", str(scene_path), job_id="job-acme", workers=1)
-    assert job["state"] == "exported"
+    assert job.state == "exported"
     return runtime, job
 
 
@@ -77,7 +77,7 @@ def test_another_accounts_stored_object_cannot_be_a_job_source(two_accounts, cap
     with runtime.catalog.session() as session:
         from pipelines.catalog.models import StoredFile
 
-        key = session.get(StoredFile, job["file_id"]).key
+        key = session.get(StoredFile, job.file_id).key
     stolen = runtime.store.local_path(key)
     for source in (str(stolen), stolen.as_uri(), str(stolen.parent / ".." / ".." / "raw" / stolen.name)):
         create_job(runtime, f"job-steal-{len(source)}", "mallory", source, "standard")
@@ -95,7 +95,7 @@ def test_training_sources_pass_the_same_ownership_check(two_accounts, capsys: py
     from pipelines.training import train_from_sources
 
     runtime, job = two_accounts
-    classified = runtime.store.local_path(job["classified_key"])
+    classified = runtime.store.local_path(job.classified_key)
     assert main(["train", str(classified), "--account", "mallory"]) == 2
     assert "outside account mallory's area" in capsys.readouterr().err
     # The training DAG's sources, as a path and as a URI.
@@ -134,7 +134,7 @@ def test_a_dag_source_outside_the_allowed_input_folders_fails_the_job(runtime: R
     with pytest.raises(AdmissionRefusedJob, match="not inside an allowed input folder"):
         ingest_step(confined, "job-outside")
     create_job(confined, "job-inside", account, str(inside), "standard")
-    assert ingest_step(confined, "job-inside")["file_id"] is not None
+    assert ingest_step(confined, "job-inside").file_id is not None
     # With none configured, local paths are refused altogether; the error says what to set.
     nothing = Runtime(replace(runtime.settings, input_dirs=()), runtime.catalog, runtime.store)
     create_job(nothing, "job-none", account, str(inside), "standard")
@@ -155,12 +155,12 @@ def test_another_accounts_s3_object_cannot_be_a_job_source(home: Path, s3_bucket
     # Its own upload area is a legitimate source.
     runtime.store.put_file("accounts/mallory/raw/own.laz", scene_path)
     create_job(runtime, "job-s3-own", "mallory", f"s3://{s3_bucket}/svc/accounts/mallory/raw/own.laz", "standard")
-    assert ingest_step(runtime, "job-s3-own")["file_id"] is not None
+    assert ingest_step(runtime, "job-s3-own").file_id is not None
 
 
 def test_export_links_refuse_keys_dressed_up_as_the_callers(two_accounts) -> None:
     runtime, job = two_accounts
-    artifact = f"{job['export_prefix']}scene.laz"
+    artifact = f"{job.export_prefix}scene.laz"
     signer, soon = LinkSigner.from_settings(runtime.settings), datetime.now(timezone.utc) + timedelta(hours=1)
     assert artifact_link(runtime.store, signer, "acme", artifact, True, soon)
     for key in (
@@ -277,7 +277,7 @@ def test_hostile_headers_are_refused_with_a_reason(tmp_path: Path, case: str) ->
 def test_a_hostile_header_is_quarantined_by_the_job_and_nothing_exported(runtime: Runtime, account: str, tmp_path: Path) -> None:
     source = patch(write_points(tmp_path / "vlrs.las"), NUMBER_OF_VLRS, "I", 0xFFFFFFFF)
     job = run_job(runtime, account, str(source), job_id="job-hostile")
-    assert job["state"] == "quarantined" and "variable-length records" in job["error"]
+    assert job.state == "quarantined" and "variable-length records" in job.error
     assert list(runtime.store.list(f"accounts/{account}/exports/")) == []
     assert usage(runtime) == [(account, "failed", 0)]
 
@@ -305,8 +305,8 @@ def test_markup_in_the_header_is_escaped_in_the_report(runtime: Runtime, account
     create_job(runtime, "job-markup", account, str(tmp_path / "<img src=x onerror=alert(1)>.las"), "standard")
     ingest_step(runtime, "job-markup")
     job = validate_step(runtime, "job-markup")
-    assert job["state"] == "validated"
-    page = runtime.store.get_bytes(job["report_key"].replace(".json", ".html")).decode()
+    assert job.state == "validated"
+    page = runtime.store.get_bytes(job.report_key.replace(".json", ".html")).decode()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<script>" not in page and "<img" not in page
 

@@ -88,10 +88,10 @@ def seed(runtime: Runtime, scene: Path) -> Seeded:
         UsageRecord("seed-north-2", "northwind", "classification", last_month.start + timedelta(days=5), 800_000, "failed", "csf", "1"),
     ])  # fmt: skip
     job = run_job(runtime, "acme", str(scene), classifier="standard", job_id="job-ui-acme-1", workers=1)
-    assert job["state"] == "exported", job["error"]
+    assert job.state == "exported", job.error
     # Classified before its contract ended: afterwards its results are locked, not served.
     locked_job = run_job(runtime, "tidewater", str(scene), classifier="standard", job_id="job-ui-tidewater-1", workers=1)
-    assert locked_job["state"] == "exported", locked_job["error"]
+    assert locked_job.state == "exported", locked_job.error
 
     billing = MonthlyBilling.open(runtime.settings, last_month.label)
     try:
@@ -110,14 +110,14 @@ def seed(runtime: Runtime, scene: Path) -> Seeded:
     upsert_accounts(runtime.catalog, [AccountRecord("oldfield", "Oldfield Archaeology", "dig@oldfield.example", "IE", "free",
                                                     (now - timedelta(days=900)).date(), last_login_at=now - timedelta(days=400))])  # fmt: skip
     names = [row["name"] for row in _classes(job)]
-    return Seeded(job["job_id"], locked_job["job_id"], names, {i.account_id: i.invoice_number for i in invoices},
+    return Seeded(job.job_id, locked_job.job_id, names, {i.account_id: i.invoice_number for i in invoices},
                   [month_before.label, last_month.label, this_month.label], reason)  # fmt: skip
 
 
 def _classes(job: dict) -> list[dict]:
     from pipelines.preview import class_summary
 
-    return class_summary({int(k): v for k, v in job["summary"]["class_counts"].items()})
+    return class_summary({int(k): v for k, v in job.summary["class_counts"].items()})
 
 
 @pytest.fixture(scope="module")

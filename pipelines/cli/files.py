@@ -63,12 +63,12 @@ def _ingest(args: argparse.Namespace) -> int:
     if args.run:
         job = run_job(runtime, args.account, str(args.file.resolve()), classifier=args.classifier, export_format=args.export_format)
         if args.json:
-            print_json(job)
+            print_json(job.to_dict())
         else:
-            print(f"job {job['job_id']}: {job['state']}" + (f" ({job['error']})" if job["error"] else ""))
-            if job["export_prefix"]:
-                print(f"export: {runtime.store.location(job['export_prefix'])}")
-        return 0 if job["state"] == "exported" else 1
+            print(f"job {job.job_id}: {job.state}" + (f" ({job.error})" if job.error else ""))
+            if job.export_prefix:
+                print(f"export: {runtime.store.location(job.export_prefix)}")
+        return 0 if job.state == "exported" else 1
     stored = upload(runtime, args.account, args.file)
     if args.json:
         print_json(stored.to_public())

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from pipelines.cli.common import print_json, settings_from_env
+
+if TYPE_CHECKING:
+    from pipelines.steps.record import JobRecord
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -48,9 +52,9 @@ def _runtime():
     return Runtime.from_settings(settings_from_env())
 
 
-def _line(job: dict) -> str:
-    reason = f"  {job['error']}" if job["error"] and job["state"] != "exported" else ""
-    return f"{job['job_id']}  {job['account_id']}  {job['state']:<12} {job['points_processed']:>12,} pts  {job['created_at']:%Y-%m-%d %H:%M}{reason}"
+def _line(job: JobRecord) -> str:
+    reason = f"  {job.error}" if job.error and job.state != "exported" else ""
+    return f"{job.job_id}  {job.account_id}  {job.state:<12} {job.points_processed:>12,} pts  {job.created_at:%Y-%m-%d %H:%M}{reason}"
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -61,7 +65,7 @@ def _list(args: argparse.Namespace) -> int:
     get_account(runtime.catalog, args.account)
     jobs = jobs_for_account(runtime, args.account)
     if args.json:
-        print_json(jobs)
+        print_json([job.to_dict() for job in jobs])
         return 0
     if not jobs:
         print(f"account {args.account} has no jobs")
@@ -76,16 +80,16 @@ def _show(args: argparse.Namespace) -> int:
     runtime = _runtime()
     job = job_view(runtime, args.job_id)
     if args.json:
-        print_json(job)
+        print_json(job.to_dict())
         return 0
     rows = {
-        "job": job["job_id"], "account": job["account_id"], "source": job["source"], "state": job["state"],
-        "classifier": " ".join(str(v) for v in (job["classifier"], job["classifier_version"]) if v),
-        "points": f"{job['points_processed']:,}", "created": job["created_at"].isoformat(),
-        "finished": job["finished_at"].isoformat() if job["finished_at"] else "-",
-        "report": runtime.store.location(job["report_key"]) if job["report_key"] else "-",
-        "export": runtime.store.location(job["export_prefix"]) if job["export_prefix"] else "-",
-        "cause" if job["state"] != "exported" else "note": job["error"] or "-",
+        "job": job.job_id, "account": job.account_id, "source": job.source, "state": job.state,
+        "classifier": " ".join(str(v) for v in (job.classifier, job.classifier_version) if v),
+        "points": f"{job.points_processed:,}", "created": job.created_at.isoformat(),
+        "finished": job.finished_at.isoformat() if job.finished_at else "-",
+        "report": runtime.store.location(job.report_key) if job.report_key else "-",
+        "export": runtime.store.location(job.export_prefix) if job.export_prefix else "-",
+        "cause" if job.state != "exported" else "note": job.error or "-",
     }  # fmt: skip
     for name, value in rows.items():
         print(f"{name + ':':<12}{value}")
@@ -97,7 +101,7 @@ def _close_stale(args: argparse.Namespace) -> int:
 
     closed = close_stale_jobs(_runtime())
     if args.json:
-        print_json(closed)
+        print_json([job.to_dict() for job in closed])
         return 0
     for job in closed:
         print(_line(job))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import select
 
@@ -16,12 +15,12 @@ from pipelines.notify import DeliveryError
 from pipelines.runtime import Runtime
 from pipelines.steps.deliver import deliver_step
 from pipelines.steps.meter import meter_step
-from pipelines.steps.record import job_row, set_state
+from pipelines.steps.record import JobRecord, job_row, set_state
 
 log = logging.getLogger(__name__)
 
 
-def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> list[dict[str, Any]]:
+def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> list[JobRecord]:
     """Close as failed every job that made no progress for POINTFLOW_STALE_JOB_HOURS: its run was
     killed or lost (a CLI process killed, a DAG run deleted). Each is metered once as failed, so
     nothing is billed; the customer is not mailed, since nothing in the input was theirs to fix

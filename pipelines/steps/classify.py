@@ -11,14 +11,14 @@ from pipelines.gate import NotPointCloudError
 from pipelines.runtime import Runtime
 from pipelines.scratch import work_dir
 from pipelines.sources import readable_path
-from pipelines.steps.record import job_row, job_view, set_state, stored_file
+from pipelines.steps.record import JobRecord, job_row, job_view, set_state, stored_file
 from pipelines.steps.validate import quarantine
 from pipelines.storage import AccountArea
 from pipelines.training import resolve_classifier
 from pipelines.validate import Finding, ValidationReport
 
 
-def classify_step(runtime: Runtime, job_id: str, workers: int | None = None, client: Any = None) -> dict[str, Any]:
+def classify_step(runtime: Runtime, job_id: str, workers: int | None = None, client: Any = None) -> JobRecord:
     """Classify the validated file; points the sample-based validation could not see are checked
     here, and a file found bad now is quarantined like one refused by validation."""
     with runtime.catalog.session() as session:

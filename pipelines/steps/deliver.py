@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from pipelines.accounts import get_account
 from pipelines.billing.history import account_limits
@@ -17,7 +16,7 @@ from pipelines.links import LinkSigner
 from pipelines.notify import send_once
 from pipelines.preview import class_summary
 from pipelines.runtime import Runtime
-from pipelines.steps.record import job_view
+from pipelines.steps.record import JobRecord, job_view
 from pipelines.storage import LINK_LIFETIME
 
 
@@ -39,20 +38,20 @@ def delivery_terms(runtime: Runtime, account_id: str, at: datetime | None = None
     return DeliveryTerms(limits.downloads, timedelta(days=limits.result_retention_days) if limits.result_retention_days else None)
 
 
-def deliver_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
+def deliver_step(runtime: Runtime, job_id: str) -> JobRecord:
     """Tell the customer the export is ready: links, class summary, classifier version. Sent once."""
     job = job_view(runtime, job_id)
-    account = get_account(runtime.catalog, job["account_id"])
+    account = get_account(runtime.catalog, job.account_id)
     terms = delivery_terms(runtime, account.account_id)
-    expires_at = terms.links_expire(job["finished_at"], utcnow())
+    expires_at = terms.links_expire(job.finished_at, utcnow())
     links = download_links(runtime.store, LinkSigner.from_settings(runtime.settings), account.account_id, job_id, terms.downloads, expires_at)
-    summary = job["summary"]
+    summary = job.summary
     mail = render_mail(
         "mail/export_ready.txt.j2",
         name=account.name,
-        file_name=job["classified_key"].rsplit("/", 1)[-1],
+        file_name=job.classified_key.rsplit("/", 1)[-1],
         summary=summary,
-        classes=class_summary({int(k): v for k, v in summary["class_counts"].items()}),
+        classes=class_summary(job.class_counts),
         links=links,
         downloads=terms.downloads,
         expires_at=expires_at,

@@ -5,7 +5,6 @@ a plain upload stores one with no job)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from pipelines.accounts import get_account
 from pipelines.admission import AdmissionRefused, Candidate, check_admission
@@ -15,11 +14,11 @@ from pipelines.ingest import StoredFileInfo, ingest_file
 from pipelines.lifecycle.operations import ensure_active
 from pipelines.runtime import Runtime
 from pipelines.sources import ForeignSource, check_source, local_copy
-from pipelines.steps.record import AdmissionRefusedJob, job_row, job_view, refuse_job
+from pipelines.steps.record import AdmissionRefusedJob, JobRecord, job_row, job_view, refuse_job
 from pipelines.training import resolve_classifier
 
 
-def create_job(runtime: Runtime, job_id: str, account_id: str, source: str, classifier: str) -> dict[str, Any]:
+def create_job(runtime: Runtime, job_id: str, account_id: str, source: str, classifier: str) -> JobRecord:
     get_account(runtime.catalog, account_id)
     with runtime.catalog.session() as session:
         job = session.get(Job, job_id)
@@ -46,21 +45,21 @@ def upload(runtime: Runtime, account_id: str, path: Path) -> StoredFileInfo:
     return ingest_file(runtime.catalog, runtime.store, account_id, Path(path), admit=admit, point_clouds_only=True)
 
 
-def ingest_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
+def ingest_step(runtime: Runtime, job_id: str) -> JobRecord:
     """Store the source for the account, if the account's limits admit it; a refusal ends the job."""
     job = job_view(runtime, job_id)
-    if job["state"] == JobState.FAILED.value:
-        raise AdmissionRefusedJob(job_id, job["error"])
-    if job["file_id"] is None:
-        account_id = job["account_id"]
-        at = job["created_at"]
+    if job.state == JobState.FAILED.value:
+        raise AdmissionRefusedJob(job_id, job.error)
+    if job.file_id is None:
+        account_id = job.account_id
+        at = job.created_at
 
         def admit(candidate: Candidate) -> None:
             check_admission(runtime.settings, runtime.catalog, account_id, candidate, at)
 
         try:
-            check_source(runtime.settings, runtime.store, account_id, job["source"])
-            with local_copy(job["source"], runtime.settings.scratch_dir, account_id) as path:
+            check_source(runtime.settings, runtime.store, account_id, job.source)
+            with local_copy(job.source, runtime.settings.scratch_dir, account_id) as path:
                 stored = ingest_file(runtime.catalog, runtime.store, account_id, path, admit=admit)
         except (AdmissionRefused, ForeignSource) as refused:
             refuse_job(runtime, job_id, str(refused))
@@ -69,14 +68,14 @@ def ingest_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
     return job_view(runtime, job_id)
 
 
-def attach_file(runtime: Runtime, job_id: str, path: Path, name: str) -> dict[str, Any]:
+def attach_file(runtime: Runtime, job_id: str, path: Path, name: str) -> JobRecord:
     """Store a local file as the job's input, within the account's limits at the job's creation:
     what the ingest step does with a source it has fetched (the drop zone fetches its own)."""
     job = job_view(runtime, job_id)
-    if job["state"] == JobState.FAILED.value:
-        raise AdmissionRefusedJob(job_id, job["error"])
-    if job["file_id"] is None:
-        account_id, at = job["account_id"], job["created_at"]
+    if job.state == JobState.FAILED.value:
+        raise AdmissionRefusedJob(job_id, job.error)
+    if job.file_id is None:
+        account_id, at = job.account_id, job.created_at
         try:
             stored = ingest_file(runtime.catalog, runtime.store, account_id, path, name=name, admit=lambda candidate: check_admission(runtime.settings, runtime.catalog, account_id, candidate, at))
         except AdmissionRefused as refused:

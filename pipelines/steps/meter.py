@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pipelines.catalog.models import TERMINAL_JOB_STATES, JobState, StoredFile
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.runtime import Runtime
-from pipelines.steps.record import job_row, job_view, set_state
+from pipelines.steps.record import JobRecord, job_row, job_view, set_state
 
 
-def meter_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
+def meter_step(runtime: Runtime, job_id: str) -> JobRecord:
     """Close the job and meter it exactly once, whatever happened upstream."""
     with runtime.catalog.session() as session:
         job = job_row(session, job_id)

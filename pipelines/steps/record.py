@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -65,10 +67,46 @@ def stored_file(session, job: Job) -> StoredFile:
     return session.get(StoredFile, job.file_id)
 
 
-def job_view(runtime: Runtime, job_id: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as the catalog holds it, read in one transaction: what every step returns."""
+
+    job_id: str
+    account_id: str
+    file_id: int | None
+    source: str
+    state: str
+    classifier: str
+    classifier_version: str | None
+    classifier_params: dict[str, Any] | None
+    points_processed: int
+    classified_key: str | None
+    export_prefix: str | None
+    report_key: str | None
+    # Classification figures and validation warnings, as the manifest reports them (JSON in the catalog).
+    summary: dict[str, Any] | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, row: Job) -> JobRecord:
+        return cls(**{field.name: getattr(row, field.name) for field in fields(cls)})
+
+    @property
+    def class_counts(self) -> dict[int, int]:
+        """Points per ASPRS class once classified (the summary keeps JSON's string keys)."""
+        return {int(code): points for code, points in (self.summary or {}).get("class_counts", {}).items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as `--json` prints it: one key per catalog column."""
+        return asdict(self)
+
+
+def job_view(runtime: Runtime, job_id: str) -> JobRecord:
     with runtime.catalog.session() as session:
-        job = job_row(session, job_id)
-        return {c.name: getattr(job, c.name) for c in Job.__table__.columns}
+        return JobRecord.of(job_row(session, job_id))
 
 
 def refuse_job(runtime: Runtime, job_id: str, reason: str) -> None:
@@ -86,7 +124,7 @@ def cause(error: BaseException) -> str:
     return text if isinstance(error, USER_ERRORS) else f"{type(error).__name__}: {text}".rstrip(": ")
 
 
-def run_step(runtime: Runtime, job_id: str, step: Callable[..., dict[str, Any]], **options: Any) -> dict[str, Any]:
+def run_step(runtime: Runtime, job_id: str, step: Callable[..., JobRecord], **options: Any) -> JobRecord:
     """Run one step for the job; a failure's cause is recorded on the job before it propagates,
     so `pointflow jobs show` and the meter step can tell it."""
     try:
@@ -101,7 +139,7 @@ def run_step(runtime: Runtime, job_id: str, step: Callable[..., dict[str, Any]],
         raise
 
 
-def jobs_for_account(runtime: Runtime, account_id: str) -> list[dict[str, Any]]:
+def jobs_for_account(runtime: Runtime, account_id: str) -> list[JobRecord]:
     with runtime.catalog.session() as session:
         rows = session.scalars(select(Job).where(Job.account_id == account_id).order_by(Job.created_at))
-        return [{c.name: getattr(j, c.name) for c in Job.__table__.columns} for j in rows]
+        return [JobRecord.of(row) for row in rows]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from pipelines.accounts import get_account
 from pipelines.catalog.models import FileState, JobState
@@ -11,14 +10,14 @@ from pipelines.customer_text import render_mail
 from pipelines.notify import DeliveryError, send_once
 from pipelines.runtime import Runtime
 from pipelines.sources import readable_path
-from pipelines.steps.record import ValidationFailed, job_row, job_view, set_state, stored_file
+from pipelines.steps.record import JobRecord, ValidationFailed, job_row, job_view, set_state, stored_file
 from pipelines.storage import LINK_LIFETIME, AccountArea
 from pipelines.validate import ValidationReport, validate_file
 
 log = logging.getLogger(__name__)
 
 
-def validate_step(runtime: Runtime, job_id: str) -> dict[str, Any]:
+def validate_step(runtime: Runtime, job_id: str) -> JobRecord:
     """Validate once; a refused file goes to quarantine with its report and the account is told."""
     with runtime.catalog.session() as session:
         job = job_row(session, job_id)
