@@ -16,7 +16,7 @@ from pipelines.notify import outbox_messages
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from pipelines.steps.ingest import upload
-from pipelines.steps.record import job_id_for, job_view
+from pipelines.steps.record import JobRecord, job_id_for, job_view
 from pointflow_dev.scene import make_scene, write_scene
 
 DEMO_ACCOUNT = AccountRecord(
@@ -27,7 +27,7 @@ DAG_ID = "pointflow_classify"
 
 @dataclass(frozen=True)
 class DemoResult:
-    job: dict
+    job: JobRecord
     input_location: str  # the input as stored in the demo account's raw area
     export_url: str | None
     manifest_url: str | None

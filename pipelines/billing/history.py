@@ -17,12 +17,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from pipelines.accounts import UnknownAccountError
 from pipelines.billing.models import BillingRun, PlanChange, TermChange
 from pipelines.billing.periods import Period
 from pipelines.billing.pricebook import PlanLimits, PriceBook, plan_limits
 from pipelines.billing.terms import Agreed, History, PlanStep, TermStep, ordered_plan_steps, ordered_term_steps
-from pipelines.catalog import Catalog
+from pipelines.catalog import Catalog, UnknownAccountError
 from pipelines.catalog.models import Account, BillingCycle
 from pipelines.errors import UserError
 

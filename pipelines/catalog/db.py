@@ -35,6 +35,14 @@ class CatalogError(UserError, RuntimeError):
     """A catalog operation was refused (unknown account, illegal state change, ...)."""
 
 
+class UnknownAccountError(CatalogError):
+    """No such account in the catalog; every layer that looks one up raises it (accounts, billing)."""
+
+    def __init__(self, account_id: str) -> None:
+        super().__init__(f"unknown account {account_id!r}: add it with 'pointflow accounts add' or 'pointflow accounts import'")
+        self.account_id = account_id
+
+
 class CatalogUnavailable(CatalogError):
     """The catalog database cannot be reached or refused us; the message names where (host,
     port, database or SQLite file), never the user or password."""
