@@ -10,13 +10,13 @@ from __future__ import annotations
 from datetime import timedelta
 
 from airflow.sdk import Param, TriggerRule, dag, task
+from airflow.sdk.exceptions import AirflowFailException
 
 
 def _run(step, register: dict | None = None, **options) -> dict:
     """Run one step for this run's job; a refused input fails at once, without retries. The first
     task passes the run's params as `register`: the job is created once, by it (a retry finds it)."""
     from airflow.sdk import get_current_context
-    from airflow.sdk.exceptions import AirflowFailException
 
     from pipelines.runtime import Runtime
     from pipelines.settings import Settings
@@ -85,8 +85,6 @@ def pointflow_classify():
     @task(trigger_rule=TriggerRule.ALL_DONE, retries=3)
     def meter() -> None:
         """Close the job and meter it once, whatever happened upstream; fail the run if it did not export."""
-        from airflow.sdk.exceptions import AirflowFailException
-
         from pipelines.steps.meter import meter_step
 
         job = _run(meter_step)
