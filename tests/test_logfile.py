@@ -12,7 +12,22 @@ import pytest
 from pipelines import logfile
 
 
-def test_libraries_go_to_the_file_and_our_notes_to_the_terminal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.fixture
+def dask_logging_unset():
+    """Dask configures its loggers when first imported in a process (its own stderr handler, no
+    propagation, WARNING once a command set DASK_LOGGING__DISTRIBUTED=warning), so whether an earlier
+    test imported it would decide this one. What is tested is where records go once they propagate."""
+    logger = logging.getLogger("distributed")
+    saved = logger.level, logger.propagate, logger.handlers[:]
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
+    logger.handlers[:] = []
+    yield
+    logger.setLevel(saved[0])
+    logger.propagate, logger.handlers[:] = saved[1], saved[2]
+
+
+def test_libraries_go_to_the_file_and_our_notes_to_the_terminal(tmp_path: Path, capsys: pytest.CaptureFixture, dask_logging_unset: None) -> None:
     log_path = tmp_path / "logs" / "pointflow.log"
     try:
         logfile.configure(log_path, verbose=False)
