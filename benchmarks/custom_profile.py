@@ -66,7 +66,9 @@ def profile(relative: str, repeats: int) -> list[tuple[str, float]]:
            lambda scale=scale: features._scale_features(test, shapes, base * scale, scratch,
                                                          scale in features.SHAPE_SCALES))
           for scale in features.SCALES],
-        ("    context of standard's classes", lambda: features._context_features(test, standard)),
+        ("    context of standard's classes",
+         lambda: features._context_features(test, standard, np.zeros((len(test), len(features._CONTEXT)),
+                                                                     dtype=np.float32, order="F"))),
         (f"  trees, early decisions {stages}", lambda: model.predict_features(matrix)),
         (f"  trees, every point all {model.booster.num_trees()}", lambda: every_tree.predict_features(matrix)),
         ("  trees, all, LightGBM's default threads",

@@ -115,31 +115,32 @@ def point_features(block: PointBlock) -> np.ndarray:
         width = len(scale_names(scale))
         _scale_features(block, model, base * scale, out[:, column:column + width], scale in SHAPE_SCALES)
         column += width
-    out[:, column:] = _context_features(block, standard)
+    _context_features(block, standard, out[:, column:])
     return np.ascontiguousarray(out)
 
 
-def _context_features(block: PointBlock, standard: np.ndarray) -> np.ndarray:
+def _context_features(block: PointBlock, standard: np.ndarray, out: np.ndarray) -> None:
+    """Write the `_CONTEXT` columns into `out` (a column slice of the matrix): shares per cell,
+    gathered once per point straight into the float32 columns, as for the scales."""
     building = standard == BUILDING
     vegetation = (standard >= LOW_VEGETATION) & (standard <= HIGH_VEGETATION)
-    columns = []
-    for cell in CONTEXT_CELLS:
+    for index, cell in enumerate(CONTEXT_CELLS):
         grid = Grid.covering(block.x, block.y, cell)
         flat = grid.flat_index(block.x, block.y)
+        if index == 0:
+            finest, finest_flat = grid, flat
         count, n_building, n_vegetation = window_sums(grid, flat, [None, building.astype(np.float64),
                                                                    vegetation.astype(np.float64)])
-        count = np.maximum(count[flat], 1.0)
-        columns += [n_building[flat] / count, n_vegetation[flat] / count]
-    grid = Grid.covering(block.x, block.y, CONTEXT_CELLS[0])
-    flat = grid.flat_index(block.x, block.y)
+        count = np.maximum(count, 1.0)
+        np.take((n_building / count).astype(np.float32), flat, out=out[:, 2 * index])
+        np.take((n_vegetation / count).astype(np.float32), flat, out=out[:, 2 * index + 1])
     if building.any():
-        free = np.ones(grid.nx * grid.ny, dtype=bool)
-        free[flat[building]] = False
-        distance = ndimage.distance_transform_edt(free.reshape(grid.shape)).ravel()[flat] * grid.cell
-        columns.append(np.minimum(distance, BUILDING_DISTANCE_MAX))
+        free = np.ones(finest.nx * finest.ny, dtype=bool)
+        free[finest_flat[building]] = False
+        distance = ndimage.distance_transform_edt(free.reshape(finest.shape)).ravel() * finest.cell
+        np.take(np.minimum(distance, BUILDING_DISTANCE_MAX).astype(np.float32), finest_flat, out=out[:, -1])
     else:
-        columns.append(np.full(len(block), BUILDING_DISTANCE_MAX))
-    return np.stack(columns, axis=1)
+        out[:, -1] = BUILDING_DISTANCE_MAX
 
 
 def _scale_features(block: PointBlock, model: GroundModel, cell: float, out: np.ndarray, shapes: bool) -> None:
