@@ -31,7 +31,7 @@ from pipelines.catalog.models import IntakeClaim, utcnow
 from pipelines.customer_text import render_mail
 from pipelines.errors import PointflowError
 from pipelines.lifecycle.operations import AccountLocked
-from pipelines.notify import DeliveryError, send_once
+from pipelines.notify import DeliveryError
 from pipelines.runtime import Runtime
 from pipelines.scratch import work_dir
 from pipelines.steps.ingest import attach_file, create_job
@@ -208,7 +208,7 @@ def _refuse(runtime: Runtime, info: ObjectInfo, account_id: str, name: str, job_
         account = get_account(runtime.catalog, account_id)
         mail = render_mail("mail/intake_refused.txt.j2", name=account.name, file_name=name, upload_folder=f"{INCOMING_PREFIX}{account_id}/", reason=reason)
         try:
-            send_once(runtime.settings, runtime.catalog, f"intake-refused:{job_id}", account_id, "intake_refused", account.email, mail.subject, mail.body)
+            runtime.mailer.send_once(f"intake-refused:{job_id}", account_id, "intake_refused", account.email, mail)
         except DeliveryError as error:
             # The refusal stands; the customer still sees the file unprocessed in the upload folder.
             log.warning("refusal notice for %s not sent: %s", info.key, error)

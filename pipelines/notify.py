@@ -9,6 +9,7 @@ from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from sqlalchemy import delete, update
@@ -20,6 +21,9 @@ from pipelines.catalog.models import MessageClaim, utcnow
 from pipelines.catalog.models import SentMessage as SentMessageRecord
 from pipelines.errors import PointflowError
 from pipelines.settings import Settings
+
+if TYPE_CHECKING:
+    from pipelines.customer_text import Mail
 
 # A claim older than this belongs to a sender that died (a send takes seconds, SMTP's own timeout
 # is 30 s): the next run takes it over and sends, with the claim's Message-ID.
@@ -158,3 +162,15 @@ def _claim(catalog: Catalog, key: str, account_id: str) -> str | None:
 
 def outbox_messages(settings: Settings) -> list[Path]:
     return sorted(settings.outbox_dir.glob("*.eml"), key=lambda p: p.stat().st_mtime) if settings.outbox_dir.exists() else []
+
+
+@dataclass(frozen=True)
+class Mailer:
+    """Customer e-mail as a stage sends it (`Runtime.mailer`): a rendered mail to one address,
+    once per idempotency key, through POINTFLOW_SMTP_URL or the outbox (see `send_once`)."""
+
+    settings: Settings
+    catalog: Catalog
+
+    def send_once(self, key: str, account_id: str, kind: str, to: str, mail: Mail) -> SentMessage:
+        return send_once(self.settings, self.catalog, key, account_id, kind, to, mail.subject, mail.body)

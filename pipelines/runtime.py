@@ -1,4 +1,5 @@
-"""What every stage, DAG and command works with: the settings, the catalog and the object store.
+"""What every stage, DAG and command works with: the settings, the catalog, the object store and
+the mailer.
 
 This module imports no stage, so every layer (stages, lifecycle, billing, the dashboard, the
 DAGs, the CLI) may import it. The catalog is opened one way, here.
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipelines.catalog import Catalog
+from pipelines.notify import Mailer
 from pipelines.settings import Settings
 from pipelines.storage import ObjectStore, open_store
 
@@ -29,6 +31,11 @@ class Runtime:
     settings: Settings
     catalog: Catalog
     store: ObjectStore
+
+    @property
+    def mailer(self) -> Mailer:
+        """Customer e-mail, sent once per key, recorded in this catalog."""
+        return Mailer(self.settings, self.catalog)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:

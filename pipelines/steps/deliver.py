@@ -13,7 +13,6 @@ from pipelines.customer_text import render_mail
 from pipelines.export import download_links
 from pipelines.lifecycle.operations import ensure_active
 from pipelines.links import LinkSigner
-from pipelines.notify import send_once
 from pipelines.preview import class_summary
 from pipelines.runtime import Runtime
 from pipelines.steps.record import JobRecord, job_view
@@ -56,5 +55,5 @@ def deliver_step(runtime: Runtime, job_id: str) -> JobRecord:
         downloads=terms.downloads,
         expires_at=expires_at,
     )
-    send_once(runtime.settings, runtime.catalog, f"export:{job_id}", account.account_id, "export_ready", account.email, mail.subject, mail.body)
+    runtime.mailer.send_once(f"export:{job_id}", account.account_id, "export_ready", account.email, mail)
     return job

@@ -7,7 +7,7 @@ import logging
 from pipelines.accounts import get_account
 from pipelines.catalog.models import FileState, JobState
 from pipelines.customer_text import render_mail
-from pipelines.notify import DeliveryError, send_once
+from pipelines.notify import DeliveryError
 from pipelines.runtime import Runtime
 from pipelines.sources import readable_path
 from pipelines.steps.record import JobRecord, ValidationFailed, job_row, job_view, set_state, stored_file
@@ -86,7 +86,7 @@ def notify_quarantine(runtime: Runtime, job_id: str, account_id: str, file_name:
     report_link = runtime.store.link(html_key, LINK_LIFETIME)
     mail = render_mail("mail/quarantine.txt.j2", name=account.name, file_name=file_name, reason=reason, report_link=report_link)
     try:
-        send_once(runtime.settings, runtime.catalog, f"quarantine:{job_id}", account_id, "quarantine", account.email, mail.subject, mail.body)
+        runtime.mailer.send_once(f"quarantine:{job_id}", account_id, "quarantine", account.email, mail)
     except DeliveryError as error:
         # The quarantine stands either way; a missed notice must not turn into a lost file.
         log.warning("quarantine notice for %s not sent: %s", account_id, error)
