@@ -217,7 +217,7 @@ def _refuse(runtime: Runtime, info: ObjectInfo, account_id: str, name: str, job_
 
 def customer_policy(store_url: str, account_id: str) -> dict[str, Any]:
     """The S3 policy (AWS IAM and MinIO alike) for a customer's own credentials: upload to, read,
-    list and delete in its drop zone only; nothing else in the bucket (docs/bucket-policies.md)."""
+    list and delete in its drop zone only; nothing else in the bucket (README, "Customers' own S3 credentials")."""
     from urllib.parse import urlparse
 
     parsed = urlparse(store_url)

@@ -86,7 +86,7 @@ class AccountArea:
     @property
     def incoming_prefix(self) -> str:
         """The account's drop zone: what lands here is classified (pipelines.intake). Outside
-        accounts/ so that a customer's credentials can be limited to it (docs/bucket-policies.md)."""
+        accounts/ so that a customer's credentials can be limited to it (README, "Customers' own S3 credentials")."""
         return f"{INCOMING_PREFIX}{self.account_id}/"
 
     def key(self, area: str, *parts: str) -> str:
