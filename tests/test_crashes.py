@@ -25,7 +25,7 @@ from pipelines.lifecycle.sweeps import close_stale_jobs
 from pipelines.runtime import Runtime
 from pipelines.scratch import account_folders, folders
 from pipelines.settings import Settings
-from pipelines.steps.record import job_view, jobs_for_account
+from pipelines.steps.record import job_view, list_jobs
 from tests.conftest import make_account, shared_file
 
 pytestmark = pytest.mark.slow
@@ -105,7 +105,7 @@ def test_a_killed_ingest_run_is_closed_as_failed_and_deleting_the_account_finds_
     family = kill_mid_classification(command, scratch)
     wait_for(lambda: not alive(family), 20, "the orphaned cluster processes to end")
 
-    [job] = jobs_for_account(runtime, "acme")
+    [job] = list_jobs(runtime, "acme")
     assert job.state == "classifying"
     # The killed run's tiles and working copy are the account's points: deletion finds and removes them.
     left = set(account_folders(scratch, "acme"))

@@ -228,6 +228,13 @@ def test_a_failed_step_records_its_cause_and_jobs_show_prints_it(catalog_runtime
     assert "cause:      classify: OSError: No space left on device" in capsys.readouterr().out
     assert main(["jobs", "list", "--account", "acme"]) == 0
     assert "job-cause" in capsys.readouterr().out
+    create_job(runtime, "job-waiting", "acme", str(scene_path), "standard")
+    assert main(["jobs", "list", "--state", "failed", "--json"]) == 0
+    assert [job["job_id"] for job in json.loads(capsys.readouterr().out)] == ["job-cause"]
+    assert main(["jobs", "list"]) == 0  # every account's
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["job-cause", "job-waiting"]
+    assert main(["jobs", "list", "--account", "acme", "--state", "exported"]) == 0
+    assert capsys.readouterr().out == "account acme has no jobs in state exported\n"
 
 
 def test_stale_jobs_are_closed_once_as_failed_and_billed_nothing(catalog_runtime: Runtime, scene_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from pipelines.catalog.models import JobState
 from pipelines.cli.common import print_json, settings_from_env
 
 if TYPE_CHECKING:
@@ -15,8 +16,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     jobs = commands.add_parser("jobs", help="classification jobs: their state and why one failed")
     sub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
 
-    listing = sub.add_parser("list", help="list an account's jobs", description="List the account's jobs, oldest first: id, state, points, and the cause of a failure.")
-    listing.add_argument("--account", required=True, metavar="ID")
+    listing = sub.add_parser(
+        "list",
+        help="list jobs, of one account or all",
+        description="List jobs oldest first: id, account, state, points, when, and the cause of a failure.",
+    )
+    listing.add_argument("--account", metavar="ID", help="only this account's jobs (default: every account's)")
+    listing.add_argument("--state", choices=[state.value for state in JobState], help="only jobs in this state")
     listing.add_argument("--json", action="store_true", help="print a JSON array ([] when there are none)")
     listing.set_defaults(handler=_list)
 
@@ -59,16 +65,19 @@ def _line(job: JobRecord) -> str:
 
 def _list(args: argparse.Namespace) -> int:
     from pipelines.accounts import get_account
-    from pipelines.steps.record import jobs_for_account
+    from pipelines.steps.record import list_jobs
 
     runtime = _runtime()
-    get_account(runtime.catalog, args.account)
-    jobs = jobs_for_account(runtime, args.account)
+    if args.account is not None:
+        get_account(runtime.catalog, args.account)
+    state = JobState(args.state) if args.state else None
+    jobs = list_jobs(runtime, args.account, state)
     if args.json:
         print_json([job.to_dict() for job in jobs])
         return 0
     if not jobs:
-        print(f"account {args.account} has no jobs")
+        whose = f"account {args.account}" if args.account else "no account"
+        print(f"{whose} has no jobs" + (f" in state {args.state}" if args.state else ""))
     for job in jobs:
         print(_line(job))
     return 0

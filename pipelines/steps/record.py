@@ -139,7 +139,12 @@ def run_step(runtime: Runtime, job_id: str, step: Callable[..., JobRecord], **op
         raise
 
 
-def jobs_for_account(runtime: Runtime, account_id: str) -> list[JobRecord]:
+def list_jobs(runtime: Runtime, account_id: str | None = None, state: JobState | None = None) -> list[JobRecord]:
+    """Jobs oldest first, of one account or all, in one state or any."""
+    query = select(Job).order_by(Job.created_at, Job.job_id)
+    if account_id is not None:
+        query = query.where(Job.account_id == account_id)
+    if state is not None:
+        query = query.where(Job.state == state.value)
     with runtime.catalog.session() as session:
-        rows = session.scalars(select(Job).where(Job.account_id == account_id).order_by(Job.created_at))
-        return [JobRecord.of(row) for row in rows]
+        return [JobRecord.of(row) for row in session.scalars(query)]
