@@ -61,8 +61,9 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
@@ -76,28 +77,62 @@ def score(item: Labelled, classes: np.ndarray) -> GroundScore:
     return ground_score(item.labels[keep] == GROUND, classes[keep] == GROUND)
 
 
-def report_ground(items: list[Labelled], peers: list[str], held_out: dict[str, float],
-                  results: dict[tuple[str, str], tuple[np.ndarray, float]]) -> None:
+def report_ground(
+    items: list[Labelled],
+    peers: list[str],
+    held_out: dict[str, float],
+    results: dict[tuple[str, str], tuple[np.ndarray, float]],
+) -> None:
     print("Ground (ASPRS 2 vs the rest): total error in %, each file's points scored as its README says.")
     print("pointflow LOSO: parameters chosen without the file's source (the headline); defaults: the shipped set.")
-    headers = ["file", "source", "points", "pointflow LOSO", "defaults", *peers, "best peer",
-               "I", "II", "kappa", "Mpt/s"]
+    headers = [
+        "file",
+        "source",
+        "points",
+        "pointflow LOSO",
+        "defaults",
+        *peers,
+        "best peer",
+        "I",
+        "II",
+        "kappa",
+        "Mpt/s",
+    ]
     rows, per_source = [], {}
     for item in items:
         ours = score(item, results[item.name, "pointflow"][0])
         others = [score(item, results[item.name, p][0]).total for p in peers]
         loso = held_out[item.name]
         seconds = results[item.name, "pointflow"][1]
-        rows.append([item.name, item.source, f"{int(item.scored.sum()):,}", pct(loso), pct(ours.total),
-                     *map(pct, others), pct(min(others)), pct(ours.type1), pct(ours.type2),
-                     f"{ours.kappa:.3f}", f"{len(item.block) / seconds / 1e6:.2f}"])
+        rows.append(
+            [
+                item.name,
+                item.source,
+                f"{int(item.scored.sum()):,}",
+                pct(loso),
+                pct(ours.total),
+                *map(pct, others),
+                pct(min(others)),
+                pct(ours.type1),
+                pct(ours.type2),
+                f"{ours.kappa:.3f}",
+                f"{len(item.block) / seconds / 1e6:.2f}",
+            ]
+        )
         per_source.setdefault(item.source, []).append([loso, ours.total, *others])
     print(table(headers, rows))
 
     print("\nPer source (mean of the files' total errors, %) and the headline groups")
     groups = {f"{s} ({len(v)})": v for s, v in per_source.items()}
-    corpus = [[held_out[i.name], score(i, results[i.name, "pointflow"][0]).total,
-               *(score(i, results[i.name, p][0]).total for p in peers)] for i in items if i.in_corpus]
+    corpus = [
+        [
+            held_out[i.name],
+            score(i, results[i.name, "pointflow"][0]).total,
+            *(score(i, results[i.name, p][0]).total for p in peers),
+        ]
+        for i in items
+        if i.in_corpus
+    ]
     if corpus:
         groups[f"corpus/ ({len(corpus)})"] = corpus
     srows = [[name, "", *(pct(v) for v in np.mean(values, axis=0))] for name, values in groups.items()]
@@ -108,8 +143,10 @@ def report_ground(items: list[Labelled], peers: list[str], held_out: dict[str, f
         best_peer = {i.name: min(score(i, results[i.name, p][0]).total for p in peers) for i in corpus_items}
         wins = sum(held_out[i.name] < best_peer[i.name] for i in corpus_items)
         worst = max(held_out[i.name] - best_peer[i.name] for i in corpus_items)
-        print(f"\ncorpus/: pointflow (LOSO) better than both peers on {wins} of {len(corpus_items)} scenes; "
-              f"largest deficit to the better peer {100 * worst:+.2f} points")
+        print(
+            f"\ncorpus/: pointflow (LOSO) better than both peers on {wins} of {len(corpus_items)} scenes; "
+            f"largest deficit to the better peer {100 * worst:+.2f} points"
+        )
 
 
 def class_f1(reference: np.ndarray, predicted: np.ndarray) -> tuple[float, float, float]:
@@ -119,8 +156,10 @@ def class_f1(reference: np.ndarray, predicted: np.ndarray) -> tuple[float, float
 
 
 def report_classes(items: list[Labelled], results: dict[tuple[str, str], tuple[np.ndarray, float]]) -> None:
-    print("\n'standard' per class on the multi-class scenes: F1 (precision / recall); vegetation is our 3/4/5 "
-          "against theirs; '-' where the scene has no such label")
+    print(
+        "\n'standard' per class on the multi-class scenes: F1 (precision / recall); vegetation is our 3/4/5 "
+        "against theirs; '-' where the scene has no such label"
+    )
     rows = []
     for item in items:
         if not item.name.lower().startswith(("ign", "ahn3")):
@@ -128,8 +167,11 @@ def report_classes(items: list[Labelled], results: dict[tuple[str, str], tuple[n
         keep = item.scored
         ref, ours = item.labels[keep], results[item.name, "standard"][0][keep]
         cells = []
-        for ref_mask, our_mask in ((ref == 2, ours == 2), (ref == 6, ours == 6),
-                                   (np.isin(ref, VEGETATION), np.isin(ours, VEGETATION))):
+        for ref_mask, our_mask in (
+            (ref == 2, ours == 2),
+            (ref == 6, ours == 6),
+            (np.isin(ref, VEGETATION), np.isin(ours, VEGETATION)),
+        ):
             if not ref_mask.any():
                 cells.append("-")
                 continue
@@ -140,14 +182,17 @@ def report_classes(items: list[Labelled], results: dict[tuple[str, str], tuple[n
 
 
 def rule(p: GroundParams) -> str:
-    return (f"{p.ground_above:.2f} + {p.ground_above_per_spacing:.2f} x spacing"
-            f" + {p.ground_above_per_slope:.2f} x slope")
+    return f"{p.ground_above:.2f} + {p.ground_above_per_spacing:.2f} x spacing + {p.ground_above_per_slope:.2f} x slope"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=__import__("pathlib").Path, default=DEFAULT_DATA,
-                        help="the shared data folder (default: ../shared/data)")
+    parser.add_argument(
+        "--data",
+        type=__import__("pathlib").Path,
+        default=DEFAULT_DATA,
+        help="the shared data folder (default: ../shared/data)",
+    )
     parser.add_argument("--no-csf", action="store_true", help="skip CSF (the slowest peer)")
     args = parser.parse_args(argv)
 
@@ -160,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "standard": get_classifier("standard").classify,
         **{name: PEERS[name] for name in peers},
     }
-    results = {(item.name, name): timed(classify, item.block)
-               for item in items for name, classify in methods.items()}
+    results = {(item.name, name): timed(classify, item.block) for item in items for name, classify in methods.items()}
 
     held, chosen = leave_one_source_out(items, candidates())
     held_out = {name: error for h in held for name, error in h.errors.items()}

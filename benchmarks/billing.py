@@ -38,10 +38,16 @@ def _load(url: str, accounts_count: int, events: int) -> None:
     plans = ["api"] * 4 + ["professional"] * 3 + ["professional_sharing"] * 2 + ["free"]
     accounts = [
         {
-            "account_id": f"acct{n:05d}", "name": f"Customer {n}", "email": f"c{n}@example.com", "country": "DE",
-            "plan": rng.choice(plans), "billing_cycle": "monthly", "started_at": date(2026, 1, 1) + timedelta(days=rng.randrange(300)),
-            "tax_rate": Decimal("0.19"), "tax_exempt": n % 17 == 0,
-        }  # fmt: skip
+            "account_id": f"acct{n:05d}",
+            "name": f"Customer {n}",
+            "email": f"c{n}@example.com",
+            "country": "DE",
+            "plan": rng.choice(plans),
+            "billing_cycle": "monthly",
+            "started_at": date(2026, 1, 1) + timedelta(days=rng.randrange(300)),
+            "tax_rate": Decimal("0.19"),
+            "tax_exempt": n % 17 == 0,
+        }
         for n in range(accounts_count)
     ]
     start = utc("2026-10-01T00:00Z")
@@ -52,10 +58,15 @@ def _load(url: str, accounts_count: int, events: int) -> None:
                 insert(UsageEvent),
                 [
                     {
-                        "event_id": f"ev{n:07d}", "account_id": f"acct{rng.randrange(accounts_count):05d}", "kind": "classification",
-                        "occurred_at": start + timedelta(seconds=rng.randrange(31 * 86400)), "points": rng.randrange(1, 5_000_000),
-                        "status": rng.choice(("succeeded",) * 8 + ("failed", "aborted")), "classifier": "grid", "filename": "f.laz",
-                    }  # fmt: skip
+                        "event_id": f"ev{n:07d}",
+                        "account_id": f"acct{rng.randrange(accounts_count):05d}",
+                        "kind": "classification",
+                        "occurred_at": start + timedelta(seconds=rng.randrange(31 * 86400)),
+                        "points": rng.randrange(1, 5_000_000),
+                        "status": rng.choice(("succeeded",) * 8 + ("failed", "aborted")),
+                        "classifier": "grid",
+                        "filename": "f.laz",
+                    }
                     for n in range(chunk, min(chunk + 100_000, events))
                 ],
             )
@@ -80,9 +91,11 @@ def run(url: str, accounts: int, events: int) -> None:
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     lines = sum(len(i.lines) for i in result.invoices)
     # CPU time as well as wall time: on a shared machine the wall time says more about the neighbours.
-    print(f"billing run 2026-10 ({catalog.engine.dialect.name}): {len(result.invoices):,} invoices, {lines:,} lines "
-          f"in {elapsed:.1f} s ({cpu:.1f} s CPU in this process); peak resident memory {after.ru_maxrss / 1024:.0f} MiB "
-          f"({before.ru_maxrss / 1024:.0f} MiB before the run)")
+    print(
+        f"billing run 2026-10 ({catalog.engine.dialect.name}): {len(result.invoices):,} invoices, {lines:,} lines "
+        f"in {elapsed:.1f} s ({cpu:.1f} s CPU in this process); peak resident memory {after.ru_maxrss / 1024:.0f} MiB "
+        f"({before.ru_maxrss / 1024:.0f} MiB before the run)"
+    )
 
     started = time.perf_counter()
     again = run_billing(catalog, "2026-10", load_pricebook(), now=utc("2026-11-01T02:00Z"))

@@ -35,8 +35,12 @@ GRID: dict[str, tuple[float, ...]] = {
     "planar_min_mean_height": (2.0, 2.5),
 }
 # The rules switched off: no margin cut, the planar floors equal to the plain ones.
-REFERENCE = {"margin_above_roof": math.inf, "planar_segment_fraction": 0.8, "planar_min_area": 10.0,
-             "planar_min_mean_height": 2.5}
+REFERENCE = {
+    "margin_above_roof": math.inf,
+    "planar_segment_fraction": 0.8,
+    "planar_min_area": 10.0,
+    "planar_min_mean_height": 2.5,
+}
 
 
 def candidates() -> list[dict[str, float]]:
@@ -78,8 +82,9 @@ def describe(values: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="the shared data folder (default: ../shared/data)")
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="the shared data folder (default: ../shared/data)"
+    )
     args = parser.parse_args(argv)
     items = [i for i in load_all(args.data) if np.any(i.labels[i.scored] == BUILDING)]
     if not items:

@@ -62,8 +62,12 @@ def cpu_seconds() -> float:
 
 
 def subset(block: PointBlock, keep: np.ndarray) -> PointBlock:
-    return PointBlock(*(None if v is None else v[keep] for v in (block.x, block.y, block.z, block.intensity,
-                                                                   block.return_number, block.number_of_returns)))
+    return PointBlock(
+        *(
+            None if v is None else v[keep]
+            for v in (block.x, block.y, block.z, block.intensity, block.return_number, block.number_of_returns)
+        )
+    )
 
 
 def scored(name: str, labels: np.ndarray) -> np.ndarray:
@@ -118,14 +122,23 @@ def scene_figures(relative: str) -> dict:
     every = per_class_metrics(reference[scored_test], every_tree[scored_test])
     theirs = per_class_metrics(reference[scored_test], translate(standard, table)[scored_test])
     return {
-        "name": scene.name, "points": len(block), "learn": int(np.count_nonzero(learn_labels)),
-        "scored": int(np.count_nonzero(scored_test)), "custom": mine, "standard": theirs,
-        "custom_macro": macro_f1(mine), "standard_macro": macro_f1(theirs),
-        "offered": model.better_than_standard, "train_cpu": train_cpu,
-        "custom_speed": len(test) / custom_cpu / 1e6, "standard_speed": len(test) / standard_cpu / 1e6,
+        "name": scene.name,
+        "points": len(block),
+        "learn": int(np.count_nonzero(learn_labels)),
+        "scored": int(np.count_nonzero(scored_test)),
+        "custom": mine,
+        "standard": theirs,
+        "custom_macro": macro_f1(mine),
+        "standard_macro": macro_f1(theirs),
+        "offered": model.better_than_standard,
+        "train_cpu": train_cpu,
+        "custom_speed": len(test) / custom_cpu / 1e6,
+        "standard_speed": len(test) / standard_cpu / 1e6,
         "holdout": (model.evaluation["macro_f1"], model.evaluation["standard_macro_f1"]),
-        "cascade": cascade, "every_tree_macro": macro_f1(every),
-        "cascade_changed": int(np.count_nonzero(custom != every_tree)), "classified": len(test),
+        "cascade": cascade,
+        "every_tree_macro": macro_f1(every),
+        "cascade_changed": int(np.count_nonzero(custom != every_tree)),
+        "classified": len(test),
         "cascade_changed_scored": int(np.count_nonzero((custom != every_tree)[scored_test])),
         "ratio": custom_cpu / standard_cpu,
     }
@@ -133,21 +146,27 @@ def scene_figures(relative: str) -> dict:
 
 def print_scene(f: dict) -> None:
     verdict = "better" if f["custom_macro"] > f["standard_macro"] else "NOT better"
-    print(f"{f['name']}: {f['points']:,} points, learnt from {f['learn']:,}, scored on {f['scored']:,}; "
-          f"macro F1 custom {f['custom_macro']:.3f}, standard {f['standard_macro']:.3f} ({verdict}); "
-          f"training's own held-out blocks: {f['holdout'][0]:.3f} vs {f['holdout'][1]:.3f} "
-          f"({'offered' if f['offered'] else 'not offered'}); training {f['train_cpu']:.1f} s cpu")
+    print(
+        f"{f['name']}: {f['points']:,} points, learnt from {f['learn']:,}, scored on {f['scored']:,}; "
+        f"macro F1 custom {f['custom_macro']:.3f}, standard {f['standard_macro']:.3f} ({verdict}); "
+        f"training's own held-out blocks: {f['holdout'][0]:.3f} vs {f['holdout'][1]:.3f} "
+        f"({'offered' if f['offered'] else 'not offered'}); training {f['train_cpu']:.1f} s cpu"
+    )
     stages = ", ".join(f"after {r} rounds if ahead by > {m:.2f}" for r, m in f["cascade"]) or "none"
-    print(f"  early decisions: {stages}; {f['cascade_changed']:,} of {f['classified']:,} points differ "
-          f"from walking every tree, {f['cascade_changed_scored']:,} of them scored (macro F1 {f['every_tree_macro']:.4f} every tree, "
-          f"{f['custom_macro']:.4f} with them); custom {f['ratio']:.1f}x standard's CPU per point")
+    print(
+        f"  early decisions: {stages}; {f['cascade_changed']:,} of {f['classified']:,} points differ "
+        f"from walking every tree, {f['cascade_changed_scored']:,} of them scored (macro F1 {f['every_tree_macro']:.4f} every tree, "
+        f"{f['custom_macro']:.4f} with them); custom {f['ratio']:.1f}x standard's CPU per point"
+    )
     print(f"  {'class':>5} {'points':>8} {'F1 custom':>9} {'standard':>8}   P/R custom    P/R standard")
     for code, m in f["custom"].items():
         if m["support"] == 0:
             continue
         s = f["standard"].get(code, {"f1": 0.0, "precision": 0.0, "recall": 0.0})
-        print(f"  {code:>5} {int(m['support']):>8,} {m['f1']:>9.3f} {s['f1']:>8.3f}   "
-              f"{m['precision']:.3f}/{m['recall']:.3f}   {s['precision']:.3f}/{s['recall']:.3f}")
+        print(
+            f"  {code:>5} {int(m['support']):>8,} {m['f1']:>9.3f} {s['f1']:>8.3f}   "
+            f"{m['precision']:.3f}/{m['recall']:.3f}   {s['precision']:.3f}/{s['recall']:.3f}"
+        )
 
 
 def training_time(copies: int = 4) -> tuple[int, float, float]:
@@ -175,7 +194,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(scene_figures(relative))
         print_scene(rows[-1])
     print()
-    print("| scene | scored points | classes | macro F1 custom | macro F1 standard | custom / standard speed | CPU per point, custom / standard |")
+    print(
+        "| scene | scored points | classes | macro F1 custom | macro F1 standard | custom / standard speed | CPU per point, custom / standard |"
+    )
     print("|---|---|---|---|---|---|---|")
     for f in rows:
         classes = ", ".join(str(c) for c, m in f["custom"].items() if m["support"] > 0)
@@ -184,8 +205,10 @@ def main(argv: list[str] | None = None) -> None:
             mine = f"**{mine}**"
         else:
             theirs = f"**{theirs}**"
-        print(f"| {f['name']} | {f['scored']:,} | {classes} | {mine} | {theirs} | "
-              f"{f['custom_speed']:.2f} / {f['standard_speed']:.2f} M points/s | {f['ratio']:.1f}x |")
+        print(
+            f"| {f['name']} | {f['scored']:,} | {classes} | {mine} | {theirs} | "
+            f"{f['custom_speed']:.2f} / {f['standard_speed']:.2f} M points/s | {f['ratio']:.1f}x |"
+        )
     wins = sum(f["custom_macro"] > f["standard_macro"] for f in rows)
     print(f"custom better than standard on {wins} of {len(rows)} scenes")
     if not args.no_timing:

@@ -62,25 +62,33 @@ def profile(relative: str, repeats: int) -> list[tuple[str, float]]:
         ("  ground model", lambda: ground_model(test, params.ground)),
         ("  standard's classes", lambda: standard_classes(test, ground, params)),
         ("  features, whole", lambda: features.point_features(test)),
-        *[(f"    scale {scale} ({base * scale:g} m cells)",
-           lambda scale=scale: features._scale_features(test, shapes, base * scale, scratch,
-                                                         scale in features.SHAPE_SCALES))
-          for scale in features.SCALES],
-        ("    context of standard's classes",
-         lambda: features._context_features(test, standard, np.zeros((len(test), len(features._CONTEXT)),
-                                                                     dtype=np.float32, order="F"))),
+        *[
+            (
+                f"    scale {scale} ({base * scale:g} m cells)",
+                lambda scale=scale: features._scale_features(
+                    test, shapes, base * scale, scratch, scale in features.SHAPE_SCALES
+                ),
+            )
+            for scale in features.SCALES
+        ],
+        (
+            "    context of standard's classes",
+            lambda: features._context_features(
+                test, standard, np.zeros((len(test), len(features._CONTEXT)), dtype=np.float32, order="F")
+            ),
+        ),
         (f"  trees, early decisions {stages}", lambda: model.predict_features(matrix)),
         (f"  trees, every point all {model.booster.num_trees()}", lambda: every_tree.predict_features(matrix)),
-        ("  trees, all, LightGBM's default threads",
-         lambda: model.booster.predict(matrix, raw_score=True)),
+        ("  trees, all, LightGBM's default threads", lambda: model.booster.predict(matrix, raw_score=True)),
     ]
-    print(f"{scene.name}: {len(test):,} points classified, classes {list(model.classes)}, "
-          f"base cell {base:g} m")
+    print(f"{scene.name}: {len(test):,} points classified, classes {list(model.classes)}, base cell {base:g} m")
     rows = [(name, least_cpu(run, repeats)) for name, run in parts]
     reference = rows[0][1]
     for name, seconds in rows:
-        print(f"  {name:44s} {seconds:7.3f} s cpu  {seconds / len(test) * 1e6:6.2f} us/point  "
-              f"{seconds / reference:5.2f} x standard")
+        print(
+            f"  {name:44s} {seconds:7.3f} s cpu  {seconds / len(test) * 1e6:6.2f} us/point  "
+            f"{seconds / reference:5.2f} x standard"
+        )
     return rows
 
 

@@ -72,8 +72,9 @@ def load(data: Path, relative: str, source: str) -> Labelled:
 
     las = laspy.read(data / relative)
     units = coordinate_units(las.header)
-    return Labelled(Path(relative).stem, source, point_block(las, units), np.asarray(las.classification, dtype=np.uint8),
-                    units.name)
+    return Labelled(
+        Path(relative).stem, source, point_block(las, units), np.asarray(las.classification, dtype=np.uint8), units.name
+    )
 
 
 def load_all(data: Path = DEFAULT_DATA) -> list[Labelled]:

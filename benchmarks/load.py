@@ -29,17 +29,41 @@ from pointflow_dev.batch import BatchReport, run_batch
 from pointflow_dev.scene import make_scene, write_scene
 from pointflow_dev.stack import LocalStack, StackPlan, drop_databases, free_port
 
-ACCOUNT = AccountRecord("loadtest", "Load Test Surveying", "ops@loadtest.example", "DE", "professional", date(2026, 1, 1))
+ACCOUNT = AccountRecord(
+    "loadtest", "Load Test Surveying", "ops@loadtest.example", "DE", "professional", date(2026, 1, 1)
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=50, help="classification runs triggered at once (default: %(default)s)")
-    parser.add_argument("--size", type=float, default=80.0, help="side of each synthetic scene in metres; 80 m is about 50,000 points (default: %(default)s)")
-    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres", help="PostgreSQL server for Airflow and the catalog (default: %(default)s)")
-    parser.add_argument("--parallelism", type=int, default=None, help="Airflow's core.parallelism: task processes at once (default: twice the CPU cores)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for all runs (default: %(default)s)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch folder and the two databases for inspection")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.load", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--runs", type=int, default=50, help="classification runs triggered at once (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--size",
+        type=float,
+        default=80.0,
+        help="side of each synthetic scene in metres; 80 m is about 50,000 points (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--postgres",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="PostgreSQL server for Airflow and the catalog (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--parallelism",
+        type=int,
+        default=None,
+        help="Airflow's core.parallelism: task processes at once (default: twice the CPU cores)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds to wait for all runs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the scratch folder and the two databases for inspection"
+    )
     return parser.parse_args(argv)
 
 
@@ -47,13 +71,21 @@ def print_report(report: BatchReport) -> None:
     durations = report.run_seconds
     slowest = max(durations, key=durations.get)
     runs = len(report.runs)
-    print(f"runs:        {runs} triggered at once, {len(report.succeeded)} succeeded, {runs - len(report.succeeded)} failed")
+    print(
+        f"runs:        {runs} triggered at once, {len(report.succeeded)} succeeded, {runs - len(report.succeeded)} failed"
+    )
     print(f"wall time:   {report.wall_seconds:.1f} s from the first trigger to the last run finished")
-    print(f"throughput:  {runs / report.wall_seconds * 60:.1f} runs/min, {report.points / report.wall_seconds:,.0f} points/s ({report.points:,} points)")
-    print(f"run time:    median {statistics.median(durations.values()):.1f} s, slowest {durations[slowest]:.1f} s ({slowest})")
+    print(
+        f"throughput:  {runs / report.wall_seconds * 60:.1f} runs/min, {report.points / report.wall_seconds:,.0f} points/s ({report.points:,} points)"
+    )
+    print(
+        f"run time:    median {statistics.median(durations.values()):.1f} s, slowest {durations[slowest]:.1f} s ({slowest})"
+    )
     print("task medians: " + ", ".join(f"{task} {seconds:.1f} s" for task, seconds in report.task_medians.items()))
     events = sum(report.usage_events.values())
-    print(f"usage:       {events} classification events for {runs} runs; lost {len(report.lost_usage)}, duplicated {len(report.duplicated_usage)}")
+    print(
+        f"usage:       {events} classification events for {runs} runs; lost {len(report.lost_usage)}, duplicated {len(report.duplicated_usage)}"
+    )
     print(f"exports:     {sum(1 for n in report.exports.values() if n == 1)} runs with exactly one export")
 
 
@@ -69,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         **({"parallelism": args.parallelism} if args.parallelism else {}),
         max_active_runs=args.runs,
     )
-    sources = [write_scene(make_scene(size=args.size, seed=seed), plan.incoming / f"scene-{seed:03d}.laz") for seed in range(args.runs)]
+    sources = [
+        write_scene(make_scene(size=args.size, seed=seed), plan.incoming / f"scene-{seed:03d}.laz")
+        for seed in range(args.runs)
+    ]
     print(f"stack in {base}; {args.runs} scenes of {args.size:.0f} m written", file=sys.stderr)
     try:
         with LocalStack(plan) as stack:
@@ -77,7 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             upsert_accounts(catalog, [ACCOUNT])
             catalog.dispose()
             with tqdm(total=args.runs, desc="runs finished", unit="run") as bar:
-                report = run_batch(stack, ACCOUNT.account_id, sources, args.timeout, prefix="load", on_finished=lambda run: bar.update())
+                report = run_batch(
+                    stack,
+                    ACCOUNT.account_id,
+                    sources,
+                    args.timeout,
+                    prefix="load",
+                    on_finished=lambda run: bar.update(),
+                )
     finally:
         if not args.keep:
             drop_databases(plan)

@@ -69,16 +69,20 @@ def with_low_noise(block: PointBlock, noise: Noise, seed: int = 3) -> PointBlock
 def total_error(item: Labelled, classes: np.ndarray) -> float:
     """Ground total error (%) on the scene's own scored points."""
     keep = item.scored
-    return 100.0 * float(np.mean((classes[:len(item.block)][keep] == GROUND) != (item.labels[keep] == GROUND)))
+    return 100.0 * float(np.mean((classes[: len(item.block)][keep] == GROUND) != (item.labels[keep] == GROUND)))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.low_noise", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder (default: ../shared/data)")
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="the shared data folder (default: ../shared/data)"
+    )
     parser.add_argument("--no-csf", action="store_true", help="skip CSF (the slowest peer)")
     args = parser.parse_args(argv)
-    methods = {"pointflow": get_classifier("ground").classify,
-               **{name: peer for name, peer in PEERS.items() if not (args.no_csf and name == "CSF")}}
+    methods = {
+        "pointflow": get_classifier("ground").classify,
+        **{name: peer for name, peer in PEERS.items() if not (args.no_csf and name == "CSF")},
+    }
     print("Ground total error in % on each scene's own points, clean and with low noise added")
     header = f"{'file':28s} {'low noise':12s} " + " ".join(f"{name:>9s}" for name in methods)
     print(header)

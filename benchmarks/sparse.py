@@ -42,9 +42,17 @@ def clustered(path: Path, points: int, extent: float, size: int = 20) -> Path:
 
 
 def run(source: Path, folder: Path) -> tuple[float, int, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")} | {"POINTFLOW_HOME": str(folder / "home")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")} | {
+        "POINTFLOW_HOME": str(folder / "home")
+    }
     started = time.perf_counter()
-    process = subprocess.Popen([str(CONSOLE), "classify", str(source), str(folder / "out.laz")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [str(CONSOLE), "classify", str(source), str(folder / "out.laz")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     watched, peak = psutil.Process(process.pid), 0
     while process.poll() is None:
         total = 0
@@ -65,7 +73,9 @@ def run(source: Path, folder: Path) -> tuple[float, int, str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sparse", description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=20_000, help="points in each file (default 20000)")
-    parser.add_argument("--extent-km", type=float, default=4000.0, help="side of the square they are spread over (default 4000)")
+    parser.add_argument(
+        "--extent-km", type=float, default=4000.0, help="side of the square they are spread over (default 4000)"
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs of each file (default 3)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
             "spread": sparse(folder / "spread.las", args.points, args.extent_km * 1000),
             "clustered": clustered(folder / "clustered.las", args.points, args.extent_km * 1000),
         }
-        print(f"{args.points:,} points over {args.extent_km:,.0f} km x {args.extent_km:,.0f} km, `pointflow classify`, {args.runs} run(s) each")
+        print(
+            f"{args.points:,} points over {args.extent_km:,.0f} km x {args.extent_km:,.0f} km, `pointflow classify`, {args.runs} run(s) each"
+        )
         for name, source in inputs.items():
             for number in range(args.runs):
                 seconds, peak, summary = run(source, folder / f"{name}-{number}")

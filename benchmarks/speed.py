@@ -66,10 +66,14 @@ class PeakMemory:
         if process.pid not in self._roles:
             command = " ".join(process.cmdline())
             self._roles[process.pid] = (
-                "scheduler" if "distributed.Scheduler" in command
-                else "nannies" if "distributed.Nanny" in command
-                else "workers" if self._roles.get(process.ppid()) == "nannies" or "distributed.Worker" in command
-                else "command" if process.pid == root.pid
+                "scheduler"
+                if "distributed.Scheduler" in command
+                else "nannies"
+                if "distributed.Nanny" in command
+                else "workers"
+                if self._roles.get(process.ppid()) == "nannies" or "distributed.Worker" in command
+                else "command"
+                if process.pid == root.pid
                 else "other"
             )
         return self._roles[process.pid]
@@ -138,7 +142,9 @@ def build_input(points: int) -> Path:
     partial = target.with_suffix(".partial.laz")
     with laspy.open(partial, mode="w", header=header, do_compress=True) as writer:
         for n in range(copies):
-            shifted = laspy.ScaleAwarePointRecord(base.points.array.copy(), base.header.point_format, base.header.scales, base.header.offsets)
+            shifted = laspy.ScaleAwarePointRecord(
+                base.points.array.copy(), base.header.point_format, base.header.scales, base.header.offsets
+            )
             shifted.x = np.asarray(base.x) + (n % side) * width
             shifted.y = np.asarray(base.y) + (n // side) * height
             writer.write_points(shifted)
@@ -178,11 +184,26 @@ def _fresh_process(command: list[str], memory: PeakMemory, cwd: Path | None = No
 def run_pointflow(source: Path, workers: int, memory: PeakMemory) -> Run:
     """`pointflow classify` as a user runs it, with --json for where the time went."""
     output = OUT / f"classified_{workers}w.laz"
-    command = [str(Path(sys.executable).with_name("pointflow")), "classify", str(source), str(output), "--workers", str(workers), "--json"]
+    command = [
+        str(Path(sys.executable).with_name("pointflow")),
+        "classify",
+        str(source),
+        str(output),
+        "--workers",
+        str(workers),
+        "--json",
+    ]
     seconds, stdout = _fresh_process(command, memory)
     result = json.loads(stdout)
     timings = {"start, imports, settings": seconds - sum(result["timings"].values()), **result["timings"]}
-    return Run(f"pointflow classify, {result['workers']} worker(s)", result["output_points"], seconds, memory.peak, memory.cpu_by_role(), timings)
+    return Run(
+        f"pointflow classify, {result['workers']} worker(s)",
+        result["output_points"],
+        seconds,
+        memory.peak,
+        memory.cpu_by_role(),
+        timings,
+    )
 
 
 CSF_SCRIPT = """
@@ -208,7 +229,9 @@ print(len(data))
 
 def run_csf(source: Path, memory: PeakMemory) -> Run:
     # CSF writes its cloth to the working directory: it runs in OUT.
-    seconds, stdout = _fresh_process([sys.executable, "-c", CSF_SCRIPT, str(source), str(OUT / "classified_csf.laz")], memory, cwd=OUT)
+    seconds, stdout = _fresh_process(
+        [sys.executable, "-c", CSF_SCRIPT, str(source), str(OUT / "classified_csf.laz")], memory, cwd=OUT
+    )
     return Run("CSF (ground only), 1 process", int(stdout.split()[-1]), seconds, memory.peak, memory.cpu_by_role())
 
 
@@ -219,8 +242,11 @@ def run_copc(classified: Path, memory: PeakMemory) -> Run:
         summary = write_copc(classified, target, OUT / "scratch")
         finished = time.perf_counter()
         cpu = memory.cpu_by_role()
-    print(f"  COPC: {summary.nodes} nodes, points per level {summary.points_per_level}, {target.stat().st_size / 2**20:.0f} MiB "
-          f"(the LAZ: {classified.stat().st_size / 2**20:.0f} MiB)", flush=True)
+    print(
+        f"  COPC: {summary.nodes} nodes, points per level {summary.points_per_level}, {target.stat().st_size / 2**20:.0f} MiB "
+        f"(the LAZ: {classified.stat().st_size / 2**20:.0f} MiB)",
+        flush=True,
+    )
     print(f"  COPC read back: {check_copc(classified, target, summary)}", flush=True)
     return Run("COPC export of the result", summary.points, finished - started, memory.peak, cpu)
 
@@ -230,7 +256,9 @@ def _fingerprint(points) -> tuple[int, np.ndarray]:
     words = [np.asarray(points[name]).astype(np.uint64) for name in ("X", "Y", "Z", "classification")]
     words.append(np.asarray(points.gps_time).view(np.uint64))
     mixed = np.zeros(len(points), dtype=np.uint64)
-    for word, prime in zip(words, (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD)):
+    for word, prime in zip(
+        words, (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD)
+    ):
         mixed = (mixed ^ word) * np.uint64(prime)
         mixed ^= mixed >> np.uint64(29)
     return int(mixed.sum(dtype=np.uint64)), np.bincount(np.asarray(points.classification), minlength=256)
@@ -254,11 +282,19 @@ def check_copc(classified: Path, copc: Path, summary: CopcSummary) -> str:
     with laspy.CopcReader.open(copc) as reader:
         levels = {level: len(reader.query(level=level)) for level in range(summary.depth + 1)}
         if levels != summary.points_per_level or sum(levels.values()) != header.point_count:
-            raise SystemExit(f"COPC check failed: level queries found {levels}, the writer placed {summary.points_per_level}")
+            raise SystemExit(
+                f"COPC check failed: level queries found {levels}, the writer placed {summary.points_per_level}"
+            )
         # The middle fifth of the data in x and y, faces a quarter unit outside the coordinate grid.
         span = header.maxs - header.mins
-        low = header.offsets + (np.round((header.mins + 0.4 * span - header.offsets) / header.scales) - 0.25) * header.scales
-        high = header.offsets + (np.round((header.mins + 0.6 * span - header.offsets) / header.scales) + 0.25) * header.scales
+        low = (
+            header.offsets
+            + (np.round((header.mins + 0.4 * span - header.offsets) / header.scales) - 0.25) * header.scales
+        )
+        high = (
+            header.offsets
+            + (np.round((header.mins + 0.6 * span - header.offsets) / header.scales) + 0.25) * header.scales
+        )
         found = reader.query(bounds=laspy.copc.Bounds(low[:2], high[:2]))
 
     def inside(chunk):
@@ -267,30 +303,49 @@ def check_copc(classified: Path, copc: Path, summary: CopcSummary) -> str:
     expected = _digest(classified, inside)
     if _fingerprint(found)[0] != expected[0] or not np.array_equal(_fingerprint(found)[1], expected[1]):
         raise SystemExit("COPC check failed: the bounds query does not return the classified file's points in that box")
-    return (f"all {header.point_count:,} points once with their classes; level queries {levels}; "
-            f"bounds query over the middle: {len(found):,} points, all of them and only them")
+    return (
+        f"all {header.point_count:,} points once with their classes; level queries {levels}; "
+        f"bounds query over the middle: {len(found):,} points, all of them and only them"
+    )
 
 
 def profile(run: Run) -> str:
     """Where the command's seconds went (its --json timings) and whose CPU seconds they were."""
-    stages = ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s" for name, seconds in run.timings.items())
-    cpu = ", ".join(f"{role} {seconds:.1f} s" for role, seconds in sorted(run.cpu.items(), key=lambda item: -item[1]) if seconds >= 0.05)
+    stages = ", ".join(
+        f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s" for name, seconds in run.timings.items()
+    )
+    cpu = ", ".join(
+        f"{role} {seconds:.1f} s"
+        for role, seconds in sorted(run.cpu.items(), key=lambda item: -item[1])
+        if seconds >= 0.05
+    )
     return f"  {run.name}: wall {run.seconds:.1f} s = {stages}\n  CPU {sum(run.cpu.values()):.1f} s: {cpu}"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--points", type=int, default=10_000_000, help="minimum points in the input (default 10,000,000)")
-    parser.add_argument("--workers", type=int, default=2, help="Dask workers of the command's local cluster (default 2)")
-    parser.add_argument("--scaling", default="1,10,50", help="millions of points for the scaling table, comma-separated ('' for none; default 1,10,50)")
+    parser.add_argument(
+        "--points", type=int, default=10_000_000, help="minimum points in the input (default 10,000,000)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="Dask workers of the command's local cluster (default 2)"
+    )
+    parser.add_argument(
+        "--scaling",
+        default="1,10,50",
+        help="millions of points for the scaling table, comma-separated ('' for none; default 1,10,50)",
+    )
     parser.add_argument("--no-csf", action="store_true", help="skip CSF")
     parser.add_argument("--no-copc", action="store_true", help="skip the COPC export")
     args = parser.parse_args(argv)
 
     source = build_input(args.points)
     memory = PeakMemory()
-    print(f"input: {source} ({laspy.open(source).header.point_count:,} points, {source.stat().st_size / 2**20:.0f} MiB); "
-          f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} cores", flush=True)
+    print(
+        f"input: {source} ({laspy.open(source).header.point_count:,} points, {source.stat().st_size / 2**20:.0f} MiB); "
+        f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} cores",
+        flush=True,
+    )
     ours = run_pointflow(source, args.workers, memory)
     print(profile(ours), flush=True)
     runs = [ours]
@@ -312,7 +367,10 @@ def main(argv: list[str] | None = None) -> None:
         for millions in sizes:
             scaled = source if int(millions * 1e6) == args.points else build_input(int(millions * 1e6))
             run = ours if scaled == source else run_pointflow(scaled, args.workers, memory)
-            print(f"{run.points:>12,} {run.seconds:>9.1f} {run.rate:>9.2f} {sum(run.cpu.values()):>9.1f} {run.peak_bytes / 2**30:>9.2f}", flush=True)
+            print(
+                f"{run.points:>12,} {run.seconds:>9.1f} {run.rate:>9.2f} {sum(run.cpu.values()):>9.1f} {run.peak_bytes / 2**30:>9.2f}",
+                flush=True,
+            )
     print(f"load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

@@ -27,10 +27,13 @@ GRID: dict[str, tuple[float, ...]] = {
 }
 
 
-def candidates(base: GroundParams = GroundParams()) -> list[GroundParams]:
+def candidates(base: GroundParams | None = None) -> list[GroundParams]:
+    base = base or GroundParams()
     names = list(GRID)
-    return [dataclasses.replace(base, **dict(zip(names, values, strict=True)))
-            for values in itertools.product(*(GRID[n] for n in names))]
+    return [
+        dataclasses.replace(base, **dict(zip(names, values, strict=True)))
+        for values in itertools.product(*(GRID[n] for n in names))
+    ]
 
 
 def total_error(item: Labelled, is_ground: np.ndarray) -> float:
@@ -41,8 +44,7 @@ def total_error(item: Labelled, is_ground: np.ndarray) -> float:
 def error_table(items: list[Labelled], params: list[GroundParams]) -> np.ndarray:
     """Total error (files x candidates); one surface fit per file, the candidates' rules on it."""
     structure = params[0]
-    if any(dataclasses.replace(p, **{name: getattr(structure, name) for name in GRID}) != structure
-           for p in params):
+    if any(dataclasses.replace(p, **{name: getattr(structure, name) for name in GRID}) != structure for p in params):
         raise ValueError("candidates may differ only in the decision rule's parameters (GRID)")
     fits = [fit_surface(item.block, structure) for item in items]
     table = np.empty((len(items), len(params)))
@@ -76,7 +78,12 @@ def leave_one_source_out(items: list[Labelled], params: list[GroundParams]) -> t
     held = []
     for source in sources:
         best = int(np.argmin(source_error(items, table, [s for s in sources if s != source])))
-        held.append(HeldOut(source, params[best], {
-            item.name: float(table[i, best]) for i, item in enumerate(items) if item.source == source}))
+        held.append(
+            HeldOut(
+                source,
+                params[best],
+                {item.name: float(table[i, best]) for i, item in enumerate(items) if item.source == source},
+            )
+        )
     overall = params[int(np.argmin(source_error(items, table, sources)))]
     return held, overall

@@ -10,7 +10,7 @@ rebuilt.
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from airflow.sdk import CronTriggerTimetable, Param, dag, task
 
@@ -36,7 +36,7 @@ def _billing():
     # logical date" is always the month that has just ended.
     schedule=CronTriggerTimetable("0 2 1 * *", timezone="UTC"),
     # The first scheduled run (2026-10-01) invoices September 2026.
-    start_date=datetime(2026, 10, 1, tzinfo=timezone.utc),
+    start_date=datetime(2026, 10, 1, tzinfo=UTC),
     # Missed months are invoiced one at a time, oldest first: a month's late fees and carried
     # credit depend on the invoices of the months before it (hence also depends_on_past below).
     catchup=True,
@@ -49,7 +49,10 @@ def _billing():
     default_args={"retries": 3, "retry_delay": timedelta(minutes=10)},
     params={
         "period": Param(
-            "", type="string", pattern=r"^(\d{4}-(0[1-9]|1[0-2]))?$", description="YYYY-MM to invoice; empty: the month before the logical date"
+            "",
+            type="string",
+            pattern=r"^(\d{4}-(0[1-9]|1[0-2]))?$",
+            description="YYYY-MM to invoice; empty: the month before the logical date",
         ),
     },
     doc_md=__doc__,

@@ -9,7 +9,7 @@ killed or lost are closed as failed (`pointflow jobs close-stale`).
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from airflow.sdk import CronTriggerTimetable, dag, task
 
@@ -20,7 +20,7 @@ def _as_of() -> datetime:
 
     context = get_current_context()
     moment = context.get("logical_date") or context["dag_run"].run_after
-    return datetime.fromisoformat(moment.isoformat()).astimezone(timezone.utc)
+    return datetime.fromisoformat(moment.isoformat()).astimezone(UTC)
 
 
 @dag(
@@ -28,7 +28,7 @@ def _as_of() -> datetime:
     # A trigger timetable: the logical date is the firing time (03:00 UTC), which is the moment
     # the rules are applied at, whatever [scheduler] create_cron_data_intervals says.
     schedule=CronTriggerTimetable("0 3 * * *", timezone="UTC"),
-    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     # Notices, locks and deletions are due every night from the first one on.
     is_paused_upon_creation=False,

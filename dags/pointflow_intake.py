@@ -11,7 +11,7 @@ the catalog's claims make overlapping runs and retried sweeps register each file
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from airflow.sdk import TriggerRule, dag, task, task_group
 
@@ -38,7 +38,7 @@ def _step(job_id: str, step) -> dict:
 @dag(
     dag_id="pointflow_intake",
     schedule=timedelta(minutes=1),
-    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     # A long classification must not hold back files dropped meanwhile; the claims keep
     # overlapping runs from registering a file twice.
@@ -60,7 +60,10 @@ def pointflow_intake():
         result = sweep(_runtime(), owner=f"{context['dag'].dag_id}:{context['run_id']}")
         if result.errors:
             # The registered jobs run once the retry (same owner) hands them on with the rest.
-            raise IntakeError(f"{len(result.errors)} file(s) not registered: " + "; ".join(f"{k}: {v}" for k, v in result.errors.items()))
+            raise IntakeError(
+                f"{len(result.errors)} file(s) not registered: "
+                + "; ".join(f"{k}: {v}" for k, v in result.errors.items())
+            )
         return result.job_ids
 
     @task_group

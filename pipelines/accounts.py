@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, fields
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -14,7 +14,17 @@ from pipelines.catalog.models import Account, BillingCycle, Plan
 from pipelines.errors import UserError
 from pipelines.storage import UnsafeKeyError, check_account_id
 
-REQUIRED_COLUMNS = ("account_id", "name", "email", "country", "plan", "started_at", "tax_rate", "tax_exempt", "last_login_at")
+REQUIRED_COLUMNS = (
+    "account_id",
+    "name",
+    "email",
+    "country",
+    "plan",
+    "started_at",
+    "tax_rate",
+    "tax_exempt",
+    "last_login_at",
+)
 OPTIONAL_BUYER_FIELDS = ("street", "postcode", "city", "vat_id")
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f", ""}
@@ -57,7 +67,7 @@ class AccountRow(AccountRecord):
 def parse_utc_datetime(text: str) -> datetime:
     """ISO 8601 in; timezone-aware UTC out. A value without offset is taken as UTC."""
     value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def make_record(row: dict[str, str]) -> AccountRow:
@@ -110,9 +120,24 @@ def make_record(row: dict[str, str]) -> AccountRow:
             raise ValueError(f"{field} is longer than {limit} characters")
     vat_id = (row.get("vat_id") or "").replace(" ", "").upper() or None
     if vat_id and not (4 <= len(vat_id) <= 20 and vat_id[:2].isalpha() and vat_id.isalnum()):
-        raise ValueError(f"vat_id {vat_id!r} is not a VAT ID: a country prefix and up to 18 letters or digits, e.g. DE123456789")
-    return AccountRow(account_id, name, email, country, plan, started_at, tax_rate, raw_exempt in _TRUE, last_login_at, cycle,
-                      vat_id=vat_id, plan_effective=plan_effective, **address)  # fmt: skip
+        raise ValueError(
+            f"vat_id {vat_id!r} is not a VAT ID: a country prefix and up to 18 letters or digits, e.g. DE123456789"
+        )
+    return AccountRow(
+        account_id,
+        name,
+        email,
+        country,
+        plan,
+        started_at,
+        tax_rate,
+        raw_exempt in _TRUE,
+        last_login_at,
+        cycle,
+        vat_id=vat_id,
+        plan_effective=plan_effective,
+        **address,
+    )
 
 
 def read_accounts_csv(path: Path) -> list[AccountRow]:
@@ -132,7 +157,9 @@ def read_accounts_csv(path: Path) -> list[AccountRow]:
                 problems.append(f"line {line}: {error}")
                 continue
             if record.account_id in seen:
-                problems.append(f"line {line}: account {record.account_id} already given on line {seen[record.account_id]}")
+                problems.append(
+                    f"line {line}: account {record.account_id} already given on line {seen[record.account_id]}"
+                )
                 continue
             seen[record.account_id] = line
             records.append(record)
@@ -154,7 +181,7 @@ def upsert_accounts(catalog: Catalog, records: list[AccountRecord], today: date 
     # plan change, and billing's models are 0.05 CPU-s of imports.
     from pipelines.billing.history import record_plan_change
 
-    today = today or datetime.now(timezone.utc).date()
+    today = today or datetime.now(UTC).date()
     created = updated = 0
     with catalog.session() as session:
         for record in records:

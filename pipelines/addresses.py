@@ -24,8 +24,10 @@ class InvalidAddress(UserError, ValueError):
 
 def check_address(address: str) -> str:
     if not isinstance(address, str) or len(address) > MAX_LENGTH or not ADDRESS.fullmatch(address):
-        raise InvalidAddress(f"e-mail address {address!r} is not one plain address (name@domain.example: "
-                             "no display name, spaces, line breaks or other control characters)")  # fmt: skip
+        raise InvalidAddress(
+            f"e-mail address {address!r} is not one plain address (name@domain.example: "
+            "no display name, spaces, line breaks or other control characters)"
+        )
     return address
 
 
@@ -35,5 +37,7 @@ def check_mailbox(value: str) -> str:
     check_address(address)
     control = any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
     if control or value.strip() not in (address, formataddr((name, address))):
-        raise InvalidAddress(f"sender {value!r} is not one address with an optional display name, e.g. 'Acme LiDAR <lidar@acme.example>'")
+        raise InvalidAddress(
+            f"sender {value!r} is not one address with an optional display name, e.g. 'Acme LiDAR <lidar@acme.example>'"
+        )
     return value

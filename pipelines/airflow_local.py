@@ -34,7 +34,12 @@ def prepare_airflow(settings: Settings, log_path: Path) -> dict[str, str]:
     Path(environment["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        completed = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        completed = subprocess.run(
+            [sys.executable, "-m", "airflow", "db", "migrate"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+        )
     if completed.returncode != 0:
         raise RuntimeError(f"'airflow db migrate' failed; see {log_path}")
     return environment

@@ -56,7 +56,16 @@ Progress = Callable[[str, int, int], None]
 # coordinates), not the whole record (whose extra bytes may be hundreds per point), nor metres:
 # 16 bytes instead of 28 to copy, send through the scheduler and receive. Workers scale them to
 # metres exactly as laspy does (`Scaling`), so the classifier sees the very same numbers.
-TILE_FIELDS = np.dtype([("X", "<i4"), ("Y", "<i4"), ("Z", "<i4"), ("intensity", "<u2"), ("return_number", "u1"), ("number_of_returns", "u1")])
+TILE_FIELDS = np.dtype(
+    [
+        ("X", "<i4"),
+        ("Y", "<i4"),
+        ("Z", "<i4"),
+        ("intensity", "<u2"),
+        ("return_number", "u1"),
+        ("number_of_returns", "u1"),
+    ]
+)
 TASK_POINTS = 2_000
 MIN_TILE_POINTS = 10
 # From this many points on, the local cluster starts while the file is scanned: its processes'
@@ -149,12 +158,19 @@ def tile_fields(points) -> np.ndarray:
 
 
 def scaling_of(header: laspy.LasHeader, units: CoordinateUnits = METRES) -> Scaling:
-    return Scaling(tuple(float(v) for v in header.scales), tuple(float(v) for v in header.offsets), units.horizontal, units.vertical)
+    return Scaling(
+        tuple(float(v) for v in header.scales),
+        tuple(float(v) for v in header.offsets),
+        units.horizontal,
+        units.vertical,
+    )
 
 
 def _counted(tile_id: int, classes: np.ndarray, context_points: int, seconds: float) -> TileResult:
     counts = np.bincount(classes, minlength=1)
-    return TileResult(tile_id, classes.tobytes(), context_points, {int(c): int(n) for c, n in enumerate(counts) if n}, seconds)
+    return TileResult(
+        tile_id, classes.tobytes(), context_points, {int(c): int(n) for c, n in enumerate(counts) if n}, seconds
+    )
 
 
 def classify_tile(task: TileTask, classifier: Classifier, scaling: Scaling) -> TileResult:
@@ -201,8 +217,11 @@ def _environment(defaults: dict[str, str], fixed: dict[str, str]) -> Iterator[No
 # The in-process scheduler's share of dask-local.yaml (its housekeeping intervals), and how long its
 # tasks may wait with no worker at all: nanny-less workers are not restarted, so a run whose every
 # worker died fails after this instead of waiting for ever.
-_SCHEDULER_CONFIG_KEYS = ("distributed.admin.tick.interval", "distributed.admin.system-monitor.interval",
-                          "distributed.scheduler.work-stealing-interval")
+_SCHEDULER_CONFIG_KEYS = (
+    "distributed.admin.tick.interval",
+    "distributed.admin.system-monitor.interval",
+    "distributed.scheduler.work-stealing-interval",
+)
 NO_WORKERS_TIMEOUT = "60s"
 
 
@@ -233,18 +252,42 @@ def local_cluster(settings: Settings, workers: int | None = None) -> Iterator[An
     scheduler_config = {key: _lookup(config, key) for key in _SCHEDULER_CONFIG_KEYS}
     # A nanny would set these in its worker's environment (pre-spawn-environ): the workers inherit them from here.
     malloc = {k: str(v) for k, v in config["distributed"]["nanny"]["pre-spawn-environ"].items()}
-    worker = {"cls": SubprocessWorker, "options": {"worker_class": "distributed.Worker", "worker_kwargs": {
-        "host": "127.0.0.1", "nthreads": 1, "silence_logs": logging.ERROR,
-        "memory_limit": parse_memory_limit("auto", 1, count, logger=log)}}}
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "port": 0, "dashboard": True, "dashboard_address": ":0"}}
+    worker = {
+        "cls": SubprocessWorker,
+        "options": {
+            "worker_class": "distributed.Worker",
+            "worker_kwargs": {
+                "host": "127.0.0.1",
+                "nthreads": 1,
+                "silence_logs": logging.ERROR,
+                "memory_limit": parse_memory_limit("auto", 1, count, logger=log),
+            },
+        },
+    }
+    scheduler = {
+        "cls": Scheduler,
+        "options": {"host": "127.0.0.1", "port": 0, "dashboard": True, "dashboard_address": ":0"},
+    }
     # The cluster's processes end when this one does (pipelines/orphans.py, loaded by the config).
-    with _environment({"DASK_CONFIG": str(LOCAL_DASK_CONFIG), **malloc}, {OWNER_VARIABLE: str(os.getpid())}), \
-            dask.config.set({**scheduler_config, "distributed.scheduler.no-workers-timeout": NO_WORKERS_TIMEOUT,
-                             # Never the orphan watch in here (a DASK_CONFIG of dask-local.yaml would load it):
-                             # it would end this process with its parent.
-                             "distributed.scheduler.preload": []}), \
-            SpecCluster(workers={i: worker for i in range(count)}, scheduler=scheduler, worker=worker,
-                        silence_logs=logging.ERROR, name="pointflow") as cluster:
+    with (
+        _environment({"DASK_CONFIG": str(LOCAL_DASK_CONFIG), **malloc}, {OWNER_VARIABLE: str(os.getpid())}),
+        dask.config.set(
+            {
+                **scheduler_config,
+                "distributed.scheduler.no-workers-timeout": NO_WORKERS_TIMEOUT,
+                # Never the orphan watch in here (a DASK_CONFIG of dask-local.yaml would load it):
+                # it would end this process with its parent.
+                "distributed.scheduler.preload": [],
+            }
+        ),
+        SpecCluster(
+            workers={i: worker for i in range(count)},
+            scheduler=scheduler,
+            worker=worker,
+            silence_logs=logging.ERROR,
+            name="pointflow",
+        ) as cluster,
+    ):
         yield cluster
 
 
@@ -265,7 +308,10 @@ def dask_client(settings: Settings, workers: int | None = None, cluster: Any = N
             yield client
         return
     wanted = workers or settings.workers
-    with (contextlib.nullcontext(cluster) if cluster is not None else local_cluster(settings, workers)) as running, Client(running) as client:
+    with (
+        contextlib.nullcontext(cluster) if cluster is not None else local_cluster(settings, workers) as running,
+        Client(running) as client,
+    ):
         # The cluster returns once its scheduler is up, before its workers have registered: counted
         # then, 2 workers were reported (and the in-flight window sized) as 1.
         wait_for_workers(client, wanted, WORKER_START_SECONDS, "the local Dask cluster")
@@ -323,7 +369,7 @@ class TileFiles:
         for number, start, count in runs:
             # Read, not memory-mapped: mapped pages count as the process's resident memory while
             # the map lives (16 maps of 1 M point chunks were 0.4 GB of a 2 GB budget).
-            done = os.preadv(self._opened(kind, number), [buffer[at:at + count * size]], start * size)
+            done = os.preadv(self._opened(kind, number), [buffer[at : at + count * size]], start * size)
             if done != count * size:
                 raise OSError(f"tile file {self.files[kind][number].name} is shorter than written")
             at += done
@@ -345,7 +391,9 @@ class TileFiles:
         self._handles.clear()
 
 
-def _scan(input_path: Path, info, scaling: Scaling, grid: TileGrid, tiles: TileFiles, progress: Progress | None) -> None:
+def _scan(
+    input_path: Path, info, scaling: Scaling, grid: TileGrid, tiles: TileFiles, progress: Progress | None
+) -> None:
     """Partition the input into tiles: every point once as core of its tile, and as context of
     every neighbour whose buffer ring it falls in."""
     done = 0
@@ -415,8 +463,12 @@ def classify_file(
     except ValueError as error:
         raise NotPointCloudError(f"{input_path.name}: {error}") from None
     # Tiles are laid out in metres, like everything the classifiers see.
-    grid = TileGrid.covering(tuple(v * units.horizontal for v in info.mins), tuple(v * units.horizontal for v in info.maxs),
-                             tile_size, buffer)
+    grid = TileGrid.covering(
+        tuple(v * units.horizontal for v in info.mins),
+        tuple(v * units.horizontal for v in info.maxs),
+        tile_size,
+        buffer,
+    )
     scaling = scaling_of(header, units)
     timings: dict[str, float] = {}
 
@@ -429,7 +481,10 @@ def classify_file(
         tiles = TileFiles(work, header.point_format.dtype())
         # The output is written while tiles are classified and renamed into place only once the
         # cluster is closed and every point written: a failure on the way never leaves it behind.
-        with contextlib.closing(tiles), _TileWriter(header, tiles, work / "classified.laz" if copc else output_path, progress) as writer:
+        with (
+            contextlib.closing(tiles),
+            _TileWriter(header, tiles, work / "classified.laz" if copc else output_path, progress) as writer,
+        ):
             with contextlib.ExitStack() as clients:
                 started = time.perf_counter()
                 # A large file's local cluster is started first: this returns once its scheduler is
@@ -447,25 +502,40 @@ def classify_file(
                     return TileTask(t, tile_fields(core), tiles.read("context", t))
 
                 def batch(tile_ids: list[int]) -> TileBatch:
-                    return TileBatch(tuple(tile_task(t) for t in tile_ids), scaling, model.name, model.params, model_bytes, model.version)
+                    return TileBatch(
+                        tuple(tile_task(t) for t in tile_ids),
+                        scaling,
+                        model.name,
+                        model.params,
+                        model_bytes,
+                        model.version,
+                    )
 
                 modelled = {t: n for t, n in owned.items() if t not in sparse}
-                results = {t: _counted(t, np.full(owned[t], UNCLASSIFIED, dtype=np.uint8), context.get(t, 0), 0.0) for t in sparse}
+                results = {
+                    t: _counted(t, np.full(owned[t], UNCLASSIFIED, dtype=np.uint8), context.get(t, 0), 0.0)
+                    for t in sparse
+                }
                 # Tiles are written in id order as their classes come in, while the next ones are classified.
                 writer.plan(sorted(owned))
                 writer.ready(results)
                 if modelled:
                     # classify_s: from here, the cluster's start included (what is left of it after the scan).
                     started = time.perf_counter()
-                    active = client if client is not None else clients.enter_context(
-                        dask_client(settings, workers, early_cluster))
+                    active = (
+                        client
+                        if client is not None
+                        else clients.enter_context(dask_client(settings, workers, early_cluster))
+                    )
                     dashboard = getattr(active, "dashboard_link", None)
                     if dashboard and len(modelled) > 1:
                         log.info("Dask dashboard: %s", dashboard)
                     # Every worker of a local cluster has registered (dask_client waits for them); a
                     # remote scheduler's workers come and go, so take the count at hand, at least one.
                     n_workers = wait_for_workers(active, 1, WORKER_START_SECONDS, "the Dask scheduler")
-                    for finished in _run_tiles(active, _batches(modelled, context), batch, n_workers, len(owned), progress):
+                    for finished in _run_tiles(
+                        active, _batches(modelled, context), batch, n_workers, len(owned), progress
+                    ):
                         results |= finished
                         writer.ready(finished)
                     timings["classify_s"] = time.perf_counter() - started
@@ -499,8 +569,14 @@ def classify_file(
     )
 
 
-def _run_tiles(client: Any, batches: list[list[int]], make_batch: Callable[[list[int]], TileBatch], n_workers: int, total_tiles: int,
-               progress: Progress | None) -> Iterator[dict[int, TileResult]]:  # fmt: skip
+def _run_tiles(
+    client: Any,
+    batches: list[list[int]],
+    make_batch: Callable[[list[int]], TileBatch],
+    n_workers: int,
+    total_tiles: int,
+    progress: Progress | None,
+) -> Iterator[dict[int, TileResult]]:
     """Each finished task's results, as they come in."""
     import dask
     from distributed import as_completed
@@ -527,7 +603,8 @@ def _run_tiles(client: Any, batches: list[list[int]], make_batch: Callable[[list
                 raise ClusterStartError(
                     f"every worker of the Dask cluster is gone (killed, or out of memory) and none came back within "
                     f"{NO_WORKERS_TIMEOUT}: nothing was written; retry, with fewer workers (--workers, POINTFLOW_WORKERS) "
-                    f"if memory is short") from None
+                    f"if memory is short"
+                ) from None
             finished = {result.tile_id: result for result in outcome}
             future.release()
             following = next(pending, None)
@@ -553,7 +630,11 @@ def writable_header(header: laspy.LasHeader) -> laspy.LasHeader:
     out = copy.deepcopy(header)
     current = f"{header.version.major}.{header.version.minor}"
     if current not in _WRITABLE_VERSIONS or not is_point_fmt_compatible_with_version(header.point_format.id, current):
-        version = next(v for v in _WRITABLE_VERSIONS if v >= current and is_point_fmt_compatible_with_version(header.point_format.id, v))
+        version = next(
+            v
+            for v in _WRITABLE_VERSIONS
+            if v >= current and is_point_fmt_compatible_with_version(header.point_format.id, v)
+        )
         out.version = laspy.header.Version.from_str(version)
     out.vlrs = [v for v in out.vlrs if v.user_id != "copc"]
     if out.evlrs is not None:
@@ -584,8 +665,13 @@ class _TileWriter:
         self.order = order
         compress = self.output_path.suffix.lower() == ".laz"
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = laspy.open(self.partial, mode="w", header=self.header, do_compress=compress,
-                                 laz_backend=laspy.LazBackend.LazrsParallel if compress else None)
+        self.writer = laspy.open(
+            self.partial,
+            mode="w",
+            header=self.header,
+            do_compress=compress,
+            laz_backend=laspy.LazBackend.LazrsParallel if compress else None,
+        )
 
     def ready(self, results: dict[int, TileResult]) -> None:
         """Take these tiles' classes; write every tile whose predecessors are all written."""

@@ -137,7 +137,9 @@ def copc_point_format(source: laspy.PointFormat) -> laspy.PointFormat:
     return target
 
 
-def _converter(source: laspy.PointFormat, target: laspy.PointFormat) -> Callable[[laspy.ScaleAwarePointRecord], np.ndarray]:
+def _converter(
+    source: laspy.PointFormat, target: laspy.PointFormat
+) -> Callable[[laspy.ScaleAwarePointRecord], np.ndarray]:
     if source.id == target.id:
         return lambda chunk: chunk.array
 
@@ -153,7 +155,14 @@ def _converter(source: laspy.PointFormat, target: laspy.PointFormat) -> Callable
 
 def _xyz(records: np.ndarray, scales: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Real coordinates (n x 3), as readers compute them from the stored integers."""
-    return np.stack([records["X"] * scales[0] + offsets[0], records["Y"] * scales[1] + offsets[1], records["Z"] * scales[2] + offsets[2]], axis=1)
+    return np.stack(
+        [
+            records["X"] * scales[0] + offsets[0],
+            records["Y"] * scales[1] + offsets[1],
+            records["Z"] * scales[2] + offsets[2],
+        ],
+        axis=1,
+    )
 
 
 def _voxel_picks(xyz: np.ndarray, priority: np.ndarray, node_mins: np.ndarray, side: float) -> np.ndarray:
@@ -235,7 +244,9 @@ def write_copc(source: Path, target: Path, scratch: Path, progress: Progress | N
             depth = _bin_depth(int(header.point_count))
             stats = _scan(source, header, point_format, cube, depth, bins_dir, progress)
             # Each node is one chunk: LAZ's variable-size chunks, as COPC requires.
-            vlr = lazrs.LazVlr.new_for_compression(point_format.id, point_format.num_extra_bytes, use_variable_size_chunks=True)
+            vlr = lazrs.LazVlr.new_for_compression(
+                point_format.id, point_format.num_extra_bytes, use_variable_size_chunks=True
+            )
             out_header = _output_header(header, point_format, vlr, stats)
             with open(partial, "w+b") as handle:
                 out_header.write_to(handle)
@@ -254,7 +265,9 @@ def write_copc(source: Path, target: Path, scratch: Path, progress: Progress | N
                     raise RuntimeError(f"COPC writer placed {written} of {stats.points} points")
                 out_header.start_of_first_evlr, page_size = _write_hierarchy(handle, entries)
                 out_header.number_of_evlrs = 1
-                out_header.vlrs[0].record_data = _info_bytes(cube, out_header.start_of_first_evlr + EVLR_HEADER.size, page_size, stats)
+                out_header.vlrs[0].record_data = _info_bytes(
+                    cube, out_header.start_of_first_evlr + EVLR_HEADER.size, page_size, stats
+                )
                 handle.seek(0)
                 out_header.write_to(handle, ensure_same_size=True)
         partial.replace(target)
@@ -264,7 +277,9 @@ def write_copc(source: Path, target: Path, scratch: Path, progress: Progress | N
     levels: dict[int, int] = {}
     for key, _, _, count in entries:
         levels[key.d] = levels.get(key.d, 0) + count
-    return CopcSummary(points=stats.points, nodes=len(entries), depth=max(levels), points_per_level=dict(sorted(levels.items())))
+    return CopcSummary(
+        points=stats.points, nodes=len(entries), depth=max(levels), points_per_level=dict(sorted(levels.items()))
+    )
 
 
 @dataclass
@@ -276,7 +291,15 @@ class _Stats:
     by_return: np.ndarray = field(default_factory=lambda: np.zeros(15, dtype=np.int64))
 
 
-def _scan(source: Path, header: laspy.LasHeader, point_format: laspy.PointFormat, cube: Cube, depth: int, bins_dir: Path, progress: Progress | None) -> _Stats:
+def _scan(
+    source: Path,
+    header: laspy.LasHeader,
+    point_format: laspy.PointFormat,
+    cube: Cube,
+    depth: int,
+    bins_dir: Path,
+    progress: Progress | None,
+) -> _Stats:
     convert = _converter(header.point_format, point_format)
     scales, offsets = np.asarray(header.scales, dtype=np.float64), np.asarray(header.offsets, dtype=np.float64)
     stats = _Stats()
@@ -287,7 +310,9 @@ def _scan(source: Path, header: laspy.LasHeader, point_format: laspy.PointFormat
             continue
         low, high = xyz.min(axis=0), xyz.max(axis=0)
         if (low < cube.mins).any() or (high > cube.maxs).any():
-            raise ValueError(f"{source.name}: points lie outside the bounds its header gives ({low} .. {high}); rewrite the file to fix its header")
+            raise ValueError(
+                f"{source.name}: points lie outside the bounds its header gives ({low} .. {high}); rewrite the file to fix its header"
+            )
         stats.mins, stats.maxs = np.minimum(stats.mins, low), np.maximum(stats.maxs, high)
         gps = records["gps_time"]
         stats.gps = (min(stats.gps[0], float(gps.min())), max(stats.gps[1], float(gps.max())))
@@ -309,7 +334,9 @@ def _bin_key(depth: int, flat: int) -> Key:
 
 
 class _Builder:
-    def __init__(self, cube: Cube, scales: np.ndarray, offsets: np.ndarray, dtype: np.dtype, chunks: _Chunks, ancestors_dir: Path) -> None:
+    def __init__(
+        self, cube: Cube, scales: np.ndarray, offsets: np.ndarray, dtype: np.dtype, chunks: _Chunks, ancestors_dir: Path
+    ) -> None:
         self.cube, self.scales, self.offsets, self.dtype = cube, scales, offsets, dtype
         self.chunks, self.ancestors_dir = chunks, ancestors_dir
 
@@ -344,9 +371,18 @@ class _Builder:
         children_dir = path.with_name(f"{path.name}.children")
         children_dir.mkdir()
         for part in _read_slices(path, self.dtype):
-            append_grouped(part, key.octants(self.cube.cells(key.d + 1, _xyz(part, self.scales, self.offsets))), children_dir, "bin")
+            append_grouped(
+                part,
+                key.octants(self.cube.cells(key.d + 1, _xyz(part, self.scales, self.offsets))),
+                children_dir,
+                "bin",
+            )
         path.unlink()
-        return [(key.child(octant), children_dir / f"{octant}.bin") for octant in range(8) if (children_dir / f"{octant}.bin").exists()]
+        return [
+            (key.child(octant), children_dir / f"{octant}.bin")
+            for octant in range(8)
+            if (children_dir / f"{octant}.bin").exists()
+        ]
 
     def _subtree(self, key: Key, records: np.ndarray, xyz: np.ndarray, priority: np.ndarray, index: np.ndarray) -> None:
         """Nodes from `key` down; index arrays stay ascending, so every node is in file order."""
@@ -391,7 +427,10 @@ def _with_ancestors(entries: list[tuple[Key, int, int, int]]) -> list[tuple[Key,
 
 def _write_hierarchy(handle, entries: list[tuple[Key, int, int, int]]) -> tuple[int, int]:
     """The hierarchy EVLR (one page) at the end of the file: where its EVLR header starts, the page's size."""
-    page = b"".join(HIERARCHY_ENTRY.pack(key.d, key.x, key.y, key.z, offset, size, count) for key, offset, size, count in _with_ancestors(entries))
+    page = b"".join(
+        HIERARCHY_ENTRY.pack(key.d, key.x, key.y, key.z, offset, size, count)
+        for key, offset, size, count in _with_ancestors(entries)
+    )
     start = handle.tell()
     handle.write(EVLR_HEADER.pack(0, b"copc", 1000, len(page), b"EPT hierarchy"))
     handle.write(page)
@@ -400,11 +439,22 @@ def _write_hierarchy(handle, entries: list[tuple[Key, int, int, int]]) -> tuple[
 
 def _info_bytes(cube: Cube, hierarchy_offset: int, hierarchy_size: int, stats: _Stats) -> bytes:
     gps_min, gps_max = stats.gps
-    data = struct.pack("<5d2Q2d", *cube.center, cube.halfsize, 2 * cube.halfsize / GRID, hierarchy_offset, hierarchy_size, gps_min, gps_max)
+    data = struct.pack(
+        "<5d2Q2d",
+        *cube.center,
+        cube.halfsize,
+        2 * cube.halfsize / GRID,
+        hierarchy_offset,
+        hierarchy_size,
+        gps_min,
+        gps_max,
+    )
     return data + bytes(INFO_VLR_BYTES - len(data))
 
 
-def _output_header(source: laspy.LasHeader, point_format: laspy.PointFormat, vlr: lazrs.LazVlr, stats: _Stats) -> laspy.LasHeader:
+def _output_header(
+    source: laspy.LasHeader, point_format: laspy.PointFormat, vlr: lazrs.LazVlr, stats: _Stats
+) -> laspy.LasHeader:
     from pipelines import __version__
 
     header = laspy.LasHeader(version="1.4", point_format=point_format)
@@ -424,7 +474,11 @@ def _output_header(source: laspy.LasHeader, point_format: laspy.PointFormat, vlr
     # (Setting the list re-appends the extra bytes VLR of the point format.)
     crs_vlrs = [v for v in header.vlrs if isinstance(v, laspy.vlrs.known.WktCoordinateSystemVlr)]
     placeholder = _info_bytes(Cube(np.zeros(3), 1.0), 0, 0, stats)
-    header.vlrs = [laspy.VLR("copc", 1, "COPC info", placeholder), laspy.vlrs.known.LasZipVlr(vlr.record_data()), *crs_vlrs]
+    header.vlrs = [
+        laspy.VLR("copc", 1, "COPC info", placeholder),
+        laspy.vlrs.known.LasZipVlr(vlr.record_data()),
+        *crs_vlrs,
+    ]
     header.are_points_compressed = True
     header.global_encoding.wkt = True
     return header

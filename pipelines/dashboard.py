@@ -13,7 +13,7 @@ import io
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -40,12 +40,28 @@ from pipelines.runtime import Runtime
 from pipelines.storage import AccountArea, UnsafeKeyError, check_account_id
 
 PREVIEW_MEDIA_TYPES = {"preview.png": "image/png", SAMPLE_NAME: "application/x-ply"}
-DOCUMENT_MEDIA_TYPES = {"html": "text/html; charset=utf-8", "csv": "text/csv; charset=utf-8", "json": "application/json",
-                        "pdf": "application/pdf", "xml": "application/xml"}  # fmt: skip
+DOCUMENT_MEDIA_TYPES = {
+    "html": "text/html; charset=utf-8",
+    "csv": "text/csv; charset=utf-8",
+    "json": "application/json",
+    "pdf": "application/pdf",
+    "xml": "application/xml",
+}
 # Stacked bars, one colour per account, in a fixed order so a month's stack reads the same way.
 # matplotlib's rcParams are process-wide and the web server renders charts from several threads.
 _CHART_LOCK = threading.Lock()
-ACCOUNT_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+ACCOUNT_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 
 
 class NotServed(PointflowError, LookupError):
@@ -150,8 +166,10 @@ class Dashboard:
         return {a.account_id: a.name for a in self.accounts}
 
 
-def build_dashboard(runtime: Runtime, as_of: datetime | None = None, months: int = 6, job_limit: int = 10, invoice_limit: int = 24) -> Dashboard:
-    as_of = (as_of or datetime.now(timezone.utc)).astimezone(timezone.utc)
+def build_dashboard(
+    runtime: Runtime, as_of: datetime | None = None, months: int = 6, job_limit: int = 10, invoice_limit: int = 24
+) -> Dashboard:
+    as_of = (as_of or datetime.now(UTC)).astimezone(UTC)
     labels = month_labels(as_of.date(), months)
     usage = monthly_usage(runtime, labels)
     lifecycle = lifecycle_queue(runtime, as_of)
@@ -172,7 +190,9 @@ def month_labels(today: date, months: int) -> list[str]:
     return [Period.of(add_months(first, -back)).label for back in range(months - 1, -1, -1)]
 
 
-def accounts_overview(runtime: Runtime, as_of: datetime, lifecycle: LifecycleQueue, usage: list[MonthUsage]) -> list[AccountRow]:
+def accounts_overview(
+    runtime: Runtime, as_of: datetime, lifecycle: LifecycleQueue, usage: list[MonthUsage]
+) -> list[AccountRow]:
     this_month = Period.of(as_of.date()).label
     points = {u.account_id: u.billable_points for u in usage if u.period == this_month}
     held = {h.account_id for h in lifecycle.holds}
@@ -198,10 +218,20 @@ def accounts_overview(runtime: Runtime, as_of: datetime, lifecycle: LifecycleQue
             status.append("inactivity notice sent")
         if account.account_id in held:
             status.append("legal hold")
-        rows.append(AccountRow(
-            account.account_id, account.name, account.email, account.plan, account.billing_cycle, account.started_at,
-            account.last_login_at, tuple(status), int(jobs.get(account.account_id, 0)), points.get(account.account_id, 0),
-        ))  # fmt: skip
+        rows.append(
+            AccountRow(
+                account.account_id,
+                account.name,
+                account.email,
+                account.plan,
+                account.billing_cycle,
+                account.started_at,
+                account.last_login_at,
+                tuple(status),
+                int(jobs.get(account.account_id, 0)),
+                points.get(account.account_id, 0),
+            )
+        )
     return rows
 
 
@@ -216,13 +246,28 @@ def recent_jobs(runtime: Runtime, limit: int, as_of: datetime) -> list[JobRow]:
         classes = tuple({**row, "colour": colour_of(row["class"])} for row in class_summary(counts)) if counts else ()
         if job.account_id not in locked:
             locked[job.account_id] = is_locked(runtime.catalog, job.account_id, as_of)
-        has_preview = job.state == JobState.EXPORTED.value and job.export_prefix is not None and not locked[job.account_id]
+        has_preview = (
+            job.state == JobState.EXPORTED.value and job.export_prefix is not None and not locked[job.account_id]
+        )
         manifest = read_manifest(runtime.store, export_prefix(job.account_id, job.job_id)) if has_preview else None
         has_sample = any(a.get("name") == SAMPLE_NAME for a in (manifest or {}).get("artifacts", []))
-        rows.append(JobRow(
-            job.job_id, job.account_id, job.state, job.classifier, job.classifier_version, job.points_processed,
-            job.created_at, job.finished_at, job.error, classes, locked[job.account_id], has_preview, has_sample,
-        ))  # fmt: skip
+        rows.append(
+            JobRow(
+                job.job_id,
+                job.account_id,
+                job.state,
+                job.classifier,
+                job.classifier_version,
+                job.points_processed,
+                job.created_at,
+                job.finished_at,
+                job.error,
+                classes,
+                locked[job.account_id],
+                has_preview,
+                has_sample,
+            )
+        )
     return rows
 
 
@@ -256,14 +301,29 @@ def usage_chart_svg(dashboard: Dashboard) -> str:
         bottom = [0.0] * len(months)
         for index, account_id in enumerate(accounts):
             values = [by_key.get((account_id, m), 0) / 1e6 for m in months]
-            bars = axes.bar(months, values, bottom=bottom, label=account_id, color=ACCOUNT_COLOURS[index % len(ACCOUNT_COLOURS)], width=0.6)
+            bars = axes.bar(
+                months,
+                values,
+                bottom=bottom,
+                label=account_id,
+                color=ACCOUNT_COLOURS[index % len(ACCOUNT_COLOURS)],
+                width=0.6,
+            )
             for bar, month, value in zip(bars, months, values, strict=True):
                 if value:
                     bar.set_gid(f"usage-{account_id}-{month}")
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         for month, total in zip(months, bottom, strict=True):
             if total:
-                axes.annotate(f"{total:,.2f} M", (month, total), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=9, color="#333333")
+                axes.annotate(
+                    f"{total:,.2f} M",
+                    (month, total),
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=9,
+                    color="#333333",
+                )
         axes.set_ylabel("billable points (millions)")
         axes.margins(y=0.12)
         axes.set_title("Classification usage per month (UTC)", loc="left")
@@ -273,22 +333,37 @@ def usage_chart_svg(dashboard: Dashboard) -> str:
         if accounts:
             axes.legend(title="account", loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
         else:
-            axes.text(0.5, 0.5, "no usage recorded in these months", transform=axes.transAxes, ha="center", color="#777777")
+            axes.text(
+                0.5, 0.5, "no usage recorded in these months", transform=axes.transAxes, ha="center", color="#777777"
+            )
         figure.tight_layout()
         buffer = io.StringIO()
         figure.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
     text = buffer.getvalue()
-    return text[text.index("<svg"):]
+    return text[text.index("<svg") :]
 
 
 def recent_invoices(runtime: Runtime, limit: int) -> list[InvoiceRow]:
     with runtime.catalog.session() as session:
-        invoices = [invoice_view(i) for i in session.scalars(select(Invoice).order_by(Invoice.period.desc(), Invoice.sequence).limit(limit))]
+        invoices = [
+            invoice_view(i)
+            for i in session.scalars(select(Invoice).order_by(Invoice.period.desc(), Invoice.sequence).limit(limit))
+        ]
     rows = []
     for invoice in invoices:
         published = tuple(fmt for fmt, key in document_keys(invoice).items() if runtime.store.exists(key))
-        rows.append(InvoiceRow(invoice.invoice_number, invoice.account_id, invoice.period, invoice.issue_date, invoice.due_date,
-                               invoice.currency, invoice.total, published))  # fmt: skip
+        rows.append(
+            InvoiceRow(
+                invoice.invoice_number,
+                invoice.account_id,
+                invoice.period,
+                invoice.issue_date,
+                invoice.due_date,
+                invoice.currency,
+                invoice.total,
+                published,
+            )
+        )
     return rows
 
 
@@ -301,8 +376,16 @@ def lifecycle_queue(runtime: Runtime, as_of: datetime) -> LifecycleQueue:
     with runtime.catalog.session() as session:
         notices = list(session.scalars(select(LifecycleNotice).order_by(LifecycleNotice.sent_at.desc())))
         terminations = list(session.scalars(select(Termination).order_by(Termination.effective_at)))
-        holds = list(session.scalars(select(LegalHold).where(LegalHold.released_at.is_(None)).order_by(LegalHold.placed_at)))
-        averted = set(session.execute(select(LifecycleAction.account_id, LifecycleAction.subject).where(LifecycleAction.action == "closure_averted")).all())
+        holds = list(
+            session.scalars(select(LegalHold).where(LegalHold.released_at.is_(None)).order_by(LegalHold.placed_at))
+        )
+        averted = set(
+            session.execute(
+                select(LifecycleAction.account_id, LifecycleAction.subject).where(
+                    LifecycleAction.action == "closure_averted"
+                )
+            ).all()
+        )
         session.expunge_all()
     held = {h.account_id for h in holds}
     terminated = {t.account_id for t in terminations}
@@ -311,29 +394,70 @@ def lifecycle_queue(runtime: Runtime, as_of: datetime) -> LifecycleQueue:
     open_cycles: dict[tuple[str, str], LifecycleNotice] = {}
     for notice in sorted(notices, key=lambda n: n.sent_at):
         cycle = notice.detail.get("cycle")
-        if notice.kind in ("inactivity_notice", "inactivity_reminder") and cycle and (notice.account_id, cycle) not in averted:
+        if (
+            notice.kind in ("inactivity_notice", "inactivity_reminder")
+            and cycle
+            and (notice.account_id, cycle) not in averted
+        ):
             open_cycles[(notice.account_id, cycle)] = notice
     for (account_id, _cycle), notice in open_cycles.items():
         if account_id not in terminated and notice.detail.get("closure_at"):
-            scheduled.append(ScheduledRow(account_id, "closure", "inactivity", _instant(notice.detail["closure_at"]), "no login (inactivity notice sent)", False))
+            scheduled.append(
+                ScheduledRow(
+                    account_id,
+                    "closure",
+                    "inactivity",
+                    _instant(notice.detail["closure_at"]),
+                    "no login (inactivity notice sent)",
+                    False,
+                )
+            )
     for termination in terminations:
         if termination.deleted_at is None and termination.deletion_due_at is not None:
             reason = f"contract ended ({termination.reason.replace('_', ' ')})"
-            scheduled.append(ScheduledRow(termination.account_id, "deletion", "termination", termination.deletion_due_at, reason, termination.account_id in held))
+            scheduled.append(
+                ScheduledRow(
+                    termination.account_id,
+                    "deletion",
+                    "termination",
+                    termination.deletion_due_at,
+                    reason,
+                    termination.account_id in held,
+                )
+            )
         elif termination.locked_at is None and termination.effective_at > as_of:
-            scheduled.append(ScheduledRow(termination.account_id, "closure", "termination", termination.effective_at, f"contract ends ({termination.reason.replace('_', ' ')})", False))
+            scheduled.append(
+                ScheduledRow(
+                    termination.account_id,
+                    "closure",
+                    "termination",
+                    termination.effective_at,
+                    f"contract ends ({termination.reason.replace('_', ' ')})",
+                    False,
+                )
+            )
     return LifecycleQueue(
         as_of=as_of,
         due_now=tuple(due_now),
         due_now_error=error,
-        notices=tuple(NoticeRow(n.account_id, n.kind, n.sent_at, n.recipient, n.detail.get("closure_at"), n.detail.get("deletion_at") or n.detail.get("service_stops_at")) for n in notices),
+        notices=tuple(
+            NoticeRow(
+                n.account_id,
+                n.kind,
+                n.sent_at,
+                n.recipient,
+                n.detail.get("closure_at"),
+                n.detail.get("deletion_at") or n.detail.get("service_stops_at"),
+            )
+            for n in notices
+        ),
         scheduled=tuple(sorted(scheduled, key=lambda s: s.due_at)),
         holds=tuple(HoldView(h.account_id, h.id, h.reason, h.placed_at, h.released_at) for h in holds),
     )
 
 
 def _instant(text: str) -> datetime:
-    return datetime.fromisoformat(text).astimezone(timezone.utc)
+    return datetime.fromisoformat(text).astimezone(UTC)
 
 
 def job_preview(runtime: Runtime, account_id: str, job_id: str, name: str) -> tuple[bytes, str]:

@@ -14,4 +14,10 @@ class UserError(PointflowError):
 
 # Plain ValueErrors are still raised for bad arguments in places; the standard library's file
 # errors are what a wrong path gives.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+)

@@ -38,7 +38,11 @@ if TYPE_CHECKING:
 
 MANIFEST_NAME = "manifest.json"
 EXPORT_FORMATS = ("laz", "las", "copc")
-POINT_MEDIA_TYPES = {"laz": "application/vnd.laszip", "las": "application/vnd.las", "copc": "application/vnd.laszip+copc"}
+POINT_MEDIA_TYPES = {
+    "laz": "application/vnd.laszip",
+    "las": "application/vnd.las",
+    "copc": "application/vnd.laszip+copc",
+}
 POINT_SUFFIXES = {"laz": ".laz", "las": ".las", "copc": COPC_SUFFIX}
 SAMPLE_NAME = "preview-3d.ply"
 # Kinds the plan must allow downloading: the points, and the 3D sample, which is points too
@@ -72,13 +76,24 @@ def _staging_prefix(account_id: str, job_id: str) -> str:
 
 def write_points_as(source: Path, target: Path) -> Path:
     """Re-encode a classified LAZ as LAS (or LAZ) by target suffix, chunk by chunk."""
-    with laspy.open(source) as reader, laspy.open(target, mode="w", header=reader.header, do_compress=target.suffix.lower() == ".laz") as writer:
+    with (
+        laspy.open(source) as reader,
+        laspy.open(target, mode="w", header=reader.header, do_compress=target.suffix.lower() == ".laz") as writer,
+    ):
         for chunk in reader.chunk_iterator(CHUNK_POINTS):
             writer.write_points(chunk)
     return target
 
 
-def build_artifacts(classified: Path, workdir: Path, stem: str, export_format: str, class_counts: dict[int, int], report_html: bytes | None, title: str) -> list[Artifact]:
+def build_artifacts(
+    classified: Path,
+    workdir: Path,
+    stem: str,
+    export_format: str,
+    class_counts: dict[int, int],
+    report_html: bytes | None,
+    title: str,
+) -> list[Artifact]:
     if export_format not in EXPORT_FORMATS:
         raise ValueError(f"export format {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     name = stem + POINT_SUFFIXES[export_format]
@@ -107,10 +122,21 @@ def build_artifacts(classified: Path, workdir: Path, stem: str, export_format: s
 
 def software_versions() -> dict[str, str]:
     """What produced an export, down to the libraries that read, classify and write the points."""
-    return {"pointflow": __version__, "python": platform.python_version(), **{name: metadata.version(name) for name in ("laspy", "lazrs", "numpy", "scipy", "lightgbm")}}
+    return {
+        "pointflow": __version__,
+        "python": platform.python_version(),
+        **{name: metadata.version(name) for name in ("laspy", "lazrs", "numpy", "scipy", "lightgbm")},
+    }
 
 
-def build_manifest(job: JobRecord, input_file: dict[str, Any], artifacts: list[dict[str, Any]], summary: dict[str, Any], coordinates: CoordinateFrame, created_at: datetime) -> dict[str, Any]:
+def build_manifest(
+    job: JobRecord,
+    input_file: dict[str, Any],
+    artifacts: list[dict[str, Any]],
+    summary: dict[str, Any],
+    coordinates: CoordinateFrame,
+    created_at: datetime,
+) -> dict[str, Any]:
     """Everything needed to trace a result: what came in, what went out, and what classified it."""
     counts = {str(k): v for k, v in sorted(summary["class_counts"].items(), key=lambda kv: int(kv[0]))}
     return {
@@ -123,18 +149,29 @@ def build_manifest(job: JobRecord, input_file: dict[str, Any], artifacts: list[d
         "input": input_file,
         # The CRS and the unit of x, y and z (pipelines.units), as the file states them.
         "coordinates": coordinates.to_dict(),
-        "classifier": {"name": summary["classifier"], "version": summary["classifier_version"], "params": summary["classifier_params"]},
+        "classifier": {
+            "name": summary["classifier"],
+            "version": summary["classifier_version"],
+            "params": summary["classifier_params"],
+        },
         "points": {"input": summary["input_points"], "output": summary["output_points"]},
         "class_counts": counts,
         "class_names": {k: ASPRS_CLASS_NAMES.get(int(k), "other") for k in counts},
-        "tiling": {"tiles": summary["tiles"], "tile_size_m": summary["tile_size"], "buffer_m": summary["tile_buffer"], "workers": summary["workers"]},
+        "tiling": {
+            "tiles": summary["tiles"],
+            "tile_size_m": summary["tile_size"],
+            "buffer_m": summary["tile_buffer"],
+            "workers": summary["workers"],
+        },
         "timings_s": summary["timings"],
         "validation": summary.get("validation", {}),
         "artifacts": artifacts,
     }
 
 
-def publish(store: ObjectStore, account_id: str, job_id: str, artifacts: list[Artifact], manifest_for) -> dict[str, Any]:
+def publish(
+    store: ObjectStore, account_id: str, job_id: str, artifacts: list[Artifact], manifest_for
+) -> dict[str, Any]:
     """Stage, copy into place, write the manifest (`manifest_for(described artifacts)`) last."""
     staging, prefix = _staging_prefix(account_id, job_id), export_prefix(account_id, job_id)
     described = []
@@ -179,7 +216,9 @@ class DownloadLink:
     expires_at: datetime
 
 
-def download_links(store: ObjectStore, signer: LinkSigner, account_id: str, job_id: str, downloads_allowed: bool, expires_at: datetime) -> list[DownloadLink]:
+def download_links(
+    store: ObjectStore, signer: LinkSigner, account_id: str, job_id: str, downloads_allowed: bool, expires_at: datetime
+) -> list[DownloadLink]:
     """Signed links (pipelines.links) for a published export; point files only where the plan allows downloads."""
     manifest = read_manifest(store, export_prefix(account_id, job_id))
     if manifest is None:
@@ -208,10 +247,14 @@ def published_artifact(store: ObjectStore, account_id: str, key: str) -> dict[st
 
 def check_plan_allows(artifact: dict[str, Any], downloads_allowed: bool) -> None:
     if artifact["kind"] in DOWNLOAD_KINDS and not downloads_allowed:
-        raise DownloadRefused("point files cannot be downloaded on the free plan: view the report and preview, or upgrade to download")
+        raise DownloadRefused(
+            "point files cannot be downloaded on the free plan: view the report and preview, or upgrade to download"
+        )
 
 
-def artifact_link(store: ObjectStore, signer: LinkSigner, account_id: str, key: str, downloads_allowed: bool, expires_at: datetime) -> str:
+def artifact_link(
+    store: ObjectStore, signer: LinkSigner, account_id: str, key: str, downloads_allowed: bool, expires_at: datetime
+) -> str:
     """A signed link to one published artifact of this account, refusing what the plan forbids."""
     check_plan_allows(published_artifact(store, account_id, key), downloads_allowed)
     return signer.url(LinkClaim(account_id, key, expires_at))

@@ -76,8 +76,12 @@ def check_structure(path: Path) -> None:
         if (major, minor) not in {(1, m) for m in HEADER_SIZES}:
             raise NotPointCloudError(f"{name}: LAS version {major}.{minor} is not one we read (1.0 to 1.4)", "version")
         if not HEADER_SIZES[minor] <= header_size <= min(offset, size):
-            raise _unreadable(name, f"header size {header_size}, point data at byte {offset}, file size {size:,} "
-                                    f"(LAS {major}.{minor} needs a header of {HEADER_SIZES[minor]} bytes before the point data)", "header_size")  # fmt: skip
+            raise _unreadable(
+                name,
+                f"header size {header_size}, point data at byte {offset}, file size {size:,} "
+                f"(LAS {major}.{minor} needs a header of {HEADER_SIZES[minor]} bytes before the point data)",
+                "header_size",
+            )
         evlr_start = evlr_count = 0
         if minor >= 4:
             evlr_start, evlr_count, count = _HEADER_14.unpack_from(head, 235)
@@ -87,18 +91,31 @@ def check_structure(path: Path) -> None:
             raise NotPointCloudError(f"{name}: point data format {point_format} is not one of 0 to 10", "point_format")
         extra = record_length - FORMAT_SIZES[point_format]
         if extra < 0:
-            raise _unreadable(name, f"point records of {record_length} bytes are shorter than format {point_format}'s {FORMAT_SIZES[point_format]}", "record_length")
+            raise _unreadable(
+                name,
+                f"point records of {record_length} bytes are shorter than format {point_format}'s {FORMAT_SIZES[point_format]}",
+                "record_length",
+            )
         if extra > MAX_EXTRA_BYTES:
-            raise NotPointCloudError(f"{name}: each point carries {extra:,} extra bytes beyond format {point_format}'s fields; "
-                                     f"we accept at most {MAX_EXTRA_BYTES}: drop unneeded extra dimensions when exporting", "extra_bytes")  # fmt: skip
+            raise NotPointCloudError(
+                f"{name}: each point carries {extra:,} extra bytes beyond format {point_format}'s fields; "
+                f"we accept at most {MAX_EXTRA_BYTES}: drop unneeded extra dimensions when exporting",
+                "extra_bytes",
+            )
         if count == 0:
             raise NotPointCloudError(f"{name} holds no points (zero points in the header)", "point_count")
         room = offset - header_size
         # laspy reads every declared record, even past the end of the file: 4 billion of them hang it.
         if vlr_count > MAX_RECORDS:
-            raise _unreadable(name, f"it declares {vlr_count:,} variable-length records; at most {MAX_RECORDS:,} are read", "vlrs")
+            raise _unreadable(
+                name, f"it declares {vlr_count:,} variable-length records; at most {MAX_RECORDS:,} are read", "vlrs"
+            )
         if vlr_count * VLR_HEADER_BYTES > room:
-            raise _unreadable(name, f"it declares {vlr_count:,} variable-length records, and only {room:,} bytes lie between the header and the point data", "vlrs")
+            raise _unreadable(
+                name,
+                f"it declares {vlr_count:,} variable-length records, and only {room:,} bytes lie between the header and the point data",
+                "vlrs",
+            )
         handle.seek(header_size)
         vlrs = handle.read(room)
         _check_evlrs(handle, name, size, offset, evlr_start, evlr_count)
@@ -109,7 +126,8 @@ def check_structure(path: Path) -> None:
             raise NotPointCloudError(
                 f"{name}: the header's point count ({count:,} points of {record_length} bytes) needs "
                 f"{count * record_length:,} bytes of point data; the file holds {max(data_end - offset, 0):,}: it is truncated "
-                "or its point count is wrong", "point_count",
+                "or its point count is wrong",
+                "point_count",
             )
 
 
@@ -118,19 +136,31 @@ def _check_evlrs(handle, name: str, size: int, offset: int, start: int, count: i
     if count == 0:
         return
     if count > MAX_RECORDS:
-        raise _unreadable(name, f"it declares {count:,} extended variable-length records; at most {MAX_RECORDS:,} are read", "evlrs")
+        raise _unreadable(
+            name, f"it declares {count:,} extended variable-length records; at most {MAX_RECORDS:,} are read", "evlrs"
+        )
     if start < offset or start + count * EVLR_HEADER_BYTES > size:
-        raise _unreadable(name, f"it declares {count:,} extended variable-length records from byte {start:,}, and the file ends at byte {size:,}", "evlrs")
+        raise _unreadable(
+            name,
+            f"it declares {count:,} extended variable-length records from byte {start:,}, and the file ends at byte {size:,}",
+            "evlrs",
+        )
     position = start
     for index in range(count):
         handle.seek(position)
         record = handle.read(EVLR_HEADER_BYTES)
         if len(record) < EVLR_HEADER_BYTES:
-            raise _unreadable(name, f"extended variable-length record {index + 1} of {count} starts past the end of the file", "evlrs")
+            raise _unreadable(
+                name, f"extended variable-length record {index + 1} of {count} starts past the end of the file", "evlrs"
+            )
         _, _, length = _EVLR.unpack(record)
         position += EVLR_HEADER_BYTES + length
         if position > size:
-            raise _unreadable(name, f"extended variable-length record {index + 1} claims {length:,} bytes, past the end of the file", "evlrs")
+            raise _unreadable(
+                name,
+                f"extended variable-length record {index + 1} claims {length:,} bytes, past the end of the file",
+                "evlrs",
+            )
 
 
 def _laszip_record(vlrs: bytes, count: int) -> bytes | None:
@@ -146,15 +176,23 @@ def _laszip_record(vlrs: bytes, count: int) -> bytes | None:
     return None
 
 
-def _check_laz(handle, name: str, vlrs: bytes, vlr_count: int, offset: int, data_end: int, record_length: int, count: int) -> None:
+def _check_laz(
+    handle, name: str, vlrs: bytes, vlr_count: int, offset: int, data_end: int, record_length: int, count: int
+) -> None:
     """The laszip record and chunk table agree with the point count and fit in the file."""
     record = _laszip_record(vlrs, vlr_count)
     if record is None or len(record) < _LASZIP.size:
         raise NotPointCloudError(f"{name} says its points are compressed (LAZ) but has no valid laszip record", "laz")
     *_, chunk_size, _, _, items = _LASZIP.unpack_from(record)
-    sizes = [struct.unpack_from("<HHH", record, _LASZIP.size + 6 * i)[1] for i in range(items) if _LASZIP.size + 6 * (i + 1) <= len(record)]
+    sizes = [
+        struct.unpack_from("<HHH", record, _LASZIP.size + 6 * i)[1]
+        for i in range(items)
+        if _LASZIP.size + 6 * (i + 1) <= len(record)
+    ]
     if len(sizes) != items or sum(sizes) != record_length:
-        raise NotPointCloudError(f"{name}: the laszip record describes {sum(sizes)}-byte points, the header {record_length}-byte ones", "laz")
+        raise NotPointCloudError(
+            f"{name}: the laszip record describes {sum(sizes)}-byte points, the header {record_length}-byte ones", "laz"
+        )
     handle.seek(offset)
     (table,) = struct.unpack("<q", handle.read(8).ljust(8, b"\xff"))
     if table == -1:
@@ -162,7 +200,10 @@ def _check_laz(handle, name: str, vlrs: bytes, vlr_count: int, offset: int, data
         handle.seek(data_end - 8)
         (table,) = struct.unpack("<q", handle.read(8).ljust(8, b"\xff"))
     if not offset + 8 <= table <= data_end - 8:
-        raise NotPointCloudError(f"{name}: the LAZ chunk table lies outside the file (byte {table:,}): the file is corrupt or truncated", "laz_chunks")
+        raise NotPointCloudError(
+            f"{name}: the LAZ chunk table lies outside the file (byte {table:,}): the file is corrupt or truncated",
+            "laz_chunks",
+        )
     handle.seek(table)
     _, chunks = struct.unpack("<II", handle.read(8))
     # Each chunk starts with one whole point record: the compressed bytes bound the chunk count.
@@ -172,26 +213,43 @@ def _check_laz(handle, name: str, vlrs: bytes, vlr_count: int, offset: int, data
         layout = f"chunks of {chunk_size:,} points" if fixed else "chunks of any size"
         raise NotPointCloudError(
             f"{name}: the LAZ chunk table lists {chunks:,} {layout} for {count:,} points in {table - offset - 8:,} "
-            "compressed bytes: the file is corrupt", "laz_chunks",
+            "compressed bytes: the file is corrupt",
+            "laz_chunks",
         )
 
 
 def check_header(name: str, scales, offsets, mins, maxs) -> None:
     """Scale factors, offsets and bounds: finite, ordered and within the documented limits."""
     if not all(MIN_SCALE <= s <= MAX_SCALE for s in scales):
-        raise NotPointCloudError(f"{name}: a coordinate scale factor is zero, negative, not a number or outside "
-                                 f"[{MIN_SCALE:g}, {MAX_SCALE:g}] (x, y, z scales {_numbers(scales)})", "scale")  # fmt: skip
+        raise NotPointCloudError(
+            f"{name}: a coordinate scale factor is zero, negative, not a number or outside "
+            f"[{MIN_SCALE:g}, {MAX_SCALE:g}] (x, y, z scales {_numbers(scales)})",
+            "scale",
+        )
     if not all(math.isfinite(o) and abs(o) <= MAX_COORDINATE for o in offsets):
-        raise NotPointCloudError(f"{name}: a coordinate offset is not a finite number within +/-{MAX_COORDINATE:g} (offsets {_numbers(offsets)})", "offset")
-    if not all(math.isfinite(v) and abs(v) <= MAX_COORDINATE for v in (*mins, *maxs)) or any(lo > hi for lo, hi in zip(mins, maxs)):
-        raise NotPointCloudError(f"{name}: header bounds are not finite, beyond +/-{MAX_COORDINATE:g}, or have max below min "
-                                 f"(min {_numbers(mins)}, max {_numbers(maxs)})", "bounds")  # fmt: skip
+        raise NotPointCloudError(
+            f"{name}: a coordinate offset is not a finite number within +/-{MAX_COORDINATE:g} (offsets {_numbers(offsets)})",
+            "offset",
+        )
+    if not all(math.isfinite(v) and abs(v) <= MAX_COORDINATE for v in (*mins, *maxs)) or any(
+        lo > hi for lo, hi in zip(mins, maxs)
+    ):
+        raise NotPointCloudError(
+            f"{name}: header bounds are not finite, beyond +/-{MAX_COORDINATE:g}, or have max below min "
+            f"(min {_numbers(mins)}, max {_numbers(maxs)})",
+            "bounds",
+        )
     extents = [hi - lo for lo, hi in zip(mins, maxs)]
     if max(extents) > MAX_EXTENT:
-        raise NotPointCloudError(f"{name}: the points span {max(extents):,.0f} units, more than the {MAX_EXTENT:,.0f} we accept "
-                                 "in one file: split the survey", "extent")  # fmt: skip
+        raise NotPointCloudError(
+            f"{name}: the points span {max(extents):,.0f} units, more than the {MAX_EXTENT:,.0f} we accept "
+            "in one file: split the survey",
+            "extent",
+        )
     if extents[0] * extents[1] <= 0:
-        raise NotPointCloudError(f"{name}: the extent is degenerate (zero area): all points on one spot or one line", "extent")
+        raise NotPointCloudError(
+            f"{name}: the extent is degenerate (zero area): all points on one spot or one line", "extent"
+        )
 
 
 def _numbers(values) -> str:
@@ -216,18 +274,33 @@ def point_problems(points, scales, offsets, mins, maxs) -> list[Problem]:
         outside = int(np.count_nonzero((raw < lowest) | (raw > highest)))
         if outside:
             values = np.asarray(raw[(raw < lowest) | (raw > highest)], dtype=np.float64) * scale + offset
-            problems.append(Problem(f"points_within_{axis}_bounds", f"points lie outside the header's {axis} bounds",
-                                    f"{outside:,} of {len(raw):,} points outside [{low:g}, {high:g}], e.g. {values[0]:g}"))  # fmt: skip
+            problems.append(
+                Problem(
+                    f"points_within_{axis}_bounds",
+                    f"points lie outside the header's {axis} bounds",
+                    f"{outside:,} of {len(raw):,} points outside [{low:g}, {high:g}], e.g. {values[0]:g}",
+                )
+            )
     above = int(np.count_nonzero(np.asarray(points.return_number) > np.asarray(points.number_of_returns)))
     if above:
-        problems.append(Problem("return_numbers", "some points have a return number above their number of returns", f"{above:,} of {len(points):,} points"))
+        problems.append(
+            Problem(
+                "return_numbers",
+                "some points have a return number above their number of returns",
+                f"{above:,} of {len(points):,} points",
+            )
+        )
     return problems
 
 
 def count_problem(read: int, declared: int) -> Problem | None:
     if read == declared:
         return None
-    return Problem("point_count", "the header's point count does not match the point data", f"the header says {declared:,} points, the data holds {read:,}")
+    return Problem(
+        "point_count",
+        "the header's point count does not match the point data",
+        f"the header says {declared:,} points, the data holds {read:,}",
+    )
 
 
 def is_decoder_panic(error: BaseException) -> bool:

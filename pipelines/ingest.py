@@ -31,7 +31,14 @@ class StoredFileInfo:
     created: bool  # False when the same bytes were already stored for this account
 
     def to_public(self) -> dict:
-        return {"key": self.key, "name": self.name, "size": self.size, "sha256": self.sha256, "points": self.points, "state": self.state}
+        return {
+            "key": self.key,
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha256,
+            "points": self.points,
+            "state": self.state,
+        }
 
 
 def ingest_file(
@@ -70,14 +77,29 @@ def ingest_file(
         admit(Candidate(size=size, points=points or 0))
     key = area.key("raw", f"{digest[:12]}-{name}")
     store.put_file(key, path)
-    bounds = dict(zip(("min_x", "min_y", "min_z"), info.mins)) | dict(zip(("max_x", "max_y", "max_z"), info.maxs)) if info else {}
-    row = dict(account_id=account_id, key=key, original_name=name, size=size, sha256=digest, point_count=points, crs=info.crs if info else None, **bounds)
+    bounds = (
+        dict(zip(("min_x", "min_y", "min_z"), info.mins)) | dict(zip(("max_x", "max_y", "max_z"), info.maxs))
+        if info
+        else {}
+    )
+    row = dict(
+        account_id=account_id,
+        key=key,
+        original_name=name,
+        size=size,
+        sha256=digest,
+        point_count=points,
+        crs=info.crs if info else None,
+        **bounds,
+    )
     with catalog.session() as session:
         # Concurrent ingests of the same bytes: one row wins, the others return it.
         inserted = session.execute(insert_ignoring_duplicates(session, StoredFile).values(**row)).rowcount == 1
     stored = _stored(catalog, account_id, digest)
     if stored is None:
-        raise CatalogError(f"the object key {key} is taken by other bytes of account {account_id}: ingest the file under another name")
+        raise CatalogError(
+            f"the object key {key} is taken by other bytes of account {account_id}: ingest the file under another name"
+        )
     if stored.key != key:
         # Another ingest stored the same bytes under another name first: ours is a duplicate.
         store.delete(key)
@@ -86,12 +108,24 @@ def ingest_file(
 
 def _stored(catalog: Catalog, account_id: str, digest: str) -> StoredFileInfo | None:
     with catalog.session() as session:
-        existing = session.scalars(select(StoredFile).where(StoredFile.account_id == account_id, StoredFile.sha256 == digest)).first()
+        existing = session.scalars(
+            select(StoredFile).where(StoredFile.account_id == account_id, StoredFile.sha256 == digest)
+        ).first()
         return None if existing is None else _info(existing, created=False)
 
 
 def _info(record: StoredFile, created: bool) -> StoredFileInfo:
-    return StoredFileInfo(record.id, record.account_id, record.key, record.original_name, record.size, record.sha256, record.point_count, record.state, created)
+    return StoredFileInfo(
+        record.id,
+        record.account_id,
+        record.key,
+        record.original_name,
+        record.size,
+        record.sha256,
+        record.point_count,
+        record.state,
+        created,
+    )
 
 
 def list_files(catalog: Catalog, account_id: str) -> list[StoredFileInfo]:
@@ -99,5 +133,3 @@ def list_files(catalog: Catalog, account_id: str) -> list[StoredFileInfo]:
     with catalog.session() as session:
         rows = session.scalars(select(StoredFile).where(StoredFile.account_id == account_id).order_by(StoredFile.id))
         return [_info(r, created=False) for r in rows]
-
-

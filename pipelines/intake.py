@@ -89,7 +89,7 @@ def job_id_for(key: str, version: str) -> str:
 
 def _drop(info: ObjectInfo) -> tuple[str, str] | None:
     """(account id, file name) of an object in a drop zone, or None for what is not a customer's file."""
-    parts = info.key[len(INCOMING_PREFIX):].split("/")
+    parts = info.key[len(INCOMING_PREFIX) :].split("/")
     if len(parts) < 2 or any(p.startswith(".") for p in parts[1:]):
         return None
     try:
@@ -121,25 +121,44 @@ def sweep(runtime: Runtime, owner: str, now: datetime | None = None) -> SweepRes
             log.warning("drop-zone file %s not registered yet: %s", info.key, error)
             errors[info.key] = f"{type(error).__name__}: {error}"
     with runtime.catalog.session() as session:
-        job_ids = list(session.scalars(select(IntakeClaim.job_id).where(IntakeClaim.owner == owner, IntakeClaim.state == "registered").order_by(IntakeClaim.id)))
+        job_ids = list(
+            session.scalars(
+                select(IntakeClaim.job_id)
+                .where(IntakeClaim.owner == owner, IntakeClaim.state == "registered")
+                .order_by(IntakeClaim.id)
+            )
+        )
     return SweepResult(outcomes, job_ids, errors)
 
 
 def _claim(runtime: Runtime, info: ObjectInfo, account_id: str, owner: str, now: datetime) -> str | None:
     """The job id if this sweep now owns the object version, else None."""
     job_id = job_id_for(info.key, info.version)
-    row = dict(source_key=info.key, version=info.version, account_id=account_id, job_id=job_id, state="claimed", owner=owner, claimed_at=now, updated_at=now)
+    row = dict(
+        source_key=info.key,
+        version=info.version,
+        account_id=account_id,
+        job_id=job_id,
+        state="claimed",
+        owner=owner,
+        claimed_at=now,
+        updated_at=now,
+    )
     with runtime.catalog.session() as session:
         if session.execute(insert_ignoring_duplicates(session, IntakeClaim).values(**row)).rowcount == 1:
             return job_id
     with runtime.catalog.session() as session:
         taken = session.execute(
             update(IntakeClaim)
-            .where(IntakeClaim.source_key == info.key, IntakeClaim.version == info.version, IntakeClaim.state == "claimed")
+            .where(
+                IntakeClaim.source_key == info.key, IntakeClaim.version == info.version, IntakeClaim.state == "claimed"
+            )
             .where(or_(IntakeClaim.owner == owner, IntakeClaim.updated_at < now - LEASE))
             .values(owner=owner, updated_at=now)
         ).rowcount
-        claim = session.scalars(select(IntakeClaim).where(IntakeClaim.source_key == info.key, IntakeClaim.version == info.version)).one()
+        claim = session.scalars(
+            select(IntakeClaim).where(IntakeClaim.source_key == info.key, IntakeClaim.version == info.version)
+        ).one()
         state, claimed_job = claim.state, claim.job_id
     if taken == 1:
         return claimed_job
@@ -183,7 +202,9 @@ def _supersede(runtime: Runtime, info: ObjectInfo, account_id: str, job_id: str,
     """The customer replaced the file while it was being registered: this version's job ends,
     metered as failed and billed nothing, and the next sweep takes the new version; no notice."""
     with runtime.catalog.session() as session:
-        session.execute(update(IntakeClaim).where(IntakeClaim.job_id == job_id).values(state="superseded", reason=reason))
+        session.execute(
+            update(IntakeClaim).where(IntakeClaim.job_id == job_id).values(state="superseded", reason=reason)
+        )
     try:
         refuse_job(runtime, job_id, f"the upload was replaced by a newer one while it was registered ({reason})")
     except AdmissionRefusedJob:
@@ -199,14 +220,22 @@ def _remove(runtime: Runtime, info: ObjectInfo) -> None:
         runtime.store.delete(info.key)
 
 
-def _refuse(runtime: Runtime, info: ObjectInfo, account_id: str, name: str, job_id: str, reason: str, notify: bool = True) -> Outcome:
+def _refuse(
+    runtime: Runtime, info: ObjectInfo, account_id: str, name: str, job_id: str, reason: str, notify: bool = True
+) -> Outcome:
     """Leave the file in the drop zone, remember this version as refused, and tell the customer once."""
     with runtime.catalog.session() as session:
         session.execute(update(IntakeClaim).where(IntakeClaim.job_id == job_id).values(state="refused", reason=reason))
     log.warning("drop-zone file %s refused: %s", info.key, reason)
     if notify:
         account = get_account(runtime.catalog, account_id)
-        mail = render_mail("mail/intake_refused.txt.j2", name=account.name, file_name=name, upload_folder=f"{INCOMING_PREFIX}{account_id}/", reason=reason)
+        mail = render_mail(
+            "mail/intake_refused.txt.j2",
+            name=account.name,
+            file_name=name,
+            upload_folder=f"{INCOMING_PREFIX}{account_id}/",
+            reason=reason,
+        )
         try:
             runtime.mailer.send_once(f"intake-refused:{job_id}", account_id, "intake_refused", account.email, mail)
         except DeliveryError as error:
@@ -231,7 +260,13 @@ def customer_policy(store_url: str, account_id: str) -> dict[str, Any]:
             {
                 "Sid": "UploadToOwnDropZone",
                 "Effect": "Allow",
-                "Action": ["s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
+                "Action": [
+                    "s3:PutObject",
+                    "s3:GetObject",
+                    "s3:DeleteObject",
+                    "s3:AbortMultipartUpload",
+                    "s3:ListMultipartUploadParts",
+                ],
                 "Resource": [f"arn:aws:s3:::{parsed.netloc}/{zone}*"],
             },
             {

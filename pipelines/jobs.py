@@ -48,7 +48,9 @@ def run_steps(runtime: Runtime, job_id: str, workers: int | None = None, export_
         pass
     except DeliveryError as error:
         # The export is published and metered either way; only the e-mail is missing.
-        log.warning("job %s is exported, but the ready e-mail was not sent: %s; check POINTFLOW_SMTP_URL", job_id, error)
+        log.warning(
+            "job %s is exported, but the ready e-mail was not sent: %s; check POINTFLOW_SMTP_URL", job_id, error
+        )
     finally:
         final = meter_step(runtime, job_id)
     return final

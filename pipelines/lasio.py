@@ -15,7 +15,14 @@ import laspy
 import numpy as np
 
 from pipelines.classifiers.base import PointBlock
-from pipelines.gate import NotPointCloudError, check_header, check_structure, count_problem, is_decoder_panic, point_problems
+from pipelines.gate import (
+    NotPointCloudError,
+    check_header,
+    check_structure,
+    count_problem,
+    is_decoder_panic,
+    point_problems,
+)
 from pipelines.units import METRES, CoordinateUnits
 
 CHUNK_POINTS = 1_000_000
@@ -115,7 +122,9 @@ def iter_chunks(path: Path, chunk_points: int = CHUNK_POINTS) -> Iterator[laspy.
         yield from reader.chunk_iterator(chunk_points)
 
 
-def group_runs(records: np.ndarray, group_ids: np.ndarray, index: np.ndarray | None = None) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+def group_runs(
+    records: np.ndarray, group_ids: np.ndarray, index: np.ndarray | None = None
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """records[index] (all records by default) ordered by group id, as opaque records, and the
     (group id, start, end) of each group's run in them."""
     # Group ids (tiles, octree bins) mostly fit in 16 bits, and numpy sorts uint16 stably by radix in O(n).
@@ -125,11 +134,15 @@ def group_runs(records: np.ndarray, group_ids: np.ndarray, index: np.ndarray | N
     starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
     ends = np.r_[starts[1:], len(sorted_ids)]
     # Records as opaque bytes: gathering them is a memcpy, many times faster than field by field.
-    grouped = np.take(records.view(np.dtype((np.void, records.dtype.itemsize))), order if index is None else index[order])
+    grouped = np.take(
+        records.view(np.dtype((np.void, records.dtype.itemsize))), order if index is None else index[order]
+    )
     return grouped, list(zip(sorted_ids[starts].tolist(), starts.tolist(), ends.tolist()))
 
 
-def append_grouped(raw: np.ndarray, group_ids: np.ndarray, folder: Path, kind: str, index: np.ndarray | None = None) -> None:
+def append_grouped(
+    raw: np.ndarray, group_ids: np.ndarray, folder: Path, kind: str, index: np.ndarray | None = None
+) -> None:
     """Append raw[index] (all of raw by default) to the file `<group id>.<kind>` of each group in `folder`."""
     grouped, runs = group_runs(raw, group_ids, index)
     for group_id, start, end in runs:

@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from pipelines.errors import UserError
 from pipelines.keys import kept_secret
@@ -83,7 +83,7 @@ class LinkSigner:
             raise LinkRefused(403, "this download link is not valid: check that it was copied whole")
         try:
             payload = json.loads(_unb64(body))
-            claim = LinkClaim(str(payload["a"]), str(payload["k"]), datetime.fromtimestamp(int(payload["e"]), timezone.utc))
+            claim = LinkClaim(str(payload["a"]), str(payload["k"]), datetime.fromtimestamp(int(payload["e"]), UTC))
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise LinkRefused(403, "this download link is not valid") from None
         if now >= claim.expires_at:

@@ -62,7 +62,9 @@ def write_usage(session: Session, records: Sequence[UsageRecord]) -> list[UsageR
     ids = list(unique)
     existing: set[str] = set()
     for start in range(0, len(ids), _CHUNK):
-        existing.update(session.scalars(select(UsageEvent.event_id).where(UsageEvent.event_id.in_(ids[start : start + _CHUNK]))))
+        existing.update(
+            session.scalars(select(UsageEvent.event_id).where(UsageEvent.event_id.in_(ids[start : start + _CHUNK])))
+        )
     fresh = [record for event_id, record in unique.items() if event_id not in existing]
     # A concurrent writer may insert the same id between the check and here: skip, never bill twice.
     statement = insert_ignoring_duplicates(session, UsageEvent, ["event_id"])
@@ -71,7 +73,9 @@ def write_usage(session: Session, records: Sequence[UsageRecord]) -> list[UsageR
         session.execute(statement, rows[start : start + _CHUNK])
     last_login: dict[str, datetime] = {}
     for record in fresh:
-        if record.kind == "login" and (record.account_id not in last_login or record.occurred_at > last_login[record.account_id]):
+        if record.kind == "login" and (
+            record.account_id not in last_login or record.occurred_at > last_login[record.account_id]
+        ):
             last_login[record.account_id] = record.occurred_at
     for account_id, when in last_login.items():
         session.execute(
@@ -89,4 +93,3 @@ def record_usage(catalog: Catalog, records: Sequence[UsageRecord]) -> RecordResu
     with catalog.session() as session:
         fresh = write_usage(session, records)
     return RecordResult(len(fresh), len(records) - len(fresh))
-

@@ -55,7 +55,9 @@ def _message(settings: Settings, to: str, subject: str, body: str, message_id: s
     try:
         check_address(to)
     except InvalidAddress as error:
-        raise UndeliverableAddress(f"{error}; correct the account's address ('pointflow accounts add ID … --email …')") from None
+        raise UndeliverableAddress(
+            f"{error}; correct the account's address ('pointflow accounts add ID … --email …')"
+        ) from None
     message = EmailMessage()
     message["From"] = settings.mail_from
     message["To"] = to
@@ -95,7 +97,9 @@ def send_email(settings: Settings, to: str, subject: str, body: str, message_id:
     return SentMessage(message_id, to, subject, f"{url.scheme}://{host}:{port}")
 
 
-def send_once(settings: Settings, catalog: Catalog, key: str, account_id: str, kind: str, to: str, subject: str, body: str) -> SentMessage:
+def send_once(
+    settings: Settings, catalog: Catalog, key: str, account_id: str, kind: str, to: str, subject: str, body: str
+) -> SentMessage:
     """Send unless a message with this idempotency key was already sent: claim it (one claim per
     key, whoever inserts it first), send, then record it as sent in the same transaction that drops
     the claim. Concurrent senders of one key send one message; the others raise DeliveryInProgress.
@@ -129,7 +133,11 @@ def send_once(settings: Settings, catalog: Catalog, key: str, account_id: str, k
             session.execute(delete(MessageClaim).where(MessageClaim.key == key, MessageClaim.message_id == message_id))
         raise
     with catalog.session() as session:
-        session.add(SentMessageRecord(key=key, account_id=account_id, kind=kind, recipient=to, subject=subject, message_id=sent.message_id))
+        session.add(
+            SentMessageRecord(
+                key=key, account_id=account_id, kind=kind, recipient=to, subject=subject, message_id=sent.message_id
+            )
+        )
         session.execute(delete(MessageClaim).where(MessageClaim.key == key))
     return sent
 
@@ -142,7 +150,9 @@ def _claim(catalog: Catalog, key: str, account_id: str) -> str | None:
     message_id = make_msgid(domain="pointflow.invalid")
     # Writes first, reads after: concurrent claimers queue on the insert, not on a stale read.
     with catalog.session() as session:
-        claim = insert_ignoring_duplicates(session, MessageClaim, ["key"]).values(key=key, account_id=account_id, message_id=message_id, claimed_at=now)
+        claim = insert_ignoring_duplicates(session, MessageClaim, ["key"]).values(
+            key=key, account_id=account_id, message_id=message_id, claimed_at=now
+        )
         if session.execute(claim).rowcount == 1:
             return message_id
     with catalog.session() as session:
@@ -157,11 +167,17 @@ def _claim(catalog: Catalog, key: str, account_id: str) -> str | None:
             return taken
         if session.get(MessageClaim, key) is None:
             return None
-    raise DeliveryInProgress(f"message {key} was claimed by another process less than {CLAIM_LEASE} ago and is being sent")
+    raise DeliveryInProgress(
+        f"message {key} was claimed by another process less than {CLAIM_LEASE} ago and is being sent"
+    )
 
 
 def outbox_messages(settings: Settings) -> list[Path]:
-    return sorted(settings.outbox_dir.glob("*.eml"), key=lambda p: p.stat().st_mtime) if settings.outbox_dir.exists() else []
+    return (
+        sorted(settings.outbox_dir.glob("*.eml"), key=lambda p: p.stat().st_mtime)
+        if settings.outbox_dir.exists()
+        else []
+    )
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,30 @@ from pipelines.lasio import iter_chunks
 from pipelines.units import CoordinateUnits, coordinate_units
 
 ASPRS_CLASS_NAMES = {
-    0: "never classified", 1: "unclassified", 2: "ground", 3: "low vegetation", 4: "medium vegetation",
-    5: "high vegetation", 6: "building", 7: "low noise", 9: "water", 17: "bridge deck", 18: "high noise",
+    0: "never classified",
+    1: "unclassified",
+    2: "ground",
+    3: "low vegetation",
+    4: "medium vegetation",
+    5: "high vegetation",
+    6: "building",
+    7: "low noise",
+    9: "water",
+    17: "bridge deck",
+    18: "high noise",
 }
 CLASS_COLOURS = {
-    0: "#bdbdbd", 1: "#9e9e9e", 2: "#a1887f", 3: "#c5e1a5", 4: "#7cb342", 5: "#2e7d32",
-    6: "#e53935", 7: "#ff00ff", 9: "#1e88e5", 17: "#ffb300", 18: "#8e24aa",
+    0: "#bdbdbd",
+    1: "#9e9e9e",
+    2: "#a1887f",
+    3: "#c5e1a5",
+    4: "#7cb342",
+    5: "#2e7d32",
+    6: "#e53935",
+    7: "#ff00ff",
+    9: "#1e88e5",
+    17: "#ffb300",
+    18: "#8e24aa",
 }
 OTHER_COLOUR = "#000000"
 SYMBOLS = {"metre": "m", "foot": "ft", "US survey foot": "ftUS", "degree": "°"}
@@ -41,7 +59,11 @@ class CoordinateFrame:
     axes: tuple[str, str] = ("x", "y")
 
     def to_dict(self) -> dict:
-        units = self.units.to_dict() if self.units else {"horizontal": "degree", "vertical": None, "metres_per_unit": None, "assumed": False}
+        units = (
+            self.units.to_dict()
+            if self.units
+            else {"horizontal": "degree", "vertical": None, "metres_per_unit": None, "assumed": False}
+        )
         return {"crs": self.crs, "epsg": self.epsg, **units, "axes": list(self.axes)}
 
     def label(self, axis: int) -> str:
@@ -188,11 +210,31 @@ def render_preview(path: Path, output: Path, title: str) -> Path:
     if len(points) > PROFILE_POINTS:
         points = points[:: int(np.ceil(len(points) / PROFILE_POINTS))]
     present = [int(c) for c in np.flatnonzero(counts)]
-    _draw(output, title, units, (mins, maxs, cell, nx, ny), classes, filled, profile, points, {c: int(counts[c]) for c in present})
+    _draw(
+        output,
+        title,
+        units,
+        (mins, maxs, cell, nx, ny),
+        classes,
+        filled,
+        profile,
+        points,
+        {c: int(counts[c]) for c in present},
+    )
     return output
 
 
-def _draw(output: Path, title: str, units: CoordinateFrame, grid, classes: np.ndarray, filled: np.ndarray, profile: Profile, points: np.ndarray, counts: dict[int, int]) -> None:
+def _draw(
+    output: Path,
+    title: str,
+    units: CoordinateFrame,
+    grid,
+    classes: np.ndarray,
+    filled: np.ndarray,
+    profile: Profile,
+    points: np.ndarray,
+    counts: dict[int, int],
+) -> None:
     # The figure and its Agg canvas directly: pyplot's import (half a CPU-second, a third of an export
     # task) brings its backend machinery and global figure registry, which a file written once needs not.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -212,10 +254,20 @@ def _draw(output: Path, title: str, units: CoordinateFrame, grid, classes: np.nd
     figure = Figure(figsize=(map_width + 3.6, map_height + 3.4), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
     grid_spec = figure.add_gridspec(2, 2, width_ratios=[map_width, 3.6], height_ratios=[map_height, 2.6])
-    plan, side, legend = figure.add_subplot(grid_spec[0, 0]), figure.add_subplot(grid_spec[1, :]), figure.add_subplot(grid_spec[0, 1])
+    plan, side, legend = (
+        figure.add_subplot(grid_spec[0, 0]),
+        figure.add_subplot(grid_spec[1, :]),
+        figure.add_subplot(grid_spec[0, 1]),
+    )
 
-    plan.imshow(image.reshape(ny, nx), cmap=ListedColormap([colour_of(c) for c in shown] or ["#ffffff"]), interpolation="nearest",
-                vmin=-0.5, vmax=max(len(shown), 1) - 0.5, extent=(mins[0], mins[0] + nx * cell, maxs[1] - ny * cell, maxs[1]))
+    plan.imshow(
+        image.reshape(ny, nx),
+        cmap=ListedColormap([colour_of(c) for c in shown] or ["#ffffff"]),
+        interpolation="nearest",
+        vmin=-0.5,
+        vmax=max(len(shown), 1) - 0.5,
+        extent=(mins[0], mins[0] + nx * cell, maxs[1] - ny * cell, maxs[1]),
+    )
     plan.set_xlabel(units.label(0))
     plan.set_ylabel(units.label(1))
     figure.suptitle(f"{title}\n{units.describe()}", x=0.01, ha="left", fontsize=10)
@@ -226,7 +278,15 @@ def _draw(output: Path, title: str, units: CoordinateFrame, grid, classes: np.nd
     order = np.argsort(points[:, 2], kind="stable")  # ground first, so vegetation and roofs draw over it
     # Sparse sections get bigger dots, so a few hundred points still read as a line.
     size = float(np.clip(40_000 / max(len(points), 1), 1.5, 10))
-    side.scatter(points[order, 0], points[order, 1], c=_rgb(points[order, 2].astype(np.uint8)) / 255, s=size, marker=".", linewidths=0, rasterized=True)
+    side.scatter(
+        points[order, 0],
+        points[order, 1],
+        c=_rgb(points[order, 2].astype(np.uint8)) / 255,
+        s=size,
+        marker=".",
+        linewidths=0,
+        rasterized=True,
+    )
     side.set_xlim(mins[profile.along], maxs[profile.along])
     side.set_xlabel(units.label(profile.along))
     side.set_ylabel(units.label(2))
@@ -239,14 +299,30 @@ def _draw(output: Path, title: str, units: CoordinateFrame, grid, classes: np.nd
     low, high = side.get_ylim()
     exaggeration = ((maxs[profile.along] - mins[profile.along]) / box.width) / ((high - low) / box.height)
     vertical = f", vertical scale ×{exaggeration:.1f}" if exaggeration > 1.2 else ""
-    side.set_title(f"Profile along the longer side, through {across.lower()} {profile.centre:,.1f} "
-                   f"(band ±{profile.half_width:.2f}, {len(points):,} points; dashed on the map{vertical})", fontsize=9, loc="left")
+    side.set_title(
+        f"Profile along the longer side, through {across.lower()} {profile.centre:,.1f} "
+        f"(band ±{profile.half_width:.2f}, {len(points):,} points; dashed on the map{vertical})",
+        fontsize=9,
+        loc="left",
+    )
 
     total = sum(counts.values()) or 1
     legend.axis("off")
-    legend.legend(handles=[Patch(color=colour_of(c), label=f"{c} {ASPRS_CLASS_NAMES.get(c, 'other')}\n{n:,} point{'s' if n != 1 else ''} ({_share(n, total)})")
-                           for c, n in counts.items()],
-                  loc="upper left", fontsize=8, title=f"{total:,} points", title_fontsize=9, frameon=False, labelspacing=0.9)
+    legend.legend(
+        handles=[
+            Patch(
+                color=colour_of(c),
+                label=f"{c} {ASPRS_CLASS_NAMES.get(c, 'other')}\n{n:,} point{'s' if n != 1 else ''} ({_share(n, total)})",
+            )
+            for c, n in counts.items()
+        ],
+        loc="upper left",
+        fontsize=8,
+        title=f"{total:,} points",
+        title_fontsize=9,
+        frameon=False,
+        labelspacing=0.9,
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, metadata={"Software": None})
 
@@ -283,7 +359,18 @@ def write_sample_ply(path: Path, output: Path, points: int = SAMPLE_POINTS) -> P
     parts = []
     for chunk in iter_chunks(path):
         chosen = rng.random(len(chunk)) < keep
-        part = np.zeros(int(chosen.sum()), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1"), ("class", "u1")])
+        part = np.zeros(
+            int(chosen.sum()),
+            dtype=[
+                ("x", "<f4"),
+                ("y", "<f4"),
+                ("z", "<f4"),
+                ("red", "u1"),
+                ("green", "u1"),
+                ("blue", "u1"),
+                ("class", "u1"),
+            ],
+        )
         for axis, name in enumerate(("x", "y", "z")):
             part[name] = np.asarray(chunk[name])[chosen] - origin[axis]
         cls = np.asarray(chunk.classification)[chosen]
@@ -293,13 +380,19 @@ def write_sample_ply(path: Path, output: Path, points: int = SAMPLE_POINTS) -> P
     vertices = np.concatenate(parts)
     units = coordinate_frame(header)
     lines = [
-        "ply", "format binary_little_endian 1.0",
+        "ply",
+        "format binary_little_endian 1.0",
         f"comment pointflow: {len(vertices):,} of {header.point_count:,} points, coloured by ASPRS class",
         f"comment origin {origin[0]:.3f} {origin[1]:.3f} {origin[2]:.3f} (add to x y z for the file's coordinates)",
         f"comment crs {units.describe()}",
         f"element vertex {len(vertices)}",
-        "property float x", "property float y", "property float z",
-        "property uchar red", "property uchar green", "property uchar blue", "property uchar class",
+        "property float x",
+        "property float y",
+        "property float z",
+        "property uchar red",
+        "property uchar green",
+        "property uchar blue",
+        "property uchar class",
         "end_header",
     ]
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,9 @@ def folders(scratch: Path) -> list[WorkFolder]:
     found = []
     for lock in sorted(scratch.glob("*" + LOCK_SUFFIX)):
         owner = _owner(lock)
-        found.append(WorkFolder(lock.with_suffix(""), owner.get("kind", ""), owner.get("account_id"), owner.get("job_id")))
+        found.append(
+            WorkFolder(lock.with_suffix(""), owner.get("kind", ""), owner.get("account_id"), owner.get("job_id"))
+        )
     return found
 
 

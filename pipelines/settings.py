@@ -61,7 +61,9 @@ def _paths(env: Mapping[str, str], name: str) -> tuple[Path, ...]:
     paths = tuple(Path(part).expanduser() for part in raw.split(os.pathsep) if part)
     relative = [str(p) for p in paths if not p.is_absolute()]
     if relative:
-        raise SettingsError(f"{name} must list absolute folders separated by '{os.pathsep}'; {', '.join(relative)} is relative")
+        raise SettingsError(
+            f"{name} must list absolute folders separated by '{os.pathsep}'; {', '.join(relative)} is relative"
+        )
     return tuple(p.resolve() for p in paths)
 
 
@@ -75,7 +77,7 @@ def url_problem(url: str) -> str | None:
     if scheme.lower().startswith("sqlite"):
         return None
     authority = re.match(r"[^/?#]*", rest).group(0)
-    if authority.count("@") > 1 or "@" in rest[len(authority):]:
+    if authority.count("@") > 1 or "@" in rest[len(authority) :]:
         return "has a '/', '?', '#' or '@' in its user name or password: percent-encode them (%2F %3F %23 %40)"
     try:
         port = urlsplit(url).port

@@ -40,7 +40,9 @@ def check_source(settings: Settings, store: ObjectStore, account_id: str | None,
         area = AccountArea(account_id) if account_id is not None else None
         if area is None or not key.startswith((area.prefix, area.incoming_prefix)):
             owner = f"account {account_id}'s area" if account_id else "any account's area (no account given)"
-            raise ForeignSource(f"the source {source} lies in the service's storage outside {owner}: give the customer's own file")
+            raise ForeignSource(
+                f"the source {source} lies in the service's storage outside {owner}: give the customer's own file"
+            )
         return
     path = _local_path(source)
     if path is None:
@@ -48,15 +50,21 @@ def check_source(settings: Settings, store: ObjectStore, account_id: str | None,
     resolved = path.resolve()
     home = settings.home.resolve()
     if resolved == home or home in resolved.parents:
-        raise ForeignSource(f"the source {source} lies inside POINTFLOW_HOME ({home}), the service's own files: give the customer's own file")
+        raise ForeignSource(
+            f"the source {source} lies inside POINTFLOW_HOME ({home}), the service's own files: give the customer's own file"
+        )
     if resolved.exists():
         facts = resolved.stat()
         if facts.st_nlink > 1 and home.exists() and facts.st_dev == home.stat().st_dev:
-            raise ForeignSource(f"the source {source} is a hard link on the disk of POINTFLOW_HOME and may be one of the service's own files: give a copy")
+            raise ForeignSource(
+                f"the source {source} is a hard link on the disk of POINTFLOW_HOME and may be one of the service's own files: give a copy"
+            )
     if not any(resolved == allowed or allowed in resolved.parents for allowed in settings.input_dirs):
         folders = ", ".join(str(p) for p in settings.input_dirs) or "none set"
-        raise ForeignSource(f"the source {source} is not inside an allowed input folder (POINTFLOW_INPUT_DIRS: {folders}): "
-                            "move it into one, or add its folder to POINTFLOW_INPUT_DIRS")  # fmt: skip
+        raise ForeignSource(
+            f"the source {source} is not inside an allowed input folder (POINTFLOW_INPUT_DIRS: {folders}): "
+            "move it into one, or add its folder to POINTFLOW_INPUT_DIRS"
+        )
 
 
 @contextmanager

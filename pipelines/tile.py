@@ -38,13 +38,17 @@ class TileGrid:
             size = max(width, height, 1.0) * (1 + 1e-9) + 1.0
         if size > MAX_TILE_SIZE:
             spans = f" (the file spans {width:,.0f} x {height:,.0f} m)" if whole else ""
-            raise ValueError(f"tiles of {size:,.0f} m are wider than the {MAX_TILE_SIZE:,.0f} m a classifier holds in memory{spans}: give a smaller tile size")
+            raise ValueError(
+                f"tiles of {size:,.0f} m are wider than the {MAX_TILE_SIZE:,.0f} m a classifier holds in memory{spans}: give a smaller tile size"
+            )
         if buffer >= size:
             raise ValueError(f"tile buffer ({buffer} m) must be smaller than the tile size ({size} m)")
         nx = max(1, math.floor(width / size) + 1)
         ny = max(1, math.floor(height / size) + 1)
         if nx * ny > MAX_TILE_IDS:
-            raise ValueError(f"tiles of {size:g} m cut the file's {width:,.0f} x {height:,.0f} m into too many tiles: give a larger tile size")
+            raise ValueError(
+                f"tiles of {size:g} m cut the file's {width:,.0f} x {height:,.0f} m into too many tiles: give a larger tile size"
+            )
         return cls(float(mins[0]), float(mins[1]), float(size), nx, ny, float(buffer))
 
     @property

@@ -55,7 +55,8 @@ class NotBetterThanStandard(UserError, ValueError):
             f"the trained model is not better than standard on your held-out labels (macro F1 "
             f"{evaluation['macro_f1']:.3f} against standard's {evaluation['standard_macro_f1']:.3f} on "
             f"{evaluation['held_out_points']:,} points): no model is offered; keep using standard, or "
-            f"label more or other data")
+            f"label more or other data"
+        )
 
 
 class SharingRefused(UserError, ValueError):
@@ -96,15 +97,28 @@ def read_labelled(path: Path) -> tuple[PointBlock, np.ndarray]:
         except ValueError as error:
             raise ValueError(f"{path.name}: {error}") from None
     chunks = list(iter_checked(path, info))
-    data = laspy.ScaleAwarePointRecord(np.concatenate([c.array for c in chunks]), chunks[0].point_format, chunks[0].scales, chunks[0].offsets)
+    data = laspy.ScaleAwarePointRecord(
+        np.concatenate([c.array for c in chunks]), chunks[0].point_format, chunks[0].scales, chunks[0].offsets
+    )
     return point_block(data, units), np.asarray(data.classification, dtype=np.uint8)
 
 
 def _info(row: TrainedModelRecord) -> ModelInfo:
-    return ModelInfo(row.model_id, row.account_id, row.version, row.key, row.sha256, row.evaluation, row.training_files, row.created_at)
+    return ModelInfo(
+        row.model_id,
+        row.account_id,
+        row.version,
+        row.key,
+        row.sha256,
+        row.evaluation,
+        row.training_files,
+        row.created_at,
+    )
 
 
-def train_model(runtime, account_id: str, paths: Sequence[Path], ignore_classes: Sequence[int] = (0, 1), seed: int = 0) -> ModelInfo:
+def train_model(
+    runtime, account_id: str, paths: Sequence[Path], ignore_classes: Sequence[int] = (0, 1), seed: int = 0
+) -> ModelInfo:
     """Train on the labelled files, score it and standard on held-out blocks, and store the model
     for the account if it beats standard (else `NotBetterThanStandard`)."""
     get_account(runtime.catalog, account_id)
@@ -117,10 +131,14 @@ def train_model(runtime, account_id: str, paths: Sequence[Path], ignore_classes:
         blocks.append(block)
         labels.append(label)
         classes = {int(c): int(n) for c, n in zip(*np.unique(label, return_counts=True))}
-        described.append({"name": Path(path).name, "sha256": file_sha256(Path(path)), "points": len(block), "classes": classes})
+        described.append(
+            {"name": Path(path).name, "sha256": file_sha256(Path(path)), "points": len(block), "classes": classes}
+        )
     learned = set().union(*(set(d["classes"]) for d in described)) - set(ignore_classes)
     if len(learned) < 2:
-        raise ValueError(f"the labels hold {len(learned)} class(es) besides the ignored ones {sorted(ignore_classes)}: a classifier needs at least two")
+        raise ValueError(
+            f"the labels hold {len(learned)} class(es) besides the ignored ones {sorted(ignore_classes)}: a classifier needs at least two"
+        )
     model = train(blocks, labels, seed=seed, ignore_classes=ignore_classes)
     evaluation = {
         "held_out_points": model.n_holdout,
@@ -135,12 +153,24 @@ def train_model(runtime, account_id: str, paths: Sequence[Path], ignore_classes:
     payload = model.to_bytes(key=signing_key(runtime.settings))
     key = area.key("models", model_id + MODEL_SUFFIX)
     runtime.store.put_bytes(key, payload)
-    runtime.store.put_bytes(area.key("models", model_id + ".evaluation.json"), json.dumps(evaluation, indent=2).encode())
+    runtime.store.put_bytes(
+        area.key("models", model_id + ".evaluation.json"), json.dumps(evaluation, indent=2).encode()
+    )
     with runtime.catalog.session() as session:
-        version = (session.scalar(select(func.max(TrainedModelRecord.version)).where(TrainedModelRecord.account_id == account_id)) or 0) + 1
+        version = (
+            session.scalar(
+                select(func.max(TrainedModelRecord.version)).where(TrainedModelRecord.account_id == account_id)
+            )
+            or 0
+        ) + 1
         row = TrainedModelRecord(
-            model_id=model_id, account_id=account_id, version=version, key=key,
-            sha256=hashlib.sha256(payload).hexdigest(), evaluation=evaluation, training_files=described,
+            model_id=model_id,
+            account_id=account_id,
+            version=version,
+            key=key,
+            sha256=hashlib.sha256(payload).hexdigest(),
+            evaluation=evaluation,
+            training_files=described,
         )
         session.add(row)
         session.flush()
@@ -150,7 +180,11 @@ def train_model(runtime, account_id: str, paths: Sequence[Path], ignore_classes:
 def list_models(runtime, account_id: str) -> list[ModelInfo]:
     get_account(runtime.catalog, account_id)
     with runtime.catalog.session() as session:
-        rows = session.scalars(select(TrainedModelRecord).where(TrainedModelRecord.account_id == account_id).order_by(TrainedModelRecord.version))
+        rows = session.scalars(
+            select(TrainedModelRecord)
+            .where(TrainedModelRecord.account_id == account_id)
+            .order_by(TrainedModelRecord.version)
+        )
         return [_info(r) for r in rows]
 
 
@@ -159,14 +193,18 @@ def resolve_classifier(runtime, account_id: str | None, name: str) -> str | Trai
     if name in BUILTIN_CLASSIFIERS:
         return name
     if not name.startswith("model-"):
-        raise ValueError(f"unknown classifier {name!r}; choose one of {', '.join(BUILTIN_CLASSIFIERS)} or a model id of your account")
+        raise ValueError(
+            f"unknown classifier {name!r}; choose one of {', '.join(BUILTIN_CLASSIFIERS)} or a model id of your account"
+        )
     if account_id is None:
         raise ValueError(f"{name} is a trained model: say whose data this is with --account")
     with runtime.catalog.session() as session:
         row = session.get(TrainedModelRecord, name)
         info = _info(row) if row is not None and row.account_id == account_id else None
     if info is None:
-        raise ModelNotFound(f"no model {name!r} for account {account_id}: list its models with 'pointflow models list --account {account_id}'")
+        raise ModelNotFound(
+            f"no model {name!r} for account {account_id}: list its models with 'pointflow models list --account {account_id}'"
+        )
     payload = runtime.store.get_bytes(info.key)
     if hashlib.sha256(payload).hexdigest() != info.sha256:
         raise ModelNotFound(f"model {name} was altered in storage; retrain it")
@@ -174,13 +212,17 @@ def resolve_classifier(runtime, account_id: str | None, name: str) -> str | Trai
     return TrainedClassifier(model, name=info.model_id, version=str(info.version))
 
 
-def train_from_sources(runtime, account_id: str, sources: Sequence[str], ignore_classes: Sequence[int] = (0, 1)) -> ModelInfo:
+def train_from_sources(
+    runtime, account_id: str, sources: Sequence[str], ignore_classes: Sequence[int] = (0, 1)
+) -> ModelInfo:
     """`train_model` on sources given as local paths, file:// or s3:// URIs (the CLI's files, the
     training DAG's input), each of which the account may read as a job's input (`check_source`)."""
     for source in sources:
         check_source(runtime.settings, runtime.store, account_id, source)
     with ExitStack() as stack:
-        paths = [stack.enter_context(local_copy(source, runtime.settings.scratch_dir, account_id)) for source in sources]
+        paths = [
+            stack.enter_context(local_copy(source, runtime.settings.scratch_dir, account_id)) for source in sources
+        ]
         return train_model(runtime, account_id, paths, ignore_classes=ignore_classes)
 
 
@@ -198,12 +240,16 @@ def sharing_refusals(runtime, account_ids: Sequence[str], day: date | None = Non
     refused = []
     for account_id in account_ids:
         get_account(runtime.catalog, account_id)
-        if agreed_on(runtime.catalog, account_id, day).plan != Plan.PROFESSIONAL_SHARING.value or is_locked(runtime.catalog, account_id):
+        if agreed_on(runtime.catalog, account_id, day).plan != Plan.PROFESSIONAL_SHARING.value or is_locked(
+            runtime.catalog, account_id
+        ):
             refused.append(account_id)
     return refused
 
 
-def build_shared_model(runtime, contributions: Mapping[str, Sequence[str]], ignore_classes: Sequence[int] = (0, 1)) -> dict[str, Any]:
+def build_shared_model(
+    runtime, contributions: Mapping[str, Sequence[str]], ignore_classes: Sequence[int] = (0, 1)
+) -> dict[str, Any]:
     """Train a candidate for the shared standard models from several accounts' labelled files.
 
     Every contributing account must be on `professional_sharing` today (the plan whose customers
@@ -217,7 +263,8 @@ def build_shared_model(runtime, contributions: Mapping[str, Sequence[str]], igno
     if refused:
         raise SharingRefused(
             f"account(s) {', '.join(refused)} may not contribute to shared models: only accounts on the "
-            f"{Plan.PROFESSIONAL_SHARING.value} plan consent to it; nothing was built")
+            f"{Plan.PROFESSIONAL_SHARING.value} plan consent to it; nothing was built"
+        )
     for account_id, sources in contributions.items():
         for source in sources:
             check_source(runtime.settings, runtime.store, account_id, source)
@@ -229,13 +276,27 @@ def build_shared_model(runtime, contributions: Mapping[str, Sequence[str]], igno
                 block, label = read_labelled(path)
                 blocks.append(block)
                 labels.append(label)
-                contributed.append({"account_id": account_id, "name": Path(source).name, "sha256": file_sha256(path), "points": len(block)})
+                contributed.append(
+                    {
+                        "account_id": account_id,
+                        "name": Path(source).name,
+                        "sha256": file_sha256(path),
+                        "points": len(block),
+                    }
+                )
         model = train(blocks, labels, ignore_classes=ignore_classes)
     model_id = "shared-" + uuid.uuid4().hex[:12]
     record = {
-        "model_id": model_id, "key": SHARED_MODELS + model_id + MODEL_SUFFIX, "created_at": utcnow().isoformat(),
+        "model_id": model_id,
+        "key": SHARED_MODELS + model_id + MODEL_SUFFIX,
+        "created_at": utcnow().isoformat(),
         "contributions": contributed,
-        "evaluation": {"held_out_points": model.n_holdout, "training_points": model.n_train, **model.evaluation, "params": model.params},
+        "evaluation": {
+            "held_out_points": model.n_holdout,
+            "training_points": model.n_train,
+            **model.evaluation,
+            "params": model.params,
+        },
     }
     runtime.store.put_bytes(record["key"], model.to_bytes(key=signing_key(runtime.settings)))
     runtime.store.put_bytes(SHARED_MODELS + model_id + ".json", json.dumps(record, indent=2).encode())

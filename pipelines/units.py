@@ -46,8 +46,12 @@ class CoordinateUnits:
         return f"{self.name}, heights in {self.vertical_name} (from the file's CRS)"
 
     def to_dict(self) -> dict:
-        return {"horizontal": self.name, "vertical": self.vertical_name,
-                "metres_per_unit": [self.horizontal, self.vertical], "assumed": self.assumed}
+        return {
+            "horizontal": self.name,
+            "vertical": self.vertical_name,
+            "metres_per_unit": [self.horizontal, self.vertical],
+            "assumed": self.assumed,
+        }
 
 
 METRES = CoordinateUnits()
@@ -107,7 +111,9 @@ def coordinate_units(header: laspy.LasHeader) -> CoordinateUnits:
         horizontal = ("metre", 1.0)
     name, factor = horizontal
     if factor != factor:  # NaN: angular
-        raise ValueError(f"the file's coordinates are geographic ({name}); reproject it to a "
-                         "projected CRS in metres or feet (e.g. UTM) and upload it again")
+        raise ValueError(
+            f"the file's coordinates are geographic ({name}); reproject it to a "
+            "projected CRS in metres or feet (e.g. UTM) and upload it again"
+        )
     vertical_name, vertical_factor = vertical or horizontal
     return CoordinateUnits(factor, vertical_factor, name, vertical_name, assumed=False)

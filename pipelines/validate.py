@@ -85,7 +85,11 @@ class _Validator:
         self._configuration = ExpectationConfiguration
         self.context = gx.get_context(mode="ephemeral")
         self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
-        self.batches = self.context.data_sources.add_pandas("pointflow").add_dataframe_asset("frame").add_batch_definition_whole_dataframe("whole")
+        self.batches = (
+            self.context.data_sources.add_pandas("pointflow")
+            .add_dataframe_asset("frame")
+            .add_batch_definition_whole_dataframe("whole")
+        )
 
     def run(self, suite_name: str, frame: pd.DataFrame, parameters: dict[str, Any] | None = None) -> list[Finding]:
         definition = _suite_definition(suite_name)
@@ -126,7 +130,11 @@ def _validator() -> _Validator:
 
 def _in_set(values: np.ndarray, kwargs: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
     unexpected = values[~np.isin(values, np.asarray(list(kwargs["value_set"])))]
-    return len(unexpected) == 0, {"element_count": len(values), "unexpected_count": len(unexpected), "partial_unexpected_list": unexpected[:20].tolist()}
+    return len(unexpected) == 0, {
+        "element_count": len(values),
+        "unexpected_count": len(unexpected),
+        "partial_unexpected_list": unexpected[:20].tolist(),
+    }
 
 
 def _max_between(values: np.ndarray, kwargs: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
@@ -144,7 +152,9 @@ NUMPY_EXPECTATIONS = {"expect_column_values_to_be_in_set": _in_set, "expect_colu
 
 
 def _resolve(kwargs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
-    resolved = {k: parameters[v["$PARAMETER"]] if isinstance(v, dict) and "$PARAMETER" in v else v for k, v in kwargs.items()}
+    resolved = {
+        k: parameters[v["$PARAMETER"]] if isinstance(v, dict) and "$PARAMETER" in v else v for k, v in kwargs.items()
+    }
     # Bounds as Great Expectations keeps them (floats), so a finding's check reads the same either way.
     return {k: float(v) if k in ("min_value", "max_value") and v is not None else v for k, v in resolved.items()}
 
@@ -163,13 +173,24 @@ def run_suite(suite_name: str, frame: pd.DataFrame, parameters: dict[str, Any] |
             continue
         meta = expectation.get("meta", {})
         shown = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "value_set")
-        findings.append(Finding(suite_name, f"{expectation['type']}({shown})", meta.get("severity", "error"), meta.get("explain", expectation["type"]), _describe(result)))
+        findings.append(
+            Finding(
+                suite_name,
+                f"{expectation['type']}({shown})",
+                meta.get("severity", "error"),
+                meta.get("explain", expectation["type"]),
+                _describe(result),
+            )
+        )
     return findings
 
 
 def _header_frame(info: LasInfo, point_mins, point_maxs) -> pd.DataFrame:
     tolerance = np.array(info.scales) + 1e-9
-    tight = point_mins is None or bool(np.all(np.abs(point_mins - info.mins) <= 1.0 + tolerance) and np.all(np.abs(point_maxs - info.maxs) <= 1.0 + tolerance))
+    tight = point_mins is None or bool(
+        np.all(np.abs(point_mins - info.mins) <= 1.0 + tolerance)
+        and np.all(np.abs(point_maxs - info.maxs) <= 1.0 + tolerance)
+    )
     return pd.DataFrame([{"bounds_tight": tight, "crs_present": info.crs is not None}])
 
 
@@ -184,7 +205,9 @@ def _read_points(path: Path, info: LasInfo):
 
 
 def _refused(error: NotPointCloudError, path: Path, name: str) -> Finding:
-    return Finding("gate", error.check, "error", str(error).replace(path.name, name), "checked by content, not by file name")
+    return Finding(
+        "gate", error.check, "error", str(error).replace(path.name, name), "checked by content, not by file name"
+    )
 
 
 def validate_file(path: Path, display_name: str | None = None) -> ValidationReport:
@@ -207,7 +230,12 @@ def validate_file(path: Path, display_name: str | None = None) -> ValidationRepo
         xyz = np.stack([np.asarray(points.x), np.asarray(points.y), np.asarray(points.z)])
         point_mins, point_maxs = xyz.min(axis=1), xyz.max(axis=1)
     errors = [Finding("gate", p.check, "error", p.explain, p.detail) for p in problems]
-    frame = pd.DataFrame({"classification": np.asarray(points.classification, dtype=np.int16), "intensity": np.asarray(points.intensity, dtype=np.int32)})
+    frame = pd.DataFrame(
+        {
+            "classification": np.asarray(points.classification, dtype=np.int16),
+            "intensity": np.asarray(points.intensity, dtype=np.int32),
+        }
+    )
     warnings = run_suite("las_header", _header_frame(info, point_mins, point_maxs))
     warnings += run_suite("las_points", frame, {"valid_classes": VALID_CLASSES})
     return ValidationReport(name, not errors, mode, len(points), info.to_dict(), errors, warnings)

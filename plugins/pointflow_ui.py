@@ -26,6 +26,7 @@ import base64
 import hashlib
 import json
 import threading
+from datetime import UTC
 from pathlib import Path
 
 from airflow.plugins_manager import AirflowPlugin
@@ -35,8 +36,19 @@ RESOURCE_NAME = "pointflow"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # The 3D view's script and the three.js build it uses (vendored from npm: static/vendor/three).
 STATIC = Path(__file__).resolve().parent / "static"
-STATIC_MEDIA_TYPES = {".js": "text/javascript; charset=utf-8", ".md": "text/plain; charset=utf-8", "": "text/plain; charset=utf-8"}
-IMPORT_MAP = json.dumps({"imports": {"three": f"{URL_PREFIX}/static/vendor/three/three.module.js", "three/addons/": f"{URL_PREFIX}/static/vendor/three/addons/"}})
+STATIC_MEDIA_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".md": "text/plain; charset=utf-8",
+    "": "text/plain; charset=utf-8",
+}
+IMPORT_MAP = json.dumps(
+    {
+        "imports": {
+            "three": f"{URL_PREFIX}/static/vendor/three/three.module.js",
+            "three/addons/": f"{URL_PREFIX}/static/vendor/three/addons/",
+        }
+    }
+)
 _IMPORT_MAP_HASH = base64.b64encode(hashlib.sha256(IMPORT_MAP.encode()).digest()).decode()
 # Scripts only from here (and the one inline import map, by its hash), nothing from elsewhere;
 # only Airflow's own UI may frame the page.
@@ -118,7 +130,9 @@ def create_app():
     def operator(user: GetUserDep) -> BaseUser:
         """The signed-in Airflow user, if the auth manager lets them read the pointflow view."""
         if not get_auth_manager().is_authorized_custom_view(method="GET", resource_name=RESOURCE_NAME, user=user):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, f"your Airflow role has no read access to the {RESOURCE_NAME} view")
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, f"your Airflow role has no read access to the {RESOURCE_NAME} view"
+            )
         return user
 
     Operator = Annotated[BaseUser, Depends(operator)]
@@ -136,16 +150,26 @@ def create_app():
     @app.exception_handler(StarletteHTTPException)
     async def login_redirect(request: Request, error: StarletteHTTPException):
         # A person opening the page is sent to Airflow's login and back; API clients get the 401.
-        if error.status_code == status.HTTP_401_UNAUTHORIZED and request.method == "GET" and "text/html" in request.headers.get("accept", ""):
+        if (
+            error.status_code == status.HTTP_401_UNAUTHORIZED
+            and request.method == "GET"
+            and "text/html" in request.headers.get("accept", "")
+        ):
             back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            return RedirectResponse(f"{API_ROOT_PATH}api/v2/auth/login?{urlencode({'next': back})}", status.HTTP_303_SEE_OTHER)
+            return RedirectResponse(
+                f"{API_ROOT_PATH}api/v2/auth/login?{urlencode({'next': back})}", status.HTTP_303_SEE_OTHER
+            )
         return await http_exception_handler(request, error)
 
     @app.get("/", response_class=HTMLResponse)
     def page(user: Operator) -> HTMLResponse:
         dashboard = build_dashboard(holder.get())
         html = templates.get_template("pointflow_dashboard.html").render(
-            d=dashboard, chart=Markup(usage_chart_svg(dashboard)), user=user.get_name(), prefix=URL_PREFIX, import_map=Markup(IMPORT_MAP)
+            d=dashboard,
+            chart=Markup(usage_chart_svg(dashboard)),
+            user=user.get_name(),
+            prefix=URL_PREFIX,
+            import_map=Markup(IMPORT_MAP),
         )
         return HTMLResponse(html)
 
@@ -166,7 +190,11 @@ def create_app():
         except NotServed as missing:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(missing)) from None
         disposition = "inline" if fmt == "html" else "attachment"
-        return Response(body, media_type=media_type, headers={"Content-Disposition": f'{disposition}; filename="{invoice_number}.{fmt}"'})
+        return Response(
+            body,
+            media_type=media_type,
+            headers={"Content-Disposition": f'{disposition}; filename="{invoice_number}.{fmt}"'},
+        )
 
     # Every file under static/, by its path there: nothing else on disk can be named.
     static_files = {path.relative_to(STATIC).as_posix(): path for path in STATIC.rglob("*") if path.is_file()}
@@ -181,10 +209,10 @@ def create_app():
     @app.get(DOWNLOAD_PATH.removeprefix(URL_PREFIX) + "{token}")
     def download(token: str) -> Response:
         """A customer's download link: the token alone authorises this one file (no Airflow login)."""
-        from datetime import datetime, timezone
+        from datetime import datetime
 
         try:
-            found = open_download(holder.get(), token, datetime.now(timezone.utc))
+            found = open_download(holder.get(), token, datetime.now(UTC))
         except LinkRefused as refused:
             return PlainTextResponse(f"{refused}\n", status_code=refused.status)
         if found.url is not None:

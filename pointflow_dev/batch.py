@@ -78,7 +78,9 @@ def run_batch(
     stamp = time.strftime("%Y%m%dT%H%M%S")
     started = time.monotonic()
     run_ids = [
-        client.trigger(dag_id, f"{prefix}-{stamp}-{number:03d}", {"account_id": account_id, "source": str(source.resolve())})
+        client.trigger(
+            dag_id, f"{prefix}-{stamp}-{number:03d}", {"account_id": account_id, "source": str(source.resolve())}
+        )
         for number, source in enumerate(sources)
     ]
     runs = client.wait_for_runs(dag_id, run_ids, timeout, on_finished)
@@ -104,7 +106,9 @@ def run_batch(
     finally:
         runtime.catalog.dispose()
     exports = {
-        job: sum(1 for info in runtime.store.list(prefixes[job]) if info.key.endswith(MANIFEST_NAME)) if prefixes.get(job) else 0
+        job: sum(1 for info in runtime.store.list(prefixes[job]) if info.key.endswith(MANIFEST_NAME))
+        if prefixes.get(job)
+        else 0
         for job in job_ids
     }
     points = sum(read_info(source).point_count for source in sources)

@@ -19,7 +19,9 @@ def register(commands: argparse._SubParsersAction) -> None:
             "the run's log are."
         ),
     )
-    parser.add_argument("--input", type=Path, default=None, help="classify this LAS/LAZ file instead of a generated scene")
+    parser.add_argument(
+        "--input", type=Path, default=None, help="classify this LAS/LAZ file instead of a generated scene"
+    )
     parser.add_argument("--classifier", default="standard", help="standard (default) or ground")
     parser.set_defaults(handler=_demo)
 
@@ -29,7 +31,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     settings = settings_from_env()
     print(f"pointflow demo in {settings.home} (set POINTFLOW_HOME to use another folder)")
-    print(f"running the pointflow_classify DAG with dag.test(); Airflow's log: {settings.logs_dir / 'demo.log'}", flush=True)
+    print(
+        f"running the pointflow_classify DAG with dag.test(); Airflow's log: {settings.logs_dir / 'demo.log'}",
+        flush=True,
+    )
     result = run_demo(settings, classifier=args.classifier, input_path=args.input, verbose=args.verbose)
     job = result.job
     print(f"input:    {result.input_location}")

@@ -23,7 +23,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     up = actions.add_parser("up", help="start the stack and keep it running until Ctrl-C")
-    up.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres", help="PostgreSQL server; the stack creates <name>_airflow and <name>_catalog on it (default: %(default)s)")
+    up.add_argument(
+        "--postgres",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="PostgreSQL server; the stack creates <name>_airflow and <name>_catalog on it (default: %(default)s)",
+    )
     up.add_argument("--name", default="pointflow_stack", help="prefix of the two databases (default: %(default)s)")
     up.add_argument("--dir", type=Path, default=None, help="folder for homes and logs (default: POINTFLOW_HOME/stack)")
     up.add_argument("--port", type=int, default=8080, help="Airflow api-server port (default: %(default)s)")
@@ -38,7 +42,14 @@ def _up(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
     base = args.dir or settings_from_env().home / "stack"
-    plan = StackPlan(base=base.resolve(), postgres=args.postgres, name=args.name, api_port=args.port, dask_port=args.dask_port, dask_workers=args.workers)
+    plan = StackPlan(
+        base=base.resolve(),
+        postgres=args.postgres,
+        name=args.name,
+        api_port=args.port,
+        dask_port=args.dask_port,
+        dask_workers=args.workers,
+    )
     # Ctrl-C and `kill` both stop the services in order instead of orphaning them (also when a
     # shell started us in the background, with SIGINT ignored).
     for number in (signal.SIGINT, signal.SIGTERM):
@@ -46,7 +57,9 @@ def _up(args: argparse.Namespace) -> int:
     with LocalStack(plan) as stack:
         print(f"Airflow UI:  {plan.api_url}  (user {plan.admin_user}; password in {stack.passwords_file})")
         print(f"Dask:        {plan.dask_address}")
-        print(f"pointflow:   POINTFLOW_HOME={plan.pointflow_home} POINTFLOW_DATABASE_URL={plan.database_url('catalog')}")
+        print(
+            f"pointflow:   POINTFLOW_HOME={plan.pointflow_home} POINTFLOW_DATABASE_URL={plan.database_url('catalog')}"
+        )
         print(f"inputs:      {stack.environment['POINTFLOW_INPUT_DIRS']}  (local sources for the DAGs)")
         print(f"logs:        {plan.logs}")
         print("Ctrl-C stops the stack.")

@@ -20,7 +20,12 @@ from pipelines.steps.record import JobRecord, job_id_for, job_view
 from pointflow_dev.scene import make_scene, write_scene
 
 DEMO_ACCOUNT = AccountRecord(
-    account_id="demo", name="Demo Surveying Ltd", email="ops@demo.example", country="DE", plan="professional", started_at=date(2026, 1, 1)
+    account_id="demo",
+    name="Demo Surveying Ltd",
+    email="ops@demo.example",
+    country="DE",
+    plan="professional",
+    started_at=date(2026, 1, 1),
 )
 DAG_ID = "pointflow_classify"
 
@@ -36,14 +41,18 @@ class DemoResult:
     log_path: Path
 
 
-def run_demo(settings: Settings, classifier: str = "standard", input_path: Path | None = None, verbose: bool = False) -> DemoResult:
+def run_demo(
+    settings: Settings, classifier: str = "standard", input_path: Path | None = None, verbose: bool = False
+) -> DemoResult:
     """Run the demo; Airflow's own output goes to the log file unless `verbose`."""
     log_path = settings.logs_dir / "demo.log"
     prepare_airflow(settings, log_path)
     # Uploaded first, as a customer would: the run reads it from the account's own area (the
     # service's own folder, POINTFLOW_HOME, is never a source, so the scene is made outside it).
     with tempfile.TemporaryDirectory() as folder:
-        source = Path(input_path) if input_path is not None else write_scene(make_scene(), Path(folder) / "demo-scene.laz")
+        source = (
+            Path(input_path) if input_path is not None else write_scene(make_scene(), Path(folder) / "demo-scene.laz")
+        )
         runtime = Runtime.from_settings(settings.allowing(source))
         upsert_accounts(runtime.catalog, [DEMO_ACCOUNT])
         stored = upload(runtime, DEMO_ACCOUNT.account_id, source)
@@ -56,7 +65,9 @@ def run_demo(settings: Settings, classifier: str = "standard", input_path: Path 
     root.addHandler(handler)
     try:
         with output_to(log_path, enabled=not verbose):
-            run = dag.test(run_conf={"account_id": DEMO_ACCOUNT.account_id, "source": input_location, "classifier": classifier})
+            run = dag.test(
+                run_conf={"account_id": DEMO_ACCOUNT.account_id, "source": input_location, "classifier": classifier}
+            )
     finally:
         root.removeHandler(handler)
         handler.close()
@@ -68,4 +79,6 @@ def run_demo(settings: Settings, classifier: str = "standard", input_path: Path 
         export_url, preview_url = urls["points"], urls["preview"]
         manifest_url = runtime.store.location(job.export_prefix + MANIFEST_NAME)
     messages = outbox_messages(settings)
-    return DemoResult(job, input_location, export_url, manifest_url, preview_url, messages[-1] if messages else None, log_path)
+    return DemoResult(
+        job, input_location, export_url, manifest_url, preview_url, messages[-1] if messages else None, log_path
+    )

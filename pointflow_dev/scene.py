@@ -43,14 +43,28 @@ def make_scene(size: float = 200.0, density: float = 8.0, buildings: int = 6, tr
         footprint |= (gx >= bx) & (gx <= bx + w) & (gy >= by) & (gy <= by + d)
     keep = ~footprint
     gz = terrain_height(gx[keep], gy[keep]) + rng.normal(0, 0.03, keep.sum())
-    parts.append((gx[keep], gy[keep], gz, np.full(keep.sum(), GROUND), np.ones(keep.sum()), np.ones(keep.sum()), rng.integers(800, 1500, keep.sum())))
+    parts.append(
+        (
+            gx[keep],
+            gy[keep],
+            gz,
+            np.full(keep.sum(), GROUND),
+            np.ones(keep.sum()),
+            np.ones(keep.sum()),
+            rng.integers(800, 1500, keep.sum()),
+        )
+    )
 
     for bx, by, w, d, h in boxes:
         m = int(w * d * density)
         rx, ry = rng.uniform(bx, bx + w, m), rng.uniform(by, by + d, m)
         base = terrain_height(np.array([bx + w / 2]), np.array([by + d / 2]))[0]
         # A gable roof: height falls linearly from the ridge along the short side.
-        ridge = 0.25 * min(w, d) * (1 - np.abs((ry - by) / d - 0.5) * 2) if w >= d else 0.25 * min(w, d) * (1 - np.abs((rx - bx) / w - 0.5) * 2)
+        ridge = (
+            0.25 * min(w, d) * (1 - np.abs((ry - by) / d - 0.5) * 2)
+            if w >= d
+            else 0.25 * min(w, d) * (1 - np.abs((rx - bx) / w - 0.5) * 2)
+        )
         rz = base + h + ridge + rng.normal(0, 0.03, m)
         parts.append((rx, ry, rz, np.full(m, BUILDING), np.ones(m), np.ones(m), rng.integers(1500, 3000, m)))
 
@@ -69,16 +83,36 @@ def make_scene(size: float = 200.0, density: float = 8.0, buildings: int = 6, tr
 
     shrubs = int(size * size * 0.05)
     sx, sy = rng.uniform(0, size, shrubs), rng.uniform(0, size, shrubs)
-    clear = ~np.any([(sx >= bx - 2) & (sx <= bx + w + 2) & (sy >= by - 2) & (sy <= by + d + 2) for bx, by, w, d, _ in boxes], axis=0)
+    clear = ~np.any(
+        [(sx >= bx - 2) & (sx <= bx + w + 2) & (sy >= by - 2) & (sy <= by + d + 2) for bx, by, w, d, _ in boxes], axis=0
+    )
     sx, sy = sx[clear], sy[clear]
     sz = terrain_height(sx, sy) + rng.uniform(0.3, 1.5, sx.size)
-    parts.append((sx, sy, sz, np.full(sx.size, LOW_VEG), np.full(sx.size, 2), np.full(sx.size, 2), rng.integers(300, 900, sx.size)))
+    parts.append(
+        (
+            sx,
+            sy,
+            sz,
+            np.full(sx.size, LOW_VEG),
+            np.full(sx.size, 2),
+            np.full(sx.size, 2),
+            rng.integers(300, 900, sx.size),
+        )
+    )
 
     columns = [np.concatenate(c) for c in zip(*parts)]
     order = rng.permutation(columns[0].size)
     x, y, z, labels, rn, nr, intensity = (c[order] for c in columns)
     rn = np.minimum(rn, nr)
-    return Scene(x + 500_000.0, y + 5_400_000.0, z, labels.astype(np.uint8), rn.astype(np.uint8), nr.astype(np.uint8), intensity.astype(np.uint16))
+    return Scene(
+        x + 500_000.0,
+        y + 5_400_000.0,
+        z,
+        labels.astype(np.uint8),
+        rn.astype(np.uint8),
+        nr.astype(np.uint8),
+        intensity.astype(np.uint16),
+    )
 
 
 def write_scene(scene: Scene, path: Path, with_labels: bool = False) -> Path:

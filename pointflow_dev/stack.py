@@ -186,7 +186,9 @@ class Service:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             # Own process group: stopping the service also stops what it started (task processes, nannies).
-            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+            )
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -235,16 +237,43 @@ class LocalStack:
         catalog.dispose()
 
         python = sys.executable
-        self._start("dask-scheduler", [python, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(plan.dask_port), "--dashboard-address", ":0"])
+        self._start(
+            "dask-scheduler",
+            [
+                python,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(plan.dask_port),
+                "--dashboard-address",
+                ":0",
+            ],
+        )
         self._wait("dask-scheduler", lambda: _port_open(plan.dask_port), timeout)
         for number in range(1, plan.dask_workers + 1):
             self._start(
                 f"dask-worker-{number}",
-                [python, "-m", "distributed.cli.dask_worker", plan.dask_address, "--nthreads", "1", "--name", f"worker-{number}", "--no-dashboard", "--local-directory", str(plan.base / "dask")],
+                [
+                    python,
+                    "-m",
+                    "distributed.cli.dask_worker",
+                    plan.dask_address,
+                    "--nthreads",
+                    "1",
+                    "--name",
+                    f"worker-{number}",
+                    "--no-dashboard",
+                    "--local-directory",
+                    str(plan.base / "dask"),
+                ],
             )
         self._wait(f"{plan.dask_workers} Dask workers", lambda: self.dask_worker_count() >= plan.dask_workers, timeout)
 
-        self._start("api-server", [python, "-m", "airflow", "api-server", "--port", str(plan.api_port), "--host", "127.0.0.1"])
+        self._start(
+            "api-server", [python, "-m", "airflow", "api-server", "--port", str(plan.api_port), "--host", "127.0.0.1"]
+        )
         self._wait("api-server", lambda: _get_ok(f"{plan.api_url}/api/v2/monitor/health"), timeout)
         for component in ("scheduler", "dag-processor", "triggerer"):
             self._start(component, [python, "-m", "airflow", component])
@@ -272,7 +301,10 @@ class LocalStack:
             health = requests.get(f"{self.plan.api_url}/api/v2/monitor/health", timeout=5).json()
         except (requests.RequestException, ValueError):
             return False
-        return all(health.get(part, {}).get("status") == "healthy" for part in ("metadatabase", "scheduler", "dag_processor", "triggerer"))
+        return all(
+            health.get(part, {}).get("status") == "healthy"
+            for part in ("metadatabase", "scheduler", "dag_processor", "triggerer")
+        )
 
     def _kept_password(self) -> str | None:
         if not self.passwords_file.exists():
@@ -327,7 +359,9 @@ class AirflowClient:
     def __init__(self, base_url: str, username: str, password: str) -> None:
         self.base_url = base_url.rstrip("/")
         self.http = requests.Session()
-        response = self.http.post(f"{self.base_url}/auth/token", json={"username": username, "password": password}, timeout=30)
+        response = self.http.post(
+            f"{self.base_url}/auth/token", json={"username": username, "password": password}, timeout=30
+        )
         if response.status_code != 201:
             raise StackError(f"Airflow refused the login for {username!r} (HTTP {response.status_code})")
         self.http.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
@@ -343,7 +377,9 @@ class AirflowClient:
             else:
                 if response.status_code < 500:
                     if not response.ok:
-                        raise StackError(f"{method} {path}: HTTP {response.status_code} {response.text[:300]}", response.status_code)
+                        raise StackError(
+                            f"{method} {path}: HTTP {response.status_code} {response.text[:300]}", response.status_code
+                        )
                     return response.json()
                 failure = f"HTTP {response.status_code} {response.text[:300]}"
             if attempt < attempts:
@@ -378,12 +414,18 @@ class AirflowClient:
         """Every finished (success or failed) run of the DAG, by run id, a page at a time."""
         finished: dict[str, dict[str, Any]] = {}
         while True:
-            page = self._call("GET", f"/dags/{dag_id}/dagRuns", params={"state": ["success", "failed"], "limit": 100, "offset": len(finished), "order_by": "id"})
+            page = self._call(
+                "GET",
+                f"/dags/{dag_id}/dagRuns",
+                params={"state": ["success", "failed"], "limit": 100, "offset": len(finished), "order_by": "id"},
+            )
             finished.update((run["dag_run_id"], run) for run in page["dag_runs"])
             if not page["dag_runs"] or len(finished) >= page["total_entries"]:
                 return finished
 
-    def wait_for_runs(self, dag_id: str, run_ids: list[str], timeout: float, on_finished: Callable[[dict], None] = lambda run: None) -> dict[str, dict[str, Any]]:
+    def wait_for_runs(
+        self, dag_id: str, run_ids: list[str], timeout: float, on_finished: Callable[[dict], None] = lambda run: None
+    ) -> dict[str, dict[str, Any]]:
         """Poll until every run has finished (success or failed); returns each run's final record."""
         finished: dict[str, dict[str, Any]] = {}
         wanted = set(run_ids)
@@ -396,5 +438,7 @@ class AirflowClient:
             if len(finished) == len(wanted):
                 return finished
             if time.monotonic() > deadline:
-                raise StackError(f"{len(wanted) - len(finished)} of {len(wanted)} runs unfinished after {timeout:.0f} s")
+                raise StackError(
+                    f"{len(wanted) - len(finished)} of {len(wanted)} runs unfinished after {timeout:.0f} s"
+                )
             time.sleep(5)

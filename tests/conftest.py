@@ -47,7 +47,13 @@ def stop_processes(processes: list[subprocess.Popen], grace: float) -> None:
             process.wait()
 
 
-def abandoned_work_dir(scratch: Path, kind: str, account_id: str | None = None, job_id: str | None = None, files: dict[str, bytes] | None = None) -> Path:
+def abandoned_work_dir(
+    scratch: Path,
+    kind: str,
+    account_id: str | None = None,
+    job_id: str | None = None,
+    files: dict[str, bytes] | None = None,
+) -> Path:
     """A scratch work folder as a killed process leaves it: made by pipelines.scratch.work_dir in a
     child process that dies inside the block (its lock is released, the folder stays)."""
     code = (
@@ -59,8 +65,20 @@ def abandoned_work_dir(scratch: Path, kind: str, account_id: str | None = None, 
     )
     import json
 
-    run = subprocess.run([sys.executable, "-c", code, str(scratch), kind, account_id or "", job_id or "", json.dumps({k: v.hex() for k, v in (files or {}).items()})],
-                         capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(scratch),
+            kind,
+            account_id or "",
+            job_id or "",
+            json.dumps({k: v.hex() for k, v in (files or {}).items()}),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 9, run.stderr
     return Path(run.stdout.strip())
 
@@ -94,7 +112,9 @@ def runtime(settings: Settings) -> Runtime:
 
 
 def make_account(account_id: str = "acme", plan: str = "professional", email: str | None = None) -> AccountRecord:
-    return AccountRecord(account_id, f"{account_id} GmbH", email or f"ops@{account_id}.example", "DE", plan, date(2026, 1, 1))
+    return AccountRecord(
+        account_id, f"{account_id} GmbH", email or f"ops@{account_id}.example", "DE", plan, date(2026, 1, 1)
+    )
 
 
 @pytest.fixture
@@ -106,7 +126,11 @@ def account(runtime: Runtime) -> str:
 @pytest.fixture(scope="session")
 def scene_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small labelled synthetic scene (classes written) as LAZ."""
-    return write_scene(make_scene(size=120, density=6, buildings=3, trees=25, seed=7), tmp_path_factory.mktemp("scene") / "scene.laz", with_labels=True)
+    return write_scene(
+        make_scene(size=120, density=6, buildings=3, trees=25, seed=7),
+        tmp_path_factory.mktemp("scene") / "scene.laz",
+        with_labels=True,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +144,9 @@ def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__LOGGING__BASE_LOG_FOLDER=str(home / "logs"),
     )
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=os.environ.copy())
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=os.environ.copy()
+    )
     return home
 
 

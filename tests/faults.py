@@ -118,16 +118,27 @@ class DaskProcesses:
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.logs = Path(tempfile.mkdtemp(prefix="dask-logs-"))
         env = {**os.environ, **(scheduler_env or {})}
-        self.scheduler = self._spawn(["scheduler", "--host", "127.0.0.1", "--port", str(self.port), "--no-dashboard"], "scheduler", env)
+        self.scheduler = self._spawn(
+            ["scheduler", "--host", "127.0.0.1", "--port", str(self.port), "--no-dashboard"], "scheduler", env
+        )
         _wait_for_port(self.port, self.scheduler, "dask scheduler")
         self.workers = [
-            self._spawn(["worker", self.address, "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1"], f"worker{i}", os.environ.copy())
+            self._spawn(
+                ["worker", self.address, "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1"],
+                f"worker{i}",
+                os.environ.copy(),
+            )
             for i in range(workers)
         ]
 
     def _spawn(self, args: list[str], name: str, env: dict[str, str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        return subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_" + args[0], *args[1:]], stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_" + args[0], *args[1:]],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
     def close(self) -> None:
         stop_processes([*self.workers, self.scheduler], grace=3)
@@ -165,7 +176,9 @@ class PrivatePostgres:
         return None
 
     def _run(self, program: str, *args: str) -> None:
-        subprocess.run([*self._as_user, str(POSTGRES_BIN / program), *args], check=True, capture_output=True, cwd=self.root)
+        subprocess.run(
+            [*self._as_user, str(POSTGRES_BIN / program), *args], check=True, capture_output=True, cwd=self.root
+        )
 
     def start(self) -> None:
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"

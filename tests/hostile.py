@@ -80,7 +80,11 @@ def with_extra_bytes(path: Path, extra: int, n: int) -> Path:
     """Real points with `extra` unregistered bytes appended to every record."""
     base = megaplot(path.with_suffix(".base.las"), n)
     raw = bytearray(base.read_bytes())
-    offset, length, count = _read(base, OFFSET_TO_POINTS, "I")[0], _read(base, RECORD_LENGTH, "H")[0], _read(base, LEGACY_COUNT, "I")[0]
+    offset, length, count = (
+        _read(base, OFFSET_TO_POINTS, "I")[0],
+        _read(base, RECORD_LENGTH, "H")[0],
+        _read(base, LEGACY_COUNT, "I")[0],
+    )
     records = np.frombuffer(bytes(raw[offset : offset + count * length]), dtype=np.uint8).reshape(count, length)
     padded = np.concatenate([records, np.zeros((count, extra), np.uint8)], axis=1)
     struct.pack_into("<H", raw, RECORD_LENGTH, length + extra)
@@ -106,7 +110,9 @@ def copc(path: Path, n: int = 3000) -> Path:
     # Written under a stand-in user id, then renamed: laspy refuses to write COPC records itself.
     header.vlrs.append(laspy.VLR("copz", 1, "copc info", b"\0" * 160))
     data = laspy.LasData(header)
-    data.points = laspy.ScaleAwarePointRecord(source.points.array[:n], source.points.point_format, source.header.scales, source.header.offsets)
+    data.points = laspy.ScaleAwarePointRecord(
+        source.points.array[:n], source.points.point_format, source.header.scales, source.header.offsets
+    )
     data.write(path)
     raw = bytearray(path.read_bytes())
     offset, table = _read(path, OFFSET_TO_POINTS, "I")[0], _chunk_table(path)
@@ -128,7 +134,9 @@ def copc(path: Path, n: int = 3000) -> Path:
     center = (mins + maxs) / 2
     halfsize = float(max(maxs - mins)) / 2 + 1
     gps = np.asarray(data.gps_time)
-    info = struct.pack("<5d2Q2d11Q", *center, halfsize, halfsize / 8, evlr_start + 60, len(entry), gps.min(), gps.max(), *[0] * 11)
+    info = struct.pack(
+        "<5d2Q2d11Q", *center, halfsize, halfsize / 8, evlr_start + 60, len(entry), gps.min(), gps.max(), *[0] * 11
+    )
     raw[375 + 54 : 375 + 54 + 160] = info
     path.write_bytes(bytes(raw))
     return path

@@ -78,13 +78,28 @@ def run_case(name: str, path: Path, outputs: Path) -> dict:
     ingest = command("ingest", str(path), "--account", ACCOUNT, "--run", "--json")
     with runtime.catalog.session() as session:
         job = session.scalars(select(Job).where(Job.source == str(path.resolve()))).one_or_none()
-        usage = [(e.status, e.points) for e in session.scalars(select(UsageEvent).where(UsageEvent.job_id == job.job_id))] if job else []
-        ingest["job"] = {"state": job.state, "error": job.error, "points": job.points_processed, "export_prefix": job.export_prefix} if job else None
+        usage = (
+            [(e.status, e.points) for e in session.scalars(select(UsageEvent).where(UsageEvent.job_id == job.job_id))]
+            if job
+            else []
+        )
+        ingest["job"] = (
+            {"state": job.state, "error": job.error, "points": job.points_processed, "export_prefix": job.export_prefix}
+            if job
+            else None
+        )
     ingest["usage"] = usage
-    ingest["exports"] = [o.key for o in runtime.store.list(f"accounts/{ACCOUNT}/exports/") if job and job.job_id in o.key]
+    ingest["exports"] = [
+        o.key for o in runtime.store.list(f"accounts/{ACCOUNT}/exports/") if job and job.job_id in o.key
+    ]
     ingest["mails"] = len(outbox_messages(runtime.settings)) - mails_before
     runtime.catalog.dispose()
-    return {"name": name, "classify": classify, "ingest": ingest, "scratch_left": [str(f.path) for f in folders(runtime.settings.scratch_dir)]}
+    return {
+        "name": name,
+        "classify": classify,
+        "ingest": ingest,
+        "scratch_left": [str(f.path) for f in folders(runtime.settings.scratch_dir)],
+    }
 
 
 def main() -> None:
@@ -96,7 +111,21 @@ def main() -> None:
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         os.environ["POINTFLOW_DASK_ADDRESS"] = cluster.scheduler_address
         with captured():
-            pointflow(["accounts", "add", ACCOUNT, "--name", "Hostile Ltd", "--email", "ops@hostile.example", "--country", "DE", "--plan", "professional"])
+            pointflow(
+                [
+                    "accounts",
+                    "add",
+                    ACCOUNT,
+                    "--name",
+                    "Hostile Ltd",
+                    "--email",
+                    "ops@hostile.example",
+                    "--country",
+                    "DE",
+                    "--plan",
+                    "professional",
+                ]
+            )
         outputs = Path(tempfile.mkdtemp(prefix="hostile-out-"))
         with open(results, "a") as log:
             for case in CASES:

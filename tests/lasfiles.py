@@ -15,7 +15,9 @@ MAX_X, MIN_X = 179, 187
 POINT_COUNT_14 = 247
 
 
-def write_points(path: Path, n: int = 2000, version: str = "1.2", point_format: int = 1, seed: int = 0, extra_bytes: bool = False) -> Path:
+def write_points(
+    path: Path, n: int = 2000, version: str = "1.2", point_format: int = 1, seed: int = 0, extra_bytes: bool = False
+) -> Path:
     rng = np.random.default_rng(seed)
     header = laspy.LasHeader(point_format=point_format, version=version)
     header.scales = np.array([0.01, 0.01, 0.01])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
@@ -17,21 +17,34 @@ from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from tests.conftest import make_account
 
-AT = datetime(2026, 10, 15, 12, tzinfo=timezone.utc)
+AT = datetime(2026, 10, 15, 12, tzinfo=UTC)
 
 
-def store_files(runtime: Runtime, account_id: str, *files: tuple[int, int], created: datetime = AT, state: str = "validated") -> None:
+def store_files(
+    runtime: Runtime, account_id: str, *files: tuple[int, int], created: datetime = AT, state: str = "validated"
+) -> None:
     with runtime.catalog.session() as session:
         for n, (size, points) in enumerate(files):
             digest = f"{account_id}-{n}-{size}-{points}-{created.isoformat()}".ljust(64, "0")[:64]
-            session.add(StoredFile(account_id=account_id, key=f"accounts/{account_id}/raw/{digest}", original_name="f.laz", size=size,
-                                   sha256=digest, point_count=points, state=state, created_at=created))
+            session.add(
+                StoredFile(
+                    account_id=account_id,
+                    key=f"accounts/{account_id}/raw/{digest}",
+                    original_name="f.laz",
+                    size=size,
+                    sha256=digest,
+                    point_count=points,
+                    state=state,
+                    created_at=created,
+                )
+            )
 
 
 @pytest.fixture
 def admit(runtime: Runtime):
     def check(account_id: str, size: int = 1000, points: int = 1000) -> None:
         check_admission(runtime.settings, runtime.catalog, account_id, Candidate(size, points), AT)
+
     return check
 
 
@@ -60,11 +73,16 @@ def test_free_plan_stored_points(runtime: Runtime, admit, points: int, allowed: 
 @pytest.mark.parametrize("total,allowed", [(500_000_000 - 1, True), (500_000_000, True), (500_000_001, False)])
 def test_api_monthly_points_cap_counts_usage(runtime: Runtime, admit, total: int, allowed: bool) -> None:
     upsert_accounts(runtime.catalog, [make_account("api1", plan="api")])
-    record_usage(runtime.catalog, [
-        UsageRecord("e1", "api1", "classification", AT.replace(day=2), 300_000_000, "succeeded"),
-        UsageRecord("e2", "api1", "classification", AT.replace(day=3), 999_000_000, "failed"),  # not billed, not counted
-        UsageRecord("e3", "api1", "classification", AT.replace(month=9), 400_000_000, "succeeded"),  # last month
-    ])
+    record_usage(
+        runtime.catalog,
+        [
+            UsageRecord("e1", "api1", "classification", AT.replace(day=2), 300_000_000, "succeeded"),
+            UsageRecord(
+                "e2", "api1", "classification", AT.replace(day=3), 999_000_000, "failed"
+            ),  # not billed, not counted
+            UsageRecord("e3", "api1", "classification", AT.replace(month=9), 400_000_000, "succeeded"),  # last month
+        ],
+    )
     if allowed:
         admit("api1", points=total - 300_000_000)
     else:
@@ -88,13 +106,19 @@ def test_extra_storage_bought_as_a_dated_term_raises_the_storage_limit_from_its_
     set_billing_terms(runtime.catalog, "x", TermsUpdate(extra_storage_gb=50, effective_on=date(2026, 10, 16)))
     store_files(runtime, "x", (120 * GB, 1000), created=AT.replace(month=8))
     store_files(runtime, "x", (26 * GB, 1000), created=AT.replace(day=16))
-    day_before, change_day = datetime(2026, 10, 15, 23, 59, tzinfo=timezone.utc), datetime(2026, 10, 16, 13, tzinfo=timezone.utc)
+    day_before, change_day = datetime(2026, 10, 15, 23, 59, tzinfo=UTC), datetime(2026, 10, 16, 13, tzinfo=UTC)
     # The day before, the plan's 100 GB is the limit.
-    with pytest.raises(AdmissionRefused, match=r"storage limit: 146,000,000,001 bytes with this file, the limit is 100,000,000,000 bytes"):
+    with pytest.raises(
+        AdmissionRefused,
+        match=r"storage limit: 146,000,000,001 bytes with this file, the limit is 100,000,000,000 bytes",
+    ):
         check_admission(runtime.settings, runtime.catalog, "x", Candidate(1, 10), day_before)
     # From the term's date: 100 + 50 GB.
     check_admission(runtime.settings, runtime.catalog, "x", Candidate(4 * GB, 10), change_day)
-    with pytest.raises(AdmissionRefused, match=r"storage limit: 150,000,000,001 bytes with this file, the limit is 150,000,000,000 bytes"):
+    with pytest.raises(
+        AdmissionRefused,
+        match=r"storage limit: 150,000,000,001 bytes with this file, the limit is 150,000,000,000 bytes",
+    ):
         check_admission(runtime.settings, runtime.catalog, "x", Candidate(4 * GB + 1, 10), change_day)
 
 

@@ -51,9 +51,7 @@ def test_building_choice_refuses_a_candidate_that_costs_one_file_more_than_the_l
     sources = ["A", "A", "B"]
     # Building F1; column 0 is the reference (new rules off). Column 1 has the best mean but costs
     # the second file of A 0.006; column 2 costs it 0.004 and gains less.
-    table = np.array([[0.80, 0.95, 0.85],
-                      [0.92, 0.914, 0.916],
-                      [0.90, 0.93, 0.91]])
+    table = np.array([[0.80, 0.95, 0.85], [0.92, 0.914, 0.916], [0.90, 0.93, 0.91]])
     assert choose(table, sources, {"A", "B"}, reference=0) == 2
     # B alone has no such file: the best mean wins.
     assert choose(table, sources, {"B"}, reference=0) == 1
@@ -70,10 +68,10 @@ def test_low_noise_is_appended_below_the_points_it_copies_and_left_out_of_the_sc
     noisy = with_low_noise(item.block, Noise(0.005, 4))
     added = len(noisy) - len(item.block)
     assert added == 4 * int(len(item.block) * 0.005 / 4)
-    np.testing.assert_array_equal(noisy.z[:len(item.block)], item.block.z)
+    np.testing.assert_array_equal(noisy.z[: len(item.block)], item.block.z)
     # Every added point lies 2-20 m below some point of the scene.
-    assert noisy.z[len(item.block):].max() < item.block.z.max() - 2.0
-    assert noisy.return_number[len(item.block):].tolist() == [1] * added
+    assert noisy.z[len(item.block) :].max() < item.block.z.max() - 2.0
+    assert noisy.return_number[len(item.block) :].tolist() == [1] * added
     perfect = np.where(item.labels == 2, 2, 1).astype(np.uint8)
     assert total_error(item, np.concatenate([perfect, np.full(added, 2, np.uint8)])) == 0.0
 

@@ -48,9 +48,13 @@ def test_month_by_month_from_the_files(cli_env, capsys):
     september = json.loads(cli(capsys, "billing", "run", "--period", "2026-09", "--json"))
     assert september == expected("expected-2026-09.json")
     assert september[0]["lines"][0] == {
-        "kind": "subscription", "description": "Professional plan, 2026-09, 16 of 30 days from 2026-09-15",
-        "quantity": "0.5333", "unit_price": "99.00", "amount": "52.80", "taxable": True,
-    }  # fmt: skip
+        "kind": "subscription",
+        "description": "Professional plan, 2026-09, 16 of 30 days from 2026-09-15",
+        "quantity": "0.5333",
+        "unit_price": "99.00",
+        "amount": "52.80",
+        "taxable": True,
+    }
     assert [(i["invoice_number"], i["subtotal"], i["tax"], i["total"]) for i in september] == [
         ("PF-2026-09-0001", "52.80", "10.03", "62.83"),
         ("PF-2026-09-0002", "79.20", "0.00", "79.20"),
@@ -66,8 +70,11 @@ def test_month_by_month_from_the_files(cli_env, capsys):
     assert october == expected("expected-2026-10.json")
     assert [(i["account_id"], i["total"]) for i in october] == [("acme", "117.45"), ("geo", "80.15"), ("lidar", "0.00")]
     assert {line["kind"]: line["amount"] for line in october[1]["lines"]} == {
-        "subscription": "99.00", "discount": "-19.80", "availability_credit": "-0.24", "late_fee": "1.19",
-    }  # fmt: skip
+        "subscription": "99.00",
+        "discount": "-19.80",
+        "availability_credit": "-0.24",
+        "late_fee": "1.19",
+    }
 
     # A re-run prints the same invoices and says it created nothing.
     assert json.loads(cli(capsys, "billing", "run", "--period", "2026-10", "--json")) == october
@@ -81,14 +88,44 @@ def test_credit_dispute_show_and_list(cli_env, capsys):
     cli(capsys, "accounts", "import", str(DATA / "accounts.csv"))
     cli(capsys, "usage", "import", str(DATA / "usage.jsonl"))
     cli(capsys, "billing", "run", "--period", "2026-09")
-    note = json.loads(cli(capsys, "invoices", "credit", "PF-2026-09-0001", "--amount", "2.80", "--reason", "onboarding days",
-                          "--issued-on", "2026-10-03", "--json"))  # fmt: skip
+    note = json.loads(
+        cli(
+            capsys,
+            "invoices",
+            "credit",
+            "PF-2026-09-0001",
+            "--amount",
+            "2.80",
+            "--reason",
+            "onboarding days",
+            "--issued-on",
+            "2026-10-03",
+            "--json",
+        )
+    )
     assert note == {
-        "credit_note_number": "PF-CN-2026-10-0001", "invoice_number": "PF-2026-09-0001", "account_id": "acme",
-        "issued_on": "2026-10-03", "amount": "2.80", "tax": "0.53", "total": "3.33", "reason": "onboarding days",
+        "credit_note_number": "PF-CN-2026-10-0001",
+        "invoice_number": "PF-2026-09-0001",
+        "account_id": "acme",
+        "issued_on": "2026-10-03",
+        "amount": "2.80",
+        "tax": "0.53",
+        "total": "3.33",
+        "reason": "onboarding days",
         "created": True,
-    }  # fmt: skip
-    again = cli(capsys, "invoices", "credit", "PF-2026-09-0001", "--amount", "2.80", "--reason", "onboarding days", "--issued-on", "2026-10-03")
+    }
+    again = cli(
+        capsys,
+        "invoices",
+        "credit",
+        "PF-2026-09-0001",
+        "--amount",
+        "2.80",
+        "--reason",
+        "onboarding days",
+        "--issued-on",
+        "2026-10-03",
+    )
     assert again == "credit note PF-CN-2026-10-0001 already issued for invoice PF-2026-09-0001: 3.33 incl. tax\n"
 
     shown = json.loads(cli(capsys, "invoices", "show", "PF-2026-09-0001"))
@@ -97,9 +134,17 @@ def test_credit_dispute_show_and_list(cli_env, capsys):
 
     assert main(["invoices", "dispute", "PF-2026-09-0002", "--reason", "seats", "--at", "2026-10-09T00:00:00Z"]) == 2
     assert "disputes were accepted until 2026-10-08" in capsys.readouterr().err
-    assert cli(capsys, "invoices", "dispute", "PF-2026-09-0002", "--reason", "wrong discount", "--billing-error", "--at", "2026-11-20T00:00:00Z") == (
-        "dispute of PF-2026-09-0002 recorded (window until 2026-11-30)\n"
-    )
+    assert cli(
+        capsys,
+        "invoices",
+        "dispute",
+        "PF-2026-09-0002",
+        "--reason",
+        "wrong discount",
+        "--billing-error",
+        "--at",
+        "2026-11-20T00:00:00Z",
+    ) == ("dispute of PF-2026-09-0002 recorded (window until 2026-11-30)\n")
 
     csv_text = cli(capsys, "invoices", "show", "PF-2026-09-0003", "--format", "csv")
     assert csv_text.splitlines() == [
@@ -109,7 +154,10 @@ def test_credit_dispute_show_and_list(cli_env, capsys):
     html = cli(capsys, "invoices", "show", "PF-2026-09-0003", "--format", "html")
     assert "Lidar API SAS" in html and "<td class=n>74.08</td>" in html and "within 7 days" in html
 
-    assert cli(capsys, "invoices", "list", "--account", "geo") == "PF-2026-09-0002  geo  2026-09  EUR 79.20\n1 invoice(s)\n"
+    assert (
+        cli(capsys, "invoices", "list", "--account", "geo")
+        == "PF-2026-09-0002  geo  2026-09  EUR 79.20\n1 invoice(s)\n"
+    )
 
 
 def test_terms_and_points(cli_env, capsys):
@@ -118,19 +166,28 @@ def test_terms_and_points(cli_env, capsys):
     terms = json.loads(cli(capsys, "billing", "terms", "acme", "--seats", "4", "--extra-storage-gb", "10"))
     assert (terms["seats"], terms["extra_storage_gb"], terms["ended_on"]) == (4, 10, None)
     points = json.loads(cli(capsys, "usage", "points", "lidar", "--month", "2026-09"))
-    assert points == {"account_id": "lidar", "month": "2026-09", "points_used": 123_456_789, "monthly_points_cap": 500_000_000}
+    assert points == {
+        "account_id": "lidar",
+        "month": "2026-09",
+        "points_used": 123_456_789,
+        "monthly_points_cap": 500_000_000,
+    }
     october = json.loads(cli(capsys, "billing", "run", "--period", "2026-10", "--json"))
     assert {line["kind"]: line["amount"] for line in october[0]["lines"]} == {
-        "subscription": "99.00", "seats": "40.00", "extra_storage": "490.00",
-    }  # fmt: skip
+        "subscription": "99.00",
+        "seats": "40.00",
+        "extra_storage": "490.00",
+    }
 
 
 def test_pricebook_option_and_setting(cli_env, capsys, tmp_path, monkeypatch):
     cli(capsys, "accounts", "import", str(DATA / "accounts.csv"))
     book = tmp_path / "book.yaml"
-    book.write_text('currency: CHF\ninvoice_prefix: ZZ\npayment_terms_days: 10\nlate_fee_monthly_rate: "0.01"\n'
-                    'plans:\n  professional: {monthly_fee: "30.00"}\n  professional_sharing: {monthly_fee: "30.00"}\n'
-                    '  api: {price_per_million_points: "1.00"}\n  free: {}\n')  # fmt: skip
+    book.write_text(
+        'currency: CHF\ninvoice_prefix: ZZ\npayment_terms_days: 10\nlate_fee_monthly_rate: "0.01"\n'
+        'plans:\n  professional: {monthly_fee: "30.00"}\n  professional_sharing: {monthly_fee: "30.00"}\n'
+        '  api: {price_per_million_points: "1.00"}\n  free: {}\n'
+    )
     monkeypatch.setenv("POINTFLOW_PRICEBOOK", str(book))
     invoices = json.loads(cli(capsys, "billing", "run", "--period", "2026-10", "--json"))
     assert [(i["invoice_number"], i["currency"], i["due_date"], i["total"]) for i in invoices] == [
@@ -151,14 +208,21 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(cli_env, capsys, tmp_pat
     )
     assert main(["usage", "import", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("pointflow: error: ") and "line 2: points 1.5 is not a whole number" in err and "line 3: not JSON" in err
+    assert (
+        err.startswith("pointflow: error: ")
+        and "line 2: points 1.5 is not a whole number" in err
+        and "line 3: not JSON" in err
+    )
     assert json.loads(cli(capsys, "usage", "points", "lidar", "--month", "2026-10"))["points_used"] == 0
     with pytest.raises(SystemExit):
         main(["billing", "run", "--period", "2026-13"])
     assert "YYYY-MM" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [["usage", "import"], ["payments", "import"], ["outages", "import"], ["invoices", "credit"], ["billing", "run"]])
+@pytest.mark.parametrize(
+    "command",
+    [["usage", "import"], ["payments", "import"], ["outages", "import"], ["invoices", "credit"], ["billing", "run"]],
+)
 def test_every_command_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])

@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import urlopen
@@ -36,8 +36,8 @@ DATA = Path(__file__).parent / "data" / "billing"
 POINTFLOW = str(Path(sys.executable).with_name("pointflow"))
 DAG_ID = "billing_monthly"
 # The logical dates of the scheduled runs that invoice September and October 2026.
-SEPTEMBER_RUN = datetime(2026, 10, 1, 2, tzinfo=timezone.utc)
-OCTOBER_RUN = datetime(2026, 11, 1, 2, tzinfo=timezone.utc)
+SEPTEMBER_RUN = datetime(2026, 10, 1, 2, tzinfo=UTC)
+OCTOBER_RUN = datetime(2026, 11, 1, 2, tzinfo=UTC)
 SEPTEMBER = ["PF-2026-09-0001", "PF-2026-09-0002", "PF-2026-09-0003"]
 RECIPIENTS = ["billing@acme.example", "ap@geo.example", "compta@lidar.example"]
 
@@ -123,9 +123,9 @@ def sent_count() -> int:
 @pytest.mark.parametrize(
     ("logical_date", "period"),
     [
-        (datetime(2026, 10, 1, 2, tzinfo=timezone.utc), "2026-09"),
-        (datetime(2026, 1, 1, 2, tzinfo=timezone.utc), "2025-12"),
-        (datetime(2026, 3, 31, 23, 59, 59, tzinfo=timezone.utc), "2026-02"),
+        (datetime(2026, 10, 1, 2, tzinfo=UTC), "2026-09"),
+        (datetime(2026, 1, 1, 2, tzinfo=UTC), "2025-12"),
+        (datetime(2026, 3, 31, 23, 59, 59, tzinfo=UTC), "2026-02"),
         # 01:30 on April 1st in UTC, although it is still March 31st where the clock says 23:30.
         (datetime(2026, 3, 31, 23, 30, tzinfo=timezone(timedelta(hours=-2))), "2026-03"),
     ],
@@ -170,7 +170,9 @@ def test_month_is_invoiced_published_and_mailed(billing_dag, scenario, smtp_sink
 
     september = expected("2026-09")
     # The command in a process of its own: after dag.test() Airflow's logging shares this stdout.
-    command = subprocess.run([POINTFLOW, "billing", "run", "--period", "2026-09", "--json"], capture_output=True, text=True, check=True)
+    command = subprocess.run(
+        [POINTFLOW, "billing", "run", "--period", "2026-09", "--json"], capture_output=True, text=True, check=True
+    )
     assert json.loads(command.stdout) == september
     objects_store = store()
     assert {info.key for info in objects_store.list("")} == month_keys("2026-09")
@@ -178,8 +180,18 @@ def test_month_is_invoiced_published_and_mailed(billing_dag, scenario, smtp_sink
         keys = document_keys(invoice["account_id"], invoice["invoice_number"])
         assert json.loads(objects_store.get_bytes(keys["json"])) == invoice
         rows = list(csv.DictReader(io.StringIO(objects_store.get_bytes(keys["csv"]).decode())))
-        assert [(r["invoice_number"], r["kind"], r["description"], r["quantity"], r["unit_price"], r["amount"]) for r in rows] == [
-            (invoice["invoice_number"], line["kind"], line["description"], line["quantity"], line["unit_price"], line["amount"])
+        assert [
+            (r["invoice_number"], r["kind"], r["description"], r["quantity"], r["unit_price"], r["amount"])
+            for r in rows
+        ] == [
+            (
+                invoice["invoice_number"],
+                line["kind"],
+                line["description"],
+                line["quantity"],
+                line["unit_price"],
+                line["amount"],
+            )
             for line in invoice["lines"]
         ]
         html = objects_store.get_bytes(keys["html"]).decode()
@@ -206,12 +218,15 @@ def test_month_is_invoiced_published_and_mailed(billing_dag, scenario, smtp_sink
     assert sent_count() == 3
 
     usage = json.loads(objects_store.get_bytes("service/usage_daily/2026-09.json"))
-    assert usage == {"period": "2026-09", "days": [
-        {"account_id": "hobby", "day": "2026-09-20", "jobs": 1, "billable_points": 1000000, "failed_points": 0},
-        {"account_id": "lidar", "day": "2026-09-10", "jobs": 1, "billable_points": 120000000, "failed_points": 0},
-        {"account_id": "lidar", "day": "2026-09-12", "jobs": 1, "billable_points": 0, "failed_points": 50000000},
-        {"account_id": "lidar", "day": "2026-09-30", "jobs": 1, "billable_points": 3456789, "failed_points": 0},
-    ]}  # fmt: skip
+    assert usage == {
+        "period": "2026-09",
+        "days": [
+            {"account_id": "hobby", "day": "2026-09-20", "jobs": 1, "billable_points": 1000000, "failed_points": 0},
+            {"account_id": "lidar", "day": "2026-09-10", "jobs": 1, "billable_points": 120000000, "failed_points": 0},
+            {"account_id": "lidar", "day": "2026-09-12", "jobs": 1, "billable_points": 0, "failed_points": 50000000},
+            {"account_id": "lidar", "day": "2026-09-30", "jobs": 1, "billable_points": 3456789, "failed_points": 0},
+        ],
+    }
     usage_csv = list(csv.DictReader(io.StringIO(objects_store.get_bytes("service/usage_daily/2026-09.csv").decode())))
     assert usage_csv == [{k: str(v) for k, v in day.items()} for day in usage["days"]]
 
@@ -225,7 +240,7 @@ def test_rerunning_a_month_creates_and_sends_nothing_new(billing_dag, scenario, 
 
     again = run(billing_dag, SEPTEMBER_RUN)  # the same scheduled run, cleared and run again
     # A manual run weeks later, told which month: without the param it would invoice October.
-    manual = run(billing_dag, datetime(2026, 11, 22, 9, tzinfo=timezone.utc), period="2026-09")
+    manual = run(billing_dag, datetime(2026, 11, 22, 9, tzinfo=UTC), period="2026-09")
 
     for dag_run in (again, manual):
         assert str(dag_run.state) == "success", task_states(dag_run)
@@ -239,7 +254,7 @@ def test_rerunning_a_month_creates_and_sends_nothing_new(billing_dag, scenario, 
 
 
 def test_a_month_that_has_not_ended_is_refused_without_retrying(billing_dag, scenario, smtp_sink) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     dag_run = run(billing_dag, now, period=Period.of(now.date()).label)
 
     assert str(dag_run.state) == "failed"
@@ -282,11 +297,18 @@ def test_mail_refused_on_every_try_fails_the_run_and_a_rerun_sends_them(billing_
     failed = run(billing_dag, SEPTEMBER_RUN)
 
     assert str(failed.state) == "failed"
-    assert task_states(failed) == {"invoice": "success", "publish": "success", "email": "failed", "usage_daily": "upstream_failed"}
+    assert task_states(failed) == {
+        "invoice": "success",
+        "publish": "success",
+        "email": "failed",
+        "usage_daily": "upstream_failed",
+    }
     assert tries(failed, "email") == 1 + billing_dag.get_task("email").retries
     # The invoices and their documents stay; only the e-mails are missing.
     assert [i.invoice_number for i in list_invoices(catalog())] == SEPTEMBER
-    assert {document_keys(a, n)["html"] for a, n in zip(["acme", "geo", "lidar"], SEPTEMBER, strict=True)} <= set(objects(store()))
+    assert {document_keys(a, n)["html"] for a, n in zip(["acme", "geo", "lidar"], SEPTEMBER, strict=True)} <= set(
+        objects(store())
+    )
     assert smtp_sink.messages == [] and sent_count() == 0
 
     smtp_sink.refusing = False
@@ -314,7 +336,10 @@ def test_catchup_gives_each_month_its_own_invoices(billing_dag, scenario, smtp_s
     for period in ("2026-09", "2026-10"):
         for invoice in expected(period):
             # October's late fee and carried credit show that September was invoiced first.
-            assert json.loads(published[document_keys(invoice["account_id"], invoice["invoice_number"])["json"]]) == invoice
+            assert (
+                json.loads(published[document_keys(invoice["account_id"], invoice["invoice_number"])["json"]])
+                == invoice
+            )
     numbers = [invoice["invoice_number"] for period in ("2026-09", "2026-10") for invoice in expected(period)]
     assert [m["Subject"].split()[1] for m in smtp_sink.parsed()] == numbers
     assert json.loads(published["service/usage_daily/2026-10.json"])["days"] == [

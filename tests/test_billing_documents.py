@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import date
+from datetime import UTC, date
 from decimal import Decimal
 from pathlib import Path
 
@@ -16,24 +16,51 @@ from pypdf import PdfReader
 
 from pipelines.accounts import read_accounts_csv, upsert_accounts
 from pipelines.billing.corrections import TermsUpdate, issue_credit_note, set_billing_terms
-from pipelines.billing.delivery import MonthlyBilling, buyer_of, document_of, email_invoices, publish_credit_note, publish_documents
+from pipelines.billing.delivery import (
+    MonthlyBilling,
+    buyer_of,
+    document_of,
+    email_invoices,
+    publish_credit_note,
+    publish_documents,
+)
 from pipelines.billing.documents import EInvoiceUnavailable, check_facturx, cii_xml, document_html
-from pipelines.billing.imports import import_outages, import_payments, import_usage, read_outages_csv, read_payments_csv, read_usage_jsonl
+from pipelines.billing.imports import (
+    import_outages,
+    import_payments,
+    import_usage,
+    read_outages_csv,
+    read_payments_csv,
+    read_usage_jsonl,
+)
 from pipelines.billing.invoicing import run_billing
 from pipelines.billing.periods import Period
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account
 from pipelines.settings import Settings
 from pipelines.storage import open_store
-from tests.test_billing_support import BASE_PRICEBOOK, SELLER, add_account, catalog, check_einvoices, cli_env, database_url, make_pricebook, postgres_schema_url, utc
+from tests.test_billing_support import (
+    BASE_PRICEBOOK,
+    SELLER,
+    add_account,
+    catalog,
+    check_einvoices,
+    cli_env,
+    database_url,
+    make_pricebook,
+    postgres_schema_url,
+    utc,
+)
 
 __all__ = ["catalog", "cli_env", "database_url", "postgres_schema_url"]  # fixtures used here
 
 DATA = Path(__file__).parent / "data" / "billing"
 BOOK = make_pricebook(SELLER)
 NOW = utc("2027-06-01T00:00Z")
-CII = {"rsm": "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100",
-       "ram": "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100"}  # fmt: skip
+CII = {
+    "rsm": "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100",
+    "ram": "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100",
+}
 
 
 def scenario(catalog: Catalog) -> None:
@@ -82,21 +109,42 @@ def test_the_page_shows_seller_buyer_vat_per_rate_and_credit_after_the_total(cat
     month = billing(catalog, tmp_path, "2026-10")
     publish_documents(month)
     html = month.store.get_bytes("accounts/lidar/invoices/PF-2026-10-0003.html").decode()
-    for text in ("pointflow GmbH", "Punktwolkenweg 1", "10115 Berlin", "VAT ID DE123456789",  # seller
-                 "Lidar API SAS", "12 rue des Capteurs", "69002 Lyon", "VAT ID FR40303265045",  # buyer
-                 "<th>Invoice date</th><td>2026-11-01</td>", "<td>2026-10-01 to 2026-10-31</td>"):  # fmt: skip
+    for text in (
+        "pointflow GmbH",
+        "Punktwolkenweg 1",
+        "10115 Berlin",
+        "VAT ID DE123456789",  # seller
+        "Lidar API SAS",
+        "12 rue des Capteurs",
+        "69002 Lyon",
+        "VAT ID FR40303265045",  # buyer
+        "<th>Invoice date</th><td>2026-11-01</td>",
+        "<td>2026-10-01 to 2026-10-31</td>",
+    ):
         assert text in html, text
     # Net 5.00, VAT 20 % 1.00, total 6.00; only then the 6.00 of the 25.92 credit, 19.92 left; nothing due.
     rows = [row for row in html.split("<tr") if "class=n>" in row and "<td colspan=4" in row]
     figures = [(row.split("class=n>")[1].split("<")[0], row.split("class=n>")[-1].split("<")[0]) for row in rows]
     assert figures == [
-        ("Subtotal", "5.00"), ("VAT 20 % on 5.00", "1.00"), ("Total EUR", "6.00"),
+        ("Subtotal", "5.00"),
+        ("VAT 20 % on 5.00", "1.00"),
+        ("Total EUR", "6.00"),
         ("Credit applied (earlier overpayments and credit notes); 19.92 remains for later invoices", "-6.00"),
-        ("Payments received", "0.00"), ("Amount due EUR", "0.00"),
-    ]  # fmt: skip
+        ("Payments received", "0.00"),
+        ("Amount due EUR", "0.00"),
+    ]
     assert "Nothing is due on this invoice." in html
     xml = month.store.get_bytes("accounts/lidar/invoices/PF-2026-10-0003.xml")
-    assert xpath(xml, "//ram:SpecifiedTradeSettlementHeaderMonetarySummation/*/text()") == ["5.00", "0.00", "0.00", "5.00", "1.00", "6.00", "6.00", "0.00"]
+    assert xpath(xml, "//ram:SpecifiedTradeSettlementHeaderMonetarySummation/*/text()") == [
+        "5.00",
+        "0.00",
+        "0.00",
+        "5.00",
+        "1.00",
+        "6.00",
+        "6.00",
+        "0.00",
+    ]
 
 
 def test_a_tax_exempt_eu_business_abroad_gets_the_reverse_charge_note(catalog, tmp_path):
@@ -142,20 +190,30 @@ def test_vat_rates_changing_mid_month_get_a_vat_line_each(catalog, tmp_path):
     html = month.store.get_bytes("accounts/vat/invoices/PF-2026-10-0001.html").decode()
     assert "VAT 19 % on 47.90</td><td class=n>9.10" in html and "VAT 16 % on 51.10</td><td class=n>8.18" in html
     xml = month.store.get_bytes("accounts/vat/invoices/PF-2026-10-0001.xml")
-    assert xpath(xml, "//ram:ApplicableHeaderTradeSettlement/ram:ApplicableTradeTax/ram:RateApplicablePercent/text()") == ["19.00", "16.00"]
+    assert xpath(
+        xml, "//ram:ApplicableHeaderTradeSettlement/ram:ApplicableTradeTax/ram:RateApplicablePercent/text()"
+    ) == ["19.00", "16.00"]
 
 
 def test_the_email_links_the_e_invoice(catalog, tmp_path, smtp_sink, monkeypatch):
     monkeypatch.setenv("POINTFLOW_SMTP_URL", smtp_sink.url)
     scenario(catalog)
     month = billing(catalog, tmp_path, "2026-09")
-    month = MonthlyBilling(Settings.from_env({"POINTFLOW_HOME": str(tmp_path / "home"), "POINTFLOW_SMTP_URL": smtp_sink.url}),
-                           catalog, month.store, BOOK, month.period)  # fmt: skip
+    month = MonthlyBilling(
+        Settings.from_env({"POINTFLOW_HOME": str(tmp_path / "home"), "POINTFLOW_SMTP_URL": smtp_sink.url}),
+        catalog,
+        month.store,
+        BOOK,
+        month.period,
+    )
     publish_documents(month)
     email_invoices(month)
     body = smtp_sink.parsed()[0].get_content()
     assert "PDF e-invoice (Factur-X):" in body and ".pdf" in body and "E-invoice XML (EN 16931):" in body
-    assert "Please pay EUR 62.83 by 2026-10-31. Bank transfer to IBAN DE02120300000000202051 (BIC BYLADEM1001), quoting PF-2026-09-0001." in body
+    assert (
+        "Please pay EUR 62.83 by 2026-10-31. Bank transfer to IBAN DE02120300000000202051 (BIC BYLADEM1001), quoting PF-2026-09-0001."
+        in body
+    )
 
 
 def test_credit_notes_are_e_invoices_too(catalog, tmp_path):
@@ -204,9 +262,22 @@ def test_the_documents_from_the_command_line(cli_env, capsys, tmp_path, monkeypa
     book = tmp_path / "book.yaml"
     book.write_text(BASE_PRICEBOOK + SELLER)
     monkeypatch.setenv("POINTFLOW_PRICEBOOK", str(book))
-    for argv in (["accounts", "import", str(DATA / "accounts.csv")], ["usage", "import", str(DATA / "usage.jsonl")],
-                 ["billing", "run", "--period", "2026-09"],
-                 ["invoices", "credit", "PF-2026-09-0001", "--amount", "2.80", "--reason", "onboarding", "--issued-on", "2026-10-03"]):  # fmt: skip
+    for argv in (
+        ["accounts", "import", str(DATA / "accounts.csv")],
+        ["usage", "import", str(DATA / "usage.jsonl")],
+        ["billing", "run", "--period", "2026-09"],
+        [
+            "invoices",
+            "credit",
+            "PF-2026-09-0001",
+            "--amount",
+            "2.80",
+            "--reason",
+            "onboarding",
+            "--issued-on",
+            "2026-10-03",
+        ],
+    ):
         assert main(argv) == 0
     capsys.readouterr()
     assert main(["invoices", "show", "PF-2026-09-0001", "--format", "pdf"]) == 2
@@ -217,11 +288,15 @@ def test_the_documents_from_the_command_line(cli_env, capsys, tmp_path, monkeypa
     assert main(["invoices", "show", "PF-CN-2026-10-0001", "--format", "xml"]) == 0
     assert xpath(capsys.readouterr().out.encode(), "//ram:TypeCode/text()")[0] == "381"
     published = tmp_path / "home" / "objects" / "accounts" / "acme" / "invoices"
-    assert sorted(p.name for p in published.iterdir()) == ["PF-CN-2026-10-0001.html", "PF-CN-2026-10-0001.pdf", "PF-CN-2026-10-0001.xml"]
+    assert sorted(p.name for p in published.iterdir()) == [
+        "PF-CN-2026-10-0001.html",
+        "PF-CN-2026-10-0001.pdf",
+        "PF-CN-2026-10-0001.xml",
+    ]
 
 
 def test_a_month_whose_credits_outweigh_its_charges_is_a_credit_note(catalog, tmp_path):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from pipelines.billing.delivery import invoice_email
     from pipelines.billing.history import record_plan_change
@@ -232,7 +307,11 @@ def test_a_month_whose_credits_outweigh_its_charges_is_a_credit_note(catalog, tm
     run_billing(catalog, "2026-08", book, now=NOW)
     [september] = run_billing(catalog, "2026-09", book, now=NOW).invoices
     # 46 of the 92 prepaid days unused: 297.00 x 46/92 refunded, with its VAT.
-    assert (september.subtotal, september.tax, september.total) == (Decimal("-148.50"), Decimal("-28.22"), Decimal("-176.72"))
+    assert (september.subtotal, september.tax, september.total) == (
+        Decimal("-148.50"),
+        Decimal("-28.22"),
+        Decimal("-176.72"),
+    )
     month = billing(catalog, tmp_path, "2026-09", book)
     publish_documents(month)
     html = month.store.get_bytes("accounts/q/invoices/PF-2026-09-0001.html").decode()
@@ -240,8 +319,14 @@ def test_a_month_whose_credits_outweigh_its_charges_is_a_credit_note(catalog, tm
     assert "VAT 19 % on 148.50</td><td class=n>28.22" in html and "Total EUR</td><td class=n>176.72" in html
     xml = check_facturx(month.store.get_bytes("accounts/q/invoices/PF-2026-09-0001.pdf"))
     assert xpath(xml, "//rsm:ExchangedDocument/ram:TypeCode/text()") == ["381"]
-    assert xpath(xml, "//ram:GrandTotalAmount/text()") == ["176.72"] and xpath(xml, "//ram:LineTotalAmount/text()") == ["148.50", "148.50"]
+    assert xpath(xml, "//ram:GrandTotalAmount/text()") == ["176.72"] and xpath(xml, "//ram:LineTotalAmount/text()") == [
+        "148.50",
+        "148.50",
+    ]
     document = document_of(catalog, book, september, buyer_of(_account(catalog, "q")))
-    subject, body = invoice_email(document, {}, datetime(2026, 10, 8, tzinfo=timezone.utc))
+    subject, body = invoice_email(document, {}, datetime(2026, 10, 8, tzinfo=UTC))
     assert subject == "Credit note PF-2026-09-0001 for 2026-09: EUR 176.72"
-    assert "Nothing is due: this credit of EUR 176.72 is deducted from your next invoice." in body and "Please pay" not in body
+    assert (
+        "Nothing is due: this credit of EUR 176.72 is deducted from your next invoice." in body
+        and "Please pay" not in body
+    )

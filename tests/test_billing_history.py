@@ -4,7 +4,7 @@ days it was in force, limits follow the plan of the day, and invoiced months are
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -73,7 +73,7 @@ def test_trial_converted_on_the_4th_pays_the_days_from_the_4th(catalog):
     assert (change.previous_plan, change.plan, change.recorded) == ("trial", "professional", True)
     assert run(catalog, "2026-09").invoices == []  # the trial costs nothing
     october = invoice_of(run(catalog, "2026-10"), "t")
-    assert [(l.kind, l.description, str(l.amount)) for l in october.lines] == [
+    assert [(line.kind, line.description, str(line.amount)) for line in october.lines] == [
         ("subscription", "Professional plan, 2026-10, 28 of 31 days, 2026-10-04 to 2026-10-31", "98.45"),  # 109 x 28/31
     ]
     assert (october.subtotal, october.tax) == (D("98.45"), D("18.71"))
@@ -84,7 +84,7 @@ def test_an_upgrade_on_the_16th_charges_each_plan_for_its_days(catalog):
     add_account(catalog, "u", started_at="2026-01-01")
     record_plan_change(catalog, BOOK, "u", "business", date(2026, 10, 16))
     october = invoice_of(run(catalog, "2026-10"), "u")
-    assert [(l.description, str(l.unit_price), str(l.amount)) for l in october.lines] == [
+    assert [(line.description, str(line.unit_price), str(line.amount)) for line in october.lines] == [
         ("Professional plan, 2026-10, 15 of 31 days, 2026-10-01 to 2026-10-15", "109.00", "52.74"),  # 109 x 15/31
         ("Business plan, 2026-10, 16 of 31 days, 2026-10-16 to 2026-10-31", "199.00", "102.71"),  # 199 x 16/31
     ]
@@ -96,18 +96,21 @@ def test_seats_follow_the_plan_price_of_each_day(catalog):
     set_billing_terms(catalog, "s", TermsUpdate(seats=2))
     record_plan_change(catalog, BOOK, "s", "business", date(2026, 10, 16))
     assert lines_of(run(catalog, "2026-10"), "s") == [
-        ("subscription", "52.74"), ("subscription", "102.71"),
+        ("subscription", "52.74"),
+        ("subscription", "102.71"),
         ("seats", "9.68"),  # 2 x 10.00 x 15/31
         ("seats", "12.39"),  # 2 x 12.00 x 16/31
-    ]  # fmt: skip
+    ]
 
 
 def test_a_downgrade_lowers_the_limits_from_its_date(runtime: Runtime):
     upsert_accounts(runtime.catalog, [make_account("d", plan="professional")])
     record_plan_change(runtime.catalog, None, "d", "free", date(2026, 10, 16))
     store_files(runtime, "d", *[(100, 10)] * 3)
-    day_before, change_day = datetime(2026, 10, 15, 23, 59, tzinfo=timezone.utc), datetime(2026, 10, 16, tzinfo=timezone.utc)
-    check_admission(runtime.settings, runtime.catalog, "d", Candidate(1000, 1000), day_before)  # professional: no file limit
+    day_before, change_day = datetime(2026, 10, 15, 23, 59, tzinfo=UTC), datetime(2026, 10, 16, tzinfo=UTC)
+    check_admission(
+        runtime.settings, runtime.catalog, "d", Candidate(1000, 1000), day_before
+    )  # professional: no file limit
     with pytest.raises(AdmissionRefused, match=r"free plan's stored files limit: 4 files"):
         check_admission(runtime.settings, runtime.catalog, "d", Candidate(1000, 1000), change_day)
 
@@ -125,10 +128,11 @@ def test_the_unused_prepaid_cycle_is_refunded_where_the_price_book_says_so(catal
     record_plan_change(catalog, book, "q", "business", date(2026, 9, 16), "monthly")
     run(catalog, "2026-08", book)
     september = invoice_of(run(catalog, "2026-09", book), "q")
-    refund = next(l for l in september.lines if l.kind == "prepaid_refund")
+    refund = next(line for line in september.lines if line.kind == "prepaid_refund")
     # 46 of the 92 days of Aug 1 to Oct 31 were not used: 327.00 x 46/92.
     assert (refund.amount, refund.description) == (
-        D("-163.50"), "Refund of the unused professional plan quarterly 2026-08-01 to 2026-10-31: 46 of 92 days from 2026-09-16"
+        D("-163.50"),
+        "Refund of the unused professional plan quarterly 2026-08-01 to 2026-10-31: 46 of 92 days from 2026-09-16",
     )
 
 
@@ -143,7 +147,7 @@ def test_a_change_to_a_yearly_cycle_starts_a_cycle_on_its_date(catalog):
 
 
 def described(invoice) -> list[tuple[str, str, str]]:
-    return [(l.kind, l.description, str(l.amount)) for l in invoice.lines]
+    return [(line.kind, line.description, str(line.amount)) for line in invoice.lines]
 
 
 def test_a_trial_converted_in_an_invoiced_month_is_charged_on_the_next_invoice(catalog):
@@ -155,12 +159,19 @@ def test_a_trial_converted_in_an_invoiced_month_is_charged_on_the_next_invoice(c
     november = invoice_of(run(catalog, "2026-11"), "t")
     assert described(november) == [
         ("subscription", "Professional plan, 2026-11", "109.00"),
-        ("correction", "Correction of 2026-10: Professional plan, 2026-10, 28 of 31 days, 2026-10-04 to 2026-10-31", "98.45"),
+        (
+            "correction",
+            "Correction of 2026-10: Professional plan, 2026-10, 28 of 31 days, 2026-10-04 to 2026-10-31",
+            "98.45",
+        ),
     ]
     assert (november.subtotal, november.tax) == (D("207.45"), D("39.42"))
     # Once: a re-run changes nothing, and December does not correct October again.
     assert invoice_of(run(catalog, "2026-11"), "t") == november
-    assert lines_of(run(catalog, "2026-12"), "t") == [("subscription", "109.00"), ("late_fee", "3.70")]  # November unpaid
+    assert lines_of(run(catalog, "2026-12"), "t") == [
+        ("subscription", "109.00"),
+        ("late_fee", "3.70"),
+    ]  # November unpaid
 
 
 def test_an_upgrade_recorded_after_its_month_was_invoiced_charges_the_difference_for_its_days(catalog):
@@ -169,14 +180,25 @@ def test_an_upgrade_recorded_after_its_month_was_invoiced_charges_the_difference
     record_plan_change(catalog, BOOK, "u", "business", date(2026, 10, 16))
     assert invoice_of(run(catalog, "2026-10"), "u") == october
     november = invoice_of(run(catalog, "2026-11"), "u")
-    assert [(l.description, str(l.quantity), str(l.unit_price), str(l.amount)) for l in november.lines] == [
+    assert [
+        (line.description, str(line.quantity), str(line.unit_price), str(line.amount)) for line in november.lines
+    ] == [
         ("Business plan, 2026-11", "1.0000", "199.00", "199.00"),
-        ("Correction of 2026-10: Business plan, 2026-10, 16 of 31 days, 2026-10-16 to 2026-10-31", "0.5161", "199.00", "102.71"),
-        ("Correction of 2026-10, credit for: Professional plan, 2026-10, 16 of 31 days, 2026-10-16 to 2026-10-31",
-         "-0.5161", "109.00", "-56.26"),
-    ]  # fmt: skip
+        (
+            "Correction of 2026-10: Business plan, 2026-10, 16 of 31 days, 2026-10-16 to 2026-10-31",
+            "0.5161",
+            "199.00",
+            "102.71",
+        ),
+        (
+            "Correction of 2026-10, credit for: Professional plan, 2026-10, 16 of 31 days, 2026-10-16 to 2026-10-31",
+            "-0.5161",
+            "109.00",
+            "-56.26",
+        ),
+    ]
     # October as invoiced and corrected comes to what it would have been with the change known in time.
-    assert october.subtotal + sum(l.amount for l in november.lines[1:]) == D("52.74") + D("102.71")
+    assert october.subtotal + sum(line.amount for line in november.lines[1:]) == D("52.74") + D("102.71")
 
 
 def test_a_month_invoiced_before_the_account_was_added_is_not_corrected(catalog):
@@ -195,7 +217,11 @@ def test_a_change_reaching_into_two_invoiced_months_corrects_each_once(catalog):
     assert [line for line in described(november) if line[0] != "late_fee"] == [  # September is overdue
         ("subscription", "Professional plan, 2026-11", "109.00"),
         ("seats", "User seats (4), 2026-11", "40.00"),
-        ("correction", "Correction of 2026-09: User seats (4), 2026-09, 10 of 30 days, 2026-09-21 to 2026-09-30", "13.33"),
+        (
+            "correction",
+            "Correction of 2026-09: User seats (4), 2026-09, 10 of 30 days, 2026-09-21 to 2026-09-30",
+            "13.33",
+        ),
         ("correction", "Correction of 2026-10: User seats (4), 2026-10", "40.00"),
     ]
     with catalog.session() as session:
@@ -203,24 +229,47 @@ def test_a_change_reaching_into_two_invoiced_months_corrects_each_once(catalog):
 
         from pipelines.billing.models import ChangeBilling
 
-        assert session.execute(select(ChangeBilling.kind, ChangeBilling.period)).tuples().all() == [("terms", "2026-11")]
-    assert [line for line in lines_of(run(catalog, "2026-12"), "s") if line[0] != "late_fee"] == [("subscription", "109.00"), ("seats", "40.00")]
+        assert session.execute(select(ChangeBilling.kind, ChangeBilling.period)).tuples().all() == [
+            ("terms", "2026-11")
+        ]
+    assert [line for line in lines_of(run(catalog, "2026-12"), "s") if line[0] != "late_fee"] == [
+        ("subscription", "109.00"),
+        ("seats", "40.00"),
+    ]
 
 
 def test_an_agreed_price_dated_back_reprices_the_usage_already_billed(catalog):
     add_account(catalog, "api1", plan="api", tax_rate="0.20")
-    import_usage(catalog, [(1, job("a", "api1", "2026-10-05T10:00Z", 40_000_000)), (2, job("b", "api1", "2026-10-20T10:00Z", 60_000_000))])
+    import_usage(
+        catalog,
+        [
+            (1, job("a", "api1", "2026-10-05T10:00Z", 40_000_000)),
+            (2, job("b", "api1", "2026-10-20T10:00Z", 60_000_000)),
+        ],
+    )
     assert lines_of(run(catalog, "2026-10"), "api1") == [("usage", "50.00")]
     set_billing_terms(catalog, "api1", TermsUpdate(price_per_million_points=D("0.40"), effective_on=date(2026, 10, 16)))
     # Usage of October that arrives now is billed late at the new price, and is not repriced twice.
     import_usage(catalog, [(1, job("c", "api1", "2026-10-30T10:00Z", 10_000_000))])
     november = invoice_of(run(catalog, "2026-11"), "api1")
     assert described(november) == [
-        ("late_usage", "Usage of 2026-10 received late: Classification, 10,000,000 points, 2026-10-16 to 2026-10-31, per million points", "4.00"),
-        ("correction", "Correction of 2026-10: Classification, 60,000,000 points, 2026-10-16 to 2026-10-31, per million points", "24.00"),
-        ("correction", "Correction of 2026-10, credit for: Classification, 60,000,000 points, 2026-10-16 to 2026-10-31, "
-         "per million points", "-30.00"),
-    ]  # fmt: skip
+        (
+            "late_usage",
+            "Usage of 2026-10 received late: Classification, 10,000,000 points, 2026-10-16 to 2026-10-31, per million points",
+            "4.00",
+        ),
+        (
+            "correction",
+            "Correction of 2026-10: Classification, 60,000,000 points, 2026-10-16 to 2026-10-31, per million points",
+            "24.00",
+        ),
+        (
+            "correction",
+            "Correction of 2026-10, credit for: Classification, 60,000,000 points, 2026-10-16 to 2026-10-31, "
+            "per million points",
+            "-30.00",
+        ),
+    ]
     assert (november.subtotal, november.tax, november.total) == (D("-2.00"), D("-0.40"), D("-2.40"))
 
 
@@ -232,7 +281,7 @@ def test_an_exemption_dated_back_credits_the_vat_charged_and_a_negative_month_is
     set_billing_terms(catalog, "nl", TermsUpdate(tax_exempt=True, effective_on=date(2026, 10, 1)))
     record_plan_change(catalog, SELLER_BOOK, "nl", "free", date(2026, 11, 1))
     november = invoice_of(run(catalog, "2026-11", SELLER_BOOK), "nl")
-    assert [(l.description, str(l.amount), str(l.tax_rate), l.tax_category) for l in november.lines] == [
+    assert [(line.description, str(line.amount), str(line.tax_rate), line.tax_category) for line in november.lines] == [
         ("Correction of 2026-10: Professional plan, 2026-10", "109.00", "0", "AE"),
         ("Correction of 2026-10, credit for: Professional plan, 2026-10", "-109.00", "0.19", "S"),
     ]
@@ -240,11 +289,21 @@ def test_an_exemption_dated_back_credits_the_vat_charged_and_a_negative_month_is
     # The month's total is a credit: its document is a credit note (EN 16931 type 381), amounts positive.
     document = document_of(catalog, SELLER_BOOK, november, buyer_of(get_account(catalog, "nl")))
     xml = cii_xml(document)
-    assert (document.kind, document.gross_total, document.amount_due, document.due_date) == ("credit_note", october.tax, october.tax, None)
-    assert b"<ram:TypeCode>381</ram:TypeCode>" in xml and f"<ram:GrandTotalAmount>{october.tax}</ram:GrandTotalAmount>".encode() in xml
+    assert (document.kind, document.gross_total, document.amount_due, document.due_date) == (
+        "credit_note",
+        october.tax,
+        october.tax,
+        None,
+    )
+    assert (
+        b"<ram:TypeCode>381</ram:TypeCode>" in xml
+        and f"<ram:GrandTotalAmount>{october.tax}</ram:GrandTotalAmount>".encode() in xml
+    )
     assert "Reverse charge" in document_html(document) and "Credit note" in document_html(document)
     # The ledger carries it: October paid, nothing charged in December, the credit waits for a later invoice.
-    import_payments(catalog, [(1, PaymentRecord("nl", october.invoice_number, october.total, utc("2026-11-15T00:00Z")))])
+    import_payments(
+        catalog, [(1, PaymentRecord("nl", october.invoice_number, october.total, utc("2026-11-15T00:00Z")))]
+    )
     assert run(catalog, "2026-12", SELLER_BOOK).invoices == []
 
 
@@ -266,7 +325,11 @@ def test_the_migration_marks_the_changes_invoiced_before_it_as_taken_into_accoun
         command.downgrade(config, "0010")
         command.upgrade(config, "head")
     with catalog.session() as session:
-        marks = session.execute(select(ChangeBilling.kind, ChangeBilling.period).order_by(ChangeBilling.kind)).tuples().all()
+        marks = (
+            session.execute(select(ChangeBilling.kind, ChangeBilling.period).order_by(ChangeBilling.kind))
+            .tuples()
+            .all()
+        )
     assert marks == [("plan", "2026-10"), ("terms", "2026-10")]  # December's change waits for its month
     assert invoice_of(run(catalog, "2026-10"), "m") == october
     assert "correction" not in {kind for kind, _ in lines_of(run(catalog, "2026-11"), "m")}
@@ -298,7 +361,7 @@ def test_seats_and_storage_are_charged_by_the_days_they_were_agreed(catalog):
     set_billing_terms(catalog, "t", TermsUpdate(seats=2))
     set_billing_terms(catalog, "t", TermsUpdate(seats=5, extra_storage_gb=1, effective_on=date(2026, 10, 11)))
     october = invoice_of(run(catalog, "2026-10"), "t")
-    assert [(l.kind, l.description, str(l.amount)) for l in october.lines] == [
+    assert [(line.kind, line.description, str(line.amount)) for line in october.lines] == [
         ("subscription", "Professional plan, 2026-10", "109.00"),
         ("seats", "User seats (2), 2026-10, 10 of 31 days, 2026-10-01 to 2026-10-10", "6.45"),
         ("seats", "User seats (5), 2026-10, 21 of 31 days, 2026-10-11 to 2026-10-31", "33.87"),
@@ -308,9 +371,18 @@ def test_seats_and_storage_are_charged_by_the_days_they_were_agreed(catalog):
 
 def test_agreed_prices_and_points_cap_apply_from_their_date(catalog):
     add_account(catalog, "api1", plan="api")
-    set_billing_terms(catalog, "api1", TermsUpdate(price_per_million_points=D("0.40"), monthly_points_cap=1000,
-                                                   effective_on=date(2026, 10, 16)))  # fmt: skip
-    import_usage(catalog, [(1, job("a", "api1", "2026-10-15T23:00Z", 10_000_000)), (2, job("b", "api1", "2026-10-16T01:00Z", 10_000_000))])
+    set_billing_terms(
+        catalog,
+        "api1",
+        TermsUpdate(price_per_million_points=D("0.40"), monthly_points_cap=1000, effective_on=date(2026, 10, 16)),
+    )
+    import_usage(
+        catalog,
+        [
+            (1, job("a", "api1", "2026-10-15T23:00Z", 10_000_000)),
+            (2, job("b", "api1", "2026-10-16T01:00Z", 10_000_000)),
+        ],
+    )
     assert lines_of(run(catalog, "2026-10"), "api1") == [("usage", "5.00"), ("usage", "4.00")]
     # Before the 16th the plan's cap of 500 M applied; from the 16th the agreed 1,000.
     check_points_admission(catalog, BOOK, "api1", 1_000_000, utc("2026-10-15T12:00Z"))
@@ -322,7 +394,7 @@ def test_a_vat_rate_change_mid_month_gives_a_line_and_a_tax_per_rate(catalog):
     add_account(catalog, "vat", tax_rate="0.19")
     set_billing_terms(catalog, "vat", TermsUpdate(tax_rate=D("0.16"), effective_on=date(2026, 10, 16)))
     october = invoice_of(run(catalog, "2026-10"), "vat")
-    assert [(str(l.amount), str(l.tax_rate)) for l in october.lines] == [("52.74", "0.19"), ("56.26", "0.16")]
+    assert [(str(line.amount), str(line.tax_rate)) for line in october.lines] == [("52.74", "0.19"), ("56.26", "0.16")]
     assert tax_by_rate(october.lines) == {D("0.19"): (D("52.74"), D("10.02")), D("0.16"): (D("56.26"), D("9.00"))}
     assert (october.tax, october.total, october.tax_rate) == (D("19.02"), D("128.02"), D("0.16"))
 
@@ -331,7 +403,10 @@ def test_an_exemption_ends_on_its_valid_until_date(catalog):
     add_account(catalog, "ex", tax_rate="0.19")
     set_billing_terms(catalog, "ex", TermsUpdate(tax_exempt=True, exempt_until=date(2026, 10, 20)))
     october = invoice_of(run(catalog, "2026-10"), "ex")
-    assert [(str(l.amount), str(l.tax_rate), l.tax_category) for l in october.lines] == [("70.32", "0", "E"), ("38.68", "0.19", "S")]
+    assert [(str(line.amount), str(line.tax_rate), line.tax_category) for line in october.lines] == [
+        ("70.32", "0", "E"),
+        ("38.68", "0.19", "S"),
+    ]
     assert october.tax == D("7.35")  # 19 % of the 11 days after the exemption
 
 
@@ -364,12 +439,30 @@ def test_change_plan_from_the_command_line(cli_env, capsys, tmp_path: Path, monk
     book = tmp_path / "book.yaml"
     book.write_text(BOOK_TEXT)
     monkeypatch.setenv("POINTFLOW_PRICEBOOK", str(book))
-    cli(capsys, "accounts", "add", "conv", "--name", "Conv", "--email", "a@conv.example", "--country", "DE", "--plan", "trial",
-        "--started-at", "2026-09-20", "--tax-rate", "0.19")  # fmt: skip
+    cli(
+        capsys,
+        "accounts",
+        "add",
+        "conv",
+        "--name",
+        "Conv",
+        "--email",
+        "a@conv.example",
+        "--country",
+        "DE",
+        "--plan",
+        "trial",
+        "--started-at",
+        "2026-09-20",
+        "--tax-rate",
+        "0.19",
+    )
     assert cli(capsys, "accounts", "change-plan", "conv", "--plan", "professional", "--effective", "2026-10-04") == (
         "account conv: trial (monthly) until 2026-10-03, professional (monthly) from 2026-10-04\n"
     )
-    assert "nothing recorded" in cli(capsys, "accounts", "change-plan", "conv", "--plan", "professional", "--effective", "2026-10-10")
+    assert "nothing recorded" in cli(
+        capsys, "accounts", "change-plan", "conv", "--plan", "professional", "--effective", "2026-10-10"
+    )
     [october] = json.loads(cli(capsys, "billing", "run", "--period", "2026-10", "--json"))
     assert (october["subtotal"], october["lines"][0]["amount"]) == ("98.45", "98.45")
     # October is invoiced: the change is recorded, and November's invoice corrects October.
@@ -377,35 +470,74 @@ def test_change_plan_from_the_command_line(cli_env, capsys, tmp_path: Path, monk
         "account conv: professional (monthly) until 2026-10-19, business (monthly) from 2026-10-20\n"
         "2026-10 is invoiced already: the next monthly run corrects it on its invoice\n"
     )
-    assert cli(capsys, "billing", "run", "--period", "2026-10") == "PF-2026-10-0001  conv  EUR 117.16\n2026-10: 1 invoice(s), already invoiced, nothing created\n"
-    change = json.loads(cli(capsys, "accounts", "change-plan", "conv", "--plan", "professional", "--effective", "2026-10-25", "--json"))
+    assert (
+        cli(capsys, "billing", "run", "--period", "2026-10")
+        == "PF-2026-10-0001  conv  EUR 117.16\n2026-10: 1 invoice(s), already invoiced, nothing created\n"
+    )
+    change = json.loads(
+        cli(capsys, "accounts", "change-plan", "conv", "--plan", "professional", "--effective", "2026-10-25", "--json")
+    )
     assert (change["previous_plan"], change["corrects"]) == ("business", ["2026-10"])
-    terms = json.loads(cli(capsys, "billing", "terms", "conv", "--seats", "3", "--exempt-until", "2026-12-31", "--effective", "2026-11-15"))
-    assert (terms["seats"], terms["tax_exempt"], terms["exempt_until"], terms["effective_on"]) == (3, True, "2026-12-31", "2026-11-15")
+    terms = json.loads(
+        cli(
+            capsys,
+            "billing",
+            "terms",
+            "conv",
+            "--seats",
+            "3",
+            "--exempt-until",
+            "2026-12-31",
+            "--effective",
+            "2026-11-15",
+        )
+    )
+    assert (terms["seats"], terms["tax_exempt"], terms["exempt_until"], terms["effective_on"]) == (
+        3,
+        True,
+        "2026-12-31",
+        "2026-11-15",
+    )
     assert terms["corrects"] == []
-    assert json.loads(cli(capsys, "billing", "terms", "conv", "--seats", "2", "--effective", "2026-10-01"))["corrects"] == ["2026-10"]
+    assert json.loads(cli(capsys, "billing", "terms", "conv", "--seats", "2", "--effective", "2026-10-01"))[
+        "corrects"
+    ] == ["2026-10"]
 
 
 # --- usage received late --------------------------------------------------------------------------
 
 
 def test_late_usage_is_billed_once_on_the_next_invoice_at_the_price_of_its_day(catalog):
-    book = make_pricebook('\n  api:\n    price_per_million_points: "0.50"\n    changes: [{effective_from: 2026-10-01, price_per_million_points: "0.60"}]\n')
+    book = make_pricebook(
+        '\n  api:\n    price_per_million_points: "0.50"\n    changes: [{effective_from: 2026-10-01, price_per_million_points: "0.60"}]\n'
+    )
     add_account(catalog, "api1", plan="api", tax_rate="0.20")
     import_usage(catalog, [(1, job("sep-on-time", "api1", "2026-09-10T10:00Z", 2_000_000))])
     september = run(catalog, "2026-09", book)
     assert lines_of(september, "api1") == [("usage", "1.00")]
-    import_payments(catalog, [(1, PaymentRecord("api1", september.invoices[0].invoice_number, D("1.20"), utc("2026-10-05T00:00Z")))])
+    import_payments(
+        catalog, [(1, PaymentRecord("api1", september.invoices[0].invoice_number, D("1.20"), utc("2026-10-05T00:00Z")))]
+    )
 
-    result = import_usage(catalog, [(1, job("sep-late", "api1", "2026-09-29T10:00Z", 10_000_000)),
-                                    (2, job("oct", "api1", "2026-10-02T10:00Z", 1_000_000))])  # fmt: skip
+    result = import_usage(
+        catalog,
+        [
+            (1, job("sep-late", "api1", "2026-09-29T10:00Z", 10_000_000)),
+            (2, job("oct", "api1", "2026-10-02T10:00Z", 1_000_000)),
+        ],
+    )
     assert "2026-09 already invoiced, its new usage is billed on the next invoice" in result.summary("usage events")
     october = invoice_of(run(catalog, "2026-10", book), "api1")
-    assert [(l.kind, l.description, str(l.unit_price), str(l.amount)) for l in october.lines] == [
+    assert [(line.kind, line.description, str(line.unit_price), str(line.amount)) for line in october.lines] == [
         ("usage", "Classification, 1,000,000 points, 2026-10-01 to 2026-10-31, per million points", "0.60", "0.60"),
-        ("late_usage", "Usage of 2026-09 received late: Classification, 10,000,000 points, 2026-09-01 to 2026-09-30, "
-         "per million points", "0.50", "5.00"),
-    ]  # fmt: skip
+        (
+            "late_usage",
+            "Usage of 2026-09 received late: Classification, 10,000,000 points, 2026-09-01 to 2026-09-30, "
+            "per million points",
+            "0.50",
+            "5.00",
+        ),
+    ]
     assert (october.tax, october.total) == (D("1.12"), D("6.72"))
     # Once: re-running either month changes nothing, and November does not bill it again.
     assert run(catalog, "2026-09", book).invoices == september.invoices
@@ -415,7 +547,13 @@ def test_late_usage_is_billed_once_on_the_next_invoice_at_the_price_of_its_day(c
 
 def test_late_usage_of_a_month_not_invoiced_waits_for_its_own_month(catalog):
     add_account(catalog, "api1", plan="api")
-    import_usage(catalog, [(1, job("sep", "api1", "2026-09-10T10:00Z", 2_000_000)), (2, job("oct", "api1", "2026-10-10T10:00Z", 4_000_000))])
+    import_usage(
+        catalog,
+        [
+            (1, job("sep", "api1", "2026-09-10T10:00Z", 2_000_000)),
+            (2, job("oct", "api1", "2026-10-10T10:00Z", 4_000_000)),
+        ],
+    )
     assert lines_of(run(catalog, "2026-10"), "api1") == [("usage", "2.00")]  # September was never invoiced
     assert lines_of(run(catalog, "2026-09"), "api1") == [("usage", "1.00")]
 
@@ -435,15 +573,25 @@ def test_events_recorded_long_before_the_run_need_no_mark_and_are_billed_once(ca
     from pipelines.catalog.models import UsageEvent
 
     add_account(catalog, "api1", plan="api")
-    import_usage(catalog, [(1, job("early", "api1", "2026-09-03T10:00Z", 2_000_000)), (2, job("recent", "api1", "2026-09-29T10:00Z", 4_000_000))])
+    import_usage(
+        catalog,
+        [
+            (1, job("early", "api1", "2026-09-03T10:00Z", 2_000_000)),
+            (2, job("recent", "api1", "2026-09-29T10:00Z", 4_000_000)),
+        ],
+    )
     with catalog.session() as session:  # imported during September, weeks before the run
-        session.execute(update(UsageEvent).where(UsageEvent.event_id == "early").values(recorded_at=utc("2026-09-03T10:05Z")))
+        session.execute(
+            update(UsageEvent).where(UsageEvent.event_id == "early").values(recorded_at=utc("2026-09-03T10:05Z"))
+        )
     assert lines_of(run(catalog, "2026-09"), "api1") == [("usage", "3.00")]
     with catalog.session() as session:
         # Only the event recorded within a day of the run is marked; the other was certainly seen.
         assert session.scalars(select(UsageBilling.event_id)).all() == ["recent"]
     import_usage(catalog, [(1, job("late", "api1", "2026-09-30T10:00Z", 8_000_000))])
-    assert [line for line in lines_of(run(catalog, "2026-10"), "api1") if "usage" in line[0]] == [("late_usage", "4.00")]
+    assert [line for line in lines_of(run(catalog, "2026-10"), "api1") if "usage" in line[0]] == [
+        ("late_usage", "4.00")
+    ]
     assert not [line for line in lines_of(run(catalog, "2026-11"), "api1") if "usage" in line[0]]
     with catalog.session() as session:
         assert session.scalar(select(func.count()).select_from(UsageBilling)) == 2

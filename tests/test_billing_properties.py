@@ -29,7 +29,9 @@ BOOK = make_pricebook(
     '\n  professional: {monthly_fee: "99.00", seat_fee: "10.00", extra_storage_fee_per_gb: "49.00"}'
     '\n  api: {monthly_fee: "0.00", price_per_million_points: "0.50", changes: [{effective_from: 2026-10-16, price_per_million_points: "0.55"}]}\n'
 )
-money = st.decimals(min_value=Decimal("0"), max_value=Decimal("100000"), places=2, allow_nan=False, allow_infinity=False)
+money = st.decimals(
+    min_value=Decimal("0"), max_value=Decimal("100000"), places=2, allow_nan=False, allow_infinity=False
+)
 periods = st.builds(Period, st.integers(2024, 2030), st.integers(1, 12))
 
 
@@ -71,7 +73,11 @@ def test_total_is_the_sum_of_lines_plus_tax(account_case, points, availability, 
     assert draft.total == draft.subtotal + draft.tax
     assert draft.taxable_subtotal == sum(line.amount for line in draft.lines if line.taxable)
     assert all(line.amount == line.amount.quantize(Decimal("0.01")) for line in draft.lines)
-    assert draft.tax == (Decimal(0) if account.tax_exempt else (draft.taxable_subtotal * account.tax_rate).quantize(Decimal("0.01"), "ROUND_HALF_UP"))
+    assert draft.tax == (
+        Decimal(0)
+        if account.tax_exempt
+        else (draft.taxable_subtotal * account.tax_rate).quantize(Decimal("0.01"), "ROUND_HALF_UP")
+    )
     assert draft.credit_applied <= ledger.credit
 
 
@@ -82,7 +88,9 @@ def test_proration_over_a_month_sums_to_the_fee(fee, period, data):
     split = data.draw(st.integers(1, period.days - 1))
     exact = Fraction(fee) * split / period.days + Fraction(fee) * (period.days - split) / period.days
     assert exact == Fraction(fee)
-    assert abs(prorate(fee, split, period.days) + prorate(fee, period.days - split, period.days) - fee) <= Decimal("0.01")
+    assert abs(prorate(fee, split, period.days) + prorate(fee, period.days - split, period.days) - fee) <= Decimal(
+        "0.01"
+    )
     # Every day of the month is charged exactly once: day-by-day exact shares sum to the fee.
     assert sum(Fraction(fee) * 1 / period.days for _ in range(period.days)) == Fraction(fee)
 
@@ -90,7 +98,10 @@ def test_proration_over_a_month_sums_to_the_fee(fee, period, data):
 events = st.lists(
     st.tuples(
         st.sampled_from(["a1", "a2", "a3"]),
-        st.datetimes(min_value=utc("2026-09-28T00:00Z").replace(tzinfo=None), max_value=utc("2026-11-02T00:00Z").replace(tzinfo=None)),
+        st.datetimes(
+            min_value=utc("2026-09-28T00:00Z").replace(tzinfo=None),
+            max_value=utc("2026-11-02T00:00Z").replace(tzinfo=None),
+        ),
         st.integers(0, 10**9),
         st.sampled_from(["succeeded", "failed", "aborted"]),
     ),
@@ -119,7 +130,10 @@ def template(tmp_path_factory) -> Path:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(events, st.randoms(use_true_random=False))
 def test_importing_in_any_order_or_twice_gives_the_same_invoices(template, generated, rng):
-    records = [job(f"e{n}", account, when.isoformat() + "Z", points, status) for n, (account, when, points, status) in enumerate(generated)]
+    records = [
+        job(f"e{n}", account, when.isoformat() + "Z", points, status)
+        for n, (account, when, points, status) in enumerate(generated)
+    ]
     shuffled = records + records[: len(records) // 2]
     rng.shuffle(shuffled)
     results = []
@@ -128,7 +142,9 @@ def test_importing_in_any_order_or_twice_gives_the_same_invoices(template, gener
             catalog = _fresh_catalog(template, Path(directory))
             for batch in batches:
                 import_usage(catalog, list(enumerate(batch, start=1)))
-            results.append([i.to_dict() for i in run_billing(catalog, "2026-10", BOOK, now=utc("2027-01-01T00:00Z")).invoices])
+            results.append(
+                [i.to_dict() for i in run_billing(catalog, "2026-10", BOOK, now=utc("2027-01-01T00:00Z")).invoices]
+            )
             catalog.dispose()
     assert results[0] == results[1]
 
@@ -136,7 +152,10 @@ def test_importing_in_any_order_or_twice_gives_the_same_invoices(template, gener
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(events)
 def test_every_generated_invoice_is_a_valid_e_invoice(template, generated):
-    records = [job(f"e{n}", account, when.isoformat() + "Z", points, status) for n, (account, when, points, status) in enumerate(generated)]
+    records = [
+        job(f"e{n}", account, when.isoformat() + "Z", points, status)
+        for n, (account, when, points, status) in enumerate(generated)
+    ]
     with tempfile.TemporaryDirectory() as directory:
         catalog = _fresh_catalog(template, Path(directory))
         import_usage(catalog, list(enumerate(records, start=1)))

@@ -73,7 +73,10 @@ def test_account_not_active_in_the_month_gets_nothing():
 
 def test_sharing_plan_gets_its_discount_as_a_line():
     result = draft(facts(plan="professional_sharing"))
-    assert [(l.kind, str(l.amount)) for l in result.lines] == [("subscription", "99.00"), ("discount", "-19.80")]
+    assert [(line.kind, str(line.amount)) for line in result.lines] == [
+        ("subscription", "99.00"),
+        ("discount", "-19.80"),
+    ]
     assert (result.subtotal, result.tax, result.total) == (D("79.20"), D("15.05"), D("94.25"))
 
 
@@ -133,19 +136,28 @@ def test_price_change_is_never_retroactive():
 
 def test_usage_is_priced_as_on_the_day_it_happened():
     book = make_pricebook(PRICE_CHANGES)
-    usage = [UsageSlice(date(2026, 10, 1), date(2026, 10, 15), 10_000_000), UsageSlice(date(2026, 10, 16), date(2026, 10, 31), 10_000_000)]
+    usage = [
+        UsageSlice(date(2026, 10, 1), date(2026, 10, 15), 10_000_000),
+        UsageSlice(date(2026, 10, 16), date(2026, 10, 31), 10_000_000),
+    ]
     result = draft(facts(plan="api"), usage=usage, pricebook=book)
-    assert [(l.unit_price, l.amount) for l in result.lines] == [(D("0.50"), D("5.00")), (D("0.60"), D("6.00"))]
+    assert [(line.unit_price, line.amount) for line in result.lines] == [(D("0.50"), D("5.00")), (D("0.60"), D("6.00"))]
 
 
 def test_usage_slices_with_the_same_price_make_one_line():
-    usage = [UsageSlice(date(2026, 10, 1), date(2026, 10, 15), 1_000_000), UsageSlice(date(2026, 10, 16), date(2026, 10, 31), 2_000_000)]
+    usage = [
+        UsageSlice(date(2026, 10, 1), date(2026, 10, 15), 1_000_000),
+        UsageSlice(date(2026, 10, 16), date(2026, 10, 31), 2_000_000),
+    ]
     result = draft(facts(plan="api"), usage=usage)
-    assert [(l.quantity, l.amount) for l in result.lines] == [(D("3"), D("1.50"))]
+    assert [(line.quantity, line.amount) for line in result.lines] == [(D("3"), D("1.50"))]
 
 
 def test_agreed_custom_prices_replace_the_plan_prices():
-    result = draft(facts(plan="api", custom_price_per_million_points=D("0.40"), custom_monthly_fee=D("20.00")), usage=month_usage(10_000_000))
+    result = draft(
+        facts(plan="api", custom_price_per_million_points=D("0.40"), custom_monthly_fee=D("20.00")),
+        usage=month_usage(10_000_000),
+    )
     assert amounts(result) == {"subscription": "20.00", "usage": "4.00"}
 
 
@@ -157,7 +169,9 @@ def test_plans_without_a_usage_price_do_not_bill_usage():
 
 
 def test_rounding_is_half_up_per_line():
-    book = make_pricebook('\n  professional: {monthly_fee: "0.00", seat_fee: "0.125", extra_storage_fee_per_gb: "0.125"}\n')
+    book = make_pricebook(
+        '\n  professional: {monthly_fee: "0.00", seat_fee: "0.125", extra_storage_fee_per_gb: "0.125"}\n'
+    )
     result = draft(facts(seats=1, extra_storage_gb=1, tax_rate=D("0")), pricebook=book)
     # Each 0.125 rounds up to 0.13 (half-even would give 0.12); rounding the sum would give 0.25.
     assert amounts(result) == {"seats": "0.13", "extra_storage": "0.13"}
@@ -165,7 +179,9 @@ def test_rounding_is_half_up_per_line():
 
 
 def test_tax_is_computed_on_the_subtotal_and_rounded_half_up():
-    book = make_pricebook('\n  professional: {monthly_fee: "0.00", seat_fee: "0.05", extra_storage_fee_per_gb: "0.05"}\n')
+    book = make_pricebook(
+        '\n  professional: {monthly_fee: "0.00", seat_fee: "0.05", extra_storage_fee_per_gb: "0.05"}\n'
+    )
     result = draft(facts(seats=1, extra_storage_gb=1, tax_rate=D("0.1")), pricebook=book)
     # Per line: 0.005 + 0.005 -> 0.01 + 0.01; on the subtotal: 0.10 x 0.1 = 0.01.
     assert (result.subtotal, result.tax, result.total) == (D("0.10"), D("0.01"), D("0.11"))
@@ -203,9 +219,14 @@ def test_availability_is_minutes_up_over_minutes_in_month():
     day = [(utc("2026-10-05T00:00Z"), utc("2026-10-06T00:00Z"))]
     assert availability_percent(day, OCTOBER) == Fraction(100 * 30, 31)
     # Overlapping outages count once; parts outside the month do not count.
-    overlapping = day + [(utc("2026-10-05T12:00Z"), utc("2026-10-06T00:00Z")), (utc("2026-09-30T00:00Z"), utc("2026-10-01T00:00Z"))]
+    overlapping = day + [
+        (utc("2026-10-05T12:00Z"), utc("2026-10-06T00:00Z")),
+        (utc("2026-09-30T00:00Z"), utc("2026-10-01T00:00Z")),
+    ]
     assert availability_percent(overlapping, OCTOBER) == Fraction(100 * 30, 31)
-    assert availability_percent([(utc("2026-10-31T23:00Z"), utc("2026-11-01T01:00Z"))], OCTOBER) == 100 - Fraction(100 * 60, 31 * 1440)
+    assert availability_percent([(utc("2026-10-31T23:00Z"), utc("2026-11-01T01:00Z"))], OCTOBER) == 100 - Fraction(
+        100 * 60, 31 * 1440
+    )
 
 
 def test_availability_below_target_credits_the_fee_pro_rata():
@@ -240,7 +261,9 @@ def test_quarterly_availability_credit_uses_the_months_share_of_the_cycle_fee():
 
 
 def test_api_plan_has_no_fee_to_credit():
-    assert amounts(draft(facts(plan="api"), usage=month_usage(2_000_000), availability=Fraction(0))) == {"usage": "1.00"}
+    assert amounts(draft(facts(plan="api"), usage=month_usage(2_000_000), availability=Fraction(0))) == {
+        "usage": "1.00"
+    }
 
 
 # --- balances: late fee and credit carried forward -------------------------------------------------
@@ -249,12 +272,20 @@ def test_api_plan_has_no_fee_to_credit():
 def test_late_fee_on_the_overdue_balance_is_not_taxed():
     result = draft(facts(), ledger=Ledger(balance=D("117.81"), not_yet_due=D("0.00")))
     late = result.lines[-1]
-    assert (late.kind, late.quantity, late.unit_price, late.amount, late.taxable) == ("late_fee", D("117.81"), D("0.015"), D("1.77"), False)
+    assert (late.kind, late.quantity, late.unit_price, late.amount, late.taxable) == (
+        "late_fee",
+        D("117.81"),
+        D("0.015"),
+        D("1.77"),
+        False,
+    )
     assert (result.subtotal, result.tax, result.total) == (D("100.77"), D("18.81"), D("119.58"))
 
 
 def test_no_late_fee_on_what_is_not_yet_due():
-    assert amounts(draft(facts(), ledger=Ledger(balance=D("117.81"), not_yet_due=D("117.81")))) == {"subscription": "99.00"}
+    assert amounts(draft(facts(), ledger=Ledger(balance=D("117.81"), not_yet_due=D("117.81")))) == {
+        "subscription": "99.00"
+    }
     # Older charges are settled first: with 150 owed of which 100 not yet due, 50 is overdue.
     assert amounts(draft(facts(), ledger=Ledger(balance=D("150.00"), not_yet_due=D("100.00"))))["late_fee"] == "0.75"
 
@@ -292,6 +323,7 @@ def test_proration_helper():
 
 # --- the price book ---------------------------------------------------------------------------------
 
+
 def test_default_price_book_has_the_spec_defaults():
     book = load_pricebook()
     on = date(2026, 10, 1)
@@ -309,8 +341,10 @@ def test_default_price_book_has_the_spec_defaults():
 
 
 def test_plan_limits_follow_effective_dates():
-    book = make_pricebook('\n  api:\n    price_per_million_points: "0.50"\n    monthly_points_cap: 500000000\n'
-                          '    changes: [{effective_from: 2027-01-01, monthly_points_cap: 800000000}]\n')  # fmt: skip
+    book = make_pricebook(
+        '\n  api:\n    price_per_million_points: "0.50"\n    monthly_points_cap: 500000000\n'
+        "    changes: [{effective_from: 2027-01-01, monthly_points_cap: 800000000}]\n"
+    )
     assert plan_limits(book, "api", date(2026, 12, 31)).monthly_points_cap == 500_000_000
     assert plan_limits(book, "api", date(2027, 1, 1)).monthly_points_cap == 800_000_000
 
@@ -318,11 +352,20 @@ def test_plan_limits_follow_effective_dates():
 @pytest.mark.parametrize(
     "yaml_text, message",
     [
-        ('currency: EUR\npayment_terms_days: 30\nlate_fee_monthly_rate: 0.015\nplans: {free: {}}\n', "quoted strings"),
-        ('currency: EUR\npayment_terms_days: 30\nlate_fee_monthly_rate: "0.015"\nplans: {free: {monthly_fe: "1"}}\n', "unknown field"),
+        ("currency: EUR\npayment_terms_days: 30\nlate_fee_monthly_rate: 0.015\nplans: {free: {}}\n", "quoted strings"),
+        (
+            'currency: EUR\npayment_terms_days: 30\nlate_fee_monthly_rate: "0.015"\nplans: {free: {monthly_fe: "1"}}\n',
+            "unknown field",
+        ),
         ('currency: EUR\npayment_terms_days: 30\nlate_fee_monthly_rate: "0.015"\nplans: {}\n', "plans"),
-        ('currency: EUR\npayment_terms_days: 30\nlate_fee_monthly_rate: "0.015"\nplans: {api: {changes: [{monthly_fee: "1"}]}}\n', "effective_from"),
-        ('currency: EUR\npayment_terms_days: 30\nlate_fee_monthly_rate: "0.015"\nplans: {free: {discount: "1.5"}}\n', "fraction"),
+        (
+            'currency: EUR\npayment_terms_days: 30\nlate_fee_monthly_rate: "0.015"\nplans: {api: {changes: [{monthly_fee: "1"}]}}\n',
+            "effective_from",
+        ),
+        (
+            'currency: EUR\npayment_terms_days: 30\nlate_fee_monthly_rate: "0.015"\nplans: {free: {discount: "1.5"}}\n',
+            "fraction",
+        ),
     ],
 )
 def test_bad_price_books_are_refused_with_the_field_named(yaml_text, message):

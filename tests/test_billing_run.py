@@ -10,7 +10,13 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import func, select
 
-from pipelines.billing.corrections import TermsUpdate, invoice_statement, issue_credit_note, open_dispute, set_billing_terms
+from pipelines.billing.corrections import (
+    TermsUpdate,
+    invoice_statement,
+    issue_credit_note,
+    open_dispute,
+    set_billing_terms,
+)
 from pipelines.billing.imports import OutageRecord, PaymentRecord, import_outages, import_payments, import_usage
 from pipelines.billing.invoicing import BillingError, run_billing
 from pipelines.billing.models import BillingRun, Invoice, InvoiceLine
@@ -77,13 +83,24 @@ def test_events_are_assigned_to_months_by_their_utc_timestamp(catalog):
 
 
 def test_invoice_numbers_are_gap_free_in_account_order_and_zero_periods_get_none(catalog):
-    for account_id, plan in (("a-free", "free"), ("b-pro", "professional"), ("c-trial", "trial"), ("d-api", "api"), ("e-pro", "professional")):
+    for account_id, plan in (
+        ("a-free", "free"),
+        ("b-pro", "professional"),
+        ("c-trial", "trial"),
+        ("d-api", "api"),
+        ("e-pro", "professional"),
+    ):
         add_account(catalog, account_id, plan=plan)
     add_account(catalog, "f-later", started_at="2026-11-02")  # not yet a customer in October
     result = run(catalog, "2026-10")
     assert totals(result) == {"b-pro": ("PF-2026-10-0001", "117.81"), "e-pro": ("PF-2026-10-0002", "117.81")}
     invoice = result.invoices[0]
-    assert (invoice.issue_date, invoice.due_date, invoice.currency, invoice.period) == (date(2026, 11, 1), date(2026, 12, 1), "EUR", "2026-10")
+    assert (invoice.issue_date, invoice.due_date, invoice.currency, invoice.period) == (
+        date(2026, 11, 1),
+        date(2026, 12, 1),
+        "EUR",
+        "2026-10",
+    )
 
 
 def test_rerun_returns_the_same_invoices_and_creates_nothing(catalog):
@@ -141,9 +158,15 @@ def test_two_runs_at_the_same_time_create_one_set_of_invoices(catalog, database_
 
 
 def test_usage_price_follows_effective_dates_in_the_run(catalog):
-    book = make_pricebook("\n  api:\n    price_per_million_points: \"0.50\"\n    changes: [{effective_from: 2026-10-16, price_per_million_points: \"0.60\"}]\n")
+    book = make_pricebook(
+        '\n  api:\n    price_per_million_points: "0.50"\n    changes: [{effective_from: 2026-10-16, price_per_million_points: "0.60"}]\n'
+    )
     add_account(catalog, "api1", plan="api")
-    usage(catalog, job("old", "api1", "2026-10-15T23:59:59Z", 10_000_000), job("new", "api1", "2026-10-16T00:00:00Z", 10_000_000))
+    usage(
+        catalog,
+        job("old", "api1", "2026-10-15T23:59:59Z", 10_000_000),
+        job("new", "api1", "2026-10-16T00:00:00Z", 10_000_000),
+    )
     assert lines_of(run(catalog, "2026-10", book), "api1") == [("usage", "5.00"), ("usage", "6.00")]
 
 
@@ -221,7 +244,10 @@ def test_availability_credit_from_outages_excludes_announced_maintenance(catalog
 
 def test_maintenance_announced_too_late_counts_as_outage(catalog):
     add_account(catalog, "acme")
-    import_outages(catalog, [(1, OutageRecord(utc("2026-10-05T00:00Z"), utc("2026-10-06T00:00Z"), True, utc("2026-10-04T00:00:01Z")))])
+    import_outages(
+        catalog,
+        [(1, OutageRecord(utc("2026-10-05T00:00Z"), utc("2026-10-06T00:00Z"), True, utc("2026-10-04T00:00:01Z")))],
+    )
     assert lines_of(run(catalog, "2026-10"), "acme")[-1] == ("availability_credit", "-2.70")
 
 
@@ -231,9 +257,15 @@ def test_credit_note_references_the_invoice_which_stays_unchanged(catalog):
     number = october.invoices[0].invoice_number
     note, created = issue_credit_note(catalog, BOOK, number, D("10.00"), "wrong storage tier", date(2026, 11, 3))
     assert created and note.to_dict() == {
-        "credit_note_number": "PF-CN-2026-11-0001", "invoice_number": number, "account_id": "acme",
-        "issued_on": "2026-11-03", "amount": "10.00", "tax": "1.90", "total": "11.90", "reason": "wrong storage tier",
-    }  # fmt: skip
+        "credit_note_number": "PF-CN-2026-11-0001",
+        "invoice_number": number,
+        "account_id": "acme",
+        "issued_on": "2026-11-03",
+        "amount": "10.00",
+        "tax": "1.90",
+        "total": "11.90",
+        "reason": "wrong storage tier",
+    }
     again, created_again = issue_credit_note(catalog, BOOK, number, D("10"), "wrong storage tier", date(2026, 11, 4))
     assert again == note and not created_again
     second, _ = issue_credit_note(catalog, BOOK, number, D("5.00"), "goodwill", date(2026, 11, 5))
@@ -304,7 +336,7 @@ def test_points_used_in_month_counts_billable_points_by_utc_month(catalog):
 
 
 def test_monthly_points_cap_refuses_jobs_at_admission(catalog):
-    book = make_pricebook("\n  api: {price_per_million_points: \"0.50\", monthly_points_cap: 1000}\n")
+    book = make_pricebook('\n  api: {price_per_million_points: "0.50", monthly_points_cap: 1000}\n')
     add_account(catalog, "api1", plan="api")
     usage(catalog, job("a", "api1", "2026-10-02T00:00Z", 900))
     check_points_admission(catalog, book, "api1", 100, utc("2026-10-20T00:00Z"))
@@ -344,6 +376,13 @@ def test_billing_migration_downgrades_and_upgrades(catalog, database_url):
         command.downgrade(config, "0001")
         assert not inspect(connection).has_table("invoices")
         command.upgrade(config, "head")
-        assert {"invoices", "invoice_lines", "payments", "outages", "credit_notes", "disputes", "billing_runs", "billing_terms"} <= set(
-            inspect(connection).get_table_names()
-        )
+        assert {
+            "invoices",
+            "invoice_lines",
+            "payments",
+            "outages",
+            "credit_notes",
+            "disputes",
+            "billing_runs",
+            "billing_terms",
+        } <= set(inspect(connection).get_table_names())

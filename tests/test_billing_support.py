@@ -10,7 +10,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -66,25 +66,39 @@ def make_pricebook(extra: str = "", base: str = BASE_PRICEBOOK) -> PriceBook:
 
 def utc(text: str) -> datetime:
     value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def add_account(
-    catalog: Catalog, account_id: str, plan: str = "professional", started_at: str = "2026-01-01",
-    tax_rate: str = "0.19", tax_exempt: bool = False, billing_cycle: str = "monthly", country: str = "DE",
-) -> None:  # fmt: skip
+    catalog: Catalog,
+    account_id: str,
+    plan: str = "professional",
+    started_at: str = "2026-01-01",
+    tax_rate: str = "0.19",
+    tax_exempt: bool = False,
+    billing_cycle: str = "monthly",
+    country: str = "DE",
+) -> None:
     with catalog.session() as session:
         session.add(
             Account(
-                account_id=account_id, name=f"{account_id} Ltd", email=f"billing@{account_id}.example", country=country,
-                plan=plan, billing_cycle=billing_cycle, started_at=date.fromisoformat(started_at),
-                tax_rate=Decimal(tax_rate), tax_exempt=tax_exempt,
-            )  # fmt: skip
+                account_id=account_id,
+                name=f"{account_id} Ltd",
+                email=f"billing@{account_id}.example",
+                country=country,
+                plan=plan,
+                billing_cycle=billing_cycle,
+                started_at=date.fromisoformat(started_at),
+                tax_rate=Decimal(tax_rate),
+                tax_exempt=tax_exempt,
+            )
         )
 
 
 def job(event_id: str, account_id: str, when: str, points: int, status: str = "succeeded") -> UsageRecord:
-    return UsageRecord(event_id, account_id, "classification", utc(when), points, status, "grid", "1.0", f"{event_id}.laz")
+    return UsageRecord(
+        event_id, account_id, "classification", utc(when), points, status, "grid", "1.0", f"{event_id}.laz"
+    )
 
 
 def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -132,7 +146,9 @@ def _empty_postgres(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as connection:
         tables = connection.execute(
-            text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename <> 'alembic_version'")
+            text(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename <> 'alembic_version'"
+            )
         ).scalars()
         names = ", ".join(f'"{name}"' for name in tables)
         if names:
@@ -164,7 +180,9 @@ def check_einvoices(catalog: Catalog) -> int:
 
     book = make_pricebook(SELLER)
     with catalog.session() as session:
-        invoices = [(invoice_view(i), buyer_of(session.get(Account, i.account_id))) for i in session.scalars(select(Invoice))]
+        invoices = [
+            (invoice_view(i), buyer_of(session.get(Account, i.account_id))) for i in session.scalars(select(Invoice))
+        ]
         notes = list(session.scalars(select(CreditNote.credit_note_number)))
     documents = [document_of(catalog, book, invoice, buyer) for invoice, buyer in invoices]
     documents += [credit_note_of(catalog, book, number) for number in notes]

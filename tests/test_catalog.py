@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -60,9 +60,11 @@ def test_migrate_twice_is_harmless(catalog: Catalog) -> None:
 def test_times_come_back_as_utc_and_money_exact(catalog: Catalog) -> None:
     login = datetime(2026, 3, 1, 12, 30, tzinfo=timezone(timedelta(hours=2)))
     record = make_account("exact")
-    upsert_accounts(catalog, [record.__class__(**{**record.__dict__, "tax_rate": Decimal("0.1925"), "last_login_at": login})])
+    upsert_accounts(
+        catalog, [record.__class__(**{**record.__dict__, "tax_rate": Decimal("0.1925"), "last_login_at": login})]
+    )
     account = get_account(catalog, "exact")
-    assert account.last_login_at == login and account.last_login_at.tzinfo == timezone.utc
+    assert account.last_login_at == login and account.last_login_at.tzinfo == UTC
     assert account.last_login_at.hour == 10
     assert account.tax_rate == Decimal("0.1925") and isinstance(account.tax_rate, Decimal)
 
@@ -78,16 +80,20 @@ def test_naive_datetimes_and_float_money_are_refused(catalog: Catalog) -> None:
 
 def test_account_csv_import_upserts_and_keeps_latest_login(catalog: Catalog, tmp_path: Path) -> None:
     path = tmp_path / "accounts.csv"
-    path.write_text(CSV_HEADER + "a1,Alpha,a@x.example,de,free,2026-01-15,0.19,false,2026-05-01T10:00:00Z\n"
-                    "a2,Beta,b@x.example,FR,api,2026-02-01,0.20,true,\n")
+    path.write_text(
+        CSV_HEADER + "a1,Alpha,a@x.example,de,free,2026-01-15,0.19,false,2026-05-01T10:00:00Z\n"
+        "a2,Beta,b@x.example,FR,api,2026-02-01,0.20,true,\n"
+    )
     result = upsert_accounts(catalog, read_accounts_csv(path))
     assert (result.created, result.updated) == (2, 0)
-    path.write_text(CSV_HEADER + "a1,Alpha Two,a@x.example,DE,professional,2026-01-15,0.19,false,2026-04-01T10:00:00Z\n")
+    path.write_text(
+        CSV_HEADER + "a1,Alpha Two,a@x.example,DE,professional,2026-01-15,0.19,false,2026-04-01T10:00:00Z\n"
+    )
     result = upsert_accounts(catalog, read_accounts_csv(path))
     assert (result.created, result.updated) == (0, 1)
     account = get_account(catalog, "a1")
     assert (account.name, account.plan, account.country) == ("Alpha Two", "professional", "DE")
-    assert account.last_login_at == datetime(2026, 5, 1, 10, tzinfo=timezone.utc)
+    assert account.last_login_at == datetime(2026, 5, 1, 10, tzinfo=UTC)
     assert get_account(catalog, "a2").tax_exempt is True
 
 
@@ -119,8 +125,17 @@ def test_missing_columns_are_named(tmp_path: Path) -> None:
 
 
 def _event(event_id: str, **changes) -> UsageRecord:
-    values = dict(event_id=event_id, account_id="m", kind="classification", occurred_at=datetime(2026, 10, 3, tzinfo=timezone.utc),
-                  points=1000, status="succeeded", classifier="standard", classifier_version="1.0.0", filename="a.laz")
+    values = dict(
+        event_id=event_id,
+        account_id="m",
+        kind="classification",
+        occurred_at=datetime(2026, 10, 3, tzinfo=UTC),
+        points=1000,
+        status="succeeded",
+        classifier="standard",
+        classifier_version="1.0.0",
+        filename="a.laz",
+    )
     return UsageRecord(**{**values, **changes})
 
 
@@ -140,13 +155,22 @@ def test_usage_events_are_recorded_once(catalog: Catalog) -> None:
 
 def test_login_events_move_last_login_forward_only(catalog: Catalog) -> None:
     upsert_accounts(catalog, [make_account("m")])
-    late, early = datetime(2026, 9, 1, tzinfo=timezone.utc), datetime(2026, 1, 1, tzinfo=timezone.utc)
+    late, early = datetime(2026, 9, 1, tzinfo=UTC), datetime(2026, 1, 1, tzinfo=UTC)
     record_usage(catalog, [UsageRecord("l1", "m", "login", late)])
     record_usage(catalog, [UsageRecord("l2", "m", "login", early)])
     assert get_account(catalog, "m").last_login_at == late
 
 
-@pytest.mark.parametrize("bad", [dict(kind="upload"), dict(status="done"), dict(points=-1), dict(occurred_at=datetime(2026, 1, 1)), dict(event_id="")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(kind="upload"),
+        dict(status="done"),
+        dict(points=-1),
+        dict(occurred_at=datetime(2026, 1, 1)),
+        dict(event_id=""),
+    ],
+)
 def test_malformed_usage_events_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError):
         _event(**{"event_id": "x", **bad})

@@ -53,13 +53,20 @@ def subset(block: PointBlock, index: np.ndarray) -> PointBlock:
     def take(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else a[index]
 
-    return PointBlock(block.x[index], block.y[index], block.z[index], take(block.intensity),
-                      take(block.return_number), take(block.number_of_returns))
+    return PointBlock(
+        block.x[index],
+        block.y[index],
+        block.z[index],
+        take(block.intensity),
+        take(block.return_number),
+        take(block.number_of_returns),
+    )
 
 
 def shifted(block: PointBlock, dx: float, dy: float) -> PointBlock:
-    return PointBlock(block.x + dx, block.y + dy, block.z, block.intensity,
-                      block.return_number, block.number_of_returns)
+    return PointBlock(
+        block.x + dx, block.y + dy, block.z, block.intensity, block.return_number, block.number_of_returns
+    )
 
 
 def f1(reference: np.ndarray, predicted: np.ndarray) -> float:
@@ -110,8 +117,7 @@ def test_standard_ign_scores(ign: tuple[PointBlock, np.ndarray]) -> None:
     assert f1(ref == 5, np.isin(ours, (3, 4, 5))) > 0.8
 
 
-def test_standard_is_deterministic_and_order_independent(
-        ign: tuple[PointBlock, np.ndarray]) -> None:
+def test_standard_is_deterministic_and_order_independent(ign: tuple[PointBlock, np.ndarray]) -> None:
     block, _ = ign
     classifier = get_classifier("standard")
     first = classifier.classify(block)
@@ -123,8 +129,7 @@ def test_standard_is_deterministic_and_order_independent(
 
 
 @pytest.mark.parametrize("name", BUILTIN_CLASSIFIERS)
-def test_shift_to_large_coordinates_keeps_results(
-        name: str, ign: tuple[PointBlock, np.ndarray]) -> None:
+def test_shift_to_large_coordinates_keeps_results(name: str, ign: tuple[PointBlock, np.ndarray]) -> None:
     block, _ = ign
     classifier = get_classifier(name)
     base = classifier.classify(block)
@@ -147,8 +152,12 @@ def test_tiles_with_buffer_agree_with_untiled_run(name: str) -> None:
         for r in np.unique(row):
             core = (col == c) & (row == r)
             x0, y0 = c * tile, r * tile
-            near = np.flatnonzero((block.x >= x0 - buffer) & (block.x < x0 + tile + buffer)
-                                  & (block.y >= y0 - buffer) & (block.y < y0 + tile + buffer))
+            near = np.flatnonzero(
+                (block.x >= x0 - buffer)
+                & (block.x < x0 + tile + buffer)
+                & (block.y >= y0 - buffer)
+                & (block.y < y0 + tile + buffer)
+            )
             if not core.any():
                 continue
             classes = classifier.classify(subset(block, near))
@@ -169,15 +178,18 @@ def degenerate_blocks() -> dict[str, PointBlock]:
         "vertical line": PointBlock(np.full(n, 3.0), np.full(n, 4.0), np.linspace(0.0, 50.0, n)),
         "horizontal line": PointBlock(line_x, np.zeros(n), np.zeros(n)),
         "sloped line": PointBlock(line_x, line_x, 0.3 * line_x),
-        "utm": PointBlock(rng.uniform(6e5, 6e5 + 50.0, n), rng.uniform(5e6, 5e6 + 50.0, n),
-                          rng.uniform(100.0, 101.0, n)),
-        "1e7": PointBlock(rng.uniform(1e7, 1e7 + 30.0, n), rng.uniform(1e7, 1e7 + 30.0, n),
-                          rng.normal(0.0, 0.05, n)),
+        "utm": PointBlock(
+            rng.uniform(6e5, 6e5 + 50.0, n), rng.uniform(5e6, 5e6 + 50.0, n), rng.uniform(100.0, 101.0, n)
+        ),
+        "1e7": PointBlock(rng.uniform(1e7, 1e7 + 30.0, n), rng.uniform(1e7, 1e7 + 30.0, n), rng.normal(0.0, 0.05, n)),
         "with returns": PointBlock(
-            rng.uniform(0.0, 20.0, n), rng.uniform(0.0, 20.0, n), rng.uniform(0.0, 10.0, n),
+            rng.uniform(0.0, 20.0, n),
+            rng.uniform(0.0, 20.0, n),
+            rng.uniform(0.0, 10.0, n),
             intensity=rng.integers(0, 65535, n, dtype=np.uint16),
             return_number=np.ones(n, dtype=np.uint8),
-            number_of_returns=rng.integers(1, 3, n, dtype=np.uint8)),
+            number_of_returns=rng.integers(1, 3, n, dtype=np.uint8),
+        ),
     }
 
 
@@ -195,8 +207,7 @@ def test_degenerate_blocks(name: str, case: str) -> None:
 def test_flat_ground_is_ground(name: str) -> None:
     rng = np.random.default_rng(5)
     n = 20000
-    block = PointBlock(rng.uniform(0.0, 100.0, n), rng.uniform(0.0, 100.0, n),
-                       rng.normal(50.0, 0.03, n))
+    block = PointBlock(rng.uniform(0.0, 100.0, n), rng.uniform(0.0, 100.0, n), rng.normal(50.0, 0.03, n))
     assert np.mean(get_classifier(name).classify(block) == 2) > 0.99
 
 
@@ -236,8 +247,7 @@ def test_classifier_metadata(name: str) -> None:
 def test_params_override_and_nested_ground_params() -> None:
     ground = get_classifier("ground", {"slope": 0.3})
     assert ground.params["slope"] == 0.3
-    standard = get_classifier("standard", {"ground": {"max_window": 24.0},
-                                           "building_min_area": 20.0})
+    standard = get_classifier("standard", {"ground": {"max_window": 24.0}, "building_min_area": 20.0})
     assert standard.params["ground"]["max_window"] == 24.0
     assert standard.params["ground"]["slope"] == get_classifier("ground").params["slope"]
     assert standard.params["building_min_area"] == 20.0
@@ -248,17 +258,21 @@ def test_unknown_classifier_is_rejected() -> None:
         get_classifier("x")
 
 
-@pytest.mark.parametrize(("name", "params", "key"), [
-    ("ground", {"slop": 0.2}, "slop"),
-    ("standard", {"ground": {"nope": 1}}, "nope"),
-    ("standard", {"building_area": 5.0}, "building_area"),
-])
+@pytest.mark.parametrize(
+    ("name", "params", "key"),
+    [
+        ("ground", {"slop": 0.2}, "slop"),
+        ("standard", {"ground": {"nope": 1}}, "nope"),
+        ("standard", {"building_area": 5.0}, "building_area"),
+    ],
+)
 def test_unknown_parameter_is_rejected(name: str, params: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
         get_classifier(name, params)
 
 
 # --- trainable per-account classifier (features.py, trained.py) ---------------------------------
+
 
 @pytest.fixture(scope="module")
 def model(ign: tuple[PointBlock, np.ndarray]) -> TrainedModel:
@@ -280,12 +294,17 @@ def test_features_shape_and_values(ign: tuple[PointBlock, np.ndarray]) -> None:
     assert np.median(planarity[labels == 6]) > np.median(planarity[labels == 5])
 
 
-def test_features_do_not_depend_on_large_coordinate_offsets(
-        ign: tuple[PointBlock, np.ndarray]) -> None:
+def test_features_do_not_depend_on_large_coordinate_offsets(ign: tuple[PointBlock, np.ndarray]) -> None:
     block, _ = ign
     # Multiples of 1024 m keep every power-of-two grid aligned the same way.
-    moved = PointBlock(block.x + 512 * 1024.0, block.y + 4864 * 1024.0, block.z,
-                       block.intensity, block.return_number, block.number_of_returns)
+    moved = PointBlock(
+        block.x + 512 * 1024.0,
+        block.y + 4864 * 1024.0,
+        block.z,
+        block.intensity,
+        block.return_number,
+        block.number_of_returns,
+    )
     np.testing.assert_allclose(point_features(moved), point_features(block), atol=1e-3)
 
 
@@ -308,23 +327,20 @@ def test_training_reports_holdout_metrics(model: TrainedModel) -> None:
     assert model.metrics[6]["f1"] > 0.6
 
 
-def test_training_is_deterministic(ign: tuple[PointBlock, np.ndarray],
-                                   model: TrainedModel) -> None:
+def test_training_is_deterministic(ign: tuple[PointBlock, np.ndarray], model: TrainedModel) -> None:
     block, labels = ign
     again = train([block], [labels], seed=0, ignore_classes=[1], max_points=15_000, rounds=8)
     np.testing.assert_array_equal(again.predict(block), model.predict(block))
     assert again.metrics == model.metrics
 
 
-def test_round_trip_and_signature(ign: tuple[PointBlock, np.ndarray],
-                                  model: TrainedModel) -> None:
+def test_round_trip_and_signature(ign: tuple[PointBlock, np.ndarray], model: TrainedModel) -> None:
     block, _ = ign
     expected = model.predict(block)
     plain = TrainedModel.from_bytes(model.to_bytes())
     np.testing.assert_array_equal(plain.predict(block), expected)
     signed = model.to_bytes(key=b"secret")
-    np.testing.assert_array_equal(TrainedModel.from_bytes(signed, key=b"secret").predict(block),
-                                  expected)
+    np.testing.assert_array_equal(TrainedModel.from_bytes(signed, key=b"secret").predict(block), expected)
     with pytest.raises(ValueError, match="signature"):
         TrainedModel.from_bytes(signed, key=b"other")
     tampered = bytearray(signed)
@@ -336,11 +352,12 @@ def test_round_trip_and_signature(ign: tuple[PointBlock, np.ndarray],
 
 
 def test_the_cascade_changes_no_prediction_on_the_points_it_was_chosen_on(
-        ign: tuple[PointBlock, np.ndarray], model: TrainedModel) -> None:
+    ign: tuple[PointBlock, np.ndarray], model: TrainedModel
+) -> None:
     block, _ = ign
     features = point_features(block)
     stages = choose_cascade(model.booster, features, model.head_start(features[:, STANDARD_COLUMN]))
-    (rounds, margin), = stages
+    ((rounds, margin),) = stages
     assert 0 < rounds < model.booster.current_iteration()
     every_tree = dataclasses.replace(model, cascade=[]).predict_features(features)
     early = dataclasses.replace(model, cascade=stages)
@@ -352,13 +369,14 @@ def test_the_cascade_changes_no_prediction_on_the_points_it_was_chosen_on(
 
 
 def test_the_cascade_is_kept_in_the_signed_file_and_older_files_walk_every_tree(
-        ign: tuple[PointBlock, np.ndarray], model: TrainedModel) -> None:
+    ign: tuple[PointBlock, np.ndarray], model: TrainedModel
+) -> None:
     block, _ = ign
     assert model.cascade, "training chooses early decisions on its held-out blocks"
     assert TrainedModel.from_bytes(model.to_bytes(key=b"k"), key=b"k").cascade == model.cascade
     # A file written before the cascade existed: its header has no "cascade".
     data = dataclasses.replace(model, cascade=[]).to_bytes()
-    header, _, text = zlib.decompress(data[len(FORMAT) + 1:]).partition(b"\n")
+    header, _, text = zlib.decompress(data[len(FORMAT) + 1 :]).partition(b"\n")
     older = json.loads(header)
     del older["cascade"]
     payload = zlib.compress(json.dumps(older).encode() + b"\n" + text)
@@ -367,8 +385,7 @@ def test_the_cascade_is_kept_in_the_signed_file_and_older_files_walk_every_tree(
     np.testing.assert_array_equal(loaded.predict(block), dataclasses.replace(model, cascade=[]).predict(block))
 
 
-def test_trained_classifier_protocol(ign: tuple[PointBlock, np.ndarray],
-                                     model: TrainedModel) -> None:
+def test_trained_classifier_protocol(ign: tuple[PointBlock, np.ndarray], model: TrainedModel) -> None:
     block, labels = ign
     classifier = TrainedClassifier(model, name="acme-2024", version="3")
     assert isinstance(classifier, Classifier)
@@ -393,22 +410,21 @@ def ground_errors(block: PointBlock, labels: np.ndarray, scored: np.ndarray) -> 
     """(total error, share of non-ground points called ground) of the ground filter."""
     ground = get_classifier("ground").classify(block) == 2
     reference = labels == 2
-    return (float(np.mean(ground[scored] != reference[scored])),
-            float(np.mean(ground[scored & ~reference])))
+    return (float(np.mean(ground[scored] != reference[scored])), float(np.mean(ground[scored & ~reference])))
 
 
 def relief(block: PointBlock, dz: np.ndarray) -> PointBlock:
-    return PointBlock(block.x, block.y, block.z + dz, block.intensity, block.return_number,
-                      block.number_of_returns)
+    return PointBlock(block.x, block.y, block.z + dz, block.intensity, block.return_number, block.number_of_returns)
 
 
 # Measured on this block: total error 1.0 % flat; 1.6 / 3.2 / 7.6 % at 20 / 35 / 50 degrees (SMRF with
 # PDAL's defaults: 4.7 / 12.4 / 24.6 % on the whole file at 20 / 35 / 50 degrees).
-@pytest.mark.parametrize(("degrees", "extra_error", "buildings_as_ground"),
-                         [(20, 0.01, 0.02), (35, 0.03, 0.06), (50, 0.08, 0.15)])
+@pytest.mark.parametrize(
+    ("degrees", "extra_error", "buildings_as_ground"), [(20, 0.01, 0.02), (35, 0.03, 0.06), (50, 0.08, 0.15)]
+)
 def test_steep_terrain_stays_ground_and_buildings_stay_objects(
-        degrees: int, extra_error: float, buildings_as_ground: float,
-        ign: tuple[PointBlock, np.ndarray]) -> None:
+    degrees: int, extra_error: float, buildings_as_ground: float, ign: tuple[PointBlock, np.ndarray]
+) -> None:
     """The same houses and gardens on a hillside: the terrain tilted, everything on it too."""
     block, labels = ign
     scored = labels != 1
@@ -470,10 +486,16 @@ def _reference_brute_force(zmin: np.ndarray, row: int, col: int, size: int) -> l
     half = size // 2 + 2 * block
     padded = np.pad(np.nan_to_num(zmin, nan=np.inf), half, constant_values=np.inf)
     r, c = row + half, col + half
-    window = padded[r - size // 2:r + size // 2 + 1, c - size // 2:c + size // 2 + 1]
-    minima = [padded[r + dr * block - block // 2:r + dr * block + block // 2 + 1,
-                     c + dc * block - block // 2:c + dc * block + block // 2 + 1].min()
-              for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc]
+    window = padded[r - size // 2 : r + size // 2 + 1, c - size // 2 : c + size // 2 + 1]
+    minima = [
+        padded[
+            r + dr * block - block // 2 : r + dr * block + block // 2 + 1,
+            c + dc * block - block // 2 : c + dc * block + block // 2 + 1,
+        ].min()
+        for dr in (-1, 0, 1)
+        for dc in (-1, 0, 1)
+        if dr or dc
+    ]
     return [float(np.sort(window, axis=None)[2]), float(np.sort(minima)[1])]
 
 
@@ -488,20 +510,26 @@ def test_low_outliers_are_cells_far_below_their_neighbourhood(size: int, empty: 
     zmin[rng.random(zmin.shape) < empty] = np.nan
     # Pits in clusters of two to four cells, which hide each other from the window's test.
     for row, col in rng.integers(3, 30, (6, 2)):
-        zmin[row:row + 2, col:col + rng.integers(1, 3)] = -6.0
+        zmin[row : row + 2, col : col + rng.integers(1, 3)] = -6.0
     expected = zmin.copy()
     for _ in range(rounds):
-        found = [(row, col) for row, col in zip(*np.nonzero(np.isfinite(expected)), strict=True)
-                 if any(np.isfinite(reference) and expected[row, col] < reference - 1.0
-                        for reference in _reference_brute_force(expected, row, col, size))]
+        found = [
+            (row, col)
+            for row, col in zip(*np.nonzero(np.isfinite(expected)), strict=True)
+            if any(
+                np.isfinite(reference) and expected[row, col] < reference - 1.0
+                for reference in _reference_brute_force(expected, row, col, size)
+            )
+        ]
         for row, col in found:
             expected[row, col] = np.nan
     np.testing.assert_array_equal(remove_low_outliers(zmin, 1.0, size, rounds), expected)
 
 
 @pytest.mark.parametrize(("share", "cluster"), [(0.005, 1), (0.005, 4), (0.002, 10)])
-def test_frequent_and_clustered_low_noise_leaves_the_ground_as_it_was(ign: tuple[PointBlock, np.ndarray],
-                                                                      share: float, cluster: int) -> None:
+def test_frequent_and_clustered_low_noise_leaves_the_ground_as_it_was(
+    ign: tuple[PointBlock, np.ndarray], share: float, cluster: int
+) -> None:
     """Low points 2-20 m down, scattered or in clusters of a few points (a pulse's multipath):
     left in, each pit drags the opened terrain down over the whole window (the IGN crop with 10-point
     clusters went from 0.8 % to 14.5 % total error)."""
@@ -513,10 +541,10 @@ def test_frequent_and_clustered_low_noise_leaves_the_ground_as_it_was(ign: tuple
     scored = labels != 1
     clean = np.mean((ground.classify(block)[scored] == 2) != (labels[scored] == 2))
     classes = ground.classify(noisy)
-    with_noise = np.mean((classes[:len(block)][scored] == 2) != (labels[scored] == 2))
+    with_noise = np.mean((classes[: len(block)][scored] == 2) != (labels[scored] == 2))
     assert with_noise < clean + 0.005
     # A point 2 m below a steep slope can lie on the terrain further down: allow a few.
-    assert np.mean(classes[len(block):] == 2) < 0.1
+    assert np.mean(classes[len(block) :] == 2) < 0.1
 
 
 def test_tree_crowns_above_the_eaves_are_not_building() -> None:
@@ -537,7 +565,7 @@ def test_planar_roof_smaller_than_the_area_floor_is_building() -> None:
     block, labels = load("corpus/IGN_bat_grenoble.laz")
     keep = np.flatnonzero((block.x < block.x.min() + 25) & (block.y < block.y.min() + 20))
     block, labels = subset(block, keep), labels[keep]
-    annex = ((block.x < block.x.min() + 9) & (block.y < block.y.min() + 3.5) & (labels == 6))
+    annex = (block.x < block.x.min() + 9) & (block.y < block.y.min() + 3.5) & (labels == 6)
     classes = get_classifier("standard").classify(block)
     area_floor_only = get_classifier("standard", {"planar_min_area": 10.0}).classify(block)
     assert np.count_nonzero(annex) > 300
@@ -561,7 +589,8 @@ def test_low_planar_shed_is_building() -> None:
 
 
 def test_the_standard_version_is_kept_in_the_signed_file_and_another_one_still_predicts(
-        ign: tuple[PointBlock, np.ndarray], model: TrainedModel) -> None:
+    ign: tuple[PointBlock, np.ndarray], model: TrainedModel
+) -> None:
     block, _ = ign
     assert model.standard_version == StandardClassifier.version
     assert model.evaluation["standard_version"] == StandardClassifier.version
@@ -574,7 +603,7 @@ def test_the_standard_version_is_kept_in_the_signed_file_and_another_one_still_p
     assert other.standard_version == "1.0.0"
     np.testing.assert_array_equal(other.predict(block), expected)
     # A file written before the version was recorded: its header has no "standard_version".
-    header, _, text = zlib.decompress(model.to_bytes()[len(FORMAT) + 1:]).partition(b"\n")
+    header, _, text = zlib.decompress(model.to_bytes()[len(FORMAT) + 1 :]).partition(b"\n")
     older = json.loads(header)
     del older["standard_version"]
     loaded = TrainedModel.from_bytes(FORMAT + b"\x00" + zlib.compress(json.dumps(older).encode() + b"\n" + text))

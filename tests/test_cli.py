@@ -39,7 +39,10 @@ def test_every_command_explains_itself(path: tuple[str, ...], capsys: pytest.Cap
 
 def pointflow(*args: str, home: Path) -> subprocess.CompletedProcess:
     """The installed console script, in a separate process, as a user would run it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")} | {"POINTFLOW_HOME": str(home), "POINTFLOW_WORKERS": "2"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")} | {
+        "POINTFLOW_HOME": str(home),
+        "POINTFLOW_WORKERS": "2",
+    }
     script = Path(sys.executable).with_name("pointflow")
     return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=300)
 
@@ -83,18 +86,41 @@ def test_classify_text_file_fails_in_one_line_and_writes_nothing(home: Path, tmp
     assert not output.exists()
 
 
-def test_classify_missing_input_and_unknown_classifier(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_classify_missing_input_and_unknown_classifier(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     assert main(["classify", str(tmp_path / "none.laz"), str(tmp_path / "o.laz")]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert main(["classify", str(shared_file("isprs/samp11.las")), str(tmp_path / "o.laz"), "--classifier", "magic"]) == 2
+    assert (
+        main(["classify", str(shared_file("isprs/samp11.las")), str(tmp_path / "o.laz"), "--classifier", "magic"]) == 2
+    )
     assert "unknown classifier 'magic'" in capsys.readouterr().err
 
 
-def test_accounts_ingest_and_files_list(home: Path, tmp_path: Path, scene_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_accounts_ingest_and_files_list(
+    home: Path, tmp_path: Path, scene_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     csv = tmp_path / "accounts.csv"
     csv.write_text(CSV)
     assert main(["accounts", "import", str(csv)]) == 0
-    assert main(["accounts", "add", "beta", "--name", "Beta", "--email", "b@beta.example", "--country", "fr", "--plan", "api"]) == 0
+    assert (
+        main(
+            [
+                "accounts",
+                "add",
+                "beta",
+                "--name",
+                "Beta",
+                "--email",
+                "b@beta.example",
+                "--country",
+                "fr",
+                "--plan",
+                "api",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["files", "list", "--account", "acme", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
@@ -117,7 +143,9 @@ def test_ingest_for_unknown_account_is_refused(home: Path, scene_path: Path, cap
     assert "unknown account 'ghost'" in err and "pointflow accounts add" in err
 
 
-def test_ingest_name_cannot_escape_the_account(home: Path, tmp_path: Path, scene_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_ingest_name_cannot_escape_the_account(
+    home: Path, tmp_path: Path, scene_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     csv = tmp_path / "accounts.csv"
     csv.write_text(CSV)
     main(["accounts", "import", str(csv)])
@@ -130,7 +158,9 @@ def test_ingest_name_cannot_escape_the_account(home: Path, tmp_path: Path, scene
     assert main(["ingest", str(scene_path), "--account", "../acme"]) == 2
 
 
-def test_ingest_run_goes_all_the_way(home: Path, tmp_path: Path, scene_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_ingest_run_goes_all_the_way(
+    home: Path, tmp_path: Path, scene_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     csv = tmp_path / "accounts.csv"
     csv.write_text(CSV)
     main(["accounts", "import", str(csv)])
@@ -140,7 +170,9 @@ def test_ingest_run_goes_all_the_way(home: Path, tmp_path: Path, scene_path: Pat
     assert job["state"] == "exported" and job["export_prefix"].startswith("accounts/acme/exports/")
 
 
-def test_bad_settings_are_named(home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, scene_path: Path) -> None:
+def test_bad_settings_are_named(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, scene_path: Path
+) -> None:
     monkeypatch.setenv("POINTFLOW_TILE_SIZE", "big")
     assert main(["files", "list", "--account", "acme"]) == 2
     assert "POINTFLOW_TILE_SIZE" in capsys.readouterr().err

@@ -35,7 +35,11 @@ def records(points, fields=FIELDS) -> np.ndarray:
 def node_points(reader: laspy.CopcReader) -> list[tuple]:
     """(level, bounds, points) of every node with points, decoded one node at a time."""
     nodes = laspy.copc.load_octree_for_query(reader.source, reader.copc_info, reader.root_page)
-    return [(node.key.level, node.bounds, reader._fetch_and_decompress_points_of_nodes([node])) for node in nodes if node.point_count > 0]
+    return [
+        (node.key.level, node.bounds, reader._fetch_and_decompress_points_of_nodes([node]))
+        for node in nodes
+        if node.point_count > 0
+    ]
 
 
 def check_nodes_hold_their_points(reader: laspy.CopcReader) -> int:
@@ -64,7 +68,9 @@ def test_every_point_is_written_once_with_its_class(ign) -> None:
         everything = reader.query()
         assert np.array_equal(records(everything), records(original))
         assert np.array_equal(np.bincount(everything.classification), np.bincount(original.classification))
-        assert reader.copc_info.gps_min == original.gps_time.min() and reader.copc_info.gps_max == original.gps_time.max()
+        assert (
+            reader.copc_info.gps_min == original.gps_time.min() and reader.copc_info.gps_max == original.gps_time.max()
+        )
         assert reader.copc_info.spacing == pytest.approx(2 * reader.copc_info.halfsize / GRID)
         assert check_nodes_hold_their_points(reader) == len(original)
     # A plain LAZ reader reads it whole, chunk table and all.
@@ -75,6 +81,7 @@ def test_a_bounds_query_returns_exactly_the_points_inside(ign) -> None:
     source, target, _ = ign
     original = laspy.read(source)
     scales, offsets = original.header.scales, original.header.offsets
+
     # Query faces a quarter unit outside the coordinate grid: laspy compares the stored integers
     # with the rounded faces, and the float test here agrees only if no point lies on a face.
     def face(value, side):
@@ -123,7 +130,12 @@ def test_splitting_large_bins_and_piles_of_one_point(tmp_path: Path, monkeypatch
     pile = data.points.array[:30_000].copy()
     for name in ("X", "Y", "Z"):
         pile[name] = data.points.array[name][0]
-    piled = laspy.LasData(data.header, points=laspy.ScaleAwarePointRecord(np.concatenate([data.points.array, pile]), data.header.point_format, data.header.scales, data.header.offsets))
+    piled = laspy.LasData(
+        data.header,
+        points=laspy.ScaleAwarePointRecord(
+            np.concatenate([data.points.array, pile]), data.header.point_format, data.header.scales, data.header.offsets
+        ),
+    )
     piled.write(tmp_path / "piled.laz")
     for name, value in {"BIN_TARGET": 5_000, "BIN_LIMIT": 20_000, "LEAF_POINTS": 5_000, "MAX_DEPTH": 9}.items():
         monkeypatch.setattr(copc, name, value)
@@ -146,7 +158,10 @@ def test_formats_colours_extra_bytes_and_crs_are_kept(tmp_path: Path, scene_path
     with laspy.CopcReader.open(tmp_path / "rgb.copc.laz") as reader:
         assert reader.header.point_format.id == 7 and "confidence" in reader.header.point_format.extra_dimension_names
         points = reader.query()
-    assert np.array_equal(records(points, ["X", "Y", "Z", "red", "green", "blue", "confidence"]), records(data.points, ["X", "Y", "Z", "red", "green", "blue", "confidence"]))
+    assert np.array_equal(
+        records(points, ["X", "Y", "Z", "red", "green", "blue", "confidence"]),
+        records(data.points, ["X", "Y", "Z", "red", "green", "blue", "confidence"]),
+    )
     # Whole degrees in formats 0-5, units of 0.006 degrees in 6-10.
     assert sorted(set(np.asarray(points.scan_angle).tolist())) == [-2000, 0, 5000]
 
@@ -167,7 +182,10 @@ def test_a_header_whose_bounds_lie_is_refused_and_nothing_is_left(tmp_path: Path
     source = patch(patch(write_points(tmp_path / "lies.las", n=3000), MAX_X, "d", 500010.0), MAX_X + 16, "d", 5400010.0)
     with pytest.raises(ValueError, match="outside the bounds its header gives"):
         write_copc(source, tmp_path / "lies.copc.laz", tmp_path / "scratch")
-    assert not (tmp_path / "lies.copc.laz").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["lies.las", "scratch"]
+    assert not (tmp_path / "lies.copc.laz").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "lies.las",
+        "scratch",
+    ]
 
 
 def test_classify_writes_copc_by_the_output_name(settings: Settings, scene_path: Path, tmp_path: Path) -> None:

@@ -36,10 +36,19 @@ TILING = {"POINTFLOW_TILE_SIZE": "12.5", "POINTFLOW_TILE_BUFFER": "2.5"}
 
 def start(home: Path, *args: str, database_url: str | None = None) -> subprocess.Popen:
     """The installed console script, as a user (or an Airflow task) runs it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")} | {"POINTFLOW_HOME": str(home), "POINTFLOW_WORKERS": "2", **TILING}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")} | {
+        "POINTFLOW_HOME": str(home),
+        "POINTFLOW_WORKERS": "2",
+        **TILING,
+    }
     if database_url:
         env["POINTFLOW_DATABASE_URL"] = database_url
-    return subprocess.Popen([str(Path(sys.executable).with_name("pointflow")), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("pointflow")), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -79,9 +88,13 @@ def kill_mid_classification(process: subprocess.Popen, scratch: Path) -> list[ps
     return family
 
 
-def test_a_killed_classify_takes_its_cluster_with_it_and_the_next_run_sweeps_its_scratch(home: Path, tmp_path: Path) -> None:
+def test_a_killed_classify_takes_its_cluster_with_it_and_the_next_run_sweeps_its_scratch(
+    home: Path, tmp_path: Path
+) -> None:
     scratch = home / "scratch"
-    family = kill_mid_classification(start(home, "classify", str(shared_file("ign_st_barth_100m.laz")), str(tmp_path / "out.laz")), scratch)
+    family = kill_mid_classification(
+        start(home, "classify", str(shared_file("ign_st_barth_100m.laz")), str(tmp_path / "out.laz")), scratch
+    )
 
     wait_for(lambda: not alive(family), 20, f"the orphaned cluster processes to end: {alive(family)}")
     assert not (tmp_path / "out.laz").exists()
@@ -101,7 +114,15 @@ def test_a_killed_ingest_run_is_closed_as_failed_and_deleting_the_account_finds_
     runtime = Runtime.from_settings(Settings.from_env())
     upsert_accounts(runtime.catalog, [make_account("acme")])
     scratch = runtime.settings.scratch_dir
-    command = start(home, "ingest", str(shared_file("ign_st_barth_100m.laz")), "--account", "acme", "--run", database_url=database_url)
+    command = start(
+        home,
+        "ingest",
+        str(shared_file("ign_st_barth_100m.laz")),
+        "--account",
+        "acme",
+        "--run",
+        database_url=database_url,
+    )
     family = kill_mid_classification(command, scratch)
     wait_for(lambda: not alive(family), 20, "the orphaned cluster processes to end")
 

@@ -73,13 +73,19 @@ def test_corrupt_file_fails_the_run_at_validation(dag, runtime: Runtime, tmp_pat
     dag_run, job, runtime = run(dag, "acme", source)
     states = task_states(dag_run)
     assert str(dag_run.state) == "failed"
-    assert states["validate"] == "failed" and states["classify"] == "upstream_failed" and states["export"] == "upstream_failed"
+    assert (
+        states["validate"] == "failed"
+        and states["classify"] == "upstream_failed"
+        and states["export"] == "upstream_failed"
+    )
     assert job.state == "quarantined" and "not a LAS/LAZ file" in job.error
     assert list(runtime.store.list("accounts/acme/exports/")) == []
     assert usage(runtime) == [("failed", 0)]
 
 
-def test_export_crash_between_artifacts_and_manifest_is_retried_once(dag, runtime: Runtime, scene_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_crash_between_artifacts_and_manifest_is_retried_once(
+    dag, runtime: Runtime, scene_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pipelines.export as export
 
     upsert_accounts(runtime.catalog, [make_account("acme")])

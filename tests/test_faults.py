@@ -112,7 +112,11 @@ class WorkerKiller(threading.Thread):
             pids = client.run(os.getpid)
             while not self.stop.is_set():
                 done = client.run_on_scheduler(tiles_done)
-                busy = {address: keys for address, keys in client.processing().items() if any("classify_tile" in str(k) for k in keys)}
+                busy = {
+                    address: keys
+                    for address, keys in client.processing().items()
+                    if any("classify_tile" in str(k) for k in keys)
+                }
                 if done >= self.after and busy:
                     address, keys = next(iter(busy.items()))
                     os.kill(pids[address], signal.SIGKILL)
@@ -168,7 +172,12 @@ def test_a_killed_dask_worker_costs_one_retried_tile_not_the_job(
 @pytest.mark.slow
 @pytest.mark.parametrize("dask_processes", [{"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}], indirect=True)
 def test_a_tile_dask_gives_up_on_fails_the_task_and_the_airflow_retry_finishes(
-    tiled, dask_processes: DaskProcesses, ign_quarter: Path, ign_reference: dict, load_test_dag, monkeypatch: pytest.MonkeyPatch
+    tiled,
+    dask_processes: DaskProcesses,
+    ign_quarter: Path,
+    ign_reference: dict,
+    load_test_dag,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With no failures allowed per task, the kill is a KilledWorker error for the classify task."""
     monkeypatch.setenv("POINTFLOW_DASK_ADDRESS", dask_processes.address)
@@ -205,7 +214,11 @@ def s3_outage(home: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch):
     real = urlparse(s3_endpoint)
     outage = TcpOutage(real.hostname, real.port)
     outage.up()
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_ENDPOINT_URL", outage.url)
     monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
@@ -245,7 +258,9 @@ def test_a_short_s3_outage_is_ridden_out_by_backoff(s3_outage: TcpOutage, tmp_pa
     assert s3_outage.observer.get_bytes("accounts/acme/reports/r.json") == b"{}"
 
 
-def test_s3_down_mid_publish_fails_clearly_shows_nothing_and_the_rerun_publishes_once(s3_outage: TcpOutage, scene_path: Path) -> None:
+def test_s3_down_mid_publish_fails_clearly_shows_nothing_and_the_rerun_publishes_once(
+    s3_outage: TcpOutage, scene_path: Path
+) -> None:
     runtime = Runtime.from_settings(Settings.from_env())
     upsert_accounts(runtime.catalog, [make_account("acme")])
     job_id = "job-s3-outage"
@@ -279,10 +294,24 @@ def test_s3_down_mid_publish_fails_clearly_shows_nothing_and_the_rerun_publishes
     observer = s3_outage.observer
     assert manifests(observer, "acme") == [] and published_exports(observer, "acme") == []
     with pytest.raises(ExportNotReady):
-        download_links(observer, LinkSigner.from_settings(runtime.settings), "acme", job_id, True, datetime.now(UTC) + timedelta(hours=1))
+        download_links(
+            observer,
+            LinkSigner.from_settings(runtime.settings),
+            "acme",
+            job_id,
+            True,
+            datetime.now(UTC) + timedelta(hours=1),
+        )
     [copied] = [o.key for o in observer.list(f"accounts/acme/exports/{job_id}/")]
     with pytest.raises(ExportNotReady):
-        artifact_link(observer, LinkSigner.from_settings(runtime.settings), "acme", copied, True, datetime.now(UTC) + timedelta(hours=1))
+        artifact_link(
+            observer,
+            LinkSigner.from_settings(runtime.settings),
+            "acme",
+            copied,
+            True,
+            datetime.now(UTC) + timedelta(hours=1),
+        )
     assert usage(runtime) == []
 
     # S3 is back: the retried task publishes once; metering twice bills once.
@@ -316,7 +345,9 @@ def private_postgres():
 
 
 @pytest.fixture
-def catalog_on_private_postgres(private_postgres: PrivatePostgres, home: Path, monkeypatch: pytest.MonkeyPatch) -> Runtime:
+def catalog_on_private_postgres(
+    private_postgres: PrivatePostgres, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> Runtime:
     from sqlalchemy import create_engine, text
 
     name = f"pointflow_{time.monotonic_ns() % 10**12}"
@@ -339,7 +370,9 @@ def server_started_at(runtime: Runtime):
 
 
 @pytest.mark.postgres
-def test_a_database_restart_between_tasks_is_invisible_to_the_run(catalog_on_private_postgres: Runtime, private_postgres: PrivatePostgres, scene_path: Path) -> None:
+def test_a_database_restart_between_tasks_is_invisible_to_the_run(
+    catalog_on_private_postgres: Runtime, private_postgres: PrivatePostgres, scene_path: Path
+) -> None:
     runtime = catalog_on_private_postgres
     create_job(runtime, "job-db-restart", "acme", str(scene_path), "standard")
     ingest_step(runtime, "job-db-restart")
@@ -412,7 +445,9 @@ def test_the_database_down_while_classifying_fails_the_step_cleanly_and_the_retr
 # (connection refused), for the nightly DAG and for a job's ready notice.
 
 
-def test_smtp_down_for_a_night_the_nightly_dag_sends_the_notice_the_next_night(airflow_home: Path, smtp_sink, runtime: Runtime) -> None:
+def test_smtp_down_for_a_night_the_nightly_dag_sends_the_notice_the_next_night(
+    airflow_home: Path, smtp_sink, runtime: Runtime
+) -> None:
     from dataclasses import replace
     from datetime import datetime
 
@@ -420,7 +455,9 @@ def test_smtp_down_for_a_night_the_nightly_dag_sends_the_notice_the_next_night(a
     from pipelines.lifecycle.models import LifecycleDeliveryFailure, LifecycleNotice
 
     dag = load_dag("lifecycle_nightly")
-    upsert_accounts(runtime.catalog, [replace(make_account("sleepy", "free"), last_login_at=datetime(2026, 1, 10, 9, tzinfo=UTC))])
+    upsert_accounts(
+        runtime.catalog, [replace(make_account("sleepy", "free"), last_login_at=datetime(2026, 1, 10, 9, tzinfo=UTC))]
+    )
     smtp_sink.controller.stop()
     first = dag.test(logical_date=datetime(2027, 1, 11, 3, tzinfo=UTC))
     # A mail server outage is not the rules' failure: the night completes and says what is owed.
@@ -458,7 +495,9 @@ def export_with_the_mail_server_down(runtime: Runtime, smtp_sink, account: str, 
     return meter_step(runtime, job_id)
 
 
-def test_smtp_down_the_ready_notice_fails_alone_and_is_sent_once_when_delivery_reruns(smtp_sink, runtime: Runtime, account: str, scene_path: Path) -> None:
+def test_smtp_down_the_ready_notice_fails_alone_and_is_sent_once_when_delivery_reruns(
+    smtp_sink, runtime: Runtime, account: str, scene_path: Path
+) -> None:
     job_id = "job-smtp-down"
     # The meter task runs after export, whatever deliver does: exported, billed once.
     assert export_with_the_mail_server_down(runtime, smtp_sink, account, scene_path, job_id).state == "exported"
@@ -472,11 +511,15 @@ def test_smtp_down_the_ready_notice_fails_alone_and_is_sent_once_when_delivery_r
     assert len(usage(runtime)) == 1
 
 
-def test_smtp_down_past_the_task_retries_the_nightly_dag_sends_the_ready_notice_once(airflow_home: Path, smtp_sink, runtime: Runtime, account: str, scene_path: Path) -> None:
+def test_smtp_down_past_the_task_retries_the_nightly_dag_sends_the_ready_notice_once(
+    airflow_home: Path, smtp_sink, runtime: Runtime, account: str, scene_path: Path
+) -> None:
     from pipelines.airflow_local import load_dag
     from pipelines.lifecycle.sweeps import UNSENT_SETTLE_TIME, deliver_unsent
 
-    exported_at = export_with_the_mail_server_down(runtime, smtp_sink, account, scene_path, "job-smtp-night").finished_at
+    exported_at = export_with_the_mail_server_down(
+        runtime, smtp_sink, account, scene_path, "job-smtp-night"
+    ).finished_at
     dag = load_dag("lifecycle_nightly")
 
     # Still down at night: the night succeeds, nothing counts as sent.
@@ -490,13 +533,17 @@ def test_smtp_down_past_the_task_retries_the_nightly_dag_sends_the_ready_notice_
     second = dag.test(logical_date=exported_at + timedelta(days=1, hours=3))
     assert str(second.state) == "success"
     [message] = smtp_sink.parsed()
-    assert message["Subject"] == "pointflow: your classified point cloud is ready" and message["To"] == "ops@acme.example"
+    assert (
+        message["Subject"] == "pointflow: your classified point cloud is ready" and message["To"] == "ops@acme.example"
+    )
     dag.test(logical_date=exported_at + timedelta(days=2, hours=3))
     assert len(smtp_sink.messages) == 1
     assert len(usage(runtime)) == 1
 
 
-def test_smtp_down_the_cli_run_still_exports_and_says_the_e_mail_is_missing(smtp_sink, runtime: Runtime, account: str, scene_path: Path, capsys, caplog) -> None:
+def test_smtp_down_the_cli_run_still_exports_and_says_the_e_mail_is_missing(
+    smtp_sink, runtime: Runtime, account: str, scene_path: Path, capsys, caplog
+) -> None:
     from pipelines.cli import main
 
     smtp_sink.controller.stop()

@@ -19,7 +19,10 @@ from tests.conftest import make_account
 @pytest.fixture(scope="module")
 def surveys(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     folder = tmp_path_factory.mktemp("surveys")
-    return [write_scene(make_scene(size=50, density=2, buildings=1, trees=3, seed=seed), folder / f"s{seed}.laz") for seed in range(4)]
+    return [
+        write_scene(make_scene(size=50, density=2, buildings=1, trees=3, seed=seed), folder / f"s{seed}.laz")
+        for seed in range(4)
+    ]
 
 
 def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
@@ -28,7 +31,9 @@ def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_plain_ingest_refuses_what_is_not_las_and_stores_nothing(runtime: Runtime, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_plain_ingest_refuses_what_is_not_las_and_stores_nothing(
+    runtime: Runtime, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     upsert_accounts(runtime.catalog, [make_account("acme", plan="free")])
     text = tmp_path / "notes.las"
     text.write_text("this is a text file named .las")
@@ -38,7 +43,9 @@ def test_plain_ingest_refuses_what_is_not_las_and_stores_nothing(runtime: Runtim
     assert list(runtime.store.list("accounts/acme/")) == []
 
 
-def test_deleting_a_stored_file_frees_plan_room_is_audited_and_waits_for_a_legal_hold(runtime: Runtime, surveys: list[Path], capsys: pytest.CaptureFixture) -> None:
+def test_deleting_a_stored_file_frees_plan_room_is_audited_and_waits_for_a_legal_hold(
+    runtime: Runtime, surveys: list[Path], capsys: pytest.CaptureFixture
+) -> None:
     upsert_accounts(runtime.catalog, [make_account("acme", plan="free")])  # at most 3 files stored
     for survey in surveys[:3]:
         assert cli(capsys, "ingest", str(survey), "--account", "acme")[0] == 0

@@ -68,7 +68,13 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")}
     env |= {"POINTFLOW_HOME": str(folder / "home"), "POINTFLOW_WORKERS": "2", "DASK_LOGGING__DISTRIBUTED": "error"}
     with open(folder / "driver.log", "wb") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "tests.hostile_run", str(folder / "cases"), str(results)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "tests.hostile_run", str(folder / "cases"), str(results)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         watched = psutil.Process(driver.pid)
         peak, progress, last_count, failure = 0, time.monotonic(), -1, None
         while driver.poll() is None:
@@ -134,7 +140,10 @@ def test_a_decoder_panic_is_refused_like_any_decode_error(tmp_path: Path) -> Non
     from tests.hostile import chunk_size
 
     path = chunk_size(tmp_path / "chunk-size-1.laz", 1)
-    with pytest.raises(NotPointCloudError, match="cannot be read"), decoding("chunk-size-1.laz: the point data cannot be read"):
+    with (
+        pytest.raises(NotPointCloudError, match="cannot be read"),
+        decoding("chunk-size-1.laz: the point data cannot be read"),
+    ):
         with laspy.open(path, laz_backend=laspy.LazBackend.LazrsParallel) as reader:
             for _ in reader.chunk_iterator(1000):
                 pass

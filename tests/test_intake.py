@@ -33,7 +33,10 @@ DAG_ID = "pointflow_intake"
 def scenes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three small scenes with different bytes (the same bytes twice would be stored once)."""
     folder = tmp_path_factory.mktemp("drops")
-    return [write_scene(make_scene(size=80, density=4, buildings=1, trees=6, seed=seed), folder / f"survey-{seed}.laz") for seed in (1, 2, 3)]
+    return [
+        write_scene(make_scene(size=80, density=4, buildings=1, trees=6, seed=seed), folder / f"survey-{seed}.laz")
+        for seed in (1, 2, 3)
+    ]
 
 
 def drop(runtime: Runtime, key: str, path: Path) -> None:
@@ -65,11 +68,18 @@ def store_runtime(request: pytest.FixtureRequest, home: Path, monkeypatch: pytes
     runtime.catalog.dispose()
 
 
-def test_each_dropped_file_is_one_job_under_overlapping_sweeps(store_runtime: Runtime, scenes: list[Path], tmp_path: Path, load_test_dag) -> None:
+def test_each_dropped_file_is_one_job_under_overlapping_sweeps(
+    store_runtime: Runtime, scenes: list[Path], tmp_path: Path, load_test_dag
+) -> None:
     runtime = store_runtime
     seed(runtime, scenes, tmp_path)
     dag = load_test_dag(DAG_ID)
-    cli = subprocess.Popen([str(Path(sys.executable).with_name("pointflow")), "intake", "run", "--run", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = subprocess.Popen(
+        [str(Path(sys.executable).with_name("pointflow")), "intake", "run", "--run", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     runs = [dag.test(), dag.test()]
     out, err = cli.communicate(timeout=600)
     assert cli.returncode in (0, 1), err  # 1: a job it ran did not export (the broken file, if it took it)
@@ -97,7 +107,9 @@ def test_each_dropped_file_is_one_job_under_overlapping_sweeps(store_runtime: Ru
     assert again.outcomes == [] and again.job_ids == [] and again.errors == {}
 
 
-def test_a_file_replaced_while_it_is_registered_is_taken_once_in_its_new_version(store_runtime: Runtime, scenes: list[Path]) -> None:
+def test_a_file_replaced_while_it_is_registered_is_taken_once_in_its_new_version(
+    store_runtime: Runtime, scenes: list[Path]
+) -> None:
     from pipelines.catalog.models import StoredFile, utcnow
     from pipelines.intake import _claim, _register
     from pipelines.storage import file_sha256
@@ -123,7 +135,9 @@ def test_a_file_replaced_while_it_is_registered_is_taken_once_in_its_new_version
     assert outbox_messages(runtime.settings) == []  # the customer replaced the file: nothing to tell
 
 
-def test_a_sweep_that_died_is_resumed_by_its_retry_at_once_and_by_others_after_the_lease(runtime: Runtime, scenes: list[Path]) -> None:
+def test_a_sweep_that_died_is_resumed_by_its_retry_at_once_and_by_others_after_the_lease(
+    runtime: Runtime, scenes: list[Path]
+) -> None:
     from datetime import timedelta
 
     from pipelines.catalog.models import utcnow
@@ -138,7 +152,9 @@ def test_a_sweep_that_died_is_resumed_by_its_retry_at_once_and_by_others_after_t
     south_job = _claim(runtime, south, "acme", "run-2", utcnow())
     assert sweep(runtime, owner="run-3").job_ids == []  # fresh claims of other sweeps are left alone
     assert sweep(runtime, owner="run-1").job_ids == [north_job]  # a retry resumes its own at once
-    assert sweep(runtime, owner="run-3", now=utcnow() + LEASE + timedelta(minutes=1)).job_ids == [south_job]  # others after the lease
+    assert sweep(runtime, owner="run-3", now=utcnow() + LEASE + timedelta(minutes=1)).job_ids == [
+        south_job
+    ]  # others after the lease
     with runtime.catalog.session() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 2
     assert list(runtime.store.list("incoming/")) == []
@@ -148,7 +164,9 @@ def test_a_sweep_that_died_is_resumed_by_its_retry_at_once_and_by_others_after_t
     assert [o.outcome for o in later.outcomes] == ["registered"] and later.job_ids not in ([north_job], [south_job])
 
 
-def test_a_registered_file_left_in_the_drop_zone_is_removed_not_registered_again(runtime: Runtime, scenes: list[Path]) -> None:
+def test_a_registered_file_left_in_the_drop_zone_is_removed_not_registered_again(
+    runtime: Runtime, scenes: list[Path]
+) -> None:
     upsert_accounts(runtime.catalog, [make_account("acme")])
     drop(runtime, "incoming/acme/north.laz", scenes[0])
     info = next(runtime.store.list("incoming/"))

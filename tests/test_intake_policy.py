@@ -25,7 +25,12 @@ SETUP_REQUESTS = 6
 def enforcing_s3() -> Iterator[str]:
     port = free_port()
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT=str(SETUP_REQUESTS))
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -44,7 +49,9 @@ def test_a_customer_can_use_its_own_drop_zone_and_nothing_else(enforcing_s3: str
     import boto3
     from botocore.exceptions import ClientError
 
-    admin = dict(endpoint_url=enforcing_s3, region_name="us-east-1", aws_access_key_id="admin", aws_secret_access_key="admin")
+    admin = dict(
+        endpoint_url=enforcing_s3, region_name="us-east-1", aws_access_key_id="admin", aws_secret_access_key="admin"
+    )
     s3, iam = boto3.client("s3", **admin), boto3.client("iam", **admin)
     s3.create_bucket(Bucket="pointflow-data")
     s3.put_object(Bucket="pointflow-data", Key="prod/incoming/beta/theirs.laz", Body=b"beta's")
@@ -53,7 +60,13 @@ def test_a_customer_can_use_its_own_drop_zone_and_nothing_else(enforcing_s3: str
     policy = customer_policy("s3://pointflow-data/prod", "acme")
     iam.put_user_policy(UserName="acme", PolicyName="pointflow-drop-zone", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName="acme")["AccessKey"]  # the last unchecked request
-    acme = boto3.client("s3", endpoint_url=enforcing_s3, region_name="us-east-1", aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+    acme = boto3.client(
+        "s3",
+        endpoint_url=enforcing_s3,
+        region_name="us-east-1",
+        aws_access_key_id=key["AccessKeyId"],
+        aws_secret_access_key=key["SecretAccessKey"],
+    )
 
     def allowed(call, **kwargs) -> bool:
         try:
@@ -67,12 +80,18 @@ def test_a_customer_can_use_its_own_drop_zone_and_nothing_else(enforcing_s3: str
     assert allowed(acme.get_object, Key="prod/incoming/acme/survey.laz")
     assert allowed(acme.list_objects_v2, Prefix="prod/incoming/acme/")
     assert allowed(acme.delete_object, Key="prod/incoming/acme/survey.laz")
-    assert not allowed(acme.put_object, Key="prod/incoming/beta/survey.laz", Body=b"points")  # another customer's drop zone
+    assert not allowed(
+        acme.put_object, Key="prod/incoming/beta/survey.laz", Body=b"points"
+    )  # another customer's drop zone
     assert not allowed(acme.get_object, Key="prod/incoming/beta/theirs.laz")
     assert not allowed(acme.delete_object, Key="prod/incoming/beta/theirs.laz")
-    assert not allowed(acme.put_object, Key="prod/accounts/acme/raw/forged.laz", Body=b"points")  # the service's own areas
+    assert not allowed(
+        acme.put_object, Key="prod/accounts/acme/raw/forged.laz", Body=b"points"
+    )  # the service's own areas
     assert not allowed(acme.get_object, Key="prod/accounts/acme/raw/stored.laz")
-    assert not allowed(acme.put_object, Key="prod/incoming/acme-evil/survey.laz", Body=b"points")  # a longer id is not a sub-folder
+    assert not allowed(
+        acme.put_object, Key="prod/incoming/acme-evil/survey.laz", Body=b"points"
+    )  # a longer id is not a sub-folder
     # moto does not evaluate the s3:prefix condition on listing (MinIO and AWS do): not asserted here.
 
 

@@ -61,7 +61,9 @@ def test_job_runs_end_to_end_and_meters_once(runtime: Runtime, account: str, sce
     assert [(e.status, e.points, e.filename) for e in events] == [("succeeded", len(labels), "scene.laz")]
 
 
-def test_retried_steps_do_not_redo_work_or_double_bill(runtime: Runtime, account: str, scene_path: Path, tmp_path: Path) -> None:
+def test_retried_steps_do_not_redo_work_or_double_bill(
+    runtime: Runtime, account: str, scene_path: Path, tmp_path: Path
+) -> None:
     job = run_job(runtime, account, str(scene_path), job_id="job-retry", workers=2)
     before = {o.key: runtime.store.sha256(o.key) for o in runtime.store.list(f"accounts/{account}/")}
     ingest_step(runtime, "job-retry")
@@ -77,7 +79,9 @@ def test_retried_steps_do_not_redo_work_or_double_bill(runtime: Runtime, account
     assert job.finished_at == job_view(runtime, "job-retry").finished_at
 
 
-def test_classification_interrupted_midway_is_redone_cleanly(runtime: Runtime, account: str, scene_path: Path, tmp_path: Path) -> None:
+def test_classification_interrupted_midway_is_redone_cleanly(
+    runtime: Runtime, account: str, scene_path: Path, tmp_path: Path
+) -> None:
     create_job(runtime, "job-crash", account, str(scene_path), "standard")
     ingest_step(runtime, "job-crash")
     validate_step(runtime, "job-crash")
@@ -92,7 +96,9 @@ def test_classification_interrupted_midway_is_redone_cleanly(runtime: Runtime, a
 
 
 @pytest.mark.parametrize("kind", ["truncated_laz", "text_as_las"])
-def test_bad_input_is_quarantined_with_report_and_notice(runtime: Runtime, account: str, tmp_path: Path, kind: str) -> None:
+def test_bad_input_is_quarantined_with_report_and_notice(
+    runtime: Runtime, account: str, tmp_path: Path, kind: str
+) -> None:
     if kind == "truncated_laz":
         source = tmp_path / "survey.laz"
         source.write_bytes(shared_file("lidr_megaplot.laz").read_bytes()[:150_000])
@@ -105,7 +111,9 @@ def test_bad_input_is_quarantined_with_report_and_notice(runtime: Runtime, accou
     assert job.state == "quarantined" and expected in job.error
     assert objects(runtime, f"accounts/{account}/raw/") == []
     quarantined = objects(runtime, f"accounts/{account}/quarantine/")
-    assert any(k.endswith("survey" + source.suffix) for k in quarantined) and any(k.endswith(".report.html") for k in quarantined)
+    assert any(k.endswith("survey" + source.suffix) for k in quarantined) and any(
+        k.endswith(".report.html") for k in quarantined
+    )
     assert objects(runtime, f"accounts/{account}/exports/") == []
     assert objects(runtime, f"accounts/{account}/classified/") == []
     report = json.loads(runtime.store.get_bytes(job.report_key))
@@ -134,7 +142,9 @@ def test_unknown_account_is_a_clear_error(runtime: Runtime, scene_path: Path) ->
         run_job(runtime, "nobody", str(scene_path))
 
 
-def test_job_on_s3_storage(home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, scene_path: Path, tmp_path: Path) -> None:
+def test_job_on_s3_storage(
+    home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, scene_path: Path, tmp_path: Path
+) -> None:
     from pipelines.accounts import upsert_accounts
     from pipelines.settings import Settings
     from tests.conftest import make_account
@@ -151,7 +161,9 @@ def test_job_on_s3_storage(home: Path, s3_bucket: str, monkeypatch: pytest.Monke
     assert any(k.endswith("manifest.json") for k in keys)
 
 
-def test_the_validation_log_line_says_where_the_report_is(runtime: Runtime, account: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_validation_log_line_says_where_the_report_is(
+    runtime: Runtime, account: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     source = tmp_path / "notes.las"
     source.write_text("not a point cloud")
     with caplog.at_level("INFO", logger="pipelines.steps.validate"):
@@ -159,7 +171,7 @@ def test_the_validation_log_line_says_where_the_report_is(runtime: Runtime, acco
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation of notes.las")]
     link = line.split("report: ", 1)[1]
     assert link.startswith("file://") and link.endswith(job.report_key.replace(".json", ".html"))
-    assert Path(link[len("file://"):]).read_text().count("refused (quarantined)") == 1
+    assert Path(link[len("file://") :]).read_text().count("refused (quarantined)") == 1
 
 
 def test_a_refused_quarantine_notice_is_sent_when_the_step_reruns(home: Path, smtp_sink, tmp_path: Path) -> None:
@@ -206,7 +218,9 @@ def test_the_job_record_has_every_catalog_column_in_order() -> None:
     assert [field.name for field in fields(JobRecord)] == [column.name for column in Job.__table__.columns]
 
 
-def test_a_failed_step_records_its_cause_and_jobs_show_prints_it(catalog_runtime: Runtime, scene_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_step_records_its_cause_and_jobs_show_prints_it(
+    catalog_runtime: Runtime, scene_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipelines.cli import main
     from pipelines.steps import classify
     from pipelines.steps.record import run_step
@@ -253,7 +267,10 @@ def test_stale_jobs_are_closed_once_as_failed_and_billed_nothing(catalog_runtime
     closed = close_stale_jobs(runtime, utcnow() + timedelta(hours=hours, minutes=5))
     assert sorted(j.job_id for j in closed) == ["job-fresh", "job-stale"]
     assert all(j.state == "failed" and "no progress since" in j.error and "nothing billed" in j.error for j in closed)
-    assert sorted((e.job_id, e.status, e.points) for e in usage_events(runtime, "acme")) == [("job-fresh", "failed", 0), ("job-stale", "failed", 0)]
+    assert sorted((e.job_id, e.status, e.points) for e in usage_events(runtime, "acme")) == [
+        ("job-fresh", "failed", 0),
+        ("job-stale", "failed", 0),
+    ]
     # A second run, or the meter task of a DAG run coming back late, adds nothing.
     assert close_stale_jobs(runtime, utcnow() + timedelta(days=10)) == []
     meter_step(runtime, "job-stale")
@@ -261,7 +278,9 @@ def test_stale_jobs_are_closed_once_as_failed_and_billed_nothing(catalog_runtime
     assert outbox_messages(runtime.settings) == []
 
 
-def test_points_the_validation_sample_missed_quarantine_the_file_while_classifying(runtime: Runtime, account: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_points_the_validation_sample_missed_quarantine_the_file_while_classifying(
+    runtime: Runtime, account: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Validation reads 20 windows of a large file; a bad point outside them is found by the scan."""
     import pipelines.validate as validate
     from tests.lasfiles import write_points

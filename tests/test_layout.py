@@ -12,7 +12,7 @@ IGNORED = {"build", "node_modules"}
 
 def _layout_rows() -> dict[str, str]:
     text = (REPO / "README.md").read_text()
-    section = text[text.index("| path | holds |"):]
+    section = text[text.index("| path | holds |") :]
     rows = {}
     for line in section.splitlines()[2:]:
         if not line.startswith("|"):
@@ -30,7 +30,9 @@ def test_every_top_level_folder_is_in_the_layout_table_and_nothing_more() -> Non
         if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED and not p.name.endswith(".egg-info")
     }
     assert folders - set(rows) == set(), "folders missing from README's layout table"
-    assert {r for r in rows if "/" not in r} - folders - {p.name for p in REPO.iterdir()} == set(), "rows naming nothing"
+    assert {r for r in rows if "/" not in r} - folders - {p.name for p in REPO.iterdir()} == set(), (
+        "rows naming nothing"
+    )
 
 
 def test_every_pipelines_module_is_named_in_its_row() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from tests.conftest import abandoned_work_dir, make_account
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def at(text: str) -> datetime:
@@ -45,7 +45,9 @@ def free_account(account_id: str, last_login: str | None, started: date = date(2
 def versioned_s3(home: Path, s3_bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Runtime:
     import boto3
 
-    boto3.client("s3", endpoint_url=s3_endpoint).put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
+    boto3.client("s3", endpoint_url=s3_endpoint).put_bucket_versioning(
+        Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"}
+    )
     monkeypatch.setenv("POINTFLOW_STORAGE_URL", f"s3://{s3_bucket}")
     runtime = Runtime.from_settings(Settings.from_env())
     yield runtime
@@ -78,11 +80,34 @@ def seed_account_data(runtime: Runtime, account_id: str) -> Path:
     store.put_bytes(prefix + "tmp/gone.bin", b"G" * 70)
     store.client.delete_object(Bucket=store.bucket, Key=prefix + "tmp/gone.bin")  # leaves a version + marker
     with runtime.catalog.session() as session:
-        session.add(Job(job_id=f"{account_id}-job-1", account_id=account_id, source="s3://x/scan.laz", classifier="standard",
-                        state=JobState.EXPORTED.value, finished_at=at("2026-01-05T00:00:00")))  # fmt: skip
-    scratch = abandoned_work_dir(runtime.settings.scratch_dir, "job", account_id, f"{account_id}-job-1", {"partial.laz": b"S" * 40})
-    record_usage(runtime.catalog, [UsageRecord(f"{account_id}-job-1:classification", account_id, "classification", at("2026-01-05T00:00:00"),
-                                               points=1000, status="succeeded", classifier="standard", filename="scan.laz")])  # fmt: skip
+        session.add(
+            Job(
+                job_id=f"{account_id}-job-1",
+                account_id=account_id,
+                source="s3://x/scan.laz",
+                classifier="standard",
+                state=JobState.EXPORTED.value,
+                finished_at=at("2026-01-05T00:00:00"),
+            )
+        )
+    scratch = abandoned_work_dir(
+        runtime.settings.scratch_dir, "job", account_id, f"{account_id}-job-1", {"partial.laz": b"S" * 40}
+    )
+    record_usage(
+        runtime.catalog,
+        [
+            UsageRecord(
+                f"{account_id}-job-1:classification",
+                account_id,
+                "classification",
+                at("2026-01-05T00:00:00"),
+                points=1000,
+                status="succeeded",
+                classifier="standard",
+                filename="scan.laz",
+            )
+        ],
+    )
     return scratch
 
 
@@ -90,9 +115,13 @@ def sent(smtp_sink) -> list:
     return smtp_sink.parsed()
 
 
-def test_free_account_walks_notice_reminders_closure_lock_and_deletion(versioned_s3: Runtime, smtp_sink, capsys) -> None:
+def test_free_account_walks_notice_reminders_closure_lock_and_deletion(
+    versioned_s3: Runtime, smtp_sink, capsys
+) -> None:
     runtime = versioned_s3
-    upsert_accounts(runtime.catalog, [free_account("sleepy", "2026-01-10T09:00:00"), replace(make_account("busy", "professional"))])
+    upsert_accounts(
+        runtime.catalog, [free_account("sleepy", "2026-01-10T09:00:00"), replace(make_account("busy", "professional"))]
+    )
     scratch = seed_account_data(runtime, "sleepy")
     runtime.store.put_bytes("accounts/busy/raw/keep.laz", b"K" * 10)
     runtime.store.put_bytes("accounts/sleepy2/raw/not-sleepy.laz", b"N" * 10)  # same prefix letters, other account
@@ -102,11 +131,20 @@ def test_free_account_walks_notice_reminders_closure_lock_and_deletion(versioned
     notice = lifecycle(capsys, "2027-01-11T03:00:00Z")
     [mail] = sent(smtp_sink)
     cycle = "2026-01-10T09:00:00+00:00"
-    assert notice == [{
-        "account_id": "sleepy", "action": "inactivity_notice", "effective_at": "2027-01-11T03:00:00+00:00",
-        "detail": {"cycle": cycle, "last_login_at": cycle, "closure_at": "2027-03-11T03:00:00+00:00",
-                   "deletion_at": "2027-04-11T03:00:00+00:00", "message_id": mail["Message-ID"]},
-    }]  # fmt: skip
+    assert notice == [
+        {
+            "account_id": "sleepy",
+            "action": "inactivity_notice",
+            "effective_at": "2027-01-11T03:00:00+00:00",
+            "detail": {
+                "cycle": cycle,
+                "last_login_at": cycle,
+                "closure_at": "2027-03-11T03:00:00+00:00",
+                "deletion_at": "2027-04-11T03:00:00+00:00",
+                "message_id": mail["Message-ID"],
+            },
+        }
+    ]
     assert mail["To"] == "ops@sleepy.example"
     body = mail.get_content()
     assert "11 March 2027, 03:00 UTC" in body and "11 April 2027, 03:00 UTC" in body and "log in before" in body
@@ -123,7 +161,10 @@ def test_free_account_walks_notice_reminders_closure_lock_and_deletion(versioned
     assert reminder30["detail"]["closure_at"] == "2027-03-11T03:00:00+00:00"
     assert lifecycle(capsys, "2027-02-20T03:00:00Z") == []
     [reminder7] = lifecycle(capsys, "2027-03-04T03:00:00Z")
-    assert reminder7["detail"]["days_before_closure"] == 7 and reminder7["detail"]["message_id"] == sent(smtp_sink)[-1]["Message-ID"]
+    assert (
+        reminder7["detail"]["days_before_closure"] == 7
+        and reminder7["detail"]["message_id"] == sent(smtp_sink)[-1]["Message-ID"]
+    )
     assert "11 March 2027" in sent(smtp_sink)[-1]["Subject"]
 
     assert lifecycle(capsys, "2027-03-11T02:59:59Z") == []
@@ -131,11 +172,24 @@ def test_free_account_walks_notice_reminders_closure_lock_and_deletion(versioned
     closure = lifecycle(capsys, "2027-03-11T03:00:00Z")
     lock_mail = sent(smtp_sink)[-1]
     assert closure == [
-        {"account_id": "sleepy", "action": "terminated", "effective_at": "2027-03-11T03:00:00+00:00", "detail": {"reason": "inactivity"}},
-        {"account_id": "sleepy", "action": "data_locked", "effective_at": "2027-03-11T03:00:00+00:00",
-         "detail": {"reason": "inactivity", "locked_at": "2027-03-11T03:00:00+00:00", "deletion_at": "2027-04-11T03:00:00+00:00",
-                    "notice": {"status": "sent", "message_id": lock_mail["Message-ID"]}}},
-    ]  # fmt: skip
+        {
+            "account_id": "sleepy",
+            "action": "terminated",
+            "effective_at": "2027-03-11T03:00:00+00:00",
+            "detail": {"reason": "inactivity"},
+        },
+        {
+            "account_id": "sleepy",
+            "action": "data_locked",
+            "effective_at": "2027-03-11T03:00:00+00:00",
+            "detail": {
+                "reason": "inactivity",
+                "locked_at": "2027-03-11T03:00:00+00:00",
+                "deletion_at": "2027-04-11T03:00:00+00:00",
+                "notice": {"status": "sent", "message_id": lock_mail["Message-ID"]},
+            },
+        },
+    ]
     assert "11 April 2027" in lock_mail["Subject"] and "export" in lock_mail.get_content()
     assert is_locked(runtime.catalog, "sleepy")
     assert not is_locked(runtime.catalog, "busy")
@@ -156,16 +210,28 @@ def test_free_account_walks_notice_reminders_closure_lock_and_deletion(versioned
 
     [deleted] = lifecycle(capsys, "2027-04-11T03:00:00Z")
     assert deleted["action"] == "data_deleted" and deleted["detail"]["status"] == "deleted"
-    assert {k: v for k, v in deleted["detail"].items() if k not in ("status", "audit_id")} == {k: v for k, v in dry["detail"].items() if k != "status"}
+    assert {k: v for k, v in deleted["detail"].items() if k not in ("status", "audit_id")} == {
+        k: v for k, v in dry["detail"].items() if k != "status"
+    }
     assert all_versions(runtime, "accounts/sleepy/") == invoice
     assert not scratch.exists()
     assert [o.key for o in runtime.store.list("accounts/")] == [
-        "accounts/busy/raw/keep.laz", "accounts/sleepy/invoices/PF-2026-10-0001.html", "accounts/sleepy2/raw/not-sleepy.laz"]
+        "accounts/busy/raw/keep.laz",
+        "accounts/sleepy/invoices/PF-2026-10-0001.html",
+        "accounts/sleepy2/raw/not-sleepy.laz",
+    ]
     with runtime.catalog.session() as session:
         audit = session.get(DeletionAudit, deleted["detail"]["audit_id"])
         assert (audit.account_id, audit.rule, audit.status, audit.object_count, audit.bytes) == (
-            "sleepy", "termination:inactivity", "completed", 6, dry["detail"]["bytes"])
-        assert session.scalar(select(func.count()).select_from(UsageEvent).where(UsageEvent.account_id == "sleepy")) == 1
+            "sleepy",
+            "termination:inactivity",
+            "completed",
+            6,
+            dry["detail"]["bytes"],
+        )
+        assert (
+            session.scalar(select(func.count()).select_from(UsageEvent).where(UsageEvent.account_id == "sleepy")) == 1
+        )
         assert session.get(Termination, "sleepy").deleted_at == at("2027-04-11T03:00:00")
     assert lifecycle(capsys, "2027-04-11T03:00:00Z") == []
     assert lifecycle(capsys, "2027-06-01T03:00:00Z") == []
@@ -178,10 +244,18 @@ def test_a_login_during_the_notice_period_averts_the_closure(runtime: Runtime, s
     [notice] = lifecycle(capsys, "2027-02-01T03:00:00Z")
     assert notice["detail"]["cycle"] == "2026-02-01T00:00:00+00:00" and notice["detail"]["last_login_at"] is None
     record_usage(runtime.catalog, [UsageRecord("login-1", "back", "login", at("2027-02-20T08:15:00"))])
-    assert lifecycle(capsys, "2027-02-21T03:00:00Z") == [{
-        "account_id": "back", "action": "closure_averted", "effective_at": "2027-02-20T08:15:00+00:00",
-        "detail": {"cycle": "2026-02-01T00:00:00+00:00", "notice_sent_at": "2027-02-01T03:00:00+00:00", "login_at": "2027-02-20T08:15:00+00:00"},
-    }]  # fmt: skip
+    assert lifecycle(capsys, "2027-02-21T03:00:00Z") == [
+        {
+            "account_id": "back",
+            "action": "closure_averted",
+            "effective_at": "2027-02-20T08:15:00+00:00",
+            "detail": {
+                "cycle": "2026-02-01T00:00:00+00:00",
+                "notice_sent_at": "2027-02-01T03:00:00+00:00",
+                "login_at": "2027-02-20T08:15:00+00:00",
+            },
+        }
+    ]
     # The old closure date passes without a closure; the next notice comes 12 months after the login.
     assert lifecycle(capsys, "2027-04-01T03:00:00Z") == []
     assert lifecycle(capsys, "2028-02-20T03:00:00Z") == []
@@ -205,7 +279,10 @@ def test_an_smtp_outage_delays_the_timeline_and_skips_no_notice(runtime: Runtime
     assert lifecycle(capsys, "2027-01-12T03:00:00Z") == []
     with runtime.catalog.session() as session:
         failures = list(session.scalars(select(LifecycleDeliveryFailure).order_by(LifecycleDeliveryFailure.id)))
-        assert [(f.kind, f.attempted_at) for f in failures] == [("inactivity_notice", at("2027-01-11T03:00:00")), ("inactivity_notice", at("2027-01-12T03:00:00"))]
+        assert [(f.kind, f.attempted_at) for f in failures] == [
+            ("inactivity_notice", at("2027-01-11T03:00:00")),
+            ("inactivity_notice", at("2027-01-12T03:00:00")),
+        ]
         assert session.scalar(select(func.count()).select_from(SentMessage)) == 0
     smtp_sink.refusing = False
     [notice] = lifecycle(capsys, "2027-01-15T03:00:00Z")
@@ -238,7 +315,12 @@ def test_an_smtp_outage_delays_the_timeline_and_skips_no_notice(runtime: Runtime
     [deleted] = lifecycle(capsys, "2027-04-26T03:00:00Z")
     assert deleted["action"] == "data_deleted"
     subjects = [m["Subject"] for m in sent(smtp_sink)]
-    assert len(subjects) == 4 and "15 March 2027" in subjects[0] and "24 March 2027" in subjects[2] and "26 April 2027" in subjects[3]
+    assert (
+        len(subjects) == 4
+        and "15 March 2027" in subjects[0]
+        and "24 March 2027" in subjects[2]
+        and "26 April 2027" in subjects[3]
+    )
 
 
 def test_legal_hold_blocks_deletion_until_released(runtime: Runtime, smtp_sink, capsys) -> None:
@@ -248,7 +330,10 @@ def test_legal_hold_blocks_deletion_until_released(runtime: Runtime, smtp_sink, 
     assert main(["accounts", "hold", "held", "--reason", "case 2026-17"]) == 0
     capsys.readouterr()
     [terminated, locked] = lifecycle(capsys, "2027-01-01T03:00:00Z")
-    assert (terminated["detail"], locked["detail"]["deletion_at"]) == ({"reason": "customer"}, "2027-02-01T03:00:00+00:00")
+    assert (terminated["detail"], locked["detail"]["deletion_at"]) == (
+        {"reason": "customer"},
+        "2027-02-01T03:00:00+00:00",
+    )
     [blocked] = lifecycle(capsys, "2027-02-01T03:00:00Z")
     assert blocked["action"] == "data_deleted" and blocked["detail"]["status"] == "blocked"
     assert blocked["detail"]["reason"] == "legal hold: case 2026-17"
@@ -261,30 +346,58 @@ def test_legal_hold_blocks_deletion_until_released(runtime: Runtime, smtp_sink, 
     assert main(["accounts", "unhold", "held"]) == 0
     capsys.readouterr()
     [deleted] = lifecycle(capsys, "2027-02-03T03:00:00Z")
-    assert deleted["detail"]["status"] == "deleted" and deleted["detail"]["keys"] == [{"key": "accounts/held/raw/evidence.laz", "bytes": 100, "versions": 1}]
+    assert deleted["detail"]["status"] == "deleted" and deleted["detail"]["keys"] == [
+        {"key": "accounts/held/raw/evidence.laz", "bytes": 100, "versions": 1}
+    ]
     assert not runtime.store.exists("accounts/held/raw/evidence.laz")
 
 
 def api_job(runtime: Runtime, account_id: str, job_id: str, finished: str, file_id: int) -> None:
     area = f"accounts/{account_id}/"
-    for key in (f"classified/{job_id}/out.laz", f"exports/{job_id}/out.laz", f"exports/{job_id}/manifest.json",
-                f"reports/{job_id}-validation.json", f"tmp/exports/{job_id}/staged.laz"):  # fmt: skip
+    for key in (
+        f"classified/{job_id}/out.laz",
+        f"exports/{job_id}/out.laz",
+        f"exports/{job_id}/manifest.json",
+        f"reports/{job_id}-validation.json",
+        f"tmp/exports/{job_id}/staged.laz",
+    ):
         runtime.store.put_bytes(area + key, b"x" * 10)
     with runtime.catalog.session() as session:
-        session.add(Job(job_id=job_id, account_id=account_id, source="in.laz", classifier="standard", state=JobState.EXPORTED.value,
-                        file_id=file_id, classified_key=area + f"classified/{job_id}/out.laz", export_prefix=area + f"exports/{job_id}/",
-                        finished_at=at(finished)))  # fmt: skip
+        session.add(
+            Job(
+                job_id=job_id,
+                account_id=account_id,
+                source="in.laz",
+                classifier="standard",
+                state=JobState.EXPORTED.value,
+                file_id=file_id,
+                classified_key=area + f"classified/{job_id}/out.laz",
+                export_prefix=area + f"exports/{job_id}/",
+                finished_at=at(finished),
+            )
+        )
 
 
 def test_api_results_are_deleted_ten_days_after_the_job(runtime: Runtime, smtp_sink, capsys) -> None:
     upsert_accounts(runtime.catalog, [make_account("robot", "api")])
     with runtime.catalog.session() as session:
         for name in ("a", "b"):
-            session.add(StoredFile(account_id="robot", key=f"accounts/robot/raw/{name}.laz", original_name=f"{name}.laz", size=5, sha256=name * 64))
+            session.add(
+                StoredFile(
+                    account_id="robot",
+                    key=f"accounts/robot/raw/{name}.laz",
+                    original_name=f"{name}.laz",
+                    size=5,
+                    sha256=name * 64,
+                )
+            )
     runtime.store.put_bytes("accounts/robot/raw/a.laz", b"a" * 5)
     runtime.store.put_bytes("accounts/robot/raw/b.laz", b"b" * 5)
     with runtime.catalog.session() as session:
-        file_a, file_b = (session.scalars(select(StoredFile.id).where(StoredFile.key == f"accounts/robot/raw/{n}.laz")).one() for n in "ab")
+        file_a, file_b = (
+            session.scalars(select(StoredFile.id).where(StoredFile.key == f"accounts/robot/raw/{n}.laz")).one()
+            for n in "ab"
+        )
     api_job(runtime, "robot", "job-one", "2027-01-01T12:00:00", file_a)
     api_job(runtime, "robot", "job-two", "2027-01-05T12:00:00", file_a)  # the same input again
     api_job(runtime, "robot", "job-three", "2027-01-03T12:00:00", file_b)
@@ -293,26 +406,42 @@ def test_api_results_are_deleted_ten_days_after_the_job(runtime: Runtime, smtp_s
     # The shared input stays while job-two's results may still be downloaded.
     assert (one["action"], one["detail"]["job_id"]) == ("api_results_deleted", "job-one")
     assert [k["key"] for k in one["detail"]["keys"]] == [
-        "accounts/robot/classified/job-one/out.laz", "accounts/robot/exports/job-one/manifest.json",
-        "accounts/robot/exports/job-one/out.laz", "accounts/robot/reports/job-one-validation.json",
-        "accounts/robot/tmp/exports/job-one/staged.laz"]  # fmt: skip
-    assert runtime.store.exists("accounts/robot/raw/a.laz") and runtime.store.exists("accounts/robot/exports/job-two/out.laz")
+        "accounts/robot/classified/job-one/out.laz",
+        "accounts/robot/exports/job-one/manifest.json",
+        "accounts/robot/exports/job-one/out.laz",
+        "accounts/robot/reports/job-one-validation.json",
+        "accounts/robot/tmp/exports/job-one/staged.laz",
+    ]
+    assert runtime.store.exists("accounts/robot/raw/a.laz") and runtime.store.exists(
+        "accounts/robot/exports/job-two/out.laz"
+    )
     [three] = lifecycle(capsys, "2027-01-13T12:00:00Z")
-    assert three["detail"]["job_id"] == "job-three" and "accounts/robot/raw/b.laz" in [k["key"] for k in three["detail"]["keys"]]
+    assert three["detail"]["job_id"] == "job-three" and "accounts/robot/raw/b.laz" in [
+        k["key"] for k in three["detail"]["keys"]
+    ]
     [two] = lifecycle(capsys, "2027-01-15T12:00:00Z")
-    assert two["detail"]["job_id"] == "job-two" and "accounts/robot/raw/a.laz" in [k["key"] for k in two["detail"]["keys"]]
+    assert two["detail"]["job_id"] == "job-two" and "accounts/robot/raw/a.laz" in [
+        k["key"] for k in two["detail"]["keys"]
+    ]
     assert list(runtime.store.list("accounts/robot/")) == []
     assert lifecycle(capsys, "2027-01-20T12:00:00Z") == []
     with runtime.catalog.session() as session:
         assert session.scalar(select(func.count()).select_from(StoredFile)) == 0
         assert [j.classified_key for j in session.scalars(select(Job))] == [None, None, None]
-        assert [a.rule for a in session.scalars(select(DeletionAudit).order_by(DeletionAudit.id))] == ["api_results"] * 3
+        assert [a.rule for a in session.scalars(select(DeletionAudit).order_by(DeletionAudit.id))] == [
+            "api_results"
+        ] * 3
     assert sent(smtp_sink) == []
 
 
 def test_a_trial_ends_fourteen_days_after_start(runtime: Runtime, smtp_sink, capsys) -> None:
-    upsert_accounts(runtime.catalog, [replace(make_account("tryout", "trial"), started_at=date(2027, 1, 1)),
-                                      replace(make_account("converted", "professional"), started_at=date(2027, 1, 1))])  # fmt: skip
+    upsert_accounts(
+        runtime.catalog,
+        [
+            replace(make_account("tryout", "trial"), started_at=date(2027, 1, 1)),
+            replace(make_account("converted", "professional"), started_at=date(2027, 1, 1)),
+        ],
+    )
     assert lifecycle(capsys, "2027-01-14T23:59:59Z") == []
     actions = lifecycle(capsys, "2027-01-15T03:00:00Z")
     assert [(a["account_id"], a["action"], a["effective_at"]) for a in actions] == [
@@ -345,10 +474,17 @@ def test_overdue_accounts_get_a_notice_five_days_before_service_stops(runtime: R
     [notice] = lifecycle(capsys, "2026-12-26T00:00:00Z")
     mail = sent(smtp_sink)[0]
     assert notice == {
-        "account_id": "owes", "action": "overdue_notice", "effective_at": "2026-12-26T00:00:00+00:00",
-        "detail": {"amount": str(due["owes"][1]), "currency": "EUR", "oldest_due_date": "2026-12-01",
-                   "service_stops_at": "2026-12-31T00:00:00+00:00", "message_id": mail["Message-ID"]},
-    }  # fmt: skip
+        "account_id": "owes",
+        "action": "overdue_notice",
+        "effective_at": "2026-12-26T00:00:00+00:00",
+        "detail": {
+            "amount": str(due["owes"][1]),
+            "currency": "EUR",
+            "oldest_due_date": "2026-12-01",
+            "service_stops_at": "2026-12-31T00:00:00+00:00",
+            "message_id": mail["Message-ID"],
+        },
+    }
     assert mail["To"] == "ops@owes.example" and "31 December 2026" in mail.get_content()
     assert lifecycle(capsys, "2026-12-27T03:00:00Z") == []
 
@@ -359,18 +495,35 @@ def test_dry_run_changes_nothing_and_sends_nothing(runtime: Runtime, smtp_sink, 
     assert dry["action"] == "inactivity_notice" and dry["detail"]["message_id"] is None
     assert sent(smtp_sink) == []
     [real] = lifecycle(capsys, "2027-01-11T03:00:00Z")
-    assert {k: v for k, v in real["detail"].items() if k != "message_id"} == {k: v for k, v in dry["detail"].items() if k != "message_id"}
+    assert {k: v for k, v in real["detail"].items() if k != "message_id"} == {
+        k: v for k, v in dry["detail"].items() if k != "message_id"
+    }
 
 
-def test_the_timeline_on_postgresql(postgres_url: str, home: Path, monkeypatch: pytest.MonkeyPatch, smtp_sink, capsys) -> None:
+def test_the_timeline_on_postgresql(
+    postgres_url: str, home: Path, monkeypatch: pytest.MonkeyPatch, smtp_sink, capsys
+) -> None:
     monkeypatch.setenv("POINTFLOW_DATABASE_URL", postgres_url)
     runtime = Runtime.from_settings(Settings.from_env())
     try:
         upsert_accounts(runtime.catalog, [free_account("pg", "2026-01-10T09:00:00")])
         runtime.store.put_bytes("accounts/pg/raw/a.laz", b"a" * 7)
-        steps = ["2027-01-11T03:00:00Z", "2027-02-09T03:00:00Z", "2027-03-04T03:00:00Z", "2027-03-11T03:00:00Z", "2027-04-11T03:00:00Z"]
+        steps = [
+            "2027-01-11T03:00:00Z",
+            "2027-02-09T03:00:00Z",
+            "2027-03-04T03:00:00Z",
+            "2027-03-11T03:00:00Z",
+            "2027-04-11T03:00:00Z",
+        ]
         actions = [a["action"] for step in steps for a in lifecycle(capsys, step)]
-        assert actions == ["inactivity_notice", "inactivity_reminder", "inactivity_reminder", "terminated", "data_locked", "data_deleted"]
+        assert actions == [
+            "inactivity_notice",
+            "inactivity_reminder",
+            "inactivity_reminder",
+            "terminated",
+            "data_locked",
+            "data_deleted",
+        ]
         assert [lifecycle(capsys, step) for step in steps] == [[]] * len(steps)
         assert list(runtime.store.list("accounts/pg/")) == []
     finally:

@@ -7,7 +7,7 @@ import io
 import json
 import zipfile
 from dataclasses import replace
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -25,7 +25,7 @@ from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from tests.conftest import make_account
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str, code: int = 0) -> str:
@@ -64,7 +64,9 @@ def test_export_all_bundles_every_object_with_a_link(runtime: Runtime, capsys) -
     assert second["objects"] == 5
 
 
-def test_export_all_on_s3_gives_a_presigned_link(home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_export_all_on_s3_gives_a_presigned_link(
+    home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     from urllib.request import urlopen
 
     monkeypatch.setenv("POINTFLOW_STORAGE_URL", f"s3://{s3_bucket}")
@@ -88,11 +90,15 @@ def test_delete_lists_without_confirm_and_deletes_with_it(runtime: Runtime, caps
     assert result["deleted"] is True and sorted(k["key"] for k in result["keys"]) == sorted(objects)
     assert list(runtime.store.list("accounts/acme/")) == [] and len(list(runtime.store.list("accounts/other/"))) == 4
     audit = json.loads(cli(capsys, "lifecycle", "audit", "--account", "acme", "--json"))
-    assert [(a["rule"], a["status"], a["objects"], a["bytes"]) for a in audit] == [("customer_request", "completed", 4, sum(len(d) for d in objects.values()))]
+    assert [(a["rule"], a["status"], a["objects"], a["bytes"]) for a in audit] == [
+        ("customer_request", "completed", 4, sum(len(d) for d in objects.values()))
+    ]
     assert get_account(runtime.catalog, "acme").email == "ops@acme.example"  # the account (billing record) stays
 
 
-def test_a_deletion_that_leaves_objects_behind_fails_loudly(runtime: Runtime, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_deletion_that_leaves_objects_behind_fails_loudly(
+    runtime: Runtime, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     upsert_accounts(runtime.catalog, [make_account("acme")])
     seed(runtime, "acme")
     real_delete = type(runtime.store).delete
@@ -116,7 +122,13 @@ def test_a_deletion_that_leaves_objects_behind_fails_loudly(runtime: Runtime, ca
 
 
 def test_terminate_defaults_to_the_end_of_the_paid_term_and_stops_billing(runtime: Runtime, capsys) -> None:
-    upsert_accounts(runtime.catalog, [make_account("monthly"), replace(make_account("yearly"), billing_cycle="yearly", started_at=date(2026, 3, 15))])
+    upsert_accounts(
+        runtime.catalog,
+        [
+            make_account("monthly"),
+            replace(make_account("yearly"), billing_cycle="yearly", started_at=date(2026, 3, 15)),
+        ],
+    )
     with runtime.catalog.session() as session:
         monthly, yearly = session.get(Account, "monthly"), session.get(Account, "yearly")
         assert paid_term_end(monthly, date(2026, 11, 22)) == date(2026, 12, 1)
@@ -132,23 +144,35 @@ def test_terminate_defaults_to_the_end_of_the_paid_term_and_stops_billing(runtim
     assert "unknown account" in cli(capsys, "accounts", "terminate", "ghost", code=2)
 
 
-def test_policy_file_per_plan_and_from_the_environment(tmp_path: Path, runtime: Runtime, smtp_sink, capsys, monkeypatch) -> None:
+def test_policy_file_per_plan_and_from_the_environment(
+    tmp_path: Path, runtime: Runtime, smtp_sink, capsys, monkeypatch
+) -> None:
     default = load_policy()
     assert default.for_plan("free").inactivity_notice_after_months == 12
     assert default.for_plan("professional").inactivity_notice_after_months is None
-    assert default.for_plan("trial").grace_months == 1 and default.for_plan("free").reminder_days_before_closure == (30, 7)
+    assert default.for_plan("trial").grace_months == 1 and default.for_plan("free").reminder_days_before_closure == (
+        30,
+        7,
+    )
     custom = tmp_path / "policy.yaml"
-    custom.write_text("defaults:\n  grace_months: 2\nplans:\n  free:\n    inactivity_notice_after_months: 6\n    reminder_days_before_closure: [14]\n")
+    custom.write_text(
+        "defaults:\n  grace_months: 2\nplans:\n  free:\n    inactivity_notice_after_months: 6\n    reminder_days_before_closure: [14]\n"
+    )
     monkeypatch.setenv("POINTFLOW_LIFECYCLE_POLICY", str(custom))
     policy = load_policy(Settings.from_env().lifecycle_policy_path)
     assert (policy.for_plan("free").inactivity_notice_after_months, policy.for_plan("free").grace_months) == (6, 2)
-    upsert_accounts(runtime.catalog, [replace(make_account("short", "free"), last_login_at=datetime(2026, 1, 1, tzinfo=UTC))])
+    upsert_accounts(
+        runtime.catalog, [replace(make_account("short", "free"), last_login_at=datetime(2026, 1, 1, tzinfo=UTC))]
+    )
     [notice] = json.loads(cli(capsys, "lifecycle", "run", "--as-of", "2026-07-01T00:00:00Z", "--json"))
     assert notice["detail"]["deletion_at"] == "2026-11-01T00:00:00+00:00"  # closure + 2 months of grace
     for text, message in [
         ("defaults:\n  grace_days: 3\n", "unknown field"),
         ("defaults:\n  reminder_days_before_closure: []\n", "non-empty list"),
-        ("plans:\n  free:\n    inactivity_notice_after_months: 12\n    reminder_days_before_closure: [90]\n", "reminders must come after the notice"),
+        (
+            "plans:\n  free:\n    inactivity_notice_after_months: 12\n    reminder_days_before_closure: [90]\n",
+            "reminders must come after the notice",
+        ),
         ("defaults:\n  grace_months: -1\n", "whole number"),
     ]:
         custom.write_text(text)
@@ -162,7 +186,9 @@ def test_nightly_dag_applies_the_rules_as_of_its_logical_date(airflow_home: Path
 
     dag = load_dag("lifecycle_nightly")
     assert [t.task_id for t in dag.tasks] == ["apply_rules", "deliver_unsent", "close_stale_jobs"]
-    upsert_accounts(runtime.catalog, [replace(make_account("sleepy", "free"), last_login_at=datetime(2026, 1, 10, 9, tzinfo=UTC))])
+    upsert_accounts(
+        runtime.catalog, [replace(make_account("sleepy", "free"), last_login_at=datetime(2026, 1, 10, 9, tzinfo=UTC))]
+    )
     logical = datetime(2027, 1, 11, 3, tzinfo=UTC)
     dag_run = dag.test(logical_date=logical)
     assert str(dag_run.state) == "success"

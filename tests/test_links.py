@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from email import message_from_bytes, policy
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -32,7 +32,7 @@ from pipelines.storage import file_sha256
 from tests.conftest import make_account
 from tests.test_export import classified_job
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def exported(runtime: Runtime, account_id: str, scene_path: Path, job_id: str = "job-links") -> dict:
@@ -72,7 +72,9 @@ def refusal(runtime: Runtime, token: str, now: datetime) -> tuple[int, str]:
     return refused.value.status, str(refused.value)
 
 
-def test_an_api_link_works_past_day_7_until_day_10_and_is_refused_after(home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, scene_path: Path) -> None:
+def test_an_api_link_works_past_day_7_until_day_10_and_is_refused_after(
+    home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, scene_path: Path
+) -> None:
     monkeypatch.setenv("POINTFLOW_STORAGE_URL", f"s3://{s3_bucket}")
     runtime = Runtime.from_settings(Settings.from_env())
     upsert_accounts(runtime.catalog, [make_account("api1", plan="api")])
@@ -90,12 +92,19 @@ def test_an_api_link_works_past_day_7_until_day_10_and_is_refused_after(home: Pa
         body = fetch(runtime, token, finished + day)
         assert len(body) == points["size"] and hashlib.sha256(body).hexdigest() == points["sha256"]
 
-    assert refusal(runtime, token, finished + timedelta(days=10)) == (410, f"this download link expired on {finished + timedelta(days=10):%Y-%m-%d %H:%M} UTC")
+    assert refusal(runtime, token, finished + timedelta(days=10)) == (
+        410,
+        f"this download link expired on {finished + timedelta(days=10):%Y-%m-%d %H:%M} UTC",
+    )
 
     # Day 10 is also when the lifecycle run deletes the results: a link that would still be valid is revoked.
-    later = LinkSigner.from_settings(runtime.settings).token(LinkClaim("api1", points["key"], finished + timedelta(days=30)))
+    later = LinkSigner.from_settings(runtime.settings).token(
+        LinkClaim("api1", points["key"], finished + timedelta(days=30))
+    )
     assert fetch(runtime, later, finished + timedelta(days=9))
-    assert ("api1", "api_results_deleted") in {(a.account_id, a.action) for a in run_lifecycle(runtime, finished + timedelta(days=10, hours=1))}
+    assert ("api1", "api_results_deleted") in {
+        (a.account_id, a.action) for a in run_lifecycle(runtime, finished + timedelta(days=10, hours=1))
+    }
     assert refusal(runtime, later, finished + timedelta(days=10, hours=2))[0] == 410
 
 
@@ -108,7 +117,12 @@ def test_a_professional_link_lasts_7_days_and_streams_from_the_local_store(runti
     assert url.startswith("http://localhost:8080/pointflow/download/")
     sent = datetime.now(UTC)
     found = open_download(runtime, token_of(url), sent)
-    assert found.url is None and found.name == "preview.png" and found.media_type == "image/png" and found.size == preview["size"]
+    assert (
+        found.url is None
+        and found.name == "preview.png"
+        and found.media_type == "image/png"
+        and found.size == preview["size"]
+    )
     local = runtime.store.local_path(preview["key"])
     assert b"".join(found.chunks) == local.read_bytes() and file_sha256(local) == preview["sha256"]
     assert fetch(runtime, token_of(url), sent + timedelta(days=6, hours=23))
@@ -128,12 +142,26 @@ def test_tampered_and_forged_tokens_are_refused(runtime: Runtime, scene_path: Pa
     stretched = signer.token(LinkClaim("pro", preview["key"], now + timedelta(days=400))).split(".")[0] + "." + mac
     points_key = artifact(runtime, job, "points")["key"]
     other_object = signer.token(LinkClaim("pro", points_key, now + timedelta(days=1))).split(".")[0] + "." + mac
-    forged = LinkSigner(b"a guessed secret", signer.public_url).token(LinkClaim("pro", preview["key"], now + timedelta(days=1)))
-    for bad in (stretched, other_object, forged, body, body + ".", "." + mac, token[:-2] + ("AA" if token[-2:] != "AA" else "BB"), "x" * 500, ""):
+    forged = LinkSigner(b"a guessed secret", signer.public_url).token(
+        LinkClaim("pro", preview["key"], now + timedelta(days=1))
+    )
+    for bad in (
+        stretched,
+        other_object,
+        forged,
+        body,
+        body + ".",
+        "." + mac,
+        token[:-2] + ("AA" if token[-2:] != "AA" else "BB"),
+        "x" * 500,
+        "",
+    ):
         assert refusal(runtime, bad, now) == (403, "this download link is not valid: check that it was copied whole")
 
 
-def test_a_token_never_opens_another_accounts_object_or_anything_outside_exports(runtime: Runtime, scene_path: Path) -> None:
+def test_a_token_never_opens_another_accounts_object_or_anything_outside_exports(
+    runtime: Runtime, scene_path: Path
+) -> None:
     upsert_accounts(runtime.catalog, [make_account("acme"), make_account("mallory")])
     job = exported(runtime, "acme", scene_path)
     preview = artifact(runtime, job, "preview")
@@ -159,7 +187,10 @@ def test_deleting_the_object_or_the_accounts_data_revokes_links(runtime: Runtime
     job = exported(runtime, "pro", scene_path)
     preview, summary = artifact(runtime, job, "preview"), artifact(runtime, job, "summary")
     runtime.store.delete(preview["key"])
-    assert refusal(runtime, signer.token(LinkClaim("pro", preview["key"], now + timedelta(days=1))), now) == (410, "the file behind this link has been deleted")
+    assert refusal(runtime, signer.token(LinkClaim("pro", preview["key"], now + timedelta(days=1))), now) == (
+        410,
+        "the file behind this link has been deleted",
+    )
     assert fetch(runtime, signer.token(LinkClaim("pro", summary["key"], now + timedelta(days=1))), now)
 
     leaver = exported(runtime, "leaver", scene_path, "job-leaver")
@@ -182,7 +213,9 @@ def test_a_free_plan_link_opens_the_preview_but_not_the_points(runtime: Runtime,
     # The plan changes to free after the link went out: the points are refused from then on.
     upsert_accounts(runtime.catalog, [make_account("pro", plan="free")])
     assert refusal(runtime, points, now)[0] == 403
-    assert fetch(runtime, signer.token(LinkClaim("pro", artifact(runtime, job, "preview")["key"], now + timedelta(days=1))), now)
+    assert fetch(
+        runtime, signer.token(LinkClaim("pro", artifact(runtime, job, "preview")["key"], now + timedelta(days=1))), now
+    )
 
 
 def test_the_signing_secret_is_configured_or_kept_in_the_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -193,4 +226,6 @@ def test_the_signing_secret_is_configured_or_kept_in_the_home(home: Path, monkey
     monkeypatch.setenv("POINTFLOW_PUBLIC_URL", "https://pointflow.example.com/")
     configured = LinkSigner.from_settings(Settings.from_env())
     assert configured.secret == b"configured"
-    assert configured.url(LinkClaim("a", "accounts/a/exports/j/x", datetime.now(UTC))).startswith("https://pointflow.example.com/pointflow/download/")
+    assert configured.url(LinkClaim("a", "accounts/a/exports/j/x", datetime.now(UTC))).startswith(
+        "https://pointflow.example.com/pointflow/download/"
+    )

@@ -27,7 +27,9 @@ def dask_logging_unset():
     logger.propagate, logger.handlers[:] = saved[1], saved[2]
 
 
-def test_libraries_go_to_the_file_and_our_notes_to_the_terminal(tmp_path: Path, capsys: pytest.CaptureFixture, dask_logging_unset: None) -> None:
+def test_libraries_go_to_the_file_and_our_notes_to_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture, dask_logging_unset: None
+) -> None:
     log_path = tmp_path / "logs" / "pointflow.log"
     try:
         logfile.configure(log_path, verbose=False)
@@ -52,7 +54,9 @@ def test_output_to_takes_child_processes_output_too(tmp_path: Path, capfd: pytes
     log_path = tmp_path / "demo.log"
     with logfile.output_to(log_path):
         print("from this process")
-        subprocess.run([sys.executable, "-c", "import sys; print('from a child'); print('child err', file=sys.stderr)"], check=True)
+        subprocess.run(
+            [sys.executable, "-c", "import sys; print('from a child'); print('child err', file=sys.stderr)"], check=True
+        )
     print("after")
     captured = capfd.readouterr()
     assert captured.out == "after\n" and captured.err == ""

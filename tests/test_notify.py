@@ -29,11 +29,17 @@ def test_send_once_sends_once_and_retries_after_a_refusal(home, smtp_sink) -> No
     runtime = Runtime.from_settings(Settings.from_env())
     smtp_sink.refusing = True
     with pytest.raises(DeliveryError):
-        send_once(runtime.settings, runtime.catalog, "invoice:PF-1", "acme", "invoice", "a@x.example", "Invoice PF-1", "x")
+        send_once(
+            runtime.settings, runtime.catalog, "invoice:PF-1", "acme", "invoice", "a@x.example", "Invoice PF-1", "x"
+        )
     assert smtp_sink.messages == []
     smtp_sink.refusing = False
-    first = send_once(runtime.settings, runtime.catalog, "invoice:PF-1", "acme", "invoice", "a@x.example", "Invoice PF-1", "x")
-    second = send_once(runtime.settings, runtime.catalog, "invoice:PF-1", "acme", "invoice", "a@x.example", "Invoice PF-1", "x")
+    first = send_once(
+        runtime.settings, runtime.catalog, "invoice:PF-1", "acme", "invoice", "a@x.example", "Invoice PF-1", "x"
+    )
+    second = send_once(
+        runtime.settings, runtime.catalog, "invoice:PF-1", "acme", "invoice", "a@x.example", "Invoice PF-1", "x"
+    )
     assert len(smtp_sink.messages) == 1 and first.message_id == second.message_id
 
 

@@ -10,7 +10,16 @@ import pyproj
 import pytest
 from PIL import Image
 
-from pipelines.preview import CLASS_COLOURS, PROFILE_POINTS, Profile, coordinate_frame, file_frame, render_preview, summary_csv, write_sample_ply
+from pipelines.preview import (
+    CLASS_COLOURS,
+    PROFILE_POINTS,
+    Profile,
+    coordinate_frame,
+    file_frame,
+    render_preview,
+    summary_csv,
+    write_sample_ply,
+)
 from tests.conftest import shared_file
 from tests.lasfiles import write_points
 
@@ -33,7 +42,11 @@ def test_compound_and_geographic_crs() -> None:
     header = laspy.LasHeader(point_format=6, version="1.4")
     header.add_crs(pyproj.CRS("EPSG:2154+5720"))
     compound = coordinate_frame(header)
-    assert (compound.units.name, compound.units.vertical_name, compound.axes) == ("metre", "metre", ("Easting", "Northing"))
+    assert (compound.units.name, compound.units.vertical_name, compound.axes) == (
+        "metre",
+        "metre",
+        ("Easting", "Northing"),
+    )
     header = laspy.LasHeader(point_format=6, version="1.4")
     header.add_crs(pyproj.CRS.from_epsg(4326))
     geographic = coordinate_frame(header)
@@ -62,7 +75,12 @@ def test_preview_shows_the_map_the_profile_and_every_class(name: str, tmp_path: 
 
 
 def test_the_class_table_has_one_precision() -> None:
-    text = summary_csv([{"class": 2, "name": "ground", "points": 5, "percent": 12.3}, {"class": 6, "name": "building", "points": 1, "percent": 0.0}]).decode()
+    text = summary_csv(
+        [
+            {"class": 2, "name": "ground", "points": 5, "percent": 12.3},
+            {"class": 6, "name": "building", "points": 1, "percent": 0.0},
+        ]
+    ).decode()
     assert text.splitlines()[1:] == ["2,ground,5,12.300", "6,building,1,0.000"]
 
 
@@ -80,12 +98,16 @@ def test_the_3d_sample_is_a_thinned_ply_in_class_colours(tmp_path: Path) -> None
     lines, vertices = read_ply(write_sample_ply(source, tmp_path / "sample.ply", points=20_000))
     assert lines[:2] == ["ply", "format binary_little_endian 1.0"]
     assert f"element vertex {len(vertices)}" in lines and 18_000 < len(vertices) < 22_000
-    origin = np.array([float(v) for v in next(line for line in lines if line.startswith("comment origin")).split()[2:5]])
+    origin = np.array(
+        [float(v) for v in next(line for line in lines if line.startswith("comment origin")).split()[2:5]]
+    )
     xyz = np.stack([vertices["x"], vertices["y"], vertices["z"]], axis=1) + origin
     assert (xyz >= original.header.mins - 0.01).all() and (xyz <= original.header.maxs + 0.01).all()
     assert set(np.unique(vertices["class"])) <= set(np.unique(original.classification))
     ground = vertices[vertices["class"] == 2]
-    assert {tuple(c) for c in np.stack([ground["red"], ground["green"], ground["blue"]], axis=1).tolist()} == {(0xA1, 0x88, 0x7F)}
+    assert {tuple(c) for c in np.stack([ground["red"], ground["green"], ground["blue"]], axis=1).tolist()} == {
+        (0xA1, 0x88, 0x7F)
+    }
     # A file smaller than the sample is sampled whole.
     small = write_points(tmp_path / "small.las", n=3000)
     assert len(read_ply(write_sample_ply(small, tmp_path / "small.ply"))[1]) == 3000

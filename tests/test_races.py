@@ -27,7 +27,10 @@ CONSOLE = Path(sys.executable).with_name("pointflow")
 
 def together(commands: list[list[str]], env: dict[str, str], timeout: float = 600) -> list[subprocess.CompletedProcess]:
     """Start every command at once (each a `pointflow` process), then wait for all."""
-    processes = [subprocess.Popen([str(CONSOLE), *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command in commands]
+    processes = [
+        subprocess.Popen([str(CONSOLE), *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in commands
+    ]
     results = []
     for command, process in zip(commands, processes):
         out, err = process.communicate(timeout=timeout)
@@ -41,8 +44,21 @@ def environment(home: Path, database_url: str) -> dict[str, str]:
 
 
 def add_account(account_id: str, plan: str = "professional", email: str | None = None) -> list[str]:
-    return ["accounts", "add", account_id, "--name", f"{account_id} Ltd", "--email", email or f"ops@{account_id}.example",
-            "--country", "DE", "--plan", plan, "--started-at", "2025-01-01"]  # fmt: skip
+    return [
+        "accounts",
+        "add",
+        account_id,
+        "--name",
+        f"{account_id} Ltd",
+        "--email",
+        email or f"ops@{account_id}.example",
+        "--country",
+        "DE",
+        "--plan",
+        plan,
+        "--started-at",
+        "2025-01-01",
+    ]
 
 
 def accounts(database_url: str, *account_ids: str, plan: str = "professional") -> None:
@@ -78,22 +94,33 @@ def test_commands_started_together_on_a_new_catalog_all_succeed(environment: dic
     catalog.dispose()
 
 
-def test_the_same_bytes_ingested_at_once_are_stored_and_registered_once(environment: dict[str, str], database_url: str, tmp_path: Path) -> None:
+def test_the_same_bytes_ingested_at_once_are_stored_and_registered_once(
+    environment: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
     accounts(database_url, "acme")
     source = shared_file("isprs/samp21.las")
     renamed = tmp_path / "same-bytes-other-name.las"
     renamed.write_bytes(source.read_bytes())
-    clean(together([["ingest", str(source), "--account", "acme"]] * 4 + [["ingest", str(renamed), "--account", "acme"]], environment))
+    clean(
+        together(
+            [["ingest", str(source), "--account", "acme"]] * 4 + [["ingest", str(renamed), "--account", "acme"]],
+            environment,
+        )
+    )
     catalog = Catalog(database_url)
     with catalog.session() as session:
         [stored] = session.scalars(select(StoredFile))
     catalog.dispose()
-    raw = sorted(p.name for p in (Path(environment["POINTFLOW_HOME"]) / "objects" / "accounts" / "acme" / "raw").iterdir())
+    raw = sorted(
+        p.name for p in (Path(environment["POINTFLOW_HOME"]) / "objects" / "accounts" / "acme" / "raw").iterdir()
+    )
     assert raw == [stored.key.rsplit("/", 1)[1]]
 
 
 @pytest.mark.slow
-def test_the_same_bytes_ingested_and_run_at_once_are_as_many_jobs_on_one_file(environment: dict[str, str], database_url: str, dask_cluster: str, tmp_path: Path) -> None:
+def test_the_same_bytes_ingested_and_run_at_once_are_as_many_jobs_on_one_file(
+    environment: dict[str, str], database_url: str, dask_cluster: str, tmp_path: Path
+) -> None:
     """The whole pipeline three times at once (the race itself is the ingest's, above, with five)."""
     import laspy
 
@@ -102,7 +129,10 @@ def test_the_same_bytes_ingested_and_run_at_once_are_as_many_jobs_on_one_file(en
     small = laspy.LasData(source.header)
     small.points = source.points[:2000]
     small.write(tmp_path / "small.las")
-    results = together([["ingest", str(tmp_path / "small.las"), "--account", "acme", "--run"]] * 3, {**environment, "POINTFLOW_DASK_ADDRESS": dask_cluster})
+    results = together(
+        [["ingest", str(tmp_path / "small.las"), "--account", "acme", "--run"]] * 3,
+        {**environment, "POINTFLOW_DASK_ADDRESS": dask_cluster},
+    )
     clean(results)
     assert all(r.stdout.startswith("job ") and ": exported" in r.stdout for r in results)
     catalog = Catalog(database_url)
@@ -112,7 +142,9 @@ def test_the_same_bytes_ingested_and_run_at_once_are_as_many_jobs_on_one_file(en
     catalog.dispose()
 
 
-def test_two_lifecycle_runs_at_once_mail_each_customer_once(environment: dict[str, str], database_url: str, smtp_sink) -> None:
+def test_two_lifecycle_runs_at_once_mail_each_customer_once(
+    environment: dict[str, str], database_url: str, smtp_sink
+) -> None:
     environment = {**environment, "POINTFLOW_SMTP_URL": smtp_sink.url}
     accounts(database_url, *(f"sleepy{n}" for n in range(4)), plan="free")
     # Never logged in since 2025-01-01: the inactivity notice is due on 2026-01-01.
@@ -129,7 +161,9 @@ def test_two_lifecycle_runs_at_once_mail_each_customer_once(environment: dict[st
     catalog.dispose()
 
 
-def test_a_claim_left_by_a_crash_is_sent_once_by_the_next_run_and_a_live_one_is_left_alone(home: Path, database_url: str, smtp_sink, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_claim_left_by_a_crash_is_sent_once_by_the_next_run_and_a_live_one_is_left_alone(
+    home: Path, database_url: str, smtp_sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("POINTFLOW_DATABASE_URL", database_url)
     settings = Settings.from_env()
     catalog = Catalog(settings.database_url)
@@ -138,19 +172,31 @@ def test_a_claim_left_by_a_crash_is_sent_once_by_the_next_run_and_a_live_one_is_
     stale, live = datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC)
     with catalog.session() as session:
         for key, claimed in (("notice:stale", stale), ("notice:live", live)):
-            session.add(MessageClaim(key=key, account_id="acme", message_id=f"<{key.replace(':', '.')}@pointflow.invalid>", claimed_at=claimed))
+            session.add(
+                MessageClaim(
+                    key=key,
+                    account_id="acme",
+                    message_id=f"<{key.replace(':', '.')}@pointflow.invalid>",
+                    claimed_at=claimed,
+                )
+            )
     sent = send_once(settings, catalog, "notice:stale", "acme", "test", "ops@acme.example", "subject", "body")
     assert sent.message_id == "<notice.stale@pointflow.invalid>"  # the claim's id: a resend is recognisable
     with pytest.raises(DeliveryInProgress):
         send_once(settings, catalog, "notice:live", "acme", "test", "ops@acme.example", "subject", "body")
-    assert send_once(settings, catalog, "notice:stale", "acme", "test", "ops@acme.example", "subject", "body").location == "already sent"
+    assert (
+        send_once(settings, catalog, "notice:stale", "acme", "test", "ops@acme.example", "subject", "body").location
+        == "already sent"
+    )
     assert [m["Message-ID"] for m in smtp_sink.parsed()] == ["<notice.stale@pointflow.invalid>"]
     with catalog.session() as session:
         assert [c.key for c in session.scalars(select(MessageClaim))] == ["notice:live"]
     catalog.dispose()
 
 
-def test_a_refused_delivery_releases_its_claim(home: Path, database_url: str, smtp_sink, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_refused_delivery_releases_its_claim(
+    home: Path, database_url: str, smtp_sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipelines.notify import DeliveryError
 
     monkeypatch.setenv("POINTFLOW_DATABASE_URL", database_url)
@@ -168,7 +214,9 @@ def test_a_refused_delivery_releases_its_claim(home: Path, database_url: str, sm
     catalog.dispose()
 
 
-def test_a_bad_stored_address_is_reported_and_the_others_are_mailed(environment: dict[str, str], database_url: str, smtp_sink) -> None:
+def test_a_bad_stored_address_is_reported_and_the_others_are_mailed(
+    environment: dict[str, str], database_url: str, smtp_sink
+) -> None:
     environment = {**environment, "POINTFLOW_SMTP_URL": smtp_sink.url}
     hostile = "x@e.example\nBcc: everyone@victim.example"
     refused = together([add_account("hostile", plan="free", email=hostile)], environment)[0]
@@ -177,7 +225,16 @@ def test_a_bad_stored_address_is_reported_and_the_others_are_mailed(environment:
     # As if stored before addresses were checked: written straight into the catalog.
     catalog = Catalog(database_url)
     with catalog.session() as session:
-        session.add(Account(account_id="legacy", name="Legacy", email=hostile, country="DE", plan="free", started_at=date(2025, 1, 1)))
+        session.add(
+            Account(
+                account_id="legacy",
+                name="Legacy",
+                email=hostile,
+                country="DE",
+                plan="free",
+                started_at=date(2025, 1, 1),
+            )
+        )
     [run] = together([["lifecycle", "run", "--as-of", "2026-01-02T03:00:00Z"]], environment)
     # Like any refused delivery: reported, retried next run, and no clock moves for that account.
     assert run.returncode == 0 and "Traceback" not in run.stderr
@@ -191,7 +248,9 @@ def test_a_bad_stored_address_is_reported_and_the_others_are_mailed(environment:
     catalog.dispose()
 
 
-def test_an_account_whose_rules_fail_is_named_and_the_others_are_done(home: Path, database_url: str, smtp_sink, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_account_whose_rules_fail_is_named_and_the_others_are_done(
+    home: Path, database_url: str, smtp_sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipelines.lifecycle import LifecycleRunError, notices, run_lifecycle
     from pipelines.runtime import Runtime
 

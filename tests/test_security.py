@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import laspy
@@ -105,7 +105,9 @@ def test_training_sources_pass_the_same_ownership_check(two_accounts, capsys: py
     assert cli_json(capsys, "models", "list", "--account", "mallory") == []
 
 
-def test_the_service_home_is_never_a_source_not_even_under_another_name(two_accounts, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_the_service_home_is_never_a_source_not_even_under_another_name(
+    two_accounts, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     runtime, _ = two_accounts
     catalog = runtime.settings.home / "catalog.db"
     hard_link, symbolic = tmp_path / "survey.las", tmp_path / "survey-link.las"
@@ -124,7 +126,9 @@ def test_the_service_home_is_never_a_source_not_even_under_another_name(two_acco
     assert "POINTFLOW_HOME" in capsys.readouterr().err
 
 
-def test_a_dag_source_outside_the_allowed_input_folders_fails_the_job(runtime: Runtime, account: str, scene_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_dag_source_outside_the_allowed_input_folders_fails_the_job(
+    runtime: Runtime, account: str, scene_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     allowed = tmp_path / "incoming"
     allowed.mkdir()
     inside = allowed / "scene.laz"
@@ -142,12 +146,16 @@ def test_a_dag_source_outside_the_allowed_input_folders_fails_the_job(runtime: R
         ingest_step(nothing, "job-none")
 
 
-def test_another_accounts_s3_object_cannot_be_a_job_source(home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, scene_path: Path) -> None:
+def test_another_accounts_s3_object_cannot_be_a_job_source(
+    home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, scene_path: Path
+) -> None:
     monkeypatch.setenv("POINTFLOW_STORAGE_URL", f"s3://{s3_bucket}/svc")
     runtime = Runtime.from_settings(Settings.from_env())
     upsert_accounts(runtime.catalog, [make_account("acme"), make_account("mallory")])
     runtime.store.put_file("accounts/acme/raw/survey.laz", scene_path)
-    for n, source in enumerate((f"s3://{s3_bucket}/svc/accounts/acme/raw/survey.laz", f"s3://{s3_bucket}//svc/accounts/acme/raw/survey.laz")):
+    for n, source in enumerate(
+        (f"s3://{s3_bucket}/svc/accounts/acme/raw/survey.laz", f"s3://{s3_bucket}//svc/accounts/acme/raw/survey.laz")
+    ):
         create_job(runtime, f"job-s3-steal-{n}", "mallory", source, "standard")
         with pytest.raises(AdmissionRefusedJob, match="outside account mallory's area"):
             ingest_step(runtime, f"job-s3-steal-{n}")
@@ -161,7 +169,7 @@ def test_another_accounts_s3_object_cannot_be_a_job_source(home: Path, s3_bucket
 def test_export_links_refuse_keys_dressed_up_as_the_callers(two_accounts) -> None:
     runtime, job = two_accounts
     artifact = f"{job.export_prefix}scene.laz"
-    signer, soon = LinkSigner.from_settings(runtime.settings), datetime.now(timezone.utc) + timedelta(hours=1)
+    signer, soon = LinkSigner.from_settings(runtime.settings), datetime.now(UTC) + timedelta(hours=1)
     assert artifact_link(runtime.store, signer, "acme", artifact, True, soon)
     for key in (
         artifact,
@@ -193,7 +201,9 @@ def test_a_presigned_link_signs_the_key(home: Path, s3_bucket: str, monkeypatch:
         query = dict(parse_qsl(parsed.query))
         given = query.pop("X-Amz-Signature")
         request = AWSRequest("GET", f"{parsed.scheme}://{parsed.netloc}{parsed.path}", params={})
-        signer = S3SigV4QueryAuth(Credentials("testing", "testing"), "s3", "us-east-1", expires=int(query["X-Amz-Expires"]))
+        signer = S3SigV4QueryAuth(
+            Credentials("testing", "testing"), "s3", "us-east-1", expires=int(query["X-Amz-Expires"])
+        )
         signer._timestamp = query["X-Amz-Date"]  # the link's own signing time
         signer._get_timestamp = lambda: query["X-Amz-Date"]
         signer.add_auth(request)
@@ -249,7 +259,11 @@ def _with_vlr(path: Path) -> Path:
     header.vlrs.append(laspy.VLR("pointflow", 42, "test", b"x" * 100))
     data = laspy.LasData(header)
     rng = np.random.default_rng(0)
-    data.x, data.y, data.z = 500000 + rng.uniform(0, 50, 500), 5400000 + rng.uniform(0, 50, 500), 100 + rng.normal(0, 0.2, 500)
+    data.x, data.y, data.z = (
+        500000 + rng.uniform(0, 50, 500),
+        5400000 + rng.uniform(0, 50, 500),
+        100 + rng.normal(0, 0.2, 500),
+    )
     data.return_number = data.number_of_returns = np.ones(500, dtype=np.uint8)
     data.write(path)
     return path
@@ -259,7 +273,10 @@ HOSTILE = {
     "point count of 4 billion": (lambda p: patch(write_points(p), LEGACY_COUNT, "I", 0xFFFFFFFF), "point count"),
     "negative scale": (lambda p: patch(write_points(p), SCALE_X, "d", -0.01), "scale factor"),
     "header size below the standard": (lambda p: patch(write_points(p), HEADER_SIZE, "H", 100), "unreadable header"),
-    "point data beyond the end of the file": (lambda p: patch(write_points(p), OFFSET_TO_POINTS, "I", 10**9), "point count does not match|truncated"),
+    "point data beyond the end of the file": (
+        lambda p: patch(write_points(p), OFFSET_TO_POINTS, "I", 10**9),
+        "point count does not match|truncated",
+    ),
     "point data inside the header": (lambda p: patch(write_points(p), OFFSET_TO_POINTS, "I", 10), "unreadable header"),
     "4 billion VLRs": (lambda p: patch(write_points(p), NUMBER_OF_VLRS, "I", 0xFFFFFFFF), "variable-length records"),
     "record length below the format's": (lambda p: patch(write_points(p), RECORD_LENGTH, "H", 3), "unreadable header"),
@@ -274,7 +291,9 @@ def test_hostile_headers_are_refused_with_a_reason(tmp_path: Path, case: str) ->
     assert re.search(reason, report.reason), report.reason
 
 
-def test_a_hostile_header_is_quarantined_by_the_job_and_nothing_exported(runtime: Runtime, account: str, tmp_path: Path) -> None:
+def test_a_hostile_header_is_quarantined_by_the_job_and_nothing_exported(
+    runtime: Runtime, account: str, tmp_path: Path
+) -> None:
     source = patch(write_points(tmp_path / "vlrs.las"), NUMBER_OF_VLRS, "I", 0xFFFFFFFF)
     job = run_job(runtime, account, str(source), job_id="job-hostile")
     assert job.state == "quarantined" and "variable-length records" in job.error
@@ -299,7 +318,11 @@ def test_markup_in_the_header_is_escaped_in_the_report(runtime: Runtime, account
     header.add_crs(CRS.from_wkt(wkt))
     data = laspy.LasData(header)
     rng = np.random.default_rng(0)
-    data.x, data.y, data.z = 700000 + rng.uniform(0, 50, 500), 6600000 + rng.uniform(0, 50, 500), rng.normal(0, 0.2, 500)
+    data.x, data.y, data.z = (
+        700000 + rng.uniform(0, 50, 500),
+        6600000 + rng.uniform(0, 50, 500),
+        rng.normal(0, 0.2, 500),
+    )
     data.return_number = data.number_of_returns = np.ones(500, dtype=np.uint8)
     data.write(tmp_path / "<img src=x onerror=alert(1)>.las")
     create_job(runtime, "job-markup", account, str(tmp_path / "<img src=x onerror=alert(1)>.las"), "standard")
@@ -325,10 +348,16 @@ def smtp_with_login(monkeypatch: pytest.MonkeyPatch):
     from tests.conftest import SmtpSink
 
     def authenticate(server, session, envelope, mechanism, data) -> AuthResult:
-        return AuthResult(success=isinstance(data, LoginPassword) and data.login == b"mailer" and data.password == SECRETS["smtp"].encode())
+        return AuthResult(
+            success=isinstance(data, LoginPassword)
+            and data.login == b"mailer"
+            and data.password == SECRETS["smtp"].encode()
+        )
 
     sink = SmtpSink()
-    sink.controller = Controller(sink, hostname="127.0.0.1", port=sink.port, authenticator=authenticate, auth_require_tls=False)
+    sink.controller = Controller(
+        sink, hostname="127.0.0.1", port=sink.port, authenticator=authenticate, auth_require_tls=False
+    )
     sink.controller.start()
     monkeypatch.setenv("POINTFLOW_SMTP_URL", f"smtp://mailer:{SECRETS['smtp']}@127.0.0.1:{sink.port}")
     yield sink
@@ -338,15 +367,27 @@ def smtp_with_login(monkeypatch: pytest.MonkeyPatch):
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_no_credential_reaches_logs_reports_mail_or_task_output(
-    load_test_dag, airflow_home: Path, home: Path, s3_bucket: str, postgres_url: str, smtp_with_login, monkeypatch: pytest.MonkeyPatch,
-    scene_path: Path, tmp_path: Path, capfd: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture,
+    load_test_dag,
+    airflow_home: Path,
+    home: Path,
+    s3_bucket: str,
+    postgres_url: str,
+    smtp_with_login,
+    monkeypatch: pytest.MonkeyPatch,
+    scene_path: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from sqlalchemy.engine import make_url
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRETS["aws"])
     monkeypatch.setenv("POINTFLOW_STORAGE_URL", f"s3://{s3_bucket}")
     # Trust authentication on the test server ignores the password, but it is in every URL we pass.
-    monkeypatch.setenv("POINTFLOW_DATABASE_URL", make_url(postgres_url).set(password=SECRETS["postgres"]).render_as_string(hide_password=False))
+    monkeypatch.setenv(
+        "POINTFLOW_DATABASE_URL",
+        make_url(postgres_url).set(password=SECRETS["postgres"]).render_as_string(hide_password=False),
+    )
     runtime = Runtime.from_settings(Settings.from_env())
     upsert_accounts(runtime.catalog, [make_account("acme")])
     dag = load_test_dag("pointflow_classify")
@@ -354,17 +395,31 @@ def test_no_credential_reaches_logs_reports_mail_or_task_output(
     assert str(good.state) == "success"
     bad = tmp_path / "notes.las"
     bad.write_text("not a point cloud")
-    assert str(dag.test(run_conf={"account_id": "acme", "source": str(bad), "classifier": "standard"}).state) == "failed"
+    assert (
+        str(dag.test(run_conf={"account_id": "acme", "source": str(bad), "classifier": "standard"}).state) == "failed"
+    )
     [ready, quarantine] = smtp_with_login.parsed()
     assert "ready" in ready["Subject"] and "could not be processed" in quarantine["Subject"]
 
     captured = capfd.readouterr()
     texts = {"stdout": captured.out, "stderr": captured.err, "log records": caplog.text}
-    texts |= {str(p): p.read_text(errors="replace") for root in (airflow_home / "logs", home) if root.exists() for p in root.rglob("*") if p.is_file() and p.suffix not in (".db", ".laz", ".png")}
-    texts |= {f"s3://{o.key}": runtime.store.get_bytes(o.key).decode(errors="replace") for o in runtime.store.list("accounts/") if not o.key.endswith((".laz", ".png"))}
+    texts |= {
+        str(p): p.read_text(errors="replace")
+        for root in (airflow_home / "logs", home)
+        if root.exists()
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix not in (".db", ".laz", ".png")
+    }
+    texts |= {
+        f"s3://{o.key}": runtime.store.get_bytes(o.key).decode(errors="replace")
+        for o in runtime.store.list("accounts/")
+        if not o.key.endswith((".laz", ".png"))
+    }
     texts |= {f"mail {m['Subject']}": m.as_string() for m in (ready, quarantine)}
     # The task output really is in there: the steps' own log lines.
-    assert any("validation of scene.laz" in t for t in texts.values()) and any("export published" in t for t in texts.values())
+    assert any("validation of scene.laz" in t for t in texts.values()) and any(
+        "export published" in t for t in texts.values()
+    )
     leaks = [(where, name) for where, text in texts.items() for name, secret in SECRETS.items() if secret in text]
     assert leaks == []
     # A presigned link is a bearer credential for a customer's file: e-mails carry them, logs must not.

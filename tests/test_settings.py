@@ -25,10 +25,17 @@ def leaked(text: str) -> list[str]:
     return [part for part in PASSWORD_PARTS if part in text]
 
 
-@pytest.mark.parametrize("variable,template", [("POINTFLOW_SMTP_URL", "smtp://mailer:{}@mail.example:587"),
-                                               ("POINTFLOW_DATABASE_URL", "postgresql://pointflow:{}@db.example:5432/catalog")])  # fmt: skip
+@pytest.mark.parametrize(
+    "variable,template",
+    [
+        ("POINTFLOW_SMTP_URL", "smtp://mailer:{}@mail.example:587"),
+        ("POINTFLOW_DATABASE_URL", "postgresql://pointflow:{}@db.example:5432/catalog"),
+    ],
+)
 @pytest.mark.parametrize("delimiter", ["/", "#", "?", "@"])
-def test_an_unencoded_delimiter_in_a_password_is_refused_without_quoting_it(home: Path, variable: str, template: str, delimiter: str) -> None:
+def test_an_unencoded_delimiter_in_a_password_is_refused_without_quoting_it(
+    home: Path, variable: str, template: str, delimiter: str
+) -> None:
     url = template.format(f"Zq{delimiter}Wk")
     with pytest.raises(SettingsError) as refused:
         Settings.from_env({**os.environ, variable: url})
@@ -38,7 +45,13 @@ def test_an_unencoded_delimiter_in_a_password_is_refused_without_quoting_it(home
 
 def test_the_command_says_so_in_one_line(home: Path) -> None:
     env = {**os.environ, "POINTFLOW_SMTP_URL": f"smtp://mailer:{PASSWORD}@mail.example:587"}
-    run = subprocess.run([str(Path(sys.executable).with_name("pointflow")), "files", "list", "--account", "acme"], env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("pointflow")), "files", "list", "--account", "acme"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "POINTFLOW_SMTP_URL" in run.stderr
     assert leaked(run.stdout + run.stderr) == []
 
@@ -50,32 +63,58 @@ def test_percent_encoded_passwords_reach_the_servers_decoded(home: Path, monkeyp
     from tests.conftest import SmtpSink
 
     def authenticate(server, session, envelope, mechanism, data) -> AuthResult:
-        return AuthResult(success=isinstance(data, LoginPassword) and data.login == b"mailer" and data.password == PASSWORD.encode())
+        return AuthResult(
+            success=isinstance(data, LoginPassword) and data.login == b"mailer" and data.password == PASSWORD.encode()
+        )
 
     sink = SmtpSink()
-    sink.controller = Controller(sink, hostname="127.0.0.1", port=sink.port, authenticator=authenticate, auth_require_tls=False)
+    sink.controller = Controller(
+        sink, hostname="127.0.0.1", port=sink.port, authenticator=authenticate, auth_require_tls=False
+    )
     sink.controller.start()
     try:
-        settings = Settings.from_env({**os.environ, "POINTFLOW_SMTP_URL": f"smtp://mailer:{quote(PASSWORD, safe='')}@127.0.0.1:{sink.port}"})
+        settings = Settings.from_env(
+            {**os.environ, "POINTFLOW_SMTP_URL": f"smtp://mailer:{quote(PASSWORD, safe='')}@127.0.0.1:{sink.port}"}
+        )
         send_email(settings, "ops@acme.example", "subject", "body")
     finally:
         sink.controller.stop()
     assert len(sink.messages) == 1
-    database = Settings.from_env({**os.environ, "POINTFLOW_DATABASE_URL": f"postgresql://pointflow:{quote(PASSWORD, safe='')}@db.example:5432/catalog"}).database_url
+    database = Settings.from_env(
+        {
+            **os.environ,
+            "POINTFLOW_DATABASE_URL": f"postgresql://pointflow:{quote(PASSWORD, safe='')}@db.example:5432/catalog",
+        }
+    ).database_url
     assert make_url(database).password == PASSWORD and make_url(database).host == "db.example"
 
 
 def test_a_sender_with_a_line_break_is_refused(home: Path) -> None:
     with pytest.raises(SettingsError, match="POINTFLOW_MAIL_FROM"):
-        Settings.from_env({**os.environ, "POINTFLOW_MAIL_FROM": "pointflow <noreply@pointflow.invalid>\nBcc: everyone@victim.example"})
-    assert Settings.from_env({**os.environ, "POINTFLOW_MAIL_FROM": "Acme LiDAR <lidar@acme.example>"}).mail_from == "Acme LiDAR <lidar@acme.example>"
+        Settings.from_env(
+            {**os.environ, "POINTFLOW_MAIL_FROM": "pointflow <noreply@pointflow.invalid>\nBcc: everyone@victim.example"}
+        )
+    assert (
+        Settings.from_env({**os.environ, "POINTFLOW_MAIL_FROM": "Acme LiDAR <lidar@acme.example>"}).mail_from
+        == "Acme LiDAR <lidar@acme.example>"
+    )
 
 
 def test_an_unreachable_catalog_is_one_line_without_the_password(home: Path) -> None:
     url = f"postgresql://pointflow:{quote(PASSWORD, safe='')}@127.0.0.1:{free_port()}/catalog"
     env = {**os.environ, "POINTFLOW_DATABASE_URL": url}
-    run = subprocess.run([str(Path(sys.executable).with_name("pointflow")), "files", "list", "--account", "acme"], env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("pointflow")), "files", "list", "--account", "acme"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     [line] = run.stderr.strip().splitlines()
-    assert line.startswith("pointflow: error: the catalog database at 127.0.0.1:") and "/catalog failed" in line and "POINTFLOW_DATABASE_URL" in line
+    assert (
+        line.startswith("pointflow: error: the catalog database at 127.0.0.1:")
+        and "/catalog failed" in line
+        and "POINTFLOW_DATABASE_URL" in line
+    )
     assert leaked(run.stdout + run.stderr) == [] and quote(PASSWORD, safe="") not in run.stderr

@@ -48,7 +48,9 @@ def test_runs_through_airflow_on_postgres_and_dask_workers(stack: LocalStack, tm
     catalog = Catalog(stack.plan.database_url("catalog"))
     upsert_accounts(catalog, [make_account("acme")])
     catalog.dispose()
-    sources = [write_scene(make_scene(size=120.0, seed=seed), stack.plan.incoming / f"scene-{seed}.laz") for seed in (1, 2)]
+    sources = [
+        write_scene(make_scene(size=120.0, seed=seed), stack.plan.incoming / f"scene-{seed}.laz") for seed in (1, 2)
+    ]
     before = _executed_per_worker(stack)
 
     report = run_batch(stack, "acme", sources, timeout=600, prefix="stack-test")
@@ -62,7 +64,9 @@ def test_runs_through_airflow_on_postgres_and_dask_workers(stack: LocalStack, tm
     # Tiles went to the stack's own Dask workers, not to a cluster started inside the task.
     assert sum(after.values()) > sum(before.values())
     client = stack.client()
-    task_states = {ti["task_id"]: ti["state"] for ti in client.task_instances("pointflow_classify", report.succeeded[0])}
+    task_states = {
+        ti["task_id"]: ti["state"] for ti in client.task_instances("pointflow_classify", report.succeeded[0])
+    }
     assert task_states == dict.fromkeys(["ingest", "validate", "classify", "export", "deliver", "meter"], "success")
 
     # The api-server serves the pointflow page from the same PostgreSQL catalog the tasks wrote.

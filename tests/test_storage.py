@@ -9,7 +9,16 @@ import boto3
 import pytest
 import requests
 
-from pipelines.storage import AccountArea, LocalStore, S3Store, StaleObject, StorageError, UnsafeKeyError, open_store, safe_name
+from pipelines.storage import (
+    AccountArea,
+    LocalStore,
+    S3Store,
+    StaleObject,
+    StorageError,
+    UnsafeKeyError,
+    open_store,
+    safe_name,
+)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -52,7 +61,11 @@ def test_list_is_prefix_scoped(store) -> None:
     for key in ["accounts/a/raw/1.las", "accounts/a/raw/2.las", "accounts/ab/raw/3.las", "accounts/b/raw/4.las"]:
         store.put_bytes(key, b"x")
     assert sorted(o.key for o in store.list("accounts/a/")) == ["accounts/a/raw/1.las", "accounts/a/raw/2.las"]
-    assert sorted(o.key for o in store.list("accounts/a")) == ["accounts/a/raw/1.las", "accounts/a/raw/2.las", "accounts/ab/raw/3.las"]
+    assert sorted(o.key for o in store.list("accounts/a")) == [
+        "accounts/a/raw/1.las",
+        "accounts/a/raw/2.las",
+        "accounts/ab/raw/3.las",
+    ]
     assert list(store.list("accounts/none/")) == []
 
 
@@ -81,7 +94,7 @@ def test_link_fetches_the_object(store) -> None:
     store.put_bytes("accounts/a/exports/j/out.laz", b"payload")
     link = store.link("accounts/a/exports/j/out.laz", timedelta(hours=1))
     if link.startswith("file://"):
-        assert Path(link[len("file://"):]).read_bytes() == b"payload"
+        assert Path(link[len("file://") :]).read_bytes() == b"payload"
     else:
         assert requests.get(link, timeout=10).content == b"payload"
 
@@ -101,7 +114,10 @@ def test_links_use_the_public_endpoint(s3_bucket: str, s3_endpoint: str) -> None
 def test_link_endpoint_setting_must_be_an_address() -> None:
     from pipelines.settings import Settings, SettingsError
 
-    assert Settings.from_env({"POINTFLOW_LINK_ENDPOINT": "https://files.example.com"}).link_endpoint == "https://files.example.com"
+    assert (
+        Settings.from_env({"POINTFLOW_LINK_ENDPOINT": "https://files.example.com"}).link_endpoint
+        == "https://files.example.com"
+    )
     with pytest.raises(SettingsError, match="POINTFLOW_LINK_ENDPOINT"):
         Settings.from_env({"POINTFLOW_LINK_ENDPOINT": "files.example.com"})
 

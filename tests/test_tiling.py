@@ -21,7 +21,10 @@ from tests.lasfiles import write_points
 def client():
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
@@ -96,10 +99,26 @@ def test_tiled_run_agrees_with_untiled_run(tmp_path: Path, settings, client) -> 
     assert agreement >= 0.995, f"tiled and untiled runs agree on {agreement:.2%} of points"
 
 
-@pytest.mark.parametrize("version,point_format", [("1.2", 0), ("1.2", 1), ("1.2", 2), ("1.2", 3), ("1.3", 4), ("1.3", 5),
-                                                   ("1.4", 6), ("1.4", 7), ("1.4", 8), ("1.4", 9), ("1.4", 10)])
+@pytest.mark.parametrize(
+    "version,point_format",
+    [
+        ("1.2", 0),
+        ("1.2", 1),
+        ("1.2", 2),
+        ("1.2", 3),
+        ("1.3", 4),
+        ("1.3", 5),
+        ("1.4", 6),
+        ("1.4", 7),
+        ("1.4", 8),
+        ("1.4", 9),
+        ("1.4", 10),
+    ],
+)
 def test_all_point_formats_are_classified(tmp_path: Path, settings, client, version: str, point_format: int) -> None:
-    source = write_points(tmp_path / "in.las", n=3000, version=version, point_format=point_format, extra_bytes=point_format in (3, 6))
+    source = write_points(
+        tmp_path / "in.las", n=3000, version=version, point_format=point_format, extra_bytes=point_format in (3, 6)
+    )
     output = tmp_path / "out.las"
     result = classify_file(source, output, settings, tile_size=20, buffer=5, client=client)
     data = laspy.read(output)
@@ -135,7 +154,8 @@ def test_truncated_input_fails_cleanly_without_output(tmp_path: Path, settings, 
 
 
 def test_a_cluster_started_while_scanning_gives_the_same_file_and_a_failed_scan_leaves_nothing(
-        tmp_path: Path, settings, client, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, settings, client, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = shared_file("isprs/samp11.las")
     reference, early = tmp_path / "reference.las", tmp_path / "early.las"
     classify_file(source, reference, settings, tile_size=40, buffer=15, client=client)
@@ -173,7 +193,12 @@ def test_degenerate_inputs_are_classified_or_refused_clearly(tmp_path: Path, set
     data.write(source)
     output = tmp_path / "out.laz"
     # The same gate as validation's: no points, or all on one spot or one line, is refused.
-    refusal = {"empty": "holds no points", "single_point": "zero area", "identical_points": "zero area", "zero_area_line": "zero area"}
+    refusal = {
+        "empty": "holds no points",
+        "single_point": "zero area",
+        "identical_points": "zero area",
+        "zero_area_line": "zero area",
+    }
     if case in refusal:
         with pytest.raises(NotPointCloudError, match=refusal[case]):
             classify_file(source, output, settings, client=client)
@@ -194,7 +219,8 @@ def _workers_started_since(before: set[int]) -> list:
 
 
 def test_the_local_cluster_reruns_a_killed_workers_tiles_and_fails_clearly_when_none_is_left(
-        tmp_path: Path, settings, client, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, settings, client, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The local cluster's workers have no nanny to restart them: a dead one's tiles go to the other,
     # and a run with no worker left fails (after NO_WORKERS_TIMEOUT) instead of waiting for ever.
     source = shared_file("isprs/samp11.las")
@@ -214,6 +240,7 @@ def test_the_local_cluster_reruns_a_killed_workers_tiles_and_fails_clearly_when_
                 for worker in workers[:count]:
                     worker.kill()
                     killed.append(worker.pid)
+
         return progress, killed
 
     progress, killed = killing(1)
@@ -223,7 +250,9 @@ def test_the_local_cluster_reruns_a_killed_workers_tiles_and_fails_clearly_when_
 
     monkeypatch.setattr(classify, "NO_WORKERS_TIMEOUT", "1s")
     progress, killed = killing(2)
-    with pytest.raises(ClusterStartError, match="every worker of the Dask cluster is gone .* within 1s: nothing was written"):
+    with pytest.raises(
+        ClusterStartError, match="every worker of the Dask cluster is gone .* within 1s: nothing was written"
+    ):
         classify_file(source, failed, settings, tile_size=10, buffer=3, workers=2, progress=progress)
     assert len(killed) == 2 and not failed.exists()
     assert list(settings.scratch_dir.glob("*")) == []

@@ -65,12 +65,16 @@ def standard_labels(halves, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def accounts(runtime: Runtime) -> Runtime:
-    upsert_accounts(runtime.catalog, [make_account("owner"), make_account("stranger"),
-                                      make_account("sharer", plan="professional_sharing")])
+    upsert_accounts(
+        runtime.catalog,
+        [make_account("owner"), make_account("stranger"), make_account("sharer", plan="professional_sharing")],
+    )
     return runtime
 
 
-def test_a_model_is_trained_stored_versioned_and_applied_to_its_account(accounts: Runtime, halves, tmp_path: Path) -> None:
+def test_a_model_is_trained_stored_versioned_and_applied_to_its_account(
+    accounts: Runtime, halves, tmp_path: Path
+) -> None:
     runtime = accounts
     west, east = halves
     model = train_model(runtime, "owner", [west])
@@ -86,7 +90,9 @@ def test_a_model_is_trained_stored_versioned_and_applied_to_its_account(accounts
     assert list_models(runtime, "stranger") == []
 
     output = tmp_path / "east_classified.laz"
-    result = classify_file(east, output, runtime.settings, classifier=resolve_classifier(runtime, "owner", model.model_id), workers=1)
+    result = classify_file(
+        east, output, runtime.settings, classifier=resolve_classifier(runtime, "owner", model.model_id), workers=1
+    )
     assert result.classifier == model.model_id and result.classifier_version == "1"
     truth, predicted = laspy.read(east), laspy.read(output)
     order_truth = np.lexsort((truth.Z, truth.Y, truth.X))
@@ -99,14 +105,29 @@ def test_a_model_is_trained_stored_versioned_and_applied_to_its_account(accounts
     assert train_model(runtime, "owner", [west]).version == 2
 
 
-def test_another_account_can_never_use_the_model(accounts: Runtime, halves, scene_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_another_account_can_never_use_the_model(
+    accounts: Runtime, halves, scene_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     runtime = accounts
     model = train_model(runtime, "owner", [halves[0]])
     with pytest.raises(ModelNotFound, match="no model .* for account stranger"):
         resolve_classifier(runtime, "stranger", model.model_id)
     with pytest.raises(ModelNotFound):
         run_job(runtime, "stranger", str(scene_path), classifier=model.model_id)
-    assert main(["classify", str(halves[1]), str(tmp_path / "o.laz"), "--classifier", model.model_id, "--account", "stranger"]) == 2
+    assert (
+        main(
+            [
+                "classify",
+                str(halves[1]),
+                str(tmp_path / "o.laz"),
+                "--classifier",
+                model.model_id,
+                "--account",
+                "stranger",
+            ]
+        )
+        == 2
+    )
     assert f"no model '{model.model_id}' for account stranger" in capsys.readouterr().err
     assert main(["classify", str(halves[1]), str(tmp_path / "o.laz"), "--classifier", model.model_id]) == 2
     assert "--account" in capsys.readouterr().err
@@ -159,7 +180,8 @@ def test_deleting_the_account_deletes_its_models(accounts: Runtime, halves) -> N
 
 
 def test_labels_that_do_not_help_are_refused_with_figures_and_nothing_is_stored(
-        accounts: Runtime, standard_labels: Path, load_test_dag, capsys: pytest.CaptureFixture) -> None:
+    accounts: Runtime, standard_labels: Path, load_test_dag, capsys: pytest.CaptureFixture
+) -> None:
     with pytest.raises(NotBetterThanStandard, match="not better than standard") as refused:
         train_model(accounts, "owner", [standard_labels])
     evaluation = refused.value.evaluation
@@ -173,7 +195,9 @@ def test_labels_that_do_not_help_are_refused_with_figures_and_nothing_is_stored(
     assert "not better than standard: no model stored" in out and "standard's 1.000" in out
     assert main(["train", str(standard_labels), "--account", "owner", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["offered"] is False
-    run = load_test_dag("pointflow_train").test(run_conf={"account_id": "owner", "sources": [str(standard_labels)], "ignore_classes": [0, 1]})
+    run = load_test_dag("pointflow_train").test(
+        run_conf={"account_id": "owner", "sources": [str(standard_labels)], "ignore_classes": [0, 1]}
+    )
     assert str(run.state) == "success"
     assert list_models(accounts, "owner") == []
 
@@ -200,7 +224,7 @@ def test_model_files_are_lightgbm_text_signed_and_versioned(accounts: Runtime, h
     model = train_model(accounts, "owner", [halves[0]])
     payload = accounts.store.get_bytes(model.key)
     assert payload.startswith(FORMAT) and len(payload) < 1_000_000
-    body = zlib.decompress(payload[len(FORMAT) + 1 + payload[len(FORMAT)]:])
+    body = zlib.decompress(payload[len(FORMAT) + 1 + payload[len(FORMAT)] :])
     header, _, text = body.partition(b"\n")
     assert json.loads(header)["features_version"] and text.startswith(b"tree\nversion=v")
     loaded = TrainedModel.from_bytes(payload, key=signing_key(accounts.settings))
@@ -211,7 +235,9 @@ def test_model_files_are_lightgbm_text_signed_and_versioned(accounts: Runtime, h
         TrainedModel.from_bytes(b"pointflow-trained-v1\n\x00" + b"\x80\x05pickled")
 
 
-def test_a_shared_model_takes_only_consenting_accounts_labels(accounts: Runtime, halves, capsys: pytest.CaptureFixture) -> None:
+def test_a_shared_model_takes_only_consenting_accounts_labels(
+    accounts: Runtime, halves, capsys: pytest.CaptureFixture
+) -> None:
     west, east = halves
     for contributions in ({"owner": [str(west)]}, {"sharer": [str(west)], "owner": [str(east)]}):
         with pytest.raises(SharingRefused, match="owner may not contribute"):
@@ -230,13 +256,17 @@ def test_a_shared_model_takes_only_consenting_accounts_labels(accounts: Runtime,
 
 
 def test_models_list_says_which_standard_a_model_was_judged_against(
-        accounts: Runtime, halves, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    accounts: Runtime, halves, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from pipelines.catalog.models import TrainedModelRecord
 
     model = train_model(accounts, "owner", [halves[0]])
     assert model.standard_version == StandardClassifier.version
     assert main(["models", "list", "--account", "owner"]) == 0
-    assert f"{model.model_id}  v1" in (out := capsys.readouterr().out) and f"standard {StandardClassifier.version}  F1" in out
+    assert (
+        f"{model.model_id}  v1" in (out := capsys.readouterr().out)
+        and f"standard {StandardClassifier.version}  F1" in out
+    )
     assert main(["models", "list", "--account", "owner", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["standard_version"] == StandardClassifier.version
     # A model stored before the version was recorded says so, and still classifies.
@@ -245,4 +275,9 @@ def test_models_list_says_which_standard_a_model_was_judged_against(
         row.evaluation = {k: v for k, v in row.evaluation.items() if k != "standard_version"}
     assert main(["models", "list", "--account", "owner"]) == 0
     assert "standard unknown  F1" in capsys.readouterr().out
-    assert main(["classify", str(halves[1]), str(tmp_path / "o.laz"), "--classifier", model.model_id, "--account", "owner"]) == 0
+    assert (
+        main(
+            ["classify", str(halves[1]), str(tmp_path / "o.laz"), "--classifier", model.model_id, "--account", "owner"]
+        )
+        == 0
+    )

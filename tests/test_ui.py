@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -44,9 +44,18 @@ from tests.conftest import REPO, free_port, stop_processes
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"
 # WebGL (the 3D view) without a GPU: Chromium's software renderer, allowed for this trusted page.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
-UTC = timezone.utc
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--enable-unsafe-swiftshader",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+UTC = UTC
 
 
 @dataclass(frozen=True)
@@ -71,26 +80,91 @@ def seed(runtime: Runtime, scene: Path) -> Seeded:
     this_month = Period.of(now.date())
     last_month = Period.of(add_months(this_month.first_day, -1))
     month_before = Period.of(add_months(this_month.first_day, -2))
-    upsert_accounts(runtime.catalog, [
-        AccountRecord("acme", "Acme Surveying GmbH", "ops@acme.example", "DE", "professional", date(2026, 1, 1),
-                      last_login_at=now - timedelta(days=2)),
-        # Free, and no login for 14 months: the lifecycle run sends its inactivity notice.
-        AccountRecord("northwind", "Northwind Mapping", "it@northwind.example", "GB", "free", (now - timedelta(days=800)).date(),
-                      last_login_at=now - timedelta(days=430)),
-        # Ended its contract on the 1st: closed, data locked, deletion due after the grace period (on hold).
-        AccountRecord("tidewater", "Tidewater Drones", "hello@tidewater.example", "NL", "professional", (now - timedelta(days=200)).date(),
-                      last_login_at=now - timedelta(days=30)),
-    ])  # fmt: skip
-    record_usage(runtime.catalog, [
-        UsageRecord("seed-acme-1", "acme", "classification", month_before.start + timedelta(days=3), 3_400_000, "succeeded", "standard", "1"),
-        UsageRecord("seed-acme-2", "acme", "classification", last_month.start + timedelta(days=9), 5_250_000, "succeeded", "standard", "1"),
-        UsageRecord("seed-north-1", "northwind", "classification", last_month.start + timedelta(days=4), 1_200_000, "succeeded", "csf", "1"),
-        UsageRecord("seed-north-2", "northwind", "classification", last_month.start + timedelta(days=5), 800_000, "failed", "csf", "1"),
-    ])  # fmt: skip
+    upsert_accounts(
+        runtime.catalog,
+        [
+            AccountRecord(
+                "acme",
+                "Acme Surveying GmbH",
+                "ops@acme.example",
+                "DE",
+                "professional",
+                date(2026, 1, 1),
+                last_login_at=now - timedelta(days=2),
+            ),
+            # Free, and no login for 14 months: the lifecycle run sends its inactivity notice.
+            AccountRecord(
+                "northwind",
+                "Northwind Mapping",
+                "it@northwind.example",
+                "GB",
+                "free",
+                (now - timedelta(days=800)).date(),
+                last_login_at=now - timedelta(days=430),
+            ),
+            # Ended its contract on the 1st: closed, data locked, deletion due after the grace period (on hold).
+            AccountRecord(
+                "tidewater",
+                "Tidewater Drones",
+                "hello@tidewater.example",
+                "NL",
+                "professional",
+                (now - timedelta(days=200)).date(),
+                last_login_at=now - timedelta(days=30),
+            ),
+        ],
+    )
+    record_usage(
+        runtime.catalog,
+        [
+            UsageRecord(
+                "seed-acme-1",
+                "acme",
+                "classification",
+                month_before.start + timedelta(days=3),
+                3_400_000,
+                "succeeded",
+                "standard",
+                "1",
+            ),
+            UsageRecord(
+                "seed-acme-2",
+                "acme",
+                "classification",
+                last_month.start + timedelta(days=9),
+                5_250_000,
+                "succeeded",
+                "standard",
+                "1",
+            ),
+            UsageRecord(
+                "seed-north-1",
+                "northwind",
+                "classification",
+                last_month.start + timedelta(days=4),
+                1_200_000,
+                "succeeded",
+                "csf",
+                "1",
+            ),
+            UsageRecord(
+                "seed-north-2",
+                "northwind",
+                "classification",
+                last_month.start + timedelta(days=5),
+                800_000,
+                "failed",
+                "csf",
+                "1",
+            ),
+        ],
+    )
     job = run_job(runtime, "acme", str(scene), classifier="standard", job_id="job-ui-acme-1", workers=1)
     assert job.state == "exported", job.error
     # Classified before its contract ended: afterwards its results are locked, not served.
-    locked_job = run_job(runtime, "tidewater", str(scene), classifier="standard", job_id="job-ui-tidewater-1", workers=1)
+    locked_job = run_job(
+        runtime, "tidewater", str(scene), classifier="standard", job_id="job-ui-tidewater-1", workers=1
+    )
     assert locked_job.state == "exported", locked_job.error
 
     billing = MonthlyBilling.open(runtime.settings, last_month.label)
@@ -103,15 +177,35 @@ def seed(runtime: Runtime, scene: Path) -> Seeded:
 
     terminate_account(runtime.catalog, "tidewater", "customer", effective=this_month.first_day)
     actions = {(a.account_id, a.action) for a in run_lifecycle(runtime, now)}
-    assert {("northwind", "inactivity_notice"), ("tidewater", "terminated"), ("tidewater", "data_locked")} <= actions, actions
+    assert {("northwind", "inactivity_notice"), ("tidewater", "terminated"), ("tidewater", "data_locked")} <= actions, (
+        actions
+    )
     reason = "case 2026-117: records requested by the aviation authority"
     place_hold(runtime.catalog, "tidewater", reason)
     # Inactive for 13 months, added after the nightly run: its notice is due at the next one.
-    upsert_accounts(runtime.catalog, [AccountRecord("oldfield", "Oldfield Archaeology", "dig@oldfield.example", "IE", "free",
-                                                    (now - timedelta(days=900)).date(), last_login_at=now - timedelta(days=400))])  # fmt: skip
+    upsert_accounts(
+        runtime.catalog,
+        [
+            AccountRecord(
+                "oldfield",
+                "Oldfield Archaeology",
+                "dig@oldfield.example",
+                "IE",
+                "free",
+                (now - timedelta(days=900)).date(),
+                last_login_at=now - timedelta(days=400),
+            )
+        ],
+    )
     names = [row["name"] for row in _classes(job)]
-    return Seeded(job.job_id, locked_job.job_id, names, {i.account_id: i.invoice_number for i in invoices},
-                  [month_before.label, last_month.label, this_month.label], reason)  # fmt: skip
+    return Seeded(
+        job.job_id,
+        locked_job.job_id,
+        names,
+        {i.account_id: i.invoice_number for i in invoices},
+        [month_before.label, last_month.label, this_month.label],
+        reason,
+    )
 
 
 def _classes(job: dict) -> list[dict]:
@@ -126,7 +220,9 @@ def pointflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     home = tmp_path_factory.mktemp("ui-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")}
     # The seeded jobs read their scene from the tests' temporary folders, an allowed input folder.
-    env.update(POINTFLOW_HOME=str(home), POINTFLOW_WORKERS="1", POINTFLOW_INPUT_DIRS=str(tmp_path_factory.getbasetemp()))
+    env.update(
+        POINTFLOW_HOME=str(home), POINTFLOW_WORKERS="1", POINTFLOW_INPUT_DIRS=str(tmp_path_factory.getbasetemp())
+    )
     return env
 
 
@@ -140,7 +236,9 @@ def seeded(pointflow_env: dict[str, str], scene_path: Path) -> Seeded:
 
 
 @pytest.fixture(scope="module")
-def server(airflow_home: Path, pointflow_env: dict[str, str], seeded: Seeded, tmp_path_factory: pytest.TempPathFactory) -> Server:
+def server(
+    airflow_home: Path, pointflow_env: dict[str, str], seeded: Seeded, tmp_path_factory: pytest.TempPathFactory
+) -> Server:
     """`airflow api-server` on a free loopback port, simple auth manager, user admin with a known password."""
     work = tmp_path_factory.mktemp("api-server")
     password = secrets.token_urlsafe(12)
@@ -164,9 +262,23 @@ def server(airflow_home: Path, pointflow_env: dict[str, str], seeded: Seeded, tm
     log = work / "api-server.log"
     with open(log, "wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=output, stderr=subprocess.STDOUT, env=env, cwd=work,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "airflow",
+                "api-server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=work,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -188,7 +300,9 @@ def server(airflow_home: Path, pointflow_env: dict[str, str], seeded: Seeded, tm
 
 @pytest.fixture(scope="module")
 def token(server: Server) -> str:
-    response = requests.post(f"{server.url}/auth/token", json={"username": "admin", "password": server.password}, timeout=10)
+    response = requests.post(
+        f"{server.url}/auth/token", json={"username": "admin", "password": server.password}, timeout=10
+    )
     assert response.status_code == 201, response.text
     return response.json()["access_token"]
 
@@ -212,7 +326,9 @@ def test_plugin_routes_refuse_requests_without_a_valid_token(server: Server, see
     # A forged token (signed with another secret) is refused as well, by cookie and by header.
     import jwt
 
-    forged = jwt.encode({"sub": "admin", "role": "ADMIN", "exp": int(time.time()) + 600}, "not-the-secret", algorithm="HS512")
+    forged = jwt.encode(
+        {"sub": "admin", "role": "ADMIN", "exp": int(time.time()) + 600}, "not-the-secret", algorithm="HS512"
+    )
     for kwargs in ({"headers": {"Authorization": f"Bearer {forged}"}}, {"cookies": {"_token": forged}}):
         response = requests.get(f"{server.url}/pointflow/", allow_redirects=False, timeout=10, **kwargs)
         assert response.status_code in (401, 403), response.status_code
@@ -220,7 +336,9 @@ def test_plugin_routes_refuse_requests_without_a_valid_token(server: Server, see
 
 
 def test_a_browser_without_a_session_is_sent_to_airflows_login(server: Server) -> None:
-    response = requests.get(f"{server.url}/pointflow/", headers={"Accept": "text/html"}, allow_redirects=False, timeout=10)
+    response = requests.get(
+        f"{server.url}/pointflow/", headers={"Accept": "text/html"}, allow_redirects=False, timeout=10
+    )
     assert response.status_code == 303
     assert response.headers["location"].startswith("/api/v2/auth/login?next=")
     # Airflow's own login redirect accepts our "next" (same site) and leads to its login page.
@@ -232,24 +350,41 @@ def test_plugin_routes_serve_an_authenticated_user(server: Server, seeded: Seede
     bearer = {"Authorization": f"Bearer {token}"}
     page = requests.get(f"{server.url}/pointflow/", headers=bearer, timeout=60)
     assert page.status_code == 200, page.text[:500]
-    for expected in ("Acme Surveying GmbH", "Northwind Mapping", "Tidewater Drones", seeded.job_id, seeded.invoices["acme"], seeded.hold_reason):
+    for expected in (
+        "Acme Surveying GmbH",
+        "Northwind Mapping",
+        "Tidewater Drones",
+        seeded.job_id,
+        seeded.invoices["acme"],
+        seeded.hold_reason,
+    ):
         assert expected in page.text, expected
     assert "frame-ancestors 'self'" in page.headers["content-security-policy"]
 
-    preview = requests.get(f"{server.url}/pointflow/accounts/acme/jobs/{seeded.job_id}/preview.png", headers=bearer, timeout=10)
+    preview = requests.get(
+        f"{server.url}/pointflow/accounts/acme/jobs/{seeded.job_id}/preview.png", headers=bearer, timeout=10
+    )
     assert preview.status_code == 200 and preview.headers["content-type"] == "image/png"
     assert preview.content.startswith(b"\x89PNG\r\n\x1a\n")
-    sample = requests.get(f"{server.url}/pointflow/accounts/acme/jobs/{seeded.job_id}/preview-3d.ply", headers=bearer, timeout=10)
+    sample = requests.get(
+        f"{server.url}/pointflow/accounts/acme/jobs/{seeded.job_id}/preview-3d.ply", headers=bearer, timeout=10
+    )
     assert sample.status_code == 200 and sample.content.startswith(b"ply\nformat binary_little_endian 1.0\n")
     script = requests.get(f"{server.url}/pointflow/static/vendor/three/three.module.js", headers=bearer, timeout=10)
     assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
     # The page allows scripts from this server only, and the one inline import map by its hash.
     policy = page.headers["content-security-policy"]
-    assert "script-src 'self' 'sha256-" in policy and "unsafe-inline" not in policy.split("script-src", 1)[1].split(";")[0]
+    assert (
+        "script-src 'self' 'sha256-" in policy and "unsafe-inline" not in policy.split("script-src", 1)[1].split(";")[0]
+    )
 
-    document = requests.get(f"{server.url}/pointflow/accounts/acme/invoices/{seeded.invoices['acme']}.html", headers=bearer, timeout=10)
+    document = requests.get(
+        f"{server.url}/pointflow/accounts/acme/invoices/{seeded.invoices['acme']}.html", headers=bearer, timeout=10
+    )
     assert document.status_code == 200 and f"Invoice {seeded.invoices['acme']}" in document.text
-    lines = requests.get(f"{server.url}/pointflow/accounts/acme/invoices/{seeded.invoices['acme']}.csv", headers=bearer, timeout=10)
+    lines = requests.get(
+        f"{server.url}/pointflow/accounts/acme/invoices/{seeded.invoices['acme']}.csv", headers=bearer, timeout=10
+    )
     assert lines.status_code == 200 and lines.text.startswith("invoice_number,kind,")
     # The session cookie the UI holds works the same as the header.
     assert requests.get(f"{server.url}/pointflow/", cookies={"_token": token}, timeout=60).status_code == 200
@@ -257,12 +392,16 @@ def test_plugin_routes_serve_an_authenticated_user(server: Server, seeded: Seede
 
 def test_results_of_a_closed_account_are_not_served(server: Server, seeded: Seeded, token: str) -> None:
     bearer = {"Authorization": f"Bearer {token}"}
-    response = requests.get(f"{server.url}/pointflow/accounts/tidewater/jobs/{seeded.locked_job_id}/preview.png", headers=bearer, timeout=10)
+    response = requests.get(
+        f"{server.url}/pointflow/accounts/tidewater/jobs/{seeded.locked_job_id}/preview.png", headers=bearer, timeout=10
+    )
     assert response.status_code == 403 and "closed" in response.json()["detail"]
     assert "Results locked" in requests.get(f"{server.url}/pointflow/", headers=bearer, timeout=60).text
 
 
-def test_the_lifecycle_queue_is_a_dry_run(server: Server, seeded: Seeded, token: str, pointflow_env: dict[str, str]) -> None:
+def test_the_lifecycle_queue_is_a_dry_run(
+    server: Server, seeded: Seeded, token: str, pointflow_env: dict[str, str]
+) -> None:
     """The page lists the notice due for oldfield, and showing it sends and records nothing."""
     page = requests.get(f"{server.url}/pointflow/", headers={"Authorization": f"Bearer {token}"}, timeout=60)
     due = page.text.split('class="due-now"', 1)[1].split("</table>", 1)[0]
@@ -304,7 +443,11 @@ def test_one_accounts_url_never_reaches_another_accounts_objects(server: Server,
         assert not response.content.startswith((b"\x89PNG", b"ply", b"LASF")) and b'"artifacts"' not in response.content
         assert "<h1>Invoice" not in response.text and "import " not in response.text
     # The same objects under their own account's name are served: the refusals are about ownership.
-    own = requests.get(f"{server.url}/pointflow/accounts/tidewater/invoices/{seeded.invoices['tidewater']}.html", headers=bearer, timeout=10)
+    own = requests.get(
+        f"{server.url}/pointflow/accounts/tidewater/invoices/{seeded.invoices['tidewater']}.html",
+        headers=bearer,
+        timeout=10,
+    )
     assert own.status_code == 200
 
 
@@ -318,7 +461,9 @@ def published(pointflow_env: dict[str, str], account_id: str, job_id: str, kind:
     return LinkSigner.from_settings(runtime.settings), next(a for a in manifest["artifacts"] if a["kind"] == kind)
 
 
-def test_a_download_link_needs_no_airflow_login_and_opens_only_its_file(server: Server, seeded: Seeded, pointflow_env: dict[str, str]) -> None:
+def test_a_download_link_needs_no_airflow_login_and_opens_only_its_file(
+    server: Server, seeded: Seeded, pointflow_env: dict[str, str]
+) -> None:
     signer, points = published(pointflow_env, "acme", seeded.job_id, "points")
     soon = datetime.now(UTC) + timedelta(hours=1)
     token = signer.token(LinkClaim("acme", points["key"], soon))
@@ -346,7 +491,9 @@ def test_a_download_link_needs_no_airflow_login_and_opens_only_its_file(server: 
     assert requests.get(f"{server.url}{DOWNLOAD_PATH}", allow_redirects=False, timeout=30).status_code in (401, 404)
 
 
-def test_no_credentials_in_the_server_log(server: Server, seeded: Seeded, token: str, pointflow_env: dict[str, str]) -> None:
+def test_no_credentials_in_the_server_log(
+    server: Server, seeded: Seeded, token: str, pointflow_env: dict[str, str]
+) -> None:
     requests.get(f"{server.url}/pointflow/", headers={"Authorization": f"Bearer {token}"}, timeout=60)
     # A download link is a credential for a customer's file too.
     signer, preview = published(pointflow_env, "acme", seeded.job_id, "preview")
@@ -361,7 +508,9 @@ def test_no_credentials_in_the_server_log(server: Server, seeded: Seeded, token:
 def test_page_in_a_real_browser(server: Server, seeded: Seeded) -> None:
     if not CHROMIUM.exists():
         pytest.skip(f"no chromium at {CHROMIUM} (Debian package 'chromium'): the browser test needs it")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
+    )
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "pointflow-ui.png"
     with sync_api.sync_playwright() as playwright:

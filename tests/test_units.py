@@ -116,8 +116,14 @@ def test_classify_command_says_which_unit_it_assumed(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("pointflow")
     outputs = {}
     for name, relative in (("feet", "corpus/USGS_NM_4_6_crop_ftUS.las"), ("none", "isprs/samp21.las")):
-        run = subprocess.run([str(script), "classify", str(need(relative)), str(tmp_path / f"{name}.laz")],
-                             capture_output=True, text=True, env=env, timeout=300, check=True)
+        run = subprocess.run(
+            [str(script), "classify", str(need(relative)), str(tmp_path / f"{name}.laz")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=True,
+        )
         outputs[name] = run.stdout
     assert "coordinates: US survey foot (from the file's CRS)" in outputs["feet"]
     assert "coordinates: metres (assumed: the file states no CRS)" in outputs["none"]
@@ -139,8 +145,13 @@ def test_classify_refuses_geographic_coordinates_in_one_line(tmp_path: Path) -> 
     out.write(source)
     env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")}
     env |= {"POINTFLOW_HOME": str(tmp_path / "home"), "POINTFLOW_WORKERS": "1"}
-    run = subprocess.run([str(Path(sys.executable).with_name("pointflow")), "classify", str(source), str(tmp_path / "out.laz")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("pointflow")), "classify", str(source), str(tmp_path / "out.laz")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
     assert "geographic" in run.stderr and "reproject" in run.stderr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -34,9 +34,19 @@ def write_jsonl(path: Path, *events: dict) -> Path:
     return path
 
 
-def classification(event_id: str, account_id: str = "acme", when: str = "2026-10-05T10:00:00Z", points=1000, status="succeeded") -> dict:
-    return {"event_id": event_id, "account_id": account_id, "occurred_at": when, "kind": "classification",
-            "points": points, "status": status, "classifier": "grid", "filename": f"{event_id}.laz"}  # fmt: skip
+def classification(
+    event_id: str, account_id: str = "acme", when: str = "2026-10-05T10:00:00Z", points=1000, status="succeeded"
+) -> dict:
+    return {
+        "event_id": event_id,
+        "account_id": account_id,
+        "occurred_at": when,
+        "kind": "classification",
+        "points": points,
+        "status": status,
+        "classifier": "grid",
+        "filename": f"{event_id}.laz",
+    }
 
 
 def count(catalog, model) -> int:
@@ -89,14 +99,21 @@ def test_events_of_unknown_accounts_are_refused_whole(catalog, tmp_path):
 
 
 def test_timestamps_are_stored_in_utc():
-    assert parse_usage_line(json.dumps(classification("e", when="2026-11-01T00:30:00+01:00"))).occurred_at == utc("2026-10-31T23:30Z")
+    assert parse_usage_line(json.dumps(classification("e", when="2026-11-01T00:30:00+01:00"))).occurred_at == utc(
+        "2026-10-31T23:30Z"
+    )
     naive = parse_usage_line(json.dumps(classification("e", when="2026-10-05T10:00:00")))
-    assert naive.occurred_at == datetime(2026, 10, 5, 10, tzinfo=timezone.utc)
+    assert naive.occurred_at == datetime(2026, 10, 5, 10, tzinfo=UTC)
 
 
 def test_login_events_move_last_login_forward_only(catalog):
     add_account(catalog, "acme")
-    login = lambda event_id, when: (1, parse_usage_line(json.dumps({"event_id": event_id, "account_id": "acme", "occurred_at": when, "kind": "login"})))  # noqa: E731
+
+    def login(event_id: str, when: str) -> tuple[int, object]:
+        return 1, parse_usage_line(
+            json.dumps({"event_id": event_id, "account_id": "acme", "occurred_at": when, "kind": "login"})
+        )
+
     import_usage(catalog, [login("l1", "2026-10-05T10:00:00Z"), login("l2", "2026-10-07T10:00:00Z")])
     import_usage(catalog, [login("l0", "2026-09-01T10:00:00Z")])
     assert get_account(catalog, "acme").last_login_at == utc("2026-10-07T10:00Z")
@@ -105,7 +122,9 @@ def test_login_events_move_last_login_forward_only(catalog):
 def test_usage_arriving_after_its_month_was_invoiced_is_flagged(catalog):
     add_account(catalog, "acme", plan="api")
     run_billing(catalog, "2026-09", make_pricebook(), now=utc("2026-12-01T00:00Z"))
-    result = import_usage(catalog, [(1, job("late", "acme", "2026-09-30T10:00Z", 5)), (2, job("now", "acme", "2026-10-02T10:00Z", 5))])
+    result = import_usage(
+        catalog, [(1, job("late", "acme", "2026-09-30T10:00Z", 5)), (2, job("now", "acme", "2026-10-02T10:00Z", 5))]
+    )
     assert result.closed_periods == ("2026-09",)
     assert "2026-09 already invoiced" in result.summary("usage events")
 
@@ -130,7 +149,9 @@ def test_payments_import_checks_invoice_ownership_and_amounts(catalog, tmp_path)
     assert count(catalog, Payment) == 0
 
     bad = tmp_path / "bad.csv"
-    bad.write_text("account_id,invoice_number,amount,paid_at\nacme,,1.005,2026-10-02\nacme,,-3,2026-10-02\nacme,,x,2026-10-02\nacme,,1,later\n")
+    bad.write_text(
+        "account_id,invoice_number,amount,paid_at\nacme,,1.005,2026-10-02\nacme,,-3,2026-10-02\nacme,,x,2026-10-02\nacme,,1,later\n"
+    )
     with pytest.raises(ImportFileError) as error:
         read_payments_csv(bad)
     assert [p.split(":")[0] for p in error.value.problems] == ["line 2", "line 3", "line 4", "line 5"]
@@ -140,7 +161,9 @@ def test_payments_import_checks_invoice_ownership_and_amounts(catalog, tmp_path)
 def test_payments_are_known_by_payment_id_or_by_all_their_values(catalog, tmp_path):
     add_account(catalog, "acme")
     path = tmp_path / "p.csv"
-    path.write_text("account_id,invoice_number,amount,paid_at\nacme,,10.00,2026-10-02T10:00:00Z\nacme,,10,2026-10-02T10:00:00Z\nacme,,10.00,2026-10-03T10:00:00Z\n")
+    path.write_text(
+        "account_id,invoice_number,amount,paid_at\nacme,,10.00,2026-10-02T10:00:00Z\nacme,,10,2026-10-02T10:00:00Z\nacme,,10.00,2026-10-03T10:00:00Z\n"
+    )
     first = import_payments(catalog, read_payments_csv(path))
     assert (first.new, first.known) == (2, 1)  # 10 and 10.00 at the same instant are the same payment
     assert (import_payments(catalog, read_payments_csv(path)).new, count(catalog, Payment)) == (0, 2)
@@ -150,15 +173,22 @@ def test_payments_are_known_by_payment_id_or_by_all_their_values(catalog, tmp_pa
 
 def test_outages_import_is_idempotent_and_checked(catalog, tmp_path):
     path = tmp_path / "o.csv"
-    path.write_text("started_at,ended_at,scheduled\n2026-10-20T00:00:00Z,2026-10-20T06:00:00Z,false\n2026-10-21T00:00:00Z,2026-10-21T01:00:00Z,yes\n")
+    path.write_text(
+        "started_at,ended_at,scheduled\n2026-10-20T00:00:00Z,2026-10-20T06:00:00Z,false\n2026-10-21T00:00:00Z,2026-10-21T01:00:00Z,yes\n"
+    )
     assert import_outages(catalog, read_outages_csv(path)).new == 2
     again = import_outages(catalog, read_outages_csv(path))
     assert (again.new, again.known, count(catalog, Outage)) == (0, 2, 2)
     bad = tmp_path / "bad.csv"
-    bad.write_text("started_at,ended_at,scheduled\n2026-10-20T06:00:00Z,2026-10-20T00:00:00Z,false\n2026-10-20T00:00:00Z,2026-10-20T01:00:00Z,maybe\n")
+    bad.write_text(
+        "started_at,ended_at,scheduled\n2026-10-20T06:00:00Z,2026-10-20T00:00:00Z,false\n2026-10-20T00:00:00Z,2026-10-20T01:00:00Z,maybe\n"
+    )
     with pytest.raises(ImportFileError) as error:
         read_outages_csv(bad)
-    assert error.value.problems == ["line 2: ended_at must be after started_at", "line 3: scheduled 'maybe' is not true or false"]
+    assert error.value.problems == [
+        "line 2: ended_at must be after started_at",
+        "line 3: scheduled 'maybe' is not true or false",
+    ]
     missing = tmp_path / "missing.csv"
     missing.write_text("started_at,ended_at\n")
     with pytest.raises(ImportFileError, match="missing column"):

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.validate import SUITES_DIR, VALID_CLASSES, validate_file
 from tests.conftest import shared_file
-from tests.lasfiles import MAX_X, OFFSETS, LEGACY_POINT_COUNT, patch, truncated, write_points
+from tests.lasfiles import LEGACY_POINT_COUNT, MAX_X, OFFSETS, patch, truncated, write_points
 
 
 def test_suites_are_files_great_expectations_accepts() -> None:
@@ -19,7 +19,9 @@ def test_suites_are_files_great_expectations_accepts() -> None:
     assert names == ["las_header", "las_points"]
     for path in SUITES_DIR.glob("*.json"):
         suite = json.loads(path.read_text())
-        assert all(e["meta"]["severity"] in ("error", "warning") and e["meta"]["explain"] for e in suite["expectations"])
+        assert all(
+            e["meta"]["severity"] in ("error", "warning") and e["meta"]["explain"] for e in suite["expectations"]
+        )
 
 
 @pytest.mark.parametrize("name", ["isprs/samp11.las", "lidr_topography.laz"])
@@ -110,7 +112,11 @@ def test_report_renders_for_people(tmp_path: Path) -> None:
     [
         ("las_header", {"bounds_tight": [True], "crs_present": [True]}, None),
         ("las_header", {"bounds_tight": [False], "crs_present": [False]}, None),
-        ("las_points", {"classification": [2, 6, 9, 40, 64, 40], "intensity": [0, 0, 0, 0, 0, 0]}, {"valid_classes": VALID_CLASSES}),
+        (
+            "las_points",
+            {"classification": [2, 6, 9, 40, 64, 40], "intensity": [0, 0, 0, 0, 0, 0]},
+            {"valid_classes": VALID_CLASSES},
+        ),
         ("las_points", {"classification": [2, 2], "intensity": [0, 12]}, {"valid_classes": VALID_CLASSES}),
     ],
 )

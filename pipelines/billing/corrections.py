@@ -4,7 +4,7 @@ per-account terms the next invoices use."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -51,12 +51,25 @@ class CreditNoteView:
 
 
 def _credit_view(note: CreditNote) -> CreditNoteView:
-    return CreditNoteView(note.credit_note_number, note.invoice_number, note.account_id, note.issued_on,
-                          note.amount, note.tax, note.total, note.reason)  # fmt: skip
+    return CreditNoteView(
+        note.credit_note_number,
+        note.invoice_number,
+        note.account_id,
+        note.issued_on,
+        note.amount,
+        note.tax,
+        note.total,
+        note.reason,
+    )
 
 
 def issue_credit_note(
-    catalog: Catalog, pricebook: PriceBook, invoice_number: str, amount: Decimal, reason: str, issued_on: date | None = None
+    catalog: Catalog,
+    pricebook: PriceBook,
+    invoice_number: str,
+    amount: Decimal,
+    reason: str,
+    issued_on: date | None = None,
 ) -> tuple[CreditNoteView, bool]:
     """Credit `amount` (net of tax) against an issued invoice; returns the note and whether it is new.
 
@@ -70,7 +83,7 @@ def issue_credit_note(
     if amount <= 0 or amount != amount.quantize(Decimal("0.01")):
         raise BillingError(f"credit amount {amount} must be positive with at most two decimals")
     amount = amount.quantize(Decimal("0.01"))
-    issued_on = issued_on or datetime.now(timezone.utc).date()
+    issued_on = issued_on or datetime.now(UTC).date()
     for _ in range(_NUMBERING_ATTEMPTS):
         try:
             with catalog.session() as session:
@@ -78,9 +91,11 @@ def issue_credit_note(
                 if invoice is None:
                     raise BillingError(f"unknown invoice {invoice_number!r}")
                 replay = session.scalar(
-                    select(CreditNote).where(CreditNote.invoice_number == invoice_number)
-                    .where(CreditNote.amount == amount).where(CreditNote.reason == reason)
-                )  # fmt: skip
+                    select(CreditNote)
+                    .where(CreditNote.invoice_number == invoice_number)
+                    .where(CreditNote.amount == amount)
+                    .where(CreditNote.reason == reason)
+                )
                 if replay is not None:
                     return _credit_view(replay), False
                 if issued_on < invoice.issue_date:
@@ -89,17 +104,26 @@ def issue_credit_note(
                 # What the invoice charged, before it consumed earlier credit.
                 creditable = invoice.subtotal + invoice.credit_applied - sum((n.amount for n in earlier), Decimal("0"))
                 if amount > creditable:
-                    raise BillingError(f"invoice {invoice_number} has {format_money(creditable)} left to credit, not {format_money(amount)}")
+                    raise BillingError(
+                        f"invoice {invoice_number} has {format_money(creditable)} left to credit, not {format_money(amount)}"
+                    )
                 tax_left = invoice.tax - sum((n.tax for n in earlier), Decimal("0"))
                 tax = min(tax_left, round_half_up(Fraction(amount) * Fraction(invoice.tax_rate)))
                 month = f"{issued_on:%Y-%m}"
                 prefix = f"{pricebook.invoice_prefix}-CN-{month}-"
-                count = session.scalar(select(func.count()).select_from(CreditNote).where(CreditNote.credit_note_number.like(f"{prefix}%")))
+                count = session.scalar(
+                    select(func.count()).select_from(CreditNote).where(CreditNote.credit_note_number.like(f"{prefix}%"))
+                )
                 note = CreditNote(
-                    credit_note_number=f"{prefix}{count + 1:04d}", invoice_number=invoice_number,
-                    account_id=invoice.account_id, issued_on=issued_on, amount=amount, tax=tax, total=amount + tax,
+                    credit_note_number=f"{prefix}{count + 1:04d}",
+                    invoice_number=invoice_number,
+                    account_id=invoice.account_id,
+                    issued_on=issued_on,
+                    amount=amount,
+                    tax=tax,
+                    total=amount + tax,
                     reason=reason,
-                )  # fmt: skip
+                )
                 session.add(note)
                 session.flush()
                 return _credit_view(note), True
@@ -133,26 +157,36 @@ def dispute_deadline(pricebook: PriceBook, issue_date: date, billing_error: bool
 
 
 def open_dispute(
-    catalog: Catalog, pricebook: PriceBook, invoice_number: str, reason: str, billing_error: bool = False,
+    catalog: Catalog,
+    pricebook: PriceBook,
+    invoice_number: str,
+    reason: str,
+    billing_error: bool = False,
     at: datetime | None = None,
-) -> tuple[DisputeView, bool]:  # fmt: skip
+) -> tuple[DisputeView, bool]:
     """Record a customer's dispute if it is within its window; the same reason again is a replay."""
     reason = reason.strip()
     if not reason:
         raise BillingError("a dispute needs a reason")
-    at = at or datetime.now(timezone.utc)
+    at = at or datetime.now(UTC)
     with catalog.session() as session:
         invoice = session.get(Invoice, invoice_number)
         if invoice is None:
             raise BillingError(f"unknown invoice {invoice_number!r}")
-        existing = session.scalar(select(Dispute).where(Dispute.invoice_number == invoice_number).where(Dispute.reason == reason))
+        existing = session.scalar(
+            select(Dispute).where(Dispute.invoice_number == invoice_number).where(Dispute.reason == reason)
+        )
         if existing is not None:
             deadline = dispute_deadline(pricebook, invoice.issue_date, existing.billing_error)
-            return DisputeView(invoice_number, existing.opened_at, existing.reason, existing.billing_error, deadline), False
+            return DisputeView(
+                invoice_number, existing.opened_at, existing.reason, existing.billing_error, deadline
+            ), False
         deadline = dispute_deadline(pricebook, invoice.issue_date, billing_error)
-        if at.astimezone(timezone.utc).date() > deadline:
+        if at.astimezone(UTC).date() > deadline:
             kind = "billing errors" if billing_error else "disputes"
-            raise BillingError(f"invoice {invoice_number} was issued on {invoice.issue_date}: {kind} were accepted until {deadline}")
+            raise BillingError(
+                f"invoice {invoice_number} was issued on {invoice.issue_date}: {kind} were accepted until {deadline}"
+            )
         session.add(Dispute(invoice_number=invoice_number, opened_at=at, reason=reason, billing_error=billing_error))
     return DisputeView(invoice_number, at, reason, billing_error, deadline), True
 
@@ -185,16 +219,27 @@ def invoice_statement(catalog: Catalog, pricebook: PriceBook, invoice_number: st
         invoice = session.get(Invoice, invoice_number)
         if invoice is None:
             raise BillingError(f"unknown invoice {invoice_number!r}")
-        paid = sum(session.scalars(select(Payment.amount).where(Payment.invoice_number == invoice_number)), Decimal("0.00"))
-        notes = session.scalars(select(CreditNote).where(CreditNote.invoice_number == invoice_number).order_by(CreditNote.credit_note_number))
+        paid = sum(
+            session.scalars(select(Payment.amount).where(Payment.invoice_number == invoice_number)), Decimal("0.00")
+        )
+        notes = session.scalars(
+            select(CreditNote)
+            .where(CreditNote.invoice_number == invoice_number)
+            .order_by(CreditNote.credit_note_number)
+        )
         disputes = session.scalars(select(Dispute).where(Dispute.invoice_number == invoice_number).order_by(Dispute.id))
         return InvoiceStatement(
             invoice_view(invoice),
             paid,
             tuple(_credit_view(n) for n in notes),
             tuple(
-                DisputeView(d.invoice_number, d.opened_at, d.reason, d.billing_error,
-                            dispute_deadline(pricebook, invoice.issue_date, d.billing_error))  # fmt: skip
+                DisputeView(
+                    d.invoice_number,
+                    d.opened_at,
+                    d.reason,
+                    d.billing_error,
+                    dispute_deadline(pricebook, invoice.issue_date, d.billing_error),
+                )
                 for d in disputes
             ),
         )
@@ -269,7 +314,9 @@ def set_billing_terms(catalog: Catalog, account_id: str, update: TermsUpdate) ->
             "seats": terms.seats,
             "extra_storage_gb": terms.extra_storage_gb,
             "monthly_fee": None if terms.monthly_fee is None else str(terms.monthly_fee),
-            "price_per_million_points": None if terms.price_per_million_points is None else str(terms.price_per_million_points),
+            "price_per_million_points": None
+            if terms.price_per_million_points is None
+            else str(terms.price_per_million_points),
             "monthly_points_cap": terms.monthly_points_cap,
             "ended_on": None if terms.ended_on is None else terms.ended_on.isoformat(),
             "tax_rate": str(latest.tax_rate),
@@ -277,5 +324,7 @@ def set_billing_terms(catalog: Catalog, account_id: str, update: TermsUpdate) ->
             "exempt_until": None if latest.exempt_until is None else latest.exempt_until.isoformat(),
             "effective_on": None if effective_on is None else effective_on.isoformat(),
             # Invoiced months this change reaches into: the next monthly run corrects them.
-            "corrects": [] if effective_on is None else list(invoiced_since(session, max(effective_on, account.started_at))),
+            "corrects": []
+            if effective_on is None
+            else list(invoiced_since(session, max(effective_on, account.started_at))),
         }

@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from sqlalchemy import select
@@ -42,8 +42,8 @@ from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account, SentMessage
 from pipelines.customer_text import render_mail
 from pipelines.notify import DeliveryError, send_once
-from pipelines.settings import Settings
 from pipelines.runtime import Runtime
+from pipelines.settings import Settings
 from pipelines.storage import LINK_LIFETIME, AccountArea, ObjectStore, check_key
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,9 @@ class MonthlyBilling:
     @classmethod
     def open(cls, settings: Settings, period: str) -> MonthlyBilling:
         runtime = Runtime.from_settings(settings)
-        return cls(settings, runtime.catalog, runtime.store, load_pricebook(settings.pricebook_path), Period.parse(period))
+        return cls(
+            settings, runtime.catalog, runtime.store, load_pricebook(settings.pricebook_path), Period.parse(period)
+        )
 
 
 @dataclass(frozen=True)
@@ -117,22 +119,38 @@ def month_invoices(catalog: Catalog, period: Period) -> list[InvoiceView]:
 def _buyers(catalog: Catalog, period: Period) -> dict[str, Buyer]:
     """Name, address and VAT ID of every account invoiced for the month, in one query."""
     with catalog.session() as session:
-        accounts = session.scalars(select(Account).join(Invoice, Invoice.account_id == Account.account_id).where(Invoice.period == period.label))
+        accounts = session.scalars(
+            select(Account)
+            .join(Invoice, Invoice.account_id == Account.account_id)
+            .where(Invoice.period == period.label)
+        )
         return {account.account_id: buyer_of(account) for account in accounts}
 
 
 def buyer_of(account: Account) -> Buyer:
-    return Buyer(account.account_id, account.name, account.country, account.email, account.street, account.postcode, account.city,
-                 account.vat_id)  # fmt: skip
+    return Buyer(
+        account.account_id,
+        account.name,
+        account.country,
+        account.email,
+        account.street,
+        account.postcode,
+        account.city,
+        account.vat_id,
+    )
 
 
 def exempt_category(pricebook: PriceBook, buyer: Buyer) -> str:
     return Parties(pricebook.seller_country, buyer.country, buyer.vat_id).exempt_category()
 
 
-def document_of(catalog: Catalog, pricebook: PriceBook, invoice: InvoiceView, buyer: Buyer, paid: Decimal = ZERO) -> DocumentView:
+def document_of(
+    catalog: Catalog, pricebook: PriceBook, invoice: InvoiceView, buyer: Buyer, paid: Decimal = ZERO
+) -> DocumentView:
     with catalog.session() as session:
-        remaining = session.scalar(select(Invoice.credit_remaining).where(Invoice.invoice_number == invoice.invoice_number))
+        remaining = session.scalar(
+            select(Invoice.credit_remaining).where(Invoice.invoice_number == invoice.invoice_number)
+        )
     return invoice_document(invoice, buyer, pricebook, remaining, paid, exempt_category(pricebook, buyer))
 
 
@@ -154,7 +172,9 @@ def publish_documents(billing: MonthlyBilling) -> PublishResult:
         kept += len(keys) - len(missing)
         if not missing:
             continue
-        rendered = render_documents(document_of(billing.catalog, billing.pricebook, invoice, buyers[invoice.account_id]), invoice, missing)
+        rendered = render_documents(
+            document_of(billing.catalog, billing.pricebook, invoice, buyers[invoice.account_id]), invoice, missing
+        )
         for fmt in missing:
             billing.store.put_bytes(keys[fmt], rendered[fmt])
             written += 1
@@ -190,7 +210,11 @@ def _already_mailed(catalog: Catalog, keys: list[str]) -> set[str]:
     found: set[str] = set()
     with catalog.session() as session:
         for start in range(0, len(keys), _KEYS_PER_QUERY):
-            found.update(session.scalars(select(SentMessage.key).where(SentMessage.key.in_(keys[start:start + _KEYS_PER_QUERY]))))
+            found.update(
+                session.scalars(
+                    select(SentMessage.key).where(SentMessage.key.in_(keys[start : start + _KEYS_PER_QUERY]))
+                )
+            )
     return found
 
 
@@ -214,16 +238,24 @@ def email_invoices(billing: MonthlyBilling, link_lifetime: timedelta = LINK_LIFE
             already.append(invoice.invoice_number)
             continue
         buyer = buyers[invoice.account_id]
-        links = {fmt: billing.store.link(k, link_lifetime) for fmt, k in document_keys(invoice).items() if fmt in formats}
+        links = {
+            fmt: billing.store.link(k, link_lifetime) for fmt, k in document_keys(invoice).items() if fmt in formats
+        }
         document = document_of(billing.catalog, billing.pricebook, invoice, buyer)
-        subject, body = invoice_email(document, links, datetime.now(timezone.utc) + link_lifetime)
+        subject, body = invoice_email(document, links, datetime.now(UTC) + link_lifetime)
         try:
             send_once(billing.settings, billing.catalog, key, invoice.account_id, "invoice", buyer.email, subject, body)
         except DeliveryError as error:
             refused.append(f"{invoice.invoice_number}: {error}")
             continue
         sent.append(invoice.invoice_number)
-    log.info("%s: %d invoice e-mail(s) sent, %d sent earlier, %d refused", billing.period, len(sent), len(already), len(refused))
+    log.info(
+        "%s: %d invoice e-mail(s) sent, %d sent earlier, %d refused",
+        billing.period,
+        len(sent),
+        len(already),
+        len(refused),
+    )
     if refused:
         raise InvoiceEmailError(
             f"{len(refused)} of {len(invoices)} invoice e-mail(s) for {billing.period} not sent "
@@ -257,7 +289,10 @@ def publish_usage_daily(billing: MonthlyBilling) -> dict[str, str]:
 def credit_note_keys(account_id: str, number: str, pricebook: PriceBook) -> dict[str, str]:
     """accounts/<id>/invoices/<credit note number>.html (and .pdf, .xml with a seller)"""
     area = AccountArea(account_id)
-    return {fmt: area.key("invoices", f"{number}.{fmt}") for fmt in ("html", *(EINVOICE_FORMATS if pricebook.seller else ()))}
+    return {
+        fmt: area.key("invoices", f"{number}.{fmt}")
+        for fmt in ("html", *(EINVOICE_FORMATS if pricebook.seller else ()))
+    }
 
 
 def credit_note_of(catalog: Catalog, pricebook: PriceBook, number: str) -> DocumentView:

@@ -32,9 +32,15 @@ LINE_COLUMNS = ("kind", "description", "quantity", "unit_price", "amount", "taxa
 ZERO = Decimal("0.00")
 # Wording printed with a zero VAT, and the EN 16931 exemption reason codes (VATEX) that go with it.
 VAT_NOTES = {
-    REVERSE_CHARGE: ("Reverse charge: VAT to be accounted for by the recipient (Art. 196 Council Directive 2006/112/EC).", "VATEX-EU-AE"),
+    REVERSE_CHARGE: (
+        "Reverse charge: VAT to be accounted for by the recipient (Art. 196 Council Directive 2006/112/EC).",
+        "VATEX-EU-AE",
+    ),
     EXEMPT: ("Exempt from VAT under the exemption the customer holds.", None),
-    OUTSIDE_SCOPE: ("Not subject to VAT in the EU: the customer is established outside the EU (Art. 44 Directive 2006/112/EC).", "VATEX-EU-O"),
+    OUTSIDE_SCOPE: (
+        "Not subject to VAT in the EU: the customer is established outside the EU (Art. 44 Directive 2006/112/EC).",
+        "VATEX-EU-O",
+    ),
     ZERO_RATED: ("VAT at 0 %.", None),
 }
 FINANCE_CHARGE_NOTE = "Finance charge on an overdue balance: interest, not a supply; no VAT."
@@ -74,9 +80,11 @@ class VatGroup:
             return f"VAT {self.percent} %"
         if self.category == "FC":
             return "Finance charge, no VAT"
-        return {REVERSE_CHARGE: "VAT 0 %, reverse charge", EXEMPT: "VAT 0 %, exempt", OUTSIDE_SCOPE: "VAT 0 %, not subject"}.get(
-            self.category, "VAT 0 %"
-        )
+        return {
+            REVERSE_CHARGE: "VAT 0 %, reverse charge",
+            EXEMPT: "VAT 0 %, exempt",
+            OUTSIDE_SCOPE: "VAT 0 %, not subject",
+        }.get(self.category, "VAT 0 %")
 
 
 @dataclass(frozen=True)
@@ -132,14 +140,20 @@ def vat_groups(lines: tuple[Line, ...], invoice_rate: Decimal, fallback_category
         bases[line.tax_category or (STANDARD if rate else fallback_category), rate] += line.amount
     return tuple(
         VatGroup(category, rate, base, round_half_up(base * rate) if category == STANDARD else ZERO)
-        for (category, rate), base in sorted(bases.items(), key=lambda item: (item[0][0] == "FC", -item[0][1], item[0][0]))
+        for (category, rate), base in sorted(
+            bases.items(), key=lambda item: (item[0][0] == "FC", -item[0][1], item[0][0])
+        )
     )
 
 
 def invoice_document(
-    invoice: InvoiceView, buyer: Buyer, pricebook: PriceBook, credit_remaining: Decimal | None = None,
-    paid: Decimal = ZERO, exempt_category: str = EXEMPT,
-) -> DocumentView:  # fmt: skip
+    invoice: InvoiceView,
+    buyer: Buyer,
+    pricebook: PriceBook,
+    credit_remaining: Decimal | None = None,
+    paid: Decimal = ZERO,
+    exempt_category: str = EXEMPT,
+) -> DocumentView:
     """An invoice's document. A month whose credits (availability, refunds, corrections of earlier
     months) outweigh its charges has a negative total: that is no invoice but a credit note (EN 16931
     type 381, amounts credited shown positive, nothing to pay, nothing carried forward consumed);
@@ -153,14 +167,32 @@ def invoice_document(
     tax = sum((group.tax for group in vat), ZERO)
     period = Period.parse(invoice.period)
     return DocumentView(
-        "invoice", invoice.invoice_number, invoice.issue_date, invoice.due_date, period.first_day, period.last_day,
-        invoice.currency, pricebook.seller, buyer, lines, vat, net, tax, net + tax, credit_applied, credit_remaining, paid,
-        late_fee_rate=pricebook.late_fee_rate(buyer.country), dispute_days=pricebook.dispute_window_days,
+        "invoice",
+        invoice.invoice_number,
+        invoice.issue_date,
+        invoice.due_date,
+        period.first_day,
+        period.last_day,
+        invoice.currency,
+        pricebook.seller,
+        buyer,
+        lines,
+        vat,
+        net,
+        tax,
+        net + tax,
+        credit_applied,
+        credit_remaining,
+        paid,
+        late_fee_rate=pricebook.late_fee_rate(buyer.country),
+        dispute_days=pricebook.dispute_window_days,
         billing_error_days=pricebook.billing_error_dispute_window_days,
-    )  # fmt: skip
+    )
 
 
-def _credit_document(invoice: InvoiceView, buyer: Buyer, pricebook: PriceBook, lines: tuple[Line, ...], exempt_category: str) -> DocumentView:
+def _credit_document(
+    invoice: InvoiceView, buyer: Buyer, pricebook: PriceBook, lines: tuple[Line, ...], exempt_category: str
+) -> DocumentView:
     """A month's negative invoice as the credit note it is: every line with its sign turned, so
     what is credited reads positive and a charge on it reads negative."""
     lines = tuple(replace(line, quantity=-line.quantity, amount=-line.amount) for line in lines)
@@ -169,23 +201,59 @@ def _credit_document(invoice: InvoiceView, buyer: Buyer, pricebook: PriceBook, l
     tax = sum((group.tax for group in vat), ZERO)
     period = Period.parse(invoice.period)
     return DocumentView(
-        "credit_note", invoice.invoice_number, invoice.issue_date, None, period.first_day, period.last_day, invoice.currency,
-        pricebook.seller, buyer, lines, vat, net, tax, net + tax,
-        dispute_days=pricebook.dispute_window_days, billing_error_days=pricebook.billing_error_dispute_window_days,
-    )  # fmt: skip
+        "credit_note",
+        invoice.invoice_number,
+        invoice.issue_date,
+        None,
+        period.first_day,
+        period.last_day,
+        invoice.currency,
+        pricebook.seller,
+        buyer,
+        lines,
+        vat,
+        net,
+        tax,
+        net + tax,
+        dispute_days=pricebook.dispute_window_days,
+        billing_error_days=pricebook.billing_error_dispute_window_days,
+    )
 
 
-def credit_note_document(note: Any, invoice: InvoiceView, buyer: Buyer, pricebook: PriceBook, exempt_category: str = EXEMPT) -> DocumentView:
+def credit_note_document(
+    note: Any, invoice: InvoiceView, buyer: Buyer, pricebook: PriceBook, exempt_category: str = EXEMPT
+) -> DocumentView:
     """A credit note: one line crediting `note.amount` of the invoice, at the invoice's rate."""
     category = STANDARD if invoice.tax_rate else exempt_category
-    line = Line("credit_note", f"Credit on invoice {invoice.invoice_number}: {note.reason}", Decimal(1), note.amount, note.amount,
-                True, invoice.tax_rate, category)  # fmt: skip
+    line = Line(
+        "credit_note",
+        f"Credit on invoice {invoice.invoice_number}: {note.reason}",
+        Decimal(1),
+        note.amount,
+        note.amount,
+        True,
+        invoice.tax_rate,
+        category,
+    )
     group = VatGroup(category, invoice.tax_rate, note.amount, note.tax)
     period = Period.parse(invoice.period)
     return DocumentView(
-        "credit_note", note.credit_note_number, note.issued_on, None, period.first_day, period.last_day, invoice.currency,
-        pricebook.seller, buyer, (line,), (group,), note.amount, note.tax, note.total, refers_to=invoice.invoice_number,
-    )  # fmt: skip
+        "credit_note",
+        note.credit_note_number,
+        note.issued_on,
+        None,
+        period.first_day,
+        period.last_day,
+        invoice.currency,
+        pricebook.seller,
+        buyer,
+        (line,),
+        (group,),
+        note.amount,
+        note.tax,
+        note.total,
+        refers_to=invoice.invoice_number,
+    )
 
 
 # --- the formats --------------------------------------------------------------------------------
@@ -212,24 +280,43 @@ def _line_row(line: Line) -> dict[str, str]:
         vat = f"{format_quantity(line.tax_rate * 100)} %"
     else:
         vat = "0 %"
-    return {"description": data["description"], "quantity": data["quantity"], "unit_price": data["unit_price"], "amount": data["amount"], "vat": vat}
+    return {
+        "description": data["description"],
+        "quantity": data["quantity"],
+        "unit_price": data["unit_price"],
+        "amount": data["amount"],
+        "vat": vat,
+    }
 
 
 def document_html(document: DocumentView) -> str:
     """A self-contained page (no external assets), also the source of the PDF."""
-    money = {name: format_money(getattr(document, name)) for name in ("net_total", "gross_total", "credit_applied", "paid", "amount_due")}
+    money = {
+        name: format_money(getattr(document, name))
+        for name in ("net_total", "gross_total", "credit_applied", "paid", "amount_due")
+    }
     context = {
-        "title": document.title, "number": document.number, "kind": document.kind, "refers_to": document.refers_to,
-        "issue_date": document.issue_date.isoformat(), "due_date": document.due_date.isoformat() if document.due_date else None,
-        "supply_first": document.supply_first.isoformat(), "supply_last": document.supply_last.isoformat(),
-        "currency": document.currency, "seller": document.seller, "buyer": document.buyer,
+        "title": document.title,
+        "number": document.number,
+        "kind": document.kind,
+        "refers_to": document.refers_to,
+        "issue_date": document.issue_date.isoformat(),
+        "due_date": document.due_date.isoformat() if document.due_date else None,
+        "supply_first": document.supply_first.isoformat(),
+        "supply_last": document.supply_last.isoformat(),
+        "currency": document.currency,
+        "seller": document.seller,
+        "buyer": document.buyer,
         "lines": [_line_row(line) for line in document.lines],
         "vat": [{"label": g.label, "base": format_money(g.base), "tax": format_money(g.tax)} for g in document.vat],
         "credit_remaining": None if document.credit_remaining is None else format_money(document.credit_remaining),
-        "amount_due_positive": document.amount_due > 0, "notes": document.notes,
-        "late_fee_percent": format_quantity(document.late_fee_rate * 100), "dispute_days": document.dispute_days,
-        "billing_error_days": document.billing_error_days, **money,
-    }  # fmt: skip
+        "amount_due_positive": document.amount_due > 0,
+        "notes": document.notes,
+        "late_fee_percent": format_quantity(document.late_fee_rate * 100),
+        "dispute_days": document.dispute_days,
+        "billing_error_days": document.billing_error_days,
+        **money,
+    }
     return render_page("invoice.html.j2", d=context)
 
 
@@ -240,7 +327,13 @@ def document_pdf(document: DocumentView) -> bytes:
     return HTML(string=document_html(document)).write_pdf(pdf_variant="pdf/a-3b", uncompressed_pdf=False)
 
 
-def invoice_html(invoice: InvoiceView, buyer: Buyer, pricebook: PriceBook, credit_remaining: Decimal | None = None, paid: Decimal = ZERO) -> str:
+def invoice_html(
+    invoice: InvoiceView,
+    buyer: Buyer,
+    pricebook: PriceBook,
+    credit_remaining: Decimal | None = None,
+    paid: Decimal = ZERO,
+) -> str:
     return document_html(invoice_document(invoice, buyer, pricebook, credit_remaining, paid))
 
 
@@ -267,7 +360,9 @@ def cii_xml(document: DocumentView) -> bytes:
 
     seller = document.seller
     if seller is None:
-        raise EInvoiceUnavailable("no e-invoice without the seller's name, address and VAT ID: add seller: to the price book")
+        raise EInvoiceUnavailable(
+            "no e-invoice without the seller's name, address and VAT ID: add seller: to the price book"
+        )
     doc = Document()
     doc.context.guideline_parameter.id = GUIDELINE
     doc.header.id = document.number
@@ -368,8 +463,12 @@ def cii_xml(document: DocumentView) -> bytes:
 def _group_of(line: Line, groups: tuple[VatGroup, ...]) -> VatGroup:
     if not line.taxable:
         return next(g for g in groups if g.category == "FC")
-    return next(g for g in groups if g.rate == (line.tax_rate if line.tax_rate is not None else g.rate) and
-                (line.tax_category is None or g.category == line.tax_category))  # fmt: skip
+    return next(
+        g
+        for g in groups
+        if g.rate == (line.tax_rate if line.tax_rate is not None else g.rate)
+        and (line.tax_category is None or g.category == line.tax_category)
+    )
 
 
 def _cii_category(group: VatGroup) -> str:
@@ -390,8 +489,15 @@ def facturx_pdf(document: DocumentView) -> bytes:
         "title": f"{document.title} {document.number}",
         "subject": f"{document.title} {document.number} of {document.seller.name if document.seller else 'pointflow'}",
     }
-    return generate_from_binary(document_pdf(document), xml, flavor="factur-x", level=FACTURX_LEVEL, check_xsd=True,
-                                pdf_metadata=metadata, lang="en-GB")  # fmt: skip
+    return generate_from_binary(
+        document_pdf(document),
+        xml,
+        flavor="factur-x",
+        level=FACTURX_LEVEL,
+        check_xsd=True,
+        pdf_metadata=metadata,
+        lang="en-GB",
+    )
 
 
 def check_facturx(pdf: bytes) -> bytes:

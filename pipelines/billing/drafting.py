@@ -49,7 +49,9 @@ class _Month:
     def regime(self, day: date) -> TaxRegime:
         return self.parties.regime(self.history.on(day), day)
 
-    def add(self, kind: str, description: str, quantity: Decimal, unit_price: Decimal, amount: Decimal, regime: TaxRegime) -> None:
+    def add(
+        self, kind: str, description: str, quantity: Decimal, unit_price: Decimal, amount: Decimal, regime: TaxRegime
+    ) -> None:
         self.lines.append(Line(kind, description, quantity, unit_price, amount, True, regime.rate, regime.category))
 
     def days_note(self, start: date, end: date, with_start: bool) -> str:
@@ -78,10 +80,16 @@ def draft_invoice(
     (see `correction_lines`)."""
     history = account.history()
     month = _Month(
-        pricebook, period, account, history, Parties(pricebook.seller_country, account.country, account.vat_id),
-        first=max(account.started_at, period.first_day), last=min(account.ended_on or period.last_day, period.last_day),
-        lines=[], month_fees=defaultdict(lambda: ZERO),
-    )  # fmt: skip
+        pricebook,
+        period,
+        account,
+        history,
+        Parties(pricebook.seller_country, account.country, account.vat_id),
+        first=max(account.started_at, period.first_day),
+        last=min(account.ended_on or period.last_day, period.last_day),
+        lines=[],
+        month_fees=defaultdict(lambda: ZERO),
+    )
     if month.active:
         _subscription_lines(month)
         _prepaid_refunds(month)
@@ -101,13 +109,28 @@ def draft_invoice(
     credit_applied = min(ledger.credit, gross) if gross > 0 else ZERO
     if credit_applied > 0:
         lines.append(
-            Line("credit", f"Credit carried forward (overpayments and credit notes, {format_money(ledger.credit)} available)",
-                 Decimal(1), -credit_applied, -credit_applied, taxable=False)  # fmt: skip
+            Line(
+                "credit",
+                f"Credit carried forward (overpayments and credit notes, {format_money(ledger.credit)} available)",
+                Decimal(1),
+                -credit_applied,
+                -credit_applied,
+                taxable=False,
+            )
         )
     if not any(line.amount for line in lines):
         return None
     subtotal = sum((line.amount for line in lines), ZERO)
-    return Draft(tuple(lines), tax_rate, subtotal, taxable_subtotal, tax, subtotal + tax, credit_applied, ledger.credit - credit_applied)
+    return Draft(
+        tuple(lines),
+        tax_rate,
+        subtotal,
+        taxable_subtotal,
+        tax,
+        subtotal + tax,
+        credit_applied,
+        ledger.credit - credit_applied,
+    )
 
 
 def _plan_name(plan: str) -> str:
@@ -151,8 +174,14 @@ def _subscription_lines(month: _Month) -> None:
             fee = agreed.monthly_fee if agreed.monthly_fee is not None else terms.monthly_fee
             amount = prorate(fee, days, period.days)
             if amount:
-                month.add("subscription", f"{_plan_name(agreed.plan)} plan, {period}{month.days_note(start, end, True)}",
-                          round_half_up(share, 4), fee, amount, regime)  # fmt: skip
+                month.add(
+                    "subscription",
+                    f"{_plan_name(agreed.plan)} plan, {period}{month.days_note(start, end, True)}",
+                    round_half_up(share, 4),
+                    fee,
+                    amount,
+                    regime,
+                )
                 _discount_line(month, terms.discount, amount, regime)
             month.month_fees[regime] += amount - round_half_up(Fraction(amount) * Fraction(terms.discount))
             continue
@@ -166,9 +195,15 @@ def _subscription_lines(month: _Month) -> None:
             amount = round_half_up(Fraction(fee) * months)
             cycle_end = add_months(cycle_start, months) - timedelta(days=1)
             if amount:
-                month.add("subscription", f"{_plan_name(agreed.plan)} plan, {agreed.billing_cycle} "
-                          f"{cycle_start.isoformat()} to {cycle_end.isoformat()}, in advance", Decimal(months), fee, amount,
-                          month.regime(cycle_start))  # fmt: skip
+                month.add(
+                    "subscription",
+                    f"{_plan_name(agreed.plan)} plan, {agreed.billing_cycle} "
+                    f"{cycle_start.isoformat()} to {cycle_end.isoformat()}, in advance",
+                    Decimal(months),
+                    fee,
+                    amount,
+                    month.regime(cycle_start),
+                )
                 _discount_line(month, terms.discount, amount, month.regime(cycle_start))
         # The month's share of the cycle's fee, which an availability credit refers to.
         month.month_fees[regime] += round_half_up(Fraction(fee) * (1 - Fraction(terms.discount)) * share)
@@ -206,15 +241,27 @@ def _prepaid_refunds(month: _Month) -> None:
         cycle_days = (cycle_end - cycle_start).days + 1
         refund = round_half_up(Fraction(net) * unused / cycle_days)
         if refund:
-            month.add("prepaid_refund", f"Refund of the unused {_plan_name(before.plan).lower()} plan {before.billing_cycle} "
-                      f"{cycle_start.isoformat()} to {cycle_end.isoformat()}: {unused} of {cycle_days} days from {change.isoformat()}",
-                      round_half_up(Fraction(unused, cycle_days), 4), -net, -refund, month.regime(cycle_start))  # fmt: skip
+            month.add(
+                "prepaid_refund",
+                f"Refund of the unused {_plan_name(before.plan).lower()} plan {before.billing_cycle} "
+                f"{cycle_start.isoformat()} to {cycle_end.isoformat()}: {unused} of {cycle_days} days from {change.isoformat()}",
+                round_half_up(Fraction(unused, cycle_days), 4),
+                -net,
+                -refund,
+                month.regime(cycle_start),
+            )
 
 
 def _discount_line(month: _Month, discount: Decimal, amount: Decimal, regime: TaxRegime) -> None:
     if discount and amount:
-        month.add("discount", f"Data-sharing discount {format_quantity(discount * 100)} %", discount, -amount,
-                  -round_half_up(Fraction(amount) * Fraction(discount)), regime)  # fmt: skip
+        month.add(
+            "discount",
+            f"Data-sharing discount {format_quantity(discount * 100)} %",
+            discount,
+            -amount,
+            -round_half_up(Fraction(amount) * Fraction(discount)),
+            regime,
+        )
 
 
 def _recurring_extras(month: _Month) -> None:
@@ -222,21 +269,34 @@ def _recurring_extras(month: _Month) -> None:
     period = month.period
     extras = (
         ("seats", lambda a: a.seats, lambda t: t.seat_fee, lambda n: f"User seats ({n}), {period}"),
-        ("extra_storage", lambda a: a.extra_storage_gb, lambda t: t.extra_storage_fee_per_gb, lambda n: f"Extra storage {n} GB, {period}"),
-    )  # fmt: skip
+        (
+            "extra_storage",
+            lambda a: a.extra_storage_gb,
+            lambda t: t.extra_storage_fee_per_gb,
+            lambda n: f"Extra storage {n} GB, {period}",
+        ),
+    )
     for kind, count_of, price_of, describe in extras:
 
-        def price(agreed: Agreed) -> Decimal:
+        def price(agreed: Agreed, price_of=price_of) -> Decimal:
             return price_of(month.pricebook.terms(agreed.plan, max(month.priced_from, agreed.plan_since)))
 
-        pieces = _merged(month.history.pieces(month.first, month.last),
-                         lambda start, a: (count_of(a), price(a), month.regime(start)))  # fmt: skip
+        pieces = _merged(
+            month.history.pieces(month.first, month.last),
+            lambda start, a, count_of=count_of, price=price: (count_of(a), price(a), month.regime(start)),
+        )
         for start, end, agreed in pieces:
             count, unit = count_of(agreed), price(agreed)
             if count and unit:
                 share = Fraction((end - start).days + 1, period.days)
-                month.add(kind, describe(count) + month.days_note(start, end, False), round_half_up(count * share, 4), unit,
-                          round_half_up(Fraction(unit) * count * share), month.regime(start))  # fmt: skip
+                month.add(
+                    kind,
+                    describe(count) + month.days_note(start, end, False),
+                    round_half_up(count * share, 4),
+                    unit,
+                    round_half_up(Fraction(unit) * count * share),
+                    month.regime(start),
+                )
 
 
 def _usage_lines(month: _Month, usage: Sequence[UsageSlice], late: bool = False) -> None:
@@ -253,18 +313,30 @@ def _usage_lines(month: _Month, usage: Sequence[UsageSlice], late: bool = False)
             continue
         regime = month.regime(piece.first_day)
         previous = priced[-1][2] if priced else None
-        if (previous and priced[-1][:2] == (price, regime) and previous.last_day + timedelta(days=1) == piece.first_day
-                and Period.of(previous.last_day) == Period.of(piece.first_day)):  # fmt: skip
+        if (
+            previous
+            and priced[-1][:2] == (price, regime)
+            and previous.last_day + timedelta(days=1) == piece.first_day
+            and Period.of(previous.last_day) == Period.of(piece.first_day)
+        ):
             previous = priced[-1][2]
             priced[-1] = (price, regime, UsageSlice(previous.first_day, piece.last_day, previous.points + piece.points))
         else:
             priced.append((price, regime, piece))
     for price, regime, piece in priced:
         millions = Decimal(piece.points).scaleb(-6)
-        kind, received = ("late_usage", f"Usage of {Period.of(piece.first_day)} received late: ") if late else ("usage", "")
-        month.add(kind, f"{received}Classification, {piece.points:,} points, {piece.first_day.isoformat()} to "
-                  f"{piece.last_day.isoformat()}, per million points", millions, price,
-                  round_half_up(Fraction(millions) * Fraction(price)), regime)  # fmt: skip
+        kind, received = (
+            ("late_usage", f"Usage of {Period.of(piece.first_day)} received late: ") if late else ("usage", "")
+        )
+        month.add(
+            kind,
+            f"{received}Classification, {piece.points:,} points, {piece.first_day.isoformat()} to "
+            f"{piece.last_day.isoformat()}, per million points",
+            millions,
+            price,
+            round_half_up(Fraction(millions) * Fraction(price)),
+            regime,
+        )
 
 
 def _availability_credit(month: _Month, availability: Fraction) -> None:
@@ -277,9 +349,15 @@ def _availability_credit(month: _Month, availability: Fraction) -> None:
             continue
         # Credited pro rata to the shortfall, never more than the month's fee.
         credit = min(fee, round_half_up(Fraction(fee) * shortfall))
-        month.add("availability_credit", f"Availability credit: {round_half_up(availability, 3)} % in {month.period}, "
-                  f"target {month.pricebook.availability_target_percent} %", round_half_up(shortfall, 6), -fee, -credit,
-                  regime)  # fmt: skip
+        month.add(
+            "availability_credit",
+            f"Availability credit: {round_half_up(availability, 3)} % in {month.period}, "
+            f"target {month.pricebook.availability_target_percent} %",
+            round_half_up(shortfall, 6),
+            -fee,
+            -credit,
+            regime,
+        )
 
 
 def _late_fee(pricebook: PriceBook, account: AccountFacts, ledger: Ledger, lines: list[Line]) -> None:
@@ -288,9 +366,15 @@ def _late_fee(pricebook: PriceBook, account: AccountFacts, ledger: Ledger, lines
     if overdue <= 0 or not rate:
         return
     lines.append(
-        Line("late_fee", f"Finance charge {format_quantity(rate * 100)} % per month on the overdue balance of "
-             f"{format_money(overdue)} {pricebook.currency}", overdue, rate,
-             round_half_up(Fraction(overdue) * Fraction(rate)), taxable=False)  # fmt: skip
+        Line(
+            "late_fee",
+            f"Finance charge {format_quantity(rate * 100)} % per month on the overdue balance of "
+            f"{format_money(overdue)} {pricebook.currency}",
+            overdue,
+            rate,
+            round_half_up(Fraction(overdue) * Fraction(rate)),
+            taxable=False,
+        )
     )
 
 
@@ -313,7 +397,9 @@ def _differing_ranges(before: History, after: History, first: date, last: date) 
     return ranges
 
 
-def _usage_in(pricebook: PriceBook, both: Sequence[History], start: date, end: date, usage_days: Mapping[date, int]) -> list[UsageSlice]:
+def _usage_in(
+    pricebook: PriceBook, both: Sequence[History], start: date, end: date, usage_days: Mapping[date, int]
+) -> list[UsageSlice]:
     """The points of [start, end] cut wherever a price, plan or term of either history changes,
     so that each slice has one price under each."""
     after_end = end + timedelta(days=1)
@@ -329,9 +415,13 @@ def _usage_in(pricebook: PriceBook, both: Sequence[History], start: date, end: d
 
 
 def correction_lines(
-    pricebook: PriceBook, period: Period, account: AccountFacts, before: History, usage_days: Mapping[date, int],
+    pricebook: PriceBook,
+    period: Period,
+    account: AccountFacts,
+    before: History,
+    usage_days: Mapping[date, int],
     availability: Fraction,
-) -> list[Line]:  # fmt: skip
+) -> list[Line]:
     """The correction of `period`, already invoiced, for plan or term changes recorded after that:
     for the days on which the account's history now differs from `before` (what its invoice, and
     any earlier correction, took into account), the lines those days get now are charged and the
@@ -345,7 +435,9 @@ def correction_lines(
     sides: dict[bool, list[Line]] = {False: [], True: []}  # credit? -> lines
 
     def month(history: History, start: date, end: date, price_from: date | None) -> _Month:
-        return _Month(pricebook, period, account, history, parties, start, end, [], defaultdict(lambda: ZERO), price_from)
+        return _Month(
+            pricebook, period, account, history, parties, start, end, [], defaultdict(lambda: ZERO), price_from
+        )
 
     for credit, history in ((False, after), (True, before)):
         # A refund of a prepaid cycle belongs to the plan change's day, whatever range it is in.
@@ -372,8 +464,13 @@ def correction_lines(
 def _correction(line: Line, period: Period, credit: bool) -> Line:
     if not credit:
         return replace(line, kind="correction", description=f"Correction of {period}: {line.description}")
-    return replace(line, kind="correction", description=f"Correction of {period}, credit for: {line.description}",
-                   quantity=-line.quantity, amount=-line.amount)  # fmt: skip
+    return replace(
+        line,
+        kind="correction",
+        description=f"Correction of {period}, credit for: {line.description}",
+        quantity=-line.quantity,
+        amount=-line.amount,
+    )
 
 
 # --- the month's run, against the catalog --------------------------------------------------------

@@ -44,8 +44,11 @@ class PlanChangeView:
     corrects: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "effective_on": self.effective_on.isoformat(),
-                "corrects": list(self.corrects)}  # fmt: skip
+        return {
+            **{f.name: getattr(self, f.name) for f in fields(self)},
+            "effective_on": self.effective_on.isoformat(),
+            "corrects": list(self.corrects),
+        }
 
 
 def correction_note(months: Sequence[str]) -> str:
@@ -65,7 +68,11 @@ def last_invoiced_period(session: Session) -> Period | None:
 
 def invoiced_since(session: Session, day: date) -> tuple[str, ...]:
     """The invoiced months from the month of `day` on, oldest first."""
-    return tuple(session.scalars(select(BillingRun.period).where(BillingRun.period >= Period.of(day).label).order_by(BillingRun.period)))
+    return tuple(
+        session.scalars(
+            select(BillingRun.period).where(BillingRun.period >= Period.of(day).label).order_by(BillingRun.period)
+        )
+    )
 
 
 def first_open_day(session: Session) -> date | None:
@@ -118,8 +125,12 @@ def histories(session: Session, accounts: Iterable[Account]) -> dict[str, Accoun
         changes = plans.get(account.account_id, [])
         # Before its first recorded change the account was on that change's previous plan.
         first = changes[0] if changes else None
-        plan, cycle = (first.previous_plan, first.previous_billing_cycle) if first else (account.plan, account.billing_cycle)
-        plan_ids, steps = _unzip(ordered_plan_steps((c.id, PlanStep(c.effective_on, c.plan, c.billing_cycle)) for c in changes))
+        plan, cycle = (
+            (first.previous_plan, first.previous_billing_cycle) if first else (account.plan, account.billing_cycle)
+        )
+        plan_ids, steps = _unzip(
+            ordered_plan_steps((c.id, PlanStep(c.effective_on, c.plan, c.billing_cycle)) for c in changes)
+        )
         term_ids, term_steps = _unzip(ordered_term_steps(terms.get(account.account_id, [])))
         result[account.account_id] = AccountHistory(plan, cycle, steps, term_steps, plan_ids, term_ids)
     return result
@@ -131,8 +142,13 @@ def _unzip(pairs: tuple[tuple[int, Any], ...]) -> tuple[tuple[int, ...], tuple[A
 
 def account_history(session: Session, account: Account) -> History:
     found = histories(session, [account])[account.account_id]
-    base = Agreed(plan=found.plan, billing_cycle=found.billing_cycle, plan_since=account.started_at,
-                  tax_rate=account.tax_rate, tax_exempt=account.tax_exempt)  # fmt: skip
+    base = Agreed(
+        plan=found.plan,
+        billing_cycle=found.billing_cycle,
+        plan_since=account.started_at,
+        tax_rate=account.tax_rate,
+        tax_exempt=account.tax_exempt,
+    )
     return History(base, found.plan_steps, found.term_steps)
 
 
@@ -162,9 +178,14 @@ def account_limits(catalog: Catalog, pricebook: PriceBook, account_id: str, day:
 
 
 def record_plan_change(
-    catalog: Catalog, pricebook: PriceBook | None, account_id: str, plan: str, effective_on: date, billing_cycle: str | None = None,
+    catalog: Catalog,
+    pricebook: PriceBook | None,
+    account_id: str,
+    plan: str,
+    effective_on: date,
+    billing_cycle: str | None = None,
     session: Session | None = None,
-) -> PlanChangeView:  # fmt: skip
+) -> PlanChangeView:
     """Record that the account is on `plan` from `effective_on` (00:00 UTC; that day is the new
     plan's). The cycle stays as it is unless given. Recording the plan already in force from that
     day records nothing. With a price book, a plan it does not list is refused. A date in a month
@@ -185,32 +206,65 @@ def record_plan_change(
     if (then.plan, then.billing_cycle) == (plan, cycle):
         return PlanChangeView(account_id, effective_on, plan, cycle, then.plan, then.billing_cycle, recorded=False)
     last = last_invoiced_period(session)
-    if effective_on <= account.started_at and not history.plan_steps and (last is None or last.last_day < account.started_at):
+    if (
+        effective_on <= account.started_at
+        and not history.plan_steps
+        and (last is None or last.last_day < account.started_at)
+    ):
         # Nothing else was ever agreed nor invoiced: the account simply starts on this plan.
         account.plan, account.billing_cycle = plan, cycle
         return PlanChangeView(account_id, effective_on, plan, cycle, then.plan, then.billing_cycle, recorded=True)
     previous = history.on(effective_on - timedelta(days=1))
-    session.add(PlanChange(account_id=account_id, effective_on=effective_on, plan=plan, billing_cycle=cycle,
-                           previous_plan=previous.plan, previous_billing_cycle=previous.billing_cycle))  # fmt: skip
+    session.add(
+        PlanChange(
+            account_id=account_id,
+            effective_on=effective_on,
+            plan=plan,
+            billing_cycle=cycle,
+            previous_plan=previous.plan,
+            previous_billing_cycle=previous.billing_cycle,
+        )
+    )
     session.flush()
     # accounts.plan is the plan of the latest change, whatever its date.
     latest = account_history(session, account).on(date.max)
     account.plan, account.billing_cycle = latest.plan, latest.billing_cycle
-    return PlanChangeView(account_id, effective_on, plan, cycle, previous.plan, previous.billing_cycle, recorded=True,
-                          corrects=invoiced_since(session, max(effective_on, account.started_at)))  # fmt: skip
+    return PlanChangeView(
+        account_id,
+        effective_on,
+        plan,
+        cycle,
+        previous.plan,
+        previous.billing_cycle,
+        recorded=True,
+        corrects=invoiced_since(session, max(effective_on, account.started_at)),
+    )
 
 
-DATED_TERMS = ("seats", "extra_storage_gb", "monthly_fee", "price_per_million_points", "monthly_points_cap", "tax_rate", "tax_exempt", "exempt_until")
+DATED_TERMS = (
+    "seats",
+    "extra_storage_gb",
+    "monthly_fee",
+    "price_per_million_points",
+    "monthly_points_cap",
+    "tax_rate",
+    "tax_exempt",
+    "exempt_until",
+)
 
 
-def record_term_change(session: Session, account: Account, values: dict[str, Any], effective_on: date | None) -> tuple[date | None, History]:
+def record_term_change(
+    session: Session, account: Account, values: dict[str, Any], effective_on: date | None
+) -> tuple[date | None, History]:
     """Record a dated change of agreed terms. Without a date it applies from the first month not
     invoiced yet (since the start when none is); a date in an invoiced month is corrected by the
     next monthly run. Returns the date used and the new history."""
     if "exempt_until" in values and "tax_exempt" not in values:
         values = {**values, "tax_exempt": True}
     if values.get("tax_exempt") is False and values.get("exempt_until") is not None:
-        raise ChangeRefused("an exemption's valid-until date needs the exemption: drop --exempt-until or the --no-tax-exempt")
+        raise ChangeRefused(
+            "an exemption's valid-until date needs the exemption: drop --exempt-until or the --no-tax-exempt"
+        )
     if effective_on is None:
         effective_on = first_open_day(session)
     session.add(TermChange(account_id=account.account_id, effective_on=effective_on, **values))

@@ -68,7 +68,9 @@ def _known_accounts(session: Session, account_ids: set[str]) -> set[str]:
     known: set[str] = set()
     ids = sorted(account_ids)
     for start in range(0, len(ids), _CHUNK):
-        known.update(session.scalars(select(Account.account_id).where(Account.account_id.in_(ids[start : start + _CHUNK]))))
+        known.update(
+            session.scalars(select(Account.account_id).where(Account.account_id.in_(ids[start : start + _CHUNK])))
+        )
     return known
 
 
@@ -137,8 +139,12 @@ def import_usage(catalog: Catalog, records: Sequence[tuple[int, UsageRecord]], s
 
         fresh = write_usage(session, [record for _, record in records])
         closed = _closed_periods(session, (r.occurred_at for r in fresh if r.kind == "classification"))
-    return ImportResult(len(fresh), len(records) - len(fresh), closed,
-                        "its new usage is billed on the next invoice, as usage received late")  # fmt: skip
+    return ImportResult(
+        len(fresh),
+        len(records) - len(fresh),
+        closed,
+        "its new usage is billed on the next invoice, as usage received late",
+    )
 
 
 # --- payments -----------------------------------------------------------------------------------
@@ -193,8 +199,13 @@ def read_payments_csv(path: Path) -> list[tuple[int, PaymentRecord]]:
                 paid_at = parse_utc_datetime(row["paid_at"])
             except ValueError:
                 raise ValueError(f"paid_at {row['paid_at']!r} is not an ISO datetime") from None
-            record = PaymentRecord(row["account_id"], row["invoice_number"] or None, parse_money(row["amount"]), paid_at,
-                                   row.get("payment_id") or None)  # fmt: skip
+            record = PaymentRecord(
+                row["account_id"],
+                row["invoice_number"] or None,
+                parse_money(row["amount"]),
+                paid_at,
+                row.get("payment_id") or None,
+            )
         except ValueError as error:
             problems.append(f"line {number}: {error}")
             continue
@@ -204,7 +215,9 @@ def read_payments_csv(path: Path) -> list[tuple[int, PaymentRecord]]:
     return records
 
 
-def import_payments(catalog: Catalog, records: Sequence[tuple[int, PaymentRecord]], source: str = "payments") -> ImportResult:
+def import_payments(
+    catalog: Catalog, records: Sequence[tuple[int, PaymentRecord]], source: str = "payments"
+) -> ImportResult:
     """Record payments not seen before; each must name a known account and, if given, its invoice."""
     with catalog.session() as session:
         accounts = _known_accounts(session, {r.account_id for _, r in records})
@@ -212,13 +225,21 @@ def import_payments(catalog: Catalog, records: Sequence[tuple[int, PaymentRecord
         owners: dict[str, str] = {}
         for start in range(0, len(numbers), _CHUNK):
             chunk = numbers[start : start + _CHUNK]
-            owners.update(session.execute(select(Invoice.invoice_number, Invoice.account_id).where(Invoice.invoice_number.in_(chunk))).tuples().all())
+            owners.update(
+                session.execute(
+                    select(Invoice.invoice_number, Invoice.account_id).where(Invoice.invoice_number.in_(chunk))
+                )
+                .tuples()
+                .all()
+            )
         problems = []
         for number, record in records:
             if record.account_id not in accounts:
                 problems.append(f"line {number}: unknown account {record.account_id!r}")
             elif record.invoice_number and owners.get(record.invoice_number) != record.account_id:
-                problems.append(f"line {number}: invoice {record.invoice_number!r} is not an invoice of account {record.account_id}")
+                problems.append(
+                    f"line {number}: invoice {record.invoice_number!r} is not an invoice of account {record.account_id}"
+                )
         if problems:
             raise ImportFileError(source, problems)
         unique: dict[str, PaymentRecord] = {}
@@ -227,9 +248,19 @@ def import_payments(catalog: Catalog, records: Sequence[tuple[int, PaymentRecord
         keys = list(unique)
         existing: set[str] = set()
         for start in range(0, len(keys), _CHUNK):
-            existing.update(session.scalars(select(Payment.payment_key).where(Payment.payment_key.in_(keys[start : start + _CHUNK]))))
+            existing.update(
+                session.scalars(
+                    select(Payment.payment_key).where(Payment.payment_key.in_(keys[start : start + _CHUNK]))
+                )
+            )
         rows = [
-            {"payment_key": key, "account_id": r.account_id, "invoice_number": r.invoice_number, "amount": r.amount, "paid_at": r.paid_at}
+            {
+                "payment_key": key,
+                "account_id": r.account_id,
+                "invoice_number": r.invoice_number,
+                "amount": r.amount,
+                "paid_at": r.paid_at,
+            }
             for key, r in unique.items()
             if key not in existing
         ]
@@ -296,11 +327,18 @@ def import_outages(catalog: Catalog, records: Sequence[tuple[int, OutageRecord]]
             latest = max(start for start, _ in unique)
             existing.update(
                 session.execute(
-                    select(Outage.started_at, Outage.ended_at).where(Outage.started_at >= earliest).where(Outage.started_at <= latest)
+                    select(Outage.started_at, Outage.ended_at)
+                    .where(Outage.started_at >= earliest)
+                    .where(Outage.started_at <= latest)
                 ).tuples()
             )
         rows = [
-            {"started_at": r.started_at, "ended_at": r.ended_at, "scheduled": r.scheduled, "announced_at": r.announced_at}
+            {
+                "started_at": r.started_at,
+                "ended_at": r.ended_at,
+                "scheduled": r.scheduled,
+                "announced_at": r.announced_at,
+            }
             for key, r in unique.items()
             if key not in existing
         ]

@@ -9,7 +9,7 @@ another, returns the invoices that exist and creates nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
 from itertools import pairwise
 from typing import Any
@@ -46,12 +46,16 @@ def issue_date_of(period: Period) -> date:
     return period.next().first_day
 
 
-def run_billing(catalog: Catalog, period: Period | str, pricebook: PriceBook, now: datetime | None = None) -> BillingRunResult:
+def run_billing(
+    catalog: Catalog, period: Period | str, pricebook: PriceBook, now: datetime | None = None
+) -> BillingRunResult:
     """Invoice every account for `period` once; a re-run returns the stored invoices unchanged."""
     period = Period.parse(period) if isinstance(period, str) else period
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     if now < period.end:
-        raise BillingError(f"period {period} has not ended yet: it can be invoiced from {period.end:%Y-%m-%d %H:%M} UTC")
+        raise BillingError(
+            f"period {period} has not ended yet: it can be invoiced from {period.end:%Y-%m-%d %H:%M} UTC"
+        )
     existing = load_invoices(catalog, period)
     if existing is not None:
         return BillingRunResult(period.label, False, existing)
@@ -73,14 +77,23 @@ def run_billing(catalog: Catalog, period: Period | str, pricebook: PriceBook, no
 
 
 def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> int:
-    runs = session.execute(select(BillingRun.period, BillingRun.created_at).where(BillingRun.period != period.label)).all()
+    runs = session.execute(
+        select(BillingRun.period, BillingRun.created_at).where(BillingRun.period != period.label)
+    ).all()
     started = session.get(BillingRun, period.label).created_at
-    claim = claim_usage(session, period, started, max((created for _, created in runs), default=None),
-                        [Period.parse(label) for label, _ in runs if label < period.label])  # fmt: skip
+    claim = claim_usage(
+        session,
+        period,
+        started,
+        max((created for _, created in runs), default=None),
+        [Period.parse(label) for label, _ in runs if label < period.label],
+    )
     accounts = _accounts(session, period)
     usage = _usage_slices(session, pricebook, period, accounts, claim)
     late = _late_usage(pricebook, late_points_by_account_day(session, period), {a.account_id: a for a in accounts})
-    corrections = _corrections(session, pricebook, period, accounts, [(Period.parse(label), at) for label, at in runs if label < period.label])
+    corrections = _corrections(
+        session, pricebook, period, accounts, [(Period.parse(label), at) for label, at in runs if label < period.label]
+    )
     availability = _availability(session, pricebook, period)
     issue_date = issue_date_of(period)
     ledgers = before_invoice(session, issue_date)
@@ -90,24 +103,53 @@ def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> 
     line_rows: list[dict[str, Any]] = []
     for account in accounts:  # ordered by account id: numbers follow that order, without gaps
         slices = [UsageSlice(first, last, points.get(account.account_id, 0)) for first, last, points in usage]
-        draft = draft_invoice(pricebook, period, account, slices, availability, ledgers.get(account.account_id, Ledger()),
-                              late.get(account.account_id, ()), corrections.get(account.account_id, ()))  # fmt: skip
+        draft = draft_invoice(
+            pricebook,
+            period,
+            account,
+            slices,
+            availability,
+            ledgers.get(account.account_id, Ledger()),
+            late.get(account.account_id, ()),
+            corrections.get(account.account_id, ()),
+        )
         if draft is None:
             continue
         sequence = len(invoice_rows) + 1
         number = f"{pricebook.invoice_prefix}-{period.label}-{sequence:04d}"
-        invoice_rows.append({
-            "invoice_number": number, "account_id": account.account_id, "period": period.label, "sequence": sequence,
-            "currency": pricebook.currency, "issue_date": issue_date, "due_date": due_date, "tax_rate": draft.tax_rate,
-            "subtotal": draft.subtotal, "taxable_subtotal": draft.taxable_subtotal, "tax": draft.tax,
-            "total": draft.total, "credit_applied": draft.credit_applied, "credit_remaining": draft.credit_remaining,
-        })  # fmt: skip
+        invoice_rows.append(
+            {
+                "invoice_number": number,
+                "account_id": account.account_id,
+                "period": period.label,
+                "sequence": sequence,
+                "currency": pricebook.currency,
+                "issue_date": issue_date,
+                "due_date": due_date,
+                "tax_rate": draft.tax_rate,
+                "subtotal": draft.subtotal,
+                "taxable_subtotal": draft.taxable_subtotal,
+                "tax": draft.tax,
+                "total": draft.total,
+                "credit_applied": draft.credit_applied,
+                "credit_remaining": draft.credit_remaining,
+            }
+        )
         line_rows.extend(
-            {"invoice_number": number, "position": position, "kind": line.kind, "description": line.description,
-             "quantity": line.quantity, "unit_price": line.unit_price, "amount": line.amount, "taxable": line.taxable,
-             "tax_rate": line.tax_rate, "tax_category": line.tax_category}
+            {
+                "invoice_number": number,
+                "position": position,
+                "kind": line.kind,
+                "description": line.description,
+                "quantity": line.quantity,
+                "unit_price": line.unit_price,
+                "amount": line.amount,
+                "taxable": line.taxable,
+                "tax_rate": line.tax_rate,
+                "tax_category": line.tax_category,
+            }
             for position, line in enumerate(draft.lines, start=1)
-        )  # fmt: skip
+        )
     if invoice_rows:
         session.execute(insert(Invoice), invoice_rows)
         session.execute(insert(InvoiceLine), line_rows)
@@ -127,15 +169,34 @@ def _accounts(session: Session, period: Period) -> list[AccountFacts]:
         if ended_on is not None and ended_on < account.started_at:
             continue
         history = found[account.account_id]
-        facts.append(AccountFacts(account.account_id, account.country, history.plan, history.billing_cycle, account.started_at,
-                                  account.tax_rate, account.tax_exempt, ended_on=ended_on, vat_id=account.vat_id, plan_steps=history.plan_steps,
-                                  term_steps=history.term_steps, plan_ids=history.plan_ids, term_ids=history.term_ids,
-                                  created_at=account.created_at))  # fmt: skip
+        facts.append(
+            AccountFacts(
+                account.account_id,
+                account.country,
+                history.plan,
+                history.billing_cycle,
+                account.started_at,
+                account.tax_rate,
+                account.tax_exempt,
+                ended_on=ended_on,
+                vat_id=account.vat_id,
+                plan_steps=history.plan_steps,
+                term_steps=history.term_steps,
+                plan_ids=history.plan_ids,
+                term_ids=history.term_ids,
+                created_at=account.created_at,
+            )
+        )
     return facts
 
 
-def _corrections(session: Session, pricebook: PriceBook, period: Period, accounts: Sequence[AccountFacts],
-                 invoiced: Sequence[tuple[Period, datetime]]) -> dict[str, list[Line]]:  # fmt: skip
+def _corrections(
+    session: Session,
+    pricebook: PriceBook,
+    period: Period,
+    accounts: Sequence[AccountFacts],
+    invoiced: Sequence[tuple[Period, datetime]],
+) -> dict[str, list[Line]]:
     """Take every plan and term change in force by the end of `period` into account, once: mark
     the ones no run has taken into account yet, and for those dated before `period` (recorded after
     the months they reach into were invoiced) return the lines correcting those invoiced months.
@@ -144,10 +205,16 @@ def _corrections(session: Session, pricebook: PriceBook, period: Period, account
     marks: list[dict[str, Any]] = []
     found: dict[str, list[Line]] = {}
     for account in accounts:
-        new_plans = [(i, s) for i, s in zip(account.plan_ids, account.plan_steps, strict=True)
-                     if ("plan", i) not in marked and s.effective_on <= period.last_day]  # fmt: skip
-        new_terms = [(i, s) for i, s in zip(account.term_ids, account.term_steps, strict=True)
-                     if ("terms", i) not in marked and (s.effective_on is None or s.effective_on <= period.last_day)]  # fmt: skip
+        new_plans = [
+            (i, s)
+            for i, s in zip(account.plan_ids, account.plan_steps, strict=True)
+            if ("plan", i) not in marked and s.effective_on <= period.last_day
+        ]
+        new_terms = [
+            (i, s)
+            for i, s in zip(account.term_ids, account.term_steps, strict=True)
+            if ("terms", i) not in marked and (s.effective_on is None or s.effective_on <= period.last_day)
+        ]
         marks += [{"kind": "plan", "change_id": i, "period": period.label} for i, _ in new_plans]
         marks += [{"kind": "terms", "change_id": i, "period": period.label} for i, _ in new_terms]
         dates = [s.effective_on for _, s in new_plans] + [s.effective_on or account.started_at for _, s in new_terms]
@@ -159,8 +226,14 @@ def _corrections(session: Session, pricebook: PriceBook, period: Period, account
             # A month invoiced before the account was added billed it nothing, so has nothing to correct.
             if month.last_day < earliest or (account.created_at is not None and account.created_at >= run_started):
                 continue
-            lines = correction_lines(pricebook, month, account, before, billed_points_by_day(session, account.account_id, month, period),
-                                     _availability(session, pricebook, month))  # fmt: skip
+            lines = correction_lines(
+                pricebook,
+                month,
+                account,
+                before,
+                billed_points_by_day(session, account.account_id, month, period),
+                _availability(session, pricebook, month),
+            )
             found.setdefault(account.account_id, []).extend(lines)
     if marks:
         session.execute(insert(ChangeBilling), marks)
@@ -189,7 +262,9 @@ def _usage_slices(
     ]
 
 
-def _late_usage(pricebook: PriceBook, points: dict[str, dict[date, int]], accounts: dict[str, AccountFacts]) -> dict[str, list[UsageSlice]]:
+def _late_usage(
+    pricebook: PriceBook, points: dict[str, dict[date, int]], accounts: dict[str, AccountFacts]
+) -> dict[str, list[UsageSlice]]:
     """Per account, the late points cut like their own month's usage would have been."""
     late: dict[str, list[UsageSlice]] = {}
     for account_id, days in points.items():
@@ -238,8 +313,19 @@ def invoice_view(invoice: Invoice) -> InvoiceView:
         issue_date=invoice.issue_date,
         due_date=invoice.due_date,
         tax_rate=invoice.tax_rate,
-        lines=tuple(Line(l.kind, l.description, l.quantity, l.unit_price, l.amount, l.taxable, l.tax_rate, l.tax_category)
-                    for l in invoice.lines),
+        lines=tuple(
+            Line(
+                line.kind,
+                line.description,
+                line.quantity,
+                line.unit_price,
+                line.amount,
+                line.taxable,
+                line.tax_rate,
+                line.tax_category,
+            )
+            for line in invoice.lines
+        ),
         subtotal=invoice.subtotal,
         tax=invoice.tax,
         total=invoice.total,

@@ -75,10 +75,16 @@ class AccountFacts:
 
     def history(self) -> History:
         base = Agreed(
-            plan=self.plan, billing_cycle=self.billing_cycle, plan_since=self.started_at, seats=self.seats,
-            extra_storage_gb=self.extra_storage_gb, monthly_fee=self.custom_monthly_fee,
-            price_per_million_points=self.custom_price_per_million_points, tax_rate=self.tax_rate, tax_exempt=self.tax_exempt,
-        )  # fmt: skip
+            plan=self.plan,
+            billing_cycle=self.billing_cycle,
+            plan_since=self.started_at,
+            seats=self.seats,
+            extra_storage_gb=self.extra_storage_gb,
+            monthly_fee=self.custom_monthly_fee,
+            price_per_million_points=self.custom_price_per_million_points,
+            tax_rate=self.tax_rate,
+            tax_exempt=self.tax_exempt,
+        )
         return History(base, self.plan_steps, self.term_steps)
 
 
@@ -152,7 +158,9 @@ def prorate(fee: Decimal, active_days: int, days_in_month: int) -> Decimal:
 
 def availability_percent(outages: Sequence[tuple[datetime, datetime]], period: Period) -> Fraction:
     """100 x (minutes in month - outage minutes) / minutes in month; overlapping outages count once."""
-    clipped = sorted((max(s, period.start), min(e, period.end)) for s, e in outages if s < period.end and e > period.start)
+    clipped = sorted(
+        (max(s, period.start), min(e, period.end)) for s, e in outages if s < period.end and e > period.start
+    )
     down = timedelta(0)
     cursor = period.start
     for start, end in clipped:

@@ -210,4 +210,3 @@ class Dispute(Base):
     reason: Mapped[str] = mapped_column(String(500))
     billing_error: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-

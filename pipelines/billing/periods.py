@@ -5,7 +5,7 @@ from __future__ import annotations
 import calendar
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, time, timezone
+from datetime import UTC, date, datetime, time
 from typing import TypeVar
 
 _PERIOD_RE = re.compile(r"^(\d{4})-(\d{2})$")
@@ -60,7 +60,7 @@ class Period:
 
 
 def start_of(day: date) -> datetime:
-    return datetime.combine(day, time(0), tzinfo=timezone.utc)
+    return datetime.combine(day, time(0), tzinfo=UTC)
 
 
 _Day = TypeVar("_Day", bound=date)
@@ -88,5 +88,5 @@ def period_for(logical_date: datetime) -> str:
     """
     if logical_date.utcoffset() is None:
         raise ValueError(f"logical date {logical_date.isoformat()} has no time zone: pass an aware datetime")
-    day = logical_date.astimezone(timezone.utc).date()
+    day = logical_date.astimezone(UTC).date()
     return Period.of(add_months(day.replace(day=1), -1)).label

@@ -57,7 +57,14 @@ class PlanLimits:
 
 
 _MONEY_FIELDS = {"monthly_fee", "discount", "price_per_million_points", "seat_fee", "extra_storage_fee_per_gb"}
-_INT_FIELDS = {"monthly_points_cap", "storage_limit_gb", "max_files", "max_stored_points", "result_retention_days", "trial_days"}
+_INT_FIELDS = {
+    "monthly_points_cap",
+    "storage_limit_gb",
+    "max_files",
+    "max_stored_points",
+    "result_retention_days",
+    "trial_days",
+}
 _BOOL_FIELDS = {"downloads"}
 _PLAN_FIELDS = _MONEY_FIELDS | _INT_FIELDS | _BOOL_FIELDS
 
@@ -115,7 +122,9 @@ class PriceBook:
         """The plan's values in force on `on` (never a later version: no retroactive prices)."""
         versions = self.plans.get(plan)
         if versions is None:
-            raise PriceBookError(f"{self.source}: plan {plan!r} is not in the price book (plans: {', '.join(self.plans)})")
+            raise PriceBookError(
+                f"{self.source}: plan {plan!r} is not in the price book (plans: {', '.join(self.plans)})"
+            )
         current = versions[0]
         for version in versions[1:]:
             if version.effective_from is not None and version.effective_from <= on:
@@ -124,7 +133,9 @@ class PriceBook:
 
     def change_dates(self, plan: str, start: date, end: date) -> list[date]:
         """Effective dates of the plan's versions strictly after `start` and before `end`."""
-        return sorted({v.effective_from for v in self.plans.get(plan, ()) if v.effective_from and start < v.effective_from < end})
+        return sorted(
+            {v.effective_from for v in self.plans.get(plan, ()) if v.effective_from and start < v.effective_from < end}
+        )
 
     def late_fee_rate(self, country: str) -> Decimal:
         """The contractual rate, or the country's legal maximum if that is lower."""
@@ -175,10 +186,19 @@ def parse_pricebook(text: str, source: str) -> PriceBook:
     if not isinstance(legal_max, dict):
         raise PriceBookError(f"{source}: late_fee_legal_max_monthly_rate must map country codes to rates")
     known = {
-        "currency", "invoice_prefix", "payment_terms_days", "late_fee_monthly_rate", "late_fee_legal_max_monthly_rate",
-        "availability_target_percent", "maintenance_notice_hours", "dispute_window_days",
-        "billing_error_dispute_window_days", "plans", "refund_unused_prepaid", "seller",
-    }  # fmt: skip
+        "currency",
+        "invoice_prefix",
+        "payment_terms_days",
+        "late_fee_monthly_rate",
+        "late_fee_legal_max_monthly_rate",
+        "availability_target_percent",
+        "maintenance_notice_hours",
+        "dispute_window_days",
+        "billing_error_dispute_window_days",
+        "plans",
+        "refund_unused_prepaid",
+        "seller",
+    }
     unknown = sorted(set(data) - known)
     if unknown:
         raise PriceBookError(f"{source}: unknown field(s) {', '.join(unknown)}")
@@ -209,7 +229,9 @@ def _seller(reader: _Reader, spec: Any) -> Seller | None:
     if unknown:
         raise PriceBookError(f"{reader.source}: seller: unknown field(s) {', '.join(unknown)}")
     values = {key: reader.text(spec, key, where=f"seller.{key}") for key in _SELLER_REQUIRED}
-    values |= {key: reader.text(spec, key, where=f"seller.{key}") for key in _SELLER_OPTIONAL if spec.get(key) is not None}
+    values |= {
+        key: reader.text(spec, key, where=f"seller.{key}") for key in _SELLER_OPTIONAL if spec.get(key) is not None
+    }
     country = values["country"].upper()
     if len(country) != 2 or not country.isalpha():
         raise PriceBookError(f"{reader.source}: seller.country: {values['country']!r} is not a two-letter ISO code")
@@ -268,7 +290,9 @@ class _Reader:
             raise self.fail(where or key, f"must be a whole number >= 0, got {value!r}")
         return value
 
-    def decimal(self, data: Mapping[str, Any], key: Any, default: str | None = None, where: str | None = None) -> Decimal:
+    def decimal(
+        self, data: Mapping[str, Any], key: Any, default: str | None = None, where: str | None = None
+    ) -> Decimal:
         value = data.get(key, default)
         # A YAML float has already lost exactness (0.1 is not 1/10): insist on quoted decimals.
         if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -305,6 +329,5 @@ class _Reader:
                     raise self.fail(f"{where}.{key}", "must be true or false")
                 values[key] = spec[key]
         if "discount" in values and values["discount"] > 1:
-            raise self.fail(f"{where}.discount", "is a fraction between 0 and 1, e.g. \"0.20\"")
+            raise self.fail(f"{where}.discount", 'is a fraction between 0 and 1, e.g. "0.20"')
         return values
-

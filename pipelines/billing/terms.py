@@ -13,9 +13,7 @@ from datetime import date, timedelta
 from decimal import Decimal
 
 # Member states of the EU (ISO 3166 codes; Greece is "GR" in ISO, "EL" in VAT numbers).
-EU_COUNTRIES = frozenset(
-    "AT BE BG CY CZ DE DK EE ES FI FR GR HR HU IE IT LT LU LV MT NL PL PT RO SE SI SK".split()
-)
+EU_COUNTRIES = frozenset("AT BE BG CY CZ DE DK EE ES FI FR GR HR HU IE IT LT LU LV MT NL PL PT RO SE SI SK".split())
 
 # EN 16931 VAT category codes (UNTDID 5305) the invoices use.
 STANDARD, ZERO_RATED, EXEMPT, REVERSE_CHARGE, OUTSIDE_SCOPE = "S", "Z", "E", "AE", "O"
@@ -149,7 +147,14 @@ class History:
 def _apply(agreed: Agreed, step: TermStep) -> Agreed:
     changes = {
         name: getattr(step, name)
-        for name in ("seats", "extra_storage_gb", "monthly_fee", "price_per_million_points", "monthly_points_cap", "tax_rate")
+        for name in (
+            "seats",
+            "extra_storage_gb",
+            "monthly_fee",
+            "price_per_million_points",
+            "monthly_points_cap",
+            "tax_rate",
+        )
         if getattr(step, name) is not None
     }
     if step.tax_exempt is not None:

@@ -41,7 +41,9 @@ class Claim:
     cutoff: datetime
 
 
-def billable_points_by_account(session: Session, start: datetime, end: datetime, claim: Claim | None = None) -> dict[str, int]:
+def billable_points_by_account(
+    session: Session, start: datetime, end: datetime, claim: Claim | None = None
+) -> dict[str, int]:
     """Billable points per account for events with start <= occurred_at < end (UTC); with a
     `claim`, only the events that month's run bills."""
     query = (
@@ -58,7 +60,9 @@ def billable_points_by_account(session: Session, start: datetime, end: datetime,
     return {account_id: int(points or 0) for account_id, points in session.execute(query)}
 
 
-def claim_usage(session: Session, period: Period, started: datetime, previous_start: datetime | None, invoiced: Iterable[Period]) -> Claim:
+def claim_usage(
+    session: Session, period: Period, started: datetime, previous_start: datetime | None, invoiced: Iterable[Period]
+) -> Claim:
     """Mark the events `period`'s run bills, where marks are needed, before it sums them.
 
     Events of the month recorded in the last COMMIT_MARGIN before the run are marked: an import
@@ -115,7 +119,9 @@ def late_points_by_account_day(session: Session, period: Period) -> dict[str, di
     )
     found: dict[str, dict[date, int]] = {}
     for account_id, value, points in rows:
-        found.setdefault(account_id, {})[value if isinstance(value, date) else date.fromisoformat(value)] = int(points or 0)
+        found.setdefault(account_id, {})[value if isinstance(value, date) else date.fromisoformat(value)] = int(
+            points or 0
+        )
     return found
 
 
@@ -221,6 +227,8 @@ def usage_daily(catalog: Catalog, first_day: date, last_day: date, account_id: s
             query = query.where(UsageEvent.account_id == account_id)
         rows = session.execute(query).all()
     return [
-        UsageDay(account, value if isinstance(value, date) else date.fromisoformat(value), int(jobs), int(ok), int(failed))
+        UsageDay(
+            account, value if isinstance(value, date) else date.fromisoformat(value), int(jobs), int(ok), int(failed)
+        )
         for account, value, jobs, ok, failed in rows
     ]

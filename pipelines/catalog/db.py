@@ -39,7 +39,9 @@ class UnknownAccountError(CatalogError):
     """No such account in the catalog; every layer that looks one up raises it (accounts, billing)."""
 
     def __init__(self, account_id: str) -> None:
-        super().__init__(f"unknown account {account_id!r}: add it with 'pointflow accounts add' or 'pointflow accounts import'")
+        super().__init__(
+            f"unknown account {account_id!r}: add it with 'pointflow accounts add' or 'pointflow accounts import'"
+        )
         self.account_id = account_id
 
 
@@ -59,14 +61,16 @@ def where(url: str) -> str:
 def database_failure(url: str, error: DBAPIError) -> CatalogUnavailable:
     """One line for a database error: the driver's first line, without SQL or parameters."""
     cause = str(error.orig).strip().splitlines()[0] if str(error.orig).strip() else type(error.orig).__name__
-    return CatalogUnavailable(f"the catalog database at {where(url)} failed: {cause}. Check POINTFLOW_DATABASE_URL and that the database server is up")
+    return CatalogUnavailable(
+        f"the catalog database at {where(url)} failed: {cause}. Check POINTFLOW_DATABASE_URL and that the database server is up"
+    )
 
 
 def normalise_url(url: str) -> str:
     """`postgresql://` means the psycopg2 driver we ship (SQLAlchemy 2.1 would pick psycopg 3)."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg2://" + url[len(prefix):]
+            return "postgresql+psycopg2://" + url[len(prefix) :]
     return url
 
 
@@ -89,7 +93,9 @@ def _make_engine(url: str) -> Engine:
     try:
         return create_engine(url, pool_pre_ping=True)
     except ModuleNotFoundError as error:
-        raise CatalogError(f"{make_url(url).get_backend_name()} needs the {error.name} driver: pip install 'pointflow[postgres]'") from error
+        raise CatalogError(
+            f"{make_url(url).get_backend_name()} needs the {error.name} driver: pip install 'pointflow[postgres]'"
+        ) from error
 
 
 def alembic_config(url: str) -> Config:

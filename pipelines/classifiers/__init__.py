@@ -36,6 +36,7 @@ def __getattr__(name: str) -> Any:
         return StandardParams
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 BUILTIN_CLASSIFIERS: tuple[str, ...] = ("standard", "ground")
 
 
@@ -45,8 +46,7 @@ def _build_params(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in fields:
-            raise ValueError(f"unknown parameter '{prefix}{key}' for {cls.__name__}; "
-                             f"choose among {', '.join(fields)}")
+            raise ValueError(f"unknown parameter '{prefix}{key}' for {cls.__name__}; choose among {', '.join(fields)}")
         nested = fields[key].default_factory  # type: ignore[misc]
         if isinstance(value, Mapping) and dataclasses.is_dataclass(nested):
             value = _build_params(nested, value, f"{prefix}{key}.")

@@ -55,11 +55,21 @@ SCALES: tuple[int, ...] = (1, 2, 4)
 SHAPE_SCALES: tuple[int, ...] = (4,)
 _RASTER = ("above_min", "below_max", "density", "multi_return_share", "ground_share")
 _SHAPE = ("linearity", "planarity", "scattering", "verticality", "plane_distance")
-_PER_POINT = ("height", "surface_height", "ground_filter", "low_noise", "standard_class",
-              "return_number", "number_of_returns", "last_return", "intensity")
+_PER_POINT = (
+    "height",
+    "surface_height",
+    "ground_filter",
+    "low_noise",
+    "standard_class",
+    "return_number",
+    "number_of_returns",
+    "last_return",
+    "intensity",
+)
 CONTEXT_CELLS: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # metres
 _CONTEXT = tuple(f"{name}_share_{cell:g}m" for cell in CONTEXT_CELLS for name in ("building", "vegetation")) + (
-    "building_distance",)
+    "building_distance",
+)
 # Far enough for any eave or wall, and within the tile buffer (20 m by default), so that a tile
 # sees every building that decides a distance and tiled runs agree with untiled ones.
 BUILDING_DISTANCE_MAX = 15.0
@@ -69,8 +79,9 @@ def scale_names(scale: int) -> tuple[str, ...]:
     return _RASTER + (_SHAPE if scale in SHAPE_SCALES else ())
 
 
-FEATURE_NAMES: tuple[str, ...] = _PER_POINT + tuple(
-    f"{name}_{scale}" for scale in SCALES for name in scale_names(scale)) + _CONTEXT
+FEATURE_NAMES: tuple[str, ...] = (
+    _PER_POINT + tuple(f"{name}_{scale}" for scale in SCALES for name in scale_names(scale)) + _CONTEXT
+)
 # Columns holding codes, not quantities: split by value, never by order.
 CATEGORICAL: tuple[int, ...] = (FEATURE_NAMES.index("standard_class"),)
 
@@ -113,7 +124,7 @@ def point_features(block: PointBlock) -> np.ndarray:
     column = len(_PER_POINT)
     for scale in SCALES:
         width = len(scale_names(scale))
-        _scale_features(block, model, base * scale, out[:, column:column + width], scale in SHAPE_SCALES)
+        _scale_features(block, model, base * scale, out[:, column : column + width], scale in SHAPE_SCALES)
         column += width
     _context_features(block, standard, out[:, column:])
     return np.ascontiguousarray(out)
@@ -129,8 +140,9 @@ def _context_features(block: PointBlock, standard: np.ndarray, out: np.ndarray) 
         flat = grid.flat_index(block.x, block.y)
         if index == 0:
             finest, finest_flat = grid, flat
-        count, n_building, n_vegetation = window_sums(grid, flat, [None, building.astype(np.float64),
-                                                                   vegetation.astype(np.float64)])
+        count, n_building, n_vegetation = window_sums(
+            grid, flat, [None, building.astype(np.float64), vegetation.astype(np.float64)]
+        )
         count = np.maximum(count, 1.0)
         np.take((n_building / count).astype(np.float32), flat, out=out[:, 2 * index])
         np.take((n_vegetation / count).astype(np.float32), flat, out=out[:, 2 * index + 1])
@@ -149,8 +161,9 @@ def _scale_features(block: PointBlock, model: GroundModel, cell: float, out: np.
     grid = Grid.covering(block.x, block.y, cell)
     flat = grid.flat_index(block.x, block.y)
     z = model.height
-    multi = (np.zeros(len(block)) if block.number_of_returns is None
-             else (block.number_of_returns > 1).astype(np.float64))
+    multi = (
+        np.zeros(len(block)) if block.number_of_returns is None else (block.number_of_returns > 1).astype(np.float64)
+    )
     n, n_multi, n_ground = window_sums(grid, flat, [None, multi, model.is_ground.astype(np.float64)])
     count = np.maximum(n, 1.0)
     low = grid.cell_min(flat, z)
@@ -172,12 +185,14 @@ def _scale_features(block: PointBlock, model: GroundModel, cell: float, out: np.
     small, middle, large = planes.eigenvalues
     valid = np.isfinite(large) & (large > 0)
     safe = np.where(valid, large, 1.0)
-    per_cell = np.stack([
-        np.where(valid, (large - middle) / safe, 0.0),
-        np.where(valid, (middle - small) / safe, 0.0),
-        np.where(valid, small / safe, 0.0),
-        np.where(valid, 1.0 - np.abs(planes.normal[2]), 0.0),
-    ]).astype(np.float32)
+    per_cell = np.stack(
+        [
+            np.where(valid, (large - middle) / safe, 0.0),
+            np.where(valid, (middle - small) / safe, 0.0),
+            np.where(valid, small / safe, 0.0),
+            np.where(valid, 1.0 - np.abs(planes.normal[2]), 0.0),
+        ]
+    ).astype(np.float32)
     for row in range(4):
         np.take(per_cell[row], flat, out=out[:, 5 + row])
     # The plane distance summed in place, without (3, points) temporaries.

@@ -12,8 +12,7 @@ from scipy import ndimage
 from .grid import Grid
 
 
-def window_sums(grid: Grid, flat: np.ndarray, weights: list[np.ndarray | None],
-                window: int = 3) -> list[np.ndarray]:
+def window_sums(grid: Grid, flat: np.ndarray, weights: list[np.ndarray | None], window: int = 3) -> list[np.ndarray]:
     """Per-cell sums of each weight (None: count) over the window x window cell neighbourhood;
     one array per weight, indexed by flat cell index."""
     size = grid.nx * grid.ny
@@ -23,8 +22,7 @@ def window_sums(grid: Grid, flat: np.ndarray, weights: list[np.ndarray | None],
     return list(box_sum(stack, window).reshape(len(weights), size))
 
 
-def window_counts(grid: Grid, layers: list[tuple[np.ndarray, np.ndarray | None]],
-                  window: int) -> list[np.ndarray]:
+def window_counts(grid: Grid, layers: list[tuple[np.ndarray, np.ndarray | None]], window: int) -> list[np.ndarray]:
     """Like window_sums for (cell index, weight or None) pairs of small counts, in float32.
 
     Counts need no float64: halving the memory traffic matters on rasters of a million cells.
@@ -57,8 +55,9 @@ def box_sum(stack: np.ndarray, window: int) -> np.ndarray:
     return summed
 
 
-def symmetric_eigen(xx: np.ndarray, xy: np.ndarray, xz: np.ndarray, yy: np.ndarray,
-                    yz: np.ndarray, zz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def symmetric_eigen(
+    xx: np.ndarray, xy: np.ndarray, xz: np.ndarray, yy: np.ndarray, yz: np.ndarray, zz: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (3, n), ascending, and the unit eigenvector of the smallest one (3, n) of
     symmetric 3x3 matrices, in closed form (trigonometric method); several times faster than a
     batched np.linalg.eigh.  Isotropic or empty matrices get the normal (0, 0, 1)."""
@@ -69,8 +68,7 @@ def symmetric_eigen(xx: np.ndarray, xy: np.ndarray, xz: np.ndarray, yy: np.ndarr
     safe = np.where(p > 0, p, 1.0)
     b00, b11, b22 = (xx - q) / safe, (yy - q) / safe, (zz - q) / safe
     b01, b02, b12 = xy / safe, xz / safe, yz / safe
-    det = (b00 * (b11 * b22 - b12 * b12) - b01 * (b01 * b22 - b12 * b02)
-           + b02 * (b01 * b12 - b11 * b02))
+    det = b00 * (b11 * b22 - b12 * b12) - b01 * (b01 * b22 - b12 * b02) + b02 * (b01 * b12 - b11 * b02)
     phi = np.arccos(np.clip(det / 2.0, -1.0, 1.0)) / 3.0
     largest = q + 2.0 * p * np.cos(phi)
     smallest = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)
@@ -109,12 +107,14 @@ class LocalPlanes:
     normal: np.ndarray  # (3, cells) unit normal of the best-fit plane
 
 
-def local_planes(grid: Grid, flat: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray,
-                 window: int = 3, min_points: int = 3) -> LocalPlanes:
+def local_planes(
+    grid: Grid, flat: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray, window: int = 3, min_points: int = 3
+) -> LocalPlanes:
     """Neighbourhood covariance per occupied cell.  x, y, z should be local (small) coordinates
     so the raw second moments keep their precision."""
     n, sx, sy, sz, sxx, sxy, sxz, syy, syz, szz = window_sums(
-        grid, flat, [None, x, y, z, x * x, x * y, x * z, y * y, y * z, z * z], window)
+        grid, flat, [None, x, y, z, x * x, x * y, x * z, y * y, y * z, z * z], window
+    )
     # Only cells holding points need a plane: nothing else is ever looked up.
     occupied = np.zeros(n.size, dtype=bool)
     occupied[flat] = True
@@ -122,8 +122,13 @@ def local_planes(grid: Grid, flat: np.ndarray, x: np.ndarray, y: np.ndarray, z: 
     cnt = n[cells]
     mx, my, mz = sx[cells] / cnt, sy[cells] / cnt, sz[cells] / cnt
     values, normals = symmetric_eigen(
-        sxx[cells] / cnt - mx * mx, sxy[cells] / cnt - mx * my, sxz[cells] / cnt - mx * mz,
-        syy[cells] / cnt - my * my, syz[cells] / cnt - my * mz, szz[cells] / cnt - mz * mz)
+        sxx[cells] / cnt - mx * mx,
+        sxy[cells] / cnt - mx * my,
+        sxz[cells] / cnt - mx * mz,
+        syy[cells] / cnt - my * my,
+        syz[cells] / cnt - my * mz,
+        szz[cells] / cnt - mz * mz,
+    )
     size = grid.nx * grid.ny
     # Filled row by row: a[:, cells] = ... scatters through a strided 2-D index, several times slower.
     mean = np.zeros((3, size))

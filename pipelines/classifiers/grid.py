@@ -93,7 +93,7 @@ class Grid:
         b = flat[1:][i]
         top = a + (b - a) * fu
         a = flat[width:][i]
-        b = flat[width + 1:][i]
+        b = flat[width + 1 :][i]
         bottom = a + (b - a) * fu
         return top + (bottom - top) * fv
 
@@ -149,7 +149,7 @@ def opening(raster: np.ndarray, radius: int) -> np.ndarray:
     pad = min(radius, min(raster.shape) - 1)
     continued = np.pad(eroded, pad, mode="reflect", reflect_type="odd")
     dilated = ndimage.maximum_filter(continued, size=size, mode="nearest")
-    return dilated[pad:pad + raster.shape[0], pad:pad + raster.shape[1]]
+    return dilated[pad : pad + raster.shape[0], pad : pad + raster.shape[1]]
 
 
 def close_and_fill(mask: np.ndarray) -> np.ndarray:
@@ -160,8 +160,7 @@ def close_and_fill(mask: np.ndarray) -> np.ndarray:
     """
     padded = np.pad(mask, 2).astype(np.uint8)
     cross = ndimage.generate_binary_structure(2, 1)
-    closed = ndimage.minimum_filter(ndimage.maximum_filter(padded, footprint=cross),
-                                    footprint=cross)
+    closed = ndimage.minimum_filter(ndimage.maximum_filter(padded, footprint=cross), footprint=cross)
     closed = closed[2:-2, 2:-2].astype(bool) | mask
     background, count = ndimage.label(~closed)
     touching = np.zeros(count + 1, dtype=bool)

@@ -167,9 +167,9 @@ def _third_lowest(zmin: np.ndarray, cells: np.ndarray, size: int) -> np.ndarray:
     reference = np.empty(cells.size)
     step = max(1, 2**20 // size**2)  # bounds the size**2-fold temporary
     for start in range(0, cells.size, step):
-        window = values[corner[start:start + step, None] + offsets[None, :]]
+        window = values[corner[start : start + step, None] + offsets[None, :]]
         # np.partition is several times faster than ndimage.rank_filter here.
-        reference[start:start + step] = np.partition(window, 2, axis=-1)[:, 2]
+        reference[start : start + step] = np.partition(window, 2, axis=-1)[:, 2]
     return reference
 
 
@@ -179,8 +179,12 @@ def _ring_of_blocks(zmin: np.ndarray, cells: np.ndarray, block: int) -> np.ndarr
     terrain around it, whatever fills the centre.  The 2nd-lowest, since a street or a ditch
     through the cell may show in only two of the eight blocks."""
     # Padded before filtering: a block centred outside the raster still holds the cells inside.
-    padded = ndimage.minimum_filter(np.pad(np.where(np.isfinite(zmin), zmin, np.inf), block, constant_values=np.inf),
-                                    size=block, mode="constant", cval=np.inf)
+    padded = ndimage.minimum_filter(
+        np.pad(np.where(np.isfinite(zmin), zmin, np.inf), block, constant_values=np.inf),
+        size=block,
+        mode="constant",
+        cval=np.inf,
+    )
     width = padded.shape[1]
     rows, cols = np.divmod(cells, zmin.shape[1])
     centre = (rows + block) * width + cols + block
@@ -221,12 +225,21 @@ def thinned(block: PointBlock, cell: float, spacing: float, per_cell: float) -> 
     step = int((cell / spacing) ** 2 // per_cell)
     if step <= 1:
         return True
-    key = (np.floor(block.x * 1000.0).astype(np.int64) * 73856093) ^ (np.floor(block.y * 1000.0).astype(np.int64) * 19349663)
+    key = (np.floor(block.x * 1000.0).astype(np.int64) * 73856093) ^ (
+        np.floor(block.y * 1000.0).astype(np.int64) * 19349663
+    )
     return (key % step) == 0
 
 
-def refine(block: PointBlock, grid: Grid, flat: np.ndarray, height: np.ndarray,
-           support: np.ndarray, spacing: float, params: GroundParams) -> np.ndarray:
+def refine(
+    block: PointBlock,
+    grid: Grid,
+    flat: np.ndarray,
+    height: np.ndarray,
+    support: np.ndarray,
+    spacing: float,
+    params: GroundParams,
+) -> np.ndarray:
     """Height of every point above the refined surface: the provisional one plus a plane fitted,
     per cell, to the supporting points of its neighbourhood of about 3x3 points, at least 3x3
     cells (see the module docstring).  Cells without support keep the provisional surface."""
@@ -244,9 +257,21 @@ def refine(block: PointBlock, grid: Grid, flat: np.ndarray, height: np.ndarray,
     damping = 1e-2 * grid.cell**2
     for _ in range(params.fit_iterations):
         # The first round weighs every point 1: the plain sums are the same numbers, without nine products.
-        weighted = ([None, xs, ys, hs, xx, xy, yy, xh, yh] if weight is None else
-                    [weight, weight * xs, weight * ys, weight * hs, weight * xx, weight * xy, weight * yy, weight * xh,
-                     weight * yh])
+        weighted = (
+            [None, xs, ys, hs, xx, xy, yy, xh, yh]
+            if weight is None
+            else [
+                weight,
+                weight * xs,
+                weight * ys,
+                weight * hs,
+                weight * xx,
+                weight * xy,
+                weight * yy,
+                weight * xh,
+                weight * yh,
+            ]
+        )
         n, sx, sy, sh, sxx, sxy, syy, sxh, syh = window_sums(grid, cells, weighted, window)
         count = np.maximum(n, 1e-12)
         mx, my, mh = sx / count, sy / count, sh / count
@@ -281,8 +306,9 @@ def fit_surface(block: PointBlock, params: GroundParams) -> SurfaceFit:
         zmin = grid.cell_min(flat[last], z[last])
     # A 5x5-point neighbourhood: in sparse data a 5x5-cell one holds too few cells for its
     # 3rd-lowest to stand for the terrain, and sound ground on slopes was taken for pits.
-    zmin = remove_low_outliers(zmin, params.low_outlier_threshold, neighbourhood(spacing, cell, 5),
-                               params.low_outlier_rounds)
+    zmin = remove_low_outliers(
+        zmin, params.low_outlier_threshold, neighbourhood(spacing, cell, 5), params.low_outlier_rounds
+    )
     is_object = progressive_opening(fill_holes(zmin), cell, params)
     surface = fill_holes(np.where(is_object, np.nan, zmin))
     slope = slope_magnitude(surface, cell).ravel()[flat]
@@ -297,8 +323,9 @@ def fit_surface(block: PointBlock, params: GroundParams) -> SurfaceFit:
 
 def decide(fit: SurfaceFit, params: GroundParams) -> tuple[np.ndarray, np.ndarray]:
     """(is_ground, below) per point from a surface fit."""
-    above = (params.ground_above + params.ground_above_per_spacing * fit.spacing
-             + params.ground_above_per_slope * fit.slope)
+    above = (
+        params.ground_above + params.ground_above_per_spacing * fit.spacing + params.ground_above_per_slope * fit.slope
+    )
     below = params.elevation_threshold + params.elevation_scaler * fit.slope
     is_ground = (fit.residual <= above) & (fit.residual >= -below)
     if fit.last is not None:

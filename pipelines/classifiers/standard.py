@@ -149,12 +149,12 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
     # Four points: three always fit a plane exactly.
     planes = local_planes(grid, flat, x, y, z, min_points=4)
     # A plane has one small and two large spreads; a wire or a trunk has two small ones.
-    planar_cell = ((planes.eigenvalues[0] < params.plane_tolerance**2)
-                   & (planes.eigenvalues[1] > (0.25 * grid.cell) ** 2))
+    planar_cell = (planes.eigenvalues[0] < params.plane_tolerance**2) & (
+        planes.eigenvalues[1] > (0.25 * grid.cell) ** 2
+    )
     # np.take along the cells: a[:, flat] is several times slower and gives strided rows.
     normal, mean = np.take(planes.normal, flat, axis=1), np.take(planes.mean, flat, axis=1)
-    distance = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1])
-                      + normal[2] * (z - mean[2]))
+    distance = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1]) + normal[2] * (z - mean[2]))
     on_plane = planar_cell[flat] & (distance <= 2.0 * params.plane_tolerance)
 
     window = 2 * max(1, int(round(params.vote_radius / grid.cell))) + 1
@@ -163,16 +163,22 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
     else:
         multi = np.zeros(raised.size, dtype=bool)
     ground = np.flatnonzero(model.is_ground)
-    votes, voters, n_multi, n_raised, n_ground = window_counts(grid, [
-        (flat, on_plane.astype(np.float32)),
-        (flat, None),
-        (flat_raised, multi.astype(np.float32)),
-        (flat_raised, None),
-        (grid.flat_index(block.x[ground], block.y[ground]), None),
-    ], window)
-    roof = ((votes >= params.min_planar_fraction * np.maximum(voters, 1))
-            & (n_multi <= params.max_multi_return_fraction * n_raised)
-            & (n_ground <= params.max_ground_fraction * (n_ground + n_raised)))
+    votes, voters, n_multi, n_raised, n_ground = window_counts(
+        grid,
+        [
+            (flat, on_plane.astype(np.float32)),
+            (flat, None),
+            (flat_raised, multi.astype(np.float32)),
+            (flat_raised, None),
+            (grid.flat_index(block.x[ground], block.y[ground]), None),
+        ],
+        window,
+    )
+    roof = (
+        (votes >= params.min_planar_fraction * np.maximum(voters, 1))
+        & (n_multi <= params.max_multi_return_fraction * n_raised)
+        & (n_ground <= params.max_ground_fraction * (n_ground + n_raised))
+    )
     candidate = roof[flat_raised] & ~multi
     candidate[high[on_plane]] |= roof[flat[on_plane]]
 
@@ -181,8 +187,9 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
     mask = close_and_fill(mask)
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     segment = labels.ravel()[flat_raised]
-    keep = kept_segments(labels, count, segment, model.height[raised], segment[high][on_plane],
-                         segment[high], grid.cell, params)
+    keep = kept_segments(
+        labels, count, segment, model.height[raised], segment[high][on_plane], segment[high], grid.cell, params
+    )
     buildings = keep[labels]
     in_segment = buildings.ravel()[flat_raised]
     margin = int(round(params.building_edge_margin / grid.cell))
@@ -192,24 +199,32 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
         z_raised = model.height[raised]
         top = np.full(grid.nx * grid.ny, -np.inf)
         np.maximum.at(top, flat_raised[in_segment], z_raised[in_segment])
-        top = ndimage.maximum_filter(top.reshape(grid.shape), size=2 * margin + 1, mode="constant",
-                                      cval=-np.inf).ravel()
+        top = ndimage.maximum_filter(
+            top.reshape(grid.shape), size=2 * margin + 1, mode="constant", cval=-np.inf
+        ).ravel()
         # Beside hole-filled segment cells only (no roof point within the margin): no cut.
         top[np.isneginf(top)] = np.inf
-        in_margin = buildings.ravel()[flat_raised] & (in_segment
-                                                       | (z_raised <= top[flat_raised] + params.margin_above_roof))
+        in_margin = buildings.ravel()[flat_raised] & (
+            in_segment | (z_raised <= top[flat_raised] + params.margin_above_roof)
+        )
     else:
         in_margin = in_segment
     result[raised[in_margin]] = True
-    result[raised[high[roof_extension(grid, planes, planar_cell & keep[labels].ravel(), flat, x, y, z,
-                                      params)]]] = True
+    result[raised[high[roof_extension(grid, planes, planar_cell & keep[labels].ravel(), flat, x, y, z, params)]]] = True
     result[raised[walls_and_eaves(model, grid, planes, raised, flat_raised, result[raised], params)]] = True
     return result
 
 
-def kept_segments(labels: np.ndarray, count: int, segment: np.ndarray, height: np.ndarray,
-                  on_plane_segment: np.ndarray, high_segment: np.ndarray, cell: float,
-                  params: StandardParams) -> np.ndarray:
+def kept_segments(
+    labels: np.ndarray,
+    count: int,
+    segment: np.ndarray,
+    height: np.ndarray,
+    on_plane_segment: np.ndarray,
+    high_segment: np.ndarray,
+    cell: float,
+    params: StandardParams,
+) -> np.ndarray:
     """Per segment label (0 = none): whether it is a building.
 
     Large and high enough, or planar and either a little smaller or a little lower: the roof of
@@ -218,21 +233,32 @@ def kept_segments(labels: np.ndarray, count: int, segment: np.ndarray, height: n
     enough for the plane fit, `on_plane_segment` those of its on-plane points.
     """
     area = np.bincount(labels.ravel(), minlength=count + 1) * cell**2
-    mean_height = (np.bincount(segment, height, minlength=count + 1)
-                   / np.maximum(np.bincount(segment, minlength=count + 1), 1))
+    mean_height = np.bincount(segment, height, minlength=count + 1) / np.maximum(
+        np.bincount(segment, minlength=count + 1), 1
+    )
     n_high = np.bincount(high_segment, minlength=count + 1)
-    planar = (np.bincount(on_plane_segment, minlength=count + 1)
-              >= params.planar_segment_fraction * np.maximum(n_high, 1))
+    planar = np.bincount(on_plane_segment, minlength=count + 1) >= params.planar_segment_fraction * np.maximum(
+        n_high, 1
+    )
     large, high = area >= params.building_min_area, mean_height >= params.building_min_mean_height
-    keep = ((large & high)
-            | (planar & high & (area >= params.planar_min_area))
-            | (planar & large & (mean_height >= params.planar_min_mean_height)))
+    keep = (
+        (large & high)
+        | (planar & high & (area >= params.planar_min_area))
+        | (planar & large & (mean_height >= params.planar_min_mean_height))
+    )
     keep[0] = False
     return keep
 
 
-def walls_and_eaves(model: GroundModel, grid: Grid, planes: LocalPlanes, raised: np.ndarray,
-                    flat_raised: np.ndarray, building: np.ndarray, params: StandardParams) -> np.ndarray:
+def walls_and_eaves(
+    model: GroundModel,
+    grid: Grid,
+    planes: LocalPlanes,
+    raised: np.ndarray,
+    flat_raised: np.ndarray,
+    building: np.ndarray,
+    params: StandardParams,
+) -> np.ndarray:
     """Raised points up to `wall_reach` from a building point, no higher than the roof beside
     them, whose neighbourhood is flat in one direction (a wall, a lower roof, a gutter): by
     scattering, the smallest over the largest spread of the neighbourhood's raised points, at most
@@ -253,12 +279,24 @@ def walls_and_eaves(model: GroundModel, grid: Grid, planes: LocalPlanes, raised:
     np.maximum.at(roof, flat_raised[building], z[building])
     reach = int(np.ceil(params.wall_reach / grid.cell))
     roof_beside = ndimage.maximum_filter(roof.reshape(grid.shape), size=2 * reach + 1).ravel()
-    return (~building & (distance[flat_raised] <= params.wall_reach) & flat_scatter[flat_raised]
-            & (z <= roof_beside[flat_raised] + params.plane_tolerance))
+    return (
+        ~building
+        & (distance[flat_raised] <= params.wall_reach)
+        & flat_scatter[flat_raised]
+        & (z <= roof_beside[flat_raised] + params.plane_tolerance)
+    )
 
 
-def roof_extension(grid: Grid, planes, roof_cells: np.ndarray, flat: np.ndarray, x: np.ndarray,
-                   y: np.ndarray, z: np.ndarray, params: StandardParams) -> np.ndarray:
+def roof_extension(
+    grid: Grid,
+    planes,
+    roof_cells: np.ndarray,
+    flat: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    params: StandardParams,
+) -> np.ndarray:
     """Points up to `roof_growth` metres beyond a roof that lie on its plane, extended.
 
     Near eaves and ridges the roof votes fail (the laser footprint splits between roof and

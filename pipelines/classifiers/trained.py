@@ -119,8 +119,9 @@ class TrainedModel:
         walking, done = None, 0  # None: every point, without copying the matrix
         for rounds, margin in self.cascade:
             part = features if walking is None else features[walking]
-            step = self.booster.predict(part, raw_score=True, num_threads=1, start_iteration=done,
-                                        num_iteration=rounds - done)
+            step = self.booster.predict(
+                part, raw_score=True, num_threads=1, start_iteration=done, num_iteration=rounds - done
+            )
             done = rounds
             if walking is None:
                 scores += step
@@ -133,17 +134,24 @@ class TrainedModel:
         if walking is None:
             scores += self.booster.predict(features, raw_score=True, num_threads=1, start_iteration=done)
         else:
-            scores[walking] += self.booster.predict(features[walking], raw_score=True, num_threads=1,
-                                                    start_iteration=done)
+            scores[walking] += self.booster.predict(
+                features[walking], raw_score=True, num_threads=1, start_iteration=done
+            )
         return scores
 
     def to_bytes(self, key: bytes | None = None) -> bytes:
         header = {
-            "classes": list(self.classes), "feature_names": list(self.feature_names),
-            "features_version": self.features_version, "evaluation": self.evaluation,
-            "n_train": self.n_train, "n_holdout": self.n_holdout, "params": self.params,
-            "translation": {str(k): v for k, v in self.translation.items()}, "prior": self.prior,
-            "cascade": [list(stage) for stage in self.cascade], "standard_version": self.standard_version,
+            "classes": list(self.classes),
+            "feature_names": list(self.feature_names),
+            "features_version": self.features_version,
+            "evaluation": self.evaluation,
+            "n_train": self.n_train,
+            "n_holdout": self.n_holdout,
+            "params": self.params,
+            "translation": {str(k): v for k, v in self.translation.items()},
+            "prior": self.prior,
+            "cascade": [list(stage) for stage in self.cascade],
+            "standard_version": self.standard_version,
         }
         payload = zlib.compress(json.dumps(header).encode() + b"\n" + self.booster.model_to_string().encode(), 6)
         tag = hmac.new(key, payload, hashlib.sha256).digest() if key else b""
@@ -156,8 +164,8 @@ class TrainedModel:
             raise ValueError("model was made by an earlier release of pointflow; retrain it")
         if not data.startswith(FORMAT):
             raise ValueError("not a pointflow trained model")
-        rest = data[len(FORMAT):]
-        tag, payload = rest[1:1 + rest[0]], rest[1 + rest[0]:]
+        rest = data[len(FORMAT) :]
+        tag, payload = rest[1 : 1 + rest[0]], rest[1 + rest[0] :]
         if key is not None:
             expected = hmac.new(key, payload, hashlib.sha256).digest()
             if not hmac.compare_digest(tag, expected):
@@ -166,13 +174,20 @@ class TrainedModel:
         header = json.loads(header_line)
         if tuple(header["feature_names"]) != FEATURE_NAMES or header["features_version"] != FEATURES_VERSION:
             raise ValueError("model was trained on other features; retrain it")
-        return cls(booster=_lightgbm().Booster(model_str=model_text.decode()),
-                   classes=tuple(header["classes"]), feature_names=FEATURE_NAMES,
-                   features_version=FEATURES_VERSION, evaluation=header["evaluation"],
-                   n_train=header["n_train"], n_holdout=header["n_holdout"], params=header["params"],
-                   translation={int(k): v for k, v in header["translation"].items()}, prior=header["prior"],
-                   cascade=[(int(r), float(m)) for r, m in header.get("cascade", [])],
-                   standard_version=str(header.get("standard_version", UNKNOWN_STANDARD)))
+        return cls(
+            booster=_lightgbm().Booster(model_str=model_text.decode()),
+            classes=tuple(header["classes"]),
+            feature_names=FEATURE_NAMES,
+            features_version=FEATURES_VERSION,
+            evaluation=header["evaluation"],
+            n_train=header["n_train"],
+            n_holdout=header["n_holdout"],
+            params=header["params"],
+            translation={int(k): v for k, v in header["translation"].items()},
+            prior=header["prior"],
+            cascade=[(int(r), float(m)) for r, m in header.get("cascade", [])],
+            standard_version=str(header.get("standard_version", UNKNOWN_STANDARD)),
+        )
 
 
 def lead(scores: np.ndarray) -> np.ndarray:
@@ -200,8 +215,7 @@ def choose_cascade(booster: lightgbm.Booster, features: np.ndarray, start: np.nd
     best, best_cost = None, 0.9 * total  # a cascade that saves less is not worth its passes
     partial = start.copy()
     for rounds in range(1, total):
-        partial += booster.predict(features, raw_score=True, num_threads=1, start_iteration=rounds - 1,
-                                   num_iteration=1)
+        partial += booster.predict(features, raw_score=True, num_threads=1, start_iteration=rounds - 1, num_iteration=1)
         ahead = lead(partial)
         wrong = np.argmax(partial, axis=1) != full
         margin = float(ahead[wrong].max()) if wrong.any() else 0.0
@@ -279,10 +293,21 @@ def evaluate(reference: np.ndarray, custom: np.ndarray, standard: np.ndarray) ->
     }
 
 
-def train(blocks: Sequence[PointBlock], labels: Sequence[np.ndarray], seed: int = 0, *,
-          ignore_classes: Collection[int] = (), holdout: float = 0.25,
-          max_points: int = 300_000, rounds: int = 40, learning_rate: float = 0.15,
-          leaves: int = 31, min_leaf: int = 100, balance: float = 0.25, prior: float = 3.0) -> TrainedModel:
+def train(
+    blocks: Sequence[PointBlock],
+    labels: Sequence[np.ndarray],
+    seed: int = 0,
+    *,
+    ignore_classes: Collection[int] = (),
+    holdout: float = 0.25,
+    max_points: int = 300_000,
+    rounds: int = 40,
+    learning_rate: float = 0.15,
+    leaves: int = 31,
+    min_leaf: int = 100,
+    balance: float = 0.25,
+    prior: float = 3.0,
+) -> TrainedModel:
     """Fit a classifier to labelled blocks and score it, and standard, on held-out blocks.
 
     ignore_classes: reference classes left out of training and scoring (e.g. "unclassified").
@@ -320,8 +345,10 @@ def train(blocks: Sequence[PointBlock], labels: Sequence[np.ndarray], seed: int 
     x, y, is_held = np.concatenate(features), np.concatenate(targets), np.concatenate(held)
     train_index = np.flatnonzero(~is_held)
     if train_index.size == 0 or not is_held.any():
-        raise ValueError(f"the labelled points must cover more than one {HOLDOUT_BLOCK:g} m block with their classes: "
-                         "part of them is held out to score the model against standard")
+        raise ValueError(
+            f"the labelled points must cover more than one {HOLDOUT_BLOCK:g} m block with their classes: "
+            "part of them is held out to score the model against standard"
+        )
     if train_index.size > max_points:
         train_index = np.sort(rng.choice(train_index, max_points, replace=False))
     classes = np.unique(y[train_index])
@@ -329,39 +356,69 @@ def train(blocks: Sequence[PointBlock], labels: Sequence[np.ndarray], seed: int 
         raise ValueError(f"the training part holds only class {classes.tolist()}: a classifier needs at least two")
     encode = np.zeros(256, dtype=np.int32)
     encode[classes] = np.arange(classes.size)
-    params = {"seed": seed, "ignore_classes": sorted(int(c) for c in ignore_classes),
-              "holdout": holdout, "holdout_block": HOLDOUT_BLOCK, "max_points": max_points,
-              "rounds": rounds, "learning_rate": learning_rate, "leaves": leaves, "min_leaf": min_leaf,
-              "balance": balance}
+    params = {
+        "seed": seed,
+        "ignore_classes": sorted(int(c) for c in ignore_classes),
+        "holdout": holdout,
+        "holdout_block": HOLDOUT_BLOCK,
+        "max_points": max_points,
+        "rounds": rounds,
+        "learning_rate": learning_rate,
+        "leaves": leaves,
+        "min_leaf": min_leaf,
+        "balance": balance,
+    }
     share = np.bincount(encode[y[train_index]], minlength=classes.size) / train_index.size
-    weight = (share ** -balance)[encode[y[train_index]]]
+    weight = (share**-balance)[encode[y[train_index]]]
     lightgbm = _lightgbm()
 
     standard_train = x[train_index, STANDARD_COLUMN].astype(np.uint8)
     table = standard_translation(standard_train, y[train_index])
-    model = TrainedModel(booster=None, classes=tuple(int(c) for c in classes), feature_names=FEATURE_NAMES,
-                         features_version=FEATURES_VERSION, evaluation={}, n_train=int(train_index.size),
-                         n_holdout=int(np.count_nonzero(is_held)),
-                         params={**params, "prior": prior, "library": f"lightgbm {lightgbm.__version__}"},
-                         translation={int(k): table[int(k)] for k in np.unique(standard_train)}, prior=prior,
-                         standard_version=StandardClassifier.version)
+    model = TrainedModel(
+        booster=None,
+        classes=tuple(int(c) for c in classes),
+        feature_names=FEATURE_NAMES,
+        features_version=FEATURES_VERSION,
+        evaluation={},
+        n_train=int(train_index.size),
+        n_holdout=int(np.count_nonzero(is_held)),
+        params={**params, "prior": prior, "library": f"lightgbm {lightgbm.__version__}"},
+        translation={int(k): table[int(k)] for k in np.unique(standard_train)},
+        prior=prior,
+        standard_version=StandardClassifier.version,
+    )
     model.booster = lightgbm.train(
-        {"objective": "multiclass", "num_class": int(classes.size), "learning_rate": learning_rate,
-         "num_leaves": leaves, "min_data_in_leaf": min_leaf, "num_threads": 1, "seed": seed,
-         "deterministic": True, "verbosity": -1},
-        lightgbm.Dataset(x[train_index], encode[y[train_index]], weight=weight / weight.mean(),
-                         init_score=model.head_start(standard_train),
-                         feature_name=list(FEATURE_NAMES), categorical_feature=list(CATEGORICAL),
-                         free_raw_data=True),
+        {
+            "objective": "multiclass",
+            "num_class": int(classes.size),
+            "learning_rate": learning_rate,
+            "num_leaves": leaves,
+            "min_data_in_leaf": min_leaf,
+            "num_threads": 1,
+            "seed": seed,
+            "deterministic": True,
+            "verbosity": -1,
+        },
+        lightgbm.Dataset(
+            x[train_index],
+            encode[y[train_index]],
+            weight=weight / weight.mean(),
+            init_score=model.head_start(standard_train),
+            feature_name=list(FEATURE_NAMES),
+            categorical_feature=list(CATEGORICAL),
+            free_raw_data=True,
+        ),
         num_boost_round=rounds,
     )
     held_index = np.flatnonzero(is_held)
     model.cascade = choose_cascade(model.booster, x[held_index], model.head_start(x[held_index, STANDARD_COLUMN]))
     model.params["cascade"] = [list(stage) for stage in model.cascade]
     standard = translate(x[held_index, STANDARD_COLUMN], table)
-    model.evaluation = {**evaluate(y[held_index], model.predict_features(x[held_index]), standard),
-                        "standard_translation": {str(k): v for k, v in model.translation.items()},
-                        "standard_version": model.standard_version}
+    model.evaluation = {
+        **evaluate(y[held_index], model.predict_features(x[held_index]), standard),
+        "standard_translation": {str(k): v for k, v in model.translation.items()},
+        "standard_version": model.standard_version,
+    }
     return model
 
 
@@ -372,8 +429,12 @@ class TrainedClassifier:
         self.model = model
         self.name = name
         self.version = version
-        self.params = {**model.params, "classes": list(model.classes),
-                       "features_version": model.features_version, "standard_version": model.standard_version}
+        self.params = {
+            **model.params,
+            "classes": list(model.classes),
+            "features_version": model.features_version,
+            "standard_version": model.standard_version,
+        }
 
     def classify(self, block: PointBlock) -> np.ndarray:
         return self.model.predict(block)

@@ -46,7 +46,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"pointflow {__version__}")
-    parser.add_argument("--verbose", action="store_true", help="show library and Airflow logging here too (by default it goes to $POINTFLOW_HOME/logs/pointflow.log)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show library and Airflow logging here too (by default it goes to $POINTFLOW_HOME/logs/pointflow.log)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in [SINGLE_COMMANDS[command]] if command in SINGLE_COMMANDS else COMMAND_MODULES + _dev_commands():
         importlib.import_module(name).register(commands)

@@ -31,7 +31,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     importer.add_argument("file", type=Path, help="CSV file")
     importer.set_defaults(handler=_import)
 
-    add = sub.add_parser("add", help="add or update one account", description="Add one account (updates it if the id exists).")
+    add = sub.add_parser(
+        "add", help="add or update one account", description="Add one account (updates it if the id exists)."
+    )
     add.add_argument("account_id", help="1-64 letters, digits, '_' or '-'")
     add.add_argument("--name", required=True)
     add.add_argument("--email", required=True)
@@ -41,12 +43,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--tax-rate", default="0", help="VAT rate as a fraction, e.g. 0.19 (default 0)")
     add.add_argument("--tax-exempt", action="store_true", help="the account holds a valid tax exemption")
     add.add_argument("--billing-cycle", default=BillingCycle.MONTHLY.value, choices=[c.value for c in BillingCycle])
-    add.add_argument("--plan-effective", type=date.fromisoformat, default=None, metavar="DATE",
-                     help="for an existing account whose plan or cycle changes: the ISO date it takes effect (default: today, UTC)")  # fmt: skip
+    add.add_argument(
+        "--plan-effective",
+        type=date.fromisoformat,
+        default=None,
+        metavar="DATE",
+        help="for an existing account whose plan or cycle changes: the ISO date it takes effect (default: today, UTC)",
+    )
     add.add_argument("--street", help="street and number, as invoices print them")
     add.add_argument("--postcode")
     add.add_argument("--city")
-    add.add_argument("--vat-id", help="the customer's VAT ID, e.g. FR40303265045 (with --tax-exempt, an EU business abroad gets reverse charge)")
+    add.add_argument(
+        "--vat-id",
+        help="the customer's VAT ID, e.g. FR40303265045 (with --tax-exempt, an EU business abroad gets reverse charge)",
+    )
     add.set_defaults(handler=_add)
 
     change = sub.add_parser(
@@ -65,11 +75,26 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     change.add_argument("account_id", metavar="ACCOUNT")
     change.add_argument("--plan", required=True, help="the new plan, as named in the price book")
-    change.add_argument("--effective", required=True, type=date.fromisoformat, metavar="DATE", help="ISO date of the first day on the new plan")
-    change.add_argument("--billing-cycle", choices=[c.value for c in BillingCycle], default=None,
-                        help="the new billing cycle (default: keep the current one)")  # fmt: skip
-    change.add_argument("--pricebook", type=Path, default=None, metavar="FILE",
-                        help="price book YAML (default: $POINTFLOW_PRICEBOOK, else the one shipped with pointflow)")  # fmt: skip
+    change.add_argument(
+        "--effective",
+        required=True,
+        type=date.fromisoformat,
+        metavar="DATE",
+        help="ISO date of the first day on the new plan",
+    )
+    change.add_argument(
+        "--billing-cycle",
+        choices=[c.value for c in BillingCycle],
+        default=None,
+        help="the new billing cycle (default: keep the current one)",
+    )
+    change.add_argument(
+        "--pricebook",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="price book YAML (default: $POINTFLOW_PRICEBOOK, else the one shipped with pointflow)",
+    )
     change.add_argument("--json", action="store_true", help="print the change as JSON")
     change.set_defaults(handler=_change_plan)
     _register_lifecycle(sub)
@@ -114,18 +139,24 @@ def _change_plan(args: argparse.Namespace) -> int:
 
     settings = settings_from_env()
     pricebook = load_pricebook(args.pricebook or settings.pricebook_path)
-    change = record_plan_change(open_catalog(settings), pricebook, args.account_id, args.plan, args.effective, args.billing_cycle)
+    change = record_plan_change(
+        open_catalog(settings), pricebook, args.account_id, args.plan, args.effective, args.billing_cycle
+    )
     if args.json:
         print_json(change.to_dict())
     elif change.recorded:
-        print(f"account {change.account_id}: {change.previous_plan} ({change.previous_billing_cycle}) until "
-              f"{(change.effective_on - timedelta(days=1)).isoformat()}, "
-              f"{change.plan} ({change.billing_cycle}) from {change.effective_on.isoformat()}")  # fmt: skip
+        print(
+            f"account {change.account_id}: {change.previous_plan} ({change.previous_billing_cycle}) until "
+            f"{(change.effective_on - timedelta(days=1)).isoformat()}, "
+            f"{change.plan} ({change.billing_cycle}) from {change.effective_on.isoformat()}"
+        )
         if change.corrects:
             print(correction_note(change.corrects))
     else:
-        print(f"account {change.account_id} is already on {change.plan} ({change.billing_cycle}) on "
-              f"{change.effective_on.isoformat()}: nothing recorded")  # fmt: skip
+        print(
+            f"account {change.account_id} is already on {change.plan} ({change.billing_cycle}) on "
+            f"{change.effective_on.isoformat()}: nothing recorded"
+        )
     return 0
 
 
@@ -140,7 +171,9 @@ def _register_lifecycle(sub: argparse._SubParsersAction) -> None:
         ),
     )
     hold.add_argument("account_id", metavar="ACCOUNT")
-    hold.add_argument("--reason", required=True, metavar="TEXT", help="why, e.g. the case or request reference (kept with the hold)")
+    hold.add_argument(
+        "--reason", required=True, metavar="TEXT", help="why, e.g. the case or request reference (kept with the hold)"
+    )
     hold.set_defaults(handler=_hold)
 
     unhold = sub.add_parser(
@@ -163,9 +196,16 @@ def _register_lifecycle(sub: argparse._SubParsersAction) -> None:
         ),
     )
     terminate.add_argument("account_id", metavar="ACCOUNT")
-    terminate.add_argument("--effective", type=date.fromisoformat, default=None, metavar="DATE",
-                           help="ISO date access ends, at 00:00 UTC (default: end of the paid term)")  # fmt: skip
-    terminate.add_argument("--reason", default="customer", choices=["customer", "non_payment"], help="who ended it (default: customer)")
+    terminate.add_argument(
+        "--effective",
+        type=date.fromisoformat,
+        default=None,
+        metavar="DATE",
+        help="ISO date access ends, at 00:00 UTC (default: end of the paid term)",
+    )
+    terminate.add_argument(
+        "--reason", default="customer", choices=["customer", "non_payment"], help="who ended it (default: customer)"
+    )
     terminate.set_defaults(handler=_terminate)
 
     export = sub.add_parser(
@@ -179,7 +219,13 @@ def _register_lifecycle(sub: argparse._SubParsersAction) -> None:
         ),
     )
     export.add_argument("account_id", metavar="ACCOUNT")
-    export.add_argument("--policy", type=Path, default=None, metavar="FILE", help="lifecycle policy YAML (default: $POINTFLOW_LIFECYCLE_POLICY or the shipped one)")
+    export.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="lifecycle policy YAML (default: $POINTFLOW_LIFECYCLE_POLICY or the shipped one)",
+    )
     export.add_argument("--json", action="store_true", help="print the bundle (key, link, objects, bytes) as JSON")
     export.set_defaults(handler=_export_all)
 
@@ -219,8 +265,10 @@ def _terminate(args: argparse.Namespace) -> int:
     from pipelines.lifecycle import terminate_account
 
     view = terminate_account(open_catalog(settings_from_env()), args.account_id, args.reason, args.effective)
-    print(f"account {view.account_id} terminated ({view.reason}): last day of service {view.last_day_of_service}, "
-          f"data locked from {view.effective_at.isoformat()}")  # fmt: skip
+    print(
+        f"account {view.account_id} terminated ({view.reason}): last day of service {view.last_day_of_service}, "
+        f"data locked from {view.effective_at.isoformat()}"
+    )
     return 0
 
 
@@ -233,8 +281,16 @@ def _export_all(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy or settings.lifecycle_policy_path)
     bundle = export_all(Runtime.from_settings(settings), args.account_id, policy)
     if args.json:
-        print_json({"account_id": bundle.account_id, "key": bundle.key, "link": bundle.link,
-                    "link_expires_at": bundle.link_expires_at.isoformat(), "objects": bundle.objects, "bytes": bundle.bytes})  # fmt: skip
+        print_json(
+            {
+                "account_id": bundle.account_id,
+                "key": bundle.key,
+                "link": bundle.link,
+                "link_expires_at": bundle.link_expires_at.isoformat(),
+                "objects": bundle.objects,
+                "bytes": bundle.bytes,
+            }
+        )
     else:
         print(f"bundle: {bundle.key} ({bundle.objects} object(s), {bundle.bytes:,} bytes)")
         print(f"link:   {bundle.link}")
@@ -269,9 +325,21 @@ def _delete(args: argparse.Namespace) -> int:
         print(f"pointflow: error: {error}", file=sys.stderr)
         return 1
     if args.json:
-        print_json({"account_id": args.account_id, "deleted": True, "audit_id": audit.id, "objects": audit.object_count,
-                    "versions": audit.version_count, "bytes": audit.bytes, "keys": audit.objects, "local_paths": audit.local_paths})  # fmt: skip
+        print_json(
+            {
+                "account_id": args.account_id,
+                "deleted": True,
+                "audit_id": audit.id,
+                "objects": audit.object_count,
+                "versions": audit.version_count,
+                "bytes": audit.bytes,
+                "keys": audit.objects,
+                "local_paths": audit.local_paths,
+            }
+        )
     else:
-        print(f"account {args.account_id}: deleted {audit.object_count} object(s) ({audit.version_count} version(s)), "
-              f"{audit.bytes:,} bytes; audit entry #{audit.id}")  # fmt: skip
+        print(
+            f"account {args.account_id}: deleted {audit.object_count} object(s) ({audit.version_count} version(s)), "
+            f"{audit.bytes:,} bytes; audit entry #{audit.id}"
+        )
     return 0

@@ -18,7 +18,7 @@ def register(commands: argparse._SubParsersAction) -> None:
             "project's dags/ and the plugins folder to plugins/, and example DAGs off. "
             "'pointflow airflow standalone' starts the UI on http://localhost:8080 (the admin password is "
             "printed, and kept in AIRFLOW_HOME/simple_auth_manager_passwords.json.generated); "
-            "'pointflow airflow dags trigger pointflow_classify -c '{\"account_id\": \"demo\", \"source\": \"/path/f.laz\"}'' "
+            '\'pointflow airflow dags trigger pointflow_classify -c \'{"account_id": "demo", "source": "/path/f.laz"}\'\' '
             "triggers a run. Variables you set yourself (AIRFLOW_HOME, AIRFLOW__*) win."
         ),
     )
@@ -36,4 +36,6 @@ def _airflow(args: argparse.Namespace) -> int:
     print(f"AIRFLOW_HOME={environment['AIRFLOW_HOME']}", file=sys.stderr)
     # `airflow standalone` starts its components as `airflow ...` subprocesses: find ours first.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    os.execvpe(sys.executable, [sys.executable, "-m", "airflow", *args.args], {**os.environ, **environment, "PATH": path})
+    os.execvpe(
+        sys.executable, [sys.executable, "-m", "airflow", *args.args], {**os.environ, **environment, "PATH": path}
+    )

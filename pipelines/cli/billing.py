@@ -169,9 +169,15 @@ def _register_invoices(commands: argparse._SubParsersAction) -> None:
         ),
     )
     show.add_argument("invoice_number", help="an invoice number, or a credit note's (html, pdf, xml)")
-    show.add_argument("--format", choices=("json", "csv", "html", "pdf", "xml"), default="json",
-                      help="pdf: the Factur-X PDF (the page with its EN 16931 XML inside); xml: that XML. Both need seller: in the price book")  # fmt: skip
-    show.add_argument("--output", type=Path, metavar="FILE", help="write the document to FILE instead of standard output")
+    show.add_argument(
+        "--format",
+        choices=("json", "csv", "html", "pdf", "xml"),
+        default="json",
+        help="pdf: the Factur-X PDF (the page with its EN 16931 XML inside); xml: that XML. Both need seller: in the price book",
+    )
+    show.add_argument(
+        "--output", type=Path, metavar="FILE", help="write the document to FILE instead of standard output"
+    )
     show.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
     show.set_defaults(handler=_invoices_show)
 
@@ -249,18 +255,38 @@ def _register_billing(commands: argparse._SubParsersAction) -> None:
     )
     terms.add_argument("account_id")
     terms.add_argument("--seats", type=int, help="user IDs in the account, billed per seat and month")
-    terms.add_argument("--extra-storage-gb", type=int, help="storage bought beyond the plan's limit, billed per GB-month")
+    terms.add_argument(
+        "--extra-storage-gb", type=int, help="storage bought beyond the plan's limit, billed per GB-month"
+    )
     terms.add_argument("--monthly-fee", type=_decimal, help="agreed subscription fee per month instead of the plan's")
     terms.add_argument("--price-per-million-points", type=_decimal, help="agreed usage price instead of the plan's")
     terms.add_argument("--monthly-points-cap", type=int, help="agreed monthly points cap instead of the plan's")
     terms.add_argument("--ended-on", type=_day, help="last day of service (inclusive); the last month is prorated")
     terms.add_argument("--tax-rate", type=_decimal, help="VAT rate as a fraction, e.g. 0.19, from --effective")
     exempt = terms.add_mutually_exclusive_group()
-    exempt.add_argument("--tax-exempt", dest="tax_exempt", action="store_const", const=True, default=None,
-                        help="the account holds a VAT exemption from --effective (reverse charge for an EU business with a VAT ID)")  # fmt: skip
-    exempt.add_argument("--no-tax-exempt", dest="tax_exempt", action="store_const", const=False, help="the exemption ends: VAT from --effective")
-    terms.add_argument("--exempt-until", type=_day, help="last day the exemption is valid (implies --tax-exempt); VAT from the day after")
-    terms.add_argument("--effective", type=_day, help="first day the change is in force (default: the first month not invoiced yet)")
+    exempt.add_argument(
+        "--tax-exempt",
+        dest="tax_exempt",
+        action="store_const",
+        const=True,
+        default=None,
+        help="the account holds a VAT exemption from --effective (reverse charge for an EU business with a VAT ID)",
+    )
+    exempt.add_argument(
+        "--no-tax-exempt",
+        dest="tax_exempt",
+        action="store_const",
+        const=False,
+        help="the exemption ends: VAT from --effective",
+    )
+    terms.add_argument(
+        "--exempt-until",
+        type=_day,
+        help="last day the exemption is valid (implies --tax-exempt); VAT from the day after",
+    )
+    terms.add_argument(
+        "--effective", type=_day, help="first day the change is in force (default: the first month not invoiced yet)"
+    )
     terms.set_defaults(handler=_billing_terms)
 
 
@@ -286,7 +312,9 @@ def _usage_points(args: argparse.Namespace) -> int:
     catalog = open_catalog(settings)
     used = points_used_in_month(catalog, args.account_id, args.month.label)
     cap = monthly_points_cap(catalog, _pricebook(args, settings), args.account_id, args.month.first_day)
-    print_json({"account_id": args.account_id, "month": args.month.label, "points_used": used, "monthly_points_cap": cap})
+    print_json(
+        {"account_id": args.account_id, "month": args.month.label, "points_used": used, "monthly_points_cap": cap}
+    )
     return 0
 
 
@@ -303,12 +331,16 @@ def _outages_import(args: argparse.Namespace) -> int:
 
 
 def _invoices_list(args: argparse.Namespace) -> int:
-    invoices = list_invoices(open_catalog(settings_from_env()), args.period.label if args.period else None, args.account)
+    invoices = list_invoices(
+        open_catalog(settings_from_env()), args.period.label if args.period else None, args.account
+    )
     if args.json:
         print_json([invoice.to_dict() for invoice in invoices])
         return 0
     for invoice in invoices:
-        print(f"{invoice.invoice_number}  {invoice.account_id}  {invoice.period}  {invoice.currency} {format_money(invoice.total)}")
+        print(
+            f"{invoice.invoice_number}  {invoice.account_id}  {invoice.period}  {invoice.currency} {format_money(invoice.total)}"
+        )
     print(f"{len(invoices)} invoice(s)")
     return 0
 
@@ -318,7 +350,10 @@ def _invoices_show(args: argparse.Namespace) -> int:
     catalog = open_catalog(settings)
     pricebook = _pricebook(args, settings)
     if args.format in ("html", "pdf", "xml") and args.invoice_number.startswith(f"{pricebook.invoice_prefix}-CN-"):
-        return _write(args, render_documents(credit_note_of(catalog, pricebook, args.invoice_number), None, [args.format])[args.format])
+        return _write(
+            args,
+            render_documents(credit_note_of(catalog, pricebook, args.invoice_number), None, [args.format])[args.format],
+        )
     statement = invoice_statement(catalog, pricebook, args.invoice_number)
     if args.format == "json":
         print_json(statement.to_dict())
@@ -342,27 +377,43 @@ def _write(args: argparse.Namespace, body: bytes) -> int:
 def _invoices_credit(args: argparse.Namespace) -> int:
     settings = settings_from_env()
     note, created = issue_credit_note(
-        open_catalog(settings), _pricebook(args, settings), args.invoice_number, args.amount, args.reason, args.issued_on
+        open_catalog(settings),
+        _pricebook(args, settings),
+        args.invoice_number,
+        args.amount,
+        args.reason,
+        args.issued_on,
     )
     catalog, pricebook = open_catalog(settings), _pricebook(args, settings)
-    publish_credit_note(catalog, open_store(settings.storage_url, settings.link_endpoint), pricebook, note.credit_note_number)
+    publish_credit_note(
+        catalog, open_store(settings.storage_url, settings.link_endpoint), pricebook, note.credit_note_number
+    )
     if args.json:
         print_json({**note.to_dict(), "created": created})
     else:
         state = "issued" if created else "already issued"
-        print(f"credit note {note.credit_note_number} {state} for invoice {note.invoice_number}: {format_money(note.total)} incl. tax")
+        print(
+            f"credit note {note.credit_note_number} {state} for invoice {note.invoice_number}: {format_money(note.total)} incl. tax"
+        )
     return 0
 
 
 def _invoices_dispute(args: argparse.Namespace) -> int:
     settings = settings_from_env()
     dispute, created = open_dispute(
-        open_catalog(settings), _pricebook(args, settings), args.invoice_number, args.reason, args.billing_error, args.at
+        open_catalog(settings),
+        _pricebook(args, settings),
+        args.invoice_number,
+        args.reason,
+        args.billing_error,
+        args.at,
     )
     if args.json:
         print_json({**dispute.to_dict(), "created": created})
     else:
-        print(f"dispute of {dispute.invoice_number} {'recorded' if created else 'already recorded'} (window until {dispute.deadline})")
+        print(
+            f"dispute of {dispute.invoice_number} {'recorded' if created else 'already recorded'} (window until {dispute.deadline})"
+        )
     return 0
 
 

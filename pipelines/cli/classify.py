@@ -23,11 +23,38 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("input", type=Path, help="LAS/LAZ file to classify")
     parser.add_argument("output", type=Path, help="file to write: .laz, .las or .copc.laz")
-    parser.add_argument("--classifier", default="standard", help="standard (all classes, default), ground (2 vs 1), or a trained model id (needs --account)")
-    parser.add_argument("--account", default=None, metavar="ID", help="the account whose data this is: required to apply its trained models")
-    parser.add_argument("--tile-size", type=float, default=None, metavar="M", help="tile edge in metres; 0 = one tile (default: POINTFLOW_TILE_SIZE or 200)")
-    parser.add_argument("--buffer", type=float, default=None, metavar="M", help="context ring around each tile in metres (default: POINTFLOW_TILE_BUFFER or 20)")
-    parser.add_argument("--workers", type=int, default=None, metavar="N", help="Dask worker processes for the local cluster (default: POINTFLOW_WORKERS or the number of cores)")
+    parser.add_argument(
+        "--classifier",
+        default="standard",
+        help="standard (all classes, default), ground (2 vs 1), or a trained model id (needs --account)",
+    )
+    parser.add_argument(
+        "--account",
+        default=None,
+        metavar="ID",
+        help="the account whose data this is: required to apply its trained models",
+    )
+    parser.add_argument(
+        "--tile-size",
+        type=float,
+        default=None,
+        metavar="M",
+        help="tile edge in metres; 0 = one tile (default: POINTFLOW_TILE_SIZE or 200)",
+    )
+    parser.add_argument(
+        "--buffer",
+        type=float,
+        default=None,
+        metavar="M",
+        help="context ring around each tile in metres (default: POINTFLOW_TILE_BUFFER or 20)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Dask worker processes for the local cluster (default: POINTFLOW_WORKERS or the number of cores)",
+    )
     parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
     parser.set_defaults(handler=_classify)
 
@@ -67,12 +94,18 @@ def _classify(args: argparse.Namespace) -> int:
         return 0
     counts = ", ".join(f"{cls}: {n:,}" for cls, n in result.class_counts.items())
     seconds = sum(result.timings.values())
-    print(f"wrote {args.output} ({result.output_points:,} points, classifier {result.classifier} {result.classifier_version})")
+    print(
+        f"wrote {args.output} ({result.output_points:,} points, classifier {result.classifier} {result.classifier_version})"
+    )
     print(f"classes: {counts}")
     print(f"coordinates: {result.units.describe()}")
     if result.sparse_points:
-        print(f"{result.sparse_points:,} point(s) in tiles with fewer than {MIN_TILE_POINTS} points around them: too sparse to model, written as class 1")
+        print(
+            f"{result.sparse_points:,} point(s) in tiles with fewer than {MIN_TILE_POINTS} points around them: too sparse to model, written as class 1"
+        )
     # Every tile too sparse to model: no cluster was started, so there are no workers to name.
     where = f"on {result.workers} worker(s)" if result.workers else "without a cluster (nothing to model)"
-    print(f"{result.tiles} tile(s) {where} in {seconds:.1f} s ({result.output_points / max(seconds, 1e-9) / 1e6:.2f} M points/s)")
+    print(
+        f"{result.tiles} tile(s) {where} in {seconds:.1f} s ({result.output_points / max(seconds, 1e-9) / 1e6:.2f} M points/s)"
+    )
     return 0

@@ -23,13 +23,21 @@ def register(commands: argparse._SubParsersAction) -> None:
     ingest.add_argument("--account", required=True, metavar="ID", help="the owning account (must exist)")
     ingest.add_argument("--run", action="store_true", help="also validate, classify, export and meter it now")
     ingest.add_argument("--classifier", default="standard", help="with --run: standard or ground")
-    ingest.add_argument("--format", dest="export_format", default="laz", choices=["laz", "las", "copc"], help="with --run: format of the exported points: laz (default), las, or copc (cloud-optimized LAZ)")
+    ingest.add_argument(
+        "--format",
+        dest="export_format",
+        default="laz",
+        choices=["laz", "las", "copc"],
+        help="with --run: format of the exported points: laz (default), las, or copc (cloud-optimized LAZ)",
+    )
     ingest.add_argument("--json", action="store_true", help="print the stored file (or the finished job) as JSON")
     ingest.set_defaults(handler=_ingest)
 
     files = commands.add_parser("files", help="list an account's stored files")
     sub = files.add_subparsers(dest="files_command", metavar="ACTION", required=True)
-    listing = sub.add_parser("list", help="list stored files", description="List the account's files: key, size, sha256, points, state.")
+    listing = sub.add_parser(
+        "list", help="list stored files", description="List the account's files: key, size, sha256, points, state."
+    )
     listing.add_argument("--account", required=True, metavar="ID")
     listing.add_argument("--json", action="store_true", help="print a JSON array ([] when there are none)")
     listing.set_defaults(handler=_list)
@@ -61,7 +69,13 @@ def _ingest(args: argparse.Namespace) -> int:
     runtime = Runtime.from_settings(settings_from_env().allowing(args.file))
     check_source(runtime.settings, runtime.store, args.account, str(args.file))
     if args.run:
-        job = run_job(runtime, args.account, str(args.file.resolve()), classifier=args.classifier, export_format=args.export_format)
+        job = run_job(
+            runtime,
+            args.account,
+            str(args.file.resolve()),
+            classifier=args.classifier,
+            export_format=args.export_format,
+        )
         if args.json:
             print_json(job.to_dict())
         else:
@@ -73,7 +87,9 @@ def _ingest(args: argparse.Namespace) -> int:
     if args.json:
         print_json(stored.to_public())
     else:
-        print(f"{'stored' if stored.created else 'already stored'}: {stored.key} ({stored.size:,} bytes, sha256 {stored.sha256[:12]}…)")
+        print(
+            f"{'stored' if stored.created else 'already stored'}: {stored.key} ({stored.size:,} bytes, sha256 {stored.sha256[:12]}…)"
+        )
     return 0
 
 
@@ -98,7 +114,17 @@ def _delete(args: argparse.Namespace) -> int:
 
     audit = delete_stored_file(Runtime.from_settings(settings_from_env()), args.account, args.key)
     if args.json:
-        print_json({"audit_id": audit.id, "account_id": audit.account_id, "subject": audit.subject, "objects": audit.object_count, "versions": audit.version_count, "bytes": audit.bytes, "status": audit.status})
+        print_json(
+            {
+                "audit_id": audit.id,
+                "account_id": audit.account_id,
+                "subject": audit.subject,
+                "objects": audit.object_count,
+                "versions": audit.version_count,
+                "bytes": audit.bytes,
+                "status": audit.status,
+            }
+        )
     else:
         print(f"deleted {args.key} ({audit.version_count} version(s), {audit.bytes:,} bytes); audit #{audit.id}")
     return 0

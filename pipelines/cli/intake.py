@@ -49,10 +49,19 @@ def _run(args: argparse.Namespace) -> int:
     result = sweep(runtime, owner=f"cli:{os.getpid()}:{uuid.uuid4().hex[:8]}")
     finished = [run_steps(runtime, job_id) for job_id in result.job_ids] if args.run else []
     if args.json:
-        print_json({"files": [o.to_public() for o in result.outcomes], "errors": result.errors, "jobs": [job.to_dict() for job in finished] if args.run else result.job_ids})
+        print_json(
+            {
+                "files": [o.to_public() for o in result.outcomes],
+                "errors": result.errors,
+                "jobs": [job.to_dict() for job in finished] if args.run else result.job_ids,
+            }
+        )
     else:
         for outcome in result.outcomes:
-            print(f"{outcome.outcome:<10} {outcome.key}" + (f" -> {outcome.job_id}" if outcome.outcome == "registered" else f": {outcome.reason}"))
+            print(
+                f"{outcome.outcome:<10} {outcome.key}"
+                + (f" -> {outcome.job_id}" if outcome.outcome == "registered" else f": {outcome.reason}")
+            )
         for key, error in result.errors.items():
             print(f"{'not yet':<10} {key}: {error}")
         for job in finished:

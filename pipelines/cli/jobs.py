@@ -92,14 +92,18 @@ def _show(args: argparse.Namespace) -> int:
         print_json(job.to_dict())
         return 0
     rows = {
-        "job": job.job_id, "account": job.account_id, "source": job.source, "state": job.state,
+        "job": job.job_id,
+        "account": job.account_id,
+        "source": job.source,
+        "state": job.state,
         "classifier": " ".join(str(v) for v in (job.classifier, job.classifier_version) if v),
-        "points": f"{job.points_processed:,}", "created": job.created_at.isoformat(),
+        "points": f"{job.points_processed:,}",
+        "created": job.created_at.isoformat(),
         "finished": job.finished_at.isoformat() if job.finished_at else "-",
         "report": runtime.store.location(job.report_key) if job.report_key else "-",
         "export": runtime.store.location(job.export_prefix) if job.export_prefix else "-",
         "cause" if job.state != "exported" else "note": job.error or "-",
-    }  # fmt: skip
+    }
     for name, value in rows.items():
         print(f"{name + ':':<12}{value}")
     return 0

@@ -38,11 +38,21 @@ def register(commands: argparse._SubParsersAction) -> None:
             "an unexpected error): it is named, and the other accounts are done all the same."
         ),
     )
-    run.add_argument("--as-of", type=_moment, default=None, metavar="ISO_DATETIME",
-                     help="the moment to apply the rules at, e.g. 2027-03-01T03:00:00Z (no offset: UTC; default: now)")  # fmt: skip
-    run.add_argument("--dry-run", action="store_true",
-                     help="change nothing and send nothing; list the actions, and every object and byte a real run would delete")  # fmt: skip
-    run.add_argument("--json", action="store_true", help="print a JSON array of {account_id, action, effective_at, detail}")
+    run.add_argument(
+        "--as-of",
+        type=_moment,
+        default=None,
+        metavar="ISO_DATETIME",
+        help="the moment to apply the rules at, e.g. 2027-03-01T03:00:00Z (no offset: UTC; default: now)",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="change nothing and send nothing; list the actions, and every object and byte a real run would delete",
+    )
+    run.add_argument(
+        "--json", action="store_true", help="print a JSON array of {account_id, action, effective_at, detail}"
+    )
     run.add_argument("--policy", type=Path, default=None, metavar="FILE", help=POLICY_HELP)
     run.set_defaults(handler=_run)
 
@@ -94,17 +104,31 @@ def _audit(args: argparse.Namespace) -> int:
 
     rows = deletion_audit(open_catalog(settings_from_env()), args.account)
     view = [
-        {"id": r.id, "account_id": r.account_id, "rule": r.rule, "subject": r.subject, "as_of": r.as_of.isoformat(),
-         "status": r.status, "objects": r.object_count, "versions": r.version_count, "bytes": r.bytes,
-         "keys": r.objects, "local_paths": r.local_paths, "error": r.error,
-         "started_at": r.started_at.isoformat(), "finished_at": r.finished_at.isoformat() if r.finished_at else None}
+        {
+            "id": r.id,
+            "account_id": r.account_id,
+            "rule": r.rule,
+            "subject": r.subject,
+            "as_of": r.as_of.isoformat(),
+            "status": r.status,
+            "objects": r.object_count,
+            "versions": r.version_count,
+            "bytes": r.bytes,
+            "keys": r.objects,
+            "local_paths": r.local_paths,
+            "error": r.error,
+            "started_at": r.started_at.isoformat(),
+            "finished_at": r.finished_at.isoformat() if r.finished_at else None,
+        }
         for r in rows
-    ]  # fmt: skip
+    ]
     if args.json:
         print_json(view)
     else:
         for r in view:
-            print(f"#{r['id']}  {r['as_of']}  {r['account_id']}  {r['rule']}  {r['status']}  {r['objects']} object(s), {r['versions']} version(s), {r['bytes']:,} bytes")
+            print(
+                f"#{r['id']}  {r['as_of']}  {r['account_id']}  {r['rule']}  {r['status']}  {r['objects']} object(s), {r['versions']} version(s), {r['bytes']:,} bytes"
+            )
         if not view:
             print("no deletions")
     return 0

@@ -26,23 +26,35 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("files", nargs="+", type=Path, metavar="LABELLED", help="labelled LAS/LAZ files")
     train.add_argument("--account", required=True, metavar="ID", help="the account that owns the labels and the model")
-    train.add_argument("--ignore-class", type=int, action="append", default=None, metavar="N",
-                       help="class left out of training and scoring (repeatable; default 0 and 1: never classified, unclassified)")
+    train.add_argument(
+        "--ignore-class",
+        type=int,
+        action="append",
+        default=None,
+        metavar="N",
+        help="class left out of training and scoring (repeatable; default 0 and 1: never classified, unclassified)",
+    )
     train.add_argument("--json", action="store_true", help="print the model and its evaluation as JSON")
     train.set_defaults(handler=_train)
 
     models = commands.add_parser("models", help="list an account's trained classifiers")
     sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    listing = sub.add_parser("list", help="list trained models", description=(
-        "List the account's trained models: id, version, date, the standard classifier's version it was "
-        "trained and judged against ('unknown' for models stored before it was recorded; after standard "
-        "changes the model still classifies, but its 'better than standard' verdict was against that "
-        "version: retrain to re-check), held-out F1 per class."))
+    listing = sub.add_parser(
+        "list",
+        help="list trained models",
+        description=(
+            "List the account's trained models: id, version, date, the standard classifier's version it was "
+            "trained and judged against ('unknown' for models stored before it was recorded; after standard "
+            "changes the model still classifies, but its 'better than standard' verdict was against that "
+            "version: retrain to re-check), held-out F1 per class."
+        ),
+    )
     listing.add_argument("--account", required=True, metavar="ID")
     listing.add_argument("--json", action="store_true", help="print a JSON array ([] when there are none)")
     listing.set_defaults(handler=_list)
     shared = sub.add_parser(
-        "build-shared", help="train a candidate shared model from consenting accounts' labels",
+        "build-shared",
+        help="train a candidate shared model from consenting accounts' labels",
         description=(
             "Train a model for the shared standard classifiers from labelled files of several accounts. "
             "Every account must be on the professional_sharing plan (the customers who consent to it): "
@@ -50,10 +62,22 @@ def register(commands: argparse._SubParsersAction) -> None:
             "contributions are stored under service/models/."
         ),
     )
-    shared.add_argument("--from", dest="contributions", action="append", required=True, metavar="ACCOUNT=FILE",
-                        help="a labelled LAS/LAZ file and the account it belongs to (repeatable)")
-    shared.add_argument("--ignore-class", type=int, action="append", default=None, metavar="N",
-                        help="class left out of training and scoring (repeatable; default 0 and 1)")
+    shared.add_argument(
+        "--from",
+        dest="contributions",
+        action="append",
+        required=True,
+        metavar="ACCOUNT=FILE",
+        help="a labelled LAS/LAZ file and the account it belongs to (repeatable)",
+    )
+    shared.add_argument(
+        "--ignore-class",
+        type=int,
+        action="append",
+        default=None,
+        metavar="N",
+        help="class left out of training and scoring (repeatable; default 0 and 1)",
+    )
     shared.add_argument("--json", action="store_true", help="print the stored record as JSON")
     shared.set_defaults(handler=_build_shared)
 
@@ -64,8 +88,10 @@ def _scores(evaluation: dict) -> str:
     for cls, m in evaluation["per_class"].items():
         if not m["support"]:
             continue
-        lines.append(f"  {cls:>5} {int(m['support']):>8,}   {m['f1']:>6.3f} {m['precision']:>9.3f} {m['recall']:>7.3f}   "
-                     f"{theirs.get(cls, {}).get('f1', 0.0):>11.3f}")
+        lines.append(
+            f"  {cls:>5} {int(m['support']):>8,}   {m['f1']:>6.3f} {m['precision']:>9.3f} {m['recall']:>7.3f}   "
+            f"{theirs.get(cls, {}).get('f1', 0.0):>11.3f}"
+        )
     lines.append(f"  macro F1: {evaluation['macro_f1']:.3f}, standard's {evaluation['standard_macro_f1']:.3f}")
     return "\n".join(lines)
 
@@ -128,13 +154,17 @@ def _build_shared(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no such file: {path}")
         contributions.setdefault(account, []).append(path)
-    runtime = Runtime.from_settings(settings_from_env().allowing(*(Path(p) for ps in contributions.values() for p in ps)))
+    runtime = Runtime.from_settings(
+        settings_from_env().allowing(*(Path(p) for ps in contributions.values() for p in ps))
+    )
     ignore = tuple(args.ignore_class) if args.ignore_class else (0, 1)
     record = build_shared_model(runtime, contributions, ignore_classes=ignore)
     if args.json:
         print_json(record)
         return 0
     accounts = sorted({c["account_id"] for c in record["contributions"]})
-    print(f"shared model {record['model_id']} from {len(record['contributions'])} file(s) of {', '.join(accounts)}, stored at {record['key']}")
+    print(
+        f"shared model {record['model_id']} from {len(record['contributions'])} file(s) of {', '.join(accounts)}, stored at {record['key']}"
+    )
     print(_scores(record["evaluation"]))
     return 0

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-_UNITS = {"scan": ("reading", "pts"), "classify": ("classifying", "tile"), "write": ("writing", "tile"),
-          "copc-scan": ("reading for COPC", "pts"), "copc": ("writing COPC", "pts")}
+_UNITS = {
+    "scan": ("reading", "pts"),
+    "classify": ("classifying", "tile"),
+    "write": ("writing", "tile"),
+    "copc-scan": ("reading for COPC", "pts"),
+    "copc": ("writing COPC", "pts"),
+}
 
 
 class ProgressBars:
@@ -18,7 +23,9 @@ class ProgressBars:
         bar = self._bars.get(stage)
         if bar is None:
             label, unit = _UNITS.get(stage, (stage, "it"))
-            bar = self._bars[stage] = tqdm(total=total, desc=label, unit=unit, unit_scale=True, disable=None, leave=False)
+            bar = self._bars[stage] = tqdm(
+                total=total, desc=label, unit=unit, unit_scale=True, disable=None, leave=False
+            )
         bar.update(done - bar.n)
 
     def __enter__(self) -> ProgressBars:

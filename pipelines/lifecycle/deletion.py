@@ -81,11 +81,11 @@ def inventory(store: ObjectStore, prefix: str) -> list[StoredObject]:
         paginator = store.client.get_paginator("list_object_versions")
         for page in paginator.paginate(Bucket=store.bucket, Prefix=store.prefix + prefix):
             for item in page.get("Versions", []):
-                key = item["Key"][len(store.prefix):]
+                key = item["Key"][len(store.prefix) :]
                 sizes[key] += int(item["Size"])
                 counts[key] += 1
             for item in page.get("DeleteMarkers", []):
-                key = item["Key"][len(store.prefix):]
+                key = item["Key"][len(store.prefix) :]
                 sizes[key] += 0
                 counts[key] += 1
         return [StoredObject(key, sizes[key], counts[key]) for key in sorted(sizes)]
@@ -102,7 +102,9 @@ def local_inventory(paths: list[Path]) -> list[LocalPath]:
     return found
 
 
-def plan_deletion(store: ObjectStore, prefixes: list[str], keys: list[str], local_paths: list[Path], kept: tuple[str, ...] = ()) -> DeletionPlan:
+def plan_deletion(
+    store: ObjectStore, prefixes: list[str], keys: list[str], local_paths: list[Path], kept: tuple[str, ...] = ()
+) -> DeletionPlan:
     objects: dict[str, StoredObject] = {}
     for prefix in prefixes:
         for item in inventory(store, prefix):
@@ -113,7 +115,13 @@ def plan_deletion(store: ObjectStore, prefixes: list[str], keys: list[str], loca
             # A key is also a prefix of longer keys: keep only the key itself.
             if item.key == key:
                 objects[key] = item
-    return DeletionPlan(tuple(prefixes), tuple(keys), kept, tuple(objects[k] for k in sorted(objects)), tuple(local_inventory(local_paths)))
+    return DeletionPlan(
+        tuple(prefixes),
+        tuple(keys),
+        kept,
+        tuple(objects[k] for k in sorted(objects)),
+        tuple(local_inventory(local_paths)),
+    )
 
 
 def account_deletion_plan(store: ObjectStore, scratch: Path, account_id: str) -> DeletionPlan:
@@ -122,26 +130,45 @@ def account_deletion_plan(store: ObjectStore, scratch: Path, account_id: str) ->
     running job's, or one a killed run left), except its invoice documents: billing records are
     kept, like the usage events and invoices in the catalog."""
     area = AccountArea(account_id)
-    return plan_deletion(store, [area.prefix, area.incoming_prefix], [], account_folders(scratch, account_id), kept=(area.prefix + "invoices/",))
+    return plan_deletion(
+        store,
+        [area.prefix, area.incoming_prefix],
+        [],
+        account_folders(scratch, account_id),
+        kept=(area.prefix + "invoices/",),
+    )
 
 
 def forget_account_objects(catalog: Catalog, account_id: str) -> None:
     """The catalog stops pointing at deleted objects; job rows and usage stay (billing evidence)."""
     with catalog.session() as session:
-        session.execute(update(Job).where(Job.account_id == account_id).values(file_id=None, classified_key=None, export_prefix=None, report_key=None))
+        session.execute(
+            update(Job)
+            .where(Job.account_id == account_id)
+            .values(file_id=None, classified_key=None, export_prefix=None, report_key=None)
+        )
         session.execute(delete(StoredFile).where(StoredFile.account_id == account_id))
         session.execute(delete(TrainedModelRecord).where(TrainedModelRecord.account_id == account_id))
 
 
-def execute_deletion(catalog: Catalog, store: ObjectStore, plan: DeletionPlan, account_id: str, rule: str, subject: str, as_of: datetime) -> DeletionAudit:
+def execute_deletion(
+    catalog: Catalog, store: ObjectStore, plan: DeletionPlan, account_id: str, rule: str, subject: str, as_of: datetime
+) -> DeletionAudit:
     """Delete what the plan lists; the audit entry exists before the first object goes."""
     summary = plan.summary()
     with catalog.session() as session:
         audit = DeletionAudit(
-            account_id=account_id, rule=rule, subject=subject, as_of=as_of, status="started",
-            object_count=summary["objects"], version_count=summary["versions"], bytes=plan.bytes,
-            objects=summary["keys"], local_paths=summary["local_paths"],
-        )  # fmt: skip
+            account_id=account_id,
+            rule=rule,
+            subject=subject,
+            as_of=as_of,
+            status="started",
+            object_count=summary["objects"],
+            version_count=summary["versions"],
+            bytes=plan.bytes,
+            objects=summary["keys"],
+            local_paths=summary["local_paths"],
+        )
         session.add(audit)
         session.flush()
         audit_id = audit.id
@@ -156,7 +183,9 @@ def execute_deletion(catalog: Catalog, store: ObjectStore, plan: DeletionPlan, a
                 path.unlink(missing_ok=True)
         remaining = _remaining(store, plan)
         if remaining:
-            raise DeletionIncomplete(f"deletion {audit_id} for account {account_id} ({rule}): still present after deleting: {', '.join(remaining[:20])}")
+            raise DeletionIncomplete(
+                f"deletion {audit_id} for account {account_id} ({rule}): still present after deleting: {', '.join(remaining[:20])}"
+            )
     except Exception as error:
         with catalog.session() as session:
             failed = session.get(DeletionAudit, audit_id)

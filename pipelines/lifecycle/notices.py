@@ -30,7 +30,9 @@ class Draft:
     body: str
 
 
-def inactivity_notice(account: Account, cycle: str, last_login: datetime, months: int, closure_at: datetime, deletion_at: datetime) -> Draft:
+def inactivity_notice(
+    account: Account, cycle: str, last_login: datetime, months: int, closure_at: datetime, deletion_at: datetime
+) -> Draft:
     return _draft(
         "mail/inactivity_notice.txt.j2",
         "inactivity_notice",
@@ -84,20 +86,35 @@ def _draft(template: str, kind: str, key: str, account: Account, **values: Any) 
     return Draft(kind, key, mail.subject, mail.body)
 
 
-def deliver(settings: Settings, catalog: Catalog, account: Account, draft: Draft, as_of: datetime, detail: dict[str, Any]) -> LifecycleNotice | None:
+def deliver(
+    settings: Settings, catalog: Catalog, account: Account, draft: Draft, as_of: datetime, detail: dict[str, Any]
+) -> LifecycleNotice | None:
     """Send and record the notice; on refusal record the failure and return None."""
     try:
-        sent = send_once(settings, catalog, draft.key, account.account_id, draft.kind, account.email, draft.subject, draft.body)
+        sent = send_once(
+            settings, catalog, draft.key, account.account_id, draft.kind, account.email, draft.subject, draft.body
+        )
     except DeliveryError as error:
         log.warning("lifecycle notice %s not delivered, retried next run: %s", draft.key, error)
         with catalog.session() as session:
-            session.add(LifecycleDeliveryFailure(key=draft.key, account_id=account.account_id, kind=draft.kind, attempted_at=as_of, error=str(error)))
+            session.add(
+                LifecycleDeliveryFailure(
+                    key=draft.key, account_id=account.account_id, kind=draft.kind, attempted_at=as_of, error=str(error)
+                )
+            )
         return None
     with catalog.session() as session:
         notice = session.get(LifecycleNotice, draft.key)
         if notice is None:
-            notice = LifecycleNotice(key=draft.key, account_id=account.account_id, kind=draft.kind, sent_at=as_of,
-                                     message_id=sent.message_id, recipient=account.email, detail=detail)  # fmt: skip
+            notice = LifecycleNotice(
+                key=draft.key,
+                account_id=account.account_id,
+                kind=draft.kind,
+                sent_at=as_of,
+                message_id=sent.message_id,
+                recipient=account.email,
+                detail=detail,
+            )
             session.add(notice)
         session.flush()
         session.expunge(notice)

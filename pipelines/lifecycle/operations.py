@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +42,7 @@ class LifecycleError(CatalogError):
 
 
 def _now(now: datetime | None) -> datetime:
-    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    return (now or datetime.now(UTC)).astimezone(UTC)
 
 
 def is_locked(catalog: Catalog, account_id: str, at: datetime | None = None) -> bool:
@@ -96,7 +96,9 @@ def place_hold(catalog: Catalog, account_id: str, reason: str, now: datetime | N
         raise LifecycleError("a legal hold needs a reason (--reason), e.g. the case reference")
     with catalog.session() as session:
         hold = session.scalars(
-            select(LegalHold).where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None), LegalHold.reason == reason.strip())
+            select(LegalHold).where(
+                LegalHold.account_id == account_id, LegalHold.released_at.is_(None), LegalHold.reason == reason.strip()
+            )
         ).first()
         if hold is None:
             hold = LegalHold(account_id=account_id, reason=reason.strip(), placed_at=_now(now))
@@ -109,7 +111,11 @@ def release_holds(catalog: Catalog, account_id: str, now: datetime | None = None
     """Release every active hold of the account; deletions that were due run on the next run."""
     get_account(catalog, account_id)
     with catalog.session() as session:
-        holds = list(session.scalars(select(LegalHold).where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None))))
+        holds = list(
+            session.scalars(
+                select(LegalHold).where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None))
+            )
+        )
         if not holds:
             raise LifecycleError(f"account {account_id} is not on legal hold")
         for hold in holds:
@@ -120,7 +126,11 @@ def release_holds(catalog: Catalog, account_id: str, now: datetime | None = None
 
 def active_hold(catalog: Catalog, account_id: str) -> HoldView | None:
     with catalog.session() as session:
-        hold = session.scalars(select(LegalHold).where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None)).order_by(LegalHold.id)).first()
+        hold = session.scalars(
+            select(LegalHold)
+            .where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None))
+            .order_by(LegalHold.id)
+        ).first()
         return None if hold is None else _hold_view(hold)
 
 
@@ -144,7 +154,13 @@ class TerminationView:
     last_day_of_service: date
 
 
-def terminate_account(catalog: Catalog, account_id: str, reason: str = "customer", effective: date | None = None, now: datetime | None = None) -> TerminationView:
+def terminate_account(
+    catalog: Catalog,
+    account_id: str,
+    reason: str = "customer",
+    effective: date | None = None,
+    now: datetime | None = None,
+) -> TerminationView:
     """End the contract: access continues until `effective` (default: the end of the paid term),
     then the data is locked and, after the plan's grace period, deleted by the lifecycle run."""
     if reason not in TERMINATION_REASONS:
@@ -155,8 +171,12 @@ def terminate_account(catalog: Catalog, account_id: str, reason: str = "customer
     with catalog.session() as session:
         known = session.get(Termination, account_id)
         if known is not None:
-            raise LifecycleError(f"account {account_id} is already terminated ({known.reason}, effective {known.effective_at.isoformat()})")
-        session.add(Termination(account_id=account_id, reason=reason, effective_at=start_of(effective), requested_at=now))
+            raise LifecycleError(
+                f"account {account_id} is already terminated ({known.reason}, effective {known.effective_at.isoformat()})"
+            )
+        session.add(
+            Termination(account_id=account_id, reason=reason, effective_at=start_of(effective), requested_at=now)
+        )
     last_day = effective - timedelta(days=1)
     # Billing stops with the service: the subscription is prorated up to the last day.
     set_billing_terms(catalog, account_id, TermsUpdate(ended_on=last_day))
@@ -182,7 +202,9 @@ def export_all(runtime: Runtime, account_id: str, policy: LifecyclePolicy, now: 
     with runtime.catalog.session() as session:
         termination = session.get(Termination, account_id)
     if termination is not None and termination.deleted_at is not None:
-        raise LifecycleError(f"the data of account {account_id} was deleted on {termination.deleted_at.isoformat()}; nothing to export")
+        raise LifecycleError(
+            f"the data of account {account_id} was deleted on {termination.deleted_at.isoformat()}; nothing to export"
+        )
     now = _now(now)
     area = AccountArea(account_id)
     skip = area.key("exports", BUNDLE_FOLDER) + "/"
@@ -197,17 +219,26 @@ def export_all(runtime: Runtime, account_id: str, policy: LifecyclePolicy, now: 
                 # One object on disk at a time: memory and scratch space stay bounded.
                 local = work / "object"
                 runtime.store.get_file(item.key, local)
-                archive.write(local, item.key[len(area.prefix):])
+                archive.write(local, item.key[len(area.prefix) :])
                 local.unlink()
-            archive.writestr("MANIFEST.json", json.dumps({
-                "account_id": account_id, "created_at": now.isoformat(),
-                "objects": [{"path": o.key[len(area.prefix):], "bytes": o.size} for o in objects],
-            }, indent=2))  # fmt: skip
+            archive.writestr(
+                "MANIFEST.json",
+                json.dumps(
+                    {
+                        "account_id": account_id,
+                        "created_at": now.isoformat(),
+                        "objects": [{"path": o.key[len(area.prefix) :], "bytes": o.size} for o in objects],
+                    },
+                    indent=2,
+                ),
+            )
         runtime.store.put_file(key, bundle)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lifetime = timedelta(days=policy.for_plan(account.plan).export_link_days)
-    return ExportBundle(account_id, key, runtime.store.link(key, lifetime), now + lifetime, len(objects), sum(o.size for o in objects))
+    return ExportBundle(
+        account_id, key, runtime.store.link(key, lifetime), now + lifetime, len(objects), sum(o.size for o in objects)
+    )
 
 
 def deletion_plan(runtime: Runtime, account_id: str) -> DeletionPlan:
@@ -219,7 +250,9 @@ def delete_account_data(runtime: Runtime, account_id: str, now: datetime | None 
     """Delete all of the account's data now, on the customer's request; refused under legal hold."""
     hold = active_hold(runtime.catalog, account_id)
     if hold is not None:
-        raise LifecycleError(f"account {account_id} is on legal hold since {hold.placed_at.isoformat()} ({hold.reason}): nothing may be deleted")
+        raise LifecycleError(
+            f"account {account_id} is on legal hold since {hold.placed_at.isoformat()} ({hold.reason}): nothing may be deleted"
+        )
     plan = deletion_plan(runtime, account_id)
     audit = execute_deletion(runtime.catalog, runtime.store, plan, account_id, "customer_request", "account", _now(now))
     forget_account_objects(runtime.catalog, account_id)
@@ -233,11 +266,17 @@ def delete_stored_file(runtime: Runtime, account_id: str, key: str, now: datetim
     get_account(runtime.catalog, account_id)
     hold = active_hold(runtime.catalog, account_id)
     if hold is not None:
-        raise LifecycleError(f"account {account_id} is on legal hold since {hold.placed_at.isoformat()} ({hold.reason}): nothing may be deleted")
+        raise LifecycleError(
+            f"account {account_id} is on legal hold since {hold.placed_at.isoformat()} ({hold.reason}): nothing may be deleted"
+        )
     with runtime.catalog.session() as session:
-        stored = session.scalars(select(StoredFile).where(StoredFile.account_id == account_id, StoredFile.key == key)).first()
+        stored = session.scalars(
+            select(StoredFile).where(StoredFile.account_id == account_id, StoredFile.key == key)
+        ).first()
         if stored is None:
-            raise LifecycleError(f"account {account_id} has no stored file {key!r}: see 'pointflow files list --account {account_id}'")
+            raise LifecycleError(
+                f"account {account_id} has no stored file {key!r}: see 'pointflow files list --account {account_id}'"
+            )
         open_states = [s.value for s in JobState if s not in TERMINAL_JOB_STATES]
         busy = session.scalars(select(Job.job_id).where(Job.file_id == stored.id, Job.state.in_(open_states))).first()
         if busy is not None:
@@ -246,7 +285,9 @@ def delete_stored_file(runtime: Runtime, account_id: str, key: str, now: datetim
     # A quarantined file keeps its refusal report beside it: it goes with the file.
     report = key + ".report.html"
     plan = plan_deletion(runtime.store, [], [key, report] if runtime.store.exists(report) else [key], [])
-    audit = execute_deletion(runtime.catalog, runtime.store, plan, account_id, "customer_request", f"file {key}"[:255], _now(now))
+    audit = execute_deletion(
+        runtime.catalog, runtime.store, plan, account_id, "customer_request", f"file {key}"[:255], _now(now)
+    )
     with runtime.catalog.session() as session:
         session.execute(update(Job).where(Job.file_id == file_id).values(file_id=None))
         session.execute(delete(StoredFile).where(StoredFile.id == file_id))

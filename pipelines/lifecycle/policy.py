@@ -80,7 +80,9 @@ def _plan(source: str, where: str, spec: Any, base: PlanPolicy) -> PlanPolicy:
         raise PolicyError(f"{source}: {where} must be a mapping of fields")
     unknown = sorted(set(spec) - _FIELDS)
     if unknown:
-        raise PolicyError(f"{source}: {where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(_FIELDS))})")
+        raise PolicyError(
+            f"{source}: {where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(_FIELDS))})"
+        )
     values: dict[str, Any] = {}
     for name, value in spec.items():
         if name == "reminder_days_before_closure":
@@ -89,7 +91,9 @@ def _plan(source: str, where: str, spec: Any, base: PlanPolicy) -> PlanPolicy:
             values[name] = tuple(sorted(set(value), reverse=True))
         elif name == "inactivity_notice_after_months":
             if value is not None and not _whole(value, 1):
-                raise PolicyError(f"{source}: {where}.{name} must be a number of months >= 1, or null to turn the rule off")
+                raise PolicyError(
+                    f"{source}: {where}.{name} must be a number of months >= 1, or null to turn the rule off"
+                )
             values[name] = value
         else:
             minimum = 1 if name in ("closure_after_notice_months", "export_link_days") else 0
@@ -99,8 +103,13 @@ def _plan(source: str, where: str, spec: Any, base: PlanPolicy) -> PlanPolicy:
     policy = replace(base, **values)
     # A reminder must fall inside the notice period, otherwise "at least one reminder before the
     # closure" cannot hold and the closure would be postponed for ever.
-    if policy.inactivity_notice_after_months is not None and max(policy.reminder_days_before_closure) >= 28 * policy.closure_after_notice_months:
-        raise PolicyError(f"{source}: {where}: reminders must come after the notice, i.e. less than {28 * policy.closure_after_notice_months} days before closure")
+    if (
+        policy.inactivity_notice_after_months is not None
+        and max(policy.reminder_days_before_closure) >= 28 * policy.closure_after_notice_months
+    ):
+        raise PolicyError(
+            f"{source}: {where}: reminders must come after the notice, i.e. less than {28 * policy.closure_after_notice_months} days before closure"
+        )
     if policy.overdue_notice_days > policy.overdue_service_stop_days:
         raise PolicyError(f"{source}: {where}: overdue_notice_days exceeds overdue_service_stop_days")
     return policy

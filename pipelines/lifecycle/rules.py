@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select, update
@@ -46,9 +46,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ACTIONS = (
-    "inactivity_notice", "inactivity_reminder", "closure_averted", "terminated", "data_locked",
-    "data_deleted", "api_results_deleted", "trial_ended", "overdue_notice",
-)  # fmt: skip
+    "inactivity_notice",
+    "inactivity_reminder",
+    "closure_averted",
+    "terminated",
+    "data_locked",
+    "data_deleted",
+    "api_results_deleted",
+    "trial_ended",
+    "overdue_notice",
+)
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,12 @@ class Action:
     detail: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"account_id": self.account_id, "action": self.action, "effective_at": iso(self.effective_at), "detail": self.detail}
+        return {
+            "account_id": self.account_id,
+            "action": self.action,
+            "effective_at": iso(self.effective_at),
+            "detail": self.detail,
+        }
 
 
 class LifecycleRunError(PointflowError, RuntimeError):
@@ -74,7 +86,7 @@ class LifecycleRunError(PointflowError, RuntimeError):
 
 
 def iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.astimezone(timezone.utc).isoformat()
+    return None if moment is None else moment.astimezone(UTC).isoformat()
 
 
 def run_lifecycle(
@@ -91,10 +103,10 @@ def run_lifecycle(
     address no mail can go to) does not stop the others; it is raised at the end as
     LifecycleRunError, carrying the actions that were taken.
     """
-    as_of = as_of or datetime.now(timezone.utc)
+    as_of = as_of or datetime.now(UTC)
     if as_of.tzinfo is None:
         raise ValueError(f"as_of {as_of.isoformat()} must carry a time zone (UTC)")
-    as_of = as_of.astimezone(timezone.utc)
+    as_of = as_of.astimezone(UTC)
     context = _Context(
         runtime=runtime,
         as_of=as_of,
@@ -146,14 +158,27 @@ class _AccountRun:
         with catalog.session() as session:
             self.account = session.get(Account, account_id)
             latest_event = session.scalar(
-                select(func.max(UsageEvent.occurred_at)).where(UsageEvent.account_id == account_id, UsageEvent.kind == "login")
+                select(func.max(UsageEvent.occurred_at)).where(
+                    UsageEvent.account_id == account_id, UsageEvent.kind == "login"
+                )
             )
             self.termination = session.get(Termination, account_id)
             self.hold = session.scalars(
-                select(LegalHold).where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None)).order_by(LegalHold.id)
+                select(LegalHold)
+                .where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None))
+                .order_by(LegalHold.id)
             ).first()
-            self.notices = {n.key: n for n in session.scalars(select(LifecycleNotice).where(LifecycleNotice.account_id == account_id))}
-            self.done = set(session.execute(select(LifecycleAction.action, LifecycleAction.subject).where(LifecycleAction.account_id == account_id)).all())
+            self.notices = {
+                n.key: n
+                for n in session.scalars(select(LifecycleNotice).where(LifecycleNotice.account_id == account_id))
+            }
+            self.done = set(
+                session.execute(
+                    select(LifecycleAction.action, LifecycleAction.subject).where(
+                        LifecycleAction.account_id == account_id
+                    )
+                ).all()
+            )
             session.expunge_all()
         # Logins come from account imports (last_login_at) and from login usage events: the latest counts.
         logins = [t for t in (self.account.last_login_at, latest_event) if t is not None]
@@ -183,8 +208,16 @@ class _AccountRun:
         if not self.dry_run:
             try:
                 with self.context.runtime.catalog.session() as session:
-                    session.add(LifecycleAction(account_id=self.account.account_id, action=action, subject=subject,
-                                                effective_at=effective_at, as_of=self.as_of, detail=detail))  # fmt: skip
+                    session.add(
+                        LifecycleAction(
+                            account_id=self.account.account_id,
+                            action=action,
+                            subject=subject,
+                            effective_at=effective_at,
+                            as_of=self.as_of,
+                            detail=detail,
+                        )
+                    )
             except IntegrityError:
                 return
         self.actions.append(Action(self.account.account_id, action, effective_at, detail))
@@ -223,7 +256,9 @@ class _AccountRun:
         self._terminate("trial_ended", ends_at)
 
     def _terminate(self, reason: str, effective_at: datetime) -> None:
-        self.termination = Termination(account_id=self.account.account_id, reason=reason, effective_at=effective_at, requested_at=self.as_of)
+        self.termination = Termination(
+            account_id=self.account.account_id, reason=reason, effective_at=effective_at, requested_at=self.as_of
+        )
         self._save_termination()
 
     def _inactivity(self) -> None:
@@ -241,8 +276,15 @@ class _AccountRun:
         if notice is None:
             closure_at = add_months(self.as_of, policy.closure_after_notice_months)
             deletion_at = add_months(closure_at, grace)
-            detail = {"cycle": cycle, "last_login_at": iso(self.last_login), "closure_at": iso(closure_at), "deletion_at": iso(deletion_at)}
-            notice = self._notify(notices.inactivity_notice(self.account, cycle, reference, months, closure_at, deletion_at), detail)
+            detail = {
+                "cycle": cycle,
+                "last_login_at": iso(self.last_login),
+                "closure_at": iso(closure_at),
+                "deletion_at": iso(deletion_at),
+            }
+            notice = self._notify(
+                notices.inactivity_notice(self.account, cycle, reference, months, closure_at, deletion_at), detail
+            )
             if notice is not None:
                 self._emit("inactivity_notice", cycle, self.as_of, {**detail, "message_id": notice.message_id})
             return
@@ -263,10 +305,17 @@ class _AccountRun:
         # Reminders whose day passed unsent (outage, missed runs) are superseded by the nearest one.
         closure = max(closure_at, self.as_of + timedelta(days=final_days))
         deletion_at = add_months(closure, grace)
-        detail = {"cycle": cycle, "days_before_closure": days, "closure_at": iso(closure), "deletion_at": iso(deletion_at)}
+        detail = {
+            "cycle": cycle,
+            "days_before_closure": days,
+            "closure_at": iso(closure),
+            "deletion_at": iso(deletion_at),
+        }
         reminder = self._notify(notices.inactivity_reminder(self.account, cycle, days, closure, deletion_at), detail)
         if reminder is not None:
-            self._emit("inactivity_reminder", f"{cycle}:{days}", self.as_of, {**detail, "message_id": reminder.message_id})
+            self._emit(
+                "inactivity_reminder", f"{cycle}:{days}", self.as_of, {**detail, "message_id": reminder.message_id}
+            )
 
     def _reminder_key(self, cycle: str, days: int) -> str:
         return f"lifecycle:inactivity_reminder:{self.account.account_id}:{cycle}:{days}"
@@ -275,9 +324,14 @@ class _AccountRun:
         """A login after a notice (any notice of an older cycle) averts that cycle's closure."""
         prefix = f"lifecycle:inactivity_notice:{self.account.account_id}:"
         for key, notice in sorted(self.notices.items()):
-            if notice.kind == "inactivity_notice" and key.startswith(prefix) and key[len(prefix):] != cycle:
-                old_cycle = key[len(prefix):]
-                self._emit("closure_averted", old_cycle, login, {"cycle": old_cycle, "notice_sent_at": iso(notice.sent_at), "login_at": iso(login)})
+            if notice.kind == "inactivity_notice" and key.startswith(prefix) and key[len(prefix) :] != cycle:
+                old_cycle = key[len(prefix) :]
+                self._emit(
+                    "closure_averted",
+                    old_cycle,
+                    login,
+                    {"cycle": old_cycle, "notice_sent_at": iso(notice.sent_at), "login_at": iso(login)},
+                )
 
     def _terminated(self) -> None:
         termination = self.termination
@@ -290,7 +344,9 @@ class _AccountRun:
         if termination.announced_at is None:
             deletion_at = add_months(self.as_of, policy.grace_months)
             detail = {"reason": termination.reason, "deletion_at": iso(deletion_at)}
-            notice = self._notify(notices.data_locked(self.account, termination.reason, termination.effective_at, deletion_at), detail)
+            notice = self._notify(
+                notices.data_locked(self.account, termination.reason, termination.effective_at, deletion_at), detail
+            )
             if notice is not None:
                 # The grace period runs from the announcement: nobody loses data to a failed e-mail.
                 termination.announced_at = notice.sent_at
@@ -299,13 +355,24 @@ class _AccountRun:
             # The lock is reported when it happens; an announcement that failed then is reported
             # again once it goes out, because only then does the deletion date exist.
             if newly_locked or notice is not None:
-                self._emit("data_locked", "lock" if newly_locked else "announcement", termination.effective_at, {
-                    "reason": termination.reason,
-                    "locked_at": iso(termination.locked_at),
-                    "deletion_at": iso(termination.deletion_due_at),
-                    "notice": {"status": "sent", "message_id": notice.message_id} if notice else {"status": "not delivered, retried next run"},
-                })  # fmt: skip
-        if termination.deletion_due_at is None or self.as_of < termination.deletion_due_at or termination.deleted_at is not None:
+                self._emit(
+                    "data_locked",
+                    "lock" if newly_locked else "announcement",
+                    termination.effective_at,
+                    {
+                        "reason": termination.reason,
+                        "locked_at": iso(termination.locked_at),
+                        "deletion_at": iso(termination.deletion_due_at),
+                        "notice": {"status": "sent", "message_id": notice.message_id}
+                        if notice
+                        else {"status": "not delivered, retried next run"},
+                    },
+                )
+        if (
+            termination.deletion_due_at is None
+            or self.as_of < termination.deletion_due_at
+            or termination.deleted_at is not None
+        ):
             return
         if self._blocked("data_deleted", "account", termination.deletion_due_at):
             return
@@ -322,23 +389,40 @@ class _AccountRun:
         """A legal hold stops every deletion; reported once per hold and subject."""
         if self.hold is None:
             return False
-        self._emit(action, f"blocked:hold-{self.hold.id}:{subject}", self.as_of, {
-            "status": "blocked", "reason": f"legal hold: {self.hold.reason}", "hold_placed_at": iso(self.hold.placed_at), "due_at": iso(due_at),
-        })  # fmt: skip
+        self._emit(
+            action,
+            f"blocked:hold-{self.hold.id}:{subject}",
+            self.as_of,
+            {
+                "status": "blocked",
+                "reason": f"legal hold: {self.hold.reason}",
+                "hold_placed_at": iso(self.hold.placed_at),
+                "due_at": iso(due_at),
+            },
+        )
         return True
 
     def _delete(self, plan: DeletionPlan, rule: str, subject: str, due_at: datetime) -> dict[str, Any]:
-        detail = {"status": "dry_run" if self.dry_run else "deleted", "rule": rule, "due_at": iso(due_at), **plan.summary()}
+        detail = {
+            "status": "dry_run" if self.dry_run else "deleted",
+            "rule": rule,
+            "due_at": iso(due_at),
+            **plan.summary(),
+        }
         if not self.dry_run:
             runtime = self.context.runtime
-            audit = execute_deletion(runtime.catalog, runtime.store, plan, self.account.account_id, rule, subject, self.as_of)
+            audit = execute_deletion(
+                runtime.catalog, runtime.store, plan, self.account.account_id, rule, subject, self.as_of
+            )
             detail["audit_id"] = audit.id
         return detail
 
     def _api_results(self) -> None:
         account_id = self.account.account_id
         with self.context.runtime.catalog.session() as session:
-            jobs = list(session.scalars(select(Job).where(Job.account_id == account_id).order_by(Job.finished_at, Job.job_id)))
+            jobs = list(
+                session.scalars(select(Job).where(Job.account_id == account_id).order_by(Job.finished_at, Job.job_id))
+            )
             files = {f.id: f for f in session.scalars(select(StoredFile).where(StoredFile.account_id == account_id))}
             session.expunge_all()
 
@@ -357,9 +441,13 @@ class _AccountRun:
             if self._blocked("api_results_deleted", job.job_id, due):
                 continue
             # Everything the job wrote: output, export (and its staging folder), reports, quarantine.
-            prefixes = [area.key("classified", job.job_id) + "/", area.key("exports", job.job_id) + "/",
-                        area.key("tmp", "exports", job.job_id) + "/", area.key("reports", job.job_id) + "-",
-                        area.key("quarantine", job.job_id) + "-"]  # fmt: skip
+            prefixes = [
+                area.key("classified", job.job_id) + "/",
+                area.key("exports", job.job_id) + "/",
+                area.key("tmp", "exports", job.job_id) + "/",
+                area.key("reports", job.job_id) + "-",
+                area.key("quarantine", job.job_id) + "-",
+            ]
             keys = []
             stored = files.get(job.file_id) if job.file_id is not None else None
             # The same bytes uploaded twice are one file: it goes only when every job using it is due.
@@ -368,10 +456,18 @@ class _AccountRun:
             if input_due:
                 keys.append(stored.key)
             plan = plan_deletion(self.context.runtime.store, prefixes, keys, job_folders(scratch, job.job_id))
-            detail = {"job_id": job.job_id, "finished_at": iso(job.finished_at), **self._delete(plan, "api_results", job.job_id, due)}
+            detail = {
+                "job_id": job.job_id,
+                "finished_at": iso(job.finished_at),
+                **self._delete(plan, "api_results", job.job_id, due),
+            }
             if not self.dry_run:
                 with self.context.runtime.catalog.session() as session:
-                    session.execute(update(Job).where(Job.job_id == job.job_id).values(classified_key=None, export_prefix=None, report_key=None))
+                    session.execute(
+                        update(Job)
+                        .where(Job.job_id == job.job_id)
+                        .values(classified_key=None, export_prefix=None, report_key=None)
+                    )
                     if input_due:
                         session.execute(update(Job).where(Job.file_id == stored.id).values(file_id=None))
                         session.execute(delete(StoredFile).where(StoredFile.id == stored.id))
@@ -390,7 +486,12 @@ class _AccountRun:
         stop_at = max(stop_at, self.as_of + notice_days)
         due = balance.oldest_due_date.isoformat()
         currency = self.context.pricebook.currency
-        detail = {"amount": str(balance.amount), "currency": currency, "oldest_due_date": due, "service_stops_at": iso(stop_at)}
+        detail = {
+            "amount": str(balance.amount),
+            "currency": currency,
+            "oldest_due_date": due,
+            "service_stops_at": iso(stop_at),
+        }
         notice = self._notify(notices.overdue_notice(self.account, balance.amount, currency, due, stop_at), detail)
         if notice is not None:
             self._emit("overdue_notice", due, self.as_of, {**notice.detail, "message_id": notice.message_id})

@@ -29,7 +29,13 @@ def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> list[Jo
     timeout = timedelta(hours=runtime.settings.stale_job_hours)
     open_states = [s.value for s in JobState if s not in TERMINAL_JOB_STATES]
     with runtime.catalog.session() as session:
-        stale = list(session.scalars(select(Job.job_id).where(Job.state.in_(open_states), Job.updated_at < as_of - timeout).order_by(Job.created_at)))
+        stale = list(
+            session.scalars(
+                select(Job.job_id)
+                .where(Job.state.in_(open_states), Job.updated_at < as_of - timeout)
+                .order_by(Job.created_at)
+            )
+        )
     closed = []
     for job_id in stale:
         with runtime.catalog.session() as session:
@@ -66,7 +72,11 @@ def deliver_unsent(runtime: Runtime, as_of: datetime) -> UnsentReport:
             session.execute(
                 select(Job.job_id, Job.account_id)
                 .where(Job.state == JobState.EXPORTED.value)
-                .where(Job.finished_at.is_not(None), Job.finished_at <= as_of - UNSENT_SETTLE_TIME, Job.finished_at > as_of - UNSENT_RETRY_WINDOW)
+                .where(
+                    Job.finished_at.is_not(None),
+                    Job.finished_at <= as_of - UNSENT_SETTLE_TIME,
+                    Job.finished_at > as_of - UNSENT_RETRY_WINDOW,
+                )
                 .where(~select(SentMessage.key).where(SentMessage.key == "export:" + Job.job_id).exists())
                 .order_by(Job.finished_at)
             ).all()
@@ -84,5 +94,9 @@ def deliver_unsent(runtime: Runtime, as_of: datetime) -> UnsentReport:
         except DeliveryError as error:
             failed[job_id] = str(error)
     if failed:
-        log.warning("%d ready e-mail(s) still not sent (next try tomorrow); check POINTFLOW_SMTP_URL: %s", len(failed), next(iter(failed.values())))
+        log.warning(
+            "%d ready e-mail(s) still not sent (next try tomorrow); check POINTFLOW_SMTP_URL: %s",
+            len(failed),
+            next(iter(failed.values())),
+        )
     return UnsentReport(sent, failed, locked)

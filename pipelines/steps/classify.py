@@ -23,7 +23,11 @@ def classify_step(runtime: Runtime, job_id: str, workers: int | None = None, cli
     here, and a file found bad now is quarantined like one refused by validation."""
     with runtime.catalog.session() as session:
         job = job_row(session, job_id)
-        if JobState(job.state) in (JobState.CLASSIFIED, JobState.EXPORTED) and job.classified_key and runtime.store.exists(job.classified_key):
+        if (
+            JobState(job.state) in (JobState.CLASSIFIED, JobState.EXPORTED)
+            and job.classified_key
+            and runtime.store.exists(job.classified_key)
+        ):
             return job_view(runtime, job_id)
         set_state(job, JobState.CLASSIFYING)
         stored = stored_file(session, job)
@@ -35,7 +39,16 @@ def classify_step(runtime: Runtime, job_id: str, workers: int | None = None, cli
         with readable_path(runtime.store, file_key, runtime.settings.scratch_dir) as path:
             model = resolve_classifier(runtime, account_id, classifier)
             try:
-                result = classify_file(path, output, runtime.settings, classifier=model, workers=workers, client=client, account_id=account_id, job_id=job_id)
+                result = classify_file(
+                    path,
+                    output,
+                    runtime.settings,
+                    classifier=model,
+                    workers=workers,
+                    client=client,
+                    account_id=account_id,
+                    job_id=job_id,
+                )
             except NotPointCloudError as error:
                 refused = NotPointCloudError(str(error).replace(path.name, name), error.check)
         if refused is None:
@@ -55,20 +68,23 @@ def classify_step(runtime: Runtime, job_id: str, workers: int | None = None, cli
         job.points_processed = result.output_points
         job.classifier_version = result.classifier_version
         job.classifier_params = result.classifier_params
-        job.summary = {**(job.summary or {}), **{
-            "input_points": result.input_points,
-            "output_points": result.output_points,
-            "class_counts": {str(k): v for k, v in result.class_counts.items()},
-            "classifier": result.classifier,
-            "classifier_version": result.classifier_version,
-            "classifier_params": result.classifier_params,
-            "tiles": result.tiles,
-            "tile_size": result.tile_size,
-            "tile_buffer": result.tile_buffer,
-            "sparse_points": result.sparse_points,
-            "workers": result.workers,
-            "units": result.units.to_dict(),
-            "timings": result.timings,
-        }}
+        job.summary = {
+            **(job.summary or {}),
+            **{
+                "input_points": result.input_points,
+                "output_points": result.output_points,
+                "class_counts": {str(k): v for k, v in result.class_counts.items()},
+                "classifier": result.classifier,
+                "classifier_version": result.classifier_version,
+                "classifier_params": result.classifier_params,
+                "tiles": result.tiles,
+                "tile_size": result.tile_size,
+                "tile_buffer": result.tile_buffer,
+                "sparse_points": result.sparse_points,
+                "workers": result.workers,
+                "units": result.units.to_dict(),
+                "timings": result.timings,
+            },
+        }
         set_state(job, JobState.CLASSIFIED)
     return job_view(runtime, job_id)

@@ -34,7 +34,9 @@ def delivery_terms(runtime: Runtime, account_id: str, at: datetime | None = None
     at = at or utcnow()
     ensure_active(runtime.catalog, account_id, at)
     limits = account_limits(runtime.catalog, load_pricebook(runtime.settings.pricebook_path), account_id, at.date())[1]
-    return DeliveryTerms(limits.downloads, timedelta(days=limits.result_retention_days) if limits.result_retention_days else None)
+    return DeliveryTerms(
+        limits.downloads, timedelta(days=limits.result_retention_days) if limits.result_retention_days else None
+    )
 
 
 def deliver_step(runtime: Runtime, job_id: str) -> JobRecord:
@@ -43,7 +45,14 @@ def deliver_step(runtime: Runtime, job_id: str) -> JobRecord:
     account = get_account(runtime.catalog, job.account_id)
     terms = delivery_terms(runtime, account.account_id)
     expires_at = terms.links_expire(job.finished_at, utcnow())
-    links = download_links(runtime.store, LinkSigner.from_settings(runtime.settings), account.account_id, job_id, terms.downloads, expires_at)
+    links = download_links(
+        runtime.store,
+        LinkSigner.from_settings(runtime.settings),
+        account.account_id,
+        job_id,
+        terms.downloads,
+        expires_at,
+    )
     summary = job.summary
     mail = render_mail(
         "mail/export_ready.txt.j2",

@@ -27,16 +27,34 @@ def export_step(runtime: Runtime, job_id: str, export_format: str = "laz") -> Jo
         raise IllegalTransition(f"job {job_id} is {job.state}, not classified: nothing to export")
     with runtime.catalog.session() as session:
         stored = stored_file(session, job_row(session, job_id))
-        input_file = {"key": stored.key, "name": stored.original_name, "sha256": stored.sha256, "size": stored.size, "points": stored.point_count, "crs": stored.crs}
+        input_file = {
+            "key": stored.key,
+            "name": stored.original_name,
+            "sha256": stored.sha256,
+            "size": stored.size,
+            "points": stored.point_count,
+            "crs": stored.crs,
+        }
     stem = Path(safe_name(input_file["name"])).stem
     report_key = job.report_key.replace(".json", ".html") if job.report_key else None
     report_html = runtime.store.get_bytes(report_key) if report_key and runtime.store.exists(report_key) else None
     counts = job.class_counts
     scratch = runtime.settings.scratch_dir
-    with readable_path(runtime.store, job.classified_key, scratch) as path, work_dir(scratch, "export", job.account_id, job_id) as work:
-        artifacts = build_artifacts(path, work, stem, export_format, counts, report_html, f"{input_file['name']}: classes")
+    with (
+        readable_path(runtime.store, job.classified_key, scratch) as path,
+        work_dir(scratch, "export", job.account_id, job_id) as work,
+    ):
+        artifacts = build_artifacts(
+            path, work, stem, export_format, counts, report_html, f"{input_file['name']}: classes"
+        )
         coordinates = file_frame(path)
-        publish(runtime.store, job.account_id, job_id, artifacts, lambda described: build_manifest(job, input_file, described, job.summary, coordinates, utcnow()))
+        publish(
+            runtime.store,
+            job.account_id,
+            job_id,
+            artifacts,
+            lambda described: build_manifest(job, input_file, described, job.summary, coordinates, utcnow()),
+        )
     with runtime.catalog.session() as session:
         record = job_row(session, job_id)
         record.export_prefix = prefix

@@ -77,7 +77,14 @@ def attach_file(runtime: Runtime, job_id: str, path: Path, name: str) -> JobReco
     if job.file_id is None:
         account_id, at = job.account_id, job.created_at
         try:
-            stored = ingest_file(runtime.catalog, runtime.store, account_id, path, name=name, admit=lambda candidate: check_admission(runtime.settings, runtime.catalog, account_id, candidate, at))
+            stored = ingest_file(
+                runtime.catalog,
+                runtime.store,
+                account_id,
+                path,
+                name=name,
+                admit=lambda candidate: check_admission(runtime.settings, runtime.catalog, account_id, candidate, at),
+            )
         except AdmissionRefused as refused:
             refuse_job(runtime, job_id, str(refused))
         with runtime.catalog.session() as session:

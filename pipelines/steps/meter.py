@@ -17,7 +17,13 @@ def meter_step(runtime: Runtime, job_id: str) -> JobRecord:
             job.error = job.error or f"pipeline stopped while {state.value}"
             set_state(job, JobState.FAILED)
         stored = session.get(StoredFile, job.file_id) if job.file_id else None
-        status = "succeeded" if job.state == JobState.EXPORTED.value else "aborted" if job.state == JobState.ABORTED.value else "failed"
+        status = (
+            "succeeded"
+            if job.state == JobState.EXPORTED.value
+            else "aborted"
+            if job.state == JobState.ABORTED.value
+            else "failed"
+        )
         event = UsageRecord(
             event_id=f"{job_id}:classification",
             account_id=job.account_id,

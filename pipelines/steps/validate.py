@@ -55,7 +55,14 @@ def validate_step(runtime: Runtime, job_id: str) -> JobRecord:
         with runtime.catalog.session() as session:
             job = job_row(session, job_id)
             job.report_key = report_key
-            job.summary = {"validation": {"mode": report.mode, "points_checked": report.points_checked, "warnings": [w.explain for w in report.warnings], "report_key": report_key}}
+            job.summary = {
+                "validation": {
+                    "mode": report.mode,
+                    "points_checked": report.points_checked,
+                    "warnings": [w.explain for w in report.warnings],
+                    "report_key": report_key,
+                }
+            }
             stored_file(session, job).state = FileState.VALIDATED.value
             set_state(job, JobState.VALIDATED)
         return job_view(runtime, job_id)
@@ -63,7 +70,15 @@ def validate_step(runtime: Runtime, job_id: str) -> JobRecord:
     quarantine(runtime, job_id, account_id, file_key, file_name, report, report_key)
 
 
-def quarantine(runtime: Runtime, job_id: str, account_id: str, file_key: str, file_name: str, report: ValidationReport, report_key: str) -> None:
+def quarantine(
+    runtime: Runtime,
+    job_id: str,
+    account_id: str,
+    file_key: str,
+    file_name: str,
+    report: ValidationReport,
+    report_key: str,
+) -> None:
     """Move a refused file to quarantine with its report, close the job, tell the customer."""
     area = AccountArea(account_id)
     quarantine_key = area.key("quarantine", f"{job_id}-{file_name}")
@@ -79,12 +94,16 @@ def quarantine(runtime: Runtime, job_id: str, account_id: str, file_key: str, fi
     raise ValidationFailed(job_id, report.reason, report_key)
 
 
-def notify_quarantine(runtime: Runtime, job_id: str, account_id: str, file_name: str, reason: str, report_key: str) -> None:
+def notify_quarantine(
+    runtime: Runtime, job_id: str, account_id: str, file_name: str, reason: str, report_key: str
+) -> None:
     """Tell the customer once per job; a refused delivery is logged and retried when the step reruns."""
     account = get_account(runtime.catalog, account_id)
     html_key = report_key.replace(".json", ".html")
     report_link = runtime.store.link(html_key, LINK_LIFETIME)
-    mail = render_mail("mail/quarantine.txt.j2", name=account.name, file_name=file_name, reason=reason, report_link=report_link)
+    mail = render_mail(
+        "mail/quarantine.txt.j2", name=account.name, file_name=file_name, reason=reason, report_link=report_link
+    )
     try:
         runtime.mailer.send_once(f"quarantine:{job_id}", account_id, "quarantine", account.email, mail)
     except DeliveryError as error:

@@ -4,7 +4,6 @@ Keys are built only by `AccountArea`, which checks account ids and file names, s
 customer names can escape its account's prefix.
 """
 
-
 from __future__ import annotations
 
 from pathlib import Path

@@ -66,7 +66,9 @@ def check_key(key: str) -> str:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
         raise UnsafeKeyError(f"unsafe object key {key!r}: control characters are not allowed")
     if len(key.encode()) > MAX_KEY_BYTES:
-        raise UnsafeKeyError(f"object key too long ({len(key.encode())} bytes, at most {MAX_KEY_BYTES}): {key[:80]!r}...")
+        raise UnsafeKeyError(
+            f"object key too long ({len(key.encode())} bytes, at most {MAX_KEY_BYTES}): {key[:80]!r}..."
+        )
     return key
 
 

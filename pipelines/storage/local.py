@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -99,7 +99,9 @@ class LocalStore(ObjectStore):
         if not base.is_dir():
             return
         # os.walk skips folders that vanish under it: other tasks delete while we list.
-        paths = sorted(Path(folder, name) for folder, _, names in os.walk(base) for name in names if not name.startswith(".part-"))
+        paths = sorted(
+            Path(folder, name) for folder, _, names in os.walk(base) for name in names if not name.startswith(".part-")
+        )
         for path in paths:
             key = path.relative_to(self.root).as_posix()
             if key.startswith(prefix):
@@ -107,7 +109,7 @@ class LocalStore(ObjectStore):
                     facts = path.stat()
                 except FileNotFoundError:
                     continue
-                yield ObjectInfo(key, facts.st_size, _local_version(facts), datetime.fromtimestamp(facts.st_mtime, timezone.utc))
+                yield ObjectInfo(key, facts.st_size, _local_version(facts), datetime.fromtimestamp(facts.st_mtime, UTC))
 
     def delete(self, key: str) -> None:
         path = self._path(key)

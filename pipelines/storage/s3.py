@@ -37,11 +37,15 @@ class S3Store(ObjectStore):
         if not os.environ.get("AWS_MAX_ATTEMPTS"):
             retries["total_max_attempts"] = S3_MAX_ATTEMPTS
         config = Config(retries=retries, connect_timeout=10, read_timeout=60, signature_version="s3v4")
-        self.client = client or boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, config=config)
+        self.client = client or boto3.client(
+            "s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, config=config
+        )
         # Customers may reach the store under another name than we do (a compose network's
         # http://minio:9000 vs its public address): the host is part of the signature, so links
         # are signed by a client that uses the public endpoint. Signing is offline: no requests.
-        self.link_client = boto3.client("s3", endpoint_url=link_endpoint, config=config) if link_endpoint else self.client
+        self.link_client = (
+            boto3.client("s3", endpoint_url=link_endpoint, config=config) if link_endpoint else self.client
+        )
 
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
@@ -61,7 +65,9 @@ class S3Store(ObjectStore):
         # The ETag part of our version; S3 answers 412 when the object's is another (a new upload).
         etag = version.split("@", 1)[0]
         try:
-            response = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key), IfMatch=f'"{etag}"')
+            response = self._call(
+                key, self.client.get_object, Bucket=self.bucket, Key=self._key(key), IfMatch=f'"{etag}"'
+            )
         except StorageError as error:
             if _error_code(error) in ("PreconditionFailed", "412"):
                 raise StaleObject(f"{key!r} in {self.url} was replaced after it was listed") from error
@@ -89,11 +95,15 @@ class S3Store(ObjectStore):
         return int(response["ContentLength"])
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        pages = iter(self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + prefix))
+        pages = iter(
+            self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + prefix)
+        )
         while (page := self._call(prefix, next, pages, None)) is not None:
             for item in page.get("Contents", []):
                 modified, etag = item["LastModified"], item["ETag"].strip('"')
-                yield ObjectInfo(item["Key"][len(self.prefix):], int(item["Size"]), f"{etag}@{modified.isoformat()}", modified)
+                yield ObjectInfo(
+                    item["Key"][len(self.prefix) :], int(item["Size"]), f"{etag}@{modified.isoformat()}", modified
+                )
 
     def delete(self, key: str) -> None:
         full = self._key(key)
@@ -106,7 +116,9 @@ class S3Store(ObjectStore):
         if not versions:
             self._call(key, self.client.delete_object, Bucket=self.bucket, Key=full)
         for start in range(0, len(versions), 1000):
-            self._call(key, self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": versions[start:start + 1000]})
+            self._call(
+                key, self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": versions[start : start + 1000]}
+            )
 
     def copy(self, source: str, destination: str) -> None:
         self._call(
@@ -138,7 +150,7 @@ class S3Store(ObjectStore):
             return None
         full = parsed.path.lstrip("/")
         # Elsewhere in our bucket is not the customer's either: "" belongs to no account.
-        return full[len(self.prefix):] if full.startswith(self.prefix) else ""
+        return full[len(self.prefix) :] if full.startswith(self.prefix) else ""
 
     def _call(self, key: str, function, *args, **kwargs):
         from boto3.exceptions import Boto3Error

@@ -1,9 +1,9 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from pipelines.catalog.models import Base
 import pipelines.billing.models  # noqa: F401
 import pipelines.lifecycle.models  # noqa: F401
+from pipelines.catalog.models import Base
 
 config = context.config
 

@@ -3,26 +3,28 @@
 Revision ID: 0010
 Revises: 0009
 """
-from alembic import op
+
 import sqlalchemy as sa
+from alembic import op
+
 import pipelines.catalog.types
 
-
-revision = '0010'
-down_revision = '0009'
+revision = "0010"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    op.create_table('message_claims',
-    sa.Column('key', sa.String(length=255), nullable=False),
-    sa.Column('account_id', sa.String(length=64), nullable=False),
-    sa.Column('message_id', sa.String(length=255), nullable=False),
-    sa.Column('claimed_at', pipelines.catalog.types.UTCDateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('key')
+    op.create_table(
+        "message_claims",
+        sa.Column("key", sa.String(length=255), nullable=False),
+        sa.Column("account_id", sa.String(length=64), nullable=False),
+        sa.Column("message_id", sa.String(length=255), nullable=False),
+        sa.Column("claimed_at", pipelines.catalog.types.UTCDateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("key"),
     )
 
 
 def downgrade() -> None:
-    op.drop_table('message_claims')
+    op.drop_table("message_claims")
