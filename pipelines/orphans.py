@@ -4,7 +4,7 @@ or worker whose owner or parent process dies ends itself.
 The local cluster's workers are children of the process that classifies (`pointflow classify`,
 an Airflow task), whose scheduler runs inside it; when that process is killed outright (SIGKILL,
 the OOM killer) nobody closes the cluster, and its workers would live on under init. Each one
-watches the owner (OWNER_VARIABLE, set by `pipelines.classify.local_cluster`) and its own parent
+watches the owner (OWNER_VARIABLE, set by `pipelines.cluster.local_cluster`) and its own parent
 (the owner itself, or a nanny where a cluster has them). A process that starts after its owner
 died ends at once.
 """

@@ -28,7 +28,7 @@ import requests
 
 from pipelines.airflow_local import DAGS_FOLDER, PLUGINS_FOLDER
 from pipelines.catalog.db import Catalog, normalise_url
-from pipelines.classify import LOCAL_DASK_CONFIG
+from pipelines.cluster import LOCAL_DASK_CONFIG
 from pipelines.errors import UserError
 from pipelines.keys import kept_secret
 

@@ -8,8 +8,9 @@ import laspy
 import numpy as np
 import pytest
 
-from pipelines import classify
-from pipelines.classify import classify_file, wait_for_workers
+from pipelines import classify, cluster
+from pipelines.classify import classify_file
+from pipelines.cluster import wait_for_workers
 from pipelines.gate import NotPointCloudError
 from pipelines.settings import ClusterStartError
 from pipelines.tile import TileGrid
@@ -248,7 +249,7 @@ def test_the_local_cluster_reruns_a_killed_workers_tiles_and_fails_clearly_when_
     assert len(killed) == 1 and result.output_points == laspy.open(source).header.point_count
     assert laspy.read(survived).points.array.tobytes() == laspy.read(reference).points.array.tobytes()
 
-    monkeypatch.setattr(classify, "NO_WORKERS_TIMEOUT", "1s")
+    monkeypatch.setattr(cluster, "NO_WORKERS_TIMEOUT", "1s")
     progress, killed = killing(2)
     with pytest.raises(
         ClusterStartError, match="every worker of the Dask cluster is gone .* within 1s: nothing was written"
