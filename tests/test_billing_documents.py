@@ -24,7 +24,8 @@ from pipelines.billing.delivery import (
     publish_credit_note,
     publish_documents,
 )
-from pipelines.billing.documents import EInvoiceUnavailable, check_facturx, cii_xml, document_html
+from pipelines.billing.documents import document_html
+from pipelines.billing.einvoice import EInvoiceUnavailable, check_facturx, cii_xml
 from pipelines.billing.imports import (
     import_outages,
     import_payments,

@@ -14,7 +14,8 @@ from pipelines.accounts import AccountRecord, AccountRow, get_account, upsert_ac
 from pipelines.admission import AdmissionRefused, Candidate, check_admission
 from pipelines.billing.corrections import TermsUpdate, set_billing_terms
 from pipelines.billing.delivery import buyer_of, document_of
-from pipelines.billing.documents import cii_xml, document_html
+from pipelines.billing.documents import document_html
+from pipelines.billing.einvoice import cii_xml
 from pipelines.billing.history import agreed_on, record_plan_change
 from pipelines.billing.imports import PaymentRecord, import_payments, import_usage
 from pipelines.billing.invoicing import run_billing

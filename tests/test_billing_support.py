@@ -174,7 +174,7 @@ def check_einvoices(catalog: Catalog) -> int:
     from sqlalchemy import select
 
     from pipelines.billing.delivery import buyer_of, credit_note_of, document_of
-    from pipelines.billing.documents import cii_xml
+    from pipelines.billing.einvoice import cii_xml
     from pipelines.billing.invoicing import invoice_view
     from pipelines.billing.models import CreditNote, Invoice
 

@@ -22,15 +22,13 @@ from sqlalchemy import select
 from pipelines.billing.documents import (
     Buyer,
     DocumentView,
-    check_facturx,
-    cii_xml,
     credit_note_document,
     document_html,
-    facturx_pdf,
     invoice_document,
     invoice_json,
     invoice_lines_csv,
 )
+from pipelines.billing.einvoice import check_facturx, cii_xml, facturx_pdf
 from pipelines.billing.invoicing import BillingError, invoice_view, load_invoices
 from pipelines.billing.lines import InvoiceView
 from pipelines.billing.models import CreditNote, Invoice
