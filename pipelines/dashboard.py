@@ -1,16 +1,13 @@
 """What the operators' page in the Airflow UI shows, read from the catalog and the object store.
 
 `build_dashboard` gathers accounts, recent jobs, usage per month, invoices and the lifecycle
-queue; `job_preview` and `invoice_document` fetch the only objects the page serves, each built
-from the named account's own records and refused unless the key lies in that account's area.
+queue (the usage chart is `usage_chart`, the objects the page serves `served`).
 The lifecycle queue reuses the rules themselves: what is due now is a dry run of
 `run_lifecycle`, and scheduled dates are the ones the rules recorded.
 """
 
 from __future__ import annotations
 
-import io
-import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -19,13 +16,12 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from pipelines.billing.delivery import DOCUMENT_FORMATS, document_keys
+from pipelines.billing.delivery import document_keys
 from pipelines.billing.invoicing import invoice_view
 from pipelines.billing.models import Invoice
 from pipelines.billing.periods import Period, add_months
 from pipelines.billing.usage import usage_daily
 from pipelines.catalog.models import Account, Job, JobState
-from pipelines.errors import PointflowError
 from pipelines.export import SAMPLE_NAME, export_prefix, read_manifest
 from pipelines.lifecycle.models import (
     LegalHold,
@@ -33,39 +29,10 @@ from pipelines.lifecycle.models import (
     LifecycleNotice,
     Termination,
 )
-from pipelines.lifecycle.operations import HoldView, ensure_active, is_locked
+from pipelines.lifecycle.operations import HoldView, is_locked
 from pipelines.lifecycle.rules import Action, LifecycleRunError, run_lifecycle
 from pipelines.preview import class_summary, colour_of
 from pipelines.runtime import Runtime
-from pipelines.storage import AccountArea, UnsafeKeyError, check_account_id
-
-PREVIEW_MEDIA_TYPES = {"preview.png": "image/png", SAMPLE_NAME: "application/x-ply"}
-DOCUMENT_MEDIA_TYPES = {
-    "html": "text/html; charset=utf-8",
-    "csv": "text/csv; charset=utf-8",
-    "json": "application/json",
-    "pdf": "application/pdf",
-    "xml": "application/xml",
-}
-# Stacked bars, one colour per account, in a fixed order so a month's stack reads the same way.
-# matplotlib's rcParams are process-wide and the web server renders charts from several threads.
-_CHART_LOCK = threading.Lock()
-ACCOUNT_COLOURS = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-)
-
-
-class NotServed(PointflowError, LookupError):
-    """No such object for this account (or not one the page may serve); the message says which."""
 
 
 @dataclass(frozen=True)
@@ -283,66 +250,6 @@ def monthly_usage(runtime: Runtime, labels: list[str]) -> list[MonthUsage]:
     return [MonthUsage(period, account_id, *values) for (period, account_id), values in sorted(totals.items())]
 
 
-def usage_chart_svg(dashboard: Dashboard) -> str:
-    """Billable points per month, one stacked bar segment per account, as an inline SVG element.
-
-    Each segment carries the id `usage-<account>-<YYYY-MM>`, so the page (and its test) can tell
-    which bar is which.
-    """
-    import matplotlib
-    from matplotlib.figure import Figure
-
-    accounts = sorted({u.account_id for u in dashboard.usage})
-    by_key = {(u.account_id, u.period): u.billable_points for u in dashboard.usage}
-    months = list(dashboard.months)
-    with _CHART_LOCK, matplotlib.rc_context({"svg.fonttype": "none", "font.size": 10, "svg.hashsalt": "pointflow"}):
-        figure = Figure(figsize=(10, 3.6), dpi=96)
-        axes = figure.subplots()
-        bottom = [0.0] * len(months)
-        for index, account_id in enumerate(accounts):
-            values = [by_key.get((account_id, m), 0) / 1e6 for m in months]
-            bars = axes.bar(
-                months,
-                values,
-                bottom=bottom,
-                label=account_id,
-                color=ACCOUNT_COLOURS[index % len(ACCOUNT_COLOURS)],
-                width=0.6,
-            )
-            for bar, month, value in zip(bars, months, values, strict=True):
-                if value:
-                    bar.set_gid(f"usage-{account_id}-{month}")
-            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-        for month, total in zip(months, bottom, strict=True):
-            if total:
-                axes.annotate(
-                    f"{total:,.2f} M",
-                    (month, total),
-                    xytext=(0, 3),
-                    textcoords="offset points",
-                    ha="center",
-                    fontsize=9,
-                    color="#333333",
-                )
-        axes.set_ylabel("billable points (millions)")
-        axes.margins(y=0.12)
-        axes.set_title("Classification usage per month (UTC)", loc="left")
-        axes.spines[["top", "right"]].set_visible(False)
-        axes.grid(axis="y", color="#dddddd", linewidth=0.8)
-        axes.set_axisbelow(True)
-        if accounts:
-            axes.legend(title="account", loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
-        else:
-            axes.text(
-                0.5, 0.5, "no usage recorded in these months", transform=axes.transAxes, ha="center", color="#777777"
-            )
-        figure.tight_layout()
-        buffer = io.StringIO()
-        figure.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
-    text = buffer.getvalue()
-    return text[text.index("<svg") :]
-
-
 def recent_invoices(runtime: Runtime, limit: int) -> list[InvoiceRow]:
     with runtime.catalog.session() as session:
         invoices = [
@@ -458,46 +365,3 @@ def lifecycle_queue(runtime: Runtime, as_of: datetime) -> LifecycleQueue:
 
 def _instant(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(UTC)
-
-
-def job_preview(runtime: Runtime, account_id: str, job_id: str, name: str) -> tuple[bytes, str]:
-    """A preview (the class map, or the 3D sample) of the account's own published export of `job_id`, and its media type."""
-    _check_account(account_id)
-    if name not in PREVIEW_MEDIA_TYPES:
-        raise NotServed(f"a job's previews are {', '.join(PREVIEW_MEDIA_TYPES)}, not {name!r}")
-    with runtime.catalog.session() as session:
-        job = session.get(Job, job_id)
-        owner = None if job is None else job.account_id
-    if owner != account_id:
-        raise NotServed(f"account {account_id} has no job {job_id!r}")
-    ensure_active(runtime.catalog, account_id)
-    prefix = export_prefix(account_id, job_id)
-    manifest = read_manifest(runtime.store, prefix)
-    key = next((a["key"] for a in (manifest or {}).get("artifacts", []) if a.get("name") == name), None)
-    # The manifest is data: a key it names is served only if it lies in this job's own export.
-    if key is None or not AccountArea(account_id).owns(key) or not key.startswith(prefix):
-        raise NotServed(f"job {job_id} of account {account_id} has no published {name}")
-    return runtime.store.get_bytes(key), PREVIEW_MEDIA_TYPES[name]
-
-
-def invoice_document(runtime: Runtime, account_id: str, invoice_number: str, fmt: str) -> tuple[bytes, str]:
-    """One published document (html, csv, json; pdf and xml e-invoice) of the account's own invoice, and its media type."""
-    _check_account(account_id)
-    if fmt not in DOCUMENT_FORMATS:
-        raise NotServed(f"invoice documents are {', '.join(DOCUMENT_FORMATS)}, not {fmt!r}")
-    with runtime.catalog.session() as session:
-        invoice = session.get(Invoice, invoice_number)
-        view = None if invoice is None else invoice_view(invoice)
-    if view is None or view.account_id != account_id:
-        raise NotServed(f"account {account_id} has no invoice {invoice_number!r}")
-    key = document_keys(view)[fmt]
-    if not AccountArea(account_id).owns(key) or not runtime.store.exists(key):
-        raise NotServed(f"invoice {invoice_number} has no published {fmt} document")
-    return runtime.store.get_bytes(key), DOCUMENT_MEDIA_TYPES[fmt]
-
-
-def _check_account(account_id: str) -> None:
-    try:
-        check_account_id(account_id)
-    except UnsafeKeyError as error:
-        raise NotServed(str(error)) from None

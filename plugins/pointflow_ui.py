@@ -11,7 +11,7 @@ With the simple auth manager every role may; with FAB or Keycloak grant read on 
 A missing or expired token gets 401, or, for a browser asking for a page, a redirect to
 Airflow's login that comes back here.
 
-Objects are served only through `pipelines.dashboard`, which builds each key from the named
+Objects are served only through `pipelines.served`, which builds each key from the named
 account's own job or invoice and refuses keys outside that account's area.
 
 One route needs no Airflow user: /pointflow/download/<token>, the customers' download links.
@@ -116,16 +116,12 @@ def create_app():
     from markupsafe import Markup
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from pipelines.dashboard import (
-        NotServed,
-        build_dashboard,
-        invoice_document,
-        job_preview,
-        usage_chart_svg,
-    )
+    from pipelines.dashboard import build_dashboard
     from pipelines.downloads import open_download
     from pipelines.lifecycle.operations import AccountLocked
     from pipelines.links import DOWNLOAD_PATH, LinkRefused
+    from pipelines.served import NotServed, invoice_document, job_preview
+    from pipelines.usage_chart import usage_chart_svg
 
     def operator(user: GetUserDep) -> BaseUser:
         """The signed-in Airflow user, if the auth manager lets them read the pointflow view."""
