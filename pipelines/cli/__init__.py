@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "pipelines.cli.jobs",
     "pipelines.cli.db",
     "pipelines.cli.airflow",
+    "pipelines.cli.imports",
     "pipelines.cli.billing",
     "pipelines.cli.lifecycle",
 )

@@ -134,11 +134,10 @@ def _add(args: argparse.Namespace) -> int:
 
 def _change_plan(args: argparse.Namespace) -> int:
     from pipelines.billing.history import correction_note, record_plan_change
-    from pipelines.billing.pricebook import load_pricebook
-    from pipelines.cli.common import print_json
+    from pipelines.cli.common import pricebook_of, print_json
 
     settings = settings_from_env()
-    pricebook = load_pricebook(args.pricebook or settings.pricebook_path)
+    pricebook = pricebook_of(args, settings)
     change = record_plan_change(
         open_catalog(settings), pricebook, args.account_id, args.plan, args.effective, args.billing_cycle
     )

@@ -1,4 +1,4 @@
-"""`pointflow usage|payments|outages|invoices|billing ...`: metering imports and monthly invoicing."""
+"""`pointflow invoices|billing ...`: issued invoices and monthly invoicing (imports: `cli.imports`)."""
 
 from __future__ import annotations
 
@@ -18,28 +18,10 @@ from pipelines.billing.corrections import (
     set_billing_terms,
 )
 from pipelines.billing.delivery import buyer_of, credit_note_of, document_of, publish_credit_note, render_documents
-from pipelines.billing.imports import (
-    import_outages,
-    import_payments,
-    import_usage,
-    read_outages_csv,
-    read_payments_csv,
-    read_usage_jsonl,
-)
 from pipelines.billing.invoicing import BillingError, run_billing
 from pipelines.billing.money import format_money
-from pipelines.billing.periods import Period
-from pipelines.billing.pricebook import PriceBook, load_pricebook
-from pipelines.billing.usage import monthly_points_cap, points_used_in_month
-from pipelines.cli.common import open_catalog, print_json, settings_from_env
-from pipelines.settings import Settings
+from pipelines.cli.common import PRICEBOOK_HELP, month_arg, open_catalog, pricebook_of, print_json, settings_from_env
 from pipelines.storage import open_store
-
-PRICEBOOK_HELP = "price book YAML (default: $POINTFLOW_PRICEBOOK, else the one shipped with pointflow)"
-
-
-def _pricebook(args: argparse.Namespace, settings: Settings) -> PriceBook:
-    return load_pricebook(getattr(args, "pricebook", None) or settings.pricebook_path)
 
 
 def _decimal(text: str) -> Decimal:
@@ -50,13 +32,6 @@ def _decimal(text: str) -> Decimal:
     if not value.is_finite():
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
-
-
-def _period(text: str) -> Period:
-    try:
-        return Period.parse(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _day(text: str) -> date:
@@ -74,78 +49,8 @@ def _instant(text: str):
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    _register_usage(commands)
-    _register_imports(commands)
     _register_invoices(commands)
     _register_billing(commands)
-
-
-def _register_usage(commands: argparse._SubParsersAction) -> None:
-    usage = commands.add_parser("usage", help="import and inspect metered usage")
-    sub = usage.add_subparsers(dest="usage_command", metavar="ACTION", required=True)
-    importer = sub.add_parser(
-        "import",
-        help="record usage events from a JSONL file",
-        description=(
-            "Record usage events, one JSON object per line: "
-            '{"event_id", "account_id", "occurred_at", "kind": "classification", "points", '
-            '"status": "succeeded"|"failed"|"aborted", "classifier", "filename"} or '
-            '{"event_id", "account_id", "occurred_at", "kind": "login"} '
-            "(optional: classifier_version, job_id). occurred_at is ISO 8601; without an offset it is UTC. "
-            "Idempotent by event_id: known events are counted, not recorded again. Every line is checked "
-            "first; if any is bad (or names an unknown account) nothing is recorded. Failed jobs are kept "
-            "as evidence but not billed; aborted jobs are billed for the points they processed."
-        ),
-    )
-    importer.add_argument("file", type=Path, help="JSONL file")
-    importer.add_argument("--json", action="store_true", help="print the counts as JSON")
-    importer.set_defaults(handler=_usage_import)
-
-    points = sub.add_parser(
-        "points",
-        help="billable points an account used in a month, and its cap",
-        description="Billable points (succeeded and aborted jobs) of one account in a calendar month (UTC), with its monthly cap.",
-    )
-    points.add_argument("account_id")
-    points.add_argument("--month", type=_period, required=True, help="YYYY-MM")
-    points.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
-    points.set_defaults(handler=_usage_points)
-
-
-def _register_imports(commands: argparse._SubParsersAction) -> None:
-    payments = commands.add_parser("payments", help="record payments received")
-    sub = payments.add_subparsers(dest="payments_command", metavar="ACTION", required=True)
-    importer = sub.add_parser(
-        "import",
-        help="record payments from a CSV file",
-        description=(
-            "Record payments from CSV with columns account_id,invoice_number,amount,paid_at (optional: "
-            "payment_id). amount is a decimal with at most two decimals; invoice_number may be empty for a "
-            "payment on account; paid_at is ISO 8601 (UTC without an offset). A row is known by its "
-            "payment_id, else by all four values: importing a file again records nothing new. Payments "
-            "beyond what is owed are credited on the next invoice."
-        ),
-    )
-    importer.add_argument("file", type=Path, help="CSV file")
-    importer.add_argument("--json", action="store_true", help="print the counts as JSON")
-    importer.set_defaults(handler=_payments_import)
-
-    outages = commands.add_parser("outages", help="record service outages (availability credits)")
-    sub = outages.add_subparsers(dest="outages_command", metavar="ACTION", required=True)
-    importer = sub.add_parser(
-        "import",
-        help="record outages from a CSV file",
-        description=(
-            "Record service-wide outages from CSV with columns started_at,ended_at,scheduled (optional: "
-            "announced_at). scheduled=true marks maintenance; it does not count against availability if it "
-            "was announced at least the price book's maintenance_notice_hours (default 24) ahead: with "
-            "announced_at given that is checked, without it scheduled=true asserts it. An outage is known by "
-            "its start and end: importing a file again records nothing new."
-        ),
-    )
-    importer.add_argument("file", type=Path, help="CSV file")
-    importer.add_argument("--json", action="store_true", help="print the counts as JSON")
-    importer.set_defaults(handler=_outages_import)
 
 
 def _register_invoices(commands: argparse._SubParsersAction) -> None:
@@ -153,7 +58,7 @@ def _register_invoices(commands: argparse._SubParsersAction) -> None:
     sub = invoices.add_subparsers(dest="invoices_command", metavar="ACTION", required=True)
 
     listing = sub.add_parser("list", help="list issued invoices", description="List issued invoices, oldest first.")
-    listing.add_argument("--period", type=_period, help="only this month (YYYY-MM)")
+    listing.add_argument("--period", type=month_arg, help="only this month (YYYY-MM)")
     listing.add_argument("--account", help="only this account")
     listing.add_argument("--json", action="store_true", help="print the invoices as a JSON array")
     listing.set_defaults(handler=_invoices_list)
@@ -236,7 +141,7 @@ def _register_billing(commands: argparse._SubParsersAction) -> None:
             "re-run (or a concurrent run) prints the stored invoices and creates nothing."
         ),
     )
-    run.add_argument("--period", type=_period, required=True, help="the month, YYYY-MM; it must have ended")
+    run.add_argument("--period", type=month_arg, required=True, help="the month, YYYY-MM; it must have ended")
     run.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
     run.add_argument("--json", action="store_true", help="print the invoices as a JSON array")
     run.set_defaults(handler=_billing_run)
@@ -293,43 +198,6 @@ def _register_billing(commands: argparse._SubParsersAction) -> None:
 # --- handlers ------------------------------------------------------------------------------------
 
 
-def _print_import(args: argparse.Namespace, what: str, result) -> int:
-    if args.json:
-        print_json({"new": result.new, "known": result.known, "closed_periods": list(result.closed_periods)})
-    else:
-        print(result.summary(what))
-    return 0
-
-
-def _usage_import(args: argparse.Namespace) -> int:
-    records = read_usage_jsonl(args.file)
-    result = import_usage(open_catalog(settings_from_env()), records, str(args.file))
-    return _print_import(args, "usage events", result)
-
-
-def _usage_points(args: argparse.Namespace) -> int:
-    settings = settings_from_env()
-    catalog = open_catalog(settings)
-    used = points_used_in_month(catalog, args.account_id, args.month.label)
-    cap = monthly_points_cap(catalog, _pricebook(args, settings), args.account_id, args.month.first_day)
-    print_json(
-        {"account_id": args.account_id, "month": args.month.label, "points_used": used, "monthly_points_cap": cap}
-    )
-    return 0
-
-
-def _payments_import(args: argparse.Namespace) -> int:
-    records = read_payments_csv(args.file)
-    result = import_payments(open_catalog(settings_from_env()), records, str(args.file))
-    return _print_import(args, "payments", result)
-
-
-def _outages_import(args: argparse.Namespace) -> int:
-    records = read_outages_csv(args.file)
-    result = import_outages(open_catalog(settings_from_env()), records)
-    return _print_import(args, "outages", result)
-
-
 def _invoices_list(args: argparse.Namespace) -> int:
     invoices = list_invoices(
         open_catalog(settings_from_env()), args.period.label if args.period else None, args.account
@@ -348,7 +216,7 @@ def _invoices_list(args: argparse.Namespace) -> int:
 def _invoices_show(args: argparse.Namespace) -> int:
     settings = settings_from_env()
     catalog = open_catalog(settings)
-    pricebook = _pricebook(args, settings)
+    pricebook = pricebook_of(args, settings)
     if args.format in ("html", "pdf", "xml") and args.invoice_number.startswith(f"{pricebook.invoice_prefix}-CN-"):
         return _write(
             args,
@@ -378,13 +246,13 @@ def _invoices_credit(args: argparse.Namespace) -> int:
     settings = settings_from_env()
     note, created = issue_credit_note(
         open_catalog(settings),
-        _pricebook(args, settings),
+        pricebook_of(args, settings),
         args.invoice_number,
         args.amount,
         args.reason,
         args.issued_on,
     )
-    catalog, pricebook = open_catalog(settings), _pricebook(args, settings)
+    catalog, pricebook = open_catalog(settings), pricebook_of(args, settings)
     publish_credit_note(
         catalog, open_store(settings.storage_url, settings.link_endpoint), pricebook, note.credit_note_number
     )
@@ -402,7 +270,7 @@ def _invoices_dispute(args: argparse.Namespace) -> int:
     settings = settings_from_env()
     dispute, created = open_dispute(
         open_catalog(settings),
-        _pricebook(args, settings),
+        pricebook_of(args, settings),
         args.invoice_number,
         args.reason,
         args.billing_error,
@@ -419,7 +287,7 @@ def _invoices_dispute(args: argparse.Namespace) -> int:
 
 def _billing_run(args: argparse.Namespace) -> int:
     settings = settings_from_env()
-    result = run_billing(open_catalog(settings), args.period, _pricebook(args, settings))
+    result = run_billing(open_catalog(settings), args.period, pricebook_of(args, settings))
     if args.json:
         print_json([invoice.to_dict() for invoice in result.invoices])
         return 0

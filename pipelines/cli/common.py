@@ -31,6 +31,26 @@ def open_catalog(settings: Settings) -> Catalog:
     return open_catalog(settings)
 
 
+PRICEBOOK_HELP = "price book YAML (default: $POINTFLOW_PRICEBOOK, else the one shipped with pointflow)"
+
+
+def pricebook_of(args: argparse.Namespace, settings: Settings):
+    """The price book a billing command uses: --pricebook, else the settings'."""
+    from pipelines.billing.pricebook import load_pricebook
+
+    return load_pricebook(getattr(args, "pricebook", None) or settings.pricebook_path)
+
+
+def month_arg(text: str):
+    """An argparse type: a calendar month, YYYY-MM."""
+    from pipelines.billing.periods import Period
+
+    try:
+        return Period.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def print_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
