@@ -47,11 +47,7 @@ def _run(step, register: dict | None = None, **options) -> dict:
         "account_id": Param("demo", type="string", description="account that owns the file"),
         "source": Param("", type="string", description="local path, file:// or s3:// URI of a LAS/LAZ file"),
         "classifier": Param("standard", type="string", description="standard, ground, or a trained model id"),
-        "export_format": Param(
-            "laz",
-            enum=["laz", "las", "copc"],
-            description="format of the classified points: laz, las, or copc (cloud-optimized LAZ)",
-        ),
+        "export_format": Param("laz", enum=["laz", "las", "copc"], description="laz, las or copc (cloud-optimized)"),
     },
     doc_md=__doc__,
 )
@@ -96,8 +92,7 @@ def pointflow_classify():
             raise AirflowFailException(f"job {job.job_id} ended {job.state}: {job.error}")
 
     exported = ingest() >> validate() >> classify() >> export()
-    exported >> deliver()
-    exported >> meter()
+    exported >> [deliver(), meter()]
 
 
 classify_dag = pointflow_classify()
