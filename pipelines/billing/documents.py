@@ -160,10 +160,10 @@ def invoice_document(
     lines = tuple(line for line in invoice.lines if line.kind != "credit")
     credit_applied = -sum((line.amount for line in invoice.lines if line.kind == "credit"), ZERO)
     vat = vat_groups(lines, invoice.tax_rate, exempt_category)
-    if sum((line.amount for line in lines), ZERO) + sum((group.tax for group in vat), ZERO) < 0:
-        return _credit_document(invoice, buyer, pricebook, lines, exempt_category)
     net = sum((line.amount for line in lines), ZERO)
     tax = sum((group.tax for group in vat), ZERO)
+    if net + tax < 0:
+        return _credit_document(invoice, buyer, pricebook, lines, exempt_category)
     period = Period.parse(invoice.period)
     return DocumentView(
         "invoice",
