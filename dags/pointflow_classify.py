@@ -10,29 +10,24 @@ from __future__ import annotations
 from datetime import timedelta
 
 from airflow.sdk import Param, TriggerRule, dag, task
-from airflow.sdk.exceptions import AirflowFailException
 
 
-def _run(step, register: dict | None = None, **options) -> dict:
-    """Run one step for this run's job; a refused input fails at once, without retries. The first
-    task passes the run's params as `register`: the job is created once, by it (a retry finds it)."""
+def _run(step, register: dict | None = None, **options):
+    """Run one step for this run's job. The first task passes the run's params as `register`: the
+    job is created once, by it (a retry finds it)."""
     from airflow.sdk import get_current_context
 
-    from pipelines.runtime import Runtime
-    from pipelines.settings import Settings
-    from pipelines.steps.record import AdmissionRefusedJob, ValidationFailed, job_id_for, run_step
+    from pipelines.dag_tasks import run_task_step, task_runtime
+    from pipelines.steps.record import job_id_for
 
     context = get_current_context()
-    runtime = Runtime.from_settings(Settings.from_env())
+    runtime = task_runtime()
     job_id = job_id_for(context["dag"].dag_id, context["run_id"])
     if register is not None:
         from pipelines.steps.ingest import create_job
 
         create_job(runtime, job_id, register["account_id"], register["source"], register["classifier"])
-    try:
-        return run_step(runtime, job_id, step, **options)
-    except (AdmissionRefusedJob, ValidationFailed) as refused:
-        raise AirflowFailException(str(refused)) from None
+    return run_task_step(job_id, step, runtime, **options)
 
 
 @dag(
@@ -85,11 +80,10 @@ def pointflow_classify():
     @task(trigger_rule=TriggerRule.ALL_DONE, retries=3)
     def meter() -> None:
         """Close the job and meter it once, whatever happened upstream; fail the run if it did not export."""
+        from pipelines.dag_tasks import fail_unless_exported
         from pipelines.steps.meter import meter_step
 
-        job = _run(meter_step)
-        if job.state != "exported":
-            raise AirflowFailException(f"job {job.job_id} ended {job.state}: {job.error}")
+        fail_unless_exported(_run(meter_step))
 
     exported = ingest() >> validate() >> classify() >> export()
     exported >> [deliver(), meter()]

@@ -16,25 +16,6 @@ from datetime import UTC, datetime, timedelta
 from airflow.sdk import TriggerRule, dag, task, task_group
 
 
-def _runtime():
-    from pipelines.runtime import Runtime
-    from pipelines.settings import Settings
-
-    return Runtime.from_settings(Settings.from_env())
-
-
-def _step(job_id: str, step) -> dict:
-    """Run one step for a drop-zone job; a refused input fails at once, without retries."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from pipelines.steps.record import AdmissionRefusedJob, ValidationFailed, run_step
-
-    try:
-        return run_step(_runtime(), job_id, step)
-    except (AdmissionRefusedJob, ValidationFailed) as refused:
-        raise AirflowFailException(str(refused)) from None
-
-
 @dag(
     dag_id="pointflow_intake",
     schedule=timedelta(minutes=1),
@@ -54,10 +35,11 @@ def pointflow_intake():
         """Register the new files' jobs; a retry (same run) hands on the jobs it registered before."""
         from airflow.sdk import get_current_context
 
+        from pipelines.dag_tasks import task_runtime
         from pipelines.intake import IntakeError, sweep
 
         context = get_current_context()
-        result = sweep(_runtime(), owner=f"{context['dag'].dag_id}:{context['run_id']}")
+        result = sweep(task_runtime(), owner=f"{context['dag'].dag_id}:{context['run_id']}")
         if result.errors:
             # The registered jobs run once the retry (same owner) hands them on with the rest.
             raise IntakeError(
@@ -70,38 +52,39 @@ def pointflow_intake():
     def classify_file(job_id: str):
         @task
         def validate(job_id: str) -> None:
+            from pipelines.dag_tasks import run_task_step
             from pipelines.steps.validate import validate_step
 
-            _step(job_id, validate_step)
+            run_task_step(job_id, validate_step)
 
         @task
         def classify(job_id: str) -> None:
+            from pipelines.dag_tasks import run_task_step
             from pipelines.steps.classify import classify_step
 
-            _step(job_id, classify_step)
+            run_task_step(job_id, classify_step)
 
         @task
         def export(job_id: str) -> None:
+            from pipelines.dag_tasks import run_task_step
             from pipelines.steps.export import export_step
 
-            _step(job_id, export_step)
+            run_task_step(job_id, export_step)
 
         @task
         def deliver(job_id: str) -> None:
+            from pipelines.dag_tasks import run_task_step
             from pipelines.steps.deliver import deliver_step
 
-            _step(job_id, deliver_step)
+            run_task_step(job_id, deliver_step)
 
         @task(trigger_rule=TriggerRule.ALL_DONE, retries=3)
         def meter(job_id: str) -> None:
             """Close the job and meter it once, whatever happened upstream."""
-            from airflow.sdk.exceptions import AirflowFailException
-
+            from pipelines.dag_tasks import fail_unless_exported, run_task_step
             from pipelines.steps.meter import meter_step
 
-            job = _step(job_id, meter_step)
-            if job.state != "exported":
-                raise AirflowFailException(f"job {job.job_id} ended {job.state}: {job.error}")
+            fail_unless_exported(run_task_step(job_id, meter_step))
 
         exported = validate(job_id) >> classify(job_id) >> export(job_id)
         exported >> deliver(job_id)
