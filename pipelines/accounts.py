@@ -11,7 +11,7 @@ from pathlib import Path
 from pipelines.addresses import check_address
 from pipelines.catalog import Catalog, UnknownAccountError
 from pipelines.catalog.models import Account, BillingCycle, Plan
-from pipelines.errors import UserError
+from pipelines.errors import InvalidValue, UserError
 from pipelines.storage import UnsafeKeyError, check_account_id
 
 REQUIRED_COLUMNS = (
@@ -71,56 +71,56 @@ def parse_utc_datetime(text: str) -> datetime:
 
 
 def make_record(row: dict[str, str]) -> AccountRow:
-    """Check one row; raises ValueError with a reason a person can act on."""
+    """Check one row; raises InvalidValue with a reason a person can act on."""
     account_id = (row.get("account_id") or "").strip()
     try:
         check_account_id(account_id)
     except UnsafeKeyError as error:
-        raise ValueError(str(error)) from None
+        raise InvalidValue(str(error)) from None
     name = (row.get("name") or "").strip()
     if not name:
-        raise ValueError("name is empty")
+        raise InvalidValue("name is empty")
     email = check_address((row.get("email") or "").strip())
     country = (row.get("country") or "").strip().upper()
     if len(country) != 2 or not country.isalpha():
-        raise ValueError(f"country {country!r} is not a two-letter ISO code")
+        raise InvalidValue(f"country {country!r} is not a two-letter ISO code")
     plan = (row.get("plan") or "").strip()
     if plan not in {p.value for p in Plan}:
-        raise ValueError(f"plan {plan!r} is not one of {', '.join(p.value for p in Plan)}")
+        raise InvalidValue(f"plan {plan!r} is not one of {', '.join(p.value for p in Plan)}")
     try:
         started_at = date.fromisoformat((row.get("started_at") or "").strip())
     except ValueError:
-        raise ValueError(f"started_at {row.get('started_at')!r} is not an ISO date (YYYY-MM-DD)") from None
+        raise InvalidValue(f"started_at {row.get('started_at')!r} is not an ISO date (YYYY-MM-DD)") from None
     raw_rate = (row.get("tax_rate") or "0").strip() or "0"
     try:
         tax_rate = Decimal(raw_rate)
     except InvalidOperation:
-        raise ValueError(f"tax_rate {raw_rate!r} is not a decimal number") from None
+        raise InvalidValue(f"tax_rate {raw_rate!r} is not a decimal number") from None
     if not (Decimal("0") <= tax_rate < Decimal("1")):
-        raise ValueError(f"tax_rate {raw_rate} must be a fraction between 0 and 1 (e.g. 0.19)")
+        raise InvalidValue(f"tax_rate {raw_rate} must be a fraction between 0 and 1 (e.g. 0.19)")
     raw_exempt = (row.get("tax_exempt") or "").strip().lower()
     if raw_exempt not in _TRUE | _FALSE:
-        raise ValueError(f"tax_exempt {raw_exempt!r} is not true or false")
+        raise InvalidValue(f"tax_exempt {raw_exempt!r} is not true or false")
     raw_login = (row.get("last_login_at") or "").strip()
     try:
         last_login_at = parse_utc_datetime(raw_login) if raw_login else None
     except ValueError:
-        raise ValueError(f"last_login_at {raw_login!r} is not an ISO datetime") from None
+        raise InvalidValue(f"last_login_at {raw_login!r} is not an ISO datetime") from None
     cycle = (row.get("billing_cycle") or BillingCycle.MONTHLY.value).strip() or BillingCycle.MONTHLY.value
     if cycle not in {c.value for c in BillingCycle}:
-        raise ValueError(f"billing_cycle {cycle!r} is not one of {', '.join(c.value for c in BillingCycle)}")
+        raise InvalidValue(f"billing_cycle {cycle!r} is not one of {', '.join(c.value for c in BillingCycle)}")
     raw_effective = (row.get("plan_effective") or "").strip()
     try:
         plan_effective = date.fromisoformat(raw_effective) if raw_effective else None
     except ValueError:
-        raise ValueError(f"plan_effective {raw_effective!r} is not an ISO date (YYYY-MM-DD)") from None
+        raise InvalidValue(f"plan_effective {raw_effective!r} is not an ISO date (YYYY-MM-DD)") from None
     address = {field: (row.get(field) or "").strip() or None for field in ("street", "postcode", "city")}
     for field, limit in (("street", 200), ("postcode", 20), ("city", 100)):
         if address[field] and len(address[field]) > limit:
-            raise ValueError(f"{field} is longer than {limit} characters")
+            raise InvalidValue(f"{field} is longer than {limit} characters")
     vat_id = (row.get("vat_id") or "").replace(" ", "").upper() or None
     if vat_id and not (4 <= len(vat_id) <= 20 and vat_id[:2].isalpha() and vat_id.isalnum()):
-        raise ValueError(
+        raise InvalidValue(
             f"vat_id {vat_id!r} is not a VAT ID: a country prefix and up to 18 letters or digits, e.g. DE123456789"
         )
     return AccountRow(

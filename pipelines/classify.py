@@ -38,6 +38,7 @@ from pipelines.classifiers.base import UNCLASSIFIED
 from pipelines.classifiers.trained import TrainedClassifier
 from pipelines.cluster import WORKER_START_SECONDS, dask_client, local_cluster, wait_for_workers
 from pipelines.copc import COPC_SUFFIX, write_copc
+from pipelines.errors import InvalidValue
 from pipelines.gate import NotPointCloudError
 from pipelines.lasio import CHUNK_POINTS, iter_checked, read_info
 from pipelines.scratch import work_dir
@@ -141,10 +142,10 @@ def classify_file(
     input_path, output_path = Path(input_path), Path(output_path)
     suffix = output_path.suffix.lower()
     if suffix not in (".las", ".laz"):
-        raise ValueError(f"output {output_path.name} must end in .las, .laz or {COPC_SUFFIX}")
+        raise InvalidValue(f"output {output_path.name} must end in .las, .laz or {COPC_SUFFIX}")
     copc = output_path.name.lower().endswith(COPC_SUFFIX)
     if output_path.resolve() == input_path.resolve():
-        raise ValueError("output must not overwrite the input")
+        raise InvalidValue("output must not overwrite the input")
     info = read_info(input_path)
     model = classifier if isinstance(classifier, TrainedClassifier) else get_classifier(classifier, params)
     model_bytes = model.model.to_bytes() if isinstance(model, TrainedClassifier) else None

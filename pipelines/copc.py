@@ -33,6 +33,7 @@ import laspy
 import lazrs
 import numpy as np
 
+from pipelines.errors import InvalidValue
 from pipelines.lasio import CHUNK_POINTS, append_grouped, iter_chunks
 from pipelines.octree import EVLR_HEADER, Cube, Key, write_hierarchy
 
@@ -240,7 +241,7 @@ def _scan(
             continue
         low, high = xyz.min(axis=0), xyz.max(axis=0)
         if (low < cube.mins).any() or (high > cube.maxs).any():
-            raise ValueError(
+            raise InvalidValue(
                 f"{source.name}: points lie outside the bounds its header gives ({low} .. {high}); rewrite the file to fix its header"
             )
         stats.mins, stats.maxs = np.minimum(stats.mins, low), np.maximum(stats.maxs, high)
@@ -254,7 +255,7 @@ def _scan(
         if progress:
             progress("copc-scan", stats.points, int(header.point_count))
     if stats.points == 0:
-        raise ValueError(f"{source.name} holds no points: nothing to write as COPC")
+        raise InvalidValue(f"{source.name} holds no points: nothing to write as COPC")
     return stats
 
 

@@ -12,11 +12,15 @@ class UserError(PointflowError):
     """Wrong input or setup that the user can fix; commands print the message, not a traceback."""
 
 
-# Plain ValueErrors are still raised for bad arguments in places; the standard library's file
-# errors are what a wrong path gives.
+class InvalidValue(UserError, ValueError):
+    """A value given to pointflow (an argument, a field of an imported row, a file's header) that it
+    cannot use. Also a ValueError: the callers that check a value before using it catch that."""
+
+
+# The standard library's file errors are what a wrong path gives. A plain ValueError is not here:
+# one pointflow did not raise as an InvalidValue is a bug, shown with its type (and a traceback).
 USER_ERRORS: tuple[type[BaseException], ...] = (
     UserError,
-    ValueError,
     FileNotFoundError,
     PermissionError,
     IsADirectoryError,

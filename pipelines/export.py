@@ -19,7 +19,7 @@ import laspy
 
 from pipelines import __version__
 from pipelines.copc import COPC_SUFFIX, write_copc
-from pipelines.errors import PointflowError, UserError
+from pipelines.errors import InvalidValue, PointflowError, UserError
 from pipelines.lasio import CHUNK_POINTS
 from pipelines.links import LinkClaim, LinkSigner
 from pipelines.preview import (
@@ -95,7 +95,7 @@ def build_artifacts(
     title: str,
 ) -> list[Artifact]:
     if export_format not in EXPORT_FORMATS:
-        raise ValueError(f"export format {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+        raise InvalidValue(f"export format {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     name = stem + POINT_SUFFIXES[export_format]
     if export_format == "laz":
         points = classified

@@ -29,7 +29,7 @@ from pipelines.catalog import CatalogError
 from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import IntakeClaim, utcnow
 from pipelines.customer_text import render_mail
-from pipelines.errors import PointflowError
+from pipelines.errors import InvalidValue, PointflowError
 from pipelines.lifecycle.operations import AccountLocked
 from pipelines.notify import DeliveryError
 from pipelines.runtime import Runtime
@@ -251,7 +251,9 @@ def customer_policy(store_url: str, account_id: str) -> dict[str, Any]:
 
     parsed = urlparse(store_url)
     if parsed.scheme != "s3":
-        raise ValueError(f"the object store {store_url} is not S3: customers' credentials only exist for s3:// stores")
+        raise InvalidValue(
+            f"the object store {store_url} is not S3: customers' credentials only exist for s3:// stores"
+        )
     root = parsed.path.strip("/")
     zone = (f"{root}/" if root else "") + f"{INCOMING_PREFIX}{check_account_id(account_id)}/"
     return {

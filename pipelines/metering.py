@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from pipelines.catalog import Catalog
 from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import Account, UsageEvent
+from pipelines.errors import InvalidValue
 
 KINDS = ("classification", "login")
 STATUSES = ("succeeded", "failed", "aborted")
@@ -32,16 +33,16 @@ class UsageRecord:
 
     def __post_init__(self) -> None:
         if not self.event_id:
-            raise ValueError("event_id is empty")
+            raise InvalidValue("event_id is empty")
         if self.kind not in KINDS:
-            raise ValueError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
+            raise InvalidValue(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.occurred_at.tzinfo is None:
             raise ValueError("occurred_at must carry a time zone (UTC)")
         if self.kind == "classification":
             if self.status not in STATUSES:
-                raise ValueError(f"status {self.status!r} is not one of {', '.join(STATUSES)}")
+                raise InvalidValue(f"status {self.status!r} is not one of {', '.join(STATUSES)}")
             if self.points < 0:
-                raise ValueError(f"points {self.points} is negative")
+                raise InvalidValue(f"points {self.points} is negative")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pipelines.errors import UserError
+from pipelines.errors import InvalidValue, UserError
 from pipelines.scratch import work_dir
 from pipelines.settings import Settings
 from pipelines.storage import AccountArea, LocalStore, ObjectStore, S3Store, safe_name
@@ -79,7 +79,7 @@ def local_copy(source: str, scratch: Path, account_id: str | None = None) -> Ite
         return
     parsed = urlparse(source)
     if parsed.scheme != "s3":
-        raise ValueError(f"unsupported source {source!r}: give a local path, file:// or s3:// URI")
+        raise InvalidValue(f"unsupported source {source!r}: give a local path, file:// or s3:// URI")
     store = S3Store(parsed.netloc)
     with work_dir(scratch, "source", account_id) as tmp:
         local = tmp / safe_name(parsed.path)

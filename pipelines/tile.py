@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.errors import InvalidValue
+
 NEIGHBOUR_OFFSETS = tuple((di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1) if (di, dj) != (0, 0))
 # The classifiers' rasters cover a tile and its ring: this edge bounds their memory per task.
 MAX_TILE_SIZE = 5_000.0
@@ -30,23 +32,23 @@ class TileGrid:
     def covering(cls, mins: tuple[float, ...], maxs: tuple[float, ...], size: float, buffer: float) -> TileGrid:
         width, height = max(maxs[0] - mins[0], 0.0), max(maxs[1] - mins[1], 0.0)
         if not (math.isfinite(size) and size >= 0):
-            raise ValueError(f"tile size must be a number of metres, or 0 for one tile; got {size}")
+            raise InvalidValue(f"tile size must be a number of metres, or 0 for one tile; got {size}")
         if not (math.isfinite(buffer) and buffer >= 0):
-            raise ValueError(f"tile buffer must be a number of metres, not negative; got {buffer}")
+            raise InvalidValue(f"tile buffer must be a number of metres, not negative; got {buffer}")
         whole = size == 0
         if whole:
             size = max(width, height, 1.0) * (1 + 1e-9) + 1.0
         if size > MAX_TILE_SIZE:
             spans = f" (the file spans {width:,.0f} x {height:,.0f} m)" if whole else ""
-            raise ValueError(
+            raise InvalidValue(
                 f"tiles of {size:,.0f} m are wider than the {MAX_TILE_SIZE:,.0f} m a classifier holds in memory{spans}: give a smaller tile size"
             )
         if buffer >= size:
-            raise ValueError(f"tile buffer ({buffer} m) must be smaller than the tile size ({size} m)")
+            raise InvalidValue(f"tile buffer ({buffer} m) must be smaller than the tile size ({size} m)")
         nx = max(1, math.floor(width / size) + 1)
         ny = max(1, math.floor(height / size) + 1)
         if nx * ny > MAX_TILE_IDS:
-            raise ValueError(
+            raise InvalidValue(
                 f"tiles of {size:g} m cut the file's {width:,.0f} x {height:,.0f} m into too many tiles: give a larger tile size"
             )
         return cls(float(mins[0]), float(mins[1]), float(size), nx, ny, float(buffer))

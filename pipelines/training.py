@@ -29,7 +29,7 @@ from pipelines.catalog import CatalogError
 from pipelines.catalog.models import Plan, TrainedModelRecord, utcnow
 from pipelines.classifiers import BUILTIN_CLASSIFIERS, PointBlock
 from pipelines.classifiers.trained import UNKNOWN_STANDARD, TrainedClassifier, TrainedModel, train
-from pipelines.errors import UserError
+from pipelines.errors import InvalidValue, UserError
 from pipelines.keys import kept_secret
 from pipelines.lasio import iter_checked, point_block, read_info
 from pipelines.lifecycle.operations import ensure_active
@@ -95,7 +95,7 @@ def read_labelled(path: Path) -> tuple[PointBlock, np.ndarray]:
         try:
             units = coordinate_units(reader.header)
         except ValueError as error:
-            raise ValueError(f"{path.name}: {error}") from None
+            raise InvalidValue(f"{path.name}: {error}") from None
     chunks = list(iter_checked(path, info))
     data = laspy.ScaleAwarePointRecord(
         np.concatenate([c.array for c in chunks]), chunks[0].point_format, chunks[0].scales, chunks[0].offsets
@@ -124,7 +124,7 @@ def train_model(
     get_account(runtime.catalog, account_id)
     ensure_active(runtime.catalog, account_id)
     if not paths:
-        raise ValueError("give at least one labelled LAS/LAZ file")
+        raise InvalidValue("give at least one labelled LAS/LAZ file")
     blocks, labels, described = [], [], []
     for path in paths:
         block, label = read_labelled(Path(path))
@@ -136,7 +136,7 @@ def train_model(
         )
     learned = set().union(*(set(d["classes"]) for d in described)) - set(ignore_classes)
     if len(learned) < 2:
-        raise ValueError(
+        raise InvalidValue(
             f"the labels hold {len(learned)} class(es) besides the ignored ones {sorted(ignore_classes)}: a classifier needs at least two"
         )
     model = train(blocks, labels, seed=seed, ignore_classes=ignore_classes)
@@ -193,11 +193,11 @@ def resolve_classifier(runtime, account_id: str | None, name: str) -> str | Trai
     if name in BUILTIN_CLASSIFIERS:
         return name
     if not name.startswith("model-"):
-        raise ValueError(
+        raise InvalidValue(
             f"unknown classifier {name!r}; choose one of {', '.join(BUILTIN_CLASSIFIERS)} or a model id of your account"
         )
     if account_id is None:
-        raise ValueError(f"{name} is a trained model: say whose data this is with --account")
+        raise InvalidValue(f"{name} is a trained model: say whose data this is with --account")
     with runtime.catalog.session() as session:
         row = session.get(TrainedModelRecord, name)
         info = _info(row) if row is not None and row.account_id == account_id else None
@@ -258,7 +258,7 @@ def build_shared_model(
     what (files by sha256) are stored under service/models/, apart from every account's area.
     """
     if not contributions or not any(contributions.values()):
-        raise ValueError("give at least one labelled file of a contributing account")
+        raise InvalidValue("give at least one labelled file of a contributing account")
     refused = sharing_refusals(runtime, list(contributions))
     if refused:
         raise SharingRefused(

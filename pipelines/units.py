@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import laspy
 
+from pipelines.errors import InvalidValue
+
 # EPSG unit codes -> (name, metres per unit)
 _EPSG_UNITS: dict[int, tuple[str, float]] = {
     9001: ("metre", 1.0),
@@ -99,7 +101,7 @@ def _wkt_units(header: laspy.LasHeader) -> tuple[tuple[str, float] | None, tuple
 def coordinate_units(header: laspy.LasHeader) -> CoordinateUnits:
     """The units of the file's coordinates; metres (assumed) when the file states none.
 
-    Raises ValueError for geographic coordinates (degrees), which no metre-based filter can use.
+    Raises InvalidValue for geographic coordinates (degrees), which no metre-based filter can use.
     """
     horizontal, vertical = _geokey_units(header)
     wkt_horizontal, wkt_vertical = _wkt_units(header)
@@ -111,7 +113,7 @@ def coordinate_units(header: laspy.LasHeader) -> CoordinateUnits:
         horizontal = ("metre", 1.0)
     name, factor = horizontal
     if factor != factor:  # NaN: angular
-        raise ValueError(
+        raise InvalidValue(
             f"the file's coordinates are geographic ({name}); reproject it to a "
             "projected CRS in metres or feet (e.g. UTM) and upload it again"
         )

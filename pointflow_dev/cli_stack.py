@@ -6,7 +6,7 @@ import argparse
 import signal
 from pathlib import Path
 
-from pipelines.cli.common import settings_from_env
+from pipelines.cli.common import CommandError, settings_from_env
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def _up(args: argparse.Namespace) -> int:
     from pointflow_dev.stack import LocalStack, StackPlan
 
     if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
+        raise CommandError("--workers must be at least 1")
     base = args.dir or settings_from_env().home / "stack"
     plan = StackPlan(
         base=base.resolve(),

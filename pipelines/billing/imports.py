@@ -23,7 +23,7 @@ from pipelines.billing.periods import Period
 from pipelines.catalog import Catalog
 from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import Account
-from pipelines.errors import UserError
+from pipelines.errors import InvalidValue, UserError
 from pipelines.metering import UsageRecord, write_usage
 
 # Rows per statement: well under SQLite's bound-parameter limit, large enough to be bulk.
@@ -78,30 +78,30 @@ def _known_accounts(session: Session, account_ids: set[str]) -> set[str]:
 
 
 def parse_usage_line(text: str) -> UsageRecord:
-    """One JSONL line to a checked UsageRecord; raises ValueError with a reason."""
+    """One JSONL line to a checked UsageRecord; raises InvalidValue with a reason."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"not JSON ({error.msg})") from None
+        raise InvalidValue(f"not JSON ({error.msg})") from None
     if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
+        raise InvalidValue("not a JSON object")
     for name in ("event_id", "account_id", "occurred_at", "kind"):
         if not isinstance(data.get(name), str) or not data[name].strip():
-            raise ValueError(f"{name} is missing or not a text")
+            raise InvalidValue(f"{name} is missing or not a text")
     try:
         occurred_at = parse_utc_datetime(data["occurred_at"])
     except ValueError:
-        raise ValueError(f"occurred_at {data['occurred_at']!r} is not an ISO datetime") from None
+        raise InvalidValue(f"occurred_at {data['occurred_at']!r} is not an ISO datetime") from None
     points = data.get("points", 0)
     # Points are counted, never measured: a float or a boolean here is a producer bug.
     if isinstance(points, bool) or not isinstance(points, int):
-        raise ValueError(f"points {points!r} is not a whole number")
+        raise InvalidValue(f"points {points!r} is not a whole number")
     if data["kind"] == "classification" and "points" not in data:
-        raise ValueError("a classification event needs points")
+        raise InvalidValue("a classification event needs points")
     optional = {name: data.get(name) for name in ("status", "classifier", "classifier_version", "filename", "job_id")}
     for name, value in optional.items():
         if value is not None and not isinstance(value, str):
-            raise ValueError(f"{name} {value!r} is not a text")
+            raise InvalidValue(f"{name} {value!r} is not a text")
     return UsageRecord(
         event_id=data["event_id"].strip(),
         account_id=data["account_id"].strip(),
@@ -171,11 +171,11 @@ def parse_money(text: str, name: str = "amount") -> Decimal:
     try:
         value = Decimal(text.strip())
     except InvalidOperation:
-        raise ValueError(f"{name} {text!r} is not a decimal number") from None
+        raise InvalidValue(f"{name} {text!r} is not a decimal number") from None
     if not value.is_finite() or value <= 0:
-        raise ValueError(f"{name} {text!r} must be positive")
+        raise InvalidValue(f"{name} {text!r} must be positive")
     if value != value.quantize(Decimal("0.01")):
-        raise ValueError(f"{name} {text!r} has more than two decimals")
+        raise InvalidValue(f"{name} {text!r} has more than two decimals")
     return value.quantize(Decimal("0.01"))
 
 
@@ -194,11 +194,11 @@ def read_payments_csv(path: Path) -> list[tuple[int, PaymentRecord]]:
     for number, row in _read_csv(path, PAYMENT_COLUMNS):
         try:
             if not row["account_id"]:
-                raise ValueError("account_id is empty")
+                raise InvalidValue("account_id is empty")
             try:
                 paid_at = parse_utc_datetime(row["paid_at"])
             except ValueError:
-                raise ValueError(f"paid_at {row['paid_at']!r} is not an ISO datetime") from None
+                raise InvalidValue(f"paid_at {row['paid_at']!r} is not an ISO datetime") from None
             record = PaymentRecord(
                 row["account_id"],
                 row["invoice_number"] or None,
@@ -296,14 +296,14 @@ def read_outages_csv(path: Path) -> list[tuple[int, OutageRecord]]:
                 try:
                     times[name] = parse_utc_datetime(raw) if raw else None
                 except ValueError:
-                    raise ValueError(f"{name} {raw!r} is not an ISO datetime") from None
+                    raise InvalidValue(f"{name} {raw!r} is not an ISO datetime") from None
             if times["started_at"] is None or times["ended_at"] is None:
-                raise ValueError("started_at and ended_at are required")
+                raise InvalidValue("started_at and ended_at are required")
             if times["ended_at"] <= times["started_at"]:
-                raise ValueError("ended_at must be after started_at")
+                raise InvalidValue("ended_at must be after started_at")
             flag = row["scheduled"].lower()
             if flag not in _TRUE | _FALSE:
-                raise ValueError(f"scheduled {row['scheduled']!r} is not true or false")
+                raise InvalidValue(f"scheduled {row['scheduled']!r} is not true or false")
             record = OutageRecord(times["started_at"], times["ended_at"], flag in _TRUE, times["announced_at"])
         except ValueError as error:
             problems.append(f"line {number}: {error}")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from typing import TypeVar
 
+from pipelines.errors import InvalidValue
+
 _PERIOD_RE = re.compile(r"^(\d{4})-(\d{2})$")
 
 
@@ -20,7 +22,7 @@ class Period:
     def parse(cls, text: str) -> Period:
         match = _PERIOD_RE.fullmatch(text.strip())
         if not match or not 1 <= int(match.group(2)) <= 12:
-            raise ValueError(f"period {text!r} is not a month written YYYY-MM, e.g. 2026-10")
+            raise InvalidValue(f"period {text!r} is not a month written YYYY-MM, e.g. 2026-10")
         return cls(int(match.group(1)), int(match.group(2)))
 
     @classmethod

@@ -10,6 +10,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from pipelines.errors import InvalidValue
+
 from .base import Classifier, PointBlock
 
 __all__ = [
@@ -46,7 +48,9 @@ def _build_params(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in fields:
-            raise ValueError(f"unknown parameter '{prefix}{key}' for {cls.__name__}; choose among {', '.join(fields)}")
+            raise InvalidValue(
+                f"unknown parameter '{prefix}{key}' for {cls.__name__}; choose among {', '.join(fields)}"
+            )
         nested = fields[key].default_factory  # type: ignore[misc]
         if isinstance(value, Mapping) and dataclasses.is_dataclass(nested):
             value = _build_params(nested, value, f"{prefix}{key}.")
@@ -57,7 +61,7 @@ def _build_params(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any
 def get_classifier(name: str, params: Mapping[str, Any] | None = None) -> Classifier:
     """A built-in classifier by name, with `params` overriding its defaults.
 
-    Raises ValueError for an unknown name or parameter key.
+    Raises InvalidValue for an unknown name or parameter key.
     """
     values = params or {}
     if name == "ground":
@@ -68,4 +72,4 @@ def get_classifier(name: str, params: Mapping[str, Any] | None = None) -> Classi
         from .standard import StandardClassifier, StandardParams
 
         return StandardClassifier(_build_params(StandardParams, values))
-    raise ValueError(f"unknown classifier '{name}'; choose one of {', '.join(BUILTIN_CLASSIFIERS)}")
+    raise InvalidValue(f"unknown classifier '{name}'; choose one of {', '.join(BUILTIN_CLASSIFIERS)}")

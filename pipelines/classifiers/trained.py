@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.errors import UserError
+from pipelines.errors import InvalidValue, UserError
 
 from .base import PointBlock
 from .features import CATEGORICAL, FEATURE_NAMES, point_features
@@ -161,19 +161,19 @@ class TrainedModel:
     def from_bytes(cls, data: bytes, key: bytes | None = None) -> TrainedModel:
         """Load a model written by `to_bytes`; with `key`, bytes altered since are refused."""
         if data.startswith(_OLD_FORMATS):
-            raise ValueError("model was made by an earlier release of pointflow; retrain it")
+            raise InvalidValue("model was made by an earlier release of pointflow; retrain it")
         if not data.startswith(FORMAT):
-            raise ValueError("not a pointflow trained model")
+            raise InvalidValue("not a pointflow trained model")
         rest = data[len(FORMAT) :]
         tag, payload = rest[1 : 1 + rest[0]], rest[1 + rest[0] :]
         if key is not None:
             expected = hmac.new(key, payload, hashlib.sha256).digest()
             if not hmac.compare_digest(tag, expected):
-                raise ValueError("trained model signature mismatch")
+                raise InvalidValue("trained model signature mismatch")
         header_line, _, model_text = zlib.decompress(payload).partition(b"\n")
         header = json.loads(header_line)
         if tuple(header["feature_names"]) != FEATURE_NAMES or header["features_version"] != FEATURES_VERSION:
-            raise ValueError("model was trained on other features; retrain it")
+            raise InvalidValue("model was trained on other features; retrain it")
         return cls(
             booster=_lightgbm().Booster(model_str=model_text.decode()),
             classes=tuple(header["classes"]),
@@ -345,7 +345,7 @@ def train(
     x, y, is_held = np.concatenate(features), np.concatenate(targets), np.concatenate(held)
     train_index = np.flatnonzero(~is_held)
     if train_index.size == 0 or not is_held.any():
-        raise ValueError(
+        raise InvalidValue(
             f"the labelled points must cover more than one {HOLDOUT_BLOCK:g} m block with their classes: "
             "part of them is held out to score the model against standard"
         )
@@ -353,7 +353,7 @@ def train(
         train_index = np.sort(rng.choice(train_index, max_points, replace=False))
     classes = np.unique(y[train_index])
     if classes.size < 2:
-        raise ValueError(f"the training part holds only class {classes.tolist()}: a classifier needs at least two")
+        raise InvalidValue(f"the training part holds only class {classes.tolist()}: a classifier needs at least two")
     encode = np.zeros(256, dtype=np.int32)
     encode[classes] = np.arange(classes.size)
     params = {

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from pipelines.cli.common import settings_from_env
+from pipelines.cli.common import CommandError, settings_from_env
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -30,7 +30,7 @@ def _airflow(args: argparse.Namespace) -> int:
     from pipelines.airflow_local import airflow_environment
 
     if not args.args:
-        raise ValueError("say what Airflow should do, e.g. 'pointflow airflow standalone'")
+        raise CommandError("say what Airflow should do, e.g. 'pointflow airflow standalone'")
     environment = airflow_environment(settings_from_env())
     os.makedirs(environment["AIRFLOW_HOME"], exist_ok=True)
     print(f"AIRFLOW_HOME={environment['AIRFLOW_HOME']}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipelines.cli.common import print_json, settings_from_env
+from pipelines.cli.common import CommandError, print_json, settings_from_env
 from pipelines.cli.progress import ProgressBars
 
 
@@ -68,7 +68,7 @@ def _classify(args: argparse.Namespace) -> int:
     if not args.input.is_file():
         raise FileNotFoundError(f"no such file: {args.input}")
     if args.workers is not None and args.workers < 1:
-        raise ValueError("--workers must be at least 1")
+        raise CommandError("--workers must be at least 1")
     settings = settings_from_env().allowing(args.input)
     # Never the service's own files, nor an account's stored objects unless --account owns them.
     check_source(settings, open_store(settings.storage_url), args.account, str(args.input))
