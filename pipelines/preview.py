@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from pipelines.lasio import iter_chunks
 from pipelines.units import CoordinateUnits, coordinate_units
@@ -161,6 +160,29 @@ class Profile:
         return np.abs((y if self.along == 0 else x) - self.centre) <= self.half_width
 
 
+# Offsets of the pixels at most 2 pixels away, nearest first.
+NEAR_FIRST = sorted(
+    ((dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if 0 < dy * dy + dx * dx <= 4),
+    key=lambda offset: offset[0] ** 2 + offset[1] ** 2,
+)
+
+
+def _fill_gaps(classes: np.ndarray, filled: np.ndarray, nx: int, ny: int) -> np.ndarray:
+    """Small gaps between scan lines take their nearest pixel's class; large holes stay empty.
+    Changes `classes` in place and returns the pixels that now show a class."""
+    if filled.all():
+        return filled
+    grid, known = classes.reshape(ny, nx), filled.reshape(ny, nx)
+    padded_classes, padded_known = np.pad(grid, 2), np.pad(known, 2)
+    taken = known.copy()
+    for dy, dx in NEAR_FIRST:
+        neighbour = (slice(2 + dy, 2 + dy + ny), slice(2 + dx, 2 + dx + nx))
+        take = ~taken & padded_known[neighbour]
+        grid[take] = padded_classes[neighbour][take]
+        taken |= take
+    return taken.ravel()
+
+
 def render_preview(path: Path, output: Path, title: str) -> Path:
     """Class map (highest point's class per pixel, real coordinates, CRS) above a profile, with a
     legend that counts every class's points."""
@@ -198,14 +220,7 @@ def render_preview(path: Path, output: Path, title: str) -> Path:
             # Denser than the header's bounds let us expect: halve what is kept so far.
             section = [np.concatenate(section)[::2]]
             kept = len(section[0])
-    filled = np.isfinite(top)
-    if not filled.all():
-        # Small gaps between scan lines take their nearest pixel's class; large holes stay empty.
-        distance, (rows, cols) = ndimage.distance_transform_edt(~filled.reshape(ny, nx), return_indices=True)
-        nearest = (rows * nx + cols).ravel()
-        close = (~filled) & (distance.ravel() <= 2)
-        classes[close] = classes[nearest[close]]
-        filled |= close
+    filled = _fill_gaps(classes, np.isfinite(top), nx, ny)
     points = np.concatenate(section) if section else np.zeros((0, 3))
     if len(points) > PROFILE_POINTS:
         points = points[:: int(np.ceil(len(points) / PROFILE_POINTS))]
@@ -235,115 +250,103 @@ def _draw(
     points: np.ndarray,
     counts: dict[int, int],
 ) -> None:
-    # The figure and its Agg canvas directly: pyplot's import (half a CPU-second, a third of an export
-    # task) brings its backend machinery and global figure registry, which a file written once needs not.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
+    from PIL import Image, ImageDraw
+
+    from pipelines.preview_image import (
+        BELOW_AXIS,
+        BLACK,
+        DPI,
+        WHITE,
+        Box,
+        dashed,
+        draw_axes,
+        font,
+        left_margin,
+        legend,
+        px,
+        save_png,
+        scatter,
+    )
 
     mins, maxs, cell, nx, ny = grid
-    shown = sorted(int(c) for c in np.unique(classes[filled]))
-    lookup = np.zeros(256)
-    lookup[shown] = np.arange(len(shown))
-    image = np.full(nx * ny, np.nan)
-    image[filled] = lookup[classes[filled]]
-
-    map_width = 7.5
-    map_height = float(np.clip(map_width * ny / nx, 3.0, 8.0))
-    figure = Figure(figsize=(map_width + 3.6, map_height + 3.4), dpi=110, layout="constrained")
-    FigureCanvasAgg(figure)
-    grid_spec = figure.add_gridspec(2, 2, width_ratios=[map_width, 3.6], height_ratios=[map_height, 2.6])
-    plan, side, legend = (
-        figure.add_subplot(grid_spec[0, 0]),
-        figure.add_subplot(grid_spec[1, :]),
-        figure.add_subplot(grid_spec[0, 1]),
-    )
-
-    plan.imshow(
-        image.reshape(ny, nx),
-        cmap=ListedColormap([colour_of(c) for c in shown] or ["#ffffff"]),
-        interpolation="nearest",
-        vmin=-0.5,
-        vmax=max(len(shown), 1) - 0.5,
-        extent=(mins[0], mins[0] + nx * cell, maxs[1] - ny * cell, maxs[1]),
-    )
-    plan.set_xlabel(units.label(0))
-    plan.set_ylabel(units.label(1))
-    figure.suptitle(f"{title}\n{units.describe()}", x=0.01, ha="left", fontsize=10)
-    band = (profile.centre - profile.half_width, profile.centre + profile.half_width)
-    span = plan.axhspan if profile.along == 0 else plan.axvspan
-    span(*band, facecolor="none", edgecolor="black", linewidth=0.8, linestyle="--")
+    margin, width = px(6), px((7.5 + 3.6) * 72)
+    map_width, map_height = px(7.5 * 72), px(float(np.clip(7.5 * ny / nx, 3.0, 8.0)) * 72)
+    heading = f"{title}\n{units.describe()}"
+    map_top = margin + 2 * round(px(10) * 1.2) + px(20)
+    extent = ((mins[0], mins[0] + nx * cell), (maxs[1] - ny * cell, maxs[1]))
+    # One scale for both map axes (metres are metres), as large as the map's space allows.
+    map_left = margin + left_margin(map_height, extent[1])
+    scale = min((map_width - map_left) / nx, map_height / ny)
+    plan = Box(map_left, map_top, max(round(nx * scale), 1), max(round(ny * scale), 1), *extent)
 
     order = np.argsort(points[:, 2], kind="stable")  # ground first, so vegetation and roofs draw over it
-    # Sparse sections get bigger dots, so a few hundred points still read as a line.
-    size = float(np.clip(40_000 / max(len(points), 1), 1.5, 10))
-    side.scatter(
-        points[order, 0],
-        points[order, 1],
-        c=_rgb(points[order, 2].astype(np.uint8)) / 255,
-        s=size,
-        marker=".",
-        linewidths=0,
-        rasterized=True,
+    zs = points[order, 1]
+    low, high = (float(zs.min()), float(zs.max())) if len(zs) else (0.0, 1.0)
+    pad = 0.05 * (high - low) if high > low else 0.5  # a little air above and below, as a plot has
+    side_top = plan.bottom + BELOW_AXIS + px(16) + round(px(9) * 1.2) + px(6)
+    side_height = px(2.6 * 72) - px(40)
+    side_left = margin + left_margin(side_height, (low - pad, high + pad))
+    side = Box(
+        side_left,
+        side_top,
+        width - margin - px(36) - side_left,  # room for half the last tick label
+        side_height,
+        (mins[profile.along], maxs[profile.along]),
+        (low - pad, high + pad),
     )
-    side.set_xlim(mins[profile.along], maxs[profile.along])
-    side.set_xlabel(units.label(profile.along))
-    side.set_ylabel(units.label(2))
-    for axes in (plan, side):
-        for axis in (axes.xaxis, axes.yaxis):
-            axis.set_major_formatter(_plain_ticks(axis))
+    canvas = Image.new("RGB", (width, side.bottom + BELOW_AXIS + margin), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    draw.multiline_text((margin, margin), heading, font=font(10), fill=BLACK, spacing=round(px(10) * 0.2))
+
+    image = _rgb(classes)
+    image[~filled] = 255  # no point there: white, as the paper
+    canvas.paste(
+        Image.fromarray(image.reshape(ny, nx, 3)).resize((plan.width, plan.height), Image.Resampling.NEAREST),
+        (plan.left, plan.top),
+    )
+    draw_axes(canvas, plan, units.label(0), units.label(1))
+    band = (profile.centre - profile.half_width, profile.centre + profile.half_width)
+    for edge in band:
+        if profile.along == 0:
+            row = int(np.clip(round(float(plan.row(edge))), plan.top, plan.bottom - 1))
+            dashed(draw, (plan.left, row), (plan.right, row))
+        else:
+            column = int(np.clip(round(float(plan.column(edge))), plan.left, plan.right - 1))
+            dashed(draw, (column, plan.top), (column, plan.bottom))
+
+    # Sparse sections get bigger dots (0.6 to 1.6 points across), so a few hundred points still read as a line.
+    dot = float(np.clip(100 / np.sqrt(max(len(points), 1)), 0.6, 1.6))
+    scatter(canvas, side, points[order, 0], zs, _rgb(points[order, 2].astype(np.uint8)), dot * DPI / 72)
+    draw_axes(canvas, side, units.label(profile.along), units.label(2))
     across = units.axes[1 - profile.along]
-    figure.draw_without_rendering()  # lays the axes out, to measure the profile, without rasterising
-    box = side.get_window_extent()
-    low, high = side.get_ylim()
-    exaggeration = ((maxs[profile.along] - mins[profile.along]) / box.width) / ((high - low) / box.height)
+    exaggeration = ((maxs[profile.along] - mins[profile.along]) / side.width) / (
+        (side.ylim[1] - side.ylim[0]) / side.height
+    )
     vertical = f", vertical scale ×{exaggeration:.1f}" if exaggeration > 1.2 else ""
-    side.set_title(
+    draw.text(
+        (side.left, side.top - px(6)),
         f"Profile along the longer side, through {across.lower()} {profile.centre:,.1f} "
         f"(band ±{profile.half_width:.2f}, {len(points):,} points; dashed on the map{vertical})",
-        fontsize=9,
-        loc="left",
+        font=font(9),
+        fill=BLACK,
+        anchor="ld",
     )
 
     total = sum(counts.values()) or 1
-    legend.axis("off")
-    legend.legend(
-        handles=[
-            Patch(
-                color=colour_of(c),
-                label=f"{c} {ASPRS_CLASS_NAMES.get(c, 'other')}\n{n:,} point{'s' if n != 1 else ''} ({_share(n, total)})",
-            )
-            for c, n in counts.items()
-        ],
-        loc="upper left",
-        fontsize=8,
-        title=f"{total:,} points",
-        title_fontsize=9,
-        frameon=False,
-        labelspacing=0.9,
-    )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, metadata={"Software": None})
+    entries = [
+        (
+            colour_of(c),
+            f"{c} {ASPRS_CLASS_NAMES.get(c, 'other')}\n{n:,} point{'s' if n != 1 else ''} ({_share(n, total)})",
+        )
+        for c, n in counts.items()
+    ]
+    legend(canvas, map_width + px(24), map_top, f"{total:,} points", entries)
+    save_png(canvas, output)
 
 
 def _share(points: int, total: int) -> str:
     percent = 100 * points / total
     return f"{percent:.1f} %" if percent >= 0.1 else "< 0.1 %"
-
-
-def _plain_ticks(axis):
-    """Tick labels as plain numbers with thousands separators (no "+6.449e6" offset), with as
-    many decimals as the tick spacing needs."""
-    from matplotlib.ticker import FuncFormatter
-
-    def label(value: float, _position) -> str:
-        ticks = axis.get_majorticklocs()
-        step = float(np.min(np.diff(ticks))) if len(ticks) > 1 else 1.0
-        decimals = next((d for d in range(7) if abs(round(step, d) - step) <= 1e-9 * max(1.0, abs(step))), 6)
-        return f"{value:,.{decimals}f}"
-
-    return FuncFormatter(label)
 
 
 def write_sample_ply(path: Path, output: Path, points: int = SAMPLE_POINTS) -> Path:
