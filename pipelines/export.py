@@ -26,10 +26,9 @@ from pipelines.preview import (
     ASPRS_CLASS_NAMES,
     CoordinateFrame,
     class_summary,
-    render_preview,
     summary_csv,
     summary_json,
-    write_sample_ply,
+    write_previews,
 )
 from pipelines.storage import AccountArea, ObjectStore, file_sha256
 
@@ -93,7 +92,8 @@ def build_artifacts(
     class_counts: dict[int, int],
     report_html: bytes | None,
     title: str,
-) -> list[Artifact]:
+) -> tuple[list[Artifact], CoordinateFrame]:
+    """The export's files in `workdir`, and the coordinate frame of the points (for the manifest)."""
     if export_format not in EXPORT_FORMATS:
         raise InvalidValue(f"export format {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     name = stem + POINT_SUFFIXES[export_format]
@@ -104,6 +104,7 @@ def build_artifacts(
         write_copc(classified, points, workdir)
     else:
         points = write_points_as(classified, workdir / name)
+    frame = write_previews(classified, workdir / "preview.png", workdir / SAMPLE_NAME, title)
     rows = class_summary(class_counts)
     (workdir / "classes.csv").write_bytes(summary_csv(rows))
     (workdir / "classes.json").write_bytes(summary_json(rows))
@@ -111,13 +112,13 @@ def build_artifacts(
         Artifact(name, points, POINT_MEDIA_TYPES[export_format], "points"),
         Artifact("classes.csv", workdir / "classes.csv", "text/csv", "summary"),
         Artifact("classes.json", workdir / "classes.json", "application/json", "summary"),
-        Artifact("preview.png", render_preview(classified, workdir / "preview.png", title), "image/png", "preview"),
-        Artifact(SAMPLE_NAME, write_sample_ply(classified, workdir / SAMPLE_NAME), "application/x-ply", "sample"),
+        Artifact("preview.png", workdir / "preview.png", "image/png", "preview"),
+        Artifact(SAMPLE_NAME, workdir / SAMPLE_NAME, "application/x-ply", "sample"),
     ]
     if report_html is not None:
         (workdir / "validation.html").write_bytes(report_html)
         artifacts.append(Artifact("validation.html", workdir / "validation.html", "text/html", "report"))
-    return artifacts
+    return artifacts, frame
 
 
 def software_versions() -> dict[str, str]:

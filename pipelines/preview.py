@@ -183,60 +183,132 @@ def _fill_gaps(classes: np.ndarray, filled: np.ndarray, nx: int, ny: int) -> np.
     return taken.ravel()
 
 
-def render_preview(path: Path, output: Path, title: str) -> Path:
-    """Class map (highest point's class per pixel, real coordinates, CRS) above a profile, with a
-    legend that counts every class's points."""
-    import laspy
+class _ClassMap:
+    """The class map (highest point's class per pixel), the profile's points and the class counts,
+    gathered chunk by chunk."""
 
-    with laspy.open(path) as reader:
-        header = reader.header
-    units = coordinate_frame(header)
-    mins, maxs, count = header.mins, header.maxs, max(header.point_count, 1)
-    width, height = max(maxs[0] - mins[0], 1e-6), max(maxs[1] - mins[1], 1e-6)
-    # About two points per pixel: finer leaves speckle, coarser hides roofs and trees.
-    cell = max(max(width, height) / MAX_PIXELS, np.sqrt(2 * width * height / count))
-    nx, ny = int(width / cell) + 1, int(height / cell) + 1
-    top = np.full(nx * ny, -np.inf)
-    classes = np.zeros(nx * ny, dtype=np.uint8)
-    counts = np.zeros(256, dtype=np.int64)
-    profile = Profile.through(mins, maxs, count)
-    section: list[np.ndarray] = []
-    kept = 0
-    for chunk in iter_chunks(path):
-        x, y, z, cls = np.asarray(chunk.x), np.asarray(chunk.y), np.asarray(chunk.z), np.asarray(chunk.classification)
-        counts += np.bincount(cls, minlength=256)
+    def __init__(self, header) -> None:
+        self.mins, self.maxs, count = header.mins, header.maxs, max(header.point_count, 1)
+        width, height = max(self.maxs[0] - self.mins[0], 1e-6), max(self.maxs[1] - self.mins[1], 1e-6)
+        # About two points per pixel: finer leaves speckle, coarser hides roofs and trees.
+        self.cell = max(max(width, height) / MAX_PIXELS, np.sqrt(2 * width * height / count))
+        self.nx, self.ny = int(width / self.cell) + 1, int(height / self.cell) + 1
+        self.top = np.full(self.nx * self.ny, -np.inf)
+        self.classes = np.zeros(self.nx * self.ny, dtype=np.uint8)
+        self.counts = np.zeros(256, dtype=np.int64)
+        self.profile = Profile.through(self.mins, self.maxs, count)
+        self.section: list[np.ndarray] = []
+        self.kept = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray, z: np.ndarray, cls: np.ndarray) -> None:
+        mins, maxs, cell, nx, ny = self.mins, self.maxs, self.cell, self.nx, self.ny
+        self.counts += np.bincount(cls, minlength=256)
         col = np.clip(((x - mins[0]) / cell).astype(np.int64), 0, nx - 1)
         row = np.clip(((maxs[1] - y) / cell).astype(np.int64), 0, ny - 1)
         # Highest point per cell wins: sort by z so the last write per cell is the top one.
         order = np.argsort(z, kind="stable")
         flat, zs, cs = (row * nx + col)[order], z[order], cls[order]
-        higher = zs > top[flat]
-        top[flat[higher]] = zs[higher]
-        classes[flat[higher]] = cs[higher]
-        band = profile.select(x, y)
-        section.append(np.stack([(x if profile.along == 0 else y)[band], z[band], cls[band]], axis=1))
-        kept += int(band.sum())
-        if kept > 2 * PROFILE_POINTS:
+        higher = zs > self.top[flat]
+        self.top[flat[higher]] = zs[higher]
+        self.classes[flat[higher]] = cs[higher]
+        band = self.profile.select(x, y)
+        self.section.append(np.stack([(x if self.profile.along == 0 else y)[band], z[band], cls[band]], axis=1))
+        self.kept += int(band.sum())
+        if self.kept > 2 * PROFILE_POINTS:
             # Denser than the header's bounds let us expect: halve what is kept so far.
-            section = [np.concatenate(section)[::2]]
-            kept = len(section[0])
-    filled = _fill_gaps(classes, np.isfinite(top), nx, ny)
-    points = np.concatenate(section) if section else np.zeros((0, 3))
-    if len(points) > PROFILE_POINTS:
-        points = points[:: int(np.ceil(len(points) / PROFILE_POINTS))]
-    present = [int(c) for c in np.flatnonzero(counts)]
-    _draw(
-        output,
-        title,
-        units,
-        (mins, maxs, cell, nx, ny),
-        classes,
-        filled,
-        profile,
-        points,
-        {c: int(counts[c]) for c in present},
+            self.section = [np.concatenate(self.section)[::2]]
+            self.kept = len(self.section[0])
+
+    def draw(self, output: Path, title: str, frame: CoordinateFrame) -> None:
+        filled = _fill_gaps(self.classes, np.isfinite(self.top), self.nx, self.ny)
+        points = np.concatenate(self.section) if self.section else np.zeros((0, 3))
+        if len(points) > PROFILE_POINTS:
+            points = points[:: int(np.ceil(len(points) / PROFILE_POINTS))]
+        _draw(
+            output,
+            title,
+            frame,
+            (self.mins, self.maxs, self.cell, self.nx, self.ny),
+            self.classes,
+            filled,
+            self.profile,
+            points,
+            {int(c): int(self.counts[c]) for c in np.flatnonzero(self.counts)},
+        )
+
+
+class _Sample:
+    """A thinned sample of the points (x, y, z from the data's minimum corner, the class colour,
+    the class), gathered chunk by chunk."""
+
+    DTYPE = np.dtype(
+        [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1"), ("class", "u1")]
     )
-    return output
+
+    def __init__(self, header, points: int) -> None:
+        self.origin, self.total = np.floor(header.mins), header.point_count
+        self.keep = min(1.0, points / max(header.point_count, 1))
+        self.rng = np.random.default_rng(0)
+        self.parts: list[np.ndarray] = []
+
+    def add(self, x: np.ndarray, y: np.ndarray, z: np.ndarray, cls: np.ndarray) -> None:
+        chosen = self.rng.random(len(cls)) < self.keep
+        part = np.zeros(int(chosen.sum()), dtype=self.DTYPE)
+        for axis, (name, values) in enumerate((("x", x), ("y", y), ("z", z))):
+            part[name] = values[chosen] - self.origin[axis]
+        part["class"] = cls[chosen]
+        rgb = _rgb(part["class"])
+        part["red"], part["green"], part["blue"] = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+        self.parts.append(part)
+
+    def write(self, output: Path, frame: CoordinateFrame) -> None:
+        vertices = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=self.DTYPE)
+        origin = self.origin
+        lines = [
+            "ply",
+            "format binary_little_endian 1.0",
+            f"comment pointflow: {len(vertices):,} of {self.total:,} points, coloured by ASPRS class",
+            f"comment origin {origin[0]:.3f} {origin[1]:.3f} {origin[2]:.3f} (add to x y z for the file's coordinates)",
+            f"comment crs {frame.describe()}",
+            f"element vertex {len(vertices)}",
+            "property float x",
+            "property float y",
+            "property float z",
+            "property uchar red",
+            "property uchar green",
+            "property uchar blue",
+            "property uchar class",
+            "end_header",
+        ]
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(output, "wb") as handle:
+            handle.write(("\n".join(lines) + "\n").encode("ascii", "replace"))
+            vertices.tofile(handle)
+
+
+def write_previews(
+    path: Path, png: Path | None, ply: Path | None, title: str = "", sample_points: int = SAMPLE_POINTS
+) -> CoordinateFrame:
+    """The class map with its profile and legend (PNG, `png`) and the thinned 3D sample (binary PLY,
+    `ply`, for the 3D view and any viewer that opens PLY), from one read of the file: decoding the
+    points is most of the work. Returns the file's coordinate frame."""
+    import laspy
+
+    with laspy.open(path) as reader:
+        header = reader.header
+    frame = coordinate_frame(header)
+    class_map = _ClassMap(header) if png is not None else None
+    sample = _Sample(header, sample_points) if ply is not None else None
+    for chunk in iter_chunks(path):
+        columns = np.asarray(chunk.x), np.asarray(chunk.y), np.asarray(chunk.z), np.asarray(chunk.classification)
+        for gatherer in (class_map, sample):
+            if gatherer is not None:
+                gatherer.add(*columns)
+    if class_map is not None:
+        class_map.draw(png, title, frame)
+    if sample is not None:
+        sample.write(ply, frame)
+    return frame
 
 
 def _draw(
@@ -347,59 +419,3 @@ def _draw(
 def _share(points: int, total: int) -> str:
     percent = 100 * points / total
     return f"{percent:.1f} %" if percent >= 0.1 else "< 0.1 %"
-
-
-def write_sample_ply(path: Path, output: Path, points: int = SAMPLE_POINTS) -> Path:
-    """A thinned sample of the points as binary PLY (x, y, z from the data's minimum corner, the
-    class colour, the class), for the 3D view and for any viewer that opens PLY."""
-    import laspy
-
-    with laspy.open(path) as reader:
-        header = reader.header
-    origin = np.floor(header.mins)
-    keep = min(1.0, points / max(header.point_count, 1))
-    rng = np.random.default_rng(0)
-    parts = []
-    for chunk in iter_chunks(path):
-        chosen = rng.random(len(chunk)) < keep
-        part = np.zeros(
-            int(chosen.sum()),
-            dtype=[
-                ("x", "<f4"),
-                ("y", "<f4"),
-                ("z", "<f4"),
-                ("red", "u1"),
-                ("green", "u1"),
-                ("blue", "u1"),
-                ("class", "u1"),
-            ],
-        )
-        for axis, name in enumerate(("x", "y", "z")):
-            part[name] = np.asarray(chunk[name])[chosen] - origin[axis]
-        cls = np.asarray(chunk.classification)[chosen]
-        rgb = _rgb(cls)
-        part["red"], part["green"], part["blue"], part["class"] = rgb[:, 0], rgb[:, 1], rgb[:, 2], cls
-        parts.append(part)
-    vertices = np.concatenate(parts)
-    units = coordinate_frame(header)
-    lines = [
-        "ply",
-        "format binary_little_endian 1.0",
-        f"comment pointflow: {len(vertices):,} of {header.point_count:,} points, coloured by ASPRS class",
-        f"comment origin {origin[0]:.3f} {origin[1]:.3f} {origin[2]:.3f} (add to x y z for the file's coordinates)",
-        f"comment crs {units.describe()}",
-        f"element vertex {len(vertices)}",
-        "property float x",
-        "property float y",
-        "property float z",
-        "property uchar red",
-        "property uchar green",
-        "property uchar blue",
-        "property uchar class",
-        "end_header",
-    ]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "wb") as handle:
-        handle.write(("\n".join(lines) + "\n").encode("ascii", "replace"))
-        vertices.tofile(handle)
-    return output

@@ -16,9 +16,8 @@ from pipelines.preview import (
     Profile,
     coordinate_frame,
     file_frame,
-    render_preview,
     summary_csv,
-    write_sample_ply,
+    write_previews,
 )
 from tests.conftest import shared_file
 from tests.lasfiles import write_points
@@ -65,13 +64,15 @@ def test_the_profile_runs_along_the_longer_side_through_a_thin_band() -> None:
 @pytest.mark.parametrize("name", ["corpus/USGS_NM_4_6_crop_ftUS.las", "ign_st_barth_100m.laz"])
 def test_preview_shows_the_map_the_profile_and_every_class(name: str, tmp_path: Path) -> None:
     source = shared_file(name)
-    output = render_preview(source, tmp_path / "preview.png", f"{name}: classes")
+    output = tmp_path / "preview.png"
+    write_previews(source, output, None, f"{name}: classes")
     image = np.asarray(Image.open(output).convert("RGB")).reshape(-1, 3).astype(int)
     for cls in np.unique(laspy.read(source).classification):
         colour = np.array([int(CLASS_COLOURS[int(cls)][i : i + 2], 16) for i in (1, 3, 5)])
         # Every class has at least its legend swatch.
         assert (np.abs(image - colour).sum(axis=1) < 12).sum() >= 50, cls
-    assert output.read_bytes() == render_preview(source, tmp_path / "again.png", f"{name}: classes").read_bytes()
+    write_previews(source, tmp_path / "again.png", None, f"{name}: classes")
+    assert output.read_bytes() == (tmp_path / "again.png").read_bytes()
 
 
 def test_the_class_table_has_one_precision() -> None:
@@ -95,7 +96,8 @@ def read_ply(path: Path) -> tuple[list[str], np.ndarray]:
 def test_the_3d_sample_is_a_thinned_ply_in_class_colours(tmp_path: Path) -> None:
     source = shared_file("ign_st_barth_100m.laz")
     original = laspy.read(source)
-    lines, vertices = read_ply(write_sample_ply(source, tmp_path / "sample.ply", points=20_000))
+    write_previews(source, None, tmp_path / "sample.ply", sample_points=20_000)
+    lines, vertices = read_ply(tmp_path / "sample.ply")
     assert lines[:2] == ["ply", "format binary_little_endian 1.0"]
     assert f"element vertex {len(vertices)}" in lines and 18_000 < len(vertices) < 22_000
     origin = np.array(
@@ -110,4 +112,15 @@ def test_the_3d_sample_is_a_thinned_ply_in_class_colours(tmp_path: Path) -> None
     }
     # A file smaller than the sample is sampled whole.
     small = write_points(tmp_path / "small.las", n=3000)
-    assert len(read_ply(write_sample_ply(small, tmp_path / "small.ply"))[1]) == 3000
+    write_previews(small, None, tmp_path / "small.ply")
+    assert len(read_ply(tmp_path / "small.ply")[1]) == 3000
+
+
+def test_one_read_makes_both_previews_as_separate_reads_do(tmp_path: Path) -> None:
+    source = shared_file("ign_st_barth_100m.laz")
+    frame = write_previews(source, tmp_path / "both.png", tmp_path / "both.ply", "both")
+    write_previews(source, tmp_path / "map.png", None, "both")
+    write_previews(source, None, tmp_path / "sample.ply")
+    assert (tmp_path / "both.png").read_bytes() == (tmp_path / "map.png").read_bytes()
+    assert (tmp_path / "both.ply").read_bytes() == (tmp_path / "sample.ply").read_bytes()
+    assert frame == file_frame(source)

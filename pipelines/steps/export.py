@@ -7,7 +7,6 @@ from pathlib import Path
 
 from pipelines.catalog.models import JobState, utcnow
 from pipelines.export import MANIFEST_NAME, build_artifacts, build_manifest, export_prefix, publish, read_manifest
-from pipelines.preview import file_frame
 from pipelines.runtime import Runtime
 from pipelines.scratch import work_dir
 from pipelines.sources import readable_path
@@ -44,10 +43,9 @@ def export_step(runtime: Runtime, job_id: str, export_format: str = "laz") -> Jo
         readable_path(runtime.store, job.classified_key, scratch) as path,
         work_dir(scratch, "export", job.account_id, job_id) as work,
     ):
-        artifacts = build_artifacts(
+        artifacts, coordinates = build_artifacts(
             path, work, stem, export_format, counts, report_html, f"{input_file['name']}: classes"
         )
-        coordinates = file_frame(path)
         publish(
             runtime.store,
             job.account_id,
