@@ -31,7 +31,7 @@ from pipelines.catalog.models import IntakeClaim, utcnow
 from pipelines.customer_text import render_mail
 from pipelines.errors import InvalidValue, PointflowError
 from pipelines.lifecycle.operations import AccountLocked
-from pipelines.notify import DeliveryError
+from pipelines.notify import DeliveryError, Message
 from pipelines.runtime import Runtime
 from pipelines.scratch import work_dir
 from pipelines.steps.ingest import attach_file, create_job
@@ -237,7 +237,9 @@ def _refuse(
             reason=reason,
         )
         try:
-            runtime.mailer.send_once(f"intake-refused:{job_id}", account_id, "intake_refused", account.email, mail)
+            runtime.mailer.send_once(
+                Message(f"intake-refused:{job_id}", account_id, "intake_refused", account.email, mail)
+            )
         except DeliveryError as error:
             # The refusal stands; the customer still sees the file unprocessed in the upload folder.
             log.warning("refusal notice for %s not sent: %s", info.key, error)

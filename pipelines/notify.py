@@ -97,9 +97,19 @@ def send_email(settings: Settings, to: str, subject: str, body: str, message_id:
     return SentMessage(message_id, to, subject, f"{url.scheme}://{host}:{port}")
 
 
-def send_once(
-    settings: Settings, catalog: Catalog, key: str, account_id: str, kind: str, to: str, subject: str, body: str
-) -> SentMessage:
+@dataclass(frozen=True)
+class Message:
+    """One customer e-mail to send once: `key` is its idempotency key (a second send of the same
+    key sends nothing), `kind` what the sent-messages ledger files it under."""
+
+    key: str
+    account_id: str
+    kind: str
+    to: str
+    mail: Mail
+
+
+def send_once(settings: Settings, catalog: Catalog, message: Message) -> SentMessage:
     """Send unless a message with this idempotency key was already sent: claim it (one claim per
     key, whoever inserts it first), send, then record it as sent in the same transaction that drops
     the claim. Concurrent senders of one key send one message; the others raise DeliveryInProgress.
@@ -109,6 +119,7 @@ def send_once(
     passed: it sends with the claim's Message-ID, so should the dead sender have got its message
     out just before dying, the two are the same message to the customer's mail program.
     """
+    key, account_id, to, subject = message.key, message.account_id, message.to, message.mail.subject
     for _ in range(3):
         with catalog.session() as session:
             known = session.get(SentMessageRecord, key)
@@ -127,7 +138,7 @@ def send_once(
     else:
         raise DeliveryInProgress(f"message {key} is being sent by another process")
     try:
-        sent = send_email(settings, to, subject, body, message_id)
+        sent = send_email(settings, to, subject, message.mail.body, message_id)
     except BaseException:
         with catalog.session() as session:
             session.execute(delete(MessageClaim).where(MessageClaim.key == key, MessageClaim.message_id == message_id))
@@ -135,7 +146,12 @@ def send_once(
     with catalog.session() as session:
         session.add(
             SentMessageRecord(
-                key=key, account_id=account_id, kind=kind, recipient=to, subject=subject, message_id=sent.message_id
+                key=key,
+                account_id=account_id,
+                kind=message.kind,
+                recipient=to,
+                subject=subject,
+                message_id=sent.message_id,
             )
         )
         session.execute(delete(MessageClaim).where(MessageClaim.key == key))
@@ -188,5 +204,5 @@ class Mailer:
     settings: Settings
     catalog: Catalog
 
-    def send_once(self, key: str, account_id: str, kind: str, to: str, mail: Mail) -> SentMessage:
-        return send_once(self.settings, self.catalog, key, account_id, kind, to, mail.subject, mail.body)
+    def send_once(self, message: Message) -> SentMessage:
+        return send_once(self.settings, self.catalog, message)

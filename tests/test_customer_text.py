@@ -24,7 +24,7 @@ from pipelines.catalog.models import Account
 from pipelines.customer_text import Mail, render_mail
 from pipelines.export import DownloadLink
 from pipelines.lifecycle import notices
-from pipelines.notify import send_email
+from pipelines.notify import Message, send_email
 from pipelines.preview import class_summary
 from pipelines.settings import Settings
 from pipelines.storage import INCOMING_PREFIX
@@ -120,8 +120,8 @@ MAILS: dict[str, Callable[[str], Mail]] = {
 PARTS = {"mail/letter.txt.j2", "mail/file_refused.txt.j2", "mail/dates.txt.j2"}
 
 
-def _draft(draft: notices.Draft) -> Mail:
-    return Mail(draft.subject, draft.body)
+def _draft(message: Message) -> Mail:
+    return message.mail
 
 
 def template_names() -> set[str]:

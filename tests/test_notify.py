@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.notify import DeliveryError, outbox_messages, send_email, send_once
+from pipelines.customer_text import Mail
+from pipelines.notify import DeliveryError, Message, outbox_messages, send_email, send_once
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 
@@ -30,15 +31,21 @@ def test_send_once_sends_once_and_retries_after_a_refusal(home, smtp_sink) -> No
     smtp_sink.refusing = True
     with pytest.raises(DeliveryError):
         send_once(
-            runtime.settings, runtime.catalog, "invoice:PF-1", "acme", "invoice", "a@x.example", "Invoice PF-1", "x"
+            runtime.settings,
+            runtime.catalog,
+            Message("invoice:PF-1", "acme", "invoice", "a@x.example", Mail("Invoice PF-1", "x")),
         )
     assert smtp_sink.messages == []
     smtp_sink.refusing = False
     first = send_once(
-        runtime.settings, runtime.catalog, "invoice:PF-1", "acme", "invoice", "a@x.example", "Invoice PF-1", "x"
+        runtime.settings,
+        runtime.catalog,
+        Message("invoice:PF-1", "acme", "invoice", "a@x.example", Mail("Invoice PF-1", "x")),
     )
     second = send_once(
-        runtime.settings, runtime.catalog, "invoice:PF-1", "acme", "invoice", "a@x.example", "Invoice PF-1", "x"
+        runtime.settings,
+        runtime.catalog,
+        Message("invoice:PF-1", "acme", "invoice", "a@x.example", Mail("Invoice PF-1", "x")),
     )
     assert len(smtp_sink.messages) == 1 and first.message_id == second.message_id
 

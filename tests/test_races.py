@@ -17,8 +17,9 @@ from sqlalchemy import func, select
 from pipelines.accounts import upsert_accounts
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account, MessageClaim, StoredFile, UsageEvent
+from pipelines.customer_text import Mail
 from pipelines.lifecycle.models import LifecycleDeliveryFailure, LifecycleNotice
-from pipelines.notify import DeliveryInProgress, send_once
+from pipelines.notify import DeliveryInProgress, Message, send_once
 from pipelines.settings import Settings
 from tests.conftest import make_account, shared_file
 
@@ -180,12 +181,18 @@ def test_a_claim_left_by_a_crash_is_sent_once_by_the_next_run_and_a_live_one_is_
                     claimed_at=claimed,
                 )
             )
-    sent = send_once(settings, catalog, "notice:stale", "acme", "test", "ops@acme.example", "subject", "body")
+    sent = send_once(
+        settings, catalog, Message("notice:stale", "acme", "test", "ops@acme.example", Mail("subject", "body"))
+    )
     assert sent.message_id == "<notice.stale@pointflow.invalid>"  # the claim's id: a resend is recognisable
     with pytest.raises(DeliveryInProgress):
-        send_once(settings, catalog, "notice:live", "acme", "test", "ops@acme.example", "subject", "body")
+        send_once(
+            settings, catalog, Message("notice:live", "acme", "test", "ops@acme.example", Mail("subject", "body"))
+        )
     assert (
-        send_once(settings, catalog, "notice:stale", "acme", "test", "ops@acme.example", "subject", "body").location
+        send_once(
+            settings, catalog, Message("notice:stale", "acme", "test", "ops@acme.example", Mail("subject", "body"))
+        ).location
         == "already sent"
     )
     assert [m["Message-ID"] for m in smtp_sink.parsed()] == ["<notice.stale@pointflow.invalid>"]
@@ -205,11 +212,11 @@ def test_a_refused_delivery_releases_its_claim(
     catalog.migrate()
     smtp_sink.refusing = True
     with pytest.raises(DeliveryError):
-        send_once(settings, catalog, "notice:x", "acme", "test", "ops@acme.example", "subject", "body")
+        send_once(settings, catalog, Message("notice:x", "acme", "test", "ops@acme.example", Mail("subject", "body")))
     with catalog.session() as session:
         assert session.scalar(select(func.count()).select_from(MessageClaim)) == 0
     smtp_sink.refusing = False
-    send_once(settings, catalog, "notice:x", "acme", "test", "ops@acme.example", "subject", "body")
+    send_once(settings, catalog, Message("notice:x", "acme", "test", "ops@acme.example", Mail("subject", "body")))
     assert len(smtp_sink.messages) == 1
     catalog.dispose()
 

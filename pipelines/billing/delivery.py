@@ -38,8 +38,8 @@ from pipelines.billing.terms import Parties
 from pipelines.billing.usage import usage_daily
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account, SentMessage
-from pipelines.customer_text import render_mail
-from pipelines.notify import DeliveryError, send_once
+from pipelines.customer_text import Mail, render_mail
+from pipelines.notify import DeliveryError, Mailer, Message
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from pipelines.storage import LINK_LIFETIME, AccountArea, ObjectStore, check_key
@@ -70,6 +70,11 @@ class MonthlyBilling:
     store: ObjectStore
     pricebook: PriceBook
     period: Period
+
+    @property
+    def mailer(self) -> Mailer:
+        """The invoice e-mails go out as a job's do: once per key, recorded in this catalog."""
+        return Mailer(self.settings, self.catalog)
 
     @classmethod
     def open(cls, settings: Settings, period: str) -> MonthlyBilling:
@@ -242,7 +247,7 @@ def email_invoices(billing: MonthlyBilling, link_lifetime: timedelta = LINK_LIFE
         document = document_of(billing.catalog, billing.pricebook, invoice, buyer)
         subject, body = invoice_email(document, links, datetime.now(UTC) + link_lifetime)
         try:
-            send_once(billing.settings, billing.catalog, key, invoice.account_id, "invoice", buyer.email, subject, body)
+            billing.mailer.send_once(Message(key, invoice.account_id, "invoice", buyer.email, Mail(subject, body)))
         except DeliveryError as error:
             refused.append(f"{invoice.invoice_number}: {error}")
             continue

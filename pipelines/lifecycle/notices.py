@@ -7,32 +7,22 @@ or records the refusal so the next run tries again and the clocks that wait for 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account
 from pipelines.customer_text import render_mail
 from pipelines.lifecycle.models import LifecycleDeliveryFailure, LifecycleNotice
-from pipelines.notify import DeliveryError, send_once
-from pipelines.settings import Settings
+from pipelines.notify import DeliveryError, Message
+from pipelines.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Draft:
-    kind: str
-    key: str
-    subject: str
-    body: str
-
-
 def inactivity_notice(
     account: Account, cycle: str, last_login: datetime, months: int, closure_at: datetime, deletion_at: datetime
-) -> Draft:
+) -> Message:
     return _draft(
         "mail/inactivity_notice.txt.j2",
         "inactivity_notice",
@@ -45,7 +35,9 @@ def inactivity_notice(
     )
 
 
-def inactivity_reminder(account: Account, cycle: str, days: int, closure_at: datetime, deletion_at: datetime) -> Draft:
+def inactivity_reminder(
+    account: Account, cycle: str, days: int, closure_at: datetime, deletion_at: datetime
+) -> Message:
     return _draft(
         "mail/inactivity_reminder.txt.j2",
         "inactivity_reminder",
@@ -56,7 +48,7 @@ def inactivity_reminder(account: Account, cycle: str, days: int, closure_at: dat
     )
 
 
-def data_locked(account: Account, reason: str, effective_at: datetime, deletion_at: datetime) -> Draft:
+def data_locked(account: Account, reason: str, effective_at: datetime, deletion_at: datetime) -> Message:
     return _draft(
         "mail/data_locked.txt.j2",
         "data_locked",
@@ -68,7 +60,7 @@ def data_locked(account: Account, reason: str, effective_at: datetime, deletion_
     )
 
 
-def overdue_notice(account: Account, amount: Decimal, currency: str, due_date: str, stop_at: datetime) -> Draft:
+def overdue_notice(account: Account, amount: Decimal, currency: str, due_date: str, stop_at: datetime) -> Message:
     return _draft(
         "mail/overdue_notice.txt.j2",
         "overdue_notice",
@@ -81,38 +73,38 @@ def overdue_notice(account: Account, amount: Decimal, currency: str, due_date: s
     )
 
 
-def _draft(template: str, kind: str, key: str, account: Account, **values: Any) -> Draft:
+def _draft(template: str, kind: str, key: str, account: Account, **values: Any) -> Message:
     mail = render_mail(template, name=account.name, account_id=account.account_id, **values)
-    return Draft(kind, key, mail.subject, mail.body)
+    return Message(key, account.account_id, kind, account.email, mail)
 
 
-def deliver(
-    settings: Settings, catalog: Catalog, account: Account, draft: Draft, as_of: datetime, detail: dict[str, Any]
-) -> LifecycleNotice | None:
+def deliver(runtime: Runtime, message: Message, as_of: datetime, detail: dict[str, Any]) -> LifecycleNotice | None:
     """Send and record the notice; on refusal record the failure and return None."""
     try:
-        sent = send_once(
-            settings, catalog, draft.key, account.account_id, draft.kind, account.email, draft.subject, draft.body
-        )
+        sent = runtime.mailer.send_once(message)
     except DeliveryError as error:
-        log.warning("lifecycle notice %s not delivered, retried next run: %s", draft.key, error)
-        with catalog.session() as session:
+        log.warning("lifecycle notice %s not delivered, retried next run: %s", message.key, error)
+        with runtime.catalog.session() as session:
             session.add(
                 LifecycleDeliveryFailure(
-                    key=draft.key, account_id=account.account_id, kind=draft.kind, attempted_at=as_of, error=str(error)
+                    key=message.key,
+                    account_id=message.account_id,
+                    kind=message.kind,
+                    attempted_at=as_of,
+                    error=str(error),
                 )
             )
         return None
-    with catalog.session() as session:
-        notice = session.get(LifecycleNotice, draft.key)
+    with runtime.catalog.session() as session:
+        notice = session.get(LifecycleNotice, message.key)
         if notice is None:
             notice = LifecycleNotice(
-                key=draft.key,
-                account_id=account.account_id,
-                kind=draft.kind,
+                key=message.key,
+                account_id=message.account_id,
+                kind=message.kind,
                 sent_at=as_of,
                 message_id=sent.message_id,
-                recipient=account.email,
+                recipient=message.to,
                 detail=detail,
             )
             session.add(notice)

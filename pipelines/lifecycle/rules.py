@@ -37,6 +37,7 @@ from pipelines.lifecycle.models import (
     Termination,
 )
 from pipelines.lifecycle.policy import LifecyclePolicy, PlanPolicy, load_policy
+from pipelines.notify import Message
 from pipelines.scratch import job_folders
 from pipelines.storage import AccountArea
 
@@ -222,17 +223,18 @@ class _AccountRun:
                 return
         self.actions.append(Action(self.account.account_id, action, effective_at, detail))
 
-    def _notify(self, draft: notices.Draft, detail: dict[str, Any]) -> LifecycleNotice | None:
-        known = self.notices.get(draft.key)
+    def _notify(self, message: Message, detail: dict[str, Any]) -> LifecycleNotice | None:
+        known = self.notices.get(message.key)
         if known is not None:
             return known
         if self.dry_run:
-            notice = LifecycleNotice(key=draft.key, kind=draft.kind, sent_at=self.as_of, message_id=None, detail=detail)
+            notice = LifecycleNotice(
+                key=message.key, kind=message.kind, sent_at=self.as_of, message_id=None, detail=detail
+            )
         else:
-            runtime = self.context.runtime
-            notice = notices.deliver(runtime.settings, runtime.catalog, self.account, draft, self.as_of, detail)
+            notice = notices.deliver(self.context.runtime, message, self.as_of, detail)
         if notice is not None:
-            self.notices[draft.key] = notice
+            self.notices[message.key] = notice
         return notice
 
     def _save_termination(self) -> None:

@@ -13,6 +13,7 @@ from pipelines.customer_text import render_mail
 from pipelines.export import download_links
 from pipelines.lifecycle.operations import ensure_active
 from pipelines.links import LinkSigner
+from pipelines.notify import Message
 from pipelines.preview import class_summary
 from pipelines.runtime import Runtime
 from pipelines.steps.record import JobRecord, job_view
@@ -64,5 +65,5 @@ def deliver_step(runtime: Runtime, job_id: str) -> JobRecord:
         downloads=terms.downloads,
         expires_at=expires_at,
     )
-    runtime.mailer.send_once(f"export:{job_id}", account.account_id, "export_ready", account.email, mail)
+    runtime.mailer.send_once(Message(f"export:{job_id}", account.account_id, "export_ready", account.email, mail))
     return job

@@ -7,7 +7,7 @@ import logging
 from pipelines.accounts import get_account
 from pipelines.catalog.models import FileState, JobState
 from pipelines.customer_text import render_mail
-from pipelines.notify import DeliveryError
+from pipelines.notify import DeliveryError, Message
 from pipelines.runtime import Runtime
 from pipelines.sources import readable_path
 from pipelines.steps.record import JobRecord, ValidationFailed, job_row, job_view, set_state, stored_file
@@ -105,7 +105,7 @@ def notify_quarantine(
         "mail/quarantine.txt.j2", name=account.name, file_name=file_name, reason=reason, report_link=report_link
     )
     try:
-        runtime.mailer.send_once(f"quarantine:{job_id}", account_id, "quarantine", account.email, mail)
+        runtime.mailer.send_once(Message(f"quarantine:{job_id}", account_id, "quarantine", account.email, mail))
     except DeliveryError as error:
         # The quarantine stands either way; a missed notice must not turn into a lost file.
         log.warning("quarantine notice for %s not sent: %s", account_id, error)
