@@ -1,9 +1,9 @@
 """Tiled classification of a LAS/LAZ file on Dask, reader -> tiles -> classifier -> writer.
 
 1. scan: stream the input in chunks through the gate's point checks (`lasio.iter_checked`);
-   append each point's raw record to its owner tile's file, and the fields the classifier reads
-   (TILE_FIELDS) to the context file of every neighbour whose buffer ring it falls in. Only
-   occupied tiles get files: cost follows the points, not the extent.
+   append each point's raw record and the fields the classifier reads (TILE_FIELDS) to its owner
+   tile's files, and its fields to the context file of every neighbour whose buffer ring it falls
+   in. Only occupied tiles get files: cost follows the points, not the extent.
 2. classify: Dask tasks carry tiles' core + context fields (by value: workers need no shared
    filesystem, and a task whose worker dies can be rerun elsewhere) and return one class code per
    core point. Small tiles share a task (up to TASK_POINTS points), so a sparse file is not
@@ -95,13 +95,15 @@ def _scan(
     for chunk in iter_checked(input_path, info, CHUNK_POINTS):
         fields = tile_fields(chunk)
         x, y = scaling.axis(fields, 0), scaling.axis(fields, 1)
-        tiles.append("core", chunk.array, grid.owner(x, y))
-        context = list(grid.context(x, y))
+        owner, context = grid.partition(x, y)
+        # The core's fields are kept beside its raw records: a tile's task reads them as they are,
+        # instead of reading the raw records and unpacking their fields a second time.
+        tiles.append({"core": chunk.array, "fields": fields}, owner)
         if context:
             # One grouped write for all neighbours: one sort, not eight.
             index = np.concatenate([i for i, _ in context])
             tile_ids = np.concatenate([t for _, t in context])
-            tiles.append("context", fields, tile_ids, index)
+            tiles.append({"context": fields}, tile_ids, index)
         done += len(fields)
         if progress:
             progress("scan", done, info.point_count)
@@ -193,8 +195,7 @@ def classify_file(
                 timings["scan_s"] = time.perf_counter() - started
 
                 def tile_task(t: int) -> TileTask:
-                    core = laspy.PackedPointRecord(tiles.read("core", t), header.point_format)
-                    return TileTask(t, tile_fields(core), tiles.read("context", t))
+                    return TileTask(t, tiles.read("fields", t), tiles.read("context", t))
 
                 def batch(tile_ids: list[int]) -> TileBatch:
                     return TileBatch(

@@ -127,17 +127,31 @@ def group_runs(
 ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """records[index] (all records by default) ordered by group id, as opaque records, and the
     (group id, start, end) of each group's run in them."""
+    order, runs = group_order(group_ids, index)
+    return take_records(records, order), runs
+
+
+def group_order(
+    group_ids: np.ndarray, index: np.ndarray | None = None
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """The positions (in index, or of all records by default) that order the records by group id,
+    stably, and the (group id, start, end) of each group's run in that order: one sort serves every
+    array of the same points."""
     # Group ids (tiles, octree bins) mostly fit in 16 bits, and numpy sorts uint16 stably by radix in O(n).
     keys = group_ids.astype(np.uint16) if group_ids.max(initial=0) < 2**16 else group_ids
     order = np.argsort(keys, kind="stable")
     sorted_ids = group_ids[order]
     starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
     ends = np.r_[starts[1:], len(sorted_ids)]
-    # Records as opaque bytes: gathering them is a memcpy, many times faster than field by field.
-    grouped = np.take(
-        records.view(np.dtype((np.void, records.dtype.itemsize))), order if index is None else index[order]
+    return (order if index is None else index[order]), list(
+        zip(sorted_ids[starts].tolist(), starts.tolist(), ends.tolist())
     )
-    return grouped, list(zip(sorted_ids[starts].tolist(), starts.tolist(), ends.tolist()))
+
+
+def take_records(records: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """records[order] as opaque records."""
+    # Records as opaque bytes: gathering them is a memcpy, many times faster than field by field.
+    return np.take(records.view(np.dtype((np.void, records.dtype.itemsize))), order)
 
 
 def append_grouped(

@@ -70,9 +70,19 @@ class TileGrid:
 
     def context(self, x: np.ndarray, y: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(point indices, tile ids) for each neighbour tile whose buffer ring holds those points."""
+        yield from self._context(x, y, *self._cells(x, y))
+
+    def partition(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        """`owner` and `context` at once: the points' tile cells are found once, not twice (a scan's
+        chunk of a million points: two float divisions, floors and clips fewer)."""
+        i, j = self._cells(x, y)
+        return j * self.nx + i, list(self._context(x, y, i, j))
+
+    def _context(
+        self, x: np.ndarray, y: np.ndarray, i: np.ndarray, j: np.ndarray
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if self.buffer == 0 or self.count == 1:
             return
-        i, j = self._cells(x, y)
         local_x = x - (self.origin_x + i * self.size)
         local_y = y - (self.origin_y + j * self.size)
         # Near the low or high edge along each axis, and a neighbour exists on that side.

@@ -14,7 +14,7 @@ from typing import Any
 import laspy
 import numpy as np
 
-from pipelines.lasio import CHUNK_POINTS, group_runs
+from pipelines.lasio import CHUNK_POINTS, group_order, take_records
 from pipelines.tile_tasks import TILE_FIELDS, TileResult
 
 log = logging.getLogger(__name__)
@@ -25,26 +25,31 @@ Progress = Callable[[str, int, int], None]
 
 class TileFiles:
     """Every occupied tile's points on the local scratch disk. Each scanned chunk is written once,
-    grouped by tile, as one file per kind ("core": raw records, for the output; "context":
-    TILE_FIELDS records), and an index keeps where each tile's runs lie: a file of 20,000 one-point
-    tiles costs two files per chunk, not 40,000."""
+    grouped by tile, as one file per kind ("core": raw records, for the output; "fields": the same
+    points' TILE_FIELDS, for the tasks; "context": TILE_FIELDS records of the buffer rings), and an
+    index keeps where each tile's runs lie: a file of 20,000 one-point tiles costs three files per
+    chunk, not 60,000."""
+
+    KINDS = {"core": None, "fields": TILE_FIELDS, "context": TILE_FIELDS}
 
     def __init__(self, folder: Path, core: np.dtype) -> None:
         self.folder = folder
-        self.dtypes = {"core": core, "context": TILE_FIELDS}
-        self.files: dict[str, list[Path]] = {"core": [], "context": []}
-        self.runs: dict[str, dict[int, list[tuple[int, int, int]]]] = {"core": {}, "context": {}}
+        self.dtypes = {kind: core if dtype is None else dtype for kind, dtype in self.KINDS.items()}
+        self.files: dict[str, list[Path]] = {kind: [] for kind in self.KINDS}
+        self.runs: dict[str, dict[int, list[tuple[int, int, int]]]] = {kind: {} for kind in self.KINDS}
         self._handles: dict[tuple[str, int], Any] = {}
 
-    def append(self, kind: str, records: np.ndarray, tile_ids: np.ndarray, index: np.ndarray | None = None) -> None:
-        """records[index] (all records by default), grouped by tile id."""
-        grouped, runs = group_runs(records, tile_ids, index)
-        number = len(self.files[kind])
-        path = self.folder / f"{kind}-{number}"
-        grouped.tofile(path)
-        self.files[kind].append(path)
-        for tile_id, start, end in runs:
-            self.runs[kind].setdefault(tile_id, []).append((number, start, end - start))
+    def append(self, records: dict[str, np.ndarray], tile_ids: np.ndarray, index: np.ndarray | None = None) -> None:
+        """records[index] of each kind (all records by default), grouped by tile id: the arrays hold
+        the same points, sorted once."""
+        order, runs = group_order(tile_ids, index)
+        for kind, kind_records in records.items():
+            number = len(self.files[kind])
+            path = self.folder / f"{kind}-{number}"
+            take_records(kind_records, order).tofile(path)
+            self.files[kind].append(path)
+            for tile_id, start, end in runs:
+                self.runs[kind].setdefault(tile_id, []).append((number, start, end - start))
 
     def counts(self, kind: str) -> dict[int, int]:
         return {tile_id: sum(n for _, _, n in runs) for tile_id, runs in self.runs[kind].items()}
