@@ -8,7 +8,7 @@ from datetime import date
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from pipelines.accounts import get_account, parse_utc_datetime
+from pipelines.accounts import get_account
 from pipelines.billing.corrections import (
     TermsUpdate,
     invoice_statement,
@@ -20,7 +20,15 @@ from pipelines.billing.corrections import (
 from pipelines.billing.delivery import buyer_of, credit_note_of, document_of, publish_credit_note, render_documents
 from pipelines.billing.invoicing import BillingError, run_billing
 from pipelines.billing.money import format_money
-from pipelines.cli.common import PRICEBOOK_HELP, month_arg, open_catalog, pricebook_of, print_json, settings_from_env
+from pipelines.cli.common import (
+    PRICEBOOK_HELP,
+    instant_arg,
+    month_arg,
+    open_catalog,
+    pricebook_of,
+    print_json,
+    settings_from_env,
+)
 from pipelines.storage import open_store
 
 
@@ -39,13 +47,6 @@ def _day(text: str) -> date:
         return date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date (YYYY-MM-DD)") from None
-
-
-def _instant(text: str):
-    try:
-        return parse_utc_datetime(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO datetime") from None
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -119,7 +120,7 @@ def _register_invoices(commands: argparse._SubParsersAction) -> None:
     dispute.add_argument("invoice_number")
     dispute.add_argument("--reason", required=True)
     dispute.add_argument("--billing-error", action="store_true", help="the dispute is about a billing error")
-    dispute.add_argument("--at", type=_instant, help="when the customer raised it (default: now)")
+    dispute.add_argument("--at", type=instant_arg, help="when the customer raised it (default: now)")
     dispute.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
     dispute.add_argument("--json", action="store_true")
     dispute.set_defaults(handler=_invoices_dispute)

@@ -51,6 +51,16 @@ def month_arg(text: str):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def instant_arg(text: str):
+    """An argparse type: a moment in ISO 8601, UTC-aware (a value without offset is taken as UTC)."""
+    from pipelines.accounts import parse_utc_datetime
+
+    try:
+        return parse_utc_datetime(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date-time, e.g. 2027-03-01T03:00:00Z") from None
+
+
 def print_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")

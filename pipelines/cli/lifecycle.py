@@ -7,17 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from pipelines.accounts import parse_utc_datetime
-from pipelines.cli.common import open_catalog, print_json, settings_from_env
+from pipelines.cli.common import instant_arg, open_catalog, print_json, settings_from_env
 
 POLICY_HELP = "lifecycle policy YAML (default: $POINTFLOW_LIFECYCLE_POLICY, else the one shipped with pointflow)"
-
-
-def _moment(text: str):
-    try:
-        return parse_utc_datetime(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date-time, e.g. 2027-03-01T03:00:00Z") from None
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -40,7 +32,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     run.add_argument(
         "--as-of",
-        type=_moment,
+        type=instant_arg,
         default=None,
         metavar="ISO_DATETIME",
         help="the moment to apply the rules at, e.g. 2027-03-01T03:00:00Z (no offset: UTC; default: now)",
