@@ -361,7 +361,7 @@ def _draw(
     side = Box(
         side_left,
         side_top,
-        width - margin - px(36) - side_left,  # room for half the last tick label
+        width - margin - px(24) - side_left,  # room for half the last tick label
         side_height,
         (mins[profile.along], maxs[profile.along]),
         (low - pad, high + pad),
