@@ -335,6 +335,7 @@ def _draw(
         font,
         left_margin,
         legend,
+        legend_height,
         px,
         save_png,
         scatter,
@@ -349,13 +350,24 @@ def _draw(
     # One scale for both map axes (metres are metres), as large as the map's space allows.
     map_left = margin + left_margin(map_height, extent[1])
     scale = min((map_width - map_left) / nx, map_height / ny)
-    plan = Box(map_left, map_top, max(round(nx * scale), 1), max(round(ny * scale), 1), *extent)
+    plan_width, plan_height = max(round(nx * scale), 1), max(round(ny * scale), 1)
+    total = sum(counts.values()) or 1
+    entries = [
+        (
+            colour_of(c),
+            f"{c} {ASPRS_CLASS_NAMES.get(c, 'other')}\n{n:,} point{'s' if n != 1 else ''} ({_share(n, total)})",
+        )
+        for c, n in counts.items()
+    ]
+    # The map's row: at least 3 inches (a thin strip's map gets room for its axis label) and the legend's height.
+    row_height = max(plan_height, px(3 * 72), legend_height(entries))
+    plan = Box(map_left, map_top + (row_height - plan_height) // 2, plan_width, plan_height, *extent)
 
     order = np.argsort(points[:, 2], kind="stable")  # ground first, so vegetation and roofs draw over it
     zs = points[order, 1]
     low, high = (float(zs.min()), float(zs.max())) if len(zs) else (0.0, 1.0)
     pad = 0.05 * (high - low) if high > low else 0.5  # a little air above and below, as a plot has
-    side_top = plan.bottom + BELOW_AXIS + px(16) + round(px(9) * 1.2) + px(6)
+    side_top = max(map_top + row_height, plan.bottom + BELOW_AXIS) + px(16) + round(px(9) * 1.2) + px(6)
     side_height = px(2.6 * 72) - px(40)
     side_left = margin + left_margin(side_height, (low - pad, high + pad))
     side = Box(
@@ -363,7 +375,11 @@ def _draw(
         side_top,
         width - margin - px(24) - side_left,  # room for half the last tick label
         side_height,
-        (mins[profile.along], maxs[profile.along]),
+        # Points that all share one position along the profile still get an axis one unit long.
+        (
+            mins[profile.along],
+            maxs[profile.along] if maxs[profile.along] > mins[profile.along] else mins[profile.along] + 1,
+        ),
         (low - pad, high + pad),
     )
     canvas = Image.new("RGB", (width, side.bottom + BELOW_AXIS + margin), WHITE)
@@ -391,9 +407,7 @@ def _draw(
     scatter(canvas, side, points[order, 0], zs, _rgb(points[order, 2].astype(np.uint8)), dot * DPI / 72)
     draw_axes(canvas, side, units.label(profile.along), units.label(2))
     across = units.axes[1 - profile.along]
-    exaggeration = ((maxs[profile.along] - mins[profile.along]) / side.width) / (
-        (side.ylim[1] - side.ylim[0]) / side.height
-    )
+    exaggeration = ((side.xlim[1] - side.xlim[0]) / side.width) / ((side.ylim[1] - side.ylim[0]) / side.height)
     vertical = f", vertical scale ×{exaggeration:.1f}" if exaggeration > 1.2 else ""
     draw.text(
         (side.left, side.top - px(6)),
@@ -404,14 +418,6 @@ def _draw(
         anchor="ld",
     )
 
-    total = sum(counts.values()) or 1
-    entries = [
-        (
-            colour_of(c),
-            f"{c} {ASPRS_CLASS_NAMES.get(c, 'other')}\n{n:,} point{'s' if n != 1 else ''} ({_share(n, total)})",
-        )
-        for c, n in counts.items()
-    ]
     legend(canvas, map_width + px(24), map_top, f"{total:,} points", entries)
     save_png(canvas, output)
 

@@ -61,17 +61,24 @@ class Box:
 
 
 def nice_ticks(low: float, high: float, length: int, horizontal: bool = True) -> np.ndarray:
-    """Round-number ticks (1, 2, 2.5 or 5 times a power of ten) at least 60 pixels apart (40 upwards), and on a
-    horizontal axis far enough apart for their labels not to touch."""
+    """Round-number ticks (1, 2, 2.5 or 5 times a power of ten) at least 60 pixels apart (40 upwards),
+    and on a horizontal axis far enough apart for their labels not to touch; on an axis too short
+    for two, one."""
     span = max(high - low, 1e-12)
     power = 10 ** np.floor(np.log10(span / max(length / 60, 1)))
+    candidates = []
     for step in (m * power * 10**k for k in range(3) for m in (1, 2, 2.5, 5)):
         ticks = np.arange(np.ceil(low / step - 1e-9) * step, high + step * 1e-9, step) + 0.0  # no "-0"
         room = length * step / span
-        needed = max(text_width(label, 10) for label in tick_labels(ticks)) + px(12) if horizontal else px(10) * 3
-        if room >= max(needed, 60 if horizontal else 40) or len(ticks) <= 2:
+        needed = (
+            max((text_width(label, 10) for label in tick_labels(ticks)), default=0) + px(12)
+            if horizontal
+            else px(10) * 3
+        )
+        if len(ticks) == 1 or (len(ticks) > 1 and room >= max(needed, 60 if horizontal else 40)):
             return ticks
-    return ticks
+        candidates.append(ticks)
+    return next((ticks[:1] for ticks in candidates if len(ticks)), np.array([(low + high) / 2]))
 
 
 def tick_labels(ticks: np.ndarray) -> list[str]:
@@ -163,23 +170,31 @@ def scatter(
     canvas.paste(fine.reduce(SUPERSAMPLE), (box.left, box.top))
 
 
-def legend(
-    canvas: Image.Image, left: int, top: int, title: str, entries: list[tuple[tuple[int, int, int], str]]
-) -> None:
+def _legend_rows(entries: list[tuple[str, str]]) -> tuple[int, int]:
+    """The lines of the tallest label, and the pixels from one entry's top to the next."""
+    lines = max((len(label.split("\n")) for _, label in entries), default=1)
+    return lines, round(lines * px(8) * 1.2 + px(8) * 0.9)
+
+
+def legend_height(entries: list[tuple[str, str]]) -> int:
+    return px(9) + px(9) + len(entries) * _legend_rows(entries)[1]
+
+
+def legend(canvas: Image.Image, left: int, top: int, title: str, entries: list[tuple[str, str]]) -> None:
     """A title over colour swatches ("#rrggbb"), each with its (two-line) label."""
     draw = ImageDraw.Draw(canvas)
     label_font, swatch = font(8), (px(16), px(5.6))
-    rows = max(len(label.split("\n")) for _, label in entries) if entries else 1
+    lines, pitch = _legend_rows(entries)
     widest = max((text_width(label, 8) for _, label in entries), default=0)
     draw.text((left + (swatch[0] + px(6.4) + widest) / 2, top), title, font=font(9), fill=BLACK, anchor="mt")
     y = top + px(9) + px(9)
     for colour, label in entries:
-        middle = y + rows * px(8) * 1.2 / 2
+        middle = y + lines * px(8) * 1.2 / 2
         draw.rectangle(
             (left, round(middle - swatch[1] / 2), left + swatch[0], round(middle + swatch[1] / 2)), fill=colour
         )
         draw.multiline_text((left + swatch[0] + px(6.4), y), label, font=label_font, fill=BLACK, spacing=px(1.6))
-        y += round(rows * px(8) * 1.2 + px(8) * 0.9)
+        y += pitch
 
 
 def save_png(canvas: Image.Image, output: Path) -> None:
