@@ -23,6 +23,7 @@ from pipelines.billing.periods import Period, add_months
 from pipelines.billing.usage import usage_daily
 from pipelines.catalog.models import Account, Job, JobState
 from pipelines.export import SAMPLE_NAME, export_prefix, read_manifest
+from pipelines.lifecycle.account_state import Action
 from pipelines.lifecycle.models import (
     LegalHold,
     LifecycleAction,
@@ -30,7 +31,7 @@ from pipelines.lifecycle.models import (
     Termination,
 )
 from pipelines.lifecycle.operations import HoldView, is_locked
-from pipelines.lifecycle.rules import Action, LifecycleRunError, run_lifecycle
+from pipelines.lifecycle.rules import LifecycleRunError, run_lifecycle
 from pipelines.preview import class_summary, colour_of
 from pipelines.runtime import Runtime
 

@@ -3,6 +3,7 @@ retention, trial ends, overdue notices; legal holds, export of all data, deletio
 
 - `policy`: the per-plan periods (YAML, `pipelines/data/lifecycle.yaml` by default)
 - `rules`: `run_lifecycle(runtime, as_of, dry_run) -> list[Action]`, what the nightly DAG runs
+- `account_state`: what the rules read of an account, and how they record, send and delete
 - `operations`: holds, termination, export-all, delete-on-request, `is_locked`
 - `deletion`: inventory (every version), audit entry, delete, list again
 - `notices`: the e-mails and their delivery records
@@ -10,6 +11,7 @@ retention, trial ends, overdue notices; legal holds, export of all data, deletio
 - `models`: the catalog tables
 """
 
+from pipelines.lifecycle.account_state import ACTIONS, Action
 from pipelines.lifecycle.operations import (
     LifecycleError,
     delete_account_data,
@@ -24,7 +26,7 @@ from pipelines.lifecycle.policy import (
     PolicyError,
     load_policy,
 )
-from pipelines.lifecycle.rules import ACTIONS, Action, LifecycleRunError, run_lifecycle
+from pipelines.lifecycle.rules import LifecycleRunError, run_lifecycle
 
 __all__ = [
     "ACTIONS",

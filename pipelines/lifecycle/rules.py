@@ -2,42 +2,34 @@
 
 Every rule reads its state from the catalog and records what it did, once per (account, action,
 subject), so successive runs with increasing `as_of` walk the timeline and a repeated run adds
-nothing. Clocks that depend on an e-mail start when the e-mail was really delivered.
+nothing. Clocks that depend on an e-mail start when the e-mail was really delivered. What the
+rules read of an account and how they record, send and delete is `account_state.AccountState`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, select, update
 
-from pipelines.billing.overdue import OverdueBalance, overdue_balances
+from pipelines.billing.overdue import overdue_balances
 from pipelines.billing.periods import add_months, start_of
 from pipelines.billing.pricebook import PriceBook, load_pricebook, plan_limits
-from pipelines.catalog.models import Account, Job, Plan, StoredFile, UsageEvent
+from pipelines.catalog.models import Account, Job, Plan, StoredFile
 from pipelines.errors import PointflowError
 from pipelines.lifecycle import notices
+from pipelines.lifecycle.account_state import AccountState, Action, RunContext, iso
 from pipelines.lifecycle.deletion import (
     DeletionIncomplete,
-    DeletionPlan,
     account_deletion_plan,
-    execute_deletion,
     forget_account_objects,
     plan_deletion,
 )
-from pipelines.lifecycle.models import (
-    LegalHold,
-    LifecycleAction,
-    LifecycleNotice,
-    Termination,
-)
-from pipelines.lifecycle.policy import LifecyclePolicy, PlanPolicy, load_policy
-from pipelines.notify import Message
+from pipelines.lifecycle.models import Termination
+from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
 from pipelines.scratch import job_folders
 from pipelines.storage import AccountArea
 
@@ -45,36 +37,6 @@ if TYPE_CHECKING:
     from pipelines.runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-ACTIONS = (
-    "inactivity_notice",
-    "inactivity_reminder",
-    "closure_averted",
-    "terminated",
-    "data_locked",
-    "data_deleted",
-    "api_results_deleted",
-    "trial_ended",
-    "overdue_notice",
-)
-
-
-@dataclass(frozen=True)
-class Action:
-    """One thing a run did (or, in a dry run, would do)."""
-
-    account_id: str
-    action: str
-    effective_at: datetime
-    detail: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "account_id": self.account_id,
-            "action": self.action,
-            "effective_at": iso(self.effective_at),
-            "detail": self.detail,
-        }
 
 
 class LifecycleRunError(PointflowError, RuntimeError):
@@ -84,10 +46,6 @@ class LifecycleRunError(PointflowError, RuntimeError):
         super().__init__("lifecycle run incomplete: " + "; ".join(failures))
         self.actions = actions
         self.failures = failures
-
-
-def iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.astimezone(UTC).isoformat()
 
 
 def run_lifecycle(
@@ -108,7 +66,7 @@ def run_lifecycle(
     if as_of.tzinfo is None:
         raise ValueError(f"as_of {as_of.isoformat()} must carry a time zone (UTC)")
     as_of = as_of.astimezone(UTC)
-    context = _Context(
+    context = RunContext(
         runtime=runtime,
         as_of=as_of,
         dry_run=dry_run,
@@ -125,7 +83,7 @@ def run_lifecycle(
         try:
             # A dry run changes nothing: it need not wait for a real run's deletions.
             with contextlib.nullcontext() if dry_run else runtime.catalog.lock(f"lifecycle:{account_id}"):
-                account_run = _AccountRun(context, account_id)
+                account_run = AccountRun(context, account_id)
                 account_run.run()
         except Exception as error:  # noqa: BLE001 - reported at the end; the other accounts go on
             log.error("lifecycle of account %s: %s", account_id, error)
@@ -137,54 +95,8 @@ def run_lifecycle(
     return actions
 
 
-@dataclass(frozen=True)
-class _Context:
-    runtime: Runtime
-    as_of: datetime
-    dry_run: bool
-    policy: LifecyclePolicy
-    pricebook: PriceBook
-    overdue: dict[str, OverdueBalance]
-
-
-class _AccountRun:
-    """The rules for one account. In a dry run, state changes stay in memory and nothing is sent."""
-
-    def __init__(self, context: _Context, account_id: str) -> None:
-        self.context = context
-        self.as_of = context.as_of
-        self.dry_run = context.dry_run
-        self.actions: list[Action] = []
-        catalog = context.runtime.catalog
-        with catalog.session() as session:
-            self.account = session.get(Account, account_id)
-            latest_event = session.scalar(
-                select(func.max(UsageEvent.occurred_at)).where(
-                    UsageEvent.account_id == account_id, UsageEvent.kind == "login"
-                )
-            )
-            self.termination = session.get(Termination, account_id)
-            self.hold = session.scalars(
-                select(LegalHold)
-                .where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None))
-                .order_by(LegalHold.id)
-            ).first()
-            self.notices = {
-                n.key: n
-                for n in session.scalars(select(LifecycleNotice).where(LifecycleNotice.account_id == account_id))
-            }
-            self.done = set(
-                session.execute(
-                    select(LifecycleAction.action, LifecycleAction.subject).where(
-                        LifecycleAction.account_id == account_id
-                    )
-                ).all()
-            )
-            session.expunge_all()
-        # Logins come from account imports (last_login_at) and from login usage events: the latest counts.
-        logins = [t for t in (self.account.last_login_at, latest_event) if t is not None]
-        self.last_login = max(logins) if logins else None
-        self.plan_policy: PlanPolicy = context.policy.for_plan(self.account.plan)
+class AccountRun(AccountState):
+    """The rules for one account, in the order a run applies them."""
 
     def run(self) -> None:
         if self.termination is None:
@@ -198,51 +110,6 @@ class _AccountRun:
             self._api_results()
         if self.termination is None or self.as_of < self.termination.effective_at:
             self._overdue()
-
-    # -- recording -------------------------------------------------------------------------
-
-    def _emit(self, action: str, subject: str, effective_at: datetime, detail: dict[str, Any]) -> None:
-        """Record and report the action once; a concurrent run that recorded it first reports it."""
-        if (action, subject) in self.done:
-            return
-        self.done.add((action, subject))
-        if not self.dry_run:
-            try:
-                with self.context.runtime.catalog.session() as session:
-                    session.add(
-                        LifecycleAction(
-                            account_id=self.account.account_id,
-                            action=action,
-                            subject=subject,
-                            effective_at=effective_at,
-                            as_of=self.as_of,
-                            detail=detail,
-                        )
-                    )
-            except IntegrityError:
-                return
-        self.actions.append(Action(self.account.account_id, action, effective_at, detail))
-
-    def _notify(self, message: Message, detail: dict[str, Any]) -> LifecycleNotice | None:
-        known = self.notices.get(message.key)
-        if known is not None:
-            return known
-        if self.dry_run:
-            notice = LifecycleNotice(
-                key=message.key, kind=message.kind, sent_at=self.as_of, message_id=None, detail=detail
-            )
-        else:
-            notice = notices.deliver(self.context.runtime, message, self.as_of, detail)
-        if notice is not None:
-            self.notices[message.key] = notice
-        return notice
-
-    def _save_termination(self) -> None:
-        if not self.dry_run:
-            with self.context.runtime.catalog.session() as session:
-                session.merge(self.termination)
-
-    # -- rules -----------------------------------------------------------------------------
 
     def _trial(self) -> None:
         if self.account.plan != Plan.TRIAL.value:
@@ -386,38 +253,6 @@ class _AccountRun:
             termination.deleted_at = self.as_of
             self._save_termination()
         self._emit("data_deleted", "account", self.as_of, detail)
-
-    def _blocked(self, action: str, subject: str, due_at: datetime) -> bool:
-        """A legal hold stops every deletion; reported once per hold and subject."""
-        if self.hold is None:
-            return False
-        self._emit(
-            action,
-            f"blocked:hold-{self.hold.id}:{subject}",
-            self.as_of,
-            {
-                "status": "blocked",
-                "reason": f"legal hold: {self.hold.reason}",
-                "hold_placed_at": iso(self.hold.placed_at),
-                "due_at": iso(due_at),
-            },
-        )
-        return True
-
-    def _delete(self, plan: DeletionPlan, rule: str, subject: str, due_at: datetime) -> dict[str, Any]:
-        detail = {
-            "status": "dry_run" if self.dry_run else "deleted",
-            "rule": rule,
-            "due_at": iso(due_at),
-            **plan.summary(),
-        }
-        if not self.dry_run:
-            runtime = self.context.runtime
-            audit = execute_deletion(
-                runtime.catalog, runtime.store, plan, self.account.account_id, rule, subject, self.as_of
-            )
-            detail["audit_id"] = audit.id
-        return detail
 
     def _api_results(self) -> None:
         account_id = self.account.account_id
