@@ -124,3 +124,32 @@ def test_one_read_makes_both_previews_as_separate_reads_do(tmp_path: Path) -> No
     assert (tmp_path / "both.png").read_bytes() == (tmp_path / "map.png").read_bytes()
     assert (tmp_path / "both.ply").read_bytes() == (tmp_path / "sample.ply").read_bytes()
     assert frame == file_frame(source)
+
+
+def _points_file(path: Path, x: np.ndarray, y: np.ndarray, z: np.ndarray, classes: np.ndarray) -> Path:
+    header = laspy.LasHeader(point_format=6, version="1.4")
+    header.scales, header.offsets = np.array([0.01, 0.01, 0.01]), np.array([np.floor(x.min()), np.floor(y.min()), 0.0])
+    header.add_crs(pyproj.CRS.from_epsg(32632))
+    data = laspy.LasData(header)
+    data.x, data.y, data.z, data.classification = x, y, z, classes
+    data.write(path)
+    return path
+
+
+@pytest.mark.parametrize("shape", ["one point", "thin strip"])
+def test_previews_of_odd_shapes_show_every_class(shape: str, tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    if shape == "one point":
+        x, y, z, classes = np.array([500_000.0]), np.array([5_400_000.0]), np.array([10.0]), np.array([6])
+    else:
+        # 2,000 m by 3 m: the map is a line, its axis labels and the legend still need their room.
+        n = 20_000
+        x, y, z = 500_000 + rng.uniform(0, 2000, n), 5_400_000 + rng.uniform(0, 3, n), rng.uniform(0, 5, n)
+        classes = rng.choice([2, 5, 6, 9, 17, 18], n)
+    source = _points_file(tmp_path / "odd.las", x, y, z, classes.astype(np.uint8))
+    write_previews(source, tmp_path / "odd.png", tmp_path / "odd.ply", "odd.las: classes")
+    image = np.asarray(Image.open(tmp_path / "odd.png").convert("RGB")).reshape(-1, 3).astype(int)
+    for cls in np.unique(classes):
+        colour = np.array([int(CLASS_COLOURS[int(cls)][i : i + 2], 16) for i in (1, 3, 5)])
+        assert (np.abs(image - colour).sum(axis=1) < 12).sum() >= 50, cls
+    assert len(read_ply(tmp_path / "odd.ply")[1]) == len(classes)
