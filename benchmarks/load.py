@@ -27,7 +27,8 @@ from pipelines.accounts import AccountRecord, upsert_accounts
 from pipelines.catalog import Catalog
 from pointflow_dev.batch import BatchReport, run_batch
 from pointflow_dev.scene import make_scene, write_scene
-from pointflow_dev.stack import LocalStack, StackPlan, drop_databases, free_port
+from pointflow_dev.stack import LocalStack
+from pointflow_dev.stack_plan import StackPlan, drop_databases, free_port
 
 ACCOUNT = AccountRecord(
     "loadtest", "Load Test Surveying", "ops@loadtest.example", "DE", "professional", date(2026, 1, 1)

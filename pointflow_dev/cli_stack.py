@@ -37,7 +37,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from pointflow_dev.stack import LocalStack, StackPlan
+    from pointflow_dev.stack import LocalStack
+    from pointflow_dev.stack_plan import StackPlan
 
     if args.workers < 1:
         raise CommandError("--workers must be at least 1")

@@ -18,7 +18,7 @@ from pipelines.airflow_local import DAGS_FOLDER, PLUGINS_FOLDER
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from pointflow_dev.scene import make_scene, write_scene
-from pointflow_dev.stack import free_port
+from pointflow_dev.stack_plan import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

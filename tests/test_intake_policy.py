@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from pipelines.intake import customer_policy
-from pointflow_dev.stack import free_port
+from pointflow_dev.stack_plan import free_port
 from tests.conftest import stop_processes
 
 # The requests moto serves before it enforces IAM: the set-up below, made with the admin's keys.

@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 
 from pipelines.notify import send_email
 from pipelines.settings import Settings, SettingsError
-from pointflow_dev.stack import free_port
+from pointflow_dev.stack_plan import free_port
 
 # Letter pairs that appear nowhere else in the messages: a leak of any part of the password shows.
 PASSWORD_PARTS = ("Zq", "Wk", "Vp", "Jm", "Xb")

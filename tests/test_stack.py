@@ -14,7 +14,8 @@ from pipelines.accounts import upsert_accounts
 from pipelines.catalog import Catalog
 from pointflow_dev.batch import run_batch
 from pointflow_dev.scene import make_scene, write_scene
-from pointflow_dev.stack import LocalStack, StackPlan, drop_databases, free_port
+from pointflow_dev.stack import LocalStack
+from pointflow_dev.stack_plan import StackPlan, drop_databases, free_port
 from tests.conftest import POSTGRES_ADMIN_URL, _postgres_reachable, make_account
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
