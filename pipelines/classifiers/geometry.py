@@ -16,10 +16,13 @@ def window_sums(grid: Grid, flat: np.ndarray, weights: list[np.ndarray | None], 
     """Per-cell sums of each weight (None: count) over the window x window cell neighbourhood;
     one array per weight, indexed by flat cell index."""
     size = grid.nx * grid.ny
-    stack = np.empty((len(weights), grid.ny, grid.nx))
-    for layer, w in zip(stack, weights, strict=True):
-        layer.ravel()[:] = np.bincount(flat, w, minlength=size)
-    return list(box_sum(stack, window).reshape(len(weights), size))
+    # Summed one raster at a time, not as one stack: a stack of ten 1 M cell rasters is a single
+    # array above malloc's mmap threshold (pipelines/data/dask-local.yaml), mapped afresh and
+    # zeroed by the kernel page by page on every call (with its sums, a tenth of a tile's CPU),
+    # where rasters under the threshold reuse the heap's pages. The same sums, the same bits.
+    # Counts (no weight) come as integers: summed as floats, as the other layers.
+    layers = (np.asarray(np.bincount(flat, w, minlength=size), dtype=np.float64) for w in weights)
+    return [box_sum(layer.reshape(1, grid.ny, grid.nx), window).ravel() for layer in layers]
 
 
 def window_counts(grid: Grid, layers: list[tuple[np.ndarray, np.ndarray | None]], window: int) -> list[np.ndarray]:

@@ -36,7 +36,7 @@ from .base import (
     PointBlock,
 )
 from .geometry import LocalPlanes, local_planes, window_counts
-from .grid import Grid, close_and_fill
+from .grid import Grid, close_and_fill, within_reach
 from .ground import GroundModel, GroundParams, ground_model
 
 
@@ -270,21 +270,19 @@ def walls_and_eaves(
     if not building.any():
         return np.zeros(raised.size, dtype=bool)
     z = model.height[raised]
-    small, _, large = planes.eigenvalues
-    flat_scatter = np.nan_to_num(small / np.maximum(large, 1e-12), nan=1.0) <= params.wall_max_scatter
     occupied = np.zeros(grid.nx * grid.ny, dtype=bool)
     occupied[flat_raised[building]] = True
-    distance = ndimage.distance_transform_edt(~occupied.reshape(grid.shape)).ravel() * grid.cell
+    near = within_reach(occupied.reshape(grid.shape), params.wall_reach, grid.cell).ravel()
     roof = np.full(grid.nx * grid.ny, -np.inf)
     np.maximum.at(roof, flat_raised[building], z[building])
     reach = int(np.ceil(params.wall_reach / grid.cell))
     roof_beside = ndimage.maximum_filter(roof.reshape(grid.shape), size=2 * reach + 1).ravel()
-    return (
-        ~building
-        & (distance[flat_raised] <= params.wall_reach)
-        & flat_scatter[flat_raised]
-        & (z <= roof_beside[flat_raised] + params.plane_tolerance)
-    )
+    result = ~building & near[flat_raised] & (z <= roof_beside[flat_raised] + params.plane_tolerance)
+    # The scattering only where the rest holds: a few cells, not the whole raster.
+    cells = flat_raised[result]
+    small, large = planes.eigenvalues[0, cells], planes.eigenvalues[2, cells]
+    result[result] = np.nan_to_num(small / np.maximum(large, 1e-12), nan=1.0) <= params.wall_max_scatter
+    return result
 
 
 def roof_extension(
@@ -322,9 +320,11 @@ def isolated_high(block: PointBlock, model: GroundModel, params: StandardParams)
         return result
     # Sparse data needs larger voxels to count the same neighbours.
     v = max(params.noise_voxel, 3.0 * model.spacing)
-    # Every point that can fall in the 3x3x3 voxels around a candidate counts as a neighbour.
+    # Voxel layers start at `low`, so a candidate lies in the third layer or above; only points
+    # from the second layer up can fall in the 3x3x3 voxels around one. (The lower points, mostly
+    # ground, were counted too, into voxels no candidate looks at.)
     low = params.noise_min_height - 2 * v
-    near = np.flatnonzero(h >= low)
+    near = np.flatnonzero(h >= low + v)
     # Voxels aligned to absolute multiples of v so tiles and untiled runs share them; heights
     # are capped so one absurd outlier cannot blow up the dense voxel array (anything that high
     # sits alone in the top layer and is isolated anyway).
