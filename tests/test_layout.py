@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-IGNORED = {"build", "node_modules"}
+# Made by builds and tests, and ignored by git (test-artifacts: the UI test's screenshots): not the layout.
+IGNORED = {"build", "node_modules", "test-artifacts"}
 
 
 def _layout_rows() -> dict[str, str]:
