@@ -70,6 +70,8 @@ class StandardParams:
     roof_growth: raised points up to this far beyond a roof segment that lie on its plane (within
         roof_growth_tolerance) are building.
     wall_reach, wall_max_scatter: see `walls_and_eaves`.
+    last_return_cell_factor, last_return_max_ground_fraction, last_return_segment_fraction: roofs
+        among split pulses, see `roofs_from_last_returns` (a factor of 0 switches the pass off).
     neighbourhood_points: expected number of points in the 3x3-cell neighbourhood of the plane
         fit; sets the feature cell from the point density (power of two, clamped to
         [min_feature_cell, max_feature_cell]).
@@ -108,6 +110,9 @@ class StandardParams:
     roof_growth_tolerance: float = 0.3
     wall_reach: float = 1.5
     wall_max_scatter: float = 0.005
+    last_return_cell_factor: float = 2.0
+    last_return_max_ground_fraction: float = 0.4
+    last_return_segment_fraction: float = 0.6
 
 
 def feature_cell(model: GroundModel, params: StandardParams) -> float:
@@ -133,6 +138,8 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
        walls) is building, except margin points high above the roof beside them, and so are the
        points beyond that lie on a roof's plane extended (`roof_extension`) or on walls and lower
        roofs beside it (`walls_and_eaves`).
+    5. Roofs the votes miss because many of their pulses split (trees over or beside them) are
+       found from the last returns alone (`roofs_from_last_returns`).
     """
     result = np.zeros(len(block), dtype=bool)
     raised = np.flatnonzero(~model.is_ground & (model.height >= params.low_vegetation_max))
@@ -212,6 +219,69 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
     result[raised[in_margin]] = True
     result[raised[high[roof_extension(grid, planes, planar_cell & keep[labels].ravel(), flat, x, y, z, params)]]] = True
     result[raised[walls_and_eaves(model, grid, planes, raised, flat_raised, result[raised], params)]] = True
+    if params.last_return_cell_factor > 0:
+        result |= roofs_from_last_returns(block, model, grid.cell * params.last_return_cell_factor, result, params)
+    return result
+
+
+def roofs_from_last_returns(
+    block: PointBlock, model: GroundModel, cell: float, building: np.ndarray, params: StandardParams
+) -> np.ndarray:
+    """Roof points among split pulses, found from the last returns alone.
+
+    Where trees stand over or beside a roof, or on small low roofs whose edges split the laser
+    footprint, many of the roof's pulses are multi-returns, so the roof votes of `building_mask`
+    (few multi-returns) fail.  The pulses' last returns still stop on the roof: fitted alone (on
+    cells `last_return_cell_factor` times the feature cell, since only some pulses reach it) they lie
+    on a plane, with few ground returns among them (through a crown most last returns are
+    ground: at most `last_return_max_ground_fraction`).  Segments of such cells holding at least
+    `last_return_segment_fraction` on-plane last returns, as large as `building_min_area` and as high
+    on average as `planar_min_mean_height`, are building, their on-plane points only: the crown
+    above stays vegetation.  Smaller segments are not: trimmed hedges pass the plane test too.
+    """
+    result = np.zeros(len(block), dtype=bool)
+    if block.number_of_returns is None or block.return_number is None:
+        return result
+    last = np.flatnonzero(
+        (block.return_number >= block.number_of_returns)
+        & ~model.is_ground
+        & ~building
+        & (model.height >= params.building_min_height)
+    )
+    if last.size < 4:
+        return result
+    grid = Grid.covering(block.x, block.y, cell)
+    flat = grid.flat_index(block.x[last], block.y[last])
+    x, y, z = block.x[last] - grid.x0, block.y[last] - grid.y0, model.height[last]
+    planes = local_planes(grid, flat, x, y, z, min_points=4)
+    planar_cell = (planes.eigenvalues[0] < params.plane_tolerance**2) & (
+        planes.eigenvalues[1] > (0.25 * grid.cell) ** 2
+    )
+    normal, mean = np.take(planes.normal, flat, axis=1), np.take(planes.mean, flat, axis=1)
+    distance = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1]) + normal[2] * (z - mean[2]))
+    on_plane = planar_cell[flat] & (distance <= 2.0 * params.plane_tolerance)
+    window = 2 * max(1, int(round(params.vote_radius / grid.cell))) + 1
+    ground = np.flatnonzero(model.is_ground)
+    votes, voters, n_ground = window_counts(
+        grid,
+        [(flat, on_plane.astype(np.float32)), (flat, None), (grid.flat_index(block.x[ground], block.y[ground]), None)],
+        window,
+    )
+    roof = (votes >= params.min_planar_fraction * np.maximum(voters, 1)) & (
+        n_ground <= params.last_return_max_ground_fraction * (n_ground + voters)
+    )
+    # The window sums already join the sparse last returns into areas: no per-point mask here.
+    labels, count = ndimage.label(close_and_fill(roof.reshape(grid.shape)), structure=np.ones((3, 3), dtype=bool))
+    segment = labels.ravel()[flat]
+    area = np.bincount(labels.ravel(), minlength=count + 1) * cell**2
+    n = np.bincount(segment, minlength=count + 1)
+    planar = np.bincount(segment[on_plane], minlength=count + 1) >= params.last_return_segment_fraction * np.maximum(
+        n, 1
+    )
+    mean_height = np.bincount(segment, z, minlength=count + 1) / np.maximum(n, 1)
+    keep = planar & (area >= params.building_min_area) & (mean_height >= params.planar_min_mean_height)
+    keep[0] = False
+    result[last[keep[segment] & on_plane]] = True
     return result
 
 
@@ -346,7 +416,7 @@ class StandardClassifier:
     """Ground 2, vegetation 3/4/5, building 6, low noise 7, high noise 18."""
 
     name = "standard"
-    version = "2.2.0"
+    version = "2.3.0"
 
     def __init__(self, params: StandardParams | None = None) -> None:
         self._params = params or StandardParams()
