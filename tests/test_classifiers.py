@@ -20,6 +20,8 @@ from pipelines.classifiers import (
 from pipelines.classifiers.features import FEATURE_NAMES, point_features
 from pipelines.classifiers.standard import StandardClassifier
 from pipelines.classifiers.trained import (
+    EARLY_STAGES,
+    EARLY_TOLERANCE,
     FORMAT,
     STANDARD_COLUMN,
     TrainedClassifier,
@@ -382,6 +384,7 @@ def test_the_cascade_is_kept_in_the_signed_file_and_older_files_walk_every_tree(
 ) -> None:
     block, _ = ign
     assert model.cascade, "training chooses early decisions on its held-out blocks"
+    assert (model.params["early_tolerance"], model.params["early_stages"]) == (EARLY_TOLERANCE, EARLY_STAGES)
     assert TrainedModel.from_bytes(model.to_bytes(key=b"k"), key=b"k").cascade == model.cascade
     # A file written before the cascade existed: its header has no "cascade".
     data = dataclasses.replace(model, cascade=[]).to_bytes()

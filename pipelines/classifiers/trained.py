@@ -452,6 +452,9 @@ def train(
     held_index = np.flatnonzero(is_held)
     model.cascade = choose_cascade(model.booster, x[held_index], model.head_start(x[held_index, STANDARD_COLUMN]))
     model.params["cascade"] = [list(stage) for stage in model.cascade]
+    # How the stages were chosen, so that a model's early decisions can be told apart and redone.
+    model.params["early_tolerance"] = EARLY_TOLERANCE
+    model.params["early_stages"] = EARLY_STAGES
     standard = translate(x[held_index, STANDARD_COLUMN], table)
     model.evaluation = {
         **evaluate(y[held_index], model.predict_features(x[held_index]), standard),
