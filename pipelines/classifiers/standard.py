@@ -373,13 +373,21 @@ def roof_extension(
     """
     if not roof_cells.any():
         return np.zeros(flat.size, dtype=bool)
-    distance, (rows, cols) = ndimage.distance_transform_edt(~roof_cells.reshape(grid.shape), return_indices=True)
-    reach = params.roof_growth / grid.cell
-    near = distance.ravel()[flat] <= reach
-    nearest = (rows.ravel() * grid.nx + cols.ravel())[flat]
+    # The nearest roof cell of every cell; its distance only at the points' cells, computed as
+    # distance_transform_edt computes it for every cell (the same float operations).
+    rows, cols = ndimage.distance_transform_edt(
+        ~roof_cells.reshape(grid.shape), return_distances=False, return_indices=True
+    )
+    nearest_row, nearest_col = rows.ravel()[flat], cols.ravel()[flat]
+    row, col = np.divmod(flat, grid.nx)
+    distance = np.sqrt((nearest_row - row).astype(np.float64) ** 2 + (nearest_col - col).astype(np.float64) ** 2)
+    near = np.flatnonzero(distance <= params.roof_growth / grid.cell)
+    nearest = nearest_row[near] * grid.nx + nearest_col[near]
     normal, mean = np.take(planes.normal, nearest, axis=1), np.take(planes.mean, nearest, axis=1)
-    offset = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1]) + normal[2] * (z - mean[2]))
-    return near & (offset <= params.roof_growth_tolerance)
+    offset = np.abs(normal[0] * (x[near] - mean[0]) + normal[1] * (y[near] - mean[1]) + normal[2] * (z[near] - mean[2]))
+    result = np.zeros(flat.size, dtype=bool)
+    result[near[offset <= params.roof_growth_tolerance]] = True
+    return result
 
 
 def isolated_high(block: PointBlock, model: GroundModel, params: StandardParams) -> np.ndarray:
