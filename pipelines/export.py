@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -33,7 +33,7 @@ from pipelines.preview import (
 from pipelines.storage import AccountArea, ObjectStore, file_sha256
 
 if TYPE_CHECKING:
-    from pipelines.steps.record import JobRecord
+    from pipelines.steps.record import JobRecord, JobSummary
 
 MANIFEST_NAME = "manifest.json"
 EXPORT_FORMATS = ("laz", "las", "copc")
@@ -134,12 +134,12 @@ def build_manifest(
     job: JobRecord,
     input_file: dict[str, Any],
     artifacts: list[dict[str, Any]],
-    summary: dict[str, Any],
+    summary: JobSummary,
     coordinates: CoordinateFrame,
     created_at: datetime,
 ) -> dict[str, Any]:
     """Everything needed to trace a result: what came in, what went out, and what classified it."""
-    counts = {str(k): v for k, v in sorted(summary["class_counts"].items(), key=lambda kv: int(kv[0]))}
+    counts = {str(k): v for k, v in sorted(summary.class_counts.items(), key=lambda kv: int(kv[0]))}
     return {
         "manifest_version": 2,
         "created_at": created_at.isoformat(),
@@ -151,21 +151,21 @@ def build_manifest(
         # The CRS and the unit of x, y and z (pipelines.units), as the file states them.
         "coordinates": coordinates.to_dict(),
         "classifier": {
-            "name": summary["classifier"],
-            "version": summary["classifier_version"],
-            "params": summary["classifier_params"],
+            "name": summary.classifier,
+            "version": summary.classifier_version,
+            "params": summary.classifier_params,
         },
-        "points": {"input": summary["input_points"], "output": summary["output_points"]},
+        "points": {"input": summary.input_points, "output": summary.output_points},
         "class_counts": counts,
         "class_names": {k: ASPRS_CLASS_NAMES.get(int(k), "other") for k in counts},
         "tiling": {
-            "tiles": summary["tiles"],
-            "tile_size_m": summary["tile_size"],
-            "buffer_m": summary["tile_buffer"],
-            "workers": summary["workers"],
+            "tiles": summary.tiles,
+            "tile_size_m": summary.tile_size,
+            "buffer_m": summary.tile_buffer,
+            "workers": summary.workers,
         },
-        "timings_s": summary["timings"],
-        "validation": summary.get("validation", {}),
+        "timings_s": summary.timings,
+        "validation": asdict(summary.validation) if summary.validation else {},
         "artifacts": artifacts,
     }
 

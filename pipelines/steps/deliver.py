@@ -54,7 +54,7 @@ def deliver_step(runtime: Runtime, job_id: str) -> JobRecord:
         terms.downloads,
         expires_at,
     )
-    summary = job.summary
+    summary = job.figures
     mail = render_mail(
         "mail/export_ready.txt.j2",
         name=account.name,

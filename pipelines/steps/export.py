@@ -51,7 +51,7 @@ def export_step(runtime: Runtime, job_id: str, export_format: str = "laz") -> Jo
             job.account_id,
             job_id,
             artifacts,
-            lambda described: build_manifest(job, input_file, described, job.summary, coordinates, utcnow()),
+            lambda described: build_manifest(job, input_file, described, job.figures, coordinates, utcnow()),
         )
     with runtime.catalog.session() as session:
         record = job_row(session, job_id)

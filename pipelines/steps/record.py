@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -67,6 +67,49 @@ def stored_file(session, job: Job) -> StoredFile:
     return session.get(StoredFile, job.file_id)
 
 
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a stored summary that `cls` has a field for (a catalog may hold older ones)."""
+    names = {f.name for f in fields(cls)}
+    return {key: value for key, value in data.items() if key in names}
+
+
+@dataclass(frozen=True)
+class ValidationSummary:
+    """What validation found, as the job's summary and the manifest give it."""
+
+    mode: str
+    points_checked: int
+    warnings: list[str]
+    report_key: str | None = None  # jobs validated before 9970d29 have none
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """A job's `summary` JSON, typed: validation's figures once validated, the classification's
+    once classified (None until then). The class counts keep JSON's string keys, as the manifest."""
+
+    validation: ValidationSummary | None = None
+    input_points: int | None = None
+    output_points: int | None = None
+    class_counts: dict[str, int] = field(default_factory=dict)
+    classifier: str | None = None
+    classifier_version: str | None = None
+    classifier_params: dict[str, Any] | None = None
+    tiles: int | None = None
+    tile_size: float | None = None
+    tile_buffer: float | None = None
+    sparse_points: int | None = None
+    workers: int | None = None
+    units: dict[str, Any] | None = None
+    timings: dict[str, float] | None = None
+
+    @classmethod
+    def of(cls, summary: dict[str, Any] | None) -> JobSummary:
+        data = _known(cls, summary or {})
+        validation = data.pop("validation", None)
+        return cls(ValidationSummary(**_known(ValidationSummary, validation)) if validation else None, **data)
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """A job as the catalog holds it, read in one transaction: what every step returns."""
@@ -83,7 +126,8 @@ class JobRecord:
     classified_key: str | None
     export_prefix: str | None
     report_key: str | None
-    # Classification figures and validation warnings, as the manifest reports them (JSON in the catalog).
+    # Classification figures and validation warnings as the catalog stores them (JSON), which
+    # `--json` prints; the steps read them typed (`figures`).
     summary: dict[str, Any] | None
     error: str | None
     created_at: datetime
@@ -95,9 +139,14 @@ class JobRecord:
         return cls(**{field.name: getattr(row, field.name) for field in fields(cls)})
 
     @property
+    def figures(self) -> JobSummary:
+        """The summary, typed."""
+        return JobSummary.of(self.summary)
+
+    @property
     def class_counts(self) -> dict[int, int]:
         """Points per ASPRS class once classified (the summary keeps JSON's string keys)."""
-        return {int(code): points for code, points in (self.summary or {}).get("class_counts", {}).items()}
+        return {int(code): points for code, points in self.figures.class_counts.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """The record as `--json` prints it: one key per catalog column."""
