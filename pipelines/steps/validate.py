@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 from pipelines.accounts import get_account
 from pipelines.catalog.models import FileState, JobState
@@ -10,7 +11,15 @@ from pipelines.customer_text import render_mail
 from pipelines.notify import DeliveryError, Message
 from pipelines.runtime import Runtime
 from pipelines.sources import readable_path
-from pipelines.steps.record import JobRecord, ValidationFailed, job_row, job_view, set_state, stored_file
+from pipelines.steps.record import (
+    JobRecord,
+    ValidationFailed,
+    ValidationSummary,
+    job_row,
+    job_view,
+    set_state,
+    stored_file,
+)
 from pipelines.storage import LINK_LIFETIME, AccountArea
 from pipelines.validate import ValidationReport, validate_file
 
@@ -55,14 +64,9 @@ def validate_step(runtime: Runtime, job_id: str) -> JobRecord:
         with runtime.catalog.session() as session:
             job = job_row(session, job_id)
             job.report_key = report_key
-            job.summary = {
-                "validation": {
-                    "mode": report.mode,
-                    "points_checked": report.points_checked,
-                    "warnings": [w.explain for w in report.warnings],
-                    "report_key": report_key,
-                }
-            }
+            warnings = [w.explain for w in report.warnings]
+            validation = ValidationSummary(report.mode, report.points_checked, warnings, report_key)
+            job.summary = {"validation": asdict(validation)}
             stored_file(session, job).state = FileState.VALIDATED.value
             set_state(job, JobState.VALIDATED)
         return job_view(runtime, job_id)
