@@ -4,7 +4,7 @@ Run from the repository root:  python -m benchmarks.building [--data DIR]
 
 Only two sources label buildings (IGN, AHN3), so each is held out in turn and the candidate is
 chosen on the other.  A candidate is a set of values of the building rules that standard 2.2.0
-and 2.3.0 added (GRID); the reference is the same classifier with those rules switched off
+and later added (GRID); the reference is the same classifier with those rules switched off
 (standard 2.1.0's behaviour).  A candidate is eligible only if no file of the tuning sources loses more than
 MAX_LOSS building F1 against the reference (a rule that helps two files and costs another is a
 loss on data we do not have); among the eligible, the one with the highest mean over sources of
@@ -34,15 +34,17 @@ GRID: dict[str, tuple[float, ...]] = {
     "planar_min_area": (5.0, 8.0, 10.0),
     "planar_min_mean_height": (2.0, 2.5),
     "last_return_cell_factor": (0.0, 2.0),
+    "last_return_under_crown": (0.5, math.inf),
 }
 # The rules switched off: no margin cut, the planar floors equal to the plain ones, no last-return
-# pass (standard 2.3.0's roofs among split pulses).
+# pass (standard 2.3.0's roofs among split pulses) and no smaller floor under crowns (2.4.0).
 REFERENCE = {
     "margin_above_roof": math.inf,
     "planar_segment_fraction": 0.8,
     "planar_min_area": 10.0,
     "planar_min_mean_height": 2.5,
     "last_return_cell_factor": 0.0,
+    "last_return_under_crown": math.inf,
 }
 
 

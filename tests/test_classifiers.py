@@ -620,6 +620,23 @@ def test_a_roof_among_split_pulses_is_building_from_its_last_returns() -> None:
     assert f1(labels == 6, classes == 6) > f1(labels == 6, without == 6) + 0.005
 
 
+def test_a_small_roof_seen_through_a_crown_is_building() -> None:
+    """Beside the flat-field shed a second structure (under 10 m^2 of planar last-return cells) lies
+    under trees: most of its points end multi-return pulses.  Seen through the crown it passes the
+    smaller floor; a segment of single echoes that small (a trimmed hedge) would not."""
+    block, labels = load("corpus/IGN_flatfield_strip.laz")
+    shed = labels == 6
+    cx, cy = block.x[shed].mean(), block.y[shed].mean()
+    keep = np.flatnonzero((np.abs(block.x - cx) < 25) & (np.abs(block.y - cy) < 25))
+    block, labels = subset(block, keep), labels[keep]
+    classes = get_classifier("standard").classify(block)
+    open_only = get_classifier("standard", {"last_return_under_crown": 2.0}).classify(block)
+    added = (classes == 6) & (open_only != 6)
+    assert np.count_nonzero(added) > 60
+    assert np.mean(labels[added] == 6) > 0.9
+    assert f1(labels == 6, classes == 6) > f1(labels == 6, open_only == 6) + 0.05
+
+
 def test_the_standard_version_is_kept_in_the_signed_file_and_another_one_still_predicts(
     ign: tuple[PointBlock, np.ndarray], model: TrainedModel
 ) -> None:

@@ -70,8 +70,9 @@ class StandardParams:
     roof_growth: raised points up to this far beyond a roof segment that lie on its plane (within
         roof_growth_tolerance) are building.
     wall_reach, wall_max_scatter: see `walls_and_eaves`.
-    last_return_cell_factor, last_return_max_ground_fraction, last_return_segment_fraction: roofs
-        among split pulses, see `roofs_from_last_returns` (a factor of 0 switches the pass off).
+    last_return_cell_factor, last_return_max_ground_fraction, last_return_segment_fraction,
+    last_return_under_crown: roofs among split pulses, see `roofs_from_last_returns` (a factor of 0
+        switches the pass off, an under-crown share above 1 the smaller segments).
     neighbourhood_points: expected number of points in the 3x3-cell neighbourhood of the plane
         fit; sets the feature cell from the point density (power of two, clamped to
         [min_feature_cell, max_feature_cell]).
@@ -113,6 +114,7 @@ class StandardParams:
     last_return_cell_factor: float = 2.0
     last_return_max_ground_fraction: float = 0.4
     last_return_segment_fraction: float = 0.6
+    last_return_under_crown: float = 0.5
 
 
 def feature_cell(model: GroundModel, params: StandardParams) -> float:
@@ -237,7 +239,9 @@ def roofs_from_last_returns(
     ground: at most `last_return_max_ground_fraction`).  Segments of such cells holding at least
     `last_return_segment_fraction` on-plane last returns, as large as `building_min_area` and as high
     on average as `planar_min_mean_height`, are building, their on-plane points only: the crown
-    above stays vegetation.  Smaller segments are not: trimmed hedges pass the plane test too.
+    above stays vegetation.  A segment down to `planar_min_area` passes too when at least
+    `last_return_under_crown` of its last returns end multi-return pulses (a roof seen through a
+    crown); trimmed hedges, also planar and small, return single echoes.
     """
     result = np.zeros(len(block), dtype=bool)
     if block.number_of_returns is None or block.return_number is None:
@@ -279,7 +283,12 @@ def roofs_from_last_returns(
         n, 1
     )
     mean_height = np.bincount(segment, z, minlength=count + 1) / np.maximum(n, 1)
-    keep = planar & (area >= params.building_min_area) & (mean_height >= params.planar_min_mean_height)
+    # Smaller segments only when seen through a crown: trimmed hedges are planar too, but open.
+    under_crown = np.bincount(segment, block.number_of_returns[last] > 1, minlength=count + 1) >= (
+        params.last_return_under_crown * np.maximum(n, 1)
+    )
+    large = (area >= params.building_min_area) | (under_crown & (area >= params.planar_min_area))
+    keep = planar & large & (mean_height >= params.planar_min_mean_height)
     keep[0] = False
     result[last[keep[segment] & on_plane]] = True
     return result
@@ -424,7 +433,7 @@ class StandardClassifier:
     """Ground 2, vegetation 3/4/5, building 6, low noise 7, high noise 18."""
 
     name = "standard"
-    version = "2.3.0"
+    version = "2.4.0"
 
     def __init__(self, params: StandardParams | None = None) -> None:
         self._params = params or StandardParams()
