@@ -22,6 +22,7 @@ from pipelines.billing.models import Invoice
 from pipelines.billing.periods import Period, add_months
 from pipelines.billing.usage import usage_daily
 from pipelines.catalog.models import Account, Job, JobState
+from pipelines.class_table import class_summary, colour_of
 from pipelines.export import SAMPLE_NAME, export_prefix, read_manifest
 from pipelines.lifecycle.account_state import Action
 from pipelines.lifecycle.models import (
@@ -32,7 +33,6 @@ from pipelines.lifecycle.models import (
 )
 from pipelines.lifecycle.operations import HoldView, is_locked
 from pipelines.lifecycle.rules import LifecycleRunError, run_lifecycle
-from pipelines.preview import class_summary, colour_of
 from pipelines.runtime import Runtime
 
 

@@ -18,18 +18,13 @@ from typing import TYPE_CHECKING, Any
 import laspy
 
 from pipelines import __version__
+from pipelines.class_table import ASPRS_CLASS_NAMES, class_summary, summary_csv, summary_json
 from pipelines.copc import COPC_SUFFIX, write_copc
 from pipelines.errors import InvalidValue, PointflowError, UserError
+from pipelines.frame import CoordinateFrame
 from pipelines.lasio import CHUNK_POINTS
 from pipelines.links import LinkClaim, LinkSigner
-from pipelines.preview import (
-    ASPRS_CLASS_NAMES,
-    CoordinateFrame,
-    class_summary,
-    summary_csv,
-    summary_json,
-    write_previews,
-)
+from pipelines.preview import write_previews
 from pipelines.storage import AccountArea, ObjectStore, file_sha256
 
 if TYPE_CHECKING:

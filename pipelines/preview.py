@@ -1,143 +1,21 @@
-"""Previews people can read: a class map and a profile (one PNG), a thinned 3D sample (PLY), and
-per-class summaries. Every one is streamed chunk by chunk, so memory stays bounded."""
+"""Previews people can read: a class map and a profile (one PNG) and a thinned 3D sample (PLY),
+gathered chunk by chunk from one read of the file, so memory stays bounded. What the classes are
+called and coloured is pipelines.class_table; how the axes are named, pipelines.frame."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipelines.class_table import ASPRS_CLASS_NAMES, class_rgb, colour_of
+from pipelines.frame import CoordinateFrame, coordinate_frame
 from pipelines.lasio import iter_chunks
-from pipelines.units import CoordinateUnits, coordinate_units
 
-ASPRS_CLASS_NAMES = {
-    0: "never classified",
-    1: "unclassified",
-    2: "ground",
-    3: "low vegetation",
-    4: "medium vegetation",
-    5: "high vegetation",
-    6: "building",
-    7: "low noise",
-    9: "water",
-    17: "bridge deck",
-    18: "high noise",
-}
-CLASS_COLOURS = {
-    0: "#bdbdbd",
-    1: "#9e9e9e",
-    2: "#a1887f",
-    3: "#c5e1a5",
-    4: "#7cb342",
-    5: "#2e7d32",
-    6: "#e53935",
-    7: "#ff00ff",
-    9: "#1e88e5",
-    17: "#ffb300",
-    18: "#8e24aa",
-}
-OTHER_COLOUR = "#000000"
-SYMBOLS = {"metre": "m", "foot": "ft", "US survey foot": "ftUS", "degree": "°"}
 MAX_PIXELS = 1200
 PROFILE_POINTS = 150_000  # points drawn in the profile, at most
 SAMPLE_POINTS = 200_000  # points in the 3D sample, about
-
-
-@dataclass(frozen=True)
-class CoordinateFrame:
-    """How the previews and the manifest name a file's coordinates: its CRS, the axes it names,
-    and their units as pipelines.units (the one place that reads units) gives them."""
-
-    crs: str | None  # e.g. "RGF93 v1 / Lambert-93"; None when the file has none
-    epsg: int | None
-    units: CoordinateUnits | None  # None: geographic coordinates (degrees)
-    axes: tuple[str, str] = ("x", "y")
-
-    def to_dict(self) -> dict:
-        units = (
-            self.units.to_dict()
-            if self.units
-            else {"horizontal": "degree", "vertical": None, "metres_per_unit": None, "assumed": False}
-        )
-        return {"crs": self.crs, "epsg": self.epsg, **units, "axes": list(self.axes)}
-
-    def label(self, axis: int) -> str:
-        """An axis label: "Easting [m]", "Elevation [ftUS]", "x [m, assumed]"."""
-        name = self.axes[axis] if axis < 2 else "Elevation"
-        if self.units is None:
-            return f"{name} [°]" if axis < 2 else f"{name}"
-        unit = SYMBOLS.get(self.units.name if axis < 2 else self.units.vertical_name, self.units.name)
-        return f"{name} [{unit}, assumed]" if self.units.assumed else f"{name} [{unit}]"
-
-    def describe(self) -> str:
-        if self.crs is None:
-            return "no CRS in the file: " + (self.units.describe() if self.units else "coordinates as stored")
-        code = f" (EPSG:{self.epsg})" if self.epsg else ""
-        return f"{self.crs}{code}; " + (self.units.describe() if self.units else "geographic coordinates (degrees)")
-
-
-def coordinate_frame(header) -> CoordinateFrame:
-    try:
-        crs = header.parse_crs()
-    except Exception:
-        # An unreadable CRS record reads as none: the input check reports it.
-        crs = None
-    try:
-        units = coordinate_units(header)
-    except ValueError:
-        units = None  # geographic
-    if crs is None:
-        return CoordinateFrame(None, None, units)
-    horizontal = next((p for p in (crs.sub_crs_list or [crs]) if not p.is_vertical), crs)
-    axes = horizontal.axis_info
-    # Geographic CRSs list latitude first; the map's x is the longitude.
-    names = (axes[1].name, axes[0].name) if horizontal.is_geographic else (axes[0].name, axes[1].name)
-    return CoordinateFrame(crs.name, crs.to_epsg(), units, names)
-
-
-def file_frame(path: Path) -> CoordinateFrame:
-    import laspy
-
-    with laspy.open(path) as reader:
-        return coordinate_frame(reader.header)
-
-
-def class_summary(class_counts: dict[int, int]) -> list[dict]:
-    total = sum(class_counts.values()) or 1
-    return [
-        {"class": c, "name": ASPRS_CLASS_NAMES.get(c, "other"), "points": n, "percent": round(100 * n / total, 3)}
-        for c, n in sorted(class_counts.items())
-    ]
-
-
-def summary_csv(rows: list[dict]) -> bytes:
-    """The class table; shares always with three decimals, so the column lines up in any tool."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["class", "name", "points", "percent"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({**row, "percent": f"{row['percent']:.3f}"} for row in rows)
-    return buffer.getvalue().encode()
-
-
-def summary_json(rows: list[dict]) -> bytes:
-    return json.dumps(rows, indent=2).encode()
-
-
-def colour_of(cls: int) -> str:
-    return CLASS_COLOURS.get(cls, OTHER_COLOUR)
-
-
-def _rgb(classes: np.ndarray) -> np.ndarray:
-    """n x 3 uint8 colours of class codes."""
-    table = np.zeros((256, 3), dtype=np.uint8)
-    table[:] = [int(OTHER_COLOUR[i : i + 2], 16) for i in (1, 3, 5)]
-    for cls, colour in CLASS_COLOURS.items():
-        table[cls] = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
-    return table[classes]
 
 
 @dataclass(frozen=True)
@@ -257,7 +135,7 @@ class _Sample:
         for axis, (name, values) in enumerate((("x", x), ("y", y), ("z", z))):
             part[name] = values[chosen] - self.origin[axis]
         part["class"] = cls[chosen]
-        rgb = _rgb(part["class"])
+        rgb = class_rgb(part["class"])
         part["red"], part["green"], part["blue"] = rgb[:, 0], rgb[:, 1], rgb[:, 2]
         self.parts.append(part)
 
@@ -386,7 +264,7 @@ def _draw(
     draw = ImageDraw.Draw(canvas)
     draw.multiline_text((margin, margin), heading, font=font(10), fill=BLACK, spacing=round(px(10) * 0.2))
 
-    image = _rgb(classes)
+    image = class_rgb(classes)
     image[~filled] = 255  # no point there: white, as the paper
     canvas.paste(
         Image.fromarray(image.reshape(ny, nx, 3)).resize((plan.width, plan.height), Image.Resampling.NEAREST),
@@ -404,7 +282,7 @@ def _draw(
 
     # Sparse sections get bigger dots (0.6 to 1.6 points across), so a few hundred points still read as a line.
     dot = float(np.clip(100 / np.sqrt(max(len(points), 1)), 0.6, 1.6))
-    scatter(canvas, side, points[order, 0], zs, _rgb(points[order, 2].astype(np.uint8)), dot * DPI / 72)
+    scatter(canvas, side, points[order, 0], zs, class_rgb(points[order, 2].astype(np.uint8)), dot * DPI / 72)
     draw_axes(canvas, side, units.label(profile.along), units.label(2))
     across = units.axes[1 - profile.along]
     exaggeration = ((side.xlim[1] - side.xlim[0]) / side.width) / ((side.ylim[1] - side.ylim[0]) / side.height)

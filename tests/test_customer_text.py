@@ -21,11 +21,11 @@ from pipelines.billing.documents import Buyer, DocumentView, VatGroup, document_
 from pipelines.billing.lines import Line
 from pipelines.billing.pricebook import Seller
 from pipelines.catalog.models import Account
+from pipelines.class_table import class_summary
 from pipelines.customer_text import Mail, render_mail
 from pipelines.export import DownloadLink
 from pipelines.lifecycle import notices
 from pipelines.notify import Message, send_email
-from pipelines.preview import class_summary
 from pipelines.settings import Settings
 from pipelines.storage import INCOMING_PREFIX
 from pipelines.validate import Finding, ValidationReport

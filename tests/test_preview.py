@@ -10,15 +10,9 @@ import pyproj
 import pytest
 from PIL import Image
 
-from pipelines.preview import (
-    CLASS_COLOURS,
-    PROFILE_POINTS,
-    Profile,
-    coordinate_frame,
-    file_frame,
-    summary_csv,
-    write_previews,
-)
+from pipelines.class_table import CLASS_COLOURS, summary_csv
+from pipelines.frame import coordinate_frame, file_frame
+from pipelines.preview import PROFILE_POINTS, Profile, write_previews
 from tests.conftest import shared_file
 from tests.lasfiles import write_points
 

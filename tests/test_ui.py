@@ -209,7 +209,7 @@ def seed(runtime: Runtime, scene: Path) -> Seeded:
 
 
 def _classes(job: dict) -> list[dict]:
-    from pipelines.preview import class_summary
+    from pipelines.class_table import class_summary
 
     return class_summary({int(k): v for k, v in job.summary["class_counts"].items()})
 
@@ -565,7 +565,7 @@ def check_3d_view(page, seeded: Seeded, expect, screenshot: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from pipelines.preview import CLASS_COLOURS
+    from pipelines.class_table import CLASS_COLOURS
 
     page.locator(f"#job-{seeded.job_id} button.view3d").click()
     viewer = page.locator("#viewer")

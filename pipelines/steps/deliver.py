@@ -9,12 +9,12 @@ from pipelines.accounts import get_account
 from pipelines.billing.history import account_limits
 from pipelines.billing.pricebook import load_pricebook
 from pipelines.catalog.models import utcnow
+from pipelines.class_table import class_summary
 from pipelines.customer_text import render_mail
 from pipelines.export import download_links
 from pipelines.lifecycle.operations import ensure_active
 from pipelines.links import LinkSigner
 from pipelines.notify import Message
-from pipelines.preview import class_summary
 from pipelines.runtime import Runtime
 from pipelines.steps.record import JobRecord, job_view
 from pipelines.storage import LINK_LIFETIME
