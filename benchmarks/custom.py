@@ -6,7 +6,7 @@ For every scene of ../shared/data with building labels (the AHN3 and IGN corpus 
 Saint-Barthelemy), and for the two IGN scenes with water (9) and a bridge deck (17), the file is cut
 in two halves along x or y (whichever puts more of each class in both halves, decided from the
 labels alone), a custom model is trained on the lower half exactly as `pointflow train` does
-(`pipelines.classifiers.trained.train`, with its own held-out blocks and verdict), and both it and
+(`pipelines.classifiers.fitting.train`, with its own held-out blocks and verdict), and both it and
 `standard` classify the other half as a file of its own. Standard's classes are translated into the
 scene's scheme by the majority label of each standard class on the training half (AHN's "other" 1
 takes standard's vegetation), so standard is credited with what it knows.
@@ -31,14 +31,14 @@ import numpy as np
 
 from benchmarks.labelled import DEFAULT_DATA, load
 from pipelines.classifiers import PointBlock
-from pipelines.classifiers.standard import StandardClassifier
-from pipelines.classifiers.trained import (
+from pipelines.classifiers.fitting import (
     macro_f1,
     per_class_metrics,
     standard_translation,
     train,
     translate,
 )
+from pipelines.classifiers.standard import StandardClassifier
 
 SCENES: tuple[str, ...] = (
     "ign_st_barth_100m.laz",

@@ -23,9 +23,9 @@ import numpy as np
 from benchmarks.custom import cpu_seconds, halves, scored, subset
 from benchmarks.labelled import DEFAULT_DATA, load
 from pipelines.classifiers import features
+from pipelines.classifiers.fitting import train
 from pipelines.classifiers.ground import ground_model
 from pipelines.classifiers.standard import StandardClassifier, StandardParams, standard_classes
-from pipelines.classifiers.trained import train
 
 SCENES: tuple[str, ...] = ("ign_st_barth_100m.laz", "corpus/IGN_montpellier_6tiles.laz")
 

@@ -28,7 +28,8 @@ from pipelines.accounts import get_account
 from pipelines.catalog import CatalogError
 from pipelines.catalog.models import Plan, TrainedModelRecord, utcnow
 from pipelines.classifiers import BUILTIN_CLASSIFIERS, PointBlock
-from pipelines.classifiers.trained import UNKNOWN_STANDARD, TrainedClassifier, TrainedModel, train
+from pipelines.classifiers.fitting import train
+from pipelines.classifiers.trained import UNKNOWN_STANDARD, TrainedClassifier, TrainedModel
 from pipelines.errors import InvalidValue, UserError
 from pipelines.keys import kept_secret
 from pipelines.lasio import iter_checked, point_block, read_info

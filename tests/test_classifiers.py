@@ -18,6 +18,7 @@ from pipelines.classifiers import (
     get_classifier,
 )
 from pipelines.classifiers.features import FEATURE_NAMES, point_features
+from pipelines.classifiers.fitting import train
 from pipelines.classifiers.standard import StandardClassifier
 from pipelines.classifiers.trained import (
     EARLY_STAGES,
@@ -27,7 +28,6 @@ from pipelines.classifiers.trained import (
     TrainedClassifier,
     TrainedModel,
     choose_cascade,
-    train,
 )
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -273,7 +273,7 @@ def test_unknown_parameter_is_rejected(name: str, params: dict, key: str) -> Non
         get_classifier(name, params)
 
 
-# --- trainable per-account classifier (features.py, trained.py) ---------------------------------
+# --- trainable per-account classifier (features.py, trained.py, fitting.py) ----------------------
 
 
 @pytest.fixture(scope="module")

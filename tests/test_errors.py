@@ -51,7 +51,7 @@ def test_a_missing_extra_says_which_to_install(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setitem(sys.modules, "lightgbm", None)
     with pytest.raises(UserError, match=r"pointflow\[training\]"):
-        trained._lightgbm()
+        trained.load_lightgbm()
     monkeypatch.setitem(sys.modules, "psycopg2", None)
     with pytest.raises(CatalogError, match=r"pointflow\[postgres\]"):
         Catalog("postgresql://postgres@127.0.0.1:5432/test")

@@ -3,15 +3,9 @@ which start from what the standard classifier knows (its ground model, heights, 
 their context) and learn the customer's own class scheme (any LAS codes, e.g. IGN's 17 bridge deck
 or 65+).
 
-Pure functions, no storage: `train` returns a `TrainedModel` whose `to_bytes` the caller stores
-wherever it likes, and `TrainedClassifier` wraps a model in the `Classifier` protocol.
-
-`train` also says whether the model is worth offering: on a spatially held-out part of the labels
-(whole 20 m blocks) it scores the model and the standard classifier side by side on the same points,
-per class. Standard's classes are first translated into the customer's scheme (each standard class
-becomes the customer class most of its training points carry: AHN's "other" 1 takes standard's
-vegetation 3/4/5), so that standard is credited with what it knows rather than failed for naming it
-differently.
+Here is the model: how it predicts, with the early decisions that let most points stop after a few
+rounds, and its file; `TrainedClassifier` wraps it in the `Classifier` protocol. How a model is
+fitted to labels and judged against standard is `fitting.train`.
 
 Model files are LightGBM's own text format (stable across LightGBM releases, and loading it runs no
 code, unlike a pickle), compressed, behind a JSON header and an HMAC-SHA256 checked before anything
@@ -24,7 +18,6 @@ import hashlib
 import hmac
 import json
 import zlib
-from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +26,7 @@ import numpy as np
 from pipelines.errors import InvalidValue, UserError
 
 from .base import PointBlock
-from .features import CATEGORICAL, FEATURE_NAMES, point_features
-from .standard import StandardClassifier
+from .features import FEATURE_NAMES, point_features
 
 if TYPE_CHECKING:
     import lightgbm
@@ -42,7 +34,6 @@ if TYPE_CHECKING:
 FORMAT = b"pointflow-trained-v2\n"
 _OLD_FORMATS = (b"pointflow-trained-v1\n",)
 FEATURES_VERSION = "4"
-HOLDOUT_BLOCK = 20.0  # metres; held-out points are whole blocks, not neighbours of training points
 STANDARD_COLUMN = FEATURE_NAMES.index("standard_class")
 # Early decisions (`choose_cascade`): the share of each class's held-out points that each stage may
 # decide otherwise than walking every tree, the most stages, and what one call to LightGBM's predict
@@ -55,7 +46,7 @@ UNKNOWN_STANDARD = "unknown"
 ClassMetrics = dict[int, dict[str, float]]
 
 
-def _lightgbm():
+def load_lightgbm():
     """LightGBM, imported when a custom model is loaded or trained: every classification task
     imports this module, few use a custom model; it is the `training` extra."""
     try:
@@ -71,7 +62,7 @@ class TrainedModel:
     classes: tuple[int, ...]  # the customer's class code of each of the booster's outputs
     feature_names: tuple[str, ...]
     features_version: str
-    evaluation: dict[str, Any]  # held-out scores of this model and of standard, see `evaluate`
+    evaluation: dict[str, Any]  # held-out scores of this model and of standard, see `fitting.evaluate`
     n_train: int
     n_holdout: int
     params: dict = field(default_factory=dict)
@@ -181,7 +172,7 @@ class TrainedModel:
         if tuple(header["feature_names"]) != FEATURE_NAMES or header["features_version"] != FEATURES_VERSION:
             raise InvalidValue("model was trained on other features; retrain it")
         return cls(
-            booster=_lightgbm().Booster(model_str=model_text.decode()),
+            booster=load_lightgbm().Booster(model_str=model_text.decode()),
             classes=tuple(header["classes"]),
             feature_names=FEATURE_NAMES,
             features_version=FEATURES_VERSION,
@@ -262,206 +253,6 @@ def choose_cascade(
         walking = walking[lead(best_scores) <= margin]
         done = rounds
     return stages
-
-
-def per_class_metrics(reference: np.ndarray, predicted: np.ndarray) -> ClassMetrics:
-    metrics: ClassMetrics = {}
-    for code in np.union1d(np.unique(reference), np.unique(predicted)):
-        tp = np.count_nonzero((reference == code) & (predicted == code))
-        n_pred = np.count_nonzero(predicted == code)
-        n_ref = np.count_nonzero(reference == code)
-        metrics[int(code)] = {
-            "precision": float(tp / n_pred) if n_pred else 0.0,
-            "recall": float(tp / n_ref) if n_ref else 0.0,
-            "f1": float(2 * tp / (n_pred + n_ref)) if n_pred + n_ref else 0.0,
-            "support": float(n_ref),
-        }
-    return metrics
-
-
-def macro_f1(metrics: ClassMetrics) -> float:
-    """Mean F1 over the classes the reference holds (a class only predicted is a false positive
-    of the others, already counted in their precision)."""
-    scores = [m["f1"] for m in metrics.values() if m["support"] > 0]
-    return float(np.mean(scores)) if scores else 0.0
-
-
-def holdout_mask(x: np.ndarray, y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Points of a random `fraction` of the 20 m blocks (at least one block, never all)."""
-    bx = np.floor(x / HOLDOUT_BLOCK).astype(np.int64)
-    by = np.floor(y / HOLDOUT_BLOCK).astype(np.int64)
-    blocks, inverse = np.unique(np.stack([bx, by]), axis=1, return_inverse=True)
-    n = blocks.shape[1]
-    n_held = min(max(1, int(round(fraction * n))), n - 1) if n > 1 else 0
-    held = np.zeros(n, dtype=bool)
-    held[rng.choice(n, n_held, replace=False)] = True
-    return held[inverse.ravel()]
-
-
-def standard_translation(standard: np.ndarray, labels: np.ndarray) -> dict[int, int]:
-    """Each standard class -> the customer class most of its points carry; a standard class absent
-    from these points -> the customer's most common class."""
-    fallback = int(np.bincount(labels).argmax()) if labels.size else 0
-    table = dict.fromkeys(range(256), fallback)
-    pairs, counts = np.unique(standard.astype(np.int64) * 256 + labels, return_counts=True)
-    best: dict[int, int] = {}
-    for pair, count in zip(pairs.tolist(), counts.tolist(), strict=True):
-        code = pair // 256
-        if count > best.get(code, 0):
-            best[code] = count
-            table[code] = pair % 256
-    return table
-
-
-def translate(standard: np.ndarray, table: dict[int, int]) -> np.ndarray:
-    lookup = np.array([table[c] for c in range(256)], dtype=np.uint8)
-    return lookup[standard.astype(np.uint8)]
-
-
-def evaluate(reference: np.ndarray, custom: np.ndarray, standard: np.ndarray) -> dict[str, Any]:
-    """Per-class precision / recall / F1 / support and macro F1 of the custom model and of
-    (translated) standard on the same held-out points."""
-    mine, theirs = per_class_metrics(reference, custom), per_class_metrics(reference, standard)
-    macro, standard_macro = macro_f1(mine), macro_f1(theirs)
-    return {
-        "per_class": {str(c): m for c, m in sorted(mine.items())},
-        "standard_per_class": {str(c): m for c, m in sorted(theirs.items())},
-        "macro_f1": macro,
-        "standard_macro_f1": standard_macro,
-        "better_than_standard": macro > standard_macro,
-    }
-
-
-def train(
-    blocks: Sequence[PointBlock],
-    labels: Sequence[np.ndarray],
-    seed: int = 0,
-    *,
-    ignore_classes: Collection[int] = (),
-    holdout: float = 0.25,
-    max_points: int = 300_000,
-    rounds: int = 40,
-    learning_rate: float = 0.15,
-    leaves: int = 31,
-    min_leaf: int = 100,
-    balance: float = 0.25,
-    prior: float = 3.0,
-) -> TrainedModel:
-    """Fit a classifier to labelled blocks and score it, and standard, on held-out blocks.
-
-    ignore_classes: reference classes left out of training and scoring (e.g. "unclassified").
-    holdout: share of 20 m blocks kept out of training for the reported scores and the decision
-        whether the model beats standard (random points would sit next to training points and
-        flatter the scores). The offered model is the one scored, not a refit on everything.
-    max_points: training points are subsampled to at most this many (training time).
-    rounds, learning_rate, leaves, min_leaf: boosting rounds, shrinkage, leaves per tree, fewest
-        points per leaf; few rounds with a larger rate keep prediction fast (every round adds one
-        tree per class to walk for every point), and large leaves keep trees from learning single
-        buildings of the training part.
-    prior: head start (raw score) of the class standard's class translates to. The trees learn
-        corrections to standard, so objects the training part lacks keep standard's answer: the
-        AHN3 Amsterdam 2386 scene's training half holds no tall trees, which the customer calls
-        "other" (1); without a head start the model calls the other half's trees buildings (macro
-        F1 0.871 there against standard's 0.954), with 3.0 it gets 0.961 (measured with
-        `python -m benchmarks.custom`).
-    balance: points of a class weigh (its share of the training points) ** -balance: macro F1
-        counts every class alike, and a rare class (trees in a street scene, water) would otherwise
-        hardly move the trees; full weights (1) make the common classes' borders sloppy
-        (Saint-Barthelemy, other half: 0.9532 with none, 0.9526 with 0.25, 0.9493 with 0.5;
-        Amsterdam 2386: 0.935, 0.967, 0.961).
-    """
-    if len(blocks) != len(labels) or not blocks:
-        raise ValueError("need the same, non-zero number of blocks and label arrays")
-    rng = np.random.default_rng(seed)
-    features, targets, held = [], [], []
-    for block, label in zip(blocks, labels, strict=True):
-        if len(label) != len(block):
-            raise ValueError("labels must have one entry per point")
-        keep = ~np.isin(label, list(ignore_classes))
-        features.append(point_features(block)[keep])
-        targets.append(np.asarray(label)[keep].astype(np.uint8))
-        held.append(holdout_mask(block.x, block.y, holdout, rng)[keep])
-    x, y, is_held = np.concatenate(features), np.concatenate(targets), np.concatenate(held)
-    train_index = np.flatnonzero(~is_held)
-    if train_index.size == 0 or not is_held.any():
-        raise InvalidValue(
-            f"the labelled points must cover more than one {HOLDOUT_BLOCK:g} m block with their classes: "
-            "part of them is held out to score the model against standard"
-        )
-    if train_index.size > max_points:
-        train_index = np.sort(rng.choice(train_index, max_points, replace=False))
-    classes = np.unique(y[train_index])
-    if classes.size < 2:
-        raise InvalidValue(f"the training part holds only class {classes.tolist()}: a classifier needs at least two")
-    encode = np.zeros(256, dtype=np.int32)
-    encode[classes] = np.arange(classes.size)
-    params = {
-        "seed": seed,
-        "ignore_classes": sorted(int(c) for c in ignore_classes),
-        "holdout": holdout,
-        "holdout_block": HOLDOUT_BLOCK,
-        "max_points": max_points,
-        "rounds": rounds,
-        "learning_rate": learning_rate,
-        "leaves": leaves,
-        "min_leaf": min_leaf,
-        "balance": balance,
-    }
-    share = np.bincount(encode[y[train_index]], minlength=classes.size) / train_index.size
-    weight = (share**-balance)[encode[y[train_index]]]
-    lightgbm = _lightgbm()
-
-    standard_train = x[train_index, STANDARD_COLUMN].astype(np.uint8)
-    table = standard_translation(standard_train, y[train_index])
-    model = TrainedModel(
-        booster=None,
-        classes=tuple(int(c) for c in classes),
-        feature_names=FEATURE_NAMES,
-        features_version=FEATURES_VERSION,
-        evaluation={},
-        n_train=int(train_index.size),
-        n_holdout=int(np.count_nonzero(is_held)),
-        params={**params, "prior": prior, "library": f"lightgbm {lightgbm.__version__}"},
-        translation={int(k): table[int(k)] for k in np.unique(standard_train)},
-        prior=prior,
-        standard_version=StandardClassifier.version,
-    )
-    model.booster = lightgbm.train(
-        {
-            "objective": "multiclass",
-            "num_class": int(classes.size),
-            "learning_rate": learning_rate,
-            "num_leaves": leaves,
-            "min_data_in_leaf": min_leaf,
-            "num_threads": 1,
-            "seed": seed,
-            "deterministic": True,
-            "verbosity": -1,
-        },
-        lightgbm.Dataset(
-            x[train_index],
-            encode[y[train_index]],
-            weight=weight / weight.mean(),
-            init_score=model.head_start(standard_train),
-            feature_name=list(FEATURE_NAMES),
-            categorical_feature=list(CATEGORICAL),
-            free_raw_data=True,
-        ),
-        num_boost_round=rounds,
-    )
-    held_index = np.flatnonzero(is_held)
-    model.cascade = choose_cascade(model.booster, x[held_index], model.head_start(x[held_index, STANDARD_COLUMN]))
-    model.params["cascade"] = [list(stage) for stage in model.cascade]
-    # How the stages were chosen, so that a model's early decisions can be told apart and redone.
-    model.params["early_tolerance"] = EARLY_TOLERANCE
-    model.params["early_stages"] = EARLY_STAGES
-    standard = translate(x[held_index, STANDARD_COLUMN], table)
-    model.evaluation = {
-        **evaluate(y[held_index], model.predict_features(x[held_index]), standard),
-        "standard_translation": {str(k): v for k, v in model.translation.items()},
-        "standard_version": model.standard_version,
-    }
-    return model
 
 
 class TrainedClassifier:
