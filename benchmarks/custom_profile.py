@@ -4,10 +4,11 @@ Run from the repository root:  python -m benchmarks.custom_profile [--scenes NAM
 
 For each scene, a model is trained on one half as in `benchmarks.custom`, and then the parts of
 `TrainedModel.predict` on the other half are timed separately: the ground model and standard's classes
-(which `point_features` shares with `standard`), each neighbourhood scale of the features, the
-context of standard's classes, and the trees (LightGBM, one thread, raw scores, as `predict_features`
-calls it: with the model's early decisions), plus every point walking every tree, with one thread
-and with LightGBM's default threads. Figures are CPU seconds of this process
+(which `point_features` shares with `standard`), the points' cells on the features' dyadic grids,
+the neighbourhood scales of the features, the context of standard's classes, and the trees
+(LightGBM, one thread, raw scores, as `predict_features` calls it: with the model's early
+decisions), plus every point walking every tree, with one thread and with LightGBM's default
+threads. Figures are CPU seconds of this process
 (user + sys), the least of `--repeats` runs, in microseconds per point and as a multiple of the
 whole `standard` classifier on the same points: the machine is shared, so wall time says little.
 """
@@ -53,7 +54,9 @@ def profile(relative: str, repeats: int) -> list[tuple[str, float]]:
     # As `point_features` does: shapes from heights above the morphological surface.
     shapes = dataclasses.replace(ground, height=ground.provisional_height)
     base = features.base_cell(shapes)
-    scratch = np.zeros((len(test), max(len(features.scale_names(s)) for s in features.SCALES)), dtype=np.float32)
+    cells = features.DyadicCells(test, min(base, features.CONTEXT_CELLS[0]))
+    width = sum(len(features.scale_names(s)) for s in features.SCALES)
+    scratch = np.zeros((len(test), width), dtype=np.float32, order="F")
     every_tree = dataclasses.replace(model, cascade=[])
     stages = ", ".join(f"{r} rounds, > {m:.2f}" for r, m in model.cascade) or "none"
     parts = [
@@ -62,19 +65,18 @@ def profile(relative: str, repeats: int) -> list[tuple[str, float]]:
         ("  ground model", lambda: ground_model(test, params.ground)),
         ("  standard's classes", lambda: standard_classes(test, ground, params)),
         ("  features, whole", lambda: features.point_features(test)),
-        *[
-            (
-                f"    scale {scale} ({base * scale:g} m cells)",
-                lambda scale=scale: features._scale_features(
-                    test, shapes, base * scale, scratch, scale in features.SHAPE_SCALES
-                ),
-            )
-            for scale in features.SCALES
-        ],
+        (
+            f"    dyadic cells (finest {cells.finest.cell:g} m)",
+            lambda: features.DyadicCells(test, min(base, features.CONTEXT_CELLS[0])),
+        ),
+        (
+            f"    scales {features.SCALES} of {base:g} m",
+            lambda: features._scale_features(test, shapes, cells, base, scratch),
+        ),
         (
             "    context of standard's classes",
             lambda: features._context_features(
-                test, standard, np.zeros((len(test), len(features._CONTEXT)), dtype=np.float32, order="F")
+                test, standard, cells, np.zeros((len(test), len(features._CONTEXT)), dtype=np.float32, order="F")
             ),
         ),
         (f"  trees, early decisions {stages}", lambda: model.predict_features(matrix)),

@@ -17,8 +17,9 @@ from pipelines.classifiers import (
     PointBlock,
     get_classifier,
 )
-from pipelines.classifiers.features import FEATURE_NAMES, point_features
+from pipelines.classifiers.features import FEATURE_NAMES, DyadicCells, point_features
 from pipelines.classifiers.fitting import train
+from pipelines.classifiers.grid import Grid
 from pipelines.classifiers.standard import StandardClassifier
 from pipelines.classifiers.trained import (
     EARLY_STAGES,
@@ -29,6 +30,7 @@ from pipelines.classifiers.trained import (
     TrainedModel,
     choose_cascade,
 )
+from pipelines.errors import InvalidValue
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ASPRS_OUTPUTS = {1, 2, 3, 4, 5, 6, 7, 9, 18}
@@ -308,6 +310,32 @@ def test_features_do_not_depend_on_large_coordinate_offsets(ign: tuple[PointBloc
         block.number_of_returns,
     )
     np.testing.assert_allclose(point_features(moved), point_features(block), atol=1e-3)
+
+
+@pytest.mark.parametrize("offset", [0.0, -1234.37, 600001.13])
+def test_dyadic_cells_bin_as_every_grid_does(offset: float) -> None:
+    # Coarse rasters are reduced from fine ones: they must be what binning the points at each cell
+    # size gives, bit for bit, wherever the block's first cell falls (odd origins, left of zero).
+    rng = np.random.default_rng(5)
+    n = 3000
+    x = np.round(rng.uniform(offset, offset + 37.3, n), 2)
+    y = np.round(rng.uniform(-offset, -offset + 21.9, n), 2)
+    block = PointBlock(x, y, rng.normal(0.0, 3.0, n))
+    weights = (rng.random(n) < 0.3).astype(np.float64)
+    cells = DyadicCells(block, 0.25)
+    sizes = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+    sums = cells.rasters(cells.flat(0.25), weights, sizes)
+    lows = cells.rasters(cells.flat(0.25), block.z, sizes, np.minimum)
+    for cell in sizes[1:]:
+        grid = Grid.covering(x, y, cell)
+        flat = grid.flat_index(x, y)
+        assert cells.grid(cell) == grid
+        np.testing.assert_array_equal(cells.flat(cell), flat)
+        np.testing.assert_array_equal(sums[cell].ravel(), np.bincount(flat, weights, minlength=grid.nx * grid.ny))
+        low = grid.cell_min(flat, block.z)
+        np.testing.assert_array_equal(lows[cell], np.where(np.isnan(low), np.inf, low))
+    with pytest.raises(InvalidValue):
+        cells.flat(0.75)
 
 
 @pytest.mark.parametrize("n", [0, 1, 5])

@@ -43,8 +43,10 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
+from pipelines.errors import InvalidValue
+
 from .base import BUILDING, HIGH_VEGETATION, LOW_VEGETATION, PointBlock
-from .geometry import local_planes, window_sums
+from .geometry import box_sum, local_planes
 from .grid import Grid
 from .ground import GroundModel, ground_model
 from .standard import StandardParams, standard_classes
@@ -121,32 +123,109 @@ def point_features(block: PointBlock) -> np.ndarray:
     # scrub, where the refined surface may ride on it (measured on the IGN block).
     model = dataclasses.replace(model, height=model.provisional_height)
     base = base_cell(model)
+    cells = DyadicCells(block, min(base, CONTEXT_CELLS[0]))
     column = len(_PER_POINT)
-    for scale in SCALES:
-        width = len(scale_names(scale))
-        _scale_features(block, model, base * scale, out[:, column : column + width], scale in SHAPE_SCALES)
-        column += width
-    _context_features(block, standard, out[:, column:])
+    width = sum(len(scale_names(scale)) for scale in SCALES)
+    _scale_features(block, model, cells, base, out[:, column : column + width])
+    _context_features(block, standard, cells, out[:, column + width :])
     return np.ascontiguousarray(out)
 
 
-def _context_features(block: PointBlock, standard: np.ndarray, out: np.ndarray) -> None:
+class DyadicCells:
+    """Every neighbourhood grid of the features at once: cells of `finest` x 2**k metres.
+
+    All the features' cells (`base_cell` x `SCALES`, `CONTEXT_CELLS`) are powers of two aligned to
+    absolute coordinates, so a cell of 2c is exactly four cells of c: a point's column at 2c is its
+    column at c halved (floor(floor(x / c) / 2) = floor(x / 2c), and x / c is exact for a power of
+    two), and a coarse cell's count, sum of 0/1 weights, lowest or highest height is that of its
+    four finer cells (integers and extremes: exact). So points are binned once, at the finest
+    cell, and every coarser raster is reduced from the finer one, cells being fewer than points:
+    the same grids (`Grid.covering`) and the same bits as binning the points at every cell size.
+    """
+
+    def __init__(self, block: PointBlock, finest: float) -> None:
+        self.finest = Grid.covering(block.x, block.y, finest)
+        col, row = self.finest.cols_rows(block.x, block.y)
+        # Absolute columns and rows: an arithmetic shift is floor division, also left of zero.
+        self.col = col + self.finest.i0
+        self.row = row + self.finest.j0
+
+    def level(self, cell: float) -> int:
+        level = round(np.log2(cell / self.finest.cell))
+        if level < 0 or self.finest.cell * 2.0**level != cell:
+            raise InvalidValue(f"cell {cell} m is not the finest cell {self.finest.cell} m times a power of two")
+        return level
+
+    def grid(self, cell: float) -> Grid:
+        level, finest = self.level(cell), self.finest
+        i0, j0 = finest.i0 >> level, finest.j0 >> level
+        nx = ((finest.i0 + finest.nx - 1) >> level) - i0 + 1
+        ny = ((finest.j0 + finest.ny - 1) >> level) - j0 + 1
+        return Grid(i0, j0, finest.cell * 2.0**level, nx, ny)
+
+    def flat(self, cell: float) -> np.ndarray:
+        """Each point's cell index in `grid(cell)`, as `Grid.flat_index` gives it."""
+        level, grid = self.level(cell), self.grid(cell)
+        row = (self.row >> level) - grid.j0
+        row *= grid.nx
+        row += self.col >> level
+        row -= grid.i0
+        return row
+
+    def rasters(
+        self, flat: np.ndarray, weights: np.ndarray | None, cells: list[float], reduce: np.ufunc = np.add
+    ) -> dict[float, np.ndarray]:
+        """Per-cell rasters (ny, nx) of one layer at each of `cells` (sorted), binned at the first
+        with `flat` (that cell's `flat`): sums of `weights` (None: counts) with `np.add`, lowest
+        or highest weight (inf / -inf where empty) with `np.minimum` / `np.maximum`."""
+        grid = self.grid(cells[0])
+        size = grid.nx * grid.ny
+        if reduce is np.add:
+            raster = np.asarray(np.bincount(flat, weights, minlength=size), dtype=np.float64)
+        else:
+            raster = np.full(size, np.inf if reduce is np.minimum else -np.inf)
+            reduce.at(raster, flat, weights)
+        raster = raster.reshape(grid.shape)
+        out = {cells[0]: raster}
+        empty = 0.0 if reduce is np.add else raster.dtype.type(np.inf if reduce is np.minimum else -np.inf)
+        for level in range(self.level(cells[0]) + 1, self.level(cells[-1]) + 1):
+            coarse = self.grid(self.finest.cell * 2.0**level)
+            # Pad the finer raster to whole pairs of cells: its first cell may be an odd one.
+            top, left = grid.j0 - 2 * coarse.j0, grid.i0 - 2 * coarse.i0
+            padded = np.pad(
+                raster,
+                ((top, 2 * coarse.ny - grid.ny - top), (left, 2 * coarse.nx - grid.nx - left)),
+                constant_values=empty,
+            )
+            pairs = reduce(padded[0::2], padded[1::2])
+            raster = reduce(pairs[:, 0::2], pairs[:, 1::2])
+            grid = coarse
+            if coarse.cell in cells:
+                out[coarse.cell] = raster
+        return out
+
+
+def _context_features(block: PointBlock, standard: np.ndarray, cells: DyadicCells, out: np.ndarray) -> None:
     """Write the `_CONTEXT` columns into `out` (a column slice of the matrix): shares per cell,
     gathered once per point straight into the float32 columns, as for the scales."""
     building = standard == BUILDING
     vegetation = (standard >= LOW_VEGETATION) & (standard <= HIGH_VEGETATION)
+    context = sorted(CONTEXT_CELLS)
+    finest_flat = cells.flat(context[0])
+    counts, n_building, n_vegetation = (
+        cells.rasters(finest_flat, weights, context)
+        for weights in (None, building.astype(np.float64), vegetation.astype(np.float64))
+    )
     for index, cell in enumerate(CONTEXT_CELLS):
-        grid = Grid.covering(block.x, block.y, cell)
-        flat = grid.flat_index(block.x, block.y)
-        if index == 0:
-            finest, finest_flat = grid, flat
-        count, n_building, n_vegetation = window_sums(
-            grid, flat, [None, building.astype(np.float64), vegetation.astype(np.float64)]
+        flat = finest_flat if cell == context[0] else cells.flat(cell)
+        count, with_building, with_vegetation = (
+            box_sum(layer[cell][None], 3).ravel() for layer in (counts, n_building, n_vegetation)
         )
         count = np.maximum(count, 1.0)
-        np.take((n_building / count).astype(np.float32), flat, out=out[:, 2 * index])
-        np.take((n_vegetation / count).astype(np.float32), flat, out=out[:, 2 * index + 1])
+        np.take((with_building / count).astype(np.float32), flat, out=out[:, 2 * index])
+        np.take((with_vegetation / count).astype(np.float32), flat, out=out[:, 2 * index + 1])
     if building.any():
+        finest = cells.grid(context[0])
         free = np.ones(finest.nx * finest.ny, dtype=bool)
         free[finest_flat[building]] = False
         distance = ndimage.distance_transform_edt(free.reshape(finest.shape)).ravel() * finest.cell
@@ -155,21 +234,54 @@ def _context_features(block: PointBlock, standard: np.ndarray, out: np.ndarray) 
         out[:, -1] = BUILDING_DISTANCE_MAX
 
 
-def _scale_features(block: PointBlock, model: GroundModel, cell: float, out: np.ndarray, shapes: bool) -> None:
-    """Write one scale's columns (`scale_names`: the rasters, and the shapes when `shapes`) into
-    `out` (a column slice of the matrix)."""
-    grid = Grid.covering(block.x, block.y, cell)
-    flat = grid.flat_index(block.x, block.y)
+def _scale_features(block: PointBlock, model: GroundModel, cells: DyadicCells, base: float, out: np.ndarray) -> None:
+    """Write every scale's columns (`scale_names` of each of `SCALES`, in turn) into `out` (a
+    column slice of the matrix)."""
     z = model.height
-    multi = (
-        np.zeros(len(block)) if block.number_of_returns is None else (block.number_of_returns > 1).astype(np.float64)
-    )
-    n, n_multi, n_ground = window_sums(grid, flat, [None, multi, model.is_ground.astype(np.float64)])
+    sizes = [base * scale for scale in SCALES]
+    flats = {cell: cells.flat(cell) for cell in sizes}
+    multi = None if block.number_of_returns is None else (block.number_of_returns > 1).astype(np.float64)
+    first = flats[sizes[0]]
+    counts = cells.rasters(first, None, sizes)
+    n_multi = cells.rasters(first, multi, sizes) if multi is not None else None
+    n_ground = cells.rasters(first, model.is_ground.astype(np.float64), sizes)
+    lows = cells.rasters(first, z, sizes, np.minimum)
+    highs = cells.rasters(first, z, sizes, np.maximum)
+    column = 0
+    for scale, cell in zip(SCALES, sizes, strict=True):
+        width = len(scale_names(scale))
+        flat = flats[cell]
+        n = box_sum(counts[cell][None], 3).ravel()
+        multi_sum = np.zeros_like(n) if n_multi is None else box_sum(n_multi[cell][None], 3).ravel()
+        _one_scale(
+            block,
+            z,
+            cells.grid(cell),
+            flat,
+            (n, multi_sum, box_sum(n_ground[cell][None], 3).ravel()),
+            (lows[cell], highs[cell]),
+            out[:, column : column + width],
+            scale in SHAPE_SCALES,
+        )
+        column += width
+
+
+def _one_scale(
+    block: PointBlock,
+    z: np.ndarray,
+    grid: Grid,
+    flat: np.ndarray,
+    sums: tuple[np.ndarray, np.ndarray, np.ndarray],
+    extremes: tuple[np.ndarray, np.ndarray],
+    out: np.ndarray,
+    shapes: bool,
+) -> None:
+    """One scale's columns from its window sums (points, multi-return points, ground-filter
+    points) and per-cell lowest and highest heights (inf / -inf where empty)."""
+    n, n_multi, n_ground = sums
+    cell = grid.cell
     count = np.maximum(n, 1.0)
-    low = grid.cell_min(flat, z)
-    low[np.isnan(low)] = np.inf  # empty cells must not win the neighbourhood minimum
-    high = grid.cell_max(flat, z)
-    high[np.isnan(high)] = -np.inf
+    low, high = extremes
     out[:, 0] = z - ndimage.minimum_filter(low, size=3, mode="nearest").ravel()[flat]
     out[:, 1] = ndimage.maximum_filter(high, size=3, mode="nearest").ravel()[flat] - z
     # Whatever depends on the cell alone is computed per cell and gathered once per point: cells
