@@ -217,17 +217,16 @@ def last_returns(block: PointBlock) -> np.ndarray | None:
     return last if last.any() else None
 
 
-def thinned(block: PointBlock, cell: float, spacing: float, per_cell: float) -> np.ndarray | bool:
-    """About `per_cell` points of every cell of dense data (True: all points of sparse data).
+def thinned(x: np.ndarray, y: np.ndarray, cell: float, spacing: float, per_cell: float) -> np.ndarray | bool:
+    """Which of the points at `x`, `y` to keep: about `per_cell` of every cell of dense data (True:
+    all points of sparse data).
 
     A point is kept by a hash of its own position, so a tile and an untiled run keep the same
     points whatever the order or extent of the block."""
     step = int((cell / spacing) ** 2 // per_cell)
     if step <= 1:
         return True
-    key = (np.floor(block.x * 1000.0).astype(np.int64) * 73856093) ^ (
-        np.floor(block.y * 1000.0).astype(np.int64) * 19349663
-    )
+    key = (np.floor(x * 1000.0).astype(np.int64) * 73856093) ^ (np.floor(y * 1000.0).astype(np.int64) * 19349663)
     return (key % step) == 0
 
 
@@ -243,7 +242,11 @@ def refine(
     """Height of every point above the refined surface: the provisional one plus a plane fitted,
     per cell, to the supporting points of its neighbourhood of about 3x3 points, at least 3x3
     cells (see the module docstring).  Cells without support keep the provisional surface."""
-    index = np.flatnonzero(support & thinned(block, grid.cell, spacing, params.fit_points_per_cell))
+    # The hash only of the supporting points (a fraction of the block): the same points are kept.
+    index = np.flatnonzero(support)
+    keep = thinned(block.x[index], block.y[index], grid.cell, spacing, params.fit_points_per_cell)
+    if keep is not True:
+        index = index[keep]
     if index.size == 0:
         return height
     # Local coordinates keep the second moments accurate for large projected values.
@@ -255,7 +258,7 @@ def refine(
     window = neighbourhood(spacing, grid.cell, 3)
     # A weak pull of the slopes towards zero keeps the fit defined where the support is a line.
     damping = 1e-2 * grid.cell**2
-    for _ in range(params.fit_iterations):
+    for round_ in range(params.fit_iterations):
         # The first round weighs every point 1: the plain sums are the same numbers, without nine products.
         weighted = (
             [None, xs, ys, hs, xx, xy, yy, xh, yh]
@@ -285,6 +288,8 @@ def refine(
         gy = (cyh * cxx - cxh * cxy) / det
         # The plane of each cell as intercept + gx * x + gy * y: three lookups per point.
         intercept = mh - gx * mx - gy * my
+        if round_ == params.fit_iterations - 1:
+            break  # the last round's planes are the result: no weights for a round that never comes
         above = hs - (intercept[cells] + gx[cells] * xs + gy[cells] * ys)
         weight = np.exp(-np.square(np.maximum(above, 0.0) * (1.0 / params.fit_softness)))
     fitted = n[flat] > 1e-9
