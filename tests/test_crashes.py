@@ -70,9 +70,11 @@ def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     return living
 
 
-def kill_mid_classification(process: subprocess.Popen, scratch: Path) -> list[psutil.Process]:
-    """SIGKILL the command once its cluster's two workers (the scheduler runs inside the command)
-    are up and tiles are on disk; returns the processes it had started."""
+def kill_mid_classification(
+    process: subprocess.Popen, scratch: Path, signum: signal.Signals = signal.SIGKILL
+) -> list[psutil.Process]:
+    """Signal the command (SIGKILL unless told) once its cluster's two workers (the scheduler runs
+    inside the command) are up and tiles are on disk; returns the processes it had started."""
     command = psutil.Process(process.pid)
     family: list[psutil.Process] = []
 
@@ -83,8 +85,8 @@ def kill_mid_classification(process: subprocess.Popen, scratch: Path) -> list[ps
         return len(family) >= 2 and any(scratch.glob("classify-*/core-*"))
 
     wait_for(classifying, 180, "the classification to be under way")
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(signum)
+    process.wait(timeout=60)
     return family
 
 
@@ -105,6 +107,21 @@ def test_a_killed_classify_takes_its_cluster_with_it_and_the_next_run_sweeps_its
     out, err = nxt.communicate(timeout=300)
     assert nxt.returncode == 0, err
     assert folders(scratch) == [] and not left.path.exists()
+
+
+def test_a_terminated_classify_unwinds_leaving_no_output_no_partial_file_no_processes_no_scratch(
+    home: Path, tmp_path: Path
+) -> None:
+    scratch, outputs = home / "scratch", tmp_path / "outputs"
+    outputs.mkdir()
+    command = start(home, "classify", str(shared_file("ign_st_barth_100m.laz")), str(outputs / "out.laz"))
+    family = kill_mid_classification(command, scratch, signal.SIGTERM)
+
+    assert command.returncode == 128 + signal.SIGTERM
+    assert "interrupted (SIGTERM)" in command.stderr.read().decode()
+    wait_for(lambda: not alive(family), 20, f"the cluster's processes to end: {alive(family)}")
+    assert list(outputs.iterdir()) == []  # neither out.laz nor .out.laz.partial
+    assert folders(scratch) == []
 
 
 def test_a_killed_ingest_run_is_closed_as_failed_and_deleting_the_account_finds_its_points(

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from pipelines import __version__, logfile
-from pipelines.cli.common import CommandError, run_handler
+from pipelines.cli.common import CommandError, run_handler, stop_cleanly_on_termination
 
 COMMAND_MODULES = (
     "pipelines.cli.classify",
@@ -71,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logfile.configure(_log_path(), args.verbose)
+    stop_cleanly_on_termination()
     return run_handler(args)
 
 

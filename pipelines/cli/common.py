@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import UserError
@@ -70,9 +71,10 @@ def run_handler(args: argparse.Namespace) -> int:
     """Run the chosen command; expected failures become `pointflow: error: ...` without a traceback."""
     try:
         return int(args.handler(args) or 0)
-    except KeyboardInterrupt:
-        print("pointflow: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        stopped_by = signal.Signals.__members__.get(str(stop.args[0]) if stop.args else "", signal.SIGINT)
+        print(f"pointflow: interrupted ({stopped_by.name})", file=sys.stderr)
+        return 128 + stopped_by
     except Exception as error:
         # What tells the expected failures apart is imported only when one happens: the catalog,
         # the stack and the stores are seconds of imports that `pointflow classify` never needs.
@@ -100,3 +102,17 @@ def _reader_gone() -> int:
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
     return 128 + signal.SIGPIPE
+
+
+def stop_cleanly_on_termination() -> None:
+    """SIGTERM (`kill`, a container or service manager stopping us) and SIGHUP (the terminal
+    closed) unwind the command as Ctrl-C does, so every `finally` on the way runs: the output's
+    temporary file is removed, the local cluster closed, the scratch folder released. Python's
+    default for those signals ends the process on the spot and left `.OUT.partial` behind."""
+
+    def unwind(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        for stopping in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(stopping, unwind)
