@@ -10,12 +10,12 @@ from pipelines.accounts import get_account
 from pipelines.admission import AdmissionRefused, Candidate, check_admission
 from pipelines.catalog import CatalogError
 from pipelines.catalog.models import Job, JobState, utcnow
+from pipelines.classifiers import BUILTIN_CLASSIFIERS
 from pipelines.ingest import StoredFileInfo, ingest_file
 from pipelines.lifecycle.operations import ensure_active
 from pipelines.runtime import Runtime
 from pipelines.sources import ForeignSource, check_source, local_copy
 from pipelines.steps.record import AdmissionRefusedJob, JobRecord, job_row, job_view, refuse_job
-from pipelines.training import resolve_classifier
 
 
 def create_job(runtime: Runtime, job_id: str, account_id: str, source: str, classifier: str) -> JobRecord:
@@ -24,7 +24,12 @@ def create_job(runtime: Runtime, job_id: str, account_id: str, source: str, clas
         job = session.get(Job, job_id)
         if job is None:
             ensure_active(runtime.catalog, account_id)
-            resolve_classifier(runtime, account_id, classifier)
+            if classifier not in BUILTIN_CLASSIFIERS:
+                # Checking a trained model's name loads training's stack (LightGBM, SciPy, the
+                # features): 0.4 CPU-s that every ingest task paid for a built-in name.
+                from pipelines.training import resolve_classifier
+
+                resolve_classifier(runtime, account_id, classifier)
             session.add(Job(job_id=job_id, account_id=account_id, source=source, classifier=classifier))
         elif job.account_id != account_id or job.source != source:
             raise CatalogError(f"job {job_id} exists for another account or source")
