@@ -616,14 +616,20 @@ def test_planar_roof_smaller_than_the_area_floor_is_building() -> None:
     assert np.mean(area_floor_only[annex] == 6) < 0.2
 
 
-def test_low_planar_shed_is_building() -> None:
-    """The 2.3 m shed of the IGN flat-field strip is lower on average than the 2.5 m that keeps
-    hedges out, but planar: building.  Its crop holds nothing else called building."""
+def flatfield_shed_crop() -> tuple[PointBlock, np.ndarray]:
+    """50 m around the building points of the IGN flat-field strip (its shed and the structure
+    under trees beside it), with their labels."""
     block, labels = load("corpus/IGN_flatfield_strip.laz")
     shed = labels == 6
     cx, cy = block.x[shed].mean(), block.y[shed].mean()
     keep = np.flatnonzero((np.abs(block.x - cx) < 25) & (np.abs(block.y - cy) < 25))
-    block, labels = subset(block, keep), labels[keep]
+    return subset(block, keep), labels[keep]
+
+
+def test_low_planar_shed_is_building() -> None:
+    """The 2.3 m shed of the IGN flat-field strip is lower on average than the 2.5 m that keeps
+    hedges out, but planar: building.  Its crop holds nothing else called building."""
+    block, labels = flatfield_shed_crop()
     classes = get_classifier("standard").classify(block)
     height_floor_only = get_classifier("standard", {"planar_min_mean_height": 2.5}).classify(block)
     assert f1(labels == 6, classes == 6) > 0.7
@@ -652,11 +658,7 @@ def test_a_small_roof_seen_through_a_crown_is_building() -> None:
     """Beside the flat-field shed a second structure (under 10 m^2 of planar last-return cells) lies
     under trees: most of its points end multi-return pulses.  Seen through the crown it passes the
     smaller floor; a segment of single echoes that small (a trimmed hedge) would not."""
-    block, labels = load("corpus/IGN_flatfield_strip.laz")
-    shed = labels == 6
-    cx, cy = block.x[shed].mean(), block.y[shed].mean()
-    keep = np.flatnonzero((np.abs(block.x - cx) < 25) & (np.abs(block.y - cy) < 25))
-    block, labels = subset(block, keep), labels[keep]
+    block, labels = flatfield_shed_crop()
     classes = get_classifier("standard").classify(block)
     open_only = get_classifier("standard", {"last_return_under_crown": 2.0}).classify(block)
     added = (classes == 6) & (open_only != 6)

@@ -19,6 +19,23 @@ def feature_cell(model: GroundModel, params: StandardParams) -> float:
     return float(np.clip(cell, params.min_feature_cell, params.max_feature_cell))
 
 
+def roof_planes(
+    grid: Grid, flat: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray, params: StandardParams
+) -> tuple[LocalPlanes, np.ndarray, np.ndarray]:
+    """The points' local plane per 3x3-cell neighbourhood, which cells are planar, and which points
+    lie on their cell's plane: the roof test of the votes and of the last-return pass."""
+    # Four points: three always fit a plane exactly.
+    planes = local_planes(grid, flat, x, y, z, min_points=4)
+    # A plane has one small and two large spreads; a wire or a trunk has two small ones.
+    planar_cell = (planes.eigenvalues[0] < params.plane_tolerance**2) & (
+        planes.eigenvalues[1] > (0.25 * grid.cell) ** 2
+    )
+    # np.take along the cells: a[:, flat] is several times slower and gives strided rows.
+    normal, mean = np.take(planes.normal, flat, axis=1), np.take(planes.mean, flat, axis=1)
+    distance = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1]) + normal[2] * (z - mean[2]))
+    return planes, planar_cell, planar_cell[flat] & (distance <= 2.0 * params.plane_tolerance)
+
+
 def building_mask(block: PointBlock, model: GroundModel, params: StandardParams) -> np.ndarray:
     """Points of buildings, found as roof segments.
 
@@ -51,16 +68,7 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
     x = block.x[raised[high]] - grid.x0
     y = block.y[raised[high]] - grid.y0
     z = model.height[raised[high]]
-    # Four points: three always fit a plane exactly.
-    planes = local_planes(grid, flat, x, y, z, min_points=4)
-    # A plane has one small and two large spreads; a wire or a trunk has two small ones.
-    planar_cell = (planes.eigenvalues[0] < params.plane_tolerance**2) & (
-        planes.eigenvalues[1] > (0.25 * grid.cell) ** 2
-    )
-    # np.take along the cells: a[:, flat] is several times slower and gives strided rows.
-    normal, mean = np.take(planes.normal, flat, axis=1), np.take(planes.mean, flat, axis=1)
-    distance = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1]) + normal[2] * (z - mean[2]))
-    on_plane = planar_cell[flat] & (distance <= 2.0 * params.plane_tolerance)
+    planes, planar_cell, on_plane = roof_planes(grid, flat, x, y, z, params)
 
     window = 2 * max(1, int(round(params.vote_radius / grid.cell))) + 1
     if block.number_of_returns is not None:
@@ -153,13 +161,7 @@ def roofs_from_last_returns(
     grid = Grid.covering(block.x, block.y, cell)
     flat = grid.flat_index(block.x[last], block.y[last])
     x, y, z = block.x[last] - grid.x0, block.y[last] - grid.y0, model.height[last]
-    planes = local_planes(grid, flat, x, y, z, min_points=4)
-    planar_cell = (planes.eigenvalues[0] < params.plane_tolerance**2) & (
-        planes.eigenvalues[1] > (0.25 * grid.cell) ** 2
-    )
-    normal, mean = np.take(planes.normal, flat, axis=1), np.take(planes.mean, flat, axis=1)
-    distance = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1]) + normal[2] * (z - mean[2]))
-    on_plane = planar_cell[flat] & (distance <= 2.0 * params.plane_tolerance)
+    planes, planar_cell, on_plane = roof_planes(grid, flat, x, y, z, params)
     window = 2 * max(1, int(round(params.vote_radius / grid.cell))) + 1
     ground = np.flatnonzero(model.is_ground)
     votes, voters, n_ground = window_counts(
