@@ -279,9 +279,12 @@ def _run_tiles(
     from distributed.scheduler import NoWorkerError
 
     pending = iter(batches)
-    # One task per worker and one more queued: every worker stays busy while a finished task's
-    # successor is sent, and the scheduler holds only that many tasks' points at a time.
-    window = n_workers + 1
+    # Two tasks per worker and one more: Dask sends each worker its next task while it runs one
+    # (worker-saturation), so a worker goes on without waiting for the scheduler, which runs in
+    # this process and waits for the GIL while the output's LAZ encoder holds it (0.4-0.7 s a
+    # write); with one task per worker, workers sat idle that long after a tile. The scheduler
+    # still holds only that many tasks' points at a time (about 20 MB per 200 m tile).
+    window = 2 * n_workers + 1
 
     def submit(tile_ids: list[int]):
         # A fresh key: the same tiles in a later run must be classified again, not reused.
