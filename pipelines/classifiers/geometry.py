@@ -9,24 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from . import kernels
 from .grid import Grid
 
 
-def window_sums(grid: Grid, flat: np.ndarray, weights: list[np.ndarray | None], window: int = 3) -> list[np.ndarray]:
-    """Per-cell sums of each weight (None: count) over the window x window cell neighbourhood;
-    one array per weight, indexed by flat cell index."""
-    size = grid.nx * grid.ny
-    # Summed one raster at a time, not as one stack: a stack of ten 1 M cell rasters is a single
-    # array above malloc's mmap threshold (pipelines/data/dask-local.yaml), mapped afresh and
-    # zeroed by the kernel page by page on every call (with its sums, a tenth of a tile's CPU),
-    # where rasters under the threshold reuse the heap's pages. The same sums, the same bits.
-    # Counts (no weight) come as integers: summed as floats, as the other layers.
-    layers = (np.asarray(np.bincount(flat, w, minlength=size), dtype=np.float64) for w in weights)
-    return [box_sum(layer.reshape(1, grid.ny, grid.nx), window).ravel() for layer in layers]
-
-
 def window_counts(grid: Grid, layers: list[tuple[np.ndarray, np.ndarray | None]], window: int) -> list[np.ndarray]:
-    """Like window_sums for (cell index, weight or None) pairs of small counts, in float32.
+    """Per-cell sums of each weight (None: count) over the window x window cell neighbourhood, for
+    (cell index, weight or None) pairs of small counts, in float32; one array per pair.
 
     Counts need no float64: halving the memory traffic matters on rasters of a million cells.
     """
@@ -104,33 +93,28 @@ class LocalPlanes:
     `min_points` points in their neighbourhood have NaN eigenvalues and the normal (0, 0, 1).
     """
 
-    count: np.ndarray  # points in the neighbourhood
     mean: np.ndarray  # (3, cells) centroid, local coordinates
     eigenvalues: np.ndarray  # (3, cells) ascending variances
     normal: np.ndarray  # (3, cells) unit normal of the best-fit plane
 
 
 def local_planes(
-    grid: Grid, flat: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray, window: int = 3, min_points: int = 3
+    grid: Grid, flat: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray, min_points: int = 3
 ) -> LocalPlanes:
-    """Neighbourhood covariance per occupied cell.  x, y, z should be local (small) coordinates
-    so the raw second moments keep their precision."""
-    n, sx, sy, sz, sxx, sxy, sxz, syy, syz, szz = window_sums(
-        grid, flat, [None, x, y, z, x * x, x * y, x * z, y * y, y * z, z * z], window
-    )
-    # Only cells holding points need a plane: nothing else is ever looked up.
-    occupied = np.zeros(n.size, dtype=bool)
-    occupied[flat] = True
-    cells = np.flatnonzero(occupied & (n >= min_points))
-    cnt = n[cells]
-    mx, my, mz = sx[cells] / cnt, sy[cells] / cnt, sz[cells] / cnt
+    """Neighbourhood covariance (3x3 cells) per occupied cell.  x, y, z should be local (small)
+    coordinates so the raw second moments keep their precision."""
+    # Only cells holding points need a plane (nothing else is ever looked up): their window sums,
+    # compiled, where ten bincounts and ten window sums over the whole raster took 3-4x as long.
+    cells, sums = kernels.plane_sums(flat, x, y, z, grid.nx, grid.ny, min_points)
+    cnt, sx, sy, sz, sxx, sxy, sxz, syy, syz, szz = sums
+    mx, my, mz = sx / cnt, sy / cnt, sz / cnt
     values, normals = symmetric_eigen(
-        sxx[cells] / cnt - mx * mx,
-        sxy[cells] / cnt - mx * my,
-        sxz[cells] / cnt - mx * mz,
-        syy[cells] / cnt - my * my,
-        syz[cells] / cnt - my * mz,
-        szz[cells] / cnt - mz * mz,
+        sxx / cnt - mx * mx,
+        sxy / cnt - mx * my,
+        sxz / cnt - mx * mz,
+        syy / cnt - my * my,
+        syz / cnt - my * mz,
+        szz / cnt - mz * mz,
     )
     size = grid.nx * grid.ny
     # Filled row by row: a[:, cells] = ... scatters through a strided 2-D index, several times slower.
@@ -142,4 +126,4 @@ def local_planes(
         mean[k, cells] = row
         eigenvalues[k, cells] = np.maximum(values[k], 0.0)
         normal[k, cells] = normals[k]
-    return LocalPlanes(n, mean, eigenvalues, normal)
+    return LocalPlanes(mean, eigenvalues, normal)

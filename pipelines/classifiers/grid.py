@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from . import kernels
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -79,23 +81,8 @@ class Grid:
     def sample(self, raster: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Bilinear interpolation of a cell-centred raster at points (edges clamp)."""
         # One cell of edge padding keeps every 2x2 stencil inside without clipping indices.
-        flat = np.pad(raster, 1, mode="edge").ravel()
-        width = self.nx + 2
-        u = x * (1.0 / self.cell) - (self.i0 - 0.5)
-        v = y * (1.0 / self.cell) - (self.j0 - 0.5)
-        c0 = u.astype(np.intp)
-        r0 = v.astype(np.intp)
-        fu = u - c0
-        fv = v - r0
-        i = r0 * width + c0
-        # The stencil's other corners are read through shifted views: no i + 1, i + width arrays.
-        a = flat[i]
-        b = flat[1:][i]
-        top = a + (b - a) * fu
-        a = flat[width:][i]
-        b = flat[width + 1 :][i]
-        bottom = a + (b - a) * fu
-        return top + (bottom - top) * fv
+        padded = np.pad(raster, 1, mode="edge").ravel()
+        return kernels.bilinear(padded, self.nx + 2, x, y, 1.0 / self.cell, self.i0 - 0.5, self.j0 - 0.5)
 
 
 def fill_holes(raster: np.ndarray) -> np.ndarray:

@@ -36,8 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from . import kernels
 from .base import GROUND, UNCLASSIFIED, PointBlock
-from .geometry import window_sums
+from .geometry import box_sum
 from .grid import Grid, fill_holes, opening, slope_magnitude
 
 
@@ -249,33 +250,17 @@ def refine(
         index = index[keep]
     if index.size == 0:
         return height
-    # Local coordinates keep the second moments accurate for large projected values.
-    x = block.x - grid.x0
-    y = block.y - grid.y0
-    cells, xs, ys, hs = flat[index], x[index], y[index], height[index]
-    xx, xy, yy, xh, yh = xs * xs, xs * ys, ys * ys, xs * hs, ys * hs
-    weight = None
+    # Local coordinates (x - x0, y - y0) keep the second moments accurate for large projected
+    # values. Each point pass is compiled (the same arithmetic, see `kernels`); exp stays NumPy's.
+    x0, y0, size = grid.x0, grid.y0, grid.nx * grid.ny
+    weight = np.empty(0)
     window = neighbourhood(spacing, grid.cell, 3)
     # A weak pull of the slopes towards zero keeps the fit defined where the support is a line.
     damping = 1e-2 * grid.cell**2
     for round_ in range(params.fit_iterations):
-        # The first round weighs every point 1: the plain sums are the same numbers, without nine products.
-        weighted = (
-            [None, xs, ys, hs, xx, xy, yy, xh, yh]
-            if weight is None
-            else [
-                weight,
-                weight * xs,
-                weight * ys,
-                weight * hs,
-                weight * xx,
-                weight * xy,
-                weight * yy,
-                weight * xh,
-                weight * yh,
-            ]
-        )
-        n, sx, sy, sh, sxx, sxy, syy, sxh, syh = window_sums(grid, cells, weighted, window)
+        # The first round weighs every point 1 (an empty weight): the plain sums.
+        sums = kernels.moment_sums(index, flat, block.x, block.y, height, x0, y0, weight, size)
+        n, sx, sy, sh, sxx, sxy, syy, sxh, syh = box_sum(sums.reshape(9, grid.ny, grid.nx), window).reshape(9, size)
         count = np.maximum(n, 1e-12)
         mx, my, mh = sx / count, sy / count, sh / count
         cxx = sxx / count - mx * mx + damping
@@ -290,11 +275,11 @@ def refine(
         intercept = mh - gx * mx - gy * my
         if round_ == params.fit_iterations - 1:
             break  # the last round's planes are the result: no weights for a round that never comes
-        above = hs - (intercept[cells] + gx[cells] * xs + gy[cells] * ys)
-        weight = np.exp(-np.square(np.maximum(above, 0.0) * (1.0 / params.fit_softness)))
-    fitted = n[flat] > 1e-9
-    correction = intercept[flat] + gx[flat] * x + gy[flat] * y
-    return np.where(fitted, height - correction, height)
+        exponent = kernels.weight_exponents(
+            index, flat, block.x, block.y, height, x0, y0, intercept, gx, gy, 1.0 / params.fit_softness
+        )
+        weight = np.exp(exponent, out=exponent)
+    return kernels.plane_corrected(flat, block.x, block.y, height, x0, y0, n, intercept, gx, gy)
 
 
 def fit_surface(block: PointBlock, params: GroundParams) -> SurfaceFit:

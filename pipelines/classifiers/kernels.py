@@ -1,0 +1,194 @@
+"""The classifiers' per-point and per-cell loops, compiled (`pipelines.compiled`).
+
+Each loop does the arithmetic of the NumPy passes it replaces in the same order, so the results
+are the same bits (tests/test_kernels.py compares them): sums per cell accumulate point by point
+in the points' order, as np.bincount does; a 3x3 window sum adds a cell's column neighbours
+first, as `geometry.box_sum` does, and then the row sums left and right. What is gained is the
+passes: one loop over the points instead of one NumPy pass per sum, and window sums only where
+they are read instead of over every cell of a raster that is mostly empty.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.compiled import compiled
+
+
+@compiled
+def plane_sums(
+    flat: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray, nx: int, ny: int, min_points: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The cells holding points with at least `min_points` points in their 3x3-cell window (in
+    increasing order), and their window sums of 1, x, y, z, xx, xy, xz, yy, yz, zz (10, cells)."""
+    size = nx * ny
+    ident = np.full(size, -1, dtype=np.int32)
+    for p in range(flat.size):
+        ident[flat[p]] = 0
+    occupied = 0
+    for c in range(size):
+        if ident[c] == 0:
+            ident[c] = occupied
+            occupied += 1
+    sums = np.zeros((occupied, 10))
+    for p in range(flat.size):
+        k = ident[flat[p]]
+        xp, yp, zp = x[p], y[p], z[p]
+        sums[k, 0] += 1.0
+        sums[k, 1] += xp
+        sums[k, 2] += yp
+        sums[k, 3] += zp
+        sums[k, 4] += xp * xp
+        sums[k, 5] += xp * yp
+        sums[k, 6] += xp * zp
+        sums[k, 7] += yp * yp
+        sums[k, 8] += yp * zp
+        sums[k, 9] += zp * zp
+    cells = np.empty(occupied, dtype=np.int64)
+    window = np.empty((10, occupied))
+    total = np.empty(10)
+    part = np.empty(10)
+    kept = 0
+    for c in range(size):
+        if ident[c] < 0:
+            continue
+        row, col = c // nx, c % nx
+        # The window's cells in box_sum's order of addition: down each column (centre, above,
+        # below), then the column sums (centre, left, right). An empty cell or one off the raster
+        # adds nothing, as its zero does there.
+        total[:] = 0.0
+        for dc in (0, -1, 1):
+            part[:] = 0.0
+            if 0 <= col + dc < nx:
+                for dr in (0, -1, 1):
+                    if 0 <= row + dr < ny:
+                        k = ident[(row + dr) * nx + col + dc]
+                        if k >= 0:
+                            for layer in range(10):
+                                part[layer] += sums[k, layer]
+            for layer in range(10):
+                total[layer] += part[layer]
+        if total[0] < min_points:
+            continue
+        cells[kept] = c
+        window[:, kept] = total
+        kept += 1
+    return cells[:kept], window[:, :kept]
+
+
+@compiled
+def moment_sums(
+    index: np.ndarray,
+    flat: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    h: np.ndarray,
+    x0: float,
+    y0: float,
+    weight: np.ndarray,
+    size: int,
+) -> np.ndarray:
+    """Per cell, the sums of w, w x, w y, w h, w xx, w xy, w yy, w xh, w yh over the points `index`
+    (x, y relative to x0, y0; w = weight[i] for the i-th of them, 1 when `weight` is empty): the
+    surface fit's nine layers (9, size), as np.bincount sums the products `ground.refine` made."""
+    sums = np.zeros((9, size))
+    weighted = weight.size > 0
+    for i in range(index.size):
+        p = index[i]
+        c = flat[p]
+        xp, yp, hp = x[p] - x0, y[p] - y0, h[p]
+        if weighted:
+            w = weight[i]
+            sums[0, c] += w
+            sums[1, c] += w * xp
+            sums[2, c] += w * yp
+            sums[3, c] += w * hp
+            sums[4, c] += w * (xp * xp)
+            sums[5, c] += w * (xp * yp)
+            sums[6, c] += w * (yp * yp)
+            sums[7, c] += w * (xp * hp)
+            sums[8, c] += w * (yp * hp)
+        else:
+            sums[0, c] += 1.0
+            sums[1, c] += xp
+            sums[2, c] += yp
+            sums[3, c] += hp
+            sums[4, c] += xp * xp
+            sums[5, c] += xp * yp
+            sums[6, c] += yp * yp
+            sums[7, c] += xp * hp
+            sums[8, c] += yp * hp
+    return sums
+
+
+@compiled
+def weight_exponents(
+    index: np.ndarray,
+    flat: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    h: np.ndarray,
+    x0: float,
+    y0: float,
+    intercept: np.ndarray,
+    gx: np.ndarray,
+    gy: np.ndarray,
+    inverse_softness: float,
+) -> np.ndarray:
+    """-(max(above, 0) / softness)^2 per point of `index`, `above` its height over its cell's plane:
+    the exponent of the surface fit's weights (np.exp takes it: NumPy's exp and numba's differ in
+    the last bit)."""
+    out = np.empty(index.size)
+    for i in range(index.size):
+        p = index[i]
+        c = flat[p]
+        above = h[p] - (intercept[c] + gx[c] * (x[p] - x0) + gy[c] * (y[p] - y0))
+        # np.maximum keeps a NaN.
+        scaled = (above if above > 0.0 or above != above else 0.0) * inverse_softness
+        out[i] = -(scaled * scaled)
+    return out
+
+
+@compiled
+def plane_corrected(
+    flat: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    h: np.ndarray,
+    x0: float,
+    y0: float,
+    n: np.ndarray,
+    intercept: np.ndarray,
+    gx: np.ndarray,
+    gy: np.ndarray,
+) -> np.ndarray:
+    """Every point's height less its cell's plane, where the cell had support (n > 1e-9)."""
+    out = np.empty(flat.size)
+    for p in range(flat.size):
+        c = flat[p]
+        if n[c] > 1e-9:
+            out[p] = h[p] - (intercept[c] + gx[c] * (x[p] - x0) + gy[c] * (y[p] - y0))
+        else:
+            out[p] = h[p]
+    return out
+
+
+@compiled
+def bilinear(padded: np.ndarray, width: int, x: np.ndarray, y: np.ndarray, inverse: float, u0: float, v0: float):
+    """`Grid.sample`'s bilinear interpolation at every point, from the raster padded by one cell
+    (flattened, `width` cells a row); u0, v0 the padded raster's origin in cells."""
+    out = np.empty(x.size)
+    for p in range(x.size):
+        u = x[p] * inverse - u0
+        v = y[p] * inverse - v0
+        c0 = int(u)
+        r0 = int(v)
+        fu = u - c0
+        fv = v - r0
+        i = r0 * width + c0
+        a = padded[i]
+        top = a + (padded[i + 1] - a) * fu
+        a = padded[i + width]
+        bottom = a + (padded[i + width + 1] - a) * fu
+        out[p] = top + (bottom - top) * fv
+    return out

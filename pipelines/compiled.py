@@ -1,0 +1,64 @@
+"""Compiled loops (numba): the one decorator pointflow's compiled functions use, and where their
+machine code is cached.
+
+numba compiles a function the first time a process calls it, which takes seconds; with a cache it
+loads the machine code instead, in milliseconds. A Dask worker is a fresh process for every run,
+so without a cache every run would compile again. numba caches next to the source file (the
+package's `__pycache__`); where that is not writable (an installed package owned by another user,
+as in the Docker image) the cache goes to the user's cache folder, or else to the temp folder, so a
+read-only installation still compiles once, not once per process. A NUMBA_CACHE_DIR that the
+environment sets is left to numba.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numba
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def writable(folder: Path) -> bool:
+    """Whether files can be created in `folder` (made if missing): numba's own test of a cache folder."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return False
+    return True
+
+
+def cache_folder() -> Path | None:
+    """Where this process caches compiled code other than in the package's own `__pycache__` folders
+    (None: there, or where NUMBA_CACHE_DIR says). Each candidate is tried in order; a process that
+    finds none writable compiles without a cache."""
+    if os.environ.get("NUMBA_CACHE_DIR") or writable(PACKAGE / "__pycache__"):
+        return None
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    for folder in (user / "pointflow" / "numba", Path(tempfile.gettempdir()) / f"pointflow-numba-{os.getuid()}"):
+        if writable(folder):
+            return folder
+    return None
+
+
+def _configure() -> bool:
+    """Point numba's cache where `cache_folder` says; False when no folder is writable."""
+    folder = cache_folder()
+    if folder is not None:
+        # numba reads its CACHE_DIR when a cached function is decorated: set once, before any is.
+        numba.config.CACHE_DIR = str(folder)
+        return True
+    return bool(os.environ.get("NUMBA_CACHE_DIR")) or writable(PACKAGE / "__pycache__")
+
+
+CACHED = _configure()
+
+
+def compiled(function):
+    """Compile `function` in nopython mode, cached (see the module docstring), releasing the GIL so
+    threads of one worker run compiled loops side by side. No fastmath: the loops must give the same
+    bits as the NumPy arithmetic they replace."""
+    return numba.njit(cache=CACHED, nogil=True)(function)

@@ -1,0 +1,189 @@
+"""The compiled loops (pipelines/classifiers/kernels.py) give the same bits as the NumPy passes they
+replaced, written out here as they were, on real points (the IGN block's dense 0.25 m grid, a
+sparse ISPRS sample) and on rasters one cell wide; and their cache works where the installed
+package cannot be written to."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.classifiers import kernels
+from pipelines.classifiers.base import PointBlock
+from pipelines.classifiers.geometry import box_sum
+from pipelines.classifiers.grid import Grid
+from tests.test_classifiers import load
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def numpy_window_sums(grid: Grid, flat: np.ndarray, weights: list, window: int = 3) -> list[np.ndarray]:
+    """geometry.window_sums as it was: a bincount per weight, then box_sum over the whole raster."""
+    size = grid.nx * grid.ny
+    layers = (np.asarray(np.bincount(flat, w, minlength=size), dtype=np.float64) for w in weights)
+    return [box_sum(layer.reshape(1, grid.ny, grid.nx), window).ravel() for layer in layers]
+
+
+def numpy_sample(grid: Grid, raster: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Grid.sample as it was."""
+    flat = np.pad(raster, 1, mode="edge").ravel()
+    width = grid.nx + 2
+    u = x * (1.0 / grid.cell) - (grid.i0 - 0.5)
+    v = y * (1.0 / grid.cell) - (grid.j0 - 0.5)
+    c0, r0 = u.astype(np.intp), v.astype(np.intp)
+    fu, fv = u - c0, v - r0
+    i = r0 * width + c0
+    a, b = flat[i], flat[1:][i]
+    top = a + (b - a) * fu
+    a, b = flat[width:][i], flat[width + 1 :][i]
+    bottom = a + (b - a) * fu
+    return top + (bottom - top) * fv
+
+
+@pytest.fixture(scope="module", params=["ign_st_barth_100m.laz", "isprs/samp51.las"])
+def points(request) -> PointBlock:
+    block, _ = load(request.param)
+    return block
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit for bit, signed zeros included; NaN where NaN (whatever its sign bit)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.kind != "f":
+        return a.tobytes() == b.tobytes()
+    nan = np.isnan(a)
+    return np.array_equal(nan, np.isnan(b)) and a[~nan].tobytes() == b[~nan].tobytes()
+
+
+@pytest.mark.parametrize("cell", [0.25, 1.0, 4.0])
+@pytest.mark.parametrize("min_points", [3, 4])
+def test_plane_sums_are_the_window_sums_at_occupied_cells(points: PointBlock, cell: float, min_points: int) -> None:
+    grid = Grid.covering(points.x, points.y, cell)
+    flat = grid.flat_index(points.x, points.y)
+    x, y, z = points.x - grid.x0, points.y - grid.y0, points.z - points.z.min()
+    expected = numpy_window_sums(grid, flat, [None, x, y, z, x * x, x * y, x * z, y * y, y * z, z * z])
+    occupied = np.zeros(grid.nx * grid.ny, dtype=bool)
+    occupied[flat] = True
+    cells = np.flatnonzero(occupied & (expected[0] >= min_points))
+    found_cells, sums = kernels.plane_sums(flat, x, y, z, grid.nx, grid.ny, min_points)
+    assert same(found_cells, cells.astype(np.int64))
+    for layer in range(10):
+        assert same(np.ascontiguousarray(sums[layer]), expected[layer][cells])
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (7, 1), (1, 1), (2, 3)])
+def test_plane_sums_on_rasters_one_cell_wide(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(3)
+    ny, nx = shape
+    grid = Grid(0, 0, 1.0, nx, ny)
+    x, y = rng.uniform(0, nx, 200), rng.uniform(0, ny, 200)
+    z = rng.normal(5.0, 2.0, 200)
+    flat = grid.flat_index(x, y)
+    expected = numpy_window_sums(grid, flat, [None, x, y, z, x * x, x * y, x * z, y * y, y * z, z * z])
+    cells, sums = kernels.plane_sums(flat, x, y, z, nx, ny, 3)
+    assert same(cells, np.unique(flat).astype(np.int64))
+    for layer in range(10):
+        assert same(np.ascontiguousarray(sums[layer]), expected[layer][cells])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_moment_sums_are_the_bincounts_of_the_surface_fit(points: PointBlock, weighted: bool) -> None:
+    rng = np.random.default_rng(5)
+    grid = Grid.covering(points.x, points.y, 1.0)
+    flat = grid.flat_index(points.x, points.y)
+    h = points.z - points.z.min() - 0.5
+    index = np.sort(rng.choice(len(points), len(points) // 3, replace=False))
+    xs, ys, hs = points.x[index] - grid.x0, points.y[index] - grid.y0, h[index]
+    products = [xs, ys, hs, xs * xs, xs * ys, ys * ys, xs * hs, ys * hs]
+    weight = rng.uniform(0.0, 1.0, index.size) if weighted else np.empty(0)
+    layers = [weight, *(weight * p for p in products)] if weighted else [None, *products]
+    sums = kernels.moment_sums(index, flat, points.x, points.y, h, grid.x0, grid.y0, weight, grid.nx * grid.ny)
+    for layer, w in enumerate(layers):
+        expected = np.asarray(np.bincount(flat[index], w, minlength=grid.nx * grid.ny), dtype=np.float64)
+        assert same(sums[layer], expected)
+
+
+def test_weights_and_corrections_are_the_surface_fits(points: PointBlock) -> None:
+    rng = np.random.default_rng(11)
+    grid = Grid.covering(points.x, points.y, 1.0)
+    flat = grid.flat_index(points.x, points.y)
+    size = grid.nx * grid.ny
+    h = points.z - points.z.min() - 0.5
+    intercept, gx, gy = rng.normal(0.0, 1.0, size), rng.normal(0.0, 0.1, size), rng.normal(0.0, 0.1, size)
+    intercept[::97] = np.nan  # a cell whose plane is undefined keeps NaN, as np.maximum does
+    n = np.where(rng.uniform(size=size) < 0.2, 0.0, rng.uniform(0.5, 20.0, size))
+    index = np.flatnonzero(rng.uniform(size=len(points)) < 0.5)
+    x, y = points.x - grid.x0, points.y - grid.y0
+    cells, xs, ys, hs = flat[index], x[index], y[index], h[index]
+    above = hs - (intercept[cells] + gx[cells] * xs + gy[cells] * ys)
+    expected = -np.square(np.maximum(above, 0.0) * (1.0 / 0.15))
+    found = kernels.weight_exponents(index, flat, points.x, points.y, h, grid.x0, grid.y0, intercept, gx, gy, 1 / 0.15)
+    assert same(found, expected)
+    correction = intercept[flat] + gx[flat] * x + gy[flat] * y
+    expected = np.where(n[flat] > 1e-9, h - correction, h)
+    assert same(kernels.plane_corrected(flat, points.x, points.y, h, grid.x0, grid.y0, n, intercept, gx, gy), expected)
+
+
+@pytest.mark.parametrize("cell", [0.25, 1.0, 3.0])
+def test_bilinear_is_the_grids_sample(points: PointBlock, cell: float) -> None:
+    grid = Grid.covering(points.x, points.y, cell)
+    raster = np.random.default_rng(2).normal(10.0, 3.0, grid.shape)
+    assert same(grid.sample(raster, points.x, points.y), numpy_sample(grid, raster, points.x, points.y))
+
+
+CALL_ONE = """
+import numpy as np, numba
+from pipelines import compiled
+from pipelines.classifiers import kernels
+out = kernels.bilinear(np.arange(16.0), 4, np.array([0.75]), np.array([1.25]), 1.0, -0.5, -0.5)
+assert out[0] == 8.25, out
+print(compiled.CACHED, numba.config.CACHE_DIR, sum(kernels.bilinear.stats.cache_hits.values()))
+"""
+
+
+def read_only_copy(tmp_path: Path) -> Path:
+    """The pipelines package where no `__pycache__` folder can be made (a file holds each name):
+    what an installation owned by another user is to numba, even to root, who may write anywhere."""
+    root = tmp_path / "site"
+    shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in (root / "pipelines", root / "pipelines" / "classifiers"):
+        (folder / "__pycache__").write_text("")
+    return root
+
+
+def fresh(root: Path, env: dict[str, str]) -> list[str]:
+    run = subprocess.run(
+        [sys.executable, "-c", CALL_ONE],
+        cwd=root,
+        env={**{k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}, "PYTHONPATH": str(root), **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return run.stdout.split()
+
+
+def test_a_read_only_installation_caches_in_the_users_cache_folder(tmp_path: Path) -> None:
+    root = read_only_copy(tmp_path)
+    cache = tmp_path / "cache"
+    first = fresh(root, {"XDG_CACHE_HOME": str(cache)})
+    assert first == ["True", str(cache / "pointflow" / "numba"), "0"]
+    assert any((cache / "pointflow" / "numba").rglob("*bilinear*.nbi")), "nothing cached"
+    # A second process, as the next run's Dask worker: loaded from the cache, not compiled.
+    assert fresh(root, {"XDG_CACHE_HOME": str(cache)}) == ["True", str(cache / "pointflow" / "numba"), "1"]
+
+
+def test_without_a_user_cache_folder_the_cache_goes_to_the_temp_folder(tmp_path: Path) -> None:
+    root = read_only_copy(tmp_path)
+    (tmp_path / "no-cache").write_text("")  # a file: no folder can be made under it
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    found = fresh(root, {"XDG_CACHE_HOME": str(tmp_path / "no-cache"), "TMPDIR": str(temp)})
+    assert found == ["True", str(temp / f"pointflow-numba-{os.getuid()}"), "0"]
