@@ -71,7 +71,7 @@ def local_cluster(settings: Settings, workers: int | None = None) -> Iterator[An
     config = _local_config()
     scheduler_config = {key: _lookup(config, key) for key in _SCHEDULER_CONFIG_KEYS}
     # A nanny would set these in its worker's environment (pre-spawn-environ): the workers inherit them from here.
-    malloc = {k: str(v) for k, v in config["distributed"]["nanny"]["pre-spawn-environ"].items()}
+    malloc = local_malloc_settings()
     worker = {
         "cls": SubprocessWorker,
         "options": {
@@ -109,6 +109,11 @@ def local_cluster(settings: Settings, workers: int | None = None) -> Iterator[An
         ) as cluster,
     ):
         yield cluster
+
+
+def local_malloc_settings() -> dict[str, str]:
+    """The malloc variables of the local cluster's workers (dask-local.yaml), by name."""
+    return {k: str(v) for k, v in _local_config()["distributed"]["nanny"]["pre-spawn-environ"].items()}
 
 
 def _lookup(config: dict[str, Any], key: str) -> Any:
