@@ -16,7 +16,7 @@ import pytest
 
 from pipelines.classifiers import kernels
 from pipelines.classifiers.base import PointBlock
-from pipelines.classifiers.geometry import box_sum
+from pipelines.classifiers.geometry import box_sum, local_planes
 from pipelines.classifiers.grid import Grid
 from tests.test_classifiers import load
 
@@ -44,6 +44,66 @@ def numpy_sample(grid: Grid, raster: np.ndarray, x: np.ndarray, y: np.ndarray) -
     a, b = flat[width:][i], flat[width + 1 :][i]
     bottom = a + (b - a) * fu
     return top + (bottom - top) * fv
+
+
+def numpy_symmetric_eigen(xx, xy, xz, yy, yz, zz) -> tuple[np.ndarray, np.ndarray]:
+    """geometry.symmetric_eigen as it was: eigenvalues (3, n) ascending and the unit eigenvector of
+    the smallest, by the trigonometric method, in NumPy."""
+    q = (xx + yy + zz) / 3.0
+    p1 = xy * xy + xz * xz + yz * yz
+    p2 = (xx - q) ** 2 + (yy - q) ** 2 + (zz - q) ** 2 + 2.0 * p1
+    p = np.sqrt(p2 / 6.0)
+    safe = np.where(p > 0, p, 1.0)
+    b00, b11, b22 = (xx - q) / safe, (yy - q) / safe, (zz - q) / safe
+    b01, b02, b12 = xy / safe, xz / safe, yz / safe
+    det = b00 * (b11 * b22 - b12 * b12) - b01 * (b01 * b22 - b12 * b02) + b02 * (b01 * b12 - b11 * b02)
+    phi = np.arccos(np.clip(det / 2.0, -1.0, 1.0)) / 3.0
+    largest = q + 2.0 * p * np.cos(phi)
+    smallest = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)
+    middle = 3.0 * q - largest - smallest
+    values = np.stack([smallest, middle, largest])
+    a00, a11, a22 = xx - smallest, yy - smallest, zz - smallest
+    crosses = (
+        (xy * yz - xz * a11, xz * xy - a00 * yz, a00 * a11 - xy * xy),
+        (xy * a22 - xz * yz, xz * xz - a00 * a22, a00 * yz - xy * xz),
+        (a11 * a22 - yz * yz, yz * xz - xy * a22, xy * yz - a11 * xz),
+    )
+    norms = np.stack([cx * cx + cy * cy + cz * cz for cx, cy, cz in crosses])
+    pick = np.argmax(norms, axis=0)
+    normal = np.stack([np.choose(pick, [c[k] for c in crosses]) for k in range(3)])
+    length = np.sqrt(np.take_along_axis(norms, pick[None], axis=0)[0])
+    degenerate = length <= 1e-12 * np.maximum(np.abs(values).max(axis=0), 1e-300) ** 2
+    normal /= np.where(degenerate, 1.0, length)
+    normal[:, degenerate] = np.array([[0.0], [0.0], [1.0]])
+    return values, normal
+
+
+def numpy_local_planes(grid: Grid, flat, x, y, z, min_points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """geometry.local_planes as it was: (mean, eigenvalues, normal), each (3, cells of the raster)."""
+    n, sx, sy, sz, sxx, sxy, sxz, syy, syz, szz = numpy_window_sums(
+        grid, flat, [None, x, y, z, x * x, x * y, x * z, y * y, y * z, z * z]
+    )
+    occupied = np.zeros(n.size, dtype=bool)
+    occupied[flat] = True
+    cells = np.flatnonzero(occupied & (n >= min_points))
+    cnt = n[cells]
+    mx, my, mz = sx[cells] / cnt, sy[cells] / cnt, sz[cells] / cnt
+    values, normals = numpy_symmetric_eigen(
+        sxx[cells] / cnt - mx * mx,
+        sxy[cells] / cnt - mx * my,
+        sxz[cells] / cnt - mx * mz,
+        syy[cells] / cnt - my * my,
+        syz[cells] / cnt - my * mz,
+        szz[cells] / cnt - mz * mz,
+    )
+    size = grid.nx * grid.ny
+    mean, eigenvalues, normal = np.zeros((3, size)), np.full((3, size), np.nan), np.zeros((3, size))
+    normal[2] = 1.0
+    for k, row in enumerate((mx, my, mz)):
+        mean[k, cells] = row
+        eigenvalues[k, cells] = np.maximum(values[k], 0.0)
+        normal[k, cells] = normals[k]
+    return mean, eigenvalues, normal
 
 
 @pytest.fixture(scope="module", params=["ign_st_barth_100m.laz", "isprs/samp51.las"])
@@ -91,6 +151,33 @@ def test_plane_sums_on_rasters_one_cell_wide(shape: tuple[int, int]) -> None:
     assert same(cells, np.unique(flat).astype(np.int64))
     for layer in range(10):
         assert same(np.ascontiguousarray(sums[layer]), expected[layer][cells])
+
+
+@pytest.mark.parametrize("cell", [0.25, 0.5, 2.0])
+def test_local_planes_are_numpys(points: PointBlock, cell: float) -> None:
+    grid = Grid.covering(points.x, points.y, cell)
+    flat = grid.flat_index(points.x, points.y)
+    x, y, z = points.x - grid.x0, points.y - grid.y0, points.z - points.z.min()
+    planes = local_planes(grid, flat, x, y, z, min_points=4)
+    mean, eigenvalues, normal = numpy_local_planes(grid, flat, x, y, z, 4)
+    assert same(planes.mean, mean) and same(planes.eigenvalues, eigenvalues) and same(planes.normal, normal)
+
+
+def test_local_planes_of_degenerate_neighbourhoods_are_numpys() -> None:
+    """Points on a line, on a plane, all in one spot, and a plane tilted every way: isotropic and
+    rank-deficient covariances take the degenerate branch and the eigenvector's ties."""
+    rng = np.random.default_rng(8)
+    t = rng.uniform(0, 4, 400)
+    x = np.concatenate([t, t, np.full(100, 2.0), rng.uniform(0, 4, 400)])
+    y = np.concatenate([t, rng.uniform(0, 4, 400), np.full(100, 2.0), rng.uniform(0, 4, 400)])
+    z = np.concatenate([t, np.zeros(400), np.full(100, 1.0), x[900:] * 0.3 - y[900:] * 0.2])
+    # The four groups side by side, 8 m apart.
+    x = x + np.repeat([0.0, 8.0, 16.0, 24.0], [400, 400, 100, 400])
+    grid = Grid(0, 0, 1.0, 28, 4)
+    flat = grid.flat_index(np.minimum(x, 27.99), np.minimum(y, 3.99))
+    planes = local_planes(grid, flat, x, y, z, min_points=3)
+    mean, eigenvalues, normal = numpy_local_planes(grid, flat, x, y, z, 3)
+    assert same(planes.mean, mean) and same(planes.eigenvalues, eigenvalues) and same(planes.normal, normal)
 
 
 @pytest.mark.parametrize("weighted", [False, True])

@@ -47,44 +47,6 @@ def box_sum(stack: np.ndarray, window: int) -> np.ndarray:
     return summed
 
 
-def symmetric_eigen(
-    xx: np.ndarray, xy: np.ndarray, xz: np.ndarray, yy: np.ndarray, yz: np.ndarray, zz: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (3, n), ascending, and the unit eigenvector of the smallest one (3, n) of
-    symmetric 3x3 matrices, in closed form (trigonometric method); several times faster than a
-    batched np.linalg.eigh.  Isotropic or empty matrices get the normal (0, 0, 1)."""
-    q = (xx + yy + zz) / 3.0
-    p1 = xy * xy + xz * xz + yz * yz
-    p2 = (xx - q) ** 2 + (yy - q) ** 2 + (zz - q) ** 2 + 2.0 * p1
-    p = np.sqrt(p2 / 6.0)
-    safe = np.where(p > 0, p, 1.0)
-    b00, b11, b22 = (xx - q) / safe, (yy - q) / safe, (zz - q) / safe
-    b01, b02, b12 = xy / safe, xz / safe, yz / safe
-    det = b00 * (b11 * b22 - b12 * b12) - b01 * (b01 * b22 - b12 * b02) + b02 * (b01 * b12 - b11 * b02)
-    phi = np.arccos(np.clip(det / 2.0, -1.0, 1.0)) / 3.0
-    largest = q + 2.0 * p * np.cos(phi)
-    smallest = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)
-    middle = 3.0 * q - largest - smallest
-    values = np.stack([smallest, middle, largest])
-
-    # Eigenvector of the smallest eigenvalue: cross product of two rows of (A - l I); take the
-    # pair with the largest cross product for numerical stability.
-    a00, a11, a22 = xx - smallest, yy - smallest, zz - smallest
-    crosses = (
-        (xy * yz - xz * a11, xz * xy - a00 * yz, a00 * a11 - xy * xy),  # row0 x row1
-        (xy * a22 - xz * yz, xz * xz - a00 * a22, a00 * yz - xy * xz),  # row0 x row2
-        (a11 * a22 - yz * yz, yz * xz - xy * a22, xy * yz - a11 * xz),  # row1 x row2
-    )
-    norms = np.stack([cx * cx + cy * cy + cz * cz for cx, cy, cz in crosses])
-    pick = np.argmax(norms, axis=0)
-    normal = np.stack([np.choose(pick, [c[k] for c in crosses]) for k in range(3)])
-    length = np.sqrt(np.take_along_axis(norms, pick[None], axis=0)[0])
-    degenerate = length <= 1e-12 * np.maximum(np.abs(values).max(axis=0), 1e-300) ** 2
-    normal /= np.where(degenerate, 1.0, length)
-    normal[:, degenerate] = np.array([[0.0], [0.0], [1.0]])
-    return values, normal
-
-
 @dataclass(frozen=True)
 class LocalPlanes:
     """Covariance of the points in each cell's neighbourhood, for cells with enough points.
@@ -104,26 +66,19 @@ def local_planes(
     """Neighbourhood covariance (3x3 cells) per occupied cell.  x, y, z should be local (small)
     coordinates so the raw second moments keep their precision."""
     # Only cells holding points need a plane (nothing else is ever looked up): their window sums,
-    # compiled, where ten bincounts and ten window sums over the whole raster took 3-4x as long.
+    # compiled: ten bincounts and ten window sums over the whole raster took 1.4x as long.
     cells, sums = kernels.plane_sums(flat, x, y, z, grid.nx, grid.ny, min_points)
-    cnt, sx, sy, sz, sxx, sxy, sxz, syy, syz, szz = sums
-    mx, my, mz = sx / cnt, sy / cnt, sz / cnt
-    values, normals = symmetric_eigen(
-        sxx / cnt - mx * mx,
-        sxy / cnt - mx * my,
-        sxz / cnt - mx * mz,
-        syy / cnt - my * my,
-        syz / cnt - my * mz,
-        szz / cnt - mz * mz,
-    )
+    # Eigenvalues and normal by the trigonometric method (closed form, several times faster than a
+    # batched np.linalg.eigh), compiled but for the arccos and cosines: NumPy's (SIMD) and numba's
+    # differ in the last bit.
+    means, cov, start = kernels.eigen_start(sums)
+    phi = np.arccos(start[2]) / 3.0
     size = grid.nx * grid.ny
-    # Filled row by row: a[:, cells] = ... scatters through a strided 2-D index, several times slower.
     mean = np.zeros((3, size))
     eigenvalues = np.full((3, size), np.nan)
     normal = np.zeros((3, size))
     normal[2] = 1.0
-    for k, row in enumerate((mx, my, mz)):
-        mean[k, cells] = row
-        eigenvalues[k, cells] = np.maximum(values[k], 0.0)
-        normal[k, cells] = normals[k]
+    kernels.eigen_finish(
+        cells, means, cov, start, np.cos(phi), np.cos(phi + 2.0 * np.pi / 3.0), mean, eigenvalues, normal
+    )
     return LocalPlanes(mean, eigenvalues, normal)

@@ -192,3 +192,93 @@ def bilinear(padded: np.ndarray, width: int, x: np.ndarray, y: np.ndarray, inver
         bottom = a + (padded[i + width + 1] - a) * fu
         out[p] = top + (bottom - top) * fv
     return out
+
+
+@compiled
+def eigen_start(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From `plane_sums`' window sums: the means (3, cells), the covariances xx, xy, xz, yy, yz, zz
+    (6, cells), and q, p and the clipped half determinant of (A - q I) / p (3, cells) of the
+    trigonometric eigenvalue method, whose arccos and cosines NumPy takes (see `eigen_finish`)."""
+    m = sums.shape[1]
+    mean = np.empty((3, m))
+    cov = np.empty((6, m))
+    start = np.empty((3, m))
+    for i in range(m):
+        cnt = sums[0, i]
+        mx, my, mz = sums[1, i] / cnt, sums[2, i] / cnt, sums[3, i] / cnt
+        xx = sums[4, i] / cnt - mx * mx
+        xy = sums[5, i] / cnt - mx * my
+        xz = sums[6, i] / cnt - mx * mz
+        yy = sums[7, i] / cnt - my * my
+        yz = sums[8, i] / cnt - my * mz
+        zz = sums[9, i] / cnt - mz * mz
+        mean[0, i], mean[1, i], mean[2, i] = mx, my, mz
+        cov[0, i], cov[1, i], cov[2, i], cov[3, i], cov[4, i], cov[5, i] = xx, xy, xz, yy, yz, zz
+        q = (xx + yy + zz) / 3.0
+        p1 = xy * xy + xz * xz + yz * yz
+        p2 = (xx - q) * (xx - q) + (yy - q) * (yy - q) + (zz - q) * (zz - q) + 2.0 * p1
+        p = np.sqrt(p2 / 6.0)
+        safe = p if p > 0 else 1.0
+        b00, b11, b22 = (xx - q) / safe, (yy - q) / safe, (zz - q) / safe
+        b01, b02, b12 = xy / safe, xz / safe, yz / safe
+        det = b00 * (b11 * b22 - b12 * b12) - b01 * (b01 * b22 - b12 * b02) + b02 * (b01 * b12 - b11 * b02)
+        half = det / 2.0
+        # np.clip keeps a NaN.
+        start[0, i], start[1, i], start[2, i] = q, p, -1.0 if half < -1.0 else (1.0 if half > 1.0 else half)
+    return mean, cov, start
+
+
+@compiled
+def eigen_finish(
+    cells: np.ndarray,
+    mean: np.ndarray,
+    cov: np.ndarray,
+    start: np.ndarray,
+    cos_largest: np.ndarray,
+    cos_smallest: np.ndarray,
+    mean_out: np.ndarray,
+    eigenvalues_out: np.ndarray,
+    normal_out: np.ndarray,
+) -> None:
+    """The eigenvalues (ascending, at least 0) and the unit eigenvector of the smallest one of each
+    covariance, written with the means at `cells` of the (3, raster) outputs. The eigenvector is the
+    largest cross product of two rows of (A - smallest I), as np.argmax picks it (the first largest,
+    or the first NaN); an isotropic or empty covariance gets (0, 0, 1)."""
+    crosses = np.empty((3, 3))
+    norms = np.empty(3)
+    for i in range(cells.size):
+        xx, xy, xz, yy, yz, zz = cov[0, i], cov[1, i], cov[2, i], cov[3, i], cov[4, i], cov[5, i]
+        q, p = start[0, i], start[1, i]
+        largest = q + 2.0 * p * cos_largest[i]
+        smallest = q + 2.0 * p * cos_smallest[i]
+        middle = 3.0 * q - largest - smallest
+        a00, a11, a22 = xx - smallest, yy - smallest, zz - smallest
+        crosses[0, 0], crosses[0, 1], crosses[0, 2] = xy * yz - xz * a11, xz * xy - a00 * yz, a00 * a11 - xy * xy
+        crosses[1, 0], crosses[1, 1], crosses[1, 2] = xy * a22 - xz * yz, xz * xz - a00 * a22, a00 * yz - xy * xz
+        crosses[2, 0], crosses[2, 1], crosses[2, 2] = a11 * a22 - yz * yz, yz * xz - xy * a22, xy * yz - a11 * xz
+        pick = 0
+        for k in range(3):
+            norms[k] = crosses[k, 0] * crosses[k, 0] + crosses[k, 1] * crosses[k, 1] + crosses[k, 2] * crosses[k, 2]
+        if not np.isnan(norms[0]):
+            for k in range(1, 3):
+                if np.isnan(norms[k]):
+                    pick = k
+                    break
+                if norms[k] > norms[pick]:
+                    pick = k
+        length = np.sqrt(norms[pick])
+        # np.max and np.maximum keep a NaN.
+        if np.isnan(smallest) or np.isnan(middle) or np.isnan(largest):
+            scale = np.nan
+        else:
+            scale = max(abs(smallest), abs(middle), abs(largest))
+            scale = scale if scale > 1e-300 else 1e-300
+        degenerate = length <= 1e-12 * (scale * scale)
+        c = cells[i]
+        for k in range(3):
+            mean_out[k, c] = mean[k, i]
+            normal_out[k, c] = 0.0 if degenerate else crosses[pick, k] / length
+        if degenerate:
+            normal_out[2, c] = 1.0
+        for k, value in enumerate((smallest, middle, largest)):
+            eigenvalues_out[k, c] = value if value >= 0.0 or np.isnan(value) else 0.0
