@@ -274,3 +274,36 @@ def test_without_a_user_cache_folder_the_cache_goes_to_the_temp_folder(tmp_path:
     temp.mkdir()
     found = fresh(root, {"XDG_CACHE_HOME": str(tmp_path / "no-cache"), "TMPDIR": str(temp)})
     assert found == ["True", str(temp / f"pointflow-numba-{os.getuid()}"), "0"]
+
+
+@pytest.mark.parametrize(("compiled", "ufunc"), [(kernels.maximum_at, np.maximum), (kernels.minimum_at, np.minimum)])
+def test_extremes_at_are_numpys_ufunc_at(points: PointBlock, compiled, ufunc) -> None:
+    """Real heights per 0.5 m cell, and NaN, signed zeros and ties, where NumPy's choice shows."""
+    grid = Grid.covering(points.x, points.y, 0.5)
+    flat = grid.flat_index(points.x, points.y)
+    values = points.z - np.median(points.z)
+    values[::1000] = np.nan
+    values[1::1000] = -0.0
+    values[2::1000] = 0.0
+    for start in (-np.inf, np.inf, 0.0, -0.0):
+        expected = np.full(grid.nx * grid.ny, start)
+        with np.errstate(invalid="ignore"):  # NaN meets NaN
+            ufunc.at(expected, flat, values)
+        found = np.full(grid.nx * grid.ny, start)
+        compiled(found, flat, values)
+        assert same(found, expected)
+    zeros = np.array([0.0, -0.0, 0.0, -0.0, -0.0, 0.0])
+    expected, found = np.zeros(2), np.zeros(2)
+    ufunc.at(expected, np.array([0, 0, 0, 1, 1, 1]), zeros)
+    compiled(found, np.array([0, 0, 0, 1, 1, 1]), zeros)
+    assert expected.tobytes() == found.tobytes()
+
+
+def test_plane_distances_are_numpys(points: PointBlock) -> None:
+    grid = Grid.covering(points.x, points.y, 0.5)
+    flat = grid.flat_index(points.x, points.y)
+    x, y, z = points.x - grid.x0, points.y - grid.y0, points.z - points.z.min()
+    planes = local_planes(grid, flat, x, y, z, min_points=4)
+    normal, mean = np.take(planes.normal, flat, axis=1), np.take(planes.mean, flat, axis=1)
+    expected = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1]) + normal[2] * (z - mean[2]))
+    assert same(kernels.plane_distances(planes.normal, planes.mean, flat, x, y, z), expected)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from . import kernels
 from .base import PointBlock
 from .geometry import LocalPlanes, local_planes, window_counts
 from .grid import Grid, close_and_fill, within_reach
@@ -30,9 +31,7 @@ def roof_planes(
     planar_cell = (planes.eigenvalues[0] < params.plane_tolerance**2) & (
         planes.eigenvalues[1] > (0.25 * grid.cell) ** 2
     )
-    # np.take along the cells: a[:, flat] is several times slower and gives strided rows.
-    normal, mean = np.take(planes.normal, flat, axis=1), np.take(planes.mean, flat, axis=1)
-    distance = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1]) + normal[2] * (z - mean[2]))
+    distance = kernels.plane_distances(planes.normal, planes.mean, flat, x, y, z)
     return planes, planar_cell, planar_cell[flat] & (distance <= 2.0 * params.plane_tolerance)
 
 
@@ -111,7 +110,7 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
         # The highest roof point within the margin of each cell: eaves and walls are no higher.
         z_raised = model.height[raised]
         top = np.full(grid.nx * grid.ny, -np.inf)
-        np.maximum.at(top, flat_raised[in_segment], z_raised[in_segment])
+        kernels.maximum_at(top, flat_raised[in_segment], z_raised[in_segment])
         top = ndimage.maximum_filter(
             top.reshape(grid.shape), size=2 * margin + 1, mode="constant", cval=-np.inf
         ).ravel()
@@ -251,7 +250,7 @@ def walls_and_eaves(
     occupied[flat_raised[building]] = True
     near = within_reach(occupied.reshape(grid.shape), params.wall_reach, grid.cell).ravel()
     roof = np.full(grid.nx * grid.ny, -np.inf)
-    np.maximum.at(roof, flat_raised[building], z[building])
+    kernels.maximum_at(roof, flat_raised[building], z[building])
     reach = int(np.ceil(params.wall_reach / grid.cell))
     roof_beside = ndimage.maximum_filter(roof.reshape(grid.shape), size=2 * reach + 1).ravel()
     result = ~building & near[flat_raised] & (z <= roof_beside[flat_raised] + params.plane_tolerance)
@@ -290,8 +289,7 @@ def roof_extension(
     distance = np.sqrt((nearest_row - row).astype(np.float64) ** 2 + (nearest_col - col).astype(np.float64) ** 2)
     near = np.flatnonzero(distance <= params.roof_growth / grid.cell)
     nearest = nearest_row[near] * grid.nx + nearest_col[near]
-    normal, mean = np.take(planes.normal, nearest, axis=1), np.take(planes.mean, nearest, axis=1)
-    offset = np.abs(normal[0] * (x[near] - mean[0]) + normal[1] * (y[near] - mean[1]) + normal[2] * (z[near] - mean[2]))
+    offset = kernels.plane_distances(planes.normal, planes.mean, nearest, x[near], y[near], z[near])
     result = np.zeros(flat.size, dtype=bool)
     result[near[offset <= params.roof_growth_tolerance]] = True
     return result

@@ -67,14 +67,14 @@ class Grid:
     def cell_min(self, flat: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Lowest z per cell; NaN where a cell holds no point."""
         out = np.full(self.nx * self.ny, np.inf)
-        np.minimum.at(out, flat, z)
+        kernels.minimum_at(out, flat, z)
         out[np.isinf(out)] = np.nan
         return out.reshape(self.shape)
 
     def cell_max(self, flat: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Highest z per cell; NaN where a cell holds no point."""
         out = np.full(self.nx * self.ny, -np.inf)
-        np.maximum.at(out, flat, z)
+        kernels.maximum_at(out, flat, z)
         out[np.isinf(out)] = np.nan
         return out.reshape(self.shape)
 

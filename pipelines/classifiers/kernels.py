@@ -282,3 +282,38 @@ def eigen_finish(
             normal_out[2, c] = 1.0
         for k, value in enumerate((smallest, middle, largest)):
             eigenvalues_out[k, c] = value if value >= 0.0 or np.isnan(value) else 0.0
+
+
+@compiled
+def maximum_at(out: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
+    """np.maximum.at(out, index, values): NumPy's maximum keeps a NaN and, on a tie, takes the value
+    (which decides only the sign of a zero)."""
+    for i in range(index.size):
+        c = index[i]
+        current, value = out[c], values[i]
+        if current == current and (value != value or value >= current):
+            out[c] = value
+
+
+@compiled
+def minimum_at(out: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
+    """np.minimum.at(out, index, values), as `maximum_at`."""
+    for i in range(index.size):
+        c = index[i]
+        current, value = out[c], values[i]
+        if current == current and (value != value or value <= current):
+            out[c] = value
+
+
+@compiled
+def plane_distances(
+    normal: np.ndarray, mean: np.ndarray, cells: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray
+) -> np.ndarray:
+    """Each point's distance from the local plane of its cell in `cells` (normal and mean (3, raster))."""
+    out = np.empty(cells.size)
+    for p in range(cells.size):
+        c = cells[p]
+        out[p] = abs(
+            normal[0, c] * (x[p] - mean[0, c]) + normal[1, c] * (y[p] - mean[1, c]) + normal[2, c] * (z[p] - mean[2, c])
+        )
+    return out
