@@ -12,11 +12,10 @@ environment sets is left to numba.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
-
-import numba
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -44,21 +43,43 @@ def cache_folder() -> Path | None:
     return None
 
 
-def _configure() -> bool:
-    """Point numba's cache where `cache_folder` says; False when no folder is writable."""
+@functools.cache
+def jit():
+    """numba's njit as this process uses it, with the cache where `cache_folder` says. numba is
+    imported here, on the first call of a compiled function, not when a module defines one: its
+    0.15 CPU-s would otherwise go to every process that imports the classifiers without running
+    them (the command, Airflow's validate and classify tasks)."""
+    import numba
+
     folder = cache_folder()
     if folder is not None:
-        # numba reads its CACHE_DIR when a cached function is decorated: set once, before any is.
+        # numba reads its CACHE_DIR when a cached function is compiled: set before any is.
         numba.config.CACHE_DIR = str(folder)
-        return True
-    return bool(os.environ.get("NUMBA_CACHE_DIR")) or writable(PACKAGE / "__pycache__")
+    cached = folder is not None or bool(os.environ.get("NUMBA_CACHE_DIR")) or writable(PACKAGE / "__pycache__")
+    # No fastmath: the loops must give the same bits as the NumPy arithmetic they replace. nogil:
+    # threads of one worker run compiled loops side by side.
+    return functools.partial(numba.njit, cache=cached, nogil=True)
 
 
-CACHED = _configure()
+class Compiled:
+    """A function compiled in nopython mode (see `jit`) on its first call."""
+
+    def __init__(self, function) -> None:
+        self.function = function
+        self._dispatcher = None
+        functools.update_wrapper(self, function)
+
+    @property
+    def dispatcher(self):
+        """numba's dispatcher of the function (its compiled versions, its cache statistics)."""
+        if self._dispatcher is None:
+            self._dispatcher = jit()(self.function)
+        return self._dispatcher
+
+    def __call__(self, *args):
+        return self.dispatcher(*args)
 
 
-def compiled(function):
-    """Compile `function` in nopython mode, cached (see the module docstring), releasing the GIL so
-    threads of one worker run compiled loops side by side. No fastmath: the loops must give the same
-    bits as the NumPy arithmetic they replace."""
-    return numba.njit(cache=CACHED, nogil=True)(function)
+def compiled(function) -> Compiled:
+    """Decorator: `function`, compiled on its first call."""
+    return Compiled(function)

@@ -231,7 +231,7 @@ from pipelines import compiled
 from pipelines.classifiers import kernels
 out = kernels.bilinear(np.arange(16.0), 4, np.array([0.75]), np.array([1.25]), 1.0, -0.5, -0.5)
 assert out[0] == 8.25, out
-print(compiled.CACHED, numba.config.CACHE_DIR, sum(kernels.bilinear.stats.cache_hits.values()))
+print(compiled.jit().keywords["cache"], numba.config.CACHE_DIR, sum(kernels.bilinear.dispatcher.stats.cache_hits.values()))
 """
 
 
