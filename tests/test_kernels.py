@@ -307,3 +307,10 @@ def test_plane_distances_are_numpys(points: PointBlock) -> None:
     normal, mean = np.take(planes.normal, flat, axis=1), np.take(planes.mean, flat, axis=1)
     expected = np.abs(normal[0] * (x - mean[0]) + normal[1] * (y - mean[1]) + normal[2] * (z - mean[2]))
     assert same(kernels.plane_distances(planes.normal, planes.mean, flat, x, y, z), expected)
+
+
+@pytest.mark.parametrize("cell", [0.25, 1.0, 8.0])
+def test_flat_index_is_cols_rows(points: PointBlock, cell: float) -> None:
+    grid = Grid.covering(points.x, points.y, cell)
+    col, row = grid.cols_rows(points.x, points.y)
+    assert same(grid.flat_index(points.x, points.y), row * grid.nx + col)

@@ -61,8 +61,8 @@ class Grid:
         return col, row
 
     def flat_index(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        col, row = self.cols_rows(x, y)
-        return row * self.nx + col
+        # cols_rows' arithmetic in one compiled pass.
+        return kernels.flat_cells(x, y, 1.0 / self.cell, self.i0, self.j0, self.nx)
 
     def cell_min(self, flat: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Lowest z per cell; NaN where a cell holds no point."""

@@ -91,7 +91,7 @@ def moment_sums(
     """Per cell, the sums of w, w x, w y, w h, w xx, w xy, w yy, w xh, w yh over the points `index`
     (x, y relative to x0, y0; w = weight[i] for the i-th of them, 1 when `weight` is empty): the
     surface fit's nine layers (9, size), as np.bincount sums the products `ground.refine` made."""
-    sums = np.zeros((9, size))
+    sums = np.zeros((size, 9))
     weighted = weight.size > 0
     for i in range(index.size):
         p = index[i]
@@ -99,26 +99,28 @@ def moment_sums(
         xp, yp, hp = x[p] - x0, y[p] - y0, h[p]
         if weighted:
             w = weight[i]
-            sums[0, c] += w
-            sums[1, c] += w * xp
-            sums[2, c] += w * yp
-            sums[3, c] += w * hp
-            sums[4, c] += w * (xp * xp)
-            sums[5, c] += w * (xp * yp)
-            sums[6, c] += w * (yp * yp)
-            sums[7, c] += w * (xp * hp)
-            sums[8, c] += w * (yp * hp)
+            sums[c, 0] += w
+            sums[c, 1] += w * xp
+            sums[c, 2] += w * yp
+            sums[c, 3] += w * hp
+            sums[c, 4] += w * (xp * xp)
+            sums[c, 5] += w * (xp * yp)
+            sums[c, 6] += w * (yp * yp)
+            sums[c, 7] += w * (xp * hp)
+            sums[c, 8] += w * (yp * hp)
         else:
-            sums[0, c] += 1.0
-            sums[1, c] += xp
-            sums[2, c] += yp
-            sums[3, c] += hp
-            sums[4, c] += xp * xp
-            sums[5, c] += xp * yp
-            sums[6, c] += yp * yp
-            sums[7, c] += xp * hp
-            sums[8, c] += yp * hp
-    return sums
+            sums[c, 0] += 1.0
+            sums[c, 1] += xp
+            sums[c, 2] += yp
+            sums[c, 3] += hp
+            sums[c, 4] += xp * xp
+            sums[c, 5] += xp * yp
+            sums[c, 6] += yp * yp
+            sums[c, 7] += xp * hp
+            sums[c, 8] += yp * hp
+    # Accumulated a row per cell (one cache line a point, where nine rows took nine), handed over
+    # as nine layers.
+    return np.ascontiguousarray(sums.T)
 
 
 @compiled
@@ -170,6 +172,16 @@ def plane_corrected(
             out[p] = h[p] - (intercept[c] + gx[c] * (x[p] - x0) + gy[c] * (y[p] - y0))
         else:
             out[p] = h[p]
+    return out
+
+
+@compiled
+def flat_cells(x: np.ndarray, y: np.ndarray, inverse: float, i0: int, j0: int, nx: int) -> np.ndarray:
+    """`Grid.flat_index`: each point's cell, row * nx + column, the column the truncation of
+    x * inverse - i0 (never negative on the grid's own points), the row likewise."""
+    out = np.empty(x.size, dtype=np.intp)
+    for p in range(x.size):
+        out[p] = int(y[p] * inverse - j0) * nx + int(x[p] * inverse - i0)
     return out
 
 
