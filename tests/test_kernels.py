@@ -314,3 +314,39 @@ def test_flat_index_is_cols_rows(points: PointBlock, cell: float) -> None:
     grid = Grid.covering(points.x, points.y, cell)
     col, row = grid.cols_rows(points.x, points.y)
     assert same(grid.flat_index(points.x, points.y), row * grid.nx + col)
+
+
+@pytest.mark.parametrize("window", [3, 5, 9, 13])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_uniform_box_is_scipys_uniform_filter(points: PointBlock, window: int, dtype) -> None:
+    """SciPy 1.17's running sums, bit for bit: the roof votes (float32 counts) and the sparse data's
+    surface fit (float64 sums) were tuned on them. A SciPy that sums otherwise fails here: the
+    kernel keeps the classes, only this comparison would need its reference frozen."""
+    from scipy import ndimage
+
+    grid = Grid.covering(points.x, points.y, 0.5)
+    flat = grid.flat_index(points.x, points.y)
+    stack = np.zeros((2, grid.ny, grid.nx), dtype=dtype)
+    stack[0].ravel()[:] = np.bincount(flat, minlength=grid.nx * grid.ny)
+    stack[1].ravel()[:] = np.bincount(flat, points.z - points.z.min(), minlength=grid.nx * grid.ny)
+    expected = ndimage.uniform_filter(stack, size=(1, window, window), mode="constant")
+    assert same(kernels.uniform_box(stack, window), expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 6), (6, 1), (3, 4)])
+def test_uniform_box_on_rasters_smaller_than_the_window(shape: tuple[int, int]) -> None:
+    from scipy import ndimage
+
+    stack = np.random.default_rng(4).integers(0, 9, (1, *shape)).astype(np.float32)
+    assert same(kernels.uniform_box(stack, 9), ndimage.uniform_filter(stack, size=(1, 9, 9), mode="constant"))
+
+
+def test_add_counts_is_bincount_in_float32(points: PointBlock) -> None:
+    grid = Grid.covering(points.x, points.y, 0.25)
+    flat = grid.flat_index(points.x, points.y)
+    multi = (points.number_of_returns > 1).astype(np.float32)
+    for weight in (np.empty(0, dtype=np.float32), multi):
+        layer = np.zeros(grid.nx * grid.ny, dtype=np.float32)
+        kernels.add_counts(layer, flat, weight)
+        expected = np.bincount(flat, None if weight.size == 0 else weight, minlength=grid.nx * grid.ny)
+        assert same(layer, expected.astype(np.float32))

@@ -329,3 +329,62 @@ def plane_distances(
             normal[0, c] * (x[p] - mean[0, c]) + normal[1, c] * (y[p] - mean[1, c]) + normal[2, c] * (z[p] - mean[2, c])
         )
     return out
+
+
+@compiled
+def add_counts(layer: np.ndarray, flat: np.ndarray, weight: np.ndarray) -> None:
+    """np.bincount(flat, weight) added into a zeroed float32 raster (weight empty: counts), without
+    the float64 raster in between: small counts and sums of 0/1 weights are exact in float32."""
+    if weight.size == 0:
+        for p in range(flat.size):
+            layer[flat[p]] += 1.0
+    else:
+        for p in range(flat.size):
+            layer[flat[p]] += weight[p]
+
+
+@compiled
+def uniform_box(stack: np.ndarray, window: int) -> np.ndarray:
+    """ndimage.uniform_filter(stack, size=(1, window, window), mode="constant") as SciPy (1.17)
+    computes it: along the rows, then along the columns, each a running sum in double over the line
+    padded with zeros (the window's first sum, then each step adding entering - leaving), divided by
+    the window at each cell and rounded to the stack's type."""
+    k, ny, nx = stack.shape
+    half = window // 2
+    between = np.empty((ny, nx), dtype=stack.dtype)
+    out = np.empty_like(stack)
+    # Down the columns (axis 1), all columns of a row at a time: the same additions per column.
+    running = np.empty(nx)
+    for layer in range(k):
+        data = stack[layer]
+        running[:] = 0.0
+        for t in range(window):
+            i = t - half
+            if 0 <= i < ny:
+                for j in range(nx):
+                    running[j] += data[i, j]
+        for j in range(nx):
+            between[0, j] = running[j] / window
+        for row in range(1, ny):
+            entering, leaving = row + window - 1 - half, row - 1 - half
+            for j in range(nx):
+                e = data[entering, j] if entering < ny else 0.0
+                f = data[leaving, j] if leaving >= 0 else 0.0
+                running[j] += e - f
+                between[row, j] = running[j] / window
+        # Along the rows (axis 2).
+        for row in range(ny):
+            line = between[row]
+            acc = 0.0
+            for t in range(window):
+                j = t - half
+                if 0 <= j < nx:
+                    acc += line[j]
+            out[layer, row, 0] = acc / window
+            for col in range(1, nx):
+                entering, leaving = col + window - 1 - half, col - 1 - half
+                e = line[entering] if entering < nx else 0.0
+                f = line[leaving] if leaving >= 0 else 0.0
+                acc += e - f
+                out[layer, row, col] = acc / window
+    return out
