@@ -6,9 +6,9 @@ For each scene, a model is trained on one half as in `benchmarks.custom`, and th
 `TrainedModel.predict` on the other half are timed separately: the ground model and standard's classes
 (which `point_features` shares with `standard`), the points' cells on the features' dyadic grids,
 the neighbourhood scales of the features, the context of standard's classes, and the trees
-(LightGBM, one thread, raw scores, as `predict_features` calls it: with the model's early
-decisions), plus every point walking every tree, with one thread and with LightGBM's default
-threads. Figures are CPU seconds of this process
+(as `predict_features` walks them, compiled: `forest.Forest`, with the model's early decisions),
+plus every point walking every tree, compiled and with LightGBM's predict (one thread, and its
+default threads). Figures are CPU seconds of this process
 (user + sys), the least of `--repeats` runs, in microseconds per point and as a multiple of the
 whole `standard` classifier on the same points: the machine is shared, so wall time says little.
 """
@@ -81,6 +81,7 @@ def profile(relative: str, repeats: int) -> list[tuple[str, float]]:
         ),
         (f"  trees, early decisions {stages}", lambda: model.predict_features(matrix)),
         (f"  trees, every point all {model.booster.num_trees()}", lambda: every_tree.predict_features(matrix)),
+        ("  trees, all, LightGBM's predict", lambda: model.booster.predict(matrix, raw_score=True, num_threads=1)),
         ("  trees, all, LightGBM's default threads", lambda: model.booster.predict(matrix, raw_score=True)),
     ]
     print(f"{scene.name}: {len(test):,} points classified, classes {list(model.classes)}, base cell {base:g} m")

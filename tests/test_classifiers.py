@@ -19,6 +19,7 @@ from pipelines.classifiers import (
 )
 from pipelines.classifiers.features import FEATURE_NAMES, DyadicCells, point_features
 from pipelines.classifiers.fitting import train
+from pipelines.classifiers.forest import Forest
 from pipelines.classifiers.grid import Grid
 from pipelines.classifiers.standard import StandardClassifier
 from pipelines.classifiers.trained import (
@@ -29,6 +30,7 @@ from pipelines.classifiers.trained import (
     TrainedClassifier,
     TrainedModel,
     choose_cascade,
+    lead,
 )
 from pipelines.errors import InvalidValue
 
@@ -405,6 +407,81 @@ def test_the_cascade_changes_at_most_its_tolerance_on_the_points_it_was_chosen_o
     for code in np.unique(every_tree):
         of_class = every_tree == code
         assert np.count_nonzero(changed & of_class) <= int(0.01 * np.count_nonzero(of_class)) * len(stages)
+
+
+def lightgbm_scores(model: TrainedModel, features: np.ndarray) -> np.ndarray:
+    """The scores as LightGBM's predict gave them before the compiled walker: stage by stage on the
+    points still walking."""
+    scores = model.head_start(features[:, STANDARD_COLUMN])
+    walking, done = np.arange(len(features)), 0
+    for rounds, margin in [*model.cascade, (model.booster.current_iteration(), np.inf)]:
+        if walking.size == 0:
+            break
+        scores[walking] += model.booster.predict(
+            features[walking], raw_score=True, num_threads=1, start_iteration=done, num_iteration=rounds - done
+        )
+        walking, done = walking[lead(scores[walking]) <= margin], rounds
+    return scores
+
+
+def test_the_compiled_trees_give_lightgbms_scores_on_real_points(
+    ign: tuple[PointBlock, np.ndarray], model: TrainedModel
+) -> None:
+    block, _ = ign
+    features = point_features(block)
+    # Every tree: the raw scores are LightGBM's (the walker adds in LightGBM's order: the same bits).
+    every_tree = dataclasses.replace(model, cascade=[])
+    expected = lightgbm_scores(every_tree, features)
+    np.testing.assert_allclose(every_tree.scores(features), expected, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(every_tree.predict_features(features), np.asarray(model.classes)[expected.argmax(1)])
+    # With the early decisions, also a stopped point's scores, so the same classes.
+    assert model.cascade
+    expected = lightgbm_scores(model, features)
+    np.testing.assert_allclose(model.scores(features), expected, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(model.predict_features(features), np.asarray(model.classes)[expected.argmax(1)])
+    # A loaded model walks the trees of the file it was loaded from.
+    loaded = TrainedModel.from_bytes(model.to_bytes())
+    np.testing.assert_array_equal(loaded.scores(features), model.scores(features))
+    with pytest.raises(InvalidValue, match="features"):
+        model.forest.scores(features[:, :10], model.head_start(features[:, STANDARD_COLUMN]), model.cascade)
+
+
+@pytest.mark.parametrize("zero_as_missing", [False, True])
+def test_the_compiled_trees_decide_categories_missing_values_and_zeros_as_lightgbm(zero_as_missing: bool) -> None:
+    lightgbm = pytest.importorskip("lightgbm")
+    rng = np.random.default_rng(3)
+    n = 4000
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    x[:, 3] = rng.integers(0, 40, n)  # a category, codes beyond one 32-bit word of the bitset
+    x[rng.random(n) < 0.1, 0] = np.nan  # missing values: splits with a default side
+    x[rng.random(n) < 0.2, 1] = 0.0
+    y = ((x[:, 1] > 0) + (x[:, 3] % 3 == 0) + np.nan_to_num(x[:, 0] > 0.5)).astype(int)
+    booster = lightgbm.train(
+        {
+            "objective": "multiclass",
+            "num_class": 3,
+            "num_leaves": 15,
+            "min_data_in_leaf": 5,
+            "zero_as_missing": zero_as_missing,
+            "verbose": -1,
+        },
+        lightgbm.Dataset(x, y, categorical_feature=[3]),
+        num_boost_round=6,
+    )
+    forest = Forest.from_model_string(booster.model_to_string())
+    assert (forest.decision & 1).any(), "a categorical split"
+    # Splits with a default side: for NaN, or for zero and NaN alike (zero_as_missing).
+    assert ((forest.decision >> 2) & 3 == (1 if zero_as_missing else 2)).any()
+    probe = rng.normal(size=(n, 4)).astype(np.float32)
+    probe[:, 3] = rng.integers(-2, 70, n)  # negative and unseen codes go right
+    probe[rng.random(n) < 0.1, 0] = np.nan
+    probe[rng.random(n) < 0.1, 3] = np.nan
+    tiny = rng.random(n) < 0.2
+    probe[tiny, 1] = rng.choice(np.float32([0.0, -0.0, 1e-36, -1e-36, 1e-30]), np.count_nonzero(tiny))
+    probe[:50, 2] = np.float32(-1e-36)  # within LightGBM's zero threshold: zero to its predictor
+    scores = np.zeros((n, 3))
+    forest.scores(probe, scores, [])
+    np.testing.assert_allclose(scores, booster.predict(probe, raw_score=True, num_threads=1), rtol=0, atol=1e-12)
 
 
 def test_the_cascade_is_kept_in_the_signed_file_and_older_files_walk_every_tree(

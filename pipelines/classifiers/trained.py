@@ -27,6 +27,7 @@ from pipelines.errors import InvalidValue, UserError
 
 from .base import PointBlock
 from .features import FEATURE_NAMES, point_features
+from .forest import Forest
 
 if TYPE_CHECKING:
     import lightgbm
@@ -37,7 +38,9 @@ FEATURES_VERSION = "4"
 STANDARD_COLUMN = FEATURE_NAMES.index("standard_class")
 # Early decisions (`choose_cascade`): the share of each class's held-out points that each stage may
 # decide otherwise than walking every tree, the most stages, and what one call to LightGBM's predict
-# costs per point, in trees (about 0.1 us per point and call, 22 ns per tree and point).
+# costs per point, in trees (about 0.1 us per point and call, 22 ns per tree and point). Prediction now
+# walks the trees with `forest.Forest`, which has no such cost per call; the cost is kept as it was, so
+# that training chooses the same stages, and the same models predict the same classes.
 EARLY_TOLERANCE = 0.01
 EARLY_STAGES = 3
 CALL_TREES = 5
@@ -80,6 +83,7 @@ class TrainedModel:
     # feeds the model (its classes mean the same), but the verdict may no longer hold: retrain to
     # re-check. "unknown": saved before this was recorded.
     standard_version: str = UNKNOWN_STANDARD
+    _forest: Forest | None = field(default=None, init=False, repr=False, compare=False)
 
     def head_start(self, standard: np.ndarray) -> np.ndarray:
         """Raw scores (points, classes) before the first tree: `prior` for the customer class that
@@ -108,33 +112,20 @@ class TrainedModel:
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Raw scores (points, classes), head start included; with a cascade, a point decided
-        early has the scores of the rounds it walked (the same argmax, by how it was chosen)."""
-        # One thread: the runner parallelises over processes, one per core; OpenMP threads on top
-        # oversubscribe the cores. (LightGBM's own early stopping of prediction cannot see the head
-        # start, so the cascade does it here.)
+        early has the scores of the rounds it walked (the same argmax, by how it was chosen).
+        The trees are walked by `forest.Forest` (compiled, one thread: the runner parallelises over
+        processes), LightGBM's raw scores to the bit; LightGBM's own early stopping of prediction
+        cannot see the head start, so the cascade is done there."""
         scores = self.head_start(features[:, STANDARD_COLUMN])
-        walking, done = None, 0  # None: every point, without copying the matrix
-        for rounds, margin in self.cascade:
-            part = features if walking is None else features[walking]
-            step = self.booster.predict(
-                part, raw_score=True, num_threads=1, start_iteration=done, num_iteration=rounds - done
-            )
-            done = rounds
-            if walking is None:
-                scores += step
-                walking = np.flatnonzero(lead(scores) <= margin)
-            else:
-                scores[walking] += step
-                walking = walking[lead(scores[walking]) <= margin]
-            if walking.size == 0:
-                return scores
-        if walking is None:
-            scores += self.booster.predict(features, raw_score=True, num_threads=1, start_iteration=done)
-        else:
-            scores[walking] += self.booster.predict(
-                features[walking], raw_score=True, num_threads=1, start_iteration=done
-            )
+        self.forest.scores(features, scores, self.cascade)
         return scores
+
+    @property
+    def forest(self) -> Forest:
+        """The booster's trees as the compiled walker reads them, built on first use."""
+        if self._forest is None:
+            self._forest = Forest.from_model_string(self.booster.model_to_string())
+        return self._forest
 
     def to_bytes(self, key: bytes | None = None) -> bytes:
         header = {
