@@ -144,39 +144,6 @@ def _numbers(text: str, dtype: type) -> np.ndarray:
 
 
 @compiled
-def _leaf(row, tree, first_node, first_leaf, feature, threshold, decision, left, right, bits_from, bits_size, bits):
-    tree = np.uint64(tree)
-    base = first_node[tree]
-    if first_node[tree + np.uint64(1)] == base:
-        return first_leaf[tree]
-    node = 0
-    while node >= 0:
-        k = np.uint64(base + node)  # unsigned: numba then indexes without a negative-index check
-        value = row[np.uint64(feature[k])]
-        kind = decision[k]
-        if kind & 1:
-            # CategoricalDecision: NaN and negative codes go right, else left when in the bitset.
-            go_left = False
-            if not np.isnan(value):
-                code = int(value)
-                if code >= 0:
-                    word = code >> 5
-                    if word < bits_size[k]:
-                        go_left = (bits[np.uint64(bits_from[k] + word)] >> (code & 31)) & 1 == 1
-        else:
-            # NumericalDecision (the row holds the values LightGBM's dense rows give it).
-            missing = (kind >> 2) & 3
-            if np.isnan(value) and missing != 2:
-                value = 0.0
-            if (missing == 1 and -ZERO <= value <= ZERO) or (missing == 2 and np.isnan(value)):
-                go_left = (kind & 2) != 0
-            else:
-                go_left = value <= threshold[k]
-        node = left[k] if go_left else right[k]
-    return first_leaf[tree] + ~node
-
-
-@compiled
 def _walk(
     features,
     scores,
@@ -207,21 +174,34 @@ def _walk(
             step[:] = 0.0
             for round_ in range(done, rounds[stage]):
                 for c in range(classes):
-                    tree = round_ * classes + c
-                    leaf = _leaf(
-                        row,
-                        tree,
-                        first_node,
-                        first_leaf,
-                        feature,
-                        threshold,
-                        decision,
-                        left,
-                        right,
-                        bits_from,
-                        bits_size,
-                        bits,
-                    )
+                    # The tree's leaf for this row: tree.h's GetLeaf.
+                    tree = np.uint64(round_ * classes + c)
+                    base = first_node[tree]
+                    node = 0 if first_node[tree + np.uint64(1)] > base else -1
+                    while node >= 0:
+                        k = np.uint64(base + node)  # unsigned: numba indexes it without a negative-index check
+                        value = row[np.uint64(feature[k])]
+                        kind = decision[k]
+                        if kind & 1:
+                            # CategoricalDecision: NaN and negative codes go right, else left when in the bitset.
+                            go_left = False
+                            if not np.isnan(value):
+                                code = int(value)
+                                if code >= 0:
+                                    word = code >> 5
+                                    if word < bits_size[k]:
+                                        go_left = (bits[np.uint64(bits_from[k] + word)] >> (code & 31)) & 1 == 1
+                        else:
+                            # NumericalDecision (the row holds the values LightGBM's dense rows give it).
+                            missing = (kind >> 2) & 3
+                            if np.isnan(value) and missing != 2:
+                                value = 0.0
+                            if (missing == 1 and -ZERO <= value <= ZERO) or (missing == 2 and np.isnan(value)):
+                                go_left = (kind & 2) != 0
+                            else:
+                                go_left = value <= threshold[k]
+                        node = left[k] if go_left else right[k]
+                    leaf = first_leaf[tree] + ~node
                     step[c] += leaf_value[np.uint64(leaf)]
             done = rounds[stage]
             # The best score and the next (equal to it on a tie), as `trained.lead` finds them.
