@@ -350,3 +350,21 @@ def test_add_counts_is_bincount_in_float32(points: PointBlock) -> None:
         kernels.add_counts(layer, flat, weight)
         expected = np.bincount(flat, None if weight.size == 0 else weight, minlength=grid.nx * grid.ny)
         assert same(layer, expected.astype(np.float32))
+
+
+WARM_UP = """
+from pipelines.classifiers import kernels, warm
+from pipelines.compiled import Compiled
+warm.warm()
+loops = [name for name in dir(kernels) if isinstance(getattr(kernels, name), Compiled)]
+print(len(loops), [name for name in loops if not getattr(kernels, name).dispatcher.signatures])
+"""
+
+
+def test_the_workers_warm_up_loads_every_compiled_loop() -> None:
+    """In a fresh process, as a worker starts: after the warm-up no loop is left to load on a tile."""
+    found = subprocess.run([sys.executable, "-c", WARM_UP], cwd=REPO, capture_output=True, text=True, check=True)
+    count, missing = found.stdout.split(" ", 1)
+    assert int(count) >= 10 and missing.strip() == "[]"
+    config = (REPO / "pipelines" / "data" / "dask-local.yaml").read_text()
+    assert "pipelines.classifiers.warm" in config
