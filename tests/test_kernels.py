@@ -368,3 +368,60 @@ def test_the_workers_warm_up_loads_every_compiled_loop() -> None:
     assert int(count) >= 10 and missing.strip() == "[]"
     config = (REPO / "pipelines" / "data" / "dask-local.yaml").read_text()
     assert "pipelines.classifiers.warm" in config
+
+
+def numpy_within_reach(mask: np.ndarray, reach: float, cell: float) -> np.ndarray:
+    """grid.within_reach as it was: a separable maximum filter per rectangle of the disc."""
+    from scipy import ndimage
+
+    radius = int(reach / cell) + 1
+    offsets = np.arange(radius + 1)
+    inside = np.sqrt((offsets[:, None] ** 2 + offsets[None, :] ** 2).astype(np.float64)) * cell <= reach
+    widths = np.where(inside.any(axis=1), radius - np.argmax(inside[:, ::-1], axis=1), -1)
+    out = np.zeros(mask.shape, dtype=bool)
+    for width in sorted(set(widths[widths >= 0].tolist())):
+        height = int(np.flatnonzero(widths >= width).max())
+        rows = ndimage.maximum_filter1d(mask, 2 * height + 1, axis=0, mode="constant")
+        out |= ndimage.maximum_filter1d(rows, 2 * width + 1, axis=1, mode="constant")
+    return out
+
+
+def numpy_closed(mask: np.ndarray) -> np.ndarray:
+    """close_and_fill's closing as it was: maximum then minimum filter with the cross, on the mask
+    padded by two cells, or-ed with the mask."""
+    from scipy import ndimage
+
+    padded = np.pad(mask, 2).astype(np.uint8)
+    cross = ndimage.generate_binary_structure(2, 1)
+    closed = ndimage.minimum_filter(ndimage.maximum_filter(padded, footprint=cross), footprint=cross)
+    return closed[2:-2, 2:-2].astype(bool) | mask
+
+
+def masks() -> list[np.ndarray]:
+    """Sparse and dense random masks, a roof-like blob, one-cell-wide and empty ones."""
+    rng = np.random.default_rng(6)
+    blob = np.zeros((60, 80), dtype=bool)
+    blob[10:30, 20:50] = True
+    blob[15:20, 30:35] = False
+    return [
+        rng.uniform(size=(90, 70)) < 0.01,
+        rng.uniform(size=(50, 50)) < 0.4,
+        blob,
+        rng.uniform(size=(1, 40)) < 0.2,
+        rng.uniform(size=(40, 1)) < 0.2,
+        np.zeros((5, 7), dtype=bool),
+        np.ones((3, 3), dtype=bool),
+    ]
+
+
+@pytest.mark.parametrize(("reach", "cell"), [(1.5, 0.25), (1.5, 0.5), (2.0, 1.0), (0.3, 0.25), (3.7, 0.5)])
+def test_within_reach_is_the_union_of_maximum_filters(reach: float, cell: float) -> None:
+    from pipelines.classifiers.grid import within_reach
+
+    for mask in masks():
+        assert same(within_reach(mask, reach, cell), numpy_within_reach(mask, reach, cell))
+
+
+def test_closed_cross_is_the_filters_closing() -> None:
+    for mask in masks():
+        assert same(kernels.closed_cross(mask), numpy_closed(mask))

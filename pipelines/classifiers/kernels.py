@@ -388,3 +388,67 @@ def uniform_box(stack: np.ndarray, window: int) -> np.ndarray:
                 acc += e - f
                 out[layer, row, col] = acc / window
     return out
+
+
+@compiled
+def within_widths(mask: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """Cells with a True cell of `mask` at a row offset dr (|dr| < widths.size) and a column offset
+    of at most widths[|dr|] (-1: none at that row offset): `grid.within_reach`'s disc, from each
+    row's distance to its nearest True cell instead of maximum filters over the whole raster."""
+    ny, nx = mask.shape
+    reach = widths.size - 1
+    far = nx + reach + 1
+    # Per row, the column distance from each cell to the nearest True cell of that row.
+    gap = np.empty((ny, nx), dtype=np.int64)
+    for i in range(ny):
+        last = -far
+        for j in range(nx):
+            if mask[i, j]:
+                last = j
+            gap[i, j] = j - last
+        last = nx + far
+        for j in range(nx - 1, -1, -1):
+            if mask[i, j]:
+                last = j
+            if last - j < gap[i, j]:
+                gap[i, j] = last - j
+    out = np.zeros((ny, nx), dtype=np.bool_)
+    for i in range(ny):
+        for dr in range(-reach, reach + 1):
+            r = i + dr
+            width = widths[abs(dr)]
+            if r < 0 or r >= ny or width < 0:
+                continue
+            for j in range(nx):
+                if gap[r, j] <= width:
+                    out[i, j] = True
+    return out
+
+
+@compiled
+def closed_cross(mask: np.ndarray) -> np.ndarray:
+    """Morphological closing of `mask` with the 3x3 cross, the outside counting as False (as
+    `grid.close_and_fill` pads it), or-ed with the mask: dilation (any of a cell and its four
+    neighbours), then erosion (all of them)."""
+    ny, nx = mask.shape
+    grown = np.zeros((ny + 2, nx + 2), dtype=np.bool_)  # one cell of margin: the dilation reaches it
+    for i in range(-1, ny + 1):
+        for j in range(-1, nx + 1):
+            hit = False
+            for di, dj in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)):
+                r, c = i + di, j + dj
+                if 0 <= r < ny and 0 <= c < nx and mask[r, c]:
+                    hit = True
+                    break
+            grown[i + 1, j + 1] = hit
+    out = np.empty((ny, nx), dtype=np.bool_)
+    for i in range(ny):
+        for j in range(nx):
+            out[i, j] = mask[i, j] or (
+                grown[i + 1, j + 1]
+                and grown[i, j + 1]
+                and grown[i + 2, j + 1]
+                and grown[i + 1, j]
+                and grown[i + 1, j + 2]
+            )
+    return out
