@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from pipelines.classifiers import (
     BUILTIN_CLASSIFIERS,
@@ -17,9 +18,10 @@ from pipelines.classifiers import (
     PointBlock,
     get_classifier,
 )
-from pipelines.classifiers.features import FEATURE_NAMES, DyadicCells, point_features
+from pipelines.classifiers.features import FEATURE_NAMES, DyadicCells, _window_columns, point_features
 from pipelines.classifiers.fitting import train
 from pipelines.classifiers.forest import Forest
+from pipelines.classifiers.geometry import box_sum
 from pipelines.classifiers.grid import Grid
 from pipelines.classifiers.standard import StandardClassifier
 from pipelines.classifiers.trained import (
@@ -338,6 +340,42 @@ def test_dyadic_cells_bin_as_every_grid_does(offset: float) -> None:
         np.testing.assert_array_equal(lows[cell], np.where(np.isnan(low), np.inf, low))
     with pytest.raises(InvalidValue):
         cells.flat(0.75)
+
+
+@pytest.mark.parametrize("multi", [True, False])
+def test_window_columns_are_the_window_sums_per_cell_gathered(multi: bool) -> None:
+    # The compiled windows must give what window sums and filters over every cell, gathered to the
+    # points, gave (the features' bits, which trained models depend on): raster edges, empty cells.
+    rng = np.random.default_rng(7)
+    ny, nx, n = 9, 13, 400
+    flat = rng.integers(0, nx * ny, n)
+    flat[:5] = [0, nx - 1, nx * ny - 1, nx * (ny - 1), 0]
+    z = rng.normal(0.0, 4.0, n)
+    count = np.bincount(flat, minlength=nx * ny).astype(np.float64).reshape(ny, nx)
+    n_multi = np.bincount(flat, rng.random(n) < 0.3, minlength=nx * ny).reshape(ny, nx)
+    n_ground = np.bincount(flat, rng.random(n) < 0.5, minlength=nx * ny).reshape(ny, nx)
+    low, high = np.full(nx * ny, np.inf), np.full(nx * ny, -np.inf)
+    np.minimum.at(low, flat, z)
+    np.maximum.at(high, flat, z)
+    low, high = low.reshape(ny, nx), high.reshape(ny, nx)
+    cell = 0.5
+    windows = box_sum(count[None], 3).ravel()
+    multi_sum = box_sum(n_multi[None], 3).ravel() if multi else np.zeros_like(windows)
+    share = np.maximum(windows, 1.0)
+    expected = np.stack(
+        [
+            (z - ndimage.minimum_filter(low, size=3, mode="nearest").ravel()[flat]).astype(np.float32),
+            (ndimage.maximum_filter(high, size=3, mode="nearest").ravel()[flat] - z).astype(np.float32),
+            (windows / (9.0 * cell * cell)).astype(np.float32)[flat],
+            (multi_sum / share).astype(np.float32)[flat],
+            (box_sum(n_ground[None], 3).ravel() / share).astype(np.float32)[flat],
+        ],
+        axis=1,
+    )
+    out = np.zeros((n, 5), dtype=np.float32, order="F")
+    rasters = [count, n_multi if multi else np.empty(0), n_ground, low, high]
+    _window_columns(flat, nx, ny, z, *(r.ravel() for r in rasters), 9.0 * cell * cell, *(out[:, k] for k in range(5)))
+    assert out.tobytes(order="F") == np.asfortranarray(expected).tobytes(order="F")
 
 
 @pytest.mark.parametrize("n", [0, 1, 5])

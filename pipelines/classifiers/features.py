@@ -43,6 +43,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
+from pipelines.compiled import compiled
 from pipelines.errors import InvalidValue
 
 from .base import BUILDING, HIGH_VEGETATION, LOW_VEGETATION, PointBlock
@@ -248,48 +249,77 @@ def _scale_features(block: PointBlock, model: GroundModel, cells: DyadicCells, b
     lows = cells.rasters(first, z, sizes, np.minimum)
     highs = cells.rasters(first, z, sizes, np.maximum)
     column = 0
+    none = np.empty(0)
     for scale, cell in zip(SCALES, sizes, strict=True):
         width = len(scale_names(scale))
-        flat = flats[cell]
-        n = box_sum(counts[cell][None], 3).ravel()
-        multi_sum = np.zeros_like(n) if n_multi is None else box_sum(n_multi[cell][None], 3).ravel()
-        _one_scale(
-            block,
-            z,
-            cells.grid(cell),
+        flat, grid = flats[cell], cells.grid(cell)
+        _window_columns(
             flat,
-            (n, multi_sum, box_sum(n_ground[cell][None], 3).ravel()),
-            (lows[cell], highs[cell]),
-            out[:, column : column + width],
-            scale in SHAPE_SCALES,
+            grid.nx,
+            grid.ny,
+            z,
+            counts[cell].ravel(),
+            none if n_multi is None else n_multi[cell].ravel(),
+            n_ground[cell].ravel(),
+            lows[cell].ravel(),
+            highs[cell].ravel(),
+            9.0 * cell * cell,
+            *(out[:, column + k] for k in range(5)),
         )
+        if scale in SHAPE_SCALES:
+            _shapes(block, z, grid, flat, out[:, column + 5 : column + width])
         column += width
 
 
-def _one_scale(
-    block: PointBlock,
-    z: np.ndarray,
-    grid: Grid,
-    flat: np.ndarray,
-    sums: tuple[np.ndarray, np.ndarray, np.ndarray],
-    extremes: tuple[np.ndarray, np.ndarray],
-    out: np.ndarray,
-    shapes: bool,
-) -> None:
-    """One scale's columns from its window sums (points, multi-return points, ground-filter
-    points) and per-cell lowest and highest heights (inf / -inf where empty)."""
-    n, n_multi, n_ground = sums
-    cell = grid.cell
-    count = np.maximum(n, 1.0)
-    low, high = extremes
-    out[:, 0] = z - ndimage.minimum_filter(low, size=3, mode="nearest").ravel()[flat]
-    out[:, 1] = ndimage.maximum_filter(high, size=3, mode="nearest").ravel()[flat] - z
-    # Whatever depends on the cell alone is computed per cell and gathered once per point: cells
-    # are fewer than points, and one gather into the float32 matrix is the cheapest write.
-    for column, per_cell in ((2, n / (9.0 * cell * cell)), (3, n_multi / count), (4, n_ground / count)):
-        np.take(per_cell.astype(np.float32), flat, out=out[:, column])
-    if not shapes:
-        return
+@compiled
+def _window_columns(flat, nx, ny, z, count, multi, ground, low, high, area, out0, out1, out2, out3, out4):
+    """A scale's `_RASTER` columns (out0 to out4), point by point, from its per-cell rasters
+    (flattened): points, multi-return points (empty: none known) and ground-filter points per
+    cell, lowest and highest height (inf / -inf where empty). Each point's 3x3-cell window is read
+    where the point is: at the finest cells the rasters hold more cells than the block has points.
+    The same values as window sums per cell gathered to the points (the sums are of whole numbers,
+    exact in any order; outside the raster counts nothing, as SciPy's "nearest" mode for the
+    lowest and highest), from the same expressions."""
+    # Each occupied cell's window once, the first time one of its points comes (a cell of the
+    # finest scale holds one or two points, one of the coarsest dozens).
+    seen = np.zeros(count.size, dtype=np.bool_)
+    columns = np.empty((count.size, 5))
+    for p in range(flat.size):
+        cell = np.uint64(flat[p])
+        if not seen[cell]:
+            seen[cell] = True
+            row = flat[p] // nx
+            col = flat[p] - row * nx
+            n = 0.0
+            n_multi = 0.0
+            n_ground = 0.0
+            lowest = np.inf
+            highest = -np.inf
+            for j in range(max(row - 1, 0), min(row + 2, ny)):
+                for i in range(max(col - 1, 0), min(col + 2, nx)):
+                    k = np.uint64(j * nx + i)  # unsigned: indexed without a negative-index check
+                    n += count[k]
+                    if multi.size:
+                        n_multi += multi[k]
+                    n_ground += ground[k]
+                    lowest = min(lowest, low[k])
+                    highest = max(highest, high[k])
+            share = max(n, 1.0)
+            columns[cell, 0] = lowest
+            columns[cell, 1] = highest
+            columns[cell, 2] = n / area
+            columns[cell, 3] = n_multi / share
+            columns[cell, 4] = n_ground / share
+        out0[p] = z[p] - columns[cell, 0]
+        out1[p] = columns[cell, 1] - z[p]
+        out2[p] = columns[cell, 2]
+        out3[p] = columns[cell, 3]
+        out4[p] = columns[cell, 4]
+
+
+def _shapes(block: PointBlock, z: np.ndarray, grid: Grid, flat: np.ndarray, out: np.ndarray) -> None:
+    """A scale's `_SHAPE` columns: the shape of each point's neighbourhood and its distance to
+    the neighbourhood's plane."""
     # Local coordinates keep second moments precise; heights make z independent of elevation.
     x = block.x - grid.x0
     y = block.y - grid.y0
@@ -306,7 +336,7 @@ def _one_scale(
         ]
     ).astype(np.float32)
     for row in range(4):
-        np.take(per_cell[row], flat, out=out[:, 5 + row])
+        np.take(per_cell[row], flat, out=out[:, row])
     # The plane distance summed in place, without (3, points) temporaries.
     distance = np.empty(len(flat))
     term = np.empty(len(flat))
@@ -318,4 +348,4 @@ def _one_scale(
             distance += term
     np.abs(distance, out=distance)
     distance[~valid.take(flat)] = 0.0
-    out[:, 9] = distance
+    out[:, 4] = distance
