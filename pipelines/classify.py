@@ -29,15 +29,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import laspy
 import numpy as np
 
 import pipelines.cluster
-from pipelines.classifiers import get_classifier
+from pipelines.classifiers import BUILTIN_CLASSIFIERS, get_classifier
 from pipelines.classifiers.base import UNCLASSIFIED
-from pipelines.classifiers.trained import TrainedClassifier
 from pipelines.cluster import WORKER_START_SECONDS, dask_client, local_cluster, wait_for_workers
 from pipelines.copc import COPC_SUFFIX, write_copc
 from pipelines.errors import InvalidValue
@@ -58,6 +57,9 @@ from pipelines.tile_tasks import (
     tile_result,
 )
 from pipelines.units import CoordinateUnits, coordinate_units
+
+if TYPE_CHECKING:
+    from pipelines.classifiers.trained import TrainedClassifier
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +181,8 @@ def classify_file(
         raise InvalidValue("output must not overwrite the input")
     info = read_info(input_path)
     _keep_heap()
-    model = classifier if isinstance(classifier, TrainedClassifier) else get_classifier(classifier, params)
-    model_bytes = model.model.to_bytes() if isinstance(model, TrainedClassifier) else None
+    if isinstance(classifier, str) and classifier not in BUILTIN_CLASSIFIERS:
+        get_classifier(classifier, params)  # refused by name before a cluster is started for it
     tile_size = settings.tile_size if tile_size is None else tile_size
     buffer = settings.tile_buffer if buffer is None else buffer
     with laspy.open(input_path) as reader:
@@ -202,23 +204,27 @@ def classify_file(
     early = client is None and not settings.dask_address and info.point_count >= EARLY_CLUSTER_POINTS
     results: dict[int, TileResult] = {}
     dashboard, n_workers = None, 0
-    with work_dir(settings.scratch_dir, "classify", account_id, job_id) as work:
-        with laspy.open(input_path) as reader:
-            header = writable_header(reader.header)
-        tiles = TileFiles(work, header.point_format.dtype())
-        # The output is written while tiles are classified and renamed into place only once the
-        # cluster is closed and every point written: a failure on the way never leaves it behind.
-        with (
-            contextlib.closing(tiles),
-            TileWriter(header, tiles, work / "classified.laz" if copc else output_path, progress) as writer,
-        ):
-            with contextlib.ExitStack() as clients:
-                started = time.perf_counter()
-                # A large file's local cluster is started first: this returns once its scheduler is
-                # up and its worker processes are launched, and they start (seconds of imports)
-                # while the file is scanned. (Started from a thread instead, a 50 M point run once
-                # never got its workers.)
-                early_cluster = clients.enter_context(local_cluster(settings, workers)) if early else None
+    with contextlib.ExitStack() as starting:
+        started = time.perf_counter()
+        # A large file's local cluster is started first: this returns once its scheduler is up and
+        # its worker processes are launched, and they start (about a CPU-second of imports each)
+        # while this process imports the classifier (SciPy, numba: a second on one core, the other
+        # idle) and scans the file. (Started from a thread instead, a 50 M point run once never got
+        # its workers.)
+        early_cluster = starting.enter_context(local_cluster(settings, workers)) if early else None
+        model = get_classifier(classifier, params) if isinstance(classifier, str) else classifier
+        model_bytes = None if isinstance(classifier, str) else classifier.model.to_bytes()
+        with work_dir(settings.scratch_dir, "classify", account_id, job_id) as work:
+            with laspy.open(input_path) as reader:
+                header = writable_header(reader.header)
+            tiles = TileFiles(work, header.point_format.dtype())
+            # The output is written while tiles are classified and renamed into place only once the
+            # cluster is closed and every point written: a failure on the way never leaves it behind.
+            with (
+                contextlib.closing(tiles),
+                TileWriter(header, tiles, work / "classified.laz" if copc else output_path, progress) as writer,
+                starting.pop_all() as clients,
+            ):
                 _scan(input_path, info, scaling, grid, tiles, progress)
                 owned, context = tiles.counts("core"), tiles.counts("context")
                 sparse = {t for t in owned if owned[t] + context.get(t, 0) < MIN_TILE_POINTS}
@@ -266,12 +272,12 @@ def classify_file(
                         writer.ready(finished)
                     timings["classify_s"] = time.perf_counter() - started
                 started = time.perf_counter()
-        written = writer.written
-        timings["write_s"] = time.perf_counter() - started
-        if copc:
-            started = time.perf_counter()
-            write_copc(work / "classified.laz", output_path, work, progress)
-            timings["copc_s"] = time.perf_counter() - started
+            written = writer.written
+            timings["write_s"] = time.perf_counter() - started
+            if copc:
+                started = time.perf_counter()
+                write_copc(work / "classified.laz", output_path, work, progress)
+                timings["copc_s"] = time.perf_counter() - started
 
     counts: dict[int, int] = {}
     for result in results.values():

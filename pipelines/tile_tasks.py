@@ -12,7 +12,6 @@ import laspy
 import numpy as np
 
 from pipelines.classifiers import Classifier, PointBlock, get_classifier
-from pipelines.classifiers.trained import TrainedClassifier, TrainedModel
 from pipelines.units import METRES, CoordinateUnits
 
 log = logging.getLogger(__name__)
@@ -132,5 +131,9 @@ def classify_batch(batch: TileBatch) -> list[TileResult]:
 def _worker_classifier(batch: TileBatch) -> Classifier:
     if batch.model is None:
         return get_classifier(batch.classifier, batch.params)
+    # Imported here: the command that sends tiles (this module's other user) needs no classifier
+    # code for them, and a worker imports the standard classifier as it starts (dask-local.yaml).
+    from pipelines.classifiers.trained import TrainedClassifier, TrainedModel
+
     # The client checked the model's signature before sending it.
     return TrainedClassifier(TrainedModel.from_bytes(batch.model), batch.classifier, batch.model_version)
