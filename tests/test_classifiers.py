@@ -510,12 +510,15 @@ def test_the_compiled_trees_decide_categories_missing_values_and_zeros_as_lightg
     assert (forest.decision & 1).any(), "a categorical split"
     # Splits with a default side: for NaN, or for zero and NaN alike (zero_as_missing).
     assert ((forest.decision >> 2) & 3 == (1 if zero_as_missing else 2)).any()
+    # Splits at minus the zero threshold, where the float32 comparison would differ, are decided in double.
+    assert zero_as_missing or (((forest.decision & 13) == 0) & ~forest.plain).any()
     probe = rng.normal(size=(n, 4)).astype(np.float32)
     probe[:, 3] = rng.integers(-2, 70, n)  # negative and unseen codes go right
     probe[rng.random(n) < 0.1, 0] = np.nan
     probe[rng.random(n) < 0.1, 3] = np.nan
     tiny = rng.random(n) < 0.2
-    probe[tiny, 1] = rng.choice(np.float32([0.0, -0.0, 1e-36, -1e-36, 1e-30]), np.count_nonzero(tiny))
+    # At and within LightGBM's zero threshold, which is itself a threshold of some splits.
+    probe[tiny, 1] = rng.choice(np.float32([0.0, -0.0, 1e-36, -1e-36, -1e-35, 1e-35, 1e-30]), np.count_nonzero(tiny))
     probe[:50, 2] = np.float32(-1e-36)  # within LightGBM's zero threshold: zero to its predictor
     scores = np.zeros((n, 3))
     forest.scores(probe, scores, [])

@@ -16,6 +16,7 @@ features staying in the cache while the trees (a few hundred KB) stay in the nex
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -44,6 +45,21 @@ class Forest:
     bits_size: np.ndarray  # and how many 32-bit words it has
     bits: np.ndarray  # uint32
     leaf_value: np.ndarray
+
+    @cached_property
+    def plain(self) -> np.ndarray:
+        """Per node: a numerical split without missing values whose threshold is not within LightGBM's
+        zero threshold, decided on the float32 feature against `threshold32` (the same side)."""
+        return ((self.decision & 13) == 0) & ((self.threshold < -ZERO) | (self.threshold >= ZERO))
+
+    @cached_property
+    def threshold32(self) -> np.ndarray:
+        """The largest float32 at most each threshold: a float32 value v is at most the threshold
+        exactly when it is at most this one, so the walker compares without converting v."""
+        below = self.threshold.astype(np.float32)
+        over = below.astype(np.float64) > self.threshold
+        below[over] = np.nextafter(below[over], np.float32(-np.inf))
+        return below
 
     @classmethod
     def from_model_string(cls, text: str) -> Forest:
@@ -124,6 +140,8 @@ class Forest:
             self.first_node,
             self.first_leaf,
             self.feature,
+            self.plain,
+            self.threshold32,
             self.threshold,
             self.decision,
             self.left,
@@ -153,6 +171,8 @@ def _walk(
     first_node,
     first_leaf,
     feature,
+    plain,
+    threshold32,
     threshold,
     decision,
     left,
@@ -163,12 +183,8 @@ def _walk(
     leaf_value,
 ):
     step = np.empty(classes)
-    row = np.empty(features.shape[1])
     for p in range(features.shape[0]):
-        # As LightGBM's dense rows: in double, a value within 1e-35 of zero is zero.
-        for f in range(features.shape[1]):
-            value = np.float64(features[p, f])
-            row[f] = 0.0 if -ZERO <= value <= ZERO else value
+        row = features[p]
         done = 0
         for stage in range(rounds.size):
             step[:] = 0.0
@@ -180,7 +196,18 @@ def _walk(
                     node = 0 if first_node[tree + np.uint64(1)] > base else -1
                     while node >= 0:
                         k = np.uint64(base + node)  # unsigned: numba indexes it without a negative-index check
-                        value = row[np.uint64(feature[k])]
+                        if plain[k]:
+                            # The float32 value against the float32 threshold below: the same side. NaN is
+                            # zero to LightGBM where a split has no missing values.
+                            go_left = row[np.uint64(feature[k])] <= threshold32[k]
+                            if not go_left and np.isnan(row[np.uint64(feature[k])]):
+                                go_left = 0.0 <= threshold[k]
+                            node = left[k] if go_left else right[k]
+                            continue
+                        # In double, within 1e-35 of zero zero, as LightGBM's dense rows give it.
+                        value = np.float64(row[np.uint64(feature[k])])
+                        if -ZERO <= value <= ZERO:
+                            value = 0.0
                         kind = decision[k]
                         if kind & 1:
                             # CategoricalDecision: NaN and negative codes go right, else left when in the bitset.
@@ -192,11 +219,11 @@ def _walk(
                                     if word < bits_size[k]:
                                         go_left = (bits[np.uint64(bits_from[k] + word)] >> (code & 31)) & 1 == 1
                         else:
-                            # NumericalDecision (the row holds the values LightGBM's dense rows give it).
+                            # NumericalDecision.
                             missing = (kind >> 2) & 3
                             if np.isnan(value) and missing != 2:
                                 value = 0.0
-                            if (missing == 1 and -ZERO <= value <= ZERO) or (missing == 2 and np.isnan(value)):
+                            if (missing == 1 and value == 0.0) or (missing == 2 and np.isnan(value)):
                                 go_left = (kind & 2) != 0
                             else:
                                 go_left = value <= threshold[k]
