@@ -35,9 +35,12 @@ GRID: dict[str, tuple[float, ...]] = {
     "planar_min_mean_height": (2.0, 2.5),
     "last_return_cell_factor": (0.0, 2.0),
     "last_return_under_crown": (0.5, math.inf),
+    "last_return_growth": (0.0, 1.0, 2.0),
+    "last_return_growth_under_crown": (0.0, 0.5),
 }
 # The rules switched off: no margin cut, the planar floors equal to the plain ones, no last-return
-# pass (standard 2.3.0's roofs among split pulses) and no smaller floor under crowns (2.4.0).
+# pass (standard 2.3.0's roofs among split pulses), no smaller floor under crowns (2.4.0) and no
+# growth of those roofs along their planes (2.5.0; which segments grow is then moot).
 REFERENCE = {
     "margin_above_roof": math.inf,
     "planar_segment_fraction": 0.8,
@@ -45,12 +48,33 @@ REFERENCE = {
     "planar_min_mean_height": 2.5,
     "last_return_cell_factor": 0.0,
     "last_return_under_crown": math.inf,
+    "last_return_growth": 0.0,
+    "last_return_growth_under_crown": 0.0,
 }
+# A rule switched off makes the parameters of what it feeds moot: (rule, off value, moot parameters).
+MOOT = (
+    (
+        "last_return_cell_factor",
+        0.0,
+        ("last_return_under_crown", "last_return_growth", "last_return_growth_under_crown"),
+    ),
+    ("last_return_growth", 0.0, ("last_return_growth_under_crown",)),
+)
 
 
 def candidates() -> list[dict[str, float]]:
+    """Every combination of GRID's values, once per distinct classifier: where a rule is off, its
+    moot parameters take REFERENCE's values (the same outputs, scored once)."""
     names = list(GRID)
-    return [dict(zip(names, values, strict=True)) for values in itertools.product(*(GRID[n] for n in names))]
+    result: list[dict[str, float]] = []
+    for values in itertools.product(*(GRID[n] for n in names)):
+        candidate = dict(zip(names, values, strict=True))
+        for rule, off, moot in MOOT:
+            if candidate[rule] == off:
+                candidate.update({name: REFERENCE[name] for name in moot})
+        if candidate not in result:
+            result.append(candidate)
+    return result
 
 
 def building_f1(item: Labelled, classes: np.ndarray) -> float:

@@ -144,7 +144,12 @@ def roofs_from_last_returns(
     on average as `planar_min_mean_height`, are building, their on-plane points only: the crown
     above stays vegetation.  A segment down to `planar_min_area` passes too when at least
     `last_return_under_crown` of its last returns end multi-return pulses (a roof seen through a
-    crown); trimmed hedges, also planar and small, return single echoes.
+    crown); trimmed hedges, also planar and small, return single echoes.  The segments' planes then
+    take in the last returns up to `last_return_growth` metres beyond their planar cells that lie
+    on them, extended (`roof_extension`), in segments where at least `last_return_growth_under_crown`
+    of the last returns end multi-return pulses: a pitched roof under trees shows planar cells only
+    on parts of its slopes (over its ridge the cells are not planar, at its edges they see ground),
+    yet its other last returns lie on those planes; crown points do not.
     """
     result = np.zeros(len(block), dtype=bool)
     if block.number_of_returns is None or block.return_number is None:
@@ -181,13 +186,21 @@ def roofs_from_last_returns(
     )
     mean_height = np.bincount(segment, z, minlength=count + 1) / np.maximum(n, 1)
     # Smaller segments only when seen through a crown: trimmed hedges are planar too, but open.
-    under_crown = np.bincount(segment, block.number_of_returns[last] > 1, minlength=count + 1) >= (
-        params.last_return_under_crown * np.maximum(n, 1)
-    )
+    split = np.bincount(segment, block.number_of_returns[last] > 1, minlength=count + 1)
+    under_crown = split >= params.last_return_under_crown * np.maximum(n, 1)
     large = (area >= params.building_min_area) | (under_crown & (area >= params.planar_min_area))
     keep = planar & large & (mean_height >= params.planar_min_mean_height)
     keep[0] = False
     result[last[keep[segment] & on_plane]] = True
+    if params.last_return_growth > 0:
+        # Under a crown only some pulses reach the roof, so its planar cells come in patches; an open
+        # roof's segment covers it already, and what lies on its plane beyond (a ramp, a terrace the
+        # ground model missed) need not be roof.
+        grow = keep & (split >= params.last_return_growth_under_crown * np.maximum(n, 1))
+        grown = roof_extension(
+            grid, planes, planar_cell & grow[labels].ravel(), flat, x, y, z, params, params.last_return_growth
+        )
+        result[last[grown]] = True
     return result
 
 
@@ -270,8 +283,10 @@ def roof_extension(
     y: np.ndarray,
     z: np.ndarray,
     params: StandardParams,
+    growth: float | None = None,
 ) -> np.ndarray:
-    """Points up to `roof_growth` metres beyond a roof that lie on its plane, extended.
+    """Points up to `growth` metres (default `roof_growth`) beyond a roof that lie on its plane,
+    extended (within `roof_growth_tolerance`).
 
     Near eaves and ridges the roof votes fail (the laser footprint splits between roof and
     ground, so edge returns are multi-returns with ground below), but the points still lie on the
@@ -287,7 +302,7 @@ def roof_extension(
     nearest_row, nearest_col = rows.ravel()[flat], cols.ravel()[flat]
     row, col = np.divmod(flat, grid.nx)
     distance = np.sqrt((nearest_row - row).astype(np.float64) ** 2 + (nearest_col - col).astype(np.float64) ** 2)
-    near = np.flatnonzero(distance <= params.roof_growth / grid.cell)
+    near = np.flatnonzero(distance <= (params.roof_growth if growth is None else growth) / grid.cell)
     nearest = nearest_row[near] * grid.nx + nearest_col[near]
     offset = kernels.plane_distances(planes.normal, planes.mean, nearest, x[near], y[near], z[near])
     result = np.zeros(flat.size, dtype=bool)

@@ -39,8 +39,10 @@ class StandardParams:
         roof_growth_tolerance) are building.
     wall_reach, wall_max_scatter: see `walls_and_eaves`.
     last_return_cell_factor, last_return_max_ground_fraction, last_return_segment_fraction,
-    last_return_under_crown: roofs among split pulses, see `roofs_from_last_returns` (a factor of 0
-        switches the pass off, an under-crown share above 1 the smaller segments).
+    last_return_under_crown, last_return_growth, last_return_growth_under_crown: roofs among split
+        pulses, see `roofs_from_last_returns` (a factor of 0 switches the pass off, an under-crown
+        share above 1 the smaller segments, a growth of 0 the growth along their planes, a growth
+        share of 0 grows every segment).
     neighbourhood_points: expected number of points in the 3x3-cell neighbourhood of the plane
         fit; sets the feature cell from the point density (power of two, clamped to
         [min_feature_cell, max_feature_cell]).
@@ -83,3 +85,5 @@ class StandardParams:
     last_return_max_ground_fraction: float = 0.4
     last_return_segment_fraction: float = 0.6
     last_return_under_crown: float = 0.5
+    last_return_growth: float = 2.0
+    last_return_growth_under_crown: float = 0.5
