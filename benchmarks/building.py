@@ -37,10 +37,13 @@ GRID: dict[str, tuple[float, ...]] = {
     "last_return_under_crown": (0.5, math.inf),
     "last_return_growth": (0.0, 1.0, 2.0),
     "last_return_growth_under_crown": (0.0, 0.5),
+    "continuation_tolerance": (0.0, 0.2),
+    "continuation_radius": (0.5, 1.0),
 }
 # The rules switched off: no margin cut, the planar floors equal to the plain ones, no last-return
 # pass (standard 2.3.0's roofs among split pulses), no smaller floor under crowns (2.4.0) and no
-# growth of those roofs along their planes (2.5.0; which segments grow is then moot).
+# growth of those roofs along their planes (2.5.0; which segments grow is then moot), no roof
+# continuation (2.6.0).
 REFERENCE = {
     "margin_above_roof": math.inf,
     "planar_segment_fraction": 0.8,
@@ -50,6 +53,8 @@ REFERENCE = {
     "last_return_under_crown": math.inf,
     "last_return_growth": 0.0,
     "last_return_growth_under_crown": 0.0,
+    "continuation_tolerance": 0.0,
+    "continuation_radius": 0.5,
 }
 # A rule switched off makes the parameters of what it feeds moot: (rule, off value, moot parameters).
 MOOT = (
@@ -59,6 +64,7 @@ MOOT = (
         ("last_return_under_crown", "last_return_growth", "last_return_growth_under_crown"),
     ),
     ("last_return_growth", 0.0, ("last_return_growth_under_crown",)),
+    ("continuation_tolerance", 0.0, ("continuation_radius",)),
 )
 
 

@@ -73,7 +73,7 @@ class StandardClassifier:
     """Ground 2, vegetation 3/4/5, building 6, low noise 7, high noise 18."""
 
     name = "standard"
-    version = "2.5.0"
+    version = "2.6.0"
 
     def __init__(self, params: StandardParams | None = None) -> None:
         self._params = params or StandardParams()

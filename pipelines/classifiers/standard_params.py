@@ -43,6 +43,9 @@ class StandardParams:
         pulses, see `roofs_from_last_returns` (a factor of 0 switches the pass off, an under-crown
         share above 1 the smaller segments, a growth of 0 the growth along their planes, a growth
         share of 0 grows every segment).
+    continuation_tolerance, continuation_radius: raised last returns among building points (within
+        the radius) within this height of their mean are building, see `roof_continuation` (a
+        tolerance of 0 switches it off).
     neighbourhood_points: expected number of points in the 3x3-cell neighbourhood of the plane
         fit; sets the feature cell from the point density (power of two, clamped to
         [min_feature_cell, max_feature_cell]).
@@ -86,4 +89,6 @@ class StandardParams:
     last_return_segment_fraction: float = 0.6
     last_return_under_crown: float = 0.5
     last_return_growth: float = 2.0
-    last_return_growth_under_crown: float = 0.5
+    last_return_growth_under_crown: float = 0.0
+    continuation_tolerance: float = 0.2
+    continuation_radius: float = 1.0
