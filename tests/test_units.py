@@ -103,10 +103,14 @@ def test_a_file_in_feet_is_classified_as_the_same_file_in_metres(tmp_path: Path)
         return dict(zip(keys, np.asarray(las.classification).tolist()))
 
     ours, reference = classes(tmp_path / "feet.laz"), classes(tmp_path / "metres.laz")
-    same = [ours[key] == cls for key, cls in reference.items() if key in ours]
-    assert len(same) > 0.95 * len(reference)
-    # Feet rounding moves points by up to 1.5 mm: a handful of borderline points may flip.
-    assert np.mean(same) > 0.995
+    matched = [(ours[key], cls) for key, cls in reference.items() if key in ours]
+    assert len(matched) > 0.95 * len(reference)
+    # Feet rounding moves points by up to 1.5 mm. Ground is decided point by point, so only
+    # borderline points flip (0.075 % here); a parameter left in the wrong unit moves far more.
+    assert np.mean([(ours == 2) == (cls == 2) for ours, cls in matched]) > 0.998
+    # Building and vegetation are decided per roof segment, and a segment that crosses a threshold
+    # by a millimetre flips whole (standard 2.4.0: 0.41 % of the points, 2.6.0: 0.52 %).
+    assert np.mean([ours == cls for ours, cls in matched]) > 0.99
 
 
 @pytest.mark.slow
