@@ -31,13 +31,17 @@ def writable(folder: Path) -> bool:
 
 
 def cache_folder() -> Path | None:
-    """Where this process caches compiled code other than in the package's own `__pycache__` folders
-    (None: there, or where NUMBA_CACHE_DIR says). Each candidate is tried in order; a process that
-    finds none writable compiles without a cache."""
-    if os.environ.get("NUMBA_CACHE_DIR") or writable(PACKAGE / "__pycache__"):
-        return None
+    """Where this process caches compiled code: where NUMBA_CACHE_DIR says, else the first writable of
+    the package's own `__pycache__` folders, the user's cache folder and the temp folder; None when
+    none is writable (compiled without a cache)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"])
     user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    for folder in (user / "pointflow" / "numba", Path(tempfile.gettempdir()) / f"pointflow-numba-{os.getuid()}"):
+    for folder in (
+        PACKAGE / "__pycache__",
+        user / "pointflow" / "numba",
+        Path(tempfile.gettempdir()) / f"pointflow-numba-{os.getuid()}",
+    ):
         if writable(folder):
             return folder
     return None
@@ -52,13 +56,13 @@ def jit():
     import numba
 
     folder = cache_folder()
-    if folder is not None:
-        # numba reads its CACHE_DIR when a cached function is compiled: set before any is.
+    if folder is not None and folder != PACKAGE / "__pycache__" and not os.environ.get("NUMBA_CACHE_DIR"):
+        # numba caches beside each source file unless told otherwise; it reads its CACHE_DIR when a
+        # cached function is compiled: set before any is.
         numba.config.CACHE_DIR = str(folder)
-    cached = folder is not None or bool(os.environ.get("NUMBA_CACHE_DIR")) or writable(PACKAGE / "__pycache__")
     # No fastmath: the loops must give the same bits as the NumPy arithmetic they replace. nogil:
     # threads of one worker run compiled loops side by side.
-    return functools.partial(numba.njit, cache=cached, nogil=True)
+    return functools.partial(numba.njit, cache=folder is not None, nogil=True)
 
 
 class Compiled:
