@@ -744,6 +744,23 @@ def flatfield_shed_crop() -> tuple[PointBlock, np.ndarray]:
     return subset(block, keep), labels[keep]
 
 
+def amsterdam_split_pulse_roof_crop() -> tuple[PointBlock, np.ndarray]:
+    """20 m around the low roof among split pulses at the west edge of AHN3 Amsterdam 2386, with
+    its labels."""
+    block, labels = load("corpus/AHN3_amsterdam_2386_9702.laz")
+    x0, y0 = block.x.min(), block.y.min()
+    keep = np.flatnonzero((block.x < x0 + 20) & (np.abs(block.y - y0 - 33.7) < 10))
+    return subset(block, keep), labels[keep]
+
+
+def building_a_rule_adds(block: PointBlock, params: dict, rule_off: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Standard's classes with `params`, its classes with `rule_off` on top of them, and the points
+    that are building only with the rule."""
+    classes = get_classifier("standard", params).classify(block)
+    without = get_classifier("standard", {**params, **rule_off}).classify(block)
+    return classes, without, (classes == 6) & (without != 6)
+
+
 def test_low_planar_shed_is_building() -> None:
     """The 2.3 m shed of the IGN flat-field strip is lower on average than the 2.5 m that keeps
     hedges out, but planar: building.  Its crop holds nothing else called building."""
@@ -760,13 +777,8 @@ def test_a_roof_among_split_pulses_is_building_from_its_last_returns() -> None:
     pulses split (trees, edges): the roof votes' multi-return test fails there.  The last returns
     alone lie on a plane with no ground among them, so the last-return pass makes them building,
     and only points its producer labels building."""
-    block, labels = load("corpus/AHN3_amsterdam_2386_9702.laz")
-    x0, y0 = block.x.min(), block.y.min()
-    keep = np.flatnonzero((block.x < x0 + 20) & (np.abs(block.y - y0 - 33.7) < 10))
-    block, labels = subset(block, keep), labels[keep]
-    classes = get_classifier("standard").classify(block)
-    without = get_classifier("standard", {"last_return_cell_factor": 0.0}).classify(block)
-    added = (classes == 6) & (without != 6)
+    block, labels = amsterdam_split_pulse_roof_crop()
+    classes, without, added = building_a_rule_adds(block, {}, {"last_return_cell_factor": 0.0})
     assert np.count_nonzero(added) > 50
     assert np.all(labels[added] == 6)
     assert f1(labels == 6, classes == 6) > f1(labels == 6, without == 6) + 0.005
@@ -778,9 +790,9 @@ def test_a_small_roof_seen_through_a_crown_is_building() -> None:
     smaller floor; a segment of single echoes that small (a trimmed hedge) would not."""
     block, labels = flatfield_shed_crop()
     # The segments themselves: their growth along their planes is tested below.
-    classes = get_classifier("standard", {"last_return_growth": 0.0}).classify(block)
-    open_only = get_classifier("standard", {"last_return_under_crown": 2.0, "last_return_growth": 0.0}).classify(block)
-    added = (classes == 6) & (open_only != 6)
+    classes, open_only, added = building_a_rule_adds(
+        block, {"last_return_growth": 0.0}, {"last_return_under_crown": 2.0}
+    )
     assert np.count_nonzero(added) > 60
     assert np.mean(labels[added] == 6) > 0.9
     assert f1(labels == 6, classes == 6) > f1(labels == 6, open_only == 6) + 0.05
@@ -796,9 +808,7 @@ def test_a_roof_under_trees_is_grown_along_its_plane_from_its_last_returns() -> 
     beside them).  Its other last returns lie on the plane of the nearest segment cell, extended:
     they are building, and the crown above them stays vegetation."""
     block, labels = flatfield_shed_crop()
-    classes = get_classifier("standard", NO_CONTINUATION).classify(block)
-    segments_only = get_classifier("standard", {**NO_CONTINUATION, "last_return_growth": 0.0}).classify(block)
-    added = (classes == 6) & (segments_only != 6)
+    classes, segments_only, added = building_a_rule_adds(block, NO_CONTINUATION, {"last_return_growth": 0.0})
     assert np.count_nonzero(added) > 80
     assert np.mean(labels[added] == 6) > 0.75
     assert np.all(block.return_number[added] == block.number_of_returns[added])
@@ -808,13 +818,8 @@ def test_a_roof_under_trees_is_grown_along_its_plane_from_its_last_returns() -> 
 def test_a_low_roof_among_split_pulses_is_grown_to_its_edges() -> None:
     """Amsterdam 2386's low roof among split pulses (see above): the last returns around its
     segments that lie on their planes are the rest of that roof, all labelled building."""
-    block, labels = load("corpus/AHN3_amsterdam_2386_9702.laz")
-    x0, y0 = block.x.min(), block.y.min()
-    keep = np.flatnonzero((block.x < x0 + 20) & (np.abs(block.y - y0 - 33.7) < 10))
-    block, labels = subset(block, keep), labels[keep]
-    classes = get_classifier("standard", NO_CONTINUATION).classify(block)
-    segments_only = get_classifier("standard", {**NO_CONTINUATION, "last_return_growth": 0.0}).classify(block)
-    added = (classes == 6) & (segments_only != 6)
+    block, labels = amsterdam_split_pulse_roof_crop()
+    classes, segments_only, added = building_a_rule_adds(block, NO_CONTINUATION, {"last_return_growth": 0.0})
     assert np.count_nonzero(added) > 50
     assert np.all(labels[added] == 6)
     assert f1(labels == 6, classes == 6) > f1(labels == 6, segments_only == 6) + 0.005
@@ -845,9 +850,7 @@ def test_last_returns_at_the_height_of_the_roof_beside_them_are_building() -> No
     fits nor the votes hold, yet last returns there lie at the height of the roof points around
     them (within 0.2 m of their mean, 0.5 m around): they continue the roof."""
     block, labels = flatfield_shed_crop()
-    classes = get_classifier("standard").classify(block)
-    without = get_classifier("standard", {"continuation_tolerance": 0.0}).classify(block)
-    added = (classes == 6) & (without != 6)
+    classes, without, added = building_a_rule_adds(block, {}, {"continuation_tolerance": 0.0})
     assert np.count_nonzero(added) >= 15
     assert np.mean(labels[added] == 6) > 0.8
     assert np.all(block.return_number[added] == block.number_of_returns[added])
@@ -860,9 +863,7 @@ def test_the_roof_continues_on_another_source_too() -> None:
     block, labels = load("corpus/AHN3_amsterdam_2397_9705.laz")
     keep = np.flatnonzero((block.x < block.x.min() + 60) & (block.y < block.y.min() + 20))
     block, labels = subset(block, keep), labels[keep]
-    classes = get_classifier("standard").classify(block)
-    without = get_classifier("standard", {"continuation_tolerance": 0.0}).classify(block)
-    added = (classes == 6) & (without != 6)
+    classes, without, added = building_a_rule_adds(block, {}, {"continuation_tolerance": 0.0})
     assert np.count_nonzero(added) > 80
     assert np.mean(labels[added] == 6) > 0.98
     assert f1(labels == 6, classes == 6) > f1(labels == 6, without == 6) + 0.003
