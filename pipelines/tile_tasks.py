@@ -6,13 +6,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import laspy
 import numpy as np
 
 from pipelines.classifiers import Classifier, PointBlock, get_classifier
+from pipelines.compiled import compiled
 from pipelines.units import METRES, CoordinateUnits
+
+if TYPE_CHECKING:  # workers never read a header: laspy's import (about 0.08 CPU-s) stays out of them
+    import laspy
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +59,38 @@ class Scaling:
         unit = self.vertical if k == 2 else self.horizontal
         return (fields["XYZ"[k]] * np.float64(self.scales[k]) + np.float64(self.offsets[k])) * unit
 
-    def block(self, fields: np.ndarray) -> PointBlock:
-        return PointBlock(
-            x=self.axis(fields, 0),
-            y=self.axis(fields, 1),
-            z=self.axis(fields, 2),
-            intensity=np.ascontiguousarray(fields["intensity"]),
-            return_number=np.ascontiguousarray(fields["return_number"]),
-            number_of_returns=np.ascontiguousarray(fields["number_of_returns"]),
-        )
+    def block(self, *parts: np.ndarray) -> PointBlock:
+        """The points of `parts` (TILE_FIELDS records) one after the other, as `axis` scales them: in
+        one compiled pass per part, where concatenating the records first and then scaling each axis
+        and copying each field apart took ten passes over the tile (0.05 CPU-s per 1.43 M points)."""
+        n = sum(len(part) for part in parts)
+        x, y, z = np.empty(n), np.empty(n), np.empty(n)
+        intensity = np.empty(n, np.uint16)
+        return_number, number_of_returns = np.empty(n, np.uint8), np.empty(n, np.uint8)
+        start = 0
+        for part in parts:
+            _fill_block(
+                part, start, np.array(self.scales), np.array(self.offsets), self.horizontal, self.vertical,
+                x, y, z, intensity, return_number, number_of_returns,
+            )  # fmt: skip
+            start += len(part)
+        return PointBlock(x, y, z, intensity, return_number, number_of_returns)
+
+
+@compiled
+def _fill_block(
+    fields, start, scales, offsets, horizontal, vertical, x, y, z, intensity, return_number, number_of_returns
+):
+    """Scaling.block's loop, from `start` on: each axis as `Scaling.axis` computes it, the same
+    float64 operations in the same order (no fastmath: no fused multiply-add)."""
+    for i in range(len(fields)):
+        point = fields[i]
+        x[start + i] = (point.X * scales[0] + offsets[0]) * horizontal
+        y[start + i] = (point.Y * scales[1] + offsets[1]) * horizontal
+        z[start + i] = (point.Z * scales[2] + offsets[2]) * vertical
+        intensity[start + i] = point.intensity
+        return_number[start + i] = point.return_number
+        number_of_returns[start + i] = point.number_of_returns
 
 
 @dataclass(frozen=True)
@@ -117,8 +143,7 @@ def classify_tile(task: TileTask, classifier: Classifier, scaling: Scaling) -> T
     """Classify core + context, return the core points' classes."""
     started = time.perf_counter()
     core, context = task.core, task.context
-    fields = np.concatenate([core, context]) if len(context) else core
-    classes = np.asarray(classifier.classify(scaling.block(fields)), dtype=np.uint8)[: len(core)]
+    classes = np.asarray(classifier.classify(scaling.block(core, context)), dtype=np.uint8)[: len(core)]
     return tile_result(task.tile_id, classes, len(context), time.perf_counter() - started)
 
 

@@ -10,10 +10,12 @@ coordinates are taken as metres, and `assumed` says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import laspy
+from typing import TYPE_CHECKING
 
 from pipelines.errors import InvalidValue
+
+if TYPE_CHECKING:  # only headers' readers need laspy: the workers (tile_tasks' scaling) import this module
+    import laspy
 
 # EPSG unit codes -> (name, metres per unit)
 _EPSG_UNITS: dict[int, tuple[str, float]] = {
