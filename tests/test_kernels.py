@@ -1,7 +1,7 @@
-"""The compiled loops (pipelines/classifiers/kernels.py, and the scaling of a tile's records in
-pipelines/tile_tasks.py) give the same bits as the NumPy passes they replaced, written out here as
-they were, on real points (the IGN block's dense 0.25 m grid, a sparse ISPRS sample) and on rasters
-one cell wide; and their cache works where the installed package cannot be written to."""
+"""The compiled loops (pipelines/classifiers/kernels.py) give the same bits as the NumPy passes they
+replaced, written out here as they were, on real points (the IGN block's dense 0.25 m grid, a
+sparse ISPRS sample) and on rasters one cell wide; and their cache works where the installed
+package cannot be written to."""
 
 from __future__ import annotations
 
@@ -18,9 +18,7 @@ from pipelines.classifiers import kernels
 from pipelines.classifiers.base import PointBlock
 from pipelines.classifiers.geometry import box_sum, local_planes
 from pipelines.classifiers.grid import Grid
-from pipelines.tile_tasks import scaling_of, tile_fields
-from pipelines.units import METRES, CoordinateUnits
-from tests.test_classifiers import DATA, load
+from tests.test_classifiers import load
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -355,11 +353,11 @@ def test_add_counts_is_bincount_in_float32(points: PointBlock) -> None:
 
 
 WARM_UP = """
-from pipelines.classifiers import kernels, warm
+from pipelines.classifiers import buildings, ground, kernels, warm
 from pipelines.compiled import Compiled
 warm.warm()
-loops = [name for name in dir(kernels) if isinstance(getattr(kernels, name), Compiled)]
-print(len(loops), [name for name in loops if not getattr(kernels, name).dispatcher.signatures])
+loops = [getattr(m, name) for m in (kernels, buildings, ground) for name in dir(m) if isinstance(getattr(m, name), Compiled)]
+print(len(loops), [loop.__name__ for loop in loops if not loop.dispatcher.signatures])
 """
 
 
@@ -367,7 +365,7 @@ def test_the_workers_warm_up_loads_every_compiled_loop() -> None:
     """In a fresh process, as a worker starts: after the warm-up no loop is left to load on a tile."""
     found = subprocess.run([sys.executable, "-c", WARM_UP], cwd=REPO, capture_output=True, text=True, check=True)
     count, missing = found.stdout.split(" ", 1)
-    assert int(count) >= 10 and missing.strip() == "[]"
+    assert int(count) >= 13 and missing.strip() == "[]"
     config = (REPO / "pipelines" / "data" / "dask-local.yaml").read_text()
     assert "pipelines.classifiers.warm" in config
 
@@ -427,22 +425,3 @@ def test_within_reach_is_the_union_of_maximum_filters(reach: float, cell: float)
 def test_closed_cross_is_the_filters_closing() -> None:
     for mask in masks():
         assert same(kernels.closed_cross(mask), numpy_closed(mask))
-
-
-@pytest.mark.parametrize("relative", ["ign_st_barth_100m.laz", "isprs/samp51.las"])
-@pytest.mark.parametrize("units", [METRES, CoordinateUnits(0.3048, 1200.0 / 3937.0, "foot", "US survey foot", False)])
-def test_a_tiles_block_is_its_records_scaled_by_numpy(relative: str, units: CoordinateUnits) -> None:
-    """Scaling.block's compiled pass over core and context gives the bits of Scaling.axis on the
-    two concatenated (as the workers computed them), on read-only records (as Dask hands them over)."""
-    laspy = pytest.importorskip("laspy")
-    las = laspy.read(DATA / relative)
-    fields = tile_fields(las.points)
-    scaling = scaling_of(las.header, units)
-    core, context = fields[: len(fields) // 3], fields[len(fields) // 3 :]
-    context.flags.writeable = False
-    block = scaling.block(core, context)
-    for k, name in enumerate("xyz"):
-        assert same(getattr(block, name), scaling.axis(fields, k))
-    for name in ("intensity", "return_number", "number_of_returns"):
-        assert same(getattr(block, name), np.ascontiguousarray(fields[name]))
-    assert same(scaling.block(core).x, scaling.axis(core, 0)) and len(scaling.block(core, context[:0])) == len(core)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from pipelines.compiled import compiled
+
 from . import kernels
 from .base import PointBlock
 from .geometry import LocalPlanes, local_planes, window_counts
@@ -299,7 +301,7 @@ def walls_and_eaves(
     kernels.maximum_at(roof, flat_raised[building], z[building])
     reach = int(np.ceil(params.wall_reach / grid.cell))
     roof_beside = ndimage.maximum_filter(roof.reshape(grid.shape), size=2 * reach + 1).ravel()
-    result = ~building & near[flat_raised] & (z <= roof_beside[flat_raised] + params.plane_tolerance)
+    result = _beside_roofs(building, near, roof_beside, flat_raised, z, params.plane_tolerance)
     # The scattering only where the rest holds: a few cells, not the whole raster.
     cells = flat_raised[result]
     small, large = planes.eigenvalues[0, cells], planes.eigenvalues[2, cells]
@@ -332,12 +334,43 @@ def roof_extension(
     rows, cols = ndimage.distance_transform_edt(
         ~roof_cells.reshape(grid.shape), return_distances=False, return_indices=True
     )
-    nearest_row, nearest_col = rows.ravel()[flat], cols.ravel()[flat]
-    row, col = np.divmod(flat, grid.nx)
-    distance = np.sqrt((nearest_row - row).astype(np.float64) ** 2 + (nearest_col - col).astype(np.float64) ** 2)
-    near = np.flatnonzero(distance <= (params.roof_growth if growth is None else growth) / grid.cell)
-    nearest = nearest_row[near] * grid.nx + nearest_col[near]
+    reach = (params.roof_growth if growth is None else growth) / grid.cell
+    near, nearest = _near_roofs(rows.ravel(), cols.ravel(), flat, grid.nx, reach)
     offset = kernels.plane_distances(planes.normal, planes.mean, nearest, x[near], y[near], z[near])
     result = np.zeros(flat.size, dtype=bool)
     result[near[offset <= params.roof_growth_tolerance]] = True
     return result
+
+
+# The two loops below are compiled (pipelines/compiled.py) where NumPy made a pass, and an array, per
+# operation over every raised point: integer differences, exact squares and one correctly rounded
+# square root, comparisons: the same bits and the same verdicts (tests/test_point_loops.py).
+
+
+@compiled
+def _near_roofs(rows, cols, flat, nx, reach):
+    """The points (indices into `flat`) whose cell is at most `reach` cells from its nearest roof
+    cell (`rows`, `cols`: the distance transform's indices, flattened), and that roof cell."""
+    near = np.empty(flat.size, np.intp)
+    nearest = np.empty(flat.size, np.intp)
+    found = 0
+    for point in range(flat.size):
+        cell = flat[point]
+        row, col = rows[cell], cols[cell]
+        d_row, d_col = np.float64(row - cell // nx), np.float64(col - cell % nx)
+        if np.sqrt(d_row * d_row + d_col * d_col) <= reach:
+            near[found] = point
+            nearest[found] = row * nx + col
+            found += 1
+    return near[:found], nearest[:found]
+
+
+@compiled
+def _beside_roofs(building, near, roof_beside, flat, z, tolerance):
+    """walls_and_eaves' first test: not building, near a building cell, at most `tolerance` above
+    the highest roof beside."""
+    out = np.zeros(flat.size, np.bool_)
+    for point in range(flat.size):
+        cell = flat[point]
+        out[point] = not building[point] and near[cell] and z[point] <= roof_beside[cell] + tolerance
+    return out

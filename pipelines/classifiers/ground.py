@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from pipelines.compiled import compiled
+
 from . import kernels
 from .base import GROUND, UNCLASSIFIED, PointBlock
 from .geometry import box_sum
@@ -313,14 +315,34 @@ def fit_surface(block: PointBlock, params: GroundParams) -> SurfaceFit:
 
 def decide(fit: SurfaceFit, params: GroundParams) -> tuple[np.ndarray, np.ndarray]:
     """(is_ground, below) per point from a surface fit."""
-    above = (
-        params.ground_above + params.ground_above_per_spacing * fit.spacing + params.ground_above_per_slope * fit.slope
+    return _decided(
+        fit.residual,
+        fit.slope,
+        np.ones(0, dtype=bool) if fit.last is None else fit.last,
+        params.ground_above + params.ground_above_per_spacing * fit.spacing,
+        params.ground_above_per_slope,
+        params.elevation_threshold,
+        params.elevation_scaler,
     )
-    below = params.elevation_threshold + params.elevation_scaler * fit.slope
-    is_ground = (fit.residual <= above) & (fit.residual >= -below)
-    if fit.last is not None:
-        is_ground &= fit.last
-    return is_ground, fit.residual < -below
+
+
+@compiled
+def _decided(residual, slope, last, above_flat, above_per_slope, below_flat, below_per_slope):
+    """decide's tests in one pass over the points, where NumPy made six, each a new array: at most
+    `above_flat + above_per_slope * slope` above the surface, at most `below_flat + below_per_slope *
+    slope` below it, a last return (`last` empty: every point can be). The same float operations in
+    the same order, so the same verdicts (tests/test_point_loops.py)."""
+    is_ground = np.empty(residual.size, np.bool_)
+    below = np.empty(residual.size, np.bool_)
+    for point in range(residual.size):
+        lowest = -(below_flat + below_per_slope * slope[point])
+        is_ground[point] = (
+            residual[point] <= above_flat + above_per_slope * slope[point]
+            and residual[point] >= lowest
+            and (last.size == 0 or last[point])
+        )
+        below[point] = residual[point] < lowest
+    return is_ground, below
 
 
 def ground_model(block: PointBlock, params: GroundParams) -> GroundModel:
