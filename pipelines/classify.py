@@ -1,9 +1,11 @@
 """Tiled classification of a LAS/LAZ file on Dask, reader -> tiles -> classifier -> writer.
 
-1. scan: stream the input in chunks through the gate's point checks (`lasio.iter_checked`);
-   append each point's raw record and the fields the classifier reads (TILE_FIELDS) to its owner
-   tile's files, and its fields to the context file of every neighbour whose buffer ring it falls
-   in. Only occupied tiles get files: cost follows the points, not the extent.
+1. scan (`pipelines.scan`): stream the input in chunks through the gate's point checks
+   (`lasio.iter_checked`); append each point's raw record and the fields the classifier reads
+   (TILE_FIELDS) to its owner tile's files, and its fields to the context file of every neighbour
+   whose buffer ring it falls in. Only occupied tiles get files: cost follows the points, not the
+   extent. Large tiles that the scan has left behind go to the workers before it ends (checked
+   at its end, sent again if more of their points came).
 2. classify: Dask tasks carry tiles' core + context fields (by value: workers need no shared
    filesystem, and a task whose worker dies can be rerun elsewhere) and return one class code per
    core point. Small tiles share a task (up to TASK_POINTS points), so a sparse file is not
@@ -41,19 +43,18 @@ from pipelines.cluster import WORKER_START_SECONDS, dask_client, local_cluster, 
 from pipelines.copc import COPC_SUFFIX, write_copc
 from pipelines.errors import InvalidValue
 from pipelines.gate import NotPointCloudError
-from pipelines.lasio import CHUNK_POINTS, iter_checked, read_info
+from pipelines.lasio import read_info
+from pipelines.scan import EarlyTiles, scan
 from pipelines.scratch import work_dir
 from pipelines.settings import ClusterStartError, Settings
 from pipelines.tile import TileGrid
 from pipelines.tile_io import Progress, TileFiles, TileWriter, writable_header
 from pipelines.tile_tasks import (
-    Scaling,
     TileBatch,
     TileResult,
     TileTask,
     classify_batch,
     scaling_of,
-    tile_fields,
     tile_result,
 )
 from pipelines.units import CoordinateUnits, coordinate_units
@@ -88,6 +89,7 @@ class ClassifyResult:
     timings: dict[str, float] = field(default_factory=dict)
     dashboard: str | None = None
     sparse_points: int = 0  # in tiles too sparse to model: written as class 1
+    early_tiles: int = 0  # sent to the workers while the file was scanned, with all their points (pipelines.scan)
 
 
 # glibc's mallopt parameters.
@@ -115,29 +117,6 @@ def _keep_heap() -> None:
     ):
         if name not in os.environ:  # the user's own setting stands, as it does for the workers
             libc.mallopt(parameter, int(settings[name]))
-
-
-def _scan(
-    input_path: Path, info, scaling: Scaling, grid: TileGrid, tiles: TileFiles, progress: Progress | None
-) -> None:
-    """Partition the input into tiles: every point once as core of its tile, and as context of
-    every neighbour whose buffer ring it falls in."""
-    done = 0
-    for chunk in iter_checked(input_path, info, CHUNK_POINTS):
-        fields = tile_fields(chunk)
-        x, y = scaling.axis(fields, 0), scaling.axis(fields, 1)
-        owner, context = grid.partition(x, y)
-        # The core's fields are kept beside its raw records: a tile's task reads them as they are,
-        # instead of reading the raw records and unpacking their fields a second time.
-        tiles.append({"core": chunk.array, "fields": fields}, owner)
-        if context:
-            # One grouped write for all neighbours: one sort, not eight.
-            index = np.concatenate([i for i, _ in context])
-            tile_ids = np.concatenate([t for _, t in context])
-            tiles.append({"context": fields}, tile_ids, index)
-        done += len(fields)
-        if progress:
-            progress("scan", done, info.point_count)
 
 
 def _batches(owned: dict[int, int], context: dict[int, int]) -> list[list[int]]:
@@ -225,17 +204,10 @@ def classify_file(
                 TileWriter(header, tiles, work / "classified.laz" if copc else output_path, progress) as writer,
                 starting.pop_all() as clients,
             ):
-                _scan(input_path, info, scaling, grid, tiles, progress)
-                owned, context = tiles.counts("core"), tiles.counts("context")
-                sparse = {t for t in owned if owned[t] + context.get(t, 0) < MIN_TILE_POINTS}
-                timings["scan_s"] = time.perf_counter() - started
-
-                def tile_task(t: int) -> TileTask:
-                    return TileTask(t, tiles.read("fields", t), tiles.read("context", t))
 
                 def batch(tile_ids: list[int]) -> TileBatch:
                     return TileBatch(
-                        tuple(tile_task(t) for t in tile_ids),
+                        tuple(TileTask(t, tiles.read("fields", t), tiles.read("context", t)) for t in tile_ids),
                         scaling,
                         model.name,
                         model.params,
@@ -243,30 +215,44 @@ def classify_file(
                         model.version,
                     )
 
-                modelled = {t: n for t, n in owned.items() if t not in sparse}
-                results = {
+                active = client
+
+                def connect() -> int:
+                    """The client (a local cluster's: every worker registered), its worker count taken
+                    once; the number of tasks to keep in flight."""
+                    nonlocal active, n_workers
+                    if active is None:
+                        active = clients.enter_context(dask_client(settings, workers, early_cluster))
+                    if not n_workers:
+                        # A remote scheduler's workers come and go, so take the count at hand, at least one.
+                        n_workers = wait_for_workers(active, 1, WORKER_START_SECONDS, "the Dask scheduler")
+                    return _window(n_workers)
+
+                sending = EarlyTiles(connect, lambda tile_ids: _submit(active, batch(tile_ids)))
+                scan(input_path, info, scaling, grid, tiles, progress, sending)
+                owned, context = tiles.counts("core"), tiles.counts("context")
+                sparse = {t for t in owned if owned[t] + context.get(t, 0) < MIN_TILE_POINTS}
+                early_results, sent = sending.settle(owned, context)
+                early_tiles = len(early_results) + len(sent)
+                timings["scan_s"] = time.perf_counter() - started
+
+                results = early_results | {
                     t: tile_result(t, np.full(owned[t], UNCLASSIFIED, dtype=np.uint8), context.get(t, 0), 0.0)
                     for t in sparse
                 }
+                modelled = {t: n for t, n in owned.items() if t not in results and t not in sent}
                 # Tiles are written in id order as their classes come in, while the next ones are classified.
                 writer.plan(sorted(owned))
                 writer.ready(results)
-                if modelled:
+                if modelled or sent:
                     # classify_s: from here, the cluster's start included (what is left of it after the scan).
                     started = time.perf_counter()
-                    active = (
-                        client
-                        if client is not None
-                        else clients.enter_context(dask_client(settings, workers, early_cluster))
-                    )
+                    window = connect()
                     dashboard = getattr(active, "dashboard_link", None)
-                    if dashboard and len(modelled) > 1:
+                    if dashboard and len(modelled) + len(sent) > 1:
                         log.info("Dask dashboard: %s", dashboard)
-                    # Every worker of a local cluster has registered (dask_client waits for them); a
-                    # remote scheduler's workers come and go, so take the count at hand, at least one.
-                    n_workers = wait_for_workers(active, 1, WORKER_START_SECONDS, "the Dask scheduler")
                     for finished in _run_tiles(
-                        active, _batches(modelled, context), batch, n_workers, len(owned), progress
+                        active, _batches(modelled, context), batch, window, list(sent.values()), len(owned), progress
                     ):
                         results |= finished
                         writer.ready(finished)
@@ -298,55 +284,63 @@ def classify_file(
         timings={k: round(v, 3) for k, v in timings.items()},
         dashboard=dashboard,
         sparse_points=sum(owned[t] for t in sparse),
+        early_tiles=early_tiles,
     )
+
+
+def _window(n_workers: int) -> int:
+    # Two tasks per worker and one more: Dask sends each worker its next task while it runs one
+    # (worker-saturation), so a worker goes on without waiting for the scheduler, which runs in
+    # this process and waits for the GIL while the output's LAZ encoder holds it (0.4-0.7 s a
+    # write); with one task per worker, workers sat idle that long after a tile. The scheduler
+    # still holds only that many tasks' points at a time (about 20 MB per 200 m tile).
+    return 2 * n_workers + 1
+
+
+def _submit(client: Any, batch: TileBatch) -> Any:
+    import dask
+
+    # A tile's points travel inside its task on purpose (see the module docstring); Dask's
+    # warning about large graphs assumes data that could be loaded on the workers instead.
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1GiB"}):
+        # A fresh key: the same tiles in a later run must be classified again, not reused.
+        return client.submit(classify_batch, batch, retries=2, key=f"classify_tile-{uuid.uuid4().hex}")
 
 
 def _run_tiles(
     client: Any,
     batches: list[list[int]],
     make_batch: Callable[[list[int]], TileBatch],
-    n_workers: int,
+    window: int,
+    sent: list[Any],
     total_tiles: int,
     progress: Progress | None,
 ) -> Iterator[dict[int, TileResult]]:
-    """Each finished task's results, as they come in."""
-    import dask
+    """Each finished task's results, as they come in: the tasks `sent` during the scan, then `batches`,
+    at most `window` in flight."""
     from distributed import as_completed
     from distributed.scheduler import NoWorkerError
 
     pending = iter(batches)
-    # Two tasks per worker and one more: Dask sends each worker its next task while it runs one
-    # (worker-saturation), so a worker goes on without waiting for the scheduler, which runs in
-    # this process and waits for the GIL while the output's LAZ encoder holds it (0.4-0.7 s a
-    # write); with one task per worker, workers sat idle that long after a tile. The scheduler
-    # still holds only that many tasks' points at a time (about 20 MB per 200 m tile).
-    window = 2 * n_workers + 1
-
-    def submit(tile_ids: list[int]):
-        # A fresh key: the same tiles in a later run must be classified again, not reused.
-        return client.submit(classify_batch, make_batch(tile_ids), retries=2, key=f"classify_tile-{uuid.uuid4().hex}")
-
-    # A tile's points travel inside its task on purpose (see the module docstring); Dask's
-    # warning about large graphs assumes data that could be loaded on the workers instead.
+    room = max(window - sum(not future.done() for future in sent), 0)
     done = 0
-    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1GiB"}):
-        running = as_completed([submit(b) for _, b in zip(range(window), pending)])
-        for future in running:
-            try:
-                outcome = future.result()
-            except NoWorkerError:
-                raise ClusterStartError(
-                    f"every worker of the Dask cluster is gone (killed, or out of memory) and none came back within "
-                    f"{pipelines.cluster.NO_WORKERS_TIMEOUT}: nothing was written; retry, with fewer workers (--workers, POINTFLOW_WORKERS) "
-                    f"if memory is short"
-                ) from None
-            finished = {result.tile_id: result for result in outcome}
-            future.release()
-            following = next(pending, None)
-            if following is not None:
-                # Sent before the caller writes what came in, so the workers are not kept waiting.
-                running.add(submit(following))
-            done += len(finished)
-            if progress:
-                progress("classify", done, total_tiles)
-            yield finished
+    running = as_completed([*sent, *(_submit(client, make_batch(b)) for _, b in zip(range(room), pending))])
+    for future in running:
+        try:
+            outcome = future.result()
+        except NoWorkerError:
+            raise ClusterStartError(
+                f"every worker of the Dask cluster is gone (killed, or out of memory) and none came back within "
+                f"{pipelines.cluster.NO_WORKERS_TIMEOUT}: nothing was written; retry, with fewer workers (--workers, POINTFLOW_WORKERS) "
+                f"if memory is short"
+            ) from None
+        finished = {result.tile_id: result for result in outcome}
+        future.release()
+        following = next(pending, None)
+        if following is not None:
+            # Sent before the caller writes what came in, so the workers are not kept waiting.
+            running.add(_submit(client, make_batch(following)))
+        done += len(finished)
+        if progress:
+            progress("classify", done, total_tiles)
+        yield finished

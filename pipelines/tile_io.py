@@ -39,9 +39,11 @@ class TileFiles:
         self.runs: dict[str, dict[int, list[tuple[int, int, int]]]] = {kind: {} for kind in self.KINDS}
         self._handles: dict[tuple[str, int], Any] = {}
 
-    def append(self, records: dict[str, np.ndarray], tile_ids: np.ndarray, index: np.ndarray | None = None) -> None:
+    def append(
+        self, records: dict[str, np.ndarray], tile_ids: np.ndarray, index: np.ndarray | None = None
+    ) -> list[tuple[int, int, int]]:
         """records[index] of each kind (all records by default), grouped by tile id: the arrays hold
-        the same points, sorted once."""
+        the same points, sorted once. The (tile id, start, end) of each tile's run in them."""
         order, runs = group_order(tile_ids, index)
         for kind, kind_records in records.items():
             number = len(self.files[kind])
@@ -50,6 +52,7 @@ class TileFiles:
             self.files[kind].append(path)
             for tile_id, start, end in runs:
                 self.runs[kind].setdefault(tile_id, []).append((number, start, end - start))
+        return runs
 
     def counts(self, kind: str) -> dict[int, int]:
         return {tile_id: sum(n for _, _, n in runs) for tile_id, runs in self.runs[kind].items()}

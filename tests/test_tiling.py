@@ -8,7 +8,7 @@ import laspy
 import numpy as np
 import pytest
 
-from pipelines import classify, cluster
+from pipelines import classify, cluster, scan
 from pipelines.classify import classify_file
 from pipelines.cluster import wait_for_workers
 from pipelines.gate import NotPointCloudError
@@ -257,3 +257,29 @@ def test_the_local_cluster_reruns_a_killed_workers_tiles_and_fails_clearly_when_
         classify_file(source, failed, settings, tile_size=10, buffer=3, workers=2, progress=progress)
     assert len(killed) == 2 and not failed.exists()
     assert list(settings.scratch_dir.glob("*")) == []
+
+
+def test_tiles_sent_during_the_scan_give_the_same_file_in_any_point_order(
+    tmp_path: Path, settings, client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = laspy.read(shared_file("ign_st_barth_100m.laz"))
+    # Written south to north, a tile is left behind by the scan long before it ends; the same order
+    # with the southernmost points moved to the end brings points to tiles already sent.
+    by_y = np.argsort(np.asarray(data.Y), kind="stable")
+    orders = {"coherent": by_y, "returning": np.r_[by_y[500:], by_y[:500]]}
+    early = {}
+    for name, order in orders.items():
+        source, reference, output = tmp_path / f"{name}.laz", tmp_path / f"{name}-ref.las", tmp_path / f"{name}.las"
+        ordered = laspy.LasData(data.header, data.points[order])
+        ordered.write(source)
+        # One chunk (the default, larger than the file): nothing is sent before the scan's end.
+        assert classify_file(source, reference, settings, tile_size=40, buffer=15, client=client).early_tiles == 0
+        monkeypatch.setattr(scan, "CHUNK_POINTS", 5_000)
+        monkeypatch.setattr(scan, "EARLY_TILE_POINTS", 1_000)
+        result = classify_file(source, output, settings, tile_size=40, buffer=15, client=client)
+        monkeypatch.undo()
+        early[name] = result.early_tiles
+        assert result.output_points == len(data)
+        assert laspy.read(output).points.array.tobytes() == laspy.read(reference).points.array.tobytes()
+    # The tiles of the southern row got points again at the end: classified again, not counted.
+    assert early["coherent"] > early["returning"] > 0
