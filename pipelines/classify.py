@@ -37,7 +37,7 @@ import laspy
 import numpy as np
 
 import pipelines.cluster
-from pipelines.classifiers import BUILTIN_CLASSIFIERS, get_classifier
+from pipelines.classifiers import describe_classifier
 from pipelines.classifiers.base import UNCLASSIFIED
 from pipelines.cluster import WORKER_START_SECONDS, dask_client, local_cluster, wait_for_workers
 from pipelines.copc import COPC_SUFFIX, write_copc
@@ -160,8 +160,8 @@ def classify_file(
         raise InvalidValue("output must not overwrite the input")
     info = read_info(input_path)
     _keep_heap()
-    if isinstance(classifier, str) and classifier not in BUILTIN_CLASSIFIERS:
-        get_classifier(classifier, params)  # refused by name before a cluster is started for it
+    # Name and parameters are refused before a cluster is started for them.
+    model = describe_classifier(classifier, params) if isinstance(classifier, str) else classifier
     tile_size = settings.tile_size if tile_size is None else tile_size
     buffer = settings.tile_buffer if buffer is None else buffer
     with laspy.open(input_path) as reader:
@@ -187,11 +187,9 @@ def classify_file(
         started = time.perf_counter()
         # A large file's local cluster is started first: this returns once its scheduler is up and
         # its worker processes are launched, and they start (about a CPU-second of imports each)
-        # while this process imports the classifier (SciPy, numba: a second on one core, the other
-        # idle) and scans the file. (Started from a thread instead, a 50 M point run once never got
-        # its workers.)
+        # while this process scans the file. (Started from a thread instead, a 50 M point run once
+        # never got its workers.)
         early_cluster = starting.enter_context(local_cluster(settings, workers)) if early else None
-        model = get_classifier(classifier, params) if isinstance(classifier, str) else classifier
         model_bytes = None if isinstance(classifier, str) else classifier.model.to_bytes()
         with work_dir(settings.scratch_dir, "classify", account_id, job_id) as work:
             with laspy.open(input_path) as reader:

@@ -24,8 +24,10 @@ from pipelines.tile import TileGrid
 from pipelines.tile_io import Progress, TileFiles
 from pipelines.tile_tasks import Scaling, TileResult, tile_fields
 
-# Chunks without a point of a tile before it is sent: two million points elsewhere. One chunk was
-# not enough in the 10 M point benchmark file, whose rows of survey blocks are 1.75 chunks long.
+# Chunks without a point of a tile before it is sent: two million points elsewhere. Two, not one:
+# a file written in strips sends a tile's next strip a strip's length later (the 10 M point
+# benchmark file's rows of survey blocks are 1.75 chunks long), and a tile sent too soon is
+# classified twice. Untuned: one chunk has not been measured.
 QUIET_CHUNKS = 2
 # Smaller tiles wait for the scan's end: they go in shared tasks (classify._batches), and are no
 # more than a few tasks' work whatever their number.

@@ -16,6 +16,7 @@ from pipelines.classifiers import (
     BUILTIN_CLASSIFIERS,
     Classifier,
     PointBlock,
+    describe_classifier,
     get_classifier,
 )
 from pipelines.classifiers.features import FEATURE_NAMES, DyadicCells, _window_columns, point_features
@@ -261,9 +262,19 @@ def test_params_override_and_nested_ground_params() -> None:
     assert standard.params["building_min_area"] == 20.0
 
 
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("standard", None), ("ground", {"slope": 0.3}), ("standard", {"ground": {"max_window": 24.0}})],
+)
+def test_a_description_names_what_get_classifier_builds(name: str, params: dict | None) -> None:
+    built, described = get_classifier(name, params), describe_classifier(name, params)
+    assert (described.name, described.version, described.params) == (built.name, built.version, built.params)
+
+
 def test_unknown_classifier_is_rejected() -> None:
-    with pytest.raises(ValueError, match="unknown classifier 'x'; choose one of standard, ground"):
-        get_classifier("x")
+    for build in (get_classifier, describe_classifier):
+        with pytest.raises(ValueError, match="unknown classifier 'x'; choose one of standard, ground"):
+            build("x")
 
 
 @pytest.mark.parametrize(
@@ -275,8 +286,9 @@ def test_unknown_classifier_is_rejected() -> None:
     ],
 )
 def test_unknown_parameter_is_rejected(name: str, params: dict, key: str) -> None:
-    with pytest.raises(ValueError, match=key):
-        get_classifier(name, params)
+    for build in (get_classifier, describe_classifier):
+        with pytest.raises(ValueError, match=key):
+            build(name, params)
 
 
 # --- trainable per-account classifier (features.py, trained.py, fitting.py) ----------------------

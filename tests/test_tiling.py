@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import laspy
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipelines import classify, cluster, scan
+from pipelines.classifiers import describe_classifier
 from pipelines.classify import classify_file
 from pipelines.cluster import wait_for_workers
 from pipelines.gate import NotPointCloudError
@@ -283,3 +286,30 @@ def test_tiles_sent_during_the_scan_give_the_same_file_in_any_point_order(
         assert laspy.read(output).points.array.tobytes() == laspy.read(reference).points.array.tobytes()
     # The tiles of the southern row got points again at the end: classified again, not counted.
     assert early["coherent"] > early["returning"] > 0
+
+
+CLASSIFY_AND_LIST_MODULES = """
+import sys
+from pathlib import Path
+from pipelines.classify import classify_file
+from pipelines.settings import Settings
+result = classify_file(Path(sys.argv[1]), Path(sys.argv[2]), Settings.from_env(), workers=1)
+print(result.classifier_version, result.output_points, *sorted({m.split(".")[0] for m in sys.modules}))
+"""
+
+
+def test_the_command_that_scans_and_sends_tiles_never_loads_the_classifiers_algorithms(tmp_path: Path, home) -> None:
+    # Only the workers classify: SciPy and numba in the scanning process would cost it a CPU-second
+    # of imports and compiled-code loading on the scan's way.
+    source = shared_file("ign_st_barth_100m.laz")
+    done = subprocess.run(
+        [sys.executable, "-c", CLASSIFY_AND_LIST_MODULES, str(source), str(tmp_path / "out.laz")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    version, points, *modules = done.stdout.split()
+    assert (version, int(points)) == (describe_classifier("standard").version, 249_120)
+    assert {"laspy", "distributed"} <= set(modules)
+    assert not {"scipy", "numba", "lightgbm"} & set(modules)

@@ -17,9 +17,11 @@ from .base import Classifier, PointBlock
 __all__ = [
     "BUILTIN_CLASSIFIERS",
     "Classifier",
+    "ClassifierSpec",
     "GroundParams",
     "PointBlock",
     "StandardParams",
+    "describe_classifier",
     "get_classifier",
 ]
 
@@ -28,14 +30,10 @@ def __getattr__(name: str) -> Any:
     # The algorithms (SciPy's ndimage among them) are imported when a classifier is built, not by
     # every module that reads points (`lasio` needs PointBlock): an Airflow task that only ingests,
     # validates or exports a file does not pay for them.
-    if name == "GroundParams":
-        from .ground import GroundParams
+    if name in ("GroundParams", "StandardParams"):
+        from . import standard_params
 
-        return GroundParams
-    if name == "StandardParams":
-        from .standard import StandardParams
-
-        return StandardParams
+        return getattr(standard_params, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -56,6 +54,31 @@ def _build_params(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any
             value = _build_params(nested, value, f"{prefix}{key}.")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierSpec:
+    """What a task needs to build a built-in classifier on a worker, and a result records of it."""
+
+    name: str
+    version: str
+    params: dict[str, Any]
+
+
+def describe_classifier(name: str, params: Mapping[str, Any] | None = None) -> ClassifierSpec:
+    """A built-in classifier's name, version and full parameters, checked as `get_classifier`
+    checks them but without importing its algorithms (SciPy, compiled loops): the process that
+    scans a file and sends its tiles never classifies a point.
+
+    Raises InvalidValue for an unknown name or parameter key.
+    """
+    from .standard_params import GROUND_VERSION, STANDARD_VERSION, GroundParams, StandardParams
+
+    kinds = {"ground": (GroundParams, GROUND_VERSION), "standard": (StandardParams, STANDARD_VERSION)}
+    if name not in kinds:
+        raise InvalidValue(f"unknown classifier '{name}'; choose one of {', '.join(BUILTIN_CLASSIFIERS)}")
+    cls, version = kinds[name]
+    return ClassifierSpec(name, version, dataclasses.asdict(_build_params(cls, params or {})))
 
 
 def get_classifier(name: str, params: Mapping[str, Any] | None = None) -> Classifier:

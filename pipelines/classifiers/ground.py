@@ -42,43 +42,7 @@ from . import kernels
 from .base import GROUND, UNCLASSIFIED, PointBlock
 from .geometry import box_sum
 from .grid import Grid, fill_holes, opening, slope_magnitude
-
-
-@dataclass(frozen=True)
-class GroundParams:
-    """Parameters of the ground filter; the defaults are meant for all airborne data.
-
-    cell_size: raster cell in metres (SMRF's 1 m); neighbourhoods that must hold a few points
-        (outlier test, surface fit) grow with the point spacing instead.
-    max_window: largest opening window radius in metres; must exceed half the width of the
-        largest building so its roof is removed.
-    slope: terrain slope (rise over run) tolerated by the opening before a cell counts as object.
-    elevation_threshold: metres a point may deviate from the provisional surface on flat terrain
-        to be a first-guess ground point, and lie below the refined surface as ground.
-    elevation_scaler: extra tolerance per unit of local surface slope (steep terrain is
-        interpolated less precisely).
-    low_outlier_threshold: metres below its neighbourhood that makes a cell minimum an outlier.
-    low_outlier_rounds: at most this many rounds of the outlier test.
-    fit_iterations: rounds of the reweighted surface fit.
-    fit_softness: metres above the fitted plane at which a point's weight falls to 1/e.
-    ground_above: metres a ground point may lie above the refined surface on flat terrain ...
-    ground_above_per_spacing: ... plus this much per metre of point spacing ...
-    ground_above_per_slope: ... plus this much per unit of slope.
-    """
-
-    cell_size: float = 1.0
-    max_window: float = 18.0
-    slope: float = 0.15
-    elevation_threshold: float = 0.5
-    elevation_scaler: float = 1.25
-    low_outlier_threshold: float = 1.0
-    low_outlier_rounds: int = 5
-    fit_iterations: int = 3
-    fit_points_per_cell: float = 12.0
-    fit_softness: float = 0.15
-    ground_above: float = 0.1
-    ground_above_per_spacing: float = 0.1
-    ground_above_per_slope: float = 0.5
+from .standard_params import GROUND_VERSION, GroundParams
 
 
 @dataclass(frozen=True)
@@ -356,7 +320,7 @@ class GroundClassifier:
     """ASPRS 2 (ground) versus 1 (everything else)."""
 
     name = "ground"
-    version = "2.1.0"
+    version = GROUND_VERSION
 
     def __init__(self, params: GroundParams | None = None) -> None:
         self._params = params or GroundParams()

@@ -36,7 +36,7 @@ from .base import (
 )
 from .buildings import building_mask
 from .ground import GroundModel, ground_model
-from .standard_params import StandardParams
+from .standard_params import STANDARD_VERSION, StandardParams
 
 
 def isolated_high(block: PointBlock, model: GroundModel, params: StandardParams) -> np.ndarray:
@@ -73,7 +73,7 @@ class StandardClassifier:
     """Ground 2, vegetation 3/4/5, building 6, low noise 7, high noise 18."""
 
     name = "standard"
-    version = "2.6.0"
+    version = STANDARD_VERSION
 
     def __init__(self, params: StandardParams | None = None) -> None:
         self._params = params or StandardParams()

@@ -1,11 +1,51 @@
-"""The standard classifier's parameters, one frozen set: the classifier (`standard.py`), its
-building rules (`buildings.py`), custom models' features and the benchmarks that tune it read them."""
+"""The built-in classifiers' parameters and versions, one frozen set: the classifiers (`standard.py`,
+`ground.py`), the building rules (`buildings.py`), custom models' features and the benchmarks that
+tune them read them. No algorithm is imported here, so a command can check a classifier's name and
+parameters, and name its version, without loading SciPy: only the workers that classify need it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ground import GroundParams
+STANDARD_VERSION = "2.6.0"
+GROUND_VERSION = "2.1.0"
+
+
+@dataclass(frozen=True)
+class GroundParams:
+    """Parameters of the ground filter; the defaults are meant for all airborne data.
+
+    cell_size: raster cell in metres (SMRF's 1 m); neighbourhoods that must hold a few points
+        (outlier test, surface fit) grow with the point spacing instead.
+    max_window: largest opening window radius in metres; must exceed half the width of the
+        largest building so its roof is removed.
+    slope: terrain slope (rise over run) tolerated by the opening before a cell counts as object.
+    elevation_threshold: metres a point may deviate from the provisional surface on flat terrain
+        to be a first-guess ground point, and lie below the refined surface as ground.
+    elevation_scaler: extra tolerance per unit of local surface slope (steep terrain is
+        interpolated less precisely).
+    low_outlier_threshold: metres below its neighbourhood that makes a cell minimum an outlier.
+    low_outlier_rounds: at most this many rounds of the outlier test.
+    fit_iterations: rounds of the reweighted surface fit.
+    fit_softness: metres above the fitted plane at which a point's weight falls to 1/e.
+    ground_above: metres a ground point may lie above the refined surface on flat terrain ...
+    ground_above_per_spacing: ... plus this much per metre of point spacing ...
+    ground_above_per_slope: ... plus this much per unit of slope.
+    """
+
+    cell_size: float = 1.0
+    max_window: float = 18.0
+    slope: float = 0.15
+    elevation_threshold: float = 0.5
+    elevation_scaler: float = 1.25
+    low_outlier_threshold: float = 1.0
+    low_outlier_rounds: int = 5
+    fit_iterations: int = 3
+    fit_points_per_cell: float = 12.0
+    fit_softness: float = 0.15
+    ground_above: float = 0.1
+    ground_above_per_spacing: float = 0.1
+    ground_above_per_slope: float = 0.5
 
 
 @dataclass(frozen=True)
