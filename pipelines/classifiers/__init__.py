@@ -14,6 +14,11 @@ from pipelines.errors import InvalidValue
 
 from .base import Classifier, PointBlock
 
+# Parameters and versions import no algorithm (SciPy, compiled loops): only building a classifier
+# does, so a module that reads points (`lasio` needs PointBlock) or only names a classifier (the
+# command that scans a file and sends its tiles) does not pay for them.
+from .standard_params import GROUND_VERSION, STANDARD_VERSION, GroundParams, StandardParams
+
 __all__ = [
     "BUILTIN_CLASSIFIERS",
     "Classifier",
@@ -26,18 +31,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # The algorithms (SciPy's ndimage among them) are imported when a classifier is built, not by
-    # every module that reads points (`lasio` needs PointBlock): an Airflow task that only ingests,
-    # validates or exports a file does not pay for them.
-    if name in ("GroundParams", "StandardParams"):
-        from . import standard_params
-
-        return getattr(standard_params, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-BUILTIN_CLASSIFIERS: tuple[str, ...] = ("standard", "ground")
+_BUILTIN: dict[str, tuple[type, str]] = {
+    "standard": (StandardParams, STANDARD_VERSION),
+    "ground": (GroundParams, GROUND_VERSION),
+}
+BUILTIN_CLASSIFIERS: tuple[str, ...] = tuple(_BUILTIN)
 
 
 def _build_params(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
@@ -65,20 +63,22 @@ class ClassifierSpec:
     params: dict[str, Any]
 
 
+def _checked_params(name: str, params: Mapping[str, Any] | None) -> Any:
+    """A built-in classifier's parameters dataclass, its defaults overridden by `params`."""
+    if name not in _BUILTIN:
+        raise InvalidValue(f"unknown classifier '{name}'; choose one of {', '.join(BUILTIN_CLASSIFIERS)}")
+    return _build_params(_BUILTIN[name][0], params or {})
+
+
 def describe_classifier(name: str, params: Mapping[str, Any] | None = None) -> ClassifierSpec:
     """A built-in classifier's name, version and full parameters, checked as `get_classifier`
-    checks them but without importing its algorithms (SciPy, compiled loops): the process that
-    scans a file and sends its tiles never classifies a point.
+    checks them but without importing its algorithms: the process that scans a file and sends its
+    tiles never classifies a point.
 
     Raises InvalidValue for an unknown name or parameter key.
     """
-    from .standard_params import GROUND_VERSION, STANDARD_VERSION, GroundParams, StandardParams
-
-    kinds = {"ground": (GroundParams, GROUND_VERSION), "standard": (StandardParams, STANDARD_VERSION)}
-    if name not in kinds:
-        raise InvalidValue(f"unknown classifier '{name}'; choose one of {', '.join(BUILTIN_CLASSIFIERS)}")
-    cls, version = kinds[name]
-    return ClassifierSpec(name, version, dataclasses.asdict(_build_params(cls, params or {})))
+    checked = _checked_params(name, params)
+    return ClassifierSpec(name, _BUILTIN[name][1], dataclasses.asdict(checked))
 
 
 def get_classifier(name: str, params: Mapping[str, Any] | None = None) -> Classifier:
@@ -86,13 +86,11 @@ def get_classifier(name: str, params: Mapping[str, Any] | None = None) -> Classi
 
     Raises InvalidValue for an unknown name or parameter key.
     """
-    values = params or {}
+    checked = _checked_params(name, params)
     if name == "ground":
-        from .ground import GroundClassifier, GroundParams
+        from .ground import GroundClassifier
 
-        return GroundClassifier(_build_params(GroundParams, values))
-    if name == "standard":
-        from .standard import StandardClassifier, StandardParams
+        return GroundClassifier(checked)
+    from .standard import StandardClassifier
 
-        return StandardClassifier(_build_params(StandardParams, values))
-    raise InvalidValue(f"unknown classifier '{name}'; choose one of {', '.join(BUILTIN_CLASSIFIERS)}")
+    return StandardClassifier(checked)
