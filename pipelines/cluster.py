@@ -4,8 +4,10 @@ process, workers that end with their owner), or the remote scheduler the setting
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,14 +55,16 @@ def _local_config() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def local_cluster(settings: Settings, workers: int | None = None) -> Iterator[Any]:
-    """A local cluster of `workers` processes (POINTFLOW_WORKERS by default), one thread each.
+    """A local cluster that classifies `workers` tiles at once (POINTFLOW_WORKERS by default): worker
+    processes of THREADS_PER_PROCESS threads each (the last one fewer when `workers` is odd).
 
     The scheduler runs in this process (one Python process fewer to start and import); the workers are `python -m dask spec` subprocesses, not
     multiprocessing children: spawned children re-import the parent's __main__, and inside an
     Airflow task that is the `airflow` script, which refuses to start without its database. They
-    run without nannies (two processes fewer, about 1 CPU-second of imports a run): a worker that
-    dies is not restarted, its tasks are rerun on the others, and if none is left the run fails
-    after NO_WORKERS_TIMEOUT.
+    run without nannies (a process fewer each, about half a CPU-second of imports a run): a worker
+    that dies is replaced from here (`_replace_dead_workers`), its tasks rerun on the others and the
+    replacement, and once the replacements are used up a run left with no worker at all fails after
+    NO_WORKERS_TIMEOUT.
     """
     import dask
     from distributed import Scheduler, SpecCluster
@@ -72,18 +76,24 @@ def local_cluster(settings: Settings, workers: int | None = None) -> Iterator[An
     scheduler_config = {key: _lookup(config, key) for key in _SCHEDULER_CONFIG_KEYS}
     # A nanny would set these in its worker's environment (pre-spawn-environ): the workers inherit them from here.
     malloc = local_malloc_settings()
-    worker = {
-        "cls": SubprocessWorker,
-        "options": {
-            "worker_class": "distributed.Worker",
-            "worker_kwargs": {
-                "host": "127.0.0.1",
-                "nthreads": 1,
-                "silence_logs": logging.ERROR,
-                "memory_limit": parse_memory_limit("auto", 1, count, logger=log),
+
+    def worker(name: int, threads: int) -> dict[str, Any]:
+        return {
+            "cls": SubprocessWorker,
+            "options": {
+                "worker_class": "distributed.Worker",
+                "worker_kwargs": {
+                    # The scheduler knows a worker by this name (SubprocessWorker passes on no other).
+                    "name": name,
+                    "host": "127.0.0.1",
+                    "nthreads": threads,
+                    "silence_logs": logging.ERROR,
+                    "memory_limit": parse_memory_limit("auto", threads, count, logger=log),
+                },
             },
-        },
-    }
+        }
+
+    processes = [min(THREADS_PER_PROCESS, count - start) for start in range(0, count, THREADS_PER_PROCESS)]
     scheduler = {
         "cls": Scheduler,
         "options": {"host": "127.0.0.1", "port": 0, "dashboard": True, "dashboard_address": ":0"},
@@ -101,14 +111,67 @@ def local_cluster(settings: Settings, workers: int | None = None) -> Iterator[An
             }
         ),
         SpecCluster(
-            workers={i: worker for i in range(count)},
+            workers={i: worker(i, threads) for i, threads in enumerate(processes)},
             scheduler=scheduler,
-            worker=worker,
             silence_logs=logging.ERROR,
             name="pointflow",
         ) as cluster,
     ):
+        plugin = _replace_dead_workers(cluster, REPLACEMENTS_PER_PROCESS * len(processes))
+        cluster.sync(_add_plugin, cluster.scheduler, plugin)
         yield cluster
+
+
+async def _add_plugin(scheduler: Any, plugin: Any) -> None:
+    # In the scheduler's event loop, like every change to its state.
+    scheduler.add_plugin(plugin)
+
+
+# Tiles a local worker process classifies at once, one per thread: the standard classifier's loops
+# are compiled without the GIL and NumPy releases it, so two threads classified two 1.4 M point
+# tiles in 0.48 s where one took 0.79-0.93 for both, and a second process would cost another
+# second of CPU (Python, distributed, the tile code and numba's compiled loops imported and loaded
+# again). More threads per process are unmeasured.
+THREADS_PER_PROCESS = 2
+
+
+# How many times a local cluster replaces a dead worker process, per process it starts with.
+REPLACEMENTS_PER_PROCESS = 1
+
+
+def _replace_dead_workers(cluster: Any, replacements: int) -> Any:
+    """A scheduler plugin (the local cluster's scheduler runs in this process): a worker process that
+    dies (killed, out of memory) is replaced by a new one with the same threads, up to `replacements`
+    times, so its tiles are rerun whatever number of processes the cluster has. A worker that
+    leaves because the cluster closes is not replaced."""
+    from distributed.core import Status
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class ReplaceDeadWorkers(SchedulerPlugin):
+        name = "pointflow-replace-dead-workers"
+
+        def __init__(self) -> None:
+            self.left = replacements
+            self.names: dict[str, Any] = {}  # worker address -> its name, its key in the cluster's spec
+            self.next_name = max(cluster.worker_spec) + 1
+
+        def add_worker(self, scheduler: Any, worker: str) -> None:
+            self.names[worker] = scheduler.workers[worker].name
+
+        def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+            name = self.names.pop(worker, None)
+            if cluster.status != Status.running or name not in cluster.worker_spec or not self.left:
+                return
+            self.left -= 1
+            log.warning("a worker process of the local Dask cluster died: starting another in its place")
+            spec = copy.deepcopy(cluster.worker_spec.pop(name))
+            spec["options"]["worker_kwargs"]["name"] = self.next_name
+            cluster.worker_spec[self.next_name] = spec
+            self.next_name += 1
+            # SpecCluster's own way to bring its processes in line with its specs.
+            cluster.scale(len(cluster.worker_spec))
+
+    return ReplaceDeadWorkers()
 
 
 def local_malloc_settings() -> dict[str, str]:
@@ -164,13 +227,18 @@ WORKER_START_SECONDS = 120.0
 
 
 def wait_for_workers(client: Any, wanted: int, timeout: float, where: str) -> int:
-    """Block until `wanted` workers are registered with the client's scheduler; their number."""
-    try:
-        client.wait_for_workers(wanted, timeout=timeout)
-    except TimeoutError:
-        started = len(client.scheduler_info(n_workers=-1).get("workers", {}))
-        raise ClusterStartError(
-            f"{where} has {started} of the {wanted} worker(s) asked for after {timeout:.0f} s: the machine may be short of "
-            f"memory or processes; ask for fewer (--workers, POINTFLOW_WORKERS) or retry"
-        ) from None
-    return len(client.scheduler_info(n_workers=-1).get("workers", {}))
+    """Block until the client's scheduler has workers with `wanted` threads in all (tiles they
+    classify at once); their number."""
+    deadline = time.monotonic() + timeout
+    while (threads := _threads(client)) < wanted:
+        if time.monotonic() > deadline:
+            raise ClusterStartError(
+                f"{where} has {threads} of the {wanted} worker(s) asked for after {timeout:.0f} s: the machine may be short of "
+                f"memory or processes; ask for fewer (--workers, POINTFLOW_WORKERS) or retry"
+            )
+        time.sleep(0.05)
+    return threads
+
+
+def _threads(client: Any) -> int:
+    return sum(worker["nthreads"] for worker in client.scheduler_info(n_workers=-1).get("workers", {}).values())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import laspy
 import numpy as np
+import psutil
 import pytest
 
 from pipelines import classify, cluster, scan
@@ -215,51 +216,70 @@ def test_degenerate_inputs_are_classified_or_refused_clearly(tmp_path: Path, set
 
 
 def _workers_started_since(before: set[int]) -> list:
-    import psutil
-
     # The run's local cluster: this process's children that are workers ("dask worker [address]")
     # and were not there before the run (the module's LocalCluster has its own).
-    return [p for p in psutil.Process().children() if p.pid not in before and "dask worker" in " ".join(p.cmdline())]
+    workers = []
+    for process in psutil.Process().children():
+        try:
+            if process.pid not in before and "dask worker" in " ".join(process.cmdline()):
+                workers.append(process)
+        except psutil.Error:  # a killed worker, not yet reaped
+            continue
+    return workers
 
 
-def test_the_local_cluster_reruns_a_killed_workers_tiles_and_fails_clearly_when_none_is_left(
+def test_the_local_cluster_replaces_a_killed_worker_and_fails_clearly_when_none_is_left(
     tmp_path: Path, settings, client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The local cluster's workers have no nanny to restart them: a dead one's tiles go to the other,
-    # and a run with no worker left fails (after NO_WORKERS_TIMEOUT) instead of waiting for ever.
+    # Two tiles at once are one worker process of two threads, without a nanny: a dead one is
+    # replaced from the command, its tiles rerun there; with no replacement left, a run with no
+    # worker fails (after NO_WORKERS_TIMEOUT) instead of waiting for ever.
     source = shared_file("isprs/samp11.las")
     reference, survived, failed = tmp_path / "reference.las", tmp_path / "survived.las", tmp_path / "failed.las"
     classify_file(source, reference, settings, tile_size=10, buffer=3, client=client)
 
-    def killing(count: int):
-        import psutil
-
+    def killing():
         killed: list[int] = []
+        seen: set[int] = set()
         before = {p.pid for p in psutil.Process().children()}
 
         def progress(stage: str, done: int, total: int) -> None:
+            workers = _workers_started_since(before)
+            seen.update(worker.pid for worker in workers)
             if stage == "classify" and not killed:
-                workers = _workers_started_since(before)
-                assert len(workers) == 2
-                for worker in workers[:count]:
-                    worker.kill()
-                    killed.append(worker.pid)
+                assert len(workers) == 1
+                workers[0].kill()
+                killed.append(workers[0].pid)
 
-        return progress, killed
+        return progress, killed, seen
 
-    progress, killed = killing(1)
+    progress, killed, seen = killing()
     result = classify_file(source, survived, settings, tile_size=10, buffer=3, workers=2, progress=progress)
     assert len(killed) == 1 and result.output_points == laspy.open(source).header.point_count
+    assert result.workers == 2 and len(seen) == 2  # the killed process and its replacement
     assert laspy.read(survived).points.array.tobytes() == laspy.read(reference).points.array.tobytes()
 
     monkeypatch.setattr(cluster, "NO_WORKERS_TIMEOUT", "1s")
-    progress, killed = killing(2)
+    monkeypatch.setattr(cluster, "REPLACEMENTS_PER_PROCESS", 0)
+    progress, killed, _ = killing()
     with pytest.raises(
         ClusterStartError, match="every worker of the Dask cluster is gone .* within 1s: nothing was written"
     ):
         classify_file(source, failed, settings, tile_size=10, buffer=3, workers=2, progress=progress)
-    assert len(killed) == 2 and not failed.exists()
+    assert len(killed) == 1 and not failed.exists()
     assert list(settings.scratch_dir.glob("*")) == []
+
+
+def test_a_local_cluster_of_an_odd_number_of_workers_runs_that_many_tiles_at_once(tmp_path: Path, settings) -> None:
+    before = {p.pid for p in psutil.Process().children()}
+    processes: set[int] = set()
+
+    def progress(stage: str, done: int, total: int) -> None:
+        processes.update(worker.pid for worker in _workers_started_since(before))
+
+    source = shared_file("isprs/samp11.las")
+    result = classify_file(source, tmp_path / "out.las", settings, tile_size=10, buffer=3, workers=3, progress=progress)
+    assert result.workers == 3 and len(processes) == 2
 
 
 def test_tiles_sent_during_the_scan_give_the_same_file_in_any_point_order(

@@ -53,7 +53,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="Dask worker processes for the local cluster (default: POINTFLOW_WORKERS or the number of cores)",
+        help="tiles the local Dask cluster classifies at once, one per worker thread, two threads per process (default: POINTFLOW_WORKERS or the number of cores)",
     )
     parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
     parser.set_defaults(handler=_classify)
