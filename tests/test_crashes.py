@@ -73,8 +73,8 @@ def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
 def kill_mid_classification(
     process: subprocess.Popen, scratch: Path, signum: signal.Signals = signal.SIGKILL
 ) -> list[psutil.Process]:
-    """Signal the command (SIGKILL unless told) once its cluster's two workers (the scheduler runs
-    inside the command) are up and tiles are on disk; returns the processes it had started."""
+    """Signal the command (SIGKILL unless told) once its cluster's worker processes (the scheduler
+    runs inside the command) are started and tiles are on disk; returns the processes it had started."""
     command = psutil.Process(process.pid)
     family: list[psutil.Process] = []
 
@@ -82,7 +82,7 @@ def kill_mid_classification(
         nonlocal family
         assert process.poll() is None, process.communicate()
         family = command.children(recursive=True)
-        return len(family) >= 2 and any(scratch.glob("classify-*/core-*"))
+        return len(family) >= 1 and any(scratch.glob("classify-*/core-*"))
 
     wait_for(classifying, 180, "the classification to be under way")
     process.send_signal(signum)
