@@ -4,6 +4,7 @@ built-in classifiers, and the trainable per-account core."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import zlib
 from pathlib import Path
@@ -29,6 +30,7 @@ from pipelines.classifiers.trained import (
     EARLY_STAGES,
     EARLY_TOLERANCE,
     FORMAT,
+    STAGE_TREES,
     STANDARD_COLUMN,
     TrainedClassifier,
     TrainedModel,
@@ -457,6 +459,50 @@ def test_the_cascade_changes_at_most_its_tolerance_on_the_points_it_was_chosen_o
     for code in np.unique(every_tree):
         of_class = every_tree == code
         assert np.count_nonzero(changed & of_class) <= int(0.01 * np.count_nonzero(of_class)) * len(stages)
+
+
+def test_the_cascade_is_the_cheapest_plan_of_its_stages(
+    ign: tuple[PointBlock, np.ndarray], model: TrainedModel
+) -> None:
+    """Every plan of up to two stages, walked with LightGBM's scores and margins as the docstring of
+    `choose_cascade` defines them: the chosen one costs the least trees of its size, and its size is
+    the fewest stages within a tenth of what more would save."""
+    block, _ = ign
+    features = point_features(block)
+    start = model.head_start(features[:, STANDARD_COLUMN])
+    booster = model.booster
+    total, per_round = booster.current_iteration(), booster.num_trees() // booster.current_iteration()
+    after = [start.copy()]
+    for rounds in range(total):
+        after.append(after[-1] + booster.predict(features, raw_score=True, start_iteration=rounds, num_iteration=1))
+    full = after[-1].argmax(1)
+    allowed = (0.01 * np.bincount(full)).astype(int)
+
+    def cost(stages: tuple[int, ...]) -> tuple[float, list[tuple[int, float]]]:
+        walking, done, trees, plan = np.ones(len(features), dtype=bool), 0, 0.0, []
+        for rounds in stages:
+            trees += walking.sum() * (per_round * (rounds - done) + STAGE_TREES)
+            ahead, wrong = lead(after[rounds]), walking & (after[rounds].argmax(1) != full)
+            margin = 0.0
+            for code in np.unique(full[wrong]):
+                leads = np.sort(ahead[wrong & (full == code)])[::-1]
+                if allowed[code] < leads.size:
+                    margin = max(margin, float(leads[allowed[code]]))
+            walking &= ahead <= margin
+            done = rounds
+            plan.append((rounds, margin))
+        return (trees + walking.sum() * per_round * (total - done)) / len(features), plan
+
+    best = [min(cost(stages)[0] for stages in itertools.combinations(range(1, total), size)) for size in (0, 1, 2)]
+    size = 0
+    for more in (1, 2):
+        if best[more] < 0.9 * best[size]:
+            size = more
+    chosen = choose_cascade(booster, features, start, max_stages=2)
+    assert len(chosen) == size
+    spent, plan = cost(tuple(rounds for rounds, _ in chosen))
+    assert spent == pytest.approx(best[size], rel=1e-12)
+    np.testing.assert_allclose(np.array(plan), np.array(chosen), rtol=1e-12)
 
 
 def lightgbm_scores(model: TrainedModel, features: np.ndarray) -> np.ndarray:

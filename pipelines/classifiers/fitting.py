@@ -25,6 +25,7 @@ from .trained import (
     EARLY_STAGES,
     EARLY_TOLERANCE,
     FEATURES_VERSION,
+    STAGE_TREES,
     STANDARD_COLUMN,
     ClassMetrics,
     TrainedModel,
@@ -226,6 +227,7 @@ def train(
     # How the stages were chosen, so that a model's early decisions can be told apart and redone.
     model.params["early_tolerance"] = EARLY_TOLERANCE
     model.params["early_stages"] = EARLY_STAGES
+    model.params["early_stage_trees"] = STAGE_TREES
     standard = translate(x[held_index, STANDARD_COLUMN], table)
     model.evaluation = {
         **evaluate(y[held_index], model.predict_features(x[held_index]), standard),

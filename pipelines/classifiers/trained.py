@@ -37,13 +37,12 @@ _OLD_FORMATS = (b"pointflow-trained-v1\n",)
 FEATURES_VERSION = "4"
 STANDARD_COLUMN = FEATURE_NAMES.index("standard_class")
 # Early decisions (`choose_cascade`): the share of each class's held-out points that each stage may
-# decide otherwise than walking every tree, the most stages, and what one call to LightGBM's predict
-# costs per point, in trees (about 0.1 us per point and call, 22 ns per tree and point). Prediction now
-# walks the trees with `forest.Forest`, which has no such cost per call; the cost is kept as it was, so
-# that training chooses the same stages, and the same models predict the same classes.
+# decide otherwise than walking every tree, the most stages, and what a stage costs the compiled
+# walker per point that reaches it, in trees (its lead: measured 0.13 to 0.96 trees, see the README's
+# Benchmarks; LightGBM's predict, once called per stage, cost about 5).
 EARLY_TOLERANCE = 0.01
-EARLY_STAGES = 3
-CALL_TREES = 5
+EARLY_STAGES = 4
+STAGE_TREES = 1
 UNKNOWN_STANDARD = "unknown"
 
 ClassMetrics = dict[int, dict[str, float]]
@@ -194,56 +193,73 @@ def choose_cascade(
     """Early decisions that leave the fewest trees to walk on `features`, the training part's
     held-out points (the data a model is later applied to plays no part in the choice).
 
-    Stage by stage, on the points still walking: after k rounds, the margin is the least lead such
-    that, of each class (as walking every tree decides it), at most `tolerance` of its held-out
-    points are ahead by more while the remaining trees would change their class; a point ahead by
-    more than the margin keeps its class. The k taken costs the fewest trees: for each point still
-    walking, a call (worth `CALL_TREES` trees) and one tree per class and round. Stages are added
-    while one saves a tenth of what is left, up to `max_stages`.
+    A stage after k rounds has a margin: the least lead such that, of each class (as walking every
+    tree decides it), at most `tolerance` of its held-out points still walking are ahead by more
+    while the remaining trees would change their class; a point ahead by more than the margin keeps
+    its class. A plan's cost is, per point, one tree per class and round walked plus `STAGE_TREES`
+    per stage it reaches (the lead it computes). Every plan of up to `max_stages` stages is tried,
+    and more stages are taken only when they save a tenth of the cost of fewer.
 
+    Why every plan: stages chosen one at a time, each as if every point left after it walked every
+    remaining tree, put the first late (crop2: after 5 rounds, then 16 and 25; 45 trees per
+    held-out point), where an early first stage is worth it for what the later ones then save
+    (after 1, 6 and 16 rounds: 29 trees, with as many stages and the same tolerance; a fourth stage,
+    25). Trying every plan of four stages takes well under a second of training.
     Why a tolerance: without one, the single held-out point with the largest lead that the remaining
     trees overturn set the margin, and one stage still left 7 % (Saint-Barthelemy) to 31 %
     (Montpellier) of the points walking every tree. Per class, because macro F1 counts a class of a
     few hundred points as much as the ground: a tolerance of 0.2 % of all points, three stages, took
     IGN_flatfield_strip from 0.665 (every tree) to 0.619 and IGN_crop1_rural from 0.782 to 0.754.
-    1 % per class and three stages: see the README's Benchmarks (`python -m benchmarks.custom`).
+    1 % per class and up to four stages: see the README's Benchmarks (`python -m benchmarks.custom`).
     """
     total = booster.current_iteration()
     per_round = booster.num_trees() // max(total, 1)
-    full = np.argmax(start + booster.predict(features, raw_score=True, num_threads=1), axis=1)
+    # Each held-out point's class and lead after 1, 2, ... rounds (row rounds - 1), summed round by round.
+    scores = start.copy()
+    classes = np.empty((total, len(features)), dtype=np.uint8)
+    leads = np.empty((total, len(features)))
+    for done in range(total):
+        scores += booster.predict(features, raw_score=True, num_threads=1, start_iteration=done, num_iteration=1)
+        classes[done], leads[done] = np.argmax(scores, axis=1), lead(scores)
+    full = classes[-1]
     allowed = (tolerance * np.bincount(full, minlength=start.shape[1])).astype(np.int64)
-    stages: list[tuple[int, float]] = []
-    walking, done, scores = np.arange(len(features)), 0, start.copy()
-    while len(stages) < max_stages and walking.size and done < total - 1:
-        share = walking.size / len(features)
-        # A stage must save a tenth of walking every remaining tree in one call: else not worth its pass.
-        best, best_cost = None, 0.9 * share * (CALL_TREES + per_round * (total - done))
-        partial, part, target = scores[walking], features[walking], full[walking]
+    n = max(len(features), 1)
+
+    def stage(walking: np.ndarray, rounds: int) -> tuple[float, np.ndarray]:
+        """The margin after `rounds` rounds for the points `walking`, and those it leaves walking."""
+        ahead, target = leads[rounds - 1, walking], full[walking]
+        wrong = classes[rounds - 1, walking] != target
+        margin = 0.0
+        for code in np.unique(target[wrong]):
+            of_code = ahead[wrong & (target == code)]
+            if allowed[code] < of_code.size:
+                # The (allowed + 1)-th largest lead of the points it would decide otherwise.
+                k = of_code.size - 1 - allowed[code]
+                margin = max(margin, float(np.partition(of_code, k)[k]))
+        return margin, walking[ahead <= margin]
+
+    # best[s]: the cheapest plan of exactly s stages, as (cost in trees per point, stages).
+    best: list[tuple[float, list[tuple[int, float]]]] = [(float(per_round * total), [])]
+    best += [(np.inf, []) for _ in range(max_stages)]
+
+    def search(walking: np.ndarray, done: int, spent: float, plan: list[tuple[int, float]]) -> None:
+        if plan and spent + walking.size / n * per_round * (total - done) < best[len(plan)][0]:
+            best[len(plan)] = (spent + walking.size / n * per_round * (total - done), list(plan))
+        if len(plan) == max_stages or not walking.size:
+            return
         for rounds in range(done + 1, total):
-            partial += booster.predict(part, raw_score=True, num_threads=1, start_iteration=rounds - 1, num_iteration=1)
-            ahead = lead(partial)
-            # The points ahead by more than the margin keep the class they have now; of the ones
-            # the full model decides otherwise, all but `allowed` of each class are not ahead by more.
-            wrong = np.argmax(partial, axis=1) != target
-            margin = 0.0
-            for code in np.unique(target[wrong]):
-                leads = np.sort(ahead[wrong & (target == code)])[::-1]
-                if allowed[code] < leads.size:
-                    margin = max(margin, float(leads[allowed[code]]))
-            still = np.count_nonzero(ahead <= margin) / len(features)
-            cost = share * (CALL_TREES + per_round * (rounds - done)) + still * (
-                CALL_TREES + per_round * (total - rounds)
-            )
-            if cost < best_cost:
-                best, best_cost, best_scores = (rounds, margin), cost, partial.copy()
-        if best is None:
-            break
-        stages.append(best)
-        rounds, margin = best
-        scores[walking] = best_scores
-        walking = walking[lead(best_scores) <= margin]
-        done = rounds
-    return stages
+            cost = spent + walking.size / n * (per_round * (rounds - done) + STAGE_TREES)
+            if cost >= max(most for most, _ in best[len(plan) + 1 :]):
+                continue  # every plan going on from here costs more than the best of its size
+            margin, still = stage(walking, rounds)
+            search(still, rounds, cost, [*plan, (rounds, margin)])
+
+    search(np.arange(len(features)), 0, 0.0, [])
+    chosen = 0
+    for stages in range(1, max_stages + 1):
+        if best[stages][0] < 0.9 * best[chosen][0]:
+            chosen = stages
+    return best[chosen][1]
 
 
 class TrainedClassifier:
