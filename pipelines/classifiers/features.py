@@ -273,23 +273,23 @@ def _scale_features(block: PointBlock, model: GroundModel, cells: DyadicCells, b
 
 @compiled
 def _window_columns(flat, nx, ny, z, count, multi, ground, low, high, area, out0, out1, out2, out3, out4):
-    """A scale's `_RASTER` columns (out0 to out4), point by point, from its per-cell rasters
-    (flattened): points, multi-return points (empty: none known) and ground-filter points per
-    cell, lowest and highest height (inf / -inf where empty). Each point's 3x3-cell window is read
-    where the point is: at the finest cells the rasters hold more cells than the block has points.
-    The same values as window sums per cell gathered to the points (the sums are of whole numbers,
-    exact in any order; outside the raster counts nothing, as SciPy's "nearest" mode for the
-    lowest and highest), from the same expressions."""
-    # Each occupied cell's window once, the first time one of its points comes (a cell of the
-    # finest scale holds one or two points, one of the coarsest dozens).
-    seen = np.zeros(count.size, dtype=np.bool_)
+    """A scale's `_RASTER` columns (out0 to out4) from its per-cell rasters (flattened): points,
+    multi-return points (empty: none known) and ground-filter points per cell, lowest and highest
+    height (inf / -inf where empty). The same values as window sums per cell gathered to the points
+    (the sums are of whole numbers, exact in any order; outside the raster counts nothing, as SciPy's
+    "nearest" mode for the lowest and highest), from the same expressions.
+
+    Each occupied cell's 3x3 window is read once, cells in raster order, then gathered to the points:
+    read in the points' order instead, each point's window touched 15 scattered cache lines of the
+    five rasters, which at the finest cells (about a point per cell, rasters of a million cells) cost
+    twice as much (`_scale_features`, all three scales: Delft 0.14 -> 0.05 us per point, the flat
+    field 0.17 -> 0.08, crop2 0.016 -> 0.015)."""
     columns = np.empty((count.size, 5))
-    for p in range(flat.size):
-        cell = np.uint64(flat[p])
-        if not seen[cell]:
-            seen[cell] = True
-            row = flat[p] // nx
-            col = flat[p] - row * nx
+    for row in range(ny):
+        for col in range(nx):
+            cell = np.uint64(row * nx + col)  # unsigned: indexed without a negative-index check
+            if count[cell] == 0.0:
+                continue  # no point reads it
             n = 0.0
             n_multi = 0.0
             n_ground = 0.0
@@ -297,7 +297,7 @@ def _window_columns(flat, nx, ny, z, count, multi, ground, low, high, area, out0
             highest = -np.inf
             for j in range(max(row - 1, 0), min(row + 2, ny)):
                 for i in range(max(col - 1, 0), min(col + 2, nx)):
-                    k = np.uint64(j * nx + i)  # unsigned: indexed without a negative-index check
+                    k = np.uint64(j * nx + i)
                     n += count[k]
                     if multi.size:
                         n_multi += multi[k]
@@ -310,6 +310,8 @@ def _window_columns(flat, nx, ny, z, count, multi, ground, low, high, area, out0
             columns[cell, 2] = n / area
             columns[cell, 3] = n_multi / share
             columns[cell, 4] = n_ground / share
+    for p in range(flat.size):
+        cell = np.uint64(flat[p])
         out0[p] = z[p] - columns[cell, 0]
         out1[p] = columns[cell, 1] - z[p]
         out2[p] = columns[cell, 2]
