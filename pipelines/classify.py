@@ -39,7 +39,7 @@ import numpy as np
 import pipelines.cluster
 from pipelines.classifiers import describe_classifier
 from pipelines.classifiers.base import UNCLASSIFIED
-from pipelines.cluster import WORKER_START_SECONDS, dask_client, local_cluster, wait_for_workers
+from pipelines.cluster import WORKER_START_SECONDS, dashboard_link, dask_client, local_cluster, wait_for_workers
 from pipelines.copc import COPC_SUFFIX, write_copc
 from pipelines.errors import InvalidValue
 from pipelines.gate import NotPointCloudError
@@ -246,7 +246,7 @@ def classify_file(
                     # classify_s: from here, the cluster's start included (what is left of it after the scan).
                     started = time.perf_counter()
                     window = connect()
-                    dashboard = getattr(active, "dashboard_link", None)
+                    dashboard = dashboard_link(active, settings)
                     if dashboard and len(modelled) + len(sent) > 1:
                         log.info("Dask dashboard: %s", dashboard)
                     for finished in _run_tiles(

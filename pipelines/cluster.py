@@ -96,7 +96,9 @@ def local_cluster(settings: Settings, workers: int | None = None) -> Iterator[An
     processes = [min(THREADS_PER_PROCESS, count - start) for start in range(0, count, THREADS_PER_PROCESS)]
     scheduler = {
         "cls": Scheduler,
-        "options": {"host": "127.0.0.1", "port": 0, "dashboard": True, "dashboard_address": ":0"},
+        # Without the dashboard unless asked for: Bokeh's import and server cost the command about
+        # 0.35 CPU-s, and the workers start once the scheduler is up (POINTFLOW_DASHBOARD).
+        "options": {"host": "127.0.0.1", "port": 0, "dashboard": settings.dashboard, "dashboard_address": ":0"},
     }
     # The cluster's processes end when this one does (pipelines/orphans.py, loaded by the config).
     with (
@@ -220,6 +222,18 @@ def _in_process_address(cluster: Any) -> str:
     cluster.sync(listen)
     addresses = (listener.contact_address for listener in cluster.scheduler.listeners)
     return next(address for address in addresses if address.startswith("inproc://"))
+
+
+def dashboard_link(client: Any, settings: Settings) -> str | None:
+    """The link to the Dask dashboard of the run's scheduler: a remote one's, or the local cluster's
+    when POINTFLOW_DASHBOARD asks for it (without it, the local scheduler's HTTP port serves only
+    its health and metrics)."""
+    if not (settings.dask_address or settings.dashboard):
+        return None
+    try:
+        return client.dashboard_link
+    except KeyError:  # a remote scheduler that runs no HTTP server
+        return None
 
 
 # How long a local cluster's workers may take to start: a few seconds, longer on a loaded machine.

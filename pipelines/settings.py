@@ -38,6 +38,15 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name}={env.get(name)!r} is neither on (1, true, yes, on) nor off (0, false, no, off)")
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw in (None, ""):
@@ -133,6 +142,8 @@ class Settings:
     # Customers' download links: where they reach the api-server, and the key that signs them.
     public_url: str = DEFAULT_PUBLIC_URL
     link_secret: str | None = None
+    # Dask's dashboard on the local cluster (its link logged by each run).
+    dashboard: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -158,6 +169,7 @@ class Settings:
             stale_job_hours=_int(env, "POINTFLOW_STALE_JOB_HOURS", 24),
             public_url=_endpoint(env, "POINTFLOW_PUBLIC_URL") or DEFAULT_PUBLIC_URL,
             link_secret=env.get("POINTFLOW_LINK_SECRET") or None,
+            dashboard=_flag(env, "POINTFLOW_DASHBOARD"),
         )
 
     @property

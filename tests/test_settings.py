@@ -118,3 +118,13 @@ def test_an_unreachable_catalog_is_one_line_without_the_password(home: Path) -> 
         and "POINTFLOW_DATABASE_URL" in line
     )
     assert leaked(run.stdout + run.stderr) == [] and quote(PASSWORD, safe="") not in run.stderr
+
+
+@pytest.mark.parametrize(("raw", "on"), [("", False), ("0", False), ("off", False), ("1", True), ("Yes", True)])
+def test_the_dashboard_is_off_unless_asked_for(raw: str, on: bool) -> None:
+    assert Settings.from_env({"POINTFLOW_DASHBOARD": raw}).dashboard is on
+
+
+def test_a_dashboard_setting_that_is_neither_on_nor_off_is_refused() -> None:
+    with pytest.raises(SettingsError, match=r"POINTFLOW_DASHBOARD='maybe' is neither on"):
+        Settings.from_env({"POINTFLOW_DASHBOARD": "maybe"})

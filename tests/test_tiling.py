@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from pipelines import classify, cluster, scan
 from pipelines.classifiers import describe_classifier
 from pipelines.classify import classify_file
-from pipelines.cluster import wait_for_workers
+from pipelines.cluster import dashboard_link, dask_client, wait_for_workers
 from pipelines.gate import NotPointCloudError
 from pipelines.settings import ClusterStartError
 from pipelines.tile import TileGrid
@@ -57,6 +58,26 @@ def test_workers_are_counted_once_registered_and_missing_ones_are_a_clear_error(
     assert wait_for_workers(client, 2, 30, "the test cluster") == 2
     with pytest.raises(ClusterStartError, match=r"the test cluster has 2 of the 3 worker\(s\) asked for after 1 s"):
         wait_for_workers(client, 3, 1, "the test cluster")
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_the_local_clusters_dashboard_runs_only_when_asked_for(settings, asked: bool) -> None:
+    import urllib.error
+    import urllib.request
+
+    settings = dataclasses.replace(settings, dashboard=asked)
+    with dask_client(settings, 1) as client:
+        link = dashboard_link(client, settings)
+        # The scheduler's HTTP port serves its health either way; the dashboard's pages only when asked.
+        port = client.scheduler_info()["services"]["dashboard"]
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30).status == 200
+        if asked:
+            assert link == f"http://localhost:{port}/status"
+            assert urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=30).status == 200
+        else:
+            assert link is None
+            with pytest.raises(urllib.error.HTTPError, match="404"):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=30)
 
 
 def test_grid_edge_cases() -> None:
