@@ -353,10 +353,10 @@ def test_add_counts_is_bincount_in_float32(points: PointBlock) -> None:
 
 
 WARM_UP = """
-from pipelines.classifiers import buildings, ground, kernels, warm
+from pipelines.classifiers import buildings, filters, ground, kernels, warm
 from pipelines.compiled import Compiled
 warm.warm()
-loops = [getattr(m, name) for m in (kernels, buildings, ground) for name in dir(m) if isinstance(getattr(m, name), Compiled)]
+loops = [getattr(m, name) for m in (kernels, buildings, ground, filters) for name in dir(m) if isinstance(getattr(m, name), Compiled)]
 print(len(loops), [loop.__name__ for loop in loops if not loop.dispatcher.signatures])
 """
 

@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from pipelines.compiled import compiled
 
-from . import kernels
+from . import filters, kernels
 from .base import PointBlock
 from .geometry import LocalPlanes, local_planes, window_counts
 from .grid import Grid, close_and_fill, within_reach
@@ -108,14 +108,12 @@ def building_mask(block: PointBlock, model: GroundModel, params: StandardParams)
     in_segment = buildings.ravel()[flat_raised]
     margin = int(round(params.building_edge_margin / grid.cell))
     if margin > 0:
-        buildings = ndimage.maximum_filter(buildings, size=2 * margin + 1, mode="constant")
+        buildings = filters.maximum_filter(buildings, 2 * margin + 1)
         # The highest roof point within the margin of each cell: eaves and walls are no higher.
         z_raised = model.height[raised]
         top = np.full(grid.nx * grid.ny, -np.inf)
         kernels.maximum_at(top, flat_raised[in_segment], z_raised[in_segment])
-        top = ndimage.maximum_filter(
-            top.reshape(grid.shape), size=2 * margin + 1, mode="constant", cval=-np.inf
-        ).ravel()
+        top = filters.maximum_filter(top.reshape(grid.shape), 2 * margin + 1).ravel()
         # Beside hole-filled segment cells only (no roof point within the margin): no cut.
         top[np.isneginf(top)] = np.inf
         in_margin = buildings.ravel()[flat_raised] & (
@@ -300,7 +298,7 @@ def walls_and_eaves(
     roof = np.full(grid.nx * grid.ny, -np.inf)
     kernels.maximum_at(roof, flat_raised[building], z[building])
     reach = int(np.ceil(params.wall_reach / grid.cell))
-    roof_beside = ndimage.maximum_filter(roof.reshape(grid.shape), size=2 * reach + 1).ravel()
+    roof_beside = filters.maximum_filter(roof.reshape(grid.shape), 2 * reach + 1).ravel()
     result = _beside_roofs(building, near, roof_beside, flat_raised, z, params.plane_tolerance)
     # The scattering only where the rest holds: a few cells, not the whole raster.
     cells = flat_raised[result]
@@ -329,11 +327,10 @@ def roof_extension(
     """
     if not roof_cells.any():
         return np.zeros(flat.size, dtype=bool)
-    # The nearest roof cell of every cell; its distance only at the points' cells, computed as
-    # distance_transform_edt computes it for every cell (the same float operations).
-    rows, cols = ndimage.distance_transform_edt(
-        ~roof_cells.reshape(grid.shape), return_distances=False, return_indices=True
-    )
+    # The nearest roof cell of every cell, as distance_transform_edt picks it (filters.py); its
+    # distance only at the points' cells, computed as distance_transform_edt computes it for every
+    # cell (the same float operations).
+    rows, cols = filters.nearest_feature(roof_cells.reshape(grid.shape))
     reach = (params.roof_growth if growth is None else growth) / grid.cell
     near, nearest = _near_roofs(rows.ravel(), cols.ravel(), flat, grid.nx, reach)
     offset = kernels.plane_distances(planes.normal, planes.mean, nearest, x[near], y[near], z[near])

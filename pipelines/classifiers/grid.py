@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from . import kernels
+from . import filters, kernels
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,12 @@ def fill_holes(raster: np.ndarray) -> np.ndarray:
         return raster.copy()
     if not valid.any():
         return np.zeros_like(raster)
-    distance, nearest = ndimage.distance_transform_edt(~valid, return_indices=True)
-    filled = raster[tuple(nearest)]
+    # ndimage.distance_transform_edt(~valid, return_indices=True), compiled (filters.py): the same
+    # nearest cells, their distance computed as SciPy computes it.
+    rows, cols = filters.nearest_feature(valid)
+    row, col = np.indices(raster.shape, dtype=np.int32)
+    distance = np.sqrt(np.square((rows - row).astype(np.float64)) + np.square((cols - col).astype(np.float64)))
+    filled = raster[rows, cols]
     out = filled.copy()
     todo = ~valid
     size = 3
@@ -130,12 +134,13 @@ def opening(raster: np.ndarray, radius: int) -> np.ndarray:
     (edge replication would flatten it), while a roof at the edge still comes out.
     """
     size = 2 * radius + 1
-    eroded = ndimage.minimum_filter(raster, size=size, mode="nearest")
+    # SciPy's filters with mode="nearest", compiled (filters.py).
+    eroded = filters.minimum_filter(raster, size)
     if min(raster.shape) < 2:
-        return ndimage.maximum_filter(eroded, size=size, mode="nearest")
+        return filters.maximum_filter(eroded, size)
     pad = min(radius, min(raster.shape) - 1)
     continued = np.pad(eroded, pad, mode="reflect", reflect_type="odd")
-    dilated = ndimage.maximum_filter(continued, size=size, mode="nearest")
+    dilated = filters.maximum_filter(continued, size)
     return dilated[pad : pad + raster.shape[0], pad : pad + raster.shape[1]]
 
 

@@ -34,11 +34,10 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from pipelines.compiled import compiled
 
-from . import kernels
+from . import filters, kernels
 from .base import GROUND, UNCLASSIFIED, PointBlock
 from .geometry import box_sum
 from .grid import Grid, fill_holes, opening, slope_magnitude
@@ -114,7 +113,7 @@ def remove_low_outliers(zmin: np.ndarray, threshold: float, size: int = 5, round
         removed[cells[outlier]] = True
         out.ravel()[removed] = np.nan
         # Only cells that saw a removed one can change their verdict in the next round.
-        near = ndimage.maximum_filter(removed.reshape(out.shape), size=2 * reach + 1, mode="constant").ravel()
+        near = filters.maximum_filter(removed.reshape(out.shape), 2 * reach + 1).ravel()
         cells = np.flatnonzero(near & np.isfinite(out.ravel()))
     return out
 
@@ -146,11 +145,8 @@ def _ring_of_blocks(zmin: np.ndarray, cells: np.ndarray, block: int) -> np.ndarr
     terrain around it, whatever fills the centre.  The 2nd-lowest, since a street or a ditch
     through the cell may show in only two of the eight blocks."""
     # Padded before filtering: a block centred outside the raster still holds the cells inside.
-    padded = ndimage.minimum_filter(
-        np.pad(np.where(np.isfinite(zmin), zmin, np.inf), block, constant_values=np.inf),
-        size=block,
-        mode="constant",
-        cval=np.inf,
+    padded = filters.minimum_filter(
+        np.pad(np.where(np.isfinite(zmin), zmin, np.inf), block, constant_values=np.inf), block
     )
     width = padded.shape[1]
     rows, cols = np.divmod(cells, zmin.shape[1])
