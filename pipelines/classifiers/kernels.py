@@ -46,33 +46,50 @@ def plane_sums(
         sums[k, 9] += zp * zp
     cells = np.empty(occupied, dtype=np.int64)
     window = np.empty((10, occupied))
-    total = np.empty(10)
-    part = np.empty(10)
+    # The window's cells in box_sum's order of addition: down each column (centre, above, below),
+    # then the column sums (centre, left, right). An empty cell or one off the raster adds nothing,
+    # as its zero does there (a sum from +0.0 is never -0.0). Row by row, each column sum once (a
+    # cell's columns are its neighbours' too): `column[j + 1]` for the columns beside the row's
+    # occupied cells (`beside`; 0 and nx + 1 stand for the columns off the raster).
+    column = np.zeros((nx + 2, 10))
+    beside = np.zeros(nx + 2, dtype=np.bool_)
     kept = 0
-    for c in range(size):
-        if ident[c] < 0:
-            continue
-        row, col = c // nx, c % nx
-        # The window's cells in box_sum's order of addition: down each column (centre, above,
-        # below), then the column sums (centre, left, right). An empty cell or one off the raster
-        # adds nothing, as its zero does there.
-        total[:] = 0.0
-        for dc in (0, -1, 1):
-            part[:] = 0.0
-            if 0 <= col + dc < nx:
-                for dr in (0, -1, 1):
-                    if 0 <= row + dr < ny:
-                        k = ident[(row + dr) * nx + col + dc]
-                        if k >= 0:
-                            for layer in range(10):
-                                part[layer] += sums[k, layer]
+    for row in range(ny):
+        first = row * nx
+        beside[:] = False
+        for j in range(nx):
+            if ident[first + j] >= 0:
+                beside[j] = beside[j + 1] = beside[j + 2] = True
+        beside[0] = beside[nx + 1] = False
+        for j in range(nx):
+            if not beside[j + 1]:
+                continue
+            column[j + 1] = 0.0
+            for dr in (0, -1, 1):
+                if 0 <= row + dr < ny:
+                    k = ident[first + dr * nx + j]
+                    if k >= 0:
+                        for layer in range(10):
+                            column[j + 1, layer] += sums[k, layer]
+        for j in range(nx):
+            if ident[first + j] < 0:
+                continue
+            count = 0.0 + column[j + 1, 0]
+            if beside[j]:
+                count += column[j, 0]
+            if beside[j + 2]:
+                count += column[j + 2, 0]
+            if count < min_points:
+                continue
+            cells[kept] = first + j
             for layer in range(10):
-                total[layer] += part[layer]
-        if total[0] < min_points:
-            continue
-        cells[kept] = c
-        window[:, kept] = total
-        kept += 1
+                total = 0.0 + column[j + 1, layer]
+                if beside[j]:
+                    total += column[j, layer]
+                if beside[j + 2]:
+                    total += column[j + 2, layer]
+                window[layer, kept] = total
+            kept += 1
     return cells[:kept], window[:, :kept]
 
 
