@@ -19,33 +19,33 @@ import numpy as np
 
 from pipelines.compiled import compiled
 
-# Rows filtered side by side (see `_minimum`): 16 float64 fill two cache lines.
+# Rows filtered side by side (see `_extreme`): 16 float64 fill two cache lines.
 BAND = 16
 
 
 def minimum_filter(raster: np.ndarray, size: int) -> np.ndarray:
     """ndimage.minimum_filter(raster, size) of a 2-D raster, `size` odd, the window cut at the edges."""
-    return _minimum(np.ascontiguousarray(raster), size)
+    return _extreme(np.ascontiguousarray(raster), size, False)
 
 
 def maximum_filter(raster: np.ndarray, size: int) -> np.ndarray:
-    """ndimage.maximum_filter(raster, size) of a 2-D raster, as `minimum_filter`: the minimum of the
-    negated raster (exact: negation flips the sign bit), negated. A mask is filtered as bytes: numba
-    compares booleans several times slower."""
+    """ndimage.maximum_filter(raster, size) of a 2-D raster, as `minimum_filter`. A mask is filtered
+    as bytes: numba compares booleans several times slower."""
     if raster.dtype == np.bool_:
-        return ~_minimum(np.ascontiguousarray(~raster).view(np.uint8), size).view(np.bool_)
-    return -_minimum(np.ascontiguousarray(-raster), size)
+        return _extreme(np.ascontiguousarray(raster).view(np.uint8), size, True).view(np.bool_)
+    return _extreme(np.ascontiguousarray(raster), size, True)
 
 
 @compiled
-def _minimum(raster, size):
-    """Each line, padded with `size // 2` copies of its end cells (as `nearest` pads it), is cut into
-    blocks of `size` cells, with the running minimum from each block's start and from its end; a
-    window spans at most two blocks, so its minimum is the smaller of the second's from its start
-    and the first's to its end. Along the rows, then down the columns. Each running minimum waits
-    for the one before it, so lines are done side by side: along the rows, BAND rows at a time
-    (copied across, a column of the band to a row of `padded`); down the columns, a block of whole
-    rows at a time (the raster read in order, the running minima of two blocks kept)."""
+def _extreme(raster, size, largest):
+    """The minimum filter (`largest`: the maximum). Each line, padded with `size // 2` copies of its
+    end cells (as `nearest` pads it), is cut into blocks of `size` cells, with the running minimum
+    from each block's start and from its end; a window spans at most two blocks, so its minimum is
+    the smaller of the second's from its start and the first's to its end. Along the rows, then down
+    the columns. Each running minimum waits for the one before it, so lines are done side by side:
+    along the rows, BAND rows at a time (copied across, a column of the band to a row of `padded`);
+    down the columns, a block of whole rows at a time (the raster read in order, the running minima
+    of two blocks kept)."""
     ny, nx = raster.shape
     half = size // 2
     across = np.empty_like(raster)
@@ -65,16 +65,16 @@ def _minimum(raster, size):
             for j in range(start + 1, end):
                 for r in range(band):
                     a, b = forward[j - 1, r], padded[j, r]
-                    forward[j, r] = a if a < b else b
+                    forward[j, r] = a if (a > b if largest else a < b) else b
             backward[end - 1] = padded[end - 1]
             for j in range(end - 2, start - 1, -1):
                 for r in range(band):
                     a, b = backward[j + 1, r], padded[j, r]
-                    backward[j, r] = a if a < b else b
+                    backward[j, r] = a if (a > b if largest else a < b) else b
         for r in range(band):
             for j in range(nx):
                 a, b = backward[j, r], forward[j + size - 1, r]
-                across[top + r, j] = a if a < b else b
+                across[top + r, j] = a if (a > b if largest else a < b) else b
     # Row i of the padded raster is row min(max(i - half, 0), ny - 1).
     length = ny + 2 * half
     down = np.empty((size, nx), dtype=raster.dtype)
@@ -88,14 +88,14 @@ def _minimum(raster, size):
             source = across[min(max(start + k - half, 0), ny - 1)]
             for j in range(nx):
                 a, b = down[k - 1, j], source[j]
-                down[k, j] = a if a < b else b
+                down[k, j] = a if (a > b if largest else a < b) else b
         up_before, up = up, up_before
         up[rows - 1] = across[min(max(start + rows - 1 - half, 0), ny - 1)]
         for k in range(rows - 2, -1, -1):
             source = across[min(max(start + k - half, 0), ny - 1)]
             for j in range(nx):
                 a, b = up[k + 1, j], source[j]
-                up[k, j] = a if a < b else b
+                up[k, j] = a if (a > b if largest else a < b) else b
         # The windows that end in this block: the one that fills it, and those that start in the
         # block before.
         for k in range(rows):
@@ -107,7 +107,7 @@ def _minimum(raster, size):
             else:
                 for j in range(nx):
                     a, b = up_before[k + 1, j], down[k, j]
-                    out[i, j] = a if a < b else b
+                    out[i, j] = a if (a > b if largest else a < b) else b
     return out
 
 
