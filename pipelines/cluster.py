@@ -200,28 +200,12 @@ def dask_client(settings: Settings, workers: int | None = None, cluster: Any = N
     wanted = workers or settings.workers
     with (
         contextlib.nullcontext(cluster) if cluster is not None else local_cluster(settings, workers) as running,
-        Client(_in_process_address(running)) as client,
+        Client(running) as client,
     ):
         # The cluster returns once its scheduler is up, before its workers have registered: counted
         # then, 2 workers were reported (and the in-flight window sized) as 1.
         wait_for_workers(client, wanted, WORKER_START_SECONDS, "the local Dask cluster")
         yield client
-
-
-def _in_process_address(cluster: Any) -> str:
-    """An in-process address of the local cluster's scheduler (it runs in this process), for this
-    process's client: over it a task's tile travels to the scheduler as the object it is, where
-    over TCP it was pickled, written to a socket, read back and unpickled by the same process (0.3
-    of the 1.0-1.2 CPU-s of the 10 M point benchmark's scheduler thread). The workers still reach
-    the scheduler over TCP. (Listening in-process from the start fails: the scheduler's dashboard
-    link needs its first address to be TCP.)"""
-
-    async def listen() -> None:
-        await cluster.scheduler.listen("inproc://")
-
-    cluster.sync(listen)
-    addresses = (listener.contact_address for listener in cluster.scheduler.listeners)
-    return next(address for address in addresses if address.startswith("inproc://"))
 
 
 def dashboard_link(client: Any, settings: Settings) -> str | None:

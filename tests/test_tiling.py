@@ -72,7 +72,7 @@ def test_the_local_clusters_dashboard_runs_only_when_asked_for(settings, asked: 
         port = client.scheduler_info()["services"]["dashboard"]
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30).status == 200
         if asked:
-            assert link == f"http://localhost:{port}/status"
+            assert link == f"http://127.0.0.1:{port}/status"
             assert urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=30).status == 200
         else:
             assert link is None
