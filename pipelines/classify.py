@@ -287,6 +287,7 @@ def classify_file(
 
 
 def _window(n_workers: int) -> int:
+    # n_workers: worker threads (tiles at once, `cluster.wait_for_workers`).
     # Two tasks per worker and one more: Dask sends each worker its next task while it runs one
     # (worker-saturation), so a worker goes on without waiting for the scheduler, which runs in
     # this process and waits for the GIL while the output's LAZ encoder holds it (0.4-0.7 s a
