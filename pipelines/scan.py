@@ -27,7 +27,8 @@ from pipelines.tile_tasks import Scaling, TileResult, tile_fields
 # Chunks without a point of a tile before it is sent: two million points elsewhere. Two, not one:
 # a file written in strips sends a tile's next strip a strip's length later (the 10 M point
 # benchmark file's rows of survey blocks are 1.75 chunks long), and a tile sent too soon is
-# classified twice. Untuned: one chunk has not been measured.
+# classified twice. One chunk, measured against two on that file in two sessions (2026-12-01,
+# alternating runs), gave no gain in wall time and more worker CPU.
 QUIET_CHUNKS = 2
 # Smaller tiles wait for the scan's end: they go in shared tasks (classify._batches), and are no
 # more than a few tasks' work whatever their number.
