@@ -97,3 +97,28 @@ def test_billing_benchmark_runs_small_and_a_rerun_creates_nothing(capsys: pytest
     out = capsys.readouterr().out
     assert "loaded 30 accounts and 300 events" in out
     assert "nothing created" in out
+
+
+def test_speed_summary_counts_the_runs_that_meet_every_target() -> None:
+    from benchmarks.speed import Run, summary
+
+    def pointflow(seconds: float, gib: float = 1.2) -> Run:
+        return Run("pointflow", 10_000_000, seconds, int(gib * 2**30))
+
+    def csf(seconds: float) -> Run:
+        return Run("CSF", 10_000_000, seconds, 2**30)
+
+    # 1.67 M points/s and 1.5x CSF; 1.67 and 1.2x (too close to CSF); 1.43 M points/s; over 2 GiB.
+    pairs = [
+        (pointflow(6.0), csf(9.0)),
+        (pointflow(6.0), csf(7.2)),
+        (pointflow(7.0), csf(10.5)),
+        (pointflow(6.0, 2.5), csf(9.0)),
+    ]
+    text = summary(pairs)
+    assert "runs that meet 1.5 M points/s, 1.3x CSF and at most 2 GiB: 1 of 4" in text
+    assert "median pointflow / CSF: 1.50x" in text
+    # Without CSF, only speed and memory count.
+    assert summary([(run, None) for run, _ in pairs]).endswith(
+        "runs that meet 1.5 M points/s and at most 2 GiB: 2 of 4"
+    )
