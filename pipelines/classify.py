@@ -6,8 +6,10 @@
    whose buffer ring it falls in. Only occupied tiles get files: cost follows the points, not the
    extent. Large tiles that the scan has left behind go to the workers before it ends (checked
    at its end, sent again if more of their points came).
-2. classify: Dask tasks carry tiles' core + context fields (by value: workers need no shared
-   filesystem, and a task whose worker dies can be rerun elsewhere) and return one class code per
+2. classify: Dask tasks carry tiles' core + context fields (by value: a remote cluster's workers
+   need no shared filesystem, and a task whose worker dies can be rerun elsewhere; the local
+   cluster's workers, on this machine, are told where the fields lie in the tile files and read
+   them themselves, which the rerun of a task can do again) and return one class code per
    core point. Small tiles share a task (up to TASK_POINTS points), so a sparse file is not
    thousands of one-point tasks; a tile that sees fewer than MIN_TILE_POINTS points, ring
    included, is too sparse for any surface model and is written as class 1 without a task. A
@@ -180,7 +182,9 @@ def classify_file(
     scaling = scaling_of(header, units)
     timings: dict[str, float] = {}
 
-    early = client is None and not settings.dask_address and info.point_count >= EARLY_CLUSTER_POINTS
+    # The cluster is a local one, started for this run: its workers share this machine's disk.
+    local = client is None and not settings.dask_address
+    early = local and info.point_count >= EARLY_CLUSTER_POINTS
     results: dict[int, TileResult] = {}
     dashboard, n_workers = None, 0
     with contextlib.ExitStack() as starting:
@@ -195,6 +199,8 @@ def classify_file(
             with laspy.open(input_path) as reader:
                 header = writable_header(reader.header)
             tiles = TileFiles(work, header.point_format.dtype())
+            # Tiles travel by value to another machine's workers; a local worker reads them itself.
+            tile = tiles.locate if local else tiles.read
             # The output is written while tiles are classified and renamed into place only once the
             # cluster is closed and every point written: a failure on the way never leaves it behind.
             with (
@@ -205,7 +211,7 @@ def classify_file(
 
                 def batch(tile_ids: list[int]) -> TileBatch:
                     return TileBatch(
-                        tuple(TileTask(t, tiles.read("fields", t), tiles.read("context", t)) for t in tile_ids),
+                        tuple(TileTask(t, *(tile(kind, t) for kind in ("fields", "context"))) for t in tile_ids),
                         scaling,
                         model.name,
                         model.params,

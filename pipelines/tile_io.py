@@ -15,7 +15,7 @@ import laspy
 import numpy as np
 
 from pipelines.lasio import CHUNK_POINTS, group_order, take_records
-from pipelines.tile_tasks import TILE_FIELDS, TileResult
+from pipelines.tile_tasks import TILE_FIELDS, TileResult, TileRuns, read_runs
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +60,15 @@ class TileFiles:
     def read(self, kind: str, tile_id: int, out: np.ndarray | None = None) -> np.ndarray:
         """The tile's records of this kind, into `out` (as many records, contiguous) if given."""
         runs = self.runs[kind].get(tile_id, [])
-        size = self.dtypes[kind].itemsize
-        if out is None:
-            out = np.empty(sum(n for _, _, n in runs), dtype=self.dtypes[kind])
-        buffer, at = memoryview(out.view(np.uint8)), 0
-        for number, start, count in runs:
-            # Read, not memory-mapped: mapped pages count as the process's resident memory while
-            # the map lives (16 maps of 1 M point chunks were 0.4 GB of a 2 GB budget).
-            done = os.preadv(self._opened(kind, number), [buffer[at : at + count * size]], start * size)
-            if done != count * size:
-                raise OSError(f"tile file {self.files[kind][number].name} is shorter than written")
-            at += done
-        return out
+        # Opened as they are read: the handles kept open are only the latest few (`_opened`).
+        opened = ((self._opened(kind, number), self.files[kind][number].name, start, n) for number, start, n in runs)
+        return read_runs(opened, sum(n for _, _, n in runs), self.dtypes[kind], out)
+
+    def locate(self, kind: str, tile_id: int) -> TileRuns:
+        """Where the tile's records of this kind lie (as they are now), for a worker on this machine to read."""
+        return TileRuns(
+            tuple((str(self.files[kind][n]), start, count) for n, start, count in self.runs[kind].get(tile_id, []))
+        )
 
     def _opened(self, kind: str, number: int) -> int:
         # Tiles are read in id order, the order of the runs in each file: the same few files are

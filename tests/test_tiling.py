@@ -19,6 +19,8 @@ from pipelines.cluster import dashboard_link, dask_client, wait_for_workers
 from pipelines.gate import NotPointCloudError
 from pipelines.settings import ClusterStartError
 from pipelines.tile import TileGrid
+from pipelines.tile_io import TileFiles
+from pipelines.tile_tasks import TILE_FIELDS
 from tests.conftest import shared_file
 from tests.lasfiles import write_points
 
@@ -184,11 +186,17 @@ def test_a_cluster_started_while_scanning_gives_the_same_file_and_a_failed_scan_
 ) -> None:
     source = shared_file("isprs/samp11.las")
     reference, early = tmp_path / "reference.las", tmp_path / "early.las"
+    read = _record_tile_reads(monkeypatch)
+    # Another cluster's workers (here a client's) may be on other machines: the tiles go by value.
     classify_file(source, reference, settings, tile_size=40, buffer=15, client=client)
+    assert {"fields", "context"} <= set(read)
+    read.clear()
     # Large files start their local cluster during the scan: make this small one do so.
     monkeypatch.setattr(classify, "EARLY_CLUSTER_POINTS", 0)
     result = classify_file(source, early, settings, tile_size=40, buffer=15, workers=2)
     assert result.workers == 2 and result.timings["scan_s"] > 0
+    # The local cluster's workers read their tiles from the tile files: the command only the output's records.
+    assert set(read) == {"core"}
     assert laspy.read(early).points.array.tobytes() == laspy.read(reference).points.array.tobytes()
 
     cut, output = tmp_path / "cut.laz", tmp_path / "out" / "out.laz"
@@ -197,6 +205,36 @@ def test_a_cluster_started_while_scanning_gives_the_same_file_and_a_failed_scan_
         classify_file(cut, output, settings, workers=1)
     assert not output.parent.exists()
     assert list(settings.scratch_dir.glob("*")) == []
+
+
+def _record_tile_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The kinds of tile records the command reads from its tile files, from now on."""
+    kinds: list[str] = []
+    read = TileFiles.read
+
+    def recording(self, kind: str, *args, **kwargs):
+        kinds.append(kind)
+        return read(self, kind, *args, **kwargs)
+
+    monkeypatch.setattr(TileFiles, "read", recording)
+    return kinds
+
+
+def test_a_tile_read_from_the_tile_files_is_the_same_records_and_a_short_file_is_an_error(tmp_path: Path) -> None:
+    records = np.zeros(10, dtype=TILE_FIELDS)
+    records["X"] = np.arange(10)
+    tiles = TileFiles(tmp_path, np.dtype("u1"))
+    for tile_ids in ([1, 2, 1, 1, 2], [2, 1, 2, 2, 1]):
+        tiles.append({"fields": records[:5] if tile_ids[0] == 1 else records[5:]}, np.array(tile_ids))
+    located = tiles.locate("fields", 1)
+    assert located.count == 5 and len(located.runs) == 2
+    assert located.records().tobytes() == tiles.read("fields", 1).tobytes()
+    assert list(located.records()["X"]) == [0, 2, 3, 6, 9]
+    tiles.close()
+    first = Path(located.runs[0][0])
+    first.write_bytes(first.read_bytes()[: TILE_FIELDS.itemsize])
+    with pytest.raises(OSError, match=f"tile file {first.name} is shorter than written"):
+        located.records()
 
 
 @pytest.mark.parametrize("case", ["empty", "single_point", "identical_points", "zero_area_line", "extreme_coordinates"])
