@@ -118,9 +118,10 @@ def scene_figures(relative: str, repeats: int = 3) -> dict:
         standard_cpu = min(standard_cpu, cpu_seconds() - started)
     # What the cascade (early decisions, chosen on training's held-out blocks) changes: the same
     # model with every point walking every tree.
-    cascade, model.cascade = model.cascade, []
+    cascade, prune = model.cascade, model.prune
+    model.cascade, model.prune = [], []
     every_tree = model.predict(test)
-    model.cascade = cascade
+    model.cascade, model.prune = cascade, prune
     table = standard_translation(StandardClassifier().classify(learn)[keep[lower]], labels[lower][keep[lower]])
     reference, scored_test = labels[~lower], keep[~lower]
     mine = per_class_metrics(reference[scored_test], custom[scored_test])
@@ -141,6 +142,7 @@ def scene_figures(relative: str, repeats: int = 3) -> dict:
         "standard_speed": len(test) / standard_cpu / 1e6,
         "holdout": (model.evaluation["macro_f1"], model.evaluation["standard_macro_f1"]),
         "cascade": cascade,
+        "prune": prune,
         "every_tree_macro": macro_f1(every),
         "cascade_changed": int(np.count_nonzero(custom != every_tree)),
         "classified": len(test),
@@ -157,7 +159,13 @@ def print_scene(f: dict) -> None:
         f"training's own held-out blocks: {f['holdout'][0]:.3f} vs {f['holdout'][1]:.3f} "
         f"({'offered' if f['offered'] else 'not offered'}); training {f['train_cpu']:.1f} s cpu"
     )
-    stages = ", ".join(f"after {r} rounds if ahead by > {m:.2f}" for r, m in f["cascade"]) or "none"
+    stages = (
+        ", ".join(
+            f"after {r} rounds if ahead by > {m:.2f} (else drop classes > {g:.2f} behind)"
+            for (r, m), g in zip(f["cascade"], f["prune"] or [np.inf] * len(f["cascade"]), strict=True)
+        )
+        or "none"
+    )
     print(
         f"  early decisions: {stages}; {f['cascade_changed']:,} of {f['classified']:,} points differ "
         f"from walking every tree, {f['cascade_changed_scored']:,} of them scored (macro F1 {f['every_tree_macro']:.4f} every tree, "

@@ -6,7 +6,8 @@ For each scene, a model is trained on one half as in `benchmarks.custom`, and th
 `TrainedModel.predict` on the other half are timed separately: the ground model and standard's classes
 (which `point_features` shares with `standard`), the points' cells on the features' dyadic grids,
 the neighbourhood scales of the features, the context of standard's classes, and the trees
-(as `predict_features` walks them, compiled: `forest.Forest`, with the model's early decisions),
+(as `predict_features` walks them, compiled: `forest.Forest`, with the model's early decisions,
+and with them but no class dropped),
 plus every point walking every tree, compiled and with LightGBM's predict (one thread, and its
 default threads). Figures are CPU seconds of this process
 (user + sys), the least of `--repeats` runs, in microseconds per point and as a multiple of the
@@ -57,7 +58,8 @@ def profile(relative: str, repeats: int) -> list[tuple[str, float]]:
     cells = features.DyadicCells(test, min(base, features.CONTEXT_CELLS[0]))
     width = sum(len(features.scale_names(s)) for s in features.SCALES)
     scratch = np.zeros((len(test), width), dtype=np.float32, order="F")
-    every_tree = dataclasses.replace(model, cascade=[])
+    every_tree = dataclasses.replace(model, cascade=[], prune=[])
+    unpruned = dataclasses.replace(model, prune=[])
     stages = ", ".join(f"{r} rounds, > {m:.2f}" for r, m in model.cascade) or "none"
     parts = [
         ("standard, whole", lambda: StandardClassifier(params).classify(test)),
@@ -80,6 +82,7 @@ def profile(relative: str, repeats: int) -> list[tuple[str, float]]:
             ),
         ),
         (f"  trees, early decisions {stages}", lambda: model.predict_features(matrix)),
+        ("  trees, the same without dropping classes", lambda: unpruned.predict_features(matrix)),
         (f"  trees, every point all {model.booster.num_trees()}", lambda: every_tree.predict_features(matrix)),
         ("  trees, all, LightGBM's predict", lambda: model.booster.predict(matrix, raw_score=True, num_threads=1)),
         ("  trees, all, LightGBM's default threads", lambda: model.booster.predict(matrix, raw_score=True)),

@@ -35,6 +35,7 @@ from pipelines.classifiers.trained import (
     TrainedClassifier,
     TrainedModel,
     choose_cascade,
+    choose_pruning,
     lead,
 )
 from pipelines.errors import InvalidValue
@@ -441,24 +442,57 @@ def test_the_cascade_changes_at_most_its_tolerance_on_the_points_it_was_chosen_o
     block, _ = ign
     features = point_features(block)
     start = model.head_start(features[:, STANDARD_COLUMN])
-    every_tree = dataclasses.replace(model, cascade=[]).predict_features(features)
+    every_tree = dataclasses.replace(model, cascade=[], prune=[]).predict_features(features)
     # Without a tolerance, no point of those it was chosen on is decided otherwise.
     strict = choose_cascade(model.booster, features, start, tolerance=0.0, max_stages=1)
     ((rounds, margin),) = strict
     assert 0 < rounds < model.booster.current_iteration()
-    np.testing.assert_array_equal(dataclasses.replace(model, cascade=strict).predict_features(features), every_tree)
+    np.testing.assert_array_equal(
+        dataclasses.replace(model, cascade=strict, prune=[]).predict_features(features), every_tree
+    )
     # A smaller margin decides points the remaining trees would have changed (else the margin
     # chosen was not the least that changes nothing).
-    looser = dataclasses.replace(model, cascade=[(rounds, margin * 0.5)])
+    looser = dataclasses.replace(model, cascade=[(rounds, margin * 0.5)], prune=[])
     assert (looser.predict_features(features) != every_tree).any()
     # With one, each stage decides at most that share of each class's points otherwise.
     stages = choose_cascade(model.booster, features, start, tolerance=0.01, max_stages=3)
     assert 1 <= len(stages) <= 3
     assert [r for r, _ in stages] == sorted({r for r, _ in stages})
-    changed = dataclasses.replace(model, cascade=stages).predict_features(features) != every_tree
+    changed = dataclasses.replace(model, cascade=stages, prune=[]).predict_features(features) != every_tree
     for code in np.unique(every_tree):
         of_class = every_tree == code
         assert np.count_nonzero(changed & of_class) <= int(0.01 * np.count_nonzero(of_class)) * len(stages)
+
+
+def test_dropped_classes_change_at_most_their_tolerance_on_the_points_they_were_chosen_on(
+    ign: tuple[PointBlock, np.ndarray], model: TrainedModel
+) -> None:
+    block, _ = ign
+    features = point_features(block)
+    start = model.head_start(features[:, STANDARD_COLUMN])
+    every_tree = dataclasses.replace(model, cascade=[], prune=[]).predict_features(features)
+    stages = choose_cascade(model.booster, features, start, tolerance=0.0, max_stages=2)
+    assert len(stages) == 2
+    # Without a tolerance no point's class is dropped: the same classes as walking every tree.
+    strict = choose_pruning(model.booster, features, start, stages, tolerance=0.0)
+    assert len(strict) == len(stages) and strict[0] > 0
+    pruned = dataclasses.replace(model, cascade=stages, prune=strict)
+    np.testing.assert_array_equal(pruned.predict_features(features), every_tree)
+    # ... and they drop classes, so walk fewer trees: some points' scores are not every class's.
+    unpruned = dataclasses.replace(model, cascade=stages, prune=[])
+    assert (pruned.scores(features) != unpruned.scores(features)).any()
+    # Smaller gaps drop the class some points end with (else the gap chosen was not the least).
+    smaller = dataclasses.replace(model, cascade=stages, prune=[gap * 0.5 for gap in strict])
+    assert (smaller.predict_features(features) != every_tree).any()
+    # With a tolerance, each stage drops at most that share of each class's points' own class.
+    loose = choose_pruning(model.booster, features, start, stages, tolerance=0.01)
+    assert all(a <= b for a, b in zip(loose, strict, strict=True))
+    changed = dataclasses.replace(model, cascade=stages, prune=loose).predict_features(features) != every_tree
+    for code in np.unique(every_tree):
+        of_class = every_tree == code
+        assert np.count_nonzero(changed & of_class) <= int(0.01 * np.count_nonzero(of_class)) * len(stages)
+    with pytest.raises(InvalidValue, match="pruning gap"):
+        dataclasses.replace(model, cascade=stages, prune=strict[:1]).scores(features)
 
 
 def test_the_cascade_is_the_cheapest_plan_of_its_stages(
@@ -507,16 +541,23 @@ def test_the_cascade_is_the_cheapest_plan_of_its_stages(
 
 def lightgbm_scores(model: TrainedModel, features: np.ndarray) -> np.ndarray:
     """The scores as LightGBM's predict gave them before the compiled walker: stage by stage on the
-    points still walking."""
+    points still walking, each of their classes further behind the best than the stage's pruning
+    gap (if any) left with its score, and a point with one class left stopped."""
     scores = model.head_start(features[:, STANDARD_COLUMN])
+    alive = np.ones(scores.shape, dtype=bool)
     walking, done = np.arange(len(features)), 0
-    for rounds, margin in [*model.cascade, (model.booster.current_iteration(), np.inf)]:
+    gaps = model.prune or [np.inf] * len(model.cascade)
+    for (rounds, margin), gap in zip(
+        [*model.cascade, (model.booster.current_iteration(), np.inf)], [*gaps, np.inf], strict=True
+    ):
         if walking.size == 0:
             break
-        scores[walking] += model.booster.predict(
+        scores[walking] += alive[walking] * model.booster.predict(
             features[walking], raw_score=True, num_threads=1, start_iteration=done, num_iteration=rounds - done
         )
         walking, done = walking[lead(scores[walking]) <= margin], rounds
+        alive[walking] &= scores[walking].max(axis=1, keepdims=True) - scores[walking] <= gap
+        walking = walking[alive[walking].sum(axis=1) > 1]
     return scores
 
 
@@ -526,7 +567,7 @@ def test_the_compiled_trees_give_lightgbms_scores_on_real_points(
     block, _ = ign
     features = point_features(block)
     # Every tree: the raw scores are LightGBM's (the walker adds in LightGBM's order: the same bits).
-    every_tree = dataclasses.replace(model, cascade=[])
+    every_tree = dataclasses.replace(model, cascade=[], prune=[])
     expected = lightgbm_scores(every_tree, features)
     np.testing.assert_allclose(every_tree.scores(features), expected, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(every_tree.predict_features(features), np.asarray(model.classes)[expected.argmax(1)])
@@ -590,15 +631,29 @@ def test_the_cascade_is_kept_in_the_signed_file_and_older_files_walk_every_tree(
     assert model.cascade, "training chooses early decisions on its held-out blocks"
     assert (model.params["early_tolerance"], model.params["early_stages"]) == (EARLY_TOLERANCE, EARLY_STAGES)
     assert TrainedModel.from_bytes(model.to_bytes(key=b"k"), key=b"k").cascade == model.cascade
+    assert model.prune and len(model.prune) == len(model.cascade)
+    assert TrainedModel.from_bytes(model.to_bytes(key=b"k"), key=b"k").prune == model.prune
+    # A file written before classes were dropped: its header has no "prune"; every class walks on.
+    data = dataclasses.replace(model, prune=[]).to_bytes()
+    header, _, text = zlib.decompress(data[len(FORMAT) + 1 :]).partition(b"\n")
+    older = json.loads(header)
+    del older["prune"]
+    loaded = TrainedModel.from_bytes(FORMAT + b"\x00" + zlib.compress(json.dumps(older).encode() + b"\n" + text))
+    assert (loaded.cascade, loaded.prune) == (model.cascade, [])
+    np.testing.assert_array_equal(
+        loaded.scores(point_features(block)), dataclasses.replace(model, prune=[]).scores(point_features(block))
+    )
     # A file written before the cascade existed: its header has no "cascade".
-    data = dataclasses.replace(model, cascade=[]).to_bytes()
+    data = dataclasses.replace(model, cascade=[], prune=[]).to_bytes()
     header, _, text = zlib.decompress(data[len(FORMAT) + 1 :]).partition(b"\n")
     older = json.loads(header)
     del older["cascade"]
     payload = zlib.compress(json.dumps(older).encode() + b"\n" + text)
     loaded = TrainedModel.from_bytes(FORMAT + b"\x00" + payload)
     assert loaded.cascade == []
-    np.testing.assert_array_equal(loaded.predict(block), dataclasses.replace(model, cascade=[]).predict(block))
+    np.testing.assert_array_equal(
+        loaded.predict(block), dataclasses.replace(model, cascade=[], prune=[]).predict(block)
+    )
 
 
 def test_trained_classifier_protocol(ign: tuple[PointBlock, np.ndarray], model: TrainedModel) -> None:

@@ -30,6 +30,7 @@ from .trained import (
     ClassMetrics,
     TrainedModel,
     choose_cascade,
+    choose_pruning,
     load_lightgbm,
 )
 
@@ -224,6 +225,10 @@ def train(
     held_index = np.flatnonzero(is_held)
     model.cascade = choose_cascade(model.booster, x[held_index], model.head_start(x[held_index, STANDARD_COLUMN]))
     model.params["cascade"] = [list(stage) for stage in model.cascade]
+    model.prune = choose_pruning(
+        model.booster, x[held_index], model.head_start(x[held_index, STANDARD_COLUMN]), model.cascade
+    )
+    model.params["prune"] = model.prune
     # How the stages were chosen, so that a model's early decisions can be told apart and redone.
     model.params["early_tolerance"] = EARLY_TOLERANCE
     model.params["early_stages"] = EARLY_STAGES

@@ -15,6 +15,7 @@ features staying in the cache while the trees (a few hundred KB) stay in the nex
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -122,20 +123,32 @@ class Forest:
             leaf_value=joined("leaf", np.float64),
         )
 
-    def scores(self, features: np.ndarray, scores: np.ndarray, cascade: list[tuple[int, float]]) -> None:
+    def scores(
+        self,
+        features: np.ndarray,
+        scores: np.ndarray,
+        cascade: list[tuple[int, float]],
+        prune: Sequence[float] = (),
+    ) -> None:
         """Add the trees' raw scores to `scores` (points, classes), the head start, in place: each
         stage (rounds, margin) of `cascade` sums its rounds' trees from zero and adds them, and a
         point whose best class then leads the next by more than the margin stops; the others walk
-        every remaining tree. As `TrainedModel.scores` did with LightGBM's predict."""
+        on, each stage's `prune` (if given) dropping their classes further behind the best than it:
+        a dropped class walks no more trees and keeps its score. As `TrainedModel.scores` did with
+        LightGBM's predict (and `trained.choose_pruning` does with it)."""
         if features.ndim != 2 or features.shape[1] < self.columns or scores.shape != (len(features), self.classes):
             raise InvalidValue(f"the trees read {self.columns} features into {self.classes} scores per point")
         rounds = np.asarray([r for r, _ in cascade] + [self.rounds], dtype=np.int64)
         margins = np.asarray([m for _, m in cascade] + [np.inf])
+        if len(prune) not in (0, len(cascade)):
+            raise InvalidValue("a class pruning gap per early decision, or none")
+        gaps = np.asarray([*prune] + [np.inf] * (len(cascade) + 1 - len(prune)), dtype=np.float64)
         _walk(
             np.ascontiguousarray(features, dtype=np.float32),
             scores,
             rounds,
             margins,
+            gaps,
             self.classes,
             self.first_node,
             self.first_leaf,
@@ -167,6 +180,7 @@ def _walk(
     scores,
     rounds,
     margins,
+    gaps,
     classes,
     first_node,
     first_leaf,
@@ -183,13 +197,17 @@ def _walk(
     leaf_value,
 ):
     step = np.empty(classes)
+    alive = np.empty(classes, dtype=np.bool_)
     for p in range(features.shape[0]):
         row = features[p]
         done = 0
+        alive[:] = True
         for stage in range(rounds.size):
             step[:] = 0.0
             for round_ in range(done, rounds[stage]):
                 for c in range(classes):
+                    if not alive[c]:
+                        continue
                     # The tree's leaf for this row: tree.h's GetLeaf.
                     tree = np.uint64(round_ * classes + c)
                     base = first_node[tree]
@@ -244,3 +262,10 @@ def _walk(
                     second = value
             if best - second > margins[stage]:
                 break
+            left_walking = 0
+            for c in range(classes):
+                if best - scores[p, c] > gaps[stage]:
+                    alive[c] = False
+                left_walking += alive[c]
+            if left_walking < 2:
+                break  # only its best class is left: it keeps it
