@@ -68,10 +68,10 @@ def local_cluster(settings: Settings, workers: int | None = None) -> Iterator[An
     """
     import dask
     from distributed import Scheduler, SpecCluster
-    from distributed.deploy.subprocess import SubprocessWorker
     from distributed.worker_memory import parse_memory_limit
 
     count = workers or settings.workers
+    worker_process = _worker_process()
     config = _local_config()
     scheduler_config = {key: _lookup(config, key) for key in _SCHEDULER_CONFIG_KEYS}
     # A nanny would set these in its worker's environment (pre-spawn-environ): the workers inherit them from here.
@@ -79,7 +79,7 @@ def local_cluster(settings: Settings, workers: int | None = None) -> Iterator[An
 
     def worker(name: int, threads: int) -> dict[str, Any]:
         return {
-            "cls": SubprocessWorker,
+            "cls": worker_process,
             "options": {
                 "worker_class": "distributed.Worker",
                 "worker_kwargs": {
@@ -122,6 +122,28 @@ def local_cluster(settings: Settings, workers: int | None = None) -> Iterator[An
         plugin = _replace_dead_workers(cluster, REPLACEMENTS_PER_PROCESS * len(processes))
         cluster.sync(_add_plugin, cluster.scheduler, plugin)
         yield cluster
+
+
+def _worker_process() -> type:
+    """distributed's SubprocessWorker, whose close also copes with a process that is already gone.
+
+    Its close looks the process's children up with psutil when asyncio has not yet seen the process
+    end; a killed worker, reaped meanwhile, made that raise NoSuchProcess inside SpecCluster's scale,
+    and the replacement `_replace_dead_workers` asked for was never started (the killed-worker test
+    failed 2 runs in 9, waiting for a worker that never came)."""
+    import psutil
+    from distributed.deploy.spec import ProcessInterface
+    from distributed.deploy.subprocess import SubprocessWorker
+
+    class WorkerProcess(SubprocessWorker):
+        async def close(self) -> None:
+            try:
+                await super().close()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                self.process = None
+                await ProcessInterface.close(self)
+
+    return WorkerProcess
 
 
 async def _add_plugin(scheduler: Any, plugin: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import subprocess
 import sys
@@ -327,6 +328,23 @@ def test_the_local_cluster_replaces_a_killed_worker_and_fails_clearly_when_none_
         classify_file(source, failed, settings, tile_size=10, buffer=3, workers=2, progress=progress)
     assert len(killed) == 1 and not failed.exists()
     assert list(settings.scratch_dir.glob("*")) == []
+
+
+def test_closing_a_local_worker_whose_process_is_already_gone_is_not_an_error() -> None:
+    # The race the killed-worker test lost now and then: the process died and was reaped, and
+    # asyncio had not yet set its return code when the cluster closed it to start its replacement.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    worker = cluster._worker_process()("tcp://127.0.0.1:1")
+    worker.process = _Process(gone.pid)
+    asyncio.run(worker.close())
+    assert worker.process is None and worker.status.name == "closed"
+
+
+@dataclasses.dataclass
+class _Process:
+    pid: int
+    returncode: int | None = None
 
 
 def test_a_local_cluster_of_an_odd_number_of_workers_runs_that_many_tiles_at_once(tmp_path: Path, settings) -> None:
