@@ -1,14 +1,14 @@
 """Tiled classification of a LAS/LAZ file on Dask, reader -> tiles -> classifier -> writer.
 
 1. scan (`pipelines.scan`): stream the input in chunks through the gate's point checks
-   (`lasio.iter_checked`); append each point's raw record and the fields the classifier reads
-   (TILE_FIELDS) to its owner tile's files, and its fields to the context file of every neighbour
-   whose buffer ring it falls in. Only occupied tiles get files: cost follows the points, not the
+   (`lasio.iter_checked`); append each point's raw record to its owner tile's file, and the fields
+   the classifier reads (TILE_FIELDS) to the context file of every neighbour whose buffer ring it
+   falls in. Only occupied tiles get files: cost follows the points, not the
    extent. Large tiles that the scan has left behind go to the workers before it ends (checked
    at its end, sent again if more of their points came).
 2. classify: Dask tasks carry tiles' core + context fields (by value: a remote cluster's workers
    need no shared filesystem, and a task whose worker dies can be rerun elsewhere; the local
-   cluster's workers, on this machine, are told where the fields lie in the tile files and read
+   cluster's workers, on this machine, are told where the records lie in the tile files and read
    them themselves, which the rerun of a task can do again) and return one class code per
    core point. Small tiles share a task (up to TASK_POINTS points), so a sparse file is not
    thousands of one-point tasks; a tile that sees fewer than MIN_TILE_POINTS points, ring
@@ -54,9 +54,11 @@ from pipelines.tile_io import Progress, TileFiles, TileWriter, writable_header
 from pipelines.tile_tasks import (
     TileBatch,
     TileResult,
+    TileRuns,
     TileTask,
     classify_batch,
     scaling_of,
+    tile_fields,
     tile_result,
 )
 from pipelines.units import CoordinateUnits, coordinate_units
@@ -198,9 +200,15 @@ def classify_file(
         with work_dir(settings.scratch_dir, "classify", account_id, job_id) as work:
             with laspy.open(input_path) as reader:
                 header = writable_header(reader.header)
-            tiles = TileFiles(work, header.point_format.dtype())
-            # Tiles travel by value to another machine's workers; a local worker reads them itself.
-            tile = tiles.locate if local else tiles.read
+            tiles = TileFiles(work, header.point_format.dtype(), header.point_format.id)
+
+            def tile(kind: str, tile_id: int) -> np.ndarray | TileRuns:
+                # Tiles travel by value to another machine's workers; a local worker reads them itself.
+                if local:
+                    return tiles.locate(kind, tile_id)
+                records = tiles.read(kind, tile_id)
+                return tile_fields(records, tiles.point_format) if kind == "core" else records
+
             # The output is written while tiles are classified and renamed into place only once the
             # cluster is closed and every point written: a failure on the way never leaves it behind.
             with (
@@ -211,7 +219,7 @@ def classify_file(
 
                 def batch(tile_ids: list[int]) -> TileBatch:
                     return TileBatch(
-                        tuple(TileTask(t, *(tile(kind, t) for kind in ("fields", "context"))) for t in tile_ids),
+                        tuple(TileTask(t, *(tile(kind, t) for kind in ("core", "context"))) for t in tile_ids),
                         scaling,
                         model.name,
                         model.params,

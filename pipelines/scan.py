@@ -108,19 +108,18 @@ def scan(
     every neighbour whose buffer ring it falls in."""
     done = 0
     for number, chunk in enumerate(iter_checked(input_path, info, CHUNK_POINTS)):
-        fields = tile_fields(chunk)
-        x, y = scaling.axis(fields, 0), scaling.axis(fields, 1)
+        records = chunk.array
+        x, y = scaling.axis(records, 0), scaling.axis(records, 1)
         owner, context = grid.partition(x, y)
-        # The core's fields are kept beside its raw records: a tile's task reads them as they are,
-        # instead of reading the raw records and unpacking their fields a second time.
-        core_runs = tiles.append({"core": chunk.array, "fields": fields}, owner)
+        core_runs = tiles.append({"core": records}, owner)
         context_runs = []
         if context:
-            # One grouped write for all neighbours: one sort, not eight.
+            # One grouped write for all neighbours: one sort, not eight. The ring's points are
+            # kept as the fields a tile's task needs, not as whole records.
             index = np.concatenate([i for i, _ in context])
             tile_ids = np.concatenate([t for _, t in context])
-            context_runs = tiles.append({"context": fields}, tile_ids, index)
-        done += len(fields)
+            context_runs = tiles.append({"context": tile_fields(records[index], info.point_format)}, tile_ids)
+        done += len(records)
         if early is not None:
             early.chunk(number, core_runs, context_runs)
         if progress:

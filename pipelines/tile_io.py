@@ -25,15 +25,17 @@ Progress = Callable[[str, int, int], None]
 
 class TileFiles:
     """Every occupied tile's points on the local scratch disk. Each scanned chunk is written once,
-    grouped by tile, as one file per kind ("core": raw records, for the output; "fields": the same
-    points' TILE_FIELDS, for the tasks; "context": TILE_FIELDS records of the buffer rings), and an
-    index keeps where each tile's runs lie: a file of 20,000 one-point tiles costs three files per
-    chunk, not 60,000."""
+    grouped by tile, as one file per kind ("core": the file's records of `point_format`, for the
+    output and the tasks, which take their TILE_FIELDS; "context": TILE_FIELDS records of the buffer
+    rings), and an index keeps where each tile's runs lie: a file of 20,000 one-point tiles costs
+    two files per chunk, not 40,000. (The core's TILE_FIELDS were once written beside its records,
+    a third file per chunk: the scan's main thread, which the run waits for, spent more writing
+    them than the tasks now spend taking them from the records.)"""
 
-    KINDS = {"core": None, "fields": TILE_FIELDS, "context": TILE_FIELDS}
+    KINDS = {"core": None, "context": TILE_FIELDS}
 
-    def __init__(self, folder: Path, core: np.dtype) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, core: np.dtype, point_format: int) -> None:
+        self.folder, self.point_format = folder, point_format
         self.dtypes = {kind: core if dtype is None else dtype for kind, dtype in self.KINDS.items()}
         self.files: dict[str, list[Path]] = {kind: [] for kind in self.KINDS}
         self.runs: dict[str, dict[int, list[tuple[int, int, int]]]] = {kind: {} for kind in self.KINDS}
@@ -66,9 +68,8 @@ class TileFiles:
 
     def locate(self, kind: str, tile_id: int) -> TileRuns:
         """Where the tile's records of this kind lie (as they are now), for a worker on this machine to read."""
-        return TileRuns(
-            tuple((str(self.files[kind][n]), start, count) for n, start, count in self.runs[kind].get(tile_id, []))
-        )
+        runs = tuple((str(self.files[kind][n]), start, count) for n, start, count in self.runs[kind].get(tile_id, []))
+        return TileRuns(runs, self.dtypes[kind], self.point_format if kind == "core" else None)
 
     def _opened(self, kind: str, number: int) -> int:
         # Tiles are read in id order, the order of the runs in each file: the same few files are

@@ -45,14 +45,18 @@ class TileRuns:
     the local cluster, on the same machine, reads them itself (`records`)."""
 
     runs: tuple[tuple[str, int, int], ...]
+    dtype: np.dtype = TILE_FIELDS  # TILE_FIELDS (a tile's context), or the file's point records (its core)
+    point_format: int | None = None  # of the file's point records
 
     @property
     def count(self) -> int:
         return sum(n for _, _, n in self.runs)
 
     def records(self) -> np.ndarray:
+        """TILE_FIELDS records, whatever the files hold."""
         with contextlib.closing(self._opened()) as runs:
-            return read_runs(runs, self.count, TILE_FIELDS)
+            records = read_runs(runs, self.count, self.dtype)
+        return records if self.point_format is None else tile_fields(records, self.point_format)
 
     def _opened(self) -> Iterator[tuple[int, str, int, int]]:
         # One file open at a time (each chunk's file holds one run of a tile): a tile of a large file
@@ -88,8 +92,9 @@ def read_runs(
 @dataclass(frozen=True)
 class TileTask:
     tile_id: int
-    # TILE_FIELDS records, or where they lie in the command's tile files (TileRuns) when the worker
-    # is on the same machine (a local cluster): reading them there is one copy, where sending them
+    # TILE_FIELDS records, or where the points lie in the command's tile files (TileRuns: the core
+    # as the file's records, whose fields the worker takes) when the worker is on the same machine
+    # (a local cluster): reading them there is one copy, where sending them
     # is five (the command reads them, sends them to the scheduler in its own process, which sends
     # them on, and the worker receives them). On the 10 M point benchmark that took about 0.4 CPU-s
     # of the command's, and the run from 5.6-6.3 to 5.3-5.6 s (six alternating runs, a helper's work
@@ -170,11 +175,18 @@ class TileResult:
     seconds: float
 
 
-def tile_fields(points) -> np.ndarray:
-    """The classifier's inputs of laspy points (a record of the file's point format), packed as TILE_FIELDS records."""
-    fields = np.empty(len(points), dtype=TILE_FIELDS)
-    for name in TILE_FIELDS.names:
-        fields[name] = np.asarray(points[name])
+def tile_fields(records: np.ndarray, point_format: int) -> np.ndarray:
+    """The classifier's inputs of LAS point records (a structured array of `point_format`, as laspy
+    reads them), packed as TILE_FIELDS records. The returns are bits of one byte: three bits each
+    in point formats 0-5, four in 6-10."""
+    fields = np.empty(len(records), dtype=TILE_FIELDS)
+    for name in ("X", "Y", "Z", "intensity"):
+        fields[name] = records[name]
+    bits, wide = records["bit_fields"], point_format >= 6
+    np.bitwise_and(bits, 0x0F if wide else 0x07, out=fields["return_number"])
+    np.right_shift(bits, 4 if wide else 3, out=fields["number_of_returns"])
+    if not wide:
+        fields["number_of_returns"] &= 0x07
     return fields
 
 

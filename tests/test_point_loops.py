@@ -32,7 +32,7 @@ def test_a_tiles_block_is_its_records_scaled_by_numpy(relative: str, units: Coor
     two concatenated (as the workers computed them), on read-only records (as Dask hands them over)."""
     laspy = pytest.importorskip("laspy")
     las = laspy.read(DATA / relative)
-    fields = tile_fields(las.points)
+    fields = tile_fields(las.points.array, las.header.point_format.id)
     scaling = scaling_of(las.header, units)
     core, context = fields[: len(fields) // 3], fields[len(fields) // 3 :]
     context.flags.writeable = False
@@ -86,3 +86,23 @@ def test_roof_loops_are_numpys(points: PointBlock, cell: float) -> None:
     top = ndimage.maximum_filter(top.reshape(grid.shape), size=5).ravel()
     expected = ~building & near[flat] & (points.z <= top[flat] + 0.3)
     assert same(buildings._beside_roofs(building, near, top, flat, points.z, 0.3), expected) and expected.any()
+
+
+@pytest.mark.parametrize("point_format", range(11))
+def test_a_tiles_fields_are_laspys_values_in_every_point_format(point_format: int) -> None:
+    """tile_fields unpacks the returns from their bits as laspy does, three bits each in formats 0-5
+    and four in 6-10, whatever the byte's other bits (scan direction, edge of flight line) hold."""
+    laspy = pytest.importorskip("laspy")
+    rng = np.random.default_rng(point_format)
+    n = 5_000
+    points = laspy.ScaleAwarePointRecord.zeros(
+        n, point_format=laspy.PointFormat(point_format), scales=np.ones(3), offsets=np.zeros(3)
+    )
+    points.array["bit_fields"] = rng.integers(0, 256, n, dtype=np.uint8)
+    for name in ("X", "Y", "Z"):
+        points.array[name] = rng.integers(-(2**31), 2**31, n, dtype=np.int32)
+    points.array["intensity"] = rng.integers(0, 2**16, n, dtype=np.uint16)
+    fields = tile_fields(points.array, point_format)
+    for name in ("X", "Y", "Z", "intensity", "return_number", "number_of_returns"):
+        assert np.array_equal(fields[name], np.asarray(points[name])), name
+    assert fields["number_of_returns"].max() == (15 if point_format >= 6 else 7)

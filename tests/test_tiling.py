@@ -190,7 +190,7 @@ def test_a_cluster_started_while_scanning_gives_the_same_file_and_a_failed_scan_
     read = _record_tile_reads(monkeypatch)
     # Another cluster's workers (here a client's) may be on other machines: the tiles go by value.
     classify_file(source, reference, settings, tile_size=40, buffer=15, client=client)
-    assert {"fields", "context"} <= set(read)
+    assert set(read) == {"core", "context"}
     read.clear()
     # Large files start their local cluster during the scan: make this small one do so.
     monkeypatch.setattr(classify, "EARLY_CLUSTER_POINTS", 0)
@@ -224,12 +224,12 @@ def _record_tile_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_a_tile_read_from_the_tile_files_is_the_same_records_and_a_short_file_is_an_error(tmp_path: Path) -> None:
     records = np.zeros(10, dtype=TILE_FIELDS)
     records["X"] = np.arange(10)
-    tiles = TileFiles(tmp_path, np.dtype("u1"))
+    tiles = TileFiles(tmp_path, np.dtype("u1"), 0)
     for tile_ids in ([1, 2, 1, 1, 2], [2, 1, 2, 2, 1]):
-        tiles.append({"fields": records[:5] if tile_ids[0] == 1 else records[5:]}, np.array(tile_ids))
-    located = tiles.locate("fields", 1)
+        tiles.append({"context": records[:5] if tile_ids[0] == 1 else records[5:]}, np.array(tile_ids))
+    located = tiles.locate("context", 1)
     assert located.count == 5 and len(located.runs) == 2
-    assert located.records().tobytes() == tiles.read("fields", 1).tobytes()
+    assert located.records().tobytes() == tiles.read("context", 1).tobytes()
     assert list(located.records()["X"]) == [0, 2, 3, 6, 9]
     tiles.close()
     first = Path(located.runs[0][0])
