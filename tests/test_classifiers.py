@@ -436,13 +436,18 @@ def test_round_trip_and_signature(ign: tuple[PointBlock, np.ndarray], model: Tra
         TrainedModel.from_bytes(b"garbage")
 
 
-def test_the_cascade_changes_at_most_its_tolerance_on_the_points_it_was_chosen_on(
-    ign: tuple[PointBlock, np.ndarray], model: TrainedModel
-) -> None:
-    block, _ = ign
-    features = point_features(block)
+@pytest.fixture(scope="module")
+def walked(ign: tuple[PointBlock, np.ndarray], model: TrainedModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The IGN block's features, the model's head start on them and its classes walking every tree."""
+    features = point_features(ign[0])
     start = model.head_start(features[:, STANDARD_COLUMN])
-    every_tree = dataclasses.replace(model, cascade=[], prune=[]).predict_features(features)
+    return features, start, dataclasses.replace(model, cascade=[], prune=[]).predict_features(features)
+
+
+def test_the_cascade_changes_at_most_its_tolerance_on_the_points_it_was_chosen_on(
+    walked: tuple[np.ndarray, np.ndarray, np.ndarray], model: TrainedModel
+) -> None:
+    features, start, every_tree = walked
     # Without a tolerance, no point of those it was chosen on is decided otherwise.
     strict = choose_cascade(model.booster, features, start, tolerance=0.0, max_stages=1)
     ((rounds, margin),) = strict
@@ -465,12 +470,9 @@ def test_the_cascade_changes_at_most_its_tolerance_on_the_points_it_was_chosen_o
 
 
 def test_dropped_classes_change_at_most_their_tolerance_on_the_points_they_were_chosen_on(
-    ign: tuple[PointBlock, np.ndarray], model: TrainedModel
+    walked: tuple[np.ndarray, np.ndarray, np.ndarray], model: TrainedModel
 ) -> None:
-    block, _ = ign
-    features = point_features(block)
-    start = model.head_start(features[:, STANDARD_COLUMN])
-    every_tree = dataclasses.replace(model, cascade=[], prune=[]).predict_features(features)
+    features, start, every_tree = walked
     stages = choose_cascade(model.booster, features, start, tolerance=0.0, max_stages=2)
     assert len(stages) == 2
     # Without a tolerance no point's class is dropped: the same classes as walking every tree.

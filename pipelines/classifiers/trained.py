@@ -235,13 +235,7 @@ def choose_cascade(
         """The margin after `rounds` rounds for the points `walking`, and those it leaves walking."""
         ahead, target = leads[rounds - 1, walking], full[walking]
         wrong = classes[rounds - 1, walking] != target
-        margin = 0.0
-        for code in np.unique(target[wrong]):
-            of_code = ahead[wrong & (target == code)]
-            if allowed[code] < of_code.size:
-                # The (allowed + 1)-th largest lead of the points it would decide otherwise.
-                k = of_code.size - 1 - allowed[code]
-                margin = max(margin, float(np.partition(of_code, k)[k]))
+        margin = _tolerated(ahead[wrong], target[wrong], allowed)
         return margin, walking[ahead <= margin]
 
     # best[s]: the cheapest plan of exactly s stages, as (cost in trees per point, stages).
@@ -310,16 +304,23 @@ def choose_pruning(
         # The gap of each point's every-tree class, where that class still walks.
         own = behind[np.arange(walking.size), target]
         kept = alive[walking, target]
-        gap = 0.0
-        for code in np.unique(target[kept]):
-            of_code = own[kept & (target == code)]
-            if allowed[code] < of_code.size:
-                k = of_code.size - 1 - allowed[code]
-                gap = max(gap, float(np.partition(of_code, k)[k]))
+        gap = _tolerated(own[kept], target[kept], allowed)
         gaps.append(gap)
         alive[walking] &= behind <= gap
         walking = walking[alive[walking].sum(axis=1) > 1]
     return gaps
+
+
+def _tolerated(values: np.ndarray, codes: np.ndarray, allowed: np.ndarray) -> float:
+    """The least threshold that leaves at most allowed[code] of each code's `values` above it (the
+    largest of the codes' (allowed + 1)-th largest values; 0 when none has more than its allowance)."""
+    threshold = 0.0
+    for code in np.unique(codes):
+        of_code = values[codes == code]
+        if allowed[code] < of_code.size:
+            k = of_code.size - 1 - allowed[code]
+            threshold = max(threshold, float(np.partition(of_code, k)[k]))
+    return threshold
 
 
 class TrainedClassifier:
