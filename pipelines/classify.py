@@ -54,11 +54,9 @@ from pipelines.tile_io import Progress, TileFiles, TileWriter, writable_header
 from pipelines.tile_tasks import (
     TileBatch,
     TileResult,
-    TileRuns,
     TileTask,
     classify_batch,
     scaling_of,
-    tile_fields,
     tile_result,
 )
 from pipelines.units import CoordinateUnits, coordinate_units
@@ -202,13 +200,8 @@ def classify_file(
                 header = writable_header(reader.header)
             tiles = TileFiles(work, header.point_format.dtype(), header.point_format.id)
 
-            def tile(kind: str, tile_id: int) -> np.ndarray | TileRuns:
-                # Tiles travel by value to another machine's workers; a local worker reads them itself.
-                if local:
-                    return tiles.locate(kind, tile_id)
-                records = tiles.read(kind, tile_id)
-                return tile_fields(records, tiles.point_format) if kind == "core" else records
-
+            # Tiles travel by value to another machine's workers; a local worker reads them itself.
+            tile = tiles.locate if local else tiles.fields
             # The output is written while tiles are classified and renamed into place only once the
             # cluster is closed and every point written: a failure on the way never leaves it behind.
             with (

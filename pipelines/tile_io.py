@@ -15,7 +15,7 @@ import laspy
 import numpy as np
 
 from pipelines.lasio import CHUNK_POINTS, group_order, take_records
-from pipelines.tile_tasks import TILE_FIELDS, TileResult, TileRuns, read_runs
+from pipelines.tile_tasks import TILE_FIELDS, TileResult, TileRuns, read_runs, tile_fields
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,11 @@ class TileFiles:
         # Opened as they are read: the handles kept open are only the latest few (`_opened`).
         opened = ((self._opened(kind, number), self.files[kind][number].name, start, n) for number, start, n in runs)
         return read_runs(opened, sum(n for _, _, n in runs), self.dtypes[kind], out)
+
+    def fields(self, kind: str, tile_id: int) -> np.ndarray:
+        """The tile's TILE_FIELDS records of this kind, as `locate(...).records()` gives them."""
+        records = self.read(kind, tile_id)
+        return tile_fields(records, self.point_format) if kind == "core" else records
 
     def locate(self, kind: str, tile_id: int) -> TileRuns:
         """Where the tile's records of this kind lie (as they are now), for a worker on this machine to read."""

@@ -40,9 +40,11 @@ TILE_FIELDS = np.dtype(
 
 @dataclass(frozen=True)
 class TileRuns:
-    """Where a tile's TILE_FIELDS records lie in the tile files of the command that scanned the file
-    (`pipelines.tile_io.TileFiles`): (file, first record, records) per run, in file order. A worker of
-    the local cluster, on the same machine, reads them itself (`records`)."""
+    """Where a tile's points lie in the tile files of the command that scanned the file
+    (`pipelines.tile_io.TileFiles`): (file, first record, records) per run, in file order, as the
+    file's point records (a core) or TILE_FIELDS records (a context). `records` gives their
+    TILE_FIELDS: read by a worker of the local cluster itself, on the same machine, or by the
+    command for a remote cluster's task."""
 
     runs: tuple[tuple[str, int, int], ...]
     dtype: np.dtype = TILE_FIELDS  # TILE_FIELDS (a tile's context), or the file's point records (its core)
