@@ -223,19 +223,19 @@ def train(
         num_boost_round=rounds,
     )
     held_index = np.flatnonzero(is_held)
-    model.cascade = choose_cascade(model.booster, x[held_index], model.head_start(x[held_index, STANDARD_COLUMN]))
+    held = x[held_index]
+    start = model.head_start(held[:, STANDARD_COLUMN])
+    model.cascade = choose_cascade(model.booster, held, start)
     model.params["cascade"] = [list(stage) for stage in model.cascade]
-    model.prune = choose_pruning(
-        model.booster, x[held_index], model.head_start(x[held_index, STANDARD_COLUMN]), model.cascade
-    )
+    model.prune = choose_pruning(model.booster, held, start, model.cascade)
     model.params["prune"] = model.prune
     # How the stages were chosen, so that a model's early decisions can be told apart and redone.
     model.params["early_tolerance"] = EARLY_TOLERANCE
     model.params["early_stages"] = EARLY_STAGES
     model.params["early_stage_trees"] = STAGE_TREES
-    standard = translate(x[held_index, STANDARD_COLUMN], table)
+    standard = translate(held[:, STANDARD_COLUMN], table)
     model.evaluation = {
-        **evaluate(y[held_index], model.predict_features(x[held_index]), standard),
+        **evaluate(y[held_index], model.predict_features(held), standard),
         "standard_translation": {str(k): v for k, v in model.translation.items()},
         "standard_version": model.standard_version,
     }
