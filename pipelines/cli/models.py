@@ -16,7 +16,7 @@ def register(commands: argparse._SubParsersAction) -> None:
             "Learn a per-account classifier, in the customer's own class codes, from LAS/LAZ files whose "
             "classification field holds the customer's labels (LightGBM on what the standard classifier "
             "knows: height above its ground model, its own classes and their surroundings, planarity and "
-            "other shapes at several neighbourhood scales, returns, intensity). 25 %% of the 20 m blocks "
+            "other shapes at several neighbourhood scales, returns, intensity). 25 % of the 20 m blocks "
             "are held out and scored per class (precision, recall, F1) for the model and for standard on "
             "the same points. The model is stored in the account's area with a version and its evaluation "
             "only if its macro F1 beats standard's (otherwise the figures are printed, nothing is stored and "
