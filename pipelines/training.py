@@ -52,6 +52,13 @@ class NotBetterThanStandard(UserError, ValueError):
 
     def __init__(self, evaluation: dict[str, Any]) -> None:
         self.evaluation = evaluation
+        if not evaluation["judged_classes"]:
+            super().__init__(
+                f"no class has {evaluation['min_judged_points']} points in the held-out part of your labels "
+                f"({evaluation['held_out_points']:,} points), too few to judge the model against standard: no "
+                f"model is offered; label a larger area"
+            )
+            return
         super().__init__(
             f"the trained model is not better than standard on your held-out labels (macro F1 "
             f"{evaluation['macro_f1']:.3f} against standard's {evaluation['standard_macro_f1']:.3f} on "

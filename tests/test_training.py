@@ -179,6 +179,42 @@ def test_deleting_the_account_deletes_its_models(accounts: Runtime, halves) -> N
         resolve_classifier(accounts, "owner", model.model_id)
 
 
+def test_a_class_of_a_few_held_out_points_does_not_decide_the_verdict() -> None:
+    from pipelines.classifiers.fitting import MIN_JUDGED_POINTS, evaluate
+
+    # Class 2: 1,000 points, the model right on all, standard on 800. Class 4: 7 points, standard
+    # right on all, the model on none (IGN_crop1_rural's held-out blocks, seed 0).
+    reference = np.array([2] * 1000 + [4] * 7, dtype=np.uint8)
+    custom = np.full(reference.size, 2, dtype=np.uint8)
+    standard = reference.copy()
+    standard[:200] = 6
+    verdict = evaluate(reference, custom, standard)
+    assert verdict["judged_classes"] == [2] and verdict["min_judged_points"] == MIN_JUDGED_POINTS
+    assert verdict["better_than_standard"] and verdict["macro_f1"] == verdict["per_class"]["2"]["f1"] > 0.99
+    # Both classes reported, the small one with standard ahead.
+    assert verdict["per_class"]["4"]["f1"] == 0.0 and verdict["standard_per_class"]["4"]["f1"] == 1.0
+    # Counted, the 7 points would have decided it the other way.
+    assert (verdict["per_class"]["2"]["f1"] + 0.0) / 2 < (verdict["standard_per_class"]["2"]["f1"] + 1.0) / 2
+
+    # No class large enough: nothing to judge on, so nothing is offered.
+    few = evaluate(reference[995:], custom[995:], standard[995:])
+    assert few["judged_classes"] == [] and not few["better_than_standard"]
+    refused = NotBetterThanStandard({**few, "held_out_points": 12})
+    assert "no class has 100 points in the held-out part" in str(refused) and "label a larger area" in str(refused)
+
+
+def test_the_printed_figures_say_which_classes_were_too_small_to_judge() -> None:
+    from pipelines.classifiers.fitting import evaluate
+    from pipelines.cli.models import _scores
+
+    reference = np.array([2] * 1000 + [6] * 300 + [4] * 7, dtype=np.uint8)
+    out = _scores(evaluate(reference, reference, reference))
+    rows = {line.split()[0]: line for line in out.splitlines()[1:-1]}
+    assert rows["4"].endswith("(too few points to judge)")
+    assert "(too few" not in rows["2"] + rows["6"]
+    assert "class 4 left out: fewer than 100 points" in out
+
+
 def test_labels_that_do_not_help_are_refused_with_figures_and_nothing_is_stored(
     accounts: Runtime, standard_labels: Path, load_test_dag, capsys: pytest.CaptureFixture
 ) -> None:
