@@ -215,6 +215,14 @@ def test_the_printed_figures_say_which_classes_were_too_small_to_judge() -> None
     assert "class 4 left out: fewer than 100 points" in out
 
 
+def test_train_help_names_the_verdicts_least_class(capsys: pytest.CaptureFixture) -> None:
+    from pipelines.classifiers.fitting import MIN_JUDGED_POINTS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert f"at least {MIN_JUDGED_POINTS} held-out points" in " ".join(capsys.readouterr().out.split())
+
+
 def test_labels_that_do_not_help_are_refused_with_figures_and_nothing_is_stored(
     accounts: Runtime, standard_labels: Path, load_test_dag, capsys: pytest.CaptureFixture
 ) -> None:

@@ -19,7 +19,8 @@ def register(commands: argparse._SubParsersAction) -> None:
             "other shapes at several neighbourhood scales, returns, intensity). 25 % of the 20 m blocks "
             "are held out and scored per class (precision, recall, F1) for the model and for standard on "
             "the same points. The model is stored in the account's area with a version and its evaluation "
-            "only if its macro F1 beats standard's (otherwise the figures are printed, nothing is stored and "
+            "only if its macro F1 (over the classes with at least 100 held-out points) beats standard's "
+            "(otherwise the figures are printed, nothing is stored and "
             "the exit code is 1), and can only be applied to that account's data: "
             "'pointflow classify IN OUT --classifier MODEL_ID --account ID'."
         ),
