@@ -311,6 +311,9 @@ def test_models_list_says_which_standard_a_model_was_judged_against(
         f"{model.model_id}  v1" in (out := capsys.readouterr().out)
         and f"standard {StandardClassifier.version}  F1" in out
     )
+    # The verdict's figures, as training printed them.
+    evaluation = model.evaluation
+    assert f"; macro {evaluation['macro_f1']:.3f}, standard's {evaluation['standard_macro_f1']:.3f}" in out
     assert main(["models", "list", "--account", "owner", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["standard_version"] == StandardClassifier.version
     # A model stored before the version was recorded says so, and still classifies.

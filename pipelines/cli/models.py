@@ -150,7 +150,10 @@ def _list(args: argparse.Namespace) -> int:
         print(f"account {args.account} has no trained models")
     for m in models:
         f1 = ", ".join(f"{c}: {s['f1']:.3f}" for c, s in m.evaluation["per_class"].items())
-        print(f"{m.model_id}  v{m.version}  {m.created_at:%Y-%m-%d %H:%M}  standard {m.standard_version}  F1 {f1}")
+        verdict = f"; macro {m.evaluation['macro_f1']:.3f}, standard's {m.evaluation['standard_macro_f1']:.3f}"
+        print(
+            f"{m.model_id}  v{m.version}  {m.created_at:%Y-%m-%d %H:%M}  standard {m.standard_version}  F1 {f1}{verdict}"
+        )
     return 0
 
 
