@@ -57,10 +57,10 @@ def per_class_metrics(reference: np.ndarray, predicted: np.ndarray) -> ClassMetr
     return metrics
 
 
-def macro_f1(metrics: ClassMetrics, min_support: int = 1) -> float:
-    """Mean F1 over the classes the reference holds at least `min_support` points of (a class only
-    predicted is a false positive of the others, already counted in their precision)."""
-    scores = [m["f1"] for m in metrics.values() if m["support"] >= min_support]
+def macro_f1(metrics: ClassMetrics) -> float:
+    """Mean F1 over the classes the reference holds (a class only predicted is a false positive
+    of the others, already counted in their precision)."""
+    scores = [m["f1"] for m in metrics.values() if m["support"] > 0]
     return float(np.mean(scores)) if scores else 0.0
 
 
@@ -103,7 +103,7 @@ def evaluate(reference: np.ndarray, custom: np.ndarray, standard: np.ndarray) ->
     not offered)."""
     mine, theirs = per_class_metrics(reference, custom), per_class_metrics(reference, standard)
     judged = [c for c, m in sorted(mine.items()) if m["support"] >= MIN_JUDGED_POINTS]
-    macro, standard_macro = macro_f1(mine, MIN_JUDGED_POINTS), macro_f1(theirs, MIN_JUDGED_POINTS)
+    macro, standard_macro = (macro_f1({c: metrics[c] for c in judged}) for metrics in (mine, theirs))
     return {
         "per_class": {str(c): m for c, m in sorted(mine.items())},
         "standard_per_class": {str(c): m for c, m in sorted(theirs.items())},
