@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
@@ -125,16 +125,24 @@ def _info(row: TrainedModelRecord) -> ModelInfo:
 
 
 def train_model(
-    runtime, account_id: str, paths: Sequence[Path], ignore_classes: Sequence[int] = (0, 1), seed: int = 0
+    runtime,
+    account_id: str,
+    paths: Sequence[Path],
+    ignore_classes: Sequence[int] = (0, 1),
+    seed: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> ModelInfo:
     """Train on the labelled files, score it and standard on held-out blocks, and store the model
-    for the account if it beats standard (else `NotBetterThanStandard`)."""
+    for the account if it beats standard (else `NotBetterThanStandard`). `progress(stage, done,
+    total)` hears of the files read ("labels") and of `fitting.train`'s stages."""
     get_account(runtime.catalog, account_id)
     ensure_active(runtime.catalog, account_id)
     if not paths:
         raise InvalidValue("give at least one labelled LAS/LAZ file")
     blocks, labels, described = [], [], []
-    for path in paths:
+    if progress:
+        progress("labels", 0, len(paths))
+    for number, path in enumerate(paths, 1):
         block, label = read_labelled(Path(path))
         blocks.append(block)
         labels.append(label)
@@ -142,12 +150,14 @@ def train_model(
         described.append(
             {"name": Path(path).name, "sha256": file_sha256(Path(path)), "points": len(block), "classes": classes}
         )
+        if progress:
+            progress("labels", number, len(paths))
     learned = set().union(*(set(d["classes"]) for d in described)) - set(ignore_classes)
     if len(learned) < 2:
         raise InvalidValue(
             f"the labels hold {len(learned)} class(es) besides the ignored ones {sorted(ignore_classes)}: a classifier needs at least two"
         )
-    model = train(blocks, labels, seed=seed, ignore_classes=ignore_classes)
+    model = train(blocks, labels, seed=seed, ignore_classes=ignore_classes, progress=progress)
     evaluation = {
         "held_out_points": model.n_holdout,
         "training_points": model.n_train,
@@ -221,7 +231,11 @@ def resolve_classifier(runtime, account_id: str | None, name: str) -> str | Trai
 
 
 def train_from_sources(
-    runtime, account_id: str, sources: Sequence[str], ignore_classes: Sequence[int] = (0, 1)
+    runtime,
+    account_id: str,
+    sources: Sequence[str],
+    ignore_classes: Sequence[int] = (0, 1),
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> ModelInfo:
     """`train_model` on sources given as local paths, file:// or s3:// URIs (the CLI's files, the
     training DAG's input), each of which the account may read as a job's input (`check_source`)."""
@@ -231,7 +245,7 @@ def train_from_sources(
         paths = [
             stack.enter_context(local_copy(source, runtime.settings.scratch_dir, account_id)) for source in sources
         ]
-        return train_model(runtime, account_id, paths, ignore_classes=ignore_classes)
+        return train_model(runtime, account_id, paths, ignore_classes=ignore_classes, progress=progress)
 
 
 SHARED_MODELS = "service/models/"

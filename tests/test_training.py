@@ -102,7 +102,20 @@ def test_a_model_is_trained_stored_versioned_and_applied_to_its_account(
     # Trained on the west half, applied to the east half: 0.96 here (standard: 0.95; the model of
     # the previous release, 0.79); chance is about 0.35.
     assert np.mean(labels[scored] == classes[scored]) > 0.9
-    assert train_model(runtime, "owner", [west]).version == 2
+
+    # Trained again, with a progress callback (`pointflow train`'s bars): files read, points whose
+    # features are done, boosting rounds, each counting up to its total.
+    heard: dict[str, list[tuple[int, int]]] = {}
+    again = train_model(
+        runtime, "owner", [west], progress=lambda stage, done, total: heard.setdefault(stage, []).append((done, total))
+    )
+    assert again.version == 2
+    assert list(heard) == ["labels", "features", "fit"]
+    points = len(laspy.read(west).points)
+    assert heard["labels"] == [(0, 1), (1, 1)] and heard["features"] == [(0, points), (points, points)]
+    assert heard["fit"] == [
+        (n, again.evaluation["params"]["rounds"]) for n in range(again.evaluation["params"]["rounds"] + 1)
+    ]
 
 
 def test_another_account_can_never_use_the_model(

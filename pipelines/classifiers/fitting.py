@@ -11,7 +11,7 @@ differently.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -130,6 +130,7 @@ def train(
     l2: float = 10.0,
     balance: float = 0.25,
     prior: float = 3.0,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> TrainedModel:
     """Fit a classifier to labelled blocks and score it, and standard, on held-out blocks.
 
@@ -164,15 +165,20 @@ def train(
     """
     if len(blocks) != len(labels) or not blocks:
         raise ValueError("need the same, non-zero number of blocks and label arrays")
+    if any(len(label) != len(block) for block, label in zip(blocks, labels, strict=True)):
+        raise ValueError("labels must have one entry per point")
+    report = progress or (lambda stage, done, total: None)
     rng = np.random.default_rng(seed)
     features, targets, held = [], [], []
+    points, done = sum(len(block) for block in blocks), 0
+    report("features", done, points)
     for block, label in zip(blocks, labels, strict=True):
-        if len(label) != len(block):
-            raise ValueError("labels must have one entry per point")
         keep = ~np.isin(label, list(ignore_classes))
         features.append(point_features(block)[keep])
         targets.append(np.asarray(label)[keep].astype(np.uint8))
         held.append(holdout_mask(block.x, block.y, holdout, rng)[keep])
+        done += len(block)
+        report("features", done, points)
     x, y, is_held = np.concatenate(features), np.concatenate(targets), np.concatenate(held)
     train_index = np.flatnonzero(~is_held)
     if train_index.size == 0 or not is_held.any():
@@ -203,6 +209,7 @@ def train(
     share = np.bincount(encode[y[train_index]], minlength=classes.size) / train_index.size
     weight = (share**-balance)[encode[y[train_index]]]
     lightgbm = load_lightgbm()
+    report("fit", 0, rounds)
 
     standard_train = x[train_index, STANDARD_COLUMN].astype(np.uint8)
     table = standard_translation(standard_train, y[train_index])
@@ -242,6 +249,7 @@ def train(
             free_raw_data=True,
         ),
         num_boost_round=rounds,
+        callbacks=[lambda env: report("fit", env.iteration + 1, env.end_iteration)],
     )
     held_index = np.flatnonzero(is_held)
     held = x[held_index]

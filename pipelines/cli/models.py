@@ -109,6 +109,7 @@ def _scores(evaluation: dict) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pipelines.cli.progress import ProgressBars
     from pipelines.runtime import Runtime
     from pipelines.training import NotBetterThanStandard, train_from_sources
 
@@ -118,7 +119,10 @@ def _train(args: argparse.Namespace) -> int:
     runtime = Runtime.from_settings(settings_from_env().allowing(*args.files))
     ignore = tuple(args.ignore_class) if args.ignore_class else (0, 1)
     try:
-        model = train_from_sources(runtime, args.account, [str(path) for path in args.files], ignore_classes=ignore)
+        with ProgressBars() as progress:
+            model = train_from_sources(
+                runtime, args.account, [str(path) for path in args.files], ignore_classes=ignore, progress=progress
+            )
     except NotBetterThanStandard as refused:
         if args.json:
             print_json({"offered": False, "account_id": args.account, "evaluation": refused.evaluation})

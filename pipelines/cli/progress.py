@@ -10,6 +10,9 @@ _UNITS = {
     "write": ("writing", "tile"),
     "copc-scan": ("reading for COPC", "pts"),
     "copc": ("writing COPC", "pts"),
+    "labels": ("reading labels", "file"),
+    "features": ("features", "pts"),
+    "fit": ("training", "round"),
 }
 
 
@@ -24,7 +27,7 @@ class ProgressBars:
         if bar is None:
             label, unit = _UNITS.get(stage, (stage, "it"))
             bar = self._bars[stage] = tqdm(
-                total=total, desc=label, unit=unit, unit_scale=True, disable=None, leave=False
+                total=total, desc=label, unit=unit, unit_scale=unit == "pts", disable=None, leave=False
             )
         bar.update(done - bar.n)
 
