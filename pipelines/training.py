@@ -270,7 +270,10 @@ def sharing_refusals(runtime, account_ids: Sequence[str], day: date | None = Non
 
 
 def build_shared_model(
-    runtime, contributions: Mapping[str, Sequence[str]], ignore_classes: Sequence[int] = (0, 1)
+    runtime,
+    contributions: Mapping[str, Sequence[str]],
+    ignore_classes: Sequence[int] = (0, 1),
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train a candidate for the shared standard models from several accounts' labelled files.
 
@@ -278,6 +281,7 @@ def build_shared_model(
     consent to it): one that is not makes the whole build refused before any file is read, so no
     other customer's labels ever reach a shared model. The model and a record of who contributed
     what (files by sha256) are stored under service/models/, apart from every account's area.
+    `progress` hears of the same stages as in `train_model`.
     """
     if not contributions or not any(contributions.values()):
         raise InvalidValue("give at least one labelled file of a contributing account")
@@ -291,6 +295,9 @@ def build_shared_model(
         for source in sources:
             check_source(runtime.settings, runtime.store, account_id, source)
     blocks, labels, contributed = [], [], []
+    files = sum(len(sources) for sources in contributions.values())
+    if progress:
+        progress("labels", 0, files)
     with ExitStack() as stack:
         for account_id, sources in contributions.items():
             for source in sources:
@@ -306,7 +313,9 @@ def build_shared_model(
                         "points": len(block),
                     }
                 )
-        model = train(blocks, labels, ignore_classes=ignore_classes)
+                if progress:
+                    progress("labels", len(contributed), files)
+        model = train(blocks, labels, ignore_classes=ignore_classes, progress=progress)
     model_id = "shared-" + uuid.uuid4().hex[:12]
     record = {
         "model_id": model_id,

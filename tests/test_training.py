@@ -296,15 +296,21 @@ def test_a_shared_model_takes_only_consenting_accounts_labels(
     accounts: Runtime, halves, capsys: pytest.CaptureFixture
 ) -> None:
     west, east = halves
+    heard: dict[str, list[tuple[int, int]]] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        heard.setdefault(stage, []).append((done, total))
+
     for contributions in ({"owner": [str(west)]}, {"sharer": [str(west)], "owner": [str(east)]}):
         with pytest.raises(SharingRefused, match="owner may not contribute"):
-            build_shared_model(accounts, contributions)
-    assert list(accounts.store.list(SHARED_MODELS)) == []
+            build_shared_model(accounts, contributions, progress=progress)
+    assert list(accounts.store.list(SHARED_MODELS)) == [] and heard == {}  # refused before any file is read
     assert main(["models", "build-shared", "--from", f"sharer={west}", "--from", f"stranger={east}"]) == 2
     assert "stranger may not contribute" in capsys.readouterr().err
 
-    record = build_shared_model(accounts, {"sharer": [str(west)]})
+    record = build_shared_model(accounts, {"sharer": [str(west)]}, progress=progress)
     assert [c["account_id"] for c in record["contributions"]] == ["sharer"]
+    assert heard["labels"] == [(0, 1), (1, 1)] and heard["fit"][-1] == (record["evaluation"]["params"]["rounds"],) * 2
     assert accounts.store.exists(record["key"]) and record["key"].startswith(SHARED_MODELS)
     TrainedModel.from_bytes(accounts.store.get_bytes(record["key"]), key=signing_key(accounts.settings))
     # A shared model is no account's model: nobody can name it as theirs.

@@ -162,6 +162,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _build_shared(args: argparse.Namespace) -> int:
+    from pipelines.cli.progress import ProgressBars
     from pipelines.runtime import Runtime
     from pipelines.training import build_shared_model
 
@@ -177,7 +178,8 @@ def _build_shared(args: argparse.Namespace) -> int:
         settings_from_env().allowing(*(Path(p) for ps in contributions.values() for p in ps))
     )
     ignore = tuple(args.ignore_class) if args.ignore_class else (0, 1)
-    record = build_shared_model(runtime, contributions, ignore_classes=ignore)
+    with ProgressBars() as progress:
+        record = build_shared_model(runtime, contributions, ignore_classes=ignore, progress=progress)
     if args.json:
         print_json(record)
         return 0
