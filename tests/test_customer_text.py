@@ -111,6 +111,7 @@ MAILS: dict[str, Callable[[str], Mail]] = {
         file_name=v,
         classes=class_summary({2: 297_211, 6: 22_665}),
         summary={"output_points": 319_876, "classifier": v, "classifier_version": v},
+        judged=(0.898, 0.839),
         links=[DownloadLink(v, "points", "https://pointflow.example/d/1", WHEN)],
         downloads=False,
         expires_at=WHEN,

@@ -147,6 +147,41 @@ def test_another_account_can_never_use_the_model(
     assert not (tmp_path / "o.laz").exists()
 
 
+def test_a_job_with_the_accounts_model_says_what_it_was_offered_on(
+    accounts: Runtime, halves, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from email import message_from_bytes, policy
+
+    from pipelines.notify import outbox_messages
+
+    model = train_model(accounts, "owner", [halves[0]])
+    mine, theirs = model.evaluation["macro_f1"], model.evaluation["standard_macro_f1"]
+    job = run_job(accounts, "owner", str(halves[1]), classifier=model.model_id)
+    assert job.state == "exported", job.error
+    manifest = json.loads(accounts.store.get_bytes(job.export_prefix + "manifest.json"))
+    params = manifest["classifier"]["params"]
+    assert (params["held_out_macro_f1"], params["standard_held_out_macro_f1"]) == (mine, theirs)
+    [mail] = outbox_messages(accounts.settings)
+    body = message_from_bytes(mail.read_bytes(), policy=policy.default).get_content()
+    assert f"classifier {model.model_id} version 1)" in body
+    assert f"{model.model_id} is your own model" in body
+    assert f"averaged over the classes) of {mine:.3f}, where the standard classifier scored {theirs:.3f}" in body
+
+    assert (
+        main(
+            ["classify", str(halves[1]), str(tmp_path / "o.laz"), "--classifier", model.model_id, "--account", "owner"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert f"classifier {model.model_id} version 1)" in out
+    assert f"judged on the account's held-out labels: macro F1 {mine:.3f}, standard's {theirs:.3f}" in out
+    # The built-in classifiers have no such figures.
+    assert main(["classify", str(halves[1]), str(tmp_path / "s.laz")]) == 0
+    out = capsys.readouterr().out
+    assert "classifier standard 2." in out and "judged" not in out
+
+
 def test_an_altered_model_is_refused(accounts: Runtime, halves) -> None:
     runtime = accounts
     model = train_model(runtime, "owner", [halves[0]])

@@ -335,6 +335,10 @@ class TrainedClassifier:
             "classes": list(model.classes),
             "features_version": model.features_version,
             "standard_version": model.standard_version,
+            # Why it was offered, for the job's summary, manifest and e-mail: its macro F1 and
+            # standard's on the customer's held-out labels.
+            "held_out_macro_f1": model.evaluation.get("macro_f1"),
+            "standard_held_out_macro_f1": model.evaluation.get("standard_macro_f1"),
         }
 
     def classify(self, block: PointBlock) -> np.ndarray:

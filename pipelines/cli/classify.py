@@ -63,6 +63,7 @@ def _classify(args: argparse.Namespace) -> int:
     from pipelines.classifiers import BUILTIN_CLASSIFIERS
     from pipelines.classify import MIN_TILE_POINTS, classify_file
     from pipelines.sources import check_source
+    from pipelines.steps.record import held_out_scores
     from pipelines.storage import open_store
 
     if not args.input.is_file():
@@ -94,9 +95,11 @@ def _classify(args: argparse.Namespace) -> int:
         return 0
     counts = ", ".join(f"{cls}: {n:,}" for cls, n in result.class_counts.items())
     seconds = sum(result.timings.values())
-    print(
-        f"wrote {args.output} ({result.output_points:,} points, classifier {result.classifier} {result.classifier_version})"
-    )
+    judged = held_out_scores(result.classifier_params)
+    version = f"version {result.classifier_version}" if judged else result.classifier_version
+    print(f"wrote {args.output} ({result.output_points:,} points, classifier {result.classifier} {version})")
+    if judged:
+        print(f"judged on the account's held-out labels: macro F1 {judged[0]:.3f}, standard's {judged[1]:.3f}")
     print(f"classes: {counts}")
     print(f"coordinates: {result.units.describe()}")
     if result.sparse_points:

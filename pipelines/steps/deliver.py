@@ -16,7 +16,7 @@ from pipelines.lifecycle.operations import ensure_active
 from pipelines.links import LinkSigner
 from pipelines.notify import Message
 from pipelines.runtime import Runtime
-from pipelines.steps.record import JobRecord, job_view
+from pipelines.steps.record import JobRecord, held_out_scores, job_view
 from pipelines.storage import LINK_LIFETIME
 
 
@@ -41,7 +41,8 @@ def delivery_terms(runtime: Runtime, account_id: str, at: datetime | None = None
 
 
 def deliver_step(runtime: Runtime, job_id: str) -> JobRecord:
-    """Tell the customer the export is ready: links, class summary, classifier version. Sent once."""
+    """Tell the customer the export is ready: links, class summary, classifier version (for their own model,
+    also the held-out figures it was offered on). Sent once."""
     job = job_view(runtime, job_id)
     account = get_account(runtime.catalog, job.account_id)
     terms = delivery_terms(runtime, account.account_id)
@@ -60,6 +61,7 @@ def deliver_step(runtime: Runtime, job_id: str) -> JobRecord:
         name=account.name,
         file_name=job.classified_key.rsplit("/", 1)[-1],
         summary=summary,
+        judged=held_out_scores(summary.classifier_params),
         classes=class_summary(job.class_counts),
         links=links,
         downloads=terms.downloads,

@@ -110,6 +110,14 @@ class JobSummary:
         return cls(ValidationSummary(**_known(ValidationSummary, validation)) if validation else None, **data)
 
 
+def held_out_scores(classifier_params: dict[str, Any] | None) -> tuple[float, float] | None:
+    """A custom model's macro F1 and standard's on the customer's held-out labels, the figures it
+    was offered on (`TrainedClassifier.params`); None for the built-in classifiers."""
+    params = classifier_params or {}
+    mine, theirs = params.get("held_out_macro_f1"), params.get("standard_held_out_macro_f1")
+    return None if mine is None or theirs is None else (float(mine), float(theirs))
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """A job as the catalog holds it, read in one transaction: what every step returns."""
