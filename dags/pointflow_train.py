@@ -4,7 +4,8 @@ Trigger with conf {"account_id": "...", "sources": ["/path/a.laz", "s3://bucket/
 is scored against the standard classifier on held-out blocks of the labels and, if it beats it, stored
 in the account's models area with its evaluation and can then be given as `classifier` to
 pointflow_classify runs of the same account only. If it does not, the run still succeeds: its result
-says `"offered": false` with both sets of figures, and nothing is stored.
+says `"offered": false` with both sets of figures, and nothing is stored. Either way the account is
+e-mailed the outcome with the figures, once per run.
 """
 
 from __future__ import annotations
@@ -29,17 +30,14 @@ from airflow.sdk import Param, dag, task
 def pointflow_train():
     @task
     def train(params: dict | None = None) -> dict:
-        from pipelines.runtime import Runtime
-        from pipelines.settings import Settings
-        from pipelines.training import NotBetterThanStandard, train_from_sources
+        from airflow.sdk import get_current_context
 
-        runtime = Runtime.from_settings(Settings.from_env())
-        try:
-            model = train_from_sources(runtime, params["account_id"], params["sources"], params["ignore_classes"])
-        except NotBetterThanStandard as refused:
-            print(refused)
-            return {"offered": False, "evaluation": refused.evaluation}
-        return {"offered": True, "model_id": model.model_id, "version": model.version, "evaluation": model.evaluation}
+        from pipelines.dag_tasks import task_runtime
+        from pipelines.training import train_and_tell
+
+        context = get_current_context()
+        run = f"{context['dag'].dag_id}:{context['run_id']}"
+        return train_and_tell(task_runtime(), params["account_id"], params["sources"], params["ignore_classes"], run)
 
     train()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
@@ -30,14 +31,18 @@ from pipelines.catalog.models import Plan, TrainedModelRecord, utcnow
 from pipelines.classifiers import BUILTIN_CLASSIFIERS, PointBlock
 from pipelines.classifiers.fitting import train
 from pipelines.classifiers.trained import UNKNOWN_STANDARD, TrainedClassifier, TrainedModel
+from pipelines.customer_text import render_mail
 from pipelines.errors import InvalidValue, UserError
 from pipelines.keys import kept_secret
 from pipelines.lasio import iter_checked, point_block, read_info
 from pipelines.lifecycle.operations import ensure_active
+from pipelines.notify import DeliveryError, Message
 from pipelines.settings import Settings
 from pipelines.sources import check_source, local_copy
 from pipelines.storage import AccountArea, file_sha256
 from pipelines.units import coordinate_units
+
+log = logging.getLogger(__name__)
 
 MODEL_SUFFIX = ".pfmodel"
 
@@ -246,6 +251,58 @@ def train_from_sources(
             stack.enter_context(local_copy(source, runtime.settings.scratch_dir, account_id)) for source in sources
         ]
         return train_model(runtime, account_id, paths, ignore_classes=ignore_classes, progress=progress)
+
+
+def held_out_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per class of the held-out labels: points, the model's F1, precision and recall, standard's F1
+    on the same points, and whether the class counted in the verdict (`fitting.MIN_JUDGED_POINTS`);
+    models stored before that rule counted every class."""
+    theirs = evaluation.get("standard_per_class", {})
+    judged = {str(c) for c in evaluation.get("judged_classes", evaluation["per_class"])}
+    return [
+        {
+            "class": code,
+            "points": int(m["support"]),
+            "f1": m["f1"],
+            "precision": m["precision"],
+            "recall": m["recall"],
+            "standard_f1": theirs.get(code, {}).get("f1", 0.0),
+            "judged": code in judged,
+        }
+        for code, m in evaluation["per_class"].items()
+        if m["support"]
+    ]
+
+
+def train_and_tell(
+    runtime, account_id: str, sources: Sequence[str], ignore_classes: Sequence[int], key: str
+) -> dict[str, Any]:
+    """The training DAG's task: `train_from_sources`, its outcome e-mailed to the account (the model
+    offered, or why none was, with both classifiers' held-out figures; once per `key`, the DAG run)
+    and returned as the run's result. A refused delivery is logged; the outcome stands."""
+    try:
+        model = train_from_sources(runtime, account_id, sources, ignore_classes)
+    except NotBetterThanStandard as refused:
+        _tell(runtime, account_id, key, None, refused.evaluation)
+        return {"offered": False, "evaluation": refused.evaluation}
+    _tell(runtime, account_id, key, model, model.evaluation)
+    return {"offered": True, "model_id": model.model_id, "version": model.version, "evaluation": model.evaluation}
+
+
+def _tell(runtime, account_id: str, key: str, model: ModelInfo | None, evaluation: dict[str, Any]) -> None:
+    account = get_account(runtime.catalog, account_id)
+    mail = render_mail(
+        "mail/training_result.txt.j2",
+        name=account.name,
+        model=model,
+        evaluation=evaluation,
+        rows=held_out_rows(evaluation),
+        refusal=None if model else str(NotBetterThanStandard(evaluation)),
+    )
+    try:
+        runtime.mailer.send_once(Message(f"training:{key}", account_id, "training_result", account.email, mail))
+    except DeliveryError as error:
+        log.warning("training result for %s not sent: %s", account_id, error)
 
 
 SHARED_MODELS = "service/models/"

@@ -28,6 +28,7 @@ from pipelines.lifecycle import notices
 from pipelines.notify import Message, send_email
 from pipelines.settings import Settings
 from pipelines.storage import INCOMING_PREFIX
+from pipelines.training import held_out_rows
 from pipelines.validate import Finding, ValidationReport
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,18 @@ def document(value: str, kind: str = "invoice") -> DocumentView:
         Decimal("36.00"),
         refers_to=value,
     )
+
+
+# A training run's held-out figures (`fitting.evaluate` plus the point count `training` adds).
+TRAINING = {
+    "per_class": {"2": {"f1": 0.99, "precision": 0.99, "recall": 0.99, "support": 8731.0}},
+    "standard_per_class": {"2": {"f1": 0.98, "precision": 0.98, "recall": 0.98, "support": 8731.0}},
+    "judged_classes": [2],
+    "min_judged_points": 100,
+    "macro_f1": 0.99,
+    "standard_macro_f1": 0.98,
+    "held_out_points": 8731,
+}
 
 
 def account(value: str) -> Account:
@@ -115,6 +128,14 @@ MAILS: dict[str, Callable[[str], Mail]] = {
         links=[DownloadLink(v, "points", "https://pointflow.example/d/1", WHEN)],
         downloads=False,
         expires_at=WHEN,
+    ),
+    "mail/training_result.txt.j2": lambda v: render_mail(
+        "mail/training_result.txt.j2",
+        name=v,
+        model=None,
+        evaluation=TRAINING,
+        rows=held_out_rows(TRAINING),
+        refusal=v,
     ),
 }
 # Rendered only through the templates that extend or import them.

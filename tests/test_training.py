@@ -214,6 +214,25 @@ def test_train_cli_and_training_dag(accounts: Runtime, halves, load_test_dag, ca
     run = dag.test(run_conf={"account_id": "owner", "sources": [str(halves[0])], "ignore_classes": [0, 1]})
     assert str(run.state) == "success"
     assert [m.version for m in list_models(accounts, "owner")] == [1, 2]
+    # The DAG tells the customer (the command's operator reads the figures on the terminal).
+    model = list_models(accounts, "owner")[-1]
+    [mail] = _mails(accounts)
+    assert (
+        mail["To"] == "ops@owner.example" and mail["Subject"] == f"pointflow: your classifier {model.model_id} is ready"
+    )
+    body = mail.get_content()
+    assert f"{model.model_id}, version 2" in body and f"macro F1 of {model.evaluation['macro_f1']:.3f} against" in body
+    for code, scores in model.evaluation["per_class"].items():
+        assert f"{code:>5} {int(scores['support']):>10,}   {scores['f1']:>8.3f}" in body
+    assert f"ask for classifier {model.model_id}" in body
+
+
+def _mails(runtime: Runtime) -> list:
+    from email import message_from_bytes, policy
+
+    from pipelines.notify import outbox_messages
+
+    return [message_from_bytes(path.read_bytes(), policy=policy.default) for path in outbox_messages(runtime.settings)]
 
 
 def test_deleting_the_account_deletes_its_models(accounts: Runtime, halves) -> None:
@@ -292,6 +311,14 @@ def test_labels_that_do_not_help_are_refused_with_figures_and_nothing_is_stored(
     )
     assert str(run.state) == "success"
     assert list_models(accounts, "owner") == []
+    # The customer is told, with the figures and what to do.
+    [mail] = _mails(accounts)
+    assert mail["Subject"] == "pointflow: no classifier was made from your labels"
+    body = mail.get_content()
+    assert (
+        "not better than standard" in body and f"standard's 1.000 on {evaluation['held_out_points']:,} points" in body
+    )
+    assert "keep being classified with the standard classifier" in body and "Labels of a larger area" in body
 
 
 def test_the_customers_own_class_codes_are_learnt(accounts: Runtime, halves, tmp_path: Path) -> None:

@@ -84,18 +84,16 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _scores(evaluation: dict) -> str:
+    from pipelines.training import held_out_rows
+
+    rows = held_out_rows(evaluation)
     lines = [f"  {'class':>5} {'points':>8}   {'F1':>6} {'precision':>9} {'recall':>7}   {'standard F1':>11}"]
-    theirs = evaluation.get("standard_per_class", {})
-    # Models stored before the verdict left out small classes judged every class.
-    judged = {str(c) for c in evaluation.get("judged_classes", evaluation["per_class"])}
-    for cls, m in evaluation["per_class"].items():
-        if not m["support"]:
-            continue
+    for row in rows:
         lines.append(
-            f"  {cls:>5} {int(m['support']):>8,}   {m['f1']:>6.3f} {m['precision']:>9.3f} {m['recall']:>7.3f}   "
-            f"{theirs.get(cls, {}).get('f1', 0.0):>11.3f}" + ("" if cls in judged else "   (too few points to judge)")
+            f"  {row['class']:>5} {row['points']:>8,}   {row['f1']:>6.3f} {row['precision']:>9.3f} {row['recall']:>7.3f}   "
+            f"{row['standard_f1']:>11.3f}" + ("" if row["judged"] else "   (too few points to judge)")
         )
-    small = [c for c, m in evaluation["per_class"].items() if m["support"] and c not in judged]
+    small = [row["class"] for row in rows if not row["judged"]]
     lines.append(
         f"  macro F1: {evaluation['macro_f1']:.3f}, standard's {evaluation['standard_macro_f1']:.3f}"
         + (
