@@ -283,13 +283,20 @@ def train_and_tell(
     try:
         model = train_from_sources(runtime, account_id, sources, ignore_classes)
     except NotBetterThanStandard as refused:
-        _tell(runtime, account_id, key, None, refused.evaluation)
+        _tell(runtime, account_id, key, refused.evaluation, refusal=str(refused))
         return {"offered": False, "evaluation": refused.evaluation}
-    _tell(runtime, account_id, key, model, model.evaluation)
+    _tell(runtime, account_id, key, model.evaluation, model=model)
     return {"offered": True, "model_id": model.model_id, "version": model.version, "evaluation": model.evaluation}
 
 
-def _tell(runtime, account_id: str, key: str, model: ModelInfo | None, evaluation: dict[str, Any]) -> None:
+def _tell(
+    runtime,
+    account_id: str,
+    key: str,
+    evaluation: dict[str, Any],
+    model: ModelInfo | None = None,
+    refusal: str | None = None,
+) -> None:
     account = get_account(runtime.catalog, account_id)
     mail = render_mail(
         "mail/training_result.txt.j2",
@@ -297,7 +304,7 @@ def _tell(runtime, account_id: str, key: str, model: ModelInfo | None, evaluatio
         model=model,
         evaluation=evaluation,
         rows=held_out_rows(evaluation),
-        refusal=None if model else str(NotBetterThanStandard(evaluation)),
+        refusal=refusal,
     )
     try:
         runtime.mailer.send_once(Message(f"training:{key}", account_id, "training_result", account.email, mail))
