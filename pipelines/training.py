@@ -24,10 +24,11 @@ from typing import Any
 import laspy
 import numpy as np
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from pipelines.accounts import get_account
 from pipelines.catalog import CatalogError
-from pipelines.catalog.models import Plan, TrainedModelRecord, utcnow
+from pipelines.catalog.models import Job, Plan, TrainedModelRecord, utcnow
 from pipelines.classifiers import BUILTIN_CLASSIFIERS, PointBlock
 from pipelines.classifiers.fitting import train
 from pipelines.classifiers.trained import UNKNOWN_STANDARD, TrainedClassifier, TrainedModel
@@ -35,7 +36,9 @@ from pipelines.customer_text import render_mail
 from pipelines.errors import InvalidValue, UserError
 from pipelines.keys import kept_secret
 from pipelines.lasio import iter_checked, point_block, read_info
-from pipelines.lifecycle.operations import ensure_active
+from pipelines.lifecycle.deletion import execute_deletion, plan_deletion
+from pipelines.lifecycle.models import DeletionAudit
+from pipelines.lifecycle.operations import LifecycleError, ensure_active, open_job, refuse_under_hold
 from pipelines.notify import DeliveryError, Message
 from pipelines.settings import Settings
 from pipelines.sources import check_source, local_copy
@@ -86,6 +89,7 @@ class ModelInfo:
     evaluation: dict[str, Any]
     training_files: list[dict[str, Any]]
     created_at: datetime
+    deleted_at: datetime | None = None
 
     @property
     def standard_version(self) -> str:
@@ -94,7 +98,12 @@ class ModelInfo:
         return str(self.evaluation.get("standard_version", UNKNOWN_STANDARD))
 
     def to_public(self) -> dict[str, Any]:
-        return {**asdict(self), "created_at": self.created_at.isoformat(), "standard_version": self.standard_version}
+        return {
+            **asdict(self),
+            "created_at": self.created_at.isoformat(),
+            "deleted_at": self.deleted_at.isoformat() if self.deleted_at else None,
+            "standard_version": self.standard_version,
+        }
 
 
 def signing_key(settings: Settings) -> bytes:
@@ -126,7 +135,13 @@ def _info(row: TrainedModelRecord) -> ModelInfo:
         row.evaluation,
         row.training_files,
         row.created_at,
+        row.deleted_at,
     )
+
+
+def _models_lock(account_id: str) -> str:
+    """The catalog lock under which an account's models get their versions and are deleted."""
+    return f"models:{account_id}"
 
 
 def train_model(
@@ -171,44 +186,99 @@ def train_model(
     }
     if not model.better_than_standard:
         raise NotBetterThanStandard(evaluation)
-    area = AccountArea(account_id)
     model_id = "model-" + uuid.uuid4().hex[:12]
     payload = model.to_bytes(key=signing_key(runtime.settings))
-    key = area.key("models", model_id + MODEL_SUFFIX)
+    key = _model_key(account_id, model_id)
     runtime.store.put_bytes(key, payload)
-    runtime.store.put_bytes(
-        area.key("models", model_id + ".evaluation.json"), json.dumps(evaluation, indent=2).encode()
-    )
-    with runtime.catalog.session() as session:
-        version = (
-            session.scalar(
-                select(func.max(TrainedModelRecord.version)).where(TrainedModelRecord.account_id == account_id)
+    runtime.store.put_bytes(_evaluation_key(key), json.dumps(evaluation, indent=2).encode())
+    try:
+        # Under the account's lock: two trainings that finish together would both read the same
+        # highest version, and the second would fail on the unique version after the first stored.
+        with runtime.catalog.lock(_models_lock(account_id)), runtime.catalog.session() as session:
+            # Tombstones count: a deleted model's version is never given out again.
+            version = (
+                session.scalar(
+                    select(func.max(TrainedModelRecord.version)).where(TrainedModelRecord.account_id == account_id)
+                )
+                or 0
+            ) + 1
+            row = TrainedModelRecord(
+                model_id=model_id,
+                account_id=account_id,
+                version=version,
+                key=key,
+                sha256=hashlib.sha256(payload).hexdigest(),
+                evaluation=evaluation,
+                training_files=described,
             )
-            or 0
-        ) + 1
-        row = TrainedModelRecord(
-            model_id=model_id,
-            account_id=account_id,
-            version=version,
-            key=key,
-            sha256=hashlib.sha256(payload).hexdigest(),
-            evaluation=evaluation,
-            training_files=described,
-        )
-        session.add(row)
-        session.flush()
-        return _info(row)
+            session.add(row)
+            session.flush()
+            return _info(row)
+    except BaseException:
+        # No row names these objects: nothing could ever use or list them.
+        for stored in (key, _evaluation_key(key)):
+            runtime.store.delete(stored)
+        raise
 
 
-def list_models(runtime, account_id: str) -> list[ModelInfo]:
+def _model_key(account_id: str, model_id: str) -> str:
+    return AccountArea(account_id).key("models", model_id + MODEL_SUFFIX)
+
+
+def _evaluation_key(model_key: str) -> str:
+    return model_key.removesuffix(MODEL_SUFFIX) + ".evaluation.json"
+
+
+def list_models(runtime, account_id: str, include_deleted: bool = False) -> list[ModelInfo]:
+    """The account's models by version; with `include_deleted`, also the tombstones of deleted ones
+    (id, version, dates and evaluation: what a job's manifest names stays traceable)."""
     get_account(runtime.catalog, account_id)
+    query = select(TrainedModelRecord).where(TrainedModelRecord.account_id == account_id)
+    if not include_deleted:
+        query = query.where(TrainedModelRecord.deleted_at.is_(None))
     with runtime.catalog.session() as session:
-        rows = session.scalars(
-            select(TrainedModelRecord)
-            .where(TrainedModelRecord.account_id == account_id)
-            .order_by(TrainedModelRecord.version)
+        return [_info(r) for r in session.scalars(query.order_by(TrainedModelRecord.version))]
+
+
+def delete_model(runtime, account_id: str, model_id: str, now: datetime | None = None) -> DeletionAudit:
+    """Delete one of the account's models on the customer's request: its signed file and its
+    evaluation, every version of both objects, audited like any deletion; refused under legal hold
+    or while a job not yet finished classifies with it. The row stays as a tombstone without the
+    training files' names, so versions only go up and the jobs that used it still say which it was."""
+    get_account(runtime.catalog, account_id)
+    refuse_under_hold(runtime.catalog, account_id)
+    with runtime.catalog.lock(_models_lock(account_id)):
+        with runtime.catalog.session() as session:
+            row = _own_model(session, account_id, model_id)
+            busy = open_job(session, Job.account_id == account_id, Job.classifier == model_id)
+            if busy is not None:
+                raise LifecycleError(
+                    f"job {busy} is still classifying with {model_id}: delete the model once it has finished"
+                )
+            key = row.key
+        plan = plan_deletion(runtime.store, [], [key, _evaluation_key(key)], [])
+        audit = execute_deletion(
+            runtime.catalog, runtime.store, plan, account_id, "customer_request", f"model {model_id}", now or utcnow()
         )
-        return [_info(r) for r in rows]
+        with runtime.catalog.session() as session:
+            row = session.get(TrainedModelRecord, model_id)
+            row.deleted_at, row.training_files = audit.as_of, []
+    return audit
+
+
+def _own_model(session: Session, account_id: str, model_id: str) -> TrainedModelRecord:
+    """The account's model, not deleted; another account's model is reported as no model at all."""
+    row = session.get(TrainedModelRecord, model_id)
+    if row is None or row.account_id != account_id:
+        raise ModelNotFound(
+            f"no model {model_id!r} for account {account_id}: list its models with 'pointflow models list --account {account_id}'"
+        )
+    if row.deleted_at is not None:
+        raise ModelNotFound(
+            f"model {model_id} (version {row.version}) of account {account_id} was deleted on "
+            f"{row.deleted_at:%Y-%m-%d %H:%M} UTC: train a new one, or use standard"
+        )
+    return row
 
 
 def resolve_classifier(runtime, account_id: str | None, name: str) -> str | TrainedClassifier:
@@ -222,12 +292,7 @@ def resolve_classifier(runtime, account_id: str | None, name: str) -> str | Trai
     if account_id is None:
         raise InvalidValue(f"{name} is a trained model: say whose data this is with --account")
     with runtime.catalog.session() as session:
-        row = session.get(TrainedModelRecord, name)
-        info = _info(row) if row is not None and row.account_id == account_id else None
-    if info is None:
-        raise ModelNotFound(
-            f"no model {name!r} for account {account_id}: list its models with 'pointflow models list --account {account_id}'"
-        )
+        info = _info(_own_model(session, account_id, name))
     payload = runtime.store.get_bytes(info.key)
     if hashlib.sha256(payload).hexdigest() != info.sha256:
         raise ModelNotFound(f"model {name} was altered in storage; retrain it")

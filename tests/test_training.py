@@ -15,14 +15,16 @@ from pipelines.classifiers.standard import StandardClassifier
 from pipelines.classifiers.trained import FORMAT, TrainedModel
 from pipelines.classify import classify_file
 from pipelines.cli import main
-from pipelines.jobs import run_job
+from pipelines.jobs import run_job, run_steps
 from pipelines.runtime import Runtime
+from pipelines.steps.record import list_jobs
 from pipelines.training import (
     SHARED_MODELS,
     ModelNotFound,
     NotBetterThanStandard,
     SharingRefused,
     build_shared_model,
+    delete_model,
     list_models,
     resolve_classifier,
     signing_key,
@@ -239,9 +241,12 @@ def test_deleting_the_account_deletes_its_models(accounts: Runtime, halves) -> N
     from pipelines.lifecycle.operations import delete_account_data
 
     model = train_model(accounts, "owner", [halves[0]])
-    delete_account_data(accounts, "owner")
+    audit = delete_account_data(accounts, "owner")
     assert list(accounts.store.list("accounts/owner/models/")) == []
     assert list_models(accounts, "owner") == []
+    # Its row stays as a tombstone, without the training files' names: the version is spent.
+    [tombstone] = list_models(accounts, "owner", include_deleted=True)
+    assert (tombstone.version, tombstone.deleted_at, tombstone.training_files) == (1, audit.as_of, [])
     with pytest.raises(ModelNotFound):
         resolve_classifier(accounts, "owner", model.model_id)
 
@@ -409,3 +414,106 @@ def test_models_list_says_which_standard_a_model_was_judged_against(
         )
         == 0
     )
+
+
+def test_a_deleted_model_is_gone_its_version_never_given_again_and_its_trace_kept(
+    accounts: Runtime, halves, capsys: pytest.CaptureFixture
+) -> None:
+    from pipelines.lifecycle.operations import deletion_audit
+
+    first, second = train_model(accounts, "owner", [halves[0]]), train_model(accounts, "owner", [halves[0]])
+    second_keys = [second.key, second.key.replace(".pfmodel", ".evaluation.json")]
+    assert all(accounts.store.exists(key) for key in second_keys)
+    # Another account's model is no model at all, to delete as to use.
+    with pytest.raises(ModelNotFound, match="no model"):
+        delete_model(accounts, "stranger", second.model_id)
+
+    assert main(["models", "delete", second.model_id, "--account", "owner"]) == 0
+    assert f"deleted {second.model_id} of account owner" in capsys.readouterr().out
+    assert not any(accounts.store.exists(key) for key in second_keys)
+    assert accounts.store.exists(first.key)  # the account's other model stays
+    [audit] = deletion_audit(accounts.catalog, "owner")
+    assert (audit.rule, audit.subject, audit.status) == ("customer_request", f"model {second.model_id}", "completed")
+    assert sorted(item["key"] for item in audit.objects) == sorted(second_keys)
+
+    assert [m.model_id for m in list_models(accounts, "owner")] == [first.model_id]
+    tombstone = list_models(accounts, "owner", include_deleted=True)[-1]
+    assert (tombstone.model_id, tombstone.version, tombstone.deleted_at) == (second.model_id, 2, audit.as_of)
+    assert tombstone.training_files == []  # the customer's file names go with the model
+    assert main(["models", "list", "--account", "owner", "--deleted"]) == 0
+    assert f"{second.model_id}  v2  {second.created_at:%Y-%m-%d %H:%M}  deleted" in capsys.readouterr().out
+    with pytest.raises(ModelNotFound, match=r"version 2\) of account owner was deleted on"):
+        resolve_classifier(accounts, "owner", second.model_id)
+    assert main(["models", "delete", second.model_id, "--account", "owner"]) == 2
+    assert "was deleted on" in capsys.readouterr().err
+
+    # The deleted model was the latest: the next one is version 3, so no manifest's "version 2"
+    # can ever name two models.
+    assert train_model(accounts, "owner", [halves[0]]).version == 3
+
+
+def test_a_model_is_not_deleted_under_legal_hold_or_while_a_job_classifies_with_it(
+    accounts: Runtime, halves, scene_path: Path
+) -> None:
+    from pipelines.lifecycle.operations import LifecycleError, place_hold, release_holds
+    from pipelines.steps.ingest import create_job, ingest_step
+
+    model = train_model(accounts, "owner", [halves[0]])
+    place_hold(accounts.catalog, "owner", "case 7")
+    with pytest.raises(LifecycleError, match="legal hold"):
+        delete_model(accounts, "owner", model.model_id)
+    release_holds(accounts.catalog, "owner")
+
+    create_job(accounts, "job-1", "owner", str(scene_path), model.model_id)
+    ingest_step(accounts, "job-1")
+    with pytest.raises(LifecycleError, match=f"job job-1 is still classifying with {model.model_id}"):
+        delete_model(accounts, "owner", model.model_id)
+    assert accounts.store.exists(model.key) and list_models(accounts, "owner")
+
+    run_steps(accounts, "job-1", workers=1)
+    delete_model(accounts, "owner", model.model_id)
+    assert not accounts.store.exists(model.key)
+    # The finished job still says which model and version classified it.
+    [job] = [j for j in list_jobs(accounts, "owner") if j.job_id == "job-1"]
+    assert (job.classifier, job.classifier_version) == (model.model_id, "1")
+
+
+def test_models_that_finish_training_together_get_one_version_each(
+    home: Path, database_url: str, halves, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second of two trainings waits for the first to take its version: run here with the
+    account's lock held while another model's row takes version 1, as a training that finished
+    first would."""
+    import threading
+    import time
+
+    from pipelines.catalog.models import TrainedModelRecord
+    from pipelines.settings import Settings
+
+    monkeypatch.setenv("POINTFLOW_DATABASE_URL", database_url)
+    runtime = Runtime.from_settings(Settings.from_env())
+    runtime.catalog.migrate()
+    upsert_accounts(runtime.catalog, [make_account("owner")])
+    outcome: list = []
+    training = threading.Thread(target=lambda: outcome.append(train_model(runtime, "owner", [halves[0]])))
+    with runtime.catalog.lock("models:owner"):
+        training.start()
+        while not list(runtime.store.list("accounts/owner/models/")) and training.is_alive():
+            time.sleep(0.05)
+        time.sleep(0.5)  # the model is stored: only its version is left to take
+        assert training.is_alive() and list_models(runtime, "owner") == []
+        with runtime.catalog.session() as session:
+            session.add(
+                TrainedModelRecord(
+                    model_id="model-finished1st",
+                    account_id="owner",
+                    version=1,
+                    key="accounts/owner/models/model-finished1st.pfmodel",
+                    sha256="0" * 64,
+                    evaluation={},
+                    training_files=[],
+                )
+            )
+    training.join()
+    assert [m.version for m in outcome] == [2]
+    runtime.catalog.dispose()

@@ -202,6 +202,9 @@ class TrainedModelRecord(Base):
     evaluation: Mapped[dict[str, Any]] = mapped_column(JSON)
     training_files: Mapped[list[Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # A deleted model's row stays as a tombstone (its bytes and training files' names are gone), so
+    # a version is never given out twice and a job's manifest that names one can still be traced.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class IntakeClaim(Base):

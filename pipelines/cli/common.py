@@ -15,6 +15,7 @@ from pipelines.settings import Settings
 
 if TYPE_CHECKING:
     from pipelines.catalog import Catalog
+    from pipelines.lifecycle.models import DeletionAudit
 
 
 class CommandError(UserError):
@@ -65,6 +66,27 @@ def instant_arg(text: str):
 def print_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+
+
+def print_deletion(audit: DeletionAudit, as_json: bool, done: str) -> None:
+    """A deletion on a customer's request, as `files delete` and `models delete` report it: its
+    audit entry as JSON, or the sentence `done` with what went and the entry's number."""
+    if as_json:
+        print_json(
+            {
+                "audit_id": audit.id,
+                "account_id": audit.account_id,
+                "subject": audit.subject,
+                "objects": audit.object_count,
+                "versions": audit.version_count,
+                "bytes": audit.bytes,
+                "status": audit.status,
+            }
+        )
+    else:
+        print(
+            f"{done} ({audit.object_count} object(s), {audit.version_count} version(s), {audit.bytes:,} bytes); audit #{audit.id}"
+        )
 
 
 def run_handler(args: argparse.Namespace) -> int:

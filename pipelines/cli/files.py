@@ -1,11 +1,11 @@
-"""`pointflow ingest` and `pointflow files list`"""
+"""`pointflow ingest`, `pointflow files list` and `pointflow files delete`"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from pipelines.cli.common import print_json, settings_from_env
+from pipelines.cli.common import print_deletion, print_json, settings_from_env
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -113,18 +113,5 @@ def _delete(args: argparse.Namespace) -> int:
     from pipelines.runtime import Runtime
 
     audit = delete_stored_file(Runtime.from_settings(settings_from_env()), args.account, args.key)
-    if args.json:
-        print_json(
-            {
-                "audit_id": audit.id,
-                "account_id": audit.account_id,
-                "subject": audit.subject,
-                "objects": audit.object_count,
-                "versions": audit.version_count,
-                "bytes": audit.bytes,
-                "status": audit.status,
-            }
-        )
-    else:
-        print(f"deleted {args.key} ({audit.version_count} version(s), {audit.bytes:,} bytes); audit #{audit.id}")
+    print_deletion(audit, args.json, f"deleted {args.key}")
     return 0

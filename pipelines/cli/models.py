@@ -1,11 +1,11 @@
-"""`pointflow train`, `pointflow models list` and `pointflow models build-shared`"""
+"""`pointflow train`, `pointflow models list`, `pointflow models delete` and `pointflow models build-shared`"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from pipelines.cli.common import CommandError, print_json, settings_from_env
+from pipelines.cli.common import CommandError, print_deletion, print_json, settings_from_env
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--json", action="store_true", help="print the model and its evaluation as JSON")
     train.set_defaults(handler=_train)
 
-    models = commands.add_parser("models", help="list an account's trained classifiers")
+    models = commands.add_parser("models", help="list or delete an account's trained classifiers")
     sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     listing = sub.add_parser(
         "list",
@@ -51,8 +51,29 @@ def register(commands: argparse._SubParsersAction) -> None:
         ),
     )
     listing.add_argument("--account", required=True, metavar="ID")
+    listing.add_argument(
+        "--deleted",
+        action="store_true",
+        help="also list deleted models (id, version, when it was deleted), as the manifests of jobs that used them name them",
+    )
     listing.add_argument("--json", action="store_true", help="print a JSON array ([] when there are none)")
     listing.set_defaults(handler=_list)
+    removal = sub.add_parser(
+        "delete",
+        help="delete one trained model",
+        description=(
+            "Delete one of the account's trained models on the customer's request: its signed model file and "
+            "its evaluation, every stored version of both, with an entry in the deletion audit "
+            "('pointflow lifecycle audit'). Refused while the account is on legal hold or while a job not yet "
+            "finished classifies with the model. The model's id and version stay in the catalog as deleted: "
+            "its version number is never given out again, and the manifests of the jobs that used it still "
+            "name it. The account's other models, and its jobs' results, are not touched."
+        ),
+    )
+    removal.add_argument("model_id", metavar="MODEL_ID", help="the model's id, as 'pointflow models list' prints it")
+    removal.add_argument("--account", required=True, metavar="ID", help="the account that owns the model")
+    removal.add_argument("--json", action="store_true", help="print the deletion's audit entry as JSON")
+    removal.set_defaults(handler=_delete)
     shared = sub.add_parser(
         "build-shared",
         help="train a candidate shared model from consenting accounts' labels",
@@ -144,18 +165,30 @@ def _list(args: argparse.Namespace) -> int:
     from pipelines.runtime import Runtime
     from pipelines.training import list_models
 
-    models = list_models(Runtime.from_settings(settings_from_env()), args.account)
+    models = list_models(Runtime.from_settings(settings_from_env()), args.account, include_deleted=args.deleted)
     if args.json:
         print_json([m.to_public() for m in models])
         return 0
     if not models:
         print(f"account {args.account} has no trained models")
     for m in models:
+        if m.deleted_at is not None:
+            print(f"{m.model_id}  v{m.version}  {m.created_at:%Y-%m-%d %H:%M}  deleted {m.deleted_at:%Y-%m-%d %H:%M}")
+            continue
         f1 = ", ".join(f"{c}: {s['f1']:.3f}" for c, s in m.evaluation["per_class"].items())
         verdict = f"; macro {m.evaluation['macro_f1']:.3f}, standard's {m.evaluation['standard_macro_f1']:.3f}"
         print(
             f"{m.model_id}  v{m.version}  {m.created_at:%Y-%m-%d %H:%M}  standard {m.standard_version}  F1 {f1}{verdict}"
         )
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from pipelines.runtime import Runtime
+    from pipelines.training import delete_model
+
+    audit = delete_model(Runtime.from_settings(settings_from_env()), args.account, args.model_id)
+    print_deletion(audit, args.json, f"deleted {args.model_id} of account {args.account}")
     return 0
 
 

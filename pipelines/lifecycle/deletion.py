@@ -139,8 +139,9 @@ def account_deletion_plan(store: ObjectStore, scratch: Path, account_id: str) ->
     )
 
 
-def forget_account_objects(catalog: Catalog, account_id: str) -> None:
-    """The catalog stops pointing at deleted objects; job rows and usage stay (billing evidence)."""
+def forget_account_objects(catalog: Catalog, account_id: str, deleted_at: datetime) -> None:
+    """The catalog stops pointing at deleted objects; job rows and usage stay (billing evidence),
+    and trained models stay as tombstones (their versions are not given out again)."""
     with catalog.session() as session:
         session.execute(
             update(Job)
@@ -148,7 +149,11 @@ def forget_account_objects(catalog: Catalog, account_id: str) -> None:
             .values(file_id=None, classified_key=None, export_prefix=None, report_key=None)
         )
         session.execute(delete(StoredFile).where(StoredFile.account_id == account_id))
-        session.execute(delete(TrainedModelRecord).where(TrainedModelRecord.account_id == account_id))
+        session.execute(
+            update(TrainedModelRecord)
+            .where(TrainedModelRecord.account_id == account_id, TrainedModelRecord.deleted_at.is_(None))
+            .values(deleted_at=deleted_at, training_files=[])
+        )
 
 
 def execute_deletion(

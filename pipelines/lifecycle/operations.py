@@ -12,7 +12,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import ColumnElement, delete, select, update
+from sqlalchemy.orm import Session
 
 from pipelines.accounts import get_account
 from pipelines.billing.corrections import TermsUpdate, set_billing_terms
@@ -241,6 +242,21 @@ def export_all(runtime: Runtime, account_id: str, policy: LifecyclePolicy, now: 
     )
 
 
+def refuse_under_hold(catalog: Catalog, account_id: str) -> None:
+    """Nothing of an account on legal hold may be deleted, on anyone's request."""
+    hold = active_hold(catalog, account_id)
+    if hold is not None:
+        raise LifecycleError(
+            f"account {account_id} is on legal hold since {hold.placed_at.isoformat()} ({hold.reason}): nothing may be deleted"
+        )
+
+
+def open_job(session: Session, *where: ColumnElement[bool]) -> str | None:
+    """A job not yet finished that matches `where`: what it works on may not be deleted."""
+    open_states = [s.value for s in JobState if s not in TERMINAL_JOB_STATES]
+    return session.scalars(select(Job.job_id).where(Job.state.in_(open_states), *where)).first()
+
+
 def deletion_plan(runtime: Runtime, account_id: str) -> DeletionPlan:
     get_account(runtime.catalog, account_id)
     return account_deletion_plan(runtime.store, runtime.settings.scratch_dir, account_id)
@@ -248,14 +264,10 @@ def deletion_plan(runtime: Runtime, account_id: str) -> DeletionPlan:
 
 def delete_account_data(runtime: Runtime, account_id: str, now: datetime | None = None) -> DeletionAudit:
     """Delete all of the account's data now, on the customer's request; refused under legal hold."""
-    hold = active_hold(runtime.catalog, account_id)
-    if hold is not None:
-        raise LifecycleError(
-            f"account {account_id} is on legal hold since {hold.placed_at.isoformat()} ({hold.reason}): nothing may be deleted"
-        )
+    refuse_under_hold(runtime.catalog, account_id)
     plan = deletion_plan(runtime, account_id)
     audit = execute_deletion(runtime.catalog, runtime.store, plan, account_id, "customer_request", "account", _now(now))
-    forget_account_objects(runtime.catalog, account_id)
+    forget_account_objects(runtime.catalog, account_id, audit.as_of)
     return audit
 
 
@@ -264,11 +276,7 @@ def delete_stored_file(runtime: Runtime, account_id: str, key: str, now: datetim
     no longer counts against the plan; audited like any deletion and refused under legal hold or
     while a job still reads it. Its jobs, their results and its usage stay."""
     get_account(runtime.catalog, account_id)
-    hold = active_hold(runtime.catalog, account_id)
-    if hold is not None:
-        raise LifecycleError(
-            f"account {account_id} is on legal hold since {hold.placed_at.isoformat()} ({hold.reason}): nothing may be deleted"
-        )
+    refuse_under_hold(runtime.catalog, account_id)
     with runtime.catalog.session() as session:
         stored = session.scalars(
             select(StoredFile).where(StoredFile.account_id == account_id, StoredFile.key == key)
@@ -277,8 +285,7 @@ def delete_stored_file(runtime: Runtime, account_id: str, key: str, now: datetim
             raise LifecycleError(
                 f"account {account_id} has no stored file {key!r}: see 'pointflow files list --account {account_id}'"
             )
-        open_states = [s.value for s in JobState if s not in TERMINAL_JOB_STATES]
-        busy = session.scalars(select(Job.job_id).where(Job.file_id == stored.id, Job.state.in_(open_states))).first()
+        busy = open_job(session, Job.file_id == stored.id)
         if busy is not None:
             raise LifecycleError(f"job {busy} is still working on {key}: delete the file once it has finished")
         file_id = stored.id

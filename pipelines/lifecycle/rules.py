@@ -249,7 +249,7 @@ class AccountRun(AccountState):
         plan = account_deletion_plan(runtime.store, runtime.settings.scratch_dir, self.account.account_id)
         detail = self._delete(plan, f"termination:{termination.reason}", "account", termination.deletion_due_at)
         if not self.dry_run:
-            forget_account_objects(runtime.catalog, self.account.account_id)
+            forget_account_objects(runtime.catalog, self.account.account_id, self.as_of)
             termination.deleted_at = self.as_of
             self._save_termination()
         self._emit("data_deleted", "account", self.as_of, detail)
