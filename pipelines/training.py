@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
@@ -159,31 +159,14 @@ def train_model(
     ensure_active(runtime.catalog, account_id)
     if not paths:
         raise InvalidValue("give at least one labelled LAS/LAZ file")
-    blocks, labels, described = [], [], []
-    if progress:
-        progress("labels", 0, len(paths))
-    for number, path in enumerate(paths, 1):
-        block, label = read_labelled(Path(path))
-        blocks.append(block)
-        labels.append(label)
-        classes = {int(c): int(n) for c, n in zip(*np.unique(label, return_counts=True))}
-        described.append(
-            {"name": Path(path).name, "sha256": file_sha256(Path(path)), "points": len(block), "classes": classes}
-        )
-        if progress:
-            progress("labels", number, len(paths))
+    blocks, labels, described = _read_labelled_files(((Path(p), Path(p).name) for p in paths), len(paths), progress)
     learned = set().union(*(set(d["classes"]) for d in described)) - set(ignore_classes)
     if len(learned) < 2:
         raise InvalidValue(
             f"the labels hold {len(learned)} class(es) besides the ignored ones {sorted(ignore_classes)}: a classifier needs at least two"
         )
     model = train(blocks, labels, seed=seed, ignore_classes=ignore_classes, progress=progress)
-    evaluation = {
-        "held_out_points": model.n_holdout,
-        "training_points": model.n_train,
-        **model.evaluation,
-        "params": model.params,
-    }
+    evaluation = _evaluation(model)
     if not model.better_than_standard:
         raise NotBetterThanStandard(evaluation)
     model_id = "model-" + uuid.uuid4().hex[:12]
@@ -219,6 +202,37 @@ def train_model(
         for stored in (key, _evaluation_key(key)):
             runtime.store.delete(stored)
         raise
+
+
+def _read_labelled_files(
+    files: Iterable[tuple[Path, str]], count: int, progress: Callable[[str, int, int], None] | None
+) -> tuple[list[PointBlock], list[np.ndarray], list[dict[str, Any]]]:
+    """The points and labels of each of the `count` (path, name) pairs, taken one at a time (a path
+    may be a download made as it is asked for), and what a model records of the file: its name,
+    sha256, points and points per class. `progress` hears of the files read ("labels")."""
+    blocks, labels, described = [], [], []
+    if progress:
+        progress("labels", 0, count)
+    for number, (path, name) in enumerate(files, 1):
+        block, label = read_labelled(path)
+        blocks.append(block)
+        labels.append(label)
+        classes = {int(c): int(n) for c, n in zip(*np.unique(label, return_counts=True))}
+        described.append({"name": name, "sha256": file_sha256(path), "points": len(block), "classes": classes})
+        if progress:
+            progress("labels", number, count)
+    return blocks, labels, described
+
+
+def _evaluation(model: TrainedModel) -> dict[str, Any]:
+    """What is stored and shown of a trained model's verdict: held-out and training sizes, both
+    classifiers' figures, and the parameters it was trained with."""
+    return {
+        "held_out_points": model.n_holdout,
+        "training_points": model.n_train,
+        **model.evaluation,
+        "params": model.params,
+    }
 
 
 def _model_key(account_id: str, model_id: str) -> str:
@@ -423,40 +437,22 @@ def build_shared_model(
     for account_id, sources in contributions.items():
         for source in sources:
             check_source(runtime.settings, runtime.store, account_id, source)
-    blocks, labels, contributed = [], [], []
-    files = sum(len(sources) for sources in contributions.values())
-    if progress:
-        progress("labels", 0, files)
+    owners = [(account_id, source) for account_id, sources in contributions.items() for source in sources]
     with ExitStack() as stack:
-        for account_id, sources in contributions.items():
-            for source in sources:
-                path = stack.enter_context(local_copy(source, runtime.settings.scratch_dir, account_id))
-                block, label = read_labelled(path)
-                blocks.append(block)
-                labels.append(label)
-                contributed.append(
-                    {
-                        "account_id": account_id,
-                        "name": Path(source).name,
-                        "sha256": file_sha256(path),
-                        "points": len(block),
-                    }
-                )
-                if progress:
-                    progress("labels", len(contributed), files)
+        files = (
+            (stack.enter_context(local_copy(source, runtime.settings.scratch_dir, account_id)), Path(source).name)
+            for account_id, source in owners
+        )
+        blocks, labels, described = _read_labelled_files(files, len(owners), progress)
         model = train(blocks, labels, ignore_classes=ignore_classes, progress=progress)
+    contributed = [{"account_id": account_id, **d} for (account_id, _), d in zip(owners, described)]
     model_id = "shared-" + uuid.uuid4().hex[:12]
     record = {
         "model_id": model_id,
         "key": SHARED_MODELS + model_id + MODEL_SUFFIX,
         "created_at": utcnow().isoformat(),
         "contributions": contributed,
-        "evaluation": {
-            "held_out_points": model.n_holdout,
-            "training_points": model.n_train,
-            **model.evaluation,
-            "params": model.params,
-        },
+        "evaluation": _evaluation(model),
     }
     runtime.store.put_bytes(record["key"], model.to_bytes(key=signing_key(runtime.settings)))
     runtime.store.put_bytes(SHARED_MODELS + model_id + ".json", json.dumps(record, indent=2).encode())
