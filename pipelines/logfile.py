@@ -21,6 +21,22 @@ class _OwnNotesAndErrors(logging.Filter):
         return record.name == "pipelines" or record.name.startswith("pipelines.") or record.levelno >= logging.ERROR
 
 
+class _Terminal(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is when a record comes, not the stream it was when the command
+    started: a test's capture that has since closed, or a redirect (`output_to`) that has ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass  # logging.StreamHandler's __init__ sets it; the stream is always the current stderr
+
+
 def configure(log_path: Path | None, verbose: bool) -> None:
     """Everything at INFO into `log_path` (when given); on stderr everything (verbose) or our own notes."""
     root = logging.getLogger()
@@ -29,7 +45,7 @@ def configure(log_path: Path | None, verbose: bool) -> None:
         handler = _installed.pop()
         root.removeHandler(handler)
         handler.close()
-    terminal = logging.StreamHandler(sys.stderr)
+    terminal = _Terminal()
     terminal.setFormatter(logging.Formatter(FORMAT if verbose else "%(message)s"))
     if not verbose:
         terminal.addFilter(_OwnNotesAndErrors())

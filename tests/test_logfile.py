@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import subprocess
 import sys
+from contextlib import redirect_stderr
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,21 @@ def test_output_to_takes_child_processes_output_too(tmp_path: Path, capfd: pytes
     captured = capfd.readouterr()
     assert captured.out == "after\n" and captured.err == ""
     assert log_path.read_text().split() == ["from", "this", "process", "from", "a", "child", "child", "err"]
+
+
+def test_the_terminal_is_stderr_as_it_is_when_a_record_comes(tmp_path: Path) -> None:
+    """A command's terminal handler outlives the stream it started with (a redirect that ended, a
+    test's capture that closed): records then go to the stderr of the moment, with no logging error."""
+    started_with = io.StringIO()
+    try:
+        with redirect_stderr(started_with):
+            logfile.configure(None, verbose=False)
+        started_with.close()
+        now = io.StringIO()
+        with redirect_stderr(now):
+            logging.getLogger("aiosmtpd.mail.log").error("an error after the command's stream closed")
+        assert now.getvalue() == "an error after the command's stream closed\n"
+    finally:
+        for handler in list(logfile._installed):
+            logging.getLogger().removeHandler(handler)
+        logfile._installed.clear()
