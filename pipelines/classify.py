@@ -49,7 +49,7 @@ from pipelines.lasio import read_info
 from pipelines.scan import EarlyTiles, scan
 from pipelines.scratch import work_dir
 from pipelines.settings import ClusterStartError, Settings
-from pipelines.tile import TileGrid
+from pipelines.tile import MIN_TILE_POINTS, TileGrid
 from pipelines.tile_io import Progress, TileFiles, TileWriter, writable_header
 from pipelines.tile_tasks import (
     TileBatch,
@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 
 
 TASK_POINTS = 2_000
-MIN_TILE_POINTS = 10
 # From this many points on, the local cluster starts while the file is scanned: its processes'
 # start-up (seconds of imports) then overlaps the scan. Below, a file may need no cluster at all
 # (every tile too sparse to model), and its scan is shorter than a cluster's start anyway.

@@ -144,6 +144,8 @@ class Settings:
     link_secret: str | None = None
     # Dask's dashboard on the local cluster (its link logged by each run).
     dashboard: bool = False
+    # Labelled points one training run reads: all of them are in memory at once, with their features.
+    max_training_points: int = 5_000_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -170,6 +172,7 @@ class Settings:
             public_url=_endpoint(env, "POINTFLOW_PUBLIC_URL") or DEFAULT_PUBLIC_URL,
             link_secret=env.get("POINTFLOW_LINK_SECRET") or None,
             dashboard=_flag(env, "POINTFLOW_DASHBOARD"),
+            max_training_points=_int(env, "POINTFLOW_MAX_TRAINING_POINTS", 5_000_000),
         )
 
     @property

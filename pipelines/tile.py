@@ -15,6 +15,9 @@ NEIGHBOUR_OFFSETS = tuple((di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1) if 
 MAX_TILE_SIZE = 5_000.0
 # Tile ids are int64: room for any grid a file within the gate's extent limit needs.
 MAX_TILE_IDS = 2**62
+# A tile that sees fewer points, its buffer ring included, is too sparse for any surface model:
+# classification writes its points as class 1, and training learns nothing from them.
+MIN_TILE_POINTS = 10
 
 
 @dataclass(frozen=True)

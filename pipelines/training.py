@@ -159,13 +159,22 @@ def train_model(
     ensure_active(runtime.catalog, account_id)
     if not paths:
         raise InvalidValue("give at least one labelled LAS/LAZ file")
-    blocks, labels, described = _read_labelled_files(((Path(p), Path(p).name) for p in paths), len(paths), progress)
+    blocks, labels, described = _read_labelled_files(
+        ((Path(p), Path(p).name) for p in paths), len(paths), runtime.settings.max_training_points, progress
+    )
     learned = set().union(*(set(d["classes"]) for d in described)) - set(ignore_classes)
     if len(learned) < 2:
         raise InvalidValue(
             f"the labels hold {len(learned)} class(es) besides the ignored ones {sorted(ignore_classes)}: a classifier needs at least two"
         )
-    model = train(blocks, labels, seed=seed, ignore_classes=ignore_classes, progress=progress)
+    model = train(
+        blocks,
+        labels,
+        seed=seed,
+        ignore_classes=ignore_classes,
+        tile_buffer=runtime.settings.tile_buffer,
+        progress=progress,
+    )
     evaluation = _evaluation(model)
     if not model.better_than_standard:
         raise NotBetterThanStandard(evaluation)
@@ -205,15 +214,27 @@ def train_model(
 
 
 def _read_labelled_files(
-    files: Iterable[tuple[Path, str]], count: int, progress: Callable[[str, int, int], None] | None
+    files: Iterable[tuple[Path, str]],
+    count: int,
+    most_points: int,
+    progress: Callable[[str, int, int], None] | None,
 ) -> tuple[list[PointBlock], list[np.ndarray], list[dict[str, Any]]]:
     """The points and labels of each of the `count` (path, name) pairs, taken one at a time (a path
     may be a download made as it is asked for), and what a model records of the file: its name,
-    sha256, points and points per class. `progress` hears of the files read ("labels")."""
+    sha256, points and points per class. Their points together may not pass `most_points`, checked
+    on each file's header before its points are read. `progress` hears of the files read ("labels")."""
     blocks, labels, described = [], [], []
     if progress:
         progress("labels", 0, count)
+    read = 0
     for number, (path, name) in enumerate(files, 1):
+        read += read_info(path).point_count
+        if read > most_points:
+            raise InvalidValue(
+                f"the labelled files hold more than {most_points:,} points ({read:,} up to {name}), the most one "
+                f"training run reads (POINTFLOW_MAX_TRAINING_POINTS: they are all in memory at once, about 0.6 KB "
+                f"each with their features): train on fewer or smaller files"
+            )
         block, label = read_labelled(path)
         blocks.append(block)
         labels.append(label)
@@ -443,8 +464,12 @@ def build_shared_model(
             (stack.enter_context(local_copy(source, runtime.settings.scratch_dir, account_id)), Path(source).name)
             for account_id, source in owners
         )
-        blocks, labels, described = _read_labelled_files(files, len(owners), progress)
-        model = train(blocks, labels, ignore_classes=ignore_classes, progress=progress)
+        blocks, labels, described = _read_labelled_files(
+            files, len(owners), runtime.settings.max_training_points, progress
+        )
+        model = train(
+            blocks, labels, ignore_classes=ignore_classes, tile_buffer=runtime.settings.tile_buffer, progress=progress
+        )
     contributed = [{"account_id": account_id, **d} for (account_id, _), d in zip(owners, described)]
     model_id = "shared-" + uuid.uuid4().hex[:12]
     record = {

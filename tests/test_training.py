@@ -12,9 +12,10 @@ import pytest
 
 from pipelines.accounts import upsert_accounts
 from pipelines.classifiers.standard import StandardClassifier
-from pipelines.classifiers.trained import FORMAT, TrainedModel
+from pipelines.classifiers.trained import FORMAT, STANDARD_COLUMN, TrainedModel
 from pipelines.classify import classify_file
 from pipelines.cli import main
+from pipelines.errors import InvalidValue
 from pipelines.jobs import run_job, run_steps
 from pipelines.runtime import Runtime
 from pipelines.steps.record import list_jobs
@@ -517,3 +518,51 @@ def test_models_that_finish_training_together_get_one_version_each(
     training.join()
     assert [m.version for m in outcome] == [2]
     runtime.catalog.dispose()
+
+
+def test_training_features_are_computed_tile_by_tile_as_classification_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiles with their buffer rings bound a training run's rasters by the tile, not the file's
+    extent. Cut into 40 m tiles, the IGN block gets the features it gets whole, up to its edges:
+    every point modelled, standard's class and the height above ground the same."""
+    from pipelines.classifiers import fitting
+    from pipelines.classifiers.features import point_features
+    from pipelines.training import read_labelled
+
+    block, _ = read_labelled(shared_file("ign_st_barth_100m.laz"))
+    whole = point_features(block)
+    assert fitting.tiled_features(block, 20.0)[0].tobytes() == whole.tobytes()  # one training tile: as whole
+    monkeypatch.setattr(fitting, "TRAINING_TILE", 40.0)
+    tiled, modelled = fitting.tiled_features(block, 20.0)
+    assert modelled.all()
+    assert np.mean(tiled[:, STANDARD_COLUMN] == whole[:, STANDARD_COLUMN]) > 0.99
+    assert np.mean(np.abs(tiled[:, 0] - whole[:, 0]) < 0.05) > 0.99
+
+
+def test_a_sparse_file_miles_wide_is_refused_in_one_line(
+    accounts: Runtime, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """20,000 labelled points over 4,000 km: computed whole, its rasters would take 1.8 TiB."""
+    from tests.hostile import sparse
+
+    path = sparse(tmp_path / "sparse.las")
+    data = laspy.read(path)
+    data.classification = np.where(np.arange(len(data.points)) % 2, 2, 6).astype(np.uint8)
+    data.write(path)
+    assert main(["train", str(path), "--account", "owner"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("pointflow: error: the labelled points are too sparse to learn from")
+    assert list_models(accounts, "owner") == []
+
+
+def test_a_training_run_reads_at_most_its_points_limit(
+    accounts: Runtime, halves, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.settings import Settings
+
+    monkeypatch.setenv("POINTFLOW_MAX_TRAINING_POINTS", "1000")
+    limited = Runtime.from_settings(Settings.from_env())
+    heard: list[tuple[str, int, int]] = []
+    with pytest.raises(InvalidValue, match=r"more than 1,000 points \(125,\d{3} up to west.laz\)"):
+        train_model(limited, "owner", [halves[0]], progress=lambda *event: heard.append(event))
+    assert heard == [("labels", 0, 1)]  # refused on the header: no point was read
+    assert list_models(accounts, "owner") == []

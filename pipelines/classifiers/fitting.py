@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.errors import InvalidValue
+from pipelines.tile import MIN_TILE_POINTS, TileGrid
 
 from .base import PointBlock
 from .features import CATEGORICAL, FEATURE_NAMES, point_features
@@ -35,6 +36,12 @@ from .trained import (
 )
 
 HOLDOUT_BLOCK = 20.0  # metres; held-out points are whole blocks, not neighbours of training points
+# Training computes features tile by tile, each tile with its buffer ring, as classification does:
+# a file's rasters then cover one tile at a time, so memory follows the tile and not the file's
+# extent (a 4.9 km square of only 20,000 labelled points took 9.8 GB and 53 s computed whole; a
+# 1 km one 0.65 GB). 1 km, where classification uses 200 m: every scene of the benchmarks is one
+# training tile, so their features, and models, are those of the whole file.
+TRAINING_TILE = 1_000.0
 # Held-out points a class needs for its F1 to count in the verdict: the blocks are drawn at random,
 # and a rare class may get a handful of them, whose F1 (0 or 1 on a few points) would decide "better
 # than standard" for every class: IGN_crop1_rural's held-out blocks held 7 points of class 4 and 1 of
@@ -115,6 +122,59 @@ def evaluate(reference: np.ndarray, custom: np.ndarray, standard: np.ndarray) ->
     }
 
 
+def tiled_features(block: PointBlock, buffer: float) -> tuple[np.ndarray, np.ndarray]:
+    """`point_features` of each point computed on its TRAINING_TILE tile and that tile's `buffer`
+    ring, and which points have them: those of a tile too sparse to model (MIN_TILE_POINTS, ring
+    included), which classification leaves unclassified, have none (their rows are zero)."""
+    if not len(block):
+        return point_features(block), np.zeros(0, dtype=bool)
+    grid = TileGrid.covering(
+        (float(block.x.min()), float(block.y.min())),
+        (float(block.x.max()), float(block.y.max())),
+        TRAINING_TILE,
+        buffer,
+    )
+    if grid.count == 1:
+        modelled = np.full(len(block), len(block) >= MIN_TILE_POINTS)
+        return (point_features(block) if modelled.all() else _no_features(len(block))), modelled
+    owner, context = grid.partition(block.x, block.y)
+    ring = np.concatenate([index for index, _ in context] or [np.zeros(0, dtype=np.int64)])
+    ring_tile = np.concatenate([tiles for _, tiles in context] or [np.zeros(0, dtype=np.int64)])
+    by_ring_tile = np.argsort(ring_tile, kind="stable")
+    ring, ring_tile = ring[by_ring_tile], ring_tile[by_ring_tile]
+    by_owner = np.argsort(owner, kind="stable")
+    tiles, starts = np.unique(owner[by_owner], return_index=True)
+    out, modelled = _no_features(len(block)), np.zeros(len(block), dtype=bool)
+    for tile, start, end in zip(tiles, starts, [*starts[1:], len(block)], strict=True):
+        own = by_owner[start:end]
+        around = ring[np.searchsorted(ring_tile, tile) : np.searchsorted(ring_tile, tile, side="right")]
+        if own.size + around.size < MIN_TILE_POINTS:
+            continue
+        out[own] = point_features(_take(block, np.concatenate([own, around])))[: own.size]
+        modelled[own] = True
+    return out, modelled
+
+
+def _no_features(n: int) -> np.ndarray:
+    return np.zeros((n, len(FEATURE_NAMES)), dtype=np.float32)
+
+
+def _take(block: PointBlock, index: np.ndarray) -> PointBlock:
+    """The points of `block` at `index`, in that order."""
+
+    def pick(values: np.ndarray | None) -> np.ndarray | None:
+        return None if values is None else values[index]
+
+    return PointBlock(
+        block.x[index],
+        block.y[index],
+        block.z[index],
+        pick(block.intensity),
+        pick(block.return_number),
+        pick(block.number_of_returns),
+    )
+
+
 def train(
     blocks: Sequence[PointBlock],
     labels: Sequence[np.ndarray],
@@ -130,11 +190,14 @@ def train(
     l2: float = 10.0,
     balance: float = 0.25,
     prior: float = 3.0,
+    tile_buffer: float = 20.0,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> TrainedModel:
     """Fit a classifier to labelled blocks and score it, and standard, on held-out blocks.
 
     ignore_classes: reference classes left out of training and scoring (e.g. "unclassified").
+    tile_buffer: the ring of context around each training tile (`tiled_features`), as
+        POINTFLOW_TILE_BUFFER gives classification's tiles.
     holdout: share of 20 m blocks kept out of training for the reported scores and the decision
         whether the model beats standard (random points would sit next to training points and
         flatter the scores). The offered model is the one scored, not a refit on everything.
@@ -170,15 +233,21 @@ def train(
     report = progress or (lambda stage, done, total: None)
     rng = np.random.default_rng(seed)
     features, targets, held = [], [], []
-    points, done = sum(len(block) for block in blocks), 0
+    points, done, modelled_points = sum(len(block) for block in blocks), 0, 0
     report("features", done, points)
     for block, label in zip(blocks, labels, strict=True):
-        keep = ~np.isin(label, list(ignore_classes))
-        features.append(point_features(block)[keep])
+        block_features, modelled = tiled_features(block, tile_buffer)
+        keep = ~np.isin(label, list(ignore_classes)) & modelled
+        features.append(block_features[keep])
         targets.append(np.asarray(label)[keep].astype(np.uint8))
         held.append(holdout_mask(block.x, block.y, holdout, rng)[keep])
-        done += len(block)
+        done, modelled_points = done + len(block), modelled_points + int(np.count_nonzero(modelled))
         report("features", done, points)
+    if not modelled_points:
+        raise InvalidValue(
+            f"the labelled points are too sparse to learn from: no {TRAINING_TILE:,.0f} m tile holds {MIN_TILE_POINTS} "
+            "of them with its ring (classification leaves such points unclassified)"
+        )
     x, y, is_held = np.concatenate(features), np.concatenate(targets), np.concatenate(held)
     train_index = np.flatnonzero(~is_held)
     if train_index.size == 0 or not is_held.any():

@@ -61,10 +61,11 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _classify(args: argparse.Namespace) -> int:
     from pipelines.classifiers import BUILTIN_CLASSIFIERS
-    from pipelines.classify import MIN_TILE_POINTS, classify_file
+    from pipelines.classify import classify_file
     from pipelines.sources import check_source
     from pipelines.steps.record import held_out_scores
     from pipelines.storage import open_store
+    from pipelines.tile import MIN_TILE_POINTS
 
     if not args.input.is_file():
         raise FileNotFoundError(f"no such file: {args.input}")
