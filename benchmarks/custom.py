@@ -62,15 +62,6 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def subset(block: PointBlock, keep: np.ndarray) -> PointBlock:
-    return PointBlock(
-        *(
-            None if v is None else v[keep]
-            for v in (block.x, block.y, block.z, block.intensity, block.return_number, block.number_of_returns)
-        )
-    )
-
-
 def scored(name: str, labels: np.ndarray) -> np.ndarray:
     keep = ~np.isin(labels, UNSCORED) & (labels < 64)
     if name == "ign_st_barth_100m":
@@ -100,7 +91,7 @@ def scene_figures(relative: str, repeats: int = 3) -> dict:
     block, labels = scene.block, scene.labels
     keep = scored(scene.name, labels)
     lower = halves(block, labels, keep)
-    learn, test = subset(block, lower), subset(block, ~lower)
+    learn, test = block.take(lower), block.take(~lower)
     learn_labels = np.where(keep[lower], labels[lower], 0)
     started = cpu_seconds()
     model = train([learn], [learn_labels], ignore_classes=(0,))

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from benchmarks.custom import cpu_seconds, halves, scored, subset
+from benchmarks.custom import cpu_seconds, halves, scored
 from benchmarks.labelled import DEFAULT_DATA, load
 from pipelines.classifiers import features
 from pipelines.classifiers.fitting import train
@@ -46,7 +46,7 @@ def profile(relative: str, repeats: int) -> list[tuple[str, float]]:
     block, labels = scene.block, scene.labels
     keep = scored(scene.name, labels)
     lower = halves(block, labels, keep)
-    learn, test = subset(block, lower), subset(block, ~lower)
+    learn, test = block.take(lower), block.take(~lower)
     model = train([learn], [np.where(keep[lower], labels[lower], 0)], ignore_classes=(0,))
     params = StandardParams()
     ground = ground_model(test, params.ground)

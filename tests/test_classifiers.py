@@ -61,20 +61,6 @@ def load(relative: str) -> tuple[PointBlock, np.ndarray]:
     return block, np.asarray(las.classification)
 
 
-def subset(block: PointBlock, index: np.ndarray) -> PointBlock:
-    def take(a: np.ndarray | None) -> np.ndarray | None:
-        return None if a is None else a[index]
-
-    return PointBlock(
-        block.x[index],
-        block.y[index],
-        block.z[index],
-        take(block.intensity),
-        take(block.return_number),
-        take(block.number_of_returns),
-    )
-
-
 def shifted(block: PointBlock, dx: float, dy: float) -> PointBlock:
     return PointBlock(
         block.x + dx, block.y + dy, block.z, block.intensity, block.return_number, block.number_of_returns
@@ -91,7 +77,7 @@ def ign() -> tuple[PointBlock, np.ndarray]:
     """The IGN block cropped to its southern half (houses, gardens, trees)."""
     block, labels = load("ign_st_barth_100m.laz")
     keep = np.flatnonzero(block.y < block.y.min() + 50.0)
-    return subset(block, keep), labels[keep]
+    return block.take(keep), labels[keep]
 
 
 # Total error of a useless filter (all ground) is 43 % on samp11 and 22 % on samp51; SMRF-class
@@ -135,7 +121,7 @@ def test_standard_is_deterministic_and_order_independent(ign: tuple[PointBlock, 
     first = classifier.classify(block)
     np.testing.assert_array_equal(first, classifier.classify(block))
     order = np.random.default_rng(3).permutation(len(block))
-    permuted = classifier.classify(subset(block, order))
+    permuted = classifier.classify(block.take(order))
     # Sums in another order can differ in the last bit; allow a handful of borderline flips.
     assert np.mean(permuted == first[order]) > 0.999
 
@@ -172,7 +158,7 @@ def test_tiles_with_buffer_agree_with_untiled_run(name: str) -> None:
             )
             if not core.any():
                 continue
-            classes = classifier.classify(subset(block, near))
+            classes = classifier.classify(block.take(near))
             inner = core[near]
             tiled[near[inner]] = classes[inner]
     assert np.mean(tiled == whole) >= 0.995
@@ -727,7 +713,7 @@ def test_refinement_rejects_low_vegetation_the_first_guess_accepts() -> None:
 
     block, labels = load("corpus/IGN_crop2_rural_wood_water.laz")
     keep = np.flatnonzero((block.x < block.x.min() + 30) & (labels != 9) & (labels < 64))
-    block, labels = subset(block, keep), labels[keep]
+    block, labels = block.take(keep), labels[keep]
     params = GroundParams()
     first_guess = fit_surface(block, params).first_guess
     refined = ground_model(block, params).is_ground
@@ -837,7 +823,7 @@ def test_planar_roof_smaller_than_the_area_floor_is_building() -> None:
     keeps crowns out) is building: nearly all its points lie on a plane."""
     block, labels = load("corpus/IGN_bat_grenoble.laz")
     keep = np.flatnonzero((block.x < block.x.min() + 25) & (block.y < block.y.min() + 20))
-    block, labels = subset(block, keep), labels[keep]
+    block, labels = block.take(keep), labels[keep]
     annex = (block.x < block.x.min() + 9) & (block.y < block.y.min() + 3.5) & (labels == 6)
     classes = get_classifier("standard").classify(block)
     # The last-return pass finds about half of this annex on its own: off, to test the area rule.
@@ -856,7 +842,7 @@ def flatfield_shed_crop() -> tuple[PointBlock, np.ndarray]:
     shed = labels == 6
     cx, cy = block.x[shed].mean(), block.y[shed].mean()
     keep = np.flatnonzero((np.abs(block.x - cx) < 25) & (np.abs(block.y - cy) < 25))
-    return subset(block, keep), labels[keep]
+    return block.take(keep), labels[keep]
 
 
 def amsterdam_split_pulse_roof_crop() -> tuple[PointBlock, np.ndarray]:
@@ -865,7 +851,7 @@ def amsterdam_split_pulse_roof_crop() -> tuple[PointBlock, np.ndarray]:
     block, labels = load("corpus/AHN3_amsterdam_2386_9702.laz")
     x0, y0 = block.x.min(), block.y.min()
     keep = np.flatnonzero((block.x < x0 + 20) & (np.abs(block.y - y0 - 33.7) < 10))
-    return subset(block, keep), labels[keep]
+    return block.take(keep), labels[keep]
 
 
 def building_a_rule_adds(block: PointBlock, params: dict, rule_off: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -947,7 +933,7 @@ def test_an_open_last_return_segment_is_not_grown() -> None:
     as it was."""
     block, labels = load("ign_st_barth_100m.laz")
     keep = np.flatnonzero((block.x >= block.x.min() + 50) & (block.y < block.y.min() + 50))
-    block, labels = subset(block, keep), labels[keep]
+    block, labels = block.take(keep), labels[keep]
     classes = get_classifier("standard", {**NO_CONTINUATION, "last_return_growth_under_crown": 0.5}).classify(block)
     every_segment = get_classifier("standard", {**NO_CONTINUATION, "last_return_growth_under_crown": 0.0}).classify(
         block
@@ -977,7 +963,7 @@ def test_the_roof_continues_on_another_source_too() -> None:
     all but one labelled building."""
     block, labels = load("corpus/AHN3_amsterdam_2397_9705.laz")
     keep = np.flatnonzero((block.x < block.x.min() + 60) & (block.y < block.y.min() + 20))
-    block, labels = subset(block, keep), labels[keep]
+    block, labels = block.take(keep), labels[keep]
     classes, without, added = building_a_rule_adds(block, {}, {"continuation_tolerance": 0.0})
     assert np.count_nonzero(added) > 80
     assert np.mean(labels[added] == 6) > 0.98

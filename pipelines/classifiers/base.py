@@ -33,6 +33,21 @@ class PointBlock:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    def take(self, index: np.ndarray) -> PointBlock:
+        """The points at `index` (indices or a mask), in that order."""
+
+        def pick(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else values[index]
+
+        return PointBlock(
+            self.x[index],
+            self.y[index],
+            self.z[index],
+            pick(self.intensity),
+            pick(self.return_number),
+            pick(self.number_of_returns),
+        )
+
 
 @runtime_checkable
 class Classifier(Protocol):

@@ -150,29 +150,13 @@ def tiled_features(block: PointBlock, buffer: float) -> tuple[np.ndarray, np.nda
         around = ring[np.searchsorted(ring_tile, tile) : np.searchsorted(ring_tile, tile, side="right")]
         if own.size + around.size < MIN_TILE_POINTS:
             continue
-        out[own] = point_features(_take(block, np.concatenate([own, around])))[: own.size]
+        out[own] = point_features(block.take(np.concatenate([own, around])))[: own.size]
         modelled[own] = True
     return out, modelled
 
 
 def _no_features(n: int) -> np.ndarray:
     return np.zeros((n, len(FEATURE_NAMES)), dtype=np.float32)
-
-
-def _take(block: PointBlock, index: np.ndarray) -> PointBlock:
-    """The points of `block` at `index`, in that order."""
-
-    def pick(values: np.ndarray | None) -> np.ndarray | None:
-        return None if values is None else values[index]
-
-    return PointBlock(
-        block.x[index],
-        block.y[index],
-        block.z[index],
-        pick(block.intensity),
-        pick(block.return_number),
-        pick(block.number_of_returns),
-    )
 
 
 def train(
