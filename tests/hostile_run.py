@@ -1,4 +1,4 @@
-"""Runs hostile files through `pointflow classify` and `pointflow ingest --run` in one process,
+"""Runs hostile files through `pointflow classify`, `pointflow ingest --run` and `pointflow train` in one process,
 as tests/test_hostile.py's driver: `python -m tests.hostile_run CASES_DIR RESULTS.jsonl`.
 
 One process and one Dask cluster (its children) for all files, so the suite costs seconds per
@@ -93,11 +93,17 @@ def run_case(name: str, path: Path, outputs: Path) -> dict:
         o.key for o in runtime.store.list(f"accounts/{ACCOUNT}/exports/") if job and job.job_id in o.key
     ]
     ingest["mails"] = len(outbox_messages(runtime.settings)) - mails_before
+    # Class 1 is learnt too: the sound files label ground (2) and the rest (1), so they reach the
+    # features and the fitting, not only the gate.
+    models_before = len(list(runtime.store.list(f"accounts/{ACCOUNT}/models/")))
+    train = command("train", str(path), "--account", ACCOUNT, "--ignore-class", "0")
+    train["objects_stored"] = len(list(runtime.store.list(f"accounts/{ACCOUNT}/models/"))) - models_before
     runtime.catalog.dispose()
     return {
         "name": name,
         "classify": classify,
         "ingest": ingest,
+        "train": train,
         "scratch_left": [str(f.path) for f in folders(runtime.settings.scratch_dir)],
     }
 

@@ -1,5 +1,6 @@
 """Hostile input: every file of tests/hostile.py (issue 13's recipes and the classic breakages, made
-from the real files in ../shared/data) through `pointflow classify` and `pointflow ingest --run`.
+from the real files in ../shared/data) through `pointflow classify`, `pointflow ingest --run` and
+`pointflow train`.
 
 Each file is refused with one line and leaves no output, no export and no scratch behind, and is
 billed nothing; or it is classified completely. No traceback, no hang (a file that makes no
@@ -112,8 +113,8 @@ def _no_traceback(*outputs: str) -> None:
 def test_each_file_is_refused_in_one_line_or_classified_completely(hostile: dict, case: Case) -> None:
     result = hostile["results"].get(case.name)
     assert result is not None, hostile["failure"]
-    classify, ingest = result["classify"], result["ingest"]
-    _no_traceback(classify["out"], classify["err"], ingest["out"], ingest["err"])
+    classify, ingest, train = result["classify"], result["ingest"], result["train"]
+    _no_traceback(classify["out"], classify["err"], ingest["out"], ingest["err"], train["out"], train["err"])
     assert result["scratch_left"] == []
     job = ingest["job"]
     if case.classified:
@@ -122,10 +123,18 @@ def test_each_file_is_refused_in_one_line_or_classified_completely(hostile: dict
         assert ingest["code"] == 0 and job["state"] == "exported", job
         assert job["points"] == case.points and ingest["exports"]
         assert ingest["usage"] == [["succeeded", case.points]]
+        # As labels (classes 1 and 2 learnt): a model offered (its file and evaluation stored), not
+        # better than standard, or too few classes, in one line.
+        assert train["code"] in (0, 1, 2) and train["objects_stored"] == (2 if train["code"] == 0 else 0)
+        if train["code"] == 2:
+            [refusal] = train["err"].strip().splitlines()
+            assert "a classifier needs at least two" in refusal
         return
     [line] = classify["err"].strip().splitlines()
     assert classify["code"] == 2 and line.startswith("pointflow: error: ") and classify["output_points"] is None
     assert classify["out"] == ""
+    # Training reads labels through the same gate: the same refusal, and no model.
+    assert train["code"] == 2 and train["err"].strip().splitlines() == [line] and train["objects_stored"] == 0
     # The job refuses it, says why, keeps the file in quarantine, tells the customer, bills nothing.
     assert ingest["code"] == 1 and job["state"] == "quarantined" and job["error"], job
     assert ingest["exports"] == [] and ingest["usage"] == [["failed", 0]] and ingest["mails"] == 1
