@@ -55,16 +55,21 @@ def _stored(catalog: Catalog, account_id: str, since: datetime | None = None) ->
     return int(files), int(points), int(size)
 
 
-def check_admission(settings: Settings, catalog: Catalog, account_id: str, candidate: Candidate, at: datetime) -> None:
-    """Raise AdmissionRefused if storing and classifying `candidate` now breaks a limit."""
-    if candidate.size > settings.max_file_bytes:
+def check_file_size(settings: Settings, size: int) -> None:
+    """Raise AdmissionRefused for a file larger than POINTFLOW_MAX_FILE_BYTES, whatever reads it."""
+    if size > settings.max_file_bytes:
         raise AdmissionRefused(
             "maximum file size",
-            candidate.size,
+            size,
             settings.max_file_bytes,
             "bytes",
             "Split the survey into smaller files (POINTFLOW_MAX_FILE_BYTES).",
         )
+
+
+def check_admission(settings: Settings, catalog: Catalog, account_id: str, candidate: Candidate, at: datetime) -> None:
+    """Raise AdmissionRefused if storing and classifying `candidate` now breaks a limit."""
+    check_file_size(settings, candidate.size)
     if candidate.points > settings.max_points:
         raise AdmissionRefused(
             "maximum points per file",

@@ -68,20 +68,25 @@ def check_source(settings: Settings, store: ObjectStore, account_id: str | None,
 
 
 @contextmanager
-def local_copy(source: str, scratch: Path, account_id: str | None = None) -> Iterator[Path]:
+def local_copy(settings: Settings, source: str, account_id: str | None = None) -> Iterator[Path]:
     """A local path for a source given as a path, file:// URI or s3://bucket/key URI; a download
-    is kept in a scratch folder marked as `account_id`'s."""
+    is kept in a scratch folder marked as `account_id`'s. A file larger than POINTFLOW_MAX_FILE_BYTES
+    is refused (AdmissionRefused) on its size alone, before an object is downloaded."""
+    from pipelines.admission import check_file_size
+
     path = _local_path(source)
     if path is not None:
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
+        check_file_size(settings, path.stat().st_size)
         yield path.resolve()
         return
     parsed = urlparse(source)
     if parsed.scheme != "s3":
         raise InvalidValue(f"unsupported source {source!r}: give a local path, file:// or s3:// URI")
     store = S3Store(parsed.netloc)
-    with work_dir(scratch, "source", account_id) as tmp:
+    check_file_size(settings, store.size(parsed.path.lstrip("/")))
+    with work_dir(settings.scratch_dir, "source", account_id) as tmp:
         local = tmp / safe_name(parsed.path)
         store.get_file(parsed.path.lstrip("/"), local)
         yield local

@@ -347,9 +347,7 @@ def train_from_sources(
     for source in sources:
         check_source(runtime.settings, runtime.store, account_id, source)
     with ExitStack() as stack:
-        paths = [
-            stack.enter_context(local_copy(source, runtime.settings.scratch_dir, account_id)) for source in sources
-        ]
+        paths = [stack.enter_context(local_copy(runtime.settings, source, account_id)) for source in sources]
         return train_model(runtime, account_id, paths, ignore_classes=ignore_classes, progress=progress)
 
 
@@ -461,7 +459,7 @@ def build_shared_model(
     owners = [(account_id, source) for account_id, sources in contributions.items() for source in sources]
     with ExitStack() as stack:
         files = (
-            (stack.enter_context(local_copy(source, runtime.settings.scratch_dir, account_id)), Path(source).name)
+            (stack.enter_context(local_copy(runtime.settings, source, account_id)), Path(source).name)
             for account_id, source in owners
         )
         blocks, labels, described = _read_labelled_files(

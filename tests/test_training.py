@@ -566,3 +566,29 @@ def test_a_training_run_reads_at_most_its_points_limit(
         train_model(limited, "owner", [halves[0]], progress=lambda *event: heard.append(event))
     assert heard == [("labels", 0, 1)]  # refused on the header: no point was read
     assert list_models(accounts, "owner") == []
+
+
+def test_training_reads_s3_sources_and_refuses_files_over_the_size_limit(
+    accounts: Runtime, halves, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same limit as any input (POINTFLOW_MAX_FILE_BYTES), on the object's size before it is
+    downloaded or the file's before it is read."""
+    import boto3
+
+    from pipelines.admission import AdmissionRefused
+    from pipelines.settings import Settings
+    from pipelines.training import train_from_sources
+
+    boto3.client("s3").upload_file(str(halves[0]), s3_bucket, "labels/west.laz")
+    source = f"s3://{s3_bucket}/labels/west.laz"
+    model = train_from_sources(accounts, "owner", [source])
+    assert model.training_files[0]["points"] == len(laspy.read(halves[0]).points)
+
+    monkeypatch.setenv("POINTFLOW_MAX_FILE_BYTES", "100000")
+    limited = Runtime.from_settings(Settings.from_env().allowing(halves[0]))
+    for too_large in (source, str(halves[0])):
+        with pytest.raises(
+            AdmissionRefused, match=r"maximum file size limit: [\d,]+ bytes with this file, the limit is 100,000"
+        ):
+            train_from_sources(limited, "owner", [too_large])
+    assert [m.model_id for m in list_models(accounts, "owner")] == [model.model_id]

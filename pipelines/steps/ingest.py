@@ -64,7 +64,7 @@ def ingest_step(runtime: Runtime, job_id: str) -> JobRecord:
 
         try:
             check_source(runtime.settings, runtime.store, account_id, job.source)
-            with local_copy(job.source, runtime.settings.scratch_dir, account_id) as path:
+            with local_copy(runtime.settings, job.source, account_id) as path:
                 stored = ingest_file(runtime.catalog, runtime.store, account_id, path, admit=admit)
         except (AdmissionRefused, ForeignSource) as refused:
             refuse_job(runtime, job_id, str(refused))
