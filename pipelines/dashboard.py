@@ -21,7 +21,7 @@ from pipelines.billing.invoicing import invoice_view
 from pipelines.billing.models import Invoice
 from pipelines.billing.periods import Period, add_months
 from pipelines.billing.usage import usage_daily
-from pipelines.catalog.models import Account, Job, JobState
+from pipelines.catalog.models import Account, Job, JobState, TrainedModelRecord
 from pipelines.class_table import class_summary, colour_of
 from pipelines.export import SAMPLE_NAME, export_prefix, read_manifest
 from pipelines.lifecycle.account_state import Action
@@ -49,6 +49,7 @@ class AccountRow:
     status: tuple[str, ...]
     jobs: int
     points_this_month: int
+    models: int  # the account's own trained classifiers, deleted ones not counted
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,13 @@ def accounts_overview(
     with runtime.catalog.session() as session:
         accounts = list(session.scalars(select(Account).order_by(Account.account_id)))
         jobs = dict(session.execute(select(Job.account_id, func.count()).group_by(Job.account_id)).all())
+        models = dict(
+            session.execute(
+                select(TrainedModelRecord.account_id, func.count())
+                .where(TrainedModelRecord.deleted_at.is_(None))
+                .group_by(TrainedModelRecord.account_id)
+            ).all()
+        )
         terminations = {t.account_id: t for t in session.scalars(select(Termination))}
         session.expunge_all()
     rows = []
@@ -198,6 +206,7 @@ def accounts_overview(
                 tuple(status),
                 int(jobs.get(account.account_id, 0)),
                 points.get(account.account_id, 0),
+                int(models.get(account.account_id, 0)),
             )
         )
     return rows

@@ -30,7 +30,7 @@ from pipelines.accounts import AccountRecord, upsert_accounts
 from pipelines.billing.delivery import MonthlyBilling, email_invoices, publish_documents
 from pipelines.billing.invoicing import run_billing
 from pipelines.billing.periods import Period, add_months
-from pipelines.catalog.models import SentMessage
+from pipelines.catalog.models import SentMessage, TrainedModelRecord
 from pipelines.export import export_prefix, read_manifest
 from pipelines.jobs import run_job
 from pipelines.lifecycle import place_hold, run_lifecycle, terminate_account
@@ -197,6 +197,21 @@ def seed(runtime: Runtime, scene: Path) -> Seeded:
             )
         ],
     )
+    # Acme's own classifiers: one in use, one deleted (a tombstone, not counted).
+    with runtime.catalog.session() as session:
+        for version, deleted_at in ((1, now), (2, None)):
+            session.add(
+                TrainedModelRecord(
+                    model_id=f"model-acme{version}",
+                    account_id="acme",
+                    version=version,
+                    key=f"accounts/acme/models/model-acme{version}.pfmodel",
+                    sha256="0" * 64,
+                    evaluation={},
+                    training_files=[],
+                    deleted_at=deleted_at,
+                )
+            )
     names = [row["name"] for row in _classes(job)]
     return Seeded(
         job.job_id,
@@ -359,6 +374,9 @@ def test_plugin_routes_serve_an_authenticated_user(server: Server, seeded: Seede
         seeded.hold_reason,
     ):
         assert expected in page.text, expected
+    # Acme's models column counts its model in use, not the deleted one; Northwind has none.
+    rows = {a: re.search(rf'<tr id="account-{a}">.*?</tr>', page.text, re.S)[0] for a in ("acme", "northwind")}
+    assert '<td class="n models">1</td>' in rows["acme"] and '<td class="n models">0</td>' in rows["northwind"]
     assert "frame-ancestors 'self'" in page.headers["content-security-policy"]
 
     preview = requests.get(
