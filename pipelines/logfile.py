@@ -25,9 +25,6 @@ class _Terminal(logging.StreamHandler):
     """Writes to `sys.stderr` as it is when a record comes, not the stream it was when the command
     started: a test's capture that has since closed, or a redirect (`output_to`) that has ended."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stderr

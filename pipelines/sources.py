@@ -84,11 +84,11 @@ def local_copy(settings: Settings, source: str, account_id: str | None = None) -
     parsed = urlparse(source)
     if parsed.scheme != "s3":
         raise InvalidValue(f"unsupported source {source!r}: give a local path, file:// or s3:// URI")
-    store = S3Store(parsed.netloc)
-    check_file_size(settings, store.size(parsed.path.lstrip("/")))
+    store, key = S3Store(parsed.netloc), parsed.path.lstrip("/")
+    check_file_size(settings, store.size(key))
     with work_dir(settings.scratch_dir, "source", account_id) as tmp:
         local = tmp / safe_name(parsed.path)
-        store.get_file(parsed.path.lstrip("/"), local)
+        store.get_file(key, local)
         yield local
 
 

@@ -35,7 +35,7 @@ from pipelines.classifiers.trained import UNKNOWN_STANDARD, TrainedClassifier, T
 from pipelines.customer_text import render_mail
 from pipelines.errors import InvalidValue, UserError
 from pipelines.keys import kept_secret
-from pipelines.lasio import iter_checked, point_block, read_info
+from pipelines.lasio import LasInfo, iter_checked, point_block, read_info
 from pipelines.lifecycle.deletion import execute_deletion, plan_deletion
 from pipelines.lifecycle.models import DeletionAudit
 from pipelines.lifecycle.operations import LifecycleError, ensure_active, open_job, refuse_under_hold
@@ -110,9 +110,10 @@ def signing_key(settings: Settings) -> bytes:
     return (settings.model_key or kept_secret(settings.home / "model-signing.key")).encode()
 
 
-def read_labelled(path: Path) -> tuple[PointBlock, np.ndarray]:
-    """Points and their reference classes, read through the same gate as any input."""
-    info = read_info(path)
+def read_labelled(path: Path, info: LasInfo | None = None) -> tuple[PointBlock, np.ndarray]:
+    """Points and their reference classes, read through the same gate as any input (`info`: the
+    file's `read_info`, when the caller has read it already)."""
+    info = info or read_info(path)
     with laspy.open(path) as reader:
         try:
             units = coordinate_units(reader.header)
@@ -228,14 +229,15 @@ def _read_labelled_files(
         progress("labels", 0, count)
     read = 0
     for number, (path, name) in enumerate(files, 1):
-        read += read_info(path).point_count
+        info = read_info(path)
+        read += info.point_count
         if read > most_points:
             raise InvalidValue(
                 f"the labelled files hold more than {most_points:,} points ({read:,} up to {name}), the most one "
                 f"training run reads (POINTFLOW_MAX_TRAINING_POINTS: they are all in memory at once, about 0.6 KB "
                 f"each with their features): train on fewer or smaller files"
             )
-        block, label = read_labelled(path)
+        block, label = read_labelled(path, info)
         blocks.append(block)
         labels.append(label)
         classes = {int(c): int(n) for c, n in zip(*np.unique(label, return_counts=True))}
