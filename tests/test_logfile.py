@@ -29,6 +29,17 @@ def dask_logging_unset():
     logger.propagate, logger.handlers[:] = saved[1], saved[2]
 
 
+@pytest.fixture(autouse=True)
+def root_handlers_unset():
+    """An earlier test that ran a DAG leaves Airflow's own root handlers, bound to that test's
+    captured stream, now closed: their "Logging error" output would land in these tests' stderr."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers[:] = []
+    yield
+    root.handlers[:] = saved
+
+
 def test_libraries_go_to_the_file_and_our_notes_to_the_terminal(
     tmp_path: Path, capsys: pytest.CaptureFixture, dask_logging_unset: None
 ) -> None:
