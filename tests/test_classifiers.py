@@ -22,7 +22,7 @@ from pipelines.classifiers import (
 )
 from pipelines.classifiers.features import FEATURE_NAMES, DyadicCells, _window_columns, point_features
 from pipelines.classifiers.fitting import train
-from pipelines.classifiers.forest import Forest
+from pipelines.classifiers.forest import ROWS, Forest
 from pipelines.classifiers.geometry import box_sum
 from pipelines.classifiers.grid import Grid
 from pipelines.classifiers.standard import StandardClassifier
@@ -564,6 +564,10 @@ def test_the_compiled_trees_give_lightgbms_scores_on_real_points(
     expected = lightgbm_scores(model, features)
     np.testing.assert_allclose(model.scores(features), expected, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(model.predict_features(features), np.asarray(model.classes)[expected.argmax(1)])
+    # The features come column-major, walked a block of rows at a time (the last one partial): the
+    # same scores as the whole matrix copied row-major at once.
+    assert features.flags.f_contiguous and len(features) % ROWS
+    np.testing.assert_array_equal(model.scores(np.ascontiguousarray(features)), model.scores(features))
     # A loaded model walks the trees of the file it was loaded from.
     loaded = TrainedModel.from_bytes(model.to_bytes())
     np.testing.assert_array_equal(loaded.scores(features), model.scores(features))

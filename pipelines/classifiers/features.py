@@ -95,15 +95,16 @@ def base_cell(model: GroundModel) -> float:
 
 
 def point_features(block: PointBlock) -> np.ndarray:
-    """Feature matrix (len(block), len(FEATURE_NAMES)) of float32, columns as FEATURE_NAMES."""
+    """Feature matrix (len(block), len(FEATURE_NAMES)) of float32, columns as FEATURE_NAMES,
+    column-major."""
     n = len(block)
     # Filled column by column, so built column-major: a column of a row-major matrix is a strided
-    # write touching one cache line per point. The trees read whole rows, so the result is handed
-    # back row-major; the one transposing copy costs less than the strided writes (IGN
-    # Saint-Barthelemy: 2.80 -> 1.98 us per point of CPU, `python -m benchmarks.custom_profile`).
+    # write touching one cache line per point (IGN Saint-Barthelemy: 2.80 -> 1.98 us per point of
+    # CPU, `python -m benchmarks.custom_profile`). The trees read whole rows: `Forest.scores` copies
+    # them row-major a block at a time; LightGBM's training reads a column-major matrix as it is.
     out = np.zeros((n, len(FEATURE_NAMES)), dtype=np.float32, order="F")
     if n == 0:
-        return np.ascontiguousarray(out)
+        return out
     params = StandardParams()
     model = ground_model(block, params.ground)
     out[:, 0] = model.height
@@ -129,7 +130,7 @@ def point_features(block: PointBlock) -> np.ndarray:
     width = sum(len(scale_names(scale)) for scale in SCALES)
     _scale_features(block, model, cells, base, out[:, column : column + width])
     _context_features(block, standard, cells, out[:, column + width :])
-    return np.ascontiguousarray(out)
+    return out
 
 
 class DyadicCells:
