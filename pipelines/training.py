@@ -374,6 +374,23 @@ def held_out_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def held_out_mistakes(evaluation: dict[str, Any], most: int = 3) -> list[dict[str, Any]]:
+    """The model's largest disagreements with the held-out labels, largest first: the label, the
+    class it gave instead, the points and their share of the label's points ([] for models stored
+    before the confusion was recorded)."""
+    table = evaluation.get("confusion")
+    if not table:
+        return []
+    codes, counts = table["classes"], table["custom"]
+    mistakes = [
+        {"label": codes[i], "given": codes[j], "points": n, "share": n / sum(row)}
+        for i, row in enumerate(counts)
+        for j, n in enumerate(row)
+        if i != j and n
+    ]
+    return sorted(mistakes, key=lambda m: (-m["points"], m["label"], m["given"]))[:most]
+
+
 def train_and_tell(
     runtime, account_id: str, sources: Sequence[str], ignore_classes: Sequence[int], key: str
 ) -> dict[str, Any]:
@@ -404,6 +421,7 @@ def _tell(
         model=model,
         evaluation=evaluation,
         rows=held_out_rows(evaluation),
+        mistakes=held_out_mistakes(evaluation),
         refusal=refusal,
     )
     try:

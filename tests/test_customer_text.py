@@ -28,7 +28,7 @@ from pipelines.lifecycle import notices
 from pipelines.notify import Message, send_email
 from pipelines.settings import Settings
 from pipelines.storage import INCOMING_PREFIX
-from pipelines.training import held_out_rows
+from pipelines.training import held_out_mistakes, held_out_rows
 from pipelines.validate import Finding, ValidationReport
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +79,7 @@ TRAINING = {
     "macro_f1": 0.99,
     "standard_macro_f1": 0.98,
     "held_out_points": 8731,
+    "confusion": {"classes": [2, 5], "custom": [[8644, 87], [0, 0]], "standard": [[8557, 174], [0, 0]]},
 }
 
 
@@ -135,6 +136,7 @@ MAILS: dict[str, Callable[[str], Mail]] = {
         model=None,
         evaluation=TRAINING,
         rows=held_out_rows(TRAINING),
+        mistakes=held_out_mistakes(TRAINING),
         refusal=v,
     ),
 }

@@ -26,6 +26,7 @@ from pipelines.training import (
     SharingRefused,
     build_shared_model,
     delete_model,
+    held_out_mistakes,
     list_models,
     resolve_classifier,
     signing_key,
@@ -227,6 +228,12 @@ def test_train_cli_and_training_dag(accounts: Runtime, halves, load_test_dag, ca
     assert f"{model.model_id}, version 2" in body and f"macro F1 of {model.evaluation['macro_f1']:.3f} against" in body
     for code, scores in model.evaluation["per_class"].items():
         assert f"{code:>5} {int(scores['support']):>10,}   {scores['f1']:>8.3f}" in body
+    # And where the model erred most on them, with the points and their share of the label.
+    worst = held_out_mistakes(model.evaluation)[0]
+    assert (
+        f"Where the model and your labels disagree most on that part:\n  {worst['points']:,} points of your "
+        f"class {worst['label']} classified {worst['given']} ({100 * worst['share']:.1f} % of them)"
+    ) in body
     assert f"ask for classifier {model.model_id}" in body
 
 
@@ -286,6 +293,40 @@ def test_the_printed_figures_say_which_classes_were_too_small_to_judge() -> None
     assert rows["4"].endswith("(too few points to judge)")
     assert "(too few" not in rows["2"] + rows["6"]
     assert "class 4 left out: fewer than 100 points" in out
+
+
+def test_the_evaluation_says_which_labels_were_taken_for_which_class() -> None:
+    from pipelines.classifiers.fitting import evaluate
+    from pipelines.cli.models import _confusion
+
+    # 1,000 ground points, 60 of them called vegetation by the model; 300 roof points, 20 called
+    # ground; standard also gives a class (1) that neither the labels nor the model hold.
+    reference = np.array([2] * 1000 + [6] * 300, dtype=np.uint8)
+    custom = reference.copy()
+    custom[:60], custom[1000:1020] = 5, 2
+    standard = reference.copy()
+    standard[:5] = 1
+    verdict = evaluate(reference, custom, standard)
+    table = verdict["confusion"]
+    assert table["classes"] == [1, 2, 5, 6]
+    assert table["custom"] == [[0, 0, 0, 0], [0, 940, 60, 0], [0, 0, 0, 0], [0, 20, 0, 280]]
+    assert table["standard"][1] == [5, 995, 0, 0]
+    # The same counts as the per-class figures: a row is the label's points, its diagonal the recall.
+    for code, scores in verdict["per_class"].items():
+        k = table["classes"].index(int(code))
+        row = table["custom"][k]
+        assert sum(row) == scores["support"] and (not sum(row) or row[k] / sum(row) == pytest.approx(scores["recall"]))
+    assert held_out_mistakes(verdict) == [
+        {"label": 2, "given": 5, "points": 60, "share": 0.06},
+        {"label": 6, "given": 2, "points": 20, "share": pytest.approx(20 / 300)},
+    ]
+    assert held_out_mistakes({k: v for k, v in verdict.items() if k != "confusion"}) == []  # older models
+    # Printed: standard's class 1 has no column; the label 5, given but not labelled, has no row.
+    assert _confusion(verdict).splitlines()[1:] == [
+        "  label       2       5       6",
+        "      2     940      60       0",
+        "      6      20       0     280",
+    ]
 
 
 def test_train_help_names_the_verdicts_least_class(capsys: pytest.CaptureFixture) -> None:

@@ -111,15 +111,30 @@ def evaluate(reference: np.ndarray, custom: np.ndarray, standard: np.ndarray) ->
     mine, theirs = per_class_metrics(reference, custom), per_class_metrics(reference, standard)
     judged = [c for c, m in sorted(mine.items()) if m["support"] >= MIN_JUDGED_POINTS]
     macro, standard_macro = (macro_f1({c: metrics[c] for c in judged}) for metrics in (mine, theirs))
+    codes = np.union1d(np.union1d(reference, custom), standard)
     return {
         "per_class": {str(c): m for c, m in sorted(mine.items())},
         "standard_per_class": {str(c): m for c, m in sorted(theirs.items())},
+        # Which labels each classifier took for which class: what the F1 figures do not say.
+        "confusion": {
+            "classes": [int(c) for c in codes],
+            "custom": confusion(reference, custom, codes),
+            "standard": confusion(reference, standard, codes),
+        },
         "judged_classes": judged,
         "min_judged_points": MIN_JUDGED_POINTS,
         "macro_f1": macro,
         "standard_macro_f1": standard_macro,
         "better_than_standard": bool(judged) and macro > standard_macro,
     }
+
+
+def confusion(reference: np.ndarray, predicted: np.ndarray, codes: np.ndarray) -> list[list[int]]:
+    """Points per (label, predicted class), rows and columns in the order of `codes` (sorted, holding
+    every code of both)."""
+    k = len(codes)
+    cells = np.searchsorted(codes, reference).astype(np.int64) * k + np.searchsorted(codes, predicted)
+    return np.bincount(cells, minlength=k * k).reshape(k, k).tolist()
 
 
 def tiled_features(block: PointBlock, buffer: float) -> tuple[np.ndarray, np.ndarray]:

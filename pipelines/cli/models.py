@@ -18,7 +18,8 @@ def register(commands: argparse._SubParsersAction) -> None:
             "knows: height above its ground model, its own classes and their surroundings, planarity and "
             "other shapes at several neighbourhood scales, returns, intensity). 25 % of the 20 m blocks "
             "are held out and scored per class (precision, recall, F1) for the model and for standard on "
-            "the same points. The model is stored in the account's area with a version and its evaluation "
+            "the same points, with the model's held-out points counted by label and by the class it gave "
+            "(which labels it takes for which class: what to label more of). The model is stored in the account's area with a version and its evaluation "
             "only if its macro F1 (over the classes with at least 100 held-out points) beats standard's "
             "(otherwise the figures are printed, nothing is stored and "
             "the exit code is 1), and can only be applied to that account's data: "
@@ -127,6 +128,24 @@ def _scores(evaluation: dict) -> str:
     return "\n".join(lines)
 
 
+def _confusion(evaluation: dict) -> str:
+    """The model's held-out points by label (rows) and by the class it gave (columns); empty for
+    models stored before the confusion was recorded."""
+    table = evaluation.get("confusion")
+    if not table:
+        return ""
+    codes, counts = table["classes"], table["custom"]
+    # The classes of the labels or of the model's answers: a class only standard gave has no column.
+    shown = [k for k, row in enumerate(counts) if sum(row) or any(other[k] for other in counts)]
+    width = max(8, *(len(f"{n:,}") + 1 for row in counts for n in row))
+    lines = ["held-out points by label (rows) and the model's class (columns):"]
+    lines.append(f"  {'label':>5}" + "".join(f"{codes[k]:>{width}}" for k in shown))
+    for i in shown:
+        if sum(counts[i]):
+            lines.append(f"  {codes[i]:>5}" + "".join(f"{counts[i][k]:>{width},}" for k in shown))
+    return "\n".join(lines)
+
+
 def _train(args: argparse.Namespace) -> int:
     from pipelines.cli.progress import ProgressBars
     from pipelines.runtime import Runtime
@@ -148,6 +167,7 @@ def _train(args: argparse.Namespace) -> int:
         else:
             print(f"held-out evaluation on {refused.evaluation['held_out_points']:,} points:")
             print(_scores(refused.evaluation))
+            print(_confusion(refused.evaluation))
             print(f"not better than standard: no model stored for account {args.account}; keep using standard")
         return 1
     if args.json:
@@ -157,6 +177,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"judged against standard {model.standard_version}")
     print(f"held-out evaluation on {model.evaluation['held_out_points']:,} points:")
     print(_scores(model.evaluation))
+    print(_confusion(model.evaluation))
     print(f"use it: pointflow classify IN.laz OUT.laz --classifier {model.model_id} --account {model.account_id}")
     return 0
 
