@@ -322,6 +322,8 @@ def test_the_evaluation_says_which_labels_were_taken_for_which_class() -> None:
     ]
     assert held_out_mistakes({k: v for k, v in verdict.items() if k != "confusion"}) == []  # older models
     # Printed: standard's class 1 has no column; the label 5, given but not labelled, has no row.
+    nothing = np.zeros(0, dtype=np.uint8)
+    assert _confusion(evaluate(nothing, nothing, nothing)) == ""  # no held-out point: no table
     assert _confusion(verdict).splitlines()[1:] == [
         "  label       2       5       6",
         "      2     940      60       0",

@@ -132,7 +132,7 @@ def _confusion(evaluation: dict) -> str:
     """The model's held-out points by label (rows) and by the class it gave (columns); empty for
     models stored before the confusion was recorded."""
     table = evaluation.get("confusion")
-    if not table:
+    if not table or not any(map(sum, table["custom"])):
         return ""
     codes, counts = table["classes"], table["custom"]
     # The classes of the labels or of the model's answers: a class only standard gave has no column.
@@ -167,7 +167,8 @@ def _train(args: argparse.Namespace) -> int:
         else:
             print(f"held-out evaluation on {refused.evaluation['held_out_points']:,} points:")
             print(_scores(refused.evaluation))
-            print(_confusion(refused.evaluation))
+            if table := _confusion(refused.evaluation):
+                print(table)
             print(f"not better than standard: no model stored for account {args.account}; keep using standard")
         return 1
     if args.json:
@@ -177,7 +178,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"judged against standard {model.standard_version}")
     print(f"held-out evaluation on {model.evaluation['held_out_points']:,} points:")
     print(_scores(model.evaluation))
-    print(_confusion(model.evaluation))
+    if table := _confusion(model.evaluation):
+        print(table)
     print(f"use it: pointflow classify IN.laz OUT.laz --classifier {model.model_id} --account {model.account_id}")
     return 0
 
