@@ -150,8 +150,8 @@ def tiled_features(block: PointBlock, buffer: float) -> tuple[np.ndarray, np.nda
         buffer,
     )
     if grid.count == 1:
-        modelled = np.full(len(block), len(block) >= MIN_TILE_POINTS)
-        return (point_features(block) if modelled.all() else _no_features(len(block))), modelled
+        enough = len(block) >= MIN_TILE_POINTS
+        return (point_features(block) if enough else _no_features(len(block))), np.full(len(block), enough)
     owner, context = grid.partition(block.x, block.y)
     ring = np.concatenate([index for index, _ in context] or [np.zeros(0, dtype=np.int64)])
     ring_tile = np.concatenate([tiles for _, tiles in context] or [np.zeros(0, dtype=np.int64)])
