@@ -331,14 +331,17 @@ def test_dyadic_cells_bin_as_every_grid_does(offset: float) -> None:
     sizes = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
     sums = cells.rasters(cells.flat(0.25), weights, sizes)
     lows = cells.rasters(cells.flat(0.25), block.z, sizes, np.minimum)
-    for cell in sizes[1:]:
+    highs = cells.rasters(cells.flat(0.25), block.z, sizes, np.maximum)
+    for cell in sizes:
         grid = Grid.covering(x, y, cell)
         flat = grid.flat_index(x, y)
         assert cells.grid(cell) == grid
         np.testing.assert_array_equal(cells.flat(cell), flat)
         np.testing.assert_array_equal(sums[cell].ravel(), np.bincount(flat, weights, minlength=grid.nx * grid.ny))
-        low = grid.cell_min(flat, block.z)
-        np.testing.assert_array_equal(lows[cell], np.where(np.isnan(low), np.inf, low))
+        for reduce, empty, raster in ((np.minimum, np.inf, lows), (np.maximum, -np.inf, highs)):
+            expected = np.full(grid.nx * grid.ny, empty)
+            reduce.at(expected, flat, block.z)
+            np.testing.assert_array_equal(raster[cell].ravel(), expected)
     with pytest.raises(InvalidValue):
         cells.flat(0.75)
 
