@@ -20,7 +20,7 @@ from pipelines.classifiers import (
     describe_classifier,
     get_classifier,
 )
-from pipelines.classifiers.features import FEATURE_NAMES, DyadicCells, _window_columns, point_features
+from pipelines.classifiers.features import FEATURE_NAMES, DyadicCells, _shapes, _window_columns, point_features
 from pipelines.classifiers.fitting import train
 from pipelines.classifiers.forest import ROWS, Forest
 from pipelines.classifiers.geometry import box_sum
@@ -380,6 +380,36 @@ def test_window_columns_are_the_window_sums_per_cell_gathered(multi: bool) -> No
     rasters = [count, n_multi if multi else np.empty(0), n_ground, low, high]
     _window_columns(flat, nx, ny, z, *(r.ravel() for r in rasters), 9.0 * cell * cell, *(out[:, k] for k in range(5)))
     assert out.tobytes(order="F") == np.asfortranarray(expected).tobytes(order="F")
+
+
+def test_shape_columns_are_each_neighbourhoods_principal_axes() -> None:
+    # Each point's 3x3-cell neighbourhood fitted by eigh of its covariance, point by point: the
+    # compiled sums and closed-form eigenvalues must give the same shapes and plane distances.
+    rng = np.random.default_rng(11)
+    n = 600
+    x, y = rng.uniform(0.0, 9.7, n), rng.uniform(0.0, 6.3, n)
+    z = 0.4 * x - 0.2 * y + rng.normal(0.0, 0.05, n) + np.where(x > 5.0, rng.uniform(0.0, 3.0, n), 0.0)
+    z[:4] = 7.0  # a cell's few points above the rest
+    block = PointBlock(x, y, z)
+    grid = Grid.covering(x, y, 1.0)
+    flat = grid.flat_index(x, y)
+    out = np.zeros((n, 5), dtype=np.float32, order="F")
+    _shapes(block, z, grid, flat, out)
+    col, row = flat % grid.nx, flat // grid.nx
+    for p in rng.choice(n, 60, replace=False):
+        near = (np.abs(col - col[p]) <= 1) & (np.abs(row - row[p]) <= 1)
+        points = np.stack([x[near], y[near], z[near]])
+        values, vectors = np.linalg.eigh(np.cov(points, bias=True))
+        small, middle, large = values
+        normal = vectors[:, 0]
+        expected = [
+            (large - middle) / large,
+            (middle - small) / large,
+            small / large,
+            1.0 - abs(normal[2]),
+            abs(np.dot(normal, [x[p], y[p], z[p]] - points.mean(axis=1))),
+        ]
+        np.testing.assert_allclose(out[p], expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [0, 1, 5])
