@@ -209,8 +209,9 @@ class DyadicCells:
 
 @compiled
 def _coarser_cells(col: np.ndarray, row: np.ndarray, level: int, i0: int, j0: int, nx: int) -> np.ndarray:
-    """Each point's cell at 2**level times its absolute column and row's cell, row * nx + column
-    on a grid whose first cell is (i0, j0): an arithmetic shift is floor division, also left of zero."""
+    """Each point's cell on the grid of cells 2**level times as wide, from its absolute column and
+    row at the finest cell (an arithmetic shift is floor division, also left of zero), as
+    row * nx + column on that grid, whose first cell is (i0, j0)."""
     out = np.empty(col.size, dtype=np.intp)
     for p in range(col.size):
         out[p] = ((row[p] >> level) - j0) * nx + (col[p] >> level) - i0
