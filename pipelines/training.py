@@ -163,10 +163,13 @@ def train_model(
     blocks, labels, described = _read_labelled_files(
         ((Path(p), Path(p).name) for p in paths), len(paths), runtime.settings.max_training_points, progress
     )
-    learned = set().union(*(set(d["classes"]) for d in described)) - set(ignore_classes)
+    labelled = set().union(*(set(d["classes"]) for d in described))
+    learned = labelled - set(ignore_classes)
     if len(learned) < 2:
         raise InvalidValue(
-            f"the labels hold {len(learned)} class(es) besides the ignored ones {sorted(ignore_classes)}: a classifier needs at least two"
+            f"the labels hold classes {sorted(labelled)}, {len(learned)} of them besides those left out"
+            f" {sorted(ignore_classes)}: a classifier needs at least two. Label points of another class,"
+            " or leave fewer classes out (pointflow train --ignore-class, the DAG's ignore_classes)"
         )
     model = train(
         blocks,

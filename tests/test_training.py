@@ -200,8 +200,11 @@ def test_labels_must_teach_something(accounts: Runtime, tmp_path: Path) -> None:
     from tests.lasfiles import write_points
 
     unlabelled = write_points(tmp_path / "plain.las")
-    with pytest.raises(ValueError, match="at least two"):
+    with pytest.raises(ValueError, match="at least two") as refused:
         train_model(accounts, "owner", [unlabelled])
+    # What the files hold, and what to do about it.
+    assert "the labels hold classes [" in str(refused.value)
+    assert "Label points of another class, or leave fewer classes out" in str(refused.value)
     text = tmp_path / "labels.las"
     text.write_text("x,y,z,class")
     with pytest.raises(ValueError, match="not a LAS/LAZ file"):
