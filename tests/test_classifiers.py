@@ -389,7 +389,7 @@ def test_shape_columns_are_each_neighbourhoods_principal_axes() -> None:
     n = 600
     x, y = rng.uniform(0.0, 9.7, n), rng.uniform(0.0, 6.3, n)
     z = 0.4 * x - 0.2 * y + rng.normal(0.0, 0.05, n) + np.where(x > 5.0, rng.uniform(0.0, 3.0, n), 0.0)
-    z[:4] = 7.0  # a cell's few points above the rest
+    z[:4] = 7.0  # four lone points far above their neighbours: planes that do not fit
     block = PointBlock(x, y, z)
     grid = Grid.covering(x, y, 1.0)
     flat = grid.flat_index(x, y)
