@@ -455,6 +455,99 @@ def test_a_trial_ends_fourteen_days_after_start(runtime: Runtime, smtp_sink, cap
     assert is_locked(runtime.catalog, "tryout") and not is_locked(runtime.catalog, "converted")
 
 
+def change_plan(capsys: pytest.CaptureFixture[str], account_id: str, plan: str, effective: str, *extra: str) -> None:
+    """`pointflow accounts change-plan ACCOUNT --plan PLAN --effective DATE`."""
+    code = main(["accounts", "change-plan", account_id, "--plan", plan, "--effective", effective, *extra])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+
+
+def stored_file(runtime: Runtime, account_id: str, name: str) -> int:
+    key = f"accounts/{account_id}/raw/{name}"
+    runtime.store.put_bytes(key, b"i" * 5)
+    with runtime.catalog.session() as session:
+        stored = StoredFile(account_id=account_id, key=key, original_name=name, size=5, sha256=name[0] * 64)
+        session.add(stored)
+        session.flush()
+        return stored.id
+
+
+def test_api_results_follow_the_plan_the_job_ran_under(runtime: Runtime, smtp_sink, capsys) -> None:
+    # A professional account that moves to api next year, and an api account that moved to professional.
+    upsert_accounts(runtime.catalog, [make_account("upgrader", "professional"), make_account("downgrader", "api")])
+    change_plan(capsys, "upgrader", "api", "2027-01-01")
+    change_plan(capsys, "downgrader", "professional", "2026-09-01")
+    api_job(runtime, "upgrader", "pro-job", "2026-03-01T12:00:00", stored_file(runtime, "upgrader", "p.laz"))
+    api_job(runtime, "upgrader", "api-job", "2027-01-05T12:00:00", stored_file(runtime, "upgrader", "q.laz"))
+    api_job(runtime, "downgrader", "old-api-job", "2026-04-01T12:00:00", stored_file(runtime, "downgrader", "a.laz"))
+    api_job(runtime, "downgrader", "new-pro-job", "2026-10-01T12:00:00", stored_file(runtime, "downgrader", "b.laz"))
+
+    # The api job of the downgraded account goes 10 days after it finished, though the account is
+    # professional now; the upgraded account's professional job stays.
+    [old] = lifecycle(capsys, "2026-05-02T03:00:00Z")
+    assert (old["account_id"], old["action"], old["detail"]["job_id"]) == (
+        "downgrader",
+        "api_results_deleted",
+        "old-api-job",
+    )
+    assert not runtime.store.exists("accounts/downgrader/raw/a.laz")
+    # Once the upgrade is in force, only the job run under api goes.
+    assert lifecycle(capsys, "2026-11-01T03:00:00Z") == []
+    [new] = lifecycle(capsys, "2027-01-15T12:00:00Z")
+    assert (new["account_id"], new["detail"]["job_id"]) == ("upgrader", "api-job")
+    assert lifecycle(capsys, "2027-06-01T03:00:00Z") == []
+    for key in (
+        "accounts/upgrader/raw/p.laz",
+        "accounts/upgrader/classified/pro-job/out.laz",
+        "accounts/upgrader/exports/pro-job/out.laz",
+        "accounts/downgrader/raw/b.laz",
+        "accounts/downgrader/classified/new-pro-job/out.laz",
+    ):
+        assert runtime.store.exists(key), key
+    assert not runtime.store.exists("accounts/upgrader/raw/q.laz")
+
+
+def test_inactivity_applies_only_while_the_account_is_free(runtime: Runtime, smtp_sink, capsys) -> None:
+    upsert_accounts(
+        runtime.catalog,
+        [
+            replace(
+                make_account("lapsing", "professional"),
+                started_at=date(2024, 6, 1),
+                last_login_at=at("2025-01-01T00:00:00"),
+            )
+        ],
+    )
+    change_plan(capsys, "lapsing", "free", "2027-06-01")
+    # Still on the paid plan: no notice, no closure.
+    assert lifecycle(capsys, "2026-12-02T03:00:00Z") == []
+    assert lifecycle(capsys, "2027-02-02T03:00:00Z") == []
+    assert not is_locked(runtime.catalog, "lapsing", at("2027-02-02T03:00:00"))
+    # Free from 2027-06-01, and inactive for more than 12 months by then.
+    [notice] = lifecycle(capsys, "2027-06-01T03:00:00Z")
+    assert notice["action"] == "inactivity_notice" and notice["detail"]["closure_at"] == "2027-08-01T03:00:00+00:00"
+
+
+def test_a_trial_converted_later_still_ends_after_fourteen_days(runtime: Runtime, smtp_sink, capsys) -> None:
+    upsert_accounts(
+        runtime.catalog,
+        [
+            replace(make_account("late", "trial"), started_at=date(2026, 11, 20)),
+            replace(make_account("early", "trial"), started_at=date(2026, 11, 20)),
+        ],
+    )
+    change_plan(capsys, "late", "professional", "2027-03-01")
+    change_plan(capsys, "early", "professional", "2026-12-01")
+    assert lifecycle(capsys, "2026-12-03T03:00:00Z") == []
+    actions = lifecycle(capsys, "2026-12-04T03:00:00Z")
+    assert [(a["account_id"], a["action"], a["effective_at"]) for a in actions] == [
+        ("late", "trial_ended", "2026-12-04T00:00:00+00:00"),
+        ("late", "terminated", "2026-12-04T00:00:00+00:00"),
+        ("late", "data_locked", "2026-12-04T00:00:00+00:00"),
+    ]
+    assert is_locked(runtime.catalog, "late") and not is_locked(runtime.catalog, "early")
+
+
 def test_overdue_accounts_get_a_notice_five_days_before_service_stops(runtime: Runtime, smtp_sink, capsys) -> None:
     from pipelines.billing.invoicing import run_billing
     from pipelines.billing.pricebook import load_pricebook

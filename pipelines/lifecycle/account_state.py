@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from pipelines.billing.history import account_history
 from pipelines.billing.overdue import OverdueBalance
 from pipelines.billing.pricebook import PriceBook
+from pipelines.billing.terms import History
 from pipelines.catalog.models import Account, UsageEvent
 from pipelines.lifecycle import notices
 from pipelines.lifecycle.deletion import DeletionPlan, execute_deletion
@@ -105,11 +107,19 @@ class AccountState:
                     )
                 ).all()
             )
+            # The dated plan history billing reads: every rule judges the plan in force at its moment.
+            self.history: History = account_history(session, self.account)
             session.expunge_all()
         # Logins come from account imports (last_login_at) and from login usage events: the latest counts.
         logins = [t for t in (self.account.last_login_at, latest_event) if t is not None]
         self.last_login = max(logins) if logins else None
-        self.plan_policy: PlanPolicy = context.policy.for_plan(self.account.plan)
+        # accounts.plan is the latest recorded plan, whatever its date: the run's rules use the plan in force.
+        self.plan = self.history.on(self.as_of.date()).plan
+        self.plan_policy: PlanPolicy = context.policy.for_plan(self.plan)
+
+    def plan_on(self, moment: datetime) -> str:
+        """The plan in force at `moment` (a change takes effect at 00:00 UTC on its date)."""
+        return self.history.on(moment.astimezone(UTC).date()).plan
 
     # -- recording -------------------------------------------------------------------------
 

@@ -18,8 +18,10 @@ from sqlalchemy.orm import Session
 from pipelines.accounts import get_account
 from pipelines.billing.corrections import TermsUpdate, set_billing_terms
 from pipelines.billing.periods import Period, add_months, start_of
+from pipelines.billing.pricebook import PriceBook
+from pipelines.billing.terms import History
 from pipelines.catalog import Catalog, CatalogError
-from pipelines.catalog.models import TERMINAL_JOB_STATES, Account, BillingCycle, Job, JobState, StoredFile
+from pipelines.catalog.models import TERMINAL_JOB_STATES, Account, BillingCycle, Job, JobState, Plan, StoredFile
 from pipelines.lifecycle.deletion import (
     DeletionPlan,
     account_deletion_plan,
@@ -56,6 +58,16 @@ def is_locked(catalog: Catalog, account_id: str, at: datetime | None = None) -> 
     with catalog.session() as session:
         termination = session.get(Termination, account_id)
     return termination is not None and (termination.locked_at is not None or termination.effective_at <= _now(at))
+
+
+def trial_ends_at(pricebook: PriceBook, history: History, started: date, at: datetime) -> datetime | None:
+    """When the trial of an account on `trial` at `at` ends: the price book's `trial_days` after its
+    start (00:00 UTC). None when the plan in force at `at` is not `trial` (converted, or never one)
+    or the price book gives trials no end."""
+    if history.on(at.astimezone(UTC).date()).plan != Plan.TRIAL.value:
+        return None
+    days = pricebook.terms(Plan.TRIAL.value, started).trial_days
+    return None if days is None else start_of(started) + timedelta(days=days)
 
 
 def data_deleted(catalog: Catalog, account_id: str) -> bool:

@@ -29,6 +29,7 @@ from pipelines.lifecycle.deletion import (
     plan_deletion,
 )
 from pipelines.lifecycle.models import Termination
+from pipelines.lifecycle.operations import trial_ends_at
 from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
 from pipelines.scratch import job_folders
 from pipelines.storage import AccountArea
@@ -106,21 +107,19 @@ class AccountRun(AccountState):
         if self.termination is not None and self.as_of >= self.termination.effective_at:
             self._terminated()
         deleted = self.termination is not None and self.termination.deleted_at is not None
-        if self.account.plan == Plan.API.value and not deleted:
+        # The API rule concerns the jobs run under `api`, whatever the account's plan is now.
+        ever_api = Plan.API.value in {self.history.base.plan, *(step.plan for step in self.history.plan_steps)}
+        if ever_api and not deleted:
             self._api_results()
         if self.termination is None or self.as_of < self.termination.effective_at:
             self._overdue()
 
     def _trial(self) -> None:
-        if self.account.plan != Plan.TRIAL.value:
-            return
         started = self.account.started_at
-        days = self.context.pricebook.terms(Plan.TRIAL.value, started).trial_days
-        if days is None:
+        ends_at = trial_ends_at(self.context.pricebook, self.history, started, self.as_of)
+        if ends_at is None or self.as_of < ends_at:
             return
-        ends_at = start_of(started) + timedelta(days=days)
-        if self.as_of < ends_at:
-            return
+        days = (ends_at.date() - started).days
         self._emit("trial_ended", "trial", ends_at, {"started_on": started.isoformat(), "trial_days": days})
         self._terminate("trial_ended", ends_at)
 
@@ -264,7 +263,8 @@ class AccountRun(AccountState):
             session.expunge_all()
 
         def due_at(job: Job) -> datetime | None:
-            if job.finished_at is None:
+            # Only a job run under `api` (the plan in force when it finished, as billed) is due.
+            if job.finished_at is None or self.plan_on(job.finished_at) != Plan.API.value:
                 return None
             days = plan_limits(self.context.pricebook, Plan.API.value, job.finished_at.date()).result_retention_days
             return None if days is None else job.finished_at + timedelta(days=days)
