@@ -185,7 +185,9 @@ def accounts_overview(
         if termination is not None and termination.deleted_at is not None:
             status.append("data deleted")
         elif is_locked(runtime.catalog, account.account_id, as_of):
-            status.append(f"closed ({termination.reason.replace('_', ' ')}), data locked")
+            # A trial is locked from its end, before the nightly run records the termination.
+            reason = termination.reason if termination is not None else "trial_ended"
+            status.append(f"closed ({reason.replace('_', ' ')}), data locked")
         elif termination is not None:
             status.append(f"ends {termination.effective_at:%Y-%m-%d}")
         else:

@@ -14,8 +14,10 @@ from pipelines.accounts import upsert_accounts
 from pipelines.billing.models import Invoice
 from pipelines.catalog.models import Job, JobState, SentMessage, StoredFile, UsageEvent
 from pipelines.cli import main
+from pipelines.dashboard import build_dashboard
 from pipelines.lifecycle import is_locked
 from pipelines.lifecycle.models import DeletionAudit, LifecycleDeliveryFailure, Termination
+from pipelines.lifecycle.operations import AccountLocked, ensure_active
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
@@ -546,6 +548,29 @@ def test_a_trial_converted_later_still_ends_after_fourteen_days(runtime: Runtime
         ("late", "data_locked", "2026-12-04T00:00:00+00:00"),
     ]
     assert is_locked(runtime.catalog, "late") and not is_locked(runtime.catalog, "early")
+
+
+def test_a_trial_is_locked_from_its_end_before_any_run_records_it(runtime: Runtime, smtp_sink, capsys) -> None:
+    upsert_accounts(
+        runtime.catalog,
+        [
+            replace(make_account("tryout", "trial"), started_at=date(2027, 1, 1)),
+            replace(make_account("paying", "trial"), started_at=date(2027, 1, 1)),
+        ],
+    )
+    change_plan(capsys, "paying", "professional", "2027-01-10")
+    assert not is_locked(runtime.catalog, "tryout", at("2027-01-14T23:59:59"))
+    ensure_active(runtime.catalog, "tryout", at("2027-01-14T23:59:59"))
+    # The trial ended at 00:00; the nightly run (03:00, or a missed one) has recorded nothing yet.
+    for moment in ("2027-01-15T00:00:00", "2027-01-15T02:59:00", "2027-01-20T00:00:00"):
+        assert is_locked(runtime.catalog, "tryout", at(moment)), moment
+        with pytest.raises(AccountLocked, match="tryout is closed"):
+            ensure_active(runtime.catalog, "tryout", at(moment))
+        assert not is_locked(runtime.catalog, "paying", at(moment))
+    with runtime.catalog.session() as session:
+        assert session.get(Termination, "tryout") is None
+    [row] = [a for a in build_dashboard(runtime, at("2027-01-15T02:59:00")).accounts if a.account_id == "tryout"]
+    assert row.status == ("closed (trial ended), data locked",)
 
 
 def test_overdue_accounts_get_a_notice_five_days_before_service_stops(runtime: Runtime, smtp_sink, capsys) -> None:

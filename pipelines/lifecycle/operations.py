@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session
 
 from pipelines.accounts import get_account
 from pipelines.billing.corrections import TermsUpdate, set_billing_terms
+from pipelines.billing.history import account_history
 from pipelines.billing.periods import Period, add_months, start_of
-from pipelines.billing.pricebook import PriceBook
+from pipelines.billing.pricebook import PriceBook, load_pricebook
 from pipelines.billing.terms import History
 from pipelines.catalog import Catalog, CatalogError
 from pipelines.catalog.models import TERMINAL_JOB_STATES, Account, BillingCycle, Job, JobState, Plan, StoredFile
@@ -31,6 +32,7 @@ from pipelines.lifecycle.deletion import (
 )
 from pipelines.lifecycle.models import DeletionAudit, LegalHold, Termination
 from pipelines.lifecycle.policy import LifecyclePolicy
+from pipelines.settings import Settings
 from pipelines.storage import AccountArea
 
 if TYPE_CHECKING:
@@ -48,16 +50,32 @@ def _now(now: datetime | None) -> datetime:
     return (now or datetime.now(UTC)).astimezone(UTC)
 
 
-def is_locked(catalog: Catalog, account_id: str, at: datetime | None = None) -> bool:
+def is_locked(
+    catalog: Catalog, account_id: str, at: datetime | None = None, pricebook: PriceBook | None = None
+) -> bool:
     """True once the account's contract has ended: its data may no longer be served.
 
     Call it before serving or accepting data (ingest, new jobs, download links). The lock holds
-    from the termination's effective moment, even before the nightly run has recorded it.
+    from the termination's effective moment, and from the end of a trial still on `trial` then
+    (`trial_ends_at`, with `pricebook`'s trial days; default: the price book the environment
+    names), even before the nightly run has recorded it.
     Exporting all data for the customer during the grace period stays allowed.
     """
+    at = _now(at)
     with catalog.session() as session:
         termination = session.get(Termination, account_id)
-    return termination is not None and (termination.locked_at is not None or termination.effective_at <= _now(at))
+        if termination is not None:
+            return termination.locked_at is not None or termination.effective_at <= at
+        account = session.get(Account, account_id)
+        if account is None:
+            return False
+        history = account_history(session, account)
+        started = account.started_at
+    if history.on(at.date()).plan != Plan.TRIAL.value:
+        return False
+    pricebook = pricebook or load_pricebook(Settings.from_env().pricebook_path)
+    ends_at = trial_ends_at(pricebook, history, started, at)
+    return ends_at is not None and ends_at <= at
 
 
 def trial_ends_at(pricebook: PriceBook, history: History, started: date, at: datetime) -> datetime | None:
@@ -81,8 +99,10 @@ class AccountLocked(LifecycleError):
     """The account's contract has ended: no uploads, no new jobs, no download links."""
 
 
-def ensure_active(catalog: Catalog, account_id: str, at: datetime | None = None) -> None:
-    if is_locked(catalog, account_id, at):
+def ensure_active(
+    catalog: Catalog, account_id: str, at: datetime | None = None, pricebook: PriceBook | None = None
+) -> None:
+    if is_locked(catalog, account_id, at, pricebook):
         raise AccountLocked(
             f"account {account_id} is closed: its data is locked until deletion; "
             "'pointflow accounts export-all' still returns it to the customer"

@@ -33,8 +33,9 @@ class DeliveryTerms:
 def delivery_terms(runtime: Runtime, account_id: str, at: datetime | None = None) -> DeliveryTerms:
     """What the account's plan allows for its results at `at` (now by default); refused once it is locked."""
     at = at or utcnow()
-    ensure_active(runtime.catalog, account_id, at)
-    limits = account_limits(runtime.catalog, load_pricebook(runtime.settings.pricebook_path), account_id, at.date())[1]
+    pricebook = load_pricebook(runtime.settings.pricebook_path)
+    ensure_active(runtime.catalog, account_id, at, pricebook)
+    limits = account_limits(runtime.catalog, pricebook, account_id, at.date())[1]
     return DeliveryTerms(
         limits.downloads, timedelta(days=limits.result_retention_days) if limits.result_retention_days else None
     )
