@@ -15,12 +15,11 @@ import pytest
 from sqlalchemy import select
 
 from pipelines.accounts import get_account, upsert_accounts
-from pipelines.billing.models import BillingTerms
-from pipelines.catalog.models import Account
+from pipelines.billing.models import BillingTerms, Invoice
 from pipelines.cli import main
 from pipelines.lifecycle import PolicyError, is_locked, load_policy
 from pipelines.lifecycle.models import DeletionAudit, LifecycleAction
-from pipelines.lifecycle.operations import paid_term_end
+from pipelines.lifecycle.operations import paid_term_end, terminate_account
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from tests.conftest import make_account
@@ -129,11 +128,9 @@ def test_terminate_defaults_to_the_end_of_the_paid_term_and_stops_billing(runtim
             replace(make_account("yearly"), billing_cycle="yearly", started_at=date(2026, 3, 15)),
         ],
     )
-    with runtime.catalog.session() as session:
-        monthly, yearly = session.get(Account, "monthly"), session.get(Account, "yearly")
-        assert paid_term_end(monthly, date(2026, 11, 22)) == date(2026, 12, 1)
-        assert paid_term_end(yearly, date(2026, 11, 22)) == date(2027, 3, 15)
-        assert paid_term_end(yearly, date(2027, 3, 15)) == date(2028, 3, 15)
+    assert paid_term_end(runtime.catalog, "monthly", date(2026, 11, 22)) == date(2026, 12, 1)
+    assert paid_term_end(runtime.catalog, "yearly", date(2026, 11, 22)) == date(2027, 3, 15)
+    assert paid_term_end(runtime.catalog, "yearly", date(2027, 3, 15)) == date(2028, 3, 15)
     out = cli(capsys, "accounts", "terminate", "monthly", "--effective", "2027-02-01", "--reason", "non_payment")
     assert "last day of service 2027-01-31" in out
     with runtime.catalog.session() as session:
@@ -142,6 +139,37 @@ def test_terminate_defaults_to_the_end_of_the_paid_term_and_stops_billing(runtim
     assert is_locked(runtime.catalog, "monthly", datetime(2027, 2, 1, tzinfo=UTC))
     assert "already terminated" in cli(capsys, "accounts", "terminate", "monthly", code=2)
     assert "unknown account" in cli(capsys, "accounts", "terminate", "ghost", code=2)
+
+
+def test_terminating_a_prepaid_cycle_keeps_access_to_the_end_of_the_invoiced_cycle(runtime: Runtime, capsys) -> None:
+    from pipelines.billing.invoicing import run_billing
+    from pipelines.billing.pricebook import load_pricebook
+
+    # Monthly from 2026-01-15, yearly from 2026-06-01: the cycle runs from the change, not the start.
+    upsert_accounts(runtime.catalog, [replace(make_account("prepaid"), started_at=date(2026, 1, 15))])
+    cli(
+        capsys,
+        "accounts",
+        "change-plan",
+        "prepaid",
+        "--plan",
+        "professional",
+        "--billing-cycle",
+        "yearly",
+        "--effective",
+        "2026-06-01",
+    )
+    run_billing(runtime.catalog, "2026-06", load_pricebook(), now=datetime(2026, 7, 1, 1, tzinfo=UTC))
+    with runtime.catalog.session() as session:
+        [invoice] = session.scalars(select(Invoice).where(Invoice.account_id == "prepaid"))
+        assert any("yearly 2026-06-01 to 2027-05-31, in advance" in line.description for line in invoice.lines)
+    assert paid_term_end(runtime.catalog, "prepaid", date(2026, 11, 22)) == date(2027, 6, 1)
+    view = terminate_account(runtime.catalog, "prepaid", now=datetime(2026, 11, 22, 10, tzinfo=UTC))
+    assert (view.last_day_of_service, view.effective_at) == (date(2027, 5, 31), datetime(2027, 6, 1, tzinfo=UTC))
+    with runtime.catalog.session() as session:
+        assert session.get(BillingTerms, "prepaid").ended_on == date(2027, 5, 31)
+    assert not is_locked(runtime.catalog, "prepaid", datetime(2027, 5, 31, 23, 59, tzinfo=UTC))
+    assert is_locked(runtime.catalog, "prepaid", datetime(2027, 6, 1, tzinfo=UTC))
 
 
 def test_policy_file_per_plan_and_from_the_environment(

@@ -85,6 +85,15 @@ def _cycle_start(anchor: date, months: int, month: Period) -> date:
     return add_months(anchor, (elapsed // months) * months)
 
 
+def invoiced_cycle(anchor: date, months: int, day: date) -> tuple[date, date]:
+    """First and last day of the anchor's quarterly or yearly cycle that contains `day`, as its
+    invoice line states them (what a termination lets run to its end)."""
+    start = _cycle_start(anchor, months, Period.of(day))
+    if start > day:
+        start = _cycle_start(anchor, months, Period.of(add_months(start, -months)))
+    return start, add_months(start, months) - timedelta(days=1)
+
+
 def subscription_lines(month: MonthLines) -> None:
     """Per plan period in the month: the subscription (and discount) lines; also each piece's net
     fee for the month, for the availability credit."""

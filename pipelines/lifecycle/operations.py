@@ -16,9 +16,11 @@ from sqlalchemy import ColumnElement, delete, select, update
 from sqlalchemy.orm import Session
 
 from pipelines.accounts import get_account
+from pipelines.billing.charges import invoiced_cycle
 from pipelines.billing.corrections import TermsUpdate, set_billing_terms
-from pipelines.billing.history import account_history
-from pipelines.billing.periods import Period, add_months, start_of
+from pipelines.billing.history import account_history, agreed_on
+from pipelines.billing.lines import CYCLE_MONTHS
+from pipelines.billing.periods import Period, start_of
 from pipelines.billing.pricebook import PriceBook, load_pricebook
 from pipelines.billing.terms import History
 from pipelines.catalog import Catalog, CatalogError
@@ -167,16 +169,15 @@ def active_hold(catalog: Catalog, account_id: str) -> HoldView | None:
         return None if hold is None else _hold_view(hold)
 
 
-def paid_term_end(account: Account, on: date) -> date:
-    """The first day after the paid term that contains `on`: monthly terms are calendar months,
-    quarterly and yearly terms run from the start date's anniversaries (as invoicing bills them)."""
-    if account.billing_cycle == BillingCycle.MONTHLY.value:
+def paid_term_end(catalog: Catalog, account_id: str, on: date) -> date:
+    """The first day after the paid term that contains `on`, on the plan and cycle in force then:
+    monthly terms are calendar months; quarterly and yearly terms are the prepaid cycle invoicing
+    billed, which runs from the plan period's start (the account's start or its latest plan change)."""
+    agreed = agreed_on(catalog, account_id, on)
+    if agreed.billing_cycle == BillingCycle.MONTHLY.value:
         return Period.of(on).next().first_day
-    step = 3 if account.billing_cycle == BillingCycle.QUARTERLY.value else 12
-    cycles = 1
-    while add_months(account.started_at, cycles * step) <= on:
-        cycles += 1
-    return add_months(account.started_at, cycles * step)
+    _, last = invoiced_cycle(agreed.plan_since, CYCLE_MONTHS[agreed.billing_cycle], on)
+    return last + timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ def terminate_account(
         raise LifecycleError(f"reason {reason!r} is not one of {', '.join(TERMINATION_REASONS)}")
     account = get_account(catalog, account_id)
     now = _now(now)
-    effective = effective or paid_term_end(account, now.date())
+    effective = effective or paid_term_end(catalog, account.account_id, now.date())
     with catalog.session() as session:
         known = session.get(Termination, account_id)
         if known is not None:
