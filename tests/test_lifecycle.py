@@ -264,6 +264,42 @@ def test_a_login_during_the_notice_period_averts_the_closure(runtime: Runtime, s
     assert not is_locked(runtime.catalog, "back")
 
 
+def test_a_notice_from_before_a_paid_period_does_not_close_the_account_after_it(
+    runtime: Runtime, smtp_sink, capsys
+) -> None:
+    from pipelines.billing.history import record_plan_change
+
+    upsert_accounts(runtime.catalog, [free_account("yoyo", "2025-01-01T00:00:00", started=date(2024, 6, 1))])
+    [first] = lifecycle(capsys, "2026-01-02T03:00:00Z")
+    assert (first["action"], first["detail"]["closure_at"]) == ("inactivity_notice", "2026-03-02T03:00:00+00:00")
+    # Upgraded before the closure: a professional account has no inactivity rule.
+    record_plan_change(runtime.catalog, None, "yoyo", "professional", date(2026, 1, 15))
+    assert [lifecycle(capsys, day) for day in ("2026-01-15T03:00:00Z", "2026-03-02T03:00:00Z")] == [[], []]
+    # Back to free eight months later: the old notice announced a period that is over. The
+    # customer gets a fresh notice with the full 2 months, and both reminders.
+    record_plan_change(runtime.catalog, None, "yoyo", "free", date(2026, 9, 1))
+    [fresh] = lifecycle(capsys, "2026-09-01T03:00:00Z")
+    assert fresh["action"] == "inactivity_notice"
+    assert (fresh["detail"]["last_login_at"], fresh["detail"]["closure_at"]) == (
+        "2025-01-01T00:00:00+00:00",
+        "2026-11-01T03:00:00+00:00",
+    )
+    assert "1 November 2026" in sent(smtp_sink)[-1]["Subject"]
+    assert lifecycle(capsys, "2026-09-08T03:00:00Z") == []
+    assert not is_locked(runtime.catalog, "yoyo", at("2026-09-08T03:00:00"))
+    [r30] = lifecycle(capsys, "2026-10-02T03:00:00Z")
+    [r7] = lifecycle(capsys, "2026-10-25T03:00:00Z")
+    assert [(r["action"], r["detail"]["days_before_closure"]) for r in (r30, r7)] == [
+        ("inactivity_reminder", 30),
+        ("inactivity_reminder", 7),
+    ]
+    assert lifecycle(capsys, "2026-11-01T02:59:59Z") == []
+    [terminated, _locked] = lifecycle(capsys, "2026-11-01T03:00:00Z")
+    assert (terminated["action"], terminated["effective_at"]) == ("terminated", "2026-11-01T03:00:00+00:00")
+    # No login happened: nothing was averted, and each e-mail went out once.
+    assert len(sent(smtp_sink)) == 5
+
+
 def test_a_login_from_the_account_import_counts_too(runtime: Runtime, smtp_sink, capsys) -> None:
     upsert_accounts(runtime.catalog, [free_account("csv", "2026-01-10T09:00:00")])
     record_usage(runtime.catalog, [UsageRecord("login-old", "csv", "login", at("2025-12-01T00:00:00"))])

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select, update
 
+from pipelines.billing.history import account_history
 from pipelines.billing.overdue import overdue_balances
 from pipelines.billing.periods import add_months, start_of
 from pipelines.billing.pricebook import PriceBook, load_pricebook, plan_limits
@@ -139,8 +140,14 @@ class AccountRun(AccountState):
         self._averted(cycle, reference)
         if months is None or self.as_of < add_months(reference, months):
             return
-        notice_draft_key = f"lifecycle:inactivity_notice:{self.account.account_id}:{cycle}"
-        notice = self.notices.get(notice_draft_key)
+        notice = self.notices.get(f"lifecycle:inactivity_notice:{self.account.account_id}:{cycle}")
+        if notice is not None:
+            # A notice counts only for the period it announced: after a stretch on a plan without
+            # the rule (a paid plan), the period that follows gets its own notice and reminders.
+            since = self._rule_applies_since()
+            if since is not None and notice.sent_at < start_of(since):
+                cycle = f"{cycle}/{since.isoformat()}"
+                notice = self.notices.get(f"lifecycle:inactivity_notice:{self.account.account_id}:{cycle}")
         grace = policy.grace_months
         if notice is None:
             closure_at = add_months(self.as_of, policy.closure_after_notice_months)
@@ -186,14 +193,38 @@ class AccountRun(AccountState):
                 "inactivity_reminder", f"{cycle}:{days}", self.as_of, {**detail, "message_id": reminder.message_id}
             )
 
+    def _rule_applies_since(self) -> date | None:
+        """The first day of the account's current uninterrupted stretch of plans with an
+        inactivity rule (its start if always on one); None if the plan in force has no rule."""
+        with self.context.runtime.catalog.session() as session:
+            history = account_history(session, session.get(Account, self.account.account_id))
+
+        def has_rule(day: date) -> bool:
+            plan = history.on(day).plan
+            return self.context.policy.for_plan(plan).inactivity_notice_after_months is not None
+
+        today = self.as_of.date()
+        if not has_rule(today):
+            return None
+        for day in sorted({s.effective_on for s in history.plan_steps if s.effective_on <= today}, reverse=True):
+            if not has_rule(day - timedelta(days=1)):
+                return day
+        return self.account.started_at
+
     def _reminder_key(self, cycle: str, days: int) -> str:
         return f"lifecycle:inactivity_reminder:{self.account.account_id}:{cycle}:{days}"
 
     def _averted(self, cycle: str, login: datetime) -> None:
-        """A login after a notice (any notice of an older cycle) averts that cycle's closure."""
+        """A login after a notice (any notice of an older cycle) averts that cycle's closure. A
+        cycle is the login it counts from, and after a stretch without the rule, "/" and the day
+        the rule applied again."""
         prefix = f"lifecycle:inactivity_notice:{self.account.account_id}:"
         for key, notice in sorted(self.notices.items()):
-            if notice.kind == "inactivity_notice" and key.startswith(prefix) and key[len(prefix) :] != cycle:
+            if (
+                notice.kind == "inactivity_notice"
+                and key.startswith(prefix)
+                and key[len(prefix) :].split("/")[0] != cycle
+            ):
                 old_cycle = key[len(prefix) :]
                 self._emit(
                     "closure_averted",
