@@ -470,6 +470,31 @@ def test_api_results_are_deleted_ten_days_after_the_job(runtime: Runtime, smtp_s
     assert sent(smtp_sink) == []
 
 
+def test_api_retention_deletes_the_export_all_bundles_holding_copies(runtime: Runtime, smtp_sink, capsys) -> None:
+    upsert_accounts(runtime.catalog, [make_account("apix", "api")])
+    with runtime.catalog.session() as session:
+        stored = StoredFile(
+            account_id="apix", key="accounts/apix/raw/in.laz", original_name="in.laz", size=5, sha256="c" * 64
+        )
+        session.add(stored)
+        session.flush()
+        file_id = stored.id
+    runtime.store.put_bytes("accounts/apix/raw/in.laz", b"i" * 5)
+    api_job(runtime, "apix", "job-x", "2026-05-02T03:00:00", file_id)
+    assert main(["accounts", "export-all", "apix", "--json"]) == 0
+    bundle = json.loads(capsys.readouterr().out)["key"]
+    assert runtime.store.exists(bundle)
+    assert lifecycle(capsys, "2026-05-12T02:59:59Z") == []
+    [deleted] = lifecycle(capsys, "2026-05-12T03:00:00Z")
+    assert deleted["action"] == "api_results_deleted"
+    # The bundle held the classified output, the export and the input: it goes with them, audited.
+    assert bundle in [k["key"] for k in deleted["detail"]["keys"]]
+    assert list(runtime.store.list("accounts/apix/")) == []
+    with runtime.catalog.session() as session:
+        [audit] = session.scalars(select(DeletionAudit))
+        assert bundle in [o["key"] for o in audit.objects]
+
+
 def test_a_trial_ends_fourteen_days_after_start(runtime: Runtime, smtp_sink, capsys) -> None:
     upsert_accounts(
         runtime.catalog,

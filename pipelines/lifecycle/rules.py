@@ -30,6 +30,7 @@ from pipelines.lifecycle.deletion import (
     plan_deletion,
 )
 from pipelines.lifecycle.models import Termination
+from pipelines.lifecycle.operations import BUNDLE_FOLDER
 from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
 from pipelines.scratch import job_folders
 from pipelines.storage import AccountArea
@@ -316,7 +317,10 @@ class AccountRun(AccountState):
                 area.key("reports", job.job_id) + "-",
                 area.key("quarantine", job.job_id) + "-",
             ]
-            keys = []
+            # An export-all bundle holds copies of the results and inputs: every bundle made before
+            # this deletion goes with it, so no copy outlives the retention (export-all makes a
+            # new one from what is left).
+            keys = [o.key for o in self.context.runtime.store.list(area.key("exports", BUNDLE_FOLDER) + "/")]
             stored = files.get(job.file_id) if job.file_id is not None else None
             # The same bytes uploaded twice are one file: it goes only when every job using it is due.
             sharers = [j for j in jobs if j.file_id == job.file_id]
