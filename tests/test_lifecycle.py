@@ -467,7 +467,53 @@ def test_api_results_are_deleted_ten_days_after_the_job(runtime: Runtime, smtp_s
         assert [a.rule for a in session.scalars(select(DeletionAudit).order_by(DeletionAudit.id))] == [
             "api_results"
         ] * 3
-    assert sent(smtp_sink) == []
+    # Each run that deleted results announced them, once.
+    assert [m["Subject"] for m in sent(smtp_sink)] == [
+        "pointflow: the results of 1 job of account robot were deleted"
+    ] * 3
+
+
+def test_api_result_deletions_are_announced_once_per_run(runtime: Runtime, smtp_sink, capsys) -> None:
+    upsert_accounts(runtime.catalog, [make_account("told", "api")])
+    with runtime.catalog.session() as session:
+        stored = StoredFile(
+            account_id="told", key="accounts/told/raw/in.laz", original_name="in.laz", size=5, sha256="d" * 64
+        )
+        session.add(stored)
+        session.flush()
+        file_id = stored.id
+    runtime.store.put_bytes("accounts/told/raw/in.laz", b"i" * 5)
+    api_job(runtime, "told", "job-a", "2026-11-01T10:00:00", file_id)
+    api_job(runtime, "told", "job-b", "2026-11-02T02:00:00", file_id)
+    api_job(runtime, "told", "job-c", "2026-11-05T00:00:00", None)
+    actions = lifecycle(capsys, "2026-11-12T03:00:00Z")
+    assert [(a["action"], a["detail"]["job_id"]) for a in actions] == [
+        ("api_results_deleted", "job-a"),
+        ("api_results_deleted", "job-b"),
+    ]
+    # One notice for the run, listing both jobs: what, when, under which rule.
+    [mail] = sent(smtp_sink)
+    assert mail["To"] == "ops@told.example"
+    assert mail["Subject"] == "pointflow: the results of 2 jobs of account told were deleted"
+    body = mail.get_content()
+    assert "job-a" in body and "job-b" in body and "job-c" not in body
+    assert "12 November 2026, 03:00 UTC" in body and "10 days after" in body
+    assert "01 November 2026, 10:00 UTC" in body  # job-a finished
+    assert lifecycle(capsys, "2026-11-12T03:00:00Z") == []
+    assert len(sent(smtp_sink)) == 1
+    # The mail server refuses the next announcement: the deletion goes on, the notice follows.
+    smtp_sink.refusing = True
+    [c] = lifecycle(capsys, "2026-11-15T03:00:00Z")
+    assert c["detail"]["job_id"] == "job-c" and c["detail"]["status"] == "deleted"
+    smtp_sink.refusing = False
+    assert lifecycle(capsys, "2026-11-16T03:00:00Z") == []
+    late = sent(smtp_sink)[-1]
+    assert (
+        len(sent(smtp_sink)) == 2 and late["Subject"] == "pointflow: the results of 1 job of account told were deleted"
+    )
+    assert "job-c" in late.get_content() and "15 November 2026, 03:00 UTC" in late.get_content()
+    assert lifecycle(capsys, "2026-11-17T03:00:00Z") == []
+    assert len(sent(smtp_sink)) == 2
 
 
 def test_api_retention_deletes_the_export_all_bundles_holding_copies(runtime: Runtime, smtp_sink, capsys) -> None:

@@ -125,6 +125,36 @@ def test_delete_lists_without_confirm_and_deletes_with_it(runtime: Runtime, caps
     assert get_account(runtime.catalog, "acme").email == "ops@acme.example"  # the account (billing record) stays
 
 
+def test_a_deletion_on_request_is_confirmed_to_the_customer_once(runtime: Runtime, smtp_sink, capsys) -> None:
+    upsert_accounts(runtime.catalog, [make_account("cust")])
+    objects = seed(runtime, "cust")
+    smtp_sink.refusing = True  # the confirmation cannot go out at once: the nightly run sends it
+    result = json.loads(cli(capsys, "accounts", "delete", "cust", "--confirm", "--json"))
+    assert result["deleted"] is True and list(runtime.store.list("accounts/cust/")) == []
+    assert smtp_sink.messages == []
+    smtp_sink.refusing = False
+    assert json.loads(cli(capsys, "lifecycle", "run", "--as-of", "2026-11-13T03:00:00Z", "--json")) == []
+    [mail] = smtp_sink.parsed()
+    assert (mail["To"], mail["Subject"]) == (
+        "ops@cust.example",
+        "pointflow: the data of account cust was deleted at your request",
+    )
+    body = mail.get_content()
+    assert f"{len(objects)} files" in body and f"deletion {result['audit_id']}" in body and "as you asked" in body
+    cli(capsys, "lifecycle", "run", "--as-of", "2026-11-14T03:00:00Z")
+    # Asking again finds nothing left: nothing deleted, nothing more to confirm.
+    cli(capsys, "accounts", "delete", "cust", "--confirm")
+    assert len(smtp_sink.messages) == 1
+
+    # Delivered at once when the mail server is up.
+    upsert_accounts(runtime.catalog, [make_account("quick")])
+    seed(runtime, "quick")
+    cli(capsys, "accounts", "delete", "quick", "--confirm")
+    assert smtp_sink.parsed()[-1]["Subject"] == "pointflow: the data of account quick was deleted at your request"
+    cli(capsys, "lifecycle", "run", "--as-of", "2026-11-15T03:00:00Z")
+    assert len(smtp_sink.messages) == 2
+
+
 def test_a_deletion_that_leaves_objects_behind_fails_loudly(
     runtime: Runtime, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:

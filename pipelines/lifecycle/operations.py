@@ -20,6 +20,7 @@ from pipelines.billing.corrections import TermsUpdate, set_billing_terms
 from pipelines.billing.periods import Period, add_months, start_of
 from pipelines.catalog import Catalog, CatalogError
 from pipelines.catalog.models import TERMINAL_JOB_STATES, Account, BillingCycle, Job, JobState, StoredFile
+from pipelines.lifecycle import notices
 from pipelines.lifecycle.deletion import (
     DeletionPlan,
     account_deletion_plan,
@@ -289,6 +290,11 @@ def delete_account_data(runtime: Runtime, account_id: str, now: datetime | None 
     plan = deletion_plan(runtime, account_id)
     audit = execute_deletion(runtime.catalog, runtime.store, plan, account_id, "customer_request", "account", _now(now))
     forget_account_objects(runtime.catalog, account_id, audit.as_of)
+    # Confirmed to the customer; a request that found nothing left to delete sends nothing. A
+    # refused delivery is recorded and the next lifecycle run sends it.
+    if plan.objects or plan.local_paths:
+        message = notices.deleted_on_request(get_account(runtime.catalog, account_id), audit)
+        notices.deliver(runtime, message, audit.as_of, {"audit_id": audit.id})
     return audit
 
 

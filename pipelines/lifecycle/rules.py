@@ -29,7 +29,7 @@ from pipelines.lifecycle.deletion import (
     forget_account_objects,
     plan_deletion,
 )
-from pipelines.lifecycle.models import Termination
+from pipelines.lifecycle.models import DeletionAudit, LifecycleAction, LifecycleDeliveryFailure, Termination
 from pipelines.lifecycle.operations import BUNDLE_FOLDER
 from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
 from pipelines.scratch import job_folders
@@ -112,6 +112,7 @@ class AccountRun(AccountState):
             self._api_results()
         if self.termination is None or self.as_of < self.termination.effective_at:
             self._overdue()
+        self._announce_deletions()
 
     def _trial(self) -> None:
         if self.account.plan != Plan.TRIAL.value:
@@ -344,6 +345,63 @@ class AccountRun(AccountState):
                         session.execute(update(Job).where(Job.file_id == stored.id).values(file_id=None))
                         session.execute(delete(StoredFile).where(StoredFile.id == stored.id))
             self._emit("api_results_deleted", job.job_id, self.as_of, detail)
+
+    def _announce_deletions(self) -> None:
+        """Deletions are announced: one notice per run listing the jobs whose results it deleted,
+        and a confirmation of each deletion on the customer's request (sent when it is done). A
+        notice the mail server refused goes out on a later run, under its own key."""
+        account_id = self.account.account_id
+        api_prefix = notices.api_results_deleted_prefix(account_id)
+        request_prefix = notices.deleted_on_request_prefix(account_id)
+        with self.context.runtime.catalog.session() as session:
+            unsent = {
+                key
+                for key in session.scalars(
+                    select(LifecycleDeliveryFailure.key).where(
+                        LifecycleDeliveryFailure.account_id == account_id,
+                        LifecycleDeliveryFailure.kind.in_(["api_results_deleted", "deleted_on_request"]),
+                    )
+                )
+                if key not in self.notices
+            }
+        moments = {datetime.fromisoformat(k[len(api_prefix) :]) for k in unsent if k.startswith(api_prefix)}
+        if any(a.action == "api_results_deleted" and a.detail.get("status") != "blocked" for a in self.actions):
+            moments.add(self.as_of)
+        for moment in sorted(moments):
+            self._announce_api_results(moment)
+        for key in sorted(k for k in unsent if k.startswith(request_prefix)):
+            with self.context.runtime.catalog.session() as session:
+                audit = session.get(DeletionAudit, int(key[len(request_prefix) :]))
+                session.expunge_all()
+            if audit is not None:
+                self._notify(notices.deleted_on_request(self.account, audit), {"audit_id": audit.id})
+
+    def _announce_api_results(self, moment: datetime) -> None:
+        """The notice of the run at `moment`: the jobs it deleted (recorded, or this run's)."""
+        with self.context.runtime.catalog.session() as session:
+            recorded = list(
+                session.scalars(
+                    select(LifecycleAction.detail).where(
+                        LifecycleAction.account_id == self.account.account_id,
+                        LifecycleAction.action == "api_results_deleted",
+                        LifecycleAction.as_of == moment,
+                    )
+                )
+            )
+        ours = [a.detail for a in self.actions if a.action == "api_results_deleted"] if moment == self.as_of else []
+        jobs: dict[str, dict] = {}
+        for detail in [*recorded, *ours]:
+            if detail.get("status") in ("deleted", "dry_run"):
+                due, finished = datetime.fromisoformat(detail["due_at"]), datetime.fromisoformat(detail["finished_at"])
+                jobs[detail["job_id"]] = {"job_id": detail["job_id"], "finished_at": finished, "due_at": due}
+        if not jobs:
+            return
+        listed = sorted(jobs.values(), key=lambda j: (j["finished_at"], j["job_id"]))
+        days = ", ".join(sorted({str((j["due_at"] - j["finished_at"]).days) for j in listed}))
+        self._notify(
+            notices.api_results_deleted(self.account, moment, listed, days),
+            {"rule": "api_results", "deleted_at": iso(moment), "jobs": [j["job_id"] for j in listed]},
+        )
 
     def _overdue(self) -> None:
         balance = self.context.overdue.get(self.account.account_id)
