@@ -329,11 +329,12 @@ class AccountRun(AccountState):
             if input_due:
                 keys.append(stored.key)
             plan = plan_deletion(self.context.runtime.store, prefixes, keys, job_folders(scratch, job.job_id))
-            detail = {
-                "job_id": job.job_id,
-                "finished_at": iso(job.finished_at),
-                **self._delete(plan, "api_results", job.job_id, due),
-            }
+            try:
+                done = self._delete(plan, "api_results", job.job_id, due)
+            except DeletionIncomplete:
+                self._announce_deletions()  # the jobs deleted before this one are announced all the same
+                raise
+            detail = {"job_id": job.job_id, "finished_at": iso(job.finished_at), **done}
             if not self.dry_run:
                 with self.context.runtime.catalog.session() as session:
                     session.execute(
