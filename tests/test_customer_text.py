@@ -25,6 +25,7 @@ from pipelines.class_table import class_summary
 from pipelines.customer_text import Mail, render_mail
 from pipelines.export import DownloadLink
 from pipelines.lifecycle import notices
+from pipelines.lifecycle.models import DeletionAudit
 from pipelines.notify import Message, send_email
 from pipelines.settings import Settings
 from pipelines.storage import INCOMING_PREFIX
@@ -113,6 +114,14 @@ MAILS: dict[str, Callable[[str], Mail]] = {
     "mail/inactivity_reminder.txt.j2": lambda v: _draft(notices.inactivity_reminder(account(v), v, 7, WHEN, WHEN)),
     "mail/data_locked.txt.j2": lambda v: _draft(notices.data_locked(account(v), v, WHEN, WHEN)),
     "mail/overdue_notice.txt.j2": lambda v: _draft(notices.overdue_notice(account(v), Decimal("1.00"), "EUR", v, WHEN)),
+    "mail/api_results_deleted.txt.j2": lambda v: _draft(
+        notices.api_results_deleted(account(v), WHEN, [{"job_id": v, "finished_at": WHEN, "due_at": WHEN}], "10")
+    ),
+    "mail/deleted_on_request.txt.j2": lambda v: _draft(
+        notices.deleted_on_request(
+            account(v), DeletionAudit(id=1, account_id="acme", as_of=WHEN, object_count=2, bytes=20)
+        )
+    ),
     "mail/intake_refused.txt.j2": lambda v: render_mail(
         "mail/intake_refused.txt.j2", name=v, file_name=v, upload_folder=f"{INCOMING_PREFIX}acme/", reason=v
     ),

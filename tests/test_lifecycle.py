@@ -266,6 +266,42 @@ def test_a_login_during_the_notice_period_averts_the_closure(runtime: Runtime, s
     assert not is_locked(runtime.catalog, "back")
 
 
+def test_a_notice_from_before_a_paid_period_does_not_close_the_account_after_it(
+    runtime: Runtime, smtp_sink, capsys
+) -> None:
+    from pipelines.billing.history import record_plan_change
+
+    upsert_accounts(runtime.catalog, [free_account("yoyo", "2025-01-01T00:00:00", started=date(2024, 6, 1))])
+    [first] = lifecycle(capsys, "2026-01-02T03:00:00Z")
+    assert (first["action"], first["detail"]["closure_at"]) == ("inactivity_notice", "2026-03-02T03:00:00+00:00")
+    # Upgraded before the closure: a professional account has no inactivity rule.
+    record_plan_change(runtime.catalog, None, "yoyo", "professional", date(2026, 1, 15))
+    assert [lifecycle(capsys, day) for day in ("2026-01-15T03:00:00Z", "2026-03-02T03:00:00Z")] == [[], []]
+    # Back to free eight months later: the old notice announced a period that is over. The
+    # customer gets a fresh notice with the full 2 months, and both reminders.
+    record_plan_change(runtime.catalog, None, "yoyo", "free", date(2026, 9, 1))
+    [fresh] = lifecycle(capsys, "2026-09-01T03:00:00Z")
+    assert fresh["action"] == "inactivity_notice"
+    assert (fresh["detail"]["last_login_at"], fresh["detail"]["closure_at"]) == (
+        "2025-01-01T00:00:00+00:00",
+        "2026-11-01T03:00:00+00:00",
+    )
+    assert "1 November 2026" in sent(smtp_sink)[-1]["Subject"]
+    assert lifecycle(capsys, "2026-09-08T03:00:00Z") == []
+    assert not is_locked(runtime.catalog, "yoyo", at("2026-09-08T03:00:00"))
+    [r30] = lifecycle(capsys, "2026-10-02T03:00:00Z")
+    [r7] = lifecycle(capsys, "2026-10-25T03:00:00Z")
+    assert [(r["action"], r["detail"]["days_before_closure"]) for r in (r30, r7)] == [
+        ("inactivity_reminder", 30),
+        ("inactivity_reminder", 7),
+    ]
+    assert lifecycle(capsys, "2026-11-01T02:59:59Z") == []
+    [terminated, _locked] = lifecycle(capsys, "2026-11-01T03:00:00Z")
+    assert (terminated["action"], terminated["effective_at"]) == ("terminated", "2026-11-01T03:00:00+00:00")
+    # No login happened: nothing was averted, and each e-mail went out once.
+    assert len(sent(smtp_sink)) == 5
+
+
 def test_a_login_from_the_account_import_counts_too(runtime: Runtime, smtp_sink, capsys) -> None:
     upsert_accounts(runtime.catalog, [free_account("csv", "2026-01-10T09:00:00")])
     record_usage(runtime.catalog, [UsageRecord("login-old", "csv", "login", at("2025-12-01T00:00:00"))])
@@ -433,7 +469,78 @@ def test_api_results_are_deleted_ten_days_after_the_job(runtime: Runtime, smtp_s
         assert [a.rule for a in session.scalars(select(DeletionAudit).order_by(DeletionAudit.id))] == [
             "api_results"
         ] * 3
-    assert sent(smtp_sink) == []
+    # Each run that deleted results announced them, once.
+    assert [m["Subject"] for m in sent(smtp_sink)] == [
+        "pointflow: the results of 1 job of account robot were deleted"
+    ] * 3
+
+
+def test_api_result_deletions_are_announced_once_per_run(runtime: Runtime, smtp_sink, capsys) -> None:
+    upsert_accounts(runtime.catalog, [make_account("told", "api")])
+    with runtime.catalog.session() as session:
+        stored = StoredFile(
+            account_id="told", key="accounts/told/raw/in.laz", original_name="in.laz", size=5, sha256="d" * 64
+        )
+        session.add(stored)
+        session.flush()
+        file_id = stored.id
+    runtime.store.put_bytes("accounts/told/raw/in.laz", b"i" * 5)
+    api_job(runtime, "told", "job-a", "2026-11-01T10:00:00", file_id)
+    api_job(runtime, "told", "job-b", "2026-11-02T02:00:00", file_id)
+    api_job(runtime, "told", "job-c", "2026-11-05T00:00:00", None)
+    actions = lifecycle(capsys, "2026-11-12T03:00:00Z")
+    assert [(a["action"], a["detail"]["job_id"]) for a in actions] == [
+        ("api_results_deleted", "job-a"),
+        ("api_results_deleted", "job-b"),
+    ]
+    # One notice for the run, listing both jobs: what, when, under which rule.
+    [mail] = sent(smtp_sink)
+    assert mail["To"] == "ops@told.example"
+    assert mail["Subject"] == "pointflow: the results of 2 jobs of account told were deleted"
+    body = mail.get_content()
+    assert "job-a" in body and "job-b" in body and "job-c" not in body
+    assert "12 November 2026, 03:00 UTC" in body and "10 days after" in body
+    assert "01 November 2026, 10:00 UTC" in body  # job-a finished
+    assert lifecycle(capsys, "2026-11-12T03:00:00Z") == []
+    assert len(sent(smtp_sink)) == 1
+    # The mail server refuses the next announcement: the deletion goes on, the notice follows.
+    smtp_sink.refusing = True
+    [c] = lifecycle(capsys, "2026-11-15T03:00:00Z")
+    assert c["detail"]["job_id"] == "job-c" and c["detail"]["status"] == "deleted"
+    smtp_sink.refusing = False
+    assert lifecycle(capsys, "2026-11-16T03:00:00Z") == []
+    late = sent(smtp_sink)[-1]
+    assert (
+        len(sent(smtp_sink)) == 2 and late["Subject"] == "pointflow: the results of 1 job of account told were deleted"
+    )
+    assert "job-c" in late.get_content() and "15 November 2026, 03:00 UTC" in late.get_content()
+    assert lifecycle(capsys, "2026-11-17T03:00:00Z") == []
+    assert len(sent(smtp_sink)) == 2
+
+
+def test_api_retention_deletes_the_export_all_bundles_holding_copies(runtime: Runtime, smtp_sink, capsys) -> None:
+    upsert_accounts(runtime.catalog, [make_account("apix", "api")])
+    with runtime.catalog.session() as session:
+        stored = StoredFile(
+            account_id="apix", key="accounts/apix/raw/in.laz", original_name="in.laz", size=5, sha256="c" * 64
+        )
+        session.add(stored)
+        session.flush()
+        file_id = stored.id
+    runtime.store.put_bytes("accounts/apix/raw/in.laz", b"i" * 5)
+    api_job(runtime, "apix", "job-x", "2026-05-02T03:00:00", file_id)
+    assert main(["accounts", "export-all", "apix", "--json"]) == 0
+    bundle = json.loads(capsys.readouterr().out)["key"]
+    assert runtime.store.exists(bundle)
+    assert lifecycle(capsys, "2026-05-12T02:59:59Z") == []
+    [deleted] = lifecycle(capsys, "2026-05-12T03:00:00Z")
+    assert deleted["action"] == "api_results_deleted"
+    # The bundle held the classified output, the export and the input: it goes with them, audited.
+    assert bundle in [k["key"] for k in deleted["detail"]["keys"]]
+    assert list(runtime.store.list("accounts/apix/")) == []
+    with runtime.catalog.session() as session:
+        [audit] = session.scalars(select(DeletionAudit))
+        assert bundle in [o["key"] for o in audit.objects]
 
 
 def test_a_trial_ends_fourteen_days_after_start(runtime: Runtime, smtp_sink, capsys) -> None:

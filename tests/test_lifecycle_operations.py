@@ -19,7 +19,7 @@ from pipelines.billing.models import BillingTerms, Invoice
 from pipelines.cli import main
 from pipelines.lifecycle import PolicyError, is_locked, load_policy
 from pipelines.lifecycle.models import DeletionAudit, LifecycleAction
-from pipelines.lifecycle.operations import paid_term_end, terminate_account
+from pipelines.lifecycle.operations import deletion_plan, paid_term_end, terminate_account
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from tests.conftest import make_account
@@ -63,6 +63,29 @@ def test_export_all_bundles_every_object_with_a_link(runtime: Runtime, capsys) -
     assert second["objects"] == 5
 
 
+def test_export_all_holds_everything_deletion_would_call_the_accounts_data(runtime: Runtime, capsys) -> None:
+    upsert_accounts(runtime.catalog, [make_account("dz")])
+    objects = seed(runtime, "dz")
+    runtime.store.put_bytes("incoming/dz/refused-scan.laz", b"R" * 40)  # refused in the drop zone, still there
+    runtime.store.put_bytes("accounts/dz/invoices/PF-2026-10-0001.html", b"<html>invoice</html>")
+    runtime.store.put_bytes("incoming/dz2/other.laz", b"O")  # another account's drop zone
+    assert "incoming/dz/refused-scan.laz" in [o.key for o in deletion_plan(runtime, "dz").objects]
+    bundle = json.loads(cli(capsys, "accounts", "export-all", "dz", "--json"))
+    archive = zipfile.ZipFile(io.BytesIO(Path(unquote(urlparse(bundle["link"]).path)).read_bytes()))
+    assert archive.read("incoming/refused-scan.laz") == b"R" * 40
+    # What deletion keeps (billing records) is the customer's too.
+    assert archive.read("invoices/PF-2026-10-0001.html") == b"<html>invoice</html>"
+    for key, data in objects.items():
+        assert archive.read(key.removeprefix("accounts/dz/")) == data
+    assert sorted(archive.namelist()) == sorted(
+        [k.removeprefix("accounts/dz/") for k in objects]
+        + ["incoming/refused-scan.laz", "invoices/PF-2026-10-0001.html", "MANIFEST.json"]
+    )
+    manifest = json.loads(archive.read("MANIFEST.json"))
+    assert {"path": "incoming/refused-scan.laz", "bytes": 40} in manifest["objects"]
+    assert bundle["objects"] == len(objects) + 2
+
+
 def test_export_all_on_s3_gives_a_presigned_link(
     home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -70,11 +93,17 @@ def test_export_all_on_s3_gives_a_presigned_link(
 
     monkeypatch.setenv("POINTFLOW_STORAGE_URL", f"s3://{s3_bucket}")
     runtime = Runtime.from_settings(Settings.from_env())
+    runtime.store.client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
     upsert_accounts(runtime.catalog, [make_account("acme")])
     objects = seed(runtime, "acme")
+    runtime.store.put_bytes("accounts/acme/tmp/gone.bin", b"G" * 7)
+    runtime.store.client.delete_object(Bucket=s3_bucket, Key="accounts/acme/tmp/gone.bin")  # old version only
+    runtime.store.put_bytes("accounts/acme/raw/abc-scan.laz", b"N" * 30)  # a second version: the current one goes
     bundle = json.loads(cli(capsys, "accounts", "export-all", "acme", "--json"))
     archive = zipfile.ZipFile(io.BytesIO(urlopen(bundle["link"]).read()))
     assert sorted(archive.namelist()) == sorted([k.removeprefix("accounts/acme/") for k in objects] + ["MANIFEST.json"])
+    assert archive.read("raw/abc-scan.laz") == b"N" * 30
+    assert bundle["bytes"] == sum(len(d) for d in objects.values()) - 300 + 30
 
 
 def test_delete_lists_without_confirm_and_deletes_with_it(runtime: Runtime, capsys) -> None:
@@ -93,6 +122,36 @@ def test_delete_lists_without_confirm_and_deletes_with_it(runtime: Runtime, caps
         ("customer_request", "completed", 4, sum(len(d) for d in objects.values()))
     ]
     assert get_account(runtime.catalog, "acme").email == "ops@acme.example"  # the account (billing record) stays
+
+
+def test_a_deletion_on_request_is_confirmed_to_the_customer_once(runtime: Runtime, smtp_sink, capsys) -> None:
+    upsert_accounts(runtime.catalog, [make_account("cust")])
+    objects = seed(runtime, "cust")
+    smtp_sink.refusing = True  # the confirmation cannot go out at once: the nightly run sends it
+    result = json.loads(cli(capsys, "accounts", "delete", "cust", "--confirm", "--json"))
+    assert result["deleted"] is True and list(runtime.store.list("accounts/cust/")) == []
+    assert smtp_sink.messages == []
+    smtp_sink.refusing = False
+    assert json.loads(cli(capsys, "lifecycle", "run", "--as-of", "2026-11-13T03:00:00Z", "--json")) == []
+    [mail] = smtp_sink.parsed()
+    assert (mail["To"], mail["Subject"]) == (
+        "ops@cust.example",
+        "pointflow: the data of account cust was deleted at your request",
+    )
+    body = mail.get_content()
+    assert f"{len(objects)} files" in body and f"deletion {result['audit_id']}" in body and "as you asked" in body
+    cli(capsys, "lifecycle", "run", "--as-of", "2026-11-14T03:00:00Z")
+    # Asking again finds nothing left: nothing deleted, nothing more to confirm.
+    cli(capsys, "accounts", "delete", "cust", "--confirm")
+    assert len(smtp_sink.messages) == 1
+
+    # Delivered at once when the mail server is up.
+    upsert_accounts(runtime.catalog, [make_account("quick")])
+    seed(runtime, "quick")
+    cli(capsys, "accounts", "delete", "quick", "--confirm")
+    assert smtp_sink.parsed()[-1]["Subject"] == "pointflow: the data of account quick was deleted at your request"
+    cli(capsys, "lifecycle", "run", "--as-of", "2026-11-15T03:00:00Z")
+    assert len(smtp_sink.messages) == 2
 
 
 def test_a_deletion_that_leaves_objects_behind_fails_loudly(

@@ -32,6 +32,7 @@ class StoredObject:
     key: str
     bytes: int  # all versions together
     versions: int  # versions and delete markers; 1 where the store keeps no versions
+    current_bytes: int | None = None  # the current version's; None when it is a delete marker
 
 
 @dataclass(frozen=True)
@@ -78,18 +79,21 @@ def inventory(store: ObjectStore, prefix: str) -> list[StoredObject]:
     if isinstance(store, S3Store):
         sizes: dict[str, int] = defaultdict(int)
         counts: dict[str, int] = defaultdict(int)
+        current: dict[str, int] = {}
         paginator = store.client.get_paginator("list_object_versions")
         for page in paginator.paginate(Bucket=store.bucket, Prefix=store.prefix + prefix):
             for item in page.get("Versions", []):
                 key = item["Key"][len(store.prefix) :]
                 sizes[key] += int(item["Size"])
                 counts[key] += 1
+                if item.get("IsLatest"):
+                    current[key] = int(item["Size"])
             for item in page.get("DeleteMarkers", []):
                 key = item["Key"][len(store.prefix) :]
                 sizes[key] += 0
                 counts[key] += 1
-        return [StoredObject(key, sizes[key], counts[key]) for key in sorted(sizes)]
-    return [StoredObject(o.key, o.size, 1) for o in store.list(prefix)]
+        return [StoredObject(key, sizes[key], counts[key], current.get(key)) for key in sorted(sizes)]
+    return [StoredObject(o.key, o.size, 1, o.size) for o in store.list(prefix)]
 
 
 def local_inventory(paths: list[Path]) -> list[LocalPath]:

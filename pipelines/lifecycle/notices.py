@@ -7,13 +7,13 @@ or records the refusal so the next run tries again and the clocks that wait for 
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 from pipelines.catalog.models import Account
 from pipelines.customer_text import render_mail
-from pipelines.lifecycle.models import LifecycleDeliveryFailure, LifecycleNotice
+from pipelines.lifecycle.models import DeletionAudit, LifecycleDeliveryFailure, LifecycleNotice
 from pipelines.notify import DeliveryError, Message
 from pipelines.runtime import Runtime
 
@@ -70,6 +70,43 @@ def overdue_notice(account: Account, amount: Decimal, currency: str, due_date: s
         currency=currency,
         due_date=due_date,
         stop_at=stop_at,
+    )
+
+
+def api_results_deleted_prefix(account_id: str) -> str:
+    return f"lifecycle:api_results_deleted:{account_id}:"
+
+
+def api_results_deleted(
+    account: Account, deleted_at: datetime, jobs: list[dict[str, Any]], retention_days: str
+) -> Message:
+    """One per run: the jobs (job_id, finished_at, due_at) whose results the run deleted."""
+    return _draft(
+        "mail/api_results_deleted.txt.j2",
+        "api_results_deleted",
+        api_results_deleted_prefix(account.account_id) + deleted_at.astimezone(UTC).isoformat(),
+        account,
+        deleted_at=deleted_at,
+        jobs=jobs,
+        retention_days=retention_days,
+    )
+
+
+def deleted_on_request_prefix(account_id: str) -> str:
+    return f"lifecycle:deleted_on_request:{account_id}:"
+
+
+def deleted_on_request(account: Account, audit: DeletionAudit) -> Message:
+    """The confirmation of a deletion of all the account's data on the customer's request."""
+    return _draft(
+        "mail/deleted_on_request.txt.j2",
+        "deleted_on_request",
+        deleted_on_request_prefix(account.account_id) + str(audit.id),
+        account,
+        deleted_at=audit.as_of,
+        objects=audit.object_count,
+        bytes=audit.bytes,
+        audit_id=audit.id,
     )
 
 

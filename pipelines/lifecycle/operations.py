@@ -25,11 +25,13 @@ from pipelines.billing.pricebook import PriceBook, load_pricebook
 from pipelines.billing.terms import History
 from pipelines.catalog import Catalog, CatalogError
 from pipelines.catalog.models import TERMINAL_JOB_STATES, Account, BillingCycle, Job, JobState, Plan, StoredFile
+from pipelines.lifecycle import notices
 from pipelines.lifecycle.deletion import (
     DeletionPlan,
     account_deletion_plan,
     execute_deletion,
     forget_account_objects,
+    inventory,
     plan_deletion,
 )
 from pipelines.lifecycle.models import DeletionAudit, LegalHold, Termination
@@ -230,7 +232,11 @@ class ExportBundle:
 def export_all(runtime: Runtime, account_id: str, policy: LifecyclePolicy, now: datetime | None = None) -> ExportBundle:
     """Pack every current object of the account into one zip in its exports area; return a link.
 
-    Allowed while the account is locked: the grace period is the customer's retrieval window.
+    "Every object" is what deleting the account's data would delete (the deletion plan's
+    inventory: its prefix and its drop zone, as `accounts delete` lists them) and the billing
+    records deletion keeps; not earlier bundles, nor local working copies in scratch. Drop-zone
+    files are under `incoming/` in the zip. Allowed while the account is locked: the grace period
+    is the customer's retrieval window.
     """
     account = get_account(runtime.catalog, account_id)
     with runtime.catalog.session() as session:
@@ -242,7 +248,18 @@ def export_all(runtime: Runtime, account_id: str, policy: LifecyclePolicy, now: 
     now = _now(now)
     area = AccountArea(account_id)
     skip = area.key("exports", BUNDLE_FOLDER) + "/"
-    objects = [o for o in runtime.store.list(area.prefix) if not o.key.startswith(skip)]
+    plan = account_deletion_plan(runtime.store, runtime.settings.scratch_dir, account_id)
+    found = [*plan.objects, *(o for kept in plan.kept for o in inventory(runtime.store, kept))]
+    # Keys whose current version is a delete marker hold old versions only: nothing to return.
+    objects = sorted(
+        (o for o in found if o.current_bytes is not None and not o.key.startswith(skip)), key=lambda o: o.key
+    )
+
+    def path(key: str) -> str:
+        if key.startswith(area.incoming_prefix):
+            return "incoming/" + key[len(area.incoming_prefix) :]
+        return key[len(area.prefix) :]
+
     key = area.key("exports", BUNDLE_FOLDER, f"{account_id}-{now:%Y%m%dT%H%M%SZ}.zip")
     runtime.settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"export-{account_id}-", dir=runtime.settings.scratch_dir))
@@ -253,7 +270,7 @@ def export_all(runtime: Runtime, account_id: str, policy: LifecyclePolicy, now: 
                 # One object on disk at a time: memory and scratch space stay bounded.
                 local = work / "object"
                 runtime.store.get_file(item.key, local)
-                archive.write(local, item.key[len(area.prefix) :])
+                archive.write(local, path(item.key))
                 local.unlink()
             archive.writestr(
                 "MANIFEST.json",
@@ -261,7 +278,7 @@ def export_all(runtime: Runtime, account_id: str, policy: LifecyclePolicy, now: 
                     {
                         "account_id": account_id,
                         "created_at": now.isoformat(),
-                        "objects": [{"path": o.key[len(area.prefix) :], "bytes": o.size} for o in objects],
+                        "objects": [{"path": path(o.key), "bytes": o.current_bytes} for o in objects],
                     },
                     indent=2,
                 ),
@@ -271,7 +288,12 @@ def export_all(runtime: Runtime, account_id: str, policy: LifecyclePolicy, now: 
         shutil.rmtree(work, ignore_errors=True)
     lifetime = timedelta(days=policy.for_plan(account.plan).export_link_days)
     return ExportBundle(
-        account_id, key, runtime.store.link(key, lifetime), now + lifetime, len(objects), sum(o.size for o in objects)
+        account_id,
+        key,
+        runtime.store.link(key, lifetime),
+        now + lifetime,
+        len(objects),
+        sum(o.current_bytes for o in objects),
     )
 
 
@@ -301,6 +323,11 @@ def delete_account_data(runtime: Runtime, account_id: str, now: datetime | None 
     plan = deletion_plan(runtime, account_id)
     audit = execute_deletion(runtime.catalog, runtime.store, plan, account_id, "customer_request", "account", _now(now))
     forget_account_objects(runtime.catalog, account_id, audit.as_of)
+    # Confirmed to the customer; a request that found nothing left to delete sends nothing. A
+    # refused delivery is recorded and the next lifecycle run sends it.
+    if plan.objects or plan.local_paths:
+        message = notices.deleted_on_request(get_account(runtime.catalog, account_id), audit)
+        notices.deliver(runtime, message, audit.as_of, {"audit_id": audit.id})
     return audit
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select, update
@@ -28,8 +28,8 @@ from pipelines.lifecycle.deletion import (
     forget_account_objects,
     plan_deletion,
 )
-from pipelines.lifecycle.models import Termination
-from pipelines.lifecycle.operations import trial_ends_at
+from pipelines.lifecycle.models import DeletionAudit, LifecycleAction, LifecycleDeliveryFailure, Termination
+from pipelines.lifecycle.operations import BUNDLE_FOLDER, trial_ends_at
 from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
 from pipelines.scratch import job_folders
 from pipelines.storage import AccountArea
@@ -113,6 +113,7 @@ class AccountRun(AccountState):
             self._api_results()
         if self.termination is None or self.as_of < self.termination.effective_at:
             self._overdue()
+        self._announce_deletions()
 
     def _trial(self) -> None:
         started = self.account.started_at
@@ -138,8 +139,14 @@ class AccountRun(AccountState):
         self._averted(cycle, reference)
         if months is None or self.as_of < add_months(reference, months):
             return
-        notice_draft_key = f"lifecycle:inactivity_notice:{self.account.account_id}:{cycle}"
-        notice = self.notices.get(notice_draft_key)
+        notice = self.notices.get(f"lifecycle:inactivity_notice:{self.account.account_id}:{cycle}")
+        if notice is not None:
+            # A notice counts only for the period it announced: after a stretch on a plan without
+            # the rule (a paid plan), the period that follows gets its own notice and reminders.
+            since = self._rule_applies_since()
+            if since is not None and notice.sent_at < start_of(since):
+                cycle = f"{cycle}/{since.isoformat()}"
+                notice = self.notices.get(f"lifecycle:inactivity_notice:{self.account.account_id}:{cycle}")
         grace = policy.grace_months
         if notice is None:
             closure_at = add_months(self.as_of, policy.closure_after_notice_months)
@@ -185,14 +192,37 @@ class AccountRun(AccountState):
                 "inactivity_reminder", f"{cycle}:{days}", self.as_of, {**detail, "message_id": reminder.message_id}
             )
 
+    def _rule_applies_since(self) -> date | None:
+        """The first day of the account's current uninterrupted stretch of plans with an
+        inactivity rule (its start if always on one); None if the plan in force has no rule."""
+        history = self.history
+
+        def has_rule(day: date) -> bool:
+            plan = history.on(day).plan
+            return self.context.policy.for_plan(plan).inactivity_notice_after_months is not None
+
+        today = self.as_of.date()
+        if not has_rule(today):
+            return None
+        for day in sorted({s.effective_on for s in history.plan_steps if s.effective_on <= today}, reverse=True):
+            if not has_rule(day - timedelta(days=1)):
+                return day
+        return self.account.started_at
+
     def _reminder_key(self, cycle: str, days: int) -> str:
         return f"lifecycle:inactivity_reminder:{self.account.account_id}:{cycle}:{days}"
 
     def _averted(self, cycle: str, login: datetime) -> None:
-        """A login after a notice (any notice of an older cycle) averts that cycle's closure."""
+        """A login after a notice (any notice of an older cycle) averts that cycle's closure. A
+        cycle is the login it counts from, and after a stretch without the rule, "/" and the day
+        the rule applied again."""
         prefix = f"lifecycle:inactivity_notice:{self.account.account_id}:"
         for key, notice in sorted(self.notices.items()):
-            if notice.kind == "inactivity_notice" and key.startswith(prefix) and key[len(prefix) :] != cycle:
+            if (
+                notice.kind == "inactivity_notice"
+                and key.startswith(prefix)
+                and key[len(prefix) :].split("/")[0] != cycle
+            ):
                 old_cycle = key[len(prefix) :]
                 self._emit(
                     "closure_averted",
@@ -285,7 +315,10 @@ class AccountRun(AccountState):
                 area.key("reports", job.job_id) + "-",
                 area.key("quarantine", job.job_id) + "-",
             ]
-            keys = []
+            # An export-all bundle holds copies of the results and inputs: every bundle made before
+            # this deletion goes with it, so no copy outlives the retention (export-all makes a
+            # new one from what is left).
+            keys = [o.key for o in self.context.runtime.store.list(area.key("exports", BUNDLE_FOLDER) + "/")]
             stored = files.get(job.file_id) if job.file_id is not None else None
             # The same bytes uploaded twice are one file: it goes only when every job using it is due.
             sharers = [j for j in jobs if j.file_id == job.file_id]
@@ -293,11 +326,12 @@ class AccountRun(AccountState):
             if input_due:
                 keys.append(stored.key)
             plan = plan_deletion(self.context.runtime.store, prefixes, keys, job_folders(scratch, job.job_id))
-            detail = {
-                "job_id": job.job_id,
-                "finished_at": iso(job.finished_at),
-                **self._delete(plan, "api_results", job.job_id, due),
-            }
+            try:
+                done = self._delete(plan, "api_results", job.job_id, due)
+            except DeletionIncomplete:
+                self._announce_deletions()  # the jobs deleted before this one are announced all the same
+                raise
+            detail = {"job_id": job.job_id, "finished_at": iso(job.finished_at), **done}
             if not self.dry_run:
                 with self.context.runtime.catalog.session() as session:
                     session.execute(
@@ -309,6 +343,63 @@ class AccountRun(AccountState):
                         session.execute(update(Job).where(Job.file_id == stored.id).values(file_id=None))
                         session.execute(delete(StoredFile).where(StoredFile.id == stored.id))
             self._emit("api_results_deleted", job.job_id, self.as_of, detail)
+
+    def _announce_deletions(self) -> None:
+        """Deletions are announced: one notice per run listing the jobs whose results it deleted,
+        and a confirmation of each deletion on the customer's request (sent when it is done). A
+        notice the mail server refused goes out on a later run, under its own key."""
+        account_id = self.account.account_id
+        api_prefix = notices.api_results_deleted_prefix(account_id)
+        request_prefix = notices.deleted_on_request_prefix(account_id)
+        with self.context.runtime.catalog.session() as session:
+            unsent = {
+                key
+                for key in session.scalars(
+                    select(LifecycleDeliveryFailure.key).where(
+                        LifecycleDeliveryFailure.account_id == account_id,
+                        LifecycleDeliveryFailure.kind.in_(["api_results_deleted", "deleted_on_request"]),
+                    )
+                )
+                if key not in self.notices
+            }
+        moments = {datetime.fromisoformat(k[len(api_prefix) :]) for k in unsent if k.startswith(api_prefix)}
+        if any(a.action == "api_results_deleted" and a.detail.get("status") != "blocked" for a in self.actions):
+            moments.add(self.as_of)
+        for moment in sorted(moments):
+            self._announce_api_results(moment)
+        for key in sorted(k for k in unsent if k.startswith(request_prefix)):
+            with self.context.runtime.catalog.session() as session:
+                audit = session.get(DeletionAudit, int(key[len(request_prefix) :]))
+                session.expunge_all()
+            if audit is not None:
+                self._notify(notices.deleted_on_request(self.account, audit), {"audit_id": audit.id})
+
+    def _announce_api_results(self, moment: datetime) -> None:
+        """The notice of the run at `moment`: the jobs it deleted (recorded, or this run's)."""
+        with self.context.runtime.catalog.session() as session:
+            recorded = list(
+                session.scalars(
+                    select(LifecycleAction.detail).where(
+                        LifecycleAction.account_id == self.account.account_id,
+                        LifecycleAction.action == "api_results_deleted",
+                        LifecycleAction.as_of == moment,
+                    )
+                )
+            )
+        ours = [a.detail for a in self.actions if a.action == "api_results_deleted"] if moment == self.as_of else []
+        jobs: dict[str, dict] = {}
+        for detail in [*recorded, *ours]:
+            if detail.get("status") in ("deleted", "dry_run"):
+                due, finished = datetime.fromisoformat(detail["due_at"]), datetime.fromisoformat(detail["finished_at"])
+                jobs[detail["job_id"]] = {"job_id": detail["job_id"], "finished_at": finished, "due_at": due}
+        if not jobs:
+            return
+        listed = sorted(jobs.values(), key=lambda j: (j["finished_at"], j["job_id"]))
+        days = ", ".join(sorted({str((j["due_at"] - j["finished_at"]).days) for j in listed}))
+        self._notify(
+            notices.api_results_deleted(self.account, moment, listed, days),
+            {"rule": "api_results", "deleted_at": iso(moment), "jobs": [j["job_id"] for j in listed]},
+        )
 
     def _overdue(self) -> None:
         balance = self.context.overdue.get(self.account.account_id)
