@@ -1,6 +1,10 @@
 """Safe deletion: inventory first (every version), audit entry before the first delete, then
 delete, then list again and fail loudly if anything of the inventory is still there.
 
+Every deletion of an account's data runs holding `account_lock`, which placing a legal hold takes
+too: a hold waits for a deletion under way, and one placed before is found by `execute_deletion`
+before anything goes.
+
 The same `inventory` feeds `--dry-run`, so a dry run lists exactly what a real run deletes.
 """
 
@@ -8,23 +12,48 @@ from __future__ import annotations
 
 import shutil
 from collections import defaultdict
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
 
-from pipelines.catalog import Catalog
+from pipelines.catalog import Catalog, CatalogError
 from pipelines.catalog.models import Job, StoredFile, TrainedModelRecord, utcnow
 from pipelines.errors import PointflowError
-from pipelines.lifecycle.models import DeletionAudit
+from pipelines.lifecycle.models import DeletionAudit, LegalHold
 from pipelines.scratch import account_folders
 from pipelines.storage import AccountArea, ObjectStore, S3Store
 
 
 class DeletionIncomplete(PointflowError, RuntimeError):
     """Objects survived a deletion; the audit entry is marked failed and lists them."""
+
+
+class AccountOnHold(CatalogError):
+    """The account is on legal hold: nothing of it may be deleted, on anyone's request."""
+
+
+def account_lock(catalog: Catalog, account_id: str) -> AbstractContextManager[None]:
+    """The account's lifecycle lock (`lifecycle:<id>`, the one `run_lifecycle` holds per account):
+    every deletion of the account's data holds it from its checks to its end, and placing a legal
+    hold takes it. Not re-entrant: take it once."""
+    return catalog.lock(f"lifecycle:{account_id}")
+
+
+def active_hold(session: Session, account_id: str) -> LegalHold | None:
+    return session.scalars(
+        select(LegalHold)
+        .where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None))
+        .order_by(LegalHold.id)
+    ).first()
+
+
+def on_hold_message(account_id: str, hold: LegalHold) -> str:
+    return f"account {account_id} is on legal hold since {hold.placed_at.isoformat()} ({hold.reason}): nothing may be deleted"
 
 
 @dataclass(frozen=True)
@@ -159,9 +188,16 @@ def forget_account_objects(catalog: Catalog, account_id: str, deleted_at: dateti
 def execute_deletion(
     catalog: Catalog, store: ObjectStore, plan: DeletionPlan, account_id: str, rule: str, subject: str, as_of: datetime
 ) -> DeletionAudit:
-    """Delete what the plan lists; the audit entry exists before the first object goes."""
+    """Delete what the plan lists; the audit entry exists before the first object goes.
+
+    Call it holding `account_lock`: a legal hold of the account is checked here, in the transaction
+    that writes the audit entry, and none can be placed until the deletion is over.
+    """
     summary = plan.summary()
     with catalog.session() as session:
+        hold = active_hold(session, account_id)
+        if hold is not None:
+            raise AccountOnHold(on_hold_message(account_id, hold))
         audit = DeletionAudit(
             account_id=account_id,
             rule=rule,

@@ -23,6 +23,7 @@ from pipelines.catalog.models import TERMINAL_JOB_STATES, Account, BillingCycle,
 from pipelines.lifecycle.deletion import (
     DeletionPlan,
     account_deletion_plan,
+    account_lock,
     execute_deletion,
     forget_account_objects,
     plan_deletion,
@@ -91,11 +92,14 @@ def _hold_view(hold: LegalHold) -> HoldView:
 
 
 def place_hold(catalog: Catalog, account_id: str, reason: str, now: datetime | None = None) -> HoldView:
-    """Put the account on legal hold; an identical active hold is returned, not duplicated."""
+    """Put the account on legal hold; an identical active hold is returned, not duplicated.
+
+    Waits for a deletion of the account's data under way (it holds the account's lock): once the
+    hold is committed, no deletion can start, and none is still working from an earlier check."""
     get_account(catalog, account_id)
     if not reason.strip():
         raise LifecycleError("a legal hold needs a reason (--reason), e.g. the case reference")
-    with catalog.session() as session:
+    with account_lock(catalog, account_id), catalog.session() as session:
         hold = session.scalars(
             select(LegalHold).where(
                 LegalHold.account_id == account_id, LegalHold.released_at.is_(None), LegalHold.reason == reason.strip()
@@ -263,11 +267,23 @@ def deletion_plan(runtime: Runtime, account_id: str) -> DeletionPlan:
 
 
 def delete_account_data(runtime: Runtime, account_id: str, now: datetime | None = None) -> DeletionAudit:
-    """Delete all of the account's data now, on the customer's request; refused under legal hold."""
-    refuse_under_hold(runtime.catalog, account_id)
-    plan = deletion_plan(runtime, account_id)
-    audit = execute_deletion(runtime.catalog, runtime.store, plan, account_id, "customer_request", "account", _now(now))
-    forget_account_objects(runtime.catalog, account_id, audit.as_of)
+    """Delete all of the account's data now, on the customer's request; refused under legal hold
+    and while a job of the account has not finished (it is still reading or writing its data)."""
+    get_account(runtime.catalog, account_id)
+    with account_lock(runtime.catalog, account_id):
+        refuse_under_hold(runtime.catalog, account_id)
+        with runtime.catalog.session() as session:
+            busy = open_job(session, Job.account_id == account_id)
+            if busy is not None:
+                raise LifecycleError(
+                    f"job {busy} is still {session.get(Job, busy).state}: delete account {account_id}'s data once "
+                    "it has finished (a job whose run was killed is closed by 'pointflow jobs close-stale')"
+                )
+        plan = deletion_plan(runtime, account_id)
+        audit = execute_deletion(
+            runtime.catalog, runtime.store, plan, account_id, "customer_request", "account", _now(now)
+        )
+        forget_account_objects(runtime.catalog, account_id, audit.as_of)
     return audit
 
 
@@ -276,28 +292,29 @@ def delete_stored_file(runtime: Runtime, account_id: str, key: str, now: datetim
     no longer counts against the plan; audited like any deletion and refused under legal hold or
     while a job still reads it. Its jobs, their results and its usage stay."""
     get_account(runtime.catalog, account_id)
-    refuse_under_hold(runtime.catalog, account_id)
-    with runtime.catalog.session() as session:
-        stored = session.scalars(
-            select(StoredFile).where(StoredFile.account_id == account_id, StoredFile.key == key)
-        ).first()
-        if stored is None:
-            raise LifecycleError(
-                f"account {account_id} has no stored file {key!r}: see 'pointflow files list --account {account_id}'"
-            )
-        busy = open_job(session, Job.file_id == stored.id)
-        if busy is not None:
-            raise LifecycleError(f"job {busy} is still working on {key}: delete the file once it has finished")
-        file_id = stored.id
-    # A quarantined file keeps its refusal report beside it: it goes with the file.
-    report = key + ".report.html"
-    plan = plan_deletion(runtime.store, [], [key, report] if runtime.store.exists(report) else [key], [])
-    audit = execute_deletion(
-        runtime.catalog, runtime.store, plan, account_id, "customer_request", f"file {key}"[:255], _now(now)
-    )
-    with runtime.catalog.session() as session:
-        session.execute(update(Job).where(Job.file_id == file_id).values(file_id=None))
-        session.execute(delete(StoredFile).where(StoredFile.id == file_id))
+    with account_lock(runtime.catalog, account_id):
+        refuse_under_hold(runtime.catalog, account_id)
+        with runtime.catalog.session() as session:
+            stored = session.scalars(
+                select(StoredFile).where(StoredFile.account_id == account_id, StoredFile.key == key)
+            ).first()
+            if stored is None:
+                raise LifecycleError(
+                    f"account {account_id} has no stored file {key!r}: see 'pointflow files list --account {account_id}'"
+                )
+            busy = open_job(session, Job.file_id == stored.id)
+            if busy is not None:
+                raise LifecycleError(f"job {busy} is still working on {key}: delete the file once it has finished")
+            file_id = stored.id
+        # A quarantined file keeps its refusal report beside it: it goes with the file.
+        report = key + ".report.html"
+        plan = plan_deletion(runtime.store, [], [key, report] if runtime.store.exists(report) else [key], [])
+        audit = execute_deletion(
+            runtime.catalog, runtime.store, plan, account_id, "customer_request", f"file {key}"[:255], _now(now)
+        )
+        with runtime.catalog.session() as session:
+            session.execute(update(Job).where(Job.file_id == file_id).values(file_id=None))
+            session.execute(delete(StoredFile).where(StoredFile.id == file_id))
     return audit
 
 
