@@ -445,6 +445,30 @@ def test_a_deletion_refuses_a_hold_committed_after_its_plan_was_made(runtime: Ru
     assert blocked["detail"]["status"] == "blocked" and all(runtime.store.exists(k) for k in keys)
 
 
+def test_a_deletion_killed_midway_is_closed_by_the_rerun_which_accounts_for_every_object(
+    runtime: Runtime, smtp_sink, capsys
+) -> None:
+    keys = terminated_with_data(runtime, capsys, "gone")
+    killed = faulty("kill:3", "lifecycle", "run", "--as-of", "2027-02-01T03:00:00Z")
+    assert killed.wait(60) == -9, killed.communicate()
+    assert [runtime.store.exists(k) for k in keys] == [False, False, True, True, True]
+    [deleted] = lifecycle(capsys, "2027-02-01T03:00:00Z")
+    assert deleted["action"] == "data_deleted" and not any(runtime.store.exists(k) for k in keys)
+    with runtime.catalog.session() as session:
+        first, second = session.scalars(select(DeletionAudit).order_by(DeletionAudit.id))
+        assert (first.status, first.object_count, second.status) == ("interrupted", 5, "completed")
+        assert f"#{second.id}" in first.error and first.finished_at is not None
+        # The finished entry lists all five: three it deleted, two the killed run had.
+        assert (second.object_count, second.version_count, second.bytes) == (5, 5, 500)
+        assert [(o["key"], o.get("deleted_by")) for o in second.objects] == [
+            (k, first.id if n < 2 else None) for n, k in enumerate(keys)
+        ]
+    assert main(["lifecycle", "audit", "--account", "gone"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "interrupted" in lines[0] and f"taken over by #{second.id}" in lines[0]
+    assert "completed" in lines[1] and f"2 deleted by #{first.id} before it stopped" in lines[1]
+
+
 def test_a_deletion_on_request_waits_for_the_accounts_running_jobs(runtime: Runtime, capsys) -> None:
     upsert_accounts(runtime.catalog, [make_account("busy", "professional")])
     runtime.store.put_bytes("accounts/busy/raw/scan.laz", b"P" * 100)

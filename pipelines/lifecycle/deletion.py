@@ -191,28 +191,57 @@ def execute_deletion(
     """Delete what the plan lists; the audit entry exists before the first object goes.
 
     Call it holding `account_lock`: a legal hold of the account is checked here, in the transaction
-    that writes the audit entry, and none can be placed until the deletion is over.
+    that writes the audit entry, and none can be placed until the deletion is over. Under the lock
+    an entry of the account still `started` is one whose process died mid-way: if this plan covers
+    its objects (the same deletion run again, or a wider one), it is closed as `interrupted`,
+    pointing at this entry, and this entry also lists the objects it had already removed (those
+    the inventory no longer finds), each with `deleted_by` its number.
     """
     summary = plan.summary()
     with catalog.session() as session:
         hold = active_hold(session, account_id)
         if hold is not None:
             raise AccountOnHold(on_hold_message(account_id, hold))
+        killed = [
+            entry
+            for entry in session.scalars(
+                select(DeletionAudit)
+                .where(DeletionAudit.account_id == account_id, DeletionAudit.status == "started")
+                .order_by(DeletionAudit.id)
+            )
+            if _takes_over(plan, rule, subject, entry)
+        ]
+        objects, local_paths = summary["keys"], summary["local_paths"]
+        listed, listed_paths = {o["key"] for o in objects}, {p["path"] for p in local_paths}
+        for entry in killed:
+            for item in entry.objects:
+                if item["key"] not in listed:
+                    objects.append({**item, "deleted_by": item.get("deleted_by", entry.id)})
+                    listed.add(item["key"])
+            for item in entry.local_paths:
+                if item["path"] not in listed_paths:
+                    local_paths.append({**item, "deleted_by": item.get("deleted_by", entry.id)})
+                    listed_paths.add(item["path"])
+        objects.sort(key=lambda o: o["key"])
+        local_paths.sort(key=lambda p: p["path"])
         audit = DeletionAudit(
             account_id=account_id,
             rule=rule,
             subject=subject,
             as_of=as_of,
             status="started",
-            object_count=summary["objects"],
-            version_count=summary["versions"],
-            bytes=plan.bytes,
-            objects=summary["keys"],
-            local_paths=summary["local_paths"],
+            object_count=len(objects),
+            version_count=sum(o["versions"] for o in objects),
+            bytes=sum(o["bytes"] for o in objects) + sum(p["bytes"] for p in local_paths),
+            objects=objects,
+            local_paths=local_paths,
         )
         session.add(audit)
         session.flush()
         audit_id = audit.id
+        for entry in killed:
+            entry.status, entry.finished_at = "interrupted", utcnow()
+            entry.error = f"its process ended before it finished; taken over by #{audit_id}"
     try:
         for item in plan.objects:
             store.delete(item.key)  # every version, on a versioned bucket
@@ -238,6 +267,18 @@ def execute_deletion(
         session.flush()
         session.expunge(done)
         return done
+
+
+def _takes_over(plan: DeletionPlan, rule: str, subject: str, entry: DeletionAudit) -> bool:
+    """Whether this plan finishes what the interrupted `entry` set out to delete: every key of it
+    is one this plan deletes (or finds gone), and every local path of it is in the plan or gone."""
+    if not entry.objects and (entry.rule, entry.subject) != (rule, subject):
+        return False
+    paths = {p.path for p in plan.local_paths}
+    return all(
+        key in plan.keys or (any(key.startswith(p) for p in plan.prefixes) and plan.covers(key))
+        for key in (o["key"] for o in entry.objects)
+    ) and all(p["path"] in paths or not Path(p["path"]).exists() for p in entry.local_paths)
 
 
 def _remaining(store: ObjectStore, plan: DeletionPlan) -> list[str]:
