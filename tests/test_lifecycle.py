@@ -623,6 +623,45 @@ def test_overdue_accounts_get_a_notice_five_days_before_service_stops(runtime: R
     assert lifecycle(capsys, "2026-12-27T03:00:00Z") == []
 
 
+def test_services_stop_for_non_payment_only_after_the_overdue_notice(
+    runtime: Runtime, smtp_sink, capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.billing.imports import PaymentRecord, import_payments
+    from pipelines.billing.invoicing import run_billing
+    from pipelines.billing.pricebook import load_pricebook
+
+    def terminate(account_id: str, effective: str, code: int) -> str:
+        assert main(["accounts", "terminate", account_id, "--reason", "non_payment", "--effective", effective]) == code
+        captured = capsys.readouterr()
+        return captured.err if code else captured.out
+
+    upsert_accounts(runtime.catalog, [make_account("payer", "professional"), make_account("owes", "professional")])
+    run_billing(runtime.catalog, "2026-10", load_pricebook(), now=at("2026-11-01T01:00:00"))
+    with runtime.catalog.session() as session:
+        payer = session.scalars(select(Invoice).where(Invoice.account_id == "payer")).one()
+    import_payments(runtime.catalog, [(2, PaymentRecord("payer", payer.invoice_number, payer.total, at("2026-11-20")))])
+    # Nothing overdue: no stop for non-payment.
+    err = terminate("payer", "2026-12-02", 2)
+    assert "no overdue balance" in err and "--reason customer" in err
+    # Overdue since 2026-12-01, but no notice delivered yet.
+    assert lifecycle(capsys, "2026-12-25T03:00:00Z") == []
+    err = terminate("owes", "2026-12-31", 2)
+    assert "no overdue notice" in err and "lifecycle run" in err
+    [notice] = lifecycle(capsys, "2026-12-26T00:00:00Z")
+    assert notice["detail"]["service_stops_at"] == "2026-12-31T00:00:00+00:00"
+    # Earlier than the notice says: refused, with the first date allowed.
+    err = terminate("owes", "2026-12-27", 2)
+    assert "2026-12-26T00:00:00+00:00" in err and "--effective 2026-12-31 or later" in err
+    # The notice period comes from the policy: a longer one pushes the first date allowed.
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("defaults:\n  overdue_notice_days: 7\n")
+    monkeypatch.setenv("POINTFLOW_LIFECYCLE_POLICY", str(policy))
+    assert "--effective 2027-01-02 or later" in terminate("owes", "2026-12-31", 2)
+    monkeypatch.delenv("POINTFLOW_LIFECYCLE_POLICY")
+    assert "last day of service 2026-12-30" in terminate("owes", "2026-12-31", 0)
+    assert is_locked(runtime.catalog, "owes", at("2026-12-31T00:00:00"))
+
+
 def test_dry_run_changes_nothing_and_sends_nothing(runtime: Runtime, smtp_sink, capsys) -> None:
     upsert_accounts(runtime.catalog, [free_account("quiet", "2026-01-10T09:00:00")])
     [dry] = lifecycle(capsys, "2027-01-11T03:00:00Z", "--dry-run")

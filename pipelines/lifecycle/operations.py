@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from pipelines.accounts import get_account
 from pipelines.billing.corrections import TermsUpdate, set_billing_terms
+from pipelines.billing.overdue import overdue_balances
 from pipelines.billing.periods import Period, add_months, start_of
 from pipelines.catalog import Catalog, CatalogError
 from pipelines.catalog.models import TERMINAL_JOB_STATES, Account, BillingCycle, Job, JobState, StoredFile
@@ -28,8 +29,8 @@ from pipelines.lifecycle.deletion import (
     forget_account_objects,
     plan_deletion,
 )
-from pipelines.lifecycle.models import DeletionAudit, LegalHold, Termination
-from pipelines.lifecycle.policy import LifecyclePolicy
+from pipelines.lifecycle.models import DeletionAudit, LegalHold, LifecycleNotice, Termination
+from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
 from pipelines.storage import AccountArea
 
 if TYPE_CHECKING:
@@ -165,14 +166,20 @@ def terminate_account(
     reason: str = "customer",
     effective: date | None = None,
     now: datetime | None = None,
+    policy: LifecyclePolicy | None = None,
 ) -> TerminationView:
     """End the contract: access continues until `effective` (default: the end of the paid term),
-    then the data is locked and, after the plan's grace period, deleted by the lifecycle run."""
+    then the data is locked and, after the plan's grace period, deleted by the lifecycle run.
+
+    For non-payment, only once the overdue notice was delivered: see `check_overdue_notice`
+    (`policy` gives the notice period; default: the lifecycle policy shipped with pointflow)."""
     if reason not in TERMINATION_REASONS:
         raise LifecycleError(f"reason {reason!r} is not one of {', '.join(TERMINATION_REASONS)}")
     account = get_account(catalog, account_id)
     now = _now(now)
     effective = effective or paid_term_end(account, now.date())
+    if reason == "non_payment":
+        check_overdue_notice(catalog, account, start_of(effective), policy or load_policy())
     with catalog.session() as session:
         known = session.get(Termination, account_id)
         if known is not None:
@@ -186,6 +193,40 @@ def terminate_account(
     # Billing stops with the service: the subscription is prorated up to the last day.
     set_billing_terms(catalog, account_id, TermsUpdate(ended_on=last_day))
     return TerminationView(account_id, reason, start_of(effective), last_day)
+
+
+def check_overdue_notice(catalog: Catalog, account: Account, effective_at: datetime, policy: LifecyclePolicy) -> None:
+    """Services stop for non-payment only for a balance overdue at `effective_at` whose overdue
+    notice (the one for its oldest due date) was delivered, and no earlier than the notice period
+    (the policy's overdue_notice_days) after its delivery, nor than the stop date it stated."""
+    account_id = account.account_id
+    balance = overdue_balances(catalog, effective_at).get(account_id)
+    if balance is None:
+        raise LifecycleError(
+            f"account {account_id} has no overdue balance at {effective_at.isoformat()}: services stop for "
+            "non-payment only for one; end the contract with --reason customer if that is what was asked"
+        )
+    due = balance.oldest_due_date.isoformat()
+    with catalog.session() as session:
+        notice = session.get(LifecycleNotice, f"lifecycle:overdue_notice:{account_id}:{due}")
+        if notice is not None:
+            session.expunge(notice)
+    days = policy.for_plan(account.plan).overdue_notice_days
+    if notice is None:
+        raise LifecycleError(
+            f"account {account_id} was sent no overdue notice for its balance due since {due}: services stop for "
+            f"non-payment at least {days} days after it is delivered. 'pointflow lifecycle run' (nightly) sends it; "
+            "terminate on or after the stop date it states"
+        )
+    stated = notice.detail.get("service_stops_at")
+    earliest = max(notice.sent_at + timedelta(days=days), datetime.fromisoformat(stated) if stated else notice.sent_at)
+    if effective_at < earliest:
+        first = earliest.date() if earliest == start_of(earliest.date()) else earliest.date() + timedelta(days=1)
+        raise LifecycleError(
+            f"the overdue notice to account {account_id} was delivered at {notice.sent_at.isoformat()} and states that "
+            f"services stop at {stated}; with {days} days' notice they may stop from {earliest.isoformat()}: "
+            f"use --effective {first.isoformat()} or later"
+        )
 
 
 @dataclass(frozen=True)
