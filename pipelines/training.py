@@ -36,7 +36,7 @@ from pipelines.customer_text import render_mail
 from pipelines.errors import InvalidValue, UserError
 from pipelines.keys import kept_secret
 from pipelines.lasio import LasInfo, iter_checked, point_block, read_info
-from pipelines.lifecycle.deletion import execute_deletion, plan_deletion
+from pipelines.lifecycle.deletion import account_lock, execute_deletion, plan_deletion
 from pipelines.lifecycle.models import DeletionAudit
 from pipelines.lifecycle.operations import LifecycleError, ensure_active, open_job, refuse_under_hold
 from pipelines.notify import DeliveryError, Message
@@ -286,8 +286,8 @@ def delete_model(runtime, account_id: str, model_id: str, now: datetime | None =
     or while a job not yet finished classifies with it. The row stays as a tombstone without the
     training files' names, so versions only go up and the jobs that used it still say which it was."""
     get_account(runtime.catalog, account_id)
-    refuse_under_hold(runtime.catalog, account_id)
-    with runtime.catalog.lock(_models_lock(account_id)):
+    with account_lock(runtime.catalog, account_id), runtime.catalog.lock(_models_lock(account_id)):
+        refuse_under_hold(runtime.catalog, account_id)
         with runtime.catalog.session() as session:
             row = _own_model(session, account_id, model_id)
             busy = open_job(session, Job.account_id == account_id, Job.classifier == model_id)

@@ -145,13 +145,11 @@ def test_a_killed_ingest_run_is_closed_as_failed_and_deleting_the_account_finds_
 
     [job] = list_jobs(runtime, "acme")
     assert job.state == "classifying"
-    # The killed run's tiles and working copy are the account's points: deletion finds and removes them.
     left = set(account_folders(scratch, "acme"))
     assert left
-    assert main(["accounts", "delete", "acme", "--confirm", "--json"]) == 0
-    deleted = json.loads(capsys.readouterr().out)
-    assert {Path(p["path"]) for p in deleted["local_paths"]} >= left
-    assert account_folders(scratch, "acme") == []
+    # While the job is open, the account's data is not deleted: nothing tells a killed run from a slow one.
+    assert main(["accounts", "delete", "acme", "--confirm", "--json"]) == 2
+    assert f"job {job.job_id} is still classifying" in capsys.readouterr().err
 
     # A day later the nightly run closes the job: failed, the cause on record, nothing billed.
     [closed] = close_stale_jobs(runtime, utcnow() + timedelta(hours=runtime.settings.stale_job_hours, minutes=1))
@@ -161,6 +159,12 @@ def test_a_killed_ingest_run_is_closed_as_failed_and_deleting_the_account_finds_
         events = session.scalars(select(UsageEvent).where(UsageEvent.job_id == job.job_id)).all()
         assert [(e.status, e.points) for e in events] == [("failed", 0)]
     assert close_stale_jobs(runtime, utcnow() + timedelta(days=30)) == []
+
+    # The killed run's tiles and working copy are the account's points: deletion finds and removes them.
+    assert main(["accounts", "delete", "acme", "--confirm", "--json"]) == 0
+    deleted = json.loads(capsys.readouterr().out)
+    assert {Path(p["path"]) for p in deleted["local_paths"]} >= left
+    assert account_folders(scratch, "acme") == []
     assert main(["jobs", "show", job.job_id]) == 0
     assert "no progress" in capsys.readouterr().out
     assert job_view(runtime, job.job_id).finished_at is not None

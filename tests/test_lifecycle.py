@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -16,7 +19,8 @@ from pipelines.catalog.models import Job, JobState, SentMessage, StoredFile, Usa
 from pipelines.cli import main
 from pipelines.dashboard import build_dashboard
 from pipelines.lifecycle import is_locked
-from pipelines.lifecycle.models import DeletionAudit, LifecycleDeliveryFailure, Termination
+from pipelines.lifecycle.deletion import account_deletion_plan, execute_deletion
+from pipelines.lifecycle.models import DeletionAudit, LegalHold, LifecycleDeliveryFailure, Termination
 from pipelines.lifecycle.operations import AccountLocked, ensure_active
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.runtime import Runtime
@@ -390,6 +394,136 @@ def test_legal_hold_blocks_deletion_until_released(runtime: Runtime, smtp_sink, 
     assert not runtime.store.exists("accounts/held/raw/evidence.laz")
 
 
+def faulty(fault: str, *args: str) -> subprocess.Popen:
+    """`pointflow ARGS` in a process of its own, with a fault in its deletion (tests/lifecycle_faults.py)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.lifecycle_faults", fault, *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def waiting_for_a_lock(pid: int) -> bool:
+    """True while the process waits for a file lock (an SQLite catalog's `Catalog.lock`)."""
+    return any(line.split()[1] == "->" and line.split()[5] == str(pid) for line in Path("/proc/locks").open())
+
+
+def wait_until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def terminated_with_data(runtime: Runtime, capsys, account_id: str) -> list[str]:
+    """An account terminated on 2027-01-01 and locked (deletion due 2027-02-01 03:00), with five objects."""
+    upsert_accounts(runtime.catalog, [make_account(account_id, "professional")])
+    keys = [f"accounts/{account_id}/raw/scan-{n}.laz" for n in range(5)]
+    for key in keys:
+        runtime.store.put_bytes(key, b"P" * 100)
+    assert main(["accounts", "terminate", account_id, "--effective", "2027-01-01"]) == 0
+    capsys.readouterr()
+    lifecycle(capsys, "2027-01-01T03:00:00Z")
+    return keys
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["lifecycle", "run", "--as-of", "2027-02-01T03:00:00Z"], ["accounts", "delete", "held", "--confirm"]],
+    ids=["lifecycle-run", "customer-request"],
+)
+def test_a_hold_placed_while_a_deletion_is_under_way_waits_for_it(
+    runtime: Runtime, smtp_sink, capsys, tmp_path: Path, command: list[str]
+) -> None:
+    keys = terminated_with_data(runtime, capsys, "held")
+    ready, go = tmp_path / "inventoried", tmp_path / "go"
+    deleting = faulty(f"pause:{ready}:{go}", *command)
+    wait_until(lambda: ready.exists() or deleting.poll() is not None, "the deletion's inventory")
+    assert deleting.poll() is None, deleting.communicate()
+    # The deletion has taken its inventory and not deleted yet: a legal hold is asked for now.
+    holding = subprocess.Popen(
+        [str(Path(sys.executable).with_name("pointflow")), "accounts", "hold", "held", "--reason", "case 2027-3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(
+        lambda: holding.poll() is not None or waiting_for_a_lock(holding.pid), "the hold to be placed or to wait"
+    )
+    # It waits for the deletion under way: it is not committed while the deletion may still act on its inventory.
+    assert holding.poll() is None, f"the hold was placed during the deletion: {holding.communicate()}"
+    go.touch()
+    assert deleting.wait(60) == 0, deleting.communicate()
+    assert holding.wait(60) == 0, holding.communicate()
+    assert not any(runtime.store.exists(k) for k in keys)
+    with runtime.catalog.session() as session:
+        [audit] = session.scalars(select(DeletionAudit))
+        [hold] = session.scalars(select(LegalHold))
+        assert (audit.status, audit.object_count) == ("completed", 5)
+        assert hold.placed_at >= audit.finished_at
+
+
+def test_a_deletion_refuses_a_hold_committed_after_its_plan_was_made(runtime: Runtime, smtp_sink, capsys) -> None:
+    keys = terminated_with_data(runtime, capsys, "held")
+    plan = account_deletion_plan(runtime.store, runtime.settings.scratch_dir, "held")
+    with runtime.catalog.session() as session:
+        session.add(LegalHold(account_id="held", reason="case 2027-4", placed_at=at("2027-01-31T12:00:00")))
+    with pytest.raises(Exception, match="legal hold") as refused:
+        execute_deletion(
+            runtime.catalog, runtime.store, plan, "held", "customer_request", "account", at("2027-02-01T03:00:00")
+        )
+    assert "case 2027-4" in str(refused.value)
+    assert all(runtime.store.exists(k) for k in keys)
+    with runtime.catalog.session() as session:
+        assert session.scalar(select(func.count()).select_from(DeletionAudit)) == 0
+    # The nightly run reports the deletion as blocked, and nothing goes.
+    [blocked] = lifecycle(capsys, "2027-02-01T03:00:00Z")
+    assert blocked["detail"]["status"] == "blocked" and all(runtime.store.exists(k) for k in keys)
+
+
+def test_a_deletion_killed_midway_is_closed_by_the_rerun_which_accounts_for_every_object(
+    runtime: Runtime, smtp_sink, capsys
+) -> None:
+    keys = terminated_with_data(runtime, capsys, "gone")
+    killed = faulty("kill:3", "lifecycle", "run", "--as-of", "2027-02-01T03:00:00Z")
+    assert killed.wait(60) == -9, killed.communicate()
+    assert [runtime.store.exists(k) for k in keys] == [False, False, True, True, True]
+    [deleted] = lifecycle(capsys, "2027-02-01T03:00:00Z")
+    assert deleted["action"] == "data_deleted" and not any(runtime.store.exists(k) for k in keys)
+    with runtime.catalog.session() as session:
+        first, second = session.scalars(select(DeletionAudit).order_by(DeletionAudit.id))
+        assert (first.status, first.object_count, second.status) == ("interrupted", 5, "completed")
+        assert f"#{second.id}" in first.error and first.finished_at is not None
+        # The finished entry lists all five: three it deleted, two the killed run had.
+        assert (second.object_count, second.version_count, second.bytes) == (5, 5, 500)
+        assert [(o["key"], o.get("deleted_by")) for o in second.objects] == [
+            (k, first.id if n < 2 else None) for n, k in enumerate(keys)
+        ]
+    assert main(["lifecycle", "audit", "--account", "gone"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "interrupted" in lines[0] and f"taken over by #{second.id}" in lines[0]
+    assert "completed" in lines[1] and f"2 deleted by #{first.id} before it stopped" in lines[1]
+
+
+def test_a_deletion_on_request_waits_for_the_accounts_running_jobs(runtime: Runtime, capsys) -> None:
+    upsert_accounts(runtime.catalog, [make_account("busy", "professional")])
+    runtime.store.put_bytes("accounts/busy/raw/scan.laz", b"P" * 100)
+    with runtime.catalog.session() as session:
+        session.add(
+            Job(job_id="busy-job-1", account_id="busy", source="scan.laz", classifier="standard", state="classifying")
+        )
+    assert main(["accounts", "delete", "busy", "--confirm"]) == 2
+    err = capsys.readouterr().err
+    assert "job busy-job-1 is still classifying" in err and "once it has finished" in err
+    assert runtime.store.exists("accounts/busy/raw/scan.laz")
+    with runtime.catalog.session() as session:
+        session.get(Job, "busy-job-1").state = JobState.FAILED.value
+    assert main(["accounts", "delete", "busy", "--confirm"]) == 0
+    assert not runtime.store.exists("accounts/busy/raw/scan.laz")
+
+
 def api_job(runtime: Runtime, account_id: str, job_id: str, finished: str, file_id: int) -> None:
     area = f"accounts/{account_id}/"
     for key in (
@@ -712,6 +846,45 @@ def test_overdue_accounts_get_a_notice_five_days_before_service_stops(runtime: R
     }
     assert mail["To"] == "ops@owes.example" and "31 December 2026" in mail.get_content()
     assert lifecycle(capsys, "2026-12-27T03:00:00Z") == []
+
+
+def test_services_stop_for_non_payment_only_after_the_overdue_notice(
+    runtime: Runtime, smtp_sink, capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.billing.imports import PaymentRecord, import_payments
+    from pipelines.billing.invoicing import run_billing
+    from pipelines.billing.pricebook import load_pricebook
+
+    def terminate(account_id: str, effective: str, code: int) -> str:
+        assert main(["accounts", "terminate", account_id, "--reason", "non_payment", "--effective", effective]) == code
+        captured = capsys.readouterr()
+        return captured.err if code else captured.out
+
+    upsert_accounts(runtime.catalog, [make_account("payer", "professional"), make_account("owes", "professional")])
+    run_billing(runtime.catalog, "2026-10", load_pricebook(), now=at("2026-11-01T01:00:00"))
+    with runtime.catalog.session() as session:
+        payer = session.scalars(select(Invoice).where(Invoice.account_id == "payer")).one()
+    import_payments(runtime.catalog, [(2, PaymentRecord("payer", payer.invoice_number, payer.total, at("2026-11-20")))])
+    # Nothing overdue: no stop for non-payment.
+    err = terminate("payer", "2026-12-02", 2)
+    assert "no overdue balance" in err and "--reason customer" in err
+    # Overdue since 2026-12-01, but no notice delivered yet.
+    assert lifecycle(capsys, "2026-12-25T03:00:00Z") == []
+    err = terminate("owes", "2026-12-31", 2)
+    assert "no overdue notice" in err and "lifecycle run" in err
+    [notice] = lifecycle(capsys, "2026-12-26T00:00:00Z")
+    assert notice["detail"]["service_stops_at"] == "2026-12-31T00:00:00+00:00"
+    # Earlier than the notice says: refused, with the first date allowed.
+    err = terminate("owes", "2026-12-27", 2)
+    assert "2026-12-26T00:00:00+00:00" in err and "--effective 2026-12-31 or later" in err
+    # The notice period comes from the policy: a longer one pushes the first date allowed.
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("defaults:\n  overdue_notice_days: 7\n")
+    monkeypatch.setenv("POINTFLOW_LIFECYCLE_POLICY", str(policy))
+    assert "--effective 2027-01-02 or later" in terminate("owes", "2026-12-31", 2)
+    monkeypatch.delenv("POINTFLOW_LIFECYCLE_POLICY")
+    assert "last day of service 2026-12-30" in terminate("owes", "2026-12-31", 0)
+    assert is_locked(runtime.catalog, "owes", at("2026-12-31T00:00:00"))
 
 
 def test_dry_run_changes_nothing_and_sends_nothing(runtime: Runtime, smtp_sink, capsys) -> None:

@@ -190,7 +190,7 @@ def test_terminate_defaults_to_the_end_of_the_paid_term_and_stops_billing(runtim
     assert paid_term_end(runtime.catalog, "monthly", date(2026, 11, 22)) == date(2026, 12, 1)
     assert paid_term_end(runtime.catalog, "yearly", date(2026, 11, 22)) == date(2027, 3, 15)
     assert paid_term_end(runtime.catalog, "yearly", date(2027, 3, 15)) == date(2028, 3, 15)
-    out = cli(capsys, "accounts", "terminate", "monthly", "--effective", "2027-02-01", "--reason", "non_payment")
+    out = cli(capsys, "accounts", "terminate", "monthly", "--effective", "2027-02-01")
     assert "last day of service 2027-01-31" in out
     with runtime.catalog.session() as session:
         assert session.get(BillingTerms, "monthly").ended_on == date(2027, 1, 31)

@@ -191,7 +191,9 @@ def _register_lifecycle(sub: argparse._SubParsersAction) -> None:
             "paid term: the next 1st of the month for monthly billing, the next cycle anniversary for "
             "quarterly/yearly). From then on the data is locked; it is deleted after the plan's grace "
             "period (lifecycle policy), counted from the e-mail that announces it. Billing ends on the "
-            "day before --effective. A terminated account cannot be terminated again."
+            "day before --effective. A terminated account cannot be terminated again. For non_payment, the "
+            "account must be overdue at --effective and have been delivered the overdue notice for that balance "
+            "at least the policy's overdue_notice_days before --effective (and --effective not before the stop date it states)."
         ),
     )
     terminate.add_argument("account_id", metavar="ACCOUNT")
@@ -261,9 +263,16 @@ def _unhold(args: argparse.Namespace) -> int:
 
 
 def _terminate(args: argparse.Namespace) -> int:
-    from pipelines.lifecycle import terminate_account
+    from pipelines.lifecycle import load_policy, terminate_account
 
-    view = terminate_account(open_catalog(settings_from_env()), args.account_id, args.reason, args.effective)
+    settings = settings_from_env()
+    view = terminate_account(
+        open_catalog(settings),
+        args.account_id,
+        args.reason,
+        args.effective,
+        policy=load_policy(settings.lifecycle_policy_path),
+    )
     print(
         f"account {view.account_id} terminated ({view.reason}): last day of service {view.last_day_of_service}, "
         f"data locked from {view.effective_at.isoformat()}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from pipelines.cli.common import instant_arg, open_catalog, print_json, settings_from_env
@@ -51,7 +52,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     audit = sub.add_parser(
         "audit",
         help="list deletion audit entries",
-        description="Every deletion the service made: account, rule, objects, versions, bytes, time, status. Kept after the data is gone.",
+        description=(
+            "Every deletion the service made: account, rule, objects, versions, bytes, time, status (started, "
+            "completed, failed, or interrupted: its process ended mid-way and a later entry, named, finished it "
+            "and lists what it had removed). Kept after the data is gone."
+        ),
     )
     audit.add_argument("--account", metavar="ID", default=None, help="only this account")
     audit.add_argument("--json", action="store_true", help="print a JSON array")
@@ -118,8 +123,13 @@ def _audit(args: argparse.Namespace) -> int:
         print_json(view)
     else:
         for r in view:
+            note = ""
+            if r["status"] == "interrupted":
+                note = f"  ({r['error']})"
+            elif earlier := Counter(o["deleted_by"] for o in r["keys"] if "deleted_by" in o):
+                note = f"  ({', '.join(f'{n} deleted by #{e} before it stopped' for e, n in sorted(earlier.items()))})"
             print(
-                f"#{r['id']}  {r['as_of']}  {r['account_id']}  {r['rule']}  {r['status']}  {r['objects']} object(s), {r['versions']} version(s), {r['bytes']:,} bytes"
+                f"#{r['id']}  {r['as_of']}  {r['account_id']}  {r['rule']}  {r['status']}  {r['objects']} object(s), {r['versions']} version(s), {r['bytes']:,} bytes{note}"
             )
         if not view:
             print("no deletions")

@@ -1,6 +1,10 @@
 """Safe deletion: inventory first (every version), audit entry before the first delete, then
 delete, then list again and fail loudly if anything of the inventory is still there.
 
+Every deletion of an account's data runs holding `account_lock`, which placing a legal hold takes
+too: a hold waits for a deletion under way, and one placed before is found by `execute_deletion`
+before anything goes.
+
 The same `inventory` feeds `--dry-run`, so a dry run lists exactly what a real run deletes.
 """
 
@@ -8,23 +12,48 @@ from __future__ import annotations
 
 import shutil
 from collections import defaultdict
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
 
-from pipelines.catalog import Catalog
+from pipelines.catalog import Catalog, CatalogError
 from pipelines.catalog.models import Job, StoredFile, TrainedModelRecord, utcnow
 from pipelines.errors import PointflowError
-from pipelines.lifecycle.models import DeletionAudit
+from pipelines.lifecycle.models import DeletionAudit, LegalHold
 from pipelines.scratch import account_folders
 from pipelines.storage import AccountArea, ObjectStore, S3Store
 
 
 class DeletionIncomplete(PointflowError, RuntimeError):
     """Objects survived a deletion; the audit entry is marked failed and lists them."""
+
+
+class AccountOnHold(CatalogError):
+    """The account is on legal hold: nothing of it may be deleted, on anyone's request."""
+
+
+def account_lock(catalog: Catalog, account_id: str) -> AbstractContextManager[None]:
+    """The account's lifecycle lock (`lifecycle:<id>`, the one `run_lifecycle` holds per account):
+    every deletion of the account's data holds it from its checks to its end, and placing a legal
+    hold takes it. Not re-entrant: take it once."""
+    return catalog.lock(f"lifecycle:{account_id}")
+
+
+def active_hold(session: Session, account_id: str) -> LegalHold | None:
+    return session.scalars(
+        select(LegalHold)
+        .where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None))
+        .order_by(LegalHold.id)
+    ).first()
+
+
+def on_hold_message(account_id: str, hold: LegalHold) -> str:
+    return f"account {account_id} is on legal hold since {hold.placed_at.isoformat()} ({hold.reason}): nothing may be deleted"
 
 
 @dataclass(frozen=True)
@@ -163,24 +192,60 @@ def forget_account_objects(catalog: Catalog, account_id: str, deleted_at: dateti
 def execute_deletion(
     catalog: Catalog, store: ObjectStore, plan: DeletionPlan, account_id: str, rule: str, subject: str, as_of: datetime
 ) -> DeletionAudit:
-    """Delete what the plan lists; the audit entry exists before the first object goes."""
+    """Delete what the plan lists; the audit entry exists before the first object goes.
+
+    Call it holding `account_lock`: a legal hold of the account is checked here, in the transaction
+    that writes the audit entry, and none can be placed until the deletion is over. Under the lock
+    an entry of the account still `started` is one whose process died mid-way: if this plan covers
+    its objects (the same deletion run again, or a wider one), it is closed as `interrupted`,
+    pointing at this entry, and this entry also lists the objects it had already removed (those
+    the inventory no longer finds), each with `deleted_by` its number.
+    """
     summary = plan.summary()
     with catalog.session() as session:
+        hold = active_hold(session, account_id)
+        if hold is not None:
+            raise AccountOnHold(on_hold_message(account_id, hold))
+        killed = [
+            entry
+            for entry in session.scalars(
+                select(DeletionAudit)
+                .where(DeletionAudit.account_id == account_id, DeletionAudit.status == "started")
+                .order_by(DeletionAudit.id)
+            )
+            if _takes_over(plan, rule, subject, entry)
+        ]
+        objects, local_paths = summary["keys"], summary["local_paths"]
+        listed, listed_paths = {o["key"] for o in objects}, {p["path"] for p in local_paths}
+        for entry in killed:
+            for item in entry.objects:
+                if item["key"] not in listed:
+                    objects.append({**item, "deleted_by": item.get("deleted_by", entry.id)})
+                    listed.add(item["key"])
+            for item in entry.local_paths:
+                if item["path"] not in listed_paths:
+                    local_paths.append({**item, "deleted_by": item.get("deleted_by", entry.id)})
+                    listed_paths.add(item["path"])
+        objects.sort(key=lambda o: o["key"])
+        local_paths.sort(key=lambda p: p["path"])
         audit = DeletionAudit(
             account_id=account_id,
             rule=rule,
             subject=subject,
             as_of=as_of,
             status="started",
-            object_count=summary["objects"],
-            version_count=summary["versions"],
-            bytes=plan.bytes,
-            objects=summary["keys"],
-            local_paths=summary["local_paths"],
+            object_count=len(objects),
+            version_count=sum(o["versions"] for o in objects),
+            bytes=sum(o["bytes"] for o in objects) + sum(p["bytes"] for p in local_paths),
+            objects=objects,
+            local_paths=local_paths,
         )
         session.add(audit)
         session.flush()
         audit_id = audit.id
+        for entry in killed:
+            entry.status, entry.finished_at = "interrupted", utcnow()
+            entry.error = f"its process ended before it finished; taken over by #{audit_id}"
     try:
         for item in plan.objects:
             store.delete(item.key)  # every version, on a versioned bucket
@@ -206,6 +271,18 @@ def execute_deletion(
         session.flush()
         session.expunge(done)
         return done
+
+
+def _takes_over(plan: DeletionPlan, rule: str, subject: str, entry: DeletionAudit) -> bool:
+    """Whether this plan finishes what the interrupted `entry` set out to delete: every key of it
+    is one this plan deletes (or finds gone), and every local path of it is in the plan or gone."""
+    if not entry.objects and (entry.rule, entry.subject) != (rule, subject):
+        return False
+    paths = {p.path for p in plan.local_paths}
+    return all(
+        key in plan.keys or (any(key.startswith(p) for p in plan.prefixes) and plan.covers(key))
+        for key in (o["key"] for o in entry.objects)
+    ) and all(p["path"] in paths or not Path(p["path"]).exists() for p in entry.local_paths)
 
 
 def _remaining(store: ObjectStore, plan: DeletionPlan) -> list[str]:

@@ -89,7 +89,8 @@ class Termination(Base):
 
 
 class DeletionAudit(Base):
-    """One deletion: written before the first object goes, completed (or failed) after the check."""
+    """One deletion: written before the first object goes, completed (or failed) after the check;
+    interrupted when a later deletion finds it left `started` and finishes it."""
 
     __tablename__ = "lifecycle_deletions"
 
@@ -98,7 +99,9 @@ class DeletionAudit(Base):
     rule: Mapped[str] = mapped_column(String(64))
     subject: Mapped[str] = mapped_column(String(255))
     as_of: Mapped[datetime] = mapped_column(UTCDateTime)
-    status: Mapped[str] = mapped_column(String(16))  # started, completed, failed
+    # started, completed, failed; interrupted: its process ended mid-way, `error` names the entry
+    # that took over (and lists, with `deleted_by`, the objects this one had removed)
+    status: Mapped[str] = mapped_column(String(16))
     object_count: Mapped[int] = mapped_column(Integer)
     version_count: Mapped[int] = mapped_column(Integer)
     bytes: Mapped[int] = mapped_column(BigInteger)

@@ -20,6 +20,7 @@ from pipelines.billing.charges import invoiced_cycle
 from pipelines.billing.corrections import TermsUpdate, set_billing_terms
 from pipelines.billing.history import account_history, agreed_on
 from pipelines.billing.lines import CYCLE_MONTHS
+from pipelines.billing.overdue import overdue_balances
 from pipelines.billing.periods import Period, start_of
 from pipelines.billing.pricebook import PriceBook, load_pricebook
 from pipelines.billing.terms import History
@@ -29,13 +30,14 @@ from pipelines.lifecycle import notices
 from pipelines.lifecycle.deletion import (
     DeletionPlan,
     account_deletion_plan,
+    account_lock,
     execute_deletion,
     forget_account_objects,
     inventory,
     plan_deletion,
 )
-from pipelines.lifecycle.models import DeletionAudit, LegalHold, Termination
-from pipelines.lifecycle.policy import LifecyclePolicy
+from pipelines.lifecycle.models import DeletionAudit, LegalHold, LifecycleNotice, Termination
+from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
 from pipelines.settings import Settings
 from pipelines.storage import AccountArea
 
@@ -127,11 +129,14 @@ def _hold_view(hold: LegalHold) -> HoldView:
 
 
 def place_hold(catalog: Catalog, account_id: str, reason: str, now: datetime | None = None) -> HoldView:
-    """Put the account on legal hold; an identical active hold is returned, not duplicated."""
+    """Put the account on legal hold; an identical active hold is returned, not duplicated.
+
+    Waits for a deletion of the account's data under way (it holds the account's lock): once the
+    hold is committed, no deletion can start, and none is still working from an earlier check."""
     get_account(catalog, account_id)
     if not reason.strip():
         raise LifecycleError("a legal hold needs a reason (--reason), e.g. the case reference")
-    with catalog.session() as session:
+    with account_lock(catalog, account_id), catalog.session() as session:
         hold = session.scalars(
             select(LegalHold).where(
                 LegalHold.account_id == account_id, LegalHold.released_at.is_(None), LegalHold.reason == reason.strip()
@@ -196,14 +201,20 @@ def terminate_account(
     reason: str = "customer",
     effective: date | None = None,
     now: datetime | None = None,
+    policy: LifecyclePolicy | None = None,
 ) -> TerminationView:
     """End the contract: access continues until `effective` (default: the end of the paid term),
-    then the data is locked and, after the plan's grace period, deleted by the lifecycle run."""
+    then the data is locked and, after the plan's grace period, deleted by the lifecycle run.
+
+    For non-payment, only once the overdue notice was delivered: see `check_overdue_notice`
+    (`policy` gives the notice period; default: the lifecycle policy shipped with pointflow)."""
     if reason not in TERMINATION_REASONS:
         raise LifecycleError(f"reason {reason!r} is not one of {', '.join(TERMINATION_REASONS)}")
     account = get_account(catalog, account_id)
     now = _now(now)
     effective = effective or paid_term_end(catalog, account.account_id, now.date())
+    if reason == "non_payment":
+        check_overdue_notice(catalog, account, start_of(effective), policy or load_policy())
     with catalog.session() as session:
         known = session.get(Termination, account_id)
         if known is not None:
@@ -217,6 +228,40 @@ def terminate_account(
     # Billing stops with the service: the subscription is prorated up to the last day.
     set_billing_terms(catalog, account_id, TermsUpdate(ended_on=last_day))
     return TerminationView(account_id, reason, start_of(effective), last_day)
+
+
+def check_overdue_notice(catalog: Catalog, account: Account, effective_at: datetime, policy: LifecyclePolicy) -> None:
+    """Services stop for non-payment only for a balance overdue at `effective_at` whose overdue
+    notice (the one for its oldest due date) was delivered, and no earlier than the notice period
+    (the policy's overdue_notice_days) after its delivery, nor than the stop date it stated."""
+    account_id = account.account_id
+    balance = overdue_balances(catalog, effective_at).get(account_id)
+    if balance is None:
+        raise LifecycleError(
+            f"account {account_id} has no overdue balance at {effective_at.isoformat()}: services stop for "
+            "non-payment only for one; end the contract with --reason customer if that is what was asked"
+        )
+    due = balance.oldest_due_date.isoformat()
+    with catalog.session() as session:
+        notice = session.get(LifecycleNotice, f"lifecycle:overdue_notice:{account_id}:{due}")
+        if notice is not None:
+            session.expunge(notice)
+    days = policy.for_plan(agreed_on(catalog, account_id, effective_at.date()).plan).overdue_notice_days
+    if notice is None:
+        raise LifecycleError(
+            f"account {account_id} was sent no overdue notice for its balance due since {due}: services stop for "
+            f"non-payment at least {days} days after it is delivered. 'pointflow lifecycle run' (nightly) sends it; "
+            "terminate on or after the stop date it states"
+        )
+    stated = notice.detail.get("service_stops_at")
+    earliest = max(notice.sent_at + timedelta(days=days), datetime.fromisoformat(stated) if stated else notice.sent_at)
+    if effective_at < earliest:
+        first = earliest.date() if earliest == start_of(earliest.date()) else earliest.date() + timedelta(days=1)
+        raise LifecycleError(
+            f"the overdue notice to account {account_id} was delivered at {notice.sent_at.isoformat()} and states that "
+            f"services stop at {stated}; with {days} days' notice they may stop from {earliest.isoformat()}: "
+            f"use --effective {first.isoformat()} or later"
+        )
 
 
 @dataclass(frozen=True)
@@ -238,7 +283,7 @@ def export_all(runtime: Runtime, account_id: str, policy: LifecyclePolicy, now: 
     files are under `incoming/` in the zip. Allowed while the account is locked: the grace period
     is the customer's retrieval window.
     """
-    account = get_account(runtime.catalog, account_id)
+    get_account(runtime.catalog, account_id)  # an unknown account is refused by name
     with runtime.catalog.session() as session:
         termination = session.get(Termination, account_id)
     if termination is not None and termination.deleted_at is not None:
@@ -286,7 +331,7 @@ def export_all(runtime: Runtime, account_id: str, policy: LifecyclePolicy, now: 
         runtime.store.put_file(key, bundle)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    lifetime = timedelta(days=policy.for_plan(account.plan).export_link_days)
+    lifetime = timedelta(days=policy.for_plan(agreed_on(runtime.catalog, account_id, now.date()).plan).export_link_days)
     return ExportBundle(
         account_id,
         key,
@@ -318,11 +363,23 @@ def deletion_plan(runtime: Runtime, account_id: str) -> DeletionPlan:
 
 
 def delete_account_data(runtime: Runtime, account_id: str, now: datetime | None = None) -> DeletionAudit:
-    """Delete all of the account's data now, on the customer's request; refused under legal hold."""
-    refuse_under_hold(runtime.catalog, account_id)
-    plan = deletion_plan(runtime, account_id)
-    audit = execute_deletion(runtime.catalog, runtime.store, plan, account_id, "customer_request", "account", _now(now))
-    forget_account_objects(runtime.catalog, account_id, audit.as_of)
+    """Delete all of the account's data now, on the customer's request; refused under legal hold
+    and while a job of the account has not finished (it is still reading or writing its data)."""
+    get_account(runtime.catalog, account_id)
+    with account_lock(runtime.catalog, account_id):
+        refuse_under_hold(runtime.catalog, account_id)
+        with runtime.catalog.session() as session:
+            busy = open_job(session, Job.account_id == account_id)
+            if busy is not None:
+                raise LifecycleError(
+                    f"job {busy} is still {session.get(Job, busy).state}: delete account {account_id}'s data once "
+                    "it has finished (a job whose run was killed is closed by 'pointflow jobs close-stale')"
+                )
+        plan = deletion_plan(runtime, account_id)
+        audit = execute_deletion(
+            runtime.catalog, runtime.store, plan, account_id, "customer_request", "account", _now(now)
+        )
+        forget_account_objects(runtime.catalog, account_id, audit.as_of)
     # Confirmed to the customer; a request that found nothing left to delete sends nothing. A
     # refused delivery is recorded and the next lifecycle run sends it.
     if plan.objects or plan.local_paths:
@@ -336,28 +393,29 @@ def delete_stored_file(runtime: Runtime, account_id: str, key: str, now: datetim
     no longer counts against the plan; audited like any deletion and refused under legal hold or
     while a job still reads it. Its jobs, their results and its usage stay."""
     get_account(runtime.catalog, account_id)
-    refuse_under_hold(runtime.catalog, account_id)
-    with runtime.catalog.session() as session:
-        stored = session.scalars(
-            select(StoredFile).where(StoredFile.account_id == account_id, StoredFile.key == key)
-        ).first()
-        if stored is None:
-            raise LifecycleError(
-                f"account {account_id} has no stored file {key!r}: see 'pointflow files list --account {account_id}'"
-            )
-        busy = open_job(session, Job.file_id == stored.id)
-        if busy is not None:
-            raise LifecycleError(f"job {busy} is still working on {key}: delete the file once it has finished")
-        file_id = stored.id
-    # A quarantined file keeps its refusal report beside it: it goes with the file.
-    report = key + ".report.html"
-    plan = plan_deletion(runtime.store, [], [key, report] if runtime.store.exists(report) else [key], [])
-    audit = execute_deletion(
-        runtime.catalog, runtime.store, plan, account_id, "customer_request", f"file {key}"[:255], _now(now)
-    )
-    with runtime.catalog.session() as session:
-        session.execute(update(Job).where(Job.file_id == file_id).values(file_id=None))
-        session.execute(delete(StoredFile).where(StoredFile.id == file_id))
+    with account_lock(runtime.catalog, account_id):
+        refuse_under_hold(runtime.catalog, account_id)
+        with runtime.catalog.session() as session:
+            stored = session.scalars(
+                select(StoredFile).where(StoredFile.account_id == account_id, StoredFile.key == key)
+            ).first()
+            if stored is None:
+                raise LifecycleError(
+                    f"account {account_id} has no stored file {key!r}: see 'pointflow files list --account {account_id}'"
+                )
+            busy = open_job(session, Job.file_id == stored.id)
+            if busy is not None:
+                raise LifecycleError(f"job {busy} is still working on {key}: delete the file once it has finished")
+            file_id = stored.id
+        # A quarantined file keeps its refusal report beside it: it goes with the file.
+        report = key + ".report.html"
+        plan = plan_deletion(runtime.store, [], [key, report] if runtime.store.exists(report) else [key], [])
+        audit = execute_deletion(
+            runtime.catalog, runtime.store, plan, account_id, "customer_request", f"file {key}"[:255], _now(now)
+        )
+        with runtime.catalog.session() as session:
+            session.execute(update(Job).where(Job.file_id == file_id).values(file_id=None))
+            session.execute(delete(StoredFile).where(StoredFile.id == file_id))
     return audit
 
 
