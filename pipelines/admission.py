@@ -80,7 +80,7 @@ def check_admission(settings: Settings, catalog: Catalog, account_id: str, candi
         )
 
     pricebook = load_pricebook(settings.pricebook_path)
-    ensure_active(catalog, account_id, at, pricebook)
+    ensure_active(catalog, account_id, at, pricebook=pricebook)
     # The plan in force on the day: a downgrade's lower limits apply from its date.
     plan, limits = account_limits(catalog, pricebook, account_id, at.date())
     files, points, size = _stored(catalog, account_id)

@@ -20,6 +20,7 @@ from pipelines.billing.delivery import document_keys
 from pipelines.billing.invoicing import invoice_view
 from pipelines.billing.models import Invoice
 from pipelines.billing.periods import Period, add_months
+from pipelines.billing.pricebook import load_pricebook
 from pipelines.billing.usage import usage_daily
 from pipelines.catalog.models import Account, Job, JobState, TrainedModelRecord
 from pipelines.class_table import class_summary, colour_of
@@ -166,6 +167,7 @@ def accounts_overview(
     points = {u.account_id: u.billable_points for u in usage if u.period == this_month}
     held = {h.account_id for h in lifecycle.holds}
     notified = {s.account_id for s in lifecycle.scheduled if s.rule == "inactivity"}
+    pricebook = load_pricebook(runtime.settings.pricebook_path)
     with runtime.catalog.session() as session:
         accounts = list(session.scalars(select(Account).order_by(Account.account_id)))
         jobs = dict(session.execute(select(Job.account_id, func.count()).group_by(Job.account_id)).all())
@@ -184,7 +186,7 @@ def accounts_overview(
         status: list[str] = []
         if termination is not None and termination.deleted_at is not None:
             status.append("data deleted")
-        elif is_locked(runtime.catalog, account.account_id, as_of):
+        elif is_locked(runtime.catalog, account.account_id, as_of, pricebook=pricebook):
             # A trial is locked from its end, before the nightly run records the termination.
             reason = termination.reason if termination is not None else "trial_ended"
             status.append(f"closed ({reason.replace('_', ' ')}), data locked")
@@ -219,12 +221,13 @@ def recent_jobs(runtime: Runtime, limit: int, as_of: datetime) -> list[JobRow]:
         jobs = list(session.scalars(select(Job).order_by(Job.created_at.desc(), Job.job_id).limit(limit)))
         session.expunge_all()
     locked: dict[str, bool] = {}
+    pricebook = load_pricebook(runtime.settings.pricebook_path)
     rows = []
     for job in jobs:
         counts = {int(k): int(v) for k, v in ((job.summary or {}).get("class_counts") or {}).items()}
         classes = tuple({**row, "colour": colour_of(row["class"])} for row in class_summary(counts)) if counts else ()
         if job.account_id not in locked:
-            locked[job.account_id] = is_locked(runtime.catalog, job.account_id, as_of)
+            locked[job.account_id] = is_locked(runtime.catalog, job.account_id, as_of, pricebook=pricebook)
         has_preview = (
             job.state == JobState.EXPORTED.value and job.export_prefix is not None and not locked[job.account_id]
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pipelines.billing.delivery import DOCUMENT_FORMATS, document_keys
 from pipelines.billing.invoicing import invoice_view
 from pipelines.billing.models import Invoice
+from pipelines.billing.pricebook import load_pricebook
 from pipelines.catalog.models import Job
 from pipelines.errors import PointflowError
 from pipelines.export import SAMPLE_NAME, export_prefix, read_manifest
@@ -37,7 +38,7 @@ def job_preview(runtime: Runtime, account_id: str, job_id: str, name: str) -> tu
         owner = None if job is None else job.account_id
     if owner != account_id:
         raise NotServed(f"account {account_id} has no job {job_id!r}")
-    ensure_active(runtime.catalog, account_id)
+    ensure_active(runtime.catalog, account_id, pricebook=load_pricebook(runtime.settings.pricebook_path))
     prefix = export_prefix(account_id, job_id)
     manifest = read_manifest(runtime.store, prefix)
     key = next((a["key"] for a in (manifest or {}).get("artifacts", []) if a.get("name") == name), None)

@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipelines.accounts import get_account
+from pipelines.billing.pricebook import load_pricebook
 from pipelines.catalog import CatalogError
 from pipelines.catalog.models import Job, Plan, TrainedModelRecord, utcnow
 from pipelines.classifiers import BUILTIN_CLASSIFIERS, PointBlock
@@ -157,7 +158,7 @@ def train_model(
     for the account if it beats standard (else `NotBetterThanStandard`). `progress(stage, done,
     total)` hears of the files read ("labels") and of `fitting.train`'s stages."""
     get_account(runtime.catalog, account_id)
-    ensure_active(runtime.catalog, account_id)
+    ensure_active(runtime.catalog, account_id, pricebook=load_pricebook(runtime.settings.pricebook_path))
     if not paths:
         raise InvalidValue("give at least one labelled LAS/LAZ file")
     blocks, labels, described = _read_labelled_files(
@@ -444,11 +445,12 @@ def sharing_refusals(runtime, account_ids: Sequence[str], day: date | None = Non
     from pipelines.lifecycle import is_locked
 
     day = day or utcnow().date()
+    pricebook = load_pricebook(runtime.settings.pricebook_path)
     refused = []
     for account_id in account_ids:
         get_account(runtime.catalog, account_id)
         if agreed_on(runtime.catalog, account_id, day).plan != Plan.PROFESSIONAL_SHARING.value or is_locked(
-            runtime.catalog, account_id
+            runtime.catalog, account_id, pricebook=pricebook
         ):
             refused.append(account_id)
     return refused

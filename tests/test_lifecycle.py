@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from pipelines.accounts import upsert_accounts
 from pipelines.billing.models import Invoice
+from pipelines.billing.pricebook import load_pricebook
 from pipelines.catalog.models import Job, JobState, SentMessage, StoredFile, UsageEvent
 from pipelines.cli import main
 from pipelines.dashboard import build_dashboard
@@ -174,7 +175,9 @@ def test_free_account_walks_notice_reminders_closure_lock_and_deletion(
     assert "11 March 2027" in sent(smtp_sink)[-1]["Subject"]
 
     assert lifecycle(capsys, "2027-03-11T02:59:59Z") == []
-    assert not is_locked(runtime.catalog, "sleepy", at("2027-03-11T02:59:59"))
+    assert not is_locked(
+        runtime.catalog, "sleepy", at("2027-03-11T02:59:59"), pricebook=load_pricebook(runtime.settings.pricebook_path)
+    )
     closure = lifecycle(capsys, "2027-03-11T03:00:00Z")
     lock_mail = sent(smtp_sink)[-1]
     assert closure == [
@@ -197,8 +200,8 @@ def test_free_account_walks_notice_reminders_closure_lock_and_deletion(
         },
     ]
     assert "11 April 2027" in lock_mail["Subject"] and "export" in lock_mail.get_content()
-    assert is_locked(runtime.catalog, "sleepy")
-    assert not is_locked(runtime.catalog, "busy")
+    assert is_locked(runtime.catalog, "sleepy", pricebook=load_pricebook(runtime.settings.pricebook_path))
+    assert not is_locked(runtime.catalog, "busy", pricebook=load_pricebook(runtime.settings.pricebook_path))
 
     # Deletion is due one month after the announcement. The dry run lists, the real run deletes the same.
     invoice = [("accounts/sleepy/invoices/PF-2026-10-0001.html", 20)]
@@ -267,7 +270,7 @@ def test_a_login_during_the_notice_period_averts_the_closure(runtime: Runtime, s
     assert lifecycle(capsys, "2028-02-20T03:00:00Z") == []
     [again] = lifecycle(capsys, "2028-02-21T03:00:00Z")
     assert again["action"] == "inactivity_notice" and again["detail"]["cycle"] == "2027-02-20T08:15:00+00:00"
-    assert not is_locked(runtime.catalog, "back")
+    assert not is_locked(runtime.catalog, "back", pricebook=load_pricebook(runtime.settings.pricebook_path))
 
 
 def test_a_notice_from_before_a_paid_period_does_not_close_the_account_after_it(
@@ -292,7 +295,9 @@ def test_a_notice_from_before_a_paid_period_does_not_close_the_account_after_it(
     )
     assert "1 November 2026" in sent(smtp_sink)[-1]["Subject"]
     assert lifecycle(capsys, "2026-09-08T03:00:00Z") == []
-    assert not is_locked(runtime.catalog, "yoyo", at("2026-09-08T03:00:00"))
+    assert not is_locked(
+        runtime.catalog, "yoyo", at("2026-09-08T03:00:00"), pricebook=load_pricebook(runtime.settings.pricebook_path)
+    )
     [r30] = lifecycle(capsys, "2026-10-02T03:00:00Z")
     [r7] = lifecycle(capsys, "2026-10-25T03:00:00Z")
     assert [(r["action"], r["detail"]["days_before_closure"]) for r in (r30, r7)] == [
@@ -337,7 +342,9 @@ def test_an_smtp_outage_delays_the_timeline_and_skips_no_notice(runtime: Runtime
     assert lifecycle(capsys, "2027-03-08T03:00:00Z") == []
     assert lifecycle(capsys, "2027-03-15T03:00:00Z") == []
     assert lifecycle(capsys, "2027-03-16T03:00:00Z") == []
-    assert not is_locked(runtime.catalog, "late", at("2027-03-16T03:00:00"))
+    assert not is_locked(
+        runtime.catalog, "late", at("2027-03-16T03:00:00"), pricebook=load_pricebook(runtime.settings.pricebook_path)
+    )
     smtp_sink.refusing = False
     [r7] = lifecycle(capsys, "2027-03-17T03:00:00Z")
     # The customer still gets 7 days from the reminder that really went out.
@@ -348,7 +355,7 @@ def test_an_smtp_outage_delays_the_timeline_and_skips_no_notice(runtime: Runtime
     [terminated, locked] = lifecycle(capsys, "2027-03-24T03:00:00Z")
     assert terminated["action"] == "terminated" and locked["detail"]["deletion_at"] is None
     assert locked["detail"]["notice"] == {"status": "not delivered, retried next run"}
-    assert is_locked(runtime.catalog, "late")
+    assert is_locked(runtime.catalog, "late", pricebook=load_pricebook(runtime.settings.pricebook_path))
     assert lifecycle(capsys, "2027-03-25T03:00:00Z") == []
     smtp_sink.refusing = False
     [announced] = lifecycle(capsys, "2027-03-26T03:00:00Z")
@@ -695,7 +702,9 @@ def test_a_trial_ends_fourteen_days_after_start(runtime: Runtime, smtp_sink, cap
     assert actions[0]["detail"] == {"started_on": "2027-01-01", "trial_days": 14}
     assert actions[2]["detail"]["deletion_at"] == "2027-02-15T03:00:00+00:00"
     assert "your trial ended" in sent(smtp_sink)[0].get_content()
-    assert is_locked(runtime.catalog, "tryout") and not is_locked(runtime.catalog, "converted")
+    assert is_locked(
+        runtime.catalog, "tryout", pricebook=load_pricebook(runtime.settings.pricebook_path)
+    ) and not is_locked(runtime.catalog, "converted", pricebook=load_pricebook(runtime.settings.pricebook_path))
 
 
 def change_plan(capsys: pytest.CaptureFixture[str], account_id: str, plan: str, effective: str, *extra: str) -> None:
@@ -765,7 +774,9 @@ def test_inactivity_applies_only_while_the_account_is_free(runtime: Runtime, smt
     # Still on the paid plan: no notice, no closure.
     assert lifecycle(capsys, "2026-12-02T03:00:00Z") == []
     assert lifecycle(capsys, "2027-02-02T03:00:00Z") == []
-    assert not is_locked(runtime.catalog, "lapsing", at("2027-02-02T03:00:00"))
+    assert not is_locked(
+        runtime.catalog, "lapsing", at("2027-02-02T03:00:00"), pricebook=load_pricebook(runtime.settings.pricebook_path)
+    )
     # Free from 2027-06-01, and inactive for more than 12 months by then.
     [notice] = lifecycle(capsys, "2027-06-01T03:00:00Z")
     assert notice["action"] == "inactivity_notice" and notice["detail"]["closure_at"] == "2027-08-01T03:00:00+00:00"
@@ -788,7 +799,9 @@ def test_a_trial_converted_later_still_ends_after_fourteen_days(runtime: Runtime
         ("late", "terminated", "2026-12-04T00:00:00+00:00"),
         ("late", "data_locked", "2026-12-04T00:00:00+00:00"),
     ]
-    assert is_locked(runtime.catalog, "late") and not is_locked(runtime.catalog, "early")
+    assert is_locked(
+        runtime.catalog, "late", pricebook=load_pricebook(runtime.settings.pricebook_path)
+    ) and not is_locked(runtime.catalog, "early", pricebook=load_pricebook(runtime.settings.pricebook_path))
 
 
 def test_a_trial_is_locked_from_its_end_before_any_run_records_it(runtime: Runtime, smtp_sink, capsys) -> None:
@@ -800,14 +813,24 @@ def test_a_trial_is_locked_from_its_end_before_any_run_records_it(runtime: Runti
         ],
     )
     change_plan(capsys, "paying", "professional", "2027-01-10")
-    assert not is_locked(runtime.catalog, "tryout", at("2027-01-14T23:59:59"))
-    ensure_active(runtime.catalog, "tryout", at("2027-01-14T23:59:59"))
+    assert not is_locked(
+        runtime.catalog, "tryout", at("2027-01-14T23:59:59"), pricebook=load_pricebook(runtime.settings.pricebook_path)
+    )
+    ensure_active(
+        runtime.catalog, "tryout", at("2027-01-14T23:59:59"), pricebook=load_pricebook(runtime.settings.pricebook_path)
+    )
     # The trial ended at 00:00; the nightly run (03:00, or a missed one) has recorded nothing yet.
     for moment in ("2027-01-15T00:00:00", "2027-01-15T02:59:00", "2027-01-20T00:00:00"):
-        assert is_locked(runtime.catalog, "tryout", at(moment)), moment
+        assert is_locked(
+            runtime.catalog, "tryout", at(moment), pricebook=load_pricebook(runtime.settings.pricebook_path)
+        ), moment
         with pytest.raises(AccountLocked, match="tryout is closed"):
-            ensure_active(runtime.catalog, "tryout", at(moment))
-        assert not is_locked(runtime.catalog, "paying", at(moment))
+            ensure_active(
+                runtime.catalog, "tryout", at(moment), pricebook=load_pricebook(runtime.settings.pricebook_path)
+            )
+        assert not is_locked(
+            runtime.catalog, "paying", at(moment), pricebook=load_pricebook(runtime.settings.pricebook_path)
+        )
     with runtime.catalog.session() as session:
         assert session.get(Termination, "tryout") is None
     [row] = [a for a in build_dashboard(runtime, at("2027-01-15T02:59:00")).accounts if a.account_id == "tryout"]
@@ -816,7 +839,6 @@ def test_a_trial_is_locked_from_its_end_before_any_run_records_it(runtime: Runti
 
 def test_overdue_accounts_get_a_notice_five_days_before_service_stops(runtime: Runtime, smtp_sink, capsys) -> None:
     from pipelines.billing.invoicing import run_billing
-    from pipelines.billing.pricebook import load_pricebook
 
     upsert_accounts(runtime.catalog, [make_account("payer", "professional"), make_account("owes", "professional")])
     run_billing(runtime.catalog, "2026-10", load_pricebook(), now=at("2026-11-01T01:00:00"))
@@ -853,7 +875,6 @@ def test_services_stop_for_non_payment_only_after_the_overdue_notice(
 ) -> None:
     from pipelines.billing.imports import PaymentRecord, import_payments
     from pipelines.billing.invoicing import run_billing
-    from pipelines.billing.pricebook import load_pricebook
 
     def terminate(account_id: str, effective: str, code: int) -> str:
         assert main(["accounts", "terminate", account_id, "--reason", "non_payment", "--effective", effective]) == code
@@ -884,7 +905,9 @@ def test_services_stop_for_non_payment_only_after_the_overdue_notice(
     assert "--effective 2027-01-02 or later" in terminate("owes", "2026-12-31", 2)
     monkeypatch.delenv("POINTFLOW_LIFECYCLE_POLICY")
     assert "last day of service 2026-12-30" in terminate("owes", "2026-12-31", 0)
-    assert is_locked(runtime.catalog, "owes", at("2026-12-31T00:00:00"))
+    assert is_locked(
+        runtime.catalog, "owes", at("2026-12-31T00:00:00"), pricebook=load_pricebook(runtime.settings.pricebook_path)
+    )
 
 
 def test_dry_run_changes_nothing_and_sends_nothing(runtime: Runtime, smtp_sink, capsys) -> None:

@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from pipelines.accounts import get_account, upsert_accounts
 from pipelines.billing.models import BillingTerms, Invoice
+from pipelines.billing.pricebook import load_pricebook
 from pipelines.cli import main
 from pipelines.lifecycle import PolicyError, is_locked, load_policy
 from pipelines.lifecycle.models import DeletionAudit, LifecycleAction
@@ -194,15 +195,24 @@ def test_terminate_defaults_to_the_end_of_the_paid_term_and_stops_billing(runtim
     assert "last day of service 2027-01-31" in out
     with runtime.catalog.session() as session:
         assert session.get(BillingTerms, "monthly").ended_on == date(2027, 1, 31)
-    assert not is_locked(runtime.catalog, "monthly", datetime(2027, 1, 31, 23, 59, tzinfo=UTC))
-    assert is_locked(runtime.catalog, "monthly", datetime(2027, 2, 1, tzinfo=UTC))
+    assert not is_locked(
+        runtime.catalog,
+        "monthly",
+        datetime(2027, 1, 31, 23, 59, tzinfo=UTC),
+        pricebook=load_pricebook(runtime.settings.pricebook_path),
+    )
+    assert is_locked(
+        runtime.catalog,
+        "monthly",
+        datetime(2027, 2, 1, tzinfo=UTC),
+        pricebook=load_pricebook(runtime.settings.pricebook_path),
+    )
     assert "already terminated" in cli(capsys, "accounts", "terminate", "monthly", code=2)
     assert "unknown account" in cli(capsys, "accounts", "terminate", "ghost", code=2)
 
 
 def test_terminating_a_prepaid_cycle_keeps_access_to_the_end_of_the_invoiced_cycle(runtime: Runtime, capsys) -> None:
     from pipelines.billing.invoicing import run_billing
-    from pipelines.billing.pricebook import load_pricebook
 
     # Monthly from 2026-01-15, yearly from 2026-06-01: the cycle runs from the change, not the start.
     upsert_accounts(runtime.catalog, [replace(make_account("prepaid"), started_at=date(2026, 1, 15))])
@@ -227,8 +237,18 @@ def test_terminating_a_prepaid_cycle_keeps_access_to_the_end_of_the_invoiced_cyc
     assert (view.last_day_of_service, view.effective_at) == (date(2027, 5, 31), datetime(2027, 6, 1, tzinfo=UTC))
     with runtime.catalog.session() as session:
         assert session.get(BillingTerms, "prepaid").ended_on == date(2027, 5, 31)
-    assert not is_locked(runtime.catalog, "prepaid", datetime(2027, 5, 31, 23, 59, tzinfo=UTC))
-    assert is_locked(runtime.catalog, "prepaid", datetime(2027, 6, 1, tzinfo=UTC))
+    assert not is_locked(
+        runtime.catalog,
+        "prepaid",
+        datetime(2027, 5, 31, 23, 59, tzinfo=UTC),
+        pricebook=load_pricebook(runtime.settings.pricebook_path),
+    )
+    assert is_locked(
+        runtime.catalog,
+        "prepaid",
+        datetime(2027, 6, 1, tzinfo=UTC),
+        pricebook=load_pricebook(runtime.settings.pricebook_path),
+    )
 
 
 def test_policy_file_per_plan_and_from_the_environment(

@@ -22,7 +22,7 @@ from pipelines.billing.history import account_history, agreed_on
 from pipelines.billing.lines import CYCLE_MONTHS
 from pipelines.billing.overdue import overdue_balances
 from pipelines.billing.periods import Period, start_of
-from pipelines.billing.pricebook import PriceBook, load_pricebook
+from pipelines.billing.pricebook import PriceBook
 from pipelines.billing.terms import History
 from pipelines.catalog import Catalog, CatalogError
 from pipelines.catalog.models import TERMINAL_JOB_STATES, Account, BillingCycle, Job, JobState, Plan, StoredFile
@@ -38,7 +38,6 @@ from pipelines.lifecycle.deletion import (
 )
 from pipelines.lifecycle.models import DeletionAudit, LegalHold, LifecycleNotice, Termination
 from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
-from pipelines.settings import Settings
 from pipelines.storage import AccountArea
 
 if TYPE_CHECKING:
@@ -56,15 +55,12 @@ def _now(now: datetime | None) -> datetime:
     return (now or datetime.now(UTC)).astimezone(UTC)
 
 
-def is_locked(
-    catalog: Catalog, account_id: str, at: datetime | None = None, pricebook: PriceBook | None = None
-) -> bool:
+def is_locked(catalog: Catalog, account_id: str, at: datetime | None = None, *, pricebook: PriceBook) -> bool:
     """True once the account's contract has ended: its data may no longer be served.
 
     Call it before serving or accepting data (ingest, new jobs, download links). The lock holds
     from the termination's effective moment, and from the end of a trial still on `trial` then
-    (`trial_ends_at`, with `pricebook`'s trial days; default: the price book the environment
-    names), even before the nightly run has recorded it.
+    (`trial_ends_at`, with `pricebook`'s trial days), even before the nightly run has recorded it.
     Exporting all data for the customer during the grace period stays allowed.
     """
     at = _now(at)
@@ -79,7 +75,6 @@ def is_locked(
         started = account.started_at
     if history.on(at.date()).plan != Plan.TRIAL.value:
         return False
-    pricebook = pricebook or load_pricebook(Settings.from_env().pricebook_path)
     ends_at = trial_ends_at(pricebook, history, started, at)
     return ends_at is not None and ends_at <= at
 
@@ -105,10 +100,8 @@ class AccountLocked(LifecycleError):
     """The account's contract has ended: no uploads, no new jobs, no download links."""
 
 
-def ensure_active(
-    catalog: Catalog, account_id: str, at: datetime | None = None, pricebook: PriceBook | None = None
-) -> None:
-    if is_locked(catalog, account_id, at, pricebook):
+def ensure_active(catalog: Catalog, account_id: str, at: datetime | None = None, *, pricebook: PriceBook) -> None:
+    if is_locked(catalog, account_id, at, pricebook=pricebook):
         raise AccountLocked(
             f"account {account_id} is closed: its data is locked until deletion; "
             "'pointflow accounts export-all' still returns it to the customer"

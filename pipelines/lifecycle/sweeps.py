@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
+from pipelines.billing.pricebook import load_pricebook
 from pipelines.catalog.models import TERMINAL_JOB_STATES, Job, JobState, SentMessage, utcnow
 from pipelines.lifecycle.operations import is_locked
 from pipelines.notify import DeliveryError
@@ -84,8 +85,9 @@ def deliver_unsent(runtime: Runtime, as_of: datetime) -> UnsentReport:
     sent: list[str] = []
     failed: dict[str, str] = {}
     locked: list[str] = []
+    pricebook = load_pricebook(runtime.settings.pricebook_path)
     for job_id, account_id in pending:
-        if is_locked(runtime.catalog, account_id, as_of):
+        if is_locked(runtime.catalog, account_id, as_of, pricebook=pricebook):
             locked.append(job_id)
             continue
         try:

@@ -34,7 +34,7 @@ def delivery_terms(runtime: Runtime, account_id: str, at: datetime | None = None
     """What the account's plan allows for its results at `at` (now by default); refused once it is locked."""
     at = at or utcnow()
     pricebook = load_pricebook(runtime.settings.pricebook_path)
-    ensure_active(runtime.catalog, account_id, at, pricebook)
+    ensure_active(runtime.catalog, account_id, at, pricebook=pricebook)
     limits = account_limits(runtime.catalog, pricebook, account_id, at.date())[1]
     return DeliveryTerms(
         limits.downloads, timedelta(days=limits.result_retention_days) if limits.result_retention_days else None

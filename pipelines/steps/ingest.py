@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipelines.accounts import get_account
 from pipelines.admission import AdmissionRefused, Candidate, check_admission
+from pipelines.billing.pricebook import load_pricebook
 from pipelines.catalog import CatalogError
 from pipelines.catalog.models import Job, JobState, utcnow
 from pipelines.classifiers import BUILTIN_CLASSIFIERS
@@ -23,7 +24,7 @@ def create_job(runtime: Runtime, job_id: str, account_id: str, source: str, clas
     with runtime.catalog.session() as session:
         job = session.get(Job, job_id)
         if job is None:
-            ensure_active(runtime.catalog, account_id)
+            ensure_active(runtime.catalog, account_id, pricebook=load_pricebook(runtime.settings.pricebook_path))
             if classifier not in BUILTIN_CLASSIFIERS:
                 # Checking a trained model's name loads training's stack (LightGBM, SciPy, the
                 # features): 0.4 CPU-s that every ingest task paid for a built-in name.
