@@ -222,19 +222,43 @@ def _credit_document(
 def credit_note_document(
     note: Any, invoice: InvoiceView, buyer: Buyer, pricebook: PriceBook, exempt_category: str = EXEMPT
 ) -> DocumentView:
-    """A credit note: one line crediting `note.amount` of the invoice, at the invoice's rate."""
-    category = STANDARD if invoice.tax_rate else exempt_category
-    line = Line(
-        "credit_note",
-        f"Credit on invoice {invoice.invoice_number}: {note.reason}",
-        Decimal(1),
-        note.amount,
-        note.amount,
-        True,
-        invoice.tax_rate,
-        category,
-    )
-    group = VatGroup(category, invoice.tax_rate, note.amount, note.tax)
+    """A credit note: its lines, each with the VAT rate and category of the invoice line it reverses
+    (a finance charge: none). A credit note issued before its lines were kept has one line at the
+    invoice's rate."""
+    rows = list(getattr(note, "lines", None) or ())
+    if rows:
+        lines = tuple(
+            Line(
+                "credit_note",
+                row.description,
+                Decimal(1),
+                row.amount,
+                row.amount,
+                row.taxable,
+                row.tax_rate,
+                row.tax_category,
+            )
+            for row in rows
+        )
+        # The tax as issued (computed per rate, never more than the invoice's): one group per VAT.
+        groups = vat_groups(lines, invoice.tax_rate, exempt_category)
+        if len(groups) == 1:
+            groups = (replace(groups[0], tax=note.tax),)
+    else:
+        category = STANDARD if invoice.tax_rate else exempt_category
+        lines = (
+            Line(
+                "credit_note",
+                f"Credit on invoice {invoice.invoice_number}: {note.reason}",
+                Decimal(1),
+                note.amount,
+                note.amount,
+                True,
+                invoice.tax_rate,
+                category,
+            ),
+        )
+        groups = (VatGroup(category, invoice.tax_rate, note.amount, note.tax),)
     period = Period.parse(invoice.period)
     return DocumentView(
         "credit_note",
@@ -246,8 +270,8 @@ def credit_note_document(
         invoice.currency,
         pricebook.seller,
         buyer,
-        (line,),
-        (group,),
+        lines,
+        groups,
         note.amount,
         note.tax,
         note.total,

@@ -199,6 +199,27 @@ class CreditNote(Base):
     reason: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
+    lines: Mapped[list[CreditNoteLine]] = relationship(order_by="CreditNoteLine.position", lazy="selectin")
+
+
+class CreditNoteLine(Base):
+    """What a credit note reverses, with the VAT the reversed invoice line had: a credit note mirrors
+    the lines it credits. Credit notes issued before these rows were kept have none (the invoice's
+    rate applied)."""
+
+    __tablename__ = "credit_note_lines"
+
+    credit_note_number: Mapped[str] = mapped_column(ForeignKey("credit_notes.credit_note_number"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The invoice line it reverses (invoice_lines.position); NULL: the invoice's lines, all of one VAT.
+    invoice_position: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    description: Mapped[str] = mapped_column(String(300))
+    amount: Mapped[Decimal] = mapped_column(ExactDecimal)
+    taxable: Mapped[bool] = mapped_column(Boolean)
+    tax_rate: Mapped[Decimal] = mapped_column(ExactDecimal)
+    # EN 16931 category (S, Z, E, AE, O); NULL for a finance charge (no VAT, not a supply).
+    tax_category: Mapped[str | None] = mapped_column(String(2), nullable=True)
+
 
 class Dispute(Base):
     __tablename__ = "disputes"

@@ -92,8 +92,10 @@ def _register_invoices(commands: argparse._SubParsersAction) -> None:
         help="issue a credit note against an invoice",
         description=(
             "Issue a credit note referencing an issued invoice (which itself is never changed). --amount is "
-            "net of tax; tax is credited at the invoice's rate, never more than the invoice's tax, and all "
-            "credits on an invoice never exceed what it charged. The credit reduces what the account owes; "
+            "net of tax. A credit note mirrors what it reverses: --line N credits line N of the invoice (from 1, "
+            "in the order of its CSV) with the VAT rate and category that line had (a finance charge: no VAT); "
+            "without --line the invoice's lines must all have the same VAT. Tax is never more than the "
+            "invoice's at that rate, and all credits on a line or an invoice never exceed what it charged. The credit reduces what the account owes; "
             "anything already paid is carried to the next invoice. Repeating the same invoice, amount and "
             "reason returns the existing credit note. Numbers: PREFIX-CN-YYYY-MM-NNNN by month of issue. Its page "
             "(and, with seller: in the price book, its Factur-X PDF and XML, type 381) is written to the account's "
@@ -104,6 +106,9 @@ def _register_invoices(commands: argparse._SubParsersAction) -> None:
     credit.add_argument("--amount", type=_decimal, required=True, help="net amount, e.g. 19.80")
     credit.add_argument("--reason", required=True, help="why, as the customer will read it")
     credit.add_argument("--issued-on", type=_day, help="date of the credit note (default: today, UTC)")
+    credit.add_argument(
+        "--line", type=int, help="the invoice line credited (its position, from 1); needed when its lines differ in VAT"
+    )
     credit.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
     credit.add_argument("--json", action="store_true", help="print the credit note as JSON")
     credit.set_defaults(handler=_invoices_credit)
@@ -252,6 +257,7 @@ def _invoices_credit(args: argparse.Namespace) -> int:
         args.amount,
         args.reason,
         args.issued_on,
+        args.line,
     )
     catalog, pricebook = open_catalog(settings), pricebook_of(args, settings)
     publish_credit_note(
