@@ -5,16 +5,19 @@ from __future__ import annotations
 
 from datetime import date
 from decimal import Decimal as D
+from pathlib import Path
 
 import pytest
 
+from pipelines.accounts import read_accounts_csv, upsert_accounts
 from pipelines.billing.corrections import TermsUpdate, issue_credit_note, set_billing_terms
 from pipelines.billing.delivery import credit_note_of
-from pipelines.billing.imports import import_usage
+from pipelines.billing.imports import import_usage, read_usage_jsonl
 from pipelines.billing.invoicing import BillingError, run_billing
 from pipelines.billing.models import Invoice
 from pipelines.catalog import Catalog
 from tests.test_billing_support import (
+    BASE_PRICEBOOK,
     SELLER,
     add_account,
     catalog,
@@ -28,6 +31,7 @@ from tests.test_billing_support import (
 
 __all__ = ["catalog", "cli_env", "database_url", "postgres_schema_url"]  # fixtures used here
 
+DATA = Path(__file__).parent / "data" / "billing"
 BOOK = make_pricebook(SELLER)
 NOW = utc("2027-06-01T00:00Z")
 
@@ -100,3 +104,72 @@ def test_crediting_a_line_billed_before_a_vat_change_credits_its_rate(catalog):
     assert rest.tax == D("3.03")  # 15.96 x 19 % = 3.0324; 6.07 + 3.03 = the 9.10 of 47.90
     with pytest.raises(BillingError, match="0.00 left to credit on line 1"):
         issue_credit_note(catalog, BOOK, october.invoice_number, D("0.01"), "more", date(2026, 11, 3), 1)
+
+
+RENAMED = (
+    "account_id,name,email,country,plan,started_at,tax_rate,tax_exempt,last_login_at,street,postcode,city,vat_id\n"
+    "acme,Acme Holding AG,billing@acme.example,DE,professional,2026-09-15,0.19,false,,Neue Allee 1,10117,Berlin,"
+    "DE999999999\n"
+)
+OTHER_SELLER = SELLER.replace("pointflow GmbH", "pointflow SE").replace("DE123456789", "DE987654321")
+
+
+def _show(capsys, *argv: str) -> str:
+    from pipelines.cli import main
+
+    code = main(["invoices", "show", *argv])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def test_an_issued_invoice_and_credit_note_show_the_parties_they_were_issued_to(cli_env, capsys, tmp_path, monkeypatch):
+    from pipelines.cli import main
+
+    book = tmp_path / "pricebook.yaml"
+    book.write_text(BASE_PRICEBOOK + SELLER)
+    monkeypatch.setenv("POINTFLOW_PRICEBOOK", str(book))
+    catalog = Catalog(cli_env)
+    try:
+        upsert_accounts(catalog, read_accounts_csv(DATA / "accounts.csv"))
+        import_usage(catalog, read_usage_jsonl(DATA / "usage.jsonl"))
+        run_billing(catalog, "2026-09", make_pricebook(SELLER), now=NOW)
+    finally:
+        catalog.dispose()
+    assert (
+        main(
+            ["invoices", "credit", "PF-2026-09-0001", "--amount", "2.80", "--reason", "x", "--issued-on", "2026-10-03"]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    issued = {fmt: _show(capsys, "PF-2026-09-0001", "--format", fmt) for fmt in ("html", "xml")}
+    note = {fmt: _show(capsys, "PF-CN-2026-10-0001", "--format", fmt) for fmt in ("html", "xml")}
+    for text in (*issued.values(), *note.values()):
+        assert "Acme Surveying GmbH" in text and "Vermessungsweg 7" in text and "DE811907980" in text
+        assert "pointflow GmbH" in text and "DE123456789" in text
+
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text(RENAMED)
+    assert main(["accounts", "import", str(renamed)]) == 0
+    book.write_text(BASE_PRICEBOOK + OTHER_SELLER)
+    capsys.readouterr()
+    assert {fmt: _show(capsys, "PF-2026-09-0001", "--format", fmt) for fmt in ("html", "xml")} == issued
+    assert {fmt: _show(capsys, "PF-CN-2026-10-0001", "--format", fmt) for fmt in ("html", "xml")} == note
+
+
+def test_show_serves_the_document_published_at_issue(cli_env, capsys, tmp_path):
+    from pipelines.cli.common import settings_from_env
+    from pipelines.storage import open_store
+
+    catalog = Catalog(cli_env)
+    try:
+        upsert_accounts(catalog, read_accounts_csv(DATA / "accounts.csv"))
+        run_billing(catalog, "2026-09", make_pricebook(), now=NOW)
+    finally:
+        catalog.dispose()
+    settings = settings_from_env()
+    store = open_store(settings.storage_url, settings.link_endpoint)
+    store.put_bytes("accounts/acme/invoices/PF-2026-09-0001.html", b"<p>as published</p>\n")
+    assert _show(capsys, "PF-2026-09-0001", "--format", "html") == "<p>as published</p>\n"
+    assert "Geo Sharing BV" in _show(capsys, "PF-2026-09-0002", "--format", "html")  # not published: rendered

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from pipelines.accounts import UnknownAccountError
+from pipelines.billing.documents import buyer_of, parties_json
 from pipelines.billing.history import DATED_TERMS, account_history, invoiced_since, record_term_change
 from pipelines.billing.invoicing import BillingError, invoice_view
 from pipelines.billing.lines import InvoiceView, Line, tax_by_rate
@@ -141,6 +142,7 @@ def issue_credit_note(
                     tax=tax,
                     total=amount + tax,
                     reason=reason,
+                    parties=parties_json(buyer_of(account), pricebook.seller),
                 )
                 session.add(note)
                 session.flush()

@@ -15,7 +15,7 @@ import csv
 import io
 import json
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -60,6 +60,34 @@ class Buyer:
     def address_lines(self) -> tuple[str, ...]:
         town = " ".join(part for part in (self.postcode, self.city) if part)
         return tuple(part for part in (self.street, town, self.country) if part)
+
+
+def buyer_of(account: Any) -> Buyer:
+    """The buyer as the account stands now (an `accounts` row)."""
+    return Buyer(
+        account.account_id,
+        account.name,
+        account.country,
+        account.email,
+        account.street,
+        account.postcode,
+        account.city,
+        account.vat_id,
+    )
+
+
+def parties_json(buyer: Buyer, seller: Seller | None) -> str:
+    """Seller and buyer as a document is issued to them, kept with it: an issued document is never
+    edited, so a renamed account or another price book's seller does not change it."""
+    return json.dumps({"buyer": asdict(buyer), "seller": None if seller is None else asdict(seller)}, sort_keys=True)
+
+
+def issued_parties(text: str | None) -> tuple[Buyer, Seller | None] | None:
+    """The parties kept at issue, or None for a document issued before they were kept."""
+    if not text:
+        return None
+    data = json.loads(text)
+    return Buyer(**data["buyer"]), None if data["seller"] is None else Seller(**data["seller"])
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from decimal import Decimal
 
-from sqlalchemy import BigInteger, Boolean, Date, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Date, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from pipelines.catalog.models import Base, utcnow
@@ -135,6 +135,9 @@ class Invoice(Base):
     credit_applied: Mapped[Decimal] = mapped_column(ExactDecimal)
     # Credit still available for later invoices after this one (NULL on invoices issued before it was kept).
     credit_remaining: Mapped[Decimal | None] = mapped_column(ExactDecimal, nullable=True)
+    # Seller and buyer as issued (JSON, `documents.parties_json`): the documents show them, not the
+    # account's or price book's current data. NULL on invoices issued before they were kept.
+    parties: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     lines: Mapped[list[InvoiceLine]] = relationship(order_by="InvoiceLine.position", lazy="selectin")
@@ -197,6 +200,8 @@ class CreditNote(Base):
     tax: Mapped[Decimal] = mapped_column(ExactDecimal)
     total: Mapped[Decimal] = mapped_column(ExactDecimal)
     reason: Mapped[str] = mapped_column(String(500))
+    # Seller and buyer as issued, like invoices.parties.
+    parties: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     lines: Mapped[list[CreditNoteLine]] = relationship(order_by="CreditNoteLine.position", lazy="selectin")

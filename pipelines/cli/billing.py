@@ -17,7 +17,14 @@ from pipelines.billing.corrections import (
     open_dispute,
     set_billing_terms,
 )
-from pipelines.billing.delivery import buyer_of, credit_note_of, document_of, publish_credit_note, render_documents
+from pipelines.billing.delivery import (
+    buyer_of,
+    credit_note_of,
+    document_of,
+    publish_credit_note,
+    published_document,
+    render_documents,
+)
 from pipelines.billing.invoicing import BillingError, run_billing
 from pipelines.billing.money import format_money
 from pipelines.cli.common import (
@@ -220,21 +227,31 @@ def _invoices_list(args: argparse.Namespace) -> int:
 
 
 def _invoices_show(args: argparse.Namespace) -> int:
+    """An issued document as issued: the one published then if it exists, else rendered to the
+    seller and buyer kept at issue."""
     settings = settings_from_env()
     catalog = open_catalog(settings)
     pricebook = pricebook_of(args, settings)
     if args.format in ("html", "pdf", "xml") and args.invoice_number.startswith(f"{pricebook.invoice_prefix}-CN-"):
-        return _write(
-            args,
-            render_documents(credit_note_of(catalog, pricebook, args.invoice_number), None, [args.format])[args.format],
-        )
+        document = credit_note_of(catalog, pricebook, args.invoice_number)
+        stored = _published(settings, document.buyer.account_id, args)
+        return _write(args, stored or render_documents(document, None, [args.format])[args.format])
     statement = invoice_statement(catalog, pricebook, args.invoice_number)
     if args.format == "json":
         print_json(statement.to_dict())
         return 0
+    if args.format in ("html", "pdf", "xml"):
+        stored = _published(settings, statement.invoice.account_id, args)
+        if stored is not None:
+            return _write(args, stored)
     buyer = buyer_of(get_account(catalog, statement.invoice.account_id))
     document = document_of(catalog, pricebook, statement.invoice, buyer, statement.payments)
     return _write(args, render_documents(document, statement.invoice, [args.format])[args.format])
+
+
+def _published(settings, account_id: str, args: argparse.Namespace) -> bytes | None:
+    store = open_store(settings.storage_url, settings.link_endpoint)
+    return published_document(store, account_id, args.invoice_number, args.format)
 
 
 def _write(args: argparse.Namespace, body: bytes) -> int:
