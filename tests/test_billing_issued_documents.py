@@ -173,3 +173,54 @@ def test_show_serves_the_document_published_at_issue(cli_env, capsys, tmp_path):
     store.put_bytes("accounts/acme/invoices/PF-2026-09-0001.html", b"<p>as published</p>\n")
     assert _show(capsys, "PF-2026-09-0001", "--format", "html") == "<p>as published</p>\n"
     assert "Geo Sharing BV" in _show(capsys, "PF-2026-09-0002", "--format", "html")  # not published: rendered
+
+
+def test_a_prorated_line_reads_quantity_times_price_equals_amount(catalog):
+    from lxml import etree
+
+    from pipelines.billing.delivery import buyer_of, document_of
+    from pipelines.billing.documents import document_html, invoice_lines_csv
+    from pipelines.billing.einvoice import cii_xml
+    from pipelines.catalog.models import Account
+
+    add_account(catalog, "fee", started_at="2026-10-22")
+    set_billing_terms(catalog, "fee", TermsUpdate(monthly_fee=D("1500.00"), seats=2))
+    october = run_billing(catalog, "2026-10", BOOK, now=NOW).invoices[0]
+    # 1500.00 x 10 / 31 = 483.870... -> 483.87; 2 seats x 10.00 x 10 / 31 = 6.451... -> 6.45
+    assert [line.to_dict() for line in october.lines] == [
+        {
+            "kind": "subscription",
+            "description": "Professional plan, 2026-10, 10 of 31 days from 2026-10-22",
+            "quantity": "10",
+            "unit_price": "1500.00",
+            "amount": "483.87",
+            "taxable": True,
+            "base_quantity": "31",
+        },
+        {
+            "kind": "seats",
+            "description": "User seats (2), 2026-10, 10 of 31 days",
+            "quantity": "20",
+            "unit_price": "10.00",
+            "amount": "6.45",
+            "taxable": True,
+            "base_quantity": "31",
+        },
+    ]
+    for line in october.lines:
+        assert round(line.quantity * line.unit_price / line.base_quantity, 2) == line.amount
+    assert invoice_lines_csv(october).splitlines()[1].endswith(",10,1500.00,483.87,True,31")
+    with catalog.session() as session:
+        buyer = buyer_of(session.get(Account, "fee"))
+    document = document_of(catalog, BOOK, october, buyer)
+    assert "<td class=n>10 of 31</td><td class=n>1500.00</td>" in document_html(document)
+    xml = etree.fromstring(cii_xml(document))
+    ns = {"ram": "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100"}
+    item = xml.xpath("//ram:IncludedSupplyChainTradeLineItem", namespaces=ns)[0]
+    assert item.xpath("ram:SpecifiedLineTradeDelivery/ram:BilledQuantity/text()", namespaces=ns) == ["10"]
+    price = "ram:SpecifiedLineTradeAgreement/ram:NetPriceProductTradePrice/"
+    assert item.xpath(price + "ram:ChargeAmount/text()", namespaces=ns) == ["1500.00"]
+    assert item.xpath(price + "ram:BasisQuantity/text()", namespaces=ns) == ["31"]
+    assert item.xpath(price + "ram:BasisQuantity/@unitCode", namespaces=ns) == ["DAY"]
+    total = "ram:SpecifiedLineTradeSettlement/ram:SpecifiedTradeSettlementLineMonetarySummation/ram:LineTotalAmount"
+    assert item.xpath(total + "/text()", namespaces=ns) == ["483.87"]

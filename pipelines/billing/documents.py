@@ -316,10 +316,16 @@ def invoice_json(invoice: InvoiceView) -> str:
 
 def invoice_lines_csv(invoice: InvoiceView) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=("invoice_number", *LINE_COLUMNS), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=("invoice_number", *LINE_COLUMNS, "base_quantity"), lineterminator="\n")
     writer.writeheader()
     for line in invoice.to_dict()["lines"]:
-        writer.writerow({"invoice_number": invoice.invoice_number, **{k: line[k] for k in LINE_COLUMNS}})
+        writer.writerow(
+            {
+                "invoice_number": invoice.invoice_number,
+                **{k: line[k] for k in LINE_COLUMNS},
+                "base_quantity": line.get("base_quantity", "1"),
+            }
+        )
     return buffer.getvalue()
 
 
@@ -333,7 +339,8 @@ def _line_row(line: Line) -> dict[str, str]:
         vat = "0 %"
     return {
         "description": data["description"],
-        "quantity": data["quantity"],
+        # 16 of 30 (days) x the month's 99.00: quantity x unit price / base quantity = amount.
+        "quantity": data["quantity"] + (f" of {data['base_quantity']}" if "base_quantity" in data else ""),
         "unit_price": data["unit_price"],
         "amount": data["amount"],
         "vat": vat,

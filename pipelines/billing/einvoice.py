@@ -97,7 +97,13 @@ def cii_xml(document: DocumentView) -> bytes:
         if unit_price < 0:
             quantity, unit_price = -quantity, -unit_price
         item.agreement.net.amount = unit_price
-        item.delivery.billed_quantity = (quantity, UNIT_CODES.get(line.kind, "C62"))
+        unit = UNIT_CODES.get(line.kind, "C62")
+        if line.base_quantity != 1 and line.kind not in ("late_fee", "credit_note") and line.quantity:
+            # Part of a month: days (seat-days) at a price per month of that many days (BT-149, BT-150),
+            # so quantity x net price / base quantity is the line amount before rounding to the cent.
+            unit = "DAY"
+            item.agreement.net.basis_quantity = (line.base_quantity, unit)
+        item.delivery.billed_quantity = (quantity, unit)
         group = _group_of(line, document.vat)
         item.settlement.trade_tax.type_code = "VAT"
         item.settlement.trade_tax.category_code = _cii_category(group)

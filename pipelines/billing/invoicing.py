@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from fractions import Fraction
 from itertools import pairwise
 from typing import Any
@@ -151,6 +152,7 @@ def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> 
                 "taxable": line.taxable,
                 "tax_rate": line.tax_rate,
                 "tax_category": line.tax_category,
+                "base_quantity": None if line.base_quantity == 1 else line.base_quantity,
             }
             for position, line in enumerate(draft.lines, start=1)
         )
@@ -340,6 +342,7 @@ def invoice_view(invoice: Invoice) -> InvoiceView:
                 line.taxable,
                 line.tax_rate,
                 line.tax_category,
+                Decimal(1) if line.base_quantity is None else line.base_quantity,
             )
             for line in invoice.lines
         ),

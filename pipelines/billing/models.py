@@ -158,6 +158,8 @@ class InvoiceLine(Base):
     # NULL on lines issued before rates could change within a month: the invoice's rate applies.
     tax_rate: Mapped[Decimal | None] = mapped_column(ExactDecimal, nullable=True)
     tax_category: Mapped[str | None] = mapped_column(String(2), nullable=True)
+    # Item price base quantity (EN 16931 BT-149): unit_price is for this many units; NULL: 1.
+    base_quantity: Mapped[Decimal | None] = mapped_column(ExactDecimal, nullable=True)
 
 
 class Payment(Base):
