@@ -224,3 +224,65 @@ def test_a_prorated_line_reads_quantity_times_price_equals_amount(catalog):
     assert item.xpath(price + "ram:BasisQuantity/@unitCode", namespaces=ns) == ["DAY"]
     total = "ram:SpecifiedLineTradeSettlement/ram:SpecifiedTradeSettlementLineMonetarySummation/ram:LineTotalAmount"
     assert item.xpath(total + "/text()", namespaces=ns) == ["483.87"]
+
+
+def test_an_invoice_not_subject_to_vat_meets_the_br_o_rules(catalog):
+    """A tax-exempt customer outside the EU, one month overdue: its e-invoice against the EN 16931
+    BR-O rules, as the Factur-X schematron tests them (CII XPath)."""
+    from lxml import etree
+
+    from pipelines.billing.delivery import buyer_of, document_of
+    from pipelines.billing.einvoice import cii_xml
+    from pipelines.catalog.models import Account
+
+    add_account(catalog, "us", tax_rate="0", tax_exempt=True, country="US")
+    with catalog.session() as session:
+        session.get(Account, "us").vat_id = "US123456789"
+    run_billing(catalog, "2026-09", BOOK, now=NOW)
+    october = run_billing(catalog, "2026-10", BOOK, now=NOW).invoices[0]
+    assert [(line.kind, line.amount) for line in october.lines] == [
+        ("subscription", D("99.00")),
+        ("late_fee", D("1.49")),  # 1.5 % of September's 99.00
+    ]
+    with catalog.session() as session:
+        buyer = buyer_of(session.get(Account, "us"))
+    xml = etree.fromstring(cii_xml(document_of(catalog, BOOK, october, buyer)))
+    ns = {
+        "rsm": "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100",
+        "ram": "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100",
+    }
+
+    def xp(path: str) -> list:
+        return xml.xpath(path, namespaces=ns)
+
+    line_tax = "//ram:IncludedSupplyChainTradeLineItem/ram:SpecifiedLineTradeSettlement/ram:ApplicableTradeTax"
+    header_tax = "//ram:ApplicableHeaderTradeSettlement/ram:ApplicableTradeTax"
+    agreement = "/rsm:CrossIndustryInvoice/rsm:SupplyChainTradeTransaction/ram:ApplicableHeaderTradeAgreement"
+    # Every line, the finance charge too, is "not subject to VAT"; BR-O-12: no line of another category.
+    assert xp(line_tax + "/ram:CategoryCode/text()") == ["O", "O"]
+    # BR-O-05: an O line has no item VAT rate.
+    assert xp(line_tax + "[ram:CategoryCode = 'O']/ram:RateApplicablePercent") == []
+    # BR-O-01, BR-O-11: exactly one VAT breakdown, the O one; no other anywhere.
+    assert xp(header_tax + "/ram:CategoryCode/text()") == ["O"]
+    assert xp("//ram:ApplicableTradeTax[ram:CategoryCode != 'O']") == []
+    assert xp("//ram:CategoryTradeTax[ram:CategoryCode != 'O']") == []  # BR-O-13, BR-O-14
+    # BR-O-08: its taxable amount is the sum of the O lines' net amounts; BR-O-09: its tax is 0;
+    # BR-O-10: it states why (VATEX-EU-O and the wording).
+    line_totals = (
+        "//ram:IncludedSupplyChainTradeLineItem[ram:SpecifiedLineTradeSettlement/ram:ApplicableTradeTax/"
+        "ram:CategoryCode = 'O']/ram:SpecifiedLineTradeSettlement/"
+        "ram:SpecifiedTradeSettlementLineMonetarySummation/ram:LineTotalAmount/text()"
+    )
+    assert sum(D(t) for t in xp(line_totals)) == D(xp(header_tax + "/ram:BasisAmount/text()")[0]) == D("100.49")
+    assert D(xp(header_tax + "/ram:CalculatedAmount/text()")[0]) == 0
+    assert xp(header_tax + "/ram:ExemptionReasonCode/text()") == ["VATEX-EU-O"]
+    assert xp(header_tax + "/ram:ExemptionReason/text()")
+    # BR-O-02: neither the seller's, the seller's tax representative's nor the buyer's VAT identifier.
+    assert xp(agreement + "/ram:SellerTradeParty/ram:SpecifiedTaxRegistration/ram:ID[@schemeID = 'VA']") == []
+    assert xp(agreement + "/ram:SellerTaxRepresentativeTradeParty/ram:SpecifiedTaxRegistration/ram:ID") == []
+    assert xp("//ram:BuyerTradeParty/ram:SpecifiedTaxRegistration/ram:ID[@schemeID = 'VA']") == []
+    # BR-CO-26: the seller is still identified, by its legal registration (BT-30).
+    assert xp(agreement + "/ram:SellerTradeParty/ram:SpecifiedLegalOrganization/ram:ID/text()") == [
+        "Amtsgericht Berlin-Charlottenburg HRB 123456"
+    ]
+    assert xp("//ram:DuePayableAmount/text()") == ["100.49"]
