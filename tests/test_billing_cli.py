@@ -50,10 +50,11 @@ def test_month_by_month_from_the_files(cli_env, capsys):
     assert september[0]["lines"][0] == {
         "kind": "subscription",
         "description": "Professional plan, 2026-09, 16 of 30 days from 2026-09-15",
-        "quantity": "0.5333",
+        "quantity": "16",
         "unit_price": "99.00",
         "amount": "52.80",
         "taxable": True,
+        "base_quantity": "30",  # 16 days of 99.00 per 30 days: 16 x 99.00 / 30 = 52.80
     }
     assert [(i["invoice_number"], i["subtotal"], i["tax"], i["total"]) for i in september] == [
         ("PF-2026-09-0001", "52.80", "10.03", "62.83"),
@@ -148,8 +149,8 @@ def test_credit_dispute_show_and_list(cli_env, capsys):
 
     csv_text = cli(capsys, "invoices", "show", "PF-2026-09-0003", "--format", "csv")
     assert csv_text.splitlines() == [
-        "invoice_number,kind,description,quantity,unit_price,amount,taxable",
-        'PF-2026-09-0003,usage,"Classification, 123,456,789 points, 2026-09-01 to 2026-09-30, per million points",123.456789,0.50,61.73,True',
+        "invoice_number,kind,description,quantity,unit_price,amount,taxable,base_quantity",
+        'PF-2026-09-0003,usage,"Classification, 123,456,789 points, 2026-09-01 to 2026-09-30, per million points",123.456789,0.50,61.73,True,1',
     ]
     html = cli(capsys, "invoices", "show", "PF-2026-09-0003", "--format", "html")
     assert "Lidar API SAS" in html and "<td class=n>74.08</td>" in html and "within 7 days" in html

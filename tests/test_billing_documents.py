@@ -64,14 +64,14 @@ CII = {
 }
 
 
-def scenario(catalog: Catalog) -> None:
+def scenario(catalog: Catalog, book=BOOK) -> None:
     """tests/data/billing: September and October 2026 invoiced, September's payments between."""
     upsert_accounts(catalog, read_accounts_csv(DATA / "accounts.csv"))
     import_usage(catalog, read_usage_jsonl(DATA / "usage.jsonl"))
-    run_billing(catalog, "2026-09", BOOK, now=NOW)
+    run_billing(catalog, "2026-09", book, now=NOW)
     import_payments(catalog, read_payments_csv(DATA / "payments.csv"))
     import_outages(catalog, read_outages_csv(DATA / "outages.csv"))
-    run_billing(catalog, "2026-10", BOOK, now=NOW)
+    run_billing(catalog, "2026-10", book, now=NOW)
 
 
 def billing(catalog: Catalog, tmp_path: Path, period: str, book=BOOK) -> MonthlyBilling:
@@ -230,7 +230,7 @@ def test_credit_notes_are_e_invoices_too(catalog, tmp_path):
 
 
 def test_without_a_seller_the_page_says_it_is_no_vat_invoice_and_no_e_invoice_is_made(catalog, tmp_path):
-    scenario(catalog)
+    scenario(catalog, make_pricebook())
     month = billing(catalog, tmp_path, "2026-09", make_pricebook())
     assert publish_documents(month).written == 3 * 3
     html = month.store.get_bytes("accounts/acme/invoices/PF-2026-09-0001.html").decode()

@@ -51,7 +51,8 @@ def test_proration_counts_the_start_day():
     # Started Oct 15: 15..31 is 17 active days of 31 -> 99 x 17 / 31 = 54.290.. -> 54.29
     result = draft(facts(started_at=date(2026, 10, 15)))
     line = result.lines[0]
-    assert (line.amount, line.quantity) == (D("54.29"), D("0.5484"))
+    # 17 days of a price per 31 days: quantity x unit price / base quantity is the amount exactly
+    assert (line.amount, line.quantity, line.unit_price, line.base_quantity) == (D("54.29"), 17, D("99.00"), 31)
     assert "17 of 31 days" in line.description
     # Started on the last day: one day is charged, not zero.
     assert draft(facts(started_at=date(2026, 10, 31))).lines[0].amount == D("3.19")

@@ -50,9 +50,25 @@ class MonthLines:
         return self.parties.regime(self.history.on(day), day)
 
     def add(
-        self, kind: str, description: str, quantity: Decimal, unit_price: Decimal, amount: Decimal, regime: TaxRegime
+        self,
+        kind: str,
+        description: str,
+        quantity: Decimal,
+        unit_price: Decimal,
+        amount: Decimal,
+        regime: TaxRegime,
+        base_quantity: Decimal = Decimal(1),
     ) -> None:
-        self.lines.append(Line(kind, description, quantity, unit_price, amount, True, regime.rate, regime.category))
+        self.lines.append(
+            Line(kind, description, quantity, unit_price, amount, True, regime.rate, regime.category, base_quantity)
+        )
+
+    def per_day(self, days: int) -> tuple[Decimal, Decimal]:
+        """Quantity and base quantity of a monthly price for `days` of the month: the whole month is
+        1 x the price; part of it `days` x the price per `days in month` (exact, unlike a rounded share)."""
+        if days == self.period.days:
+            return Decimal("1.0000"), Decimal(1)
+        return Decimal(days), Decimal(self.period.days)
 
     def days_note(self, start: date, end: date, with_start: bool) -> str:
         """Nothing for the whole month; else how many days, and which."""
@@ -114,13 +130,15 @@ def subscription_lines(month: MonthLines) -> None:
             fee = agreed.monthly_fee if agreed.monthly_fee is not None else terms.monthly_fee
             amount = prorate(fee, days, period.days)
             if amount:
+                quantity, base = month.per_day(days)
                 month.add(
                     "subscription",
                     f"{_plan_name(agreed.plan)} plan, {period}{month.days_note(start, end, True)}",
-                    round_half_up(share, 4),
+                    quantity,
                     fee,
                     amount,
                     regime,
+                    base,
                 )
                 _discount_line(month, terms.discount, amount, regime)
             month.month_fees[regime] += amount - round_half_up(Fraction(amount) * Fraction(terms.discount))
@@ -229,13 +247,15 @@ def recurring_extras(month: MonthLines) -> None:
             count, unit = count_of(agreed), price(agreed)
             if count and unit:
                 share = Fraction((end - start).days + 1, period.days)
+                quantity, base = month.per_day((end - start).days + 1)
                 month.add(
                     kind,
                     describe(count) + month.days_note(start, end, False),
-                    round_half_up(count * share, 4),
+                    count * quantity,  # seat-days (GB-days) of a price per seat (GB) and month
                     unit,
                     round_half_up(Fraction(unit) * count * share),
                     month.regime(start),
+                    base,
                 )
 
 

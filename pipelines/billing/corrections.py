@@ -13,17 +13,20 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from pipelines.accounts import UnknownAccountError
+from pipelines.billing.documents import buyer_of, parties_json
 from pipelines.billing.history import DATED_TERMS, account_history, invoiced_since, record_term_change
 from pipelines.billing.invoicing import BillingError, invoice_view
-from pipelines.billing.lines import InvoiceView
-from pipelines.billing.models import BillingTerms, CreditNote, Dispute, Invoice, Payment
-from pipelines.billing.money import format_money, round_half_up
+from pipelines.billing.lines import InvoiceView, Line, tax_by_rate
+from pipelines.billing.models import BillingTerms, CreditNote, CreditNoteLine, Dispute, Invoice, InvoiceLine, Payment
+from pipelines.billing.money import format_money, format_quantity, round_half_up
 from pipelines.billing.pricebook import PriceBook
+from pipelines.billing.terms import STANDARD, Parties
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account
 
 # Concurrent credit notes of one month can pick the same next number; the loser retries.
 _NUMBERING_ATTEMPTS = 5
+ZERO = Decimal("0.00")
 
 
 @dataclass(frozen=True)
@@ -70,12 +73,17 @@ def issue_credit_note(
     amount: Decimal,
     reason: str,
     issued_on: date | None = None,
+    line: int | None = None,
 ) -> tuple[CreditNoteView, bool]:
     """Credit `amount` (net of tax) against an issued invoice; returns the note and whether it is new.
 
-    Tax is credited at the invoice's rate, never more than the invoice's tax; the credits on one
-    invoice never exceed what it charged. The same (invoice, amount, reason) again returns the
-    note already issued.
+    A credit note mirrors what it reverses: `line` (the invoice line's position, from 1) is credited
+    with the VAT rate and category that line had, and a finance charge without VAT. Without `line`
+    the invoice's lines must all have the same VAT, which is credited; an invoice with several
+    (a VAT change within the month, an exemption ending, a finance charge) needs the line named.
+    Tax is computed on the credited amount at that rate, rounded half-up, never more than that
+    rate's tax left on the invoice; the credits on a line, and on the invoice, never exceed what it
+    charged. The same (invoice, amount, reason) again returns the note already issued.
     """
     reason = reason.strip()
     if not reason:
@@ -107,15 +115,26 @@ def issue_credit_note(
                     raise BillingError(
                         f"invoice {invoice_number} has {format_money(creditable)} left to credit, not {format_money(amount)}"
                     )
+                account = session.get(Account, invoice.account_id)
+                exempt = Parties(pricebook.seller_country, account.country, account.vat_id).exempt_category()
+                vat = _reversed_vat(invoice, earlier, amount, line, exempt)
+                # Tax per rate, as the invoice computed it, less what earlier credit notes gave back at that rate.
                 tax_left = invoice.tax - sum((n.tax for n in earlier), Decimal("0"))
-                tax = min(tax_left, round_half_up(Fraction(amount) * Fraction(invoice.tax_rate)))
+                rate_tax = tax_by_rate([invoice_line(row, invoice.tax_rate) for row in invoice.lines])
+                rate_left = rate_tax.get(vat.rate, (ZERO, ZERO))[1] - sum(
+                    (n.tax for n in earlier if _note_rate(n, invoice.tax_rate) == vat.rate), Decimal("0")
+                )
+                tax = ZERO
+                if vat.taxable and vat.category == STANDARD:
+                    tax = max(ZERO, min(tax_left, rate_left, round_half_up(Fraction(amount) * Fraction(vat.rate))))
                 month = f"{issued_on:%Y-%m}"
                 prefix = f"{pricebook.invoice_prefix}-CN-{month}-"
                 count = session.scalar(
                     select(func.count()).select_from(CreditNote).where(CreditNote.credit_note_number.like(f"{prefix}%"))
                 )
+                number = f"{prefix}{count + 1:04d}"
                 note = CreditNote(
-                    credit_note_number=f"{prefix}{count + 1:04d}",
+                    credit_note_number=number,
                     invoice_number=invoice_number,
                     account_id=invoice.account_id,
                     issued_on=issued_on,
@@ -123,13 +142,104 @@ def issue_credit_note(
                     tax=tax,
                     total=amount + tax,
                     reason=reason,
+                    parties=parties_json(buyer_of(account), pricebook.seller),
                 )
                 session.add(note)
+                session.flush()
+                described = f"Credit on invoice {invoice_number}: {reason}"
+                if vat.invoice_position is not None:
+                    described += f" (line {vat.invoice_position}: {vat.description})"
+                session.add(
+                    CreditNoteLine(
+                        credit_note_number=number,
+                        position=1,
+                        invoice_position=vat.invoice_position,
+                        description=described[:300],
+                        amount=amount,
+                        taxable=vat.taxable,
+                        tax_rate=vat.rate,
+                        tax_category=vat.category,
+                    )
+                )
                 session.flush()
                 return _credit_view(note), True
         except IntegrityError:
             continue
     raise BillingError(f"could not number a credit note for {invoice_number}: too many concurrent requests, try again")
+
+
+@dataclass(frozen=True)
+class _ReversedVat:
+    """The VAT of what a credit note reverses: one invoice line, or all of an invoice of one VAT."""
+
+    invoice_position: int | None
+    description: str
+    taxable: bool
+    rate: Decimal
+    category: str | None
+
+
+def invoice_line(row: InvoiceLine, invoice_rate: Decimal) -> Line:
+    """A stored line with its own VAT rate (lines issued before rates were kept per line: the invoice's)."""
+    rate = row.tax_rate if row.tax_rate is not None else invoice_rate
+    return Line(
+        row.kind, row.description, row.quantity, row.unit_price, row.amount, row.taxable, rate, row.tax_category
+    )
+
+
+def _vat_of(row: InvoiceLine, invoice_rate: Decimal, exempt_category: str) -> tuple[bool, Decimal, str | None]:
+    if not row.taxable:
+        return False, Decimal("0"), None
+    rate = row.tax_rate if row.tax_rate is not None else invoice_rate
+    return True, rate, row.tax_category or (STANDARD if rate else exempt_category)
+
+
+def _vat_label(vat: tuple[bool, Decimal, str | None]) -> str:
+    taxable, rate, category = vat
+    if not taxable:
+        return "no VAT"
+    return f"VAT {format_quantity(rate * 100)} %" + ("" if category == STANDARD else f" ({category})")
+
+
+def _note_rate(note: CreditNote, invoice_rate: Decimal) -> Decimal:
+    return note.lines[0].tax_rate if note.lines else invoice_rate
+
+
+def _reversed_vat(
+    invoice: Invoice, earlier: list[CreditNote], amount: Decimal, position: int | None, exempt_category: str
+) -> _ReversedVat:
+    rows = [row for row in invoice.lines if row.kind != "credit" and row.amount]
+    if position is not None:
+        row = next((row for row in rows if row.position == position), None)
+        if row is None or row.amount < 0:
+            raise BillingError(f"invoice {invoice.invoice_number} has no line {position} that charged anything")
+        credited = sum(
+            (cl.amount for note in earlier for cl in note.lines if cl.invoice_position == position), Decimal("0")
+        )
+        left = row.amount - credited
+        if amount > left:
+            raise BillingError(
+                f"invoice {invoice.invoice_number} has {format_money(left)} left to credit on line {position} "
+                f"({row.description}), not {format_money(amount)}"
+            )
+        taxable, rate, category = _vat_of(row, invoice.tax_rate, exempt_category)
+        return _ReversedVat(position, row.description, taxable, rate, category)
+    kinds = {_vat_of(row, invoice.tax_rate, exempt_category) for row in rows}
+    if len(kinds) > 1:
+        listed = ", ".join(
+            f"line {row.position} {row.kind} {format_money(row.amount)} "
+            f"{_vat_label(_vat_of(row, invoice.tax_rate, exempt_category))}"
+            for row in rows
+            if row.amount > 0
+        )
+        raise BillingError(
+            f"invoice {invoice.invoice_number} has lines with different VAT: name the line to credit "
+            f"(--line N): {listed}"
+        )
+    taxable, rate, category = (
+        kinds.pop() if kinds else (True, invoice.tax_rate, STANDARD if invoice.tax_rate else exempt_category)
+    )
+    return _ReversedVat(None, "", taxable, rate, category)
 
 
 @dataclass(frozen=True)

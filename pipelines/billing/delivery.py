@@ -13,7 +13,7 @@ import io
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -22,11 +22,13 @@ from sqlalchemy import select
 from pipelines.billing.documents import (
     Buyer,
     DocumentView,
+    buyer_of,
     credit_note_document,
     document_html,
     invoice_document,
     invoice_json,
     invoice_lines_csv,
+    issued_parties,
 )
 from pipelines.billing.einvoice import check_facturx, cii_xml, facturx_pdf
 from pipelines.billing.invoicing import BillingError, invoice_view, load_invoices
@@ -130,19 +132,6 @@ def _buyers(catalog: Catalog, period: Period) -> dict[str, Buyer]:
         return {account.account_id: buyer_of(account) for account in accounts}
 
 
-def buyer_of(account: Account) -> Buyer:
-    return Buyer(
-        account.account_id,
-        account.name,
-        account.country,
-        account.email,
-        account.street,
-        account.postcode,
-        account.city,
-        account.vat_id,
-    )
-
-
 def exempt_category(pricebook: PriceBook, buyer: Buyer) -> str:
     return Parties(pricebook.seller_country, buyer.country, buyer.vat_id).exempt_category()
 
@@ -150,11 +139,23 @@ def exempt_category(pricebook: PriceBook, buyer: Buyer) -> str:
 def document_of(
     catalog: Catalog, pricebook: PriceBook, invoice: InvoiceView, buyer: Buyer, paid: Decimal = ZERO
 ) -> DocumentView:
+    """An invoice's document, to the seller and buyer it was issued to (`buyer` and the price book's
+    seller only for an invoice issued before they were kept, or issued without a seller)."""
     with catalog.session() as session:
-        remaining = session.scalar(
-            select(Invoice.credit_remaining).where(Invoice.invoice_number == invoice.invoice_number)
-        )
+        remaining, parties = session.execute(
+            select(Invoice.credit_remaining, Invoice.parties).where(Invoice.invoice_number == invoice.invoice_number)
+        ).one()
+    pricebook, buyer = as_issued(pricebook, buyer, parties)
     return invoice_document(invoice, buyer, pricebook, remaining, paid, exempt_category(pricebook, buyer))
+
+
+def as_issued(pricebook: PriceBook, buyer: Buyer, parties: str | None) -> tuple[PriceBook, Buyer]:
+    """The price book with the seller, and the buyer, a document was issued to, when they were kept."""
+    issued = issued_parties(parties)
+    if issued is None:
+        return pricebook, buyer
+    buyer, seller = issued
+    return (pricebook if seller is None else replace(pricebook, seller=seller)), buyer
 
 
 def publish_documents(billing: MonthlyBilling) -> PublishResult:
@@ -289,6 +290,12 @@ def publish_usage_daily(billing: MonthlyBilling) -> dict[str, str]:
     return keys
 
 
+def published_document(store: ObjectStore, account_id: str, number: str, fmt: str) -> bytes | None:
+    """An invoice's or credit note's document as published when it was issued, if it was."""
+    key = AccountArea(account_id).key("invoices", f"{number}.{fmt}")
+    return store.get_bytes(key) if store.exists(key) else None
+
+
 def credit_note_keys(account_id: str, number: str, pricebook: PriceBook) -> dict[str, str]:
     """accounts/<id>/invoices/<credit note number>.html (and .pdf, .xml with a seller)"""
     area = AccountArea(account_id)
@@ -305,7 +312,7 @@ def credit_note_of(catalog: Catalog, pricebook: PriceBook, number: str) -> Docum
         if note is None:
             raise BillingError(f"unknown credit note {number!r}")
         invoice = invoice_view(session.get(Invoice, note.invoice_number))
-        buyer = buyer_of(session.get(Account, note.account_id))
+        pricebook, buyer = as_issued(pricebook, buyer_of(session.get(Account, note.account_id)), note.parties)
     return credit_note_document(note, invoice, buyer, pricebook, exempt_category(pricebook, buyer))
 
 

@@ -15,7 +15,7 @@ import csv
 import io
 import json
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -60,6 +60,34 @@ class Buyer:
     def address_lines(self) -> tuple[str, ...]:
         town = " ".join(part for part in (self.postcode, self.city) if part)
         return tuple(part for part in (self.street, town, self.country) if part)
+
+
+def buyer_of(account: Any) -> Buyer:
+    """The buyer as the account stands now (an `accounts` row)."""
+    return Buyer(
+        account.account_id,
+        account.name,
+        account.country,
+        account.email,
+        account.street,
+        account.postcode,
+        account.city,
+        account.vat_id,
+    )
+
+
+def parties_json(buyer: Buyer, seller: Seller | None) -> str:
+    """Seller and buyer as a document is issued to them, kept with it: an issued document is never
+    edited, so a renamed account or another price book's seller does not change it."""
+    return json.dumps({"buyer": asdict(buyer), "seller": None if seller is None else asdict(seller)}, sort_keys=True)
+
+
+def issued_parties(text: str | None) -> tuple[Buyer, Seller | None] | None:
+    """The parties kept at issue, or None for a document issued before they were kept."""
+    if not text:
+        return None
+    data = json.loads(text)
+    return Buyer(**data["buyer"]), None if data["seller"] is None else Seller(**data["seller"])
 
 
 @dataclass(frozen=True)
@@ -222,19 +250,43 @@ def _credit_document(
 def credit_note_document(
     note: Any, invoice: InvoiceView, buyer: Buyer, pricebook: PriceBook, exempt_category: str = EXEMPT
 ) -> DocumentView:
-    """A credit note: one line crediting `note.amount` of the invoice, at the invoice's rate."""
-    category = STANDARD if invoice.tax_rate else exempt_category
-    line = Line(
-        "credit_note",
-        f"Credit on invoice {invoice.invoice_number}: {note.reason}",
-        Decimal(1),
-        note.amount,
-        note.amount,
-        True,
-        invoice.tax_rate,
-        category,
-    )
-    group = VatGroup(category, invoice.tax_rate, note.amount, note.tax)
+    """A credit note: its lines, each with the VAT rate and category of the invoice line it reverses
+    (a finance charge: none). A credit note issued before its lines were kept has one line at the
+    invoice's rate."""
+    rows = list(getattr(note, "lines", None) or ())
+    if rows:
+        lines = tuple(
+            Line(
+                "credit_note",
+                row.description,
+                Decimal(1),
+                row.amount,
+                row.amount,
+                row.taxable,
+                row.tax_rate,
+                row.tax_category,
+            )
+            for row in rows
+        )
+        # The tax as issued (computed per rate, never more than the invoice's): one group per VAT.
+        groups = vat_groups(lines, invoice.tax_rate, exempt_category)
+        if len(groups) == 1:
+            groups = (replace(groups[0], tax=note.tax),)
+    else:
+        category = STANDARD if invoice.tax_rate else exempt_category
+        lines = (
+            Line(
+                "credit_note",
+                f"Credit on invoice {invoice.invoice_number}: {note.reason}",
+                Decimal(1),
+                note.amount,
+                note.amount,
+                True,
+                invoice.tax_rate,
+                category,
+            ),
+        )
+        groups = (VatGroup(category, invoice.tax_rate, note.amount, note.tax),)
     period = Period.parse(invoice.period)
     return DocumentView(
         "credit_note",
@@ -246,8 +298,8 @@ def credit_note_document(
         invoice.currency,
         pricebook.seller,
         buyer,
-        (line,),
-        (group,),
+        lines,
+        groups,
         note.amount,
         note.tax,
         note.total,
@@ -264,10 +316,16 @@ def invoice_json(invoice: InvoiceView) -> str:
 
 def invoice_lines_csv(invoice: InvoiceView) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=("invoice_number", *LINE_COLUMNS), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=("invoice_number", *LINE_COLUMNS, "base_quantity"), lineterminator="\n")
     writer.writeheader()
     for line in invoice.to_dict()["lines"]:
-        writer.writerow({"invoice_number": invoice.invoice_number, **{k: line[k] for k in LINE_COLUMNS}})
+        writer.writerow(
+            {
+                "invoice_number": invoice.invoice_number,
+                **{k: line[k] for k in LINE_COLUMNS},
+                "base_quantity": line.get("base_quantity", "1"),
+            }
+        )
     return buffer.getvalue()
 
 
@@ -281,7 +339,8 @@ def _line_row(line: Line) -> dict[str, str]:
         vat = "0 %"
     return {
         "description": data["description"],
-        "quantity": data["quantity"],
+        # 16 of 30 (days) x the month's 99.00: quantity x unit price / base quantity = amount.
+        "quantity": data["quantity"] + (f" of {data['base_quantity']}" if "base_quantity" in data else ""),
         "unit_price": data["unit_price"],
         "amount": data["amount"],
         "vat": vat,

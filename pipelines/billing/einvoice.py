@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from pipelines.billing.documents import FINANCE_CHARGE_NOTE, VAT_NOTES, ZERO, DocumentView, VatGroup, document_pdf
 from pipelines.billing.lines import Line
-from pipelines.billing.terms import EXEMPT, STANDARD
+from pipelines.billing.terms import EXEMPT, OUTSIDE_SCOPE, STANDARD
 from pipelines.errors import UserError
 
 FACTURX_LEVEL = "en16931"
@@ -34,6 +34,11 @@ def cii_xml(document: DocumentView) -> bytes:
         raise EInvoiceUnavailable(
             "no e-invoice without the seller's name, address and VAT ID: add seller: to the price book"
         )
+    # Not subject to VAT (a customer outside the EU): EN 16931 allows no other VAT breakdown beside
+    # it (BR-O-11, BR-O-12), so a finance charge on such an invoice is not subject to VAT either, no
+    # item VAT rate (BR-O-05), and neither the seller's nor the buyer's VAT identifier (BR-O-02).
+    outside = _outside_scope(document.vat)
+    vat = (VatGroup(OUTSIDE_SCOPE, Decimal("0"), document.net_total, ZERO),) if outside else document.vat
     doc = Document()
     doc.context.guideline_parameter.id = GUIDELINE
     doc.header.id = document.number
@@ -49,7 +54,13 @@ def cii_xml(document: DocumentView) -> bytes:
     agreement.seller.address.postcode = seller.postcode
     agreement.seller.address.city_name = seller.city
     agreement.seller.address.country_id = seller.country
-    agreement.seller.tax_registrations.add(TaxRegistration(id=("VA", seller.vat_id)))
+    if not outside:
+        agreement.seller.tax_registrations.add(TaxRegistration(id=("VA", seller.vat_id)))
+    elif seller.registration:
+        # The seller is still identified (BR-CO-26): by its legal registration (BT-30).
+        agreement.seller.legal_organization.id = seller.registration
+    else:
+        agreement.seller.id = seller.vat_id  # Seller identifier (BT-29)
     if seller.email:
         agreement.seller.electronic_address.uri_ID = ("EM", seller.email)
     buyer = document.buyer
@@ -62,7 +73,7 @@ def cii_xml(document: DocumentView) -> bytes:
     if buyer.city:
         agreement.buyer.address.city_name = buyer.city
     agreement.buyer.address.country_id = buyer.country
-    if buyer.vat_id:
+    if buyer.vat_id and not outside:
         agreement.buyer.tax_registrations.add(TaxRegistration(id=("VA", buyer.vat_id)))
     if document.refers_to:
         agreement.buyer_order.issuer_assigned_id = document.refers_to
@@ -97,21 +108,29 @@ def cii_xml(document: DocumentView) -> bytes:
         if unit_price < 0:
             quantity, unit_price = -quantity, -unit_price
         item.agreement.net.amount = unit_price
-        item.delivery.billed_quantity = (quantity, UNIT_CODES.get(line.kind, "C62"))
-        group = _group_of(line, document.vat)
+        unit = UNIT_CODES.get(line.kind, "C62")
+        if line.base_quantity != 1 and line.kind not in ("late_fee", "credit_note") and line.quantity:
+            # Part of a month: days (seat-days) at a price per month of that many days (BT-149, BT-150),
+            # so quantity x net price / base quantity is the line amount before rounding to the cent.
+            unit = "DAY"
+            item.agreement.net.basis_quantity = (line.base_quantity, unit)
+        item.delivery.billed_quantity = (quantity, unit)
+        group = vat[0] if outside else _group_of(line, document.vat)
         item.settlement.trade_tax.type_code = "VAT"
         item.settlement.trade_tax.category_code = _cii_category(group)
-        item.settlement.trade_tax.rate_applicable_percent = group.rate * 100
+        if group.category != OUTSIDE_SCOPE:
+            item.settlement.trade_tax.rate_applicable_percent = group.rate * 100
         item.settlement.monetary_summation.total_amount = line.amount
         doc.trade.items.add(item)
 
-    for group in document.vat:
+    for group in vat:
         tax = ApplicableTradeTax()
         tax.calculated_amount = group.tax
         tax.basis_amount = group.base
         tax.type_code = "VAT"
         tax.category_code = _cii_category(group)
-        tax.rate_applicable_percent = group.rate * 100
+        if group.category != OUTSIDE_SCOPE:
+            tax.rate_applicable_percent = group.rate * 100
         if group.category != STANDARD:
             text, code = VAT_NOTES.get(group.category, (FINANCE_CHARGE_NOTE, None))
             tax.exemption_reason = text
@@ -140,6 +159,12 @@ def _group_of(line: Line, groups: tuple[VatGroup, ...]) -> VatGroup:
         if g.rate == (line.tax_rate if line.tax_rate is not None else g.rate)
         and (line.tax_category is None or g.category == line.tax_category)
     )
+
+
+def _outside_scope(groups: tuple[VatGroup, ...]) -> bool:
+    """Every supply of the document is not subject to VAT (finance charges aside, which are no supply)."""
+    supplies = {group.category for group in groups if group.category != "FC"}
+    return supplies == {OUTSIDE_SCOPE}
 
 
 def _cii_category(group: VatGroup) -> str:

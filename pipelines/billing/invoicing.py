@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from fractions import Fraction
 from itertools import pairwise
 from typing import Any
@@ -18,6 +19,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from pipelines.billing.documents import buyer_of, parties_json
 from pipelines.billing.drafting import correction_lines, draft_invoice
 from pipelines.billing.history import histories
 from pipelines.billing.ledger import Ledger, before_invoice
@@ -35,6 +37,9 @@ from pipelines.billing.usage import (
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account
 from pipelines.errors import UserError
+
+# Bounds the IN (...) list of one query, well under every database's parameter limit.
+_KEYS_PER_QUERY = 500
 
 
 class BillingError(UserError, ValueError):
@@ -147,13 +152,27 @@ def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> 
                 "taxable": line.taxable,
                 "tax_rate": line.tax_rate,
                 "tax_category": line.tax_category,
+                "base_quantity": None if line.base_quantity == 1 else line.base_quantity,
             }
             for position, line in enumerate(draft.lines, start=1)
         )
     if invoice_rows:
+        parties = _issued_parties(session, pricebook, [row["account_id"] for row in invoice_rows])
+        for row in invoice_rows:
+            row["parties"] = parties[row["account_id"]]
         session.execute(insert(Invoice), invoice_rows)
         session.execute(insert(InvoiceLine), line_rows)
     return len(invoice_rows)
+
+
+def _issued_parties(session: Session, pricebook: PriceBook, account_ids: list[str]) -> dict[str, str]:
+    """Seller and buyer of each invoice as issued (kept with it: its documents never change)."""
+    parties: dict[str, str] = {}
+    for start in range(0, len(account_ids), _KEYS_PER_QUERY):
+        chunk = account_ids[start : start + _KEYS_PER_QUERY]
+        for account in session.scalars(select(Account).where(Account.account_id.in_(chunk))):
+            parties[account.account_id] = parties_json(buyer_of(account), pricebook.seller)
+    return parties
 
 
 def _accounts(session: Session, period: Period) -> list[AccountFacts]:
@@ -323,6 +342,7 @@ def invoice_view(invoice: Invoice) -> InvoiceView:
                 line.taxable,
                 line.tax_rate,
                 line.tax_category,
+                Decimal(1) if line.base_quantity is None else line.base_quantity,
             )
             for line in invoice.lines
         ),

@@ -34,6 +34,10 @@ class Line:
     # The VAT of this line: rate applied and EN 16931 category (None: the invoice's rate applies).
     tax_rate: Decimal | None = None
     tax_category: str | None = None
+    # EN 16931 item price base quantity (BT-149): the unit price is for this many units, so
+    # amount = quantity x unit price / base quantity, exactly before rounding to the cent. A month's
+    # fee for 16 of 30 days: quantity 16, unit price the monthly fee, base quantity 30.
+    base_quantity: Decimal = Decimal(1)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,7 +48,7 @@ class Line:
             "unit_price": format_rate(self.unit_price),
             "amount": format_money(self.amount),
             "taxable": self.taxable,
-        }
+        } | ({} if self.base_quantity == 1 else {"base_quantity": format_quantity(self.base_quantity)})
 
 
 @dataclass(frozen=True)

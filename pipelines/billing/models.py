@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from decimal import Decimal
 
-from sqlalchemy import BigInteger, Boolean, Date, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Date, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from pipelines.catalog.models import Base, utcnow
@@ -135,6 +135,9 @@ class Invoice(Base):
     credit_applied: Mapped[Decimal] = mapped_column(ExactDecimal)
     # Credit still available for later invoices after this one (NULL on invoices issued before it was kept).
     credit_remaining: Mapped[Decimal | None] = mapped_column(ExactDecimal, nullable=True)
+    # Seller and buyer as issued (JSON, `documents.parties_json`): the documents show them, not the
+    # account's or price book's current data. NULL on invoices issued before they were kept.
+    parties: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     lines: Mapped[list[InvoiceLine]] = relationship(order_by="InvoiceLine.position", lazy="selectin")
@@ -155,6 +158,8 @@ class InvoiceLine(Base):
     # NULL on lines issued before rates could change within a month: the invoice's rate applies.
     tax_rate: Mapped[Decimal | None] = mapped_column(ExactDecimal, nullable=True)
     tax_category: Mapped[str | None] = mapped_column(String(2), nullable=True)
+    # Item price base quantity (EN 16931 BT-149): unit_price is for this many units; NULL: 1.
+    base_quantity: Mapped[Decimal | None] = mapped_column(ExactDecimal, nullable=True)
 
 
 class Payment(Base):
@@ -197,7 +202,30 @@ class CreditNote(Base):
     tax: Mapped[Decimal] = mapped_column(ExactDecimal)
     total: Mapped[Decimal] = mapped_column(ExactDecimal)
     reason: Mapped[str] = mapped_column(String(500))
+    # Seller and buyer as issued, like invoices.parties.
+    parties: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    lines: Mapped[list[CreditNoteLine]] = relationship(order_by="CreditNoteLine.position", lazy="selectin")
+
+
+class CreditNoteLine(Base):
+    """What a credit note reverses, with the VAT the reversed invoice line had: a credit note mirrors
+    the lines it credits. Credit notes issued before these rows were kept have none (the invoice's
+    rate applied)."""
+
+    __tablename__ = "credit_note_lines"
+
+    credit_note_number: Mapped[str] = mapped_column(ForeignKey("credit_notes.credit_note_number"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The invoice line it reverses (invoice_lines.position); NULL: the invoice's lines, all of one VAT.
+    invoice_position: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    description: Mapped[str] = mapped_column(String(300))
+    amount: Mapped[Decimal] = mapped_column(ExactDecimal)
+    taxable: Mapped[bool] = mapped_column(Boolean)
+    tax_rate: Mapped[Decimal] = mapped_column(ExactDecimal)
+    # EN 16931 category (S, Z, E, AE, O); NULL for a finance charge (no VAT, not a supply).
+    tax_category: Mapped[str | None] = mapped_column(String(2), nullable=True)
 
 
 class Dispute(Base):

@@ -17,7 +17,14 @@ from pipelines.billing.corrections import (
     open_dispute,
     set_billing_terms,
 )
-from pipelines.billing.delivery import buyer_of, credit_note_of, document_of, publish_credit_note, render_documents
+from pipelines.billing.delivery import (
+    buyer_of,
+    credit_note_of,
+    document_of,
+    publish_credit_note,
+    published_document,
+    render_documents,
+)
 from pipelines.billing.invoicing import BillingError, run_billing
 from pipelines.billing.money import format_money
 from pipelines.cli.common import (
@@ -92,8 +99,10 @@ def _register_invoices(commands: argparse._SubParsersAction) -> None:
         help="issue a credit note against an invoice",
         description=(
             "Issue a credit note referencing an issued invoice (which itself is never changed). --amount is "
-            "net of tax; tax is credited at the invoice's rate, never more than the invoice's tax, and all "
-            "credits on an invoice never exceed what it charged. The credit reduces what the account owes; "
+            "net of tax. A credit note mirrors what it reverses: --line N credits line N of the invoice (from 1, "
+            "in the order of its CSV) with the VAT rate and category that line had (a finance charge: no VAT); "
+            "without --line the invoice's lines must all have the same VAT. Tax is never more than the "
+            "invoice's at that rate, and all credits on a line or an invoice never exceed what it charged. The credit reduces what the account owes; "
             "anything already paid is carried to the next invoice. Repeating the same invoice, amount and "
             "reason returns the existing credit note. Numbers: PREFIX-CN-YYYY-MM-NNNN by month of issue. Its page "
             "(and, with seller: in the price book, its Factur-X PDF and XML, type 381) is written to the account's "
@@ -104,6 +113,9 @@ def _register_invoices(commands: argparse._SubParsersAction) -> None:
     credit.add_argument("--amount", type=_decimal, required=True, help="net amount, e.g. 19.80")
     credit.add_argument("--reason", required=True, help="why, as the customer will read it")
     credit.add_argument("--issued-on", type=_day, help="date of the credit note (default: today, UTC)")
+    credit.add_argument(
+        "--line", type=int, help="the invoice line credited (its position, from 1); needed when its lines differ in VAT"
+    )
     credit.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
     credit.add_argument("--json", action="store_true", help="print the credit note as JSON")
     credit.set_defaults(handler=_invoices_credit)
@@ -215,21 +227,31 @@ def _invoices_list(args: argparse.Namespace) -> int:
 
 
 def _invoices_show(args: argparse.Namespace) -> int:
+    """An issued document as issued: the one published then if it exists, else rendered to the
+    seller and buyer kept at issue."""
     settings = settings_from_env()
     catalog = open_catalog(settings)
     pricebook = pricebook_of(args, settings)
     if args.format in ("html", "pdf", "xml") and args.invoice_number.startswith(f"{pricebook.invoice_prefix}-CN-"):
-        return _write(
-            args,
-            render_documents(credit_note_of(catalog, pricebook, args.invoice_number), None, [args.format])[args.format],
-        )
+        document = credit_note_of(catalog, pricebook, args.invoice_number)
+        stored = _published(settings, document.buyer.account_id, args)
+        return _write(args, stored or render_documents(document, None, [args.format])[args.format])
     statement = invoice_statement(catalog, pricebook, args.invoice_number)
     if args.format == "json":
         print_json(statement.to_dict())
         return 0
+    if args.format in ("html", "pdf", "xml"):
+        stored = _published(settings, statement.invoice.account_id, args)
+        if stored is not None:
+            return _write(args, stored)
     buyer = buyer_of(get_account(catalog, statement.invoice.account_id))
     document = document_of(catalog, pricebook, statement.invoice, buyer, statement.payments)
     return _write(args, render_documents(document, statement.invoice, [args.format])[args.format])
+
+
+def _published(settings, account_id: str, args: argparse.Namespace) -> bytes | None:
+    store = open_store(settings.storage_url, settings.link_endpoint)
+    return published_document(store, account_id, args.invoice_number, args.format)
 
 
 def _write(args: argparse.Namespace, body: bytes) -> int:
@@ -252,6 +274,7 @@ def _invoices_credit(args: argparse.Namespace) -> int:
         args.amount,
         args.reason,
         args.issued_on,
+        args.line,
     )
     catalog, pricebook = open_catalog(settings), pricebook_of(args, settings)
     publish_credit_note(
