@@ -35,6 +35,7 @@ from tests.test_billing_support import (
     database_url,
     job,
     make_pricebook,
+    on_time,
     postgres_schema_url,
     utc,
 )
@@ -42,7 +43,6 @@ from tests.test_billing_support import (
 __all__ = ["catalog", "cli_env", "database_url", "postgres_schema_url"]  # fixtures used here
 
 D = Decimal
-NOW = utc("2027-06-01T00:00Z")
 # The issue's figures: professional at 109.00, and a dearer plan to upgrade to.
 PLANS = (
     '\n  professional: {monthly_fee: "109.00", seat_fee: "10.00", extra_storage_fee_per_gb: "49.00", storage_limit_gb: 100}'
@@ -53,7 +53,8 @@ SELLER_BOOK = make_pricebook(PLANS + SELLER)  # the same prices, with the seller
 
 
 def run(catalog: Catalog, period: str, book=BOOK):
-    return run_billing(catalog, period, book, now=NOW)
+    """The month invoiced on time, as the DAG does: on the 1st of the next month, dated that day."""
+    return run_billing(catalog, period, book, now=on_time(period))
 
 
 def lines_of(result, account_id: str) -> list[tuple[str, str]]:

@@ -22,18 +22,26 @@ from pipelines.billing.invoicing import BillingError, run_billing
 from pipelines.billing.models import BillingRun, Invoice, InvoiceLine
 from pipelines.billing.usage import PointsCapExceededError, check_points_admission, points_used_in_month, usage_daily
 from pipelines.catalog import Catalog
-from tests.test_billing_support import add_account, catalog, database_url, job, make_pricebook, postgres_schema_url, utc
+from tests.test_billing_support import (
+    add_account,
+    catalog,
+    database_url,
+    job,
+    make_pricebook,
+    on_time,
+    postgres_schema_url,
+    utc,
+)
 
 __all__ = ["catalog", "database_url", "postgres_schema_url"]  # fixtures used here
 
 D = Decimal
 BOOK = make_pricebook()
-# Every month these tests invoice has ended by then (runs of unfinished months are refused).
-NOW = utc("2027-06-01T00:00Z")
 
 
 def run(catalog: Catalog, period: str, book=BOOK):
-    return run_billing(catalog, period, book, now=NOW)
+    """The month invoiced on time, as the DAG does: on the 1st of the next month, dated that day."""
+    return run_billing(catalog, period, book, now=on_time(period))
 
 
 def usage(catalog: Catalog, *records) -> None:
@@ -122,7 +130,7 @@ def test_rerun_returns_the_same_invoices_and_creates_nothing(catalog):
 
 def test_a_month_that_has_not_ended_is_refused(catalog):
     with pytest.raises(BillingError, match="has not ended"):
-        run(catalog, "2099-01")
+        run_billing(catalog, "2099-01", BOOK, now=utc("2027-06-01T00:00Z"))
     with pytest.raises(BillingError, match="has not ended"):
         run_billing(catalog, "2026-10", BOOK, now=utc("2026-10-31T23:59:59Z"))
     assert run_billing(catalog, "2026-10", BOOK, now=utc("2026-11-01T00:00:00Z")).created

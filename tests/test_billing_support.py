@@ -69,6 +69,24 @@ def utc(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def on_time(period: str) -> datetime:
+    """When the monthly DAG invoices `period` ("2026-10"): 02:00 UTC on the 1st of the next month,
+    so its invoices are dated that 1st."""
+    from pipelines.billing.periods import Period
+
+    return Period.parse(period).end.replace(hour=2)
+
+
+def bill_on_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `billing run` (pipelines.cli) invoice each month on time (`on_time`), whatever today is."""
+    from pipelines.billing import invoicing
+
+    def run_on_time(catalog, period, pricebook, now=None):
+        return invoicing.run_billing(catalog, period, pricebook, now=on_time(str(period)))
+
+    monkeypatch.setattr("pipelines.cli.billing.run_billing", run_on_time)
+
+
 def add_account(
     catalog: Catalog,
     account_id: str,
