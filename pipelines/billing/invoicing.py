@@ -220,11 +220,16 @@ def _corrections(
         ]
         marks += [{"kind": "plan", "change_id": i, "period": period.label} for i, _ in new_plans]
         marks += [{"kind": "terms", "change_id": i, "period": period.label} for i, _ in new_terms]
-        dates = [s.effective_on for _, s in new_plans] + [s.effective_on or account.started_at for _, s in new_terms]
+        before = account.history().without([s for _, s in new_plans], [s for _, s in new_terms])
+        dates = [s.effective_on for _, s in new_plans]
+        dates += [s.effective_on or account.started_at for _, s in new_terms if s.ended_on is None]
+        if any(s.ended_on is not None for _, s in new_terms):
+            # A contract end changes the days between the end known before and the one known now.
+            ends = [e for e in (before.ended_on, account.history().ended_on) if e is not None]
+            dates.append(min(ends) + timedelta(days=1))
         earliest = min((d for d in dates if d < period.first_day), default=None)
         if earliest is None:
             continue
-        before = account.history().without([s for _, s in new_plans], [s for _, s in new_terms])
         for month, run_started in sorted(invoiced):
             # A month invoiced before the account was added billed it nothing, so has nothing to correct.
             if month.last_day < earliest or (account.created_at is not None and account.created_at >= run_started):

@@ -156,7 +156,8 @@ def _register_billing(commands: argparse._SubParsersAction) -> None:
             "change is in force from --effective (00:00 UTC), by default from the first month not invoiced "
             "yet; a month is charged by the days each value was in force. A date in a month already invoiced "
             "is recorded too: issued invoices are never edited, so the next monthly run corrects those months "
-            "on its invoice ('corrects' lists them). --ended-on is the contract end, not dated. Prints the terms "
+            "on its invoice ('corrects' lists them). --ended-on is the contract end, not dated by --effective; an "
+            "end in a month already invoiced is corrected the same way (the days after it credited). Prints the terms "
             "after every recorded change."
         ),
     )
