@@ -77,14 +77,17 @@ def on_time(period: str) -> datetime:
     return Period.parse(period).end.replace(hour=2)
 
 
-def bill_on_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make `billing run` (pipelines.cli) invoice each month on time (`on_time`), whatever today is."""
+def bill_on_time(monkeypatch: pytest.MonkeyPatch, target: str = "pipelines.cli.billing.run_billing") -> None:
+    """Make the `run_billing` that `target` names invoice each month that has ended on time
+    (`on_time`), whatever today is; a month not ended yet is still run now (and refused)."""
     from pipelines.billing import invoicing
 
-    def run_on_time(catalog, period, pricebook, now=None):
-        return invoicing.run_billing(catalog, period, pricebook, now=on_time(str(period)))
+    run_billing = invoicing.run_billing
 
-    monkeypatch.setattr("pipelines.cli.billing.run_billing", run_on_time)
+    def run_on_time(catalog, period, pricebook, now=None):
+        return run_billing(catalog, period, pricebook, now=min(on_time(str(period)), datetime.now(UTC)))
+
+    monkeypatch.setattr(target, run_on_time)
 
 
 def add_account(
