@@ -22,11 +22,17 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main
-from tests.test_billing_support import catalog, cli_env, database_url, postgres_schema_url
+from tests.test_billing_support import bill_on_time, catalog, cli_env, database_url, postgres_schema_url
 
 __all__ = ["catalog", "cli_env", "database_url", "postgres_schema_url"]  # fixtures used here
 
 DATA = Path(__file__).parent / "data" / "billing"
+
+
+@pytest.fixture(autouse=True)
+def punctual_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`billing run` dates its invoices the day it runs: here the 1st after the month, as above."""
+    bill_on_time(monkeypatch)
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

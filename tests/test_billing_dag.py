@@ -30,7 +30,7 @@ from pipelines.catalog.models import Account, SentMessage
 from pipelines.cli import main
 from pipelines.settings import Settings
 from pipelines.storage import ObjectStore, open_store
-from tests.test_billing_support import check_einvoices
+from tests.test_billing_support import bill_on_time, check_einvoices
 
 DATA = Path(__file__).parent / "data" / "billing"
 POINTFLOW = str(Path(sys.executable).with_name("pointflow"))
@@ -43,7 +43,10 @@ RECIPIENTS = ["billing@acme.example", "ap@geo.example", "compta@lidar.example"]
 
 
 @pytest.fixture
-def billing_dag(load_test_dag):
+def billing_dag(load_test_dag, monkeypatch: pytest.MonkeyPatch):
+    # The runs these tests make stand for scheduled runs that fired on time, at their logical date
+    # (02:00 UTC on the 1st): their invoices are dated that 1st, whatever day the test runs.
+    bill_on_time(monkeypatch, "pipelines.billing.invoicing.run_billing")
     return load_test_dag(DAG_ID)
 
 

@@ -44,20 +44,20 @@ from tests.test_billing_support import (
     BASE_PRICEBOOK,
     SELLER,
     add_account,
+    bill_on_time,
     catalog,
     check_einvoices,
     cli_env,
     database_url,
     make_pricebook,
+    on_time,
     postgres_schema_url,
-    utc,
 )
 
 __all__ = ["catalog", "cli_env", "database_url", "postgres_schema_url"]  # fixtures used here
 
 DATA = Path(__file__).parent / "data" / "billing"
 BOOK = make_pricebook(SELLER)
-NOW = utc("2027-06-01T00:00Z")
 CII = {
     "rsm": "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100",
     "ram": "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100",
@@ -68,10 +68,10 @@ def scenario(catalog: Catalog, book=BOOK) -> None:
     """tests/data/billing: September and October 2026 invoiced, September's payments between."""
     upsert_accounts(catalog, read_accounts_csv(DATA / "accounts.csv"))
     import_usage(catalog, read_usage_jsonl(DATA / "usage.jsonl"))
-    run_billing(catalog, "2026-09", book, now=NOW)
+    run_billing(catalog, "2026-09", book, now=on_time("2026-09"))
     import_payments(catalog, read_payments_csv(DATA / "payments.csv"))
     import_outages(catalog, read_outages_csv(DATA / "outages.csv"))
-    run_billing(catalog, "2026-10", book, now=NOW)
+    run_billing(catalog, "2026-10", book, now=on_time("2026-10"))
 
 
 def billing(catalog: Catalog, tmp_path: Path, period: str, book=BOOK) -> MonthlyBilling:
@@ -167,7 +167,7 @@ def test_a_tax_exempt_eu_business_abroad_gets_the_reverse_charge_note(catalog, t
 
 def test_an_exemption_at_home_is_a_plain_exemption(catalog, tmp_path):
     add_account(catalog, "charity", tax_exempt=True)  # in Germany, like the seller
-    run_billing(catalog, "2026-10", BOOK, now=NOW)
+    run_billing(catalog, "2026-10", BOOK, now=on_time("2026-10"))
     month = billing(catalog, tmp_path, "2026-10")
     publish_documents(month)
     html = month.store.get_bytes("accounts/charity/invoices/PF-2026-10-0001.html").decode()
@@ -185,7 +185,7 @@ def month_invoices(catalog: Catalog, period: str):
 def test_vat_rates_changing_mid_month_get_a_vat_line_each(catalog, tmp_path):
     add_account(catalog, "vat", tax_rate="0.19")
     set_billing_terms(catalog, "vat", TermsUpdate(tax_rate=Decimal("0.16"), effective_on=date(2026, 10, 16)))
-    run_billing(catalog, "2026-10", BOOK, now=NOW)
+    run_billing(catalog, "2026-10", BOOK, now=on_time("2026-10"))
     month = billing(catalog, tmp_path, "2026-10")
     publish_documents(month)
     html = month.store.get_bytes("accounts/vat/invoices/PF-2026-10-0001.html").decode()
@@ -260,6 +260,7 @@ def test_the_seller_block_is_checked():
 def test_the_documents_from_the_command_line(cli_env, capsys, tmp_path, monkeypatch):
     from pipelines.cli import main
 
+    bill_on_time(monkeypatch)
     book = tmp_path / "book.yaml"
     book.write_text(BASE_PRICEBOOK + SELLER)
     monkeypatch.setenv("POINTFLOW_PRICEBOOK", str(book))
@@ -305,8 +306,8 @@ def test_a_month_whose_credits_outweigh_its_charges_is_a_credit_note(catalog, tm
     book = make_pricebook(SELLER + "refund_unused_prepaid: true\n")
     add_account(catalog, "q", billing_cycle="quarterly", started_at="2026-08-01")
     record_plan_change(catalog, book, "q", "free", date(2026, 9, 16), "monthly")
-    run_billing(catalog, "2026-08", book, now=NOW)
-    [september] = run_billing(catalog, "2026-09", book, now=NOW).invoices
+    run_billing(catalog, "2026-08", book, now=on_time("2026-08"))
+    [september] = run_billing(catalog, "2026-09", book, now=on_time("2026-09")).invoices
     # 46 of the 92 prepaid days unused: 297.00 x 46/92 refunded, with its VAT.
     assert (september.subtotal, september.tax, september.total) == (
         Decimal("-148.50"),

@@ -36,6 +36,7 @@ from tests.test_billing_support import (
     database_url,
     job,
     make_pricebook,
+    on_time,
     postgres_schema_url,
     utc,
 )
@@ -43,7 +44,6 @@ from tests.test_billing_support import (
 __all__ = ["catalog", "cli_env", "database_url", "postgres_schema_url"]  # fixtures used here
 
 D = Decimal
-NOW = utc("2027-06-01T00:00Z")
 # The issue's figures: professional at 109.00, and a dearer plan to upgrade to.
 PLANS = (
     '\n  professional: {monthly_fee: "109.00", seat_fee: "10.00", extra_storage_fee_per_gb: "49.00", storage_limit_gb: 100}'
@@ -54,7 +54,8 @@ SELLER_BOOK = make_pricebook(PLANS + SELLER)  # the same prices, with the seller
 
 
 def run(catalog: Catalog, period: str, book=BOOK):
-    return run_billing(catalog, period, book, now=NOW)
+    """The month invoiced on time, as the DAG does: on the 1st of the next month, dated that day."""
+    return run_billing(catalog, period, book, now=on_time(period))
 
 
 def lines_of(result, account_id: str) -> list[tuple[str, str]]:
@@ -203,6 +204,58 @@ def test_an_upgrade_recorded_after_its_month_was_invoiced_charges_the_difference
     assert october.subtotal + sum(line.amount for line in november.lines[1:]) == D("52.74") + D("102.71")
 
 
+def test_a_contract_end_recorded_after_its_month_was_invoiced_credits_the_days_after_it_once(catalog):
+    add_account(catalog, "e", started_at="2026-01-01")
+    set_billing_terms(catalog, "e", TermsUpdate(seats=2))
+    october = invoice_of(run(catalog, "2026-10"), "e")
+    assert [(line.kind, str(line.amount)) for line in october.lines] == [("subscription", "109.00"), ("seats", "20.00")]
+    # The customer's last day was Oct 15, learnt after October was invoiced in full.
+    terms = set_billing_terms(catalog, "e", TermsUpdate(ended_on=date(2026, 10, 15)))
+    assert (terms["ended_on"], terms["corrects"]) == ("2026-10-15", ["2026-10"])
+    assert invoice_of(run(catalog, "2026-10"), "e") == october  # an issued invoice is never edited
+    november = invoice_of(run(catalog, "2026-11"), "e")
+    # Oct 16-31, 16 of 31 days, credited: 109.00 x 16/31 = 56.258 -> 56.26 and 2 x 10.00 x 16/31
+    # = 10.322 -> 10.32; nothing for November, after the end.
+    assert described(november) == [
+        (
+            "correction",
+            "Correction of 2026-10, credit for: Professional plan, 2026-10, 16 of 31 days, 2026-10-16 to 2026-10-31",
+            "-56.26",
+        ),
+        (
+            "correction",
+            "Correction of 2026-10, credit for: User seats (2), 2026-10, 16 of 31 days, 2026-10-16 to 2026-10-31",
+            "-10.32",
+        ),
+    ]
+    # VAT 19 % of -66.58 = -12.6502 -> -12.65: a credit note of 79.23.
+    assert (november.subtotal, november.tax, november.total) == (D("-66.58"), D("-12.65"), D("-79.23"))
+    # October as invoiced and corrected is what 15 days would have cost: 109 x 15/31 = 52.74, 20 x 15/31 = 9.68.
+    assert october.subtotal + november.subtotal == D("52.74") + D("9.68")
+    # Once: a re-run, a later month and the same end recorded again correct nothing more.
+    assert invoice_of(run(catalog, "2026-11"), "e") == november
+    assert set_billing_terms(catalog, "e", TermsUpdate(ended_on=date(2026, 10, 15)))["corrects"] == []
+    # The customer pays October (153.51) less the credit (79.23): 74.28; December bills nothing.
+    import_payments(catalog, [(1, PaymentRecord("e", october.invoice_number, D("74.28"), utc("2026-12-10T00:00Z")))])
+    assert october.total == D("153.51")
+    assert run(catalog, "2026-12").invoices == []
+
+
+def test_a_contract_end_moved_later_charges_the_days_added(catalog):
+    add_account(catalog, "x", started_at="2026-01-01")
+    set_billing_terms(catalog, "x", TermsUpdate(ended_on=date(2026, 10, 15)))
+    assert lines_of(run(catalog, "2026-10"), "x") == [("subscription", "52.74")]  # 109 x 15/31
+    # The customer stayed to Oct 20 after all: Oct 16-20, 5 of 31 days, 109 x 5/31 = 17.58.
+    assert set_billing_terms(catalog, "x", TermsUpdate(ended_on=date(2026, 10, 20)))["corrects"] == ["2026-10"]
+    assert described(invoice_of(run(catalog, "2026-11"), "x")) == [
+        (
+            "correction",
+            "Correction of 2026-10: Professional plan, 2026-10, 5 of 31 days, 2026-10-16 to 2026-10-20",
+            "17.58",
+        )
+    ]
+
+
 def test_a_month_invoiced_before_the_account_was_added_is_not_corrected(catalog):
     run(catalog, "2026-10")
     add_account(catalog, "new", started_at="2026-01-01")  # added after October's run: October billed it nothing
@@ -337,6 +390,28 @@ def test_the_migration_marks_the_changes_invoiced_before_it_as_taken_into_accoun
     unbased = tuple(dataclasses.replace(line, base_quantity=D(1)) for line in october.lines)
     assert invoice_of(run(catalog, "2026-10"), "m") == dataclasses.replace(october, lines=unbased)
     assert "correction" not in {kind for kind, _ in lines_of(run(catalog, "2026-11"), "m")}
+
+
+def test_the_migration_records_contract_ends_known_before_it_as_taken_into_account(catalog, database_url):
+    from alembic import command
+    from sqlalchemy import select
+
+    from pipelines.billing.models import ChangeBilling, TermChange
+    from pipelines.catalog.db import alembic_config
+
+    add_account(catalog, "g")
+    set_billing_terms(catalog, "g", TermsUpdate(ended_on=date(2026, 10, 15)))
+    october = invoice_of(run(catalog, "2026-10"), "g")  # 15 days, the end known in time
+    with catalog.engine.begin() as connection:  # as a catalog whose ends are in billing_terms only
+        config = alembic_config(database_url)
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0016")
+        command.upgrade(config, "head")
+    with catalog.session() as session:
+        [change_id] = session.scalars(select(TermChange.id).where(TermChange.ended_on == date(2026, 10, 15))).all()
+        assert session.get(ChangeBilling, ("terms", change_id)).period == "2026-10"
+    assert invoice_of(run(catalog, "2026-10"), "g") == october
+    assert run(catalog, "2026-11").invoices == []  # nothing to correct
 
 
 def test_recording_the_plan_in_force_records_nothing(catalog):

@@ -22,18 +22,26 @@ from pipelines.billing.invoicing import BillingError, run_billing
 from pipelines.billing.models import BillingRun, Invoice, InvoiceLine
 from pipelines.billing.usage import PointsCapExceededError, check_points_admission, points_used_in_month, usage_daily
 from pipelines.catalog import Catalog
-from tests.test_billing_support import add_account, catalog, database_url, job, make_pricebook, postgres_schema_url, utc
+from tests.test_billing_support import (
+    add_account,
+    catalog,
+    database_url,
+    job,
+    make_pricebook,
+    on_time,
+    postgres_schema_url,
+    utc,
+)
 
 __all__ = ["catalog", "database_url", "postgres_schema_url"]  # fixtures used here
 
 D = Decimal
 BOOK = make_pricebook()
-# Every month these tests invoice has ended by then (runs of unfinished months are refused).
-NOW = utc("2027-06-01T00:00Z")
 
 
 def run(catalog: Catalog, period: str, book=BOOK):
-    return run_billing(catalog, period, book, now=NOW)
+    """The month invoiced on time, as the DAG does: on the 1st of the next month, dated that day."""
+    return run_billing(catalog, period, book, now=on_time(period))
 
 
 def usage(catalog: Catalog, *records) -> None:
@@ -122,7 +130,7 @@ def test_rerun_returns_the_same_invoices_and_creates_nothing(catalog):
 
 def test_a_month_that_has_not_ended_is_refused(catalog):
     with pytest.raises(BillingError, match="has not ended"):
-        run(catalog, "2099-01")
+        run_billing(catalog, "2099-01", BOOK, now=utc("2027-06-01T00:00Z"))
     with pytest.raises(BillingError, match="has not ended"):
         run_billing(catalog, "2026-10", BOOK, now=utc("2026-10-31T23:59:59Z"))
     assert run_billing(catalog, "2026-10", BOOK, now=utc("2026-11-01T00:00:00Z")).created
@@ -201,6 +209,53 @@ def test_invoice_not_yet_due_gets_no_late_fee(catalog):
     run(catalog, "2026-10")  # issued Nov 1, due Dec 1
     november = run(catalog, "2026-11")  # issued Dec 1: not overdue yet
     assert lines_of(november, "acme") == [("subscription", "99.00")]
+
+
+def test_a_month_invoiced_late_is_dated_and_due_from_the_day_it_is_really_issued(catalog):
+    # The monthly DAG catches up: September to November 2026 are invoiced together on 2026-12-15.
+    add_account(catalog, "acme", started_at="2026-09-01")
+    add_account(catalog, "api1", plan="api", started_at="2026-09-01")
+    add_account(catalog, "prepaid", started_at="2026-09-01")
+    usage(
+        catalog,
+        job("sep", "api1", "2026-09-30T23:00Z", 2_000_000),
+        job("dec", "api1", "2026-12-05T10:00Z", 8_000_000),  # December's: on no catch-up invoice
+    )
+    pay(catalog, "prepaid", None, "500.00", "2026-12-10T09:00Z")  # on account, after November ended
+    catch_up = utc("2026-12-15T10:00Z")
+    months = [run_billing(catalog, month, BOOK, now=catch_up) for month in ("2026-09", "2026-10", "2026-11")]
+    for result in months:
+        for invoice in result.invoices:
+            # Dated the day it is issued, due 30 days later: not the 1st of the month after its month.
+            assert (invoice.issue_date, invoice.due_date) == (date(2026, 12, 15), date(2027, 1, 14))
+    # Each month bills what a punctual run on the 1st would: 99.00 + 19 % = 117.81, no finance
+    # charge on invoices the customer receives that very day (none is due before 2027-01-14), and
+    # the payment of Dec 10, made after November ended, is credited on December's invoice.
+    for account_id in ("acme", "prepaid"):
+        assert [lines_of(result, account_id) for result in months] == [[("subscription", "99.00")]] * 3
+        assert [i.total for r in months for i in r.invoices if i.account_id == account_id] == [D("117.81")] * 3
+    # api1: September's 2 M points x 0.50 = 1.00; none of December's usage; nothing in Oct and Nov.
+    assert lines_of(months[0], "api1") == [("usage", "1.00")]
+    assert [[i.account_id for i in result.invoices] for result in months[1:]] == [["acme", "prepaid"]] * 2
+    # The dispute window runs from the real issue date: 7 days, to 2026-12-22.
+    dispute, created = open_dispute(catalog, BOOK, "PF-2026-09-0001", "seats", at=utc("2026-12-16T09:00Z"))
+    assert created and dispute.deadline == date(2026, 12, 22)
+    # A re-run, whenever it happens, returns the invoices issued on Dec 15, unchanged.
+    again = run_billing(catalog, "2026-10", BOOK, now=utc("2027-03-01T02:00Z"))
+    assert not again.created
+    assert [i.to_dict() for i in again.invoices] == [i.to_dict() for i in months[1].invoices]
+    # December, invoiced on time on 2027-01-01: the three late invoices are not overdue yet.
+    december = run_billing(catalog, "2026-12", BOOK, now=utc("2027-01-01T02:00Z"))
+    assert lines_of(december, "acme") == [("subscription", "99.00")]
+    assert (december.invoices[0].issue_date, december.invoices[0].due_date) == (date(2027, 1, 1), date(2027, 1, 31))
+    assert lines_of(december, "api1") == [("usage", "4.00")]  # 8 M points x 0.50
+    # 500.00 less 3 x 117.81 = 146.57 of credit, of which 117.81 settles December's invoice.
+    assert lines_of(december, "prepaid") == [("subscription", "99.00"), ("credit", "-117.81")]
+    # acme pays the late invoices on 2027-01-10 (3 x 117.81 = 353.43). On 2027-02-01 only December's
+    # invoice (due Jan 31) is overdue: January's invoice charges 1.5 % of 117.81 = 1.767 -> 1.77.
+    pay(catalog, "acme", None, "353.43", "2027-01-10T09:00Z")
+    january = run_billing(catalog, "2027-01", BOOK, now=utc("2027-02-01T02:00Z"))
+    assert lines_of(january, "acme") == [("subscription", "99.00"), ("late_fee", "1.77")]
 
 
 def test_payment_after_the_invoice_date_counts_only_for_later_invoices(catalog):

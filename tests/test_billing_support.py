@@ -69,6 +69,27 @@ def utc(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def on_time(period: str) -> datetime:
+    """When the monthly DAG invoices `period` ("2026-10"): 02:00 UTC on the 1st of the next month,
+    so its invoices are dated that 1st."""
+    from pipelines.billing.periods import Period
+
+    return Period.parse(period).end.replace(hour=2)
+
+
+def bill_on_time(monkeypatch: pytest.MonkeyPatch, target: str = "pipelines.cli.billing.run_billing") -> None:
+    """Make the `run_billing` that `target` names invoice each month that has ended on time
+    (`on_time`), whatever today is; a month not ended yet is still run now (and refused)."""
+    from pipelines.billing import invoicing
+
+    run_billing = invoicing.run_billing
+
+    def run_on_time(catalog, period, pricebook, now=None):
+        return run_billing(catalog, period, pricebook, now=min(on_time(str(period)), datetime.now(UTC)))
+
+    monkeypatch.setattr(target, run_on_time)
+
+
 def add_account(
     catalog: Catalog,
     account_id: str,

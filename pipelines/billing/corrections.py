@@ -14,7 +14,13 @@ from sqlalchemy.exc import IntegrityError
 
 from pipelines.accounts import UnknownAccountError
 from pipelines.billing.documents import buyer_of, parties_json
-from pipelines.billing.history import DATED_TERMS, account_history, invoiced_since, record_term_change
+from pipelines.billing.history import (
+    DATED_TERMS,
+    account_history,
+    invoiced_since,
+    record_contract_end,
+    record_term_change,
+)
 from pipelines.billing.invoicing import BillingError, invoice_view
 from pipelines.billing.lines import InvoiceView, Line, tax_by_rate
 from pipelines.billing.models import BillingTerms, CreditNote, CreditNoteLine, Dispute, Invoice, InvoiceLine, Payment
@@ -370,7 +376,8 @@ class TermsUpdate:
     """Changes to an account's billing terms; None leaves a field as it is.
 
     Everything but `ended_on` is dated: in force from `effective_on` (default: the first month not
-    invoiced yet), so a month is charged by the days each value was agreed.
+    invoiced yet), so a month is charged by the days each value was agreed. `ended_on`, the last day
+    of service, is recorded as a change of its own: an end in an invoiced month is corrected too.
     """
 
     seats: int | None = None
@@ -411,8 +418,15 @@ def set_billing_terms(catalog: Catalog, account_id: str, update: TermsUpdate) ->
         history = account_history(session, account)
         if dated:
             effective_on, history = record_term_change(session, account, dated, update.effective_on)
-        if update.ended_on is not None:
+        corrects: set[str] = set()
+        if update.ended_on is not None and update.ended_on != terms.ended_on:
+            # The days between the end known so far and this one change: invoiced, they are corrected.
+            changed_from = min(d for d in (terms.ended_on, update.ended_on) if d is not None) + timedelta(days=1)
+            history = record_contract_end(session, account, update.ended_on)
             terms.ended_on = update.ended_on
+            corrects.update(invoiced_since(session, max(changed_from, account.started_at)))
+        if effective_on is not None:
+            corrects.update(invoiced_since(session, max(effective_on, account.started_at)))
         latest = history.on(date.max)
         # The snapshot `billing terms` prints: every recorded change applied, whatever its date.
         terms.seats, terms.extra_storage_gb = latest.seats, latest.extra_storage_gb
@@ -434,7 +448,5 @@ def set_billing_terms(catalog: Catalog, account_id: str, update: TermsUpdate) ->
             "exempt_until": None if latest.exempt_until is None else latest.exempt_until.isoformat(),
             "effective_on": None if effective_on is None else effective_on.isoformat(),
             # Invoiced months this change reaches into: the next monthly run corrects them.
-            "corrects": []
-            if effective_on is None
-            else list(invoiced_since(session, max(effective_on, account.started_at))),
+            "corrects": sorted(corrects),
         }

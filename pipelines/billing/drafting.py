@@ -102,14 +102,30 @@ def draft_invoice(
 # --- corrections of invoiced months ---------------------------------------------------------------
 
 
-def _differing_ranges(before: History, after: History, first: date, last: date) -> list[tuple[date, date]]:
-    """The days in [first, last] on which `after` has other terms in force than `before`, joined
-    into ranges."""
-    starts = sorted({first, *before.boundaries(first, last), *after.boundaries(first, last)})
+def _differing_ranges(
+    before: History, after: History, first: date, last: date, ends_of: Mapping[bool, date | None]
+) -> list[tuple[date, date]]:
+    """The days in [first, last] on which `after` has other terms in force than `before`, or the
+    contract is over in one and not in the other, joined into ranges. `ends_of`: the contract's
+    last day before (True) and after (False) the changes."""
+    cuts = {end + timedelta(days=1) for end in ends_of.values() if end is not None}
+    starts = sorted(
+        {
+            first,
+            *before.boundaries(first, last),
+            *after.boundaries(first, last),
+            *(d for d in cuts if first < d <= last),
+        }
+    )
     ends = [day - timedelta(days=1) for day in starts[1:]] + [last]
+
+    def over(credit: bool, day: date) -> bool:
+        end = ends_of[credit]
+        return end is not None and day > end
+
     ranges: list[tuple[date, date]] = []
     for start, end in zip(starts, ends, strict=True):
-        if before.on(start) == after.on(start):
+        if before.on(start) == after.on(start) and over(True, start) == over(False, start):
             continue
         if ranges and ranges[-1][1] + timedelta(days=1) == start:
             ranges[-1] = (ranges[-1][0], end)
@@ -146,13 +162,20 @@ def correction_lines(
     """The correction of `period`, already invoiced, for plan or term changes recorded after that:
     for the days on which the account's history now differs from `before` (what its invoice, and
     any earlier correction, took into account), the lines those days get now are charged and the
-    lines they got then are credited, each priced as of its days (plan, agreed price, price book
-    version and VAT of the day). Lines alike on both sides cancel out. `usage_days`: the points
-    of the month already billed, per day; `availability`: the month's."""
+    lines they got then are credited (a contract end moved earlier credits the days after it), each
+    priced as of its days (plan, agreed price, price book version and VAT of the day). Lines alike
+    on both sides cancel out. `usage_days`: the points of the month already billed, per day;
+    `availability`: the month's."""
     after = account.history()
     parties = Parties(pricebook.seller_country, account.country, account.vat_id)
     first = max(account.started_at, period.first_day)
-    last = min(account.ended_on or period.last_day, period.last_day)
+    # The contract's end on each side: a recorded end is a change like any other (an end recorded
+    # after its month was invoiced credits the days after it); facts without one have the account's.
+    ends_of = {
+        credit: history.ended_on if after.ended_on is not None else account.ended_on
+        for credit, history in ((False, after), (True, before))
+    }
+    lasts = {credit: min(end or period.last_day, period.last_day) for credit, end in ends_of.items()}
     sides: dict[bool, list[Line]] = {False: [], True: []}  # credit? -> lines
 
     def month(history: History, start: date, end: date, price_from: date | None) -> MonthLines:
@@ -162,13 +185,13 @@ def correction_lines(
 
     for credit, history in ((False, after), (True, before)):
         # A refund of a prepaid cycle belongs to the plan change's day, whatever range it is in.
-        whole = month(history, first, last, None)
+        whole = month(history, first, lasts[credit], None)
         if whole.active:
             prepaid_refunds(whole)
         sides[credit].extend(whole.lines)
-    for start, end in _differing_ranges(before, after, period.first_day, period.last_day):
+    for start, end in _differing_ranges(before, after, period.first_day, period.last_day, ends_of):
         for credit, history in ((False, after), (True, before)):
-            part = month(history, max(start, first), min(end, last), first)
+            part = month(history, max(start, first), min(end, lasts[credit]), first)
             if part.active:
                 subscription_lines(part)
                 recurring_extras(part)

@@ -270,3 +270,12 @@ def record_term_change(
     session.add(TermChange(account_id=account.account_id, effective_on=effective_on, **values))
     session.flush()
     return effective_on, account_history(session, account)
+
+
+def record_contract_end(session: Session, account: Account, ended_on: date) -> History:
+    """Record the contract's last day of service (`billing_terms.ended_on` holds the latest). Like
+    a dated change, an end in an invoiced month is corrected by the next monthly run: the days
+    between the end known before and this one are charged or credited. Returns the new history."""
+    session.add(TermChange(account_id=account.account_id, effective_on=None, ended_on=ended_on))
+    session.flush()
+    return account_history(session, account)

@@ -46,15 +46,18 @@ class BillingError(UserError, ValueError):
     """A billing request that cannot be carried out as asked (month not over, unknown invoice, ...)."""
 
 
-def issue_date_of(period: Period) -> date:
-    """Invoices for a month are dated the first day of the next month."""
-    return period.next().first_day
+def issue_date_of(period: Period, now: datetime) -> date:
+    """An invoice is dated the day it is really issued (UTC), never before the month after its
+    month: a run on the 1st dates it the 1st, a late run (the DAG catching up) the day it runs, so
+    its due date and dispute windows start when the customer gets it."""
+    return max(now.astimezone(UTC).date(), period.next().first_day)
 
 
 def run_billing(
     catalog: Catalog, period: Period | str, pricebook: PriceBook, now: datetime | None = None
 ) -> BillingRunResult:
-    """Invoice every account for `period` once; a re-run returns the stored invoices unchanged."""
+    """Invoice every account for `period` once, dated the day of `now` (UTC); a re-run returns the
+    stored invoices unchanged, with the date they were issued on."""
     period = Period.parse(period) if isinstance(period, str) else period
     now = now or datetime.now(UTC)
     if now < period.end:
@@ -69,7 +72,7 @@ def run_billing(
             # The run's row is written first: it is the lock a concurrent run of this month waits on.
             session.add(BillingRun(period=period.label, pricebook_sha256=pricebook.sha256, invoice_count=0))
             session.flush()
-            count = _create_invoices(session, pricebook, period)
+            count = _create_invoices(session, pricebook, period, issue_date_of(period, now))
             session.get(BillingRun, period.label).invoice_count = count
         created = True
     except IntegrityError:
@@ -81,7 +84,7 @@ def run_billing(
     return BillingRunResult(period.label, created, invoices)
 
 
-def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> int:
+def _create_invoices(session: Session, pricebook: PriceBook, period: Period, issue_date: date) -> int:
     runs = session.execute(
         select(BillingRun.period, BillingRun.created_at).where(BillingRun.period != period.label)
     ).all()
@@ -100,8 +103,8 @@ def _create_invoices(session: Session, pricebook: PriceBook, period: Period) -> 
         session, pricebook, period, accounts, [(Period.parse(label), at) for label, at in runs if label < period.label]
     )
     availability = _availability(session, pricebook, period)
-    issue_date = issue_date_of(period)
-    ledgers = before_invoice(session, issue_date)
+    # The month's content does not depend on the day it is run: the ledger as it stood when the month ended.
+    ledgers = before_invoice(session, period)
     due_date = issue_date + timedelta(days=pricebook.payment_terms_days)
 
     invoice_rows: list[dict[str, Any]] = []
@@ -236,11 +239,16 @@ def _corrections(
         ]
         marks += [{"kind": "plan", "change_id": i, "period": period.label} for i, _ in new_plans]
         marks += [{"kind": "terms", "change_id": i, "period": period.label} for i, _ in new_terms]
-        dates = [s.effective_on for _, s in new_plans] + [s.effective_on or account.started_at for _, s in new_terms]
+        before = account.history().without([s for _, s in new_plans], [s for _, s in new_terms])
+        dates = [s.effective_on for _, s in new_plans]
+        dates += [s.effective_on or account.started_at for _, s in new_terms if s.ended_on is None]
+        if any(s.ended_on is not None for _, s in new_terms):
+            # A contract end changes the days between the end known before and the one known now.
+            ends = [e for e in (before.ended_on, account.history().ended_on) if e is not None]
+            dates.append(min(ends) + timedelta(days=1))
         earliest = min((d for d in dates if d < period.first_day), default=None)
         if earliest is None:
             continue
-        before = account.history().without([s for _, s in new_plans], [s for _, s in new_terms])
         for month, run_started in sorted(invoiced):
             # A month invoiced before the account was added billed it nothing, so has nothing to correct.
             if month.last_day < earliest or (account.created_at is not None and account.created_at >= run_started):

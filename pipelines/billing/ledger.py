@@ -17,14 +17,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipelines.billing.models import CreditNote, Invoice, Payment
-from pipelines.billing.periods import start_of
+from pipelines.billing.periods import Period
 
 ZERO = Decimal("0.00")
 
 
 @dataclass(frozen=True)
 class Ledger:
-    """The account's position at the invoice date, before this invoice."""
+    """The account's position before an invoice: when its month ended (see `before_invoice`)."""
 
     # Charges (invoice totals before consumed credit) less payments and credit notes; < 0 is credit.
     balance: Decimal = ZERO
@@ -65,15 +65,21 @@ class Entries:
         return overdue, oldest
 
 
-def before_invoice(session: Session, issue_date: date) -> dict[str, Ledger]:
-    """Every account's position at `issue_date` from what was issued and paid before that day."""
+def before_invoice(session: Session, period: Period) -> dict[str, Ledger]:
+    """Every account's position for `period`'s invoice, as it stood when the month ended (the 1st of
+    the next month, when a punctual run issues it): the invoices of earlier months, and the payments
+    and credit notes made before that moment; charges due before that day are overdue. Whatever day
+    the run happens, it bills what a punctual run would: a payment made after the month ended counts
+    on the next month's invoice, and an invoice issued late is overdue only from its own (real) due
+    date on."""
+    closed = period.end
     entries = _entries(
         session,
-        Invoice.issue_date < issue_date,
-        Payment.paid_at < start_of(issue_date),
-        CreditNote.issued_on < issue_date,
+        Invoice.period < period.label,
+        Payment.paid_at < closed,
+        CreditNote.issued_on < closed.date(),
     )
-    return {account_id: account.position(issue_date) for account_id, account in entries.items()}
+    return {account_id: account.position(closed.date()) for account_id, account in entries.items()}
 
 
 def known_at(session: Session, at: datetime) -> dict[str, Entries]:

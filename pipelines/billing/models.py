@@ -72,6 +72,9 @@ class TermChange(Base):
     tax_exempt: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     # Last day the exemption is valid (inclusive); from the next day the rate applies.
     exempt_until: Mapped[date | None] = mapped_column(Date, nullable=True)
+    # The contract's last day of service (inclusive), recorded with effective_on NULL: the end
+    # recorded last is the contract's (billing_terms.ended_on), the earlier ones what was known before.
+    ended_on: Mapped[date | None] = mapped_column(Date, nullable=True)
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

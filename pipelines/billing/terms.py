@@ -31,7 +31,8 @@ class PlanStep:
 @dataclass(frozen=True)
 class TermStep:
     """A dated change of agreed terms; None leaves a field as it was. `effective_on` None: since
-    the account started. `tax_exempt` and `exempt_until` change together."""
+    the account started. `tax_exempt` and `exempt_until` change together. `ended_on`: the contract's
+    last day of service (a step of its own, since the start); the one recorded last is in force."""
 
     effective_on: date | None
     seats: int | None = None
@@ -42,6 +43,7 @@ class TermStep:
     tax_rate: Decimal | None = None
     tax_exempt: bool | None = None
     exempt_until: date | None = None
+    ended_on: date | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,12 @@ class History:
             if step.effective_on is None or step.effective_on <= day:
                 agreed = _apply(agreed, step)
         return agreed
+
+    @property
+    def ended_on(self) -> date | None:
+        """The contract's last day of service, None while no end is recorded."""
+        ends = [step.ended_on for step in self.term_steps if step.ended_on is not None]
+        return ends[-1] if ends else None
 
     def without(self, plan_steps: Iterable[PlanStep], term_steps: Iterable[TermStep]) -> History:
         """This history less the given steps (each given step removes one equal step)."""

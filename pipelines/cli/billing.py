@@ -149,7 +149,8 @@ def _register_billing(commands: argparse._SubParsersAction) -> None:
             "quarterly/yearly in full in the month their cycle starts), data-sharing discount, seats and extra "
             "storage, usage of succeeded and aborted jobs priced as on the day it happened, availability "
             "credit, finance charge on overdue balances, tax on the taxable subtotal, and credit carried "
-            "forward. Invoices are dated the 1st of the next month and numbered PREFIX-YYYY-MM-NNNN in "
+            "forward. Invoices are dated the day they are issued (UTC, the earliest the 1st of the next month), "
+            "due and disputable from that date, and numbered PREFIX-YYYY-MM-NNNN in "
             "account order. An account with nothing to charge gets no invoice. The month is invoiced once: a "
             "re-run (or a concurrent run) prints the stored invoices and creates nothing."
         ),
@@ -167,7 +168,8 @@ def _register_billing(commands: argparse._SubParsersAction) -> None:
             "change is in force from --effective (00:00 UTC), by default from the first month not invoiced "
             "yet; a month is charged by the days each value was in force. A date in a month already invoiced "
             "is recorded too: issued invoices are never edited, so the next monthly run corrects those months "
-            "on its invoice ('corrects' lists them). --ended-on is the contract end, not dated. Prints the terms "
+            "on its invoice ('corrects' lists them). --ended-on is the contract end, not dated by --effective; an "
+            "end in a month already invoiced is corrected the same way (the days after it credited). Prints the terms "
             "after every recorded change."
         ),
     )
