@@ -25,15 +25,14 @@ from tests.test_billing_support import (
     database_url,
     job,
     make_pricebook,
+    on_time,
     postgres_schema_url,
-    utc,
 )
 
 __all__ = ["catalog", "cli_env", "database_url", "postgres_schema_url"]  # fixtures used here
 
 DATA = Path(__file__).parent / "data" / "billing"
 BOOK = make_pricebook(SELLER)
-NOW = utc("2027-06-01T00:00Z")
 
 
 def _position(catalog: Catalog, number: str, kind: str) -> int:
@@ -43,8 +42,8 @@ def _position(catalog: Catalog, number: str, kind: str) -> int:
 
 def test_waiving_a_finance_charge_credits_no_vat(catalog):
     add_account(catalog, "late")  # 19 %, September never paid
-    run_billing(catalog, "2026-09", BOOK, now=NOW)
-    october = run_billing(catalog, "2026-10", BOOK, now=NOW).invoices[0]
+    run_billing(catalog, "2026-09", BOOK, now=on_time("2026-09"))
+    october = run_billing(catalog, "2026-10", BOOK, now=on_time("2026-10")).invoices[0]
     assert [(line.kind, line.amount) for line in october.lines] == [
         ("subscription", D("99.00")),
         ("late_fee", D("1.77")),  # 1.5 % of 117.81
@@ -59,8 +58,8 @@ def test_waiving_a_finance_charge_credits_no_vat(catalog):
 
 def test_a_credit_on_an_invoice_with_several_vat_treatments_names_its_line(catalog):
     add_account(catalog, "late")
-    run_billing(catalog, "2026-09", BOOK, now=NOW)
-    number = run_billing(catalog, "2026-10", BOOK, now=NOW).invoices[0].invoice_number
+    run_billing(catalog, "2026-09", BOOK, now=on_time("2026-09"))
+    number = run_billing(catalog, "2026-10", BOOK, now=on_time("2026-10")).invoices[0].invoice_number
     with pytest.raises(BillingError, match=r"line 1 subscription 99.00 VAT 19 %.*line 2 late_fee 1.77 no VAT"):
         issue_credit_note(catalog, BOOK, number, D("1.00"), "goodwill", date(2026, 11, 3))
     with pytest.raises(BillingError, match="1.77 left to credit on line 2"):
@@ -78,7 +77,7 @@ def test_crediting_usage_billed_exempt_credits_no_vat(catalog):
         catalog,
         [(1, job("a", "api", "2026-10-05T10:00Z", 3_000_000)), (2, job("b", "api", "2026-10-20T10:00Z", 4_000_000))],
     )
-    october = run_billing(catalog, "2026-10", BOOK, now=NOW).invoices[0]
+    october = run_billing(catalog, "2026-10", BOOK, now=on_time("2026-10")).invoices[0]
     assert october.tax_rate == D("0.19")
     usage = [(line.amount, line.tax_rate, line.tax_category) for line in october.lines]
     assert usage == [(D("1.50"), D("0"), "E"), (D("2.00"), D("0.19"), "S")]
@@ -91,7 +90,7 @@ def test_crediting_usage_billed_exempt_credits_no_vat(catalog):
 def test_crediting_a_line_billed_before_a_vat_change_credits_its_rate(catalog):
     add_account(catalog, "vat")
     set_billing_terms(catalog, "vat", TermsUpdate(tax_rate=D("0.16"), effective_on=date(2026, 10, 16)))
-    october = run_billing(catalog, "2026-10", BOOK, now=NOW).invoices[0]
+    october = run_billing(catalog, "2026-10", BOOK, now=on_time("2026-10")).invoices[0]
     assert october.tax_rate == D("0.16")  # the closing day's
     lines = [(line.amount, line.tax_rate) for line in october.lines]
     assert lines == [(D("47.90"), D("0.19")), (D("51.10"), D("0.16"))]  # 99 x 15/31, 99 x 16/31
@@ -133,7 +132,7 @@ def test_an_issued_invoice_and_credit_note_show_the_parties_they_were_issued_to(
     try:
         upsert_accounts(catalog, read_accounts_csv(DATA / "accounts.csv"))
         import_usage(catalog, read_usage_jsonl(DATA / "usage.jsonl"))
-        run_billing(catalog, "2026-09", make_pricebook(SELLER), now=NOW)
+        run_billing(catalog, "2026-09", make_pricebook(SELLER), now=on_time("2026-09"))
     finally:
         catalog.dispose()
     assert (
@@ -165,7 +164,7 @@ def test_show_serves_the_document_published_at_issue(cli_env, capsys, tmp_path):
     catalog = Catalog(cli_env)
     try:
         upsert_accounts(catalog, read_accounts_csv(DATA / "accounts.csv"))
-        run_billing(catalog, "2026-09", make_pricebook(), now=NOW)
+        run_billing(catalog, "2026-09", make_pricebook(), now=on_time("2026-09"))
     finally:
         catalog.dispose()
     settings = settings_from_env()
@@ -185,7 +184,7 @@ def test_a_prorated_line_reads_quantity_times_price_equals_amount(catalog):
 
     add_account(catalog, "fee", started_at="2026-10-22")
     set_billing_terms(catalog, "fee", TermsUpdate(monthly_fee=D("1500.00"), seats=2))
-    october = run_billing(catalog, "2026-10", BOOK, now=NOW).invoices[0]
+    october = run_billing(catalog, "2026-10", BOOK, now=on_time("2026-10")).invoices[0]
     # 1500.00 x 10 / 31 = 483.870... -> 483.87; 2 seats x 10.00 x 10 / 31 = 6.451... -> 6.45
     assert [line.to_dict() for line in october.lines] == [
         {
@@ -238,8 +237,8 @@ def test_an_invoice_not_subject_to_vat_meets_the_br_o_rules(catalog):
     add_account(catalog, "us", tax_rate="0", tax_exempt=True, country="US")
     with catalog.session() as session:
         session.get(Account, "us").vat_id = "US123456789"
-    run_billing(catalog, "2026-09", BOOK, now=NOW)
-    october = run_billing(catalog, "2026-10", BOOK, now=NOW).invoices[0]
+    run_billing(catalog, "2026-09", BOOK, now=on_time("2026-09"))
+    october = run_billing(catalog, "2026-10", BOOK, now=on_time("2026-10")).invoices[0]
     assert [(line.kind, line.amount) for line in october.lines] == [
         ("subscription", D("99.00")),
         ("late_fee", D("1.49")),  # 1.5 % of September's 99.00
