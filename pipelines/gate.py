@@ -11,7 +11,9 @@ What a file may declare (documented in the README, "What pointflow accepts"):
 - LAS 1.0 to 1.4, point formats 0 to 10, at least one point;
 - at most MAX_RECORDS variable-length records and as many extended ones, each inside the file;
 - point records at most MAX_EXTRA_BYTES longer than their format's standard fields;
-- as many points as the bytes present can hold (a LAZ chunk table that fits the file and the count);
+- exactly as many points as the point data holds: in a LAS, nothing after the points but extended
+  records; in a LAZ, a chunk table that fits the file and the count, and where the chunks state
+  their points (variable-size chunks, point formats 6-10), the header's count;
 - LAZ chunks of 1 to MAX_CHUNK_POINTS points, as many as the header's count needs;
 - scale factors in [MIN_SCALE, MAX_SCALE], finite offsets, finite ordered bounds within
   +/-MAX_COORDINATE, an extent of at most MAX_EXTENT per axis and of non-zero area;
@@ -129,11 +131,26 @@ def check_structure(path: Path) -> None:
         data_end = evlr_start if evlr_count and evlr_start > offset else size
         if compressed:
             _check_laz(handle, name, vlrs, vlr_count, offset, data_end, record_length, count)
-        elif offset + count * record_length > data_end:
+            return
+        if minor >= 3 and struct.unpack_from("<H", head, 6)[0] & 0b10:
+            # Waveform packets inside the file (LAS 1.3+, global encoding bit 1) follow the points.
+            (waveforms,) = struct.unpack_from("<Q", head, 227)
+            data_end = waveforms if offset < waveforms < data_end else data_end
+        held = max(data_end - offset, 0)
+        if count * record_length > held:
             raise NotPointCloudError(
                 f"{name}: the header's point count ({count:,} points of {record_length} bytes) needs "
-                f"{count * record_length:,} bytes of point data; the file holds {max(data_end - offset, 0):,}: it is truncated "
+                f"{count * record_length:,} bytes of point data; the file holds {held:,}: it is truncated "
                 "or its point count is wrong",
+                "point_count",
+            )
+        if count * record_length < held:
+            # The LAS specification puts nothing between the points and the extended records (or the end).
+            whole, rest = divmod(held, record_length)
+            rest_text = f" and {rest:,} bytes" if rest else ""
+            raise NotPointCloudError(
+                f"{name}: the header says {count:,} points, the point data holds {whole:,} points{rest_text} "
+                f"of {record_length} bytes: the header's point count is wrong",
                 "point_count",
             )
 
@@ -187,7 +204,10 @@ def _check_laz(
     handle, name: str, vlrs: bytes, vlr_count: int, offset: int, data_end: int, record_length: int, count: int
 ) -> None:
     """The laszip record and chunk table agree with the point count and fit in the file: chunks of
-    at most MAX_CHUNK_POINTS points, as many as the header's count needs."""
+    at most MAX_CHUNK_POINTS points, as many as the header's count needs, and where the chunks say
+    how many points they hold (variable-size chunks, point formats 6-10), exactly the header's count.
+    Fixed-size chunks of point formats 0-5 do not say how many points the last one holds: there a
+    count short by less than one chunk goes unnoticed (readers stop at the header's count)."""
     record = _laszip_record(vlrs, vlr_count)
     if record is None or len(record) < _LASZIP.size:
         raise NotPointCloudError(f"{name} says its points are compressed (LAZ) but has no valid laszip record", "laz")
@@ -270,6 +290,13 @@ def _check_laz(
                 f"{name}: the LAZ chunks' own point counts disagree with the chunk table: the file is corrupt",
                 "laz_chunks",
             )
+        held = own
+    if (layered or not fixed) and sum(held) != count:
+        raise NotPointCloudError(
+            f"{name}: the header says {count:,} points, the LAZ chunks hold {sum(held):,}: "
+            "the header's point count is wrong or the file is corrupt",
+            "point_count",
+        )
 
 
 def _chunk_entries(handle, name: str, record: bytes, table: int) -> list[tuple[int, int]]:

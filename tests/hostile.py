@@ -257,6 +257,14 @@ def rechunked(path: Path, n: int = 40, chunk: int = 1, extra: int = 256) -> Path
     return path
 
 
+def records_appended(path: Path, n: int = 1000, name: str = "isprs/samp11.las") -> Path:
+    """A real LAS with copies of its first `n` point records appended, its header unchanged."""
+    raw = real_laz(path, name).read_bytes()
+    (offset,), (length,) = _read(path, OFFSET_TO_POINTS, "I"), _read(path, RECORD_LENGTH, "H")
+    path.write_bytes(raw + raw[offset : offset + n * length])
+    return path
+
+
 def garbage_laz(path: Path) -> Path:
     megaplot(path)
     (offset,) = _read(path, OFFSET_TO_POINTS, "I")
@@ -364,6 +372,9 @@ CASES: list[Case] = [
     Case("laz-chunk-size-0.laz", lambda p: chunk_size(p, 0), False),
     Case("laz-chunk-size-2g-count-900m.laz", lambda p: laz_claiming(p, 2**31, 900_000_000), False),
     Case("laz-40-chunks-claiming-2m-points.laz", lambda p: laz_claiming(p, 50_000, 2_000_000, rechunked), False),
+    Case("las-count-1000-under-points.las", lambda p: with_count(real_laz(p, "isprs/samp11.las"), 37_010), False),
+    Case("las-1000-records-appended.las", records_appended, False),
+    Case("laz-count-30000-under-points.laz", lambda p: with_count(real_laz(p), 107_379), False),
     Case("text-named-las.las", _text, False),
     Case("empty-file.laz", _bytes(b""), False),
     Case("signature-only.las", _bytes(b"LASF"), False),
