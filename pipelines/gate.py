@@ -11,7 +11,10 @@ What a file may declare (documented in the README, "What pointflow accepts"):
 - LAS 1.0 to 1.4, point formats 0 to 10, at least one point;
 - at most MAX_RECORDS variable-length records and as many extended ones, each inside the file;
 - point records at most MAX_EXTRA_BYTES longer than their format's standard fields;
-- as many points as the bytes present can hold (a LAZ chunk table that fits the file and the count);
+- exactly as many points as the point data holds: in a LAS, nothing after the points but extended
+  records; in a LAZ, a chunk table that fits the file and the count, and where the chunks state
+  their points (variable-size chunks, point formats 6-10), the header's count;
+- LAZ chunks of 1 to MAX_CHUNK_POINTS points, as many as the header's count needs;
 - scale factors in [MIN_SCALE, MAX_SCALE], finite offsets, finite ordered bounds within
   +/-MAX_COORDINATE, an extent of at most MAX_EXTENT per axis and of non-zero area;
 - points inside the header's bounds, no return number above the number of returns.
@@ -33,6 +36,10 @@ MAX_EXTRA_BYTES = 256
 MIN_SCALE, MAX_SCALE = 1e-9, 1.0
 MAX_COORDINATE = 1e8
 MAX_EXTENT = 1e7
+# Points per LAZ chunk: LASzip writes 50,000 by default. The decoder allocates a whole chunk
+# (points x record length, up to 323 MB at this bound) when it seeks, so the chunk size a file
+# claims is bounded before anything is decoded.
+MAX_CHUNK_POINTS = 1_000_000
 
 # The standard fields of point formats 0-10, in bytes.
 FORMAT_SIZES = (20, 28, 26, 34, 57, 63, 30, 36, 38, 59, 67)
@@ -48,6 +55,8 @@ _HEADER_14 = struct.Struct("<QIQ")  # start of first EVLR, number of EVLRs, poin
 _VLR = struct.Struct("<2x16sHH32x")
 _EVLR = struct.Struct("<2x16sHQ32x")
 _LASZIP = struct.Struct("<HHBBHIIqqH")
+# LASzip's compressor for point formats 6-10: each chunk holds its own point count after its first point.
+LAYERED_COMPRESSOR = 3
 
 
 class NotPointCloudError(UserError, ValueError):
@@ -122,11 +131,26 @@ def check_structure(path: Path) -> None:
         data_end = evlr_start if evlr_count and evlr_start > offset else size
         if compressed:
             _check_laz(handle, name, vlrs, vlr_count, offset, data_end, record_length, count)
-        elif offset + count * record_length > data_end:
+            return
+        if minor >= 3 and struct.unpack_from("<H", head, 6)[0] & 0b10:
+            # Waveform packets inside the file (LAS 1.3+, global encoding bit 1) follow the points.
+            (waveforms,) = struct.unpack_from("<Q", head, 227)
+            data_end = waveforms if offset < waveforms < data_end else data_end
+        held = max(data_end - offset, 0)
+        if count * record_length > held:
             raise NotPointCloudError(
                 f"{name}: the header's point count ({count:,} points of {record_length} bytes) needs "
-                f"{count * record_length:,} bytes of point data; the file holds {max(data_end - offset, 0):,}: it is truncated "
+                f"{count * record_length:,} bytes of point data; the file holds {held:,}: it is truncated "
                 "or its point count is wrong",
+                "point_count",
+            )
+        if count * record_length < held:
+            # The LAS specification puts nothing between the points and the extended records (or the end).
+            whole, rest = divmod(held, record_length)
+            rest_text = f" and {rest:,} bytes" if rest else ""
+            raise NotPointCloudError(
+                f"{name}: the header says {count:,} points, the point data holds {whole:,} points{rest_text} "
+                f"of {record_length} bytes: the header's point count is wrong",
                 "point_count",
             )
 
@@ -179,11 +203,15 @@ def _laszip_record(vlrs: bytes, count: int) -> bytes | None:
 def _check_laz(
     handle, name: str, vlrs: bytes, vlr_count: int, offset: int, data_end: int, record_length: int, count: int
 ) -> None:
-    """The laszip record and chunk table agree with the point count and fit in the file."""
+    """The laszip record and chunk table agree with the point count and fit in the file: chunks of
+    at most MAX_CHUNK_POINTS points, as many as the header's count needs, and where the chunks say
+    how many points they hold (variable-size chunks, point formats 6-10), exactly the header's count.
+    Fixed-size chunks of point formats 0-5 do not say how many points the last one holds: there a
+    count short by less than one chunk goes unnoticed (readers stop at the header's count)."""
     record = _laszip_record(vlrs, vlr_count)
     if record is None or len(record) < _LASZIP.size:
         raise NotPointCloudError(f"{name} says its points are compressed (LAZ) but has no valid laszip record", "laz")
-    *_, chunk_size, _, _, items = _LASZIP.unpack_from(record)
+    compressor, *_, chunk_size, _, _, items = _LASZIP.unpack_from(record)
     sizes = [
         struct.unpack_from("<HHH", record, _LASZIP.size + 6 * i)[1]
         for i in range(items)
@@ -192,6 +220,13 @@ def _check_laz(
     if len(sizes) != items or sum(sizes) != record_length:
         raise NotPointCloudError(
             f"{name}: the laszip record describes {sum(sizes)}-byte points, the header {record_length}-byte ones", "laz"
+        )
+    fixed = chunk_size != VARIABLE_CHUNKS
+    if fixed and not 1 <= chunk_size <= MAX_CHUNK_POINTS:
+        raise NotPointCloudError(
+            f"{name}: the LAZ chunk size is {chunk_size:,} points; we read chunks of 1 to {MAX_CHUNK_POINTS:,} "
+            "points (LASzip writes 50,000): the file is corrupt, or recompress it with the default chunk size",
+            "laz_chunks",
         )
     handle.seek(offset)
     (table,) = struct.unpack("<q", handle.read(8).ljust(8, b"\xff"))
@@ -207,15 +242,79 @@ def _check_laz(
     handle.seek(table)
     _, chunks = struct.unpack("<II", handle.read(8))
     # Each chunk starts with one whole point record: the compressed bytes bound the chunk count.
-    most = (table - offset - 8) // record_length
-    fixed = chunk_size != VARIABLE_CHUNKS
-    if chunks == 0 or chunks > min(most, count) or (fixed and chunks * chunk_size < count):
-        layout = f"chunks of {chunk_size:,} points" if fixed else "chunks of any size"
+    compressed = table - offset - 8
+    most = compressed // record_length
+    layout = f"chunks of {chunk_size:,} points" if fixed else "chunks of any size"
+    if chunks == 0 or chunks > min(most, count):
         raise NotPointCloudError(
-            f"{name}: the LAZ chunk table lists {chunks:,} {layout} for {count:,} points in {table - offset - 8:,} "
+            f"{name}: the LAZ chunk table lists {chunks:,} {layout} for {count:,} points in {compressed:,} "
             "compressed bytes: the file is corrupt",
             "laz_chunks",
         )
+    if fixed and chunks != -(-count // chunk_size):
+        raise NotPointCloudError(
+            f"{name}: the header says {count:,} points, which make {-(-count // chunk_size):,} {layout}, "
+            f"and the LAZ chunk table lists {chunks:,} chunks: the header's point count is wrong or the file is corrupt",
+            "laz_chunks",
+        )
+    entries = _chunk_entries(handle, name, record, table)
+    layered = compressor == LAYERED_COMPRESSOR
+    if len(entries) != chunks or sum(b for _, b in entries) != compressed:
+        raise NotPointCloudError(
+            f"{name}: the LAZ chunk table's {len(entries):,} chunks take {sum(b for _, b in entries):,} bytes, "
+            f"and the compressed points {compressed:,}: the file is corrupt",
+            "laz_chunks",
+        )
+    if any(b < record_length + 4 * layered for _, b in entries):
+        raise NotPointCloudError(
+            f"{name}: a LAZ chunk is shorter than one point record: the file is corrupt", "laz_chunks"
+        )
+    held = [points for points, _ in entries]
+    if not fixed and max(held) > MAX_CHUNK_POINTS:
+        raise NotPointCloudError(
+            f"{name}: a LAZ chunk claims {max(held):,} points; we read chunks of at most {MAX_CHUNK_POINTS:,}: "
+            "the file is corrupt, or recompress it with the default chunk size",
+            "laz_chunks",
+        )
+    if layered:
+        # The chunks' own counts: the fixed-size table says chunk_size for every chunk, the last one too.
+        position, own = offset + 8, []
+        for _, length in entries:
+            handle.seek(position + record_length)
+            own.append(struct.unpack("<I", handle.read(4))[0])
+            position += length
+        if (fixed and (any(n != chunk_size for n in own[:-1]) or not 1 <= own[-1] <= chunk_size)) or (
+            not fixed and own != held
+        ):
+            raise NotPointCloudError(
+                f"{name}: the LAZ chunks' own point counts disagree with the chunk table: the file is corrupt",
+                "laz_chunks",
+            )
+        held = own
+    if (layered or not fixed) and sum(held) != count:
+        raise NotPointCloudError(
+            f"{name}: the header says {count:,} points, the LAZ chunks hold {sum(held):,}: "
+            "the header's point count is wrong or the file is corrupt",
+            "point_count",
+        )
+
+
+def _chunk_entries(handle, name: str, record: bytes, table: int) -> list[tuple[int, int]]:
+    """(points, bytes) of each chunk, from the (compressed) chunk table; for fixed-size chunks
+    the decoder gives every chunk the chunk size."""
+    import lazrs
+
+    handle.seek(table)
+    try:
+        return [(int(p), int(b)) for p, b in lazrs.read_chunk_table_only(handle, lazrs.LazVlr(bytes(record)))]
+    except BaseException as error:
+        if not (isinstance(error, Exception) or is_decoder_panic(error)):
+            raise
+        raise NotPointCloudError(
+            f"{name}: the LAZ chunk table cannot be read ({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}): "
+            "the file is corrupt or truncated",
+            "laz_chunks",
+        ) from None
 
 
 def check_header(name: str, scales, offsets, mins, maxs) -> None:

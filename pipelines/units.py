@@ -9,6 +9,7 @@ coordinates are taken as metres, and `assumed` says so.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,10 @@ _EPSG_UNITS: dict[int, tuple[str, float]] = {
 }
 _PROJ_LINEAR_UNITS = 3076
 _VERTICAL_UNITS = 4099
+# Metres per unit a CRS may state: from the millimetre to the nautical mile (1,852 m), which covers
+# every real linear unit (feet of all kinds, links, chains, kilometres, statute miles). A factor
+# outside, zero, negative or not a number is a broken CRS: it would scale every parameter wrongly.
+MIN_METRES_PER_UNIT, MAX_METRES_PER_UNIT = 0.001, 1852.0
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,8 @@ def _wkt_units(header: laspy.LasHeader) -> tuple[tuple[str, float] | None, tuple
 def coordinate_units(header: laspy.LasHeader) -> CoordinateUnits:
     """The units of the file's coordinates; metres (assumed) when the file states none.
 
-    Raises InvalidValue for geographic coordinates (degrees), which no metre-based filter can use.
+    Raises InvalidValue for geographic coordinates (degrees), which no metre-based filter can use,
+    and for a unit outside MIN_METRES_PER_UNIT to MAX_METRES_PER_UNIT metres (not a real linear unit).
     """
     horizontal, vertical = _geokey_units(header)
     wkt_horizontal, wkt_vertical = _wkt_units(header)
@@ -120,4 +126,11 @@ def coordinate_units(header: laspy.LasHeader) -> CoordinateUnits:
             "projected CRS in metres or feet (e.g. UTM) and upload it again"
         )
     vertical_name, vertical_factor = vertical or horizontal
+    for axes, unit, metres in (("x and y", name, factor), ("z", vertical_name, vertical_factor)):
+        if not (math.isfinite(metres) and MIN_METRES_PER_UNIT <= metres <= MAX_METRES_PER_UNIT):
+            raise InvalidValue(
+                f"the file's CRS gives its {axes} coordinates the unit '{unit}' of {metres:g} m; we accept "
+                f"linear units of {MIN_METRES_PER_UNIT:g} m (millimetre) to {MAX_METRES_PER_UNIT:g} m (nautical mile): "
+                'correct the CRS\'s unit (UNIT["metre",1] for metres) or reproject the file, and upload it again'
+            )
     return CoordinateUnits(factor, vertical_factor, name, vertical_name, assumed=False)

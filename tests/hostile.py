@@ -208,6 +208,63 @@ def chunk_size(path: Path, size: int) -> Path:
     return patch(path, _laszip(path) + 12, "I", size)
 
 
+def _count_at(path: Path) -> int:
+    """Where the header keeps the point count: the 64-bit field of LAS 1.4, else the legacy one."""
+    return POINT_COUNT_14 if _read(path, 25, "B")[0] >= 4 else LEGACY_COUNT
+
+
+def with_count(path: Path, count: int) -> Path:
+    """The header's point count set to `count` (the legacy field too where it is in use)."""
+    if _count_at(path) == POINT_COUNT_14:
+        patch(path, POINT_COUNT_14, "Q", count)
+        if _read(path, LEGACY_COUNT, "I")[0]:
+            patch(path, LEGACY_COUNT, "I", count if count < 2**32 else 0)
+        return path
+    return patch(path, LEGACY_COUNT, "I", count)
+
+
+def real_laz(path: Path, name: str = "corpus/IGN_bat_grenoble.laz") -> Path:
+    path.write_bytes(shared_file(name).read_bytes())
+    return path
+
+
+def laz_claiming(path: Path, chunk: int, count: int, base: Callable[[Path], Path] = real_laz) -> Path:
+    """A LAZ whose laszip record claims chunks of `chunk` points and whose header claims `count` points."""
+    base(path)
+    patch(path, _laszip(path) + 12, "I", chunk)
+    return with_count(path, count)
+
+
+def rechunked(path: Path, n: int = 40, chunk: int = 1, extra: int = 256) -> Path:
+    """A small synthetic LAZ: `n` real points, each with `extra` unregistered bytes, compressed in
+    fixed chunks of `chunk` points (laspy writes one chunk of 50,000)."""
+    import lazrs
+
+    source = with_extra_bytes(path.with_suffix(".source.laz"), extra, n)
+    raw = source.read_bytes()
+    (offset,) = _read(source, OFFSET_TO_POINTS, "I")
+    laszip = _laszip(source)
+    head = bytearray(raw[:offset])
+    struct.pack_into("<I", head, laszip + 12, chunk)
+    (length,) = struct.unpack_from("<H", head, laszip - 54 + 20)
+    points = laspy.read(source).points.array.tobytes()
+    source.unlink()
+    with open(path, "wb") as handle:
+        handle.write(head)
+        compressor = lazrs.LasZipCompressor(handle, lazrs.LazVlr(bytes(head[laszip : laszip + length])))
+        compressor.compress_many(points)
+        compressor.done()
+    return path
+
+
+def records_appended(path: Path, n: int = 1000, name: str = "isprs/samp11.las") -> Path:
+    """A real LAS with copies of its first `n` point records appended, its header unchanged."""
+    raw = real_laz(path, name).read_bytes()
+    (offset,), (length,) = _read(path, OFFSET_TO_POINTS, "I"), _read(path, RECORD_LENGTH, "H")
+    path.write_bytes(raw + raw[offset : offset + n * length])
+    return path
+
+
 def garbage_laz(path: Path) -> Path:
     megaplot(path)
     (offset,) = _read(path, OFFSET_TO_POINTS, "I")
@@ -313,6 +370,11 @@ CASES: list[Case] = [
     Case("laz-garbled.laz", garbage_laz, False),
     Case("laz-without-laszip-record.las", _patched(megaplot, POINT_FORMAT, "B", 0x81), False),
     Case("laz-chunk-size-0.laz", lambda p: chunk_size(p, 0), False),
+    Case("laz-chunk-size-2g-count-900m.laz", lambda p: laz_claiming(p, 2**31, 900_000_000), False),
+    Case("laz-40-chunks-claiming-2m-points.laz", lambda p: laz_claiming(p, 50_000, 2_000_000, rechunked), False),
+    Case("las-count-1000-under-points.las", lambda p: with_count(real_laz(p, "isprs/samp11.las"), 37_010), False),
+    Case("las-1000-records-appended.las", records_appended, False),
+    Case("laz-count-30000-under-points.laz", lambda p: with_count(real_laz(p), 107_379), False),
     Case("text-named-las.las", _text, False),
     Case("empty-file.laz", _bytes(b""), False),
     Case("signature-only.las", _bytes(b"LASF"), False),

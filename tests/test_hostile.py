@@ -156,3 +156,92 @@ def test_a_decoder_panic_is_refused_like_any_decode_error(tmp_path: Path) -> Non
         with laspy.open(path, laz_backend=laspy.LazBackend.LazrsParallel) as reader:
             for _ in reader.chunk_iterator(1000):
                 pass
+
+
+# Files whose LAZ chunk size or point count would make the decoder allocate far more than the file
+# holds: each is checked in a child process whose address space is capped, so an allocation
+# driven by what the file claims fails there (an abort on main) instead of passing unnoticed.
+ADDRESS_SPACE_LIMIT = 1536 * 1024**2
+PEAK_RSS_LIMIT = 400 * 1024**2
+CLAIMING = {
+    # name: (chunk size, point count, made from, the check that refuses it)
+    # Grenoble (850 KB, 137,379 points in 3 chunks of 50,000): 2^31 x 30 bytes = 64 GB at the first seek.
+    "grenoble-chunk-2g-count-900m.laz": (2**31, 900_000_000, "real", "laz_chunks"),
+    # 2^27 x 30 bytes = 4 GB at the first seek, which the sample of a 3 M point file makes.
+    "grenoble-chunk-128m-count-3m.laz": (2**27, 3_000_000, "real", "laz_chunks"),
+    # 40 points of 284 bytes, one per chunk (12 KB): 2^31 x 284 bytes = 610 GB at the first seek.
+    "synthetic-chunk-2g-count-900m.laz": (2**31, 900_000_000, "synthetic", "laz_chunks"),
+    # The same 40 chunks said to hold 50,000 points each: 2 M points, as many chunks as the table
+    # lists, so only decoding can tell (point format 1 keeps no count in its chunks); read whole at
+    # once, 568 MB on main.
+    "synthetic-chunk-50000-count-2m.laz": (50_000, 2_000_000, "synthetic", "points_readable"),
+}
+
+
+def _claiming(folder: Path, name: str) -> Path:
+    from tests.hostile import laz_claiming, real_laz, rechunked
+
+    chunk, count, base, _ = CLAIMING[name]
+    return laz_claiming(folder / name, chunk, count, real_laz if base == "real" else rechunked)
+
+
+def _limit_address_space() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
+
+
+def _run_limited(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=_limit_address_space,
+        timeout=600,
+    )
+
+
+VALIDATE = """
+import json, resource, sys
+from pipelines.validate import validate_file
+report = validate_file(sys.argv[1])
+print(json.dumps({"ok": report.ok, "errors": [[e.check, e.explain] for e in report.errors],
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+@pytest.mark.parametrize("name", sorted(CLAIMING))
+def test_validation_of_a_laz_claiming_huge_chunks_or_counts_is_refused_in_bounded_memory(
+    tmp_path: Path, name: str
+) -> None:
+    path = _claiming(tmp_path, name)
+    run = _run_limited([sys.executable, "-c", VALIDATE, str(path)])
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout)
+    assert not result["ok"] and len(result["errors"]) == 1, result
+    [[check, explain]] = result["errors"]
+    assert check == CLAIMING[name][3] and "\n" not in explain, explain
+    assert result["peak"] < PEAK_RSS_LIMIT, result
+
+
+def test_ingest_run_of_a_laz_claiming_a_huge_chunk_quarantines_it_with_a_report(
+    tmp_path: Path, runtime, account: str
+) -> None:
+    from sqlalchemy import select
+
+    from pipelines.catalog.models import Job
+
+    path = _claiming(tmp_path, "grenoble-chunk-2g-count-900m.laz")
+    pointflow = "import sys; from pipelines.cli import main; sys.exit(main(sys.argv[1:]))"
+    run = _run_limited([sys.executable, "-c", pointflow, "ingest", str(path), "--account", account, "--run"])
+    assert run.returncode == 1, (run.returncode, run.stderr[-2000:])
+    assert "Traceback" not in run.stderr and "memory allocation" not in run.stderr, run.stderr[-2000:]
+    with runtime.catalog.session() as session:
+        job = session.scalars(select(Job).where(Job.source == str(path.resolve()))).one()
+        state, error, report_key, points = job.state, job.error, job.report_key, job.points_processed
+    assert state == "quarantined" and points == 0, (state, error)
+    assert "chunk" in error and "\n" not in error, error
+    report = json.loads(runtime.store.get_bytes(report_key))
+    assert report["ok"] is False and [e["check"] for e in report["errors"]] == ["laz_chunks"]

@@ -160,3 +160,67 @@ def test_classify_refuses_geographic_coordinates_in_one_line(tmp_path: Path) -> 
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
     assert "geographic" in run.stderr and "reproject" in run.stderr
     assert not (tmp_path / "out.laz").exists()
+
+
+UTM_32N = pyproj.CRS.from_epsg(32632).to_wkt("WKT1_GDAL")
+
+
+def with_wkt_unit(target: Path, unit: str, factor: str) -> Path:
+    """samp11 (LAS 1.4) with a UTM 32N WKT whose linear unit is `unit` = `factor` metres."""
+    from laspy.vlrs.known import WktCoordinateSystemVlr
+
+    wkt = UTM_32N.replace('UNIT["metre",1,', f'UNIT["{unit}",{factor},')
+    las = laspy.read(need("isprs/samp11.las"))
+    las.header.vlrs.append(WktCoordinateSystemVlr(wkt))
+    las.header.global_encoding.wkt = True
+    las.write(target)
+    return target
+
+
+@pytest.mark.parametrize("unit, factor", [("zero", "0"), ("neg", "-1"), ("tiny", "1e-9"), ("mega", "1e6")])
+def test_implausible_wkt_units_are_refused_naming_the_unit(tmp_path: Path, unit: str, factor: str) -> None:
+    path = with_wkt_unit(tmp_path / f"{unit}.las", unit, factor)
+    with pytest.raises(ValueError, match=f"'{unit}'") as refused:
+        header_units(path)
+    assert "reproject" in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "unit, factor, metres",
+    [
+        ("metre", "1", 1.0),
+        ("foot", "0.3048", FOOT),
+        ("US survey foot", "0.304800609601219", 0.30480060960121924),  # PROJ knows the unit: its value, as before
+        ("millimetre", "0.001", 0.001),
+        ("kilometre", "1000", 1000.0),
+        ("Statute mile", "1609.344", 1609.344),
+    ],
+)
+def test_real_linear_units_from_wkt_are_accepted_exactly(tmp_path: Path, unit: str, factor: str, metres: float) -> None:
+    units = header_units(with_wkt_unit(tmp_path / "unit.las", unit, factor))
+    assert (units.name, units.horizontal, units.vertical) == (unit, metres, metres) and not units.assumed
+
+
+def test_a_vertical_unit_out_of_range_is_refused() -> None:
+    header = laspy.LasHeader(point_format=6, version="1.4")
+    compound = pyproj.CRS("EPSG:32632+5703").to_wkt("WKT1_GDAL")
+    assert compound.count('UNIT["metre",1,') == 2
+    header.add_crs(pyproj.CRS.from_wkt(compound[::-1].replace(',1,"ertem"[TINU', ',0,"orez"[TINU', 1)[::-1]))
+    with pytest.raises(ValueError, match="'zero'"):
+        coordinate_units(header)
+
+
+def test_classify_refuses_a_zero_unit_in_one_line(tmp_path: Path) -> None:
+    source = with_wkt_unit(tmp_path / "zero.las", "zero", "0")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")}
+    env |= {"POINTFLOW_HOME": str(tmp_path / "home"), "POINTFLOW_WORKERS": "1"}
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("pointflow")), "classify", str(source), str(tmp_path / "out.laz")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stderr
+    [line] = run.stderr.strip().splitlines()
+    assert "'zero'" in line and not (tmp_path / "out.laz").exists()

@@ -128,3 +128,40 @@ def test_numpy_checks_find_what_great_expectations_finds(suite: str, frame: dict
 
     data = pd.DataFrame(frame)
     assert run_suite(suite, data, parameters) == _validator().run(suite, data, parameters)
+
+
+def _under_stated(tmp_path: Path, kind: str) -> Path:
+    from tests.hostile import copc, real_laz, records_appended, with_count
+
+    path = tmp_path / f"{kind}.{'las' if kind.startswith('las') else 'laz'}"
+    if kind == "las-count":
+        return with_count(real_laz(path, "isprs/samp11.las"), 37_010)
+    if kind == "las-appended":
+        return records_appended(path, 1000)
+    if kind == "laz-layered":
+        return with_count(real_laz(path), 107_379)
+    if kind == "laz-fixed":
+        return with_count(real_laz(path, "lidr_megaplot.laz"), 40_000)
+    return with_count(copc(path), 2000)
+
+
+@pytest.mark.parametrize(
+    "kind, declared, held, check",
+    [
+        # samp11 holds 38,010 points: its header says 1,000 fewer, or 1,000 records follow its points.
+        ("las-count", 37_010, 38_010, "point_count"),
+        ("las-appended", 38_010, 39_010, "point_count"),
+        # Grenoble's chunks (point format 6) state their points: 50,000 + 50,000 + 37,379.
+        ("laz-layered", 107_379, 137_379, "point_count"),
+        # A COPC file's chunk table states each chunk's points: one chunk of 3,000.
+        ("laz-variable", 2000, 3000, "point_count"),
+        # megaplot's chunks (point format 1) do not: 81,590 points in 2 chunks of 50,000, and 40,000 make 1.
+        ("laz-fixed", 40_000, 2, "laz_chunks"),
+    ],
+)
+def test_a_header_under_stating_the_point_count_is_refused_naming_both_counts(
+    tmp_path: Path, kind: str, declared: int, held: int, check: str
+) -> None:
+    report = validate_file(_under_stated(tmp_path, kind))
+    assert not report.ok and [e.check for e in report.errors] == [check], report.reason
+    assert f"{declared:,}" in report.reason and f"{held:,}" in report.reason, report.reason
