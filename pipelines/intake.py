@@ -64,7 +64,7 @@ class Outcome:
     key: str
     account_id: str
     job_id: str | None
-    outcome: str  # registered | refused | superseded
+    outcome: str  # registered | refused | superseded | skipped (a link or other non-file, local store)
     reason: str | None = None
 
     def to_public(self) -> dict[str, Any]:
@@ -105,7 +105,19 @@ def sweep(runtime: Runtime, owner: str, now: datetime | None = None) -> SweepRes
     store = runtime.store
     outcomes: list[Outcome] = []
     errors: dict[str, str] = {}
+    skipped: set[str] = set()
+    if isinstance(store, LocalStore):
+        for key, what in store.irregular(INCOMING_PREFIX):
+            # Never taken, never deleted: a link would hand over what it points at (another
+            # account's objects, the service's files). Reported at every sweep until removed.
+            reason = f"{what}: not taken, put the file itself there"
+            log.warning("drop-zone entry %s skipped: %s", key, reason)
+            account_id = key[len(INCOMING_PREFIX) :].split("/", 1)[0]
+            outcomes.append(Outcome(key, account_id, None, "skipped", reason))
+            skipped.add(key)
     for info in store.list(INCOMING_PREFIX):
+        if info.key in skipped:
+            continue
         drop = _drop(info)
         if drop is None:
             continue

@@ -189,3 +189,51 @@ def test_files_that_are_not_customers_uploads_are_left_alone(runtime: Runtime, s
     runtime.store.put_file("incoming/stray.laz", scenes[0])  # no account folder
     assert sweep(runtime, owner="run-1").outcomes == []
     assert len(list(runtime.store.list("incoming/"))) == 3
+
+
+def test_links_in_a_drop_zone_are_skipped_and_their_targets_left_alone(
+    runtime: Runtime, scenes: list[Path], tmp_path: Path
+) -> None:
+    """A customer who can write the local drop-zone folder plants links to another account's raw
+    object and to a service file: the sweep reports them, takes nothing and deletes nothing."""
+    from pipelines.catalog.models import utcnow
+    from pipelines.lifecycle.deletion import account_deletion_plan, execute_deletion
+
+    upsert_accounts(runtime.catalog, [make_account("acme"), make_account("rival")])
+    runtime.store.put_file("accounts/rival/raw/x.laz", scenes[0])
+    runtime.store.put_bytes("service/usage_daily/2026-11.json", b'{"rows": []}')
+    zone = runtime.store.root / "incoming" / "acme"
+    zone.mkdir(parents=True)
+    os.symlink("../../accounts/rival/raw/x.laz", zone / "stolen.laz")
+    os.symlink("../../service/usage_daily/2026-11.json", zone / "u.las")
+    os.mkfifo(zone / "pipe.las")
+    hard = zone / "hard.laz"
+    os.link(runtime.store.root / "accounts/rival/raw/x.laz", hard)
+    past = time.time() - 2 * SETTLE.total_seconds()
+    for name in ("stolen.laz", "u.las", "hard.laz"):
+        os.utime(zone / name, (past, past), follow_symlinks=False)
+    drop(runtime, "incoming/acme/north.laz", scenes[1])
+
+    result = sweep(runtime, owner="run-1")
+    by_key = {o.key: o for o in result.outcomes}
+    assert by_key["incoming/acme/north.laz"].outcome == "registered"
+    for name in ("stolen.laz", "u.las", "pipe.las", "hard.laz"):
+        skipped = by_key[f"incoming/acme/{name}"]
+        assert skipped.outcome == "skipped" and skipped.job_id is None, skipped
+        assert "not taken" in skipped.reason
+    assert "symbolic link" in by_key["incoming/acme/stolen.laz"].reason
+    assert "hard link" in by_key["incoming/acme/hard.laz"].reason
+    assert result.errors == {} and len(result.job_ids) == 1
+    # Nothing of rival's or the service's was copied, moved or deleted.
+    assert runtime.store.exists("accounts/rival/raw/x.laz") and runtime.store.exists("service/usage_daily/2026-11.json")
+    assert [o.key for o in runtime.store.list("accounts/acme/quarantine/")] == []
+    with runtime.catalog.session() as session:
+        assert session.scalars(select(Job.account_id)).all() == ["acme"]
+        assert session.scalar(select(func.count()).select_from(IntakeClaim)) == 1
+    assert (zone / "stolen.laz").is_symlink() and (zone / "u.las").is_symlink()
+
+    # Deleting acme's data (its drop zone included) leaves rival's object and the service file.
+    plan = account_deletion_plan(runtime.store, runtime.settings.scratch_dir, "acme")
+    execute_deletion(runtime.catalog, runtime.store, plan, "acme", "test", "acme", utcnow())
+    assert runtime.store.get_bytes("service/usage_daily/2026-11.json") == b'{"rows": []}'
+    assert runtime.store.size("accounts/rival/raw/x.laz") == scenes[0].stat().st_size
