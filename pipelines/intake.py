@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 
 from pipelines.accounts import get_account
+from pipelines.admission import AdmissionRefused, check_file_size
 from pipelines.catalog import CatalogError
 from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import IntakeClaim, utcnow
@@ -41,6 +42,7 @@ from pipelines.storage import (
     INCOMING_PREFIX,
     LocalStore,
     ObjectInfo,
+    ObjectTooLarge,
     StaleObject,
     UnsafeKeyError,
     check_account_id,
@@ -192,11 +194,18 @@ def _register(runtime: Runtime, info: ObjectInfo, account_id: str, name: str, jo
     except AccountLocked as error:
         return _refuse(runtime, info, account_id, name, job_id, str(error))
     try:
+        # Refused on its listed size before a byte is downloaded, as a job's s3:// source is; the
+        # download itself stops at the limit (a file that grew since it was listed).
+        _check_size(runtime, job_id, info.size)
         with work_dir(runtime.settings.scratch_dir, "intake", account_id, job_id) as work:
             # A copy of the listed version: read in place, a file replaced meanwhile would be
             # registered under the old version's claim, and the new version again by the next sweep.
             path = work / name
-            store.get_file(info.key, path, version=info.version)
+            try:
+                store.get_file(info.key, path, version=info.version, max_bytes=runtime.settings.max_file_bytes)
+            except ObjectTooLarge as too_large:
+                _check_size(runtime, job_id, too_large.size)
+                raise
             attach_file(runtime, job_id, path, name)
     except StaleObject as stale:
         return _supersede(runtime, info, account_id, job_id, str(stale))
@@ -208,6 +217,15 @@ def _register(runtime: Runtime, info: ObjectInfo, account_id: str, name: str, jo
     _remove(runtime, info)
     log.info("drop-zone file %s registered as %s", info.key, job_id)
     return Outcome(info.key, account_id, job_id, "registered")
+
+
+def _check_size(runtime: Runtime, job_id: str, size: int) -> None:
+    """Refuse the job (AdmissionRefusedJob) for a file over POINTFLOW_MAX_FILE_BYTES, with
+    the message `pointflow ingest` gives."""
+    try:
+        check_file_size(runtime.settings, size)
+    except AdmissionRefused as refused:
+        refuse_job(runtime, job_id, str(refused))
 
 
 def _supersede(runtime: Runtime, info: ObjectInfo, account_id: str, job_id: str, reason: str) -> Outcome:

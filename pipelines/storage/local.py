@@ -11,7 +11,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pipelines.storage.base import ObjectInfo, ObjectStore, StaleObject, StorageError, UnsafeKeyError, check_key
+from pipelines.storage.base import (
+    ObjectInfo,
+    ObjectStore,
+    ObjectTooLarge,
+    StaleObject,
+    StorageError,
+    UnsafeKeyError,
+    check_key,
+)
 
 
 def _local_version(facts: os.stat_result) -> str:
@@ -102,7 +110,7 @@ class LocalStore(ObjectStore):
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write_atomic(key, lambda handle: handle.write(data))
 
-    def get_file(self, key: str, path: Path, version: str | None = None) -> None:
+    def get_file(self, key: str, path: Path, version: str | None = None, max_bytes: int | None = None) -> None:
         try:
             opened = self._open(key)
         except UnsafeKeyError as error:
@@ -115,7 +123,19 @@ class LocalStore(ObjectStore):
             # A file renamed over the key leaves our open handle on the old one; one written in
             # place changes its mtime: checked before and after, the copy is that version whole.
             self._check_version(key, handle, version)
-            shutil.copyfileobj(handle, copy, 1 << 20)
+            if max_bytes is None:
+                shutil.copyfileobj(handle, copy, 1 << 20)
+            else:
+                # A file that grows while it is read is not read past the bound.
+                left = max_bytes + 1
+                while left > 0 and (block := handle.read(min(1 << 20, left))):
+                    copy.write(block)
+                    left -= len(block)
+                if left == 0:
+                    copy.close()
+                    Path(path).unlink(missing_ok=True)
+                    self._check_version(key, handle, version)
+                    raise ObjectTooLarge(key, os.fstat(handle.fileno()).st_size, max_bytes)
             self._check_version(key, handle, version)
 
     def _check_version(self, key: str, handle, version: str | None) -> None:
