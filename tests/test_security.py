@@ -426,3 +426,13 @@ def test_no_credential_reaches_logs_reports_mail_or_task_output(
     logs = {where: text for where, text in texts.items() if not where.startswith(("mail", "s3://"))}
     assert [where for where, text in logs.items() if "X-Amz-Signature" in text] == []
     assert any("X-Amz-Signature" in m.as_string() for m in (ready, quarantine))
+
+
+def test_stack_up_prints_the_catalog_url_without_its_password(tmp_path: Path) -> None:
+    from pointflow_dev.cli_stack import addresses
+    from pointflow_dev.stack_plan import StackPlan
+
+    plan = StackPlan(base=tmp_path, postgres="postgresql://postgres:s3cr%40t-pw@127.0.0.1:5432/postgres")
+    printed = "\n".join(addresses(plan, tmp_path / "passwords.json", "/in"))
+    assert "s3cr" not in printed and "t-pw" not in printed, printed
+    assert "POINTFLOW_DATABASE_URL=postgresql://postgres:***@127.0.0.1:5432/pointflow_stack_catalog" in printed
