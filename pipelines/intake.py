@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 
 from pipelines.accounts import get_account
+from pipelines.admission import AdmissionRefused, check_file_size
 from pipelines.catalog import CatalogError
 from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import IntakeClaim, utcnow
@@ -41,6 +42,7 @@ from pipelines.storage import (
     INCOMING_PREFIX,
     LocalStore,
     ObjectInfo,
+    ObjectTooLarge,
     StaleObject,
     UnsafeKeyError,
     check_account_id,
@@ -64,7 +66,7 @@ class Outcome:
     key: str
     account_id: str
     job_id: str | None
-    outcome: str  # registered | refused | superseded
+    outcome: str  # registered | refused | superseded | skipped (a link or other non-file, local store)
     reason: str | None = None
 
     def to_public(self) -> dict[str, Any]:
@@ -105,7 +107,19 @@ def sweep(runtime: Runtime, owner: str, now: datetime | None = None) -> SweepRes
     store = runtime.store
     outcomes: list[Outcome] = []
     errors: dict[str, str] = {}
+    skipped: set[str] = set()
+    if isinstance(store, LocalStore):
+        for key, what in store.irregular(INCOMING_PREFIX):
+            # Never taken, never deleted: a link would hand over what it points at (another
+            # account's objects, the service's files). Reported at every sweep until removed.
+            reason = f"{what}: not taken, put the file itself there"
+            log.warning("drop-zone entry %s skipped: %s", key, reason)
+            account_id = key[len(INCOMING_PREFIX) :].split("/", 1)[0]
+            outcomes.append(Outcome(key, account_id, None, "skipped", reason))
+            skipped.add(key)
     for info in store.list(INCOMING_PREFIX):
+        if info.key in skipped:
+            continue
         drop = _drop(info)
         if drop is None:
             continue
@@ -180,11 +194,18 @@ def _register(runtime: Runtime, info: ObjectInfo, account_id: str, name: str, jo
     except AccountLocked as error:
         return _refuse(runtime, info, account_id, name, job_id, str(error))
     try:
+        # Refused on its listed size before a byte is downloaded, as a job's s3:// source is; the
+        # download itself stops at the limit (a file that grew since it was listed).
+        _check_size(runtime, job_id, info.size)
         with work_dir(runtime.settings.scratch_dir, "intake", account_id, job_id) as work:
             # A copy of the listed version: read in place, a file replaced meanwhile would be
             # registered under the old version's claim, and the new version again by the next sweep.
             path = work / name
-            store.get_file(info.key, path, version=info.version)
+            try:
+                store.get_file(info.key, path, version=info.version, max_bytes=runtime.settings.max_file_bytes)
+            except ObjectTooLarge as too_large:
+                _check_size(runtime, job_id, too_large.size)
+                raise
             attach_file(runtime, job_id, path, name)
     except StaleObject as stale:
         return _supersede(runtime, info, account_id, job_id, str(stale))
@@ -196,6 +217,15 @@ def _register(runtime: Runtime, info: ObjectInfo, account_id: str, name: str, jo
     _remove(runtime, info)
     log.info("drop-zone file %s registered as %s", info.key, job_id)
     return Outcome(info.key, account_id, job_id, "registered")
+
+
+def _check_size(runtime: Runtime, job_id: str, size: int) -> None:
+    """Refuse the job (AdmissionRefusedJob) for a file over POINTFLOW_MAX_FILE_BYTES, with
+    the message `pointflow ingest` gives."""
+    try:
+        check_file_size(runtime.settings, size)
+    except AdmissionRefused as refused:
+        refuse_job(runtime, job_id, str(refused))
 
 
 def _supersede(runtime: Runtime, info: ObjectInfo, account_id: str, job_id: str, reason: str) -> Outcome:

@@ -31,7 +31,7 @@ def check_source(settings: Settings, store: ObjectStore, account_id: str | None,
 
     Inside the service's object store only the account's own area and drop zone are its input. A local path is
     never inside POINTFLOW_HOME (the catalog, every account's objects, scratch, the model key) nor a
-    hard link on its disk (one of those files under another name), and must lie inside an allowed
+    hard link on its disk or on a local object store's (one of those files under another name), and must lie inside an allowed
     input folder: POINTFLOW_INPUT_DIRS, plus the files a command was given by name
     (`Settings.allowing`). Other URLs (s3:// outside the store) are read with the service's credentials.
     """
@@ -55,10 +55,16 @@ def check_source(settings: Settings, store: ObjectStore, account_id: str | None,
         )
     if resolved.exists():
         facts = resolved.stat()
-        if facts.st_nlink > 1 and home.exists() and facts.st_dev == home.stat().st_dev:
-            raise ForeignSource(
-                f"the source {source} is a hard link on the disk of POINTFLOW_HOME and may be one of the service's own files: give a copy"
-            )
+        # The service's files live in POINTFLOW_HOME and, for a local store, under its root,
+        # which may be on another disk (POINTFLOW_STORAGE_URL=file://...).
+        guarded = [("POINTFLOW_HOME", home)]
+        if isinstance(store, LocalStore):
+            guarded.append(("the object store", store.root))
+        for name, folder in guarded:
+            if facts.st_nlink > 1 and folder.exists() and facts.st_dev == folder.stat().st_dev:
+                raise ForeignSource(
+                    f"the source {source} is a hard link on the disk of {name} and may be one of the service's own files: give a copy"
+                )
     if not any(resolved == allowed or allowed in resolved.parents for allowed in settings.input_dirs):
         folders = ", ".join(str(p) for p in settings.input_dirs) or "none set"
         raise ForeignSource(

@@ -56,13 +56,24 @@ def _up(args: argparse.Namespace) -> int:
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, signal.default_int_handler)
     with LocalStack(plan) as stack:
-        print(f"Airflow UI:  {plan.api_url}  (user {plan.admin_user}; password in {stack.passwords_file})")
-        print(f"Dask:        {plan.dask_address}")
-        print(
-            f"pointflow:   POINTFLOW_HOME={plan.pointflow_home} POINTFLOW_DATABASE_URL={plan.database_url('catalog')}"
-        )
-        print(f"inputs:      {stack.environment['POINTFLOW_INPUT_DIRS']}  (local sources for the DAGs)")
-        print(f"logs:        {plan.logs}")
-        print("Ctrl-C stops the stack.")
+        for line in addresses(plan, stack.passwords_file, stack.environment["POINTFLOW_INPUT_DIRS"]):
+            print(line)
         signal.pause()
     return 0
+
+
+def addresses(plan, passwords_file: Path, inputs: str) -> list[str]:
+    """What `stack up` prints once the stack is healthy: no password (the database URL's is masked,
+    it is the one given with --postgres; Airflow's is in its file)."""
+    from pipelines.catalog.db import shown_url
+
+    catalog = shown_url(plan.database_url("catalog"))
+    return [
+        f"Airflow UI:  {plan.api_url}  (user {plan.admin_user}; password in {passwords_file})",
+        f"Dask:        {plan.dask_address}",
+        f"pointflow:   POINTFLOW_HOME={plan.pointflow_home} POINTFLOW_DATABASE_URL={catalog}"
+        + ("  (*** stands for the password given with --postgres)" if ":***@" in catalog else ""),
+        f"inputs:      {inputs}  (local sources for the DAGs)",
+        f"logs:        {plan.logs}",
+        "Ctrl-C stops the stack.",
+    ]

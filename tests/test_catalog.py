@@ -189,3 +189,28 @@ def test_plain_postgresql_urls_use_the_shipped_driver(postgres_url: str) -> None
     catalog.migrate()
     assert catalog.engine.dialect.driver == "psycopg2"
     catalog.dispose()
+
+
+def test_database_errors_name_neither_the_user_nor_the_password(postgres_url: str) -> None:
+    """README: errors name host, port and database, never the user or password."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    from pipelines.catalog.db import CatalogUnavailable, database_failure
+
+    # A role the server does not know (the test server trusts loopback, so a password is not asked).
+    url = make_url(postgres_url).set(username="pf_secret_user", password="pf-secret-pass")
+    url = url.render_as_string(hide_password=False)
+    with pytest.raises(CatalogUnavailable) as refused:
+        Catalog(url).migrate()
+    message = str(refused.value)
+    assert "does not exist" in message and make_url(postgres_url).database in message, message
+    assert "pf_secret_user" not in message and "pf-secret-pass" not in message, message
+    # What a server asking for passwords answers, as psycopg2 reports it.
+    driver = psycopg2.OperationalError(
+        'connection to server at "127.0.0.1", port 5432 failed: FATAL:  password authentication failed for user "postgres"\n'
+    )
+    message = str(database_failure("postgresql://postgres:pw@127.0.0.1/cat", OperationalError("connect", {}, driver)))
+    assert "password authentication failed" in message and "127.0.0.1:5432/cat" in message, message
+    assert "postgres" not in message.replace("POINTFLOW_DATABASE_URL", ""), message

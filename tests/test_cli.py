@@ -178,3 +178,33 @@ def test_bad_settings_are_named(
     monkeypatch.setenv("POINTFLOW_TILE_SIZE", "big")
     assert main(["files", "list", "--account", "acme"]) == 2
     assert "POINTFLOW_TILE_SIZE" in capsys.readouterr().err
+
+
+def test_intake_run_with_run_classifies_a_dropped_file_and_exits_0(
+    home: Path, tmp_path: Path, scene_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`pointflow intake run --run`, as cron would run it, on a small valid LAZ put in the local drop zone."""
+    import shutil
+    import time
+
+    from pipelines.intake import SETTLE
+
+    csv = tmp_path / "accounts.csv"
+    csv.write_text(CSV)
+    assert main(["accounts", "import", str(csv)]) == 0
+    capsys.readouterr()
+    dropped = home / "objects" / "incoming" / "acme" / "survey.laz"
+    dropped.parent.mkdir(parents=True)
+    shutil.copyfile(scene_path, dropped)
+    past = time.time() - 2 * SETTLE.total_seconds()
+    os.utime(dropped, (past, past))
+
+    result = pointflow("intake", "run", "--run", home=home)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "registered incoming/acme/survey.laz -> job-" in result.stdout, result.stdout
+    assert ": exported" in result.stdout, result.stdout
+    assert not dropped.exists()
+    again = pointflow("intake", "run", "--run", "--json", home=home)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {"files": [], "errors": {}, "jobs": []}

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from pipelines.accounts import upsert_accounts
-from pipelines.catalog.models import IntakeClaim, Job, UsageEvent
+from pipelines.catalog.models import IntakeClaim, Job, UsageEvent, utcnow
 from pipelines.intake import SETTLE, sweep
 from pipelines.lifecycle.operations import terminate_account
 from pipelines.notify import outbox_messages
@@ -189,3 +189,115 @@ def test_files_that_are_not_customers_uploads_are_left_alone(runtime: Runtime, s
     runtime.store.put_file("incoming/stray.laz", scenes[0])  # no account folder
     assert sweep(runtime, owner="run-1").outcomes == []
     assert len(list(runtime.store.list("incoming/"))) == 3
+
+
+def test_links_in_a_drop_zone_are_skipped_and_their_targets_left_alone(
+    runtime: Runtime, scenes: list[Path], tmp_path: Path
+) -> None:
+    """A customer who can write the local drop-zone folder plants links to another account's raw
+    object and to a service file: the sweep reports them, takes nothing and deletes nothing."""
+    from pipelines.catalog.models import utcnow
+    from pipelines.lifecycle.deletion import account_deletion_plan, execute_deletion
+
+    upsert_accounts(runtime.catalog, [make_account("acme"), make_account("rival")])
+    runtime.store.put_file("accounts/rival/raw/x.laz", scenes[0])
+    runtime.store.put_bytes("service/usage_daily/2026-11.json", b'{"rows": []}')
+    zone = runtime.store.root / "incoming" / "acme"
+    zone.mkdir(parents=True)
+    os.symlink("../../accounts/rival/raw/x.laz", zone / "stolen.laz")
+    os.symlink("../../service/usage_daily/2026-11.json", zone / "u.las")
+    os.mkfifo(zone / "pipe.las")
+    hard = zone / "hard.laz"
+    os.link(runtime.store.root / "accounts/rival/raw/x.laz", hard)
+    past = time.time() - 2 * SETTLE.total_seconds()
+    for name in ("stolen.laz", "u.las", "hard.laz"):
+        os.utime(zone / name, (past, past), follow_symlinks=False)
+    drop(runtime, "incoming/acme/north.laz", scenes[1])
+
+    result = sweep(runtime, owner="run-1")
+    by_key = {o.key: o for o in result.outcomes}
+    assert by_key["incoming/acme/north.laz"].outcome == "registered"
+    for name in ("stolen.laz", "u.las", "pipe.las", "hard.laz"):
+        skipped = by_key[f"incoming/acme/{name}"]
+        assert skipped.outcome == "skipped" and skipped.job_id is None, skipped
+        assert "not taken" in skipped.reason
+    assert "symbolic link" in by_key["incoming/acme/stolen.laz"].reason
+    assert "hard link" in by_key["incoming/acme/hard.laz"].reason
+    assert result.errors == {} and len(result.job_ids) == 1
+    # Nothing of rival's or the service's was copied, moved or deleted.
+    assert runtime.store.exists("accounts/rival/raw/x.laz") and runtime.store.exists("service/usage_daily/2026-11.json")
+    assert [o.key for o in runtime.store.list("accounts/acme/quarantine/")] == []
+    with runtime.catalog.session() as session:
+        assert session.scalars(select(Job.account_id)).all() == ["acme"]
+        assert session.scalar(select(func.count()).select_from(IntakeClaim)) == 1
+    assert (zone / "stolen.laz").is_symlink() and (zone / "u.las").is_symlink()
+
+    # Deleting acme's data (its drop zone included) leaves rival's object and the service file.
+    plan = account_deletion_plan(runtime.store, runtime.settings.scratch_dir, "acme")
+    execute_deletion(runtime.catalog, runtime.store, plan, "acme", "test", "acme", utcnow())
+    assert runtime.store.get_bytes("service/usage_daily/2026-11.json") == b'{"rows": []}'
+    assert runtime.store.size("accounts/rival/raw/x.laz") == scenes[0].stat().st_size
+
+
+class CountingStore:
+    """The runtime's real store, with every byte handed out by a download counted (no mock: each
+    call goes to the store)."""
+
+    def __init__(self, store) -> None:
+        self.store, self.downloaded = store, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+    def get_file(self, key: str, path: Path, *args, **kwargs) -> None:
+        try:
+            self.store.get_file(key, path, *args, **kwargs)
+        finally:
+            self.downloaded += Path(path).stat().st_size if Path(path).exists() else 0
+
+    def read_chunks(self, key: str, size: int = 1 << 20):
+        for chunk in self.store.read_chunks(key, size):
+            self.downloaded += len(chunk)
+            yield chunk
+
+
+def test_a_file_over_the_size_limit_is_refused_on_its_listed_size_before_any_download(
+    store_runtime: Runtime, scenes: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.intake import _claim, _register
+
+    limit = scenes[0].stat().st_size - 1
+    monkeypatch.setenv("POINTFLOW_MAX_FILE_BYTES", str(limit))
+    from dataclasses import replace
+
+    plain = Runtime.from_settings(Settings.from_env())
+    counting = CountingStore(plain.store)
+    runtime = replace(plain, store=counting)
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    drop(runtime, "incoming/acme/north.laz", scenes[0])
+    listed = next(counting.store.list("incoming/"))
+    outcome = _register(runtime, listed, "acme", "north.laz", _claim(runtime, listed, "acme", "run-1", utcnow()))
+    assert outcome.outcome == "refused" and "maximum file size" in outcome.reason, outcome
+    assert f"{limit:,} bytes" in outcome.reason
+    assert counting.downloaded == 0
+    scratch = runtime.settings.scratch_dir
+    assert not scratch.exists() or [p for p in scratch.rglob("*") if p.is_file()] == []
+    assert [o.key for o in runtime.store.list("incoming/")] == ["incoming/acme/north.laz"]  # left where it was
+    mails = [message_from_bytes(p.read_bytes(), policy=policy.default) for p in outbox_messages(runtime.settings)]
+    assert [m["Subject"] for m in mails] == ["pointflow: north.laz was not accepted"]
+    runtime.catalog.dispose()
+
+
+def test_a_download_stops_at_its_bound(store_runtime: Runtime, tmp_path: Path) -> None:
+    """A file that grew after it was listed is not read past the bound (without a version: a
+    version would refuse it as replaced)."""
+    from pipelines.storage import ObjectTooLarge
+
+    store = store_runtime.store
+    store.put_bytes("incoming/acme/grown.las", b"x" * 5000)
+    with pytest.raises(ObjectTooLarge) as raised:
+        store.get_file("incoming/acme/grown.las", tmp_path / "copy.las", max_bytes=1000)
+    assert raised.value.size == 5000
+    assert not (tmp_path / "copy.las").exists()
+    store.get_file("incoming/acme/grown.las", tmp_path / "copy.las", max_bytes=5000)
+    assert (tmp_path / "copy.las").stat().st_size == 5000

@@ -426,3 +426,49 @@ def test_no_credential_reaches_logs_reports_mail_or_task_output(
     logs = {where: text for where, text in texts.items() if not where.startswith(("mail", "s3://"))}
     assert [where for where, text in logs.items() if "X-Amz-Signature" in text] == []
     assert any("X-Amz-Signature" in m.as_string() for m in (ready, quarantine))
+
+
+def test_stack_up_prints_the_catalog_url_without_its_password(tmp_path: Path) -> None:
+    from pointflow_dev.cli_stack import addresses
+    from pointflow_dev.stack_plan import StackPlan
+
+    plan = StackPlan(base=tmp_path, postgres="postgresql://postgres:s3cr%40t-pw@127.0.0.1:5432/postgres")
+    printed = "\n".join(addresses(plan, tmp_path / "passwords.json", "/in"))
+    assert "s3cr" not in printed and "t-pw" not in printed, printed
+    assert "POINTFLOW_DATABASE_URL=postgresql://postgres:***@127.0.0.1:5432/pointflow_stack_catalog" in printed
+
+
+def test_a_hard_link_of_an_object_in_a_store_outside_the_home_is_not_a_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scene_path: Path
+) -> None:
+    """POINTFLOW_HOME on one disk, the local object store on another: a hard link of another
+    account's raw object put in an allowed input folder is refused like one of the home's files."""
+    import os
+    import shutil
+    import uuid
+
+    from pipelines.settings import Settings
+    from pipelines.sources import ForeignSource, check_source
+    from pipelines.storage import open_store
+
+    home = Path("/dev/shm") / f"pointflow-test-{uuid.uuid4().hex[:8]}"
+    if not Path("/dev/shm").is_dir() or Path("/dev/shm").stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than the temporary folder")
+    try:
+        for name in [n for n in os.environ if n.startswith("POINTFLOW_")]:
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("POINTFLOW_HOME", str(home))
+        monkeypatch.setenv("POINTFLOW_STORAGE_URL", (tmp_path / "objects").as_uri())
+        monkeypatch.setenv("POINTFLOW_INPUT_DIRS", str(tmp_path / "inputs"))
+        settings = Settings.from_env()
+        store = open_store(settings.storage_url)
+        store.put_file("accounts/rival/raw/survey.laz", scene_path)
+        (tmp_path / "inputs").mkdir()
+        copy, link = tmp_path / "inputs" / "copy.laz", tmp_path / "inputs" / "mine.laz"
+        shutil.copyfile(scene_path, copy)
+        link.hardlink_to(store.local_path("accounts/rival/raw/survey.laz"))
+        check_source(settings, store, "acme", str(copy))  # a plain file in the input folder is fine
+        with pytest.raises(ForeignSource, match="hard link"):
+            check_source(settings, store, "acme", str(link))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

@@ -204,3 +204,64 @@ def _churn(args: tuple[Path, int]) -> int:
         store.delete(key)
         done += 1
     return done
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> tuple[LocalStore, Path]:
+    """A local store where a customer's drop zone holds symbolic links to another account's raw
+    object, to a service file and to another account's folder, and a FIFO: what a customer with
+    shell access to the drop-zone folder can plant there."""
+    import os
+
+    store = LocalStore(tmp_path / "objects")
+    store.put_bytes("accounts/rival/raw/x.las", b"rival's points")
+    store.put_bytes("service/usage_daily/2026-11.json", b"{}")
+    zone = store.root / "incoming" / "acme"
+    zone.mkdir(parents=True)
+    os.symlink("../../accounts/rival/raw/x.las", zone / "stolen.las")
+    os.symlink("../../service/usage_daily/2026-11.json", zone / "u.las")
+    os.symlink("../../accounts/rival/raw", zone / "folder")
+    os.mkfifo(zone / "pipe.las")
+    return store, tmp_path
+
+
+def test_the_local_store_never_follows_a_symbolic_link(planted) -> None:
+    store, tmp_path = planted
+    assert [o.key for o in store.list("incoming/")] == []  # links, a linked folder and a FIFO are no objects
+    for key in (
+        "incoming/acme/stolen.las",
+        "incoming/acme/u.las",
+        "incoming/acme/folder/x.las",
+        "incoming/acme/pipe.las",
+    ):
+        assert not store.exists(key)
+        for read in (
+            lambda key=key: store.get_file(key, tmp_path / "copy.las"),
+            lambda key=key: store.get_bytes(key),
+            lambda key=key: store.size(key),
+            lambda key=key: b"".join(store.read_chunks(key)),
+            lambda key=key: store.copy(key, "accounts/acme/raw/copy.las"),
+            lambda key=key: store.local_path(key),
+            lambda key=key: store.link(key, timedelta(minutes=1)),
+        ):
+            with pytest.raises(StorageError):
+                read()
+        if "folder" not in key:
+            assert store.info(key) is None
+    assert not (tmp_path / "copy.las").exists() and not store.exists("accounts/acme/raw/copy.las")
+    with pytest.raises(StorageError):
+        list(store.list("incoming/acme/folder/"))
+    with pytest.raises(UnsafeKeyError):  # no write through a linked folder either
+        store.put_bytes("incoming/acme/folder/planted.las", b"acme's")
+    # Deleting a link's key removes at most the link itself, never what it points at.
+    store.delete("incoming/acme/stolen.las")
+    with pytest.raises(UnsafeKeyError):
+        store.delete("incoming/acme/folder/x.las")
+    assert store.get_bytes("accounts/rival/raw/x.las") == b"rival's points"
+    assert store.get_bytes("service/usage_daily/2026-11.json") == b"{}"
+    assert not (store.root / "incoming" / "acme" / "stolen.las").is_symlink()
+    assert sorted(key for key, _ in store.irregular("incoming/")) == [
+        "incoming/acme/folder",
+        "incoming/acme/pipe.las",
+        "incoming/acme/u.las",
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -58,9 +59,25 @@ def where(url: str) -> str:
     return f"{parsed.host or 'localhost'}:{parsed.port or 5432}/{parsed.database or ''}"
 
 
+def shown_url(url: str) -> str:
+    """A database URL as it may be printed for the operator to copy: the password masked (***)."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# The driver names the user it connected as ('password authentication failed for user "postgres"',
+# 'role "x" does not exist', 'no pg_hba.conf entry for host ..., user "x", ...').
+_NAMED_USER = re.compile(r'\s+for user "[^"]*"|\b(user|role) "[^"]*"')
+
+
+def _without_user(text: str) -> str:
+    return _NAMED_USER.sub(lambda m: m.group(1) or "", text)
+
+
 def database_failure(url: str, error: DBAPIError) -> CatalogUnavailable:
-    """One line for a database error: the driver's first line, without SQL or parameters."""
+    """One line for a database error: the driver's first line, without SQL or parameters, and
+    without the user name the driver puts in it."""
     cause = str(error.orig).strip().splitlines()[0] if str(error.orig).strip() else type(error.orig).__name__
+    cause = _without_user(cause)
     return CatalogUnavailable(
         f"the catalog database at {where(url)} failed: {cause}. Check POINTFLOW_DATABASE_URL and that the database server is up"
     )

@@ -68,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"job {job.job_id}: {job.state}" + (f" ({job.error})" if job.error else ""))
         if not result.outcomes and not result.errors:
             print("no new files in the drop zones")
-    return 1 if result.errors or any(j["state"] != "exported" for j in finished) else 0
+    return 1 if result.errors or any(job.state != "exported" for job in finished) else 0
 
 
 def _policy(args: argparse.Namespace) -> int:

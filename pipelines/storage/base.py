@@ -30,6 +30,14 @@ class StaleObject(StorageError):
     """The object is no longer the version that was asked for: it was replaced meanwhile."""
 
 
+class ObjectTooLarge(StorageError):
+    """A download stopped at its bound (`max_bytes`): the object holds more than that."""
+
+    def __init__(self, key: str, size: int, max_bytes: int) -> None:
+        self.size, self.max_bytes = size, max_bytes
+        super().__init__(f"{key!r} holds {size:,} bytes, more than the {max_bytes:,} this download may read")
+
+
 class UnsafeKeyError(StorageError, ValueError):
     """A key or name that could reach outside its account (traversal, absolute path, ...)."""
 
@@ -122,9 +130,11 @@ class ObjectStore(ABC):
     def put_bytes(self, key: str, data: bytes) -> None: ...
 
     @abstractmethod
-    def get_file(self, key: str, path: Path, version: str | None = None) -> None:
+    def get_file(self, key: str, path: Path, version: str | None = None, max_bytes: int | None = None) -> None:
         """Copy the object to a local file; with `version` (an ObjectInfo's), that version's bytes
-        or StaleObject: a drop-zone file replaced after it was listed is not taken for the old one."""
+        or StaleObject: a drop-zone file replaced after it was listed is not taken for the old one.
+        With `max_bytes`, no more than that is read: a larger object raises ObjectTooLarge and
+        leaves no file."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...

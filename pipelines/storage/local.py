@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pipelines.storage.base import ObjectInfo, ObjectStore, StaleObject, StorageError, UnsafeKeyError, check_key
+from pipelines.storage.base import (
+    ObjectInfo,
+    ObjectStore,
+    ObjectTooLarge,
+    StaleObject,
+    StorageError,
+    UnsafeKeyError,
+    check_key,
+)
 
 
 def _local_version(facts: os.stat_result) -> str:
@@ -27,11 +36,50 @@ class LocalStore(ObjectStore):
         self.root.mkdir(parents=True, exist_ok=True)
         self.url = self.root.as_uri()
 
-    def _path(self, key: str) -> Path:
-        path = (self.root / check_key(key)).resolve()
-        if self.root not in path.parents:
-            raise UnsafeKeyError(f"key {key!r} resolves outside the store")
+    def _path(self, key: str, *, last_may_be_link: bool = False) -> Path:
+        """The key's own path, never through a symbolic link: a key names one file under the root
+        by its own name, or nothing (a link planted in a drop zone would otherwise hand over
+        another account's objects or the service's files, and a delete would remove them)."""
+        parts = check_key(key).split("/")
+        path = self.root
+        for index, part in enumerate(parts):
+            path = path / part
+            try:
+                facts = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                break
+            if stat.S_ISLNK(facts.st_mode) and not (last_may_be_link and index == len(parts) - 1):
+                raise UnsafeKeyError(
+                    f"key {key!r} in {self.url} goes through a symbolic link ({'/'.join(parts[: index + 1])}): "
+                    "links are never followed"
+                )
+        return self.root.joinpath(*parts)
+
+    def _regular(self, key: str) -> Path:
+        """The path of the regular file the key names, or StorageError (absent, a link, a FIFO...)."""
+        path = self._path(key)
+        try:
+            facts = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise StorageError(f"no object {key!r} in {self.url}") from None
+        if not stat.S_ISREG(facts.st_mode):
+            raise StorageError(f"no object {key!r} in {self.url}: not a regular file")
         return path
+
+    def _open(self, key: str):
+        """The key's regular file, opened without following a link put in its place meanwhile."""
+        path = self._regular(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise StorageError(f"no object {key!r} in {self.url}") from None
+        except OSError as error:
+            raise UnsafeKeyError(f"key {key!r} in {self.url} is no longer a regular file: {error.strerror}") from None
+        handle = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            handle.close()
+            raise StorageError(f"no object {key!r} in {self.url}: not a regular file")
+        return handle
 
     def _write_atomic(self, key: str, writer) -> None:
         target = self._path(key)
@@ -62,16 +110,32 @@ class LocalStore(ObjectStore):
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write_atomic(key, lambda handle: handle.write(data))
 
-    def get_file(self, key: str, path: Path, version: str | None = None) -> None:
-        source = self._path(key)
-        if not source.is_file():
-            raise StorageError(f"no object {key!r} in {self.url}")
+    def get_file(self, key: str, path: Path, version: str | None = None, max_bytes: int | None = None) -> None:
+        try:
+            opened = self._open(key)
+        except UnsafeKeyError as error:
+            if version is None:
+                raise
+            # A link put in place of the listed file is not that version.
+            raise StaleObject(f"{key!r} in {self.url} was replaced after it was listed ({error})") from None
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(source, "rb") as handle, open(path, "wb") as copy:
+        with opened as handle, open(path, "wb") as copy:
             # A file renamed over the key leaves our open handle on the old one; one written in
             # place changes its mtime: checked before and after, the copy is that version whole.
             self._check_version(key, handle, version)
-            shutil.copyfileobj(handle, copy, 1 << 20)
+            if max_bytes is None:
+                shutil.copyfileobj(handle, copy, 1 << 20)
+            else:
+                # A file that grows while it is read is not read past the bound.
+                left = max_bytes + 1
+                while left > 0 and (block := handle.read(min(1 << 20, left))):
+                    copy.write(block)
+                    left -= len(block)
+                if left == 0:
+                    copy.close()
+                    Path(path).unlink(missing_ok=True)
+                    self._check_version(key, handle, version)
+                    raise ObjectTooLarge(key, os.fstat(handle.fileno()).st_size, max_bytes)
             self._check_version(key, handle, version)
 
     def _check_version(self, key: str, handle, version: str | None) -> None:
@@ -79,40 +143,68 @@ class LocalStore(ObjectStore):
             raise StaleObject(f"{key!r} in {self.url} was replaced after it was listed")
 
     def get_bytes(self, key: str) -> bytes:
-        source = self._path(key)
-        if not source.is_file():
-            raise StorageError(f"no object {key!r} in {self.url}")
-        return source.read_bytes()
+        with self._open(key) as handle:
+            return handle.read()
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        try:
+            self._regular(key)
+        except StorageError:
+            return False
+        return True
 
     def size(self, key: str) -> int:
-        source = self._path(key)
-        if not source.is_file():
-            raise StorageError(f"no object {key!r} in {self.url}")
-        return source.stat().st_size
+        return os.lstat(self._regular(key)).st_size
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         base = self._path(folder) if folder else self.root
         if not base.is_dir():
             return
-        # os.walk skips folders that vanish under it: other tasks delete while we list.
-        paths = sorted(
-            Path(folder, name) for folder, _, names in os.walk(base) for name in names if not name.startswith(".part-")
-        )
-        for path in paths:
-            key = path.relative_to(self.root).as_posix()
-            if key.startswith(prefix):
-                try:
-                    facts = path.stat()
-                except FileNotFoundError:
-                    continue
+        for path, facts in self._entries(base, prefix):
+            # Regular files only: a link (to a file or a folder), a FIFO or a device is no object.
+            if stat.S_ISREG(facts.st_mode):
+                key = path.relative_to(self.root).as_posix()
                 yield ObjectInfo(key, facts.st_size, _local_version(facts), datetime.fromtimestamp(facts.st_mtime, UTC))
 
+    def _entries(self, base: Path, prefix: str) -> Iterator[tuple[Path, os.stat_result]]:
+        """Every entry under `base` whose key starts with `prefix`, with its own facts (lstat):
+        files and links (to folders too, which os.walk does not enter), never what a link points at."""
+        # os.walk skips folders that vanish under it: other tasks delete while we list.
+        paths = sorted(
+            Path(folder, name)
+            for folder, subfolders, names in os.walk(base)
+            for name in names + [d for d in subfolders if os.path.islink(os.path.join(folder, d))]
+            if not name.startswith(".part-")
+        )
+        for path in paths:
+            if path.relative_to(self.root).as_posix().startswith(prefix):
+                try:
+                    yield path, os.lstat(path)
+                except FileNotFoundError:
+                    continue
+
+    def irregular(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(key, what it is) of each entry under `prefix` that `list` leaves out because it is no
+        regular file (a symbolic link, a FIFO, a device), and of each file with other names (hard
+        links): what a drop-zone sweep reports and never takes."""
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self._path(folder) if folder else self.root
+        if not base.is_dir():
+            return
+        for path, facts in self._entries(base, prefix):
+            key = path.relative_to(self.root).as_posix()
+            if stat.S_ISLNK(facts.st_mode):
+                yield key, f"a symbolic link (to {os.readlink(path)})"
+            elif not stat.S_ISREG(facts.st_mode):
+                yield key, "not a regular file (a FIFO, socket or device)"
+            elif facts.st_nlink > 1:
+                yield key, f"a hard link: the same file has {facts.st_nlink - 1} other name(s) on this disk"
+
     def delete(self, key: str) -> None:
-        path = self._path(key)
+        # A link named by the key is removed itself (unlink never follows the last component);
+        # a key through a linked folder is refused.
+        path = self._path(key, last_may_be_link=True)
         path.unlink(missing_ok=True)
         # Remove emptied folders so a deleted account leaves no trace in the tree.
         parent = path.parent
@@ -125,25 +217,17 @@ class LocalStore(ObjectStore):
             parent = parent.parent
 
     def copy(self, source: str, destination: str) -> None:
-        src = self._path(source)
-        if not src.is_file():
-            raise StorageError(f"no object {source!r} in {self.url}")
-        self.put_file(destination, src)
+        with self._open(source) as handle:
+            self._write_atomic(destination, lambda copy: shutil.copyfileobj(handle, copy, 1 << 20))
 
     def link(self, key: str, expires_in: timedelta) -> str:
-        path = self._path(key)
-        if not path.is_file():
-            raise StorageError(f"no object {key!r} in {self.url}")
-        return path.as_uri()
+        return self._regular(key).as_uri()
 
     def direct_link(self, key: str, expires_in: timedelta) -> str | None:
         return None
 
     def read_chunks(self, key: str, size: int = 1 << 20) -> Iterator[bytes]:
-        source = self._path(key)
-        if not source.is_file():
-            raise StorageError(f"no object {key!r} in {self.url}")
-        with open(source, "rb") as handle:
+        with self._open(key) as handle:
             yield from iter(lambda: handle.read(size), b"")
 
     def key_of(self, source: str) -> str | None:
@@ -156,5 +240,6 @@ class LocalStore(ObjectStore):
         return None
 
     def local_path(self, key: str) -> Path:
-        """Direct read access for the local backend, avoiding a copy of large inputs."""
-        return self._path(key)
+        """Direct read access for the local backend, avoiding a copy of large inputs: the key's
+        own regular file, never a link's target."""
+        return self._regular(key)

@@ -13,6 +13,7 @@ from pipelines.storage.base import (
     S3_MAX_ATTEMPTS,
     ObjectInfo,
     ObjectStore,
+    ObjectTooLarge,
     StaleObject,
     StorageError,
     check_key,
@@ -57,24 +58,37 @@ class S3Store(ObjectStore):
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call(key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
 
-    def get_file(self, key: str, path: Path, version: str | None = None) -> None:
+    def get_file(self, key: str, path: Path, version: str | None = None, max_bytes: int | None = None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        if version is None:
+        if version is None and max_bytes is None:
             self._call(key, self.client.download_file, self.bucket, self._key(key), str(path))
             return
-        # The ETag part of our version; S3 answers 412 when the object's is another (a new upload).
-        etag = version.split("@", 1)[0]
+        conditions = {}
+        if version is not None:
+            # The ETag part of our version; S3 answers 412 when the object's is another (a new upload).
+            conditions["IfMatch"] = f'"{version.split("@", 1)[0]}"'
         try:
-            response = self._call(
-                key, self.client.get_object, Bucket=self.bucket, Key=self._key(key), IfMatch=f'"{etag}"'
-            )
+            response = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key), **conditions)
         except StorageError as error:
             if _error_code(error) in ("PreconditionFailed", "412"):
                 raise StaleObject(f"{key!r} in {self.url} was replaced after it was listed") from error
             raise
+        body = response["Body"]
+        size = int(response.get("ContentLength", 0))
+        if max_bytes is not None and size > max_bytes:
+            body.close()  # not one byte of a body over the bound is read
+            raise ObjectTooLarge(key, size, max_bytes)
+        written = 0
         with open(path, "wb") as copy:
-            for chunk in response["Body"].iter_chunks(1 << 20):
+            for chunk in body.iter_chunks(1 << 20):
+                written += len(chunk)
+                if max_bytes is not None and written > max_bytes:
+                    break
                 copy.write(chunk)
+        if max_bytes is not None and written > max_bytes:
+            body.close()
+            Path(path).unlink(missing_ok=True)
+            raise ObjectTooLarge(key, max(size, written), max_bytes)
 
     def get_bytes(self, key: str) -> bytes:
         response = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
