@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlparse
 from pipelines.errors import InvalidValue, UserError
 from pipelines.scratch import work_dir
 from pipelines.settings import Settings
-from pipelines.storage import AccountArea, LocalStore, ObjectStore, S3Store, safe_name
+from pipelines.storage import AccountArea, LocalStore, ObjectStore, ObjectTooLarge, S3Store, safe_name
 
 
 class ForeignSource(UserError, PermissionError):
@@ -77,7 +77,8 @@ def check_source(settings: Settings, store: ObjectStore, account_id: str | None,
 def local_copy(settings: Settings, source: str, account_id: str | None = None) -> Iterator[Path]:
     """A local path for a source given as a path, file:// URI or s3://bucket/key URI; a download
     is kept in a scratch folder marked as `account_id`'s. A file larger than POINTFLOW_MAX_FILE_BYTES
-    is refused (AdmissionRefused) on its size alone, before an object is downloaded."""
+    is refused (AdmissionRefused) on its size alone, before an object is downloaded, and a download
+    stops at that size."""
     from pipelines.admission import check_file_size
 
     path = _local_path(source)
@@ -94,7 +95,12 @@ def local_copy(settings: Settings, source: str, account_id: str | None = None) -
     check_file_size(settings, store.size(key))
     with work_dir(settings.scratch_dir, "source", account_id) as tmp:
         local = tmp / safe_name(parsed.path)
-        store.get_file(key, local)
+        try:
+            # The download stops at the limit too: an object replaced by a larger one since its size was read.
+            store.get_file(key, local, max_bytes=settings.max_file_bytes)
+        except ObjectTooLarge as too_large:
+            check_file_size(settings, too_large.size)
+            raise
         yield local
 
 
