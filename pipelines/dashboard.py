@@ -188,7 +188,8 @@ def accounts_overview(
             status.append("data deleted")
         elif is_locked(runtime.catalog, account.account_id, as_of, pricebook=pricebook):
             # A trial is locked from its end, before the nightly run records the termination.
-            reason = termination.reason if termination is not None else "trial_ended"
+            ended = termination is not None and termination.effective_at <= as_of
+            reason = termination.reason if ended else "trial_ended"
             status.append(f"closed ({reason.replace('_', ' ')}), data locked")
         elif termination is not None:
             status.append(f"ends {termination.effective_at:%Y-%m-%d}")

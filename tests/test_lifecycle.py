@@ -949,3 +949,25 @@ def test_the_timeline_on_postgresql(
         assert list(runtime.store.list("accounts/pg/")) == []
     finally:
         runtime.catalog.dispose()
+
+
+def test_a_termination_asked_for_after_a_trials_end_does_not_lengthen_the_trial(
+    runtime: Runtime, smtp_sink, capsys
+) -> None:
+    upsert_accounts(runtime.catalog, [replace(make_account("leaving", "trial"), started_at=date(2027, 1, 1))])
+    assert main(["accounts", "terminate", "leaving", "--effective", "2027-03-01"]) == 0
+    capsys.readouterr()
+    pricebook = load_pricebook(runtime.settings.pricebook_path)
+    assert not is_locked(runtime.catalog, "leaving", at("2027-01-14T23:59:59"), pricebook=pricebook)
+    # The trial's 14 days end on 15 January, before the termination asked for: locked from then.
+    assert is_locked(runtime.catalog, "leaving", at("2027-01-15T00:00:00"), pricebook=pricebook)
+    [row] = [a for a in build_dashboard(runtime, at("2027-01-15T02:59:00")).accounts if a.account_id == "leaving"]
+    assert row.status == ("closed (trial ended), data locked",)
+    actions = lifecycle(capsys, "2027-01-15T03:00:00Z")
+    assert [(a["action"], a["effective_at"]) for a in actions][:2] == [
+        ("trial_ended", "2027-01-15T00:00:00+00:00"),
+        ("terminated", "2027-01-15T00:00:00+00:00"),
+    ]
+    with runtime.catalog.session() as session:
+        termination = session.get(Termination, "leaving")
+        assert (termination.reason, termination.effective_at) == ("trial_ended", at("2027-01-15T00:00:00"))

@@ -60,21 +60,20 @@ def is_locked(catalog: Catalog, account_id: str, at: datetime | None = None, *, 
 
     Call it before serving or accepting data (ingest, new jobs, download links). The lock holds
     from the termination's effective moment, and from the end of a trial still on `trial` then
-    (`trial_ends_at`, with `pricebook`'s trial days), even before the nightly run has recorded it.
+    (`trial_ends_at`, with `pricebook`'s trial days; a termination asked for a later day does not
+    lengthen the trial), even before the nightly run has recorded it.
     Exporting all data for the customer during the grace period stays allowed.
     """
     at = _now(at)
     with catalog.session() as session:
         termination = session.get(Termination, account_id)
-        if termination is not None:
-            return termination.locked_at is not None or termination.effective_at <= at
+        if termination is not None and (termination.locked_at is not None or termination.effective_at <= at):
+            return True
         account = session.get(Account, account_id)
         if account is None:
             return False
         history = account_history(session, account)
         started = account.started_at
-    if history.on(at.date()).plan != Plan.TRIAL.value:
-        return False
     ends_at = trial_ends_at(pricebook, history, started, at)
     return ends_at is not None and ends_at <= at
 

@@ -100,7 +100,8 @@ class AccountRun(AccountState):
     """The rules for one account, in the order a run applies them."""
 
     def run(self) -> None:
-        if self.termination is None:
+        # A termination asked for a day after the trial's end does not lengthen the trial.
+        if self.termination is None or self.as_of < self.termination.effective_at:
             self._trial()
         if self.termination is None:
             self._inactivity()
