@@ -18,7 +18,7 @@ from pipelines.billing.delivery import buyer_of, document_of
 from pipelines.billing.documents import document_html
 from pipelines.billing.einvoice import cii_xml
 from pipelines.billing.history import agreed_on, record_plan_change
-from pipelines.billing.imports import PaymentRecord, import_payments, import_usage
+from pipelines.billing.imports import OutageRecord, PaymentRecord, import_outages, import_payments, import_usage
 from pipelines.billing.invoicing import run_billing
 from pipelines.billing.lines import tax_by_rate
 from pipelines.billing.usage import PointsCapExceededError, check_points_admission
@@ -622,6 +622,63 @@ def test_late_usage_is_billed_once_on_the_next_invoice_at_the_price_of_its_day(c
     assert run(catalog, "2026-09", book).invoices == september.invoices
     assert invoice_of(run(catalog, "2026-10", book), "api1") == october
     assert run(catalog, "2026-11", book).invoices == []
+
+
+def described_credits(result, account_id: str) -> list[tuple[str, str, str]]:
+    invoice = invoice_of(result, account_id)
+    return [(line.kind, line.description, str(line.amount)) for line in invoice.lines if line.kind != "late_fee"]
+
+
+def test_an_outage_recorded_after_its_month_was_invoiced_is_credited_once_on_the_next_invoice(catalog):
+    add_account(catalog, "acme", started_at="2026-01-01")
+    october = run(catalog, "2026-10")
+    assert lines_of(october, "acme") == [("subscription", "109.00")]  # no outage known yet
+
+    day = [(1, OutageRecord(utc("2026-10-05T00:00Z"), utc("2026-10-06T00:00Z"), scheduled=False))]
+    result = import_outages(catalog, day)
+    assert "2026-10 already invoiced, its new outages are credited on the next invoice" in result.summary("outages")
+    # October: 44,640 minutes, 1,440 down: 100 x 43,200 / 44,640 = 96.7741935 %; shortfall
+    # (99.5 - 96.7741935) / 100 = 0.0272580645; 109.00 x 0.0272580645 = 2.9711290 -> 2.97.
+    november = run(catalog, "2026-11")
+    assert described_credits(november, "acme") == [
+        ("subscription", "Professional plan, 2026-11", "109.00"),
+        ("correction", "Correction of 2026-10: Availability credit: 96.774 % in 2026-10, target 99.5 %", "-2.97"),
+    ]
+    # 106.03 taxable at 19 %: 20.1457 -> 20.15; total 126.18.
+    assert (invoice_of(november, "acme").tax, invoice_of(november, "acme").total) == (D("20.15"), D("126.18"))
+    # Once: the same outage imported again is known, a re-run returns the same invoice.
+    assert import_outages(catalog, day).new == 0
+    assert invoice_of(run(catalog, "2026-11"), "acme") == invoice_of(november, "acme")
+
+    # A second outage of October recorded later: 21 more days down (30,240 minutes), 31,680 in all:
+    # 100 x 12,960 / 44,640 = 29.0322581 %; shortfall 0.995 - 0.2903226 = 0.7046774;
+    # 109.00 x 0.7046774 = 76.8098387 -> 76.81 for the month in all, as if both had been known on
+    # time; 2.97 of it was credited already (reversed), so 76.81 - 2.97 = 73.84 more.
+    import_outages(catalog, [(1, OutageRecord(utc("2026-10-10T00:00Z"), utc("2026-10-31T00:00Z"), scheduled=False))])
+    december = run(catalog, "2026-12")
+    assert described_credits(december, "acme") == [
+        ("subscription", "Professional plan, 2026-12", "109.00"),
+        (
+            "correction",
+            "Correction of 2026-10: Availability credit: 29.032 % in 2026-10, target 99.5 %",
+            "-76.81",
+        ),
+        (
+            "correction",
+            "Correction of 2026-10, credit for: Availability credit: 96.774 % in 2026-10, target 99.5 %",
+            "2.97",
+        ),
+    ]
+    assert described_credits(run(catalog, "2027-01"), "acme") == [
+        ("subscription", "Professional plan, 2027-01", "109.00")
+    ]
+
+
+def test_an_outage_known_on_time_is_credited_by_its_month_alone(catalog):
+    add_account(catalog, "acme", started_at="2026-01-01")
+    import_outages(catalog, [(1, OutageRecord(utc("2026-10-05T00:00Z"), utc("2026-10-06T00:00Z"), scheduled=False))])
+    assert lines_of(run(catalog, "2026-10"), "acme") == [("subscription", "109.00"), ("availability_credit", "-2.97")]
+    assert lines_of(run(catalog, "2026-11"), "acme") == [("subscription", "109.00")]
 
 
 def test_late_usage_of_a_month_not_invoiced_waits_for_its_own_month(catalog):

@@ -205,6 +205,34 @@ def correction_lines(
     return [_correction(line, period, credit) for credit in (False, True) for line in sides[credit]]
 
 
+def availability_correction_lines(
+    pricebook: PriceBook, period: Period, account: AccountFacts, before: Fraction, after: Fraction
+) -> list[Line]:
+    """The correction of `period`, already invoiced, for outages recorded after that: its
+    availability credit as it is now (`after`) is credited and the one it got then (`before`, what
+    its invoice and any earlier correction took into account) is reversed, both on the month's fee
+    of each VAT regime and capped at it, so the month is credited in all what it would have been
+    had every outage been known on time. Lines alike on both sides cancel out."""
+    history = account.history()
+    parties = Parties(pricebook.seller_country, account.country, account.vat_id)
+    first = max(account.started_at, period.first_day)
+    last = min(account.ended_on or period.last_day, period.last_day)
+    if first > last:
+        return []
+    sides: dict[bool, list[Line]] = {}
+    for credit, availability in ((False, after), (True, before)):
+        month = MonthLines(pricebook, period, account, history, parties, first, last, [], defaultdict(lambda: ZERO))
+        subscription_lines(month)  # the month's fee per VAT regime, which the credit refers to
+        month.lines.clear()
+        availability_credit(month, availability)
+        sides[credit] = month.lines
+    for line in list(sides[True]):
+        if line in sides[False]:
+            sides[False].remove(line)
+            sides[True].remove(line)
+    return [_correction(line, period, credit) for credit in (False, True) for line in sides[credit]]
+
+
 def _correction(line: Line, period: Period, credit: bool) -> Line:
     if not credit:
         return replace(line, kind="correction", description=f"Correction of {period}: {line.description}")

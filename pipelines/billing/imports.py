@@ -346,4 +346,4 @@ def import_outages(catalog: Catalog, records: Sequence[tuple[int, OutageRecord]]
         for start in range(0, len(rows), _CHUNK):
             session.execute(statement, rows[start : start + _CHUNK])
         closed = _closed_periods(session, (row["started_at"] for row in rows))
-    return ImportResult(len(rows), len(records) - len(rows), closed)
+    return ImportResult(len(rows), len(records) - len(rows), closed, "its new outages are credited on the next invoice")

@@ -9,6 +9,7 @@ another, returns the invoices that exist and creates nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
@@ -20,11 +21,19 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pipelines.billing.documents import buyer_of, parties_json
-from pipelines.billing.drafting import correction_lines, draft_invoice
+from pipelines.billing.drafting import availability_correction_lines, correction_lines, draft_invoice
 from pipelines.billing.history import histories
 from pipelines.billing.ledger import Ledger, before_invoice
 from pipelines.billing.lines import AccountFacts, BillingRunResult, InvoiceView, Line, UsageSlice, availability_percent
-from pipelines.billing.models import BillingRun, BillingTerms, ChangeBilling, Invoice, InvoiceLine, Outage
+from pipelines.billing.models import (
+    BillingRun,
+    BillingTerms,
+    ChangeBilling,
+    Invoice,
+    InvoiceLine,
+    Outage,
+    OutageBilling,
+)
 from pipelines.billing.periods import Period, start_of
 from pipelines.billing.pricebook import PriceBook
 from pipelines.billing.usage import (
@@ -99,10 +108,12 @@ def _create_invoices(session: Session, pricebook: PriceBook, period: Period, iss
     accounts = _accounts(session, period)
     usage = _usage_slices(session, pricebook, period, accounts, claim)
     late = _late_usage(pricebook, late_points_by_account_day(session, period), {a.account_id: a for a in accounts})
-    corrections = _corrections(
-        session, pricebook, period, accounts, [(Period.parse(label), at) for label, at in runs if label < period.label]
-    )
-    availability = _availability(session, pricebook, period)
+    invoiced = [(Period.parse(label), at) for label, at in runs if label < period.label]
+    outages = _claim_outages(session, pricebook, period)
+    corrections = _corrections(session, pricebook, period, accounts, invoiced, outages)
+    for account_id, lines in _outage_corrections(pricebook, accounts, invoiced, outages).items():
+        corrections.setdefault(account_id, []).extend(lines)
+    availability = outages.availability(period)
     # The month's content does not depend on the day it is run: the ledger as it stood when the month ended.
     ledgers = before_invoice(session, period)
     due_date = issue_date + timedelta(days=pricebook.payment_terms_days)
@@ -218,6 +229,7 @@ def _corrections(
     period: Period,
     accounts: Sequence[AccountFacts],
     invoiced: Sequence[tuple[Period, datetime]],
+    outages: OutageFacts,
 ) -> dict[str, list[Line]]:
     """Take every plan and term change in force by the end of `period` into account, once: mark
     the ones no run has taken into account yet, and for those dated before `period` (recorded after
@@ -259,7 +271,8 @@ def _corrections(
                 account,
                 before,
                 billed_points_by_day(session, account.account_id, month, period),
-                _availability(session, pricebook, month),
+                # What the month was credited for (outages recorded since are corrected apart).
+                outages.availability(month, known_only=True),
             )
             found.setdefault(account.account_id, []).extend(lines)
     if marks:
@@ -306,20 +319,68 @@ def _late_usage(
     return late
 
 
-def _availability(session: Session, pricebook: PriceBook, period: Period) -> Fraction:
+@dataclass(frozen=True)
+class OutageFacts:
+    """The outages that count (maintenance announced early enough does not) up to the end of a
+    run's month: those earlier runs took into account, and those this run takes into account first."""
+
+    known: tuple[tuple[datetime, datetime], ...]
+    new: tuple[tuple[datetime, datetime], ...]
+
+    def availability(self, month: Period, known_only: bool = False) -> Fraction:
+        return availability_percent(self.known if known_only else self.known + self.new, month)
+
+
+def _claim_outages(session: Session, pricebook: PriceBook, period: Period) -> OutageFacts:
+    """Every outage that started before the end of `period`, read once; those no run has taken
+    into account yet are marked as this run's (table `outage_billing`), so that an outage recorded
+    after its month was invoiced is credited by the next run, and by no later one."""
     notice = timedelta(hours=pricebook.maintenance_notice_hours)
     rows = session.execute(
-        select(Outage.started_at, Outage.ended_at, Outage.scheduled, Outage.announced_at)
+        select(
+            Outage.id,
+            Outage.started_at,
+            Outage.ended_at,
+            Outage.scheduled,
+            Outage.announced_at,
+            OutageBilling.outage_id.is_not(None),
+        )
+        .outerjoin(OutageBilling, OutageBilling.outage_id == Outage.id)
         .where(Outage.started_at < period.end)
-        .where(Outage.ended_at > period.start)
-    )
-    counted = [
-        (start, end)
-        for start, end, scheduled, announced in rows
+    ).all()
+    known: list[tuple[datetime, datetime]] = []
+    new: list[tuple[datetime, datetime]] = []
+    for _, start, end, scheduled, announced, marked in rows:
         # Maintenance counts as outage unless it was scheduled and announced early enough.
-        if not (scheduled and (announced is None or announced <= start - notice))
-    ]
-    return availability_percent(counted, period)
+        if not (scheduled and (announced is None or announced <= start - notice)):
+            (known if marked else new).append((start, end))
+    marks = [{"outage_id": row[0], "period": period.label} for row in rows if not row[5]]
+    if marks:
+        session.execute(insert(OutageBilling), marks)
+    return OutageFacts(tuple(known), tuple(new))
+
+
+def _outage_corrections(
+    pricebook: PriceBook,
+    accounts: Sequence[AccountFacts],
+    invoiced: Sequence[tuple[Period, datetime]],
+    outages: OutageFacts,
+) -> dict[str, list[Line]]:
+    """For every invoiced month whose availability the outages recorded since its invoicing lower,
+    the lines correcting its availability credit, per account that month billed."""
+    found: dict[str, list[Line]] = {}
+    for month, run_started in sorted(invoiced):
+        before, after = outages.availability(month, known_only=True), outages.availability(month)
+        if before == after:
+            continue
+        for account in accounts:
+            # A month invoiced before the account was added billed it nothing, so has nothing to correct.
+            if account.created_at is not None and account.created_at >= run_started:
+                continue
+            lines = availability_correction_lines(pricebook, month, account, before, after)
+            if lines:
+                found.setdefault(account.account_id, []).extend(lines)
+    return found
 
 
 def load_invoices(catalog: Catalog, period: Period) -> list[InvoiceView] | None:

@@ -114,6 +114,17 @@ class ChangeBilling(Base):
     period: Mapped[str] = mapped_column(ForeignKey("billing_runs.period"), index=True)
 
 
+class OutageBilling(Base):
+    """Which month's run first took an outage into account: the run of a month it falls in when it
+    was recorded in time, else the first run after it was recorded, which credits the months already
+    invoiced that it falls in (an issued invoice is never edited). An outage is taken into account once."""
+
+    __tablename__ = "outage_billing"
+
+    outage_id: Mapped[int] = mapped_column(ForeignKey("outages.id"), primary_key=True)
+    period: Mapped[str] = mapped_column(ForeignKey("billing_runs.period"), index=True)
+
+
 class Invoice(Base):
     __tablename__ = "invoices"
     __table_args__ = (
