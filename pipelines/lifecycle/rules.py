@@ -29,7 +29,7 @@ from pipelines.lifecycle.deletion import (
     plan_deletion,
 )
 from pipelines.lifecycle.models import DeletionAudit, LifecycleAction, LifecycleDeliveryFailure, Termination
-from pipelines.lifecycle.operations import BUNDLE_FOLDER, trial_ends_at
+from pipelines.lifecycle.operations import export_bundles, trial_ends_at
 from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
 from pipelines.scratch import job_folders
 from pipelines.storage import AccountArea
@@ -319,7 +319,7 @@ class AccountRun(AccountState):
             # An export-all bundle holds copies of the results and inputs: every bundle made before
             # this deletion goes with it, so no copy outlives the retention (export-all makes a
             # new one from what is left).
-            keys = [o.key for o in self.context.runtime.store.list(area.key("exports", BUNDLE_FOLDER) + "/")]
+            keys = export_bundles(self.context.runtime.store, account_id)
             stored = files.get(job.file_id) if job.file_id is not None else None
             # The same bytes uploaded twice are one file: it goes only when every job using it is due.
             sharers = [j for j in jobs if j.file_id == job.file_id]
