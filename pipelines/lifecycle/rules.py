@@ -13,7 +13,7 @@ import logging
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import ColumnElement, delete, select, update
 
 from pipelines.billing.overdue import overdue_balances
 from pipelines.billing.periods import add_months, start_of
@@ -29,7 +29,7 @@ from pipelines.lifecycle.deletion import (
     plan_deletion,
 )
 from pipelines.lifecycle.models import DeletionAudit, LifecycleAction, LifecycleDeliveryFailure, Termination
-from pipelines.lifecycle.operations import export_bundles, trial_ends_at
+from pipelines.lifecycle.operations import export_bundles, open_job, trial_ends_at
 from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
 from pipelines.scratch import job_folders
 from pipelines.storage import AccountArea
@@ -275,6 +275,12 @@ class AccountRun(AccountState):
             return
         if self._blocked("data_deleted", "account", termination.deletion_due_at):
             return
+        # Held under the account's lock from here to the deletion's end: create_job takes it too,
+        # so no job starts in between.
+        if self._deferred(
+            "data_deleted", "account", termination.deletion_due_at, Job.account_id == self.account.account_id
+        ):
+            return
         runtime = self.context.runtime
         plan = account_deletion_plan(runtime.store, runtime.settings.scratch_dir, self.account.account_id)
         detail = self._delete(plan, f"termination:{termination.reason}", "account", termination.deletion_due_at)
@@ -344,6 +350,28 @@ class AccountRun(AccountState):
                         session.execute(update(Job).where(Job.file_id == stored.id).values(file_id=None))
                         session.execute(delete(StoredFile).where(StoredFile.id == stored.id))
             self._emit("api_results_deleted", job.job_id, self.as_of, detail)
+
+    def _deferred(self, action: str, subject: str, due_at: datetime, *where: ColumnElement[bool]) -> bool:
+        """A deletion waits while a job of the account matching `where` has not finished (it still
+        reads or writes what would go): reported once per job, done on the first run after. Call
+        it holding the account's lock (run_lifecycle does), which job creation takes too."""
+        with self.context.runtime.catalog.session() as session:
+            busy = open_job(session, Job.account_id == self.account.account_id, *where)
+            state = None if busy is None else session.get(Job, busy).state
+        if busy is None:
+            return False
+        self._emit(
+            action,
+            f"deferred:{busy}:{subject}",
+            self.as_of,
+            {
+                "status": "deferred",
+                "reason": f"job {busy} is still {state}: deleted on the first run after it has finished",
+                "job_id": busy,
+                "due_at": iso(due_at),
+            },
+        )
+        return True
 
     def _announce_deletions(self) -> None:
         """Deletions are announced: one notice per run listing the jobs whose results it deleted,
