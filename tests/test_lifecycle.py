@@ -754,6 +754,38 @@ def test_api_retention_deletes_the_export_all_bundles_holding_copies(runtime: Ru
         assert bundle in [o["key"] for o in audit.objects]
 
 
+def test_api_retention_waits_for_a_job_that_may_take_the_same_input(runtime: Runtime, smtp_sink, capsys) -> None:
+    upsert_accounts(runtime.catalog, [make_account("apid", "api")])
+    with runtime.catalog.session() as session:
+        stored = StoredFile(
+            account_id="apid", key="accounts/apid/raw/in.laz", original_name="in.laz", size=5, sha256="e" * 64
+        )
+        session.add(stored)
+        session.flush()
+        file_id = stored.id
+    runtime.store.put_bytes("accounts/apid/raw/in.laz", b"i" * 5)
+    api_job(runtime, "apid", "job-x", "2026-05-02T03:00:00", file_id)
+    with runtime.catalog.session() as session:  # created, not yet ingested: it may store the same bytes
+        session.add(Job(job_id="job-new", account_id="apid", source="in.laz", classifier="standard"))
+    [deferred] = lifecycle(capsys, "2026-05-12T03:00:00Z")
+    assert (deferred["action"], deferred["detail"]["status"], deferred["detail"]["job_id"]) == (
+        "api_results_deleted",
+        "deferred",
+        "job-new",
+    )
+    assert lifecycle(capsys, "2026-05-12T04:00:00Z") == []  # reported once
+    assert runtime.store.exists("accounts/apid/raw/in.laz") and runtime.store.exists(
+        "accounts/apid/exports/job-x/out.laz"
+    )
+    assert sent(smtp_sink) == []  # nothing deleted, nothing announced
+    with runtime.catalog.session() as session:
+        session.get(Job, "job-new").state = JobState.FAILED.value
+    [deleted] = lifecycle(capsys, "2026-05-13T03:00:00Z")
+    assert (deleted["detail"]["job_id"], deleted["detail"]["status"]) == ("job-x", "deleted")
+    assert list(runtime.store.list("accounts/apid/")) == []
+    assert len(sent(smtp_sink)) == 1
+
+
 def test_a_trial_ends_fourteen_days_after_start(runtime: Runtime, smtp_sink, capsys) -> None:
     upsert_accounts(
         runtime.catalog,

@@ -13,7 +13,7 @@ import logging
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import ColumnElement, delete, select, update
+from sqlalchemy import ColumnElement, delete, or_, select, update
 
 from pipelines.billing.overdue import overdue_balances
 from pipelines.billing.periods import add_months, start_of
@@ -314,6 +314,16 @@ class AccountRun(AccountState):
                 continue
             if self._blocked("api_results_deleted", job.job_id, due):
                 continue
+            stored = files.get(job.file_id) if job.file_id is not None else None
+            # The same bytes uploaded twice are one file: it goes only when every job using it is due.
+            sharers = [j for j in jobs if j.file_id == job.file_id]
+            input_due = stored is not None and all((d := due_at(j)) is not None and self.as_of >= d for j in sharers)
+            # A job not yet ingested may take this very input (same bytes) while it is deleted:
+            # wait for it (jobs created from now on wait for the account's lock, held by this run).
+            if input_due and self._deferred(
+                "api_results_deleted", job.job_id, due, or_(Job.file_id == stored.id, Job.file_id.is_(None))
+            ):
+                continue
             # Everything the job wrote: output, export (and its staging folder), reports, quarantine.
             prefixes = [
                 area.key("classified", job.job_id) + "/",
@@ -326,10 +336,6 @@ class AccountRun(AccountState):
             # this deletion goes with it, so no copy outlives the retention (export-all makes a
             # new one from what is left).
             keys = export_bundles(self.context.runtime.store, account_id)
-            stored = files.get(job.file_id) if job.file_id is not None else None
-            # The same bytes uploaded twice are one file: it goes only when every job using it is due.
-            sharers = [j for j in jobs if j.file_id == job.file_id]
-            input_due = stored is not None and all((d := due_at(j)) is not None and self.as_of >= d for j in sharers)
             if input_due:
                 keys.append(stored.key)
             plan = plan_deletion(self.context.runtime.store, prefixes, keys, job_folders(scratch, job.job_id))
@@ -392,7 +398,10 @@ class AccountRun(AccountState):
                 if key not in self.notices
             }
         moments = {datetime.fromisoformat(k[len(api_prefix) :]) for k in unsent if k.startswith(api_prefix)}
-        if any(a.action == "api_results_deleted" and a.detail.get("status") != "blocked" for a in self.actions):
+        if any(
+            a.action == "api_results_deleted" and a.detail.get("status") not in ("blocked", "deferred")
+            for a in self.actions
+        ):
             moments.add(self.as_of)
         for moment in sorted(moments):
             self._announce_api_results(moment)
