@@ -39,7 +39,13 @@ from pipelines.keys import kept_secret
 from pipelines.lasio import LasInfo, iter_checked, point_block, read_info
 from pipelines.lifecycle.deletion import account_lock, execute_deletion, plan_deletion
 from pipelines.lifecycle.models import DeletionAudit
-from pipelines.lifecycle.operations import LifecycleError, ensure_active, open_job, refuse_under_hold
+from pipelines.lifecycle.operations import (
+    LifecycleError,
+    ensure_active,
+    export_bundles,
+    open_job,
+    refuse_under_hold,
+)
 from pipelines.notify import DeliveryError, Message
 from pipelines.settings import Settings
 from pipelines.sources import check_source, local_copy
@@ -297,7 +303,9 @@ def delete_model(runtime, account_id: str, model_id: str, now: datetime | None =
                     f"job {busy} is still classifying with {model_id}: delete the model once it has finished"
                 )
             key = row.key
-        plan = plan_deletion(runtime.store, [], [key, _evaluation_key(key)], [])
+        # The account's export-all bundles hold a copy of the model: they go with it.
+        bundles = export_bundles(runtime.store, account_id)
+        plan = plan_deletion(runtime.store, [], [key, _evaluation_key(key), *bundles], [])
         audit = execute_deletion(
             runtime.catalog, runtime.store, plan, account_id, "customer_request", f"model {model_id}", now or utcnow()
         )

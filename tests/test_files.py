@@ -68,3 +68,23 @@ def test_deleting_a_stored_file_frees_plan_room_is_audited_and_waits_for_a_legal
     assert cli(capsys, "ingest", str(surveys[3]), "--account", "acme")[0] == 0  # room again
     code, _, err = cli(capsys, "files", "delete", key, "--account", "acme")
     assert code == 2 and "no stored file" in err
+
+
+def test_deleting_a_stored_file_deletes_the_export_all_bundles_holding_a_copy(
+    runtime: Runtime, surveys: list[Path], capsys: pytest.CaptureFixture
+) -> None:
+    upsert_accounts(runtime.catalog, [make_account("acme", plan="free")])
+    assert cli(capsys, "ingest", str(surveys[0]), "--account", "acme")[0] == 0
+    key = json.loads(cli(capsys, "files", "list", "--account", "acme", "--json")[1])[0]["key"]
+    code, out, _ = cli(capsys, "accounts", "export-all", "acme", "--json")
+    assert code == 0
+    bundle = json.loads(out)["key"]
+    assert runtime.store.exists(bundle)
+
+    code, out, _ = cli(capsys, "files", "delete", key, "--account", "acme", "--json")
+    assert code == 0 and json.loads(out)["status"] == "completed"
+    # The bundle held a copy of the file: it goes in the same deletion, listed in its audit entry.
+    assert not runtime.store.exists(key) and not runtime.store.exists(bundle)
+    assert list(runtime.store.list("accounts/acme/exports/all-data/")) == []
+    [audit] = deletion_audit(runtime.catalog, "acme")
+    assert sorted(item["key"] for item in audit.objects) == sorted([key, bundle])

@@ -531,6 +531,76 @@ def test_a_deletion_on_request_waits_for_the_accounts_running_jobs(runtime: Runt
     assert not runtime.store.exists("accounts/busy/raw/scan.laz")
 
 
+def test_the_nightly_deletion_waits_for_the_accounts_running_jobs(runtime: Runtime, smtp_sink, capsys) -> None:
+    keys = terminated_with_data(runtime, capsys, "busy")
+    with runtime.catalog.session() as session:
+        session.add(
+            Job(job_id="busy-job-1", account_id="busy", source="scan.laz", classifier="standard", state="classifying")
+        )
+    [deferred] = lifecycle(capsys, "2027-02-01T03:00:00Z")
+    assert (deferred["action"], deferred["detail"]["status"], deferred["detail"]["job_id"]) == (
+        "data_deleted",
+        "deferred",
+        "busy-job-1",
+    )
+    assert "job busy-job-1 is still classifying" in deferred["detail"]["reason"]
+    assert lifecycle(capsys, "2027-02-02T03:00:00Z") == []  # reported once, still deferred
+    assert all(runtime.store.exists(k) for k in keys)
+    with runtime.catalog.session() as session:
+        assert session.scalar(select(func.count()).select_from(DeletionAudit)) == 0
+        session.get(Job, "busy-job-1").state = JobState.FAILED.value
+    [deleted] = lifecycle(capsys, "2027-02-03T03:00:00Z")
+    assert (deleted["action"], deleted["detail"]["status"]) == ("data_deleted", "deleted")
+    assert not any(runtime.store.exists(k) for k in keys)
+
+
+def test_no_job_is_created_while_a_deletion_of_the_account_is_under_way(
+    runtime: Runtime, smtp_sink, capsys, tmp_path: Path, scene_path: Path
+) -> None:
+    upsert_accounts(runtime.catalog, [make_account("racer", "professional")])
+    runtime.store.put_bytes("accounts/racer/raw/scan.laz", b"P" * 100)
+    ready, go = tmp_path / "inventoried", tmp_path / "go"
+    deleting = faulty(f"pause:{ready}:{go}", "accounts", "delete", "racer", "--confirm")
+    wait_until(lambda: ready.exists() or deleting.poll() is not None, "the deletion's inventory")
+    assert deleting.poll() is None, deleting.communicate()
+    # The deletion found no job of the account and has not deleted yet: a job is asked for now.
+    creating = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pipelines.runtime import Runtime; from pipelines.settings import Settings; "
+            "from pipelines.steps.ingest import create_job; "
+            "create_job(Runtime.from_settings(Settings.from_env()), 'racer-job-1', 'racer', sys.argv[1], 'standard')",
+            str(scene_path),
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def job_exists() -> bool:
+        with runtime.catalog.session() as session:
+            return session.get(Job, "racer-job-1") is not None
+
+    wait_until(
+        lambda: creating.poll() is not None or job_exists() or waiting_for_a_lock(creating.pid),
+        "the job to be created or to wait",
+    )
+    # It waits for the deletion: a job created now would work on data the deletion is removing.
+    assert creating.poll() is None and not job_exists(), (
+        f"a job was created during the deletion: {creating.communicate()}"
+    )
+    go.touch()
+    assert deleting.wait(60) == 0, deleting.communicate()
+    assert creating.wait(60) == 0, creating.communicate()
+    assert not runtime.store.exists("accounts/racer/raw/scan.laz")
+    with runtime.catalog.session() as session:
+        [audit] = session.scalars(select(DeletionAudit))
+        assert audit.status == "completed"
+        assert session.get(Job, "racer-job-1").created_at >= audit.finished_at
+
+
 def api_job(runtime: Runtime, account_id: str, job_id: str, finished: str, file_id: int) -> None:
     area = f"accounts/{account_id}/"
     for key in (
@@ -682,6 +752,38 @@ def test_api_retention_deletes_the_export_all_bundles_holding_copies(runtime: Ru
     with runtime.catalog.session() as session:
         [audit] = session.scalars(select(DeletionAudit))
         assert bundle in [o["key"] for o in audit.objects]
+
+
+def test_api_retention_waits_for_a_job_that_may_take_the_same_input(runtime: Runtime, smtp_sink, capsys) -> None:
+    upsert_accounts(runtime.catalog, [make_account("apid", "api")])
+    with runtime.catalog.session() as session:
+        stored = StoredFile(
+            account_id="apid", key="accounts/apid/raw/in.laz", original_name="in.laz", size=5, sha256="e" * 64
+        )
+        session.add(stored)
+        session.flush()
+        file_id = stored.id
+    runtime.store.put_bytes("accounts/apid/raw/in.laz", b"i" * 5)
+    api_job(runtime, "apid", "job-x", "2026-05-02T03:00:00", file_id)
+    with runtime.catalog.session() as session:  # created, not yet ingested: it may store the same bytes
+        session.add(Job(job_id="job-new", account_id="apid", source="in.laz", classifier="standard"))
+    [deferred] = lifecycle(capsys, "2026-05-12T03:00:00Z")
+    assert (deferred["action"], deferred["detail"]["status"], deferred["detail"]["job_id"]) == (
+        "api_results_deleted",
+        "deferred",
+        "job-new",
+    )
+    assert lifecycle(capsys, "2026-05-12T04:00:00Z") == []  # reported once
+    assert runtime.store.exists("accounts/apid/raw/in.laz") and runtime.store.exists(
+        "accounts/apid/exports/job-x/out.laz"
+    )
+    assert sent(smtp_sink) == []  # nothing deleted, nothing announced
+    with runtime.catalog.session() as session:
+        session.get(Job, "job-new").state = JobState.FAILED.value
+    [deleted] = lifecycle(capsys, "2026-05-13T03:00:00Z")
+    assert (deleted["detail"]["job_id"], deleted["detail"]["status"]) == ("job-x", "deleted")
+    assert list(runtime.store.list("accounts/apid/")) == []
+    assert len(sent(smtp_sink)) == 1
 
 
 def test_a_trial_ends_fourteen_days_after_start(runtime: Runtime, smtp_sink, capsys) -> None:

@@ -125,6 +125,53 @@ def test_delete_lists_without_confirm_and_deletes_with_it(runtime: Runtime, caps
     assert get_account(runtime.catalog, "acme").email == "ops@acme.example"  # the account (billing record) stays
 
 
+def test_deleting_an_account_removes_the_links_and_fifos_of_its_drop_zone_never_their_targets(
+    runtime: Runtime, capsys
+) -> None:
+    import os
+
+    upsert_accounts(runtime.catalog, [make_account("dz"), make_account("other")])
+    others = seed(runtime, "other")
+    target = "accounts/other/raw/abc-scan.laz"
+    root = runtime.store.root
+    runtime.store.put_bytes("incoming/dz/scan.laz", b"D" * 10)
+    (root / "incoming/dz/sub").mkdir()
+    os.symlink(root / target, root / "incoming/dz/stolen.laz")  # a link to another account's object
+    os.symlink(root / "accounts/other/raw", root / "incoming/dz/sub/folder")  # a link to another account's folder
+    os.mkfifo(root / "incoming/dz/pipe.laz")
+    strays = ["incoming/dz/pipe.laz", "incoming/dz/stolen.laz", "incoming/dz/sub/folder"]
+    listed = [k["key"] for k in deletion_plan(runtime, "dz").summary()["keys"]]
+    assert listed == ["incoming/dz/" + name for name in ("pipe.laz", "scan.laz", "stolen.laz", "sub/folder")]
+
+    result = json.loads(cli(capsys, "accounts", "delete", "dz", "--confirm", "--json"))
+    assert result["deleted"] is True
+    # The entries themselves are gone, and the drop zone with them; what the links pointed at stays.
+    assert not os.path.lexists(root / "incoming/dz")
+    for key, data in others.items():
+        assert runtime.store.get_bytes(key) == data
+    [audit] = json.loads(cli(capsys, "lifecycle", "audit", "--account", "dz", "--json"))
+    assert audit["status"] == "completed"
+    with runtime.catalog.session() as session:
+        [entry] = session.scalars(select(DeletionAudit))
+        assert sorted(o["key"] for o in entry.objects) == sorted(["incoming/dz/scan.laz", *strays])
+
+
+def test_deleting_an_account_whose_drop_zone_is_a_link_removes_the_link_only(runtime: Runtime, capsys) -> None:
+    import os
+
+    upsert_accounts(runtime.catalog, [make_account("dz"), make_account("other")])
+    others = seed(runtime, "other")
+    seed(runtime, "dz")
+    root = runtime.store.root
+    (root / "incoming").mkdir(exist_ok=True)
+    os.symlink(root / "accounts/other/raw", root / "incoming/dz")
+    result = json.loads(cli(capsys, "accounts", "delete", "dz", "--confirm", "--json"))
+    assert result["deleted"] is True and "incoming/dz" in [k["key"] for k in result["keys"]]
+    assert not os.path.lexists(root / "incoming/dz") and list(runtime.store.list("accounts/dz/")) == []
+    for key, data in others.items():
+        assert runtime.store.get_bytes(key) == data
+
+
 def test_a_deletion_on_request_is_confirmed_to_the_customer_once(runtime: Runtime, smtp_sink, capsys) -> None:
     upsert_accounts(runtime.catalog, [make_account("cust")])
     objects = seed(runtime, "cust")

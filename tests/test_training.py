@@ -499,6 +499,25 @@ def test_a_deleted_model_is_gone_its_version_never_given_again_and_its_trace_kep
     assert train_model(accounts, "owner", [halves[0]]).version == 3
 
 
+def test_deleting_a_model_deletes_the_export_all_bundles_holding_a_copy(
+    accounts: Runtime, halves, capsys: pytest.CaptureFixture
+) -> None:
+    from pipelines.lifecycle.operations import deletion_audit
+
+    model = train_model(accounts, "owner", [halves[0]])
+    model_keys = [model.key, model.key.replace(".pfmodel", ".evaluation.json")]
+    assert main(["accounts", "export-all", "owner", "--json"]) == 0
+    bundle = json.loads(capsys.readouterr().out)["key"]
+    assert accounts.store.exists(bundle)
+
+    assert main(["models", "delete", model.model_id, "--account", "owner"]) == 0
+    # The bundle held a copy of the model: it goes in the same deletion, listed in its audit entry.
+    assert not any(accounts.store.exists(key) for key in [*model_keys, bundle])
+    assert list(accounts.store.list("accounts/owner/exports/all-data/")) == []
+    [audit] = deletion_audit(accounts.catalog, "owner")
+    assert sorted(item["key"] for item in audit.objects) == sorted([*model_keys, bundle])
+
+
 def test_a_model_is_not_deleted_under_legal_hold_or_while_a_job_classifies_with_it(
     accounts: Runtime, halves, scene_path: Path
 ) -> None:

@@ -26,7 +26,7 @@ from pipelines.catalog.models import Job, StoredFile, TrainedModelRecord, utcnow
 from pipelines.errors import PointflowError
 from pipelines.lifecycle.models import DeletionAudit, LegalHold
 from pipelines.scratch import account_folders
-from pipelines.storage import AccountArea, ObjectStore, S3Store
+from pipelines.storage import AccountArea, LocalStore, ObjectStore, S3Store
 
 
 class DeletionIncomplete(PointflowError, RuntimeError):
@@ -62,6 +62,9 @@ class StoredObject:
     bytes: int  # all versions together
     versions: int  # versions and delete markers; 1 where the store keeps no versions
     current_bytes: int | None = None  # the current version's; None when it is a delete marker
+    # Set for an entry of a local store that is no object (a symbolic link, a FIFO): what it is.
+    # It is removed itself, never what a link points at, and is nothing to export.
+    what: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,10 @@ class DeletionPlan:
             "objects": len(self.objects),
             "versions": sum(o.versions for o in self.objects),
             "bytes": self.bytes,
-            "keys": [{"key": o.key, "bytes": o.bytes, "versions": o.versions} for o in self.objects],
+            "keys": [
+                {"key": o.key, "bytes": o.bytes, "versions": o.versions} | ({"what": o.what} if o.what else {})
+                for o in self.objects
+            ],
             "local_paths": [{"path": p.path, "bytes": p.bytes} for p in self.local_paths],
         }
 
@@ -122,6 +128,15 @@ def inventory(store: ObjectStore, prefix: str) -> list[StoredObject]:
                 sizes[key] += 0
                 counts[key] += 1
         return [StoredObject(key, sizes[key], counts[key], current.get(key)) for key in sorted(sizes)]
+    if isinstance(store, LocalStore):
+        # Symbolic links, FIFOs (planted in a drop zone) are no objects, but the account's entries
+        # all the same: a deletion removes them themselves (never a link's target), and a prefix
+        # whose folder is itself a link is that link alone (nothing is listed through it).
+        strays = [StoredObject(key, 0, 1, None, what) for key, what in store.strays(prefix)]
+        if any(stray.key + "/" == prefix for stray in strays):
+            return strays
+        objects = [StoredObject(o.key, o.size, 1, o.size) for o in store.list(prefix)]
+        return sorted(objects + strays, key=lambda o: o.key)
     return [StoredObject(o.key, o.size, 1, o.size) for o in store.list(prefix)]
 
 

@@ -38,13 +38,20 @@ from pipelines.lifecycle.deletion import (
 )
 from pipelines.lifecycle.models import DeletionAudit, LegalHold, LifecycleNotice, Termination
 from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
-from pipelines.storage import AccountArea
+from pipelines.storage import AccountArea, ObjectStore
 
 if TYPE_CHECKING:
     from pipelines.runtime import Runtime
 
 TERMINATION_REASONS = ("customer", "non_payment")
 BUNDLE_FOLDER = "all-data"  # exports/all-data/: earlier bundles, never packed into a new one
+
+
+def export_bundles(store: ObjectStore, account_id: str) -> list[str]:
+    """The keys of the account's `export-all` bundles: each holds copies of the account's objects,
+    so a deletion of any of them deletes every bundle too (export-all makes a new one from what is
+    left)."""
+    return [o.key for o in store.list(AccountArea(account_id).key("exports", BUNDLE_FOLDER) + "/")]
 
 
 class LifecycleError(CatalogError):
@@ -401,7 +408,9 @@ def delete_stored_file(runtime: Runtime, account_id: str, key: str, now: datetim
             file_id = stored.id
         # A quarantined file keeps its refusal report beside it: it goes with the file.
         report = key + ".report.html"
-        plan = plan_deletion(runtime.store, [], [key, report] if runtime.store.exists(report) else [key], [])
+        keys = [key, report] if runtime.store.exists(report) else [key]
+        # The account's export-all bundles hold a copy of the file: they go with it.
+        plan = plan_deletion(runtime.store, [], [*keys, *export_bundles(runtime.store, account_id)], [])
         audit = execute_deletion(
             runtime.catalog, runtime.store, plan, account_id, "customer_request", f"file {key}"[:255], _now(now)
         )

@@ -13,7 +13,7 @@ import logging
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import ColumnElement, delete, or_, select, update
 
 from pipelines.billing.overdue import overdue_balances
 from pipelines.billing.periods import add_months, start_of
@@ -29,7 +29,7 @@ from pipelines.lifecycle.deletion import (
     plan_deletion,
 )
 from pipelines.lifecycle.models import DeletionAudit, LifecycleAction, LifecycleDeliveryFailure, Termination
-from pipelines.lifecycle.operations import BUNDLE_FOLDER, trial_ends_at
+from pipelines.lifecycle.operations import export_bundles, open_job, trial_ends_at
 from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
 from pipelines.scratch import job_folders
 from pipelines.storage import AccountArea
@@ -275,6 +275,12 @@ class AccountRun(AccountState):
             return
         if self._blocked("data_deleted", "account", termination.deletion_due_at):
             return
+        # Held under the account's lock from here to the deletion's end: create_job takes it too,
+        # so no job starts in between.
+        if self._deferred(
+            "data_deleted", "account", termination.deletion_due_at, Job.account_id == self.account.account_id
+        ):
+            return
         runtime = self.context.runtime
         plan = account_deletion_plan(runtime.store, runtime.settings.scratch_dir, self.account.account_id)
         detail = self._delete(plan, f"termination:{termination.reason}", "account", termination.deletion_due_at)
@@ -308,6 +314,16 @@ class AccountRun(AccountState):
                 continue
             if self._blocked("api_results_deleted", job.job_id, due):
                 continue
+            stored = files.get(job.file_id) if job.file_id is not None else None
+            # The same bytes uploaded twice are one file: it goes only when every job using it is due.
+            sharers = [j for j in jobs if j.file_id == job.file_id]
+            input_due = stored is not None and all((d := due_at(j)) is not None and self.as_of >= d for j in sharers)
+            # A job not yet ingested may take this very input (same bytes) while it is deleted:
+            # wait for it (jobs created from now on wait for the account's lock, held by this run).
+            if input_due and self._deferred(
+                "api_results_deleted", job.job_id, due, or_(Job.file_id == stored.id, Job.file_id.is_(None))
+            ):
+                continue
             # Everything the job wrote: output, export (and its staging folder), reports, quarantine.
             prefixes = [
                 area.key("classified", job.job_id) + "/",
@@ -319,11 +335,7 @@ class AccountRun(AccountState):
             # An export-all bundle holds copies of the results and inputs: every bundle made before
             # this deletion goes with it, so no copy outlives the retention (export-all makes a
             # new one from what is left).
-            keys = [o.key for o in self.context.runtime.store.list(area.key("exports", BUNDLE_FOLDER) + "/")]
-            stored = files.get(job.file_id) if job.file_id is not None else None
-            # The same bytes uploaded twice are one file: it goes only when every job using it is due.
-            sharers = [j for j in jobs if j.file_id == job.file_id]
-            input_due = stored is not None and all((d := due_at(j)) is not None and self.as_of >= d for j in sharers)
+            keys = export_bundles(self.context.runtime.store, account_id)
             if input_due:
                 keys.append(stored.key)
             plan = plan_deletion(self.context.runtime.store, prefixes, keys, job_folders(scratch, job.job_id))
@@ -345,6 +357,28 @@ class AccountRun(AccountState):
                         session.execute(delete(StoredFile).where(StoredFile.id == stored.id))
             self._emit("api_results_deleted", job.job_id, self.as_of, detail)
 
+    def _deferred(self, action: str, subject: str, due_at: datetime, *where: ColumnElement[bool]) -> bool:
+        """A deletion waits while a job of the account matching `where` has not finished (it still
+        reads or writes what would go): reported once per job, done on the first run after. Call
+        it holding the account's lock (run_lifecycle does), which job creation takes too."""
+        with self.context.runtime.catalog.session() as session:
+            busy = open_job(session, Job.account_id == self.account.account_id, *where)
+            state = None if busy is None else session.get(Job, busy).state
+        if busy is None:
+            return False
+        self._emit(
+            action,
+            f"deferred:{busy}:{subject}",
+            self.as_of,
+            {
+                "status": "deferred",
+                "reason": f"job {busy} is still {state}: deleted on the first run after it has finished",
+                "job_id": busy,
+                "due_at": iso(due_at),
+            },
+        )
+        return True
+
     def _announce_deletions(self) -> None:
         """Deletions are announced: one notice per run listing the jobs whose results it deleted,
         and a confirmation of each deletion on the customer's request (sent when it is done). A
@@ -364,7 +398,10 @@ class AccountRun(AccountState):
                 if key not in self.notices
             }
         moments = {datetime.fromisoformat(k[len(api_prefix) :]) for k in unsent if k.startswith(api_prefix)}
-        if any(a.action == "api_results_deleted" and a.detail.get("status") != "blocked" for a in self.actions):
+        if any(
+            a.action == "api_results_deleted" and a.detail.get("status") not in ("blocked", "deferred")
+            for a in self.actions
+        ):
             moments.add(self.as_of)
         for moment in sorted(moments):
             self._announce_api_results(moment)

@@ -13,6 +13,7 @@ from pipelines.catalog import CatalogError
 from pipelines.catalog.models import Job, JobState, utcnow
 from pipelines.classifiers import BUILTIN_CLASSIFIERS
 from pipelines.ingest import StoredFileInfo, ingest_file
+from pipelines.lifecycle.deletion import account_lock
 from pipelines.lifecycle.operations import ensure_active
 from pipelines.runtime import Runtime
 from pipelines.sources import ForeignSource, check_source, local_copy
@@ -20,21 +21,37 @@ from pipelines.steps.record import AdmissionRefusedJob, JobRecord, job_row, job_
 
 
 def create_job(runtime: Runtime, job_id: str, account_id: str, source: str, classifier: str) -> JobRecord:
+    """Record a new job (or return the one already recorded under `job_id`, a task's retry).
+
+    The checks and the insert run holding the account's lifecycle lock (`account_lock`), and only
+    they: a deletion of the account's data holds it from its check for unfinished jobs to its end,
+    so no job is created in between (this waits for the deletion, then finds the account locked or
+    its data gone). Nothing else is held while waiting: the lock is taken before any catalog
+    session, as every holder of it does, so it cannot deadlock with a lifecycle run."""
     get_account(runtime.catalog, account_id)
+    if _existing_job(runtime, job_id, account_id, source):
+        return job_view(runtime, job_id)
+    pricebook = load_pricebook(runtime.settings.pricebook_path)
+    if classifier not in BUILTIN_CLASSIFIERS:
+        # Checking a trained model's name loads training's stack (LightGBM, SciPy, the features):
+        # 0.4 CPU-s that every ingest task paid for a built-in name; loaded before the lock.
+        from pipelines.training import resolve_classifier
+    with account_lock(runtime.catalog, account_id):
+        if not _existing_job(runtime, job_id, account_id, source):
+            ensure_active(runtime.catalog, account_id, pricebook=pricebook)
+            if classifier not in BUILTIN_CLASSIFIERS:
+                resolve_classifier(runtime, account_id, classifier)  # a model being deleted waits too
+            with runtime.catalog.session() as session:
+                session.add(Job(job_id=job_id, account_id=account_id, source=source, classifier=classifier))
+    return job_view(runtime, job_id)
+
+
+def _existing_job(runtime: Runtime, job_id: str, account_id: str, source: str) -> bool:
     with runtime.catalog.session() as session:
         job = session.get(Job, job_id)
-        if job is None:
-            ensure_active(runtime.catalog, account_id, pricebook=load_pricebook(runtime.settings.pricebook_path))
-            if classifier not in BUILTIN_CLASSIFIERS:
-                # Checking a trained model's name loads training's stack (LightGBM, SciPy, the
-                # features): 0.4 CPU-s that every ingest task paid for a built-in name.
-                from pipelines.training import resolve_classifier
-
-                resolve_classifier(runtime, account_id, classifier)
-            session.add(Job(job_id=job_id, account_id=account_id, source=source, classifier=classifier))
-        elif job.account_id != account_id or job.source != source:
+        if job is not None and (job.account_id != account_id or job.source != source):
             raise CatalogError(f"job {job_id} exists for another account or source")
-    return job_view(runtime, job_id)
+        return job is not None
 
 
 def upload(runtime: Runtime, account_id: str, path: Path) -> StoredFileInfo:

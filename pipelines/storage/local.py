@@ -201,6 +201,32 @@ class LocalStore(ObjectStore):
             elif facts.st_nlink > 1:
                 yield key, f"a hard link: the same file has {facts.st_nlink - 1} other name(s) on this disk"
 
+    def strays(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(key, what it is) of each entry under `prefix` that is no object (a symbolic link, a
+        FIFO, a device: what `list` leaves out), and of the folder `prefix` names ("incoming/acme/")
+        when it is itself a symbolic link: what deleting everything under `prefix` must remove
+        besides `list`'s objects. `delete(key)` removes such an entry itself, never what a link
+        points at. (Hard links are regular files: `list` lists them.)"""
+        if prefix.endswith("/"):
+            folder = prefix[:-1]
+            path = self._path(folder, last_may_be_link=True)
+            try:
+                facts = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            if stat.S_ISLNK(facts.st_mode):
+                yield folder, f"a symbolic link (to {os.readlink(path)})"
+                return
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self._path(folder) if folder else self.root
+        if not base.is_dir():
+            return
+        for path, facts in self._entries(base, prefix):
+            if stat.S_ISLNK(facts.st_mode):
+                yield path.relative_to(self.root).as_posix(), f"a symbolic link (to {os.readlink(path)})"
+            elif not stat.S_ISREG(facts.st_mode):
+                yield path.relative_to(self.root).as_posix(), "not a regular file (a FIFO, socket or device)"
+
     def delete(self, key: str) -> None:
         # A link named by the key is removed itself (unlink never follows the last component);
         # a key through a linked folder is refused.
