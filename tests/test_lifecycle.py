@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -1073,3 +1075,33 @@ def test_a_termination_asked_for_after_a_trials_end_does_not_lengthen_the_trial(
     with runtime.catalog.session() as session:
         termination = session.get(Termination, "leaving")
         assert (termination.reason, termination.effective_at) == ("trial_ended", at("2027-01-15T00:00:00"))
+
+
+def test_an_export_of_all_data_waits_for_a_deletion_under_way_and_keeps_no_copy_of_it(
+    runtime: Runtime, smtp_sink, capsys, tmp_path: Path
+) -> None:
+    upsert_accounts(runtime.catalog, [make_account("leaver", "professional")])
+    runtime.store.put_bytes("accounts/leaver/raw/scan.laz", b"P" * 100)
+    ready, go = tmp_path / "inventoried", tmp_path / "go"
+    deleting = faulty(f"pause:{ready}:{go}", "accounts", "delete", "leaver", "--confirm")
+    wait_until(lambda: ready.exists() or deleting.poll() is not None, "the deletion's inventory")
+    assert deleting.poll() is None, deleting.communicate()
+    # The deletion has listed the account's objects and not deleted them yet: an export is asked for now.
+    exporting = subprocess.Popen(
+        [str(Path(sys.executable).with_name("pointflow")), "accounts", "export-all", "leaver", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(
+        lambda: exporting.poll() is not None or waiting_for_a_lock(exporting.pid), "the export to finish or to wait"
+    )
+    assert exporting.poll() is None, f"the export ran during the deletion: {exporting.communicate()}"
+    go.touch()
+    assert deleting.wait(60) == 0, deleting.communicate()
+    out, err = exporting.communicate(timeout=60)
+    assert exporting.returncode == 0, err
+    bundle = json.loads(out)["key"]
+    with zipfile.ZipFile(io.BytesIO(runtime.store.get_bytes(bundle))) as archive:
+        assert "raw/scan.laz" not in archive.namelist()
+    assert not runtime.store.exists("accounts/leaver/raw/scan.laz")

@@ -283,53 +283,56 @@ def export_all(runtime: Runtime, account_id: str, policy: LifecyclePolicy, now: 
     is the customer's retrieval window.
     """
     get_account(runtime.catalog, account_id)  # an unknown account is refused by name
-    with runtime.catalog.session() as session:
-        termination = session.get(Termination, account_id)
-    if termination is not None and termination.deleted_at is not None:
-        raise LifecycleError(
-            f"the data of account {account_id} was deleted on {termination.deleted_at.isoformat()}; nothing to export"
-        )
     now = _now(now)
-    area = AccountArea(account_id)
-    skip = area.key("exports", BUNDLE_FOLDER) + "/"
-    plan = account_deletion_plan(runtime.store, runtime.settings.scratch_dir, account_id)
-    found = [*plan.objects, *(o for kept in plan.kept for o in inventory(runtime.store, kept))]
-    # Keys whose current version is a delete marker hold old versions only: nothing to return.
-    objects = sorted(
-        (o for o in found if o.current_bytes is not None and not o.key.startswith(skip)), key=lambda o: o.key
-    )
-
-    def path(key: str) -> str:
-        if key.startswith(area.incoming_prefix):
-            return "incoming/" + key[len(area.incoming_prefix) :]
-        return key[len(area.prefix) :]
-
-    key = area.key("exports", BUNDLE_FOLDER, f"{account_id}-{now:%Y%m%dT%H%M%SZ}.zip")
-    runtime.settings.scratch_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"export-{account_id}-", dir=runtime.settings.scratch_dir))
-    try:
-        bundle = work / "bundle.zip"
-        with zipfile.ZipFile(bundle, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
-            for item in objects:
-                # One object on disk at a time: memory and scratch space stay bounded.
-                local = work / "object"
-                runtime.store.get_file(item.key, local)
-                archive.write(local, path(item.key))
-                local.unlink()
-            archive.writestr(
-                "MANIFEST.json",
-                json.dumps(
-                    {
-                        "account_id": account_id,
-                        "created_at": now.isoformat(),
-                        "objects": [{"path": path(o.key), "bytes": o.current_bytes} for o in objects],
-                    },
-                    indent=2,
-                ),
+    # Under the account's lock, as every deletion is: a bundle made while one deletes would keep a
+    # copy of what it deletes (deletions take the bundles with them), or miss what it had listed.
+    with account_lock(runtime.catalog, account_id):
+        with runtime.catalog.session() as session:
+            termination = session.get(Termination, account_id)
+        if termination is not None and termination.deleted_at is not None:
+            raise LifecycleError(
+                f"the data of account {account_id} was deleted on {termination.deleted_at.isoformat()}; nothing to export"
             )
-        runtime.store.put_file(key, bundle)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        area = AccountArea(account_id)
+        skip = area.key("exports", BUNDLE_FOLDER) + "/"
+        plan = account_deletion_plan(runtime.store, runtime.settings.scratch_dir, account_id)
+        found = [*plan.objects, *(o for kept in plan.kept for o in inventory(runtime.store, kept))]
+        # Keys whose current version is a delete marker hold old versions only: nothing to return.
+        objects = sorted(
+            (o for o in found if o.current_bytes is not None and not o.key.startswith(skip)), key=lambda o: o.key
+        )
+
+        def path(key: str) -> str:
+            if key.startswith(area.incoming_prefix):
+                return "incoming/" + key[len(area.incoming_prefix) :]
+            return key[len(area.prefix) :]
+
+        key = area.key("exports", BUNDLE_FOLDER, f"{account_id}-{now:%Y%m%dT%H%M%SZ}.zip")
+        runtime.settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"export-{account_id}-", dir=runtime.settings.scratch_dir))
+        try:
+            bundle = work / "bundle.zip"
+            with zipfile.ZipFile(bundle, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+                for item in objects:
+                    # One object on disk at a time: memory and scratch space stay bounded.
+                    local = work / "object"
+                    runtime.store.get_file(item.key, local)
+                    archive.write(local, path(item.key))
+                    local.unlink()
+                archive.writestr(
+                    "MANIFEST.json",
+                    json.dumps(
+                        {
+                            "account_id": account_id,
+                            "created_at": now.isoformat(),
+                            "objects": [{"path": path(o.key), "bytes": o.current_bytes} for o in objects],
+                        },
+                        indent=2,
+                    ),
+                )
+            runtime.store.put_file(key, bundle)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     lifetime = timedelta(days=policy.for_plan(agreed_on(runtime.catalog, account_id, now.date()).plan).export_link_days)
     return ExportBundle(
         account_id,
