@@ -116,6 +116,8 @@ class _Validator:
 
 
 def _describe(result: dict[str, Any]) -> str:
+    if result.get("element_count") == 1:
+        return ""  # a fact of the header (one row): what was found is the finding itself
     if "unexpected_count" in result:
         sample = ", ".join(str(v) for v in (result.get("partial_unexpected_list") or [])[:5])
         return f"{result['unexpected_count']} of {result.get('element_count', '?')} values unexpected (e.g. {sample})"

@@ -24,6 +24,7 @@ from pipelines.catalog.models import Account
 from pipelines.class_table import class_summary
 from pipelines.customer_text import Mail, render_mail
 from pipelines.export import DownloadLink
+from pipelines.lasio import LasInfo
 from pipelines.lifecycle import notices
 from pipelines.lifecycle.models import DeletionAudit
 from pipelines.notify import Message, send_email
@@ -97,7 +98,21 @@ PAGES: dict[str, Callable[[str], str]] = {
             False,
             "sample",
             1234,
-            {"crs": v, v: 1},
+            LasInfo(
+                "1.4",
+                6,
+                1234,
+                True,
+                (0.01,) * 3,
+                (0.0,) * 3,
+                (0.0,) * 3,
+                (1.0,) * 3,
+                f'PROJCRS["{v}"]',
+                (v,),
+                30,
+                375,
+                9999,
+            ).to_dict(),
             [Finding("gate", v, "error", v, v)],
             [Finding("las_points", v, "warning", v, v)],
         )

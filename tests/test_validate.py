@@ -37,6 +37,17 @@ def test_missing_crs_is_only_a_warning() -> None:
     assert any("coordinate reference system" in w.explain for w in report.warnings)
 
 
+def test_the_report_says_what_to_do_only_when_there_is_something_to_do(tmp_path: Path) -> None:
+    accepted = validate_file(shared_file("isprs/samp11.las")).to_html().decode()
+    assert "upload it again" not in accepted and "Nothing to do: the file was accepted" in accepted
+    # Header facts read as such, not as raw Python values or a check's row count.
+    assert "38,010" in accepted and "1 of 1 values" not in accepted and "(0.01, 0.01, 0.01)" not in accepted
+    path = tmp_path / "cut.laz"
+    path.write_bytes(shared_file("lidr_megaplot.laz").read_bytes())
+    refused = validate_file(truncated(path, 0.4)).to_html().decode()
+    assert "fix the file at its source" in refused and "upload it again" in refused
+
+
 def test_text_file_named_las_is_refused_by_content(tmp_path: Path) -> None:
     path = tmp_path / "notes.las"
     path.write_text("x,y,z\n1,2,3\n")
