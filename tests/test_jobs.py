@@ -255,7 +255,7 @@ def test_stale_jobs_are_closed_once_as_failed_and_billed_nothing(catalog_runtime
     from datetime import timedelta
 
     from pipelines.catalog.models import utcnow
-    from pipelines.lifecycle.sweeps import close_stale_jobs
+    from pipelines.lifecycle.sweeps import StaleReport, close_stale_jobs
 
     runtime = catalog_runtime
     create_job(runtime, "job-stale", "acme", str(scene_path), "standard")
@@ -263,8 +263,8 @@ def test_stale_jobs_are_closed_once_as_failed_and_billed_nothing(catalog_runtime
     create_job(runtime, "job-fresh", "acme", str(scene_path), "standard")
     hours = runtime.settings.stale_job_hours
     # Not yet stale: nothing happens.
-    assert close_stale_jobs(runtime, utcnow() + timedelta(hours=hours - 1)) == []
-    closed = close_stale_jobs(runtime, utcnow() + timedelta(hours=hours, minutes=5))
+    assert close_stale_jobs(runtime, utcnow() + timedelta(hours=hours - 1)).closed == []
+    closed = close_stale_jobs(runtime, utcnow() + timedelta(hours=hours, minutes=5)).closed
     assert sorted(j.job_id for j in closed) == ["job-fresh", "job-stale"]
     assert all(j.state == "failed" and "no progress since" in j.error and "nothing billed" in j.error for j in closed)
     assert sorted((e.job_id, e.status, e.points) for e in usage_events(runtime, "acme")) == [
@@ -272,7 +272,7 @@ def test_stale_jobs_are_closed_once_as_failed_and_billed_nothing(catalog_runtime
         ("job-stale", "failed", 0),
     ]
     # A second run, or the meter task of a DAG run coming back late, adds nothing.
-    assert close_stale_jobs(runtime, utcnow() + timedelta(days=10)) == []
+    assert close_stale_jobs(runtime, utcnow() + timedelta(days=10)) == StaleReport([], [])
     meter_step(runtime, "job-stale")
     assert len(usage_events(runtime, "acme")) == 2
     assert outbox_messages(runtime.settings) == []
