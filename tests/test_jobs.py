@@ -302,3 +302,33 @@ def test_points_the_validation_sample_missed_quarantine_the_file_while_classifyi
     [mail] = outbox_messages(runtime.settings)
     assert "return number" in message_from_bytes(mail.read_bytes(), policy=policy.default).get_content()
     assert [(e.status, e.points) for e in usage_events(runtime, account)] == [("failed", 0)]
+
+
+def test_usage_and_export_carry_the_jobs_own_file_name_and_a_failed_job_its_classifier_version(
+    runtime: Runtime, account: str, tmp_path: Path
+) -> None:
+    import shutil
+
+    from pipelines.classifiers import describe_classifier
+
+    first = tmp_path / "samp11.las"
+    shutil.copyfile(shared_file("isprs/samp11.las"), first)
+    copy = tmp_path / "copyA.las"
+    shutil.copyfile(first, copy)
+    run_job(runtime, account, str(first), job_id="job-first")
+    job = run_job(runtime, account, str(copy), job_id="job-copy")  # the same bytes, stored once
+    assert job.state == "exported", job.error
+    events = {e.job_id: e for e in usage_events(runtime, account)}
+    assert events["job-copy"].filename == "copyA.las" and events["job-first"].filename == "samp11.las"
+    names = objects(runtime, job.export_prefix)
+    assert any(n.endswith("/copyA.laz") for n in names) and not any("samp11" in n for n in names)
+    manifest = json.loads(runtime.store.get_bytes(job.export_prefix + "manifest.json"))
+    assert manifest["input"]["name"] == "copyA.las"
+
+    # A job that fails before classifying still records the classifier's version.
+    create_job(runtime, "job-failed", account, str(copy), "standard")
+    ingest_step(runtime, "job-failed")
+    meter_step(runtime, "job-failed")
+    failed = {e.job_id: e for e in usage_events(runtime, account)}["job-failed"]
+    assert failed.status == "failed" and failed.filename == "copyA.las"
+    assert failed.classifier_version == describe_classifier("standard").version
