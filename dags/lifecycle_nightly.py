@@ -4,7 +4,8 @@ Runs exactly what `pointflow lifecycle run --as-of <logical date>` runs: notices
 end, data lock, grace-period deletion, API result retention, overdue notices. Re-running a night
 does nothing new; a deletion that leaves objects behind fails the task. Beside it, ready e-mails
 that classification runs could not send (mail server down) are sent, once, and jobs whose run was
-killed or lost are closed as failed (`pointflow jobs close-stale`).
+killed or lost are closed as failed and finished jobs left unmetered are metered
+(`pointflow jobs close-stale`).
 """
 
 from __future__ import annotations
@@ -58,13 +59,15 @@ def lifecycle_nightly():
         return {"sent": report.sent, "failed": report.failed, "skipped_locked": report.skipped_locked}
 
     @task
-    def close_stale_jobs() -> list[str]:
-        """Jobs without progress for POINTFLOW_STALE_JOB_HOURS are closed as failed, metered once, billed nothing."""
+    def close_stale_jobs() -> dict:
+        """Jobs without progress for POINTFLOW_STALE_JOB_HOURS are closed as failed, metered once, billed
+        nothing; finished jobs whose run ended before its meter step are metered as their record says."""
         from pipelines.lifecycle.sweeps import close_stale_jobs
         from pipelines.runtime import Runtime
         from pipelines.settings import Settings
 
-        return [job.job_id for job in close_stale_jobs(Runtime.from_settings(Settings.from_env()), _as_of())]
+        report = close_stale_jobs(Runtime.from_settings(Settings.from_env()), _as_of())
+        return {"closed": [job.job_id for job in report.closed], "metered": [job.job_id for job in report.metered]}
 
     apply_rules()
     deliver_unsent()

@@ -1,4 +1,4 @@
-"""Classify one customer file: ingest -> validate -> classify (tiled, on Dask) -> export -> deliver, meter.
+"""Classify one customer file: ingest -> validate -> classify (tiled, on Dask) -> export -> meter -> deliver.
 
 Trigger with conf {"account_id": "...", "source": "/path/or/s3://bucket/key.laz"}. Every task
 derives the job id from the run, so retries resume the same job instead of starting another; the
@@ -85,8 +85,8 @@ def pointflow_classify():
 
         fail_unless_exported(_run(meter_step))
 
-    exported = ingest() >> validate() >> classify() >> export()
-    exported >> [deliver(), meter()]
+    # Metered before the ready e-mail: a customer is never told of a job that is not billed.
+    ingest() >> validate() >> classify() >> export() >> meter() >> deliver()
 
 
 classify_dag = pointflow_classify()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+from pipelines.catalog.models import JobState
 from pipelines.notify import DeliveryError
 from pipelines.runtime import Runtime
 from pipelines.steps.classify import classify_step
@@ -36,21 +37,24 @@ def run_job(
 
 
 def run_steps(runtime: Runtime, job_id: str, workers: int | None = None, export_format: str = "laz") -> JobRecord:
-    """Every step of a created job in this process, metered once at the end; the ingest step is
-    a no-op for a job whose file is already stored (a drop-zone job)."""
+    """Every step of a created job in this process, metered once as soon as it ends (whatever
+    happened), then the ready e-mail for an exported job: never an e-mail for a job not metered.
+    The ingest step is a no-op for a job whose file is already stored (a drop-zone job)."""
     try:
         run_step(runtime, job_id, ingest_step)
         run_step(runtime, job_id, validate_step)
         run_step(runtime, job_id, classify_step, workers=workers)
         run_step(runtime, job_id, export_step, export_format=export_format)
-        run_step(runtime, job_id, deliver_step)
     except (AdmissionRefusedJob, ValidationFailed):
         pass
-    except DeliveryError as error:
-        # The export is published and metered either way; only the e-mail is missing.
-        log.warning(
-            "job %s is exported, but the ready e-mail was not sent: %s; check POINTFLOW_SMTP_URL", job_id, error
-        )
     finally:
         final = meter_step(runtime, job_id)
+    if final.state == JobState.EXPORTED.value:
+        try:
+            run_step(runtime, job_id, deliver_step)
+        except DeliveryError as error:
+            # The export is published and metered either way; only the e-mail is missing.
+            log.warning(
+                "job %s is exported, but the ready e-mail was not sent: %s; check POINTFLOW_SMTP_URL", job_id, error
+            )
     return final

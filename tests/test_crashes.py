@@ -152,13 +152,13 @@ def test_a_killed_ingest_run_is_closed_as_failed_and_deleting_the_account_finds_
     assert f"job {job.job_id} is still classifying" in capsys.readouterr().err
 
     # A day later the nightly run closes the job: failed, the cause on record, nothing billed.
-    [closed] = close_stale_jobs(runtime, utcnow() + timedelta(hours=runtime.settings.stale_job_hours, minutes=1))
+    [closed] = close_stale_jobs(runtime, utcnow() + timedelta(hours=runtime.settings.stale_job_hours, minutes=1)).closed
     assert closed.job_id == job.job_id and closed.state == "failed"
     assert "no progress" in closed.error and "classifying" in closed.error
     with runtime.catalog.session() as session:
         events = session.scalars(select(UsageEvent).where(UsageEvent.job_id == job.job_id)).all()
         assert [(e.status, e.points) for e in events] == [("failed", 0)]
-    assert close_stale_jobs(runtime, utcnow() + timedelta(days=30)) == []
+    assert close_stale_jobs(runtime, utcnow() + timedelta(days=30)).closed == []
 
     # The killed run's tiles and working copy are the account's points: deletion finds and removes them.
     assert main(["accounts", "delete", "acme", "--confirm", "--json"]) == 0
@@ -168,3 +168,113 @@ def test_a_killed_ingest_run_is_closed_as_failed_and_deleting_the_account_finds_
     assert main(["jobs", "show", job.job_id]) == 0
     assert "no progress" in capsys.readouterr().out
     assert job_view(runtime, job.job_id).finished_at is not None
+
+
+def faulty_run(fault: str, *args: str) -> subprocess.CompletedProcess:
+    """`pointflow ARGS` in a process of its own that SIGKILLs itself at `fault` (tests/job_faults.py)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tests.job_faults", fault, *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize("first", ["close_stale_jobs", "deliver_unsent"])
+def test_a_run_killed_after_export_is_metered_by_the_nightly_sweep_before_its_ready_e_mail(
+    runtime: Runtime, account: str, scene_path: Path, first: str
+) -> None:
+    from pipelines.lifecycle.sweeps import UNSENT_SETTLE_TIME, deliver_unsent
+    from pipelines.notify import outbox_messages
+
+    killed = faulty_run("kill:after-export", "ingest", str(scene_path), "--account", account, "--run")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    [job] = list_jobs(runtime, account)
+    assert job.state == "exported" and job.points_processed > 0
+    assert runtime.store.exists(job.export_prefix + "manifest.json")
+    with runtime.catalog.session() as session:
+        assert session.scalars(select(UsageEvent).where(UsageEvent.job_id == job.job_id)).all() == []
+    assert outbox_messages(runtime.settings) == []
+
+    # The nightly run's two sweeps run side by side: whichever comes first meters the job, and the
+    # ready e-mail never goes out for a job that is not metered.
+    night = job.finished_at + UNSENT_SETTLE_TIME + timedelta(hours=3)
+    if first == "close_stale_jobs":
+        report = close_stale_jobs(runtime, night)
+        assert report.closed == [] and [j.job_id for j in report.metered] == [job.job_id]
+        assert outbox_messages(runtime.settings) == []
+        assert deliver_unsent(runtime, night).sent == [job.job_id]
+    else:
+        assert deliver_unsent(runtime, night).sent == [job.job_id]
+        assert close_stale_jobs(runtime, night).metered == []
+    with runtime.catalog.session() as session:
+        events = session.scalars(select(UsageEvent).where(UsageEvent.job_id == job.job_id)).all()
+        assert [(e.event_id, e.status, e.points) for e in events] == [
+            (f"{job.job_id}:classification", "succeeded", job.points_processed)
+        ]
+    assert len(outbox_messages(runtime.settings)) == 1
+
+    # The next nights: nothing more billed, nothing more sent.
+    later = night + timedelta(days=1)
+    assert close_stale_jobs(runtime, later).metered == []
+    assert deliver_unsent(runtime, later).sent == []
+    with runtime.catalog.session() as session:
+        assert len(session.scalars(select(UsageEvent).where(UsageEvent.job_id == job.job_id)).all()) == 1
+    assert len(outbox_messages(runtime.settings)) == 1
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_a_run_killed_mid_export_leaves_no_customer_points_once_closed_as_failed(
+    runtime: Runtime, account: str, scene_path: Path, hold: bool
+) -> None:
+    from pipelines.lifecycle.operations import deletion_audit, place_hold
+    from pipelines.lifecycle.sweeps import FAILED_JOB_RULE
+
+    killed = faulty_run("kill:before-manifest", "ingest", str(scene_path), "--account", account, "--run")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    [job] = list_jobs(runtime, account)
+    assert job.state == "classified"
+    area = f"accounts/{account}/"
+
+    def keys(prefix: str) -> list[str]:
+        return sorted(o.key for o in runtime.store.list(area + prefix))
+
+    working = keys(f"classified/{job.job_id}/") + keys(f"exports/{job.job_id}/") + keys(f"tmp/exports/{job.job_id}/")
+    assert len(keys(f"exports/{job.job_id}/")) == 6 and keys(f"classified/{job.job_id}/")
+    assert not runtime.store.exists(f"{area}exports/{job.job_id}/manifest.json")
+    raw = keys("raw/")
+    assert raw
+    if hold:
+        place_hold(runtime.catalog, account, "litigation")
+
+    night = utcnow() + timedelta(hours=runtime.settings.stale_job_hours, minutes=1)
+    report = close_stale_jobs(runtime, night)
+    [closed] = report.closed
+    assert closed.job_id == job.job_id and closed.state == "failed"
+    with runtime.catalog.session() as session:
+        events = session.scalars(select(UsageEvent).where(UsageEvent.job_id == job.job_id)).all()
+        assert [(e.status, e.points) for e in events] == [("failed", job.points_processed)]
+    if hold:
+        # Nothing of an account on legal hold is deleted: the objects stay, and the report says so.
+        assert report.held == [job.job_id] and report.removed == {}
+        assert "legal hold" in closed.error
+        assert (
+            keys(f"classified/{job.job_id}/") + keys(f"exports/{job.job_id}/") + keys(f"tmp/exports/{job.job_id}/")
+            == working
+        )
+        assert [a for a in deletion_audit(runtime.catalog, account) if a.rule == FAILED_JOB_RULE] == []
+        return
+    assert report.held == [] and sorted(report.removed[job.job_id]) == working
+    assert f"{len(working)} working object(s) removed" in closed.error
+    assert (
+        keys(f"classified/{job.job_id}/") == keys(f"exports/{job.job_id}/") == keys(f"tmp/exports/{job.job_id}/") == []
+    )
+    assert keys("raw/") == raw  # the input stays: other jobs may use the same stored file
+    [audit] = [a for a in deletion_audit(runtime.catalog, account) if a.rule == FAILED_JOB_RULE]
+    assert audit.status == "completed" and audit.subject == f"job {job.job_id}"
+    assert sorted(o["key"] for o in audit.objects) == working
+    # Run again: nothing more closed, removed or audited.
+    again = close_stale_jobs(runtime, night + timedelta(days=1))
+    assert again.closed == [] and again.removed == {}
+    assert len([a for a in deletion_audit(runtime.catalog, account) if a.rule == FAILED_JOB_RULE]) == 1

@@ -41,7 +41,9 @@ def usage(runtime: Runtime) -> list[tuple[str, int]]:
 
 def test_dag_is_a_thin_table_of_contents(dag) -> None:
     assert [t.task_id for t in dag.topological_sort()][:4] == ["ingest", "validate", "classify", "export"]
-    assert dag.get_task("export").downstream_task_ids == {"deliver", "meter"}
+    # Metered first, then the ready e-mail: no customer is told of a job that is not billed.
+    assert dag.get_task("export").downstream_task_ids == {"meter"}
+    assert dag.get_task("meter").downstream_task_ids == {"deliver"}
     assert dag.get_task("meter").trigger_rule == "all_done"
     assert len(Path(DAGS_FOLDER / "pointflow_classify.py").read_text().splitlines()) < 100
 

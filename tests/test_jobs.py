@@ -255,7 +255,7 @@ def test_stale_jobs_are_closed_once_as_failed_and_billed_nothing(catalog_runtime
     from datetime import timedelta
 
     from pipelines.catalog.models import utcnow
-    from pipelines.lifecycle.sweeps import close_stale_jobs
+    from pipelines.lifecycle.sweeps import StaleReport, close_stale_jobs
 
     runtime = catalog_runtime
     create_job(runtime, "job-stale", "acme", str(scene_path), "standard")
@@ -263,8 +263,8 @@ def test_stale_jobs_are_closed_once_as_failed_and_billed_nothing(catalog_runtime
     create_job(runtime, "job-fresh", "acme", str(scene_path), "standard")
     hours = runtime.settings.stale_job_hours
     # Not yet stale: nothing happens.
-    assert close_stale_jobs(runtime, utcnow() + timedelta(hours=hours - 1)) == []
-    closed = close_stale_jobs(runtime, utcnow() + timedelta(hours=hours, minutes=5))
+    assert close_stale_jobs(runtime, utcnow() + timedelta(hours=hours - 1)).closed == []
+    closed = close_stale_jobs(runtime, utcnow() + timedelta(hours=hours, minutes=5)).closed
     assert sorted(j.job_id for j in closed) == ["job-fresh", "job-stale"]
     assert all(j.state == "failed" and "no progress since" in j.error and "nothing billed" in j.error for j in closed)
     assert sorted((e.job_id, e.status, e.points) for e in usage_events(runtime, "acme")) == [
@@ -272,7 +272,7 @@ def test_stale_jobs_are_closed_once_as_failed_and_billed_nothing(catalog_runtime
         ("job-stale", "failed", 0),
     ]
     # A second run, or the meter task of a DAG run coming back late, adds nothing.
-    assert close_stale_jobs(runtime, utcnow() + timedelta(days=10)) == []
+    assert close_stale_jobs(runtime, utcnow() + timedelta(days=10)) == StaleReport([], [])
     meter_step(runtime, "job-stale")
     assert len(usage_events(runtime, "acme")) == 2
     assert outbox_messages(runtime.settings) == []
@@ -302,3 +302,33 @@ def test_points_the_validation_sample_missed_quarantine_the_file_while_classifyi
     [mail] = outbox_messages(runtime.settings)
     assert "return number" in message_from_bytes(mail.read_bytes(), policy=policy.default).get_content()
     assert [(e.status, e.points) for e in usage_events(runtime, account)] == [("failed", 0)]
+
+
+def test_usage_and_export_carry_the_jobs_own_file_name_and_a_failed_job_its_classifier_version(
+    runtime: Runtime, account: str, tmp_path: Path
+) -> None:
+    import shutil
+
+    from pipelines.classifiers import describe_classifier
+
+    first = tmp_path / "samp11.las"
+    shutil.copyfile(shared_file("isprs/samp11.las"), first)
+    copy = tmp_path / "copyA.las"
+    shutil.copyfile(first, copy)
+    run_job(runtime, account, str(first), job_id="job-first")
+    job = run_job(runtime, account, str(copy), job_id="job-copy")  # the same bytes, stored once
+    assert job.state == "exported", job.error
+    events = {e.job_id: e for e in usage_events(runtime, account)}
+    assert events["job-copy"].filename == "copyA.las" and events["job-first"].filename == "samp11.las"
+    names = objects(runtime, job.export_prefix)
+    assert any(n.endswith("/copyA.laz") for n in names) and not any("samp11" in n for n in names)
+    manifest = json.loads(runtime.store.get_bytes(job.export_prefix + "manifest.json"))
+    assert manifest["input"]["name"] == "copyA.las"
+
+    # A job that fails before classifying still records the classifier's version.
+    create_job(runtime, "job-failed", account, str(copy), "standard")
+    ingest_step(runtime, "job-failed")
+    meter_step(runtime, "job-failed")
+    failed = {e.job_id: e for e in usage_events(runtime, account)}["job-failed"]
+    assert failed.status == "failed" and failed.filename == "copyA.las"
+    assert failed.classifier_version == describe_classifier("standard").version

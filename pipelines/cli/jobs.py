@@ -112,11 +112,17 @@ def _show(args: argparse.Namespace) -> int:
 def _close_stale(args: argparse.Namespace) -> int:
     from pipelines.lifecycle.sweeps import close_stale_jobs
 
-    closed = close_stale_jobs(_runtime())
+    report = close_stale_jobs(_runtime())
     if args.json:
-        print_json([job.to_dict() for job in closed])
+        print_json(
+            {"closed": [job.to_dict() for job in report.closed], "metered": [job.to_dict() for job in report.metered]}
+        )
         return 0
-    for job in closed:
+    for job in report.closed:
         print(_line(job))
-    print(f"{len(closed)} stale job(s) closed")
+    print(f"{len(report.closed)} stale job(s) closed")
+    for job in report.metered:
+        print(_line(job))
+    if report.metered:
+        print(f"{len(report.metered)} finished job(s) without a usage event metered")
     return 0

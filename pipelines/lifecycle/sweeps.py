@@ -1,31 +1,79 @@
-"""Nightly sweeps over jobs: close those whose run was killed or lost, and send the ready e-mails
-that classification runs could not."""
+"""Nightly sweeps over jobs: close those whose run was killed or lost, meter those whose run ended
+before its meter step, and send the ready e-mails that classification runs could not."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
 from pipelines.billing.pricebook import load_pricebook
-from pipelines.catalog.models import TERMINAL_JOB_STATES, Job, JobState, SentMessage, utcnow
-from pipelines.lifecycle.operations import is_locked
+from pipelines.catalog.models import TERMINAL_JOB_STATES, Job, JobState, SentMessage, UsageEvent, utcnow
+from pipelines.export import export_prefix, read_manifest
+from pipelines.lifecycle.deletion import DeletionPlan, account_lock, execute_deletion, plan_deletion
+from pipelines.lifecycle.operations import active_hold, is_locked
 from pipelines.notify import DeliveryError
 from pipelines.runtime import Runtime
 from pipelines.steps.deliver import deliver_step
 from pipelines.steps.meter import meter_step
 from pipelines.steps.record import JobRecord, job_row, set_state
+from pipelines.storage import AccountArea
 
 log = logging.getLogger(__name__)
 
 
-def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> list[JobRecord]:
+# A run killed (or a DAG run marked failed) between a job's last state change and its meter step
+# leaves a finished job without its usage event; the sweep meters those that finished this recently.
+UNMETERED_WINDOW = timedelta(days=90)
+
+
+@dataclass(frozen=True)
+class StaleReport:
+    closed: list[JobRecord]  # stale jobs closed now as failed, each metered once (nothing billed)
+    metered: list[JobRecord]  # finished jobs that had no usage event, metered now as their record says
+    # job id -> the working objects of a closed job removed now (audited as FAILED_JOB_RULE)
+    removed: dict[str, list[str]] = field(default_factory=dict)
+    held: list[str] = field(default_factory=list)  # closed jobs whose objects stay: the account is on legal hold
+
+
+# The deletion audit's rule for the working objects of a job closed as failed.
+FAILED_JOB_RULE = "failed_job_cleanup"
+
+
+def working_objects_plan(runtime: Runtime, account_id: str, job_id: str) -> DeletionPlan:
+    """What a job that never finished leaves in the store: its classified points, its staged export
+    artefacts and, when no manifest was written, the unpublished ones. Never a published export
+    (one with a manifest) and never the raw input, which other jobs may share."""
+    area = AccountArea(account_id)
+    prefixes = [area.key("classified", job_id) + "/", area.key("tmp", "exports", job_id) + "/"]
+    published = export_prefix(account_id, job_id)
+    if read_manifest(runtime.store, published) is None:
+        prefixes.append(published)
+    return plan_deletion(runtime.store, prefixes, [], [])
+
+
+def remove_working_objects(runtime: Runtime, account_id: str, job_id: str, as_of: datetime) -> list[str] | None:
+    """Delete a failed job's working objects, audited like any deletion; the keys removed, or None
+    when the account is on legal hold (nothing of it may be deleted). Run again, it finds nothing."""
+    with account_lock(runtime.catalog, account_id):  # taken before any catalog session, as every holder does
+        if active_hold(runtime.catalog, account_id) is not None:
+            return None
+        plan = working_objects_plan(runtime, account_id, job_id)
+        if not plan.objects:
+            return []
+        execute_deletion(runtime.catalog, runtime.store, plan, account_id, FAILED_JOB_RULE, f"job {job_id}", as_of)
+    return [o.key for o in plan.objects]
+
+
+def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> StaleReport:
     """Close as failed every job that made no progress for POINTFLOW_STALE_JOB_HOURS: its run was
     killed or lost (a CLI process killed, a DAG run deleted). Each is metered once as failed, so
     nothing is billed; the customer is not mailed, since nothing in the input was theirs to fix
-    (a bad input is refused, and told, when it is found)."""
+    (a bad input is refused, and told, when it is found). Then meter every job that finished (in
+    the last UNMETERED_WINDOW) without its usage event: its run was killed or failed between its
+    last step and the meter step; it is metered as its record says (exported: succeeded, with its points)."""
     as_of = as_of or utcnow()
     timeout = timedelta(hours=runtime.settings.stale_job_hours)
     open_states = [s.value for s in JobState if s not in TERMINAL_JOB_STATES]
@@ -37,17 +85,54 @@ def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> list[Jo
                 .order_by(Job.created_at)
             )
         )
-    closed = []
+    report = StaleReport([], [])
     for job_id in stale:
         with runtime.catalog.session() as session:
             job = job_row(session, job_id)
             if JobState(job.state) in TERMINAL_JOB_STATES:
                 continue  # finished meanwhile
+            account_id = job.account_id
+        # Its working objects go first, while the job is still open: a sweep killed mid-way finds
+        # the job again the next night and finishes the deletion (the audit takes over the entry).
+        removed = remove_working_objects(runtime, account_id, job_id, as_of)
+        with runtime.catalog.session() as session:
+            job = job_row(session, job_id)
+            if JobState(job.state) in TERMINAL_JOB_STATES:
+                continue  # finished meanwhile
             last = f" (last error: {job.error})" if job.error else ""
-            job.error = f"no progress since {job.updated_at:%Y-%m-%d %H:%M} UTC while {job.state}{last}: closed after {runtime.settings.stale_job_hours} h, nothing billed"
+            kept = (
+                "; its working objects are kept: the account is on legal hold"
+                if removed is None
+                else f"; {len(removed)} working object(s) removed"
+                if removed
+                else ""
+            )
+            job.error = f"no progress since {job.updated_at:%Y-%m-%d %H:%M} UTC while {job.state}{last}: closed after {runtime.settings.stale_job_hours} h, nothing billed{kept}"
             set_state(job, JobState.FAILED)
-        closed.append(meter_step(runtime, job_id))
-    return closed
+        report.closed.append(meter_step(runtime, job_id))
+        if removed is None:
+            report.held.append(job_id)
+        elif removed:
+            report.removed[job_id] = removed
+    report.metered.extend(meter_step(runtime, job_id) for job_id in unmetered_jobs(runtime, as_of))
+    return report
+
+
+def unmetered_jobs(runtime: Runtime, as_of: datetime) -> list[str]:
+    """Jobs that finished in the UNMETERED_WINDOW before `as_of` and have no usage event."""
+    terminal = [s.value for s in TERMINAL_JOB_STATES]
+    with runtime.catalog.session() as session:
+        return list(
+            session.scalars(
+                select(Job.job_id)
+                .where(Job.state.in_(terminal), Job.finished_at.is_not(None))
+                .where(Job.finished_at > as_of - UNMETERED_WINDOW)
+                .where(
+                    ~select(UsageEvent.event_id).where(UsageEvent.event_id == Job.job_id + ":classification").exists()
+                )
+                .order_by(Job.finished_at)
+            )
+        )
 
 
 # A ready e-mail the pipeline could not send is retried by the nightly sweep: only for jobs whose run
@@ -91,7 +176,7 @@ def deliver_unsent(runtime: Runtime, as_of: datetime) -> UnsentReport:
             locked.append(job_id)
             continue
         try:
-            deliver_step(runtime, job_id)
+            deliver_step(runtime, job_id)  # meters the job first if its run did not
             sent.append(job_id)
         except DeliveryError as error:
             failed[job_id] = str(error)

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from pipelines.accounts import get_account
 from pipelines.billing.history import account_limits
 from pipelines.billing.pricebook import load_pricebook
-from pipelines.catalog.models import utcnow
+from pipelines.catalog.models import JobState, utcnow
 from pipelines.class_table import class_summary
 from pipelines.customer_text import render_mail
 from pipelines.export import download_links
@@ -16,6 +16,7 @@ from pipelines.lifecycle.operations import ensure_active
 from pipelines.links import LinkSigner
 from pipelines.notify import Message
 from pipelines.runtime import Runtime
+from pipelines.steps.meter import meter_step
 from pipelines.steps.record import JobRecord, held_out_scores, job_view
 from pipelines.storage import LINK_LIFETIME
 
@@ -43,8 +44,12 @@ def delivery_terms(runtime: Runtime, account_id: str, at: datetime | None = None
 
 def deliver_step(runtime: Runtime, job_id: str) -> JobRecord:
     """Tell the customer the export is ready: links, class summary, classifier version (for their own model,
-    also the held-out figures it was offered on). Sent once."""
+    also the held-out figures it was offered on). Sent once, and only once the job is metered: a
+    job whose run ended before its meter step (killed, a DAG run marked failed) is metered here
+    first, once (the usage event's id is the job's), so no customer is told of a job never billed."""
     job = job_view(runtime, job_id)
+    if job.state == JobState.EXPORTED.value:
+        job = meter_step(runtime, job_id)
     account = get_account(runtime.catalog, job.account_id)
     terms = delivery_terms(runtime, account.account_id)
     expires_at = terms.links_expire(job.finished_at, utcnow())

@@ -10,7 +10,15 @@ from pipelines.export import MANIFEST_NAME, build_artifacts, build_manifest, exp
 from pipelines.runtime import Runtime
 from pipelines.scratch import work_dir
 from pipelines.sources import readable_path
-from pipelines.steps.record import IllegalTransition, JobRecord, job_row, job_view, set_state, stored_file
+from pipelines.steps.record import (
+    IllegalTransition,
+    JobRecord,
+    job_file_name,
+    job_row,
+    job_view,
+    set_state,
+    stored_file,
+)
 from pipelines.storage import safe_name
 
 log = logging.getLogger(__name__)
@@ -28,7 +36,7 @@ def export_step(runtime: Runtime, job_id: str, export_format: str = "laz") -> Jo
         stored = stored_file(session, job_row(session, job_id))
         input_file = {
             "key": stored.key,
-            "name": stored.original_name,
+            "name": job_file_name(job.source),  # the job's own name: the stored file keeps its first
             "sha256": stored.sha256,
             "size": stored.size,
             "points": stored.point_count,

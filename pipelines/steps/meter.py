@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pipelines.catalog.models import TERMINAL_JOB_STATES, JobState, StoredFile
+from pipelines.catalog.models import TERMINAL_JOB_STATES, JobState
+from pipelines.errors import PointflowError
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.runtime import Runtime
-from pipelines.steps.record import JobRecord, job_row, job_view, set_state
+from pipelines.steps.record import JobRecord, job_file_name, job_row, job_view, set_state
 
 
 def meter_step(runtime: Runtime, job_id: str) -> JobRecord:
@@ -16,7 +17,6 @@ def meter_step(runtime: Runtime, job_id: str) -> JobRecord:
         if state not in TERMINAL_JOB_STATES:
             job.error = job.error or f"pipeline stopped while {state.value}"
             set_state(job, JobState.FAILED)
-        stored = session.get(StoredFile, job.file_id) if job.file_id else None
         status = (
             "succeeded"
             if job.state == JobState.EXPORTED.value
@@ -32,9 +32,20 @@ def meter_step(runtime: Runtime, job_id: str) -> JobRecord:
             points=job.points_processed,
             status=status,
             classifier=job.classifier,
-            classifier_version=job.classifier_version,
-            filename=stored.original_name if stored else None,
+            classifier_version=job.classifier_version or _known_version(job.classifier),
+            filename=job_file_name(job.source) or None,
             job_id=job_id,
         )
     record_usage(runtime.catalog, [event])
     return job_view(runtime, job_id)
+
+
+def _known_version(classifier: str) -> str | None:
+    """A built-in classifier's version, known before it ran (a job that failed earlier); None for
+    a name that is not a built-in one (a trained model records its version when it classifies)."""
+    from pipelines.classifiers import describe_classifier
+
+    try:
+        return describe_classifier(classifier).version
+    except PointflowError:
+        return None

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
+from pathlib import PurePosixPath
 from typing import Any
 
 from sqlalchemy import select
@@ -59,6 +60,12 @@ def job_row(session, job_id: str) -> Job:
     if job is None:
         raise CatalogError(f"unknown job {job_id!r}")
     return job
+
+
+def job_file_name(source: str) -> str:
+    """The name the job's file was submitted under (the last part of its source): the same bytes
+    stored once may have come under another name first, which the stored file keeps."""
+    return PurePosixPath(source.replace("\\", "/").split("?", 1)[0]).name
 
 
 def stored_file(session, job: Job) -> StoredFile:
