@@ -14,7 +14,7 @@ from pipelines.steps.deliver import deliver_step
 from pipelines.steps.export import export_step
 from pipelines.steps.ingest import create_job, ingest_step
 from pipelines.steps.meter import meter_step
-from pipelines.steps.record import AdmissionRefusedJob, JobRecord, ValidationFailed, run_step
+from pipelines.steps.record import AdmissionRefusedJob, JobAborted, JobRecord, ValidationFailed, run_step
 from pipelines.steps.validate import validate_step
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ def run_steps(runtime: Runtime, job_id: str, workers: int | None = None, export_
         run_step(runtime, job_id, classify_step, workers=workers)
         run_step(runtime, job_id, export_step, export_format=export_format)
         run_step(runtime, job_id, deliver_step)
-    except (AdmissionRefusedJob, ValidationFailed):
-        pass
+    except (AdmissionRefusedJob, ValidationFailed, JobAborted):
+        pass  # the job records why; nothing more runs
     except DeliveryError as error:
         # The export is published and metered either way; only the e-mail is missing.
         log.warning(
