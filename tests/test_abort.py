@@ -24,6 +24,7 @@ from pipelines.ingest import list_files
 from pipelines.jobs import run_steps
 from pipelines.runtime import Runtime
 from pipelines.scratch import folders
+from pipelines.settings import Settings
 from pipelines.steps.export import export_step
 from pipelines.steps.ingest import create_job
 from pipelines.steps.meter import meter_step
@@ -41,6 +42,7 @@ def start(home: Path, *args: str) -> subprocess.Popen:
     """The installed console script, with one Dask worker: the file's classification lasts."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("POINTFLOW_")}
     env |= {"POINTFLOW_HOME": str(home), "POINTFLOW_WORKERS": "1", **TILING}
+    env |= {"POINTFLOW_DATABASE_URL": os.environ["POINTFLOW_DATABASE_URL"]}  # the test's catalog
     return subprocess.Popen(
         [str(Path(sys.executable).with_name("pointflow")), *args],
         env=env,
@@ -56,9 +58,13 @@ def events(runtime: Runtime, job_id: str) -> list[tuple[str, int]]:
 
 
 @pytest.fixture
-def acme(runtime: Runtime) -> Runtime:
+def acme(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Runtime:
+    """SQLite and PostgreSQL (where reachable): the request is one conditional UPDATE on either."""
+    monkeypatch.setenv("POINTFLOW_DATABASE_URL", database_url)
+    runtime = Runtime.from_settings(Settings.from_env())
     upsert_accounts(runtime.catalog, [make_account("acme", plan="api"), make_account("other")])
-    return runtime
+    yield runtime
+    runtime.catalog.dispose()
 
 
 def test_a_job_aborted_before_classification_ends_aborted_with_0_points_and_runs_no_step(
@@ -179,3 +185,38 @@ def test_an_ingest_run_aborted_mid_classification_stops_publishes_nothing_and_bi
     millions = Decimal(job.points_processed) / Decimal(1_000_000)
     assert line.quantity == millions and line.unit_price == Decimal("0.50")
     assert line.amount == (millions * Decimal("0.50")).quantize(Decimal("0.01"), ROUND_HALF_UP)
+
+
+def test_a_classification_told_to_stop_cancels_its_tasks_in_flight_and_writes_nothing(settings, tmp_path: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    from pipelines.classify import ClassificationAborted, classify_file
+
+    asked = 0
+
+    def should_stop() -> bool:  # asked after the scan, then after each finished task: stop after two
+        nonlocal asked
+        asked += 1
+        return asked >= 3
+
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    output = outputs / "out.laz"
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        with pytest.raises(ClassificationAborted) as stopped:
+            classify_file(
+                shared_file("ign_st_barth_100m.laz"), output, settings, tile_size=12.5, buffer=2.5,
+                client=client, should_stop=should_stop,
+            )  # fmt: skip
+
+        def classify_tasks(dask_scheduler) -> list[str]:
+            return [key for key in dask_scheduler.tasks if str(key).startswith("classify_tile")]
+
+        wait_for(lambda: client.run_on_scheduler(classify_tasks) == [], 10, "the tasks in flight to be cancelled")
+    assert asked == 3
+    assert 0 < stopped.value.points < 249_120 and 0 < stopped.value.tiles < 78
+    assert list(outputs.iterdir()) == []  # neither the output nor its partial file
+    assert folders(settings.scratch_dir) == []
