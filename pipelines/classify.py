@@ -93,6 +93,19 @@ class ClassifyResult:
     early_tiles: int = 0  # sent to the workers while the file was scanned, with all their points (pipelines.scan)
 
 
+class ClassificationAborted(Exception):
+    """`should_stop` said to stop: no more tiles were sent, those in flight were cancelled, nothing
+    was written. `points`: the core points of the tiles classified before (each input point once)."""
+
+    def __init__(self, points: int, tiles: int) -> None:
+        super().__init__(f"classification stopped on request after {tiles} tile(s), {points:,} point(s)")
+        self.points, self.tiles = points, tiles
+
+
+def _classified_points(results: dict[int, TileResult]) -> int:
+    return sum(len(result.classes) for result in results.values())
+
+
 # glibc's mallopt parameters.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -146,11 +159,13 @@ def classify_file(
     client: Any = None,
     account_id: str | None = None,
     job_id: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ClassifyResult:
     """Classify `input_path` into `output_path` (.las, .laz or .copc.laz); every input point is written once.
 
     `classifier` is a built-in name or an account's TrainedClassifier (see pipelines.training).
     `account_id` and `job_id` say whose points the scratch folder holds (for deletion on request).
+    `should_stop` (cheap, called between tiles) asks to stop: ClassificationAborted, nothing written.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     suffix = output_path.suffix.lower()
@@ -248,6 +263,10 @@ def classify_file(
                 # Tiles are written in id order as their classes come in, while the next ones are classified.
                 writer.plan(sorted(owned))
                 writer.ready(results)
+                if should_stop is not None and should_stop():
+                    for future in sent.values():
+                        future.cancel()
+                    raise ClassificationAborted(_classified_points(results), len(results))
                 if modelled or sent:
                     # classify_s: from here, the cluster's start included (what is left of it after the scan).
                     started = time.perf_counter()
@@ -255,11 +274,16 @@ def classify_file(
                     dashboard = dashboard_link(active, settings)
                     if dashboard and len(modelled) + len(sent) > 1:
                         log.info("Dask dashboard: %s", dashboard)
-                    for finished in _run_tiles(
+                    tiling = _run_tiles(
                         active, _batches(modelled, context), batch, window, list(sent.values()), len(owned), progress
-                    ):
-                        results |= finished
-                        writer.ready(finished)
+                    )
+                    # Closed on the way out, whatever ends the loop: the tasks still in flight are cancelled.
+                    with contextlib.closing(tiling):
+                        for finished in tiling:
+                            results |= finished
+                            if should_stop is not None and should_stop():
+                                raise ClassificationAborted(_classified_points(results), len(results))
+                            writer.ready(finished)
                     timings["classify_s"] = time.perf_counter() - started
                 started = time.perf_counter()
             written = writer.written
@@ -324,13 +348,35 @@ def _run_tiles(
     """Each finished task's results, as they come in: the tasks `sent` during the scan, then `batches`,
     at most `window` in flight."""
     from distributed import as_completed
-    from distributed.scheduler import NoWorkerError
 
     pending = iter(batches)
     room = max(window - sum(not future.done() for future in sent), 0)
+    inflight = [*sent, *(_submit(client, make_batch(b)) for _, b in zip(range(room), pending))]
+    running = as_completed(inflight)
+    try:
+        yield from _completed(client, running, inflight, pending, make_batch, total_tiles, progress)
+    finally:
+        # Stopped early (an abort, a failure): the tasks not done are not left running on the cluster.
+        unfinished = [future for future in inflight if not future.done()]
+        if unfinished:
+            with contextlib.suppress(Exception):  # a cluster gone already has nothing to cancel
+                client.cancel(unfinished)
+
+
+def _completed(
+    client: Any,
+    running: Any,
+    inflight: list[Any],
+    pending: Iterator[list[int]],
+    make_batch: Callable[[list[int]], TileBatch],
+    total_tiles: int,
+    progress: Progress | None,
+) -> Iterator[dict[int, TileResult]]:
+    from distributed.scheduler import NoWorkerError
+
     done = 0
-    running = as_completed([*sent, *(_submit(client, make_batch(b)) for _, b in zip(range(room), pending))])
     for future in running:
+        inflight.remove(future)
         try:
             outcome = future.result()
         except NoWorkerError:
@@ -344,7 +390,8 @@ def _run_tiles(
         following = next(pending, None)
         if following is not None:
             # Sent before the caller writes what came in, so the workers are not kept waiting.
-            running.add(_submit(client, make_batch(following)))
+            inflight.append(_submit(client, make_batch(following)))
+            running.add(inflight[-1])
         done += len(finished)
         if progress:
             progress("classify", done, total_tiles)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pipelines.steps.record import AdmissionRefusedJob, JobRecord, ValidationFailed, run_step
+from pipelines.steps.record import AdmissionRefusedJob, JobAborted, JobRecord, ValidationFailed, run_step
 
 
 def task_runtime():
@@ -18,12 +18,12 @@ def task_runtime():
 
 
 def run_task_step(job_id: str, step: Callable[..., JobRecord], runtime=None, **options: Any) -> JobRecord:
-    """Run one step for the job; a refused input fails the task at once, without retries."""
+    """Run one step for the job; a refused input or an aborted job fails the task at once, without retries."""
     from airflow.sdk.exceptions import AirflowFailException
 
     try:
         return run_step(runtime or task_runtime(), job_id, step, **options)
-    except (AdmissionRefusedJob, ValidationFailed) as refused:
+    except (AdmissionRefusedJob, ValidationFailed, JobAborted) as refused:
         raise AirflowFailException(str(refused)) from None
 
 

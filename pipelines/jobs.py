@@ -15,7 +15,7 @@ from pipelines.steps.deliver import deliver_step
 from pipelines.steps.export import export_step
 from pipelines.steps.ingest import create_job, ingest_step
 from pipelines.steps.meter import meter_step
-from pipelines.steps.record import AdmissionRefusedJob, JobRecord, ValidationFailed, run_step
+from pipelines.steps.record import AdmissionRefusedJob, JobAborted, JobRecord, ValidationFailed, run_step
 from pipelines.steps.validate import validate_step
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ def run_steps(runtime: Runtime, job_id: str, workers: int | None = None, export_
         run_step(runtime, job_id, validate_step)
         run_step(runtime, job_id, classify_step, workers=workers)
         run_step(runtime, job_id, export_step, export_format=export_format)
-    except (AdmissionRefusedJob, ValidationFailed):
-        pass
+    except (AdmissionRefusedJob, ValidationFailed, JobAborted):
+        pass  # the job records why; nothing more runs
     finally:
         final = meter_step(runtime, job_id)
     if final.state == JobState.EXPORTED.value:

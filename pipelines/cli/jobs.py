@@ -1,4 +1,4 @@
-"""`pointflow jobs list|show|close-stale`"""
+"""`pointflow jobs list|show|abort|close-stale`"""
 
 from __future__ import annotations
 
@@ -38,6 +38,22 @@ def register(commands: argparse._SubParsersAction) -> None:
     show.add_argument("job_id", metavar="JOB")
     show.add_argument("--json", action="store_true", help="print the job as JSON")
     show.set_defaults(handler=_show)
+
+    abort = sub.add_parser(
+        "abort",
+        help="abort a job on the customer's or an operator's request",
+        description=(
+            "Abort a job. One not classifying yet ends aborted at once, metered with 0 points. A classifying job "
+            "stops between tiles (within seconds of the request, once its current tiles are done): no more tiles "
+            "are classified, nothing is exported or linked, its working files are removed, and it ends aborted, "
+            "metered with the points classified before it stopped, which are billed. A job that has ended "
+            "(exported, failed, quarantined, aborted) is not changed: exit code 2."
+        ),
+    )
+    abort.add_argument("job_id", metavar="JOB")
+    abort.add_argument("--account", metavar="ID", help="the job must be this account's (a customer's request)")
+    abort.add_argument("--json", action="store_true", help="print the job as JSON")
+    abort.set_defaults(handler=_abort)
 
     stale = sub.add_parser(
         "close-stale",
@@ -100,12 +116,26 @@ def _show(args: argparse.Namespace) -> int:
         "points": f"{job.points_processed:,}",
         "created": job.created_at.isoformat(),
         "finished": job.finished_at.isoformat() if job.finished_at else "-",
+        **({"abort asked": job.abort_requested_at.isoformat()} if job.abort_requested_at else {}),
         "report": runtime.store.location(job.report_key) if job.report_key else "-",
         "export": runtime.store.location(job.export_prefix) if job.export_prefix else "-",
         "cause" if job.state != "exported" else "note": job.error or "-",
     }
     for name, value in rows.items():
         print(f"{name + ':':<12}{value}")
+    return 0
+
+
+def _abort(args: argparse.Namespace) -> int:
+    from pipelines.abort import request_abort
+
+    job = request_abort(_runtime(), args.job_id, args.account)
+    if args.json:
+        print_json(job.to_dict())
+    elif job.state == JobState.ABORTED.value:
+        print(f"job {job.job_id}: aborted, {job.points_processed:,} points metered")
+    else:
+        print(f"job {job.job_id}: abort requested; it stops between tiles and ends aborted ('pointflow jobs show')")
     return 0
 
 

@@ -41,6 +41,14 @@ class ValidationFailed(PointflowError):
         self.report_key = report_key
 
 
+class JobAborted(PointflowError):
+    """The job was aborted on request (pipelines.abort): nothing downstream may run; the meter step
+    bills the points classified before it stopped."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id}: aborted on request")
+
+
 def job_id_for(dag_id: str, run_id: str) -> str:
     """Stable across task retries, unique per DAG run, and safe in object keys."""
     return "job-" + uuid.uuid5(uuid.NAMESPACE_URL, f"pointflow:{dag_id}:{run_id}").hex[:20]
@@ -148,6 +156,7 @@ class JobRecord:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    abort_requested_at: datetime | None  # `pointflow jobs abort` (pipelines.abort)
 
     @classmethod
     def of(cls, row: Job) -> JobRecord:
@@ -190,17 +199,38 @@ def cause(error: BaseException) -> str:
 
 def run_step(runtime: Runtime, job_id: str, step: Callable[..., JobRecord], **options: Any) -> JobRecord:
     """Run one step for the job; a failure's cause is recorded on the job before it propagates,
-    so `pointflow jobs show` and the meter step can tell it."""
+    so `pointflow jobs show` and the meter step can tell it. A job aborted on request (pipelines.abort)
+    runs no step but the meter step: JobAborted."""
+    if step.__name__ != "meter_step":
+        honour_abort(runtime, job_id)
     try:
         return step(runtime, job_id, **options)
-    except (AdmissionRefusedJob, ValidationFailed):
+    except (AdmissionRefusedJob, ValidationFailed, JobAborted):
         raise  # the step recorded why
     except Exception as error:
         with runtime.catalog.session() as session:
             job = job_row(session, job_id)
+            aborted = JobState(job.state) == JobState.ABORTED
             if JobState(job.state) not in TERMINAL_JOB_STATES:
                 job.error = f"{step.__name__.removesuffix('_step')}: {cause(error)}"
+        if aborted:  # ended by `jobs abort` while the step ran: what it did next was refused
+            raise JobAborted(job_id) from error
         raise
+
+
+def honour_abort(runtime: Runtime, job_id: str) -> None:
+    """Raise JobAborted when the job was aborted, or its abort requested (then it ends aborted here,
+    with the points it has processed so far)."""
+    with runtime.catalog.session() as session:
+        job = job_row(session, job_id)
+        state = JobState(job.state)
+        if state == JobState.ABORTED:
+            raise JobAborted(job_id)
+        if job.abort_requested_at is None or state in TERMINAL_JOB_STATES:
+            return
+        job.error = f"aborted on request while {state.value}"
+        set_state(job, JobState.ABORTED)
+    raise JobAborted(job_id)
 
 
 def list_jobs(runtime: Runtime, account_id: str | None = None, state: JobState | None = None) -> list[JobRecord]:
