@@ -220,3 +220,23 @@ def test_a_classification_told_to_stop_cancels_its_tasks_in_flight_and_writes_no
     assert 0 < stopped.value.points < 249_120 and 0 < stopped.value.tiles < 78
     assert list(outputs.iterdir()) == []  # neither the output nor its partial file
     assert folders(settings.scratch_dir) == []
+
+
+def test_a_job_whose_abort_was_asked_for_and_whose_run_died_is_closed_aborted_not_failed(acme: Runtime) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from pipelines.lifecycle.sweeps import close_stale_jobs
+
+    runtime = acme
+    job_id = "job-abort-then-killed"
+    create_job(runtime, job_id, "acme", str(shared_file("isprs/samp21.las")), "standard")
+    with runtime.catalog.session() as session:
+        # As a run killed mid-classification leaves it: classifying, abort asked for, nothing recorded since.
+        job = job_row(session, job_id)
+        job.state, job.abort_requested_at = JobState.CLASSIFYING.value, job.updated_at
+    later = datetime.now(UTC) + timedelta(hours=runtime.settings.stale_job_hours + 1)
+    report = close_stale_jobs(runtime, later)
+    assert [record.job_id for record in report.closed] == [job_id]
+    closed = job_view(runtime, job_id)
+    assert closed.state == "aborted" and "aborted at request" in closed.error
+    assert events(runtime, job_id) == [("aborted", 0)]

@@ -70,7 +70,7 @@ def remove_working_objects(runtime: Runtime, account_id: str, job_id: str, as_of
 def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> StaleReport:
     """Close as failed every job that made no progress for POINTFLOW_STALE_JOB_HOURS: its run was
     killed or lost (a CLI process killed, a DAG run deleted). Each is metered once as failed, so
-    nothing is billed; the customer is not mailed, since nothing in the input was theirs to fix
+    nothing is billed (as aborted, with the points its record holds, when its abort was asked for); the customer is not mailed, since nothing in the input was theirs to fix
     (a bad input is refused, and told, when it is found). Then meter every job that finished (in
     the last UNMETERED_WINDOW) without its usage event: its run was killed or failed between its
     last step and the meter step; it is metered as its record says (exported: succeeded, with its points)."""
@@ -107,8 +107,14 @@ def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> StaleRe
                 if removed
                 else ""
             )
-            job.error = f"no progress since {job.updated_at:%Y-%m-%d %H:%M} UTC while {job.state}{last}: closed after {runtime.settings.stale_job_hours} h, nothing billed{kept}"
-            set_state(job, JobState.FAILED)
+            if job.abort_requested_at is not None:
+                # Its abort was asked for: it ends aborted, billed for what its record says it
+                # processed (a run killed mid-classification recorded none of its tiles: 0).
+                job.error = f"aborted at request ({job.abort_requested_at:%Y-%m-%d %H:%M} UTC); its run ended without finishing while {job.state}{last}: closed after {runtime.settings.stale_job_hours} h{kept}"
+                set_state(job, JobState.ABORTED)
+            else:
+                job.error = f"no progress since {job.updated_at:%Y-%m-%d %H:%M} UTC while {job.state}{last}: closed after {runtime.settings.stale_job_hours} h, nothing billed{kept}"
+                set_state(job, JobState.FAILED)
         report.closed.append(meter_step(runtime, job_id))
         if removed is None:
             report.held.append(job_id)
