@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipelines.accounts import make_record, read_accounts_csv, upsert_accounts
 from pipelines.catalog.models import BillingCycle, Plan
-from pipelines.cli.common import open_catalog, settings_from_env
+from pipelines.cli.common import open_catalog, read_import_file, settings_from_env
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -101,7 +101,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
-    records = read_accounts_csv(args.file)
+    records = read_import_file(read_accounts_csv, args.file)
     result = upsert_accounts(open_catalog(settings_from_env()), records)
     print(f"accounts: {result.created} created, {result.updated} updated")
     return 0

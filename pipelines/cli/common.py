@@ -8,7 +8,9 @@ import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipelines.errors import UserError
 from pipelines.settings import Settings
@@ -20,6 +22,32 @@ if TYPE_CHECKING:
 
 class CommandError(UserError):
     """An error the user can act on; printed as one line, exit code 2."""
+
+
+T = TypeVar("T")
+
+
+def read_import_file(reader: Callable[[Path], T], path: Path) -> T:
+    """`reader(path)`, with a file that is not UTF-8 text (an Excel export in Latin-1 or
+    UTF-16, a binary file) refused in one line that names where and what to do, nothing read."""
+    try:
+        return reader(path)
+    except UnicodeDecodeError:
+        raise CommandError(_not_utf8(path)) from None
+
+
+def _not_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        where = "it"
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        where = f"line {line}, byte {error.start + 1} (0x{data[error.start]:02x})"
+    return (
+        f"{path}: not UTF-8 text at {where}; nothing imported. Save the file as UTF-8 "
+        "(in Excel: 'CSV UTF-8'; a byte order mark is fine) and import it again"
+    )
 
 
 def settings_from_env() -> Settings:

@@ -1,0 +1,56 @@
+"""The command line's errors and warnings: one line that says what to do, no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.catalog.models import Account
+from pipelines.cli import main
+from pipelines.runtime import open_catalog
+from pipelines.settings import Settings
+from tests.test_cli import CSV, pointflow
+
+LATIN1_ACCOUNTS = CSV.replace("Acme", "Zéro GmbH").encode("latin-1")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("accounts", "import"), ("payments", "import"), ("outages", "import"), ("usage", "import")],
+    ids=lambda c: c[0],
+)
+@pytest.mark.parametrize("content", [LATIN1_ACCOUNTS, bytes(range(256)) * 8], ids=["latin-1", "binary"])
+def test_an_import_of_a_file_not_in_utf8_says_where_and_to_save_it_as_utf8(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture, command: tuple[str, str], content: bytes
+) -> None:
+    source = tmp_path / "export.csv"
+    source.write_bytes(content)
+    assert main([*command, str(source)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pointflow: error: "), err
+    assert str(source) in err and "UTF-8" in err and "nothing imported" in err, err
+    expected = "line 2, byte 87 (0xe9)" if content == LATIN1_ACCOUNTS else "line 2, byte 129 (0x80)"
+    assert expected in err, err
+    with open_catalog(Settings.from_env()).session() as session:
+        assert session.get(Account, "acme") is None
+
+
+def test_an_accounts_import_in_latin1_as_a_user_runs_it(home: Path, tmp_path: Path) -> None:
+    source = tmp_path / "excel.csv"
+    source.write_bytes(LATIN1_ACCOUNTS)
+    result = pointflow("accounts", "import", str(source), home=home)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "Save the file as UTF-8" in result.stderr
+
+
+def test_a_usage_file_with_a_byte_order_mark_is_read(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    accounts = tmp_path / "accounts.csv"
+    accounts.write_text(CSV)
+    assert main(["accounts", "import", str(accounts)]) == 0
+    usage = tmp_path / "usage.jsonl"
+    usage.write_text(
+        '{"event_id": "e1", "account_id": "acme", "occurred_at": "2026-01-01T00:00:00Z", "kind": "login"}\n',
+        encoding="utf-8-sig",
+    )
+    assert main(["usage", "import", str(usage)]) == 0, capsys.readouterr().err
