@@ -54,3 +54,18 @@ def test_a_usage_file_with_a_byte_order_mark_is_read(home: Path, tmp_path: Path,
         encoding="utf-8-sig",
     )
     assert main(["usage", "import", str(usage)]) == 0, capsys.readouterr().err
+
+
+def test_billing_run_with_a_price_book_without_seller_warns_before_issuing(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    accounts = tmp_path / "accounts.csv"
+    accounts.write_text(CSV.replace(",free,", ",professional,"))
+    assert main(["accounts", "import", str(accounts)]) == 0
+    capsys.readouterr()
+    assert main(["billing", "run", "--period", "2026-09"]) == 0
+    captured = capsys.readouterr()
+    warning = [line for line in captured.err.splitlines() if line.startswith("pointflow: warning: ")]
+    assert len(warning) == 1, captured.err
+    assert "default price book" in warning[0] and "seller:" in warning[0] and "not valid VAT invoices" in warning[0]
+    assert "PF-2026-09-0001" in captured.out

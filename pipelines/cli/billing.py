@@ -313,7 +313,17 @@ def _invoices_dispute(args: argparse.Namespace) -> int:
 
 def _billing_run(args: argparse.Namespace) -> int:
     settings = settings_from_env()
-    result = run_billing(open_catalog(settings), args.period, pricebook_of(args, settings))
+    pricebook = pricebook_of(args, settings)
+    if pricebook.seller is None:
+        source = getattr(args, "pricebook", None) or settings.pricebook_path or "the default price book (shipped)"
+        print(
+            f"pointflow: warning: price book {source} has no seller: block; invoices issued now are not valid VAT "
+            "invoices (no Factur-X PDF or XML) and stay so. Add seller: (name, street, postcode, city, country, "
+            "vat_id; see the example in pipelines/data/pricebook.yaml) and set POINTFLOW_PRICEBOOK or --pricebook "
+            "before invoicing",
+            file=sys.stderr,
+        )
+    result = run_billing(open_catalog(settings), args.period, pricebook)
     if args.json:
         print_json([invoice.to_dict() for invoice in result.invoices])
         return 0
