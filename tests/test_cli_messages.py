@@ -67,5 +67,5 @@ def test_billing_run_with_a_price_book_without_seller_warns_before_issuing(
     captured = capsys.readouterr()
     warning = [line for line in captured.err.splitlines() if line.startswith("pointflow: warning: ")]
     assert len(warning) == 1, captured.err
-    assert "default price book" in warning[0] and "seller:" in warning[0] and "not valid VAT invoices" in warning[0]
+    assert "shipped default price book" in warning[0] and "seller:" in warning[0] and "not valid VAT invoices" in warning[0]
     assert "PF-2026-09-0001" in captured.out

@@ -315,9 +315,10 @@ def _billing_run(args: argparse.Namespace) -> int:
     settings = settings_from_env()
     pricebook = pricebook_of(args, settings)
     if pricebook.seller is None:
-        source = getattr(args, "pricebook", None) or settings.pricebook_path or "the default price book (shipped)"
+        path = getattr(args, "pricebook", None) or settings.pricebook_path
+        source = f"price book {path}" if path else "the shipped default price book"
         print(
-            f"pointflow: warning: price book {source} has no seller: block; invoices issued now are not valid VAT "
+            f"pointflow: warning: {source} has no seller: block; invoices issued now are not valid VAT "
             "invoices (no Factur-X PDF or XML) and stay so. Add seller: (name, street, postcode, city, country, "
             "vat_id; see the example in pipelines/data/pricebook.yaml) and set POINTFLOW_PRICEBOOK or --pricebook "
             "before invoicing",
