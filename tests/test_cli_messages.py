@@ -67,5 +67,23 @@ def test_billing_run_with_a_price_book_without_seller_warns_before_issuing(
     captured = capsys.readouterr()
     warning = [line for line in captured.err.splitlines() if line.startswith("pointflow: warning: ")]
     assert len(warning) == 1, captured.err
-    assert "shipped default price book" in warning[0] and "seller:" in warning[0] and "not valid VAT invoices" in warning[0]
+    assert (
+        "shipped default price book" in warning[0]
+        and "seller:" in warning[0]
+        and "not valid VAT invoices" in warning[0]
+    )
     assert "PF-2026-09-0001" in captured.out
+
+
+def test_demo_with_an_unknown_classifier_fails_at_once_in_one_line(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import pointflow_dev.demo
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the demo started its DAG run")
+
+    monkeypatch.setattr(pointflow_dev.demo, "run_demo", no_run)
+    assert main(["demo", "--classifier", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err == "pointflow: error: unknown classifier 'bogus'; choose one of standard, ground\n", err
