@@ -87,3 +87,10 @@ def test_demo_with_an_unknown_classifier_fails_at_once_in_one_line(
     assert main(["demo", "--classifier", "bogus"]) == 2
     err = capsys.readouterr().err
     assert err == "pointflow: error: unknown classifier 'bogus'; choose one of standard, ground\n", err
+
+
+def test_invoices_show_help_says_it_gives_the_documents_as_issued(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["invoices", "show", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "as issued" in out and "rendered now" not in out, out

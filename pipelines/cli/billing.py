@@ -77,8 +77,10 @@ def _register_invoices(commands: argparse._SubParsersAction) -> None:
         description=(
             "Show one invoice: as JSON with payments, credit notes, disputes and the open amount; as the CSV of its "
             "lines; as the page sent to the customer (HTML); or as its e-invoice (Factur-X PDF, or the CII XML). The "
-            "page and e-invoice are rendered now, with the payments received so far; the ones sent are in the "
-            "account's invoices area."
+            "page and e-invoice are the documents as issued: the ones published in the account's invoices area, "
+            "else rendered with the seller and buyer kept at issue (invoices issued before those were kept, or "
+            "without a seller, use the account's and price book's current data). Payments received since are in "
+            "the JSON."
         ),
     )
     show.add_argument("invoice_number", help="an invoice number, or a credit note's (html, pdf, xml)")
