@@ -94,3 +94,14 @@ def test_invoices_show_help_says_it_gives_the_documents_as_issued(capsys: pytest
         main(["invoices", "show", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "as issued" in out and "rendered now" not in out, out
+
+
+def test_an_unsupported_database_is_named_with_the_ones_supported(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("POINTFLOW_DATABASE_URL", "mysql://x/y")
+    assert main(["files", "list", "--account", "acme"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pointflow: error: ") and err.count("\n") == 1, err
+    assert "mysql is not supported" in err and "SQLite" in err and "PostgreSQL" in err, err
+    assert "pointflow[postgres]" not in err, err
