@@ -105,3 +105,19 @@ def test_an_unsupported_database_is_named_with_the_ones_supported(
     assert err.startswith("pointflow: error: ") and err.count("\n") == 1, err
     assert "mysql is not supported" in err and "SQLite" in err and "PostgreSQL" in err, err
     assert "pointflow[postgres]" not in err, err
+
+
+@pytest.mark.parametrize("url", ["http://mail", "https://user:secret@mail.example.com"])
+def test_an_smtp_url_that_is_not_smtp_is_refused_when_settings_are_read(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, url: str
+) -> None:
+    monkeypatch.setenv("POINTFLOW_SMTP_URL", url)
+    assert main(["files", "list", "--account", "acme"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pointflow: error: POINTFLOW_SMTP_URL must be smtp://") and err.count("\n") == 1, err
+    assert "secret" not in err
+
+
+def test_an_smtps_url_is_accepted(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POINTFLOW_SMTP_URL", "smtps://user:secret@mail.example.com")
+    assert Settings.from_env().smtp_url == "smtps://user:secret@mail.example.com"
