@@ -121,3 +121,30 @@ def test_an_smtp_url_that_is_not_smtp_is_refused_when_settings_are_read(
 def test_an_smtps_url_is_accepted(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POINTFLOW_SMTP_URL", "smtps://user:secret@mail.example.com")
     assert Settings.from_env().smtp_url == "smtps://user:secret@mail.example.com"
+
+
+def test_ingest_of_an_s3_url_says_how_to_get_an_s3_object_in(home: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["ingest", "s3://some-bucket/x.laz", "--account", "acme"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "s3://some-bucket/x.laz" in err and "s3:/some-bucket" not in err, err
+    assert "takes a local" in err and "pointflow_classify" in err and "drop zone" in err, err
+
+
+def test_s3_without_credentials_says_what_to_set(
+    home: Path, tmp_path: Path, scene_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    accounts = tmp_path / "accounts.csv"
+    accounts.write_text(CSV)
+    assert main(["accounts", "import", str(accounts)]) == 0
+    capsys.readouterr()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
+    monkeypatch.setenv("POINTFLOW_STORAGE_URL", "s3://pointflow-no-such-bucket-for-tests/x")
+    assert main(["ingest", str(scene_path), "--account", "acme"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Unable to locate credentials" in err, err
+    assert "AWS_ACCESS_KEY_ID" in err and "AWS_PROFILE" in err and "role" in err, err

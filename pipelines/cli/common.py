@@ -134,7 +134,7 @@ def run_handler(args: argparse.Namespace) -> int:
         from pipelines.errors import USER_ERRORS
 
         if isinstance(error, (CommandError, *USER_ERRORS)):
-            print(f"pointflow: error: {error}", file=sys.stderr)
+            print(f"pointflow: error: {error}{_what_to_do(error)}", file=sys.stderr)
             return 2
         if isinstance(error, DBAPIError):
             print(f"pointflow: error: {database_failure(settings_from_env().database_url, error)}", file=sys.stderr)
@@ -142,6 +142,16 @@ def run_handler(args: argparse.Namespace) -> int:
         if isinstance(error, BrokenPipeError):
             return _reader_gone()
         raise
+
+
+def _what_to_do(error: BaseException) -> str:
+    """Advice an error's cause calls for that its own message does not give."""
+    if type(error.__cause__).__name__ == "NoCredentialsError":  # botocore's, from the S3 store
+        return (
+            ". Give S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with an "
+            "instance or pod role (README: AWS S3)"
+        )
+    return ""
 
 
 def _reader_gone() -> int:
