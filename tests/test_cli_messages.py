@@ -148,3 +148,26 @@ def test_s3_without_credentials_says_what_to_set(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Unable to locate credentials" in err, err
     assert "AWS_ACCESS_KEY_ID" in err and "AWS_PROFILE" in err and "role" in err, err
+
+
+def test_top_level_help_names_each_groups_actions_and_options_explain_themselves(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = " ".join(capsys.readouterr().out.split())
+    for action in ("build-shared", "hold", "terminate", "export-all", "delete"):
+        assert action in top, action
+    for command, option in [
+        (["accounts", "add"], "--email EMAIL"),
+        (["files", "list"], "--account ID"),
+        (["models", "list"], "--account ID"),
+        (["invoices", "dispute"], "--reason REASON"),
+    ]:
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        lines = capsys.readouterr().out.splitlines()
+        line = next(line for line in lines if line.strip().startswith(option))
+        assert len(line.split(maxsplit=len(option.split()))) > len(option.split()) or lines[
+            lines.index(line) + 1
+        ].startswith(" " * 20), (command, line)

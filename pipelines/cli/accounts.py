@@ -12,7 +12,10 @@ from pipelines.cli.common import open_catalog, read_import_file, settings_from_e
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    accounts = commands.add_parser("accounts", help="create and update customer accounts")
+    accounts = commands.add_parser(
+        "accounts",
+        help="create, update, hold, terminate, export or delete customer accounts (import, add, change-plan, hold, unhold, terminate, export-all, delete)",
+    )
     sub = accounts.add_subparsers(dest="accounts_command", metavar="ACTION", required=True)
 
     importer = sub.add_parser(
@@ -35,8 +38,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "add", help="add or update one account", description="Add one account (updates it if the id exists)."
     )
     add.add_argument("account_id", help="1-64 letters, digits, '_' or '-'")
-    add.add_argument("--name", required=True)
-    add.add_argument("--email", required=True)
+    add.add_argument("--name", required=True, help="the customer's name as invoices print it")
+    add.add_argument("--email", required=True, help="where results, invoices and notices are e-mailed")
     add.add_argument("--country", required=True, help="two-letter ISO code, e.g. DE")
     add.add_argument("--plan", required=True, choices=[p.value for p in Plan])
     add.add_argument("--started-at", default=None, help="ISO date the contract started (default: today, UTC)")

@@ -132,11 +132,11 @@ def _register_invoices(commands: argparse._SubParsersAction) -> None:
         ),
     )
     dispute.add_argument("invoice_number")
-    dispute.add_argument("--reason", required=True)
+    dispute.add_argument("--reason", required=True, help="what the customer disputes, in their words")
     dispute.add_argument("--billing-error", action="store_true", help="the dispute is about a billing error")
     dispute.add_argument("--at", type=instant_arg, help="when the customer raised it (default: now)")
     dispute.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
-    dispute.add_argument("--json", action="store_true")
+    dispute.add_argument("--json", action="store_true", help="print the dispute as JSON")
     dispute.set_defaults(handler=_invoices_dispute)
 
 

@@ -33,12 +33,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     ingest.add_argument("--json", action="store_true", help="print the stored file (or the finished job) as JSON")
     ingest.set_defaults(handler=_ingest)
 
-    files = commands.add_parser("files", help="list an account's stored files")
+    files = commands.add_parser("files", help="list or delete an account's stored files (list, delete)")
     sub = files.add_subparsers(dest="files_command", metavar="ACTION", required=True)
     listing = sub.add_parser(
         "list", help="list stored files", description="List the account's files: key, size, sha256, points, state."
     )
-    listing.add_argument("--account", required=True, metavar="ID")
+    listing.add_argument("--account", required=True, metavar="ID", help="the account whose files to list")
     listing.add_argument("--json", action="store_true", help="print a JSON array ([] when there are none)")
     listing.set_defaults(handler=_list)
     remove = sub.add_parser(
