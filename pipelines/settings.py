@@ -105,6 +105,20 @@ def _url(env: Mapping[str, str], name: str, default: str | None = None) -> str |
     return raw
 
 
+def _smtp_url(env: Mapping[str, str], name: str) -> str | None:
+    raw = _url(env, name)
+    if raw is None:
+        return None
+    scheme = raw.split("://", 1)[0].lower() if "://" in raw else ""
+    if scheme not in ("smtp", "smtps"):
+        given = f"{scheme}://" if scheme else "no scheme"
+        raise SettingsError(
+            f"{name} must be smtp://[user:password@]host[:port] (?starttls=1 to upgrade) or smtps://..., "
+            f"not {given}; leave it unset to write e-mail to $POINTFLOW_HOME/outbox"
+        )
+    return raw
+
+
 def _mailbox(env: Mapping[str, str], name: str, default: str) -> str:
     try:
         return check_mailbox(env.get(name) or default)
@@ -156,7 +170,7 @@ class Settings:
             database_url=_url(env, "POINTFLOW_DATABASE_URL", f"sqlite:///{home / 'catalog.db'}"),
             storage_url=env.get("POINTFLOW_STORAGE_URL") or (home / "objects").as_uri(),
             dask_address=env.get("POINTFLOW_DASK_ADDRESS") or None,
-            smtp_url=_url(env, "POINTFLOW_SMTP_URL"),
+            smtp_url=_smtp_url(env, "POINTFLOW_SMTP_URL"),
             mail_from=_mailbox(env, "POINTFLOW_MAIL_FROM", "pointflow <noreply@pointflow.invalid>"),
             tile_size=_float(env, "POINTFLOW_TILE_SIZE", 200.0),
             tile_buffer=_float(env, "POINTFLOW_TILE_BUFFER", 20.0),

@@ -22,13 +22,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--input", type=Path, default=None, help="classify this LAS/LAZ file instead of a generated scene"
     )
-    parser.add_argument("--classifier", default="standard", help="standard (default) or ground")
+    parser.add_argument(
+        "--classifier", default="standard", help="standard (default), ground, or a trained model id of the demo account"
+    )
     parser.set_defaults(handler=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from pipelines.classifiers import describe_classifier
     from pointflow_dev.demo import run_demo
 
+    if not args.classifier.startswith("model-"):
+        # The DAG's own check of a built-in name, before minutes of Airflow start and retries.
+        describe_classifier(args.classifier)
     settings = settings_from_env()
     print(f"pointflow demo in {settings.home} (set POINTFLOW_HOME to use another folder)")
     print(

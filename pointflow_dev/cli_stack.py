@@ -22,7 +22,15 @@ def register(commands: argparse._SubParsersAction) -> None:
         ),
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    up = actions.add_parser("up", help="start the stack and keep it running until Ctrl-C")
+    up = actions.add_parser(
+        "up",
+        help="start the stack and keep it running until Ctrl-C",
+        description=(
+            "Start Airflow (api-server, scheduler, dag-processor, triggerer) on PostgreSQL, pointflow's catalog on "
+            "the same server, and a Dask scheduler with its workers, as separate processes on loopback; keep them "
+            "running until Ctrl-C, which stops everything. Logs stay in <dir>/logs."
+        ),
+    )
     up.add_argument(
         "--postgres",
         default="postgresql://postgres@127.0.0.1:5432/postgres",

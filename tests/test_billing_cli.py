@@ -248,9 +248,10 @@ def test_output_cut_short_by_its_reader_is_no_error(cli_env, capsys):
     for args in (["billing", "run", "--period", "2026-09", "--json"], ["invoices", "list"]):
         child = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         child.stdout.close()  # the reader is gone before the first line is written
-        stderr = child.stderr.read()
+        # Nothing but the warning of `billing run` that the shipped price book has no seller.
+        stderr = [line for line in child.stderr.read().splitlines() if b"has no seller: block" not in line]
         child.stderr.close()
-        assert (child.wait(timeout=120), stderr) == (141, b"")  # 128 + SIGPIPE, as the shell reports a reader gone
+        assert (child.wait(timeout=120), stderr) == (141, [])  # 128 + SIGPIPE, as the shell reports a reader gone
     assert cli(capsys, "invoices", "list", "--period", "2026-09").endswith("3 invoice(s)\n")  # the run itself completed
 
 

@@ -116,7 +116,7 @@ def read_usage_jsonl(path: Path) -> list[tuple[int, UsageRecord]]:
     """All events of a file with their line numbers; blank lines are skipped."""
     records: list[tuple[int, UsageRecord]] = []
     problems: list[str] = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:  # a byte order mark (Windows editors) is fine
         for number, text in enumerate(handle, start=1):
             if not text.strip():
                 continue

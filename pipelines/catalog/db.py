@@ -107,11 +107,17 @@ def _make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
+    backend = make_url(url).get_backend_name()
+    if backend != "postgresql":
+        raise CatalogError(
+            f"POINTFLOW_DATABASE_URL: {backend} is not supported; the catalog runs on SQLite "
+            "(sqlite:///PATH, the default) or PostgreSQL (postgresql://USER:PASSWORD@HOST:PORT/DATABASE)"
+        )
     try:
         return create_engine(url, pool_pre_ping=True)
     except ModuleNotFoundError as error:
         raise CatalogError(
-            f"{make_url(url).get_backend_name()} needs the {error.name} driver: pip install 'pointflow[postgres]'"
+            f"postgresql needs the {error.name} driver: pip install 'pointflow[postgres]' (psycopg2-binary)"
         ) from error
 
 

@@ -8,11 +8,14 @@ from pathlib import Path
 
 from pipelines.accounts import make_record, read_accounts_csv, upsert_accounts
 from pipelines.catalog.models import BillingCycle, Plan
-from pipelines.cli.common import open_catalog, settings_from_env
+from pipelines.cli.common import open_catalog, read_import_file, settings_from_env
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    accounts = commands.add_parser("accounts", help="create and update customer accounts")
+    accounts = commands.add_parser(
+        "accounts",
+        help="create, update, hold, terminate, export or delete customer accounts (import, add, change-plan, hold, unhold, terminate, export-all, delete)",
+    )
     sub = accounts.add_subparsers(dest="accounts_command", metavar="ACTION", required=True)
 
     importer = sub.add_parser(
@@ -35,8 +38,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "add", help="add or update one account", description="Add one account (updates it if the id exists)."
     )
     add.add_argument("account_id", help="1-64 letters, digits, '_' or '-'")
-    add.add_argument("--name", required=True)
-    add.add_argument("--email", required=True)
+    add.add_argument("--name", required=True, help="the customer's name as invoices print it")
+    add.add_argument("--email", required=True, help="where results, invoices and notices are e-mailed")
     add.add_argument("--country", required=True, help="two-letter ISO code, e.g. DE")
     add.add_argument("--plan", required=True, choices=[p.value for p in Plan])
     add.add_argument("--started-at", default=None, help="ISO date the contract started (default: today, UTC)")
@@ -101,7 +104,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
-    records = read_accounts_csv(args.file)
+    records = read_import_file(read_accounts_csv, args.file)
     result = upsert_accounts(open_catalog(settings_from_env()), records)
     print(f"accounts: {result.created} created, {result.updated} updated")
     return 0

@@ -77,8 +77,10 @@ def _register_invoices(commands: argparse._SubParsersAction) -> None:
         description=(
             "Show one invoice: as JSON with payments, credit notes, disputes and the open amount; as the CSV of its "
             "lines; as the page sent to the customer (HTML); or as its e-invoice (Factur-X PDF, or the CII XML). The "
-            "page and e-invoice are rendered now, with the payments received so far; the ones sent are in the "
-            "account's invoices area."
+            "page and e-invoice are the documents as issued: the ones published in the account's invoices area, "
+            "else rendered with the seller and buyer kept at issue (invoices issued before those were kept, or "
+            "without a seller, use the account's and price book's current data). Payments received since are in "
+            "the JSON."
         ),
     )
     show.add_argument("invoice_number", help="an invoice number, or a credit note's (html, pdf, xml)")
@@ -130,11 +132,11 @@ def _register_invoices(commands: argparse._SubParsersAction) -> None:
         ),
     )
     dispute.add_argument("invoice_number")
-    dispute.add_argument("--reason", required=True)
+    dispute.add_argument("--reason", required=True, help="what the customer disputes, in their words")
     dispute.add_argument("--billing-error", action="store_true", help="the dispute is about a billing error")
     dispute.add_argument("--at", type=instant_arg, help="when the customer raised it (default: now)")
     dispute.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
-    dispute.add_argument("--json", action="store_true")
+    dispute.add_argument("--json", action="store_true", help="print the dispute as JSON")
     dispute.set_defaults(handler=_invoices_dispute)
 
 
@@ -313,7 +315,18 @@ def _invoices_dispute(args: argparse.Namespace) -> int:
 
 def _billing_run(args: argparse.Namespace) -> int:
     settings = settings_from_env()
-    result = run_billing(open_catalog(settings), args.period, pricebook_of(args, settings))
+    pricebook = pricebook_of(args, settings)
+    if pricebook.seller is None:
+        path = getattr(args, "pricebook", None) or settings.pricebook_path
+        source = f"price book {path}" if path else "the shipped default price book"
+        print(
+            f"pointflow: warning: {source} has no seller: block; invoices issued now are not valid VAT "
+            "invoices (no Factur-X PDF or XML) and stay so. Add seller: (name, street, postcode, city, country, "
+            "vat_id; see the example in pipelines/data/pricebook.yaml) and set POINTFLOW_PRICEBOOK or --pricebook "
+            "before invoicing",
+            file=sys.stderr,
+        )
+    result = run_billing(open_catalog(settings), args.period, pricebook)
     if args.json:
         print_json([invoice.to_dict() for invoice in result.invoices])
         return 0

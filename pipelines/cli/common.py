@@ -8,7 +8,9 @@ import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipelines.errors import UserError
 from pipelines.settings import Settings
@@ -20,6 +22,32 @@ if TYPE_CHECKING:
 
 class CommandError(UserError):
     """An error the user can act on; printed as one line, exit code 2."""
+
+
+T = TypeVar("T")
+
+
+def read_import_file(reader: Callable[[Path], T], path: Path) -> T:
+    """`reader(path)`, with a file that is not UTF-8 text (an Excel export in Latin-1 or
+    UTF-16, a binary file) refused in one line that names where and what to do, nothing read."""
+    try:
+        return reader(path)
+    except UnicodeDecodeError:
+        raise CommandError(_not_utf8(path)) from None
+
+
+def _not_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        where = "it"
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        where = f"line {line}, byte {error.start + 1} (0x{data[error.start]:02x})"
+    return (
+        f"{path}: not UTF-8 text at {where}; nothing imported. Save the file as UTF-8 "
+        "(in Excel: 'CSV UTF-8'; a byte order mark is fine) and import it again"
+    )
 
 
 def settings_from_env() -> Settings:
@@ -106,7 +134,7 @@ def run_handler(args: argparse.Namespace) -> int:
         from pipelines.errors import USER_ERRORS
 
         if isinstance(error, (CommandError, *USER_ERRORS)):
-            print(f"pointflow: error: {error}", file=sys.stderr)
+            print(f"pointflow: error: {error}{_what_to_do(error)}", file=sys.stderr)
             return 2
         if isinstance(error, DBAPIError):
             print(f"pointflow: error: {database_failure(settings_from_env().database_url, error)}", file=sys.stderr)
@@ -114,6 +142,16 @@ def run_handler(args: argparse.Namespace) -> int:
         if isinstance(error, BrokenPipeError):
             return _reader_gone()
         raise
+
+
+def _what_to_do(error: BaseException) -> str:
+    """Advice an error's cause calls for that its own message does not give."""
+    if type(error.__cause__).__name__ == "NoCredentialsError":  # botocore's, from the S3 store
+        return (
+            ". Give S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with an "
+            "instance or pod role (README: AWS S3)"
+        )
+    return ""
 
 
 def _reader_gone() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipelines.cli.common import print_deletion, print_json, settings_from_env
+from pipelines.cli.common import CommandError, print_deletion, print_json, settings_from_env
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -33,12 +33,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     ingest.add_argument("--json", action="store_true", help="print the stored file (or the finished job) as JSON")
     ingest.set_defaults(handler=_ingest)
 
-    files = commands.add_parser("files", help="list an account's stored files")
+    files = commands.add_parser("files", help="list or delete an account's stored files (list, delete)")
     sub = files.add_subparsers(dest="files_command", metavar="ACTION", required=True)
     listing = sub.add_parser(
         "list", help="list stored files", description="List the account's files: key, size, sha256, points, state."
     )
-    listing.add_argument("--account", required=True, metavar="ID")
+    listing.add_argument("--account", required=True, metavar="ID", help="the account whose files to list")
     listing.add_argument("--json", action="store_true", help="print a JSON array ([] when there are none)")
     listing.set_defaults(handler=_list)
     remove = sub.add_parser(
@@ -63,6 +63,14 @@ def _ingest(args: argparse.Namespace) -> int:
     from pipelines.sources import check_source
     from pipelines.steps.ingest import upload
 
+    given = str(args.file)
+    if given.startswith("s3:"):  # the Path has folded s3://bucket/key to s3:/bucket/key
+        url = "s3://" + given[len("s3:") :].lstrip("/")
+        raise CommandError(
+            f"ingest takes a local LAS/LAZ file, not {url}: give an S3 object as the source of the pointflow_classify "
+            f'DAG (-c \'{{"account_id": "{args.account}", "source": "{url}"}}\'), put it in the account\'s drop zone '
+            f"(incoming/{args.account}/ in the object store), or download it first (aws s3 cp {url} .)"
+        )
     if not args.file.is_file():
         raise FileNotFoundError(f"no such file: {args.file}")
     # The file named here is an allowed source, wherever it is, except among the service's own files.

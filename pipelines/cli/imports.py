@@ -15,7 +15,15 @@ from pipelines.billing.imports import (
     read_usage_jsonl,
 )
 from pipelines.billing.usage import monthly_points_cap, points_used_in_month
-from pipelines.cli.common import PRICEBOOK_HELP, month_arg, open_catalog, pricebook_of, print_json, settings_from_env
+from pipelines.cli.common import (
+    PRICEBOOK_HELP,
+    month_arg,
+    open_catalog,
+    pricebook_of,
+    print_json,
+    read_import_file,
+    settings_from_env,
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -100,7 +108,7 @@ def _print_import(args: argparse.Namespace, what: str, result) -> int:
 
 
 def _usage_import(args: argparse.Namespace) -> int:
-    records = read_usage_jsonl(args.file)
+    records = read_import_file(read_usage_jsonl, args.file)
     result = import_usage(open_catalog(settings_from_env()), records, str(args.file))
     return _print_import(args, "usage events", result)
 
@@ -117,12 +125,12 @@ def _usage_points(args: argparse.Namespace) -> int:
 
 
 def _payments_import(args: argparse.Namespace) -> int:
-    records = read_payments_csv(args.file)
+    records = read_import_file(read_payments_csv, args.file)
     result = import_payments(open_catalog(settings_from_env()), records, str(args.file))
     return _print_import(args, "payments", result)
 
 
 def _outages_import(args: argparse.Namespace) -> int:
-    records = read_outages_csv(args.file)
+    records = read_import_file(read_outages_csv, args.file)
     result = import_outages(open_catalog(settings_from_env()), records)
     return _print_import(args, "outages", result)

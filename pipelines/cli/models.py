@@ -39,7 +39,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--json", action="store_true", help="print the model and its evaluation as JSON")
     train.set_defaults(handler=_train)
 
-    models = commands.add_parser("models", help="list or delete an account's trained classifiers")
+    models = commands.add_parser(
+        "models", help="list, delete or build the shared model of trained classifiers (list, delete, build-shared)"
+    )
     sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     listing = sub.add_parser(
         "list",
@@ -51,7 +53,7 @@ def register(commands: argparse._SubParsersAction) -> None:
             "version: retrain to re-check), held-out F1 per class."
         ),
     )
-    listing.add_argument("--account", required=True, metavar="ID")
+    listing.add_argument("--account", required=True, metavar="ID", help="the account whose models to list")
     listing.add_argument(
         "--deleted",
         action="store_true",
