@@ -43,7 +43,7 @@ from pipelines.classifiers import describe_classifier
 from pipelines.classifiers.base import UNCLASSIFIED
 from pipelines.cluster import WORKER_START_SECONDS, dashboard_link, dask_client, local_cluster, wait_for_workers
 from pipelines.copc import COPC_SUFFIX, write_copc
-from pipelines.errors import InvalidValue
+from pipelines.errors import InvalidValue, PointflowError
 from pipelines.gate import NotPointCloudError
 from pipelines.lasio import read_info
 from pipelines.scan import EarlyTiles, scan
@@ -93,7 +93,7 @@ class ClassifyResult:
     early_tiles: int = 0  # sent to the workers while the file was scanned, with all their points (pipelines.scan)
 
 
-class ClassificationAborted(Exception):
+class ClassificationAborted(PointflowError):
     """`should_stop` said to stop: no more tiles were sent, those in flight were cancelled, nothing
     was written. `points`: the core points of the tiles classified before (each input point once)."""
 
