@@ -369,7 +369,9 @@ def _output_header(
     header.point_count = stats.points
     header.number_of_points_by_return = stats.by_return
     header.system_identifier = source.system_identifier
-    header.generating_software = f"pointflow {__version__}"
+    # A classified source names its classifier (pipelines.tile_io.classified_header): kept.
+    stamped = source.generating_software.startswith("pointflow ")
+    header.generating_software = source.generating_software if stamped else f"pointflow {__version__}"
     header.creation_date = source.creation_date
     header.file_source_id = source.file_source_id
     header.uuid = source.uuid
@@ -384,6 +386,7 @@ def _output_header(
         laspy.VLR("copc", 1, "COPC info", placeholder),
         laspy.vlrs.known.LasZipVlr(vlr.record_data()),
         *crs_vlrs,
+        *(v for v in source.vlrs if v.user_id == "pointflow"),
     ]
     header.are_points_compressed = True
     header.global_encoding.wkt = True

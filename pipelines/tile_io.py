@@ -5,6 +5,9 @@ in tile order as their classes come in."""
 from __future__ import annotations
 
 import copy
+import datetime
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -115,6 +118,51 @@ def writable_header(header: laspy.LasHeader) -> laspy.LasHeader:
     if out.evlrs is not None:
         out.evlrs = [v for v in out.evlrs if v.user_id != "copc"]
     return out
+
+
+# The VLR every classified LAS/LAZ pointflow writes carries: JSON naming the classifier that made
+# its classes (name, version, digest of its parameters, a trained model's digest) and pointflow's version.
+CLASSIFIER_VLR_USER_ID = "pointflow"
+CLASSIFIER_VLR_RECORD_ID = 1
+
+
+def classified_header(
+    header: laspy.LasHeader,
+    name: str,
+    version: str,
+    params: dict[str, Any],
+    model_bytes: bytes | None = None,
+    today: datetime.date | None = None,
+) -> laspy.LasHeader:
+    """`header` (a copy) stamped with what classified its points: `generating_software`
+    "pointflow <classifier> <version>" (ASCII, at most 32 bytes), the creation date of today (UTC),
+    and the classifier VLR, replacing one the input had; the input's other VLRs (its CRS) stay."""
+    from pipelines import __version__
+
+    out = copy.deepcopy(header)
+    out.generating_software = f"pointflow {name} {version}".encode("ascii", "replace").decode()[:32]
+    out.creation_date = today or datetime.datetime.now(datetime.UTC).date()
+    record = {
+        "classifier": name,
+        "version": version,
+        "params_sha256": hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest(),
+        "pointflow": __version__,
+    }
+    if model_bytes is not None:
+        record["model_sha256"] = hashlib.sha256(model_bytes).hexdigest()
+    out.vlrs = [
+        *(v for v in out.vlrs if (v.user_id, v.record_id) != (CLASSIFIER_VLR_USER_ID, CLASSIFIER_VLR_RECORD_ID)),
+        laspy.VLR(CLASSIFIER_VLR_USER_ID, CLASSIFIER_VLR_RECORD_ID, "classifier (JSON)", json.dumps(record).encode()),
+    ]
+    return out
+
+
+def classifier_record(header: laspy.LasHeader) -> dict[str, Any] | None:
+    """The classifier VLR's JSON of a file pointflow classified, or None."""
+    for vlr in header.vlrs:
+        if (vlr.user_id, vlr.record_id) == (CLASSIFIER_VLR_USER_ID, CLASSIFIER_VLR_RECORD_ID):
+            return json.loads(bytes(vlr.record_data))
+    return None
 
 
 class TileWriter:
