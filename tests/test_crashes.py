@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import laspy
 import psutil
 import pytest
 from sqlalchemy import select
@@ -168,3 +169,36 @@ def test_a_killed_ingest_run_is_closed_as_failed_and_deleting_the_account_finds_
     assert main(["jobs", "show", job.job_id]) == 0
     assert "no progress" in capsys.readouterr().out
     assert job_view(runtime, job.job_id).finished_at is not None
+
+
+def test_the_next_classify_to_the_same_output_removes_a_killed_runs_partial_never_a_live_ones(
+    home: Path, tmp_path: Path
+) -> None:
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    output = outputs / "delft.las"
+    # 0.85 M points: its partial output exists for seconds (from the end of the scan to the rename).
+    source = str(shared_file("corpus/AHN3_delft_3dfier.laz"))
+
+    def partials() -> list[Path]:
+        return sorted(outputs.glob(".delft.las*.partial"))
+
+    killed = start(home, "classify", source, str(output))
+    wait_for(lambda: bool(partials()), 180, "the killed run to open its partial output")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    [stale] = partials()  # left behind, until...
+
+    live = start(home, "classify", source, str(output))
+    wait_for(lambda: any(p != stale for p in partials()), 180, "the next run to open its partial output")
+    assert not stale.exists()  # ...the next run to the same output removes it
+    [ongoing] = partials()
+    from pipelines.tile_io import sweep_partials
+
+    # What a third run to the same output does first leaves the live run's partial alone.
+    assert live.poll() is None, "the run finished: no live writer was tested"
+    assert sweep_partials(output) == [] and ongoing.exists()
+
+    out, err = live.communicate(timeout=300)
+    assert live.returncode == 0, err
+    assert partials() == [] and len(laspy.read(output).points) == 848_942
