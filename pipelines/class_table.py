@@ -38,10 +38,14 @@ CLASS_COLOURS = {
 OTHER_COLOUR = "#000000"
 
 
-def class_summary(class_counts: dict[int, int]) -> list[dict]:
+def class_summary(class_counts: dict[int, int], classifier: tuple[str, str] | None = None) -> list[dict]:
+    """One row per class; with `classifier` (name, version), every row also names what classified
+    the points (`classifier`, `classifier_version`: columns a reader of the table may ignore)."""
     total = sum(class_counts.values()) or 1
+    made_by = {"classifier": classifier[0], "classifier_version": classifier[1]} if classifier else {}
     return [
         {"class": c, "name": ASPRS_CLASS_NAMES.get(c, "other"), "points": n, "percent": round(100 * n / total, 3)}
+        | made_by
         for c, n in sorted(class_counts.items())
     ]
 
@@ -49,7 +53,10 @@ def class_summary(class_counts: dict[int, int]) -> list[dict]:
 def summary_csv(rows: list[dict]) -> bytes:
     """The class table; shares always with three decimals, so the column lines up in any tool."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["class", "name", "points", "percent"], lineterminator="\n")
+    fields = ["class", "name", "points", "percent"]
+    if rows and "classifier" in rows[0]:
+        fields += ["classifier", "classifier_version"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows({**row, "percent": f"{row['percent']:.3f}"} for row in rows)
     return buffer.getvalue().encode()

@@ -50,7 +50,7 @@ from pipelines.scan import EarlyTiles, scan
 from pipelines.scratch import work_dir
 from pipelines.settings import ClusterStartError, Settings
 from pipelines.tile import MIN_TILE_POINTS, TileGrid
-from pipelines.tile_io import Progress, TileFiles, TileWriter, writable_header
+from pipelines.tile_io import Progress, TileFiles, TileWriter, classified_header, writable_header
 from pipelines.tile_tasks import (
     TileBatch,
     TileResult,
@@ -211,7 +211,9 @@ def classify_file(
         model_bytes = None if isinstance(classifier, str) else classifier.model.to_bytes()
         with work_dir(settings.scratch_dir, "classify", account_id, job_id) as work:
             with laspy.open(input_path) as reader:
-                header = writable_header(reader.header)
+                header = classified_header(
+                    writable_header(reader.header), model.name, model.version, model.params, model_bytes
+                )
             tiles = TileFiles(work, header.point_format.dtype(), header.point_format.id)
 
             # Tiles travel by value to another machine's workers; a local worker reads them itself.

@@ -23,6 +23,7 @@ same bytes. Each node is one LAZ chunk, compressed by lazrs.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ import numpy as np
 from pipelines.errors import InvalidValue
 from pipelines.lasio import CHUNK_POINTS, append_grouped, iter_chunks
 from pipelines.octree import EVLR_HEADER, Cube, Key, write_hierarchy
+from pipelines.tile_io import open_partial
 
 COPC_SUFFIX = ".copc.laz"
 # COPC allows point formats 6, 7 and 8 only: each input format goes to the one that keeps its
@@ -160,13 +162,13 @@ def write_copc(source: Path, target: Path, scratch: Path, progress: Progress | N
     source, target = Path(source), Path(target)
     scratch.mkdir(parents=True, exist_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
     with laspy.open(source) as reader:
         header = reader.header
     point_format = copc_point_format(header.point_format)
     cube = Cube.around(header.mins, header.maxs, float(max(header.scales)))
     scales, offsets = np.asarray(header.scales, dtype=np.float64), np.asarray(header.offsets, dtype=np.float64)
     dtype = point_format.dtype()
+    partial, partial_handle = open_partial(target)
     try:
         with tempfile.TemporaryDirectory(prefix="copc-", dir=scratch) as work:
             bins_dir, ancestors_dir = Path(work, "bins"), Path(work, "ancestors")
@@ -179,7 +181,7 @@ def write_copc(source: Path, target: Path, scratch: Path, progress: Progress | N
                 point_format.id, point_format.num_extra_bytes, use_variable_size_chunks=True
             )
             out_header = _output_header(header, point_format, vlr, stats)
-            with open(partial, "w+b") as handle:
+            with contextlib.nullcontext(partial_handle) as handle:
                 out_header.write_to(handle)
                 chunks = _Chunks(handle, vlr)
                 builder = _Builder(cube, scales, offsets, dtype, chunks, ancestors_dir)
@@ -205,6 +207,8 @@ def write_copc(source: Path, target: Path, scratch: Path, progress: Progress | N
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    finally:
+        partial_handle.close()  # its lock goes only now: after the rename or the unlink
     levels: dict[int, int] = {}
     for key, _, _, count in entries:
         levels[key.d] = levels.get(key.d, 0) + count
@@ -369,7 +373,9 @@ def _output_header(
     header.point_count = stats.points
     header.number_of_points_by_return = stats.by_return
     header.system_identifier = source.system_identifier
-    header.generating_software = f"pointflow {__version__}"
+    # A classified source names its classifier (pipelines.tile_io.classified_header): kept.
+    stamped = source.generating_software.startswith("pointflow ")
+    header.generating_software = source.generating_software if stamped else f"pointflow {__version__}"
     header.creation_date = source.creation_date
     header.file_source_id = source.file_source_id
     header.uuid = source.uuid
@@ -384,6 +390,7 @@ def _output_header(
         laspy.VLR("copc", 1, "COPC info", placeholder),
         laspy.vlrs.known.LasZipVlr(vlr.record_data()),
         *crs_vlrs,
+        *(v for v in source.vlrs if v.user_id == "pointflow"),
     ]
     header.are_points_compressed = True
     header.global_encoding.wkt = True

@@ -26,6 +26,7 @@ from pipelines.lasio import CHUNK_POINTS
 from pipelines.links import LinkClaim, LinkSigner
 from pipelines.preview import write_previews
 from pipelines.storage import AccountArea, ObjectStore, file_sha256
+from pipelines.tile_io import classifier_record
 
 if TYPE_CHECKING:
     from pipelines.steps.record import JobRecord, JobSummary
@@ -100,7 +101,9 @@ def build_artifacts(
     else:
         points = write_points_as(classified, workdir / name)
     frame = write_previews(classified, workdir / "preview.png", workdir / SAMPLE_NAME, title)
-    rows = class_summary(class_counts)
+    with laspy.open(classified) as reader:
+        made_by = classifier_record(reader.header)
+    rows = class_summary(class_counts, (made_by["classifier"], made_by["version"]) if made_by else None)
     (workdir / "classes.csv").write_bytes(summary_csv(rows))
     (workdir / "classes.json").write_bytes(summary_json(rows))
     artifacts = [

@@ -5,11 +5,19 @@ in tile order as their classes come in."""
 from __future__ import annotations
 
 import copy
+import datetime
+import fcntl
+import glob
+import hashlib
+import json
 import logging
 import os
+import stat
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import laspy
 import numpy as np
@@ -117,6 +125,103 @@ def writable_header(header: laspy.LasHeader) -> laspy.LasHeader:
     return out
 
 
+# The VLR every classified LAS/LAZ pointflow writes carries: JSON naming the classifier that made
+# its classes (name, version, digest of its parameters, a trained model's digest) and pointflow's version.
+CLASSIFIER_VLR_USER_ID = "pointflow"
+CLASSIFIER_VLR_RECORD_ID = 1
+
+
+def classified_header(
+    header: laspy.LasHeader,
+    name: str,
+    version: str,
+    params: dict[str, Any],
+    model_bytes: bytes | None = None,
+    today: datetime.date | None = None,
+) -> laspy.LasHeader:
+    """`header` (a copy) stamped with what classified its points: `generating_software`
+    "pointflow <classifier> <version>" (ASCII, at most 32 bytes), the creation date of today (UTC),
+    and the classifier VLR, replacing one the input had; the input's other VLRs (its CRS) stay."""
+    from pipelines import __version__
+
+    out = copy.deepcopy(header)
+    out.generating_software = f"pointflow {name} {version}".encode("ascii", "replace").decode()[:32]
+    out.creation_date = today or datetime.datetime.now(datetime.UTC).date()
+    record = {
+        "classifier": name,
+        "version": version,
+        "params_sha256": hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest(),
+        "pointflow": __version__,
+    }
+    if model_bytes is not None:
+        record["model_sha256"] = hashlib.sha256(model_bytes).hexdigest()
+    out.vlrs = [
+        *(v for v in out.vlrs if (v.user_id, v.record_id) != (CLASSIFIER_VLR_USER_ID, CLASSIFIER_VLR_RECORD_ID)),
+        laspy.VLR(CLASSIFIER_VLR_USER_ID, CLASSIFIER_VLR_RECORD_ID, "classifier (JSON)", json.dumps(record).encode()),
+    ]
+    return out
+
+
+def classifier_record(header: laspy.LasHeader) -> dict[str, Any] | None:
+    """The classifier VLR's JSON of a file pointflow classified, or None."""
+    for vlr in header.vlrs:
+        if (vlr.user_id, vlr.record_id) == (CLASSIFIER_VLR_USER_ID, CLASSIFIER_VLR_RECORD_ID):
+            return json.loads(bytes(vlr.record_data))
+    return None
+
+
+# An output is written to a hidden partial file beside it (the rename onto it stays on one file
+# system), named for its writer and locked (flock) by it until the rename: the kernel drops the lock
+# when the writer dies however it dies, so the next writer of the same output removes what a killed
+# one left, never a live one's.
+PARTIAL_SUFFIX = ".partial"
+# The name every writer used before partials were locked: one unchanged this long is a dead writer's.
+_UNLOCKED_PARTIAL_AGE_S = 3600
+
+
+def sweep_partials(target: Path) -> list[Path]:
+    """Remove the partial files of `target` that no live writer holds; returns them."""
+    removed = []
+    named = list(target.parent.glob(f".{glob.escape(target.name)}.*{PARTIAL_SUFFIX}"))
+    legacy = target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
+    try:
+        if time.time() - os.lstat(legacy).st_mtime > _UNLOCKED_PARTIAL_AGE_S:
+            named.append(legacy)
+    except OSError:
+        pass
+    for path in named:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue  # renamed onto the output or removed meanwhile; or a link: not ours
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its writer is alive
+            try:
+                same = os.lstat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False  # renamed onto the output just before we locked it
+            if same and stat.S_ISREG(os.fstat(fd).st_mode):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def open_partial(target: Path) -> tuple[Path, BinaryIO]:
+    """A new partial file beside `target`, open for writing and locked until it is closed (after
+    its rename onto `target`); the partials killed writers of `target` left are removed first."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_partials(target)
+    path = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+    handle = open(path, "x+b")  # noqa: SIM115 - closed by its writer after the rename
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    return path, handle
+
+
 class TileWriter:
     """The output, written tile by tile in id order (the order of the file's tiles, whatever order
     their classes come in) to a temporary name, renamed at the end: a failure never leaves a partial file."""
@@ -125,7 +230,8 @@ class TileWriter:
         self.header, self.tiles, self.output_path, self.progress = header, tiles, output_path, progress
         self.order: list[int] = []
         self.writer: Any = None
-        self.partial = output_path.with_name(f".{output_path.name}.partial")
+        self.partial: Path | None = None
+        self.partial_handle: BinaryIO | None = None
         self.classes: dict[int, bytes] = {}
         self.next = 0  # position in `order` of the next tile to write
         self.points: dict[int, int] = {}  # core points per tile
@@ -145,14 +251,20 @@ class TileWriter:
         self.order = order
         self.points = self.tiles.counts("core")
         compress = self.output_path.suffix.lower() == ".laz"
-        self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = laspy.open(
-            self.partial,
-            mode="w",
-            header=self.header,
-            do_compress=compress,
-            laz_backend=laspy.LazBackend.LazrsParallel if compress else None,
-        )
+        self.partial, self.partial_handle = open_partial(self.output_path)
+        try:
+            self.writer = laspy.open(
+                self.partial_handle,
+                mode="w",
+                header=self.header,
+                do_compress=compress,
+                laz_backend=laspy.LazBackend.LazrsParallel if compress else None,
+                closefd=False,
+            )
+        except BaseException:
+            self.partial.unlink(missing_ok=True)
+            self.partial_handle.close()
+            raise
 
     def ready(self, results: dict[int, TileResult]) -> None:
         """Take these tiles' classes; write every tile whose predecessors are all written."""
@@ -198,10 +310,13 @@ class TileWriter:
                     raise RuntimeError(f"{len(self.order) - self.next} tile(s) were never classified")
                 self._flush()
             self.writer.close()
+            self.partial_handle.flush()
             if kind is None:
                 os.replace(self.partial, self.output_path)
         except BaseException:
             self.partial.unlink(missing_ok=True)
             raise
-        if kind is not None:
-            self.partial.unlink(missing_ok=True)
+        finally:
+            if kind is not None:
+                self.partial.unlink(missing_ok=True)
+            self.partial_handle.close()  # the lock goes only now: after the rename or the unlink

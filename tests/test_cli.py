@@ -208,3 +208,40 @@ def test_intake_run_with_run_classifies_a_dropped_file_and_exits_0(
     again = pointflow("intake", "run", "--run", "--json", home=home)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout) == {"files": [], "errors": {}, "jobs": []}
+
+
+def _xyz_intensity(points: laspy.LasData) -> np.ndarray:
+    table = np.stack([np.asarray(points.X), np.asarray(points.Y), np.asarray(points.Z), np.asarray(points.intensity)])
+    return table[:, np.lexsort(table[::-1])]
+
+
+@pytest.mark.parametrize("suffix", [".laz", ".copc.laz"])
+def test_classify_output_names_its_classifier_and_keeps_the_crs_and_points(
+    home: Path, tmp_path: Path, suffix: str
+) -> None:
+    from datetime import UTC, datetime
+
+    from pipelines.classifiers import describe_classifier
+
+    source = shared_file("lidr_topography.laz")  # made by 'rlas R package' in 2017, with a GeoTIFF CRS
+    output = tmp_path / ("out" + suffix)
+    result = pointflow("classify", str(source), str(output), home=home)
+    assert result.returncode == 0, result.stderr
+    before, after = laspy.read(source), laspy.read(output)
+    standard = describe_classifier("standard")
+    software = after.header.generating_software
+    assert software == f"pointflow standard {standard.version}"[:32] and software.isascii()
+    assert after.header.creation_date == datetime.now(UTC).date()
+    [vlr] = [v for v in after.header.vlrs if v.user_id == "pointflow"]
+    assert vlr.record_id == 1
+    record = json.loads(bytes(vlr.record_data))
+    assert (record["classifier"], record["version"]) == ("standard", standard.version)
+    assert len(record["params_sha256"]) == 64 and record["pointflow"]
+    assert after.header.parse_crs() == before.header.parse_crs() is not None
+    if suffix == ".laz":
+        # The input's own VLRs all stay (GeoTIFF keys here), and its point format.
+        assert [(v.user_id, v.record_id) for v in before.header.vlrs if v.user_id != "laszip encoded"] == [
+            (v.user_id, v.record_id) for v in after.header.vlrs if v.user_id not in ("laszip encoded", "pointflow")
+        ]
+        assert after.header.point_format.id == before.header.point_format.id
+    np.testing.assert_array_equal(_xyz_intensity(after), _xyz_intensity(before))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import laspy
 import psutil
 import pytest
 from sqlalchemy import select
@@ -278,3 +279,36 @@ def test_a_run_killed_mid_export_leaves_no_customer_points_once_closed_as_failed
     again = close_stale_jobs(runtime, night + timedelta(days=1))
     assert again.closed == [] and again.removed == {}
     assert len([a for a in deletion_audit(runtime.catalog, account) if a.rule == FAILED_JOB_RULE]) == 1
+
+
+def test_the_next_classify_to_the_same_output_removes_a_killed_runs_partial_never_a_live_ones(
+    home: Path, tmp_path: Path
+) -> None:
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    output = outputs / "delft.las"
+    # 0.85 M points: its partial output exists for seconds (from the end of the scan to the rename).
+    source = str(shared_file("corpus/AHN3_delft_3dfier.laz"))
+
+    def partials() -> list[Path]:
+        return sorted(outputs.glob(".delft.las*.partial"))
+
+    killed = start(home, "classify", source, str(output))
+    wait_for(lambda: bool(partials()), 180, "the killed run to open its partial output")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    [stale] = partials()  # left behind, until...
+
+    live = start(home, "classify", source, str(output))
+    wait_for(lambda: any(p != stale for p in partials()), 180, "the next run to open its partial output")
+    assert not stale.exists()  # ...the next run to the same output removes it
+    [ongoing] = partials()
+    from pipelines.tile_io import sweep_partials
+
+    # What a third run to the same output does first leaves the live run's partial alone.
+    assert live.poll() is None, "the run finished: no live writer was tested"
+    assert sweep_partials(output) == [] and ongoing.exists()
+
+    out, err = live.communicate(timeout=300)
+    assert live.returncode == 0, err
+    assert partials() == [] and len(laspy.read(output).points) == 848_942

@@ -76,10 +76,18 @@ def test_export_holds_points_summaries_preview_and_report(
     assert (tmp_path / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads((tmp_path / "classes.json").read_text())
     assert sum(r["points"] for r in rows) == len(laspy.read(tmp_path / "scene.laz")) == manifest["points"]["output"]
+    # Each summary names what classified the points, as the manifest and the points do.
+    made_by = (manifest["classifier"]["name"], manifest["classifier"]["version"])
+    assert {(r["classifier"], r["classifier_version"]) for r in rows} == {made_by}
     lines = (tmp_path / "classes.csv").read_text().splitlines()
-    assert lines[0] == "class,name,points,percent"
+    assert lines[0] == "class,name,points,percent,classifier,classifier_version"
     # One precision for every share: three decimals, whatever the value.
-    assert all(re.fullmatch(r"\d+\.\d{3}", line.rsplit(",", 1)[1]) for line in lines[1:]), lines
+    assert all(re.fullmatch(r"\d+\.\d{3}", line.split(",")[3]) for line in lines[1:]), lines
+    assert all(line.split(",")[4:] == list(made_by) for line in lines[1:]), lines
+    header = laspy.open(tmp_path / "scene.laz").header
+    assert header.generating_software == f"pointflow {made_by[0]} {made_by[1]}"[:32]
+    [vlr] = [v for v in header.vlrs if v.user_id == "pointflow"]
+    assert json.loads(bytes(vlr.record_data))["classifier"] == made_by[0]
     assert list(runtime.store.list(f"accounts/{pro}/tmp/")) == []
 
 

@@ -353,3 +353,48 @@ def test_nightly_dag_applies_the_rules_as_of_its_logical_date(airflow_home: Path
     # The same night again: nothing new.
     dag.test(logical_date=logical)
     assert len(smtp_sink.messages) == 1
+
+
+def test_deleting_an_account_removes_the_part_file_of_a_killed_upload(runtime: Runtime, capsys, tmp_path: Path) -> None:
+    import signal
+
+    from tests.test_storage import _writer_in_put_file
+
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    seed(runtime, "acme")
+    root = runtime.store.root
+    process, pipe, part = _writer_in_put_file(root, "accounts/acme/raw/big.las", tmp_path / "big.las")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    pipe.close()
+    key = part.relative_to(root).as_posix()
+    # The dry run lists it, with its bytes; the deletion removes it and says so in its audit entry.
+    listed = {k["key"]: k for k in deletion_plan(runtime, "acme").summary()["keys"]}
+    assert listed[key]["bytes"] == 8 << 20 and listed[key]["what"]
+    result = json.loads(cli(capsys, "accounts", "delete", "acme", "--confirm", "--json"))
+    assert result["deleted"] is True
+    assert not part.exists() and not (root / "accounts/acme/raw").exists()
+    with runtime.catalog.session() as session:
+        [entry] = session.scalars(select(DeletionAudit))
+        assert key in [o["key"] for o in entry.objects] and entry.status == "completed"
+
+
+def test_the_nightly_stale_job_sweep_removes_part_files_of_killed_uploads(runtime: Runtime, tmp_path: Path) -> None:
+    import os
+    import signal
+    from datetime import timedelta
+
+    from pipelines.lifecycle.sweeps import close_stale_jobs
+    from tests.test_storage import _writer_in_put_file
+
+    root = runtime.store.root
+    process, pipe, part = _writer_in_put_file(root, "accounts/acme/raw/big.las", tmp_path / "big.las")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    pipe.close()
+    close_stale_jobs(runtime)
+    assert part.exists()  # a fresh one stays an hour
+    old = part.stat().st_mtime - 2 * 3600
+    os.utime(part, (old, old))
+    close_stale_jobs(runtime, datetime.now(UTC) + timedelta(minutes=1))
+    assert not part.exists()

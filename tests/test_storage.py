@@ -265,3 +265,56 @@ def test_the_local_store_never_follows_a_symbolic_link(planted) -> None:
         "incoming/acme/pipe.las",
         "incoming/acme/u.las",
     ]
+
+
+def _writer_in_put_file(root: Path, key: str, source: Path):
+    """A real process in the middle of `LocalStore.put_file` of a large upload: it reads `source`, a
+    FIFO we keep open and fed 8 MB, so it holds a part file of those bytes until killed. Returns the
+    process, the pipe and the part file."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    os.mkfifo(source)
+    code = "import sys; from pathlib import Path; from pipelines.storage import LocalStore; LocalStore(Path(sys.argv[1])).put_file(sys.argv[2], Path(sys.argv[3]))"
+    process = subprocess.Popen([sys.executable, "-c", code, str(root), key, str(source)])
+    pipe = open(source, "wb")  # noqa: SIM115 - kept open: the writer waits for more
+    pipe.write(b"P" * (8 << 20))
+    pipe.flush()
+    folder = root / key.rsplit("/", 1)[0]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        parts = list(folder.glob(".part-*")) if folder.is_dir() else []
+        if parts and parts[0].stat().st_size == 8 << 20:
+            return process, pipe, parts[0]
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError("the writer never wrote its part file")
+
+
+def test_a_killed_uploads_part_file_is_swept_after_an_hour_a_live_writers_never(tmp_path: Path) -> None:
+    import os
+    import signal
+    from datetime import UTC, datetime
+
+    root = tmp_path / "objects"
+    store = LocalStore(root)
+    process, pipe, part = _writer_in_put_file(root, "accounts/acme/raw/big.las", tmp_path / "big.las")
+    key = part.relative_to(root).as_posix()
+    later = datetime.now(UTC) + timedelta(hours=2)
+    try:
+        assert [o.key for o in store.partials("accounts/acme/")] == [key]
+        assert [o.key for o in store.list("accounts/acme/")] == []  # no object
+        # A live writer holds its part file: not taken, however old it looks.
+        assert store.sweep_partials(now=later) == [] and part.exists()
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        pipe.close()
+    assert part.stat().st_size == 8 << 20  # the killed writer's bytes stay...
+    assert store.sweep_partials() == [] and part.exists()  # ...while recent (an hour: well above an upload)
+    old = datetime.now(UTC).timestamp() - 2 * 3600
+    os.utime(part, (old, old))
+    assert store.sweep_partials() == [key]
+    assert not part.exists() and not (root / "accounts").exists()

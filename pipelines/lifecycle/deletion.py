@@ -28,6 +28,8 @@ from pipelines.lifecycle.models import DeletionAudit, LegalHold
 from pipelines.scratch import account_folders
 from pipelines.storage import AccountArea, LocalStore, ObjectStore, S3Store
 
+PARTIAL_WHAT = "an unfinished upload (a part file)"
+
 
 class DeletionIncomplete(PointflowError, RuntimeError):
     """Objects survived a deletion; the audit entry is marked failed and lists them."""
@@ -136,7 +138,10 @@ def inventory(store: ObjectStore, prefix: str) -> list[StoredObject]:
         if any(stray.key + "/" == prefix for stray in strays):
             return strays
         objects = [StoredObject(o.key, o.size, 1, o.size) for o in store.list(prefix)]
-        return sorted(objects + strays, key=lambda o: o.key)
+        # Part files of uploads (a writer killed mid-way, or one still writing) hold the account's
+        # points although they are no objects: deleted too, with their size, never exported.
+        partials = [StoredObject(o.key, o.size, 1, None, PARTIAL_WHAT) for o in store.partials(prefix)]
+        return sorted(objects + strays + partials, key=lambda o: o.key)
     return [StoredObject(o.key, o.size, 1, o.size) for o in store.list(prefix)]
 
 

@@ -19,7 +19,7 @@ from pipelines.runtime import Runtime
 from pipelines.steps.deliver import deliver_step
 from pipelines.steps.meter import meter_step
 from pipelines.steps.record import JobRecord, job_row, set_state
-from pipelines.storage import AccountArea
+from pipelines.storage import AccountArea, LocalStore
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> StaleRe
     the last UNMETERED_WINDOW) without its usage event: its run was killed or failed between its
     last step and the meter step; it is metered as its record says (exported: succeeded, with its points)."""
     as_of = as_of or utcnow()
+    sweep_partial_uploads(runtime, as_of)
     timeout = timedelta(hours=runtime.settings.stale_job_hours)
     open_states = [s.value for s in JobState if s not in TERMINAL_JOB_STATES]
     with runtime.catalog.session() as session:
@@ -139,6 +140,17 @@ def unmetered_jobs(runtime: Runtime, as_of: datetime) -> list[str]:
                 .order_by(Job.finished_at)
             )
         )
+
+
+def sweep_partial_uploads(runtime: Runtime, as_of: datetime | None = None) -> list[str]:
+    """Remove the part files that killed uploads left in a local object store (no live writer
+    holds them, unchanged for an hour); their keys. S3 keeps no part objects under our keys."""
+    if not isinstance(runtime.store, LocalStore):
+        return []
+    removed = runtime.store.sweep_partials(now=as_of or utcnow())
+    if removed:
+        log.info("removed %d part file(s) of killed uploads: %s", len(removed), ", ".join(removed[:20]))
+    return removed
 
 
 # A ready e-mail the pipeline could not send is retried by the nightly sweep: only for jobs whose run

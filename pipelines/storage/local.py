@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import stat
@@ -26,6 +27,13 @@ def _local_version(facts: os.stat_result) -> str:
     # A copy onto an existing name keeps its inode but changes mtime and usually size; a rename
     # onto it brings another inode: any of the three differing is another upload.
     return f"{facts.st_ino}-{facts.st_mtime_ns}-{facts.st_size}"
+
+
+# An upload is written to a hidden part file beside its key, then renamed onto it.
+PART_PREFIX = ".part-"
+# A part file nobody holds (its writer was killed) is removed by `sweep_partials` once it has not
+# changed for this long; a live writer holds a lock on its part file, which is never taken.
+PARTIAL_MIN_AGE = timedelta(hours=1)
 
 
 class LocalStore(ObjectStore):
@@ -90,18 +98,23 @@ class LocalStore(ObjectStore):
         for attempt in range(1000):
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=PART_PREFIX)
                 break
             except (FileNotFoundError, FileExistsError):
                 if attempt == 999:
                     raise
+        handle = os.fdopen(fd, "wb")
         try:
-            with os.fdopen(fd, "wb") as handle:
-                writer(handle)
+            # Locked until it is renamed: `sweep_partials` never takes a live writer's part file.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            writer(handle)
+            handle.flush()
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        finally:
+            handle.close()
 
     def put_file(self, key: str, path: Path) -> None:
         with open(path, "rb") as source:
@@ -167,15 +180,16 @@ class LocalStore(ObjectStore):
                 key = path.relative_to(self.root).as_posix()
                 yield ObjectInfo(key, facts.st_size, _local_version(facts), datetime.fromtimestamp(facts.st_mtime, UTC))
 
-    def _entries(self, base: Path, prefix: str) -> Iterator[tuple[Path, os.stat_result]]:
+    def _entries(self, base: Path, prefix: str, partials: bool = False) -> Iterator[tuple[Path, os.stat_result]]:
         """Every entry under `base` whose key starts with `prefix`, with its own facts (lstat):
-        files and links (to folders too, which os.walk does not enter), never what a link points at."""
+        files and links (to folders too, which os.walk does not enter), never what a link points at.
+        Part files (`PART_PREFIX`, an upload not finished) only with `partials`, and then only them."""
         # os.walk skips folders that vanish under it: other tasks delete while we list.
         paths = sorted(
             Path(folder, name)
             for folder, subfolders, names in os.walk(base)
             for name in names + [d for d in subfolders if os.path.islink(os.path.join(folder, d))]
-            if not name.startswith(".part-")
+            if name.startswith(PART_PREFIX) == partials
         )
         for path in paths:
             if path.relative_to(self.root).as_posix().startswith(prefix):
@@ -226,6 +240,51 @@ class LocalStore(ObjectStore):
                 yield path.relative_to(self.root).as_posix(), f"a symbolic link (to {os.readlink(path)})"
             elif not stat.S_ISREG(facts.st_mode):
                 yield path.relative_to(self.root).as_posix(), "not a regular file (a FIFO, socket or device)"
+
+    def partials(self, prefix: str) -> Iterator[ObjectInfo]:
+        """The part files under `prefix`: uploads under way, or left by a writer that was killed.
+        `list` leaves them out (they are no objects), but they hold the account's bytes: deleting
+        everything under `prefix` removes them too (`delete(key)` takes one)."""
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self._path(folder) if folder else self.root
+        if not base.is_dir():
+            return
+        for path, facts in self._entries(base, prefix, partials=True):
+            if stat.S_ISREG(facts.st_mode):
+                key = path.relative_to(self.root).as_posix()
+                yield ObjectInfo(key, facts.st_size, _local_version(facts), datetime.fromtimestamp(facts.st_mtime, UTC))
+
+    def sweep_partials(
+        self, prefix: str = "", min_age: timedelta = PARTIAL_MIN_AGE, now: datetime | None = None
+    ) -> list[str]:
+        """Remove the part files under `prefix` that no live writer holds and that have not changed
+        for `min_age`: what a killed upload left. Returns their keys."""
+        now = now or datetime.now(UTC)
+        removed = []
+        for info in self.partials(prefix):
+            if info.modified > now - min_age:
+                continue
+            path = self._path(info.key)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue  # renamed onto its key, or removed, meanwhile
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its writer is alive
+                facts = os.fstat(fd)
+                try:
+                    still = os.lstat(path).st_ino == facts.st_ino
+                except FileNotFoundError:
+                    still = False  # renamed onto its key just before we locked it
+                if still and datetime.fromtimestamp(facts.st_mtime, UTC) <= now - min_age:
+                    self.delete(info.key)
+                    removed.append(info.key)
+            finally:
+                os.close(fd)
+        return removed
 
     def delete(self, key: str) -> None:
         # A link named by the key is removed itself (unlink never follows the last component);
