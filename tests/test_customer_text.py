@@ -10,6 +10,7 @@ import fnmatch
 import re
 import tomllib
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -218,3 +219,35 @@ def test_every_template_is_named_by_the_code_and_ships_with_the_package() -> Non
         name for name in template_names() if not any(fnmatch.fnmatch(f"templates/{name}", p) for p in patterns)
     ]
     assert not unshipped, f"not in pyproject's package-data: {unshipped}"
+
+
+def _sent(settings: Settings, mail: Mail) -> email.message.EmailMessage:
+    """The mail as it lands in the outbox, parsed back."""
+    sent = send_email(settings, "ops@acme.example", mail.subject, mail.body)
+    return email.message_from_bytes(Path(sent.location).read_bytes(), policy=email.policy.default)
+
+
+def _payment_paragraph(body: str) -> str:
+    return " ".join(next(p for p in body.split("\n\n") if p.startswith("Please pay")).split())
+
+
+@pytest.mark.parametrize(
+    ("bank", "expected"),
+    [
+        (
+            {"iban": "FR7630006000011234567890189", "bic": "AGRIFRPP", "bank": "Crédit Agricole"},
+            "Please pay EUR 36.00 by 2026-10-31. Bank transfer to IBAN FR7630006000011234567890189 (BIC AGRIFRPP), "
+            "quoting PF-2026-09-0001.",
+        ),
+        ({}, "Please pay EUR 36.00 by 2026-10-31. Please quote PF-2026-09-0001 with your payment."),
+        (None, "Please pay EUR 36.00 by 2026-10-31. Please quote PF-2026-09-0001 with your payment."),
+    ],
+    ids=["bank-details", "seller-without-bank-details", "no-seller"],
+)
+def test_the_payment_sentence_is_whole_with_or_without_bank_details(
+    bank: dict[str, str] | None, expected: str, settings: Settings
+) -> None:
+    view = document("Acme")
+    seller = None if bank is None else replace(view.seller, **{"bank": None, "iban": None, "bic": None, **bank})
+    mail = Mail(*invoice_email(replace(view, seller=seller), {"html": "https://pointflow.example/i.html"}, WHEN))
+    assert _payment_paragraph(_sent(settings, mail).get_content()) == expected
