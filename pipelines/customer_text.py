@@ -4,7 +4,7 @@
 Pages (`*.html.j2`) are autoescaped: a file or account name is text, never markup. E-mails
 (`mail/*.txt.j2`) are plain text, not escaped; each sets `subject` with `{% set subject %}` and
 its body is the rest. The subject becomes a header, so it is kept to one line whatever the values
-hold: a name with a line break cannot add a header.
+hold (a name with a line break cannot add a header), without leading, trailing or doubled spaces.
 """
 
 from __future__ import annotations
@@ -55,4 +55,4 @@ def render_mail(template: str, /, **values: Any) -> Mail:
     if not template.endswith(MAIL_SUFFIX):
         raise ValueError(f"{template} is not a mail template (*{MAIL_SUFFIX})")
     module = environment(mail=True).get_template(template).make_module(values)
-    return Mail(" ".join(str(module.subject).splitlines()), str(module))
+    return Mail(" ".join(str(module.subject).split()), str(module))

@@ -7,6 +7,7 @@ import ssl
 from dataclasses import dataclass
 from datetime import timedelta
 from email.message import EmailMessage
+from email.policy import EmailPolicy
 from email.utils import make_msgid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +44,25 @@ class UndeliverableAddress(DeliveryError):
     sent, and every sender treats it like any refused delivery: reported, the others go on."""
 
 
+class _MailPolicy(EmailPolicy):
+    """The standard policy, but a header's value starts on the header's own line: Python moves a
+    value that does not fit there but fits a continuation line whole onto the next line
+    ("Subject:" then " pointflow: ..."), which mail programs show with a leading space."""
+
+    def _fold(self, name, value, refold_binary=False):  # noqa: ANN001, ANN202 (email.policy's signature)
+        folded = super()._fold(name, value, refold_binary)
+        bare = f"{name}:{self.linesep} "
+        return f"{name}: {folded[len(bare) :]}" if folded.startswith(bare) else folded
+
+
+MAIL_POLICY = _MailPolicy()
+
+
+def clean_subject(subject: str) -> str:
+    """One line, no leading, trailing or doubled whitespace, whatever a template left around it."""
+    return " ".join(subject.split())
+
+
 @dataclass(frozen=True)
 class SentMessage:
     message_id: str
@@ -58,10 +78,10 @@ def _message(settings: Settings, to: str, subject: str, body: str, message_id: s
         raise UndeliverableAddress(
             f"{error}; correct the account's address ('pointflow accounts add ID … --email …')"
         ) from None
-    message = EmailMessage()
+    message = EmailMessage(policy=MAIL_POLICY)
     message["From"] = settings.mail_from
     message["To"] = to
-    message["Subject"] = subject
+    message["Subject"] = clean_subject(subject)
     message["Message-ID"] = message_id or make_msgid(domain="pointflow.invalid")
     message.set_content(body)
     return message
@@ -70,7 +90,7 @@ def _message(settings: Settings, to: str, subject: str, body: str, message_id: s
 def send_email(settings: Settings, to: str, subject: str, body: str, message_id: str | None = None) -> SentMessage:
     """Send one message; `to` must be one plain address (UndeliverableAddress otherwise, before anything is sent)."""
     message = _message(settings, to, subject, body, message_id)
-    message_id = message["Message-ID"]
+    message_id, subject = message["Message-ID"], clean_subject(subject)
     if not settings.smtp_url:
         settings.outbox_dir.mkdir(parents=True, exist_ok=True)
         path = settings.outbox_dir / f"{message_id.strip('<>').replace('@', '_at_')}.eml"
@@ -119,7 +139,7 @@ def send_once(settings: Settings, catalog: Catalog, message: Message) -> SentMes
     passed: it sends with the claim's Message-ID, so should the dead sender have got its message
     out just before dying, the two are the same message to the customer's mail program.
     """
-    key, account_id, to, subject = message.key, message.account_id, message.to, message.mail.subject
+    key, account_id, to, subject = message.key, message.account_id, message.to, clean_subject(message.mail.subject)
     for _ in range(3):
         with catalog.session() as session:
             known = session.get(SentMessageRecord, key)

@@ -251,3 +251,37 @@ def test_the_payment_sentence_is_whole_with_or_without_bank_details(
     seller = None if bank is None else replace(view.seller, **{"bank": None, "iban": None, "bic": None, **bank})
     mail = Mail(*invoice_email(replace(view, seller=seller), {"html": "https://pointflow.example/i.html"}, WHEN))
     assert _payment_paragraph(_sent(settings, mail).get_content()) == expected
+
+
+def _subject_lines(path: Path) -> list[str]:
+    """The raw Subject header as sent: its first line and any continuation lines."""
+    lines = Path(path).read_bytes().decode("ascii").split("\r\n") if b"\r\n" in Path(path).read_bytes() else []
+    lines = lines or Path(path).read_bytes().decode("ascii").split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("Subject:"))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith((" ", "\t")))
+    return lines[start:end]
+
+
+@pytest.mark.parametrize("name", sorted(MAILS))
+def test_every_subject_is_sent_on_the_subject_line_without_leading_space(name: str, settings: Settings) -> None:
+    for value in ("trial1", "Acme & Sons GmbH", "x" * 40):
+        mail = MAILS[name](value)
+        assert mail.subject == " ".join(mail.subject.split()), "no leading, trailing or doubled space"
+        sent = send_email(settings, "ops@acme.example", mail.subject, mail.body)
+        first, *_ = _subject_lines(Path(sent.location))
+        assert first.startswith("Subject: ") and first != "Subject:" and not first.startswith("Subject:  ")
+        message = email.message_from_bytes(Path(sent.location).read_bytes(), policy=email.policy.default)
+        if mail.subject.isascii():
+            assert message["Subject"] == mail.subject
+
+
+def test_the_deletion_notice_subject_is_not_folded_away_from_its_header(settings: Settings) -> None:
+    """The audit's case: a subject that fits a continuation line but not the header's own line."""
+    moment = datetime(2027, 9, 23, 3, 0, tzinfo=UTC)
+    draft = notices.data_locked(
+        Account(account_id="trial1", name="Trial", email="t@x.example"), "trial_ended", moment, moment
+    )
+    sent = send_email(settings, "t@x.example", draft.mail.subject, draft.mail.body)
+    assert _subject_lines(Path(sent.location)) == [
+        "Subject: pointflow: the data of account trial1 will be deleted on 23 September 2027"
+    ]

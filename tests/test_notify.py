@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
+from pathlib import Path
+
 import pytest
 
 from pipelines.customer_text import Mail
@@ -57,3 +61,17 @@ def test_credentials_never_appear_in_errors(home, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(DeliveryError) as error:
         send_email(Settings.from_env(), "a@x.example", "s", "b")
     assert "s3cret" not in str(error.value) and "mailer" not in str(error.value)
+
+
+def test_subjects_are_stripped_and_stay_on_the_subject_line(settings: Settings) -> None:
+    """Whatever a template leaves around its subject, and however long it is, the header starts with
+    its first word on the Subject line; a long one folds between words after it."""
+    for words in range(1, 30):
+        subject = " ".join(f"w{i}" for i in range(words)) + " pointflow"
+        sent = send_email(settings, "a@x.example", f"\n  {subject} \n", "body")
+        raw = Path(sent.location).read_bytes().decode("ascii").replace("\r\n", "\n")
+        header = raw[raw.index("\nSubject:") + 1 :].split("\n")
+        assert header[0].startswith("Subject: w0")
+        assert sent.subject == subject
+        message = email.message_from_bytes(Path(sent.location).read_bytes(), policy=email.policy.default)
+        assert message["Subject"] == subject
