@@ -42,6 +42,8 @@ def environment(mail: bool) -> Environment:
     # `value | fmt(">12,")` is Python's format(value, ">12,"): columns, numbers and dates as in an f-string.
     env.filters["fmt"] = format
     env.filters["money"] = format_money
+    # Where customers reach support (notify.support_address); mails given none say how without one.
+    env.globals["support"] = None
     return env
 
 

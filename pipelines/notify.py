@@ -5,10 +5,10 @@ from __future__ import annotations
 import smtplib
 import ssl
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import EmailPolicy
-from email.utils import make_msgid
+from email.utils import format_datetime, make_msgid, parseaddr
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlparse
 from sqlalchemy import delete, update
 
 from pipelines.addresses import InvalidAddress, check_address
+from pipelines.billing.pricebook import PriceBook, PriceBookError, load_pricebook
 from pipelines.catalog import Catalog
 from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import MessageClaim, utcnow
@@ -71,6 +72,24 @@ class SentMessage:
     location: str  # the outbox file, or the SMTP server it went to (no credentials)
 
 
+def reply_address(settings: Settings, pricebook: PriceBook | None = None) -> str | None:
+    """Where customers reach support: POINTFLOW_REPLY_TO, else the price book seller's e-mail, else
+    None (the e-mails then say so rather than invite a reply to the From address)."""
+    if settings.reply_to:
+        return settings.reply_to
+    try:
+        pricebook = pricebook or load_pricebook(settings.pricebook_path)
+    except PriceBookError:
+        return None  # the billing commands report it; a job's e-mail goes out all the same
+    return pricebook.seller.email if pricebook.seller and pricebook.seller.email else None
+
+
+def support_address(settings: Settings, pricebook: PriceBook | None = None) -> str | None:
+    """The bare address of `reply_address`, as the e-mails' text names it."""
+    reply = reply_address(settings, pricebook)
+    return parseaddr(reply)[1] if reply else None
+
+
 def _message(settings: Settings, to: str, subject: str, body: str, message_id: str | None) -> EmailMessage:
     try:
         check_address(to)
@@ -82,7 +101,11 @@ def _message(settings: Settings, to: str, subject: str, body: str, message_id: s
     message["From"] = settings.mail_from
     message["To"] = to
     message["Subject"] = clean_subject(subject)
+    message["Date"] = format_datetime(datetime.now(UTC))
     message["Message-ID"] = message_id or make_msgid(domain="pointflow.invalid")
+    reply = reply_address(settings)
+    if reply:
+        message["Reply-To"] = reply
     message.set_content(body)
     return message
 

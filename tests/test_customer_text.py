@@ -151,7 +151,7 @@ MAILS: dict[str, Callable[[str], Mail]] = {
     ),
 }
 # Rendered only through the templates that extend or import them.
-PARTS = {"mail/letter.txt.j2", "mail/file_refused.txt.j2", "mail/dates.txt.j2"}
+PARTS = {"mail/letter.txt.j2", "mail/file_refused.txt.j2", "mail/dates.txt.j2", "mail/support.txt.j2"}
 
 
 def _draft(message: Message) -> Mail:
@@ -199,7 +199,7 @@ def test_mails_keep_hostile_values_as_text_and_add_no_header(name: str, value: s
     sent = send_email(settings, "ops@acme.example", mail.subject, mail.body)
     message = email.message_from_bytes(Path(sent.location).read_bytes(), policy=email.policy.default)
     assert sorted(message.keys()) == sorted(
-        ["From", "To", "Subject", "Message-ID", "Content-Type", "Content-Transfer-Encoding", "MIME-Version"]
+        ["From", "To", "Subject", "Date", "Message-ID", "Content-Type", "Content-Transfer-Encoding", "MIME-Version"]
     )
     # The subject comes back as sent, but for how a long header is folded and unfolded.
     assert message["To"] == "ops@acme.example" and message["Subject"].split() == mail.subject.split()
@@ -285,3 +285,47 @@ def test_the_deletion_notice_subject_is_not_folded_away_from_its_header(settings
     assert _subject_lines(Path(sent.location)) == [
         "Subject: pointflow: the data of account trial1 will be deleted on 23 September 2027"
     ]
+
+
+# The mails that send the customer to support, drafted with and without a support address.
+SUPPORT_MAILS: dict[str, Callable[[str | None], Mail]] = {
+    "mail/invoice.txt.j2": lambda a: Mail(
+        *invoice_email(document("Acme"), {"html": "https://pointflow.example/i.html"}, WHEN, support=a)
+    ),
+    "mail/inactivity_notice.txt.j2": lambda a: _draft(
+        notices.inactivity_notice(account("Acme"), "c", WHEN, 12, WHEN, WHEN, support=a)
+    ),
+    "mail/inactivity_reminder.txt.j2": lambda a: _draft(
+        notices.inactivity_reminder(account("Acme"), "c", 7, WHEN, WHEN, support=a)
+    ),
+    "mail/data_locked.txt.j2": lambda a: _draft(
+        notices.data_locked(account("Acme"), "customer", WHEN, WHEN, support=a)
+    ),
+    "mail/overdue_notice.txt.j2": lambda a: _draft(
+        notices.overdue_notice(account("Acme"), Decimal("1.00"), "EUR", "2026-12-31", WHEN, support=a)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SUPPORT_MAILS))
+def test_mails_that_send_the_customer_to_support_name_its_address_or_say_how_to_find_it(
+    name: str, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POINTFLOW_REPLY_TO", "Acme support <help@acme.example>")
+    message = _sent(Settings.from_env(), SUPPORT_MAILS[name]("help@acme.example"))
+    body = " ".join(message.get_content().split())
+    assert message["Reply-To"] == "Acme support <help@acme.example>"
+    assert "pointflow support at help@acme.example" in body
+    monkeypatch.delenv("POINTFLOW_REPLY_TO")
+    message = _sent(Settings.from_env(), SUPPORT_MAILS[name](None))
+    body = " ".join(message.get_content().split())
+    assert "Reply-To" not in message and "Reply to this e-mail" not in body and "help@" not in body
+    assert "pointflow support (your contract says how to reach it)" in body
+
+
+def test_the_invoice_page_says_where_to_write_not_to_reply() -> None:
+    page = document_html(document("billing@acme.example"))
+    assert (
+        "Reply within" not in page
+        and "Questions about this invoice? Write to billing@acme.example within 7 days" in page
+    )

@@ -41,7 +41,7 @@ from pipelines.billing.usage import usage_daily
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account, SentMessage
 from pipelines.customer_text import Mail, render_mail
-from pipelines.notify import DeliveryError, Mailer, Message
+from pipelines.notify import DeliveryError, Mailer, Message, support_address
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from pipelines.storage import LINK_LIFETIME, AccountArea, ObjectStore, check_key
@@ -203,10 +203,12 @@ def render_documents(document: DocumentView, invoice: InvoiceView | None, format
     return rendered
 
 
-def invoice_email(document: DocumentView, links: dict[str, str], links_expire: datetime) -> tuple[str, str]:
-    """Subject and plain-text body: the lines, VAT per rate, total, credit applied, amount due, and
-    links to the published documents."""
-    mail = render_mail("mail/invoice.txt.j2", d=document, links=links, links_expire=links_expire)
+def invoice_email(
+    document: DocumentView, links: dict[str, str], links_expire: datetime, support: str | None = None
+) -> tuple[str, str]:
+    """Subject and plain-text body: the lines, VAT per rate, total, credit applied, amount due,
+    links to the published documents, and where to send questions (`support`, see notify.support_address)."""
+    mail = render_mail("mail/invoice.txt.j2", d=document, links=links, links_expire=links_expire, support=support)
     return mail.subject, mail.body
 
 
@@ -246,7 +248,9 @@ def email_invoices(billing: MonthlyBilling, link_lifetime: timedelta = LINK_LIFE
             fmt: billing.store.link(k, link_lifetime) for fmt, k in document_keys(invoice).items() if fmt in formats
         }
         document = document_of(billing.catalog, billing.pricebook, invoice, buyer)
-        subject, body = invoice_email(document, links, datetime.now(UTC) + link_lifetime)
+        subject, body = invoice_email(
+            document, links, datetime.now(UTC) + link_lifetime, support_address(billing.settings, billing.pricebook)
+        )
         try:
             billing.mailer.send_once(Message(key, invoice.account_id, "invoice", buyer.email, Mail(subject, body)))
         except DeliveryError as error:

@@ -21,7 +21,14 @@ log = logging.getLogger(__name__)
 
 
 def inactivity_notice(
-    account: Account, cycle: str, last_login: datetime, months: int, closure_at: datetime, deletion_at: datetime
+    account: Account,
+    cycle: str,
+    last_login: datetime,
+    months: int,
+    closure_at: datetime,
+    deletion_at: datetime,
+    *,
+    support: str | None = None,
 ) -> Message:
     return _draft(
         "mail/inactivity_notice.txt.j2",
@@ -32,11 +39,12 @@ def inactivity_notice(
         months=months,
         closure_at=closure_at,
         deletion_at=deletion_at,
+        support=support,
     )
 
 
 def inactivity_reminder(
-    account: Account, cycle: str, days: int, closure_at: datetime, deletion_at: datetime
+    account: Account, cycle: str, days: int, closure_at: datetime, deletion_at: datetime, *, support: str | None = None
 ) -> Message:
     return _draft(
         "mail/inactivity_reminder.txt.j2",
@@ -45,10 +53,13 @@ def inactivity_reminder(
         account,
         closure_at=closure_at,
         deletion_at=deletion_at,
+        support=support,
     )
 
 
-def data_locked(account: Account, reason: str, effective_at: datetime, deletion_at: datetime) -> Message:
+def data_locked(
+    account: Account, reason: str, effective_at: datetime, deletion_at: datetime, *, support: str | None = None
+) -> Message:
     return _draft(
         "mail/data_locked.txt.j2",
         "data_locked",
@@ -57,10 +68,13 @@ def data_locked(account: Account, reason: str, effective_at: datetime, deletion_
         reason=reason,
         effective_at=effective_at,
         deletion_at=deletion_at,
+        support=support,
     )
 
 
-def overdue_notice(account: Account, amount: Decimal, currency: str, due_date: str, stop_at: datetime) -> Message:
+def overdue_notice(
+    account: Account, amount: Decimal, currency: str, due_date: str, stop_at: datetime, *, support: str | None = None
+) -> Message:
     return _draft(
         "mail/overdue_notice.txt.j2",
         "overdue_notice",
@@ -70,6 +84,7 @@ def overdue_notice(account: Account, amount: Decimal, currency: str, due_date: s
         currency=currency,
         due_date=due_date,
         stop_at=stop_at,
+        support=support,
     )
 
 
