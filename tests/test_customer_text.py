@@ -20,6 +20,7 @@ import pytest
 from pipelines.billing.delivery import invoice_email
 from pipelines.billing.documents import Buyer, DocumentView, VatGroup, document_html
 from pipelines.billing.lines import Line
+from pipelines.billing.overdue import OverdueBalance, OverdueInvoice
 from pipelines.billing.pricebook import Seller
 from pipelines.catalog.models import Account
 from pipelines.class_table import class_summary
@@ -85,6 +86,15 @@ TRAINING = {
 }
 
 
+def overdue(number: str) -> OverdueBalance:
+    return OverdueBalance(
+        "acme",
+        Decimal("1.00"),
+        date(2026, 12, 31),
+        (OverdueInvoice(number, date(2026, 12, 1), date(2026, 12, 31), Decimal("1.00")),),
+    )
+
+
 def account(value: str) -> Account:
     return Account(account_id="acme", name=value, email="ops@acme.example")
 
@@ -114,7 +124,9 @@ MAILS: dict[str, Callable[[str], Mail]] = {
     "mail/inactivity_notice.txt.j2": lambda v: _draft(notices.inactivity_notice(account(v), v, WHEN, 12, WHEN, WHEN)),
     "mail/inactivity_reminder.txt.j2": lambda v: _draft(notices.inactivity_reminder(account(v), v, 7, WHEN, WHEN)),
     "mail/data_locked.txt.j2": lambda v: _draft(notices.data_locked(account(v), v, WHEN, WHEN)),
-    "mail/overdue_notice.txt.j2": lambda v: _draft(notices.overdue_notice(account(v), Decimal("1.00"), "EUR", v, WHEN)),
+    "mail/overdue_notice.txt.j2": lambda v: _draft(
+        notices.overdue_notice(account(v), overdue(v), "EUR", WHEN, seller=document(v).seller)
+    ),
     "mail/api_results_deleted.txt.j2": lambda v: _draft(
         notices.api_results_deleted(account(v), WHEN, [{"job_id": v, "finished_at": WHEN, "due_at": WHEN}], "10")
     ),
@@ -302,7 +314,7 @@ SUPPORT_MAILS: dict[str, Callable[[str | None], Mail]] = {
         notices.data_locked(account("Acme"), "customer", WHEN, WHEN, support=a)
     ),
     "mail/overdue_notice.txt.j2": lambda a: _draft(
-        notices.overdue_notice(account("Acme"), Decimal("1.00"), "EUR", "2026-12-31", WHEN, support=a)
+        notices.overdue_notice(account("Acme"), overdue("PF-2026-10-0002"), "EUR", WHEN, support=a)
     ),
 }
 

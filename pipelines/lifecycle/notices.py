@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
+from pipelines.billing.overdue import OverdueBalance
+from pipelines.billing.pricebook import Seller
 from pipelines.catalog.models import Account
 from pipelines.customer_text import render_mail
 from pipelines.lifecycle.models import DeletionAudit, LifecycleDeliveryFailure, LifecycleNotice
@@ -73,18 +74,27 @@ def data_locked(
 
 
 def overdue_notice(
-    account: Account, amount: Decimal, currency: str, due_date: str, stop_at: datetime, *, support: str | None = None
+    account: Account,
+    balance: OverdueBalance,
+    currency: str,
+    stop_at: datetime,
+    *,
+    support: str | None = None,
+    seller: Seller | None = None,
 ) -> Message:
+    """The overdue invoices (number, date, due date, what is open), their total, how to pay (the
+    seller's bank details when the price book has them), when services stop, whom to tell of a payment."""
     return _draft(
         "mail/overdue_notice.txt.j2",
         "overdue_notice",
-        f"lifecycle:overdue_notice:{account.account_id}:{due_date}",
+        f"lifecycle:overdue_notice:{account.account_id}:{balance.oldest_due_date.isoformat()}",
         account,
-        amount=amount,
+        amount=balance.amount,
+        invoices=balance.invoices,
         currency=currency,
-        due_date=due_date,
         stop_at=stop_at,
         support=support,
+        seller=seller,
     )
 
 

@@ -475,7 +475,14 @@ class AccountRun(AccountState):
             "service_stops_at": iso(stop_at),
         }
         notice = self._notify(
-            notices.overdue_notice(self.account, balance.amount, currency, due, stop_at, support=self.context.support),
+            notices.overdue_notice(
+                self.account,
+                balance,
+                currency,
+                stop_at,
+                support=self.context.support,
+                seller=self.context.pricebook.seller,
+            ),
             detail,
         )
         if notice is not None:
