@@ -227,6 +227,9 @@ def test_credit_notes_are_e_invoices_too(catalog, tmp_path):
     assert xpath(xml, "//rsm:ExchangedDocument/ram:TypeCode/text()") == ["381"]
     assert xpath(xml, "//ram:DuePayableAmount/text()") == ["3.33"]
     assert "Corrects invoice PF-2026-09-0001" in store.get_bytes(keys["html"]).decode()
+    # The heading keeps the number whole: "Credit note PF-" then "CN-2026-10-0001" was the PDF's first line.
+    lines = PdfReader(io.BytesIO(store.get_bytes(keys["pdf"]))).pages[0].extract_text().splitlines()
+    assert f"Credit note {note.credit_note_number}" in lines, lines[:5]
 
 
 def test_without_a_seller_the_page_says_it_is_no_vat_invoice_and_no_e_invoice_is_made(catalog, tmp_path):
