@@ -42,6 +42,7 @@ from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account, SentMessage
 from pipelines.customer_text import Mail, render_mail
 from pipelines.notify import DeliveryError, Mailer, Message, support_address
+from pipelines.notify import SentMessage as MailSent
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from pipelines.storage import LINK_LIFETIME, AccountArea, ObjectStore, check_key
@@ -212,6 +213,25 @@ def invoice_email(
     return mail.subject, mail.body
 
 
+def mail_document(
+    mailer: Mailer,
+    pricebook: PriceBook,
+    key: str,
+    kind: str,
+    to: str,
+    document: DocumentView,
+    links: dict[str, str],
+    link_lifetime: timedelta = LINK_LIFETIME,
+) -> MailSent:
+    """Mail an invoice or credit note to `to` (the account's address now) once (idempotency key
+    `key`), with links to its published documents: what every invoice and credit note e-mail goes through."""
+    subject, body = invoice_email(
+        document, links, datetime.now(UTC) + link_lifetime, support_address(mailer.settings, pricebook)
+    )
+    message = Message(key, document.buyer.account_id, kind, to, Mail(subject, body))
+    return mailer.send_once(message)
+
+
 def _already_mailed(catalog: Catalog, keys: list[str]) -> set[str]:
     found: set[str] = set()
     with catalog.session() as session:
@@ -248,11 +268,10 @@ def email_invoices(billing: MonthlyBilling, link_lifetime: timedelta = LINK_LIFE
             fmt: billing.store.link(k, link_lifetime) for fmt, k in document_keys(invoice).items() if fmt in formats
         }
         document = document_of(billing.catalog, billing.pricebook, invoice, buyer)
-        subject, body = invoice_email(
-            document, links, datetime.now(UTC) + link_lifetime, support_address(billing.settings, billing.pricebook)
-        )
         try:
-            billing.mailer.send_once(Message(key, invoice.account_id, "invoice", buyer.email, Mail(subject, body)))
+            mail_document(
+                billing.mailer, billing.pricebook, key, "invoice", buyer.email, document, links, link_lifetime
+            )
         except DeliveryError as error:
             refused.append(f"{invoice.invoice_number}: {error}")
             continue
@@ -318,6 +337,26 @@ def credit_note_of(catalog: Catalog, pricebook: PriceBook, number: str) -> Docum
         invoice = invoice_view(session.get(Invoice, note.invoice_number))
         pricebook, buyer = as_issued(pricebook, buyer_of(session.get(Account, note.account_id)), note.parties)
     return credit_note_document(note, invoice, buyer, pricebook, exempt_category(pricebook, buyer))
+
+
+def email_credit_note(
+    settings: Settings,
+    catalog: Catalog,
+    store: ObjectStore,
+    pricebook: PriceBook,
+    number: str,
+    link_lifetime: timedelta = LINK_LIFETIME,
+) -> MailSent:
+    """Mail an issued credit note (published by `publish_credit_note`) to its buyer, as invoices are
+    mailed: once (key `credit_note:<number>`); a refused delivery raises DeliveryError and sending
+    again later sends it."""
+    document = credit_note_of(catalog, pricebook, number)
+    keys = credit_note_keys(document.buyer.account_id, number, pricebook)
+    links = {fmt: store.link(key, link_lifetime) for fmt, key in keys.items() if store.exists(key)}
+    with catalog.session() as session:
+        to = session.get(Account, document.buyer.account_id).email
+    mailer = Mailer(settings, catalog)
+    return mail_document(mailer, pricebook, f"credit_note:{number}", "credit_note", to, document, links, link_lifetime)
 
 
 def publish_credit_note(catalog: Catalog, store: ObjectStore, pricebook: PriceBook, number: str) -> dict[str, str]:
