@@ -23,9 +23,19 @@ MAIL_SUFFIX = ".txt.j2"
 
 
 @dataclass(frozen=True)
+class Attachment:
+    """A file sent with an e-mail (an invoice's PDF, its e-invoice XML)."""
+
+    filename: str
+    content_type: str  # "application/pdf"
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Mail:
     subject: str
     body: str
+    attachments: tuple[Attachment, ...] = ()
 
 
 @cache

@@ -25,7 +25,7 @@ from pipelines.errors import PointflowError
 from pipelines.settings import Settings
 
 if TYPE_CHECKING:
-    from pipelines.customer_text import Mail
+    from pipelines.customer_text import Attachment, Mail
 
 # A claim older than this belongs to a sender that died (a send takes seconds, SMTP's own timeout
 # is 30 s): the next run takes it over and sends, with the claim's Message-ID.
@@ -90,7 +90,14 @@ def support_address(settings: Settings, pricebook: PriceBook | None = None) -> s
     return parseaddr(reply)[1] if reply else None
 
 
-def _message(settings: Settings, to: str, subject: str, body: str, message_id: str | None) -> EmailMessage:
+def _message(
+    settings: Settings,
+    to: str,
+    subject: str,
+    body: str,
+    message_id: str | None,
+    attachments: tuple[Attachment, ...] = (),
+) -> EmailMessage:
     try:
         check_address(to)
     except InvalidAddress as error:
@@ -107,12 +114,23 @@ def _message(settings: Settings, to: str, subject: str, body: str, message_id: s
     if reply:
         message["Reply-To"] = reply
     message.set_content(body)
+    for attachment in attachments:
+        maintype, _, subtype = attachment.content_type.partition("/")
+        message.add_attachment(attachment.data, maintype=maintype, subtype=subtype, filename=attachment.filename)
     return message
 
 
-def send_email(settings: Settings, to: str, subject: str, body: str, message_id: str | None = None) -> SentMessage:
-    """Send one message; `to` must be one plain address (UndeliverableAddress otherwise, before anything is sent)."""
-    message = _message(settings, to, subject, body, message_id)
+def send_email(
+    settings: Settings,
+    to: str,
+    subject: str,
+    body: str,
+    message_id: str | None = None,
+    attachments: tuple[Attachment, ...] = (),
+) -> SentMessage:
+    """Send one message (with `attachments`, if any); `to` must be one plain address
+    (UndeliverableAddress otherwise, before anything is sent)."""
+    message = _message(settings, to, subject, body, message_id, attachments)
     message_id, subject = message["Message-ID"], clean_subject(subject)
     if not settings.smtp_url:
         settings.outbox_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +199,7 @@ def send_once(settings: Settings, catalog: Catalog, message: Message) -> SentMes
     else:
         raise DeliveryInProgress(f"message {key} is being sent by another process")
     try:
-        sent = send_email(settings, to, subject, message.mail.body, message_id)
+        sent = send_email(settings, to, subject, message.mail.body, message_id, message.mail.attachments)
     except BaseException:
         with catalog.session() as session:
             session.execute(delete(MessageClaim).where(MessageClaim.key == key, MessageClaim.message_id == message_id))

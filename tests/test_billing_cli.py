@@ -151,6 +151,8 @@ def test_credit_dispute_show_and_list(cli_env, capsys):
     assert mail["To"] == "billing@acme.example" and mail["Subject"].startswith("Credit note PF-CN-2026-10-0001")
     assert "corrects invoice PF-2026-09-0001" in body and "3.33" in body and "Please pay" not in body
     assert "Credit note: file://" in body
+    # No seller in the default price book, so no e-invoice: the page itself is attached.
+    assert [part.get_filename() for part in mail.iter_attachments()] == ["PF-CN-2026-10-0001.html"]
 
     shown = json.loads(cli(capsys, "invoices", "show", "PF-2026-09-0001"))
     assert (shown["total"], shown["paid"], shown["open_amount"]) == ("62.83", "0.00", "59.50")
