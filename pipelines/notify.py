@@ -5,9 +5,10 @@ from __future__ import annotations
 import smtplib
 import ssl
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
-from email.utils import make_msgid
+from email.policy import EmailPolicy
+from email.utils import format_datetime, make_msgid, parseaddr
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
@@ -15,6 +16,7 @@ from urllib.parse import unquote, urlparse
 from sqlalchemy import delete, update
 
 from pipelines.addresses import InvalidAddress, check_address
+from pipelines.billing.pricebook import PriceBook, PriceBookError, load_pricebook
 from pipelines.catalog import Catalog
 from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import MessageClaim, utcnow
@@ -23,7 +25,7 @@ from pipelines.errors import PointflowError
 from pipelines.settings import Settings
 
 if TYPE_CHECKING:
-    from pipelines.customer_text import Mail
+    from pipelines.customer_text import Attachment, Mail
 
 # A claim older than this belongs to a sender that died (a send takes seconds, SMTP's own timeout
 # is 30 s): the next run takes it over and sends, with the claim's Message-ID.
@@ -43,6 +45,25 @@ class UndeliverableAddress(DeliveryError):
     sent, and every sender treats it like any refused delivery: reported, the others go on."""
 
 
+class _MailPolicy(EmailPolicy):
+    """The standard policy, but a header's value starts on the header's own line: Python moves a
+    value that does not fit there but fits a continuation line whole onto the next line
+    ("Subject:" then " pointflow: ..."), which mail programs show with a leading space."""
+
+    def _fold(self, name, value, refold_binary=False):  # noqa: ANN001, ANN202 (email.policy's signature)
+        folded = super()._fold(name, value, refold_binary)
+        bare = f"{name}:{self.linesep} "
+        return f"{name}: {folded[len(bare) :]}" if folded.startswith(bare) else folded
+
+
+MAIL_POLICY = _MailPolicy()
+
+
+def clean_subject(subject: str) -> str:
+    """One line, no leading, trailing or doubled whitespace, whatever a template left around it."""
+    return " ".join(subject.split())
+
+
 @dataclass(frozen=True)
 class SentMessage:
     message_id: str
@@ -51,26 +72,66 @@ class SentMessage:
     location: str  # the outbox file, or the SMTP server it went to (no credentials)
 
 
-def _message(settings: Settings, to: str, subject: str, body: str, message_id: str | None) -> EmailMessage:
+def reply_address(settings: Settings, pricebook: PriceBook | None = None) -> str | None:
+    """Where customers reach support: POINTFLOW_REPLY_TO, else the price book seller's e-mail, else
+    None (the e-mails then say so rather than invite a reply to the From address)."""
+    if settings.reply_to:
+        return settings.reply_to
+    try:
+        pricebook = pricebook or load_pricebook(settings.pricebook_path)
+    except PriceBookError:
+        return None  # the billing commands report it; a job's e-mail goes out all the same
+    return pricebook.seller.email if pricebook.seller and pricebook.seller.email else None
+
+
+def support_address(settings: Settings, pricebook: PriceBook | None = None) -> str | None:
+    """The bare address of `reply_address`, as the e-mails' text names it."""
+    reply = reply_address(settings, pricebook)
+    return parseaddr(reply)[1] if reply else None
+
+
+def _message(
+    settings: Settings,
+    to: str,
+    subject: str,
+    body: str,
+    message_id: str | None,
+    attachments: tuple[Attachment, ...] = (),
+) -> EmailMessage:
     try:
         check_address(to)
     except InvalidAddress as error:
         raise UndeliverableAddress(
             f"{error}; correct the account's address ('pointflow accounts add ID … --email …')"
         ) from None
-    message = EmailMessage()
+    message = EmailMessage(policy=MAIL_POLICY)
     message["From"] = settings.mail_from
     message["To"] = to
-    message["Subject"] = subject
+    message["Subject"] = clean_subject(subject)
+    message["Date"] = format_datetime(datetime.now(UTC))
     message["Message-ID"] = message_id or make_msgid(domain="pointflow.invalid")
+    reply = reply_address(settings)
+    if reply:
+        message["Reply-To"] = reply
     message.set_content(body)
+    for attachment in attachments:
+        maintype, _, subtype = attachment.content_type.partition("/")
+        message.add_attachment(attachment.data, maintype=maintype, subtype=subtype, filename=attachment.filename)
     return message
 
 
-def send_email(settings: Settings, to: str, subject: str, body: str, message_id: str | None = None) -> SentMessage:
-    """Send one message; `to` must be one plain address (UndeliverableAddress otherwise, before anything is sent)."""
-    message = _message(settings, to, subject, body, message_id)
-    message_id = message["Message-ID"]
+def send_email(
+    settings: Settings,
+    to: str,
+    subject: str,
+    body: str,
+    message_id: str | None = None,
+    attachments: tuple[Attachment, ...] = (),
+) -> SentMessage:
+    """Send one message (with `attachments`, if any); `to` must be one plain address
+    (UndeliverableAddress otherwise, before anything is sent)."""
+    message = _message(settings, to, subject, body, message_id, attachments)
+    message_id, subject = message["Message-ID"], clean_subject(subject)
     if not settings.smtp_url:
         settings.outbox_dir.mkdir(parents=True, exist_ok=True)
         path = settings.outbox_dir / f"{message_id.strip('<>').replace('@', '_at_')}.eml"
@@ -119,7 +180,7 @@ def send_once(settings: Settings, catalog: Catalog, message: Message) -> SentMes
     passed: it sends with the claim's Message-ID, so should the dead sender have got its message
     out just before dying, the two are the same message to the customer's mail program.
     """
-    key, account_id, to, subject = message.key, message.account_id, message.to, message.mail.subject
+    key, account_id, to, subject = message.key, message.account_id, message.to, clean_subject(message.mail.subject)
     for _ in range(3):
         with catalog.session() as session:
             known = session.get(SentMessageRecord, key)
@@ -138,7 +199,7 @@ def send_once(settings: Settings, catalog: Catalog, message: Message) -> SentMes
     else:
         raise DeliveryInProgress(f"message {key} is being sent by another process")
     try:
-        sent = send_email(settings, to, subject, message.mail.body, message_id)
+        sent = send_email(settings, to, subject, message.mail.body, message_id, message.mail.attachments)
     except BaseException:
         with catalog.session() as session:
             session.execute(delete(MessageClaim).where(MessageClaim.key == key, MessageClaim.message_id == message_id))

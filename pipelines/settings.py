@@ -126,6 +126,10 @@ def _mailbox(env: Mapping[str, str], name: str, default: str) -> str:
         raise SettingsError(f"{name}: {error}") from None
 
 
+def _optional_mailbox(env: Mapping[str, str], name: str) -> str | None:
+    return _mailbox(env, name, "") if env.get(name) else None
+
+
 def _endpoint(env: Mapping[str, str], name: str) -> str | None:
     raw = env.get(name) or None
     if raw is not None and not raw.startswith(("http://", "https://")):
@@ -160,6 +164,9 @@ class Settings:
     dashboard: bool = False
     # Labelled points one training run reads: all of them are in memory at once, with their features.
     max_training_points: int = 5_000_000
+    # Where customers' replies go (Reply-To:, and the address the e-mails name); None: the price
+    # book seller's e-mail, if any (notify.reply_address).
+    reply_to: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -187,6 +194,7 @@ class Settings:
             link_secret=env.get("POINTFLOW_LINK_SECRET") or None,
             dashboard=_flag(env, "POINTFLOW_DASHBOARD"),
             max_training_points=_int(env, "POINTFLOW_MAX_TRAINING_POINTS", 5_000_000),
+            reply_to=_optional_mailbox(env, "POINTFLOW_REPLY_TO"),
         )
 
     @property

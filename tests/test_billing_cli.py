@@ -16,12 +16,16 @@ not count): availability 99.194 %, 0.3065 % short of 99.5 %
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 from pathlib import Path
 
 import pytest
 
 from pipelines.cli import main
+from pipelines.notify import outbox_messages
+from pipelines.settings import Settings
 from tests.test_billing_support import bill_on_time, catalog, cli_env, database_url, postgres_schema_url
 
 __all__ = ["catalog", "cli_env", "database_url", "postgres_schema_url"]  # fixtures used here
@@ -134,6 +138,21 @@ def test_credit_dispute_show_and_list(cli_env, capsys):
         "2026-10-03",
     )
     assert again == "credit note PF-CN-2026-10-0001 already issued for invoice PF-2026-09-0001: 3.33 incl. tax\n"
+    # The customer receives the credit note, once: issuing it again sends nothing more.
+    [mail] = [
+        message
+        for message in (
+            email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+            for path in outbox_messages(Settings.from_env())
+        )
+        if "PF-CN-2026-10-0001" in message["Subject"]
+    ]
+    body = " ".join(mail.get_body(("plain",)).get_content().split())
+    assert mail["To"] == "billing@acme.example" and mail["Subject"].startswith("Credit note PF-CN-2026-10-0001")
+    assert "corrects invoice PF-2026-09-0001" in body and "3.33" in body and "Please pay" not in body
+    assert "Credit note: file://" in body
+    # No seller in the default price book, so no e-invoice: the page itself is attached.
+    assert [part.get_filename() for part in mail.iter_attachments()] == ["PF-CN-2026-10-0001.html"]
 
     shown = json.loads(cli(capsys, "invoices", "show", "PF-2026-09-0001"))
     assert (shown["total"], shown["paid"], shown["open_amount"]) == ("62.83", "0.00", "59.50")

@@ -209,7 +209,7 @@ def test_month_is_invoiced_published_and_mailed(billing_dag, scenario, smtp_sink
         ("compta@lidar.example", "Invoice PF-2026-09-0003 for 2026-09: EUR 74.08"),
     ]
     for message, invoice in zip(messages, september, strict=True):
-        body = message.get_content()
+        body = message.get_body(("plain",)).get_content()
         assert f"{invoice['subtotal']}  Subtotal" in body and f"{invoice['tax']}  Tax" in body
         assert f"Please pay EUR {invoice['total']} by 2026-10-31." in body
         document_links = links(body)
@@ -365,7 +365,7 @@ def test_on_s3(billing_dag, home, s3_bucket, smtp_sink, monkeypatch: pytest.Monk
     for invoice in expected("2026-09"):
         assert json.loads(published[document_keys(invoice["account_id"], invoice["invoice_number"])["json"]]) == invoice
     [acme, *_] = smtp_sink.parsed()
-    html_link = links(acme.get_content())["html"]
+    html_link = links(acme.get_body(("plain",)).get_content())["html"]
     # A presigned link to the S3 endpoint that a customer can open without credentials.
     assert html_link.startswith(f"{s3.client.meta.endpoint_url}/{s3_bucket}/billing/accounts/acme/invoices/")
     assert "X-Amz-Signature=" in html_link

@@ -209,7 +209,18 @@ def test_the_email_links_the_e_invoice(catalog, tmp_path, smtp_sink, monkeypatch
     )
     publish_documents(month)
     email_invoices(month)
-    body = smtp_sink.parsed()[0].get_content()
+    [message] = [m for m in smtp_sink.parsed() if "PF-2026-09-0001" in m["Subject"]]
+    # The documents themselves travel with the e-mail: the customer has them whatever becomes of the links.
+    attached = {part.get_filename(): part.get_content() for part in message.iter_attachments()}
+    assert attached == {
+        "PF-2026-09-0001.pdf": month.store.get_bytes("accounts/acme/invoices/PF-2026-09-0001.pdf"),
+        "PF-2026-09-0001.xml": month.store.get_bytes("accounts/acme/invoices/PF-2026-09-0001.xml"),
+    }
+    body = message.get_body(("plain",)).get_content()
+    assert (
+        "Attached: PF-2026-09-0001.pdf (the invoice, a Factur-X e-invoice), PF-2026-09-0001.xml (its EN 16931 XML)."
+        in " ".join(body.split())
+    )
     assert "PDF e-invoice (Factur-X):" in body and ".pdf" in body and "E-invoice XML (EN 16931):" in body
     assert (
         "Please pay EUR 62.83 by 2026-10-31. Bank transfer to IBAN DE02120300000000202051 (BIC BYLADEM1001), quoting PF-2026-09-0001."
@@ -227,6 +238,9 @@ def test_credit_notes_are_e_invoices_too(catalog, tmp_path):
     assert xpath(xml, "//rsm:ExchangedDocument/ram:TypeCode/text()") == ["381"]
     assert xpath(xml, "//ram:DuePayableAmount/text()") == ["3.33"]
     assert "Corrects invoice PF-2026-09-0001" in store.get_bytes(keys["html"]).decode()
+    # The heading keeps the number whole: "Credit note PF-" then "CN-2026-10-0001" was the PDF's first line.
+    lines = PdfReader(io.BytesIO(store.get_bytes(keys["pdf"]))).pages[0].extract_text().splitlines()
+    assert f"Credit note {note.credit_note_number}" in lines, lines[:5]
 
 
 def test_without_a_seller_the_page_says_it_is_no_vat_invoice_and_no_e_invoice_is_made(catalog, tmp_path):

@@ -10,6 +10,7 @@ import fnmatch
 import re
 import tomllib
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from pipelines.billing.delivery import invoice_email
 from pipelines.billing.documents import Buyer, DocumentView, VatGroup, document_html
 from pipelines.billing.lines import Line
+from pipelines.billing.overdue import OverdueBalance, OverdueInvoice
 from pipelines.billing.pricebook import Seller
 from pipelines.catalog.models import Account
 from pipelines.class_table import class_summary
@@ -85,6 +87,15 @@ TRAINING = {
 }
 
 
+def overdue(number: str) -> OverdueBalance:
+    return OverdueBalance(
+        "acme",
+        Decimal("1.00"),
+        date(2026, 12, 31),
+        (OverdueInvoice(number, date(2026, 12, 1), date(2026, 12, 31), Decimal("1.00")),),
+    )
+
+
 def account(value: str) -> Account:
     return Account(account_id="acme", name=value, email="ops@acme.example")
 
@@ -128,7 +139,9 @@ MAILS: dict[str, Callable[[str], Mail]] = {
     "mail/inactivity_notice.txt.j2": lambda v: _draft(notices.inactivity_notice(account(v), v, WHEN, 12, WHEN, WHEN)),
     "mail/inactivity_reminder.txt.j2": lambda v: _draft(notices.inactivity_reminder(account(v), v, 7, WHEN, WHEN)),
     "mail/data_locked.txt.j2": lambda v: _draft(notices.data_locked(account(v), v, WHEN, WHEN)),
-    "mail/overdue_notice.txt.j2": lambda v: _draft(notices.overdue_notice(account(v), Decimal("1.00"), "EUR", v, WHEN)),
+    "mail/overdue_notice.txt.j2": lambda v: _draft(
+        notices.overdue_notice(account(v), overdue(v), "EUR", WHEN, seller=document(v).seller)
+    ),
     "mail/api_results_deleted.txt.j2": lambda v: _draft(
         notices.api_results_deleted(account(v), WHEN, [{"job_id": v, "finished_at": WHEN, "due_at": WHEN}], "10")
     ),
@@ -165,7 +178,7 @@ MAILS: dict[str, Callable[[str], Mail]] = {
     ),
 }
 # Rendered only through the templates that extend or import them.
-PARTS = {"mail/letter.txt.j2", "mail/file_refused.txt.j2", "mail/dates.txt.j2"}
+PARTS = {"mail/letter.txt.j2", "mail/file_refused.txt.j2", "mail/dates.txt.j2", "mail/support.txt.j2"}
 
 
 def _draft(message: Message) -> Mail:
@@ -213,7 +226,7 @@ def test_mails_keep_hostile_values_as_text_and_add_no_header(name: str, value: s
     sent = send_email(settings, "ops@acme.example", mail.subject, mail.body)
     message = email.message_from_bytes(Path(sent.location).read_bytes(), policy=email.policy.default)
     assert sorted(message.keys()) == sorted(
-        ["From", "To", "Subject", "Message-ID", "Content-Type", "Content-Transfer-Encoding", "MIME-Version"]
+        ["From", "To", "Subject", "Date", "Message-ID", "Content-Type", "Content-Transfer-Encoding", "MIME-Version"]
     )
     # The subject comes back as sent, but for how a long header is folded and unfolded.
     assert message["To"] == "ops@acme.example" and message["Subject"].split() == mail.subject.split()
@@ -233,3 +246,113 @@ def test_every_template_is_named_by_the_code_and_ships_with_the_package() -> Non
         name for name in template_names() if not any(fnmatch.fnmatch(f"templates/{name}", p) for p in patterns)
     ]
     assert not unshipped, f"not in pyproject's package-data: {unshipped}"
+
+
+def _sent(settings: Settings, mail: Mail) -> email.message.EmailMessage:
+    """The mail as it lands in the outbox, parsed back."""
+    sent = send_email(settings, "ops@acme.example", mail.subject, mail.body)
+    return email.message_from_bytes(Path(sent.location).read_bytes(), policy=email.policy.default)
+
+
+def _payment_paragraph(body: str) -> str:
+    return " ".join(next(p for p in body.split("\n\n") if p.startswith("Please pay")).split())
+
+
+@pytest.mark.parametrize(
+    ("bank", "expected"),
+    [
+        (
+            {"iban": "FR7630006000011234567890189", "bic": "AGRIFRPP", "bank": "Crédit Agricole"},
+            "Please pay EUR 36.00 by 2026-10-31. Bank transfer to IBAN FR7630006000011234567890189 (BIC AGRIFRPP), "
+            "quoting PF-2026-09-0001.",
+        ),
+        ({}, "Please pay EUR 36.00 by 2026-10-31. Please quote PF-2026-09-0001 with your payment."),
+        (None, "Please pay EUR 36.00 by 2026-10-31. Please quote PF-2026-09-0001 with your payment."),
+    ],
+    ids=["bank-details", "seller-without-bank-details", "no-seller"],
+)
+def test_the_payment_sentence_is_whole_with_or_without_bank_details(
+    bank: dict[str, str] | None, expected: str, settings: Settings
+) -> None:
+    view = document("Acme")
+    seller = None if bank is None else replace(view.seller, **{"bank": None, "iban": None, "bic": None, **bank})
+    mail = Mail(*invoice_email(replace(view, seller=seller), {"html": "https://pointflow.example/i.html"}, WHEN))
+    assert _payment_paragraph(_sent(settings, mail).get_content()) == expected
+
+
+def _subject_lines(path: Path) -> list[str]:
+    """The raw Subject header as sent: its first line and any continuation lines."""
+    lines = Path(path).read_bytes().decode("ascii").split("\r\n") if b"\r\n" in Path(path).read_bytes() else []
+    lines = lines or Path(path).read_bytes().decode("ascii").split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("Subject:"))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith((" ", "\t")))
+    return lines[start:end]
+
+
+@pytest.mark.parametrize("name", sorted(MAILS))
+def test_every_subject_is_sent_on_the_subject_line_without_leading_space(name: str, settings: Settings) -> None:
+    for value in ("trial1", "Acme & Sons GmbH", "x" * 40):
+        mail = MAILS[name](value)
+        assert mail.subject == " ".join(mail.subject.split()), "no leading, trailing or doubled space"
+        sent = send_email(settings, "ops@acme.example", mail.subject, mail.body)
+        first, *_ = _subject_lines(Path(sent.location))
+        assert first.startswith("Subject: ") and first != "Subject:" and not first.startswith("Subject:  ")
+        message = email.message_from_bytes(Path(sent.location).read_bytes(), policy=email.policy.default)
+        if mail.subject.isascii():
+            assert message["Subject"] == mail.subject
+
+
+def test_the_deletion_notice_subject_is_not_folded_away_from_its_header(settings: Settings) -> None:
+    """The audit's case: a subject that fits a continuation line but not the header's own line."""
+    moment = datetime(2027, 9, 23, 3, 0, tzinfo=UTC)
+    draft = notices.data_locked(
+        Account(account_id="trial1", name="Trial", email="t@x.example"), "trial_ended", moment, moment
+    )
+    sent = send_email(settings, "t@x.example", draft.mail.subject, draft.mail.body)
+    assert _subject_lines(Path(sent.location)) == [
+        "Subject: pointflow: the data of account trial1 will be deleted on 23 September 2027"
+    ]
+
+
+# The mails that send the customer to support, drafted with and without a support address.
+SUPPORT_MAILS: dict[str, Callable[[str | None], Mail]] = {
+    "mail/invoice.txt.j2": lambda a: Mail(
+        *invoice_email(document("Acme"), {"html": "https://pointflow.example/i.html"}, WHEN, support=a)
+    ),
+    "mail/inactivity_notice.txt.j2": lambda a: _draft(
+        notices.inactivity_notice(account("Acme"), "c", WHEN, 12, WHEN, WHEN, support=a)
+    ),
+    "mail/inactivity_reminder.txt.j2": lambda a: _draft(
+        notices.inactivity_reminder(account("Acme"), "c", 7, WHEN, WHEN, support=a)
+    ),
+    "mail/data_locked.txt.j2": lambda a: _draft(
+        notices.data_locked(account("Acme"), "customer", WHEN, WHEN, support=a)
+    ),
+    "mail/overdue_notice.txt.j2": lambda a: _draft(
+        notices.overdue_notice(account("Acme"), overdue("PF-2026-10-0002"), "EUR", WHEN, support=a)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SUPPORT_MAILS))
+def test_mails_that_send_the_customer_to_support_name_its_address_or_say_how_to_find_it(
+    name: str, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POINTFLOW_REPLY_TO", "Acme support <help@acme.example>")
+    message = _sent(Settings.from_env(), SUPPORT_MAILS[name]("help@acme.example"))
+    body = " ".join(message.get_content().split())
+    assert message["Reply-To"] == "Acme support <help@acme.example>"
+    assert "pointflow support at help@acme.example" in body
+    monkeypatch.delenv("POINTFLOW_REPLY_TO")
+    message = _sent(Settings.from_env(), SUPPORT_MAILS[name](None))
+    body = " ".join(message.get_content().split())
+    assert "Reply-To" not in message and "Reply to this e-mail" not in body and "help@" not in body
+    assert "pointflow support (your contract says how to reach it)" in body
+
+
+def test_the_invoice_page_says_where_to_write_not_to_reply() -> None:
+    page = document_html(document("billing@acme.example"))
+    assert (
+        "Reply within" not in page
+        and "Questions about this invoice? Write to billing@acme.example within 7 days" in page
+    )

@@ -211,3 +211,24 @@ def test_one_account_cannot_link_another_accounts_export(runtime: Runtime, pro: 
         artifact_link(runtime.store, signer(runtime), "other", key, True, SOON)
     with pytest.raises(ExportNotReady):
         download_links(runtime.store, signer(runtime), "other", job_id, True, SOON)
+
+
+def test_the_ready_email_names_the_file_the_customer_submitted(runtime: Runtime, pro: str, tmp_path: Path) -> None:
+    """Not the classified output's name (.laz for an uploaded .las), nor the name the same bytes
+    were first stored under: the job's own source."""
+    from tests.lasfiles import write_points
+
+    first = write_points(tmp_path / "samp11.las")
+    again = tmp_path / "north block 2.las"
+    again.write_bytes(first.read_bytes())
+    for job_id, source in (("job-first", first), ("job-again", again)):
+        classified_job(runtime, pro, source, job_id)
+        export_step(runtime, job_id)
+        deliver_step(runtime, job_id)
+    bodies = [
+        " ".join(message_from_bytes(m.read_bytes(), policy=policy.default).get_content().split())
+        for m in outbox_messages(runtime.settings)
+    ]
+    assert len(bodies) == 2
+    assert any("your classification of samp11.las is ready" in body for body in bodies), bodies
+    assert any("your classification of north block 2.las is ready" in body for body in bodies), bodies

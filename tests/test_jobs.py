@@ -122,6 +122,10 @@ def test_bad_input_is_quarantined_with_report_and_notice(
     message = message_from_bytes(mail.read_bytes(), policy=policy.default)
     body = message.get_content()
     assert message["To"] == "ops@acme.example" and expected in body and "What to do" in body
+    # The file is named once: the reason's own "<name>: " is not repeated after it.
+    sentence = " ".join(body.split("\n\n")[1].split())
+    assert sentence.startswith(f"we could not process {source.name}: ") and sentence.count(source.name) == 1, sentence
+    assert not sentence.endswith(".."), sentence
     assert [(e.status, e.points) for e in usage_events(runtime, account)] == [("failed", 0)]
     with pytest.raises(ValidationFailed):
         validate_step(runtime, job.job_id)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import time
 import zipfile
 from dataclasses import replace
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -972,6 +974,50 @@ def test_overdue_accounts_get_a_notice_five_days_before_service_stops(runtime: R
     }
     assert mail["To"] == "ops@owes.example" and "31 December 2026" in mail.get_content()
     assert lifecycle(capsys, "2026-12-27T03:00:00Z") == []
+
+
+def test_the_overdue_notice_lists_the_invoices_how_to_pay_and_whom_to_tell(runtime: Runtime) -> None:
+    """Each overdue invoice with its number, date, due date and what is open of it, the total, the
+    seller's bank details, the stop date and the support address, all dates written alike."""
+    from email import message_from_bytes, policy
+
+    from pipelines.billing.imports import PaymentRecord, import_payments
+    from pipelines.billing.invoicing import run_billing
+    from pipelines.billing.money import format_money
+    from pipelines.billing.pricebook import Seller
+    from pipelines.lifecycle.rules import run_lifecycle
+    from pipelines.notify import outbox_messages
+
+    seller = Seller(
+        "Acme LiDAR GmbH",
+        "Hauptstr. 1",
+        "10115",
+        "Berlin",
+        "DE",
+        "DE123456789",
+        email="billing@acme.example",
+        bank="Berliner Bank",
+        iban="DE02120300000000202051",
+        bic="BYLADEM1001",
+    )
+    book = replace(load_pricebook(), seller=seller)
+    upsert_accounts(runtime.catalog, [make_account("owes", "professional")])
+    run_billing(runtime.catalog, "2026-10", book, now=at("2026-11-01T01:00:00"))
+    with runtime.catalog.session() as session:
+        invoice = session.scalars(select(Invoice)).one()
+        number, total, issued = invoice.invoice_number, invoice.total, invoice.issue_date
+    import_payments(runtime.catalog, [(2, PaymentRecord("owes", number, Decimal("10.00"), at("2026-11-20T00:00:00")))])
+    run_lifecycle(runtime, at("2026-12-26T00:00:00"), pricebook=book)
+    [path] = outbox_messages(runtime.settings)
+    message = message_from_bytes(path.read_bytes(), policy=policy.default)
+    body = " ".join(message.get_content().split())
+    open_amount = format_money(total - Decimal("10.00"))
+    assert f"- {number} of {issued:%d %B %Y}, due 01 December 2026: EUR {open_amount} open" in body, body
+    assert f"Total overdue: EUR {open_amount}." in body
+    assert "Berliner Bank, IBAN DE02120300000000202051, BIC BYLADEM1001, quoting the invoice numbers" in body
+    assert "Services stop: 31 December 2026, 00:00 UTC." in body
+    assert "pointflow support at billing@acme.example" in body
+    assert not re.search(r"\b\d{4}-\d{2}-\d{2}\b", body), "one date format, as the other mails write dates"
 
 
 def test_services_stop_for_non_payment_only_after_the_overdue_notice(

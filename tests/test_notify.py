@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
 import pytest
 
+from pipelines.billing.pricebook import default_pricebook_text
 from pipelines.customer_text import Mail
 from pipelines.notify import DeliveryError, Message, outbox_messages, send_email, send_once
 from pipelines.runtime import Runtime
-from pipelines.settings import Settings
+from pipelines.settings import Settings, SettingsError
 
 
 def test_outbox_is_the_embedded_default(settings: Settings) -> None:
@@ -57,3 +64,52 @@ def test_credentials_never_appear_in_errors(home, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(DeliveryError) as error:
         send_email(Settings.from_env(), "a@x.example", "s", "b")
     assert "s3cret" not in str(error.value) and "mailer" not in str(error.value)
+
+
+def test_subjects_are_stripped_and_stay_on_the_subject_line(settings: Settings) -> None:
+    """Whatever a template leaves around its subject, and however long it is, the header starts with
+    its first word on the Subject line; a long one folds between words after it."""
+    for words in range(1, 30):
+        subject = " ".join(f"w{i}" for i in range(words)) + " pointflow"
+        sent = send_email(settings, "a@x.example", f"\n  {subject} \n", "body")
+        raw = Path(sent.location).read_bytes().decode("ascii").replace("\r\n", "\n")
+        header = raw[raw.index("\nSubject:") + 1 :].split("\n")
+        assert header[0].startswith("Subject: w0")
+        assert sent.subject == subject
+        message = email.message_from_bytes(Path(sent.location).read_bytes(), policy=email.policy.default)
+        assert message["Subject"] == subject
+
+
+def test_every_message_has_a_date_and_a_message_id(settings: Settings) -> None:
+    before = datetime.now(UTC).replace(microsecond=0)
+    sent = send_email(settings, "a@x.example", "hello", "body")
+    message = email.message_from_bytes(Path(sent.location).read_bytes(), policy=email.policy.default)
+    assert before <= parsedate_to_datetime(message["Date"]) <= datetime.now(UTC)
+    assert message["Date"].endswith("+0000") and message["Message-ID"] == sent.message_id
+    assert "Reply-To" not in message, "no reply address set, none invented"
+
+
+def test_replies_go_to_pointflow_reply_to(home, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POINTFLOW_REPLY_TO", "Acme LiDAR support <support@acme.example>")
+    sent = send_email(Settings.from_env(), "a@x.example", "hello", "body")
+    message = email.message_from_bytes(Path(sent.location).read_bytes(), policy=email.policy.default)
+    assert message["Reply-To"] == "Acme LiDAR support <support@acme.example>"
+    monkeypatch.setenv("POINTFLOW_REPLY_TO", "a@x.example\nBcc: b@y.example")
+    with pytest.raises(SettingsError, match="POINTFLOW_REPLY_TO"):
+        Settings.from_env()
+
+
+def test_without_pointflow_reply_to_replies_go_to_the_price_book_sellers_address(
+    home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    book = tmp_path / "prices.yaml"
+    text = default_pricebook_text()
+    book.write_text(
+        text
+        + "\nseller:\n  name: Acme LiDAR GmbH\n  street: Hauptstr. 1\n  postcode: '10115'\n  city: Berlin\n"
+        + "  country: DE\n  vat_id: DE123456789\n  email: billing@acme.example\n"
+    )
+    monkeypatch.setenv("POINTFLOW_PRICEBOOK", str(book))
+    sent = send_email(Settings.from_env(), "a@x.example", "hello", "body")
+    message = email.message_from_bytes(Path(sent.location).read_bytes(), policy=email.policy.default)
+    assert message["Reply-To"] == "billing@acme.example"

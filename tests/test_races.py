@@ -265,10 +265,10 @@ def test_an_account_whose_rules_fail_is_named_and_the_others_are_done(
     accounts(database_url, "sleepy0", "sleepy1", plan="free")
     draft = notices.inactivity_notice
 
-    def broken_for_sleepy0(account, *args):
+    def broken_for_sleepy0(account, *args, **kwargs):
         if account.account_id == "sleepy0":
             raise RuntimeError("the notice template is broken")
-        return draft(account, *args)
+        return draft(account, *args, **kwargs)
 
     monkeypatch.setattr(notices, "inactivity_notice", broken_for_sleepy0)
     runtime = Runtime.from_settings(Settings.from_env())

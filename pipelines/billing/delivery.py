@@ -40,8 +40,9 @@ from pipelines.billing.terms import Parties
 from pipelines.billing.usage import usage_daily
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account, SentMessage
-from pipelines.customer_text import Mail, render_mail
-from pipelines.notify import DeliveryError, Mailer, Message
+from pipelines.customer_text import Attachment, Mail, render_mail
+from pipelines.notify import DeliveryError, Mailer, Message, support_address
+from pipelines.notify import SentMessage as MailSent
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
 from pipelines.storage import LINK_LIFETIME, AccountArea, ObjectStore, check_key
@@ -55,6 +56,10 @@ EINVOICE_FORMATS = ("pdf", "xml")
 DOCUMENT_FORMATS = BASIC_FORMATS + EINVOICE_FORMATS
 USAGE_DAILY_PREFIX = "service/usage_daily/"
 USAGE_DAILY_COLUMNS = ("account_id", "day", "jobs", "billable_points", "failed_points")
+# Sent with the e-mail, so the customer has the documents whatever becomes of the links: the
+# e-invoice (PDF and XML) when one is made, else the page.
+ATTACHED_FORMATS = ("pdf", "xml", "html")
+ATTACHMENT_TYPES = {"pdf": "application/pdf", "xml": "application/xml", "html": "text/html"}
 # Bounds the IN (...) list of one query, well under every database's parameter limit.
 _KEYS_PER_QUERY = 500
 
@@ -203,11 +208,55 @@ def render_documents(document: DocumentView, invoice: InvoiceView | None, format
     return rendered
 
 
-def invoice_email(document: DocumentView, links: dict[str, str], links_expire: datetime) -> tuple[str, str]:
-    """Subject and plain-text body: the lines, VAT per rate, total, credit applied, amount due, and
-    links to the published documents."""
-    mail = render_mail("mail/invoice.txt.j2", d=document, links=links, links_expire=links_expire)
+def invoice_email(
+    document: DocumentView,
+    links: dict[str, str],
+    links_expire: datetime,
+    support: str | None = None,
+    attached: tuple[str, ...] = (),
+) -> tuple[str, str]:
+    """Subject and plain-text body: the lines, VAT per rate, total, credit applied, amount due,
+    links to the published documents, and where to send questions (`support`, see notify.support_address)."""
+    mail = render_mail(
+        "mail/invoice.txt.j2", d=document, links=links, links_expire=links_expire, support=support, attached=attached
+    )
     return mail.subject, mail.body
+
+
+def attached_files(store: ObjectStore, keys: dict[str, str]) -> dict[str, bytes]:
+    """The published documents an e-mail carries: the e-invoice (PDF and XML) when one was made, else the page."""
+    published = {fmt: key for fmt, key in keys.items() if fmt in ATTACHED_FORMATS and store.exists(key)}
+    wanted = ("pdf", "xml") if "pdf" in published else ("html",)
+    return {fmt: store.get_bytes(published[fmt]) for fmt in wanted if fmt in published}
+
+
+def mail_document(
+    mailer: Mailer,
+    pricebook: PriceBook,
+    key: str,
+    kind: str,
+    to: str,
+    document: DocumentView,
+    links: dict[str, str],
+    link_lifetime: timedelta = LINK_LIFETIME,
+    files: dict[str, bytes] | None = None,
+) -> MailSent:
+    """Mail an invoice or credit note to `to` (the account's address now) once (idempotency key
+    `key`), with links to its published documents: what every invoice and credit note e-mail goes through."""
+    attachments = tuple(
+        Attachment(f"{document.number}.{fmt}", ATTACHMENT_TYPES[fmt], files[fmt])
+        for fmt in ATTACHED_FORMATS
+        if files and fmt in files
+    )
+    subject, body = invoice_email(
+        document,
+        links,
+        datetime.now(UTC) + link_lifetime,
+        support_address(mailer.settings, pricebook),
+        tuple(a.filename for a in attachments),
+    )
+    message = Message(key, document.buyer.account_id, kind, to, Mail(subject, body, attachments))
+    return mailer.send_once(message)
 
 
 def _already_mailed(catalog: Catalog, keys: list[str]) -> set[str]:
@@ -242,13 +291,21 @@ def email_invoices(billing: MonthlyBilling, link_lifetime: timedelta = LINK_LIFE
             already.append(invoice.invoice_number)
             continue
         buyer = buyers[invoice.account_id]
-        links = {
-            fmt: billing.store.link(k, link_lifetime) for fmt, k in document_keys(invoice).items() if fmt in formats
-        }
+        keys = {fmt: k for fmt, k in document_keys(invoice).items() if fmt in formats}
+        links = {fmt: billing.store.link(k, link_lifetime) for fmt, k in keys.items()}
         document = document_of(billing.catalog, billing.pricebook, invoice, buyer)
-        subject, body = invoice_email(document, links, datetime.now(UTC) + link_lifetime)
         try:
-            billing.mailer.send_once(Message(key, invoice.account_id, "invoice", buyer.email, Mail(subject, body)))
+            mail_document(
+                billing.mailer,
+                billing.pricebook,
+                key,
+                "invoice",
+                buyer.email,
+                document,
+                links,
+                link_lifetime,
+                attached_files(billing.store, keys),
+            )
         except DeliveryError as error:
             refused.append(f"{invoice.invoice_number}: {error}")
             continue
@@ -314,6 +371,36 @@ def credit_note_of(catalog: Catalog, pricebook: PriceBook, number: str) -> Docum
         invoice = invoice_view(session.get(Invoice, note.invoice_number))
         pricebook, buyer = as_issued(pricebook, buyer_of(session.get(Account, note.account_id)), note.parties)
     return credit_note_document(note, invoice, buyer, pricebook, exempt_category(pricebook, buyer))
+
+
+def email_credit_note(
+    settings: Settings,
+    catalog: Catalog,
+    store: ObjectStore,
+    pricebook: PriceBook,
+    number: str,
+    link_lifetime: timedelta = LINK_LIFETIME,
+) -> MailSent:
+    """Mail an issued credit note (published by `publish_credit_note`) to its buyer, as invoices are
+    mailed: once (key `credit_note:<number>`); a refused delivery raises DeliveryError and sending
+    again later sends it."""
+    document = credit_note_of(catalog, pricebook, number)
+    keys = credit_note_keys(document.buyer.account_id, number, pricebook)
+    links = {fmt: store.link(key, link_lifetime) for fmt, key in keys.items() if store.exists(key)}
+    with catalog.session() as session:
+        to = session.get(Account, document.buyer.account_id).email
+    mailer = Mailer(settings, catalog)
+    return mail_document(
+        mailer,
+        pricebook,
+        f"credit_note:{number}",
+        "credit_note",
+        to,
+        document,
+        links,
+        link_lifetime,
+        attached_files(store, keys),
+    )
 
 
 def publish_credit_note(catalog: Catalog, store: ObjectStore, pricebook: PriceBook, number: str) -> dict[str, str]:

@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -41,28 +42,45 @@ class Ledger:
         return max(ZERO, -self.balance)
 
 
+class Charge(NamedTuple):
+    """One invoice's charges (its total before consumed credit)."""
+
+    due_date: date
+    amount: Decimal
+    invoice_number: str = ""
+    issue_date: date | None = None
+
+
 @dataclass
 class Entries:
     """One account's charges, oldest due date first, and the sum of what settled them."""
 
-    charges: list[tuple[date, Decimal]] = field(default_factory=list)
+    charges: list[Charge] = field(default_factory=list)
     settled: Decimal = ZERO
 
     def position(self, day: date) -> Ledger:
         """The balance, and the part of it not yet due on `day`."""
-        charged = sum((amount for _, amount in self.charges), ZERO)
-        return Ledger(charged - self.settled, sum((amount for due, amount in self.charges if due >= day), ZERO))
+        charged = sum((charge.amount for charge in self.charges), ZERO)
+        return Ledger(
+            charged - self.settled, sum((charge.amount for charge in self.charges if charge.due_date >= day), ZERO)
+        )
+
+    def overdue_charges(self, day: date) -> list[tuple[Charge, Decimal]]:
+        """The charges due before `day` that are not fully settled, oldest first, each with what is open of it."""
+        pool, open_charges = self.settled, []
+        for charge in self.charges:
+            paid = min(pool, charge.amount)
+            pool -= paid
+            if charge.amount > paid and charge.due_date < day:
+                open_charges.append((charge, charge.amount - paid))
+        return open_charges
 
     def overdue(self, day: date) -> tuple[Decimal, date | None]:
         """The unpaid charges due before `day`, and the oldest of their due dates (None: nothing overdue)."""
-        pool, overdue, oldest = self.settled, ZERO, None
-        for due_date, amount in self.charges:
-            paid = min(pool, amount)
-            pool -= paid
-            if amount > paid and due_date < day:
-                overdue += amount - paid
-                oldest = due_date if oldest is None else oldest
-        return overdue, oldest
+        open_charges = self.overdue_charges(day)
+        return sum((amount for _, amount in open_charges), ZERO), (
+            open_charges[0][0].due_date if open_charges else None
+        )
 
 
 def before_invoice(session: Session, period: Period) -> dict[str, Ledger]:
@@ -90,8 +108,15 @@ def known_at(session: Session, at: datetime) -> dict[str, Entries]:
 
 def _entries(session: Session, invoiced, paid, credited) -> dict[str, Entries]:
     books: dict[str, Entries] = defaultdict(Entries)
-    for account_id, total, credit_applied, due_date in session.execute(
-        select(Invoice.account_id, Invoice.total, Invoice.credit_applied, Invoice.due_date)
+    for account_id, total, credit_applied, due_date, number, issued in session.execute(
+        select(
+            Invoice.account_id,
+            Invoice.total,
+            Invoice.credit_applied,
+            Invoice.due_date,
+            Invoice.invoice_number,
+            Invoice.issue_date,
+        )
         .where(invoiced)
         .order_by(Invoice.due_date, Invoice.invoice_number)
     ):
@@ -99,7 +124,7 @@ def _entries(session: Session, invoiced, paid, credited) -> dict[str, Entries]:
         charges = total + credit_applied
         # A credit (negative invoice) settles at once; only charges wait for a due date.
         if charges > 0:
-            books[account_id].charges.append((due_date, charges))
+            books[account_id].charges.append(Charge(due_date, charges, number, issued))
         else:
             books[account_id].settled -= charges
     for account_id, amount in session.execute(select(Payment.account_id, Payment.amount).where(paid)):

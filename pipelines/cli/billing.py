@@ -21,6 +21,7 @@ from pipelines.billing.delivery import (
     buyer_of,
     credit_note_of,
     document_of,
+    email_credit_note,
     publish_credit_note,
     published_document,
     render_documents,
@@ -36,6 +37,7 @@ from pipelines.cli.common import (
     print_json,
     settings_from_env,
 )
+from pipelines.notify import DeliveryError
 from pipelines.storage import open_store
 
 
@@ -281,9 +283,16 @@ def _invoices_credit(args: argparse.Namespace) -> int:
         args.line,
     )
     catalog, pricebook = open_catalog(settings), pricebook_of(args, settings)
-    publish_credit_note(
-        catalog, open_store(settings.storage_url, settings.link_endpoint), pricebook, note.credit_note_number
-    )
+    store = open_store(settings.storage_url, settings.link_endpoint)
+    publish_credit_note(catalog, store, pricebook, note.credit_note_number)
+    try:
+        # Once per credit note: running the same command again sends one the mail server refused.
+        email_credit_note(settings, catalog, store, pricebook, note.credit_note_number)
+    except DeliveryError as error:
+        raise DeliveryError(
+            f"credit note {note.credit_note_number} issued, but its e-mail was not sent: {error}; "
+            "run the same command again to send it"
+        ) from error
     if args.json:
         print_json({**note.to_dict(), "created": created})
     else:

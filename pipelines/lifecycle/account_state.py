@@ -72,6 +72,8 @@ class RunContext:
     policy: LifecyclePolicy
     pricebook: PriceBook
     overdue: dict[str, OverdueBalance]
+    # Where the notices tell customers to reach support (notify.support_address).
+    support: str | None = None
 
 
 class AccountState:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
+from pipelines.billing.overdue import OverdueBalance
+from pipelines.billing.pricebook import Seller
 from pipelines.catalog.models import Account
 from pipelines.customer_text import render_mail
 from pipelines.lifecycle.models import DeletionAudit, LifecycleDeliveryFailure, LifecycleNotice
@@ -21,7 +22,14 @@ log = logging.getLogger(__name__)
 
 
 def inactivity_notice(
-    account: Account, cycle: str, last_login: datetime, months: int, closure_at: datetime, deletion_at: datetime
+    account: Account,
+    cycle: str,
+    last_login: datetime,
+    months: int,
+    closure_at: datetime,
+    deletion_at: datetime,
+    *,
+    support: str | None = None,
 ) -> Message:
     return _draft(
         "mail/inactivity_notice.txt.j2",
@@ -32,11 +40,12 @@ def inactivity_notice(
         months=months,
         closure_at=closure_at,
         deletion_at=deletion_at,
+        support=support,
     )
 
 
 def inactivity_reminder(
-    account: Account, cycle: str, days: int, closure_at: datetime, deletion_at: datetime
+    account: Account, cycle: str, days: int, closure_at: datetime, deletion_at: datetime, *, support: str | None = None
 ) -> Message:
     return _draft(
         "mail/inactivity_reminder.txt.j2",
@@ -45,10 +54,13 @@ def inactivity_reminder(
         account,
         closure_at=closure_at,
         deletion_at=deletion_at,
+        support=support,
     )
 
 
-def data_locked(account: Account, reason: str, effective_at: datetime, deletion_at: datetime) -> Message:
+def data_locked(
+    account: Account, reason: str, effective_at: datetime, deletion_at: datetime, *, support: str | None = None
+) -> Message:
     return _draft(
         "mail/data_locked.txt.j2",
         "data_locked",
@@ -57,19 +69,32 @@ def data_locked(account: Account, reason: str, effective_at: datetime, deletion_
         reason=reason,
         effective_at=effective_at,
         deletion_at=deletion_at,
+        support=support,
     )
 
 
-def overdue_notice(account: Account, amount: Decimal, currency: str, due_date: str, stop_at: datetime) -> Message:
+def overdue_notice(
+    account: Account,
+    balance: OverdueBalance,
+    currency: str,
+    stop_at: datetime,
+    *,
+    support: str | None = None,
+    seller: Seller | None = None,
+) -> Message:
+    """The overdue invoices (number, date, due date, what is open), their total, how to pay (the
+    seller's bank details when the price book has them), when services stop, whom to tell of a payment."""
     return _draft(
         "mail/overdue_notice.txt.j2",
         "overdue_notice",
-        f"lifecycle:overdue_notice:{account.account_id}:{due_date}",
+        f"lifecycle:overdue_notice:{account.account_id}:{balance.oldest_due_date.isoformat()}",
         account,
-        amount=amount,
+        amount=balance.amount,
+        invoices=balance.invoices,
         currency=currency,
-        due_date=due_date,
         stop_at=stop_at,
+        support=support,
+        seller=seller,
     )
 
 

@@ -31,6 +31,7 @@ from pipelines.lifecycle.deletion import (
 from pipelines.lifecycle.models import DeletionAudit, LifecycleAction, LifecycleDeliveryFailure, Termination
 from pipelines.lifecycle.operations import export_bundles, open_job, trial_ends_at
 from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
+from pipelines.notify import support_address
 from pipelines.scratch import job_folders
 from pipelines.storage import AccountArea
 
@@ -67,13 +68,15 @@ def run_lifecycle(
     if as_of.tzinfo is None:
         raise ValueError(f"as_of {as_of.isoformat()} must carry a time zone (UTC)")
     as_of = as_of.astimezone(UTC)
+    pricebook = pricebook or load_pricebook(runtime.settings.pricebook_path)
     context = RunContext(
         runtime=runtime,
         as_of=as_of,
         dry_run=dry_run,
         policy=policy or load_policy(runtime.settings.lifecycle_policy_path),
-        pricebook=pricebook or load_pricebook(runtime.settings.pricebook_path),
+        pricebook=pricebook,
         overdue=overdue_balances(runtime.catalog, as_of),
+        support=support_address(runtime.settings, pricebook),
     )
     with runtime.catalog.session() as session:
         account_ids = list(session.scalars(select(Account.account_id).order_by(Account.account_id)))
@@ -159,7 +162,10 @@ class AccountRun(AccountState):
                 "deletion_at": iso(deletion_at),
             }
             notice = self._notify(
-                notices.inactivity_notice(self.account, cycle, reference, months, closure_at, deletion_at), detail
+                notices.inactivity_notice(
+                    self.account, cycle, reference, months, closure_at, deletion_at, support=self.context.support
+                ),
+                detail,
             )
             if notice is not None:
                 self._emit("inactivity_notice", cycle, self.as_of, {**detail, "message_id": notice.message_id})
@@ -187,7 +193,10 @@ class AccountRun(AccountState):
             "closure_at": iso(closure),
             "deletion_at": iso(deletion_at),
         }
-        reminder = self._notify(notices.inactivity_reminder(self.account, cycle, days, closure, deletion_at), detail)
+        reminder = self._notify(
+            notices.inactivity_reminder(self.account, cycle, days, closure, deletion_at, support=self.context.support),
+            detail,
+        )
         if reminder is not None:
             self._emit(
                 "inactivity_reminder", f"{cycle}:{days}", self.as_of, {**detail, "message_id": reminder.message_id}
@@ -244,7 +253,14 @@ class AccountRun(AccountState):
             deletion_at = add_months(self.as_of, policy.grace_months)
             detail = {"reason": termination.reason, "deletion_at": iso(deletion_at)}
             notice = self._notify(
-                notices.data_locked(self.account, termination.reason, termination.effective_at, deletion_at), detail
+                notices.data_locked(
+                    self.account,
+                    termination.reason,
+                    termination.effective_at,
+                    deletion_at,
+                    support=self.context.support,
+                ),
+                detail,
             )
             if notice is not None:
                 # The grace period runs from the announcement: nobody loses data to a failed e-mail.
@@ -458,6 +474,16 @@ class AccountRun(AccountState):
             "oldest_due_date": due,
             "service_stops_at": iso(stop_at),
         }
-        notice = self._notify(notices.overdue_notice(self.account, balance.amount, currency, due, stop_at), detail)
+        notice = self._notify(
+            notices.overdue_notice(
+                self.account,
+                balance,
+                currency,
+                stop_at,
+                support=self.context.support,
+                seller=self.context.pricebook.seller,
+            ),
+            detail,
+        )
         if notice is not None:
             self._emit("overdue_notice", due, self.as_of, {**notice.detail, "message_id": notice.message_id})

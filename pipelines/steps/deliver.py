@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import PurePosixPath
+from urllib.parse import unquote, urlsplit
 
 from pipelines.accounts import get_account
 from pipelines.billing.history import account_limits
@@ -42,6 +44,13 @@ def delivery_terms(runtime: Runtime, account_id: str, at: datetime | None = None
     )
 
 
+def submitted_name(source: str) -> str:
+    """The name of the file the customer submitted, as the job records it: the last part of its
+    source (a local path, or a store location such as the drop-zone object it was uploaded as)."""
+    path = unquote(urlsplit(source).path) if "://" in source else source
+    return PurePosixPath(path.replace("\\", "/")).name or source
+
+
 def deliver_step(runtime: Runtime, job_id: str) -> JobRecord:
     """Tell the customer the export is ready: links, class summary, classifier version (for their own model,
     also the held-out figures it was offered on). Sent once, and only once the job is metered: a
@@ -65,7 +74,7 @@ def deliver_step(runtime: Runtime, job_id: str) -> JobRecord:
     mail = render_mail(
         "mail/export_ready.txt.j2",
         name=account.name,
-        file_name=job.classified_key.rsplit("/", 1)[-1],
+        file_name=submitted_name(job.source),
         summary=summary,
         judged=held_out_scores(summary.classifier_params),
         classes=class_summary(job.class_counts),

@@ -98,6 +98,19 @@ def quarantine(
     raise ValidationFailed(job_id, report.reason, report_key)
 
 
+def reason_about(file_name: str, reason: str) -> str:
+    """The reason as said after "we could not process <name>:": each finding's own leading
+    "<name>: " dropped and "<name> is ..." said as "the file is ...", so the name is not repeated."""
+    parts = []
+    for part in reason.split("; "):
+        if part.startswith(f"{file_name}: "):
+            part = part[len(file_name) + 2 :]
+        elif part.startswith(f"{file_name} "):
+            part = "the file " + part[len(file_name) + 1 :]
+        parts.append(part)
+    return "; ".join(parts).rstrip(".")
+
+
 def notify_quarantine(
     runtime: Runtime, job_id: str, account_id: str, file_name: str, reason: str, report_key: str
 ) -> None:
@@ -106,7 +119,11 @@ def notify_quarantine(
     html_key = report_key.replace(".json", ".html")
     report_link = runtime.store.link(html_key, LINK_LIFETIME)
     mail = render_mail(
-        "mail/quarantine.txt.j2", name=account.name, file_name=file_name, reason=reason, report_link=report_link
+        "mail/quarantine.txt.j2",
+        name=account.name,
+        file_name=file_name,
+        reason=reason_about(file_name, reason),
+        report_link=report_link,
     )
     try:
         runtime.mailer.send_once(Message(f"quarantine:{job_id}", account_id, "quarantine", account.email, mail))
