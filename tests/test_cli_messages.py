@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import boto3
 import pytest
 
 from pipelines.catalog.models import Account
@@ -143,6 +144,8 @@ def test_s3_without_credentials_says_what_to_set(
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
+    # boto3's default session keeps the credentials an earlier test's S3 endpoint resolved.
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
     monkeypatch.setenv("POINTFLOW_STORAGE_URL", "s3://pointflow-no-such-bucket-for-tests/x")
     assert main(["ingest", str(scene_path), "--account", "acme"]) == 2
     err = capsys.readouterr().err
