@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import PurePosixPath
-from urllib.parse import unquote, urlsplit
 
 from pipelines.accounts import get_account
 from pipelines.billing.history import account_limits
@@ -19,7 +17,7 @@ from pipelines.links import LinkSigner
 from pipelines.notify import Message
 from pipelines.runtime import Runtime
 from pipelines.steps.meter import meter_step
-from pipelines.steps.record import JobRecord, held_out_scores, job_view
+from pipelines.steps.record import JobRecord, held_out_scores, job_file_name, job_view
 from pipelines.storage import LINK_LIFETIME
 
 
@@ -42,13 +40,6 @@ def delivery_terms(runtime: Runtime, account_id: str, at: datetime | None = None
     return DeliveryTerms(
         limits.downloads, timedelta(days=limits.result_retention_days) if limits.result_retention_days else None
     )
-
-
-def submitted_name(source: str) -> str:
-    """The name of the file the customer submitted, as the job records it: the last part of its
-    source (a local path, or a store location such as the drop-zone object it was uploaded as)."""
-    path = unquote(urlsplit(source).path) if "://" in source else source
-    return PurePosixPath(path.replace("\\", "/")).name or source
 
 
 def deliver_step(runtime: Runtime, job_id: str) -> JobRecord:
@@ -74,7 +65,7 @@ def deliver_step(runtime: Runtime, job_id: str) -> JobRecord:
     mail = render_mail(
         "mail/export_ready.txt.j2",
         name=account.name,
-        file_name=submitted_name(job.source),
+        file_name=job_file_name(job.source),
         summary=summary,
         judged=held_out_scores(summary.classifier_params),
         classes=class_summary(job.class_counts),

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import select
 
@@ -71,9 +72,11 @@ def job_row(session, job_id: str) -> Job:
 
 
 def job_file_name(source: str) -> str:
-    """The name the job's file was submitted under (the last part of its source): the same bytes
-    stored once may have come under another name first, which the stored file keeps."""
-    return PurePosixPath(source.replace("\\", "/").split("?", 1)[0]).name
+    """The name the job's file was submitted under: the last part of its source (a local path, or a
+    store location such as the drop-zone object it was uploaded as). The same bytes stored once may
+    have come under another name first, which the stored file keeps."""
+    path = unquote(urlsplit(source).path) if "://" in source else source.split("?", 1)[0]
+    return PurePosixPath(path.replace("\\", "/")).name or source
 
 
 def stored_file(session, job: Job) -> StoredFile:
