@@ -17,15 +17,19 @@ the job is:
 
 from __future__ import annotations
 
+import logging
 import time
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
 
 from pipelines.catalog import CatalogError
 from pipelines.catalog.models import TERMINAL_JOB_STATES, Job, JobState, utcnow
 from pipelines.errors import UserError
 from pipelines.runtime import Runtime
 from pipelines.steps.record import JobRecord, job_view
+
+log = logging.getLogger(__name__)
 
 # How often a running classification reads the request: one primary-key read of one column.
 ABORT_POLL_SECONDS = 2.0
@@ -101,5 +105,10 @@ class AbortWatch:
         if self._requested or (self._read_at is not None and now - self._read_at < self.interval):
             return self._requested
         self._read_at = now
-        self._requested = abort_requested(self.runtime, self.job_id)
+        try:
+            self._requested = abort_requested(self.runtime, self.job_id)
+        except OperationalError as error:
+            # The catalog out of reach for a moment (a restart) must not end a classification that
+            # would finish: it is asked again next time, and the step records its result at the end.
+            log.warning("job %s: could not read whether its abort was asked for: %s", self.job_id, error)
         return self._requested
