@@ -19,8 +19,8 @@ from pipelines.billing.pricebook import PriceBook
 from pipelines.billing.terms import History
 from pipelines.catalog.models import Account, UsageEvent
 from pipelines.lifecycle import notices
-from pipelines.lifecycle.deletion import DeletionPlan, execute_deletion
-from pipelines.lifecycle.models import LegalHold, LifecycleAction, LifecycleNotice, Termination
+from pipelines.lifecycle.deletion import DeletionPlan, active_hold, execute_deletion
+from pipelines.lifecycle.models import LifecycleAction, LifecycleNotice, Termination
 from pipelines.lifecycle.policy import LifecyclePolicy, PlanPolicy
 from pipelines.notify import Message
 
@@ -93,11 +93,7 @@ class AccountState:
                 )
             )
             self.termination = session.get(Termination, account_id)
-            self.hold = session.scalars(
-                select(LegalHold)
-                .where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None))
-                .order_by(LegalHold.id)
-            ).first()
+            self.hold = active_hold(session, account_id)
             self.notices = {
                 n.key: n
                 for n in session.scalars(select(LifecycleNotice).where(LifecycleNotice.account_id == account_id))

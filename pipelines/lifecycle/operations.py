@@ -34,7 +34,11 @@ from pipelines.lifecycle.deletion import (
     execute_deletion,
     forget_account_objects,
     inventory,
+    on_hold_message,
     plan_deletion,
+)
+from pipelines.lifecycle.deletion import (
+    active_hold as active_hold_of,
 )
 from pipelines.lifecycle.models import DeletionAudit, LegalHold, LifecycleNotice, Termination
 from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
@@ -167,11 +171,7 @@ def release_holds(catalog: Catalog, account_id: str, now: datetime | None = None
 
 def active_hold(catalog: Catalog, account_id: str) -> HoldView | None:
     with catalog.session() as session:
-        hold = session.scalars(
-            select(LegalHold)
-            .where(LegalHold.account_id == account_id, LegalHold.released_at.is_(None))
-            .order_by(LegalHold.id)
-        ).first()
+        hold = active_hold_of(session, account_id)
         return None if hold is None else _hold_view(hold)
 
 
@@ -346,11 +346,10 @@ def export_all(runtime: Runtime, account_id: str, policy: LifecyclePolicy, now: 
 
 def refuse_under_hold(catalog: Catalog, account_id: str) -> None:
     """Nothing of an account on legal hold may be deleted, on anyone's request."""
-    hold = active_hold(catalog, account_id)
-    if hold is not None:
-        raise LifecycleError(
-            f"account {account_id} is on legal hold since {hold.placed_at.isoformat()} ({hold.reason}): nothing may be deleted"
-        )
+    with catalog.session() as session:
+        hold = active_hold_of(session, account_id)
+        if hold is not None:
+            raise LifecycleError(on_hold_message(account_id, hold))
 
 
 def open_job(session: Session, *where: ColumnElement[bool]) -> str | None:
