@@ -37,7 +37,7 @@ import numpy as np
 from pipelines.errors import InvalidValue
 from pipelines.lasio import CHUNK_POINTS, append_grouped, iter_chunks
 from pipelines.octree import EVLR_HEADER, Cube, Key, write_hierarchy
-from pipelines.tile_io import open_partial
+from pipelines.tile_io import CLASSIFIER_VLR_USER_ID, open_partial
 
 COPC_SUFFIX = ".copc.laz"
 # COPC allows point formats 6, 7 and 8 only: each input format goes to the one that keeps its
@@ -161,7 +161,6 @@ def write_copc(source: Path, target: Path, scratch: Path, progress: Progress | N
     """Write the points of LAS/LAZ `source` as COPC 1.0 to `target`, through a temporary name."""
     source, target = Path(source), Path(target)
     scratch.mkdir(parents=True, exist_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
     with laspy.open(source) as reader:
         header = reader.header
     point_format = copc_point_format(header.point_format)
@@ -390,7 +389,7 @@ def _output_header(
         laspy.VLR("copc", 1, "COPC info", placeholder),
         laspy.vlrs.known.LasZipVlr(vlr.record_data()),
         *crs_vlrs,
-        *(v for v in source.vlrs if v.user_id == "pointflow"),
+        *(v for v in source.vlrs if v.user_id == CLASSIFIER_VLR_USER_ID),
     ]
     header.are_points_compressed = True
     header.global_encoding.wkt = True
