@@ -75,13 +75,6 @@ class Entries:
                 open_charges.append((charge, charge.amount - paid))
         return open_charges
 
-    def overdue(self, day: date) -> tuple[Decimal, date | None]:
-        """The unpaid charges due before `day`, and the oldest of their due dates (None: nothing overdue)."""
-        open_charges = self.overdue_charges(day)
-        return sum((amount for _, amount in open_charges), ZERO), (
-            open_charges[0][0].due_date if open_charges else None
-        )
-
 
 def before_invoice(session: Session, period: Period) -> dict[str, Ledger]:
     """Every account's position for `period`'s invoice, as it stood when the month ended (the 1st of
