@@ -100,9 +100,12 @@ def build_artifacts(
         write_copc(classified, points, workdir)
     else:
         points = write_points_as(classified, workdir / name)
-    frame = write_previews(classified, workdir / "preview.png", workdir / SAMPLE_NAME, title)
     with laspy.open(classified) as reader:
         made_by = classifier_record(reader.header)
+    classified_by = f"pointflow {made_by['classifier']} {made_by['version']}" if made_by else None
+    frame = write_previews(
+        classified, workdir / "preview.png", workdir / SAMPLE_NAME, title, classified_by=classified_by
+    )
     rows = class_summary(class_counts, (made_by["classifier"], made_by["version"]) if made_by else None)
     (workdir / "classes.csv").write_bytes(summary_csv(rows))
     (workdir / "classes.json").write_bytes(summary_json(rows))

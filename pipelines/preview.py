@@ -97,7 +97,7 @@ class _ClassMap:
             self.section = [np.concatenate(self.section)[::2]]
             self.kept = len(self.section[0])
 
-    def draw(self, output: Path, title: str, frame: CoordinateFrame) -> None:
+    def draw(self, output: Path, title: str, frame: CoordinateFrame, classified_by: str | None) -> None:
         filled = _fill_gaps(self.classes, np.isfinite(self.top), self.nx, self.ny)
         points = np.concatenate(self.section) if self.section else np.zeros((0, 3))
         if len(points) > PROFILE_POINTS:
@@ -112,6 +112,7 @@ class _ClassMap:
             self.profile,
             points,
             {int(c): int(self.counts[c]) for c in np.flatnonzero(self.counts)},
+            classified_by,
         )
 
 
@@ -139,7 +140,7 @@ class _Sample:
         part["red"], part["green"], part["blue"] = rgb[:, 0], rgb[:, 1], rgb[:, 2]
         self.parts.append(part)
 
-    def write(self, output: Path, frame: CoordinateFrame) -> None:
+    def write(self, output: Path, frame: CoordinateFrame, classified_by: str | None) -> None:
         vertices = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=self.DTYPE)
         origin = self.origin
         lines = [
@@ -148,6 +149,7 @@ class _Sample:
             f"comment pointflow: {len(vertices):,} of {self.total:,} points, coloured by ASPRS class",
             f"comment origin {origin[0]:.3f} {origin[1]:.3f} {origin[2]:.3f} (add to x y z for the file's coordinates)",
             f"comment crs {frame.describe()}",
+            *([f"comment classified by {classified_by}"] if classified_by else []),
             f"element vertex {len(vertices)}",
             "property float x",
             "property float y",
@@ -165,11 +167,18 @@ class _Sample:
 
 
 def write_previews(
-    path: Path, png: Path | None, ply: Path | None, title: str = "", sample_points: int = SAMPLE_POINTS
+    path: Path,
+    png: Path | None,
+    ply: Path | None,
+    title: str = "",
+    sample_points: int = SAMPLE_POINTS,
+    classified_by: str | None = None,
 ) -> CoordinateFrame:
     """The class map with its profile and legend (PNG, `png`) and the thinned 3D sample (binary PLY,
     `ply`, for the 3D view and any viewer that opens PLY), from one read of the file: decoding the
-    points is most of the work. Returns the file's coordinate frame."""
+    points is most of the work. `classified_by` ("pointflow standard 2.6.0") is written into both,
+    so a preview passed on alone still says what made its classes. Returns the file's coordinate
+    frame."""
     import laspy
 
     with laspy.open(path) as reader:
@@ -183,9 +192,9 @@ def write_previews(
             if gatherer is not None:
                 gatherer.add(*columns)
     if class_map is not None:
-        class_map.draw(png, title, frame)
+        class_map.draw(png, title, frame, classified_by)
     if sample is not None:
-        sample.write(ply, frame)
+        sample.write(ply, frame, classified_by)
     return frame
 
 
@@ -199,6 +208,7 @@ def _draw(
     profile: Profile,
     points: np.ndarray,
     counts: dict[int, int],
+    classified_by: str | None,
 ) -> None:
     from PIL import Image, ImageDraw
 
@@ -222,7 +232,7 @@ def _draw(
     mins, maxs, cell, nx, ny = grid
     margin, width = px(6), px((7.5 + 3.6) * 72)
     map_width, map_height = px(7.5 * 72), px(float(np.clip(7.5 * ny / nx, 3.0, 8.0)) * 72)
-    heading = f"{title}\n{units.describe()}"
+    heading = f"{title}{f' (classified by {classified_by})' if classified_by else ''}\n{units.describe()}"
     map_top = margin + 2 * round(px(10) * 1.2) + px(20)
     extent = ((mins[0], mins[0] + nx * cell), (maxs[1] - ny * cell, maxs[1]))
     # One scale for both map axes (metres are metres), as large as the map's space allows.
@@ -297,7 +307,7 @@ def _draw(
     )
 
     legend(canvas, map_width + px(24), map_top, f"{total:,} points", entries)
-    save_png(canvas, output)
+    save_png(canvas, output, classified_by)
 
 
 def _share(points: int, total: int) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 DPI = 110  # pixels per inch: the picture's sizes below are in points (1/72 inch), as print sizes are
 
@@ -197,6 +198,9 @@ def legend(canvas: Image.Image, left: int, top: int, title: str, entries: list[t
         y += pitch
 
 
-def save_png(canvas: Image.Image, output: Path) -> None:
+def save_png(canvas: Image.Image, output: Path, software: str | None = None) -> None:
+    metadata = PngInfo()
+    if software:
+        metadata.add_text("Software", software)  # PNG's own keyword, shown by image viewers' properties
     output.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(output, format="PNG", optimize=False)
+    canvas.save(output, format="PNG", optimize=False, pnginfo=metadata)

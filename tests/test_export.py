@@ -10,6 +10,7 @@ from pathlib import Path
 
 import laspy
 import pytest
+from PIL import Image
 
 from pipelines import __version__
 from pipelines.accounts import upsert_accounts
@@ -88,6 +89,11 @@ def test_export_holds_points_summaries_preview_and_report(
     assert header.generating_software == f"pointflow {made_by[0]} {made_by[1]}"[:32]
     [vlr] = [v for v in header.vlrs if v.user_id == "pointflow"]
     assert json.loads(bytes(vlr.record_data))["classifier"] == made_by[0]
+    # So do the previews, which customers pass on on their own.
+    classified_by = f"pointflow {made_by[0]} {made_by[1]}"
+    assert Image.open(tmp_path / "preview.png").text["Software"] == classified_by
+    ply_header = (tmp_path / "preview-3d.ply").read_bytes().split(b"end_header")[0].decode()
+    assert f"comment classified by {classified_by}\n" in ply_header
     assert list(runtime.store.list(f"accounts/{pro}/tmp/")) == []
 
 
