@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
@@ -94,6 +95,16 @@ def test_a_job_aborted_before_classification_ends_aborted_with_0_points_and_runs
     # Ended: a second request changes nothing.
     assert main(["jobs", "abort", job_id]) == 2
     assert f"job {job_id} has already ended aborted: nothing to abort" in capsys.readouterr().err
+
+    # `jobs show` gives its times as people read them, to the second; --json keeps them whole.
+    assert main(["jobs", "show", job_id]) == 0
+    shown = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
+    for name, instant in (
+        ("created", job.created_at),
+        ("finished", job.finished_at),
+        ("abort asked", job.abort_requested_at),
+    ):
+        assert shown[name].strip() == instant.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"), shown
 
 
 def test_a_job_that_has_ended_is_not_aborted(acme: Runtime, capsys: pytest.CaptureFixture) -> None:

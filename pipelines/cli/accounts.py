@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipelines.accounts import make_record, read_accounts_csv, upsert_accounts
 from pipelines.catalog.models import BillingCycle, Plan
-from pipelines.cli.common import open_catalog, read_import_file, settings_from_env
+from pipelines.cli.common import open_catalog, read_import_file, settings_from_env, when
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -253,7 +253,7 @@ def _hold(args: argparse.Namespace) -> int:
     from pipelines.lifecycle import place_hold
 
     hold = place_hold(open_catalog(settings_from_env()), args.account_id, args.reason)
-    print(f"account {hold.account_id} on legal hold #{hold.hold_id} since {hold.placed_at.isoformat()}: {hold.reason}")
+    print(f"account {hold.account_id} on legal hold #{hold.hold_id} since {when(hold.placed_at)}: {hold.reason}")
     return 0
 
 
@@ -278,7 +278,7 @@ def _terminate(args: argparse.Namespace) -> int:
     )
     print(
         f"account {view.account_id} terminated ({view.reason}): last day of service {view.last_day_of_service}, "
-        f"data locked from {view.effective_at.isoformat()}"
+        f"data locked from {when(view.effective_at)}"
     )
     return 0
 
@@ -305,7 +305,7 @@ def _export_all(args: argparse.Namespace) -> int:
     else:
         print(f"bundle: {bundle.key} ({bundle.objects} object(s), {bundle.bytes:,} bytes)")
         print(f"link:   {bundle.link}")
-        print(f"valid until {bundle.link_expires_at.isoformat()}")
+        print(f"valid until {when(bundle.link_expires_at)}")
     return 0
 
 

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -89,6 +90,11 @@ def instant_arg(text: str):
         return parse_utc_datetime(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date-time, e.g. 2027-03-01T03:00:00Z") from None
+
+
+def when(instant: datetime) -> str:
+    """An instant as people read it, to the second (`--json` keeps the full ISO form)."""
+    return instant.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def print_json(value: Any) -> None:

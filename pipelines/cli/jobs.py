@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from pipelines.catalog.models import JobState
-from pipelines.cli.common import print_json, settings_from_env
+from pipelines.cli.common import print_json, settings_from_env, when
 
 if TYPE_CHECKING:
     from pipelines.steps.record import JobRecord
@@ -114,9 +114,9 @@ def _show(args: argparse.Namespace) -> int:
         "state": job.state,
         "classifier": " ".join(str(v) for v in (job.classifier, job.classifier_version) if v),
         "points": f"{job.points_processed:,}",
-        "created": job.created_at.isoformat(),
-        "finished": job.finished_at.isoformat() if job.finished_at else "-",
-        **({"abort asked": job.abort_requested_at.isoformat()} if job.abort_requested_at else {}),
+        "created": when(job.created_at),
+        "finished": when(job.finished_at) if job.finished_at else "-",
+        **({"abort asked": when(job.abort_requested_at)} if job.abort_requested_at else {}),
         "report": runtime.store.location(job.report_key) if job.report_key else "-",
         "export": runtime.store.location(job.export_prefix) if job.export_prefix else "-",
         "cause" if job.state != "exported" else "note": job.error or "-",
