@@ -23,6 +23,7 @@ from pipelines.billing.pricebook import load_pricebook
 from pipelines.catalog.models import Job, JobState, SentMessage, StoredFile, UsageEvent
 from pipelines.cli import main
 from pipelines.dashboard import build_dashboard
+from pipelines.ingest import ingest_file
 from pipelines.lifecycle import is_locked
 from pipelines.lifecycle.deletion import account_deletion_plan, execute_deletion
 from pipelines.lifecycle.models import DeletionAudit, LegalHold, LifecycleDeliveryFailure, Termination
@@ -30,7 +31,8 @@ from pipelines.lifecycle.operations import AccountLocked, ensure_active
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
-from tests.conftest import abandoned_work_dir, make_account
+from pipelines.steps.ingest import create_job, ingest_step
+from tests.conftest import abandoned_work_dir, make_account, shared_file
 
 UTC = UTC
 
@@ -758,36 +760,76 @@ def test_api_retention_deletes_the_export_all_bundles_holding_copies(runtime: Ru
         assert bundle in [o["key"] for o in audit.objects]
 
 
-def test_api_retention_waits_for_a_job_that_may_take_the_same_input(runtime: Runtime, smtp_sink, capsys) -> None:
+def test_api_retention_does_not_wait_for_a_job_not_yet_ingested(runtime: Runtime, smtp_sink, capsys) -> None:
+    """A job created, not yet ingested, used to hold back the deletion of a due job's input (it
+    might bring the same bytes): an API account with a job always arriving kept its data for ever.
+    Now only a job using the input does; a new job takes stored bytes under the account's lock."""
     upsert_accounts(runtime.catalog, [make_account("apid", "api")])
-    with runtime.catalog.session() as session:
-        stored = StoredFile(
-            account_id="apid", key="accounts/apid/raw/in.laz", original_name="in.laz", size=5, sha256="e" * 64
-        )
-        session.add(stored)
-        session.flush()
-        file_id = stored.id
-    runtime.store.put_bytes("accounts/apid/raw/in.laz", b"i" * 5)
-    api_job(runtime, "apid", "job-x", "2026-05-02T03:00:00", file_id)
-    with runtime.catalog.session() as session:  # created, not yet ingested: it may store the same bytes
-        session.add(Job(job_id="job-new", account_id="apid", source="in.laz", classifier="standard"))
-    [deferred] = lifecycle(capsys, "2026-05-12T03:00:00Z")
-    assert (deferred["action"], deferred["detail"]["status"], deferred["detail"]["job_id"]) == (
-        "api_results_deleted",
-        "deferred",
-        "job-new",
-    )
-    assert lifecycle(capsys, "2026-05-12T04:00:00Z") == []  # reported once
-    assert runtime.store.exists("accounts/apid/raw/in.laz") and runtime.store.exists(
-        "accounts/apid/exports/job-x/out.laz"
-    )
-    assert sent(smtp_sink) == []  # nothing deleted, nothing announced
-    with runtime.catalog.session() as session:
-        session.get(Job, "job-new").state = JobState.FAILED.value
-    [deleted] = lifecycle(capsys, "2026-05-13T03:00:00Z")
+    source = shared_file("isprs/samp11.las")
+    stored = ingest_file(runtime.catalog, runtime.store, "apid", source)
+    api_job(runtime, "apid", "job-x", "2026-05-02T03:00:00", stored.id)
+    create_job(runtime, "job-new", "apid", str(source), "standard")
+    [deleted] = lifecycle(capsys, "2026-05-12T03:00:00Z")
     assert (deleted["detail"]["job_id"], deleted["detail"]["status"]) == ("job-x", "deleted")
+    assert stored.key in [k["key"] for k in deleted["detail"]["keys"]]
     assert list(runtime.store.list("accounts/apid/")) == []
     assert len(sent(smtp_sink)) == 1
+    # The new job stores the same bytes again, for itself.
+    ingest_step(runtime, "job-new")
+    assert_job_input_stored(runtime, "job-new", stored.sha256)
+
+
+def test_api_retention_keeps_an_input_a_later_job_uses(runtime: Runtime, smtp_sink, capsys) -> None:
+    upsert_accounts(runtime.catalog, [make_account("apid", "api")])
+    source = shared_file("isprs/samp11.las")
+    stored = ingest_file(runtime.catalog, runtime.store, "apid", source)
+    api_job(runtime, "apid", "job-x", "2026-05-02T03:00:00", stored.id)
+    create_job(runtime, "job-new", "apid", str(source), "standard")
+    ingest_step(runtime, "job-new")  # the same bytes again: job-x's input is job-new's too
+    [deleted] = lifecycle(capsys, "2026-05-12T03:00:00Z")
+    # job-x's results go; the input stays while job-new runs, and until job-new is due itself.
+    assert (deleted["detail"]["job_id"], deleted["detail"]["status"]) == ("job-x", "deleted")
+    assert stored.key not in [k["key"] for k in deleted["detail"]["keys"]]
+    assert [o.key for o in runtime.store.list("accounts/apid/")] == [stored.key]
+    with runtime.catalog.session() as session:
+        job = session.get(Job, "job-new")
+        job.state, job.finished_at = JobState.FAILED.value, at("2026-05-12T05:00:00")
+    assert lifecycle(capsys, "2026-05-22T04:59:59Z") == []
+    [deleted] = lifecycle(capsys, "2026-05-22T05:00:00Z")
+    assert (deleted["detail"]["job_id"], deleted["detail"]["status"]) == ("job-new", "deleted")
+    assert list(runtime.store.list("accounts/apid/")) == []
+
+
+def test_an_ingest_whose_stored_bytes_are_deleted_before_it_takes_them_stores_them_again(
+    runtime: Runtime, smtp_sink, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the rule above no longer waits out: the ingest finds the bytes stored, the nightly
+    deletion removes them, then the ingest attaches them to its job."""
+    upsert_accounts(runtime.catalog, [make_account("apid", "api")])
+    source = shared_file("isprs/samp11.las")
+    stored = ingest_file(runtime.catalog, runtime.store, "apid", source)
+    api_job(runtime, "apid", "job-x", "2026-05-02T03:00:00", stored.id)
+    create_job(runtime, "job-new", "apid", str(source), "standard")
+    deletions = []
+
+    def found_then_deleted(*args, **kwargs):
+        found = ingest_file(*args, **kwargs)
+        if not deletions:
+            assert found.id == stored.id and not found.created
+            deletions.extend(lifecycle(capsys, "2026-05-12T03:00:00Z"))
+        return found
+
+    monkeypatch.setattr("pipelines.steps.ingest.ingest_file", found_then_deleted)
+    ingest_step(runtime, "job-new")
+    assert [(d["detail"]["job_id"], d["detail"]["status"]) for d in deletions] == [("job-x", "deleted")]
+    assert_job_input_stored(runtime, "job-new", stored.sha256)
+
+
+def assert_job_input_stored(runtime: Runtime, job_id: str, sha256: str) -> None:
+    with runtime.catalog.session() as session:
+        record = session.get(StoredFile, session.get(Job, job_id).file_id)
+        assert record is not None and record.sha256 == sha256
+        assert runtime.store.exists(record.key)
 
 
 def test_a_trial_ends_fourteen_days_after_start(runtime: Runtime, smtp_sink, capsys) -> None:

@@ -13,7 +13,7 @@ import logging
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import ColumnElement, delete, or_, select, update
+from sqlalchemy import ColumnElement, delete, select, update
 
 from pipelines.billing.overdue import overdue_balances
 from pipelines.billing.periods import add_months, start_of
@@ -331,15 +331,12 @@ class AccountRun(AccountState):
             if self._blocked("api_results_deleted", job.job_id, due):
                 continue
             stored = files.get(job.file_id) if job.file_id is not None else None
-            # The same bytes uploaded twice are one file: it goes only when every job using it is due.
+            # The same bytes uploaded twice are one file: it goes only when every job using it is
+            # due, so never while one runs. A job not yet ingested takes stored bytes holding the
+            # account's lock, which this run holds, and stores them again if they went
+            # (steps.ingest._attach): it holds nothing back.
             sharers = [j for j in jobs if j.file_id == job.file_id]
             input_due = stored is not None and all((d := due_at(j)) is not None and self.as_of >= d for j in sharers)
-            # A job not yet ingested may take this very input (same bytes) while it is deleted:
-            # wait for it (jobs created from now on wait for the account's lock, held by this run).
-            if input_due and self._deferred(
-                "api_results_deleted", job.job_id, due, or_(Job.file_id == stored.id, Job.file_id.is_(None))
-            ):
-                continue
             # Everything the job wrote: output, export (and its staging folder), reports, quarantine.
             prefixes = [
                 area.key("classified", job.job_id) + "/",

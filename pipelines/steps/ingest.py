@@ -4,13 +4,14 @@ a plain upload stores one with no job)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.accounts import get_account
 from pipelines.admission import AdmissionRefused, Candidate, check_admission
 from pipelines.billing.pricebook import load_pricebook
 from pipelines.catalog import CatalogError
-from pipelines.catalog.models import Job, JobState, utcnow
+from pipelines.catalog.models import FileState, Job, JobState, StoredFile, utcnow
 from pipelines.classifiers import BUILTIN_CLASSIFIERS
 from pipelines.ingest import StoredFileInfo, ingest_file
 from pipelines.lifecycle.deletion import account_lock
@@ -83,11 +84,15 @@ def ingest_step(runtime: Runtime, job_id: str) -> JobRecord:
         try:
             check_source(runtime.settings, runtime.store, account_id, job.source)
             with local_copy(runtime.settings, job.source, account_id) as path:
-                stored = ingest_file(runtime.catalog, runtime.store, account_id, path, admit=admit)
+                _attach(
+                    runtime,
+                    job_id,
+                    account_id,
+                    path,
+                    lambda: ingest_file(runtime.catalog, runtime.store, account_id, path, admit=admit),
+                )
         except (AdmissionRefused, ForeignSource) as refused:
             refuse_job(runtime, job_id, str(refused))
-        with runtime.catalog.session() as session:
-            job_row(session, job_id).file_id = stored.id
     return job_view(runtime, job_id)
 
 
@@ -100,16 +105,43 @@ def attach_file(runtime: Runtime, job_id: str, path: Path, name: str) -> JobReco
     if job.file_id is None:
         account_id, at = job.account_id, job.created_at
         try:
-            stored = ingest_file(
-                runtime.catalog,
-                runtime.store,
+            _attach(
+                runtime,
+                job_id,
                 account_id,
                 path,
-                name=name,
-                admit=lambda candidate: check_admission(runtime.settings, runtime.catalog, account_id, candidate, at),
+                lambda: ingest_file(
+                    runtime.catalog,
+                    runtime.store,
+                    account_id,
+                    path,
+                    name=name,
+                    admit=lambda candidate: check_admission(
+                        runtime.settings, runtime.catalog, account_id, candidate, at
+                    ),
+                ),
             )
         except AdmissionRefused as refused:
             refuse_job(runtime, job_id, str(refused))
+    return job_view(runtime, job_id)
+
+
+def _attach(
+    runtime: Runtime, job_id: str, account_id: str, path: Path, store_file: Callable[[], StoredFileInfo]
+) -> None:
+    """Store the job's input (`store_file`: bytes stored before give their record) and make it the
+    job's, holding the account's lock: every deletion of stored files holds it, so the record is
+    still there, with its object, when the job takes it. Bytes found stored, then deleted before
+    the lock was ours, are stored again for this job."""
+    stored = store_file()
+    with account_lock(runtime.catalog, account_id):
+        with runtime.catalog.session() as session:
+            record = session.get(StoredFile, stored.id)
+            key, state = (record.key, record.state) if record is not None else (None, None)
+        if key is None:
+            stored = store_file()
+        elif state != FileState.QUARANTINED.value and not runtime.store.exists(key):
+            # A deletion that failed part-way keeps the record (the next run finishes it) but took the object.
+            runtime.store.put_file(key, path)
         with runtime.catalog.session() as session:
             job_row(session, job_id).file_id = stored.id
-    return job_view(runtime, job_id)
