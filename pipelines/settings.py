@@ -157,6 +157,9 @@ class Settings:
     # Local folders (or single files) that job and training sources may be read from.
     input_dirs: tuple[Path, ...] = ()
     stale_job_hours: int = 24
+    # An unfinished S3 multipart upload initiated longer ago than this is aborted by the nightly
+    # sweep: S3 cannot tell a live writer from a killed one, so it must outlast the longest upload.
+    stale_upload_hours: int = 24
     # Customers' download links: where they reach the api-server, and the key that signs them.
     public_url: str = DEFAULT_PUBLIC_URL
     link_secret: str | None = None
@@ -190,6 +193,7 @@ class Settings:
             lifecycle_policy_path=_path(env, "POINTFLOW_LIFECYCLE_POLICY"),
             input_dirs=_paths(env, "POINTFLOW_INPUT_DIRS"),
             stale_job_hours=_int(env, "POINTFLOW_STALE_JOB_HOURS", 24),
+            stale_upload_hours=_int(env, "POINTFLOW_STALE_UPLOAD_HOURS", 24),
             public_url=_endpoint(env, "POINTFLOW_PUBLIC_URL") or DEFAULT_PUBLIC_URL,
             link_secret=env.get("POINTFLOW_LINK_SECRET") or None,
             dashboard=_flag(env, "POINTFLOW_DASHBOARD"),

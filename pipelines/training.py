@@ -5,7 +5,9 @@ lets their data train them.
 A model is stored (offered) only when it beats the standard classifier on the customer's held-out
 labels; otherwise training raises `NotBetterThanStandard` with both sets of figures. Every stored
 model carries an HMAC-SHA256 made with POINTFLOW_MODEL_KEY (or a key generated once in
-POINTFLOW_HOME) and is refused if the bytes were changed.
+POINTFLOW_HOME) over its bytes, its account and its id, and is refused if the bytes were changed or
+it was moved to another account or id. Models signed before the signature bound the account are
+re-signed once, at the upgrade, by `reseal_models`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,14 @@ from pipelines.catalog import CatalogError
 from pipelines.catalog.models import Job, Plan, TrainedModelRecord, utcnow
 from pipelines.classifiers import BUILTIN_CLASSIFIERS, PointBlock
 from pipelines.classifiers.fitting import train
-from pipelines.classifiers.trained import UNKNOWN_STANDARD, TrainedClassifier, TrainedModel
+from pipelines.classifiers.trained import (
+    UNBOUND_FORMAT,
+    UNKNOWN_STANDARD,
+    Seal,
+    TrainedClassifier,
+    TrainedModel,
+    reseal,
+)
 from pipelines.customer_text import render_mail
 from pipelines.errors import InvalidValue, UserError
 from pipelines.keys import kept_secret
@@ -117,6 +126,11 @@ def signing_key(settings: Settings) -> bytes:
     return (settings.model_key or kept_secret(settings.home / "model-signing.key")).encode()
 
 
+def model_seal(settings: Settings, account_id: str | None, model_id: str) -> Seal:
+    """What signs, and verifies, the file of `account_id`'s model `model_id` (None: a shared model)."""
+    return Seal(signing_key(settings), account_id, model_id)
+
+
 def read_labelled(path: Path, info: LasInfo | None = None) -> tuple[PointBlock, np.ndarray]:
     """Points and their reference classes, read through the same gate as any input (`info`: the
     file's `read_info`, when the caller has read it already)."""
@@ -190,7 +204,7 @@ def train_model(
     if not model.better_than_standard:
         raise NotBetterThanStandard(evaluation)
     model_id = "model-" + uuid.uuid4().hex[:12]
-    payload = model.to_bytes(key=signing_key(runtime.settings))
+    payload = model.to_bytes(model_seal(runtime.settings, account_id, model_id))
     key = _model_key(account_id, model_id)
     runtime.store.put_bytes(key, payload)
     runtime.store.put_bytes(_evaluation_key(key), json.dumps(evaluation, indent=2).encode())
@@ -345,7 +359,9 @@ def resolve_classifier(runtime, account_id: str | None, name: str) -> str | Trai
     payload = runtime.store.get_bytes(info.key)
     if hashlib.sha256(payload).hexdigest() != info.sha256:
         raise ModelNotFound(f"model {name} was altered in storage; retrain it")
-    model = TrainedModel.from_bytes(payload, key=signing_key(runtime.settings))
+    # The account asking, whose model the catalog says this is, must be the one it was signed for:
+    # a model moved into another account's area, with its catalog row, is refused here.
+    model = TrainedModel.from_bytes(payload, model_seal(runtime.settings, account_id, info.model_id))
     return TrainedClassifier(model, name=info.model_id, version=str(info.version))
 
 
@@ -510,6 +526,76 @@ def build_shared_model(
         "contributions": contributed,
         "evaluation": _evaluation(model),
     }
-    runtime.store.put_bytes(record["key"], model.to_bytes(key=signing_key(runtime.settings)))
+    runtime.store.put_bytes(record["key"], model.to_bytes(model_seal(runtime.settings, None, model_id)))
     runtime.store.put_bytes(SHARED_MODELS + model_id + ".json", json.dumps(record, indent=2).encode())
     return record
+
+
+@dataclass(frozen=True)
+class ResealReport:
+    resealed: list[str]  # model ids (accounts' and shared) signed again, bound to their owner and id
+    refused: dict[str, str]  # model id -> why it was not: it is left as it was, and is refused on load
+
+
+def reseal_models(runtime) -> ResealReport:
+    """The upgrade step of the models' signature: every model file still signed under the old scheme
+    (v2, its bytes only) is checked against that signature and the catalog, then signed again bound
+    to the account and id the catalog gives it (a shared model: to its own id, under no account).
+
+    The old signature cannot say whose a model is, so the catalog is trusted for it, once, now: as
+    every load under the old scheme trusted it. A file not where its account keeps it, or not the
+    bytes the catalog recorded, is refused. Accounts' models are re-signed under the account's
+    lock and its models' lock, as deletions take them: a deleted model is never written back. Run
+    it again: files already re-signed are left alone (a catalog digest left behind by a run killed
+    between a file's write and its record is brought up to date, the file verifying as bound)."""
+    with runtime.catalog.session() as session:
+        owners = sorted(
+            set(session.scalars(select(TrainedModelRecord.account_id).where(TrainedModelRecord.deleted_at.is_(None))))
+        )
+    resealed: list[str] = []
+    refused: dict[str, str] = {}
+    for account_id in owners:
+        with account_lock(runtime.catalog, account_id), runtime.catalog.lock(_models_lock(account_id)):
+            with runtime.catalog.session() as session:
+                rows = session.scalars(
+                    select(TrainedModelRecord)
+                    .where(TrainedModelRecord.account_id == account_id, TrainedModelRecord.deleted_at.is_(None))
+                    .order_by(TrainedModelRecord.version)
+                )
+                for row in rows:
+                    seal = model_seal(runtime.settings, account_id, row.model_id)
+                    try:
+                        data = _reseal_one(runtime, row.key, row.sha256, _model_key(account_id, row.model_id), seal)
+                    except InvalidValue as error:
+                        refused[row.model_id] = str(error)
+                        continue
+                    if data is not None:
+                        row.sha256 = hashlib.sha256(data).hexdigest()
+                        resealed.append(row.model_id)
+    for info in runtime.store.list(SHARED_MODELS):
+        if info.key.endswith(MODEL_SUFFIX):
+            model_id = info.key[len(SHARED_MODELS) :].removesuffix(MODEL_SUFFIX)
+            try:
+                if _reseal_one(runtime, info.key, None, info.key, model_seal(runtime.settings, None, model_id)):
+                    resealed.append(model_id)
+            except InvalidValue as error:
+                refused[model_id] = str(error)
+    return ResealReport(resealed, refused)
+
+
+def _reseal_one(runtime, key: str, digest: str | None, expected_key: str, seal: Seal) -> bytes | None:
+    """Re-sign the file at `key` if it is under the old scheme; its new bytes, else None (already
+    bound: checked, and its bytes returned when `digest`, the catalog's, is not theirs)."""
+    if key != expected_key:
+        raise InvalidValue(f"model {seal.model_id}'s file {key} is not where {seal.owner} keeps it ({expected_key})")
+    data = runtime.store.get_bytes(key)
+    if not data.startswith(UNBOUND_FORMAT):
+        TrainedModel.from_bytes(data, seal)  # bound already, and to this owner and id
+        return data if digest is not None and hashlib.sha256(data).hexdigest() != digest else None
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise InvalidValue(
+            f"model {seal.model_id}'s file {key} is not the one the catalog recorded (its sha256 differs)"
+        )
+    sealed = reseal(data, seal)
+    runtime.store.put_bytes(key, sealed)
+    return sealed

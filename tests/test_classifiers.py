@@ -32,6 +32,7 @@ from pipelines.classifiers.trained import (
     FORMAT,
     STAGE_TREES,
     STANDARD_COLUMN,
+    Seal,
     TrainedClassifier,
     TrainedModel,
     choose_cascade,
@@ -42,6 +43,7 @@ from pipelines.errors import InvalidValue
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ASPRS_OUTPUTS = {1, 2, 3, 4, 5, 6, 7, 9, 18}
+SEAL = Seal(b"k", "acme", "model-1")
 
 
 def load(relative: str) -> tuple[PointBlock, np.ndarray]:
@@ -443,14 +445,15 @@ def test_round_trip_and_signature(ign: tuple[PointBlock, np.ndarray], model: Tra
     expected = model.predict(block)
     plain = TrainedModel.from_bytes(model.to_bytes())
     np.testing.assert_array_equal(plain.predict(block), expected)
-    signed = model.to_bytes(key=b"secret")
-    np.testing.assert_array_equal(TrainedModel.from_bytes(signed, key=b"secret").predict(block), expected)
+    seal = Seal(b"secret", "acme", "model-1")
+    signed = model.to_bytes(seal)
+    np.testing.assert_array_equal(TrainedModel.from_bytes(signed, seal).predict(block), expected)
     with pytest.raises(ValueError, match="signature"):
-        TrainedModel.from_bytes(signed, key=b"other")
+        TrainedModel.from_bytes(signed, Seal(b"other", "acme", "model-1"))
     tampered = bytearray(signed)
     tampered[-10] ^= 0xFF
     with pytest.raises(ValueError, match="signature"):
-        TrainedModel.from_bytes(bytes(tampered), key=b"secret")
+        TrainedModel.from_bytes(bytes(tampered), seal)
     with pytest.raises(ValueError, match="not a pointflow"):
         TrainedModel.from_bytes(b"garbage")
 
@@ -655,9 +658,9 @@ def test_the_cascade_is_kept_in_the_signed_file_and_older_files_walk_every_tree(
     block, _ = ign
     assert model.cascade, "training chooses early decisions on its held-out blocks"
     assert (model.params["early_tolerance"], model.params["early_stages"]) == (EARLY_TOLERANCE, EARLY_STAGES)
-    assert TrainedModel.from_bytes(model.to_bytes(key=b"k"), key=b"k").cascade == model.cascade
+    assert TrainedModel.from_bytes(model.to_bytes(SEAL), SEAL).cascade == model.cascade
     assert model.prune and len(model.prune) == len(model.cascade)
-    assert TrainedModel.from_bytes(model.to_bytes(key=b"k"), key=b"k").prune == model.prune
+    assert TrainedModel.from_bytes(model.to_bytes(SEAL), SEAL).prune == model.prune
     # A file written before classes were dropped: its header has no "prune"; every class walks on.
     data = dataclasses.replace(model, prune=[]).to_bytes()
     header, _, text = zlib.decompress(data[len(FORMAT) + 1 :]).partition(b"\n")
@@ -1013,12 +1016,12 @@ def test_the_standard_version_is_kept_in_the_signed_file_and_another_one_still_p
     block, _ = ign
     assert model.standard_version == StandardClassifier.version
     assert model.evaluation["standard_version"] == StandardClassifier.version
-    loaded = TrainedModel.from_bytes(model.to_bytes(key=b"k"), key=b"k")
+    loaded = TrainedModel.from_bytes(model.to_bytes(SEAL), SEAL)
     assert loaded.standard_version == StandardClassifier.version
     assert TrainedClassifier(loaded, name="m", version="1").params["standard_version"] == StandardClassifier.version
     expected = model.predict(block)
     # Trained against another release of standard: it still loads and predicts the same way.
-    other = TrainedModel.from_bytes(dataclasses.replace(model, standard_version="1.0.0").to_bytes(key=b"k"), key=b"k")
+    other = TrainedModel.from_bytes(dataclasses.replace(model, standard_version="1.0.0").to_bytes(SEAL), SEAL)
     assert other.standard_version == "1.0.0"
     np.testing.assert_array_equal(other.predict(block), expected)
     # A file written before the version was recorded: its header has no "standard_version".

@@ -398,3 +398,90 @@ def test_the_nightly_stale_job_sweep_removes_part_files_of_killed_uploads(runtim
     os.utime(part, (old, old))
     close_stale_jobs(runtime, datetime.now(UTC) + timedelta(minutes=1))
     assert not part.exists()
+
+
+def _unfinished_upload(runtime: Runtime, key: str, size: int = 5 << 20) -> str:
+    """What a writer killed mid-way through a multipart upload leaves: an upload begun, one part stored."""
+    store = runtime.store
+    full = store.prefix + key
+    upload = store.client.create_multipart_upload(Bucket=store.bucket, Key=full)["UploadId"]
+    store.client.upload_part(Bucket=store.bucket, Key=full, UploadId=upload, PartNumber=1, Body=b"P" * size)
+    return upload
+
+
+def _uploads(runtime: Runtime) -> dict[str, str]:
+    found = runtime.store.client.list_multipart_uploads(Bucket=runtime.store.bucket).get("Uploads", [])
+    return {u["UploadId"]: u["Key"] for u in found}
+
+
+@pytest.fixture
+def s3_runtime(home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Runtime:
+    monkeypatch.setenv("POINTFLOW_STORAGE_URL", f"s3://{s3_bucket}/svc")
+    runtime = Runtime.from_settings(Settings.from_env())
+    yield runtime
+    runtime.catalog.dispose()
+
+
+def test_deleting_an_account_on_s3_aborts_its_unfinished_multipart_uploads(s3_runtime: Runtime, capsys) -> None:
+    runtime = s3_runtime
+    upsert_accounts(runtime.catalog, [make_account("acme"), make_account("other")])
+    seed(runtime, "acme")
+    # The service's own upload killed mid-way (beside the object it would replace), a customer's
+    # into the drop zone, and another account's: neither `list` nor the versions listing shows any.
+    ours = _unfinished_upload(runtime, "accounts/acme/raw/abc-scan.laz")
+    theirs = _unfinished_upload(runtime, "incoming/acme/drop.laz", 6 << 20)
+    other = _unfinished_upload(runtime, "accounts/other/raw/big.las")
+    listed = [k for k in deletion_plan(runtime, "acme").summary()["keys"] if "upload_id" in k]
+    assert [(k["key"], k["bytes"], k["upload_id"]) for k in listed] == [
+        ("accounts/acme/raw/abc-scan.laz", 5 << 20, ours),
+        ("incoming/acme/drop.laz", 6 << 20, theirs),
+    ]
+    assert all(k["what"].startswith("an unfinished multipart upload") for k in listed)
+    dry = cli(capsys, "accounts", "delete", "acme", code=2)
+    assert "add --confirm" in dry
+    result = json.loads(cli(capsys, "accounts", "delete", "acme", "--confirm", "--json"))
+    assert result["deleted"] is True and result["objects"] == 6
+    assert _uploads(runtime) == {other: "svc/accounts/other/raw/big.las"}
+    with runtime.catalog.session() as session:
+        [entry] = session.scalars(select(DeletionAudit))
+        assert entry.status == "completed" and entry.bytes >= 11 << 20
+        assert {o["upload_id"] for o in entry.objects if "upload_id" in o} == {ours, theirs}
+
+
+def test_deleting_a_file_on_s3_aborts_the_unfinished_upload_to_its_key(s3_runtime: Runtime) -> None:
+    from pipelines.lifecycle.deletion import execute_deletion, plan_deletion
+
+    runtime = s3_runtime
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    seed(runtime, "acme")
+    key = "accounts/acme/raw/abc-scan.laz"
+    upload = _unfinished_upload(runtime, key)
+    longer = _unfinished_upload(runtime, key + ".copy")  # the key is a prefix of it: not this file's
+    plan = plan_deletion(runtime.store, [], [key], [])
+    audit = execute_deletion(
+        runtime.catalog, runtime.store, plan, "acme", "customer_request", "file", datetime.now(UTC)
+    )
+    assert _uploads(runtime) == {longer: "svc/" + key + ".copy"} and not runtime.store.exists(key)
+    assert [(o["key"], o.get("upload_id")) for o in audit.objects] == [(key, None), (key, upload)]
+
+
+def test_the_nightly_sweep_aborts_unfinished_uploads_by_their_age_on_s3(
+    s3_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import timedelta
+
+    from pipelines.lifecycle.sweeps import close_stale_jobs
+
+    runtime = s3_runtime
+    upload = _unfinished_upload(runtime, "incoming/acme/drop.laz")
+    [info] = runtime.store.unfinished_uploads("")
+    initiated = info.modified  # as S3 reports it (moto's is a fixed date)
+    close_stale_jobs(runtime, initiated + timedelta(hours=23))
+    assert upload in _uploads(runtime)  # a writer may still complete it
+    monkeypatch.setenv("POINTFLOW_STALE_UPLOAD_HOURS", "48")
+    patient = Runtime.from_settings(Settings.from_env())
+    close_stale_jobs(patient, initiated + timedelta(hours=25))
+    assert upload in _uploads(runtime)
+    patient.catalog.dispose()
+    close_stale_jobs(runtime, initiated + timedelta(hours=25))
+    assert _uploads(runtime) == {}

@@ -12,7 +12,7 @@ import pytest
 
 from pipelines.accounts import upsert_accounts
 from pipelines.classifiers.standard import StandardClassifier
-from pipelines.classifiers.trained import FORMAT, STANDARD_COLUMN, TrainedModel
+from pipelines.classifiers.trained import FORMAT, STANDARD_COLUMN, Seal, TrainedModel
 from pipelines.classify import classify_file
 from pipelines.cli import main
 from pipelines.errors import InvalidValue
@@ -28,6 +28,8 @@ from pipelines.training import (
     delete_model,
     held_out_mistakes,
     list_models,
+    model_seal,
+    read_labelled,
     resolve_classifier,
     signing_key,
     train_model,
@@ -61,8 +63,6 @@ def relabelled(source: Path, target: Path, classes: np.ndarray) -> Path:
 def standard_labels(halves, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The west half labelled with the standard classifier's own classes: labels that cannot teach
     anything standard does not know."""
-    from pipelines.training import read_labelled
-
     block, _ = read_labelled(halves[0])
     return relabelled(halves[0], tmp_path_factory.mktemp("std") / "standard.laz", StandardClassifier().classify(block))
 
@@ -194,6 +194,101 @@ def test_an_altered_model_is_refused(accounts: Runtime, halves) -> None:
     runtime.store.put_bytes(model.key, bytes(payload))
     with pytest.raises(ModelNotFound, match="altered"):
         resolve_classifier(runtime, "owner", model.model_id)
+
+
+def _move_model(runtime: Runtime, model_id: str, account_id: str, new_id: str | None = None) -> str:
+    """What someone who can write to both storage and catalog could do: the model's file and its
+    catalog row put under another account (and, with `new_id`, another id); the bytes unchanged."""
+    from pipelines.catalog.models import TrainedModelRecord
+
+    with runtime.catalog.session() as session:
+        row = session.get(TrainedModelRecord, model_id)
+        data = runtime.store.get_bytes(row.key)
+        key = f"accounts/{account_id}/models/{new_id or model_id}.pfmodel"
+        runtime.store.put_bytes(key, data)
+        if new_id is None:
+            row.account_id, row.key = account_id, key
+        else:
+            fields = {c.name: getattr(row, c.name) for c in TrainedModelRecord.__table__.columns}
+            session.add(TrainedModelRecord(**{**fields, "model_id": new_id, "account_id": account_id, "key": key}))
+    return key
+
+
+def test_a_model_moved_or_copied_to_another_account_is_refused_on_load(accounts: Runtime, halves) -> None:
+    runtime = accounts
+    model = train_model(runtime, "owner", [halves[0]])
+    upsert_accounts(runtime.catalog, [make_account("thief")])
+    # A copy under another account and id: its file and row as the catalog would hold them.
+    _move_model(runtime, model.model_id, "stranger", "model-0123456789ab")
+    with pytest.raises(InvalidValue, match="signature does not match account stranger and model model-0123456789ab"):
+        resolve_classifier(runtime, "stranger", "model-0123456789ab")
+    assert resolve_classifier(runtime, "owner", model.model_id).name == model.model_id  # the original still loads
+    # The model itself, id and all, moved to another account.
+    _move_model(runtime, model.model_id, "thief")
+    with pytest.raises(InvalidValue, match=f"signature does not match account thief and model {model.model_id}"):
+        resolve_classifier(runtime, "thief", model.model_id)
+    # Back under its own account, it loads again.
+    _move_model(runtime, model.model_id, "owner")
+    assert resolve_classifier(runtime, "owner", model.model_id).name == model.model_id
+
+
+def _signed_as_before(runtime: Runtime, model_id: str) -> bytes:
+    """The model's file as releases before the account was bound signed it (v2: an HMAC over the
+    payload alone), recorded in the catalog as they recorded it."""
+    import hashlib
+    import hmac
+
+    from pipelines.catalog.models import TrainedModelRecord
+    from pipelines.classifiers.trained import UNBOUND_FORMAT
+
+    with runtime.catalog.session() as session:
+        row = session.get(TrainedModelRecord, model_id)
+        data = runtime.store.get_bytes(row.key)
+        payload = data[len(FORMAT) + 1 + data[len(FORMAT)] :]
+        tag = hmac.new(signing_key(runtime.settings), payload, hashlib.sha256).digest()
+        old = UNBOUND_FORMAT + bytes([len(tag)]) + tag + payload
+        runtime.store.put_bytes(row.key, old)
+        row.sha256 = hashlib.sha256(old).hexdigest()
+    return old
+
+
+def test_a_model_signed_before_the_upgrade_is_refused_until_re_signed(
+    accounts: Runtime, halves, capsys: pytest.CaptureFixture
+) -> None:
+    from pipelines.catalog.models import TrainedModelRecord
+
+    runtime = accounts
+    model = train_model(runtime, "owner", [halves[0]])
+    expected = resolve_classifier(runtime, "owner", model.model_id).model.predict(read_labelled(halves[1])[0])
+    _signed_as_before(runtime, model.model_id)
+    with pytest.raises(InvalidValue, match="signed under the old scheme.*'pointflow models re-sign'"):
+        resolve_classifier(runtime, "owner", model.model_id)
+    # A row pointing into another account's area is not taken at its word, nor is altered bytes' digest.
+    with runtime.catalog.session() as session:
+        fields = {
+            c.name: getattr(session.get(TrainedModelRecord, model.model_id), c.name)
+            for c in TrainedModelRecord.__table__.columns
+        }
+        session.add(
+            TrainedModelRecord(**{**fields, "model_id": "model-stolen000000", "account_id": "stranger", "version": 7})
+        )
+    assert main(["models", "re-sign"]) == 1
+    out = capsys.readouterr().out
+    assert f"re-signed 1 model(s): {model.model_id}" in out
+    assert "not re-signed: model model-stolen000000's file accounts/owner/models/" in out
+    loaded = resolve_classifier(runtime, "owner", model.model_id)
+    np.testing.assert_array_equal(loaded.model.predict(read_labelled(halves[1])[0]), expected)
+    # Bound now: moved to another account, it is refused.
+    _move_model(runtime, model.model_id, "stranger", "model-0123456789ab")
+    with pytest.raises(InvalidValue, match="signature does not match account stranger"):
+        resolve_classifier(runtime, "stranger", "model-0123456789ab")
+    # Run again, it leaves the bound files alone.
+    assert json.loads(_cli_json(capsys, ["models", "re-sign", "--json"]))["resealed"] == []
+
+
+def _cli_json(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    main(argv)
+    return capsys.readouterr().out
 
 
 def test_labels_must_teach_something(accounts: Runtime, tmp_path: Path) -> None:
@@ -398,10 +493,10 @@ def test_model_files_are_lightgbm_text_signed_and_versioned(accounts: Runtime, h
     body = zlib.decompress(payload[len(FORMAT) + 1 + payload[len(FORMAT)] :])
     header, _, text = body.partition(b"\n")
     assert json.loads(header)["features_version"] and text.startswith(b"tree\nversion=v")
-    loaded = TrainedModel.from_bytes(payload, key=signing_key(accounts.settings))
+    loaded = TrainedModel.from_bytes(payload, model_seal(accounts.settings, "owner", model.model_id))
     assert {2, 5, 6} <= set(loaded.classes) and loaded.evaluation == {k: model.evaluation[k] for k in loaded.evaluation}
     with pytest.raises(ValueError, match="signature"):
-        TrainedModel.from_bytes(payload, key=b"another key")
+        TrainedModel.from_bytes(payload, Seal(b"another key", "owner", model.model_id))
     with pytest.raises(ValueError, match="earlier release"):
         TrainedModel.from_bytes(b"pointflow-trained-v1\n\x00" + b"\x80\x05pickled")
 
@@ -426,7 +521,9 @@ def test_a_shared_model_takes_only_consenting_accounts_labels(
     assert [c["account_id"] for c in record["contributions"]] == ["sharer"]
     assert heard["labels"] == [(0, 1), (1, 1)] and heard["fit"][-1] == (record["evaluation"]["params"]["rounds"],) * 2
     assert accounts.store.exists(record["key"]) and record["key"].startswith(SHARED_MODELS)
-    TrainedModel.from_bytes(accounts.store.get_bytes(record["key"]), key=signing_key(accounts.settings))
+    TrainedModel.from_bytes(
+        accounts.store.get_bytes(record["key"]), model_seal(accounts.settings, None, record["model_id"])
+    )
     # A shared model is no account's model: nobody can name it as theirs.
     with pytest.raises(ValueError, match="unknown classifier"):
         resolve_classifier(accounts, "sharer", record["model_id"])

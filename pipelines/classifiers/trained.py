@@ -9,7 +9,8 @@ fitted to labels and judged against standard is `fitting.train`.
 
 Model files are LightGBM's own text format (stable across LightGBM releases, and loading it runs no
 code, unlike a pickle), compressed, behind a JSON header and an HMAC-SHA256 checked before anything
-is parsed.
+is parsed. The HMAC binds the file to the account that owns the model and to its id (`Seal`): a
+model copied into another account's area, with its catalog row, does not verify there.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ from .forest import Forest
 if TYPE_CHECKING:
     import lightgbm
 
-FORMAT = b"pointflow-trained-v2\n"
+# The first line names the file's format, and with it the signature scheme. v3: the model of v2,
+# its HMAC over this line, the owning account, the model id and the payload (`Seal`). v2's HMAC
+# covered the payload alone, so a v2 file verified under any account: refused until re-signed
+# (`reseal`, `pointflow models re-sign`). v1 was a pickle: refused for good.
+FORMAT = b"pointflow-trained-v3\n"
+UNBOUND_FORMAT = b"pointflow-trained-v2\n"
 _OLD_FORMATS = (b"pointflow-trained-v1\n",)
 FEATURES_VERSION = "4"
 STANDARD_COLUMN = FEATURE_NAMES.index("standard_class")
@@ -46,6 +52,24 @@ STAGE_TREES = 1
 UNKNOWN_STANDARD = "unknown"
 
 ClassMetrics = dict[int, dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Seal:
+    """What a model file's signature binds: the signing key, the account that owns the model (None
+    for a shared model, which is no account's) and the model's id."""
+
+    key: bytes
+    account_id: str | None
+    model_id: str
+
+    def tag(self, payload: bytes) -> bytes:
+        bound = json.dumps([self.account_id, self.model_id]).encode()
+        return hmac.new(self.key, FORMAT + bound + b"\n" + payload, hashlib.sha256).digest()
+
+    @property
+    def owner(self) -> str:
+        return f"account {self.account_id}" if self.account_id is not None else "the shared models"
 
 
 def load_lightgbm():
@@ -130,7 +154,9 @@ class TrainedModel:
             self._forest = Forest.from_model_string(self.booster.model_to_string())
         return self._forest
 
-    def to_bytes(self, key: bytes | None = None) -> bytes:
+    def to_bytes(self, seal: Seal | None = None) -> bytes:
+        """The model file; signed for `seal`'s account and model, else unsigned (a model sent to the
+        workers, checked by the client that loaded it, or one whose digest is recorded)."""
         header = {
             "classes": list(self.classes),
             "feature_names": list(self.feature_names),
@@ -146,22 +172,26 @@ class TrainedModel:
             "standard_version": self.standard_version,
         }
         payload = zlib.compress(json.dumps(header).encode() + b"\n" + self.booster.model_to_string().encode(), 6)
-        tag = hmac.new(key, payload, hashlib.sha256).digest() if key else b""
-        return FORMAT + len(tag).to_bytes(1, "big") + tag + payload
+        return _signed(seal.tag(payload) if seal else b"", payload)
 
     @classmethod
-    def from_bytes(cls, data: bytes, key: bytes | None = None) -> TrainedModel:
-        """Load a model written by `to_bytes`; with `key`, bytes altered since are refused."""
+    def from_bytes(cls, data: bytes, seal: Seal | None = None) -> TrainedModel:
+        """Load a model written by `to_bytes`; with `seal`, a file altered since, or signed for
+        another account or model, is refused."""
         if data.startswith(_OLD_FORMATS):
             raise InvalidValue("model was made by an earlier release of pointflow; retrain it")
-        if not data.startswith(FORMAT):
-            raise InvalidValue("not a pointflow trained model")
-        rest = data[len(FORMAT) :]
-        tag, payload = rest[1 : 1 + rest[0]], rest[1 + rest[0] :]
-        if key is not None:
-            expected = hmac.new(key, payload, hashlib.sha256).digest()
-            if not hmac.compare_digest(tag, expected):
-                raise InvalidValue("trained model signature mismatch")
+        if seal is not None and data.startswith(UNBOUND_FORMAT):
+            raise InvalidValue(
+                f"model {seal.model_id} of {seal.owner} is signed under the old scheme, which binds neither its "
+                "account nor its id: it is not loaded. An operator re-signs the models stored before the upgrade "
+                "with 'pointflow models re-sign' (or retrain it)"
+            )
+        tag, payload = _parts(data)
+        if seal is not None and not hmac.compare_digest(tag, seal.tag(payload)):
+            raise InvalidValue(
+                f"model {seal.model_id}'s signature does not match {seal.owner} and model {seal.model_id}: its file "
+                "was altered, or signed for another account or model; it is not loaded"
+            )
         header_line, _, model_text = zlib.decompress(payload).partition(b"\n")
         header = json.loads(header_line)
         if tuple(header["feature_names"]) != FEATURE_NAMES or header["features_version"] != FEATURES_VERSION:
@@ -181,6 +211,28 @@ class TrainedModel:
             prune=[float(gap) for gap in header.get("prune", [])],
             standard_version=str(header.get("standard_version", UNKNOWN_STANDARD)),
         )
+
+
+def reseal(data: bytes, seal: Seal) -> bytes:
+    """A v2 file (its HMAC over the payload alone, checked here with `seal.key`) signed again, bound
+    to `seal`'s account and model; the payload is kept byte for byte. Whose the model is comes from
+    the caller (the catalog, at the upgrade): the old signature cannot say."""
+    tag, payload = _parts(data, UNBOUND_FORMAT)
+    if not hmac.compare_digest(tag, hmac.new(seal.key, payload, hashlib.sha256).digest()):
+        raise InvalidValue(f"model {seal.model_id} of {seal.owner}: its old signature does not match; not re-signed")
+    return _signed(seal.tag(payload), payload)
+
+
+def _signed(tag: bytes, payload: bytes) -> bytes:
+    return FORMAT + len(tag).to_bytes(1, "big") + tag + payload
+
+
+def _parts(data: bytes, first_line: bytes = FORMAT) -> tuple[bytes, bytes]:
+    """A file's signature (empty when unsigned) and payload."""
+    if not data.startswith(first_line):
+        raise InvalidValue("not a pointflow trained model")
+    rest = data[len(first_line) :]
+    return rest[1 : 1 + rest[0]], rest[1 + rest[0] :]
 
 
 def lead(scores: np.ndarray) -> np.ndarray:

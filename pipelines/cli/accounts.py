@@ -325,7 +325,8 @@ def _delete(args: argparse.Namespace) -> int:
             print_json({"account_id": args.account_id, "deleted": False, **plan.summary()})
         else:
             for item in plan.objects:
-                print(f"{item.key}  {item.bytes:,} bytes  {item.versions} version(s)")
+                what = f"  ({item.what})" if item.what else ""
+                print(f"{item.key}  {item.bytes:,} bytes  {item.versions} version(s){what}")
             for local in plan.local_paths:
                 print(f"{local.path}  {local.bytes:,} bytes (local cache)")
             print(f"would delete {len(plan.objects)} object(s), {plan.bytes:,} bytes; nothing deleted")

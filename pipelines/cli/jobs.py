@@ -61,7 +61,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         description=(
             "Close as failed every job that made no progress for POINTFLOW_STALE_JOB_HOURS (default 24): its "
             "process was killed or its DAG run lost. Each is metered once as failed, so nothing is billed. "
-            "The nightly lifecycle DAG does this too."
+            "It also removes what killed uploads left: a local store's part files no process holds, unchanged "
+            "for an hour; on S3, unfinished multipart uploads initiated more than POINTFLOW_STALE_UPLOAD_HOURS "
+            "(default 24) ago. The nightly lifecycle DAG does this too."
         ),
     )
     stale.add_argument("--json", action="store_true", help="print the closed jobs as JSON")

@@ -1,4 +1,5 @@
-"""`pointflow train`, `pointflow models list`, `pointflow models delete` and `pointflow models build-shared`"""
+"""`pointflow train`, `pointflow models list`, `pointflow models delete`, `pointflow models build-shared` and
+`pointflow models re-sign`"""
 
 from __future__ import annotations
 
@@ -105,6 +106,22 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     shared.add_argument("--json", action="store_true", help="print the stored record as JSON")
     shared.set_defaults(handler=_build_shared)
+    resign = sub.add_parser(
+        "re-sign",
+        help="re-sign models stored before their signature bound their account (once, after upgrading)",
+        description=(
+            "Model files are signed (POINTFLOW_MODEL_KEY) over their bytes, the account that owns them and their "
+            "id, so a model moved to another account is refused. Files stored by earlier releases were signed "
+            "over their bytes alone and are refused with a message naming this command. It checks each such file "
+            "against its old signature, where its account keeps it and the sha256 the catalog recorded, then "
+            "signs it again for the account and id the catalog gives it (trusting the catalog this once, as every "
+            "load did before); shared models are bound to their id. Run it once after upgrading, before training "
+            "or classifying with custom models again. Files already re-signed are left alone; a file that fails a "
+            "check is left as it was and listed (exit code 1): retrain that model."
+        ),
+    )
+    resign.add_argument("--json", action="store_true", help="print the models re-signed and those refused as JSON")
+    resign.set_defaults(handler=_reseal)
 
 
 def _scores(evaluation: dict) -> str:
@@ -245,3 +262,17 @@ def _build_shared(args: argparse.Namespace) -> int:
     )
     print(_scores(record["evaluation"]))
     return 0
+
+
+def _reseal(args: argparse.Namespace) -> int:
+    from pipelines.runtime import Runtime
+    from pipelines.training import reseal_models
+
+    report = reseal_models(Runtime.from_settings(settings_from_env()))
+    if args.json:
+        print_json({"resealed": report.resealed, "refused": report.refused})
+    else:
+        print(f"re-signed {len(report.resealed)} model(s){': ' if report.resealed else ''}{', '.join(report.resealed)}")
+        for why in report.refused.values():
+            print(f"not re-signed: {why}")
+    return 1 if report.refused else 0

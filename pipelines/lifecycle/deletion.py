@@ -29,6 +29,7 @@ from pipelines.scratch import account_folders
 from pipelines.storage import AccountArea, LocalStore, ObjectStore, S3Store
 
 PARTIAL_WHAT = "an unfinished upload (a part file)"
+UPLOAD_WHAT = "an unfinished multipart upload (its parts), initiated"
 
 
 class DeletionIncomplete(PointflowError, RuntimeError):
@@ -67,6 +68,9 @@ class StoredObject:
     # Set for an entry of a local store that is no object (a symbolic link, a FIFO): what it is.
     # It is removed itself, never what a link points at, and is nothing to export.
     what: str | None = None
+    # Set for an unfinished S3 multipart upload (its key is the one it would complete): aborted,
+    # never deleted as the key's object, which may exist beside it.
+    upload_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,9 @@ class DeletionPlan:
             "versions": sum(o.versions for o in self.objects),
             "bytes": self.bytes,
             "keys": [
-                {"key": o.key, "bytes": o.bytes, "versions": o.versions} | ({"what": o.what} if o.what else {})
+                {"key": o.key, "bytes": o.bytes, "versions": o.versions}
+                | ({"what": o.what} if o.what else {})
+                | ({"upload_id": o.upload_id} if o.upload_id else {})
                 for o in self.objects
             ],
             "local_paths": [{"path": p.path, "bytes": p.bytes} for p in self.local_paths],
@@ -111,7 +117,8 @@ def inventory(store: ObjectStore, prefix: str) -> list[StoredObject]:
     """Every key under `prefix`, counting every version where the bucket keeps versions.
 
     `ObjectStore.list` shows current objects only; on S3 a key whose current version is a delete
-    marker still holds old versions, so S3 is asked for versions directly.
+    marker still holds old versions, so S3 is asked for versions directly, and for the unfinished
+    multipart uploads (a killed writer's parts, which no listing of objects shows).
     """
     if isinstance(store, S3Store):
         sizes: dict[str, int] = defaultdict(int)
@@ -129,7 +136,12 @@ def inventory(store: ObjectStore, prefix: str) -> list[StoredObject]:
                 key = item["Key"][len(store.prefix) :]
                 sizes[key] += 0
                 counts[key] += 1
-        return [StoredObject(key, sizes[key], counts[key], current.get(key)) for key in sorted(sizes)]
+        objects = [StoredObject(key, sizes[key], counts[key], current.get(key)) for key in sorted(sizes)]
+        uploads = [
+            StoredObject(u.key, u.size, 1, None, f"{UPLOAD_WHAT} {u.modified.isoformat()}", u.version)
+            for u in store.unfinished_uploads(prefix)
+        ]
+        return sorted(objects + uploads, key=_identity)
     if isinstance(store, LocalStore):
         # Symbolic links, FIFOs (planted in a drop zone) are no objects, but the account's entries
         # all the same: a deletion removes them themselves (never a link's target), and a prefix
@@ -158,16 +170,16 @@ def local_inventory(paths: list[Path]) -> list[LocalPath]:
 def plan_deletion(
     store: ObjectStore, prefixes: list[str], keys: list[str], local_paths: list[Path], kept: tuple[str, ...] = ()
 ) -> DeletionPlan:
-    objects: dict[str, StoredObject] = {}
+    objects: dict[tuple[str, str], StoredObject] = {}
     for prefix in prefixes:
         for item in inventory(store, prefix):
             if not any(item.key.startswith(k) for k in kept):
-                objects[item.key] = item
+                objects[_identity(item)] = item
     for key in keys:
         for item in inventory(store, key):
             # A key is also a prefix of longer keys: keep only the key itself.
             if item.key == key:
-                objects[key] = item
+                objects[_identity(item)] = item
     return DeletionPlan(
         tuple(prefixes),
         tuple(keys),
@@ -236,17 +248,17 @@ def execute_deletion(
             if _takes_over(plan, rule, subject, entry)
         ]
         objects, local_paths = summary["keys"], summary["local_paths"]
-        listed, listed_paths = {o["key"] for o in objects}, {p["path"] for p in local_paths}
+        listed, listed_paths = {_entry_identity(o) for o in objects}, {p["path"] for p in local_paths}
         for entry in killed:
             for item in entry.objects:
-                if item["key"] not in listed:
+                if _entry_identity(item) not in listed:
                     objects.append({**item, "deleted_by": item.get("deleted_by", entry.id)})
-                    listed.add(item["key"])
+                    listed.add(_entry_identity(item))
             for item in entry.local_paths:
                 if item["path"] not in listed_paths:
                     local_paths.append({**item, "deleted_by": item.get("deleted_by", entry.id)})
                     listed_paths.add(item["path"])
-        objects.sort(key=lambda o: o["key"])
+        objects.sort(key=_entry_identity)
         local_paths.sort(key=lambda p: p["path"])
         audit = DeletionAudit(
             account_id=account_id,
@@ -268,7 +280,10 @@ def execute_deletion(
             entry.error = f"its process ended before it finished; taken over by #{audit_id}"
     try:
         for item in plan.objects:
-            store.delete(item.key)  # every version, on a versioned bucket
+            if item.upload_id is None:
+                store.delete(item.key)  # every version, on a versioned bucket
+            else:
+                store.abort_upload(item.key, item.upload_id)
         for local in plan.local_paths:
             path = Path(local.path)
             if path.is_dir():
@@ -291,6 +306,16 @@ def execute_deletion(
         session.flush()
         session.expunge(done)
         return done
+
+
+def _identity(item: StoredObject) -> tuple[str, str]:
+    """An inventory entry's identity: its key, and which unfinished upload to it it is, if one."""
+    return item.key, item.upload_id or ""
+
+
+def _entry_identity(item: dict[str, Any]) -> tuple[str, str]:
+    """`_identity` of an entry as the audit records it."""
+    return item["key"], item.get("upload_id", "")
 
 
 def _takes_over(plan: DeletionPlan, rule: str, subject: str, entry: DeletionAudit) -> bool:

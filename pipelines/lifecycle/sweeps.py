@@ -19,7 +19,7 @@ from pipelines.runtime import Runtime
 from pipelines.steps.deliver import deliver_step
 from pipelines.steps.meter import meter_step
 from pipelines.steps.record import JobRecord, job_row, set_state
-from pipelines.storage import AccountArea, LocalStore
+from pipelines.storage import AccountArea, LocalStore, S3Store
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,19 @@ def unmetered_jobs(runtime: Runtime, as_of: datetime) -> list[str]:
 
 
 def sweep_partial_uploads(runtime: Runtime, as_of: datetime | None = None) -> list[str]:
-    """Remove the part files that killed uploads left in a local object store (no live writer
-    holds them, unchanged for an hour); their keys. S3 keeps no part objects under our keys."""
-    if not isinstance(runtime.store, LocalStore):
+    """Remove what killed uploads left under the store's prefix (the service's own writes and the
+    customers' drop zones alike); their keys. In a local store: the part files no live writer holds,
+    unchanged for an hour. On S3: the unfinished multipart uploads initiated more than
+    POINTFLOW_STALE_UPLOAD_HOURS ago, aborted (S3 cannot tell whether their writer lives)."""
+    now = as_of or utcnow()
+    if isinstance(runtime.store, LocalStore):
+        removed = runtime.store.sweep_partials(now=now)
+    elif isinstance(runtime.store, S3Store):
+        removed = runtime.store.sweep_uploads(timedelta(hours=runtime.settings.stale_upload_hours), now=now)
+    else:
         return []
-    removed = runtime.store.sweep_partials(now=as_of or utcnow())
     if removed:
-        log.info("removed %d part file(s) of killed uploads: %s", len(removed), ", ".join(removed[:20]))
+        log.info("removed %d unfinished upload(s) of killed writers: %s", len(removed), ", ".join(removed[:20]))
     return removed
 
 

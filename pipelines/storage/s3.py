@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -133,6 +133,62 @@ class S3Store(ObjectStore):
             self._call(
                 key, self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": versions[start : start + 1000]}
             )
+
+    def unfinished_uploads(self, prefix: str) -> Iterator[ObjectInfo]:
+        """The multipart uploads begun under `prefix` and neither completed nor aborted: a writer's
+        under way, or what a killed one left (boto3's `upload_file` of anything over 8 MB, a
+        customer's client in a drop zone). `list` never shows them, yet S3 keeps, and bills, their
+        parts until they are aborted. Each as its key, the bytes of its parts so far, its upload id
+        (`version`) and when it was initiated (`modified`)."""
+        pages = iter(
+            self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
+        )
+        while (page := self._call(prefix, next, pages, None)) is not None:
+            for item in page.get("Uploads", []):
+                key = item["Key"][len(self.prefix) :]
+                size = self._parts_bytes(key, item["UploadId"])
+                if size is not None:
+                    yield ObjectInfo(key, size, item["UploadId"], item["Initiated"])
+
+    def _parts_bytes(self, key: str, upload_id: str) -> int | None:
+        """The bytes of an unfinished upload's parts, or None when it was completed or aborted since it was listed."""
+        pages = iter(
+            self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id)
+        )
+        size = 0
+        try:
+            while (page := self._call(key, next, pages, None)) is not None:
+                size += sum(int(part["Size"]) for part in page.get("Parts", []))
+        except StorageError as error:
+            if _error_code(error) == "NoSuchUpload":
+                return None
+            raise
+        return size
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort an unfinished multipart upload: its parts are deleted and it can no longer be
+        completed. One completed or aborted meanwhile is fine (a completed one is an object, which
+        a listing finds)."""
+        try:
+            self._call(
+                key, self.client.abort_multipart_upload, Bucket=self.bucket, Key=self._key(key), UploadId=upload_id
+            )
+        except StorageError as error:
+            if _error_code(error) != "NoSuchUpload":
+                raise
+
+    def sweep_uploads(self, min_age: timedelta, prefix: str = "", now: datetime | None = None) -> list[str]:
+        """Abort the unfinished uploads under `prefix` initiated more than `min_age` before `now`:
+        what killed writers left. S3 cannot tell a live writer from a dead one, and a live one may
+        add parts to an old upload, so only its initiation time is judged: `min_age` must exceed the
+        longest upload a writer still completes. Returns their keys."""
+        now = now or datetime.now(UTC)
+        stale = [u for u in self.unfinished_uploads(prefix) if u.modified <= now - min_age]
+        for upload in stale:
+            self.abort_upload(upload.key, upload.version)
+        return [u.key for u in stale]
 
     def copy(self, source: str, destination: str) -> None:
         self._call(
