@@ -212,7 +212,11 @@ def classify_file(
         with work_dir(settings.scratch_dir, "classify", account_id, job_id) as work:
             with laspy.open(input_path) as reader:
                 header = classified_header(
-                    writable_header(reader.header), model.name, model.version, model.params, model_bytes
+                    writable_header(reader.header),
+                    model.name,
+                    model.version,
+                    model.params,
+                    None if isinstance(classifier, str) else classifier.sha256,
                 )
             tiles = TileFiles(work, header.point_format.dtype(), header.point_format.id)
 

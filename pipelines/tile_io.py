@@ -136,7 +136,7 @@ def classified_header(
     name: str,
     version: str,
     params: dict[str, Any],
-    model_bytes: bytes | None = None,
+    model_sha256: str | None = None,
     today: datetime.date | None = None,
 ) -> laspy.LasHeader:
     """`header` (a copy) stamped with what classified its points: `generating_software`
@@ -153,8 +153,8 @@ def classified_header(
         "params_sha256": hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest(),
         "pointflow": __version__,
     }
-    if model_bytes is not None:
-        record["model_sha256"] = hashlib.sha256(model_bytes).hexdigest()
+    if model_sha256 is not None:
+        record["model_sha256"] = model_sha256
     out.vlrs = [
         *(v for v in out.vlrs if (v.user_id, v.record_id) != (CLASSIFIER_VLR_USER_ID, CLASSIFIER_VLR_RECORD_ID)),
         laspy.VLR(CLASSIFIER_VLR_USER_ID, CLASSIFIER_VLR_RECORD_ID, "classifier (JSON)", json.dumps(record).encode()),

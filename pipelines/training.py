@@ -362,7 +362,7 @@ def resolve_classifier(runtime, account_id: str | None, name: str) -> str | Trai
     # The account asking, whose model the catalog says this is, must be the one it was signed for:
     # a model moved into another account's area, with its catalog row, is refused here.
     model = TrainedModel.from_bytes(payload, model_seal(runtime.settings, account_id, info.model_id))
-    return TrainedClassifier(model, name=info.model_id, version=str(info.version))
+    return TrainedClassifier(model, name=info.model_id, version=str(info.version), sha256=info.sha256)
 
 
 def train_from_sources(

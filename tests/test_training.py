@@ -180,6 +180,9 @@ def test_a_job_with_the_accounts_model_says_what_it_was_offered_on(
     out = capsys.readouterr().out
     assert f"classifier {model.model_id} version 1)" in out
     assert f"judged on the account's held-out labels: macro F1 {mine:.3f}, standard's {theirs:.3f}" in out
+    # The output names the model by the sha256 of its file as stored, which `models list` shows.
+    [vlr] = [v for v in laspy.open(tmp_path / "o.laz").header.vlrs if v.user_id == "pointflow"]
+    assert json.loads(bytes(vlr.record_data))["model_sha256"] == model.sha256
     # The built-in classifiers have no such figures.
     assert main(["classify", str(halves[1]), str(tmp_path / "s.laz")]) == 0
     out = capsys.readouterr().out

@@ -378,10 +378,11 @@ def _tolerated(values: np.ndarray, codes: np.ndarray, allowed: np.ndarray) -> fl
 class TrainedClassifier:
     """A trained model behind the `Classifier` protocol."""
 
-    def __init__(self, model: TrainedModel, name: str, version: str) -> None:
+    def __init__(self, model: TrainedModel, name: str, version: str, sha256: str | None = None) -> None:
         self.model = model
         self.name = name
         self.version = version
+        self.sha256 = sha256  # of the signed file as stored (the catalog's), which outputs name
         self.params = {
             **model.params,
             "classes": list(model.classes),
