@@ -333,3 +333,28 @@ def test_accounts_and_usage_imported_after_a_months_run_are_invoiced_once(cli_en
     assert not [line for line in october["newapi"]["lines"] if "usage" in line["kind"]]
     november = json.loads(cli(capsys, "billing", "run", "--period", "2026-11", "--json"))
     assert not [line for i in november for line in i["lines"] if "usage" in line["kind"]]
+
+
+def test_as_of_runs_a_month_as_on_that_day(cli_env, capsys, tmp_path, monkeypatch):
+    from pipelines.billing import invoicing
+
+    monkeypatch.setattr("pipelines.cli.billing.run_billing", invoicing.run_billing)  # the command's own dating
+    cli(capsys, "accounts", "import", str(DATA / "accounts.csv"))
+    cli(capsys, "usage", "import", str(DATA / "usage.jsonl"))
+    september = json.loads(cli(capsys, "billing", "run", "--period", "2026-09", "--as-of", "2026-10-01", "--json"))
+    assert september == expected("expected-2026-09.json")  # dated 2026-10-01, due 2026-10-31
+    add_late_accounts_and_usage(capsys, tmp_path)
+    again = json.loads(cli(capsys, "billing", "run", "--period", "2026-09", "--as-of", "2026-10-20T09:00Z", "--json"))
+    assert [(i["invoice_number"], i["issue_date"], i["due_date"]) for i in again[3:]] == [
+        ("PF-2026-09-0004", "2026-10-20", "2026-11-19"),
+        ("PF-2026-09-0005", "2026-10-20", "2026-11-19"),
+    ]
+    for as_of, message in (
+        ("2026-09-30T23:59Z", "period 2026-10 has not ended yet"),
+        ("2999-01-01", "is in the future"),
+    ):
+        assert main(["billing", "run", "--period", "2026-10", "--as-of", as_of]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["billing", "run", "--period", "2026-10", "--as-of", "someday"])
+    assert "'someday' is not an ISO date-time" in capsys.readouterr().err

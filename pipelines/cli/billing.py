@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import date
+from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -164,6 +164,17 @@ def _register_billing(commands: argparse._SubParsersAction) -> None:
         ),
     )
     run.add_argument("--period", type=month_arg, required=True, help="the month, YYYY-MM; it must have ended")
+    run.add_argument(
+        "--as-of",
+        type=instant_arg,
+        metavar="DATETIME",
+        help=(
+            "run as on this moment (ISO 8601, UTC if no offset; default: now): the invoices this run issues "
+            "are dated its day, and due and disputable from it. It must be after the month's end and not "
+            "in the future. Today is what the due dates promise customers: use an earlier day only to "
+            "issue what a failed run should have issued on that day, e.g. --as-of 2026-10-01"
+        ),
+    )
     run.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
     run.add_argument(
         "--json", action="store_true", help="print the invoices as a JSON array (those of earlier months first)"
@@ -341,7 +352,12 @@ def _billing_run(args: argparse.Namespace) -> int:
             "before invoicing",
             file=sys.stderr,
         )
-    result = run_billing(open_catalog(settings), args.period, pricebook)
+    now = datetime.now(UTC)
+    if args.as_of is not None and args.as_of > now:
+        raise BillingError(
+            f"--as-of {args.as_of:%Y-%m-%d %H:%M} UTC is in the future: invoices are issued on a day that has come"
+        )
+    result = run_billing(open_catalog(settings), args.period, pricebook, args.as_of or now)
     if args.json:
         print_json([invoice.to_dict() for invoice in [*result.caught_up, *result.invoices]])
         return 0
