@@ -89,10 +89,9 @@ def run_billing(
             )
             session.flush()
         covered, issued = _invoice_uncovered(session, pricebook, period, now, first)
-    invoices = load_invoices(catalog, period)
-    if invoices is None:
-        raise BillingError(f"billing run for {period} failed and left no invoices; run it again")
-    caught_up = [invoice for invoice in invoices_numbered(catalog, issued) if invoice.period != period.label]
+        invoices = _month_views(session, period)
+    own = {invoice.invoice_number for invoice in invoices}
+    caught_up = invoices_numbered(catalog, [number for number in issued if number not in own])
     return BillingRunResult(period.label, first or covered > 0, invoices, caught_up, tuple(issued))
 
 
@@ -475,8 +474,12 @@ def load_invoices(catalog: Catalog, period: Period) -> list[InvoiceView] | None:
     with catalog.session() as session:
         if session.get(BillingRun, period.label) is None:
             return None
-        invoices = session.scalars(select(Invoice).where(Invoice.period == period.label).order_by(Invoice.sequence))
-        return [invoice_view(invoice) for invoice in invoices]
+        return _month_views(session, period)
+
+
+def _month_views(session: Session, period: Period) -> list[InvoiceView]:
+    invoices = session.scalars(select(Invoice).where(Invoice.period == period.label).order_by(Invoice.sequence))
+    return [invoice_view(invoice) for invoice in invoices]
 
 
 def run_invoices(catalog: Catalog, period: Period) -> list[InvoiceView] | None:
