@@ -1,10 +1,11 @@
 """Invoice last month: invoice -> publish (JSON, CSV, HTML per invoice) -> email -> usage_daily.
 
 Runs at 02:00 UTC on the 1st and invoices the calendar month before the run's logical date; a
-manual run can name the month with the `period` param. Every task is safe to repeat: a month is
-invoiced once (a re-run returns the stored invoices), documents are written once, each invoice is
-mailed once (a retry after a refused e-mail sends only the missing ones), and the usage report is
-rebuilt.
+manual run can name the month with the `period` param. An account added since an earlier month's
+run, with a start in it, gets that month's invoice too, published and mailed with this month's.
+Every task is safe to repeat: each account is invoiced once per month, documents are written once,
+each invoice is mailed once (a retry after a refused e-mail sends only the missing ones), and the
+usage report is rebuilt.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def billing_monthly():
         except BillingError as refused:
             # A month that has not ended yet: retrying cannot help.
             raise AirflowFailException(str(refused)) from None
-        return {"period": result.period, "created": result.created, "invoices": len(result.invoices)}
+        return {"period": result.period, "created": result.created, "issued": list(result.issued)}
 
     @task
     def publish() -> dict:

@@ -285,3 +285,76 @@ def test_a_command_error_is_one_line(capsys):
 
     assert run_handler(argparse.Namespace(handler=handler)) == 2
     assert capsys.readouterr().err == "pointflow: error: what went wrong, and what to do\n"
+
+
+def add_late_accounts_and_usage(capsys, tmp_path: Path) -> None:
+    """Accounts imported after September's run with a start in September, and September usage
+    imported after that run: newapi's (no September invoice) and lidar's (invoiced for September)."""
+    for account_id, plan, started in (("newco", "professional", "2026-09-10"), ("newapi", "api", "2026-09-05")):
+        cli(capsys, "accounts", "add", account_id, "--name", account_id, "--email", f"ap@{account_id}.example",
+            "--country", "DE", "--plan", plan, "--started-at", started, "--tax-rate", "0.19")  # fmt: skip
+    late = tmp_path / "late.jsonl"
+    events = [
+        ("late-1", "newapi", "2026-09-20T10:00:00Z", 40_000_000),
+        ("late-2", "lidar", "2026-09-21T10:00:00Z", 20_000_000),
+    ]
+    late.write_text(
+        "".join(
+            json.dumps(
+                {"event_id": event_id, "account_id": account_id, "occurred_at": when, "kind": "classification",
+                 "points": points, "status": "succeeded", "classifier": "grid", "filename": "x.laz"}
+            ) + "\n"
+            for event_id, account_id, when, points in events
+        )
+    )  # fmt: skip
+    assert "2026-09 already invoiced" in cli(capsys, "usage", "import", str(late))
+
+
+def test_accounts_and_usage_imported_after_a_months_run_are_invoiced_once(cli_env, capsys, tmp_path):
+    cli(capsys, "accounts", "import", str(DATA / "accounts.csv"))
+    cli(capsys, "usage", "import", str(DATA / "usage.jsonl"))
+    september = cli(capsys, "billing", "run", "--period", "2026-09")
+    add_late_accounts_and_usage(capsys, tmp_path)
+    # Re-running September invoices the two accounts its run did not cover, and only them.
+    assert cli(capsys, "billing", "run", "--period", "2026-09") == september.replace(
+        "2026-09: 3 invoice(s), created\n",
+        "PF-2026-09-0004  newapi  EUR 23.80\n"  # 40 M points x 0.50 + 19 %
+        "PF-2026-09-0005  newco  EUR 82.47\n"  # 99.00 x 21/30 = 69.30 + 19 %
+        "2026-09: 5 invoice(s), 2 created for accounts not invoiced before\n",
+    )
+    assert cli(capsys, "billing", "run", "--period", "2026-09").endswith(
+        "2026-09: 5 invoice(s), already invoiced, nothing created\n"
+    )
+    # October bills lidar's late September usage (20 M x 0.50) once, and nothing of September again.
+    october = {i["account_id"]: i for i in json.loads(cli(capsys, "billing", "run", "--period", "2026-10", "--json"))}
+    late = [(line["kind"], line["amount"]) for line in october["lidar"]["lines"] if "usage" in line["kind"]]
+    assert late == [("usage", "5.00"), ("late_usage", "10.00")]
+    assert [line["kind"] for line in october["newco"]["lines"] if line["kind"] != "late_fee"] == ["subscription"]
+    assert not [line for line in october["newapi"]["lines"] if "usage" in line["kind"]]
+    november = json.loads(cli(capsys, "billing", "run", "--period", "2026-11", "--json"))
+    assert not [line for i in november for line in i["lines"] if "usage" in line["kind"]]
+
+
+def test_as_of_runs_a_month_as_on_that_day(cli_env, capsys, tmp_path, monkeypatch):
+    from pipelines.billing import invoicing
+
+    monkeypatch.setattr("pipelines.cli.billing.run_billing", invoicing.run_billing)  # the command's own dating
+    cli(capsys, "accounts", "import", str(DATA / "accounts.csv"))
+    cli(capsys, "usage", "import", str(DATA / "usage.jsonl"))
+    september = json.loads(cli(capsys, "billing", "run", "--period", "2026-09", "--as-of", "2026-10-01", "--json"))
+    assert september == expected("expected-2026-09.json")  # dated 2026-10-01, due 2026-10-31
+    add_late_accounts_and_usage(capsys, tmp_path)
+    again = json.loads(cli(capsys, "billing", "run", "--period", "2026-09", "--as-of", "2026-10-20T09:00Z", "--json"))
+    assert [(i["invoice_number"], i["issue_date"], i["due_date"]) for i in again[3:]] == [
+        ("PF-2026-09-0004", "2026-10-20", "2026-11-19"),
+        ("PF-2026-09-0005", "2026-10-20", "2026-11-19"),
+    ]
+    for as_of, message in (
+        ("2026-09-30T23:59Z", "period 2026-10 has not ended yet"),
+        ("2999-01-01", "is in the future"),
+    ):
+        assert main(["billing", "run", "--period", "2026-10", "--as-of", as_of]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["billing", "run", "--period", "2026-10", "--as-of", "someday"])
+    assert "'someday' is not an ISO date-time" in capsys.readouterr().err

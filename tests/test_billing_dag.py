@@ -371,3 +371,49 @@ def test_on_s3(billing_dag, home, s3_bucket, smtp_sink, monkeypatch: pytest.Monk
     assert "X-Amz-Signature=" in html_link
     with urlopen(html_link) as response:
         assert response.read() == published["accounts/acme/invoices/PF-2026-09-0001.html"]
+
+
+def test_an_account_added_after_its_months_run_is_invoiced_published_and_mailed_by_the_next(
+    billing_dag, scenario, smtp_sink, capsys
+) -> None:
+    assert str(run(billing_dag, SEPTEMBER_RUN).state) == "success"
+    # Imported during October with a start in September: September's run never saw it.
+    cli(
+        capsys,
+        "accounts",
+        "add",
+        "newco",
+        "--name",
+        "New Co",
+        "--email",
+        "ap@newco.example",
+        "--country",
+        "DE",
+        "--plan",
+        "professional",
+        "--started-at",
+        "2026-09-10",
+        "--tax-rate",
+        "0.19",
+    )
+    october = run(billing_dag, OCTOBER_RUN)
+    assert str(october.state) == "success", task_states(october)
+
+    # Its own September invoice, after September's numbers (99.00 x 21/30 = 69.30 + 19 %), and its October one.
+    numbers = {i.invoice_number: str(i.total) for i in list_invoices(catalog(), account_id="newco")}
+    assert numbers == {"PF-2026-09-0004": "82.47", "PF-2026-10-0004": "117.81"}
+    published = objects(store())
+    for number in numbers:
+        assert set(document_keys("newco", number).values()) <= set(published)
+    assert json.loads(published["accounts/newco/invoices/PF-2026-09-0004.json"])["period"] == "2026-09"
+    subjects = [m["Subject"] for m in smtp_sink.parsed() if m["To"] == "ap@newco.example"]
+    assert subjects == [
+        "Invoice PF-2026-09-0004 for 2026-09: EUR 82.47",
+        "Invoice PF-2026-10-0004 for 2026-10: EUR 117.81",
+    ]
+    # Once: running either month again issues and sends nothing more.
+    sent = sent_count()
+    for logical_date in (SEPTEMBER_RUN, OCTOBER_RUN):
+        assert str(run(billing_dag, logical_date).state) == "success"
+    assert sent_count() == sent
+    assert len(list_invoices(catalog())) == 8

@@ -256,11 +256,19 @@ def test_a_contract_end_moved_later_charges_the_days_added(catalog):
     ]
 
 
-def test_a_month_invoiced_before_the_account_was_added_is_not_corrected(catalog):
+def test_a_month_invoiced_before_the_account_was_added_gets_its_invoice_not_a_correction(catalog):
     run(catalog, "2026-10")
     add_account(catalog, "new", started_at="2026-01-01")  # added after October's run: October billed it nothing
     record_plan_change(catalog, BOOK, "new", "business", date(2026, 10, 16))
-    assert lines_of(run(catalog, "2026-11"), "new") == [("subscription", "199.00")]
+    november = run(catalog, "2026-11")
+    assert lines_of(november, "new") == [("subscription", "199.00")]
+    # Its October invoice is issued with November's, with each plan for its days: nothing to correct.
+    [october] = november.caught_up
+    assert (october.invoice_number, october.issue_date) == ("PF-2026-10-0001", date(2026, 12, 1))
+    assert described(october) == [
+        ("subscription", "Professional plan, 2026-10, 15 of 31 days, 2026-10-01 to 2026-10-15", "52.74"),
+        ("subscription", "Business plan, 2026-10, 16 of 31 days, 2026-10-16 to 2026-10-31", "102.71"),
+    ]
 
 
 def test_a_change_reaching_into_two_invoiced_months_corrects_each_once(catalog):
@@ -674,6 +682,45 @@ def test_an_outage_recorded_after_its_month_was_invoiced_is_credited_once_on_the
     ]
 
 
+OCTOBER_OUTAGE = [(1, OutageRecord(utc("2026-10-05T00:00Z"), utc("2026-10-06T00:00Z"), scheduled=False))]
+OCTOBER_CORRECTION = (
+    "correction",
+    "Correction of 2026-10: Availability credit: 96.774 % in 2026-10, target 99.5 %",
+    "-2.97",
+)
+
+
+def test_a_rerun_for_an_account_added_later_leaves_new_outages_to_the_next_months_run(catalog):
+    add_account(catalog, "acme")
+    run(catalog, "2026-10")
+    import_outages(catalog, OCTOBER_OUTAGE)  # recorded after October was invoiced
+    add_account(catalog, "xnew")  # and an account October's run never saw
+    again = run_billing(catalog, "2026-10", BOOK, now=utc("2026-11-15T00:00Z"))
+    assert lines_of(again, "xnew") == [("subscription", "109.00")]
+    # November's run takes the outage into account, for every account October covered, once.
+    november = run(catalog, "2026-11")
+    for account_id in ("acme", "xnew"):
+        assert described_credits(november, account_id) == [
+            ("subscription", "Professional plan, 2026-11", "109.00"),
+            OCTOBER_CORRECTION,
+        ]
+
+
+def test_a_months_first_run_invoices_an_account_added_later_with_the_outages_it_takes_into_account(catalog):
+    add_account(catalog, "acme")
+    run(catalog, "2026-10")
+    import_outages(catalog, OCTOBER_OUTAGE)
+    add_account(catalog, "xnew")
+    november = run(catalog, "2026-11")
+    [october] = november.caught_up
+    assert [(line.kind, str(line.amount)) for line in october.lines] == [
+        ("subscription", "109.00"),
+        ("availability_credit", "-2.97"),
+    ]
+    assert described_credits(november, "acme")[1:] == [OCTOBER_CORRECTION]
+    assert described_credits(november, "xnew") == [("subscription", "Professional plan, 2026-11", "109.00")]
+
+
 def test_an_outage_known_on_time_is_credited_by_its_month_alone(catalog):
     add_account(catalog, "acme", started_at="2026-01-01")
     import_outages(catalog, [(1, OutageRecord(utc("2026-10-05T00:00Z"), utc("2026-10-06T00:00Z"), scheduled=False))])
@@ -702,10 +749,10 @@ def test_late_usage_on_an_invoice_that_has_nothing_else(catalog):
     assert lines_of(run(catalog, "2026-10"), "gone") == [("late_usage", "1.50")]
 
 
-def test_events_recorded_long_before_the_run_need_no_mark_and_are_billed_once(catalog):
-    from sqlalchemy import func, select, update
+def test_every_billed_event_is_marked_whenever_it_was_recorded_and_billed_once(catalog):
+    from sqlalchemy import select, update
 
-    from pipelines.billing.models import UsageBilling
+    from pipelines.billing.models import BillingRun, UsageBilling
     from pipelines.catalog.models import UsageEvent
 
     add_account(catalog, "api1", plan="api")
@@ -722,12 +769,17 @@ def test_events_recorded_long_before_the_run_need_no_mark_and_are_billed_once(ca
         )
     assert lines_of(run(catalog, "2026-09"), "api1") == [("usage", "3.00")]
     with catalog.session() as session:
-        # Only the event recorded within a day of the run is marked; the other was certainly seen.
-        assert session.scalars(select(UsageBilling.event_id)).all() == ["recent"]
+        # Which invoice billed an event never depends on when it was recorded: every one is marked,
+        # and the run is stamped with its own time, not the clock of the machine that ran it.
+        assert dict(session.execute(select(UsageBilling.event_id, UsageBilling.period)).tuples().all()) == {
+            "early": "2026-09",
+            "recent": "2026-09",
+        }
+        assert session.get(BillingRun, "2026-09").created_at == utc("2026-10-01T02:00Z")
     import_usage(catalog, [(1, job("late", "api1", "2026-09-30T10:00Z", 8_000_000))])
     assert [line for line in lines_of(run(catalog, "2026-10"), "api1") if "usage" in line[0]] == [
         ("late_usage", "4.00")
     ]
     assert not [line for line in lines_of(run(catalog, "2026-11"), "api1") if "usage" in line[0]]
     with catalog.session() as session:
-        assert session.scalar(select(func.count()).select_from(UsageBilling)) == 2
+        assert session.get(UsageBilling, "late").period == "2026-10"

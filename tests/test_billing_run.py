@@ -116,16 +116,50 @@ def test_rerun_returns_the_same_invoices_and_creates_nothing(catalog):
     add_account(catalog, "api1", plan="api")
     usage(catalog, job("e1", "api1", "2026-10-05T10:00Z", 123_456_789))
     first = run(catalog, "2026-10")
-    # Data arriving after the run does not change an issued month.
-    add_account(catalog, "late-pro")
+    # Usage of an account already invoiced for the month goes on its next invoice, not on this one.
     usage(catalog, job("e2", "api1", "2026-10-06T10:00Z", 1_000_000))
-    again = run(catalog, "2026-10", make_pricebook('\n  professional: {monthly_fee: "1.00"}\n'))
+    again = run_billing(
+        catalog, "2026-10", make_pricebook('\n  professional: {monthly_fee: "1.00"}\n'), now=utc("2027-03-01T00:00Z")
+    )
     assert first.created and not again.created
     assert [i.to_dict() for i in again.invoices] == [i.to_dict() for i in first.invoices]
     with catalog.session() as session:
         assert session.scalar(select(func.count()).select_from(Invoice)) == 2
         assert session.scalar(select(func.count()).select_from(InvoiceLine)) == 2
         assert session.scalar(select(func.count()).select_from(BillingRun)) == 1
+    assert lines_of(run(catalog, "2026-11"), "api1") == [("late_usage", "0.50")]
+
+
+def test_an_account_added_after_its_months_run_is_invoiced_by_a_rerun_and_only_it(catalog):
+    add_account(catalog, "a-pro")
+    add_account(catalog, "c-api", plan="api")
+    usage(catalog, job("c-oct", "c-api", "2026-10-05T10:00Z", 2_000_000))
+    first = run(catalog, "2026-10")
+    # Imported on Nov 10 with a start in October, with its October usage: October's run never saw it.
+    add_account(catalog, "b-pro", started_at="2026-10-22")
+    add_account(catalog, "d-api", plan="api", started_at="2026-10-01")
+    usage(
+        catalog,
+        job("d-oct", "d-api", "2026-10-20T10:00Z", 6_000_000),
+        job("c-late", "c-api", "2026-10-30T10:00Z", 4_000_000),  # c-api has its October invoice
+    )
+    again = run_billing(catalog, "2026-10", BOOK, now=utc("2026-11-10T09:00Z"))
+    assert again.created and again.issued == ("PF-2026-10-0003", "PF-2026-10-0004")
+    # The issued invoices are returned unchanged; the new ones take the next numbers, dated the day issued.
+    assert again.invoices[:2] == first.invoices
+    assert totals(again) == {
+        "a-pro": ("PF-2026-10-0001", "117.81"),
+        "c-api": ("PF-2026-10-0002", "1.19"),
+        "b-pro": ("PF-2026-10-0003", "38.01"),  # 99.00 x 10/31 = 31.94 + 19 %
+        "d-api": ("PF-2026-10-0004", "3.57"),  # 6 M x 0.50 = 3.00 + 19 %
+    }
+    assert {(i.issue_date, i.due_date) for i in again.invoices[2:]} == {(date(2026, 11, 10), date(2026, 12, 10))}
+    # Once: another re-run creates nothing; November bills c-api's late October usage, once.
+    assert not run_billing(catalog, "2026-10", BOOK, now=utc("2026-11-11T00:00Z")).created
+    november = run(catalog, "2026-11")
+    assert lines_of(november, "c-api") == [("late_usage", "2.00")]
+    assert "d-api" not in totals(november)
+    assert [lines_of(november, a) for a in ("a-pro", "b-pro")] == [[("subscription", "99.00")]] * 2
 
 
 def test_a_month_that_has_not_ended_is_refused(catalog):
@@ -441,3 +475,60 @@ def test_billing_migration_downgrades_and_upgrades(catalog, database_url):
             "billing_runs",
             "billing_terms",
         } <= set(inspect(connection).get_table_names())
+
+
+def test_the_upgrade_covers_what_runs_invoiced_and_leaves_only_later_accounts_to_invoice(catalog, database_url):
+    from alembic import command
+    from sqlalchemy import delete, update
+
+    from pipelines.billing.models import BillingCoverage, UsageBilling
+    from pipelines.catalog.db import alembic_config
+    from pipelines.catalog.models import Account, UsageEvent
+
+    for account_id, plan in (("api1", "api"), ("free1", "free"), ("pro", "professional")):
+        add_account(catalog, account_id, plan=plan)
+    usage(
+        catalog,
+        job("early", "api1", "2026-09-03T10:00Z", 2_000_000),
+        job("recent", "api1", "2026-09-30T22:00Z", 4_000_000),
+    )
+    september = run(catalog, "2026-09")  # on 2026-10-01 02:00
+    add_account(catalog, "later", started_at="2026-09-15")
+    usage(catalog, job("late-event", "api1", "2026-09-29T10:00Z", 8_000_000))
+    with catalog.engine.begin() as connection:
+        config = alembic_config(database_url)
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0019")
+    # The catalog as the runs before 0020 left it: stamped by the real clock, and only the events
+    # recorded within a day of the run marked.
+    with catalog.session() as session:
+        created = {"api1": "2026-08-01", "free1": "2026-08-01", "pro": "2026-08-01", "later": "2026-10-20"}
+        for account_id, day in created.items():
+            session.execute(
+                update(Account).where(Account.account_id == account_id).values(created_at=utc(f"{day}T12:00Z"))
+            )
+        recorded = {"early": "2026-09-03T10:05Z", "recent": "2026-09-30T22:05Z", "late-event": "2026-10-25T08:00Z"}
+        for event_id, when in recorded.items():
+            session.execute(update(UsageEvent).where(UsageEvent.event_id == event_id).values(recorded_at=utc(when)))
+        session.execute(delete(UsageBilling).where(UsageBilling.event_id == "early"))
+    with catalog.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    with catalog.session() as session:
+        assert session.execute(
+            select(BillingCoverage.account_id, BillingCoverage.period).order_by(BillingCoverage.account_id)
+        ).tuples().all() == [("api1", "2026-09"), ("free1", "2026-09"), ("pro", "2026-09")]
+        assert dict(session.execute(select(UsageBilling.event_id, UsageBilling.period)).tuples().all()) == {
+            "early": "2026-09",
+            "recent": "2026-09",
+        }
+    # Only the account September's run never saw is invoiced for September; the rest is as issued.
+    again = run_billing(catalog, "2026-09", BOOK, now=utc("2026-12-02T09:00Z"))
+    assert again.issued == ("PF-2026-09-0003",)
+    assert again.invoices[:2] == september.invoices
+    assert lines_of(again, "later") == [("subscription", "52.80")]  # 16 of 30 days
+    # October bills the event that arrived late, and neither of those September billed.
+    assert [line for line in lines_of(run(catalog, "2026-10"), "api1") if "usage" in line[0]] == [
+        ("late_usage", "4.00")
+    ]

@@ -31,7 +31,7 @@ from pipelines.billing.documents import (
     issued_parties,
 )
 from pipelines.billing.einvoice import check_facturx, cii_xml, facturx_pdf
-from pipelines.billing.invoicing import BillingError, invoice_view, load_invoices
+from pipelines.billing.invoicing import BillingError, invoice_view, run_invoices
 from pipelines.billing.lines import InvoiceView
 from pipelines.billing.models import CreditNote, Invoice
 from pipelines.billing.periods import Period
@@ -120,21 +120,25 @@ def usage_daily_keys(period: Period) -> dict[str, str]:
 
 
 def month_invoices(catalog: Catalog, period: Period) -> list[InvoiceView]:
-    invoices = load_invoices(catalog, period)
+    """What the month's run delivers: the invoices its runs issued, the month's own and those of
+    earlier months they caught up (accounts added after those months' runs)."""
+    invoices = run_invoices(catalog, period)
     if invoices is None:
         raise BillingError(f"{period} has not been invoiced: run 'pointflow billing run --period {period}' first")
     return invoices
 
 
-def _buyers(catalog: Catalog, period: Period) -> dict[str, Buyer]:
-    """Name, address and VAT ID of every account invoiced for the month, in one query."""
+def _buyers(catalog: Catalog, invoices: list[InvoiceView]) -> dict[str, Buyer]:
+    """Name, address and VAT ID of every account of `invoices`, a query per 500 accounts."""
+    ids = sorted({invoice.account_id for invoice in invoices})
+    found: dict[str, Buyer] = {}
     with catalog.session() as session:
-        accounts = session.scalars(
-            select(Account)
-            .join(Invoice, Invoice.account_id == Account.account_id)
-            .where(Invoice.period == period.label)
-        )
-        return {account.account_id: buyer_of(account) for account in accounts}
+        for start in range(0, len(ids), _KEYS_PER_QUERY):
+            accounts = session.scalars(
+                select(Account).where(Account.account_id.in_(ids[start : start + _KEYS_PER_QUERY]))
+            )
+            found.update((account.account_id, buyer_of(account)) for account in accounts)
+    return found
 
 
 def exempt_category(pricebook: PriceBook, buyer: Buyer) -> str:
@@ -164,7 +168,7 @@ def as_issued(pricebook: PriceBook, buyer: Buyer, parties: str | None) -> tuple[
 
 
 def publish_documents(billing: MonthlyBilling) -> PublishResult:
-    """Write each invoice's JSON, CSV of lines and HTML page, and, when the price book names the
+    """Write each invoice's (of `month_invoices`) JSON, CSV of lines and HTML page, and, when the price book names the
     seller, its PDF (Factur-X: the page with the EN 16931 XML inside) and the XML alone, unless an
     earlier run already did.
 
@@ -172,10 +176,11 @@ def publish_documents(billing: MonthlyBilling) -> PublishResult:
     account or another price book's wording. Each write is atomic, so an object that exists
     is complete.
     """
-    buyers = _buyers(billing.catalog, billing.period)
+    invoices = month_invoices(billing.catalog, billing.period)
+    buyers = _buyers(billing.catalog, invoices)
     formats = published_formats(billing.pricebook)
     written = kept = 0
-    for invoice in month_invoices(billing.catalog, billing.period):
+    for invoice in invoices:
         keys = {fmt: key for fmt, key in document_keys(invoice).items() if fmt in formats}
         missing = [fmt for fmt, key in keys.items() if not billing.store.exists(key)]
         kept += len(keys) - len(missing)
@@ -272,13 +277,14 @@ def _already_mailed(catalog: Catalog, keys: list[str]) -> set[str]:
 
 
 def email_invoices(billing: MonthlyBilling, link_lifetime: timedelta = LINK_LIFETIME) -> EmailResult:
-    """Mail every invoice of the month that was not mailed yet, each once (key `invoice:<number>`).
+    """Mail every invoice the month's runs issued (`month_invoices`) that was not mailed yet, each
+    once (key `invoice:<number>`).
 
     A refused delivery does not stop the others: all are tried, then InvoiceEmailError names the
     refused ones, and running this again sends only those.
     """
     invoices = month_invoices(billing.catalog, billing.period)
-    buyers = _buyers(billing.catalog, billing.period)
+    buyers = _buyers(billing.catalog, invoices)
     formats = published_formats(billing.pricebook)
     mailed = _already_mailed(billing.catalog, [f"invoice:{invoice.invoice_number}" for invoice in invoices])
     sent: list[str] = []

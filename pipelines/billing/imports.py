@@ -143,7 +143,8 @@ def import_usage(catalog: Catalog, records: Sequence[tuple[int, UsageRecord]], s
         len(fresh),
         len(records) - len(fresh),
         closed,
-        "its new usage is billed on the next invoice, as usage received late",
+        "its new usage is billed on the next invoice, as usage received late (on the month's own invoice "
+        "for an account not yet invoiced for it)",
     )
 
 

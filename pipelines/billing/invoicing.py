@@ -1,14 +1,17 @@
 """Monthly invoicing: from accounts, usage, outages, payments and credit notes to issued invoices;
 the rule book itself is `drafting`, the value types `lines`.
 
-`run_billing` gathers the facts for every account in bulk, drafts, numbers and stores the month's
-invoices in one transaction, and returns the stored invoices. A month is invoiced once: a re-run, or a run racing
-another, returns the invoices that exist and creates nothing.
+`run_billing` invoices, for a month and every invoiced month before it, each account that no run
+has covered yet (table `billing_coverage`): on a month's first run every account, on a re-run (or
+a later month's run) only accounts added since with an earlier start. It gathers the facts in
+bulk, drafts, numbers and stores the invoices in one transaction, under a lock that makes
+concurrent runs take turns. An account is invoiced once per month: a re-run returns the stored
+invoices and creates nothing for the accounts already covered.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -16,8 +19,7 @@ from fractions import Fraction
 from itertools import pairwise
 from typing import Any
 
-from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from pipelines.billing.documents import buyer_of, parties_json
@@ -26,6 +28,7 @@ from pipelines.billing.history import histories
 from pipelines.billing.ledger import Ledger, before_invoice
 from pipelines.billing.lines import AccountFacts, BillingRunResult, InvoiceView, Line, UsageSlice, availability_percent
 from pipelines.billing.models import (
+    BillingCoverage,
     BillingRun,
     BillingTerms,
     ChangeBilling,
@@ -37,11 +40,10 @@ from pipelines.billing.models import (
 from pipelines.billing.periods import Period, start_of
 from pipelines.billing.pricebook import PriceBook
 from pipelines.billing.usage import (
-    Claim,
     billable_points_by_account,
     billed_points_by_day,
-    claim_usage,
     late_points_by_account_day,
+    mark_usage,
 )
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account
@@ -49,6 +51,10 @@ from pipelines.errors import UserError
 
 # Bounds the IN (...) list of one query, well under every database's parameter limit.
 _KEYS_PER_QUERY = 500
+# Held by every run: runs of any months take turns, so none bills what another is billing.
+_LOCK = "billing"
+
+Covered = set[tuple[str, str]]
 
 
 class BillingError(UserError, ValueError):
@@ -65,63 +71,133 @@ def issue_date_of(period: Period, now: datetime) -> date:
 def run_billing(
     catalog: Catalog, period: Period | str, pricebook: PriceBook, now: datetime | None = None
 ) -> BillingRunResult:
-    """Invoice every account for `period` once, dated the day of `now` (UTC); a re-run returns the
-    stored invoices unchanged, with the date they were issued on."""
+    """Invoice `period`, dated the day of `now` (UTC): every account on the month's first run;
+    on a later run, only the accounts no run of the month has covered yet, with the next numbers.
+    Invoiced months before `period` are caught up the same way. The stored invoices of accounts
+    already covered are returned unchanged, with the date they were issued on."""
     period = Period.parse(period) if isinstance(period, str) else period
     now = now or datetime.now(UTC)
     if now < period.end:
         raise BillingError(
             f"period {period} has not ended yet: it can be invoiced from {period.end:%Y-%m-%d %H:%M} UTC"
         )
-    existing = load_invoices(catalog, period)
-    if existing is not None:
-        return BillingRunResult(period.label, False, existing)
-    try:
-        with catalog.session() as session:
-            # The run's row is written first: it is the lock a concurrent run of this month waits on.
-            session.add(BillingRun(period=period.label, pricebook_sha256=pricebook.sha256, invoice_count=0))
+    with catalog.lock(_LOCK), catalog.session() as session:
+        first = session.get(BillingRun, period.label) is None
+        if first:
+            session.add(
+                BillingRun(period=period.label, pricebook_sha256=pricebook.sha256, invoice_count=0, created_at=now)
+            )
             session.flush()
-            count = _create_invoices(session, pricebook, period, issue_date_of(period, now))
-            session.get(BillingRun, period.label).invoice_count = count
-        created = True
-    except IntegrityError:
-        # Another run of the same month committed first; its invoices are the month's invoices.
-        created = False
-    invoices = load_invoices(catalog, period)
-    if invoices is None:
-        raise BillingError(f"billing run for {period} failed and left no invoices; run it again")
-    return BillingRunResult(period.label, created, invoices)
+        covered, issued = _invoice_uncovered(session, pricebook, period, now, first)
+        invoices = _month_views(session, period)
+    own = {invoice.invoice_number for invoice in invoices}
+    caught_up = invoices_numbered(catalog, [number for number in issued if number not in own])
+    return BillingRunResult(period.label, first or covered > 0, invoices, caught_up, tuple(issued))
 
 
-def _create_invoices(session: Session, pricebook: PriceBook, period: Period, issue_date: date) -> int:
-    runs = session.execute(
-        select(BillingRun.period, BillingRun.created_at).where(BillingRun.period != period.label)
-    ).all()
-    started = session.get(BillingRun, period.label).created_at
-    claim = claim_usage(
-        session,
-        period,
-        started,
-        max((created for _, created in runs), default=None),
-        [Period.parse(label) for label, _ in runs if label < period.label],
+def _invoice_uncovered(
+    session: Session, pricebook: PriceBook, period: Period, now: datetime, first: bool
+) -> tuple[int, list[str]]:
+    """Invoice, oldest month first, every account no run has covered for `period` or an invoiced
+    month before it, and record them as covered by this run. Only a month's first run takes new
+    outages into account (and corrects the months they reach into on its invoices): a re-run
+    invoices what the month's first run would have, had the account been there.
+    Returns how many account-months were covered and the numbers of the invoices issued."""
+    months = [Period.parse(label) for label in session.scalars(select(BillingRun.period).order_by(BillingRun.period))]
+    outages = _outages(session, pricebook, period, claim=first)
+    count, issued = 0, []
+    this_run: Covered = set()
+    for month in [m for m in months if m <= period]:
+        ids = _uncovered(session, month)
+        if not ids:
+            continue
+        covered = _coverage(session, ids)
+        issued += _invoice_month(
+            session,
+            pricebook,
+            month,
+            _accounts(session, month, ids),
+            issue_date_of(month, now),
+            [m for m in months if m < month],
+            covered,
+            outages,
+            # What this run covered took the outages it claims into account already.
+            covered - this_run if first and month == period else None,
+        )
+        session.execute(
+            insert(BillingCoverage),
+            [{"account_id": i, "period": month.label, "run_period": period.label, "covered_at": now} for i in ids],
+        )
+        this_run.update((i, month.label) for i in ids)
+        count += len(ids)
+        session.get(BillingRun, month.label).invoice_count = session.scalar(
+            select(func.count()).select_from(Invoice).where(Invoice.period == month.label)
+        )
+    return count, issued
+
+
+def _coverage(session: Session, account_ids: Sequence[str]) -> Covered:
+    """The (account, month) pairs covered so far of `account_ids`."""
+    found: Covered = set()
+    for first in range(0, len(account_ids), _KEYS_PER_QUERY):
+        chunk = list(account_ids[first : first + _KEYS_PER_QUERY])
+        found.update(
+            session.execute(
+                select(BillingCoverage.account_id, BillingCoverage.period).where(BillingCoverage.account_id.in_(chunk))
+            ).tuples()
+        )
+    return found
+
+
+def _uncovered(session: Session, month: Period) -> list[str]:
+    """Accounts that had started by the month's last day and that no run has covered for it."""
+    covered = select(BillingCoverage.account_id).where(
+        BillingCoverage.period == month.label, BillingCoverage.account_id == Account.account_id
     )
-    accounts = _accounts(session, period)
-    usage = _usage_slices(session, pricebook, period, accounts, claim)
+    return list(
+        session.scalars(
+            select(Account.account_id)
+            .where(Account.started_at <= month.last_day)
+            .where(~covered.exists())
+            .order_by(Account.account_id)
+        )
+    )
+
+
+def _invoice_month(
+    session: Session,
+    pricebook: PriceBook,
+    period: Period,
+    accounts: Sequence[AccountFacts],
+    issue_date: date,
+    invoiced: Sequence[Period],
+    covered: Covered,
+    outages: OutageFacts,
+    correct_outages_of: Collection[tuple[str, str]] | None,
+) -> list[str]:
+    """Draft, number (after the month's last number) and store the invoices of `accounts` for
+    `period`; returns their numbers. `invoiced`: the invoiced months before `period`; `covered`:
+    which accounts they covered; `correct_outages_of`: on a first run of `period`, the
+    account-months covered before it, whose availability credit its new outages correct."""
+    mark_usage(session, period, [a.account_id for a in accounts], invoiced)
+    usage = _usage_slices(session, pricebook, period, accounts)
     late = _late_usage(pricebook, late_points_by_account_day(session, period), {a.account_id: a for a in accounts})
-    invoiced = [(Period.parse(label), at) for label, at in runs if label < period.label]
-    outages = _claim_outages(session, pricebook, period)
-    corrections = _corrections(session, pricebook, period, accounts, invoiced, outages)
-    for account_id, lines in _outage_corrections(pricebook, accounts, invoiced, outages).items():
-        corrections.setdefault(account_id, []).extend(lines)
+    corrections = _corrections(session, pricebook, period, accounts, invoiced, covered, outages)
+    if correct_outages_of is not None:
+        for account_id, lines in _outage_corrections(
+            pricebook, accounts, invoiced, correct_outages_of, outages
+        ).items():
+            corrections.setdefault(account_id, []).extend(lines)
     availability = outages.availability(period)
     # The month's content does not depend on the day it is run: the ledger as it stood when the month ended.
     ledgers = before_invoice(session, period)
     due_date = issue_date + timedelta(days=pricebook.payment_terms_days)
+    last = session.scalar(select(func.coalesce(func.max(Invoice.sequence), 0)).where(Invoice.period == period.label))
 
     invoice_rows: list[dict[str, Any]] = []
     line_rows: list[dict[str, Any]] = []
     for account in accounts:  # ordered by account id: numbers follow that order, without gaps
-        slices = [UsageSlice(first, last, points.get(account.account_id, 0)) for first, last, points in usage]
+        slices = [UsageSlice(first, end, points.get(account.account_id, 0)) for first, end, points in usage]
         draft = draft_invoice(
             pricebook,
             period,
@@ -134,7 +210,7 @@ def _create_invoices(session: Session, pricebook: PriceBook, period: Period, iss
         )
         if draft is None:
             continue
-        sequence = len(invoice_rows) + 1
+        sequence = last + len(invoice_rows) + 1
         number = f"{pricebook.invoice_prefix}-{period.label}-{sequence:04d}"
         invoice_rows.append(
             {
@@ -176,7 +252,7 @@ def _create_invoices(session: Session, pricebook: PriceBook, period: Period, iss
             row["parties"] = parties[row["account_id"]]
         session.execute(insert(Invoice), invoice_rows)
         session.execute(insert(InvoiceLine), line_rows)
-    return len(invoice_rows)
+    return [row["invoice_number"] for row in invoice_rows]
 
 
 def _issued_parties(session: Session, pricebook: PriceBook, account_ids: list[str]) -> dict[str, str]:
@@ -189,13 +265,18 @@ def _issued_parties(session: Session, pricebook: PriceBook, account_ids: list[st
     return parties
 
 
-def _accounts(session: Session, period: Period) -> list[AccountFacts]:
-    rows = session.execute(
-        select(Account, BillingTerms.ended_on)
-        .outerjoin(BillingTerms, BillingTerms.account_id == Account.account_id)
-        .where(Account.started_at <= period.last_day)
-        .order_by(Account.account_id)
-    ).all()
+def _accounts(session: Session, period: Period, account_ids: Sequence[str]) -> list[AccountFacts]:
+    """The facts of `account_ids` for invoicing `period`, ordered by account id (an account whose
+    contract ended before it started has nothing to invoice and is left out)."""
+    rows = []
+    for first in range(0, len(account_ids), _KEYS_PER_QUERY):
+        rows += session.execute(
+            select(Account, BillingTerms.ended_on)
+            .outerjoin(BillingTerms, BillingTerms.account_id == Account.account_id)
+            .where(Account.account_id.in_(account_ids[first : first + _KEYS_PER_QUERY]))
+            .where(Account.started_at <= period.last_day)
+        ).all()
+    rows.sort(key=lambda row: row[0].account_id)
     found = histories(session, [account for account, _ in rows])
     facts = []
     for account, ended_on in rows:
@@ -217,7 +298,6 @@ def _accounts(session: Session, period: Period) -> list[AccountFacts]:
                 term_steps=history.term_steps,
                 plan_ids=history.plan_ids,
                 term_ids=history.term_ids,
-                created_at=account.created_at,
             )
         )
     return facts
@@ -228,13 +308,14 @@ def _corrections(
     pricebook: PriceBook,
     period: Period,
     accounts: Sequence[AccountFacts],
-    invoiced: Sequence[tuple[Period, datetime]],
+    invoiced: Sequence[Period],
+    covered: Covered,
     outages: OutageFacts,
 ) -> dict[str, list[Line]]:
-    """Take every plan and term change in force by the end of `period` into account, once: mark
-    the ones no run has taken into account yet, and for those dated before `period` (recorded after
-    the months they reach into were invoiced) return the lines correcting those invoiced months.
-    `invoiced`: the earlier invoiced months with the time their run started."""
+    """Take every plan and term change of `accounts` in force by the end of `period` into account,
+    once: mark the ones no invoice has taken into account yet, and for those dated before `period`
+    (recorded after the months they reach into were invoiced) return the lines correcting those
+    months. `invoiced`: the invoiced months before `period`; `covered`: which accounts they covered."""
     marked = set(session.execute(select(ChangeBilling.kind, ChangeBilling.change_id)).tuples())
     marks: list[dict[str, Any]] = []
     found: dict[str, list[Line]] = {}
@@ -261,9 +342,9 @@ def _corrections(
         earliest = min((d for d in dates if d < period.first_day), default=None)
         if earliest is None:
             continue
-        for month, run_started in sorted(invoiced):
-            # A month invoiced before the account was added billed it nothing, so has nothing to correct.
-            if month.last_day < earliest or (account.created_at is not None and account.created_at >= run_started):
+        for month in sorted(invoiced):
+            # A month that did not cover the account (it had not started) billed it nothing to correct.
+            if month.last_day < earliest or (account.account_id, month.label) not in covered:
                 continue
             lines = correction_lines(
                 pricebook,
@@ -292,12 +373,12 @@ def _slice_bounds(pricebook: PriceBook, period: Period, accounts: Sequence[Accou
 
 
 def _usage_slices(
-    session: Session, pricebook: PriceBook, period: Period, accounts: Sequence[AccountFacts], claim: Claim
+    session: Session, pricebook: PriceBook, period: Period, accounts: Sequence[AccountFacts]
 ) -> list[tuple[date, date, dict[str, int]]]:
-    """Billable points per account that this run bills for its month, between the days on which a
-    price, a plan or a term changes: one query per slice (at most one per day of the month)."""
+    """Billable points per account that the month's invoices bill for the month, between the days
+    on which a price, a plan or a term changes: one query per slice (at most one per day of the month)."""
     return [
-        (start, end - timedelta(days=1), billable_points_by_account(session, start_of(start), start_of(end), claim))
+        (start, end - timedelta(days=1), billable_points_by_account(session, start_of(start), start_of(end), period))
         for start, end in pairwise(_slice_bounds(pricebook, period, accounts))
     ]
 
@@ -331,10 +412,12 @@ class OutageFacts:
         return availability_percent(self.known if known_only else self.known + self.new, month)
 
 
-def _claim_outages(session: Session, pricebook: PriceBook, period: Period) -> OutageFacts:
-    """Every outage that started before the end of `period`, read once; those no run has taken
-    into account yet are marked as this run's (table `outage_billing`), so that an outage recorded
-    after its month was invoiced is credited by the next run, and by no later one."""
+def _outages(session: Session, pricebook: PriceBook, period: Period, claim: bool) -> OutageFacts:
+    """Every outage that started before the end of `period`, read once: those runs have taken into
+    account, and, when `claim` (a month's first run), those none has yet, marked as this run's
+    (table `outage_billing`), so that an outage recorded after its month was invoiced is credited
+    by the next month's first run, and by no later one. A re-run ignores the ones not marked: the
+    invoices it adds are corrected with the others' by that next run."""
     notice = timedelta(hours=pricebook.maintenance_notice_hours)
     rows = session.execute(
         select(
@@ -353,9 +436,12 @@ def _claim_outages(session: Session, pricebook: PriceBook, period: Period) -> Ou
     for _, start, end, scheduled, announced, marked in rows:
         # Maintenance counts as outage unless it was scheduled and announced early enough.
         if not (scheduled and (announced is None or announced <= start - notice)):
-            (known if marked else new).append((start, end))
+            if marked:
+                known.append((start, end))
+            elif claim:
+                new.append((start, end))
     marks = [{"outage_id": row[0], "period": period.label} for row in rows if not row[5]]
-    if marks:
+    if claim and marks:
         session.execute(insert(OutageBilling), marks)
     return OutageFacts(tuple(known), tuple(new))
 
@@ -363,19 +449,19 @@ def _claim_outages(session: Session, pricebook: PriceBook, period: Period) -> Ou
 def _outage_corrections(
     pricebook: PriceBook,
     accounts: Sequence[AccountFacts],
-    invoiced: Sequence[tuple[Period, datetime]],
+    invoiced: Sequence[Period],
+    covered: Collection[tuple[str, str]],
     outages: OutageFacts,
 ) -> dict[str, list[Line]]:
     """For every invoiced month whose availability the outages recorded since its invoicing lower,
-    the lines correcting its availability credit, per account that month billed."""
+    the lines correcting its availability credit, per account that month covered (`covered`)."""
     found: dict[str, list[Line]] = {}
-    for month, run_started in sorted(invoiced):
+    for month in sorted(invoiced):
         before, after = outages.availability(month, known_only=True), outages.availability(month)
         if before == after:
             continue
         for account in accounts:
-            # A month invoiced before the account was added billed it nothing, so has nothing to correct.
-            if account.created_at is not None and account.created_at >= run_started:
+            if (account.account_id, month.label) not in covered:
                 continue
             lines = availability_correction_lines(pricebook, month, account, before, after)
             if lines:
@@ -388,8 +474,42 @@ def load_invoices(catalog: Catalog, period: Period) -> list[InvoiceView] | None:
     with catalog.session() as session:
         if session.get(BillingRun, period.label) is None:
             return None
-        invoices = session.scalars(select(Invoice).where(Invoice.period == period.label).order_by(Invoice.sequence))
+        return _month_views(session, period)
+
+
+def _month_views(session: Session, period: Period) -> list[InvoiceView]:
+    invoices = session.scalars(select(Invoice).where(Invoice.period == period.label).order_by(Invoice.sequence))
+    return [invoice_view(invoice) for invoice in invoices]
+
+
+def run_invoices(catalog: Catalog, period: Period) -> list[InvoiceView] | None:
+    """The invoices the runs of `period` issued, oldest month and number first: the month's own,
+    and those of earlier months they caught up; None if the month has not been run."""
+    with catalog.session() as session:
+        if session.get(BillingRun, period.label) is None:
+            return None
+        invoices = session.scalars(
+            select(Invoice)
+            .join(
+                BillingCoverage,
+                (BillingCoverage.account_id == Invoice.account_id) & (BillingCoverage.period == Invoice.period),
+            )
+            .where(BillingCoverage.run_period == period.label)
+            .order_by(Invoice.period, Invoice.sequence)
+        )
         return [invoice_view(invoice) for invoice in invoices]
+
+
+def invoices_numbered(catalog: Catalog, numbers: Sequence[str]) -> list[InvoiceView]:
+    """The stored invoices of `numbers`, oldest month and number first."""
+    found: list[InvoiceView] = []
+    with catalog.session() as session:
+        for first in range(0, len(numbers), _KEYS_PER_QUERY):
+            chunk = list(numbers[first : first + _KEYS_PER_QUERY])
+            found += [
+                invoice_view(i) for i in session.scalars(select(Invoice).where(Invoice.invoice_number.in_(chunk)))
+            ]
+    return sorted(found, key=lambda invoice: invoice.invoice_number)
 
 
 def invoice_view(invoice: Invoice) -> InvoiceView:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
@@ -74,8 +74,6 @@ class AccountFacts:
     # The catalog ids of the steps, in the same order (to tell which ones a run takes into account).
     plan_ids: tuple[int, ...] = ()
     term_ids: tuple[int, ...] = ()
-    # When the account was added to the catalog: a month invoiced before that never billed it.
-    created_at: datetime | None = None
 
     def history(self) -> History:
         base = Agreed(
@@ -147,9 +145,14 @@ class InvoiceView:
 @dataclass(frozen=True)
 class BillingRunResult:
     period: str
-    # False when the month had already been invoiced: `invoices` are the stored ones, unchanged.
+    # False when every account had been covered already: `invoices` are the stored ones, unchanged.
     created: bool
+    # All of the month's invoices, in number order.
     invoices: list[InvoiceView]
+    # Invoices of earlier months this run issued, for accounts their runs had not covered.
+    caught_up: list[InvoiceView] = field(default_factory=list)
+    # The numbers of the invoices this run issued, of its month and caught up.
+    issued: tuple[str, ...] = ()
 
 
 # --- the rules, for one account and one month ---------------------------------------------------

@@ -79,20 +79,41 @@ class TermChange(Base):
 
 
 class BillingRun(Base):
-    """One row per invoiced month. Its primary key is the lock that makes concurrent runs of the
-    same month create one set of invoices: the second insert waits for the first, then fails."""
+    """One row per invoiced month, written by its first run (a later run of the month may invoice
+    accounts that run did not cover: `billing_coverage`)."""
 
     __tablename__ = "billing_runs"
 
     period: Mapped[str] = mapped_column(String(7), primary_key=True)
+    # The price book of the first run.
     pricebook_sha256: Mapped[str] = mapped_column(String(64))
+    # The month's invoices so far.
     invoice_count: Mapped[int] = mapped_column(Integer, default=0)
+    # The first run's `now` (the day it issued on); before revision 0020, when that run started.
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class BillingCoverage(Base):
+    """Which accounts a month's invoicing has dealt with: one row per account and month, written
+    with the account's invoice for the month, or alone when it had nothing to charge. An account
+    with no row for an invoiced month (added after that month's run, with an earlier start) is
+    invoiced for it by the next run of that month or of a later one; one with a row never is again."""
+
+    __tablename__ = "billing_coverage"
+
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id"), primary_key=True)
+    period: Mapped[str] = mapped_column(ForeignKey("billing_runs.period"), primary_key=True)
+    # The month whose run covered it: `period` itself, or a later month's run catching up; that
+    # run's delivery publishes and mails the invoice.
+    run_period: Mapped[str] = mapped_column(ForeignKey("billing_runs.period"), index=True)
+    # The covering run's `now`.
+    covered_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class UsageBilling(Base):
-    """Which month's run billed a usage event: its own month's, or, for an event that arrived after
-    its month was invoiced, the next run's (as usage received late). An event is billed once."""
+    """Which invoice billed a usage event: its account's invoice for the event's own month, or, for
+    an event that arrived after that invoice was issued, its account's next one (as usage received
+    late), named by that invoice's month. Every billed event has a row; an event is billed once."""
 
     __tablename__ = "usage_billing"
 

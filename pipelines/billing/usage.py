@@ -3,7 +3,7 @@ account has used against its monthly cap, and points per account and day for the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
@@ -27,25 +27,15 @@ class PointsCapExceededError(CatalogError):
     """A job would take an account past its monthly points cap; it is refused at admission."""
 
 
-# A usage import commits within this long of stamping its events' recorded_at, so an event
-# recorded earlier than this before a run started is visible to that run.
-COMMIT_MARGIN = timedelta(days=1)
-
-
-@dataclass(frozen=True)
-class Claim:
-    """What a month's run bills: every event of its month it can see, its own `period`'s marks
-    settling the events recorded since `cutoff` (its start less COMMIT_MARGIN)."""
-
-    period: str
-    cutoff: datetime
+# Bounds the IN (...) list of one query, well under every database's parameter limit.
+_KEYS_PER_QUERY = 500
 
 
 def billable_points_by_account(
-    session: Session, start: datetime, end: datetime, claim: Claim | None = None
+    session: Session, start: datetime, end: datetime, billed_by: Period | None = None
 ) -> dict[str, int]:
-    """Billable points per account for events with start <= occurred_at < end (UTC); with a
-    `claim`, only the events that month's run bills."""
+    """Billable points per account for events with start <= occurred_at < end (UTC); with
+    `billed_by`, only the events that month's invoices bill (see `mark_usage`)."""
     query = (
         select(UsageEvent.account_id, func.sum(UsageEvent.points))
         .where(UsageEvent.kind == CLASSIFICATION)
@@ -54,47 +44,32 @@ def billable_points_by_account(
         .where(UsageEvent.occurred_at < end)
         .group_by(UsageEvent.account_id)
     )
-    if claim is not None:
-        marked = select(UsageBilling.event_id).where(UsageBilling.period == claim.period)
-        query = query.where(or_(UsageEvent.recorded_at < claim.cutoff, UsageEvent.event_id.in_(marked)))
+    if billed_by is not None:
+        query = query.join(UsageBilling, UsageBilling.event_id == UsageEvent.event_id).where(
+            UsageBilling.period == billed_by.label
+        )
     return {account_id: int(points or 0) for account_id, points in session.execute(query)}
 
 
-def claim_usage(
-    session: Session, period: Period, started: datetime, previous_start: datetime | None, invoiced: Iterable[Period]
-) -> Claim:
-    """Mark the events `period`'s run bills, where marks are needed, before it sums them.
-
-    Events of the month recorded in the last COMMIT_MARGIN before the run are marked: an import
-    committing while the run reads could otherwise leave them half seen. Events of an invoiced
-    month that no run has billed yet (late usage) can only have been committed after the previous
-    run looked, so they are searched among the events recorded since then and marked too. Events
-    recorded earlier were seen by their month's run, and need no mark: a month of usage costs a
-    run marks for a day's worth of events, not for every event."""
-    claim = Claim(period.label, started - COMMIT_MARGIN)
-    on_time = (
-        select(UsageEvent.event_id, literal(period.label))
-        .where(UsageEvent.kind == CLASSIFICATION)
-        .where(UsageEvent.status.in_(BILLABLE_STATUSES))
-        .where(UsageEvent.occurred_at >= period.start)
-        .where(UsageEvent.occurred_at < period.end)
-        .where(UsageEvent.recorded_at >= claim.cutoff)
-    )
-    session.execute(insert(UsageBilling).from_select(["event_id", "period"], on_time))
-    ranges = _merge((month.start, month.end) for month in sorted(invoiced))
-    if previous_start is None or not ranges:
-        return claim
+def mark_usage(session: Session, period: Period, account_ids: Sequence[str], invoiced: Iterable[Period]) -> None:
+    """Mark the events that `period`'s invoices of `account_ids` bill, before they are summed:
+    every billable event of those accounts that no invoice has billed yet, of `period` itself or
+    of one of the `invoiced` months before it (usage received late). Every billed event is marked,
+    so what an invoice bills never depends on when events were recorded: an event committed after
+    this statement is unmarked, and billed by the account's next invoice."""
+    ranges = _merge((month.start, month.end) for month in sorted({*invoiced, period}) if month <= period)
     unbilled = ~select(UsageBilling.event_id).where(UsageBilling.event_id == UsageEvent.event_id).exists()
-    late = (
-        select(UsageEvent.event_id, literal(period.label))
-        .where(UsageEvent.kind == CLASSIFICATION)
-        .where(UsageEvent.status.in_(BILLABLE_STATUSES))
-        .where(UsageEvent.recorded_at >= previous_start - COMMIT_MARGIN)
-        .where(or_(*(and_(UsageEvent.occurred_at >= start, UsageEvent.occurred_at < end) for start, end in ranges)))
-        .where(unbilled)
-    )
-    session.execute(insert(UsageBilling).from_select(["event_id", "period"], late))
-    return claim
+    ids = sorted(account_ids)
+    for first in range(0, len(ids), _KEYS_PER_QUERY):
+        events = (
+            select(UsageEvent.event_id, literal(period.label))
+            .where(UsageEvent.account_id.in_(ids[first : first + _KEYS_PER_QUERY]))
+            .where(UsageEvent.kind == CLASSIFICATION)
+            .where(UsageEvent.status.in_(BILLABLE_STATUSES))
+            .where(or_(*(and_(UsageEvent.occurred_at >= start, UsageEvent.occurred_at < end) for start, end in ranges)))
+            .where(unbilled)
+        )
+        session.execute(insert(UsageBilling).from_select(["event_id", "period"], events))
 
 
 def _merge(ranges: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
@@ -108,7 +83,7 @@ def _merge(ranges: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, 
 
 
 def late_points_by_account_day(session: Session, period: Period) -> dict[str, dict[date, int]]:
-    """Points that `period`'s run bills late (events of earlier months), per account and UTC day."""
+    """Points that `period`'s invoices bill late (events of earlier months), per account and UTC day."""
     day = _utc_day(session).label("day")
     rows = session.execute(
         select(UsageEvent.account_id, day, func.sum(UsageEvent.points))
@@ -126,18 +101,18 @@ def late_points_by_account_day(session: Session, period: Period) -> dict[str, di
 
 
 def billed_points_by_day(session: Session, account_id: str, month: Period, excluding: Period) -> dict[date, int]:
-    """Billable points of the account per UTC day of `month` that runs before `excluding`'s have
-    billed: the month's events but those `excluding`'s run bills as usage received late."""
+    """Billable points of the account per UTC day of `month` that invoices before `excluding`'s
+    have billed: the month's billed events but those `excluding`'s invoice bills as usage received late."""
     day = _utc_day(session).label("day")
-    billed_late = select(UsageBilling.event_id).where(UsageBilling.period == excluding.label)
     rows = session.execute(
         select(day, func.sum(UsageEvent.points))
+        .join(UsageBilling, UsageBilling.event_id == UsageEvent.event_id)
+        .where(UsageBilling.period != excluding.label)
         .where(UsageEvent.account_id == account_id)
         .where(UsageEvent.kind == CLASSIFICATION)
         .where(UsageEvent.status.in_(BILLABLE_STATUSES))
         .where(UsageEvent.occurred_at >= month.start)
         .where(UsageEvent.occurred_at < month.end)
-        .where(UsageEvent.event_id.not_in(billed_late))
         .group_by(day)
     )
     return {value if isinstance(value, date) else date.fromisoformat(value): int(points or 0) for value, points in rows}

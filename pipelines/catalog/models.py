@@ -160,7 +160,7 @@ class UsageEvent(Base):
     classifier_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     filename: Mapped[str | None] = mapped_column(String(255), nullable=True)
     job_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    # Indexed: a billing run looks for usage that arrived late among the events recorded since the last run.
+    # When the event reached the catalog (billing marks the events it bills instead of reading this).
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 

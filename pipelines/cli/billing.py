@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import date
+from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -147,7 +147,7 @@ def _register_billing(commands: argparse._SubParsersAction) -> None:
     sub = billing.add_subparsers(dest="billing_command", metavar="ACTION", required=True)
     run = sub.add_parser(
         "run",
-        help="invoice a month (once; a re-run returns the same invoices)",
+        help="invoice a month (each account once; a re-run invoices only accounts added since)",
         description=(
             "Invoice every account for a calendar month: subscription (daily proration, start day counted; "
             "quarterly/yearly in full in the month their cycle starts), data-sharing discount, seats and extra "
@@ -155,13 +155,30 @@ def _register_billing(commands: argparse._SubParsersAction) -> None:
             "credit, finance charge on overdue balances, tax on the taxable subtotal, and credit carried "
             "forward. Invoices are dated the day they are issued (UTC, the earliest the 1st of the next month), "
             "due and disputable from that date, and numbered PREFIX-YYYY-MM-NNNN in "
-            "account order. An account with nothing to charge gets no invoice. The month is invoiced once: a "
-            "re-run (or a concurrent run) prints the stored invoices and creates nothing."
+            "account order. An account with nothing to charge gets no invoice. Each account is invoiced once "
+            "for a month: a re-run (or a concurrent run) prints the stored invoices unchanged, and invoices "
+            "only accounts the month's earlier runs did not cover (added since with an earlier start date), "
+            "with the next numbers; it does the same for every invoiced month before, and lists those "
+            "invoices too. Usage that arrives for an account already invoiced for its month is billed on "
+            "that account's next invoice, as usage received late."
         ),
     )
     run.add_argument("--period", type=month_arg, required=True, help="the month, YYYY-MM; it must have ended")
+    run.add_argument(
+        "--as-of",
+        type=instant_arg,
+        metavar="DATETIME",
+        help=(
+            "run as on this moment (ISO 8601, UTC if no offset; default: now): the invoices this run issues "
+            "are dated its day, and due and disputable from it. It must be after the month's end and not "
+            "in the future. Today is what the due dates promise customers: use an earlier day only to "
+            "issue what a failed run should have issued on that day, e.g. --as-of 2026-10-01"
+        ),
+    )
     run.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
-    run.add_argument("--json", action="store_true", help="print the invoices as a JSON array")
+    run.add_argument(
+        "--json", action="store_true", help="print the invoices as a JSON array (those of earlier months first)"
+    )
     run.set_defaults(handler=_billing_run)
 
     terms = sub.add_parser(
@@ -335,13 +352,29 @@ def _billing_run(args: argparse.Namespace) -> int:
             "before invoicing",
             file=sys.stderr,
         )
-    result = run_billing(open_catalog(settings), args.period, pricebook)
+    now = datetime.now(UTC)
+    if args.as_of is not None and args.as_of > now:
+        raise BillingError(
+            f"--as-of {args.as_of:%Y-%m-%d %H:%M} UTC is in the future: invoices are issued on a day that has come"
+        )
+    result = run_billing(open_catalog(settings), args.period, pricebook, args.as_of or now)
     if args.json:
-        print_json([invoice.to_dict() for invoice in result.invoices])
+        print_json([invoice.to_dict() for invoice in [*result.caught_up, *result.invoices]])
         return 0
+    for invoice in result.caught_up:
+        print(
+            f"{invoice.invoice_number}  {invoice.account_id}  {invoice.currency} {format_money(invoice.total)}"
+            f"  (for {invoice.period}: not invoiced by its run)"
+        )
     for invoice in result.invoices:
         print(f"{invoice.invoice_number}  {invoice.account_id}  {invoice.currency} {format_money(invoice.total)}")
-    state = "created" if result.created else "already invoiced, nothing created"
+    added = len(result.issued) - len(result.caught_up)
+    if not result.created:
+        state = "already invoiced, nothing created"
+    elif added == len(result.invoices):
+        state = "created"
+    else:
+        state = f"{added} created for accounts not invoiced before"
     print(f"{result.period}: {len(result.invoices)} invoice(s), {state}")
     return 0
 
