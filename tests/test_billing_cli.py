@@ -355,6 +355,9 @@ def test_as_of_runs_a_month_as_on_that_day(cli_env, capsys, tmp_path, monkeypatc
     ):
         assert main(["billing", "run", "--period", "2026-10", "--as-of", as_of]) == 2
         assert message in capsys.readouterr().err
+    # Invoices numbered after those issued on 2026-10-20 cannot be dated before them.
+    assert main(["billing", "run", "--period", "2026-09", "--as-of", "2026-10-05"]) == 2
+    assert "--as-of 2026-10-05 is before 2026-10-20, the day of the latest invoice" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["billing", "run", "--period", "2026-10", "--as-of", "someday"])
     assert "'someday' is not an ISO date-time" in capsys.readouterr().err

@@ -32,6 +32,7 @@ from pipelines.billing.models import (
     BillingRun,
     BillingTerms,
     ChangeBilling,
+    CreditNote,
     Invoice,
     InvoiceLine,
     Outage,
@@ -66,6 +67,17 @@ def issue_date_of(period: Period, now: datetime) -> date:
     month: a run on the 1st dates it the 1st, a late run (the DAG catching up) the day it runs, so
     its due date and dispute windows start when the customer gets it."""
     return max(now.astimezone(UTC).date(), period.next().first_day)
+
+
+def latest_issue_date(catalog: Catalog) -> date | None:
+    """The day of the latest invoice or credit note issued: no document may be dated before it, so
+    that numbers and dates go up together."""
+    with catalog.session() as session:
+        days = [
+            session.scalar(select(func.max(Invoice.issue_date))),
+            session.scalar(select(func.max(CreditNote.issued_on))),
+        ]
+    return max((d for d in days if d is not None), default=None)
 
 
 def run_billing(

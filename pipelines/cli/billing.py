@@ -26,7 +26,7 @@ from pipelines.billing.delivery import (
     published_document,
     render_documents,
 )
-from pipelines.billing.invoicing import BillingError, run_billing
+from pipelines.billing.invoicing import BillingError, latest_issue_date, run_billing
 from pipelines.billing.money import format_money
 from pipelines.cli.common import (
     PRICEBOOK_HELP,
@@ -170,9 +170,10 @@ def _register_billing(commands: argparse._SubParsersAction) -> None:
         metavar="DATETIME",
         help=(
             "run as on this moment (ISO 8601, UTC if no offset; default: now): the invoices this run issues "
-            "are dated its day, and due and disputable from it. It must be after the month's end and not "
-            "in the future. Today is what the due dates promise customers: use an earlier day only to "
-            "issue what a failed run should have issued on that day, e.g. --as-of 2026-10-01"
+            "are dated its day, and due and disputable from it. It must be after the month's end, not "
+            "in the future and not before the latest invoice or credit note issued. Today is what the due "
+            "dates promise customers: use an earlier day only to issue what a failed run should have issued "
+            "on that day, e.g. --as-of 2026-10-01"
         ),
     )
     run.add_argument("--pricebook", type=Path, help=PRICEBOOK_HELP)
@@ -357,7 +358,15 @@ def _billing_run(args: argparse.Namespace) -> int:
         raise BillingError(
             f"--as-of {args.as_of:%Y-%m-%d %H:%M} UTC is in the future: invoices are issued on a day that has come"
         )
-    result = run_billing(open_catalog(settings), args.period, pricebook, args.as_of or now)
+    catalog = open_catalog(settings)
+    # (An --as-of before the month's end is refused by run_billing, saying so.)
+    latest = latest_issue_date(catalog) if args.as_of is not None and args.as_of >= args.period.end else None
+    if latest is not None and args.as_of.astimezone(UTC).date() < latest:
+        raise BillingError(
+            f"--as-of {args.as_of:%Y-%m-%d} is before {latest}, the day of the latest invoice or credit note "
+            "issued: a document numbered after it cannot be dated before it. Leave --as-of out to issue today"
+        )
+    result = run_billing(catalog, args.period, pricebook, args.as_of or now)
     if args.json:
         print_json([invoice.to_dict() for invoice in [*result.caught_up, *result.invoices]])
         return 0
