@@ -389,6 +389,36 @@ def test_the_customers_own_class_codes_are_learnt(accounts: Runtime, halves, tmp
     assert 67 in classifier.params["classes"] and 6 not in classifier.params["classes"]
 
 
+def test_a_model_with_codes_above_31_refuses_a_file_whose_format_cannot_hold_them(
+    accounts: Runtime, halves, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Point formats 0-5 hold classes 0-31: the model is refused before anything is classified
+    (it used to classify the whole file and then fail writing it with laspy's OverflowError)."""
+    data = laspy.convert(laspy.read(halves[0]), point_format_id=6, file_version="1.4")
+    classes = np.asarray(data.classification).copy()
+    classes[classes == 6] = 200
+    data.classification = classes
+    data.write(tmp_path / "own.laz")
+    model = train_model(accounts, "owner", [tmp_path / "own.laz"])
+    east = halves[1]
+    assert laspy.open(east).header.point_format.id < 6
+    output = tmp_path / "east.laz"
+    with pytest.raises(InvalidValue, match="200, which point format 1 of east.laz cannot hold"):
+        classify_file(east, output, accounts.settings, classifier=resolve_classifier(accounts, "owner", model.model_id))
+    arguments = ["classify", str(east), str(output), "--classifier", model.model_id, "--account", "owner"]
+    assert main(arguments) == 2 and "point format 6 or above" in capsys.readouterr().err
+    assert not output.exists() and not any(accounts.settings.scratch_dir.rglob("*.laz"))
+    # The same file as LAS 1.4 format 6 takes the model's codes.
+    laspy.convert(laspy.read(east), point_format_id=6, file_version="1.4").write(tmp_path / "east14.laz")
+    classify_file(
+        tmp_path / "east14.laz",
+        output,
+        accounts.settings,
+        classifier=resolve_classifier(accounts, "owner", model.model_id),
+    )
+    assert 200 in np.unique(laspy.read(output).classification)
+
+
 def test_model_files_are_lightgbm_text_signed_and_versioned(accounts: Runtime, halves) -> None:
     import zlib
 
