@@ -510,6 +510,13 @@ def build_shared_model(
         "contributions": contributed,
         "evaluation": _evaluation(model),
     }
-    runtime.store.put_bytes(record["key"], model.to_bytes(key=signing_key(runtime.settings)))
-    runtime.store.put_bytes(SHARED_MODELS + model_id + ".json", json.dumps(record, indent=2).encode())
+    # The record of who contributed goes first: a shared model must never exist without it.
+    record_key = SHARED_MODELS + model_id + ".json"
+    try:
+        runtime.store.put_bytes(record_key, json.dumps(record, indent=2).encode())
+        runtime.store.put_bytes(record["key"], model.to_bytes(key=signing_key(runtime.settings)))
+    except BaseException:
+        for stored in (record["key"], record_key):
+            runtime.store.delete(stored)
+        raise
     return record

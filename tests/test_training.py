@@ -462,6 +462,26 @@ def test_a_shared_model_takes_only_consenting_accounts_labels(
         resolve_classifier(accounts, "sharer", record["model_id"])
 
 
+def test_a_shared_build_that_fails_storing_leaves_no_model_without_its_record(
+    accounts: Runtime, halves, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The contributions record is what shows the labels' owners consented: a shared model must never
+    be stored without it (it used to be written second, after the model)."""
+    store = accounts.store
+    put_bytes = store.put_bytes
+    for failing in (".json", ".pfmodel"):
+
+        def put_or_fail(key: str, data: bytes, failing: str = failing) -> None:
+            if key.startswith(SHARED_MODELS) and key.endswith(failing):
+                raise OSError(f"disk full writing {key}")
+            put_bytes(key, data)
+
+        monkeypatch.setattr(store, "put_bytes", put_or_fail)
+        with pytest.raises(OSError, match="disk full"):
+            build_shared_model(accounts, {"sharer": [str(halves[0])]})
+        assert list(store.list(SHARED_MODELS)) == [], failing
+
+
 def test_models_list_says_which_standard_a_model_was_judged_against(
     accounts: Runtime, halves, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
