@@ -707,3 +707,14 @@ def test_training_reads_s3_sources_and_refuses_files_over_the_size_limit(
         ):
             train_from_sources(limited, "owner", [too_large])
     assert [m.model_id for m in list_models(accounts, "owner")] == [model.model_id]
+
+
+def test_the_training_dag_refuses_class_codes_that_are_not_numbers(accounts: Runtime, halves, load_test_dag) -> None:
+    """A code given as text ("1") matched no label: class 1 was trained on while the model said it was left out."""
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    dag = load_test_dag("pointflow_train")
+    for ignore in (["1"], [0, 300], ["x"]):
+        with pytest.raises(ParamValidationError, match="ignore_classes"):
+            dag.test(run_conf={"account_id": "owner", "sources": [str(halves[0])], "ignore_classes": ignore})
+    assert list_models(accounts, "owner") == []
