@@ -192,9 +192,9 @@ def train_model(
     model_id = "model-" + uuid.uuid4().hex[:12]
     payload = model.to_bytes(key=signing_key(runtime.settings))
     key = _model_key(account_id, model_id)
-    runtime.store.put_bytes(key, payload)
-    runtime.store.put_bytes(_evaluation_key(key), json.dumps(evaluation, indent=2).encode())
     try:
+        runtime.store.put_bytes(key, payload)
+        runtime.store.put_bytes(_evaluation_key(key), json.dumps(evaluation, indent=2).encode())
         # Under the account's lock: two trainings that finish together would both read the same
         # highest version, and the second would fail on the unique version after the first stored.
         with runtime.catalog.lock(_models_lock(account_id)), runtime.catalog.session() as session:

@@ -594,6 +594,24 @@ def test_a_model_is_not_deleted_under_legal_hold_or_while_a_job_classifies_with_
     assert (job.classifier, job.classifier_version) == (model.model_id, "1")
 
 
+def test_a_training_that_fails_storing_its_evaluation_leaves_no_model_behind(
+    accounts: Runtime, halves, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model file used to be stored before the `try` that removes it on failure: a failed write
+    of its evaluation left a model no row names, which no command lists or deletes."""
+    put_bytes = accounts.store.put_bytes
+
+    def put_or_fail(key: str, data: bytes) -> None:
+        if key.endswith(".evaluation.json"):
+            raise OSError(f"disk full writing {key}")
+        put_bytes(key, data)
+
+    monkeypatch.setattr(accounts.store, "put_bytes", put_or_fail)
+    with pytest.raises(OSError, match="disk full"):
+        train_model(accounts, "owner", [halves[0]])
+    assert list(accounts.store.list("accounts/owner/models/")) == [] and list_models(accounts, "owner") == []
+
+
 def test_models_that_finish_training_together_get_one_version_each(
     home: Path, database_url: str, halves, monkeypatch: pytest.MonkeyPatch
 ) -> None:
