@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,9 @@ from pipelines.units import coordinate_units
 log = logging.getLogger(__name__)
 
 MODEL_SUFFIX = ".pfmodel"
+# A training records its model seconds after storing it: a model object older than this that no
+# row names was left by a training killed in between.
+UNRECORDED_AGE = timedelta(hours=1)
 
 
 class ModelNotFound(CatalogError):
@@ -198,6 +201,7 @@ def train_model(
         # Under the account's lock: two trainings that finish together would both read the same
         # highest version, and the second would fail on the unique version after the first stored.
         with runtime.catalog.lock(_models_lock(account_id)), runtime.catalog.session() as session:
+            _remove_unrecorded(runtime, session, account_id)
             # Tombstones count: a deleted model's version is never given out again.
             version = (
                 session.scalar(
@@ -222,6 +226,17 @@ def train_model(
         for stored in (key, _evaluation_key(key)):
             runtime.store.delete(stored)
         raise
+
+
+def _remove_unrecorded(runtime, session: Session, account_id: str) -> None:
+    """Delete the account's model objects that no row names and that are older than UNRECORDED_AGE."""
+    recorded = set(session.scalars(select(TrainedModelRecord.key).where(TrainedModelRecord.account_id == account_id)))
+    before = utcnow() - UNRECORDED_AGE
+    for info in runtime.store.list(AccountArea(account_id).prefix + "models/"):
+        model_key = info.key.removesuffix(".evaluation.json").removesuffix(MODEL_SUFFIX) + MODEL_SUFFIX
+        if model_key not in recorded and info.modified is not None and info.modified < before:
+            log.warning("removing %s: a training stored it and was killed before recording it", info.key)
+            runtime.store.delete(info.key)
 
 
 def _read_labelled_files(

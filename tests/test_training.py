@@ -612,6 +612,31 @@ def test_a_training_that_fails_storing_its_evaluation_leaves_no_model_behind(
     assert list(accounts.store.list("accounts/owner/models/")) == [] and list_models(accounts, "owner") == []
 
 
+def test_a_model_left_by_a_killed_training_is_removed_by_the_next(accounts: Runtime, halves) -> None:
+    """A training killed between storing its model and recording it left an object no row names;
+    the account's next training removes it, but not one another training may still be recording."""
+    import os
+    import time
+
+    store = accounts.store
+    killed, running = "accounts/owner/models/model-killed00000", "accounts/owner/models/model-running0000"
+    for stem in (killed, running):
+        store.put_bytes(stem + ".pfmodel", b"signed model bytes")
+        store.put_bytes(stem + ".evaluation.json", b"{}")
+    two_hours_ago = time.time() - 7200
+    for suffix in (".pfmodel", ".evaluation.json"):
+        os.utime(store.local_path(killed + suffix), (two_hours_ago, two_hours_ago))
+    model = train_model(accounts, "owner", [halves[0]])
+    assert sorted(o.key for o in store.list("accounts/owner/models/")) == sorted(
+        [
+            model.key,
+            model.key.replace(".pfmodel", ".evaluation.json"),
+            running + ".pfmodel",
+            running + ".evaluation.json",
+        ]
+    )
+
+
 def test_models_that_finish_training_together_get_one_version_each(
     home: Path, database_url: str, halves, monkeypatch: pytest.MonkeyPatch
 ) -> None:
