@@ -761,3 +761,21 @@ def test_the_training_dag_refuses_class_codes_that_are_not_numbers(accounts: Run
         with pytest.raises(ParamValidationError, match="ignore_classes"):
             dag.test(run_conf={"account_id": "owner", "sources": [str(halves[0])], "ignore_classes": ignore})
     assert list_models(accounts, "owner") == []
+
+
+def test_labels_with_more_classes_than_a_model_learns_are_refused_before_training(
+    accounts: Runtime, halves, tmp_path: Path
+) -> None:
+    """65 classes (one tree per class and round) used to be trained for minutes; 64 is the most."""
+    from pipelines.classifiers.fitting import MAX_CLASSES
+
+    data = laspy.convert(laspy.read(halves[0]), point_format_id=6, file_version="1.4")
+    data.classification = (np.arange(len(data.points)) % (MAX_CLASSES + 1) + 2).astype(np.uint8)
+    data.write(tmp_path / "many.laz")
+    heard: list[str] = []
+    with pytest.raises(InvalidValue, match=f"{MAX_CLASSES + 1} classes besides those left out, more than the 64"):
+        train_model(accounts, "owner", [tmp_path / "many.laz"], progress=lambda stage, done, total: heard.append(stage))
+    with pytest.raises(InvalidValue, match=f"{MAX_CLASSES + 1} classes"):
+        build_shared_model(accounts, {"sharer": [str(tmp_path / "many.laz")]})
+    assert "features" not in heard and list(accounts.store.list("accounts/owner/models/")) == []
+    assert list(accounts.store.list(SHARED_MODELS)) == []
