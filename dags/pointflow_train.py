@@ -22,8 +22,20 @@ from airflow.sdk import Param, dag, task
     tags=["pointflow"],
     params={
         "account_id": Param("demo", type="string", description="account that owns the labels and the model"),
-        "sources": Param([], type="array", description="labelled LAS/LAZ files: local paths, file:// or s3:// URIs"),
-        "ignore_classes": Param([0, 1], type="array", description="classes left out of training and scoring"),
+        "sources": Param(
+            [],
+            type="array",
+            items={"type": "string"},
+            description="labelled LAS/LAZ files: local paths, file:// or s3:// URIs",
+        ),
+        # Class codes as numbers: a code given as text ("1") matched no label, so the class was
+        # trained on while the model recorded it as left out.
+        "ignore_classes": Param(
+            [0, 1],
+            type="array",
+            items={"type": "integer", "minimum": 0, "maximum": 255},
+            description="classes left out of training and scoring (LAS codes 0-255)",
+        ),
     },
     doc_md=__doc__,
 )

@@ -72,6 +72,8 @@ TASK_POINTS = 2_000
 # start-up (seconds of imports) then overlaps the scan. Below, a file may need no cluster at all
 # (every tile too sparse to model), and its scan is shorter than a cluster's start anyway.
 EARLY_CLUSTER_POINTS = 1_000_000
+# The highest class point formats 0-5 hold (5 bits); formats 6-10 hold 0-255.
+LEGACY_MAX_CLASS = 31
 
 
 @dataclass
@@ -178,6 +180,15 @@ def classify_file(
     _keep_heap()
     # Name and parameters are refused before a cluster is started for them.
     model = describe_classifier(classifier, params) if isinstance(classifier, str) else classifier
+    # A trained model answers in the customer's own codes, up to 255; point formats 0-5 hold 0-31,
+    # and writing the first tile's answer would fail only after the cluster has classified them all.
+    beyond = sorted(c for c in model.params.get("classes", ()) if c > LEGACY_MAX_CLASS)
+    if beyond and info.point_format < 6:
+        raise InvalidValue(
+            f"{model.name} gives class(es) {', '.join(map(str, beyond))}, which point format {info.point_format} of "
+            f"{input_path.name} cannot hold (classes 0-{LEGACY_MAX_CLASS}): give the file as LAS 1.4 with point "
+            "format 6 or above, or use a model trained without those classes"
+        )
     tile_size = settings.tile_size if tile_size is None else tile_size
     buffer = settings.tile_buffer if buffer is None else buffer
     with laspy.open(input_path) as reader:

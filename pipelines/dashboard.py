@@ -116,7 +116,8 @@ class LifecycleQueue:
     as_of: datetime
     due_now: tuple[Action, ...]  # what the nightly run would do at `as_of` (a dry run)
     due_now_error: str | None
-    notices: tuple[NoticeRow, ...]
+    notices: tuple[NoticeRow, ...]  # the latest `notice_limit`, newest first
+    notices_sent: int  # all notices ever sent, of which `notices` shows the latest
     scheduled: tuple[ScheduledRow, ...]
     holds: tuple[HoldView, ...]
 
@@ -137,12 +138,17 @@ class Dashboard:
 
 
 def build_dashboard(
-    runtime: Runtime, as_of: datetime | None = None, months: int = 6, job_limit: int = 10, invoice_limit: int = 24
+    runtime: Runtime,
+    as_of: datetime | None = None,
+    months: int = 6,
+    job_limit: int = 10,
+    invoice_limit: int = 24,
+    notice_limit: int = 50,
 ) -> Dashboard:
     as_of = (as_of or datetime.now(UTC)).astimezone(UTC)
     labels = month_labels(as_of.date(), months)
     usage = monthly_usage(runtime, labels)
-    lifecycle = lifecycle_queue(runtime, as_of)
+    lifecycle = lifecycle_queue(runtime, as_of, notice_limit)
     return Dashboard(
         as_of=as_of,
         accounts=tuple(accounts_overview(runtime, as_of, lifecycle, usage)),
@@ -290,7 +296,7 @@ def recent_invoices(runtime: Runtime, limit: int) -> list[InvoiceRow]:
     return rows
 
 
-def lifecycle_queue(runtime: Runtime, as_of: datetime) -> LifecycleQueue:
+def lifecycle_queue(runtime: Runtime, as_of: datetime, notice_limit: int = 50) -> LifecycleQueue:
     error = None
     try:
         due_now = run_lifecycle(runtime, as_of, dry_run=True)
@@ -372,8 +378,10 @@ def lifecycle_queue(runtime: Runtime, as_of: datetime) -> LifecycleQueue:
                 n.detail.get("closure_at"),
                 n.detail.get("deletion_at") or n.detail.get("service_stops_at"),
             )
-            for n in notices
+            # Every notice ever sent would grow the page without end: the latest only.
+            for n in notices[:notice_limit]
         ),
+        notices_sent=len(notices),
         scheduled=tuple(sorted(scheduled, key=lambda s: s.due_at)),
         holds=tuple(HoldView(h.account_id, h.id, h.reason, h.placed_at, h.released_at) for h in holds),
     )

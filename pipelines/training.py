@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,9 @@ from pipelines.units import coordinate_units
 log = logging.getLogger(__name__)
 
 MODEL_SUFFIX = ".pfmodel"
+# A training records its model seconds after storing it: a model object older than this that no
+# row names was left by a training killed in between.
+UNRECORDED_AGE = timedelta(hours=1)
 
 
 class ModelNotFound(CatalogError):
@@ -206,12 +209,13 @@ def train_model(
     model_id = "model-" + uuid.uuid4().hex[:12]
     payload = model.to_bytes(model_seal(runtime.settings, account_id, model_id))
     key = _model_key(account_id, model_id)
-    runtime.store.put_bytes(key, payload)
-    runtime.store.put_bytes(_evaluation_key(key), json.dumps(evaluation, indent=2).encode())
     try:
+        runtime.store.put_bytes(key, payload)
+        runtime.store.put_bytes(_evaluation_key(key), json.dumps(evaluation, indent=2).encode())
         # Under the account's lock: two trainings that finish together would both read the same
         # highest version, and the second would fail on the unique version after the first stored.
         with runtime.catalog.lock(_models_lock(account_id)), runtime.catalog.session() as session:
+            _remove_unrecorded(runtime, session, account_id)
             # Tombstones count: a deleted model's version is never given out again.
             version = (
                 session.scalar(
@@ -236,6 +240,17 @@ def train_model(
         for stored in (key, _evaluation_key(key)):
             runtime.store.delete(stored)
         raise
+
+
+def _remove_unrecorded(runtime, session: Session, account_id: str) -> None:
+    """Delete the account's model objects that no row names and that are older than UNRECORDED_AGE."""
+    recorded = set(session.scalars(select(TrainedModelRecord.key).where(TrainedModelRecord.account_id == account_id)))
+    before = utcnow() - UNRECORDED_AGE
+    for info in runtime.store.list(AccountArea(account_id).prefix + "models/"):
+        model_key = info.key.removesuffix(".evaluation.json").removesuffix(MODEL_SUFFIX) + MODEL_SUFFIX
+        if model_key not in recorded and info.modified is not None and info.modified < before:
+            log.warning("removing %s: a training stored it and was killed before recording it", info.key)
+            runtime.store.delete(info.key)
 
 
 def _read_labelled_files(
@@ -526,8 +541,15 @@ def build_shared_model(
         "contributions": contributed,
         "evaluation": _evaluation(model),
     }
-    runtime.store.put_bytes(record["key"], model.to_bytes(model_seal(runtime.settings, None, model_id)))
-    runtime.store.put_bytes(SHARED_MODELS + model_id + ".json", json.dumps(record, indent=2).encode())
+    # The record of who contributed goes first: a shared model must never exist without it.
+    record_key = SHARED_MODELS + model_id + ".json"
+    try:
+        runtime.store.put_bytes(record_key, json.dumps(record, indent=2).encode())
+        runtime.store.put_bytes(record["key"], model.to_bytes(model_seal(runtime.settings, None, model_id)))
+    except BaseException:
+        for stored in (record["key"], record_key):
+            runtime.store.delete(stored)
+        raise
     return record
 
 

@@ -487,6 +487,36 @@ def test_the_customers_own_class_codes_are_learnt(accounts: Runtime, halves, tmp
     assert 67 in classifier.params["classes"] and 6 not in classifier.params["classes"]
 
 
+def test_a_model_with_codes_above_31_refuses_a_file_whose_format_cannot_hold_them(
+    accounts: Runtime, halves, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Point formats 0-5 hold classes 0-31: the model is refused before anything is classified
+    (it used to classify the whole file and then fail writing it with laspy's OverflowError)."""
+    data = laspy.convert(laspy.read(halves[0]), point_format_id=6, file_version="1.4")
+    classes = np.asarray(data.classification).copy()
+    classes[classes == 6] = 200
+    data.classification = classes
+    data.write(tmp_path / "own.laz")
+    model = train_model(accounts, "owner", [tmp_path / "own.laz"])
+    east = halves[1]
+    assert laspy.open(east).header.point_format.id < 6
+    output = tmp_path / "east.laz"
+    with pytest.raises(InvalidValue, match="200, which point format 1 of east.laz cannot hold"):
+        classify_file(east, output, accounts.settings, classifier=resolve_classifier(accounts, "owner", model.model_id))
+    arguments = ["classify", str(east), str(output), "--classifier", model.model_id, "--account", "owner"]
+    assert main(arguments) == 2 and "point format 6 or above" in capsys.readouterr().err
+    assert not output.exists() and not any(accounts.settings.scratch_dir.rglob("*.laz"))
+    # The same file as LAS 1.4 format 6 takes the model's codes.
+    laspy.convert(laspy.read(east), point_format_id=6, file_version="1.4").write(tmp_path / "east14.laz")
+    classify_file(
+        tmp_path / "east14.laz",
+        output,
+        accounts.settings,
+        classifier=resolve_classifier(accounts, "owner", model.model_id),
+    )
+    assert 200 in np.unique(laspy.read(output).classification)
+
+
 def test_model_files_are_lightgbm_text_signed_and_versioned(accounts: Runtime, halves) -> None:
     import zlib
 
@@ -530,6 +560,26 @@ def test_a_shared_model_takes_only_consenting_accounts_labels(
     # A shared model is no account's model: nobody can name it as theirs.
     with pytest.raises(ValueError, match="unknown classifier"):
         resolve_classifier(accounts, "sharer", record["model_id"])
+
+
+def test_a_shared_build_that_fails_storing_leaves_no_model_without_its_record(
+    accounts: Runtime, halves, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The contributions record is what shows the labels' owners consented: a shared model must never
+    be stored without it (it used to be written second, after the model)."""
+    store = accounts.store
+    put_bytes = store.put_bytes
+    for failing in (".json", ".pfmodel"):
+
+        def put_or_fail(key: str, data: bytes, failing: str = failing) -> None:
+            if key.startswith(SHARED_MODELS) and key.endswith(failing):
+                raise OSError(f"disk full writing {key}")
+            put_bytes(key, data)
+
+        monkeypatch.setattr(store, "put_bytes", put_or_fail)
+        with pytest.raises(OSError, match="disk full"):
+            build_shared_model(accounts, {"sharer": [str(halves[0])]})
+        assert list(store.list(SHARED_MODELS)) == [], failing
 
 
 def test_models_list_says_which_standard_a_model_was_judged_against(
@@ -642,6 +692,49 @@ def test_a_model_is_not_deleted_under_legal_hold_or_while_a_job_classifies_with_
     # The finished job still says which model and version classified it.
     [job] = [j for j in list_jobs(accounts, "owner") if j.job_id == "job-1"]
     assert (job.classifier, job.classifier_version) == (model.model_id, "1")
+
+
+def test_a_training_that_fails_storing_its_evaluation_leaves_no_model_behind(
+    accounts: Runtime, halves, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model file used to be stored before the `try` that removes it on failure: a failed write
+    of its evaluation left a model no row names, which no command lists or deletes."""
+    put_bytes = accounts.store.put_bytes
+
+    def put_or_fail(key: str, data: bytes) -> None:
+        if key.endswith(".evaluation.json"):
+            raise OSError(f"disk full writing {key}")
+        put_bytes(key, data)
+
+    monkeypatch.setattr(accounts.store, "put_bytes", put_or_fail)
+    with pytest.raises(OSError, match="disk full"):
+        train_model(accounts, "owner", [halves[0]])
+    assert list(accounts.store.list("accounts/owner/models/")) == [] and list_models(accounts, "owner") == []
+
+
+def test_a_model_left_by_a_killed_training_is_removed_by_the_next(accounts: Runtime, halves) -> None:
+    """A training killed between storing its model and recording it left an object no row names;
+    the account's next training removes it, but not one another training may still be recording."""
+    import os
+    import time
+
+    store = accounts.store
+    killed, running = "accounts/owner/models/model-killed00000", "accounts/owner/models/model-running0000"
+    for stem in (killed, running):
+        store.put_bytes(stem + ".pfmodel", b"signed model bytes")
+        store.put_bytes(stem + ".evaluation.json", b"{}")
+    two_hours_ago = time.time() - 7200
+    for suffix in (".pfmodel", ".evaluation.json"):
+        os.utime(store.local_path(killed + suffix), (two_hours_ago, two_hours_ago))
+    model = train_model(accounts, "owner", [halves[0]])
+    assert sorted(o.key for o in store.list("accounts/owner/models/")) == sorted(
+        [
+            model.key,
+            model.key.replace(".pfmodel", ".evaluation.json"),
+            running + ".pfmodel",
+            running + ".evaluation.json",
+        ]
+    )
 
 
 def test_models_that_finish_training_together_get_one_version_each(
@@ -757,3 +850,32 @@ def test_training_reads_s3_sources_and_refuses_files_over_the_size_limit(
         ):
             train_from_sources(limited, "owner", [too_large])
     assert [m.model_id for m in list_models(accounts, "owner")] == [model.model_id]
+
+
+def test_the_training_dag_refuses_class_codes_that_are_not_numbers(accounts: Runtime, halves, load_test_dag) -> None:
+    """A code given as text ("1") matched no label: class 1 was trained on while the model said it was left out."""
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    dag = load_test_dag("pointflow_train")
+    for ignore in (["1"], [0, 300], ["x"]):
+        with pytest.raises(ParamValidationError, match="ignore_classes"):
+            dag.test(run_conf={"account_id": "owner", "sources": [str(halves[0])], "ignore_classes": ignore})
+    assert list_models(accounts, "owner") == []
+
+
+def test_labels_with_more_classes_than_a_model_learns_are_refused_before_training(
+    accounts: Runtime, halves, tmp_path: Path
+) -> None:
+    """65 classes (one tree per class and round) used to be trained for minutes; 64 is the most."""
+    from pipelines.classifiers.fitting import MAX_CLASSES
+
+    data = laspy.convert(laspy.read(halves[0]), point_format_id=6, file_version="1.4")
+    data.classification = (np.arange(len(data.points)) % (MAX_CLASSES + 1) + 2).astype(np.uint8)
+    data.write(tmp_path / "many.laz")
+    heard: list[str] = []
+    with pytest.raises(InvalidValue, match=f"{MAX_CLASSES + 1} classes besides those left out, more than the 64"):
+        train_model(accounts, "owner", [tmp_path / "many.laz"], progress=lambda stage, done, total: heard.append(stage))
+    with pytest.raises(InvalidValue, match=f"{MAX_CLASSES + 1} classes"):
+        build_shared_model(accounts, {"sharer": [str(tmp_path / "many.laz")]})
+    assert "features" not in heard and list(accounts.store.list("accounts/owner/models/")) == []
+    assert list(accounts.store.list(SHARED_MODELS)) == []

@@ -632,3 +632,30 @@ def check_page(page, seeded: Seeded, expect) -> None:
     expect(lifecycle.locator("table.scheduled")).to_contain_text("blocked by legal hold")
     expect(lifecycle.locator("table.scheduled")).to_contain_text("closure")
     expect(lifecycle.locator("table.holds")).to_contain_text(seeded.hold_reason)
+
+
+def test_the_page_shows_the_latest_notices_not_every_notice_ever_sent(runtime: Runtime) -> None:
+    """Notices only accumulate: the page's table used to hold every one ever sent."""
+    from pipelines.dashboard import build_dashboard
+    from pipelines.lifecycle.models import LifecycleNotice
+
+    upsert_accounts(
+        runtime.catalog, [AccountRecord("acme", "Acme", "ops@acme.example", "DE", "free", date(2020, 1, 1))]
+    )
+    start = datetime(2021, 1, 1, tzinfo=UTC)
+    with runtime.catalog.session() as session:
+        for n in range(120):
+            session.add(
+                LifecycleNotice(
+                    key=f"notice-{n}",
+                    account_id="acme",
+                    kind="overdue_notice",
+                    sent_at=start + timedelta(days=n),
+                    message_id=f"<{n}@pointflow>",
+                    recipient="ops@acme.example",
+                    detail={},
+                )
+            )
+    queue = build_dashboard(runtime, as_of=start + timedelta(days=200)).lifecycle
+    assert len(queue.notices) == 50 and queue.notices_sent == 120
+    assert queue.notices[0].sent_at == start + timedelta(days=119)

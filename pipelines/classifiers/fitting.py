@@ -47,6 +47,11 @@ TRAINING_TILE = 1_000.0
 # than standard" for every class: IGN_crop1_rural's held-out blocks held 7 points of class 4 and 1 of
 # class 5, and standard's 0.42 on those 7 outweighed the model's lead on the classes of thousands.
 MIN_JUDGED_POINTS = 100
+# Classes one model learns: LightGBM fits a tree per class and round, and a model walks them for every
+# point it classifies. On the IGN west half, 5 classes fit in 2 CPU-s and trained in 5; 254 classes
+# took 3 CPU-s a round and were still choosing the cascade after 4.5 CPU-minutes (65: 10 minutes on
+# a loaded machine). No published scheme comes near this (ASPRS defines 19 codes).
+MAX_CLASSES = 64
 
 
 def per_class_metrics(reference: np.ndarray, predicted: np.ndarray) -> ClassMetrics:
@@ -229,6 +234,12 @@ def train(
         raise ValueError("need the same, non-zero number of blocks and label arrays")
     if any(len(label) != len(block) for block, label in zip(blocks, labels, strict=True)):
         raise ValueError("labels must have one entry per point")
+    learned = set().union(*(np.unique(label).tolist() for label in labels)) - set(ignore_classes)
+    if len(learned) > MAX_CLASSES:
+        raise InvalidValue(
+            f"the labels hold {len(learned)} classes besides those left out, more than the {MAX_CLASSES} one model "
+            "learns: merge classes, or leave some out (pointflow train --ignore-class, the DAG's ignore_classes)"
+        )
     report = progress or (lambda stage, done, total: None)
     rng = np.random.default_rng(seed)
     features, targets, held = [], [], []
