@@ -46,7 +46,7 @@ from pipelines.customer_text import render_mail
 from pipelines.errors import InvalidValue, UserError
 from pipelines.keys import kept_secret
 from pipelines.lasio import LasInfo, iter_checked, point_block, read_info
-from pipelines.lifecycle.deletion import account_lock, execute_deletion, plan_deletion
+from pipelines.lifecycle.deletion import account_lock, active_hold, execute_deletion, plan_deletion
 from pipelines.lifecycle.models import DeletionAudit
 from pipelines.lifecycle.operations import (
     LifecycleError,
@@ -209,13 +209,13 @@ def train_model(
     model_id = "model-" + uuid.uuid4().hex[:12]
     payload = model.to_bytes(model_seal(runtime.settings, account_id, model_id))
     key = _model_key(account_id, model_id)
+    _remove_unrecorded(runtime, account_id)
     try:
         runtime.store.put_bytes(key, payload)
         runtime.store.put_bytes(_evaluation_key(key), json.dumps(evaluation, indent=2).encode())
         # Under the account's lock: two trainings that finish together would both read the same
         # highest version, and the second would fail on the unique version after the first stored.
         with runtime.catalog.lock(_models_lock(account_id)), runtime.catalog.session() as session:
-            _remove_unrecorded(runtime, session, account_id)
             # Tombstones count: a deleted model's version is never given out again.
             version = (
                 session.scalar(
@@ -242,15 +242,36 @@ def train_model(
         raise
 
 
-def _remove_unrecorded(runtime, session: Session, account_id: str) -> None:
-    """Delete the account's model objects that no row names and that are older than UNRECORDED_AGE."""
-    recorded = set(session.scalars(select(TrainedModelRecord.key).where(TrainedModelRecord.account_id == account_id)))
-    before = utcnow() - UNRECORDED_AGE
-    for info in runtime.store.list(AccountArea(account_id).prefix + "models/"):
-        model_key = info.key.removesuffix(".evaluation.json").removesuffix(MODEL_SUFFIX) + MODEL_SUFFIX
-        if model_key not in recorded and info.modified is not None and info.modified < before:
-            log.warning("removing %s: a training stored it and was killed before recording it", info.key)
-            runtime.store.delete(info.key)
+# The rule of the deletion audit for model objects a killed training stored and never recorded.
+UNRECORDED_MODEL_RULE = "unrecorded_model"
+
+
+def _remove_unrecorded(runtime, account_id: str) -> None:
+    """Delete, audited, the account's model objects that no row names and that are older than
+    UNRECORDED_AGE (a training killed between storing its model and recording it); never under
+    legal hold; under the account's lock, as every deletion. A training recording its model now
+    is not waited for: what it stored is younger than UNRECORDED_AGE."""
+    with account_lock(runtime.catalog, account_id):
+        with runtime.catalog.session() as session:
+            if active_hold(session, account_id) is not None:
+                return
+            recorded = set(
+                session.scalars(select(TrainedModelRecord.key).where(TrainedModelRecord.account_id == account_id))
+            )
+        before = utcnow() - UNRECORDED_AGE
+        keys = [
+            info.key
+            for info in runtime.store.list(AccountArea(account_id).prefix + "models/")
+            if info.key.removesuffix(".evaluation.json").removesuffix(MODEL_SUFFIX) + MODEL_SUFFIX not in recorded
+            and info.modified is not None
+            and info.modified < before
+        ]
+        if keys:
+            log.warning("removing %s: stored by a training killed before recording it", ", ".join(keys))
+            plan = plan_deletion(runtime.store, [], keys, [])
+            execute_deletion(
+                runtime.catalog, runtime.store, plan, account_id, UNRECORDED_MODEL_RULE, "models", utcnow()
+            )
 
 
 def _read_labelled_files(

@@ -9,6 +9,7 @@ from pathlib import Path
 import laspy
 import numpy as np
 import pytest
+from sqlalchemy import select
 
 from pipelines.accounts import upsert_accounts
 from pipelines.classifiers.standard import StandardClassifier
@@ -17,6 +18,7 @@ from pipelines.classify import classify_file
 from pipelines.cli import main
 from pipelines.errors import InvalidValue
 from pipelines.jobs import run_job, run_steps
+from pipelines.lifecycle.models import DeletionAudit
 from pipelines.runtime import Runtime
 from pipelines.steps.record import list_jobs
 from pipelines.training import (
@@ -735,6 +737,24 @@ def test_a_model_left_by_a_killed_training_is_removed_by_the_next(accounts: Runt
             running + ".evaluation.json",
         ]
     )
+    # Audited as any deletion of the account's data.
+    with accounts.catalog.session() as session:
+        [audit] = session.scalars(select(DeletionAudit).where(DeletionAudit.rule == "unrecorded_model"))
+        assert sorted(o["key"] for o in audit.objects) == [killed + ".evaluation.json", killed + ".pfmodel"]
+
+
+def test_a_killed_trainings_model_stays_while_the_account_is_on_legal_hold(accounts: Runtime, halves) -> None:
+    import os
+    import time
+
+    from pipelines.lifecycle import place_hold
+
+    killed = "accounts/owner/models/model-killed00000.pfmodel"
+    accounts.store.put_bytes(killed, b"signed model bytes")
+    os.utime(accounts.store.local_path(killed), (time.time() - 7200,) * 2)
+    place_hold(accounts.catalog, "owner", "litigation")
+    train_model(accounts, "owner", [halves[0]])
+    assert accounts.store.exists(killed)
 
 
 def test_models_that_finish_training_together_get_one_version_each(
