@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 
 from pipelines.billing.pricebook import load_pricebook
-from pipelines.catalog.models import TERMINAL_JOB_STATES, Job, JobState, SentMessage, UsageEvent, utcnow
+from pipelines.catalog.models import TERMINAL_JOB_STATES, Job, JobState, SentMessage, utcnow
 from pipelines.export import export_prefix, read_manifest
 from pipelines.lifecycle.deletion import DeletionPlan, account_lock, execute_deletion, plan_deletion
 from pipelines.lifecycle.operations import active_hold, is_locked
@@ -22,11 +22,6 @@ from pipelines.steps.record import JobRecord, job_row, set_state
 from pipelines.storage import AccountArea, LocalStore
 
 log = logging.getLogger(__name__)
-
-
-# A run killed (or a DAG run marked failed) between a job's last state change and its meter step
-# leaves a finished job without its usage event; the sweep meters those that finished this recently.
-UNMETERED_WINDOW = timedelta(days=90)
 
 
 @dataclass(frozen=True)
@@ -71,9 +66,10 @@ def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> StaleRe
     """Close as failed every job that made no progress for POINTFLOW_STALE_JOB_HOURS: its run was
     killed or lost (a CLI process killed, a DAG run deleted). Each is metered once as failed, so
     nothing is billed (as aborted, with the points its record holds, when its abort was asked for); the customer is not mailed, since nothing in the input was theirs to fix
-    (a bad input is refused, and told, when it is found). Then meter every job that finished (in
-    the last UNMETERED_WINDOW) without its usage event: its run was killed or failed between its
-    last step and the meter step; it is metered as its record says (exported: succeeded, with its points)."""
+    (a bad input is refused, and told, when it is found). Then meter every finished job never
+    metered, however long ago it finished: its run was killed or failed between its last step and
+    the meter step; it is metered as its record says (exported: succeeded, with its points), dated
+    when it finished."""
     as_of = as_of or utcnow()
     sweep_partial_uploads(runtime, as_of)
     timeout = timedelta(hours=runtime.settings.stale_job_hours)
@@ -121,22 +117,18 @@ def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> StaleRe
             report.held.append(job_id)
         elif removed:
             report.removed[job_id] = removed
-    report.metered.extend(meter_step(runtime, job_id) for job_id in unmetered_jobs(runtime, as_of))
+    report.metered.extend(meter_step(runtime, job_id) for job_id in unmetered_jobs(runtime))
     return report
 
 
-def unmetered_jobs(runtime: Runtime, as_of: datetime) -> list[str]:
-    """Jobs that finished in the UNMETERED_WINDOW before `as_of` and have no usage event."""
+def unmetered_jobs(runtime: Runtime) -> list[str]:
+    """Finished jobs never metered (`metered_at` unset, found through its partial index)."""
     terminal = [s.value for s in TERMINAL_JOB_STATES]
     with runtime.catalog.session() as session:
         return list(
             session.scalars(
                 select(Job.job_id)
-                .where(Job.state.in_(terminal), Job.finished_at.is_not(None))
-                .where(Job.finished_at > as_of - UNMETERED_WINDOW)
-                .where(
-                    ~select(UsageEvent.event_id).where(UsageEvent.event_id == Job.job_id + ":classification").exists()
-                )
+                .where(Job.metered_at.is_(None), Job.state.in_(terminal), Job.finished_at.is_not(None))
                 .order_by(Job.finished_at)
             )
         )

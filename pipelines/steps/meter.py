@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pipelines.catalog.models import TERMINAL_JOB_STATES, JobState
+from pipelines.catalog.models import TERMINAL_JOB_STATES, JobState, utcnow
 from pipelines.errors import PointflowError
-from pipelines.metering import UsageRecord, record_usage
+from pipelines.metering import UsageRecord, write_usage
 from pipelines.runtime import Runtime
 from pipelines.steps.record import JobRecord, job_file_name, job_row, job_view, set_state
 
@@ -36,7 +36,10 @@ def meter_step(runtime: Runtime, job_id: str) -> JobRecord:
             filename=job_file_name(job.source) or None,
             job_id=job_id,
         )
-    record_usage(runtime.catalog, [event])
+        # The job's mark and its event commit together: the sweep meters exactly the jobs without it.
+        write_usage(session, [event])
+        if job.metered_at is None:
+            job.metered_at = utcnow()
     return job_view(runtime, job_id)
 
 

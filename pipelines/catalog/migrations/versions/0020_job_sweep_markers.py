@@ -1,0 +1,39 @@
+"""jobs.metered_at: the nightly sweep meters every finished job without it, however old (it looked
+90 days back for a job without a usage event), found through a partial index.
+
+Revision ID: 0020
+Revises: 0019
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+import pipelines.catalog.types
+
+revision = "0020"
+down_revision = "0019"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("metered_at", pipelines.catalog.types.UTCDateTime(timezone=True), nullable=True))
+    # A job with its usage event was metered when the event was recorded; those without one stay
+    # unmarked and are metered by the next nightly sweep, whenever they finished.
+    op.execute(
+        sa.text(
+            "UPDATE jobs SET metered_at = (SELECT recorded_at FROM usage_events"
+            " WHERE usage_events.event_id = jobs.job_id || :suffix)"
+        ).bindparams(suffix=":classification")
+    )
+    unmetered = sa.text("metered_at IS NULL")
+    op.create_index(
+        "ix_jobs_unmetered", "jobs", ["finished_at"], unique=False, sqlite_where=unmetered, postgresql_where=unmetered
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("ix_jobs_unmetered", table_name="jobs")
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("metered_at")

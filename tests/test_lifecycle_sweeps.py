@@ -1,0 +1,107 @@
+"""The nightly job sweeps (`close_stale_jobs`) on SQLite and PostgreSQL: every finished job is
+metered once however old."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import delete, select
+
+from pipelines.accounts import upsert_accounts
+from pipelines.catalog.models import Job, JobState, UsageEvent, utcnow
+from pipelines.lifecycle.sweeps import close_stale_jobs
+from pipelines.runtime import Runtime
+from pipelines.settings import Settings
+from tests.conftest import make_account
+
+
+@pytest.fixture
+def catalog_runtime(home, database_url: str, monkeypatch: pytest.MonkeyPatch) -> Runtime:
+    """A runtime whose catalog is SQLite or PostgreSQL, with the account acme."""
+    monkeypatch.setenv("POINTFLOW_DATABASE_URL", database_url)
+    runtime = Runtime.from_settings(Settings.from_env())
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    yield runtime
+    runtime.catalog.dispose()
+
+
+def add_job(runtime: Runtime, job_id: str, state: JobState, finished_at: datetime | None, points: int = 0) -> None:
+    with runtime.catalog.session() as session:
+        session.add(
+            Job(
+                job_id=job_id,
+                account_id="acme",
+                source=f"/data/{job_id}.laz",
+                classifier="standard",
+                classifier_version="1",
+                state=state.value,
+                points_processed=points,
+                finished_at=finished_at,
+            )
+        )
+
+
+def events(runtime: Runtime, job_id: str) -> list[UsageEvent]:
+    with runtime.catalog.session() as session:
+        found = list(session.scalars(select(UsageEvent).where(UsageEvent.job_id == job_id)))
+        session.expunge_all()
+        return found
+
+
+def test_a_job_finished_long_ago_without_a_usage_event_is_metered_once_with_its_true_timestamps(
+    catalog_runtime: Runtime,
+) -> None:
+    runtime = catalog_runtime
+    now = utcnow()
+    finished = now - timedelta(days=400)
+    add_job(runtime, "job-old", JobState.EXPORTED, finished, points=1234)
+    add_job(runtime, "job-recent", JobState.FAILED, now - timedelta(days=2), points=7)
+
+    report = close_stale_jobs(runtime, now)
+    assert sorted(j.job_id for j in report.metered) == ["job-old", "job-recent"]
+    [event] = events(runtime, "job-old")
+    # Recorded now, as happening when the job finished: billing sees it as usage received late.
+    assert (event.status, event.points, event.occurred_at) == ("succeeded", 1234, finished)
+    assert event.recorded_at >= now - timedelta(minutes=1)
+    assert close_stale_jobs(runtime, now + timedelta(days=1)).metered == []
+
+    # Usage records are deleted after their retention (usage_retention_years): a job whose event is
+    # gone is not metered, and so billed, again.
+    with runtime.catalog.session() as session:
+        session.execute(delete(UsageEvent).where(UsageEvent.job_id == "job-old"))
+    assert close_stale_jobs(runtime, now + timedelta(days=2)).metered == []
+    assert events(runtime, "job-old") == []
+
+
+def test_the_sweep_finds_unmetered_jobs_through_an_index(catalog_runtime: Runtime) -> None:
+    """The nightly query reads the few jobs not metered yet, not every job ever run."""
+    from sqlalchemy import inspect
+
+    with catalog_runtime.catalog.engine.connect() as connection:
+        indexes = {i["name"]: i for i in inspect(connection).get_indexes("jobs")}
+    assert "ix_jobs_unmetered" in indexes
+
+
+def test_the_migration_marks_the_jobs_metered_before_it(catalog_runtime: Runtime, database_url: str) -> None:
+    from alembic import command
+
+    from pipelines.catalog.db import alembic_config
+    from pipelines.steps.meter import meter_step
+
+    runtime = catalog_runtime
+    now = utcnow()
+    add_job(runtime, "job-metered", JobState.EXPORTED, now - timedelta(days=200), points=5)
+    meter_step(runtime, "job-metered")
+    add_job(runtime, "job-lost", JobState.EXPORTED, now - timedelta(days=200), points=9)
+    with runtime.catalog.engine.begin() as connection:  # as a catalog of before the marks
+        config = alembic_config(database_url)
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0019")
+        command.upgrade(config, "head")
+    with runtime.catalog.session() as session:
+        [event] = session.scalars(select(UsageEvent))
+        assert session.get(Job, "job-metered").metered_at == event.recorded_at
+        assert session.get(Job, "job-lost").metered_at is None
+    assert [j.job_id for j in close_stale_jobs(runtime, now).metered] == ["job-lost"]
+    assert [(e.points, e.status) for e in events(runtime, "job-lost")] == [(9, "succeeded")]
