@@ -135,13 +135,20 @@ JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 class Job(Base):
     __tablename__ = "jobs"
-    # A partial index: the nightly sweep reads the few jobs still to meter, never every job ever run.
+    # Partial indexes: the nightly sweep reads the few jobs still to meter, or whose working
+    # objects a legal hold kept, never every job ever run.
     __table_args__ = (
         Index(
             "ix_jobs_unmetered",
             "finished_at",
             sqlite_where=text("metered_at IS NULL"),
             postgresql_where=text("metered_at IS NULL"),
+        ),
+        Index(
+            "ix_jobs_working_objects_held",
+            "working_objects_held_at",
+            sqlite_where=text("working_objects_held_at IS NOT NULL"),
+            postgresql_where=text("working_objects_held_at IS NOT NULL"),
         ),
     )
 
@@ -169,6 +176,9 @@ class Job(Base):
     # without it is metered by the nightly sweep however old, and never again once its event has
     # been deleted at the end of the usage records' retention.
     metered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Set when the stale-job sweep closed it while the account was on legal hold, keeping its
+    # working objects; cleared by the first sweep after the release, which removes them.
+    working_objects_held_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class UsageEvent(Base):

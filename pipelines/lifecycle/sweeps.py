@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 class StaleReport:
     closed: list[JobRecord]  # stale jobs closed now as failed, each metered once (nothing billed)
     metered: list[JobRecord]  # finished jobs that had no usage event, metered now as their record says
-    # job id -> the working objects of a closed job removed now (audited as FAILED_JOB_RULE)
+    # job id -> the working objects of a closed job removed now (audited as FAILED_JOB_RULE): a job
+    # closed now, or one closed under a legal hold released since
     removed: dict[str, list[str]] = field(default_factory=dict)
     held: list[str] = field(default_factory=list)  # closed jobs whose objects stay: the account is on legal hold
 
@@ -66,10 +67,11 @@ def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> StaleRe
     """Close as failed every job that made no progress for POINTFLOW_STALE_JOB_HOURS: its run was
     killed or lost (a CLI process killed, a DAG run deleted). Each is metered once as failed, so
     nothing is billed (as aborted, with the points its record holds, when its abort was asked for); the customer is not mailed, since nothing in the input was theirs to fix
-    (a bad input is refused, and told, when it is found). Then meter every finished job never
-    metered, however long ago it finished: its run was killed or failed between its last step and
-    the meter step; it is metered as its record says (exported: succeeded, with its points), dated
-    when it finished."""
+    (a bad input is refused, and told, when it is found). A job closed while its account was on
+    legal hold keeps its working objects; they go on the first sweep after the hold's release.
+    Then meter every finished job never metered, however long ago it finished: its run was killed
+    or failed between its last step and the meter step; it is metered as its record says
+    (exported: succeeded, with its points), dated when it finished."""
     as_of = as_of or utcnow()
     sweep_partial_uploads(runtime, as_of)
     timeout = timedelta(hours=runtime.settings.stale_job_hours)
@@ -112,13 +114,39 @@ def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> StaleRe
             else:
                 job.error = f"no progress since {job.updated_at:%Y-%m-%d %H:%M} UTC while {job.state}{last}: closed after {runtime.settings.stale_job_hours} h, nothing billed{kept}"
                 set_state(job, JobState.FAILED)
+            if removed is None:
+                job.working_objects_held_at = as_of
         report.closed.append(meter_step(runtime, job_id))
         if removed is None:
             report.held.append(job_id)
         elif removed:
             report.removed[job_id] = removed
+    report.removed.update(remove_released_working_objects(runtime, as_of))
     report.metered.extend(meter_step(runtime, job_id) for job_id in unmetered_jobs(runtime))
     return report
+
+
+def remove_released_working_objects(runtime: Runtime, as_of: datetime) -> dict[str, list[str]]:
+    """The working objects of jobs closed under a legal hold, for accounts no longer on hold:
+    removed and audited as FAILED_JOB_RULE; job id -> the keys removed (none left: not listed)."""
+    with runtime.catalog.session() as session:
+        kept = list(
+            session.execute(
+                select(Job.job_id, Job.account_id)
+                .where(Job.working_objects_held_at.is_not(None))
+                .order_by(Job.working_objects_held_at, Job.job_id)
+            )
+        )
+    removed: dict[str, list[str]] = {}
+    for job_id, account_id in kept:
+        keys = remove_working_objects(runtime, account_id, job_id, as_of)
+        if keys is None:
+            continue  # still on hold
+        with runtime.catalog.session() as session:
+            job_row(session, job_id).working_objects_held_at = None
+        if keys:
+            removed[job_id] = keys
+    return removed
 
 
 def unmetered_jobs(runtime: Runtime) -> list[str]:
