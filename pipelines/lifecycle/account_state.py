@@ -37,6 +37,7 @@ ACTIONS = (
     "api_results_deleted",
     "trial_ended",
     "overdue_notice",
+    "usage_records_deleted",
 )
 
 

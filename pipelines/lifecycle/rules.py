@@ -31,6 +31,7 @@ from pipelines.lifecycle.deletion import (
 from pipelines.lifecycle.models import DeletionAudit, LifecycleAction, LifecycleDeliveryFailure, Termination
 from pipelines.lifecycle.operations import export_bundles, open_job, trial_ends_at
 from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
+from pipelines.lifecycle.retention import USAGE_RULE, delete_usage, expired_usage
 from pipelines.notify import support_address
 from pipelines.scratch import job_folders
 from pipelines.storage import AccountArea
@@ -117,6 +118,7 @@ class AccountRun(AccountState):
             self._api_results()
         if self.termination is None or self.as_of < self.termination.effective_at:
             self._overdue()
+        self._usage_retention()
         self._announce_deletions()
 
     def _trial(self) -> None:
@@ -372,6 +374,34 @@ class AccountRun(AccountState):
                         session.execute(update(Job).where(Job.file_id == stored.id).values(file_id=None))
                         session.execute(delete(StoredFile).where(StoredFile.id == stored.id))
             self._emit("api_results_deleted", job.job_id, self.as_of, detail)
+
+    def _usage_retention(self) -> None:
+        """Usage records are billing records: kept after the data is deleted, for the policy's
+        retention, then deleted (`retention`). Nothing to announce: no customer data goes."""
+        years = self.context.policy.usage_retention_years
+        if years is None:
+            return
+        cutoff = add_months(self.as_of, -12 * years)
+        catalog = self.context.runtime.catalog
+        with catalog.session() as session:
+            expired = expired_usage(session, self.account.account_id, cutoff)
+        if not expired:
+            return
+        # When the oldest record's retention ended (the invoices that billed it may have kept it longer).
+        due = add_months(min(max(r.occurred_at, r.recorded_at) for r in expired), 12 * years)
+        if self._blocked("usage_records_deleted", "usage", due):
+            return
+        detail = {
+            "status": "dry_run" if self.dry_run else "deleted",
+            "rule": USAGE_RULE,
+            "due_at": iso(due),
+            "retention_years": years,
+            "before": iso(cutoff),
+            "records": len(expired),
+        }
+        if not self.dry_run:
+            detail["audit_id"] = delete_usage(catalog, self.account.account_id, expired, cutoff, self.as_of).id
+        self._emit("usage_records_deleted", iso(cutoff), self.as_of, detail)
 
     def _deferred(self, action: str, subject: str, due_at: datetime, *where: ColumnElement[bool]) -> bool:
         """A deletion waits while a job of the account matching `where` has not finished (it still
