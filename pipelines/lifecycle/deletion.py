@@ -29,6 +29,9 @@ from pipelines.scratch import account_folders
 from pipelines.storage import AccountArea, LocalStore, ObjectStore, S3Store
 
 PARTIAL_WHAT = "an unfinished upload (a part file)"
+# The deletion audit's rules of deletions no nightly rule redoes when one is killed.
+REQUEST_RULE = "customer_request"
+FAILED_JOB_RULE = "failed_job_cleanup"  # the working objects of a job closed as failed
 
 
 class DeletionIncomplete(PointflowError, RuntimeError):
@@ -207,6 +210,67 @@ def forget_account_objects(catalog: Catalog, account_id: str, deleted_at: dateti
             .where(TrainedModelRecord.account_id == account_id, TrainedModelRecord.deleted_at.is_(None))
             .values(deleted_at=deleted_at, training_files=[])
         )
+
+
+def forget_keys(catalog: Catalog, account_id: str, keys: list[str], deleted_at: datetime) -> None:
+    """The catalog stops pointing at these deleted objects of the account (the stored files, the
+    job outputs and models they were), as the deletion that listed them would have done."""
+    if not keys:
+        return
+    with catalog.session() as session:
+        jobs = list(session.scalars(select(Job).where(Job.account_id == account_id)))
+        files = list(session.scalars(select(StoredFile).where(StoredFile.account_id == account_id)))
+        gone = set(keys)
+        dropped = {f.id for f in files if f.key in gone}
+        for job in jobs:
+            if job.file_id in dropped:
+                job.file_id = None
+            if job.classified_key in gone:
+                job.classified_key = None
+            if job.report_key in gone:
+                job.report_key = None
+            if job.export_prefix is not None and any(k.startswith(job.export_prefix) for k in gone):
+                job.export_prefix = None
+        session.flush()
+        if dropped:
+            session.execute(delete(StoredFile).where(StoredFile.id.in_(dropped)))
+        session.execute(
+            update(TrainedModelRecord)
+            .where(
+                TrainedModelRecord.account_id == account_id,
+                TrainedModelRecord.key.in_(gone),
+                TrainedModelRecord.deleted_at.is_(None),
+            )
+            .values(deleted_at=deleted_at, training_files=[])
+        )
+
+
+@dataclass(frozen=True)
+class Remainder:
+    """What is left to do of an interrupted deletion: `plan` deletes what it listed that is still
+    there as it was; `kept` are its keys written since it started (someone else's data now)."""
+
+    plan: DeletionPlan
+    kept: tuple[str, ...]
+
+
+def remainder(store: ObjectStore, entry: DeletionAudit) -> Remainder:
+    """The rest of the deletion `entry` set out to do. Part files are left to the nightly sweep,
+    which removes those no live writer holds."""
+    keys: list[str] = []
+    kept: list[str] = []
+    for item in entry.objects:
+        if item.get("what") == PARTIAL_WHAT:
+            continue
+        info = store.info(item["key"])
+        if info is not None and info.modified is not None and info.modified > entry.started_at:
+            kept.append(item["key"])
+        else:
+            keys.append(item["key"])
+    paths = [Path(p["path"]) for p in entry.local_paths]
+    kept += [str(p) for p in paths if p.exists() and p.stat().st_mtime > entry.started_at.timestamp()]
+    paths = [p for p in paths if str(p) not in kept]
+    return Remainder(plan_deletion(store, [], keys, paths), tuple(sorted(kept)))
 
 
 def execute_deletion(

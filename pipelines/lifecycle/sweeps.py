@@ -12,7 +12,7 @@ from sqlalchemy import select
 from pipelines.billing.pricebook import load_pricebook
 from pipelines.catalog.models import TERMINAL_JOB_STATES, Job, JobState, SentMessage, utcnow
 from pipelines.export import export_prefix, read_manifest
-from pipelines.lifecycle.deletion import DeletionPlan, account_lock, execute_deletion, plan_deletion
+from pipelines.lifecycle.deletion import FAILED_JOB_RULE, DeletionPlan, account_lock, execute_deletion, plan_deletion
 from pipelines.lifecycle.operations import active_hold, is_locked
 from pipelines.notify import DeliveryError
 from pipelines.runtime import Runtime
@@ -32,10 +32,6 @@ class StaleReport:
     # closed now, or one closed under a legal hold released since
     removed: dict[str, list[str]] = field(default_factory=dict)
     held: list[str] = field(default_factory=list)  # closed jobs whose objects stay: the account is on legal hold
-
-
-# The deletion audit's rule for the working objects of a job closed as failed.
-FAILED_JOB_RULE = "failed_job_cleanup"
 
 
 def working_objects_plan(runtime: Runtime, account_id: str, job_id: str) -> DeletionPlan:
