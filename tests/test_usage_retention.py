@@ -214,3 +214,20 @@ def test_a_longer_retention_keeps_the_records(
     custom.write_text("usage_retention_years: 12\n")
     assert lifecycle(capsys, "2026-04-02T03:00:00Z", "--policy", str(custom)) == []
     assert remaining(runtime) == ["j-old:classification"]
+
+
+def test_an_event_older_than_the_retention_is_refused_at_import(
+    catalog_runtime: Runtime, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Billed in its time, then deleted after ten years: imported again it would be new to billing
+    (usage received late) and billed twice."""
+    old = {"event_id": "j-2012", "account_id": "acme", "occurred_at": "2012-05-01T10:00:00Z", "kind": "login"}
+    new = {**old, "event_id": "j-2026", "occurred_at": "2026-05-01T10:00:00Z"}
+    usage = tmp_path / "usage.jsonl"
+    usage.write_text(json.dumps(new) + "\n" + json.dumps(old) + "\n")
+    assert main(["usage", "import", str(usage)]) == 2
+    assert "line 2: happened 2012-05-01T10:00:00+00:00" in capsys.readouterr().err
+    assert remaining(catalog_runtime) == []
+    usage.write_text(json.dumps(new) + "\n")
+    assert main(["usage", "import", str(usage)]) == 0
+    assert remaining(catalog_runtime) == ["j-2026"]
