@@ -17,6 +17,10 @@ def meter_step(runtime: Runtime, job_id: str) -> JobRecord:
         if state not in TERMINAL_JOB_STATES:
             job.error = job.error or f"pipeline stopped while {state.value}"
             set_state(job, JobState.FAILED)
+        if job.metered_at is not None:
+            # Its event was written with the mark; it may since have been deleted at the end of the
+            # usage records' retention, and must not come back as new usage.
+            return job_view(runtime, job_id)
         status = (
             "succeeded"
             if job.state == JobState.EXPORTED.value
@@ -38,8 +42,7 @@ def meter_step(runtime: Runtime, job_id: str) -> JobRecord:
         )
         # The job's mark and its event commit together: the sweep meters exactly the jobs without it.
         write_usage(session, [event])
-        if job.metered_at is None:
-            job.metered_at = utcnow()
+        job.metered_at = utcnow()
     return job_view(runtime, job_id)
 
 
