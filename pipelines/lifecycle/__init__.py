@@ -1,5 +1,6 @@
 """Data lifecycle: inactivity notices, terminations, locks, grace-period deletion, API result
-retention, trial ends, overdue notices; legal holds, export of all data, deletion on request.
+retention, usage record retention, trial ends, overdue notices, killed deletions finished; legal
+holds, export of all data, deletion on request.
 
 - `policy`: the per-plan periods (YAML, `pipelines/data/lifecycle.yaml` by default)
 - `rules`: `run_lifecycle(runtime, as_of, dry_run) -> list[Action]`, what the nightly DAG runs
