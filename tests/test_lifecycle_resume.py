@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from pipelines.accounts import upsert_accounts
-from pipelines.catalog.models import StoredFile
+from pipelines.catalog.models import Job, JobState, StoredFile
 from pipelines.cli import main
 from pipelines.lifecycle.models import DeletionAudit
 from pipelines.runtime import Runtime
@@ -44,7 +44,21 @@ def killed_request(runtime: Runtime) -> DeletionAudit:
     for key in KEYS:
         runtime.store.put_bytes(key, b"P" * 100)
     with runtime.catalog.session() as session:
-        session.add(StoredFile(account_id="acme", key=KEYS[4], original_name="scan-4.laz", size=100, sha256="4" * 64))
+        stored = StoredFile(account_id="acme", key=KEYS[4], original_name="scan-4.laz", size=100, sha256="4" * 64)
+        session.add(stored)
+        session.flush()
+        session.add(
+            Job(
+                job_id="job-1",
+                account_id="acme",
+                file_id=stored.id,
+                source="scan-4.laz",
+                classifier="standard",
+                state=JobState.EXPORTED.value,
+                classified_key=KEYS[2],
+                export_prefix="accounts/acme/raw/",
+            )
+        )
     killed = faulty("kill:3", "accounts", "delete", "acme", "--confirm")
     assert killed.wait(60) == -9, killed.communicate()
     assert [runtime.store.exists(k) for k in KEYS] == [False, False, True, True, True]
@@ -79,7 +93,10 @@ def test_a_killed_deletion_on_request_is_finished_by_the_nightly_run(
         )
         assert f"finished by #{second.id}" in first.error and "1 object(s) written since" in first.error
         assert sorted(o["key"] for o in second.objects) == [KEYS[2], KEYS[4]]
-        assert session.scalars(select(StoredFile)).all() == []  # the catalog forgets the deleted file
+        # The catalog forgets the deleted file, and the job's outputs.
+        assert session.scalars(select(StoredFile)).all() == []
+        job = session.get(Job, "job-1")
+        assert (job.file_id, job.classified_key, job.export_prefix) == (None, None, None)
     # The customer gets the confirmation the killed request never sent.
     [mail] = smtp_sink.parsed()
     assert mail["To"] == "ops@acme.example" and f"deletion {second.id})" in mail.get_body().get_content()

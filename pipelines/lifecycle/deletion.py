@@ -29,6 +29,7 @@ from pipelines.scratch import account_folders
 from pipelines.storage import AccountArea, LocalStore, ObjectStore, S3Store
 
 PARTIAL_WHAT = "an unfinished upload (a part file)"
+_CHUNK = 500  # keys per IN list
 # The deletion audit's rules of deletions no nightly rule redoes when one is killed.
 REQUEST_RULE = "customer_request"
 FAILED_JOB_RULE = "failed_job_cleanup"  # the working objects of a job closed as failed
@@ -215,34 +216,27 @@ def forget_account_objects(catalog: Catalog, account_id: str, deleted_at: dateti
 def forget_keys(catalog: Catalog, account_id: str, keys: list[str], deleted_at: datetime) -> None:
     """The catalog stops pointing at these deleted objects of the account (the stored files, the
     job outputs and models they were), as the deletion that listed them would have done."""
-    if not keys:
-        return
+    # An export is its folder: a job points at it while anything listed under it is gone.
+    folders = sorted({key[: i + 1] for key in keys for i, char in enumerate(key) if char == "/"})
     with catalog.session() as session:
-        jobs = list(session.scalars(select(Job).where(Job.account_id == account_id)))
-        files = list(session.scalars(select(StoredFile).where(StoredFile.account_id == account_id)))
-        gone = set(keys)
-        dropped = {f.id for f in files if f.key in gone}
-        for job in jobs:
-            if job.file_id in dropped:
-                job.file_id = None
-            if job.classified_key in gone:
-                job.classified_key = None
-            if job.report_key in gone:
-                job.report_key = None
-            if job.export_prefix is not None and any(k.startswith(job.export_prefix) for k in gone):
-                job.export_prefix = None
-        session.flush()
-        if dropped:
-            session.execute(delete(StoredFile).where(StoredFile.id.in_(dropped)))
-        session.execute(
-            update(TrainedModelRecord)
-            .where(
-                TrainedModelRecord.account_id == account_id,
-                TrainedModelRecord.key.in_(gone),
-                TrainedModelRecord.deleted_at.is_(None),
+        for start in range(0, max(len(keys), len(folders)), _CHUNK):
+            chunk, prefixes = keys[start : start + _CHUNK], folders[start : start + _CHUNK]
+            mine = Job.account_id == account_id
+            files = select(StoredFile.id).where(StoredFile.account_id == account_id, StoredFile.key.in_(chunk))
+            session.execute(update(Job).where(mine, Job.file_id.in_(files)).values(file_id=None))
+            session.execute(delete(StoredFile).where(StoredFile.account_id == account_id, StoredFile.key.in_(chunk)))
+            session.execute(update(Job).where(mine, Job.classified_key.in_(chunk)).values(classified_key=None))
+            session.execute(update(Job).where(mine, Job.report_key.in_(chunk)).values(report_key=None))
+            session.execute(update(Job).where(mine, Job.export_prefix.in_(prefixes)).values(export_prefix=None))
+            session.execute(
+                update(TrainedModelRecord)
+                .where(
+                    TrainedModelRecord.account_id == account_id,
+                    TrainedModelRecord.key.in_(chunk),
+                    TrainedModelRecord.deleted_at.is_(None),
+                )
+                .values(deleted_at=deleted_at, training_files=[])
             )
-            .values(deleted_at=deleted_at, training_files=[])
-        )
 
 
 @dataclass(frozen=True)
