@@ -61,13 +61,19 @@ def lifecycle_nightly():
     @task
     def close_stale_jobs() -> dict:
         """Jobs without progress for POINTFLOW_STALE_JOB_HOURS are closed as failed, metered once, billed
-        nothing; finished jobs whose run ended before its meter step are metered as their record says."""
+        nothing; finished jobs whose run ended before its meter step are metered as their record says;
+        working objects a legal hold kept go once it is released."""
         from pipelines.lifecycle.sweeps import close_stale_jobs
         from pipelines.runtime import Runtime
         from pipelines.settings import Settings
 
         report = close_stale_jobs(Runtime.from_settings(Settings.from_env()), _as_of())
-        return {"closed": [job.job_id for job in report.closed], "metered": [job.job_id for job in report.metered]}
+        return {
+            "closed": [job.job_id for job in report.closed],
+            "metered": [job.job_id for job in report.metered],
+            "removed": report.removed,
+            "held": report.held,
+        }
 
     apply_rules()
     deliver_unsent()

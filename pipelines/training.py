@@ -46,7 +46,7 @@ from pipelines.customer_text import render_mail
 from pipelines.errors import InvalidValue, UserError
 from pipelines.keys import kept_secret
 from pipelines.lasio import LasInfo, iter_checked, point_block, read_info
-from pipelines.lifecycle.deletion import account_lock, active_hold, execute_deletion, plan_deletion
+from pipelines.lifecycle.deletion import REQUEST_RULE, account_lock, active_hold, execute_deletion, plan_deletion
 from pipelines.lifecycle.models import DeletionAudit
 from pipelines.lifecycle.operations import (
     LifecycleError,
@@ -357,7 +357,7 @@ def delete_model(runtime, account_id: str, model_id: str, now: datetime | None =
         bundles = export_bundles(runtime.store, account_id)
         plan = plan_deletion(runtime.store, [], [key, _evaluation_key(key), *bundles], [])
         audit = execute_deletion(
-            runtime.catalog, runtime.store, plan, account_id, "customer_request", f"model {model_id}", now or utcnow()
+            runtime.catalog, runtime.store, plan, account_id, REQUEST_RULE, f"model {model_id}", now or utcnow()
         )
         with runtime.catalog.session() as session:
             row = session.get(TrainedModelRecord, model_id)

@@ -129,13 +129,30 @@ def read_usage_jsonl(path: Path) -> list[tuple[int, UsageRecord]]:
     return records
 
 
-def import_usage(catalog: Catalog, records: Sequence[tuple[int, UsageRecord]], source: str = "usage") -> ImportResult:
-    """Record events whose event_id is new, in bulk; logins also move the account's last login."""
+def import_usage(
+    catalog: Catalog,
+    records: Sequence[tuple[int, UsageRecord]],
+    source: str = "usage",
+    kept_since: datetime | None = None,
+) -> ImportResult:
+    """Record events whose event_id is new, in bulk; logins also move the account's last login.
+
+    Events that happened before `kept_since` (now less the usage records' retention) are refused:
+    the lifecycle run deletes records that old, so one imported again after its deletion would be
+    taken for a new event and billed twice."""
     with catalog.session() as session:
         accounts = _known_accounts(session, {record.account_id for _, record in records})
-        unknown = [f"line {n}: unknown account {r.account_id!r}" for n, r in records if r.account_id not in accounts]
-        if unknown:
-            raise ImportFileError(source, unknown)
+        problems = [f"line {n}: unknown account {r.account_id!r}" for n, r in records if r.account_id not in accounts]
+        if kept_since is not None:
+            problems += [
+                f"line {n}: happened {r.occurred_at.isoformat()}, before {kept_since.isoformat()}: older than the "
+                "usage records' retention (lifecycle policy usage_retention_years), so it may have been billed "
+                "and deleted already"
+                for n, r in records
+                if r.occurred_at < kept_since
+            ]
+        if problems:
+            raise ImportFileError(source, problems)
 
         fresh = write_usage(session, [record for _, record in records])
         closed = _closed_periods(session, (r.occurred_at for r in fresh if r.kind == "classification"))

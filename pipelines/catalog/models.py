@@ -7,7 +7,20 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Date, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from pipelines.catalog.types import ExactDecimal, UTCDateTime
@@ -122,6 +135,22 @@ JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 class Job(Base):
     __tablename__ = "jobs"
+    # Partial indexes: the nightly sweep reads the few jobs still to meter, or whose working
+    # objects a legal hold kept, never every job ever run.
+    __table_args__ = (
+        Index(
+            "ix_jobs_unmetered",
+            "finished_at",
+            sqlite_where=text("metered_at IS NULL"),
+            postgresql_where=text("metered_at IS NULL"),
+        ),
+        Index(
+            "ix_jobs_working_objects_held",
+            "working_objects_held_at",
+            sqlite_where=text("working_objects_held_at IS NOT NULL"),
+            postgresql_where=text("working_objects_held_at IS NOT NULL"),
+        ),
+    )
 
     job_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id"), index=True)
@@ -143,6 +172,13 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # Set by `pointflow jobs abort` (pipelines.abort): the running classification stops between tiles.
     abort_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # When its usage event was recorded, in the same transaction (steps.meter): a finished job
+    # without it is metered by the nightly sweep however old, and never again once its event has
+    # been deleted at the end of the usage records' retention.
+    metered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Set when the stale-job sweep closed it while the account was on legal hold, keeping its
+    # working objects; cleared by the first sweep after the release, which removes them.
+    working_objects_held_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class UsageEvent(Base):

@@ -4,6 +4,7 @@ from files (idempotent), and an account's billable points in a month."""
 from __future__ import annotations
 
 import argparse
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pipelines.billing.imports import (
@@ -14,6 +15,7 @@ from pipelines.billing.imports import (
     read_payments_csv,
     read_usage_jsonl,
 )
+from pipelines.billing.periods import add_months
 from pipelines.billing.usage import monthly_points_cap, points_used_in_month
 from pipelines.cli.common import (
     PRICEBOOK_HELP,
@@ -24,6 +26,7 @@ from pipelines.cli.common import (
     read_import_file,
     settings_from_env,
 )
+from pipelines.lifecycle.policy import load_policy
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -108,8 +111,11 @@ def _print_import(args: argparse.Namespace, what: str, result) -> int:
 
 
 def _usage_import(args: argparse.Namespace) -> int:
+    settings = settings_from_env()
     records = read_import_file(read_usage_jsonl, args.file)
-    result = import_usage(open_catalog(settings_from_env()), records, str(args.file))
+    years = load_policy(settings.lifecycle_policy_path).usage_retention_years
+    kept_since = None if years is None else add_months(datetime.now(UTC), -12 * years)
+    result = import_usage(open_catalog(settings), records, str(args.file), kept_since)
     return _print_import(args, "usage events", result)
 
 

@@ -157,4 +157,8 @@ def _close_stale(args: argparse.Namespace) -> int:
         print(_line(job))
     if report.metered:
         print(f"{len(report.metered)} finished job(s) without a usage event metered")
+    for job_id, keys in sorted(report.removed.items()):
+        print(f"{job_id}: {len(keys)} working object(s) removed")
+    for job_id in report.held:
+        print(f"{job_id}: working objects kept, the account is on legal hold (removed after its release)")
     return 0

@@ -1,11 +1,13 @@
 """Data lifecycle: inactivity notices, terminations, locks, grace-period deletion, API result
-retention, trial ends, overdue notices; legal holds, export of all data, deletion on request.
+retention, usage record retention, trial ends, overdue notices, killed deletions finished; legal
+holds, export of all data, deletion on request.
 
 - `policy`: the per-plan periods (YAML, `pipelines/data/lifecycle.yaml` by default)
 - `rules`: `run_lifecycle(runtime, as_of, dry_run) -> list[Action]`, what the nightly DAG runs
 - `account_state`: what the rules read of an account, and how they record, send and delete
 - `operations`: holds, termination, export-all, delete-on-request, `is_locked`
 - `deletion`: inventory (every version), audit entry, delete, list again
+- `retention`: usage records past `usage_retention_years`, and their audited deletion
 - `notices`: the e-mails and their delivery records
 - `sweeps`: jobs whose run was killed or lost are closed; ready e-mails the runs could not send go out
 - `models`: the catalog tables

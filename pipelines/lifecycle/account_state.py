@@ -37,6 +37,8 @@ ACTIONS = (
     "api_results_deleted",
     "trial_ended",
     "overdue_notice",
+    "usage_records_deleted",
+    "deletion_resumed",
 )
 
 

@@ -30,6 +30,10 @@ from pipelines.storage import AccountArea, LocalStore, ObjectStore, S3Store
 
 PARTIAL_WHAT = "an unfinished upload (a part file)"
 UPLOAD_WHAT = "an unfinished multipart upload (its parts), initiated"
+_CHUNK = 500  # keys per IN list
+# The deletion audit's rules of deletions no nightly rule redoes when one is killed.
+REQUEST_RULE = "customer_request"
+FAILED_JOB_RULE = "failed_job_cleanup"  # the working objects of a job closed as failed
 
 
 class DeletionIncomplete(PointflowError, RuntimeError):
@@ -219,6 +223,60 @@ def forget_account_objects(catalog: Catalog, account_id: str, deleted_at: dateti
             .where(TrainedModelRecord.account_id == account_id, TrainedModelRecord.deleted_at.is_(None))
             .values(deleted_at=deleted_at, training_files=[])
         )
+
+
+def forget_keys(catalog: Catalog, account_id: str, keys: list[str], deleted_at: datetime) -> None:
+    """The catalog stops pointing at these deleted objects of the account (the stored files, the
+    job outputs and models they were), as the deletion that listed them would have done."""
+    # An export is its folder: a job points at it while anything listed under it is gone.
+    folders = sorted({key[: i + 1] for key in keys for i, char in enumerate(key) if char == "/"})
+    with catalog.session() as session:
+        for start in range(0, max(len(keys), len(folders)), _CHUNK):
+            chunk, prefixes = keys[start : start + _CHUNK], folders[start : start + _CHUNK]
+            mine = Job.account_id == account_id
+            files = select(StoredFile.id).where(StoredFile.account_id == account_id, StoredFile.key.in_(chunk))
+            session.execute(update(Job).where(mine, Job.file_id.in_(files)).values(file_id=None))
+            session.execute(delete(StoredFile).where(StoredFile.account_id == account_id, StoredFile.key.in_(chunk)))
+            session.execute(update(Job).where(mine, Job.classified_key.in_(chunk)).values(classified_key=None))
+            session.execute(update(Job).where(mine, Job.report_key.in_(chunk)).values(report_key=None))
+            session.execute(update(Job).where(mine, Job.export_prefix.in_(prefixes)).values(export_prefix=None))
+            session.execute(
+                update(TrainedModelRecord)
+                .where(
+                    TrainedModelRecord.account_id == account_id,
+                    TrainedModelRecord.key.in_(chunk),
+                    TrainedModelRecord.deleted_at.is_(None),
+                )
+                .values(deleted_at=deleted_at, training_files=[])
+            )
+
+
+@dataclass(frozen=True)
+class Remainder:
+    """What is left to do of an interrupted deletion: `plan` deletes what it listed that is still
+    there as it was; `kept` are its keys written since it started (someone else's data now)."""
+
+    plan: DeletionPlan
+    kept: tuple[str, ...]
+
+
+def remainder(store: ObjectStore, entry: DeletionAudit) -> Remainder:
+    """The rest of the deletion `entry` set out to do. Part files are left to the nightly sweep,
+    which removes those no live writer holds."""
+    keys: list[str] = []
+    kept: list[str] = []
+    for item in entry.objects:
+        if item.get("what") == PARTIAL_WHAT:
+            continue
+        info = store.info(item["key"])
+        if info is not None and info.modified is not None and info.modified > entry.started_at:
+            kept.append(item["key"])
+        else:
+            keys.append(item["key"])
+    paths = [Path(p["path"]) for p in entry.local_paths]
+    kept += [str(p) for p in paths if p.exists() and p.stat().st_mtime > entry.started_at.timestamp()]
+    paths = [p for p in paths if str(p) not in kept]
+    return Remainder(plan_deletion(store, [], keys, paths), tuple(sorted(kept)))
 
 
 def execute_deletion(

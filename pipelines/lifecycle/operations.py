@@ -28,6 +28,7 @@ from pipelines.catalog import Catalog, CatalogError
 from pipelines.catalog.models import TERMINAL_JOB_STATES, Account, BillingCycle, Job, JobState, Plan, StoredFile
 from pipelines.lifecycle import notices
 from pipelines.lifecycle.deletion import (
+    REQUEST_RULE,
     DeletionPlan,
     account_deletion_plan,
     account_lock,
@@ -377,9 +378,7 @@ def delete_account_data(runtime: Runtime, account_id: str, now: datetime | None 
                     "it has finished (a job whose run was killed is closed by 'pointflow jobs close-stale')"
                 )
         plan = deletion_plan(runtime, account_id)
-        audit = execute_deletion(
-            runtime.catalog, runtime.store, plan, account_id, "customer_request", "account", _now(now)
-        )
+        audit = execute_deletion(runtime.catalog, runtime.store, plan, account_id, REQUEST_RULE, "account", _now(now))
         forget_account_objects(runtime.catalog, account_id, audit.as_of)
     # Confirmed to the customer; a request that found nothing left to delete sends nothing. A
     # refused delivery is recorded and the next lifecycle run sends it.
@@ -414,7 +413,7 @@ def delete_stored_file(runtime: Runtime, account_id: str, key: str, now: datetim
         # The account's export-all bundles hold a copy of the file: they go with it.
         plan = plan_deletion(runtime.store, [], [*keys, *export_bundles(runtime.store, account_id)], [])
         audit = execute_deletion(
-            runtime.catalog, runtime.store, plan, account_id, "customer_request", f"file {key}"[:255], _now(now)
+            runtime.catalog, runtime.store, plan, account_id, REQUEST_RULE, f"file {key}"[:255], _now(now)
         )
         with runtime.catalog.session() as session:
             session.execute(update(Job).where(Job.file_id == file_id).values(file_id=None))

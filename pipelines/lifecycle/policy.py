@@ -40,6 +40,8 @@ class LifecyclePolicy:
     plans: Mapping[str, PlanPolicy]
     source: str
     sha256: str
+    # Years usage records are kept (see lifecycle.yaml); None: kept for ever.
+    usage_retention_years: int | None = None
 
     def for_plan(self, plan: str) -> PlanPolicy:
         return self.plans.get(plan, self.defaults)
@@ -50,29 +52,36 @@ _FIELDS = {f.name for f in fields(PlanPolicy)}
 
 def load_policy(path: Path | None = None) -> LifecyclePolicy:
     """Read and check a policy file; `None` means the default shipped with pointflow."""
+    shipped = resources.files("pipelines").joinpath("data/lifecycle.yaml").read_text(encoding="utf-8")
+    default = parse_policy(shipped, "default lifecycle policy")
     if path is None:
-        text = resources.files("pipelines").joinpath("data/lifecycle.yaml").read_text(encoding="utf-8")
-        return parse_policy(text, "default lifecycle policy")
+        return default
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PolicyError(f"lifecycle policy {path} does not exist") from None
-    return parse_policy(text, str(path))
+    return parse_policy(text, str(path), default.usage_retention_years)
 
 
-def parse_policy(text: str, source: str) -> LifecyclePolicy:
+def parse_policy(text: str, source: str, usage_retention_years: int | None = None) -> LifecyclePolicy:
+    """`usage_retention_years` applies when the text does not name it (a file written before it existed)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise PolicyError(f"{source}: not valid YAML: {error}") from None
-    if not isinstance(data, dict) or set(data) - {"defaults", "plans"}:
-        raise PolicyError(f"{source}: expected a mapping with 'defaults' and 'plans'")
+    if not isinstance(data, dict) or set(data) - {"defaults", "plans", "usage_retention_years"}:
+        raise PolicyError(f"{source}: expected a mapping with 'defaults', 'plans' and 'usage_retention_years'")
+    retention = data.get("usage_retention_years", usage_retention_years)
+    if retention is not None and not _whole(retention, 1):
+        raise PolicyError(
+            f"{source}: usage_retention_years must be a number of years >= 1, or null to keep usage records for ever"
+        )
     defaults = _plan(source, "defaults", data.get("defaults") or {}, PlanPolicy())
     plans_data = data.get("plans") or {}
     if not isinstance(plans_data, dict):
         raise PolicyError(f"{source}: 'plans' must map plan names to fields")
     plans = {str(name): _plan(source, f"plans.{name}", spec or {}, defaults) for name, spec in plans_data.items()}
-    return LifecyclePolicy(defaults, plans, source, hashlib.sha256(text.encode("utf-8")).hexdigest())
+    return LifecyclePolicy(defaults, plans, source, hashlib.sha256(text.encode("utf-8")).hexdigest(), retention)
 
 
 def _plan(source: str, where: str, spec: Any, base: PlanPolicy) -> PlanPolicy:

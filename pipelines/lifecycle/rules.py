@@ -18,19 +18,25 @@ from sqlalchemy import ColumnElement, delete, select, update
 from pipelines.billing.overdue import overdue_balances
 from pipelines.billing.periods import add_months, start_of
 from pipelines.billing.pricebook import PriceBook, load_pricebook, plan_limits
-from pipelines.catalog.models import Account, Job, Plan, StoredFile
+from pipelines.catalog.models import TERMINAL_JOB_STATES, Account, Job, JobState, Plan, StoredFile, utcnow
 from pipelines.errors import PointflowError
 from pipelines.lifecycle import notices
 from pipelines.lifecycle.account_state import AccountState, Action, RunContext, iso
 from pipelines.lifecycle.deletion import (
+    FAILED_JOB_RULE,
+    REQUEST_RULE,
     DeletionIncomplete,
     account_deletion_plan,
+    execute_deletion,
     forget_account_objects,
+    forget_keys,
     plan_deletion,
+    remainder,
 )
 from pipelines.lifecycle.models import DeletionAudit, LifecycleAction, LifecycleDeliveryFailure, Termination
 from pipelines.lifecycle.operations import export_bundles, open_job, trial_ends_at
 from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
+from pipelines.lifecycle.retention import USAGE_RULE, delete_usage, expired_usage
 from pipelines.notify import support_address
 from pipelines.scratch import job_folders
 from pipelines.storage import AccountArea
@@ -117,6 +123,8 @@ class AccountRun(AccountState):
             self._api_results()
         if self.termination is None or self.as_of < self.termination.effective_at:
             self._overdue()
+        self._usage_retention()
+        self._unfinished_deletions()
         self._announce_deletions()
 
     def _trial(self) -> None:
@@ -369,6 +377,110 @@ class AccountRun(AccountState):
                         session.execute(update(Job).where(Job.file_id == stored.id).values(file_id=None))
                         session.execute(delete(StoredFile).where(StoredFile.id == stored.id))
             self._emit("api_results_deleted", job.job_id, self.as_of, detail)
+
+    def _usage_retention(self) -> None:
+        """Usage records are billing records: kept after the data is deleted, for the policy's
+        retention, then deleted (`retention`). Nothing to announce: no customer data goes."""
+        years = self.context.policy.usage_retention_years
+        if years is None:
+            return
+        cutoff = add_months(self.as_of, -12 * years)
+        catalog = self.context.runtime.catalog
+        with catalog.session() as session:
+            expired = expired_usage(session, self.account.account_id, cutoff)
+        if not expired:
+            return
+        # When the oldest record's retention ended (the invoices that billed it may have kept it longer).
+        due = add_months(min(max(r.occurred_at, r.recorded_at) for r in expired), 12 * years)
+        if self._blocked("usage_records_deleted", "usage", due):
+            return
+        detail = {
+            "status": "dry_run" if self.dry_run else "deleted",
+            "rule": USAGE_RULE,
+            "due_at": iso(due),
+            "retention_years": years,
+            "before": iso(cutoff),
+            "records": len(expired),
+        }
+        if not self.dry_run:
+            detail["audit_id"] = delete_usage(catalog, self.account.account_id, expired, cutoff, self.as_of).id
+        self._emit("usage_records_deleted", iso(cutoff), self.as_of, detail)
+
+    def _unfinished_deletions(self) -> None:
+        """Finish the deletions whose process died mid-way and that no rule redoes.
+
+        Every deletion holds the account's lock, held here: an audit entry still `started` once
+        this run's rules are done is one whose process ended, and that no later deletion took
+        over. A deletion on the customer's request, or of a failed job's working objects (its job
+        closed since), is finished now: what it listed that is still there as it was goes (an
+        object written since it started is someone's new data and stays), the catalog forgets what
+        it listed, the entry is closed as `interrupted` pointing at the new one, and an account
+        deleted on request gets its confirmation. The rules' own deletions (termination, API
+        results) are redone by their rule, which takes their entry over; until then they wait,
+        as it does, for a legal hold's release or the account's running jobs."""
+        catalog = self.context.runtime.catalog
+        with catalog.session() as session:
+            entries = list(
+                session.scalars(
+                    select(DeletionAudit)
+                    .where(DeletionAudit.account_id == self.account.account_id, DeletionAudit.status == "started")
+                    .order_by(DeletionAudit.id)
+                )
+            )
+            session.expunge_all()
+        for entry in entries:
+            if not self._nothing_redoes(entry):
+                continue
+            subject = f"audit-{entry.id}"
+            if self._blocked("deletion_resumed", subject, entry.as_of) or self._deferred(
+                "deletion_resumed", subject, entry.as_of
+            ):
+                continue
+            self._resume(entry)
+
+    def _nothing_redoes(self, entry: DeletionAudit) -> bool:
+        with self.context.runtime.catalog.session() as session:
+            if session.get(DeletionAudit, entry.id).status != "started":
+                return False  # taken over by the resumption of an earlier entry, just now
+            if entry.rule == REQUEST_RULE:
+                return True
+            if entry.rule != FAILED_JOB_RULE:
+                return False
+            # The sweep that closes the job redoes it while the job is open.
+            job = session.get(Job, entry.subject.removeprefix("job "))
+            return job is not None and JobState(job.state) in TERMINAL_JOB_STATES
+
+    def _resume(self, entry: DeletionAudit) -> None:
+        runtime = self.context.runtime
+        rest = remainder(runtime.store, entry)
+        detail = {
+            "status": "dry_run" if self.dry_run else "deleted",
+            "rule": entry.rule,
+            "subject": entry.subject,
+            "interrupted": entry.id,
+            "started_at": iso(entry.started_at),
+            "kept": list(rest.kept),
+            **rest.plan.summary(),
+        }
+        if self.dry_run:
+            self._emit("deletion_resumed", f"audit-{entry.id}", self.as_of, detail)
+            return
+        account_id = self.account.account_id
+        # Forgotten first: a run killed after this finds the entry still `started` and resumes it.
+        kept = set(rest.kept)
+        forget_keys(runtime.catalog, account_id, [o["key"] for o in entry.objects if o["key"] not in kept], self.as_of)
+        audit = execute_deletion(
+            runtime.catalog, runtime.store, rest.plan, account_id, entry.rule, entry.subject, self.as_of
+        )
+        with runtime.catalog.session() as session:
+            killed = session.get(DeletionAudit, entry.id)
+            if killed.status == "started":  # not taken over: something of it was kept, or left to a sweep
+                killed.status, killed.finished_at = "interrupted", utcnow()
+                note = f", keeping {len(kept)} object(s) written since it started" if kept else ""
+                killed.error = f"its process ended before it finished; finished by #{audit.id}{note}"
+        if (entry.rule, entry.subject) == (REQUEST_RULE, "account"):
+            self._notify(notices.deleted_on_request(self.account, audit), {"audit_id": audit.id})
+        self._emit("deletion_resumed", f"audit-{entry.id}", self.as_of, {**detail, "audit_id": audit.id})
 
     def _deferred(self, action: str, subject: str, due_at: datetime, *where: ColumnElement[bool]) -> bool:
         """A deletion waits while a job of the account matching `where` has not finished (it still

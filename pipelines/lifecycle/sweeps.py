@@ -10,9 +10,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 
 from pipelines.billing.pricebook import load_pricebook
-from pipelines.catalog.models import TERMINAL_JOB_STATES, Job, JobState, SentMessage, UsageEvent, utcnow
+from pipelines.catalog.models import TERMINAL_JOB_STATES, Job, JobState, SentMessage, utcnow
 from pipelines.export import export_prefix, read_manifest
-from pipelines.lifecycle.deletion import DeletionPlan, account_lock, execute_deletion, plan_deletion
+from pipelines.lifecycle.deletion import FAILED_JOB_RULE, DeletionPlan, account_lock, execute_deletion, plan_deletion
 from pipelines.lifecycle.operations import active_hold, is_locked
 from pipelines.notify import DeliveryError
 from pipelines.runtime import Runtime
@@ -24,22 +24,14 @@ from pipelines.storage import AccountArea, LocalStore, S3Store
 log = logging.getLogger(__name__)
 
 
-# A run killed (or a DAG run marked failed) between a job's last state change and its meter step
-# leaves a finished job without its usage event; the sweep meters those that finished this recently.
-UNMETERED_WINDOW = timedelta(days=90)
-
-
 @dataclass(frozen=True)
 class StaleReport:
     closed: list[JobRecord]  # stale jobs closed now as failed, each metered once (nothing billed)
     metered: list[JobRecord]  # finished jobs that had no usage event, metered now as their record says
-    # job id -> the working objects of a closed job removed now (audited as FAILED_JOB_RULE)
+    # job id -> the working objects of a closed job removed now (audited as FAILED_JOB_RULE): a job
+    # closed now, or one closed under a legal hold released since
     removed: dict[str, list[str]] = field(default_factory=dict)
     held: list[str] = field(default_factory=list)  # closed jobs whose objects stay: the account is on legal hold
-
-
-# The deletion audit's rule for the working objects of a job closed as failed.
-FAILED_JOB_RULE = "failed_job_cleanup"
 
 
 def working_objects_plan(runtime: Runtime, account_id: str, job_id: str) -> DeletionPlan:
@@ -71,9 +63,11 @@ def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> StaleRe
     """Close as failed every job that made no progress for POINTFLOW_STALE_JOB_HOURS: its run was
     killed or lost (a CLI process killed, a DAG run deleted). Each is metered once as failed, so
     nothing is billed (as aborted, with the points its record holds, when its abort was asked for); the customer is not mailed, since nothing in the input was theirs to fix
-    (a bad input is refused, and told, when it is found). Then meter every job that finished (in
-    the last UNMETERED_WINDOW) without its usage event: its run was killed or failed between its
-    last step and the meter step; it is metered as its record says (exported: succeeded, with its points)."""
+    (a bad input is refused, and told, when it is found). A job closed while its account was on
+    legal hold keeps its working objects; they go on the first sweep after the hold's release.
+    Then meter every finished job never metered, however long ago it finished: its run was killed
+    or failed between its last step and the meter step; it is metered as its record says
+    (exported: succeeded, with its points), dated when it finished."""
     as_of = as_of or utcnow()
     sweep_partial_uploads(runtime, as_of)
     timeout = timedelta(hours=runtime.settings.stale_job_hours)
@@ -116,27 +110,49 @@ def close_stale_jobs(runtime: Runtime, as_of: datetime | None = None) -> StaleRe
             else:
                 job.error = f"no progress since {job.updated_at:%Y-%m-%d %H:%M} UTC while {job.state}{last}: closed after {runtime.settings.stale_job_hours} h, nothing billed{kept}"
                 set_state(job, JobState.FAILED)
+            if removed is None:
+                job.working_objects_held_at = as_of
         report.closed.append(meter_step(runtime, job_id))
         if removed is None:
             report.held.append(job_id)
         elif removed:
             report.removed[job_id] = removed
-    report.metered.extend(meter_step(runtime, job_id) for job_id in unmetered_jobs(runtime, as_of))
+    report.removed.update(remove_released_working_objects(runtime, as_of))
+    report.metered.extend(meter_step(runtime, job_id) for job_id in unmetered_jobs(runtime))
     return report
 
 
-def unmetered_jobs(runtime: Runtime, as_of: datetime) -> list[str]:
-    """Jobs that finished in the UNMETERED_WINDOW before `as_of` and have no usage event."""
+def remove_released_working_objects(runtime: Runtime, as_of: datetime) -> dict[str, list[str]]:
+    """The working objects of jobs closed under a legal hold, for accounts no longer on hold:
+    removed and audited as FAILED_JOB_RULE; job id -> the keys removed (none left: not listed)."""
+    with runtime.catalog.session() as session:
+        kept = list(
+            session.execute(
+                select(Job.job_id, Job.account_id)
+                .where(Job.working_objects_held_at.is_not(None))
+                .order_by(Job.working_objects_held_at, Job.job_id)
+            )
+        )
+    removed: dict[str, list[str]] = {}
+    for job_id, account_id in kept:
+        keys = remove_working_objects(runtime, account_id, job_id, as_of)
+        if keys is None:
+            continue  # still on hold
+        with runtime.catalog.session() as session:
+            job_row(session, job_id).working_objects_held_at = None
+        if keys:
+            removed[job_id] = keys
+    return removed
+
+
+def unmetered_jobs(runtime: Runtime) -> list[str]:
+    """Finished jobs never metered (`metered_at` unset, found through its partial index)."""
     terminal = [s.value for s in TERMINAL_JOB_STATES]
     with runtime.catalog.session() as session:
         return list(
             session.scalars(
                 select(Job.job_id)
-                .where(Job.state.in_(terminal), Job.finished_at.is_not(None))
-                .where(Job.finished_at > as_of - UNMETERED_WINDOW)
-                .where(
-                    ~select(UsageEvent.event_id).where(UsageEvent.event_id == Job.job_id + ":classification").exists()
-                )
+                .where(Job.metered_at.is_(None), Job.state.in_(terminal), Job.finished_at.is_not(None))
                 .order_by(Job.finished_at)
             )
         )

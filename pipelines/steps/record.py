@@ -160,6 +160,8 @@ class JobRecord:
     updated_at: datetime
     finished_at: datetime | None
     abort_requested_at: datetime | None  # `pointflow jobs abort` (pipelines.abort)
+    metered_at: datetime | None  # when its usage event was recorded (steps.meter)
+    working_objects_held_at: datetime | None  # closed under legal hold, its working objects kept (lifecycle.sweeps)
 
     @classmethod
     def of(cls, row: Job) -> JobRecord:
