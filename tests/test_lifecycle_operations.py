@@ -18,7 +18,7 @@ from pipelines.accounts import get_account, upsert_accounts
 from pipelines.billing.models import BillingTerms, Invoice
 from pipelines.billing.pricebook import load_pricebook
 from pipelines.cli import main
-from pipelines.lifecycle import PolicyError, is_locked, load_policy
+from pipelines.lifecycle import PolicyError, is_locked, load_policy, place_hold, release_holds
 from pipelines.lifecycle.models import DeletionAudit, LifecycleAction
 from pipelines.lifecycle.operations import deletion_plan, paid_term_end, terminate_account
 from pipelines.runtime import Runtime
@@ -396,6 +396,11 @@ def test_the_nightly_stale_job_sweep_removes_part_files_of_killed_uploads(runtim
     assert part.exists()  # a fresh one stays an hour
     old = part.stat().st_mtime - 2 * 3600
     os.utime(part, (old, old))
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    place_hold(runtime.catalog, "acme", "litigation")
+    close_stale_jobs(runtime, datetime.now(UTC) + timedelta(minutes=1))
+    assert part.exists()  # on legal hold: nothing of the account is deleted
+    release_holds(runtime.catalog, "acme")
     close_stale_jobs(runtime, datetime.now(UTC) + timedelta(minutes=1))
     assert not part.exists()
 
@@ -483,5 +488,13 @@ def test_the_nightly_sweep_aborts_unfinished_uploads_by_their_age_on_s3(
     close_stale_jobs(patient, initiated + timedelta(hours=25))
     assert upload in _uploads(runtime)
     patient.catalog.dispose()
+    # An account on legal hold keeps even these, until its release.
+    upsert_accounts(runtime.catalog, [make_account("held")])
+    kept = _unfinished_upload(runtime, "accounts/held/raw/big.laz")
+    kept_drop = _unfinished_upload(runtime, "incoming/held/drop.laz")
+    place_hold(runtime.catalog, "held", "litigation")
+    close_stale_jobs(runtime, initiated + timedelta(hours=25))
+    assert _uploads(runtime) == {kept: "svc/accounts/held/raw/big.laz", kept_drop: "svc/incoming/held/drop.laz"}
+    release_holds(runtime.catalog, "held")
     close_stale_jobs(runtime, initiated + timedelta(hours=25))
     assert _uploads(runtime) == {}

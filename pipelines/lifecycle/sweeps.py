@@ -13,13 +13,14 @@ from pipelines.billing.pricebook import load_pricebook
 from pipelines.catalog.models import TERMINAL_JOB_STATES, Job, JobState, SentMessage, utcnow
 from pipelines.export import export_prefix, read_manifest
 from pipelines.lifecycle.deletion import FAILED_JOB_RULE, DeletionPlan, account_lock, execute_deletion, plan_deletion
+from pipelines.lifecycle.models import LegalHold
 from pipelines.lifecycle.operations import active_hold, is_locked
 from pipelines.notify import DeliveryError
 from pipelines.runtime import Runtime
 from pipelines.steps.deliver import deliver_step
 from pipelines.steps.meter import meter_step
 from pipelines.steps.record import JobRecord, job_row, set_state
-from pipelines.storage import AccountArea, LocalStore, S3Store
+from pipelines.storage import INCOMING_PREFIX, AccountArea, LocalStore, S3Store
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +163,21 @@ def sweep_partial_uploads(runtime: Runtime, as_of: datetime | None = None) -> li
     """Remove what killed uploads left under the store's prefix (the service's own writes and the
     customers' drop zones alike); their keys. In a local store: the part files no live writer holds,
     unchanged for an hour. On S3: the unfinished multipart uploads initiated more than
-    POINTFLOW_STALE_UPLOAD_HOURS ago, aborted (S3 cannot tell whether their writer lives)."""
+    POINTFLOW_STALE_UPLOAD_HOURS ago, aborted (S3 cannot tell whether their writer lives). Never
+    those of an account on legal hold."""
     now = as_of or utcnow()
+    # An account on legal hold keeps even these: nothing of its may be deleted.
+    with runtime.catalog.session() as session:
+        held = set(session.scalars(select(LegalHold.account_id).where(LegalHold.released_at.is_(None))))
+    keep = tuple(
+        prefix
+        for account_id in sorted(held)
+        for prefix in (AccountArea(account_id).prefix, f"{INCOMING_PREFIX}{account_id}/")
+    )
     if isinstance(runtime.store, LocalStore):
-        removed = runtime.store.sweep_partials(now=now)
+        removed = runtime.store.sweep_partials(now=now, keep=keep)
     elif isinstance(runtime.store, S3Store):
-        removed = runtime.store.sweep_uploads(timedelta(hours=runtime.settings.stale_upload_hours), now=now)
+        removed = runtime.store.sweep_uploads(timedelta(hours=runtime.settings.stale_upload_hours), now=now, keep=keep)
     else:
         return []
     if removed:

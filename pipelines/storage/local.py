@@ -255,14 +255,18 @@ class LocalStore(ObjectStore):
                 yield ObjectInfo(key, facts.st_size, _local_version(facts), datetime.fromtimestamp(facts.st_mtime, UTC))
 
     def sweep_partials(
-        self, prefix: str = "", min_age: timedelta = PARTIAL_MIN_AGE, now: datetime | None = None
+        self,
+        prefix: str = "",
+        min_age: timedelta = PARTIAL_MIN_AGE,
+        now: datetime | None = None,
+        keep: tuple[str, ...] = (),
     ) -> list[str]:
         """Remove the part files under `prefix` that no live writer holds and that have not changed
-        for `min_age`: what a killed upload left. Returns their keys."""
+        for `min_age`: what a killed upload left; never one under a prefix of `keep`. Returns their keys."""
         now = now or datetime.now(UTC)
         removed = []
         for info in self.partials(prefix):
-            if info.modified > now - min_age:
+            if info.modified > now - min_age or info.key.startswith(keep):
                 continue
             path = self._path(info.key)
             try:

@@ -179,13 +179,17 @@ class S3Store(ObjectStore):
             if _error_code(error) != "NoSuchUpload":
                 raise
 
-    def sweep_uploads(self, min_age: timedelta, prefix: str = "", now: datetime | None = None) -> list[str]:
+    def sweep_uploads(
+        self, min_age: timedelta, prefix: str = "", now: datetime | None = None, keep: tuple[str, ...] = ()
+    ) -> list[str]:
         """Abort the unfinished uploads under `prefix` initiated more than `min_age` before `now`:
-        what killed writers left. S3 cannot tell a live writer from a dead one, and a live one may
-        add parts to an old upload, so only its initiation time is judged: `min_age` must exceed the
-        longest upload a writer still completes. Returns their keys."""
+        what killed writers left; never one under a prefix of `keep`. S3 cannot tell a live writer
+        from a dead one, and a live one may add parts to an old upload, so only its initiation time
+        is judged: `min_age` must exceed the longest upload a writer still completes. Returns their keys."""
         now = now or datetime.now(UTC)
-        stale = [u for u in self.unfinished_uploads(prefix) if u.modified <= now - min_age]
+        stale = [
+            u for u in self.unfinished_uploads(prefix) if u.modified <= now - min_age and not u.key.startswith(keep)
+        ]
         for upload in stale:
             self.abort_upload(upload.key, upload.version)
         return [u.key for u in stale]
