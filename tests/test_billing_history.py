@@ -259,7 +259,8 @@ def test_a_contract_end_moved_later_charges_the_days_added(catalog):
 def test_a_month_invoiced_before_the_account_was_added_gets_its_invoice_not_a_correction(catalog):
     run(catalog, "2026-10")
     add_account(catalog, "new", started_at="2026-01-01")  # added after October's run: October billed it nothing
-    record_plan_change(catalog, BOOK, "new", "business", date(2026, 10, 16))
+    # Nothing of its is invoiced yet: no correction is announced (`accounts change-plan` prints none).
+    assert record_plan_change(catalog, BOOK, "new", "business", date(2026, 10, 16)).corrects == ()
     november = run(catalog, "2026-11")
     assert lines_of(november, "new") == [("subscription", "199.00")]
     # Its October invoice is issued with November's, with each plan for its days: nothing to correct.

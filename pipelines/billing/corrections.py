@@ -424,9 +424,9 @@ def set_billing_terms(catalog: Catalog, account_id: str, update: TermsUpdate) ->
             changed_from = min(d for d in (terms.ended_on, update.ended_on) if d is not None) + timedelta(days=1)
             history = record_contract_end(session, account, update.ended_on)
             terms.ended_on = update.ended_on
-            corrects.update(invoiced_since(session, max(changed_from, account.started_at)))
+            corrects.update(invoiced_since(session, account.account_id, max(changed_from, account.started_at)))
         if effective_on is not None:
-            corrects.update(invoiced_since(session, max(effective_on, account.started_at)))
+            corrects.update(invoiced_since(session, account.account_id, max(effective_on, account.started_at)))
         latest = history.on(date.max)
         # The snapshot `billing terms` prints: every recorded change applied, whatever its date.
         terms.seats, terms.extra_storage_gb = latest.seats, latest.extra_storage_gb

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from pipelines.billing.models import BillingRun, PlanChange, TermChange
+from pipelines.billing.models import BillingCoverage, BillingRun, PlanChange, TermChange
 from pipelines.billing.periods import Period
 from pipelines.billing.pricebook import PlanLimits, PriceBook, plan_limits
 from pipelines.billing.terms import Agreed, History, PlanStep, TermStep, ordered_plan_steps, ordered_term_steps
@@ -66,11 +66,15 @@ def last_invoiced_period(session: Session) -> Period | None:
     return None if label is None else Period.parse(label)
 
 
-def invoiced_since(session: Session, day: date) -> tuple[str, ...]:
-    """The invoiced months from the month of `day` on, oldest first."""
+def invoiced_since(session: Session, account_id: str, day: date) -> tuple[str, ...]:
+    """The account's invoiced months from the month of `day` on, oldest first: those a run has
+    covered for it. A month invoiced before the account was added is not one: its run for the
+    account, still to come, bills the change as it is."""
     return tuple(
         session.scalars(
-            select(BillingRun.period).where(BillingRun.period >= Period.of(day).label).order_by(BillingRun.period)
+            select(BillingCoverage.period)
+            .where(BillingCoverage.account_id == account_id, BillingCoverage.period >= Period.of(day).label)
+            .order_by(BillingCoverage.period)
         )
     )
 
@@ -237,7 +241,7 @@ def record_plan_change(
         previous.plan,
         previous.billing_cycle,
         recorded=True,
-        corrects=invoiced_since(session, max(effective_on, account.started_at)),
+        corrects=invoiced_since(session, account_id, max(effective_on, account.started_at)),
     )
 
 
