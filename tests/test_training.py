@@ -311,6 +311,22 @@ def test_labels_must_teach_something(accounts: Runtime, tmp_path: Path) -> None:
         train_model(accounts, "owner", [text])
 
 
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [("256", "256 is not a LAS class code: they run from 0 to 255"), ("one", "'one' is not a class code")],
+)
+def test_train_takes_only_las_class_codes_to_leave_out(
+    accounts: Runtime, tmp_path: Path, capsys: pytest.CaptureFixture, given: str, said: str
+) -> None:
+    for command in (
+        ["train", str(tmp_path / "x.las"), "--account", "owner"],
+        ["models", "build-shared", "--from", "a=x.las"],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main([*command, "--ignore-class", given])
+        assert exited.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_train_cli_and_training_dag(accounts: Runtime, halves, load_test_dag, capsys: pytest.CaptureFixture) -> None:
     assert main(["train", str(halves[0]), "--account", "owner", "--json"]) == 0
     trained = json.loads(capsys.readouterr().out)

@@ -9,6 +9,17 @@ from pathlib import Path
 from pipelines.cli.common import CommandError, print_deletion, print_json, settings_from_env
 
 
+def class_code(text: str) -> int:
+    """An argparse type: a LAS class code, 0 to 255 (what the training DAG's ignore_classes takes)."""
+    try:
+        code = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a class code: give a number from 0 to 255") from None
+    if not 0 <= code <= 255:
+        raise argparse.ArgumentTypeError(f"{code} is not a LAS class code: they run from 0 to 255")
+    return code
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
@@ -31,7 +42,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--account", required=True, metavar="ID", help="the account that owns the labels and the model")
     train.add_argument(
         "--ignore-class",
-        type=int,
+        type=class_code,
         action="append",
         default=None,
         metavar="N",
@@ -98,7 +109,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     shared.add_argument(
         "--ignore-class",
-        type=int,
+        type=class_code,
         action="append",
         default=None,
         metavar="N",
