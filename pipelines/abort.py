@@ -41,6 +41,10 @@ class JobAlreadyEnded(UserError):
     """An abort of a job that has already ended: nothing is changed."""
 
 
+class UnknownJob(CatalogError):
+    """An abort of a job the catalog does not hold (or, for an account's request, not that account's)."""
+
+
 def request_abort(runtime: Runtime, job_id: str, account_id: str | None = None) -> JobRecord:
     """Record the request to abort `job_id` (of `account_id`, when given: another account's job is
     unknown to it); a job not classifying yet ends `aborted` here and is metered with 0 points.
@@ -49,7 +53,7 @@ def request_abort(runtime: Runtime, job_id: str, account_id: str | None = None) 
         job = session.get(Job, job_id)
         if job is None or (account_id is not None and job.account_id != account_id):
             whose = f" of account {account_id}" if account_id is not None else ""
-            raise CatalogError(f"unknown job {job_id!r}{whose}; 'pointflow jobs list' shows the jobs")
+            raise UnknownJob(f"unknown job {job_id!r}{whose}; 'pointflow jobs list' shows the jobs")
         state = JobState(job.state)
         if state in TERMINAL_JOB_STATES:
             raise JobAlreadyEnded(f"job {job_id} has already ended {state.value}: nothing to abort, nothing changed")

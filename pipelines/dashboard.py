@@ -22,7 +22,7 @@ from pipelines.billing.models import Invoice
 from pipelines.billing.periods import Period, add_months
 from pipelines.billing.pricebook import load_pricebook
 from pipelines.billing.usage import usage_daily
-from pipelines.catalog.models import Account, Job, JobState, TrainedModelRecord
+from pipelines.catalog.models import TERMINAL_JOB_STATES, Account, Job, JobState, TrainedModelRecord
 from pipelines.class_table import class_summary, colour_of
 from pipelines.export import SAMPLE_NAME, export_prefix, read_manifest
 from pipelines.lifecycle.account_state import Action
@@ -68,6 +68,12 @@ class JobRow:
     locked: bool  # the account's contract ended: its results are no longer served
     has_preview: bool
     has_sample: bool  # the export holds the thinned 3D sample (exports before it do not)
+    abort_requested_at: datetime | None
+
+    @property
+    def unfinished(self) -> bool:
+        """Still running or waiting: what the page offers to abort."""
+        return JobState(self.state) not in TERMINAL_JOB_STATES
 
 
 @dataclass(frozen=True)
@@ -255,6 +261,7 @@ def recent_jobs(runtime: Runtime, limit: int, as_of: datetime) -> list[JobRow]:
                 locked[job.account_id],
                 has_preview,
                 has_sample,
+                job.abort_requested_at,
             )
         )
     return rows

@@ -11,6 +11,15 @@ With the simple auth manager every role may; with FAB or Keycloak grant read on 
 A missing or expired token gets 401, or, for a browser asking for a page, a redirect to
 Airflow's login that comes back here.
 
+One route changes something: POST /pointflow/jobs/<job id>/abort (`pipelines.abort.request_abort`,
+an operator's abort, any account's job). It depends on `editor`, not `operator`: the auth manager
+must allow editing ("PUT") the custom view "pointflow" (FAB: can_edit on pointflow; Keycloak: the
+PUT scope on the custom resource) and changing DAG runs. The second check is what keeps the simple
+auth manager's viewers out: it answers a custom view's every method as a read (any role may), while
+its DAG runs need role USER or above to change. Being a change sent by a browser holding Airflow's
+cookie, it also requires the CSRF_HEADER, which a page of another origin cannot add without a CORS
+preflight that the api-server does not grant (see `same_origin`).
+
 Objects are served only through `pipelines.served`, which builds each key from the named
 account's own job or invoice and refuses keys outside that account's area.
 
@@ -25,11 +34,15 @@ presigned URL of minutes (S3) or streams the file. It opens nothing else.
 import base64
 import hashlib
 import json
+import logging
+import re
 import threading
 from datetime import UTC
 from pathlib import Path
 
 from airflow.plugins_manager import AirflowPlugin
+
+log = logging.getLogger(__name__)
 
 URL_PREFIX = "/pointflow"
 RESOURCE_NAME = "pointflow"
@@ -62,6 +75,15 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+# Every change the page sends carries this header with the value "1". Airflow's `_token` cookie is
+# SameSite=Lax: browsers keep it off cross-site POSTs, but a page on another port of this host is
+# the same site and would get it sent. A form cannot set a header, and a script of another origin
+# can only with a CORS preflight, which the api-server refuses unless [api]
+# access_control_allow_origins trusts that origin; a constant is enough for that (no token to leak).
+CSRF_HEADER = "X-Pointflow-CSRF"
+# What a job id looks like (the catalog's key, 128 characters at most): anything else is refused
+# before the catalog is asked, and never echoed back.
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 class _LazyApp:
@@ -108,6 +130,7 @@ def create_app():
 
     from airflow.api_fastapi.app import API_ROOT_PATH, get_auth_manager
     from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
     from airflow.api_fastapi.core_api.security import GetUserDep
     from fastapi import Depends, FastAPI, HTTPException, Request, status
     from fastapi.exception_handlers import http_exception_handler
@@ -116,6 +139,8 @@ def create_app():
     from markupsafe import Markup
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from pipelines.abort import JobAlreadyEnded, UnknownJob, request_abort
+    from pipelines.catalog.models import JobState
     from pipelines.dashboard import build_dashboard
     from pipelines.downloads import open_download
     from pipelines.lifecycle.operations import AccountLocked
@@ -131,7 +156,32 @@ def create_app():
             )
         return user
 
+    def may_edit(user: BaseUser) -> bool:
+        manager = get_auth_manager()
+        return manager.is_authorized_custom_view(
+            method="PUT", resource_name=RESOURCE_NAME, user=user
+        ) and manager.is_authorized_dag(method="PUT", access_entity=DagAccessEntity.RUN, user=user)
+
+    def editor(user: GetUserDep) -> BaseUser:
+        """The signed-in Airflow user, if the auth manager lets them change jobs (see the module's doc)."""
+        if not may_edit(user):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"your Airflow role may not change jobs: it needs edit on the {RESOURCE_NAME} view and on DAG runs",
+            )
+        return user
+
+    def same_origin(request: Request) -> None:
+        """Refuse a change not sent by a script of this origin (CSRF_HEADER; Sec-Fetch-Site where the
+        browser sends it)."""
+        sent_by = request.headers.get("sec-fetch-site", "same-origin")
+        if request.headers.get(CSRF_HEADER) != "1" or sent_by != "same-origin":
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, f"refused: a change must come from the pointflow page ({CSRF_HEADER})"
+            )
+
     Operator = Annotated[BaseUser, Depends(operator)]
+    Editor = Annotated[BaseUser, Depends(editor)]
     holder = _RuntimeHolder()
     app = FastAPI(title="pointflow", docs_url=None, redoc_url=None, openapi_url=None)
     templates = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
@@ -164,6 +214,7 @@ def create_app():
             d=dashboard,
             chart=Markup(usage_chart_svg(dashboard)),
             user=user.get_name(),
+            may_abort=may_edit(user),
             prefix=URL_PREFIX,
             import_map=Markup(IMPORT_MAP),
         )
@@ -191,6 +242,24 @@ def create_app():
             media_type=media_type,
             headers={"Content-Disposition": f'{disposition}; filename="{invoice_number}.{fmt}"'},
         )
+
+    @app.post("/jobs/{job_id}/abort")
+    def abort(job_id: str, user: Editor, _origin: Annotated[None, Depends(same_origin)]) -> dict[str, str]:
+        """An operator's abort of any account's job; asking again changes nothing."""
+        if not JOB_ID.fullmatch(job_id):
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "not a job id")
+        try:
+            job = request_abort(holder.get(), job_id)
+        except UnknownJob:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown job {job_id}") from None
+        except JobAlreadyEnded as ended:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(ended)) from None
+        log.info("job %s: abort asked for by Airflow user %s on the pointflow page", job_id, user.get_name())
+        if job.state == JobState.ABORTED.value:
+            message = f"job {job.job_id}: aborted, {job.points_processed:,} points metered"
+        else:
+            message = f"job {job.job_id}: abort requested; it stops between tiles and ends aborted"
+        return {"job_id": job.job_id, "state": job.state, "message": message}
 
     # Every file under static/, by its path there: nothing else on disk can be named.
     static_files = {path.relative_to(STATIC).as_posix(): path for path in STATIC.rglob("*") if path.is_file()}

@@ -3,9 +3,10 @@
 One module-wide setup: a POINTFLOW_HOME seeded by the real pipeline (a classified job on the
 synthetic scene, imported usage, a billing run with its documents, a lifecycle run that sends
 notices and locks a trial, a legal hold), and an api-server with the simple auth manager and a
-known password. The HTTP tests check that every plugin route enforces Airflow's authentication
-and that one account's URL never reaches another account's objects; the browser test logs in
-through Airflow's login page with Debian's chromium and saves a screenshot.
+known password (an admin, and a viewer who may read but not change). The HTTP tests check that
+every plugin route enforces Airflow's authentication, that one account's URL never reaches another
+account's objects, and what the abort of a job requires; the browser test logs in through Airflow's
+login page with Debian's chromium, aborts a job from the framed page and saves a screenshot.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from pipelines.accounts import AccountRecord, upsert_accounts
 from pipelines.billing.delivery import MonthlyBilling, email_invoices, publish_documents
 from pipelines.billing.invoicing import run_billing
 from pipelines.billing.periods import Period, add_months
-from pipelines.catalog.models import SentMessage, TrainedModelRecord
+from pipelines.catalog.models import Job, SentMessage, TrainedModelRecord, UsageEvent
 from pipelines.export import export_prefix, read_manifest
 from pipelines.jobs import run_job
 from pipelines.lifecycle import place_hold, run_lifecycle, terminate_account
@@ -39,6 +40,8 @@ from pipelines.links import DOWNLOAD_PATH, LinkClaim, LinkSigner
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
+from pipelines.steps.ingest import create_job
+from pipelines.steps.record import JobRecord, job_view
 from tests.conftest import REPO, free_port, stop_processes
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -72,6 +75,7 @@ class Seeded:
 class Server:
     url: str
     password: str
+    viewer_password: str  # user "viewer", role VIEWER
     log: Path
 
 
@@ -256,9 +260,9 @@ def server(
 ) -> Server:
     """`airflow api-server` on a free loopback port, simple auth manager, user admin with a known password."""
     work = tmp_path_factory.mktemp("api-server")
-    password = secrets.token_urlsafe(12)
+    password, viewer_password = secrets.token_urlsafe(12), secrets.token_urlsafe(12)
     passwords = work / "passwords.json"
-    passwords.write_text(json.dumps({"admin": password}))
+    passwords.write_text(json.dumps({"admin": password, "viewer": viewer_password}))
     port = free_port()
     # Only this server's Airflow settings: none inherited from the developer's shell or other tests.
     env = {
@@ -267,7 +271,7 @@ def server(
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
@@ -308,18 +312,25 @@ def server(
             if time.monotonic() > deadline:
                 pytest.fail(f"airflow api-server did not answer within 90 s:\n{log.read_text()[-4000:]}")
             time.sleep(0.5)
-        yield Server(url, password, log)
+        yield Server(url, password, viewer_password, log)
     finally:
         stop_processes([process], grace=20)
 
 
-@pytest.fixture(scope="module")
-def token(server: Server) -> str:
-    response = requests.post(
-        f"{server.url}/auth/token", json={"username": "admin", "password": server.password}, timeout=10
-    )
+def sign_in(server: Server, username: str, password: str) -> str:
+    response = requests.post(f"{server.url}/auth/token", json={"username": username, "password": password}, timeout=10)
     assert response.status_code == 201, response.text
     return response.json()["access_token"]
+
+
+@pytest.fixture(scope="module")
+def token(server: Server) -> str:
+    return sign_in(server, "admin", server.password)
+
+
+@pytest.fixture(scope="module")
+def viewer_token(server: Server) -> str:
+    return sign_in(server, "viewer", server.viewer_password)
 
 
 def plugin_urls(seeded: Seeded) -> list[str]:
@@ -523,7 +534,158 @@ def test_no_credentials_in_the_server_log(
     assert link.split(".")[1] not in text, "the server log holds a download link's signature"
 
 
-def test_page_in_a_real_browser(server: Server, seeded: Seeded) -> None:
+CSRF = {"X-Pointflow-CSRF": "1"}
+
+
+def unfinished_job(pointflow_env: dict[str, str], job_id: str, state: str = "received") -> None:
+    """A job of acme recorded as its ingest task records it, then put in `state` (no file is read)."""
+    runtime = Runtime.from_settings(Settings.from_env(pointflow_env))
+    try:
+        create_job(runtime, job_id, "acme", "/nowhere/scene.laz", "standard")
+        with runtime.catalog.session() as session:
+            session.execute(update(Job).where(Job.job_id == job_id).values(state=state))
+    finally:
+        runtime.catalog.dispose()
+
+
+def job_now(pointflow_env: dict[str, str], job_id: str) -> tuple[JobRecord, list[tuple[str, int]]]:
+    """The job as the catalog holds it, and its usage events."""
+    runtime = Runtime.from_settings(Settings.from_env(pointflow_env))
+    try:
+        with runtime.catalog.session() as session:
+            usage = [
+                (e.status, e.points) for e in session.scalars(select(UsageEvent).where(UsageEvent.job_id == job_id))
+            ]
+        return job_view(runtime, job_id), usage
+    finally:
+        runtime.catalog.dispose()
+
+
+def abort_url(server: Server, job_id: str) -> str:
+    return f"{server.url}/pointflow/jobs/{job_id}/abort"
+
+
+def test_an_abort_needs_a_post_by_an_editor_with_the_csrf_header(
+    server: Server, token: str, viewer_token: str, pointflow_env: dict[str, str]
+) -> None:
+    job_id = "job-ui-guarded"
+    unfinished_job(pointflow_env, job_id, "classifying")
+    before = job_now(pointflow_env, job_id)
+    url, bearer, cookie = abort_url(server, job_id), {"Authorization": f"Bearer {token}"}, {"_token": token}
+    import jwt
+
+    forged = jwt.encode(
+        {"sub": "admin", "role": "ADMIN", "exp": int(time.time()) + 600}, "not-the-secret", algorithm="HS512"
+    )
+    refused = {
+        "no credentials": ("POST", {"headers": CSRF}, (401,)),
+        "a forged token": ("POST", {"headers": {**CSRF, "Authorization": f"Bearer {forged}"}}, (401, 403)),
+        "a GET": ("GET", {"headers": {**CSRF, **bearer}}, (405,)),
+        "a GET with the cookie (a link, an image)": ("GET", {"headers": CSRF, "cookies": cookie}, (405,)),
+        "no CSRF header": ("POST", {"headers": bearer}, (403,)),
+        "a cross-site form (the cookie, no header)": ("POST", {"cookies": cookie, "data": {"job": job_id}}, (403,)),
+        "another header value": ("POST", {"headers": {"X-Pointflow-CSRF": "yes"}, "cookies": cookie}, (403,)),
+        "a script of another site": (
+            "POST",
+            {"headers": {**CSRF, "Sec-Fetch-Site": "same-site"}, "cookies": cookie},
+            (403,),
+        ),
+        "a viewer (may read the page, not change a job)": (
+            "POST",
+            {"headers": {**CSRF, "Authorization": f"Bearer {viewer_token}"}},
+            (403,),
+        ),
+    }
+    for what, (method, kwargs, statuses) in refused.items():
+        response = requests.request(method, url, allow_redirects=False, timeout=30, **kwargs)
+        assert response.status_code in statuses, (what, response.status_code, response.text)
+        assert "Acme" not in response.text and "/nowhere" not in response.text, what
+        assert job_now(pointflow_env, job_id) == before, what
+    assert before[0].abort_requested_at is None and before[0].state == "classifying"
+
+    # The viewer reads the page without an Abort button; the admin gets one for this job.
+    viewer_page = requests.get(
+        f"{server.url}/pointflow/", headers={"Authorization": f"Bearer {viewer_token}"}, timeout=60
+    )
+    assert viewer_page.status_code == 200 and f"job-{job_id}" in viewer_page.text
+    assert 'class="abort"' not in viewer_page.text
+    page = requests.get(f"{server.url}/pointflow/", headers=bearer, timeout=60).text
+    assert f'data-url="/pointflow/jobs/{job_id}/abort"' in page
+
+
+def test_an_abort_of_an_unknown_or_malformed_job_id_is_refused_and_tells_nothing(
+    server: Server, token: str, pointflow_env: dict[str, str]
+) -> None:
+    headers = {**CSRF, "Authorization": f"Bearer {token}"}
+    unknown = requests.post(abort_url(server, "job-nobody-knows"), headers=headers, timeout=30)
+    assert unknown.status_code == 404 and unknown.json() == {"detail": "unknown job job-nobody-knows"}
+    for bad in ("j" * 129, "-job", "job%20x", "job%3Cscript%3E", "job'--"):
+        response = requests.post(abort_url(server, bad), headers=headers, timeout=30)
+        assert response.status_code == 400 and response.json() == {"detail": "not a job id"}, (bad, response.text)
+    # A path in the id never reaches the route.
+    smuggled = requests.post(abort_url(server, "..%2F..%2Fjob-ui-acme-1"), headers=headers, timeout=30)
+    assert smuggled.status_code in (404, 405) and "acme" not in smuggled.text
+
+
+def test_an_abort_of_an_ended_job_says_so_and_changes_nothing(
+    server: Server, seeded: Seeded, token: str, pointflow_env: dict[str, str]
+) -> None:
+    before = job_now(pointflow_env, seeded.job_id)
+    response = requests.post(
+        abort_url(server, seeded.job_id), headers={**CSRF, "Authorization": f"Bearer {token}"}, timeout=30
+    )
+    assert response.status_code == 409
+    assert response.json() == {
+        "detail": f"job {seeded.job_id} has already ended exported: nothing to abort, nothing changed"
+    }
+    assert job_now(pointflow_env, seeded.job_id) == before
+
+
+def test_an_editor_aborts_an_unfinished_job(server: Server, token: str, pointflow_env: dict[str, str]) -> None:
+    """Through the api-server as the page sends it: Airflow's cookie and the header."""
+    waiting, classifying = "job-ui-abort-waiting", "job-ui-abort-classifying"
+    unfinished_job(pointflow_env, waiting, "validated")
+    unfinished_job(pointflow_env, classifying, "classifying")
+    page_sends = {"headers": {**CSRF, "Sec-Fetch-Site": "same-origin"}, "cookies": {"_token": token}}
+
+    # Not classifying yet: aborted at once and metered with 0 points.
+    response = requests.post(abort_url(server, waiting), timeout=30, **page_sends)
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "job_id": waiting,
+        "state": "aborted",
+        "message": f"job {waiting}: aborted, 0 points metered",
+    }
+    job, usage = job_now(pointflow_env, waiting)
+    assert job.state == "aborted" and job.abort_requested_at is not None and usage == [("aborted", 0)]
+    # Asked again: it has ended, nothing changes.
+    again = requests.post(abort_url(server, waiting), timeout=30, **page_sends)
+    assert again.status_code == 409 and "already ended aborted: nothing to abort, nothing changed" in again.text
+    assert job_now(pointflow_env, waiting) == (job, usage)
+
+    # Classifying: the request is recorded; the running classification stops between tiles.
+    response = requests.post(abort_url(server, classifying), timeout=30, **page_sends)
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "job_id": classifying,
+        "state": "classifying",
+        "message": f"job {classifying}: abort requested; it stops between tiles and ends aborted",
+    }
+    asked, usage = job_now(pointflow_env, classifying)
+    assert asked.state == "classifying" and asked.abort_requested_at is not None and usage == []
+    again = requests.post(abort_url(server, classifying), timeout=30, **page_sends)
+    assert again.status_code == 200 and again.json() == response.json()
+    assert job_now(pointflow_env, classifying) == (asked, [])
+
+    # The page shows the request instead of the button.
+    page = requests.get(f"{server.url}/pointflow/", cookies={"_token": token}, timeout=60).text
+    box = page.split(f'id="job-{classifying}"', 1)[1].split("</article>", 1)[0]
+    assert "abort requested" in box and 'class="abort"' not in box
+    ended = page.split(f'id="job-{waiting}"', 1)[1].split("</article>", 1)[0]
+    assert "abort-box" not in ended
+
+
+def test_page_in_a_real_browser(server: Server, seeded: Seeded, pointflow_env: dict[str, str]) -> None:
     if not CHROMIUM.exists():
         pytest.skip(f"no chromium at {CHROMIUM} (Debian package 'chromium'): the browser test needs it")
     sync_api = pytest.importorskip(
@@ -531,6 +693,8 @@ def test_page_in_a_real_browser(server: Server, seeded: Seeded) -> None:
     )
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "pointflow-ui.png"
+    waiting = "job-ui-browser-abort"
+    unfinished_job(pointflow_env, waiting)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -549,6 +713,8 @@ def test_page_in_a_real_browser(server: Server, seeded: Seeded) -> None:
             sync_api.expect(frame.locator("h1")).to_contain_text("pointflow", timeout=60_000)
             sync_api.expect(frame.locator("#account-acme")).to_contain_text("Acme Surveying GmbH")
             page.screenshot(path=str(ARTIFACTS / "pointflow-ui-in-airflow.png"))
+            abort_in_the_frame(frame, waiting, seeded, sync_api.expect)
+            page.screenshot(path=str(ARTIFACTS / "pointflow-ui-abort.png"))
 
             # The page itself, full length, for the checks and the screenshot.
             page.goto(f"{server.url}/pointflow/")
@@ -567,6 +733,23 @@ def test_page_in_a_real_browser(server: Server, seeded: Seeded) -> None:
             browser.close()
     print(f"\nscreenshot: {screenshot}")
     assert screenshot.stat().st_size > 10_000
+
+
+def abort_in_the_frame(frame, job_id: str, seeded: Seeded, expect) -> None:
+    """The Abort button inside Airflow's sandboxed frame (no dialogs there): asked on the page, then done."""
+    assert frame.locator(f"#job-{seeded.job_id} button.abort").count() == 0, "an exported job offers an abort"
+    job = frame.locator(f"#job-{job_id}")
+    job.locator("button.abort").click()
+    expect(job.locator(".abort-confirm")).to_be_visible()
+    expect(job.locator(".abort-confirm")).to_contain_text("it ends aborted now, 0 points billed")
+    job.locator("button.abort-no").click()
+    expect(job.locator(".abort-confirm")).to_be_hidden()
+    expect(job.locator(".meta .state")).to_have_text("received")
+    job.locator("button.abort").click()
+    job.locator("button.abort-yes").click()
+    expect(job.locator(".abort-result")).to_have_text(f"job {job_id}: aborted, 0 points metered")
+    expect(job.locator(".meta .state")).to_have_text("aborted")
+    expect(job.locator("button.abort")).to_be_hidden()
 
 
 def test_the_vendored_viewer_is_three_js_as_published() -> None:
