@@ -16,8 +16,9 @@ from sqlalchemy import select
 
 from pipelines.accounts import upsert_accounts
 from pipelines.billing.models import BillingRun, CreditNote, Invoice, UsageBilling
-from pipelines.catalog.models import UsageEvent
+from pipelines.catalog.models import IntakeClaim, Job, MessageClaim, SentMessage, UsageEvent
 from pipelines.cli import main
+from pipelines.lifecycle.deletion import FAILED_JOB_RULE
 from pipelines.lifecycle.models import DeletionAudit
 from pipelines.lifecycle.policy import PolicyError, load_policy
 from pipelines.metering import UsageRecord, record_usage
@@ -231,3 +232,227 @@ def test_an_event_older_than_the_retention_is_refused_at_import(
     usage.write_text(json.dumps(new) + "\n")
     assert main(["usage", "import", str(usage)]) == 0
     assert remaining(catalog_runtime) == ["j-2026"]
+
+
+@pytest.fixture
+def jobs_runtime(home: Path, database_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Runtime:
+    """A professional account (its results are not deleted after days, as under `api`) that is
+    never closed for inactivity: only the retention acts on it."""
+    monkeypatch.setenv("POINTFLOW_DATABASE_URL", database_url)
+    policy = tmp_path / "lifecycle.yaml"
+    policy.write_text("defaults:\n  inactivity_notice_after_months: null\n")
+    monkeypatch.setenv("POINTFLOW_LIFECYCLE_POLICY", str(policy))
+    runtime = Runtime.from_settings(Settings.from_env())
+    upsert_accounts(runtime.catalog, [replace(make_account("acme", "professional"), started_at=date(2015, 1, 1))])
+    yield runtime
+    runtime.catalog.dispose()
+
+
+SOURCE = "s3://drop/incoming/acme/secret-site.laz"
+
+
+def finished_job(runtime: Runtime, job_id: str, finished: str, **values: object) -> None:
+    """A job as it is once finished and metered, and its data deleted (outputs forgotten), with the
+    records of its e-mail and its drop-zone claim."""
+    row = {
+        "job_id": job_id,
+        "account_id": "acme",
+        "source": SOURCE,
+        "state": "exported",
+        "classifier": "standard",
+        "points_processed": 100,
+        "summary": {"class_counts": {"2": 60, "6": 40}},
+        "abort_requested_at": None,
+        "created_at": at(finished),
+        "finished_at": at(finished),
+        "metered_at": at(finished),
+        **values,
+    }
+    with runtime.catalog.session() as session:
+        session.add(Job(**row))
+        session.add(
+            SentMessage(
+                key=f"export:{job_id}",
+                account_id="acme",
+                kind="export_ready",
+                recipient="ops@acme.example",
+                subject="pointflow: secret-site.laz is ready",
+                message_id=f"<{job_id}@pointflow>",
+            )
+        )
+        session.add(
+            IntakeClaim(
+                source_key="incoming/acme/secret-site.laz",
+                version=job_id,
+                account_id="acme",
+                job_id=job_id,
+                state="registered",
+                owner="sweep",
+            )
+        )
+
+
+def jobs_left(runtime: Runtime) -> list[str]:
+    with runtime.catalog.session() as session:
+        return sorted(session.scalars(select(Job.job_id)))
+
+
+def test_job_rows_go_with_their_usage_records_and_not_before(
+    jobs_runtime: Runtime, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runtime = jobs_runtime
+    finished_job(runtime, "j-old", "2016-03-10T10:00:00", state="quarantined", error="secret-site.laz: bad header")
+    recorded(runtime, [event("j-old:classification", "2016-03-10T10:00:00")], "2016-03-10T10:00:01")
+    with runtime.catalog.session() as session:
+        session.add(
+            MessageClaim(
+                key="quarantine:j-old", account_id="acme", message_id="<m>", claimed_at=at("2016-03-10T10:00:00")
+            )
+        )
+        # An invoice's e-mail is not the job's.
+        session.add(
+            SentMessage(
+                key="invoice:PF-2016-02-0001",
+                account_id="acme",
+                kind="invoice",
+                recipient="a@b",
+                subject="s",
+                message_id="<i>",
+            )
+        )
+    # Its usage record is kept with the invoice that billed it, corrected in 2019.
+    finished_job(runtime, "j-feb", "2016-02-10T10:00:00")
+    recorded(runtime, [event("j-feb:classification", "2016-02-10T10:00:00")], "2016-02-10T10:00:01")
+    invoice(runtime, "2016-02", date(2016, 3, 1), ["j-feb:classification"], credited=date(2019, 9, 1))
+    # Metered late: its record is kept ten years from then.
+    finished_job(runtime, "j-late", "2016-01-20T10:00:00", metered_at=at("2017-06-01T00:00:00"))
+    recorded(runtime, [event("j-late:classification", "2016-01-20T10:00:00")], "2017-06-01T00:00:00")
+    # Not metered yet: its record is still to come.
+    finished_job(runtime, "j-unmetered", "2016-01-05T10:00:00", state="failed", metered_at=None)
+    # Its results are still stored: the customer's data, found through its row.
+    finished_job(runtime, "j-stored", "2016-01-06T10:00:00", export_prefix="accounts/acme/exports/j-stored/")
+    recorded(runtime, [event("j-stored:classification", "2016-01-06T10:00:00")], "2016-01-06T10:00:01")
+    # Its working objects were kept by a legal hold, for the sweep after the release.
+    finished_job(
+        runtime, "j-held", "2016-01-07T10:00:00", state="failed", working_objects_held_at=at("2016-01-07T10:00:00")
+    )
+    finished_job(runtime, "j-new", "2020-05-05T10:00:00")
+    recorded(runtime, [event("j-new:classification", "2020-05-05T10:00:00")], "2020-05-05T10:00:01")
+
+    actions = lifecycle(capsys, "2026-04-02T03:00:00Z")
+    assert [a["action"] for a in actions] == ["usage_records_deleted", "job_records_deleted"]
+    jobs = actions[1]["detail"]
+    assert {k: jobs[k] for k in ("status", "rule", "retention_years", "jobs", "due_at")} == {
+        "status": "deleted",
+        "rule": "job_retention",
+        "retention_years": 10,
+        "jobs": 1,
+        "due_at": "2026-03-10T10:00:00+00:00",
+    }
+    assert jobs_left(runtime) == ["j-feb", "j-held", "j-late", "j-new", "j-stored", "j-unmetered"]
+    with runtime.catalog.session() as session:
+        assert sorted(session.scalars(select(SentMessage.key))) == [
+            "export:j-feb",
+            "export:j-held",
+            "export:j-late",
+            "export:j-new",
+            "export:j-stored",
+            "export:j-unmetered",
+            "invoice:PF-2016-02-0001",
+        ]
+        assert session.scalars(select(MessageClaim)).all() == []
+        assert "j-old" not in set(session.scalars(select(IntakeClaim.job_id)))
+        audit = session.get(DeletionAudit, jobs["audit_id"])
+        assert (audit.rule, audit.status, audit.object_count) == ("job_retention", "completed", 1)
+        assert [o["key"] for o in audit.objects] == ["jobs/j-old"]
+        assert "1 e-mail record(s) and 1 drop-zone claim(s)" in audit.objects[0]["what"]
+        assert "secret-site" not in json.dumps(audit.objects) + audit.subject  # which jobs went, never what they held
+    assert lifecycle(capsys, "2026-04-02T03:00:00Z") == []  # done once
+
+    # The late one's record goes in June 2027, and its job with it.
+    [usage, late] = lifecycle(capsys, "2027-06-02T03:00:00Z")
+    assert (usage["detail"]["records"], late["detail"]["jobs"]) == (1, 1)
+    assert jobs_left(runtime) == ["j-feb", "j-held", "j-new", "j-stored", "j-unmetered"]
+    [usage, feb] = lifecycle(capsys, "2029-09-02T03:00:00Z")  # the credit note's
+    assert (usage["detail"]["records"], feb["detail"]["jobs"]) == (1, 1)
+    assert jobs_left(runtime) == ["j-held", "j-new", "j-stored", "j-unmetered"]
+
+
+def test_job_rows_are_kept_under_legal_hold_and_go_after_its_release(
+    jobs_runtime: Runtime, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runtime = jobs_runtime
+    finished_job(runtime, "j-old", "2016-03-10T10:00:00")
+    recorded(runtime, [event("j-old:classification", "2016-03-10T10:00:00")], "2016-03-10T10:00:01")
+    assert main(["accounts", "hold", "acme", "--reason", "case 2026-9"]) == 0
+    capsys.readouterr()
+    blocked = lifecycle(capsys, "2026-04-02T03:00:00Z")
+    assert [(a["action"], a["detail"]["status"]) for a in blocked] == [
+        ("usage_records_deleted", "blocked"),
+        ("job_records_deleted", "blocked"),
+    ]
+    assert blocked[1]["detail"]["due_at"] == "2026-03-10T10:00:00+00:00"
+    assert lifecycle(capsys, "2026-04-03T03:00:00Z") == []  # reported once
+    assert jobs_left(runtime) == ["j-old"]
+    with runtime.catalog.session() as session:
+        assert session.scalars(select(DeletionAudit)).all() == []
+        assert session.scalars(select(SentMessage.key)).all() == ["export:j-old"]
+    assert main(["accounts", "unhold", "acme"]) == 0
+    capsys.readouterr()
+    # Its usage record is still there in a dry run: the job is reported as going with it.
+    dry = lifecycle(capsys, "2026-04-05T03:00:00Z", "--dry-run")
+    assert [(a["action"], a["detail"]["status"]) for a in dry] == [
+        ("usage_records_deleted", "dry_run"),
+        ("job_records_deleted", "dry_run"),
+    ]
+    assert jobs_left(runtime) == ["j-old"] and remaining(runtime) == ["j-old:classification"]
+    [_, deleted] = lifecycle(capsys, "2026-04-05T03:00:00Z")
+    assert (deleted["detail"]["status"], deleted["detail"]["jobs"]) == ("deleted", 1)
+    assert jobs_left(runtime) == [] and remaining(runtime) == []
+    with runtime.catalog.session() as session:
+        assert session.scalars(select(SentMessage)).all() == [] and session.scalars(select(IntakeClaim)).all() == []
+
+
+def test_a_longer_retention_keeps_the_job_rows_as_long_as_the_records(
+    jobs_runtime: Runtime, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    runtime = jobs_runtime
+    finished_job(runtime, "j-old", "2016-03-10T10:00:00")
+    recorded(runtime, [event("j-old:classification", "2016-03-10T10:00:00")], "2016-03-10T10:00:01")
+    custom = tmp_path / "policy.yaml"
+    custom.write_text("defaults:\n  inactivity_notice_after_months: null\nusage_retention_years: null\n")
+    assert lifecycle(capsys, "2036-04-02T03:00:00Z", "--policy", str(custom)) == []  # for ever
+    custom.write_text("defaults:\n  inactivity_notice_after_months: null\nusage_retention_years: 12\n")
+    assert lifecycle(capsys, "2028-03-10T03:00:00Z", "--policy", str(custom)) == []
+    assert jobs_left(runtime) == ["j-old"]
+    [_, jobs] = lifecycle(capsys, "2028-03-11T03:00:00Z", "--policy", str(custom))
+    assert (jobs["action"], jobs["detail"]["retention_years"], jobs["detail"]["jobs"]) == ("job_records_deleted", 12, 1)
+    assert jobs_left(runtime) == []
+
+
+def test_a_job_whose_deletion_was_interrupted_goes_once_it_is_finished(
+    jobs_runtime: Runtime, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run resumes a killed deletion of a failed job's working objects by the job's row."""
+    runtime = jobs_runtime
+    finished_job(runtime, "j-old", "2016-03-10T10:00:00", state="failed")
+    with runtime.catalog.session() as session:
+        session.add(
+            DeletionAudit(
+                account_id="acme",
+                rule=FAILED_JOB_RULE,
+                subject="job j-old",
+                as_of=at("2016-03-10T10:00:00"),
+                status="started",
+                object_count=0,
+                version_count=0,
+                bytes=0,
+                objects=[],
+                local_paths=[],
+            )
+        )
+    assert [a["action"] for a in lifecycle(capsys, "2026-04-02T03:00:00Z")] == ["deletion_resumed"]
+    assert jobs_left(runtime) == ["j-old"]
+    [jobs] = lifecycle(capsys, "2026-04-03T03:00:00Z")
+    assert (jobs["action"], jobs["detail"]["jobs"]) == ("job_records_deleted", 1)
+    assert jobs_left(runtime) == []

@@ -1,5 +1,5 @@
 """Data lifecycle: inactivity notices, terminations, locks, grace-period deletion, API result
-retention, usage record retention, trial ends, overdue notices, killed deletions finished; legal
+retention, usage and job record retention, trial ends, overdue notices, killed deletions finished; legal
 holds, export of all data, deletion on request.
 
 - `policy`: the per-plan periods (YAML, `pipelines/data/lifecycle.yaml` by default)
@@ -7,7 +7,8 @@ holds, export of all data, deletion on request.
 - `account_state`: what the rules read of an account, and how they record, send and delete
 - `operations`: holds, termination, export-all, delete-on-request, `is_locked`
 - `deletion`: inventory (every version), audit entry, delete, list again
-- `retention`: usage records past `usage_retention_years`, and their audited deletion
+- `retention`: usage records past `usage_retention_years`, and the job rows holding the same facts;
+  their audited deletion
 - `notices`: the e-mails and their delivery records
 - `sweeps`: jobs whose run was killed or lost are closed; ready e-mails the runs could not send go out
 - `models`: the catalog tables

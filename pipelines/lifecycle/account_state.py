@@ -38,6 +38,7 @@ ACTIONS = (
     "trial_ended",
     "overdue_notice",
     "usage_records_deleted",
+    "job_records_deleted",
     "deletion_resumed",
 )
 

@@ -209,8 +209,9 @@ def account_deletion_plan(store: ObjectStore, scratch: Path, account_id: str) ->
 
 
 def forget_account_objects(catalog: Catalog, account_id: str, deleted_at: datetime) -> None:
-    """The catalog stops pointing at deleted objects; job rows and usage stay (billing evidence),
-    and trained models stay as tombstones (their versions are not given out again)."""
+    """The catalog stops pointing at deleted objects; job rows and usage stay (billing evidence)
+    until their retention (`retention`), and trained models stay as tombstones (their versions are
+    not given out again)."""
     with catalog.session() as session:
         session.execute(
             update(Job)

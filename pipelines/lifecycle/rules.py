@@ -36,7 +36,14 @@ from pipelines.lifecycle.deletion import (
 from pipelines.lifecycle.models import DeletionAudit, LifecycleAction, LifecycleDeliveryFailure, Termination
 from pipelines.lifecycle.operations import export_bundles, open_job, trial_ends_at
 from pipelines.lifecycle.policy import LifecyclePolicy, load_policy
-from pipelines.lifecycle.retention import USAGE_RULE, delete_usage, expired_usage
+from pipelines.lifecycle.retention import (
+    JOB_RULE,
+    USAGE_RULE,
+    delete_jobs,
+    delete_usage,
+    expired_jobs,
+    expired_usage,
+)
 from pipelines.notify import support_address
 from pipelines.scratch import job_folders
 from pipelines.storage import AccountArea
@@ -124,6 +131,7 @@ class AccountRun(AccountState):
         if self.termination is None or self.as_of < self.termination.effective_at:
             self._overdue()
         self._usage_retention()
+        self._job_retention()
         self._unfinished_deletions()
         self._announce_deletions()
 
@@ -405,6 +413,33 @@ class AccountRun(AccountState):
         if not self.dry_run:
             detail["audit_id"] = delete_usage(catalog, self.account.account_id, expired, cutoff, self.as_of).id
         self._emit("usage_records_deleted", iso(cutoff), self.as_of, detail)
+
+    def _job_retention(self) -> None:
+        """A finished job's row holds what its usage record held (file name, points, classes): it
+        goes with the record, under the same retention, and never while the record is kept."""
+        years = self.context.policy.usage_retention_years
+        if years is None:
+            return
+        cutoff = add_months(self.as_of, -12 * years)
+        catalog = self.context.runtime.catalog
+        with catalog.session() as session:
+            expired = expired_jobs(session, self.account.account_id, cutoff)
+        if not expired:
+            return
+        due = add_months(min(j.finished_at for j in expired), 12 * years)
+        if self._blocked("job_records_deleted", "jobs", due):
+            return
+        detail = {
+            "status": "dry_run" if self.dry_run else "deleted",
+            "rule": JOB_RULE,
+            "due_at": iso(due),
+            "retention_years": years,
+            "before": iso(cutoff),
+            "jobs": len(expired),
+        }
+        if not self.dry_run:
+            detail["audit_id"] = delete_jobs(catalog, self.account.account_id, expired, cutoff, self.as_of).id
+        self._emit("job_records_deleted", iso(cutoff), self.as_of, detail)
 
     def _unfinished_deletions(self) -> None:
         """Finish the deletions whose process died mid-way and that no rule redoes.
