@@ -298,6 +298,25 @@ def test_late_fee_is_capped_by_a_lower_legal_maximum():
     assert amounts(draft(facts(country="FR"), ledger=Ledger(balance=D("100.00")), pricebook=book))["late_fee"] == "1.50"
 
 
+def test_earlier_finance_charges_bear_no_late_fee():
+    # 356.97 overdue, of which 3.54 earlier finance charges: 1.5 % of 353.43 = 5.30145.
+    ledger = Ledger(D("356.97"), overdue_finance_charges=D("3.54"), overdue_since=date(2026, 10, 31))
+    late = draft(facts(), ledger=ledger).lines[-1]
+    assert (late.kind, late.quantity, late.amount) == ("late_fee", D("353.43"), D("5.30"))
+    assert late.description == (
+        "Finance charge 1.5 % per month on 353.43 EUR overdue since 2026-11-01; "
+        "not on the earlier finance charges of 3.54 EUR also overdue"
+    )
+    # Only finance charges overdue: they stay owed, and bear nothing.
+    assert "late_fee" not in amounts(draft(facts(), ledger=Ledger(D("1.77"), overdue_finance_charges=D("1.77"))))
+    # A month a punctual run issued before the price book's cut-over (October: Nov 1) compounds, as it was issued.
+    book = make_pricebook("finance_charges_compound_before: 2026-11-02\n")
+    late = draft(facts(), ledger=ledger, pricebook=book).lines[-1]
+    assert (late.quantity, late.amount) == (D("356.97"), D("5.35"))
+    assert late.description == "Finance charge 1.5 % per month on the overdue balance of 356.97 EUR"
+    assert draft(facts(), Period.parse("2026-11"), ledger=ledger, pricebook=book).lines[-1].amount == D("5.30")
+
+
 def test_credit_is_carried_forward_after_tax_and_never_below_zero():
     result = draft(facts(), ledger=Ledger(balance=D("-32.19")))
     assert result.lines[-1].kind == "credit" and result.lines[-1].amount == D("-32.19")
@@ -339,6 +358,11 @@ def test_default_price_book_has_the_spec_defaults():
     api = plan_limits(book, "api", on)
     assert (api.monthly_points_cap, api.result_retention_days) == (500_000_000, 10)
     assert book.terms("trial", on).trial_days == 14
+    # November's invoices (issued 2026-12-01) compounded finance charges as issued; December's on do not.
+    assert (book.finance_charges_compound(date(2026, 12, 1)), book.finance_charges_compound(date(2027, 1, 1))) == (
+        True,
+        False,
+    )
 
 
 def test_plan_limits_follow_effective_dates():
@@ -366,6 +390,11 @@ def test_plan_limits_follow_effective_dates():
         (
             'currency: EUR\npayment_terms_days: 30\nlate_fee_monthly_rate: "0.015"\nplans: {free: {discount: "1.5"}}\n',
             "fraction",
+        ),
+        (
+            'currency: EUR\npayment_terms_days: 30\nlate_fee_monthly_rate: "0.015"\nplans: {free: {}}\n'
+            "finance_charges_compound_before: soon\n",
+            "finance_charges_compound_before: 'soon' is not an ISO date",
         ),
     ],
 )

@@ -20,6 +20,7 @@ from pipelines.billing.corrections import (
 from pipelines.billing.imports import OutageRecord, PaymentRecord, import_outages, import_payments, import_usage
 from pipelines.billing.invoicing import BillingError, run_billing
 from pipelines.billing.models import BillingRun, Invoice, InvoiceLine
+from pipelines.billing.overdue import overdue_balances
 from pipelines.billing.usage import PointsCapExceededError, check_points_admission, points_used_in_month, usage_daily
 from pipelines.catalog import Catalog
 from tests.test_billing_support import (
@@ -226,6 +227,95 @@ def test_overdue_balance_gets_a_late_fee_on_the_next_invoice(catalog):
     assert lines_of(october, "punctual") == [("subscription", "99.00")]
     late = next(i for i in october.invoices if i.account_id == "late")
     assert (late.tax, late.total) == (D("18.81"), D("119.58"))  # the finance charge is not taxed
+
+
+def late_fees_of(result, account_id: str) -> list[tuple[str, str, str]]:
+    """Each finance charge of the account's invoice: amount, the base it is computed on, its text."""
+    invoice = next(i for i in result.invoices if i.account_id == account_id)
+    return [
+        (str(line.amount), str(line.quantity), line.description) for line in invoice.lines if line.kind == "late_fee"
+    ]
+
+
+def unpaid_for_three_months(catalog: Catalog, book=BOOK) -> list:
+    """September's invoice (due Oct 31) and every later one left unpaid; September to November invoiced on time."""
+    add_account(catalog, "late", started_at="2026-09-01")
+    return [run(catalog, month, book) for month in ("2026-09", "2026-10", "2026-11")]
+
+
+def test_unpaid_finance_charges_bear_no_finance_charge(catalog):
+    september, october, november = unpaid_for_three_months(catalog)
+    assert [i.total for i in september.invoices] == [D("117.81")]
+    # October and November each charge 1.5 % of September's 117.81 (October's is not due before Dec 1).
+    first = ("1.77", "117.81", "Finance charge 1.5 % per month on 117.81 EUR overdue since 2026-11-01")
+    assert late_fees_of(october, "late") == late_fees_of(november, "late") == [first]
+    # On Jan 1 the three invoices are overdue: 117.81 + 119.58 + 119.58 = 356.97, of which 3.54 is the two
+    # earlier finance charges. They stay owed, but the charge is 1.5 % of 353.43 = 5.30 (compounded: 5.35 of 356.97).
+    december = run(catalog, "2026-12")
+    assert late_fees_of(december, "late") == [
+        (
+            "5.30",
+            "353.43",
+            "Finance charge 1.5 % per month on 353.43 EUR overdue since 2026-11-01; "
+            "not on the earlier finance charges of 3.54 EUR also overdue",
+        )
+    ]
+    assert december.invoices[0].total == D("123.11")  # 99.00 + 19 % + 5.30
+    # The overdue notice lists what is owed, the finance charges included.
+    balance = overdue_balances(catalog, utc("2027-01-02T00:00Z"))["late"]
+    assert (balance.amount, balance.oldest_due_date) == (D("356.97"), date(2026, 10, 31))
+    assert [i.open for i in balance.invoices] == [D("117.81"), D("119.58"), D("119.58")]
+    # A re-run gives the same invoice.
+    assert [i.to_dict() for i in run(catalog, "2026-12").invoices] == [i.to_dict() for i in december.invoices]
+
+
+def test_a_payment_settles_an_invoice_before_its_finance_charge(catalog):
+    add_account(catalog, "late", started_at="2026-09-01")
+    run(catalog, "2026-09")
+    october = run(catalog, "2026-10")
+    assert october.invoices[0].total == D("119.58")  # with a finance charge of 1.77
+    # Paid on Nov 20: September's 117.81 and October's 117.81 of charges, not its finance charge.
+    pay(catalog, "late", None, "235.62", "2026-11-20T09:00Z")
+    assert late_fees_of(run(catalog, "2026-11"), "late") == []  # nothing overdue on Dec 1
+    # On Jan 1 October's 1.77 and November's 117.81 are overdue: only the 117.81 bears a charge.
+    assert late_fees_of(run(catalog, "2026-12"), "late") == [
+        (
+            "1.77",
+            "117.81",
+            "Finance charge 1.5 % per month on 117.81 EUR overdue since 2027-01-01; "
+            "not on the earlier finance charges of 1.77 EUR also overdue",
+        )
+    ]
+
+
+def test_a_waived_finance_charge_is_no_longer_owed_and_the_rest_still_bears_none(catalog):
+    _, october, _ = unpaid_for_three_months(catalog)
+    number = october.invoices[0].invoice_number
+    with catalog.session() as session:
+        position = next(line.position for line in session.get(Invoice, number).lines if line.kind == "late_fee")
+    issue_credit_note(catalog, BOOK, number, D("1.77"), "fee waived", date(2026, 12, 10), position)
+    # 356.97 less the waived 1.77 is overdue; November's 1.77 is the only finance charge in it.
+    december = run(catalog, "2026-12")
+    assert [(amount, base) for amount, base, _ in late_fees_of(december, "late")] == [("5.30", "353.43")]
+    assert overdue_balances(catalog, utc("2027-01-02T00:00Z"))["late"].amount == D("355.20")
+
+
+def test_months_issued_before_the_price_book_stopped_compounding_are_drafted_as_issued(catalog):
+    compounding_until_december = make_pricebook("finance_charges_compound_before: 2027-01-02\n")
+    unpaid_for_three_months(catalog, compounding_until_december)
+    # December's invoice is a punctual run's of Jan 1, before the cut-over, even when run late:
+    # the finance charge as was charged then, on the whole overdue balance.
+    december = run_billing(catalog, "2026-12", compounding_until_december, now=utc("2027-01-10T02:00Z"))
+    assert late_fees_of(december, "late") == [
+        ("5.35", "356.97", "Finance charge 1.5 % per month on the overdue balance of 356.97 EUR")
+    ]
+    # A re-run with a price book that no longer compounds gives the invoice issued, unchanged.
+    again = run_billing(catalog, "2026-12", BOOK, now=utc("2027-01-11T02:00Z"))
+    assert [i.to_dict() for i in again.invoices] == [i.to_dict() for i in december.invoices]
+    # January's (Feb 1) does not compound: on Feb 1 September to November are overdue (December's,
+    # issued late, is due Feb 9), 356.97 of which 3.54 finance charges: 1.5 % of 353.43.
+    january = run(catalog, "2027-01", compounding_until_december)
+    assert [(amount, base) for amount, base, _ in late_fees_of(january, "late")] == [("5.30", "353.43")]
 
 
 def test_a_credit_invoice_lowers_the_overdue_balance_at_once(catalog):

@@ -320,19 +320,27 @@ def availability_credit(month: MonthLines, availability: Fraction) -> None:
         )
 
 
-def late_fee(pricebook: PriceBook, account: AccountFacts, ledger: Ledger, lines: list[Line]) -> None:
-    overdue = ledger.overdue
+def late_fee(pricebook: PriceBook, period: Period, account: AccountFacts, ledger: Ledger, lines: list[Line]) -> None:
+    """The finance charge on what was overdue when the month ended: on the overdue charges less
+    earlier finance charges (which stay owed but bear none), or, for a month of a price book that
+    still compounded them then, on the whole overdue balance as was issued."""
     rate = pricebook.late_fee_rate(account.country)
-    if overdue <= 0 or not rate:
+    percent, currency = format_quantity(rate * 100), pricebook.currency
+    if pricebook.finance_charges_compound(period.next().first_day):
+        base = ledger.overdue
+        description = f"Finance charge {percent} % per month on the overdue balance of {format_money(base)} {currency}"
+    else:
+        base = ledger.finance_charge_base
+        description = f"Finance charge {percent} % per month on {format_money(base)} {currency} overdue"
+        if ledger.overdue_since is not None:
+            description += f" since {(ledger.overdue_since + timedelta(days=1)).isoformat()}"
+        if ledger.overdue_finance_charges:
+            description += (
+                f"; not on the earlier finance charges of {format_money(ledger.overdue_finance_charges)} "
+                f"{currency} also overdue"
+            )
+    if base <= 0 or not rate:
         return
     lines.append(
-        Line(
-            "late_fee",
-            f"Finance charge {format_quantity(rate * 100)} % per month on the overdue balance of "
-            f"{format_money(overdue)} {pricebook.currency}",
-            overdue,
-            rate,
-            round_half_up(Fraction(overdue) * Fraction(rate)),
-            taxable=False,
-        )
+        Line("late_fee", description, base, rate, round_half_up(Fraction(base) * Fraction(rate)), taxable=False)
     )

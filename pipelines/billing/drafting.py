@@ -64,7 +64,7 @@ def draft_invoice(
     usage_lines(month, late_usage, late=True)
     month.lines.extend(corrections)
     availability_credit(month, availability)
-    late_fee(pricebook, account, ledger, month.lines)
+    late_fee(pricebook, period, account, ledger, month.lines)
     lines = month.lines
 
     closing_day = month.last if month.active else period.last_day

@@ -113,6 +113,10 @@ class PriceBook:
     refund_unused_prepaid: bool = False
     # None until the operator names itself: documents then say they are not valid tax invoices.
     seller: Seller | None = None
+    # Months whose invoices a punctual run issued before this day charged finance charges on the
+    # whole overdue balance, earlier unpaid finance charges included; kept so that such a month
+    # drafted again bills what was issued. None: no month did.
+    finance_charges_compound_before: date | None = None
 
     @property
     def seller_country(self) -> str | None:
@@ -141,6 +145,12 @@ class PriceBook:
         """The contractual rate, or the country's legal maximum if that is lower."""
         legal_max = self.late_fee_legal_max_monthly_rate.get(country.upper())
         return self.late_fee_monthly_rate if legal_max is None else min(self.late_fee_monthly_rate, legal_max)
+
+    def finance_charges_compound(self, issued_on: date) -> bool:
+        """Whether the finance charge of an invoice a punctual run issues on `issued_on` (the 1st
+        after its month, whatever day it really runs) is charged on earlier finance charges too."""
+        cutover = self.finance_charges_compound_before
+        return cutover is not None and issued_on < cutover
 
 
 def plan_limits(pricebook: PriceBook, plan: str, on: date) -> PlanLimits:
@@ -198,6 +208,7 @@ def parse_pricebook(text: str, source: str) -> PriceBook:
         "plans",
         "refund_unused_prepaid",
         "seller",
+        "finance_charges_compound_before",
     }
     unknown = sorted(set(data) - known)
     if unknown:
@@ -217,6 +228,11 @@ def parse_pricebook(text: str, source: str) -> PriceBook:
         sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
         refund_unused_prepaid=reader.boolean(data, "refund_unused_prepaid", False),
         seller=_seller(reader, data.get("seller")),
+        finance_charges_compound_before=(
+            reader.date(data, "finance_charges_compound_before", "")
+            if data.get("finance_charges_compound_before") is not None
+            else None
+        ),
     )
 
 
@@ -312,7 +328,7 @@ class _Reader:
         try:
             return date.fromisoformat(str(value))
         except ValueError:
-            raise self.fail(f"{where}.{key}", f"{value!r} is not an ISO date (YYYY-MM-DD)") from None
+            raise self.fail(f"{where}.{key}" if where else key, f"{value!r} is not an ISO date (YYYY-MM-DD)") from None
 
     def plan_fields(self, where: str, spec: Mapping[str, Any], allowed_extra: set[str]) -> dict[str, Any]:
         unknown = sorted(set(spec) - _PLAN_FIELDS - allowed_extra)
