@@ -96,27 +96,13 @@ def delete_usage(
         hold = active_hold(session, account_id)
         if hold is not None:
             raise AccountOnHold(on_hold_message(account_id, hold))
-        audit = DeletionAudit(
-            account_id=account_id,
-            rule=USAGE_RULE,
-            subject=f"usage records before {cutoff.isoformat()}"[:255],
-            as_of=as_of,
-            status="completed",
-            object_count=len(records),
-            version_count=len(records),
-            bytes=0,
-            # Which records went, never what they held (file names, points).
-            objects=[
-                {
-                    "key": f"usage_events/{r.event_id}",
-                    "bytes": 0,
-                    "versions": 1,
-                    "what": f"usage record ({r.kind}, {r.occurred_at.isoformat()})",
-                }
-                for r in records
-            ],
-            local_paths=[],
-            finished_at=utcnow(),
+        # Which records went, never what they held (file names, points).
+        audit = _completed(
+            account_id,
+            USAGE_RULE,
+            f"usage records before {cutoff.isoformat()}",
+            as_of,
+            {f"usage_events/{r.event_id}": f"usage record ({r.kind}, {r.occurred_at.isoformat()})" for r in records},
         )
         session.add(audit)
         ids = [r.event_id for r in records]
@@ -189,32 +175,39 @@ def delete_jobs(
             session.execute(
                 delete(Job).where(Job.account_id == account_id, Job.state.in_(_FINISHED), Job.job_id.in_(chunk))
             )
-        audit = DeletionAudit(
-            account_id=account_id,
-            rule=JOB_RULE,
-            subject=f"job records finished before {cutoff.isoformat()}"[:255],
-            as_of=as_of,
-            status="completed",
-            object_count=len(jobs),
-            version_count=len(jobs),
-            bytes=0,
-            # Which jobs went, never what they held (file names, paths, points, errors).
-            objects=[
-                {
-                    "key": f"jobs/{j.job_id}",
-                    "bytes": 0,
-                    "versions": 1,
-                    "what": (
-                        f"job record ({j.state}, finished {j.finished_at.isoformat()}), with "
-                        f"{messages.get(j.job_id, 0)} e-mail record(s) and {claims.get(j.job_id, 0)} drop-zone claim(s)"
-                    ),
-                }
+        # Which jobs went, never what they held (file names, paths, points, errors).
+        audit = _completed(
+            account_id,
+            JOB_RULE,
+            f"job records finished before {cutoff.isoformat()}",
+            as_of,
+            {
+                f"jobs/{j.job_id}": (
+                    f"job record ({j.state}, finished {j.finished_at.isoformat()}), with "
+                    f"{messages.get(j.job_id, 0)} e-mail record(s) and {claims.get(j.job_id, 0)} drop-zone claim(s)"
+                )
                 for j in jobs
-            ],
-            local_paths=[],
-            finished_at=utcnow(),
+            },
         )
         session.add(audit)
         session.flush()
         session.expunge(audit)
         return audit
+
+
+def _completed(account_id: str, rule: str, subject: str, as_of: datetime, rows: dict[str, str]) -> DeletionAudit:
+    """The audit entry of catalog rows deleted in the transaction that writes it (`rows`: a key
+    naming each row, and what it was)."""
+    return DeletionAudit(
+        account_id=account_id,
+        rule=rule,
+        subject=subject[:255],
+        as_of=as_of,
+        status="completed",
+        object_count=len(rows),
+        version_count=len(rows),
+        bytes=0,
+        objects=[{"key": key, "bytes": 0, "versions": 1, "what": what} for key, what in rows.items()],
+        local_paths=[],
+        finished_at=utcnow(),
+    )

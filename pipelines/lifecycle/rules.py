@@ -130,8 +130,7 @@ class AccountRun(AccountState):
             self._api_results()
         if self.termination is None or self.as_of < self.termination.effective_at:
             self._overdue()
-        self._usage_retention()
-        self._job_retention()
+        self._retention()
         self._unfinished_deletions()
         self._announce_deletions()
 
@@ -386,60 +385,48 @@ class AccountRun(AccountState):
                         session.execute(delete(StoredFile).where(StoredFile.id == stored.id))
             self._emit("api_results_deleted", job.job_id, self.as_of, detail)
 
-    def _usage_retention(self) -> None:
+    def _retention(self) -> None:
         """Usage records are billing records: kept after the data is deleted, for the policy's
-        retention, then deleted (`retention`). Nothing to announce: no customer data goes."""
+        retention, then deleted (`retention`); a finished job's row holds what its usage record
+        held (file name, points, classes), so it goes with the record, never while the record is
+        kept. Nothing to announce: no customer data goes."""
         years = self.context.policy.usage_retention_years
         if years is None:
             return
         cutoff = add_months(self.as_of, -12 * years)
-        catalog = self.context.runtime.catalog
-        with catalog.session() as session:
-            expired = expired_usage(session, self.account.account_id, cutoff)
-        if not expired:
-            return
-        # When the oldest record's retention ended (the invoices that billed it may have kept it longer).
-        due = add_months(min(max(r.occurred_at, r.recorded_at) for r in expired), 12 * years)
-        if self._blocked("usage_records_deleted", "usage", due):
-            return
-        detail = {
-            "status": "dry_run" if self.dry_run else "deleted",
-            "rule": USAGE_RULE,
-            "due_at": iso(due),
-            "retention_years": years,
-            "before": iso(cutoff),
-            "records": len(expired),
-        }
-        if not self.dry_run:
-            detail["audit_id"] = delete_usage(catalog, self.account.account_id, expired, cutoff, self.as_of).id
-        self._emit("usage_records_deleted", iso(cutoff), self.as_of, detail)
-
-    def _job_retention(self) -> None:
-        """A finished job's row holds what its usage record held (file name, points, classes): it
-        goes with the record, under the same retention, and never while the record is kept."""
-        years = self.context.policy.usage_retention_years
-        if years is None:
-            return
-        cutoff = add_months(self.as_of, -12 * years)
-        catalog = self.context.runtime.catalog
-        with catalog.session() as session:
-            expired = expired_jobs(session, self.account.account_id, cutoff)
-        if not expired:
-            return
-        due = add_months(min(j.finished_at for j in expired), 12 * years)
-        if self._blocked("job_records_deleted", "jobs", due):
-            return
-        detail = {
-            "status": "dry_run" if self.dry_run else "deleted",
-            "rule": JOB_RULE,
-            "due_at": iso(due),
-            "retention_years": years,
-            "before": iso(cutoff),
-            "jobs": len(expired),
-        }
-        if not self.dry_run:
-            detail["audit_id"] = delete_jobs(catalog, self.account.account_id, expired, cutoff, self.as_of).id
-        self._emit("job_records_deleted", iso(cutoff), self.as_of, detail)
+        catalog, account_id = self.context.runtime.catalog, self.account.account_id
+        # Records first: a job goes only once its records have (or go in this run).
+        for action, subject, rule, count, find, delete_them, since in (
+            (
+                "usage_records_deleted",
+                "usage",
+                USAGE_RULE,
+                "records",
+                expired_usage,
+                delete_usage,
+                lambda r: max(r.occurred_at, r.recorded_at),
+            ),
+            ("job_records_deleted", "jobs", JOB_RULE, "jobs", expired_jobs, delete_jobs, lambda j: j.finished_at),
+        ):
+            with catalog.session() as session:
+                expired = find(session, account_id, cutoff)
+            if not expired:
+                continue
+            # When the oldest one's retention ended (an invoice that billed a record may have kept it longer).
+            due = add_months(min(since(e) for e in expired), 12 * years)
+            if self._blocked(action, subject, due):
+                continue
+            detail = {
+                "status": "dry_run" if self.dry_run else "deleted",
+                "rule": rule,
+                "due_at": iso(due),
+                "retention_years": years,
+                "before": iso(cutoff),
+                count: len(expired),
+            }
+            if not self.dry_run:
+                detail["audit_id"] = delete_them(catalog, account_id, expired, cutoff, self.as_of).id
+            self._emit(action, iso(cutoff), self.as_of, detail)
 
     def _unfinished_deletions(self) -> None:
         """Finish the deletions whose process died mid-way and that no rule redoes.
