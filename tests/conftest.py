@@ -212,6 +212,16 @@ def database_url(request: pytest.FixtureRequest, home: Path) -> str:
     return request.getfixturevalue("postgres_url")
 
 
+@pytest.fixture
+def catalog_runtime(home: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
+    """A runtime whose catalog is SQLite or PostgreSQL, with the account acme."""
+    monkeypatch.setenv("POINTFLOW_DATABASE_URL", database_url)
+    runtime = Runtime.from_settings(Settings.from_env())
+    upsert_accounts(runtime.catalog, [make_account("acme")])
+    yield runtime
+    runtime.catalog.dispose()
+
+
 class SmtpSink:
     """A real SMTP server on loopback that keeps what it receives, or refuses everything."""
 

@@ -198,20 +198,6 @@ def test_a_refused_quarantine_notice_is_sent_when_the_step_reruns(home: Path, sm
     assert message["To"] == "ops@acme.example" and "not a LAS/LAZ file" in message.get_content()
 
 
-@pytest.fixture
-def catalog_runtime(home: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) -> Runtime:
-    """A runtime whose catalog is SQLite or PostgreSQL, with the account acme."""
-    from pipelines.accounts import upsert_accounts
-    from pipelines.settings import Settings
-    from tests.conftest import make_account
-
-    monkeypatch.setenv("POINTFLOW_DATABASE_URL", database_url)
-    runtime = Runtime.from_settings(Settings.from_env())
-    upsert_accounts(runtime.catalog, [make_account("acme")])
-    yield runtime
-    runtime.catalog.dispose()
-
-
 def test_the_job_record_has_every_catalog_column_in_order() -> None:
     """`jobs show --json` prints the record: one key per column of the jobs table, as before it was typed."""
     from dataclasses import fields

@@ -6,30 +6,17 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from pipelines.accounts import upsert_accounts
 from pipelines.catalog.models import Job, JobState, StoredFile
 from pipelines.cli import main
 from pipelines.lifecycle.models import DeletionAudit
 from pipelines.runtime import Runtime
-from pipelines.settings import Settings
-from tests.conftest import make_account
 from tests.test_lifecycle import faulty
 
 KEYS = [f"accounts/acme/raw/scan-{n}.laz" for n in range(5)]
-
-
-@pytest.fixture
-def catalog_runtime(home: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) -> Runtime:
-    monkeypatch.setenv("POINTFLOW_DATABASE_URL", database_url)
-    runtime = Runtime.from_settings(Settings.from_env())
-    upsert_accounts(runtime.catalog, [make_account("acme")])
-    yield runtime
-    runtime.catalog.dispose()
 
 
 def lifecycle(capsys: pytest.CaptureFixture[str]) -> list[dict]:

@@ -6,28 +6,14 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-import pytest
 from sqlalchemy import delete, select
 
-from pipelines.accounts import upsert_accounts
 from pipelines.catalog.models import Job, JobState, UsageEvent, utcnow
 from pipelines.lifecycle.models import DeletionAudit
 from pipelines.lifecycle.operations import place_hold, release_holds
 from pipelines.lifecycle.sweeps import FAILED_JOB_RULE, close_stale_jobs
 from pipelines.runtime import Runtime
-from pipelines.settings import Settings
 from pipelines.steps.meter import meter_step
-from tests.conftest import make_account
-
-
-@pytest.fixture
-def catalog_runtime(home, database_url: str, monkeypatch: pytest.MonkeyPatch) -> Runtime:
-    """A runtime whose catalog is SQLite or PostgreSQL, with the account acme."""
-    monkeypatch.setenv("POINTFLOW_DATABASE_URL", database_url)
-    runtime = Runtime.from_settings(Settings.from_env())
-    upsert_accounts(runtime.catalog, [make_account("acme")])
-    yield runtime
-    runtime.catalog.dispose()
 
 
 def add_job(runtime: Runtime, job_id: str, state: JobState, finished_at: datetime | None, points: int = 0) -> None:
