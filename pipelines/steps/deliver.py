@@ -44,11 +44,11 @@ def delivery_terms(runtime: Runtime, account_id: str, at: datetime | None = None
 
 def deliver_step(runtime: Runtime, job_id: str) -> JobRecord:
     """Tell the customer the export is ready: links, class summary, classifier version (for their own model,
-    also the held-out figures it was offered on). Sent once, and only once the job is metered: a
-    job whose run ended before its meter step (killed, a DAG run marked failed) is metered here
-    first, once (the usage event's id is the job's), so no customer is told of a job never billed."""
+    also the held-out figures it was offered on). Sent once, and only once the job is metered: the
+    run meters it before this step; a job whose run ended before its meter step (killed, a DAG run
+    marked failed) is metered here first, so no customer is told of a job never billed."""
     job = job_view(runtime, job_id)
-    if job.state == JobState.EXPORTED.value:
+    if job.state == JobState.EXPORTED.value and job.metered_at is None:
         job = meter_step(runtime, job_id)
     account = get_account(runtime.catalog, job.account_id)
     terms = delivery_terms(runtime, account.account_id)
