@@ -6,13 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pipelines.accounts import get_account
-from pipelines.billing.history import account_limits
 from pipelines.billing.pricebook import load_pricebook
 from pipelines.catalog.models import JobState, utcnow
 from pipelines.class_table import class_summary
 from pipelines.customer_text import render_mail
 from pipelines.export import download_links
-from pipelines.lifecycle.operations import ensure_active
+from pipelines.lifecycle.operations import active_limits
 from pipelines.links import LinkSigner
 from pipelines.notify import Message
 from pipelines.runtime import Runtime
@@ -35,8 +34,7 @@ def delivery_terms(runtime: Runtime, account_id: str, at: datetime | None = None
     """What the account's plan allows for its results at `at` (now by default); refused once it is locked."""
     at = at or utcnow()
     pricebook = load_pricebook(runtime.settings.pricebook_path)
-    ensure_active(runtime.catalog, account_id, at, pricebook=pricebook)
-    limits = account_limits(runtime.catalog, pricebook, account_id, at.date())[1]
+    limits = active_limits(runtime.catalog, account_id, at, pricebook=pricebook)[1]
     return DeliveryTerms(
         limits.downloads, timedelta(days=limits.result_retention_days) if limits.result_retention_days else None
     )
