@@ -108,7 +108,7 @@ def _message(
     message = EmailMessage(policy=MAIL_POLICY)
     message["From"] = settings.mail_from
     message["To"] = to
-    message["Subject"] = clean_subject(subject)
+    message["Subject"] = subject
     message["Date"] = format_datetime(datetime.now(UTC))
     message["Message-ID"] = message_id or make_msgid(domain="pointflow.invalid")
     if reply_to:
@@ -133,8 +133,9 @@ def send_email(
     """Send one message (with `attachments`, if any); `to` must be one plain address
     (UndeliverableAddress otherwise, before anything is sent). `reply_to` is `reply_address`,
     which the caller reads once for all its messages."""
+    subject = clean_subject(subject)
     message = _message(settings, to, subject, body, message_id, attachments, reply_to)
-    message_id, subject = message["Message-ID"], clean_subject(subject)
+    message_id = message["Message-ID"]
     if not settings.smtp_url:
         settings.outbox_dir.mkdir(parents=True, exist_ok=True)
         path = settings.outbox_dir / f"{message_id.strip('<>').replace('@', '_at_')}.eml"
@@ -183,7 +184,7 @@ def send_once(settings: Settings, catalog: Catalog, message: Message, *, reply_t
     passed: it sends with the claim's Message-ID, so should the dead sender have got its message
     out just before dying, the two are the same message to the customer's mail program.
     """
-    key, account_id, to, subject = message.key, message.account_id, message.to, clean_subject(message.mail.subject)
+    key, account_id, to = message.key, message.account_id, message.to
     for _ in range(3):
         with catalog.session() as session:
             known = session.get(SentMessageRecord, key)
@@ -205,7 +206,7 @@ def send_once(settings: Settings, catalog: Catalog, message: Message, *, reply_t
         sent = send_email(
             settings,
             to,
-            subject,
+            message.mail.subject,
             message.mail.body,
             message_id,
             message.mail.attachments,
@@ -222,7 +223,7 @@ def send_once(settings: Settings, catalog: Catalog, message: Message, *, reply_t
                 account_id=account_id,
                 kind=message.kind,
                 recipient=to,
-                subject=subject,
+                subject=sent.subject,
                 message_id=sent.message_id,
             )
         )

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.billing.pricebook import default_pricebook_text
+from pipelines.catalog.models import SentMessage as SentMessageRecord
 from pipelines.customer_text import Mail
 from pipelines.notify import DeliveryError, Message, outbox_messages, reply_address, send_email, send_once
 from pipelines.runtime import Runtime
@@ -137,3 +138,24 @@ def test_a_runtimes_e_mails_read_the_price_book_for_their_reply_address_once(
         runtime.mailer.send_once(Message(f"notice:{n}", "acme", "test", "a@x.example", Mail(f"notice {n}", "x")))
     assert len(outbox_messages(runtime.settings)) == 2
     assert len(read) == 1
+
+
+def test_a_subject_is_cleaned_once_per_message(home, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipelines.notify
+
+    runtime = Runtime.from_settings(Settings.from_env())
+    cleaned: list[str] = []
+    clean = pipelines.notify.clean_subject
+
+    def counted_clean_subject(subject: str) -> str:
+        cleaned.append(subject)
+        return clean(subject)
+
+    monkeypatch.setattr(pipelines.notify, "clean_subject", counted_clean_subject)
+    sent = runtime.mailer.send_once(Message("notice:x", "acme", "test", "a@x.example", Mail("\n  a   notice \n", "x")))
+    assert cleaned == ["\n  a   notice \n"]
+    assert sent.subject == "a notice"
+    [path] = outbox_messages(runtime.settings)
+    assert email.message_from_bytes(path.read_bytes(), policy=email.policy.default)["Subject"] == "a notice"
+    with runtime.catalog.session() as session:
+        assert session.get(SentMessageRecord, "notice:x").subject == "a notice"
