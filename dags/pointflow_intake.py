@@ -86,9 +86,8 @@ def pointflow_intake():
 
             fail_unless_exported(run_task_step(job_id, meter_step))
 
-        exported = validate(job_id) >> classify(job_id) >> export(job_id)
-        exported >> deliver(job_id)
-        exported >> meter(job_id)
+        # Metered before the ready e-mail, as in pointflow_classify: the job is metered once, by meter.
+        validate(job_id) >> classify(job_id) >> export(job_id) >> meter(job_id) >> deliver(job_id)
 
     classify_file.expand(job_id=sweep())
 

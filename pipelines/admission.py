@@ -10,13 +10,12 @@ from datetime import datetime
 
 from sqlalchemy import func, select
 
-from pipelines.billing.history import account_limits
 from pipelines.billing.pricebook import load_pricebook
 from pipelines.billing.usage import points_over_cap
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import FileState, StoredFile
 from pipelines.errors import UserError
-from pipelines.lifecycle.operations import ensure_active
+from pipelines.lifecycle.operations import active_limits
 from pipelines.settings import Settings
 
 GB = 1_000_000_000
@@ -80,9 +79,8 @@ def check_admission(settings: Settings, catalog: Catalog, account_id: str, candi
         )
 
     pricebook = load_pricebook(settings.pricebook_path)
-    ensure_active(catalog, account_id, at, pricebook=pricebook)
     # The plan in force on the day: a downgrade's lower limits apply from its date.
-    plan, limits = account_limits(catalog, pricebook, account_id, at.date())
+    plan, limits = active_limits(catalog, account_id, at, pricebook=pricebook)
     files, points, size = _stored(catalog, account_id)
     if limits.max_files is not None and files + 1 > limits.max_files:
         raise AdmissionRefused(

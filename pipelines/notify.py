@@ -96,7 +96,8 @@ def _message(
     subject: str,
     body: str,
     message_id: str | None,
-    attachments: tuple[Attachment, ...] = (),
+    attachments: tuple[Attachment, ...],
+    reply_to: str | None,
 ) -> EmailMessage:
     try:
         check_address(to)
@@ -107,12 +108,11 @@ def _message(
     message = EmailMessage(policy=MAIL_POLICY)
     message["From"] = settings.mail_from
     message["To"] = to
-    message["Subject"] = clean_subject(subject)
+    message["Subject"] = subject
     message["Date"] = format_datetime(datetime.now(UTC))
     message["Message-ID"] = message_id or make_msgid(domain="pointflow.invalid")
-    reply = reply_address(settings)
-    if reply:
-        message["Reply-To"] = reply
+    if reply_to:
+        message["Reply-To"] = reply_to
     message.set_content(body)
     for attachment in attachments:
         maintype, _, subtype = attachment.content_type.partition("/")
@@ -127,11 +127,15 @@ def send_email(
     body: str,
     message_id: str | None = None,
     attachments: tuple[Attachment, ...] = (),
+    *,
+    reply_to: str | None,
 ) -> SentMessage:
     """Send one message (with `attachments`, if any); `to` must be one plain address
-    (UndeliverableAddress otherwise, before anything is sent)."""
-    message = _message(settings, to, subject, body, message_id, attachments)
-    message_id, subject = message["Message-ID"], clean_subject(subject)
+    (UndeliverableAddress otherwise, before anything is sent). `reply_to` is `reply_address`,
+    which the caller reads once for all its messages."""
+    subject = clean_subject(subject)
+    message = _message(settings, to, subject, body, message_id, attachments, reply_to)
+    message_id = message["Message-ID"]
     if not settings.smtp_url:
         settings.outbox_dir.mkdir(parents=True, exist_ok=True)
         path = settings.outbox_dir / f"{message_id.strip('<>').replace('@', '_at_')}.eml"
@@ -170,7 +174,7 @@ class Message:
     mail: Mail
 
 
-def send_once(settings: Settings, catalog: Catalog, message: Message) -> SentMessage:
+def send_once(settings: Settings, catalog: Catalog, message: Message, *, reply_to: str | None) -> SentMessage:
     """Send unless a message with this idempotency key was already sent: claim it (one claim per
     key, whoever inserts it first), send, then record it as sent in the same transaction that drops
     the claim. Concurrent senders of one key send one message; the others raise DeliveryInProgress.
@@ -180,7 +184,7 @@ def send_once(settings: Settings, catalog: Catalog, message: Message) -> SentMes
     passed: it sends with the claim's Message-ID, so should the dead sender have got its message
     out just before dying, the two are the same message to the customer's mail program.
     """
-    key, account_id, to, subject = message.key, message.account_id, message.to, clean_subject(message.mail.subject)
+    key, account_id, to = message.key, message.account_id, message.to
     for _ in range(3):
         with catalog.session() as session:
             known = session.get(SentMessageRecord, key)
@@ -199,7 +203,15 @@ def send_once(settings: Settings, catalog: Catalog, message: Message) -> SentMes
     else:
         raise DeliveryInProgress(f"message {key} is being sent by another process")
     try:
-        sent = send_email(settings, to, subject, message.mail.body, message_id, message.mail.attachments)
+        sent = send_email(
+            settings,
+            to,
+            message.mail.subject,
+            message.mail.body,
+            message_id,
+            message.mail.attachments,
+            reply_to=reply_to,
+        )
     except BaseException:
         with catalog.session() as session:
             session.execute(delete(MessageClaim).where(MessageClaim.key == key, MessageClaim.message_id == message_id))
@@ -211,7 +223,7 @@ def send_once(settings: Settings, catalog: Catalog, message: Message) -> SentMes
                 account_id=account_id,
                 kind=message.kind,
                 recipient=to,
-                subject=subject,
+                subject=sent.subject,
                 message_id=sent.message_id,
             )
         )
@@ -260,10 +272,12 @@ def outbox_messages(settings: Settings) -> list[Path]:
 @dataclass(frozen=True)
 class Mailer:
     """Customer e-mail as a stage sends it (`Runtime.mailer`): a rendered mail to one address,
-    once per idempotency key, through POINTFLOW_SMTP_URL or the outbox (see `send_once`)."""
+    once per idempotency key, through POINTFLOW_SMTP_URL or the outbox (see `send_once`), with
+    `reply_to` (`reply_address`, read once for every message it sends)."""
 
     settings: Settings
     catalog: Catalog
+    reply_to: str | None
 
     def send_once(self, message: Message) -> SentMessage:
-        return send_once(self.settings, self.catalog, message)
+        return send_once(self.settings, self.catalog, message, reply_to=self.reply_to)

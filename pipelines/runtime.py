@@ -8,9 +8,10 @@ DAGs, the CLI) may import it. The catalog is opened one way, here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from pipelines.catalog import Catalog
-from pipelines.notify import Mailer
+from pipelines.notify import Mailer, reply_address
 from pipelines.settings import Settings
 from pipelines.storage import ObjectStore, open_store
 
@@ -32,10 +33,11 @@ class Runtime:
     catalog: Catalog
     store: ObjectStore
 
-    @property
+    @cached_property
     def mailer(self) -> Mailer:
-        """Customer e-mail, sent once per key, recorded in this catalog."""
-        return Mailer(self.settings, self.catalog)
+        """Customer e-mail, sent once per key, recorded in this catalog; one for the runtime's life,
+        so the reply address is read once."""
+        return Mailer(self.settings, self.catalog, reply_address(self.settings))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:

@@ -175,3 +175,25 @@ def test_a_closed_account_can_neither_upload_nor_start_jobs_nor_get_links(runtim
     with pytest.raises(AccountLocked):
         delivery_terms(runtime, "gone")
     assert list(runtime.store.list("accounts/gone/")) == []
+
+
+@pytest.mark.parametrize("check", ["admission", "delivery terms"])
+def test_one_check_reads_the_accounts_plan_history_once(runtime: Runtime, admit, check: str) -> None:
+    from sqlalchemy import event
+
+    from pipelines.steps.deliver import delivery_terms
+
+    upsert_accounts(runtime.catalog, [make_account("f", plan="free")])
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement: str, *args) -> None:  # noqa: ANN001 (SQLAlchemy's event signature)
+        statements.append(statement)
+
+    event.listen(runtime.catalog.engine, "before_cursor_execute", seen)
+    try:
+        admit("f") if check == "admission" else delivery_terms(runtime, "f", AT)
+    finally:
+        event.remove(runtime.catalog.engine, "before_cursor_execute", seen)
+    # The lock check and the plan's limits both need the history: read once, for both.
+    assert sum("FROM plan_changes" in s for s in statements) == 1
+    assert sum("FROM term_changes" in s for s in statements) == 1

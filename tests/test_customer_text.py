@@ -29,7 +29,7 @@ from pipelines.export import DownloadLink
 from pipelines.lasio import LasInfo
 from pipelines.lifecycle import notices
 from pipelines.lifecycle.models import DeletionAudit
-from pipelines.notify import Message, send_email
+from pipelines.notify import Message, reply_address, send_email
 from pipelines.settings import Settings
 from pipelines.storage import INCOMING_PREFIX
 from pipelines.training import held_out_mistakes, held_out_rows
@@ -223,7 +223,7 @@ def test_mails_keep_hostile_values_as_text_and_add_no_header(name: str, value: s
     assert "&lt;" not in mail.body and "&amp;" not in mail.body
     assert value in mail.body or value in mail.subject, "the value is in the mail as given"
     assert mail.body.endswith("\n")
-    sent = send_email(settings, "ops@acme.example", mail.subject, mail.body)
+    sent = send_email(settings, "ops@acme.example", mail.subject, mail.body, reply_to=reply_address(settings))
     message = email.message_from_bytes(Path(sent.location).read_bytes(), policy=email.policy.default)
     assert sorted(message.keys()) == sorted(
         ["From", "To", "Subject", "Date", "Message-ID", "Content-Type", "Content-Transfer-Encoding", "MIME-Version"]
@@ -250,7 +250,7 @@ def test_every_template_is_named_by_the_code_and_ships_with_the_package() -> Non
 
 def _sent(settings: Settings, mail: Mail) -> email.message.EmailMessage:
     """The mail as it lands in the outbox, parsed back."""
-    sent = send_email(settings, "ops@acme.example", mail.subject, mail.body)
+    sent = send_email(settings, "ops@acme.example", mail.subject, mail.body, reply_to=reply_address(settings))
     return email.message_from_bytes(Path(sent.location).read_bytes(), policy=email.policy.default)
 
 
@@ -294,7 +294,7 @@ def test_every_subject_is_sent_on_the_subject_line_without_leading_space(name: s
     for value in ("trial1", "Acme & Sons GmbH", "x" * 40):
         mail = MAILS[name](value)
         assert mail.subject == " ".join(mail.subject.split()), "no leading, trailing or doubled space"
-        sent = send_email(settings, "ops@acme.example", mail.subject, mail.body)
+        sent = send_email(settings, "ops@acme.example", mail.subject, mail.body, reply_to=reply_address(settings))
         first, *_ = _subject_lines(Path(sent.location))
         assert first.startswith("Subject: ") and first != "Subject:" and not first.startswith("Subject:  ")
         message = email.message_from_bytes(Path(sent.location).read_bytes(), policy=email.policy.default)
@@ -308,7 +308,7 @@ def test_the_deletion_notice_subject_is_not_folded_away_from_its_header(settings
     draft = notices.data_locked(
         Account(account_id="trial1", name="Trial", email="t@x.example"), "trial_ended", moment, moment
     )
-    sent = send_email(settings, "t@x.example", draft.mail.subject, draft.mail.body)
+    sent = send_email(settings, "t@x.example", draft.mail.subject, draft.mail.body, reply_to=reply_address(settings))
     assert _subject_lines(Path(sent.location)) == [
         "Subject: pointflow: the data of account trial1 will be deleted on 23 September 2027"
     ]

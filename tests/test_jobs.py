@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+import pipelines.jobs
+import pipelines.steps.deliver
 from pipelines.accounts import UnknownAccountError
 from pipelines.catalog.models import UsageEvent
 from pipelines.jobs import run_job
@@ -20,7 +22,7 @@ from pipelines.steps.classify import classify_step
 from pipelines.steps.export import export_step
 from pipelines.steps.ingest import create_job, ingest_step
 from pipelines.steps.meter import meter_step
-from pipelines.steps.record import ValidationFailed, job_view
+from pipelines.steps.record import JobRecord, ValidationFailed, job_view
 from pipelines.steps.validate import validate_step
 from pipelines.storage import file_sha256
 from tests.conftest import shared_file
@@ -52,8 +54,21 @@ def check_exported(runtime: Runtime, job: dict, source: Path, tmp_path: Path) ->
     return manifest
 
 
-def test_job_runs_end_to_end_and_meters_once(runtime: Runtime, account: str, scene_path: Path, tmp_path: Path) -> None:
+def test_job_runs_end_to_end_and_meters_once(
+    runtime: Runtime, account: str, scene_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metered: list[str] = []
+
+    def counted_meter_step(runtime: Runtime, job_id: str) -> JobRecord:
+        metered.append(job_id)
+        return meter_step(runtime, job_id)
+
+    monkeypatch.setattr(pipelines.jobs, "meter_step", counted_meter_step)
+    monkeypatch.setattr(pipelines.steps.deliver, "meter_step", counted_meter_step)
     job = run_job(runtime, account, str(scene_path), workers=2)
+    # Metered once, by the run, before the ready e-mail: the deliver step does not meter it again.
+    assert metered == [job.job_id]
+    assert len(outbox_messages(runtime.settings)) == 1
     manifest = check_exported(runtime, job, scene_path, tmp_path)
     labels = laspy.read(scene_path).classification
     assert abs(manifest["class_counts"].get("2", 0) - int(np.sum(labels == 2))) < 0.05 * len(labels)

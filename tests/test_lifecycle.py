@@ -27,7 +27,7 @@ from pipelines.ingest import ingest_file
 from pipelines.lifecycle import is_locked
 from pipelines.lifecycle.deletion import account_deletion_plan, execute_deletion
 from pipelines.lifecycle.models import DeletionAudit, LegalHold, LifecycleDeliveryFailure, Termination
-from pipelines.lifecycle.operations import AccountLocked, ensure_active
+from pipelines.lifecycle.operations import AccountLocked, ensure_active, export_bundles
 from pipelines.metering import UsageRecord, record_usage
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
@@ -692,7 +692,18 @@ def test_api_results_are_deleted_ten_days_after_the_job(runtime: Runtime, smtp_s
     ] * 3
 
 
-def test_api_result_deletions_are_announced_once_per_run(runtime: Runtime, smtp_sink, capsys) -> None:
+def test_api_result_deletions_are_announced_once_per_run(
+    runtime: Runtime, smtp_sink, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipelines.lifecycle.rules
+
+    listed: list[str] = []
+
+    def counted_export_bundles(store, account_id: str) -> list[str]:  # noqa: ANN001 (any store)
+        listed.append(account_id)
+        return export_bundles(store, account_id)
+
+    monkeypatch.setattr(pipelines.lifecycle.rules, "export_bundles", counted_export_bundles)
     upsert_accounts(runtime.catalog, [make_account("told", "api")])
     with runtime.catalog.session() as session:
         stored = StoredFile(
@@ -710,6 +721,7 @@ def test_api_result_deletions_are_announced_once_per_run(runtime: Runtime, smtp_
         ("api_results_deleted", "job-a"),
         ("api_results_deleted", "job-b"),
     ]
+    assert listed == ["told"], "the account's export-all bundles are listed once per run"
     # One notice for the run, listing both jobs: what, when, under which rule.
     [mail] = sent(smtp_sink)
     assert mail["To"] == "ops@told.example"

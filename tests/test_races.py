@@ -182,16 +182,25 @@ def test_a_claim_left_by_a_crash_is_sent_once_by_the_next_run_and_a_live_one_is_
                 )
             )
     sent = send_once(
-        settings, catalog, Message("notice:stale", "acme", "test", "ops@acme.example", Mail("subject", "body"))
+        settings,
+        catalog,
+        Message("notice:stale", "acme", "test", "ops@acme.example", Mail("subject", "body")),
+        reply_to=None,
     )
     assert sent.message_id == "<notice.stale@pointflow.invalid>"  # the claim's id: a resend is recognisable
     with pytest.raises(DeliveryInProgress):
         send_once(
-            settings, catalog, Message("notice:live", "acme", "test", "ops@acme.example", Mail("subject", "body"))
+            settings,
+            catalog,
+            Message("notice:live", "acme", "test", "ops@acme.example", Mail("subject", "body")),
+            reply_to=None,
         )
     assert (
         send_once(
-            settings, catalog, Message("notice:stale", "acme", "test", "ops@acme.example", Mail("subject", "body"))
+            settings,
+            catalog,
+            Message("notice:stale", "acme", "test", "ops@acme.example", Mail("subject", "body")),
+            reply_to=None,
         ).location
         == "already sent"
     )
@@ -212,11 +221,21 @@ def test_a_refused_delivery_releases_its_claim(
     catalog.migrate()
     smtp_sink.refusing = True
     with pytest.raises(DeliveryError):
-        send_once(settings, catalog, Message("notice:x", "acme", "test", "ops@acme.example", Mail("subject", "body")))
+        send_once(
+            settings,
+            catalog,
+            Message("notice:x", "acme", "test", "ops@acme.example", Mail("subject", "body")),
+            reply_to=None,
+        )
     with catalog.session() as session:
         assert session.scalar(select(func.count()).select_from(MessageClaim)) == 0
     smtp_sink.refusing = False
-    send_once(settings, catalog, Message("notice:x", "acme", "test", "ops@acme.example", Mail("subject", "body")))
+    send_once(
+        settings,
+        catalog,
+        Message("notice:x", "acme", "test", "ops@acme.example", Mail("subject", "body")),
+        reply_to=None,
+    )
     assert len(smtp_sink.messages) == 1
     catalog.dispose()
 

@@ -76,7 +76,7 @@ def test_percent_encoded_passwords_reach_the_servers_decoded(home: Path, monkeyp
         settings = Settings.from_env(
             {**os.environ, "POINTFLOW_SMTP_URL": f"smtp://mailer:{quote(PASSWORD, safe='')}@127.0.0.1:{sink.port}"}
         )
-        send_email(settings, "ops@acme.example", "subject", "body")
+        send_email(settings, "ops@acme.example", "subject", "body", reply_to=None)
     finally:
         sink.controller.stop()
     assert len(sink.messages) == 1

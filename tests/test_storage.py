@@ -318,3 +318,36 @@ def test_a_killed_uploads_part_file_is_swept_after_an_hour_a_live_writers_never(
     os.utime(part, (old, old))
     assert store.sweep_partials() == [key]
     assert not part.exists() and not (root / "accounts").exists()
+
+
+def test_planning_an_accounts_deletion_walks_its_local_folder_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Objects, entries that are no objects and part files are all found in one walk of the folder."""
+    import os
+
+    from pipelines.lifecycle.deletion import PARTIAL_WHAT, account_deletion_plan
+
+    store = LocalStore(tmp_path / "objects")
+    store.put_bytes("accounts/acme/raw/a.laz", b"aa")
+    store.put_bytes("accounts/acme/invoices/i.pdf", b"kept")
+    folder = store.root / "accounts/acme/raw"
+    (folder / ".part-b.laz").write_bytes(b"bbb")
+    os.symlink("a.laz", folder / "c.laz")
+    os.mkfifo(folder / "d.las")
+    walked: list[str] = []
+    walk = os.walk
+
+    def counted_walk(top, *args, **kwargs):  # noqa: ANN001, ANN202 (os.walk's signature)
+        walked.append(Path(top).relative_to(store.root).as_posix())
+        return walk(top, *args, **kwargs)
+
+    monkeypatch.setattr(os, "walk", counted_walk)
+    plan = account_deletion_plan(store, tmp_path / "scratch", "acme")
+    assert walked == ["accounts/acme"]
+    assert [(o.key, o.bytes, o.what) for o in plan.objects] == [
+        ("accounts/acme/raw/.part-b.laz", 3, PARTIAL_WHAT),
+        ("accounts/acme/raw/a.laz", 2, None),
+        ("accounts/acme/raw/c.laz", 0, "a symbolic link (to a.laz)"),
+        ("accounts/acme/raw/d.las", 0, "not a regular file (a FIFO, socket or device)"),
+    ]

@@ -41,7 +41,7 @@ from pipelines.billing.usage import usage_daily
 from pipelines.catalog import Catalog
 from pipelines.catalog.models import Account, SentMessage
 from pipelines.customer_text import Attachment, Mail, render_mail
-from pipelines.notify import DeliveryError, Mailer, Message, support_address
+from pipelines.notify import DeliveryError, Mailer, Message, reply_address, support_address
 from pipelines.notify import SentMessage as MailSent
 from pipelines.runtime import Runtime
 from pipelines.settings import Settings
@@ -81,7 +81,7 @@ class MonthlyBilling:
     @property
     def mailer(self) -> Mailer:
         """The invoice e-mails go out as a job's do: once per key, recorded in this catalog."""
-        return Mailer(self.settings, self.catalog)
+        return Mailer(self.settings, self.catalog, reply_address(self.settings, self.pricebook))
 
     @classmethod
     def open(cls, settings: Settings, period: str) -> MonthlyBilling:
@@ -395,9 +395,8 @@ def email_credit_note(
     links = {fmt: store.link(key, link_lifetime) for fmt, key in keys.items() if store.exists(key)}
     with catalog.session() as session:
         to = session.get(Account, document.buyer.account_id).email
-    mailer = Mailer(settings, catalog)
     return mail_document(
-        mailer,
+        Mailer(settings, catalog, reply_address(settings, pricebook)),
         pricebook,
         f"credit_note:{number}",
         "credit_note",

@@ -169,7 +169,11 @@ def account_limits(catalog: Catalog, pricebook: PriceBook, account_id: str, day:
     """The plan in force on `day` and the limits admission enforces then: an agreed points cap
     replaces the plan's, and extra storage bought then raises the plan's storage limit (which is
     also the monthly upload limit) by as many GB."""
-    agreed = agreed_on(catalog, account_id, day)
+    return agreed_limits(pricebook, agreed_on(catalog, account_id, day), day)
+
+
+def agreed_limits(pricebook: PriceBook, agreed: Agreed, day: date) -> tuple[str, PlanLimits]:
+    """`account_limits` of what the account had agreed on `day`, for a caller that read it already."""
     limits = plan_limits(pricebook, agreed.plan, day)
     if agreed.monthly_points_cap is not None:
         limits = replace(limits, monthly_points_cap=agreed.monthly_points_cap)

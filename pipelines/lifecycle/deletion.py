@@ -150,13 +150,12 @@ def inventory(store: ObjectStore, prefix: str) -> list[StoredObject]:
         # Symbolic links, FIFOs (planted in a drop zone) are no objects, but the account's entries
         # all the same: a deletion removes them themselves (never a link's target), and a prefix
         # whose folder is itself a link is that link alone (nothing is listed through it).
-        strays = [StoredObject(key, 0, 1, None, what) for key, what in store.strays(prefix)]
-        if any(stray.key + "/" == prefix for stray in strays):
-            return strays
-        objects = [StoredObject(o.key, o.size, 1, o.size) for o in store.list(prefix)]
+        found, strayed, parts = store.contents(prefix)  # one walk of the folder
+        strays = [StoredObject(key, 0, 1, None, what) for key, what in strayed]
+        objects = [StoredObject(o.key, o.size, 1, o.size) for o in found]
         # Part files of uploads (a writer killed mid-way, or one still writing) hold the account's
         # points although they are no objects: deleted too, with their size, never exported.
-        partials = [StoredObject(o.key, o.size, 1, None, PARTIAL_WHAT) for o in store.partials(prefix)]
+        partials = [StoredObject(o.key, o.size, 1, None, PARTIAL_WHAT) for o in parts]
         return sorted(objects + strays + partials, key=lambda o: o.key)
     return [StoredObject(o.key, o.size, 1, o.size) for o in store.list(prefix)]
 

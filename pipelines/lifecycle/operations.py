@@ -18,13 +18,13 @@ from sqlalchemy.orm import Session
 from pipelines.accounts import get_account
 from pipelines.billing.charges import invoiced_cycle
 from pipelines.billing.corrections import TermsUpdate, set_billing_terms
-from pipelines.billing.history import account_history, agreed_on
+from pipelines.billing.history import account_history, agreed_limits, agreed_on
 from pipelines.billing.lines import CYCLE_MONTHS
 from pipelines.billing.overdue import overdue_balances
 from pipelines.billing.periods import Period, start_of
-from pipelines.billing.pricebook import PriceBook
+from pipelines.billing.pricebook import PlanLimits, PriceBook
 from pipelines.billing.terms import History
-from pipelines.catalog import Catalog, CatalogError
+from pipelines.catalog import Catalog, CatalogError, UnknownAccountError
 from pipelines.catalog.models import TERMINAL_JOB_STATES, Account, BillingCycle, Job, JobState, Plan, StoredFile
 from pipelines.lifecycle import notices
 from pipelines.lifecycle.deletion import (
@@ -76,18 +76,23 @@ def is_locked(catalog: Catalog, account_id: str, at: datetime | None = None, *, 
     lengthen the trial), even before the nightly run has recorded it.
     Exporting all data for the customer during the grace period stays allowed.
     """
-    at = _now(at)
+    return _standing(catalog, account_id, _now(at), pricebook)[0]
+
+
+def _standing(catalog: Catalog, account_id: str, at: datetime, pricebook: PriceBook) -> tuple[bool, History | None]:
+    """Whether the account is locked at `at` (`is_locked`), and the history the check read: None
+    when it read none (locked by its termination, or no such account)."""
     with catalog.session() as session:
         termination = session.get(Termination, account_id)
         if termination is not None and (termination.locked_at is not None or termination.effective_at <= at):
-            return True
+            return True, None
         account = session.get(Account, account_id)
         if account is None:
-            return False
+            return False, None
         history = account_history(session, account)
         started = account.started_at
     ends_at = trial_ends_at(pricebook, history, started, at)
-    return ends_at is not None and ends_at <= at
+    return ends_at is not None and ends_at <= at, history
 
 
 def trial_ends_at(pricebook: PriceBook, history: History, started: date, at: datetime) -> datetime | None:
@@ -112,11 +117,26 @@ class AccountLocked(LifecycleError):
 
 
 def ensure_active(catalog: Catalog, account_id: str, at: datetime | None = None, *, pricebook: PriceBook) -> None:
-    if is_locked(catalog, account_id, at, pricebook=pricebook):
+    _active_history(catalog, account_id, _now(at), pricebook)
+
+
+def active_limits(catalog: Catalog, account_id: str, at: datetime, *, pricebook: PriceBook) -> tuple[str, PlanLimits]:
+    """`ensure_active`, then the plan in force on `at`'s day and its limits (`account_limits`),
+    from the history the lock check read: one read of it for both."""
+    history = _active_history(catalog, account_id, _now(at), pricebook)
+    if history is None:
+        raise UnknownAccountError(account_id)
+    return agreed_limits(pricebook, history.on(at.date()), at.date())
+
+
+def _active_history(catalog: Catalog, account_id: str, at: datetime, pricebook: PriceBook) -> History | None:
+    locked, history = _standing(catalog, account_id, at, pricebook)
+    if locked:
         raise AccountLocked(
             f"account {account_id} is closed: its data is locked until deletion; "
             "'pointflow accounts export-all' still returns it to the customer"
         )
+    return history
 
 
 @dataclass(frozen=True)

@@ -339,6 +339,7 @@ class AccountRun(AccountState):
 
         area = AccountArea(account_id)
         scratch = self.context.runtime.settings.scratch_dir
+        bundles: list[str] | None = None  # listed once, when a job is first due
         for job in jobs:
             due = due_at(job)
             if due is None or self.as_of < due or ("api_results_deleted", job.job_id) in self.done:
@@ -362,8 +363,11 @@ class AccountRun(AccountState):
             ]
             # An export-all bundle holds copies of the results and inputs: every bundle made before
             # this deletion goes with it, so no copy outlives the retention (export-all makes a
-            # new one from what is left).
-            keys = export_bundles(self.context.runtime.store, account_id)
+            # new one from what is left). Export-all takes the account's lock, which this run
+            # holds: no bundle comes while it runs, and the first deletion takes them all.
+            if bundles is None:
+                bundles = export_bundles(self.context.runtime.store, account_id)
+            keys = list(bundles)
             if input_due:
                 keys.append(stored.key)
             plan = plan_deletion(self.context.runtime.store, prefixes, keys, job_folders(scratch, job.job_id))
@@ -374,6 +378,7 @@ class AccountRun(AccountState):
                 raise
             detail = {"job_id": job.job_id, "finished_at": iso(job.finished_at), **done}
             if not self.dry_run:
+                bundles = []
                 with self.context.runtime.catalog.session() as session:
                     session.execute(
                         update(Job)

@@ -5,8 +5,8 @@
 - `validate`: the gate and the expectations; a refused file goes to quarantine
 - `classify`: tiled on Dask
 - `export`: the classified points, summaries, preview, report, manifest last
-- `deliver`: the e-mail that the results are ready
 - `meter`: close the job and record its one usage event
+- `deliver`: the e-mail that the results are ready (a job its run did not meter is metered first)
 
 `record` holds the job record and its state machine, which every step reads first.
 """

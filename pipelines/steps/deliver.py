@@ -6,13 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pipelines.accounts import get_account
-from pipelines.billing.history import account_limits
 from pipelines.billing.pricebook import load_pricebook
 from pipelines.catalog.models import JobState, utcnow
 from pipelines.class_table import class_summary
 from pipelines.customer_text import render_mail
 from pipelines.export import download_links
-from pipelines.lifecycle.operations import ensure_active
+from pipelines.lifecycle.operations import active_limits
 from pipelines.links import LinkSigner
 from pipelines.notify import Message
 from pipelines.runtime import Runtime
@@ -35,8 +34,7 @@ def delivery_terms(runtime: Runtime, account_id: str, at: datetime | None = None
     """What the account's plan allows for its results at `at` (now by default); refused once it is locked."""
     at = at or utcnow()
     pricebook = load_pricebook(runtime.settings.pricebook_path)
-    ensure_active(runtime.catalog, account_id, at, pricebook=pricebook)
-    limits = account_limits(runtime.catalog, pricebook, account_id, at.date())[1]
+    limits = active_limits(runtime.catalog, account_id, at, pricebook=pricebook)[1]
     return DeliveryTerms(
         limits.downloads, timedelta(days=limits.result_retention_days) if limits.result_retention_days else None
     )
@@ -44,11 +42,11 @@ def delivery_terms(runtime: Runtime, account_id: str, at: datetime | None = None
 
 def deliver_step(runtime: Runtime, job_id: str) -> JobRecord:
     """Tell the customer the export is ready: links, class summary, classifier version (for their own model,
-    also the held-out figures it was offered on). Sent once, and only once the job is metered: a
-    job whose run ended before its meter step (killed, a DAG run marked failed) is metered here
-    first, once (the usage event's id is the job's), so no customer is told of a job never billed."""
+    also the held-out figures it was offered on). Sent once, and only once the job is metered: the
+    run meters it before this step; a job whose run ended before its meter step (killed, a DAG run
+    marked failed) is metered here first, so no customer is told of a job never billed."""
     job = job_view(runtime, job_id)
-    if job.state == JobState.EXPORTED.value:
+    if job.state == JobState.EXPORTED.value and job.metered_at is None:
         job = meter_step(runtime, job_id)
     account = get_account(runtime.catalog, job.account_id)
     terms = delivery_terms(runtime, account.account_id)

@@ -170,26 +170,35 @@ class LocalStore(ObjectStore):
         return os.lstat(self._regular(key)).st_size
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        base = self._path(folder) if folder else self.root
-        if not base.is_dir():
+        base = self._base(prefix)
+        if base is None:
             return
         for path, facts in self._entries(base, prefix):
             # Regular files only: a link (to a file or a folder), a FIFO or a device is no object.
             if stat.S_ISREG(facts.st_mode):
-                key = path.relative_to(self.root).as_posix()
-                yield ObjectInfo(key, facts.st_size, _local_version(facts), datetime.fromtimestamp(facts.st_mtime, UTC))
+                yield self._info(path, facts)
 
-    def _entries(self, base: Path, prefix: str, partials: bool = False) -> Iterator[tuple[Path, os.stat_result]]:
+    def _base(self, prefix: str) -> Path | None:
+        """The folder holding every key under `prefix`; None when there is none."""
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self._path(folder) if folder else self.root
+        return base if base.is_dir() else None
+
+    def _info(self, path: Path, facts: os.stat_result) -> ObjectInfo:
+        key = path.relative_to(self.root).as_posix()
+        return ObjectInfo(key, facts.st_size, _local_version(facts), datetime.fromtimestamp(facts.st_mtime, UTC))
+
+    def _entries(self, base: Path, prefix: str, partials: bool | None = False) -> Iterator[tuple[Path, os.stat_result]]:
         """Every entry under `base` whose key starts with `prefix`, with its own facts (lstat):
         files and links (to folders too, which os.walk does not enter), never what a link points at.
-        Part files (`PART_PREFIX`, an upload not finished) only with `partials`, and then only them."""
+        Part files (`PART_PREFIX`, an upload not finished) only with `partials`, and then only them;
+        with `partials` None, every entry."""
         # os.walk skips folders that vanish under it: other tasks delete while we list.
         paths = sorted(
             Path(folder, name)
             for folder, subfolders, names in os.walk(base)
             for name in names + [d for d in subfolders if os.path.islink(os.path.join(folder, d))]
-            if name.startswith(PART_PREFIX) == partials
+            if partials is None or name.startswith(PART_PREFIX) == partials
         )
         for path in paths:
             if path.relative_to(self.root).as_posix().startswith(prefix):
@@ -198,61 +207,69 @@ class LocalStore(ObjectStore):
                 except FileNotFoundError:
                     continue
 
+    @staticmethod
+    def _no_object(path: Path, facts: os.stat_result) -> str | None:
+        """What an entry that is no regular file is (a symbolic link, a FIFO, a device); None for a file."""
+        if stat.S_ISLNK(facts.st_mode):
+            return f"a symbolic link (to {os.readlink(path)})"
+        if not stat.S_ISREG(facts.st_mode):
+            return "not a regular file (a FIFO, socket or device)"
+        return None
+
     def irregular(self, prefix: str) -> Iterator[tuple[str, str]]:
         """(key, what it is) of each entry under `prefix` that `list` leaves out because it is no
         regular file (a symbolic link, a FIFO, a device), and of each file with other names (hard
         links): what a drop-zone sweep reports and never takes."""
-        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        base = self._path(folder) if folder else self.root
-        if not base.is_dir():
+        base = self._base(prefix)
+        if base is None:
             return
         for path, facts in self._entries(base, prefix):
             key = path.relative_to(self.root).as_posix()
-            if stat.S_ISLNK(facts.st_mode):
-                yield key, f"a symbolic link (to {os.readlink(path)})"
-            elif not stat.S_ISREG(facts.st_mode):
-                yield key, "not a regular file (a FIFO, socket or device)"
+            if (what := self._no_object(path, facts)) is not None:
+                yield key, what
             elif facts.st_nlink > 1:
                 yield key, f"a hard link: the same file has {facts.st_nlink - 1} other name(s) on this disk"
 
-    def strays(self, prefix: str) -> Iterator[tuple[str, str]]:
-        """(key, what it is) of each entry under `prefix` that is no object (a symbolic link, a
-        FIFO, a device: what `list` leaves out), and of the folder `prefix` names ("incoming/acme/")
-        when it is itself a symbolic link: what deleting everything under `prefix` must remove
-        besides `list`'s objects. `delete(key)` removes such an entry itself, never what a link
-        points at. (Hard links are regular files: `list` lists them.)"""
+    def contents(self, prefix: str) -> tuple[list[ObjectInfo], list[tuple[str, str]], list[ObjectInfo]]:
+        """Everything under `prefix` that deleting all of it removes, from one walk of its folder:
+        the objects (`list`); the strays, (key, what it is) of each entry that is no object (a
+        symbolic link, a FIFO, a device), or of the folder `prefix` names ("incoming/acme/") when
+        it is itself a symbolic link (then alone: nothing is listed through it); the part files
+        (`partials`). `delete(key)` removes a stray itself, never what a link points at. (Hard links
+        are regular files: objects.)"""
         if prefix.endswith("/"):
             folder = prefix[:-1]
             path = self._path(folder, last_may_be_link=True)
             try:
                 facts = os.lstat(path)
             except (FileNotFoundError, NotADirectoryError):
-                return
+                return [], [], []
             if stat.S_ISLNK(facts.st_mode):
-                yield folder, f"a symbolic link (to {os.readlink(path)})"
-                return
-        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        base = self._path(folder) if folder else self.root
-        if not base.is_dir():
-            return
-        for path, facts in self._entries(base, prefix):
-            if stat.S_ISLNK(facts.st_mode):
-                yield path.relative_to(self.root).as_posix(), f"a symbolic link (to {os.readlink(path)})"
-            elif not stat.S_ISREG(facts.st_mode):
-                yield path.relative_to(self.root).as_posix(), "not a regular file (a FIFO, socket or device)"
+                return [], [(folder, f"a symbolic link (to {os.readlink(path)})")], []
+        objects: list[ObjectInfo] = []
+        strays: list[tuple[str, str]] = []
+        partials: list[ObjectInfo] = []
+        base = self._base(prefix)
+        for path, facts in self._entries(base, prefix, partials=None) if base is not None else ():
+            if path.name.startswith(PART_PREFIX):
+                if stat.S_ISREG(facts.st_mode):
+                    partials.append(self._info(path, facts))
+            elif (what := self._no_object(path, facts)) is not None:
+                strays.append((path.relative_to(self.root).as_posix(), what))
+            else:
+                objects.append(self._info(path, facts))
+        return objects, strays, partials
 
     def partials(self, prefix: str) -> Iterator[ObjectInfo]:
         """The part files under `prefix`: uploads under way, or left by a writer that was killed.
         `list` leaves them out (they are no objects), but they hold the account's bytes: deleting
         everything under `prefix` removes them too (`delete(key)` takes one)."""
-        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        base = self._path(folder) if folder else self.root
-        if not base.is_dir():
+        base = self._base(prefix)
+        if base is None:
             return
         for path, facts in self._entries(base, prefix, partials=True):
             if stat.S_ISREG(facts.st_mode):
-                key = path.relative_to(self.root).as_posix()
-                yield ObjectInfo(key, facts.st_size, _local_version(facts), datetime.fromtimestamp(facts.st_mtime, UTC))
+                yield self._info(path, facts)
 
     def sweep_partials(
         self,
