@@ -39,7 +39,8 @@ class CoordinateFrame:
 
     def describe(self) -> str:
         if self.crs is None:
-            return "no CRS in the file: " + (self.units.describe() if self.units else "coordinates as stored")
+            what = "an unreadable CRS" if self.units and self.units.unreadable_crs else "no CRS"
+            return f"{what} in the file: " + (self.units.describe() if self.units else "coordinates as stored")
         code = f" (EPSG:{self.epsg})" if self.epsg else ""
         return f"{self.crs}{code}; " + (self.units.describe() if self.units else "geographic coordinates (degrees)")
 

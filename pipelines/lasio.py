@@ -45,20 +45,23 @@ class LasInfo:
     point_record_length: int
     offset_to_points: int
     file_size: int
+    # Why the CRS record the file has could not be read (`crs` is then None); None when it could.
+    crs_unreadable: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _crs_text(header: laspy.LasHeader) -> str | None:
+def _crs_text(header: laspy.LasHeader) -> tuple[str | None, str | None]:
+    """The file's CRS as WKT, and why a CRS record it has cannot be read. An unreadable one does
+    not refuse the file: validation warns, and units are then taken as metres, as without a CRS."""
     try:
         crs = header.parse_crs()
-    except Exception:
-        # An unreadable CRS record is reported as missing rather than failing the whole file.
-        return None
+    except Exception as error:
+        return None, (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     if crs is None:
-        return None
-    return crs.to_wkt() if hasattr(crs, "to_wkt") else str(crs)
+        return None, None
+    return (crs.to_wkt() if hasattr(crs, "to_wkt") else str(crs)), None
 
 
 def read_info(path: Path) -> LasInfo:
@@ -67,6 +70,7 @@ def read_info(path: Path) -> LasInfo:
     check_structure(path)
     with decoding(f"{path.name} has a LAS signature but an unreadable header", "header"), laspy.open(path) as reader:
         header = reader.header
+        crs, crs_unreadable = _crs_text(header)
         info = LasInfo(
             version=f"{header.version.major}.{header.version.minor}",
             point_format=header.point_format.id,
@@ -76,11 +80,12 @@ def read_info(path: Path) -> LasInfo:
             offsets=tuple(float(v) for v in header.offsets),
             mins=tuple(float(v) for v in header.mins),
             maxs=tuple(float(v) for v in header.maxs),
-            crs=_crs_text(header),
+            crs=crs,
             extra_dimensions=tuple(header.point_format.extra_dimension_names),
             point_record_length=header.point_format.size,
             offset_to_points=int(header.offset_to_point_data),
             file_size=path.stat().st_size,
+            crs_unreadable=crs_unreadable,
         )
     check_header(path.name, info.scales, info.offsets, info.mins, info.maxs)
     return info

@@ -4,7 +4,8 @@ LAS 1.0-1.3 files carry GeoTIFF keys: ProjLinearUnitsGeoKey (3076) for x and y,
 VerticalUnitsGeoKey (4099) for z.  LAS 1.4 files may carry WKT instead; a compound CRS names the
 vertical unit in its vertical part.  Where the vertical unit is not stated, z is taken to be in
 the horizontal unit (US producers state feet for both or neither).  Without any CRS the
-coordinates are taken as metres, and `assumed` says so.
+coordinates are taken as metres, and `assumed` says so (`unreadable_crs`: a CRS record is there but
+cannot be read).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class CoordinateUnits:
     name: str = "metre"  # the horizontal unit, as the CRS names it
     vertical_name: str = "metre"
     assumed: bool = True  # no CRS said so: metres by default
+    # Why they are assumed: no CRS at all, or one that could not be read (a file in feet with a
+    # broken CRS record is then classified as metres: the report and the previews say so).
+    unreadable_crs: bool = False
 
     @property
     def is_metric(self) -> bool:
@@ -49,7 +53,8 @@ class CoordinateUnits:
     def describe(self) -> str:
         """One line for a run's summary."""
         if self.assumed:
-            return "metres (assumed: the file states no CRS)"
+            why = "the file's CRS record could not be read" if self.unreadable_crs else "the file states no CRS"
+            return f"metres (assumed: {why})"
         if self.name == self.vertical_name:
             return f"{self.name} (from the file's CRS)"
         return f"{self.name}, heights in {self.vertical_name} (from the file's CRS)"
@@ -82,11 +87,12 @@ def _geokey_units(header: laspy.LasHeader) -> tuple[tuple[str, float] | None, tu
     return unit(_PROJ_LINEAR_UNITS), unit(_VERTICAL_UNITS)
 
 
-def _wkt_units(header: laspy.LasHeader) -> tuple[tuple[str, float] | None, tuple[str, float] | None]:
+def _wkt_units(header: laspy.LasHeader) -> tuple[tuple[str, float] | None, tuple[str, float] | None] | None:
+    """The units the file's CRS names; None when it has a CRS record that cannot be read."""
     try:
         crs = header.parse_crs()
     except Exception:
-        return None, None
+        return None
     if crs is None:
         return None, None
     parts = crs.sub_crs_list if crs.is_compound else [crs]
@@ -112,12 +118,13 @@ def coordinate_units(header: laspy.LasHeader) -> CoordinateUnits:
     and for a unit outside MIN_METRES_PER_UNIT to MAX_METRES_PER_UNIT metres (not a real linear unit).
     """
     horizontal, vertical = _geokey_units(header)
-    wkt_horizontal, wkt_vertical = _wkt_units(header)
+    from_wkt = _wkt_units(header)
+    wkt_horizontal, wkt_vertical = from_wkt or (None, None)
     horizontal = horizontal or wkt_horizontal
     vertical = vertical or wkt_vertical
     if horizontal is None:
         if vertical is None:
-            return METRES
+            return METRES if from_wkt is not None else CoordinateUnits(unreadable_crs=True)
         horizontal = ("metre", 1.0)
     name, factor = horizontal
     if factor != factor:  # NaN: angular

@@ -194,7 +194,15 @@ def _header_frame(info: LasInfo, point_mins, point_maxs) -> pd.DataFrame:
         np.all(np.abs(point_mins - info.mins) <= 1.0 + tolerance)
         and np.all(np.abs(point_maxs - info.maxs) <= 1.0 + tolerance)
     )
-    return pd.DataFrame([{"bounds_tight": tight, "crs_present": info.crs is not None}])
+    return pd.DataFrame(
+        [
+            {
+                "bounds_tight": tight,
+                "crs_present": info.crs is not None or info.crs_unreadable is not None,
+                "crs_readable": info.crs_unreadable is None,
+            }
+        ]
+    )
 
 
 def _read_points(path: Path, info: LasInfo):

@@ -37,6 +37,34 @@ def test_missing_crs_is_only_a_warning() -> None:
     assert any("coordinate reference system" in w.explain for w in report.warnings)
 
 
+def broken_crs(path: Path) -> Path:
+    """A LAS 1.4 file whose WKT record PROJ cannot parse."""
+    header = laspy.LasHeader(point_format=6, version="1.4")
+    header.global_encoding.wkt = True
+    header.vlrs.append(laspy.vlrs.known.WktCoordinateSystemVlr('PROJCS["broken", GEOGCS[ nonsense'))
+    points = laspy.LasData(header)
+    points.x = points.y = points.z = [float(v) for v in range(10)]
+    points.write(path)
+    return path
+
+
+def test_an_unreadable_crs_is_told_apart_from_none(tmp_path: Path) -> None:
+    """Before, a CRS record PROJ cannot parse read as "no coordinate reference system in the file"
+    and "metres (assumed: the file states no CRS)": a file in feet would be classified as metres
+    with a report saying the file gave no CRS at all."""
+    from pipelines.frame import file_frame
+
+    report = validate_file(broken_crs(tmp_path / "broken.las"))
+    assert report.ok and report.header["crs"] is None and "missing , or ]" in report.header["crs_unreadable"]
+    [warning] = [w for w in report.warnings if "coordinate reference system" in w.explain]
+    assert "record cannot be read, so its coordinates are taken as metres" in warning.explain
+    assert "unreadable (" in report.to_html().decode() and "none stated" not in report.to_html().decode()
+    assert file_frame(tmp_path / "broken.las").describe() == (
+        "an unreadable CRS in the file: metres (assumed: the file's CRS record could not be read)"
+    )
+    assert validate_file(shared_file("isprs/samp11.las")).header["crs_unreadable"] is None
+
+
 def test_the_report_says_what_to_do_only_when_there_is_something_to_do(tmp_path: Path) -> None:
     accepted = validate_file(shared_file("isprs/samp11.las")).to_html().decode()
     assert "upload it again" not in accepted and "Nothing to do: the file was accepted" in accepted
@@ -121,8 +149,8 @@ def test_report_renders_for_people(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "suite, frame, parameters",
     [
-        ("las_header", {"bounds_tight": [True], "crs_present": [True]}, None),
-        ("las_header", {"bounds_tight": [False], "crs_present": [False]}, None),
+        ("las_header", {"bounds_tight": [True], "crs_present": [True], "crs_readable": [True]}, None),
+        ("las_header", {"bounds_tight": [False], "crs_present": [False], "crs_readable": [False]}, None),
         (
             "las_points",
             {"classification": [2, 6, 9, 40, 64, 40], "intensity": [0, 0, 0, 0, 0, 0]},
