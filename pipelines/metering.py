@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from pipelines.catalog import Catalog
+from pipelines.catalog import Catalog, batches
 from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import Account, UsageEvent
 from pipelines.errors import InvalidValue
@@ -51,9 +51,6 @@ class RecordResult:
     known: int
 
 
-_CHUNK = 500
-
-
 def write_usage(session: Session, records: Sequence[UsageRecord]) -> list[UsageRecord]:
     """Insert the events whose event_id is new (the first occurrence wins) and move logins'
     accounts forward; returns the new events. Runs inside the caller's transaction."""
@@ -62,16 +59,14 @@ def write_usage(session: Session, records: Sequence[UsageRecord]) -> list[UsageR
         unique.setdefault(record.event_id, record)
     ids = list(unique)
     existing: set[str] = set()
-    for start in range(0, len(ids), _CHUNK):
-        existing.update(
-            session.scalars(select(UsageEvent.event_id).where(UsageEvent.event_id.in_(ids[start : start + _CHUNK])))
-        )
+    for chunk in batches(ids):
+        existing.update(session.scalars(select(UsageEvent.event_id).where(UsageEvent.event_id.in_(chunk))))
     fresh = [record for event_id, record in unique.items() if event_id not in existing]
     # A concurrent writer may insert the same id between the check and here: skip, never bill twice.
     statement = insert_ignoring_duplicates(session, UsageEvent, ["event_id"])
     rows = [asdict(record) for record in fresh]
-    for start in range(0, len(rows), _CHUNK):
-        session.execute(statement, rows[start : start + _CHUNK])
+    for chunk in batches(rows):
+        session.execute(statement, chunk)
     last_login: dict[str, datetime] = {}
     for record in fresh:
         if record.kind == "login" and (

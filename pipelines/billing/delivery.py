@@ -38,7 +38,7 @@ from pipelines.billing.periods import Period
 from pipelines.billing.pricebook import PriceBook, load_pricebook
 from pipelines.billing.terms import Parties
 from pipelines.billing.usage import usage_daily
-from pipelines.catalog import Catalog
+from pipelines.catalog import Catalog, batches
 from pipelines.catalog.models import Account, SentMessage
 from pipelines.customer_text import Attachment, Mail, render_mail
 from pipelines.notify import DeliveryError, Mailer, Message, reply_address, support_address
@@ -60,8 +60,6 @@ USAGE_DAILY_COLUMNS = ("account_id", "day", "jobs", "billable_points", "failed_p
 # e-invoice (PDF and XML) when one is made, else the page.
 ATTACHED_FORMATS = ("pdf", "xml", "html")
 ATTACHMENT_TYPES = {"pdf": "application/pdf", "xml": "application/xml", "html": "text/html"}
-# Bounds the IN (...) list of one query, well under every database's parameter limit.
-_KEYS_PER_QUERY = 500
 
 
 class InvoiceEmailError(DeliveryError):
@@ -129,14 +127,12 @@ def month_invoices(catalog: Catalog, period: Period) -> list[InvoiceView]:
 
 
 def _buyers(catalog: Catalog, invoices: list[InvoiceView]) -> dict[str, Buyer]:
-    """Name, address and VAT ID of every account of `invoices`, a query per 500 accounts."""
+    """Name, address and VAT ID of every account of `invoices`, a query per batch of accounts."""
     ids = sorted({invoice.account_id for invoice in invoices})
     found: dict[str, Buyer] = {}
     with catalog.session() as session:
-        for start in range(0, len(ids), _KEYS_PER_QUERY):
-            accounts = session.scalars(
-                select(Account).where(Account.account_id.in_(ids[start : start + _KEYS_PER_QUERY]))
-            )
+        for chunk in batches(ids):
+            accounts = session.scalars(select(Account).where(Account.account_id.in_(chunk)))
             found.update((account.account_id, buyer_of(account)) for account in accounts)
     return found
 
@@ -267,12 +263,8 @@ def mail_document(
 def _already_mailed(catalog: Catalog, keys: list[str]) -> set[str]:
     found: set[str] = set()
     with catalog.session() as session:
-        for start in range(0, len(keys), _KEYS_PER_QUERY):
-            found.update(
-                session.scalars(
-                    select(SentMessage.key).where(SentMessage.key.in_(keys[start : start + _KEYS_PER_QUERY]))
-                )
-            )
+        for chunk in batches(keys):
+            found.update(session.scalars(select(SentMessage.key).where(SentMessage.key.in_(chunk))))
     return found
 
 

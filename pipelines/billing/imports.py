@@ -20,14 +20,12 @@ from sqlalchemy.orm import Session
 from pipelines.accounts import parse_utc_datetime
 from pipelines.billing.models import BillingRun, Invoice, Outage, Payment
 from pipelines.billing.periods import Period
-from pipelines.catalog import Catalog
+from pipelines.catalog import Catalog, batches
 from pipelines.catalog.db import insert_ignoring_duplicates
 from pipelines.catalog.models import Account
 from pipelines.errors import InvalidValue, UserError
 from pipelines.metering import UsageRecord, write_usage
 
-# Rows per statement: well under SQLite's bound-parameter limit, large enough to be bulk.
-_CHUNK = 500
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f", ""}
 
@@ -66,11 +64,8 @@ def _closed_periods(session: Session, instants: Iterable[datetime]) -> tuple[str
 
 def _known_accounts(session: Session, account_ids: set[str]) -> set[str]:
     known: set[str] = set()
-    ids = sorted(account_ids)
-    for start in range(0, len(ids), _CHUNK):
-        known.update(
-            session.scalars(select(Account.account_id).where(Account.account_id.in_(ids[start : start + _CHUNK])))
-        )
+    for ids in batches(sorted(account_ids)):
+        known.update(session.scalars(select(Account.account_id).where(Account.account_id.in_(ids))))
     return known
 
 
@@ -241,8 +236,7 @@ def import_payments(
         accounts = _known_accounts(session, {r.account_id for _, r in records})
         numbers = sorted({r.invoice_number for _, r in records if r.invoice_number})
         owners: dict[str, str] = {}
-        for start in range(0, len(numbers), _CHUNK):
-            chunk = numbers[start : start + _CHUNK]
+        for chunk in batches(numbers):
             owners.update(
                 session.execute(
                     select(Invoice.invoice_number, Invoice.account_id).where(Invoice.invoice_number.in_(chunk))
@@ -265,12 +259,8 @@ def import_payments(
             unique.setdefault(record.key, record)
         keys = list(unique)
         existing: set[str] = set()
-        for start in range(0, len(keys), _CHUNK):
-            existing.update(
-                session.scalars(
-                    select(Payment.payment_key).where(Payment.payment_key.in_(keys[start : start + _CHUNK]))
-                )
-            )
+        for chunk in batches(keys):
+            existing.update(session.scalars(select(Payment.payment_key).where(Payment.payment_key.in_(chunk))))
         rows = [
             {
                 "payment_key": key,
@@ -283,8 +273,8 @@ def import_payments(
             if key not in existing
         ]
         statement = insert_ignoring_duplicates(session, Payment, ["payment_key"])
-        for start in range(0, len(rows), _CHUNK):
-            session.execute(statement, rows[start : start + _CHUNK])
+        for chunk in batches(rows):
+            session.execute(statement, chunk)
         closed = _closed_periods(session, (row["paid_at"] for row in rows))
     return ImportResult(len(rows), len(records) - len(rows), closed, "they count on the next invoice's balance")
 
@@ -361,7 +351,7 @@ def import_outages(catalog: Catalog, records: Sequence[tuple[int, OutageRecord]]
             if key not in existing
         ]
         statement = insert_ignoring_duplicates(session, Outage, ["started_at", "ended_at"])
-        for start in range(0, len(rows), _CHUNK):
-            session.execute(statement, rows[start : start + _CHUNK])
+        for chunk in batches(rows):
+            session.execute(statement, chunk)
         closed = _closed_periods(session, (row["started_at"] for row in rows))
     return ImportResult(len(rows), len(records) - len(rows), closed, "its new outages are credited on the next invoice")

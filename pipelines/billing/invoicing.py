@@ -46,12 +46,10 @@ from pipelines.billing.usage import (
     late_points_by_account_day,
     mark_usage,
 )
-from pipelines.catalog import Catalog
+from pipelines.catalog import Catalog, batches
 from pipelines.catalog.models import Account
 from pipelines.errors import UserError
 
-# Bounds the IN (...) list of one query, well under every database's parameter limit.
-_KEYS_PER_QUERY = 500
 # Held by every run: runs of any months take turns, so none bills what another is billing.
 _LOCK = "billing"
 
@@ -151,8 +149,7 @@ def _invoice_uncovered(
 def _coverage(session: Session, account_ids: Sequence[str]) -> Covered:
     """The (account, month) pairs covered so far of `account_ids`."""
     found: Covered = set()
-    for first in range(0, len(account_ids), _KEYS_PER_QUERY):
-        chunk = list(account_ids[first : first + _KEYS_PER_QUERY])
+    for chunk in batches(account_ids):
         found.update(
             session.execute(
                 select(BillingCoverage.account_id, BillingCoverage.period).where(BillingCoverage.account_id.in_(chunk))
@@ -270,8 +267,7 @@ def _invoice_month(
 def _issued_parties(session: Session, pricebook: PriceBook, account_ids: list[str]) -> dict[str, str]:
     """Seller and buyer of each invoice as issued (kept with it: its documents never change)."""
     parties: dict[str, str] = {}
-    for start in range(0, len(account_ids), _KEYS_PER_QUERY):
-        chunk = account_ids[start : start + _KEYS_PER_QUERY]
+    for chunk in batches(account_ids):
         for account in session.scalars(select(Account).where(Account.account_id.in_(chunk))):
             parties[account.account_id] = parties_json(buyer_of(account), pricebook.seller)
     return parties
@@ -281,11 +277,11 @@ def _accounts(session: Session, period: Period, account_ids: Sequence[str]) -> l
     """The facts of `account_ids` for invoicing `period`, ordered by account id (an account whose
     contract ended before it started has nothing to invoice and is left out)."""
     rows = []
-    for first in range(0, len(account_ids), _KEYS_PER_QUERY):
+    for chunk in batches(account_ids):
         rows += session.execute(
             select(Account, BillingTerms.ended_on)
             .outerjoin(BillingTerms, BillingTerms.account_id == Account.account_id)
-            .where(Account.account_id.in_(account_ids[first : first + _KEYS_PER_QUERY]))
+            .where(Account.account_id.in_(chunk))
             .where(Account.started_at <= period.last_day)
         ).all()
     rows.sort(key=lambda row: row[0].account_id)
@@ -516,8 +512,7 @@ def invoices_numbered(catalog: Catalog, numbers: Sequence[str]) -> list[InvoiceV
     """The stored invoices of `numbers`, oldest month and number first."""
     found: list[InvoiceView] = []
     with catalog.session() as session:
-        for first in range(0, len(numbers), _KEYS_PER_QUERY):
-            chunk = list(numbers[first : first + _KEYS_PER_QUERY])
+        for chunk in batches(numbers):
             found += [
                 invoice_view(i) for i in session.scalars(select(Invoice).where(Invoice.invoice_number.in_(chunk)))
             ]

@@ -15,7 +15,7 @@ from pipelines.billing.history import account_limits
 from pipelines.billing.models import UsageBilling
 from pipelines.billing.periods import Period, start_of
 from pipelines.billing.pricebook import PriceBook
-from pipelines.catalog import Catalog, CatalogError
+from pipelines.catalog import Catalog, CatalogError, batches
 from pipelines.catalog.models import UsageEvent
 
 # A failed job's points are not billed; an aborted job's points were processed and are billed.
@@ -25,10 +25,6 @@ CLASSIFICATION = "classification"
 
 class PointsCapExceededError(CatalogError):
     """A job would take an account past its monthly points cap; it is refused at admission."""
-
-
-# Bounds the IN (...) list of one query, well under every database's parameter limit.
-_KEYS_PER_QUERY = 500
 
 
 def billable_points_by_account(
@@ -59,11 +55,10 @@ def mark_usage(session: Session, period: Period, account_ids: Sequence[str], inv
     this statement is unmarked, and billed by the account's next invoice."""
     ranges = _merge((month.start, month.end) for month in sorted({*invoiced, period}) if month <= period)
     unbilled = ~select(UsageBilling.event_id).where(UsageBilling.event_id == UsageEvent.event_id).exists()
-    ids = sorted(account_ids)
-    for first in range(0, len(ids), _KEYS_PER_QUERY):
+    for ids in batches(sorted(account_ids)):
         events = (
             select(UsageEvent.event_id, literal(period.label))
-            .where(UsageEvent.account_id.in_(ids[first : first + _KEYS_PER_QUERY]))
+            .where(UsageEvent.account_id.in_(ids))
             .where(UsageEvent.kind == CLASSIFICATION)
             .where(UsageEvent.status.in_(BILLABLE_STATUSES))
             .where(or_(*(and_(UsageEvent.occurred_at >= start, UsageEvent.occurred_at < end) for start, end in ranges)))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
@@ -23,6 +23,16 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# Bounds the IN (...) list, or the rows, of one statement: well under every database's parameter limit.
+KEYS_PER_QUERY = 500
+
+T = TypeVar("T")
+
+
+def batches(values: Sequence[T], size: int = KEYS_PER_QUERY) -> Iterator[Sequence[T]]:
+    """`values` in slices of at most `size`: the keys of one IN (...) list, or the rows of one insert."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 def insert_ignoring_duplicates(session: Session, model: type, key: list[str] | None = None):

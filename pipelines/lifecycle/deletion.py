@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from pipelines.catalog import Catalog, CatalogError
+from pipelines.catalog import Catalog, CatalogError, batches
 from pipelines.catalog.models import Job, StoredFile, TrainedModelRecord, utcnow
 from pipelines.errors import PointflowError
 from pipelines.lifecycle.models import DeletionAudit, LegalHold
@@ -30,7 +30,6 @@ from pipelines.storage import AccountArea, LocalStore, ObjectStore, S3Store
 
 PARTIAL_WHAT = "an unfinished upload (a part file)"
 UPLOAD_WHAT = "an unfinished multipart upload (its parts), initiated"
-_CHUNK = 500  # keys per IN list
 # The deletion audit's rules of deletions no nightly rule redoes when one is killed.
 REQUEST_RULE = "customer_request"
 FAILED_JOB_RULE = "failed_job_cleanup"  # the working objects of a job closed as failed
@@ -230,16 +229,14 @@ def forget_keys(catalog: Catalog, account_id: str, keys: list[str], deleted_at: 
     job outputs and models they were), as the deletion that listed them would have done."""
     # An export is its folder: a job points at it while anything listed under it is gone.
     folders = sorted({key[: i + 1] for key in keys for i, char in enumerate(key) if char == "/"})
+    mine = Job.account_id == account_id
     with catalog.session() as session:
-        for start in range(0, max(len(keys), len(folders)), _CHUNK):
-            chunk, prefixes = keys[start : start + _CHUNK], folders[start : start + _CHUNK]
-            mine = Job.account_id == account_id
+        for chunk in batches(keys):
             files = select(StoredFile.id).where(StoredFile.account_id == account_id, StoredFile.key.in_(chunk))
             session.execute(update(Job).where(mine, Job.file_id.in_(files)).values(file_id=None))
             session.execute(delete(StoredFile).where(StoredFile.account_id == account_id, StoredFile.key.in_(chunk)))
             session.execute(update(Job).where(mine, Job.classified_key.in_(chunk)).values(classified_key=None))
             session.execute(update(Job).where(mine, Job.report_key.in_(chunk)).values(report_key=None))
-            session.execute(update(Job).where(mine, Job.export_prefix.in_(prefixes)).values(export_prefix=None))
             session.execute(
                 update(TrainedModelRecord)
                 .where(
@@ -249,6 +246,8 @@ def forget_keys(catalog: Catalog, account_id: str, keys: list[str], deleted_at: 
                 )
                 .values(deleted_at=deleted_at, training_files=[])
             )
+        for prefixes in batches(folders):
+            session.execute(update(Job).where(mine, Job.export_prefix.in_(prefixes)).values(export_prefix=None))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from sqlalchemy import ColumnElement, and_, delete, literal, or_, select
 from sqlalchemy.orm import Session
 
 from pipelines.billing.models import CreditNote, Invoice, UsageBilling
-from pipelines.catalog import Catalog
+from pipelines.catalog import Catalog, batches
 from pipelines.catalog.models import (
     TERMINAL_JOB_STATES,
     IntakeClaim,
@@ -40,7 +40,6 @@ from pipelines.lifecycle.models import DeletionAudit
 
 USAGE_RULE = "usage_retention"
 JOB_RULE = "job_retention"
-_CHUNK = 500
 # The keys a job's e-mails are sent under (steps.deliver, steps.validate, intake), each + ":<job id>".
 _JOB_MESSAGES = ("export", "quarantine", "intake-refused")
 _FINISHED = [state.value for state in TERMINAL_JOB_STATES]
@@ -106,8 +105,7 @@ def delete_usage(
         )
         session.add(audit)
         ids = [r.event_id for r in records]
-        for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start : start + _CHUNK]
+        for chunk in batches(ids):
             session.execute(delete(UsageBilling).where(UsageBilling.event_id.in_(chunk)))
             session.execute(delete(UsageEvent).where(UsageEvent.event_id.in_(chunk)))
         session.flush()
@@ -155,8 +153,7 @@ def delete_jobs(
         messages: dict[str, int] = {}
         claims: dict[str, int] = {}
         ids = [j.job_id for j in jobs]
-        for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start : start + _CHUNK]
+        for chunk in batches(ids):
             keys = {f"{kind}:{job_id}": job_id for job_id in chunk for kind in _JOB_MESSAGES}
             mine = SentMessage.account_id == account_id
             for key in session.scalars(select(SentMessage.key).where(mine, SentMessage.key.in_(keys))):
