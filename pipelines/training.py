@@ -255,16 +255,13 @@ def _remove_unrecorded(runtime, account_id: str) -> None:
         with runtime.catalog.session() as session:
             if active_hold(session, account_id) is not None:
                 return
-            recorded = set(
-                session.scalars(select(TrainedModelRecord.key).where(TrainedModelRecord.account_id == account_id))
-            )
+            models = session.scalars(select(TrainedModelRecord.key).where(TrainedModelRecord.account_id == account_id))
+            recorded = {key for model in models for key in (model, _evaluation_key(model))}
         before = utcnow() - UNRECORDED_AGE
         keys = [
             info.key
             for info in runtime.store.list(AccountArea(account_id).prefix + "models/")
-            if info.key.removesuffix(".evaluation.json").removesuffix(MODEL_SUFFIX) + MODEL_SUFFIX not in recorded
-            and info.modified is not None
-            and info.modified < before
+            if info.key not in recorded and info.modified is not None and info.modified < before
         ]
         if keys:
             log.warning("removing %s: stored by a training killed before recording it", ", ".join(keys))

@@ -20,7 +20,7 @@ from pipelines.runtime import Runtime
 from pipelines.steps.deliver import deliver_step
 from pipelines.steps.meter import meter_step
 from pipelines.steps.record import JobRecord, job_row, set_state
-from pipelines.storage import INCOMING_PREFIX, AccountArea, LocalStore, S3Store
+from pipelines.storage import AccountArea, LocalStore, S3Store
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +169,8 @@ def sweep_partial_uploads(runtime: Runtime, as_of: datetime | None = None) -> li
     # An account on legal hold keeps even these: nothing of its may be deleted.
     with runtime.catalog.session() as session:
         held = set(session.scalars(select(LegalHold.account_id).where(LegalHold.released_at.is_(None))))
-    keep = tuple(
-        prefix
-        for account_id in sorted(held)
-        for prefix in (AccountArea(account_id).prefix, f"{INCOMING_PREFIX}{account_id}/")
-    )
+    areas = [AccountArea(account_id) for account_id in sorted(held)]
+    keep = tuple(prefix for area in areas for prefix in (area.prefix, area.incoming_prefix))
     if isinstance(runtime.store, LocalStore):
         removed = runtime.store.sweep_partials(now=now, keep=keep)
     elif isinstance(runtime.store, S3Store):

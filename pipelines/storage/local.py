@@ -245,7 +245,7 @@ class LocalStore(ObjectStore):
             except (FileNotFoundError, NotADirectoryError):
                 return [], [], []
             if stat.S_ISLNK(facts.st_mode):
-                return [], [(folder, f"a symbolic link (to {os.readlink(path)})")], []
+                return [], [(folder, self._no_object(path, facts))], []
         objects: list[ObjectInfo] = []
         strays: list[tuple[str, str]] = []
         partials: list[ObjectInfo] = []
