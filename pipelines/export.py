@@ -26,7 +26,7 @@ from pipelines.lasio import CHUNK_POINTS
 from pipelines.links import LinkClaim, LinkSigner
 from pipelines.preview import write_previews
 from pipelines.storage import AccountArea, ObjectStore, file_sha256
-from pipelines.tile_io import classifier_record
+from pipelines.tile_io import classifier_label, classifier_record
 
 if TYPE_CHECKING:
     from pipelines.steps.record import JobRecord, JobSummary
@@ -102,7 +102,7 @@ def build_artifacts(
         points = write_points_as(classified, workdir / name)
     with laspy.open(classified) as reader:
         made_by = classifier_record(reader.header)
-    classified_by = f"pointflow {made_by['classifier']} {made_by['version']}" if made_by else None
+    classified_by = classifier_label(made_by["classifier"], made_by["version"]) if made_by else None
     frame = write_previews(
         classified, workdir / "preview.png", workdir / SAMPLE_NAME, title, classified_by=classified_by
     )

@@ -131,6 +131,11 @@ CLASSIFIER_VLR_USER_ID = "pointflow"
 CLASSIFIER_VLR_RECORD_ID = 1
 
 
+def classifier_label(name: str, version: str) -> str:
+    """What classified a file's points, as its header's `generating_software` and its previews say it."""
+    return f"pointflow {name} {version}"
+
+
 def classified_header(
     header: laspy.LasHeader,
     name: str,
@@ -145,7 +150,7 @@ def classified_header(
     from pipelines import __version__
 
     out = copy.deepcopy(header)
-    out.generating_software = f"pointflow {name} {version}".encode("ascii", "replace").decode()[:32]
+    out.generating_software = classifier_label(name, version).encode("ascii", "replace").decode()[:32]
     out.creation_date = today or datetime.datetime.now(datetime.UTC).date()
     record = {
         "classifier": name,
