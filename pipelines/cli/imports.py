@@ -15,7 +15,6 @@ from pipelines.billing.imports import (
     read_payments_csv,
     read_usage_jsonl,
 )
-from pipelines.billing.periods import add_months
 from pipelines.billing.usage import monthly_points_cap, points_used_in_month
 from pipelines.cli.common import (
     PRICEBOOK_HELP,
@@ -113,8 +112,7 @@ def _print_import(args: argparse.Namespace, what: str, result) -> int:
 def _usage_import(args: argparse.Namespace) -> int:
     settings = settings_from_env()
     records = read_import_file(read_usage_jsonl, args.file)
-    years = load_policy(settings.lifecycle_policy_path).usage_retention_years
-    kept_since = None if years is None else add_months(datetime.now(UTC), -12 * years)
+    kept_since = load_policy(settings.lifecycle_policy_path).usage_kept_since(datetime.now(UTC))
     result = import_usage(open_catalog(settings), records, str(args.file), kept_since)
     return _print_import(args, "usage events", result)
 

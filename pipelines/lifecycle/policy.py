@@ -8,12 +8,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipelines.billing.periods import add_months
 from pipelines.errors import UserError
 
 
@@ -42,6 +44,12 @@ class LifecyclePolicy:
     sha256: str
     # Years usage records are kept (see lifecycle.yaml); None: kept for ever.
     usage_retention_years: int | None = None
+
+    def usage_kept_since(self, as_of: datetime) -> datetime | None:
+        """The oldest moment whose usage records are kept at `as_of`: older ones are deleted by the
+        nightly run, and refused by a usage import (one deleted would be billed again); None: all kept."""
+        years = self.usage_retention_years
+        return None if years is None else add_months(as_of, -12 * years)
 
     def for_plan(self, plan: str) -> PlanPolicy:
         return self.plans.get(plan, self.defaults)

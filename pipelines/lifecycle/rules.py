@@ -395,10 +395,10 @@ class AccountRun(AccountState):
         retention, then deleted (`retention`); a finished job's row holds what its usage record
         held (file name, points, classes), so it goes with the record, never while the record is
         kept. Nothing to announce: no customer data goes."""
-        years = self.context.policy.usage_retention_years
-        if years is None:
+        cutoff = self.context.policy.usage_kept_since(self.as_of)
+        if cutoff is None:
             return
-        cutoff = add_months(self.as_of, -12 * years)
+        years = self.context.policy.usage_retention_years
         catalog, account_id = self.context.runtime.catalog, self.account.account_id
         # Records first: a job goes only once its records have (or go in this run).
         for action, subject, rule, count, find, delete_them, since in (
